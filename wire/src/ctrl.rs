@@ -503,7 +503,8 @@ impl<'a> CtrlFrame<'a> {
         }
         let need = self.encoded_len();
         let out = out.get_mut(..need).ok_or(CtrlEncodeError::BufferTooSmall { need })?;
-        let len = u32::try_from(body.len() + tail.len()).map_err(|_| CtrlEncodeError::Tail { kind, len: tail.len() })?;
+        let len =
+            u32::try_from(body.len() + tail.len()).map_err(|_| CtrlEncodeError::Tail { kind, len: tail.len() })?;
         let header = CtrlHeader { magic: CTRL_MAGIC, version: CTRL_VERSION, kind: kind as u16, len, seq: self.seq };
         let (h, rest) = out.split_at_mut(size_of::<CtrlHeader>());
         h.copy_from_slice(header.as_bytes());
@@ -635,22 +636,75 @@ mod tests {
 
     fn samples<'a>(blob: &'a [u8], bufs: &'a [u32]) -> Vec<CtrlMsg<'a>> {
         vec![
-            CtrlMsg::Hello(Hello { role: Role::Agent as u8, reserved: 0, node: 1, pid: 42, layout_hash: crate::LAYOUT_HASH, name: n("node-a") }),
+            CtrlMsg::Hello(Hello {
+                role: Role::Agent as u8,
+                reserved: 0,
+                node: 1,
+                pid: 42,
+                layout_hash: crate::LAYOUT_HASH,
+                name: n("node-a"),
+            }),
             CtrlMsg::Attach(Attach { tenant: n("acme"), function: n("resize"), instance: 2, reserved: 0, pid: 7 }),
             CtrlMsg::AttachOk(AttachOk {
-                tenant: 1, function: 2, instance: 0, slot: 3, buf_size: 16384, buf_count: 4096, headroom: 64,
-                max_chain: 64, ring_capacity: 1024, reserved: 0, pool_len: 1 << 26, ring_len: 32960,
+                tenant: 1,
+                function: 2,
+                instance: 0,
+                slot: 3,
+                buf_size: 16384,
+                buf_count: 4096,
+                headroom: 64,
+                max_chain: 64,
+                ring_capacity: 1024,
+                reserved: 0,
+                pool_len: 1 << 26,
+                ring_len: 32960,
             }),
-            CtrlMsg::RegisterFunction(RegisterFunction { tenant: 1, function: 2, instance: 0, slot: 3, node: 0, reserved: 0, ring_capacity: 256 }),
-            CtrlMsg::FunctionExit(FunctionExit { tenant: 1, function: 2, instance: 0, slot: 3, reclaimed: 17, reserved: 0 }),
+            CtrlMsg::RegisterFunction(RegisterFunction {
+                tenant: 1,
+                function: 2,
+                instance: 0,
+                slot: 3,
+                node: 0,
+                reserved: 0,
+                ring_capacity: 256,
+            }),
+            CtrlMsg::FunctionExit(FunctionExit {
+                tenant: 1,
+                function: 2,
+                instance: 0,
+                slot: 3,
+                reclaimed: 17,
+                reserved: 0,
+            }),
             CtrlMsg::PoolExport(
-                PoolExport { tenant: 1, reserved: 0, flags: 1, buf_size: 16384, buf_count: 16, headroom: 64, max_chain: 16,
-                    pool_len: 1 << 20, blob_len: blob.len() as u32, reserved2: 0 },
+                PoolExport {
+                    tenant: 1,
+                    reserved: 0,
+                    flags: 1,
+                    buf_size: 16384,
+                    buf_count: 16,
+                    headroom: 64,
+                    max_chain: 16,
+                    pool_len: 1 << 20,
+                    blob_len: blob.len() as u32,
+                    reserved2: 0,
+                },
                 blob,
             ),
-            CtrlMsg::LendRecv(LendRecv { tenant: 1, reserved: 0, count: bufs.len() as u32 }, BufList::from_indices(bufs)),
+            CtrlMsg::LendRecv(
+                LendRecv { tenant: 1, reserved: 0, count: bufs.len() as u32 },
+                BufList::from_indices(bufs),
+            ),
             CtrlMsg::Credits(Credits { tenant: 1, peer_node: 2, granted: 64 }),
-            CtrlMsg::Error(CtrlError { code: ErrorCode::TenantMismatch as u8, reserved: 0, about_kind: 2, about_seq: 9, tenant: 1, function: 5, reserved2: 0 }),
+            CtrlMsg::Error(CtrlError {
+                code: ErrorCode::TenantMismatch as u8,
+                reserved: 0,
+                about_kind: 2,
+                about_seq: 9,
+                tenant: 1,
+                function: 5,
+                reserved2: 0,
+            }),
             CtrlMsg::Ack(Ack { about_kind: 6, reserved: 0, about_seq: 9 }),
         ]
     }
@@ -690,7 +744,10 @@ mod tests {
         assert_eq!(CtrlFrame::decode(&bad[..len]), Err(CtrlDecodeError::UnknownKind(99)));
         let mut bad = out;
         bad[16] = 77; // role
-        assert_eq!(CtrlFrame::decode(&bad[..len]), Err(CtrlDecodeError::Field { kind: CtrlKind::Hello, field: "role" }));
+        assert_eq!(
+            CtrlFrame::decode(&bad[..len]),
+            Err(CtrlDecodeError::Field { kind: CtrlKind::Hello, field: "role" })
+        );
         let mut bad = out;
         bad[16 + 16] = b' '; // first byte of the name
         assert!(matches!(CtrlFrame::decode(&bad[..len]), Err(CtrlDecodeError::Name { field: "name", .. })));

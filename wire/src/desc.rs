@@ -325,11 +325,7 @@ impl Descriptor {
         if self.flags & !DescFlags::ALL != 0 {
             return Err(DescriptorError::UnknownFlags(self.flags & !DescFlags::ALL));
         }
-        let status_ok = if self.is_error() {
-            ErrorCode::from_u8(self.status).is_some()
-        } else {
-            self.status == 0
-        };
+        let status_ok = if self.is_error() { ErrorCode::from_u8(self.status).is_some() } else { self.status == 0 };
         if !status_ok {
             return Err(DescriptorError::BadStatus { status: self.status, flags: self.flags });
         }
@@ -384,8 +380,14 @@ mod tests {
         let g = geom();
         let e = |d: Descriptor| d.validate(&g).unwrap_err();
         assert_eq!(e(Descriptor { tenant: 4, ..good() }), DescriptorError::TenantMismatch { got: 4, want: 3 });
-        assert_eq!(e(Descriptor { buf: 1024, ..good() }), DescriptorError::IndexOutOfRange { index: 1024, count: 1024 });
-        assert_eq!(e(Descriptor { len: 16320 * 128 + 1, ..good() }), DescriptorError::TooLong { len: 16320 * 128 + 1, max: 16320 * 128 });
+        assert_eq!(
+            e(Descriptor { buf: 1024, ..good() }),
+            DescriptorError::IndexOutOfRange { index: 1024, count: 1024 }
+        );
+        assert_eq!(
+            e(Descriptor { len: 16320 * 128 + 1, ..good() }),
+            DescriptorError::TooLong { len: 16320 * 128 + 1, max: 16320 * 128 }
+        );
         assert_eq!(e(Descriptor { flags: 0x80, ..good() }), DescriptorError::UnknownFlags(0x80));
         assert_eq!(e(Descriptor { status: 1, ..good() }), DescriptorError::BadStatus { status: 1, flags: 0 });
         assert_eq!(

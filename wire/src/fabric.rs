@@ -126,8 +126,7 @@ impl FabricHeader {
     /// front of the receive buffer and is as long as the completion reports.
     /// Returns the header and the payload bytes.
     pub fn decode(msg: &[u8]) -> Result<(FabricHeader, &[u8]), FabricDecodeError> {
-        let (h, payload) =
-            FabricHeader::read_from_prefix(msg).map_err(|_| FabricDecodeError::Short(msg.len()))?;
+        let (h, payload) = FabricHeader::read_from_prefix(msg).map_err(|_| FabricDecodeError::Short(msg.len()))?;
         if h.magic != FABRIC_MAGIC {
             return Err(FabricDecodeError::BadMagic(h.magic));
         }
@@ -152,7 +151,8 @@ impl FabricHeader {
 
     /// Checks the completion's immediate against this header.
     pub fn check_immediate(&self, imm: u32) -> Result<(), FabricDecodeError> {
-        let want = Immediate::new(self.kind, self.desc.dst_fn, self.frag_index == 0, self.frag_index + 1 == self.frag_count);
+        let want =
+            Immediate::new(self.kind, self.desc.dst_fn, self.frag_index == 0, self.frag_index + 1 == self.frag_count);
         if want.0 == imm { Ok(()) } else { Err(FabricDecodeError::Immediate(imm)) }
     }
 }

@@ -26,10 +26,8 @@
 //!   that two builds with different layouts refuse to talk.
 #![forbid(unsafe_code)]
 
-const _: () = assert!(
-    cfg!(target_endian = "little"),
-    "DNE wire layouts are little-endian; big-endian targets are not supported"
-);
+const _: () =
+    assert!(cfg!(target_endian = "little"), "DNE wire layouts are little-endian; big-endian targets are not supported");
 
 pub mod ctrl;
 pub mod desc;

@@ -179,8 +179,7 @@ impl PoolLayout {
 
     /// Offset of the metadata of buffer `index`, `None` outside the pool.
     pub fn meta_offset(&self, index: u32) -> Option<u64> {
-        (index < self.geometry.buf_count())
-            .then(|| POOL_META_OFFSET + u64::from(index) * size_of::<BufMeta>() as u64)
+        (index < self.geometry.buf_count()).then(|| POOL_META_OFFSET + u64::from(index) * size_of::<BufMeta>() as u64)
     }
 
     /// Offset of the first byte of buffer `index`, `None` outside the pool.
@@ -434,7 +433,10 @@ mod tests {
         assert!(matches!(PoolHeader { magic: 1, ..good }.check(len), Err(SegmentError::BadMagic { .. })));
         assert_eq!(PoolHeader { version: 2, ..good }.check(len), Err(SegmentError::Version { found: 2, want: 1 }));
         assert_eq!(PoolHeader { flags: 8, ..good }.check(len), Err(SegmentError::Reserved));
-        assert_eq!(PoolHeader { data_offset: 0, ..good }.check(len), Err(SegmentError::Mismatch { field: "data_offset" }));
+        assert_eq!(
+            PoolHeader { data_offset: 0, ..good }.check(len),
+            Err(SegmentError::Mismatch { field: "data_offset" })
+        );
         assert!(matches!(PoolHeader { buf_size: 100, ..good }.check(len), Err(SegmentError::Geometry(_))));
     }
 
@@ -446,7 +448,10 @@ mod tests {
         let h = RingHeader::new(&l, 2, 9, 4);
         assert_eq!(h.check(l.total_len), Ok(l));
         assert_eq!(RingHeader { capacity: 1000, ..h }.check(u64::MAX), Err(SegmentError::Capacity(1000)));
-        assert_eq!(RingHeader { slot_size: 64, ..h }.check(u64::MAX), Err(SegmentError::Mismatch { field: "slot_size" }));
+        assert_eq!(
+            RingHeader { slot_size: 64, ..h }.check(u64::MAX),
+            Err(SegmentError::Mismatch { field: "slot_size" })
+        );
         assert!(RingLayout::new(1).is_err());
         assert!(RingLayout::new(RING_MAX_CAPACITY * 2).is_err());
     }

@@ -1,0 +1,16 @@
+//! `dne-bench`: the benchmark harness of DNE.
+//!
+//! One binary, `cargo run --release -p dne-bench -- SUITE [--quick]`. Every
+//! suite runs the systems it compares side by side in the same run, prints
+//! one or more tables, and ends with one line
+//! `RESULT key=value key=value ...` that scripts can parse. `--quick`
+//! finishes in under a minute (smaller iteration counts, same comparisons).
+//! Benchmarks report; they never assert.
+//!
+//! Modules:
+//! * [`harness`]: tables, the RESULT line, timing helpers;
+//! * [`suites`]: the registered suites.
+#![forbid(unsafe_code)]
+
+pub mod harness;
+pub mod suites;

@@ -1,0 +1,13 @@
+//! The registered suites. Each later component adds its own here.
+
+use crate::harness::Suite;
+
+pub mod wire_codec;
+
+/// Every suite, in the order `list` shows them.
+pub const SUITES: &[Suite] = &[wire_codec::SUITE];
+
+/// Looks a suite up by name.
+pub fn find(name: &str) -> Option<&'static Suite> {
+    SUITES.iter().find(|s| s.name == name)
+}

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Runs every check of the project, on a fresh Debian 12 machine too:
+#   bash scripts/test.sh
+#
+#  1. installs missing Debian packages (scripts/install-deps.sh; apt-get only)
+#  2. reserves 2 MiB huge pages when root, so the hugetlb pool path is tested
+#  3. rustfmt check, clippy -D warnings (x86_64)
+#  4. builds the workspace binaries (system tests start them as processes)
+#     and runs every test
+#  5. builds the fuzz targets (running them is for benchmarks: scripts/fuzz.sh)
+#  6. checks that doca-sys with the `sdk` feature fails loudly without the SDK
+#  7. cross-builds the DPU crates for aarch64 with Debian's toolchain, runs
+#     clippy for aarch64 and their unit tests under qemu-aarch64, and checks
+#     that the aarch64 agent prints the same wire layouts as the x86_64 build
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+declare -a times=()
+t_start=$(date +%s)
+step() {
+  local now; now=$(date +%s)
+  [ -n "${cur:-}" ] && times+=("$(printf '%-48s %4ss' "$cur" $((now - t_step)))")
+  cur="$*"; t_step=$now
+  printf '\n==> %s\n' "$*"
+}
+
+step "install Debian packages"
+bash scripts/install-deps.sh base cross
+
+step "huge pages"
+if [ "$(id -u)" -eq 0 ] && [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 64 ]; then
+  echo 64 > /proc/sys/vm/nr_hugepages || true
+fi
+grep -E '^HugePages_(Total|Free)' /proc/meminfo
+
+step "rustfmt"
+cargo fmt --all --check
+cargo fmt --manifest-path fuzz/Cargo.toml --check
+
+step "clippy x86_64"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build binaries"
+cargo build --workspace --bins --locked
+
+step "tests x86_64"
+cargo test --workspace --locked
+
+step "fuzz targets build"
+cargo build --manifest-path fuzz/Cargo.toml --locked --bins
+
+step "doca-sys sdk without SDK fails loudly"
+if out=$(cargo build -p doca-sys --features sdk --locked 2>&1); then
+  echo "doca-sys built with the sdk feature: is a DOCA SDK installed? (expected a failure here)"
+  pkg-config --exists doca-common || { echo "$out" | tail -20; exit 1; }
+else
+  echo "$out" | grep -q "the NVIDIA DOCA SDK was not found" || { echo "$out" | tail -30; exit 1; }
+  echo "ok: the build stops and says what to install and which variable to set"
+fi
+
+# shellcheck source=cross/aarch64.env
+. cross/aarch64.env
+step "clippy aarch64 (Debian toolchain)"
+"$CARGO_BIN" clippy --locked --target "$DNE_AARCH64_TARGET" $DNE_AARCH64_PACKAGES --all-targets -- -D warnings
+
+step "cross-build dpu-agent for aarch64"
+"$CARGO_BIN" build --release --locked --target "$DNE_AARCH64_TARGET" -p dpu-agent
+agent="$root/target/$DNE_AARCH64_TARGET/release/dpu-agent"
+file "$agent" | tee /dev/stderr | grep -q "ARM aarch64"
+
+step "unit tests aarch64 under qemu"
+"$CARGO_BIN" test --locked --target "$DNE_AARCH64_TARGET" $DNE_AARCH64_PACKAGES
+
+step "aarch64 agent layouts match x86_64"
+# Back to rustup's toolchain for the x86_64 test binary.
+env -u RUSTC -u RUSTDOC PATH="${PATH#/usr/bin:}" DNE_AARCH64_AGENT="$agent" \
+  cargo test --locked -p dne-tests --test layout -- --ignored aarch64_agent_agrees_with_the_host_layout
+
+step "done"
+printf '\n==> step times\n'
+printf '%s\n' "${times[@]}"
+echo "ALL CHECKS PASSED in $(( $(date +%s) - t_start ))s"
