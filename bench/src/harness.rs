@@ -191,8 +191,8 @@ mod tests {
         t.row(vec!["copy".into(), "1.5".into()]);
         t.row(vec!["validate-long".into(), "12".into()]);
         let s = t.to_string();
-        assert_eq!(s.lines().nth(1).unwrap(), "op             ns");
-        assert_eq!(s.lines().nth(3).unwrap(), "copy          1.5");
+        assert_eq!(s.lines().nth(1).unwrap(), "op              ns");
+        assert_eq!(s.lines().nth(3).unwrap(), "copy           1.5");
         let mut r = Report::default();
         r.put("a", 1.23456);
         r.put("b", 7u64);
