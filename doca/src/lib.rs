@@ -4,14 +4,60 @@
 //!
 //! * `sdk` (feature `sdk`): over `doca-sys`, for BlueField and ConnectX
 //!   machines with the DOCA SDK installed;
-//! * `emu` (the default): a software implementation that keeps DOCA's rules
-//!   (asynchronous start/stop through the progress engine, fixed task pools,
-//!   imported memory that the importer cannot dereference, strict teardown
-//!   order), so everything above it runs and is tested on any Linux machine.
+//! * `emu` (the default): a software implementation that keeps DOCA's rules,
+//!   so everything above it runs and is tested on any Linux machine.
 //!
-//! Contract so far: [`BACKEND`] names the backend this build uses. The object
-//! API is being built in its own issue (doca-sys and doca).
-#![forbid(unsafe_code)]
+//! Contract (both backends; `tests/conformance.rs` checks it):
+//! * contexts ([`Rdma`], [`ComchServer`], [`ComchClient`]) start and stop
+//!   asynchronously: `start`/`stop` only ask, the transitions to
+//!   [`CtxState::Running`] and [`CtxState::Idle`] happen inside
+//!   [`ProgressEngine::progress`], which never blocks; everything a context
+//!   does (I/O, completions, connection events) happens there too;
+//! * task pools are fixed when a context is created; an exhausted pool is
+//!   `DocaError::NO_MEMORY` at submission (backpressure, never a hidden
+//!   queue); a slot comes back when the user takes the task's completion;
+//! * [`Mmap`] is local memory (a `shm::Region` or a memory fd the caller
+//!   keeps); [`RemoteMmap`] is memory imported from another process's
+//!   export and has no byte access: it can only be handed to tasks;
+//! * RDMA is two-sided RC: a send lands only in a posted receive of the
+//!   peer, in order, with its 32-bit immediate; with no receive posted it
+//!   waits; a send larger than the receive fails the connection; a peer
+//!   that vanishes fails every outstanding task with a typed error;
+//! * ownership follows DOCA's teardown order: every object keeps what it was
+//!   created from alive (buffers their mmap and inventory, mmaps their
+//!   memory and devices, contexts their progress engine and device), so
+//!   dropping in any order tears down in the right one; the progress engine
+//!   is `!Sync` (one thread progresses it);
+//! * errors are [`DocaError`], DOCA's `doca_error_t` values.
+//!
+//! Modules: [`error`] (the error code), [`emu_wire`] (the emulated backend's
+//! byte layouts, decoded defensively), and the backend's objects re-exported
+//! at the top level.
+#![cfg_attr(not(feature = "sdk"), forbid(unsafe_code))]
+
+pub mod emu_wire;
+pub mod error;
+mod types;
+
+#[cfg(not(feature = "sdk"))]
+mod emu;
+#[cfg(not(feature = "sdk"))]
+pub use emu::*;
+
+#[cfg(feature = "sdk")]
+mod sdk;
+#[cfg(feature = "sdk")]
+pub use sdk::*;
+
+pub use emu_wire::MAX_RDMA_MSG;
+pub use error::DocaError;
+pub use types::{
+    Access, ComchConfig, ComchConnId, ComchEvent, CtxState, RdmaConfig, RdmaConnId, RdmaEvent, TaskSubmitError,
+};
+
+/// Largest comch message (DOCA comch's control-path cap is 4080 bytes on
+/// BlueField; the SDK backend also checks the device's own capability).
+pub const COMCH_MAX_MSG_SIZE: u32 = 4080;
 
 /// The DOCA backend compiled into this build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

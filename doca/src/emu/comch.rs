@@ -1,0 +1,490 @@
+//! Emulated comch: a server and its clients over Unix `SOCK_SEQPACKET`
+//! sockets (reliable, ordered, message boundaries kept) bound at
+//! `<runtime dir>/comch-<server name>.sock`. A filesystem path, not an
+//! abstract socket: abstract sockets are per network namespace, paths are
+//! shared by every namespace of the host, as the PCIe link is.
+//!
+//! Messages are capped at the configured size (at most
+//! [`COMCH_MAX_MSG_SIZE`](crate::COMCH_MAX_MSG_SIZE)); send tasks come from
+//! a fixed pool with preallocated message slots; received messages wait in
+//! a fixed ring until taken (when it is full, reading stops: backpressure).
+
+use super::dev::Device;
+use super::pe::{PeShared, Progress, ProgressEngine};
+use crate::{ComchConfig, ComchConnId, ComchEvent, CtxState, DocaError};
+use rustix::io::Errno;
+use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Environment variable naming the directory of emulated comch sockets.
+pub const RUNTIME_DIR_ENV: &str = "DNE_EMU_RUNTIME_DIR";
+
+/// Directory of the emulated comch sockets: `$DNE_EMU_RUNTIME_DIR`, else
+/// `/tmp/dne-emu-<uid>`.
+pub fn runtime_dir() -> PathBuf {
+    match std::env::var_os(RUNTIME_DIR_ENV) {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(format!("/tmp/dne-emu-{}", rustix::process::getuid().as_raw())),
+    }
+}
+
+fn socket_path(name: &str) -> Result<PathBuf, DocaError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+        && !name.starts_with('.');
+    if !ok {
+        return Err(DocaError::INVALID_VALUE);
+    }
+    Ok(runtime_dir().join(format!("comch-{name}.sock")))
+}
+
+fn seqpacket() -> Result<OwnedFd, DocaError> {
+    rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC, None)
+        .map_err(|e| crate::error::os("socket", e))
+}
+
+#[derive(Debug)]
+enum Role {
+    Server { listener: Option<OwnedFd> },
+    Client { next_try: Instant },
+}
+
+#[derive(Debug)]
+enum Ev {
+    Public(ComchEvent),
+    Msg { conn: u32, slot: u32, len: u32 },
+}
+
+#[derive(Debug)]
+struct SendTask {
+    conn: u32,
+    slot: u32,
+    len: u32,
+    user_data: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    cfg: ComchConfig,
+    role: Role,
+    path: PathBuf,
+    bound: bool,
+    state: CtxState,
+    peers: Vec<Option<OwnedFd>>,
+    blocked: Vec<bool>,
+    send_q: VecDeque<SendTask>,
+    send_free: Vec<u32>,
+    send_data: Box<[u8]>,
+    recv_free: Vec<u32>,
+    recv_data: Box<[u8]>,
+    sends_out: u32,
+    events: VecDeque<Ev>,
+}
+
+#[derive(Debug)]
+struct Core {
+    st: Mutex<State>,
+}
+
+impl Progress for Core {
+    fn progress(&self) -> usize {
+        super::lock(&self.st).progress()
+    }
+}
+
+impl State {
+    fn new(cfg: ComchConfig, role: Role, path: PathBuf, peers: usize) -> Self {
+        let m = cfg.max_msg_size as usize;
+        let events = (cfg.send_tasks + cfg.recv_queue) as usize + 2 * peers + 4;
+        Self {
+            cfg,
+            role,
+            path,
+            bound: false,
+            state: CtxState::Idle,
+            peers: (0..peers).map(|_| None).collect(),
+            blocked: vec![false; peers],
+            send_q: VecDeque::with_capacity(cfg.send_tasks as usize),
+            send_free: (0..cfg.send_tasks).rev().collect(),
+            send_data: vec![0; m * cfg.send_tasks as usize].into_boxed_slice(),
+            recv_free: (0..cfg.recv_queue).rev().collect(),
+            recv_data: vec![0; m * cfg.recv_queue as usize].into_boxed_slice(),
+            sends_out: 0,
+            events: VecDeque::with_capacity(events),
+        }
+    }
+
+    fn slot(data: &mut [u8], max: u32, slot: u32) -> &mut [u8] {
+        let m = max as usize;
+        &mut data[slot as usize * m..(slot as usize + 1) * m]
+    }
+
+    fn submit(&mut self, conn: u32, msg: &[u8], user_data: u64) -> Result<(), DocaError> {
+        if self.state != CtxState::Running {
+            return Err(DocaError::BAD_STATE);
+        }
+        if msg.is_empty() {
+            return Err(DocaError::INVALID_VALUE);
+        }
+        if msg.len() > self.cfg.max_msg_size as usize {
+            return Err(DocaError::TOO_BIG);
+        }
+        if self.peers.get(conn as usize).is_none_or(Option::is_none) {
+            return Err(DocaError::NOT_CONNECTED);
+        }
+        let slot = self.send_free.pop().ok_or(DocaError::NO_MEMORY)?;
+        Self::slot(&mut self.send_data, self.cfg.max_msg_size, slot)[..msg.len()].copy_from_slice(msg);
+        self.send_q.push_back(SendTask { conn, slot, len: msg.len() as u32, user_data });
+        self.sends_out += 1;
+        Ok(())
+    }
+
+    fn poll_event(&mut self, out: &mut [u8]) -> Option<ComchEvent> {
+        match self.events.pop_front()? {
+            Ev::Public(e) => {
+                if let ComchEvent::SendDone { .. } = e {
+                    self.sends_out -= 1;
+                }
+                Some(e)
+            }
+            Ev::Msg { conn, slot, len } => {
+                let data = &Self::slot(&mut self.recv_data, self.cfg.max_msg_size, slot)[..len as usize];
+                let n = data.len().min(out.len());
+                out[..n].copy_from_slice(&data[..n]);
+                self.recv_free.push(slot);
+                Some(ComchEvent::Message { conn: ComchConnId(conn), len, truncated: n < data.len() })
+            }
+        }
+    }
+
+    fn disconnect(&mut self, conn: u32, err: DocaError) {
+        if self.peers[conn as usize].take().is_none() {
+            return;
+        }
+        self.events.push_back(Ev::Public(ComchEvent::Disconnected(ComchConnId(conn))));
+        let State { send_q, send_free, events, .. } = self;
+        send_q.retain(|t| {
+            if t.conn != conn {
+                return true;
+            }
+            send_free.push(t.slot);
+            events.push_back(Ev::Public(ComchEvent::SendDone {
+                conn: ComchConnId(conn),
+                user_data: t.user_data,
+                result: Err(err),
+            }));
+            false
+        });
+        if matches!(self.role, Role::Client { .. }) && self.state == CtxState::Running {
+            // A client whose server went away stops, as DOCA's does.
+            self.state = CtxState::Stopping;
+        }
+    }
+
+    fn progress(&mut self) -> usize {
+        let before = self.events.len();
+        match self.state {
+            CtxState::Idle => return 0,
+            CtxState::Starting => return self.starting(),
+            CtxState::Stopping => {
+                for i in 0..self.peers.len() {
+                    self.disconnect(i as u32, DocaError::SHUTDOWN);
+                }
+                if let Role::Server { listener } = &mut self.role {
+                    *listener = None;
+                }
+                self.unbind();
+                let mut n = self.events.len() - before;
+                if self.sends_out == 0 {
+                    self.state = CtxState::Idle;
+                    n += 1;
+                }
+                return n;
+            }
+            CtxState::Running => {}
+        }
+        self.accept();
+        self.read();
+        self.write();
+        self.events.len() - before
+    }
+
+    fn starting(&mut self) -> usize {
+        match &mut self.role {
+            Role::Server { .. } => {
+                self.state = CtxState::Running;
+                1
+            }
+            Role::Client { next_try } => {
+                let now = Instant::now();
+                if now < *next_try {
+                    return 0;
+                }
+                // The server may not exist yet: retry, as DOCA's client
+                // stays starting until it is accepted.
+                *next_try = now + Duration::from_millis(2);
+                let Ok(fd) = seqpacket() else { return 0 };
+                let Ok(addr) = SocketAddrUnix::new(self.path.as_path()) else { return 0 };
+                match rustix::net::connect(&fd, &addr) {
+                    Ok(()) => {
+                        self.peers[0] = Some(fd);
+                        self.state = CtxState::Running;
+                        self.events.push_back(Ev::Public(ComchEvent::Connected(ComchConnId(0))));
+                        2
+                    }
+                    Err(e) => {
+                        log::trace!("comch client: {} not reachable yet: {e}", self.path.display());
+                        0
+                    }
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        let Role::Server { listener: Some(l) } = &self.role else { return };
+        loop {
+            match rustix::net::accept_with(l, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
+                Ok(fd) => match self.peers.iter().position(Option::is_none) {
+                    Some(i) => {
+                        self.peers[i] = Some(fd);
+                        self.events.push_back(Ev::Public(ComchEvent::Connected(ComchConnId(i as u32))));
+                    }
+                    None => log::warn!("comch server {}: client limit reached, refusing one", self.path.display()),
+                },
+                Err(Errno::AGAIN) | Err(Errno::INTR) => break,
+                Err(e) => {
+                    log::warn!("comch accept failed: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn read(&mut self) {
+        let max = self.cfg.max_msg_size;
+        for i in 0..self.peers.len() {
+            while let Some(fd) = &self.peers[i] {
+                let Some(&slot) = self.recv_free.last() else { return };
+                let buf = Self::slot(&mut self.recv_data, max, slot);
+                match rustix::net::recv(fd, buf, RecvFlags::DONTWAIT | RecvFlags::TRUNC) {
+                    Ok((_, 0)) => self.disconnect(i as u32, DocaError::NOT_CONNECTED),
+                    Ok((_, n)) if n > max as usize => {
+                        log::warn!("comch: peer sent {n} bytes, above the {max}-byte cap; disconnecting it");
+                        self.disconnect(i as u32, DocaError::NOT_CONNECTED);
+                    }
+                    Ok((_, n)) => {
+                        self.recv_free.pop();
+                        self.events.push_back(Ev::Msg { conn: i as u32, slot, len: n as u32 });
+                    }
+                    Err(Errno::AGAIN) | Err(Errno::INTR) => break,
+                    Err(_) => self.disconnect(i as u32, DocaError::NOT_CONNECTED),
+                }
+            }
+        }
+    }
+
+    fn write(&mut self) {
+        self.blocked.iter_mut().for_each(|b| *b = false);
+        let mut gone = Vec::new();
+        let State { send_q, send_free, send_data, peers, blocked, events, cfg, .. } = self;
+        send_q.retain(|t| {
+            let c = t.conn as usize;
+            if blocked[c] {
+                return true;
+            }
+            let Some(fd) = &peers[c] else { return true };
+            let data = &Self::slot(send_data, cfg.max_msg_size, t.slot)[..t.len as usize];
+            let result = match rustix::net::send(fd, data, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
+                Ok(_) => Ok(()),
+                Err(Errno::AGAIN) | Err(Errno::INTR) => {
+                    blocked[c] = true;
+                    return true;
+                }
+                Err(e) => {
+                    log::warn!("comch send failed: {e}");
+                    if !gone.contains(&t.conn) {
+                        gone.push(t.conn);
+                    }
+                    Err(DocaError::NOT_CONNECTED)
+                }
+            };
+            send_free.push(t.slot);
+            events.push_back(Ev::Public(ComchEvent::SendDone { conn: ComchConnId(t.conn), user_data: t.user_data, result }));
+            false
+        });
+        for c in gone {
+            self.disconnect(c, DocaError::NOT_CONNECTED);
+        }
+    }
+
+    fn unbind(&mut self) {
+        if self.bound {
+            let _ = std::fs::remove_file(&self.path);
+            self.bound = false;
+        }
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        self.unbind();
+    }
+}
+
+fn start_server(st: &mut State) -> Result<(), DocaError> {
+    if st.state != CtxState::Idle {
+        return Err(DocaError::BAD_STATE);
+    }
+    let dir = runtime_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| crate::error::os("mkdir", e))?;
+    let addr = SocketAddrUnix::new(st.path.as_path()).map_err(|_| DocaError::INVALID_VALUE)?;
+    let fd = seqpacket()?;
+    if let Err(e) = rustix::net::bind(&fd, &addr) {
+        if e != Errno::ADDRINUSE {
+            return Err(crate::error::os("bind", e));
+        }
+        // A live server owns the name, or a dead one left its socket.
+        let probe = seqpacket()?;
+        match rustix::net::connect(&probe, &addr) {
+            Ok(()) | Err(Errno::AGAIN) => return Err(DocaError::IN_USE),
+            Err(_) => {
+                let _ = std::fs::remove_file(&st.path);
+                rustix::net::bind(&fd, &addr).map_err(|e| crate::error::os("bind", e))?;
+            }
+        }
+    }
+    st.bound = true;
+    rustix::net::listen(&fd, 128).map_err(|e| crate::error::os("listen", e))?;
+    st.role = Role::Server { listener: Some(fd) };
+    st.state = CtxState::Starting;
+    Ok(())
+}
+
+macro_rules! ctx_common {
+    ($t:ident) => {
+        impl $t {
+            fn st(&self) -> std::sync::MutexGuard<'_, State> {
+                super::lock(&self.core.st)
+            }
+
+            /// The context's state.
+            pub fn state(&self) -> CtxState {
+                self.st().state
+            }
+
+            /// Asks to stop: peers are disconnected and queued sends fail
+            /// with `SHUTDOWN` inside `progress()`; the context is `Idle` once
+            /// their completions have been taken.
+            pub fn stop(&self) -> Result<(), DocaError> {
+                let mut st = self.st();
+                match st.state {
+                    CtxState::Running | CtxState::Starting => {
+                        st.state = CtxState::Stopping;
+                        Ok(())
+                    }
+                    _ => Err(DocaError::BAD_STATE),
+                }
+            }
+
+            /// Takes the next event. A message's bytes are copied into
+            /// `msg` (which should hold `max_msg_size` bytes); taking a
+            /// send's completion returns its slot to the pool.
+            pub fn poll_event(&self, msg: &mut [u8]) -> Option<ComchEvent> {
+                self.st().poll_event(msg)
+            }
+
+            /// The configured message cap.
+            pub fn max_msg_size(&self) -> u32 {
+                self.st().cfg.max_msg_size
+            }
+        }
+    };
+}
+
+/// A comch server (`doca_comch_server`, on the DPU): accepts clients by
+/// name.
+#[derive(Debug)]
+pub struct ComchServer {
+    core: Arc<Core>,
+    _pe: Arc<PeShared>,
+    _dev: Device,
+}
+
+ctx_common!(ComchServer);
+
+impl ComchServer {
+    /// Creates a server named `name` (letters, digits, `.`, `-`, `_`; at
+    /// most 64 bytes) on `dev`, connected to `pe`. It starts `Idle`.
+    pub fn new(pe: &ProgressEngine, dev: &Device, name: &str, cfg: ComchConfig) -> Result<Self, DocaError> {
+        cfg.validate()?;
+        let path = socket_path(name)?;
+        let st = State::new(cfg, Role::Server { listener: None }, path, cfg.max_clients as usize);
+        let core = Arc::new(Core { st: Mutex::new(st) });
+        pe.shared.connect(Arc::downgrade(&core) as _);
+        Ok(Self { core, _pe: pe.shared.clone(), _dev: dev.clone() })
+    }
+
+    /// Asks to start: the name is taken now (`IN_USE` when a live server
+    /// has it); the server is `Running` after a `progress()`.
+    pub fn start(&self) -> Result<(), DocaError> {
+        start_server(&mut self.st())
+    }
+
+    /// Queues a message to a connected client.
+    pub fn send(&self, conn: ComchConnId, msg: &[u8], user_data: u64) -> Result<(), DocaError> {
+        self.st().submit(conn.0, msg, user_data)
+    }
+}
+
+/// A comch client (`doca_comch_client`, on the host): connects to a server
+/// by name.
+#[derive(Debug)]
+pub struct ComchClient {
+    core: Arc<Core>,
+    _pe: Arc<PeShared>,
+    _dev: Device,
+}
+
+ctx_common!(ComchClient);
+
+impl ComchClient {
+    /// Creates a client of the server named `name`, on `dev`, connected to
+    /// `pe`. It starts `Idle`.
+    pub fn new(pe: &ProgressEngine, dev: &Device, name: &str, cfg: ComchConfig) -> Result<Self, DocaError> {
+        cfg.validate()?;
+        let path = socket_path(name)?;
+        let st = State::new(cfg, Role::Client { next_try: Instant::now() }, path, 1);
+        let core = Arc::new(Core { st: Mutex::new(st) });
+        pe.shared.connect(Arc::downgrade(&core) as _);
+        Ok(Self { core, _pe: pe.shared.clone(), _dev: dev.clone() })
+    }
+
+    /// Asks to start: the client is `Running` once a `progress()` has
+    /// connected it to its server (it keeps trying until the server
+    /// exists).
+    pub fn start(&self) -> Result<(), DocaError> {
+        let mut st = self.st();
+        if st.state != CtxState::Idle {
+            return Err(DocaError::BAD_STATE);
+        }
+        st.role = Role::Client { next_try: Instant::now() };
+        st.state = CtxState::Starting;
+        Ok(())
+    }
+
+    /// Queues a message to the server.
+    pub fn send(&self, msg: &[u8], user_data: u64) -> Result<(), DocaError> {
+        self.st().submit(0, msg, user_data)
+    }
+
+    /// The connection to the server (index 0).
+    pub fn conn(&self) -> ComchConnId {
+        ComchConnId(0)
+    }
+}

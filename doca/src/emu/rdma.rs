@@ -1,0 +1,779 @@
+//! Emulated RDMA (RC, two-sided) over TCP.
+//!
+//! A connection is two TCP streams, one per direction of data: each side
+//! dials the listener named in the peer's connection blob and sends its
+//! sends on that stream; the peer acknowledges placed sends on the same
+//! stream in the reverse direction, so acknowledgements never wait behind
+//! data (as RC acks do not wait behind the send queue).
+//!
+//! Semantics kept:
+//! * a send lands only in a posted receive of the peer, in order, with its
+//!   immediate; its completion means the peer placed it (acknowledged);
+//! * a send with no receive posted waits (receiver not ready, infinite
+//!   retry): the receiver stops reading, TCP flow control stalls the sender;
+//! * a send larger than the posted receive fails the receive with
+//!   `TOO_BIG`, the sender's send with `TOO_BIG`, and the connection;
+//! * a vanished peer (EOF, reset) fails every outstanding send of the
+//!   connection with `CONNECTION_RESET`, and the posted receives once no
+//!   connection of the context can deliver any more;
+//! * task pools are fixed at creation; a slot is returned when the user
+//!   takes the task's completion; all queues are sized at setup.
+
+use super::dev::Device;
+use super::dma::{Dma, Moved};
+use super::mem::Buf;
+use super::pe::{PeShared, Progress, ProgressEngine};
+use crate::emu_wire::{ConnBlob, FRAME_LEN, Frame};
+use crate::{CtxState, DocaError, RdmaConfig, RdmaConnId, RdmaEvent, TaskSubmitError};
+use rustix::io::Errno;
+use std::collections::VecDeque;
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+
+/// Work done per connection and direction in one progress call, so one
+/// busy connection cannot starve the others.
+const BUDGET: usize = 64;
+
+#[derive(Debug)]
+struct SendTask {
+    buf: Buf,
+    user_data: u64,
+    imm: Option<u32>,
+    seq: u32,
+}
+
+#[derive(Debug)]
+struct RecvTask {
+    buf: Buf,
+    user_data: u64,
+}
+
+/// My data to the peer; acknowledgements come back on it.
+#[derive(Debug)]
+struct OutStream {
+    sock: TcpStream,
+    hello: [u8; FRAME_LEN],
+    hello_off: usize,
+    hdr: [u8; FRAME_LEN],
+    hdr_off: usize,
+    pay_off: usize,
+    rx: [u8; FRAME_LEN],
+    rx_have: usize,
+    dma: Dma,
+}
+
+#[derive(Debug)]
+struct Incoming {
+    task: RecvTask,
+    len: usize,
+    done: usize,
+    imm: Option<u32>,
+}
+
+/// The peer's data to me; my acknowledgements go back on it.
+#[derive(Debug)]
+struct InStream {
+    sock: TcpStream,
+    rx: [u8; FRAME_LEN],
+    rx_have: usize,
+    cur: Option<Incoming>,
+    placed: u32,
+    ack: [u8; FRAME_LEN],
+    ack_off: usize,
+    acked: u32,
+    dma: Dma,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Exported; `connect` not called yet.
+    Exported,
+    /// Connecting or connected.
+    Active,
+    Failed(DocaError),
+}
+
+#[derive(Debug)]
+struct Conn {
+    token: u64,
+    remote_token: u64,
+    phase: Phase,
+    connecting: Option<OwnedFd>,
+    out: Option<OutStream>,
+    inn: Option<InStream>,
+    send_q: VecDeque<SendTask>,
+    unacked: VecDeque<SendTask>,
+    next_seq: u32,
+    reported: bool,
+    /// Streams of a connection this side failed on purpose, kept open so
+    /// the error frame reaches the peer before any reset.
+    linger: Vec<TcpStream>,
+}
+
+#[derive(Debug)]
+struct PendingIn {
+    sock: TcpStream,
+    rx: [u8; FRAME_LEN],
+    have: usize,
+}
+
+#[derive(Debug)]
+struct State {
+    cfg: RdmaConfig,
+    dev: Device,
+    state: CtxState,
+    listener: Option<TcpListener>,
+    local: Option<SocketAddr>,
+    conns: Vec<Conn>,
+    pending: Vec<PendingIn>,
+    recv_q: VecDeque<RecvTask>,
+    sends_out: u32,
+    recvs_out: u32,
+    events: VecDeque<RdmaEvent>,
+}
+
+#[derive(Debug)]
+struct Core {
+    st: Mutex<State>,
+}
+
+impl Progress for Core {
+    fn progress(&self) -> usize {
+        super::lock(&self.st).progress()
+    }
+}
+
+/// An RDMA context (`doca_rdma`) with its connections and task pools.
+#[derive(Debug)]
+pub struct Rdma {
+    core: Arc<Core>,
+    _pe: Arc<PeShared>,
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+impl Rdma {
+    /// Creates an RDMA context on `dev`, connected to `pe`, with fixed task
+    /// pools. The context starts `Idle`.
+    pub fn new(pe: &ProgressEngine, dev: &Device, cfg: RdmaConfig) -> Result<Rdma, DocaError> {
+        cfg.validate()?;
+        let events = cfg.send_tasks as usize + cfg.recv_tasks as usize + 2 * cfg.max_connections as usize + 4;
+        let st = State {
+            cfg,
+            dev: dev.clone(),
+            state: CtxState::Idle,
+            listener: None,
+            local: None,
+            conns: Vec::with_capacity(cfg.max_connections as usize),
+            pending: Vec::with_capacity(2 * cfg.max_connections as usize),
+            recv_q: VecDeque::with_capacity(cfg.recv_tasks as usize),
+            sends_out: 0,
+            recvs_out: 0,
+            events: VecDeque::with_capacity(events),
+        };
+        let core = Arc::new(Core { st: Mutex::new(st) });
+        let weak = Arc::downgrade(&core);
+        pe.shared.connect(weak);
+        Ok(Rdma { core, _pe: pe.shared.clone() })
+    }
+
+    fn st(&self) -> std::sync::MutexGuard<'_, State> {
+        super::lock(&self.core.st)
+    }
+
+    /// The context's state.
+    pub fn state(&self) -> CtxState {
+        self.st().state
+    }
+
+    /// Asks to start; the context becomes `Running` inside a later
+    /// `progress()`.
+    pub fn start(&self) -> Result<(), DocaError> {
+        let mut st = self.st();
+        if st.state != CtxState::Idle {
+            return Err(DocaError::BAD_STATE);
+        }
+        let l = TcpListener::bind(SocketAddr::new(st.dev.info().ip, 0)).map_err(|e| crate::error::os("bind", e))?;
+        l.set_nonblocking(true).map_err(|e| crate::error::os("fcntl", e))?;
+        st.local = Some(l.local_addr().map_err(|e| crate::error::os("getsockname", e))?);
+        st.listener = Some(l);
+        st.state = CtxState::Starting;
+        Ok(())
+    }
+
+    /// Asks to stop: outstanding tasks are flushed with `SHUTDOWN` inside
+    /// `progress()`, and the context becomes `Idle` once their completions
+    /// have been taken.
+    pub fn stop(&self) -> Result<(), DocaError> {
+        let mut st = self.st();
+        match st.state {
+            CtxState::Running | CtxState::Starting => {
+                st.state = CtxState::Stopping;
+                Ok(())
+            }
+            _ => Err(DocaError::BAD_STATE),
+        }
+    }
+
+    /// Creates a connection and returns its blob for the peer's
+    /// [`connect`](Self::connect). The context must be `Running`.
+    pub fn export(&self) -> Result<(RdmaConnId, Vec<u8>), DocaError> {
+        let mut st = self.st();
+        if st.state != CtxState::Running {
+            return Err(DocaError::BAD_STATE);
+        }
+        if st.conns.len() >= st.cfg.max_connections as usize {
+            return Err(DocaError::FULL);
+        }
+        let addr = st.local.ok_or(DocaError::BAD_STATE)?;
+        let token = super::token();
+        let cap = st.cfg.send_tasks as usize;
+        st.conns.push(Conn {
+            token,
+            remote_token: 0,
+            phase: Phase::Exported,
+            connecting: None,
+            out: None,
+            inn: None,
+            send_q: VecDeque::with_capacity(cap),
+            unacked: VecDeque::with_capacity(cap),
+            next_seq: 1,
+            reported: false,
+            linger: Vec::new(),
+        });
+        let id = RdmaConnId(st.conns.len() as u32 - 1);
+        Ok((id, ConnBlob { addr, token, max_send: st.cfg.max_send_size }.encode().to_vec()))
+    }
+
+    /// Connects `conn` to the peer connection described by `remote_blob`
+    /// (the peer's `export`). The connection is up when
+    /// [`RdmaEvent::Connected`] is reported; sends submitted before wait.
+    pub fn connect(&self, conn: RdmaConnId, remote_blob: &[u8]) -> Result<(), DocaError> {
+        let blob = ConnBlob::decode(remote_blob).map_err(|e| {
+            log::warn!("rdma connection blob rejected: {e}");
+            DocaError::INVALID_VALUE
+        })?;
+        let mut st = self.st();
+        if st.state != CtxState::Running {
+            return Err(DocaError::BAD_STATE);
+        }
+        let c = st.conns.get_mut(conn.0 as usize).ok_or(DocaError::NOT_FOUND)?;
+        if c.phase != Phase::Exported {
+            return Err(DocaError::BAD_STATE);
+        }
+        let family = match blob.addr {
+            SocketAddr::V4(_) => rustix::net::AddressFamily::INET,
+            SocketAddr::V6(_) => rustix::net::AddressFamily::INET6,
+        };
+        let fd = rustix::net::socket_with(
+            family,
+            rustix::net::SocketType::STREAM,
+            rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(|e| crate::error::os("socket", e))?;
+        match rustix::net::connect(&fd, &blob.addr) {
+            Ok(()) | Err(Errno::INPROGRESS) => {}
+            Err(e) => {
+                log::warn!("rdma connect to {} failed: {e}", blob.addr);
+                return Err(DocaError::NOT_CONNECTED);
+            }
+        }
+        c.connecting = Some(fd);
+        c.remote_token = blob.token;
+        c.phase = Phase::Active;
+        Ok(())
+    }
+
+    /// Posts a send of `buf.data_len()` bytes on `conn`, with an optional
+    /// 32-bit immediate.
+    pub fn submit_send(&self, conn: RdmaConnId, buf: Buf, imm: Option<u32>, user_data: u64) -> Result<(), TaskSubmitError> {
+        let mut st = self.st();
+        let err = |error, buf| Err(TaskSubmitError { error, buf });
+        if st.state != CtxState::Running {
+            return err(DocaError::BAD_STATE, buf);
+        }
+        if st.sends_out >= st.cfg.send_tasks {
+            return err(DocaError::NO_MEMORY, buf);
+        }
+        if buf.data_len() > st.cfg.max_send_size {
+            return err(DocaError::TOO_BIG, buf);
+        }
+        if !buf.mmap.has_device(&st.dev) {
+            return err(DocaError::NOT_PERMITTED, buf);
+        }
+        let Some(c) = st.conns.get_mut(conn.0 as usize) else { return err(DocaError::NOT_FOUND, buf) };
+        match c.phase {
+            Phase::Active => {}
+            Phase::Exported => return err(DocaError::BAD_STATE, buf),
+            Phase::Failed(_) => return err(DocaError::NOT_CONNECTED, buf),
+        }
+        let seq = c.next_seq;
+        c.next_seq = c.next_seq.wrapping_add(1).max(1);
+        c.send_q.push_back(SendTask { buf, user_data, imm, seq });
+        st.sends_out += 1;
+        Ok(())
+    }
+
+    /// Posts a receive into `buf` (its whole capacity).
+    pub fn submit_receive(&self, buf: Buf, user_data: u64) -> Result<(), TaskSubmitError> {
+        let mut st = self.st();
+        let err = |error, buf| Err(TaskSubmitError { error, buf });
+        if st.state != CtxState::Running {
+            return err(DocaError::BAD_STATE, buf);
+        }
+        if st.recvs_out >= st.cfg.recv_tasks {
+            return err(DocaError::NO_MEMORY, buf);
+        }
+        if !buf.mmap.writable || !buf.mmap.has_device(&st.dev) {
+            return err(DocaError::NOT_PERMITTED, buf);
+        }
+        st.recv_q.push_back(RecvTask { buf, user_data });
+        st.recvs_out += 1;
+        Ok(())
+    }
+
+    /// Takes the next event; taking a task's completion returns its slot to
+    /// the pool.
+    pub fn poll_event(&self) -> Option<RdmaEvent> {
+        let mut st = self.st();
+        let ev = st.events.pop_front()?;
+        match ev {
+            RdmaEvent::SendDone { .. } => st.sends_out -= 1,
+            RdmaEvent::Received { .. } => st.recvs_out -= 1,
+            _ => {}
+        }
+        Some(ev)
+    }
+
+    /// Send and receive tasks submitted whose completion has not been
+    /// taken yet.
+    pub fn tasks_in_use(&self) -> (u32, u32) {
+        let st = self.st();
+        (st.sends_out, st.recvs_out)
+    }
+}
+
+
+fn next_seq(s: u32) -> u32 {
+    s.wrapping_add(1).max(1)
+}
+
+fn send_bytes(sock: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    // MSG_NOSIGNAL: a vanished peer is an error code, never SIGPIPE.
+    rustix::net::send(sock, bytes, rustix::net::SendFlags::NOSIGNAL).map_err(io::Error::from)
+}
+
+/// Writes what it can of `buf[*off..]`; `Ok(true)` when all is written.
+fn write_some(sock: &TcpStream, buf: &[u8], off: &mut usize) -> Result<bool, DocaError> {
+    while *off < buf.len() {
+        match send_bytes(sock, &buf[*off..]) {
+            Ok(0) => return Err(DocaError::CONNECTION_RESET),
+            Ok(n) => *off += n,
+            Err(e) if would_block(&e) => return Ok(false),
+            Err(_) => return Err(DocaError::CONNECTION_RESET),
+        }
+    }
+    Ok(true)
+}
+
+/// Reads what it can into `buf[*have..]`; `Ok(true)` when full.
+fn read_some(sock: &TcpStream, buf: &mut [u8], have: &mut usize) -> Result<bool, DocaError> {
+    while *have < buf.len() {
+        match (&mut &*sock).read(&mut buf[*have..]) {
+            Ok(0) => return Err(DocaError::CONNECTION_RESET),
+            Ok(n) => *have += n,
+            Err(e) if would_block(&e) => return Ok(false),
+            Err(_) => return Err(DocaError::CONNECTION_RESET),
+        }
+    }
+    Ok(true)
+}
+
+fn dma_error(e: io::Error) -> DocaError {
+    match e.kind() {
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => {
+            DocaError::CONNECTION_RESET
+        }
+        _ => {
+            log::warn!("emulated NIC transfer failed: {e}");
+            DocaError::IO_FAILED
+        }
+    }
+}
+
+impl OutStream {
+    fn new(sock: TcpStream, remote_token: u64) -> io::Result<Self> {
+        sock.set_nodelay(true)?;
+        Ok(Self {
+            sock,
+            hello: Frame::Hello { token: remote_token }.encode(),
+            hello_off: 0,
+            hdr: [0; FRAME_LEN],
+            hdr_off: 0,
+            pay_off: 0,
+            rx: [0; FRAME_LEN],
+            rx_have: 0,
+            dma: Dma::new()?,
+        })
+    }
+}
+
+impl InStream {
+    fn new(sock: TcpStream) -> io::Result<Self> {
+        sock.set_nodelay(true)?;
+        Ok(Self {
+            sock,
+            rx: [0; FRAME_LEN],
+            rx_have: 0,
+            cur: None,
+            placed: 0,
+            ack: [0; FRAME_LEN],
+            ack_off: FRAME_LEN,
+            acked: 0,
+            dma: Dma::new()?,
+        })
+    }
+}
+
+impl Conn {
+    fn live(&self) -> bool {
+        !matches!(self.phase, Phase::Failed(_))
+    }
+
+    /// Finishes a nonblocking connect.
+    fn finish_connect(&mut self) -> Result<(), DocaError> {
+        let Some(fd) = &self.connecting else { return Ok(()) };
+        let mut pfd = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::OUT)];
+        let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+        match rustix::event::poll(&mut pfd, Some(&zero)) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(Errno::INTR) => return Ok(()),
+            Err(e) => return Err(crate::error::os("poll", e)),
+        }
+        match rustix::net::sockopt::socket_error(fd) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) | Err(e) => {
+                log::warn!("rdma connect failed: {e}");
+                return Err(DocaError::NOT_CONNECTED);
+            }
+        }
+        let fd = self.connecting.take().ok_or(DocaError::UNEXPECTED)?;
+        let out = OutStream::new(TcpStream::from(fd), self.remote_token).map_err(|e| crate::error::os("socket", e))?;
+        self.out = Some(out);
+        Ok(())
+    }
+
+    /// Writes the hello and queued sends; reads acknowledgements.
+    fn pump_out(&mut self, id: RdmaConnId, events: &mut VecDeque<RdmaEvent>) -> Result<(), DocaError> {
+        let Some(out) = self.out.as_mut() else { return Ok(()) };
+        // Acknowledgements and errors from the receiver.
+        for _ in 0..BUDGET {
+            if !read_some(&out.sock, &mut out.rx, &mut out.rx_have)? {
+                break;
+            }
+            out.rx_have = 0;
+            match Frame::decode(&out.rx) {
+                Ok(Frame::Ack { seq }) => loop {
+                    let Some(t) = self.unacked.pop_front() else {
+                        log::warn!("rdma: acknowledgement of send {seq} that was never written");
+                        return Err(DocaError::CONNECTION_ABORTED);
+                    };
+                    let done = t.seq == seq;
+                    events.push_back(RdmaEvent::SendDone { conn: id, user_data: t.user_data, buf: t.buf, result: Ok(()) });
+                    if done {
+                        break;
+                    }
+                },
+                Ok(Frame::Error { seq, code }) => {
+                    let err = DocaError::from_nonzero(code);
+                    log::warn!("rdma: peer failed the connection at send {seq}: {err}");
+                    let q = if self.unacked.iter().any(|t| t.seq == seq) { &mut self.unacked } else { &mut self.send_q };
+                    if let Some(pos) = q.iter().position(|t| t.seq == seq)
+                        && let Some(t) = q.remove(pos)
+                    {
+                        events.push_back(RdmaEvent::SendDone { conn: id, user_data: t.user_data, buf: t.buf, result: Err(err) });
+                    }
+                    return Err(DocaError::CONNECTION_ABORTED);
+                }
+                Ok(f) => {
+                    log::warn!("rdma: unexpected {f:?} on a send stream");
+                    return Err(DocaError::CONNECTION_ABORTED);
+                }
+                Err(e) => {
+                    log::warn!("rdma: bad frame from peer: {e}");
+                    return Err(DocaError::CONNECTION_ABORTED);
+                }
+            }
+        }
+        if !write_some(&out.sock, &out.hello, &mut out.hello_off)? {
+            return Ok(());
+        }
+        for _ in 0..BUDGET {
+            let Some(t) = self.send_q.front() else { break };
+            let len = t.buf.data_len() as usize;
+            if out.hdr_off == 0 && out.pay_off == 0 {
+                out.hdr = Frame::Send { seq: t.seq, len: len as u32, imm: t.imm }.encode();
+            }
+            if !write_some(&out.sock, &out.hdr, &mut out.hdr_off)? {
+                return Ok(());
+            }
+            while out.pay_off < len {
+                let off = t.buf.file_offset() + out.pay_off as u64;
+                match out.dma.send(&out.sock, &t.buf.mmap, off, len - out.pay_off).map_err(dma_error)? {
+                    Moved::Bytes(n) => out.pay_off += n,
+                    Moved::WouldBlock => return Ok(()),
+                    Moved::Eof => return Err(DocaError::CONNECTION_RESET),
+                }
+            }
+            out.hdr_off = 0;
+            out.pay_off = 0;
+            if let Some(t) = self.send_q.pop_front() {
+                self.unacked.push_back(t);
+            }
+        }
+        Ok(())
+    }
+
+    /// Places incoming sends into posted receives; acknowledges them.
+    /// On error, `true` asks for a graceful close (the peer must read an
+    /// error frame first).
+    fn pump_in(
+        &mut self,
+        id: RdmaConnId,
+        recv_q: &mut VecDeque<RecvTask>,
+        events: &mut VecDeque<RdmaEvent>,
+    ) -> Result<(), (DocaError, bool)> {
+        let Some(inn) = self.inn.as_mut() else { return Ok(()) };
+        let hard = |e| (e, false);
+        for _ in 0..BUDGET {
+            if let Some(cur) = inn.cur.as_mut() {
+                if cur.done < cur.len {
+                    let off = cur.task.buf.file_offset() + cur.done as u64;
+                    match inn.dma.recv(&inn.sock, &cur.task.buf.mmap, off, cur.len - cur.done) {
+                        Ok(Moved::Bytes(n)) => cur.done += n,
+                        Ok(Moved::WouldBlock) => break,
+                        Ok(Moved::Eof) => return Err(hard(DocaError::CONNECTION_RESET)),
+                        Err(e) => return Err(hard(dma_error(e))),
+                    }
+                    continue;
+                }
+                let Some(cur) = inn.cur.take() else { break };
+                let mut buf = cur.task.buf;
+                // len <= buf.len(), checked when the header was taken.
+                let _ = buf.set_data_len(cur.len as u32);
+                inn.placed = next_seq(inn.placed);
+                events.push_back(RdmaEvent::Received {
+                    conn: Some(id),
+                    user_data: cur.task.user_data,
+                    buf,
+                    imm: cur.imm,
+                    result: Ok(()),
+                });
+                continue;
+            }
+            if !read_some(&inn.sock, &mut inn.rx, &mut inn.rx_have).map_err(hard)? {
+                break;
+            }
+            let (seq, len, imm) = match Frame::decode(&inn.rx) {
+                Ok(Frame::Send { seq, len, imm }) if seq == next_seq(inn.placed) => (seq, len as usize, imm),
+                other => {
+                    log::warn!("rdma: unexpected frame on a receive stream: {other:?}");
+                    return Err(hard(DocaError::CONNECTION_ABORTED));
+                }
+            };
+            // Receiver not ready: keep the header, stop reading; the
+            // sender stalls in TCP flow control until a receive is posted.
+            let Some(task) = recv_q.pop_front() else { break };
+            inn.rx_have = 0;
+            if len > task.buf.len() as usize {
+                log::warn!("rdma: send of {len} bytes into a receive of {} bytes fails the connection", task.buf.len());
+                events.push_back(RdmaEvent::Received {
+                    conn: Some(id),
+                    user_data: task.user_data,
+                    buf: task.buf,
+                    imm: None,
+                    result: Err(DocaError::TOO_BIG),
+                });
+                // Best effort: only between two acknowledgement frames.
+                if inn.ack_off == FRAME_LEN {
+                    let f = Frame::Error { seq, code: DocaError::TOO_BIG.code() }.encode();
+                    let mut off = 0;
+                    let _ = write_some(&inn.sock, &f, &mut off);
+                }
+                return Err((DocaError::TOO_BIG, true));
+            }
+            inn.cur = Some(Incoming { task, len, done: 0, imm });
+        }
+        // Cumulative acknowledgement of what was placed.
+        if inn.ack_off == FRAME_LEN && inn.acked != inn.placed {
+            inn.ack = Frame::Ack { seq: inn.placed }.encode();
+            inn.ack_off = 0;
+            inn.acked = inn.placed;
+        }
+        if inn.ack_off < FRAME_LEN {
+            write_some(&inn.sock, &inn.ack, &mut inn.ack_off).map_err(hard)?;
+        }
+        Ok(())
+    }
+}
+
+impl State {
+    fn progress(&mut self) -> usize {
+        let before = self.events.len();
+        match self.state {
+            CtxState::Idle => return 0,
+            CtxState::Starting => {
+                self.state = CtxState::Running;
+                return 1;
+            }
+            CtxState::Stopping => {
+                for i in 0..self.conns.len() {
+                    self.fail_conn(i, DocaError::SHUTDOWN, false);
+                }
+                self.flush_receives(DocaError::SHUTDOWN);
+                self.pending.clear();
+                self.listener = None;
+                let mut n = self.events.len() - before;
+                if self.sends_out == 0 && self.recvs_out == 0 {
+                    self.conns.clear();
+                    self.local = None;
+                    self.state = CtxState::Idle;
+                    n += 1;
+                }
+                return n;
+            }
+            CtxState::Running => {}
+        }
+        self.accept();
+        for i in 0..self.conns.len() {
+            self.progress_conn(i);
+        }
+        self.events.len() - before
+    }
+
+    fn accept(&mut self) {
+        let Some(l) = &self.listener else { return };
+        loop {
+            match l.accept() {
+                Ok((sock, peer)) => {
+                    if self.pending.len() >= self.pending.capacity() || sock.set_nonblocking(true).is_err() {
+                        log::warn!("rdma: dropping connection from {peer}");
+                        continue;
+                    }
+                    self.pending.push(PendingIn { sock, rx: [0; FRAME_LEN], have: 0 });
+                }
+                Err(e) if would_block(&e) => break,
+                Err(e) => {
+                    log::warn!("rdma: accept failed: {e}");
+                    break;
+                }
+            }
+        }
+        let mut i = 0;
+        while i < self.pending.len() {
+            let p = &mut self.pending[i];
+            match read_some(&p.sock, &mut p.rx, &mut p.have) {
+                Ok(false) => {
+                    i += 1;
+                    continue;
+                }
+                Err(_) => {
+                    self.pending.swap_remove(i);
+                    continue;
+                }
+                Ok(true) => {}
+            }
+            let p = self.pending.swap_remove(i);
+            let token = match Frame::decode(&p.rx) {
+                Ok(Frame::Hello { token }) => token,
+                other => {
+                    log::warn!("rdma: connection without a hello ({other:?}) dropped");
+                    continue;
+                }
+            };
+            match self.conns.iter_mut().find(|c| c.token == token && c.live() && c.inn.is_none()) {
+                Some(c) => match InStream::new(p.sock) {
+                    Ok(s) => c.inn = Some(s),
+                    Err(e) => log::warn!("rdma: cannot set up a receive stream: {e}"),
+                },
+                None => log::warn!("rdma: hello for unknown connection {token:#x} dropped"),
+            }
+        }
+    }
+
+    fn progress_conn(&mut self, i: usize) {
+        let id = RdmaConnId(i as u32);
+        let State { conns, recv_q, events, .. } = self;
+        let c = &mut conns[i];
+        if !c.live() {
+            return;
+        }
+        let res = c
+            .finish_connect()
+            .and_then(|()| c.pump_out(id, events))
+            .map_err(|e| (e, false))
+            .and_then(|()| c.pump_in(id, recv_q, events));
+        if let Err((e, graceful)) = res {
+            self.fail_conn(i, e, graceful);
+            return;
+        }
+        let up = c.out.as_ref().is_some_and(|o| o.hello_off == FRAME_LEN) && c.inn.is_some();
+        if up && !c.reported && c.phase == Phase::Active {
+            c.reported = true;
+            events.push_back(RdmaEvent::Connected(id));
+        }
+    }
+
+    fn fail_conn(&mut self, i: usize, err: DocaError, graceful: bool) {
+        let id = RdmaConnId(i as u32);
+        let c = &mut self.conns[i];
+        if !c.live() {
+            return;
+        }
+        c.phase = Phase::Failed(err);
+        if err != DocaError::SHUTDOWN {
+            log::warn!("rdma connection {i} failed: {err}");
+        }
+        self.events.push_back(RdmaEvent::ConnectionFailed(id, err));
+        let task_err = if err == DocaError::TOO_BIG { DocaError::CONNECTION_ABORTED } else { err };
+        for t in c.unacked.drain(..).chain(c.send_q.drain(..)) {
+            self.events.push_back(RdmaEvent::SendDone { conn: id, user_data: t.user_data, buf: t.buf, result: Err(task_err) });
+        }
+        if let Some(inn) = c.inn.take() {
+            if let Some(cur) = inn.cur {
+                self.events.push_back(RdmaEvent::Received {
+                    conn: Some(id),
+                    user_data: cur.task.user_data,
+                    buf: cur.task.buf,
+                    imm: None,
+                    result: Err(task_err),
+                });
+            }
+            if graceful {
+                let _ = inn.sock.shutdown(std::net::Shutdown::Write);
+                c.linger.push(inn.sock);
+            }
+        }
+        if let Some(out) = c.out.take()
+            && graceful
+        {
+            c.linger.push(out.sock);
+        }
+        c.connecting = None;
+        if !self.conns.iter().any(Conn::live) {
+            self.flush_receives(task_err);
+        }
+    }
+
+    fn flush_receives(&mut self, err: DocaError) {
+        for t in self.recv_q.drain(..) {
+            self.events.push_back(RdmaEvent::Received { conn: None, user_data: t.user_data, buf: t.buf, imm: None, result: Err(err) });
+        }
+    }
+}
