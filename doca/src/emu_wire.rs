@@ -103,11 +103,7 @@ pub enum FrameDecodeError {
 impl Frame {
     /// Encodes the frame header.
     pub fn encode(&self) -> [u8; FRAME_LEN] {
-        let mut h = FrameHeader {
-            magic: FRAME_MAGIC.into(),
-            version: FRAME_VERSION,
-            ..Default::default()
-        };
+        let mut h = FrameHeader { magic: FRAME_MAGIC.into(), version: FRAME_VERSION, ..Default::default() };
         match *self {
             Frame::Hello { token } => {
                 h.kind = KIND_HELLO;
@@ -460,16 +456,8 @@ mod tests {
         let c6 = ConnBlob { addr: "[::1]:80".parse().unwrap(), token: 1, max_send: 1 };
         assert_eq!(ConnBlob::decode(&c6.encode()), Ok(c6));
         assert_eq!(ConnBlob::decode(&[1, 2]), Err(BlobDecodeError::Length { got: 2, want: CONN_BLOB_LEN }));
-        let m = MmapBlob {
-            kind: ExportKind::Pci,
-            access: 0x21,
-            pid: 5,
-            fd: 3,
-            st_dev: 1,
-            st_ino: 2,
-            offset: 0,
-            len: 4096,
-        };
+        let m =
+            MmapBlob { kind: ExportKind::Pci, access: 0x21, pid: 5, fd: 3, st_dev: 1, st_ino: 2, offset: 0, len: 4096 };
         assert_eq!(MmapBlob::decode(&m.encode()), Ok(m));
         assert_eq!(MmapBlob::decode(&c.encode()), Err(BlobDecodeError::Length { got: 48, want: 56 }));
         let mut bad = m.encode();

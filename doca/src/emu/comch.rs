@@ -44,8 +44,13 @@ fn socket_path(name: &str) -> Result<PathBuf, DocaError> {
 }
 
 fn seqpacket() -> Result<OwnedFd, DocaError> {
-    rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC, None)
-        .map_err(|e| crate::error::os("socket", e))
+    rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| crate::error::os("socket", e))
 }
 
 #[derive(Debug)]
@@ -315,7 +320,11 @@ impl State {
                 }
             };
             send_free.push(t.slot);
-            events.push_back(Ev::Public(ComchEvent::SendDone { conn: ComchConnId(t.conn), user_data: t.user_data, result }));
+            events.push_back(Ev::Public(ComchEvent::SendDone {
+                conn: ComchConnId(t.conn),
+                user_data: t.user_data,
+                result,
+            }));
             false
         });
         for c in gone {

@@ -62,7 +62,8 @@ pub(crate) struct Dma {
 
 impl Dma {
     pub(crate) fn new() -> io::Result<Self> {
-        let (pipe_r, pipe_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)?;
+        let (pipe_r, pipe_w) =
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)?;
         Ok(Self { pipe_r, pipe_w, in_pipe: 0, bounce: Vec::new() })
     }
 

@@ -291,7 +291,13 @@ impl Rdma {
 
     /// Posts a send of `buf.data_len()` bytes on `conn`, with an optional
     /// 32-bit immediate.
-    pub fn submit_send(&self, conn: RdmaConnId, buf: Buf, imm: Option<u32>, user_data: u64) -> Result<(), TaskSubmitError> {
+    pub fn submit_send(
+        &self,
+        conn: RdmaConnId,
+        buf: Buf,
+        imm: Option<u32>,
+        user_data: u64,
+    ) -> Result<(), TaskSubmitError> {
         let mut st = self.st();
         let err = |error, buf| Err(TaskSubmitError { error, buf });
         if st.state != CtxState::Running {
@@ -357,7 +363,6 @@ impl Rdma {
         (st.sends_out, st.recvs_out)
     }
 }
-
 
 fn next_seq(s: u32) -> u32 {
     s.wrapping_add(1).max(1)
@@ -485,7 +490,12 @@ impl Conn {
                         return Err(DocaError::CONNECTION_ABORTED);
                     };
                     let done = t.seq == seq;
-                    events.push_back(RdmaEvent::SendDone { conn: id, user_data: t.user_data, buf: t.buf, result: Ok(()) });
+                    events.push_back(RdmaEvent::SendDone {
+                        conn: id,
+                        user_data: t.user_data,
+                        buf: t.buf,
+                        result: Ok(()),
+                    });
                     if done {
                         break;
                     }
@@ -493,11 +503,17 @@ impl Conn {
                 Ok(Frame::Error { seq, code }) => {
                     let err = DocaError::from_nonzero(code);
                     log::warn!("rdma: peer failed the connection at send {seq}: {err}");
-                    let q = if self.unacked.iter().any(|t| t.seq == seq) { &mut self.unacked } else { &mut self.send_q };
+                    let q =
+                        if self.unacked.iter().any(|t| t.seq == seq) { &mut self.unacked } else { &mut self.send_q };
                     if let Some(pos) = q.iter().position(|t| t.seq == seq)
                         && let Some(t) = q.remove(pos)
                     {
-                        events.push_back(RdmaEvent::SendDone { conn: id, user_data: t.user_data, buf: t.buf, result: Err(err) });
+                        events.push_back(RdmaEvent::SendDone {
+                            conn: id,
+                            user_data: t.user_data,
+                            buf: t.buf,
+                            result: Err(err),
+                        });
                     }
                     return Err(DocaError::CONNECTION_ABORTED);
                 }
@@ -743,7 +759,12 @@ impl State {
         self.events.push_back(RdmaEvent::ConnectionFailed(id, err));
         let task_err = if err == DocaError::TOO_BIG { DocaError::CONNECTION_ABORTED } else { err };
         for t in c.unacked.drain(..).chain(c.send_q.drain(..)) {
-            self.events.push_back(RdmaEvent::SendDone { conn: id, user_data: t.user_data, buf: t.buf, result: Err(task_err) });
+            self.events.push_back(RdmaEvent::SendDone {
+                conn: id,
+                user_data: t.user_data,
+                buf: t.buf,
+                result: Err(task_err),
+            });
         }
         if let Some(inn) = c.inn.take() {
             if let Some(cur) = inn.cur {
@@ -773,7 +794,13 @@ impl State {
 
     fn flush_receives(&mut self, err: DocaError) {
         for t in self.recv_q.drain(..) {
-            self.events.push_back(RdmaEvent::Received { conn: None, user_data: t.user_data, buf: t.buf, imm: None, result: Err(err) });
+            self.events.push_back(RdmaEvent::Received {
+                conn: None,
+                user_data: t.user_data,
+                buf: t.buf,
+                imm: None,
+                result: Err(err),
+            });
         }
     }
 }

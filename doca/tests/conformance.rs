@@ -1,0 +1,411 @@
+//! The `doca` conformance suite: written once against the public API, run
+//! against the backend this build uses (`emu` by default; `sdk` with
+//! `--features sdk` on a DOCA machine, where it fails loudly when no device
+//! is found rather than passing by testing nothing).
+//!
+//! Waiting is always bounded by a watchdog (a hung backend fails the test
+//! with a message); nothing asserts on elapsed time.
+//!
+//! The multi-process tests (emulated backend) re-execute this test binary
+//! with `DOCA_CONF_ROLE=agent`, which turns it into a small command-driven
+//! agent (see `agent`): "host" processes create and export pools, "DPU"
+//! processes import them and move payloads between each other with RDMA;
+//! with root, the two DPUs run in separate network namespaces joined by a
+//! veth pair.
+
+use doca::*;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const WATCHDOG: Duration = Duration::from_secs(30);
+
+fn device() -> Device {
+    let devs = devices().unwrap_or_else(|e| panic!("device discovery failed on the {} backend: {e}", BACKEND.as_str()));
+    assert!(
+        !devs.is_empty(),
+        "no DOCA device found ({} backend): this suite needs a BlueField or ConnectX with DOCA, it never passes by testing nothing",
+        BACKEND.as_str()
+    );
+    devs[0].open().expect("open the first device")
+}
+
+/// Progresses until `done` holds; panics when the watchdog fires.
+fn progress_until(pe: &ProgressEngine, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        pe.progress();
+        assert!(start.elapsed() < WATCHDOG, "watchdog: {what} did not happen");
+        std::thread::yield_now();
+    }
+}
+
+fn region(len: usize) -> Arc<shm::Region> {
+    Arc::new(shm::Region::create("dne-doca-conf", len, shm::PagePolicy::Normal).expect("memfd region"))
+}
+
+fn local_mmap(dev: &Device, r: &Arc<shm::Region>, access: Access) -> Mmap {
+    Mmap::builder(MemRange::region(r.clone())).permissions(access).add_device(dev).start().expect("mmap start")
+}
+
+fn pattern(seed: u32, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u32).wrapping_mul(31).wrapping_add(seed.wrapping_mul(7919)) as u8).collect()
+}
+
+fn started_rdma(pe: &ProgressEngine, dev: &Device, cfg: RdmaConfig) -> Rdma {
+    let r = Rdma::new(pe, dev, cfg).expect("rdma create");
+    r.start().expect("rdma start");
+    progress_until(pe, "rdma start", || r.state() == CtxState::Running);
+    r
+}
+
+/// Two started contexts connected to each other.
+fn rdma_pair(pe: &ProgressEngine, dev: &Device, cfg: RdmaConfig) -> (Rdma, RdmaConnId, Rdma, RdmaConnId) {
+    let a = started_rdma(pe, dev, cfg);
+    let b = started_rdma(pe, dev, cfg);
+    let (ca, blob_a) = a.export().unwrap();
+    let (cb, blob_b) = b.export().unwrap();
+    a.connect(ca, &blob_b).unwrap();
+    b.connect(cb, &blob_a).unwrap();
+    let (mut up_a, mut up_b) = (false, false);
+    progress_until(pe, "rdma connection", || {
+        while let Some(e) = a.poll_event() {
+            up_a |= matches!(e, RdmaEvent::Connected(c) if c == ca);
+        }
+        while let Some(e) = b.poll_event() {
+            up_b |= matches!(e, RdmaEvent::Connected(c) if c == cb);
+        }
+        up_a && up_b
+    });
+    (a, ca, b, cb)
+}
+
+/// Collects events of `r` until `n` task completions have been taken.
+fn completions(pe: &ProgressEngine, r: &Rdma, n: usize, what: &str) -> Vec<RdmaEvent> {
+    let mut out = Vec::new();
+    progress_until(pe, what, || {
+        while let Some(e) = r.poll_event() {
+            if matches!(e, RdmaEvent::SendDone { .. } | RdmaEvent::Received { .. }) {
+                out.push(e);
+            }
+        }
+        out.len() >= n
+    });
+    out
+}
+
+#[test]
+fn devices_are_found_and_opened_by_name_and_pci() {
+    let dev = device();
+    let info = dev.info().clone();
+    assert_eq!(Device::open_by_name(&info.name).unwrap().info(), &info);
+    assert_eq!(Device::open_by_pci(&info.pci_addr).unwrap().info(), &info);
+    assert_eq!(Device::open_by_name("no-such-device").err(), Some(DocaError::NOT_FOUND));
+    assert_eq!(Device::open_by_pci("ffff:ff:ff.7").err(), Some(DocaError::NOT_FOUND));
+}
+
+#[test]
+fn start_and_stop_complete_only_inside_progress() {
+    let dev = device();
+    let pe = ProgressEngine::new().unwrap();
+    let r = Rdma::new(&pe, &dev, RdmaConfig::default()).unwrap();
+    assert_eq!(r.state(), CtxState::Idle);
+    assert_eq!(r.export().err(), Some(DocaError::BAD_STATE));
+    r.start().unwrap();
+    assert_eq!(r.state(), CtxState::Starting);
+    assert_eq!(r.start().err(), Some(DocaError::BAD_STATE));
+    progress_until(&pe, "start", || r.state() == CtxState::Running);
+
+    // A posted receive is flushed by the stop, and the context is Idle only
+    // once the user has taken that completion.
+    let reg = region(4096);
+    let mm = local_mmap(&dev, &reg, Access::LOCAL_READ_WRITE);
+    let inv = BufInventory::new(4).unwrap();
+    r.submit_receive(inv.buf(&mm, 0, 4096).unwrap(), 7).unwrap();
+    r.stop().unwrap();
+    assert_eq!(r.state(), CtxState::Stopping);
+    pe.progress();
+    assert_eq!(r.state(), CtxState::Stopping, "Idle before the flushed completion was taken");
+    let mut flushed = None;
+    progress_until(&pe, "flush", || {
+        if let Some(RdmaEvent::Received { user_data, result, .. }) = r.poll_event() {
+            flushed = Some((user_data, result));
+        }
+        flushed.is_some()
+    });
+    assert_eq!(flushed, Some((7, Err(DocaError::SHUTDOWN))));
+    progress_until(&pe, "stop", || r.state() == CtxState::Idle);
+    let b = inv.buf(&mm, 0, 16).unwrap();
+    assert_eq!(r.submit_receive(b, 0).unwrap_err().error, DocaError::BAD_STATE);
+}
+
+#[test]
+fn mmap_export_import_and_buffer_inventory() {
+    let dev = device();
+    let reg = region(64 << 10);
+    reg.copy_in(100, b"host bytes").unwrap();
+
+    let ro = local_mmap(&dev, &reg, Access::LOCAL_READ_ONLY);
+    assert_eq!(ro.export_pci(&dev).err(), Some(DocaError::NOT_PERMITTED), "export without PCI access");
+    assert_eq!(ro.export_rdma(&dev).err(), Some(DocaError::NOT_PERMITTED), "export without RDMA access");
+    let other = device();
+    let mm = local_mmap(&dev, &reg, Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE);
+    if BACKEND == Backend::Emu {
+        // Opened devices are distinct handles: exporting needs the one added.
+        assert_eq!(mm.export_pci(&other).err(), Some(DocaError::NOT_PERMITTED));
+    }
+    let blob = mm.export_pci(&dev).unwrap();
+    assert!(RemoteMmap::from_export(&dev, &blob[..blob.len() - 1]).is_err(), "truncated blob");
+    let remote = RemoteMmap::from_export(&dev, &blob).unwrap();
+    assert_eq!(remote.len(), mm.len());
+    assert!(remote.is_writable());
+
+    let inv = BufInventory::new(2).unwrap();
+    let a = inv.remote_buf(&remote, 0, 4096).unwrap();
+    assert!(a.is_remote());
+    let b = inv.buf(&mm, 4096, 4096).unwrap();
+    assert!(!b.is_remote());
+    assert_eq!(inv.buf(&mm, 0, 1).err(), Some(DocaError::NO_MEMORY), "inventory exhausted");
+    drop(a);
+    assert_eq!(inv.remote_buf(&remote, mm.len() - 10, 11).err(), Some(DocaError::INVALID_VALUE), "past the end");
+    assert_eq!(inv.buf(&mm, 0, 0).err(), Some(DocaError::INVALID_VALUE), "empty buffer");
+    let mut c = inv.buf(&mm, 0, 64).unwrap();
+    assert_eq!(c.set_data_len(65), Err(DocaError::INVALID_VALUE));
+    c.set_data_len(64).unwrap();
+    assert_eq!(inv.in_use(), 2);
+    // The memory outlives the mmap handles while buffers exist.
+    drop(mm);
+    drop(remote);
+    assert_eq!(c.data_len(), 64);
+    drop((b, c));
+    assert_eq!(inv.in_use(), 0);
+
+    // A read-only export cannot be the target of a receive.
+    let ro_pci = local_mmap(&dev, &reg, Access::PCI_READ_ONLY);
+    let ro_remote = RemoteMmap::from_export(&dev, &ro_pci.export_pci(&dev).unwrap()).unwrap();
+    assert!(!ro_remote.is_writable());
+    let pe = ProgressEngine::new().unwrap();
+    let r = started_rdma(&pe, &dev, RdmaConfig::default());
+    let buf = inv.remote_buf(&ro_remote, 0, 16).unwrap();
+    assert_eq!(r.submit_receive(buf, 1).unwrap_err().error, DocaError::NOT_PERMITTED);
+}
+
+#[test]
+fn rdma_two_sided_sends_wait_for_receives_and_arrive_in_order_with_immediates() {
+    let dev = device();
+    let pe = ProgressEngine::new().unwrap();
+    let (a, ca, b, _cb) = rdma_pair(&pe, &dev, RdmaConfig { send_tasks: 8, recv_tasks: 8, ..Default::default() });
+
+    // Sender memory: host pool A, imported (the DPU's view). Receiver
+    // memory: host pool B, imported the same way.
+    let (pool_a, pool_b) = (region(256 << 10), region(256 << 10));
+    let flags = Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE;
+    let (host_a, host_b) = (local_mmap(&dev, &pool_a, flags), local_mmap(&dev, &pool_b, flags));
+    let dpu_a = RemoteMmap::from_export(&dev, &host_a.export_pci(&dev).unwrap()).unwrap();
+    let dpu_b = RemoteMmap::from_export(&dev, &host_b.export_pci(&dev).unwrap()).unwrap();
+    let inv = BufInventory::new(32).unwrap();
+    // Sends first: no receive is posted, so they must wait, not fail.
+    let plan: Vec<(u64, usize)> = vec![(0, 1), (40_000, 4096), (80_000, 30_000), (120_000, 0), (160_000, 40_000)];
+    for (i, &(off, n)) in plan.iter().enumerate() {
+        pool_a.copy_in(off, &pattern(i as u32, n)).unwrap();
+        let mut buf = inv.remote_buf(&dpu_a, off, 40_000).unwrap();
+        buf.set_data_len(n as u32).unwrap();
+        a.submit_send(ca, buf, Some(0x1000 + i as u32), i as u64).unwrap();
+    }
+    for _ in 0..200 {
+        pe.progress();
+    }
+    assert!(a.poll_event().is_none(), "a send completed with no receive posted");
+
+    for i in 0..plan.len() {
+        let buf = inv.remote_buf(&dpu_b, i as u64 * 50_000, 45_000).unwrap();
+        b.submit_receive(buf, 100 + i as u64).unwrap();
+    }
+    let recvs = completions(&pe, &b, plan.len(), "receives");
+    let sends = completions(&pe, &a, plan.len(), "send completions");
+    for (i, e) in recvs.into_iter().enumerate() {
+        let RdmaEvent::Received { user_data, buf, imm, result, conn } = e else { unreachable!() };
+        assert_eq!(result, Ok(()));
+        assert!(conn.is_some());
+        assert_eq!(user_data, 100 + i as u64, "receives complete in posting order");
+        assert_eq!(imm, Some(0x1000 + i as u32), "immediate of send {i}");
+        let n = plan[i].1;
+        assert_eq!(buf.data_len() as usize, n);
+        let mut got = vec![0u8; n];
+        pool_b.copy_out(i as u64 * 50_000, &mut got).unwrap();
+        assert!(got == pattern(i as u32, n), "payload {i} landed in the receiver's host memory");
+    }
+    for (i, e) in sends.into_iter().enumerate() {
+        let RdmaEvent::SendDone { user_data, result, .. } = e else { unreachable!() };
+        assert_eq!((user_data, result), (i as u64, Ok(())));
+    }
+    assert_eq!(a.tasks_in_use(), (0, 0));
+}
+
+#[test]
+fn rdma_task_pools_are_fixed() {
+    let dev = device();
+    let pe = ProgressEngine::new().unwrap();
+    let cfg = RdmaConfig { send_tasks: 2, recv_tasks: 1, ..Default::default() };
+    let (a, ca, b, _) = rdma_pair(&pe, &dev, cfg);
+    let reg = region(64 << 10);
+    let mm = local_mmap(&dev, &reg, Access::LOCAL_READ_WRITE);
+    let inv = BufInventory::new(8).unwrap();
+    for i in 0..2 {
+        let mut buf = inv.buf(&mm, i * 1024, 1024).unwrap();
+        buf.set_data_len(8).unwrap();
+        a.submit_send(ca, buf, None, i).unwrap();
+    }
+    let mut buf = inv.buf(&mm, 4096, 1024).unwrap();
+    buf.set_data_len(8).unwrap();
+    let e = a.submit_send(ca, buf, None, 9).unwrap_err();
+    assert_eq!(e.error, DocaError::NO_MEMORY, "send pool exhausted");
+    assert_eq!(e.buf.offset(), 4096, "the buffer is handed back");
+    b.submit_receive(inv.buf(&mm, 8192, 1024).unwrap(), 0).unwrap();
+    let e = b.submit_receive(inv.buf(&mm, 9216, 1024).unwrap(), 1).unwrap_err();
+    assert_eq!(e.error, DocaError::NO_MEMORY, "receive pool exhausted");
+    // Slots come back when completions are taken.
+    completions(&pe, &b, 1, "first receive");
+    b.submit_receive(inv.buf(&mm, 9216, 1024).unwrap(), 1).unwrap();
+    completions(&pe, &a, 2, "two sends");
+    let mut buf = inv.buf(&mm, 4096, 1024).unwrap();
+    buf.set_data_len(8).unwrap();
+    a.submit_send(ca, buf, None, 3).unwrap();
+}
+
+#[test]
+fn rdma_send_larger_than_the_receive_fails_the_connection() {
+    let dev = device();
+    let pe = ProgressEngine::new().unwrap();
+    let (a, ca, b, _) = rdma_pair(&pe, &dev, RdmaConfig::default());
+    let reg = region(64 << 10);
+    let mm = local_mmap(&dev, &reg, Access::LOCAL_READ_WRITE);
+    let inv = BufInventory::new(8).unwrap();
+    b.submit_receive(inv.buf(&mm, 0, 100).unwrap(), 1).unwrap();
+    let mut big = inv.buf(&mm, 4096, 4096).unwrap();
+    big.set_data_len(101).unwrap();
+    a.submit_send(ca, big, Some(5), 2).unwrap();
+    let mut after = inv.buf(&mm, 8192, 16).unwrap();
+    after.set_data_len(16).unwrap();
+    a.submit_send(ca, after, None, 3).unwrap();
+
+    let r = completions(&pe, &b, 1, "receiver sees the error");
+    assert!(matches!(r[0], RdmaEvent::Received { user_data: 1, result: Err(DocaError::TOO_BIG), .. }), "{r:?}");
+    let s = completions(&pe, &a, 2, "sender sees the error");
+    for e in &s {
+        let RdmaEvent::SendDone { user_data, result, .. } = e else { unreachable!() };
+        assert!(result.is_err(), "send {user_data} must fail: {e:?}");
+    }
+    let mut again = inv.buf(&mm, 0, 16).unwrap();
+    again.set_data_len(1).unwrap();
+    assert_eq!(a.submit_send(ca, again, None, 4).unwrap_err().error, DocaError::NOT_CONNECTED);
+}
+
+#[test]
+fn rdma_peer_vanishing_fails_outstanding_tasks() {
+    let dev = device();
+    let pe = ProgressEngine::new().unwrap();
+    let (a, ca, b, _) = rdma_pair(&pe, &dev, RdmaConfig::default());
+    let reg = region(64 << 10);
+    let mm = local_mmap(&dev, &reg, Access::LOCAL_READ_WRITE);
+    let inv = BufInventory::new(8).unwrap();
+    a.submit_receive(inv.buf(&mm, 0, 1024).unwrap(), 10).unwrap();
+    for i in 0..3 {
+        let mut buf = inv.buf(&mm, 4096 * (i + 1), 4096).unwrap();
+        buf.set_data_len(4096).unwrap();
+        a.submit_send(ca, buf, None, i).unwrap();
+    }
+    for _ in 0..50 {
+        pe.progress();
+    }
+    drop(b);
+    let mut failed = false;
+    let done = completions(&pe, &a, 4, "outstanding tasks fail");
+    for e in &done {
+        match e {
+            RdmaEvent::SendDone { result, .. } | RdmaEvent::Received { result, .. } => {
+                assert!(result.is_err(), "{e:?}");
+                failed = true;
+            }
+            _ => {}
+        }
+    }
+    assert!(failed);
+}
+
+#[test]
+fn comch_client_server_messages_and_limits() {
+    let dev = device();
+    let pe = ProgressEngine::new().unwrap();
+    let name = format!("conf-{}", std::process::id());
+    let cfg = ComchConfig { send_tasks: 1, ..Default::default() };
+    // The client may start first: it stays Starting until the server is up.
+    let client = ComchClient::new(&pe, &dev, &name, cfg).unwrap();
+    client.start().unwrap();
+    for _ in 0..20 {
+        pe.progress();
+    }
+    assert_eq!(client.state(), CtxState::Starting);
+    assert_eq!(client.send(b"x", 0).err(), Some(DocaError::BAD_STATE));
+
+    let server = ComchServer::new(&pe, &dev, &name, ComchConfig::default()).unwrap();
+    server.start().unwrap();
+    let again = ComchServer::new(&pe, &dev, &name, ComchConfig::default()).unwrap();
+    assert_eq!(again.start().err(), Some(DocaError::IN_USE), "one server per name");
+    let mut buf = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
+    let mut conn = None;
+    progress_until(&pe, "comch connection", || {
+        if let Some(ComchEvent::Connected(c)) = server.poll_event(&mut buf) {
+            conn = Some(c);
+        }
+        conn.is_some() && client.state() == CtxState::Running
+    });
+    let conn = conn.unwrap();
+    assert_eq!(client.poll_event(&mut buf), Some(ComchEvent::Connected(client.conn())));
+
+    let too_big = vec![1u8; client.max_msg_size() as usize + 1];
+    assert_eq!(client.send(&too_big, 0).err(), Some(DocaError::TOO_BIG));
+    let max = vec![7u8; client.max_msg_size() as usize];
+    client.send(&max, 1).unwrap();
+    assert_eq!(client.send(b"second", 2).err(), Some(DocaError::NO_MEMORY), "one send task");
+    let mut got = None;
+    progress_until(&pe, "message to server", || {
+        if let Some(ComchEvent::Message { conn: c, len, truncated }) = server.poll_event(&mut buf) {
+            got = Some((c, len, truncated));
+        }
+        got.is_some()
+    });
+    assert_eq!(got, Some((conn, client.max_msg_size(), false)));
+    assert!(buf.iter().all(|&b| b == 7));
+    assert_eq!(
+        client.poll_event(&mut buf),
+        Some(ComchEvent::SendDone { conn: client.conn(), user_data: 1, result: Ok(()) })
+    );
+    for i in 0..3u8 {
+        server.send(conn, &[i; 16], u64::from(i)).unwrap();
+    }
+    let mut msgs = Vec::new();
+    progress_until(&pe, "messages to client", || {
+        let mut small = [0u8; 8];
+        if let Some(ComchEvent::Message { len, truncated, .. }) = client.poll_event(&mut small) {
+            assert!(truncated && len == 16);
+            msgs.push(small[0]);
+        }
+        msgs.len() == 3
+    });
+    assert_eq!(msgs, [0, 1, 2], "in order");
+
+    // The server goes away: the client is told and stops.
+    client.send(b"late", 5).unwrap();
+    drop(server);
+    let mut disconnected = false;
+    progress_until(&pe, "client sees the server go", || {
+        while let Some(e) = client.poll_event(&mut buf) {
+            disconnected |= e == ComchEvent::Disconnected(client.conn());
+        }
+        disconnected && client.state() == CtxState::Idle
+    });
+}
+
+#[cfg(not(feature = "sdk"))]
+#[path = "conformance/multi_process.rs"]
+mod multi_process;
