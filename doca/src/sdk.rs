@@ -1,1 +1,647 @@
-//! placeholder
+//! The SDK backend: the same API over `doca-sys` (the installed DOCA SDK).
+//!
+//! STATUS: unbuilt. No DOCA SDK exists on the machines this was written on,
+//! and its headers may not be copied here, so this module has never been
+//! compiled; the names follow DOCA 2.x's published API and bindgen's naming
+//! (`EnumVariation::Consts` prefixes constants with their enum's name). It
+//! covers devices, the progress engine, mmaps (memrange, permissions,
+//! devices, start, `export_pci`, `export_rdma`, create from export), buffer
+//! inventories and buffers. The contexts ([`Rdma`], [`ComchServer`],
+//! [`ComchClient`]) keep the API but `new` fails with `NOT_SUPPORTED` and an
+//! error log, so the conformance suite fails loudly on a DOCA machine until
+//! they are written (callbacks registered on the tasks push into the same
+//! fixed event queues the emulated backend uses).
+#![allow(unsafe_code)]
+
+use crate::{
+    Access, ComchConfig, ComchConnId, ComchEvent, CtxState, DocaError, RdmaConfig, RdmaConnId, RdmaEvent,
+    TaskSubmitError,
+};
+use doca_sys as sys;
+use std::ffi::{CStr, c_char, c_void};
+use std::ptr::{self, NonNull};
+use std::sync::Arc;
+
+fn check(ret: sys::doca_error_t) -> Result<(), DocaError> {
+    DocaError::from_code(ret.0 as i32)
+}
+
+/// Description of one device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// InfiniBand device name (`mlx5_0`).
+    pub name: String,
+    /// PCI address (`0000:03:00.0`).
+    pub pci_addr: String,
+}
+
+impl DeviceInfo {
+    /// Opens the device.
+    pub fn open(&self) -> Result<Device, DocaError> {
+        open_where(|d| d == self)
+    }
+}
+
+struct DevList {
+    list: *mut *mut sys::doca_devinfo,
+    n: u32,
+}
+
+impl DevList {
+    fn new() -> Result<Self, DocaError> {
+        let mut list = ptr::null_mut();
+        let mut n = 0u32;
+        // SAFETY: both out-pointers are valid locals; the list is freed in
+        // `Drop` with the matching destroy call.
+        check(unsafe { sys::doca_devinfo_create_list(&mut list, &mut n) })?;
+        Ok(Self { list, n })
+    }
+
+    fn get(&self, i: u32) -> *mut sys::doca_devinfo {
+        // SAFETY: i < n, the length DOCA returned with the list.
+        unsafe { *self.list.add(i as usize) }
+    }
+
+    fn info(&self, i: u32) -> Result<DeviceInfo, DocaError> {
+        let di = self.get(i);
+        let mut name = [0 as c_char; 256];
+        let mut pci = [0 as c_char; 64];
+        // SAFETY: `di` is an entry of a live list; the buffers are larger
+        // than DOCA's IBDEV_NAME_SIZE and PCI_ADDR_SIZE.
+        check(unsafe { sys::doca_devinfo_get_ibdev_name(di, name.as_mut_ptr(), name.len() as u32) })?;
+        // SAFETY: as above.
+        check(unsafe { sys::doca_devinfo_get_pci_addr_str(di, pci.as_mut_ptr()) })?;
+        // SAFETY: DOCA NUL-terminates both strings inside the buffers.
+        let s = |b: &[c_char]| unsafe { CStr::from_ptr(b.as_ptr()) }.to_string_lossy().into_owned();
+        Ok(DeviceInfo { name: s(&name), pci_addr: s(&pci) })
+    }
+}
+
+impl Drop for DevList {
+    fn drop(&mut self) {
+        // SAFETY: the list came from `doca_devinfo_create_list`; devices
+        // opened from it stay valid after it is destroyed.
+        unsafe { sys::doca_devinfo_destroy_list(self.list) };
+    }
+}
+
+/// The devices of this machine.
+pub fn devices() -> Result<Vec<DeviceInfo>, DocaError> {
+    let l = DevList::new()?;
+    (0..l.n).map(|i| l.info(i)).collect()
+}
+
+fn open_where(pred: impl Fn(&DeviceInfo) -> bool) -> Result<Device, DocaError> {
+    let l = DevList::new()?;
+    for i in 0..l.n {
+        let info = l.info(i)?;
+        if pred(&info) {
+            let mut dev = ptr::null_mut();
+            // SAFETY: the devinfo is a live list entry; `dev` is a valid
+            // out-pointer, closed in `DevInner::drop`.
+            check(unsafe { sys::doca_dev_open(l.get(i), &mut dev) })?;
+            let dev = NonNull::new(dev).ok_or(DocaError::DRIVER)?;
+            return Ok(Device { inner: Arc::new(DevInner { dev, info }) });
+        }
+    }
+    Err(DocaError::NOT_FOUND)
+}
+
+#[derive(Debug)]
+pub(crate) struct DevInner {
+    dev: NonNull<sys::doca_dev>,
+    info: DeviceInfo,
+}
+
+// SAFETY: a doca_dev may be used from any thread; DOCA serializes inside.
+unsafe impl Send for DevInner {}
+// SAFETY: as for Send.
+unsafe impl Sync for DevInner {}
+
+impl Drop for DevInner {
+    fn drop(&mut self) {
+        // SAFETY: every object created on the device holds an Arc to this,
+        // so none is left when it is closed.
+        unsafe { sys::doca_dev_close(self.dev.as_ptr()) };
+    }
+}
+
+/// An open device.
+#[derive(Clone, Debug)]
+pub struct Device {
+    inner: Arc<DevInner>,
+}
+
+impl Device {
+    /// Opens the device with this IB name.
+    pub fn open_by_name(name: &str) -> Result<Device, DocaError> {
+        open_where(|d| d.name == name)
+    }
+    /// Opens the device at this PCI address.
+    pub fn open_by_pci(pci_addr: &str) -> Result<Device, DocaError> {
+        open_where(|d| d.pci_addr == pci_addr)
+    }
+    /// Opens the first device.
+    pub fn open_first() -> Result<Device, DocaError> {
+        open_where(|_| true)
+    }
+    /// The device's description.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.inner.info
+    }
+}
+
+fn access_mask(a: Access) -> u32 {
+    let map = [
+        (Access::LOCAL_READ_WRITE, sys::doca_access_flag_DOCA_ACCESS_FLAG_LOCAL_READ_WRITE),
+        (Access::RDMA_READ, sys::doca_access_flag_DOCA_ACCESS_FLAG_RDMA_READ),
+        (Access::RDMA_WRITE, sys::doca_access_flag_DOCA_ACCESS_FLAG_RDMA_WRITE),
+        (Access::RDMA_ATOMIC, sys::doca_access_flag_DOCA_ACCESS_FLAG_RDMA_ATOMIC),
+        (Access::PCI_READ_ONLY, sys::doca_access_flag_DOCA_ACCESS_FLAG_PCI_READ_ONLY),
+        (Access::PCI_READ_WRITE, sys::doca_access_flag_DOCA_ACCESS_FLAG_PCI_READ_WRITE),
+    ];
+    map.iter().filter(|(f, _)| a.contains(*f)).fold(0, |m, (_, v)| m | *v as u32)
+}
+
+/// The memory of a local mmap (kept alive by it).
+#[derive(Debug)]
+pub struct MemRange {
+    region: Arc<shm::Region>,
+    offset: u64,
+    len: u64,
+}
+
+impl MemRange {
+    /// The whole of a region.
+    pub fn region(region: Arc<shm::Region>) -> Self {
+        let len = region.len() as u64;
+        Self { region, offset: 0, len }
+    }
+    /// Part of a region.
+    pub fn region_range(region: Arc<shm::Region>, offset: u64, len: u64) -> Result<Self, DocaError> {
+        if len == 0 || offset.checked_add(len).is_none_or(|e| e > region.len() as u64) {
+            return Err(DocaError::INVALID_VALUE);
+        }
+        Ok(Self { region, offset, len })
+    }
+    /// A memory fd, mapped here so the NIC can register it.
+    pub fn fd(fd: std::os::fd::OwnedFd, offset: u64, len: u64) -> Result<Self, DocaError> {
+        let r = shm::Region::open(fd).map_err(|e| crate::error::os("mmap", e))?;
+        Self::region_range(Arc::new(r), offset, len)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct MmapInner {
+    mmap: NonNull<sys::doca_mmap>,
+    base: *mut u8,
+    len: u64,
+    writable: bool,
+    imported: bool,
+    _mem: Option<Arc<shm::Region>>,
+    _devs: Vec<Device>,
+}
+
+// SAFETY: a started doca_mmap is immutable and thread safe.
+unsafe impl Send for MmapInner {}
+// SAFETY: as for Send.
+unsafe impl Sync for MmapInner {}
+
+impl Drop for MmapInner {
+    fn drop(&mut self) {
+        // SAFETY: buffers hold an Arc to this, so none is alive; stop then
+        // destroy is DOCA's order.
+        unsafe {
+            sys::doca_mmap_stop(self.mmap.as_ptr());
+        }
+        // SAFETY: as above.
+        unsafe {
+            sys::doca_mmap_destroy(self.mmap.as_ptr());
+        }
+    }
+}
+
+/// Configuration of a local mmap before start.
+#[derive(Debug)]
+pub struct MmapBuilder {
+    range: MemRange,
+    access: Access,
+    devices: Vec<Device>,
+}
+
+impl MmapBuilder {
+    /// Sets the access rights.
+    pub fn permissions(mut self, access: Access) -> Self {
+        self.access = access;
+        self
+    }
+    /// Adds a device.
+    pub fn add_device(mut self, dev: &Device) -> Self {
+        self.devices.push(dev.clone());
+        self
+    }
+    /// Creates, configures and starts the mmap.
+    pub fn start(self) -> Result<Mmap, DocaError> {
+        let mut m = ptr::null_mut();
+        // SAFETY: valid out-pointer; destroyed by `MmapInner::drop` (or
+        // below on error, through the same drop once wrapped).
+        check(unsafe { sys::doca_mmap_create(&mut m) })?;
+        let m = NonNull::new(m).ok_or(DocaError::DRIVER)?;
+        // SAFETY: offset + len <= region length (checked by `MemRange`).
+        let base = unsafe { self.range.region.base_addr().add(self.range.offset as usize) };
+        let inner = MmapInner {
+            mmap: m,
+            base,
+            len: self.range.len,
+            writable: self.access.contains(Access::LOCAL_READ_WRITE),
+            imported: false,
+            _mem: Some(self.range.region.clone()),
+            _devs: self.devices.clone(),
+        };
+        // SAFETY: the range is mapped memory kept alive by `_mem`.
+        check(unsafe { sys::doca_mmap_set_memrange(m.as_ptr(), base.cast(), self.range.len as usize) })?;
+        // SAFETY: the mmap is created and not started.
+        check(unsafe { sys::doca_mmap_set_permissions(m.as_ptr(), access_mask(self.access)) })?;
+        for d in &self.devices {
+            // SAFETY: the device is open (held by `_devs`).
+            check(unsafe { sys::doca_mmap_add_dev(m.as_ptr(), d.inner.dev.as_ptr()) })?;
+        }
+        // SAFETY: fully configured.
+        check(unsafe { sys::doca_mmap_start(m.as_ptr()) })?;
+        Ok(Mmap { inner: Arc::new(inner) })
+    }
+}
+
+/// A started local mmap.
+#[derive(Debug)]
+pub struct Mmap {
+    pub(crate) inner: Arc<MmapInner>,
+}
+
+type ExportFn = unsafe extern "C" fn(
+    *mut sys::doca_mmap,
+    *const sys::doca_dev,
+    *mut *const c_void,
+    *mut usize,
+) -> sys::doca_error_t;
+
+impl Mmap {
+    /// Begins configuring an mmap.
+    pub fn builder(range: MemRange) -> MmapBuilder {
+        MmapBuilder { range, access: Access::LOCAL_READ_ONLY, devices: Vec::new() }
+    }
+    /// Bytes covered.
+    pub fn len(&self) -> u64 {
+        self.inner.len
+    }
+    /// Never true.
+    pub fn is_empty(&self) -> bool {
+        self.inner.len == 0
+    }
+
+    fn export(&self, dev: &Device, f: ExportFn) -> Result<Vec<u8>, DocaError> {
+        let mut p: *const c_void = ptr::null();
+        let mut n = 0usize;
+        // SAFETY: started mmap, open device, valid out-pointers.
+        check(unsafe { f(self.inner.mmap.as_ptr(), dev.inner.dev.as_ptr(), &mut p, &mut n) })?;
+        if p.is_null() {
+            return Err(DocaError::DRIVER);
+        }
+        // SAFETY: DOCA returns `n` readable bytes owned by the mmap.
+        Ok(unsafe { std::slice::from_raw_parts(p.cast::<u8>(), n) }.to_vec())
+    }
+    /// Exports for PCIe.
+    pub fn export_pci(&self, dev: &Device) -> Result<Vec<u8>, DocaError> {
+        self.export(dev, sys::doca_mmap_export_pci)
+    }
+    /// Exports for RDMA.
+    pub fn export_rdma(&self, dev: &Device) -> Result<Vec<u8>, DocaError> {
+        self.export(dev, sys::doca_mmap_export_rdma)
+    }
+}
+
+/// An mmap created from an export; no byte access.
+#[derive(Debug)]
+pub struct RemoteMmap {
+    pub(crate) inner: Arc<MmapInner>,
+}
+
+impl RemoteMmap {
+    /// Imports an export blob on `dev`.
+    pub fn from_export(dev: &Device, blob: &[u8]) -> Result<RemoteMmap, DocaError> {
+        let mut m = ptr::null_mut();
+        // SAFETY: the blob is readable for its length; out-pointer valid.
+        check(unsafe {
+            sys::doca_mmap_create_from_export(
+                ptr::null(),
+                blob.as_ptr().cast(),
+                blob.len(),
+                dev.inner.dev.as_ptr(),
+                &mut m,
+            )
+        })?;
+        let m = NonNull::new(m).ok_or(DocaError::DRIVER)?;
+        let mut base: *mut c_void = ptr::null_mut();
+        let mut len = 0usize;
+        // SAFETY: a started mmap; out-pointers valid.
+        check(unsafe { sys::doca_mmap_get_memrange(m.as_ptr(), &mut base, &mut len) })?;
+        let inner = MmapInner {
+            mmap: m,
+            base: base.cast(),
+            len: len as u64,
+            writable: true,
+            imported: true,
+            _mem: None,
+            _devs: vec![dev.clone()],
+        };
+        Ok(RemoteMmap { inner: Arc::new(inner) })
+    }
+    /// Bytes covered.
+    pub fn len(&self) -> u64 {
+        self.inner.len
+    }
+    /// Never true.
+    pub fn is_empty(&self) -> bool {
+        self.inner.len == 0
+    }
+    /// Whether tasks may write into it (the SDK enforces the exporter's
+    /// permissions itself).
+    pub fn is_writable(&self) -> bool {
+        self.inner.writable
+    }
+}
+
+#[derive(Debug)]
+struct InvInner {
+    inv: NonNull<sys::doca_buf_inventory>,
+    capacity: u32,
+    used: std::sync::atomic::AtomicU32,
+}
+
+// SAFETY: DOCA inventories are used under the caller's discipline; this
+// crate only gets and releases buffers, which DOCA makes thread safe.
+unsafe impl Send for InvInner {}
+// SAFETY: as for Send.
+unsafe impl Sync for InvInner {}
+
+impl Drop for InvInner {
+    fn drop(&mut self) {
+        // SAFETY: buffers hold an Arc to this; none is alive.
+        unsafe { sys::doca_buf_inventory_stop(self.inv.as_ptr()) };
+        // SAFETY: as above.
+        unsafe { sys::doca_buf_inventory_destroy(self.inv.as_ptr()) };
+    }
+}
+
+/// A fixed pool of buffer handles.
+#[derive(Clone, Debug)]
+pub struct BufInventory {
+    inner: Arc<InvInner>,
+}
+
+impl BufInventory {
+    /// Creates and starts an inventory.
+    pub fn new(capacity: u32) -> Result<Self, DocaError> {
+        let mut inv = ptr::null_mut();
+        // SAFETY: valid out-pointer.
+        check(unsafe { sys::doca_buf_inventory_create(capacity as usize, &mut inv) })?;
+        let inv = NonNull::new(inv).ok_or(DocaError::DRIVER)?;
+        // SAFETY: created, not started.
+        check(unsafe { sys::doca_buf_inventory_start(inv.as_ptr()) })?;
+        Ok(Self { inner: Arc::new(InvInner { inv, capacity, used: 0.into() }) })
+    }
+    /// Buffers in use.
+    pub fn in_use(&self) -> u32 {
+        // Relaxed: a statistic.
+        self.inner.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// Capacity.
+    pub fn capacity(&self) -> u32 {
+        self.inner.capacity
+    }
+    fn take(&self, m: &Arc<MmapInner>, offset: u64, len: u32) -> Result<Buf, DocaError> {
+        if len == 0 || offset.checked_add(u64::from(len)).is_none_or(|e| e > m.len) {
+            return Err(DocaError::INVALID_VALUE);
+        }
+        let mut b = ptr::null_mut();
+        // SAFETY: the range is inside the mmap (checked above).
+        let addr = unsafe { m.base.add(offset as usize) };
+        // SAFETY: live inventory and mmap; range inside the mmap.
+        check(unsafe {
+            sys::doca_buf_inventory_buf_get_by_addr(
+                self.inner.inv.as_ptr(),
+                m.mmap.as_ptr(),
+                addr.cast(),
+                len as usize,
+                &mut b,
+            )
+        })?;
+        let buf = NonNull::new(b).ok_or(DocaError::DRIVER)?;
+        // Relaxed: a statistic.
+        self.inner.used.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Buf { buf, mmap: m.clone(), inv: self.inner.clone(), offset, len, data_len: 0 })
+    }
+    /// A buffer of a local mmap.
+    pub fn buf(&self, mmap: &Mmap, offset: u64, len: u32) -> Result<Buf, DocaError> {
+        self.take(&mmap.inner, offset, len)
+    }
+    /// A buffer of an imported mmap.
+    pub fn remote_buf(&self, mmap: &RemoteMmap, offset: u64, len: u32) -> Result<Buf, DocaError> {
+        self.take(&mmap.inner, offset, len)
+    }
+}
+
+/// A buffer (`doca_buf`).
+#[derive(Debug)]
+pub struct Buf {
+    buf: NonNull<sys::doca_buf>,
+    mmap: Arc<MmapInner>,
+    inv: Arc<InvInner>,
+    offset: u64,
+    len: u32,
+    data_len: u32,
+}
+
+// SAFETY: a doca_buf handle is owned by exactly one `Buf`.
+unsafe impl Send for Buf {}
+
+impl Buf {
+    /// Offset in the mmap.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+    /// Capacity.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+    /// Never true.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Bytes of data.
+    pub fn data_len(&self) -> u32 {
+        self.data_len
+    }
+    /// Sets the data length.
+    pub fn set_data_len(&mut self, n: u32) -> Result<(), DocaError> {
+        if n > self.len {
+            return Err(DocaError::INVALID_VALUE);
+        }
+        // SAFETY: the data range lies inside the buffer (n <= len).
+        let head = unsafe { self.mmap.base.add(self.offset as usize) };
+        // SAFETY: the handle is live and owned by `self`.
+        check(unsafe { sys::doca_buf_set_data(self.buf.as_ptr(), head.cast(), n as usize) })?;
+        self.data_len = n;
+        Ok(())
+    }
+    /// Whether the buffer is in imported memory.
+    pub fn is_remote(&self) -> bool {
+        self.mmap.imported
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        // SAFETY: the handle is live and owned by `self`.
+        unsafe { sys::doca_buf_dec_refcount(self.buf.as_ptr(), ptr::null_mut()) };
+        // Relaxed: a statistic.
+        self.inv.used.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The progress engine.
+#[derive(Debug)]
+pub struct ProgressEngine {
+    pe: NonNull<sys::doca_pe>,
+}
+
+impl ProgressEngine {
+    /// Creates a progress engine.
+    pub fn new() -> Result<Self, DocaError> {
+        let mut pe = ptr::null_mut();
+        // SAFETY: valid out-pointer; destroyed in `Drop`.
+        check(unsafe { sys::doca_pe_create(&mut pe) })?;
+        Ok(Self { pe: NonNull::new(pe).ok_or(DocaError::DRIVER)? })
+    }
+    /// Runs completions once; never blocks.
+    pub fn progress(&self) -> usize {
+        // SAFETY: the engine is live and `!Sync` (raw pointer), so only
+        // its owning thread progresses it.
+        usize::from(unsafe { sys::doca_pe_progress(self.pe.as_ptr()) })
+    }
+}
+
+impl Drop for ProgressEngine {
+    fn drop(&mut self) {
+        // SAFETY: no context is connected (they are not implemented yet).
+        unsafe { sys::doca_pe_destroy(self.pe.as_ptr()) };
+    }
+}
+
+fn not_yet(what: &str) -> DocaError {
+    log::error!("doca sdk backend: {what} is not implemented yet");
+    DocaError::NOT_SUPPORTED
+}
+
+/// RDMA context (SDK backend: not implemented yet; `new` fails).
+#[derive(Debug)]
+pub struct Rdma(());
+
+impl Rdma {
+    /// Fails with `NOT_SUPPORTED` (not implemented yet).
+    pub fn new(_pe: &ProgressEngine, _dev: &Device, _cfg: RdmaConfig) -> Result<Rdma, DocaError> {
+        Err(not_yet("doca_rdma"))
+    }
+    /// State.
+    pub fn state(&self) -> CtxState {
+        CtxState::Idle
+    }
+    /// Start.
+    pub fn start(&self) -> Result<(), DocaError> {
+        Err(not_yet("doca_rdma"))
+    }
+    /// Stop.
+    pub fn stop(&self) -> Result<(), DocaError> {
+        Err(not_yet("doca_rdma"))
+    }
+    /// Export.
+    pub fn export(&self) -> Result<(RdmaConnId, Vec<u8>), DocaError> {
+        Err(not_yet("doca_rdma"))
+    }
+    /// Connect.
+    pub fn connect(&self, _conn: RdmaConnId, _blob: &[u8]) -> Result<(), DocaError> {
+        Err(not_yet("doca_rdma"))
+    }
+    /// Send.
+    pub fn submit_send(&self, _c: RdmaConnId, buf: Buf, _imm: Option<u32>, _u: u64) -> Result<(), TaskSubmitError> {
+        Err(TaskSubmitError { error: not_yet("doca_rdma"), buf })
+    }
+    /// Receive.
+    pub fn submit_receive(&self, buf: Buf, _u: u64) -> Result<(), TaskSubmitError> {
+        Err(TaskSubmitError { error: not_yet("doca_rdma"), buf })
+    }
+    /// Events.
+    pub fn poll_event(&self) -> Option<RdmaEvent> {
+        None
+    }
+    /// Tasks in use.
+    pub fn tasks_in_use(&self) -> (u32, u32) {
+        (0, 0)
+    }
+}
+
+macro_rules! comch_stub {
+    ($t:ident) => {
+        /// Comch context (SDK backend: not implemented yet; `new` fails).
+        #[derive(Debug)]
+        pub struct $t(());
+
+        impl $t {
+            /// Fails with `NOT_SUPPORTED` (not implemented yet).
+            pub fn new(_pe: &ProgressEngine, _dev: &Device, _name: &str, _cfg: ComchConfig) -> Result<Self, DocaError> {
+                Err(not_yet("doca_comch"))
+            }
+            /// State.
+            pub fn state(&self) -> CtxState {
+                CtxState::Idle
+            }
+            /// Start.
+            pub fn start(&self) -> Result<(), DocaError> {
+                Err(not_yet("doca_comch"))
+            }
+            /// Stop.
+            pub fn stop(&self) -> Result<(), DocaError> {
+                Err(not_yet("doca_comch"))
+            }
+            /// Events.
+            pub fn poll_event(&self, _msg: &mut [u8]) -> Option<ComchEvent> {
+                None
+            }
+            /// Message cap.
+            pub fn max_msg_size(&self) -> u32 {
+                crate::COMCH_MAX_MSG_SIZE
+            }
+        }
+    };
+}
+
+comch_stub!(ComchServer);
+comch_stub!(ComchClient);
+
+impl ComchServer {
+    /// Send.
+    pub fn send(&self, _conn: ComchConnId, _msg: &[u8], _u: u64) -> Result<(), DocaError> {
+        Err(not_yet("doca_comch"))
+    }
+}
+
+impl ComchClient {
+    /// Send.
+    pub fn send(&self, _msg: &[u8], _u: u64) -> Result<(), DocaError> {
+        Err(not_yet("doca_comch"))
+    }
+    /// The connection to the server.
+    pub fn conn(&self) -> ComchConnId {
+        ComchConnId(0)
+    }
+}

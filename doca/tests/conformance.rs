@@ -406,6 +406,43 @@ fn comch_client_server_messages_and_limits() {
     });
 }
 
+/// Host pools use 2 MiB huge pages when reserved; the emulated NIC cannot
+/// splice into hugetlbfs and must still deliver (through its own mapping).
+#[test]
+fn rdma_into_and_out_of_huge_page_pools() {
+    use std::io::Write;
+    if std::env::var_os("DNE_QEMU_USER").is_some() {
+        let _ = writeln!(std::io::stderr(), "SKIPPED: qemu-user cannot map hugetlb memfds");
+        return;
+    }
+    let Ok(huge) = shm::Region::create("dne-doca-conf-huge", 4 << 20, shm::PagePolicy::HugeOnly) else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: no free 2 MiB huge pages (reserve some in /proc/sys/vm/nr_hugepages)"
+        );
+        return;
+    };
+    let huge = Arc::new(huge);
+    let dev = device();
+    let pe = ProgressEngine::new().unwrap();
+    let (a, ca, b, _) = rdma_pair(&pe, &dev, RdmaConfig::default());
+    let flags = Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE;
+    let host = local_mmap(&dev, &huge, flags);
+    let dpu = RemoteMmap::from_export(&dev, &host.export_pci(&dev).unwrap()).unwrap();
+    let inv = BufInventory::new(4).unwrap();
+    let data = pattern(3, 300_000);
+    huge.copy_in(0, &data).unwrap();
+    b.submit_receive(inv.remote_buf(&dpu, 2 << 20, 1 << 20).unwrap(), 0).unwrap();
+    let mut src = inv.remote_buf(&dpu, 0, 1 << 20).unwrap();
+    src.set_data_len(data.len() as u32).unwrap();
+    a.submit_send(ca, src, Some(1), 0).unwrap();
+    let r = completions(&pe, &b, 1, "receive into huge pages");
+    assert!(matches!(r[0], RdmaEvent::Received { result: Ok(()), imm: Some(1), .. }), "{r:?}");
+    let mut got = vec![0u8; data.len()];
+    huge.copy_out(2 << 20, &mut got).unwrap();
+    assert!(got == data);
+}
+
 #[cfg(not(feature = "sdk"))]
 #[path = "conformance/multi_process.rs"]
 mod multi_process;

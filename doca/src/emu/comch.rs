@@ -53,6 +53,17 @@ fn seqpacket() -> Result<OwnedFd, DocaError> {
     .map_err(|e| crate::error::os("socket", e))
 }
 
+/// First message of every client: names the protocol, so a server counts
+/// only real clients (a probe that connects and leaves is never reported).
+const HELLO: &[u8; 8] = b"DNECOMCH";
+
+#[derive(Debug)]
+struct Peer {
+    fd: OwnedFd,
+    /// The client's hello arrived (always true on the client side).
+    up: bool,
+}
+
 #[derive(Debug)]
 enum Role {
     Server { listener: Option<OwnedFd> },
@@ -80,7 +91,7 @@ struct State {
     path: PathBuf,
     bound: bool,
     state: CtxState,
-    peers: Vec<Option<OwnedFd>>,
+    peers: Vec<Option<Peer>>,
     blocked: Vec<bool>,
     send_q: VecDeque<SendTask>,
     send_free: Vec<u32>,
@@ -139,7 +150,7 @@ impl State {
         if msg.len() > self.cfg.max_msg_size as usize {
             return Err(DocaError::TOO_BIG);
         }
-        if self.peers.get(conn as usize).is_none_or(Option::is_none) {
+        if !self.peers.get(conn as usize).is_some_and(|p| p.as_ref().is_some_and(|p| p.up)) {
             return Err(DocaError::NOT_CONNECTED);
         }
         let slot = self.send_free.pop().ok_or(DocaError::NO_MEMORY)?;
@@ -168,8 +179,9 @@ impl State {
     }
 
     fn disconnect(&mut self, conn: u32, err: DocaError) {
-        if self.peers[conn as usize].take().is_none() {
-            return;
+        match self.peers[conn as usize].take() {
+            Some(p) if p.up => {}
+            _ => return,
         }
         self.events.push_back(Ev::Public(ComchEvent::Disconnected(ComchConnId(conn))));
         let State { send_q, send_free, events, .. } = self;
@@ -235,9 +247,11 @@ impl State {
                 *next_try = now + Duration::from_millis(2);
                 let Ok(fd) = seqpacket() else { return 0 };
                 let Ok(addr) = SocketAddrUnix::new(self.path.as_path()) else { return 0 };
-                match rustix::net::connect(&fd, &addr) {
-                    Ok(()) => {
-                        self.peers[0] = Some(fd);
+                let hello = rustix::net::connect(&fd, &addr)
+                    .and_then(|()| rustix::net::send(&fd, HELLO, SendFlags::DONTWAIT | SendFlags::NOSIGNAL));
+                match hello {
+                    Ok(_) => {
+                        self.peers[0] = Some(Peer { fd, up: true });
                         self.state = CtxState::Running;
                         self.events.push_back(Ev::Public(ComchEvent::Connected(ComchConnId(0))));
                         2
@@ -256,10 +270,7 @@ impl State {
         loop {
             match rustix::net::accept_with(l, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
                 Ok(fd) => match self.peers.iter().position(Option::is_none) {
-                    Some(i) => {
-                        self.peers[i] = Some(fd);
-                        self.events.push_back(Ev::Public(ComchEvent::Connected(ComchConnId(i as u32))));
-                    }
+                    Some(i) => self.peers[i] = Some(Peer { fd, up: false }),
                     None => log::warn!("comch server {}: client limit reached, refusing one", self.path.display()),
                 },
                 Err(Errno::AGAIN) | Err(Errno::INTR) => break,
@@ -274,7 +285,23 @@ impl State {
     fn read(&mut self) {
         let max = self.cfg.max_msg_size;
         for i in 0..self.peers.len() {
-            while let Some(fd) = &self.peers[i] {
+            while let Some(peer) = &mut self.peers[i] {
+                if !peer.up {
+                    let mut h = [0u8; 16];
+                    match rustix::net::recv(&peer.fd, &mut h[..], RecvFlags::DONTWAIT | RecvFlags::TRUNC) {
+                        Ok((_, n)) if n == HELLO.len() && h[..n] == HELLO[..] => {
+                            peer.up = true;
+                            self.events.push_back(Ev::Public(ComchEvent::Connected(ComchConnId(i as u32))));
+                            continue;
+                        }
+                        Err(Errno::AGAIN) | Err(Errno::INTR) => break,
+                        _ => {
+                            self.peers[i] = None;
+                            break;
+                        }
+                    }
+                }
+                let fd = &peer.fd;
                 let Some(&slot) = self.recv_free.last() else { return };
                 let buf = Self::slot(&mut self.recv_data, max, slot);
                 match rustix::net::recv(fd, buf, RecvFlags::DONTWAIT | RecvFlags::TRUNC) {
@@ -303,7 +330,7 @@ impl State {
             if blocked[c] {
                 return true;
             }
-            let Some(fd) = &peers[c] else { return true };
+            let Some(Peer { fd, .. }) = &peers[c] else { return true };
             let data = &Self::slot(send_data, cfg.max_msg_size, t.slot)[..t.len as usize];
             let result = match rustix::net::send(fd, data, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
                 Ok(_) => Ok(()),
