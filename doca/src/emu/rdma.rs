@@ -99,6 +99,8 @@ enum Phase {
 struct Conn {
     token: u64,
     remote_token: u64,
+    /// The peer's largest send, from its blob: our sends are bounded by it.
+    remote_max: u32,
     phase: Phase,
     connecting: Option<OwnedFd>,
     out: Option<OutStream>,
@@ -235,6 +237,7 @@ impl Rdma {
         st.conns.push(Conn {
             token,
             remote_token: 0,
+            remote_max: 0,
             phase: Phase::Exported,
             connecting: None,
             out: None,
@@ -285,6 +288,7 @@ impl Rdma {
         }
         c.connecting = Some(fd);
         c.remote_token = blob.token;
+        c.remote_max = blob.max_send;
         c.phase = Phase::Active;
         Ok(())
     }
@@ -313,6 +317,9 @@ impl Rdma {
             return err(DocaError::NOT_PERMITTED, buf);
         }
         let Some(c) = st.conns.get_mut(conn.0 as usize) else { return err(DocaError::NOT_FOUND, buf) };
+        if buf.data_len() > c.remote_max && c.phase == Phase::Active {
+            return err(DocaError::TOO_BIG, buf);
+        }
         match c.phase {
             Phase::Active => {}
             Phase::Exported => return err(DocaError::BAD_STATE, buf),
