@@ -296,6 +296,22 @@ impl Region {
         Ok(unsafe { &*p })
     }
 
+    /// Borrows `len` bytes at `offset` as a mutable slice.
+    ///
+    /// # Safety
+    ///
+    /// For the lifetime of the slice, no other reference to these bytes may
+    /// exist in this process, and no other process may write them except a
+    /// peer that the caller accepts to see garbage bytes from (payload bytes
+    /// of a buffer the caller owns, see `Pool::frag_mut`).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn bytes_mut(&self, offset: u64, len: usize) -> Result<&mut [u8], AccessError> {
+        let p = self.at(offset, len, 1)?;
+        // SAFETY: `p..p+len` is inside the mapping (checked by `at`) and
+        // lives as long as `&self`; exclusivity is the caller's contract.
+        Ok(unsafe { core::slice::from_raw_parts_mut(p, len) })
+    }
+
     /// Copies `out.len()` bytes starting at `offset` out of the region.
     pub fn copy_out(&self, offset: u64, out: &mut [u8]) -> Result<(), AccessError> {
         let p = self.at(offset, out.len(), 1)?;

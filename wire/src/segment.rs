@@ -198,20 +198,36 @@ pub enum Owner {
     Agent,
     /// Held by host-shimd.
     Shimd,
-    /// Held by the function attached in this slot.
+    /// Owned by the function attached in this slot (in its inbound ring, or
+    /// allocated but not yet leased by it).
     Function(u16),
+    /// Owned by the function in this slot and leased to its code: a handle
+    /// exists in that process. A second lease of the same buffer (a peer
+    /// sending one buffer twice) is refused because the buffer is not in the
+    /// `Function` state any more.
+    Held(u16),
 }
 
 const OWNER_FUNCTION_BASE: u32 = 0x1_0000;
+const OWNER_HELD_BASE: u32 = 0x2_0000;
 
 impl Owner {
+    /// The slot of a function owner (`Function` or `Held`).
+    pub fn slot(self) -> Option<u16> {
+        match self {
+            Owner::Function(s) | Owner::Held(s) => Some(s),
+            _ => None,
+        }
+    }
+
     /// The raw value stored in shared memory.
-    pub fn to_raw(self) -> u32 {
+    pub const fn to_raw(self) -> u32 {
         match self {
             Owner::Free => 0,
             Owner::Agent => 1,
             Owner::Shimd => 2,
-            Owner::Function(slot) => OWNER_FUNCTION_BASE | u32::from(slot),
+            Owner::Function(slot) => OWNER_FUNCTION_BASE | slot as u32,
+            Owner::Held(slot) => OWNER_HELD_BASE | slot as u32,
         }
     }
 
@@ -222,6 +238,7 @@ impl Owner {
             1 => Ok(Owner::Agent),
             2 => Ok(Owner::Shimd),
             r if r & !0xFFFF == OWNER_FUNCTION_BASE => Ok(Owner::Function((r & 0xFFFF) as u16)),
+            r if r & !0xFFFF == OWNER_HELD_BASE => Ok(Owner::Held((r & 0xFFFF) as u16)),
             r => Err(SegmentError::BadOwner(r)),
         }
     }
@@ -458,11 +475,11 @@ mod tests {
 
     #[test]
     fn owners_round_trip() {
-        for o in [Owner::Free, Owner::Agent, Owner::Shimd, Owner::Function(0), Owner::Function(65535)] {
+        for o in [Owner::Free, Owner::Agent, Owner::Shimd, Owner::Function(0), Owner::Function(65535), Owner::Held(7)] {
             assert_eq!(Owner::from_raw(o.to_raw()), Ok(o));
         }
         assert_eq!(Owner::from_raw(3), Err(SegmentError::BadOwner(3)));
-        assert_eq!(Owner::from_raw(0x2_0000), Err(SegmentError::BadOwner(0x2_0000)));
+        assert_eq!(Owner::from_raw(0x3_0000), Err(SegmentError::BadOwner(0x3_0000)));
     }
 
     proptest! {

@@ -1,0 +1,492 @@
+//! `config`: the one declarative cluster file (TOML) that every DNE component
+//! reads: nodes, tenants, functions, ingress routes.
+//!
+//! Contract: [`Cluster::parse`] either returns a fully validated cluster, in
+//! which every cross reference resolves and every number is usable, or an
+//! error that names the bad field (`function[2].tenant: unknown tenant
+//! "acme"`). Ids are positions: tenant `i` is the i-th `[[tenant]]`, and so
+//! on, so every component derives the same ids from the same file.
+//!
+//! ```toml
+//! [[node]]
+//! name = "node-a"
+//! mode = "emulated"          # emulated | dpu | host
+//! fabric = "doca"            # doca | verbs
+//! address = "127.0.0.1:7101" # fabric listen address
+//! runtime_dir = "/run/dne/node-a"
+//!
+//! [[tenant]]
+//! name = "acme"
+//! weight = 6
+//! buf_size = 16384           # bytes per pool buffer, headroom included
+//! buffers = 4096             # buffers in the tenant's pool on each node
+//! recv_quota = 512           # receive buffers the agent keeps posted per node
+//! max_chain = 64             # longest buffer chain of one message
+//!
+//! [[function]]
+//! name = "upper"
+//! tenant = "acme"
+//! node = "node-a"
+//! instances = 1
+//!
+//! [[route]]
+//! path = "/acme/upper"
+//! tenant = "acme"
+//! chain = ["upper"]
+//! ```
+#![forbid(unsafe_code)]
+
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use wire::Name;
+
+/// How a node's agent reaches its host and the fabric (DESIGN.md section 6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Agent on the BlueField; comch + mmap export through DOCA.
+    Dpu,
+    /// Agent on the host CPU; shared-memory rings with host-shimd.
+    Host,
+    /// Everything in software on one Linux machine.
+    Emulated,
+}
+
+/// Fabric backend of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FabricKind {
+    /// DOCA RDMA (real or emulated).
+    Doca,
+    /// rdma-core ibverbs.
+    Verbs,
+}
+
+/// One worker node.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    /// Unique name.
+    pub name: String,
+    /// Agent mode.
+    #[serde(default = "default_mode")]
+    pub mode: Mode,
+    /// Fabric backend.
+    #[serde(default = "default_fabric")]
+    pub fabric: FabricKind,
+    /// Fabric listen address (`host:port`).
+    pub address: String,
+    /// Directory of the node's sockets and shared-memory names.
+    pub runtime_dir: PathBuf,
+}
+
+fn default_mode() -> Mode {
+    Mode::Emulated
+}
+fn default_fabric() -> FabricKind {
+    FabricKind::Doca
+}
+
+/// One tenant: a security domain with its own pool on every node.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tenant {
+    /// Unique name.
+    pub name: String,
+    /// Share of the fabric under contention (>= 1).
+    pub weight: u32,
+    /// Bytes per pool buffer, headroom included (multiple of 64).
+    #[serde(default = "default_buf_size")]
+    pub buf_size: u32,
+    /// Buffers in the tenant's pool on each node.
+    pub buffers: u32,
+    /// Receive buffers the agent keeps posted for the tenant.
+    pub recv_quota: u32,
+    /// Longest buffer chain of one message.
+    #[serde(default = "default_max_chain")]
+    pub max_chain: u32,
+    /// Optional rate cap in megabytes per second.
+    #[serde(default)]
+    pub rate_cap_mbps: Option<u32>,
+}
+
+fn default_buf_size() -> u32 {
+    16384
+}
+fn default_max_chain() -> u32 {
+    64
+}
+
+/// One function: runs `instances` processes on `node`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Function {
+    /// Unique name.
+    pub name: String,
+    /// Owning tenant (by name).
+    pub tenant: String,
+    /// Node it runs on (by name).
+    pub node: String,
+    /// Instances (>= 1).
+    #[serde(default = "one")]
+    pub instances: u16,
+    /// Inbound ring slots per instance (power of two).
+    #[serde(default = "default_ring")]
+    pub ring_capacity: u32,
+}
+
+fn one() -> u16 {
+    1
+}
+fn default_ring() -> u32 {
+    1024
+}
+
+/// An ingress route: requests whose host and path match go down a chain.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Host header to match; `None` matches any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Path prefix to match (starts with `/`).
+    pub path: String,
+    /// Tenant the requests belong to.
+    pub tenant: String,
+    /// Functions, in order; the last one replies.
+    pub chain: Vec<String>,
+    /// Reply deadline in milliseconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u32,
+}
+
+fn default_timeout() -> u32 {
+    5000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default)]
+    node: Vec<Node>,
+    #[serde(default)]
+    tenant: Vec<Tenant>,
+    #[serde(default)]
+    function: Vec<Function>,
+    #[serde(default)]
+    route: Vec<Route>,
+}
+
+/// A validated cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cluster {
+    /// Nodes; node id = index.
+    pub nodes: Vec<Node>,
+    /// Tenants; tenant id = index.
+    pub tenants: Vec<Tenant>,
+    /// Functions; function id = index.
+    pub functions: Vec<Function>,
+    /// Routes; route id = index.
+    pub routes: Vec<Route>,
+}
+
+/// A cluster file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {err}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        err: std::io::Error,
+    },
+    /// Not valid TOML, or fields of the wrong type or unknown fields.
+    #[error("{0}")]
+    Syntax(#[from] toml::de::Error),
+    /// A field holds a value that is not allowed.
+    #[error("{field}: {why}")]
+    Invalid {
+        /// Path of the field, e.g. `tenant[1].weight`.
+        field: String,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+fn bad(field: impl Into<String>, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), why: why.into() }
+}
+
+fn check_name(field: String, name: &str) -> Result<(), ConfigError> {
+    Name::new(name).map(|_| ()).map_err(|e| bad(field, e.to_string()))
+}
+
+fn unique<'a>(what: &str, names: impl Iterator<Item = &'a str>) -> Result<(), ConfigError> {
+    let mut seen = HashSet::new();
+    for (i, n) in names.enumerate() {
+        check_name(format!("{what}[{i}].name"), n)?;
+        if !seen.insert(n) {
+            return Err(bad(format!("{what}[{i}].name"), format!("duplicate {what} \"{n}\"")));
+        }
+    }
+    Ok(())
+}
+
+impl Cluster {
+    /// Reads and validates a cluster file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read { path: path.to_owned(), err })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates cluster TOML.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let raw: Raw = toml::from_str(text)?;
+        let c = Cluster { nodes: raw.node, tenants: raw.tenant, functions: raw.function, routes: raw.route };
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.nodes.is_empty() {
+            return Err(bad("node", "at least one [[node]] is needed"));
+        }
+        if self.tenants.is_empty() {
+            return Err(bad("tenant", "at least one [[tenant]] is needed"));
+        }
+        for (what, n) in
+            [("node", self.nodes.len()), ("tenant", self.tenants.len()), ("function", self.functions.len())]
+        {
+            if n >= usize::from(u16::MAX) {
+                return Err(bad(what, format!("{n} entries; at most {} allowed", u16::MAX - 1)));
+            }
+        }
+        unique("node", self.nodes.iter().map(|n| n.name.as_str()))?;
+        unique("tenant", self.tenants.iter().map(|t| t.name.as_str()))?;
+        unique("function", self.functions.iter().map(|f| f.name.as_str()))?;
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.address.parse::<std::net::SocketAddr>().is_err() {
+                return Err(bad(format!("node[{i}].address"), format!("\"{}\" is not host:port", n.address)));
+            }
+        }
+        for (i, t) in self.tenants.iter().enumerate() {
+            let f = |name: &str| format!("tenant[{i}].{name}");
+            if t.weight == 0 {
+                return Err(bad(f("weight"), "weight must be at least 1"));
+            }
+            if let Err(e) = wire::PoolGeometry::new(0, t.buf_size, t.buffers, wire::fabric::HEADROOM, t.max_chain) {
+                let field = match e {
+                    wire::desc::GeometryError::BufSize { .. } => "buf_size",
+                    wire::desc::GeometryError::BufCount(_) => "buffers",
+                    wire::desc::GeometryError::MaxChain(_) => "max_chain",
+                };
+                return Err(bad(f(field), e.to_string()));
+            }
+            if t.recv_quota == 0 {
+                return Err(bad(f("recv_quota"), "must be at least 1"));
+            }
+            if t.recv_quota >= t.buffers {
+                return Err(bad(
+                    f("recv_quota"),
+                    format!("pool of {} buffers is not larger than the receive quota {}", t.buffers, t.recv_quota),
+                ));
+            }
+            if t.rate_cap_mbps == Some(0) {
+                return Err(bad(f("rate_cap_mbps"), "0 would block the tenant; omit it for no cap"));
+            }
+        }
+        for (i, func) in self.functions.iter().enumerate() {
+            let f = |name: &str| format!("function[{i}].{name}");
+            if self.tenant_id(&func.tenant).is_none() {
+                return Err(bad(f("tenant"), format!("unknown tenant \"{}\"", func.tenant)));
+            }
+            if self.node_id(&func.node).is_none() {
+                return Err(bad(f("node"), format!("unknown node \"{}\"", func.node)));
+            }
+            if func.instances == 0 {
+                return Err(bad(f("instances"), "must be at least 1"));
+            }
+            if let Err(e) = wire::segment::RingLayout::new(func.ring_capacity) {
+                return Err(bad(f("ring_capacity"), e.to_string()));
+            }
+        }
+        let mut seen = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let f = |name: &str| format!("route[{i}].{name}");
+            if !r.path.starts_with('/') {
+                return Err(bad(f("path"), format!("\"{}\" must start with /", r.path)));
+            }
+            let Some(tenant) = self.tenant_id(&r.tenant) else {
+                return Err(bad(f("tenant"), format!("unknown tenant \"{}\"", r.tenant)));
+            };
+            if r.chain.is_empty() || r.chain.len() > usize::from(u8::MAX) {
+                return Err(bad(f("chain"), "a chain has 1 to 255 functions"));
+            }
+            for (j, name) in r.chain.iter().enumerate() {
+                let Some(id) = self.function_id(name) else {
+                    return Err(bad(format!("route[{i}].chain[{j}]"), format!("unknown function \"{name}\"")));
+                };
+                if self.tenant_id(&self.functions[usize::from(id)].tenant) != Some(tenant) {
+                    return Err(bad(
+                        format!("route[{i}].chain[{j}]"),
+                        format!("function \"{name}\" belongs to another tenant than \"{}\"", r.tenant),
+                    ));
+                }
+            }
+            if r.timeout_ms == 0 {
+                return Err(bad(f("timeout_ms"), "must be at least 1"));
+            }
+            if !seen.insert((r.host.clone(), r.path.clone())) {
+                return Err(bad(f("path"), format!("duplicate route for host {:?} path \"{}\"", r.host, r.path)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Id of the node called `name`.
+    pub fn node_id(&self, name: &str) -> Option<u16> {
+        position(self.nodes.iter().map(|n| n.name.as_str()), name)
+    }
+
+    /// Id of the tenant called `name`.
+    pub fn tenant_id(&self, name: &str) -> Option<u16> {
+        position(self.tenants.iter().map(|t| t.name.as_str()), name)
+    }
+
+    /// Id of the function called `name`.
+    pub fn function_id(&self, name: &str) -> Option<u16> {
+        position(self.functions.iter().map(|f| f.name.as_str()), name)
+    }
+
+    /// The checked pool geometry of tenant `id`.
+    pub fn pool_geometry(&self, id: u16) -> Option<wire::PoolGeometry> {
+        let t = self.tenants.get(usize::from(id))?;
+        wire::PoolGeometry::new(id, t.buf_size, t.buffers, wire::fabric::HEADROOM, t.max_chain).ok()
+    }
+}
+
+fn position<'a>(mut names: impl Iterator<Item = &'a str>, name: &str) -> Option<u16> {
+    names.position(|n| n == name).and_then(|i| u16::try_from(i).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[node]]
+name = "node-a"
+address = "127.0.0.1:7101"
+runtime_dir = "/tmp/dne/node-a"
+
+[[node]]
+name = "node-b"
+mode = "host"
+fabric = "verbs"
+address = "127.0.0.1:7102"
+runtime_dir = "/tmp/dne/node-b"
+
+[[tenant]]
+name = "acme"
+weight = 6
+buffers = 1024
+recv_quota = 128
+
+[[tenant]]
+name = "globex"
+weight = 1
+buf_size = 4096
+buffers = 256
+recv_quota = 64
+rate_cap_mbps = 100
+
+[[function]]
+name = "upper"
+tenant = "acme"
+node = "node-a"
+
+[[function]]
+name = "rot13"
+tenant = "acme"
+node = "node-b"
+instances = 2
+
+[[function]]
+name = "echo"
+tenant = "globex"
+node = "node-b"
+
+[[route]]
+path = "/acme"
+tenant = "acme"
+chain = ["upper", "rot13"]
+
+[[route]]
+host = "globex.example"
+path = "/"
+tenant = "globex"
+chain = ["echo"]
+timeout_ms = 100
+"#;
+
+    #[test]
+    fn good_file_parses_with_ids_by_position() {
+        let c = Cluster::parse(GOOD).unwrap();
+        assert_eq!(c.node_id("node-b"), Some(1));
+        assert_eq!(c.tenant_id("globex"), Some(1));
+        assert_eq!(c.function_id("echo"), Some(2));
+        assert_eq!(c.nodes[0].mode, Mode::Emulated);
+        assert_eq!(c.nodes[1].fabric, FabricKind::Verbs);
+        assert_eq!(c.tenants[0].buf_size, 16384);
+        assert_eq!(c.functions[1].instances, 2);
+        assert_eq!(c.routes[1].timeout_ms, 100);
+        assert_eq!(c.pool_geometry(1).unwrap().payload_cap(), 4096 - 64);
+    }
+
+    fn err(edit: impl Fn(&str) -> String) -> String {
+        Cluster::parse(&edit(GOOD)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "tenant = \"acme\"\nnode = \"node-a\"",
+                "tenant = \"nope\"\nnode = \"node-a\"",
+                "function[0].tenant: unknown tenant \"nope\"",
+            ),
+            ("node = \"node-a\"", "node = \"node-z\"", "function[0].node: unknown node \"node-z\""),
+            ("name = \"rot13\"", "name = \"upper\"", "function[1].name: duplicate function \"upper\""),
+            ("weight = 6", "weight = 0", "tenant[0].weight: weight must be at least 1"),
+            (
+                "recv_quota = 128",
+                "recv_quota = 1024",
+                "tenant[0].recv_quota: pool of 1024 buffers is not larger than the receive quota 1024",
+            ),
+            ("buf_size = 4096", "buf_size = 1000", "tenant[1].buf_size"),
+            (
+                "chain = [\"upper\", \"rot13\"]",
+                "chain = [\"upper\", \"echo\"]",
+                "route[0].chain[1]: function \"echo\" belongs to another tenant",
+            ),
+            ("chain = [\"upper\", \"rot13\"]", "chain = []", "route[0].chain"),
+            ("path = \"/acme\"", "path = \"acme\"", "route[0].path"),
+            ("instances = 2", "instances = 0", "function[1].instances"),
+            ("address = \"127.0.0.1:7101\"", "address = \"nowhere\"", "node[0].address"),
+            ("rate_cap_mbps = 100", "rate_cap_mbps = 0", "tenant[1].rate_cap_mbps"),
+            ("name = \"acme\"", "name = \"ac me\"", "tenant[0].name"),
+            ("weight = 6", "weight = 6\ncolour = \"red\"", "unknown field `colour`"),
+        ];
+        for (from, to, want) in cases {
+            let got = err(|s| s.replacen(from, to, 1));
+            assert!(got.contains(want), "replacing {from:?} by {to:?}: got {got:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn empty_file_needs_nodes_and_tenants() {
+        assert!(Cluster::parse("").unwrap_err().to_string().starts_with("node:"));
+    }
+}

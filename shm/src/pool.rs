@@ -1,0 +1,483 @@
+//! Tenant pools: one shared region per tenant, split into fixed-size
+//! buffers, with the allocator and per-buffer owners of [`crate::alloc`].
+//!
+//! A process holds a buffer through a [`Lease`], which exists only after the
+//! buffer's recorded owner moved to [`Owner::Held`] for this process's slot
+//! (allocation, or [`Pool::accept`] of a received descriptor). A lease is
+//! not `Clone`, and the owner transition happens once per hand-off, so a
+//! process never holds two leases of one buffer, even when a peer sends the
+//! same descriptor twice. Payload bytes of a leased buffer are handed out as
+//! plain slices: this is the zero-copy access functions need. Other
+//! processes of the same tenant map the same bytes; the tenant is the
+//! security domain (DESIGN.md section 2), and no other tenant maps the pool.
+
+use crate::alloc::{self, AllocError, FreeError, PoolCells};
+use crate::region::{AccessError, Backing, PagePolicy, Region, RegionError};
+use crate::sync::{AtomicU32, AtomicU64};
+use core::mem::offset_of;
+use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+use std::os::fd::OwnedFd;
+use wire::desc::frag_len;
+use wire::segment::{BufMeta, NIL, POOL_CONTROL_OFFSET, PoolControl, PoolHeader, PoolLayout};
+use wire::{Descriptor, DescriptorError, Owner, PoolGeometry, SegmentError};
+
+/// A pool could not be created or opened.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolOpenError {
+    /// Mapping failed.
+    #[error(transparent)]
+    Region(#[from] RegionError),
+    /// The segment is not a usable pool of this version.
+    #[error("pool segment: {0}")]
+    Segment(#[from] SegmentError),
+    /// The header could not be read.
+    #[error("pool segment: {0}")]
+    Access(#[from] AccessError),
+}
+
+/// A received descriptor that cannot be accepted. Nothing was changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AcceptError {
+    /// The descriptor fails validation against this pool.
+    #[error(transparent)]
+    Descriptor(#[from] DescriptorError),
+    /// A chain link read from the pool points outside it.
+    #[error("chain link {0} outside the pool")]
+    BadLink(u32),
+    /// A buffer of the chain is not owned by the receiver (not handed over,
+    /// already leased, or freed).
+    #[error("buffer {index} has owner {owner:#x}, not the receiver")]
+    NotOwner {
+        /// Buffer index.
+        index: u32,
+        /// Recorded owner (raw).
+        owner: u32,
+    },
+}
+
+impl AcceptError {
+    /// A short, stable, lowercase name (used as a metrics label).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Descriptor(e) => e.as_str(),
+            Self::BadLink(_) => "bad_link",
+            Self::NotOwner { .. } => "not_owner",
+        }
+    }
+}
+
+/// A message (chain of buffers) held by this process.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a lease holds pool buffers: send or free it"]
+pub struct Lease {
+    head: u32,
+    len: u32,
+    frags: u32,
+    holder: Owner,
+}
+
+impl Lease {
+    /// Index of the first buffer.
+    pub fn head(&self) -> u32 {
+        self.head
+    }
+    /// Payload bytes in the whole chain.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Buffers in the chain.
+    pub fn frags(&self) -> u32 {
+        self.frags
+    }
+    /// The owner value this lease holds the buffers as.
+    pub fn holder(&self) -> Owner {
+        self.holder
+    }
+}
+
+/// A tenant pool mapped into this process.
+#[derive(Debug)]
+pub struct Pool {
+    region: Region,
+    layout: PoolLayout,
+}
+
+impl Pool {
+    /// Creates and initializes a pool (host-shimd). All buffers start free.
+    pub fn create(name: &str, geometry: PoolGeometry, policy: PagePolicy) -> Result<Self, PoolOpenError> {
+        let layout = PoolLayout::new(geometry);
+        let len = usize::try_from(layout.total_len).map_err(|_| RegionError::Invalid("pool too large"))?;
+        let region = Region::create(name, len, policy)?;
+        let flags = if region.backing() == Backing::HugeTlb { PoolHeader::FLAG_HUGETLB } else { 0 };
+        region.write(0, PoolHeader::new(&layout, flags))?;
+        let pool = Self { region, layout };
+        alloc::init(&pool);
+        Ok(pool)
+    }
+
+    /// Maps a pool received from its creator and checks its header.
+    pub fn open(fd: OwnedFd) -> Result<Self, PoolOpenError> {
+        let region = Region::open(fd)?;
+        let header: PoolHeader = region.read(0)?;
+        let layout = header.check(region.len() as u64)?;
+        Ok(Self { region, layout })
+    }
+
+    /// The pool's geometry.
+    pub fn geometry(&self) -> PoolGeometry {
+        self.layout.geometry
+    }
+
+    /// The shared region (for passing its fd, or registering it with a NIC).
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    /// What backs the pool.
+    pub fn backing(&self) -> Backing {
+        self.region.backing()
+    }
+
+    /// Buffers currently on the free list.
+    pub fn free_buffers(&self) -> u32 {
+        self.free_count().load(Relaxed)
+    }
+
+    /// Recorded owner of buffer `index`.
+    pub fn owner(&self, index: u32) -> Result<Owner, FreeError> {
+        if index >= self.count() {
+            return Err(FreeError::OutOfRange(index));
+        }
+        Owner::from_raw(PoolCells::owner(self, index).load(Acquire))
+            .map_err(|_| FreeError::NotOwner { index, owner: PoolCells::owner(self, index).load(Relaxed) })
+    }
+
+    /// Allocates a chain for `len` payload bytes, held as `holder`.
+    pub fn alloc(&self, len: u32, holder: Owner) -> Result<Lease, AllocError> {
+        let g = self.layout.geometry;
+        if u64::from(len) > g.max_len() {
+            return Err(AllocError::Exhausted);
+        }
+        let frags = g.frags_for(len);
+        let head = alloc::pop_chain(self, frags, holder)?;
+        Ok(Lease { head, len, frags, holder })
+    }
+
+    /// Returns a lease's buffers to the free list.
+    pub fn free(&self, lease: Lease) -> Result<u32, FreeError> {
+        alloc::push_chain(self, lease.head, lease.frags, Some(lease.holder))
+    }
+
+    /// Sets the payload length of a lease, within the buffers it holds.
+    pub fn set_len(&self, lease: &mut Lease, len: u32) -> Result<(), DescriptorError> {
+        let g = self.layout.geometry;
+        if g.frags_for(len) != lease.frags {
+            return Err(DescriptorError::TooLong { len, max: u64::from(lease.frags) * u64::from(g.payload_cap()) });
+        }
+        lease.len = len;
+        Ok(())
+    }
+
+    /// Accepts a received descriptor addressed to `me`: validates it against
+    /// this pool, walks its chain with every link bounds-checked, and moves
+    /// each buffer from `Function(me)` (handed over) to `Held(me)`. On any
+    /// failure the buffers already moved are moved back and nothing is
+    /// leased.
+    pub fn accept(&self, desc: &Descriptor, me: u16) -> Result<Lease, AcceptError> {
+        let frags = desc.validate(&self.layout.geometry)?;
+        let from = Owner::Function(me).to_raw();
+        let to = Owner::Held(me).to_raw();
+        let mut i = desc.buf;
+        for k in 0..frags {
+            if i >= self.count() {
+                self.undo_accept(desc.buf, k, me);
+                return Err(AcceptError::BadLink(i));
+            }
+            // AcqRel: Acquire pairs with the sender's Release hand-over
+            // (`hand_over`), so its payload writes are visible to us.
+            if let Err(owner) = PoolCells::owner(self, i).compare_exchange(from, to, AcqRel, Acquire) {
+                self.undo_accept(desc.buf, k, me);
+                return Err(AcceptError::NotOwner { index: i, owner });
+            }
+            if k + 1 < frags {
+                i = self.next_chain(i).load(Relaxed);
+            }
+        }
+        Ok(Lease { head: desc.buf, len: desc.len, frags, holder: Owner::Held(me) })
+    }
+
+    fn undo_accept(&self, head: u32, moved: u32, me: u16) {
+        let mut i = head;
+        for _ in 0..moved {
+            PoolCells::owner(self, i).store(Owner::Function(me).to_raw(), Relaxed);
+            i = self.next_chain(i).load(Relaxed);
+        }
+    }
+
+    /// Hands a lease over to `to` (the destination function's slot, or the
+    /// agent): every buffer's owner moves from the lease's holder to `to`.
+    /// Returns the chain head and length for the descriptor. The payload
+    /// writes made through the lease are published by this call.
+    pub fn hand_over(&self, lease: Lease, to: Owner) -> Result<(u32, u32), (Lease, FreeError)> {
+        let mut i = lease.head;
+        for k in 0..lease.frags {
+            // Release (AcqRel): publishes the payload written through the
+            // lease to the receiver, whose `accept` CAS is Acquire.
+            if let Err(owner) =
+                PoolCells::owner(self, i).compare_exchange(lease.holder.to_raw(), to.to_raw(), AcqRel, Acquire)
+            {
+                // Give back what we moved: those buffers are still ours.
+                let mut j = lease.head;
+                for _ in 0..k {
+                    PoolCells::owner(self, j).store(lease.holder.to_raw(), Relaxed);
+                    j = self.next_chain(j).load(Relaxed);
+                }
+                return Err((lease, FreeError::NotOwner { index: i, owner }));
+            }
+            if k + 1 < lease.frags {
+                i = self.next_chain(i).load(Relaxed);
+            }
+        }
+        Ok((lease.head, lease.len))
+    }
+
+    /// Indices of the buffers of a lease, in chain order.
+    pub fn chain(&self, lease: &Lease) -> impl Iterator<Item = u32> + '_ {
+        let (mut i, frags) = (lease.head, lease.frags);
+        (0..frags).map(move |k| {
+            let cur = i;
+            if k + 1 < frags {
+                i = self.next_chain(cur).load(Relaxed);
+            }
+            cur
+        })
+    }
+
+    fn frag_range(&self, lease: &Lease, k: u32) -> Option<(u64, usize)> {
+        if k >= lease.frags {
+            return None;
+        }
+        let index = self.chain(lease).nth(k as usize)?;
+        let g = self.layout.geometry;
+        let off = self.layout.buf_offset(index)? + u64::from(g.headroom());
+        Some((off, frag_len(lease.len, g.payload_cap(), k) as usize))
+    }
+
+    /// Payload bytes of fragment `k` of a lease (zero copy).
+    pub fn frag(&self, lease: &Lease, k: u32) -> Option<&[u8]> {
+        let (off, len) = self.frag_range(lease, k)?;
+        // SAFETY: the lease proves this process holds the buffer (its owner
+        // moved to `Held` for us exactly once, and `Lease` is not `Clone`),
+        // so no `&mut` to these bytes exists here while `lease` is borrowed;
+        // peers of the tenant do not write buffers they do not own (module
+        // docs). The range was bounds-checked by `buf_offset` and `at`.
+        unsafe { self.region.bytes_mut(off, len) }.ok().map(|s| &*s)
+    }
+
+    /// Mutable payload bytes of fragment `k` of a lease (zero copy).
+    pub fn frag_mut<'a>(&'a self, lease: &'a mut Lease, k: u32) -> Option<&'a mut [u8]> {
+        let (off, len) = self.frag_range(lease, k)?;
+        // SAFETY: as in `frag`, and `&mut Lease` makes this the only borrow
+        // of the buffer's bytes in this process.
+        unsafe { self.region.bytes_mut(off, len) }.ok()
+    }
+
+    /// Copies `data` into the lease's payload (across fragments).
+    pub fn write(&self, lease: &mut Lease, data: &[u8]) -> Result<(), DescriptorError> {
+        self.set_len(lease, u32::try_from(data.len()).unwrap_or(u32::MAX))?;
+        let cap = self.layout.geometry.payload_cap() as usize;
+        for (k, chunk) in data.chunks(cap).enumerate() {
+            if let Some(dst) = self.frag_mut(lease, k as u32) {
+                dst.copy_from_slice(chunk);
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the lease's payload out (for tests and diagnostics; functions
+    /// use [`Pool::frag`]).
+    pub fn read_to_vec(&self, lease: &Lease) -> Vec<u8> {
+        let mut v = Vec::with_capacity(lease.len as usize);
+        for k in 0..lease.frags {
+            v.extend_from_slice(self.frag(lease, k).unwrap_or(&[]));
+        }
+        v
+    }
+
+    /// Returns to the free list every buffer owned by the function in
+    /// `slot` (handed over to it or held by it). For host-shimd, after the
+    /// function died. Returns how many buffers were reclaimed.
+    pub fn reclaim(&self, slot: u16) -> u32 {
+        let mut n = 0;
+        for i in 0..self.count() {
+            let raw = PoolCells::owner(self, i).load(Acquire);
+            for o in [Owner::Function(slot), Owner::Held(slot)] {
+                if raw == o.to_raw() && alloc::push(self, i, Some(o)).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Buffers whose recorded owner satisfies `f` (a full scan; for
+    /// diagnostics and tests).
+    pub fn count_owned(&self, f: impl Fn(Owner) -> bool) -> u32 {
+        (0..self.count()).filter(|&i| self.owner(i).is_ok_and(&f)).count() as u32
+    }
+
+    fn meta_atomic(&self, i: u32, field: usize) -> &AtomicU32 {
+        // `i < count` is guaranteed by every caller (the `PoolCells`
+        // contract), and the whole table lies inside the mapping (built by
+        // `create`, checked by `PoolHeader::check` in `open`).
+        self.layout
+            .meta_offset(i)
+            .and_then(|o| self.region.atomic_u32(o + field as u64).ok())
+            .expect("buffer metadata index checked by the caller")
+    }
+}
+
+impl PoolCells for Pool {
+    fn count(&self) -> u32 {
+        self.layout.geometry.buf_count()
+    }
+    fn head(&self) -> &AtomicU64 {
+        let off = POOL_CONTROL_OFFSET + offset_of!(PoolControl, free_head) as u64;
+        // Inside the mapping and 8-aligned by the layout (64-aligned control
+        // line), which `create`/`open` established.
+        self.region.atomic_u64(off).expect("pool control line is inside the mapping")
+    }
+    fn free_count(&self) -> &AtomicU32 {
+        let off = POOL_CONTROL_OFFSET + offset_of!(PoolControl, free_count) as u64;
+        self.region.atomic_u32(off).expect("pool control line is inside the mapping")
+    }
+    fn next_free(&self, i: u32) -> &AtomicU32 {
+        self.meta_atomic(i, offset_of!(BufMeta, next_free))
+    }
+    fn next_chain(&self, i: u32) -> &AtomicU32 {
+        self.meta_atomic(i, offset_of!(BufMeta, next_chain))
+    }
+    fn owner(&self, i: u32) -> &AtomicU32 {
+        self.meta_atomic(i, offset_of!(BufMeta, owner))
+    }
+}
+
+const _: () = assert!(NIL == u32::MAX);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pool(bufs: u32) -> Pool {
+        Pool::create("dne-pool-test", PoolGeometry::new(4, 256, bufs, 64, 8).unwrap(), PagePolicy::Normal).unwrap()
+    }
+
+    const A: u16 = 1;
+    const B: u16 = 2;
+
+    #[test]
+    fn alloc_write_hand_over_accept_read_free() {
+        let p = pool(16);
+        let mut l = p.alloc(500, Owner::Held(A)).unwrap();
+        assert_eq!(l.frags(), 3); // 192 payload bytes per buffer
+        let data: Vec<u8> = (0..500u32).map(|i| i as u8).collect();
+        p.write(&mut l, &data).unwrap();
+        let (head, len) = p.hand_over(l, Owner::Function(B)).unwrap();
+        let d = Descriptor { tenant: 4, buf: head, len, ..Default::default() };
+
+        // A second process maps the same pool and receives.
+        let q = Pool::open(p.region().fd().try_clone_to_owned().unwrap()).unwrap();
+        let got = q.accept(&d, B).unwrap();
+        assert_eq!(q.read_to_vec(&got), data);
+        // The same descriptor again (a peer replaying it) is refused.
+        assert!(matches!(q.accept(&d, B), Err(AcceptError::NotOwner { .. })));
+        assert_eq!(p.free_buffers(), 13);
+        assert_eq!(q.free(got), Ok(3));
+        assert_eq!(p.free_buffers(), 16);
+    }
+
+    #[test]
+    fn accept_rejects_what_is_not_ours_and_changes_nothing() {
+        let p = pool(16);
+        let l = p.alloc(10, Owner::Held(A)).unwrap();
+        let head = l.head();
+        let d = Descriptor { tenant: 4, buf: head, len: 10, ..Default::default() };
+        // Not handed over to B yet.
+        assert!(matches!(p.accept(&d, B), Err(AcceptError::NotOwner { .. })));
+        assert_eq!(p.owner(head), Ok(Owner::Held(A)));
+        // Other tenant, index out of range, too long.
+        let e = |d: Descriptor| p.accept(&d, B).unwrap_err();
+        assert!(matches!(
+            e(Descriptor { tenant: 5, ..d }),
+            AcceptError::Descriptor(DescriptorError::TenantMismatch { .. })
+        ));
+        assert!(matches!(
+            e(Descriptor { buf: 16, ..d }),
+            AcceptError::Descriptor(DescriptorError::IndexOutOfRange { .. })
+        ));
+        assert!(matches!(
+            e(Descriptor { len: 192 * 8 + 1, ..d }),
+            AcceptError::Descriptor(DescriptorError::TooLong { .. })
+        ));
+        p.free(l).unwrap();
+    }
+
+    #[test]
+    fn partial_accept_is_rolled_back() {
+        let p = pool(16);
+        let l = p.alloc(400, Owner::Held(A)).unwrap(); // 3 buffers
+        let chain: Vec<u32> = p.chain(&l).collect();
+        let (head, len) = p.hand_over(l, Owner::Function(B)).unwrap();
+        // A rogue peer steals the last buffer back.
+        PoolCells::owner(&p, chain[2]).store(Owner::Held(A).to_raw(), Relaxed);
+        let d = Descriptor { tenant: 4, buf: head, len, ..Default::default() };
+        assert_eq!(p.accept(&d, B), Err(AcceptError::NotOwner { index: chain[2], owner: Owner::Held(A).to_raw() }));
+        assert_eq!(p.owner(chain[0]), Ok(Owner::Function(B)));
+        assert_eq!(p.owner(chain[1]), Ok(Owner::Function(B)));
+    }
+
+    #[test]
+    fn reclaim_returns_everything_a_dead_function_owned() {
+        let p = pool(32);
+        let held: Vec<Lease> = (0..5).map(|_| p.alloc(300, Owner::Held(A)).unwrap()).collect();
+        let other = p.alloc(10, Owner::Held(B)).unwrap();
+        // Two of A's messages were handed to A by others (in its ring).
+        let x = p.alloc(10, Owner::Held(B)).unwrap();
+        p.hand_over(x, Owner::Function(A)).unwrap();
+        std::mem::forget(held); // A "dies" holding its leases
+        assert_eq!(p.free_buffers(), 32 - 10 - 1 - 1);
+        assert_eq!(p.reclaim(A), 11);
+        assert_eq!(p.free_buffers(), 31);
+        assert_eq!(p.count_owned(|o| o.slot() == Some(A)), 0);
+        p.free(other).unwrap();
+        assert_eq!(p.free_buffers(), 32);
+    }
+
+    #[test]
+    fn open_refuses_a_bad_segment() {
+        let r = Region::create("dne-not-a-pool", 8192, PagePolicy::Normal).unwrap();
+        let e = Pool::open(r.fd().try_clone_to_owned().unwrap()).unwrap_err();
+        assert!(matches!(e, PoolOpenError::Segment(SegmentError::BadMagic { .. })), "{e}");
+    }
+
+    proptest! {
+        #[test]
+        fn random_descriptors_never_escape_or_steal(buf in any::<u32>(), len in any::<u32>(), tenant in 3u16..6, flags in 0u16..4) {
+            let p = pool(8);
+            let l = p.alloc(100, Owner::Held(A)).unwrap();
+            let d = Descriptor { tenant, buf, len, flags, ..Default::default() };
+            if let Ok(got) = p.accept(&d, B) {
+                // Only possible for buffers handed to B: none were.
+                prop_assert!(false, "accepted {:?}", got);
+            }
+            prop_assert_eq!(p.owner(l.head()), Ok(Owner::Held(A)));
+            prop_assert_eq!(p.free(l), Ok(1));
+            prop_assert_eq!(p.free_buffers(), 8);
+        }
+    }
+}
