@@ -109,6 +109,10 @@ pub struct Tenant {
     /// Optional rate cap in megabytes per second.
     #[serde(default)]
     pub rate_cap_mbps: Option<u32>,
+    /// Optional Unix user id the tenant's function processes must run as
+    /// (checked by host-shimd from the kernel's peer credentials).
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 fn default_buf_size() -> u32 {

@@ -1,12 +1,22 @@
 //! `host-shim`: the thin host side of DNE.
 //!
-//! * The library functions link (Rust API here, C ABI alongside): attach to a
-//!   tenant pool, allocate a buffer, write the payload in place, send a
-//!   [`wire::Descriptor`] to a named function, receive, free. Intra-node hops
-//!   go function to function through shared-memory rings (`shm`).
-//! * `host-shimd`, the per-host daemon: creates the tenant pools, exports them
-//!   to the DPU, keeps the function registry, hands pool and ring descriptors
-//!   to functions, and reclaims the buffers of a function that dies.
+//! * [`function`]: the library functions link (Rust API here, C ABI in
+//!   [`ffi`]): attach to the tenant pool through host-shimd, allocate a
+//!   buffer, write the payload in place, send a [`wire::Descriptor`] straight
+//!   into the destination function's inbound ring (direct function routing:
+//!   no intermediate hop), receive, free.
+//! * [`daemon`]: host-shimd, the per-host daemon: pools from the cluster
+//!   config, the function registry, fd passing, crash reclaim. Not on the
+//!   data path.
+//! * [`sock`]: the control connection (Unix seqpacket + `SCM_RIGHTS`).
 //!
-//! Both are being built in their own issue (intra-node data path).
-#![forbid(unsafe_code)]
+//! The only `unsafe` of this crate is the C ABI in [`ffi`] (raw pointers from
+//! C callers); all shared-memory access goes through `shm`.
+#![deny(unsafe_code)]
+
+pub mod daemon;
+pub mod ffi;
+pub mod function;
+pub mod sock;
+
+pub use function::{AttachError, Function, Msg, RecvError, SendError, SendErrorKind};

@@ -189,33 +189,48 @@ impl Pool {
     /// leased.
     pub fn accept(&self, desc: &Descriptor, me: u16) -> Result<Lease, AcceptError> {
         let frags = desc.validate(&self.layout.geometry)?;
-        let from = Owner::Function(me).to_raw();
-        let to = Owner::Held(me).to_raw();
-        let mut i = desc.buf;
+        self.transfer(desc.buf, desc.len, frags, Owner::Function(me), Owner::Held(me))
+    }
+
+    /// Takes back a chain this process handed over to `from` but whose
+    /// descriptor could not be delivered (ring full or closed), if nobody
+    /// took it meanwhile (host-shimd's reclaim of a dead receiver does).
+    pub fn take_back(&self, head: u32, len: u32, from: Owner, holder: Owner) -> Result<Lease, AcceptError> {
+        let g = self.layout.geometry;
+        if u64::from(len) > g.max_len() {
+            return Err(DescriptorError::TooLong { len, max: g.max_len() }.into());
+        }
+        self.transfer(head, len, g.frags_for(len), from, holder)
+    }
+
+    /// Moves every buffer of the chain at `head` from `from` to `to`, all or
+    /// nothing, with every link bounds-checked.
+    fn transfer(&self, head: u32, len: u32, frags: u32, from: Owner, to: Owner) -> Result<Lease, AcceptError> {
+        let mut i = head;
         for k in 0..frags {
-            if i >= self.count() {
-                self.undo_accept(desc.buf, k, me);
-                return Err(AcceptError::BadLink(i));
-            }
-            // AcqRel: Acquire pairs with the sender's Release hand-over
-            // (`hand_over`), so its payload writes are visible to us.
-            if let Err(owner) = PoolCells::owner(self, i).compare_exchange(from, to, AcqRel, Acquire) {
-                self.undo_accept(desc.buf, k, me);
-                return Err(AcceptError::NotOwner { index: i, owner });
+            let fail = if i >= self.count() {
+                Some(AcceptError::BadLink(i))
+            } else {
+                // AcqRel: Acquire pairs with the sender's Release hand-over
+                // (`hand_over`), so its payload writes are visible to us.
+                PoolCells::owner(self, i)
+                    .compare_exchange(from.to_raw(), to.to_raw(), AcqRel, Acquire)
+                    .err()
+                    .map(|owner| AcceptError::NotOwner { index: i, owner })
+            };
+            if let Some(e) = fail {
+                let mut j = head;
+                for _ in 0..k {
+                    PoolCells::owner(self, j).store(from.to_raw(), Relaxed);
+                    j = self.next_chain(j).load(Relaxed);
+                }
+                return Err(e);
             }
             if k + 1 < frags {
                 i = self.next_chain(i).load(Relaxed);
             }
         }
-        Ok(Lease { head: desc.buf, len: desc.len, frags, holder: Owner::Held(me) })
-    }
-
-    fn undo_accept(&self, head: u32, moved: u32, me: u16) {
-        let mut i = head;
-        for _ in 0..moved {
-            PoolCells::owner(self, i).store(Owner::Function(me).to_raw(), Relaxed);
-            i = self.next_chain(i).load(Relaxed);
-        }
+        Ok(Lease { head, len, frags, holder: to })
     }
 
     /// Hands a lease over to `to` (the destination function's slot, or the

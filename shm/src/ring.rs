@@ -37,6 +37,8 @@ pub(crate) trait RingCells {
     fn head(&self) -> &AtomicU64;
     /// Non-zero while the consumer sleeps on its doorbell.
     fn sleeping(&self) -> &AtomicU32;
+    /// Non-zero once the consumer is gone.
+    fn closed(&self) -> &AtomicU32;
     /// Sequence of a slot.
     fn seq(&self, slot: u32) -> &AtomicU32;
     /// Writes the descriptor of a slot the caller claimed.
@@ -55,6 +57,9 @@ pub enum RingPushError {
     /// the ring): nothing was pushed.
     #[error("ring corrupted: tail and slot sequences disagree")]
     Corrupted,
+    /// The consumer is gone (its function died): nothing was pushed.
+    #[error("ring closed: the consumer is gone")]
+    Closed,
 }
 
 /// Result of a successful push.
@@ -80,6 +85,10 @@ fn free_for(c: &impl RingCells, pos: u64) -> bool {
 /// Pushes up to `descs.len()` descriptors, in order; returns how many went
 /// in (at least one) and whether to wake the consumer.
 pub(crate) fn push(c: &impl RingCells, descs: &[Descriptor]) -> Result<Pushed, RingPushError> {
+    // Acquire: pairs with the Release store of `close`.
+    if c.closed().load(Acquire) != 0 {
+        return Err(RingPushError::Closed);
+    }
     if descs.is_empty() {
         return Ok(Pushed { count: 0, wake: false });
     }
@@ -196,6 +205,7 @@ mod tests {
         tail: AtomicU64,
         head: AtomicU64,
         sleeping: AtomicU32,
+        closed: AtomicU32,
         seq: Vec<AtomicU32>,
         desc: Vec<UnsafeCell<Descriptor>>,
     }
@@ -210,6 +220,7 @@ mod tests {
                 tail: AtomicU64::new(0),
                 head: AtomicU64::new(0),
                 sleeping: AtomicU32::new(0),
+                closed: AtomicU32::new(0),
                 seq: (0..cap).map(AtomicU32::new).collect(),
                 desc: (0..cap).map(|_| UnsafeCell::new(Descriptor::default())).collect(),
             }
@@ -228,6 +239,9 @@ mod tests {
         }
         fn sleeping(&self) -> &AtomicU32 {
             &self.sleeping
+        }
+        fn closed(&self) -> &AtomicU32 {
+            &self.closed
         }
         fn seq(&self, slot: u32) -> &AtomicU32 {
             &self.seq[slot as usize]
@@ -309,7 +323,7 @@ mod tests {
                         match push(&*c, &batch) {
                             Ok(r) => i += r.count as u32,
                             Err(RingPushError::Full) => std::thread::yield_now(),
-                            Err(RingPushError::Corrupted) => panic!("healthy ring reported corruption"),
+                            Err(e) => panic!("healthy ring reported {e}"),
                         }
                     }
                 })
@@ -350,6 +364,7 @@ mod loom_tests {
         tail: AtomicU64,
         head: AtomicU64,
         sleeping: AtomicU32,
+        closed: AtomicU32,
         seq: Vec<AtomicU32>,
         desc: Vec<UnsafeCell<Descriptor>>,
     }
@@ -371,6 +386,9 @@ mod loom_tests {
         fn sleeping(&self) -> &AtomicU32 {
             &self.sleeping
         }
+        fn closed(&self) -> &AtomicU32 {
+            &self.closed
+        }
         fn seq(&self, slot: u32) -> &AtomicU32 {
             &self.seq[slot as usize]
         }
@@ -389,6 +407,7 @@ mod loom_tests {
             tail: AtomicU64::new(0),
             head: AtomicU64::new(0),
             sleeping: AtomicU32::new(0),
+            closed: AtomicU32::new(0),
             seq: (0..cap).map(AtomicU32::new).collect(),
             desc: (0..cap).map(|_| UnsafeCell::new(Descriptor::default())).collect(),
         }
@@ -550,6 +569,18 @@ mod segment {
             self.tail().load(Relaxed).wrapping_sub(self.head().load(Relaxed))
         }
 
+        /// Marks the consumer gone: every later push fails with
+        /// [`RingPushError::Closed`] (host-shimd, when the function dies).
+        pub fn close(&self) {
+            // Release: pairs with the Acquire check at the start of `push`.
+            self.closed().store(1, std::sync::atomic::Ordering::Release);
+        }
+
+        /// Whether the consumer is gone.
+        pub fn is_closed(&self) -> bool {
+            self.closed().load(std::sync::atomic::Ordering::Acquire) != 0
+        }
+
         /// Turns this mapping into the ring's single consumer.
         pub fn into_consumer(self) -> Consumer {
             use std::sync::atomic::Ordering::Acquire;
@@ -579,6 +610,10 @@ mod segment {
         }
         fn sleeping(&self) -> &AtomicU32 {
             let off = self.cursor(RING_CONSUMER_OFFSET, offset_of!(RingCursor, sleeping));
+            self.region.atomic_u32(off).expect("ring layout checked at open")
+        }
+        fn closed(&self) -> &AtomicU32 {
+            let off = self.cursor(RING_CONSUMER_OFFSET, offset_of!(RingCursor, closed));
             self.region.atomic_u32(off).expect("ring layout checked at open")
         }
         fn seq(&self, slot: u32) -> &AtomicU32 {
@@ -732,6 +767,9 @@ mod segment {
             let mut out = [Descriptor::default(); 4];
             assert_eq!(cons.pop(&mut out), 2);
             assert_eq!((out[0].request, out[1].request), (1, 2));
+            cons.ring().close();
+            assert!(prod.is_closed());
+            assert_eq!(prod.push(&[d(3)]), Err(RingPushError::Closed));
         }
 
         #[test]

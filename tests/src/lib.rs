@@ -13,9 +13,10 @@
 //!   they are never used as performance assertions.
 #![forbid(unsafe_code)]
 
-use std::io::Read;
-use std::path::PathBuf;
+use std::io::{BufRead, Read};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Directory holding the workspace's binaries for the profile these tests
@@ -45,6 +46,7 @@ pub fn bin_path(name: &str) -> PathBuf {
 pub struct Proc {
     name: String,
     child: Option<Child>,
+    lines: Option<mpsc::Receiver<String>>,
 }
 
 /// What a finished process left.
@@ -67,7 +69,58 @@ impl Proc {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
-        Self { name: name.to_owned(), child: Some(child) }
+        Self { name: name.to_owned(), child: Some(child), lines: None }
+    }
+
+    /// Starts `cmd` with stdout read line by line (see [`Proc::wait_line`])
+    /// and stderr inherited (so its log shows in the test output).
+    pub fn spawn_lines(name: &str, mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { name: name.to_owned(), child: Some(child), lines: Some(rx) }
+    }
+
+    /// Waits for a stdout line starting with `prefix` (process started with
+    /// [`Proc::spawn_lines`]); panics after `deadline` or if the process
+    /// exits first.
+    pub fn wait_line(&mut self, prefix: &str, deadline: Duration) -> String {
+        let rx = self.lines.as_ref().expect("started with spawn_lines");
+        let end = Instant::now() + deadline;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if l.starts_with(prefix) => return l,
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!("{}: no line `{prefix}` within {deadline:?}", self.name),
+                Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{}: exited before printing `{prefix}`", self.name),
+            }
+        }
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Process id.
@@ -114,6 +167,43 @@ impl Drop for Proc {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// Polls `cond` every few milliseconds until it holds; panics with `what`
+/// after `deadline` (a watchdog against hangs, not a timing assertion).
+pub fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A scratch directory removed (with everything in it) when dropped.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `$TMPDIR/dne-<name>-<pid>-<n>`.
+    pub fn new(name: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("dne-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

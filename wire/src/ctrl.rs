@@ -70,11 +70,16 @@ pub enum CtrlKind {
     Error = 9,
     /// A request succeeded.
     Ack = 10,
+    /// Function -> host-shimd: where are the instances of this function?
+    Lookup = 11,
+    /// Host-shimd -> function: one instance (its ring and doorbell fds
+    /// follow out of band); a run of these ends with an `Ack`.
+    Peer = 12,
 }
 
 impl CtrlKind {
     /// Every kind.
-    pub const ALL: [CtrlKind; 10] = [
+    pub const ALL: [CtrlKind; 12] = [
         Self::Hello,
         Self::Attach,
         Self::AttachOk,
@@ -85,6 +90,8 @@ impl CtrlKind {
         Self::Credits,
         Self::Error,
         Self::Ack,
+        Self::Lookup,
+        Self::Peer,
     ];
 
     /// Decodes a kind.
@@ -317,6 +324,34 @@ pub struct Ack {
 }
 const _: () = assert!(size_of::<Ack>() == 8);
 
+/// Body of [`CtrlKind::Lookup`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct Lookup {
+    /// Function name.
+    pub function: Name,
+}
+const _: () = assert!(size_of::<Lookup>() == 32);
+
+/// Body of [`CtrlKind::Peer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct Peer {
+    /// Function id.
+    pub function: u16,
+    /// Instance number.
+    pub instance: u16,
+    /// Attach slot of the instance (its buffer owner value).
+    pub slot: u16,
+    /// Node the instance runs on.
+    pub node: u16,
+    /// Slots of its inbound ring.
+    pub ring_capacity: u32,
+    /// Must be zero.
+    pub reserved: u32,
+}
+const _: () = assert!(size_of::<Peer>() == 16);
+
 /// Buffer indices carried by a [`LendRecv`], borrowed from the frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BufList<'a>(&'a [u8]);
@@ -366,6 +401,10 @@ pub enum CtrlMsg<'a> {
     Error(CtrlError),
     /// See [`Ack`].
     Ack(Ack),
+    /// See [`Lookup`].
+    Lookup(Lookup),
+    /// See [`Peer`].
+    Peer(Peer),
 }
 
 impl CtrlMsg<'_> {
@@ -382,6 +421,8 @@ impl CtrlMsg<'_> {
             Self::Credits(_) => CtrlKind::Credits,
             Self::Error(_) => CtrlKind::Error,
             Self::Ack(_) => CtrlKind::Ack,
+            Self::Lookup(_) => CtrlKind::Lookup,
+            Self::Peer(_) => CtrlKind::Peer,
         }
     }
 
@@ -397,6 +438,8 @@ impl CtrlMsg<'_> {
             Self::Credits(b) => (b.as_bytes(), &[]),
             Self::Error(b) => (b.as_bytes(), &[]),
             Self::Ack(b) => (b.as_bytes(), &[]),
+            Self::Lookup(b) => (b.as_bytes(), &[]),
+            Self::Peer(b) => (b.as_bytes(), &[]),
         }
     }
 }
@@ -621,6 +664,17 @@ fn decode_msg(kind: CtrlKind, p: &[u8]) -> Result<CtrlMsg<'_>, CtrlDecodeError> 
             field(kind, "reserved", b.reserved == 0)?;
             CtrlMsg::Ack(b)
         }
+        CtrlKind::Lookup => {
+            let (b, _) = body::<Lookup>(kind, p, true)?;
+            name(kind, "function", &b.function)?;
+            CtrlMsg::Lookup(b)
+        }
+        CtrlKind::Peer => {
+            let (b, _) = body::<Peer>(kind, p, true)?;
+            field(kind, "ring_capacity", RingLayout::new(b.ring_capacity).is_ok())?;
+            field(kind, "reserved", b.reserved == 0)?;
+            CtrlMsg::Peer(b)
+        }
     };
     Ok(msg)
 }
@@ -706,6 +760,8 @@ mod tests {
                 reserved2: 0,
             }),
             CtrlMsg::Ack(Ack { about_kind: 6, reserved: 0, about_seq: 9 }),
+            CtrlMsg::Lookup(Lookup { function: n("resize") }),
+            CtrlMsg::Peer(Peer { function: 2, instance: 1, slot: 5, node: 0, ring_capacity: 1024, reserved: 0 }),
         ]
     }
 
@@ -781,7 +837,7 @@ mod tests {
         }
 
         #[test]
-        fn decode_arbitrary_bodies_of_every_kind(kind in 1u16..=10, body in proptest::collection::vec(any::<u8>(), 0..120)) {
+        fn decode_arbitrary_bodies_of_every_kind(kind in 1u16..=12, body in proptest::collection::vec(any::<u8>(), 0..120)) {
             let h = CtrlHeader { magic: CTRL_MAGIC, version: CTRL_VERSION, kind, len: body.len() as u32, seq: 0 };
             let mut bytes = h.as_bytes().to_vec();
             bytes.extend_from_slice(&body);

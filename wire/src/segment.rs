@@ -276,8 +276,11 @@ pub struct RingCursor {
     /// Consumer cursor only: non-zero while the consumer sleeps on its
     /// doorbell and wants to be woken.
     pub sleeping: u32,
+    /// Consumer cursor only: non-zero once the consumer is gone (set by
+    /// host-shimd when the function dies); producers stop pushing.
+    pub closed: u32,
     /// Must be zero.
-    pub reserved: [u8; 52],
+    pub reserved: [u8; 48],
 }
 const _: () = assert!(size_of::<RingCursor>() == CACHE_LINE);
 

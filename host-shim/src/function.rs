@@ -1,0 +1,495 @@
+//! The function API: attach to the tenant pool through host-shimd, allocate,
+//! write payloads in place, send descriptors straight into the destination
+//! function's ring (no intermediate hop), receive, free.
+//!
+//! Hot path: `send` is one owner hand-over per buffer, one ring push and, only
+//! when the receiver sleeps, one doorbell write; `recv` pops descriptors in
+//! batches and validates each against the pool before any payload is
+//! touched. Descriptors that fail validation are dropped and counted by
+//! reason ([`Function::rejected`]); they never reach the caller.
+
+use crate::sock::Conn;
+use shm::pool::{AcceptError, Lease};
+use shm::ring::{Consumer, Doorbell, Ring, RingPushError};
+use shm::{AllocError, FreeError, Pool};
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::time::Duration;
+use wire::ctrl::{Attach, AttachOk, CTRL_MAX_FRAME, CtrlMsg, Hello, Lookup, Role};
+use wire::desc::{NO_NODE, NO_ROUTE};
+use wire::{CtrlFrame, Descriptor, ErrorCode, Name, Owner};
+
+/// How long a receiver spins on its ring before it sleeps on its doorbell.
+/// Longer than a wake-up costs on these machines (an eventfd round trip
+/// is ~45 us), so a busy chain never sleeps, and short enough that an idle
+/// function costs nothing measurable.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+const BATCH: usize = 32;
+
+/// Attaching failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// host-shimd could not be reached.
+    #[error("cannot reach host-shimd: {0}")]
+    Io(#[from] io::Error),
+    /// A name is not a valid DNE name.
+    #[error("invalid name: {0}")]
+    Name(#[from] wire::NameError),
+    /// host-shimd refused.
+    #[error("host-shimd refused the attach: {0}")]
+    Refused(ErrorCode),
+    /// host-shimd answered something unexpected.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The pool or ring passed by host-shimd could not be mapped.
+    #[error("mapping shared memory: {0}")]
+    Map(String),
+}
+
+/// Why a send failed. The message comes back in [`SendError::msg`] whenever
+/// the caller still owns it, so nothing is lost.
+#[derive(Debug, thiserror::Error)]
+pub enum SendErrorKind {
+    /// The destination is not a function of this node (or of the cluster).
+    #[error("unknown function")]
+    UnknownFunction,
+    /// The destination belongs to another tenant: refused.
+    #[error("destination belongs to another tenant")]
+    TenantMismatch,
+    /// The destination has no live instance.
+    #[error("destination has no live instance")]
+    NoInstance,
+    /// The destination's ring is full (back-pressure: retry later).
+    #[error("destination ring full")]
+    Full,
+    /// The message's buffers are not owned as expected (a peer interfered).
+    #[error("ownership: {0}")]
+    Ownership(String),
+    /// host-shimd could not be asked.
+    #[error("host-shimd: {0}")]
+    Shimd(String),
+}
+
+/// A failed send; `msg` is the message when the caller still owns it.
+#[derive(Debug, thiserror::Error)]
+#[error("send failed: {kind}")]
+pub struct SendError {
+    /// What went wrong.
+    pub kind: SendErrorKind,
+    /// The message, handed back.
+    pub msg: Option<Msg>,
+}
+
+/// Receiving failed (the control connection broke: host-shimd is gone).
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    /// Waiting on the doorbell failed.
+    #[error("doorbell: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A message this function holds: its buffers (a lease in the pool) and its
+/// descriptor fields.
+#[derive(Debug)]
+#[must_use = "a message holds pool buffers: send or free it"]
+pub struct Msg {
+    lease: Lease,
+    desc: Descriptor,
+}
+
+impl Msg {
+    /// Payload length in bytes.
+    pub fn len(&self) -> u32 {
+        self.lease.len()
+    }
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.lease.is_empty()
+    }
+    /// Buffers in the chain.
+    pub fn frags(&self) -> u32 {
+        self.lease.frags()
+    }
+    /// The descriptor as received (or as it will be sent).
+    pub fn desc(&self) -> &Descriptor {
+        &self.desc
+    }
+    /// Request id carried end to end.
+    pub fn request(&self) -> u32 {
+        self.desc.request
+    }
+    /// Sets the request id.
+    pub fn set_request(&mut self, request: u32) {
+        self.desc.request = request;
+    }
+    /// Function id of the sender.
+    pub fn src_fn(&self) -> u16 {
+        self.desc.src_fn
+    }
+}
+
+struct Instance {
+    ring: Ring,
+    bell: Doorbell,
+    slot: u16,
+}
+
+struct PeerSet {
+    function: u16,
+    instances: Vec<Instance>,
+    next: usize,
+}
+
+/// An attached function instance.
+pub struct Function {
+    conn: Conn,
+    info: AttachOk,
+    pool: Pool,
+    inbox: Consumer,
+    bell: Doorbell,
+    peers: HashMap<String, PeerSet>,
+    pending: VecDeque<Descriptor>,
+    scratch: [Descriptor; BATCH],
+    rejected: HashMap<&'static str, u64>,
+    seq: u32,
+    spin: Duration,
+}
+
+impl core::fmt::Debug for Function {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Function").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+fn expect_fds(fds: Vec<OwnedFd>, n: usize) -> Result<Vec<OwnedFd>, AttachError> {
+    if fds.len() == n {
+        Ok(fds)
+    } else {
+        Err(AttachError::Protocol(format!("expected {n} descriptors, got {}", fds.len())))
+    }
+}
+
+impl Function {
+    /// Attaches to host-shimd at `socket` as an instance of `function` of
+    /// `tenant`. host-shimd checks the claim against the cluster config and
+    /// refuses another tenant's pool.
+    pub fn attach(socket: &Path, tenant: &str, function: &str) -> Result<Self, AttachError> {
+        let conn = Conn::connect(socket)?;
+        let pid = std::process::id();
+        let hello = Hello {
+            role: Role::Function as u8,
+            reserved: 0,
+            node: NO_NODE,
+            pid,
+            layout_hash: wire::LAYOUT_HASH,
+            name: Name::new(function)?,
+        };
+        conn.send(&CtrlFrame { seq: 0, msg: CtrlMsg::Hello(hello) }, &[])?;
+        let attach =
+            Attach { tenant: Name::new(tenant)?, function: Name::new(function)?, instance: 0, reserved: 0, pid };
+        conn.send(&CtrlFrame { seq: 1, msg: CtrlMsg::Attach(attach) }, &[])?;
+        let mut buf = [0u8; CTRL_MAX_FRAME];
+        let r = conn.recv(&mut buf)?;
+        if r.len == 0 {
+            return Err(AttachError::Protocol("host-shimd closed the connection".into()));
+        }
+        let (frame, _) = CtrlFrame::decode(&buf[..r.len]).map_err(|e| AttachError::Protocol(e.to_string()))?;
+        let info = match frame.msg {
+            CtrlMsg::AttachOk(ok) => ok,
+            CtrlMsg::Error(e) => {
+                return Err(AttachError::Refused(ErrorCode::from_u8(e.code).unwrap_or(ErrorCode::BadRoute)));
+            }
+            other => return Err(AttachError::Protocol(format!("unexpected {:?}", other.kind()))),
+        };
+        let mut fds = expect_fds(r.fds, 3)?.into_iter();
+        let (pool_fd, ring_fd, bell_fd) = match (fds.next(), fds.next(), fds.next()) {
+            (Some(a), Some(b), Some(c)) => (a, b, c),
+            _ => return Err(AttachError::Protocol("missing descriptors".into())),
+        };
+        let pool = Pool::open(pool_fd).map_err(|e| AttachError::Map(e.to_string()))?;
+        let ring = Ring::open(ring_fd).map_err(|e| AttachError::Map(e.to_string()))?;
+        if pool.geometry().tenant() != info.tenant || ring.header().owner_slot != u32::from(info.slot) {
+            return Err(AttachError::Protocol("pool or ring does not match the attach reply".into()));
+        }
+        log::info!(
+            "attached {function} (tenant {tenant}) slot {} pool {} buffers of {} B ({})",
+            info.slot,
+            info.buf_count,
+            info.buf_size,
+            pool.backing()
+        );
+        Ok(Self {
+            conn,
+            info,
+            pool,
+            inbox: ring.into_consumer(),
+            bell: Doorbell::from_fd(bell_fd),
+            peers: HashMap::new(),
+            pending: VecDeque::with_capacity(BATCH),
+            scratch: [Descriptor::default(); BATCH],
+            rejected: HashMap::new(),
+            seq: 2,
+            spin: DEFAULT_SPIN,
+        })
+    }
+
+    /// The attach reply: ids, slot, pool geometry.
+    pub fn info(&self) -> &AttachOk {
+        &self.info
+    }
+
+    /// The tenant pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Sets how long `recv` spins before sleeping.
+    pub fn set_spin(&mut self, spin: Duration) {
+        self.spin = spin;
+    }
+
+    fn holder(&self) -> Owner {
+        Owner::Held(self.info.slot)
+    }
+
+    /// Allocates a message of `len` payload bytes (a chain when it does not
+    /// fit one buffer).
+    pub fn alloc(&mut self, len: u32) -> Result<Msg, AllocError> {
+        let lease = self.pool.alloc(len, self.holder())?;
+        let desc = Descriptor {
+            tenant: self.info.tenant,
+            src_fn: self.info.function,
+            route: NO_ROUTE,
+            origin: NO_NODE,
+            len,
+            buf: lease.head(),
+            ..Default::default()
+        };
+        Ok(Msg { lease, desc })
+    }
+
+    /// Payload bytes of fragment `k` (zero copy).
+    pub fn payload<'a>(&'a self, msg: &'a Msg, k: u32) -> &'a [u8] {
+        self.pool.frag(&msg.lease, k).unwrap_or(&[])
+    }
+
+    /// Mutable payload bytes of fragment `k` (zero copy).
+    pub fn payload_mut<'a>(&'a self, msg: &'a mut Msg, k: u32) -> &'a mut [u8] {
+        self.pool.frag_mut(&mut msg.lease, k).unwrap_or_default()
+    }
+
+    /// Copies `data` into a message allocated for `data.len()` bytes.
+    pub fn write(&self, msg: &mut Msg, data: &[u8]) -> Result<(), wire::DescriptorError> {
+        self.pool.write(&mut msg.lease, data)
+    }
+
+    /// Copies the whole payload out.
+    pub fn read_to_vec(&self, msg: &Msg) -> Vec<u8> {
+        self.pool.read_to_vec(&msg.lease)
+    }
+
+    /// Frees a message.
+    pub fn free(&mut self, msg: Msg) -> Result<u32, FreeError> {
+        self.pool.free(msg.lease)
+    }
+
+    fn lookup(&mut self, to: &str) -> Result<(), SendErrorKind> {
+        let name = Name::new(to).map_err(|_| SendErrorKind::UnknownFunction)?;
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        let shimd = |e: io::Error| SendErrorKind::Shimd(e.to_string());
+        self.conn.send(&CtrlFrame { seq, msg: CtrlMsg::Lookup(Lookup { function: name }) }, &[]).map_err(shimd)?;
+        let mut set = PeerSet { function: 0, instances: Vec::new(), next: 0 };
+        let mut buf = [0u8; CTRL_MAX_FRAME];
+        loop {
+            let r = self.conn.recv(&mut buf).map_err(shimd)?;
+            if r.len == 0 {
+                return Err(SendErrorKind::Shimd("host-shimd closed the connection".into()));
+            }
+            let (frame, _) = CtrlFrame::decode(&buf[..r.len]).map_err(|e| SendErrorKind::Shimd(e.to_string()))?;
+            match frame.msg {
+                CtrlMsg::Peer(p) => {
+                    let mut fds = r.fds.into_iter();
+                    let (Some(ring_fd), Some(bell_fd)) = (fds.next(), fds.next()) else {
+                        return Err(SendErrorKind::Shimd("peer without descriptors".into()));
+                    };
+                    let ring = Ring::open(ring_fd).map_err(|e| SendErrorKind::Shimd(e.to_string()))?;
+                    set.function = p.function;
+                    set.instances.push(Instance { ring, bell: Doorbell::from_fd(bell_fd), slot: p.slot });
+                }
+                CtrlMsg::Ack(_) => break,
+                CtrlMsg::Error(e) => {
+                    return Err(match ErrorCode::from_u8(e.code) {
+                        Some(ErrorCode::TenantMismatch) => SendErrorKind::TenantMismatch,
+                        _ => SendErrorKind::UnknownFunction,
+                    });
+                }
+                other => return Err(SendErrorKind::Shimd(format!("unexpected {:?}", other.kind()))),
+            }
+        }
+        if set.instances.is_empty() {
+            return Err(SendErrorKind::NoInstance);
+        }
+        self.peers.insert(to.to_owned(), set);
+        Ok(())
+    }
+
+    /// Sends a message to an instance of function `to` (round robin over
+    /// its live instances). On failure the message comes back in the error
+    /// unless a peer took it.
+    pub fn send(&mut self, msg: Msg, to: &str) -> Result<(), SendError> {
+        let mut msg = msg;
+        let mut relooked = false;
+        loop {
+            if !self.peers.contains_key(to) {
+                if let Err(kind) = self.lookup(to) {
+                    return Err(SendError { kind, msg: Some(msg) });
+                }
+            }
+            match self.try_send(msg, to) {
+                Ok(()) => return Ok(()),
+                Err((SendErrorKind::NoInstance, Some(m))) if !relooked => {
+                    self.peers.remove(to);
+                    relooked = true;
+                    msg = m;
+                }
+                Err((kind, msg)) => return Err(SendError { kind, msg }),
+            }
+        }
+    }
+
+    fn try_send(&mut self, msg: Msg, to: &str) -> Result<(), (SendErrorKind, Option<Msg>)> {
+        let holder = self.holder();
+        let Some(set) = self.peers.get_mut(to) else { return Err((SendErrorKind::NoInstance, Some(msg))) };
+        let mut msg = msg;
+        while !set.instances.is_empty() {
+            let i = set.next % set.instances.len();
+            set.next = set.next.wrapping_add(1);
+            let inst = &set.instances[i];
+            let to_owner = Owner::Function(inst.slot);
+            let desc =
+                Descriptor { tenant: self.info.tenant, src_fn: self.info.function, dst_fn: set.function, ..msg.desc };
+            let (head, len) = match self.pool.hand_over(msg.lease, to_owner) {
+                Ok(v) => v,
+                Err((lease, e)) => return Err((SendErrorKind::Ownership(e.to_string()), Some(Msg { lease, desc }))),
+            };
+            let desc = Descriptor { buf: head, len, ..desc };
+            match inst.ring.push(&[desc]) {
+                Ok(p) => {
+                    if p.wake {
+                        // A failed doorbell only delays: the receiver's wait
+                        // times out into a re-check; log it.
+                        if let Err(e) = inst.bell.ring() {
+                            log::warn!("doorbell of {to}: {e}");
+                        }
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    let lease = match self.pool.take_back(head, len, to_owner, holder) {
+                        Ok(l) => l,
+                        // The receiver died and host-shimd reclaimed the
+                        // buffers: they are back in the pool, not lost.
+                        Err(_) => return Err((SendErrorKind::NoInstance, None)),
+                    };
+                    msg = Msg { lease, desc };
+                    match e {
+                        RingPushError::Full => return Err((SendErrorKind::Full, Some(msg))),
+                        RingPushError::Closed | RingPushError::Corrupted => {
+                            set.instances.swap_remove(i);
+                        }
+                    }
+                }
+            }
+        }
+        Err((SendErrorKind::NoInstance, Some(msg)))
+    }
+
+    /// Sends several messages to `to`; stops at the first failure and
+    /// returns how many were sent with the error (the failed message and
+    /// the unsent ones stay with the caller in `msgs`).
+    pub fn send_batch(&mut self, msgs: &mut Vec<Msg>, to: &str) -> Result<usize, SendErrorKind> {
+        let mut sent = 0;
+        while !msgs.is_empty() {
+            let m = msgs.remove(0);
+            match self.send(m, to) {
+                Ok(()) => sent += 1,
+                Err(e) => {
+                    if let Some(m) = e.msg {
+                        msgs.insert(0, m);
+                    }
+                    return Err(e.kind);
+                }
+            }
+        }
+        Ok(sent)
+    }
+
+    fn accept_pending(&mut self) -> Option<Msg> {
+        while let Some(d) = self.pending.pop_front() {
+            match self.pool.accept(&d, self.info.slot) {
+                Ok(lease) => return Some(Msg { lease, desc: d }),
+                Err(e) => self.reject(e),
+            }
+        }
+        None
+    }
+
+    fn reject(&mut self, e: AcceptError) {
+        let n = self.rejected.entry(e.as_str()).or_insert(0);
+        *n += 1;
+        if n.is_power_of_two() {
+            log::warn!("dropped bad descriptor ({e}); {n} of this kind so far");
+        }
+    }
+
+    /// Receives without waiting.
+    pub fn try_recv(&mut self) -> Option<Msg> {
+        loop {
+            if let Some(m) = self.accept_pending() {
+                return Some(m);
+            }
+            let n = self.inbox.pop(&mut self.scratch);
+            if n == 0 {
+                return None;
+            }
+            self.pending.extend(&self.scratch[..n]);
+        }
+    }
+
+    /// Receives, spinning briefly and then sleeping on the doorbell, until
+    /// a valid message arrives or `timeout` passes (`None`: forever).
+    pub fn recv_timeout(&mut self, timeout: Option<Duration>) -> Result<Option<Msg>, RecvError> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            if let Some(m) = self.try_recv() {
+                return Ok(Some(m));
+            }
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
+                    Some(l) if !l.is_zero() => Some(l),
+                    _ => return Ok(None),
+                },
+                None => None,
+            };
+            let n = self.inbox.pop_wait(&mut self.scratch, &self.bell, self.spin, left)?;
+            self.pending.extend(&self.scratch[..n]);
+        }
+    }
+
+    /// Receives, waiting as long as it takes.
+    pub fn recv(&mut self) -> Result<Msg, RecvError> {
+        loop {
+            if let Some(m) = self.recv_timeout(None)? {
+                return Ok(m);
+            }
+        }
+    }
+
+    /// Descriptors dropped by validation, by reason.
+    pub fn rejected(&self) -> &HashMap<&'static str, u64> {
+        &self.rejected
+    }
+}

@@ -1,0 +1,174 @@
+//! The control connection between functions and host-shimd: a Unix
+//! `SOCK_SEQPACKET` socket (message boundaries kept, peer death seen as
+//! end-of-file), carrying one [`wire::CtrlFrame`] per message and file
+//! descriptors (pool, ring, doorbell) as `SCM_RIGHTS`.
+
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType, UCred,
+};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use wire::CtrlFrame;
+use wire::ctrl::CTRL_MAX_FRAME;
+
+/// Most descriptors one message carries.
+pub const MAX_FDS: usize = 4;
+
+/// One end of a control connection.
+#[derive(Debug)]
+pub struct Conn(OwnedFd);
+
+/// A received message: frame bytes and the descriptors that came with it.
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes of the frame, at the front of the caller's buffer.
+    pub len: usize,
+    /// Descriptors passed with it.
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Conn {
+    /// Connects to host-shimd's socket.
+    pub fn connect(path: &Path) -> io::Result<Self> {
+        let fd = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
+        rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
+        Ok(Self(fd))
+    }
+
+    /// Sends one frame with `fds`.
+    pub fn send(&self, frame: &CtrlFrame<'_>, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        let mut buf = [0u8; CTRL_MAX_FRAME];
+        let n = frame.encode(&mut buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many descriptors"));
+        }
+        let sent = rustix::net::sendmsg(&self.0, &[IoSlice::new(&buf[..n])], &mut control, SendFlags::NOSIGNAL)?;
+        if sent != n {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "short seqpacket send"));
+        }
+        Ok(())
+    }
+
+    /// Receives one message into `buf`; `len == 0` means the peer closed the
+    /// connection. A message or descriptor list that did not fit is an error
+    /// (the descriptors that did arrive are closed).
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<Received> {
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let r = rustix::net::recvmsg(&self.0, &mut [IoSliceMut::new(buf)], &mut control, RecvFlags::CMSG_CLOEXEC)?;
+        let mut fds = Vec::new();
+        for msg in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(it) = msg {
+                fds.extend(it);
+            }
+        }
+        if r.flags.contains(ReturnFlags::TRUNC) || r.flags.contains(ReturnFlags::CTRUNC) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "control message truncated"));
+        }
+        Ok(Received { len: r.bytes, fds })
+    }
+
+    /// Credentials of the peer process (from the kernel, not from the peer).
+    pub fn peer_cred(&self) -> io::Result<UCred> {
+        Ok(rustix::net::sockopt::socket_peercred(&self.0)?)
+    }
+
+    /// Sets or clears non-blocking mode.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        let flags = rustix::fs::fcntl_getfl(&self.0)?;
+        let flags = if on { flags | rustix::fs::OFlags::NONBLOCK } else { flags - rustix::fs::OFlags::NONBLOCK };
+        Ok(rustix::fs::fcntl_setfl(&self.0, flags)?)
+    }
+}
+
+impl AsFd for Conn {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// host-shimd's listening socket; the file is removed on drop.
+#[derive(Debug)]
+pub struct Listener {
+    fd: OwnedFd,
+    path: std::path::PathBuf,
+}
+
+impl Listener {
+    /// Listens on `path`, replacing a stale socket file of a previous run.
+    pub fn bind(path: &Path) -> io::Result<Self> {
+        match std::fs::remove_file(path) {
+            Ok(()) => log::info!("removed stale socket {}", path.display()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )?;
+        rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
+        rustix::net::listen(&fd, 128)?;
+        Ok(Self { fd, path: path.to_owned() })
+    }
+
+    /// Accepts one pending connection, `None` when there is none.
+    pub fn accept(&self) -> io::Result<Option<Conn>> {
+        match rustix::net::accept_with(&self.fd, SocketFlags::CLOEXEC) {
+            Ok(fd) => Ok(Some(Conn(fd))),
+            Err(rustix::io::Errno::AGAIN) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wire::ctrl::{Ack, CtrlMsg};
+
+    #[test]
+    fn frames_and_fds_cross_the_socket() {
+        let dir = std::env::temp_dir().join(format!("dne-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let l = Listener::bind(&path).unwrap();
+        let c = Conn::connect(&path).unwrap();
+        let s = l.accept().unwrap().unwrap();
+        assert_eq!(s.peer_cred().unwrap().pid, rustix::process::getpid());
+        let memfd = shm::Region::create("dne-sock-test", 4096, shm::PagePolicy::Normal).unwrap();
+        memfd.copy_in(0, b"over the socket").unwrap();
+        let f = CtrlFrame { seq: 7, msg: CtrlMsg::Ack(Ack { about_kind: 2, reserved: 0, about_seq: 3 }) };
+        c.send(&f, &[memfd.fd()]).unwrap();
+        let mut buf = [0u8; 256];
+        let mut r = s.recv(&mut buf).unwrap();
+        assert_eq!(CtrlFrame::decode(&buf[..r.len]).unwrap().0, f);
+        let other = shm::Region::open(r.fds.pop().unwrap()).unwrap();
+        let mut got = [0u8; 15];
+        other.copy_out(0, &mut got).unwrap();
+        assert_eq!(&got, b"over the socket");
+        drop(c);
+        assert_eq!(s.recv(&mut buf).unwrap().len, 0, "peer close reads as end-of-file");
+        drop(l);
+        assert!(!path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,265 @@
+//! The intra-node data path with real processes: host-shimd, sample
+//! functions (`dne-fn`) and this test process attached as a function.
+//!
+//! Hand-off, chains (1 B to 1 MiB), batches, doorbell wake-up of sleeping
+//! functions, crash reclaim (kill -9 a function holding buffers, 100 times),
+//! tenant isolation. Every wait has a watchdog; nothing asserts on time.
+
+use dne_functions::Transform;
+use dne_tests::{Proc, TempDir, bin_path, wait_for};
+use host_shim::{AttachError, Function, SendErrorKind};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use wire::ErrorCode;
+
+const WATCHDOG: Duration = Duration::from_secs(60);
+
+struct Node {
+    dir: TempDir,
+    _shimd: Proc,
+    fns: Vec<Proc>,
+}
+
+impl Node {
+    fn socket(&self) -> PathBuf {
+        host_shim::daemon::socket_path(self.dir.path())
+    }
+
+    fn status(&self) -> String {
+        std::fs::read_to_string(host_shim::daemon::status_path(self.dir.path())).unwrap_or_default()
+    }
+
+    /// Starts a sample function and waits until it is attached.
+    fn start_fn(&mut self, function: &str, transform: &str, next: Option<&str>, hoard: u32) -> usize {
+        let mut cmd = Command::new(bin_path("dne-fn"));
+        cmd.arg("--socket").arg(self.socket()).args(["--tenant", "acme", "--function", function]);
+        cmd.args(["--transform", transform, "--hoard", &hoard.to_string()]);
+        if let Some(n) = next {
+            cmd.args(["--next", n]);
+        }
+        let mut p = Proc::spawn_lines(function, cmd);
+        p.wait_line("ready", WATCHDOG);
+        self.fns.push(p);
+        self.fns.len() - 1
+    }
+}
+
+fn config(dir: &Path) -> String {
+    format!(
+        r#"
+[[node]]
+name = "n1"
+address = "127.0.0.1:7101"
+runtime_dir = "{}"
+
+[[tenant]]
+name = "acme"
+weight = 1
+buf_size = 16384
+buffers = 512
+recv_quota = 16
+max_chain = 128
+
+[[tenant]]
+name = "globex"
+weight = 1
+buf_size = 4096
+buffers = 64
+recv_quota = 8
+
+[[function]]
+name = "client"
+tenant = "acme"
+node = "n1"
+
+[[function]]
+name = "upper"
+tenant = "acme"
+node = "n1"
+
+[[function]]
+name = "rot13"
+tenant = "acme"
+node = "n1"
+
+[[function]]
+name = "hoarder"
+tenant = "acme"
+node = "n1"
+
+[[function]]
+name = "g-echo"
+tenant = "globex"
+node = "n1"
+"#,
+        dir.display()
+    )
+}
+
+fn start_node(name: &str) -> Node {
+    let dir = TempDir::new(name);
+    let cfg = dir.path().join("cluster.toml");
+    std::fs::write(&cfg, config(dir.path())).unwrap();
+    let mut cmd = Command::new(bin_path("host-shimd"));
+    cmd.arg("--config").arg(&cfg).args(["--node", "n1"]);
+    let shimd = Proc::spawn_lines("host-shimd", cmd);
+    let sock = host_shim::daemon::socket_path(dir.path());
+    wait_for("host-shimd socket", WATCHDOG, || sock.exists());
+    Node { dir, _shimd: shimd, fns: Vec::new() }
+}
+
+fn payload(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| b'a' + ((i as u8).wrapping_mul(7).wrapping_add(seed) % 26)).collect()
+}
+
+fn expected(data: &[u8]) -> Vec<u8> {
+    let mut v = data.to_vec();
+    Transform::Upper.apply(&mut v);
+    Transform::Rot13.apply(&mut v);
+    v
+}
+
+fn send_retry(client: &mut Function, mut msg: host_shim::Msg, to: &str) {
+    loop {
+        match client.send(msg, to) {
+            Ok(()) => return,
+            Err(e) if matches!(e.kind, SendErrorKind::Full) => {
+                msg = e.msg.expect("full ring hands the message back");
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            Err(e) => panic!("send to {to}: {e:?}"),
+        }
+    }
+}
+
+#[test]
+fn chain_of_functions_carries_1b_to_1mib_intact() {
+    let mut node = start_node("chain");
+    node.start_fn("rot13", "rot13", Some("client"), 0);
+    node.start_fn("upper", "upper", Some("rot13"), 0);
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let total = client.pool().free_buffers();
+    for (i, len) in [0usize, 1, 100, 16320, 16321, 65536, 1 << 20].into_iter().enumerate() {
+        let data = payload(len, i as u8);
+        let mut m = client.alloc(len as u32).unwrap();
+        client.write(&mut m, &data).unwrap();
+        m.set_request(i as u32);
+        send_retry(&mut client, m, "upper");
+        let back = client.recv_timeout(Some(WATCHDOG)).unwrap().expect("reply within the watchdog");
+        assert_eq!(back.request(), i as u32);
+        assert_eq!(back.len() as usize, len);
+        assert!(client.read_to_vec(&back) == expected(&data), "payload of {len} bytes changed on the way");
+        client.free(back).unwrap();
+    }
+    // Batches: 300 messages in flight at once, all come back, in order.
+    let mut batch = Vec::new();
+    for i in 0..300u32 {
+        let mut m = client.alloc(1024).unwrap();
+        client.write(&mut m, &payload(1024, i as u8)).unwrap();
+        m.set_request(1000 + i);
+        batch.push(m);
+    }
+    let mut sent = 0;
+    let mut got = 0u32;
+    while got < 300 {
+        if !batch.is_empty() {
+            match client.send_batch(&mut batch, "upper") {
+                Ok(n) => sent += n,
+                Err(SendErrorKind::Full) => sent = 300 - batch.len(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        while let Some(m) = client.try_recv() {
+            assert_eq!(m.request(), 1000 + got, "order of a single chain is kept");
+            assert_eq!(client.read_to_vec(&m), expected(&payload(1024, got as u8)));
+            client.free(m).unwrap();
+            got += 1;
+        }
+        if batch.is_empty() && got < 300 {
+            let m = client.recv_timeout(Some(WATCHDOG)).unwrap().expect("reply");
+            assert_eq!(m.request(), 1000 + got);
+            client.free(m).unwrap();
+            got += 1;
+        }
+    }
+    assert_eq!(sent, 300);
+    // Nothing leaked anywhere along the chain.
+    wait_for("all buffers free", WATCHDOG, || client.pool().free_buffers() == total);
+    assert!(client.rejected().is_empty(), "{:?}", client.rejected());
+}
+
+#[test]
+fn sleeping_functions_are_woken_by_the_doorbell() {
+    let mut node = start_node("doorbell");
+    node.start_fn("upper", "upper", Some("client"), 0);
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    for round in 0..5u8 {
+        // Idle far longer than the spin phase: `upper` is asleep.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut m = client.alloc(5).unwrap();
+        client.write(&mut m, b"hello").unwrap();
+        m.set_request(u32::from(round));
+        client.send(m, "upper").unwrap();
+        let back = client.recv_timeout(Some(WATCHDOG)).unwrap().expect("woken and answered");
+        assert_eq!(client.read_to_vec(&back), b"HELLO");
+        client.free(back).unwrap();
+    }
+}
+
+#[test]
+fn killing_a_function_100_times_leaks_no_buffer() {
+    let mut node = start_node("reclaim");
+    let client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let total = client.pool().free_buffers();
+    let mut client = client;
+    for round in 0..100u32 {
+        let i = node.start_fn("hoarder", "echo", None, 7);
+        // It holds 7 messages of its own; hand it two more, which it may
+        // not have taken off its ring yet when it dies.
+        for _ in 0..2 {
+            let m = client.alloc(20_000).unwrap();
+            client.send(m, "hoarder").unwrap();
+        }
+        assert!(client.pool().free_buffers() < total);
+        node.fns[i].kill9();
+        wait_for(&format!("round {round}: every buffer back"), WATCHDOG, || client.pool().free_buffers() == total);
+        node.fns.pop();
+    }
+    wait_for("status shows 100 deaths", WATCHDOG, || node.status().contains("\"deaths\":100"));
+}
+
+#[test]
+fn another_tenants_pool_and_functions_are_refused_and_counted() {
+    let node = start_node("isolation");
+    // Claiming a function of tenant acme as tenant globex, and the reverse.
+    match Function::attach(&node.socket(), "globex", "upper") {
+        Err(AttachError::Refused(ErrorCode::TenantMismatch)) => {}
+        other => panic!("expected a tenant refusal, got {other:?}"),
+    }
+    match Function::attach(&node.socket(), "acme", "g-echo") {
+        Err(AttachError::Refused(ErrorCode::TenantMismatch)) => {}
+        other => panic!("expected a tenant refusal, got {other:?}"),
+    }
+    match Function::attach(&node.socket(), "acme", "nobody") {
+        Err(AttachError::Refused(ErrorCode::UnknownFunction)) => {}
+        other => panic!("expected unknown function, got {other:?}"),
+    }
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    // One instance is configured: a second attach is refused.
+    match Function::attach(&node.socket(), "acme", "client") {
+        Err(AttachError::Refused(ErrorCode::Overloaded)) => {}
+        other => panic!("expected overloaded, got {other:?}"),
+    }
+    let g_echo = Function::attach(&node.socket(), "globex", "g-echo").unwrap();
+    let m = client.alloc(10).unwrap();
+    let e = client.send(m, "g-echo").unwrap_err();
+    assert!(matches!(e.kind, SendErrorKind::TenantMismatch), "{e:?}");
+    client.free(e.msg.expect("refused send hands the message back")).unwrap();
+    assert_ne!(client.pool().region().base_addr(), g_echo.pool().region().base_addr());
+    wait_for("refusals counted", WATCHDOG, || {
+        let s = node.status();
+        s.contains("\"attach_refused\":{\"overloaded\":1,\"tenant_mismatch\":2,\"unknown_function\":1}")
+            && s.contains("\"lookup_refused\":{\"tenant_mismatch\":1}")
+    });
+}
