@@ -1,1 +1,388 @@
-//! C ABI (filled below).
+//! The C ABI of the function library (`dne_shim.h`, generated from this file
+//! by cbindgen at build time; pkg-config name `dne-shim`).
+//!
+//! Every call returns a [`dne_status`] (0 = ok; [`dne_status_str`] turns a
+//! code into a message) and never unwinds into C: a panic inside is caught
+//! and reported as `DNE_ERR_INTERNAL`. Handles are opaque pointers; a message
+//! handle is owned by the caller until `dne_send` succeeds or `dne_free` is
+//! called. Messages are boxed (one small heap allocation per message, the
+//! price of an opaque C handle; the Rust API has none).
+#![allow(unsafe_code, non_camel_case_types)]
+
+use crate::function::{AttachError, Function, Msg, SendErrorKind};
+use std::ffi::{CStr, c_char};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::time::Duration;
+
+/// Directory of the generated `dne_shim.h` (for tests and packaging).
+pub const INCLUDE_DIR: &str = concat!(env!("OUT_DIR"), "/include");
+/// Directory of the generated build-tree `dne-shim.pc`.
+pub const PKGCONFIG_DIR: &str = concat!(env!("OUT_DIR"), "/pkgconfig");
+
+/// Status codes of the C API.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum dne_status {
+    /// Success.
+    DNE_OK = 0,
+    /// A pointer was NULL or a string was not valid UTF-8 / not a valid name.
+    DNE_ERR_INVALID_ARG = 1,
+    /// host-shimd could not be reached or answered wrongly.
+    DNE_ERR_SHIMD = 2,
+    /// host-shimd refused: the function or tenant does not match the config.
+    DNE_ERR_REFUSED = 3,
+    /// No free buffer in the tenant pool, or the message is too large.
+    DNE_ERR_EXHAUSTED = 4,
+    /// The destination function is unknown.
+    DNE_ERR_UNKNOWN_FUNCTION = 5,
+    /// The destination belongs to another tenant.
+    DNE_ERR_TENANT_MISMATCH = 6,
+    /// The destination has no live instance.
+    DNE_ERR_NO_INSTANCE = 7,
+    /// The destination's ring is full; retry later (the message is kept).
+    DNE_ERR_FULL = 8,
+    /// Nothing arrived before the timeout.
+    DNE_ERR_TIMEOUT = 9,
+    /// The message's buffers are not owned as expected.
+    DNE_ERR_OWNERSHIP = 10,
+    /// A bug: a panic was caught at the C boundary.
+    DNE_ERR_INTERNAL = 11,
+}
+
+/// An attached function (opaque).
+#[derive(Debug)]
+pub struct dne_fn(Function);
+
+/// A message held by the caller (opaque).
+#[derive(Debug)]
+pub struct dne_msg(Msg);
+
+/// A static, NUL-terminated description of `status`.
+#[unsafe(no_mangle)]
+pub extern "C" fn dne_status_str(status: dne_status) -> *const c_char {
+    let s: &'static CStr = match status {
+        dne_status::DNE_OK => c"ok",
+        dne_status::DNE_ERR_INVALID_ARG => c"invalid argument",
+        dne_status::DNE_ERR_SHIMD => c"host-shimd unreachable or protocol error",
+        dne_status::DNE_ERR_REFUSED => c"refused by host-shimd",
+        dne_status::DNE_ERR_EXHAUSTED => c"pool exhausted or message too large",
+        dne_status::DNE_ERR_UNKNOWN_FUNCTION => c"unknown function",
+        dne_status::DNE_ERR_TENANT_MISMATCH => c"destination belongs to another tenant",
+        dne_status::DNE_ERR_NO_INSTANCE => c"destination has no live instance",
+        dne_status::DNE_ERR_FULL => c"destination ring full",
+        dne_status::DNE_ERR_TIMEOUT => c"timed out",
+        dne_status::DNE_ERR_OWNERSHIP => c"buffer ownership violated",
+        dne_status::DNE_ERR_INTERNAL => c"internal error",
+    };
+    s.as_ptr()
+}
+
+fn guard(f: impl FnOnce() -> dne_status) -> dne_status {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or(dne_status::DNE_ERR_INTERNAL)
+}
+
+/// Reads a C string argument.
+///
+/// # Safety
+///
+/// `p` is NULL or points to a NUL-terminated string valid for this call.
+unsafe fn arg<'a>(p: *const c_char) -> Option<&'a str> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: non-NULL (checked above) and NUL-terminated (caller contract).
+    unsafe { CStr::from_ptr(p) }.to_str().ok()
+}
+
+fn send_status(kind: &SendErrorKind) -> dne_status {
+    match kind {
+        SendErrorKind::UnknownFunction => dne_status::DNE_ERR_UNKNOWN_FUNCTION,
+        SendErrorKind::TenantMismatch => dne_status::DNE_ERR_TENANT_MISMATCH,
+        SendErrorKind::NoInstance => dne_status::DNE_ERR_NO_INSTANCE,
+        SendErrorKind::Full => dne_status::DNE_ERR_FULL,
+        SendErrorKind::Ownership(_) => dne_status::DNE_ERR_OWNERSHIP,
+        SendErrorKind::Shimd(_) => dne_status::DNE_ERR_SHIMD,
+    }
+}
+
+/// Attaches to host-shimd at `socket` as function `function` of `tenant`.
+///
+/// # Safety
+///
+/// The strings are NUL-terminated; `out` is a valid pointer to write to.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dne_attach(
+    socket: *const c_char,
+    tenant: *const c_char,
+    function: *const c_char,
+    out: *mut *mut dne_fn,
+) -> dne_status {
+    guard(|| {
+        // SAFETY: caller contract: NUL-terminated strings or NULL.
+        let s = unsafe { arg(socket) };
+        // SAFETY: as above.
+        let t = unsafe { arg(tenant) };
+        // SAFETY: as above.
+        let f = unsafe { arg(function) };
+        let (Some(s), Some(t), Some(f)) = (s, t, f) else {
+            return dne_status::DNE_ERR_INVALID_ARG;
+        };
+        if out.is_null() {
+            return dne_status::DNE_ERR_INVALID_ARG;
+        }
+        match Function::attach(Path::new(s), t, f) {
+            Ok(func) => {
+                // SAFETY: `out` is non-NULL (checked) and writable (contract).
+                unsafe { out.write(Box::into_raw(Box::new(dne_fn(func)))) };
+                dne_status::DNE_OK
+            }
+            Err(AttachError::Refused(_)) => dne_status::DNE_ERR_REFUSED,
+            Err(AttachError::Name(_)) => dne_status::DNE_ERR_INVALID_ARG,
+            Err(e) => {
+                log::warn!("dne_attach: {e}");
+                dne_status::DNE_ERR_SHIMD
+            }
+        }
+    })
+}
+
+/// Detaches and frees the handle (messages still held are returned to the
+/// pool by host-shimd).
+///
+/// # Safety
+///
+/// `f` is NULL or a handle from `dne_attach`, not used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dne_detach(f: *mut dne_fn) {
+    if !f.is_null() {
+        // SAFETY: from `Box::into_raw` in `dne_attach` (caller contract).
+        drop(unsafe { Box::from_raw(f) });
+    }
+}
+
+/// Allocates a message of `len` payload bytes.
+///
+/// # Safety
+///
+/// `f` is a live handle; `out` is a valid pointer to write to.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dne_alloc(f: *mut dne_fn, len: u32, out: *mut *mut dne_msg) -> dne_status {
+    guard(|| {
+        // SAFETY: live handle or NULL (caller contract); NULL is refused.
+        let Some(f) = (unsafe { f.as_mut() }) else { return dne_status::DNE_ERR_INVALID_ARG };
+        if out.is_null() {
+            return dne_status::DNE_ERR_INVALID_ARG;
+        }
+        match f.0.alloc(len) {
+            Ok(m) => {
+                // SAFETY: `out` is non-NULL (checked) and writable (contract).
+                unsafe { out.write(Box::into_raw(Box::new(dne_msg(m)))) };
+                dne_status::DNE_OK
+            }
+            Err(_) => dne_status::DNE_ERR_EXHAUSTED,
+        }
+    })
+}
+
+/// Payload bytes of fragment `frag` of `m` (zero copy); their count goes to
+/// `*len`. NULL for a fragment past the end.
+///
+/// # Safety
+///
+/// `f` and `m` are live handles, `len` is writable. The bytes stay valid
+/// until `m` is sent or freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dne_msg_data(f: *mut dne_fn, m: *mut dne_msg, frag: u32, len: *mut u32) -> *mut u8 {
+    // SAFETY: live handle or NULL (caller contract).
+    let f = unsafe { f.as_ref() };
+    // SAFETY: as above.
+    let m = unsafe { m.as_mut() };
+    let (Some(f), Some(m)) = (f, m) else { return std::ptr::null_mut() };
+    if frag >= m.0.frags() {
+        return std::ptr::null_mut();
+    }
+    let bytes = f.0.payload_mut(&mut m.0, frag);
+    if !len.is_null() {
+        // SAFETY: non-NULL (checked) and writable (contract). The length
+        // fits: a fragment is at most one buffer.
+        unsafe { len.write(bytes.len() as u32) };
+    }
+    bytes.as_mut_ptr()
+}
+
+/// Payload length of `m` in bytes (0 for NULL).
+///
+/// # Safety
+///
+/// `m` is NULL or a live message handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dne_msg_len(m: *const dne_msg) -> u32 {
+    // SAFETY: live handle or NULL (caller contract).
+    unsafe { m.as_ref() }.map_or(0, |m| m.0.len())
+}
+
+/// Buffers in `m`'s chain (0 for NULL).
+///
+/// # Safety
+///
+/// `m` is NULL or a live message handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dne_msg_frags(m: *const dne_msg) -> u32 {
+    // SAFETY: live handle or NULL (caller contract).
+    unsafe { m.as_ref() }.map_or(0, |m| m.0.frags())
+}
+
+/// Request id of `m` (0 for NULL).
+///
+/// # Safety
+///
+/// `m` is NULL or a live message handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dne_msg_request(m: *const dne_msg) -> u32 {
+    // SAFETY: live handle or NULL (caller contract).
+    unsafe { m.as_ref() }.map_or(0, |m| m.0.request())
+}
+
+/// Sends `*m` to function `to`. On success `*m` becomes NULL (the message
+/// is gone). On failure `*m` stays valid and the caller still owns it,
+/// except after `DNE_ERR_NO_INSTANCE` with `*m == NULL`: the receiver died
+/// holding it and host-shimd returned its buffers to the pool.
+///
+/// # Safety
+///
+/// `f` is a live handle, `m` points to a live message handle, `to` is a
+/// NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dne_send(f: *mut dne_fn, m: *mut *mut dne_msg, to: *const c_char) -> dne_status {
+    guard(|| {
+        // SAFETY: caller contract: live handle or NULL.
+        let Some(f) = (unsafe { f.as_mut() }) else { return dne_status::DNE_ERR_INVALID_ARG };
+        // SAFETY: caller contract: NUL-terminated or NULL.
+        let Some(to) = (unsafe { arg(to) }) else { return dne_status::DNE_ERR_INVALID_ARG };
+        if m.is_null() {
+            return dne_status::DNE_ERR_INVALID_ARG;
+        }
+        // SAFETY: `m` is non-NULL (checked) and points to a handle slot
+        // (caller contract).
+        let raw = unsafe { m.read() };
+        if raw.is_null() {
+            return dne_status::DNE_ERR_INVALID_ARG;
+        }
+        // SAFETY: the slot holds a handle from `Box::into_raw` (checked
+        // non-NULL above); we take it and write back whatever remains.
+        let msg = unsafe { Box::from_raw(raw) };
+        match f.0.send(msg.0, to) {
+            Ok(()) => {
+                // SAFETY: `m` is non-NULL and writable (checked, contract).
+                unsafe { m.write(std::ptr::null_mut()) };
+                dne_status::DNE_OK
+            }
+            Err(e) => {
+                let back = e.msg.map_or(std::ptr::null_mut(), |msg| Box::into_raw(Box::new(dne_msg(msg))));
+                // SAFETY: as above.
+                unsafe { m.write(back) };
+                send_status(&e.kind)
+            }
+        }
+    })
+}
+
+/// Receives one message, waiting up to `timeout_ms` milliseconds (negative:
+/// forever). Spins briefly, then sleeps on the doorbell.
+///
+/// # Safety
+///
+/// `f` is a live handle; `out` is a valid pointer to write to.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dne_recv(f: *mut dne_fn, timeout_ms: i32, out: *mut *mut dne_msg) -> dne_status {
+    guard(|| {
+        // SAFETY: caller contract: live handle or NULL.
+        let Some(f) = (unsafe { f.as_mut() }) else { return dne_status::DNE_ERR_INVALID_ARG };
+        if out.is_null() {
+            return dne_status::DNE_ERR_INVALID_ARG;
+        }
+        let t = u64::try_from(timeout_ms).ok().map(Duration::from_millis);
+        match f.0.recv_timeout(t) {
+            Ok(Some(m)) => {
+                // SAFETY: `out` is non-NULL (checked) and writable (contract).
+                unsafe { out.write(Box::into_raw(Box::new(dne_msg(m)))) };
+                dne_status::DNE_OK
+            }
+            Ok(None) => dne_status::DNE_ERR_TIMEOUT,
+            Err(_) => dne_status::DNE_ERR_SHIMD,
+        }
+    })
+}
+
+/// Frees a message.
+///
+/// # Safety
+///
+/// `f` is a live handle; `m` is NULL or a live message handle, not used
+/// afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dne_free(f: *mut dne_fn, m: *mut dne_msg) -> dne_status {
+    guard(|| {
+        // SAFETY: caller contract: live handle or NULL.
+        let Some(f) = (unsafe { f.as_mut() }) else { return dne_status::DNE_ERR_INVALID_ARG };
+        if m.is_null() {
+            return dne_status::DNE_OK;
+        }
+        // SAFETY: from `Box::into_raw` (caller contract).
+        let m = unsafe { Box::from_raw(m) };
+        match f.0.free(m.0) {
+            Ok(_) => dne_status::DNE_OK,
+            Err(_) => dne_status::DNE_ERR_OWNERSHIP,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_has_a_message() {
+        for s in 0..=11 {
+            let st = match s {
+                0 => dne_status::DNE_OK,
+                1 => dne_status::DNE_ERR_INVALID_ARG,
+                2 => dne_status::DNE_ERR_SHIMD,
+                3 => dne_status::DNE_ERR_REFUSED,
+                4 => dne_status::DNE_ERR_EXHAUSTED,
+                5 => dne_status::DNE_ERR_UNKNOWN_FUNCTION,
+                6 => dne_status::DNE_ERR_TENANT_MISMATCH,
+                7 => dne_status::DNE_ERR_NO_INSTANCE,
+                8 => dne_status::DNE_ERR_FULL,
+                9 => dne_status::DNE_ERR_TIMEOUT,
+                10 => dne_status::DNE_ERR_OWNERSHIP,
+                _ => dne_status::DNE_ERR_INTERNAL,
+            };
+            assert_eq!(st as i32, s);
+            // SAFETY: `dne_status_str` returns a static C string.
+            let msg = unsafe { CStr::from_ptr(dne_status_str(st)) };
+            assert!(!msg.to_bytes().is_empty());
+        }
+    }
+
+    #[test]
+    fn null_arguments_are_refused_not_dereferenced() {
+        let mut out = std::ptr::null_mut();
+        let null = std::ptr::null_mut();
+        // SAFETY: NULL strings and handles are part of every call's contract.
+        let st = unsafe { dne_attach(std::ptr::null(), c"a".as_ptr(), c"b".as_ptr(), &mut out) };
+        assert_eq!(st, dne_status::DNE_ERR_INVALID_ARG);
+        // SAFETY: as above.
+        assert_eq!(unsafe { dne_alloc(null, 1, std::ptr::null_mut()) }, dne_status::DNE_ERR_INVALID_ARG);
+        // SAFETY: as above.
+        assert_eq!(unsafe { dne_recv(null, 0, std::ptr::null_mut()) }, dne_status::DNE_ERR_INVALID_ARG);
+        // SAFETY: as above.
+        assert_eq!(unsafe { dne_msg_len(std::ptr::null()) }, 0);
+        // SAFETY: as above.
+        assert!(unsafe { dne_msg_data(null, std::ptr::null_mut(), 0, std::ptr::null_mut()) }.is_null());
+        // SAFETY: as above.
+        unsafe { dne_detach(null) };
+        assert!(out.is_null());
+    }
+}

@@ -102,7 +102,7 @@ fn start_node(name: &str) -> Node {
     let cfg = dir.path().join("cluster.toml");
     std::fs::write(&cfg, config(dir.path())).unwrap();
     let mut cmd = Command::new(bin_path("host-shimd"));
-    cmd.arg("--config").arg(&cfg).args(["--node", "n1"]);
+    cmd.arg("--config").arg(&cfg).args(["--node", "n1"]).env("RUST_LOG", "warn");
     let shimd = Proc::spawn_lines("host-shimd", cmd);
     let sock = host_shim::daemon::socket_path(dir.path());
     wait_for("host-shimd socket", WATCHDOG, || sock.exists());
@@ -262,4 +262,46 @@ fn another_tenants_pool_and_functions_are_refused_and_counted() {
         s.contains("\"attach_refused\":{\"overloaded\":1,\"tenant_mismatch\":2,\"unknown_function\":1}")
             && s.contains("\"lookup_refused\":{\"tenant_mismatch\":1}")
     });
+}
+
+/// The C sample function, built with only `pkg-config dne-shim` and the
+/// generated header, takes the place of `upper` in the chain.
+#[test]
+fn c_function_built_with_pkg_config_serves_in_a_chain() {
+    let dir = TempDir::new("cfn");
+    let exe = dir.path().join("upper_fn");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions/c/upper_fn.c");
+    let flags = Command::new("pkg-config")
+        .args(["--cflags", "--libs", "dne-shim"])
+        .env("PKG_CONFIG_PATH", host_shim::ffi::PKGCONFIG_DIR)
+        .output()
+        .expect("pkg-config");
+    assert!(flags.status.success(), "pkg-config: {}", String::from_utf8_lossy(&flags.stderr));
+    let flags = String::from_utf8(flags.stdout).unwrap();
+    let mut cc = Command::new("cc");
+    cc.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O2"])
+        .arg(&src)
+        .args(flags.split_whitespace())
+        .arg("-o")
+        .arg(&exe);
+    let out = dne_tests::run("cc upper_fn.c", cc, WATCHDOG);
+    assert!(out.status.success(), "cc failed: {}", out.stderr);
+
+    let mut node = start_node("cchain");
+    node.start_fn("rot13", "rot13", Some("client"), 0);
+    let mut cmd = Command::new(&exe);
+    cmd.arg(node.socket()).args(["acme", "upper", "rot13"]);
+    let mut c_fn = Proc::spawn_lines("upper_fn (C)", cmd);
+    c_fn.wait_line("ready", WATCHDOG);
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    for (i, len) in [1usize, 5000, 40_000].into_iter().enumerate() {
+        let data = payload(len, i as u8);
+        let mut m = client.alloc(len as u32).unwrap();
+        client.write(&mut m, &data).unwrap();
+        send_retry(&mut client, m, "upper");
+        let back = client.recv_timeout(Some(WATCHDOG)).unwrap().expect("reply through the C function");
+        assert!(client.read_to_vec(&back) == expected(&data));
+        client.free(back).unwrap();
+    }
+    assert!(c_fn.is_running());
 }

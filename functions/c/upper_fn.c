@@ -1,0 +1,51 @@
+/* Sample DNE function in C: upper-cases every message in place (zero copy)
+ * and hands the same buffers on to the next function.
+ *
+ *   upper_fn SOCKET TENANT FUNCTION NEXT
+ *
+ * Build:  cc upper_fn.c $(pkg-config --cflags --libs dne-shim) -o upper_fn
+ */
+#define _DEFAULT_SOURCE /* usleep */
+#include <dne_shim.h>
+#include <stdio.h>
+#include <unistd.h>
+
+static void check(dne_status st, const char *what) {
+    if (st != DNE_OK) {
+        fprintf(stderr, "upper_fn: %s: %s\n", what, dne_status_str(st));
+        _exit(1);
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc != 5) {
+        fprintf(stderr, "usage: %s SOCKET TENANT FUNCTION NEXT\n", argv[0]);
+        return 2;
+    }
+    dne_fn *fn = NULL;
+    check(dne_attach(argv[1], argv[2], argv[3], &fn), "attach");
+    printf("ready\n");
+    fflush(stdout);
+    for (;;) {
+        dne_msg *msg = NULL;
+        dne_status st = dne_recv(fn, -1, &msg);
+        if (st == DNE_ERR_TIMEOUT)
+            continue;
+        check(st, "recv");
+        for (uint32_t k = 0; k < dne_msg_frags(msg); k++) {
+            uint32_t len = 0;
+            uint8_t *p = dne_msg_data(fn, msg, k, &len);
+            for (uint32_t i = 0; i < len; i++)
+                if (p[i] >= 'a' && p[i] <= 'z')
+                    p[i] = (uint8_t)(p[i] - 'a' + 'A');
+        }
+        /* Back-pressure: retry while the next ring is full; never drop. */
+        while ((st = dne_send(fn, &msg, argv[4])) == DNE_ERR_FULL)
+            usleep(50);
+        if (st != DNE_OK) {
+            fprintf(stderr, "upper_fn: send: %s\n", dne_status_str(st));
+            if (msg)
+                check(dne_free(fn, msg), "free");
+        }
+    }
+}
