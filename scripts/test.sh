@@ -7,7 +7,8 @@
 #  3. rustfmt check, clippy -D warnings (x86_64)
 #  4. builds the workspace binaries (system tests start them as processes)
 #     and runs every test
-#  5. builds the fuzz targets (running them is for benchmarks: scripts/fuzz.sh)
+#  5. model-checks the lock-free allocator and ring with loom, builds the
+#     fuzz targets (running them is for benchmarks: scripts/fuzz.sh)
 #  6. checks that doca-sys with the `sdk` feature fails loudly without the SDK
 #  7. cross-builds the DPU crates for aarch64 with Debian's toolchain, runs
 #     clippy for aarch64 and their unit tests under qemu-aarch64, and checks
@@ -46,6 +47,9 @@ cargo build --workspace --bins --locked
 
 step "tests x86_64"
 cargo test --workspace --locked
+
+step "loom models (shm allocator and ring)"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="$root/target/loom" cargo test --locked --release -p shm --lib loom
 
 step "fuzz targets build"
 cargo build --manifest-path fuzz/Cargo.toml --locked --bins
