@@ -9,7 +9,7 @@
 //! reason ([`Function::rejected`]); they never reach the caller.
 
 use crate::sock::Conn;
-use shm::pool::{AcceptError, Lease};
+use shm::pool::{AcceptError, Lease, LocalCache};
 use shm::ring::{Consumer, Doorbell, Ring, RingPushError};
 use shm::{AllocError, FreeError, Pool};
 use std::collections::{HashMap, VecDeque};
@@ -27,6 +27,8 @@ use wire::{CtrlFrame, Descriptor, ErrorCode, Name, Owner};
 /// function costs nothing measurable.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 const BATCH: usize = 32;
+/// Buffers a function keeps in its private allocation cache.
+const CACHE: usize = 32;
 
 /// Attaching failed.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +149,7 @@ pub struct Function {
     conn: Conn,
     info: AttachOk,
     pool: Pool,
+    cache: LocalCache,
     inbox: Consumer,
     bell: Doorbell,
     peers: HashMap<String, PeerSet>,
@@ -222,6 +225,7 @@ impl Function {
         );
         Ok(Self {
             conn,
+            cache: LocalCache::new(Owner::Held(info.slot), CACHE),
             info,
             pool,
             inbox: ring.into_consumer(),
@@ -257,7 +261,7 @@ impl Function {
     /// Allocates a message of `len` payload bytes (a chain when it does not
     /// fit one buffer).
     pub fn alloc(&mut self, len: u32) -> Result<Msg, AllocError> {
-        let lease = self.pool.alloc(len, self.holder())?;
+        let lease = self.pool.alloc_cached(&mut self.cache, len)?;
         let desc = Descriptor {
             tenant: self.info.tenant,
             src_fn: self.info.function,
@@ -292,7 +296,7 @@ impl Function {
 
     /// Frees a message.
     pub fn free(&mut self, msg: Msg) -> Result<u32, FreeError> {
-        self.pool.free(msg.lease)
+        self.pool.free_cached(&mut self.cache, msg.lease)
     }
 
     fn lookup(&mut self, to: &str) -> Result<(), SendErrorKind> {
@@ -488,8 +492,21 @@ impl Function {
         }
     }
 
+    /// Buffers in this function's private allocation cache.
+    pub fn cached_buffers(&self) -> usize {
+        self.cache.len()
+    }
+
     /// Descriptors dropped by validation, by reason.
     pub fn rejected(&self) -> &HashMap<&'static str, u64> {
         &self.rejected
+    }
+}
+
+impl Drop for Function {
+    fn drop(&mut self) {
+        // A clean detach gives the cached buffers back at once; after a
+        // crash host-shimd reclaims them (they are recorded as held by us).
+        self.pool.drain_cache(&mut self.cache);
     }
 }

@@ -37,6 +37,6 @@ mod sync;
 
 pub use alloc::{AllocError, FreeError};
 #[cfg(not(loom))]
-pub use pool::{AcceptError, Lease, Pool, PoolOpenError};
+pub use pool::{AcceptError, Lease, LocalCache, Pool, PoolOpenError};
 #[cfg(not(loom))]
 pub use region::{AccessError, Backing, PagePolicy, Region, RegionError};

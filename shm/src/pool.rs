@@ -99,6 +99,32 @@ impl Lease {
     }
 }
 
+/// A per-process stash of free buffers (see [`Pool::alloc_cached`]). Its
+/// capacity is fixed at creation; it never allocates afterwards.
+#[derive(Debug)]
+pub struct LocalCache {
+    holder: Owner,
+    idx: Vec<u32>,
+    cap: usize,
+}
+
+impl LocalCache {
+    /// A cache of up to `cap` buffers, held as `holder`.
+    pub fn new(holder: Owner, cap: usize) -> Self {
+        Self { holder, idx: Vec::with_capacity(cap.max(1) * 2), cap }
+    }
+
+    /// Buffers currently cached.
+    pub fn len(&self) -> usize {
+        self.idx.len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.idx.is_empty()
+    }
+}
+
 /// A tenant pool mapped into this process.
 #[derive(Debug)]
 pub struct Pool {
@@ -165,6 +191,71 @@ impl Pool {
         let frags = g.frags_for(len);
         let head = alloc::pop_chain(self, frags, holder)?;
         Ok(Lease { head, len, frags, holder })
+    }
+
+    /// Allocates like [`Pool::alloc`], taking buffers from this process's
+    /// `cache` first and refilling it from the shared free list in batches,
+    /// so steady-state allocation touches no shared cache line.
+    pub fn alloc_cached(&self, cache: &mut LocalCache, len: u32) -> Result<Lease, AllocError> {
+        let g = self.layout.geometry;
+        if u64::from(len) > g.max_len() {
+            return Err(AllocError::Exhausted);
+        }
+        let frags = g.frags_for(len);
+        if (cache.idx.len() as u32) < frags {
+            while cache.idx.len() < cache.cap.max(frags as usize) {
+                match alloc::pop(self, cache.holder) {
+                    Ok(i) => cache.idx.push(i),
+                    Err(AllocError::Exhausted) if cache.idx.len() >= frags as usize => break,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let mut head = NIL;
+        for _ in 0..frags {
+            let i = cache.idx.pop().ok_or(AllocError::Exhausted)?;
+            self.next_chain(i).store(head, Relaxed);
+            head = i;
+        }
+        Ok(Lease { head, len, frags, holder: cache.holder })
+    }
+
+    /// Frees like [`Pool::free`], keeping buffers in `cache` while it has
+    /// room (they stay recorded as held by this process, so host-shimd
+    /// reclaims them if it dies).
+    pub fn free_cached(&self, cache: &mut LocalCache, lease: Lease) -> Result<u32, FreeError> {
+        if lease.holder != cache.holder {
+            return self.free(lease);
+        }
+        let mut n = 0;
+        let mut i = lease.head;
+        for k in 0..lease.frags {
+            if i >= self.count() {
+                return Err(FreeError::BadLink(i));
+            }
+            let next = if k + 1 < lease.frags { self.next_chain(i).load(Relaxed) } else { NIL };
+            let owner = PoolCells::owner(self, i).load(Acquire);
+            if owner != cache.holder.to_raw() {
+                return Err(FreeError::NotOwner { index: i, owner });
+            }
+            if cache.idx.len() < cache.cap {
+                cache.idx.push(i);
+            } else {
+                alloc::push(self, i, Some(cache.holder))?;
+            }
+            n += 1;
+            i = next;
+        }
+        Ok(n)
+    }
+
+    /// Returns every cached buffer to the shared free list.
+    pub fn drain_cache(&self, cache: &mut LocalCache) {
+        for i in cache.idx.drain(..) {
+            if let Err(e) = alloc::push(self, i, Some(cache.holder)) {
+                log::warn!("draining allocation cache: {e}");
+            }
+        }
     }
 
     /// Returns a lease's buffers to the free list.
@@ -470,6 +561,34 @@ mod tests {
         assert_eq!(p.free_buffers(), 31);
         assert_eq!(p.count_owned(|o| o.slot() == Some(A)), 0);
         p.free(other).unwrap();
+        assert_eq!(p.free_buffers(), 32);
+    }
+
+    #[test]
+    fn cached_alloc_and_free_stay_local_and_drain_back() {
+        let p = pool(32);
+        let mut c = LocalCache::new(Owner::Held(A), 8);
+        let l = p.alloc_cached(&mut c, 500).unwrap(); // 3 buffers
+        assert_eq!(p.free_buffers(), 32 - 8);
+        assert_eq!(c.len(), 5);
+        let data = vec![7u8; 500];
+        let mut l = l;
+        p.write(&mut l, &data).unwrap();
+        assert_eq!(p.read_to_vec(&l), data);
+        assert_eq!(p.free_cached(&mut c, l), Ok(3));
+        assert_eq!(c.len(), 8);
+        // Steady state: no shared free-list traffic.
+        for _ in 0..100 {
+            let l = p.alloc_cached(&mut c, 100).unwrap();
+            p.free_cached(&mut c, l).unwrap();
+        }
+        assert_eq!(p.free_buffers(), 24);
+        // A dead holder's cached buffers are reclaimed like held ones.
+        assert_eq!(p.reclaim(A), 8);
+        let mut c2 = LocalCache::new(Owner::Held(B), 4);
+        let l = p.alloc_cached(&mut c2, 10).unwrap();
+        p.free_cached(&mut c2, l).unwrap();
+        p.drain_cache(&mut c2);
         assert_eq!(p.free_buffers(), 32);
     }
 
