@@ -155,6 +155,7 @@ pub struct Function {
     peers: HashMap<String, PeerSet>,
     pending: VecDeque<Descriptor>,
     scratch: [Descriptor; BATCH],
+    scratch_msgs: Vec<Msg>,
     rejected: HashMap<&'static str, u64>,
     seq: u32,
     spin: Duration,
@@ -233,6 +234,7 @@ impl Function {
             peers: HashMap::new(),
             pending: VecDeque::with_capacity(BATCH),
             scratch: [Descriptor::default(); BATCH],
+            scratch_msgs: Vec::with_capacity(BATCH),
             rejected: HashMap::new(),
             seq: 2,
             spin: DEFAULT_SPIN,
@@ -411,20 +413,84 @@ impl Function {
         Err((SendErrorKind::NoInstance, Some(msg)))
     }
 
-    /// Sends several messages to `to`; stops at the first failure and
-    /// returns how many were sent with the error (the failed message and
-    /// the unsent ones stay with the caller in `msgs`).
+    /// Sends several messages to `to` with batched ring pushes (one push
+    /// and at most one doorbell per batch of up to 32). Returns how many
+    /// were sent; on an error the unsent messages stay in `msgs`, in order
+    /// (a message whose receiver died holding it is not returned: host-shimd
+    /// put its buffers back in the pool).
     pub fn send_batch(&mut self, msgs: &mut Vec<Msg>, to: &str) -> Result<usize, SendErrorKind> {
+        let holder = self.holder();
         let mut sent = 0;
+        let mut relooked = false;
         while !msgs.is_empty() {
-            let m = msgs.remove(0);
-            match self.send(m, to) {
-                Ok(()) => sent += 1,
-                Err(e) => {
-                    if let Some(m) = e.msg {
-                        msgs.insert(0, m);
+            if !self.peers.contains_key(to) {
+                self.lookup(to)?;
+            }
+            let Some(set) = self.peers.get_mut(to) else { return Err(SendErrorKind::NoInstance) };
+            if set.instances.is_empty() {
+                self.peers.remove(to);
+                if relooked {
+                    return Err(SendErrorKind::NoInstance);
+                }
+                relooked = true;
+                continue;
+            }
+            let i = set.next % set.instances.len();
+            set.next = set.next.wrapping_add(1);
+            let inst = &set.instances[i];
+            let to_owner = Owner::Function(inst.slot);
+            // Hand over a chunk; stop at the first message we cannot.
+            let mut descs = [Descriptor::default(); BATCH];
+            let mut k = 0;
+            let mut ownership = None;
+            let n = msgs.len().min(BATCH);
+            for m in msgs.drain(..n) {
+                if ownership.is_some() {
+                    self.scratch_msgs.push(m);
+                    continue;
+                }
+                let desc =
+                    Descriptor { tenant: self.info.tenant, src_fn: self.info.function, dst_fn: set.function, ..m.desc };
+                match self.pool.hand_over(m.lease, to_owner) {
+                    Ok((head, len)) => {
+                        descs[k] = Descriptor { buf: head, len, ..desc };
+                        k += 1;
                     }
-                    return Err(e.kind);
+                    Err((lease, e)) => {
+                        ownership = Some(SendErrorKind::Ownership(e.to_string()));
+                        self.scratch_msgs.push(Msg { lease, desc });
+                    }
+                }
+            }
+            let (pushed, err) = match inst.ring.push(&descs[..k]) {
+                Ok(p) => {
+                    if p.wake
+                        && let Err(e) = inst.bell.ring()
+                    {
+                        log::warn!("doorbell of {to}: {e}");
+                    }
+                    (p.count, None)
+                }
+                Err(e) => (0, Some(e)),
+            };
+            sent += pushed;
+            // Take back what did not go in, ahead of the untouched rest.
+            let mut back: Vec<Msg> = Vec::with_capacity(k - pushed + self.scratch_msgs.len());
+            for d in &descs[pushed..k] {
+                if let Ok(lease) = self.pool.take_back(d.buf, d.len, to_owner, holder) {
+                    back.push(Msg { lease, desc: *d });
+                }
+            }
+            back.append(&mut self.scratch_msgs);
+            msgs.splice(0..0, back);
+            match err {
+                None if ownership.is_none() => {}
+                None => return Err(ownership.unwrap_or(SendErrorKind::Full)),
+                Some(RingPushError::Full) => return Err(SendErrorKind::Full),
+                Some(RingPushError::Closed | RingPushError::Corrupted) => {
+                    if let Some(set) = self.peers.get_mut(to) {
+                        set.instances.swap_remove(i);
+                    }
                 }
             }
         }
