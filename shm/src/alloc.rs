@@ -166,6 +166,7 @@ pub(crate) fn push(c: &impl PoolCells, i: u32, expected: Option<Owner>) -> Resul
 
 /// Allocates `frags` buffers linked as a chain; returns the head. All or
 /// nothing: on failure every buffer taken is returned.
+#[cfg_attr(loom, allow(dead_code))] // used by `Pool`, which loom builds leave out
 pub(crate) fn pop_chain(c: &impl PoolCells, frags: u32, owner: Owner) -> Result<u32, AllocError> {
     let mut head = NIL;
     for _ in 0..frags {
@@ -189,6 +190,7 @@ pub(crate) fn pop_chain(c: &impl PoolCells, frags: u32, owner: Owner) -> Result<
 /// Frees up to `frags` buffers following the chain from `head`; returns how
 /// many were freed. Stops at the end of the chain, a bad link, or a buffer
 /// that fails [`push`] (whose error is returned after the others were freed).
+#[cfg_attr(loom, allow(dead_code))]
 pub(crate) fn push_chain(c: &impl PoolCells, head: u32, frags: u32, expected: Option<Owner>) -> Result<u32, FreeError> {
     let mut i = head;
     let mut freed = 0;
@@ -209,44 +211,7 @@ pub(crate) fn push_chain(c: &impl PoolCells, head: u32, frags: u32, expected: Op
 mod tests {
     use super::*;
 
-    pub(crate) struct Cells {
-        head: AtomicU64,
-        free: AtomicU32,
-        next_free: Vec<AtomicU32>,
-        next_chain: Vec<AtomicU32>,
-        owner: Vec<AtomicU32>,
-    }
-
-    impl Cells {
-        pub(crate) fn new(n: u32) -> Self {
-            let v = || (0..n).map(|_| AtomicU32::new(0)).collect();
-            let c =
-                Cells { head: AtomicU64::new(0), free: AtomicU32::new(0), next_free: v(), next_chain: v(), owner: v() };
-            init(&c);
-            c
-        }
-    }
-
-    impl PoolCells for Cells {
-        fn count(&self) -> u32 {
-            self.owner.len() as u32
-        }
-        fn head(&self) -> &AtomicU64 {
-            &self.head
-        }
-        fn free_count(&self) -> &AtomicU32 {
-            &self.free
-        }
-        fn next_free(&self, i: u32) -> &AtomicU32 {
-            &self.next_free[i as usize]
-        }
-        fn next_chain(&self, i: u32) -> &AtomicU32 {
-            &self.next_chain[i as usize]
-        }
-        fn owner(&self, i: u32) -> &AtomicU32 {
-            &self.owner[i as usize]
-        }
-    }
+    use super::cells::Cells;
 
     const ME: Owner = Owner::Function(1);
 
@@ -338,12 +303,59 @@ mod loom_tests {
         b.check(f);
     }
 
-    struct Cells {
-        head: AtomicU64,
-        free: AtomicU32,
+    use super::cells::Cells;
+
+    /// Two processes allocate and free concurrently, including the ABA
+    /// pattern (pop A, pop B, push A while the other holds a stale head):
+    /// no buffer is ever handed out twice and none is lost.
+    #[test]
+    fn concurrent_pop_push_is_exclusive_and_lossless() {
+        model(|| {
+            let c = Arc::new(Cells::new(3));
+            let t: Vec<_> = (0..2u16)
+                .map(|k| {
+                    let c = c.clone();
+                    loom::thread::spawn(move || {
+                        let me = Owner::Function(k);
+                        let a = pop(&*c, me).unwrap();
+                        assert_eq!(c.owner(a).load(Relaxed), me.to_raw());
+                        push(&*c, a, Some(me)).unwrap();
+                        pop(&*c, me).unwrap()
+                    })
+                })
+                .collect();
+            let got: Vec<u32> = t.into_iter().map(|h| h.join().unwrap()).collect();
+            assert_ne!(got[0], got[1]);
+            let last = pop(&*c, Owner::Agent).unwrap();
+            assert!(!got.contains(&last));
+            assert_eq!(pop(&*c, Owner::Agent), Err(AllocError::Exhausted));
+        });
+    }
+}
+
+/// Allocator cells in ordinary memory, for the unit tests and (with
+/// `--cfg loom`, through `crate::sync`) the loom models.
+#[cfg(test)]
+mod cells {
+    use super::*;
+
+    pub(crate) struct Cells {
+        // Fields are pub(crate) for assertions in the tests.
+        pub(crate) head: AtomicU64,
+        pub(crate) free: AtomicU32,
         next_free: Vec<AtomicU32>,
         next_chain: Vec<AtomicU32>,
         owner: Vec<AtomicU32>,
+    }
+
+    impl Cells {
+        pub(crate) fn new(n: u32) -> Self {
+            let v = || (0..n).map(|_| AtomicU32::new(0)).collect();
+            let c =
+                Cells { head: AtomicU64::new(0), free: AtomicU32::new(0), next_free: v(), next_chain: v(), owner: v() };
+            init(&c);
+            c
+        }
     }
 
     impl PoolCells for Cells {
@@ -365,39 +377,5 @@ mod loom_tests {
         fn owner(&self, i: u32) -> &AtomicU32 {
             &self.owner[i as usize]
         }
-    }
-
-    fn cells(n: u32) -> Cells {
-        let v = || (0..n).map(|_| AtomicU32::new(0)).collect();
-        let c = Cells { head: AtomicU64::new(0), free: AtomicU32::new(0), next_free: v(), next_chain: v(), owner: v() };
-        init(&c);
-        c
-    }
-
-    /// Two processes allocate and free concurrently, including the ABA
-    /// pattern (pop A, pop B, push A while the other holds a stale head):
-    /// no buffer is ever handed out twice and none is lost.
-    #[test]
-    fn concurrent_pop_push_is_exclusive_and_lossless() {
-        model(|| {
-            let c = Arc::new(cells(3));
-            let t: Vec<_> = (0..2u16)
-                .map(|k| {
-                    let c = c.clone();
-                    loom::thread::spawn(move || {
-                        let me = Owner::Function(k);
-                        let a = pop(&*c, me).unwrap();
-                        assert_eq!(c.owner(a).load(Relaxed), me.to_raw());
-                        push(&*c, a, Some(me)).unwrap();
-                        pop(&*c, me).unwrap()
-                    })
-                })
-                .collect();
-            let got: Vec<u32> = t.into_iter().map(|h| h.join().unwrap()).collect();
-            assert_ne!(got[0], got[1]);
-            let last = pop(&*c, Owner::Agent).unwrap();
-            assert!(!got.contains(&last));
-            assert_eq!(pop(&*c, Owner::Agent), Err(AllocError::Exhausted));
-        });
     }
 }

@@ -191,70 +191,16 @@ pub(crate) fn prepare_sleep(c: &impl RingCells, head: u64) -> bool {
 }
 
 /// The consumer is awake again.
+#[cfg_attr(loom, allow(dead_code))] // used by `Consumer`, which loom builds leave out
 pub(crate) fn end_sleep(c: &impl RingCells) {
     c.sleeping().store(0, Relaxed);
 }
 
 #[cfg(all(test, not(loom)))]
 mod tests {
+    use super::cells::Cells;
     use super::*;
-    use std::cell::UnsafeCell;
     use std::sync::Arc;
-
-    pub(crate) struct Cells {
-        tail: AtomicU64,
-        head: AtomicU64,
-        sleeping: AtomicU32,
-        closed: AtomicU32,
-        seq: Vec<AtomicU32>,
-        desc: Vec<UnsafeCell<Descriptor>>,
-    }
-    // SAFETY: each descriptor cell is written only by the producer that
-    // claimed its slot and read only by the consumer after the Release/
-    // Acquire handshake on `seq` (the algorithm under test).
-    unsafe impl Sync for Cells {}
-
-    impl Cells {
-        pub(crate) fn new(cap: u32) -> Self {
-            Cells {
-                tail: AtomicU64::new(0),
-                head: AtomicU64::new(0),
-                sleeping: AtomicU32::new(0),
-                closed: AtomicU32::new(0),
-                seq: (0..cap).map(AtomicU32::new).collect(),
-                desc: (0..cap).map(|_| UnsafeCell::new(Descriptor::default())).collect(),
-            }
-        }
-    }
-
-    impl RingCells for Cells {
-        fn capacity(&self) -> u32 {
-            self.seq.len() as u32
-        }
-        fn tail(&self) -> &AtomicU64 {
-            &self.tail
-        }
-        fn head(&self) -> &AtomicU64 {
-            &self.head
-        }
-        fn sleeping(&self) -> &AtomicU32 {
-            &self.sleeping
-        }
-        fn closed(&self) -> &AtomicU32 {
-            &self.closed
-        }
-        fn seq(&self, slot: u32) -> &AtomicU32 {
-            &self.seq[slot as usize]
-        }
-        fn write_desc(&self, slot: u32, d: &Descriptor) {
-            // SAFETY: the caller claimed `slot` (see `Sync` above).
-            unsafe { *self.desc[slot as usize].get() = *d };
-        }
-        fn read_desc(&self, slot: u32) -> Descriptor {
-            // SAFETY: the slot was published to the consumer (see `Sync`).
-            unsafe { *self.desc[slot as usize].get() }
-        }
-    }
 
     fn d(request: u32) -> Descriptor {
         Descriptor { request, ..Default::default() }
@@ -349,7 +295,6 @@ mod tests {
 #[cfg(all(test, loom))]
 mod loom_tests {
     use super::*;
-    use loom::cell::UnsafeCell;
     use loom::sync::Arc;
 
     /// Exhaustive up to 3 preemptions per execution (the usual bound: the
@@ -360,58 +305,7 @@ mod loom_tests {
         b.check(f);
     }
 
-    struct Cells {
-        tail: AtomicU64,
-        head: AtomicU64,
-        sleeping: AtomicU32,
-        closed: AtomicU32,
-        seq: Vec<AtomicU32>,
-        desc: Vec<UnsafeCell<Descriptor>>,
-    }
-    // SAFETY: loom checks every access to the cells for races.
-    unsafe impl Sync for Cells {}
-    // SAFETY: as above.
-    unsafe impl Send for Cells {}
-
-    impl RingCells for Cells {
-        fn capacity(&self) -> u32 {
-            self.seq.len() as u32
-        }
-        fn tail(&self) -> &AtomicU64 {
-            &self.tail
-        }
-        fn head(&self) -> &AtomicU64 {
-            &self.head
-        }
-        fn sleeping(&self) -> &AtomicU32 {
-            &self.sleeping
-        }
-        fn closed(&self) -> &AtomicU32 {
-            &self.closed
-        }
-        fn seq(&self, slot: u32) -> &AtomicU32 {
-            &self.seq[slot as usize]
-        }
-        fn write_desc(&self, slot: u32, d: &Descriptor) {
-            // SAFETY: loom reports any racing access.
-            self.desc[slot as usize].with_mut(|p| unsafe { *p = *d });
-        }
-        fn read_desc(&self, slot: u32) -> Descriptor {
-            // SAFETY: loom reports any racing access.
-            self.desc[slot as usize].with(|p| unsafe { *p })
-        }
-    }
-
-    fn cells(cap: u32) -> Cells {
-        Cells {
-            tail: AtomicU64::new(0),
-            head: AtomicU64::new(0),
-            sleeping: AtomicU32::new(0),
-            closed: AtomicU32::new(0),
-            seq: (0..cap).map(AtomicU32::new).collect(),
-            desc: (0..cap).map(|_| UnsafeCell::new(Descriptor::default())).collect(),
-        }
-    }
+    use super::cells::Cells;
 
     /// Two producers push concurrently with the consumer popping, on a
     /// ring that has already wrapped once (slots on their second lap):
@@ -421,7 +315,7 @@ mod loom_tests {
     #[test]
     fn two_producers_one_consumer() {
         model(|| {
-            let c = Arc::new(cells(2));
+            let c = Arc::new(Cells::new(2));
             let mut head = 0;
             let mut out = [Descriptor::default(); 2];
             // First lap, single-threaded: fill and drain.
@@ -459,7 +353,7 @@ mod loom_tests {
     #[test]
     fn no_lost_wakeup() {
         model(|| {
-            let c = Arc::new(cells(2));
+            let c = Arc::new(Cells::new(2));
             let p = {
                 let c = c.clone();
                 loom::thread::spawn(move || push(&*c, &[Descriptor::default()]).unwrap().wake)
@@ -471,6 +365,71 @@ mod loom_tests {
                 assert!(woke);
             }
         });
+    }
+}
+
+/// Ring cells in ordinary memory, for the unit tests and (with
+/// `--cfg loom`, through `crate::sync`) the loom models.
+#[cfg(test)]
+mod cells {
+    use super::*;
+    use crate::sync::UnsafeCell;
+
+    pub(crate) struct Cells {
+        pub(crate) tail: AtomicU64,
+        pub(crate) head: AtomicU64,
+        pub(crate) sleeping: AtomicU32,
+        pub(crate) closed: AtomicU32,
+        pub(crate) seq: Vec<AtomicU32>,
+        desc: Vec<UnsafeCell<Descriptor>>,
+    }
+    // SAFETY: each descriptor cell is written only by the producer that
+    // claimed its slot and read only by the consumer after the Release/
+    // Acquire handshake on `seq` (the algorithm under test; loom checks it).
+    unsafe impl Sync for Cells {}
+    // SAFETY: as above; the cells own plain data.
+    unsafe impl Send for Cells {}
+
+    impl Cells {
+        pub(crate) fn new(cap: u32) -> Self {
+            Cells {
+                tail: AtomicU64::new(0),
+                head: AtomicU64::new(0),
+                sleeping: AtomicU32::new(0),
+                closed: AtomicU32::new(0),
+                seq: (0..cap).map(AtomicU32::new).collect(),
+                desc: (0..cap).map(|_| UnsafeCell::new(Descriptor::default())).collect(),
+            }
+        }
+    }
+
+    impl RingCells for Cells {
+        fn capacity(&self) -> u32 {
+            self.seq.len() as u32
+        }
+        fn tail(&self) -> &AtomicU64 {
+            &self.tail
+        }
+        fn head(&self) -> &AtomicU64 {
+            &self.head
+        }
+        fn sleeping(&self) -> &AtomicU32 {
+            &self.sleeping
+        }
+        fn closed(&self) -> &AtomicU32 {
+            &self.closed
+        }
+        fn seq(&self, slot: u32) -> &AtomicU32 {
+            &self.seq[slot as usize]
+        }
+        fn write_desc(&self, slot: u32, d: &Descriptor) {
+            // SAFETY: the caller claimed `slot` (see `Sync` above).
+            self.desc[slot as usize].with_mut(|p| unsafe { *p = *d });
+        }
+        fn read_desc(&self, slot: u32) -> Descriptor {
+            // SAFETY: the slot was published to the consumer (see `Sync`).
+            self.desc[slot as usize].with(|p| unsafe { *p })
+        }
     }
 }
 

@@ -13,3 +13,26 @@ pub(crate) fn spin_hint() {
     #[cfg(not(loom))]
     std::hint::spin_loop();
 }
+
+/// A cell for data handed between threads by the algorithms' own
+/// synchronization: loom's (which checks every access for races) under
+/// `--cfg loom`, a thin wrapper of the standard one otherwise. Tests only.
+#[cfg(all(test, loom))]
+pub(crate) use loom::cell::UnsafeCell;
+
+#[cfg(all(test, not(loom)))]
+#[derive(Debug)]
+pub(crate) struct UnsafeCell<T>(std::cell::UnsafeCell<T>);
+
+#[cfg(all(test, not(loom)))]
+impl<T> UnsafeCell<T> {
+    pub(crate) fn new(v: T) -> Self {
+        Self(std::cell::UnsafeCell::new(v))
+    }
+    pub(crate) fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
+        f(self.0.get())
+    }
+    pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+        f(self.0.get())
+    }
+}
