@@ -15,6 +15,16 @@ fn usage() -> String {
 }
 
 fn main() -> ExitCode {
+    // A peer process of a suite (the binary re-executed by itself).
+    if let Some(outcome) = dne_bench::suites::intranode::peer_main() {
+        return match outcome {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("dne-bench peer: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let names: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();

@@ -2,10 +2,11 @@
 
 use crate::harness::Suite;
 
+pub mod intranode;
 pub mod wire_codec;
 
 /// Every suite, in the order `list` shows them.
-pub const SUITES: &[Suite] = &[wire_codec::SUITE];
+pub const SUITES: &[Suite] = &[wire_codec::SUITE, intranode::SUITE];
 
 /// Looks a suite up by name.
 pub fn find(name: &str) -> Option<&'static Suite> {

@@ -1,0 +1,428 @@
+//! The floor (one shared cache line) and DNE's own hand-off: a descriptor
+//! naming pool buffers, pushed into the peer's inbound ring, with the
+//! buffers' owners moved by `Pool::hand_over` and `Pool::accept`.
+
+use super::proc::{Cmd, Peer, PeerCtx, Watchdog};
+use super::{BUSY, RAW, SLEEP, Side};
+use anyhow::{Result, anyhow, bail};
+use shm::ring::{Consumer, Doorbell, Ring, RingPushError};
+use shm::{PagePolicy, Pool, Region};
+use std::hint::black_box;
+use std::sync::atomic::Ordering::{Acquire, Release};
+use std::time::{Duration, Instant};
+use wire::desc::{NO_NODE, NO_ROUTE};
+use wire::{Descriptor, Owner, PoolGeometry};
+
+const TENANT: u16 = 7;
+/// Pool slots of the pinger (A, the parent) and the ponger (B, the peer).
+const SLOT_A: u16 = 1;
+const SLOT_B: u16 = 2;
+/// Function ids of A and B.
+const FN_A: u16 = 10;
+const FN_B: u16 = 11;
+/// Inbound ring capacity of each side.
+const RING_CAP: u32 = 256;
+/// Descriptors per push and per pop in the throughput test.
+pub(crate) const BATCH: usize = 32;
+/// Payload bytes per descriptor in the throughput test with ownership.
+const TPUT_LEN: u32 = 64;
+
+/// How a pool splits its memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Geometry {
+    /// 8 buffers of 1 MiB + 64 B headroom: every size is one buffer.
+    OneBuffer,
+    /// 1024 buffers of 16 KiB (16320 B payload): 1 MiB is a 65-buffer chain.
+    Chain16K,
+}
+
+impl Geometry {
+    fn pool(self) -> Result<PoolGeometry> {
+        let h = wire::fabric::HEADROOM;
+        Ok(match self {
+            Geometry::OneBuffer => PoolGeometry::new(TENANT, (1 << 20) + h, 8, h, 1)?,
+            Geometry::Chain16K => PoolGeometry::new(TENANT, 16384, 1024, h, 128)?,
+        })
+    }
+
+    /// For the report.
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Geometry::OneBuffer => "8 x (1 MiB + 64 B) buffers, every size one buffer",
+            Geometry::Chain16K => "1024 x 16 KiB buffers (16320 B payload), 1 MiB = 65-buffer chain",
+        }
+    }
+}
+
+fn desc(src_fn: u16, dst_fn: u16, buf: u32, len: u32, request: u32) -> Descriptor {
+    Descriptor {
+        tenant: TENANT,
+        flags: 0,
+        src_fn,
+        dst_fn,
+        route: NO_ROUTE,
+        hop: 0,
+        status: 0,
+        origin: NO_NODE,
+        reserved: 0,
+        request,
+        buf,
+        len,
+    }
+}
+
+// ---------------------------------------------------------------- floor
+
+/// The floor, pinger side: bounce one `AtomicU64` in a shared mapping.
+#[derive(Debug)]
+pub(crate) struct FloorSide {
+    region: Region,
+    next: u64,
+}
+
+/// Creates the shared line and starts its ponger.
+pub(crate) fn floor_endpoint() -> Result<(Peer, FloorSide)> {
+    let region = Region::create("dne-bench-floor", 4096, PagePolicy::Normal)?;
+    let peer = Peer::spawn("floor", &[region.fd()], &[])?;
+    Ok((peer, FloorSide { region, next: 0 }))
+}
+
+impl Side for FloorSide {
+    fn round_trips(&mut self, _size: usize, n: u64, _mode: &str) -> Result<Duration> {
+        let line = self.region.atomic_u64(0)?;
+        let mut wd = Watchdog::new();
+        let t = Instant::now();
+        for _ in 0..n {
+            let v = self.next;
+            // Release/Acquire pair with the ponger's Acquire load and
+            // Release store: the same hand-off any message needs.
+            line.store(v + 1, Release);
+            while line.load(Acquire) != v + 2 {
+                wd.tick()?;
+            }
+            self.next = v + 2;
+        }
+        Ok(t.elapsed())
+    }
+}
+
+/// The floor, ponger side.
+pub(crate) fn floor_peer(mut ctx: PeerCtx) -> Result<()> {
+    let region = Region::open(ctx.fd(0)?)?;
+    let line = region.atomic_u64(0)?;
+    ctx.say("ready")?;
+    let mut last = 0u64;
+    while let Some(cmd) = ctx.next_cmd()? {
+        let mut wd = Watchdog::new();
+        for _ in 0..cmd.n {
+            let v = loop {
+                // Acquire: pairs with the pinger's Release store.
+                let v = line.load(Acquire);
+                if v != last {
+                    break v;
+                }
+                wd.tick()?;
+            };
+            // Release: pairs with the pinger's Acquire load.
+            line.store(v + 1, Release);
+            last = v + 1;
+        }
+        ctx.say("done")?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- ours
+
+/// One side's view of a pool and of both inbound rings.
+#[derive(Debug)]
+struct Ends {
+    pool: Pool,
+    /// The peer's inbound ring (we produce into it).
+    to_peer: Ring,
+    /// Our inbound ring.
+    inbox: Consumer,
+    /// Our doorbell (we sleep on it).
+    bell: Doorbell,
+    /// The peer's doorbell (we ring it when `Pushed::wake`).
+    peer_bell: Doorbell,
+    me: (u16, u16),
+    peer: (u16, u16),
+    /// `Corrupted` push results that a retry got past.
+    spurious: u64,
+}
+
+impl Ends {
+    /// Pushes all of `d`, retrying while the ring is full. Also retries on
+    /// `Corrupted`, which `shm::ring::push` can report spuriously when the
+    /// consumer frees the slot between its two loads of the slot sequence
+    /// (a full ring only); those are counted in `self.spurious`.
+    #[inline]
+    fn push(&mut self, d: &[Descriptor], wd: &mut Watchdog) -> Result<()> {
+        let mut off = 0;
+        while off < d.len() {
+            match self.to_peer.push(&d[off..]) {
+                Ok(p) => {
+                    off += p.count;
+                    if p.wake {
+                        self.peer_bell.ring()?;
+                    }
+                }
+                Err(RingPushError::Full) => wd.tick()?,
+                Err(RingPushError::Corrupted) => {
+                    self.spurious += 1;
+                    wd.tick()?;
+                }
+                Err(e) => bail!("push: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Receives at least one descriptor: busy-polling, or sleeping on our
+    /// doorbell right away (no spin) so the wake-up path is what is timed.
+    #[inline]
+    fn recv(&mut self, out: &mut [Descriptor], sleep: bool, wd: &mut Watchdog) -> Result<usize> {
+        if sleep {
+            let n = self.inbox.pop_wait(out, &self.bell, Duration::ZERO, Some(wd.remaining()))?;
+            if n == 0 {
+                bail!("watchdog: nothing arrived while sleeping");
+            }
+            return Ok(n);
+        }
+        loop {
+            let n = self.inbox.pop(out);
+            if n > 0 {
+                return Ok(n);
+            }
+            wd.tick()?;
+        }
+    }
+
+    fn accept(&self, d: &Descriptor) -> Result<shm::Lease> {
+        self.pool.accept(d, self.me.0).map_err(|e| anyhow!("accept: {e}"))
+    }
+
+    fn hand_to_peer(&self, lease: shm::Lease) -> Result<(u32, u32)> {
+        self.pool.hand_over(lease, Owner::Function(self.peer.0)).map_err(|(_, e)| anyhow!("hand_over: {e}"))
+    }
+
+    fn desc_to_peer(&self, buf: u32, len: u32, request: u32) -> Descriptor {
+        desc(self.me.1, self.peer.1, buf, len, request)
+    }
+}
+
+/// DNE's hand-off, pinger side.
+#[derive(Debug)]
+pub(crate) struct OursSide {
+    ends: Ends,
+}
+
+/// Creates a pool, both rings and both doorbells, and starts the ponger.
+pub(crate) fn ours_endpoint(geometry: Geometry) -> Result<(Peer, OursSide)> {
+    let tag = std::process::id();
+    let pool = Pool::create(&format!("dne-bench-pool-{tag}"), geometry.pool()?, PagePolicy::Auto)?;
+    let ring_a = Ring::create("dne-bench-ring-a", RING_CAP, TENANT, FN_A, u32::from(SLOT_A))?;
+    let ring_b = Ring::create("dne-bench-ring-b", RING_CAP, TENANT, FN_B, u32::from(SLOT_B))?;
+    let (bell_a, bell_b) = (Doorbell::new()?, Doorbell::new()?);
+    // The peer's order: pool, its ring, our ring, its bell, our bell.
+    let fds = [pool.region().fd(), ring_b.fd(), ring_a.fd(), bell_b.fd(), bell_a.fd()];
+    let peer = Peer::spawn("ours", &fds, &[])?;
+    let ends = Ends {
+        pool,
+        to_peer: ring_b,
+        inbox: ring_a.into_consumer(),
+        bell: bell_a,
+        peer_bell: bell_b,
+        me: (SLOT_A, FN_A),
+        peer: (SLOT_B, FN_B),
+        spurious: 0,
+    };
+    Ok((peer, OursSide { ends }))
+}
+
+impl OursSide {
+    /// What backs the pool (for the report).
+    pub(crate) fn backing(&self) -> shm::Backing {
+        self.ends.pool.backing()
+    }
+
+    /// One-way throughput: the peer pushes `n` descriptors in batches of
+    /// [`BATCH`]; we pop in batches. With `owned`, each descriptor names a
+    /// buffer the peer allocated and handed over, which we accept and free.
+    /// Returns descriptors per second, timed from the first pop to the last,
+    /// and the spurious `Corrupted` pushes the producer retried.
+    pub(crate) fn throughput(&mut self, peer: &mut Peer, n: u64, owned: bool) -> Result<(f64, u64)> {
+        peer.send(&format!("tput 0 {n} {}", if owned { "own" } else { RAW }))?;
+        let e = &mut self.ends;
+        let mut out = [Descriptor::default(); BATCH];
+        let mut wd = Watchdog::new();
+        let (mut got, mut first) = (0u64, 0u64);
+        let mut t0 = None;
+        while got < n {
+            let k = e.inbox.pop(&mut out);
+            if k == 0 {
+                wd.tick()?;
+                continue;
+            }
+            if t0.is_none() {
+                t0 = Some(Instant::now());
+                first = k as u64;
+            }
+            if owned {
+                for d in &out[..k] {
+                    let lease = e.accept(d)?;
+                    e.pool.free(lease).map_err(|e| anyhow!("free: {e}"))?;
+                }
+            } else {
+                black_box(&out[..k]);
+            }
+            got += k as u64;
+        }
+        let el = t0.map_or(Duration::ZERO, |t| t.elapsed());
+        let spurious: u64 = peer.expect("done")?.trim().parse().unwrap_or(0);
+        Ok(((got - first) as f64 / el.as_secs_f64(), spurious))
+    }
+}
+
+impl Side for OursSide {
+    fn round_trips(&mut self, size: usize, n: u64, mode: &str) -> Result<Duration> {
+        let e = &mut self.ends;
+        let len = u32::try_from(size)?;
+        let mut lease = e.pool.alloc(len, Owner::Held(SLOT_A)).map_err(|e| anyhow!("alloc: {e}"))?;
+        // The payload is written once, up front, and never again.
+        for k in 0..lease.frags() {
+            if let Some(b) = e.pool.frag_mut(&mut lease, k) {
+                b.fill(0x5A);
+            }
+        }
+        let mut out = [Descriptor::default(); 1];
+        let mut wd = Watchdog::new();
+        let t = Instant::now();
+        for i in 0..n {
+            if mode == RAW {
+                // Ring only: the descriptor goes around, ownership stays.
+                e.push(&[e.desc_to_peer(lease.head(), lease.len(), i as u32)], &mut wd)?;
+                e.recv(&mut out, false, &mut wd)?;
+                black_box(&out);
+            } else {
+                let (head, len) = e.hand_to_peer(lease)?;
+                e.push(&[e.desc_to_peer(head, len, i as u32)], &mut wd)?;
+                e.recv(&mut out, mode == SLEEP, &mut wd)?;
+                lease = e.accept(&out[0])?;
+            }
+        }
+        let el = t.elapsed();
+        e.pool.free(lease).map_err(|e| anyhow!("free: {e}"))?;
+        Ok(el)
+    }
+}
+
+/// DNE's hand-off, ponger side (and the producer of the throughput test).
+pub(crate) fn ours_peer(mut ctx: PeerCtx) -> Result<()> {
+    let pool = Pool::open(ctx.fd(0)?)?;
+    let inbox = Ring::open(ctx.fd(1)?)?.into_consumer();
+    let to_peer = Ring::open(ctx.fd(2)?)?;
+    let bell = Doorbell::from_fd(ctx.fd(3)?);
+    let peer_bell = Doorbell::from_fd(ctx.fd(4)?);
+    let mut e = Ends { pool, to_peer, inbox, bell, peer_bell, me: (SLOT_B, FN_B), peer: (SLOT_A, FN_A), spurious: 0 };
+    ctx.say("ready")?;
+    while let Some(cmd) = ctx.next_cmd()? {
+        match (cmd.verb.as_str(), cmd.mode.as_str()) {
+            ("run", BUSY | SLEEP | RAW) => pong(&mut e, &cmd)?,
+            ("tput", RAW | "own") => produce(&mut e, &cmd)?,
+            _ => bail!("ours: bad command {cmd:?}"),
+        }
+        ctx.say(&format!("done {}", e.spurious))?;
+        e.spurious = 0;
+    }
+    Ok(())
+}
+
+fn pong(e: &mut Ends, cmd: &Cmd) -> Result<()> {
+    let mut out = [Descriptor::default(); 1];
+    let mut wd = Watchdog::new();
+    let sleep = cmd.mode == SLEEP;
+    for _ in 0..cmd.n {
+        e.recv(&mut out, sleep, &mut wd)?;
+        let d = out[0];
+        if cmd.mode == RAW {
+            e.push(&[e.desc_to_peer(d.buf, d.len, d.request)], &mut wd)?;
+        } else {
+            // Payload already written: accepting and handing back is all.
+            let lease = e.accept(&d)?;
+            let (head, len) = e.hand_to_peer(lease)?;
+            e.push(&[e.desc_to_peer(head, len, d.request)], &mut wd)?;
+        }
+    }
+    Ok(())
+}
+
+fn produce(e: &mut Ends, cmd: &Cmd) -> Result<()> {
+    let owned = cmd.mode == "own";
+    let mut wd = Watchdog::new();
+    let mut batch = [e.desc_to_peer(0, TPUT_LEN, 0); BATCH];
+    let mut sent = 0u64;
+    while sent < cmd.n {
+        let k = (cmd.n - sent).min(BATCH as u64) as usize;
+        if owned {
+            for (j, d) in batch[..k].iter_mut().enumerate() {
+                let lease = loop {
+                    match e.pool.alloc(TPUT_LEN, Owner::Held(e.me.0)) {
+                        Ok(l) => break l,
+                        Err(shm::AllocError::Exhausted) => wd.tick()?,
+                        Err(err) => bail!("alloc: {err}"),
+                    }
+                };
+                let (head, len) = e.hand_to_peer(lease)?;
+                *d = e.desc_to_peer(head, len, (sent + j as u64) as u32);
+            }
+        }
+        e.push(&batch[..k], &mut wd)?;
+        sent += k as u64;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- idle
+
+/// Starts an attached function that waits for work that never comes.
+pub(crate) fn idle_peer_spawn(side: &OursSide) -> Result<(Peer, Ring, Doorbell)> {
+    let ring = Ring::create("dne-bench-ring-idle", RING_CAP, TENANT, FN_B + 1, u32::from(SLOT_B) + 1)?;
+    let bell = Doorbell::new()?;
+    let peer = Peer::spawn("idle", &[side.ends.pool.region().fd(), ring.fd(), bell.fd()], &[])?;
+    Ok((peer, ring, bell))
+}
+
+/// The idle function: attaches (maps the pool, opens its ring) and waits in
+/// `pop_wait` (spin 50 us, then sleep on its doorbell, no timeout).
+pub(crate) fn idle_peer(mut ctx: PeerCtx) -> Result<()> {
+    let pool = Pool::open(ctx.fd(0)?)?;
+    let mut inbox = Ring::open(ctx.fd(1)?)?.into_consumer();
+    let bell = Doorbell::from_fd(ctx.fd(2)?);
+    black_box(pool.geometry());
+    ctx.say("ready")?;
+    let mut out = [Descriptor::default(); BATCH];
+    loop {
+        let n = inbox.pop_wait(&mut out, &bell, Duration::from_micros(50), None)?;
+        black_box(&out[..n]);
+    }
+}
+
+/// CPU time used so far by process `pid`, in nanoseconds: the scheduler's
+/// run time (`/proc/PID/schedstat`), or utime + stime from `/proc/PID/stat`
+/// (10 ms ticks) when schedstat is missing.
+pub(crate) fn cpu_ns(pid: u32) -> Result<u64> {
+    let sched = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok();
+    if let Some(Ok(ns)) = sched.as_deref().and_then(|s| s.split_whitespace().next()).map(str::parse::<u64>) {
+        return Ok(ns);
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces): state is
+    // field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or_else(|| anyhow!("bad /proc/{pid}/stat"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).ok_or_else(|| anyhow!("short stat"))?.parse::<u64>()?
+        + f.get(12).ok_or_else(|| anyhow!("short stat"))?.parse::<u64>()?;
+    Ok(ticks * 10_000_000)
+}
