@@ -23,7 +23,7 @@ mod proc;
 
 use crate::harness::{Opts, Report, Stats, Suite, Table, fmt_num};
 use anyhow::{Result, bail};
-use ours::Geometry;
+use ours::{Geometry, Tput};
 use proc::{Peer, PeerCtx};
 use std::time::{Duration, Instant};
 
@@ -163,8 +163,17 @@ fn run(opts: &Opts) -> Result<Report> {
     let mut report = Report::default();
     let pinned = proc::pin_pinger()?;
     let (rtt, spurious_rtt) = round_trips(&plan, pinned, &mut report)?;
-    let (tput, owned, idle, spurious_tput) = throughput_and_idle(&plan, &mut report)?;
-    targets(&mut report, &rtt, tput, owned, idle);
+    let (tput, idle, spurious_tput) = throughput_and_idle(&plan, &mut report)?;
+    let (rounds, iters) = if opts.quick { (5, 200_000) } else { (11, 2_000_000) };
+    let mut t = Table::new(
+        format!("DNE's hand-off pieces in one process (no line moves between cores), ns, {rounds} rounds x {iters}"),
+        &["operation", "min", "median", "max"],
+    );
+    for (label, st) in ours::local_costs(rounds, iters)? {
+        t.row(vec![label.into(), fmt_num(st.min), fmt_num(st.median), fmt_num(st.max)]);
+    }
+    report.tables.push(t);
+    targets(&mut report, &rtt, &tput, idle);
     report.put("ring_spurious_corrupted", spurious_rtt + spurious_tput);
     Ok(report)
 }
@@ -277,36 +286,48 @@ fn round_trips(plan: &Plan, pinned: bool, report: &mut Report) -> Result<(Median
     Ok((med, spurious))
 }
 
-/// Returns million descriptors per second (ring only, with ownership), the
-/// idle function's percent of one core, and the spurious ring pushes the
-/// producer retried.
-fn throughput_and_idle(plan: &Plan, report: &mut Report) -> Result<(f64, f64, f64, u64)> {
+/// Median million descriptors per second, one way.
+struct Throughput {
+    raw: f64,
+    owned: f64,
+    cached: f64,
+}
+
+/// Returns the throughput, the idle function's percent of one core, and
+/// the spurious ring pushes the producer retried.
+fn throughput_and_idle(plan: &Plan, report: &mut Report) -> Result<(Throughput, f64, u64)> {
     let (mut peer, mut side) = ours::ours_endpoint(Geometry::Chain16K)?;
-    side.throughput(&mut peer, plan.tput_n / 5, false)?;
-    side.throughput(&mut peer, plan.tput_n / 5, true)?;
-    let (mut raw, mut owned, mut spurious) = (Vec::new(), Vec::new(), 0);
+    let kinds = [
+        (Tput::Raw, "ring only: push -> pop"),
+        (Tput::Owned, "with ownership: alloc+hand_over+push -> pop+accept+free"),
+        (Tput::Cached, "same, per-process caches: alloc_cached -> free_cached"),
+    ];
+    for (how, _) in kinds {
+        side.throughput(&mut peer, plan.tput_n / 5, how)?;
+    }
+    let mut rates = vec![Vec::new(); kinds.len()];
+    let mut spurious = 0;
     for _ in 0..plan.tput_rounds {
-        for (v, own) in [(&mut raw, false), (&mut owned, true)] {
-            let (rate, s) = side.throughput(&mut peer, plan.tput_n, own)?;
+        for ((how, _), v) in kinds.iter().zip(&mut rates) {
+            let (rate, s) = side.throughput(&mut peer, plan.tput_n, *how)?;
             v.push(rate / 1e6);
             spurious += s;
         }
     }
-    let (raw, owned) = (Stats::of(&mut raw), Stats::of(&mut owned));
+    let stats: Vec<Stats> = rates.iter_mut().map(|v| Stats::of(v)).collect();
     let mut t = Table::new(
         format!(
-            "one-way throughput, million descriptors/s, push {b} / pop {b} per call, {} rounds x {} descriptors \
-             (producer retried {spurious} spurious `ring corrupted` pushes on a full ring)",
+            "one-way throughput, million descriptors/s, push {b} / pop {b} per call, {} rounds x {} descriptors, \
+             {} B payload when owned (producer retried {spurious} spurious `ring corrupted` pushes on a full ring)",
             plan.tput_rounds,
             plan.tput_n,
+            ours::TPUT_LEN,
             b = ours::BATCH
         ),
         &["producer process -> consumer process", "min", "median", "max"],
     );
-    for (label, st) in
-        [("ring only: push -> pop", raw), ("with ownership: alloc+hand_over+push -> pop+accept+free", owned)]
-    {
-        t.row(vec![label.into(), fmt_num(st.min), fmt_num(st.median), fmt_num(st.max)]);
+    for ((_, label), st) in kinds.iter().zip(&stats) {
+        t.row(vec![(*label).into(), fmt_num(st.min), fmt_num(st.median), fmt_num(st.max)]);
     }
     report.tables.push(t);
 
@@ -326,10 +347,12 @@ fn throughput_and_idle(plan: &Plan, report: &mut Report) -> Result<(f64, f64, f6
     );
     t.row(vec![fmt_num(wall.as_secs_f64()), fmt_num(cpu as f64 / 1e6), fmt_num(pct)]);
     report.tables.push(t);
-    Ok((raw.median, owned.median, pct, spurious))
+    let tput = Throughput { raw: stats[0].median, owned: stats[1].median, cached: stats[2].median };
+    Ok((tput, pct, spurious))
 }
 
-fn targets(report: &mut Report, med: &Medians, mdesc: f64, mdesc_owned: f64, idle: f64) {
+fn targets(report: &mut Report, med: &Medians, tput: &Throughput, idle: f64) {
+    let mdesc = tput.raw;
     let worst = |a: usize, b: usize| (0..4).map(|s| med[a][s] / med[b][s]).fold(f64::MIN, f64::max);
     let floor_max = worst(R_OURS, R_FLOOR);
     let tcp_1k = med[R_TCP][1] / med[R_OURS][1];
@@ -357,7 +380,8 @@ fn targets(report: &mut Report, med: &Medians, mdesc: f64, mdesc_owned: f64, idl
     report.put("mdesc_per_s", mdesc);
     report.put("idle_cpu_pct", idle);
     report.put("targets_met", format!("{}/{}", checks.iter().filter(|c| c.3).count(), checks.len()).as_str());
-    report.put("mdesc_per_s_owned", mdesc_owned);
+    report.put("mdesc_per_s_owned", tput.owned);
+    report.put("mdesc_per_s_owned_cached", tput.cached);
     report.put("rtt_ratio_1m_64b_chain", med[R_CHAIN][3] / med[R_CHAIN][0]);
     report.put("rtt_ratio_raw_max", worst(R_OURS, R_RAW));
     report.put("rtt_floor_64b_us", med[R_FLOOR][0] / 1e3);

@@ -6,7 +6,7 @@ use super::proc::{Cmd, Peer, PeerCtx, Watchdog};
 use super::{BUSY, RAW, SLEEP, Side};
 use anyhow::{Result, anyhow, bail};
 use shm::ring::{Consumer, Doorbell, Ring, RingPushError};
-use shm::{PagePolicy, Pool, Region};
+use shm::{LocalCache, PagePolicy, Pool, Region};
 use std::hint::black_box;
 use std::sync::atomic::Ordering::{Acquire, Release};
 use std::time::{Duration, Instant};
@@ -25,7 +25,34 @@ const RING_CAP: u32 = 256;
 /// Descriptors per push and per pop in the throughput test.
 pub(crate) const BATCH: usize = 32;
 /// Payload bytes per descriptor in the throughput test with ownership.
-const TPUT_LEN: u32 = 64;
+pub(crate) const TPUT_LEN: u32 = 64;
+/// Buffers kept in each side's allocation cache (`Tput::Cached`).
+const CACHE: usize = 2 * BATCH;
+const OWNED: &str = "own";
+const CACHED: &str = "cached";
+
+/// What travels in the throughput test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tput {
+    /// Descriptors only (the ring's own cost).
+    Raw,
+    /// alloc + hand_over + push -> pop + accept + free, on the shared free
+    /// list.
+    Owned,
+    /// The same through per-process caches (`alloc_cached` / `free_cached`,
+    /// as host-shim's function library does).
+    Cached,
+}
+
+impl Tput {
+    fn mode(self) -> &'static str {
+        match self {
+            Tput::Raw => RAW,
+            Tput::Owned => OWNED,
+            Tput::Cached => CACHED,
+        }
+    }
+}
 
 /// How a pool splits its memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -248,13 +275,14 @@ impl OursSide {
     }
 
     /// One-way throughput: the peer pushes `n` descriptors in batches of
-    /// [`BATCH`]; we pop in batches. With `owned`, each descriptor names a
-    /// buffer the peer allocated and handed over, which we accept and free.
-    /// Returns descriptors per second, timed from the first pop to the last,
-    /// and the spurious `Corrupted` pushes the producer retried.
-    pub(crate) fn throughput(&mut self, peer: &mut Peer, n: u64, owned: bool) -> Result<(f64, u64)> {
-        peer.send(&format!("tput 0 {n} {}", if owned { "own" } else { RAW }))?;
+    /// [`BATCH`]; we pop in batches. Unless `Tput::Raw`, each descriptor
+    /// names a buffer the peer allocated and handed over, which we accept
+    /// and free. Returns descriptors per second, timed from the first pop to
+    /// the last, and the spurious `Corrupted` pushes the producer retried.
+    pub(crate) fn throughput(&mut self, peer: &mut Peer, n: u64, how: Tput) -> Result<(f64, u64)> {
+        peer.send(&format!("tput 0 {n} {}", how.mode()))?;
         let e = &mut self.ends;
+        let mut cache = LocalCache::new(Owner::Held(e.me.0), CACHE);
         let mut out = [Descriptor::default(); BATCH];
         let mut wd = Watchdog::new();
         let (mut got, mut first) = (0u64, 0u64);
@@ -269,17 +297,27 @@ impl OursSide {
                 t0 = Some(Instant::now());
                 first = k as u64;
             }
-            if owned {
-                for d in &out[..k] {
-                    let lease = e.accept(d)?;
-                    e.pool.free(lease).map_err(|e| anyhow!("free: {e}"))?;
+            match how {
+                Tput::Raw => {
+                    black_box(&out[..k]);
                 }
-            } else {
-                black_box(&out[..k]);
+                Tput::Owned => {
+                    for d in &out[..k] {
+                        let lease = e.accept(d)?;
+                        e.pool.free(lease).map_err(|e| anyhow!("free: {e}"))?;
+                    }
+                }
+                Tput::Cached => {
+                    for d in &out[..k] {
+                        let lease = e.accept(d)?;
+                        e.pool.free_cached(&mut cache, lease).map_err(|e| anyhow!("free: {e}"))?;
+                    }
+                }
             }
             got += k as u64;
         }
         let el = t0.map_or(Duration::ZERO, |t| t.elapsed());
+        e.pool.drain_cache(&mut cache);
         let spurious: u64 = peer.expect("done")?.trim().parse().unwrap_or(0);
         Ok(((got - first) as f64 / el.as_secs_f64(), spurious))
     }
@@ -330,7 +368,7 @@ pub(crate) fn ours_peer(mut ctx: PeerCtx) -> Result<()> {
     while let Some(cmd) = ctx.next_cmd()? {
         match (cmd.verb.as_str(), cmd.mode.as_str()) {
             ("run", BUSY | SLEEP | RAW) => pong(&mut e, &cmd)?,
-            ("tput", RAW | "own") => produce(&mut e, &cmd)?,
+            ("tput", RAW | OWNED | CACHED) => produce(&mut e, &cmd)?,
             _ => bail!("ours: bad command {cmd:?}"),
         }
         ctx.say(&format!("done {}", e.spurious))?;
@@ -359,7 +397,8 @@ fn pong(e: &mut Ends, cmd: &Cmd) -> Result<()> {
 }
 
 fn produce(e: &mut Ends, cmd: &Cmd) -> Result<()> {
-    let owned = cmd.mode == "own";
+    let owned = cmd.mode != RAW;
+    let mut cache = (cmd.mode == CACHED).then(|| LocalCache::new(Owner::Held(e.me.0), CACHE));
     let mut wd = Watchdog::new();
     let mut batch = [e.desc_to_peer(0, TPUT_LEN, 0); BATCH];
     let mut sent = 0u64;
@@ -368,7 +407,11 @@ fn produce(e: &mut Ends, cmd: &Cmd) -> Result<()> {
         if owned {
             for (j, d) in batch[..k].iter_mut().enumerate() {
                 let lease = loop {
-                    match e.pool.alloc(TPUT_LEN, Owner::Held(e.me.0)) {
+                    let got = match cache.as_mut() {
+                        Some(c) => e.pool.alloc_cached(c, TPUT_LEN),
+                        None => e.pool.alloc(TPUT_LEN, Owner::Held(e.me.0)),
+                    };
+                    match got {
                         Ok(l) => break l,
                         Err(shm::AllocError::Exhausted) => wd.tick()?,
                         Err(err) => bail!("alloc: {err}"),
@@ -380,6 +423,9 @@ fn produce(e: &mut Ends, cmd: &Cmd) -> Result<()> {
         }
         e.push(&batch[..k], &mut wd)?;
         sent += k as u64;
+    }
+    if let Some(c) = cache.as_mut() {
+        e.pool.drain_cache(c);
     }
     Ok(())
 }
@@ -425,4 +471,67 @@ pub(crate) fn cpu_ns(pid: u32) -> Result<u64> {
     let ticks: u64 = f.get(11).ok_or_else(|| anyhow!("short stat"))?.parse::<u64>()?
         + f.get(12).ok_or_else(|| anyhow!("short stat"))?.parse::<u64>()?;
     Ok(ticks * 10_000_000)
+}
+
+// ---------------------------------------------------------------- local
+
+/// Nanoseconds per operation of DNE's hand-off pieces in one process (no
+/// cache line moves between cores): what the instructions cost by
+/// themselves. Rows: (label, stats).
+pub(crate) fn local_costs(rounds: usize, iters: u64) -> Result<Vec<(&'static str, crate::harness::Stats)>> {
+    let pool = Pool::create("dne-bench-local", Geometry::Chain16K.pool()?, PagePolicy::Normal)?;
+    let ring = Ring::create("dne-bench-local-ring", RING_CAP, TENANT, FN_B, u32::from(SLOT_B))?;
+    let prod = Ring::open(ring.fd().try_clone_to_owned()?)?;
+    let mut cons = ring.into_consumer();
+    let line = pool.region();
+    let mut lease = Some(pool.alloc(64, Owner::Held(SLOT_A)).map_err(|e| anyhow!("alloc: {e}"))?);
+    let mut err: Option<anyhow::Error> = None;
+    let mut out = [Descriptor::default(); 1];
+    let mut store_load = || {
+        // The floor's two operations, through the same checked accessor.
+        if let Ok(a) = line.atomic_u64(64) {
+            a.store(black_box(a.load(Acquire)) + 1, Release);
+        }
+    };
+    let mut push_pop = || {
+        if prod.push(&[desc(FN_A, FN_B, 0, 64, 0)]).is_err() || cons.pop(&mut out) != 1 {
+            err.get_or_insert_with(|| anyhow!("local push/pop failed"));
+        }
+        black_box(&out);
+    };
+    let mut hand_accept = || {
+        // Two hand-offs (A -> B -> A) per call; reported per hand-off below.
+        let Some(l) = lease.take() else { return };
+        let step = |l: shm::Lease, to: u16| -> Option<shm::Lease> {
+            let (head, len) = pool.hand_over(l, Owner::Function(to)).ok()?;
+            pool.accept(&desc(FN_A, FN_B, head, len, 0), to).ok()
+        };
+        lease = step(l, SLOT_B).and_then(|l| step(l, SLOT_A));
+    };
+    let mut accessor = || {
+        black_box(line.atomic_u32(black_box(128)).is_ok());
+    };
+    let stats = crate::harness::interleaved(
+        rounds,
+        iters,
+        &mut [
+            ("store+load", &mut store_load),
+            ("push 1 + pop 1", &mut push_pop),
+            ("hand_over+accept x2", &mut hand_accept),
+            ("accessor", &mut accessor),
+        ],
+    );
+    if let Some(e) = err {
+        return Err(e);
+    }
+    let Some(l) = lease else { bail!("local hand-off failed") };
+    pool.free(l).map_err(|e| anyhow!("free: {e}"))?;
+    let half =
+        |s: crate::harness::Stats| crate::harness::Stats { min: s.min / 2.0, median: s.median / 2.0, max: s.max / 2.0 };
+    Ok(vec![
+        ("atomic store + load (the floor's work per hop)", stats[0]),
+        ("ring push 1 + pop 1 (per hop)", stats[1]),
+        ("hand_over + accept, 1 buffer (per hop)", half(stats[2])),
+        ("Region::atomic_u32 accessor (bounds + alignment check)", stats[3]),
+    ])
 }
