@@ -94,32 +94,47 @@ pub(crate) fn push(c: &impl RingCells, descs: &[Descriptor]) -> Result<Pushed, R
     }
     let cap = u64::from(c.capacity());
     let mut pos = c.tail().load(Relaxed);
+    let want = descs.len() as u64;
     let n = loop {
-        // Batch size from the consumer's published head (a hint), checked
-        // on the last slot of the batch: the consumer frees slots in order,
-        // so if the last one is free for this lap, all before it are.
-        let head = c.head().load(Acquire);
-        let room = cap.saturating_sub(pos.wrapping_sub(head)).min(descs.len() as u64);
-        let n = if room > 1 && free_for(c, pos + room - 1) {
-            room
-        } else if free_for(c, pos) {
-            1
+        // A batch is sized from the consumer's published head (a hint; not
+        // read for a single descriptor, so a one-at-a-time producer never
+        // pulls the consumer's cache line) and checked on the last slot of
+        // the batch: the consumer frees slots in order, so if the last one
+        // is free for this lap, all before it are.
+        let batch = if want > 1 {
+            let head = c.head().load(Acquire);
+            let room = cap.saturating_sub(pos.wrapping_sub(head)).min(want);
+            if room > 1 && free_for(c, pos + room - 1) { room } else { 0 }
         } else {
+            0
+        };
+        let n = if batch > 0 {
+            batch
+        } else {
+            // One read of the slot's sequence decides (reading it twice let
+            // a slot freed in between look like corruption).
+            // Acquire: pairs with the consumer's Release store that freed
+            // the slot, so its read of the old descriptor happens before
+            // our overwrite.
             let seq = c.seq(slot_of(c, pos)).load(Acquire);
-            // Behind our lap: the consumer has not freed it yet.
-            if (seq.wrapping_sub(pos as u32) as i32) < 0 {
-                return Err(RingPushError::Full);
+            match seq.wrapping_sub(pos as u32) as i32 {
+                0 => 1,
+                // Behind our lap: the consumer has not freed it yet.
+                d if d < 0 => return Err(RingPushError::Full),
+                // Ahead: another producer took `pos`, so the tail has moved
+                // on (its CAS happened before the publish we just
+                // acquired). A slot ahead of an unmoved tail cannot happen
+                // in a healthy ring.
+                _ => {
+                    let cur = c.tail().load(Relaxed);
+                    if cur == pos {
+                        return Err(RingPushError::Corrupted);
+                    }
+                    pos = cur;
+                    crate::sync::spin_hint();
+                    continue;
+                }
             }
-            // Another producer took `pos` (then the tail has moved on):
-            // reload and retry. A slot ahead of an unmoved tail cannot
-            // happen in a healthy ring.
-            let cur = c.tail().load(Relaxed);
-            if cur == pos {
-                return Err(RingPushError::Corrupted);
-            }
-            pos = cur;
-            crate::sync::spin_hint();
-            continue;
         };
         // Relaxed is enough on the tail: slot ownership is handed over by
         // the sequence numbers, not by the tail.
@@ -345,6 +360,26 @@ mod loom_tests {
             }
             srcs.sort_unstable();
             assert_eq!(srcs, [0, 1]);
+        });
+    }
+
+    /// A producer pushing into a full ring while the consumer frees a slot
+    /// sees "full" or succeeds, never "corrupted" (a slot freed between
+    /// two reads of its sequence once looked like corruption).
+    #[test]
+    fn full_ring_racing_a_pop_is_never_corrupted() {
+        model(|| {
+            let c = Arc::new(Cells::new(2));
+            push(&*c, &[Descriptor::default(), Descriptor::default()]).unwrap();
+            let p = {
+                let c = c.clone();
+                loom::thread::spawn(move || push(&*c, &[Descriptor::default()]))
+            };
+            let mut head = 0;
+            let mut out = [Descriptor::default(); 1];
+            assert_eq!(pop(&*c, &mut head, &mut out), 1);
+            let r = p.join().unwrap();
+            assert!(matches!(r, Ok(_) | Err(RingPushError::Full)), "{r:?}");
         });
     }
 
