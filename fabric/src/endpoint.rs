@@ -1,0 +1,527 @@
+//! [`Endpoint`]: connections, credits, queued sends and receive checks over
+//! any [`Transport`]. Poll-driven; every table is sized at setup.
+
+use crate::check::{ChainState, HEADER_LEN, check_recv};
+use crate::credit::Credits;
+use crate::{
+    Completion, CompletionError, ConnDepth, ConnId, ConnSetupError, ConnSpec, Memory, RawCompletion, RawPostError,
+    Received, RecvCheckError, RecvWr, RegionId, RegionRegisterError, SendWr, Transport, WorkPostError,
+};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use wire::fabric::Immediate;
+
+/// `user_data` of credit messages (send slots are small indices).
+const CREDIT_TAG: u64 = u64::MAX;
+
+/// Sizes fixed at setup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointConfig {
+    /// Connections.
+    pub max_conns: u32,
+    /// Registered regions.
+    pub max_regions: u32,
+    /// Sends in flight per connection (one more is kept for credits).
+    pub send_window: u32,
+    /// Receives posted per connection.
+    pub recv_depth: u32,
+    /// Sends waiting for credits per connection.
+    pub send_queue: u32,
+    /// Largest message in bytes.
+    pub max_msg: u32,
+    /// Longest chain accepted from a peer.
+    pub max_chain: u16,
+    /// Backend completions taken per poll at most.
+    pub batch: u32,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        Self {
+            max_conns: 16,
+            max_regions: 16,
+            send_window: 64,
+            recv_depth: 128,
+            send_queue: 1024,
+            max_msg: (1 << 20) + wire::fabric::HEADROOM,
+            max_chain: 256,
+            batch: 64,
+        }
+    }
+}
+
+/// A fixed-capacity table of values with a free list.
+#[derive(Debug)]
+struct Slab<T: Copy> {
+    items: Vec<Option<T>>,
+    free: Vec<u32>,
+}
+
+impl<T: Copy> Slab<T> {
+    fn new(n: u32) -> Self {
+        Self { items: vec![None; n as usize], free: (0..n).rev().collect() }
+    }
+
+    fn insert(&mut self, v: T) -> Option<u32> {
+        let i = self.free.pop()?;
+        self.items[i as usize] = Some(v);
+        Some(i)
+    }
+
+    fn get(&self, i: u64) -> Option<T> {
+        self.items.get(usize::try_from(i).ok()?).copied().flatten()
+    }
+
+    fn remove(&mut self, i: u64) -> Option<T> {
+        let idx = usize::try_from(i).ok()?;
+        let v = self.items.get_mut(idx)?.take()?;
+        self.free.push(idx as u32);
+        Some(v)
+    }
+
+    fn used(&self) -> usize {
+        self.items.len() - self.free.len()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Open,
+    Connecting,
+    Up,
+    Failed(CompletionError),
+}
+
+#[derive(Debug)]
+struct Conn {
+    spec: ConnSpec,
+    state: State,
+    credits: Credits,
+    chain: ChainState,
+    queue: VecDeque<SendWr>,
+    sends: Slab<u64>,
+    recvs: Slab<RecvWr>,
+    /// Send completions owed by the backend (data and credit sends).
+    raw_sends: u32,
+}
+
+#[derive(Debug)]
+struct Region {
+    len: u64,
+    /// Byte access, for local memory only.
+    bytes: Option<Arc<shm::Region>>,
+}
+
+/// Counters of an endpoint (monotonic).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointStats {
+    /// Credit messages sent.
+    pub credit_msgs_sent: u64,
+    /// Credit messages received.
+    pub credit_msgs_received: u64,
+    /// Sends that had to wait for credits.
+    pub sends_queued: u64,
+    /// Connections failed because the peer broke the protocol.
+    pub protocol_errors: u64,
+}
+
+/// The engine-facing fabric endpoint over a [`Transport`].
+#[derive(Debug)]
+pub struct Endpoint<T: Transport> {
+    t: T,
+    cfg: EndpointConfig,
+    regions: Vec<Region>,
+    conns: Vec<Conn>,
+    scratch: Vec<RawCompletion>,
+    stats: EndpointStats,
+}
+
+fn valid_imm(imm: u32) -> bool {
+    Immediate(imm).kind().is_some()
+}
+
+impl<T: Transport> Endpoint<T> {
+    /// An endpoint over `t` with fixed sizes.
+    pub fn new(t: T, cfg: EndpointConfig) -> Self {
+        Self {
+            t,
+            cfg,
+            regions: Vec::with_capacity(cfg.max_regions as usize),
+            conns: Vec::with_capacity(cfg.max_conns as usize),
+            scratch: vec![RawCompletion::EMPTY; cfg.batch.max(2) as usize],
+            stats: EndpointStats::default(),
+        }
+    }
+
+    /// The backend.
+    pub fn transport(&self) -> &T {
+        &self.t
+    }
+
+    /// The sizes.
+    pub fn config(&self) -> &EndpointConfig {
+        &self.cfg
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EndpointStats {
+        self.stats
+    }
+
+    /// Registers memory for sends and receives.
+    pub fn register(&mut self, mem: Memory<'_>) -> Result<RegionId, RegionRegisterError> {
+        if self.regions.len() >= self.cfg.max_regions as usize {
+            return Err(RegionRegisterError::Full);
+        }
+        let id = RegionId(self.regions.len() as u32);
+        let bytes = match &mem {
+            Memory::Local(r) => Some(r.clone()),
+            Memory::Export(_) => None,
+        };
+        self.t.register(id, mem)?;
+        let len = self.t.region_len(id).ok_or(RegionRegisterError::Transport(-1))?;
+        self.regions.push(Region { len, bytes });
+        Ok(id)
+    }
+
+    /// Opens a connection for `spec`; returns it and the blob the peer
+    /// passes to its [`connect`](Self::connect). Setup path: may wait
+    /// (bounded) for the backend to start.
+    pub fn open(&mut self, spec: ConnSpec) -> Result<(ConnId, Vec<u8>), ConnSetupError> {
+        if self.conns.len() >= self.cfg.max_conns as usize {
+            return Err(ConnSetupError::Full);
+        }
+        let id = ConnId(self.conns.len() as u32);
+        let depth =
+            ConnDepth { sends: self.cfg.send_window + 1, recvs: self.cfg.recv_depth, max_msg: self.cfg.max_msg };
+        let blob = self.t.open(id, depth)?;
+        self.conns.push(Conn {
+            spec,
+            state: State::Open,
+            credits: Credits::default(),
+            chain: ChainState::default(),
+            queue: VecDeque::with_capacity(self.cfg.send_queue as usize),
+            sends: Slab::new(self.cfg.send_window),
+            recvs: Slab::new(self.cfg.recv_depth),
+            raw_sends: 0,
+        });
+        Ok((id, blob))
+    }
+
+    /// Connects `conn` to the peer's blob; [`Completion::Connected`] follows
+    /// in a later poll. Sends posted before then wait.
+    pub fn connect(&mut self, conn: ConnId, blob: &[u8]) -> Result<(), ConnSetupError> {
+        let c = self.conns.get_mut(conn.0 as usize).ok_or(ConnSetupError::Unknown)?;
+        if c.state != State::Open {
+            return Err(ConnSetupError::State);
+        }
+        self.t.connect(conn, blob)?;
+        c.state = State::Connecting;
+        Ok(())
+    }
+
+    /// Who a connection is for.
+    pub fn spec(&self, conn: ConnId) -> Option<ConnSpec> {
+        self.conns.get(conn.0 as usize).map(|c| c.spec)
+    }
+
+    /// Data sends the peer currently lets us post on `conn`.
+    pub fn credits(&self, conn: ConnId) -> u32 {
+        self.conns.get(conn.0 as usize).map_or(0, |c| c.credits.available())
+    }
+
+    /// Sends waiting for credits on `conn`.
+    pub fn queued(&self, conn: ConnId) -> usize {
+        self.conns.get(conn.0 as usize).map_or(0, |c| c.queue.len())
+    }
+
+    /// Whether the connection is up.
+    pub fn is_up(&self, conn: ConnId) -> bool {
+        self.conns.get(conn.0 as usize).is_some_and(|c| c.state == State::Up)
+    }
+
+    fn check_range(&self, region: RegionId, offset: u64, len: u32) -> Result<(), WorkPostError> {
+        let r = self.regions.get(region.0 as usize).ok_or(WorkPostError::UnknownRegion)?;
+        if offset.checked_add(u64::from(len)).is_none_or(|e| e > r.len) {
+            return Err(WorkPostError::OutOfRange);
+        }
+        Ok(())
+    }
+
+    /// Posts a send. It goes out when the connection is up and the peer
+    /// has granted a credit; until then it waits in the connection's queue.
+    pub fn post_send(&mut self, conn: ConnId, wr: SendWr) -> Result<(), WorkPostError> {
+        if wr.len == 0 {
+            return Err(WorkPostError::Empty);
+        }
+        if wr.len > self.cfg.max_msg {
+            return Err(WorkPostError::TooBig);
+        }
+        if !valid_imm(wr.imm) {
+            return Err(WorkPostError::BadImmediate(wr.imm));
+        }
+        self.check_range(wr.region, wr.offset, wr.len)?;
+        let window = self.cfg.send_window;
+        let c = self.conns.get_mut(conn.0 as usize).ok_or(WorkPostError::UnknownConn)?;
+        if let State::Failed(e) = c.state {
+            return Err(WorkPostError::Failed(e));
+        }
+        if c.queue.is_empty() && c.state == State::Up && c.credits.available() > 0 && c.sends.used() < window as usize {
+            match Self::raw_send(&mut self.t, conn, c, wr) {
+                Ok(()) => return Ok(()),
+                Err(RawPostError::Busy) => {}
+                Err(RawPostError::Conn(e)) => return Err(WorkPostError::Failed(e)),
+                Err(RawPostError::Invalid) => return Err(WorkPostError::OutOfRange),
+            }
+        }
+        if c.queue.len() >= self.cfg.send_queue as usize {
+            return Err(WorkPostError::QueueFull);
+        }
+        self.stats.sends_queued += 1;
+        c.queue.push_back(wr);
+        Ok(())
+    }
+
+    fn raw_send(t: &mut T, conn: ConnId, c: &mut Conn, wr: SendWr) -> Result<(), RawPostError> {
+        let slot = c.sends.insert(wr.token).ok_or(RawPostError::Busy)?;
+        match t.send(conn, Some((wr.region, wr.offset, wr.len)), Some(wr.imm), u64::from(slot)) {
+            Ok(()) => {
+                c.credits.on_send();
+                c.raw_sends += 1;
+                Ok(())
+            }
+            Err(e) => {
+                c.sends.remove(u64::from(slot));
+                Err(e)
+            }
+        }
+    }
+
+    /// Posts a receive on `conn`. Receives beyond the first are granted to
+    /// the peer as credits (the first is kept for its credit messages).
+    pub fn post_recv(&mut self, conn: ConnId, wr: RecvWr) -> Result<(), WorkPostError> {
+        if wr.len == 0 {
+            return Err(WorkPostError::Empty);
+        }
+        self.check_range(wr.region, wr.offset, wr.len)?;
+        let c = self.conns.get_mut(conn.0 as usize).ok_or(WorkPostError::UnknownConn)?;
+        if let State::Failed(e) = c.state {
+            return Err(WorkPostError::Failed(e));
+        }
+        let slot = c.recvs.insert(wr).ok_or(WorkPostError::RecvFull)?;
+        match self.t.recv(conn, (wr.region, wr.offset, wr.len), u64::from(slot)) {
+            Ok(()) => {
+                c.credits.on_post_recv();
+                Ok(())
+            }
+            Err(e) => {
+                c.recvs.remove(u64::from(slot));
+                Err(match e {
+                    RawPostError::Busy => WorkPostError::RecvFull,
+                    RawPostError::Conn(e) => WorkPostError::Failed(e),
+                    RawPostError::Invalid => WorkPostError::OutOfRange,
+                })
+            }
+        }
+    }
+
+    /// Closes `conn`: its outstanding operations complete with
+    /// [`CompletionError::Closed`] in later polls; the peer sees it go.
+    pub fn close(&mut self, conn: ConnId) {
+        self.fail(conn, CompletionError::Closed);
+    }
+
+    fn fail(&mut self, conn: ConnId, error: CompletionError) -> bool {
+        let Some(c) = self.conns.get_mut(conn.0 as usize) else { return false };
+        if matches!(c.state, State::Failed(_)) {
+            return false;
+        }
+        c.state = State::Failed(error);
+        self.t.abort(conn);
+        true
+    }
+
+    /// Makes progress and fills `out` with completions; returns how many.
+    /// Never blocks, never allocates.
+    pub fn poll(&mut self, out: &mut [Completion]) -> usize {
+        let mut n = 0;
+        // Failed connections: sends still queued complete with its error.
+        for (i, c) in self.conns.iter_mut().enumerate() {
+            if let State::Failed(error) = c.state {
+                while n < out.len() {
+                    let Some(wr) = c.queue.pop_front() else { break };
+                    out[n] = Completion::Sent { conn: ConnId(i as u32), token: wr.token, result: Err(error) };
+                    n += 1;
+                }
+            }
+        }
+        // Each backend completion yields at most two of ours.
+        let room = ((out.len() - n) / 2).min(self.scratch.len());
+        if room > 0 {
+            let mut scratch = std::mem::take(&mut self.scratch);
+            let got = self.t.poll(&mut scratch[..room]);
+            for raw in &scratch[..got] {
+                n += self.on_raw(*raw, &mut out[n..]);
+            }
+            self.scratch = scratch;
+        }
+        self.pump();
+        n
+    }
+
+    /// Sends what credits allow, and credit updates that are due.
+    fn pump(&mut self) {
+        let window = self.cfg.send_window as usize;
+        for (i, c) in self.conns.iter_mut().enumerate() {
+            if c.state != State::Up {
+                continue;
+            }
+            let conn = ConnId(i as u32);
+            while c.credits.available() > 0 && c.sends.used() < window {
+                let Some(wr) = c.queue.pop_front() else { break };
+                match Self::raw_send(&mut self.t, conn, c, wr) {
+                    Ok(()) => {}
+                    Err(RawPostError::Busy) => {
+                        c.queue.push_front(wr);
+                        break;
+                    }
+                    // The backend reports the failure as a completion;
+                    // put it back so it completes with the connection's
+                    // error.
+                    Err(_) => {
+                        c.queue.push_front(wr);
+                        break;
+                    }
+                }
+            }
+            if let Some(grant) = c.credits.pending_update() {
+                match self.t.send(conn, None, Some(grant), CREDIT_TAG) {
+                    Ok(()) => {
+                        c.credits.commit_update(grant);
+                        c.raw_sends += 1;
+                        self.stats.credit_msgs_sent += 1;
+                    }
+                    Err(e) => log::debug!("credit update on {conn:?} not posted: {e:?}"),
+                }
+            }
+        }
+    }
+
+    fn on_raw(&mut self, raw: RawCompletion, out: &mut [Completion]) -> usize {
+        match raw {
+            RawCompletion::Connected(conn) => {
+                let Some(c) = self.conns.get_mut(conn.0 as usize) else { return 0 };
+                if c.state != State::Connecting {
+                    return 0;
+                }
+                c.state = State::Up;
+                out[0] = Completion::Connected(conn);
+                1
+            }
+            RawCompletion::ConnFailed(conn, error) => {
+                let Some(c) = self.conns.get_mut(conn.0 as usize) else { return 0 };
+                match c.state {
+                    State::Failed(mine) => {
+                        // We failed it (close, protocol): report our reason
+                        // once, now that the backend has let go.
+                        out[0] = Completion::ConnFailed { conn, error: mine };
+                        1
+                    }
+                    _ => {
+                        c.state = State::Failed(error);
+                        out[0] = Completion::ConnFailed { conn, error };
+                        1
+                    }
+                }
+            }
+            RawCompletion::Sent { conn, user_data, result } => {
+                let Some(c) = self.conns.get_mut(conn.0 as usize) else { return 0 };
+                c.raw_sends = c.raw_sends.saturating_sub(1);
+                if user_data == CREDIT_TAG {
+                    c.credits.on_update_done();
+                    return 0;
+                }
+                let Some(token) = c.sends.remove(user_data) else {
+                    log::warn!("fabric: completion of unknown send {user_data} on {conn:?}");
+                    return 0;
+                };
+                let result = match (result, c.state) {
+                    (Err(_), State::Failed(mine)) => Err(mine),
+                    (r, _) => r,
+                };
+                out[0] = Completion::Sent { conn, token, result };
+                1
+            }
+            RawCompletion::Recv { conn, user_data, len, imm, result } => {
+                self.on_recv(conn, user_data, len, imm, result, out)
+            }
+        }
+    }
+
+    fn on_recv(
+        &mut self,
+        conn: ConnId,
+        user_data: u64,
+        len: u32,
+        imm: Option<u32>,
+        result: Result<(), CompletionError>,
+        out: &mut [Completion],
+    ) -> usize {
+        let max_chain = self.cfg.max_chain;
+        let Some(c) = self.conns.get_mut(conn.0 as usize) else { return 0 };
+        let Some(wr) = c.recvs.get(user_data) else {
+            log::warn!("fabric: completion of unknown receive {user_data} on {conn:?}");
+            return 0;
+        };
+        if let Err(e) = result {
+            c.recvs.remove(user_data);
+            let e = if let State::Failed(mine) = c.state { mine } else { e };
+            out[0] = Completion::Received { conn, token: wr.token, result: Err(e) };
+            return 1;
+        }
+        if len == 0 {
+            // A credit message: take the grant, re-post the receive.
+            let Some(grant) = imm else {
+                c.recvs.remove(user_data);
+                return self.protocol_error(conn, wr.token, RecvCheckError::NoImmediate(0), out);
+            };
+            self.stats.credit_msgs_received += 1;
+            c.credits.on_grant(grant);
+            if self.t.recv(conn, (wr.region, wr.offset, wr.len), user_data).is_err() {
+                c.recvs.remove(user_data);
+                let e = if let State::Failed(mine) = c.state { mine } else { CompletionError::Closed };
+                out[0] = Completion::Received { conn, token: wr.token, result: Err(e) };
+                return 1;
+            }
+            return 0;
+        }
+        c.recvs.remove(user_data);
+        let mut hdr = [0u8; HEADER_LEN];
+        let header = match &self.regions[wr.region.0 as usize].bytes {
+            Some(r) => {
+                let n = HEADER_LEN.min(len as usize);
+                // In bounds: the receive's range was checked at post time.
+                r.copy_out(wr.offset, &mut hdr[..n]).ok().map(|()| &hdr)
+            }
+            None => None,
+        };
+        match check_recv(imm, len, header, &mut c.chain, max_chain) {
+            Ok(frag) => {
+                c.credits.on_data_received();
+                let imm = imm.unwrap_or(0);
+                out[0] = Completion::Received { conn, token: wr.token, result: Ok(Received { len, imm, frag }) };
+                1
+            }
+            Err(e) => self.protocol_error(conn, wr.token, e, out),
+        }
+    }
+
+    fn protocol_error(&mut self, conn: ConnId, token: u64, e: RecvCheckError, out: &mut [Completion]) -> usize {
+        self.stats.protocol_errors += 1;
+        log::warn!("fabric: {conn:?} failed: peer broke the protocol: {e}");
+        let err = CompletionError::Protocol(e);
+        out[0] = Completion::Received { conn, token, result: Err(err) };
+        self.fail(conn, err);
+        1
+    }
+}
