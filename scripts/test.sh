@@ -42,8 +42,8 @@ cargo fmt --manifest-path fuzz/Cargo.toml --check
 step "clippy x86_64"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "build binaries"
-cargo build --workspace --bins --locked
+step "build binaries and libraries (system tests start and link them)"
+cargo build --workspace --locked
 
 step "tests x86_64"
 cargo test --workspace --locked

@@ -15,6 +15,7 @@ use crate::alloc::{self, AllocError, FreeError, PoolCells};
 use crate::region::{AccessError, Backing, PagePolicy, Region, RegionError};
 use crate::sync::{AtomicU32, AtomicU64};
 use core::mem::offset_of;
+use core::ptr::NonNull;
 use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::os::fd::OwnedFd;
 use wire::desc::frag_len;
@@ -130,6 +131,57 @@ impl LocalCache {
 pub struct Pool {
     region: Region,
     layout: PoolLayout,
+    ptrs: Ptrs,
+}
+
+/// Addresses of the allocator's shared fields, resolved and checked once at
+/// open so the hot path does no bounds arithmetic. They point into
+/// `Pool::region`, which lives as long as the `Pool`.
+#[derive(Debug)]
+struct Ptrs {
+    head: NonNull<AtomicU64>,
+    free: NonNull<AtomicU32>,
+    meta: NonNull<u8>,
+    count: u32,
+}
+
+// SAFETY: the pointers target the shared mapping owned by the same `Pool`
+// and are only used for atomics, which any thread may perform.
+unsafe impl Send for Ptrs {}
+// SAFETY: as above.
+unsafe impl Sync for Ptrs {}
+
+impl Ptrs {
+    /// Resolves every address through the checked accessors of `Region`.
+    fn resolve(region: &Region, layout: &PoolLayout) -> Result<Self, AccessError> {
+        let ctl = |f: usize| POOL_CONTROL_OFFSET + f as u64;
+        let count = layout.geometry.buf_count();
+        // The whole metadata table must be inside the mapping: check the
+        // last field of the last entry and the alignment of the first.
+        let last = layout.meta_offset(count - 1).map_or(u64::MAX, |o| o + offset_of!(BufMeta, generation) as u64);
+        region.atomic_u32(last)?;
+        let first = region.atomic_u32(layout.meta_offset(0).unwrap_or(u64::MAX))?;
+        Ok(Self {
+            head: NonNull::from(region.atomic_u64(ctl(offset_of!(PoolControl, free_head)))?),
+            free: NonNull::from(region.atomic_u32(ctl(offset_of!(PoolControl, free_count)))?),
+            meta: NonNull::from(first).cast(),
+            count,
+        })
+    }
+
+    fn meta(&self, i: u32, field: usize) -> &AtomicU32 {
+        // Callers check `i < count` (the `PoolCells` contract); a violation
+        // is a bug in this crate, never peer input, and must not touch
+        // memory outside the table.
+        assert!(i < self.count, "buffer index {i} outside the pool");
+        // SAFETY: `i < count` (asserted) and the table of `count` 16-byte
+        // entries lies inside the mapping (checked in `resolve`), so the
+        // address stays inside it.
+        let p = unsafe { self.meta.add(i as usize * size_of::<BufMeta>() + field) };
+        // SAFETY: `field` is the offset of a u32 field of `BufMeta` and the
+        // table is 4-aligned (checked in `resolve`); lives with `self`.
+        unsafe { p.cast::<AtomicU32>().as_ref() }
+    }
 }
 
 impl Pool {
@@ -140,7 +192,8 @@ impl Pool {
         let region = Region::create(name, len, policy)?;
         let flags = if region.backing() == Backing::HugeTlb { PoolHeader::FLAG_HUGETLB } else { 0 };
         region.write(0, PoolHeader::new(&layout, flags))?;
-        let pool = Self { region, layout };
+        let ptrs = Ptrs::resolve(&region, &layout)?;
+        let pool = Self { region, layout, ptrs };
         alloc::init(&pool);
         Ok(pool)
     }
@@ -150,7 +203,8 @@ impl Pool {
         let region = Region::open(fd)?;
         let header: PoolHeader = region.read(0)?;
         let layout = header.check(region.len() as u64)?;
-        Ok(Self { region, layout })
+        let ptrs = Ptrs::resolve(&region, &layout)?;
+        Ok(Self { region, layout, ptrs })
     }
 
     /// The pool's geometry.
@@ -435,40 +489,28 @@ impl Pool {
     pub fn count_owned(&self, f: impl Fn(Owner) -> bool) -> u32 {
         (0..self.count()).filter(|&i| self.owner(i).is_ok_and(&f)).count() as u32
     }
-
-    fn meta_atomic(&self, i: u32, field: usize) -> &AtomicU32 {
-        // `i < count` is guaranteed by every caller (the `PoolCells`
-        // contract), and the whole table lies inside the mapping (built by
-        // `create`, checked by `PoolHeader::check` in `open`).
-        self.layout
-            .meta_offset(i)
-            .and_then(|o| self.region.atomic_u32(o + field as u64).ok())
-            .expect("buffer metadata index checked by the caller")
-    }
 }
 
 impl PoolCells for Pool {
     fn count(&self) -> u32 {
-        self.layout.geometry.buf_count()
+        self.ptrs.count
     }
     fn head(&self) -> &AtomicU64 {
-        let off = POOL_CONTROL_OFFSET + offset_of!(PoolControl, free_head) as u64;
-        // Inside the mapping and 8-aligned by the layout (64-aligned control
-        // line), which `create`/`open` established.
-        self.region.atomic_u64(off).expect("pool control line is inside the mapping")
+        // SAFETY: checked at open (`Ptrs::resolve`); lives with `self`.
+        unsafe { self.ptrs.head.as_ref() }
     }
     fn free_count(&self) -> &AtomicU32 {
-        let off = POOL_CONTROL_OFFSET + offset_of!(PoolControl, free_count) as u64;
-        self.region.atomic_u32(off).expect("pool control line is inside the mapping")
+        // SAFETY: checked at open (`Ptrs::resolve`); lives with `self`.
+        unsafe { self.ptrs.free.as_ref() }
     }
     fn next_free(&self, i: u32) -> &AtomicU32 {
-        self.meta_atomic(i, offset_of!(BufMeta, next_free))
+        self.ptrs.meta(i, offset_of!(BufMeta, next_free))
     }
     fn next_chain(&self, i: u32) -> &AtomicU32 {
-        self.meta_atomic(i, offset_of!(BufMeta, next_chain))
+        self.ptrs.meta(i, offset_of!(BufMeta, next_chain))
     }
     fn owner(&self, i: u32) -> &AtomicU32 {
-        self.meta_atomic(i, offset_of!(BufMeta, owner))
+        self.ptrs.meta(i, offset_of!(BufMeta, owner))
     }
 }
 

@@ -476,13 +476,14 @@ mod segment {
     use super::{Pushed, RingCells, RingPushError};
     use crate::region::{AccessError, PagePolicy, Region, RegionError};
     use core::mem::offset_of;
+    use core::ptr::NonNull;
     use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
     use std::sync::atomic::{AtomicU32, AtomicU64};
     use std::time::{Duration, Instant};
     use wire::Descriptor;
     use wire::segment::{
         RING_CONSUMER_OFFSET, RING_PRODUCER_OFFSET, RING_SLOT_DESC_OFFSET, RingCursor, RingHeader, RingLayout,
-        SegmentError,
+        RingSlot, SegmentError,
     };
 
     /// A ring could not be created or opened.
@@ -506,6 +507,69 @@ mod segment {
         region: Region,
         layout: RingLayout,
         header: RingHeader,
+        ptrs: Ptrs,
+    }
+
+    /// Addresses of the shared fields, resolved and checked once at open
+    /// so the hot path does no bounds arithmetic. They point into
+    /// `Ring::region`, which lives as long as the `Ring`.
+    #[derive(Debug)]
+    struct Ptrs {
+        tail: NonNull<AtomicU64>,
+        head: NonNull<AtomicU64>,
+        sleeping: NonNull<AtomicU32>,
+        closed: NonNull<AtomicU32>,
+        slots: NonNull<u8>,
+        mask: u32,
+    }
+
+    // SAFETY: the pointers target the shared mapping owned by the same
+    // `Ring`; they are only used for atomics and volatile copies, which any
+    // thread may perform.
+    unsafe impl Send for Ptrs {}
+    // SAFETY: as above.
+    unsafe impl Sync for Ptrs {}
+
+    impl Ptrs {
+        /// Resolves every address through the checked accessors of
+        /// `Region` (bounds and alignment), once.
+        fn resolve(region: &Region, layout: &RingLayout) -> Result<Self, AccessError> {
+            let at64 = |off: u64| region.atomic_u64(off).map(NonNull::from);
+            let at32 = |off: u64| region.atomic_u32(off).map(NonNull::from);
+            let prod = |f: usize| RING_PRODUCER_OFFSET + f as u64;
+            // The whole slot array must be inside the mapping: check its
+            // last byte, and the 4-alignment of slot 0 (slots are 32 B).
+            let last = layout.slot_offset(u64::from(layout.capacity - 1)) + size_of::<RingSlot>() as u64 - 1;
+            region.read::<u8>(last)?;
+            let slot0 = region.atomic_u32(layout.slot_offset(0))?;
+            Ok(Self {
+                tail: at64(prod(offset_of!(RingCursor, pos)))?,
+                head: at64(RING_CONSUMER_OFFSET + offset_of!(RingCursor, pos) as u64)?,
+                // The sleep and closed flags are read on every push: they
+                // live on the producers' line, not beside the head that the
+                // consumer writes on every pop.
+                sleeping: at32(prod(offset_of!(RingCursor, sleeping)))?,
+                closed: at32(prod(offset_of!(RingCursor, closed)))?,
+                slots: NonNull::from(slot0).cast(),
+                mask: layout.capacity - 1,
+            })
+        }
+
+        fn slot(&self, slot: u32) -> NonNull<u8> {
+            // The mask keeps the index inside the checked slot array.
+            let i = (slot & self.mask) as usize;
+            // SAFETY: `i < capacity`, and slots 0..capacity lie inside the
+            // mapping (checked in `resolve`).
+            unsafe { self.slots.add(i * size_of::<RingSlot>()) }
+        }
+
+        fn desc(&self, slot: u32) -> *mut Descriptor {
+            // SAFETY: `RING_SLOT_DESC_OFFSET` + 28 <= 32 bytes of the slot,
+            // which lies inside the checked array (`slot`); the offset is 4
+            // and slots are 32-byte multiples from a 4-aligned start, so the
+            // descriptor (align 4) is aligned.
+            unsafe { self.slot(slot).add(RING_SLOT_DESC_OFFSET) }.cast::<Descriptor>().as_ptr()
+        }
     }
 
     impl Ring {
@@ -523,7 +587,8 @@ mod segment {
             let region = Region::create(name, len, PagePolicy::Normal)?;
             let header = RingHeader::new(&layout, tenant, owner_fn, owner_slot);
             region.write(0, header)?;
-            let ring = Self { region, layout, header };
+            let ptrs = Ptrs::resolve(&region, &layout)?;
+            let ring = Self { region, layout, header, ptrs };
             for slot in 0..capacity {
                 // Slot k starts free for lap 0 (sequence k).
                 ring.seq(slot).store(slot, std::sync::atomic::Ordering::Relaxed);
@@ -537,7 +602,8 @@ mod segment {
             let region = Region::open(fd)?;
             let header: RingHeader = region.read(0)?;
             let layout = header.check(region.len() as u64)?;
-            Ok(Self { region, layout, header })
+            let ptrs = Ptrs::resolve(&region, &layout)?;
+            Ok(Self { region, layout, header, ptrs })
         }
 
         /// The header as read at open.
@@ -581,47 +647,44 @@ mod segment {
             let head = self.head().load(Acquire);
             Consumer { ring: self, head }
         }
-
-        fn cursor(&self, base: u64, field: usize) -> u64 {
-            base + field as u64
-        }
     }
 
     impl RingCells for Ring {
         fn capacity(&self) -> u32 {
             self.layout.capacity
         }
-        // The cursor lines and slots lie inside the mapping and are
-        // aligned: `RingHeader::check` (open) or `RingLayout::new` (create)
-        // established it, so these lookups cannot fail.
         fn tail(&self) -> &AtomicU64 {
-            let off = self.cursor(RING_PRODUCER_OFFSET, offset_of!(RingCursor, pos));
-            self.region.atomic_u64(off).expect("ring layout checked at open")
+            // SAFETY: checked at open (`Ptrs::resolve`); lives with `self`.
+            unsafe { self.ptrs.tail.as_ref() }
         }
         fn head(&self) -> &AtomicU64 {
-            let off = self.cursor(RING_CONSUMER_OFFSET, offset_of!(RingCursor, pos));
-            self.region.atomic_u64(off).expect("ring layout checked at open")
+            // SAFETY: checked at open (`Ptrs::resolve`); lives with `self`.
+            unsafe { self.ptrs.head.as_ref() }
         }
         fn sleeping(&self) -> &AtomicU32 {
-            let off = self.cursor(RING_CONSUMER_OFFSET, offset_of!(RingCursor, sleeping));
-            self.region.atomic_u32(off).expect("ring layout checked at open")
+            // SAFETY: checked at open (`Ptrs::resolve`); lives with `self`.
+            unsafe { self.ptrs.sleeping.as_ref() }
         }
         fn closed(&self) -> &AtomicU32 {
-            let off = self.cursor(RING_CONSUMER_OFFSET, offset_of!(RingCursor, closed));
-            self.region.atomic_u32(off).expect("ring layout checked at open")
+            // SAFETY: checked at open (`Ptrs::resolve`); lives with `self`.
+            unsafe { self.ptrs.closed.as_ref() }
         }
         fn seq(&self, slot: u32) -> &AtomicU32 {
-            let off = self.layout.slot_offset(u64::from(slot));
-            self.region.atomic_u32(off).expect("ring layout checked at open")
+            // SAFETY: `Ptrs::slot` stays inside the checked slot array; the
+            // sequence is the slot's first, 4-aligned field.
+            unsafe { self.ptrs.slot(slot).cast::<AtomicU32>().as_ref() }
         }
         fn write_desc(&self, slot: u32, d: &Descriptor) {
-            let off = self.layout.slot_offset(u64::from(slot)) + RING_SLOT_DESC_OFFSET as u64;
-            // Cannot fail: in bounds and aligned by the checked layout.
-            let _ = self.region.write(off, *d);
+            let p = self.ptrs.desc(slot);
+            // SAFETY: inside the checked slot array and 4-aligned
+            // (`Ptrs::desc`); the slot was claimed by the caller.
+            unsafe { p.write_volatile(*d) };
         }
         fn read_desc(&self, slot: u32) -> Descriptor {
-            let off = self.layout.slot_offset(u64::from(slot)) + RING_SLOT_DESC_OFFSET as u64;
-            self.region.read(off).unwrap_or_default()
+            let p = self.ptrs.desc(slot);
+            // SAFETY: as in `write_desc`; any bytes are a valid `Descriptor`
+            // (`FromBytes`), whatever a peer wrote.
+            unsafe { p.read_volatile() }
         }
     }
 

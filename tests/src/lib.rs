@@ -3,9 +3,10 @@
 //! namespaces).
 //!
 //! Contract:
-//! * [`bin_path`] finds a workspace binary built by `cargo build --workspace
-//!   --bins` (the test command does this first) and fails loudly, naming that
-//!   command, when it is missing;
+//! * [`bin_path`] finds a workspace binary built by `cargo build --workspace`
+//!   (the test command does this first; it also builds the C library that
+//!   the C sample links) and fails loudly, naming that command, when it is
+//!   missing;
 //! * [`Proc`] owns a child process and kills it (SIGKILL) when dropped, so a
 //!   failing test leaves no process behind;
 //! * [`Proc::wait_timeout`] is the watchdog: a test never hangs, it fails
@@ -34,7 +35,7 @@ pub fn bin_path(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
     assert!(
         p.is_file(),
-        "{} not found: build the workspace binaries first (`cargo build --workspace --bins`), \
+        "{} not found: build the workspace binaries first (`cargo build --workspace`), \
          or run everything with `bash scripts/test.sh`",
         p.display()
     );

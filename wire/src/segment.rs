@@ -20,8 +20,9 @@
 //!
 //! ```text
 //! 0                    RingHeader (64 B)
-//! RING_PRODUCER_OFFSET RingCursor: producers' tail (own cache line)
-//! RING_CONSUMER_OFFSET RingCursor: consumer's head and sleep flag
+//! RING_PRODUCER_OFFSET RingCursor: producers' tail, and the consumer's sleep
+//!                      and closed flags (read on every push, written rarely)
+//! RING_CONSUMER_OFFSET RingCursor: consumer's head (written on every pop)
 //! RING_SLOTS_OFFSET    RingSlot x capacity (32 B each: sequence + descriptor)
 //! ```
 
@@ -273,10 +274,10 @@ const _: () = assert!(size_of::<RingHeader>() == 32);
 pub struct RingCursor {
     /// Monotonic position (producers' tail or consumer's head).
     pub pos: u64,
-    /// Consumer cursor only: non-zero while the consumer sleeps on its
+    /// Producer cursor only: non-zero while the consumer sleeps on its
     /// doorbell and wants to be woken.
     pub sleeping: u32,
-    /// Consumer cursor only: non-zero once the consumer is gone (set by
+    /// Producer cursor only: non-zero once the consumer is gone (set by
     /// host-shimd when the function dies); producers stop pushing.
     pub closed: u32,
     /// Must be zero.
