@@ -40,8 +40,9 @@
 //! Modules: [`check`] (what a receiver checks on every message; fuzzed),
 //! [`credit`] (credit accounting), [`endpoint`] (the engine-facing
 //! endpoint over any [`Transport`]), [`doca_backend`] (DOCA RDMA through the
-//! `doca` crate, SDK or emulated), and `verbs` (feature `verbs`, rdma-core
-//! through `sideway`).
+//! `doca` crate, SDK or emulated). The `verbs` backend (rdma-core through
+//! `sideway` 0.4, behind a feature `verbs`) is not written yet; it
+//! implements [`Transport`] like `doca_backend` does.
 #![forbid(unsafe_code)]
 
 pub mod check;
@@ -346,7 +347,7 @@ pub struct ConnDepth {
 
 /// A two-sided RDMA backend: the raw operations, with no credits. Its
 /// completions on one connection come in posting order. Implemented by
-/// [`DocaTransport`] and (feature `verbs`) `verbs::VerbsTransport`; the
+/// [`DocaTransport`] (and, once written, the verbs backend); the
 /// [`Endpoint`] adds credits, queues and receive checks on top.
 pub trait Transport {
     /// Name of the backend, for logs and test output.

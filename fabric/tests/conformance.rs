@@ -3,9 +3,10 @@
 //!
 //! * `doca` (always; the emulated DOCA backend here, the SDK with
 //!   `doca/sdk`);
-//! * `verbs` (feature `verbs-hw-tests`): needs an RDMA device (a RoCE or
-//!   InfiniBand NIC, or SoftRoCE: see the `verbs` module docs); fails
-//!   loudly when there is none.
+//! * `verbs`: not written yet; when it is, add
+//!   `conformance!(verbs, make_verbs, export_verbs)` behind a feature
+//!   `verbs-hw-tests`, with `make_verbs` panicking loudly when no RDMA
+//!   device is found.
 //!
 //! Waiting is bounded by a watchdog; nothing asserts on elapsed time. The
 //! peer-death test also runs the peer in a separate process (this binary
