@@ -21,7 +21,7 @@ declare -a times=()
 t_start=$(date +%s)
 step() {
   local now; now=$(date +%s)
-  [ -n "${cur:-}" ] && times+=("$(printf '%-48s %4ss' "$cur" $((now - t_step)))")
+  [ -n "${cur:-}" ] && times+=("$(printf '%5ss  %s' $((now - t_step)) "$cur")")
   cur="$*"; t_step=$now
   printf '\n==> %s\n' "$*"
 }
