@@ -19,7 +19,7 @@
 
 mod others;
 mod ours;
-mod proc;
+pub(crate) mod proc;
 
 use crate::harness::{Opts, Report, Stats, Suite, Table, fmt_num};
 use anyhow::{Result, bail};
@@ -73,6 +73,8 @@ fn run_peer(role: &str) -> Result<()> {
         "tcp" => others::stream_peer(ctx, true),
         "uds" => others::stream_peer(ctx, false),
         "iox" => others::iox_peer(ctx),
+        super::fabric::FABRIC_ROLE => super::fabric::fabric_peer(ctx),
+        super::fabric::TCP_ROLE => super::fabric::tcp_peer(ctx),
         _ => bail!("unknown peer role {role:?}"),
     }
 }
