@@ -310,15 +310,8 @@ mod tests {
 #[cfg(all(test, loom))]
 mod loom_tests {
     use super::*;
+    use crate::sync::model;
     use loom::sync::Arc;
-
-    /// Exhaustive up to 3 preemptions per execution (the usual bound: the
-    /// known bugs of these algorithms need two).
-    fn model(f: impl Fn() + Sync + Send + 'static) {
-        let mut b = loom::model::Builder::new();
-        b.preemption_bound = Some(3);
-        b.check(f);
-    }
 
     use super::cells::Cells;
 

@@ -36,3 +36,12 @@ impl<T> UnsafeCell<T> {
         f(self.0.get())
     }
 }
+
+/// Runs a loom model, exhaustive up to 3 preemptions per execution (the
+/// usual bound: the known bugs of these algorithms need two).
+#[cfg(all(test, loom))]
+pub(crate) fn model(f: impl Fn() + Sync + Send + 'static) {
+    let mut b = loom::model::Builder::new();
+    b.preemption_bound = Some(3);
+    b.check(f);
+}
