@@ -13,8 +13,9 @@
 //!   credits ([`RECVS`] receives posted, each re-posted as it completes);
 //!   timed until the last send completion (the peer placed it). TCP: each
 //!   message a 4-byte length prefix and N bytes in one write, the receiver
-//!   reading through a 64 KiB buffer; timed until the receiver's 1-byte
-//!   acknowledgement of the last message.
+//!   reading through a 64 KiB buffer (the target's baseline) or, for
+//!   reference, with one read for the prefix and one for the payload; timed
+//!   until the receiver's 1-byte acknowledgement of the last message.
 //!
 //! Both sides busy-poll the fabric on a core of their own (when there are
 //! two); TCP blocks. Rounds of all four measurements are interleaved;
@@ -313,6 +314,10 @@ impl FabricPair {
 
 // ---------------------------------------------------------------- TCP side
 
+/// TCP stream receiver reading through a 64 KiB buffer.
+const BUFFERED: &str = "buf";
+/// TCP stream receiver with one read per prefix and one per payload.
+const UNBUFFERED: &str = "unbuf";
 /// Bytes of the stream's length prefix.
 const PREFIX: usize = 4;
 
@@ -337,8 +342,8 @@ impl TcpPair {
         Ok(Self { peer, s, tx: vec![0x5A; PREFIX + MAX_SIZE], rx: vec![0; MAX_SIZE] })
     }
 
-    fn measure(&mut self, verb: &str, size: usize, n: u64) -> Result<f64> {
-        self.peer.send(&format!("{verb} {size} {n} -"))?;
+    fn measure(&mut self, verb: &str, size: usize, n: u64, mode: &str) -> Result<f64> {
+        self.peer.send(&format!("{verb} {size} {n} {mode}"))?;
         let t = Instant::now();
         if verb == RTT {
             for _ in 0..n {
@@ -359,8 +364,9 @@ impl TcpPair {
 }
 
 /// The TCP peer: `rtt SIZE N -` reads and writes back N bytes, N times;
-/// `rate SIZE N -` reads N length-prefixed messages, then acknowledges
-/// with one byte.
+/// `rate SIZE N MODE` reads N length-prefixed messages ([`BUFFERED`]:
+/// through a 64 KiB buffer; [`UNBUFFERED`]: one read for the prefix, one
+/// for the payload), then acknowledges with one byte.
 pub(crate) fn tcp_peer(mut ctx: PeerCtx) -> Result<()> {
     let s = TcpStream::connect(std::env::var(ADDR_ENV)?)?;
     s.set_nodelay(true)?;
@@ -376,23 +382,30 @@ pub(crate) fn tcp_peer(mut ctx: PeerCtx) -> Result<()> {
         match cmd.verb.as_str() {
             RTT => {
                 for _ in 0..cmd.n {
-                    r.read_exact(&mut rx[..size])?;
+                    r.get_mut().read_exact(&mut rx[..size])?;
                     w.write_all(&tx[..size])?;
                 }
             }
             RATE => {
+                let buffered = cmd.mode == BUFFERED;
                 for _ in 0..cmd.n {
                     let mut p = [0u8; PREFIX];
-                    r.read_exact(&mut p)?;
+                    let src: &mut dyn Read = if buffered { &mut r } else { r.get_mut() };
+                    src.read_exact(&mut p)?;
                     let len = u32::from_le_bytes(p) as usize;
                     if len > MAX_SIZE {
                         bail!("message of {len} bytes");
                     }
-                    r.read_exact(&mut rx[..len])?;
+                    src.read_exact(&mut rx[..len])?;
                 }
                 w.write_all(&[1])?;
             }
             v => bail!("unknown command {v:?}"),
+        }
+        // The sender waits for this reply before it sends again, so
+        // nothing may be left in the buffer.
+        if !r.buffer().is_empty() {
+            bail!("{} bytes beyond the last message", r.buffer().len());
         }
         ctx.say("done")?;
     }
@@ -415,7 +428,7 @@ fn ops_for(budget: Duration, ns: f64, min: u64) -> u64 {
 
 fn run(opts: &Opts) -> Result<Report> {
     let plan = if opts.quick {
-        Plan { rounds: 3, budget: Duration::from_millis(60) }
+        Plan { rounds: 5, budget: Duration::from_millis(60) }
     } else {
         Plan { rounds: 9, budget: Duration::from_millis(250) }
     };
@@ -425,13 +438,15 @@ fn run(opts: &Opts) -> Result<Report> {
 
     // Per size and measurement (fabric rtt, tcp rtt, fabric rate, tcp rate):
     // operations per round, calibrated on a short warm-up.
-    const M: usize = 4;
-    let verbs = [RTT, RTT, RATE, RATE];
+    // (fabric?, verb, mode) of each measurement.
+    const M: usize = 5;
+    let plan_m: [(bool, &str, &str); M] =
+        [(true, RTT, "-"), (false, RTT, "-"), (true, RATE, "-"), (false, RATE, BUFFERED), (false, RATE, UNBUFFERED)];
     let mut n = [[0u64; M]; SIZES.len()];
     for (si, &size) in SIZES.iter().enumerate() {
-        for (m, verb) in verbs.iter().enumerate() {
-            let (warm, min) = if *verb == RTT { (50, 20) } else { (2 * IN_FLIGHT, 2 * IN_FLIGHT) };
-            let ns = if m % 2 == 0 { fab.measure(verb, size, warm)? } else { tcp.measure(verb, size, warm)? };
+        for (m, &(is_fab, verb, mode)) in plan_m.iter().enumerate() {
+            let (warm, min) = if verb == RTT { (50, 20) } else { (2 * IN_FLIGHT, 2 * IN_FLIGHT) };
+            let ns = if is_fab { fab.measure(verb, size, warm)? } else { tcp.measure(verb, size, warm, mode)? };
             n[si][m] = ops_for(plan.budget, ns, min);
         }
     }
@@ -442,23 +457,23 @@ fn run(opts: &Opts) -> Result<Report> {
     let mut credit_split = [(0u64, 0u64); 2];
     for _ in 0..plan.rounds {
         for (si, &size) in SIZES.iter().enumerate() {
-            for (m, verb) in verbs.iter().enumerate() {
+            for (m, &(is_fab, verb, mode)) in plan_m.iter().enumerate() {
                 let k = n[si][m];
-                let ns = if m % 2 == 0 {
+                let ns = if is_fab {
                     let before = (fab.side.ep.stats().credit_msgs_sent, fab.peer_credits);
                     let ns = fab.measure(verb, size, k)?;
                     let after = (fab.side.ep.stats().credit_msgs_sent, fab.peer_credits);
-                    let which = usize::from(*verb == RATE);
+                    let which = usize::from(verb == RATE);
                     credit_split[which].0 += after.0 - before.0;
                     credit_split[which].1 += after.1 - before.1;
-                    if *verb == RTT {
+                    if verb == RTT {
                         rtt_msgs += k;
                     } else {
                         stream_msgs += k;
                     }
                     ns
                 } else {
-                    tcp.measure(verb, size, k)?
+                    tcp.measure(verb, size, k, mode)?
                 };
                 samples[si][m].push(ns);
             }
@@ -479,17 +494,31 @@ fn run(opts: &Opts) -> Result<Report> {
     );
     let mut rate = Table::new(
         format!(
-            "one-way stream (median of {} rounds; fabric <= {IN_FLIGHT} sends posted, {} receives; target fabric >= {RATE_TARGET}x TCP)",
+            "one-way stream (median of {} rounds; fabric <= {IN_FLIGHT} sends posted, {} receives; \
+             TCP receiver buffered (64 KiB) or one read per prefix and payload; \
+             target fabric >= {RATE_TARGET}x buffered TCP)",
             plan.rounds, RECVS
         ),
-        &["size", "fabric msg/s", "fabric GB/s", "TCP msg/s", "TCP GB/s", "fabric/TCP", "target"],
+        &[
+            "size",
+            "fabric msg/s",
+            "fabric GB/s",
+            "TCP msg/s",
+            "TCP GB/s",
+            "fabric/TCP",
+            "target",
+            "TCP unbuf msg/s",
+            "fabric/unbuf",
+        ],
     );
     let (mut rtt_worst, mut rate_worst) = ((0.0f64, 0usize), (f64::INFINITY, 0usize));
     let us = |ns: f64| fmt_num(ns / 1000.0);
     let met = |ok: bool| if ok { "met" } else { "MISSED" }.to_owned();
     let mut keys = Vec::new();
+    let mut unbuf_worst = f64::INFINITY;
     for (si, &size) in SIZES.iter().enumerate() {
-        let [f_rtt, t_rtt, f_rate, t_rate] = [stats[si][0], stats[si][1], stats[si][2], stats[si][3]];
+        let [f_rtt, t_rtt, f_rate, t_rate, u_rate] =
+            [stats[si][0], stats[si][1], stats[si][2], stats[si][3], stats[si][4]];
         let r = f_rtt.median / t_rtt.median;
         if r > rtt_worst.0 {
             rtt_worst = (r, si);
@@ -503,11 +532,12 @@ fn run(opts: &Opts) -> Result<Report> {
             fmt_num(r),
             met(r <= RTT_TARGET),
         ]);
-        let (f_mps, t_mps) = (1e9 / f_rate.median, 1e9 / t_rate.median);
+        let (f_mps, t_mps, u_mps) = (1e9 / f_rate.median, 1e9 / t_rate.median, 1e9 / u_rate.median);
         let q = f_mps / t_mps;
         if q < rate_worst.0 {
             rate_worst = (q, si);
         }
+        unbuf_worst = unbuf_worst.min(f_mps / u_mps);
         let gbs = |mps: f64| fmt_num(mps * size as f64 / 1e9);
         rate.row(vec![
             SIZE_NAMES[si].into(),
@@ -517,8 +547,10 @@ fn run(opts: &Opts) -> Result<Report> {
             gbs(t_mps),
             fmt_num(q),
             met(q >= RATE_TARGET),
+            fmt_num(u_mps),
+            fmt_num(f_mps / u_mps),
         ]);
-        keys.push((si, f_rtt.median / 1000.0, t_rtt.median / 1000.0, f_mps, t_mps));
+        keys.push((si, f_rtt.median / 1000.0, t_rtt.median / 1000.0, f_mps, t_mps, u_mps));
     }
     let per = |c: u64, msgs: u64| if msgs == 0 { 0.0 } else { c as f64 / msgs as f64 };
     let mut notes =
@@ -539,12 +571,14 @@ fn run(opts: &Opts) -> Result<Report> {
     report.put("rate_ratio_worst_size", SIZE_KEYS[rate_worst.1]);
     report.put("rtt_target", if rtt_ok { "met" } else { "missed" });
     report.put("rate_target", if rate_ok { "met" } else { "missed" });
-    for (si, f_rtt, t_rtt, f_mps, t_mps) in keys {
+    report.put("rate_ratio_vs_tcp_unbuffered_min", unbuf_worst);
+    for (si, f_rtt, t_rtt, f_mps, t_mps, u_mps) in keys {
         let k = SIZE_KEYS[si];
         report.put(&format!("fabric_rtt_us_{k}"), f_rtt);
         report.put(&format!("tcp_rtt_us_{k}"), t_rtt);
         report.put(&format!("fabric_rate_mps_{k}"), f_mps);
         report.put(&format!("tcp_rate_mps_{k}"), t_mps);
+        report.put(&format!("tcp_unbuf_rate_mps_{k}"), u_mps);
     }
     report.put("max_msg", u64::from(cfg().max_msg));
     report.put("credit_msgs_per_msg_stream", per(credit_split[1].1, stream_msgs));
