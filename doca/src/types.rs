@@ -79,6 +79,21 @@ pub enum CtxState {
     Stopping,
 }
 
+impl CtxState {
+    /// The stop request of DOCA's context state machine: a `Starting` or
+    /// `Running` context moves to `Stopping` (finished later, inside
+    /// progress); any other state refuses with `BAD_STATE`.
+    pub fn request_stop(&mut self) -> Result<(), crate::DocaError> {
+        match self {
+            CtxState::Running | CtxState::Starting => {
+                *self = CtxState::Stopping;
+                Ok(())
+            }
+            _ => Err(crate::DocaError::BAD_STATE),
+        }
+    }
+}
+
 /// Configuration of an RDMA context, fixed before start (DOCA task pools are
 /// sized at configure time; running out is an explicit error).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -418,14 +418,7 @@ macro_rules! ctx_common {
             /// with `SHUTDOWN` inside `progress()`; the context is `Idle` once
             /// their completions have been taken.
             pub fn stop(&self) -> Result<(), DocaError> {
-                let mut st = self.st();
-                match st.state {
-                    CtxState::Running | CtxState::Starting => {
-                        st.state = CtxState::Stopping;
-                        Ok(())
-                    }
-                    _ => Err(DocaError::BAD_STATE),
-                }
+                self.st().state.request_stop()
             }
 
             /// Takes the next event. A message's bytes are copied into

@@ -211,14 +211,7 @@ impl Rdma {
     /// `progress()`, and the context becomes `Idle` once their completions
     /// have been taken.
     pub fn stop(&self) -> Result<(), DocaError> {
-        let mut st = self.st();
-        match st.state {
-            CtxState::Running | CtxState::Starting => {
-                st.state = CtxState::Stopping;
-                Ok(())
-            }
-            _ => Err(DocaError::BAD_STATE),
-        }
+        self.st().state.request_stop()
     }
 
     /// Creates a connection and returns its blob for the peer's
