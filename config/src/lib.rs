@@ -113,6 +113,10 @@ pub struct Tenant {
     /// (checked by host-shimd from the kernel's peer credentials).
     #[serde(default)]
     pub uid: Option<u32>,
+    /// Optional API key the ingress requires from the tenant's clients
+    /// (`Authorization: Bearer KEY`); `None`: no key checked.
+    #[serde(default)]
+    pub api_key: Option<String>,
 }
 
 fn default_buf_size() -> u32 {
@@ -169,6 +173,34 @@ fn default_timeout() -> u32 {
     5000
 }
 
+/// An ingress: the cluster edge. It is a fabric node too; its node id
+/// follows the worker nodes' ([`Cluster::ingress_node_id`]).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ingress {
+    /// Unique name (among nodes and ingresses).
+    pub name: String,
+    /// Fabric listen address (`host:port`), where agents send replies.
+    pub address: String,
+    /// HTTP listen address (`host:port`).
+    pub http: String,
+    /// Directory of the ingress's shared-memory names.
+    pub runtime_dir: PathBuf,
+    /// Largest request body accepted, in bytes (413 beyond).
+    #[serde(default = "default_body_limit")]
+    pub body_limit: u32,
+    /// Buffers of the ingress's own pool per tenant (tenant `buf_size`).
+    #[serde(default = "default_ingress_buffers")]
+    pub buffers: u32,
+}
+
+fn default_body_limit() -> u32 {
+    1 << 20
+}
+fn default_ingress_buffers() -> u32 {
+    1024
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
@@ -180,6 +212,8 @@ struct Raw {
     function: Vec<Function>,
     #[serde(default)]
     route: Vec<Route>,
+    #[serde(default)]
+    ingress: Vec<Ingress>,
 }
 
 /// A validated cluster.
@@ -193,6 +227,8 @@ pub struct Cluster {
     pub functions: Vec<Function>,
     /// Routes; route id = index.
     pub routes: Vec<Route>,
+    /// Ingresses; fabric node id = `nodes.len()` + index.
+    pub ingresses: Vec<Ingress>,
 }
 
 /// A cluster file that cannot be used.
@@ -248,7 +284,13 @@ impl Cluster {
     /// Parses and validates cluster TOML.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let raw: Raw = toml::from_str(text)?;
-        let c = Cluster { nodes: raw.node, tenants: raw.tenant, functions: raw.function, routes: raw.route };
+        let c = Cluster {
+            nodes: raw.node,
+            tenants: raw.tenant,
+            functions: raw.function,
+            routes: raw.route,
+            ingresses: raw.ingress,
+        };
         c.validate()?;
         Ok(c)
     }
@@ -268,6 +310,27 @@ impl Cluster {
             }
         }
         unique("node", self.nodes.iter().map(|n| n.name.as_str()))?;
+        unique("ingress", self.ingresses.iter().map(|n| n.name.as_str()))?;
+        for (i, g) in self.ingresses.iter().enumerate() {
+            let f = |name: &str| format!("ingress[{i}].{name}");
+            if self.node_id(&g.name).is_some() {
+                return Err(bad(f("name"), format!("\"{}\" is also a node's name", g.name)));
+            }
+            for (field, addr) in [("address", &g.address), ("http", &g.http)] {
+                if addr.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(bad(f(field), format!("\"{addr}\" is not host:port")));
+                }
+            }
+            if g.body_limit == 0 {
+                return Err(bad(f("body_limit"), "must be at least 1"));
+            }
+            if g.buffers < 2 {
+                return Err(bad(f("buffers"), "must be at least 2"));
+            }
+        }
+        if self.nodes.len() + self.ingresses.len() >= usize::from(u16::MAX) {
+            return Err(bad("ingress", "too many nodes and ingresses"));
+        }
         unique("tenant", self.tenants.iter().map(|t| t.name.as_str()))?;
         unique("function", self.functions.iter().map(|f| f.name.as_str()))?;
         for (i, n) in self.nodes.iter().enumerate() {
@@ -296,6 +359,9 @@ impl Cluster {
                     f("recv_quota"),
                     format!("pool of {} buffers is not larger than the receive quota {}", t.buffers, t.recv_quota),
                 ));
+            }
+            if t.api_key.as_deref() == Some("") {
+                return Err(bad(f("api_key"), "empty; omit it for no key"));
             }
             if t.rate_cap_mbps == Some(0) {
                 return Err(bad(f("rate_cap_mbps"), "0 would block the tenant; omit it for no cap"));
@@ -352,6 +418,28 @@ impl Cluster {
     /// Id of the node called `name`.
     pub fn node_id(&self, name: &str) -> Option<u16> {
         position(self.nodes.iter().map(|n| n.name.as_str()), name)
+    }
+
+    /// Fabric node id of ingress `i` (after every worker node).
+    pub fn ingress_node_id(&self, i: usize) -> Option<u16> {
+        if i < self.ingresses.len() { u16::try_from(self.nodes.len() + i).ok() } else { None }
+    }
+
+    /// Fabric address of fabric node `id` (a worker node or an ingress).
+    pub fn fabric_address(&self, id: u16) -> Option<&str> {
+        let i = usize::from(id);
+        match self.nodes.get(i) {
+            Some(n) => Some(&n.address),
+            None => self.ingresses.get(i - self.nodes.len()).map(|g| g.address.as_str()),
+        }
+    }
+
+    /// Fabric node id of the node or ingress called `name`.
+    pub fn fabric_node_id(&self, name: &str) -> Option<u16> {
+        self.node_id(name).or_else(|| {
+            position(self.ingresses.iter().map(|g| g.name.as_str()), name)
+                .and_then(|i| self.ingress_node_id(usize::from(i)))
+        })
     }
 
     /// Id of the tenant called `name`.
@@ -433,6 +521,12 @@ path = "/"
 tenant = "globex"
 chain = ["echo"]
 timeout_ms = 100
+
+[[ingress]]
+name = "edge"
+address = "127.0.0.1:7100"
+http = "127.0.0.1:8080"
+runtime_dir = "/tmp/dne/edge"
 "#;
 
     #[test]
@@ -447,6 +541,12 @@ timeout_ms = 100
         assert_eq!(c.functions[1].instances, 2);
         assert_eq!(c.routes[1].timeout_ms, 100);
         assert_eq!(c.pool_geometry(1).unwrap().payload_cap(), 4096 - 64);
+        assert_eq!(c.ingresses[0].body_limit, 1 << 20);
+        assert_eq!(c.ingress_node_id(0), Some(2));
+        assert_eq!(c.fabric_node_id("edge"), Some(2));
+        assert_eq!(c.fabric_address(2), Some("127.0.0.1:7100"));
+        assert_eq!(c.fabric_address(1), Some("127.0.0.1:7102"));
+        assert_eq!(c.fabric_address(3), None);
     }
 
     fn err(edit: impl Fn(&str) -> String) -> String {
@@ -482,6 +582,9 @@ timeout_ms = 100
             ("rate_cap_mbps = 100", "rate_cap_mbps = 0", "tenant[1].rate_cap_mbps"),
             ("name = \"acme\"", "name = \"ac me\"", "tenant[0].name"),
             ("weight = 6", "weight = 6\ncolour = \"red\"", "unknown field `colour`"),
+            ("name = \"edge\"", "name = \"node-b\"", "ingress[0].name: \"node-b\" is also a node's name"),
+            ("http = \"127.0.0.1:8080\"", "http = \"x\"", "ingress[0].http"),
+            ("weight = 6", "weight = 6\napi_key = \"\"", "tenant[0].api_key"),
         ];
         for (from, to, want) in cases {
             let got = err(|s| s.replacen(from, to, 1));

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use std::fmt::Write as _;
+use std::path::PathBuf;
 
 /// DNE, the DPU network engine.
 #[derive(Debug, Parser)]
@@ -19,6 +20,12 @@ pub enum Command {
     /// the layout hash. Builds for different machines (x86_64 host,
     /// aarch64 DPU) must print the same text to work together.
     Layout,
+    /// Validate a cluster file: prints a summary, or fails naming the bad
+    /// field.
+    CheckConfig {
+        /// The cluster file (TOML).
+        file: PathBuf,
+    },
 }
 
 /// `--version` text: the crate version and the target triple, so an operator
@@ -36,6 +43,18 @@ pub fn run(cli: &Cli) -> anyhow::Result<String> {
             wire::layout::write_layout_table(&mut out)?;
             Ok(out)
         }
+        Command::CheckConfig { ref file } => {
+            let c = config::Cluster::load(file)?;
+            Ok(format!(
+                "{}: ok: {} nodes, {} tenants, {} functions, {} routes, {} ingresses\n",
+                file.display(),
+                c.nodes.len(),
+                c.tenants.len(),
+                c.functions.len(),
+                c.routes.len(),
+                c.ingresses.len()
+            ))
+        }
     }
 }
 
@@ -49,6 +68,23 @@ mod tests {
         let out = run(&cli).unwrap();
         assert!(out.contains("Descriptor "));
         assert!(out.trim_end().ends_with(&format!("layout_hash={:#018x}", wire::LAYOUT_HASH)));
+    }
+
+    #[test]
+    fn check_config_names_the_bad_field() {
+        let dir = std::env::temp_dir().join(format!("dne-check-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        let text = "[[node]]\nname = \"a\"\naddress = \"127.0.0.1:7101\"\nruntime_dir = \"/tmp/a\"\n\n\
+                    [[tenant]]\nname = \"t\"\nweight = 1\nbuffers = 64\nrecv_quota = 8\n";
+        std::fs::write(&good, text).unwrap();
+        let cli = Cli::try_parse_from(["dpu-agent", "check-config", good.to_str().unwrap()]).unwrap();
+        assert!(run(&cli).unwrap().contains("ok: 1 nodes, 1 tenants"));
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, text.replace("weight = 1", "weight = 0")).unwrap();
+        let cli = Cli::try_parse_from(["dpu-agent", "check-config", bad.to_str().unwrap()]).unwrap();
+        assert_eq!(run(&cli).unwrap_err().to_string(), "tenant[0].weight: weight must be at least 1");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
