@@ -333,6 +333,9 @@ impl Cluster {
         }
         unique("tenant", self.tenants.iter().map(|t| t.name.as_str()))?;
         unique("function", self.functions.iter().map(|f| f.name.as_str()))?;
+        if let Some(i) = self.functions.iter().position(|f| f.name.starts_with('.')) {
+            return Err(bad(format!("function[{i}].name"), "names starting with . are reserved"));
+        }
         for (i, n) in self.nodes.iter().enumerate() {
             if n.address.parse::<std::net::SocketAddr>().is_err() {
                 return Err(bad(format!("node[{i}].address"), format!("\"{}\" is not host:port", n.address)));

@@ -12,6 +12,13 @@
 //!   senders stop, and returns every buffer it owned to the free list; it
 //!   scans again after a grace period to catch a sender that handed a
 //!   buffer over just as the function died, and only then reuses the slot.
+//! * Keeps one uplink ring per tenant for the node's agent (slot
+//!   [`AGENT_SLOT`]): the agent attaches once per tenant under the name
+//!   [`AGENT_NAME`], and a function's lookup of a function on another node
+//!   (or of [`AGENT_NAME`], for replies to the ingress) answers with that
+//!   ring. The ring outlives the agent: when the agent dies only the buffers
+//!   it held are reclaimed, descriptors waiting in the ring wait for the
+//!   restarted agent.
 //! * Writes counters to `<runtime_dir>/shimd.status` (JSON) after every
 //!   change, for operators and tests.
 
@@ -25,14 +32,30 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use wire::ctrl::{Ack, AttachOk, CTRL_MAX_FRAME, CtrlError, CtrlKind, CtrlMsg, Peer, Role};
+use wire::ctrl::{AGENT_NAME, Ack, AttachOk, CTRL_MAX_FRAME, CtrlError, CtrlKind, CtrlMsg, Peer, Role};
+use wire::segment::AGENT_SLOT;
 use wire::{CtrlFrame, ErrorCode};
+
+/// Slots of each tenant's uplink ring (functions to the agent).
+pub const UPLINK_CAPACITY: u32 = 4096;
+
+/// Function id the agent's attach reply carries (it is no function).
+const NO_FUNCTION: u16 = u16::MAX;
+
+struct Uplink {
+    ring: Ring,
+    bell: Doorbell,
+    /// Whether an agent is attached for this tenant now.
+    attached: bool,
+}
 
 /// How long after a death the buffers are scanned again and the slot kept
 /// out of use.
 pub const RECLAIM_GRACE: Duration = Duration::from_millis(200);
 
 struct Attached {
+    /// The agent's attach (its ring is the tenant's uplink, which stays).
+    agent: bool,
     tenant: u16,
     function: u16,
     instance: u16,
@@ -45,7 +68,8 @@ struct Client {
     conn: Conn,
     pid: i32,
     uid: u32,
-    hello: bool,
+    /// The role announced in Hello (`None` before Hello).
+    role: Option<Role>,
     attached: Option<Attached>,
 }
 
@@ -73,6 +97,7 @@ pub struct Shimd {
     dir: PathBuf,
     listener: Listener,
     pools: HashMap<u16, Pool>,
+    uplinks: HashMap<u16, Uplink>,
     clients: Vec<Client>,
     next_slot: u16,
     free_slots: Vec<u16>,
@@ -114,17 +139,26 @@ impl Shimd {
         let node_id = cfg.node_id(node).ok_or_else(|| anyhow::anyhow!("node \"{node}\" is not in the config"))?;
         let dir = cfg.nodes[usize::from(node_id)].runtime_dir.clone();
         std::fs::create_dir_all(&dir)?;
+        // Every tenant has a pool on every node: messages of a tenant
+        // arriving from other nodes land in it even when none of its
+        // functions runs here (a reply passing through, an error).
         let mut pools = HashMap::new();
-        for f in cfg.functions.iter().filter(|f| f.node == node) {
-            let t = cfg.tenant_id(&f.tenant).expect("validated config");
-            if pools.contains_key(&t) {
-                continue;
-            }
+        let mut uplinks = HashMap::new();
+        for (t, tenant) in (0u16..).zip(&cfg.tenants) {
             let g = cfg.pool_geometry(t).expect("validated config");
-            let pool = Pool::create(&format!("dne-{}", f.tenant), g, PagePolicy::Auto)?;
+            let pool = Pool::create(&format!("dne-{}", tenant.name), g, PagePolicy::Auto)?;
+            let ring = Ring::create(
+                &format!("dne-uplink-{}", tenant.name),
+                UPLINK_CAPACITY,
+                t,
+                NO_FUNCTION,
+                u32::from(AGENT_SLOT),
+            )
+            .map_err(io::Error::other)?;
+            uplinks.insert(t, Uplink { ring, bell: Doorbell::new()?, attached: false });
             log::info!(
                 "pool of tenant {}: {} buffers of {} B, {} MiB, {}",
-                f.tenant,
+                tenant.name,
                 g.buf_count(),
                 g.buf_size(),
                 pool.region().len() >> 20,
@@ -139,6 +173,7 @@ impl Shimd {
             dir,
             listener,
             pools,
+            uplinks,
             clients: Vec::new(),
             next_slot: 0,
             free_slots: Vec::new(),
@@ -201,7 +236,7 @@ impl Shimd {
                     conn,
                     pid: cred.pid.as_raw_nonzero().get(),
                     uid: cred.uid.as_raw(),
-                    hello: false,
+                    role: None,
                     attached: None,
                 }),
                 Err(e) => log::warn!("dropping a connection without peer credentials: {e}"),
@@ -232,7 +267,8 @@ impl Shimd {
         };
         let reply = match frame.msg {
             CtrlMsg::Hello(h) => {
-                if h.layout_hash != wire::LAYOUT_HASH || h.role != Role::Function as u8 {
+                let role = Role::from_u8(h.role).filter(|r| matches!(r, Role::Function | Role::Agent));
+                if h.layout_hash != wire::LAYOUT_HASH || role.is_none() || self.clients[i].role.is_some() {
                     let _ = self.clients[i].conn.send(
                         &CtrlFrame {
                             seq: frame.seq,
@@ -242,7 +278,7 @@ impl Shimd {
                     );
                     return self.gone(i, "speaks other layouts");
                 }
-                self.clients[i].hello = true;
+                self.clients[i].role = role;
                 None
             }
             CtrlMsg::Attach(a) => Some(self.attach(i, frame.seq, &a)),
@@ -280,8 +316,11 @@ impl Shimd {
         let (Ok(tenant_name), Ok(fn_name)) = (a.tenant.as_str(), a.function.as_str()) else {
             return self.refuse(i, seq, ErrorCode::BadDescriptor, "attach", u16::MAX, u16::MAX);
         };
-        if !self.clients[i].hello || self.clients[i].attached.is_some() {
+        if self.clients[i].role.is_none() || self.clients[i].attached.is_some() {
             return self.refuse(i, seq, ErrorCode::BadRoute, "attach", u16::MAX, u16::MAX);
+        }
+        if self.clients[i].role == Some(Role::Agent) {
+            return self.attach_agent(i, seq, tenant_name, fn_name);
         }
         let Some(fid) = self.cfg.function_id(fn_name) else {
             return self.refuse(i, seq, ErrorCode::UnknownFunction, "attach", u16::MAX, u16::MAX);
@@ -307,7 +346,7 @@ impl Shimd {
         };
         let slot = match self.free_slots.pop() {
             Some(s) => s,
-            None if self.next_slot < u16::MAX => {
+            None if self.next_slot < AGENT_SLOT => {
                 self.next_slot += 1;
                 self.next_slot - 1
             }
@@ -336,15 +375,79 @@ impl Shimd {
             .conn
             .send(&CtrlFrame { seq, msg: CtrlMsg::AttachOk(ok) }, &[pool.region().fd(), ring.fd(), bell.fd()])?;
         log::info!("pid {} attached as {fn_name}#{instance} (tenant {tenant_name}, slot {slot})", self.clients[i].pid);
-        self.clients[i].attached = Some(Attached { tenant: tid, function: fid, instance, slot, ring, bell });
+        self.clients[i].attached =
+            Some(Attached { agent: false, tenant: tid, function: fid, instance, slot, ring, bell });
         self.stats.attached += 1;
         Ok(())
     }
 
+    /// The agent attaches to a tenant's pool and uplink ring (one agent per
+    /// tenant at a time).
+    fn attach_agent(&mut self, i: usize, seq: u32, tenant_name: &str, fn_name: &str) -> io::Result<()> {
+        let Some(tid) = self.cfg.tenant_id(tenant_name) else {
+            return self.refuse(i, seq, ErrorCode::TenantMismatch, "attach", u16::MAX, u16::MAX);
+        };
+        if fn_name != AGENT_NAME {
+            return self.refuse(i, seq, ErrorCode::BadRoute, "attach", tid, u16::MAX);
+        }
+        let up = &self.uplinks[&tid];
+        if up.attached {
+            return self.refuse(i, seq, ErrorCode::Overloaded, "attach", tid, u16::MAX);
+        }
+        let ring = Ring::open(up.ring.fd().try_clone_to_owned()?).map_err(io::Error::other)?;
+        let bell = Doorbell::from_fd(up.bell.fd().try_clone_to_owned()?);
+        let pool = &self.pools[&tid];
+        let g = pool.geometry();
+        let ok = AttachOk {
+            tenant: tid,
+            function: NO_FUNCTION,
+            instance: 0,
+            slot: AGENT_SLOT,
+            buf_size: g.buf_size(),
+            buf_count: g.buf_count(),
+            headroom: g.headroom(),
+            max_chain: g.max_chain(),
+            ring_capacity: UPLINK_CAPACITY,
+            reserved: 0,
+            pool_len: pool.region().len() as u64,
+            ring_len: wire::segment::RingLayout::new(UPLINK_CAPACITY).map(|l| l.total_len).unwrap_or(0),
+        };
+        self.clients[i]
+            .conn
+            .send(&CtrlFrame { seq, msg: CtrlMsg::AttachOk(ok) }, &[pool.region().fd(), up.ring.fd(), up.bell.fd()])?;
+        log::info!("agent (pid {}) attached to tenant {tenant_name}", self.clients[i].pid);
+        if let Some(up) = self.uplinks.get_mut(&tid) {
+            up.attached = true;
+        }
+        self.clients[i].attached = Some(Attached {
+            agent: true,
+            tenant: tid,
+            function: NO_FUNCTION,
+            instance: 0,
+            slot: AGENT_SLOT,
+            ring,
+            bell,
+        });
+        self.stats.attached += 1;
+        Ok(())
+    }
+
+    /// Answers a lookup with the tenant's uplink ring (the agent forwards).
+    fn peer_uplink(&self, i: usize, seq: u32, tenant: u16, function: u16, node: u16) -> io::Result<()> {
+        let up = &self.uplinks[&tenant];
+        let peer = Peer { function, instance: 0, slot: AGENT_SLOT, node, ring_capacity: UPLINK_CAPACITY, reserved: 0 };
+        self.clients[i].conn.send(&CtrlFrame { seq, msg: CtrlMsg::Peer(peer) }, &[up.ring.fd(), up.bell.fd()])?;
+        let ack = Ack { about_kind: CtrlKind::Lookup as u16, reserved: 0, about_seq: seq };
+        self.clients[i].conn.send(&CtrlFrame { seq, msg: CtrlMsg::Ack(ack) }, &[])
+    }
+
     fn lookup(&mut self, i: usize, seq: u32, l: &wire::ctrl::Lookup) -> io::Result<()> {
-        let Some(me) = self.clients[i].attached.as_ref().map(|a| a.tenant) else {
+        let Some((me, agent)) = self.clients[i].attached.as_ref().map(|a| (a.tenant, a.agent)) else {
             return self.refuse(i, seq, ErrorCode::BadRoute, "lookup", u16::MAX, u16::MAX);
         };
+        if !agent && l.function.as_str() == Ok(AGENT_NAME) {
+            return self.peer_uplink(i, seq, me, NO_FUNCTION, self.node);
+        }
         let Some(fid) = l.function.as_str().ok().and_then(|n| self.cfg.function_id(n)) else {
             return self.refuse(i, seq, ErrorCode::UnknownFunction, "lookup", me, u16::MAX);
         };
@@ -352,10 +455,14 @@ impl Shimd {
         if self.cfg.tenant_id(&f.tenant) != Some(me) {
             return self.refuse(i, seq, ErrorCode::TenantMismatch, "lookup", me, fid);
         }
-        if self.cfg.node_id(&f.node) != Some(self.node) {
+        let node = self.cfg.node_id(&f.node).expect("validated config");
+        if node != self.node {
             // Remote functions are reached through the agent (DESIGN.md
-            // section 3); until the host link exists they are unreachable.
-            return self.refuse(i, seq, ErrorCode::Unreachable, "lookup", me, fid);
+            // section 3); the agent itself only delivers locally.
+            if agent {
+                return self.refuse(i, seq, ErrorCode::Unreachable, "lookup", me, fid);
+            }
+            return self.peer_uplink(i, seq, me, fid, node);
         }
         for c in &self.clients {
             if let Some(a) = c.attached.as_ref().filter(|a| a.function == fid) {
@@ -376,6 +483,20 @@ impl Shimd {
 
     fn gone(&mut self, i: usize, why: &str) {
         let c = self.clients.swap_remove(i);
+        if let Some(a) = c.attached.as_ref().filter(|a| a.agent) {
+            let n = self.pools.get(&a.tenant).map_or(0, |p| p.reclaim_held(AGENT_SLOT));
+            if let Some(up) = self.uplinks.get_mut(&a.tenant) {
+                up.attached = false;
+            }
+            self.stats.reclaimed += u64::from(n);
+            log::info!(
+                "agent (pid {}) left tenant {} ({why}): reclaimed {n} buffers it held; {} descriptors wait in its uplink",
+                c.pid,
+                self.cfg.tenants[usize::from(a.tenant)].name,
+                self.uplinks[&a.tenant].ring.pending()
+            );
+            return self.write_status();
+        }
         if let Some(a) = c.attached {
             a.ring.close();
             let n = self.pools.get(&a.tenant).map_or(0, |p| p.reclaim(a.slot));
@@ -436,9 +557,10 @@ impl Shimd {
             })
             .collect();
         pools.sort();
-        let live = self.clients.iter().filter(|c| c.attached.is_some()).count();
+        let live = self.clients.iter().filter(|c| c.attached.as_ref().is_some_and(|a| !a.agent)).count();
+        let agent = self.uplinks.values().filter(|u| u.attached).count();
         let s = format!(
-            "{{\"node\":\"{}\",\"live\":{live},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"bad_frames\":{},\"cooling\":{},\"pools\":[{}]}}\n",
+            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"bad_frames\":{},\"cooling\":{},\"pools\":[{}]}}\n",
             self.cfg.nodes[usize::from(self.node)].name,
             self.stats.attached,
             map(&self.stats.attach_refused),

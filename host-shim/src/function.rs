@@ -130,6 +130,21 @@ impl Msg {
     pub fn src_fn(&self) -> u16 {
         self.desc.src_fn
     }
+    /// Mutable descriptor fields (route, hop, flags, ...). `tenant`, `buf`
+    /// and `len` are set from the lease and the sender when it is sent.
+    pub fn desc_mut(&mut self) -> &mut Descriptor {
+        &mut self.desc
+    }
+    /// A message from a lease of the pool and its descriptor fields (the
+    /// agent builds messages out of buffers that arrived over the fabric).
+    pub fn from_parts(lease: Lease, desc: Descriptor) -> Self {
+        let desc = Descriptor { buf: lease.head(), len: lease.len(), ..desc };
+        Self { lease, desc }
+    }
+    /// The lease and the descriptor.
+    pub fn into_parts(self) -> (Lease, Descriptor) {
+        (self.lease, self.desc)
+    }
 }
 
 struct Instance {
@@ -159,6 +174,8 @@ pub struct Function {
     rejected: HashMap<&'static str, u64>,
     seq: u32,
     spin: Duration,
+    /// Attached as the node's agent: sends keep each message's `src_fn`.
+    agent: bool,
 }
 
 impl core::fmt::Debug for Function {
@@ -180,10 +197,21 @@ impl Function {
     /// `tenant`. host-shimd checks the claim against the cluster config and
     /// refuses another tenant's pool.
     pub fn attach(socket: &Path, tenant: &str, function: &str) -> Result<Self, AttachError> {
+        Self::attach_as(socket, tenant, function, Role::Function)
+    }
+
+    /// Attaches the node's agent to `tenant`'s pool and uplink ring (the
+    /// ring functions push messages for other nodes into). Messages it
+    /// sends keep their `src_fn`.
+    pub fn attach_agent(socket: &Path, tenant: &str) -> Result<Self, AttachError> {
+        Self::attach_as(socket, tenant, wire::ctrl::AGENT_NAME, Role::Agent)
+    }
+
+    fn attach_as(socket: &Path, tenant: &str, function: &str, role: Role) -> Result<Self, AttachError> {
         let conn = Conn::connect(socket)?;
         let pid = std::process::id();
         let hello = Hello {
-            role: Role::Function as u8,
+            role: role as u8,
             reserved: 0,
             node: NO_NODE,
             pid,
@@ -238,6 +266,7 @@ impl Function {
             rejected: HashMap::new(),
             seq: 2,
             spin: DEFAULT_SPIN,
+            agent: role == Role::Agent,
         })
     }
 
@@ -254,6 +283,14 @@ impl Function {
     /// Sets how long `recv` spins before sleeping.
     pub fn set_spin(&mut self, spin: Duration) {
         self.spin = spin;
+    }
+
+    /// Sends a reply toward the node that originated the request
+    /// (`desc().origin`, the ingress), through the agent: the message keeps
+    /// its request id and route, and is marked [`wire::DescFlags::REPLY`].
+    pub fn reply(&mut self, mut msg: Msg) -> Result<(), SendError> {
+        msg.desc.flags |= wire::DescFlags::REPLY;
+        self.send(msg, wire::ctrl::AGENT_NAME)
     }
 
     fn holder(&self) -> Owner {
@@ -375,8 +412,8 @@ impl Function {
             set.next = set.next.wrapping_add(1);
             let inst = &set.instances[i];
             let to_owner = Owner::Function(inst.slot);
-            let desc =
-                Descriptor { tenant: self.info.tenant, src_fn: self.info.function, dst_fn: set.function, ..msg.desc };
+            let src_fn = if self.agent { msg.desc.src_fn } else { self.info.function };
+            let desc = Descriptor { tenant: self.info.tenant, src_fn, dst_fn: set.function, ..msg.desc };
             let (head, len) = match self.pool.hand_over(msg.lease, to_owner) {
                 Ok(v) => v,
                 Err((lease, e)) => return Err((SendErrorKind::Ownership(e.to_string()), Some(Msg { lease, desc }))),
@@ -449,8 +486,8 @@ impl Function {
                     self.scratch_msgs.push(m);
                     continue;
                 }
-                let desc =
-                    Descriptor { tenant: self.info.tenant, src_fn: self.info.function, dst_fn: set.function, ..m.desc };
+                let src_fn = if self.agent { m.desc.src_fn } else { self.info.function };
+                let desc = Descriptor { tenant: self.info.tenant, src_fn, dst_fn: set.function, ..m.desc };
                 match self.pool.hand_over(m.lease, to_owner) {
                     Ok((head, len)) => {
                         descs[k] = Descriptor { buf: head, len, ..desc };

@@ -472,16 +472,55 @@ impl Pool {
     /// `slot` (handed over to it or held by it). For host-shimd, after the
     /// function died. Returns how many buffers were reclaimed.
     pub fn reclaim(&self, slot: u16) -> u32 {
+        self.reclaim_owners(&[Owner::Function(slot), Owner::Held(slot)])
+    }
+
+    /// Returns to the free list only the buffers `slot` held (leased), not
+    /// those handed to it and still waiting in its ring: for the agent's
+    /// slot, whose uplink ring outlives an agent restart, so a restarted
+    /// agent still forwards what functions sent meanwhile.
+    pub fn reclaim_held(&self, slot: u16) -> u32 {
+        self.reclaim_owners(&[Owner::Held(slot)])
+    }
+
+    fn reclaim_owners(&self, owners: &[Owner]) -> u32 {
         let mut n = 0;
         for i in 0..self.count() {
             let raw = PoolCells::owner(self, i).load(Acquire);
-            for o in [Owner::Function(slot), Owner::Held(slot)] {
+            for &o in owners {
                 if raw == o.to_raw() && alloc::push(self, i, Some(o)).is_ok() {
                     n += 1;
                 }
             }
         }
         n
+    }
+
+    /// Region offset of buffer `index`'s first byte (its headroom), for
+    /// registering sends and receives with the fabric.
+    pub fn buf_offset(&self, index: u32) -> Option<u64> {
+        self.layout.buf_offset(index)
+    }
+
+    /// Links one-buffer leases, in order, into one chain carrying `len`
+    /// payload bytes (a message that arrived over the fabric one buffer per
+    /// fragment). `parts` is drained on success and untouched on error.
+    pub fn join(&self, parts: &mut Vec<Lease>, len: u32) -> Result<Lease, DescriptorError> {
+        let g = self.layout.geometry;
+        let frags = g.frags_for(len);
+        let first = parts.first().map(|l| (l.head, l.holder));
+        let uniform = parts.iter().all(|l| l.frags == 1 && Some(l.holder) == first.map(|f| f.1));
+        let Some((head, holder)) = first.filter(|_| uniform && frags as usize == parts.len()) else {
+            return Err(DescriptorError::TooLong { len, max: parts.len() as u64 * u64::from(g.payload_cap()) });
+        };
+        for w in parts.windows(2) {
+            self.next_chain(w[0].head).store(w[1].head, Relaxed);
+        }
+        if let Some(last) = parts.last() {
+            self.next_chain(last.head).store(NIL, Relaxed);
+        }
+        parts.clear();
+        Ok(Lease { head, len, frags, holder })
     }
 
     /// Buffers whose recorded owner satisfies `f` (a full scan; for
@@ -527,6 +566,37 @@ mod tests {
 
     const A: u16 = 1;
     const B: u16 = 2;
+
+    #[test]
+    fn join_links_single_buffers_into_one_chain() {
+        let p = pool(16);
+        let cap = p.geometry().payload_cap();
+        let mut parts: Vec<Lease> = (0..3).map(|_| p.alloc(cap, Owner::Held(A)).unwrap()).collect();
+        let heads: Vec<u32> = parts.iter().map(Lease::head).collect();
+        let mut bad = vec![p.alloc(cap, Owner::Held(A)).unwrap()];
+        assert!(p.join(&mut bad, 2 * cap).is_err(), "two fragments' length needs two buffers");
+        assert_eq!(bad.len(), 1);
+        let chain = p.join(&mut parts, 2 * cap + 5).unwrap();
+        assert!(parts.is_empty());
+        assert_eq!(p.chain(&chain).collect::<Vec<_>>(), heads);
+        assert_eq!(chain.frags(), 3);
+        let before = p.free_buffers();
+        p.free(chain).unwrap();
+        p.free(bad.pop().unwrap()).unwrap();
+        assert_eq!(p.free_buffers(), before + 4);
+    }
+
+    #[test]
+    fn reclaim_held_keeps_handed_over_buffers() {
+        let p = pool(16);
+        let held = p.alloc(10, Owner::Held(A)).unwrap();
+        let sent = p.alloc(10, Owner::Held(B)).unwrap();
+        let (head, _) = p.hand_over(sent, Owner::Function(A)).unwrap();
+        assert_eq!(p.reclaim_held(A), 1);
+        assert_eq!(p.owner(head), Ok(Owner::Function(A)));
+        assert_eq!(p.owner(held.head()), Ok(Owner::Free));
+        std::mem::forget(held);
+    }
 
     #[test]
     fn alloc_write_hand_over_accept_read_free() {

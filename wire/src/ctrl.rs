@@ -324,6 +324,12 @@ pub struct Ack {
 }
 const _: () = assert!(size_of::<Ack>() == 8);
 
+/// The function name that stands for the node's agent: the agent attaches
+/// under it (one attach per tenant), and a function looks it up to reach the
+/// agent's uplink ring (replies to the ingress). Function names in the
+/// cluster file cannot start with `.`.
+pub const AGENT_NAME: &str = ".agent";
+
 /// Body of [`CtrlKind::Lookup`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]

@@ -209,6 +209,12 @@ pub enum Owner {
     Held(u16),
 }
 
+/// The attach slot of the node's agent in every tenant pool: buffers handed
+/// to the agent (descriptors in its per-tenant uplink ring) are
+/// `Function(AGENT_SLOT)`, buffers it holds (posted receives, sends in
+/// flight) are `Held(AGENT_SLOT)`. host-shimd never gives it to a function.
+pub const AGENT_SLOT: u16 = u16::MAX - 1;
+
 const OWNER_FUNCTION_BASE: u32 = 0x1_0000;
 const OWNER_HELD_BASE: u32 = 0x2_0000;
 
