@@ -150,7 +150,9 @@ impl Transport for DocaTransport {
     }
 
     fn open(&mut self, id: ConnId, depth: ConnDepth) -> Result<Vec<u8>, ConnSetupError> {
-        if id.0 as usize != self.conns.len() {
+        // A new id is the next one; an old one is reopened (its connection
+        // failed and the endpoint drained it).
+        if id.0 as usize > self.conns.len() {
             return Err(ConnSetupError::State);
         }
         let cfg = RdmaConfig {
@@ -172,7 +174,11 @@ impl Transport for DocaTransport {
             std::thread::yield_now();
         }
         let (rid, blob) = rdma.export().map_err(t)?;
-        self.conns.push(DocaConn { rdma, id: rid });
+        let conn = DocaConn { rdma, id: rid };
+        match self.conns.get_mut(id.0 as usize) {
+            Some(old) => *old = conn,
+            None => self.conns.push(conn),
+        }
         Ok(blob)
     }
 

@@ -187,15 +187,26 @@ impl<T: Transport> Endpoint<T> {
     /// Opens a connection for `spec`; returns it and the blob the peer
     /// passes to its [`connect`](Self::connect). Setup path: may wait
     /// (bounded) for the backend to start.
+    ///
+    /// A failed connection whose every operation has completed is reused
+    /// (same id, a fresh backend connection), so a peer that comes and goes
+    /// does not use up the table.
     pub fn open(&mut self, spec: ConnSpec) -> Result<(ConnId, Vec<u8>), ConnSetupError> {
-        if self.conns.len() >= self.cfg.max_conns as usize {
+        let reuse = self.conns.iter().position(|c| {
+            matches!(c.state, State::Failed(_))
+                && c.queue.is_empty()
+                && c.sends.used() == 0
+                && c.recvs.used() == 0
+                && c.raw_sends == 0
+        });
+        if reuse.is_none() && self.conns.len() >= self.cfg.max_conns as usize {
             return Err(ConnSetupError::Full);
         }
-        let id = ConnId(self.conns.len() as u32);
+        let id = ConnId(reuse.unwrap_or(self.conns.len()) as u32);
         let depth =
             ConnDepth { sends: self.cfg.send_window + 1, recvs: self.cfg.recv_depth, max_msg: self.cfg.max_msg };
         let blob = self.t.open(id, depth)?;
-        self.conns.push(Conn {
+        let conn = Conn {
             spec,
             state: State::Open,
             credits: Credits::default(),
@@ -204,7 +215,11 @@ impl<T: Transport> Endpoint<T> {
             sends: Slab::new(self.cfg.send_window),
             recvs: Slab::new(self.cfg.recv_depth),
             raw_sends: 0,
-        });
+        };
+        match reuse {
+            Some(i) => self.conns[i] = conn,
+            None => self.conns.push(conn),
+        }
         Ok((id, blob))
     }
 

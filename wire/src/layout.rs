@@ -11,6 +11,7 @@
 use crate::ctrl::{self, CtrlHeader};
 use crate::desc::Descriptor;
 use crate::fabric::{self, FabricHeader};
+use crate::mesh;
 use crate::segment::{self, BufMeta, PoolControl, PoolHeader, RingCursor, RingHeader, RingSlot};
 use core::mem::{align_of, offset_of, size_of};
 
@@ -79,6 +80,9 @@ const ROWS: &[LayoutRow] = &[
     ty!(ctrl::Ack, about_kind, about_seq),
     ty!(ctrl::Lookup, function),
     ty!(ctrl::Peer, function, instance, slot, node, ring_capacity),
+    ty!(mesh::MeshHeader, magic, version, kind, len),
+    ty!(mesh::MeshHello, node, pid, layout_hash, name),
+    ty!(mesh::MeshConn, tenant, blob_len),
     konst!(segment::POOL_MAGIC),
     konst!(segment::RING_MAGIC),
     konst!(segment::SEGMENT_VERSION),
@@ -92,6 +96,8 @@ const ROWS: &[LayoutRow] = &[
     konst!(fabric::FABRIC_VERSION),
     konst!(fabric::HEADROOM),
     konst!(ctrl::CTRL_MAGIC),
+    konst!(mesh::MESH_MAGIC),
+    konst!(mesh::MESH_VERSION),
     konst!(ctrl::CTRL_VERSION),
     konst!(ctrl::MAX_EXPORT_BLOB),
     konst!(ctrl::MAX_LEND),

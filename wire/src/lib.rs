@@ -33,6 +33,7 @@ pub mod ctrl;
 pub mod desc;
 pub mod fabric;
 pub mod layout;
+pub mod mesh;
 pub mod name;
 pub mod segment;
 
