@@ -40,21 +40,34 @@
 //! Modules: [`check`] (what a receiver checks on every message; fuzzed),
 //! [`credit`] (credit accounting), [`endpoint`] (the engine-facing
 //! endpoint over any [`Transport`]), [`doca_backend`] (DOCA RDMA through the
-//! `doca` crate, SDK or emulated). The `verbs` backend (rdma-core through
-//! `sideway` 0.4, behind a feature `verbs`) is not written yet; it
-//! implements [`Transport`] like `doca_backend` does.
-#![forbid(unsafe_code)]
+//! `doca` crate, SDK or emulated), `verbs_backend` (rdma-core ibverbs
+//! through `sideway` 0.4, behind the feature `verbs`: RC queue pairs for
+//! host mode on any RoCE/InfiniBand NIC or SoftRoCE) and [`verbs_blob`]
+//! (its connection blob, always built so it can be fuzzed).
+//!
+//! Unsafe code: none, except in `verbs_backend` (registering raw pool
+//! memory, posting receives and polling the CQ through the C API).
+#![cfg_attr(not(feature = "verbs"), forbid(unsafe_code))]
+#![cfg_attr(feature = "verbs", deny(unsafe_code))]
 
 pub mod check;
 pub mod credit;
 pub mod doca_backend;
 pub mod endpoint;
+pub mod mesh;
+#[cfg(feature = "verbs")]
+#[allow(unsafe_code)]
+pub mod verbs_backend;
+pub mod verbs_blob;
 
 use std::sync::Arc;
 
 pub use check::{Frag, HEADER_LEN, RecvCheckError};
 pub use doca_backend::DocaTransport;
 pub use endpoint::{Endpoint, EndpointConfig};
+pub use mesh::{Mesh, MeshConfig, MeshEvent};
+#[cfg(feature = "verbs")]
+pub use verbs_backend::{VerbsConfig, VerbsSetupError, VerbsTransport};
 pub use wire::fabric::{FabricHeader, HEADROOM, Immediate, MsgKind};
 
 /// A registered memory region of an endpoint.
@@ -347,7 +360,7 @@ pub struct ConnDepth {
 
 /// A two-sided RDMA backend: the raw operations, with no credits. Its
 /// completions on one connection come in posting order. Implemented by
-/// [`DocaTransport`] (and, once written, the verbs backend); the
+/// [`DocaTransport`] and, with the feature `verbs`, `VerbsTransport`; the
 /// [`Endpoint`] adds credits, queues and receive checks on top.
 pub trait Transport {
     /// Name of the backend, for logs and test output.

@@ -1,0 +1,492 @@
+//! [`Mesh`]: listen/connect setup of fabric connections between fabric
+//! nodes (agents and ingresses), one connection per (peer, tenant), and
+//! their repair when a peer goes away and comes back.
+//!
+//! Two halves:
+//! * a control thread owns the out-of-band TCP connections (one per peer:
+//!   the node with the higher id dials, the other listens), speaks
+//!   [`wire::mesh`] on them, redials with capped exponential backoff, and
+//!   notices a peer's death by its TCP connection closing;
+//! * the data-plane thread, which owns the [`Endpoint`], calls
+//!   [`Mesh::pump`] every millisecond or so: it opens, connects and closes
+//!   the endpoint's connections as the control thread asks, and reports
+//!   what changed as [`MeshEvent`]s. The endpoint is never shared.
+//!
+//! A fabric connection that fails ([`Mesh::peer_failed`]) resets the whole
+//! link to that peer: the TCP connection is dropped, both sides close every
+//! connection to the other, and the dialer reconnects. Every (re)connection
+//! of a peer is an *epoch*; setup messages of an older epoch are ignored, so
+//! a blob can never connect a connection of the wrong generation.
+
+use crate::{ConnId, ConnSpec, Endpoint, Transport};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use wire::mesh::{MAX_MESH_FRAME, MeshConn, MeshDecodeError, MeshHello, MeshMsg};
+
+/// First redial delay; doubled after each failure up to
+/// [`MeshConfig::backoff_max`].
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// How long a control-thread round sleeps when nothing happens.
+const TICK: Duration = Duration::from_millis(5);
+/// How long a handshake may take.
+const HANDSHAKE: Duration = Duration::from_secs(2);
+
+/// Who this node is and whom it talks to.
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    /// This node's fabric node id.
+    pub me: u16,
+    /// This node's name (in Hello, for logs).
+    pub name: String,
+    /// Control listen address (the node's fabric address).
+    pub listen: SocketAddr,
+    /// Peers: fabric node id and control address.
+    pub peers: Vec<(u16, SocketAddr)>,
+    /// Tenants: one fabric connection per peer for each.
+    pub tenants: Vec<u16>,
+    /// Longest redial delay.
+    pub backoff_max: Duration,
+}
+
+/// What changed, for the data plane.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MeshEvent {
+    /// A connection to `peer` for `tenant` was opened (post its receives
+    /// now); [`crate::Completion::Connected`] follows when it is up.
+    Opened {
+        /// Peer node.
+        peer: u16,
+        /// Tenant.
+        tenant: u16,
+        /// The connection.
+        conn: ConnId,
+    },
+    /// The link to `peer` is down: these connections were closed; their
+    /// outstanding operations complete with errors in later polls.
+    PeerDown {
+        /// Peer node.
+        peer: u16,
+        /// The closed connections.
+        conns: Vec<ConnId>,
+    },
+}
+
+enum Cmd {
+    Open { peer: u16, epoch: u32 },
+    Connect { peer: u16, epoch: u32, tenant: u16, blob: Vec<u8> },
+    Down { peer: u16 },
+}
+
+enum Note {
+    Blob { peer: u16, epoch: u32, tenant: u16, blob: Vec<u8> },
+    Reset { peer: u16, epoch: u32 },
+}
+
+/// The data-plane half of the mesh (see the module docs).
+#[derive(Debug)]
+pub struct Mesh {
+    tenants: Vec<u16>,
+    cmds: Receiver<Cmd>,
+    notes: Sender<Note>,
+    /// Current epoch and connections of each peer that is up.
+    links: HashMap<u16, (u32, Vec<(u16, ConnId)>)>,
+    /// Peers whose link is up (control connection and setup sent).
+    up: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cmd::Open { peer, epoch } => write!(f, "Open({peer}, {epoch})"),
+            Cmd::Connect { peer, epoch, tenant, .. } => write!(f, "Connect({peer}, {epoch}, {tenant})"),
+            Cmd::Down { peer } => write!(f, "Down({peer})"),
+        }
+    }
+}
+
+impl std::fmt::Debug for Note {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Note::Blob { peer, epoch, tenant, .. } => write!(f, "Blob({peer}, {epoch}, {tenant})"),
+            Note::Reset { peer, epoch } => write!(f, "Reset({peer}, {epoch})"),
+        }
+    }
+}
+
+impl Mesh {
+    /// Binds the control listener (so a taken port fails here) and starts
+    /// the control thread.
+    pub fn start(cfg: MeshConfig) -> io::Result<Self> {
+        let name = wire::Name::new(&cfg.name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let listener = TcpListener::bind(cfg.listen)?;
+        listener.set_nonblocking(true)?;
+        let (cmd_tx, cmds) = channel();
+        let (notes, note_rx) = channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let up = Arc::new(AtomicU32::new(0));
+        let tenants = cfg.tenants.clone();
+        let mut control = Control {
+            links: cfg
+                .peers
+                .iter()
+                .map(|&(id, addr)| Link {
+                    id,
+                    addr,
+                    dial: cfg.me > id,
+                    stream: None,
+                    rbuf: Vec::with_capacity(2 * MAX_MESH_FRAME),
+                    epoch: 0,
+                    next_try: Instant::now(),
+                    backoff: BACKOFF_MIN,
+                })
+                .collect(),
+            cfg,
+            name,
+            listener,
+            cmds: cmd_tx,
+            notes: note_rx,
+            up: up.clone(),
+        };
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new().name("mesh".into()).spawn(move || control.run(&flag))?;
+        Ok(Self { tenants, cmds, notes, links: HashMap::new(), up, stop, thread: Some(thread) })
+    }
+
+    /// Peers whose control link is up now.
+    pub fn peers_up(&self) -> u32 {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// The connection to `peer` for `tenant`, while the link is up.
+    pub fn conn(&self, peer: u16, tenant: u16) -> Option<ConnId> {
+        self.links.get(&peer)?.1.iter().find(|(t, _)| *t == tenant).map(|(_, c)| *c)
+    }
+
+    /// Carries out what the control thread asked (open, connect, close
+    /// connections of `ep`) and appends what changed to `events`. Cheap when
+    /// nothing is pending (one channel poll).
+    pub fn pump<T: Transport>(&mut self, ep: &mut Endpoint<T>, events: &mut Vec<MeshEvent>) {
+        loop {
+            let cmd = match self.cmds.try_recv() {
+                Ok(c) => c,
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
+            };
+            match cmd {
+                Cmd::Open { peer, epoch } => {
+                    self.close(ep, peer, events);
+                    let mut conns = Vec::with_capacity(self.tenants.len());
+                    for &tenant in &self.tenants {
+                        match ep.open(ConnSpec { tenant, peer: u32::from(peer) }) {
+                            Ok((conn, blob)) => {
+                                conns.push((tenant, conn));
+                                events.push(MeshEvent::Opened { peer, tenant, conn });
+                                let _ = self.notes.send(Note::Blob { peer, epoch, tenant, blob });
+                            }
+                            Err(e) => {
+                                log::warn!("mesh: cannot open a connection to node {peer} for tenant {tenant}: {e}");
+                                let _ = self.notes.send(Note::Reset { peer, epoch });
+                            }
+                        }
+                    }
+                    self.links.insert(peer, (epoch, conns));
+                }
+                Cmd::Connect { peer, epoch, tenant, blob } => {
+                    let Some((cur, conns)) = self.links.get(&peer) else { continue };
+                    if *cur != epoch {
+                        continue;
+                    }
+                    let Some(&(_, conn)) = conns.iter().find(|(t, _)| *t == tenant) else {
+                        log::warn!("mesh: node {peer} sent a blob for tenant {tenant}, which has no connection");
+                        continue;
+                    };
+                    if let Err(e) = ep.connect(conn, &blob) {
+                        log::warn!("mesh: connecting to node {peer} for tenant {tenant}: {e}; resetting the link");
+                        let _ = self.notes.send(Note::Reset { peer, epoch });
+                    }
+                }
+                Cmd::Down { peer } => self.close(ep, peer, events),
+            }
+        }
+    }
+
+    fn close<T: Transport>(&mut self, ep: &mut Endpoint<T>, peer: u16, events: &mut Vec<MeshEvent>) {
+        if let Some((_, conns)) = self.links.remove(&peer) {
+            let conns: Vec<ConnId> = conns.into_iter().map(|(_, c)| c).collect();
+            for &c in &conns {
+                ep.close(c);
+            }
+            events.push(MeshEvent::PeerDown { peer, conns });
+        }
+    }
+
+    /// A fabric connection to `peer` failed: reset the whole link (both
+    /// sides close and set up again).
+    pub fn peer_failed(&mut self, peer: u16) {
+        if let Some(&(epoch, _)) = self.links.get(&peer) {
+            let _ = self.notes.send(Note::Reset { peer, epoch });
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Link {
+    id: u16,
+    addr: SocketAddr,
+    /// This side dials (higher id dials lower).
+    dial: bool,
+    stream: Option<TcpStream>,
+    rbuf: Vec<u8>,
+    epoch: u32,
+    next_try: Instant,
+    backoff: Duration,
+}
+
+struct Control {
+    cfg: MeshConfig,
+    name: wire::Name,
+    listener: TcpListener,
+    links: Vec<Link>,
+    cmds: Sender<Cmd>,
+    notes: Receiver<Note>,
+    up: Arc<AtomicU32>,
+}
+
+fn hello(cfg: &MeshConfig, name: wire::Name) -> MeshHello {
+    MeshHello { node: cfg.me, reserved: 0, pid: std::process::id(), layout_hash: wire::LAYOUT_HASH, name }
+}
+
+fn send_frame(stream: &mut TcpStream, msg: &MeshMsg<'_>) -> io::Result<()> {
+    let mut out = Vec::with_capacity(msg.encoded_len());
+    msg.encode(&mut out).map_err(io::Error::other)?;
+    stream.write_all(&out)
+}
+
+/// Reads one Hello within [`HANDSHAKE`] (blocking; control thread only).
+fn read_hello(stream: &mut TcpStream) -> io::Result<MeshHello> {
+    stream.set_read_timeout(Some(HANDSHAKE))?;
+    let mut buf = Vec::with_capacity(128);
+    let mut chunk = [0u8; 128];
+    loop {
+        match MeshMsg::decode(&buf) {
+            Ok((MeshMsg::Hello(h), used)) if used == buf.len() => {
+                if h.layout_hash != wire::LAYOUT_HASH {
+                    return Err(io::Error::other("peer speaks other wire layouts"));
+                }
+                return Ok(h);
+            }
+            Ok(_) => return Err(io::Error::other("expected Hello first")),
+            Err(MeshDecodeError::Incomplete { need }) if need <= 128 => {}
+            Err(e) => return Err(io::Error::other(e)),
+        }
+        // Read only up to the end of the Hello frame: what follows is the
+        // peer's setup, read by the main loop.
+        let need = match MeshMsg::decode(&buf) {
+            Err(MeshDecodeError::Incomplete { need }) => need,
+            _ => buf.len() + 1,
+        };
+        let n = stream.read(&mut chunk[..need - buf.len()])?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed during the handshake"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+impl Control {
+    fn run(&mut self, stop: &AtomicBool) {
+        while !stop.load(Ordering::Relaxed) {
+            let mut busy = self.accept();
+            busy |= self.dial();
+            busy |= self.read();
+            busy |= self.notes();
+            self.up.store(self.links.iter().filter(|l| l.stream.is_some()).count() as u32, Ordering::Relaxed);
+            if !busy {
+                std::thread::sleep(TICK);
+            }
+        }
+    }
+
+    /// A link came up on `stream`: start a new epoch.
+    fn link_up(&mut self, k: usize, stream: TcpStream, peer_pid: u32) {
+        let l = &mut self.links[k];
+        if l.stream.is_some() {
+            let _ = self.cmds.send(Cmd::Down { peer: l.id });
+        }
+        if let Err(e) = stream.set_nonblocking(true) {
+            log::warn!("mesh: node {}: {e}", l.id);
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        l.epoch = l.epoch.wrapping_add(1);
+        l.stream = Some(stream);
+        l.rbuf.clear();
+        l.backoff = BACKOFF_MIN;
+        log::info!("mesh: link to node {} ({}, pid {peer_pid}) up, epoch {}", l.id, l.addr, l.epoch);
+        let _ = self.cmds.send(Cmd::Open { peer: l.id, epoch: l.epoch });
+    }
+
+    fn link_down(&mut self, k: usize, why: &str) {
+        let l = &mut self.links[k];
+        if l.stream.take().is_some() {
+            log::warn!("mesh: link to node {} down: {why}", l.id);
+            let _ = self.cmds.send(Cmd::Down { peer: l.id });
+        }
+        l.next_try = Instant::now() + l.backoff;
+        l.backoff = (l.backoff * 2).min(self.cfg.backoff_max.max(BACKOFF_MIN));
+    }
+
+    fn accept(&mut self) -> bool {
+        let mut busy = false;
+        loop {
+            let (mut stream, from) = match self.listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return busy,
+                Err(e) => {
+                    log::warn!("mesh: accept: {e}");
+                    return busy;
+                }
+            };
+            busy = true;
+            let _ = stream.set_nonblocking(false);
+            let h = match read_hello(&mut stream) {
+                Ok(h) => h,
+                Err(e) => {
+                    log::warn!("mesh: connection from {from} refused: {e}");
+                    continue;
+                }
+            };
+            let Some(k) = self.links.iter().position(|l| l.id == h.node && !l.dial) else {
+                log::warn!("mesh: connection from {from} claims node {}, not a peer that dials us", h.node);
+                continue;
+            };
+            if let Err(e) = send_frame(&mut stream, &MeshMsg::Hello(hello(&self.cfg, self.name))) {
+                log::warn!("mesh: hello to node {}: {e}", h.node);
+                continue;
+            }
+            self.link_up(k, stream, h.pid);
+        }
+    }
+
+    fn dial(&mut self) -> bool {
+        let now = Instant::now();
+        let mut busy = false;
+        for k in 0..self.links.len() {
+            let l = &self.links[k];
+            if !l.dial || l.stream.is_some() || now < l.next_try {
+                continue;
+            }
+            busy = true;
+            let (id, addr) = (l.id, l.addr);
+            let r = TcpStream::connect_timeout(&addr, HANDSHAKE).and_then(|mut s| {
+                send_frame(&mut s, &MeshMsg::Hello(hello(&self.cfg, self.name)))?;
+                let h = read_hello(&mut s)?;
+                if h.node != id {
+                    return Err(io::Error::other(format!("{addr} is node {}, expected {id}", h.node)));
+                }
+                Ok((s, h.pid))
+            });
+            match r {
+                Ok((s, pid)) => self.link_up(k, s, pid),
+                Err(e) => {
+                    log::debug!("mesh: dialing node {id} at {addr}: {e}");
+                    self.link_down(k, "dial failed");
+                }
+            }
+        }
+        busy
+    }
+
+    fn read(&mut self) -> bool {
+        let mut busy = false;
+        let mut chunk = [0u8; 4096];
+        for k in 0..self.links.len() {
+            let mut down = None;
+            let l = &mut self.links[k];
+            let Some(s) = l.stream.as_mut() else { continue };
+            loop {
+                match s.read(&mut chunk) {
+                    Ok(0) => {
+                        down = Some("closed by the peer".to_owned());
+                        break;
+                    }
+                    Ok(n) => {
+                        busy = true;
+                        l.rbuf.extend_from_slice(&chunk[..n]);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        down = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            let mut used = 0;
+            while down.is_none() {
+                match MeshMsg::decode(&l.rbuf[used..]) {
+                    Ok((MeshMsg::Conn(c, blob), n)) => {
+                        used += n;
+                        let MeshConn { tenant, .. } = c;
+                        let _ =
+                            self.cmds.send(Cmd::Connect { peer: l.id, epoch: l.epoch, tenant, blob: blob.to_vec() });
+                    }
+                    Ok((MeshMsg::Hello(_), _)) => down = Some("a second Hello".to_owned()),
+                    Err(MeshDecodeError::Incomplete { .. }) => break,
+                    Err(e) => down = Some(format!("bad frame: {e}")),
+                }
+            }
+            l.rbuf.drain(..used);
+            if let Some(why) = down {
+                self.link_down(k, &why);
+            }
+        }
+        busy
+    }
+
+    fn notes(&mut self) -> bool {
+        let mut busy = false;
+        while let Ok(note) = self.notes.try_recv() {
+            busy = true;
+            let (peer, epoch) = match &note {
+                Note::Blob { peer, epoch, .. } | Note::Reset { peer, epoch } => (*peer, *epoch),
+            };
+            let Some(k) = self.links.iter().position(|l| l.id == peer) else { continue };
+            if self.links[k].epoch != epoch || self.links[k].stream.is_none() {
+                continue;
+            }
+            match note {
+                Note::Blob { tenant, blob, .. } => {
+                    let c = MeshConn { tenant, reserved: 0, blob_len: 0 };
+                    let r = self.links[k].stream.as_mut().map(|s| {
+                        // The blob is small: a blocking write is fine here.
+                        let _ = s.set_nonblocking(false);
+                        let r = send_frame(s, &MeshMsg::Conn(c, &blob));
+                        let _ = s.set_nonblocking(true);
+                        r
+                    });
+                    if let Some(Err(e)) = r {
+                        self.link_down(k, &format!("sending setup: {e}"));
+                    }
+                }
+                Note::Reset { .. } => self.link_down(k, "a fabric connection failed"),
+            }
+        }
+        busy
+    }
+}

@@ -1,0 +1,122 @@
+//! The mesh sets up one fabric connection per (peer, tenant) from the
+//! nodes' addresses alone, and repairs them when a peer goes away and comes
+//! back (a new process on the same address). Watchdog-bounded; no timing
+//! asserts.
+
+use fabric::*;
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+const WATCHDOG: Duration = Duration::from_secs(30);
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+struct Side {
+    mesh: Mesh,
+    ep: Endpoint<DocaTransport>,
+    up: Vec<ConnId>,
+    events: Vec<MeshEvent>,
+}
+
+fn side(me: u16, addrs: &[SocketAddr]) -> Side {
+    let cfg = EndpointConfig { max_conns: 8, ..Default::default() };
+    let ep = Endpoint::new(DocaTransport::for_config(&cfg).unwrap(), cfg);
+    let peers = (0..addrs.len() as u16).filter(|&i| i != me).map(|i| (i, addrs[usize::from(i)])).collect();
+    let mesh = Mesh::start(MeshConfig {
+        me,
+        name: format!("n{me}"),
+        listen: addrs[usize::from(me)],
+        peers,
+        tenants: vec![0, 1],
+        backoff_max: Duration::from_millis(200),
+    })
+    .unwrap();
+    Side { mesh, ep, up: Vec::new(), events: Vec::new() }
+}
+
+fn step(s: &mut Side) {
+    let mut ev = Vec::new();
+    s.mesh.pump(&mut s.ep, &mut ev);
+    for e in &ev {
+        if let MeshEvent::PeerDown { conns, .. } = e {
+            s.up.retain(|c| !conns.contains(c));
+        }
+    }
+    s.events.extend(ev);
+    let mut out = [Completion::EMPTY; 16];
+    let n = s.ep.poll(&mut out);
+    for c in &out[..n] {
+        if let Completion::Connected(c) = c {
+            s.up.push(*c);
+        }
+    }
+    std::thread::sleep(Duration::from_micros(200));
+}
+
+fn until(what: &str, sides: &mut [&mut Side], done: impl Fn(&[&mut Side]) -> bool) {
+    let start = Instant::now();
+    while !done(sides) {
+        assert!(start.elapsed() < WATCHDOG, "watchdog: {what}");
+        for s in sides.iter_mut() {
+            step(s);
+        }
+    }
+}
+
+#[test]
+fn connections_come_up_and_are_repaired_after_a_peer_restart() {
+    let addrs = [free_port(), free_port()];
+    let mut a = side(0, &addrs);
+    let mut b = side(1, &addrs);
+    until("both tenants connected", &mut [&mut a, &mut b], |s| s.iter().all(|s| s.up.len() == 2));
+    let before: Vec<_> = [0, 1].iter().map(|&t| a.mesh.conn(1, t).unwrap()).collect();
+    assert_eq!(a.mesh.peers_up(), 1);
+
+    // B dies: A closes both connections to it.
+    drop(b);
+    until("A sees B go", &mut [&mut a], |s| s[0].up.is_empty());
+    assert!(a.events.iter().any(|e| matches!(e, MeshEvent::PeerDown { peer: 1, .. })));
+    assert_eq!(a.mesh.conn(1, 0), None);
+
+    // B comes back on the same address: the link is set up again, and A's
+    // drained connections are reused.
+    let mut b = side(1, &addrs);
+    until("reconnected", &mut [&mut a, &mut b], |s| s.iter().all(|s| s.up.len() == 2));
+    let after: Vec<_> = [0, 1].iter().map(|&t| a.mesh.conn(1, t).unwrap()).collect();
+    let mut x = before.clone();
+    let mut y = after.clone();
+    x.sort();
+    y.sort();
+    assert_eq!(x, y, "connection ids are reused, not leaked");
+}
+
+#[test]
+fn a_stranger_on_the_control_port_is_refused() {
+    let addrs = [free_port(), free_port()];
+    let mut a = side(0, &addrs);
+    // Garbage, then a well-formed Hello from a node id that is no peer.
+    let mut s = std::net::TcpStream::connect(addrs[0]).unwrap();
+    std::io::Write::write_all(&mut s, b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    let h = wire::mesh::MeshHello {
+        node: 9,
+        reserved: 0,
+        pid: 1,
+        layout_hash: wire::LAYOUT_HASH,
+        name: wire::Name::new("x").unwrap(),
+    };
+    wire::mesh::MeshMsg::Hello(h).encode(&mut out).unwrap();
+    let mut s2 = std::net::TcpStream::connect(addrs[0]).unwrap();
+    std::io::Write::write_all(&mut s2, &out).unwrap();
+    // Both are dropped by A (EOF on our side), and A keeps working.
+    for mut s in [s, s2] {
+        s.set_read_timeout(Some(WATCHDOG)).unwrap();
+        let mut buf = [0u8; 64];
+        let n = std::io::Read::read(&mut s, &mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "a stranger gets no answer");
+    }
+    let mut b = side(1, &addrs);
+    until("the real peer still connects", &mut [&mut a, &mut b], |s| s.iter().all(|s| s.up.len() == 2));
+}
