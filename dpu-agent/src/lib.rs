@@ -12,3 +12,4 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod sched;
