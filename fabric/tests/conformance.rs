@@ -3,10 +3,11 @@
 //!
 //! * `doca` (always; the emulated DOCA backend here, the SDK with
 //!   `doca/sdk`);
-//! * `verbs`: not written yet; when it is, add
-//!   `conformance!(verbs, make_verbs, export_verbs)` behind a feature
-//!   `verbs-hw-tests`, with `make_verbs` panicking loudly when no RDMA
-//!   device is found.
+//! * `verbs` (with the feature `verbs-hw`): rdma-core ibverbs on the device
+//!   `DNE_VERBS_DEVICE` names, or the first one. It needs an RDMA device
+//!   (SoftRoCE will do, see README.md); without one every test of it fails
+//!   loudly, it never passes by testing nothing. Imported memory is a DOCA
+//!   notion: that one test says it is skipped for verbs.
 //!
 //! Waiting is bounded by a watchdog; nothing asserts on elapsed time. The
 //! peer-death test also runs the peer in a separate process (this binary
@@ -713,3 +714,23 @@ fn export_doca(t: &DocaTransport, r: &Arc<shm::Region>) -> Option<Vec<u8>> {
 }
 
 conformance!(doca, make_doca, export_doca);
+
+#[cfg(feature = "verbs-hw")]
+fn make_verbs(cfg: &EndpointConfig) -> VerbsTransport {
+    VerbsTransport::for_config(cfg).unwrap_or_else(|e| {
+        panic!(
+            "verbs-hw: no usable RDMA device: {e}. This suite never passes by testing nothing: \
+             set up SoftRoCE (README.md, fabric over ibverbs) or build without the feature `verbs-hw`"
+        )
+    })
+}
+
+/// Verbs has no export/import of memory between processes (host mode maps
+/// the pools itself).
+#[cfg(feature = "verbs-hw")]
+fn export_verbs(_: &VerbsTransport, _: &Arc<shm::Region>) -> Option<Vec<u8>> {
+    None
+}
+
+#[cfg(feature = "verbs-hw")]
+conformance!(verbs, make_verbs, export_verbs);
