@@ -140,8 +140,9 @@ impl VerbsConfig {
 /// The transport could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum VerbsSetupError {
-    /// libibverbs could not list devices (not installed, or no access).
-    #[error("cannot list RDMA devices (is libibverbs1 installed?): {0}")]
+    /// libibverbs could not list devices: not installed, or the kernel has
+    /// no RDMA support loaded.
+    #[error("cannot list RDMA devices: {0}")]
     DeviceList(String),
     /// There is no RDMA device on this machine.
     #[error("no RDMA device found (a RoCE/InfiniBand NIC, or SoftRoCE: rdma link add rxe0 type rxe netdev eth0)")]
@@ -181,13 +182,27 @@ fn verbs_err(what: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> Verbs
     move |e| VerbsSetupError::Verbs { what, detail: e.to_string() }
 }
 
-/// The OS error code somewhere in an error's chain (sideway wraps them).
+/// The OS error code somewhere in an error's chain (sideway wraps them,
+/// some in `#[error(transparent)]` kinds that hide the `io::Error` from the
+/// source chain, so those are looked into by type); -1 when there is none.
 fn os_code(e: &(dyn std::error::Error + 'static)) -> i32 {
+    use sideway::ibverbs::device::GetDeviceListErrorKind;
+    use sideway::ibverbs::memory_region::RegisterMemoryRegionErrorKind;
+    use sideway::ibverbs::queue_pair::CreateQueuePairErrorKind;
     let mut cur = Some(e);
     while let Some(e) = cur {
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && let Some(code) = io.raw_os_error()
-        {
+        let io = if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            Some(io)
+        } else if let Some(GetDeviceListErrorKind::Ibverbs(io)) = e.downcast_ref() {
+            Some(io)
+        } else if let Some(CreateQueuePairErrorKind::Ibverbs(io)) = e.downcast_ref() {
+            Some(io)
+        } else if let Some(RegisterMemoryRegionErrorKind::Ibverbs(io)) = e.downcast_ref() {
+            Some(io)
+        } else {
+            None
+        };
+        if let Some(code) = io.and_then(std::io::Error::raw_os_error) {
             return code;
         }
         cur = e.source();
@@ -398,7 +413,16 @@ fn post_send_error(e: &PostSendError) -> RawPostError {
 impl VerbsTransport {
     /// A transport on the device, port and GID `cfg` names.
     pub fn new(cfg: VerbsConfig) -> Result<Self, VerbsSetupError> {
-        let list = DeviceList::new().map_err(|e| VerbsSetupError::DeviceList(e.to_string()))?;
+        let list = DeviceList::new().map_err(|e| {
+            let why = match os_code(&e) {
+                // ENOSYS: libibverbs is there, the kernel side is not.
+                38 => "no RDMA support in the kernel (no uverbs device; SoftRoCE: modprobe rdma_rxe)".to_owned(),
+                // ENOENT and friends from the loader: libibverbs itself.
+                -1 => format!("{e} (is libibverbs1 installed?)"),
+                code => format!("{e}: {}", std::io::Error::from_raw_os_error(code)),
+            };
+            VerbsSetupError::DeviceList(why)
+        })?;
         if list.is_empty() {
             return Err(VerbsSetupError::NoDevice);
         }
