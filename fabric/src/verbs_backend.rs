@@ -549,8 +549,7 @@ impl VerbsTransport {
     fn post_probe(c: &mut VerbsConn, conn: u32) -> Result<(), RawPostError> {
         let (rkey, addr) = c.probe_target;
         let mut g = c.qp.start_post_send();
-        let wr =
-            g.construct_wr(wr_id(KIND_PROBE, c.gen_, conn, 0), WorkRequestFlags::Signaled).setup_write(rkey, addr);
+        let wr = g.construct_wr(wr_id(KIND_PROBE, c.gen_, conn, 0), WorkRequestFlags::Signaled).setup_write(rkey, addr);
         // SAFETY: an empty scatter list names no local memory.
         unsafe { wr.setup_sge_list(&[]) };
         g.post().map_err(|e| post_send_error(&e))?;

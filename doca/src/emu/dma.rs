@@ -7,6 +7,17 @@
 //! kernels) `sendfile` reads. For those the emulated NIC maps the file
 //! itself (a `shm::Region` private to this module, never exposed to the
 //! task's owner) and copies through a bounce buffer sized once.
+//!
+//! Small payloads: a syscall per payload would cost more than the bytes
+//! (a real NIC gathers a work request's header and payload into one
+//! packet). When a send's memory is the sending process's own region,
+//! [`read_mem`] copies the payload into the NIC's stream buffer so `rdma`
+//! can write many frames with one call; imported memory is never read that
+//! way (it still goes file to socket inside the kernel). On the receiving
+//! side the NIC reads ahead into its own buffer, and [`write_mem`] places
+//! buffered payload bytes: into the process's own region by copy, into any
+//! other mmap (imported memory included) with `pwrite` on its file, so the
+//! importer still never maps memory it imported.
 
 use super::mem::MmapInner;
 use rustix::io::Errno;
@@ -48,6 +59,44 @@ fn bounce(b: &mut Vec<u8>) -> &mut [u8] {
         b.resize(CHUNK, 0);
     }
     &mut b[..]
+}
+
+/// Copies `out.len()` bytes at `file_off` of `mmap`'s file into `out`
+/// when the mmap is over the process's own region (the emulated NIC
+/// reading a send's payload); `Ok(false)` for any other mmap (imported
+/// memory: use [`Dma::send`]).
+pub(crate) fn read_mem(mmap: &MmapInner, file_off: u64, out: &mut [u8]) -> io::Result<bool> {
+    let Some(r) = mmap.region() else { return Ok(false) };
+    r.copy_out(file_off, out).map_err(io::Error::other)?;
+    Ok(true)
+}
+
+/// Writes `data` at `file_off` of `mmap`'s file (the emulated NIC placing
+/// received bytes it holds in its own buffer): a copy into the process's
+/// own region, `pwrite` for any other mmap (no mapping of imported
+/// memory), the NIC's private mapping for files that refuse writes
+/// (hugetlbfs).
+pub(crate) fn write_mem(mmap: &MmapInner, file_off: u64, data: &[u8]) -> io::Result<()> {
+    if let Some(r) = mmap.region() {
+        return r.copy_in(file_off, data).map_err(io::Error::other);
+    }
+    let (mut off, mut rest) = (file_off, data);
+    while !rest.is_empty() && !mmap.dma_slow() {
+        match rustix::io::pwrite(mmap.fd(), rest, off) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "mmap file shorter than its range")),
+            Ok(n) => {
+                rest = &rest[n..];
+                off += n as u64;
+            }
+            Err(Errno::INTR) => {}
+            Err(e) if unsupported(e) => mmap.set_dma_slow(),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if rest.is_empty() {
+        return Ok(());
+    }
+    fallback_map(mmap)?.copy_in(off, rest).map_err(io::Error::other)
 }
 
 /// A per-stream mover: a pipe for `splice`, and the fallback's bounce
