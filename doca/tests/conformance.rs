@@ -241,6 +241,79 @@ fn rdma_two_sided_sends_wait_for_receives_and_arrive_in_order_with_immediates() 
     assert_eq!(a.tasks_in_use(), (0, 0));
 }
 
+/// A stream mixing payloads the emulated NIC gathers into one write (small,
+/// from the sender's own memory) with ones it sends from the file (large,
+/// zero-length too), received in small batches of receives so that frames
+/// wait, read ahead, for receives to be posted; alternately into the
+/// receiver's own memory and into memory it imported. Order, immediates,
+/// lengths and bytes hold for every message.
+#[test]
+fn rdma_mixed_sizes_with_receives_posted_a_few_at_a_time() {
+    let dev = device();
+    let pe = ProgressEngine::new().unwrap();
+    let (a, ca, b, _cb) = rdma_pair(&pe, &dev, RdmaConfig { send_tasks: 64, recv_tasks: 64, ..Default::default() });
+    const SLOT: u64 = 48 << 10;
+    const N: usize = 48;
+    let sizes = [1usize, 64, 1000, 16 << 10, (16 << 10) + 1, 40_000, 0, 33];
+    let size = |i: usize| sizes[i % sizes.len()];
+    let pool_a = region(N * SLOT as usize);
+    let (pool_b, pool_c) = (region(N * SLOT as usize), region(N * SLOT as usize));
+    let rw = Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE;
+    let src = local_mmap(&dev, &pool_a, rw);
+    let own = local_mmap(&dev, &pool_b, rw);
+    let host_c = local_mmap(&dev, &pool_c, rw);
+    let imported = RemoteMmap::from_export(&dev, &host_c.export_pci(&dev).unwrap()).unwrap();
+    let inv = BufInventory::new(2 * N as u32).unwrap();
+    for i in 0..N {
+        let off = i as u64 * SLOT;
+        pool_a.copy_in(off, &pattern(i as u32, size(i))).unwrap();
+        let mut buf = inv.buf(&src, off, SLOT as u32).unwrap();
+        buf.set_data_len(size(i) as u32).unwrap();
+        a.submit_send(ca, buf, Some(0x2000 + i as u32), i as u64).unwrap();
+    }
+    let mut recvs = Vec::new();
+    let mut posted = 0;
+    let start = Instant::now();
+    while recvs.len() < N {
+        assert!(start.elapsed() < WATCHDOG, "watchdog: {} of {N} messages received", recvs.len());
+        // A few receives at a time, once the previous ones completed.
+        if posted == recvs.len() {
+            for _ in 0..3.min(N - posted) {
+                let off = posted as u64 * SLOT;
+                let buf = if posted % 2 == 0 {
+                    inv.buf(&own, off, SLOT as u32).unwrap()
+                } else {
+                    inv.remote_buf(&imported, off, SLOT as u32).unwrap()
+                };
+                b.submit_receive(buf, posted as u64).unwrap();
+                posted += 1;
+            }
+        }
+        pe.progress();
+        while let Some(e) = b.poll_event() {
+            if let RdmaEvent::Received { .. } = e {
+                recvs.push(e);
+            }
+        }
+    }
+    for (i, e) in recvs.into_iter().enumerate() {
+        let RdmaEvent::Received { user_data, buf, imm, result, .. } = e else { unreachable!() };
+        assert_eq!((user_data, result, imm), (i as u64, Ok(()), Some(0x2000 + i as u32)), "message {i}");
+        assert_eq!(buf.data_len() as usize, size(i), "length of message {i}");
+        let mut got = vec![0u8; size(i)];
+        let pool = if i % 2 == 0 { &pool_b } else { &pool_c };
+        pool.copy_out(i as u64 * SLOT, &mut got).unwrap();
+        assert!(got == pattern(i as u32, size(i)), "bytes of message {i} ({} bytes)", size(i));
+    }
+    let sends = completions(&pe, &a, N, "send completions");
+    for (i, e) in sends.into_iter().enumerate() {
+        let RdmaEvent::SendDone { user_data, result, .. } = e else { unreachable!() };
+        assert_eq!((user_data, result), (i as u64, Ok(())));
+    }
+    assert_eq!(a.tasks_in_use(), (0, 0));
+    assert_eq!(b.tasks_in_use(), (0, 0));
+}
+
 #[test]
 fn rdma_task_pools_are_fixed() {
     let dev = device();
