@@ -79,6 +79,10 @@ pub struct Node {
     pub address: String,
     /// Directory of the node's sockets and shared-memory names.
     pub runtime_dir: PathBuf,
+    /// Where the agent serves `/metrics`, `/status` and `/ready`
+    /// (`host:port`); none by default.
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 fn default_mode() -> Mode {
@@ -339,6 +343,11 @@ impl Cluster {
         for (i, n) in self.nodes.iter().enumerate() {
             if n.address.parse::<std::net::SocketAddr>().is_err() {
                 return Err(bad(format!("node[{i}].address"), format!("\"{}\" is not host:port", n.address)));
+            }
+            if let Some(m) = &n.metrics
+                && m.parse::<std::net::SocketAddr>().is_err()
+            {
+                return Err(bad(format!("node[{i}].metrics"), format!("\"{m}\" is not host:port")));
             }
         }
         for (i, t) in self.tenants.iter().enumerate() {

@@ -20,6 +20,28 @@ pub enum Command {
     /// the layout hash. Builds for different machines (x86_64 host,
     /// aarch64 DPU) must print the same text to work together.
     Layout,
+    /// Run the engine of one node until SIGINT or SIGTERM.
+    Run {
+        /// The cluster file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// This node's name in the cluster file.
+        #[arg(long)]
+        node: String,
+        /// Serve /metrics, /status and /ready here (overrides the node's
+        /// `metrics` field).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
+        /// Data-plane threads (one per core given). Only 1 is supported by
+        /// this build.
+        #[arg(long, default_value_t = 1)]
+        cores: u16,
+        /// Never nap when idle (a dedicated core, as on the DPU); by default
+        /// an emulated-mode agent naps 50 us between polls after 2 ms of no
+        /// work, so it shares cores.
+        #[arg(long)]
+        busy: bool,
+    },
     /// Validate a cluster file: prints a summary, or fails naming the bad
     /// field.
     CheckConfig {
@@ -37,6 +59,15 @@ pub fn version_line() -> &'static str {
 /// Runs a parsed command; returns what to print.
 pub fn run(cli: &Cli) -> anyhow::Result<String> {
     match cli.command {
+        Command::Run { ref config, ref node, metrics, cores, busy } => {
+            if cores != 1 {
+                anyhow::bail!("--cores {cores}: this build runs one data-plane thread");
+            }
+            let stop = stop_on_signals()?;
+            let opts = crate::agent::RunOptions { config: config.clone(), node: node.clone(), metrics, busy };
+            crate::agent::run(&opts, stop)?;
+            Ok(String::new())
+        }
         Command::Layout => {
             let mut out = String::new();
             writeln!(out, "# dpu-agent {} doca={}", version_line(), doca::BACKEND.as_str())?;
@@ -56,6 +87,24 @@ pub fn run(cli: &Cli) -> anyhow::Result<String> {
             ))
         }
     }
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and so in every thread it
+/// starts afterwards) and sets the returned flag when one arrives.
+fn stop_on_signals() -> anyhow::Result<&'static std::sync::atomic::AtomicBool> {
+    use nix::sys::signal::{SigSet, Signal};
+    static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block()?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        if let Ok(sig) = set.wait() {
+            log::info!("{sig}: stopping");
+        }
+        STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+    })?;
+    Ok(&STOP)
 }
 
 #[cfg(test)]

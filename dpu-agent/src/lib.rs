@@ -11,5 +11,8 @@
 //! is being built in its own issue (dpu-agent).
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod cli;
+pub mod engine;
+pub mod metrics;
 pub mod sched;

@@ -270,6 +270,18 @@ impl Function {
         })
     }
 
+    /// Whether host-shimd is still there (its end of the control
+    /// connection is open). Never blocks.
+    pub fn shimd_alive(&self) -> bool {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        let mut fds = [PollFd::new(&self.conn, PollFlags::IN)];
+        let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
+        match poll(&mut fds, Some(&zero)) {
+            Ok(_) => !fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR),
+            Err(_) => true,
+        }
+    }
+
     /// The attach reply: ids, slot, pool geometry.
     pub fn info(&self) -> &AttachOk {
         &self.info

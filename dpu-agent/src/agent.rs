@@ -1,0 +1,75 @@
+//! `dpu-agent run`: attaches to the node's host link, builds the engine and
+//! runs it on this thread; the metrics endpoint runs on its own thread.
+//! When host-shimd goes away the engine is torn down (peers see the fabric
+//! link go and return in-flight messages to their senders) and rebuilt once
+//! host-shimd is back.
+
+use crate::engine::{Engine, Exit, Settings, attach_all};
+use crate::metrics::{self, Metrics};
+use config::{Cluster, FabricKind, Mode};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+/// What `run` needs.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Cluster file.
+    pub config: PathBuf,
+    /// This node's name.
+    pub node: String,
+    /// Metrics address (overrides the node's `metrics`).
+    pub metrics: Option<SocketAddr>,
+    /// Spin forever instead of napping when idle.
+    pub busy: bool,
+}
+
+/// Runs the agent until `stop` is set.
+pub fn run(opts: &RunOptions, stop: &AtomicBool) -> anyhow::Result<()> {
+    let cfg = Arc::new(Cluster::load(&opts.config)?);
+    let node = cfg.node_id(&opts.node).ok_or_else(|| anyhow::anyhow!("node \"{}\" is not in the config", opts.node))?;
+    let n = &cfg.nodes[usize::from(node)];
+    match n.mode {
+        Mode::Host | Mode::Emulated => {}
+        Mode::Dpu => anyhow::bail!(
+            "node {}: mode \"dpu\" needs the DOCA comch host link, which this build does not have yet; \
+             run the node in mode \"host\" (the agent on the host CPU) or \"emulated\"",
+            n.name
+        ),
+    }
+    if n.fabric == FabricKind::Verbs {
+        anyhow::bail!("node {}: fabric \"verbs\" is not wired into the agent yet; use fabric \"doca\"", n.name);
+    }
+    let m = Arc::new(Metrics::new(&cfg, &n.name));
+    let maddr = match (opts.metrics, &n.metrics) {
+        (Some(a), _) => Some(a),
+        (None, Some(s)) => Some(s.parse()?),
+        (None, None) => None,
+    };
+    if let Some(a) = maddr {
+        let (local, _t) = metrics::serve(a, m.clone()).map_err(|e| anyhow::anyhow!("metrics on {a}: {e}"))?;
+        log::info!("metrics, status and readiness on http://{local}/");
+    }
+    let socket = host_shim::daemon::socket_path(&n.runtime_dir);
+    let set = Settings {
+        node,
+        idle_sleep_after: if opts.busy || n.mode == Mode::Host { None } else { Some(Duration::from_millis(2)) },
+    };
+    loop {
+        let Some(links) = attach_all(&cfg, &socket, stop) else { return Ok(()) };
+        log::info!("node {}: attached to host-shimd for {} tenants", n.name, links.len());
+        let mut engine = Engine::new(cfg.clone(), set.clone(), links, m.clone())?;
+        let exit = engine.run(stop);
+        m.set_ready(false);
+        drop(engine);
+        match exit {
+            Exit::Stopped => {
+                log::info!("node {}: stopped", n.name);
+                return Ok(());
+            }
+            Exit::HostLost => log::warn!("node {}: host-shimd went away; re-attaching", n.name),
+        }
+    }
+}

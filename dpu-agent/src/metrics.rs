@@ -1,0 +1,302 @@
+//! The agent's counters, and the HTTP endpoints that serve them:
+//! `GET /metrics` (Prometheus text), `GET /status` (JSON), `GET /ready`
+//! (200 once the host link is attached and the fabric listener is up, 503
+//! before).
+//!
+//! The data-plane thread updates counters through handles created at start
+//! (atomics; no lookup, lock or allocation per message); the HTTP side runs
+//! on its own thread with a single-threaded tokio runtime.
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// Why a message was dropped or returned to its sender as an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drop {
+    /// Destination function not in the config.
+    UnknownFunction,
+    /// Destination node not reachable (link down).
+    Unreachable,
+    /// The peer failed with the message in flight.
+    PeerDied,
+    /// The local destination has no live instance.
+    NoInstance,
+    /// A descriptor from a function failed validation.
+    BadDescriptor,
+    /// No pool buffer to post a receive with.
+    NoBuffer,
+    /// A peer broke the fabric protocol.
+    Protocol,
+    /// A reply addressed to a node that is not an ingress, or to this node.
+    BadOrigin,
+}
+
+impl Drop {
+    /// Every reason.
+    pub const ALL: [Drop; 8] = [
+        Drop::UnknownFunction,
+        Drop::Unreachable,
+        Drop::PeerDied,
+        Drop::NoInstance,
+        Drop::BadDescriptor,
+        Drop::NoBuffer,
+        Drop::Protocol,
+        Drop::BadOrigin,
+    ];
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Drop::UnknownFunction => "unknown_function",
+            Drop::Unreachable => "unreachable",
+            Drop::PeerDied => "peer_died",
+            Drop::NoInstance => "no_instance",
+            Drop::BadDescriptor => "bad_descriptor",
+            Drop::NoBuffer => "no_buffer",
+            Drop::Protocol => "protocol",
+            Drop::BadOrigin => "bad_origin",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabel {
+    tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabel {
+    tenant: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FnLabel {
+    tenant: String,
+    function: String,
+}
+
+/// Per-tenant handles.
+#[derive(Debug)]
+pub struct TenantMetrics {
+    /// Messages sent over the fabric.
+    pub tx_msgs: Counter,
+    /// Payload bytes sent over the fabric.
+    pub tx_bytes: Counter,
+    /// Messages received over the fabric (whole chains).
+    pub rx_msgs: Counter,
+    /// Payload bytes received over the fabric.
+    pub rx_bytes: Counter,
+    /// Messages taken from the tenant's uplink ring.
+    pub uplink_msgs: Counter,
+    /// Messages waiting in the tenant's send queue.
+    pub queue_depth: Gauge,
+    /// Sends the peers currently allow this tenant (sum over peers).
+    pub credits: Gauge,
+    /// Receive buffers posted for this tenant.
+    pub recvs_posted: Gauge,
+    /// Seconds from taking a message off the uplink to its send completing.
+    pub latency: Histogram,
+    drops: Vec<Counter>,
+}
+
+impl TenantMetrics {
+    /// Counts a drop (or an error returned to the sender).
+    pub fn drop(&self, why: Drop) {
+        if let Some(c) = self.drops.get(why as usize) {
+            c.inc();
+        }
+    }
+
+    /// Drops so far for `why`.
+    pub fn drops(&self, why: Drop) -> u64 {
+        self.drops.get(why as usize).map_or(0, Counter::get)
+    }
+}
+
+/// Per-function handles (messages delivered to its local instances).
+#[derive(Debug)]
+pub struct FnMetrics {
+    /// Messages delivered.
+    pub delivered: Counter,
+    /// Payload bytes delivered.
+    pub delivered_bytes: Counter,
+}
+
+/// All of the agent's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Indexed by tenant id.
+    pub tenants: Vec<TenantMetrics>,
+    /// Indexed by function id.
+    pub functions: Vec<FnMetrics>,
+    /// Peers whose fabric link is up.
+    pub peers_up: Gauge,
+    ready: AtomicBool,
+    status: Mutex<String>,
+}
+
+impl Metrics {
+    /// Metrics for the tenants and functions of `cfg`.
+    pub fn new(cfg: &config::Cluster, node: &str) -> Self {
+        use std::borrow::Cow;
+        let node_label = [(Cow::Borrowed("node"), Cow::Owned(node.to_owned()))];
+        let mut registry = Registry::with_prefix_and_labels("dne_agent", node_label.into_iter());
+        let fam = || Family::<TenantLabel, Counter>::default();
+        let (tx_m, tx_b, rx_m, rx_b, up_m) = (fam(), fam(), fam(), fam(), fam());
+        let depth = Family::<TenantLabel, Gauge>::default();
+        let credits = Family::<TenantLabel, Gauge>::default();
+        let posted = Family::<TenantLabel, Gauge>::default();
+        let drops = Family::<DropLabel, Counter>::default();
+        let lat = Family::<TenantLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(1e-6, 2.0, 24))
+        });
+        let fn_m = Family::<FnLabel, Counter>::default();
+        let fn_b = Family::<FnLabel, Counter>::default();
+        let peers_up = Gauge::default();
+        let tenants = cfg
+            .tenants
+            .iter()
+            .map(|t| {
+                let l = TenantLabel { tenant: t.name.clone() };
+                TenantMetrics {
+                    tx_msgs: tx_m.get_or_create(&l).clone(),
+                    tx_bytes: tx_b.get_or_create(&l).clone(),
+                    rx_msgs: rx_m.get_or_create(&l).clone(),
+                    rx_bytes: rx_b.get_or_create(&l).clone(),
+                    uplink_msgs: up_m.get_or_create(&l).clone(),
+                    queue_depth: depth.get_or_create(&l).clone(),
+                    credits: credits.get_or_create(&l).clone(),
+                    recvs_posted: posted.get_or_create(&l).clone(),
+                    latency: lat.get_or_create(&l).clone(),
+                    drops: Drop::ALL
+                        .iter()
+                        .map(|d| {
+                            drops
+                                .get_or_create(&DropLabel { tenant: t.name.clone(), reason: d.as_str().to_owned() })
+                                .clone()
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        let functions = cfg
+            .functions
+            .iter()
+            .map(|f| {
+                let l = FnLabel { tenant: f.tenant.clone(), function: f.name.clone() };
+                FnMetrics { delivered: fn_m.get_or_create(&l).clone(), delivered_bytes: fn_b.get_or_create(&l).clone() }
+            })
+            .collect();
+        registry.register("fabric_tx_messages", "Messages sent over the fabric", tx_m);
+        registry.register("fabric_tx_bytes", "Payload bytes sent over the fabric", tx_b);
+        registry.register("fabric_rx_messages", "Messages received over the fabric", rx_m);
+        registry.register("fabric_rx_bytes", "Payload bytes received over the fabric", rx_b);
+        registry.register("uplink_messages", "Messages taken from the tenant's uplink ring", up_m);
+        registry.register("queue_depth", "Messages waiting in the tenant's send queue", depth);
+        registry.register("credits", "Sends the peers allow the tenant now", credits);
+        registry.register("receives_posted", "Receive buffers posted for the tenant", posted);
+        registry.register("drops", "Messages dropped or returned as errors, by reason", drops);
+        registry.register("send_latency_seconds", "From the uplink to the send completion", lat);
+        registry.register("delivered_messages", "Messages delivered to local function instances", fn_m);
+        registry.register("delivered_bytes", "Payload bytes delivered to local function instances", fn_b);
+        registry.register("peers_up", "Peers whose fabric link is up", peers_up.clone());
+        Self { registry, tenants, functions, peers_up, ready: AtomicBool::new(false), status: Mutex::new("{}".into()) }
+    }
+
+    /// Sets readiness.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether the agent reports ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Replaces the JSON status document.
+    pub fn set_status(&self, json: String) {
+        if let Ok(mut s) = self.status.lock() {
+            *s = json;
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            log::warn!("encoding metrics: {e}");
+        }
+        out
+    }
+
+    fn answer(&self, path: &str) -> (StatusCode, &'static str, String) {
+        match path {
+            "/metrics" => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", self.encode()),
+            "/status" => {
+                (StatusCode::OK, "application/json", self.status.lock().map(|s| s.clone()).unwrap_or_default())
+            }
+            "/ready" if self.is_ready() => (StatusCode::OK, "text/plain", "ready\n".into()),
+            "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into()),
+            _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics, /status or /ready\n".into()),
+        }
+    }
+}
+
+/// Serves `GET /metrics`, `/status` and `/ready` on `addr` from a thread of
+/// its own until the process ends. The port is bound before this returns,
+/// so a taken port is an error here.
+pub fn serve(addr: SocketAddr, m: Arc<Metrics>) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let std_listener = std::net::TcpListener::bind(addr)?;
+    std_listener.set_nonblocking(true)?;
+    let local = std_listener.local_addr()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let t = std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        rt.block_on(async move {
+            let listener = match tokio::net::TcpListener::from_std(std_listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    log::error!("metrics listener: {e}");
+                    return;
+                }
+            };
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let m = m.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let m = m.clone();
+                        async move {
+                            let (status, ctype, body) = if req.method() == hyper::Method::GET {
+                                m.answer(req.uri().path())
+                            } else {
+                                (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into())
+                            };
+                            Response::builder()
+                                .status(status)
+                                .header(hyper::header::CONTENT_TYPE, ctype)
+                                .body(Full::new(Bytes::from(body)))
+                        }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await {
+                        log::debug!("metrics connection: {e}");
+                    }
+                });
+            }
+        });
+    })?;
+    Ok((local, t))
+}
