@@ -32,6 +32,7 @@ const _: () =
 pub mod ctrl;
 pub mod desc;
 pub mod fabric;
+pub mod http;
 pub mod layout;
 pub mod mesh;
 pub mod name;
