@@ -34,6 +34,11 @@ struct Args {
     /// Allocate this many messages at start and hold them forever.
     #[arg(long, default_value_t = 0)]
     hoard: u32,
+    /// Cluster file: messages that travel along an ingress route go to the
+    /// next function of the route's chain, and the last function replies
+    /// to the ingress.
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -56,35 +61,72 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     // Tell a supervising process we are ready (after the hoard is taken).
     println!("ready slot={} hoard={}", f.info().slot, hoard.len());
+    let routes: Vec<Vec<String>> = match &args.config {
+        Some(p) => config::Cluster::load(p)?.routes.into_iter().map(|r| r.chain).collect(),
+        None => Vec::new(),
+    };
     loop {
         let mut msg = f.recv()?;
+        if msg.desc().flags & wire::DescFlags::ERROR != 0 {
+            // A message of ours came back undelivered.
+            log::warn!("message {} came back: error {}", msg.request(), msg.desc().status);
+            f.free(msg)?;
+            continue;
+        }
         for k in 0..msg.frags() {
             t.apply(f.payload_mut(&mut msg, k));
         }
-        match &args.next {
+        let d = *msg.desc();
+        let chain = routes.get(usize::from(d.route));
+        let next = match chain {
+            Some(c) => match c.get(usize::from(d.hop) + 1) {
+                Some(n) => {
+                    msg.desc_mut().hop += 1;
+                    Some(n.as_str())
+                }
+                None => {
+                    if let Err(e) = send_retrying(&mut f, msg, None) {
+                        log::warn!("reply: {e}");
+                    }
+                    continue;
+                }
+            },
+            None => args.next.as_deref(),
+        };
+        match next {
             None => {
                 f.free(msg)?;
             }
             Some(next) => {
-                let mut m = msg;
-                // Back-pressure: a full ring means the next function is
-                // behind; wait for it rather than drop.
-                loop {
-                    match f.send(m, next) {
-                        Ok(()) => break,
-                        Err(e) if matches!(e.kind, SendErrorKind::Full) && e.msg.is_some() => {
-                            m = e.msg.expect("checked");
-                            std::thread::sleep(Duration::from_micros(50));
-                        }
-                        Err(e) => {
-                            log::warn!("send to {next}: {}", e.kind);
-                            if let Some(m) = e.msg {
-                                f.free(m)?;
-                            }
-                            break;
-                        }
-                    }
+                if let Err(e) = send_retrying(&mut f, msg, Some(next)) {
+                    log::warn!("send to {next}: {e}");
                 }
+            }
+        }
+    }
+}
+
+/// Sends to `to` (or replies, for `None`), waiting while the destination
+/// ring is full; frees the message if it cannot be sent.
+fn send_retrying(f: &mut Function, msg: host_shim::Msg, to: Option<&str>) -> anyhow::Result<()> {
+    let mut m = msg;
+    loop {
+        let r = match to {
+            Some(to) => f.send(m, to),
+            None => f.reply(m),
+        };
+        match r {
+            Ok(()) => return Ok(()),
+            Err(e) if matches!(e.kind, SendErrorKind::Full) && e.msg.is_some() => {
+                m = e.msg.expect("checked");
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            Err(e) => {
+                let kind = e.kind.to_string();
+                if let Some(m) = e.msg {
+                    f.free(m)?;
+                }
+                anyhow::bail!(kind);
             }
         }
     }
