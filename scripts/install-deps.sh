@@ -3,13 +3,15 @@
 # Only Debian's own archive is used (apt-get); nothing is downloaded from
 # anywhere else.
 #
-#   scripts/install-deps.sh [GROUP...]     GROUP: base cross bench (default: base cross)
+#   scripts/install-deps.sh [GROUP...]     GROUP: base cross bench rdma (default: base cross)
 #
 #   base   C toolchain and libclang for bindgen/sideway, iproute2 for the
 #          network-namespace tests
 #   cross  Debian's Rust toolchain with the arm64 standard library, the
 #          aarch64 cross linker and qemu-user (see cross/build-aarch64.sh)
 #   bench  load generators and the peers benchmarks compare against
+#   rdma   what running the fabric's verbs backend needs (libibverbs and its
+#          providers, SoftRoCE's included; ibv_devices): building needs none
 set -euo pipefail
 
 groups=("$@")
@@ -24,7 +26,8 @@ for g in "${groups[@]}"; do
                   libc6-dev-arm64-cross qemu-user)
            need_arm64=1 ;;
     bench) pkgs+=(nginx-light wrk hyperfine) ;;
-    *) echo "install-deps: unknown group '$g' (base, cross, bench)" >&2; exit 2 ;;
+    rdma) pkgs+=(libibverbs1 ibverbs-providers ibverbs-utils) ;;
+    *) echo "install-deps: unknown group '$g' (base, cross, bench, rdma)" >&2; exit 2 ;;
   esac
 done
 
