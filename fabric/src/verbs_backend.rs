@@ -73,6 +73,12 @@ pub const PORT_ENV: &str = "DNE_VERBS_PORT";
 /// Work completions taken from the CQ per poll at most.
 const POLL_BATCH: usize = 64;
 
+/// Linux error codes the backend tells apart (`ibv_post_recv` returns them
+/// directly, `ibv_get_device_list` through errno).
+const ENOMEM: i32 = 12;
+const EINVAL: i32 = 22;
+const ENOSYS: i32 = 38;
+
 /// Sizes and knobs of a [`VerbsTransport`], fixed at setup.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerbsConfig {
@@ -416,7 +422,7 @@ impl VerbsTransport {
         let list = DeviceList::new().map_err(|e| {
             let why = match os_code(&e) {
                 // ENOSYS: libibverbs is there, the kernel side is not.
-                38 => "no RDMA support in the kernel (no uverbs device; SoftRoCE: modprobe rdma_rxe)".to_owned(),
+                ENOSYS => "no RDMA support in the kernel (no uverbs device; SoftRoCE: modprobe rdma_rxe)".to_owned(),
                 // ENOENT and friends from the loader: libibverbs itself.
                 -1 => format!("{e} (is libibverbs1 installed?)"),
                 code => format!("{e}: {}", std::io::Error::from_raw_os_error(code)),
@@ -670,7 +676,7 @@ impl Transport for VerbsTransport {
 
     fn register(&mut self, id: RegionId, mem: Memory<'_>) -> Result<(), RegionRegisterError> {
         if id.0 as usize != self.regions.len() {
-            return Err(RegionRegisterError::Transport(libc_einval()));
+            return Err(RegionRegisterError::Transport(EINVAL));
         }
         let mem = match mem {
             Memory::Local(r) => r,
@@ -925,8 +931,8 @@ impl Transport for VerbsTransport {
         }
         c.recvs.remove(slot);
         Err(match ret {
-            12 => RawPostError::Busy, // ENOMEM: the receive queue is full
-            22 => RawPostError::Invalid,
+            ENOMEM => RawPostError::Busy, // the receive queue is full
+            EINVAL => RawPostError::Invalid,
             code => RawPostError::Conn(CompletionError::Transport(code)),
         })
     }
@@ -971,9 +977,11 @@ impl Transport for VerbsTransport {
     }
 }
 
-fn libc_einval() -> i32 {
-    22
-}
+// The agent moves its endpoints to the data-plane thread.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<VerbsTransport>();
+};
 
 #[cfg(test)]
 mod tests {
