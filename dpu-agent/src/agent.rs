@@ -56,6 +56,7 @@ pub fn run(opts: &RunOptions, stop: &AtomicBool) -> anyhow::Result<()> {
     let set = Settings {
         node,
         idle_sleep_after: if opts.busy || n.mode == Mode::Host { None } else { Some(Duration::from_millis(2)) },
+        epoch: std::time::Instant::now(),
     };
     loop {
         let Some(links) = attach_all(&cfg, &socket, stop) else { return Ok(()) };

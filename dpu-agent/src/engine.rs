@@ -29,10 +29,7 @@
 use crate::metrics::{Drop as Why, Metrics};
 use crate::sched::{Backlog, Drr, QUANTUM};
 use config::Cluster;
-use fabric::{
-    Completion, CompletionError, ConnId, DocaTransport, Endpoint, EndpointConfig, HEADER_LEN, HEADROOM, Memory, Mesh,
-    MeshConfig, MeshEvent, RecvWr, RegionId, SendWr,
-};
+use fabric::{Buffers, DocaTransport, Endpoint, EndpointConfig, MeshConfig, Port, PortEvent, PortSizes, PortTenant};
 use host_shim::{Function, Msg, SendErrorKind};
 use shm::pool::Lease;
 use std::collections::VecDeque;
@@ -41,12 +38,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use wire::desc::NO_NODE;
-use wire::{DescFlags, Descriptor, ErrorCode, FabricHeader, Immediate, MsgKind};
-use zerocopy::{FromBytes, IntoBytes};
+use wire::{DescFlags, Descriptor, ErrorCode};
 
-/// Where the fabric header sits in a buffer: at the end of the headroom,
-/// so header and payload are one contiguous send and land the same way.
-const HDR_OFF: u64 = HEADROOM as u64 - HEADER_LEN as u64;
 /// Descriptors taken from one uplink per iteration.
 const UPLINK_BATCH: usize = 32;
 /// Sends of one connection queued in the endpoint before the scheduler
@@ -55,8 +48,6 @@ const UPLINK_BATCH: usize = 32;
 const ENDPOINT_QUEUE_HIGH: usize = 64;
 /// How often the control work runs.
 const CONTROL_EVERY: Duration = Duration::from_millis(1);
-/// Token bit of receive work requests.
-const RECV_TOKEN: u64 = 1 << 63;
 
 /// How the engine ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -76,6 +67,8 @@ pub struct Settings {
     /// between polls (emulated mode shares cores with everything else);
     /// `None` spins forever (a DPU core of its own).
     pub idle_sleep_after: Option<Duration>,
+    /// Start of the process: latency tags are nanoseconds since.
+    pub epoch: Instant,
 }
 
 /// A message waiting for the scheduler.
@@ -86,78 +79,31 @@ struct Out {
     since: Instant,
 }
 
-/// A message being sent.
+/// The agent's attach to one tenant pool, as the fabric port's buffer
+/// source.
 #[derive(Debug)]
-struct Flight {
-    tenant: u16,
-    msg: Option<Msg>,
-    /// Fragment sends not completed yet.
-    left: u32,
-    error: Option<CompletionError>,
-    since: Instant,
-}
+pub struct Link(pub Function);
 
-/// A posted receive.
-#[derive(Debug)]
-struct Posted {
-    tenant: u16,
-    lease: Lease,
-}
-
-/// One fabric connection (per peer and tenant).
-#[derive(Debug)]
-struct Conn {
-    peer: u16,
-    tenant: u16,
-    up: bool,
-    /// Fragments of the chain being received, and its first header.
-    parts: Vec<Lease>,
-    first: Option<Descriptor>,
-    /// Receives posted now, and how many should be.
-    posted: u32,
-    want: u32,
+impl Buffers for Link {
+    fn pool(&self) -> &shm::Pool {
+        self.0.pool()
+    }
+    fn alloc_one(&mut self) -> Option<Lease> {
+        let cap = self.0.pool().geometry().payload_cap();
+        self.0.alloc(cap).ok().map(|m| m.into_parts().0)
+    }
+    fn free(&mut self, lease: Lease) {
+        if let Err(e) = self.0.free(Msg::from_parts(lease, Descriptor::default())) {
+            log::warn!("freeing a buffer: {e}");
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Tenant {
-    id: u16,
-    link: Function,
-    region: RegionId,
     queue: VecDeque<Out>,
     /// Local deliveries waiting for room in the destination ring.
     backlog: VecDeque<Msg>,
-    /// Receives each connection of this tenant keeps posted.
-    per_conn: u32,
-}
-
-/// A fixed table with a free list.
-#[derive(Debug)]
-struct Table<T> {
-    items: Vec<Option<T>>,
-    free: Vec<u32>,
-}
-
-impl<T> Table<T> {
-    fn new(n: usize) -> Self {
-        Self { items: (0..n).map(|_| None).collect(), free: (0..n as u32).rev().collect() }
-    }
-    fn insert(&mut self, v: T) -> Option<u32> {
-        let i = self.free.pop()?;
-        self.items[i as usize] = Some(v);
-        Some(i)
-    }
-    fn get_mut(&mut self, i: u64) -> Option<&mut T> {
-        self.items.get_mut(usize::try_from(i).ok()?)?.as_mut()
-    }
-    fn remove(&mut self, i: u64) -> Option<T> {
-        let i32_ = u32::try_from(i).ok()?;
-        let v = self.items.get_mut(i32_ as usize)?.take()?;
-        self.free.push(i32_);
-        Some(v)
-    }
-    fn room(&self) -> usize {
-        self.free.len()
-    }
 }
 
 /// The engine of one node.
@@ -169,15 +115,10 @@ pub struct Engine {
     /// Number of fabric nodes (worker nodes and ingresses).
     fabric_nodes: u16,
     tenants: Vec<Tenant>,
-    ep: Endpoint<DocaTransport>,
-    mesh: Mesh,
-    conns: Vec<Option<Conn>>,
-    flights: Table<Flight>,
-    posted: Table<Posted>,
+    port: Port<DocaTransport, Link>,
     drr: Drr,
     metrics: Arc<Metrics>,
-    events: Vec<MeshEvent>,
-    comps: Vec<Completion>,
+    events: Vec<PortEvent>,
     next_status: Instant,
 }
 
@@ -192,80 +133,82 @@ fn addr(cfg: &Cluster, id: u16) -> anyhow::Result<SocketAddr> {
     Ok(a.parse()?)
 }
 
+/// The fabric port of a fabric node (an agent or an ingress) of `cfg`:
+/// an endpoint sized for the cluster on the node's emulated device, every
+/// tenant pool registered, the mesh to every other fabric node started.
+pub fn open_port<B: Buffers>(cfg: &Cluster, me: u16, bufs: Vec<B>) -> anyhow::Result<Port<DocaTransport, B>> {
+    let fabric_nodes = (cfg.nodes.len() + cfg.ingresses.len()) as u16;
+    let peers: Vec<(u16, SocketAddr)> =
+        (0..fabric_nodes).filter(|&i| i != me).map(|i| Ok((i, addr(cfg, i)?))).collect::<anyhow::Result<_>>()?;
+    let npeers = peers.len().max(1) as u32;
+    let per_conn: Vec<u32> = cfg.tenants.iter().map(|t| (t.recv_quota / npeers).max(2)).collect();
+    let max_buf = cfg.tenants.iter().map(|t| t.buf_size).max().unwrap_or(16384);
+    let max_chain = cfg.tenants.iter().map(|t| t.max_chain).max().unwrap_or(64);
+    let ecfg = EndpointConfig {
+        max_conns: (cfg.tenants.len() as u32) * npeers * 2 + 4,
+        max_regions: cfg.tenants.len() as u32 + 1,
+        send_window: 64,
+        recv_depth: per_conn.iter().copied().max().unwrap_or(2) + 1,
+        send_queue: 2 * max_chain + 2 * ENDPOINT_QUEUE_HIGH as u32,
+        max_msg: max_buf,
+        max_chain: u16::try_from(max_chain).unwrap_or(u16::MAX),
+        batch: 64,
+    };
+    let my_addr = addr(cfg, me)?;
+    let transport = DocaTransport::new(open_device(my_addr)?, ecfg.max_conns, ecfg.send_window + 1 + ecfg.recv_depth)
+        .map_err(|e| anyhow::anyhow!("opening the fabric device: {e}"))?;
+    let name = match cfg.nodes.get(usize::from(me)) {
+        Some(n) => n.name.clone(),
+        None => cfg.ingresses[usize::from(me) - cfg.nodes.len()].name.clone(),
+    };
+    let mesh = MeshConfig {
+        me,
+        name,
+        listen: my_addr,
+        peers,
+        tenants: (0..cfg.tenants.len() as u16).collect(),
+        backoff_max: Duration::from_secs(1),
+    };
+    let tenants = bufs.into_iter().zip(per_conn).map(|(bufs, per_conn)| PortTenant { bufs, per_conn }).collect();
+    let sizes = PortSizes {
+        flights: cfg.tenants.len() * host_shim::daemon::UPLINK_CAPACITY as usize,
+        queue_high: ENDPOINT_QUEUE_HIGH,
+    };
+    Ok(Port::new(Endpoint::new(transport, ecfg), mesh, tenants, sizes)?)
+}
+
 impl Engine {
     /// Builds the engine over attached host links (one per tenant, in
     /// tenant order): registers each pool with the fabric, starts the mesh.
     pub fn new(cfg: Arc<Cluster>, set: Settings, links: Vec<Function>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        let me = set.node;
-        let fabric_nodes = (cfg.nodes.len() + cfg.ingresses.len()) as u16;
-        let peers: Vec<(u16, SocketAddr)> =
-            (0..fabric_nodes).filter(|&i| i != me).map(|i| Ok((i, addr(&cfg, i)?))).collect::<anyhow::Result<_>>()?;
-        let npeers = peers.len().max(1) as u32;
-        let per_conn: Vec<u32> = cfg.tenants.iter().map(|t| (t.recv_quota / npeers).max(2)).collect();
-        let max_buf = cfg.tenants.iter().map(|t| t.buf_size).max().unwrap_or(16384);
-        let max_chain = cfg.tenants.iter().map(|t| t.max_chain).max().unwrap_or(64);
-        let ecfg = EndpointConfig {
-            max_conns: (cfg.tenants.len() as u32) * npeers * 2 + 4,
-            max_regions: cfg.tenants.len() as u32 + 1,
-            send_window: 64,
-            recv_depth: per_conn.iter().copied().max().unwrap_or(2) + 1,
-            send_queue: 2 * max_chain + 2 * ENDPOINT_QUEUE_HIGH as u32,
-            max_msg: max_buf,
-            max_chain: u16::try_from(max_chain).unwrap_or(u16::MAX),
-            batch: 64,
-        };
-        let my_addr = addr(&cfg, me)?;
-        let transport =
-            DocaTransport::new(open_device(my_addr)?, ecfg.max_conns, ecfg.send_window + 1 + ecfg.recv_depth)
-                .map_err(|e| anyhow::anyhow!("opening the fabric device: {e}"))?;
-        let mut ep = Endpoint::new(transport, ecfg);
-        let mut tenants = Vec::with_capacity(links.len());
-        for (t, link) in links.into_iter().enumerate() {
-            // The fabric gets its own mapping of the pool's memory.
-            let fd = link.pool().region().fd().try_clone_to_owned()?;
-            let region = Arc::new(shm::Region::open(fd)?);
-            let region = ep.register(Memory::Local(region)).map_err(|e| anyhow::anyhow!("registering a pool: {e}"))?;
-            tenants.push(Tenant {
-                id: t as u16,
-                link,
-                region,
-                queue: VecDeque::with_capacity(host_shim::daemon::UPLINK_CAPACITY as usize),
-                backlog: VecDeque::with_capacity(1024),
-                per_conn: per_conn[t],
-            });
-        }
         let now = Instant::now();
+        let port = open_port(&cfg, set.node, links.into_iter().map(Link).collect())?;
         let weights: Vec<(u32, Option<u64>)> =
             cfg.tenants.iter().map(|t| (t.weight, t.rate_cap_mbps.map(|m| u64::from(m) * 1_000_000))).collect();
-        let name = cfg.nodes[usize::from(me)].name.clone();
-        let mesh = Mesh::start(MeshConfig {
-            me,
-            name,
-            listen: my_addr,
-            peers,
-            tenants: (0..cfg.tenants.len() as u16).collect(),
-            backoff_max: Duration::from_secs(1),
-        })
-        .map_err(|e| anyhow::anyhow!("fabric control listener on {my_addr}: {e}"))?;
-        let inflight = cfg.tenants.len() * host_shim::daemon::UPLINK_CAPACITY as usize;
-        let recvs: usize = per_conn.iter().map(|&p| (p as usize + 1) * npeers as usize * 2).sum();
+        let tenants = cfg
+            .tenants
+            .iter()
+            .map(|_| Tenant {
+                queue: VecDeque::with_capacity(host_shim::daemon::UPLINK_CAPACITY as usize),
+                backlog: VecDeque::with_capacity(1024),
+            })
+            .collect();
         Ok(Self {
             fn_node: cfg.functions.iter().map(|f| cfg.node_id(&f.node).unwrap_or(NO_NODE)).collect(),
-            fabric_nodes,
+            fabric_nodes: (cfg.nodes.len() + cfg.ingresses.len()) as u16,
             drr: Drr::new(&weights, QUANTUM, now),
             cfg,
             set,
             tenants,
-            ep,
-            mesh,
-            conns: Vec::new(),
-            flights: Table::new(inflight),
-            posted: Table::new(recvs),
+            port,
             metrics,
-            events: Vec::with_capacity(64),
-            comps: vec![Completion::EMPTY; 64],
+            events: Vec::with_capacity(256),
             next_status: now,
         })
+    }
+
+    fn link(&mut self, t: usize) -> &mut Function {
+        &mut self.port.bufs_mut(t as u16).0
     }
 
     /// Runs until `stop` is set or host-shimd goes away.
@@ -278,7 +221,7 @@ impl Engine {
                 if stop.load(Ordering::Relaxed) {
                     return Exit::Stopped;
                 }
-                if !self.tenants.iter().all(|t| t.link.shimd_alive()) {
+                if !(0..self.tenants.len()).all(|t| self.port.bufs(t as u16).0.shimd_alive()) {
                     return Exit::HostLost;
                 }
                 self.control(now);
@@ -304,32 +247,16 @@ impl Engine {
 
     fn control(&mut self, now: Instant) {
         let mut events = std::mem::take(&mut self.events);
-        self.mesh.pump(&mut self.ep, &mut events);
-        for e in events.drain(..) {
-            match e {
-                MeshEvent::Opened { peer, tenant, conn } => self.opened(peer, tenant, conn),
-                MeshEvent::PeerDown { peer, conns } => self.peer_down(peer, &conns),
-            }
-        }
+        self.port.control(&mut events);
+        self.handle(&mut events, now);
         self.events = events;
-        // Receives that could not be posted (pool empty) are retried here.
-        for i in 0..self.conns.len() {
-            self.refill(ConnId::new(i as u32));
-        }
-        self.metrics.peers_up.set(i64::from(self.mesh.peers_up()));
-        for t in &self.tenants {
-            let m = &self.metrics.tenants[usize::from(t.id)];
-            m.queue_depth.set(t.queue.len() as i64);
-            let credits: u32 = self
-                .conns
-                .iter()
-                .enumerate()
-                .filter_map(|(i, c)| c.as_ref().filter(|c| c.tenant == t.id && c.up).map(|_| i))
-                .map(|i| self.ep.credits(ConnId::new(i as u32)))
-                .sum();
+        self.metrics.peers_up.set(i64::from(self.port.peers_up()));
+        for t in 0..self.tenants.len() {
+            let m = &self.metrics.tenants[t];
+            m.queue_depth.set(self.tenants[t].queue.len() as i64);
+            let credits: u32 = (0..self.fabric_nodes).map(|p| self.port.credits(t as u16, p)).sum();
             m.credits.set(i64::from(credits));
-            let posted: u32 = self.conns.iter().flatten().filter(|c| c.tenant == t.id).map(|c| c.posted).sum();
-            m.recvs_posted.set(i64::from(posted));
+            m.recvs_posted.set(i64::from(self.port.recvs_posted(t as u16)));
         }
         self.metrics.set_ready(true);
         if now >= self.next_status {
@@ -342,14 +269,14 @@ impl Engine {
     fn status_json(&self) -> String {
         use std::fmt::Write as _;
         let node = &self.cfg.nodes[usize::from(self.set.node)];
-        let conns_up = self.conns.iter().flatten().filter(|c| c.up).count();
         let mut s = format!(
-            "{{\"node\":\"{}\",\"mode\":\"{:?}\",\"ready\":{},\"peers\":{},\"peers_up\":{},\"conns_up\":{conns_up},\"tenants\":[",
+            "{{\"node\":\"{}\",\"mode\":\"{:?}\",\"ready\":{},\"peers\":{},\"peers_up\":{},\"conns_up\":{},\"tenants\":[",
             node.name,
             node.mode,
             self.metrics.is_ready(),
             self.fabric_nodes - 1,
-            self.mesh.peers_up()
+            self.port.peers_up(),
+            self.port.conns_up(),
         );
         for (i, t) in self.tenants.iter().enumerate() {
             let m = &self.metrics.tenants[i];
@@ -362,7 +289,7 @@ impl Engine {
                 t.backlog.len(),
                 m.tx_msgs.get(),
                 m.rx_msgs.get(),
-                t.link.pool().free_buffers(),
+                self.port.bufs(i as u16).0.pool().free_buffers(),
             );
             for (k, w) in Why::ALL.iter().enumerate() {
                 let _ = write!(s, "{}\"{}\":{}", if k > 0 { "," } else { "" }, w.as_str(), m.drops(*w));
@@ -373,31 +300,53 @@ impl Engine {
         s
     }
 
-    fn opened(&mut self, peer: u16, tenant: u16, conn: ConnId) {
-        let i = conn.index() as usize;
-        if self.conns.len() <= i {
-            self.conns.resize_with(i + 1, || None);
-        }
-        let want = self.tenants[usize::from(tenant)].per_conn;
-        // A reused id: whatever the old connection left is gone by now (its
-        // operations completed before the endpoint reused it).
-        self.conns[i] =
-            Some(Conn { peer, tenant, up: false, parts: Vec::with_capacity(64), first: None, posted: 0, want });
-        self.refill(conn);
-    }
-
-    fn peer_down(&mut self, peer: u16, conns: &[ConnId]) {
-        for &c in conns {
-            if let Some(Some(st)) = self.conns.get_mut(c.index() as usize) {
-                st.up = false;
-                let parts = std::mem::take(&mut st.parts);
-                let t = usize::from(st.tenant);
-                for l in parts {
-                    free_lease(&mut self.tenants[t].link, l);
+    /// Acts on what the port reported.
+    fn handle(&mut self, events: &mut Vec<PortEvent>, now: Instant) {
+        for e in events.drain(..) {
+            match e {
+                PortEvent::Up { tenant, peer } => {
+                    log::info!(
+                        "fabric: tenant {} connected to node {peer}",
+                        self.cfg.tenants[usize::from(tenant)].name
+                    );
                 }
-                st.first = None;
+                PortEvent::PeerDown { peer } => self.peer_down(peer),
+                PortEvent::Sent { tenant, lease, desc, tag, result } => {
+                    let t = usize::from(tenant);
+                    let msg = Msg::from_parts(lease, desc);
+                    match result {
+                        Ok(()) => {
+                            let m = &self.metrics.tenants[t];
+                            m.tx_msgs.inc();
+                            m.tx_bytes.inc_by(u64::from(msg.len()));
+                            let since = Duration::from_nanos(tag);
+                            let el = now.saturating_duration_since(self.set_epoch()).saturating_sub(since);
+                            m.latency.observe(el.as_secs_f64());
+                            self.free_msg(t, msg);
+                        }
+                        Err(_) => self.bounce(t, msg, ErrorCode::PeerDied, Why::PeerDied),
+                    }
+                }
+                PortEvent::Received { tenant, lease, desc, .. } => {
+                    let t = usize::from(tenant);
+                    let msg = Msg::from_parts(lease, desc);
+                    let m = &self.metrics.tenants[t];
+                    m.rx_msgs.inc();
+                    m.rx_bytes.inc_by(u64::from(msg.len()));
+                    self.deliver(t, msg);
+                }
+                PortEvent::Protocol { tenant, .. } => self.metrics.tenants[usize::from(tenant)].drop(Why::Protocol),
+                PortEvent::NoBuffer { tenant } => self.metrics.tenants[usize::from(tenant)].drop(Why::NoBuffer),
             }
         }
+    }
+
+    /// The instant latency tags count from.
+    fn set_epoch(&self) -> Instant {
+        self.set.epoch
+    }
+
+    fn peer_down(&mut self, peer: u16) {
         // Messages queued for the peer go back to their senders.
         for t in 0..self.tenants.len() {
             let mut k = 0;
@@ -413,39 +362,6 @@ impl Engine {
         }
     }
 
-    /// Posts receives on `conn` until it has its share.
-    fn refill(&mut self, conn: ConnId) {
-        let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) else { return };
-        let t = usize::from(st.tenant);
-        while st.posted < st.want {
-            let tenant = &mut self.tenants[t];
-            let cap = tenant.link.pool().geometry().payload_cap();
-            let Ok(msg) = tenant.link.alloc(cap) else {
-                self.metrics.tenants[t].drop(Why::NoBuffer);
-                return;
-            };
-            let (lease, _) = msg.into_parts();
-            let Some(off) = tenant.link.pool().buf_offset(lease.head()) else {
-                free_lease(&mut tenant.link, lease);
-                return;
-            };
-            let len = tenant.link.pool().geometry().buf_size() - HDR_OFF as u32;
-            let region = tenant.region;
-            let Some(token) = self.posted.insert(Posted { tenant: t as u16, lease }) else {
-                return;
-            };
-            let wr = RecvWr { region, offset: off + HDR_OFF, len, token: RECV_TOKEN | u64::from(token) };
-            if let Err(e) = self.ep.post_recv(conn, wr) {
-                log::debug!("posting a receive on {conn:?}: {e}");
-                if let Some(p) = self.posted.remove(u64::from(token)) {
-                    free_lease(&mut self.tenants[t].link, p.lease);
-                }
-                return;
-            }
-            st.posted += 1;
-        }
-    }
-
     /// Takes descriptors off the uplinks and routes them.
     fn uplink(&mut self, now: Instant) -> usize {
         let mut n = 0;
@@ -454,7 +370,7 @@ impl Engine {
                 if self.tenants[t].queue.len() >= self.tenants[t].queue.capacity() {
                     break;
                 }
-                let Some(msg) = self.tenants[t].link.try_recv() else { break };
+                let Some(msg) = self.link(t).try_recv() else { break };
                 n += 1;
                 self.metrics.tenants[t].uplink_msgs.inc();
                 self.route(t, msg, now);
@@ -483,11 +399,10 @@ impl Engine {
                 Some(&n) => n,
             }
         };
-        match self.mesh.conn(peer, t as u16) {
-            Some(c) if self.conns.get(c.index() as usize).is_some_and(|s| s.as_ref().is_some_and(|s| s.up)) => {
-                self.tenants[t].queue.push_back(Out { msg, peer, since: now });
-            }
-            _ => self.bounce(t, msg, ErrorCode::Unreachable, Why::Unreachable),
+        if self.port.is_up(t as u16, peer) {
+            self.tenants[t].queue.push_back(Out { msg, peer, since: now });
+        } else {
+            self.bounce(t, msg, ErrorCode::Unreachable, Why::Unreachable);
         }
     }
 
@@ -502,202 +417,13 @@ impl Engine {
         n
     }
 
-    fn conn_for(&self, t: usize, peer: u16) -> Option<ConnId> {
-        self.mesh.conn(peer, t as u16)
-    }
-
-    /// Posts every fragment of `out` on `conn`.
-    fn post(&mut self, t: usize, conn: ConnId, out: Out) {
-        let Out { msg, peer, since } = out;
-        let frags = msg.frags();
-        let Some(token) = self.flights.insert(Flight { tenant: t as u16, msg: None, left: 0, error: None, since })
-        else {
-            // Sized for every uplink slot: cannot happen; keep the message.
-            self.tenants[t].queue.push_front(Out { msg, peer, since });
-            return;
-        };
-        let d = *msg.desc();
-        let tenant = &self.tenants[t];
-        let pool = tenant.link.pool();
-        let cap = pool.geometry().payload_cap();
-        let count = u16::try_from(frags).unwrap_or(u16::MAX);
-        let mut posted = 0;
-        let mut error = None;
-        let (lease, desc) = msg.into_parts();
-        for (k, idx) in pool.chain(&lease).enumerate() {
-            let k = k as u16;
-            let flen = wire::desc::frag_len(lease.len(), cap, u32::from(k));
-            let Some(off) = pool.buf_offset(idx) else {
-                error = Some(CompletionError::Transport(-1));
-                break;
-            };
-            let h = FabricHeader::new(MsgKind::Data, desc, k, count, flen);
-            if pool.region().copy_in(off + HDR_OFF, h.as_bytes()).is_err() {
-                error = Some(CompletionError::Transport(-1));
-                break;
-            }
-            let imm = Immediate::new(MsgKind::Data as u8, d.dst_fn, k == 0, k + 1 == count).0;
-            let wr = SendWr {
-                region: tenant.region,
-                offset: off + HDR_OFF,
-                len: HEADER_LEN as u32 + flen,
-                imm,
-                token: u64::from(token),
-            };
-            match self.ep.post_send(conn, wr) {
-                Ok(()) => posted += 1,
-                Err(e) => {
-                    log::debug!("send to node {peer} failed to post: {e}");
-                    error = Some(CompletionError::Closed);
-                    break;
-                }
-            }
-        }
-        let msg = Msg::from_parts(lease, desc);
-        if posted == 0 {
-            self.flights.remove(u64::from(token));
-            self.bounce(t, msg, ErrorCode::Unreachable, Why::Unreachable);
-            return;
-        }
-        if let Some(f) = self.flights.get_mut(u64::from(token)) {
-            f.msg = Some(msg);
-            f.left = posted;
-            f.error = error;
-        }
-    }
-
     /// Polls the fabric once.
     fn complete(&mut self, now: Instant) -> usize {
-        let mut comps = std::mem::take(&mut self.comps);
-        let n = self.ep.poll(&mut comps);
-        for c in &comps[..n] {
-            match *c {
-                Completion::Connected(conn) => {
-                    if let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) {
-                        st.up = true;
-                        log::info!(
-                            "fabric: tenant {} connected to node {}",
-                            self.cfg.tenants[usize::from(st.tenant)].name,
-                            st.peer
-                        );
-                    }
-                }
-                Completion::ConnFailed { conn, error } => {
-                    if let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) {
-                        log::warn!("fabric: connection to node {} failed: {error}", st.peer);
-                        if matches!(error, CompletionError::Protocol(_)) {
-                            self.metrics.tenants[usize::from(st.tenant)].drop(Why::Protocol);
-                        }
-                        st.up = false;
-                        let peer = st.peer;
-                        self.mesh.peer_failed(peer);
-                    }
-                }
-                Completion::Sent { token, result, .. } => self.sent(token, result, now),
-                Completion::Received { conn, token, result } => self.received(conn, token, result),
-            }
-        }
-        self.comps = comps;
+        let mut events = std::mem::take(&mut self.events);
+        let n = self.port.poll(&mut events);
+        self.handle(&mut events, now);
+        self.events = events;
         n
-    }
-
-    fn sent(&mut self, token: u64, result: Result<(), CompletionError>, now: Instant) {
-        let Some(f) = self.flights.get_mut(token) else { return };
-        if let Err(e) = result {
-            f.error.get_or_insert(e);
-        }
-        f.left = f.left.saturating_sub(1);
-        if f.left > 0 {
-            return;
-        }
-        let Some(f) = self.flights.remove(token) else { return };
-        let t = usize::from(f.tenant);
-        let Some(msg) = f.msg else { return };
-        match f.error {
-            None => {
-                let m = &self.metrics.tenants[t];
-                m.tx_msgs.inc();
-                m.tx_bytes.inc_by(u64::from(msg.len()));
-                m.latency.observe(now.saturating_duration_since(f.since).as_secs_f64());
-                if let Err(e) = self.tenants[t].link.free(msg) {
-                    log::warn!("freeing a sent message: {e}");
-                }
-            }
-            Some(_) => self.bounce(t, msg, ErrorCode::PeerDied, Why::PeerDied),
-        }
-    }
-
-    fn received(&mut self, conn: ConnId, token: u64, result: Result<fabric::Received, CompletionError>) {
-        let Some(p) = self.posted.remove(token & !RECV_TOKEN) else { return };
-        let t = usize::from(p.tenant);
-        let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) else {
-            free_lease(&mut self.tenants[t].link, p.lease);
-            return;
-        };
-        st.posted = st.posted.saturating_sub(1);
-        let r = match result {
-            Ok(r) => r,
-            Err(_) => {
-                free_lease(&mut self.tenants[t].link, p.lease);
-                return;
-            }
-        };
-        // The endpoint checked the header against the immediate and the
-        // chain order; read the descriptor it carries.
-        let h = {
-            let pool = self.tenants[t].link.pool();
-            let mut hdr = [0u8; HEADER_LEN];
-            pool.buf_offset(p.lease.head())
-                .filter(|off| pool.region().copy_out(off + HDR_OFF, &mut hdr).is_ok())
-                .and_then(|_| FabricHeader::read_from_bytes(&hdr).ok())
-        };
-        let Some(h) = h else {
-            free_lease(&mut self.tenants[t].link, p.lease);
-            return;
-        };
-        let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) else {
-            free_lease(&mut self.tenants[t].link, p.lease);
-            return;
-        };
-        if r.frag.index == 0 {
-            st.first = Some(h.desc);
-        }
-        st.parts.push(p.lease);
-        let last = r.frag.last;
-        self.refill(conn);
-        if !last {
-            return;
-        }
-        let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) else { return };
-        let Some(first) = st.first.take() else { return };
-        let mut parts = std::mem::take(&mut st.parts);
-        let tenant = &mut self.tenants[t];
-        match tenant.link.pool().join(&mut parts, first.len) {
-            Ok(lease) => {
-                // The connection's tenant, not what the peer wrote, says
-                // whose message this is.
-                let desc = Descriptor { tenant: t as u16, ..first };
-                let msg = Msg::from_parts(lease, desc);
-                let m = &self.metrics.tenants[t];
-                m.rx_msgs.inc();
-                m.rx_bytes.inc_by(u64::from(msg.len()));
-                self.deliver(t, msg);
-            }
-            Err(e) => {
-                log::warn!("fabric: a chain from node {} does not add up: {e}", self.conns_peer(conn));
-                self.metrics.tenants[t].drop(Why::Protocol);
-                for l in parts.drain(..) {
-                    free_lease(&mut self.tenants[t].link, l);
-                }
-            }
-        }
-        if let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) {
-            st.parts = parts;
-        }
-    }
-
-    fn conns_peer(&self, conn: ConnId) -> u16 {
-        self.conns.get(conn.index() as usize).and_then(|c| c.as_ref()).map_or(NO_NODE, |c| c.peer)
     }
 
     /// Hands a message to a local function (the destination, or for error
@@ -715,7 +441,8 @@ impl Engine {
             return self.drop_msg(t, msg, Why::UnknownFunction);
         }
         let len = u64::from(msg.len());
-        match self.tenants[t].link.send(msg, &self.cfg.functions[f].name) {
+        let cfg = self.cfg.clone();
+        match self.link(t).send(msg, &cfg.functions[f].name) {
             Ok(()) => {
                 let m = &self.metrics.functions[f];
                 m.delivered.inc();
@@ -738,19 +465,18 @@ impl Engine {
             let k = self.tenants[t].backlog.len();
             for _ in 0..k {
                 let Some(msg) = self.tenants[t].backlog.pop_front() else { break };
-                n += 1;
                 self.deliver(t, msg);
             }
-            if self.tenants[t].backlog.len() == k && k > 0 {
-                n -= k.min(n);
-            }
+            // Work only if something left the backlog.
+            n += k.saturating_sub(self.tenants[t].backlog.len());
         }
         n
     }
 
     /// Returns a message to whoever waits for it, as an error descriptor:
     /// the ingress that originated the request if any (it answers the
-    /// client), otherwise the sending function.
+    /// client), otherwise the sending function, on this node or over the
+    /// fabric.
     fn bounce(&mut self, t: usize, mut msg: Msg, code: ErrorCode, why: Why) {
         let d = *msg.desc();
         if d.flags & DescFlags::ERROR != 0 {
@@ -763,24 +489,23 @@ impl Engine {
             dm.flags |= DescFlags::ERROR;
             dm.status = code as u8;
         }
+        let now = Instant::now();
         if d.origin != NO_NODE && d.origin < self.fabric_nodes && d.origin != self.set.node {
             msg.desc_mut().flags |= DescFlags::REPLY;
-            if let Some(c) = self.conn_for(t, d.origin)
-                && self.conns.get(c.index() as usize).is_some_and(|s| s.as_ref().is_some_and(|s| s.up))
-            {
-                let now = Instant::now();
+            if self.port.is_up(t as u16, d.origin) {
                 self.tenants[t].queue.push_back(Out { msg, peer: d.origin, since: now });
-                return;
+            } else {
+                self.free_msg(t, msg);
             }
-            return self.free_msg(t, msg);
+            return;
         }
         msg.desc_mut().dst_fn = d.src_fn;
         match self.fn_node.get(usize::from(d.src_fn)) {
             Some(&n) if n == self.set.node => self.deliver(t, msg),
             // The sender is on another node: the error travels back over
             // the fabric like any message.
-            Some(&n) if self.conn_for(t, n).is_some_and(|c| self.ep.is_up(c)) => {
-                self.tenants[t].queue.push_back(Out { msg, peer: n, since: Instant::now() });
+            Some(&n) if self.port.is_up(t as u16, n) => {
+                self.tenants[t].queue.push_back(Out { msg, peer: n, since: now });
             }
             _ => self.free_msg(t, msg),
         }
@@ -792,39 +517,34 @@ impl Engine {
     }
 
     fn free_msg(&mut self, t: usize, msg: Msg) {
-        if let Err(e) = self.tenants[t].link.free(msg) {
-            log::warn!("freeing a dropped message: {e}");
+        if let Err(e) = self.link(t).free(msg) {
+            log::warn!("freeing a message: {e}");
         }
     }
 }
 
 impl Backlog for Engine {
     fn head(&self, t: usize) -> Option<u64> {
-        self.tenants[t].queue.front().map(|o| u64::from(o.msg.len()) + u64::from(o.msg.frags()) * HEADER_LEN as u64)
+        self.tenants[t]
+            .queue
+            .front()
+            .map(|o| u64::from(o.msg.len()) + u64::from(o.msg.frags()) * fabric::HEADER_LEN as u64)
     }
 
     fn can_send(&self, t: usize) -> bool {
-        let Some(out) = self.tenants[t].queue.front() else { return false };
-        let Some(conn) = self.conn_for(t, out.peer) else { return true };
-        self.flights.room() > 0
-            && self.ep.is_up(conn)
-            && self.ep.queued(conn) < ENDPOINT_QUEUE_HIGH
-            && self.ep.credits(conn) > 0
+        self.tenants[t]
+            .queue
+            .front()
+            .is_some_and(|o| self.port.can_send(t as u16, o.peer) || !self.port.is_up(t as u16, o.peer))
     }
 
     fn send(&mut self, t: usize) {
         let Some(out) = self.tenants[t].queue.pop_front() else { return };
-        match self.conn_for(t, out.peer) {
-            Some(conn) if self.ep.is_up(conn) => self.post(t, conn, out),
-            _ => self.bounce(t, out.msg, ErrorCode::Unreachable, Why::Unreachable),
+        let tag = out.since.saturating_duration_since(self.set.epoch).as_nanos() as u64;
+        let (lease, desc) = out.msg.into_parts();
+        if let Err((lease, desc, _)) = self.port.send(t as u16, out.peer, lease, desc, tag) {
+            self.bounce(t, Msg::from_parts(lease, desc), ErrorCode::Unreachable, Why::Unreachable);
         }
-    }
-}
-
-fn free_lease(link: &mut Function, lease: Lease) {
-    let msg = Msg::from_parts(lease, Descriptor::default());
-    if let Err(e) = link.free(msg) {
-        log::warn!("freeing a receive buffer: {e}");
     }
 }
 

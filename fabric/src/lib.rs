@@ -55,6 +55,7 @@ pub mod credit;
 pub mod doca_backend;
 pub mod endpoint;
 pub mod mesh;
+pub mod port;
 #[cfg(feature = "verbs")]
 #[allow(unsafe_code)]
 pub mod verbs_backend;
@@ -66,6 +67,7 @@ pub use check::{Frag, HEADER_LEN, RecvCheckError};
 pub use doca_backend::DocaTransport;
 pub use endpoint::{Endpoint, EndpointConfig};
 pub use mesh::{Mesh, MeshConfig, MeshEvent};
+pub use port::{Buffers, Port, PortEvent, PortSizes, PortTenant};
 #[cfg(feature = "verbs")]
 pub use verbs_backend::{VerbsConfig, VerbsSetupError, VerbsTransport};
 pub use wire::fabric::{FabricHeader, HEADROOM, Immediate, MsgKind};

@@ -1,0 +1,527 @@
+//! [`Port`]: a fabric node's whole data path over tenant pools, shared by
+//! the agent and the ingress: one [`Endpoint`], its [`Mesh`], one
+//! registered region per tenant pool, receives kept posted per connection,
+//! messages sent as one fabric send per pool buffer, and received fragments
+//! reassembled into one chain.
+//!
+//! Buffer layout: every pool buffer starts with [`HEADROOM`] bytes; the
+//! [`FabricHeader`] occupies its last [`HEADER_LEN`] bytes, right before
+//! the payload, so header and payload go out as one contiguous send from
+//! the pool and land the same way in the receiver's buffer (which is posted
+//! at the same offset). The NIC reads and writes the pool; nobody copies.
+//!
+//! Isolation: a connection belongs to one tenant; what arrives on it lands
+//! in that tenant's pool and is reported as that tenant's, whatever the
+//! peer wrote in the header.
+//!
+//! Poll-driven, single-threaded; no allocation per message (the event
+//! vector and every table are sized at start and reused).
+
+use crate::{
+    Completion, CompletionError, ConnId, Endpoint, HEADER_LEN, HEADROOM, Memory, Mesh, MeshConfig, MeshEvent, RecvWr,
+    RegionId, SendWr, Transport,
+};
+use shm::pool::Lease;
+use std::sync::Arc;
+use wire::{Descriptor, FabricHeader, Immediate, MsgKind};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// Offset of the fabric header in a buffer.
+pub const HDR_OFF: u64 = HEADROOM as u64 - HEADER_LEN as u64;
+/// Token bit of receive work requests.
+const RECV_TOKEN: u64 = 1 << 63;
+
+/// Where a tenant's buffers come from (the agent: its attach to the host
+/// pool; the ingress: its own pool).
+pub trait Buffers {
+    /// The tenant pool.
+    fn pool(&self) -> &shm::Pool;
+    /// One buffer to post a receive with (`None`: pool exhausted).
+    fn alloc_one(&mut self) -> Option<Lease>;
+    /// Returns buffers to the pool.
+    fn free(&mut self, lease: Lease);
+}
+
+/// What happened, from [`Port::poll`] and [`Port::control`].
+#[derive(Debug)]
+pub enum PortEvent {
+    /// A tenant's connection to `peer` is up.
+    Up {
+        /// Tenant.
+        tenant: u16,
+        /// Peer node.
+        peer: u16,
+    },
+    /// The link to `peer` went down (every connection to it closed; its
+    /// sends in flight complete with errors).
+    PeerDown {
+        /// Peer node.
+        peer: u16,
+    },
+    /// A message was sent (all its fragments placed), or failed. The
+    /// buffers come back to the caller either way.
+    Sent {
+        /// Tenant.
+        tenant: u16,
+        /// The message's buffers.
+        lease: Lease,
+        /// Its descriptor.
+        desc: Descriptor,
+        /// The caller's tag.
+        tag: u64,
+        /// Outcome.
+        result: Result<(), CompletionError>,
+    },
+    /// A whole message arrived (a chain in the tenant's pool).
+    Received {
+        /// Tenant (the connection's).
+        tenant: u16,
+        /// Sender node.
+        peer: u16,
+        /// The chain.
+        lease: Lease,
+        /// The descriptor the sender wrote, `tenant` set to the
+        /// connection's.
+        desc: Descriptor,
+    },
+    /// A peer broke the protocol (its connection failed) or sent a chain
+    /// that does not add up (dropped).
+    Protocol {
+        /// Tenant.
+        tenant: u16,
+        /// Peer node.
+        peer: u16,
+    },
+    /// A receive could not be posted: the tenant's pool is empty.
+    NoBuffer {
+        /// Tenant.
+        tenant: u16,
+    },
+}
+
+#[derive(Debug)]
+struct Flight {
+    tenant: u16,
+    msg: Option<(Lease, Descriptor)>,
+    tag: u64,
+    left: u32,
+    error: Option<CompletionError>,
+}
+
+#[derive(Debug)]
+struct Posted {
+    tenant: u16,
+    lease: Lease,
+}
+
+#[derive(Debug)]
+struct Conn {
+    peer: u16,
+    tenant: u16,
+    up: bool,
+    parts: Vec<Lease>,
+    first: Option<Descriptor>,
+    posted: u32,
+    want: u32,
+}
+
+/// A fixed table with a free list.
+#[derive(Debug)]
+struct Table<T> {
+    items: Vec<Option<T>>,
+    free: Vec<u32>,
+}
+
+impl<T> Table<T> {
+    fn new(n: usize) -> Self {
+        Self { items: (0..n).map(|_| None).collect(), free: (0..n as u32).rev().collect() }
+    }
+    fn insert(&mut self, v: T) -> Option<u32> {
+        let i = self.free.pop()?;
+        self.items[i as usize] = Some(v);
+        Some(i)
+    }
+    fn get_mut(&mut self, i: u64) -> Option<&mut T> {
+        self.items.get_mut(usize::try_from(i).ok()?)?.as_mut()
+    }
+    fn remove(&mut self, i: u64) -> Option<T> {
+        let k = u32::try_from(i).ok()?;
+        let v = self.items.get_mut(k as usize)?.take()?;
+        self.free.push(k);
+        Some(v)
+    }
+}
+
+/// Sizes of a port.
+#[derive(Clone, Copy, Debug)]
+pub struct PortSizes {
+    /// Messages in flight at once (all tenants).
+    pub flights: usize,
+    /// Fabric sends of one connection queued in the endpoint before
+    /// [`Port::can_send`] says no.
+    pub queue_high: usize,
+}
+
+/// Per-tenant settings.
+#[derive(Debug)]
+pub struct PortTenant<B> {
+    /// Where its buffers come from.
+    pub bufs: B,
+    /// Receives each of its connections keeps posted.
+    pub per_conn: u32,
+}
+
+/// The data path of a fabric node (see the module docs).
+#[derive(Debug)]
+pub struct Port<T: Transport, B: Buffers> {
+    ep: Endpoint<T>,
+    mesh: Mesh,
+    bufs: Vec<B>,
+    regions: Vec<RegionId>,
+    per_conn: Vec<u32>,
+    conns: Vec<Option<Conn>>,
+    flights: Table<Flight>,
+    posted: Table<Posted>,
+    sizes: PortSizes,
+    comps: Vec<Completion>,
+    events: Vec<MeshEvent>,
+}
+
+/// Setting a port up failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    /// Registering a pool failed.
+    #[error("registering the pool of tenant {0}: {1}")]
+    Register(u16, crate::RegionRegisterError),
+    /// Mapping a pool for the fabric failed.
+    #[error("mapping the pool of tenant {0}: {1}")]
+    Map(u16, String),
+    /// The mesh could not start (its listen address is taken, say).
+    #[error("fabric control listener: {0}")]
+    Mesh(std::io::Error),
+}
+
+impl<T: Transport, B: Buffers> Port<T, B> {
+    /// Registers every tenant pool with `ep` (a mapping of its own) and
+    /// starts the mesh. Tenant `i` of `tenants` is tenant id `i`, and
+    /// `mesh.tenants` must be `0..tenants.len()`.
+    pub fn new(
+        mut ep: Endpoint<T>,
+        mesh: MeshConfig,
+        tenants: Vec<PortTenant<B>>,
+        sizes: PortSizes,
+    ) -> Result<Self, PortError> {
+        let mut regions = Vec::with_capacity(tenants.len());
+        let mut bufs = Vec::with_capacity(tenants.len());
+        let mut per_conn = Vec::with_capacity(tenants.len());
+        let npeers = mesh.peers.len().max(1);
+        for (t, pt) in (0u16..).zip(tenants) {
+            let fd = pt.bufs.pool().region().fd().try_clone_to_owned().map_err(|e| PortError::Map(t, e.to_string()))?;
+            let region = shm::Region::open(fd).map_err(|e| PortError::Map(t, e.to_string()))?;
+            regions.push(ep.register(Memory::Local(Arc::new(region))).map_err(|e| PortError::Register(t, e))?);
+            per_conn.push(pt.per_conn);
+            bufs.push(pt.bufs);
+        }
+        let recvs: usize = per_conn.iter().map(|&p| (p as usize + 1) * npeers * 2).sum();
+        let mesh = Mesh::start(mesh).map_err(PortError::Mesh)?;
+        Ok(Self {
+            ep,
+            mesh,
+            bufs,
+            regions,
+            per_conn,
+            conns: Vec::new(),
+            flights: Table::new(sizes.flights),
+            posted: Table::new(recvs),
+            sizes,
+            comps: vec![Completion::EMPTY; 64],
+            events: Vec::with_capacity(16),
+        })
+    }
+
+    /// The buffers of tenant `t`.
+    pub fn bufs(&self, t: u16) -> &B {
+        &self.bufs[usize::from(t)]
+    }
+
+    /// The buffers of tenant `t`, mutably.
+    pub fn bufs_mut(&mut self, t: u16) -> &mut B {
+        &mut self.bufs[usize::from(t)]
+    }
+
+    /// Peers whose control link is up.
+    pub fn peers_up(&self) -> u32 {
+        self.mesh.peers_up()
+    }
+
+    /// Tenant connections that are up.
+    pub fn conns_up(&self) -> usize {
+        self.conns.iter().flatten().filter(|c| c.up).count()
+    }
+
+    fn conn(&self, t: u16, peer: u16) -> Option<ConnId> {
+        let c = self.mesh.conn(peer, t)?;
+        self.conns.get(c.index() as usize)?.as_ref().filter(|s| s.up).map(|_| c)
+    }
+
+    /// Whether tenant `t`'s connection to `peer` is up.
+    pub fn is_up(&self, t: u16, peer: u16) -> bool {
+        self.conn(t, peer).is_some()
+    }
+
+    /// Sends the peer currently allows tenant `t` (0 when down).
+    pub fn credits(&self, t: u16, peer: u16) -> u32 {
+        self.conn(t, peer).map_or(0, |c| self.ep.credits(c))
+    }
+
+    /// Receives posted for tenant `t` now.
+    pub fn recvs_posted(&self, t: u16) -> u32 {
+        self.conns.iter().flatten().filter(|c| c.tenant == t).map(|c| c.posted).sum()
+    }
+
+    /// Whether a message of tenant `t` to `peer` may be posted now: the
+    /// connection is up, the peer granted credits, the endpoint's queue is
+    /// short and a flight slot is free.
+    pub fn can_send(&self, t: u16, peer: u16) -> bool {
+        self.conn(t, peer).is_some_and(|c| {
+            !self.flights.free.is_empty() && self.ep.queued(c) < self.sizes.queue_high && self.ep.credits(c) > 0
+        })
+    }
+
+    /// Sends a message (a chain of tenant `t`'s pool held by the caller)
+    /// to `peer`: writes the fabric header into each buffer's headroom and
+    /// posts one send per buffer. The message comes back in a
+    /// [`PortEvent::Sent`] with `tag`; on an immediate failure it comes
+    /// back here.
+    #[allow(clippy::result_large_err)]
+    pub fn send(
+        &mut self,
+        t: u16,
+        peer: u16,
+        lease: Lease,
+        desc: Descriptor,
+        tag: u64,
+    ) -> Result<(), (Lease, Descriptor, CompletionError)> {
+        let Some(conn) = self.conn(t, peer) else { return Err((lease, desc, CompletionError::PeerGone)) };
+        let Some(token) = self.flights.insert(Flight { tenant: t, msg: None, tag, left: 0, error: None }) else {
+            return Err((lease, desc, CompletionError::Transport(-1)));
+        };
+        let pool = self.bufs[usize::from(t)].pool();
+        let region = self.regions[usize::from(t)];
+        let cap = pool.geometry().payload_cap();
+        let count = u16::try_from(lease.frags()).unwrap_or(u16::MAX);
+        let mut posted = 0;
+        let mut error = None;
+        for (k, idx) in (0u16..).zip(pool.chain(&lease)) {
+            let flen = wire::desc::frag_len(lease.len(), cap, u32::from(k));
+            let h = FabricHeader::new(MsgKind::Data, desc, k, count, flen);
+            let Some(off) = pool.buf_offset(idx).filter(|o| pool.region().copy_in(o + HDR_OFF, h.as_bytes()).is_ok())
+            else {
+                error = Some(CompletionError::Transport(-1));
+                break;
+            };
+            let imm = Immediate::new(MsgKind::Data as u8, desc.dst_fn, k == 0, k + 1 == count).0;
+            let wr =
+                SendWr { region, offset: off + HDR_OFF, len: HEADER_LEN as u32 + flen, imm, token: u64::from(token) };
+            match self.ep.post_send(conn, wr) {
+                Ok(()) => posted += 1,
+                Err(e) => {
+                    log::debug!("fabric port: a send to node {peer} was refused: {e}");
+                    error = Some(CompletionError::Closed);
+                    break;
+                }
+            }
+        }
+        if posted == 0 {
+            self.flights.remove(u64::from(token));
+            return Err((lease, desc, error.unwrap_or(CompletionError::Closed)));
+        }
+        if let Some(f) = self.flights.get_mut(u64::from(token)) {
+            f.msg = Some((lease, desc));
+            f.left = posted;
+            f.error = error;
+        }
+        Ok(())
+    }
+
+    /// Setup work (every millisecond or so): runs the mesh, posts receives
+    /// that are missing. Appends what changed to `out`.
+    pub fn control(&mut self, out: &mut Vec<PortEvent>) {
+        let mut events = std::mem::take(&mut self.events);
+        self.mesh.pump(&mut self.ep, &mut events);
+        for e in events.drain(..) {
+            match e {
+                MeshEvent::Opened { peer, tenant, conn } => {
+                    let i = conn.index() as usize;
+                    if self.conns.len() <= i {
+                        self.conns.resize_with(i + 1, || None);
+                    }
+                    let want = self.per_conn.get(usize::from(tenant)).copied().unwrap_or(1);
+                    self.conns[i] = Some(Conn {
+                        peer,
+                        tenant,
+                        up: false,
+                        parts: Vec::with_capacity(64),
+                        first: None,
+                        posted: 0,
+                        want,
+                    });
+                }
+                MeshEvent::PeerDown { peer, conns } => {
+                    for c in conns {
+                        if let Some(Some(st)) = self.conns.get_mut(c.index() as usize) {
+                            st.up = false;
+                            st.first = None;
+                            let t = usize::from(st.tenant);
+                            for l in st.parts.drain(..) {
+                                self.bufs[t].free(l);
+                            }
+                        }
+                    }
+                    out.push(PortEvent::PeerDown { peer });
+                }
+            }
+        }
+        self.events = events;
+        for i in 0..self.conns.len() {
+            self.refill(ConnId::new(i as u32), out);
+        }
+    }
+
+    fn refill(&mut self, conn: ConnId, out: &mut Vec<PortEvent>) {
+        let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) else { return };
+        let t = usize::from(st.tenant);
+        while st.posted < st.want {
+            let Some(lease) = self.bufs[t].alloc_one() else {
+                out.push(PortEvent::NoBuffer { tenant: st.tenant });
+                return;
+            };
+            let pool = self.bufs[t].pool();
+            let len = pool.geometry().buf_size() - HDR_OFF as u32;
+            let Some(off) = pool.buf_offset(lease.head()) else {
+                self.bufs[t].free(lease);
+                return;
+            };
+            let Some(token) = self.posted.insert(Posted { tenant: st.tenant, lease }) else { return };
+            let wr =
+                RecvWr { region: self.regions[t], offset: off + HDR_OFF, len, token: RECV_TOKEN | u64::from(token) };
+            if let Err(e) = self.ep.post_recv(conn, wr) {
+                log::debug!("fabric port: posting a receive on {conn:?}: {e}");
+                if let Some(p) = self.posted.remove(u64::from(token)) {
+                    self.bufs[t].free(p.lease);
+                }
+                return;
+            }
+            st.posted += 1;
+        }
+    }
+
+    /// Polls the fabric once; appends what happened to `out`; returns how
+    /// many completions were handled.
+    pub fn poll(&mut self, out: &mut Vec<PortEvent>) -> usize {
+        let mut comps = std::mem::take(&mut self.comps);
+        let n = self.ep.poll(&mut comps);
+        for c in &comps[..n] {
+            match *c {
+                Completion::Connected(conn) => {
+                    if let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) {
+                        st.up = true;
+                        out.push(PortEvent::Up { tenant: st.tenant, peer: st.peer });
+                    }
+                }
+                Completion::ConnFailed { conn, error } => {
+                    if let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) {
+                        log::warn!("fabric: a connection to node {} failed: {error}", st.peer);
+                        st.up = false;
+                        if matches!(error, CompletionError::Protocol(_)) {
+                            out.push(PortEvent::Protocol { tenant: st.tenant, peer: st.peer });
+                        }
+                        let peer = st.peer;
+                        self.mesh.peer_failed(peer);
+                    }
+                }
+                Completion::Sent { token, result, .. } => self.sent(token, result, out),
+                Completion::Received { conn, token, result } => self.received(conn, token, result, out),
+            }
+        }
+        self.comps = comps;
+        n
+    }
+
+    fn sent(&mut self, token: u64, result: Result<(), CompletionError>, out: &mut Vec<PortEvent>) {
+        let Some(f) = self.flights.get_mut(token) else { return };
+        if let Err(e) = result {
+            f.error.get_or_insert(e);
+        }
+        f.left = f.left.saturating_sub(1);
+        if f.left > 0 {
+            return;
+        }
+        let Some(f) = self.flights.remove(token) else { return };
+        if let Some((lease, desc)) = f.msg {
+            let result = f.error.map_or(Ok(()), Err);
+            out.push(PortEvent::Sent { tenant: f.tenant, lease, desc, tag: f.tag, result });
+        }
+    }
+
+    fn received(
+        &mut self,
+        conn: ConnId,
+        token: u64,
+        result: Result<crate::Received, CompletionError>,
+        out: &mut Vec<PortEvent>,
+    ) {
+        let Some(p) = self.posted.remove(token & !RECV_TOKEN) else { return };
+        let t = usize::from(p.tenant);
+        let ok = match self.conns.get_mut(conn.index() as usize) {
+            Some(Some(st)) => {
+                st.posted = st.posted.saturating_sub(1);
+                result.ok()
+            }
+            _ => None,
+        };
+        // The endpoint checked the header against the immediate and the
+        // chain order; read the descriptor it carries.
+        let header = ok.and_then(|r| {
+            let pool = self.bufs[t].pool();
+            let mut hdr = [0u8; HEADER_LEN];
+            let off = pool.buf_offset(p.lease.head())?;
+            pool.region().copy_out(off + HDR_OFF, &mut hdr).ok()?;
+            FabricHeader::read_from_bytes(&hdr).ok().map(|h| (r, h))
+        });
+        let Some((r, h)) = header else {
+            self.bufs[t].free(p.lease);
+            return;
+        };
+        let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) else {
+            self.bufs[t].free(p.lease);
+            return;
+        };
+        if r.frag.index == 0 {
+            st.first = Some(h.desc);
+        }
+        st.parts.push(p.lease);
+        let (peer, tenant) = (st.peer, st.tenant);
+        if r.frag.last {
+            let first = st.first.take();
+            let mut parts = std::mem::take(&mut st.parts);
+            let joined = first.map(|d| (self.bufs[t].pool().join(&mut parts, d.len), d));
+            match joined {
+                Some((Ok(lease), d)) => {
+                    out.push(PortEvent::Received { tenant, peer, lease, desc: Descriptor { tenant, ..d } })
+                }
+                _ => {
+                    log::warn!("fabric: a chain from node {peer} does not add up; dropped");
+                    out.push(PortEvent::Protocol { tenant, peer });
+                    for l in parts.drain(..) {
+                        self.bufs[t].free(l);
+                    }
+                }
+            }
+            if let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) {
+                st.parts = parts;
+            }
+        }
+        self.refill(conn, out);
+    }
+}
