@@ -6,7 +6,8 @@
 #   scripts/install-deps.sh [GROUP...]     GROUP: base cross bench rdma (default: base cross)
 #
 #   base   C toolchain and libclang for bindgen/sideway, iproute2 for the
-#          network-namespace tests
+#          network-namespace tests, systemd (systemd-analyze, systemd-sysusers)
+#          for the package checks
 #   cross  Debian's Rust toolchain with the arm64 standard library, the
 #          aarch64 cross linker and qemu-user (see cross/build-aarch64.sh)
 #   bench  load generators and the peers benchmarks compare against
@@ -21,7 +22,7 @@ pkgs=()
 need_arm64=0
 for g in "${groups[@]}"; do
   case "$g" in
-    base) pkgs+=(gcc g++ make pkg-config cmake libclang-dev iproute2 procps file) ;;
+    base) pkgs+=(gcc g++ make pkg-config cmake libclang-dev iproute2 procps file systemd) ;;
     cross) pkgs+=(rustc-web cargo-web rust-web-clippy libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu
                   libc6-dev-arm64-cross qemu-user)
            need_arm64=1 ;;
