@@ -88,10 +88,16 @@ impl Cluster {
     /// Waits until every agent is ready and has all its fabric
     /// connections up.
     pub fn wait_mesh(&self) {
-        let n = self.dirs.len();
-        for i in 0..n {
-            wait_for(&format!("agent n{i} connected to every peer"), WATCHDOG, || {
-                self.status(i).contains(&format!("\"conns_up\":{}", 2 * (n - 1)))
+        let cfg = config::Cluster::load(&self.config).expect("the cluster file");
+        let want = cfg.tenants.len() * (self.dirs.len() - 1);
+        self.wait_conns(want);
+    }
+
+    /// Waits until every agent has at least `want` tenant connections up.
+    pub fn wait_conns(&self, want: usize) {
+        for i in 0..self.dirs.len() {
+            wait_for(&format!("agent n{i} has {want} fabric connections up"), WATCHDOG, || {
+                status_number(&self.status(i), "conns_up").is_some_and(|n| n >= want as u64)
             });
         }
     }
@@ -108,7 +114,25 @@ impl Cluster {
         self.fns.push(p);
     }
 
+    /// Starts a sample function that follows ingress routes (`--config`):
+    /// it forwards along the route's chain and the last one replies.
+    pub fn start_route_fn(&mut self, node: usize, tenant: &str, function: &str, transform: &str) {
+        let mut cmd = Command::new(bin_path("dne-fn"));
+        cmd.arg("--socket").arg(self.socket(node)).args(["--tenant", tenant, "--function", function]);
+        cmd.args(["--transform", transform]).arg("--config").arg(&self.config);
+        let mut p = Proc::spawn_lines(function, cmd);
+        p.wait_line("ready", WATCHDOG);
+        self.fns.push(p);
+    }
+
     pub fn attach(&self, node: usize, tenant: &str, function: &str) -> Function {
         Function::attach(&self.socket(node), tenant, function).expect("attach")
     }
+}
+
+/// The number after `"key":` in a JSON document (enough for status files).
+pub fn status_number(json: &str, key: &str) -> Option<u64> {
+    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let digits: String = json[at..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }

@@ -148,3 +148,101 @@ fn tenants_stay_apart_across_nodes() {
     g.free(back).unwrap();
     assert!(sink.try_recv().is_none(), "nothing leaks into the other tenant");
 }
+
+const EDGE_CLUSTER: &str = r#"
+[[tenant]]
+name = "acme"
+weight = 1
+buffers = 1024
+recv_quota = 256
+max_chain = 128
+
+[[function]]
+name = "upper"
+tenant = "acme"
+node = "n1"
+
+[[function]]
+name = "rot13"
+tenant = "acme"
+node = "n0"
+
+[[function]]
+name = "nobody"
+tenant = "acme"
+node = "n1"
+
+[[route]]
+path = "/x"
+tenant = "acme"
+chain = ["upper", "rot13"]
+
+[[route]]
+path = "/dead"
+tenant = "acme"
+chain = ["nobody"]
+"#;
+
+fn rot13(b: u8) -> u8 {
+    match b {
+        b'a'..=b'z' => (b - b'a' + 13) % 26 + b'a',
+        b'A'..=b'Z' => (b - b'A' + 13) % 26 + b'A',
+        _ => b,
+    }
+}
+
+/// The edge (the ingress's fabric side, here in the test process) sends
+/// requests down a chain that crosses both nodes; the last function's reply
+/// comes back to it, matched by request id; a chain whose function has no
+/// instance answers with an error.
+#[test]
+fn edge_requests_travel_a_chain_across_nodes_and_come_back() {
+    use dpu_agent::edge::{EDGE_SLOT, Edge, EdgeError};
+    let edge_dir = dne_tests::TempDir::new("edge");
+    let ingress = format!(
+        "{EDGE_CLUSTER}\n[[ingress]]\nname = \"edge\"\naddress = \"{}\"\nhttp = \"{}\"\nruntime_dir = \"{}\"\nbuffers = 512\n",
+        dne_tests::free_port(),
+        dne_tests::free_port(),
+        edge_dir.path().display()
+    );
+    let mut c = Cluster::start("edge", 2, &ingress);
+    c.start_route_fn(1, "acme", "upper", "upper");
+    c.start_route_fn(0, "acme", "rot13", "rot13");
+    let cfg = std::sync::Arc::new(config::Cluster::load(&c.config).unwrap());
+    let t = &cfg.tenants[0];
+    let g = wire::PoolGeometry::new(0, t.buf_size, 512, wire::fabric::HEADROOM, t.max_chain).unwrap();
+    let pool = std::sync::Arc::new(shm::Pool::create("dne-test-edge", g, shm::PagePolicy::Normal).unwrap());
+    let edge = Edge::start(cfg.clone(), 0, vec![pool.clone()]).unwrap();
+    dne_tests::wait_for("the edge connected to both nodes", WATCHDOG, || edge.conns_up() == 2);
+    c.wait_conns(2);
+    let wait = |mut rx: tokio::sync::oneshot::Receiver<_>| {
+        let end = std::time::Instant::now() + WATCHDOG;
+        loop {
+            match rx.try_recv() {
+                Ok(r) => return r,
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                    assert!(std::time::Instant::now() < end, "watchdog: no reply");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    let full = pool.free_buffers();
+    for (k, len) in [1usize, 1000, 40_000, 1 << 20].into_iter().enumerate() {
+        let data = pattern(len, k);
+        let mut lease = pool.alloc(len as u32, wire::Owner::Held(EDGE_SLOT)).unwrap();
+        pool.write(&mut lease, &data).unwrap();
+        let (reply, desc) = wait(edge.call(0, 0, 100 + k as u32, lease)).expect("a reply");
+        assert_eq!(desc.request, 100 + k as u32);
+        let want: Vec<u8> = data.to_ascii_uppercase().into_iter().map(rot13).collect();
+        assert_eq!(pool.read_to_vec(&reply), want, "{len} B through upper (n1) and rot13 (n0)");
+        pool.free(reply).unwrap();
+    }
+    // A chain whose function has no live instance: an error comes back.
+    let lease = pool.alloc(10, wire::Owner::Held(EDGE_SLOT)).unwrap();
+    let r = wait(edge.call(0, 1, 7, lease));
+    assert_eq!(r.err(), Some(EdgeError::Failed(wire::ErrorCode::PeerDied)));
+    // Every buffer of the edge's pool is back (its receives stay posted).
+    dne_tests::wait_for("the edge pool back to full", WATCHDOG, || pool.free_buffers() == full);
+}

@@ -1,0 +1,358 @@
+//! [`Edge`]: the fabric side of the cluster's edge (the ingress). The edge
+//! is a fabric node of its own (an `[[ingress]]` of the cluster file) with
+//! its own pool per tenant; a request written into that pool is sent over
+//! the fabric, with no copy, to the node of its route's first function, and
+//! the chain's reply comes back into the same pool, matched by request id.
+//!
+//! One data-plane thread owns the fabric [`Port`]; callers on any thread
+//! (the HTTP server's tasks) hand it requests through a channel and get the
+//! reply through a oneshot. Backpressure is explicit: when a tenant's
+//! connection has no credits, its requests wait in a bounded queue, and a
+//! full queue is an immediate [`EdgeError::Busy`] (the HTTP side answers
+//! 503), never unbounded buffering.
+
+use crate::engine::open_port;
+use config::Cluster;
+use fabric::{Buffers, DocaTransport, Port, PortEvent};
+use shm::Pool;
+use shm::pool::Lease;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use wire::desc::NO_NODE;
+use wire::{DescFlags, Descriptor, ErrorCode, Owner};
+
+/// The owner slot the edge's buffers are held under in its own pools.
+pub const EDGE_SLOT: u16 = 0;
+/// Requests of one tenant waiting for credits before new ones are refused.
+pub const QUEUE_LIMIT: usize = 1024;
+
+/// Why a request got no reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EdgeError {
+    /// The tenant's queue toward the cluster is full (backpressure).
+    #[error("the tenant's queue is full")]
+    Busy,
+    /// The first function's node is not connected.
+    #[error("the function's node is unreachable")]
+    Unreachable,
+    /// The route has no usable first function.
+    #[error("bad route")]
+    BadRoute,
+    /// The cluster answered with an error descriptor.
+    #[error("the chain failed: {0}")]
+    Failed(ErrorCode),
+    /// The edge stopped.
+    #[error("the edge stopped")]
+    Stopped,
+}
+
+/// The reply: the chain's message in the tenant's edge pool.
+pub type Reply = Result<(Lease, Descriptor), EdgeError>;
+
+/// One tenant pool of the edge, as the port's buffer source.
+#[derive(Debug)]
+pub struct EdgeBufs(pub Arc<Pool>);
+
+impl Buffers for EdgeBufs {
+    fn pool(&self) -> &Pool {
+        &self.0
+    }
+    fn alloc_one(&mut self) -> Option<Lease> {
+        self.0.alloc(self.0.geometry().payload_cap(), Owner::Held(EDGE_SLOT)).ok()
+    }
+    fn free(&mut self, lease: Lease) {
+        if let Err(e) = self.0.free(lease) {
+            log::warn!("edge: freeing a buffer: {e}");
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Call {
+    tenant: u16,
+    route: u16,
+    request: u32,
+    lease: Lease,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// The edge's fabric side (see the module docs).
+#[derive(Debug)]
+pub struct Edge {
+    pools: Vec<Arc<Pool>>,
+    calls: Sender<Call>,
+    conns_up: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Edge {
+    /// Starts the edge of ingress `ingress` (its index in the cluster
+    /// file) over `pools` (one per tenant, in tenant order, held as
+    /// [`EDGE_SLOT`]).
+    pub fn start(cfg: Arc<Cluster>, ingress: usize, pools: Vec<Arc<Pool>>) -> anyhow::Result<Self> {
+        let me = cfg.ingress_node_id(ingress).ok_or_else(|| anyhow::anyhow!("no ingress {ingress} in the config"))?;
+        let port = open_port(&cfg, me, pools.iter().cloned().map(EdgeBufs).collect())?;
+        let (calls, rx) = channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns_up = Arc::new(AtomicUsize::new(0));
+        let mut worker = Worker {
+            first_node: cfg
+                .routes
+                .iter()
+                .map(|r| {
+                    let f = r.chain.first().and_then(|n| cfg.function_id(n));
+                    f.map(|f| (f, cfg.node_id(&cfg.functions[usize::from(f)].node).unwrap_or(NO_NODE)))
+                })
+                .collect(),
+            queues: (0..cfg.tenants.len()).map(|_| VecDeque::with_capacity(QUEUE_LIMIT)).collect(),
+            waiting: HashMap::with_capacity(4096),
+            me,
+            port,
+            rx,
+            conns_up: conns_up.clone(),
+            events: Vec::with_capacity(256),
+        };
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new().name("edge".into()).spawn(move || worker.run(&flag))?;
+        Ok(Self { pools, calls, conns_up, stop, thread: Some(thread) })
+    }
+
+    /// Tenant `t`'s pool.
+    pub fn pool(&self, t: u16) -> Option<&Arc<Pool>> {
+        self.pools.get(usize::from(t))
+    }
+
+    /// Tenant connections that are up (every worker node times every
+    /// tenant when the cluster is whole).
+    pub fn conns_up(&self) -> usize {
+        self.conns_up.load(Ordering::Relaxed)
+    }
+
+    /// Sends the request in `lease` (tenant `tenant`'s pool, held as
+    /// [`EDGE_SLOT`]) down route `route`; the reply comes through the
+    /// returned receiver. Never blocks.
+    pub fn call(&self, tenant: u16, route: u16, request: u32, lease: Lease) -> oneshot::Receiver<Reply> {
+        let (tx, rx) = oneshot::channel();
+        if let Err(e) = self.calls.send(Call { tenant, route, request, lease, reply: tx }) {
+            let c = e.0;
+            if let Some(p) = self.pools.get(usize::from(c.tenant)) {
+                let _ = p.free(c.lease);
+            }
+            let _ = c.reply.send(Err(EdgeError::Stopped));
+        }
+        rx
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Waiting {
+    tenant: u16,
+    peer: u16,
+    reply: oneshot::Sender<Reply>,
+}
+
+struct Worker {
+    /// First function and its node, per route.
+    first_node: Vec<Option<(u16, u16)>>,
+    queues: Vec<VecDeque<(Call, u16)>>,
+    waiting: HashMap<u32, Waiting>,
+    me: u16,
+    port: Port<DocaTransport, EdgeBufs>,
+    rx: Receiver<Call>,
+    conns_up: Arc<AtomicUsize>,
+    events: Vec<PortEvent>,
+}
+
+impl Worker {
+    fn run(&mut self, stop: &AtomicBool) {
+        let mut next_control = Instant::now();
+        let mut idle_since = Instant::now();
+        loop {
+            let now = Instant::now();
+            if now >= next_control {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let mut ev = std::mem::take(&mut self.events);
+                self.port.control(&mut ev);
+                self.handle(&mut ev);
+                self.events = ev;
+                self.conns_up.store(self.port.conns_up(), Ordering::Relaxed);
+                next_control = now + Duration::from_millis(1);
+            }
+            let mut work = self.take_calls();
+            work += self.send_queued();
+            let mut ev = std::mem::take(&mut self.events);
+            work += self.port.poll(&mut ev);
+            self.handle(&mut ev);
+            self.events = ev;
+            if work > 0 {
+                idle_since = now;
+            } else if now.duration_since(idle_since) > Duration::from_millis(2) {
+                std::thread::sleep(Duration::from_micros(50));
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        // Whoever still waits learns that the edge stopped.
+        for (_, w) in self.waiting.drain() {
+            let _ = w.reply.send(Err(EdgeError::Stopped));
+        }
+        for q in &mut self.queues {
+            for (c, _) in q.drain(..) {
+                let _ = c.reply.send(Err(EdgeError::Stopped));
+            }
+        }
+    }
+
+    fn fail(&mut self, c: Call, e: EdgeError) {
+        self.port.bufs_mut(c.tenant).free(c.lease);
+        let _ = c.reply.send(Err(e));
+    }
+
+    fn take_calls(&mut self) -> usize {
+        let mut n = 0;
+        while n < 64 {
+            let c = match self.rx.try_recv() {
+                Ok(c) => c,
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            };
+            n += 1;
+            let t = usize::from(c.tenant);
+            let Some(&Some((_, node))) = self.first_node.get(usize::from(c.route)) else {
+                self.fail(c, EdgeError::BadRoute);
+                continue;
+            };
+            if t >= self.queues.len() {
+                let _ = c.reply.send(Err(EdgeError::BadRoute));
+                continue;
+            }
+            if !self.port.is_up(c.tenant, node) {
+                self.fail(c, EdgeError::Unreachable);
+            } else if self.queues[t].len() >= QUEUE_LIMIT {
+                self.fail(c, EdgeError::Busy);
+            } else {
+                self.queues[t].push_back((c, node));
+            }
+        }
+        n
+    }
+
+    fn send_queued(&mut self) -> usize {
+        let mut n = 0;
+        for t in 0..self.queues.len() {
+            while let Some((c, node)) = self.queues[t].front() {
+                let node = *node;
+                if !self.port.can_send(c.tenant, node) {
+                    break;
+                }
+                let Some((c, _)) = self.queues[t].pop_front() else { break };
+                let Some(&Some((f, _))) = self.first_node.get(usize::from(c.route)) else { continue };
+                let desc = Descriptor {
+                    tenant: c.tenant,
+                    flags: 0,
+                    src_fn: u16::MAX,
+                    dst_fn: f,
+                    route: c.route,
+                    hop: 0,
+                    status: 0,
+                    origin: self.me,
+                    reserved: 0,
+                    request: c.request,
+                    buf: c.lease.head(),
+                    len: c.lease.len(),
+                };
+                match self.port.send(c.tenant, node, c.lease, desc, u64::from(c.request)) {
+                    Ok(()) => {
+                        n += 1;
+                        self.waiting.insert(c.request, Waiting { tenant: c.tenant, peer: node, reply: c.reply });
+                    }
+                    Err((lease, _, _)) => {
+                        self.port.bufs_mut(c.tenant).free(lease);
+                        let _ = c.reply.send(Err(EdgeError::Unreachable));
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    fn handle(&mut self, events: &mut Vec<PortEvent>) {
+        for e in events.drain(..) {
+            match e {
+                PortEvent::Sent { tenant, lease, tag, result, .. } => {
+                    // The request's buffers are free once placed.
+                    self.port.bufs_mut(tenant).free(lease);
+                    if result.is_err()
+                        && let Some(w) = self.waiting.remove(&(tag as u32))
+                    {
+                        let _ = w.reply.send(Err(EdgeError::Unreachable));
+                    }
+                }
+                PortEvent::Received { tenant, lease, desc, .. } => {
+                    let w = self.waiting.remove(&desc.request).filter(|w| w.tenant == tenant);
+                    let reply = if desc.flags & DescFlags::REPLY == 0 {
+                        None
+                    } else if desc.flags & DescFlags::ERROR != 0 {
+                        Some(Err(EdgeError::Failed(ErrorCode::from_u8(desc.status).unwrap_or(ErrorCode::BadRoute))))
+                    } else {
+                        Some(Ok(()))
+                    };
+                    match (w, reply) {
+                        (Some(w), Some(Ok(()))) => {
+                            if let Err(Ok((lease, _))) = w.reply.send(Ok((lease, desc))) {
+                                // The caller gave up (timed out).
+                                self.port.bufs_mut(tenant).free(lease);
+                            }
+                        }
+                        (Some(w), Some(Err(e))) => {
+                            self.port.bufs_mut(tenant).free(lease);
+                            let _ = w.reply.send(Err(e));
+                        }
+                        (w, _) => {
+                            // Late (the caller gave up), unknown, or not a
+                            // reply: dropped.
+                            if let Some(w) = w {
+                                self.waiting.insert(desc.request, w);
+                            }
+                            log::debug!("edge: dropping a message for request {} (no one waits)", desc.request);
+                            self.port.bufs_mut(tenant).free(lease);
+                        }
+                    }
+                }
+                PortEvent::PeerDown { peer } => {
+                    let gone: Vec<u32> = self.waiting.iter().filter(|(_, w)| w.peer == peer).map(|(&r, _)| r).collect();
+                    for r in gone {
+                        if let Some(w) = self.waiting.remove(&r) {
+                            let _ = w.reply.send(Err(EdgeError::Unreachable));
+                        }
+                    }
+                }
+                PortEvent::Up { tenant, peer } => log::info!("edge: tenant {tenant} connected to node {peer}"),
+                PortEvent::Protocol { tenant, peer } => {
+                    log::warn!("edge: node {peer} broke the fabric protocol (tenant {tenant})")
+                }
+                PortEvent::NoBuffer { tenant } => log::debug!("edge: tenant {tenant}'s pool is empty"),
+            }
+        }
+        // Callers that gave up leave their entries: prune closed ones now
+        // and then (cheap: only when the map is large).
+        if self.waiting.len() > 4096 {
+            self.waiting.retain(|_, w| !w.reply.is_closed());
+        }
+    }
+}
