@@ -183,6 +183,18 @@ tenant = "acme"
 chain = ["nobody"]
 "#;
 
+/// A POST request envelope carrying `body` (as the ingress writes it).
+fn envelope(body: &[u8]) -> Vec<u8> {
+    use wire::http::{HeadSpec, Method, REPLY_HEAD_ROOM, Start, encode_head};
+    let spec = HeadSpec { start: Start::Request { method: Method::Post, path: b"/x" }, headers: &[] };
+    let head = spec.len().unwrap();
+    let pad = REPLY_HEAD_ROOM.saturating_sub(head);
+    let mut frags = vec![vec![0u8; (head + pad) as usize + body.len()]];
+    let off = encode_head(&mut frags, &spec, pad, body.len() as u32).unwrap();
+    frags[0][off as usize..].copy_from_slice(body);
+    frags.pop().unwrap()
+}
+
 fn rot13(b: u8) -> u8 {
     match b {
         b'a'..=b'z' => (b - b'a' + 13) % 26 + b'a',
@@ -229,14 +241,19 @@ fn edge_requests_travel_a_chain_across_nodes_and_come_back() {
         }
     };
     let full = pool.free_buffers();
-    for (k, len) in [1usize, 1000, 40_000, 1 << 20].into_iter().enumerate() {
+    for (k, len) in [1usize, 1000, 40_000, 1_000_000].into_iter().enumerate() {
         let data = pattern(len, k);
-        let mut lease = pool.alloc(len as u32, wire::Owner::Held(EDGE_SLOT)).unwrap();
-        pool.write(&mut lease, &data).unwrap();
+        let msg = envelope(&data);
+        let mut lease = pool.alloc(msg.len() as u32, wire::Owner::Held(EDGE_SLOT)).unwrap();
+        pool.write(&mut lease, &msg).unwrap();
         let (reply, desc) = wait(edge.call(0, 0, 100 + k as u32, lease)).expect("a reply");
         assert_eq!(desc.request, 100 + k as u32);
+        let bytes = pool.read_to_vec(&reply);
+        let env = wire::http::decode(&[&bytes[..]]).expect("a response envelope");
+        assert_eq!(env.status, Some(200));
+        let body = &bytes[env.body_offset as usize..][..env.body_len as usize];
         let want: Vec<u8> = data.to_ascii_uppercase().into_iter().map(rot13).collect();
-        assert_eq!(pool.read_to_vec(&reply), want, "{len} B through upper (n1) and rot13 (n0)");
+        assert_eq!(body, &want[..], "{len} B through upper (n1) and rot13 (n0)");
         pool.free(reply).unwrap();
     }
     // A chain whose function has no live instance: an error comes back.

@@ -73,25 +73,50 @@ fn run(args: Args) -> anyhow::Result<()> {
             f.free(msg)?;
             continue;
         }
-        for k in 0..msg.frags() {
-            t.apply(f.payload_mut(&mut msg, k));
-        }
         let d = *msg.desc();
-        let chain = routes.get(usize::from(d.route));
-        let next = match chain {
-            Some(c) => match c.get(usize::from(d.hop) + 1) {
-                Some(n) => {
-                    msg.desc_mut().hop += 1;
-                    Some(n.as_str())
-                }
-                None => {
+        let next = match routes.get(usize::from(d.route)) {
+            // An HTTP request on an ingress route: transform the body of its
+            // envelope in place; the last function turns it into the reply.
+            Some(chain) => {
+                let next = chain.get(usize::from(d.hop) + 1);
+                let step = if next.is_some() {
+                    dne_functions::Next::Forward
+                } else {
+                    dne_functions::Next::Reply {
+                        status: 200,
+                        headers: &[(b"content-type", b"application/octet-stream")],
+                    }
+                };
+                let r = dne_functions::handle_envelope(&mut dne_functions::MsgFrags::new(&f, &mut msg), t, step);
+                if let Err(e) = r {
+                    log::warn!("request {}: {e}", d.request);
+                    let dm = msg.desc_mut();
+                    dm.flags |= wire::DescFlags::ERROR;
+                    dm.status = wire::ErrorCode::BadDescriptor as u8;
                     if let Err(e) = send_retrying(&mut f, msg, None) {
-                        log::warn!("reply: {e}");
+                        log::warn!("error reply: {e}");
                     }
                     continue;
                 }
-            },
-            None => args.next.as_deref(),
+                match next {
+                    Some(n) => {
+                        msg.desc_mut().hop += 1;
+                        Some(n.as_str())
+                    }
+                    None => {
+                        if let Err(e) = send_retrying(&mut f, msg, None) {
+                            log::warn!("reply: {e}");
+                        }
+                        continue;
+                    }
+                }
+            }
+            None => {
+                for k in 0..msg.frags() {
+                    t.apply(f.payload_mut(&mut msg, k));
+                }
+                args.next.as_deref()
+            }
         };
         match next {
             None => {
