@@ -1,7 +1,42 @@
 //! `ingress`: the cluster edge. Terminates HTTP/1.1 once, writes each request
-//! into a buffer of its own registered pool and sends it over `fabric` to the
-//! node of the route's first function; returns the chain's reply to the
-//! client, matched by request id.
+//! as an HTTP envelope ([`wire::http`]) into buffers of its own pool for the
+//! route's tenant, and hands it to an [`Upstream`] that carries it to the
+//! chain's first function and brings the chain's reply back, matched by
+//! request id; the reply's body is streamed to the client out of the pool.
 //!
-//! Being built in its own issue (ingress).
+//! Contract:
+//! * a request body is copied once, from hyper's read buffer into the pool;
+//!   a reply body is not copied at all by the ingress;
+//! * every buffer the ingress holds is inside a [`PoolLease`] and returns to
+//!   the pool whatever happens to the request (client gone, timeout, error);
+//! * waiting is bounded everywhere: for buffers ([`Settings::pool_wait`]),
+//!   for queue room or credits (the upstream's), for the chain (the route's
+//!   `timeout_ms`), for a slow client ([`Settings::body_timeout`]);
+//! * edge statuses: 404 unknown route, 400 malformed, 401 bad API key, 408
+//!   body too slow, 413 body over `body_limit` (or over the tenant's largest
+//!   message), 414 target too long, 501 unknown method, 502 function error
+//!   or malformed reply, 503 + `Retry-After` pool/queue/credits exhausted or
+//!   chain unreachable, 504 chain timeout.
+//!
+//! The fabric upstream (requests over RDMA to the first function's node) is
+//! added by the dpu-agent/mesh work; until then [`upstream::InProcess`] runs
+//! the chains in this process, on the same pool buffers.
+//!
+//! Modules:
+//! * [`server`]: the hyper server, the request path, graceful shutdown;
+//! * [`upstream`]: the [`Upstream`] seam and the in-process implementation;
+//! * [`pool`]: the ingress's pools, leases that free themselves, and the
+//!   builder that streams a body into buffers;
+//! * [`route`]: host + longest path prefix to route;
+//! * [`metrics`]: Prometheus metrics.
 #![forbid(unsafe_code)]
+
+pub mod metrics;
+pub mod pool;
+pub mod route;
+pub mod server;
+pub mod upstream;
+
+pub use pool::{PoolLease, Pools};
+pub use server::{Ingress, Settings, shutdown_signal};
+pub use upstream::{Behavior, InProcess, InProcessConfig, Upstream, UpstreamError, UpstreamFuture};

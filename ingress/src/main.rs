@@ -1,0 +1,87 @@
+//! `ingress --config FILE --name NAME`: the cluster edge of DNE.
+//!
+//! Serves the routes of the cluster file on the ingress's `http` address.
+//! Until the fabric upstream lands (dpu-agent/mesh work), the chains run in
+//! this process ([`ingress::InProcess`]): every function of a route must be
+//! named like a transform (`echo`, `upper`, `rot13`, `reverse`) or be given
+//! one with `--transform FUNCTION=TRANSFORM`.
+#![allow(clippy::print_stderr)]
+
+use anyhow::{Context, Result, anyhow};
+use clap::Parser;
+use ingress::{Behavior, InProcess, InProcessConfig, Ingress, Pools, Settings};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The DNE ingress.
+#[derive(Debug, Parser)]
+#[command(name = "ingress", version, about)]
+struct Args {
+    /// Cluster file.
+    #[arg(long)]
+    config: PathBuf,
+    /// This ingress's name (an `[[ingress]]` of the cluster file).
+    #[arg(long)]
+    name: String,
+    /// Serve `/metrics` on this address instead of on the HTTP address.
+    #[arg(long)]
+    admin: Option<String>,
+    /// In-process chains: the transform a function applies (repeatable).
+    #[arg(long = "transform", value_name = "FUNCTION=TRANSFORM")]
+    transforms: Vec<String>,
+    /// In-process chains: worker threads.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Tokio worker threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn main() -> std::process::ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ingress: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let cluster = config::Cluster::load(&args.config)?;
+    let g = cluster
+        .ingresses
+        .iter()
+        .find(|g| g.name == args.name)
+        .ok_or_else(|| anyhow!("--name {}: no [[ingress]] of that name in {}", args.name, args.config.display()))?
+        .clone();
+    std::fs::create_dir_all(&g.runtime_dir).with_context(|| format!("creating {}", g.runtime_dir.display()))?;
+    let mut extra = Vec::new();
+    for t in &args.transforms {
+        let (f, name) = t.split_once('=').ok_or_else(|| anyhow!("--transform {t}: expected FUNCTION=TRANSFORM"))?;
+        let tr = dne_functions::Transform::from_name(name).with_context(|| format!("--transform {t}"))?;
+        extra.push((f.to_owned(), Behavior::Transform(tr)));
+    }
+    let settings = Settings::for_ingress(&cluster, &args.name).unwrap_or_default();
+    let pools = Pools::create(&cluster, &g.name, g.buffers, shm::PagePolicy::Auto)?;
+    let cfg = InProcessConfig { workers: args.workers, ..Default::default() };
+    let upstream = InProcess::new(&cluster, cfg, InProcess::by_name(&extra))?;
+    let ingress = Arc::new(Ingress::new(&cluster, pools, Arc::new(upstream), settings));
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = rt.enable_all().build()?;
+    rt.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::bind(&g.http).await.with_context(|| format!("listening on {}", g.http))?;
+        let admin = match &args.admin {
+            Some(a) => Some(tokio::net::TcpListener::bind(a).await.with_context(|| format!("listening on {a}"))?),
+            None => None,
+        };
+        log::warn!("ingress {} serving on {} (in-process chains; fabric upstream pending)", g.name, g.http);
+        ingress.serve(listener, admin, ingress::shutdown_signal()).await?;
+        Ok(())
+    })
+}

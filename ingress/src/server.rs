@@ -1,0 +1,578 @@
+//! The HTTP/1.1 edge: tokio (multi-thread) + hyper, keep-alive.
+//!
+//! Per request: route by host and path (404), check the tenant's API key
+//! (401), check the method (501), the target (400/414) and the announced
+//! body length (413); write the envelope head and then the body, frame by
+//! frame as it arrives from the socket, straight into buffers of the
+//! tenant's ingress pool (the body is copied once, from hyper's read buffer
+//! into the pool; it is never gathered anywhere else), waiting a bounded
+//! time for buffers (503 + `Retry-After`); call the [`Upstream`] with the
+//! route's timeout (504 on expiry; 503 / 502 for its errors); decode the
+//! reply envelope (502 if malformed) and stream its body to the client
+//! straight out of the pool buffers (zero copy: each fragment is handed to
+//! hyper as a `Bytes` that keeps the reply's lease alive, and the buffers
+//! are freed when the last piece is written or the client goes away).
+//!
+//! `GET /metrics` answers the Prometheus text on the main listener (taking
+//! precedence over routes) unless an admin listener is given, which then
+//! serves it alone. Shutdown stops accepting, lets in-flight requests
+//! finish (bounded by [`Settings::shutdown_grace`]) and closes idle
+//! connections.
+
+use crate::metrics::{CodeLabels, Metrics, RejectLabels, RouteLabels, TenantLabels};
+use crate::pool::{BuildError, MsgBuilder, PoolLease, Pools};
+use crate::route::Router;
+use crate::upstream::{Upstream, UpstreamError};
+use bytes::Bytes;
+use config::Cluster;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use wire::http::{self as env, EnvelopeKind, HeadSpec, Method, REPLY_HEAD_ROOM, Start};
+
+/// Request headers copied into the envelope (the rest stay at the edge).
+pub const FORWARDED_HEADERS: &[&str] =
+    &["content-type", "content-encoding", "accept", "accept-encoding", "accept-language", "user-agent", "x-request-id"];
+
+/// Reply headers the edge never copies to the client (hop-by-hop, or its
+/// own business).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+];
+
+/// Edge settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Largest request body (413 beyond).
+    pub body_limit: u32,
+    /// How long a request waits for pool buffers before 503.
+    pub pool_wait: Duration,
+    /// Deadline for a request head (hyper's header read timeout).
+    pub header_timeout: Duration,
+    /// Longest pause between two pieces of a request body (408 beyond).
+    pub body_timeout: Duration,
+    /// Longest wait for in-flight requests at shutdown.
+    pub shutdown_grace: Duration,
+    /// Seconds announced in `Retry-After` with a 503.
+    pub retry_after_s: u32,
+}
+
+impl Settings {
+    /// Settings of ingress `name` of `cluster` (its `body_limit`), with
+    /// defaults for the rest.
+    pub fn for_ingress(cluster: &Cluster, name: &str) -> Option<Self> {
+        let g = cluster.ingresses.iter().find(|g| g.name == name)?;
+        Some(Self { body_limit: g.body_limit, ..Self::default() })
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            body_limit: 1 << 20,
+            pool_wait: Duration::from_millis(50),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
+            retry_after_s: 1,
+        }
+    }
+}
+
+struct RouteInfo {
+    tenant: u16,
+    timeout: Duration,
+    label: &'static str,
+}
+
+struct TenantInfo {
+    name: &'static str,
+    api_key: Option<Vec<u8>>,
+}
+
+/// The ingress: routes, tenants, pools, the upstream and the metrics.
+pub struct Ingress {
+    routes: Vec<RouteInfo>,
+    router: Router,
+    tenants: Vec<TenantInfo>,
+    pools: Pools,
+    upstream: Arc<dyn Upstream>,
+    metrics: Metrics,
+    next_request: AtomicU32,
+    settings: Settings,
+}
+
+impl core::fmt::Debug for Ingress {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Ingress").field("routes", &self.routes.len()).field("settings", &self.settings).finish()
+    }
+}
+
+/// The body of every response: a small edge-made one, or a reply's body
+/// streamed out of the pool.
+pub type OutBody = Either<Full<Bytes>, ReplyBody>;
+
+fn intern(s: String) -> &'static str {
+    // Once per route and tenant at start: bounded by the config.
+    Box::leak(s.into_boxed_str())
+}
+
+impl Ingress {
+    /// An ingress over `pools` (one per tenant of `cluster`) sending through
+    /// `upstream`.
+    pub fn new(cluster: &Cluster, pools: Pools, upstream: Arc<dyn Upstream>, settings: Settings) -> Self {
+        let routes = cluster
+            .routes
+            .iter()
+            .map(|r| RouteInfo {
+                tenant: cluster.tenant_id(&r.tenant).unwrap_or(0),
+                timeout: Duration::from_millis(u64::from(r.timeout_ms)),
+                label: intern(format!("{}{}", r.host.as_deref().unwrap_or(""), r.path)),
+            })
+            .collect();
+        let tenants = cluster
+            .tenants
+            .iter()
+            .map(|t| TenantInfo { name: intern(t.name.clone()), api_key: t.api_key.clone().map(String::into_bytes) })
+            .collect::<Vec<_>>();
+        let metrics = Metrics::new();
+        for (t, p) in tenants.iter().zip(pools.iter()) {
+            metrics.pool_size.get_or_create(&TenantLabels { tenant: t.name }).set(i64::from(p.capacity()));
+        }
+        Self {
+            routes,
+            router: Router::new(cluster),
+            tenants,
+            pools,
+            upstream,
+            metrics,
+            next_request: AtomicU32::new(1),
+            settings,
+        }
+    }
+
+    /// The pools (for the fabric side to register, and for tests).
+    pub fn pools(&self) -> &Pools {
+        &self.pools
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        for (t, p) in self.tenants.iter().zip(self.pools.iter()) {
+            self.metrics.pool_free.get_or_create(&TenantLabels { tenant: t.name }).set(i64::from(p.free_buffers()));
+        }
+        self.metrics.encode()
+    }
+
+    /// Serves HTTP/1.1 on `listener` (and the metrics alone on `admin`, if
+    /// given) until `shutdown` completes, then drains in-flight requests.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        let metrics_on_main = admin.is_none();
+        loop {
+            let admin_accept = async {
+                match &admin {
+                    Some(l) => l.accept().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let (accepted, is_admin) = tokio::select! {
+                r = listener.accept() => (r, false),
+                r = admin_accept => (r, true),
+                () = &mut shutdown => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors and the like: back off, keep serving.
+                    log::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let me = self.clone();
+            let svc = service_fn(move |req| {
+                let me = me.clone();
+                async move { Ok::<_, Infallible>(me.handle(req, peer, is_admin, metrics_on_main).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(self.settings.header_timeout)
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), svc);
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    log::debug!("connection from {peer}: {e}");
+                }
+            });
+        }
+        drop(listener);
+        drop(admin);
+        log::info!("shutting down: finishing in-flight requests");
+        if tokio::time::timeout(self.settings.shutdown_grace, graceful.shutdown()).await.is_err() {
+            log::warn!("shutdown: connections still open after {:?}", self.settings.shutdown_grace);
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        admin: bool,
+        metrics_on_main: bool,
+    ) -> Response<OutBody> {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let target = req.uri().path_and_query().map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
+        if (admin || metrics_on_main) && req.uri().path() == "/metrics" && method == hyper::Method::GET {
+            let mut r = Response::new(Either::Left(Full::new(Bytes::from(self.metrics_text()))));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            return r;
+        }
+        let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).or_else(|| req.uri().host());
+        let route = if admin { None } else { self.router.lookup(host, req.uri().path()) };
+        let Some(route) = route else {
+            self.metrics.requests.get_or_create(&CodeLabels { route: "", tenant: "", code: 404 }).inc();
+            log::info!(target: "dne_ingress::access", "{peer} \"{method} {target}\" 404 0 route=- tenant=-");
+            return plain(StatusCode::NOT_FOUND, "no route\n");
+        };
+        let info = &self.routes[usize::from(route)];
+        let tenant = &self.tenants[usize::from(info.tenant)];
+        let tl = TenantLabels { tenant: tenant.name };
+        let gauge = self.metrics.in_flight.get_or_create_owned(&tl);
+        gauge.inc();
+        let (resp, bytes_in, request) = self.exchange(req, route, peer).await;
+        gauge.dec();
+        let code = resp.status().as_u16();
+        let bytes_out = resp.body().size_hint().exact().unwrap_or(0);
+        let labels = CodeLabels { route: info.label, tenant: tenant.name, code };
+        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics
+            .duration
+            .get_or_create(&RouteLabels { route: info.label, tenant: tenant.name })
+            .observe(start.elapsed().as_secs_f64());
+        self.metrics.bytes_in.get_or_create(&tl).inc_by(bytes_in);
+        self.metrics.bytes_out.get_or_create(&tl).inc_by(bytes_out);
+        log::info!(
+            target: "dne_ingress::access",
+            "{peer} \"{method} {target}\" {code} {bytes_out} {:.3}ms route={} tenant={} req={request}",
+            start.elapsed().as_secs_f64() * 1e3,
+            info.label,
+            tenant.name,
+        );
+        resp
+    }
+
+    fn reject(&self, tenant: u16, reason: &'static str) {
+        let tenant = self.tenants[usize::from(tenant)].name;
+        self.metrics.rejections.get_or_create(&RejectLabels { tenant, reason }).inc();
+    }
+
+    fn unavailable(&self, tenant: u16, reason: &'static str) -> Response<OutBody> {
+        self.reject(tenant, reason);
+        let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, "overloaded, retry later\n");
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(self.settings.retry_after_s));
+        r
+    }
+
+    /// One routed request: returns the response, the request body bytes
+    /// received and the request id (0 when none was assigned).
+    async fn exchange(&self, req: Request<Incoming>, route: u16, peer: SocketAddr) -> (Response<OutBody>, u64, u32) {
+        let info = &self.routes[usize::from(route)];
+        let t = info.tenant;
+        let tenant = &self.tenants[usize::from(t)];
+        let (req, mut body) = req.into_parts();
+        if let Some(key) = &tenant.api_key {
+            let given = req.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+            let ok = given.and_then(|v| v.strip_prefix(b"Bearer ")).is_some_and(|v| ct_eq(v, key));
+            if !ok {
+                self.reject(t, "unauthorized");
+                let mut r = plain(StatusCode::UNAUTHORIZED, "missing or wrong API key\n");
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return (r, 0, 0);
+            }
+        }
+        let Some(method) = Method::from_name(req.method.as_str()) else {
+            self.reject(t, "bad_request");
+            return (plain(StatusCode::NOT_IMPLEMENTED, "method not supported\n"), 0, 0);
+        };
+        let path = req.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes();
+        if path.len() > env::MAX_PATH as usize {
+            self.reject(t, "bad_request");
+            return (plain(StatusCode::URI_TOO_LONG, "request target too long\n"), 0, 0);
+        }
+        let xff = peer.ip().to_string();
+        let mut hs: Vec<(&[u8], &[u8])> = Vec::with_capacity(FORWARDED_HEADERS.len() + 1);
+        for name in FORWARDED_HEADERS {
+            for v in req.headers.get_all(*name) {
+                hs.push((name.as_bytes(), v.as_bytes()));
+            }
+        }
+        hs.push((b"x-forwarded-for", xff.as_bytes()));
+        let spec = HeadSpec { start: Start::Request { method, path }, headers: &hs };
+        let head_len = match spec.len() {
+            Ok(n) => n,
+            Err(e) => {
+                self.reject(t, "bad_request");
+                log::debug!("{peer}: request head not representable: {e}");
+                return (close(plain(StatusCode::BAD_REQUEST, "malformed request\n")), 0, 0);
+            }
+        };
+        let body_off = head_len.max(REPLY_HEAD_ROOM);
+        let limit = u64::from(self.settings.body_limit);
+        let known = body.size_hint().exact();
+        if known.is_some_and(|n| n > limit) {
+            self.reject(t, "too_large");
+            return (close(plain(StatusCode::PAYLOAD_TOO_LARGE, "body over the limit\n")), 0, 0);
+        }
+        let Some(pool) = self.pools.get(t) else {
+            return (plain(StatusCode::INTERNAL_SERVER_ERROR, "no pool\n"), 0, 0);
+        };
+        let mut msg = MsgBuilder::new(pool.clone());
+        let wait = self.settings.pool_wait;
+        match msg.reserve(u64::from(body_off) + known.unwrap_or(0), wait).await {
+            Ok(()) => {}
+            Err(BuildError::TooLarge(_)) => {
+                self.reject(t, "too_large");
+                return (close(plain(StatusCode::PAYLOAD_TOO_LARGE, "body over the tenant's message size\n")), 0, 0);
+            }
+            Err(BuildError::Exhausted) => return (close(self.unavailable(t, "pool_exhausted")), 0, 0),
+        }
+        // Body: every frame straight into its place in the pool.
+        let mut len: u64 = 0;
+        loop {
+            let frame = match tokio::time::timeout(self.settings.body_timeout, body.frame()).await {
+                Err(_) => {
+                    self.reject(t, "body_timeout");
+                    return (close(plain(StatusCode::REQUEST_TIMEOUT, "request body too slow\n")), len, 0);
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    // The client went away or sent a broken body; the
+                    // buffers go back when `msg` drops.
+                    self.reject(t, "bad_request");
+                    log::debug!("{peer}: reading the body: {e}");
+                    return (close(plain(StatusCode::BAD_REQUEST, "malformed body\n")), len, 0);
+                }
+                Ok(Some(Ok(f))) => f,
+            };
+            let Ok(data) = frame.into_data() else { continue }; // trailers: not forwarded
+            let end = len + data.len() as u64;
+            if end > limit {
+                self.reject(t, "too_large");
+                return (close(plain(StatusCode::PAYLOAD_TOO_LARGE, "body over the limit\n")), len, 0);
+            }
+            match msg.reserve(u64::from(body_off) + end, wait).await {
+                Ok(()) => {}
+                Err(BuildError::TooLarge(_)) => {
+                    self.reject(t, "too_large");
+                    return (
+                        close(plain(StatusCode::PAYLOAD_TOO_LARGE, "body over the tenant's message size\n")),
+                        len,
+                        0,
+                    );
+                }
+                Err(BuildError::Exhausted) => return (close(self.unavailable(t, "pool_exhausted")), len, 0),
+            }
+            if msg.write(u64::from(body_off) + len, &data).is_err() {
+                return (plain(StatusCode::INTERNAL_SERVER_ERROR, "pool write\n"), len, 0);
+            }
+            len = end;
+        }
+        // `len <= body_limit < 2^32`, so these fit.
+        let total = u64::from(body_off) + len;
+        let head = env::encode_head(&mut msg.frags_mut(), &spec, body_off - head_len, len as u32);
+        let msg =
+            match head.map_err(|e| e.to_string()).and_then(|_| msg.finish(total as u32).map_err(|e| e.to_string())) {
+                Ok(m) => m,
+                Err(e) => {
+                    log::error!("{peer}: building the envelope: {e}");
+                    return (plain(StatusCode::INTERNAL_SERVER_ERROR, "envelope\n"), len, 0);
+                }
+            };
+        drop(hs);
+        let request = self.next_request.fetch_add(1, Relaxed);
+        let reply = tokio::time::timeout(info.timeout, self.upstream.call(route, t, msg, request)).await;
+        let reply = match reply {
+            Err(_) | Ok(Err(UpstreamError::Timeout)) => {
+                self.reject(t, "timeout");
+                return (
+                    plain(StatusCode::GATEWAY_TIMEOUT, "the function chain did not answer in time\n"),
+                    len,
+                    request,
+                );
+            }
+            Ok(Err(e @ (UpstreamError::NoCredit | UpstreamError::QueueFull | UpstreamError::Unreachable))) => {
+                return (self.unavailable(t, e.as_str()), len, request);
+            }
+            Ok(Err(UpstreamError::FunctionError(code))) => {
+                self.reject(t, "function_error");
+                let mut r = plain(StatusCode::BAD_GATEWAY, "a function of the chain failed\n");
+                if let Ok(v) = HeaderValue::from_str(code.as_str()) {
+                    r.headers_mut().insert(HeaderName::from_static("x-dne-error"), v);
+                }
+                return (r, len, request);
+            }
+            Ok(Ok(reply)) => reply,
+        };
+        (self.respond(reply, t, peer), len, request)
+    }
+
+    fn respond(&self, reply: PoolLease, t: u16, peer: SocketAddr) -> Response<OutBody> {
+        let e = match env::decode(&reply.frags()) {
+            Ok(e) if e.kind == EnvelopeKind::Response => e,
+            Ok(_) => {
+                self.reject(t, "bad_reply");
+                log::warn!("{peer}: the chain replied with a request envelope");
+                return plain(StatusCode::BAD_GATEWAY, "malformed reply\n");
+            }
+            Err(err) => {
+                self.reject(t, "bad_reply");
+                log::warn!("{peer}: malformed reply envelope: {err}");
+                return plain(StatusCode::BAD_GATEWAY, "malformed reply\n");
+            }
+        };
+        let status = e.status.and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let body = ReplyBody::new(reply, e.body_offset, e.body_len);
+        let mut r = Response::new(Either::Right(body));
+        *r.status_mut() = status;
+        for (n, v) in &e.headers {
+            if HOP_BY_HOP.iter().any(|h| n.eq_ignore_ascii_case(h.as_bytes())) {
+                continue;
+            }
+            // The decoder checked the grammar, so these parse.
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n), HeaderValue::from_bytes(v)) {
+                r.headers_mut().append(n, v);
+            }
+        }
+        r
+    }
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<OutBody> {
+    let mut r = Response::new(Either::Left(Full::new(Bytes::from_static(text.as_bytes()))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// The connection is not reusable after this response (unread body).
+fn close(mut r: Response<OutBody>) -> Response<OutBody> {
+    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// Compares secrets in time independent of where they differ.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A reply's body, streamed out of the pool buffers that hold it: one
+/// `Bytes` per fragment piece, each keeping the reply's lease alive; the
+/// buffers are freed when the last piece and the body are gone.
+#[derive(Debug)]
+pub struct ReplyBody {
+    reply: Arc<PoolLease>,
+    pos: u64,
+    end: u64,
+    cap: u64,
+}
+
+impl ReplyBody {
+    fn new(reply: PoolLease, off: u32, len: u32) -> Self {
+        let cap = u64::from(reply.pool().pool().geometry().payload_cap());
+        Self { reply: Arc::new(reply), pos: u64::from(off), end: u64::from(off) + u64::from(len), cap }
+    }
+}
+
+struct Piece {
+    reply: Arc<PoolLease>,
+    frag: u32,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for Piece {
+    fn as_ref(&self) -> &[u8] {
+        let f = self.reply.pool().pool().frag(self.reply.lease(), self.frag).unwrap_or(&[]);
+        f.get(self.start..self.end).unwrap_or(&[])
+    }
+}
+
+impl Body for ReplyBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if this.pos >= this.end {
+            return Poll::Ready(None);
+        }
+        // Every fragment but the last holds `cap` bytes.
+        let frag = this.pos / this.cap;
+        let start = this.pos - frag * this.cap;
+        let n = (this.cap - start).min(this.end - this.pos);
+        let piece =
+            Piece { reply: this.reply.clone(), frag: frag as u32, start: start as usize, end: (start + n) as usize };
+        this.pos += n;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_owner(piece)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pos >= self.end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.end - self.pos)
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => log::info!("SIGTERM"),
+                _ = int.recv() => log::info!("SIGINT"),
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            log::error!("cannot watch signals ({e}); stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}
