@@ -29,11 +29,10 @@
 use crate::metrics::{Drop as Why, Metrics};
 use crate::sched::{Backlog, Drr, QUANTUM};
 use config::Cluster;
-use fabric::{Buffers, DocaTransport, Endpoint, EndpointConfig, MeshConfig, Port, PortEvent, PortSizes, PortTenant};
+use fabric::{Buffers, DocaTransport, Port, PortEvent};
 use host_shim::{Function, Msg, SendErrorKind};
 use shm::pool::Lease;
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -42,10 +41,6 @@ use wire::{DescFlags, Descriptor, ErrorCode};
 
 /// Descriptors taken from one uplink per iteration.
 const UPLINK_BATCH: usize = 32;
-/// Sends of one connection queued in the endpoint before the scheduler
-/// holds the tenant back (keeps the scheduler, not the endpoint's FIFO, in
-/// charge of who goes next).
-const ENDPOINT_QUEUE_HIGH: usize = 64;
 /// How often the control work runs.
 const CONTROL_EVERY: Duration = Duration::from_millis(1);
 
@@ -128,61 +123,13 @@ impl core::fmt::Debug for Engine {
     }
 }
 
-fn addr(cfg: &Cluster, id: u16) -> anyhow::Result<SocketAddr> {
-    let a = cfg.fabric_address(id).ok_or_else(|| anyhow::anyhow!("no fabric node {id}"))?;
-    Ok(a.parse()?)
-}
-
-/// The fabric port of a fabric node (an agent or an ingress) of `cfg`:
-/// an endpoint sized for the cluster on the node's emulated device, every
-/// tenant pool registered, the mesh to every other fabric node started.
-pub fn open_port<B: Buffers>(cfg: &Cluster, me: u16, bufs: Vec<B>) -> anyhow::Result<Port<DocaTransport, B>> {
-    let fabric_nodes = (cfg.nodes.len() + cfg.ingresses.len()) as u16;
-    let peers: Vec<(u16, SocketAddr)> =
-        (0..fabric_nodes).filter(|&i| i != me).map(|i| Ok((i, addr(cfg, i)?))).collect::<anyhow::Result<_>>()?;
-    let npeers = peers.len().max(1) as u32;
-    let per_conn: Vec<u32> = cfg.tenants.iter().map(|t| (t.recv_quota / npeers).max(2)).collect();
-    let max_buf = cfg.tenants.iter().map(|t| t.buf_size).max().unwrap_or(16384);
-    let max_chain = cfg.tenants.iter().map(|t| t.max_chain).max().unwrap_or(64);
-    let ecfg = EndpointConfig {
-        max_conns: (cfg.tenants.len() as u32) * npeers * 2 + 4,
-        max_regions: cfg.tenants.len() as u32 + 1,
-        send_window: 64,
-        recv_depth: per_conn.iter().copied().max().unwrap_or(2) + 1,
-        send_queue: 2 * max_chain + 2 * ENDPOINT_QUEUE_HIGH as u32,
-        max_msg: max_buf,
-        max_chain: u16::try_from(max_chain).unwrap_or(u16::MAX),
-        batch: 64,
-    };
-    let my_addr = addr(cfg, me)?;
-    let transport = DocaTransport::new(open_device(my_addr)?, ecfg.max_conns, ecfg.send_window + 1 + ecfg.recv_depth)
-        .map_err(|e| anyhow::anyhow!("opening the fabric device: {e}"))?;
-    let name = match cfg.nodes.get(usize::from(me)) {
-        Some(n) => n.name.clone(),
-        None => cfg.ingresses[usize::from(me) - cfg.nodes.len()].name.clone(),
-    };
-    let mesh = MeshConfig {
-        me,
-        name,
-        listen: my_addr,
-        peers,
-        tenants: (0..cfg.tenants.len() as u16).collect(),
-        backoff_max: Duration::from_secs(1),
-    };
-    let tenants = bufs.into_iter().zip(per_conn).map(|(bufs, per_conn)| PortTenant { bufs, per_conn }).collect();
-    let sizes = PortSizes {
-        flights: cfg.tenants.len() * host_shim::daemon::UPLINK_CAPACITY as usize,
-        queue_high: ENDPOINT_QUEUE_HIGH,
-    };
-    Ok(Port::new(Endpoint::new(transport, ecfg), mesh, tenants, sizes)?)
-}
-
 impl Engine {
     /// Builds the engine over attached host links (one per tenant, in
     /// tenant order): registers each pool with the fabric, starts the mesh.
     pub fn new(cfg: Arc<Cluster>, set: Settings, links: Vec<Function>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let now = Instant::now();
-        let port = open_port(&cfg, set.node, links.into_iter().map(Link).collect())?;
+        let flights = cfg.tenants.len() * host_shim::daemon::UPLINK_CAPACITY as usize;
+        let port = fabric::cluster::open_port(&cfg, set.node, links.into_iter().map(Link).collect(), flights)?;
         let weights: Vec<(u32, Option<u64>)> =
             cfg.tenants.iter().map(|t| (t.weight, t.rate_cap_mbps.map(|m| u64::from(m) * 1_000_000))).collect();
         let tenants = cfg
@@ -546,18 +493,6 @@ impl Backlog for Engine {
             self.bounce(t, Msg::from_parts(lease, desc), ErrorCode::Unreachable, Why::Unreachable);
         }
     }
-}
-
-/// Opens the fabric device: the emulated device whose address is the
-/// node's (listed in `DNE_EMU_DEVICES`, or made up from the node address).
-fn open_device(addr: SocketAddr) -> anyhow::Result<doca::Device> {
-    let devs = doca::devices().map_err(|e| anyhow::anyhow!("listing DOCA devices: {e}"))?;
-    if let Some(d) = devs.iter().find(|d| d.ip == addr.ip()) {
-        return d.open().map_err(|e| anyhow::anyhow!("opening {}: {e}", d.name));
-    }
-    doca::DeviceInfo::new("emu0", "0000:00:00.0", addr.ip())
-        .open()
-        .map_err(|e| anyhow::anyhow!("opening an emulated device on {}: {e}", addr.ip()))
 }
 
 /// Attaches to host-shimd once per tenant, retrying with backoff until it

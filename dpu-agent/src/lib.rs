@@ -13,7 +13,6 @@
 
 pub mod agent;
 pub mod cli;
-pub mod edge;
 pub mod engine;
 pub mod metrics;
 pub mod sched;

@@ -51,6 +51,7 @@
 #![cfg_attr(feature = "verbs", deny(unsafe_code))]
 
 pub mod check;
+pub mod cluster;
 pub mod credit;
 pub mod doca_backend;
 pub mod endpoint;
@@ -67,7 +68,7 @@ pub use check::{Frag, HEADER_LEN, RecvCheckError};
 pub use doca_backend::DocaTransport;
 pub use endpoint::{Endpoint, EndpointConfig};
 pub use mesh::{Mesh, MeshConfig, MeshEvent};
-pub use port::{Buffers, Port, PortEvent, PortSizes, PortTenant};
+pub use port::{Buffers, Port, PortError, PortEvent, PortSizes, PortTenant};
 #[cfg(feature = "verbs")]
 pub use verbs_backend::{VerbsConfig, VerbsSetupError, VerbsTransport};
 pub use wire::fabric::{FabricHeader, HEADROOM, Immediate, MsgKind};

@@ -31,6 +31,7 @@
 //! * [`metrics`]: Prometheus metrics.
 #![forbid(unsafe_code)]
 
+pub mod edge;
 pub mod metrics;
 pub mod pool;
 pub mod route;

@@ -209,7 +209,7 @@ fn rot13(b: u8) -> u8 {
 /// instance answers with an error.
 #[test]
 fn edge_requests_travel_a_chain_across_nodes_and_come_back() {
-    use dpu_agent::edge::{EDGE_SLOT, Edge, EdgeError};
+    use ingress::edge::{EDGE_SLOT, Edge, EdgeError};
     let edge_dir = dne_tests::TempDir::new("edge");
     let ingress = format!(
         "{EDGE_CLUSTER}\n[[ingress]]\nname = \"edge\"\naddress = \"{}\"\nhttp = \"{}\"\nruntime_dir = \"{}\"\nbuffers = 512\n",

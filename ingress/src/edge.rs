@@ -11,7 +11,6 @@
 //! full queue is an immediate [`EdgeError::Busy`] (the HTTP side answers
 //! 503), never unbounded buffering.
 
-use crate::engine::open_port;
 use config::Cluster;
 use fabric::{Buffers, DocaTransport, Port, PortEvent};
 use shm::Pool;
@@ -97,7 +96,8 @@ impl Edge {
     /// [`EDGE_SLOT`]).
     pub fn start(cfg: Arc<Cluster>, ingress: usize, pools: Vec<Arc<Pool>>) -> anyhow::Result<Self> {
         let me = cfg.ingress_node_id(ingress).ok_or_else(|| anyhow::anyhow!("no ingress {ingress} in the config"))?;
-        let port = open_port(&cfg, me, pools.iter().cloned().map(EdgeBufs).collect())?;
+        let flights = cfg.tenants.len() * QUEUE_LIMIT;
+        let port = fabric::cluster::open_port(&cfg, me, pools.iter().cloned().map(EdgeBufs).collect(), flights)?;
         let (calls, rx) = channel();
         let stop = Arc::new(AtomicBool::new(false));
         let conns_up = Arc::new(AtomicUsize::new(0));
