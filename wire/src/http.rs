@@ -798,7 +798,7 @@ mod tests {
             if magic && bytes.len() >= 4 {
                 bytes[..2].copy_from_slice(&ENVELOPE_MAGIC.to_le_bytes());
                 bytes[2] = ENVELOPE_VERSION;
-                bytes[3] = bytes[3] % 3;
+                bytes[3] %= 3;
             }
             let frags: Vec<&[u8]> = bytes.chunks(cap).collect();
             if let Ok(e) = decode(&frags) {

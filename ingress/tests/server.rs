@@ -1,0 +1,550 @@
+//! The ingress against real HTTP clients over loopback TCP: every edge
+//! status, 1 MiB bodies byte-exact through a chain and back, concurrent
+//! clients, a slow client, clients that vanish mid-request and mid-response
+//! (no buffer leaked), graceful shutdown. Chains run in process
+//! ([`ingress::InProcess`]) on the ingress's pool buffers.
+//!
+//! Every wait has a deadline; nothing asserts on wall-clock speed.
+
+use bytes::Bytes;
+use dne_functions::Transform;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use ingress::{Behavior, InProcess, InProcessConfig, Ingress, Pools, Settings};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use wire::ErrorCode;
+
+const KEY: &str = "s3cret-key";
+
+fn cluster(ingress_buffers: u32) -> config::Cluster {
+    let text = format!(
+        r#"
+[[node]]
+name = "n"
+address = "127.0.0.1:1"
+runtime_dir = "/tmp/dne-ingress-test"
+
+[[tenant]]
+name = "open"
+weight = 1
+buf_size = 16384
+buffers = 256
+recv_quota = 16
+max_chain = 128
+
+[[tenant]]
+name = "acme"
+weight = 1
+buf_size = 4096
+buffers = 64
+recv_quota = 16
+api_key = "{KEY}"
+
+[[function]]
+name = "upper"
+tenant = "open"
+node = "n"
+[[function]]
+name = "rot13"
+tenant = "open"
+node = "n"
+[[function]]
+name = "reverse"
+tenant = "open"
+node = "n"
+[[function]]
+name = "echo"
+tenant = "open"
+node = "n"
+[[function]]
+name = "fail"
+tenant = "open"
+node = "n"
+[[function]]
+name = "slow"
+tenant = "open"
+node = "n"
+[[function]]
+name = "acme-echo"
+tenant = "acme"
+node = "n"
+
+[[route]]
+path = "/chain"
+tenant = "open"
+chain = ["upper", "rot13", "reverse"]
+[[route]]
+path = "/echo"
+tenant = "open"
+chain = ["echo"]
+[[route]]
+host = "special.example"
+path = "/echo"
+tenant = "open"
+chain = ["reverse"]
+[[route]]
+path = "/fail"
+tenant = "open"
+chain = ["upper", "fail"]
+[[route]]
+path = "/slow"
+tenant = "open"
+chain = ["slow"]
+timeout_ms = 200
+[[route]]
+path = "/patient"
+tenant = "open"
+chain = ["slow"]
+timeout_ms = 10000
+[[route]]
+path = "/acme"
+tenant = "acme"
+chain = ["acme-echo"]
+
+[[ingress]]
+name = "edge"
+address = "127.0.0.1:2"
+http = "127.0.0.1:0"
+runtime_dir = "/tmp/dne-ingress-test/edge"
+body_limit = {limit}
+buffers = {ingress_buffers}
+"#,
+        limit = (1 << 20) + 10,
+    );
+    config::Cluster::parse(&text).unwrap()
+}
+
+const SLOW: Duration = Duration::from_millis(600);
+
+struct Server {
+    addr: SocketAddr,
+    ingress: Arc<Ingress>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    async fn start(ingress_buffers: u32, cfg: InProcessConfig) -> Self {
+        let c = cluster(ingress_buffers);
+        let extra = vec![
+            ("fail".to_owned(), Behavior::Fail(ErrorCode::FunctionFailed)),
+            ("slow".to_owned(), Behavior::Slow(SLOW, Transform::Echo)),
+            ("acme-echo".to_owned(), Behavior::Transform(Transform::Echo)),
+        ];
+        let up = InProcess::new(&c, cfg, InProcess::by_name(&extra)).unwrap();
+        let pools = Pools::create(&c, "edge-test", ingress_buffers, shm::PagePolicy::Normal).unwrap();
+        let settings = Settings { body_timeout: Duration::from_secs(2), ..Settings::for_ingress(&c, "edge").unwrap() };
+        let ingress = Arc::new(Ingress::new(&c, pools, Arc::new(up), settings));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let done = tokio::spawn(ingress.clone().serve(listener, None, async move {
+            let _ = rx.await;
+        }));
+        Self { addr, ingress, stop: Some(tx), done }
+    }
+
+    async fn default() -> Self {
+        Self::start(512, InProcessConfig::default()).await
+    }
+
+    /// Waits until every pool is full again (deadline: 10 s).
+    async fn assert_no_leak(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let leaked: Vec<(u16, u32)> = self
+                .ingress
+                .pools()
+                .iter()
+                .filter(|p| p.free_buffers() != p.capacity())
+                .map(|p| (p.tenant(), p.capacity() - p.free_buffers()))
+                .collect();
+            if leaked.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "buffers still held (tenant, count): {leaked:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(20), self.done).await.unwrap().unwrap().unwrap();
+    }
+}
+
+/// A keep-alive HTTP/1.1 client connection (hyper).
+struct Client {
+    tx: http1::SendRequest<Full<Bytes>>,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Self {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let (tx, conn) = http1::handshake(TokioIo::new(s)).await.unwrap();
+        tokio::spawn(conn);
+        Self { tx }
+    }
+
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> (StatusCode, hyper::HeaderMap, Vec<u8>) {
+        tokio::time::timeout(Duration::from_secs(20), self.tx.ready()).await.unwrap().unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(20), self.tx.send_request(req)).await.unwrap().unwrap();
+        let (parts, body) = r.into_parts();
+        let body = body.collect().await.unwrap().to_bytes().to_vec();
+        (parts.status, parts.headers, body)
+    }
+
+    async fn post(&mut self, path: &str, body: &[u8]) -> (StatusCode, hyper::HeaderMap, Vec<u8>) {
+        let req = Request::post(path)
+            .header("host", "ingress.test")
+            .header("content-type", "text/x-test")
+            .body(Full::new(Bytes::copy_from_slice(body)))
+            .unwrap();
+        self.send(req).await
+    }
+}
+
+fn chain(body: &[u8]) -> Vec<u8> {
+    let mut v = body.to_vec();
+    for t in [Transform::Upper, Transform::Rot13, Transform::Reverse] {
+        t.apply(&mut v);
+    }
+    v
+}
+
+/// Reads one response from a raw stream: (status, head text, body).
+async fn read_response(s: &mut TcpStream) -> (u16, String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "connection closed before a response head: {:?}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let status: u16 = head[9..12].parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+        .unwrap_or(0);
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < len {
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "connection closed mid-body");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    (status, head, body)
+}
+
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    read_response(&mut s).await
+}
+
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_edge_status() {
+    let srv = Server::default().await;
+    let mut c = Client::connect(srv.addr).await;
+
+    // 200 through a 3-function chain, content type carried through.
+    let (st, h, body) = c.post("/chain/x?y=1", b"Hello, DNE!").await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(body, b"!RAQ ,BYYRU");
+    assert_eq!(h.get("content-type").unwrap(), "text/x-test");
+    // Host-specific route.
+    let req =
+        Request::post("/echo").header("host", "Special.Example:8080").body(Full::new(Bytes::from("abc"))).unwrap();
+    let (st, _, body) = c.send(req).await;
+    assert_eq!((st, body.as_slice()), (StatusCode::OK, &b"cba"[..]));
+    // GET without a body.
+    let req = Request::get("/echo").header("host", "x").body(Full::new(Bytes::new())).unwrap();
+    assert_eq!(c.send(req).await.0, StatusCode::OK);
+
+    // 404: no route.
+    assert_eq!(c.post("/nowhere", b"x").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(c.post("/chainsaw", b"x").await.0, StatusCode::NOT_FOUND);
+
+    // 401: API key missing or wrong; 200 with the right one.
+    assert_eq!(c.post("/acme", b"x").await.0, StatusCode::UNAUTHORIZED);
+    let with_key = |k: &str| {
+        Request::post("/acme")
+            .header("host", "x")
+            .header("authorization", format!("Bearer {k}"))
+            .body(Full::new(Bytes::from("key")))
+            .unwrap()
+    };
+    let (st, h, _) = c.send(with_key("wrong")).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert_eq!(h.get("www-authenticate").unwrap(), "Bearer");
+    let (st, _, body) = c.send(with_key(KEY)).await;
+    assert_eq!((st, body.as_slice()), (StatusCode::OK, &b"key"[..]));
+
+    // 502: a function replies with an error.
+    let (st, h, _) = c.post("/fail", b"x").await;
+    assert_eq!(st, StatusCode::BAD_GATEWAY);
+    assert_eq!(h.get("x-dne-error").unwrap(), "function_failed");
+
+    // 504: the chain takes longer than the route's timeout.
+    assert_eq!(c.post("/slow", b"x").await.0, StatusCode::GATEWAY_TIMEOUT);
+
+    // 501: unknown method.
+    let req = Request::builder().method("BREW").uri("/echo").header("host", "x").body(Full::new(Bytes::new())).unwrap();
+    assert_eq!(c.send(req).await.0, StatusCode::NOT_IMPLEMENTED);
+
+    // 413: announced body over the limit (answered before any body byte).
+    let (st, head, _) = raw(srv.addr, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n").await;
+    assert_eq!(st, 413, "{head}");
+    // 413: chunked body growing over the limit.
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
+    let piece = vec![b'z'; 256 << 10];
+    for _ in 0..8 {
+        let mut chunk = format!("{:x}\r\n", piece.len()).into_bytes();
+        chunk.extend_from_slice(&piece);
+        chunk.extend_from_slice(b"\r\n");
+        if s.write_all(&chunk).await.is_err() {
+            break; // the server answered and stopped reading
+        }
+    }
+    assert_eq!(read_response(&mut s).await.0, 413);
+
+    // 400: malformed requests (hyper's parser, and a target the envelope
+    // cannot carry).
+    assert_eq!(raw(srv.addr, b"NOT HTTP AT ALL\r\n\r\n").await.0, 400);
+    assert_eq!(raw(srv.addr, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: zz\r\n\r\n").await.0, 400);
+    let (st, _, _) =
+        raw(srv.addr, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nX-Request-Id: a\x7fb\r\n\r\nabc").await;
+    assert_eq!(st, 400);
+
+    // The metrics saw all of it.
+    let req = Request::get("/metrics").header("host", "x").body(Full::new(Bytes::new())).unwrap();
+    let (st, _, m) = c.send(req).await;
+    assert_eq!(st, StatusCode::OK);
+    let m = String::from_utf8(m).unwrap();
+    for want in [
+        r#"dne_ingress_requests_total{route="/chain",tenant="open",code="200"} 1"#,
+        r#"dne_ingress_requests_total{route="",tenant="",code="404"} 2"#,
+        r#"dne_ingress_requests_total{route="/acme",tenant="acme",code="401"} 2"#,
+        r#"dne_ingress_requests_total{route="/fail",tenant="open",code="502"} 1"#,
+        r#"dne_ingress_requests_total{route="/slow",tenant="open",code="504"} 1"#,
+        r#"dne_ingress_rejections_total{tenant="open",reason="too_large"} 2"#,
+        r#"dne_ingress_pool_buffers{tenant="open"} 512"#,
+        "dne_ingress_request_duration_seconds_bucket",
+    ] {
+        assert!(m.contains(want), "metrics lack {want}:\n{m}");
+    }
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mib_bodies_arrive_byte_exact_and_come_back() {
+    let srv = Server::default().await;
+    let mut c = Client::connect(srv.addr).await;
+    let body = random_bytes(1 << 20, 7);
+    let (st, _, got) = c.post("/echo", &body).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(got == body, "1 MiB echo differs");
+    let (st, _, got) = c.post("/chain", &body).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(got == chain(&body), "1 MiB through the chain differs");
+    // Chunked upload in odd pieces, raw.
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    let mut req = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for piece in body.chunks(12_345) {
+        req.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        req.extend_from_slice(piece);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    s.write_all(&req).await.unwrap();
+    let (st, _, got) = read_response(&mut s).await;
+    assert_eq!(st, 200);
+    assert!(got == body, "chunked 1 MiB echo differs");
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_each_get_their_own_answer() {
+    let srv = Server::default().await;
+    let mut tasks = Vec::new();
+    for i in 0..16u64 {
+        let addr = srv.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(addr).await;
+            for j in 0..20u64 {
+                let body = random_bytes(100 + (i * 977 + j * 131) as usize % 40_000, i * 1000 + j);
+                let (st, _, got) = c.post("/chain", &body).await;
+                assert_eq!(st, StatusCode::OK);
+                assert!(got == chain(&body), "client {i} request {j}: wrong body");
+            }
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t).await.unwrap().unwrap();
+    }
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_is_served_and_does_not_hold_up_others() {
+    let srv = Server::default().await;
+    let body = random_bytes(200_000, 3);
+    let addr = srv.addr;
+    let slow_body = body.clone();
+    let slow = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let head = format!("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", slow_body.len());
+        s.write_all(head.as_bytes()).await.unwrap();
+        for piece in slow_body.chunks(slow_body.len() / 8 + 1) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            s.write_all(piece).await.unwrap();
+        }
+        // Read the reply slowly too.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+            let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+            if let Some(i) = head_end.filter(|&i| got.len() - i >= slow_body.len()) {
+                assert!(got.starts_with(b"HTTP/1.1 200"));
+                assert!(got[i..] == slow_body[..]);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    // Meanwhile other clients go through.
+    let mut c = Client::connect(srv.addr).await;
+    for i in 0..20 {
+        let (st, _, got) = c.post("/echo", format!("fast {i}").as_bytes()).await;
+        assert_eq!((st, got), (StatusCode::OK, format!("fast {i}").into_bytes()));
+    }
+    assert!(!slow.is_finished(), "the slow client should still be sending");
+    tokio::time::timeout(Duration::from_secs(30), slow).await.unwrap().unwrap();
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_vanishing_mid_request_or_mid_response_leak_nothing() {
+    let srv = Server::default().await;
+    // Mid-body: 300 KiB of an announced 1 MiB, then gone.
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n").await.unwrap();
+    s.write_all(&vec![1u8; 300 << 10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(s);
+    srv.assert_no_leak().await;
+    // While the chain runs: the reply arrives after the client left.
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(b"POST /patient HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(s);
+    srv.assert_no_leak().await;
+    // Mid-response: read a little of a 1 MiB reply, then gone.
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    let body = random_bytes(1 << 20, 11);
+    let mut req = format!("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    req.extend_from_slice(&body);
+    s.write_all(&req).await.unwrap();
+    let mut buf = [0u8; 10_000];
+    let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await.unwrap().unwrap();
+    assert!(n > 0);
+    drop(s);
+    srv.assert_no_leak().await;
+    // The server is still fine.
+    let mut c = Client::connect(srv.addr).await;
+    assert_eq!(c.post("/echo", b"still here").await.2, b"still here");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_pool_and_full_queue_answer_503_with_retry_after() {
+    // A pool of 3 buffers: three slow requests hold all of them.
+    let srv = Server::start(3, InProcessConfig { workers: 4, ..Default::default() }).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let addr = srv.addr;
+        held.push(tokio::spawn(async move { Client::connect(addr).await.post("/patient", b"hold").await.0 }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while srv.ingress.pools().get(0).unwrap().free_buffers() > 0 {
+        assert!(Instant::now() < deadline, "the slow requests never took the buffers");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut c = Client::connect(srv.addr).await;
+    let (st, h, _) = c.post("/echo", b"no room").await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(h.get("retry-after").unwrap(), "1");
+    for t in held {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    srv.assert_no_leak().await;
+    srv.stop().await;
+
+    // One worker, a queue of one: the third concurrent request is refused.
+    let cfg = InProcessConfig { workers: 1, queue_depth: 1, queue_wait: Duration::from_millis(50) };
+    let srv = Server::start(64, cfg).await;
+    let mut busy = Vec::new();
+    for _ in 0..2 {
+        let addr = srv.addr;
+        busy.push(tokio::spawn(async move { Client::connect(addr).await.post("/patient", b"busy").await.0 }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (st, h, _) = Client::connect(srv.addr).await.post("/echo", b"queued out").await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(h.contains_key("retry-after"));
+    for t in busy {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_in_flight_requests_then_refuses() {
+    let srv = Server::default().await;
+    let addr = srv.addr;
+    let in_flight = tokio::spawn(async move { Client::connect(addr).await.post("/patient", b"finish me").await });
+    // An idle keep-alive connection must not hold shutdown up.
+    let mut idle = Client::connect(addr).await;
+    assert_eq!(idle.post("/echo", b"x").await.0, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let ingress = srv.ingress.clone();
+    srv.stop().await;
+    let (st, _, body) = in_flight.await.unwrap();
+    assert_eq!((st, body.as_slice()), (StatusCode::OK, &b"finish me"[..]));
+    assert!(TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
+    for p in ingress.pools().iter() {
+        assert_eq!(p.free_buffers(), p.capacity());
+    }
+}
