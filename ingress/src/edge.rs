@@ -11,6 +11,8 @@
 //! full queue is an immediate [`EdgeError::Busy`] (the HTTP side answers
 //! 503), never unbounded buffering.
 
+use crate::pool::{INGRESS_SLOT, PoolLease, Pools, TenantPool};
+use crate::upstream::{Upstream, UpstreamError, UpstreamFuture};
 use config::Cluster;
 use fabric::{Buffers, DocaTransport, Port, PortEvent};
 use shm::Pool;
@@ -25,8 +27,6 @@ use tokio::sync::oneshot;
 use wire::desc::NO_NODE;
 use wire::{DescFlags, Descriptor, ErrorCode, Owner};
 
-/// The owner slot the edge's buffers are held under in its own pools.
-pub const EDGE_SLOT: u16 = 0;
 /// Requests of one tenant waiting for credits before new ones are refused.
 pub const QUEUE_LIMIT: usize = 1024;
 
@@ -55,19 +55,18 @@ pub type Reply = Result<(Lease, Descriptor), EdgeError>;
 
 /// One tenant pool of the edge, as the port's buffer source.
 #[derive(Debug)]
-pub struct EdgeBufs(pub Arc<Pool>);
+pub struct EdgeBufs(pub Arc<TenantPool>);
 
 impl Buffers for EdgeBufs {
     fn pool(&self) -> &Pool {
-        &self.0
+        self.0.pool()
     }
     fn alloc_one(&mut self) -> Option<Lease> {
-        self.0.alloc(self.0.geometry().payload_cap(), Owner::Held(EDGE_SLOT)).ok()
+        let p = self.0.pool();
+        p.alloc(p.geometry().payload_cap(), Owner::Held(INGRESS_SLOT)).ok()
     }
     fn free(&mut self, lease: Lease) {
-        if let Err(e) = self.0.free(lease) {
-            log::warn!("edge: freeing a buffer: {e}");
-        }
+        self.0.release(lease);
     }
 }
 
@@ -83,7 +82,7 @@ struct Call {
 /// The edge's fabric side (see the module docs).
 #[derive(Debug)]
 pub struct Edge {
-    pools: Vec<Arc<Pool>>,
+    pools: Pools,
     calls: Sender<Call>,
     conns_up: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
@@ -92,9 +91,9 @@ pub struct Edge {
 
 impl Edge {
     /// Starts the edge of ingress `ingress` (its index in the cluster
-    /// file) over `pools` (one per tenant, in tenant order, held as
-    /// [`EDGE_SLOT`]).
-    pub fn start(cfg: Arc<Cluster>, ingress: usize, pools: Vec<Arc<Pool>>) -> anyhow::Result<Self> {
+    /// file) over the ingress's `pools` (one per tenant; the edge's buffers
+    /// are held as [`INGRESS_SLOT`]).
+    pub fn start(cfg: Arc<Cluster>, ingress: usize, pools: Pools) -> anyhow::Result<Self> {
         let me = cfg.ingress_node_id(ingress).ok_or_else(|| anyhow::anyhow!("no ingress {ingress} in the config"))?;
         let flights = cfg.tenants.len() * QUEUE_LIMIT;
         let port = fabric::cluster::open_port(&cfg, me, pools.iter().cloned().map(EdgeBufs).collect(), flights)?;
@@ -124,8 +123,8 @@ impl Edge {
     }
 
     /// Tenant `t`'s pool.
-    pub fn pool(&self, t: u16) -> Option<&Arc<Pool>> {
-        self.pools.get(usize::from(t))
+    pub fn pool(&self, t: u16) -> Option<&Arc<TenantPool>> {
+        self.pools.get(t)
     }
 
     /// Tenant connections that are up (every worker node times every
@@ -135,18 +134,36 @@ impl Edge {
     }
 
     /// Sends the request in `lease` (tenant `tenant`'s pool, held as
-    /// [`EDGE_SLOT`]) down route `route`; the reply comes through the
+    /// [`INGRESS_SLOT`]) down route `route`; the reply comes through the
     /// returned receiver. Never blocks.
     pub fn call(&self, tenant: u16, route: u16, request: u32, lease: Lease) -> oneshot::Receiver<Reply> {
         let (tx, rx) = oneshot::channel();
         if let Err(e) = self.calls.send(Call { tenant, route, request, lease, reply: tx }) {
             let c = e.0;
-            if let Some(p) = self.pools.get(usize::from(c.tenant)) {
-                let _ = p.free(c.lease);
+            if let Some(p) = self.pools.get(c.tenant) {
+                p.release(c.lease);
             }
             let _ = c.reply.send(Err(EdgeError::Stopped));
         }
         rx
+    }
+}
+
+/// The edge as the ingress's [`Upstream`]: requests over the fabric.
+impl Upstream for Edge {
+    fn call(&self, route: u16, tenant: u16, msg: PoolLease, request: u32) -> UpstreamFuture {
+        let pool = msg.pool().clone();
+        let rx = Edge::call(self, tenant, route, request, msg.into_lease());
+        Box::pin(async move {
+            match rx.await {
+                Ok(Ok((lease, _))) => Ok(pool.adopt(lease)),
+                Ok(Err(EdgeError::Busy)) => Err(UpstreamError::QueueFull),
+                Ok(Err(EdgeError::Failed(code))) => Err(UpstreamError::FunctionError(code)),
+                Ok(Err(EdgeError::Unreachable | EdgeError::BadRoute | EdgeError::Stopped)) | Err(_) => {
+                    Err(UpstreamError::Unreachable)
+                }
+            }
+        })
     }
 }
 

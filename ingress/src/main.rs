@@ -1,10 +1,12 @@
 //! `ingress --config FILE --name NAME`: the cluster edge of DNE.
 //!
-//! Serves the routes of the cluster file on the ingress's `http` address.
-//! Until the fabric upstream lands (dpu-agent/mesh work), the chains run in
-//! this process ([`ingress::InProcess`]): every function of a route must be
-//! named like a transform (`echo`, `upper`, `rot13`, `reverse`) or be given
-//! one with `--transform FUNCTION=TRANSFORM`.
+//! Serves the routes of the cluster file on the ingress's `http` address
+//! and sends every request over the fabric to the node of its route's first
+//! function ([`ingress::edge::Edge`]). With `--in-process` the chains run in
+//! this process instead ([`ingress::InProcess`]; for tests and benchmarks):
+//! every function of a route must then be named like a transform (`echo`,
+//! `upper`, `rot13`, `reverse`) or be given one with
+//! `--transform FUNCTION=TRANSFORM`.
 #![allow(clippy::print_stderr)]
 
 use anyhow::{Context, Result, anyhow};
@@ -26,6 +28,10 @@ struct Args {
     /// Serve `/metrics` on this address instead of on the HTTP address.
     #[arg(long)]
     admin: Option<String>,
+    /// Run the chains in this process instead of sending requests over the
+    /// fabric to the cluster's nodes (a stand-in for tests and benchmarks).
+    #[arg(long)]
+    in_process: bool,
     /// In-process chains: the transform a function applies (repeatable).
     #[arg(long = "transform", value_name = "FUNCTION=TRANSFORM")]
     transforms: Vec<String>,
@@ -65,9 +71,14 @@ fn run(args: Args) -> Result<()> {
     }
     let settings = Settings::for_ingress(&cluster, &args.name).unwrap_or_default();
     let pools = Pools::create(&cluster, &g.name, g.buffers, shm::PagePolicy::Auto)?;
-    let cfg = InProcessConfig { workers: args.workers, ..Default::default() };
-    let upstream = InProcess::new(&cluster, cfg, InProcess::by_name(&extra))?;
-    let ingress = Arc::new(Ingress::new(&cluster, pools, Arc::new(upstream), settings));
+    let upstream: Arc<dyn ingress::Upstream> = if args.in_process {
+        let cfg = InProcessConfig { workers: args.workers, ..Default::default() };
+        Arc::new(InProcess::new(&cluster, cfg, InProcess::by_name(&extra))?)
+    } else {
+        let index = cluster.ingresses.iter().position(|x| x.name == g.name).unwrap_or(0);
+        Arc::new(ingress::edge::Edge::start(Arc::new(cluster.clone()), index, pools.clone())?)
+    };
+    let ingress = Arc::new(Ingress::new(&cluster, pools, upstream, settings));
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.threads {
         rt.worker_threads(n.max(1));
