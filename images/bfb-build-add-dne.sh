@@ -22,10 +22,10 @@ deb=$2
 [ -f "$dir/Dockerfile" ] && [ -f "$dir/bfb-build" ] ||
   { echo "bfb-build-add-dne: $dir has no Dockerfile and bfb-build; give a <distro>/<version> directory of bfb-build" >&2; exit 1; }
 [ -f "$deb" ] || { echo "bfb-build-add-dne: no package $deb (build it with scripts/package.sh)" >&2; exit 1; }
-case "$(dpkg-deb -f "$deb" Package Architecture | tr '\n' ' ')" in
-  "dpu-agent arm64 ") ;;
-  *) echo "bfb-build-add-dne: $deb is not the arm64 dpu-agent package" >&2; exit 1 ;;
-esac
+if [ "$(dpkg-deb -f "$deb" Package)" != dpu-agent ] || [ "$(dpkg-deb -f "$deb" Architecture)" != arm64 ]; then
+  echo "bfb-build-add-dne: $deb is not the arm64 dpu-agent package" >&2
+  exit 1
+fi
 
 # 1. The package, alone in dne/ (the fragment installs dne/dpu-agent_*_arm64.deb).
 rm -rf "$dir/dne"

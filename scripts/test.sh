@@ -13,6 +13,7 @@
 #  7. cross-builds the DPU crates for aarch64 with Debian's toolchain, runs
 #     clippy for aarch64 and their unit tests under qemu-aarch64, and checks
 #     that the aarch64 agent prints the same wire layouts as the x86_64 build
+#  8. builds the Debian packages and checks them (scripts/check-packages.sh)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -84,6 +85,9 @@ step "aarch64 agent layouts match x86_64"
 # Back to rustup's toolchain for the x86_64 test binary.
 env -u RUSTC -u RUSTDOC PATH="${PATH#/usr/bin:}" DNE_AARCH64_AGENT="$agent" \
   cargo test --locked -p dne-tests --test layout -- --ignored aarch64_agent_agrees_with_the_host_layout
+
+step "Debian packages: build and check (scripts/check-packages.sh)"
+bash scripts/check-packages.sh
 
 step "done"
 printf '\n==> step times\n'
