@@ -13,6 +13,8 @@
 //! message to the envelope's fragment access).
 #![forbid(unsafe_code)]
 
+pub mod serve;
+
 use wire::http::{self, Envelope, EnvelopeError, EnvelopeKind, FragsMut, HeadSpec, Start};
 
 /// A payload transform, chosen by name in the cluster config.

@@ -111,6 +111,22 @@ impl core::fmt::Debug for Shimd {
     }
 }
 
+/// Runs host-shimd for `node` of `cfg` until SIGINT or SIGTERM (blocked in
+/// the calling thread and read through a signalfd, so no handler runs).
+pub fn serve_until_signalled(cfg: Cluster, node: &str) -> anyhow::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGINT);
+    mask.add(Signal::SIGTERM);
+    mask.thread_block()?;
+    let stop = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
+    let mut shimd = Shimd::new(cfg, node)?;
+    shimd.run(Some(stop.as_fd()))?;
+    log::info!("host-shimd stopping: {:?}", shimd.stats());
+    Ok(())
+}
+
 /// Path of host-shimd's socket in a runtime directory.
 pub fn socket_path(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("shimd.sock")

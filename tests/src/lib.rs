@@ -75,6 +75,25 @@ impl Proc {
         Self { name: name.to_owned(), child: Some(child), lines: None }
     }
 
+    /// Starts `cmd` with stdout and stderr appended to the file `log`
+    /// (created when missing), so a chatty process never blocks on a full
+    /// pipe and its output survives restarts for a failing test to show.
+    pub fn spawn_logged(name: &str, mut cmd: Command, log: &Path) -> Self {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+        let err = file.try_clone().expect("clone log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        Self { name: name.to_owned(), child: Some(child), lines: None }
+    }
+
     /// Starts `cmd` with stdout read line by line (see [`Proc::wait_line`])
     /// and stderr inherited (so its log shows in the test output).
     pub fn spawn_lines(name: &str, mut cmd: Command) -> Self {
@@ -228,6 +247,40 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)>
     let code = out.split_whitespace().nth(1)?.parse().ok()?;
     let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     Some((code, body))
+}
+
+/// `POST path` with `body` over HTTP/1.1 (`Connection: close`); the status
+/// code and the body, or `None` when nothing answers.
+pub fn http_post(addr: std::net::SocketAddr, path: &str, body: &[u8]) -> Option<(u16, Vec<u8>)> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(s, "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", body.len()).ok()?;
+    s.write_all(body).ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    let head_end = out.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&out[..head_end]).to_string();
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    let mut rest = out[head_end + 4..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        rest = dechunk(&rest)?;
+    }
+    Some((code, rest))
+}
+
+fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b.windows(2).position(|w| w == b"\r\n")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&b[..eol]).ok()?.split(';').next()?.trim(), 16).ok()?;
+        b = &b[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(b.get(..size)?);
+        b = b.get(size + 2..)?;
+    }
 }
 
 /// Runs `cmd` to completion under a watchdog.

@@ -209,7 +209,8 @@ fn rot13(b: u8) -> u8 {
 /// instance answers with an error.
 #[test]
 fn edge_requests_travel_a_chain_across_nodes_and_come_back() {
-    use ingress::edge::{EDGE_SLOT, Edge, EdgeError};
+    use ingress::edge::{Edge, EdgeError};
+    use ingress::pool::INGRESS_SLOT as EDGE_SLOT;
     let edge_dir = dne_tests::TempDir::new("edge");
     let ingress = format!(
         "{EDGE_CLUSTER}\n[[ingress]]\nname = \"edge\"\naddress = \"{}\"\nhttp = \"{}\"\nruntime_dir = \"{}\"\nbuffers = 512\n",
@@ -221,10 +222,10 @@ fn edge_requests_travel_a_chain_across_nodes_and_come_back() {
     c.start_route_fn(1, "acme", "upper", "upper");
     c.start_route_fn(0, "acme", "rot13", "rot13");
     let cfg = std::sync::Arc::new(config::Cluster::load(&c.config).unwrap());
-    let t = &cfg.tenants[0];
-    let g = wire::PoolGeometry::new(0, t.buf_size, 512, wire::fabric::HEADROOM, t.max_chain).unwrap();
-    let pool = std::sync::Arc::new(shm::Pool::create("dne-test-edge", g, shm::PagePolicy::Normal).unwrap());
-    let edge = Edge::start(cfg.clone(), 0, vec![pool.clone()]).unwrap();
+    let pools = ingress::Pools::create(&cfg, "edge", 512, shm::PagePolicy::Normal).unwrap();
+    let tp = pools.get(0).unwrap().clone();
+    let pool = tp.pool();
+    let edge = Edge::start(cfg.clone(), 0, pools).unwrap();
     dne_tests::wait_for("the edge connected to both nodes", WATCHDOG, || edge.conns_up() == 2);
     c.wait_conns(2);
     let wait = |mut rx: tokio::sync::oneshot::Receiver<_>| {
@@ -262,4 +263,39 @@ fn edge_requests_travel_a_chain_across_nodes_and_come_back() {
     assert_eq!(r.err(), Some(EdgeError::Failed(wire::ErrorCode::PeerDied)));
     // Every buffer of the edge's pool is back (its receives stay posted).
     dne_tests::wait_for("the edge pool back to full", WATCHDOG, || pool.free_buffers() == full);
+}
+
+/// The whole path: a real HTTP client, the ingress process, the fabric,
+/// functions on both nodes, and back: bodies arrive transformed and intact;
+/// edge statuses for an unknown route and a dead chain.
+#[test]
+fn http_requests_cross_the_cluster_through_the_ingress() {
+    let edge_dir = dne_tests::TempDir::new("http-edge");
+    let http = dne_tests::free_port();
+    let ingress = format!(
+        "{EDGE_CLUSTER}\n[[ingress]]\nname = \"edge\"\naddress = \"{}\"\nhttp = \"{http}\"\nruntime_dir = \"{}\"\n",
+        dne_tests::free_port(),
+        edge_dir.path().display()
+    );
+    let mut c = Cluster::start("http", 2, &ingress);
+    c.start_route_fn(1, "acme", "upper", "upper");
+    c.start_route_fn(0, "acme", "rot13", "rot13");
+    let mut cmd = std::process::Command::new(dne_tests::bin_path("ingress"));
+    cmd.arg("--config").arg(&c.config).args(["--name", "edge"]);
+    c.fns.push(dne_tests::Proc::spawn("ingress", cmd));
+    // Ready when a request goes through (the fabric links come up first).
+    dne_tests::wait_for("the ingress serves the chain", WATCHDOG, || {
+        dne_tests::http_post(http, "/x", b"ping").is_some_and(|(code, _)| code == 200)
+    });
+    for (k, len) in [0usize, 1, 1024, 100_000, 1_000_000].into_iter().enumerate() {
+        let data = pattern(len, k);
+        let (code, body) = dne_tests::http_post(http, "/x", &data).expect("an answer");
+        assert_eq!(code, 200, "{len} B");
+        let want: Vec<u8> = data.to_ascii_uppercase().into_iter().map(rot13).collect();
+        assert_eq!(body, want, "{len} B through the cluster");
+    }
+    let (code, _) = dne_tests::http_post(http, "/nowhere", b"x").unwrap();
+    assert_eq!(code, 404);
+    let (code, _) = dne_tests::http_post(http, "/dead", b"x").unwrap();
+    assert_eq!(code, 502, "a chain whose function has no instance");
 }

@@ -2,10 +2,6 @@
 #![allow(clippy::print_stderr)]
 
 use clap::Parser;
-use host_shim::daemon::Shimd;
-use nix::sys::signal::{SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
-use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 /// The DNE per-host daemon: tenant pools, function registry, crash reclaim.
@@ -34,13 +30,5 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: &Args) -> anyhow::Result<()> {
     let cfg = config::Cluster::load(&args.config)?;
-    let mut mask = SigSet::empty();
-    mask.add(Signal::SIGINT);
-    mask.add(Signal::SIGTERM);
-    mask.thread_block()?;
-    let stop = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
-    let mut shimd = Shimd::new(cfg, &args.node)?;
-    shimd.run(Some(stop.as_fd()))?;
-    log::info!("host-shimd stopping: {:?}", shimd.stats());
-    Ok(())
+    host_shim::daemon::serve_until_signalled(cfg, &args.node)
 }
