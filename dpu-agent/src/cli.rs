@@ -42,11 +42,48 @@ pub enum Command {
         #[arg(long)]
         busy: bool,
     },
+    /// Run a whole cluster on this machine (two worker nodes, an ingress,
+    /// three tenants) as child processes in emulated mode, drive load
+    /// through the ingress, and print a summary. Needs nothing but this
+    /// binary.
+    Demo(crate::demo::DemoOptions),
+    /// The other programs of a cluster, for the demo's child processes.
+    #[command(hide = true)]
+    Role {
+        /// Which.
+        #[command(subcommand)]
+        role: Role,
+    },
     /// Validate a cluster file: prints a summary, or fails naming the bad
     /// field.
     CheckConfig {
         /// The cluster file (TOML).
         file: PathBuf,
+    },
+}
+
+/// The roles `dpu-agent demo` starts its child processes in.
+#[derive(Debug, Subcommand)]
+pub enum Role {
+    /// host-shimd of a node.
+    Shimd {
+        /// The cluster file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The node.
+        #[arg(long)]
+        node: String,
+    },
+    /// A sample function.
+    Fn(dne_functions::serve::FnArgs),
+    /// The ingress.
+    Ingress {
+        /// The cluster file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The ingress's name.
+        #[arg(long)]
+        name: String,
     },
 }
 
@@ -73,6 +110,23 @@ pub fn run(cli: &Cli) -> anyhow::Result<String> {
             writeln!(out, "# dpu-agent {} doca={}", version_line(), doca::BACKEND.as_str())?;
             wire::layout::write_layout_table(&mut out)?;
             Ok(out)
+        }
+        Command::Demo(ref opts) => {
+            if crate::demo::run(opts)? {
+                Ok(String::new())
+            } else {
+                anyhow::bail!("the demo saw errors (see above)")
+            }
+        }
+        Command::Role { ref role } => {
+            match role {
+                Role::Shimd { config, node } => {
+                    host_shim::daemon::serve_until_signalled(config::Cluster::load(config)?, node)?
+                }
+                Role::Fn(args) => dne_functions::serve::serve(args.clone())?,
+                Role::Ingress { config, name } => crate::demo::run_ingress(config, name)?,
+            }
+            Ok(String::new())
         }
         Command::CheckConfig { ref file } => {
             let c = config::Cluster::load(file)?;

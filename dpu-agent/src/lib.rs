@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod demo;
 pub mod engine;
 pub mod metrics;
 pub mod sched;

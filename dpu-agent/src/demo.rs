@@ -1,0 +1,575 @@
+//! `dpu-agent demo`: a whole DNE cluster on this one machine, as real child
+//! processes, in emulated mode, with load driven through the ingress and a
+//! summary at the end.
+//!
+//! Every process is this same binary in another role (hidden subcommands
+//! `role shimd|fn|ingress`, and `run` for the agents), so `cargo run -p
+//! dpu-agent -- demo` needs nothing else built. The cluster:
+//! * two worker nodes `n0` and `n1`, each with host-shimd, an agent and the
+//!   sample functions; when run as root each agent runs in a network
+//!   namespace of its own (veth pairs routed through the root namespace),
+//!   on loopback otherwise;
+//! * one ingress (HTTP on 127.0.0.1) that is a fabric node of its own;
+//! * three tenants with weights 4, 2 and 1, each with an echo route (one
+//!   function on `n0`) and a chain route of three functions across both
+//!   nodes (`upper` on n0, `rot13` on n1, `reverse` on n0).
+//!
+//! Everything it starts is killed, and its namespaces and scratch directory
+//! removed, when it ends (normally, on an error, or on Ctrl-C).
+
+use config::Cluster;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Demo options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DemoOptions {
+    /// Seconds of load.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Keep the cluster up (no load) and print curl commands; Ctrl-C ends.
+    #[arg(long)]
+    pub serve: bool,
+    /// Client connections per tenant.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Request body bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub body: usize,
+    /// Stay on loopback even when root (no network namespaces).
+    #[arg(long)]
+    pub no_netns: bool,
+    /// HTTP port of the ingress (0: any free port).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+}
+
+const TENANTS: [(&str, u32); 3] = [("gold", 4), ("silver", 2), ("bronze", 1)];
+const READY_WITHIN: Duration = Duration::from_secs(60);
+
+fn free_port(ip: &str) -> anyhow::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind((ip, 0))?;
+    Ok(l.local_addr()?)
+}
+
+/// Two network namespaces, each joined to the root namespace by a veth
+/// pair, routed through it. Removed on drop.
+#[derive(Debug)]
+struct Netns {
+    names: [String; 2],
+    forward_was: Option<String>,
+}
+
+impl Netns {
+    const ROOT_IP: [&'static str; 2] = ["10.231.1.1", "10.231.2.1"];
+    const NS_IP: [&'static str; 2] = ["10.231.1.2", "10.231.2.2"];
+
+    fn create() -> anyhow::Result<Self> {
+        let tag = std::process::id() % 100_000;
+        let names = [format!("dne-demo{tag}-0"), format!("dne-demo{tag}-1")];
+        let forward_was = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").ok();
+        let ns = Self { names, forward_was };
+        for i in 0..2 {
+            let n = &ns.names[i];
+            let (host, peer) = (format!("dnd{tag}h{i}"), format!("dnd{tag}n{i}"));
+            ip(&["netns", "add", n])?;
+            ip(&["link", "add", &host, "type", "veth", "peer", "name", &peer])?;
+            ip(&["link", "set", &peer, "netns", n])?;
+            ip(&["addr", "add", &format!("{}/24", Self::ROOT_IP[i]), "dev", &host])?;
+            ip(&["link", "set", &host, "up"])?;
+            ip(&["-n", n, "addr", "add", &format!("{}/24", Self::NS_IP[i]), "dev", &peer])?;
+            ip(&["-n", n, "link", "set", &peer, "up"])?;
+            ip(&["-n", n, "link", "set", "lo", "up"])?;
+            ip(&["-n", n, "route", "add", "default", "via", Self::ROOT_IP[i]])?;
+        }
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1\n")?;
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            // Deleting the namespace deletes its veth ends, and so the pairs.
+            let _ = ip(&["netns", "del", n]);
+        }
+        if let Some(v) = &self.forward_was {
+            let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", v);
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    if !out.status.success() {
+        anyhow::bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// The running cluster; dropping it stops everything.
+#[derive(Debug)]
+struct Demo {
+    children: Vec<(String, Child)>,
+    dir: PathBuf,
+    netns: Option<Netns>,
+    config: PathBuf,
+    cluster: Cluster,
+    http: SocketAddr,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::SIGTERM);
+        }
+        let end = Instant::now() + Duration::from_secs(3);
+        for (name, c) in &mut self.children {
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(10)),
+                    _ => {
+                        log::warn!("{name} did not stop: killing it");
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        self.netns.take();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn cluster_file(
+    dir: &Path,
+    addrs: &[SocketAddr; 2],
+    metrics: &[SocketAddr; 2],
+    edge: SocketAddr,
+    http: SocketAddr,
+) -> String {
+    let mut s = String::from("# Written by `dpu-agent demo`.\n");
+    for i in 0..2 {
+        let _ = write!(
+            s,
+            "\n[[node]]\nname = \"n{i}\"\nmode = \"emulated\"\naddress = \"{}\"\nmetrics = \"{}\"\nruntime_dir = \"{}\"\n",
+            addrs[i],
+            metrics[i],
+            dir.join(format!("n{i}")).display()
+        );
+    }
+    let _ = write!(
+        s,
+        "\n[[ingress]]\nname = \"edge\"\naddress = \"{edge}\"\nhttp = \"{http}\"\nruntime_dir = \"{}\"\nbuffers = 2048\n",
+        dir.join("edge").display()
+    );
+    for (t, w) in TENANTS {
+        let _ = write!(
+            s,
+            "\n[[tenant]]\nname = \"{t}\"\nweight = {w}\nbuf_size = 4096\nbuffers = 2048\nrecv_quota = 256\nmax_chain = 300\n"
+        );
+        for (f, node) in [("echo", 0), ("upper", 0), ("rot13", 1), ("reverse", 0)] {
+            let _ = write!(s, "\n[[function]]\nname = \"{t}-{f}\"\ntenant = \"{t}\"\nnode = \"n{node}\"\n");
+        }
+        let _ = write!(
+            s,
+            "\n[[route]]\npath = \"/{t}/echo\"\ntenant = \"{t}\"\nchain = [\"{t}-echo\"]\n\n[[route]]\npath = \"/{t}/chain\"\ntenant = \"{t}\"\nchain = [\"{t}-upper\", \"{t}-rot13\", \"{t}-reverse\"]\n"
+        );
+    }
+    s
+}
+
+impl Demo {
+    fn spawn(&mut self, name: &str, netns: Option<&str>, args: &[&str]) -> anyhow::Result<()> {
+        let exe = std::env::current_exe()?;
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        cmd.args(args);
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::from(log.try_clone()?)).stderr(Stdio::from(log));
+        // Its own process group: Ctrl-C reaches the demo, which stops the
+        // children in order.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().map_err(|e| anyhow::anyhow!("starting {name}: {e}"))?;
+        self.children.push((name.to_owned(), child));
+        Ok(())
+    }
+
+    fn check_children(&mut self) -> anyhow::Result<()> {
+        for (name, c) in &mut self.children {
+            if let Some(st) = c.try_wait()? {
+                let log = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(8).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                anyhow::bail!("{name} exited ({st}):\n  {}", tail.join("\n  "));
+            }
+        }
+        Ok(())
+    }
+
+    fn start(opts: &DemoOptions) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("dne-demo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let root = rustix::process::geteuid().is_root();
+        let netns = if root && !opts.no_netns && which("ip") { Some(Netns::create()?) } else { None };
+        let (addrs, metrics, edge) = match &netns {
+            Some(_) => (
+                [format!("{}:7101", Netns::NS_IP[0]).parse()?, format!("{}:7102", Netns::NS_IP[1]).parse()?],
+                [format!("{}:9101", Netns::NS_IP[0]).parse()?, format!("{}:9102", Netns::NS_IP[1]).parse()?],
+                format!("{}:7100", Netns::ROOT_IP[0]).parse()?,
+            ),
+            None => (
+                [free_port("127.0.0.1")?, free_port("127.0.0.1")?],
+                [free_port("127.0.0.1")?, free_port("127.0.0.1")?],
+                free_port("127.0.0.1")?,
+            ),
+        };
+        let http = match std::net::TcpListener::bind(("127.0.0.1", opts.port)) {
+            Ok(l) => l.local_addr()?,
+            Err(_) => free_port("127.0.0.1")?,
+        };
+        let config = dir.join("cluster.toml");
+        std::fs::write(&config, cluster_file(&dir, &addrs, &metrics, edge, http))?;
+        let cluster = Cluster::load(&config)?;
+        let mut d = Demo { children: Vec::new(), dir, netns, config, cluster, http };
+        let cfg = d.config.to_string_lossy().into_owned();
+        for i in 0..2 {
+            let node = format!("n{i}");
+            d.spawn(&format!("host-shimd-{node}"), None, &["role", "shimd", "--config", &cfg, "--node", &node])?;
+        }
+        for i in 0..2 {
+            let node = format!("n{i}");
+            let ns = d.netns.as_ref().map(|n| n.names[i].clone());
+            d.spawn(&format!("agent-{node}"), ns.as_deref(), &["run", "--config", &cfg, "--node", &node])?;
+        }
+        for f in d.cluster.functions.clone() {
+            let socket = host_shim::daemon::socket_path(
+                &d.cluster.nodes[usize::from(d.cluster.node_id(&f.node).unwrap_or(0))].runtime_dir,
+            );
+            let sock = socket.to_string_lossy().into_owned();
+            let transform = f.name.rsplit('-').next().unwrap_or("echo").to_owned();
+            let deadline = Instant::now() + READY_WITHIN;
+            while !socket.exists() {
+                d.check_children()?;
+                anyhow::ensure!(Instant::now() < deadline, "host-shimd of {} did not start", f.node);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            d.spawn(
+                &f.name,
+                None,
+                &[
+                    "role",
+                    "fn",
+                    "--socket",
+                    &sock,
+                    "--tenant",
+                    &f.tenant,
+                    "--function",
+                    &f.name,
+                    "--transform",
+                    &transform,
+                    "--config",
+                    &cfg,
+                ],
+            )?;
+        }
+        d.spawn("ingress", None, &["role", "ingress", "--config", &cfg, "--name", "edge"])?;
+        Ok(d)
+    }
+
+    /// Waits until every route answers 200.
+    fn wait_ready(&mut self) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        let routes: Vec<String> = self.cluster.routes.iter().map(|r| r.path.clone()).collect();
+        for path in routes {
+            loop {
+                self.check_children()?;
+                if post(self.http, &path, b"ping").is_some_and(|(c, _)| c == 200) {
+                    break;
+                }
+                anyhow::ensure!(
+                    start.elapsed() < READY_WITHIN,
+                    "route {path} did not answer within {READY_WITHIN:?}; logs in {}",
+                    self.dir.display()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(start.elapsed())
+    }
+}
+
+fn which(prog: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
+}
+
+/// One blocking `POST` (for readiness checks).
+fn post(addr: SocketAddr, path: &str, body: &[u8]) -> Option<(u16, Vec<u8>)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "POST {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", body.len())
+        .ok()?;
+    s.write_all(body).ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    let code = String::from_utf8_lossy(out.get(..12)?).split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, out))
+}
+
+/// What one tenant's clients saw.
+#[derive(Debug, Default)]
+struct Tally {
+    ok: AtomicU64,
+    errors: AtomicU64,
+    lat_us: std::sync::Mutex<Vec<u32>>,
+}
+
+fn expected_chain(body: &[u8]) -> Vec<u8> {
+    use dne_functions::Transform;
+    let mut v = body.to_vec();
+    for t in [Transform::Upper, Transform::Rot13, Transform::Reverse] {
+        t.apply(&mut v);
+    }
+    v
+}
+
+/// One closed-loop client on a keep-alive connection until `stop`.
+async fn client(
+    addr: SocketAddr,
+    path: String,
+    body: bytes::Bytes,
+    want: Arc<Vec<u8>>,
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+) {
+    use http_body_util::{BodyExt, Full};
+    let mut lat = Vec::with_capacity(1 << 16);
+    'conn: while !stop.load(Ordering::Relaxed) {
+        let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+            tally.errors.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok((mut send, conn)) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await
+        else {
+            tally.errors.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        tokio::spawn(conn);
+        while !stop.load(Ordering::Relaxed) {
+            let req =
+                hyper::Request::post(path.as_str()).header(hyper::header::HOST, "demo").body(Full::new(body.clone()));
+            let Ok(req) = req else { break 'conn };
+            let t0 = Instant::now();
+            let ok = match send.send_request(req).await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    match resp.into_body().collect().await {
+                        Ok(b) => status == hyper::StatusCode::OK && b.to_bytes()[..] == want[..],
+                        Err(_) => false,
+                    }
+                }
+                Err(_) => {
+                    tally.errors.fetch_add(1, Ordering::Relaxed);
+                    continue 'conn;
+                }
+            };
+            if ok {
+                tally.ok.fetch_add(1, Ordering::Relaxed);
+                lat.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
+            } else {
+                tally.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    if let Ok(mut l) = tally.lat_us.lock() {
+        l.extend_from_slice(&lat);
+    }
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    f64::from(sorted[i.min(sorted.len() - 1)])
+}
+
+/// Sum of a per-tenant counter over every agent's `/metrics`.
+fn agent_counter(cluster: &Cluster, name: &str, tenant: &str) -> f64 {
+    let mut sum = 0.0;
+    for n in &cluster.nodes {
+        let Some(addr) = n.metrics.as_ref().and_then(|m| m.parse::<SocketAddr>().ok()) else { continue };
+        let Some(text) = get(addr, "/metrics") else { continue };
+        for line in text.lines() {
+            if line.starts_with(name) && line.contains(&format!("tenant=\"{tenant}\"")) {
+                sum += line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            }
+        }
+    }
+    sum
+}
+
+fn get(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: demo\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// Runs the demo; returns whether everything worked.
+#[allow(clippy::print_stdout, clippy::print_stderr)]
+pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    println!("DNE demo: starting 2 worker nodes, an ingress and 3 tenants as child processes (emulated mode)");
+    let mut demo = Demo::start(opts)?;
+    let where_ = if demo.netns.is_some() { "each agent in its own network namespace" } else { "on loopback" };
+    println!("  cluster file {}  ({where_})", demo.config.display());
+    let took = demo.wait_ready()?;
+    println!("  {} processes up, every route answers, in {:.1} s", demo.children.len(), took.as_secs_f64());
+    if opts.serve {
+        println!("\nThe cluster is up. Try:");
+        for r in &demo.cluster.routes {
+            println!("  curl -s --data-binary 'hello dne' http://{}{}; echo", demo.http, r.path);
+        }
+        println!("  curl -s http://{}/metrics | head", demo.http);
+        for n in &demo.cluster.nodes {
+            if let Some(m) = &n.metrics {
+                println!("  curl -s http://{m}/status      # agent {}", n.name);
+            }
+        }
+        println!("Ctrl-C stops the cluster.");
+        rt.block_on(async { tokio::signal::ctrl_c().await })?;
+        println!("stopping");
+        return Ok(true);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let body: Vec<u8> = (0..opts.body).map(|i| b"abcdefghijklmnopqrstuvwxyz0123456789 "[i % 37]).collect();
+    let want = Arc::new(expected_chain(&body));
+    let body = bytes::Bytes::from(body);
+    let tallies: Vec<Arc<Tally>> = TENANTS.iter().map(|_| Arc::new(Tally::default())).collect();
+    let interrupted = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for (k, (t, _)) in TENANTS.iter().enumerate() {
+            for _ in 0..opts.connections {
+                let path = format!("/{t}/chain");
+                tasks.push(tokio::spawn(client(
+                    demo.http,
+                    path,
+                    body.clone(),
+                    want.clone(),
+                    tallies[k].clone(),
+                    stop.clone(),
+                )));
+            }
+        }
+        let start = Instant::now();
+        let mut last: Vec<u64> = vec![0; TENANTS.len()];
+        let mut interrupted = false;
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
+        while start.elapsed() < Duration::from_secs(opts.duration) {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = &mut ctrl_c => { interrupted = true; break; }
+            }
+            let mut line = format!("  {:>4.0}s ", start.elapsed().as_secs_f64());
+            let mut errs = 0;
+            for (k, (t, _)) in TENANTS.iter().enumerate() {
+                let ok = tallies[k].ok.load(Ordering::Relaxed);
+                errs += tallies[k].errors.load(Ordering::Relaxed);
+                let _ = write!(line, " {t} {:>6} req/s ", ok - last[k]);
+                last[k] = ok;
+            }
+            let _ = write!(line, " errors {errs}");
+            println!("{line}");
+        }
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            let _ = t.await;
+        }
+        interrupted
+    });
+    let secs = opts.duration.max(1) as f64;
+    let total_ok: u64 = tallies.iter().map(|t| t.ok.load(Ordering::Relaxed)).sum();
+    let total_err: u64 = tallies.iter().map(|t| t.errors.load(Ordering::Relaxed)).sum();
+    let wsum: u32 = TENANTS.iter().map(|(_, w)| w).sum();
+    println!(
+        "\n  {:<8} {:>6} {:>10} {:>9} {:>9} {:>9} {:>13} {:>7} {:>7} {:>7}",
+        "tenant", "weight", "requests", "req/s", "p50 us", "p99 us", "fabric bytes", "share", "weight", "errors"
+    );
+    for (k, (t, w)) in TENANTS.iter().enumerate() {
+        let ok = tallies[k].ok.load(Ordering::Relaxed);
+        let mut lat = tallies[k].lat_us.lock().map(|l| l.clone()).unwrap_or_default();
+        lat.sort_unstable();
+        let bytes = agent_counter(&demo.cluster, "dne_agent_fabric_tx_bytes_total", t);
+        println!(
+            "  {:<8} {:>6} {:>10} {:>9.0} {:>9.0} {:>9.0} {:>13.0} {:>6.1}% {:>6.1}% {:>7}",
+            t,
+            w,
+            ok,
+            ok as f64 / secs,
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            bytes,
+            100.0 * ok as f64 / total_ok.max(1) as f64,
+            100.0 * f64::from(*w) / f64::from(wsum),
+            tallies[k].errors.load(Ordering::Relaxed)
+        );
+    }
+    println!(
+        "\n  Each request: HTTP at the ingress -> fabric -> {t}-upper (n0) -> {t}-rot13 (n1) -> {t}-reverse (n0) -> fabric -> ingress,",
+        t = "<tenant>"
+    );
+    println!(
+        "  checked byte for byte. Shares follow weights only when the fabric is the bottleneck; here the 2 CPUs are."
+    );
+    let ok = !interrupted && total_err == 0 && tallies.iter().all(|t| t.ok.load(Ordering::Relaxed) > 0);
+    demo.check_children()?;
+    drop(demo);
+    println!("RESULT requests={total_ok} errors={total_err} tenants={} nodes=2", TENANTS.len());
+    Ok(ok)
+}
+
+/// Runs the ingress role: HTTP on the ingress's address, requests over the
+/// fabric.
+pub fn run_ingress(config: &Path, name: &str) -> anyhow::Result<()> {
+    let cluster = Cluster::load(config)?;
+    let (index, g) = cluster
+        .ingresses
+        .iter()
+        .enumerate()
+        .find(|(_, g)| g.name == name)
+        .ok_or_else(|| anyhow::anyhow!("no [[ingress]] called {name}"))?;
+    let g = g.clone();
+    std::fs::create_dir_all(&g.runtime_dir)?;
+    let settings = ingress::Settings::for_ingress(&cluster, name).unwrap_or_default();
+    let pools = ingress::Pools::create(&cluster, name, g.buffers, shm::PagePolicy::Auto)?;
+    let edge = ingress::edge::Edge::start(Arc::new(cluster.clone()), index, pools.clone())?;
+    let ing = Arc::new(ingress::Ingress::new(&cluster, pools, Arc::new(edge), settings));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&g.http).await?;
+        ing.serve(listener, None, ingress::shutdown_signal()).await
+    })?;
+    Ok(())
+}
