@@ -121,21 +121,25 @@ impl VerbsConfig {
     /// index taken from [`DEVICE_ENV`], [`PORT_ENV`] and [`GID_INDEX_ENV`]
     /// when set.
     pub fn from_env(cfg: &EndpointConfig) -> Result<Self, VerbsSetupError> {
+        Self::from_vars(cfg, |name| std::env::var(name).ok())
+    }
+
+    /// [`from_env`](Self::from_env) over any source of variables.
+    fn from_vars(cfg: &EndpointConfig, var: impl Fn(&str) -> Option<String>) -> Result<Self, VerbsSetupError> {
         let mut c = Self::for_endpoint(cfg);
-        if let Ok(d) = std::env::var(DEVICE_ENV)
-            && !d.is_empty()
-        {
-            c.device = Some(d);
-        }
+        c.device = var(DEVICE_ENV).filter(|d| !d.is_empty());
         let num = |name: &'static str| -> Result<Option<u8>, VerbsSetupError> {
-            match std::env::var(name) {
-                Ok(v) if !v.is_empty() => {
+            match var(name) {
+                Some(v) if !v.is_empty() => {
                     v.trim().parse().map(Some).map_err(|_| VerbsSetupError::Setting { name, value: v })
                 }
                 _ => Ok(None),
             }
         };
         if let Some(p) = num(PORT_ENV)? {
+            if p == 0 {
+                return Err(VerbsSetupError::Setting { name: PORT_ENV, value: "0".into() });
+            }
             c.port = p;
         }
         c.gid_index = num(GID_INDEX_ENV)?;
@@ -1006,6 +1010,25 @@ mod tests {
             wc_error(ibv_wc_status::IBV_WC_LOC_PROT_ERR),
             CompletionError::Transport(ibv_wc_status::IBV_WC_LOC_PROT_ERR as i32)
         );
+    }
+
+    #[test]
+    fn settings_from_variables() {
+        let cfg = EndpointConfig::default();
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
+        };
+        let c = VerbsConfig::from_vars(&cfg, vars(&[])).unwrap();
+        assert_eq!(c, VerbsConfig::for_endpoint(&cfg));
+        assert_eq!((c.device, c.port, c.gid_index), (None, 1, None));
+        assert_eq!(c.max_tasks, cfg.send_window + 1 + cfg.recv_depth);
+        let c = VerbsConfig::from_vars(&cfg, vars(&[(DEVICE_ENV, "rxe0"), (PORT_ENV, "2"), (GID_INDEX_ENV, " 3 ")]))
+            .unwrap();
+        assert_eq!((c.device.as_deref(), c.port, c.gid_index), (Some("rxe0"), 2, Some(3)));
+        for bad in [(PORT_ENV, "0"), (PORT_ENV, "x"), (GID_INDEX_ENV, "256"), (GID_INDEX_ENV, "-1")] {
+            let e = VerbsConfig::from_vars(&cfg, move |n: &str| (n == bad.0).then(|| bad.1.to_owned())).unwrap_err();
+            assert!(matches!(e, VerbsSetupError::Setting { name, .. } if name == bad.0), "{bad:?}: {e}");
+        }
     }
 
     #[test]
