@@ -1,0 +1,328 @@
+//! Failures under load, with real processes on two emulated nodes: a client
+//! function on n0 keeps a window of messages in flight to functions on n1
+//! that answer back to it, while the test kills (SIGKILL) n1's agent, n1's
+//! host-shimd, or one function on n1, and restarts it.
+//!
+//! What must hold: every answer that comes back is intact or an error
+//! descriptor carrying the original payload (never a duplicate, never a
+//! stranger); traffic flows again after the restart by itself; and once
+//! idle, every buffer of every pool is free or held by a live process
+//! within its bounds (posted receives and allocation caches), from a scan
+//! of the pools' owner records. Every wait has a watchdog; nothing asserts
+//! on time.
+#![allow(clippy::print_stdout)] // reports what was lost or rejected
+
+use dne_tests::cluster::{Census, Cluster, FN_CACHE, Load};
+use host_shim::Function;
+use std::time::Duration;
+use wire::ErrorCode;
+
+/// Bounds hangs only.
+const WATCHDOG: Duration = Duration::from_secs(30);
+const WINDOW: usize = 64;
+
+const CONFIG: &str = r#"
+[[tenant]]
+name = "acme"
+weight = 1
+buffers = 1024
+recv_quota = 128
+max_chain = 128
+
+[[function]]
+name = "client"
+tenant = "acme"
+node = "n0"
+
+[[function]]
+name = "upper"
+tenant = "acme"
+node = "n1"
+
+[[function]]
+name = "echoer"
+tenant = "acme"
+node = "n1"
+
+[[function]]
+name = "probe"
+tenant = "acme"
+node = "n1"
+"#;
+
+fn upper(d: &[u8]) -> Vec<u8> {
+    d.to_ascii_uppercase()
+}
+
+fn echo(d: &[u8]) -> Vec<u8> {
+    d.to_vec()
+}
+
+/// What the agents and host-shimds say, for failure messages.
+fn diag(c: &Cluster) -> String {
+    let mut s = String::new();
+    for i in 0..c.dirs.len() {
+        s += &format!(
+            "--- n{i} agent /status: {}\n--- n{i} host-shimd: {}\n--- n{i} agent log:\n{}\n",
+            c.status(i).trim(),
+            c.shimd_status(i).trim(),
+            c.log_tail(&format!("agent-n{i}"), 15)
+        );
+    }
+    s
+}
+
+/// Receive buffers node `i`'s agent has posted for acme now.
+fn posted(c: &Cluster, i: usize) -> u32 {
+    c.metric(i, "dne_agent_receives_posted", &[("tenant", "acme")]).unwrap_or(0.0) as u32
+}
+
+/// Waits until node `i`'s acme pool, seen through `f`, is idle and clean:
+/// nothing in any ring, nothing held by a dead slot, the agent holding at
+/// most its posted receives plus its allocation cache, and the agent's
+/// `/status` agreeing on the free count.
+fn wait_pool_idle(c: &Cluster, i: usize, f: &Function, others: &[u16]) {
+    let me = (f.info().slot, f.cached_buffers() as u32);
+    let mut live: Vec<(u16, u32)> = others.iter().map(|&s| (s, FN_CACHE)).collect();
+    live.push(me);
+    let deadline = std::time::Instant::now() + WATCHDOG;
+    loop {
+        let census = Census::of(f);
+        let agent_max = posted(c, i) + FN_CACHE;
+        let r = census.check_idle(&live, agent_max).and_then(|()| match c.tenant_status(i, "acme", "free_buffers") {
+            Some(n) if n == u64::from(census.free) => Ok(()),
+            other => Err(format!("agent /status free_buffers {other:?}, pool scan {}", census.free)),
+        });
+        let Err(e) = r else { return };
+        assert!(std::time::Instant::now() < deadline, "n{i}: acme pool not idle and clean: {e}\n{}", diag(c));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// n1's agent is killed with a full window in flight, errors come back
+/// while it is dead, and it is restarted: the cluster with a load running
+/// through the kill and the restart.
+fn kill_and_restart_agent_under_load(name: &str) -> (Cluster, Load, u16, u32) {
+    let mut c = Cluster::start(name, 2, CONFIG);
+    let (_, upper_slot) = c.start_fn_slot(1, "acme", "upper", "upper", Some("client"));
+    let mut load = Load::new(c.attach(0, "acme", "client"), &[("upper", upper)], WINDOW);
+    load.run_until(true, "traffic before the fault", WATCHDOG, || diag(&c), |l| l.dest(0).ok >= 300);
+
+    // kill -9 the agent of n1 with a full window in flight.
+    assert_eq!(load.fill(), WINDOW, "the window is full when the agent dies");
+    c.kill_agent(1);
+    let err0 = load.dest(0).err();
+    load.run_until(
+        true,
+        "error descriptors while n1's agent is dead",
+        WATCHDOG,
+        || diag(&c),
+        |l| l.dest(0).err() >= err0 + 100,
+    );
+
+    // Restart it: the mesh redials and traffic flows again by itself.
+    c.restart_agent(1);
+    let restarted_at = load.next_id();
+    let ok0 = load.dest(0).ok;
+    load.run_until(true, "traffic after the restart", WATCHDOG, || diag(&c), |l| l.dest(0).ok >= ok0 + 300);
+    (c, load, upper_slot, restarted_at)
+}
+
+/// Issue 7: kill and restart an agent under load; no message is lost
+/// silently (each comes back intact or as an error descriptor), and no
+/// buffer is lost.
+#[test]
+#[ignore = "agent bug: a restarted agent bounces the messages waiting in its uplink as Unreachable before its mesh is up; see restarted_agent_forwards_what_waited_in_its_uplink"]
+fn agent_killed_under_load_every_message_answered_then_traffic_resumes_no_buffer_lost() {
+    let (c, mut load, upper_slot, _) = kill_and_restart_agent_under_load("faults-agent");
+    // Every message sent came back, intact or as an error: none lost.
+    load.drain(WATCHDOG, || diag(&c));
+    let d = load.dest(0);
+    assert_eq!(d.sent, d.ok + d.err(), "{d:?}");
+    for code in d.errors.keys() {
+        let code = ErrorCode::from_u8(*code);
+        assert!(matches!(code, Some(ErrorCode::PeerDied | ErrorCode::Unreachable)), "{code:?} in {d:?}");
+    }
+
+    // No buffer lost on either node once idle.
+    c.wait_mesh();
+    let probe = c.attach(1, "acme", "probe");
+    wait_pool_idle(&c, 0, &load.f, &[]);
+    wait_pool_idle(&c, 1, &probe, &[upper_slot]);
+}
+
+/// The recovery half of the test above, which holds today: after the
+/// restart every message sent is answered, and no buffer is lost on
+/// either node.
+#[test]
+fn agent_killed_under_load_traffic_resumes_after_restart_and_no_buffer_is_lost() {
+    let (c, mut load, upper_slot, restarted_at) = kill_and_restart_agent_under_load("faults-agent-recovery");
+    load.run_until(
+        false,
+        "every message sent after the restart answered",
+        WATCHDOG,
+        || diag(&c),
+        |l| l.pending().iter().all(|(id, _)| *id < restarted_at),
+    );
+    let d = load.dest(0);
+    println!("agent crash: sent {} ok {} errors {:?}, never answered {:?}", d.sent, d.ok, d.errors, load.missing());
+    c.wait_mesh();
+    let probe = c.attach(1, "acme", "probe");
+    wait_pool_idle(&c, 0, &load.f, &[]);
+    wait_pool_idle(&c, 1, &probe, &[upper_slot]);
+}
+
+/// host-shimd keeps each tenant's uplink ring across agent restarts so
+/// that "descriptors waiting in the ring wait for the restarted agent"
+/// (host-shim/src/daemon.rs). Messages a function of n1 sends to n0 while
+/// n1's agent is dead must reach n0 once the agent is back, not come back
+/// to the sender as errors.
+#[test]
+#[ignore = "agent bug: a restarted agent drains its uplinks before its fabric connections are up and bounces what waited there as Unreachable (engine.rs route: !port.is_up -> bounce)"]
+fn restarted_agent_forwards_what_waited_in_its_uplink() {
+    let mut c = Cluster::start("faults-uplink", 2, CONFIG);
+    let mut client = c.attach(0, "acme", "client");
+    let mut sender = c.attach(1, "acme", "echoer");
+    c.kill_agent(1);
+    const N: u32 = 20;
+    for k in 0..N {
+        let mut m = sender.alloc(100).unwrap();
+        sender.write(&mut m, &dne_tests::cluster::load_payload(k, 100)).unwrap();
+        m.set_request(k);
+        sender.send(m, "client").expect("the uplink takes it while the agent is away");
+    }
+    c.restart_agent(1);
+    for k in 0..N {
+        let got = loop {
+            if let Some(m) = client.recv_timeout(Some(Duration::from_millis(10))).unwrap() {
+                break m;
+            }
+            if let Some(back) = sender.try_recv() {
+                panic!(
+                    "message {} came back to its sender as an error ({:?}) instead of being forwarded\n{}",
+                    back.request(),
+                    ErrorCode::from_u8(back.desc().status),
+                    diag(&c)
+                );
+            }
+            assert!(c.agents[1].is_running(), "n1's agent exited\n{}", diag(&c));
+        };
+        assert_eq!(got.request(), k, "in order");
+        assert_eq!(client.read_to_vec(&got), dne_tests::cluster::load_payload(k, 100));
+        client.free(got).unwrap();
+    }
+}
+
+#[test]
+fn shimd_killed_under_load_agent_reattaches_and_restarted_functions_serve() {
+    let mut c = Cluster::start("faults-shimd", 2, CONFIG);
+    let (old_upper, _) = c.start_fn_slot(1, "acme", "upper", "upper", Some("client"));
+    let mut load = Load::new(c.attach(0, "acme", "client"), &[("upper", upper)], WINDOW);
+    load.run_until(true, "traffic before the fault", WATCHDOG, || diag(&c), |l| l.dest(0).ok >= 300);
+
+    // kill -9 host-shimd of n1 with a full window in flight: the agent
+    // notices (it stops reporting ready) and waits for a new host-shimd.
+    assert_eq!(load.fill(), WINDOW, "the window is full when host-shimd dies");
+    c.kill_shimd(1);
+    load.run_until(true, "n1's agent to notice host-shimd is gone", WATCHDOG, || diag(&c), |_| !c.ready(1));
+    let err0 = load.dest(0).err();
+    load.run_until(
+        true,
+        "error descriptors while n1 has no host-shimd",
+        WATCHDOG,
+        || diag(&c),
+        |l| l.dest(0).err() >= err0 + 50,
+    );
+
+    // A new host-shimd: the agent re-attaches by itself, the mesh comes
+    // back. The function attached to the old host-shimd cannot survive it
+    // (its pool and rings are gone): restart it.
+    c.restart_shimd(1);
+    load.run_until(true, "n1's agent ready again", WATCHDOG, || diag(&c), |_| c.ready(1));
+    c.wait_mesh();
+    c.fns[old_upper].kill9();
+    let (_, upper_slot) = c.start_fn_slot(1, "acme", "upper", "upper", Some("client"));
+    let first_new = load.next_id();
+    let ok0 = load.dest(0).ok;
+    load.run_until(true, "traffic after the restart", WATCHDOG, || diag(&c), |l| l.dest(0).ok >= ok0 + 300);
+
+    // Stop: every message sent since the new function started is
+    // answered. Messages that were in n1's old pool and rings when
+    // host-shimd died may be gone with it: reported, not asserted on (a
+    // stalled window would fail the waits above).
+    load.run_until(
+        false,
+        "every message sent after the recovery answered",
+        WATCHDOG,
+        || diag(&c),
+        |l| l.pending().iter().all(|(id, _)| *id < first_new),
+    );
+    let d = load.dest(0);
+    println!(
+        "host-shimd crash: sent {} ok {} errors {:?}, never answered {}",
+        d.sent,
+        d.ok,
+        d.errors,
+        load.in_flight()
+    );
+
+    // No buffer lost: n0's pool, and n1's new pool.
+    let probe = c.attach(1, "acme", "probe");
+    wait_pool_idle(&c, 0, &load.f, &[]);
+    wait_pool_idle(&c, 1, &probe, &[upper_slot]);
+}
+
+#[test]
+fn function_killed_under_load_only_its_messages_fail_and_a_replacement_serves() {
+    let mut c = Cluster::start("faults-fn", 2, CONFIG);
+    let (victim, _) = c.start_fn_slot(1, "acme", "upper", "upper", Some("client"));
+    let (_, echoer_slot) = c.start_fn_slot(1, "acme", "echoer", "echo", Some("client"));
+    let mut load = Load::new(c.attach(0, "acme", "client"), &[("upper", upper), ("echoer", echo)], WINDOW);
+    load.run_until(
+        true,
+        "traffic before the fault",
+        WATCHDOG,
+        || diag(&c),
+        |l| l.dest(0).ok >= 200 && l.dest(1).ok >= 200,
+    );
+
+    // kill -9 `upper` with messages in flight; host-shimd reclaims its
+    // buffers. Messages sent to it from now on come back as errors.
+    let deaths = |c: &Cluster| dne_tests::cluster::json_u64(&c.shimd_status(1), "deaths");
+    assert_eq!(load.fill(), WINDOW, "the window is full when the function dies");
+    c.fns[victim].kill9();
+    let killed_at = load.next_id();
+    load.run_until(true, "host-shimd to see the death", WATCHDOG, || diag(&c), |_| deaths(&c) == Some(1));
+    let err0 = load.dest(0).err();
+    load.run_until(true, "errors for the dead function", WATCHDOG, || diag(&c), |l| l.dest(0).err() >= err0 + 100);
+
+    // A replacement instance serves again.
+    let (_, upper_slot) = c.start_fn_slot(1, "acme", "upper", "upper", Some("client"));
+    let ok0 = load.dest(0).ok;
+    load.run_until(true, "the replacement serving", WATCHDOG, || diag(&c), |l| l.dest(0).ok >= ok0 + 200);
+
+    // Settle: everything sent after the kill is answered; only messages
+    // to `upper` sent before it may be missing (they were in its ring or
+    // its hands when it died).
+    load.run_until(
+        false,
+        "every message sent after the kill answered",
+        WATCHDOG,
+        || diag(&c),
+        |l| l.pending().iter().all(|&(id, d)| id < killed_at && d == 0),
+    );
+    let (u, e) = (load.dest(0), load.dest(1));
+    println!("function crash: upper {u:?}; echoer {e:?}; never answered {}", load.in_flight());
+    assert_eq!((e.sent, e.ok, e.err()), (e.sent, e.sent, 0), "the other function is untouched: {e:?}");
+    assert!(u.err() >= 100, "{u:?}");
+    for code in u.errors.keys() {
+        assert_eq!(ErrorCode::from_u8(*code), Some(ErrorCode::PeerDied), "{u:?}");
+    }
+
+    // Its buffers are back: n1's pool holds nothing for the dead slot.
+    let probe = c.attach(1, "acme", "probe");
+    wait_pool_idle(&c, 0, &load.f, &[]);
+    wait_pool_idle(&c, 1, &probe, &[upper_slot, echoer_slot]);
+    let drops = c.metric(1, "dne_agent_drops_total", &[("tenant", "acme"), ("reason", "no_instance")]);
+    assert!(drops.is_some_and(|n| n >= 100.0), "n1 counts the undeliverable messages: {drops:?}");
+}
