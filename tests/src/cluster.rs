@@ -371,6 +371,8 @@ pub struct Load {
     window: usize,
     next: u32,
     outstanding: std::collections::HashMap<u32, (usize, usize)>,
+    /// Messages given up on ([`Load::write_off`]): an answer may still come.
+    written_off: std::collections::HashMap<u32, (usize, usize)>,
     held: Option<(host_shim::Msg, usize, usize)>,
 }
 
@@ -390,6 +392,11 @@ pub struct LoadDest {
     pub ok: u64,
     /// Error descriptors, by error code.
     pub errors: std::collections::BTreeMap<u8, u64>,
+    /// Messages written off ([`Load::write_off`]).
+    pub written_off: u64,
+    /// Answers to written-off messages that came after all (intact or
+    /// errors; also counted in `ok` and `errors`).
+    pub late: u64,
 }
 
 impl LoadDest {
@@ -418,9 +425,19 @@ impl Load {
                 sent: 0,
                 ok: 0,
                 errors: std::collections::BTreeMap::new(),
+                written_off: 0,
+                late: 0,
             })
             .collect();
-        Self { f, dests, window, next: 0, outstanding: std::collections::HashMap::new(), held: None }
+        Self {
+            f,
+            dests,
+            window,
+            next: 0,
+            outstanding: std::collections::HashMap::new(),
+            written_off: std::collections::HashMap::new(),
+            held: None,
+        }
     }
 
     /// Destination `i`'s counts.
@@ -491,8 +508,15 @@ impl Load {
             wait = Some(Duration::ZERO);
             n += 1;
             let id = m.request();
-            let Some((d, len)) = self.outstanding.remove(&id) else {
-                panic!("answer {id} ({:?}) was never sent or came back twice", m.desc());
+            let (d, len) = match self.outstanding.remove(&id) {
+                Some(v) => v,
+                None => {
+                    let Some(v) = self.written_off.remove(&id) else {
+                        panic!("answer {id} ({:?}) was never sent or came back twice", m.desc());
+                    };
+                    self.dests[v.0].late += 1;
+                    v
+                }
             };
             let data = load_payload(id, len);
             let desc = *m.desc();
@@ -545,6 +569,26 @@ impl Load {
             self.f.free(m).expect("free a message never sent");
         }
         self.run_until(false, "every message sent to be answered", deadline, why, |l| l.in_flight() == 0);
+    }
+
+    /// Gives up on the messages in flight to the destinations `which`
+    /// selects (by index): they leave the window and the waits, but an
+    /// answer that still comes is checked and counted as late, and a
+    /// second answer still fails the test. Returns how many.
+    pub fn write_off(&mut self, which: impl Fn(usize) -> bool) -> usize {
+        let ids: Vec<u32> = self.outstanding.iter().filter(|(_, (d, _))| which(*d)).map(|(id, _)| *id).collect();
+        for id in &ids {
+            if let Some(v) = self.outstanding.remove(id) {
+                self.dests[v.0].written_off += 1;
+                self.written_off.insert(*id, v);
+            }
+        }
+        ids.len()
+    }
+
+    /// Written-off messages never answered (so far).
+    pub fn never_answered(&self) -> usize {
+        self.written_off.len()
     }
 
     /// Messages in flight: (request id, destination index).

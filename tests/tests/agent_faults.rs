@@ -102,7 +102,10 @@ fn wait_pool_idle(c: &Cluster, i: usize, f: &Function, others: &[u16]) {
 /// n1's agent is killed with a full window in flight, errors come back
 /// while it is dead, and it is restarted: the cluster with a load running
 /// through the kill and the restart.
-fn kill_and_restart_agent_under_load(name: &str) -> (Cluster, Load, u16, u32) {
+/// With `write_off`, the messages in flight when the agent dies are written
+/// off (see `Load::write_off`), so the load keeps going even if they are
+/// all lost.
+fn kill_and_restart_agent_under_load(name: &str, write_off: bool) -> (Cluster, Load, u16) {
     let mut c = Cluster::start(name, 2, CONFIG);
     let (_, upper_slot) = c.start_fn_slot(1, "acme", "upper", "upper", Some("client"));
     let mut load = Load::new(c.attach(0, "acme", "client"), &[("upper", upper)], WINDOW);
@@ -111,6 +114,9 @@ fn kill_and_restart_agent_under_load(name: &str) -> (Cluster, Load, u16, u32) {
     // kill -9 the agent of n1 with a full window in flight.
     assert_eq!(load.fill(), WINDOW, "the window is full when the agent dies");
     c.kill_agent(1);
+    if write_off {
+        load.write_off(|_| true);
+    }
     let err0 = load.dest(0).err();
     load.run_until(
         true,
@@ -122,10 +128,9 @@ fn kill_and_restart_agent_under_load(name: &str) -> (Cluster, Load, u16, u32) {
 
     // Restart it: the mesh redials and traffic flows again by itself.
     c.restart_agent(1);
-    let restarted_at = load.next_id();
     let ok0 = load.dest(0).ok;
     load.run_until(true, "traffic after the restart", WATCHDOG, || diag(&c), |l| l.dest(0).ok >= ok0 + 300);
-    (c, load, upper_slot, restarted_at)
+    (c, load, upper_slot)
 }
 
 /// Issue 7: kill and restart an agent under load; no message is lost
@@ -134,7 +139,7 @@ fn kill_and_restart_agent_under_load(name: &str) -> (Cluster, Load, u16, u32) {
 #[test]
 #[ignore = "agent bug: a restarted agent bounces the messages waiting in its uplink as Unreachable before its mesh is up; see restarted_agent_forwards_what_waited_in_its_uplink"]
 fn agent_killed_under_load_every_message_answered_then_traffic_resumes_no_buffer_lost() {
-    let (c, mut load, upper_slot, _) = kill_and_restart_agent_under_load("faults-agent");
+    let (c, mut load, upper_slot) = kill_and_restart_agent_under_load("faults-agent", false);
     // Every message sent came back, intact or as an error: none lost.
     load.drain(WATCHDOG, || diag(&c));
     let d = load.dest(0);
@@ -151,21 +156,24 @@ fn agent_killed_under_load_every_message_answered_then_traffic_resumes_no_buffer
     wait_pool_idle(&c, 1, &probe, &[upper_slot]);
 }
 
-/// The recovery half of the test above, which holds today: after the
-/// restart every message sent is answered, and no buffer is lost on
-/// either node.
+/// The test above with the messages in flight at the kill written off:
+/// every message sent after the kill is answered (errors while the agent
+/// is dead, intact answers after the restart), and no buffer is lost on
+/// either node. This holds today.
 #[test]
 fn agent_killed_under_load_traffic_resumes_after_restart_and_no_buffer_is_lost() {
-    let (c, mut load, upper_slot, restarted_at) = kill_and_restart_agent_under_load("faults-agent-recovery");
-    load.run_until(
-        false,
-        "every message sent after the restart answered",
-        WATCHDOG,
-        || diag(&c),
-        |l| l.pending().iter().all(|(id, _)| *id < restarted_at),
-    );
+    let (c, mut load, upper_slot) = kill_and_restart_agent_under_load("faults-agent-recovery", true);
+    load.drain(WATCHDOG, || diag(&c));
     let d = load.dest(0);
-    println!("agent crash: sent {} ok {} errors {:?}, never answered {:?}", d.sent, d.ok, d.errors, load.missing());
+    println!(
+        "agent crash: sent {} ok {} errors {:?}; of {} in flight at the kill, {} answered, {} never",
+        d.sent,
+        d.ok,
+        d.errors,
+        d.written_off,
+        d.late,
+        load.never_answered()
+    );
     c.wait_mesh();
     let probe = c.attach(1, "acme", "probe");
     wait_pool_idle(&c, 0, &load.f, &[]);
@@ -225,6 +233,10 @@ fn shimd_killed_under_load_agent_reattaches_and_restarted_functions_serve() {
     assert_eq!(load.fill(), WINDOW, "the window is full when host-shimd dies");
     c.kill_shimd(1);
     load.run_until(true, "n1's agent to notice host-shimd is gone", WATCHDOG, || diag(&c), |_| !c.ready(1));
+    // What n1 held when host-shimd died may be gone with its pool and
+    // rings: written off (reported below, not asserted on). Messages sent
+    // from now on must all be answered.
+    load.write_off(|_| true);
     let err0 = load.dest(0).err();
     load.run_until(
         true,
@@ -242,28 +254,18 @@ fn shimd_killed_under_load_agent_reattaches_and_restarted_functions_serve() {
     c.wait_mesh();
     c.fns[old_upper].kill9();
     let (_, upper_slot) = c.start_fn_slot(1, "acme", "upper", "upper", Some("client"));
-    let first_new = load.next_id();
     let ok0 = load.dest(0).ok;
     load.run_until(true, "traffic after the restart", WATCHDOG, || diag(&c), |l| l.dest(0).ok >= ok0 + 300);
-
-    // Stop: every message sent since the new function started is
-    // answered. Messages that were in n1's old pool and rings when
-    // host-shimd died may be gone with it: reported, not asserted on (a
-    // stalled window would fail the waits above).
-    load.run_until(
-        false,
-        "every message sent after the recovery answered",
-        WATCHDOG,
-        || diag(&c),
-        |l| l.pending().iter().all(|(id, _)| *id < first_new),
-    );
+    load.drain(WATCHDOG, || diag(&c));
     let d = load.dest(0);
     println!(
-        "host-shimd crash: sent {} ok {} errors {:?}, never answered {}",
+        "host-shimd crash: sent {} ok {} errors {:?}; of {} in flight when it was noticed, {} answered, {} never",
         d.sent,
         d.ok,
         d.errors,
-        load.in_flight()
+        d.written_off,
+        d.late,
+        load.never_answered()
     );
 
     // No buffer lost: n0's pool, and n1's new pool.
@@ -291,8 +293,11 @@ fn function_killed_under_load_only_its_messages_fail_and_a_replacement_serves() 
     let deaths = |c: &Cluster| dne_tests::cluster::json_u64(&c.shimd_status(1), "deaths");
     assert_eq!(load.fill(), WINDOW, "the window is full when the function dies");
     c.fns[victim].kill9();
-    let killed_at = load.next_id();
     load.run_until(true, "host-shimd to see the death", WATCHDOG, || diag(&c), |_| deaths(&c) == Some(1));
+    // Messages to `upper` in its ring or its hands died with it (host-shimd
+    // takes their buffers back); nobody can answer them: written off.
+    // Nothing sent to `echoer` is.
+    load.write_off(|d| d == 0);
     let err0 = load.dest(0).err();
     load.run_until(true, "errors for the dead function", WATCHDOG, || diag(&c), |l| l.dest(0).err() >= err0 + 100);
 
@@ -301,18 +306,14 @@ fn function_killed_under_load_only_its_messages_fail_and_a_replacement_serves() 
     let ok0 = load.dest(0).ok;
     load.run_until(true, "the replacement serving", WATCHDOG, || diag(&c), |l| l.dest(0).ok >= ok0 + 200);
 
-    // Settle: everything sent after the kill is answered; only messages
-    // to `upper` sent before it may be missing (they were in its ring or
-    // its hands when it died).
-    load.run_until(
-        false,
-        "every message sent after the kill answered",
-        WATCHDOG,
-        || diag(&c),
-        |l| l.pending().iter().all(|&(id, d)| id < killed_at && d == 0),
-    );
+    // Everything else is answered: none of `echoer`'s messages fails.
+    load.drain(WATCHDOG, || diag(&c));
     let (u, e) = (load.dest(0), load.dest(1));
-    println!("function crash: upper {u:?}; echoer {e:?}; never answered {}", load.in_flight());
+    println!(
+        "function crash: upper {u:?}; echoer {e:?}; of upper's {} in flight at its death, {} never answered",
+        u.written_off,
+        load.never_answered()
+    );
     assert_eq!((e.sent, e.ok, e.err()), (e.sent, e.sent, 0), "the other function is untouched: {e:?}");
     assert!(u.err() >= 100, "{u:?}");
     for code in u.errors.keys() {
