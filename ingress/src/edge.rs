@@ -222,7 +222,7 @@ impl Worker {
             } else if now.duration_since(idle_since) > Duration::from_millis(2) {
                 std::thread::sleep(Duration::from_micros(50));
             } else {
-                std::hint::spin_loop();
+                std::thread::yield_now();
             }
         }
         // Whoever still waits learns that the edge stopped.
