@@ -16,7 +16,7 @@ fn usage() -> String {
 
 fn main() -> ExitCode {
     // A peer process of a suite (the binary re-executed by itself).
-    if let Some(outcome) = dne_bench::suites::intranode::peer_main() {
+    if let Some(outcome) = dne_bench::suites::ingress::peer_main().or_else(dne_bench::suites::intranode::peer_main) {
         return match outcome {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

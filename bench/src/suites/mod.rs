@@ -3,11 +3,12 @@
 use crate::harness::Suite;
 
 pub mod fabric;
+pub mod ingress;
 pub mod intranode;
 pub mod wire_codec;
 
 /// Every suite, in the order `list` shows them.
-pub const SUITES: &[Suite] = &[wire_codec::SUITE, intranode::SUITE, fabric::SUITE];
+pub const SUITES: &[Suite] = &[wire_codec::SUITE, intranode::SUITE, fabric::SUITE, ingress::SUITE];
 
 /// Looks a suite up by name.
 pub fn find(name: &str) -> Option<&'static Suite> {

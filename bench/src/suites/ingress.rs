@@ -1,0 +1,558 @@
+//! `ingress`: the same 3-function chain behind two front doors, under the
+//! same load generator, at 1, 16 and 64 keep-alive connections, 1 KiB
+//! request bodies; every function applies ROT13 to the body (the same small
+//! amount of work everywhere):
+//!
+//! * (a) DNE: the `ingress` crate's HTTP server writing each request once
+//!   into its tenant pool, the chain run by the in-process upstream over the
+//!   same pool buffers (ownership handed hop to hop as descriptors do), the
+//!   reply streamed out of the pool. One process. *The fabric path (ingress
+//!   -> fabric -> functions on a worker node) is pending: it replaces the
+//!   in-process upstream when the agent/mesh work lands, and this row's
+//!   label says so.*
+//! * (b) the Knative-style baseline: nginx (Debian package; installed with
+//!   apt-get when missing) as the ingress, and each function an HTTP server
+//!   (hyper, one thread) behind its own nginx sidecar proxy (like Knative's
+//!   queue-proxy); function i calls function i+1 through i+1's sidecar over
+//!   loopback HTTP with keep-alive, and the reply travels back the same way.
+//!   Eight processes (nginx ingress master+2 workers ... see the table).
+//!
+//! Measured per setup and concurrency: requests per second, p50 and p99
+//! latency, and CPU seconds per 10,000 requests summed over every process
+//! of the setup (utime + stime from /proc, load generator excluded). The
+//! load generator runs in this process on one thread (hyper client, one
+//! request in flight per connection). Both setups run in the same run,
+//! interleaved per concurrency level.
+
+use crate::harness::{Opts, Report, Suite, Table, fmt_num};
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use dne_functions::Transform;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The suite.
+pub const SUITE: Suite = Suite {
+    name: "ingress",
+    about: "HTTP edge + 3-function chain: DNE ingress (in-process chain) vs nginx + per-function nginx sidecars",
+    run,
+};
+
+const ROLE_ENV: &str = "DNE_BENCH_INGRESS_ROLE";
+const NEXT_ENV: &str = "DNE_BENCH_INGRESS_NEXT";
+const BODY: usize = 1024;
+const CONNS: [usize; 3] = [1, 16, 64];
+const CHAIN: usize = 3;
+
+/// Runs a peer role of this suite when the binary was started as one.
+pub fn peer_main() -> Option<Result<()>> {
+    let role = std::env::var(ROLE_ENV).ok()?;
+    // Die with the parent: never leave a server behind.
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    Some(match role.as_str() {
+        "dne" => dne_peer(),
+        "fn" => fn_peer(),
+        other => Err(anyhow!("unknown ingress peer role {other:?}")),
+    })
+}
+
+// ------------------------------------------------------------ (a) DNE
+
+fn dne_cluster() -> String {
+    let mut s = String::from(
+        "[[node]]\nname = \"bench\"\naddress = \"127.0.0.1:1\"\nruntime_dir = \"/tmp/dne-bench-ingress\"\n\n\
+         [[tenant]]\nname = \"bench\"\nweight = 1\nbuffers = 1024\nrecv_quota = 64\n\n",
+    );
+    for i in 1..=CHAIN {
+        s.push_str(&format!("[[function]]\nname = \"f{i}\"\ntenant = \"bench\"\nnode = \"bench\"\n\n"));
+    }
+    s.push_str("[[route]]\npath = \"/chain\"\ntenant = \"bench\"\nchain = [\"f1\", \"f2\", \"f3\"]\n\n");
+    s.push_str(
+        "[[ingress]]\nname = \"edge\"\naddress = \"127.0.0.1:2\"\nhttp = \"127.0.0.1:0\"\n\
+         runtime_dir = \"/tmp/dne-bench-ingress/edge\"\nbuffers = 1024\n",
+    );
+    s
+}
+
+#[allow(clippy::print_stdout)]
+fn dne_peer() -> Result<()> {
+    use ingress::{Behavior, InProcess, InProcessConfig, Ingress, Pools, Settings};
+    let cluster = config::Cluster::parse(&dne_cluster())?;
+    let behaviors: Vec<(String, Behavior)> =
+        (1..=CHAIN).map(|i| (format!("f{i}"), Behavior::Transform(Transform::Rot13))).collect();
+    let up = InProcess::new(&cluster, InProcessConfig::default(), InProcess::by_name(&behaviors))?;
+    let pools = Pools::create(&cluster, "bench", 1024, shm::PagePolicy::Auto)?;
+    let settings = Settings::for_ingress(&cluster, "edge").unwrap_or_default();
+    let ing = Arc::new(Ingress::new(&cluster, pools, Arc::new(up), settings));
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        println!("ready {}", l.local_addr()?.port());
+        ing.serve(l, None, std::future::pending()).await?;
+        Ok(())
+    })
+}
+
+// ------------------------------------------------------------ (b) functions behind sidecars
+
+/// A baseline function: reads the body, applies ROT13, and either answers
+/// with it or posts it to the next function (through its sidecar) and
+/// answers with that reply. One thread, keep-alive connections to the next
+/// hop kept in a small pool.
+#[allow(clippy::print_stdout)]
+fn fn_peer() -> Result<()> {
+    let next: Option<SocketAddr> = match std::env::var(NEXT_ENV) {
+        Ok(s) if !s.is_empty() => Some(s.parse().context("next address")?),
+        _ => None,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        println!("ready {}", l.local_addr()?.port());
+        let pool: Arc<std::sync::Mutex<Vec<Conn>>> = Arc::default();
+        loop {
+            let (s, _) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            let pool = pool.clone();
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let pool = pool.clone();
+                async move { fn_handle(req, next, pool).await }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+            });
+        }
+    })
+}
+
+type Conn = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Result<Conn> {
+    let s = tokio::net::TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
+    tokio::spawn(conn);
+    Ok(tx)
+}
+
+async fn fn_handle(
+    req: Request<hyper::body::Incoming>,
+    next: Option<SocketAddr>,
+    pool: Arc<std::sync::Mutex<Vec<Conn>>>,
+) -> Result<Response<Full<Bytes>>, anyhow::Error> {
+    let ct = req.headers().get(hyper::header::CONTENT_TYPE).cloned();
+    let mut body = req.into_body().collect().await?.to_bytes().to_vec();
+    Transform::Rot13.apply(&mut body);
+    let Some(next) = next else {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        if let Some(ct) = ct {
+            r.headers_mut().insert(hyper::header::CONTENT_TYPE, ct);
+        }
+        return Ok(r);
+    };
+    // An idle pooled connection, or a new one (as many as requests in
+    // flight, like an HTTP client library's pool).
+    let mut tx = loop {
+        let taken = pool.lock().map_err(|_| anyhow!("poisoned"))?.pop();
+        match taken {
+            Some(mut tx) => {
+                if tx.ready().await.is_ok() {
+                    break tx;
+                }
+            }
+            None => {
+                let mut tx = connect(next).await?;
+                tx.ready().await?;
+                break tx;
+            }
+        }
+    };
+    let mut fwd = Request::post("/chain").header(hyper::header::HOST, "fn");
+    if let Some(ct) = ct {
+        fwd = fwd.header(hyper::header::CONTENT_TYPE, ct);
+    }
+    let resp = tx.send_request(fwd.body(Full::new(Bytes::from(body)))?).await?;
+    let (parts, b) = resp.into_parts();
+    let b = b.collect().await?.to_bytes();
+    pool.lock().map_err(|_| anyhow!("poisoned"))?.push(tx);
+    Ok(Response::from_parts(parts, Full::new(b)))
+}
+
+// ------------------------------------------------------------ processes
+
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts this binary in `role`; returns it and the port it printed.
+fn spawn_peer(role: &str, next: Option<u16>) -> Result<(Proc, u16)> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.env(ROLE_ENV, role).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cmd.env("RUST_LOG", "error");
+    if let Some(p) = next {
+        cmd.env(NEXT_ENV, format!("127.0.0.1:{p}"));
+    }
+    let mut child = cmd.spawn().with_context(|| format!("starting peer {role}"))?;
+    let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(out).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let proc = Proc { name: role.to_owned(), child };
+    let line = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| anyhow!("peer {role} did not get ready"))?;
+    let port = line.trim().strip_prefix("ready ").ok_or_else(|| anyhow!("peer {role} said {line:?}"))?.parse()?;
+    Ok((proc, port))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn nginx_bin() -> Result<PathBuf> {
+    for p in ["/usr/sbin/nginx", "/usr/bin/nginx"] {
+        if Path::new(p).exists() {
+            return Ok(p.into());
+        }
+    }
+    log_line("nginx not found: installing the Debian package (apt-get install -y nginx)");
+    let ok = Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends", "nginx"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let _ = Command::new("apt-get").arg("update").stdout(Stdio::null()).status();
+        let ok = Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", "nginx"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            bail!("nginx is missing and apt-get could not install it");
+        }
+    }
+    // The package may start a system nginx on port 80: not ours, leave it.
+    Ok("/usr/sbin/nginx".into())
+}
+
+#[allow(clippy::print_stderr)]
+fn log_line(s: &str) {
+    eprintln!("dne-bench ingress: {s}");
+}
+
+/// One nginx instance (master + `workers`) proxying `listen` to `upstream`.
+fn spawn_nginx(bin: &Path, dir: &Path, name: &str, listen: u16, upstream: u16, workers: usize) -> Result<Proc> {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d)?;
+    let conf = format!(
+        "daemon off;\nmaster_process on;\nworker_processes {workers};\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log warn;\nevents {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 60s;\n\
+         client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fcgi;\n\
+         uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         upstream up {{ server 127.0.0.1:{upstream}; keepalive 256; keepalive_requests 10000000; }}\n\
+         server {{\n    listen 127.0.0.1:{listen};\n    location / {{\n      proxy_pass http://up;\n\
+         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+        d = d.display()
+    );
+    let conf_path = d.join("nginx.conf");
+    std::fs::write(&conf_path, conf)?;
+    let child = Command::new(bin)
+        .arg("-c")
+        .arg(&conf_path)
+        .arg("-e")
+        .arg(d.join("error.log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting nginx {name}"))?;
+    let proc = Proc { name: format!("nginx-{name}"), child };
+    wait_listening(listen).with_context(|| format!("nginx {name} (see {}/error.log)", d.display()))?;
+    Ok(proc)
+}
+
+fn check_alive(procs: &mut [Proc]) -> Result<()> {
+    for p in procs {
+        if let Some(st) = p.child.try_wait()? {
+            bail!("{} exited during the run: {st}", p.name);
+        }
+    }
+    Ok(())
+}
+
+fn wait_listening(port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The processes of a setup, children included (nginx workers).
+fn all_pids(roots: &[u32]) -> Vec<u32> {
+    let mut pids = roots.to_vec();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            if stat(pid).is_some_and(|(ppid, _)| roots.contains(&ppid)) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// (ppid, utime + stime in clock ticks) of `pid`.
+fn stat(pid: u32) -> Option<(u32, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at `) `.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // rest[0] = state (field 3); ppid = field 4; utime = 14; stime = 15.
+    let ppid = f.get(1)?.parse().ok()?;
+    let ut: u64 = f.get(11)?.parse().ok()?;
+    let st: u64 = f.get(12)?.parse().ok()?;
+    Some((ppid, ut + st))
+}
+
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    pids.iter().filter_map(|&p| stat(p)).map(|(_, t)| t as f64).sum::<f64>() / hz
+}
+
+// ------------------------------------------------------------ load
+
+struct Run {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    cpu_per_10k: f64,
+    requests: u64,
+}
+
+impl Run {
+    /// Per-metric medians over rounds.
+    fn median(runs: &mut [Run]) -> Run {
+        let med = |runs: &mut [Run], f: fn(&Run) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Run {
+            rps: med(runs, |r| r.rps),
+            p50_us: med(runs, |r| r.p50_us),
+            p99_us: med(runs, |r| r.p99_us),
+            cpu_per_10k: med(runs, |r| r.cpu_per_10k),
+            requests: runs.iter().map(|r| r.requests).sum(),
+        }
+    }
+}
+
+fn expected(body: &[u8]) -> Vec<u8> {
+    let mut v = body.to_vec();
+    for _ in 0..CHAIN {
+        Transform::Rot13.apply(&mut v);
+    }
+    v
+}
+
+/// Drives `conns` keep-alive connections for `dur` (after `warm`), one
+/// request in flight per connection; checks every reply.
+fn load(port: u16, conns: usize, warm: Duration, dur: Duration, pids: &[u32]) -> Result<Run> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let body: Vec<u8> = (0..BODY).map(|i| b"abcdefghijklmnopqrstuvwxyz0123456789 ABC"[i % 40]).collect();
+    let want = Bytes::from(expected(&body));
+    let body = Bytes::from(body);
+    rt.block_on(async move {
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut senders = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            senders.push(connect(addr).await?);
+        }
+        let start = Instant::now();
+        let measure_from = start + warm;
+        let end = measure_from + dur;
+        let cpu0 = Arc::new(std::sync::Mutex::new(None::<(f64, Instant)>));
+        let mut tasks = Vec::with_capacity(conns);
+        for mut tx in senders {
+            let (body, want) = (body.clone(), want.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
+                loop {
+                    let t = Instant::now();
+                    if t >= end {
+                        break;
+                    }
+                    tx.ready().await?;
+                    let req = Request::post("/chain")
+                        .header(hyper::header::HOST, "bench")
+                        .header(hyper::header::CONTENT_TYPE, "text/plain")
+                        .body(Full::new(body.clone()))?;
+                    let resp = tx.send_request(req).await?;
+                    let status = resp.status();
+                    let got = resp.into_body().collect().await?.to_bytes();
+                    if status != StatusCode::OK || got != want {
+                        bail!("bad reply: {status}, {} bytes", got.len());
+                    }
+                    if t >= measure_from {
+                        lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                    }
+                }
+                Ok::<_, anyhow::Error>(lat)
+            }));
+        }
+        // Sample CPU at the start and the end of the measured window.
+        tokio::time::sleep_until(measure_from.into()).await;
+        *cpu0.lock().map_err(|_| anyhow!("poisoned"))? = Some((cpu_seconds(pids), Instant::now()));
+        tokio::time::sleep_until(end.into()).await;
+        let cpu1 = cpu_seconds(pids);
+        let t1 = Instant::now();
+        let mut all: Vec<u32> = Vec::new();
+        for t in tasks {
+            all.extend(t.await??);
+        }
+        let (c0, t0) = cpu0.lock().map_err(|_| anyhow!("poisoned"))?.ok_or_else(|| anyhow!("no CPU sample"))?;
+        all.sort_unstable();
+        let n = all.len() as u64;
+        if n == 0 {
+            bail!("no request completed in the measured window");
+        }
+        let pct = |p: f64| f64::from(all[((all.len() as f64 * p) as usize).min(all.len() - 1)]);
+        let secs = t1.duration_since(t0).as_secs_f64().max(dur.as_secs_f64());
+        Ok(Run {
+            rps: n as f64 / secs,
+            p50_us: pct(0.50),
+            p99_us: pct(0.99),
+            cpu_per_10k: (cpu1 - c0) / n as f64 * 10_000.0,
+            requests: n,
+        })
+    })
+}
+
+// ------------------------------------------------------------ the suite
+
+struct Setup {
+    procs: Vec<Proc>,
+    port: u16,
+    pids: Vec<u32>,
+}
+
+fn start_dne() -> Result<Setup> {
+    let (p, port) = spawn_peer("dne", None)?;
+    let pids = vec![p.child.id()];
+    Ok(Setup { procs: vec![p], port, pids })
+}
+
+fn start_baseline(dir: &Path) -> Result<Setup> {
+    let bin = nginx_bin()?;
+    let mut procs = Vec::new();
+    // From the last function back to the ingress.
+    let mut next_sidecar: Option<u16> = None;
+    for i in (1..=CHAIN).rev() {
+        let (f, port) = spawn_peer("fn", next_sidecar)?;
+        procs.push(f);
+        let sidecar = free_port()?;
+        procs.push(spawn_nginx(&bin, dir, &format!("sidecar-f{i}"), sidecar, port, 1)?);
+        next_sidecar = Some(sidecar);
+    }
+    let first = next_sidecar.ok_or_else(|| anyhow!("empty chain"))?;
+    let port = free_port()?;
+    procs.push(spawn_nginx(&bin, dir, "ingress", port, first, 2)?);
+    let roots: Vec<u32> = procs.iter().map(|p| p.child.id()).collect();
+    let pids = all_pids(&roots);
+    Ok(Setup { procs, port, pids })
+}
+
+fn run(opts: &Opts) -> Result<Report> {
+    let (warm, dur, rounds) = if opts.quick {
+        (Duration::from_millis(300), Duration::from_secs(2), 1)
+    } else {
+        (Duration::from_secs(1), Duration::from_secs(5), 3)
+    };
+    let dir = std::env::temp_dir().join(format!("dne-bench-ingress-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut dne = start_dne()?;
+    let mut base = start_baseline(&dir)?;
+    let names = [
+        "(a) DNE ingress + in-process chain (fabric path pending)",
+        "(b) nginx ingress + 3 x (nginx sidecar + fn server)",
+    ];
+    let mut table = Table::new(
+        format!(
+            "ingress: 3-function chain (ROT13 on a {BODY} B body), keep-alive, median of {rounds} x {} s per cell \
+             (rounds of a and b interleaved); CPU = all processes of the setup (a: 1 process; b: {} processes \
+             incl. nginx workers)",
+            dur.as_secs(),
+            base.pids.len()
+        ),
+        &["setup", "conns", "req/s", "p50 us", "p99 us", "CPU s/10k req", "requests"],
+    );
+    let mut ratios = Table::new(
+        "ingress: (a) against (b) (rps: a/b; p99 and CPU: b/a; higher is better for a)",
+        &["conns", "rps x", "p99 x", "CPU x"],
+    );
+    let mut report = Report::default();
+    for &c in &CONNS {
+        let (mut ra, mut rb) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            ra.push(load(dne.port, c, warm, dur, &dne.pids).context("load on (a)")?);
+            check_alive(&mut dne.procs)?;
+            rb.push(load(base.port, c, warm, dur, &base.pids).context("load on (b)")?);
+            check_alive(&mut base.procs)?;
+        }
+        let (a, b) = (Run::median(&mut ra), Run::median(&mut rb));
+        for (name, r) in names.iter().zip([&a, &b]) {
+            table.row(vec![
+                (*name).to_owned(),
+                c.to_string(),
+                fmt_num(r.rps),
+                fmt_num(r.p50_us),
+                fmt_num(r.p99_us),
+                fmt_num(r.cpu_per_10k),
+                r.requests.to_string(),
+            ]);
+        }
+        let (rx, px, cx) = (a.rps / b.rps, b.p99_us / a.p99_us, b.cpu_per_10k / a.cpu_per_10k);
+        ratios.row(vec![c.to_string(), fmt_num(rx), fmt_num(px), fmt_num(cx)]);
+        report.put(&format!("rps_c{c}_dne"), a.rps);
+        report.put(&format!("rps_c{c}_nginx"), b.rps);
+        report.put(&format!("rps_ratio_c{c}"), rx);
+        report.put(&format!("p99_ratio_c{c}"), px);
+        report.put(&format!("cpu_ratio_c{c}"), cx);
+        if c == 64 {
+            report.put("cpu_ratio", cx);
+            report.put("p99_us_c64_dne", a.p99_us);
+            report.put("p99_us_c64_nginx", b.p99_us);
+        }
+    }
+    report.put("dne_path", "in_process_chain");
+    drop(dne);
+    drop(base);
+    let _ = std::fs::remove_dir_all(&dir);
+    report.tables = vec![table, ratios];
+    Ok(report)
+}
