@@ -43,8 +43,9 @@ cargo fmt --manifest-path fuzz/Cargo.toml --check
 step "clippy x86_64"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "fabric verbs backend: clippy and build (no RDMA device needed; its tests need one, see README)"
+step "verbs backend (fabric, agent): clippy (no RDMA device needed; its tests need one, see README)"
 cargo clippy -p fabric --features verbs-hw --all-targets --locked -- -D warnings
+cargo clippy -p dpu-agent --features verbs --all-targets --locked -- -D warnings
 cargo build -p fabric --features verbs --locked
 
 step "build binaries and libraries (system tests start and link them)"

@@ -39,8 +39,13 @@ pub fn run(opts: &RunOptions, stop: &AtomicBool) -> anyhow::Result<()> {
             n.name
         ),
     }
+    #[cfg(not(feature = "verbs"))]
     if n.fabric == FabricKind::Verbs {
-        anyhow::bail!("node {}: fabric \"verbs\" is not wired into the agent yet; use fabric \"doca\"", n.name);
+        anyhow::bail!(
+            "node {}: fabric \"verbs\" needs an agent built with the feature `verbs` \
+             (cargo build --release -p dpu-agent --features verbs)",
+            n.name
+        );
     }
     let m = Arc::new(Metrics::new(&cfg, &n.name));
     let maddr = match (opts.metrics, &n.metrics) {
@@ -61,10 +66,18 @@ pub fn run(opts: &RunOptions, stop: &AtomicBool) -> anyhow::Result<()> {
     loop {
         let Some(links) = attach_all(&cfg, &socket, stop) else { return Ok(()) };
         log::info!("node {}: attached to host-shimd for {} tenants", n.name, links.len());
-        let mut engine = Engine::new(cfg.clone(), set.clone(), links, m.clone())?;
-        let exit = engine.run(stop);
+        let exit = match n.fabric {
+            FabricKind::Doca => {
+                Engine::new(cfg.clone(), set.clone(), links, m.clone(), fabric::cluster::doca_transport)?.run(stop)
+            }
+            #[cfg(feature = "verbs")]
+            FabricKind::Verbs => {
+                Engine::new(cfg.clone(), set.clone(), links, m.clone(), fabric::cluster::verbs_transport)?.run(stop)
+            }
+            #[cfg(not(feature = "verbs"))]
+            FabricKind::Verbs => anyhow::bail!("node {}: fabric \"verbs\" is not in this build", n.name),
+        };
         m.set_ready(false);
-        drop(engine);
         match exit {
             Exit::Stopped => {
                 log::info!("node {}: stopped", n.name);

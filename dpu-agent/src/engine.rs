@@ -29,7 +29,8 @@
 use crate::metrics::{Drop as Why, Metrics};
 use crate::sched::{Backlog, Drr, QUANTUM};
 use config::Cluster;
-use fabric::{Buffers, DocaTransport, Port, PortEvent};
+use fabric::cluster::MakeTransport;
+use fabric::{Buffers, Port, PortEvent, Transport};
 use host_shim::{Function, Msg, SendErrorKind};
 use shm::pool::Lease;
 use std::collections::VecDeque;
@@ -102,8 +103,8 @@ struct Tenant {
     backlog: VecDeque<Msg>,
 }
 
-/// The engine of one node.
-pub struct Engine {
+/// The engine of one node, over fabric transport `T`.
+pub struct Engine<T: Transport> {
     cfg: Arc<Cluster>,
     set: Settings,
     /// Node of each function id.
@@ -111,26 +112,33 @@ pub struct Engine {
     /// Number of fabric nodes (worker nodes and ingresses).
     fabric_nodes: u16,
     tenants: Vec<Tenant>,
-    port: Port<DocaTransport, Link>,
+    port: Port<T, Link>,
     drr: Drr,
     metrics: Arc<Metrics>,
     events: Vec<PortEvent>,
     next_status: Instant,
 }
 
-impl core::fmt::Debug for Engine {
+impl<T: Transport> core::fmt::Debug for Engine<T> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Engine").field("node", &self.set.node).finish_non_exhaustive()
     }
 }
 
-impl Engine {
+impl<T: Transport> Engine<T> {
     /// Builds the engine over attached host links (one per tenant, in
     /// tenant order): registers each pool with the fabric, starts the mesh.
-    pub fn new(cfg: Arc<Cluster>, set: Settings, links: Vec<Function>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: Arc<Cluster>,
+        set: Settings,
+        links: Vec<Function>,
+        metrics: Arc<Metrics>,
+        make: MakeTransport<T>,
+    ) -> anyhow::Result<Self> {
         let now = Instant::now();
         let flights = cfg.tenants.len() * host_shim::daemon::UPLINK_CAPACITY as usize;
-        let port = fabric::cluster::open_port(&cfg, set.node, links.into_iter().map(Link).collect(), flights)?;
+        let port =
+            fabric::cluster::open_port_with(&cfg, set.node, links.into_iter().map(Link).collect(), flights, make)?;
         let weights: Vec<(u32, Option<u64>)> =
             cfg.tenants.iter().map(|t| (t.weight, t.rate_cap_mbps.map(|m| u64::from(m) * 1_000_000))).collect();
         let tenants = cfg
@@ -476,7 +484,7 @@ impl Engine {
     }
 }
 
-impl Backlog for Engine {
+impl<T: Transport> Backlog for Engine<T> {
     fn head(&self, t: usize) -> Option<u64> {
         self.tenants[t]
             .queue

@@ -22,6 +22,9 @@ pub enum ClusterPortError {
     /// The DOCA device could not be found or opened.
     #[error("fabric device: {0}")]
     Device(doca::DocaError),
+    /// The ibverbs device could not be opened.
+    #[error("verbs device: {0}")]
+    Verbs(String),
     /// Setting the port up failed.
     #[error(transparent)]
     Port(#[from] PortError),
@@ -32,15 +35,45 @@ fn addr(cfg: &Cluster, id: u16) -> Result<SocketAddr, ClusterPortError> {
     a.parse().map_err(|_| ClusterPortError::NoNode(id))
 }
 
-/// The fabric port of a fabric node (an agent or an ingress) of `cfg`:
-/// an endpoint sized for the cluster on the node's emulated device, every
-/// tenant pool registered, the mesh to every other fabric node started.
+/// Makes the transport of a node: from the endpoint sizes and the node's
+/// fabric address.
+pub type MakeTransport<T> = fn(&EndpointConfig, SocketAddr) -> Result<T, ClusterPortError>;
+
+/// The DOCA transport (the SDK's RDMA, or the emulation on the device whose
+/// address is the node's).
+pub fn doca_transport(ecfg: &EndpointConfig, addr: SocketAddr) -> Result<DocaTransport, ClusterPortError> {
+    DocaTransport::new(open_device(addr)?, ecfg.max_conns, ecfg.send_window + 1 + ecfg.recv_depth)
+        .map_err(ClusterPortError::Device)
+}
+
+/// The ibverbs transport on the device named by `DNE_VERBS_DEVICE` (or the
+/// first one), see [`crate::VerbsConfig::from_env`].
+#[cfg(feature = "verbs")]
+pub fn verbs_transport(ecfg: &EndpointConfig, _addr: SocketAddr) -> Result<crate::VerbsTransport, ClusterPortError> {
+    crate::VerbsTransport::for_config(ecfg).map_err(|e| ClusterPortError::Verbs(e.to_string()))
+}
+
+/// The fabric port of a fabric node (an agent or an ingress) of `cfg` over
+/// the DOCA transport: see [`open_port_with`].
 pub fn open_port<B: Buffers>(
     cfg: &Cluster,
     me: u16,
     bufs: Vec<B>,
     flights: usize,
 ) -> Result<Port<DocaTransport, B>, ClusterPortError> {
+    open_port_with(cfg, me, bufs, flights, doca_transport)
+}
+
+/// The fabric port of a fabric node (an agent or an ingress) of `cfg`:
+/// an endpoint sized for the cluster on the transport `make` opens, every
+/// tenant pool registered, the mesh to every other fabric node started.
+pub fn open_port_with<T: crate::Transport, B: Buffers>(
+    cfg: &Cluster,
+    me: u16,
+    bufs: Vec<B>,
+    flights: usize,
+    make: MakeTransport<T>,
+) -> Result<Port<T, B>, ClusterPortError> {
     let fabric_nodes = (cfg.nodes.len() + cfg.ingresses.len()) as u16;
     let peers: Vec<(u16, SocketAddr)> = (0..fabric_nodes)
         .filter(|&i| i != me)
@@ -61,8 +94,7 @@ pub fn open_port<B: Buffers>(
         batch: 64,
     };
     let my_addr = addr(cfg, me)?;
-    let transport = DocaTransport::new(open_device(my_addr)?, ecfg.max_conns, ecfg.send_window + 1 + ecfg.recv_depth)
-        .map_err(ClusterPortError::Device)?;
+    let transport = make(&ecfg, my_addr)?;
     let name = match cfg.nodes.get(usize::from(me)) {
         Some(n) => n.name.clone(),
         None => cfg.ingresses.get(usize::from(me) - cfg.nodes.len()).ok_or(ClusterPortError::NoNode(me))?.name.clone(),
