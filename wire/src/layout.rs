@@ -11,6 +11,7 @@
 use crate::ctrl::{self, CtrlHeader};
 use crate::desc::Descriptor;
 use crate::fabric::{self, FabricHeader};
+use crate::http::{self, EnvelopeHeader};
 use crate::mesh;
 use crate::segment::{self, BufMeta, PoolControl, PoolHeader, RingCursor, RingHeader, RingSlot};
 use core::mem::{align_of, offset_of, size_of};
@@ -83,6 +84,7 @@ const ROWS: &[LayoutRow] = &[
     ty!(mesh::MeshHeader, magic, version, kind, len),
     ty!(mesh::MeshHello, node, pid, layout_hash, name),
     ty!(mesh::MeshConn, tenant, blob_len),
+    ty!(EnvelopeHeader, magic, version, kind, code, header_count, path_len, headers_len, pad_len, body_len),
     konst!(segment::POOL_MAGIC),
     konst!(segment::RING_MAGIC),
     konst!(segment::SEGMENT_VERSION),
@@ -101,6 +103,9 @@ const ROWS: &[LayoutRow] = &[
     konst!(ctrl::CTRL_VERSION),
     konst!(ctrl::MAX_EXPORT_BLOB),
     konst!(ctrl::MAX_LEND),
+    konst!(http::ENVELOPE_MAGIC),
+    konst!(http::ENVELOPE_VERSION),
+    konst!(http::REPLY_HEAD_ROOM),
 ];
 
 /// Every layout fact that peers rely on, in a fixed order.
