@@ -222,9 +222,17 @@ impl Cluster {
     /// Waits until every agent has at least `want` tenant connections up.
     pub fn wait_conns(&self, want: usize) {
         for i in 0..self.dirs.len() {
-            wait_for(&format!("agent n{i} has {want} fabric connections up"), WATCHDOG, || {
-                status_number(&self.status(i), "conns_up").is_some_and(|n| n >= want as u64)
-            });
+            let end = std::time::Instant::now() + WATCHDOG;
+            while !status_number(&self.status(i), "conns_up").is_some_and(|n| n >= want as u64) {
+                assert!(
+                    std::time::Instant::now() < end,
+                    "timed out after {WATCHDOG:?} waiting for agent n{i} to have {want} fabric connections up; \
+                     status: {}\nagent log:\n{}",
+                    self.status(i).trim(),
+                    self.log_tail(&format!("agent-n{i}"), 20)
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
     }
 
