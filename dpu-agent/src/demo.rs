@@ -29,9 +29,14 @@ use std::time::{Duration, Instant};
 /// Demo options.
 #[derive(Clone, Debug, clap::Args)]
 pub struct DemoOptions {
-    /// Seconds of load.
+    /// Seconds of load (with `--soak`: at least 600).
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
+    /// Soak: run at least 10 minutes, sample every process's resident
+    /// memory after a 60 s warm-up and at the end, and fail if any grew by
+    /// 5 % or more, or if any request was lost.
+    #[arg(long)]
+    pub soak: bool,
     /// Keep the cluster up (no load) and print curl commands; Ctrl-C ends.
     #[arg(long)]
     pub serve: bool,
@@ -332,12 +337,24 @@ fn post(addr: SocketAddr, path: &str, body: &[u8]) -> Option<(u16, Vec<u8>)> {
 }
 
 /// What one tenant's clients saw.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Tally {
     ok: AtomicU64,
     errors: AtomicU64,
-    lat_us: std::sync::Mutex<Vec<u32>>,
+    /// Latency histogram: one bucket per microsecond up to [`HIST_US`].
+    hist: std::sync::Mutex<Vec<u32>>,
 }
+
+impl Default for Tally {
+    fn default() -> Self {
+        Self { ok: AtomicU64::new(0), errors: AtomicU64::new(0), hist: std::sync::Mutex::new(vec![0; HIST_US + 1]) }
+    }
+}
+
+/// Latencies above this many microseconds count in the last bucket.
+const HIST_US: usize = 1_000_000;
+/// A request without an answer for this long counts as lost.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn expected_chain(body: &[u8]) -> Vec<u8> {
     use dne_functions::Transform;
@@ -349,16 +366,11 @@ fn expected_chain(body: &[u8]) -> Vec<u8> {
 }
 
 /// One closed-loop client on a keep-alive connection until `stop`.
-async fn client(
-    addr: SocketAddr,
-    path: String,
-    body: bytes::Bytes,
-    want: Arc<Vec<u8>>,
-    tally: Arc<Tally>,
-    stop: Arc<AtomicBool>,
-) {
+#[allow(clippy::too_many_arguments)]
+async fn client(addr: SocketAddr, path: String, tag: String, len: usize, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
     use http_body_util::{BodyExt, Full};
-    let mut lat = Vec::with_capacity(1 << 16);
+    let mut hist = vec![0u32; HIST_US + 1];
+    let mut n: u64 = 0;
     'conn: while !stop.load(Ordering::Relaxed) {
         let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
             tally.errors.fetch_add(1, Ordering::Relaxed);
@@ -373,42 +385,71 @@ async fn client(
         };
         tokio::spawn(conn);
         while !stop.load(Ordering::Relaxed) {
-            let req =
-                hyper::Request::post(path.as_str()).header(hyper::header::HOST, "demo").body(Full::new(body.clone()));
+            // Every body is unique, so a reply that is lost, duplicated or
+            // given to the wrong request cannot pass the check.
+            n += 1;
+            let body = request_body(&tag, n, len);
+            let want = expected_chain(&body);
+            let req = hyper::Request::post(path.as_str())
+                .header(hyper::header::HOST, "demo")
+                .body(Full::new(bytes::Bytes::from(body)));
             let Ok(req) = req else { break 'conn };
             let t0 = Instant::now();
-            let ok = match send.send_request(req).await {
-                Ok(resp) => {
-                    let status = resp.status();
-                    match resp.into_body().collect().await {
-                        Ok(b) => status == hyper::StatusCode::OK && b.to_bytes()[..] == want[..],
-                        Err(_) => false,
-                    }
+            let exchange = async {
+                let resp = send.send_request(req).await.map_err(|_| ())?;
+                let status = resp.status();
+                let b = resp.into_body().collect().await.map_err(|_| ())?.to_bytes();
+                Ok::<bool, ()>(status == hyper::StatusCode::OK && b[..] == want[..])
+            };
+            match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+                Ok(Ok(true)) => {
+                    tally.ok.fetch_add(1, Ordering::Relaxed);
+                    let us = usize::try_from(t0.elapsed().as_micros()).unwrap_or(HIST_US).min(HIST_US);
+                    hist[us] += 1;
                 }
-                Err(_) => {
+                Ok(Ok(false)) => {
+                    tally.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                // Connection broken or no answer in time: a new connection.
+                Ok(Err(())) | Err(_) => {
                     tally.errors.fetch_add(1, Ordering::Relaxed);
                     continue 'conn;
                 }
-            };
-            if ok {
-                tally.ok.fetch_add(1, Ordering::Relaxed);
-                lat.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
-            } else {
-                tally.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
-    if let Ok(mut l) = tally.lat_us.lock() {
-        l.extend_from_slice(&lat);
+    if let Ok(mut h) = tally.hist.lock() {
+        for (a, b) in h.iter_mut().zip(&hist) {
+            *a += b;
+        }
     }
 }
 
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
+/// A request body of `len` bytes that starts with a unique tag.
+fn request_body(tag: &str, n: u64, len: usize) -> Vec<u8> {
+    let mut v = format!("{tag}-{n:010} ").into_bytes();
+    v.resize(len.max(v.len()), 0);
+    for (i, b) in v.iter_mut().enumerate().skip(tag.len() + 12) {
+        *b = b"abcdefghijklmnopqrstuvwxyz0123456789 "[i % 37];
+    }
+    v
+}
+
+/// The `p` quantile of a microsecond histogram.
+fn percentile(hist: &[u32], p: f64) -> f64 {
+    let total: u64 = hist.iter().map(|&c| u64::from(c)).sum();
+    if total == 0 {
         return 0.0;
     }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    f64::from(sorted[i.min(sorted.len() - 1)])
+    let want = (total as f64 * p).ceil().max(1.0) as u64;
+    let mut seen = 0u64;
+    for (us, &c) in hist.iter().enumerate() {
+        seen += u64::from(c);
+        if seen >= want {
+            return us as f64;
+        }
+    }
+    HIST_US as f64
 }
 
 /// Sum of a per-tenant counter over every agent's `/metrics`.
@@ -434,6 +475,23 @@ fn get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
+}
+
+/// Resident memory of a process in KiB (`VmRSS`), `None` once it is gone.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Resident memory of every child and of the demo itself (the clients).
+fn rss_all(demo: &Demo) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> =
+        demo.children.iter().filter_map(|(n, c)| rss_kib(c.id()).map(|r| (n.clone(), r))).collect();
+    if let Some(r) = rss_kib(std::process::id()) {
+        v.push(("demo (clients)".into(), r));
+    }
+    v
 }
 
 /// Runs the demo; returns whether everything worked.
@@ -462,21 +520,21 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
         println!("stopping");
         return Ok(true);
     }
+    let duration = if opts.soak { opts.duration.max(600) } else { opts.duration };
+    let warmup = Duration::from_secs(60);
+    let mut rss_warm: Option<Vec<(String, u64)>> = None;
     let stop = Arc::new(AtomicBool::new(false));
-    let body: Vec<u8> = (0..opts.body).map(|i| b"abcdefghijklmnopqrstuvwxyz0123456789 "[i % 37]).collect();
-    let want = Arc::new(expected_chain(&body));
-    let body = bytes::Bytes::from(body);
     let tallies: Vec<Arc<Tally>> = TENANTS.iter().map(|_| Arc::new(Tally::default())).collect();
     let interrupted = rt.block_on(async {
         let mut tasks = Vec::new();
         for (k, (t, _)) in TENANTS.iter().enumerate() {
-            for _ in 0..opts.connections {
+            for c in 0..opts.connections {
                 let path = format!("/{t}/chain");
                 tasks.push(tokio::spawn(client(
                     demo.http,
                     path,
-                    body.clone(),
-                    want.clone(),
+                    format!("{t}-{c}"),
+                    opts.body,
                     tallies[k].clone(),
                     stop.clone(),
                 )));
@@ -487,7 +545,10 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
         let mut interrupted = false;
         let ctrl_c = tokio::signal::ctrl_c();
         tokio::pin!(ctrl_c);
-        while start.elapsed() < Duration::from_secs(opts.duration) {
+        while start.elapsed() < Duration::from_secs(duration) {
+            if opts.soak && rss_warm.is_none() && start.elapsed() >= warmup {
+                rss_warm = Some(rss_all(&demo));
+            }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = &mut ctrl_c => { interrupted = true; break; }
@@ -509,7 +570,25 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
         }
         interrupted
     });
-    let secs = opts.duration.max(1) as f64;
+    let secs = duration.max(1) as f64;
+    let mut soak_ok = true;
+    if opts.soak {
+        let end = rss_all(&demo);
+        println!("\n  {:<22} {:>12} {:>12} {:>8}", "process", "RSS warm KiB", "RSS end KiB", "growth");
+        for (name, warm) in rss_warm.iter().flatten() {
+            let Some((_, last)) = end.iter().find(|(n, _)| n == name) else { continue };
+            let growth = (*last as f64 - *warm as f64) / (*warm).max(1) as f64 * 100.0;
+            // The demo process itself (the load clients) is shown, not judged.
+            if growth >= 5.0 && name != "demo (clients)" {
+                soak_ok = false;
+            }
+            println!("  {name:<22} {warm:>12} {last:>12} {growth:>7.1}%");
+        }
+        if rss_warm.is_none() {
+            println!("  (interrupted before the end of the warm-up: no memory verdict)");
+            soak_ok = false;
+        }
+    }
     let total_ok: u64 = tallies.iter().map(|t| t.ok.load(Ordering::Relaxed)).sum();
     let total_err: u64 = tallies.iter().map(|t| t.errors.load(Ordering::Relaxed)).sum();
     let wsum: u32 = TENANTS.iter().map(|(_, w)| w).sum();
@@ -519,8 +598,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
     );
     for (k, (t, w)) in TENANTS.iter().enumerate() {
         let ok = tallies[k].ok.load(Ordering::Relaxed);
-        let mut lat = tallies[k].lat_us.lock().map(|l| l.clone()).unwrap_or_default();
-        lat.sort_unstable();
+        let lat = tallies[k].hist.lock().map(|h| h.clone()).unwrap_or_default();
         let bytes = agent_counter(&demo.cluster, "dne_agent_fabric_tx_bytes_total", t);
         println!(
             "  {:<8} {:>6} {:>10} {:>9.0} {:>9.0} {:>9.0} {:>13.0} {:>6.1}% {:>6.1}% {:>7}",
@@ -543,7 +621,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
     println!(
         "  checked byte for byte. Shares follow weights only when the fabric is the bottleneck; here the 2 CPUs are."
     );
-    let ok = !interrupted && total_err == 0 && tallies.iter().all(|t| t.ok.load(Ordering::Relaxed) > 0);
+    let ok = soak_ok && !interrupted && total_err == 0 && tallies.iter().all(|t| t.ok.load(Ordering::Relaxed) > 0);
     demo.check_children()?;
     drop(demo);
     println!("RESULT requests={total_ok} errors={total_err} tenants={} nodes=2", TENANTS.len());
