@@ -223,7 +223,7 @@ impl Cluster {
     pub fn wait_conns(&self, want: usize) {
         for i in 0..self.dirs.len() {
             let end = std::time::Instant::now() + WATCHDOG;
-            while !status_number(&self.status(i), "conns_up").is_some_and(|n| n >= want as u64) {
+            while status_number(&self.status(i), "conns_up").is_none_or(|n| n < want as u64) {
                 assert!(
                     std::time::Instant::now() < end,
                     "timed out after {WATCHDOG:?} waiting for agent n{i} to have {want} fabric connections up; \
