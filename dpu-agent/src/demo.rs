@@ -11,8 +11,10 @@
 //!   on loopback otherwise;
 //! * one ingress (HTTP on 127.0.0.1) that is a fabric node of its own;
 //! * three tenants with weights 4, 2 and 1, each with an echo route (one
-//!   function on `n0`) and a chain route of three functions across both
-//!   nodes (`upper` on n0, `rot13` on n1, `reverse` on n0).
+//!   function on `n0`), a chain route of three functions across both nodes
+//!   (`upper` on n0, `rot13` on n1, `reverse` on n0), and a fan-out route
+//!   (`fan` on n0 sends a copy to `b0` (upper, n0) and `b1` (rot13, n1);
+//!   `agg` on n0 gathers both bodies into the reply).
 //!
 //! Everything it starts is killed, and its namespaces and scratch directory
 //! removed, when it ends (normally, on an error, or on Ctrl-C).
@@ -55,6 +57,19 @@ pub struct DemoOptions {
 }
 
 const TENANTS: [(&str, u32); 3] = [("gold", 4), ("silver", 2), ("bronze", 1)];
+
+/// Every tenant's functions: name suffix, node, transform, and the fan-out
+/// role (`--fanout`, `--branch-to` or `--gather`, with `{t}` the tenant).
+const FUNCTIONS: [(&str, u16, &str, &[&str]); 8] = [
+    ("echo", 0, "echo", &[]),
+    ("upper", 0, "upper", &[]),
+    ("rot13", 1, "rot13", &[]),
+    ("reverse", 0, "reverse", &[]),
+    ("fan", 0, "echo", &["--fanout", "{t}-b0,{t}-b1"]),
+    ("b0", 0, "upper", &["--branch-to", "{t}-agg"]),
+    ("b1", 1, "rot13", &["--branch-to", "{t}-agg"]),
+    ("agg", 0, "echo", &["--gather", "2"]),
+];
 const READY_WITHIN: Duration = Duration::from_secs(60);
 
 fn free_port(ip: &str) -> anyhow::Result<SocketAddr> {
@@ -180,13 +195,13 @@ fn cluster_file(
             s,
             "\n[[tenant]]\nname = \"{t}\"\nweight = {w}\nbuf_size = 4096\nbuffers = 2048\nrecv_quota = 256\nmax_chain = 300\n"
         );
-        for (f, node) in [("echo", 0), ("upper", 0), ("rot13", 1), ("reverse", 0)] {
+        for (f, node, _, _) in FUNCTIONS {
             let _ = write!(s, "\n[[function]]\nname = \"{t}-{f}\"\ntenant = \"{t}\"\nnode = \"n{node}\"\n");
         }
-        let _ = write!(
-            s,
-            "\n[[route]]\npath = \"/{t}/echo\"\ntenant = \"{t}\"\nchain = [\"{t}-echo\"]\n\n[[route]]\npath = \"/{t}/chain\"\ntenant = \"{t}\"\nchain = [\"{t}-upper\", \"{t}-rot13\", \"{t}-reverse\"]\n"
-        );
+        for (path, chain) in [("echo", "echo"), ("chain", "upper\", \"{t}-rot13\", \"{t}-reverse"), ("fanout", "fan")] {
+            let chain = chain.replace("{t}", t);
+            let _ = write!(s, "\n[[route]]\npath = \"/{t}/{path}\"\ntenant = \"{t}\"\nchain = [\"{t}-{chain}\"]\n");
+        }
     }
     s
 }
@@ -266,7 +281,10 @@ impl Demo {
                 &d.cluster.nodes[usize::from(d.cluster.node_id(&f.node).unwrap_or(0))].runtime_dir,
             );
             let sock = socket.to_string_lossy().into_owned();
-            let transform = f.name.rsplit('-').next().unwrap_or("echo").to_owned();
+            let suffix = f.name.rsplit('-').next().unwrap_or("echo");
+            let (_, _, transform, extra) =
+                FUNCTIONS.iter().find(|x| x.0 == suffix).copied().unwrap_or(("", 0, "echo", &[]));
+            let extra: Vec<String> = extra.iter().map(|a| a.replace("{t}", &f.tenant)).collect();
             let deadline = Instant::now() + READY_WITHIN;
             while !socket.exists() {
                 d.check_children()?;
@@ -286,10 +304,13 @@ impl Demo {
                     "--function",
                     &f.name,
                     "--transform",
-                    &transform,
+                    transform,
                     "--config",
                     &cfg,
-                ],
+                ]
+                .into_iter()
+                .chain(extra.iter().map(String::as_str))
+                .collect::<Vec<_>>(),
             )?;
         }
         d.spawn("ingress", None, &["role", "ingress", "--config", &cfg, "--name", "edge"])?;
@@ -303,7 +324,17 @@ impl Demo {
         for path in routes {
             loop {
                 self.check_children()?;
-                if post(self.http, &path, b"ping").is_some_and(|(c, _)| c == 200) {
+                if let Some((code, body)) = post(self.http, &path, b"ping")
+                    && code == 200
+                {
+                    let want: &[u8] = if path.ends_with("/echo") {
+                        b"ping"
+                    } else if path.ends_with("/chain") {
+                        b"TAVC"
+                    } else {
+                        b"PINGcvat"
+                    };
+                    anyhow::ensure!(body.ends_with(want), "route {path} answered {:?}", String::from_utf8_lossy(&body));
                     break;
                 }
                 anyhow::ensure!(
@@ -503,7 +534,12 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
     let where_ = if demo.netns.is_some() { "each agent in its own network namespace" } else { "on loopback" };
     println!("  cluster file {}  ({where_})", demo.config.display());
     let took = demo.wait_ready()?;
-    println!("  {} processes up, every route answers, in {:.1} s", demo.children.len(), took.as_secs_f64());
+    println!(
+        "  {} processes up and every route answers correctly, in {:.1} s: per tenant /<t>/echo, /<t>/chain \
+         (upper n0 -> rot13 n1 -> reverse n0), /<t>/fanout (branches upper n0 and rot13 n1, gathered on n0)",
+        demo.children.len(),
+        took.as_secs_f64()
+    );
     if opts.serve {
         println!("\nThe cluster is up. Try:");
         for r in &demo.cluster.routes {

@@ -39,6 +39,18 @@ pub struct FnArgs {
     /// to the ingress.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Fan-out (on an ingress route): send each request on to every
+    /// function listed, a copy each, tagged with its branch number.
+    #[arg(long, value_delimiter = ',')]
+    pub fanout: Vec<String>,
+    /// A fan-out branch: transform the request's body in place and send it
+    /// on to this gathering function.
+    #[arg(long)]
+    pub branch_to: Option<String>,
+    /// Gather: wait for this many branches of each request, then reply
+    /// with their bodies concatenated in branch order.
+    #[arg(long, default_value_t = 0)]
+    pub gather: u16,
 }
 
 /// Runs a sample function until its host-shimd goes away: attaches, prints
@@ -57,6 +69,7 @@ pub fn serve(args: FnArgs) -> anyhow::Result<()> {
         Some(p) => config::Cluster::load(p)?.routes.into_iter().map(|r| r.chain).collect(),
         None => Vec::new(),
     };
+    let mut fan = Fan::default();
     loop {
         let mut msg = f.recv()?;
         if msg.desc().flags & wire::DescFlags::ERROR != 0 {
@@ -66,6 +79,12 @@ pub fn serve(args: FnArgs) -> anyhow::Result<()> {
             continue;
         }
         let d = *msg.desc();
+        if routes.get(usize::from(d.route)).is_some()
+            && (!args.fanout.is_empty() || args.branch_to.is_some() || args.gather > 0)
+        {
+            fan.handle(&mut f, &args, t, msg)?;
+            continue;
+        }
         let next = match routes.get(usize::from(d.route)) {
             // An HTTP request on an ingress route: transform the body of its
             // envelope in place; the last function turns it into the reply.
@@ -144,4 +163,131 @@ fn send_retrying(f: &mut Function, msg: host_shim::Msg, to: Option<&str>) -> any
             }
         }
     }
+}
+
+/// How long a gathering function keeps the branches of a request that never
+/// completes.
+const GATHER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The fan-out and gather roles' state.
+#[derive(Debug, Default)]
+struct Fan {
+    /// Branches received so far, per request.
+    parts: std::collections::HashMap<u32, (std::time::Instant, Vec<Option<host_shim::Msg>>)>,
+}
+
+impl Fan {
+    fn handle(&mut self, f: &mut Function, args: &FnArgs, t: Transform, mut msg: host_shim::Msg) -> anyhow::Result<()> {
+        let d = *msg.desc();
+        if !args.fanout.is_empty() {
+            // One copy per branch but the last, which takes the original.
+            let k = args.fanout.len();
+            for (i, to) in args.fanout.iter().enumerate() {
+                let mut m = if i + 1 == k {
+                    std::mem::replace(&mut msg, f.alloc(0)?)
+                } else {
+                    let mut c = f.alloc(msg.len())?;
+                    for j in 0..msg.frags() {
+                        f.payload_mut(&mut c, j).copy_from_slice(f.payload(&msg, j));
+                    }
+                    c
+                };
+                let dm = m.desc_mut();
+                *dm = wire::Descriptor { hop: i as u8, buf: dm.buf, len: dm.len, ..d };
+                if let Err(e) = send_retrying(f, m, Some(to)) {
+                    log::warn!("fan-out to {to}: {e}");
+                }
+            }
+            f.free(msg)?;
+            return Ok(());
+        }
+        if let Some(to) = &args.branch_to {
+            if let Err(e) = crate::handle_envelope(&mut crate::MsgFrags::new(f, &mut msg), t, crate::Next::Forward) {
+                log::warn!("request {}: {e}", d.request);
+                f.free(msg)?;
+                return Ok(());
+            }
+            return send_retrying(f, msg, Some(to));
+        }
+        // Gather.
+        let now = std::time::Instant::now();
+        let n = usize::from(args.gather);
+        let stale: Vec<u32> = self
+            .parts
+            .iter()
+            .filter(|(_, (t0, _))| now.duration_since(*t0) > GATHER_TIMEOUT)
+            .map(|(r, _)| *r)
+            .collect();
+        for r in stale {
+            for m in self.parts.remove(&r).into_iter().flat_map(|(_, v)| v).flatten() {
+                f.free(m)?;
+            }
+        }
+        let entry = self.parts.entry(d.request).or_insert_with(|| (now, (0..n).map(|_| None).collect()));
+        match entry.1.get_mut(usize::from(d.hop)) {
+            Some(slot @ None) => *slot = Some(msg),
+            _ => {
+                log::warn!("request {}: unexpected branch {}", d.request, d.hop);
+                f.free(msg)?;
+                return Ok(());
+            }
+        }
+        if entry.1.iter().any(Option::is_none) {
+            return Ok(());
+        }
+        let parts: Vec<host_shim::Msg> =
+            self.parts.remove(&d.request).map(|(_, v)| v.into_iter().flatten().collect()).unwrap_or_default();
+        let reply = gather_reply(f, &parts);
+        for m in parts {
+            f.free(m)?;
+        }
+        match reply {
+            Ok(mut r) => {
+                let dm = r.desc_mut();
+                *dm = wire::Descriptor { hop: 0, buf: dm.buf, len: dm.len, ..d };
+                send_retrying(f, r, None)
+            }
+            Err(e) => {
+                log::warn!("request {}: gathering failed: {e}", d.request);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A response envelope whose body is the branches' bodies, in order.
+fn gather_reply(f: &mut Function, parts: &[host_shim::Msg]) -> anyhow::Result<host_shim::Msg> {
+    use wire::http::{HeadSpec, Start};
+    let mut bodies = Vec::with_capacity(parts.len());
+    for p in parts {
+        let frags: Vec<&[u8]> = (0..p.frags()).map(|k| f.payload(p, k)).collect();
+        let env = wire::http::decode(&frags[..])?;
+        bodies.push((u64::from(env.body_offset), u64::from(env.body_len)));
+    }
+    let total: u64 = bodies.iter().map(|b| b.1).sum();
+    let headers: [(&[u8], &[u8]); 1] = [(b"content-type", b"application/octet-stream")];
+    let spec = HeadSpec { start: Start::Response { status: 200 }, headers: &headers };
+    let head = spec.len()?;
+    let len = u32::try_from(u64::from(head) + total)?;
+    let mut out = f.alloc(len)?;
+    let mut at = u64::from(head);
+    {
+        let f: &Function = f;
+        let mut dst = crate::MsgFrags::new(f, &mut out);
+        wire::http::encode_head(&mut dst, &spec, 0, u32::try_from(total)?)?;
+        for (p, (off, blen)) in parts.iter().zip(&bodies) {
+            let frags: Vec<&[u8]> = (0..p.frags()).map(|k| f.payload(p, k)).collect();
+            let mut err = None;
+            wire::http::for_each_piece(&frags[..], *off, *blen, |piece| {
+                if err.is_none() {
+                    err = wire::http::write_at(&mut dst, at, piece).err();
+                    at += piece.len() as u64;
+                }
+            });
+            if let Some(e) = err {
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(out)
 }
