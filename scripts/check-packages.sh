@@ -63,13 +63,13 @@ $list"
 check_deb "$agent_deb" dpu-agent arm64 \
   /usr/bin/dpu-agent /usr/lib/dne/dpu-agent-start /usr/lib/systemd/system/dpu-agent.service \
   /etc/dne/cluster.toml /etc/default/dpu-agent /usr/share/doc/dpu-agent/README.md \
-  /usr/share/doc/dpu-agent/copyright /usr/share/doc/dpu-agent/changelog.Debian.gz \
+  /usr/share/doc/dpu-agent/copyright /usr/share/doc/dpu-agent/changelog.gz \
   /usr/share/doc/dpu-agent/bf.cfg.example
 check_deb "$shim_deb" host-shim amd64 \
   /usr/bin/host-shimd /usr/lib/dne/host-shimd-start /usr/lib/systemd/system/host-shimd.service \
   "/usr/lib/$multiarch/libdne_shim.so" "/usr/lib/$multiarch/libdne_shim.a" /usr/include/dne_shim.h \
   "/usr/lib/$multiarch/pkgconfig/dne-shim.pc" /usr/lib/sysusers.d/dne.conf /etc/default/host-shimd \
-  /usr/share/doc/host-shim/README.md /usr/share/doc/host-shim/copyright \
+  /usr/share/doc/host-shim/README.md /usr/share/doc/host-shim/copyright /usr/share/doc/host-shim/changelog.gz \
   /usr/share/doc/host-shim/examples/cluster.toml /usr/share/doc/host-shim/examples/upper_fn.c
 
 for deb in "$agent_deb" "$shim_deb"; do
@@ -81,7 +81,8 @@ for deb in "$agent_deb" "$shim_deb"; do
 done
 grep -qx '/etc/dne/cluster.toml' "$work/control-dpu-agent/conffiles" || fail "cluster.toml is not a conffile"
 grep -qx '/etc/default/host-shimd' "$work/control-host-shim/conffiles" || fail "/etc/default/host-shimd is not a conffile"
-ok "maintainer scripts parse, conffiles listed"
+grep -qx 'activate-noawait ldconfig' "$work/control-host-shim/triggers" || fail "host-shim does not trigger ldconfig"
+ok "maintainer scripts parse, conffiles and the ldconfig trigger listed"
 
 # The scratch root: both packages unpacked.
 sr="$work/root"

@@ -96,8 +96,8 @@ stage_doc() {
     printf '%s (%s) unstable; urgency=medium\n\n' "$2" "$version"
     printf '  * Built by scripts/package.sh from DNE commit %s.\n\n' "$commit"
     printf ' -- %s  %s\n' "$maintainer" "$(date -u -R -d "@$SOURCE_DATE_EPOCH")"
-  } | gzip -9n > "$d/changelog.Debian.gz"
-  chmod 644 "$d/changelog.Debian.gz"
+  } | gzip -9n > "$d/changelog.gz"   # a native package: changelog.gz
+  chmod 644 "$d/changelog.gz"
 }
 
 # build_deb PKGDIR: control fields that depend on the staged files, then
@@ -139,7 +139,7 @@ if [ -z "$only" ] || [ "$only" = dpu-agent ]; then
     echo "package.sh: building dpu-agent for x86_64"
     agent=$(host_cargo build --release --locked -p dpu-agent --message-format=json-render-diagnostics \
       ${DNE_AGENT_CARGO_ARGS:-} | grep -F '"kind":["bin"]' | json_field '"reason":"compiler-artifact"' executable)
-    strip_tool=strip
+    strip_tool="strip"
     elf_want="x86-64"
   fi
   [ -n "$agent" ] && [ -x "$agent" ] || { echo "package.sh: cargo did not report the dpu-agent executable" >&2; exit 1; }
@@ -235,6 +235,7 @@ if [ -z "$only" ] || [ "$only" = host-shim ]; then
   install -m 644 functions/c/upper_fn.c "$p/usr/share/doc/host-shim/examples/upper_fn.c"
   for s in postinst prerm postrm; do install -m 755 "packaging/host-shim/$s" "$p/DEBIAN/$s"; done
   printf '/etc/default/host-shimd\n' > "$p/DEBIAN/conffiles"
+  install -m 644 packaging/host-shim/triggers "$p/DEBIAN/triggers"
   check_needed "$p/usr/bin/host-shimd" "$p/usr/lib/$multiarch/libdne_shim.so"
   glibc=$(glibc_needed "$p/usr/bin/host-shimd" "$p/usr/lib/$multiarch/libdne_shim.so")
   cat > "$p/DEBIAN/control" <<EOF
