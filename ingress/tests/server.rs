@@ -120,7 +120,7 @@ buffers = {ingress_buffers}
     config::Cluster::parse(&text).unwrap()
 }
 
-const SLOW: Duration = Duration::from_millis(600);
+const SLOW: Duration = Duration::from_millis(1000);
 
 struct Server {
     addr: SocketAddr,
@@ -322,7 +322,8 @@ async fn every_edge_status() {
     let mut s = TcpStream::connect(srv.addr).await.unwrap();
     s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
     let piece = vec![b'z'; 256 << 10];
-    for _ in 0..8 {
+    // Just over the limit, so little is left unread when the server closes.
+    for _ in 0..5 {
         let mut chunk = format!("{:x}\r\n", piece.len()).into_bytes();
         chunk.extend_from_slice(&piece);
         chunk.extend_from_slice(b"\r\n");
@@ -418,12 +419,23 @@ async fn a_slow_client_is_served_and_does_not_hold_up_others() {
     let body = random_bytes(200_000, 3);
     let addr = srv.addr;
     let slow_body = body.clone();
+    let (half_sent, half_sent_rx) = tokio::sync::oneshot::channel::<()>();
+    let (go, go_rx) = tokio::sync::oneshot::channel::<()>();
     let slow = tokio::spawn(async move {
         let mut s = TcpStream::connect(addr).await.unwrap();
         let head = format!("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", slow_body.len());
         s.write_all(head.as_bytes()).await.unwrap();
-        for piece in slow_body.chunks(slow_body.len() / 8 + 1) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let pieces: Vec<&[u8]> = slow_body.chunks(slow_body.len() / 8 + 1).collect();
+        let (first, second) = pieces.split_at(pieces.len() / 2);
+        for piece in first {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            s.write_all(piece).await.unwrap();
+        }
+        // Half the body is in: let the others run, then go on.
+        half_sent.send(()).unwrap();
+        go_rx.await.unwrap();
+        for piece in second {
+            tokio::time::sleep(Duration::from_millis(50)).await;
             s.write_all(piece).await.unwrap();
         }
         // Read the reply slowly too.
@@ -442,13 +454,14 @@ async fn a_slow_client_is_served_and_does_not_hold_up_others() {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     });
-    // Meanwhile other clients go through.
+    // While the slow client is half-way through its body, others go through.
+    tokio::time::timeout(Duration::from_secs(20), half_sent_rx).await.unwrap().unwrap();
     let mut c = Client::connect(srv.addr).await;
     for i in 0..20 {
         let (st, _, got) = c.post("/echo", format!("fast {i}").as_bytes()).await;
         assert_eq!((st, got), (StatusCode::OK, format!("fast {i}").into_bytes()));
     }
-    assert!(!slow.is_finished(), "the slow client should still be sending");
+    go.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(30), slow).await.unwrap().unwrap();
     srv.assert_no_leak().await;
     srv.stop().await;
@@ -515,10 +528,18 @@ async fn exhausted_pool_and_full_queue_answer_503_with_retry_after() {
     let cfg = InProcessConfig { workers: 1, queue_depth: 1, queue_wait: Duration::from_millis(50) };
     let srv = Server::start(64, cfg).await;
     let mut busy = Vec::new();
-    for _ in 0..2 {
+    let pool = srv.ingress.pools().get(0).unwrap().clone();
+    for n in 1..=2 {
         let addr = srv.addr;
         busy.push(tokio::spawn(async move { Client::connect(addr).await.post("/patient", b"busy").await.0 }));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Until the request holds its buffer (in the worker, then queued).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pool.capacity() - pool.free_buffers() < n {
+            assert!(Instant::now() < deadline, "request {n} never arrived");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // Give the worker time to take the first one off the queue.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (st, h, _) = Client::connect(srv.addr).await.post("/echo", b"queued out").await;
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
@@ -534,11 +555,17 @@ async fn exhausted_pool_and_full_queue_answer_503_with_retry_after() {
 async fn shutdown_finishes_in_flight_requests_then_refuses() {
     let srv = Server::default().await;
     let addr = srv.addr;
-    let in_flight = tokio::spawn(async move { Client::connect(addr).await.post("/patient", b"finish me").await });
     // An idle keep-alive connection must not hold shutdown up.
     let mut idle = Client::connect(addr).await;
     assert_eq!(idle.post("/echo", b"x").await.0, StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    let in_flight = tokio::spawn(async move { Client::connect(addr).await.post("/patient", b"finish me").await });
+    // Wait until the request holds its buffer (it is in the chain).
+    let pool = srv.ingress.pools().get(0).unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.free_buffers() == pool.capacity() {
+        assert!(Instant::now() < deadline, "the request never arrived");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let ingress = srv.ingress.clone();
     srv.stop().await;
     let (st, _, body) = in_flight.await.unwrap();
