@@ -227,9 +227,12 @@ impl Cluster {
                 assert!(
                     std::time::Instant::now() < end,
                     "timed out after {WATCHDOG:?} waiting for agent n{i} to have {want} fabric connections up; \
-                     status: {}\nagent log:\n{}",
+                     status: {}\nagents' logs:\n{}",
                     self.status(i).trim(),
-                    self.log_tail(&format!("agent-n{i}"), 20)
+                    (0..self.dirs.len())
+                        .map(|k| format!("n{k}:\n{}", self.log_tail(&format!("agent-n{k}"), 20)))
+                        .collect::<Vec<_>>()
+                        .join("\n")
                 );
                 std::thread::sleep(Duration::from_millis(2));
             }
