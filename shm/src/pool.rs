@@ -595,7 +595,7 @@ mod tests {
         assert_eq!(p.reclaim_held(A), 1);
         assert_eq!(p.owner(head), Ok(Owner::Function(A)));
         assert_eq!(p.owner(held.head()), Ok(Owner::Free));
-        std::mem::forget(held);
+        let _reclaimed_by_the_pool = held;
     }
 
     #[test]
@@ -667,7 +667,7 @@ mod tests {
         // Two of A's messages were handed to A by others (in its ring).
         let x = p.alloc(10, Owner::Held(B)).unwrap();
         p.hand_over(x, Owner::Function(A)).unwrap();
-        std::mem::forget(held); // A "dies" holding its leases
+        let _reclaimed_by_the_pool = held; // A "dies" holding its leases
         assert_eq!(p.free_buffers(), 32 - 10 - 1 - 1);
         assert_eq!(p.reclaim(A), 11);
         assert_eq!(p.free_buffers(), 31);
