@@ -18,13 +18,14 @@
 //!   or malformed reply, 503 + `Retry-After` pool/queue/credits exhausted or
 //!   chain unreachable, 504 chain timeout.
 //!
-//! The fabric upstream (requests over RDMA to the first function's node) is
-//! added by the dpu-agent/mesh work; until then [`upstream::InProcess`] runs
-//! the chains in this process, on the same pool buffers.
+//! Two upstreams: [`edge::Edge`] sends requests over the fabric to the
+//! node of the route's first function; [`upstream::InProcess`] runs the
+//! chains in this process, on the same pool buffers (tests, benchmarks).
 //!
 //! Modules:
 //! * [`server`]: the hyper server, the request path, graceful shutdown;
 //! * [`upstream`]: the [`Upstream`] seam and the in-process implementation;
+//! * [`edge`]: the fabric upstream;
 //! * [`pool`]: the ingress's pools, leases that free themselves, and the
 //!   builder that streams a body into buffers;
 //! * [`route`]: host + longest path prefix to route;

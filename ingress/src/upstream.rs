@@ -6,14 +6,14 @@
 //! same pool holding a response envelope, or to an [`UpstreamError`].
 //!
 //! Two implementations:
-//! * the fabric upstream (added with the dpu-agent and mesh work): sends the
-//!   lease's buffers over the fabric to the node of the chain's first
-//!   function, and completes the call when the reply with the same request
-//!   id lands in a receive buffer of the same pool;
+//! * [`crate::edge::Edge`], the fabric upstream: sends the lease's buffers
+//!   over the fabric to the node of the chain's first function, and
+//!   completes the call when the reply with the same request id lands in a
+//!   receive buffer of the same pool;
 //! * [`InProcess`] (here): runs the chain's functions on worker threads of
 //!   the ingress process, over the same pool buffers, passing ownership
-//!   from hop to hop exactly as descriptors do (hand over, accept). It is
-//!   what the tests and the benchmark use until the fabric upstream lands.
+//!   from hop to hop exactly as descriptors do (hand over, accept). The
+//!   ingress tests and the `ingress` benchmark use it.
 //!
 //! Contract of every upstream:
 //! * it owns the request lease from the call on, and frees it (dropping the
