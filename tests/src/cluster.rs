@@ -104,8 +104,48 @@ impl Cluster {
         for i in 0..nodes {
             c.agents.push(c.spawn_agent(i));
         }
+        // Loopback ports come from `free_port`, which releases them before
+        // the agents bind: another test process may take one meanwhile.
+        // Then the agent exits with "Address already in use"; start the
+        // agents again on fresh ports (a few times) instead of failing.
+        let mut nets = nets;
+        for _ in 0..3 {
+            if nets.iter().any(|n| n.netns.is_some()) || !c.agent_lost_a_port() {
+                break;
+            }
+            for a in &mut c.agents {
+                a.kill9();
+            }
+            for n in &mut nets {
+                (n.fabric, n.metrics) = (free_port(), free_port());
+            }
+            c.metrics = nets.iter().map(|n| n.metrics).collect();
+            std::fs::write(&c.config, config(&c.dirs, &nets, rest)).unwrap();
+            for i in 0..nodes {
+                c.agents[i] = c.spawn_agent(i);
+            }
+        }
         c.wait_mesh();
         c
+    }
+
+    /// Waits until every agent has its connections up (`false`) or one
+    /// exited because its address was taken (`true`).
+    fn agent_lost_a_port(&mut self) -> bool {
+        let n = self.dirs.len();
+        let end = std::time::Instant::now() + WATCHDOG;
+        while std::time::Instant::now() < end {
+            for i in 0..n {
+                if !self.agents[i].is_running() {
+                    return self.log_tail(&format!("agent-n{i}"), 5).contains("Address already in use");
+                }
+            }
+            if (0..n).all(|i| status_number(&self.status(i), "conns_up").is_some_and(|k| k >= (n - 1) as u64)) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
     }
 
     /// Log file of a process of the cluster (`agent-n0`, `shimd-n1`, ...).
