@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 /// The suite.
 pub const SUITE: Suite = Suite {
     name: "ingress",
-    about: "HTTP edge + 3-function chain: DNE ingress (in-process chain) vs nginx + per-function nginx sidecars",
+    about: "HTTP edge + 3-function chain: DNE ingress over the fabric to a worker node vs nginx + per-function nginx sidecars",
     run,
 };
 
@@ -58,6 +58,15 @@ pub fn peer_main() -> Option<Result<()>> {
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
     Some(match role.as_str() {
         "dne" => dne_peer(),
+        // A process of the fabric cluster: the agent's command line, whose
+        // hidden `role` subcommands run host-shimd, functions and the
+        // ingress (the same binary the demo uses for every role).
+        "cluster" => {
+            let args = std::iter::once("dpu-agent".to_owned()).chain(std::env::args().skip(1));
+            <dpu_agent::cli::Cli as clap::Parser>::try_parse_from(args)
+                .map_err(|e| anyhow!("{e}"))
+                .and_then(|cli| dpu_agent::cli::run(&cli).map(|_| ()))
+        }
         "fn" => fn_peer(),
         other => Err(anyhow!("unknown ingress peer role {other:?}")),
     })
@@ -467,6 +476,83 @@ struct Setup {
     pids: Vec<u32>,
 }
 
+/// (a) over the fabric: one worker node in emulated mode (host-shimd, the
+/// agent, the three functions chained through shared memory) and the
+/// ingress, a fabric node of its own, as separate processes.
+fn start_fabric(dir: &Path) -> Result<Setup> {
+    let http = free_port()?;
+    let (n0, edge) = (free_port()?, free_port()?);
+    let node_dir = dir.join("n0");
+    let mut cfg = format!(
+        "[[node]]\nname = \"n0\"\naddress = \"127.0.0.1:{n0}\"\nruntime_dir = \"{}\"\n\n\
+         [[tenant]]\nname = \"bench\"\nweight = 1\nbuf_size = 4096\nbuffers = 4096\nrecv_quota = 512\n\n",
+        node_dir.display()
+    );
+    for i in 1..=CHAIN {
+        cfg.push_str(&format!("[[function]]\nname = \"f{i}\"\ntenant = \"bench\"\nnode = \"n0\"\n\n"));
+    }
+    cfg.push_str("[[route]]\npath = \"/chain\"\ntenant = \"bench\"\nchain = [\"f1\", \"f2\", \"f3\"]\n\n");
+    cfg.push_str(&format!(
+        "[[ingress]]\nname = \"edge\"\naddress = \"127.0.0.1:{edge}\"\nhttp = \"127.0.0.1:{http}\"\n\
+         runtime_dir = \"{}\"\nbuffers = 4096\n",
+        dir.join("edge").display()
+    ));
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, cfg)?;
+    let c = path.to_string_lossy().into_owned();
+    let spawn = |name: &str, args: &[&str]| -> Result<Proc> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.env(ROLE_ENV, "cluster").env("RUST_LOG", "error").args(args);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        Ok(Proc { name: name.to_owned(), child })
+    };
+    let mut procs = vec![spawn("host-shimd", &["role", "shimd", "--config", &c, "--node", "n0"])?];
+    let socket = node_dir.join("shimd.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        check_alive(&mut procs)?;
+        if Instant::now() > deadline {
+            bail!("host-shimd did not start");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    procs.push(spawn("agent", &["run", "--config", &c, "--node", "n0"])?);
+    let sock = socket.to_string_lossy().into_owned();
+    for i in 1..=CHAIN {
+        let f = format!("f{i}");
+        let args = ["role", "fn", "--socket", &sock, "--tenant", "bench", "--function", &f, "--transform", "rot13"];
+        procs.push(spawn(&f, &[&args[..], &["--config", &c]].concat())?);
+    }
+    procs.push(spawn("ingress", &["role", "ingress", "--config", &c, "--name", "edge"])?);
+    wait_listening(http)?;
+    // Ready when a request makes it through the fabric and back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        check_alive(&mut procs)?;
+        if post_once(http).is_some_and(|code| code == 200) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the fabric cluster did not answer /chain");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pids = procs.iter().map(|p| p.child.id()).collect();
+    Ok(Setup { procs, port: http, pids })
+}
+
+/// The status of one `POST /chain` (readiness).
+fn post_once(port: u16) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "POST /chain HTTP/1.1\r\nHost: b\r\nConnection: close\r\nContent-Length: 4\r\n\r\nping").ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    String::from_utf8_lossy(out.get(..12)?).split_whitespace().nth(1)?.parse().ok()
+}
+
 fn start_dne() -> Result<Setup> {
     let (p, port) = spawn_peer("dne", None)?;
     let pids = vec![p.child.id()];
@@ -500,17 +586,19 @@ fn run(opts: &Opts) -> Result<Report> {
     };
     let dir = std::env::temp_dir().join(format!("dne-bench-ingress-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let mut fab = start_fabric(&dir)?;
     let mut dne = start_dne()?;
     let mut base = start_baseline(&dir)?;
     let names = [
-        "(a) DNE ingress + in-process chain (fabric path pending)",
+        "(a) DNE ingress -> fabric -> agent -> 3 functions (shm)",
+        "(a0) DNE ingress + in-process chain (reference)",
         "(b) nginx ingress + 3 x (nginx sidecar + fn server)",
     ];
     let mut table = Table::new(
         format!(
             "ingress: 3-function chain (ROT13 on a {BODY} B body), keep-alive, median of {rounds} x {} s per cell \
-             (rounds of a and b interleaved); CPU = all processes of the setup (a: 1 process; b: {} processes \
-             incl. nginx workers)",
+             (rounds of a, a0 and b interleaved); CPU = all processes of the setup (a: 6 processes: host-shimd, \
+             agent, 3 functions, ingress; a0: 1 process; b: {} processes incl. nginx workers)",
             dur.as_secs(),
             "{B}"
         ),
@@ -522,15 +610,18 @@ fn run(opts: &Opts) -> Result<Report> {
     );
     let mut report = Report::default();
     for &c in &CONNS {
-        let (mut ra, mut rb) = (Vec::new(), Vec::new());
+        let (mut ra, mut r0, mut rb) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
-            ra.push(load(dne.port, c, warm, dur, &dne.pids).context("load on (a)")?);
+            ra.push(load(fab.port, c, warm, dur, &fab.pids).context("load on (a)")?);
+            check_alive(&mut fab.procs)?;
+            r0.push(load(dne.port, c, warm, dur, &dne.pids).context("load on (a0)")?);
             check_alive(&mut dne.procs)?;
             rb.push(load(base.port, c, warm, dur, &base.pids).context("load on (b)")?);
             check_alive(&mut base.procs)?;
         }
-        let (a, b) = (Run::median(&mut ra), Run::median(&mut rb));
-        for (name, r) in names.iter().zip([&a, &b]) {
+        let (a, a0, b) = (Run::median(&mut ra), Run::median(&mut r0), Run::median(&mut rb));
+        report.put(&format!("rps_c{c}_dne_in_process"), a0.rps);
+        for (name, r) in names.iter().zip([&a, &a0, &b]) {
             table.row(vec![
                 (*name).to_owned(),
                 c.to_string(),
@@ -554,9 +645,10 @@ fn run(opts: &Opts) -> Result<Report> {
             report.put("p99_us_c64_nginx", b.p99_us);
         }
     }
-    report.put("dne_path", "in_process_chain");
+    report.put("dne_path", "fabric");
     // Counted now: nginx forks its workers after start.
     table.title = table.title.replace("{B}", &all_pids(&base.pids).len().to_string());
+    drop(fab);
     drop(dne);
     drop(base);
     let _ = std::fs::remove_dir_all(&dir);
