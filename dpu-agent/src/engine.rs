@@ -42,6 +42,9 @@ use wire::{DescFlags, Descriptor, ErrorCode};
 
 /// Descriptors taken from one uplink per iteration.
 const UPLINK_BATCH: usize = 32;
+/// How long a message waits for its peer's link to come up before it goes
+/// back to its sender as Unreachable.
+const UNREACHABLE_AFTER: Duration = Duration::from_secs(2);
 /// How often the control work runs.
 const CONTROL_EVERY: Duration = Duration::from_millis(1);
 
@@ -360,11 +363,10 @@ impl<T: Transport> Engine<T> {
                 Some(&n) => n,
             }
         };
-        if self.port.is_up(t as u16, peer) {
-            self.tenants[t].queue.push_back(Out { msg, peer, since: now });
-        } else {
-            self.bounce(t, msg, ErrorCode::Unreachable, Why::Unreachable);
-        }
+        // Queued even while the peer's link is down: it may be coming up
+        // (this agent just restarted, or the peer did); the scheduler
+        // bounces it as Unreachable only after UNREACHABLE_AFTER.
+        self.tenants[t].queue.push_back(Out { msg, peer, since: now });
     }
 
     /// One scheduler round.
@@ -493,10 +495,10 @@ impl<T: Transport> Backlog for Engine<T> {
     }
 
     fn can_send(&self, t: usize) -> bool {
-        self.tenants[t]
-            .queue
-            .front()
-            .is_some_and(|o| self.port.can_send(t as u16, o.peer) || !self.port.is_up(t as u16, o.peer))
+        self.tenants[t].queue.front().is_some_and(|o| {
+            self.port.can_send(t as u16, o.peer)
+                || (!self.port.is_up(t as u16, o.peer) && o.since.elapsed() > UNREACHABLE_AFTER)
+        })
     }
 
     fn send(&mut self, t: usize) {
