@@ -221,6 +221,9 @@ impl<T: Transport> Engine<T> {
             let credits: u32 = (0..self.fabric_nodes).map(|p| self.port.credits(t as u16, p)).sum();
             m.credits.set(i64::from(credits));
             m.recvs_posted.set(i64::from(self.port.recvs_posted(t as u16)));
+            for (reason, n) in self.port.bufs(t as u16).0.rejected() {
+                self.metrics.set_uplink_rejected(&self.cfg.tenants[t].name, reason, *n);
+            }
         }
         self.metrics.set_ready(true);
         if now >= self.next_status {

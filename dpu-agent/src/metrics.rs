@@ -144,6 +144,9 @@ pub struct Metrics {
     pub functions: Vec<FnMetrics>,
     /// Peers whose fabric link is up.
     pub peers_up: Gauge,
+    /// Descriptors from functions that failed validation, by tenant and
+    /// reason.
+    uplink_rejected: Family<DropLabel, Counter>,
     ready: AtomicBool,
     status: Mutex<String>,
 }
@@ -166,6 +169,7 @@ impl Metrics {
         let fn_m = Family::<FnLabel, Counter>::default();
         let fn_b = Family::<FnLabel, Counter>::default();
         let peers_up = Gauge::default();
+        let uplink_rejected = Family::<DropLabel, Counter>::default();
         let tenants = cfg
             .tenants
             .iter()
@@ -213,7 +217,30 @@ impl Metrics {
         registry.register("delivered_messages", "Messages delivered to local function instances", fn_m);
         registry.register("delivered_bytes", "Payload bytes delivered to local function instances", fn_b);
         registry.register("peers_up", "Peers whose fabric link is up", peers_up.clone());
-        Self { registry, tenants, functions, peers_up, ready: AtomicBool::new(false), status: Mutex::new("{}".into()) }
+        registry.register(
+            "uplink_rejected",
+            "Descriptors from functions that failed validation, by reason",
+            uplink_rejected.clone(),
+        );
+        Self {
+            registry,
+            tenants,
+            functions,
+            peers_up,
+            uplink_rejected,
+            ready: AtomicBool::new(false),
+            status: Mutex::new("{}".into()),
+        }
+    }
+
+    /// Sets the count of uplink descriptors of `tenant` rejected for
+    /// `reason` (a running total kept by the host link). Control path only.
+    pub fn set_uplink_rejected(&self, tenant: &str, reason: &str, total: u64) {
+        let c = self.uplink_rejected.get_or_create(&DropLabel { tenant: tenant.to_owned(), reason: reason.to_owned() });
+        let now = c.get();
+        if total > now {
+            c.inc_by(total - now);
+        }
     }
 
     /// Sets readiness.
