@@ -77,7 +77,9 @@ step "clippy aarch64 (Debian toolchain)"
 step "cross-build dpu-agent for aarch64"
 "$CARGO_BIN" build --release --locked --target "$DNE_AARCH64_TARGET" -p dpu-agent
 agent="$root/target/$DNE_AARCH64_TARGET/release/dpu-agent"
-file "$agent" | tee /dev/stderr | grep -q "ARM aarch64"
+agent_file=$(file "$agent")
+echo "$agent_file"
+grep -q "ARM aarch64" <<<"$agent_file"
 
 step "unit tests aarch64 under qemu"
 "$CARGO_BIN" test --locked --target "$DNE_AARCH64_TARGET" $DNE_AARCH64_PACKAGES
