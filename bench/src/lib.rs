@@ -9,11 +9,13 @@
 //!
 //! Modules:
 //! * [`harness`]: tables, the RESULT line, timing helpers;
+//! * [`alloc_count`]: the binary's allocator, counting per thread;
 //! * [`suites`]: the registered suites.
-// No unsafe, except two items of `suites::intranode` that opt in with a
-// `// SAFETY:` comment: taking an inherited descriptor, and sending an
-// iceoryx2 sample whose payload was written earlier.
+// No unsafe, except items that opt in with a `// SAFETY:` comment: two in
+// `suites::intranode` (taking an inherited descriptor, sending an iceoryx2
+// sample whose payload was written earlier) and the counting allocator.
 #![deny(unsafe_code)]
 
+pub mod alloc_count;
 pub mod harness;
 pub mod suites;

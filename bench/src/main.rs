@@ -6,6 +6,9 @@ use dne_bench::harness::Opts;
 use dne_bench::suites::{SUITES, find};
 use std::process::ExitCode;
 
+#[global_allocator]
+static ALLOC: dne_bench::alloc_count::Counting = dne_bench::alloc_count::Counting;
+
 fn usage() -> String {
     let mut s = String::from("usage: dne-bench SUITE [--quick]\n       dne-bench list\n\nsuites:\n");
     for suite in SUITES {

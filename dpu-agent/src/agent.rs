@@ -62,6 +62,7 @@ pub fn run(opts: &RunOptions, stop: &AtomicBool) -> anyhow::Result<()> {
         node,
         idle_sleep_after: if opts.busy || n.mode == Mode::Host { None } else { Some(Duration::from_millis(2)) },
         epoch: std::time::Instant::now(),
+        batch: crate::engine::UPLINK_BATCH,
     };
     loop {
         let Some(links) = attach_all(&cfg, &socket, stop) else { return Ok(()) };

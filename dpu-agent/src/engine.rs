@@ -26,6 +26,7 @@
 //! message received on tenant A's connection lands in A's pool and can
 //! only be delivered to A's functions.
 
+use crate::hostlink::HostLink;
 use crate::metrics::{Drop as Why, Metrics};
 use crate::sched::{Backlog, Drr, QUANTUM};
 use config::Cluster;
@@ -40,8 +41,8 @@ use std::time::{Duration, Instant};
 use wire::desc::NO_NODE;
 use wire::{DescFlags, Descriptor, ErrorCode};
 
-/// Descriptors taken from one uplink per iteration.
-const UPLINK_BATCH: usize = 32;
+/// Descriptors taken from one uplink per iteration, by default.
+pub const UPLINK_BATCH: usize = 32;
 /// How long a message waits for its peer's link to come up before it goes
 /// back to its sender as Unreachable.
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(2);
@@ -69,6 +70,9 @@ pub struct Settings {
     pub idle_sleep_after: Option<Duration>,
     /// Start of the process: latency tags are nanoseconds since.
     pub epoch: Instant,
+    /// Descriptors taken from each tenant's uplink per iteration
+    /// ([`UPLINK_BATCH`]; the `engine` benchmark also runs 1).
+    pub batch: usize,
 }
 
 /// A message waiting for the scheduler.
@@ -79,23 +83,19 @@ struct Out {
     since: Instant,
 }
 
-/// The agent's attach to one tenant pool, as the fabric port's buffer
-/// source.
+/// The host link of one tenant, as the fabric port's buffer source.
 #[derive(Debug)]
-pub struct Link(pub Function);
+pub struct Link<H>(pub H);
 
-impl Buffers for Link {
+impl<H: HostLink> Buffers for Link<H> {
     fn pool(&self) -> &shm::Pool {
         self.0.pool()
     }
     fn alloc_one(&mut self) -> Option<Lease> {
-        let cap = self.0.pool().geometry().payload_cap();
-        self.0.alloc(cap).ok().map(|m| m.into_parts().0)
+        self.0.alloc_buffer()
     }
     fn free(&mut self, lease: Lease) {
-        if let Err(e) = self.0.free(Msg::from_parts(lease, Descriptor::default())) {
-            log::warn!("freeing a buffer: {e}");
-        }
+        self.0.free(Msg::from_parts(lease, Descriptor::default()));
     }
 }
 
@@ -106,8 +106,8 @@ struct Tenant {
     backlog: VecDeque<Msg>,
 }
 
-/// The engine of one node, over fabric transport `T`.
-pub struct Engine<T: Transport> {
+/// The engine of one node, over fabric transport `T` and host links `H`.
+pub struct Engine<T: Transport, H: HostLink = Function> {
     cfg: Arc<Cluster>,
     set: Settings,
     /// Node of each function id.
@@ -115,26 +115,26 @@ pub struct Engine<T: Transport> {
     /// Number of fabric nodes (worker nodes and ingresses).
     fabric_nodes: u16,
     tenants: Vec<Tenant>,
-    port: Port<T, Link>,
+    port: Port<T, Link<H>>,
     drr: Drr,
     metrics: Arc<Metrics>,
     events: Vec<PortEvent>,
     next_status: Instant,
 }
 
-impl<T: Transport> core::fmt::Debug for Engine<T> {
+impl<T: Transport, H: HostLink> core::fmt::Debug for Engine<T, H> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Engine").field("node", &self.set.node).finish_non_exhaustive()
     }
 }
 
-impl<T: Transport> Engine<T> {
+impl<T: Transport, H: HostLink> Engine<T, H> {
     /// Builds the engine over attached host links (one per tenant, in
     /// tenant order): registers each pool with the fabric, starts the mesh.
     pub fn new(
         cfg: Arc<Cluster>,
         set: Settings,
-        links: Vec<Function>,
+        links: Vec<H>,
         metrics: Arc<Metrics>,
         make: MakeTransport<T>,
     ) -> anyhow::Result<Self> {
@@ -166,7 +166,7 @@ impl<T: Transport> Engine<T> {
         })
     }
 
-    fn link(&mut self, t: usize) -> &mut Function {
+    fn link(&mut self, t: usize) -> &mut H {
         &mut self.port.bufs_mut(t as u16).0
     }
 
@@ -180,17 +180,13 @@ impl<T: Transport> Engine<T> {
                 if stop.load(Ordering::Relaxed) {
                     return Exit::Stopped;
                 }
-                if !(0..self.tenants.len()).all(|t| self.port.bufs(t as u16).0.shimd_alive()) {
+                if !(0..self.tenants.len()).all(|t| self.port.bufs(t as u16).0.alive()) {
                     return Exit::HostLost;
                 }
                 self.control(now);
                 next_control = now + CONTROL_EVERY;
             }
-            let mut work = self.uplink(now);
-            work += self.schedule(now);
-            work += self.complete(now);
-            work += self.redeliver();
-            if work > 0 {
+            if self.step(now) > 0 {
                 idle_since = now;
             } else if let Some(after) = self.set.idle_sleep_after
                 && now.duration_since(idle_since) > after
@@ -209,7 +205,23 @@ impl<T: Transport> Engine<T> {
         }
     }
 
-    fn control(&mut self, now: Instant) {
+    /// One pass of the data path: uplinks, one scheduler round, one fabric
+    /// poll, the delivery backlog. Returns how much work it found.
+    pub fn step(&mut self, now: Instant) -> usize {
+        let mut work = self.uplink(now);
+        work += self.schedule(now);
+        work += self.complete(now);
+        work + self.redeliver()
+    }
+
+    /// Tenant connections that are up.
+    pub fn conns_up(&self) -> usize {
+        self.port.conns_up()
+    }
+
+    /// The control work: fabric connection setup and repair, gauges,
+    /// status (run every [`CONTROL_EVERY`] by [`run`](Self::run)).
+    pub fn control(&mut self, now: Instant) {
         let mut events = std::mem::take(&mut self.events);
         self.port.control(&mut events);
         self.handle(&mut events, now);
@@ -221,9 +233,8 @@ impl<T: Transport> Engine<T> {
             let credits: u32 = (0..self.fabric_nodes).map(|p| self.port.credits(t as u16, p)).sum();
             m.credits.set(i64::from(credits));
             m.recvs_posted.set(i64::from(self.port.recvs_posted(t as u16)));
-            for (reason, n) in self.port.bufs(t as u16).0.rejected() {
-                self.metrics.set_uplink_rejected(&self.cfg.tenants[t].name, reason, *n);
-            }
+            let (metrics, name) = (&self.metrics, &self.cfg.tenants[t].name);
+            self.port.bufs(t as u16).0.rejected(&mut |reason, n| metrics.set_uplink_rejected(name, reason, n));
         }
         self.metrics.set_ready(true);
         if now >= self.next_status {
@@ -333,11 +344,11 @@ impl<T: Transport> Engine<T> {
     fn uplink(&mut self, now: Instant) -> usize {
         let mut n = 0;
         for t in 0..self.tenants.len() {
-            for _ in 0..UPLINK_BATCH {
+            for _ in 0..self.set.batch {
                 if self.tenants[t].queue.len() >= self.tenants[t].queue.capacity() {
                     break;
                 }
-                let Some(msg) = self.link(t).try_recv() else { break };
+                let Some(msg) = self.link(t).take() else { break };
                 n += 1;
                 self.metrics.tenants[t].uplink_msgs.inc();
                 self.route(t, msg, now);
@@ -408,7 +419,7 @@ impl<T: Transport> Engine<T> {
         }
         let len = u64::from(msg.len());
         let cfg = self.cfg.clone();
-        match self.link(t).send(msg, &cfg.functions[f].name) {
+        match self.link(t).deliver(msg, d.dst_fn, &cfg.functions[f].name) {
             Ok(()) => {
                 let m = &self.metrics.functions[f];
                 m.delivered.inc();
@@ -483,13 +494,11 @@ impl<T: Transport> Engine<T> {
     }
 
     fn free_msg(&mut self, t: usize, msg: Msg) {
-        if let Err(e) = self.link(t).free(msg) {
-            log::warn!("freeing a message: {e}");
-        }
+        self.link(t).free(msg);
     }
 }
 
-impl<T: Transport> Backlog for Engine<T> {
+impl<T: Transport, H: HostLink> Backlog for Engine<T, H> {
     fn head(&self, t: usize) -> Option<u64> {
         self.tenants[t]
             .queue

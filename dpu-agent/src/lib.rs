@@ -5,15 +5,20 @@
 //! tenants fair and isolated (DESIGN.md sections 1-6).
 //!
 //! Modules:
-//! * [`cli`]: the command line of the `dpu-agent` binary.
-//!
-//! The engine (config, engine loop, routing, scheduling, host link, metrics)
-//! is being built in its own issue (dpu-agent).
+//! * [`cli`]: the command line of the `dpu-agent` binary;
+//! * [`agent`]: `dpu-agent run`, attach to the host and run the engine;
+//! * [`engine`]: the data-plane loop (uplink, route, schedule, fabric,
+//!   deliver), generic over the fabric transport and the host link;
+//! * [`hostlink`]: what the engine needs of the host side, and a null link;
+//! * [`sched`]: the weighted deficit round robin over tenants;
+//! * [`metrics`]: Prometheus metrics, `/status` and `/ready`;
+//! * [`demo`]: the one-command cluster on one machine.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod cli;
 pub mod demo;
 pub mod engine;
+pub mod hostlink;
 pub mod metrics;
 pub mod sched;

@@ -56,6 +56,7 @@ pub mod credit;
 pub mod doca_backend;
 pub mod endpoint;
 pub mod mesh;
+pub mod null;
 pub mod port;
 #[cfg(feature = "verbs")]
 #[allow(unsafe_code)]
@@ -68,6 +69,7 @@ pub use check::{Frag, HEADER_LEN, RecvCheckError};
 pub use doca_backend::DocaTransport;
 pub use endpoint::{Endpoint, EndpointConfig};
 pub use mesh::{Mesh, MeshConfig, MeshEvent};
+pub use null::NullTransport;
 pub use port::{Buffers, Port, PortError, PortEvent, PortSizes, PortTenant};
 #[cfg(feature = "verbs")]
 pub use verbs_backend::{VerbsConfig, VerbsSetupError, VerbsTransport};

@@ -2,13 +2,14 @@
 
 use crate::harness::Suite;
 
+pub mod engine;
 pub mod fabric;
 pub mod ingress;
 pub mod intranode;
 pub mod wire_codec;
 
 /// Every suite, in the order `list` shows them.
-pub const SUITES: &[Suite] = &[wire_codec::SUITE, intranode::SUITE, fabric::SUITE, ingress::SUITE];
+pub const SUITES: &[Suite] = &[wire_codec::SUITE, intranode::SUITE, fabric::SUITE, engine::SUITE, ingress::SUITE];
 
 /// Looks a suite up by name.
 pub fn find(name: &str) -> Option<&'static Suite> {

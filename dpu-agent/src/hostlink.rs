@@ -1,0 +1,143 @@
+//! The host link: how the engine exchanges descriptors with the functions
+//! of its host, one link per tenant (DESIGN.md sections 1 and 3).
+//!
+//! [`HostLink`] is what the engine needs of it; the engine never touches a
+//! payload. Implementations:
+//! * [`host_shim::Function`] attached as the agent (`host` and `emulated`
+//!   modes): the tenant's uplink ring in host-shimd's shared memory, and
+//!   the functions' inbound rings;
+//! * [`NullLink`]: messages made up in a private pool and deliveries
+//!   dropped, so the `engine` benchmark measures the engine alone.
+
+use host_shim::{Function, Msg, SendError};
+use shm::pool::Lease;
+use wire::Descriptor;
+
+/// The agent's link to one tenant's functions on its host.
+pub trait HostLink {
+    /// The tenant pool (registered with the fabric).
+    fn pool(&self) -> &shm::Pool;
+    /// One whole buffer for a receive (`None`: the pool is exhausted).
+    fn alloc_buffer(&mut self) -> Option<Lease>;
+    /// The next descriptor a function sent to the agent, validated and
+    /// accepted (now held by the agent), if any.
+    fn take(&mut self) -> Option<Msg>;
+    /// Hands `msg` to function `to` (cluster function id `dst`, which is
+    /// also `msg.desc().dst_fn`). On failure the message comes back in the
+    /// error (a full ring: try again later).
+    fn deliver(&mut self, msg: Msg, dst: u16, to: &str) -> Result<(), SendError>;
+    /// Returns a message's buffers to the pool.
+    fn free(&mut self, msg: Msg);
+    /// Whether the host side (host-shimd) is still there.
+    fn alive(&self) -> bool;
+    /// Calls `f` with each reason descriptors from functions were rejected
+    /// for, and how many so far.
+    fn rejected(&self, f: &mut dyn FnMut(&'static str, u64));
+}
+
+impl HostLink for Function {
+    fn pool(&self) -> &shm::Pool {
+        Function::pool(self)
+    }
+    fn alloc_buffer(&mut self) -> Option<Lease> {
+        let cap = Function::pool(self).geometry().payload_cap();
+        self.alloc(cap).ok().map(|m| m.into_parts().0)
+    }
+    fn take(&mut self) -> Option<Msg> {
+        self.try_recv()
+    }
+    fn deliver(&mut self, msg: Msg, _dst: u16, to: &str) -> Result<(), SendError> {
+        self.send(msg, to)
+    }
+    fn free(&mut self, msg: Msg) {
+        if let Err(e) = Function::free(self, msg) {
+            log::warn!("freeing a message: {e}");
+        }
+    }
+    fn alive(&self) -> bool {
+        self.shimd_alive()
+    }
+    fn rejected(&self, f: &mut dyn FnMut(&'static str, u64)) {
+        for (reason, n) in Function::rejected(self) {
+            f(reason, *n);
+        }
+    }
+}
+
+/// A host link with no host: [`take`](HostLink::take) hands out messages
+/// of a fixed size and destination from a private pool, as fast as the
+/// engine takes them, and every delivered or freed message goes straight
+/// back to the stock. Buffers are leased once, at creation; the link
+/// itself does no shared-memory work per message, so what a benchmark
+/// measures through it is the engine's own cost.
+#[derive(Debug)]
+pub struct NullLink {
+    pool: shm::Pool,
+    stock: Vec<Lease>,
+    desc: Descriptor,
+    /// Messages handed out so far.
+    pub taken: u64,
+    /// Messages delivered to (made-up) functions so far.
+    pub delivered: u64,
+}
+
+impl NullLink {
+    /// A link over a new private pool of `geometry`, handing out `stock`
+    /// messages of `len` bytes from tenant `tenant`'s function `src` to
+    /// function `dst` (buffers beyond the stock stay free for receives).
+    pub fn new(
+        geometry: wire::PoolGeometry,
+        tenant: u16,
+        src: u16,
+        dst: u16,
+        len: u32,
+        stock: usize,
+    ) -> anyhow::Result<Self> {
+        let pool = shm::Pool::create("dne-null-link", geometry, shm::PagePolicy::Normal)?;
+        let mut leases = Vec::with_capacity(stock);
+        for _ in 0..stock {
+            leases.push(pool.alloc(len, wire::Owner::Agent)?);
+        }
+        let desc = Descriptor { tenant, src_fn: src, dst_fn: dst, ..Descriptor::default() };
+        Ok(Self { pool, stock: leases, desc, taken: 0, delivered: 0 })
+    }
+
+    /// Messages in stock (not handed out).
+    pub fn in_stock(&self) -> usize {
+        self.stock.len()
+    }
+}
+
+impl HostLink for NullLink {
+    fn pool(&self) -> &shm::Pool {
+        &self.pool
+    }
+    fn alloc_buffer(&mut self) -> Option<Lease> {
+        self.pool.alloc(self.pool.geometry().payload_cap(), wire::Owner::Agent).ok()
+    }
+    fn take(&mut self) -> Option<Msg> {
+        let lease = self.stock.pop()?;
+        self.taken += 1;
+        let mut desc = self.desc;
+        desc.buf = lease.head();
+        desc.len = lease.len();
+        Some(Msg::from_parts(lease, desc))
+    }
+    fn deliver(&mut self, msg: Msg, _dst: u16, _to: &str) -> Result<(), SendError> {
+        self.delivered += 1;
+        self.free(msg);
+        Ok(())
+    }
+    fn free(&mut self, msg: Msg) {
+        let (lease, _) = msg.into_parts();
+        if self.stock.len() < self.stock.capacity() {
+            self.stock.push(lease);
+        } else if let Err(e) = self.pool.free(lease) {
+            log::warn!("null link: freeing a buffer: {e}");
+        }
+    }
+    fn alive(&self) -> bool {
+        true
+    }
+    fn rejected(&self, _f: &mut dyn FnMut(&'static str, u64)) {}
+}
