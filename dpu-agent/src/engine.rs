@@ -27,7 +27,7 @@
 //! only be delivered to A's functions.
 
 use crate::hostlink::HostLink;
-use crate::metrics::{Drop as Why, Metrics};
+use crate::metrics::{Drop as Why, Metrics, Tally};
 use crate::sched::{Backlog, Drr, QUANTUM};
 use config::Cluster;
 use fabric::cluster::MakeTransport;
@@ -118,6 +118,11 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     port: Port<T, Link<H>>,
     drr: Drr,
     metrics: Arc<Metrics>,
+    /// Per-tenant counts not yet added to `metrics` (see
+    /// [`crate::metrics`]).
+    tally: Vec<Tally>,
+    /// Per-function deliveries (messages, bytes) not yet added.
+    fn_tally: Vec<(u64, u64)>,
     events: Vec<PortEvent>,
     next_status: Instant,
 }
@@ -153,6 +158,8 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             })
             .collect();
         Ok(Self {
+            tally: vec![Tally::default(); cfg.tenants.len()],
+            fn_tally: vec![(0, 0); cfg.functions.len()],
             fn_node: cfg.functions.iter().map(|f| cfg.node_id(&f.node).unwrap_or(NO_NODE)).collect(),
             fabric_nodes: (cfg.nodes.len() + cfg.ingresses.len()) as u16,
             drr: Drr::new(&weights, QUANTUM, now),
@@ -178,9 +185,11 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             let now = Instant::now();
             if now >= next_control {
                 if stop.load(Ordering::Relaxed) {
+                    self.flush();
                     return Exit::Stopped;
                 }
                 if !(0..self.tenants.len()).all(|t| self.port.bufs(t as u16).0.alive()) {
+                    self.flush();
                     return Exit::HostLost;
                 }
                 self.control(now);
@@ -222,6 +231,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
     /// The control work: fabric connection setup and repair, gauges,
     /// status (run every [`CONTROL_EVERY`] by [`run`](Self::run)).
     pub fn control(&mut self, now: Instant) {
+        self.flush();
         let mut events = std::mem::take(&mut self.events);
         self.port.control(&mut events);
         self.handle(&mut events, now);
@@ -240,6 +250,20 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         if now >= self.next_status {
             self.next_status = now + Duration::from_millis(100);
             self.metrics.set_status(self.status_json());
+        }
+    }
+
+    /// Adds the data path's own counts to the shared metrics.
+    pub fn flush(&mut self) {
+        for (t, m) in self.tally.iter_mut().zip(&self.metrics.tenants) {
+            t.flush(m);
+        }
+        for ((n, b), m) in self.fn_tally.iter_mut().zip(&self.metrics.functions) {
+            if *n > 0 {
+                m.delivered.inc_by(*n);
+                m.delivered_bytes.inc_by(*b);
+                (*n, *b) = (0, 0);
+            }
         }
     }
 
@@ -294,12 +318,11 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                     let msg = Msg::from_parts(lease, desc);
                     match result {
                         Ok(()) => {
-                            let m = &self.metrics.tenants[t];
-                            m.tx_msgs.inc();
-                            m.tx_bytes.inc_by(u64::from(msg.len()));
-                            let since = Duration::from_nanos(tag);
-                            let el = now.saturating_duration_since(self.set_epoch()).saturating_sub(since);
-                            m.latency.observe(el.as_secs_f64());
+                            let m = &mut self.tally[t];
+                            m.tx_msgs += 1;
+                            m.tx_bytes += u64::from(msg.len());
+                            let el = now.saturating_duration_since(self.set.epoch).as_nanos() as u64;
+                            m.latency.observe_ns(el.saturating_sub(tag));
                             self.free_msg(t, msg);
                         }
                         Err(_) => self.bounce(t, msg, ErrorCode::PeerDied, Why::PeerDied),
@@ -308,20 +331,15 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 PortEvent::Received { tenant, lease, desc, .. } => {
                     let t = usize::from(tenant);
                     let msg = Msg::from_parts(lease, desc);
-                    let m = &self.metrics.tenants[t];
-                    m.rx_msgs.inc();
-                    m.rx_bytes.inc_by(u64::from(msg.len()));
+                    let m = &mut self.tally[t];
+                    m.rx_msgs += 1;
+                    m.rx_bytes += u64::from(msg.len());
                     self.deliver(t, msg);
                 }
                 PortEvent::Protocol { tenant, .. } => self.metrics.tenants[usize::from(tenant)].drop(Why::Protocol),
                 PortEvent::NoBuffer { tenant } => self.metrics.tenants[usize::from(tenant)].drop(Why::NoBuffer),
             }
         }
-    }
-
-    /// The instant latency tags count from.
-    fn set_epoch(&self) -> Instant {
-        self.set.epoch
     }
 
     fn peer_down(&mut self, peer: u16) {
@@ -350,7 +368,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 }
                 let Some(msg) = self.link(t).take() else { break };
                 n += 1;
-                self.metrics.tenants[t].uplink_msgs.inc();
+                self.tally[t].uplink_msgs += 1;
                 self.route(t, msg, now);
             }
         }
@@ -421,9 +439,9 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         let cfg = self.cfg.clone();
         match self.link(t).deliver(msg, d.dst_fn, &cfg.functions[f].name) {
             Ok(()) => {
-                let m = &self.metrics.functions[f];
-                m.delivered.inc();
-                m.delivered_bytes.inc_by(len);
+                let m = &mut self.fn_tally[f];
+                m.0 += 1;
+                m.1 += len;
             }
             Err(e) => match (e.kind, e.msg) {
                 (SendErrorKind::Full, Some(msg)) => self.tenants[t].backlog.push_back(msg),

@@ -3,21 +3,24 @@
 //! (200 once the host link is attached and the fabric listener is up, 503
 //! before).
 //!
-//! The data-plane thread updates counters through handles created at start
-//! (atomics; no lookup, lock or allocation per message); the HTTP side runs
-//! on its own thread with a single-threaded tokio runtime.
+//! The data-plane thread counts per message in plain integers of its own
+//! ([`Tally`]) and adds them to the shared counters (atomics, handles
+//! created at start) once per control tick, about every millisecond: no
+//! atomic, lock, lookup or allocation per message. Rare events (drops)
+//! go to the shared counters at once. The HTTP side runs on its own thread
+//! with a single-threaded tokio runtime.
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -107,7 +110,7 @@ pub struct TenantMetrics {
     /// Receive buffers posted for this tenant.
     pub recvs_posted: Gauge,
     /// Seconds from taking a message off the uplink to its send completing.
-    pub latency: Histogram,
+    pub latency: Latency,
     drops: Vec<Counter>,
 }
 
@@ -122,6 +125,127 @@ impl TenantMetrics {
     /// Drops so far for `why`.
     pub fn drops(&self, why: Drop) -> u64 {
         self.drops.get(why as usize).map_or(0, Counter::get)
+    }
+}
+
+/// Buckets of [`Latency`]: upper bounds 1 us, 2 us, ... 2^23 us (8.4 s),
+/// then +Inf.
+pub const LATENCY_BUCKETS: usize = 24;
+
+/// A latency histogram (seconds) filled in bulk from a [`LocalLatency`]:
+/// Prometheus histogram buckets with upper bounds 1 us * 2^i.
+#[derive(Clone, Debug, Default)]
+pub struct Latency(Arc<LatencyInner>);
+
+#[derive(Debug, Default)]
+struct LatencyInner {
+    buckets: [AtomicU64; LATENCY_BUCKETS + 1],
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Latency {
+    /// Adds what `local` gathered and empties it.
+    pub fn add(&self, local: &mut LocalLatency) {
+        if local.count == 0 {
+            return;
+        }
+        for (b, n) in self.0.buckets.iter().zip(&mut local.buckets) {
+            if *n > 0 {
+                b.fetch_add(*n, Ordering::Relaxed);
+                *n = 0;
+            }
+        }
+        self.0.sum_ns.fetch_add(local.sum_ns, Ordering::Relaxed);
+        self.0.count.fetch_add(local.count, Ordering::Relaxed);
+        local.sum_ns = 0;
+        local.count = 0;
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.0.count.load(Ordering::Relaxed)
+    }
+}
+
+impl TypedMetric for Latency {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Latency {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let mut buckets = [(0.0, 0u64); LATENCY_BUCKETS + 1];
+        for (i, (b, n)) in buckets.iter_mut().zip(&self.0.buckets).enumerate() {
+            let upper = if i < LATENCY_BUCKETS { 1e-6 * f64::from(1u32 << i) } else { f64::INFINITY };
+            *b = (upper, n.load(Ordering::Relaxed));
+        }
+        let sum = self.0.sum_ns.load(Ordering::Relaxed) as f64 * 1e-9;
+        encoder.encode_histogram::<NoLabelSet>(sum, self.0.count.load(Ordering::Relaxed), &buckets, None)
+    }
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// Latency observations of the data-plane thread, not yet added to the
+/// shared [`Latency`].
+#[derive(Clone, Debug, Default)]
+pub struct LocalLatency {
+    buckets: [u64; LATENCY_BUCKETS + 1],
+    sum_ns: u64,
+    count: u64,
+}
+
+impl LocalLatency {
+    /// Counts one observation of `ns` nanoseconds.
+    pub fn observe_ns(&mut self, ns: u64) {
+        self.buckets[latency_bucket(ns)] += 1;
+        self.sum_ns = self.sum_ns.saturating_add(ns);
+        self.count += 1;
+    }
+}
+
+/// The bucket of `ns`: the first `i` with `ns <= 1000 * 2^i`, or the
+/// +Inf bucket.
+pub fn latency_bucket(ns: u64) -> usize {
+    let us = ns.div_ceil(1000);
+    if us <= 1 { 0 } else { ((64 - (us - 1).leading_zeros()) as usize).min(LATENCY_BUCKETS) }
+}
+
+/// The data-plane thread's own per-tenant counts since the last
+/// [`Tally::flush`].
+#[derive(Clone, Debug, Default)]
+pub struct Tally {
+    /// Messages sent over the fabric.
+    pub tx_msgs: u64,
+    /// Payload bytes sent.
+    pub tx_bytes: u64,
+    /// Messages received.
+    pub rx_msgs: u64,
+    /// Payload bytes received.
+    pub rx_bytes: u64,
+    /// Messages taken from the uplink.
+    pub uplink_msgs: u64,
+    /// Send latencies.
+    pub latency: LocalLatency,
+}
+
+impl Tally {
+    /// Adds the counts to `m` and starts again from zero.
+    pub fn flush(&mut self, m: &TenantMetrics) {
+        for (n, c) in [
+            (&mut self.tx_msgs, &m.tx_msgs),
+            (&mut self.tx_bytes, &m.tx_bytes),
+            (&mut self.rx_msgs, &m.rx_msgs),
+            (&mut self.rx_bytes, &m.rx_bytes),
+            (&mut self.uplink_msgs, &m.uplink_msgs),
+        ] {
+            if *n > 0 {
+                c.inc_by(*n);
+                *n = 0;
+            }
+        }
+        m.latency.add(&mut self.latency);
     }
 }
 
@@ -163,9 +287,7 @@ impl Metrics {
         let credits = Family::<TenantLabel, Gauge>::default();
         let posted = Family::<TenantLabel, Gauge>::default();
         let drops = Family::<DropLabel, Counter>::default();
-        let lat = Family::<TenantLabel, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(1e-6, 2.0, 24))
-        });
+        let lat = Family::<TenantLabel, Latency>::default();
         let fn_m = Family::<FnLabel, Counter>::default();
         let fn_b = Family::<FnLabel, Counter>::default();
         let peers_up = Gauge::default();
@@ -326,4 +448,44 @@ pub fn serve(addr: SocketAddr, m: Arc<Metrics>) -> std::io::Result<(SocketAddr, 
         });
     })?;
     Ok((local, t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_powers_of_two_microseconds() {
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(1000), 0);
+        assert_eq!(latency_bucket(1001), 1);
+        assert_eq!(latency_bucket(2000), 1);
+        assert_eq!(latency_bucket(2001), 2);
+        assert_eq!(latency_bucket(4000), 2);
+        assert_eq!(latency_bucket(1000 << 23), 23);
+        assert_eq!(latency_bucket((1000 << 23) + 1), LATENCY_BUCKETS);
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS);
+    }
+
+    #[test]
+    fn tallies_reach_the_text_output_as_a_cumulative_histogram() {
+        let mut reg = Registry::default();
+        let lat = Latency::default();
+        reg.register("lat", "test", lat.clone());
+        let mut local = LocalLatency::default();
+        for ns in [500, 1500, 1500, 3000, u64::from(u32::MAX) * 10] {
+            local.observe_ns(ns);
+        }
+        lat.add(&mut local);
+        lat.add(&mut local); // empty: adds nothing
+        assert_eq!(lat.count(), 5);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        assert!(text.contains("# TYPE lat histogram"), "{text}");
+        assert!(text.contains("lat_count 5"), "{text}");
+        assert!(text.contains("lat_bucket{le=\"0.000001\"} 1"), "{text}");
+        assert!(text.contains("lat_bucket{le=\"0.000002\"} 3"), "{text}");
+        assert!(text.contains("lat_bucket{le=\"0.000004\"} 4"), "{text}");
+        assert!(text.contains("lat_bucket{le=\"+Inf\"} 5"), "{text}");
+    }
 }

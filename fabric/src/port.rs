@@ -180,6 +180,10 @@ pub struct Port<T: Transport, B: Buffers> {
     regions: Vec<RegionId>,
     per_conn: Vec<u32>,
     conns: Vec<Option<Conn>>,
+    /// The connection of (peer, tenant) at `peer * tenants + tenant`, as
+    /// the mesh opened it (a dense copy of [`Mesh::conn`], which the data
+    /// path asks several times per message).
+    routes: Vec<Option<ConnId>>,
     flights: Table<Flight>,
     posted: Table<Posted>,
     sizes: PortSizes,
@@ -229,6 +233,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             mesh,
             bufs,
             regions,
+            routes: Vec::new(),
             per_conn,
             conns: Vec::new(),
             flights: Table::new(sizes.flights),
@@ -259,8 +264,18 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         self.conns.iter().flatten().filter(|c| c.up).count()
     }
 
+    fn route(&mut self, peer: u16) -> &mut [Option<ConnId>] {
+        let n = self.bufs.len();
+        let i = usize::from(peer) * n;
+        if self.routes.len() < i + n {
+            self.routes.resize(i + n, None);
+        }
+        &mut self.routes[i..i + n]
+    }
+
     fn conn(&self, t: u16, peer: u16) -> Option<ConnId> {
-        let c = self.mesh.conn(peer, t)?;
+        let c = (*self.routes.get(usize::from(peer) * self.bufs.len() + usize::from(t))?)?;
+        debug_assert_eq!(self.mesh.conn(peer, t), Some(c));
         self.conns.get(c.index() as usize)?.as_ref().filter(|s| s.up).map(|_| c)
     }
 
@@ -352,6 +367,9 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         for e in events.drain(..) {
             match e {
                 MeshEvent::Opened { peer, tenant, conn } => {
+                    if let Some(r) = self.route(peer).get_mut(usize::from(tenant)) {
+                        *r = Some(conn);
+                    }
                     let i = conn.index() as usize;
                     if self.conns.len() <= i {
                         self.conns.resize_with(i + 1, || None);
@@ -368,6 +386,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                     });
                 }
                 MeshEvent::PeerDown { peer, conns } => {
+                    self.route(peer).fill(None);
                     for c in conns {
                         if let Some(Some(st)) = self.conns.get_mut(c.index() as usize) {
                             st.up = false;

@@ -323,8 +323,15 @@ impl Bench {
     fn data_path_allocs(&mut self, n: u64) -> Result<(u64, u64)> {
         let (m0, a0) = (self.sent(), allocs());
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut k = 0u64;
         while self.sent() - m0 < n {
             self.engine.step(Instant::now());
+            k += 1;
+            if k.is_multiple_of(64) {
+                // The counts reach the shared metrics here (the loop does
+                // it in its control work).
+                self.engine.flush();
+            }
             if Instant::now() > deadline {
                 bail!("{}: the data path stalled", self.case.label());
             }
