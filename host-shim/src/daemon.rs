@@ -500,6 +500,20 @@ impl Shimd {
     fn gone(&mut self, i: usize, why: &str) {
         let c = self.clients.swap_remove(i);
         if let Some(a) = c.attached.as_ref().filter(|a| a.agent) {
+            // What the agent had taken from the uplink but not yet consumed
+            // (its buffers are held by it) leaves the ring first, then its
+            // buffers come back; what it had not taken stays for the next
+            // agent. Nobody else takes from the uplink, and its buffers
+            // cannot change hands before the reclaim.
+            let skipped = match (self.pools.get(&a.tenant), self.uplinks.get(&a.tenant)) {
+                (Some(p), Some(up)) => up.ring.skip_taken(crate::function::BATCH, |d| {
+                    p.owner(d.buf).is_ok_and(|o| o == wire::Owner::Held(AGENT_SLOT))
+                }),
+                _ => 0,
+            };
+            if skipped > 0 {
+                log::info!("agent left {skipped} descriptors it had taken in the uplink; consumed them");
+            }
             let n = self.pools.get(&a.tenant).map_or(0, |p| p.reclaim_held(AGENT_SLOT));
             if let Some(up) = self.uplinks.get_mut(&a.tenant) {
                 up.attached = false;

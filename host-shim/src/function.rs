@@ -26,7 +26,8 @@ use wire::{CtrlFrame, Descriptor, ErrorCode, Name, Owner};
 /// is ~45 us), so a busy chain never sleeps, and short enough that an idle
 /// function costs nothing measurable.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
-const BATCH: usize = 32;
+/// Descriptors taken from the inbound ring at once.
+pub(crate) const BATCH: usize = 32;
 /// Buffers a function keeps in its private allocation cache.
 const CACHE: usize = 32;
 
@@ -169,6 +170,8 @@ pub struct Function {
     bell: Doorbell,
     peers: HashMap<String, PeerSet>,
     pending: VecDeque<Descriptor>,
+    /// Accepted by [`try_recv`](Self::try_recv), not yet returned.
+    taken: VecDeque<Msg>,
     scratch: [Descriptor; BATCH],
     scratch_msgs: Vec<Msg>,
     rejected: HashMap<&'static str, u64>,
@@ -261,6 +264,7 @@ impl Function {
             bell: Doorbell::from_fd(bell_fd),
             peers: HashMap::new(),
             pending: VecDeque::with_capacity(BATCH),
+            taken: VecDeque::with_capacity(BATCH),
             scratch: [Descriptor::default(); BATCH],
             scratch_msgs: Vec::with_capacity(BATCH),
             rejected: HashMap::new(),
@@ -565,16 +569,33 @@ impl Function {
     }
 
     /// Receives without waiting.
+    ///
+    /// Descriptors are taken from the ring, validated and accepted (their
+    /// buffers now held by this process) before they are consumed from
+    /// it: a process killed in between leaves them in the ring, never in
+    /// neither place. That matters for the agent, whose uplink ring
+    /// outlives it (host-shimd, reclaiming what a dead agent held, also
+    /// consumes what it had taken: [`shm::ring::Ring::skip_taken`]).
     pub fn try_recv(&mut self) -> Option<Msg> {
         loop {
             if let Some(m) = self.accept_pending() {
                 return Some(m);
             }
-            let n = self.inbox.pop(&mut self.scratch);
+            if let Some(m) = self.taken.pop_front() {
+                return Some(m);
+            }
+            let n = self.inbox.peek(&mut self.scratch);
             if n == 0 {
                 return None;
             }
-            self.pending.extend(&self.scratch[..n]);
+            for k in 0..n {
+                let d = self.scratch[k];
+                match self.pool.accept(&d, self.info.slot) {
+                    Ok(lease) => self.taken.push_back(Msg { lease, desc: d }),
+                    Err(e) => self.reject(e),
+                }
+            }
+            self.inbox.commit(n);
         }
     }
 

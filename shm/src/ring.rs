@@ -160,10 +160,17 @@ pub(crate) fn push(c: &impl RingCells, descs: &[Descriptor]) -> Result<Pushed, R
 /// Pops up to `out.len()` ready descriptors in order, from position `*head`
 /// (the consumer's private cursor); returns how many.
 pub(crate) fn pop(c: &impl RingCells, head: &mut u64, out: &mut [Descriptor]) -> usize {
-    let cap = u64::from(c.capacity());
+    let n = peek(c, *head, out);
+    commit(c, head, n);
+    n
+}
+
+/// Reads up to `out.len()` ready descriptors in order from position `head`
+/// without consuming them; returns how many. [`commit`] consumes them.
+pub(crate) fn peek(c: &impl RingCells, head: u64, out: &mut [Descriptor]) -> usize {
     let mut n = 0;
     while n < out.len() {
-        let pos = *head + n as u64;
+        let pos = head + n as u64;
         let slot = slot_of(c, pos);
         // Acquire: pairs with the producer's Release publish.
         if c.seq(slot).load(Acquire) != (pos + 1) as u32 {
@@ -172,6 +179,13 @@ pub(crate) fn pop(c: &impl RingCells, head: &mut u64, out: &mut [Descriptor]) ->
         out[n] = c.read_desc(slot);
         n += 1;
     }
+    n
+}
+
+/// Consumes the `n` descriptors from `*head` that [`peek`] read: frees
+/// their slots for the producers and publishes the new head.
+pub(crate) fn commit(c: &impl RingCells, head: &mut u64, n: usize) {
+    let cap = u64::from(c.capacity());
     for k in 0..n as u64 {
         let pos = *head + k;
         // Release: our read of the descriptor happens before a producer of
@@ -183,7 +197,6 @@ pub(crate) fn pop(c: &impl RingCells, head: &mut u64, out: &mut [Descriptor]) ->
         // Release: pairs with the producers' Acquire load of the head hint.
         c.head().store(*head, Release);
     }
-    n
 }
 
 /// Whether the slot at `head` is ready to pop.
@@ -634,6 +647,29 @@ mod segment {
             self.closed().load(std::sync::atomic::Ordering::Acquire) != 0
         }
 
+        /// For the ring's creator while no consumer is attached (host-shimd
+        /// after the agent died): looks at the first `window` ready
+        /// descriptors from the published head and consumes them up to and
+        /// including the last one `taken` says the dead consumer had
+        /// already taken (it peeks, takes and only then commits, so what it
+        /// took is a prefix). Returns how many were consumed.
+        pub fn skip_taken(&self, window: usize, mut taken: impl FnMut(&Descriptor) -> bool) -> usize {
+            use std::sync::atomic::Ordering::Acquire;
+            let mut head = self.head().load(Acquire);
+            let mut n = 0;
+            let mut d = [Descriptor::default(); 1];
+            for k in 0..window {
+                if super::peek(self, head + k as u64, &mut d) == 0 {
+                    break;
+                }
+                if taken(&d[0]) {
+                    n = k + 1;
+                }
+            }
+            super::commit(self, &mut head, n);
+            n
+        }
+
         /// Turns this mapping into the ring's single consumer.
         pub fn into_consumer(self) -> Consumer {
             use std::sync::atomic::Ordering::Acquire;
@@ -697,6 +733,19 @@ mod segment {
         /// Pops up to `out.len()` descriptors; never blocks.
         pub fn pop(&mut self, out: &mut [Descriptor]) -> usize {
             super::pop(&self.ring, &mut self.head, out)
+        }
+
+        /// Reads up to `out.len()` descriptors without consuming them;
+        /// [`commit`](Self::commit) consumes them. A consumer that dies in
+        /// between leaves them in the ring.
+        pub fn peek(&self, out: &mut [Descriptor]) -> usize {
+            super::peek(&self.ring, self.head, out)
+        }
+
+        /// Consumes the first `n` descriptors (at most what [`peek`](Self::peek)
+        /// returned).
+        pub fn commit(&mut self, n: usize) {
+            super::commit(&self.ring, &mut self.head, n);
         }
 
         /// Pops, spinning for up to `spin`, then sleeping on `bell` until
@@ -820,6 +869,35 @@ mod segment {
             cons.ring().close();
             assert!(prod.is_closed());
             assert_eq!(prod.push(&[d(3)]), Err(RingPushError::Closed));
+        }
+
+        #[test]
+        fn peeked_descriptors_stay_until_committed_and_a_dead_consumers_taken_prefix_is_skipped() {
+            let ring = Ring::create("dne-ring-peek", 8, 1, 2, 3).unwrap();
+            let owner = Ring::open(ring.fd().try_clone_to_owned().unwrap()).unwrap();
+            let mut cons = ring.into_consumer();
+            owner.push(&[d(1), d(2), d(3), d(4)]).unwrap();
+            let mut out = [Descriptor::default(); 3];
+            assert_eq!(cons.peek(&mut out), 3);
+            assert_eq!(owner.pending(), 4, "peeking consumes nothing");
+            cons.commit(1);
+            assert_eq!(owner.pending(), 3);
+            // The consumer "dies" having taken 2 and 3 but before commit.
+            drop(cons);
+            let skipped = owner.skip_taken(8, |x| x.request == 2 || x.request == 3);
+            assert_eq!(skipped, 2);
+            assert_eq!(owner.pending(), 1);
+            // A new consumer starts at 4; the slots are free for producers.
+            let mut next = Ring::open(owner.fd().try_clone_to_owned().unwrap()).unwrap().into_consumer();
+            assert_eq!(owner.push(&[d(5), d(6), d(7), d(8), d(9), d(10), d(11)]).unwrap().count, 7);
+            let mut all = [Descriptor::default(); 8];
+            assert_eq!(next.pop(&mut all), 8);
+            let got: Vec<u32> = all.iter().map(|x| x.request).collect();
+            assert_eq!(got, [4, 5, 6, 7, 8, 9, 10, 11]);
+            // Nothing taken: nothing skipped.
+            owner.push(&[d(12)]).unwrap();
+            assert_eq!(owner.skip_taken(8, |_| false), 0);
+            assert_eq!(owner.pending(), 1);
         }
 
         #[test]
