@@ -4,12 +4,13 @@
 //! amount of work everywhere):
 //!
 //! * (a) DNE: the `ingress` crate's HTTP server writing each request once
-//!   into its tenant pool, the chain run by the in-process upstream over the
-//!   same pool buffers (ownership handed hop to hop as descriptors do), the
-//!   reply streamed out of the pool. One process. *The fabric path (ingress
-//!   -> fabric -> functions on a worker node) is pending: it replaces the
-//!   in-process upstream when the agent/mesh work lands, and this row's
-//!   label says so.*
+//!   into its tenant pool and sending it over the emulated fabric to a
+//!   worker node (host-shimd, the agent, the three functions chained
+//!   through shared memory, as separate processes); the last function's
+//!   reply comes back over the fabric and is streamed out of the pool.
+//! * (a0) reference: the same HTTP server with the chain run in-process
+//!   over the same pool buffers (ownership handed hop to hop as
+//!   descriptors do): what the fabric and the process boundaries cost.
 //! * (b) the Knative-style baseline: nginx (Debian package; installed with
 //!   apt-get when missing) as the ingress, and each function an HTTP server
 //!   (hyper, one thread) behind its own nginx sidecar proxy (like Knative's
@@ -19,7 +20,8 @@
 //!
 //! Measured per setup and concurrency: requests per second, p50 and p99
 //! latency, and CPU seconds per 10,000 requests summed over every process
-//! of the setup (utime + stime from /proc, load generator excluded). The
+//! of the setup (utime + stime from /proc, load generator excluded), and
+//! at 64 connections the same CPU broken down by process. The
 //! load generator runs in this process on one thread (hyper client, one
 //! request in flight per connection). Both setups run in the same run,
 //! interleaved per concurrency level.
@@ -348,9 +350,19 @@ fn stat(pid: u32) -> Option<(u32, u64)> {
     Some((ppid, ut + st))
 }
 
-fn cpu_seconds(pids: &[u32]) -> f64 {
+/// CPU seconds of each of `pids`, charged to the root it is (or whose
+/// child it is).
+fn cpu_seconds(pids: &[u32], roots: &[u32]) -> Vec<(u32, f64)> {
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
-    pids.iter().filter_map(|&p| stat(p)).map(|(_, t)| t as f64).sum::<f64>() / hz
+    let mut out: Vec<(u32, f64)> = roots.iter().map(|&r| (r, 0.0)).collect();
+    for &p in pids {
+        let Some((ppid, t)) = stat(p) else { continue };
+        let root = if roots.contains(&p) { p } else { ppid };
+        if let Some(e) = out.iter_mut().find(|(r, _)| *r == root) {
+            e.1 += t as f64 / hz;
+        }
+    }
+    out
 }
 
 // ------------------------------------------------------------ load
@@ -360,6 +372,9 @@ struct Run {
     p50_us: f64,
     p99_us: f64,
     cpu_per_10k: f64,
+    /// CPU s per 10k requests of each root process (children included),
+    /// in the order of the setup's `pids`.
+    per_proc: Vec<f64>,
     requests: u64,
 }
 
@@ -376,6 +391,11 @@ impl Run {
             p50_us: med(runs, |r| r.p50_us),
             p99_us: med(runs, |r| r.p99_us),
             cpu_per_10k: med(runs, |r| r.cpu_per_10k),
+            // Per process: the run whose total is the median.
+            per_proc: {
+                let m = med(runs, |r| r.cpu_per_10k);
+                runs.iter().find(|r| r.cpu_per_10k == m).map(|r| r.per_proc.clone()).unwrap_or_default()
+            },
             requests: runs.iter().map(|r| r.requests).sum(),
         }
     }
@@ -406,7 +426,7 @@ fn load(port: u16, conns: usize, warm: Duration, dur: Duration, roots: &[u32]) -
         let start = Instant::now();
         let measure_from = start + warm;
         let end = measure_from + dur;
-        let cpu0 = Arc::new(std::sync::Mutex::new(None::<(f64, Instant)>));
+        let cpu0 = Arc::new(std::sync::Mutex::new(None::<(Vec<(u32, f64)>, Instant)>));
         let mut tasks = Vec::with_capacity(conns);
         for mut tx in senders {
             let (body, want) = (body.clone(), want.clone());
@@ -441,15 +461,15 @@ fn load(port: u16, conns: usize, warm: Duration, dur: Duration, roots: &[u32]) -
         tokio::time::sleep_until(measure_from.into()).await;
         let pids = all_pids(roots);
         let pids = pids.as_slice();
-        *cpu0.lock().map_err(|_| anyhow!("poisoned"))? = Some((cpu_seconds(pids), Instant::now()));
+        *cpu0.lock().map_err(|_| anyhow!("poisoned"))? = Some((cpu_seconds(pids, roots), Instant::now()));
         tokio::time::sleep_until(end.into()).await;
-        let cpu1 = cpu_seconds(pids);
+        let cpu1 = cpu_seconds(pids, roots);
         let t1 = Instant::now();
         let mut all: Vec<u32> = Vec::new();
         for t in tasks {
             all.extend(t.await??);
         }
-        let (c0, t0) = cpu0.lock().map_err(|_| anyhow!("poisoned"))?.ok_or_else(|| anyhow!("no CPU sample"))?;
+        let (c0, t0) = cpu0.lock().map_err(|_| anyhow!("poisoned"))?.take().ok_or_else(|| anyhow!("no CPU sample"))?;
         all.sort_unstable();
         let n = all.len() as u64;
         if n == 0 {
@@ -457,11 +477,13 @@ fn load(port: u16, conns: usize, warm: Duration, dur: Duration, roots: &[u32]) -
         }
         let pct = |p: f64| f64::from(all[((all.len() as f64 * p) as usize).min(all.len() - 1)]);
         let secs = t1.duration_since(t0).as_secs_f64().max(dur.as_secs_f64());
+        let per_proc: Vec<f64> = cpu1.iter().zip(&c0).map(|((_, b), (_, a))| (b - a) / n as f64 * 10_000.0).collect();
         Ok(Run {
             rps: n as f64 / secs,
             p50_us: pct(0.50),
             p99_us: pct(0.99),
-            cpu_per_10k: (cpu1 - c0) / n as f64 * 10_000.0,
+            cpu_per_10k: per_proc.iter().sum(),
+            per_proc,
             requests: n,
         })
     })
@@ -609,6 +631,10 @@ fn run(opts: &Opts) -> Result<Report> {
         &["conns", "rps x", "p99 x", "CPU x"],
     );
     let mut report = Report::default();
+    let mut by_proc = Table::new(
+        "ingress: CPU s/10k requests by process at 64 connections (children counted with their parent)",
+        &["setup", "process", "CPU s/10k req", "share"],
+    );
     for &c in &CONNS {
         let (mut ra, mut r0, mut rb) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
@@ -640,6 +666,18 @@ fn run(opts: &Opts) -> Result<Report> {
         report.put(&format!("p99_ratio_c{c}"), px);
         report.put(&format!("cpu_ratio_c{c}"), cx);
         if c == 64 {
+            for (setup, (r, procs)) in
+                ["(a)", "(a0)", "(b)"].iter().zip([(&a, &fab.procs), (&a0, &dne.procs), (&b, &base.procs)])
+            {
+                for (p, cpu) in procs.iter().zip(&r.per_proc) {
+                    by_proc.row(vec![
+                        (*setup).to_owned(),
+                        p.name.clone(),
+                        fmt_num(*cpu),
+                        format!("{:.0}%", 100.0 * cpu / r.cpu_per_10k.max(1e-9)),
+                    ]);
+                }
+            }
             report.put("cpu_ratio", cx);
             report.put("p99_us_c64_dne", a.p99_us);
             report.put("p99_us_c64_nginx", b.p99_us);
@@ -652,6 +690,6 @@ fn run(opts: &Opts) -> Result<Report> {
     drop(dne);
     drop(base);
     let _ = std::fs::remove_dir_all(&dir);
-    report.tables = vec![table, ratios];
+    report.tables = vec![table, ratios, by_proc];
     Ok(report)
 }
