@@ -529,6 +529,36 @@ impl ProgressEngine {
         // its owning thread progresses it.
         usize::from(unsafe { sys::doca_pe_progress(self.pe.as_ptr()) })
     }
+
+    /// The notification handle (`doca_pe_get_notification_handle`): an fd
+    /// to poll, readable once an armed engine has something to report.
+    pub fn notification_handle(&self) -> Result<std::os::fd::BorrowedFd<'_>, DocaError> {
+        let mut h: sys::doca_notification_handle_t = -1;
+        // SAFETY: the engine is live; valid out-pointer.
+        check(unsafe { sys::doca_pe_get_notification_handle(self.pe.as_ptr(), &mut h) })?;
+        if h < 0 {
+            return Err(DocaError::DRIVER);
+        }
+        // SAFETY: the handle is an open fd owned by the engine, valid while
+        // it lives (the borrow is tied to `self`), and not -1.
+        Ok(unsafe { std::os::fd::BorrowedFd::borrow_raw(h) })
+    }
+
+    /// Arms the handle (`doca_pe_request_notification`).
+    pub fn request_notification(&self) -> Result<(), DocaError> {
+        // SAFETY: the engine is live and owned by this thread.
+        check(unsafe { sys::doca_pe_request_notification(self.pe.as_ptr()) })
+    }
+
+    /// Clears the handle (`doca_pe_clear_notification`).
+    pub fn clear_notification(&self) -> Result<(), DocaError> {
+        let mut h: sys::doca_notification_handle_t = -1;
+        // SAFETY: as in `notification_handle`.
+        check(unsafe { sys::doca_pe_get_notification_handle(self.pe.as_ptr(), &mut h) })?;
+        // SAFETY: the engine is live and owned by this thread; `h` is its
+        // own handle.
+        check(unsafe { sys::doca_pe_clear_notification(self.pe.as_ptr(), h) })
+    }
 }
 
 impl Drop for ProgressEngine {

@@ -519,3 +519,83 @@ fn rdma_into_and_out_of_huge_page_pools() {
 #[cfg(not(feature = "sdk"))]
 #[path = "conformance/multi_process.rs"]
 mod multi_process;
+
+/// Whether `fd` turns readable within `t`.
+fn readable(fd: std::os::fd::BorrowedFd<'_>, t: Duration) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let ts = Timespec { tv_sec: t.as_secs() as i64, tv_nsec: i64::from(t.subsec_nanos()) };
+    let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::IN)];
+    poll(&mut fds, Some(&ts)).expect("poll") > 0
+}
+
+/// The progress engine's notification handle: quiet once cleared and
+/// progressed, readable when a peer's send arrives, and what it announced
+/// is there for the next `progress`. A receiver can sleep on it.
+#[test]
+fn notification_handle_wakes_a_sleeping_receiver() {
+    let dev = device();
+    let (pe_a, pe_b) = (ProgressEngine::new().unwrap(), ProgressEngine::new().unwrap());
+    let cfg = RdmaConfig { send_tasks: 4, recv_tasks: 4, ..Default::default() };
+    let (a, b) = (Rdma::new(&pe_a, &dev, cfg).unwrap(), Rdma::new(&pe_b, &dev, cfg).unwrap());
+    a.start().unwrap();
+    b.start().unwrap();
+    let both = |what: &str, done: &mut dyn FnMut() -> bool| {
+        let start = Instant::now();
+        while !done() {
+            pe_a.progress();
+            pe_b.progress();
+            assert!(start.elapsed() < WATCHDOG, "watchdog: {what}");
+        }
+    };
+    both("start", &mut || a.state() == CtxState::Running && b.state() == CtxState::Running);
+    let (ca, blob_a) = a.export().unwrap();
+    let (cb, blob_b) = b.export().unwrap();
+    a.connect(ca, &blob_b).unwrap();
+    b.connect(cb, &blob_a).unwrap();
+    let (mut up_a, mut up_b) = (false, false);
+    both("connect", &mut || {
+        while let Some(e) = a.poll_event() {
+            up_a |= matches!(e, RdmaEvent::Connected(_));
+        }
+        while let Some(e) = b.poll_event() {
+            up_b |= matches!(e, RdmaEvent::Connected(_));
+        }
+        up_a && up_b
+    });
+    let pool = region(64 << 10);
+    let flags = Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE;
+    let host = local_mmap(&dev, &pool, flags);
+    let mem = RemoteMmap::from_export(&dev, &host.export_pci(&dev).unwrap()).unwrap();
+    let inv = BufInventory::new(8).unwrap();
+    b.submit_receive(inv.remote_buf(&mem, 32 << 10, 1024).unwrap(), 7).unwrap();
+
+    // Quiet: cleared, progressed once more, nothing new.
+    let handle = pe_b.notification_handle().unwrap();
+    for _ in 0..10 {
+        pe_b.progress();
+    }
+    pe_b.clear_notification().unwrap();
+    pe_b.request_notification().unwrap();
+    pe_b.progress();
+    assert!(b.poll_event().is_none());
+    assert!(!readable(handle, Duration::from_millis(50)), "the handle of an idle engine stays quiet");
+
+    // A send from the peer wakes the sleeper, and is there to take.
+    pool.copy_in(0, b"wake up").unwrap();
+    let mut buf = inv.remote_buf(&mem, 0, 1024).unwrap();
+    buf.set_data_len(7).unwrap();
+    a.submit_send(ca, buf, Some(42), 1).unwrap();
+    for _ in 0..10 {
+        pe_a.progress();
+    }
+    assert!(readable(handle, WATCHDOG), "the send arriving makes the handle readable");
+    let start = Instant::now();
+    let got = loop {
+        pe_b.progress();
+        if let Some(e) = b.poll_event() {
+            break e;
+        }
+        assert!(start.elapsed() < WATCHDOG, "watchdog: the announced receive");
+    };
+    assert!(matches!(got, RdmaEvent::Received { user_data: 7, imm: Some(42), result: Ok(()), .. }), "{got:?}");
+}

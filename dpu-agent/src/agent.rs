@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
 
 /// What `run` needs.
 #[derive(Clone, Debug)]
@@ -60,7 +59,7 @@ pub fn run(opts: &RunOptions, stop: &AtomicBool) -> anyhow::Result<()> {
     let socket = host_shim::daemon::socket_path(&n.runtime_dir);
     let set = Settings {
         node,
-        idle_sleep_after: if opts.busy || n.mode == Mode::Host { None } else { Some(Duration::from_millis(2)) },
+        idle_sleep_after: if opts.busy || n.mode == Mode::Host { None } else { Some(crate::engine::IDLE_SPIN) },
         epoch: std::time::Instant::now(),
         batch: crate::engine::UPLINK_BATCH,
     };

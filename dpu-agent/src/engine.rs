@@ -48,6 +48,12 @@ pub const UPLINK_BATCH: usize = 32;
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(2);
 /// How often the control work runs.
 const CONTROL_EVERY: Duration = Duration::from_millis(1);
+/// How long an idle engine that shares its cores keeps polling (yielding
+/// between polls) before it sleeps on events (as long as functions spin on
+/// their rings, [`host_shim::function::DEFAULT_SPIN`]).
+pub const IDLE_SPIN: Duration = Duration::from_micros(50);
+/// A nap when the engine cannot sleep on events.
+const NAP: Duration = Duration::from_micros(50);
 
 /// How the engine ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -65,8 +71,9 @@ pub struct Settings {
     pub node: u16,
     /// Idle policy. `Some(after)`: the node shares its cores with
     /// everything else (emulated mode), so an empty poll yields the core,
-    /// and after `after` without work the loop naps 50 us between polls.
-    /// `None`: spin forever (a core of its own, as on the DPU).
+    /// and after `after` without work the loop sleeps until a function
+    /// sends, the fabric has news, or the next control tick. `None`: spin
+    /// forever (a core of its own, as on the DPU).
     pub idle_sleep_after: Option<Duration>,
     /// Start of the process: latency tags are nanoseconds since.
     pub epoch: Instant,
@@ -197,20 +204,68 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             }
             if self.step(now) > 0 {
                 idle_since = now;
-            } else if let Some(after) = self.set.idle_sleep_after
-                && now.duration_since(idle_since) > after
-            {
-                // Idle: the uplinks and the fabric are checked every 50 us
-                // instead of continuously.
-                std::thread::sleep(Duration::from_micros(50));
-            } else if self.set.idle_sleep_after.is_some() {
-                // Sharing cores: an empty poll gives the core to whoever is
-                // runnable (the functions, the ingress). Measured with the
-                // demo on 2 cores: 3.2x the requests per second of spinning.
-                std::thread::yield_now();
+            } else if let Some(after) = self.set.idle_sleep_after {
+                if now.duration_since(idle_since) > after {
+                    // Idle for a while: sleep until a function sends, the
+                    // fabric has news, or the next control tick.
+                    self.sleep(next_control.saturating_duration_since(now));
+                } else {
+                    // Sharing cores: an empty poll first gives the core to
+                    // whoever is runnable (the functions, the ingress).
+                    std::thread::yield_now();
+                }
             } else {
                 std::hint::spin_loop();
             }
+        }
+    }
+
+    /// Sleeps up to `max` on the uplinks' doorbells and the fabric's
+    /// notification fd. Without a notification fd, or with deliveries
+    /// waiting for room in a function's ring (nothing would wake us), it
+    /// naps [`NAP`] instead.
+    fn sleep(&mut self, max: Duration) {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        let n = self.tenants.len();
+        if self.port.notification_fd().is_none() || self.tenants.iter().any(|t| !t.backlog.is_empty()) {
+            std::thread::sleep(max.min(NAP));
+            return;
+        }
+        self.port.clear_notification();
+        // What happened before the clear is found now.
+        if self.step(Instant::now()) > 0 {
+            return;
+        }
+        let mut armed = 0;
+        while armed < n && self.link(armed).sleep_begin() {
+            armed += 1;
+        }
+        if armed == n {
+            // Built only when going to sleep (idle), never per message.
+            let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(n + 1);
+            if let Some(fd) = self.port.notification_fd() {
+                fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
+            }
+            for t in 0..n {
+                if let Some(fd) = self.port.bufs(t as u16).0.wake_fd() {
+                    fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
+                }
+            }
+            let ts = Timespec { tv_sec: max.as_secs() as i64, tv_nsec: i64::from(max.subsec_nanos()) };
+            if let Err(e) = poll(&mut fds, Some(&ts))
+                && e != rustix::io::Errno::INTR
+            {
+                log::warn!("engine: sleeping: {e}");
+                std::thread::sleep(max.min(NAP));
+            }
+        }
+        for t in 0..armed.min(n) {
+            self.link(t).sleep_end();
+        }
+        // The one that refused to sleep (work waiting) needs no end; but
+        // ending is harmless and keeps its flag clear.
+        if armed < n {
+            self.link(armed).sleep_end();
         }
     }
 

@@ -11,6 +11,7 @@
 
 use host_shim::{Function, Msg, SendError};
 use shm::pool::Lease;
+use std::os::fd::BorrowedFd;
 use wire::Descriptor;
 
 /// The agent's link to one tenant's functions on its host.
@@ -33,6 +34,16 @@ pub trait HostLink {
     /// Calls `f` with each reason descriptors from functions were rejected
     /// for, and how many so far.
     fn rejected(&self, f: &mut dyn FnMut(&'static str, u64));
+    /// The engine is about to sleep: from now on a function that sends
+    /// wakes [`wake_fd`](Self::wake_fd). `false`: something is already
+    /// waiting, do not sleep. [`sleep_end`](Self::sleep_end) follows
+    /// either way.
+    fn sleep_begin(&mut self) -> bool;
+    /// Awake again.
+    fn sleep_end(&mut self);
+    /// The fd that turns readable when a function sends while the engine
+    /// sleeps (`None`: none; the engine naps instead).
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>>;
 }
 
 impl HostLink for Function {
@@ -61,6 +72,15 @@ impl HostLink for Function {
         for (reason, n) in Function::rejected(self) {
             f(reason, *n);
         }
+    }
+    fn sleep_begin(&mut self) -> bool {
+        Function::sleep_begin(self)
+    }
+    fn sleep_end(&mut self) {
+        Function::sleep_end(self);
+    }
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.doorbell_fd())
     }
 }
 
@@ -140,4 +160,11 @@ impl HostLink for NullLink {
         true
     }
     fn rejected(&self, _f: &mut dyn FnMut(&'static str, u64)) {}
+    fn sleep_begin(&mut self) -> bool {
+        self.stock.is_empty()
+    }
+    fn sleep_end(&mut self) {}
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }

@@ -268,4 +268,14 @@ impl Transport for DocaTransport {
             log::debug!("fabric: stop of {conn:?}: {e}");
         }
     }
+
+    fn notification_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.pe.notification_handle().ok()
+    }
+
+    fn clear_notification(&mut self) {
+        if let Err(e) = self.pe.clear_notification().and_then(|()| self.pe.request_notification()) {
+            log::debug!("fabric: clearing the progress engine's notification: {e}");
+        }
+    }
 }

@@ -158,6 +158,11 @@ impl<T: Transport> Endpoint<T> {
         &self.t
     }
 
+    /// The backend, mutably (its notification: [`Transport::clear_notification`]).
+    pub fn transport_mut(&mut self) -> &mut T {
+        &mut self.t
+    }
+
     /// The sizes.
     pub fn config(&self) -> &EndpointConfig {
         &self.cfg

@@ -394,4 +394,14 @@ pub trait Transport {
     /// Fails the connection on purpose: every outstanding operation
     /// completes with an error, and the peer sees the connection go.
     fn abort(&mut self, conn: ConnId);
+    /// An fd that turns readable when the transport has something new to
+    /// report (a completion, a connection event), for a caller that sleeps
+    /// when idle; `None`: the backend has none, so callers nap instead.
+    /// Protocol: [`clear_notification`](Self::clear_notification), poll
+    /// once more, and only then sleep on the fd.
+    fn notification_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+    /// Forgets what the notification fd reported so far (and arms it).
+    fn clear_notification(&mut self) {}
 }

@@ -254,6 +254,18 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         &mut self.bufs[usize::from(t)]
     }
 
+    /// The transport's notification fd (see
+    /// [`Transport::notification_fd`]); `None`: nap instead of sleeping.
+    pub fn notification_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.ep.transport().notification_fd()
+    }
+
+    /// Clears the transport's notification; poll once more before
+    /// sleeping on [`notification_fd`](Self::notification_fd).
+    pub fn clear_notification(&mut self) {
+        self.ep.transport_mut().clear_notification();
+    }
+
     /// Peers whose control link is up.
     pub fn peers_up(&self) -> u32 {
         self.mesh.peers_up()

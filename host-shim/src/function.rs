@@ -599,6 +599,28 @@ impl Function {
         }
     }
 
+    /// For a caller that sleeps on this function's doorbell together with
+    /// other fds (the agent): announces the sleep; `false` means a message
+    /// is already waiting (do not sleep). Call
+    /// [`sleep_end`](Self::sleep_end) after waking either way.
+    pub fn sleep_begin(&mut self) -> bool {
+        self.taken.is_empty() && self.pending.is_empty() && self.inbox.prepare_sleep()
+    }
+
+    /// After [`sleep_begin`](Self::sleep_begin): awake again; the doorbell
+    /// is cleared.
+    pub fn sleep_end(&mut self) {
+        self.inbox.end_sleep();
+        if let Err(e) = self.bell.drain() {
+            log::warn!("doorbell: {e}");
+        }
+    }
+
+    /// The doorbell's fd (readable when rung), to sleep on.
+    pub fn doorbell_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.bell.fd()
+    }
+
     /// Receives, spinning briefly and then sleeping on the doorbell, until
     /// a valid message arrives or `timeout` passes (`None`: forever).
     pub fn recv_timeout(&mut self, timeout: Option<Duration>) -> Result<Option<Msg>, RecvError> {

@@ -17,6 +17,7 @@ use config::Cluster;
 use fabric::{Buffers, DocaTransport, Port, PortEvent};
 use shm::Pool;
 use shm::pool::Lease;
+use shm::ring::Doorbell;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -29,6 +30,9 @@ use wire::{DescFlags, Descriptor, ErrorCode, Owner};
 
 /// Requests of one tenant waiting for credits before new ones are refused.
 pub const QUEUE_LIMIT: usize = 1024;
+/// How long an idle edge thread keeps polling (yielding between polls)
+/// before it sleeps on the fabric and the callers' doorbell.
+const IDLE_SPIN: Duration = Duration::from_micros(50);
 
 /// Why a request got no reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -84,6 +88,7 @@ struct Call {
 pub struct Edge {
     pools: Pools,
     calls: Sender<Call>,
+    wake: Arc<Wake>,
     conns_up: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -98,6 +103,7 @@ impl Edge {
         let flights = cfg.tenants.len() * QUEUE_LIMIT;
         let port = fabric::cluster::open_port(&cfg, me, pools.iter().cloned().map(EdgeBufs).collect(), flights)?;
         let (calls, rx) = channel();
+        let wake = Arc::new(Wake { sleeping: AtomicBool::new(false), bell: Doorbell::new()? });
         let stop = Arc::new(AtomicBool::new(false));
         let conns_up = Arc::new(AtomicUsize::new(0));
         let mut worker = Worker {
@@ -114,12 +120,13 @@ impl Edge {
             me,
             port,
             rx,
+            wake: wake.clone(),
             conns_up: conns_up.clone(),
             events: Vec::with_capacity(256),
         };
         let flag = stop.clone();
         let thread = std::thread::Builder::new().name("edge".into()).spawn(move || worker.run(&flag))?;
-        Ok(Self { pools, calls, conns_up, stop, thread: Some(thread) })
+        Ok(Self { pools, calls, wake, conns_up, stop, thread: Some(thread) })
     }
 
     /// Tenant `t`'s pool.
@@ -144,6 +151,8 @@ impl Edge {
                 p.release(c.lease);
             }
             let _ = c.reply.send(Err(EdgeError::Stopped));
+        } else {
+            self.wake.wake();
         }
         rx
     }
@@ -176,6 +185,28 @@ impl Drop for Edge {
     }
 }
 
+/// How the edge thread is woken when it sleeps: callers ring the bell
+/// only when it announced a sleep.
+#[derive(Debug)]
+struct Wake {
+    sleeping: AtomicBool,
+    bell: Doorbell,
+}
+
+impl Wake {
+    /// After queueing a call: rings the bell if the edge thread sleeps.
+    fn wake(&self) {
+        // SeqCst: pairs with the worker's store of `sleeping` and its
+        // look at the queue (either it sees the call, or we see it sleep).
+        if self.sleeping.load(Ordering::SeqCst)
+            && self.sleeping.swap(false, Ordering::SeqCst)
+            && let Err(e) = self.bell.ring()
+        {
+            log::warn!("edge: doorbell: {e}");
+        }
+    }
+}
+
 struct Waiting {
     tenant: u16,
     peer: u16,
@@ -190,6 +221,7 @@ struct Worker {
     me: u16,
     port: Port<DocaTransport, EdgeBufs>,
     rx: Receiver<Call>,
+    wake: Arc<Wake>,
     conns_up: Arc<AtomicUsize>,
     events: Vec<PortEvent>,
 }
@@ -213,15 +245,14 @@ impl Worker {
             }
             let mut work = self.take_calls();
             work += self.send_queued();
-            let mut ev = std::mem::take(&mut self.events);
-            work += self.port.poll(&mut ev);
-            self.handle(&mut ev);
-            self.events = ev;
+            work += self.poll_fabric();
             if work > 0 {
                 idle_since = now;
-            } else if now.duration_since(idle_since) > Duration::from_millis(2) {
-                std::thread::sleep(Duration::from_micros(50));
+            } else if now.duration_since(idle_since) > IDLE_SPIN {
+                self.sleep(next_control.saturating_duration_since(now));
             } else {
+                // The edge shares the cores with the HTTP workers: an empty
+                // poll gives the core to whoever is runnable.
                 std::thread::yield_now();
             }
         }
@@ -233,6 +264,49 @@ impl Worker {
             for (c, _) in q.drain(..) {
                 let _ = c.reply.send(Err(EdgeError::Stopped));
             }
+        }
+    }
+
+    fn poll_fabric(&mut self) -> usize {
+        let mut ev = std::mem::take(&mut self.events);
+        let n = self.port.poll(&mut ev);
+        self.handle(&mut ev);
+        self.events = ev;
+        n
+    }
+
+    /// Sleeps up to `max` on the fabric's notification fd and the callers'
+    /// doorbell.
+    fn sleep(&mut self, max: Duration) {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        if self.port.notification_fd().is_none() {
+            std::thread::sleep(max.min(Duration::from_micros(50)));
+            return;
+        }
+        self.port.clear_notification();
+        // What happened before the clear is found now.
+        if self.poll_fabric() > 0 {
+            return;
+        }
+        // SeqCst: see `Wake::wake`.
+        self.wake.sleeping.store(true, Ordering::SeqCst);
+        if self.take_calls() == 0 {
+            let mut fds = [PollFd::from_borrowed_fd(self.wake.bell.fd(), PollFlags::IN)];
+            let fabric = self.port.notification_fd().map(|fd| PollFd::from_borrowed_fd(fd, PollFlags::IN));
+            let ts = Timespec { tv_sec: max.as_secs() as i64, tv_nsec: i64::from(max.subsec_nanos()) };
+            let r = match fabric {
+                Some(f) => poll(&mut [fds[0].clone(), f], Some(&ts)),
+                None => poll(&mut fds, Some(&ts)),
+            };
+            if let Err(e) = r
+                && e != rustix::io::Errno::INTR
+            {
+                log::warn!("edge: sleeping: {e}");
+            }
+        }
+        self.wake.sleeping.store(false, Ordering::SeqCst);
+        if let Err(e) = self.wake.bell.drain() {
+            log::warn!("edge: doorbell: {e}");
         }
     }
 

@@ -748,6 +748,19 @@ mod segment {
             super::commit(&self.ring, &mut self.head, n);
         }
 
+        /// Announces that the consumer is about to sleep on its doorbell
+        /// (producers then ring it); `false`: something arrived meanwhile,
+        /// do not sleep. For a consumer that sleeps on several fds at once;
+        /// [`end_sleep`](Self::end_sleep) after waking.
+        pub fn prepare_sleep(&self) -> bool {
+            super::prepare_sleep(&self.ring, self.head)
+        }
+
+        /// The consumer is awake again (producers stop ringing).
+        pub fn end_sleep(&self) {
+            super::end_sleep(&self.ring);
+        }
+
         /// Pops, spinning for up to `spin`, then sleeping on `bell` until
         /// something arrives or `timeout` passes (`None`: no limit).
         /// Returns how many descriptors were popped (0 only on timeout).
@@ -820,6 +833,17 @@ mod segment {
             match nix::unistd::write(&self.0, &1u64.to_ne_bytes()) {
                 // The counter is saturated: the consumer is awake anyway.
                 Ok(_) | Err(nix::Error::EAGAIN) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
+
+        /// Forgets rings so far (never blocks); returns whether it had been
+        /// rung.
+        pub fn drain(&self) -> std::io::Result<bool> {
+            let mut buf = [0u8; 8];
+            match nix::unistd::read(&self.0, &mut buf) {
+                Ok(_) => Ok(true),
+                Err(nix::Error::EAGAIN) => Ok(false),
                 Err(e) => Err(e.into()),
             }
         }

@@ -1,9 +1,19 @@
 //! The emulated progress engine: every context connected to it does its
 //! I/O, state transitions and completions only inside `progress()`.
+//!
+//! Event-driven waiting, as DOCA's notification handle: every socket an
+//! RDMA context opens is watched (comch contexts are not yet), edge-triggered, by the engine's epoll
+//! instance, whose fd is the handle. It turns readable when something
+//! happened on a socket since the last [`ProgressEngine::clear_notification`];
+//! a caller clears, progresses once more (what happened before the clear
+//! is found then), and only then sleeps on the handle.
 
 use crate::DocaError;
+use rustix::event::epoll;
 use std::cell::Cell;
 use std::marker::PhantomData;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, Weak};
 
 /// A context driven by the progress engine.
@@ -13,9 +23,9 @@ pub(crate) trait Progress: Send + Sync {
     fn progress(&self) -> usize;
 }
 
-#[derive(Default)]
 pub(crate) struct PeShared {
     ctxs: Mutex<Vec<Weak<dyn Progress>>>,
+    epoll: OwnedFd,
 }
 
 impl std::fmt::Debug for PeShared {
@@ -27,6 +37,17 @@ impl std::fmt::Debug for PeShared {
 impl PeShared {
     pub(crate) fn connect(&self, ctx: Weak<dyn Progress>) {
         crate::emu::lock(&self.ctxs).push(ctx);
+    }
+
+    /// Watches a context's socket for the notification handle (until it is
+    /// closed). A failure only costs wake-ups: callers also wake on their
+    /// own timeouts.
+    pub(crate) fn watch(&self, fd: BorrowedFd<'_>) {
+        use epoll::EventFlags as F;
+        let flags = F::IN | F::OUT | F::RDHUP | F::ET;
+        if let Err(e) = epoll::add(&self.epoll, fd, epoll::EventData::new_u64(0), flags) {
+            log::warn!("progress engine: cannot watch a socket: {e}");
+        }
     }
 }
 
@@ -42,7 +63,38 @@ pub struct ProgressEngine {
 impl ProgressEngine {
     /// Creates a progress engine.
     pub fn new() -> Result<Self, DocaError> {
-        Ok(Self { shared: Arc::new(PeShared::default()), _single_owner: PhantomData })
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| crate::error::os("epoll_create", e))?;
+        let shared = PeShared { ctxs: Mutex::new(Vec::new()), epoll };
+        Ok(Self { shared: Arc::new(shared), _single_owner: PhantomData })
+    }
+
+    /// The notification handle (`doca_pe_get_notification_handle`): an fd
+    /// to poll or add to an epoll set; readable once something happened
+    /// for a context since the last
+    /// [`clear_notification`](Self::clear_notification).
+    pub fn notification_handle(&self) -> Result<BorrowedFd<'_>, DocaError> {
+        Ok(self.shared.epoll.as_fd())
+    }
+
+    /// Arms the handle (`doca_pe_request_notification`). The emulation's
+    /// handle is always armed; this only checks the engine is usable.
+    pub fn request_notification(&self) -> Result<(), DocaError> {
+        Ok(())
+    }
+
+    /// Clears the handle (`doca_pe_clear_notification`): forgets what it
+    /// reported so far. Progress afterwards before sleeping on it.
+    pub fn clear_notification(&self) -> Result<(), DocaError> {
+        let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+        const N: usize = 32;
+        let mut buf = [MaybeUninit::<epoll::Event>::uninit(); N];
+        loop {
+            match epoll::wait(&self.shared.epoll, &mut buf, Some(&zero)) {
+                Ok((got, _)) if got.len() == N => continue,
+                Ok(_) | Err(rustix::io::Errno::INTR) => return Ok(()),
+                Err(e) => return Err(crate::error::os("epoll_wait", e)),
+            }
+        }
     }
 
     /// Runs every connected context once; never blocks. Returns the number

@@ -41,7 +41,7 @@ use rustix::io::Errno;
 use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 /// Work done per connection and direction in one progress call, so one
@@ -171,6 +171,8 @@ struct State {
     sends_out: u32,
     recvs_out: u32,
     events: VecDeque<RdmaEvent>,
+    /// The progress engine: its notification handle watches our sockets.
+    pe: Arc<PeShared>,
 }
 
 #[derive(Debug)]
@@ -213,6 +215,7 @@ impl Rdma {
             sends_out: 0,
             recvs_out: 0,
             events: VecDeque::with_capacity(events),
+            pe: pe.shared.clone(),
         };
         let core = Arc::new(Core { st: Mutex::new(st) });
         let weak = Arc::downgrade(&core);
@@ -239,6 +242,7 @@ impl Rdma {
         let l = TcpListener::bind(SocketAddr::new(st.dev.info().ip, 0)).map_err(|e| crate::error::os("bind", e))?;
         l.set_nonblocking(true).map_err(|e| crate::error::os("fcntl", e))?;
         st.local = Some(l.local_addr().map_err(|e| crate::error::os("getsockname", e))?);
+        st.pe.watch(l.as_fd());
         st.listener = Some(l);
         st.state = CtxState::Starting;
         Ok(())
@@ -316,6 +320,8 @@ impl Rdma {
                 return Err(DocaError::NOT_CONNECTED);
             }
         }
+        st.pe.watch(fd.as_fd());
+        let c = st.conns.get_mut(conn.0 as usize).ok_or(DocaError::NOT_FOUND)?;
         c.connecting = Some(fd);
         c.remote_token = blob.token;
         c.remote_max = blob.max_send;
@@ -829,6 +835,7 @@ impl State {
                         log::warn!("rdma: dropping connection from {peer}");
                         continue;
                     }
+                    self.pe.watch(sock.as_fd());
                     self.pending.push(PendingIn { sock, rx: [0; FRAME_LEN], have: 0 });
                 }
                 Err(e) if would_block(&e) => break,
