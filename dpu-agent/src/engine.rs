@@ -119,6 +119,11 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     set: Settings,
     /// Node of each function id.
     fn_node: Vec<u16>,
+    /// Tenant of each function id.
+    fn_tenant: Vec<u16>,
+    /// Per tenant: uplink rejections by reason, as the host link last
+    /// reported its running totals.
+    rejected_seen: Vec<Vec<(&'static str, u64)>>,
     /// Number of fabric nodes (worker nodes and ingresses).
     fabric_nodes: u16,
     tenants: Vec<Tenant>,
@@ -168,6 +173,8 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             tally: vec![Tally::default(); cfg.tenants.len()],
             fn_tally: vec![(0, 0); cfg.functions.len()],
             fn_node: cfg.functions.iter().map(|f| cfg.node_id(&f.node).unwrap_or(NO_NODE)).collect(),
+            fn_tenant: cfg.functions.iter().map(|f| cfg.tenant_id(&f.tenant).unwrap_or(u16::MAX)).collect(),
+            rejected_seen: vec![Vec::new(); cfg.tenants.len()],
             fabric_nodes: (cfg.nodes.len() + cfg.ingresses.len()) as u16,
             drr: Drr::new(&weights, QUANTUM, now),
             cfg,
@@ -298,12 +305,28 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             let credits: u32 = (0..self.fabric_nodes).map(|p| self.port.credits(t as u16, p)).sum();
             m.credits.set(i64::from(credits));
             m.recvs_posted.set(i64::from(self.port.recvs_posted(t as u16)));
-            let (metrics, name) = (&self.metrics, &self.cfg.tenants[t].name);
-            self.port.bufs(t as u16).0.rejected(&mut |reason, n| metrics.set_uplink_rejected(name, reason, n));
+            let (metrics, name, seen) = (&self.metrics, &self.cfg.tenants[t].name, &mut self.rejected_seen[t]);
+            self.port.bufs(t as u16).0.rejected(&mut |reason, total| {
+                let before = match seen.iter_mut().find(|(r, _)| *r == reason) {
+                    Some((_, last)) => std::mem::replace(last, total).min(total),
+                    None => {
+                        seen.push((reason, total));
+                        0
+                    }
+                };
+                metrics.add_uplink_rejected(name, reason, total - before);
+            });
         }
         self.metrics.set_ready(true);
         if now >= self.next_status {
             self.next_status = now + Duration::from_millis(100);
+            for (f, func) in self.cfg.functions.iter().enumerate() {
+                if self.fn_node[f] == self.set.node {
+                    let t = self.fn_tenant[f];
+                    let depth = self.port.bufs(t).0.queue_depth(&func.name).unwrap_or(0);
+                    self.metrics.functions[f].queue_depth.set(depth as i64);
+                }
+            }
             self.metrics.set_status(self.status_json());
         }
     }
@@ -443,6 +466,11 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         } else {
             match self.fn_node.get(usize::from(d.dst_fn)) {
                 None => return self.bounce(t, msg, ErrorCode::UnknownFunction, Why::UnknownFunction),
+                // A function of another tenant: refused here, not sent to be
+                // refused by the peer.
+                Some(_) if self.fn_tenant[usize::from(d.dst_fn)] != t as u16 => {
+                    return self.bounce(t, msg, ErrorCode::TenantMismatch, Why::TenantMismatch);
+                }
                 Some(&n) if n == self.set.node => {
                     self.deliver(t, msg);
                     return;

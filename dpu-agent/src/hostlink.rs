@@ -44,6 +44,10 @@ pub trait HostLink {
     /// The fd that turns readable when a function sends while the engine
     /// sleeps (`None`: none; the engine naps instead).
     fn wake_fd(&self) -> Option<BorrowedFd<'_>>;
+    /// Messages waiting in the inbound rings of function `to`'s local
+    /// instances, as far as this link knows them (`None`: it never
+    /// delivered to `to`).
+    fn queue_depth(&self, to: &str) -> Option<u64>;
 }
 
 impl HostLink for Function {
@@ -81,6 +85,9 @@ impl HostLink for Function {
     }
     fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.doorbell_fd())
+    }
+    fn queue_depth(&self, to: &str) -> Option<u64> {
+        self.peer_queue_depth(to)
     }
 }
 
@@ -165,6 +172,9 @@ impl HostLink for NullLink {
     }
     fn sleep_end(&mut self) {}
     fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+    fn queue_depth(&self, _to: &str) -> Option<u64> {
         None
     }
 }

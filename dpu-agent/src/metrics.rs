@@ -43,11 +43,13 @@ pub enum Drop {
     Protocol,
     /// A reply addressed to a node that is not an ingress, or to this node.
     BadOrigin,
+    /// The destination function belongs to another tenant.
+    TenantMismatch,
 }
 
 impl Drop {
     /// Every reason.
-    pub const ALL: [Drop; 8] = [
+    pub const ALL: [Drop; 9] = [
         Drop::UnknownFunction,
         Drop::Unreachable,
         Drop::PeerDied,
@@ -56,6 +58,7 @@ impl Drop {
         Drop::NoBuffer,
         Drop::Protocol,
         Drop::BadOrigin,
+        Drop::TenantMismatch,
     ];
 
     /// Label value.
@@ -69,6 +72,7 @@ impl Drop {
             Drop::NoBuffer => "no_buffer",
             Drop::Protocol => "protocol",
             Drop::BadOrigin => "bad_origin",
+            Drop::TenantMismatch => "tenant_mismatch",
         }
     }
 }
@@ -256,6 +260,9 @@ pub struct FnMetrics {
     pub delivered: Counter,
     /// Payload bytes delivered.
     pub delivered_bytes: Counter,
+    /// Messages waiting in its local instances' inbound rings (sampled by
+    /// the control work).
+    pub queue_depth: Gauge,
 }
 
 /// All of the agent's metrics.
@@ -290,6 +297,7 @@ impl Metrics {
         let lat = Family::<TenantLabel, Latency>::default();
         let fn_m = Family::<FnLabel, Counter>::default();
         let fn_b = Family::<FnLabel, Counter>::default();
+        let fn_q = Family::<FnLabel, Gauge>::default();
         let peers_up = Gauge::default();
         let uplink_rejected = Family::<DropLabel, Counter>::default();
         let tenants = cfg
@@ -323,7 +331,11 @@ impl Metrics {
             .iter()
             .map(|f| {
                 let l = FnLabel { tenant: f.tenant.clone(), function: f.name.clone() };
-                FnMetrics { delivered: fn_m.get_or_create(&l).clone(), delivered_bytes: fn_b.get_or_create(&l).clone() }
+                FnMetrics {
+                    delivered: fn_m.get_or_create(&l).clone(),
+                    delivered_bytes: fn_b.get_or_create(&l).clone(),
+                    queue_depth: fn_q.get_or_create(&l).clone(),
+                }
             })
             .collect();
         registry.register("fabric_tx_messages", "Messages sent over the fabric", tx_m);
@@ -338,6 +350,7 @@ impl Metrics {
         registry.register("send_latency_seconds", "From the uplink to the send completion", lat);
         registry.register("delivered_messages", "Messages delivered to local function instances", fn_m);
         registry.register("delivered_bytes", "Payload bytes delivered to local function instances", fn_b);
+        registry.register("function_queue_depth", "Messages waiting in the inbound rings of a local function", fn_q);
         registry.register("peers_up", "Peers whose fabric link is up", peers_up.clone());
         registry.register(
             "uplink_rejected",
@@ -355,13 +368,13 @@ impl Metrics {
         }
     }
 
-    /// Sets the count of uplink descriptors of `tenant` rejected for
-    /// `reason` (a running total kept by the host link). Control path only.
-    pub fn set_uplink_rejected(&self, tenant: &str, reason: &str, total: u64) {
-        let c = self.uplink_rejected.get_or_create(&DropLabel { tenant: tenant.to_owned(), reason: reason.to_owned() });
-        let now = c.get();
-        if total > now {
-            c.inc_by(total - now);
+    /// Counts `n` more uplink descriptors of `tenant` rejected for
+    /// `reason`. Control path only.
+    pub fn add_uplink_rejected(&self, tenant: &str, reason: &str, n: u64) {
+        if n > 0 {
+            self.uplink_rejected
+                .get_or_create(&DropLabel { tenant: tenant.to_owned(), reason: reason.to_owned() })
+                .inc_by(n);
         }
     }
 

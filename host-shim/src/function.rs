@@ -616,6 +616,14 @@ impl Function {
         }
     }
 
+    /// Messages waiting in the inbound rings of the instances of `to` this
+    /// function has looked up (`None`: never looked up). A ring whose
+    /// cursors a peer corrupted counts as its capacity.
+    pub fn peer_queue_depth(&self, to: &str) -> Option<u64> {
+        let set = self.peers.get(to)?;
+        Some(set.instances.iter().map(|i| i.ring.pending().min(u64::from(i.ring.header().capacity))).sum())
+    }
+
     /// The doorbell's fd (readable when rung), to sleep on.
     pub fn doorbell_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.bell.fd()

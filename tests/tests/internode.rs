@@ -103,10 +103,21 @@ fn messages_and_chains_cross_nodes_intact_and_errors_come_back() {
             }
         }
     }
+    // Unread, the burst waits in sink's ring: n0's agent reports the depth.
+    let depth = |c: &Cluster| c.metric(0, "dne_agent_function_queue_depth", &[("function", "sink")]).unwrap_or(0.0);
+    let start = std::time::Instant::now();
+    while depth(&c) < 1.0 {
+        assert!(start.elapsed() < WATCHDOG, "watchdog: sink's queue depth\n{}", c.metrics_text(0));
+        std::thread::sleep(Duration::from_millis(20));
+    }
     for k in 0..200u32 {
         let got = sink.recv_timeout(Some(WATCHDOG)).unwrap().expect("burst message");
         assert_eq!(got.request(), 1000 + k, "in order per connection");
         sink.free(got).unwrap();
+    }
+    while depth(&c) > 0.0 {
+        assert!(start.elapsed() < WATCHDOG, "watchdog: sink's queue drained\n{}", c.metrics_text(0));
+        std::thread::sleep(Duration::from_millis(20));
     }
 
     // A remote function with no live instance: the message comes back to

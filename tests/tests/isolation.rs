@@ -126,6 +126,7 @@ fn all_drops(c: &Cluster, node: usize, tenant: &str) -> u64 {
         "no_buffer",
         "protocol",
         "bad_origin",
+        "tenant_mismatch",
     ]
     .iter()
     .map(|r| drops(c, node, tenant, r))
@@ -269,7 +270,8 @@ fn tenant_a_naming_tenant_b_on_another_node_is_refused_counted_and_b_is_unaffect
     // into acme's uplink on n0, and one claiming to be globex's. acme's
     // load pauses so the counters can be compared exactly; globex's runs.
     run_both(&c, &mut a, &mut g, false, "acme's load drained", |a, _| a.in_flight() == 0);
-    let (up0, drops1, gdrops) = (uplink(&c, 0, "acme"), all_drops(&c, 1, "acme"), all_drops(&c, 1, "globex"));
+    let (up0, drops0, drops1, gdrops) =
+        (uplink(&c, 0, "acme"), all_drops(&c, 0, "acme"), all_drops(&c, 1, "acme"), all_drops(&c, 1, "globex"));
     let mut rogue = Rogue::attach(&c.socket(0), "acme", "arogue");
     assert_eq!(rogue.ok.function, AROGUE);
     let (peer, ring, bell) = rogue.lookup("upper");
@@ -280,9 +282,15 @@ fn tenant_a_naming_tenant_b_on_another_node_is_refused_counted_and_b_is_unaffect
     // then still belong to the agent to take.
     ring.push(&[claims_b, named_b]).unwrap();
     bell.ring().unwrap();
-    run_both(&c, &mut a, &mut g, false, "n1 to drop the forged message", |_, _| all_drops(&c, 1, "acme") > drops1);
-    assert_eq!(drops(&c, 1, "acme", "unknown_function"), 1, "n1 drops it as no function of acme\n{}", diag(&c));
-    assert_eq!(all_drops(&c, 1, "acme"), drops1 + 1);
+    run_both(&c, &mut a, &mut g, false, "n0 to refuse the forged message", |_, _| all_drops(&c, 0, "acme") > drops0);
+    assert_eq!(
+        drops(&c, 0, "acme", "tenant_mismatch"),
+        1,
+        "n0 refuses to forward it to another tenant's function (and returns it to the sender)\n{}",
+        diag(&c)
+    );
+    assert_eq!(all_drops(&c, 0, "acme"), drops0 + 1);
+    assert_eq!(all_drops(&c, 1, "acme"), drops1, "nothing reached n1");
     assert_eq!(uplink(&c, 0, "acme"), up0 + 1, "n0 took the well-formed one and refused the other tenant's claim");
     assert_eq!(all_drops(&c, 1, "globex"), gdrops, "globex saw nothing");
     drop((ring, bell, rogue));
