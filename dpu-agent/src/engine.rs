@@ -52,6 +52,13 @@ const CONTROL_EVERY: Duration = Duration::from_millis(1);
 /// between polls) before it sleeps on events (as long as functions spin on
 /// their rings, [`host_shim::function::DEFAULT_SPIN`]).
 pub const IDLE_SPIN: Duration = Duration::from_micros(50);
+/// Wire bytes the engine keeps in flight on the fabric at most, all
+/// tenants together (a message is always allowed when none is). Past it
+/// the scheduler holds messages back and decides, by weight and bytes, who
+/// goes next when sends complete: the NIC's own per-connection arbitration
+/// (by message) never sees a backlog to reorder. 1 MiB covers 100 Gb/s
+/// with about 80 us of completion delay.
+pub const INFLIGHT_BUDGET: u64 = 1 << 20;
 /// A nap when the engine cannot sleep on events.
 const NAP: Duration = Duration::from_micros(50);
 
@@ -137,6 +144,8 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     fn_tally: Vec<(u64, u64)>,
     events: Vec<PortEvent>,
     next_status: Instant,
+    /// Wire bytes sent and not yet completed ([`INFLIGHT_BUDGET`]).
+    inflight: u64,
 }
 
 impl<T: Transport, H: HostLink> core::fmt::Debug for Engine<T, H> {
@@ -184,6 +193,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             metrics,
             events: Vec::with_capacity(256),
             next_status: now,
+            inflight: 0,
         })
     }
 
@@ -294,6 +304,11 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
     /// status (run every [`CONTROL_EVERY`] by [`run`](Self::run)).
     pub fn control(&mut self, now: Instant) {
         self.flush();
+        if self.port.in_flight() == 0 {
+            // Nothing in flight: nothing counted either (a safety net; every
+            // send's completion subtracts what it added).
+            self.inflight = 0;
+        }
         let mut events = std::mem::take(&mut self.events);
         self.port.control(&mut events);
         self.handle(&mut events, now);
@@ -394,6 +409,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 PortEvent::Sent { tenant, lease, desc, tag, result } => {
                     let t = usize::from(tenant);
                     let msg = Msg::from_parts(lease, desc);
+                    self.inflight = self.inflight.saturating_sub(wire_bytes(&msg));
                     match result {
                         Ok(()) => {
                             let m = &mut self.tally[t];
@@ -599,12 +615,19 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
     }
 }
 
+/// Bytes a message puts on the wire: its payload and a fabric header per
+/// buffer.
+fn wire_bytes(msg: &Msg) -> u64 {
+    u64::from(msg.len()) + u64::from(msg.frags()) * fabric::HEADER_LEN as u64
+}
+
 impl<T: Transport, H: HostLink> Backlog for Engine<T, H> {
     fn head(&self, t: usize) -> Option<u64> {
-        self.tenants[t]
-            .queue
-            .front()
-            .map(|o| u64::from(o.msg.len()) + u64::from(o.msg.frags()) * fabric::HEADER_LEN as u64)
+        self.tenants[t].queue.front().map(|o| wire_bytes(&o.msg))
+    }
+
+    fn room(&self) -> bool {
+        self.inflight < INFLIGHT_BUDGET
     }
 
     fn can_send(&self, t: usize) -> bool {
@@ -617,9 +640,13 @@ impl<T: Transport, H: HostLink> Backlog for Engine<T, H> {
     fn send(&mut self, t: usize) {
         let Some(out) = self.tenants[t].queue.pop_front() else { return };
         let tag = out.since.saturating_duration_since(self.set.epoch).as_nanos() as u64;
+        let bytes = wire_bytes(&out.msg);
         let (lease, desc) = out.msg.into_parts();
-        if let Err((lease, desc, _)) = self.port.send(t as u16, out.peer, lease, desc, tag) {
-            self.bounce(t, Msg::from_parts(lease, desc), ErrorCode::Unreachable, Why::Unreachable);
+        match self.port.send(t as u16, out.peer, lease, desc, tag) {
+            Ok(()) => self.inflight += bytes,
+            Err((lease, desc, _)) => {
+                self.bounce(t, Msg::from_parts(lease, desc), ErrorCode::Unreachable, Why::Unreachable)
+            }
         }
     }
 }

@@ -12,6 +12,13 @@
 //! (no credits from the peer, or its rate cap) is skipped without being
 //! charged, and its deficit is capped, so it cannot burst unfairly later.
 //!
+//! Classic DRR, resumable: a tenant's turn ends when its deficit no
+//! longer covers its head message (or it empties, or it is blocked on its
+//! own credits); when the path all tenants share has no room, the round
+//! stops mid-turn and the next call resumes that very turn. So when the
+//! shared path (the NIC) is the bottleneck, the scheduler, not the order
+//! of arrival, decides how it is divided.
+//!
 //! The scheduler holds no messages: [`Drr::round`] asks the caller about
 //! queue heads through [`Backlog`].
 
@@ -24,9 +31,18 @@ pub const QUANTUM: u64 = 16 * 1024;
 pub trait Backlog {
     /// Bytes of tenant `t`'s head message, `None` when its queue is empty.
     fn head(&self, t: usize) -> Option<u64>;
-    /// Whether the head message of `t` can be posted now (the peer granted
-    /// credits, the send path has room).
+    /// Whether the head message of `t` can be posted now as far as `t`
+    /// alone is concerned (its peer granted credits, its connection has
+    /// room). A tenant that cannot is skipped; the others go on.
     fn can_send(&self, t: usize) -> bool;
+    /// Whether the path all tenants share has room for another message
+    /// (the sends in flight stay within the node's budget). When it has
+    /// none, the round stops and resumes later with the same tenant and
+    /// what is left of its turn, so the shared bottleneck is divided by
+    /// weight and bytes, not by who happened to come first.
+    fn room(&self) -> bool {
+        true
+    }
     /// Posts the head message of `t`.
     fn send(&mut self, t: usize);
 }
@@ -78,9 +94,11 @@ struct Slot {
 pub struct Drr {
     slots: Vec<Slot>,
     quantum: u64,
-    /// Tenant the next round starts with (rotates, so no tenant is always
-    /// first).
-    start: usize,
+    /// Tenant whose turn it is.
+    current: usize,
+    /// Whether `current` already got its quantum for this turn (its turn
+    /// was interrupted by the shared path running out of room).
+    granted: bool,
 }
 
 impl Drr {
@@ -96,37 +114,60 @@ impl Drr {
                 cap: cap.map(|r| Bucket::new(r, (r / 100).max(quantum), now)),
             })
             .collect();
-        Self { slots, quantum: quantum.max(1), start: 0 }
+        Self { slots, quantum: quantum.max(1), current: 0, granted: false }
     }
 
-    /// One round over every tenant; returns how many messages were sent.
-    /// A round sends at most about `quantum * weight` bytes per tenant plus
-    /// one message (bounded: no tenant waits more than one round).
+    fn next_turn(&mut self) {
+        self.granted = false;
+        self.current = (self.current + 1) % self.slots.len().max(1);
+    }
+
+    /// Up to one turn of every tenant, starting with the tenant whose turn
+    /// it is; returns how many messages were sent. A turn sends at most
+    /// about `quantum * weight` bytes plus one message (bounded: no tenant
+    /// waits more than one round). Stops early, mid-turn, when the shared
+    /// path has no room ([`Backlog::room`]).
     pub fn round(&mut self, q: &mut impl Backlog, now: Instant) -> usize {
         let n = self.slots.len();
         let mut sent = 0;
-        for j in 0..n {
-            let t = (self.start + j) % n;
+        for _ in 0..n {
+            if !q.room() {
+                return sent;
+            }
+            let t = self.current;
             let quantum = self.quantum * self.slots[t].weight;
             let Some(mut head) = q.head(t) else {
+                // Idle: it saves nothing up.
                 self.slots[t].deficit = 0;
+                self.next_turn();
                 continue;
             };
             let capped_ready = |s: &mut Slot| s.cap.as_mut().is_none_or(|b| b.ready(now));
             if !q.can_send(t) || !capped_ready(&mut self.slots[t]) {
-                // Blocked: keep what it has, but no more than one round's
-                // worth, and take nothing.
+                // Blocked on its own: keep what it has, but no more than
+                // one turn's worth, and take nothing.
                 let s = &mut self.slots[t];
                 s.deficit = s.deficit.min(quantum);
+                self.next_turn();
                 continue;
             }
-            let s = &mut self.slots[t];
-            s.deficit = s.deficit.saturating_add(quantum).min(quantum.saturating_add(head).max(2 * quantum));
-            loop {
+            if !self.granted {
                 let s = &mut self.slots[t];
-                if head > s.deficit {
+                s.deficit = s.deficit.saturating_add(quantum).min(quantum.saturating_add(head).max(2 * quantum));
+                self.granted = true;
+            }
+            loop {
+                if head > self.slots[t].deficit {
                     break;
                 }
+                if !q.room() {
+                    // The turn resumes here.
+                    return sent;
+                }
+                if !q.can_send(t) || !capped_ready(&mut self.slots[t]) {
+                    break;
+                }
+                let s = &mut self.slots[t];
                 s.deficit -= head;
                 if let Some(b) = s.cap.as_mut() {
                     b.take(head);
@@ -140,12 +181,9 @@ impl Drr {
                     }
                     Some(h) => head = h,
                 }
-                if !q.can_send(t) || !capped_ready(&mut self.slots[t]) {
-                    break;
-                }
             }
+            self.next_turn();
         }
-        self.start = (self.start + 1) % n.max(1);
         sent
     }
 }
@@ -157,11 +195,15 @@ mod tests {
     use std::collections::VecDeque;
     use std::time::Duration;
 
-    /// Queues of message sizes; `blocked` tenants cannot send.
+    /// Queues of message sizes; `blocked` tenants cannot send; at most
+    /// `window` messages (all tenants) may be in flight on the shared path
+    /// (`flight`; the test completes them).
     struct Queues {
         q: Vec<VecDeque<u64>>,
         sent: Vec<u64>,
         blocked: Vec<bool>,
+        window: usize,
+        flight: usize,
     }
 
     impl Backlog for Queues {
@@ -171,9 +213,13 @@ mod tests {
         fn can_send(&self, t: usize) -> bool {
             !self.blocked[t]
         }
+        fn room(&self) -> bool {
+            self.flight < self.window
+        }
         fn send(&mut self, t: usize) {
             let b = self.q[t].pop_front().unwrap();
             self.sent[t] += b;
+            self.flight += 1;
         }
     }
 
@@ -182,6 +228,30 @@ mod tests {
             q: sizes.iter().map(|s| s.iter().copied().collect()).collect(),
             sent: vec![0; sizes.len()],
             blocked: vec![false; sizes.len()],
+            window: usize::MAX,
+            flight: 0,
+        }
+    }
+
+    #[test]
+    fn a_shared_bottleneck_one_message_wide_is_still_divided_by_weight_and_bytes() {
+        // One message in flight at a time on the shared path (the link
+        // frees one slot, the scheduler fills it): 64 B messages of weight
+        // 6 against 16 KiB ones of weight 1 and mixed ones of weight 2.
+        let now = Instant::now();
+        let mut d = Drr::new(&[(6, None), (1, None), (2, None)], QUANTUM, now);
+        let mixed: Vec<u64> = (0..200_000u64).map(|i| 64 + (i * 7919) % 16_320).collect();
+        let mut q = queues(&[vec![64; 2_000_000], vec![16_384; 20_000], mixed]);
+        q.window = 1;
+        for _ in 0..200_000 {
+            d.round(&mut q, now);
+            q.flight = 0; // the link sent it
+        }
+        assert!(q.q.iter().all(|x| !x.is_empty()), "all stayed backlogged");
+        let total: u64 = q.sent.iter().sum();
+        for (t, w) in [(0, 6.0), (1, 1.0), (2, 2.0)] {
+            let share = q.sent[t] as f64 / total as f64;
+            assert!((share - w / 9.0).abs() < 0.01, "tenant {t}: share {share}, weight share {}", w / 9.0);
         }
     }
 

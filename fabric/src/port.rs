@@ -266,6 +266,11 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         self.ep.transport_mut().clear_notification();
     }
 
+    /// Messages sent whose completion has not been reported yet.
+    pub fn in_flight(&self) -> usize {
+        self.flights.items.len() - self.flights.free.len()
+    }
+
     /// Peers whose control link is up.
     pub fn peers_up(&self) -> u32 {
         self.mesh.peers_up()

@@ -35,6 +35,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -205,6 +206,10 @@ struct Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // Its whole process group: nginx's workers outlive a killed master.
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -289,6 +294,8 @@ fn spawn_nginx(bin: &Path, dir: &Path, name: &str, listen: u16, upstream: u16, w
     let conf_path = d.join("nginx.conf");
     std::fs::write(&conf_path, conf)?;
     let child = Command::new(bin)
+        // A process group of its own, killed as a whole by `Proc`'s drop.
+        .process_group(0)
         .arg("-c")
         .arg(&conf_path)
         .arg("-e")
