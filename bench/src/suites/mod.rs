@@ -4,12 +4,14 @@ use crate::harness::Suite;
 
 pub mod engine;
 pub mod fabric;
+pub mod fairness;
 pub mod ingress;
 pub mod intranode;
 pub mod wire_codec;
 
 /// Every suite, in the order `list` shows them.
-pub const SUITES: &[Suite] = &[wire_codec::SUITE, intranode::SUITE, fabric::SUITE, engine::SUITE, ingress::SUITE];
+pub const SUITES: &[Suite] =
+    &[wire_codec::SUITE, intranode::SUITE, fabric::SUITE, engine::SUITE, fairness::SUITE, ingress::SUITE];
 
 /// Looks a suite up by name.
 pub fn find(name: &str) -> Option<&'static Suite> {
