@@ -54,6 +54,43 @@ pub struct DemoOptions {
     /// HTTP port of the ingress (0: any free port).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
+    /// For programs that run the demo (the `soak` benchmark): environment
+    /// set on every child process.
+    #[arg(skip)]
+    pub child_env: Vec<(String, String)>,
+    /// For programs that run the demo: sample resident memory after
+    /// `warmup_s` and at the end and judge growth, without `--soak`'s
+    /// 10-minute minimum.
+    #[arg(skip)]
+    pub memory_check: bool,
+    /// Warm-up before the first memory sample, seconds (0: 60).
+    #[arg(skip)]
+    pub warmup_s: u64,
+    /// Print nothing (the caller reports the [`Outcome`]).
+    #[arg(skip)]
+    pub quiet: bool,
+}
+
+/// What a demo run measured.
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    /// Requests answered correctly.
+    pub requests: u64,
+    /// Requests that failed in any way (`lost` + `wrong` + connection
+    /// failures).
+    pub errors: u64,
+    /// Requests with no answer (timed out, or the connection broke).
+    pub lost: u64,
+    /// Answers that were not the request's own (wrong status, or another
+    /// request's body: a duplicated or misrouted reply).
+    pub wrong: u64,
+    /// Seconds of load.
+    pub duration_s: f64,
+    /// Per process: name, resident KiB after the warm-up and at the end
+    /// (with `--soak` or `memory_check`).
+    pub rss: Vec<(String, u64, u64)>,
+    /// Whether everything held (no error, memory within 5 %).
+    pub ok: bool,
 }
 
 const TENANTS: [(&str, u32); 3] = [("gold", 4), ("silver", 2), ("bronze", 1)];
@@ -141,6 +178,7 @@ struct Demo {
     config: PathBuf,
     cluster: Cluster,
     http: SocketAddr,
+    child_env: Vec<(String, String)>,
 }
 
 impl Drop for Demo {
@@ -218,6 +256,7 @@ impl Demo {
             None => Command::new(&exe),
         };
         cmd.args(args);
+        cmd.envs(self.child_env.iter().map(|(k, v)| (k, v)));
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::from(log.try_clone()?)).stderr(Stdio::from(log));
         // Its own process group: Ctrl-C reaches the demo, which stops the
@@ -265,7 +304,7 @@ impl Demo {
         let config = dir.join("cluster.toml");
         std::fs::write(&config, cluster_file(&dir, &addrs, &metrics, edge, http))?;
         let cluster = Cluster::load(&config)?;
-        let mut d = Demo { children: Vec::new(), dir, netns, config, cluster, http };
+        let mut d = Demo { children: Vec::new(), dir, netns, config, cluster, http, child_env: opts.child_env.clone() };
         let cfg = d.config.to_string_lossy().into_owned();
         for i in 0..2 {
             let node = format!("n{i}");
@@ -372,13 +411,21 @@ fn post(addr: SocketAddr, path: &str, body: &[u8]) -> Option<(u16, Vec<u8>)> {
 struct Tally {
     ok: AtomicU64,
     errors: AtomicU64,
+    lost: AtomicU64,
+    wrong: AtomicU64,
     /// Latency histogram: one bucket per microsecond up to [`HIST_US`].
     hist: std::sync::Mutex<Vec<u32>>,
 }
 
 impl Default for Tally {
     fn default() -> Self {
-        Self { ok: AtomicU64::new(0), errors: AtomicU64::new(0), hist: std::sync::Mutex::new(vec![0; HIST_US + 1]) }
+        Self {
+            ok: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            wrong: AtomicU64::new(0),
+            hist: std::sync::Mutex::new(vec![0; HIST_US + 1]),
+        }
     }
 }
 
@@ -440,10 +487,12 @@ async fn client(addr: SocketAddr, path: String, tag: String, len: usize, tally: 
                 }
                 Ok(Ok(false)) => {
                     tally.errors.fetch_add(1, Ordering::Relaxed);
+                    tally.wrong.fetch_add(1, Ordering::Relaxed);
                 }
                 // Connection broken or no answer in time: a new connection.
                 Ok(Err(())) | Err(_) => {
                     tally.errors.fetch_add(1, Ordering::Relaxed);
+                    tally.lost.fetch_add(1, Ordering::Relaxed);
                     continue 'conn;
                 }
             }
@@ -525,39 +574,56 @@ fn rss_all(demo: &Demo) -> Vec<(String, u64)> {
     v
 }
 
+/// `println!` unless `quiet`.
+macro_rules! say {
+    ($quiet:expr, $($t:tt)*) => {
+        if !$quiet {
+            println!($($t)*);
+        }
+    };
+}
+
 /// Runs the demo; returns whether everything worked.
-#[allow(clippy::print_stdout, clippy::print_stderr)]
 pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
+    execute(opts).map(|o| o.ok)
+}
+
+/// Runs the demo as [`run`] does, printing the same, and returns what it
+/// measured.
+#[allow(clippy::print_stdout, clippy::print_stderr)]
+pub fn execute(opts: &DemoOptions) -> anyhow::Result<Outcome> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    println!("DNE demo: starting 2 worker nodes, an ingress and 3 tenants as child processes (emulated mode)");
+    say!(opts.quiet, "DNE demo: starting 2 worker nodes, an ingress and 3 tenants as child processes (emulated mode)");
     let mut demo = Demo::start(opts)?;
     let where_ = if demo.netns.is_some() { "each agent in its own network namespace" } else { "on loopback" };
-    println!("  cluster file {}  ({where_})", demo.config.display());
+    say!(opts.quiet, "  cluster file {}  ({where_})", demo.config.display());
     let took = demo.wait_ready()?;
-    println!(
+    say!(
+        opts.quiet,
         "  {} processes up and every route answers correctly, in {:.1} s: per tenant /<t>/echo, /<t>/chain \
          (upper n0 -> rot13 n1 -> reverse n0), /<t>/fanout (branches upper n0 and rot13 n1, gathered on n0)",
         demo.children.len(),
         took.as_secs_f64()
     );
     if opts.serve {
-        println!("\nThe cluster is up. Try:");
+        say!(opts.quiet, "\nThe cluster is up. Try:");
         for r in &demo.cluster.routes {
-            println!("  curl -s --data-binary 'hello dne' http://{}{}; echo", demo.http, r.path);
+            say!(opts.quiet, "  curl -s --data-binary 'hello dne' http://{}{}; echo", demo.http, r.path);
         }
-        println!("  curl -s http://{}/metrics | head", demo.http);
+        say!(opts.quiet, "  curl -s http://{}/metrics | head", demo.http);
         for n in &demo.cluster.nodes {
             if let Some(m) = &n.metrics {
-                println!("  curl -s http://{m}/status      # agent {}", n.name);
+                say!(opts.quiet, "  curl -s http://{m}/status      # agent {}", n.name);
             }
         }
-        println!("Ctrl-C stops the cluster.");
+        say!(opts.quiet, "Ctrl-C stops the cluster.");
         rt.block_on(async { tokio::signal::ctrl_c().await })?;
-        println!("stopping");
-        return Ok(true);
+        say!(opts.quiet, "stopping");
+        return Ok(Outcome { ok: true, ..Outcome::default() });
     }
     let duration = if opts.soak { opts.duration.max(600) } else { opts.duration };
-    let warmup = Duration::from_secs(60);
+    let memory = opts.soak || opts.memory_check;
+    let warmup = Duration::from_secs(if opts.warmup_s == 0 { 60 } else { opts.warmup_s });
     let mut rss_warm: Option<Vec<(String, u64)>> = None;
     let stop = Arc::new(AtomicBool::new(false));
     let tallies: Vec<Arc<Tally>> = TENANTS.iter().map(|_| Arc::new(Tally::default())).collect();
@@ -582,7 +648,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
         let ctrl_c = tokio::signal::ctrl_c();
         tokio::pin!(ctrl_c);
         while start.elapsed() < Duration::from_secs(duration) {
-            if opts.soak && rss_warm.is_none() && start.elapsed() >= warmup {
+            if memory && rss_warm.is_none() && start.elapsed() >= warmup {
                 rss_warm = Some(rss_all(&demo));
             }
             tokio::select! {
@@ -598,7 +664,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
                 last[k] = ok;
             }
             let _ = write!(line, " errors {errs}");
-            println!("{line}");
+            say!(opts.quiet, "{line}");
         }
         stop.store(true, Ordering::Relaxed);
         for t in tasks {
@@ -608,9 +674,10 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
     });
     let secs = duration.max(1) as f64;
     let mut soak_ok = true;
-    if opts.soak {
+    let mut rss = Vec::new();
+    if memory {
         let end = rss_all(&demo);
-        println!("\n  {:<22} {:>12} {:>12} {:>8}", "process", "RSS warm KiB", "RSS end KiB", "growth");
+        say!(opts.quiet, "\n  {:<22} {:>12} {:>12} {:>8}", "process", "RSS warm KiB", "RSS end KiB", "growth");
         for (name, warm) in rss_warm.iter().flatten() {
             let Some((_, last)) = end.iter().find(|(n, _)| n == name) else { continue };
             let growth = (*last as f64 - *warm as f64) / (*warm).max(1) as f64 * 100.0;
@@ -618,25 +685,37 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
             if growth >= 5.0 && name != "demo (clients)" {
                 soak_ok = false;
             }
-            println!("  {name:<22} {warm:>12} {last:>12} {growth:>7.1}%");
+            say!(opts.quiet, "  {name:<22} {warm:>12} {last:>12} {growth:>7.1}%");
+            rss.push((name.clone(), *warm, *last));
         }
         if rss_warm.is_none() {
-            println!("  (interrupted before the end of the warm-up: no memory verdict)");
+            say!(opts.quiet, "  (interrupted before the end of the warm-up: no memory verdict)");
             soak_ok = false;
         }
     }
     let total_ok: u64 = tallies.iter().map(|t| t.ok.load(Ordering::Relaxed)).sum();
     let total_err: u64 = tallies.iter().map(|t| t.errors.load(Ordering::Relaxed)).sum();
     let wsum: u32 = TENANTS.iter().map(|(_, w)| w).sum();
-    println!(
+    say!(
+        opts.quiet,
         "\n  {:<8} {:>6} {:>10} {:>9} {:>9} {:>9} {:>13} {:>7} {:>7} {:>7}",
-        "tenant", "weight", "requests", "req/s", "p50 us", "p99 us", "fabric bytes", "share", "weight", "errors"
+        "tenant",
+        "weight",
+        "requests",
+        "req/s",
+        "p50 us",
+        "p99 us",
+        "fabric bytes",
+        "share",
+        "weight",
+        "errors"
     );
     for (k, (t, w)) in TENANTS.iter().enumerate() {
         let ok = tallies[k].ok.load(Ordering::Relaxed);
         let lat = tallies[k].hist.lock().map(|h| h.clone()).unwrap_or_default();
         let bytes = agent_counter(&demo.cluster, "dne_agent_fabric_tx_bytes_total", t);
-        println!(
+        say!(
+            opts.quiet,
             "  {:<8} {:>6} {:>10} {:>9.0} {:>9.0} {:>9.0} {:>13.0} {:>6.1}% {:>6.1}% {:>7}",
             t,
             w,
@@ -650,18 +729,29 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
             tallies[k].errors.load(Ordering::Relaxed)
         );
     }
-    println!(
+    say!(
+        opts.quiet,
         "\n  Each request: HTTP at the ingress -> fabric -> {t}-upper (n0) -> {t}-rot13 (n1) -> {t}-reverse (n0) -> fabric -> ingress,",
         t = "<tenant>"
     );
-    println!(
+    say!(
+        opts.quiet,
         "  checked byte for byte. Shares follow weights only when the fabric is the bottleneck; here the 2 CPUs are."
     );
     let ok = soak_ok && !interrupted && total_err == 0 && tallies.iter().all(|t| t.ok.load(Ordering::Relaxed) > 0);
     demo.check_children()?;
     drop(demo);
-    println!("RESULT requests={total_ok} errors={total_err} tenants={} nodes=2", TENANTS.len());
-    Ok(ok)
+    say!(opts.quiet, "RESULT requests={total_ok} errors={total_err} tenants={} nodes=2", TENANTS.len());
+    let sum = |f: fn(&Tally) -> &AtomicU64| tallies.iter().map(|t| f(t).load(Ordering::Relaxed)).sum();
+    Ok(Outcome {
+        requests: total_ok,
+        errors: total_err,
+        lost: sum(|t| &t.lost),
+        wrong: sum(|t| &t.wrong),
+        duration_s: secs,
+        rss,
+        ok,
+    })
 }
 
 /// Runs the ingress role: HTTP on the ingress's address, requests over the

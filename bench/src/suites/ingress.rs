@@ -48,7 +48,7 @@ pub const SUITE: Suite = Suite {
     run,
 };
 
-const ROLE_ENV: &str = "DNE_BENCH_INGRESS_ROLE";
+pub(crate) const ROLE_ENV: &str = "DNE_BENCH_INGRESS_ROLE";
 const NEXT_ENV: &str = "DNE_BENCH_INGRESS_NEXT";
 const BODY: usize = 1024;
 const CONNS: [usize; 3] = [1, 16, 64];

@@ -7,11 +7,12 @@ pub mod fabric;
 pub mod fairness;
 pub mod ingress;
 pub mod intranode;
+pub mod soak;
 pub mod wire_codec;
 
 /// Every suite, in the order `list` shows them.
 pub const SUITES: &[Suite] =
-    &[wire_codec::SUITE, intranode::SUITE, fabric::SUITE, engine::SUITE, fairness::SUITE, ingress::SUITE];
+    &[wire_codec::SUITE, intranode::SUITE, fabric::SUITE, engine::SUITE, fairness::SUITE, ingress::SUITE, soak::SUITE];
 
 /// Looks a suite up by name.
 pub fn find(name: &str) -> Option<&'static Suite> {
