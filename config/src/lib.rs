@@ -379,6 +379,19 @@ impl Cluster {
                 return Err(bad(f("rate_cap_mbps"), "0 would block the tenant; omit it for no cap"));
             }
         }
+        for (i, g) in self.ingresses.iter().enumerate() {
+            // The edge keeps about each tenant's receive quota posted from
+            // its pool of that tenant (split over its peers).
+            if let Some(t) = self.tenants.iter().find(|t| g.buffers <= t.recv_quota) {
+                return Err(bad(
+                    format!("ingress[{i}].buffers"),
+                    format!(
+                        "{} buffers leave none for requests: the edge keeps tenant {}'s receive quota ({}) posted",
+                        g.buffers, t.name, t.recv_quota
+                    ),
+                ));
+            }
+        }
         for (i, func) in self.functions.iter().enumerate() {
             let f = |name: &str| format!("function[{i}].{name}");
             if self.tenant_id(&func.tenant).is_none() {
@@ -597,6 +610,11 @@ runtime_dir = "/tmp/dne/edge"
             ("name = \"edge\"", "name = \"node-b\"", "ingress[0].name: \"node-b\" is also a node's name"),
             ("http = \"127.0.0.1:8080\"", "http = \"x\"", "ingress[0].http"),
             ("weight = 6", "weight = 6\napi_key = \"\"", "tenant[0].api_key"),
+            (
+                "runtime_dir = \"/tmp/dne/edge\"",
+                "runtime_dir = \"/tmp/dne/edge\"\nbuffers = 64",
+                "ingress[0].buffers: 64 buffers leave none for requests: the edge keeps tenant acme's receive quota (128) posted",
+            ),
         ];
         for (from, to, want) in cases {
             let got = err(|s| s.replacen(from, to, 1));

@@ -113,9 +113,13 @@ address = "127.0.0.1:2"
 http = "127.0.0.1:0"
 runtime_dir = "/tmp/dne-ingress-test/edge"
 body_limit = {limit}
-buffers = {ingress_buffers}
+buffers = {file_buffers}
 "#,
         limit = (1 << 20) + 10,
+        // The file's count must leave room beyond the receive quota the
+        // fabric edge posts; these tests run the in-process upstream on
+        // pools of `ingress_buffers` they make themselves.
+        file_buffers = ingress_buffers.max(1024),
     );
     config::Cluster::parse(&text).unwrap()
 }

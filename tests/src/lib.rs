@@ -252,6 +252,12 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)>
 /// `POST path` with `body` over HTTP/1.1 (`Connection: close`); the status
 /// code and the body, or `None` when nothing answers.
 pub fn http_post(addr: std::net::SocketAddr, path: &str, body: &[u8]) -> Option<(u16, Vec<u8>)> {
+    http_post_full(addr, path, body).map(|(code, _, body)| (code, body))
+}
+
+/// `POST path` with `body` on a new connection: (status, response head,
+/// body); `None` if the connection failed.
+pub fn http_post_full(addr: std::net::SocketAddr, path: &str, body: &[u8]) -> Option<(u16, String, Vec<u8>)> {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
@@ -266,7 +272,7 @@ pub fn http_post(addr: std::net::SocketAddr, path: &str, body: &[u8]) -> Option<
     if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         rest = dechunk(&rest)?;
     }
-    Some((code, rest))
+    Some((code, head, rest))
 }
 
 fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
