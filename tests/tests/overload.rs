@@ -11,6 +11,7 @@
 //! stops, the cluster serves normally and every pool is back to idle.
 //! Watchdogs only; the time comparisons are against the configured route
 //! deadline, not absolute numbers.
+#![allow(clippy::print_stdout)] // reports the goodput, the 503s and memory
 
 use dne_tests::cluster::Cluster;
 use std::sync::Arc;
