@@ -617,19 +617,23 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
 
 /// Bytes a message puts on the wire: its payload and a fabric header per
 /// buffer.
+#[inline]
 fn wire_bytes(msg: &Msg) -> u64 {
     u64::from(msg.len()) + u64::from(msg.frags()) * fabric::HEADER_LEN as u64
 }
 
 impl<T: Transport, H: HostLink> Backlog for Engine<T, H> {
+    #[inline]
     fn head(&self, t: usize) -> Option<u64> {
         self.tenants[t].queue.front().map(|o| wire_bytes(&o.msg))
     }
 
+    #[inline]
     fn room(&self) -> bool {
         self.inflight < INFLIGHT_BUDGET
     }
 
+    #[inline]
     fn can_send(&self, t: usize) -> bool {
         self.tenants[t].queue.front().is_some_and(|o| {
             self.port.can_send(t as u16, o.peer)
