@@ -569,10 +569,15 @@ fn notification_handle_wakes_a_sleeping_receiver() {
     let inv = BufInventory::new(8).unwrap();
     b.submit_receive(inv.remote_buf(&mem, 32 << 10, 1024).unwrap(), 7).unwrap();
 
-    // Quiet: cleared, progressed once more, nothing new.
+    // Quiet: cleared, progressed once more, nothing new. First let the
+    // connection settle: a delayed TCP acknowledgement (up to 200 ms) makes
+    // a socket writable again, a legitimate (harmless) wake-up.
     let handle = pe_b.notification_handle().unwrap();
-    for _ in 0..10 {
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_millis(250) {
+        pe_a.progress();
         pe_b.progress();
+        std::thread::sleep(Duration::from_millis(5));
     }
     pe_b.clear_notification().unwrap();
     pe_b.request_notification().unwrap();
