@@ -59,6 +59,35 @@ fn config(dirs: &[TempDir], nets: &[NodeNet], rest: &str) -> String {
     s
 }
 
+/// An ingress named `edge` for a test's cluster file.
+#[derive(Debug)]
+pub struct IngressSpec {
+    /// Its HTTP address.
+    pub http: SocketAddr,
+    fabric: SocketAddr,
+    dir: TempDir,
+    extra: String,
+}
+
+impl IngressSpec {
+    /// A new ingress (free ports, a runtime directory named after `name`);
+    /// `extra` lines go into its section (`buffers = 64`, ...).
+    pub fn new(name: &str, extra: &str) -> Self {
+        Self { http: free_port(), fabric: free_port(), dir: TempDir::new(name), extra: extra.to_owned() }
+    }
+
+    /// Its `[[ingress]]` section.
+    pub fn section(&self) -> String {
+        format!(
+            "\n[[ingress]]\nname = \"edge\"\naddress = \"{}\"\nhttp = \"{}\"\nruntime_dir = \"{}\"\n{}\n",
+            self.fabric,
+            self.http,
+            self.dir.path().display(),
+            self.extra
+        )
+    }
+}
+
 impl Cluster {
     /// Starts host-shimd and an agent per node (`n0`, `n1`, ...) on
     /// loopback; `rest` is the cluster file's tenants, functions and
@@ -230,6 +259,21 @@ impl Cluster {
         let s = self.shimd_status(i);
         let at = s.find(&format!("{{\"tenant\":\"{tenant}\""))?;
         json_u64(&s[at..], "free")
+    }
+
+    /// Starts the ingress process of `spec` (in the cluster file) and waits
+    /// until a POST to `path` answers 200 (the fabric links come up first);
+    /// returns its pid.
+    pub fn start_ingress(&mut self, spec: &IngressSpec, path: &str, within: Duration) -> u32 {
+        let mut cmd = Command::new(bin_path("ingress"));
+        cmd.arg("--config").arg(&self.config).args(["--name", "edge"]);
+        let p = Proc::spawn("ingress", cmd);
+        let pid = p.pid();
+        self.fns.push(p);
+        wait_for("the ingress serves the chain", within, || {
+            crate::http_post(spec.http, path, b"ping").is_some_and(|(code, _)| code == 200)
+        });
+        pid
     }
 
     /// A number of `tenant`'s object in node `i`'s agent `/status`

@@ -281,23 +281,12 @@ fn edge_requests_travel_a_chain_across_nodes_and_come_back() {
 /// edge statuses for an unknown route and a dead chain.
 #[test]
 fn http_requests_cross_the_cluster_through_the_ingress() {
-    let edge_dir = dne_tests::TempDir::new("http-edge");
-    let http = dne_tests::free_port();
-    let ingress = format!(
-        "{EDGE_CLUSTER}\n[[ingress]]\nname = \"edge\"\naddress = \"{}\"\nhttp = \"{http}\"\nruntime_dir = \"{}\"\n",
-        dne_tests::free_port(),
-        edge_dir.path().display()
-    );
-    let mut c = Cluster::start("http", 2, &ingress);
+    let edge = dne_tests::cluster::IngressSpec::new("http-edge", "");
+    let http = edge.http;
+    let mut c = Cluster::start("http", 2, &format!("{EDGE_CLUSTER}{}", edge.section()));
     c.start_route_fn(1, "acme", "upper", "upper");
     c.start_route_fn(0, "acme", "rot13", "rot13");
-    let mut cmd = std::process::Command::new(dne_tests::bin_path("ingress"));
-    cmd.arg("--config").arg(&c.config).args(["--name", "edge"]);
-    c.fns.push(dne_tests::Proc::spawn("ingress", cmd));
-    // Ready when a request goes through (the fabric links come up first).
-    dne_tests::wait_for("the ingress serves the chain", WATCHDOG, || {
-        dne_tests::http_post(http, "/x", b"ping").is_some_and(|(code, _)| code == 200)
-    });
+    c.start_ingress(&edge, "/x", WATCHDOG);
     for (k, len) in [0usize, 1, 1024, 100_000, 1_000_000].into_iter().enumerate() {
         let data = pattern(len, k);
         let (code, body) = dne_tests::http_post(http, "/x", &data).expect("an answer");

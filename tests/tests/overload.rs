@@ -142,23 +142,12 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 
 #[test]
 fn overload_is_answered_with_503_quickly_memory_stays_bounded_and_goodput_holds() {
-    let edge_dir = dne_tests::TempDir::new("overload-edge");
-    let http = dne_tests::free_port();
-    let ingress = format!(
-        "{CLUSTER}\n[[ingress]]\nname = \"edge\"\naddress = \"{}\"\nhttp = \"{http}\"\nruntime_dir = \"{}\"\nbuffers = {INGRESS_BUFFERS}\n",
-        dne_tests::free_port(),
-        edge_dir.path().display()
-    );
-    let mut c = Cluster::start("overload", 2, &ingress);
+    let edge = dne_tests::cluster::IngressSpec::new("overload-edge", &format!("buffers = {INGRESS_BUFFERS}"));
+    let http = edge.http;
+    let mut c = Cluster::start("overload", 2, &format!("{CLUSTER}{}", edge.section()));
     c.start_route_fn(1, "acme", "upper", "upper");
     c.start_route_fn(0, "acme", "rot13", "rot13");
-    let mut cmd = std::process::Command::new(dne_tests::bin_path("ingress"));
-    cmd.arg("--config").arg(&c.config).args(["--name", "edge"]);
-    c.fns.push(dne_tests::Proc::spawn("ingress", cmd));
-    let ingress_pid = c.fns.last().map(|p| p.pid()).expect("the ingress");
-    dne_tests::wait_for("the ingress serves the chain", WATCHDOG, || {
-        dne_tests::http_post(http, "/x", b"ping").is_some_and(|(code, _)| code == 200)
-    });
+    let ingress_pid = c.start_ingress(&edge, "/x", WATCHDOG);
     let metrics = || dne_tests::http_get(http, "/metrics").map(|(_, t)| t).unwrap_or_default();
     let idle_free = metric(&metrics(), "dne_ingress_pool_free_buffers").expect("the ingress pool gauge");
     let shimd_idle: Vec<u64> = (0..2).map(|i| c.shimd_pool_free(i, "acme").expect("pool status")).collect();
