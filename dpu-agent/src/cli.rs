@@ -84,6 +84,11 @@ pub enum Role {
         /// The ingress's name.
         #[arg(long)]
         name: String,
+        /// Tokio worker threads: HTTP and the fabric share them. One by
+        /// default, as the demo runs a whole cluster on this machine's
+        /// cores.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
     },
 }
 
@@ -124,7 +129,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<String> {
                     host_shim::daemon::serve_until_signalled(config::Cluster::load(config)?, node)?
                 }
                 Role::Fn(args) => dne_functions::serve::serve(args.clone())?,
-                Role::Ingress { config, name } => crate::demo::run_ingress(config, name)?,
+                Role::Ingress { config, name, threads } => crate::demo::run_ingress(config, name, *threads)?,
             }
             Ok(String::new())
         }

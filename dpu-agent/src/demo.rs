@@ -592,7 +592,10 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
 /// measured.
 #[allow(clippy::print_stdout, clippy::print_stderr)]
 pub fn execute(opts: &DemoOptions) -> anyhow::Result<Outcome> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::env::var("XT").ok().and_then(|s| s.parse().ok()).unwrap_or(2))
+        .enable_all()
+        .build()?;
     say!(opts.quiet, "DNE demo: starting 2 worker nodes, an ingress and 3 tenants as child processes (emulated mode)");
     let mut demo = Demo::start(opts)?;
     let where_ = if demo.netns.is_some() { "each agent in its own network namespace" } else { "on loopback" };
@@ -755,8 +758,9 @@ pub fn execute(opts: &DemoOptions) -> anyhow::Result<Outcome> {
 }
 
 /// Runs the ingress role: HTTP on the ingress's address, requests over the
-/// fabric.
-pub fn run_ingress(config: &Path, name: &str) -> anyhow::Result<()> {
+/// fabric, on a tokio runtime of `threads` workers that also drives the
+/// fabric side ([`ingress::edge::Edge::spawn`]).
+pub fn run_ingress(config: &Path, name: &str, threads: usize) -> anyhow::Result<()> {
     let cluster = Cluster::load(config)?;
     let (index, g) = cluster
         .ingresses
@@ -768,9 +772,12 @@ pub fn run_ingress(config: &Path, name: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(&g.runtime_dir)?;
     let settings = ingress::Settings::for_ingress(&cluster, name).unwrap_or_default();
     let pools = ingress::Pools::create(&cluster, name, g.buffers, shm::PagePolicy::Auto)?;
-    let edge = ingress::edge::Edge::start(Arc::new(cluster.clone()), index, pools.clone())?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads.max(1)).enable_all().build()?;
+    let edge = {
+        let _in_runtime = rt.enter();
+        ingress::edge::Edge::spawn(Arc::new(cluster.clone()), index, pools.clone())?
+    };
     let ing = Arc::new(ingress::Ingress::new(&cluster, pools, Arc::new(edge), settings));
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&g.http).await?;
         ing.serve(listener, None, ingress::shutdown_signal()).await

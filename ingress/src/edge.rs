@@ -4,9 +4,13 @@
 //! the fabric, with no copy, to the node of its route's first function, and
 //! the chain's reply comes back into the same pool, matched by request id.
 //!
-//! One data-plane thread owns the fabric [`Port`]; callers on any thread
-//! (the HTTP server's tasks) hand it requests through a channel and get the
-//! reply through a oneshot. Backpressure is explicit: when a tenant's
+//! One driver owns the fabric [`Port`]: a thread of its own
+//! ([`Edge::start`]) or a task of the HTTP server's tokio runtime
+//! ([`Edge::spawn`], what the ingress runs: the requests, the fabric and the
+//! replies then meet on the runtime's workers with no thread hand-off, which
+//! on a machine with few cores saves two context switches per request).
+//! Callers on any thread (the HTTP server's tasks) hand it requests through
+//! a channel and get the reply through a oneshot. Backpressure is explicit: when a tenant's
 //! connection has no credits, its requests wait in a bounded queue, and a
 //! full queue is an immediate [`EdgeError::Busy`] (the HTTP side answers
 //! 503), never unbounded buffering.
@@ -99,14 +103,38 @@ impl Edge {
     /// file) over the ingress's `pools` (one per tenant; the edge's buffers
     /// are held as [`INGRESS_SLOT`]).
     pub fn start(cfg: Arc<Cluster>, ingress: usize, pools: Pools) -> anyhow::Result<Self> {
+        let (mut edge, mut worker) = Self::new(&cfg, ingress, pools, false)?;
+        let flag = edge.stop.clone();
+        edge.thread = Some(std::thread::Builder::new().name("edge".into()).spawn(move || worker.run(&flag))?);
+        Ok(edge)
+    }
+
+    /// Like [`start`](Self::start), but the edge runs as a task of the
+    /// current tokio runtime (call it inside one): it polls the fabric
+    /// while it has work, then awaits the fabric's notification fd, a
+    /// caller's call, or its next control tick.
+    pub fn spawn(cfg: Arc<Cluster>, ingress: usize, pools: Pools) -> anyhow::Result<Self> {
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|e| anyhow::anyhow!("Edge::spawn needs a tokio runtime: {e}"))?;
+        let (edge, worker) = Self::new(&cfg, ingress, pools, true)?;
+        handle.spawn(worker.drive(edge.stop.clone()));
+        Ok(edge)
+    }
+
+    fn new(cfg: &Cluster, ingress: usize, pools: Pools, task: bool) -> anyhow::Result<(Self, Worker)> {
         let me = cfg.ingress_node_id(ingress).ok_or_else(|| anyhow::anyhow!("no ingress {ingress} in the config"))?;
         let flights = cfg.tenants.len() * QUEUE_LIMIT;
-        let port = fabric::cluster::open_port(&cfg, me, pools.iter().cloned().map(EdgeBufs).collect(), flights)?;
+        let port = fabric::cluster::open_port(cfg, me, pools.iter().cloned().map(EdgeBufs).collect(), flights)?;
         let (calls, rx) = channel();
-        let wake = Arc::new(Wake { sleeping: AtomicBool::new(false), bell: Doorbell::new()? });
+        let wake = Arc::new(Wake {
+            sleeping: AtomicBool::new(false),
+            bell: Doorbell::new()?,
+            notify: tokio::sync::Notify::new(),
+            task,
+        });
         let stop = Arc::new(AtomicBool::new(false));
         let conns_up = Arc::new(AtomicUsize::new(0));
-        let mut worker = Worker {
+        let worker = Worker {
             first_node: cfg
                 .routes
                 .iter()
@@ -124,9 +152,7 @@ impl Edge {
             conns_up: conns_up.clone(),
             events: Vec::with_capacity(256),
         };
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new().name("edge".into()).spawn(move || worker.run(&flag))?;
-        Ok(Self { pools, calls, wake, conns_up, stop, thread: Some(thread) })
+        Ok((Self { pools, calls, wake, conns_up, stop, thread: None }, worker))
     }
 
     /// Tenant `t`'s pool.
@@ -179,18 +205,24 @@ impl Upstream for Edge {
 impl Drop for Edge {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // A sleeping task driver looks at the flag now (a thread within
+        // its 1 ms control tick).
+        self.wake.notify.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-/// How the edge thread is woken when it sleeps: callers ring the bell
-/// only when it announced a sleep.
+/// How the edge's driver is woken when it sleeps: callers wake it only
+/// when it announced a sleep, by its doorbell (a thread) or its `Notify`
+/// (a task).
 #[derive(Debug)]
 struct Wake {
     sleeping: AtomicBool,
     bell: Doorbell,
+    notify: tokio::sync::Notify,
+    task: bool,
 }
 
 impl Wake {
@@ -198,11 +230,12 @@ impl Wake {
     fn wake(&self) {
         // SeqCst: pairs with the worker's store of `sleeping` and its
         // look at the queue (either it sees the call, or we see it sleep).
-        if self.sleeping.load(Ordering::SeqCst)
-            && self.sleeping.swap(false, Ordering::SeqCst)
-            && let Err(e) = self.bell.ring()
-        {
-            log::warn!("edge: doorbell: {e}");
+        if self.sleeping.load(Ordering::SeqCst) && self.sleeping.swap(false, Ordering::SeqCst) {
+            if self.task {
+                self.notify.notify_one();
+            } else if let Err(e) = self.bell.ring() {
+                log::warn!("edge: doorbell: {e}");
+            }
         }
     }
 }
@@ -227,25 +260,91 @@ struct Worker {
 }
 
 impl Worker {
+    /// One turn of the driver: the control tick when it is due, then the
+    /// callers' calls, the queued sends and the fabric. Returns the work
+    /// done, `None` once the edge is stopped.
+    fn turn(&mut self, now: Instant, next_control: &mut Instant, stop: &AtomicBool) -> Option<usize> {
+        if now >= *next_control {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            let mut ev = std::mem::take(&mut self.events);
+            self.port.control(&mut ev);
+            self.handle(&mut ev);
+            self.events = ev;
+            self.conns_up.store(self.port.conns_up(), Ordering::Relaxed);
+            *next_control = now + Duration::from_millis(1);
+        }
+        Some(self.take_calls() + self.send_queued() + self.poll_fabric())
+    }
+
+    /// The driver as a task (see [`Edge::spawn`]).
+    async fn drive(mut self, stop: Arc<AtomicBool>) {
+        use tokio::io::Interest;
+        use tokio::io::unix::AsyncFd;
+        // A dup of the notification fd, owned here: nothing can close or
+        // replace it while tokio watches it, which is what the deprecated
+        // (safe) constructor cannot check in general and `register_*`
+        // (unsafe, forbidden in this crate) asks its caller to promise.
+        #[allow(deprecated)]
+        let watch = |fd| AsyncFd::with_interest(fd, Interest::READABLE);
+        let fabric = self.port.notification_fd().map(|fd| fd.try_clone_to_owned()).and_then(|fd| {
+            fd.and_then(watch)
+                .map_err(|e| log::warn!("edge: cannot watch the fabric's notification fd ({e}); napping instead"))
+                .ok()
+        });
+        let mut next_control = Instant::now();
+        let mut idle_since = Instant::now();
+        loop {
+            let now = Instant::now();
+            let Some(work) = self.turn(now, &mut next_control, &stop) else { break };
+            if work > 0 {
+                idle_since = now;
+                // Let the HTTP tasks of this worker run between turns.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            if now.duration_since(idle_since) <= IDLE_SPIN {
+                // Give the core to another process first (the functions and
+                // the agent may share it), then this worker's other tasks.
+                std::thread::yield_now();
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let until = tokio::time::Instant::from_std(next_control);
+            let Some(fabric) = &fabric else {
+                tokio::time::sleep(Duration::from_micros(50)).await;
+                continue;
+            };
+            self.port.clear_notification();
+            // What happened before the clear is found now.
+            if self.poll_fabric() > 0 {
+                continue;
+            }
+            // SeqCst: see `Wake::wake`.
+            self.wake.sleeping.store(true, Ordering::SeqCst);
+            if self.take_calls() == 0 {
+                tokio::select! {
+                    () = self.wake.notify.notified() => {}
+                    r = fabric.readable() => {
+                        if let Ok(mut ready) = r {
+                            ready.clear_ready();
+                        }
+                    }
+                    () = tokio::time::sleep_until(until) => {}
+                }
+            }
+            self.wake.sleeping.store(false, Ordering::SeqCst);
+        }
+        self.finish();
+    }
+
     fn run(&mut self, stop: &AtomicBool) {
         let mut next_control = Instant::now();
         let mut idle_since = Instant::now();
         loop {
             let now = Instant::now();
-            if now >= next_control {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let mut ev = std::mem::take(&mut self.events);
-                self.port.control(&mut ev);
-                self.handle(&mut ev);
-                self.events = ev;
-                self.conns_up.store(self.port.conns_up(), Ordering::Relaxed);
-                next_control = now + Duration::from_millis(1);
-            }
-            let mut work = self.take_calls();
-            work += self.send_queued();
-            work += self.poll_fabric();
+            let Some(work) = self.turn(now, &mut next_control, stop) else { break };
             if work > 0 {
                 idle_since = now;
             } else if now.duration_since(idle_since) > IDLE_SPIN {
@@ -256,7 +355,11 @@ impl Worker {
                 std::thread::yield_now();
             }
         }
-        // Whoever still waits learns that the edge stopped.
+        self.finish();
+    }
+
+    /// Whoever still waits learns that the edge stopped.
+    fn finish(&mut self) {
         for (_, w) in self.waiting.drain() {
             let _ = w.reply.send(Err(EdgeError::Stopped));
         }

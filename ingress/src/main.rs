@@ -71,19 +71,20 @@ fn run(args: Args) -> Result<()> {
     }
     let settings = Settings::for_ingress(&cluster, &args.name).unwrap_or_default();
     let pools = Pools::create(&cluster, &g.name, g.buffers, shm::PagePolicy::Auto)?;
-    let upstream: Arc<dyn ingress::Upstream> = if args.in_process {
-        let cfg = InProcessConfig { workers: args.workers, ..Default::default() };
-        Arc::new(InProcess::new(&cluster, cfg, InProcess::by_name(&extra))?)
-    } else {
-        let index = cluster.ingresses.iter().position(|x| x.name == g.name).unwrap_or(0);
-        Arc::new(ingress::edge::Edge::start(Arc::new(cluster.clone()), index, pools.clone())?)
-    };
-    let ingress = Arc::new(Ingress::new(&cluster, pools, upstream, settings));
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.threads {
         rt.worker_threads(n.max(1));
     }
     let rt = rt.enable_all().build()?;
+    let upstream: Arc<dyn ingress::Upstream> = if args.in_process {
+        let cfg = InProcessConfig { workers: args.workers, ..Default::default() };
+        Arc::new(InProcess::new(&cluster, cfg, InProcess::by_name(&extra))?)
+    } else {
+        let index = cluster.ingresses.iter().position(|x| x.name == g.name).unwrap_or(0);
+        let _in_runtime = rt.enter();
+        Arc::new(ingress::edge::Edge::spawn(Arc::new(cluster.clone()), index, pools.clone())?)
+    };
+    let ingress = Arc::new(Ingress::new(&cluster, pools, upstream, settings));
     rt.block_on(async move {
         let listener =
             tokio::net::TcpListener::bind(&g.http).await.with_context(|| format!("listening on {}", g.http))?;
@@ -91,7 +92,7 @@ fn run(args: Args) -> Result<()> {
             Some(a) => Some(tokio::net::TcpListener::bind(a).await.with_context(|| format!("listening on {a}"))?),
             None => None,
         };
-        log::warn!("ingress {} serving on {} (in-process chains; fabric upstream pending)", g.name, g.http);
+        log::info!("ingress {} serving on {}", g.name, g.http);
         ingress.serve(listener, admin, ingress::shutdown_signal()).await?;
         Ok(())
     })

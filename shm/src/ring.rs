@@ -774,8 +774,9 @@ mod segment {
             let start = Instant::now();
             let deadline = timeout.map(|t| start + t);
             loop {
-                // Spin phase: poll the ring, looking at the clock every 64
-                // polls; it ends at once after the first sleep.
+                // Spin phase: poll the ring, looking at the clock and
+                // yielding the core every 64 polls; it ends at once after
+                // the first sleep.
                 let mut polls = 0u32;
                 loop {
                     let n = self.pop(out);
@@ -788,6 +789,11 @@ mod segment {
                         if now.duration_since(start) >= spin || deadline.is_some_and(|d| now >= d) {
                             break;
                         }
+                        // The producer may be waiting for this core (more
+                        // runnable processes than cores): let it run. With a
+                        // spare core this returns at once and the phase is a
+                        // pure spin.
+                        std::thread::yield_now();
                     }
                     std::hint::spin_loop();
                 }

@@ -220,6 +220,18 @@ fn rot13(b: u8) -> u8 {
 /// instance answers with an error.
 #[test]
 fn edge_requests_travel_a_chain_across_nodes_and_come_back() {
+    edge_chain(false);
+}
+
+/// The same with the edge driven as a task of a one-worker tokio runtime
+/// (what the ingress process runs); outside a runtime that is a clear
+/// error.
+#[test]
+fn edge_as_a_runtime_task_carries_the_same_chain() {
+    edge_chain(true);
+}
+
+fn edge_chain(task: bool) {
     use ingress::edge::{Edge, EdgeError};
     use ingress::pool::INGRESS_SLOT as EDGE_SLOT;
     let edge_dir = dne_tests::TempDir::new("edge");
@@ -236,7 +248,15 @@ fn edge_requests_travel_a_chain_across_nodes_and_come_back() {
     let pools = ingress::Pools::create(&cfg, "edge", 512, shm::PagePolicy::Normal).unwrap();
     let tp = pools.get(0).unwrap().clone();
     let pool = tp.pool();
-    let edge = Edge::start(cfg.clone(), 0, pools).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let edge = if task {
+        let e = Edge::spawn(cfg.clone(), 0, pools.clone()).expect_err("no runtime entered");
+        assert!(e.to_string().contains("tokio runtime"), "{e}");
+        let _in = rt.enter();
+        Edge::spawn(cfg.clone(), 0, pools).unwrap()
+    } else {
+        Edge::start(cfg.clone(), 0, pools).unwrap()
+    };
     dne_tests::wait_for("the edge connected to both nodes", WATCHDOG, || edge.conns_up() == 2);
     c.wait_conns(2);
     let wait = |mut rx: tokio::sync::oneshot::Receiver<_>| {

@@ -25,6 +25,9 @@
 //! load generator runs in this process on one thread (hyper client, one
 //! request in flight per connection). Both setups run in the same run,
 //! interleaved per concurrency level.
+//!
+//! `DNE_BENCH_INGRESS_PROFILE=SECS` runs (a) alone at 64 connections for
+//! SECS seconds instead (to attach `perf` to its processes).
 
 use crate::harness::{Opts, Report, Suite, Table, fmt_num};
 use anyhow::{Context, Result, anyhow, bail};
@@ -53,6 +56,9 @@ const NEXT_ENV: &str = "DNE_BENCH_INGRESS_NEXT";
 const BODY: usize = 1024;
 const CONNS: [usize; 3] = [1, 16, 64];
 const CHAIN: usize = 3;
+/// Set to a number of seconds, the suite runs (a) alone at 64 connections
+/// for that long and reports it (a run to attach a profiler to).
+const PROFILE_ENV: &str = "DNE_BENCH_INGRESS_PROFILE";
 
 /// Runs a peer role of this suite when the binary was started as one.
 pub fn peer_main() -> Option<Result<()>> {
@@ -642,6 +648,20 @@ fn run(opts: &Opts) -> Result<Report> {
         "ingress: CPU s/10k requests by process at 64 connections (children counted with their parent)",
         &["setup", "process", "CPU s/10k req", "share"],
     );
+    if let Some(secs) = std::env::var(PROFILE_ENV).ok().and_then(|s| s.parse().ok()) {
+        // Profiling: (a) alone at 64 connections, for attaching perf.
+        log_line(&format!("profile: (a) at 64 connections for {secs} s"));
+        let r = load(fab.port, 64, warm, Duration::from_secs(secs), &fab.pids)?;
+        let mut t = Table::new("ingress profile run: (a) at 64 connections", &["process", "CPU s/10k req"]);
+        for (p, cpu) in fab.procs.iter().zip(&r.per_proc) {
+            t.row(vec![p.name.clone(), fmt_num(*cpu)]);
+        }
+        report.put("rps_c64_dne", r.rps);
+        report.put("p99_us_c64_dne", r.p99_us);
+        report.put("cpu_per_10k_c64_dne", r.cpu_per_10k);
+        report.tables = vec![t];
+        return Ok(report);
+    }
     for &c in &CONNS {
         let (mut ra, mut r0, mut rb) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
