@@ -33,6 +33,9 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -104,11 +107,19 @@ struct RouteInfo {
     tenant: u16,
     timeout: Duration,
     label: &'static str,
+    /// This route's series, resolved once (a family lookup hashes its
+    /// labels under a lock): 200 responses and the latency histogram.
+    ok: Counter,
+    duration: Histogram,
 }
 
 struct TenantInfo {
     name: &'static str,
     api_key: Option<Vec<u8>>,
+    /// This tenant's series, resolved once.
+    in_flight: Gauge,
+    bytes_in: Counter,
+    bytes_out: Counter,
 }
 
 /// The ingress: routes, tenants, pools, the upstream and the metrics.
@@ -142,21 +153,37 @@ impl Ingress {
     /// An ingress over `pools` (one per tenant of `cluster`) sending through
     /// `upstream`.
     pub fn new(cluster: &Cluster, pools: Pools, upstream: Arc<dyn Upstream>, settings: Settings) -> Self {
+        let metrics = Metrics::new();
         let routes = cluster
             .routes
             .iter()
-            .map(|r| RouteInfo {
-                tenant: cluster.tenant_id(&r.tenant).unwrap_or(0),
-                timeout: Duration::from_millis(u64::from(r.timeout_ms)),
-                label: intern(format!("{}{}", r.host.as_deref().unwrap_or(""), r.path)),
+            .map(|r| {
+                let label = intern(format!("{}{}", r.host.as_deref().unwrap_or(""), r.path));
+                let tenant = intern(r.tenant.clone());
+                RouteInfo {
+                    tenant: cluster.tenant_id(&r.tenant).unwrap_or(0),
+                    timeout: Duration::from_millis(u64::from(r.timeout_ms)),
+                    label,
+                    ok: metrics.requests.get_or_create(&CodeLabels { route: label, tenant, code: 200 }).clone(),
+                    duration: metrics.duration.get_or_create(&RouteLabels { route: label, tenant }).clone(),
+                }
             })
             .collect();
         let tenants = cluster
             .tenants
             .iter()
-            .map(|t| TenantInfo { name: intern(t.name.clone()), api_key: t.api_key.clone().map(String::into_bytes) })
+            .map(|t| {
+                let name = intern(t.name.clone());
+                let tl = TenantLabels { tenant: name };
+                TenantInfo {
+                    name,
+                    api_key: t.api_key.clone().map(String::into_bytes),
+                    in_flight: metrics.in_flight.get_or_create(&tl).clone(),
+                    bytes_in: metrics.bytes_in.get_or_create(&tl).clone(),
+                    bytes_out: metrics.bytes_out.get_or_create(&tl).clone(),
+                }
+            })
             .collect::<Vec<_>>();
-        let metrics = Metrics::new();
         for (t, p) in tenants.iter().zip(pools.iter()) {
             metrics.pool_size.get_or_create(&TenantLabels { tenant: t.name }).set(i64::from(p.capacity()));
         }
@@ -253,7 +280,12 @@ impl Ingress {
     ) -> Response<OutBody> {
         let start = Instant::now();
         let method = req.method().clone();
-        let target = req.uri().path_and_query().map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
+        // The access log's copy of the target, only when that log is on.
+        let target = if log::log_enabled!(target: ACCESS_LOG, log::Level::Info) {
+            req.uri().path_and_query().map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned())
+        } else {
+            String::new()
+        };
         if (admin || metrics_on_main) && req.uri().path() == "/metrics" && method == hyper::Method::GET {
             let mut r = Response::new(Either::Left(Full::new(Bytes::from(self.metrics_text()))));
             r.headers_mut().insert(
@@ -266,28 +298,26 @@ impl Ingress {
         let route = if admin { None } else { self.router.lookup(host, req.uri().path()) };
         let Some(route) = route else {
             self.metrics.requests.get_or_create(&CodeLabels { route: "", tenant: "", code: 404 }).inc();
-            log::info!(target: "dne_ingress::access", "{peer} \"{method} {target}\" 404 0 route=- tenant=-");
+            log::info!(target: ACCESS_LOG, "{peer} \"{method} {target}\" 404 0 route=- tenant=-");
             return plain(StatusCode::NOT_FOUND, "no route\n");
         };
         let info = &self.routes[usize::from(route)];
         let tenant = &self.tenants[usize::from(info.tenant)];
-        let tl = TenantLabels { tenant: tenant.name };
-        let gauge = self.metrics.in_flight.get_or_create_owned(&tl);
-        gauge.inc();
+        // Dropped with the request (a client gone mid-request too).
+        let _in_flight = InFlight::new(&tenant.in_flight);
         let (resp, bytes_in, request) = self.exchange(req, route, peer).await;
-        gauge.dec();
         let code = resp.status().as_u16();
         let bytes_out = resp.body().size_hint().exact().unwrap_or(0);
-        let labels = CodeLabels { route: info.label, tenant: tenant.name, code };
-        self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics
-            .duration
-            .get_or_create(&RouteLabels { route: info.label, tenant: tenant.name })
-            .observe(start.elapsed().as_secs_f64());
-        self.metrics.bytes_in.get_or_create(&tl).inc_by(bytes_in);
-        self.metrics.bytes_out.get_or_create(&tl).inc_by(bytes_out);
+        if code == 200 {
+            info.ok.inc();
+        } else {
+            self.metrics.requests.get_or_create(&CodeLabels { route: info.label, tenant: tenant.name, code }).inc();
+        }
+        info.duration.observe(start.elapsed().as_secs_f64());
+        tenant.bytes_in.inc_by(bytes_in);
+        tenant.bytes_out.inc_by(bytes_out);
         log::info!(
-            target: "dne_ingress::access",
+            target: ACCESS_LOG,
             "{peer} \"{method} {target}\" {code} {bytes_out} {:.3}ms route={} tenant={} req={request}",
             start.elapsed().as_secs_f64() * 1e3,
             info.label,
@@ -479,6 +509,25 @@ impl Ingress {
             }
         }
         r
+    }
+}
+
+/// The `log` target of the access log lines.
+const ACCESS_LOG: &str = "dne_ingress::access";
+
+/// One request counted in `dne_ingress_in_flight` while this lives.
+struct InFlight<'a>(&'a Gauge);
+
+impl<'a> InFlight<'a> {
+    fn new(g: &'a Gauge) -> Self {
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
