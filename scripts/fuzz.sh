@@ -8,7 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}; shift || true
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(descriptor fabric_header ctrl_frame segment_headers)
+if [ ${#targets[@]} -eq 0 ]; then
+  # Every target of fuzz/ (each decoder of untrusted bytes has one).
+  for f in fuzz/fuzz_targets/*.rs; do targets+=("$(basename "$f" .rs)"); done
+fi
 if cargo fuzz --version >/dev/null 2>&1 && rustup run nightly rustc --version >/dev/null 2>&1; then
   for t in "${targets[@]}"; do
     echo "==> fuzz $t for ${secs}s (coverage-guided)"

@@ -758,8 +758,8 @@ pub fn execute(opts: &DemoOptions) -> anyhow::Result<Outcome> {
 }
 
 /// Runs the ingress role: HTTP on the ingress's address, requests over the
-/// fabric, on a tokio runtime of `threads` workers that also drives the
-/// fabric side ([`ingress::edge::Edge::spawn`]).
+/// fabric, on a tokio runtime of `threads` workers ([`ingress::runtime`])
+/// that also drives the fabric side ([`ingress::edge::Edge::spawn`]).
 pub fn run_ingress(config: &Path, name: &str, threads: usize) -> anyhow::Result<()> {
     let cluster = Cluster::load(config)?;
     let (index, g) = cluster
@@ -772,7 +772,7 @@ pub fn run_ingress(config: &Path, name: &str, threads: usize) -> anyhow::Result<
     std::fs::create_dir_all(&g.runtime_dir)?;
     let settings = ingress::Settings::for_ingress(&cluster, name).unwrap_or_default();
     let pools = ingress::Pools::create(&cluster, name, g.buffers, shm::PagePolicy::Auto)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads.max(1)).enable_all().build()?;
+    let rt = ingress::runtime(Some(threads))?;
     let edge = {
         let _in_runtime = rt.enter();
         ingress::edge::Edge::spawn(Arc::new(cluster.clone()), index, pools.clone())?

@@ -306,6 +306,12 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         self.conn(t, peer).map_or(0, |c| self.ep.credits(c))
     }
 
+    /// Receives tenant `t`'s connections that are up still want posted
+    /// (for lack of buffers, or between a completion and its refill).
+    pub fn recv_deficit(&self, t: u16) -> u32 {
+        self.conns.iter().flatten().filter(|c| c.tenant == t && c.up).map(|c| c.want.saturating_sub(c.posted)).sum()
+    }
+
     /// Receives posted for tenant `t` now.
     pub fn recvs_posted(&self, t: u16) -> u32 {
         self.conns.iter().flatten().filter(|c| c.tenant == t).map(|c| c.posted).sum()

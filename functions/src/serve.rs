@@ -51,6 +51,11 @@ pub struct FnArgs {
     /// with their bodies concatenated in branch order.
     #[arg(long, default_value_t = 0)]
     pub gather: u16,
+    /// Simulated work: sleep this many microseconds on each message before
+    /// handling it (0: none), so a test can make a function slower than
+    /// its callers whatever the machine's speed.
+    #[arg(long, default_value_t = 0)]
+    pub delay_us: u64,
 }
 
 /// Runs a sample function until its host-shimd goes away: attaches, prints
@@ -70,8 +75,12 @@ pub fn serve(args: FnArgs) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let mut fan = Fan::default();
+    let delay = std::time::Duration::from_micros(args.delay_us);
     loop {
         let mut msg = f.recv()?;
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
         if msg.desc().flags & wire::DescFlags::ERROR != 0 {
             // A message of ours came back undelivered.
             log::warn!("message {} came back: error {}", msg.request(), msg.desc().status);

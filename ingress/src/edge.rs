@@ -275,7 +275,14 @@ impl Worker {
             self.conns_up.store(self.port.conns_up(), Ordering::Relaxed);
             *next_control = now + Duration::from_millis(1);
         }
-        Some(self.take_calls() + self.send_queued() + self.poll_fabric())
+        let work = self.take_calls() + self.send_queued() + self.poll_fabric();
+        // What the receives still need is kept from requests (see
+        // `TenantPool`): updated after every poll, which may have taken
+        // posted receives (a landed reply) without a buffer to re-post.
+        for t in 0..self.queues.len() as u16 {
+            self.port.bufs(t).0.set_recv_reserve(self.port.recv_deficit(t));
+        }
+        Some(work)
     }
 
     /// The driver as a task (see [`Edge::spawn`]).

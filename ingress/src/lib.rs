@@ -40,5 +40,5 @@ pub mod server;
 pub mod upstream;
 
 pub use pool::{PoolLease, Pools};
-pub use server::{Ingress, Settings, shutdown_signal};
+pub use server::{Ingress, Settings, runtime, shutdown_signal};
 pub use upstream::{Behavior, InProcess, InProcessConfig, Upstream, UpstreamError, UpstreamFuture};

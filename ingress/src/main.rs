@@ -38,7 +38,8 @@ struct Args {
     /// In-process chains: worker threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// Tokio worker threads (default: one per core).
+    /// Tokio worker threads (default: one per core; 1: a current-thread
+    /// runtime).
     #[arg(long)]
     threads: Option<usize>,
 }
@@ -71,11 +72,7 @@ fn run(args: Args) -> Result<()> {
     }
     let settings = Settings::for_ingress(&cluster, &args.name).unwrap_or_default();
     let pools = Pools::create(&cluster, &g.name, g.buffers, shm::PagePolicy::Auto)?;
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.threads {
-        rt.worker_threads(n.max(1));
-    }
-    let rt = rt.enable_all().build()?;
+    let rt = ingress::runtime(args.threads)?;
     let upstream: Arc<dyn ingress::Upstream> = if args.in_process {
         let cfg = InProcessConfig { workers: args.workers, ..Default::default() };
         Arc::new(InProcess::new(&cluster, cfg, InProcess::by_name(&extra))?)

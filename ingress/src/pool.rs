@@ -9,6 +9,7 @@
 use config::Cluster;
 use shm::{AllocError, Lease, PagePolicy, Pool, PoolOpenError};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 use wire::http::{Frags, FragsMut};
 use wire::segment::AGENT_SLOT;
@@ -20,11 +21,20 @@ use wire::{Owner, PoolGeometry};
 pub const INGRESS_SLOT: u16 = AGENT_SLOT;
 
 /// One tenant's pool in the ingress.
+///
+/// Requests and replies share it: the fabric side keeps receives posted in
+/// it for the replies, the HTTP side allocates requests from it. Requests
+/// never take the buffers the fabric side still needs to re-post its
+/// receives ([`set_recv_reserve`](Self::set_recv_reserve)): otherwise,
+/// under overload, queued requests (waiting for the cluster's credits)
+/// could hold every buffer, no reply could land, and nothing would move
+/// until the requests timed out.
 #[derive(Debug)]
 pub struct TenantPool {
     tenant: u16,
     pool: Pool,
     freed: tokio::sync::Notify,
+    recv_reserve: AtomicU32,
 }
 
 /// The pools of every tenant, indexed by tenant id.
@@ -70,7 +80,12 @@ impl Pools {
                 .map_err(|err| PoolsError::Geometry { tenant, buffers, buf_size: t.buf_size, err })?;
             let pool = Pool::create(&format!("dne-ingress-{ingress}-{}", t.name), g, policy)
                 .map_err(|err| PoolsError::Create { tenant, err })?;
-            v.push(Arc::new(TenantPool { tenant, pool, freed: tokio::sync::Notify::new() }));
+            v.push(Arc::new(TenantPool {
+                tenant,
+                pool,
+                freed: tokio::sync::Notify::new(),
+                recv_reserve: AtomicU32::new(0),
+            }));
         }
         Ok(Self(v))
     }
@@ -107,8 +122,24 @@ impl TenantPool {
         self.pool.geometry().buf_count()
     }
 
-    /// Allocates a chain for `len` bytes now, or fails.
+    /// Sets how many free buffers requests must leave to the fabric side
+    /// (the receives it wants posted and has not posted yet).
+    pub fn set_recv_reserve(&self, n: u32) {
+        self.recv_reserve.store(n, Relaxed);
+    }
+
+    /// Free buffers requests must leave to the fabric side.
+    pub fn recv_reserve(&self) -> u32 {
+        self.recv_reserve.load(Relaxed)
+    }
+
+    /// Allocates a chain for `len` bytes now for a request, or fails
+    /// (`Exhausted` also when only the fabric side's reserve is left).
     pub fn try_alloc(self: &Arc<Self>, len: u32) -> Result<PoolLease, AllocError> {
+        let need = self.pool.geometry().frags_for(len);
+        if self.pool.free_buffers() < need.saturating_add(self.recv_reserve()) {
+            return Err(AllocError::Exhausted);
+        }
         let lease = self.pool.alloc(len, Owner::Held(INGRESS_SLOT))?;
         Ok(PoolLease { pool: self.clone(), lease: Some(lease) })
     }
@@ -419,5 +450,21 @@ mod tests {
         assert_eq!(waiter.await.unwrap(), Ok(1));
         drop(b);
         assert_eq!(p.free_buffers(), 2);
+    }
+
+    #[tokio::test]
+    async fn requests_leave_the_receive_reserve_alone() {
+        let p = pools(4).get(0).unwrap().clone();
+        p.set_recv_reserve(3);
+        let a = p.try_alloc(1).unwrap();
+        assert_eq!(p.try_alloc(1).err(), Some(AllocError::Exhausted), "3 free, all reserved");
+        assert!(p.alloc_wait(1, Duration::from_millis(20)).await.is_err());
+        // The fabric side's own allocations are not held back.
+        let r = p.pool().alloc(1, Owner::Held(INGRESS_SLOT)).unwrap();
+        p.set_recv_reserve(0);
+        let b = p.try_alloc(1).unwrap();
+        drop((a, b));
+        p.pool().free(r).unwrap();
+        assert_eq!(p.free_buffers(), 4);
     }
 }

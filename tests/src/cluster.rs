@@ -326,9 +326,15 @@ impl Cluster {
     /// Starts a sample function that follows ingress routes (`--config`):
     /// it forwards along the route's chain and the last one replies.
     pub fn start_route_fn(&mut self, node: usize, tenant: &str, function: &str, transform: &str) {
+        self.start_route_fn_with(node, tenant, function, transform, &[]);
+    }
+
+    /// [`start_route_fn`](Self::start_route_fn) with more options of the
+    /// sample function (`--delay-us 2000`, say).
+    pub fn start_route_fn_with(&mut self, node: usize, tenant: &str, function: &str, transform: &str, extra: &[&str]) {
         let mut cmd = Command::new(bin_path("dne-fn"));
         cmd.arg("--socket").arg(self.socket(node)).args(["--tenant", tenant, "--function", function]);
-        cmd.args(["--transform", transform]).arg("--config").arg(&self.config);
+        cmd.args(["--transform", transform]).arg("--config").arg(&self.config).args(extra);
         let mut p = Proc::spawn_lines(function, cmd);
         p.wait_line("ready", WATCHDOG);
         self.fns.push(p);

@@ -2,7 +2,12 @@
 //! ingress process, the fabric, a chain across two nodes and back.
 //!
 //! What must hold when far more requests arrive than the cluster can hold
-//! (the ingress pool is small on purpose): the ingress answers the excess
+//! (the pools are small on purpose: a node holds at most 64 messages of the
+//! tenant, the ingress 32 requests; and the chain's first function does
+//! `WORK` of simulated work per request, so the cluster serves fewer
+//! requests than the clients offer whatever the machine's speed. Without
+//! both, a fast enough cluster kept up and turned nobody away):
+//! the ingress answers the excess
 //! with 503 and `Retry-After` well before the route's deadline (rejected,
 //! not timed out); every answer is 200 with the right body or such a 503,
 //! never a 504, another 5xx or a broken connection; goodput does not
@@ -25,13 +30,15 @@ const ROUTE_TIMEOUT: Duration = Duration::from_secs(5);
 /// (32) and 32 for requests, the cluster's admission limit here.
 const INGRESS_BUFFERS: u32 = 64;
 const MODERATE: usize = 4;
+/// Simulated work of `upper` per request: about 500 requests/s at most.
+const WORK: &str = "2000";
 const OVERLOAD: usize = 160;
 
 const CLUSTER: &str = r#"
 [[tenant]]
 name = "acme"
 weight = 1
-buffers = 1024
+buffers = 64
 recv_quota = 32
 
 [[function]]
@@ -145,7 +152,7 @@ fn overload_is_answered_with_503_quickly_memory_stays_bounded_and_goodput_holds(
     let edge = dne_tests::cluster::IngressSpec::new("overload-edge", &format!("buffers = {INGRESS_BUFFERS}"));
     let http = edge.http;
     let mut c = Cluster::start("overload", 2, &format!("{CLUSTER}{}", edge.section()));
-    c.start_route_fn(1, "acme", "upper", "upper");
+    c.start_route_fn_with(1, "acme", "upper", "upper", &["--delay-us", WORK]);
     c.start_route_fn(0, "acme", "rot13", "rot13");
     let ingress_pid = c.start_ingress(&edge, "/x", WATCHDOG);
     let metrics = || dne_tests::http_get(http, "/metrics").map(|(_, t)| t).unwrap_or_default();
