@@ -20,7 +20,8 @@
 //!   it held are reclaimed, descriptors waiting in the ring wait for the
 //!   restarted agent.
 //! * Writes counters to `<runtime_dir>/shimd.status` (JSON) after every
-//!   change, for operators and tests.
+//!   control event, and at most every second when a pool's free count
+//!   moved with traffic, for operators and tests.
 
 use crate::sock::{Conn, Listener};
 use config::Cluster;
@@ -103,7 +104,15 @@ pub struct Shimd {
     free_slots: Vec<u16>,
     cooling: Vec<(Instant, u16, u16)>,
     stats: Stats,
+    /// When the status file is next refreshed for the pools' free counts,
+    /// and the counts it was last refreshed with.
+    status_due: Instant,
+    status_free: Vec<(u16, u32)>,
 }
+
+/// How often the status file follows the pools' free counts, which move
+/// with traffic, not with control events.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
 
 impl core::fmt::Debug for Shimd {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -195,6 +204,8 @@ impl Shimd {
             free_slots: Vec::new(),
             cooling: Vec::new(),
             stats: Stats::default(),
+            status_due: Instant::now() + STATUS_EVERY,
+            status_free: Vec::new(),
         };
         s.write_status();
         log::info!("host-shimd for node {node} listening on {}", socket_path(&s.dir).display());
@@ -259,7 +270,24 @@ impl Shimd {
             }
         }
         self.cool_down();
+        self.refresh_status();
         Ok(false)
+    }
+
+    /// Rewrites the status file when a pool's free count moved since the
+    /// last refresh (at most every [`STATUS_EVERY`]).
+    fn refresh_status(&mut self) {
+        let now = Instant::now();
+        if now < self.status_due {
+            return;
+        }
+        self.status_due = now + STATUS_EVERY;
+        let mut free: Vec<(u16, u32)> = self.pools.iter().map(|(t, p)| (*t, p.free_buffers())).collect();
+        free.sort_unstable();
+        if free != self.status_free {
+            self.status_free = free;
+            self.write_status();
+        }
     }
 
     fn serve(&mut self, i: usize) {

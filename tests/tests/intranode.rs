@@ -196,6 +196,28 @@ fn chain_of_functions_carries_1b_to_1mib_intact() {
     assert!(client.rejected().is_empty(), "{:?}", client.rejected());
 }
 
+/// host-shimd's status file follows the pools' free counts when only
+/// traffic moves them (no attach, no death), within a couple of seconds.
+#[test]
+fn shimd_status_follows_allocations_without_control_events() {
+    let node = start_node("status");
+    let mut f = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let status = host_shim::daemon::status_path(node.dir.path());
+    let free_in_status = || {
+        let s = std::fs::read_to_string(&status).unwrap_or_default();
+        let acme = s.find("\"tenant\":\"acme\"")?;
+        let at = acme + s[acme..].find("\"free\":")? + 7;
+        s[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse::<u32>().ok()
+    };
+    wait_for("the attach in the status", WATCHDOG, || free_in_status() == Some(f.pool().free_buffers()));
+    let held: Vec<_> = (0..5).map(|_| f.alloc(10).unwrap()).collect();
+    let now_free = f.pool().free_buffers();
+    wait_for("the allocations in the status", Duration::from_secs(5), || free_in_status() == Some(now_free));
+    for m in held {
+        f.free(m).unwrap();
+    }
+}
+
 #[test]
 fn sleeping_functions_are_woken_by_the_doorbell() {
     let mut node = start_node("doorbell");
