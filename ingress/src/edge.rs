@@ -323,14 +323,7 @@ impl Worker {
                 tokio::time::sleep(Duration::from_micros(50)).await;
                 continue;
             };
-            self.port.clear_notification();
-            // What happened before the clear is found now.
-            if self.poll_fabric() > 0 {
-                continue;
-            }
-            // SeqCst: see `Wake::wake`.
-            self.wake.sleeping.store(true, Ordering::SeqCst);
-            if self.take_calls() == 0 {
+            if self.begin_sleep() {
                 tokio::select! {
                     () = self.wake.notify.notified() => {}
                     r = fabric.readable() => {
@@ -385,6 +378,21 @@ impl Worker {
         n
     }
 
+    /// Gets ready to sleep on the fabric's notification fd: clears it, polls
+    /// once more (what happened before the clear is found now), tells the
+    /// callers a sleep is coming, then looks at their calls once more.
+    /// `false`: work turned up, do not sleep. Either way the caller clears
+    /// `sleeping` afterwards.
+    fn begin_sleep(&mut self) -> bool {
+        self.port.clear_notification();
+        if self.poll_fabric() > 0 {
+            return false;
+        }
+        // SeqCst: see `Wake::wake`.
+        self.wake.sleeping.store(true, Ordering::SeqCst);
+        self.take_calls() == 0
+    }
+
     /// Sleeps up to `max` on the fabric's notification fd and the callers'
     /// doorbell.
     fn sleep(&mut self, max: Duration) {
@@ -393,14 +401,7 @@ impl Worker {
             std::thread::sleep(max.min(Duration::from_micros(50)));
             return;
         }
-        self.port.clear_notification();
-        // What happened before the clear is found now.
-        if self.poll_fabric() > 0 {
-            return;
-        }
-        // SeqCst: see `Wake::wake`.
-        self.wake.sleeping.store(true, Ordering::SeqCst);
-        if self.take_calls() == 0 {
+        if self.begin_sleep() {
             let mut fds = [PollFd::from_borrowed_fd(self.wake.bell.fd(), PollFlags::IN)];
             let fabric = self.port.notification_fd().map(|fd| PollFd::from_borrowed_fd(fd, PollFlags::IN));
             let ts = Timespec { tv_sec: max.as_secs() as i64, tv_nsec: i64::from(max.subsec_nanos()) };
