@@ -592,10 +592,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
 /// measured.
 #[allow(clippy::print_stdout, clippy::print_stderr)]
 pub fn execute(opts: &DemoOptions) -> anyhow::Result<Outcome> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::env::var("XT").ok().and_then(|s| s.parse().ok()).unwrap_or(2))
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     say!(opts.quiet, "DNE demo: starting 2 worker nodes, an ingress and 3 tenants as child processes (emulated mode)");
     let mut demo = Demo::start(opts)?;
     let where_ = if demo.netns.is_some() { "each agent in its own network namespace" } else { "on loopback" };

@@ -154,21 +154,6 @@ impl Ingress {
     /// `upstream`.
     pub fn new(cluster: &Cluster, pools: Pools, upstream: Arc<dyn Upstream>, settings: Settings) -> Self {
         let metrics = Metrics::new();
-        let routes = cluster
-            .routes
-            .iter()
-            .map(|r| {
-                let label = intern(format!("{}{}", r.host.as_deref().unwrap_or(""), r.path));
-                let tenant = intern(r.tenant.clone());
-                RouteInfo {
-                    tenant: cluster.tenant_id(&r.tenant).unwrap_or(0),
-                    timeout: Duration::from_millis(u64::from(r.timeout_ms)),
-                    label,
-                    ok: metrics.requests.get_or_create(&CodeLabels { route: label, tenant, code: 200 }).clone(),
-                    duration: metrics.duration.get_or_create(&RouteLabels { route: label, tenant }).clone(),
-                }
-            })
-            .collect();
         let tenants = cluster
             .tenants
             .iter()
@@ -184,6 +169,22 @@ impl Ingress {
                 }
             })
             .collect::<Vec<_>>();
+        let routes = cluster
+            .routes
+            .iter()
+            .map(|r| {
+                let label = intern(format!("{}{}", r.host.as_deref().unwrap_or(""), r.path));
+                let id = cluster.tenant_id(&r.tenant).unwrap_or(0);
+                let tenant = tenants.get(usize::from(id)).map_or("", |t| t.name);
+                RouteInfo {
+                    tenant: id,
+                    timeout: Duration::from_millis(u64::from(r.timeout_ms)),
+                    label,
+                    ok: metrics.requests.get_or_create(&CodeLabels { route: label, tenant, code: 200 }).clone(),
+                    duration: metrics.duration.get_or_create(&RouteLabels { route: label, tenant }).clone(),
+                }
+            })
+            .collect();
         for (t, p) in tenants.iter().zip(pools.iter()) {
             metrics.pool_size.get_or_create(&TenantLabels { tenant: t.name }).set(i64::from(p.capacity()));
         }
