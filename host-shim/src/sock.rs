@@ -101,20 +101,35 @@ pub struct Listener {
 
 impl Listener {
     /// Listens on `path`, replacing a stale socket file of a previous run.
+    ///
+    /// The socket is bound and listening under a temporary name first and
+    /// then renamed into place, so the file at `path` only ever names a
+    /// socket that accepts: a client that sees it and connects at once is
+    /// never refused (between `bind` and `listen` it would be).
     pub fn bind(path: &Path) -> io::Result<Self> {
-        match std::fs::remove_file(path) {
-            Ok(()) => log::info!("removed stale socket {}", path.display()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = std::path::PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
         let fd = rustix::net::socket_with(
             AddressFamily::UNIX,
             SocketType::SEQPACKET,
             SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
             None,
         )?;
-        rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
-        rustix::net::listen(&fd, 128)?;
+        rustix::net::bind(&fd, &SocketAddrUnix::new(tmp.as_path())?)?;
+        let placed = rustix::net::listen(&fd, 128).map_err(io::Error::from).and_then(|()| {
+            let stale = path.exists();
+            std::fs::rename(&tmp, path)?;
+            if stale {
+                log::info!("replaced stale socket {}", path.display());
+            }
+            Ok(())
+        });
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         Ok(Self { fd, path: path.to_owned() })
     }
 
@@ -169,6 +184,33 @@ mod tests {
         assert_eq!(s.recv(&mut buf).unwrap().len, 0, "peer close reads as end-of-file");
         drop(l);
         assert!(!path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The socket file names a listening socket from the moment it exists:
+    /// a client racing the bind is never refused. A stale file is replaced
+    /// and no temporary name is left behind.
+    #[test]
+    fn the_socket_file_appears_only_once_it_accepts() {
+        let dir = std::env::temp_dir().join(format!("dne-sock-race-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        std::fs::write(&path, b"stale").unwrap();
+        drop(Listener::bind(&path).unwrap());
+        for round in 0..200 {
+            let p = path.clone();
+            let racer = std::thread::spawn(move || {
+                while !p.exists() {
+                    std::hint::spin_loop();
+                }
+                Conn::connect(&p)
+            });
+            let l = Listener::bind(&path).unwrap();
+            racer.join().unwrap().unwrap_or_else(|e| panic!("round {round}: refused: {e}"));
+            let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert_eq!(names, [std::ffi::OsString::from("s.sock")], "round {round}");
+            drop(l);
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
