@@ -75,11 +75,18 @@ pub enum CtrlKind {
     /// Host-shimd -> function: one instance (its ring and doorbell fds
     /// follow out of band); a run of these ends with an `Ack`.
     Peer = 12,
+    /// A function message crossing the host link (comch, DPU mode), either
+    /// way: its descriptor and its chain's buffer indices.
+    Message = 13,
+    /// Agent -> host-shimd (DPU mode): buffers the agent gives back.
+    ReturnBufs = 14,
+    /// Agent -> host-shimd (DPU mode): lend me this many receive buffers.
+    WantBufs = 15,
 }
 
 impl CtrlKind {
     /// Every kind.
-    pub const ALL: [CtrlKind; 12] = [
+    pub const ALL: [CtrlKind; 15] = [
         Self::Hello,
         Self::Attach,
         Self::AttachOk,
@@ -92,6 +99,9 @@ impl CtrlKind {
         Self::Ack,
         Self::Lookup,
         Self::Peer,
+        Self::Message,
+        Self::ReturnBufs,
+        Self::WantBufs,
     ];
 
     /// Decodes a kind.
@@ -358,6 +368,38 @@ pub struct Peer {
 }
 const _: () = assert!(size_of::<Peer>() == 16);
 
+/// Body of [`CtrlKind::Message`]; followed by `count` little-endian u32
+/// buffer indices, the message's chain in order (`desc.buf` is the first).
+///
+/// Host to agent: a function sent `desc`; host-shimd wrote the fabric
+/// header into every buffer's headroom. Agent to host: deliver to a local
+/// function; with [`MessageHdr::FROM_FABRIC`] the descriptor is what the
+/// agent learned without reading host memory (tenant, destination from the
+/// immediate, length) and host-shimd takes the rest from the header in the
+/// first buffer; with [`MessageHdr::RESTAMP`] the agent changed `desc`
+/// (an error travelling back over the fabric): host-shimd writes the
+/// headers again and hands the message back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct MessageHdr {
+    /// The message.
+    pub desc: crate::Descriptor,
+    /// `FROM_FABRIC`, `RESTAMP`.
+    pub flags: u16,
+    /// Indices that follow (the chain's length).
+    pub count: u16,
+}
+const _: () = assert!(size_of::<MessageHdr>() == 32);
+
+impl MessageHdr {
+    /// The message arrived over the fabric; read its header.
+    pub const FROM_FABRIC: u16 = 1 << 0;
+    /// Write the fabric headers again and send it back.
+    pub const RESTAMP: u16 = 1 << 1;
+    /// Every defined bit.
+    pub const FLAGS_ALL: u16 = Self::FROM_FABRIC | Self::RESTAMP;
+}
+
 /// Buffer indices carried by a [`LendRecv`], borrowed from the frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BufList<'a>(&'a [u8]);
@@ -411,6 +453,12 @@ pub enum CtrlMsg<'a> {
     Lookup(Lookup),
     /// See [`Peer`].
     Peer(Peer),
+    /// See [`MessageHdr`]; the chain.
+    Message(MessageHdr, BufList<'a>),
+    /// Buffers given back (same body as [`LendRecv`]).
+    ReturnBufs(LendRecv, BufList<'a>),
+    /// Receive buffers wanted: `count` more (a [`LendRecv`] body, no tail).
+    WantBufs(LendRecv),
 }
 
 impl CtrlMsg<'_> {
@@ -429,6 +477,9 @@ impl CtrlMsg<'_> {
             Self::Ack(_) => CtrlKind::Ack,
             Self::Lookup(_) => CtrlKind::Lookup,
             Self::Peer(_) => CtrlKind::Peer,
+            Self::Message(..) => CtrlKind::Message,
+            Self::ReturnBufs(..) => CtrlKind::ReturnBufs,
+            Self::WantBufs(_) => CtrlKind::WantBufs,
         }
     }
 
@@ -446,6 +497,9 @@ impl CtrlMsg<'_> {
             Self::Ack(b) => (b.as_bytes(), &[]),
             Self::Lookup(b) => (b.as_bytes(), &[]),
             Self::Peer(b) => (b.as_bytes(), &[]),
+            Self::Message(b, list) => (b.as_bytes(), list.bytes()),
+            Self::ReturnBufs(b, list) => (b.as_bytes(), list.bytes()),
+            Self::WantBufs(b) => (b.as_bytes(), &[]),
         }
     }
 }
@@ -544,7 +598,10 @@ impl<'a> CtrlFrame<'a> {
         let (body, tail) = self.msg.parts();
         let tail_ok = match self.msg {
             CtrlMsg::PoolExport(b, blob) => blob.len() <= MAX_EXPORT_BLOB && b.blob_len as usize == blob.len(),
-            CtrlMsg::LendRecv(b, list) => list.len() <= MAX_LEND && b.count as usize == list.len(),
+            CtrlMsg::LendRecv(b, list) | CtrlMsg::ReturnBufs(b, list) => {
+                list.len() <= MAX_LEND && b.count as usize == list.len()
+            }
+            CtrlMsg::Message(b, list) => list.len() <= MAX_LEND && b.count as usize == list.len(),
             _ => true,
         };
         if !tail_ok {
@@ -593,6 +650,13 @@ fn body<T: FromBytes>(kind: CtrlKind, payload: &[u8], exact: bool) -> Result<(T,
         return Err(CtrlDecodeError::Length { kind, len, want });
     }
     Ok((b, tail))
+}
+
+fn buf_list(kind: CtrlKind, len: usize, body: usize, tail: &[u8], count: usize) -> Result<BufList<'_>, CtrlDecodeError> {
+    if tail.len() != count * 4 {
+        return Err(CtrlDecodeError::Length { kind, len: len as u32, want: body + count * 4 });
+    }
+    Ok(BufList(tail))
 }
 
 fn field(kind: CtrlKind, field: &'static str, ok: bool) -> Result<(), CtrlDecodeError> {
@@ -646,15 +710,27 @@ fn decode_msg(kind: CtrlKind, p: &[u8]) -> Result<CtrlMsg<'_>, CtrlDecodeError> 
             field(kind, "blob_len", b.blob_len as usize == blob.len() && !blob.is_empty())?;
             CtrlMsg::PoolExport(b, blob)
         }
-        CtrlKind::LendRecv => {
+        CtrlKind::LendRecv | CtrlKind::ReturnBufs => {
             let (b, tail) = body::<LendRecv>(kind, p, false)?;
             field(kind, "reserved", b.reserved == 0)?;
             field(kind, "count", b.count >= 1 && b.count as usize <= MAX_LEND)?;
-            if tail.len() != b.count as usize * 4 {
-                let want = size_of::<LendRecv>() + b.count as usize * 4;
-                return Err(CtrlDecodeError::Length { kind, len: p.len() as u32, want });
-            }
-            CtrlMsg::LendRecv(b, BufList(tail))
+            let list = buf_list(kind, p.len(), size_of::<LendRecv>(), tail, b.count as usize)?;
+            if kind == CtrlKind::LendRecv { CtrlMsg::LendRecv(b, list) } else { CtrlMsg::ReturnBufs(b, list) }
+        }
+        CtrlKind::WantBufs => {
+            let (b, _) = body::<LendRecv>(kind, p, true)?;
+            field(kind, "reserved", b.reserved == 0)?;
+            field(kind, "count", b.count >= 1 && b.count as usize <= MAX_LEND)?;
+            CtrlMsg::WantBufs(b)
+        }
+        CtrlKind::Message => {
+            let (b, tail) = body::<MessageHdr>(kind, p, false)?;
+            field(kind, "desc", b.desc.validate_fields().is_ok())?;
+            field(kind, "flags", b.flags & !MessageHdr::FLAGS_ALL == 0)?;
+            field(kind, "count", b.count >= 1 && usize::from(b.count) <= MAX_LEND)?;
+            let list = buf_list(kind, p.len(), size_of::<MessageHdr>(), tail, usize::from(b.count))?;
+            field(kind, "desc.buf", list.iter().next() == Some(b.desc.buf))?;
+            CtrlMsg::Message(b, list)
         }
         CtrlKind::Credits => CtrlMsg::Credits(body::<Credits>(kind, p, true)?.0),
         CtrlKind::Error => {
@@ -768,7 +844,48 @@ mod tests {
             CtrlMsg::Ack(Ack { about_kind: 6, reserved: 0, about_seq: 9 }),
             CtrlMsg::Lookup(Lookup { function: n("resize") }),
             CtrlMsg::Peer(Peer { function: 2, instance: 1, slot: 5, node: 0, ring_capacity: 1024, reserved: 0 }),
+            CtrlMsg::Message(
+                MessageHdr {
+                    desc: crate::Descriptor { tenant: 1, dst_fn: 3, buf: bufs[0], len: 100, ..Default::default() },
+                    flags: MessageHdr::FROM_FABRIC,
+                    count: bufs.len() as u16,
+                },
+                BufList::from_indices(bufs),
+            ),
+            CtrlMsg::ReturnBufs(
+                LendRecv { tenant: 1, reserved: 0, count: bufs.len() as u32 },
+                BufList::from_indices(bufs),
+            ),
+            CtrlMsg::WantBufs(LendRecv { tenant: 2, reserved: 0, count: 64 }),
         ]
+    }
+
+    #[test]
+    fn a_message_frame_names_its_first_buffer_and_known_flags_only() {
+        let bufs = [4u32, 9];
+        let mut out = [0u8; 128];
+        let desc = crate::Descriptor { tenant: 1, buf: 4, len: 20_000, ..Default::default() };
+        let frame = |desc, flags| CtrlFrame {
+            seq: 0,
+            msg: CtrlMsg::Message(MessageHdr { desc, flags, count: 2 }, BufList::from_indices(&bufs)),
+        };
+        let len = frame(desc, 0).encode(&mut out).unwrap();
+        assert!(CtrlFrame::decode(&out[..len]).is_ok());
+        let len = frame(crate::Descriptor { buf: 9, ..desc }, 0).encode(&mut out).unwrap();
+        assert_eq!(
+            CtrlFrame::decode(&out[..len]),
+            Err(CtrlDecodeError::Field { kind: CtrlKind::Message, field: "desc.buf" })
+        );
+        let len = frame(desc, 1 << 7).encode(&mut out).unwrap();
+        assert_eq!(
+            CtrlFrame::decode(&out[..len]),
+            Err(CtrlDecodeError::Field { kind: CtrlKind::Message, field: "flags" })
+        );
+        let len = frame(crate::Descriptor { reserved: 1, ..desc }, 0).encode(&mut out).unwrap();
+        assert_eq!(
+            CtrlFrame::decode(&out[..len]),
+            Err(CtrlDecodeError::Field { kind: CtrlKind::Message, field: "desc" })
+        );
     }
 
     #[test]
@@ -843,7 +960,7 @@ mod tests {
         }
 
         #[test]
-        fn decode_arbitrary_bodies_of_every_kind(kind in 1u16..=12, body in proptest::collection::vec(any::<u8>(), 0..120)) {
+        fn decode_arbitrary_bodies_of_every_kind(kind in 1u16..=15, body in proptest::collection::vec(any::<u8>(), 0..120)) {
             let h = CtrlHeader { magic: CTRL_MAGIC, version: CTRL_VERSION, kind, len: body.len() as u32, seq: 0 };
             let mut bytes = h.as_bytes().to_vec();
             bytes.extend_from_slice(&body);

@@ -81,6 +81,7 @@ const ROWS: &[LayoutRow] = &[
     ty!(ctrl::Ack, about_kind, about_seq),
     ty!(ctrl::Lookup, function),
     ty!(ctrl::Peer, function, instance, slot, node, ring_capacity),
+    ty!(ctrl::MessageHdr, desc, flags, count),
     ty!(mesh::MeshHeader, magic, version, kind, len),
     ty!(mesh::MeshHello, node, pid, layout_hash, name),
     ty!(mesh::MeshConn, tenant, blob_len),
