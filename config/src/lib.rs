@@ -83,6 +83,10 @@ pub struct Node {
     /// (`host:port`); none by default.
     #[serde(default)]
     pub metrics: Option<String>,
+    /// `mode = "dpu"`: name of the agent's comch server, which host-shimd
+    /// connects to (default `dne-<node name>`).
+    #[serde(default)]
+    pub comch: Option<String>,
 }
 
 fn default_mode() -> Mode {
@@ -314,6 +318,20 @@ impl Cluster {
             }
         }
         unique("node", self.nodes.iter().map(|n| n.name.as_str()))?;
+        for (i, n) in self.nodes.iter().enumerate() {
+            let ok = |c: &str| {
+                !c.is_empty()
+                    && c.len() <= 60
+                    && !c.starts_with('.')
+                    && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+            };
+            if let Some(c) = n.comch.as_deref().filter(|c| !ok(c)) {
+                return Err(bad(
+                    format!("node[{i}].comch"),
+                    format!("\"{c}\": 1 to 60 letters, digits, '.', '-', '_', not starting with '.'"),
+                ));
+            }
+        }
         unique("ingress", self.ingresses.iter().map(|n| n.name.as_str()))?;
         for (i, g) in self.ingresses.iter().enumerate() {
             let f = |name: &str| format!("ingress[{i}].{name}");
@@ -604,6 +622,11 @@ runtime_dir = "/tmp/dne/edge"
             ("path = \"/acme\"", "path = \"acme\"", "route[0].path"),
             ("instances = 2", "instances = 0", "function[1].instances"),
             ("address = \"127.0.0.1:7101\"", "address = \"nowhere\"", "node[0].address"),
+            (
+                "address = \"127.0.0.1:7101\"",
+                "address = \"127.0.0.1:7101\"\ncomch = \"../x\"",
+                "node[0].comch: \"../x\"",
+            ),
             ("rate_cap_mbps = 100", "rate_cap_mbps = 0", "tenant[1].rate_cap_mbps"),
             ("name = \"acme\"", "name = \"ac me\"", "tenant[0].name"),
             ("weight = 6", "weight = 6\ncolour = \"red\"", "unknown field `colour`"),

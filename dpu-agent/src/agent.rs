@@ -30,14 +30,6 @@ pub fn run(opts: &RunOptions, stop: &AtomicBool) -> anyhow::Result<()> {
     let cfg = Arc::new(Cluster::load(&opts.config)?);
     let node = cfg.node_id(&opts.node).ok_or_else(|| anyhow::anyhow!("node \"{}\" is not in the config", opts.node))?;
     let n = &cfg.nodes[usize::from(node)];
-    match n.mode {
-        Mode::Host | Mode::Emulated => {}
-        Mode::Dpu => anyhow::bail!(
-            "node {}: mode \"dpu\" needs the DOCA comch host link, which this build does not have yet; \
-             run the node in mode \"host\" (the agent on the host CPU) or \"emulated\"",
-            n.name
-        ),
-    }
     #[cfg(not(feature = "verbs"))]
     if n.fabric == FabricKind::Verbs {
         anyhow::bail!(
@@ -59,23 +51,25 @@ pub fn run(opts: &RunOptions, stop: &AtomicBool) -> anyhow::Result<()> {
     let socket = host_shim::daemon::socket_path(&n.runtime_dir);
     let set = Settings {
         node,
-        idle_sleep_after: if opts.busy || n.mode == Mode::Host { None } else { Some(crate::engine::IDLE_SPIN) },
+        // A dedicated core spins; an agent sharing cores (emulated, or the
+        // DPU mode over the emulated DOCA on this machine) naps when idle.
+        idle_sleep_after: if opts.busy || n.mode == Mode::Host || (n.mode == Mode::Dpu && doca::BACKEND == doca::Backend::Sdk) {
+            None
+        } else {
+            Some(crate::engine::IDLE_SPIN)
+        },
         epoch: std::time::Instant::now(),
         batch: crate::engine::UPLINK_BATCH,
     };
     loop {
-        let Some(links) = attach_all(&cfg, &socket, stop) else { return Ok(()) };
-        log::info!("node {}: attached to host-shimd for {} tenants", n.name, links.len());
-        let exit = match n.fabric {
-            FabricKind::Doca => {
-                Engine::new(cfg.clone(), set.clone(), links, m.clone(), fabric::cluster::doca_transport)?.run(stop)
-            }
-            #[cfg(feature = "verbs")]
-            FabricKind::Verbs => {
-                Engine::new(cfg.clone(), set.clone(), links, m.clone(), fabric::cluster::verbs_transport)?.run(stop)
-            }
-            #[cfg(not(feature = "verbs"))]
-            FabricKind::Verbs => anyhow::bail!("node {}: fabric \"verbs\" is not in this build", n.name),
+        let exit = if n.mode == Mode::Dpu {
+            let Some(links) = crate::comchlink::attach(&cfg, node, stop)? else { return Ok(()) };
+            log::info!("node {}: host-shimd exported {} tenant pools over comch", n.name, links.len());
+            engine(&cfg, &set, links, &m, n.fabric, stop)?
+        } else {
+            let Some(links) = attach_all(&cfg, &socket, stop) else { return Ok(()) };
+            log::info!("node {}: attached to host-shimd for {} tenants", n.name, links.len());
+            engine(&cfg, &set, links, &m, n.fabric, stop)?
         };
         m.set_ready(false);
         match exit {
@@ -86,4 +80,26 @@ pub fn run(opts: &RunOptions, stop: &AtomicBool) -> anyhow::Result<()> {
             Exit::HostLost => log::warn!("node {}: host-shimd went away; re-attaching", n.name),
         }
     }
+}
+
+/// Builds the engine over `links` on the node's fabric and runs it.
+fn engine<H: crate::hostlink::HostLink>(
+    cfg: &Arc<Cluster>,
+    set: &Settings,
+    links: Vec<H>,
+    m: &Arc<Metrics>,
+    fabric: FabricKind,
+    stop: &AtomicBool,
+) -> anyhow::Result<Exit> {
+    Ok(match fabric {
+        FabricKind::Doca => {
+            Engine::new(cfg.clone(), set.clone(), links, m.clone(), fabric::cluster::doca_transport)?.run(stop)
+        }
+        #[cfg(feature = "verbs")]
+        FabricKind::Verbs => {
+            Engine::new(cfg.clone(), set.clone(), links, m.clone(), fabric::cluster::verbs_transport)?.run(stop)
+        }
+        #[cfg(not(feature = "verbs"))]
+        FabricKind::Verbs => anyhow::bail!("fabric \"verbs\" is not in this build"),
+    })
 }

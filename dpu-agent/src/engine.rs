@@ -102,8 +102,8 @@ struct Out {
 pub struct Link<H>(pub H);
 
 impl<H: HostLink> Buffers for Link<H> {
-    fn pool(&self) -> &shm::Pool {
-        self.0.pool()
+    fn view(&self) -> fabric::PoolView<'_> {
+        self.0.view()
     }
     fn alloc_one(&mut self) -> Option<Lease> {
         self.0.alloc_buffer()
@@ -384,7 +384,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 t.backlog.len(),
                 m.tx_msgs.get(),
                 m.rx_msgs.get(),
-                self.port.bufs(i as u16).0.pool().free_buffers(),
+                self.port.bufs(i as u16).0.free_buffers(),
             );
             for (k, w) in Why::ALL.iter().enumerate() {
                 let _ = write!(s, "{}\"{}\":{}", if k > 0 { "," } else { "" }, w.as_str(), m.drops(*w));
@@ -587,7 +587,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         if d.origin != NO_NODE && d.origin < self.fabric_nodes && d.origin != self.set.node {
             msg.desc_mut().flags |= DescFlags::REPLY;
             if self.port.is_up(t as u16, d.origin) {
-                self.tenants[t].queue.push_back(Out { msg, peer: d.origin, since: now });
+                self.requeue(t, msg, d.origin, now);
             } else {
                 self.free_msg(t, msg);
             }
@@ -598,10 +598,16 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             Some(&n) if n == self.set.node => self.deliver(t, msg),
             // The sender is on another node: the error travels back over
             // the fabric like any message.
-            Some(&n) if self.port.is_up(t as u16, n) => {
-                self.tenants[t].queue.push_back(Out { msg, peer: n, since: now });
-            }
+            Some(&n) if self.port.is_up(t as u16, n) => self.requeue(t, msg, n, now),
             _ => self.free_msg(t, msg),
+        }
+    }
+
+    /// Queues a message whose descriptor the engine changed for `peer`,
+    /// once its fabric headers say so (see [`HostLink::restamp`]).
+    fn requeue(&mut self, t: usize, msg: Msg, peer: u16, now: Instant) {
+        if let Some(msg) = self.link(t).restamp(msg) {
+            self.tenants[t].queue.push_back(Out { msg, peer, since: now });
         }
     }
 

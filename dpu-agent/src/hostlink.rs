@@ -17,7 +17,9 @@ use wire::Descriptor;
 /// The agent's link to one tenant's functions on its host.
 pub trait HostLink {
     /// The tenant pool (registered with the fabric).
-    fn pool(&self) -> &shm::Pool;
+    fn view(&self) -> fabric::PoolView<'_>;
+    /// Buffers free in the pool, as far as this side knows.
+    fn free_buffers(&self) -> u32;
     /// One whole buffer for a receive (`None`: the pool is exhausted).
     fn alloc_buffer(&mut self) -> Option<Lease>;
     /// The next descriptor a function sent to the agent, validated and
@@ -27,6 +29,14 @@ pub trait HostLink {
     /// also `msg.desc().dst_fn`). On failure the message comes back in the
     /// error (a full ring: try again later).
     fn deliver(&mut self, msg: Msg, dst: u16, to: &str) -> Result<(), SendError>;
+    /// The engine changed `msg`'s descriptor (an error going back) and is
+    /// about to send it over the fabric. A link whose pool the fabric port
+    /// writes headers into gives it back at once (`Some`); a link over an
+    /// imported pool takes it, has the host rewrite the headers, and hands
+    /// it back later through [`take`](Self::take) (`None`).
+    fn restamp(&mut self, msg: Msg) -> Option<Msg> {
+        Some(msg)
+    }
     /// Returns a message's buffers to the pool.
     fn free(&mut self, msg: Msg);
     /// Whether the host side (host-shimd) is still there.
@@ -51,8 +61,11 @@ pub trait HostLink {
 }
 
 impl HostLink for Function {
-    fn pool(&self) -> &shm::Pool {
-        Function::pool(self)
+    fn view(&self) -> fabric::PoolView<'_> {
+        fabric::PoolView::Local(Function::pool(self))
+    }
+    fn free_buffers(&self) -> u32 {
+        Function::pool(self).free_buffers()
     }
     fn alloc_buffer(&mut self) -> Option<Lease> {
         let cap = Function::pool(self).geometry().payload_cap();
@@ -136,8 +149,11 @@ impl NullLink {
 }
 
 impl HostLink for NullLink {
-    fn pool(&self) -> &shm::Pool {
-        &self.pool
+    fn view(&self) -> fabric::PoolView<'_> {
+        fabric::PoolView::Local(&self.pool)
+    }
+    fn free_buffers(&self) -> u32 {
+        self.pool.free_buffers()
     }
     fn alloc_buffer(&mut self) -> Option<Lease> {
         self.pool.alloc(self.pool.geometry().payload_cap(), wire::Owner::Agent).ok()

@@ -10,6 +10,7 @@
 //! * [`engine`]: the data-plane loop (uplink, route, schedule, fabric,
 //!   deliver), generic over the fabric transport and the host link;
 //! * [`hostlink`]: what the engine needs of the host side, and a null link;
+//! * [`comchlink`]: the host link of `mode = "dpu"` (comch and imported pools);
 //! * [`sched`]: the weighted deficit round robin over tenants;
 //! * [`metrics`]: Prometheus metrics, `/status` and `/ready`;
 //! * [`demo`]: the one-command cluster on one machine.
@@ -17,6 +18,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod comchlink;
 pub mod demo;
 pub mod engine;
 pub mod hostlink;

@@ -18,8 +18,8 @@
 //! vector and every table are sized at start and reused).
 
 use crate::{
-    Completion, CompletionError, ConnId, Endpoint, HEADER_LEN, HEADROOM, Memory, Mesh, MeshConfig, MeshEvent, RecvWr,
-    RegionId, SendWr, Transport,
+    Completion, CompletionError, ConnId, Endpoint, HEADER_LEN, ImportedPool, Memory, Mesh, MeshConfig,
+    MeshEvent, RecvWr, RegionId, SendWr, Transport,
 };
 use shm::pool::Lease;
 use std::sync::Arc;
@@ -27,15 +27,66 @@ use wire::{Descriptor, FabricHeader, Immediate, MsgKind};
 use zerocopy::{FromBytes, IntoBytes};
 
 /// Offset of the fabric header in a buffer.
-pub const HDR_OFF: u64 = HEADROOM as u64 - HEADER_LEN as u64;
+pub const HDR_OFF: u64 = wire::fabric::HEADER_OFFSET as u64;
 /// Token bit of receive work requests.
 const RECV_TOKEN: u64 = 1 << 63;
 
+/// A tenant pool as the port sees it.
+#[derive(Clone, Copy, Debug)]
+pub enum PoolView<'a> {
+    /// Mapped in this process: the port writes and reads fabric headers.
+    Local(&'a shm::Pool),
+    /// Imported from its exporter, not readable here (the agent on the
+    /// DPU): the exporter wrote the headers of what is sent, and received
+    /// messages carry what the completions tell (tenant, destination from
+    /// the immediate, length) for the exporter to complete from the header.
+    Imported(&'a ImportedPool),
+}
+
+impl PoolView<'_> {
+    /// The pool's geometry.
+    pub fn geometry(&self) -> wire::PoolGeometry {
+        match self {
+            Self::Local(p) => p.geometry(),
+            Self::Imported(p) => p.geometry(),
+        }
+    }
+
+    /// Offset of buffer `index` in the registered memory.
+    pub fn buf_offset(&self, index: u32) -> Option<u64> {
+        match self {
+            Self::Local(p) => p.buf_offset(index),
+            Self::Imported(p) => p.buf_offset(index),
+        }
+    }
+
+    /// Calls `f` with each buffer of a held chain, in order, until it
+    /// returns `false`.
+    pub fn each_frag(&self, lease: &Lease, mut f: impl FnMut(u32) -> bool) {
+        match self {
+            Self::Local(p) => {
+                for i in p.chain(lease) {
+                    if !f(i) {
+                        return;
+                    }
+                }
+            }
+            Self::Imported(p) => {
+                for i in p.chain(lease) {
+                    if !f(i) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Where a tenant's buffers come from (the agent: its attach to the host
-/// pool; the ingress: its own pool).
+/// pool, or the pool the host exported to it; the ingress: its own pool).
 pub trait Buffers {
     /// The tenant pool.
-    fn pool(&self) -> &shm::Pool;
+    fn view(&self) -> PoolView<'_>;
     /// One buffer to post a receive with (`None`: pool exhausted).
     fn alloc_one(&mut self) -> Option<Lease>;
     /// Returns buffers to the pool.
@@ -220,9 +271,15 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         let mut per_conn = Vec::with_capacity(tenants.len());
         let npeers = mesh.peers.len().max(1);
         for (t, pt) in (0u16..).zip(tenants) {
-            let fd = pt.bufs.pool().region().fd().try_clone_to_owned().map_err(|e| PortError::Map(t, e.to_string()))?;
-            let region = shm::Region::open(fd).map_err(|e| PortError::Map(t, e.to_string()))?;
-            regions.push(ep.register(Memory::Local(Arc::new(region))).map_err(|e| PortError::Register(t, e))?);
+            let mem = match pt.bufs.view() {
+                PoolView::Local(pool) => {
+                    let fd = pool.region().fd().try_clone_to_owned().map_err(|e| PortError::Map(t, e.to_string()))?;
+                    let region = shm::Region::open(fd).map_err(|e| PortError::Map(t, e.to_string()))?;
+                    ep.register(Memory::Local(Arc::new(region)))
+                }
+                PoolView::Imported(pool) => ep.register(Memory::Export(pool.blob())),
+            };
+            regions.push(mem.map_err(|e| PortError::Register(t, e))?);
             per_conn.push(pt.per_conn);
             bufs.push(pt.bufs);
         }
@@ -327,8 +384,9 @@ impl<T: Transport, B: Buffers> Port<T, B> {
     }
 
     /// Sends a message (a chain of tenant `t`'s pool held by the caller)
-    /// to `peer`: writes the fabric header into each buffer's headroom and
-    /// posts one send per buffer. The message comes back in a
+    /// to `peer`: writes the fabric header into each buffer's headroom
+    /// (an imported pool's exporter wrote them) and posts one send per
+    /// buffer. The message comes back in a
     /// [`PortEvent::Sent`] with `tag`; on an immediate failure it comes
     /// back here.
     #[allow(clippy::result_large_err)]
@@ -344,32 +402,41 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         let Some(token) = self.flights.insert(Flight { tenant: t, msg: None, tag, left: 0, error: None }) else {
             return Err((lease, desc, CompletionError::Transport(-1)));
         };
-        let pool = self.bufs[usize::from(t)].pool();
+        let view = self.bufs[usize::from(t)].view();
         let region = self.regions[usize::from(t)];
-        let cap = pool.geometry().payload_cap();
+        let cap = view.geometry().payload_cap();
         let count = u16::try_from(lease.frags()).unwrap_or(u16::MAX);
         let mut posted = 0;
         let mut error = None;
-        for (k, idx) in (0u16..).zip(pool.chain(&lease)) {
+        let mut k = 0u16;
+        let ep = &mut self.ep;
+        view.each_frag(&lease, |idx| {
             let flen = wire::desc::frag_len(lease.len(), cap, u32::from(k));
-            let h = FabricHeader::new(MsgKind::Data, desc, k, count, flen);
-            let Some(off) = pool.buf_offset(idx).filter(|o| pool.region().copy_in(o + HDR_OFF, h.as_bytes()).is_ok())
-            else {
+            let stamped = match view {
+                PoolView::Local(pool) => {
+                    let h = FabricHeader::new(MsgKind::Data, desc, k, count, flen);
+                    pool.buf_offset(idx).filter(|o| pool.region().copy_in(o + HDR_OFF, h.as_bytes()).is_ok())
+                }
+                PoolView::Imported(pool) => pool.buf_offset(idx),
+            };
+            let Some(off) = stamped else {
                 error = Some(CompletionError::Transport(-1));
-                break;
+                return false;
             };
             let imm = Immediate::new(MsgKind::Data as u8, desc.dst_fn, k == 0, k + 1 == count).0;
             let wr =
                 SendWr { region, offset: off + HDR_OFF, len: HEADER_LEN as u32 + flen, imm, token: u64::from(token) };
-            match self.ep.post_send(conn, wr) {
+            match ep.post_send(conn, wr) {
                 Ok(()) => posted += 1,
                 Err(e) => {
                     log::debug!("fabric port: a send to node {peer} was refused: {e}");
                     error = Some(CompletionError::Closed);
-                    break;
+                    return false;
                 }
             }
-        }
+            k += 1;
+            true
+        });
         if posted == 0 {
             self.flights.remove(u64::from(token));
             return Err((lease, desc, error.unwrap_or(CompletionError::Closed)));
@@ -438,9 +505,9 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                 out.push(PortEvent::NoBuffer { tenant: st.tenant });
                 return;
             };
-            let pool = self.bufs[t].pool();
-            let len = pool.geometry().buf_size() - HDR_OFF as u32;
-            let Some(off) = pool.buf_offset(lease.head()) else {
+            let view = self.bufs[t].view();
+            let len = view.geometry().buf_size() - HDR_OFF as u32;
+            let Some(off) = view.buf_offset(lease.head()) else {
                 self.bufs[t].free(lease);
                 return;
             };
@@ -523,15 +590,20 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             _ => None,
         };
         // The endpoint checked the header against the immediate and the
-        // chain order; read the descriptor it carries.
-        let header = ok.and_then(|r| {
-            let pool = self.bufs[t].pool();
-            let mut hdr = [0u8; HEADER_LEN];
-            let off = pool.buf_offset(p.lease.head())?;
-            pool.region().copy_out(off + HDR_OFF, &mut hdr).ok()?;
-            FabricHeader::read_from_bytes(&hdr).ok().map(|h| (r, h))
+        // chain order; read the descriptor it carries. An imported pool's
+        // header is not ours to read: the descriptor says what the
+        // completions told (destination, length), and the exporter
+        // completes it from the header.
+        let header = ok.and_then(|r| match self.bufs[t].view() {
+            PoolView::Local(pool) => {
+                let mut hdr = [0u8; HEADER_LEN];
+                let off = pool.buf_offset(p.lease.head())?;
+                pool.region().copy_out(off + HDR_OFF, &mut hdr).ok()?;
+                FabricHeader::read_from_bytes(&hdr).ok().map(|h| (r, Some(h.desc)))
+            }
+            PoolView::Imported(_) => Some((r, None)),
         });
-        let Some((r, h)) = header else {
+        let Some((r, read)) = header else {
             self.bufs[t].free(p.lease);
             return;
         };
@@ -540,16 +612,28 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             return;
         };
         if r.frag.index == 0 {
-            st.first = Some(h.desc);
+            let told = || Descriptor { dst_fn: Immediate(r.imm).dst_fn(), ..Descriptor::default() };
+            st.first = Some(read.unwrap_or_else(told));
+        }
+        if read.is_none()
+            && let Some(d) = st.first.as_mut()
+        {
+            d.len = d.len.saturating_add(r.len.saturating_sub(HEADER_LEN as u32));
         }
         st.parts.push(p.lease);
         let (peer, tenant) = (st.peer, st.tenant);
         if r.frag.last {
             let first = st.first.take();
             let mut parts = std::mem::take(&mut st.parts);
-            let joined = first.map(|d| (self.bufs[t].pool().join(&mut parts, d.len), d));
+            let joined = first.and_then(|d| {
+                let lease = match self.bufs[t].view() {
+                    PoolView::Local(pool) => pool.join(&mut parts, d.len).ok(),
+                    PoolView::Imported(pool) => pool.join(&mut parts, d.len),
+                };
+                Some((lease?, d))
+            });
             match joined {
-                Some((Ok(lease), d)) => {
+                Some((lease, d)) => {
                     out.push(PortEvent::Received { tenant, peer, lease, desc: Descriptor { tenant, ..d } })
                 }
                 _ => {

@@ -130,8 +130,29 @@ pub fn serve_until_signalled(cfg: Cluster, node: &str) -> anyhow::Result<()> {
     mask.add(Signal::SIGTERM);
     mask.thread_block()?;
     let stop = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
-    let mut shimd = Shimd::new(cfg, node)?;
-    shimd.run(Some(stop.as_fd()))?;
+    let dpu = cfg.node_id(node).filter(|&n| cfg.nodes[usize::from(n)].mode == config::Mode::Dpu);
+    let cfg = std::sync::Arc::new(cfg);
+    let mut shimd = Shimd::new((*cfg).clone(), node)?;
+    // In DPU mode the bridge to the agent on the DPU is a thread of this
+    // process, attached to this daemon like the agent in host mode.
+    let bridge_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bridge = match dpu {
+        Some(n) => {
+            let (cfg, stop, socket) = (cfg.clone(), bridge_stop.clone(), socket_path(&shimd.dir));
+            Some(
+                std::thread::Builder::new()
+                    .name("bridge".into())
+                    .spawn(move || crate::bridge::serve(cfg, n, &socket, &stop))?,
+            )
+        }
+        None => None,
+    };
+    let r = shimd.run(Some(stop.as_fd()));
+    // Not joined: the bridge may be waiting on this daemon, which no longer
+    // answers; it ends with the process.
+    bridge_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(bridge);
+    r?;
     log::info!("host-shimd stopping: {:?}", shimd.stats());
     Ok(())
 }

@@ -14,6 +14,8 @@
 //! C callers); all shared-memory access goes through `shm`.
 #![deny(unsafe_code)]
 
+pub mod bridge;
+pub mod comch;
 pub mod daemon;
 pub mod ffi;
 pub mod function;

@@ -18,8 +18,7 @@
 use crate::pool::{INGRESS_SLOT, PoolLease, Pools, TenantPool};
 use crate::upstream::{Upstream, UpstreamError, UpstreamFuture};
 use config::Cluster;
-use fabric::{Buffers, DocaTransport, Port, PortEvent};
-use shm::Pool;
+use fabric::{Buffers, DocaTransport, PoolView, Port, PortEvent};
 use shm::pool::Lease;
 use shm::ring::Doorbell;
 use std::collections::{HashMap, VecDeque};
@@ -66,8 +65,8 @@ pub type Reply = Result<(Lease, Descriptor), EdgeError>;
 pub struct EdgeBufs(pub Arc<TenantPool>);
 
 impl Buffers for EdgeBufs {
-    fn pool(&self) -> &Pool {
-        self.0.pool()
+    fn view(&self) -> PoolView<'_> {
+        PoolView::Local(self.0.pool())
     }
     fn alloc_one(&mut self) -> Option<Lease> {
         let p = self.0.pool();

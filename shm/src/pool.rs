@@ -78,6 +78,15 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// A lease named by indices only, for a holder that keeps its chains
+    /// outside the pool's memory because it cannot read that memory (the
+    /// agent on the DPU over an imported pool; see `fabric::ImportedPool`).
+    /// The caller vouches for the indices; the pool's own owner table and
+    /// chain links are the exporter's business.
+    pub fn by_index(head: u32, len: u32, frags: u32, holder: Owner) -> Self {
+        Self { head, len, frags, holder }
+    }
+
     /// Index of the first buffer.
     pub fn head(&self) -> u32 {
         self.head

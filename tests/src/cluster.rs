@@ -30,6 +30,9 @@ pub struct Cluster {
     pub top: TempDir,
     /// Network namespace of each node's agent (`None`: this namespace).
     pub netns: Vec<Option<String>>,
+    /// Every node's `mode` (`emulated`, or `dpu`: the agent reaches its
+    /// host over emulated comch and imported pools).
+    pub mode: &'static str,
     /// The namespaces and links, removed last.
     pub net: Option<Netns>,
 }
@@ -45,11 +48,11 @@ pub struct NodeNet {
     pub metrics: SocketAddr,
 }
 
-fn config(dirs: &[TempDir], nets: &[NodeNet], rest: &str) -> String {
+fn config(mode: &str, dirs: &[TempDir], nets: &[NodeNet], rest: &str) -> String {
     let mut s = String::new();
     for (i, d) in dirs.iter().enumerate() {
         s += &format!(
-            "[[node]]\nname = \"n{i}\"\naddress = \"{}\"\nmetrics = \"{}\"\nruntime_dir = \"{}\"\n\n",
+            "[[node]]\nname = \"n{i}\"\nmode = \"{mode}\"\naddress = \"{}\"\nmetrics = \"{}\"\nruntime_dir = \"{}\"\n\n",
             nets[i].fabric,
             nets[i].metrics,
             d.path().display()
@@ -93,9 +96,14 @@ impl Cluster {
     /// loopback; `rest` is the cluster file's tenants, functions and
     /// routes.
     pub fn start(name: &str, nodes: usize, rest: &str) -> Self {
+        Self::start_mode(name, nodes, "emulated", rest)
+    }
+
+    /// Like [`Cluster::start`], every node in `mode`.
+    pub fn start_mode(name: &str, nodes: usize, mode: &'static str, rest: &str) -> Self {
         let nets: Vec<NodeNet> =
             (0..nodes).map(|_| NodeNet { netns: None, fabric: free_port(), metrics: free_port() }).collect();
-        Self::start_on(name, nets, None, rest)
+        Self::start_on_mode(name, nets, None, mode, rest)
     }
 
     /// Like [`Cluster::start`] with two nodes whose agents each run in a
@@ -110,11 +118,15 @@ impl Cluster {
 
     /// Starts a cluster with one node per entry of `nets`.
     pub fn start_on(name: &str, nets: Vec<NodeNet>, net: Option<Netns>, rest: &str) -> Self {
+        Self::start_on_mode(name, nets, net, "emulated", rest)
+    }
+
+    fn start_on_mode(name: &str, nets: Vec<NodeNet>, net: Option<Netns>, mode: &'static str, rest: &str) -> Self {
         let nodes = nets.len();
         let top = TempDir::new(name);
         let dirs: Vec<TempDir> = (0..nodes).map(|i| TempDir::new(&format!("{name}-n{i}"))).collect();
         let path = top.path().join("cluster.toml");
-        std::fs::write(&path, config(&dirs, &nets, rest)).unwrap();
+        std::fs::write(&path, config(mode, &dirs, &nets, rest)).unwrap();
         let mut c = Cluster {
             fns: Vec::new(),
             agents: Vec::new(),
@@ -124,6 +136,7 @@ impl Cluster {
             dirs,
             top,
             netns: nets.iter().map(|n| n.netns.clone()).collect(),
+            mode,
             net,
         };
         for i in 0..nodes {
@@ -149,7 +162,7 @@ impl Cluster {
                 (n.fabric, n.metrics) = (free_port(), free_port());
             }
             c.metrics = nets.iter().map(|n| n.metrics).collect();
-            std::fs::write(&c.config, config(&c.dirs, &nets, rest)).unwrap();
+            std::fs::write(&c.config, config(mode, &c.dirs, &nets, rest)).unwrap();
             for i in 0..nodes {
                 c.agents[i] = c.spawn_agent(i);
             }
@@ -192,6 +205,7 @@ impl Cluster {
     pub fn spawn_shimd(&self, i: usize) -> Proc {
         let mut cmd = Command::new(bin_path("host-shimd"));
         cmd.arg("--config").arg(&self.config).args(["--node", &format!("n{i}")]).env("RUST_LOG", "info");
+        cmd.env(doca::RUNTIME_DIR_ENV, self.top.path());
         Proc::spawn_logged(&format!("host-shimd n{i}"), cmd, &self.log_path(&format!("shimd-n{i}")))
     }
 
@@ -207,6 +221,7 @@ impl Cluster {
             None => Command::new(bin_path("dpu-agent")),
         };
         cmd.arg("run").arg("--config").arg(&self.config).args(["--node", &format!("n{i}")]).env("RUST_LOG", "info");
+        cmd.env(doca::RUNTIME_DIR_ENV, self.top.path());
         Proc::spawn_logged(&format!("dpu-agent n{i}"), cmd, &self.log_path(&format!("agent-n{i}")))
     }
 

@@ -1,7 +1,9 @@
-//! Two nodes in emulated mode, each with host-shimd and an agent, as real
-//! processes: messages and chains from 1 B to 1 MiB cross the emulated
-//! fabric intact in both directions; a destination with no live instance
-//! comes back to the sender as an error descriptor; tenants stay apart.
+//! Two nodes, each with host-shimd and an agent, as real processes:
+//! messages and chains from 1 B to 1 MiB cross the emulated fabric intact
+//! in both directions; a destination with no live instance comes back to
+//! the sender as an error descriptor; tenants stay apart. In emulated mode
+//! (the agent attached to host-shimd's shared memory) and in DPU mode (the
+//! agent behind emulated comch, over pools it imported and never reads).
 //! Every wait has a watchdog; nothing asserts on time.
 
 use dne_tests::cluster::Cluster;
@@ -67,7 +69,16 @@ fn config_path(c: &Cluster) -> &Path {
 
 #[test]
 fn messages_and_chains_cross_nodes_intact_and_errors_come_back() {
-    let mut c = Cluster::start("internode", 2, TENANTS_AND_FUNCTIONS);
+    chains_and_errors("emulated");
+}
+
+#[test]
+fn dpu_mode_messages_and_chains_cross_nodes_intact_and_errors_come_back() {
+    chains_and_errors("dpu");
+}
+
+fn chains_and_errors(mode: &'static str) {
+    let mut c = Cluster::start_mode(&format!("internode-{mode}"), 2, mode, TENANTS_AND_FUNCTIONS);
     assert!(config_path(&c).exists());
     // n0: client -> (fabric) -> n1: upper -> (fabric) -> n0: sink.
     c.start_fn(1, "acme", "upper", "upper", Some("sink"));
@@ -103,10 +114,11 @@ fn messages_and_chains_cross_nodes_intact_and_errors_come_back() {
             }
         }
     }
-    // Unread, the burst waits in sink's ring: n0's agent reports the depth.
+    // Unread, the burst waits in sink's ring: n0's agent reports the depth
+    // (in emulated mode: it sees the rings).
     let depth = |c: &Cluster| c.metric(0, "dne_agent_function_queue_depth", &[("function", "sink")]).unwrap_or(0.0);
     let start = std::time::Instant::now();
-    while depth(&c) < 1.0 {
+    while mode == "emulated" && depth(&c) < 1.0 {
         assert!(start.elapsed() < WATCHDOG, "watchdog: sink's queue depth\n{}", c.metrics_text(0));
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -129,11 +141,50 @@ fn messages_and_chains_cross_nodes_intact_and_errors_come_back() {
     assert_eq!(ErrorCode::from_u8(back.desc().status), Some(ErrorCode::PeerDied));
     client.free(back).unwrap();
 
-    // Metrics count what happened, per tenant.
+    // Metrics count what happened, per tenant (in DPU mode host-shimd's
+    // bridge finds that ghost has no instance, not the agent).
     let text = c.metrics_text(0);
     assert!(text.contains("dne_agent_fabric_tx_messages_total{"), "{text}");
     let text1 = c.metrics_text(1);
-    assert!(text1.contains("reason=\"no_instance\""), "{text1}");
+    assert!(mode == "dpu" || text1.contains("reason=\"no_instance\""), "{text1}");
+    if mode == "dpu" {
+        let log = c.log_tail("agent-n1", 100);
+        assert!(log.contains("host-shimd exported 2 tenant pools over comch"), "{log}");
+    }
+}
+
+/// DPU mode: the agent holds host buffers (receives, sends) only as
+/// `Owner::Agent` in the host's pool; when it dies, host-shimd's bridge
+/// frees every one of them, and a new agent picks up where it left.
+#[test]
+fn dpu_mode_agent_restart_frees_what_it_held_and_recovers() {
+    let mut c = Cluster::start_mode("dpu-restart", 2, "dpu", TENANTS_AND_FUNCTIONS);
+    c.start_fn(1, "acme", "upper", "upper", Some("sink"));
+    let mut client = c.attach(0, "acme", "client");
+    let mut sink = c.attach(0, "acme", "sink");
+    let agents_own = |f: &host_shim::Function| f.pool().count_owned(|o| o == wire::Owner::Agent);
+    let round_trip = |client: &mut host_shim::Function, sink: &mut host_shim::Function, k: u32| {
+        let data = pattern(50_000, k as usize);
+        let mut m = client.alloc(50_000).unwrap();
+        client.write(&mut m, &data).unwrap();
+        m.set_request(k);
+        client.send(m, "upper").unwrap();
+        let got = sink.recv_timeout(Some(WATCHDOG)).unwrap().expect("upper answered");
+        assert_eq!(got.request(), k);
+        assert_eq!(sink.read_to_vec(&got), data.to_ascii_uppercase());
+        sink.free(got).unwrap();
+    };
+    round_trip(&mut client, &mut sink, 1);
+    assert!(agents_own(&client) > 0, "n0's agent holds receive buffers lent by the host");
+    c.kill_agent(0);
+    dne_tests::wait_for("n0's pool has no buffer left with the dead agent", WATCHDOG, || agents_own(&client) == 0);
+    c.restart_agent(0);
+    c.wait_conns(2);
+    dne_tests::wait_for("the new agent borrowed receive buffers", WATCHDOG, || agents_own(&client) > 0);
+    for k in 2..12 {
+        round_trip(&mut client, &mut sink, k);
+    }
+    assert!(c.log_tail("shimd-n0", 50).contains("the agent went away"), "{}", c.log_tail("shimd-n0", 50));
 }
 
 #[test]
@@ -220,7 +271,13 @@ fn rot13(b: u8) -> u8 {
 /// instance answers with an error.
 #[test]
 fn edge_requests_travel_a_chain_across_nodes_and_come_back() {
-    edge_chain(false);
+    edge_chain(false, "emulated");
+}
+
+/// The same with both worker nodes in DPU mode.
+#[test]
+fn dpu_mode_edge_requests_travel_a_chain_across_nodes_and_come_back() {
+    edge_chain(false, "dpu");
 }
 
 /// The same with the edge driven as a task of a one-worker tokio runtime
@@ -228,10 +285,10 @@ fn edge_requests_travel_a_chain_across_nodes_and_come_back() {
 /// error.
 #[test]
 fn edge_as_a_runtime_task_carries_the_same_chain() {
-    edge_chain(true);
+    edge_chain(true, "emulated");
 }
 
-fn edge_chain(task: bool) {
+fn edge_chain(task: bool, mode: &'static str) {
     use ingress::edge::{Edge, EdgeError};
     use ingress::pool::INGRESS_SLOT as EDGE_SLOT;
     let edge_dir = dne_tests::TempDir::new("edge");
@@ -241,7 +298,7 @@ fn edge_chain(task: bool) {
         dne_tests::free_port(),
         edge_dir.path().display()
     );
-    let mut c = Cluster::start("edge", 2, &ingress);
+    let mut c = Cluster::start_mode(&format!("edge-{mode}"), 2, mode, &ingress);
     c.start_route_fn(1, "acme", "upper", "upper");
     c.start_route_fn(0, "acme", "rot13", "rot13");
     let cfg = std::sync::Arc::new(config::Cluster::load(&c.config).unwrap());

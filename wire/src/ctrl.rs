@@ -418,7 +418,7 @@ impl<'a> BufList<'a> {
         self.0.is_empty()
     }
     /// The indices, in order.
-    pub fn iter(&self) -> impl Iterator<Item = u32> + 'a {
+    pub fn iter(&self) -> impl Iterator<Item = u32> + Clone + 'a {
         self.0.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
     }
     fn bytes(&self) -> &'a [u8] {

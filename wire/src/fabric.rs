@@ -22,6 +22,10 @@ pub const FABRIC_MAGIC: u16 = 0xD7E1;
 pub const FABRIC_VERSION: u8 = 1;
 /// Bytes reserved at the front of every pool buffer for the fabric header.
 pub const HEADROOM: u32 = 64;
+/// Offset of the [`FabricHeader`] in a buffer: the last bytes of the
+/// headroom, right before the payload, so header and payload leave (and
+/// land) as one contiguous send.
+pub const HEADER_OFFSET: u32 = HEADROOM - size_of::<FabricHeader>() as u32;
 
 /// Kind of a fabric message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -1,0 +1,390 @@
+//! The host link of `mode = "dpu"`, on the agent's side: DOCA comch to
+//! host-shimd's bridge and the tenant pools imported from the host's mmap
+//! exports (protocol: [`host_shim::comch`]; the host's side:
+//! [`host_shim::bridge`]).
+//!
+//! The agent never reads or writes host memory: it registers each imported
+//! pool with the fabric ([`fabric::PoolView::Imported`]), posts sends and
+//! receives at buffer offsets, and tells the host which buffers hold what.
+//! Chains are known by index: the host names every buffer of a message it
+//! hands over, and the agent keeps the links of what it holds in its own
+//! mirror ([`fabric::ImportedPool`]).
+//!
+//! Per tenant the agent keeps a stock of receive buffers the host lent it
+//! (`target` of them, asked for with `WantBufs`); buffers of sent messages
+//! refill the stock and the rest go back (`ReturnBufs`). A message that
+//! arrived over the fabric goes to the host with `FROM_FABRIC` (the host
+//! completes its descriptor from the header); one whose descriptor the
+//! engine changed and that must cross the fabric again goes with `RESTAMP`
+//! (the host writes its headers and hands it back).
+//!
+//! One comch connection carries every tenant; the per-tenant links share
+//! it (single-threaded, like the engine).
+
+use crate::hostlink::HostLink;
+use config::Cluster;
+use fabric::{ImportedPool, PoolView};
+use host_shim::comch::{Outbox, each_frame, server_name};
+use host_shim::{Msg, SendError};
+use shm::pool::Lease;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use wire::ctrl::{BufList, CtrlMsg, LendRecv, MAX_LEND, MessageHdr};
+use wire::segment::Owner;
+use wire::{Descriptor, PoolGeometry};
+
+/// Messages from the host waiting for the engine, per tenant (the engine
+/// takes a batch per pass; past this the channel stops reading, which
+/// holds the host back).
+const INBOX: usize = 1024;
+
+/// Why frames from the host were refused, per tenant (reported as uplink
+/// rejections).
+const REASONS: [&str; 4] = ["bad_frame", "bad_chain", "unknown_tenant", "unexpected_frame"];
+
+/// The comch connection to the host and what every tenant link shares.
+struct Channel {
+    pe: doca::ProgressEngine,
+    server: doca::ComchServer,
+    conn: Option<doca::ComchConnId>,
+    lost: bool,
+    out: Outbox,
+    rx: Vec<u8>,
+    pools: Vec<Option<Rc<ImportedPool>>>,
+    /// What each tenant's pool must look like (from the cluster file).
+    geometry: Vec<PoolGeometry>,
+    inbox: Vec<VecDeque<Msg>>,
+    stock: Vec<Vec<Lease>>,
+    target: Vec<u32>,
+    asked: Vec<u32>,
+    returning: Vec<Vec<u32>>,
+    /// Per tenant and buffer: lent for a receive, not yet handed back.
+    recv: Vec<Vec<bool>>,
+    refused: Vec<[u64; REASONS.len()]>,
+    scratch: Vec<u32>,
+}
+
+impl Channel {
+    fn refuse(&mut self, t: usize, why: usize) {
+        let t = t.min(self.refused.len() - 1);
+        self.refused[t][why] += 1;
+    }
+
+    /// Takes what comch has: connection events and frames. Returns how
+    /// many events.
+    fn pump(&mut self) -> usize {
+        self.pe.progress();
+        let mut rx = std::mem::take(&mut self.rx);
+        let mut n = 0;
+        while self.inbox.iter().all(|q| q.len() < INBOX) {
+            let Some(ev) = self.server.poll_event(&mut rx) else { break };
+            n += 1;
+            match ev {
+                doca::ComchEvent::Connected(c) if self.conn.is_none() && !self.lost => {
+                    log::info!("host link: host-shimd connected");
+                    self.conn = Some(c);
+                }
+                doca::ComchEvent::Connected(c) => {
+                    log::warn!("host link: a second host connection ({c:?}) ignored");
+                }
+                doca::ComchEvent::Disconnected(c) if Some(c) == self.conn => {
+                    log::warn!("host link: host-shimd went away");
+                    self.lost = true;
+                }
+                doca::ComchEvent::Disconnected(_) => {}
+                doca::ComchEvent::Message { conn, len, truncated } => {
+                    if Some(conn) != self.conn || truncated {
+                        self.refuse(0, 0);
+                        continue;
+                    }
+                    if let Err(e) = each_frame(&rx[..len as usize], |f| self.frame(f)) {
+                        log::warn!("host link: a frame from the host does not decode: {e}");
+                        self.refuse(0, 0);
+                    }
+                }
+                doca::ComchEvent::SendDone { result: Err(e), .. } => {
+                    log::warn!("host link: a send to the host failed: {e}");
+                }
+                doca::ComchEvent::SendDone { .. } => {}
+            }
+        }
+        self.rx = rx;
+        n
+    }
+
+    fn frame(&mut self, f: CtrlMsg<'_>) {
+        match f {
+            CtrlMsg::PoolExport(b, blob) => {
+                let t = usize::from(b.tenant);
+                match (self.geometry.get(t), b.geometry()) {
+                    (Some(want), Ok(g)) if *want == g => {
+                        self.pools[t] = Some(Rc::new(ImportedPool::new(g, blob.to_vec())));
+                        self.recv[t] = vec![false; g.buf_count() as usize];
+                    }
+                    _ => {
+                        log::warn!("host link: tenant {t}'s pool from the host does not match the cluster file");
+                        self.refuse(t, 2);
+                    }
+                }
+            }
+            CtrlMsg::Message(h, list) => {
+                let t = usize::from(h.desc.tenant);
+                let Some(pool) = self.pools.get(t).and_then(|p| p.clone()) else { return self.refuse(t, 2) };
+                if h.flags != 0 {
+                    return self.refuse(t, 3);
+                }
+                match pool.adopt(list.iter(), h.desc.len, Owner::Agent) {
+                    Some(lease) => self.inbox[t].push_back(Msg::from_parts(lease, h.desc)),
+                    None => self.refuse(t, 1),
+                }
+            }
+            CtrlMsg::LendRecv(b, list) => {
+                let t = usize::from(b.tenant);
+                let Some(pool) = self.pools.get(t).and_then(|p| p.clone()) else { return self.refuse(t, 2) };
+                self.asked[t] = self.asked[t].saturating_sub(b.count);
+                for i in list.iter() {
+                    match pool.lent(i, Owner::Agent) {
+                        Some(l) => self.stock[t].push(l),
+                        None => self.refuse(t, 1),
+                    }
+                }
+            }
+            other => {
+                log::warn!("host link: unexpected {:?} frame from the host", other.kind());
+                self.refuse(0, 3);
+            }
+        }
+    }
+
+    fn push(&mut self, msg: CtrlMsg<'_>) {
+        let Some(c) = self.conn else { return };
+        let server = &self.server;
+        let mut send = |m: &[u8]| server.send(c, m, 0);
+        if self.out.push(msg, &mut send).is_err() {
+            self.lost = true;
+        }
+    }
+
+    /// Sends what is queued: buffers to give back, wants, frames.
+    fn flush(&mut self) {
+        for t in 0..self.returning.len() {
+            if !self.returning[t].is_empty() {
+                let list = std::mem::take(&mut self.returning[t]);
+                for part in list.chunks(MAX_LEND) {
+                    let b = LendRecv { tenant: t as u16, reserved: 0, count: part.len() as u32 };
+                    self.push(CtrlMsg::ReturnBufs(b, BufList::from_indices(part)));
+                }
+                self.returning[t] = list;
+                self.returning[t].clear();
+            }
+            let have = self.stock[t].len() as u32 + self.asked[t];
+            if self.pools[t].is_some() && have < self.target[t] / 2 + 1 {
+                let n = (self.target[t] - have).min(MAX_LEND as u32);
+                self.asked[t] += n;
+                self.push(CtrlMsg::WantBufs(LendRecv { tenant: t as u16, reserved: 0, count: n }));
+            }
+        }
+        let Some(c) = self.conn else { return };
+        let server = &self.server;
+        let mut send = |m: &[u8]| server.send(c, m, 0);
+        if self.out.flush(&mut send).is_err() {
+            self.lost = true;
+        }
+    }
+
+    /// Keeps one buffer as a receive buffer, or gives it back.
+    fn keep_or_return(&mut self, t: usize, lease: Lease) {
+        self.recv[t][lease.head() as usize] = false;
+        if (self.stock[t].len() as u32) < self.target[t] {
+            self.stock[t].push(lease);
+        } else {
+            self.returning[t].push(lease.head());
+        }
+    }
+}
+
+/// The host link of one tenant in DPU mode.
+pub struct DpuLink {
+    t: usize,
+    pool: Rc<ImportedPool>,
+    ch: Rc<RefCell<Channel>>,
+    /// The progress engine's notification fd (a duplicate: the engine
+    /// itself sits behind the shared channel).
+    wake: Option<OwnedFd>,
+}
+
+impl core::fmt::Debug for DpuLink {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DpuLink").field("tenant", &self.t).finish_non_exhaustive()
+    }
+}
+
+/// Starts the comch server of node `node` and waits until host-shimd has
+/// connected and exported every tenant pool (or `stop` is set: `None`).
+pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Option<Vec<DpuLink>>> {
+    let n = &cfg.nodes[usize::from(node)];
+    let name = server_name(n);
+    let pe = doca::ProgressEngine::new().map_err(|e| anyhow::anyhow!("progress engine: {e}"))?;
+    let dev = doca::Device::open_first().map_err(|e| anyhow::anyhow!("opening the DOCA device: {e}"))?;
+    let ccfg = doca::ComchConfig { send_tasks: 256, recv_queue: 256, ..Default::default() };
+    let server = doca::ComchServer::new(&pe, &dev, &name, ccfg)
+        .and_then(|s| s.start().map(|()| s))
+        .map_err(|e| anyhow::anyhow!("comch server \"{name}\": {e}"))?;
+    let nt = cfg.tenants.len();
+    let fabric_nodes = cfg.nodes.len() + cfg.ingresses.len();
+    let npeers = (fabric_nodes as u32).saturating_sub(1).max(1);
+    let mut geometry = Vec::with_capacity(nt);
+    let mut target = Vec::with_capacity(nt);
+    for (id, t) in (0u16..).zip(&cfg.tenants) {
+        let g = cfg.pool_geometry(id).ok_or_else(|| anyhow::anyhow!("tenant {}: bad pool geometry", t.name))?;
+        // What the port keeps posted (see `fabric::cluster`), and a
+        // connection's worth more for the moments between a completion and
+        // its refill.
+        let per_conn = (t.recv_quota / npeers).max(2);
+        target.push((per_conn * (npeers + 1)).min(g.buf_count() / 2));
+        geometry.push(g);
+    }
+    let max_chain = cfg.tenants.iter().map(|t| t.max_chain).max().unwrap_or(64) as usize;
+    let ch = Channel {
+        pe,
+        server,
+        conn: None,
+        lost: false,
+        out: Outbox::new(doca::COMCH_MAX_MSG_SIZE as usize),
+        rx: vec![0; doca::COMCH_MAX_MSG_SIZE as usize],
+        pools: vec![None; nt],
+        geometry,
+        inbox: (0..nt).map(|_| VecDeque::with_capacity(INBOX)).collect(),
+        stock: target.iter().map(|&n| Vec::with_capacity(n as usize)).collect(),
+        asked: vec![0; nt],
+        returning: (0..nt).map(|_| Vec::with_capacity(1024)).collect(),
+        recv: vec![Vec::new(); nt],
+        refused: vec![[0; REASONS.len()]; nt],
+        scratch: Vec::with_capacity(max_chain),
+        target,
+    };
+    let ch = Rc::new(RefCell::new(ch));
+    log::info!("node {}: waiting for host-shimd on comch \"{name}\"", n.name);
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let mut c = ch.borrow_mut();
+        if c.pump() == 0 {
+            drop(c);
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        if c.lost {
+            // The host came and went before it was done: start over.
+            c.lost = false;
+            c.conn = None;
+            c.pools.iter_mut().for_each(|p| *p = None);
+            c.inbox.iter_mut().for_each(VecDeque::clear);
+            continue;
+        }
+        if c.pools.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let pools: Vec<Rc<ImportedPool>> = ch.borrow().pools.iter().flatten().cloned().collect();
+    ch.borrow_mut().flush();
+    let wake = || ch.borrow().pe.notification_handle().ok().and_then(|f| f.try_clone_to_owned().ok());
+    Ok(Some(pools.into_iter().enumerate().map(|(t, pool)| DpuLink { t, pool, ch: ch.clone(), wake: wake() }).collect()))
+}
+
+impl HostLink for DpuLink {
+    fn view(&self) -> PoolView<'_> {
+        PoolView::Imported(&self.pool)
+    }
+    fn free_buffers(&self) -> u32 {
+        self.ch.borrow().stock[self.t].len() as u32
+    }
+    fn alloc_buffer(&mut self) -> Option<Lease> {
+        let mut c = self.ch.borrow_mut();
+        let l = c.stock[self.t].pop()?;
+        c.recv[self.t][l.head() as usize] = true;
+        Some(l)
+    }
+    fn take(&mut self) -> Option<Msg> {
+        let mut c = self.ch.borrow_mut();
+        if c.inbox[self.t].is_empty() {
+            c.flush();
+            c.pump();
+        }
+        c.inbox[self.t].pop_front()
+    }
+    fn deliver(&mut self, msg: Msg, _dst: u16, _to: &str) -> Result<(), SendError> {
+        self.send(msg, 0);
+        Ok(())
+    }
+    fn restamp(&mut self, msg: Msg) -> Option<Msg> {
+        self.send(msg, MessageHdr::RESTAMP);
+        None
+    }
+    fn free(&mut self, msg: Msg) {
+        let (lease, _) = msg.into_parts();
+        let mut c = self.ch.borrow_mut();
+        let c = &mut *c;
+        let t = self.t;
+        self.pool.split(lease, &mut |l| c.keep_or_return(t, l));
+    }
+    fn alive(&self) -> bool {
+        !self.ch.borrow().lost
+    }
+    fn rejected(&self, f: &mut dyn FnMut(&'static str, u64)) {
+        let c = self.ch.borrow();
+        for (k, n) in c.refused[self.t].iter().enumerate() {
+            if *n > 0 {
+                f(REASONS[k], *n);
+            }
+        }
+    }
+    fn sleep_begin(&mut self) -> bool {
+        let mut c = self.ch.borrow_mut();
+        c.flush();
+        if let Err(e) = c.pe.clear_notification() {
+            log::warn!("host link: clearing the comch notification: {e}");
+        }
+        c.pump();
+        c.inbox[self.t].is_empty() && c.out.is_empty() && !c.lost
+    }
+    fn sleep_end(&mut self) {}
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.wake.as_ref().map(|f| f.as_fd())
+    }
+    fn queue_depth(&self, _to: &str) -> Option<u64> {
+        None
+    }
+}
+
+impl DpuLink {
+    /// Sends a message the agent holds to the host (to deliver, or with
+    /// `RESTAMP` to have its headers rewritten). Its buffers stay the
+    /// agent's until the host takes them.
+    fn send(&mut self, msg: Msg, flags: u16) {
+        let (lease, desc) = msg.into_parts();
+        let mut c = self.ch.borrow_mut();
+        let c = &mut *c;
+        let t = self.t;
+        let from_fabric = c.recv[t].get(lease.head() as usize).copied().unwrap_or(false);
+        c.scratch.clear();
+        for i in self.pool.chain(&lease) {
+            c.recv[t][i as usize] = false;
+            c.scratch.push(i);
+        }
+        let flags = if from_fabric { flags | MessageHdr::FROM_FABRIC } else { flags };
+        let hdr = MessageHdr {
+            desc: Descriptor { tenant: t as u16, buf: lease.head(), len: lease.len(), ..desc },
+            flags,
+            count: c.scratch.len() as u16,
+        };
+        let list = std::mem::take(&mut c.scratch);
+        c.push(CtrlMsg::Message(hdr, BufList::from_indices(&list)));
+        c.scratch = list;
+    }
+}

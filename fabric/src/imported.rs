@@ -1,0 +1,136 @@
+//! [`ImportedPool`]: a tenant pool another process exported to this one
+//! (the host's pool on the DPU: a DOCA mmap PCI export), as a [`crate::Port`]
+//! uses it without ever reading or writing its bytes.
+//!
+//! The pool's chain links and owner table live in the exporter's memory,
+//! which the importer cannot read. So the importer keeps its own mirror of
+//! the links of the chains it holds: the exporter names every buffer of a
+//! message when it hands the message over ([`adopt`](ImportedPool::adopt)),
+//! and received fragments are linked here ([`join`](ImportedPool::join))
+//! and reported back by index. Fabric headers are written and read by the
+//! exporter, which can touch the memory.
+
+use shm::pool::Lease;
+use std::cell::Cell;
+use wire::segment::{NIL, Owner, PoolLayout};
+use wire::{PoolGeometry, desc::frags_for};
+
+/// An imported tenant pool: its geometry, its export blob, and the chain
+/// links of the messages this process holds (see the module docs).
+#[derive(Debug)]
+pub struct ImportedPool {
+    layout: PoolLayout,
+    blob: Vec<u8>,
+    next: Vec<Cell<u32>>,
+}
+
+impl ImportedPool {
+    /// The pool of `geometry` exported as `blob`.
+    pub fn new(geometry: PoolGeometry, blob: Vec<u8>) -> Self {
+        let next = (0..geometry.buf_count()).map(|_| Cell::new(NIL)).collect();
+        Self { layout: PoolLayout::new(geometry), blob, next }
+    }
+
+    /// The pool's geometry.
+    pub fn geometry(&self) -> PoolGeometry {
+        self.layout.geometry
+    }
+
+    /// The export blob (registered with the fabric as [`crate::Memory::Export`]).
+    pub fn blob(&self) -> &[u8] {
+        &self.blob
+    }
+
+    /// Offset of buffer `index` in the exported memory.
+    pub fn buf_offset(&self, index: u32) -> Option<u64> {
+        self.layout.buf_offset(index)
+    }
+
+    /// Takes over a message the exporter handed over as the buffer indices
+    /// `chain` (in order) carrying `len` payload bytes: checks that the
+    /// count fits `len` and every index is in the pool, records the links.
+    /// `None` (nothing recorded) when the indices do not describe such a
+    /// chain.
+    pub fn adopt(&self, chain: impl Iterator<Item = u32> + Clone, len: u32, holder: Owner) -> Option<Lease> {
+        let g = self.layout.geometry;
+        let want = frags_for(len, g.payload_cap());
+        let mut n = 0u32;
+        for i in chain.clone() {
+            n += 1;
+            if i >= g.buf_count() || n > want {
+                return None;
+            }
+        }
+        let head = chain.clone().next().filter(|_| n == want && want <= g.max_chain())?;
+        let mut prev: Option<u32> = None;
+        for i in chain {
+            if let Some(p) = prev {
+                self.next[p as usize].set(i);
+            }
+            prev = Some(i);
+        }
+        if let Some(p) = prev {
+            self.next[p as usize].set(NIL);
+        }
+        Some(Lease::by_index(head, len, n, holder))
+    }
+
+    /// One whole buffer the exporter lent (for a receive).
+    pub fn lent(&self, index: u32, holder: Owner) -> Option<Lease> {
+        let g = self.layout.geometry;
+        (index < g.buf_count()).then(|| {
+            self.next[index as usize].set(NIL);
+            Lease::by_index(index, g.payload_cap(), 1, holder)
+        })
+    }
+
+    /// The buffer indices of a chain this process holds, in order.
+    pub fn chain<'a>(&'a self, lease: &Lease) -> impl Iterator<Item = u32> + 'a {
+        let mut at = lease.head();
+        let mut left = lease.frags();
+        std::iter::from_fn(move || {
+            if left == 0 || at as usize >= self.next.len() {
+                return None;
+            }
+            left -= 1;
+            let i = at;
+            at = self.next[i as usize].get();
+            Some(i)
+        })
+    }
+
+    /// Links one-buffer leases, in order, into one chain of `len` payload
+    /// bytes. `parts` is drained on success and untouched on failure (the
+    /// count does not fit `len`).
+    pub fn join(&self, parts: &mut Vec<Lease>, len: u32) -> Option<Lease> {
+        let g = self.layout.geometry;
+        let first = parts.first().map(|l| (l.head(), l.holder()))?;
+        let ok = parts.iter().all(|l| l.frags() == 1 && l.holder() == first.1 && l.head() < g.buf_count());
+        if !ok || frags_for(len, g.payload_cap()) as usize != parts.len() {
+            return None;
+        }
+        for w in parts.windows(2) {
+            self.next[w[0].head() as usize].set(w[1].head());
+        }
+        if let Some(last) = parts.last() {
+            self.next[last.head() as usize].set(NIL);
+        }
+        let frags = parts.len() as u32;
+        parts.clear();
+        Some(Lease::by_index(first.0, len, frags, first.1))
+    }
+
+    /// Splits a chain this process holds into its buffers, one lease each
+    /// (to keep as receive buffers or give back).
+    pub fn split(&self, lease: Lease, out: &mut impl FnMut(Lease)) {
+        let cap = self.layout.geometry.payload_cap();
+        let holder = lease.holder();
+        let mut at = lease.head();
+        for _ in 0..lease.frags() {
+            let Some(next) = self.next.get(at as usize) else { break };
+            let following = next.replace(NIL);
+            out(Lease::by_index(at, cap, 1, holder));
+            at = following;
+        }
+    }
+}

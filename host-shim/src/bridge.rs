@@ -1,0 +1,580 @@
+//! host-shimd's bridge to the agent on the DPU (`mode = "dpu"`; protocol in
+//! [`crate::comch`]): a thread of host-shimd that is the node's agent as
+//! far as the functions can tell (attached under [`wire::ctrl::AGENT_NAME`]
+//! to every tenant's pool and uplink ring, as the agent itself attaches in
+//! host mode) and that hands everything to the real agent over comch.
+//!
+//! It does, on the host, the work that needs host memory, which the agent
+//! on the DPU cannot read:
+//! * **to the agent**: takes what functions pushed into the uplink rings,
+//!   writes the fabric header into every buffer's headroom, hands the
+//!   buffers over to `Owner::Agent` and sends their indices;
+//! * **from the agent**: takes back the named buffers (only those recorded
+//!   as the agent's), links them into a chain, completes a received
+//!   message's descriptor from its header (checked against what the agent
+//!   saw), and pushes it into the destination function's ring; lends
+//!   receive buffers on request; rewrites headers the agent asks to.
+//!
+//! It never copies a payload. When the agent goes away it frees every
+//! buffer still recorded as the agent's and waits for the next one; the
+//! agent, seeing host-shimd go, drops its pools and waits likewise.
+
+use crate::comch::{Outbox, each_frame, server_name};
+use crate::function::{Function, Msg, SendErrorKind};
+use config::Cluster;
+use shm::pool::Lease;
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use wire::ctrl::{BufList, CtrlMsg, LendRecv, MAX_LEND, MessageHdr, PoolExport};
+use wire::desc::{NO_NODE, frag_len};
+use wire::fabric::{FabricHeader, HEADER_OFFSET, MsgKind};
+use wire::segment::Owner;
+use wire::{DescFlags, Descriptor, ErrorCode};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// Messages taken from one uplink ring per pass.
+const BATCH: usize = 32;
+/// How long an idle bridge keeps polling before it sleeps.
+const SPIN: Duration = Duration::from_micros(50);
+/// Longest sleep (pending lends and deliveries are retried this often).
+const TICK: Duration = Duration::from_millis(1);
+
+/// What the bridge counted (for logs and tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BridgeStats {
+    /// Messages sent to the agent.
+    pub to_agent: u64,
+    /// Messages delivered to local functions.
+    pub delivered: u64,
+    /// Buffers lent for receives.
+    pub lent: u64,
+    /// Buffers the agent gave back.
+    pub returned: u64,
+    /// Frames or buffers from the agent refused (bad frame, a buffer it
+    /// does not hold, a header that disagrees).
+    pub refused: u64,
+    /// Messages returned to their sender as errors (no instance).
+    pub bounced: u64,
+    /// Connections to the agent so far.
+    pub connects: u64,
+    /// Buffers freed because the agent that held them went away.
+    pub reclaimed: u64,
+}
+
+struct Tenant {
+    link: Function,
+    /// The pool's export (kept alive: the agent's import names it).
+    _mmap: doca::Mmap,
+    blob: Vec<u8>,
+    /// Receive buffers the agent asked for and did not get yet.
+    want: u32,
+    /// Deliveries waiting for room in a function's ring.
+    backlog: VecDeque<Msg>,
+}
+
+/// The bridge of one node (see the module docs).
+pub struct Bridge {
+    cfg: Arc<Cluster>,
+    node: u16,
+    tenants: Vec<Tenant>,
+    dev: doca::Device,
+    pe: doca::ProgressEngine,
+    client: Option<doca::ComchClient>,
+    up: bool,
+    name: String,
+    out: Outbox,
+    rx: Vec<u8>,
+    /// Buffer indices of the message being handled.
+    scratch: Vec<u32>,
+    parts: Vec<Lease>,
+    /// Lent buffers waiting to be sent.
+    lend: Vec<u32>,
+    stats: BridgeStats,
+}
+
+impl core::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Bridge").field("node", &self.node).field("up", &self.up).finish_non_exhaustive()
+    }
+}
+
+impl Bridge {
+    /// Attaches to host-shimd at `socket` for every tenant, exports the
+    /// pools, and prepares the comch client of node `node`'s agent.
+    pub fn new(cfg: Arc<Cluster>, node: u16, socket: &Path) -> anyhow::Result<Self> {
+        let n = cfg.nodes.get(usize::from(node)).ok_or_else(|| anyhow::anyhow!("no node {node}"))?;
+        let dev = doca::Device::open_first().map_err(|e| anyhow::anyhow!("opening the DOCA device: {e}"))?;
+        let mut tenants = Vec::with_capacity(cfg.tenants.len());
+        for t in &cfg.tenants {
+            let link = Function::attach_agent(socket, &t.name)?;
+            let fd = link.pool().region().fd().try_clone_to_owned()?;
+            let region = Arc::new(shm::Region::open(fd)?);
+            let mmap = doca::Mmap::builder(doca::MemRange::region(region))
+                .permissions(doca::Access::LOCAL_READ_WRITE | doca::Access::PCI_READ_WRITE)
+                .add_device(&dev)
+                .start()
+                .map_err(|e| anyhow::anyhow!("tenant {}: mapping the pool for export: {e}", t.name))?;
+            let blob =
+                mmap.export_pci(&dev).map_err(|e| anyhow::anyhow!("tenant {}: exporting the pool: {e}", t.name))?;
+            tenants.push(Tenant { link, _mmap: mmap, blob, want: 0, backlog: VecDeque::with_capacity(256) });
+        }
+        let max_chain = cfg.tenants.iter().map(|t| t.max_chain).max().unwrap_or(64) as usize;
+        Ok(Self {
+            name: server_name(n),
+            node,
+            tenants,
+            dev,
+            pe: doca::ProgressEngine::new().map_err(|e| anyhow::anyhow!("progress engine: {e}"))?,
+            client: None,
+            up: false,
+            out: Outbox::new(doca::COMCH_MAX_MSG_SIZE as usize),
+            rx: vec![0; doca::COMCH_MAX_MSG_SIZE as usize],
+            scratch: Vec::with_capacity(max_chain.max(MAX_LEND)),
+            parts: Vec::with_capacity(max_chain),
+            lend: Vec::with_capacity(MAX_LEND),
+            cfg,
+            stats: BridgeStats::default(),
+        })
+    }
+
+    /// What the bridge counted so far.
+    pub fn stats(&self) -> BridgeStats {
+        self.stats
+    }
+
+    /// Whether the agent is connected.
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
+    /// Runs until `stop` is set or host-shimd goes away.
+    pub fn run(&mut self, stop: &AtomicBool) {
+        let mut idle_since = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            if !self.tenants.iter().all(|t| t.link.shimd_alive()) {
+                log::warn!("bridge: host-shimd went away");
+                return;
+            }
+            if self.step() > 0 {
+                idle_since = Instant::now();
+            } else if idle_since.elapsed() > SPIN {
+                self.sleep();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// One pass: comch events, the uplink rings, lends, deliveries waiting
+    /// for room, and the outbox. Returns how much work it found.
+    pub fn step(&mut self) -> usize {
+        let mut work = self.pump();
+        if self.up {
+            for t in 0..self.tenants.len() {
+                for _ in 0..BATCH {
+                    let Some(msg) = self.tenants[t].link.try_recv() else { break };
+                    self.to_agent(t, msg);
+                    work += 1;
+                }
+                work += self.lend(t);
+                work += self.redeliver(t);
+            }
+            self.flush();
+        }
+        work
+    }
+
+    fn connect(&mut self) {
+        let cfg = doca::ComchConfig { send_tasks: 256, recv_queue: 256, ..Default::default() };
+        match doca::ComchClient::new(&self.pe, &self.dev, &self.name, cfg).and_then(|c| c.start().map(|()| c)) {
+            Ok(c) => self.client = Some(c),
+            Err(e) => log::warn!("bridge: comch client of \"{}\": {e}", self.name),
+        }
+    }
+
+    /// Takes comch events; returns how many.
+    fn pump(&mut self) -> usize {
+        if self.client.is_none() {
+            self.connect();
+        }
+        self.pe.progress();
+        let mut n = 0;
+        let mut rx = std::mem::take(&mut self.rx);
+        while let Some(ev) = self.client.as_ref().and_then(|c| c.poll_event(&mut rx)) {
+            n += 1;
+            match ev {
+                doca::ComchEvent::Connected(_) => self.agent_up(),
+                doca::ComchEvent::Disconnected(_) => self.agent_gone(),
+                doca::ComchEvent::Message { len, truncated, .. } => {
+                    if truncated {
+                        log::warn!("bridge: a comch message of {len} bytes was cut; refused");
+                        self.stats.refused += 1;
+                        continue;
+                    }
+                    if let Err(e) = each_frame(&rx[..len as usize], |f| self.from_agent(f)) {
+                        log::warn!("bridge: a frame from the agent does not decode: {e}");
+                        self.stats.refused += 1;
+                    }
+                }
+                doca::ComchEvent::SendDone { result: Err(e), .. } => {
+                    log::warn!("bridge: a send to the agent failed: {e}");
+                }
+                doca::ComchEvent::SendDone { .. } => {}
+            }
+        }
+        self.rx = rx;
+        n
+    }
+
+    fn agent_up(&mut self) {
+        self.up = true;
+        self.stats.connects += 1;
+        log::info!("bridge: the agent is connected on comch \"{}\"", self.name);
+        for t in 0..self.tenants.len() {
+            let g = self.tenants[t].link.pool().geometry();
+            let blob = std::mem::take(&mut self.tenants[t].blob);
+            let body = PoolExport {
+                tenant: t as u16,
+                reserved: 0,
+                flags: 0,
+                buf_size: g.buf_size(),
+                buf_count: g.buf_count(),
+                headroom: g.headroom(),
+                max_chain: g.max_chain(),
+                pool_len: self.tenants[t].link.pool().region().len() as u64,
+                blob_len: blob.len() as u32,
+                reserved2: 0,
+            };
+            self.push(CtrlMsg::PoolExport(body, &blob));
+            self.tenants[t].blob = blob;
+        }
+        self.flush();
+    }
+
+    fn agent_gone(&mut self) {
+        if self.up {
+            log::warn!("bridge: the agent went away; freeing what it held");
+        }
+        self.up = false;
+        self.out.clear();
+        self.client = None;
+        for t in 0..self.tenants.len() {
+            self.tenants[t].want = 0;
+            let g = self.tenants[t].link.pool().geometry();
+            let holder = Owner::Held(self.tenants[t].link.info().slot);
+            for i in 0..g.buf_count() {
+                let pool = self.tenants[t].link.pool();
+                if pool.owner(i) == Ok(Owner::Agent) {
+                    if let Ok(lease) = pool.take_back(i, g.payload_cap(), Owner::Agent, holder) {
+                        self.stats.reclaimed += 1;
+                        self.free(t, lease);
+                    }
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, msg: CtrlMsg<'_>) {
+        let Some(c) = self.client.as_ref() else { return };
+        let mut send = |m: &[u8]| c.send(m, 0);
+        if self.out.push(msg, &mut send).is_err() {
+            self.agent_gone();
+        }
+    }
+
+    fn flush(&mut self) {
+        let Some(c) = self.client.as_ref() else { return };
+        let mut send = |m: &[u8]| c.send(m, 0);
+        if self.out.flush(&mut send).is_err() {
+            self.agent_gone();
+        }
+    }
+
+    /// A function's message for another node: headers, hand-over, frame.
+    fn to_agent(&mut self, t: usize, msg: Msg) {
+        let (lease, desc) = msg.into_parts();
+        let pool = self.tenants[t].link.pool();
+        let cap = pool.geometry().payload_cap();
+        self.scratch.clear();
+        self.scratch.extend(pool.chain(&lease));
+        let count = self.scratch.len() as u16;
+        for (k, &i) in (0u16..).zip(&self.scratch) {
+            let h = FabricHeader::new(MsgKind::Data, desc, k, count, frag_len(lease.len(), cap, u32::from(k)));
+            if let Some(off) = pool.buf_offset(i) {
+                let _ = pool.region().copy_in(off + u64::from(HEADER_OFFSET), h.as_bytes());
+            }
+        }
+        match pool.hand_over(lease, Owner::Agent) {
+            Ok((head, len)) => {
+                let hdr = MessageHdr { desc: Descriptor { buf: head, len, ..desc }, flags: 0, count };
+                let list = std::mem::take(&mut self.scratch);
+                self.push(CtrlMsg::Message(hdr, BufList::from_indices(&list)));
+                self.scratch = list;
+                self.stats.to_agent += 1;
+            }
+            Err((lease, e)) => {
+                log::warn!("bridge: handing a message to the agent: {e}");
+                self.free(t, lease);
+            }
+        }
+    }
+
+    fn from_agent(&mut self, f: CtrlMsg<'_>) {
+        match f {
+            CtrlMsg::Message(h, list) => self.agent_message(h, list),
+            CtrlMsg::ReturnBufs(LendRecv { tenant: t, .. }, list) => {
+                let Some(tn) = self.tenants.get(usize::from(t)) else { return self.refuse("return: unknown tenant") };
+                let pool = tn.link.pool();
+                let (cap, holder) = (pool.geometry().payload_cap(), Owner::Held(tn.link.info().slot));
+                for i in list.iter() {
+                    match self.tenants[usize::from(t)].link.pool().take_back(i, cap, Owner::Agent, holder) {
+                        Ok(lease) => {
+                            self.stats.returned += 1;
+                            self.free(usize::from(t), lease);
+                        }
+                        Err(_) => self.refuse("return: a buffer the agent does not hold"),
+                    }
+                }
+            }
+            CtrlMsg::WantBufs(LendRecv { tenant: t, count: n, .. }) => match self.tenants.get_mut(usize::from(t)) {
+                Some(tn) => tn.want = tn.want.saturating_add(n).min(tn.link.pool().geometry().buf_count()),
+                None => self.refuse("want: unknown tenant"),
+            },
+            other => {
+                log::warn!("bridge: unexpected {:?} frame from the agent", other.kind());
+                self.stats.refused += 1;
+            }
+        }
+    }
+
+    fn refuse(&mut self, why: &str) {
+        log::warn!("bridge: refused from the agent: {why}");
+        self.stats.refused += 1;
+    }
+
+    /// A message from the agent: takes its buffers back, links them, and
+    /// delivers it (or re-stamps it and sends it back).
+    fn agent_message(&mut self, h: MessageHdr, list: BufList<'_>) {
+        let t = usize::from(h.desc.tenant);
+        let Some(tn) = self.tenants.get(t) else { return self.refuse("message: unknown tenant") };
+        let pool = tn.link.pool();
+        let g = pool.geometry();
+        let holder = Owner::Held(tn.link.info().slot);
+        self.parts.clear();
+        for i in list.iter() {
+            match pool.take_back(i, g.payload_cap(), Owner::Agent, holder) {
+                Ok(l) => self.parts.push(l),
+                Err(_) => {
+                    // Give back what was taken: the agent still counts on it.
+                    for l in self.parts.drain(..) {
+                        let _ = pool.hand_over(l, Owner::Agent);
+                    }
+                    return self.refuse("message: a buffer the agent does not hold");
+                }
+            }
+        }
+        let mut desc = h.desc;
+        if h.flags & MessageHdr::FROM_FABRIC != 0 {
+            match read_header(pool, h.desc.buf, &h, list.len()) {
+                Some(d) => desc = Descriptor { tenant: t as u16, ..d },
+                None => {
+                    for l in std::mem::take(&mut self.parts) {
+                        self.free(t, l);
+                    }
+                    return self.refuse("message: its fabric header disagrees with what the agent saw");
+                }
+            }
+            if desc.flags & DescFlags::REPLY != 0 && desc.flags & DescFlags::ERROR == 0 {
+                // A reply never ends on a worker node.
+                for l in std::mem::take(&mut self.parts) {
+                    self.free(t, l);
+                }
+                return self.refuse("message: a reply for a worker node");
+            }
+        }
+        let mut parts = std::mem::take(&mut self.parts);
+        let joined = self.tenants[t].link.pool().join(&mut parts, desc.len);
+        let lease = match joined {
+            Ok(l) => l,
+            Err(_) => {
+                for l in parts.drain(..) {
+                    self.free(t, l);
+                }
+                self.parts = parts;
+                return self.refuse("message: its buffers do not add up to its length");
+            }
+        };
+        self.parts = parts;
+        let msg = Msg::from_parts(lease, Descriptor { buf: h.desc.buf, ..desc });
+        if h.flags & MessageHdr::RESTAMP != 0 {
+            self.to_agent(t, msg);
+        } else {
+            self.deliver(t, msg);
+        }
+    }
+
+    fn deliver(&mut self, t: usize, msg: Msg) {
+        let dst = usize::from(msg.desc().dst_fn);
+        let Some(f) = self.cfg.functions.get(dst).filter(|f| {
+            self.cfg.node_id(&f.node) == Some(self.node) && self.cfg.tenant_id(&f.tenant) == Some(t as u16)
+        }) else {
+            return self.bounce(t, msg);
+        };
+        let name = f.name.clone();
+        match self.tenants[t].link.send(msg, &name) {
+            Ok(()) => self.stats.delivered += 1,
+            Err(e) => match (e.kind, e.msg) {
+                (SendErrorKind::Full, Some(m)) => self.tenants[t].backlog.push_back(m),
+                (_, Some(m)) => self.bounce(t, m),
+                (_, None) => {}
+            },
+        }
+    }
+
+    fn redeliver(&mut self, t: usize) -> usize {
+        let k = self.tenants[t].backlog.len();
+        for _ in 0..k {
+            let Some(m) = self.tenants[t].backlog.pop_front() else { break };
+            self.deliver(t, m);
+        }
+        k.saturating_sub(self.tenants[t].backlog.len())
+    }
+
+    /// No local instance: the message goes back as an error, to the
+    /// ingress that waits for it or to its sender, through the agent.
+    fn bounce(&mut self, t: usize, mut msg: Msg) {
+        let d = *msg.desc();
+        if d.flags & DescFlags::ERROR != 0 {
+            let (lease, _) = msg.into_parts();
+            return self.free(t, lease);
+        }
+        self.stats.bounced += 1;
+        let dm = msg.desc_mut();
+        dm.flags |= DescFlags::ERROR;
+        dm.status = ErrorCode::PeerDied as u8;
+        if d.origin != NO_NODE {
+            dm.flags |= DescFlags::REPLY;
+        } else {
+            dm.dst_fn = d.src_fn;
+        }
+        self.to_agent(t, msg);
+    }
+
+    /// Lends receive buffers the agent asked for, as far as the pool has
+    /// them.
+    fn lend(&mut self, t: usize) -> usize {
+        let mut n = 0;
+        while self.tenants[t].want > 0 {
+            let tn = &mut self.tenants[t];
+            let cap = tn.link.pool().geometry().payload_cap();
+            self.lend.clear();
+            while self.lend.len() < MAX_LEND.min(tn.want as usize) {
+                let Ok(m) = tn.link.alloc(cap) else { break };
+                let (lease, _) = m.into_parts();
+                match tn.link.pool().hand_over(lease, Owner::Agent) {
+                    Ok((i, _)) => self.lend.push(i),
+                    Err((lease, e)) => {
+                        log::warn!("bridge: lending a buffer: {e}");
+                        let _ = tn.link.free(Msg::from_parts(lease, Descriptor::default()));
+                        break;
+                    }
+                }
+            }
+            if self.lend.is_empty() {
+                break;
+            }
+            let k = self.lend.len() as u32;
+            tn.want -= k;
+            self.stats.lent += u64::from(k);
+            n += k as usize;
+            let lend = std::mem::take(&mut self.lend);
+            let body = LendRecv { tenant: t as u16, reserved: 0, count: k };
+            self.push(CtrlMsg::LendRecv(body, BufList::from_indices(&lend)));
+            self.lend = lend;
+        }
+        n
+    }
+
+    fn free(&mut self, t: usize, lease: Lease) {
+        if let Err(e) = self.tenants[t].link.free(Msg::from_parts(lease, Descriptor::default())) {
+            log::warn!("bridge: freeing a buffer: {e}");
+        }
+    }
+
+    /// Sleeps until a function sends, the agent has news, or [`TICK`].
+    fn sleep(&mut self) {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        if let Err(e) = self.pe.clear_notification() {
+            log::warn!("bridge: clearing the comch notification: {e}");
+        }
+        if self.step() > 0 {
+            return;
+        }
+        let mut armed = 0;
+        while armed < self.tenants.len() && self.tenants[armed].link.sleep_begin() {
+            armed += 1;
+        }
+        if armed == self.tenants.len() {
+            let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(armed + 1);
+            if let Ok(fd) = self.pe.notification_handle() {
+                fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
+            }
+            for tn in &self.tenants {
+                fds.push(PollFd::from_borrowed_fd(tn.link.doorbell_fd(), PollFlags::IN));
+            }
+            let ts = Timespec { tv_sec: 0, tv_nsec: TICK.as_nanos() as i64 };
+            if let Err(e) = poll(&mut fds, Some(&ts))
+                && e != rustix::io::Errno::INTR
+            {
+                log::warn!("bridge: sleeping: {e}");
+                std::thread::sleep(TICK);
+            }
+        }
+        let woken = (armed + 1).min(self.tenants.len());
+        for tn in self.tenants.iter_mut().take(woken) {
+            tn.link.sleep_end();
+        }
+    }
+}
+
+/// The descriptor in the fabric header of a received message's first
+/// buffer, if it agrees with what the agent saw: a first data fragment of
+/// `frags`, to the destination of the immediate, of the length the
+/// fragments added up to.
+fn read_header(pool: &shm::Pool, first: u32, h: &MessageHdr, frags: usize) -> Option<Descriptor> {
+    let mut b = [0u8; size_of::<FabricHeader>()];
+    pool.region().copy_out(pool.buf_offset(first)? + u64::from(HEADER_OFFSET), &mut b).ok()?;
+    let fh = FabricHeader::read_from_bytes(&b).ok()?;
+    let ok = fh.magic == wire::fabric::FABRIC_MAGIC
+        && fh.version == wire::fabric::FABRIC_VERSION
+        && fh.kind == MsgKind::Data as u8
+        && fh.frag_index == 0
+        && usize::from(fh.frag_count) == frags
+        && fh.desc.dst_fn == h.desc.dst_fn
+        && fh.desc.len == h.desc.len
+        && fh.desc.validate_fields().is_ok();
+    ok.then_some(fh.desc)
+}
+
+/// Runs the bridge of node `node` until `stop` is set: attaches (retrying
+/// while host-shimd starts), then serves; re-attaches if it has to.
+pub fn serve(cfg: Arc<Cluster>, node: u16, socket: &Path, stop: &AtomicBool) {
+    let mut delay = Duration::from_millis(10);
+    while !stop.load(Ordering::Relaxed) {
+        match Bridge::new(cfg.clone(), node, socket) {
+            Ok(mut b) => {
+                b.run(stop);
+                log::info!("bridge: stopped: {:?}", b.stats());
+                delay = Duration::from_millis(10);
+            }
+            Err(e) => {
+                log::debug!("bridge: not attached yet: {e}");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
