@@ -134,3 +134,49 @@ impl ImportedPool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> ImportedPool {
+        // 8 buffers of 1 KiB (960 payload bytes each), chains up to 4.
+        ImportedPool::new(PoolGeometry::new(0, 1024, 8, 64, 4).unwrap(), vec![1, 2, 3])
+    }
+
+    #[test]
+    fn adopted_chains_are_walked_in_the_exporters_order() {
+        let p = pool();
+        let l = p.adopt([5u32, 2, 7].into_iter(), 2000, Owner::Agent).expect("three buffers carry 2000 bytes");
+        assert_eq!((l.head(), l.len(), l.frags()), (5, 2000, 3));
+        assert_eq!(p.chain(&l).collect::<Vec<_>>(), [5, 2, 7]);
+        assert_eq!(p.buf_offset(2), Some(p.buf_offset(0).unwrap() + 2048));
+        assert_eq!(p.buf_offset(8), None);
+        let mut singles = Vec::new();
+        p.split(l, &mut |s| singles.push((s.head(), s.frags())));
+        assert_eq!(singles, [(5, 1), (2, 1), (7, 1)]);
+    }
+
+    #[test]
+    fn chains_that_do_not_fit_their_length_or_the_pool_are_refused() {
+        let p = pool();
+        assert!(p.adopt([1u32, 2].into_iter(), 2000, Owner::Agent).is_none(), "too few buffers");
+        assert!(p.adopt([1u32, 2, 3, 4].into_iter(), 2000, Owner::Agent).is_none(), "too many");
+        assert!(p.adopt([1u32, 8, 3].into_iter(), 2000, Owner::Agent).is_none(), "index out of the pool");
+        assert!(p.adopt(std::iter::empty(), 0, Owner::Agent).is_none(), "no buffer at all");
+        assert!(p.adopt([0u32; 5].into_iter(), 4 * 960 + 1, Owner::Agent).is_none(), "longer than max_chain");
+        assert!(p.lent(8, Owner::Agent).is_none());
+    }
+
+    #[test]
+    fn received_fragments_join_into_one_chain() {
+        let p = pool();
+        let mut parts: Vec<Lease> = [3u32, 0, 6].iter().map(|&i| p.lent(i, Owner::Agent).unwrap()).collect();
+        assert!(p.join(&mut parts, 960).is_none(), "three buffers are not a 960-byte message");
+        assert_eq!(parts.len(), 3, "untouched on failure");
+        let l = p.join(&mut parts, 1921).unwrap();
+        assert!(parts.is_empty());
+        assert_eq!(p.chain(&l).collect::<Vec<_>>(), [3, 0, 6]);
+        assert_eq!((l.len(), l.frags()), (1921, 3));
+    }
+}

@@ -176,7 +176,7 @@ impl Bridge {
             for t in 0..self.tenants.len() {
                 for _ in 0..BATCH {
                     let Some(msg) = self.tenants[t].link.try_recv() else { break };
-                    self.to_agent(t, msg);
+                    self.hand_to_agent(t, msg);
                     work += 1;
                 }
                 work += self.lend(t);
@@ -214,7 +214,7 @@ impl Bridge {
                         self.stats.refused += 1;
                         continue;
                     }
-                    if let Err(e) = each_frame(&rx[..len as usize], |f| self.from_agent(f)) {
+                    if let Err(e) = each_frame(&rx[..len as usize], |f| self.on_agent_frame(f)) {
                         log::warn!("bridge: a frame from the agent does not decode: {e}");
                         self.stats.refused += 1;
                     }
@@ -294,7 +294,7 @@ impl Bridge {
     }
 
     /// A function's message for another node: headers, hand-over, frame.
-    fn to_agent(&mut self, t: usize, msg: Msg) {
+    fn hand_to_agent(&mut self, t: usize, msg: Msg) {
         let (lease, desc) = msg.into_parts();
         let pool = self.tenants[t].link.pool();
         let cap = pool.geometry().payload_cap();
@@ -322,7 +322,7 @@ impl Bridge {
         }
     }
 
-    fn from_agent(&mut self, f: CtrlMsg<'_>) {
+    fn on_agent_frame(&mut self, f: CtrlMsg<'_>) {
         match f {
             CtrlMsg::Message(h, list) => self.agent_message(h, list),
             CtrlMsg::ReturnBufs(LendRecv { tenant: t, .. }, list) => {
@@ -410,7 +410,7 @@ impl Bridge {
         self.parts = parts;
         let msg = Msg::from_parts(lease, Descriptor { buf: h.desc.buf, ..desc });
         if h.flags & MessageHdr::RESTAMP != 0 {
-            self.to_agent(t, msg);
+            self.hand_to_agent(t, msg);
         } else {
             self.deliver(t, msg);
         }
@@ -460,7 +460,7 @@ impl Bridge {
         } else {
             dm.dst_fn = d.src_fn;
         }
-        self.to_agent(t, msg);
+        self.hand_to_agent(t, msg);
     }
 
     /// Lends receive buffers the agent asked for, as far as the pool has
