@@ -604,3 +604,54 @@ fn notification_handle_wakes_a_sleeping_receiver() {
     };
     assert!(matches!(got, RdmaEvent::Received { user_data: 7, imm: Some(42), result: Ok(()), .. }), "{got:?}");
 }
+
+/// The same for comch: a server's engine that sleeps on its handle wakes
+/// when a client connects and when a client's message arrives, and the
+/// client's engine wakes for the answer.
+#[test]
+fn notification_handle_wakes_a_sleeping_comch_peer() {
+    let dev = device();
+    let (pe_s, pe_c) = (ProgressEngine::new().unwrap(), ProgressEngine::new().unwrap());
+    let name = format!("conf-wake-{}", std::process::id());
+    let server = ComchServer::new(&pe_s, &dev, &name, ComchConfig::default()).unwrap();
+    server.start().unwrap();
+    pe_s.progress();
+    let hs = pe_s.notification_handle().unwrap();
+    pe_s.clear_notification().unwrap();
+    pe_s.progress();
+    assert!(!readable(hs, Duration::from_millis(50)), "an idle server's handle stays quiet");
+    let client = ComchClient::new(&pe_c, &dev, &name, ComchConfig::default()).unwrap();
+    client.start().unwrap();
+    pe_c.progress();
+    assert!(readable(hs, WATCHDOG), "a client connecting wakes the server");
+    let mut buf = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
+    let mut conn = None;
+    progress_until(&pe_s, "the client's hello", || {
+        if let Some(ComchEvent::Connected(c)) = server.poll_event(&mut buf) {
+            conn = Some(c);
+        }
+        conn.is_some()
+    });
+    pe_s.clear_notification().unwrap();
+    pe_s.progress();
+    assert!(!readable(hs, Duration::from_millis(50)), "quiet again");
+    client.send(b"ping", 1).unwrap();
+    pe_c.progress();
+    assert!(readable(hs, WATCHDOG), "a message wakes the server");
+    let mut got = None;
+    progress_until(&pe_s, "ping", || {
+        if let Some(ComchEvent::Message { len, .. }) = server.poll_event(&mut buf) {
+            got = Some(buf[..len as usize].to_vec());
+        }
+        got.is_some()
+    });
+    assert_eq!(got.as_deref(), Some(&b"ping"[..]));
+    let hc = pe_c.notification_handle().unwrap();
+    while client.poll_event(&mut buf).is_some() {}
+    pe_c.clear_notification().unwrap();
+    pe_c.progress();
+    while client.poll_event(&mut buf).is_some() {}
+    server.send(conn.unwrap(), b"pong", 2).unwrap();
+    pe_s.progress();
+    assert!(readable(hc, WATCHDOG), "the answer wakes the client");
+}

@@ -54,6 +54,12 @@ pub struct DemoOptions {
     /// HTTP port of the ingress (0: any free port).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
+    /// The worker nodes' mode: `emulated` (each agent attached to its
+    /// host-shimd's shared memory) or `dpu` (each agent behind emulated
+    /// DOCA comch, sending from and receiving into host pools it imported,
+    /// as on a BlueField).
+    #[arg(long, default_value = "emulated", value_parser = ["emulated", "dpu"])]
+    pub mode: String,
     /// For programs that run the demo (the `soak` benchmark): environment
     /// set on every child process.
     #[arg(skip)]
@@ -207,6 +213,7 @@ impl Drop for Demo {
 }
 
 fn cluster_file(
+    mode: &str,
     dir: &Path,
     addrs: &[SocketAddr; 2],
     metrics: &[SocketAddr; 2],
@@ -217,7 +224,7 @@ fn cluster_file(
     for i in 0..2 {
         let _ = write!(
             s,
-            "\n[[node]]\nname = \"n{i}\"\nmode = \"emulated\"\naddress = \"{}\"\nmetrics = \"{}\"\nruntime_dir = \"{}\"\n",
+            "\n[[node]]\nname = \"n{i}\"\nmode = \"{mode}\"\naddress = \"{}\"\nmetrics = \"{}\"\nruntime_dir = \"{}\"\n",
             addrs[i],
             metrics[i],
             dir.join(format!("n{i}")).display()
@@ -302,9 +309,12 @@ impl Demo {
             Err(_) => free_port("127.0.0.1")?,
         };
         let config = dir.join("cluster.toml");
-        std::fs::write(&config, cluster_file(&dir, &addrs, &metrics, edge, http))?;
+        std::fs::write(&config, cluster_file(&opts.mode, &dir, &addrs, &metrics, edge, http))?;
         let cluster = Cluster::load(&config)?;
-        let mut d = Demo { children: Vec::new(), dir, netns, config, cluster, http, child_env: opts.child_env.clone() };
+        // Emulated comch sockets live in the demo's directory.
+        let mut child_env = opts.child_env.clone();
+        child_env.push((doca::RUNTIME_DIR_ENV.to_owned(), dir.display().to_string()));
+        let mut d = Demo { children: Vec::new(), dir, netns, config, cluster, http, child_env };
         let cfg = d.config.to_string_lossy().into_owned();
         for i in 0..2 {
             let node = format!("n{i}");
@@ -593,7 +603,11 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
 #[allow(clippy::print_stdout, clippy::print_stderr)]
 pub fn execute(opts: &DemoOptions) -> anyhow::Result<Outcome> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    say!(opts.quiet, "DNE demo: starting 2 worker nodes, an ingress and 3 tenants as child processes (emulated mode)");
+    say!(
+        opts.quiet,
+        "DNE demo: starting 2 worker nodes, an ingress and 3 tenants as child processes ({} mode)",
+        opts.mode
+    );
     let mut demo = Demo::start(opts)?;
     let where_ = if demo.netns.is_some() { "each agent in its own network namespace" } else { "on loopback" };
     say!(opts.quiet, "  cluster file {}  ({where_})", demo.config.display());

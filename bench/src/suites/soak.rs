@@ -36,6 +36,7 @@ fn run(opts: &Opts) -> Result<Report> {
         body: 1024,
         no_netns: false,
         port: 0,
+        mode: "emulated".to_owned(),
         // The children are this binary in the agent's roles.
         child_env: vec![(ROLE_ENV.to_owned(), "cluster".to_owned())],
         memory_check: true,

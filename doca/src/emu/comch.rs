@@ -15,7 +15,7 @@ use crate::{ComchConfig, ComchConnId, ComchEvent, CtxState, DocaError};
 use rustix::io::Errno;
 use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
 use std::collections::VecDeque;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -87,6 +87,9 @@ struct SendTask {
 #[derive(Debug)]
 struct State {
     cfg: ComchConfig,
+    /// The progress engine, whose notification handle watches every
+    /// socket of the context.
+    pe: Arc<PeShared>,
     role: Role,
     path: PathBuf,
     bound: bool,
@@ -114,11 +117,12 @@ impl Progress for Core {
 }
 
 impl State {
-    fn new(cfg: ComchConfig, role: Role, path: PathBuf, peers: usize) -> Self {
+    fn new(cfg: ComchConfig, pe: Arc<PeShared>, role: Role, path: PathBuf, peers: usize) -> Self {
         let m = cfg.max_msg_size as usize;
         let events = (cfg.send_tasks + cfg.recv_queue) as usize + 2 * peers + 4;
         Self {
             cfg,
+            pe,
             role,
             path,
             bound: false,
@@ -251,6 +255,7 @@ impl State {
                     .and_then(|()| rustix::net::send(&fd, HELLO, SendFlags::DONTWAIT | SendFlags::NOSIGNAL));
                 match hello {
                     Ok(_) => {
+                        self.pe.watch(fd.as_fd());
                         self.peers[0] = Some(Peer { fd, up: true });
                         self.state = CtxState::Running;
                         self.events.push_back(Ev::Public(ComchEvent::Connected(ComchConnId(0))));
@@ -270,7 +275,10 @@ impl State {
         loop {
             match rustix::net::accept_with(l, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
                 Ok(fd) => match self.peers.iter().position(Option::is_none) {
-                    Some(i) => self.peers[i] = Some(Peer { fd, up: false }),
+                    Some(i) => {
+                        self.pe.watch(fd.as_fd());
+                        self.peers[i] = Some(Peer { fd, up: false });
+                    }
                     None => log::warn!("comch server {}: client limit reached, refusing one", self.path.display()),
                 },
                 Err(Errno::AGAIN) | Err(Errno::INTR) => break,
@@ -397,6 +405,7 @@ fn start_server(st: &mut State) -> Result<(), DocaError> {
     }
     st.bound = true;
     rustix::net::listen(&fd, 128).map_err(|e| crate::error::os("listen", e))?;
+    st.pe.watch(fd.as_fd());
     st.role = Role::Server { listener: Some(fd) };
     st.state = CtxState::Starting;
     Ok(())
@@ -453,7 +462,7 @@ impl ComchServer {
     pub fn new(pe: &ProgressEngine, dev: &Device, name: &str, cfg: ComchConfig) -> Result<Self, DocaError> {
         cfg.validate()?;
         let path = socket_path(name)?;
-        let st = State::new(cfg, Role::Server { listener: None }, path, cfg.max_clients as usize);
+        let st = State::new(cfg, pe.shared.clone(), Role::Server { listener: None }, path, cfg.max_clients as usize);
         let core = Arc::new(Core { st: Mutex::new(st) });
         pe.shared.connect(Arc::downgrade(&core) as _);
         Ok(Self { core, _pe: pe.shared.clone(), _dev: dev.clone() })
@@ -488,7 +497,7 @@ impl ComchClient {
     pub fn new(pe: &ProgressEngine, dev: &Device, name: &str, cfg: ComchConfig) -> Result<Self, DocaError> {
         cfg.validate()?;
         let path = socket_path(name)?;
-        let st = State::new(cfg, Role::Client { next_try: Instant::now() }, path, 1);
+        let st = State::new(cfg, pe.shared.clone(), Role::Client { next_try: Instant::now() }, path, 1);
         let core = Arc::new(Core { st: Mutex::new(st) });
         pe.shared.connect(Arc::downgrade(&core) as _);
         Ok(Self { core, _pe: pe.shared.clone(), _dev: dev.clone() })

@@ -2,8 +2,8 @@
 //! I/O, state transitions and completions only inside `progress()`.
 //!
 //! Event-driven waiting, as DOCA's notification handle: every socket an
-//! RDMA context opens is watched (comch contexts are not yet), edge-triggered, by the engine's epoll
-//! instance, whose fd is the handle. It turns readable when something
+//! RDMA or comch context opens is watched, edge-triggered, by the engine's
+//! epoll instance, whose fd is the handle. It turns readable when something
 //! happened on a socket since the last [`ProgressEngine::clear_notification`];
 //! a caller clears, progresses once more (what happened before the clear
 //! is found then), and only then sleeps on the handle.
