@@ -3,7 +3,7 @@
 //! and tenant, each tenant's receive quota split over its peers, the
 //! largest buffer and chain of any tenant.
 
-use crate::{Buffers, DocaTransport, Endpoint, EndpointConfig, MeshConfig, Port, PortError, PortSizes, PortTenant};
+use crate::{Buffers, DocaTransport, Endpoint, EndpointConfig, Mesh, MeshConfig, Port, PortError, PortSizes, PortTenant};
 use config::Cluster;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -66,7 +66,8 @@ pub fn open_port<B: Buffers>(
 
 /// The fabric port of a fabric node (an agent or an ingress) of `cfg`:
 /// an endpoint sized for the cluster on the transport `make` opens, every
-/// tenant pool registered, the mesh to every other fabric node started.
+/// tenant pool registered (`bufs[i]` is tenant `i`'s), the mesh to every
+/// other fabric node started.
 pub fn open_port_with<T: crate::Transport, B: Buffers>(
     cfg: &Cluster,
     me: u16,
@@ -74,42 +75,66 @@ pub fn open_port_with<T: crate::Transport, B: Buffers>(
     flights: usize,
     make: MakeTransport<T>,
 ) -> Result<Port<T, B>, ClusterPortError> {
-    let fabric_nodes = (cfg.nodes.len() + cfg.ingresses.len()) as u16;
-    let peers: Vec<(u16, SocketAddr)> = (0..fabric_nodes)
-        .filter(|&i| i != me)
-        .map(|i| Ok((i, addr(cfg, i)?)))
-        .collect::<Result<_, ClusterPortError>>()?;
-    let npeers = peers.len().max(1) as u32;
-    let per_conn: Vec<u32> = cfg.tenants.iter().map(|t| (t.recv_quota / npeers).max(2)).collect();
+    let all: Vec<u16> = (0..cfg.tenants.len() as u16).collect();
+    let mesh = start_meshes(cfg, me, std::slice::from_ref(&all))?.pop().ok_or(ClusterPortError::NoNode(me))?;
+    open_port_on(cfg, me, mesh, all.into_iter().zip(bufs).collect(), flights, make)
+}
+
+/// The mesh of fabric node `me`, with one data-plane half per entry of
+/// `shards` (the tenant ids its port serves; together every tenant once):
+/// several ports, one per data-plane core, that peers see as one node.
+pub fn start_meshes(cfg: &Cluster, me: u16, shards: &[Vec<u16>]) -> Result<Vec<Mesh>, ClusterPortError> {
+    let mesh = MeshConfig {
+        me,
+        name: node_name(cfg, me)?,
+        listen: addr(cfg, me)?,
+        peers: peers(cfg, me)?,
+        tenants: (0..cfg.tenants.len() as u16).collect(),
+        backoff_max: Duration::from_secs(1),
+    };
+    Mesh::start_shards(mesh, shards).map_err(|e| ClusterPortError::Port(PortError::Mesh(e)))
+}
+
+/// The port of the tenants `bufs` (tenant id and its buffers) of fabric
+/// node `me` over `mesh` (a half of [`start_meshes`] for those tenants).
+pub fn open_port_on<T: crate::Transport, B: Buffers>(
+    cfg: &Cluster,
+    me: u16,
+    mesh: Mesh,
+    bufs: Vec<(u16, B)>,
+    flights: usize,
+    make: MakeTransport<T>,
+) -> Result<Port<T, B>, ClusterPortError> {
+    let npeers = peers(cfg, me)?.len().max(1) as u32;
+    let per_conn = |t: u16| (cfg.tenants[usize::from(t)].recv_quota / npeers).max(2);
     let max_buf = cfg.tenants.iter().map(|t| t.buf_size).max().unwrap_or(16384);
     let max_chain = cfg.tenants.iter().map(|t| t.max_chain).max().unwrap_or(64);
     let ecfg = EndpointConfig {
-        max_conns: (cfg.tenants.len() as u32) * npeers * 2 + 4,
-        max_regions: cfg.tenants.len() as u32 + 1,
+        max_conns: (bufs.len() as u32) * npeers * 2 + 4,
+        max_regions: bufs.len() as u32 + 1,
         send_window: 64,
-        recv_depth: per_conn.iter().copied().max().unwrap_or(2) + 1,
+        recv_depth: bufs.iter().map(|(t, _)| per_conn(*t)).max().unwrap_or(2) + 1,
         send_queue: 2 * max_chain + 2 * ENDPOINT_QUEUE_HIGH as u32,
         max_msg: max_buf,
         max_chain: u16::try_from(max_chain).unwrap_or(u16::MAX),
         batch: 64,
     };
-    let my_addr = addr(cfg, me)?;
-    let transport = make(&ecfg, my_addr)?;
-    let name = match cfg.nodes.get(usize::from(me)) {
+    let transport = make(&ecfg, addr(cfg, me)?)?;
+    let tenants = bufs.into_iter().map(|(id, bufs)| PortTenant { id, bufs, per_conn: per_conn(id) }).collect();
+    let sizes = PortSizes { flights, queue_high: ENDPOINT_QUEUE_HIGH };
+    Ok(Port::with_mesh(Endpoint::new(transport, ecfg), mesh, npeers as usize, tenants, sizes)?)
+}
+
+fn peers(cfg: &Cluster, me: u16) -> Result<Vec<(u16, SocketAddr)>, ClusterPortError> {
+    let fabric_nodes = (cfg.nodes.len() + cfg.ingresses.len()) as u16;
+    (0..fabric_nodes).filter(|&i| i != me).map(|i| Ok((i, addr(cfg, i)?))).collect()
+}
+
+fn node_name(cfg: &Cluster, me: u16) -> Result<String, ClusterPortError> {
+    Ok(match cfg.nodes.get(usize::from(me)) {
         Some(n) => n.name.clone(),
         None => cfg.ingresses.get(usize::from(me) - cfg.nodes.len()).ok_or(ClusterPortError::NoNode(me))?.name.clone(),
-    };
-    let mesh = MeshConfig {
-        me,
-        name,
-        listen: my_addr,
-        peers,
-        tenants: (0..cfg.tenants.len() as u16).collect(),
-        backoff_max: Duration::from_secs(1),
-    };
-    let tenants = bufs.into_iter().zip(per_conn).map(|(bufs, per_conn)| PortTenant { bufs, per_conn }).collect();
-    let sizes = PortSizes { flights, queue_high: ENDPOINT_QUEUE_HIGH };
-    Ok(Port::new(Endpoint::new(transport, ecfg), mesh, tenants, sizes)?)
+    })
 }
 
 /// Opens the fabric device: the emulated device whose address is the

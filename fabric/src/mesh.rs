@@ -88,7 +88,10 @@ enum Note {
     Reset { peer: u16, epoch: u32 },
 }
 
-/// The data-plane half of the mesh (see the module docs).
+/// The data-plane half of the mesh (see the module docs). With
+/// [`Mesh::start_shards`] there are several halves over one control
+/// thread, each with its own tenants and endpoint (one per data-plane
+/// core); peers see one node.
 #[derive(Debug)]
 pub struct Mesh {
     tenants: Vec<u16>,
@@ -98,8 +101,30 @@ pub struct Mesh {
     links: HashMap<u16, (u32, Vec<(u16, ConnId)>)>,
     /// Peers whose link is up (control connection and setup sent).
     up: Arc<AtomicU32>,
+    _control: Arc<ControlThread>,
+}
+
+/// The control thread, stopped and joined when the last half goes.
+#[derive(Debug)]
+struct ControlThread {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for ControlThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let t = self.thread.get_mut().ok().and_then(Option::take);
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Where the control thread sends a shard's commands.
+struct Shard {
+    tenants: Vec<u16>,
+    cmds: Sender<Cmd>,
 }
 
 impl std::fmt::Debug for Cmd {
@@ -125,14 +150,36 @@ impl Mesh {
     /// Binds the control listener (so a taken port fails here) and starts
     /// the control thread.
     pub fn start(cfg: MeshConfig) -> io::Result<Self> {
+        let all = cfg.tenants.clone();
+        let mut v = Self::start_shards(cfg, &[all])?;
+        v.pop().ok_or_else(|| io::Error::other("no mesh half"))
+    }
+
+    /// Like [`start`](Self::start), with one data-plane half per entry of
+    /// `shards` (the tenants whose connections it opens, on its own
+    /// endpoint). Every tenant of `cfg.tenants` must be in exactly one
+    /// shard.
+    pub fn start_shards(cfg: MeshConfig, shards: &[Vec<u16>]) -> io::Result<Vec<Self>> {
+        let mut seen: Vec<u16> = shards.iter().flatten().copied().collect();
+        seen.sort_unstable();
+        let mut want = cfg.tenants.clone();
+        want.sort_unstable();
+        if seen != want {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "shards must split the tenants exactly"));
+        }
         let name = wire::Name::new(&cfg.name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let listener = TcpListener::bind(cfg.listen)?;
         listener.set_nonblocking(true)?;
-        let (cmd_tx, cmds) = channel();
         let (notes, note_rx) = channel();
         let stop = Arc::new(AtomicBool::new(false));
         let up = Arc::new(AtomicU32::new(0));
-        let tenants = cfg.tenants.clone();
+        let mut halves = Vec::with_capacity(shards.len());
+        let mut senders = Vec::with_capacity(shards.len());
+        for tenants in shards {
+            let (cmd_tx, cmds) = channel();
+            senders.push(Shard { tenants: tenants.clone(), cmds: cmd_tx });
+            halves.push((tenants.clone(), cmds));
+        }
         let mut control = Control {
             links: cfg
                 .peers
@@ -151,13 +198,24 @@ impl Mesh {
             cfg,
             name,
             listener,
-            cmds: cmd_tx,
+            shards: senders,
             notes: note_rx,
             up: up.clone(),
         };
         let flag = stop.clone();
         let thread = std::thread::Builder::new().name("mesh".into()).spawn(move || control.run(&flag))?;
-        Ok(Self { tenants, cmds, notes, links: HashMap::new(), up, stop, thread: Some(thread) })
+        let control = Arc::new(ControlThread { stop, thread: std::sync::Mutex::new(Some(thread)) });
+        Ok(halves
+            .into_iter()
+            .map(|(tenants, cmds)| Self {
+                tenants,
+                cmds,
+                notes: notes.clone(),
+                links: HashMap::new(),
+                up: up.clone(),
+                _control: control.clone(),
+            })
+            .collect())
     }
 
     /// Peers whose control link is up now.
@@ -236,15 +294,6 @@ impl Mesh {
     }
 }
 
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 struct Link {
     id: u16,
     addr: SocketAddr,
@@ -262,7 +311,7 @@ struct Control {
     name: wire::Name,
     listener: TcpListener,
     links: Vec<Link>,
-    cmds: Sender<Cmd>,
+    shards: Vec<Shard>,
     notes: Receiver<Note>,
     up: Arc<AtomicU32>,
 }
@@ -309,6 +358,15 @@ fn read_hello(stream: &mut TcpStream) -> io::Result<MeshHello> {
 }
 
 impl Control {
+    /// Sends `cmd` to every half (`None`), or to the half of `tenant`.
+    fn send(&self, tenant: Option<u16>, cmd: impl Fn() -> Cmd) {
+        for s in &self.shards {
+            if tenant.is_none_or(|t| s.tenants.contains(&t)) {
+                let _ = s.cmds.send(cmd());
+            }
+        }
+    }
+
     fn run(&mut self, stop: &AtomicBool) {
         while !stop.load(Ordering::Relaxed) {
             let mut busy = self.accept();
@@ -325,9 +383,11 @@ impl Control {
     /// A link came up on `stream`: start a new epoch.
     fn link_up(&mut self, k: usize, stream: TcpStream, peer_pid: u32) {
         let l = &mut self.links[k];
-        if l.stream.is_some() {
-            let _ = self.cmds.send(Cmd::Down { peer: l.id });
+        let (id, had) = (l.id, l.stream.is_some());
+        if had {
+            self.send(None, || Cmd::Down { peer: id });
         }
+        let l = &mut self.links[k];
         if let Err(e) = stream.set_nonblocking(true) {
             log::warn!("mesh: node {}: {e}", l.id);
             return;
@@ -338,15 +398,18 @@ impl Control {
         l.rbuf.clear();
         l.backoff = BACKOFF_MIN;
         log::info!("mesh: link to node {} ({}, pid {peer_pid}) up, epoch {}", l.id, l.addr, l.epoch);
-        let _ = self.cmds.send(Cmd::Open { peer: l.id, epoch: l.epoch });
+        let epoch = l.epoch;
+        self.send(None, || Cmd::Open { peer: id, epoch });
     }
 
     fn link_down(&mut self, k: usize, why: &str) {
         let l = &mut self.links[k];
         if l.stream.take().is_some() {
             log::warn!("mesh: link to node {} down: {why}", l.id);
-            let _ = self.cmds.send(Cmd::Down { peer: l.id });
+            let id = l.id;
+            self.send(None, || Cmd::Down { peer: id });
         }
+        let l = &mut self.links[k];
         l.next_try = Instant::now() + l.backoff;
         l.backoff = (l.backoff * 2).min(self.cfg.backoff_max.max(BACKOFF_MIN));
     }
@@ -443,8 +506,10 @@ impl Control {
                     Ok((MeshMsg::Conn(c, blob), n)) => {
                         used += n;
                         let MeshConn { tenant, .. } = c;
-                        let _ =
-                            self.cmds.send(Cmd::Connect { peer: l.id, epoch: l.epoch, tenant, blob: blob.to_vec() });
+                        let (peer, epoch) = (l.id, l.epoch);
+                        for s in self.shards.iter().filter(|s| s.tenants.contains(&tenant)) {
+                            let _ = s.cmds.send(Cmd::Connect { peer, epoch, tenant, blob: blob.to_vec() });
+                        }
                     }
                     Ok((MeshMsg::Hello(_), _)) => down = Some("a second Hello".to_owned()),
                     Err(MeshDecodeError::Incomplete { .. }) => break,

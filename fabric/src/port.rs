@@ -216,6 +216,9 @@ pub struct PortSizes {
 /// Per-tenant settings.
 #[derive(Debug)]
 pub struct PortTenant<B> {
+    /// The tenant's id in the cluster (what connections and descriptors
+    /// carry); the port's own index of the tenant is its position.
+    pub id: u16,
     /// Where its buffers come from.
     pub bufs: B,
     /// Receives each of its connections keeps posted.
@@ -227,6 +230,10 @@ pub struct PortTenant<B> {
 pub struct Port<T: Transport, B: Buffers> {
     ep: Endpoint<T>,
     mesh: Mesh,
+    /// Cluster tenant id of each of the port's tenants.
+    ids: Vec<u16>,
+    /// The port's index of each cluster tenant id (`u16::MAX`: not its).
+    index: Vec<u16>,
     bufs: Vec<B>,
     regions: Vec<RegionId>,
     per_conn: Vec<u32>,
@@ -258,19 +265,40 @@ pub enum PortError {
 
 impl<T: Transport, B: Buffers> Port<T, B> {
     /// Registers every tenant pool with `ep` (a mapping of its own) and
-    /// starts the mesh. Tenant `i` of `tenants` is tenant id `i`, and
-    /// `mesh.tenants` must be `0..tenants.len()`.
+    /// starts the mesh; `mesh.tenants` must be the tenants' ids. Methods
+    /// name a tenant by its index in `tenants`.
     pub fn new(
-        mut ep: Endpoint<T>,
+        ep: Endpoint<T>,
         mesh: MeshConfig,
+        tenants: Vec<PortTenant<B>>,
+        sizes: PortSizes,
+    ) -> Result<Self, PortError> {
+        let npeers = mesh.peers.len();
+        let mesh = Mesh::start(mesh).map_err(PortError::Mesh)?;
+        Self::with_mesh(ep, mesh, npeers, tenants, sizes)
+    }
+
+    /// Like [`new`](Self::new) over a started mesh half (one of
+    /// [`Mesh::start_shards`]) whose tenants are `tenants`' ids, with
+    /// `npeers` peers.
+    pub fn with_mesh(
+        mut ep: Endpoint<T>,
+        mesh: Mesh,
+        npeers: usize,
         tenants: Vec<PortTenant<B>>,
         sizes: PortSizes,
     ) -> Result<Self, PortError> {
         let mut regions = Vec::with_capacity(tenants.len());
         let mut bufs = Vec::with_capacity(tenants.len());
         let mut per_conn = Vec::with_capacity(tenants.len());
-        let npeers = mesh.peers.len().max(1);
-        for (t, pt) in (0u16..).zip(tenants) {
+        let ids: Vec<u16> = tenants.iter().map(|pt| pt.id).collect();
+        let mut index = vec![u16::MAX; ids.iter().map(|&i| usize::from(i) + 1).max().unwrap_or(0)];
+        for (k, &id) in (0u16..).zip(&ids) {
+            index[usize::from(id)] = k;
+        }
+        let npeers = npeers.max(1);
+        for pt in tenants {
+            let t = pt.id;
             let mem = match pt.bufs.view() {
                 PoolView::Local(pool) => {
                     let fd = pool.region().fd().try_clone_to_owned().map_err(|e| PortError::Map(t, e.to_string()))?;
@@ -284,10 +312,11 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             bufs.push(pt.bufs);
         }
         let recvs: usize = per_conn.iter().map(|&p| (p as usize + 1) * npeers * 2).sum();
-        let mesh = Mesh::start(mesh).map_err(PortError::Mesh)?;
         Ok(Self {
             ep,
             mesh,
+            ids,
+            index,
             bufs,
             regions,
             routes: Vec::new(),
@@ -299,6 +328,11 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             comps: vec![Completion::EMPTY; 64],
             events: Vec::with_capacity(16),
         })
+    }
+
+    /// The cluster tenant id of the port's tenant `t`.
+    pub fn tenant_id(&self, t: u16) -> u16 {
+        self.ids[usize::from(t)]
     }
 
     /// The buffers of tenant `t`.
@@ -349,7 +383,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
 
     fn conn(&self, t: u16, peer: u16) -> Option<ConnId> {
         let c = (*self.routes.get(usize::from(peer) * self.bufs.len() + usize::from(t))?)?;
-        debug_assert_eq!(self.mesh.conn(peer, t), Some(c));
+        debug_assert_eq!(self.mesh.conn(peer, self.ids[usize::from(t)]), Some(c));
         self.conns.get(c.index() as usize)?.as_ref().filter(|s| s.up).map(|_| c)
     }
 
@@ -456,7 +490,10 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         self.mesh.pump(&mut self.ep, &mut events);
         for e in events.drain(..) {
             match e {
-                MeshEvent::Opened { peer, tenant, conn } => {
+                MeshEvent::Opened { peer, tenant: id, conn } => {
+                    let Some(&tenant) = self.index.get(usize::from(id)).filter(|&&t| t != u16::MAX) else {
+                        continue;
+                    };
                     if let Some(r) = self.route(peer).get_mut(usize::from(tenant)) {
                         *r = Some(conn);
                     }
@@ -634,7 +671,8 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             });
             match joined {
                 Some((lease, d)) => {
-                    out.push(PortEvent::Received { tenant, peer, lease, desc: Descriptor { tenant, ..d } })
+                    let id = self.ids[usize::from(tenant)];
+                    out.push(PortEvent::Received { tenant, peer, lease, desc: Descriptor { tenant: id, ..d } })
                 }
                 _ => {
                     log::warn!("fabric: a chain from node {peer} does not add up; dropped");

@@ -120,3 +120,66 @@ fn a_stranger_on_the_control_port_is_refused() {
     let mut b = side(1, &addrs);
     until("the real peer still connects", &mut [&mut a, &mut b], |s| s.iter().all(|s| s.up.len() == 2));
 }
+
+/// A node whose tenants are split over two data-plane halves (one per
+/// core): each half opens only its tenant's connections, on its own
+/// endpoint; the peer, one half for both, sees one node; when the peer
+/// restarts, both halves repair their own.
+#[test]
+fn halves_of_one_node_each_connect_their_own_tenants() {
+    let addrs = [free_port(), free_port()];
+    let cfg = EndpointConfig { max_conns: 8, ..Default::default() };
+    let peers = vec![(1u16, addrs[1])];
+    let halves = Mesh::start_shards(
+        MeshConfig {
+            me: 0,
+            name: "n0".into(),
+            listen: addrs[0],
+            peers: peers.clone(),
+            tenants: vec![0, 1],
+            backoff_max: Duration::from_millis(200),
+        },
+        &[vec![1], vec![0]],
+    )
+    .unwrap();
+    let mut sides: Vec<Side> = halves
+        .into_iter()
+        .map(|mesh| Side {
+            mesh,
+            ep: Endpoint::new(DocaTransport::for_config(&cfg).unwrap(), cfg),
+            up: Vec::new(),
+            events: Vec::new(),
+        })
+        .collect();
+    let mut b = side(1, &addrs);
+    {
+        let [h1, h0] = &mut sides[..] else { unreachable!() };
+        until("every tenant connected", &mut [&mut *h1, &mut *h0, &mut b], |s| {
+            s[0].up.len() == 1 && s[1].up.len() == 1 && s[2].up.len() == 2
+        });
+        assert!(h1.mesh.conn(1, 1).is_some() && h1.mesh.conn(1, 0).is_none(), "the first half has tenant 1 only");
+        assert!(h0.mesh.conn(1, 0).is_some() && h0.mesh.conn(1, 1).is_none(), "the second half has tenant 0 only");
+        assert_eq!(h0.mesh.peers_up(), 1);
+    }
+    drop(b);
+    let [h1, h0] = &mut sides[..] else { unreachable!() };
+    until("both halves see the peer go", &mut [&mut *h1, &mut *h0], |s| s.iter().all(|s| s.up.is_empty()));
+    let mut b = side(1, &addrs);
+    until("both halves repaired", &mut [&mut *h1, &mut *h0, &mut b], |s| {
+        s[2].up.len() == 2 && s[0].up.len() == 1 && s[1].up.len() == 1
+    });
+    assert!(h1.events.iter().any(|e| matches!(e, MeshEvent::PeerDown { peer: 1, .. })));
+    assert!(h0.events.iter().any(|e| matches!(e, MeshEvent::PeerDown { peer: 1, .. })));
+    let bad = Mesh::start_shards(
+        MeshConfig {
+            me: 0,
+            name: "n0".into(),
+            listen: free_port(),
+            peers,
+            tenants: vec![0, 1],
+            backoff_max: Duration::from_millis(200),
+        },
+        &[vec![0]],
+    );
+    assert!(bad.is_err(), "halves must cover every tenant");
+}
