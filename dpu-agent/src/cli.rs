@@ -32,9 +32,10 @@ pub enum Command {
         /// `metrics` field).
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
-        /// Data-plane threads (one per core given). Only 1 is supported by
-        /// this build.
-        #[arg(long, default_value_t = 1)]
+        /// Data-plane threads, one per core given: the tenants are spread
+        /// over them (tenant i on core i mod N), each core with its own
+        /// fabric port and scheduler. At most one per tenant.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         cores: u16,
         /// Never nap when idle (a dedicated core, as on the DPU); by default
         /// an emulated-mode agent naps 50 us between polls after 2 ms of no
@@ -102,11 +103,8 @@ pub fn version_line() -> &'static str {
 pub fn run(cli: &Cli) -> anyhow::Result<String> {
     match cli.command {
         Command::Run { ref config, ref node, metrics, cores, busy } => {
-            if cores != 1 {
-                anyhow::bail!("--cores {cores}: this build runs one data-plane thread");
-            }
             let stop = stop_on_signals()?;
-            let opts = crate::agent::RunOptions { config: config.clone(), node: node.clone(), metrics, busy };
+            let opts = crate::agent::RunOptions { config: config.clone(), node: node.clone(), metrics, busy, cores };
             crate::agent::run(&opts, stop)?;
             Ok(String::new())
         }

@@ -19,7 +19,8 @@
 //! (the host writes its headers and hands it back).
 //!
 //! One comch connection carries every tenant; the per-tenant links share
-//! it (single-threaded, like the engine).
+//! it behind a mutex (with `--cores`, the tenants' engines run on several
+//! threads).
 
 use crate::hostlink::HostLink;
 use config::Cluster;
@@ -27,11 +28,10 @@ use fabric::{ImportedPool, PoolView};
 use host_shim::comch::{Outbox, each_frame, server_name};
 use host_shim::{Msg, SendError};
 use shm::pool::Lease;
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use wire::ctrl::{BufList, CtrlMsg, LendRecv, MAX_LEND, MessageHdr};
 use wire::segment::Owner;
@@ -54,7 +54,7 @@ struct Channel {
     lost: bool,
     out: Outbox,
     rx: Vec<u8>,
-    pools: Vec<Option<Rc<ImportedPool>>>,
+    pools: Vec<Option<Arc<ImportedPool>>>,
     /// What each tenant's pool must look like (from the cluster file).
     geometry: Vec<PoolGeometry>,
     inbox: Vec<VecDeque<Msg>>,
@@ -122,7 +122,7 @@ impl Channel {
                 let t = usize::from(b.tenant);
                 match (self.geometry.get(t), b.geometry()) {
                     (Some(want), Ok(g)) if *want == g => {
-                        self.pools[t] = Some(Rc::new(ImportedPool::new(g, blob.to_vec())));
+                        self.pools[t] = Some(Arc::new(ImportedPool::new(g, blob.to_vec())));
                         self.recv[t] = vec![false; g.buf_count() as usize];
                     }
                     _ => {
@@ -210,8 +210,8 @@ impl Channel {
 /// The host link of one tenant in DPU mode.
 pub struct DpuLink {
     t: usize,
-    pool: Rc<ImportedPool>,
-    ch: Rc<RefCell<Channel>>,
+    pool: Arc<ImportedPool>,
+    ch: Arc<Mutex<Channel>>,
     /// The progress engine's notification fd (a duplicate: the engine
     /// itself sits behind the shared channel).
     wake: Option<OwnedFd>,
@@ -267,13 +267,13 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
         scratch: Vec::with_capacity(max_chain),
         target,
     };
-    let ch = Rc::new(RefCell::new(ch));
+    let ch = Arc::new(Mutex::new(ch));
     log::info!("node {}: waiting for host-shimd on comch \"{name}\"", n.name);
     loop {
         if stop.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let mut c = ch.borrow_mut();
+        let mut c = lock(&ch);
         if c.pump() == 0 {
             drop(c);
             std::thread::sleep(Duration::from_millis(1));
@@ -291,9 +291,9 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
             break;
         }
     }
-    let pools: Vec<Rc<ImportedPool>> = ch.borrow().pools.iter().flatten().cloned().collect();
-    ch.borrow_mut().flush();
-    let wake = || ch.borrow().pe.notification_handle().ok().and_then(|f| f.try_clone_to_owned().ok());
+    let pools: Vec<Arc<ImportedPool>> = lock(&ch).pools.iter().flatten().cloned().collect();
+    lock(&ch).flush();
+    let wake = || lock(&ch).pe.notification_handle().ok().and_then(|f| f.try_clone_to_owned().ok());
     Ok(Some(pools.into_iter().enumerate().map(|(t, pool)| DpuLink { t, pool, ch: ch.clone(), wake: wake() }).collect()))
 }
 
@@ -302,16 +302,16 @@ impl HostLink for DpuLink {
         PoolView::Imported(&self.pool)
     }
     fn free_buffers(&self) -> u32 {
-        self.ch.borrow().stock[self.t].len() as u32
+        self.lock().stock[self.t].len() as u32
     }
     fn alloc_buffer(&mut self) -> Option<Lease> {
-        let mut c = self.ch.borrow_mut();
+        let mut c = self.lock();
         let l = c.stock[self.t].pop()?;
         c.recv[self.t][l.head() as usize] = true;
         Some(l)
     }
     fn take(&mut self) -> Option<Msg> {
-        let mut c = self.ch.borrow_mut();
+        let mut c = self.lock();
         if c.inbox[self.t].is_empty() {
             c.flush();
             c.pump();
@@ -328,16 +328,16 @@ impl HostLink for DpuLink {
     }
     fn free(&mut self, msg: Msg) {
         let (lease, _) = msg.into_parts();
-        let mut c = self.ch.borrow_mut();
+        let mut c = self.lock();
         let c = &mut *c;
         let t = self.t;
         self.pool.split(lease, &mut |l| c.keep_or_return(t, l));
     }
     fn alive(&self) -> bool {
-        !self.ch.borrow().lost
+        !self.lock().lost
     }
     fn rejected(&self, f: &mut dyn FnMut(&'static str, u64)) {
-        let c = self.ch.borrow();
+        let c = self.lock();
         for (k, n) in c.refused[self.t].iter().enumerate() {
             if *n > 0 {
                 f(REASONS[k], *n);
@@ -345,7 +345,7 @@ impl HostLink for DpuLink {
         }
     }
     fn sleep_begin(&mut self) -> bool {
-        let mut c = self.ch.borrow_mut();
+        let mut c = self.lock();
         c.flush();
         if let Err(e) = c.pe.clear_notification() {
             log::warn!("host link: clearing the comch notification: {e}");
@@ -362,13 +362,21 @@ impl HostLink for DpuLink {
     }
 }
 
+fn lock(ch: &Mutex<Channel>) -> MutexGuard<'_, Channel> {
+    ch.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl DpuLink {
+    fn lock(&self) -> MutexGuard<'_, Channel> {
+        lock(&self.ch)
+    }
+
     /// Sends a message the agent holds to the host (to deliver, or with
     /// `RESTAMP` to have its headers rewritten). Its buffers stay the
     /// agent's until the host takes them.
     fn send(&mut self, msg: Msg, flags: u16) {
         let (lease, desc) = msg.into_parts();
-        let mut c = self.ch.borrow_mut();
+        let mut c = self.lock();
         let c = &mut *c;
         let t = self.t;
         let from_fabric = c.recv[t].get(lease.head() as usize).copied().unwrap_or(false);

@@ -87,6 +87,9 @@ pub struct Settings {
     /// Descriptors taken from each tenant's uplink per iteration
     /// ([`UPLINK_BATCH`]; the `engine` benchmark also runs 1).
     pub batch: usize,
+    /// Which data-plane core this engine is (`--cores`), for readiness
+    /// and status.
+    pub core: usize,
 }
 
 /// A message waiting for the scheduler.
@@ -133,7 +136,11 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     rejected_seen: Vec<Vec<(&'static str, u64)>>,
     /// Number of fabric nodes (worker nodes and ingresses).
     fabric_nodes: u16,
+    /// This engine's tenants (indexed by position, as in `port`) and their
+    /// cluster ids: all of them with one data-plane core, a share with
+    /// several (`--cores`).
     tenants: Vec<Tenant>,
+    ids: Vec<u16>,
     port: Port<T, Link<H>>,
     drr: Drr,
     metrics: Arc<Metrics>,
@@ -164,14 +171,36 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         metrics: Arc<Metrics>,
         make: MakeTransport<T>,
     ) -> anyhow::Result<Self> {
+        let all: Vec<u16> = (0..cfg.tenants.len() as u16).collect();
+        let mesh = fabric::cluster::start_meshes(&cfg, set.node, std::slice::from_ref(&all))?
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("no mesh"))?;
+        Self::on_mesh(cfg, set, mesh, all.into_iter().zip(links).collect(), metrics, make)
+    }
+
+    /// Builds the engine of some tenants (`links`: cluster tenant id and
+    /// host link) over a half of the node's mesh for them (one of
+    /// [`fabric::cluster::start_meshes`]), for one of several data-plane
+    /// cores.
+    pub fn on_mesh(
+        cfg: Arc<Cluster>,
+        set: Settings,
+        mesh: fabric::Mesh,
+        links: Vec<(u16, H)>,
+        metrics: Arc<Metrics>,
+        make: MakeTransport<T>,
+    ) -> anyhow::Result<Self> {
         let now = Instant::now();
-        let flights = cfg.tenants.len() * host_shim::daemon::UPLINK_CAPACITY as usize;
-        let port =
-            fabric::cluster::open_port_with(&cfg, set.node, links.into_iter().map(Link).collect(), flights, make)?;
-        let weights: Vec<(u32, Option<u64>)> =
-            cfg.tenants.iter().map(|t| (t.weight, t.rate_cap_mbps.map(|m| u64::from(m) * 1_000_000))).collect();
-        let tenants = cfg
-            .tenants
+        let ids: Vec<u16> = links.iter().map(|(id, _)| *id).collect();
+        let flights = ids.len() * host_shim::daemon::UPLINK_CAPACITY as usize;
+        let bufs = links.into_iter().map(|(id, h)| (id, Link(h))).collect();
+        let port = fabric::cluster::open_port_on(&cfg, set.node, mesh, bufs, flights, make)?;
+        let weights: Vec<(u32, Option<u64>)> = ids
+            .iter()
+            .map(|&id| &cfg.tenants[usize::from(id)])
+            .map(|t| (t.weight, t.rate_cap_mbps.map(|m| u64::from(m) * 1_000_000)))
+            .collect();
+        let tenants = ids
             .iter()
             .map(|_| Tenant {
                 queue: VecDeque::with_capacity(host_shim::daemon::UPLINK_CAPACITY as usize),
@@ -179,22 +208,34 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             })
             .collect();
         Ok(Self {
-            tally: vec![Tally::default(); cfg.tenants.len()],
+            tally: vec![Tally::default(); ids.len()],
             fn_tally: vec![(0, 0); cfg.functions.len()],
             fn_node: cfg.functions.iter().map(|f| cfg.node_id(&f.node).unwrap_or(NO_NODE)).collect(),
             fn_tenant: cfg.functions.iter().map(|f| cfg.tenant_id(&f.tenant).unwrap_or(u16::MAX)).collect(),
-            rejected_seen: vec![Vec::new(); cfg.tenants.len()],
+            rejected_seen: vec![Vec::new(); ids.len()],
             fabric_nodes: (cfg.nodes.len() + cfg.ingresses.len()) as u16,
             drr: Drr::new(&weights, QUANTUM, now),
             cfg,
             set,
             tenants,
+            ids,
             port,
             metrics,
             events: Vec::with_capacity(256),
             next_status: now,
             inflight: 0,
         })
+    }
+
+    /// The cluster id of this engine's tenant `t`.
+    #[inline]
+    fn gid(&self, t: usize) -> usize {
+        usize::from(self.ids[t])
+    }
+
+    /// This engine's index of cluster tenant `id`, if it serves it.
+    fn local(&self, id: u16) -> Option<usize> {
+        self.ids.iter().position(|&i| i == id)
     }
 
     fn link(&mut self, t: usize) -> &mut H {
@@ -315,12 +356,13 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         self.events = events;
         self.metrics.peers_up.set(i64::from(self.port.peers_up()));
         for t in 0..self.tenants.len() {
-            let m = &self.metrics.tenants[t];
+            let m = &self.metrics.tenants[self.gid(t)];
             m.queue_depth.set(self.tenants[t].queue.len() as i64);
             let credits: u32 = (0..self.fabric_nodes).map(|p| self.port.credits(t as u16, p)).sum();
             m.credits.set(i64::from(credits));
             m.recvs_posted.set(i64::from(self.port.recvs_posted(t as u16)));
-            let (metrics, name, seen) = (&self.metrics, &self.cfg.tenants[t].name, &mut self.rejected_seen[t]);
+            let g = self.gid(t);
+            let (metrics, name, seen) = (&self.metrics, &self.cfg.tenants[g].name, &mut self.rejected_seen[t]);
             self.port.bufs(t as u16).0.rejected(&mut |reason, total| {
                 let before = match seen.iter_mut().find(|(r, _)| *r == reason) {
                     Some((_, last)) => std::mem::replace(last, total).min(total),
@@ -332,24 +374,25 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 metrics.add_uplink_rejected(name, reason, total - before);
             });
         }
-        self.metrics.set_ready(true);
+        self.metrics.set_ready(self.set.core, true);
         if now >= self.next_status {
             self.next_status = now + Duration::from_millis(100);
             for (f, func) in self.cfg.functions.iter().enumerate() {
-                if self.fn_node[f] == self.set.node {
-                    let t = self.fn_tenant[f];
-                    let depth = self.port.bufs(t).0.queue_depth(&func.name).unwrap_or(0);
+                if self.fn_node[f] == self.set.node
+                    && let Some(t) = self.local(self.fn_tenant[f])
+                {
+                    let depth = self.port.bufs(t as u16).0.queue_depth(&func.name).unwrap_or(0);
                     self.metrics.functions[f].queue_depth.set(depth as i64);
                 }
             }
-            self.metrics.set_status(self.status_json());
+            self.metrics.set_status(self.set.core, self.status_part());
         }
     }
 
     /// Adds the data path's own counts to the shared metrics.
     pub fn flush(&mut self) {
-        for (t, m) in self.tally.iter_mut().zip(&self.metrics.tenants) {
-            t.flush(m);
+        for (t, tally) in self.tally.iter_mut().enumerate() {
+            tally.flush(&self.metrics.tenants[usize::from(self.ids[t])]);
         }
         for ((n, b), m) in self.fn_tally.iter_mut().zip(&self.metrics.functions) {
             if *n > 0 {
@@ -360,26 +403,26 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         }
     }
 
-    /// The `/status` document.
-    fn status_json(&self) -> String {
+    /// This core's part of the `/status` document.
+    fn status_part(&self) -> crate::metrics::StatusPart {
         use std::fmt::Write as _;
         let node = &self.cfg.nodes[usize::from(self.set.node)];
-        let mut s = format!(
-            "{{\"node\":\"{}\",\"mode\":\"{:?}\",\"ready\":{},\"peers\":{},\"peers_up\":{},\"conns_up\":{},\"tenants\":[",
-            node.name,
-            node.mode,
-            self.metrics.is_ready(),
-            self.fabric_nodes - 1,
-            self.port.peers_up(),
-            self.port.conns_up(),
-        );
+        let mut part = crate::metrics::StatusPart {
+            node: node.name.clone(),
+            mode: format!("{:?}", node.mode),
+            peers: u32::from(self.fabric_nodes - 1),
+            peers_up: self.port.peers_up(),
+            conns_up: self.port.conns_up(),
+            tenants: Vec::with_capacity(self.tenants.len()),
+        };
         for (i, t) in self.tenants.iter().enumerate() {
-            let m = &self.metrics.tenants[i];
+            let m = &self.metrics.tenants[self.gid(i)];
+            let mut s = String::new();
             let _ = write!(
                 s,
-                "{}{{\"name\":\"{}\",\"queue\":{},\"backlog\":{},\"tx_messages\":{},\"rx_messages\":{},\"free_buffers\":{},\"drops\":{{",
-                if i > 0 { "," } else { "" },
-                self.cfg.tenants[i].name,
+                "{{\"name\":\"{}\",\"core\":{},\"queue\":{},\"backlog\":{},\"tx_messages\":{},\"rx_messages\":{},\"free_buffers\":{},\"drops\":{{",
+                self.cfg.tenants[self.gid(i)].name,
+                self.set.core,
                 t.queue.len(),
                 t.backlog.len(),
                 m.tx_msgs.get(),
@@ -390,9 +433,9 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 let _ = write!(s, "{}\"{}\":{}", if k > 0 { "," } else { "" }, w.as_str(), m.drops(*w));
             }
             s.push_str("}}");
+            part.tenants.push((self.ids[i], s));
         }
-        s.push_str("]}\n");
-        s
+        part
     }
 
     /// Acts on what the port reported.
@@ -402,7 +445,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 PortEvent::Up { tenant, peer } => {
                     log::info!(
                         "fabric: tenant {} connected to node {peer}",
-                        self.cfg.tenants[usize::from(tenant)].name
+                        self.cfg.tenants[self.gid(usize::from(tenant))].name
                     );
                 }
                 PortEvent::PeerDown { peer } => self.peer_down(peer),
@@ -430,8 +473,12 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                     m.rx_bytes += u64::from(msg.len());
                     self.deliver(t, msg);
                 }
-                PortEvent::Protocol { tenant, .. } => self.metrics.tenants[usize::from(tenant)].drop(Why::Protocol),
-                PortEvent::NoBuffer { tenant } => self.metrics.tenants[usize::from(tenant)].drop(Why::NoBuffer),
+                PortEvent::Protocol { tenant, .. } => {
+                    self.metrics.tenants[self.gid(usize::from(tenant))].drop(Why::Protocol)
+                }
+                PortEvent::NoBuffer { tenant } => {
+                    self.metrics.tenants[self.gid(usize::from(tenant))].drop(Why::NoBuffer)
+                }
             }
         }
     }
@@ -484,7 +531,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 None => return self.bounce(t, msg, ErrorCode::UnknownFunction, Why::UnknownFunction),
                 // A function of another tenant: refused here, not sent to be
                 // refused by the peer.
-                Some(_) if self.fn_tenant[usize::from(d.dst_fn)] != t as u16 => {
+                Some(_) if self.fn_tenant[usize::from(d.dst_fn)] != self.ids[t] => {
                     return self.bounce(t, msg, ErrorCode::TenantMismatch, Why::TenantMismatch);
                 }
                 Some(&n) if n == self.set.node => {
@@ -529,8 +576,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             return self.drop_msg(t, msg, Why::BadOrigin);
         }
         let f = usize::from(d.dst_fn);
-        let ours = self.fn_node.get(f) == Some(&self.set.node)
-            && self.cfg.tenant_id(&self.cfg.functions[f].tenant) == Some(t as u16);
+        let ours = self.fn_node.get(f) == Some(&self.set.node) && self.fn_tenant[f] == self.ids[t];
         if !ours {
             return self.drop_msg(t, msg, Why::UnknownFunction);
         }
@@ -548,7 +594,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                     self.bounce(t, msg, ErrorCode::PeerDied, Why::NoInstance)
                 }
                 (_, Some(msg)) => self.drop_msg(t, msg, Why::NoInstance),
-                (_, None) => self.metrics.tenants[t].drop(Why::NoInstance),
+                (_, None) => self.metrics.tenants[self.gid(t)].drop(Why::NoInstance),
             },
         }
     }
@@ -577,7 +623,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             // Never bounce a bounce.
             return self.drop_msg(t, msg, why);
         }
-        self.metrics.tenants[t].drop(why);
+        self.metrics.tenants[self.gid(t)].drop(why);
         {
             let dm = msg.desc_mut();
             dm.flags |= DescFlags::ERROR;
@@ -612,7 +658,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
     }
 
     fn drop_msg(&mut self, t: usize, msg: Msg, why: Why) {
-        self.metrics.tenants[t].drop(why);
+        self.metrics.tenants[self.gid(t)].drop(why);
         self.free_msg(t, msg);
     }
 

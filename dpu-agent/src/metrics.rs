@@ -278,13 +278,37 @@ pub struct Metrics {
     /// Descriptors from functions that failed validation, by tenant and
     /// reason.
     uplink_rejected: Family<DropLabel, Counter>,
-    ready: AtomicBool,
-    status: Mutex<String>,
+    /// Per data-plane core: ready, and its part of `/status`.
+    ready: Vec<AtomicBool>,
+    status: Mutex<Vec<Option<StatusPart>>>,
+}
+
+/// What one data-plane core reports for `/status`.
+#[derive(Clone, Debug, Default)]
+pub struct StatusPart {
+    /// Node name.
+    pub node: String,
+    /// Node mode.
+    pub mode: String,
+    /// Fabric peers.
+    pub peers: u32,
+    /// Peers whose control link is up.
+    pub peers_up: u32,
+    /// Tenant connections up on this core.
+    pub conns_up: usize,
+    /// Each of its tenants: cluster id and JSON object.
+    pub tenants: Vec<(u16, String)>,
 }
 
 impl Metrics {
     /// Metrics for the tenants and functions of `cfg`.
     pub fn new(cfg: &config::Cluster, node: &str) -> Self {
+        Self::with_cores(cfg, node, 1)
+    }
+
+    /// Metrics for an agent with `cores` data-plane threads (each reports
+    /// its readiness and its part of `/status`).
+    pub fn with_cores(cfg: &config::Cluster, node: &str, cores: usize) -> Self {
         use std::borrow::Cow;
         let node_label = [(Cow::Borrowed("node"), Cow::Owned(node.to_owned()))];
         let mut registry = Registry::with_prefix_and_labels("dne_agent", node_label.into_iter());
@@ -363,8 +387,8 @@ impl Metrics {
             functions,
             peers_up,
             uplink_rejected,
-            ready: AtomicBool::new(false),
-            status: Mutex::new("{}".into()),
+            ready: (0..cores.max(1)).map(|_| AtomicBool::new(false)).collect(),
+            status: Mutex::new(vec![None; cores.max(1)]),
         }
     }
 
@@ -378,21 +402,50 @@ impl Metrics {
         }
     }
 
-    /// Sets readiness.
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
-    }
-
-    /// Whether the agent reports ready.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-    }
-
-    /// Replaces the JSON status document.
-    pub fn set_status(&self, json: String) {
-        if let Ok(mut s) = self.status.lock() {
-            *s = json;
+    /// Sets the readiness of data-plane core `core`.
+    pub fn set_ready(&self, core: usize, ready: bool) {
+        if let Some(r) = self.ready.get(core) {
+            r.store(ready, Ordering::Relaxed);
         }
+    }
+
+    /// Whether the agent reports ready (every data-plane core is).
+    pub fn is_ready(&self) -> bool {
+        self.ready.iter().all(|r| r.load(Ordering::Relaxed))
+    }
+
+    /// Replaces core `core`'s part of the status document.
+    pub fn set_status(&self, core: usize, part: StatusPart) {
+        if let Ok(mut s) = self.status.lock()
+            && let Some(slot) = s.get_mut(core)
+        {
+            *slot = Some(part);
+        }
+    }
+
+    /// The `/status` document: the cores' parts together, tenants in id
+    /// order.
+    pub fn status(&self) -> String {
+        use std::fmt::Write as _;
+        let Ok(parts) = self.status.lock() else { return "{}\n".into() };
+        let Some(first) = parts.iter().flatten().next() else { return "{}\n".into() };
+        let mut tenants: Vec<&(u16, String)> = parts.iter().flatten().flat_map(|p| &p.tenants).collect();
+        tenants.sort_by_key(|t| t.0);
+        let mut s = format!(
+            "{{\"node\":\"{}\",\"mode\":\"{}\",\"cores\":{},\"ready\":{},\"peers\":{},\"peers_up\":{},\"conns_up\":{},\"tenants\":[",
+            first.node,
+            first.mode,
+            parts.len(),
+            self.is_ready(),
+            first.peers,
+            parts.iter().flatten().map(|p| p.peers_up).min().unwrap_or(0),
+            parts.iter().flatten().map(|p| p.conns_up).sum::<usize>(),
+        );
+        for (i, (_, t)) in tenants.iter().enumerate() {
+            let _ = write!(s, "{}{t}", if i > 0 { "," } else { "" });
+        }
+        s.push_str("]}\n");
+        s
     }
 
     /// The Prometheus text exposition.
@@ -407,9 +460,7 @@ impl Metrics {
     fn answer(&self, path: &str) -> (StatusCode, &'static str, String) {
         match path {
             "/metrics" => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", self.encode()),
-            "/status" => {
-                (StatusCode::OK, "application/json", self.status.lock().map(|s| s.clone()).unwrap_or_default())
-            }
+            "/status" => (StatusCode::OK, "application/json", self.status()),
             "/ready" if self.is_ready() => (StatusCode::OK, "text/plain", "ready\n".into()),
             "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into()),
             _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics, /status or /ready\n".into()),

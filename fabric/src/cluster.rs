@@ -3,7 +3,9 @@
 //! and tenant, each tenant's receive quota split over its peers, the
 //! largest buffer and chain of any tenant.
 
-use crate::{Buffers, DocaTransport, Endpoint, EndpointConfig, Mesh, MeshConfig, Port, PortError, PortSizes, PortTenant};
+use crate::{
+    Buffers, DocaTransport, Endpoint, EndpointConfig, Mesh, MeshConfig, Port, PortError, PortSizes, PortTenant,
+};
 use config::Cluster;
 use std::net::SocketAddr;
 use std::time::Duration;

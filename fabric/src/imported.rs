@@ -11,7 +11,7 @@
 //! exporter, which can touch the memory.
 
 use shm::pool::Lease;
-use std::cell::Cell;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use wire::segment::{NIL, Owner, PoolLayout};
 use wire::{PoolGeometry, desc::frags_for};
 
@@ -21,13 +21,15 @@ use wire::{PoolGeometry, desc::frags_for};
 pub struct ImportedPool {
     layout: PoolLayout,
     blob: Vec<u8>,
-    next: Vec<Cell<u32>>,
+    /// Chain links of held buffers (only the holder's thread touches
+    /// them; atomics make the pool shareable between threads).
+    next: Vec<AtomicU32>,
 }
 
 impl ImportedPool {
     /// The pool of `geometry` exported as `blob`.
     pub fn new(geometry: PoolGeometry, blob: Vec<u8>) -> Self {
-        let next = (0..geometry.buf_count()).map(|_| Cell::new(NIL)).collect();
+        let next = (0..geometry.buf_count()).map(|_| AtomicU32::new(NIL)).collect();
         Self { layout: PoolLayout::new(geometry), blob, next }
     }
 
@@ -65,12 +67,12 @@ impl ImportedPool {
         let mut prev: Option<u32> = None;
         for i in chain {
             if let Some(p) = prev {
-                self.next[p as usize].set(i);
+                self.next[p as usize].store(i, Relaxed);
             }
             prev = Some(i);
         }
         if let Some(p) = prev {
-            self.next[p as usize].set(NIL);
+            self.next[p as usize].store(NIL, Relaxed);
         }
         Some(Lease::by_index(head, len, n, holder))
     }
@@ -79,7 +81,7 @@ impl ImportedPool {
     pub fn lent(&self, index: u32, holder: Owner) -> Option<Lease> {
         let g = self.layout.geometry;
         (index < g.buf_count()).then(|| {
-            self.next[index as usize].set(NIL);
+            self.next[index as usize].store(NIL, Relaxed);
             Lease::by_index(index, g.payload_cap(), 1, holder)
         })
     }
@@ -94,7 +96,7 @@ impl ImportedPool {
             }
             left -= 1;
             let i = at;
-            at = self.next[i as usize].get();
+            at = self.next[i as usize].load(Relaxed);
             Some(i)
         })
     }
@@ -110,10 +112,10 @@ impl ImportedPool {
             return None;
         }
         for w in parts.windows(2) {
-            self.next[w[0].head() as usize].set(w[1].head());
+            self.next[w[0].head() as usize].store(w[1].head(), Relaxed);
         }
         if let Some(last) = parts.last() {
-            self.next[last.head() as usize].set(NIL);
+            self.next[last.head() as usize].store(NIL, Relaxed);
         }
         let frags = parts.len() as u32;
         parts.clear();
@@ -128,7 +130,7 @@ impl ImportedPool {
         let mut at = lease.head();
         for _ in 0..lease.frags() {
             let Some(next) = self.next.get(at as usize) else { break };
-            let following = next.replace(NIL);
+            let following = next.swap(NIL, Relaxed);
             out(Lease::by_index(at, cap, 1, holder));
             at = following;
         }

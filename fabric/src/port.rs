@@ -18,8 +18,8 @@
 //! vector and every table are sized at start and reused).
 
 use crate::{
-    Completion, CompletionError, ConnId, Endpoint, HEADER_LEN, ImportedPool, Memory, Mesh, MeshConfig,
-    MeshEvent, RecvWr, RegionId, SendWr, Transport,
+    Completion, CompletionError, ConnId, Endpoint, HEADER_LEN, ImportedPool, Memory, Mesh, MeshConfig, MeshEvent,
+    RecvWr, RegionId, SendWr, Transport,
 };
 use shm::pool::Lease;
 use std::sync::Arc;

@@ -26,8 +26,11 @@ use wire::ctrl::{CtrlDecodeError, CtrlFrame, CtrlMsg};
 /// The comch server name of a node's agent.
 pub fn server_name(node: &config::Node) -> String {
     node.comch.clone().unwrap_or_else(|| {
-        let clean: String =
-            node.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+        let clean: String = node
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .collect();
         format!("dne-{clean}")
     })
 }
@@ -82,7 +85,10 @@ impl Outbox {
 
     /// Sends what is queued, oldest first, until the context has no send
     /// task free. `Err` only when the connection is gone.
-    pub fn flush(&mut self, send: &mut impl FnMut(&[u8]) -> Result<(), doca::DocaError>) -> Result<(), doca::DocaError> {
+    pub fn flush(
+        &mut self,
+        send: &mut impl FnMut(&[u8]) -> Result<(), doca::DocaError>,
+    ) -> Result<(), doca::DocaError> {
         while let Some(m) = self.waiting.front() {
             match send(m) {
                 Ok(()) => {

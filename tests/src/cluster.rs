@@ -33,6 +33,8 @@ pub struct Cluster {
     /// Every node's `mode` (`emulated`, or `dpu`: the agent reaches its
     /// host over emulated comch and imported pools).
     pub mode: &'static str,
+    /// Data-plane cores of every agent (`--cores`).
+    pub cores: u16,
     /// The namespaces and links, removed last.
     pub net: Option<Netns>,
 }
@@ -101,9 +103,15 @@ impl Cluster {
 
     /// Like [`Cluster::start`], every node in `mode`.
     pub fn start_mode(name: &str, nodes: usize, mode: &'static str, rest: &str) -> Self {
+        Self::start_cores(name, nodes, mode, 1, rest)
+    }
+
+    /// Like [`Cluster::start_mode`], every agent with `cores` data-plane
+    /// threads.
+    pub fn start_cores(name: &str, nodes: usize, mode: &'static str, cores: u16, rest: &str) -> Self {
         let nets: Vec<NodeNet> =
             (0..nodes).map(|_| NodeNet { netns: None, fabric: free_port(), metrics: free_port() }).collect();
-        Self::start_on_mode(name, nets, None, mode, rest)
+        Self::start_on_mode(name, nets, None, mode, cores, rest)
     }
 
     /// Like [`Cluster::start`] with two nodes whose agents each run in a
@@ -118,10 +126,17 @@ impl Cluster {
 
     /// Starts a cluster with one node per entry of `nets`.
     pub fn start_on(name: &str, nets: Vec<NodeNet>, net: Option<Netns>, rest: &str) -> Self {
-        Self::start_on_mode(name, nets, net, "emulated", rest)
+        Self::start_on_mode(name, nets, net, "emulated", 1, rest)
     }
 
-    fn start_on_mode(name: &str, nets: Vec<NodeNet>, net: Option<Netns>, mode: &'static str, rest: &str) -> Self {
+    fn start_on_mode(
+        name: &str,
+        nets: Vec<NodeNet>,
+        net: Option<Netns>,
+        mode: &'static str,
+        cores: u16,
+        rest: &str,
+    ) -> Self {
         let nodes = nets.len();
         let top = TempDir::new(name);
         let dirs: Vec<TempDir> = (0..nodes).map(|i| TempDir::new(&format!("{name}-n{i}"))).collect();
@@ -137,6 +152,7 @@ impl Cluster {
             top,
             netns: nets.iter().map(|n| n.netns.clone()).collect(),
             mode,
+            cores,
             net,
         };
         for i in 0..nodes {
@@ -221,6 +237,7 @@ impl Cluster {
             None => Command::new(bin_path("dpu-agent")),
         };
         cmd.arg("run").arg("--config").arg(&self.config).args(["--node", &format!("n{i}")]).env("RUST_LOG", "info");
+        cmd.args(["--cores", &self.cores.to_string()]);
         cmd.env(doca::RUNTIME_DIR_ENV, self.top.path());
         Proc::spawn_logged(&format!("dpu-agent n{i}"), cmd, &self.log_path(&format!("agent-n{i}")))
     }

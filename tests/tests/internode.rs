@@ -69,16 +69,29 @@ fn config_path(c: &Cluster) -> &Path {
 
 #[test]
 fn messages_and_chains_cross_nodes_intact_and_errors_come_back() {
-    chains_and_errors("emulated");
+    chains_and_errors("emulated", 1);
 }
 
 #[test]
 fn dpu_mode_messages_and_chains_cross_nodes_intact_and_errors_come_back() {
-    chains_and_errors("dpu");
+    chains_and_errors("dpu", 1);
 }
 
-fn chains_and_errors(mode: &'static str) {
-    let mut c = Cluster::start_mode(&format!("internode-{mode}"), 2, mode, TENANTS_AND_FUNCTIONS);
+/// Agents with two data-plane cores (`--cores 2`): acme on core 0, globex
+/// on core 1, each with its own fabric port; the same traffic crosses.
+#[test]
+fn two_cores_per_agent_carry_every_tenant() {
+    chains_and_errors("emulated", 2);
+}
+
+#[test]
+fn dpu_mode_two_cores_per_agent_carry_every_tenant() {
+    chains_and_errors("dpu", 2);
+}
+
+fn chains_and_errors(mode: &'static str, cores: u16) {
+    let name = format!("internode-{mode}-{cores}");
+    let mut c = Cluster::start_cores(&name, 2, mode, cores, TENANTS_AND_FUNCTIONS);
     assert!(config_path(&c).exists());
     // n0: client -> (fabric) -> n1: upper -> (fabric) -> n0: sink.
     c.start_fn(1, "acme", "upper", "upper", Some("sink"));
@@ -151,6 +164,23 @@ fn chains_and_errors(mode: &'static str) {
         let log = c.log_tail("agent-n1", 100);
         assert!(log.contains("host-shimd exported 2 tenant pools over comch"), "{log}");
     }
+
+    // The other tenant, on the other core when there are two.
+    c.start_fn(1, "globex", "gecho", "echo", Some("gclient"));
+    let mut g = c.attach(0, "globex", "gclient");
+    for (k, len) in [1usize, 5000, 60_000].into_iter().enumerate() {
+        let data = pattern(len, k);
+        let mut m = g.alloc(len as u32).unwrap();
+        g.write(&mut m, &data).unwrap();
+        g.send(m, "gecho").unwrap();
+        let back = g.recv_timeout(Some(WATCHDOG)).unwrap().expect("gecho answered");
+        assert_eq!(g.read_to_vec(&back), data, "{len} B of globex");
+        g.free(back).unwrap();
+    }
+    let status = c.status(0);
+    assert!(status.contains(&format!("\"cores\":{cores}")), "{status}");
+    assert!(status.contains(&format!("\"name\":\"globex\",\"core\":{}", cores - 1)), "{status}");
+    assert!(status.contains("\"name\":\"acme\",\"core\":0"), "{status}");
 }
 
 /// DPU mode: the agent holds host buffers (receives, sends) only as

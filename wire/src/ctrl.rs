@@ -652,7 +652,13 @@ fn body<T: FromBytes>(kind: CtrlKind, payload: &[u8], exact: bool) -> Result<(T,
     Ok((b, tail))
 }
 
-fn buf_list(kind: CtrlKind, len: usize, body: usize, tail: &[u8], count: usize) -> Result<BufList<'_>, CtrlDecodeError> {
+fn buf_list(
+    kind: CtrlKind,
+    len: usize,
+    body: usize,
+    tail: &[u8],
+    count: usize,
+) -> Result<BufList<'_>, CtrlDecodeError> {
     if tail.len() != count * 4 {
         return Err(CtrlDecodeError::Length { kind, len: len as u32, want: body + count * 4 });
     }

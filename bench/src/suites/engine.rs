@@ -226,7 +226,7 @@ fn cluster_text(c: &Case, dir: &std::path::Path) -> Result<String> {
 }
 
 fn settings(node: u16, batch: usize) -> Settings {
-    Settings { node, idle_sleep_after: None, epoch: Instant::now(), batch }
+    Settings { node, idle_sleep_after: None, epoch: Instant::now(), batch, core: 0 }
 }
 
 impl Bench {
