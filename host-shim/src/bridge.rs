@@ -33,7 +33,7 @@ use wire::desc::{NO_NODE, frag_len};
 use wire::fabric::{FabricHeader, HEADER_OFFSET, MsgKind};
 use wire::segment::Owner;
 use wire::{DescFlags, Descriptor, ErrorCode};
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::IntoBytes;
 
 /// Messages taken from one uplink ring per pass.
 const BATCH: usize = 32;
@@ -541,22 +541,18 @@ impl Bridge {
 }
 
 /// The descriptor in the fabric header of a received message's first
-/// buffer, if it agrees with what the agent saw: a first data fragment of
-/// `frags`, to the destination of the immediate, of the length the
-/// fragments added up to.
+/// buffer, if it agrees with what the agent saw
+/// ([`FabricHeader::check_landed`]).
 fn read_header(pool: &shm::Pool, first: u32, h: &MessageHdr, frags: usize) -> Option<Descriptor> {
     let mut b = [0u8; size_of::<FabricHeader>()];
     pool.region().copy_out(pool.buf_offset(first)? + u64::from(HEADER_OFFSET), &mut b).ok()?;
-    let fh = FabricHeader::read_from_bytes(&b).ok()?;
-    let ok = fh.magic == wire::fabric::FABRIC_MAGIC
-        && fh.version == wire::fabric::FABRIC_VERSION
-        && fh.kind == MsgKind::Data as u8
-        && fh.frag_index == 0
-        && usize::from(fh.frag_count) == frags
-        && fh.desc.dst_fn == h.desc.dst_fn
-        && fh.desc.len == h.desc.len
-        && fh.desc.validate_fields().is_ok();
-    ok.then_some(fh.desc)
+    match FabricHeader::check_landed(&b, h.desc.dst_fn, frags, h.desc.len) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            log::warn!("bridge: a received message's header: {e}");
+            None
+        }
+    }
 }
 
 /// Runs the bridge of node `node` until `stop` is set: attaches (retrying

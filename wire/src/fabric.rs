@@ -153,6 +153,39 @@ impl FabricHeader {
         Ok((h, payload))
     }
 
+    /// Checks the header at the front of `bytes`, read from the first
+    /// buffer of a message that landed in memory its receiver could not
+    /// read (the DPU agent's import of a host pool): the agent saw only
+    /// the immediate's destination `dst_fn`, the number of fragments
+    /// `frags` and their total payload `len`; the header must agree with
+    /// all three. Returns the descriptor it carries.
+    pub fn check_landed(bytes: &[u8], dst_fn: u16, frags: usize, len: u32) -> Result<Descriptor, FabricDecodeError> {
+        let (h, _) = FabricHeader::read_from_prefix(bytes).map_err(|_| FabricDecodeError::Short(bytes.len()))?;
+        if h.magic != FABRIC_MAGIC {
+            return Err(FabricDecodeError::BadMagic(h.magic));
+        }
+        if h.version != FABRIC_VERSION {
+            return Err(FabricDecodeError::Version(h.version));
+        }
+        if h.kind != MsgKind::Data as u8 {
+            return Err(FabricDecodeError::Kind(h.kind));
+        }
+        if h.frag_index != 0 || usize::from(h.frag_count) != frags {
+            return Err(FabricDecodeError::Fragment { index: h.frag_index, count: h.frag_count });
+        }
+        if h.desc.len != len {
+            return Err(FabricDecodeError::Length { announced: h.desc.len, received: len as usize });
+        }
+        if h.frag_len > h.desc.len {
+            return Err(FabricDecodeError::ChainLength { frag_len: h.frag_len, total: h.desc.len });
+        }
+        if h.desc.dst_fn != dst_fn {
+            return Err(FabricDecodeError::Immediate(Immediate::new(h.kind, dst_fn, true, frags == 1).0));
+        }
+        h.desc.validate_fields()?;
+        Ok(h.desc)
+    }
+
     /// Checks the completion's immediate against this header.
     pub fn check_immediate(&self, imm: u32) -> Result<(), FabricDecodeError> {
         let want =
@@ -212,6 +245,28 @@ impl Immediate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_landed_header_must_agree_with_what_the_agent_saw() {
+        let desc = Descriptor { tenant: 1, dst_fn: 4, src_fn: 2, request: 9, len: 20_000, ..Descriptor::default() };
+        let h = FabricHeader::new(MsgKind::Data, desc, 0, 2, 16_000);
+        let b = h.as_bytes();
+        assert_eq!(FabricHeader::check_landed(b, 4, 2, 20_000), Ok(desc));
+        assert!(matches!(FabricHeader::check_landed(b, 5, 2, 20_000), Err(FabricDecodeError::Immediate(_))));
+        assert!(matches!(FabricHeader::check_landed(b, 4, 3, 20_000), Err(FabricDecodeError::Fragment { .. })));
+        assert!(matches!(FabricHeader::check_landed(b, 4, 2, 19_999), Err(FabricDecodeError::Length { .. })));
+        assert_eq!(FabricHeader::check_landed(&b[..10], 4, 2, 20_000), Err(FabricDecodeError::Short(10)));
+        let second = FabricHeader::new(MsgKind::Data, desc, 1, 2, 4_000);
+        assert!(matches!(
+            FabricHeader::check_landed(second.as_bytes(), 4, 2, 20_000),
+            Err(FabricDecodeError::Fragment { index: 1, .. })
+        ));
+        let bad = FabricHeader::new(MsgKind::Data, Descriptor { reserved: 3, ..desc }, 0, 2, 16_000);
+        assert!(matches!(
+            FabricHeader::check_landed(bad.as_bytes(), 4, 2, 20_000),
+            Err(FabricDecodeError::Descriptor(_))
+        ));
+    }
     use proptest::prelude::*;
 
     fn msg(h: &FabricHeader, payload: &[u8]) -> Vec<u8> {
