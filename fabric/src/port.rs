@@ -43,7 +43,7 @@ pub enum PoolView<'a> {
     Imported(&'a ImportedPool),
 }
 
-impl PoolView<'_> {
+impl<'p> PoolView<'p> {
     /// The pool's geometry.
     pub fn geometry(&self) -> wire::PoolGeometry {
         match self {
@@ -60,24 +60,29 @@ impl PoolView<'_> {
         }
     }
 
-    /// Calls `f` with each buffer of a held chain, in order, until it
-    /// returns `false`.
-    pub fn each_frag(&self, lease: &Lease, mut f: impl FnMut(u32) -> bool) {
+    /// The buffers of a held chain, in order.
+    #[inline]
+    pub fn frags<'l>(self, lease: &'l Lease) -> impl Iterator<Item = u32> + use<'p, 'l> {
         match self {
-            Self::Local(p) => {
-                for i in p.chain(lease) {
-                    if !f(i) {
-                        return;
-                    }
-                }
-            }
-            Self::Imported(p) => {
-                for i in p.chain(lease) {
-                    if !f(i) {
-                        return;
-                    }
-                }
-            }
+            Self::Local(p) => Either::Local(p.chain(lease)),
+            Self::Imported(p) => Either::Imported(p.chain(lease)),
+        }
+    }
+}
+
+/// One of two iterators (no allocation, no dynamic dispatch).
+enum Either<A, B> {
+    Local(A),
+    Imported(B),
+}
+
+impl<A: Iterator<Item = u32>, B: Iterator<Item = u32>> Iterator for Either<A, B> {
+    type Item = u32;
+    #[inline]
+    fn next(&mut self) -> Option<u32> {
+        match self {
+            Self::Local(a) => a.next(),
+            Self::Imported(b) => b.next(),
         }
     }
 }
@@ -442,9 +447,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         let count = u16::try_from(lease.frags()).unwrap_or(u16::MAX);
         let mut posted = 0;
         let mut error = None;
-        let mut k = 0u16;
-        let ep = &mut self.ep;
-        view.each_frag(&lease, |idx| {
+        for (k, idx) in (0u16..).zip(view.frags(&lease)) {
             let flen = wire::desc::frag_len(lease.len(), cap, u32::from(k));
             let stamped = match view {
                 PoolView::Local(pool) => {
@@ -455,22 +458,20 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             };
             let Some(off) = stamped else {
                 error = Some(CompletionError::Transport(-1));
-                return false;
+                break;
             };
             let imm = Immediate::new(MsgKind::Data as u8, desc.dst_fn, k == 0, k + 1 == count).0;
             let wr =
                 SendWr { region, offset: off + HDR_OFF, len: HEADER_LEN as u32 + flen, imm, token: u64::from(token) };
-            match ep.post_send(conn, wr) {
+            match self.ep.post_send(conn, wr) {
                 Ok(()) => posted += 1,
                 Err(e) => {
                     log::debug!("fabric port: a send to node {peer} was refused: {e}");
                     error = Some(CompletionError::Closed);
-                    return false;
+                    break;
                 }
             }
-            k += 1;
-            true
-        });
+        }
         if posted == 0 {
             self.flights.remove(u64::from(token));
             return Err((lease, desc, error.unwrap_or(CompletionError::Closed)));
