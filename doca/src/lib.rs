@@ -59,6 +59,11 @@ pub use types::{
 /// BlueField; the SDK backend also checks the device's own capability).
 pub const COMCH_MAX_MSG_SIZE: u32 = 4080;
 
+/// Environment variable naming the directory of the emulated backend's
+/// comch sockets (both sides of a host link must agree on it); the SDK
+/// backend ignores it.
+pub const RUNTIME_DIR_ENV: &str = "DNE_EMU_RUNTIME_DIR";
+
 /// The DOCA backend compiled into this build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {

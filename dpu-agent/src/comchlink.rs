@@ -268,7 +268,15 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
         target,
     };
     let ch = Arc::new(Mutex::new(ch));
-    log::info!("node {}: waiting for host-shimd on comch \"{name}\"", n.name);
+    match doca::BACKEND {
+        doca::Backend::Emu => log::info!(
+            "node {}: waiting for host-shimd on comch \"{name}\" (emulated DOCA: host-shimd must run on this machine, \
+             with the same {})",
+            n.name,
+            doca::RUNTIME_DIR_ENV
+        ),
+        doca::Backend::Sdk => log::info!("node {}: waiting for host-shimd on comch \"{name}\"", n.name),
+    }
     loop {
         if stop.load(Ordering::Relaxed) {
             return Ok(None);

@@ -20,8 +20,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Environment variable naming the directory of emulated comch sockets.
-pub const RUNTIME_DIR_ENV: &str = "DNE_EMU_RUNTIME_DIR";
+use crate::RUNTIME_DIR_ENV;
 
 /// Directory of the emulated comch sockets: `$DNE_EMU_RUNTIME_DIR`, else
 /// `/tmp/dne-emu-<uid>`.

@@ -20,7 +20,7 @@ pub(crate) mod mem;
 pub(crate) mod pe;
 pub(crate) mod rdma;
 
-pub use comch::{ComchClient, ComchServer, RUNTIME_DIR_ENV, runtime_dir};
+pub use comch::{ComchClient, ComchServer, runtime_dir};
 pub use dev::{DEVICES_ENV, Device, DeviceInfo, devices};
 pub use mem::{Buf, BufInventory, MemRange, Mmap, MmapBuilder, RemoteMmap};
 pub use pe::ProgressEngine;
