@@ -37,11 +37,6 @@ use wire::ctrl::{BufList, CtrlMsg, LendRecv, MAX_LEND, MessageHdr};
 use wire::segment::Owner;
 use wire::{Descriptor, PoolGeometry};
 
-/// Messages from the host waiting for the engine, per tenant (the engine
-/// takes a batch per pass; past this the channel stops reading, which
-/// holds the host back).
-const INBOX: usize = 1024;
-
 /// Why frames from the host were refused, per tenant (reported as uplink
 /// rejections).
 const REASONS: [&str; 4] = ["bad_frame", "bad_chain", "unknown_tenant", "unexpected_frame"];
@@ -80,8 +75,11 @@ impl Channel {
         self.pe.progress();
         let mut rx = std::mem::take(&mut self.rx);
         let mut n = 0;
-        while self.inbox.iter().all(|q| q.len() < INBOX) {
-            let Some(ev) = self.server.poll_event(&mut rx) else { break };
+        // Always read everything: a tenant whose messages wait (its
+        // credits are out, say) must not hold up the others on the shared
+        // connection. Its inbox cannot outgrow its pool: every message
+        // holds at least one of the pool's buffers.
+        while let Some(ev) = self.server.poll_event(&mut rx) {
             n += 1;
             match ev {
                 doca::ComchEvent::Connected(c) if self.conn.is_none() && !self.lost => {
@@ -249,6 +247,7 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
         geometry.push(g);
     }
     let max_chain = cfg.tenants.iter().map(|t| t.max_chain).max().unwrap_or(64) as usize;
+    let inbox = geometry.iter().map(|g| VecDeque::with_capacity(g.buf_count() as usize)).collect();
     let ch = Channel {
         pe,
         server,
@@ -258,7 +257,7 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
         rx: vec![0; doca::COMCH_MAX_MSG_SIZE as usize],
         pools: vec![None; nt],
         geometry,
-        inbox: (0..nt).map(|_| VecDeque::with_capacity(INBOX)).collect(),
+        inbox,
         stock: target.iter().map(|&n| Vec::with_capacity(n as usize)).collect(),
         asked: vec![0; nt],
         returning: (0..nt).map(|_| Vec::with_capacity(1024)).collect(),
