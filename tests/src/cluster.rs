@@ -120,8 +120,13 @@ impl Cluster {
     /// namespace (the host link is a Unix socket path and shared memory).
     /// `None` when not running as root.
     pub fn start_netns(name: &str, rest: &str) -> Option<Self> {
+        Self::start_netns_mode(name, "emulated", rest)
+    }
+
+    /// Like [`Cluster::start_netns`], every node in `mode`.
+    pub fn start_netns_mode(name: &str, mode: &'static str, rest: &str) -> Option<Self> {
         let (net, nets) = Netns::two_nodes()?;
-        Some(Self::start_on(name, nets, Some(net), rest))
+        Some(Self::start_on_mode(name, nets, Some(net), mode, 1, rest))
     }
 
     /// Starts a cluster with one node per entry of `nets`.

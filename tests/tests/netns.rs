@@ -107,11 +107,31 @@ fn round_trips(c: &Cluster, client: &mut host_shim::Function, sink: &mut host_sh
 
 #[test]
 fn agents_in_separate_namespaces_carry_1b_to_1mib_and_reconnect_after_a_restart() {
+    separate_namespaces("emulated");
+}
+
+/// The same in DPU mode: each agent in its own network namespace reaches
+/// its host-shimd over (emulated) comch, as an agent on a card would.
+#[test]
+fn dpu_mode_agents_in_separate_namespaces_carry_1b_to_1mib_and_reconnect_after_a_restart() {
+    separate_namespaces("dpu");
+}
+
+/// The tests of this file one at a time: each checks that no link of this
+/// process is left behind, which another test's live links would fail.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn separate_namespaces(mode: &'static str) {
     if !can_run() {
         return;
     }
+    let _one = one_at_a_time();
     let (names, links) = {
-        let mut c = Cluster::start_netns("netns", CONFIG).expect("root");
+        let mut c = Cluster::start_netns_mode(&format!("netns-{mode}"), mode, CONFIG).expect("root");
         let net = c.net.as_ref().expect("namespaces");
         let names = net.names.clone();
         let links: Vec<String> = Netns::links_named(&format!("dn{}_", std::process::id()));
@@ -143,6 +163,7 @@ fn agents_in_separate_namespaces_carry_1b_to_1mib_and_reconnect_after_a_restart(
         c.kill_agent(1);
         c.restart_agent(1);
         c.wait_mesh();
+        c.wait_conns(1);
         round_trips(&c, &mut client, &mut sink, 1);
         (names, links)
     };
@@ -160,6 +181,7 @@ fn namespaces_are_removed_when_a_test_panics() {
     if !can_run() {
         return;
     }
+    let _one = one_at_a_time();
     let made = std::sync::Mutex::new(Vec::new());
     let r = std::panic::catch_unwind(|| {
         let (net, nodes) = Netns::two_nodes().expect("root");
