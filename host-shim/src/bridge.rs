@@ -42,9 +42,11 @@ const SPIN: Duration = Duration::from_micros(50);
 /// Longest sleep (pending lends and deliveries are retried this often).
 const TICK: Duration = Duration::from_millis(1);
 
-/// What the bridge counted (for logs and tests).
+/// What the bridge counted (host-shimd's status file shows it).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BridgeStats {
+    /// The agent is connected now.
+    pub up: bool,
     /// Messages sent to the agent.
     pub to_agent: u64,
     /// Messages delivered to local functions.
@@ -75,6 +77,9 @@ struct Tenant {
     backlog: VecDeque<Msg>,
 }
 
+/// Where the bridge publishes its counts for host-shimd's status file.
+pub type SharedStats = Arc<std::sync::Mutex<BridgeStats>>;
+
 /// The bridge of one node (see the module docs).
 pub struct Bridge {
     cfg: Arc<Cluster>,
@@ -93,6 +98,7 @@ pub struct Bridge {
     /// Lent buffers waiting to be sent.
     lend: Vec<u32>,
     stats: BridgeStats,
+    shared: SharedStats,
 }
 
 impl core::fmt::Debug for Bridge {
@@ -104,7 +110,7 @@ impl core::fmt::Debug for Bridge {
 impl Bridge {
     /// Attaches to host-shimd at `socket` for every tenant, exports the
     /// pools, and prepares the comch client of node `node`'s agent.
-    pub fn new(cfg: Arc<Cluster>, node: u16, socket: &Path) -> anyhow::Result<Self> {
+    pub fn new(cfg: Arc<Cluster>, node: u16, socket: &Path, shared: SharedStats) -> anyhow::Result<Self> {
         let n = cfg.nodes.get(usize::from(node)).ok_or_else(|| anyhow::anyhow!("no node {node}"))?;
         let dev = doca::Device::open_first().map_err(|e| anyhow::anyhow!("opening the DOCA device: {e}"))?;
         let mut tenants = Vec::with_capacity(cfg.tenants.len());
@@ -137,6 +143,7 @@ impl Bridge {
             lend: Vec::with_capacity(MAX_LEND),
             cfg,
             stats: BridgeStats::default(),
+            shared,
         })
     }
 
@@ -183,6 +190,12 @@ impl Bridge {
                 work += self.redeliver(t);
             }
             self.flush();
+        }
+        self.stats.up = self.up;
+        if let Ok(mut s) = self.shared.lock()
+            && *s != self.stats
+        {
+            *s = self.stats;
         }
         work
     }
@@ -557,10 +570,10 @@ fn read_header(pool: &shm::Pool, first: u32, h: &MessageHdr, frags: usize) -> Op
 
 /// Runs the bridge of node `node` until `stop` is set: attaches (retrying
 /// while host-shimd starts), then serves; re-attaches if it has to.
-pub fn serve(cfg: Arc<Cluster>, node: u16, socket: &Path, stop: &AtomicBool) {
+pub fn serve(cfg: Arc<Cluster>, node: u16, socket: &Path, stop: &AtomicBool, shared: SharedStats) {
     let mut delay = Duration::from_millis(10);
     while !stop.load(Ordering::Relaxed) {
-        match Bridge::new(cfg.clone(), node, socket) {
+        match Bridge::new(cfg.clone(), node, socket, shared.clone()) {
             Ok(mut b) => {
                 b.run(stop);
                 log::info!("bridge: stopped: {:?}", b.stats());

@@ -108,6 +108,8 @@ pub struct Shimd {
     /// and the counts it was last refreshed with.
     status_due: Instant,
     status_free: Vec<(u16, u32)>,
+    /// DPU mode: the bridge's counts, and what the status file last showed.
+    bridge: Option<(crate::bridge::SharedStats, crate::bridge::BridgeStats)>,
 }
 
 /// How often the status file follows the pools' free counts, which move
@@ -138,11 +140,13 @@ pub fn serve_until_signalled(cfg: Cluster, node: &str) -> anyhow::Result<()> {
     let bridge_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let bridge = match dpu {
         Some(n) => {
+            let shared = crate::bridge::SharedStats::default();
+            shimd.set_bridge(shared.clone());
             let (cfg, stop, socket) = (cfg.clone(), bridge_stop.clone(), socket_path(&shimd.dir));
             Some(
                 std::thread::Builder::new()
                     .name("bridge".into())
-                    .spawn(move || crate::bridge::serve(cfg, n, &socket, &stop))?,
+                    .spawn(move || crate::bridge::serve(cfg, n, &socket, &stop, shared))?,
             )
         }
         None => None,
@@ -227,6 +231,7 @@ impl Shimd {
             stats: Stats::default(),
             status_due: Instant::now() + STATUS_EVERY,
             status_free: Vec::new(),
+            bridge: None,
         };
         s.write_status();
         log::info!("host-shimd for node {node} listening on {}", socket_path(&s.dir).display());
@@ -295,8 +300,16 @@ impl Shimd {
         Ok(false)
     }
 
-    /// Rewrites the status file when a pool's free count moved since the
-    /// last refresh (at most every [`STATUS_EVERY`]).
+    /// Shows the counts of this node's bridge to the DPU agent in the
+    /// status file.
+    pub fn set_bridge(&mut self, shared: crate::bridge::SharedStats) {
+        self.bridge = Some((shared, crate::bridge::BridgeStats::default()));
+        self.write_status();
+    }
+
+    /// Rewrites the status file when a pool's free count or the bridge's
+    /// counts moved since the last refresh (at most every
+    /// [`STATUS_EVERY`]).
     fn refresh_status(&mut self) {
         let now = Instant::now();
         if now < self.status_due {
@@ -305,7 +318,15 @@ impl Shimd {
         self.status_due = now + STATUS_EVERY;
         let mut free: Vec<(u16, u32)> = self.pools.iter().map(|(t, p)| (*t, p.free_buffers())).collect();
         free.sort_unstable();
-        if free != self.status_free {
+        let mut changed = free != self.status_free;
+        if let Some((shared, shown)) = self.bridge.as_mut()
+            && let Ok(now) = shared.lock()
+            && *now != *shown
+        {
+            *shown = *now;
+            changed = true;
+        }
+        if changed {
             self.status_free = free;
             self.write_status();
         }
@@ -637,9 +658,19 @@ impl Shimd {
             .collect();
         pools.sort();
         let live = self.clients.iter().filter(|c| c.attached.as_ref().is_some_and(|a| !a.agent)).count();
+        let bridge = match &self.bridge {
+            Some((shared, _)) => {
+                let b = shared.lock().map(|b| *b).unwrap_or_default();
+                format!(
+                    ",\"bridge\":{{\"up\":{},\"connects\":{},\"to_agent\":{},\"delivered\":{},\"lent\":{},\"returned\":{},\"bounced\":{},\"refused\":{},\"reclaimed\":{}}}",
+                    b.up, b.connects, b.to_agent, b.delivered, b.lent, b.returned, b.bounced, b.refused, b.reclaimed
+                )
+            }
+            None => String::new(),
+        };
         let agent = self.uplinks.values().filter(|u| u.attached).count();
         let s = format!(
-            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"bad_frames\":{},\"cooling\":{},\"pools\":[{}]}}\n",
+            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"bad_frames\":{},\"cooling\":{},\"pools\":[{}]{bridge}}}\n",
             self.cfg.nodes[usize::from(self.node)].name,
             self.stats.attached,
             map(&self.stats.attach_refused),

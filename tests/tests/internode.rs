@@ -215,6 +215,18 @@ fn dpu_mode_agent_restart_frees_what_it_held_and_recovers() {
         round_trip(&mut client, &mut sink, k);
     }
     assert!(c.log_tail("shimd-n0", 50).contains("the agent went away"), "{}", c.log_tail("shimd-n0", 50));
+    // host-shimd's status file shows its bridge: connected again (twice
+    // in all), what it freed for the dead agent, nothing refused.
+    dne_tests::wait_for("the bridge in host-shimd's status", WATCHDOG, || {
+        let s = c.shimd_status(0);
+        let bridge = s.find("\"bridge\":").map(|i| &s[i..]).unwrap_or_default();
+        let n = |k: &str| dne_tests::cluster::status_number(bridge, k);
+        bridge.contains("\"up\":true")
+            && n("connects") == Some(2)
+            && n("reclaimed").is_some_and(|r| r > 0)
+            && n("refused") == Some(0)
+            && n("delivered").is_some_and(|d| d >= 11)
+    });
 }
 
 #[test]
