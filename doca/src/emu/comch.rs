@@ -52,6 +52,9 @@ fn seqpacket() -> Result<OwnedFd, DocaError> {
     .map_err(|e| crate::error::os("socket", e))
 }
 
+/// How often a server looks for new clients (see `State::accept`).
+const ACCEPT_EVERY: Duration = Duration::from_millis(1);
+
 /// First message of every client: names the protocol, so a server counts
 /// only real clients (a probe that connects and leaves is never reported).
 const HELLO: &[u8; 8] = b"DNECOMCH";
@@ -65,7 +68,8 @@ struct Peer {
 
 #[derive(Debug)]
 enum Role {
-    Server { listener: Option<OwnedFd> },
+    /// `next_accept`: when `progress` next looks for new clients.
+    Server { listener: Option<OwnedFd>, next_accept: Instant },
     Client { next_try: Instant },
 }
 
@@ -215,7 +219,7 @@ impl State {
                 for i in 0..self.peers.len() {
                     self.disconnect(i as u32, DocaError::SHUTDOWN);
                 }
-                if let Role::Server { listener } = &mut self.role {
+                if let Role::Server { listener, .. } = &mut self.role {
                     *listener = None;
                 }
                 self.unbind();
@@ -269,8 +273,18 @@ impl State {
         }
     }
 
+    /// Takes new clients, at most every [`ACCEPT_EVERY`]: a nonblocking
+    /// `accept` that finds none still makes the kernel allocate (and free)
+    /// a socket, which per `progress` call would cost more than the
+    /// messages; a client waits a millisecond at most.
     fn accept(&mut self) {
-        let Role::Server { listener: Some(l) } = &self.role else { return };
+        let Role::Server { listener: Some(l), next_accept } = &mut self.role else { return };
+        let now = Instant::now();
+        if now < *next_accept {
+            return;
+        }
+        *next_accept = now + ACCEPT_EVERY;
+        let l = &*l;
         loop {
             match rustix::net::accept_with(l, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
                 Ok(fd) => match self.peers.iter().position(Option::is_none) {
@@ -405,7 +419,7 @@ fn start_server(st: &mut State) -> Result<(), DocaError> {
     st.bound = true;
     rustix::net::listen(&fd, 128).map_err(|e| crate::error::os("listen", e))?;
     st.pe.watch(fd.as_fd());
-    st.role = Role::Server { listener: Some(fd) };
+    st.role = Role::Server { listener: Some(fd), next_accept: Instant::now() };
     st.state = CtxState::Starting;
     Ok(())
 }
@@ -461,7 +475,8 @@ impl ComchServer {
     pub fn new(pe: &ProgressEngine, dev: &Device, name: &str, cfg: ComchConfig) -> Result<Self, DocaError> {
         cfg.validate()?;
         let path = socket_path(name)?;
-        let st = State::new(cfg, pe.shared.clone(), Role::Server { listener: None }, path, cfg.max_clients as usize);
+        let role = Role::Server { listener: None, next_accept: Instant::now() };
+        let st = State::new(cfg, pe.shared.clone(), role, path, cfg.max_clients as usize);
         let core = Arc::new(Core { st: Mutex::new(st) });
         pe.shared.connect(Arc::downgrade(&core) as _);
         Ok(Self { core, _pe: pe.shared.clone(), _dev: dev.clone() })
