@@ -69,8 +69,13 @@ struct Peer {
 #[derive(Debug)]
 enum Role {
     /// `next_accept`: when `progress` next looks for new clients.
-    Server { listener: Option<OwnedFd>, next_accept: Instant },
-    Client { next_try: Instant },
+    Server {
+        listener: Option<OwnedFd>,
+        next_accept: Instant,
+    },
+    Client {
+        next_try: Instant,
+    },
 }
 
 #[derive(Debug)]
