@@ -1,8 +1,10 @@
-//! `dpu-agent run`: attaches to the node's host link, builds the engine and
-//! runs it on this thread; the metrics endpoint runs on its own thread.
-//! When host-shimd goes away the engine is torn down (peers see the fabric
-//! link go and return in-flight messages to their senders) and rebuilt once
-//! host-shimd is back.
+//! `dpu-agent run`: attaches to the node's host link (host-shimd's shared
+//! memory in `host` and `emulated` modes, comch and imported pools in `dpu`
+//! mode), builds the engine and runs it on this thread, or with `--cores N`
+//! one engine per data-plane thread, each over a share of the tenants; the
+//! metrics endpoint runs on its own thread. When host-shimd goes away the
+//! engines are torn down (peers see the fabric link go and return in-flight
+//! messages to their senders) and rebuilt once host-shimd is back.
 
 use crate::engine::{Engine, Exit, Settings, attach_all};
 use crate::metrics::{self, Metrics};

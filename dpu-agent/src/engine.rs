@@ -342,7 +342,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
     }
 
     /// The control work: fabric connection setup and repair, gauges,
-    /// status (run every [`CONTROL_EVERY`] by [`run`](Self::run)).
+    /// status (run every `CONTROL_EVERY` by [`run`](Self::run)).
     pub fn control(&mut self, now: Instant) {
         self.flush();
         if self.port.in_flight() == 0 {

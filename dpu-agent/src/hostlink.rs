@@ -6,6 +6,9 @@
 //! * [`host_shim::Function`] attached as the agent (`host` and `emulated`
 //!   modes): the tenant's uplink ring in host-shimd's shared memory, and
 //!   the functions' inbound rings;
+//! * [`crate::comchlink::DpuLink`] (`dpu` mode): DOCA comch to host-shimd's
+//!   bridge, over the tenant pool imported from host-shimd's export, which
+//!   the agent never reads;
 //! * [`NullLink`]: messages made up in a private pool and deliveries
 //!   dropped, so the `engine` benchmark measures the engine alone.
 
