@@ -4,7 +4,7 @@
 //! messages sent as one fabric send per pool buffer, and received fragments
 //! reassembled into one chain.
 //!
-//! Buffer layout: every pool buffer starts with [`HEADROOM`] bytes; the
+//! Buffer layout: every pool buffer starts with [`HEADROOM`](crate::HEADROOM) bytes; the
 //! [`FabricHeader`] occupies its last [`HEADER_LEN`] bytes, right before
 //! the payload, so header and payload go out as one contiguous send from
 //! the pool and land the same way in the receiver's buffer (which is posted
