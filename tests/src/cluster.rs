@@ -307,7 +307,9 @@ impl Cluster {
         let p = Proc::spawn("ingress", cmd);
         let pid = p.pid();
         self.fns.push(p);
+        let k = self.fns.len() - 1;
         wait_for("the ingress serves the chain", within, || {
+            assert!(self.fns[k].is_running(), "the ingress exited");
             crate::http_post(spec.http, path, b"ping").is_some_and(|(code, _)| code == 200)
         });
         pid

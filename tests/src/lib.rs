@@ -229,10 +229,24 @@ impl Drop for TempDir {
     }
 }
 
-/// A loopback address with a port nobody listens on right now.
+/// A loopback address with a port nobody listens on right now, below the
+/// kernel's ephemeral range (32768 and up on Linux), so that no outgoing
+/// connection (the emulated fabric makes many) can take it between now and
+/// the moment a test's process binds it; distinct within this process, and
+/// spread by process id across test binaries.
 pub fn free_port() -> std::net::SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local address")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const BASE: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..SPAN {
+        let port = BASE + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            return l.local_addr().expect("local address");
+        }
+    }
+    panic!("no free loopback port in {BASE}..{}", BASE + SPAN)
 }
 
 /// `GET path` over HTTP/1.0; the status code and the body, or `None` when
