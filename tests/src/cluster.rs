@@ -448,6 +448,9 @@ pub struct Census {
     pub held: std::collections::BTreeMap<u16, u32>,
     /// Handed to the function in each slot (waiting in its ring).
     pub handed: std::collections::BTreeMap<u16, u32>,
+    /// Held by the agent on the DPU (`Owner::Agent`: lent receive buffers
+    /// and messages it took; DPU mode only).
+    pub dpu_held: u32,
     /// Recorded as held by the agent or host-shimd outside any slot, or
     /// unreadable.
     pub other: u32,
@@ -468,6 +471,7 @@ impl Census {
                 Ok(Owner::Function(AGENT_SLOT)) => c.uplink += 1,
                 Ok(Owner::Held(s)) => *c.held.entry(s).or_insert(0) += 1,
                 Ok(Owner::Function(s)) => *c.handed.entry(s).or_insert(0) += 1,
+                Ok(Owner::Agent) => c.dpu_held += 1,
                 _ => c.other += 1,
             }
         }
