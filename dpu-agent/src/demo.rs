@@ -593,6 +593,16 @@ macro_rules! say {
     };
 }
 
+/// Ctrl-C or SIGTERM (`kill`, `timeout`): either way the demo stops its
+/// children and removes what it made.
+async fn stop_requested() -> std::io::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
+    }
+}
+
 /// Runs the demo; returns whether everything worked.
 pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
     execute(opts).map(|o| o.ok)
@@ -631,7 +641,7 @@ pub fn execute(opts: &DemoOptions) -> anyhow::Result<Outcome> {
             }
         }
         say!(opts.quiet, "Ctrl-C stops the cluster.");
-        rt.block_on(async { tokio::signal::ctrl_c().await })?;
+        rt.block_on(stop_requested())?;
         say!(opts.quiet, "stopping");
         return Ok(Outcome { ok: true, ..Outcome::default() });
     }
@@ -659,7 +669,7 @@ pub fn execute(opts: &DemoOptions) -> anyhow::Result<Outcome> {
         let start = Instant::now();
         let mut last: Vec<u64> = vec![0; TENANTS.len()];
         let mut interrupted = false;
-        let ctrl_c = tokio::signal::ctrl_c();
+        let ctrl_c = stop_requested();
         tokio::pin!(ctrl_c);
         while start.elapsed() < Duration::from_secs(duration) {
             if memory && rss_warm.is_none() && start.elapsed() >= warmup {

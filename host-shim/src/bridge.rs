@@ -39,8 +39,12 @@ use zerocopy::IntoBytes;
 const BATCH: usize = 32;
 /// How long an idle bridge keeps polling before it sleeps.
 const SPIN: Duration = Duration::from_micros(50);
-/// Longest sleep (pending lends and deliveries are retried this often).
+/// Longest sleep while something is pending (lends and deliveries are
+/// retried, a lost agent is redialled, this often).
 const TICK: Duration = Duration::from_millis(1);
+/// Longest sleep with nothing pending: every event that matters (a
+/// function's send, the agent's frames) wakes the bridge anyway.
+const IDLE_TICK: Duration = Duration::from_millis(100);
 
 /// What the bridge counted (host-shimd's status file shows it).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -517,7 +521,8 @@ impl Bridge {
         }
     }
 
-    /// Sleeps until a function sends, the agent has news, or [`TICK`].
+    /// Sleeps until a function sends, the agent has news, or [`TICK`]
+    /// ([`IDLE_TICK`] when nothing is pending).
     fn sleep(&mut self) {
         use rustix::event::{PollFd, PollFlags, Timespec, poll};
         if let Err(e) = self.pe.clear_notification() {
@@ -538,7 +543,10 @@ impl Bridge {
             for tn in &self.tenants {
                 fds.push(PollFd::from_borrowed_fd(tn.link.doorbell_fd(), PollFlags::IN));
             }
-            let ts = Timespec { tv_sec: 0, tv_nsec: TICK.as_nanos() as i64 };
+            let pending =
+                !self.up || !self.out.is_empty() || self.tenants.iter().any(|t| t.want > 0 || !t.backlog.is_empty());
+            let tick = if pending { TICK } else { IDLE_TICK };
+            let ts = Timespec { tv_sec: 0, tv_nsec: tick.as_nanos() as i64 };
             if let Err(e) = poll(&mut fds, Some(&ts))
                 && e != rustix::io::Errno::INTR
             {
