@@ -103,6 +103,8 @@ pub struct Bridge {
     lend: Vec<u32>,
     stats: BridgeStats,
     shared: SharedStats,
+    /// Per cluster function: its tenant if it runs on this node.
+    local_fns: Vec<Option<u16>>,
 }
 
 impl core::fmt::Debug for Bridge {
@@ -132,6 +134,11 @@ impl Bridge {
             tenants.push(Tenant { link, _mmap: mmap, blob, want: 0, backlog: VecDeque::with_capacity(256) });
         }
         let max_chain = cfg.tenants.iter().map(|t| t.max_chain).max().unwrap_or(64) as usize;
+        let local_fns = cfg
+            .functions
+            .iter()
+            .map(|f| (cfg.node_id(&f.node) == Some(node)).then(|| cfg.tenant_id(&f.tenant)).flatten())
+            .collect();
         Ok(Self {
             name: server_name(n),
             node,
@@ -148,6 +155,7 @@ impl Bridge {
             cfg,
             stats: BridgeStats::default(),
             shared,
+            local_fns,
         })
     }
 
@@ -435,13 +443,11 @@ impl Bridge {
 
     fn deliver(&mut self, t: usize, msg: Msg) {
         let dst = usize::from(msg.desc().dst_fn);
-        let Some(f) = self.cfg.functions.get(dst).filter(|f| {
-            self.cfg.node_id(&f.node) == Some(self.node) && self.cfg.tenant_id(&f.tenant) == Some(t as u16)
-        }) else {
+        if self.local_fns.get(dst) != Some(&Some(t as u16)) {
             return self.bounce(t, msg);
-        };
-        let name = f.name.clone();
-        match self.tenants[t].link.send(msg, &name) {
+        }
+        let name = &self.cfg.functions[dst].name;
+        match self.tenants[t].link.send(msg, name) {
             Ok(()) => self.stats.delivered += 1,
             Err(e) => match (e.kind, e.msg) {
                 (SendErrorKind::Full, Some(m)) => self.tenants[t].backlog.push_back(m),
