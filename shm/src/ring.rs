@@ -35,6 +35,9 @@ pub(crate) trait RingCells {
     fn tail(&self) -> &AtomicU64;
     /// Consumer's head (published for producers' batch sizing).
     fn head(&self) -> &AtomicU64;
+    /// This producer's last look at `head` (process-local, not shared: a
+    /// lower bound of the real head, since the head only moves forward).
+    fn head_seen(&self) -> &AtomicU64;
     /// Non-zero while the consumer sleeps on its doorbell.
     fn sleeping(&self) -> &AtomicU32;
     /// Non-zero once the consumer is gone.
@@ -110,6 +113,25 @@ pub(crate) fn push(c: &impl RingCells, descs: &[Descriptor]) -> Result<Pushed, R
         };
         let n = if batch > 0 {
             batch
+        } else if want == 1 && pos.wrapping_sub(c.head_seen().load(Acquire)) < cap {
+            // The consumer has consumed `pos - cap` (its head, published
+            // after it freed the slots before it, was at least this far when
+            // we read it): the slot is free for our lap without reading its
+            // sequence, a line the consumer may be spinning on. One look at
+            // the head every lap instead of a slot read and a line upgrade
+            // per push. Acquire: pairs with the Release store below, made
+            // after an Acquire load of the head (another thread of this
+            // process may have made it), so the consumer's reads of the old
+            // descriptor happen before our write.
+            1
+        } else if want == 1 && {
+            // Acquire: pairs with the consumer's Release publish of the head
+            // after it read the descriptors it consumed.
+            let head = c.head().load(Acquire);
+            c.head_seen().store(head, Release);
+            pos.wrapping_sub(head) < cap
+        } {
+            1
         } else {
             // One read of the slot's sequence decides (reading it twice let
             // a slot freed in between look like corruption).
@@ -274,8 +296,16 @@ mod tests {
         c.tail.store(u64::MAX - 1, Relaxed);
         assert_eq!(push(&c, &[d(1)]), Err(RingPushError::Corrupted));
         c.tail.store(2, Relaxed);
-        c.seq[2].store(u32::MAX, Relaxed); // behind its lap: looks full
+        c.seq[2].store(u32::MAX, Relaxed); // behind its lap
+        // The head says the lap is free: a single push trusts it and
+        // overwrites the lying sequence.
+        assert_eq!(push(&c, &[d(1)]).map(|p| p.count), Ok(1));
+        // Once the head says the lap may not be free, the sequence decides:
+        // behind its lap looks full.
+        c.tail.store(6, Relaxed);
+        c.seq[2].store(u32::MAX, Relaxed);
         assert_eq!(push(&c, &[d(1)]), Err(RingPushError::Full));
+        c.tail.store(2, Relaxed);
         c.seq[0].store(1, Relaxed); // a lying sequence: slot 0 "written"
         let mut out = [Descriptor::default(); 4];
         assert_eq!(pop(&c, &mut head, &mut out), 1); // garbage, caught by validation upstream
@@ -419,6 +449,7 @@ mod cells {
     pub(crate) struct Cells {
         pub(crate) tail: AtomicU64,
         pub(crate) head: AtomicU64,
+        head_seen: AtomicU64,
         pub(crate) sleeping: AtomicU32,
         pub(crate) closed: AtomicU32,
         pub(crate) seq: Vec<AtomicU32>,
@@ -436,6 +467,7 @@ mod cells {
             Cells {
                 tail: AtomicU64::new(0),
                 head: AtomicU64::new(0),
+                head_seen: AtomicU64::new(0),
                 sleeping: AtomicU32::new(0),
                 closed: AtomicU32::new(0),
                 seq: (0..cap).map(AtomicU32::new).collect(),
@@ -453,6 +485,9 @@ mod cells {
         }
         fn head(&self) -> &AtomicU64 {
             &self.head
+        }
+        fn head_seen(&self) -> &AtomicU64 {
+            &self.head_seen
         }
         fn sleeping(&self) -> &AtomicU32 {
             &self.sleeping
@@ -514,6 +549,8 @@ mod segment {
         layout: RingLayout,
         header: RingHeader,
         ptrs: Ptrs,
+        /// This process's last look at the consumer's head (see `push`).
+        head_seen: std::sync::atomic::AtomicU64,
     }
 
     /// Addresses of the shared fields, resolved and checked once at open
@@ -594,7 +631,7 @@ mod segment {
             let header = RingHeader::new(&layout, tenant, owner_fn, owner_slot);
             region.write(0, header)?;
             let ptrs = Ptrs::resolve(&region, &layout)?;
-            let ring = Self { region, layout, header, ptrs };
+            let ring = Self { region, layout, header, ptrs, head_seen: Default::default() };
             for slot in 0..capacity {
                 // Slot k starts free for lap 0 (sequence k).
                 ring.seq(slot).store(slot, std::sync::atomic::Ordering::Relaxed);
@@ -609,7 +646,8 @@ mod segment {
             let header: RingHeader = region.read(0)?;
             let layout = header.check(region.len() as u64)?;
             let ptrs = Ptrs::resolve(&region, &layout)?;
-            Ok(Self { region, layout, header, ptrs })
+            // Zero: the first push looks at the real head.
+            Ok(Self { region, layout, header, ptrs, head_seen: Default::default() })
         }
 
         /// The header as read at open.
@@ -689,6 +727,9 @@ mod segment {
         fn head(&self) -> &AtomicU64 {
             // SAFETY: checked at open (`Ptrs::resolve`); lives with `self`.
             unsafe { self.ptrs.head.as_ref() }
+        }
+        fn head_seen(&self) -> &AtomicU64 {
+            &self.head_seen
         }
         fn sleeping(&self) -> &AtomicU32 {
             // SAFETY: checked at open (`Ptrs::resolve`); lives with `self`.
