@@ -81,6 +81,15 @@ struct Tenant {
     backlog: VecDeque<Msg>,
 }
 
+impl Tenant {
+    /// Takes buffer `i` back from the agent, if the pool records it as the
+    /// agent's, as a one-buffer lease held by the bridge.
+    fn take_from_agent(&self, i: u32) -> Result<Lease, shm::pool::AcceptError> {
+        let pool = self.link.pool();
+        pool.take_back(i, pool.geometry().payload_cap(), Owner::Agent, Owner::Held(self.link.info().slot))
+    }
+}
+
 /// Where the bridge publishes its counts for host-shimd's status file.
 pub type SharedStats = Arc<std::sync::Mutex<BridgeStats>>;
 
@@ -103,6 +112,9 @@ pub struct Bridge {
     lend: Vec<u32>,
     stats: BridgeStats,
     shared: SharedStats,
+    /// What this bridge last put in `shared` (none yet: a new bridge
+    /// overwrites what an earlier one left there).
+    published: Option<BridgeStats>,
     /// Per cluster function: its tenant if it runs on this node.
     local_fns: Vec<Option<u16>>,
 }
@@ -155,6 +167,7 @@ impl Bridge {
             cfg,
             stats: BridgeStats::default(),
             shared,
+            published: None,
             local_fns,
         })
     }
@@ -204,10 +217,13 @@ impl Bridge {
             self.flush();
         }
         self.stats.up = self.up;
-        if let Ok(mut s) = self.shared.lock()
-            && *s != self.stats
+        // Only a change takes the lock (host-shimd's status writer holds it
+        // now and then; this runs every pass).
+        if self.published != Some(self.stats)
+            && let Ok(mut s) = self.shared.lock()
         {
             *s = self.stats;
+            self.published = Some(self.stats);
         }
         work
     }
@@ -288,15 +304,12 @@ impl Bridge {
         self.client = None;
         for t in 0..self.tenants.len() {
             self.tenants[t].want = 0;
-            let g = self.tenants[t].link.pool().geometry();
-            let holder = Owner::Held(self.tenants[t].link.info().slot);
-            for i in 0..g.buf_count() {
-                let pool = self.tenants[t].link.pool();
-                if pool.owner(i) == Ok(Owner::Agent) {
-                    if let Ok(lease) = pool.take_back(i, g.payload_cap(), Owner::Agent, holder) {
-                        self.stats.reclaimed += 1;
-                        self.free(t, lease);
-                    }
+            for i in 0..self.tenants[t].link.pool().geometry().buf_count() {
+                if self.tenants[t].link.pool().owner(i) == Ok(Owner::Agent)
+                    && let Ok(lease) = self.tenants[t].take_from_agent(i)
+                {
+                    self.stats.reclaimed += 1;
+                    self.free(t, lease);
                 }
             }
         }
@@ -351,14 +364,15 @@ impl Bridge {
         match f {
             CtrlMsg::Message(h, list) => self.agent_message(h, list),
             CtrlMsg::ReturnBufs(LendRecv { tenant: t, .. }, list) => {
-                let Some(tn) = self.tenants.get(usize::from(t)) else { return self.refuse("return: unknown tenant") };
-                let pool = tn.link.pool();
-                let (cap, holder) = (pool.geometry().payload_cap(), Owner::Held(tn.link.info().slot));
+                let t = usize::from(t);
+                if t >= self.tenants.len() {
+                    return self.refuse("return: unknown tenant");
+                }
                 for i in list.iter() {
-                    match self.tenants[usize::from(t)].link.pool().take_back(i, cap, Owner::Agent, holder) {
+                    match self.tenants[t].take_from_agent(i) {
                         Ok(lease) => {
                             self.stats.returned += 1;
-                            self.free(usize::from(t), lease);
+                            self.free(t, lease);
                         }
                         Err(_) => self.refuse("return: a buffer the agent does not hold"),
                     }
@@ -380,17 +394,26 @@ impl Bridge {
         self.stats.refused += 1;
     }
 
+    /// Frees the buffers of the message being handled (`parts`, tenant
+    /// `t`) and refuses it.
+    fn refuse_parts(&mut self, t: usize, why: &str) {
+        let mut parts = std::mem::take(&mut self.parts);
+        for l in parts.drain(..) {
+            self.free(t, l);
+        }
+        self.parts = parts;
+        self.refuse(why);
+    }
+
     /// A message from the agent: takes its buffers back, links them, and
     /// delivers it (or re-stamps it and sends it back).
     fn agent_message(&mut self, h: MessageHdr, list: BufList<'_>) {
         let t = usize::from(h.desc.tenant);
         let Some(tn) = self.tenants.get(t) else { return self.refuse("message: unknown tenant") };
         let pool = tn.link.pool();
-        let g = pool.geometry();
-        let holder = Owner::Held(tn.link.info().slot);
         self.parts.clear();
         for i in list.iter() {
-            match pool.take_back(i, g.payload_cap(), Owner::Agent, holder) {
+            match tn.take_from_agent(i) {
                 Ok(l) => self.parts.push(l),
                 Err(_) => {
                     // Give back what was taken: the agent still counts on it.
@@ -405,34 +428,19 @@ impl Bridge {
         if h.flags & MessageHdr::FROM_FABRIC != 0 {
             match read_header(pool, h.desc.buf, &h, list.len()) {
                 Some(d) => desc = Descriptor { tenant: t as u16, ..d },
-                None => {
-                    for l in std::mem::take(&mut self.parts) {
-                        self.free(t, l);
-                    }
-                    return self.refuse("message: its fabric header disagrees with what the agent saw");
-                }
+                None => return self.refuse_parts(t, "message: its fabric header disagrees with what the agent saw"),
             }
             if desc.flags & DescFlags::REPLY != 0 && desc.flags & DescFlags::ERROR == 0 {
                 // A reply never ends on a worker node.
-                for l in std::mem::take(&mut self.parts) {
-                    self.free(t, l);
-                }
-                return self.refuse("message: a reply for a worker node");
+                return self.refuse_parts(t, "message: a reply for a worker node");
             }
         }
         let mut parts = std::mem::take(&mut self.parts);
         let joined = self.tenants[t].link.pool().join(&mut parts, desc.len);
-        let lease = match joined {
-            Ok(l) => l,
-            Err(_) => {
-                for l in parts.drain(..) {
-                    self.free(t, l);
-                }
-                self.parts = parts;
-                return self.refuse("message: its buffers do not add up to its length");
-            }
-        };
         self.parts = parts;
+        let Ok(lease) = joined else {
+            return self.refuse_parts(t, "message: its buffers do not add up to its length");
+        };
         let msg = Msg::from_parts(lease, Descriptor { buf: h.desc.buf, ..desc });
         if h.flags & MessageHdr::RESTAMP != 0 {
             self.hand_to_agent(t, msg);
