@@ -21,20 +21,24 @@
 //! Measured per setup and concurrency: requests per second, p50 and p99
 //! latency, and CPU seconds per 10,000 requests summed over every process
 //! of the setup (utime + stime from /proc, load generator excluded), and
-//! at 64 connections the same CPU broken down by process. The
-//! load generator runs in this process on one thread (hyper client, one
-//! request in flight per connection). Both setups run in the same run,
-//! interleaved per concurrency level.
+//! at 64 connections the same CPU broken down by process. The load
+//! generator runs in this process on one thread ([`super::httpload`]:
+//! epoll, one request in flight per connection, every reply checked); its
+//! own CPU per request is reported beside each cell, since on this
+//! machine's two cores whatever it spends is taken from the setup under
+//! test. Both setups run in the same run, interleaved per concurrency
+//! level.
 //!
 //! `DNE_BENCH_INGRESS_PROFILE=SECS` runs (a) alone at 64 connections for
 //! SECS seconds instead (to attach `perf` to its processes).
 
+use super::httpload;
 use crate::harness::{Opts, Report, Suite, Table, fmt_num};
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use dne_functions::Transform;
 use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -388,6 +392,8 @@ struct Run {
     /// CPU s per 10k requests of each root process (children included),
     /// in the order of the setup's `pids`.
     per_proc: Vec<f64>,
+    /// The load generator's own CPU s per 10k requests (not in `cpu_per_10k`).
+    gen_cpu_per_10k: f64,
     requests: u64,
 }
 
@@ -409,6 +415,7 @@ impl Run {
                 let m = med(runs, |r| r.cpu_per_10k);
                 runs.iter().find(|r| r.cpu_per_10k == m).map(|r| r.per_proc.clone()).unwrap_or_default()
             },
+            gen_cpu_per_10k: med(runs, |r| r.gen_cpu_per_10k),
             requests: runs.iter().map(|r| r.requests).sum(),
         }
     }
@@ -423,83 +430,53 @@ fn expected(body: &[u8]) -> Vec<u8> {
 }
 
 /// Drives `conns` keep-alive connections for `dur` (after `warm`), one
-/// request in flight per connection; checks every reply. CPU is summed over
-/// the processes `roots` and their children.
+/// request in flight per connection, with the lean generator of
+/// [`httpload`](super::httpload); checks every reply. CPU is summed over the
+/// processes `roots` and their children; the generator's own CPU is
+/// reported apart.
 fn load(port: u16, conns: usize, warm: Duration, dur: Duration, roots: &[u32]) -> Result<Run> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let body: Vec<u8> = (0..BODY).map(|i| b"abcdefghijklmnopqrstuvwxyz0123456789 ABC"[i % 40]).collect();
-    let want = Bytes::from(expected(&body));
-    let body = Bytes::from(body);
-    rt.block_on(async move {
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let mut senders = Vec::with_capacity(conns);
-        for _ in 0..conns {
-            senders.push(connect(addr).await?);
-        }
-        let start = Instant::now();
-        let measure_from = start + warm;
-        let end = measure_from + dur;
-        let cpu0 = Arc::new(std::sync::Mutex::new(None::<(Vec<(u32, f64)>, Instant)>));
-        let mut tasks = Vec::with_capacity(conns);
-        for mut tx in senders {
-            let (body, want) = (body.clone(), want.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
-                loop {
-                    let t = Instant::now();
-                    if t >= end {
-                        break;
-                    }
-                    tx.ready().await?;
-                    let req = Request::post("/chain")
-                        .header(hyper::header::HOST, "bench")
-                        .header(hyper::header::CONTENT_TYPE, "text/plain")
-                        .body(Full::new(body.clone()))?;
-                    let resp = tx.send_request(req).await?;
-                    let status = resp.status();
-                    let got = resp.into_body().collect().await?.to_bytes();
-                    if status != StatusCode::OK || got != want {
-                        bail!("bad reply: {status}, {} bytes", got.len());
-                    }
-                    if t >= measure_from {
-                        lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-                    }
-                }
-                Ok::<_, anyhow::Error>(lat)
-            }));
-        }
-        // Sample CPU at the start and the end of the measured window, over
-        // the setup's processes and their children as they are now (nginx
-        // forks its workers after start).
-        tokio::time::sleep_until(measure_from.into()).await;
-        let pids = all_pids(roots);
-        let pids = pids.as_slice();
-        *cpu0.lock().map_err(|_| anyhow!("poisoned"))? = Some((cpu_seconds(pids, roots), Instant::now()));
-        tokio::time::sleep_until(end.into()).await;
-        let cpu1 = cpu_seconds(pids, roots);
-        let t1 = Instant::now();
-        let mut all: Vec<u32> = Vec::new();
-        for t in tasks {
-            all.extend(t.await??);
-        }
-        let (c0, t0) = cpu0.lock().map_err(|_| anyhow!("poisoned"))?.take().ok_or_else(|| anyhow!("no CPU sample"))?;
-        all.sort_unstable();
-        let n = all.len() as u64;
-        if n == 0 {
-            bail!("no request completed in the measured window");
-        }
-        let pct = |p: f64| f64::from(all[((all.len() as f64 * p) as usize).min(all.len() - 1)]);
-        let secs = t1.duration_since(t0).as_secs_f64().max(dur.as_secs_f64());
-        let per_proc: Vec<f64> = cpu1.iter().zip(&c0).map(|((_, b), (_, a))| (b - a) / n as f64 * 10_000.0).collect();
-        Ok(Run {
-            rps: n as f64 / secs,
-            p50_us: pct(0.50),
-            p99_us: pct(0.99),
-            cpu_per_10k: per_proc.iter().sum(),
-            per_proc,
-            requests: n,
-        })
+    let want = expected(&body);
+    let request = httpload::post("/chain", "bench", "text/plain", &body);
+    let mut lg = httpload::Load::connect(([127, 0, 0, 1], port).into(), conns, request, want)?;
+    let measure_from = Instant::now() + warm;
+    let end = measure_from + dur;
+    lg.run_until(measure_from)?;
+    // Sample CPU at the start and the end of the measured window, over the
+    // setup's processes and their children as they are now (nginx forks its
+    // workers after start).
+    let pids = all_pids(roots);
+    let c0 = cpu_seconds(&pids, roots);
+    let (t0, g0) = (Instant::now(), thread_cpu());
+    lg.record_from(t0);
+    lg.run_until(end)?;
+    let c1 = cpu_seconds(&pids, roots);
+    let (t1, g1) = (Instant::now(), thread_cpu());
+    lg.finish()?;
+    let mut all = std::mem::take(&mut lg.lat);
+    all.sort_unstable();
+    let n = all.len() as u64;
+    if n == 0 {
+        bail!("no request completed in the measured window");
+    }
+    let pct = |p: f64| f64::from(all[((all.len() as f64 * p) as usize).min(all.len() - 1)]);
+    let secs = t1.duration_since(t0).as_secs_f64().max(dur.as_secs_f64());
+    let per_proc: Vec<f64> = c1.iter().zip(&c0).map(|((_, b), (_, a))| (b - a) / n as f64 * 10_000.0).collect();
+    Ok(Run {
+        rps: n as f64 / secs,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        cpu_per_10k: per_proc.iter().sum(),
+        per_proc,
+        gen_cpu_per_10k: (g1 - g0) / n as f64 * 10_000.0,
+        requests: n,
     })
+}
+
+/// CPU seconds this thread has used.
+fn thread_cpu() -> f64 {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(0.0, |t| t.tv_sec() as f64 + t.tv_nsec() as f64 * 1e-9)
 }
 
 // ------------------------------------------------------------ the suite
@@ -637,7 +614,7 @@ fn run(opts: &Opts) -> Result<Report> {
             dur.as_secs(),
             "{B}"
         ),
-        &["setup", "conns", "req/s", "p50 us", "p99 us", "CPU s/10k req", "requests"],
+        &["setup", "conns", "req/s", "p50 us", "p99 us", "CPU s/10k req", "requests", "load gen CPU s/10k"],
     );
     let mut ratios = Table::new(
         "ingress: (a) against (b) (rps: a/b; p99 and CPU: b/a; higher is better for a)",
@@ -683,6 +660,7 @@ fn run(opts: &Opts) -> Result<Report> {
                 fmt_num(r.p99_us),
                 fmt_num(r.cpu_per_10k),
                 r.requests.to_string(),
+                fmt_num(r.gen_cpu_per_10k),
             ]);
         }
         let (rx, px, cx) = (a.rps / b.rps, b.p99_us / a.p99_us, b.cpu_per_10k / a.cpu_per_10k);

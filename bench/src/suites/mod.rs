@@ -5,6 +5,7 @@ use crate::harness::Suite;
 pub mod engine;
 pub mod fabric;
 pub mod fairness;
+pub mod httpload;
 pub mod ingress;
 pub mod intranode;
 pub mod soak;

@@ -1,0 +1,309 @@
+//! A lean HTTP/1.1 load generator for the `ingress` suite: one thread,
+//! `conns` keep-alive connections with one request in flight each, driven
+//! by one epoll set. The request bytes are built once; every reply is read
+//! with one `read` when epoll reports it (level-triggered), parsed (status
+//! line, `content-length`) and checked byte-exact against the expected
+//! body. Per request that is one `write`, one `read` and a share of one
+//! `epoll_wait`: the generator shares this machine's two cores with the
+//! setups it measures, so the less it spends, the less it disturbs them
+//! (the suite reports what it spent).
+//!
+//! Anything unexpected (a status other than 200, a body that differs, a
+//! chunked or oversized reply, a closed connection, no reply for
+//! [`STALL`]) fails the run with an error; nothing is skipped.
+
+use anyhow::{Context, Result, anyhow, bail};
+use rustix::event::{Timespec, epoll};
+use std::io::{ErrorKind, Read, Write};
+use std::mem::MaybeUninit;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+/// How long without any reply before the run fails.
+pub const STALL: Duration = Duration::from_secs(30);
+/// The largest reply accepted (head and body).
+const MAX_REPLY: usize = 64 * 1024;
+
+/// The bytes of a `POST` with `body`.
+pub fn post(path: &str, host: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+/// A complete reply at the start of `buf`: its status and the byte range
+/// of its body. `Ok(None)`: more bytes are needed.
+pub fn parse_reply(buf: &[u8]) -> Result<Option<(u16, std::ops::Range<usize>)>> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        if buf.len() > MAX_REPLY {
+            bail!("reply head longer than {MAX_REPLY} bytes");
+        }
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&buf[..end]).context("reply head is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.strip_prefix("HTTP/1.1 "))
+        .and_then(|l| l.get(..3))
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| anyhow!("bad status line in reply: {:?}", head.lines().next().unwrap_or("")))?;
+    let mut len = None;
+    for l in lines {
+        let (name, value) = l.split_once(':').ok_or_else(|| anyhow!("bad header line in reply: {l:?}"))?;
+        if name.eq_ignore_ascii_case("content-length") {
+            len = Some(value.trim().parse::<usize>().with_context(|| format!("bad content-length {value:?}"))?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            bail!("reply with transfer-encoding {:?}: this generator reads content-length bodies only", value.trim());
+        }
+    }
+    let len = len.ok_or_else(|| anyhow!("reply without content-length"))?;
+    let start = end + 4;
+    if len > MAX_REPLY {
+        bail!("reply body of {len} bytes (at most {MAX_REPLY})");
+    }
+    if buf.len() < start + len {
+        return Ok(None);
+    }
+    if buf.len() > start + len {
+        bail!("{} bytes after the reply (one request is in flight)", buf.len() - start - len);
+    }
+    Ok(Some((status, start..start + len)))
+}
+
+#[derive(Debug)]
+struct Conn {
+    s: TcpStream,
+    buf: Vec<u8>,
+    sent: Instant,
+    busy: bool,
+}
+
+/// The generator's connections and what it measured.
+#[derive(Debug)]
+pub struct Load {
+    ep: OwnedFd,
+    conns: Vec<Conn>,
+    request: Vec<u8>,
+    want: Vec<u8>,
+    record_from: Option<Instant>,
+    /// When the last reply completed.
+    progress: Instant,
+    /// Latencies in microseconds of the requests sent since
+    /// [`record_from`](Self::record_from).
+    pub lat: Vec<u32>,
+}
+
+impl Load {
+    /// Opens `conns` connections to `addr`; each will carry `request`
+    /// and must be answered 200 with body `want`.
+    pub fn connect(addr: SocketAddr, conns: usize, request: Vec<u8>, want: Vec<u8>) -> Result<Self> {
+        let ep = epoll::create(epoll::CreateFlags::CLOEXEC).context("epoll_create")?;
+        let mut v = Vec::with_capacity(conns);
+        for i in 0..conns {
+            let s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+            s.set_nodelay(true)?;
+            s.set_nonblocking(true)?;
+            epoll::add(&ep, &s, epoll::EventData::new_u64(i as u64), epoll::EventFlags::IN).context("epoll_ctl")?;
+            v.push(Conn { s, buf: Vec::with_capacity(4096), sent: Instant::now(), busy: false });
+        }
+        Ok(Self {
+            ep,
+            conns: v,
+            request,
+            want,
+            record_from: None,
+            progress: Instant::now(),
+            lat: Vec::with_capacity(1 << 20),
+        })
+    }
+
+    /// Records the latency of every request sent from `t` on.
+    pub fn record_from(&mut self, t: Instant) {
+        self.record_from = Some(t);
+    }
+
+    /// Keeps one request in flight on every connection until `until`
+    /// (requests in flight then stay in flight).
+    pub fn run_until(&mut self, until: Instant) -> Result<()> {
+        for i in 0..self.conns.len() {
+            if !self.conns[i].busy {
+                self.send(i)?;
+            }
+        }
+        while Instant::now() < until {
+            self.turn(until, true)?;
+        }
+        Ok(())
+    }
+
+    /// Sends nothing more and waits for the replies in flight.
+    pub fn finish(&mut self) -> Result<()> {
+        while self.conns.iter().any(|c| c.busy) {
+            self.turn(Instant::now() + STALL, false)?;
+        }
+        Ok(())
+    }
+
+    /// One `epoll_wait` (up to `until`) and the replies it reports.
+    fn turn(&mut self, until: Instant, resend: bool) -> Result<()> {
+        let wait = until.saturating_duration_since(Instant::now()).min(STALL);
+        let ts = Timespec { tv_sec: wait.as_secs() as i64, tv_nsec: i64::from(wait.subsec_nanos()) };
+        let mut events = [MaybeUninit::<epoll::Event>::uninit(); 64];
+        let mut ids = [0usize; 64];
+        let n = match epoll::wait(&self.ep, &mut events, Some(&ts)) {
+            Ok((got, _)) => {
+                for (id, e) in ids.iter_mut().zip(got.iter()) {
+                    *id = e.data.u64() as usize;
+                }
+                got.len()
+            }
+            Err(rustix::io::Errno::INTR) => 0,
+            Err(e) => return Err(anyhow!("epoll_wait: {e}")),
+        };
+        for &i in &ids[..n] {
+            if self.read(i)? {
+                self.progress = Instant::now();
+                if resend {
+                    self.send(i)?;
+                }
+            }
+        }
+        if self.progress.elapsed() > STALL {
+            bail!("no reply for {} s", STALL.as_secs());
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, i: usize) -> Result<()> {
+        let c = &mut self.conns[i];
+        c.sent = Instant::now();
+        c.busy = true;
+        let mut off = 0;
+        while off < self.request.len() {
+            match c.s.write(&self.request[off..]) {
+                Ok(0) => bail!("connection {i}: closed by the server while sending"),
+                Ok(n) => off += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if c.sent.elapsed() > STALL {
+                        bail!("connection {i}: could not send for {} s", STALL.as_secs());
+                    }
+                    std::thread::yield_now();
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).with_context(|| format!("connection {i}: sending")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what connection `i` has; `true` when its reply is complete
+    /// (checked and recorded).
+    fn read(&mut self, i: usize) -> Result<bool> {
+        let c = &mut self.conns[i];
+        let mut chunk = [0u8; 16 * 1024];
+        let n = match c.s.read(&mut chunk) {
+            Ok(0) => bail!("connection {i}: closed by the server"),
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => return Ok(false),
+            Err(e) => return Err(e).with_context(|| format!("connection {i}: reading")),
+        };
+        if !c.busy {
+            bail!("connection {i}: {n} bytes with no request in flight");
+        }
+        c.buf.extend_from_slice(&chunk[..n]);
+        let Some((status, body)) = parse_reply(&c.buf).with_context(|| format!("connection {i}"))? else {
+            return Ok(false);
+        };
+        if status != 200 || c.buf[body.clone()] != self.want[..] {
+            bail!("bad reply: {status}, {} bytes", body.len());
+        }
+        c.buf.clear();
+        c.busy = false;
+        if self.record_from.is_some_and(|t| c.sent >= t) {
+            self.lat.push(c.sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_parse_only_when_complete_and_exact() {
+        let r = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\ncontent-type: text/plain\r\n\r\nabc";
+        assert_eq!(parse_reply(r).unwrap(), Some((200, r.len() - 3..r.len())));
+        for cut in 0..r.len() {
+            assert_eq!(parse_reply(&r[..cut]).unwrap(), None, "cut at {cut}");
+        }
+        let mut extra = r.to_vec();
+        extra.push(b'x');
+        assert!(parse_reply(&extra).is_err());
+        assert_eq!(parse_reply(b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\n\r\n").unwrap(), Some((503, 40..40)));
+    }
+
+    #[test]
+    fn what_it_cannot_read_is_an_error() {
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 2x0 OK\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: lots\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 999999999\r\n\r\n",
+        ] {
+            assert!(parse_reply(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert!(parse_reply(&vec![b'a'; MAX_REPLY + 1]).is_err());
+    }
+
+    #[test]
+    fn drives_a_server_and_checks_every_reply() {
+        use std::net::TcpListener;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        // An echo server that answers `reply` to every request it reads
+        // (a request here is one read: the generator writes it at once).
+        let serve = |reply: &'static [u8]| {
+            move |mut s: TcpStream| {
+                let mut b = [0u8; 4096];
+                while let Ok(n) = s.read(&mut b) {
+                    if n == 0 || s.write_all(reply).is_err() {
+                        break;
+                    }
+                }
+            }
+        };
+        let ok = serve(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi");
+        let t = std::thread::spawn(move || {
+            for s in l.incoming().take(2) {
+                std::thread::spawn(move || ok(s.unwrap()));
+            }
+        });
+        let req = post("/x", "h", "text/plain", b"body");
+        let mut load = Load::connect(addr, 2, req.clone(), b"hi".to_vec()).unwrap();
+        let t0 = Instant::now();
+        load.record_from(t0);
+        load.run_until(t0 + Duration::from_millis(100)).unwrap();
+        load.finish().unwrap();
+        assert!(load.lat.len() > 10, "{} replies", load.lat.len());
+        t.join().unwrap();
+
+        // A reply that differs fails the run.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let bad = serve(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nho");
+        std::thread::spawn(move || bad(l.accept().unwrap().0));
+        let mut load = Load::connect(addr, 1, req, b"hi".to_vec()).unwrap();
+        let err = load.run_until(Instant::now() + Duration::from_secs(5)).unwrap_err();
+        assert!(err.to_string().contains("bad reply"), "{err:#}");
+    }
+}
