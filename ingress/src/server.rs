@@ -149,6 +149,26 @@ fn intern(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
 
+/// The client of one connection: its address, and its IP as text for
+/// `x-forwarded-for` (formatted once per connection, not per request).
+#[derive(Debug)]
+struct Client {
+    addr: SocketAddr,
+    ip: String,
+}
+
+impl Client {
+    fn new(addr: SocketAddr) -> Self {
+        Self { addr, ip: addr.ip().to_string() }
+    }
+}
+
+impl std::fmt::Display for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr.fmt(f)
+    }
+}
+
 impl Ingress {
     /// An ingress over `pools` (one per tenant of `cluster`) sending through
     /// `upstream`.
@@ -247,9 +267,10 @@ impl Ingress {
             };
             let _ = stream.set_nodelay(true);
             let me = self.clone();
+            let client = Arc::new(Client::new(peer));
             let svc = service_fn(move |req| {
-                let me = me.clone();
-                async move { Ok::<_, Infallible>(me.handle(req, peer, is_admin, metrics_on_main).await) }
+                let (me, client) = (me.clone(), client.clone());
+                async move { Ok::<_, Infallible>(me.handle(req, &client, is_admin, metrics_on_main).await) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -275,7 +296,7 @@ impl Ingress {
     async fn handle(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &Client,
         admin: bool,
         metrics_on_main: bool,
     ) -> Response<OutBody> {
@@ -341,7 +362,7 @@ impl Ingress {
 
     /// One routed request: returns the response, the request body bytes
     /// received and the request id (0 when none was assigned).
-    async fn exchange(&self, req: Request<Incoming>, route: u16, peer: SocketAddr) -> (Response<OutBody>, u64, u32) {
+    async fn exchange(&self, req: Request<Incoming>, route: u16, peer: &Client) -> (Response<OutBody>, u64, u32) {
         let info = &self.routes[usize::from(route)];
         let t = info.tenant;
         let tenant = &self.tenants[usize::from(t)];
@@ -365,14 +386,13 @@ impl Ingress {
             self.reject(t, "bad_request");
             return (plain(StatusCode::URI_TOO_LONG, "request target too long\n"), 0, 0);
         }
-        let xff = peer.ip().to_string();
         let mut hs: Vec<(&[u8], &[u8])> = Vec::with_capacity(FORWARDED_HEADERS.len() + 1);
         for name in FORWARDED_HEADERS {
             for v in req.headers.get_all(*name) {
                 hs.push((name.as_bytes(), v.as_bytes()));
             }
         }
-        hs.push((b"x-forwarded-for", xff.as_bytes()));
+        hs.push((b"x-forwarded-for", peer.ip.as_bytes()));
         let spec = HeadSpec { start: Start::Request { method, path }, headers: &hs };
         let head_len = match spec.len() {
             Ok(n) => n,
@@ -482,7 +502,7 @@ impl Ingress {
         (self.respond(reply, t, peer), len, request)
     }
 
-    fn respond(&self, reply: PoolLease, t: u16, peer: SocketAddr) -> Response<OutBody> {
+    fn respond(&self, reply: PoolLease, t: u16, peer: &Client) -> Response<OutBody> {
         let e = match env::decode(&reply.frags()) {
             Ok(e) if e.kind == EnvelopeKind::Response => e,
             Ok(_) => {

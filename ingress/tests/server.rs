@@ -126,9 +126,25 @@ buffers = {file_buffers}
 
 const SLOW: Duration = Duration::from_millis(1000);
 
+/// The in-process chains, behind a note of each request envelope's
+/// `x-forwarded-for` (what the first function is told about the client).
+struct Recording {
+    inner: InProcess,
+    xff: std::sync::Mutex<Vec<Option<Vec<u8>>>>,
+}
+
+impl ingress::Upstream for Recording {
+    fn call(&self, route: u16, tenant: u16, msg: ingress::PoolLease, request: u32) -> ingress::UpstreamFuture {
+        let seen = wire::http::decode(&msg.frags()).ok().and_then(|e| e.header("x-forwarded-for").map(<[u8]>::to_vec));
+        self.xff.lock().unwrap().push(seen);
+        self.inner.call(route, tenant, msg, request)
+    }
+}
+
 struct Server {
     addr: SocketAddr,
     ingress: Arc<Ingress>,
+    upstream: Arc<Recording>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     done: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -144,14 +160,15 @@ impl Server {
         let up = InProcess::new(&c, cfg, InProcess::by_name(&extra)).unwrap();
         let pools = Pools::create(&c, "edge-test", ingress_buffers, shm::PagePolicy::Normal).unwrap();
         let settings = Settings { body_timeout: Duration::from_secs(2), ..Settings::for_ingress(&c, "edge").unwrap() };
-        let ingress = Arc::new(Ingress::new(&c, pools, Arc::new(up), settings));
+        let upstream = Arc::new(Recording { inner: up, xff: Default::default() });
+        let ingress = Arc::new(Ingress::new(&c, pools, upstream.clone(), settings));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let done = tokio::spawn(ingress.clone().serve(listener, None, async move {
             let _ = rx.await;
         }));
-        Self { addr, ingress, stop: Some(tx), done }
+        Self { addr, ingress, upstream, stop: Some(tx), done }
     }
 
     async fn default() -> Self {
@@ -420,6 +437,11 @@ async fn concurrent_clients_each_get_their_own_answer() {
     for t in tasks {
         tokio::time::timeout(Duration::from_secs(60), t).await.unwrap().unwrap();
     }
+    // Every request told the chain who the client was (the address is
+    // formatted once per connection).
+    let xff = std::mem::take(&mut *srv.upstream.xff.lock().unwrap());
+    assert_eq!(xff.len(), 16 * 20);
+    assert!(xff.iter().all(|v| v.as_deref() == Some(&b"127.0.0.1"[..])), "x-forwarded-for seen: {:?}", xff.first());
     srv.assert_no_leak().await;
     srv.stop().await;
 }

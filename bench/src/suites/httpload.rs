@@ -292,7 +292,7 @@ mod tests {
         let mut load = Load::connect(addr, 2, req.clone(), b"hi".to_vec()).unwrap();
         let t0 = Instant::now();
         load.record_from(t0);
-        load.run_until(t0 + Duration::from_millis(100)).unwrap();
+        load.run_until(t0 + Duration::from_millis(300)).unwrap();
         load.finish().unwrap();
         assert!(load.lat.len() > 10, "{} replies", load.lat.len());
         t.join().unwrap();
