@@ -92,8 +92,10 @@ pub struct Load {
     request: Vec<u8>,
     want: Vec<u8>,
     record_from: Option<Instant>,
-    /// When the last reply completed.
-    progress: Instant,
+    /// When the connections were last checked for a stall.
+    checked: Instant,
+    /// Where each read lands (allocated once).
+    scratch: Box<[u8]>,
     /// Latencies in microseconds of the requests sent since
     /// [`record_from`](Self::record_from).
     pub lat: Vec<u32>,
@@ -118,14 +120,22 @@ impl Load {
             request,
             want,
             record_from: None,
-            progress: Instant::now(),
+            checked: Instant::now(),
+            scratch: vec![0; 16 * 1024].into_boxed_slice(),
             lat: Vec::with_capacity(1 << 20),
         })
     }
 
-    /// Records the latency of every request sent from `t` on.
+    /// Records the latency of every request sent from `t` on (and
+    /// answered before [`stop_recording`](Self::stop_recording)).
     pub fn record_from(&mut self, t: Instant) {
         self.record_from = Some(t);
+    }
+
+    /// Records nothing more (the replies still in flight are read but not
+    /// counted: the measured window is over).
+    pub fn stop_recording(&mut self) {
+        self.record_from = None;
     }
 
     /// Keeps one request in flight on every connection until `until`
@@ -167,19 +177,25 @@ impl Load {
             Err(e) => return Err(anyhow!("epoll_wait: {e}")),
         };
         for &i in &ids[..n] {
-            if self.read(i)? {
-                self.progress = Instant::now();
-                if resend {
-                    self.send(i)?;
-                }
+            if self.read(i)? && resend {
+                self.send(i)?;
             }
         }
-        if self.progress.elapsed() > STALL {
-            bail!("no reply for {} s", STALL.as_secs());
+        // Every connection, not just any (one that stops answering would
+        // quietly lower the concurrency of the run), once a second.
+        let now = Instant::now();
+        if now.duration_since(self.checked) >= Duration::from_secs(1) {
+            self.checked = now;
+            if let Some(i) = self.conns.iter().position(|c| c.busy && now.duration_since(c.sent) > STALL) {
+                bail!("connection {i}: no reply for {} s", STALL.as_secs());
+            }
         }
         Ok(())
     }
 
+    /// Writes connection `i`'s request. A request fits the socket's send
+    /// buffer (an idle connection's is empty), so a short write is only
+    /// retried, not waited for with epoll.
     fn send(&mut self, i: usize) -> Result<()> {
         let c = &mut self.conns[i];
         c.sent = Instant::now();
@@ -206,8 +222,7 @@ impl Load {
     /// (checked and recorded).
     fn read(&mut self, i: usize) -> Result<bool> {
         let c = &mut self.conns[i];
-        let mut chunk = [0u8; 16 * 1024];
-        let n = match c.s.read(&mut chunk) {
+        let n = match c.s.read(&mut self.scratch) {
             Ok(0) => bail!("connection {i}: closed by the server"),
             Ok(n) => n,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => return Ok(false),
@@ -216,7 +231,7 @@ impl Load {
         if !c.busy {
             bail!("connection {i}: {n} bytes with no request in flight");
         }
-        c.buf.extend_from_slice(&chunk[..n]);
+        c.buf.extend_from_slice(&self.scratch[..n]);
         let Some((status, body)) = parse_reply(&c.buf).with_context(|| format!("connection {i}"))? else {
             return Ok(false);
         };
@@ -303,7 +318,7 @@ mod tests {
         let bad = serve(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nho");
         std::thread::spawn(move || bad(l.accept().unwrap().0));
         let mut load = Load::connect(addr, 1, req, b"hi".to_vec()).unwrap();
-        let err = load.run_until(Instant::now() + Duration::from_secs(5)).unwrap_err();
+        let err = load.run_until(Instant::now() + Duration::from_secs(30)).unwrap_err();
         assert!(err.to_string().contains("bad reply"), "{err:#}");
     }
 }

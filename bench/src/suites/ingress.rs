@@ -450,8 +450,9 @@ fn load(port: u16, conns: usize, warm: Duration, dur: Duration, roots: &[u32]) -
     let (t0, g0) = (Instant::now(), thread_cpu());
     lg.record_from(t0);
     lg.run_until(end)?;
-    let c1 = cpu_seconds(&pids, roots);
+    lg.stop_recording();
     let (t1, g1) = (Instant::now(), thread_cpu());
+    let c1 = cpu_seconds(&pids, roots);
     lg.finish()?;
     let mut all = std::mem::take(&mut lg.lat);
     all.sort_unstable();
