@@ -37,9 +37,34 @@ use wire::ctrl::{BufList, CtrlMsg, LendRecv, MAX_LEND, MessageHdr};
 use wire::segment::Owner;
 use wire::{Descriptor, PoolGeometry};
 
-/// Why frames from the host were refused, per tenant (reported as uplink
-/// rejections).
-const REASONS: [&str; 4] = ["bad_frame", "bad_chain", "unknown_tenant", "unexpected_frame"];
+/// Why a frame from the host was refused (counted per tenant, reported as
+/// uplink rejections under [`Refusal::name`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
+    /// The frame did not decode.
+    BadFrame = 0,
+    /// Its buffer list does not make a chain of the tenant's pool.
+    BadChain = 1,
+    /// No such tenant, its pool is not imported, or the pool exported for
+    /// it does not match the cluster file.
+    UnknownTenant = 2,
+    /// A frame (or a flag) the host must not send the agent.
+    UnexpectedFrame = 3,
+}
+
+impl Refusal {
+    const ALL: [Self; 4] = [Self::BadFrame, Self::BadChain, Self::UnknownTenant, Self::UnexpectedFrame];
+
+    /// The metric label.
+    fn name(self) -> &'static str {
+        match self {
+            Self::BadFrame => "bad_frame",
+            Self::BadChain => "bad_chain",
+            Self::UnknownTenant => "unknown_tenant",
+            Self::UnexpectedFrame => "unexpected_frame",
+        }
+    }
+}
 
 /// The comch connection to the host and what every tenant link shares.
 struct Channel {
@@ -59,7 +84,7 @@ struct Channel {
     returning: Vec<Vec<u32>>,
     /// Per tenant and buffer: lent for a receive, not yet handed back.
     recv: Vec<Vec<bool>>,
-    refused: Vec<[u64; REASONS.len()]>,
+    refused: Vec<[u64; Refusal::ALL.len()]>,
     scratch: Vec<u32>,
     /// When the connection was last pumped for an empty inbox.
     pumped: std::time::Instant,
@@ -71,9 +96,9 @@ struct Channel {
 const PUMP_EVERY: Duration = Duration::from_micros(2);
 
 impl Channel {
-    fn refuse(&mut self, t: usize, why: usize) {
+    fn refuse(&mut self, t: usize, why: Refusal) {
         let t = t.min(self.refused.len() - 1);
-        self.refused[t][why] += 1;
+        self.refused[t][why as usize] += 1;
     }
 
     /// Takes what comch has: connection events and frames. Returns how
@@ -103,12 +128,12 @@ impl Channel {
                 doca::ComchEvent::Disconnected(_) => {}
                 doca::ComchEvent::Message { conn, len, truncated } => {
                     if Some(conn) != self.conn || truncated {
-                        self.refuse(0, 0);
+                        self.refuse(0, Refusal::BadFrame);
                         continue;
                     }
                     if let Err(e) = each_frame(&rx[..len as usize], |f| self.frame(f)) {
                         log::warn!("host link: a frame from the host does not decode: {e}");
-                        self.refuse(0, 0);
+                        self.refuse(0, Refusal::BadFrame);
                     }
                 }
                 doca::ComchEvent::SendDone { result: Err(e), .. } => {
@@ -132,35 +157,39 @@ impl Channel {
                     }
                     _ => {
                         log::warn!("host link: tenant {t}'s pool from the host does not match the cluster file");
-                        self.refuse(t, 2);
+                        self.refuse(t, Refusal::UnknownTenant);
                     }
                 }
             }
             CtrlMsg::Message(h, list) => {
                 let t = usize::from(h.desc.tenant);
-                let Some(pool) = self.pools.get(t).and_then(|p| p.clone()) else { return self.refuse(t, 2) };
+                let Some(pool) = self.pools.get(t).and_then(|p| p.clone()) else {
+                    return self.refuse(t, Refusal::UnknownTenant);
+                };
                 if h.flags != 0 {
-                    return self.refuse(t, 3);
+                    return self.refuse(t, Refusal::UnexpectedFrame);
                 }
                 match pool.adopt(list.iter(), h.desc.len, Owner::Agent) {
                     Some(lease) => self.inbox[t].push_back(Msg::from_parts(lease, h.desc)),
-                    None => self.refuse(t, 1),
+                    None => self.refuse(t, Refusal::BadChain),
                 }
             }
             CtrlMsg::LendRecv(b, list) => {
                 let t = usize::from(b.tenant);
-                let Some(pool) = self.pools.get(t).and_then(|p| p.clone()) else { return self.refuse(t, 2) };
+                let Some(pool) = self.pools.get(t).and_then(|p| p.clone()) else {
+                    return self.refuse(t, Refusal::UnknownTenant);
+                };
                 self.asked[t] = self.asked[t].saturating_sub(b.count);
                 for i in list.iter() {
                     match pool.lent(i, Owner::Agent) {
                         Some(l) => self.stock[t].push(l),
-                        None => self.refuse(t, 1),
+                        None => self.refuse(t, Refusal::BadChain),
                     }
                 }
             }
             other => {
                 log::warn!("host link: unexpected {:?} frame from the host", other.kind());
-                self.refuse(0, 3);
+                self.refuse(0, Refusal::UnexpectedFrame);
             }
         }
     }
@@ -269,7 +298,7 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
         asked: vec![0; nt],
         returning: (0..nt).map(|_| Vec::with_capacity(1024)).collect(),
         recv: vec![Vec::new(); nt],
-        refused: vec![[0; REASONS.len()]; nt],
+        refused: vec![[0; Refusal::ALL.len()]; nt],
         scratch: Vec::with_capacity(max_chain),
         pumped: std::time::Instant::now(),
         target,
@@ -358,9 +387,9 @@ impl HostLink for DpuLink {
     }
     fn rejected(&self, f: &mut dyn FnMut(&'static str, u64)) {
         let c = self.lock();
-        for (k, n) in c.refused[self.t].iter().enumerate() {
+        for (why, n) in Refusal::ALL.iter().zip(&c.refused[self.t]) {
             if *n > 0 {
-                f(REASONS[k], *n);
+                f(why.name(), *n);
             }
         }
     }
@@ -414,5 +443,21 @@ impl DpuLink {
         let list = std::mem::take(&mut c.scratch);
         c.push(CtrlMsg::Message(hdr, BufList::from_indices(&list)));
         c.scratch = list;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Refusal;
+
+    #[test]
+    fn each_refusal_counts_in_its_own_slot_under_its_own_label() {
+        for (k, r) in Refusal::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, k, "{r:?}");
+        }
+        let mut names: Vec<&str> = Refusal::ALL.iter().map(|r| r.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Refusal::ALL.len());
     }
 }
