@@ -85,6 +85,26 @@ fn free_for(c: &impl RingCells, pos: u64) -> bool {
     c.seq(slot_of(c, pos)).load(Acquire) == pos as u32
 }
 
+/// Whether the consumer's head says slot `pos` is free for its lap (the
+/// consumer has consumed `pos - cap`: its head, published after it freed
+/// the slots before it, was at least this far when read). For a single
+/// push, so it does not read the slot's sequence, a line the consumer may be
+/// spinning on: it trusts this process's last look at the head, and looks
+/// at the head again (once a lap) only when that is not enough.
+fn lap_free_by_head(c: &impl RingCells, pos: u64, cap: u64) -> bool {
+    // Acquire: pairs with the Release store below, made after an Acquire
+    // load of the head (another thread of this process may have made it),
+    // so the consumer's reads of the old descriptor happen before our write.
+    if pos.wrapping_sub(c.head_seen().load(Acquire)) < cap {
+        return true;
+    }
+    // Acquire: pairs with the consumer's Release publish of the head after
+    // it read the descriptors it consumed.
+    let head = c.head().load(Acquire);
+    c.head_seen().store(head, Release);
+    pos.wrapping_sub(head) < cap
+}
+
 /// Pushes up to `descs.len()` descriptors, in order; returns how many went
 /// in (at least one) and whether to wake the consumer.
 pub(crate) fn push(c: &impl RingCells, descs: &[Descriptor]) -> Result<Pushed, RingPushError> {
@@ -113,24 +133,7 @@ pub(crate) fn push(c: &impl RingCells, descs: &[Descriptor]) -> Result<Pushed, R
         };
         let n = if batch > 0 {
             batch
-        } else if want == 1 && pos.wrapping_sub(c.head_seen().load(Acquire)) < cap {
-            // The consumer has consumed `pos - cap` (its head, published
-            // after it freed the slots before it, was at least this far when
-            // we read it): the slot is free for our lap without reading its
-            // sequence, a line the consumer may be spinning on. One look at
-            // the head every lap instead of a slot read and a line upgrade
-            // per push. Acquire: pairs with the Release store below, made
-            // after an Acquire load of the head (another thread of this
-            // process may have made it), so the consumer's reads of the old
-            // descriptor happen before our write.
-            1
-        } else if want == 1 && {
-            // Acquire: pairs with the consumer's Release publish of the head
-            // after it read the descriptors it consumed.
-            let head = c.head().load(Acquire);
-            c.head_seen().store(head, Release);
-            pos.wrapping_sub(head) < cap
-        } {
+        } else if want == 1 && lap_free_by_head(c, pos, cap) {
             1
         } else {
             // One read of the slot's sequence decides (reading it twice let
