@@ -20,7 +20,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-/// How long without any reply before the run fails.
+/// How long a request may wait for its reply (or a connection to take
+/// it) before the run fails.
 pub const STALL: Duration = Duration::from_secs(30);
 /// The largest reply accepted (head and body).
 const MAX_REPLY: usize = 64 * 1024;
@@ -165,18 +166,13 @@ impl Load {
         let wait = until.saturating_duration_since(Instant::now()).min(STALL);
         let ts = Timespec { tv_sec: wait.as_secs() as i64, tv_nsec: i64::from(wait.subsec_nanos()) };
         let mut events = [MaybeUninit::<epoll::Event>::uninit(); 64];
-        let mut ids = [0usize; 64];
-        let n = match epoll::wait(&self.ep, &mut events, Some(&ts)) {
-            Ok((got, _)) => {
-                for (id, e) in ids.iter_mut().zip(got.iter()) {
-                    *id = e.data.u64() as usize;
-                }
-                got.len()
-            }
-            Err(rustix::io::Errno::INTR) => 0,
+        let got = match epoll::wait(&self.ep, &mut events, Some(&ts)) {
+            Ok((got, _)) => got,
+            Err(rustix::io::Errno::INTR) => return Ok(()),
             Err(e) => return Err(anyhow!("epoll_wait: {e}")),
         };
-        for &i in &ids[..n] {
+        for e in got.iter() {
+            let i = e.data.u64() as usize;
             if self.read(i)? && resend {
                 self.send(i)?;
             }
