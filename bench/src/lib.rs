@@ -10,6 +10,7 @@
 //! Modules:
 //! * [`harness`]: tables, the RESULT line, timing helpers;
 //! * [`alloc_count`]: the binary's allocator, counting per thread;
+//! * [`stalls`]: how noisy the machine is (CPU stalls of a shared VM);
 //! * [`suites`]: the registered suites.
 // No unsafe, except items that opt in with a `// SAFETY:` comment: two in
 // `suites::intranode` (taking an inherited descriptor, sending an iceoryx2
@@ -18,4 +19,5 @@
 
 pub mod alloc_count;
 pub mod harness;
+pub mod stalls;
 pub mod suites;

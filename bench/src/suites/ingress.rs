@@ -29,11 +29,20 @@
 //! test. Both setups run in the same run, interleaved per concurrency
 //! level.
 //!
+//! Before every round, with the machine idle, a probe measures how often
+//! and how long this machine's CPUs stall ([`crate::stalls`]: on a shared
+//! VM a vCPU is sometimes not running for milliseconds), printed as the
+//! last table and in the RESULT line (`stalls_per_cpu_s`,
+//! `stall_lost_pct`, `stall_max_ms`). (a) answers in 1-3 ms at 64
+//! connections, so a few stalls of that length set its p99; (b) answers
+//! in 10-20 ms and feels them much less. Read the p99 ratio with them.
+//!
 //! `DNE_BENCH_INGRESS_PROFILE=SECS` runs (a) alone at 64 connections for
 //! SECS seconds instead (to attach `perf` to its processes).
 
 use super::httpload;
 use crate::harness::{Opts, Report, Suite, Table, fmt_num};
+use crate::stalls;
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use dne_functions::Transform;
@@ -555,6 +564,34 @@ fn start_fabric(dir: &Path) -> Result<Setup> {
     Ok(Setup { procs, port: http, pids })
 }
 
+/// The machine-noise table: what the stall probe saw (see [`stalls`]).
+fn stall_table() -> Table {
+    Table::new(
+        format!(
+            "machine noise: CPU stalls (gaps > {} us in a clock-reading loop, one pinned thread per CPU, \
+             machine otherwise idle)",
+            stalls::STALL.as_micros()
+        ),
+        &["probed before", "probe CPU s", "stalls per CPU s", "CPU time lost", "largest ms"],
+    )
+}
+
+fn stall_row(t: &mut Table, when: &str, s: &stalls::Stalls) {
+    t.row(vec![
+        when.to_owned(),
+        fmt_num(s.cpu_secs),
+        fmt_num(s.per_cpu_sec()),
+        format!("{:.2}%", s.lost_pct()),
+        fmt_num(s.largest.as_secs_f64() * 1e3),
+    ]);
+}
+
+fn put_stalls(r: &mut Report, s: &stalls::Stalls) {
+    r.put("stalls_per_cpu_s", s.per_cpu_sec());
+    r.put("stall_lost_pct", s.lost_pct());
+    r.put("stall_max_ms", s.largest.as_secs_f64() * 1e3);
+}
+
 /// The status of one `POST /chain` (readiness).
 fn post_once(port: u16) -> Option<u16> {
     use std::io::{Read, Write};
@@ -597,6 +634,8 @@ fn run(opts: &Opts) -> Result<Report> {
     } else {
         (Duration::from_secs(1), Duration::from_secs(5), 3)
     };
+    // Before every round of the three setups, with the machine idle.
+    let probe_dur = if opts.quick { Duration::from_millis(500) } else { Duration::from_secs(1) };
     let dir = std::env::temp_dir().join(format!("dne-bench-ingress-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut fab = start_fabric(&dir)?;
@@ -629,20 +668,30 @@ fn run(opts: &Opts) -> Result<Report> {
     if let Some(secs) = std::env::var(PROFILE_ENV).ok().and_then(|s| s.parse().ok()) {
         // Profiling: (a) alone at 64 connections, for attaching perf.
         log_line(&format!("profile: (a) at 64 connections for {secs} s"));
+        let before = stalls::probe(probe_dur)?;
         let r = load(fab.port, 64, warm, Duration::from_secs(secs), &fab.pids)?;
+        let after = stalls::probe(probe_dur)?;
         let mut t = Table::new("ingress profile run: (a) at 64 connections", &["process", "CPU s/10k req"]);
         for (p, cpu) in fab.procs.iter().zip(&r.per_proc) {
             t.row(vec![p.name.clone(), fmt_num(*cpu)]);
         }
+        let mut m = stall_table();
+        stall_row(&mut m, "the profile run", &before);
+        stall_row(&mut m, "(and after it)", &after);
         report.put("rps_c64_dne", r.rps);
         report.put("p99_us_c64_dne", r.p99_us);
         report.put("cpu_per_10k_c64_dne", r.cpu_per_10k);
-        report.tables = vec![t];
+        put_stalls(&mut report, &before.merge(&after));
+        report.tables = vec![t, m];
         return Ok(report);
     }
+    let mut noise = stall_table();
+    let mut all_stalls = stalls::Stalls::default();
     for &c in &CONNS {
         let (mut ra, mut r0, mut rb) = (Vec::new(), Vec::new(), Vec::new());
+        let mut level = stalls::Stalls::default();
         for _ in 0..rounds {
+            level = level.merge(&stalls::probe(probe_dur)?);
             ra.push(load(fab.port, c, warm, dur, &fab.pids).context("load on (a)")?);
             check_alive(&mut fab.procs)?;
             r0.push(load(dne.port, c, warm, dur, &dne.pids).context("load on (a0)")?);
@@ -650,6 +699,8 @@ fn run(opts: &Opts) -> Result<Report> {
             rb.push(load(base.port, c, warm, dur, &base.pids).context("load on (b)")?);
             check_alive(&mut base.procs)?;
         }
+        stall_row(&mut noise, &format!("each round at {c} conns"), &level);
+        all_stalls = all_stalls.merge(&level);
         let (a, a0, b) = (Run::median(&mut ra), Run::median(&mut r0), Run::median(&mut rb));
         report.put(&format!("rps_c{c}_dne_in_process"), a0.rps);
         for (name, r) in names.iter().zip([&a, &a0, &b]) {
@@ -690,12 +741,13 @@ fn run(opts: &Opts) -> Result<Report> {
         }
     }
     report.put("dne_path", "fabric");
+    put_stalls(&mut report, &all_stalls);
     // Counted now: nginx forks its workers after start.
     table.title = table.title.replace("{B}", &all_pids(&base.pids).len().to_string());
     drop(fab);
     drop(dne);
     drop(base);
     let _ = std::fs::remove_dir_all(&dir);
-    report.tables = vec![table, ratios, by_proc];
+    report.tables = vec![table, ratios, by_proc, noise];
     Ok(report)
 }
