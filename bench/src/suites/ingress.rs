@@ -33,9 +33,11 @@
 //! and how long this machine's CPUs stall ([`crate::stalls`]: on a shared
 //! VM a vCPU is sometimes not running for milliseconds), printed as the
 //! last table and in the RESULT line (`stalls_per_cpu_s`,
-//! `stall_lost_pct`, `stall_max_ms`). (a) answers in 1-3 ms at 64
-//! connections, so a few stalls of that length set its p99; (b) answers
-//! in 10-20 ms and feels them much less. Read the p99 ratio with them.
+//! `stall_lost_pct`, `stall_max_ms`). It describes the machine at the
+//! time of the run: (a) answers in 1-3 ms at 64 connections, and a stall
+//! of several ms delays every request in flight behind the stalled
+//! process. It is sampled between rounds, not during them, so it does not
+//! say how many stalls hit a given round.
 //!
 //! `DNE_BENCH_INGRESS_PROFILE=SECS` runs (a) alone at 64 connections for
 //! SECS seconds instead (to attach `perf` to its processes).
