@@ -55,8 +55,13 @@ impl Stalls {
 }
 
 /// Probes every CPU of this process's affinity set for `dur`, one pinned
-/// thread each, at once.
+/// thread each, at once; what all of them saw together.
 pub fn probe(dur: Duration) -> Result<Stalls> {
+    Ok(probe_each(dur)?.iter().fold(Stalls::default(), |all, (_, s)| all.merge(s)))
+}
+
+/// Like [`probe`], CPU by CPU: (CPU number, what its thread saw).
+pub fn probe_each(dur: Duration) -> Result<Vec<(usize, Stalls)>> {
     use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
     use nix::unistd::Pid;
     let set = sched_getaffinity(Pid::from_raw(0)).context("sched_getaffinity")?;
@@ -73,12 +78,10 @@ pub fn probe(dur: Duration) -> Result<Stalls> {
         })
         .collect::<std::io::Result<_>>()
         .context("starting the stall probe")?;
-    let mut all = Stalls::default();
-    for t in threads {
-        let s = t.join().map_err(|_| anyhow::anyhow!("a stall probe thread panicked"))??;
-        all = all.merge(&s);
-    }
-    Ok(all)
+    cpus.into_iter()
+        .zip(threads)
+        .map(|(cpu, t)| Ok((cpu, t.join().map_err(|_| anyhow::anyhow!("a stall probe thread panicked"))??)))
+        .collect()
 }
 
 /// One thread's loop: reads the clock until `dur` has passed, calling
@@ -133,6 +136,7 @@ mod tests {
         // Each CPU's thread ran for at least the probe's length.
         assert!(s.cpu_secs >= 0.02 * cpus as f64, "{s:?} over {cpus} cpus");
         assert!(s.lost.as_secs_f64() <= s.cpu_secs);
+        assert_eq!(probe_each(Duration::from_millis(5)).unwrap().len(), cpus);
         let twice = s.merge(&s);
         assert_eq!(twice.count, 2 * s.count);
         assert_eq!(twice.largest, s.largest);

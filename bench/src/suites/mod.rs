@@ -8,12 +8,21 @@ pub mod fairness;
 pub mod httpload;
 pub mod ingress;
 pub mod intranode;
+pub mod noise;
 pub mod soak;
 pub mod wire_codec;
 
 /// Every suite, in the order `list` shows them.
-pub const SUITES: &[Suite] =
-    &[wire_codec::SUITE, intranode::SUITE, fabric::SUITE, engine::SUITE, fairness::SUITE, ingress::SUITE, soak::SUITE];
+pub const SUITES: &[Suite] = &[
+    wire_codec::SUITE,
+    intranode::SUITE,
+    fabric::SUITE,
+    engine::SUITE,
+    fairness::SUITE,
+    ingress::SUITE,
+    soak::SUITE,
+    noise::SUITE,
+];
 
 /// Looks a suite up by name.
 pub fn find(name: &str) -> Option<&'static Suite> {
