@@ -138,6 +138,14 @@ impl fmt::Display for Table {
     }
 }
 
+/// Pins the calling thread (and what it spawns later) to `cpu`.
+pub fn pin_to(cpu: usize) -> anyhow::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    Ok(())
+}
+
 /// Minimum, median and maximum of repeated measurements.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Stats {

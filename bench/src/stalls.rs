@@ -13,6 +13,7 @@
 //! machine is otherwise idle (between measurements); it then measures the
 //! machine, not the benchmark.
 
+use crate::harness::{Report, pin_to};
 use anyhow::{Context, Result};
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,19 @@ impl Stalls {
         if self.cpu_secs > 0.0 { 100.0 * self.lost.as_secs_f64() / self.cpu_secs } else { 0.0 }
     }
 
+    /// The longest stall in milliseconds.
+    pub fn largest_ms(&self) -> f64 {
+        self.largest.as_secs_f64() * 1e3
+    }
+
+    /// Adds `stalls_per_cpu_s`, `stall_lost_pct` and `stall_max_ms` to the
+    /// RESULT line.
+    pub fn put(&self, r: &mut Report) {
+        r.put("stalls_per_cpu_s", self.per_cpu_sec());
+        r.put("stall_lost_pct", self.lost_pct());
+        r.put("stall_max_ms", self.largest_ms());
+    }
+
     /// Both probes together.
     pub fn merge(&self, o: &Stalls) -> Stalls {
         Stalls {
@@ -62,17 +76,12 @@ pub fn probe(dur: Duration) -> Result<Stalls> {
 
 /// Like [`probe`], CPU by CPU: (CPU number, what its thread saw).
 pub fn probe_each(dur: Duration) -> Result<Vec<(usize, Stalls)>> {
-    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
-    use nix::unistd::Pid;
-    let set = sched_getaffinity(Pid::from_raw(0)).context("sched_getaffinity")?;
-    let cpus: Vec<usize> = (0..CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false)).collect();
+    let cpus = affinity_cpus()?;
     let threads: Vec<_> = cpus
         .iter()
         .map(|&cpu| {
             std::thread::Builder::new().name(format!("stall-probe-{cpu}")).spawn(move || -> Result<Stalls> {
-                let mut one = CpuSet::new();
-                one.set(cpu).context("cpu set")?;
-                sched_setaffinity(Pid::from_raw(0), &one).context("sched_setaffinity")?;
+                pin_to(cpu).with_context(|| format!("pinning the stall probe to CPU {cpu}"))?;
                 Ok(scan(dur, || {}))
             })
         })
@@ -82,6 +91,13 @@ pub fn probe_each(dur: Duration) -> Result<Vec<(usize, Stalls)>> {
         .zip(threads)
         .map(|(cpu, t)| Ok((cpu, t.join().map_err(|_| anyhow::anyhow!("a stall probe thread panicked"))??)))
         .collect()
+}
+
+/// The CPUs this process may run on.
+fn affinity_cpus() -> Result<Vec<usize>> {
+    use nix::sched::{CpuSet, sched_getaffinity};
+    let set = sched_getaffinity(nix::unistd::Pid::from_raw(0)).context("sched_getaffinity")?;
+    Ok((0..CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false)).collect())
 }
 
 /// One thread's loop: reads the clock until `dur` has passed, calling
@@ -131,8 +147,7 @@ mod tests {
     #[test]
     fn probe_covers_every_cpu_and_merges() {
         let s = probe(Duration::from_millis(20)).unwrap();
-        let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
-        let cpus = (0..nix::sched::CpuSet::count()).filter(|&c| set.is_set(c).unwrap()).count();
+        let cpus = affinity_cpus().unwrap().len();
         // Each CPU's thread ran for at least the probe's length.
         assert!(s.cpu_secs >= 0.02 * cpus as f64, "{s:?} over {cpus} cpus");
         assert!(s.lost.as_secs_f64() <= s.cpu_secs);

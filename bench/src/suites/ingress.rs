@@ -584,14 +584,8 @@ fn stall_row(t: &mut Table, when: &str, s: &stalls::Stalls) {
         fmt_num(s.cpu_secs),
         fmt_num(s.per_cpu_sec()),
         format!("{:.2}%", s.lost_pct()),
-        fmt_num(s.largest.as_secs_f64() * 1e3),
+        fmt_num(s.largest_ms()),
     ]);
-}
-
-fn put_stalls(r: &mut Report, s: &stalls::Stalls) {
-    r.put("stalls_per_cpu_s", s.per_cpu_sec());
-    r.put("stall_lost_pct", s.lost_pct());
-    r.put("stall_max_ms", s.largest.as_secs_f64() * 1e3);
 }
 
 /// The status of one `POST /chain` (readiness).
@@ -683,7 +677,7 @@ fn run(opts: &Opts) -> Result<Report> {
         report.put("rps_c64_dne", r.rps);
         report.put("p99_us_c64_dne", r.p99_us);
         report.put("cpu_per_10k_c64_dne", r.cpu_per_10k);
-        put_stalls(&mut report, &before.merge(&after));
+        before.merge(&after).put(&mut report);
         report.tables = vec![t, m];
         return Ok(report);
     }
@@ -743,7 +737,7 @@ fn run(opts: &Opts) -> Result<Report> {
         }
     }
     report.put("dne_path", "fabric");
-    put_stalls(&mut report, &all_stalls);
+    all_stalls.put(&mut report);
     // Counted now: nginx forks its workers after start.
     table.title = table.title.replace("{B}", &all_pids(&base.pids).len().to_string());
     drop(fab);

@@ -21,7 +21,8 @@ pub const SUITE: Suite = Suite {
 };
 
 fn run(opts: &Opts) -> Result<Report> {
-    let (rounds, each) = if opts.quick { (2, Duration::from_secs(1)) } else { (10, Duration::from_secs(1)) };
+    let rounds = if opts.quick { 2 } else { 10 };
+    let each = Duration::from_secs(1);
     let mut t = Table::new(
         format!(
             "noise: CPU stalls (gaps > {} us between two clock reads of a pinned thread), {rounds} rounds of {} s",
@@ -38,15 +39,13 @@ fn run(opts: &Opts) -> Result<Report> {
                 cpu.to_string(),
                 s.count.to_string(),
                 format!("{:.2}%", s.lost_pct()),
-                fmt_num(s.largest.as_secs_f64() * 1e3),
+                fmt_num(s.largest_ms()),
             ]);
             all = all.merge(&s);
         }
     }
     let mut report = Report::default();
-    report.put("stalls_per_cpu_s", all.per_cpu_sec());
-    report.put("stall_lost_pct", all.lost_pct());
-    report.put("stall_max_ms", all.largest.as_secs_f64() * 1e3);
+    all.put(&mut report);
     report.tables = vec![t];
     Ok(report)
 }

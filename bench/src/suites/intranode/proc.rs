@@ -5,6 +5,7 @@
 //! watchdog, and a child dies with its parent (`PR_SET_PDEATHSIG`), so no
 //! peer outlives a failed or interrupted run.
 
+use crate::harness::pin_to;
 use anyhow::{Context, Result, anyhow, bail};
 use std::io::{BufRead, BufReader, Lines, StdinLock, Stdout, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -32,14 +33,6 @@ const PEER_CPU: usize = 1;
 
 /// Set once the pinger is pinned: peers then pin themselves too.
 static PINNED: AtomicBool = AtomicBool::new(false);
-
-/// Pins the calling thread (and what it spawns later) to `cpu`.
-pub(crate) fn pin_to(cpu: usize) -> Result<()> {
-    let mut set = nix::sched::CpuSet::new();
-    set.set(cpu)?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
-    Ok(())
-}
 
 /// Pins the calling thread to [`PINGER_CPU`] when peers get their own CPU;
 /// returns whether it did.
