@@ -11,9 +11,16 @@
 //! on a machine with few cores saves two context switches per request).
 //! Callers on any thread (the HTTP server's tasks) hand it requests through
 //! a channel and get the reply through a oneshot. Backpressure is explicit: when a tenant's
-//! connection has no credits, its requests wait in a bounded queue, and a
-//! full queue is an immediate [`EdgeError::Busy`] (the HTTP side answers
-//! 503), never unbounded buffering.
+//! connection to a node has no credits, the requests for that node wait in
+//! a queue of their own (other nodes' requests go on), the tenant's queued
+//! requests are bounded, and a full queue is an immediate
+//! [`EdgeError::Busy`] (the HTTP side answers 503), never unbounded
+//! buffering. A queued request whose caller gave up is dropped unsent, and
+//! a node that goes down fails its queued requests at once.
+//!
+//! Buffers are never lost with a caller: a reply travels as a [`PoolLease`],
+//! which frees itself if the caller is gone before it reads it, and a
+//! stopping edge frees every request it still holds.
 
 use crate::pool::{INGRESS_SLOT, PoolLease, Pools, TenantPool};
 use crate::upstream::{Upstream, UpstreamError, UpstreamFuture};
@@ -58,7 +65,7 @@ pub enum EdgeError {
 }
 
 /// The reply: the chain's message in the tenant's edge pool.
-pub type Reply = Result<(Lease, Descriptor), EdgeError>;
+pub type Reply = Result<(PoolLease, Descriptor), EdgeError>;
 
 /// One tenant pool of the edge, as the port's buffer source.
 #[derive(Debug)]
@@ -142,7 +149,7 @@ impl Edge {
                     f.map(|f| (f, cfg.node_id(&cfg.functions[usize::from(f)].node).unwrap_or(NO_NODE)))
                 })
                 .collect(),
-            queues: (0..cfg.tenants.len()).map(|_| VecDeque::with_capacity(QUEUE_LIMIT)).collect(),
+            queues: (0..cfg.tenants.len()).map(|_| TenantQueue::default()).collect(),
             waiting: HashMap::with_capacity(4096),
             me,
             port,
@@ -186,11 +193,10 @@ impl Edge {
 /// The edge as the ingress's [`Upstream`]: requests over the fabric.
 impl Upstream for Edge {
     fn call(&self, route: u16, tenant: u16, msg: PoolLease, request: u32) -> UpstreamFuture {
-        let pool = msg.pool().clone();
         let rx = Edge::call(self, tenant, route, request, msg.into_lease());
         Box::pin(async move {
             match rx.await {
-                Ok(Ok((lease, _))) => Ok(pool.adopt(lease)),
+                Ok(Ok((reply, _))) => Ok(reply),
                 Ok(Err(EdgeError::Busy)) => Err(UpstreamError::QueueFull),
                 Ok(Err(EdgeError::Failed(code))) => Err(UpstreamError::FunctionError(code)),
                 Ok(Err(EdgeError::Unreachable | EdgeError::BadRoute | EdgeError::Stopped)) | Err(_) => {
@@ -245,10 +251,38 @@ struct Waiting {
     reply: oneshot::Sender<Reply>,
 }
 
+/// One tenant's requests waiting for credits, a FIFO per destination node
+/// (a node without credits holds back only its own requests).
+#[derive(Debug, Default)]
+struct TenantQueue {
+    /// Indexed by node id; grown on demand.
+    by_node: Vec<VecDeque<Call>>,
+    /// Requests over all nodes (bounded by [`QUEUE_LIMIT`]).
+    len: usize,
+}
+
+impl TenantQueue {
+    fn push(&mut self, node: u16, c: Call) {
+        let n = usize::from(node);
+        if self.by_node.len() <= n {
+            self.by_node.resize_with(n + 1, VecDeque::new);
+        }
+        self.by_node[n].push_back(c);
+        self.len += 1;
+    }
+
+    /// Takes every request queued for `node`.
+    fn take_node(&mut self, node: u16) -> VecDeque<Call> {
+        let q = self.by_node.get_mut(usize::from(node)).map(std::mem::take).unwrap_or_default();
+        self.len -= q.len();
+        q
+    }
+}
+
 struct Worker {
     /// First function and its node, per route.
     first_node: Vec<Option<(u16, u16)>>,
-    queues: Vec<VecDeque<(Call, u16)>>,
+    queues: Vec<TenantQueue>,
     waiting: HashMap<u32, Waiting>,
     me: u16,
     port: Port<DocaTransport, EdgeBufs>,
@@ -357,13 +391,23 @@ impl Worker {
         self.finish();
     }
 
-    /// Whoever still waits learns that the edge stopped.
+    /// Whoever still waits learns that the edge stopped; the requests it
+    /// still holds (queued, or not yet taken from the channel) are freed.
     fn finish(&mut self) {
         for (_, w) in self.waiting.drain() {
             let _ = w.reply.send(Err(EdgeError::Stopped));
         }
-        for q in &mut self.queues {
-            for (c, _) in q.drain(..) {
+        for t in 0..self.queues.len() {
+            for node in 0..self.queues[t].by_node.len() as u16 {
+                for c in self.queues[t].take_node(node) {
+                    self.fail(c, EdgeError::Stopped);
+                }
+            }
+        }
+        while let Ok(c) = self.rx.try_recv() {
+            if usize::from(c.tenant) < self.queues.len() {
+                self.fail(c, EdgeError::Stopped);
+            } else {
                 let _ = c.reply.send(Err(EdgeError::Stopped));
             }
         }
@@ -444,10 +488,10 @@ impl Worker {
             }
             if !self.port.is_up(c.tenant, node) {
                 self.fail(c, EdgeError::Unreachable);
-            } else if self.queues[t].len() >= QUEUE_LIMIT {
+            } else if self.queues[t].len >= QUEUE_LIMIT {
                 self.fail(c, EdgeError::Busy);
             } else {
-                self.queues[t].push_back((c, node));
+                self.queues[t].push(node, c);
             }
         }
         n
@@ -456,36 +500,56 @@ impl Worker {
     fn send_queued(&mut self) -> usize {
         let mut n = 0;
         for t in 0..self.queues.len() {
-            while let Some((c, node)) = self.queues[t].front() {
-                let node = *node;
-                if !self.port.can_send(c.tenant, node) {
-                    break;
+            for node in 0..self.queues[t].by_node.len() {
+                n += self.send_node(t, node as u16);
+            }
+        }
+        n
+    }
+
+    /// Sends tenant `t`'s requests queued for `node` while it has credits;
+    /// drops, unsent, those whose caller gave up (timed out).
+    fn send_node(&mut self, t: usize, node: u16) -> usize {
+        let mut n = 0;
+        loop {
+            let q = &mut self.queues[t];
+            let Some(c) = q.by_node[usize::from(node)].front() else { break };
+            let gone = c.reply.is_closed();
+            if !gone && !self.port.can_send(c.tenant, node) {
+                break;
+            }
+            let Some(c) = q.by_node[usize::from(node)].pop_front() else { break };
+            q.len -= 1;
+            if gone {
+                self.port.bufs_mut(c.tenant).free(c.lease);
+                continue;
+            }
+            let Some(&Some((f, _))) = self.first_node.get(usize::from(c.route)) else {
+                self.fail(c, EdgeError::BadRoute);
+                continue;
+            };
+            let desc = Descriptor {
+                tenant: c.tenant,
+                flags: 0,
+                src_fn: u16::MAX,
+                dst_fn: f,
+                route: c.route,
+                hop: 0,
+                status: 0,
+                origin: self.me,
+                reserved: 0,
+                request: c.request,
+                buf: c.lease.head(),
+                len: c.lease.len(),
+            };
+            match self.port.send(c.tenant, node, c.lease, desc, u64::from(c.request)) {
+                Ok(()) => {
+                    n += 1;
+                    self.waiting.insert(c.request, Waiting { tenant: c.tenant, peer: node, reply: c.reply });
                 }
-                let Some((c, _)) = self.queues[t].pop_front() else { break };
-                let Some(&Some((f, _))) = self.first_node.get(usize::from(c.route)) else { continue };
-                let desc = Descriptor {
-                    tenant: c.tenant,
-                    flags: 0,
-                    src_fn: u16::MAX,
-                    dst_fn: f,
-                    route: c.route,
-                    hop: 0,
-                    status: 0,
-                    origin: self.me,
-                    reserved: 0,
-                    request: c.request,
-                    buf: c.lease.head(),
-                    len: c.lease.len(),
-                };
-                match self.port.send(c.tenant, node, c.lease, desc, u64::from(c.request)) {
-                    Ok(()) => {
-                        n += 1;
-                        self.waiting.insert(c.request, Waiting { tenant: c.tenant, peer: node, reply: c.reply });
-                    }
-                    Err((lease, _, _)) => {
-                        self.port.bufs_mut(c.tenant).free(lease);
-                        let _ = c.reply.send(Err(EdgeError::Unreachable));
-                    }
+                Err((lease, _, _)) => {
+                    self.port.bufs_mut(c.tenant).free(lease);
+                    let _ = c.reply.send(Err(EdgeError::Unreachable));
                 }
             }
         }
@@ -505,7 +569,6 @@ impl Worker {
                     }
                 }
                 PortEvent::Received { tenant, lease, desc, .. } => {
-                    let w = self.waiting.remove(&desc.request).filter(|w| w.tenant == tenant);
                     let reply = if desc.flags & DescFlags::REPLY == 0 {
                         None
                     } else if desc.flags & DescFlags::ERROR != 0 {
@@ -513,23 +576,25 @@ impl Worker {
                     } else {
                         Some(Ok(()))
                     };
+                    // Only a reply of the request's own tenant ends its wait
+                    // (another tenant's message naming the same id does not).
+                    let ours = reply.is_some() && self.waiting.get(&desc.request).is_some_and(|w| w.tenant == tenant);
+                    let w = if ours { self.waiting.remove(&desc.request) } else { None };
                     match (w, reply) {
                         (Some(w), Some(Ok(()))) => {
-                            if let Err(Ok((lease, _))) = w.reply.send(Ok((lease, desc))) {
-                                // The caller gave up (timed out).
-                                self.port.bufs_mut(tenant).free(lease);
-                            }
+                            // Adopted before it is sent: if the caller is gone
+                            // (now, or before it reads the reply), dropping it
+                            // frees the buffers.
+                            let reply = self.port.bufs(tenant).0.adopt(lease);
+                            let _ = w.reply.send(Ok((reply, desc)));
                         }
                         (Some(w), Some(Err(e))) => {
                             self.port.bufs_mut(tenant).free(lease);
                             let _ = w.reply.send(Err(e));
                         }
-                        (w, _) => {
-                            // Late (the caller gave up), unknown, or not a
-                            // reply: dropped.
-                            if let Some(w) = w {
-                                self.waiting.insert(desc.request, w);
-                            }
+                        _ => {
+                            // Late (the caller gave up), unknown, another
+                            // tenant's, or not a reply: dropped.
                             log::debug!("edge: dropping a message for request {} (no one waits)", desc.request);
                             self.port.bufs_mut(tenant).free(lease);
                         }
@@ -540,6 +605,12 @@ impl Worker {
                     for r in gone {
                         if let Some(w) = self.waiting.remove(&r) {
                             let _ = w.reply.send(Err(EdgeError::Unreachable));
+                        }
+                    }
+                    // What waits for credits to that node will not get them.
+                    for t in 0..self.queues.len() {
+                        for c in self.queues[t].take_node(peer) {
+                            self.fail(c, EdgeError::Unreachable);
                         }
                     }
                 }

@@ -329,7 +329,9 @@ impl Ingress {
         let _in_flight = InFlight::new(&tenant.in_flight);
         let (resp, bytes_in, request) = self.exchange(req, route, peer).await;
         let code = resp.status().as_u16();
-        let bytes_out = resp.body().size_hint().exact().unwrap_or(0);
+        // Responses that carry no body on the wire count none.
+        let bodiless = method == hyper::Method::HEAD || code == 204 || code == 304;
+        let bytes_out = if bodiless { 0 } else { resp.body().size_hint().exact().unwrap_or(0) };
         if code == 200 {
             info.ok.inc();
         } else {
@@ -516,7 +518,14 @@ impl Ingress {
                 return plain(StatusCode::BAD_GATEWAY, "malformed reply\n");
             }
         };
-        let status = e.status.and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::BAD_GATEWAY);
+        // A final status only: 1xx would make hyper send an interim
+        // response (or switch protocols) instead of this reply.
+        let Some(status) = e.status.filter(|s| (200..600).contains(s)).and_then(|s| StatusCode::from_u16(s).ok())
+        else {
+            self.reject(t, "bad_reply");
+            log::warn!("{peer}: the chain replied with status {:?}, not a final one", e.status);
+            return plain(StatusCode::BAD_GATEWAY, "malformed reply\n");
+        };
         let body = ReplyBody::new(reply, e.body_offset, e.body_len);
         let mut r = Response::new(Either::Right(body));
         *r.status_mut() = status;

@@ -131,13 +131,26 @@ const SLOW: Duration = Duration::from_millis(1000);
 struct Recording {
     inner: InProcess,
     xff: std::sync::Mutex<Vec<Option<Vec<u8>>>>,
+    /// Non-zero: the HTTP status written into every reply envelope (a
+    /// function answering with any code it likes).
+    status: std::sync::atomic::AtomicU16,
 }
 
 impl ingress::Upstream for Recording {
     fn call(&self, route: u16, tenant: u16, msg: ingress::PoolLease, request: u32) -> ingress::UpstreamFuture {
         let seen = wire::http::decode(&msg.frags()).ok().and_then(|e| e.header("x-forwarded-for").map(<[u8]>::to_vec));
         self.xff.lock().unwrap().push(seen);
-        self.inner.call(route, tenant, msg, request)
+        let reply = self.inner.call(route, tenant, msg, request);
+        let status = self.status.load(std::sync::atomic::Ordering::Relaxed);
+        if status == 0 {
+            return reply;
+        }
+        Box::pin(async move {
+            let mut reply = reply.await?;
+            // The status is the u16 at offset 4 of the envelope header.
+            wire::http::write_at(&mut reply.frags_mut(), 4, &status.to_le_bytes()).unwrap();
+            Ok(reply)
+        })
     }
 }
 
@@ -160,7 +173,7 @@ impl Server {
         let up = InProcess::new(&c, cfg, InProcess::by_name(&extra)).unwrap();
         let pools = Pools::create(&c, "edge-test", ingress_buffers, shm::PagePolicy::Normal).unwrap();
         let settings = Settings { body_timeout: Duration::from_secs(2), ..Settings::for_ingress(&c, "edge").unwrap() };
-        let upstream = Arc::new(Recording { inner: up, xff: Default::default() });
+        let upstream = Arc::new(Recording { inner: up, xff: Default::default(), status: Default::default() });
         let ingress = Arc::new(Ingress::new(&c, pools, upstream.clone(), settings));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -207,6 +220,11 @@ impl Server {
         }
         tokio::time::timeout(Duration::from_secs(20), self.done).await.unwrap().unwrap().unwrap();
     }
+}
+
+/// Makes every function of `s` answer with HTTP status `code` (0: their own).
+fn c_status(s: &Server, code: u16) {
+    s.upstream.status.store(code, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// A keep-alive HTTP/1.1 client connection (hyper).
@@ -335,6 +353,15 @@ async fn every_edge_status() {
     let (st, h, _) = c.post("/fail", b"x").await;
     assert_eq!(st, StatusCode::BAD_GATEWAY);
     assert_eq!(h.get("x-dne-error").unwrap(), "function_failed");
+
+    // 502: a function answers with an interim (1xx) status, which is not a
+    // reply hyper can send; any final status passes through.
+    for (code, want) in [(100, 502), (101, 502), (103, 502), (204, 204), (599, 599)] {
+        c_status(&srv, code);
+        assert_eq!(c.post("/echo", b"x").await.0.as_u16(), want, "function status {code}");
+    }
+    c_status(&srv, 0);
+    assert_eq!(c.post("/echo", b"x").await.0, StatusCode::OK);
 
     // 504: the chain takes longer than the route's timeout.
     assert_eq!(c.post("/slow", b"x").await.0, StatusCode::GATEWAY_TIMEOUT);

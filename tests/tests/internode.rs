@@ -457,14 +457,28 @@ fn edge_chain(task: bool, mode: &'static str) {
         pool.write(&mut lease, &msg).unwrap();
         let (reply, desc) = wait(edge.call(0, 0, 100 + k as u32, lease)).expect("a reply");
         assert_eq!(desc.request, 100 + k as u32);
-        let bytes = pool.read_to_vec(&reply);
+        let bytes = pool.read_to_vec(reply.lease());
         let env = wire::http::decode(&[&bytes[..]]).expect("a response envelope");
         assert_eq!(env.status, Some(200));
         let body = &bytes[env.body_offset as usize..][..env.body_len as usize];
         let want: Vec<u8> = data.to_ascii_uppercase().into_iter().map(rot13).collect();
         assert_eq!(body, &want[..], "{len} B through upper (n1) and rot13 (n0)");
-        pool.free(reply).unwrap();
+        drop(reply);
     }
+    // A caller that goes away after its reply arrived, without reading it
+    // (a client gone at that moment): the reply's buffers still come back.
+    let unread = {
+        let msg = envelope(b"unread");
+        let mut lease = pool.alloc(msg.len() as u32, wire::Owner::Held(EDGE_SLOT)).unwrap();
+        pool.write(&mut lease, &msg).unwrap();
+        edge.call(0, 0, 200, lease)
+    };
+    let msg = envelope(b"after");
+    let mut lease = pool.alloc(msg.len() as u32, wire::Owner::Held(EDGE_SLOT)).unwrap();
+    pool.write(&mut lease, &msg).unwrap();
+    drop(wait(edge.call(0, 0, 201, lease)).expect("a reply"));
+    std::thread::sleep(Duration::from_millis(100));
+    drop(unread);
     // A chain whose function has no live instance: an error comes back.
     let lease = pool.alloc(10, wire::Owner::Held(EDGE_SLOT)).unwrap();
     let r = wait(edge.call(0, 1, 7, lease));
