@@ -438,9 +438,17 @@ impl Shimd {
             }
             None => return self.refuse(i, seq, ErrorCode::Overloaded, "attach", tid, fid),
         };
-        let ring = Ring::create(&format!("dne-ring-{fn_name}-{instance}"), f.ring_capacity, tid, fid, u32::from(slot))
-            .map_err(io::Error::other)?;
-        let bell = Doorbell::new()?;
+        let made = Ring::create(&format!("dne-ring-{fn_name}-{instance}"), f.ring_capacity, tid, fid, u32::from(slot))
+            .map_err(io::Error::other)
+            .and_then(|ring| Ok((ring, Doorbell::new()?)));
+        let (ring, bell) = match made {
+            Ok(x) => x,
+            Err(e) => {
+                // Nothing was handed out under the slot: it is free again.
+                self.free_slots.push(slot);
+                return Err(e);
+            }
+        };
         let pool = &self.pools[&tid];
         let g = pool.geometry();
         let ok = AttachOk {
@@ -457,9 +465,15 @@ impl Shimd {
             pool_len: pool.region().len() as u64,
             ring_len: wire::segment::RingLayout::new(f.ring_capacity).map(|l| l.total_len).unwrap_or(0),
         };
-        self.clients[i]
+        let sent = self.clients[i]
             .conn
-            .send(&CtrlFrame { seq, msg: CtrlMsg::AttachOk(ok) }, &[pool.region().fd(), ring.fd(), bell.fd()])?;
+            .send(&CtrlFrame { seq, msg: CtrlMsg::AttachOk(ok) }, &[pool.region().fd(), ring.fd(), bell.fd()]);
+        if let Err(e) = sent {
+            // The function never got its ring (it is gone, or its socket
+            // failed): the slot goes back with the ring.
+            self.free_slots.push(slot);
+            return Err(e);
+        }
         log::info!("pid {} attached as {fn_name}#{instance} (tenant {tenant_name}, slot {slot})", self.clients[i].pid);
         self.clients[i].attached =
             Some(Attached { agent: false, tenant: tid, function: fid, instance, slot, ring, bell });

@@ -272,12 +272,13 @@ pub unsafe extern "C" fn dne_send(f: *mut dne_fn, m: *mut *mut dne_msg, to: *con
         // SAFETY: the slot holds a handle from `Box::into_raw` (checked
         // non-NULL above); we take it and write back whatever remains.
         let msg = unsafe { Box::from_raw(raw) };
+        // The slot no longer owns the handle: cleared before the send, so
+        // that even a panic inside it (caught by `guard`) cannot leave the
+        // caller a pointer to freed memory.
+        // SAFETY: `m` is non-NULL and writable (checked, contract).
+        unsafe { m.write(std::ptr::null_mut()) };
         match f.0.send(msg.0, to) {
-            Ok(()) => {
-                // SAFETY: `m` is non-NULL and writable (checked, contract).
-                unsafe { m.write(std::ptr::null_mut()) };
-                dne_status::DNE_OK
-            }
+            Ok(()) => dne_status::DNE_OK,
             Err(e) => {
                 let back = e.msg.map_or(std::ptr::null_mut(), |msg| Box::into_raw(Box::new(dne_msg(msg))));
                 // SAFETY: as above.

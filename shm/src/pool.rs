@@ -373,11 +373,7 @@ impl Pool {
                     .map(|owner| AcceptError::NotOwner { index: i, owner })
             };
             if let Some(e) = fail {
-                let mut j = head;
-                for _ in 0..k {
-                    PoolCells::owner(self, j).store(from.to_raw(), Relaxed);
-                    j = self.next_chain(j).load(Relaxed);
-                }
+                self.set_owners(head, k, from);
                 return Err(e);
             }
             if k + 1 < frags {
@@ -394,18 +390,21 @@ impl Pool {
     pub fn hand_over(&self, lease: Lease, to: Owner) -> Result<(u32, u32), (Lease, FreeError)> {
         let mut i = lease.head;
         for k in 0..lease.frags {
-            // Release (AcqRel): publishes the payload written through the
-            // lease to the receiver, whose `accept` CAS is Acquire.
-            if let Err(owner) =
-                PoolCells::owner(self, i).compare_exchange(lease.holder.to_raw(), to.to_raw(), AcqRel, Acquire)
-            {
+            // The links live in shared memory: a peer may have rewritten one
+            // since we walked it, so every index is checked again.
+            let moved = if i >= self.count() {
+                Err(FreeError::BadLink(i))
+            } else {
+                // Release (AcqRel): publishes the payload written through
+                // the lease to the receiver, whose `accept` CAS is Acquire.
+                PoolCells::owner(self, i)
+                    .compare_exchange(lease.holder.to_raw(), to.to_raw(), AcqRel, Acquire)
+                    .map_err(|owner| FreeError::NotOwner { index: i, owner })
+            };
+            if let Err(e) = moved {
                 // Give back what we moved: those buffers are still ours.
-                let mut j = lease.head;
-                for _ in 0..k {
-                    PoolCells::owner(self, j).store(lease.holder.to_raw(), Relaxed);
-                    j = self.next_chain(j).load(Relaxed);
-                }
-                return Err((lease, FreeError::NotOwner { index: i, owner }));
+                self.set_owners(lease.head, k, lease.holder);
+                return Err((lease, e));
             }
             if k + 1 < lease.frags {
                 i = self.next_chain(i).load(Relaxed);
@@ -414,15 +413,34 @@ impl Pool {
         Ok((lease.head, lease.len))
     }
 
-    /// Indices of the buffers of a lease, in chain order.
+    /// Records `owner` for the first `n` buffers of the chain at `head`
+    /// (undoing a partial move), stopping at a link out of range.
+    fn set_owners(&self, head: u32, n: u32, owner: Owner) {
+        let mut j = head;
+        for _ in 0..n {
+            if j >= self.count() {
+                return;
+            }
+            PoolCells::owner(self, j).store(owner.to_raw(), Relaxed);
+            j = self.next_chain(j).load(Relaxed);
+        }
+    }
+
+    /// Indices of the buffers of a lease, in chain order. The links live in
+    /// shared memory, where a misbehaving peer of the tenant can rewrite
+    /// them: the walk stops early at a link out of range (then the lease's
+    /// later fragments read as absent), never indexing outside the pool.
     pub fn chain(&self, lease: &Lease) -> impl Iterator<Item = u32> + '_ {
         let (mut i, frags) = (lease.head, lease.frags);
-        (0..frags).map(move |k| {
+        (0..frags).map_while(move |k| {
             let cur = i;
+            if cur >= self.count() {
+                return None;
+            }
             if k + 1 < frags {
                 i = self.next_chain(cur).load(Relaxed);
             }
-            cur
+            Some(cur)
         })
     }
 
@@ -666,6 +684,41 @@ mod tests {
         assert_eq!(p.accept(&d, B), Err(AcceptError::NotOwner { index: chain[2], owner: Owner::Held(A).to_raw() }));
         assert_eq!(p.owner(chain[0]), Ok(Owner::Function(B)));
         assert_eq!(p.owner(chain[1]), Ok(Owner::Function(B)));
+    }
+
+    #[test]
+    fn links_rewritten_after_accept_never_index_outside_the_pool() {
+        let p = pool(16);
+        let l = p.alloc(400, Owner::Held(A)).unwrap(); // 3 buffers
+        let chain: Vec<u32> = p.chain(&l).collect();
+        let (head, len) = p.hand_over(l, Owner::Function(B)).unwrap();
+        let d = Descriptor { tenant: 4, buf: head, len, ..Default::default() };
+        let mut held = p.accept(&d, B).unwrap();
+        // The sender still maps the pool and points the second link away.
+        p.next_chain(chain[1]).store(0xFFFF_FFF0, Relaxed);
+        assert_eq!(p.chain(&held).collect::<Vec<_>>(), chain[..2]);
+        assert!(p.frag(&held, 1).is_some());
+        assert!(p.frag(&held, 2).is_none());
+        assert!(p.frag_mut(&mut held, 2).is_none());
+        assert_eq!(p.read_to_vec(&held).len(), 2 * p.geometry().payload_cap() as usize);
+        // Handing it on fails at the bad link and moves nothing.
+        let (held, e) = p.hand_over(held, Owner::Function(A)).unwrap_err();
+        assert_eq!(e, FreeError::BadLink(0xFFFF_FFF0));
+        assert_eq!(p.owner(chain[0]), Ok(Owner::Held(B)));
+        assert_eq!(p.owner(chain[1]), Ok(Owner::Held(B)));
+        // Freeing returns what the chain still reaches, then says why it
+        // stopped.
+        let before = p.free_buffers();
+        assert_eq!(p.free(held), Err(FreeError::BadLink(0xFFFF_FFF0)));
+        assert_eq!(p.free_buffers(), before + 2);
+        // An accept whose rollback meets a rewritten link stops there.
+        let l = p.alloc(400, Owner::Held(A)).unwrap();
+        let chain: Vec<u32> = p.chain(&l).collect();
+        let (head, len) = p.hand_over(l, Owner::Function(B)).unwrap();
+        p.next_chain(chain[0]).store(0xFFFF_FFF0, Relaxed);
+        let d = Descriptor { tenant: 4, buf: head, len, ..Default::default() };
+        assert_eq!(p.accept(&d, B), Err(AcceptError::BadLink(0xFFFF_FFF0)));
+        assert_eq!(p.owner(chain[0]), Ok(Owner::Function(B)));
     }
 
     #[test]
