@@ -11,7 +11,9 @@
 //!   the pool whatever happens to the request (client gone, timeout, error);
 //! * waiting is bounded everywhere: for buffers ([`Settings::pool_wait`]),
 //!   for queue room or credits (the upstream's), for the chain (the route's
-//!   `timeout_ms`), for a slow client ([`Settings::body_timeout`]);
+//!   `timeout_ms`), for a slow client ([`Settings::body_timeout`] between
+//!   pieces of a body, [`Settings::body_deadline`] for all of it), for a
+//!   client that stops reading its response ([`Settings::write_timeout`]);
 //! * edge statuses: 404 unknown route, 400 malformed, 401 bad API key, 408
 //!   body too slow, 413 body over `body_limit` (or over the tenant's largest
 //!   message), 414 target too long, 501 unknown method, 502 function error

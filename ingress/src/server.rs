@@ -75,6 +75,14 @@ pub struct Settings {
     pub header_timeout: Duration,
     /// Longest pause between two pieces of a request body (408 beyond).
     pub body_timeout: Duration,
+    /// Longest a whole request body may take to arrive (408 beyond): a
+    /// client trickling its body holds the buffers reserved for it no
+    /// longer than this.
+    pub body_deadline: Duration,
+    /// Longest a response may wait for the client to take more of it (the
+    /// connection is closed beyond): a client that stops reading holds the
+    /// reply's buffers no longer than this.
+    pub write_timeout: Duration,
     /// Longest wait for in-flight requests at shutdown.
     pub shutdown_grace: Duration,
     /// Seconds announced in `Retry-After` with a 503.
@@ -97,6 +105,8 @@ impl Default for Settings {
             pool_wait: Duration::from_millis(50),
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(10),
+            body_deadline: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
             retry_after_s: 1,
         }
@@ -276,7 +286,7 @@ impl Ingress {
                 .timer(TokioTimer::new())
                 .header_read_timeout(self.settings.header_timeout)
                 .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), svc);
+                .serve_connection(TokioIo::new(StallIo::new(stream, self.settings.write_timeout)), svc);
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
@@ -426,8 +436,10 @@ impl Ingress {
         }
         // Body: every frame straight into its place in the pool.
         let mut len: u64 = 0;
+        let deadline = tokio::time::Instant::now() + self.settings.body_deadline;
         loop {
-            let frame = match tokio::time::timeout(self.settings.body_timeout, body.frame()).await {
+            let next = (tokio::time::Instant::now() + self.settings.body_timeout).min(deadline);
+            let frame = match tokio::time::timeout_at(next, body.frame()).await {
                 Err(_) => {
                     self.reject(t, "body_timeout");
                     return (close(plain(StatusCode::REQUEST_TIMEOUT, "request body too slow\n")), len, 0);
@@ -539,6 +551,81 @@ impl Ingress {
             }
         }
         r
+    }
+}
+
+/// The client's socket, with a bound on how long a write may make no
+/// progress (hyper has none): past [`Settings::write_timeout`] without the
+/// client taking any bytes, writes fail with `TimedOut` and hyper closes
+/// the connection, dropping the response and the buffers behind it. The
+/// timer exists only while a write waits.
+struct StallIo<T> {
+    io: T,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> StallIo<T> {
+    fn new(io: T, limit: Duration) -> Self {
+        Self { io, limit, stalled: None }
+    }
+
+    /// Passes a write's result on; a write still waiting past the limit
+    /// becomes an error.
+    fn check<R>(&mut self, cx: &mut Context<'_>, r: Poll<std::io::Result<R>>) -> Poll<std::io::Result<R>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let limit = self.limit;
+        let timer = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.stalled = None;
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client took no response bytes within the write timeout",
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StallIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StallIo<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.check(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.check(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.check(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -666,5 +753,39 @@ pub async fn shutdown_signal() {
             log::error!("cannot watch signals ({e}); stop with SIGKILL");
             std::future::pending::<()>().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Loopback sockets buffer megabytes, so the stall is made with an
+    /// in-memory pipe of 64 bytes whose far end reads slowly or not at all.
+    #[tokio::test]
+    async fn a_write_that_makes_no_progress_fails_at_the_limit_and_progress_resets_it() {
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut io = StallIo::new(near, Duration::from_millis(200));
+        // The reader takes 16 bytes every 50 ms: slow, but never stalled
+        // for 200 ms, so 1 KiB goes through.
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 16];
+            while got.len() < 1024 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let n = far.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            far
+        });
+        io.write_all(&[7u8; 1024]).await.unwrap();
+        let far = reader.await.unwrap();
+        // Now nobody reads: the pipe fills and the write fails.
+        let t = std::time::Instant::now();
+        let e = io.write_all(&[7u8; 1024]).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(t.elapsed() >= Duration::from_millis(200), "failed after {:?}", t.elapsed());
+        drop(far);
     }
 }

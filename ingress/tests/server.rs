@@ -164,6 +164,11 @@ struct Server {
 
 impl Server {
     async fn start(ingress_buffers: u32, cfg: InProcessConfig) -> Self {
+        Self::start_with(ingress_buffers, cfg, |_| {}).await
+    }
+
+    /// Like `start`, with `tune` applied to the edge settings.
+    async fn start_with(ingress_buffers: u32, cfg: InProcessConfig, tune: impl FnOnce(&mut Settings)) -> Self {
         let c = cluster(ingress_buffers);
         let extra = vec![
             ("fail".to_owned(), Behavior::Fail(ErrorCode::FunctionFailed)),
@@ -172,7 +177,9 @@ impl Server {
         ];
         let up = InProcess::new(&c, cfg, InProcess::by_name(&extra)).unwrap();
         let pools = Pools::create(&c, "edge-test", ingress_buffers, shm::PagePolicy::Normal).unwrap();
-        let settings = Settings { body_timeout: Duration::from_secs(2), ..Settings::for_ingress(&c, "edge").unwrap() };
+        let mut settings =
+            Settings { body_timeout: Duration::from_secs(2), ..Settings::for_ingress(&c, "edge").unwrap() };
+        tune(&mut settings);
         let upstream = Arc::new(Recording { inner: up, xff: Default::default(), status: Default::default() });
         let ingress = Arc::new(Ingress::new(&c, pools, upstream.clone(), settings));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -523,6 +530,32 @@ async fn a_slow_client_is_served_and_does_not_hold_up_others() {
     }
     go.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(30), slow).await.unwrap().unwrap();
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
+
+/// A body trickled in (each piece well within `body_timeout`) is cut off
+/// at `body_deadline` with 408, and its buffers come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_body_gets_408_at_the_body_deadline() {
+    let srv =
+        Server::start_with(512, InProcessConfig::default(), |s| s.body_deadline = Duration::from_millis(600)).await;
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n").await.unwrap();
+    // One byte every 100 ms (well within `body_timeout`) until an answer
+    // comes.
+    let (start, mut got, mut buf) = (Instant::now(), Vec::new(), [0u8; 4096]);
+    while got.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(20), "the body was never cut off");
+        let _ = s.write_all(b"x").await;
+        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => panic!("reading the answer: {e}"),
+            Err(_) => {}
+        }
+    }
+    let st: u16 = String::from_utf8_lossy(&got[9..12]).parse().unwrap();
+    assert_eq!(st, 408);
     srv.assert_no_leak().await;
     srv.stop().await;
 }
