@@ -17,6 +17,10 @@ use wire::ctrl::CTRL_MAX_FRAME;
 /// Most descriptors one message carries.
 pub const MAX_FDS: usize = 4;
 
+/// Longest host-shimd waits to send a reply to a client whose receive
+/// queue is full (a client that does not read): it is disconnected beyond.
+pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One end of a control connection.
 #[derive(Debug)]
 pub struct Conn(OwnedFd);
@@ -136,7 +140,21 @@ impl Listener {
     /// Accepts one pending connection, `None` when there is none.
     pub fn accept(&self) -> io::Result<Option<Conn>> {
         match rustix::net::accept_with(&self.fd, SocketFlags::CLOEXEC) {
-            Ok(fd) => Ok(Some(Conn(fd))),
+            Ok(fd) => {
+                // host-shimd serves every client from one thread: a client
+                // that does not read its replies must not hold it for long.
+                // A send to it that waits longer fails, and host-shimd then
+                // drops that client.
+                let limit = rustix::net::sockopt::set_socket_timeout(
+                    &fd,
+                    rustix::net::sockopt::Timeout::Send,
+                    Some(SEND_TIMEOUT),
+                );
+                if let Err(e) = limit {
+                    log::warn!("control connection: cannot bound its send time: {e}");
+                }
+                Ok(Some(Conn(fd)))
+            }
             Err(rustix::io::Errno::AGAIN) => Ok(None),
             Err(e) => Err(e.into()),
         }

@@ -335,6 +335,63 @@ fn c_function_built_with_pkg_config_serves_in_a_chain() {
     assert!(c_fn.is_running());
 }
 
+/// A process that floods host-shimd with requests and never reads the
+/// replies is disconnected once a reply has waited
+/// [`host_shim::sock::SEND_TIMEOUT`]; host-shimd keeps serving everyone
+/// else (it serves all clients from one thread).
+#[test]
+fn a_client_that_never_reads_its_replies_cannot_stall_host_shimd() {
+    use host_shim::sock::Conn;
+    use wire::ctrl::{CtrlMsg, Hello, Lookup, Role};
+    use wire::{CtrlFrame, Name};
+
+    let node = start_node("deaf");
+    let conn = Conn::connect(&node.socket()).unwrap();
+    let hello = Hello {
+        role: Role::Function as u8,
+        reserved: 0,
+        node: 0,
+        pid: 1,
+        layout_hash: wire::LAYOUT_HASH,
+        name: Name::new("upper").unwrap(),
+    };
+    conn.send(&CtrlFrame { seq: 0, msg: CtrlMsg::Hello(hello) }, &[]).unwrap();
+    // Requests, the replies left unread, until host-shimd hangs up (or
+    // 10 s pass: then it is stuck sending to us, and the attach below
+    // fails).
+    conn.set_nonblocking(true).unwrap();
+    let lookup = CtrlMsg::Lookup(Lookup { function: Name::new("client").unwrap() });
+    let (mut sent, start) = (0u32, std::time::Instant::now());
+    while start.elapsed() < Duration::from_secs(10) {
+        match conn.send(&CtrlFrame { seq: sent + 1, msg: lookup }, &[]) {
+            Ok(()) => sent += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+            Err(_) => break,
+        }
+    }
+    assert!(sent > 0);
+    // Another function still attaches, well within the deadline.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let socket = node.socket();
+    std::thread::spawn(move || {
+        let _ = tx.send(Function::attach(&socket, "acme", "client").map(drop).map_err(|e| e.to_string()));
+    });
+    let attached =
+        rx.recv_timeout(Duration::from_secs(30)).expect("host-shimd stalled behind a client that does not read");
+    attached.unwrap();
+    // And the flooding client was dropped (the receive timeout only keeps
+    // a failure of this test from hanging it).
+    conn.set_nonblocking(false).unwrap();
+    let five = nix::sys::time::TimeVal::new(5, 0);
+    nix::sys::socket::setsockopt(&conn, nix::sys::socket::sockopt::ReceiveTimeout, &five).unwrap();
+    let mut buf = [0u8; wire::ctrl::CTRL_MAX_FRAME];
+    let mut frames = 0;
+    while conn.recv(&mut buf).is_ok_and(|r| r.len > 0) {
+        frames += 1;
+    }
+    assert!(frames < sent, "all {sent} requests were answered: the client was never dropped");
+}
+
 /// A rogue process of the tenant speaks the control protocol by hand, pushes
 /// garbage descriptors straight into a victim's ring and scribbles over the
 /// ring's header: every bad descriptor is rejected and counted by reason,
