@@ -368,6 +368,11 @@ impl Function {
                 return Err(SendErrorKind::Shimd("host-shimd closed the connection".into()));
             }
             let (frame, _) = CtrlFrame::decode(&buf[..r.len]).map_err(|e| SendErrorKind::Shimd(e.to_string()))?;
+            if frame.seq != seq {
+                // The rest of an earlier lookup that failed half-way (its
+                // descriptors close here): not this function's peers.
+                continue;
+            }
             match frame.msg {
                 CtrlMsg::Peer(p) => {
                     let mut fds = r.fds.into_iter();
