@@ -19,6 +19,11 @@
 //!   ring. The ring outlives the agent: when the agent dies only the buffers
 //!   it held are reclaimed, descriptors waiting in the ring wait for the
 //!   restarted agent.
+//! * When a process of a tenant dies, notes the slots of the tenant's rings
+//!   that were claimed and not yet published; those still unpublished after
+//!   [`HOLE_GRACE`] were the dead producer's, and are published as void
+//!   descriptors, which consumers drop and count, so that no ring waits
+//!   forever at a slot nobody will fill.
 //! * Writes counters to `<runtime_dir>/shimd.status` (JSON) after every
 //!   control event, and at most every second when a pool's free count
 //!   moved with traffic, for operators and tests.
@@ -49,6 +54,12 @@ struct Uplink {
     /// Whether an agent is attached for this tenant now.
     attached: bool,
 }
+
+/// How long after a death the ring slots its producers had claimed and not
+/// published are left before they are published as voids: a live producer
+/// publishes nanoseconds after its claim, unless its CPU is taken from it
+/// for this long in between.
+pub const HOLE_GRACE: Duration = Duration::from_secs(1);
 
 /// How long after a death the buffers are scanned again and the slot kept
 /// out of use.
@@ -89,6 +100,29 @@ pub struct Stats {
     pub reclaimed: u64,
     /// Control frames that failed to decode.
     pub bad_frames: u64,
+    /// Ring slots a dead producer had claimed and never filled, published
+    /// as void descriptors so their consumers move on.
+    pub voids: u64,
+}
+
+/// A ring of a tenant, named by who consumes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RingOf {
+    /// The inbound ring of the function attached in this slot.
+    Function(u16),
+    /// The tenant's uplink (the agent's).
+    Uplink,
+}
+
+/// Holes a death may have left in one ring: positions claimed and not
+/// published when the producer died, filled with voids at `due` if still
+/// unpublished then.
+#[derive(Debug)]
+struct Holes {
+    due: Instant,
+    tenant: u16,
+    ring: RingOf,
+    positions: Vec<u64>,
 }
 
 /// The daemon's state.
@@ -103,6 +137,7 @@ pub struct Shimd {
     next_slot: u16,
     free_slots: Vec<u16>,
     cooling: Vec<(Instant, u16, u16)>,
+    holes: Vec<Holes>,
     stats: Stats,
     /// When the status file is next refreshed for the pools' free counts,
     /// and the counts it was last refreshed with.
@@ -228,6 +263,7 @@ impl Shimd {
             next_slot: 0,
             free_slots: Vec::new(),
             cooling: Vec::new(),
+            holes: Vec::new(),
             stats: Stats::default(),
             status_due: Instant::now() + STATUS_EVERY,
             status_free: Vec::new(),
@@ -583,6 +619,9 @@ impl Shimd {
 
     fn gone(&mut self, i: usize, why: &str) {
         let c = self.clients.swap_remove(i);
+        if let Some(a) = c.attached.as_ref() {
+            self.note_holes(a.tenant);
+        }
         if let Some(a) = c.attached.as_ref().filter(|a| a.agent) {
             // What the agent had taken from the uplink but not yet consumed
             // (its buffers are held by it) leaves the ring first, then its
@@ -628,7 +667,62 @@ impl Shimd {
         self.write_status();
     }
 
+    /// A producer of tenant `tenant` died: notes, in each of the tenant's
+    /// rings, the positions claimed and not yet published. One it died
+    /// holding stays so; a live producer's is published long before
+    /// [`HOLE_GRACE`] is over ([`Shimd::fill_holes`]).
+    fn note_holes(&mut self, tenant: u16) {
+        let due = Instant::now() + HOLE_GRACE;
+        let mut found = Vec::new();
+        for c in &self.clients {
+            if let Some(a) = c.attached.as_ref().filter(|a| !a.agent && a.tenant == tenant) {
+                found.push((RingOf::Function(a.slot), a.ring.unpublished()));
+            }
+        }
+        if let Some(up) = self.uplinks.get(&tenant) {
+            found.push((RingOf::Uplink, up.ring.unpublished()));
+        }
+        for (ring, positions) in found.into_iter().filter(|(_, p)| !p.is_empty()) {
+            self.holes.push(Holes { due, tenant, ring, positions });
+        }
+    }
+
+    /// Publishes voids at the holes noted at a death that are still there
+    /// after the grace, and wakes their consumers.
+    fn fill_holes(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<Holes>, Vec<Holes>) =
+            std::mem::take(&mut self.holes).into_iter().partition(|h| h.due <= now);
+        self.holes = later;
+        for h in due {
+            let target = match h.ring {
+                RingOf::Uplink => self.uplinks.get(&h.tenant).map(|u| (&u.ring, &u.bell)),
+                RingOf::Function(slot) => self
+                    .clients
+                    .iter()
+                    .filter_map(|c| c.attached.as_ref())
+                    .find(|a| !a.agent && a.tenant == h.tenant && a.slot == slot)
+                    .map(|a| (&a.ring, &a.bell)),
+            };
+            // A consumer gone meanwhile took its ring with it.
+            let Some((ring, bell)) = target else { continue };
+            let filled = h.positions.iter().filter(|&&pos| ring.fill_void(pos)).count() as u64;
+            if filled > 0 {
+                log::warn!(
+                    "tenant {}: a producer died while pushing into {:?}'s ring; {filled} claimed slot(s) published as void",
+                    self.cfg.tenants[usize::from(h.tenant)].name,
+                    h.ring
+                );
+                if let Err(e) = bell.ring() {
+                    log::warn!("waking the consumer after filling voids: {e}");
+                }
+                self.stats.voids += filled;
+            }
+        }
+    }
+
     fn cool_down(&mut self) {
+        self.fill_holes();
         let now = Instant::now();
         let mut changed = false;
         let mut k = 0;
@@ -684,7 +778,7 @@ impl Shimd {
         };
         let agent = self.uplinks.values().filter(|u| u.attached).count();
         let s = format!(
-            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"bad_frames\":{},\"cooling\":{},\"pools\":[{}]{bridge}}}\n",
+            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"bad_frames\":{},\"voids\":{},\"cooling\":{},\"pools\":[{}]{bridge}}}\n",
             self.cfg.nodes[usize::from(self.node)].name,
             self.stats.attached,
             map(&self.stats.attach_refused),
@@ -692,6 +786,7 @@ impl Shimd {
             self.stats.deaths,
             self.stats.reclaimed,
             self.stats.bad_frames,
+            self.stats.voids,
             self.cooling.len(),
             pools.join(",")
         );

@@ -224,6 +224,32 @@ pub(crate) fn commit(c: &impl RingCells, head: &mut u64, n: usize) {
     }
 }
 
+/// Positions between the published head and the tail that a producer
+/// claimed (the tail moved past them) but has not published: a producer
+/// killed between its claim and its publish leaves such a hole, at which
+/// the consumer would wait forever.
+pub(crate) fn unpublished(c: &impl RingCells) -> Vec<u64> {
+    // Acquire: pairs with the consumer's Release publish of the head.
+    let head = c.head().load(Acquire);
+    let tail = c.tail().load(Relaxed);
+    // A corrupted cursor cannot make this walk more than one lap.
+    let n = tail.wrapping_sub(head).min(u64::from(c.capacity()));
+    // Acquire on each sequence: pairs with the consumer's Release free.
+    (head..head.wrapping_add(n)).filter(|&pos| c.seq(slot_of(c, pos)).load(Acquire) == pos as u32).collect()
+}
+
+/// Publishes `void` at position `pos` if that slot is still claimed and
+/// unpublished; returns whether it did.
+pub(crate) fn fill_void(c: &impl RingCells, pos: u64, void: &Descriptor) -> bool {
+    let slot = slot_of(c, pos);
+    if c.seq(slot).load(Acquire) != pos as u32 {
+        return false;
+    }
+    c.write_desc(slot, void);
+    // Release: publishes the descriptor, as a producer's publish does.
+    c.seq(slot).compare_exchange(pos as u32, (pos + 1) as u32, Release, Relaxed).is_ok()
+}
+
 /// Whether the slot at `head` is ready to pop.
 pub(crate) fn ready(c: &impl RingCells, head: u64) -> bool {
     c.seq(slot_of(c, head)).load(Acquire) == (head + 1) as u32
@@ -290,6 +316,30 @@ mod tests {
         assert!(push(&c, &[d(2)]).unwrap().wake);
         assert!(!push(&c, &[d(3)]).unwrap().wake);
         end_sleep(&c);
+    }
+
+    #[test]
+    fn a_claimed_unpublished_slot_is_found_and_voided_once() {
+        let c = Cells::new(4);
+        let mut head = 0;
+        let mut out = [Descriptor::default(); 4];
+        push(&c, &[d(1)]).unwrap();
+        pop(&c, &mut head, &mut out);
+        // A producer claims position 1 and dies; another pushes behind it.
+        c.tail.store(2, Relaxed);
+        push(&c, &[d(3)]).unwrap();
+        assert_eq!(unpublished(&c), [1]);
+        assert_eq!(pop(&c, &mut head, &mut out), 0, "the hole blocks the consumer");
+        let void = Descriptor::void(0);
+        assert!(fill_void(&c, 1, &void));
+        assert!(!fill_void(&c, 1, &void), "published once");
+        assert!(!fill_void(&c, 2, &void), "a published slot is left alone");
+        assert!(unpublished(&c).is_empty());
+        assert_eq!(pop(&c, &mut head, &mut out), 2);
+        assert_eq!((out[0], out[1].request), (void, 3));
+        // Consumed slots are not holes either.
+        assert!(unpublished(&c).is_empty());
+        assert!(!fill_void(&c, 1, &void));
     }
 
     #[test]
@@ -674,6 +724,23 @@ mod segment {
         pub fn pending(&self) -> u64 {
             use std::sync::atomic::Ordering::Relaxed;
             self.tail().load(Relaxed).wrapping_sub(self.head().load(Relaxed))
+        }
+
+        /// Positions claimed by a producer and not published (see
+        /// [`Ring::fill_void`]): for the ring's creator, after a producer
+        /// died.
+        pub fn unpublished(&self) -> Vec<u64> {
+            super::unpublished(self)
+        }
+
+        /// Publishes a void descriptor at position `pos` if it is still
+        /// claimed and unpublished, so the consumer drops it (counted as
+        /// `void`) and moves on; returns whether it did. For host-shimd,
+        /// a grace period after a producer died, on the positions
+        /// [`unpublished`](Self::unpublished) gave at its death: a live
+        /// producer publishes within nanoseconds of its claim.
+        pub fn fill_void(&self, pos: u64) -> bool {
+            super::fill_void(self, pos, &Descriptor::void(self.header.tenant))
         }
 
         /// Marks the consumer gone: every later push fails with

@@ -392,6 +392,64 @@ fn a_client_that_never_reads_its_replies_cannot_stall_host_shimd() {
     assert!(frames < sent, "all {sent} requests were answered: the client was never dropped");
 }
 
+/// A producer killed between claiming a slot of a ring and publishing it
+/// leaves a hole the consumer would wait at forever. host-shimd notes such
+/// holes when a process of the tenant dies and, if they are still there
+/// after [`host_shim::daemon::HOLE_GRACE`], publishes them as voids: the
+/// consumer drops them (counted as `void`) and gets what came after.
+#[test]
+fn a_slot_claimed_by_a_producer_that_died_is_voided_and_the_ring_moves_on() {
+    use host_shim::sock::Conn;
+    use wire::ctrl::{Attach, CTRL_MAX_FRAME, CtrlMsg, Hello, Lookup, Role};
+    use wire::{CtrlFrame, Name};
+
+    let node = start_node("hole");
+    let mut victim = Function::attach(&node.socket(), "acme", "client").unwrap();
+    // The dying producer: attached as `upper`, it looks the victim up and
+    // claims a slot in its ring (moves the tail) without filling it.
+    let conn = Conn::connect(&node.socket()).unwrap();
+    let hello = Hello {
+        role: Role::Function as u8,
+        reserved: 0,
+        node: 0,
+        pid: 1,
+        layout_hash: wire::LAYOUT_HASH,
+        name: Name::new("upper").unwrap(),
+    };
+    conn.send(&CtrlFrame { seq: 0, msg: CtrlMsg::Hello(hello) }, &[]).unwrap();
+    let attach = Attach {
+        tenant: Name::new("acme").unwrap(),
+        function: Name::new("upper").unwrap(),
+        instance: 0,
+        reserved: 0,
+        pid: 1,
+    };
+    conn.send(&CtrlFrame { seq: 1, msg: CtrlMsg::Attach(attach) }, &[]).unwrap();
+    let mut buf = [0u8; CTRL_MAX_FRAME];
+    let r = conn.recv(&mut buf).unwrap();
+    assert!(matches!(CtrlFrame::decode(&buf[..r.len]).unwrap().0.msg, CtrlMsg::AttachOk(_)));
+    conn.send(&CtrlFrame { seq: 2, msg: CtrlMsg::Lookup(Lookup { function: Name::new("client").unwrap() }) }, &[])
+        .unwrap();
+    let r = conn.recv(&mut buf).unwrap();
+    assert!(matches!(CtrlFrame::decode(&buf[..r.len]).unwrap().0.msg, CtrlMsg::Peer(_)));
+    let ring = shm::Region::open(r.fds.into_iter().next().unwrap()).unwrap();
+    let tail = ring
+        .atomic_u64(wire::segment::RING_PRODUCER_OFFSET + std::mem::offset_of!(wire::segment::RingCursor, pos) as u64)
+        .unwrap();
+    tail.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    // ... and dies there.
+    drop(conn);
+    // A live producer's message goes in behind the hole.
+    let mut sender = Function::attach(&node.socket(), "acme", "rot13").unwrap();
+    let mut m = sender.alloc(5).unwrap();
+    sender.write(&mut m, b"after").unwrap();
+    sender.send(m, "client").unwrap();
+    let got = victim.recv_timeout(Some(WATCHDOG)).unwrap().expect("the message behind the hole");
+    assert_eq!(victim.read_to_vec(&got), b"after");
+    victim.free(got).unwrap();
+    assert_eq!(victim.rejected().get("void"), Some(&1), "{:?}", victim.rejected());
+}
+
 /// A rogue process of the tenant speaks the control protocol by hand, pushes
 /// garbage descriptors straight into a victim's ring and scribbles over the
 /// ring's header: every bad descriptor is rejected and counted by reason,

@@ -289,7 +289,15 @@ pub enum DescriptorError {
     /// The reserved field is not zero.
     #[error("reserved field is {0:#06x}, must be zero")]
     Reserved(u16),
+    /// A void: the slot a producer claimed in a ring and died before
+    /// filling, published empty by host-shimd so the ring moves on.
+    #[error("void descriptor (a producer died while pushing)")]
+    Void,
 }
+
+/// The `reserved` value that marks a void descriptor (see
+/// [`DescriptorError::Void`] and [`Descriptor::void`]).
+pub const VOID_MARK: u16 = 0xFFFF;
 
 impl DescriptorError {
     /// A short, stable, lowercase name (used as a metrics label).
@@ -301,11 +309,18 @@ impl DescriptorError {
             Self::UnknownFlags(_) => "unknown_flags",
             Self::BadStatus { .. } => "bad_status",
             Self::Reserved(_) => "reserved",
+            Self::Void => "void",
         }
     }
 }
 
 impl Descriptor {
+    /// A void descriptor of `tenant`: every receiver drops it, counted as
+    /// [`DescriptorError::Void`].
+    pub fn void(tenant: u16) -> Self {
+        Self { tenant, reserved: VOID_MARK, ..Self::default() }
+    }
+
     /// Whether the descriptor reports an error.
     pub fn is_error(&self) -> bool {
         self.flags & DescFlags::ERROR != 0
@@ -319,6 +334,9 @@ impl Descriptor {
     /// Checks the fields that do not depend on any pool: flags, status and the
     /// reserved field.
     pub fn validate_fields(&self) -> Result<(), DescriptorError> {
+        if self.reserved == VOID_MARK {
+            return Err(DescriptorError::Void);
+        }
         if self.reserved != 0 {
             return Err(DescriptorError::Reserved(self.reserved));
         }
@@ -395,6 +413,7 @@ mod tests {
             DescriptorError::BadStatus { status: 200, flags: 1 }
         );
         assert_eq!(e(Descriptor { reserved: 9, ..good() }), DescriptorError::Reserved(9));
+        assert_eq!(e(Descriptor::void(good().tenant)), DescriptorError::Void);
     }
 
     #[test]
