@@ -23,7 +23,9 @@
 //!   that were claimed and not yet published; those still unpublished after
 //!   [`HOLE_GRACE`] were the dead producer's, and are published as void
 //!   descriptors, which consumers drop and count, so that no ring waits
-//!   forever at a slot nobody will fill.
+//!   forever at a slot nobody will fill. Likewise buffers handed over to a
+//!   consumer then and still, that no descriptor in its ring names: the
+//!   dead process handed them over and never pushed; they are freed.
 //! * Writes counters to `<runtime_dir>/shimd.status` (JSON) after every
 //!   control event, and at most every second when a pool's free count
 //!   moved with traffic, for operators and tests.
@@ -103,6 +105,9 @@ pub struct Stats {
     /// Ring slots a dead producer had claimed and never filled, published
     /// as void descriptors so their consumers move on.
     pub voids: u64,
+    /// Buffers a dead producer had handed over to a function (or the
+    /// agent) but whose descriptor it never pushed: freed.
+    pub orphans: u64,
 }
 
 /// A ring of a tenant, named by who consumes it.
@@ -114,15 +119,28 @@ enum RingOf {
     Uplink,
 }
 
-/// Holes a death may have left in one ring: positions claimed and not
-/// published when the producer died, filled with voids at `due` if still
-/// unpublished then.
+impl RingOf {
+    /// The owner recorded for buffers handed over to this ring's consumer.
+    fn handed(self) -> wire::Owner {
+        match self {
+            RingOf::Function(slot) => wire::Owner::Function(slot),
+            RingOf::Uplink => wire::Owner::Function(AGENT_SLOT),
+        }
+    }
+}
+
+/// What a death may have left behind at one ring: positions claimed and
+/// not published, and buffers handed over to the ring's consumer, when the
+/// producer died. At `due`, positions still unpublished are filled with
+/// voids, and buffers still handed over that no descriptor in the ring
+/// names are freed.
 #[derive(Debug)]
 struct Holes {
     due: Instant,
     tenant: u16,
     ring: RingOf,
     positions: Vec<u64>,
+    handed: Vec<u32>,
 }
 
 /// The daemon's state.
@@ -673,17 +691,22 @@ impl Shimd {
     /// [`HOLE_GRACE`] is over ([`Shimd::fill_holes`]).
     fn note_holes(&mut self, tenant: u16) {
         let due = Instant::now() + HOLE_GRACE;
-        let mut found = Vec::new();
-        for c in &self.clients {
-            if let Some(a) = c.attached.as_ref().filter(|a| !a.agent && a.tenant == tenant) {
-                found.push((RingOf::Function(a.slot), a.ring.unpublished()));
-            }
-        }
+        let Some(pool) = self.pools.get(&tenant) else { return };
+        let mut rings: Vec<(RingOf, &Ring)> = self
+            .clients
+            .iter()
+            .filter_map(|c| c.attached.as_ref())
+            .filter(|a| !a.agent && a.tenant == tenant)
+            .map(|a| (RingOf::Function(a.slot), &a.ring))
+            .collect();
         if let Some(up) = self.uplinks.get(&tenant) {
-            found.push((RingOf::Uplink, up.ring.unpublished()));
+            rings.push((RingOf::Uplink, &up.ring));
         }
-        for (ring, positions) in found.into_iter().filter(|(_, p)| !p.is_empty()) {
-            self.holes.push(Holes { due, tenant, ring, positions });
+        for (ring_of, ring) in rings {
+            let (positions, handed) = (ring.unpublished(), pool.owned_by(ring_of.handed()));
+            if !positions.is_empty() || !handed.is_empty() {
+                self.holes.push(Holes { due, tenant, ring: ring_of, positions, handed });
+            }
         }
     }
 
@@ -704,8 +727,25 @@ impl Shimd {
                     .find(|a| !a.agent && a.tenant == h.tenant && a.slot == slot)
                     .map(|a| (&a.ring, &a.bell)),
             };
-            // A consumer gone meanwhile took its ring with it.
+            // A consumer gone meanwhile took its ring with it (and
+            // host-shimd reclaimed what was handed to it).
             let Some((ring, bell)) = target else { continue };
+            if let Some(pool) = self.pools.get(&h.tenant) {
+                // Handed over then and still: delivered (named by a
+                // descriptor waiting in the ring), or orphaned by the death.
+                let named: std::collections::HashSet<u32> =
+                    ring.waiting().iter().flat_map(|d| pool.chain_of(d)).collect();
+                let owner = h.ring.handed();
+                let freed = h.handed.iter().filter(|i| !named.contains(i) && pool.free_orphan(**i, owner)).count();
+                if freed > 0 {
+                    log::warn!(
+                        "tenant {}: freed {freed} buffer(s) handed to {:?} by a process that died before sending them",
+                        self.cfg.tenants[usize::from(h.tenant)].name,
+                        h.ring
+                    );
+                    self.stats.orphans += freed as u64;
+                }
+            }
             let filled = h.positions.iter().filter(|&&pos| ring.fill_void(pos)).count() as u64;
             if filled > 0 {
                 log::warn!(
@@ -778,7 +818,7 @@ impl Shimd {
         };
         let agent = self.uplinks.values().filter(|u| u.attached).count();
         let s = format!(
-            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"bad_frames\":{},\"voids\":{},\"cooling\":{},\"pools\":[{}]{bridge}}}\n",
+            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"bad_frames\":{},\"voids\":{},\"orphans\":{},\"cooling\":{},\"pools\":[{}]{bridge}}}\n",
             self.cfg.nodes[usize::from(self.node)].name,
             self.stats.attached,
             map(&self.stats.attach_refused),
@@ -787,6 +827,7 @@ impl Shimd {
             self.stats.reclaimed,
             self.stats.bad_frames,
             self.stats.voids,
+            self.stats.orphans,
             self.cooling.len(),
             pools.join(",")
         );

@@ -523,6 +523,36 @@ impl Pool {
         n
     }
 
+    /// Buffers recorded as owned by `owner` (a full scan).
+    pub fn owned_by(&self, owner: Owner) -> Vec<u32> {
+        let raw = owner.to_raw();
+        (0..self.count()).filter(|&i| PoolCells::owner(self, i).load(Acquire) == raw).collect()
+    }
+
+    /// Indices of the chain a descriptor names (at most its length's worth
+    /// of buffers, stopping at a link out of range), without taking it.
+    pub fn chain_of(&self, desc: &Descriptor) -> Vec<u32> {
+        let Ok(frags) = desc.validate(&self.layout.geometry) else { return Vec::new() };
+        let mut out = Vec::with_capacity(frags as usize);
+        let mut i = desc.buf;
+        for _ in 0..frags {
+            if i >= self.count() {
+                break;
+            }
+            out.push(i);
+            i = self.next_chain(i).load(Relaxed);
+        }
+        out
+    }
+
+    /// Frees buffer `index` if it is still recorded as `owner`'s (host-shimd,
+    /// for a buffer handed to `owner` by a process that died before
+    /// delivering its descriptor); returns whether it did. A compare-and-
+    /// swap: if `owner` accepts it at the same moment, exactly one wins.
+    pub fn free_orphan(&self, index: u32, owner: Owner) -> bool {
+        alloc::push(self, index, Some(owner)).is_ok()
+    }
+
     /// Region offset of buffer `index`'s first byte (its headroom), for
     /// registering sends and receives with the fabric.
     pub fn buf_offset(&self, index: u32) -> Option<u64> {
@@ -719,6 +749,33 @@ mod tests {
         let d = Descriptor { tenant: 4, buf: head, len, ..Default::default() };
         assert_eq!(p.accept(&d, B), Err(AcceptError::BadLink(0xFFFF_FFF0)));
         assert_eq!(p.owner(chain[0]), Ok(Owner::Function(B)));
+    }
+
+    #[test]
+    fn orphans_are_found_named_and_freed_only_while_still_handed_over() {
+        let p = pool(16);
+        let l = p.alloc(400, Owner::Held(A)).unwrap(); // 3 buffers
+        let chain: Vec<u32> = p.chain(&l).collect();
+        let (head, len) = p.hand_over(l, Owner::Function(B)).unwrap();
+        let mut handed = p.owned_by(Owner::Function(B));
+        handed.sort_unstable();
+        let mut sorted = chain.clone();
+        sorted.sort_unstable();
+        assert_eq!(handed, sorted);
+        let d = Descriptor { tenant: 4, buf: head, len, ..Default::default() };
+        assert_eq!(p.chain_of(&d), chain);
+        assert!(p.chain_of(&Descriptor { buf: 99, ..d }).is_empty(), "an invalid descriptor names nothing");
+        // The receiver takes the chain: it is no orphan any more.
+        let held = p.accept(&d, B).unwrap();
+        assert!(!p.free_orphan(chain[0], Owner::Function(B)));
+        p.free(held).unwrap();
+        // A chain nobody took is freed buffer by buffer.
+        let l = p.alloc(10, Owner::Held(A)).unwrap();
+        let (head, _) = p.hand_over(l, Owner::Function(B)).unwrap();
+        let before = p.free_buffers();
+        assert!(p.free_orphan(head, Owner::Function(B)));
+        assert!(!p.free_orphan(head, Owner::Function(B)));
+        assert_eq!(p.free_buffers(), before + 1);
     }
 
     #[test]

@@ -743,6 +743,17 @@ mod segment {
             super::fill_void(self, pos, &Descriptor::void(self.header.tenant))
         }
 
+        /// The descriptors published and not yet consumed, in order (a
+        /// snapshot, without consuming them; at most one lap).
+        pub fn waiting(&self) -> Vec<Descriptor> {
+            use std::sync::atomic::Ordering::Acquire;
+            let head = self.head().load(Acquire);
+            let mut out = vec![Descriptor::default(); self.layout.capacity as usize];
+            let n = super::peek(self, head, &mut out);
+            out.truncate(n);
+            out
+        }
+
         /// Marks the consumer gone: every later push fails with
         /// [`RingPushError::Closed`] (host-shimd, when the function dies).
         pub fn close(&self) {

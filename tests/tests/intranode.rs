@@ -393,12 +393,14 @@ fn a_client_that_never_reads_its_replies_cannot_stall_host_shimd() {
 }
 
 /// A producer killed between claiming a slot of a ring and publishing it
-/// leaves a hole the consumer would wait at forever. host-shimd notes such
-/// holes when a process of the tenant dies and, if they are still there
-/// after [`host_shim::daemon::HOLE_GRACE`], publishes them as voids: the
-/// consumer drops them (counted as `void`) and gets what came after.
+/// leaves a hole the consumer would wait at forever; one killed between
+/// handing a buffer over and pushing its descriptor leaves a buffer nobody
+/// will take. host-shimd notes both when a process of the tenant dies and,
+/// if they are still there after [`host_shim::daemon::HOLE_GRACE`],
+/// publishes the holes as voids (the consumer drops them, counted as
+/// `void`, and gets what came after) and frees the buffers.
 #[test]
-fn a_slot_claimed_by_a_producer_that_died_is_voided_and_the_ring_moves_on() {
+fn what_a_producer_killed_mid_send_leaves_is_cleaned_up() {
     use host_shim::sock::Conn;
     use wire::ctrl::{Attach, CTRL_MAX_FRAME, CtrlMsg, Hello, Lookup, Role};
     use wire::{CtrlFrame, Name};
@@ -427,11 +429,15 @@ fn a_slot_claimed_by_a_producer_that_died_is_voided_and_the_ring_moves_on() {
     conn.send(&CtrlFrame { seq: 1, msg: CtrlMsg::Attach(attach) }, &[]).unwrap();
     let mut buf = [0u8; CTRL_MAX_FRAME];
     let r = conn.recv(&mut buf).unwrap();
-    assert!(matches!(CtrlFrame::decode(&buf[..r.len]).unwrap().0.msg, CtrlMsg::AttachOk(_)));
+    let CtrlMsg::AttachOk(ok) = CtrlFrame::decode(&buf[..r.len]).unwrap().0.msg else { panic!("attach refused") };
+    let pool = shm::Pool::open(r.fds.into_iter().next().unwrap()).unwrap();
     conn.send(&CtrlFrame { seq: 2, msg: CtrlMsg::Lookup(Lookup { function: Name::new("client").unwrap() }) }, &[])
         .unwrap();
     let r = conn.recv(&mut buf).unwrap();
-    assert!(matches!(CtrlFrame::decode(&buf[..r.len]).unwrap().0.msg, CtrlMsg::Peer(_)));
+    let CtrlMsg::Peer(peer) = CtrlFrame::decode(&buf[..r.len]).unwrap().0.msg else { panic!("lookup refused") };
+    // A buffer handed over to the victim, its descriptor never pushed.
+    let lost = pool.alloc(100, wire::Owner::Held(ok.slot)).unwrap();
+    let (lost, _) = pool.hand_over(lost, wire::Owner::Function(peer.slot)).unwrap();
     let ring = shm::Region::open(r.fds.into_iter().next().unwrap()).unwrap();
     let tail = ring
         .atomic_u64(wire::segment::RING_PRODUCER_OFFSET + std::mem::offset_of!(wire::segment::RingCursor, pos) as u64)
@@ -448,6 +454,8 @@ fn a_slot_claimed_by_a_producer_that_died_is_voided_and_the_ring_moves_on() {
     assert_eq!(victim.read_to_vec(&got), b"after");
     victim.free(got).unwrap();
     assert_eq!(victim.rejected().get("void"), Some(&1), "{:?}", victim.rejected());
+    wait_for("the orphaned buffer freed", WATCHDOG, || pool.owner(lost) == Ok(wire::Owner::Free));
+    assert!(victim.try_recv().is_none());
 }
 
 /// A rogue process of the tenant speaks the control protocol by hand, pushes
