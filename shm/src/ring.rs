@@ -14,8 +14,13 @@
 //! opened and every slot index is masked with it, so no cursor or sequence
 //! value written by a peer can make anyone access memory outside the ring.
 //! Garbage in a slot is caught by the receiver's descriptor validation
-//! (`Pool::accept`). A corrupted cursor can at worst make the ring look full
-//! or empty, which [`Consumer::pending`] reports.
+//! (`Pool::accept`). A corrupted tail can at worst make the ring look full
+//! or empty, which [`Consumer::pending`] reports. The published head is
+//! trusted by a single push (it avoids reading the slot line the consumer
+//! spins on): a peer of the tenant that moves the head forward can make
+//! producers overwrite descriptors not yet consumed (those messages are
+//! lost) and leave the ring stalled. That stays inside the tenant, its
+//! security domain; it never makes anyone access memory outside the ring.
 //!
 //! Doorbells: before sleeping the consumer sets the sleep flag, then checks
 //! the ring once more; a producer, after publishing, checks the flag and
