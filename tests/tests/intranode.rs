@@ -335,18 +335,12 @@ fn c_function_built_with_pkg_config_serves_in_a_chain() {
     assert!(c_fn.is_running());
 }
 
-/// A process that floods host-shimd with requests and never reads the
-/// replies is disconnected once a reply has waited
-/// [`host_shim::sock::SEND_TIMEOUT`]; host-shimd keeps serving everyone
-/// else (it serves all clients from one thread).
-#[test]
-fn a_client_that_never_reads_its_replies_cannot_stall_host_shimd() {
-    use host_shim::sock::Conn;
-    use wire::ctrl::{CtrlMsg, Hello, Lookup, Role};
+/// A process of tenant `acme` speaking the control protocol by hand: its
+/// hello, as function `upper`.
+fn hello_by_hand(node: &Node) -> host_shim::sock::Conn {
+    use wire::ctrl::{CtrlMsg, Hello, Role};
     use wire::{CtrlFrame, Name};
-
-    let node = start_node("deaf");
-    let conn = Conn::connect(&node.socket()).unwrap();
+    let conn = host_shim::sock::Conn::connect(&node.socket()).unwrap();
     let hello = Hello {
         role: Role::Function as u8,
         reserved: 0,
@@ -356,6 +350,54 @@ fn a_client_that_never_reads_its_replies_cannot_stall_host_shimd() {
         name: Name::new("upper").unwrap(),
     };
     conn.send(&CtrlFrame { seq: 0, msg: CtrlMsg::Hello(hello) }, &[]).unwrap();
+    conn
+}
+
+/// After [`hello_by_hand`]: attaches as `upper` #0; its grant and the pool.
+fn attach_by_hand(conn: &host_shim::sock::Conn) -> (wire::ctrl::AttachOk, shm::Pool) {
+    use wire::ctrl::{Attach, CTRL_MAX_FRAME, CtrlMsg};
+    use wire::{CtrlFrame, Name};
+    let attach = Attach {
+        tenant: Name::new("acme").unwrap(),
+        function: Name::new("upper").unwrap(),
+        instance: 0,
+        reserved: 0,
+        pid: 1,
+    };
+    conn.send(&CtrlFrame { seq: 1, msg: CtrlMsg::Attach(attach) }, &[]).unwrap();
+    let mut buf = [0u8; CTRL_MAX_FRAME];
+    let r = conn.recv(&mut buf).unwrap();
+    let CtrlMsg::AttachOk(ok) = CtrlFrame::decode(&buf[..r.len]).unwrap().0.msg else { panic!("attach refused") };
+    (ok, shm::Pool::open(r.fds.into_iter().next().unwrap()).unwrap())
+}
+
+/// After [`attach_by_hand`]: looks up `function` (one instance); its peer
+/// record and descriptors (ring, doorbell).
+fn lookup_by_hand(
+    conn: &host_shim::sock::Conn,
+    function: &str,
+) -> (wire::ctrl::Peer, std::vec::IntoIter<std::os::fd::OwnedFd>) {
+    use wire::ctrl::{CTRL_MAX_FRAME, CtrlMsg, Lookup};
+    use wire::{CtrlFrame, Name};
+    conn.send(&CtrlFrame { seq: 2, msg: CtrlMsg::Lookup(Lookup { function: Name::new(function).unwrap() }) }, &[])
+        .unwrap();
+    let mut buf = [0u8; CTRL_MAX_FRAME];
+    let r = conn.recv(&mut buf).unwrap();
+    let CtrlMsg::Peer(peer) = CtrlFrame::decode(&buf[..r.len]).unwrap().0.msg else { panic!("lookup refused") };
+    (peer, r.fds.into_iter())
+}
+
+/// A process that floods host-shimd with requests and never reads the
+/// replies is disconnected once a reply has waited
+/// [`host_shim::sock::SEND_TIMEOUT`]; host-shimd keeps serving everyone
+/// else (it serves all clients from one thread).
+#[test]
+fn a_client_that_never_reads_its_replies_cannot_stall_host_shimd() {
+    use wire::ctrl::{CtrlMsg, Lookup};
+    use wire::{CtrlFrame, Name};
+
+    let node = start_node("deaf");
+    let conn = hello_by_hand(&node);
     // Requests, the replies left unread, until host-shimd hangs up (or
     // 10 s pass: then it is stuck sending to us, and the attach below
     // fails).
@@ -401,44 +443,17 @@ fn a_client_that_never_reads_its_replies_cannot_stall_host_shimd() {
 /// `void`, and gets what came after) and frees the buffers.
 #[test]
 fn what_a_producer_killed_mid_send_leaves_is_cleaned_up() {
-    use host_shim::sock::Conn;
-    use wire::ctrl::{Attach, CTRL_MAX_FRAME, CtrlMsg, Hello, Lookup, Role};
-    use wire::{CtrlFrame, Name};
-
     let node = start_node("hole");
     let mut victim = Function::attach(&node.socket(), "acme", "client").unwrap();
     // The dying producer: attached as `upper`, it looks the victim up and
     // claims a slot in its ring (moves the tail) without filling it.
-    let conn = Conn::connect(&node.socket()).unwrap();
-    let hello = Hello {
-        role: Role::Function as u8,
-        reserved: 0,
-        node: 0,
-        pid: 1,
-        layout_hash: wire::LAYOUT_HASH,
-        name: Name::new("upper").unwrap(),
-    };
-    conn.send(&CtrlFrame { seq: 0, msg: CtrlMsg::Hello(hello) }, &[]).unwrap();
-    let attach = Attach {
-        tenant: Name::new("acme").unwrap(),
-        function: Name::new("upper").unwrap(),
-        instance: 0,
-        reserved: 0,
-        pid: 1,
-    };
-    conn.send(&CtrlFrame { seq: 1, msg: CtrlMsg::Attach(attach) }, &[]).unwrap();
-    let mut buf = [0u8; CTRL_MAX_FRAME];
-    let r = conn.recv(&mut buf).unwrap();
-    let CtrlMsg::AttachOk(ok) = CtrlFrame::decode(&buf[..r.len]).unwrap().0.msg else { panic!("attach refused") };
-    let pool = shm::Pool::open(r.fds.into_iter().next().unwrap()).unwrap();
-    conn.send(&CtrlFrame { seq: 2, msg: CtrlMsg::Lookup(Lookup { function: Name::new("client").unwrap() }) }, &[])
-        .unwrap();
-    let r = conn.recv(&mut buf).unwrap();
-    let CtrlMsg::Peer(peer) = CtrlFrame::decode(&buf[..r.len]).unwrap().0.msg else { panic!("lookup refused") };
+    let conn = hello_by_hand(&node);
+    let (ok, pool) = attach_by_hand(&conn);
+    let (peer, mut fds) = lookup_by_hand(&conn, "client");
     // A buffer handed over to the victim, its descriptor never pushed.
     let lost = pool.alloc(100, wire::Owner::Held(ok.slot)).unwrap();
     let (lost, _) = pool.hand_over(lost, wire::Owner::Function(peer.slot)).unwrap();
-    let ring = shm::Region::open(r.fds.into_iter().next().unwrap()).unwrap();
+    let ring = shm::Region::open(fds.next().unwrap()).unwrap();
     let tail = ring
         .atomic_u64(wire::segment::RING_PRODUCER_OFFSET + std::mem::offset_of!(wire::segment::RingCursor, pos) as u64)
         .unwrap();
@@ -464,40 +479,14 @@ fn what_a_producer_killed_mid_send_leaves_is_cleaned_up() {
 /// the victim keeps working, and a well-formed message still gets through.
 #[test]
 fn garbage_from_a_rogue_peer_is_rejected_counted_and_harmless() {
-    use host_shim::sock::Conn;
     use shm::ring::{Doorbell, Ring};
-    use wire::ctrl::{Attach, CTRL_MAX_FRAME, CtrlMsg, Hello, Lookup, Role};
-    use wire::{CtrlFrame, DescFlags, Descriptor, Name, Owner};
+    use wire::{DescFlags, Descriptor, Owner};
 
     let node = start_node("rogue");
     let mut victim = Function::attach(&node.socket(), "acme", "client").unwrap();
-    let conn = Conn::connect(&node.socket()).unwrap();
-    let hello = Hello {
-        role: Role::Function as u8,
-        reserved: 0,
-        node: 0,
-        pid: 1,
-        layout_hash: wire::LAYOUT_HASH,
-        name: Name::new("upper").unwrap(),
-    };
-    conn.send(&CtrlFrame { seq: 0, msg: CtrlMsg::Hello(hello) }, &[]).unwrap();
-    let attach = Attach {
-        tenant: Name::new("acme").unwrap(),
-        function: Name::new("upper").unwrap(),
-        instance: 0,
-        reserved: 0,
-        pid: 1,
-    };
-    conn.send(&CtrlFrame { seq: 1, msg: CtrlMsg::Attach(attach) }, &[]).unwrap();
-    let mut buf = [0u8; CTRL_MAX_FRAME];
-    let r = conn.recv(&mut buf).unwrap();
-    let CtrlMsg::AttachOk(ok) = CtrlFrame::decode(&buf[..r.len]).unwrap().0.msg else { panic!("attach refused") };
-    let pool = shm::Pool::open(r.fds.into_iter().next().unwrap()).unwrap();
-    conn.send(&CtrlFrame { seq: 2, msg: CtrlMsg::Lookup(Lookup { function: Name::new("client").unwrap() }) }, &[])
-        .unwrap();
-    let r = conn.recv(&mut buf).unwrap();
-    let CtrlMsg::Peer(peer) = CtrlFrame::decode(&buf[..r.len]).unwrap().0.msg else { panic!("lookup refused") };
-    let mut fds = r.fds.into_iter();
+    let conn = hello_by_hand(&node);
+    let (ok, pool) = attach_by_hand(&conn);
+    let (peer, mut fds) = lookup_by_hand(&conn, "client");
     let ring_fd = fds.next().unwrap();
     let raw_ring = shm::Region::open(ring_fd.try_clone().unwrap()).unwrap();
     let ring = Ring::open(ring_fd).unwrap();
