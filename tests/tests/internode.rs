@@ -307,6 +307,11 @@ chain = ["upper", "rot13"]
 path = "/dead"
 tenant = "acme"
 chain = ["nobody"]
+
+[[route]]
+path = "/near"
+tenant = "acme"
+chain = ["rot13"]
 "#;
 
 /// A POST request envelope carrying `body` (as the ingress writes it).
@@ -484,6 +489,84 @@ fn edge_chain(task: bool, mode: &'static str) {
     let r = wait(edge.call(0, 1, 7, lease));
     assert_eq!(r.err(), Some(EdgeError::Failed(wire::ErrorCode::PeerDied)));
     // Every buffer of the edge's pool is back (its receives stay posted).
+    dne_tests::wait_for("the edge pool back to full", WATCHDOG, || pool.free_buffers() == full);
+}
+
+/// The edge's requests for a node that gives no credits (its agent
+/// stopped) wait in that node's queue without holding back the same
+/// tenant's requests for another node, and fail at once when that node
+/// goes down (instead of waiting forever); their buffers all come back.
+#[test]
+fn a_node_without_credits_holds_back_only_its_own_requests() {
+    use ingress::edge::{Edge, EdgeError};
+    use ingress::pool::INGRESS_SLOT as EDGE_SLOT;
+    use tokio::sync::oneshot::error::TryRecvError;
+    let edge_dir = dne_tests::TempDir::new("edge-hol");
+    let ingress = format!(
+        "{EDGE_CLUSTER}\n[[ingress]]\nname = \"edge\"\naddress = \"{}\"\nhttp = \"{}\"\nruntime_dir = \"{}\"\nbuffers = 2048\n",
+        dne_tests::free_port(),
+        dne_tests::free_port(),
+        edge_dir.path().display()
+    );
+    let mut c = Cluster::start("edge-hol", 2, &ingress);
+    c.start_route_fn(1, "acme", "upper", "upper");
+    c.start_route_fn(0, "acme", "rot13", "rot13");
+    let cfg = std::sync::Arc::new(config::Cluster::load(&c.config).unwrap());
+    let pools = ingress::Pools::create(&cfg, "edge", 2048, shm::PagePolicy::Normal).unwrap();
+    let tp = pools.get(0).unwrap().clone();
+    let pool = tp.pool();
+    let edge = Edge::start(cfg.clone(), 0, pools).unwrap();
+    dne_tests::wait_for("the edge connected to both nodes", WATCHDOG, || edge.conns_up() == 2);
+    c.wait_conns(2);
+    let full = pool.free_buffers();
+    let call = |route: u16, request: u32| {
+        let msg = envelope(b"hol");
+        let mut lease = pool.alloc(msg.len() as u32, wire::Owner::Held(EDGE_SLOT)).unwrap();
+        pool.write(&mut lease, &msg).unwrap();
+        edge.call(0, route, request, lease)
+    };
+    let wait = |mut rx: tokio::sync::oneshot::Receiver<ingress::edge::Reply>| {
+        let end = std::time::Instant::now() + WATCHDOG;
+        loop {
+            match rx.try_recv() {
+                Ok(r) => return r,
+                Err(TryRecvError::Empty) => {
+                    assert!(std::time::Instant::now() < end, "watchdog: no answer");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    // The chain of route 0 starts on n1: stop its agent, then send more
+    // than its credits allow.
+    let n1 = nix::unistd::Pid::from_raw(c.agents[1].pid() as i32);
+    nix::sys::signal::kill(n1, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let mut far: Vec<_> = (0..1000).map(|k| call(0, 1000 + k)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Route 2 starts on n0: answered while n1's requests wait.
+    let (reply, _) = wait(call(2, 7)).expect("n0 answers while n1 is stopped");
+    let bytes = pool.read_to_vec(reply.lease());
+    assert!(bytes.ends_with(b"uby"), "rot13 of the body");
+    drop(reply);
+    let unanswered = far.iter_mut().map(|rx| rx.try_recv()).filter(|r| matches!(r, Err(TryRecvError::Empty))).count();
+    assert!(unanswered > 0, "n1 answered everything while stopped");
+    // n1 goes down: what waited for it fails now.
+    nix::sys::signal::kill(n1, nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(n1, nix::sys::signal::Signal::SIGCONT).ok();
+    let mut failed = 0;
+    for mut rx in far {
+        // (Those answered or failed before the probe above are done.)
+        if let Err(TryRecvError::Empty) = rx.try_recv() {
+            assert_eq!(wait(rx).err(), Some(EdgeError::Unreachable));
+            failed += 1;
+        }
+    }
+    assert!(failed > 0);
+    // Back up, the edge posts its receives toward n1 again: every request
+    // buffer came back.
+    c.restart_agent(1);
+    dne_tests::wait_for("the edge reconnected to n1", WATCHDOG, || edge.conns_up() == 2);
     dne_tests::wait_for("the edge pool back to full", WATCHDOG, || pool.free_buffers() == full);
 }
 
