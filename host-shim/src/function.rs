@@ -16,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wire::ctrl::{Attach, AttachOk, CTRL_MAX_FRAME, CtrlMsg, Hello, Lookup, Role};
 use wire::desc::{NO_NODE, NO_ROUTE};
 use wire::{CtrlFrame, Descriptor, ErrorCode, Name, Owner};
@@ -51,9 +51,13 @@ pub enum AttachError {
     Map(String),
 }
 
+/// How long host-shimd's answer that a function has no live instance (or
+/// does not exist) is reused before asking again.
+pub const ABSENT_TTL: Duration = Duration::from_millis(50);
+
 /// Why a send failed. The message comes back in [`SendError::msg`] whenever
 /// the caller still owns it, so nothing is lost.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum SendErrorKind {
     /// The destination is not a function of this node (or of the cluster).
     #[error("unknown function")]
@@ -169,6 +173,11 @@ pub struct Function {
     inbox: Consumer,
     bell: Doorbell,
     peers: HashMap<String, PeerSet>,
+    /// Functions host-shimd recently said have no live instance (or do not
+    /// exist), and until when that answer is reused instead of asking
+    /// again: a sender that keeps addressing such a function (the agent,
+    /// on its data path) does not make a blocking round trip per message.
+    absent: HashMap<String, (Instant, SendErrorKind)>,
     pending: VecDeque<Descriptor>,
     /// Accepted by [`try_recv`](Self::try_recv), not yet returned.
     taken: VecDeque<Msg>,
@@ -263,6 +272,7 @@ impl Function {
             inbox: ring.into_consumer(),
             bell: Doorbell::from_fd(bell_fd),
             peers: HashMap::new(),
+            absent: HashMap::new(),
             pending: VecDeque::with_capacity(BATCH),
             taken: VecDeque::with_capacity(BATCH),
             scratch: [Descriptor::default(); BATCH],
@@ -355,6 +365,22 @@ impl Function {
     }
 
     fn lookup(&mut self, to: &str) -> Result<(), SendErrorKind> {
+        let now = Instant::now();
+        if let Some((until, kind)) = self.absent.get(to) {
+            if now < *until {
+                return Err(kind.clone());
+            }
+            self.absent.remove(to);
+        }
+        let r = self.ask_shimd(to);
+        if let Err(kind @ (SendErrorKind::NoInstance | SendErrorKind::UnknownFunction)) = &r {
+            self.absent.retain(|_, (until, _)| *until > now);
+            self.absent.insert(to.to_owned(), (now + ABSENT_TTL, kind.clone()));
+        }
+        r
+    }
+
+    fn ask_shimd(&mut self, to: &str) -> Result<(), SendErrorKind> {
         let name = Name::new(to).map_err(|_| SendErrorKind::UnknownFunction)?;
         let seq = self.seq;
         self.seq = self.seq.wrapping_add(1);

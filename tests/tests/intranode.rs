@@ -293,6 +293,36 @@ fn another_tenants_pool_and_functions_are_refused_and_counted() {
     });
 }
 
+/// A sender that keeps addressing a function host-shimd cannot give it
+/// (not configured, or with no live instance) gets the answer again from
+/// its own memory for [`host_shim::function::ABSENT_TTL`] instead of one
+/// blocking round trip to host-shimd per message.
+#[test]
+fn an_absent_function_is_not_looked_up_again_for_every_message() {
+    let node = start_node("absent");
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    for _ in 0..50 {
+        let m = client.alloc(10).unwrap();
+        let e = client.send(m, "no-such-fn").unwrap_err();
+        assert!(matches!(e.kind, SendErrorKind::UnknownFunction), "{e:?}");
+        client.free(e.msg.expect("the message comes back")).unwrap();
+    }
+    // A burst of 50 sends takes far less than the TTL: a handful of
+    // lookups at most, not 50.
+    wait_for("the refusal counted", WATCHDOG, || node.status().contains("\"lookup_refused\":{\"unknown_function\":"));
+    let s = node.status();
+    let n = dne_tests::cluster::status_number(&s, "unknown_function").unwrap();
+    assert!(n <= 5, "{n} lookups for 50 sends: {s}");
+    // After the TTL host-shimd is asked again.
+    std::thread::sleep(host_shim::function::ABSENT_TTL * 2);
+    let m = client.alloc(10).unwrap();
+    let back = client.send(m, "no-such-fn").unwrap_err().msg.unwrap();
+    client.free(back).unwrap();
+    wait_for("asked again after the TTL", WATCHDOG, || {
+        dne_tests::cluster::status_number(&node.status(), "unknown_function") == Some(n + 1)
+    });
+}
+
 /// The C sample function, built with only `pkg-config dne-shim` and the
 /// generated header, takes the place of `upper` in the chain.
 #[test]
