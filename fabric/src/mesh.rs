@@ -326,9 +326,11 @@ fn send_frame(stream: &mut TcpStream, msg: &MeshMsg<'_>) -> io::Result<()> {
     stream.write_all(&out)
 }
 
-/// Reads one Hello within [`HANDSHAKE`] (blocking; control thread only).
+/// Reads one Hello within [`HANDSHAKE`] in all (blocking; control thread
+/// only): a peer that trickles its Hello byte by byte is cut off at the
+/// deadline, not allowed [`HANDSHAKE`] per byte.
 fn read_hello(stream: &mut TcpStream) -> io::Result<MeshHello> {
-    stream.set_read_timeout(Some(HANDSHAKE))?;
+    let deadline = std::time::Instant::now() + HANDSHAKE;
     let mut buf = Vec::with_capacity(128);
     let mut chunk = [0u8; 128];
     loop {
@@ -349,6 +351,11 @@ fn read_hello(stream: &mut TcpStream) -> io::Result<MeshHello> {
             Err(MeshDecodeError::Incomplete { need }) => need,
             _ => buf.len() + 1,
         };
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer's Hello took too long"));
+        }
+        stream.set_read_timeout(Some(left))?;
         let n = stream.read(&mut chunk[..need - buf.len()])?;
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed during the handshake"));
@@ -553,5 +560,46 @@ impl Control {
             }
         }
         busy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A Hello trickled in one byte at a time, each within the read
+    /// timeout, is still cut off at [`HANDSHAKE`] in all.
+    #[test]
+    fn a_trickled_hello_is_cut_off_at_the_handshake_deadline() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        // A well-formed Hello (64 bytes), one byte every 250 ms: 16 s in all.
+        let h = MeshHello {
+            node: 1,
+            reserved: 0,
+            pid: 1,
+            layout_hash: wire::LAYOUT_HASH,
+            name: wire::Name::new("slow").unwrap(),
+        };
+        let mut bytes = Vec::new();
+        MeshMsg::Hello(h).encode(&mut bytes).unwrap();
+        let slow = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            for b in bytes {
+                if s.write_all(&[b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        });
+        let (mut s, _) = l.accept().unwrap();
+        let t = std::time::Instant::now();
+        let e = read_hello(&mut s).unwrap_err();
+        let took = t.elapsed();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(took < HANDSHAKE + Duration::from_secs(2), "took {took:?}: {e}");
+        drop(s);
+        slow.join().unwrap();
     }
 }

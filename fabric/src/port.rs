@@ -192,10 +192,11 @@ impl<T> Table<T> {
     fn new(n: usize) -> Self {
         Self { items: (0..n).map(|_| None).collect(), free: (0..n as u32).rev().collect() }
     }
-    fn insert(&mut self, v: T) -> Option<u32> {
-        let i = self.free.pop()?;
+    /// Stores `v` under a free index; a full table gives `v` back.
+    fn insert(&mut self, v: T) -> Result<u32, T> {
+        let Some(i) = self.free.pop() else { return Err(v) };
         self.items[i as usize] = Some(v);
-        Some(i)
+        Ok(i)
     }
     fn get_mut(&mut self, i: u64) -> Option<&mut T> {
         self.items.get_mut(usize::try_from(i).ok()?)?.as_mut()
@@ -438,7 +439,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         tag: u64,
     ) -> Result<(), (Lease, Descriptor, CompletionError)> {
         let Some(conn) = self.conn(t, peer) else { return Err((lease, desc, CompletionError::PeerGone)) };
-        let Some(token) = self.flights.insert(Flight { tenant: t, msg: None, tag, left: 0, error: None }) else {
+        let Ok(token) = self.flights.insert(Flight { tenant: t, msg: None, tag, left: 0, error: None }) else {
             return Err((lease, desc, CompletionError::Transport(-1)));
         };
         let view = self.bufs[usize::from(t)].view();
@@ -503,6 +504,13 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                         self.conns.resize_with(i + 1, || None);
                     }
                     let want = self.per_conn.get(usize::from(tenant)).copied().unwrap_or(1);
+                    // A connection that failed mid-message may have kept the
+                    // first fragments of a chain that never completed.
+                    if let Some(old) = self.conns[i].take() {
+                        for l in old.parts {
+                            self.bufs[usize::from(old.tenant)].free(l);
+                        }
+                    }
                     self.conns[i] = Some(Conn {
                         peer,
                         tenant,
@@ -549,7 +557,15 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                 self.bufs[t].free(lease);
                 return;
             };
-            let Some(token) = self.posted.insert(Posted { tenant: st.tenant, lease }) else { return };
+            let token = match self.posted.insert(Posted { tenant: st.tenant, lease }) {
+                Ok(token) => token,
+                Err(p) => {
+                    // Full (receives of connections gone but not yet flushed):
+                    // the buffer goes back, and the refill is tried again later.
+                    self.bufs[t].free(p.lease);
+                    return;
+                }
+            };
             let wr =
                 RecvWr { region: self.regions[t], offset: off + HDR_OFF, len, token: RECV_TOKEN | u64::from(token) };
             if let Err(e) = self.ep.post_recv(conn, wr) {
