@@ -360,27 +360,11 @@ impl Pool {
     /// Moves every buffer of the chain at `head` from `from` to `to`, all or
     /// nothing, with every link bounds-checked.
     fn transfer(&self, head: u32, len: u32, frags: u32, from: Owner, to: Owner) -> Result<Lease, AcceptError> {
-        let mut i = head;
-        for k in 0..frags {
-            let fail = if i >= self.count() {
-                Some(AcceptError::BadLink(i))
-            } else {
-                // AcqRel: Acquire pairs with the sender's Release hand-over
-                // (`hand_over`), so its payload writes are visible to us.
-                PoolCells::owner(self, i)
-                    .compare_exchange(from.to_raw(), to.to_raw(), AcqRel, Acquire)
-                    .err()
-                    .map(|owner| AcceptError::NotOwner { index: i, owner })
-            };
-            if let Some(e) = fail {
-                self.set_owners(head, k, from);
-                return Err(e);
-            }
-            if k + 1 < frags {
-                i = self.next_chain(i).load(Relaxed);
-            }
+        match self.move_owners(head, frags, from, to) {
+            Ok(()) => Ok(Lease { head, len, frags, holder: to }),
+            Err(MoveFail::BadLink(i)) => Err(AcceptError::BadLink(i)),
+            Err(MoveFail::NotOwner { index, owner }) => Err(AcceptError::NotOwner { index, owner }),
         }
-        Ok(Lease { head, len, frags, holder: to })
     }
 
     /// Hands a lease over to `to` (the destination function's slot, or the
@@ -388,50 +372,52 @@ impl Pool {
     /// Returns the chain head and length for the descriptor. The payload
     /// writes made through the lease are published by this call.
     pub fn hand_over(&self, lease: Lease, to: Owner) -> Result<(u32, u32), (Lease, FreeError)> {
-        let mut i = lease.head;
-        for k in 0..lease.frags {
-            // The links live in shared memory: a peer may have rewritten one
-            // since we walked it, so every index is checked again.
+        match self.move_owners(lease.head, lease.frags, lease.holder, to) {
+            Ok(()) => Ok((lease.head, lease.len)),
+            Err(MoveFail::BadLink(i)) => Err((lease, FreeError::BadLink(i))),
+            Err(MoveFail::NotOwner { index, owner }) => Err((lease, FreeError::NotOwner { index, owner })),
+        }
+    }
+
+    /// The owner move of [`transfer`](Self::transfer) (accept, take-back)
+    /// and [`hand_over`](Self::hand_over): every buffer of the chain at
+    /// `head` from `from` to `to`, all or nothing. The links live in shared
+    /// memory, where a peer may rewrite one at any time, so every index is
+    /// checked as it is reached; each link is read only after its buffer
+    /// moved (after the Acquire below), never before.
+    fn move_owners(&self, head: u32, frags: u32, from: Owner, to: Owner) -> Result<(), MoveFail> {
+        let mut i = head;
+        for k in 0..frags {
             let moved = if i >= self.count() {
-                Err(FreeError::BadLink(i))
+                Err(MoveFail::BadLink(i))
             } else {
-                // Release (AcqRel): publishes the payload written through
-                // the lease to the receiver, whose `accept` CAS is Acquire.
+                // AcqRel: the Release half publishes the payload written
+                // through a lease being handed over; the Acquire half makes
+                // the previous holder's writes (payload, links) visible.
                 PoolCells::owner(self, i)
-                    .compare_exchange(lease.holder.to_raw(), to.to_raw(), AcqRel, Acquire)
-                    .map_err(|owner| FreeError::NotOwner { index: i, owner })
+                    .compare_exchange(from.to_raw(), to.to_raw(), AcqRel, Acquire)
+                    .map(|_| ())
+                    .map_err(|owner| MoveFail::NotOwner { index: i, owner })
             };
             if let Err(e) = moved {
-                // Give back what we moved: those buffers are still ours.
-                self.set_owners(lease.head, k, lease.holder);
-                return Err((lease, e));
+                // Give back what we moved: those buffers are still `from`'s.
+                for j in self.walk(head, k) {
+                    PoolCells::owner(self, j).store(from.to_raw(), Relaxed);
+                }
+                return Err(e);
             }
-            if k + 1 < lease.frags {
+            if k + 1 < frags {
                 i = self.next_chain(i).load(Relaxed);
             }
         }
-        Ok((lease.head, lease.len))
+        Ok(())
     }
 
-    /// Records `owner` for the first `n` buffers of the chain at `head`
-    /// (undoing a partial move), stopping at a link out of range.
-    fn set_owners(&self, head: u32, n: u32, owner: Owner) {
-        let mut j = head;
-        for _ in 0..n {
-            if j >= self.count() {
-                return;
-            }
-            PoolCells::owner(self, j).store(owner.to_raw(), Relaxed);
-            j = self.next_chain(j).load(Relaxed);
-        }
-    }
-
-    /// Indices of the buffers of a lease, in chain order. The links live in
-    /// shared memory, where a misbehaving peer of the tenant can rewrite
-    /// them: the walk stops early at a link out of range (then the lease's
-    /// later fragments read as absent), never indexing outside the pool.
-    pub fn chain(&self, lease: &Lease) -> impl Iterator<Item = u32> + '_ {
-        let (mut i, frags) = (lease.head, lease.frags);
+    /// The first `frags` buffers of the chain at `head`, stopping early at
+    /// a link out of range (links live in shared memory, where a
+    /// misbehaving peer of the tenant can rewrite them).
+    fn walk(&self, head: u32, frags: u32) -> impl Iterator<Item = u32> + '_ {
+        let mut i = head;
         (0..frags).map_while(move |k| {
             let cur = i;
             if cur >= self.count() {
@@ -442,6 +428,14 @@ impl Pool {
             }
             Some(cur)
         })
+    }
+
+    /// Indices of the buffers of a lease, in chain order. The links live in
+    /// shared memory, where a misbehaving peer of the tenant can rewrite
+    /// them: the walk stops early at a link out of range (then the lease's
+    /// later fragments read as absent), never indexing outside the pool.
+    pub fn chain(&self, lease: &Lease) -> impl Iterator<Item = u32> + '_ {
+        self.walk(lease.head, lease.frags)
     }
 
     fn frag_range(&self, lease: &Lease, k: u32) -> Option<(u64, usize)> {
@@ -533,16 +527,7 @@ impl Pool {
     /// of buffers, stopping at a link out of range), without taking it.
     pub fn chain_of(&self, desc: &Descriptor) -> Vec<u32> {
         let Ok(frags) = desc.validate(&self.layout.geometry) else { return Vec::new() };
-        let mut out = Vec::with_capacity(frags as usize);
-        let mut i = desc.buf;
-        for _ in 0..frags {
-            if i >= self.count() {
-                break;
-            }
-            out.push(i);
-            i = self.next_chain(i).load(Relaxed);
-        }
-        out
+        self.walk(desc.buf, frags).collect()
     }
 
     /// Frees buffer `index` if it is still recorded as `owner`'s (host-shimd,
@@ -608,6 +593,14 @@ impl PoolCells for Pool {
     fn owner(&self, i: u32) -> &AtomicU32 {
         self.ptrs.meta(i, offset_of!(BufMeta, owner))
     }
+}
+
+/// Why [`Pool::move_owners`] moved nothing.
+enum MoveFail {
+    /// A link out of range.
+    BadLink(u32),
+    /// A buffer not recorded as the expected owner's.
+    NotOwner { index: u32, owner: u32 },
 }
 
 const _: () = assert!(NIL == u32::MAX);
