@@ -692,22 +692,27 @@ impl Shimd {
     fn note_holes(&mut self, tenant: u16) {
         let due = Instant::now() + HOLE_GRACE;
         let Some(pool) = self.pools.get(&tenant) else { return };
-        let mut rings: Vec<(RingOf, &Ring)> = self
+        let mut holes = Vec::new();
+        for (ring_of, ring, _) in self.rings_of(tenant) {
+            let (positions, handed) = (ring.unpublished(), pool.owned_by(ring_of.handed()));
+            if !positions.is_empty() || !handed.is_empty() {
+                holes.push(Holes { due, tenant, ring: ring_of, positions, handed });
+            }
+        }
+        self.holes.append(&mut holes);
+    }
+
+    /// The rings of tenant `tenant` this host-shimd made, with their
+    /// consumers' doorbells: every attached function's, and the uplink.
+    fn rings_of(&self, tenant: u16) -> impl Iterator<Item = (RingOf, &Ring, &Doorbell)> {
+        let functions = self
             .clients
             .iter()
             .filter_map(|c| c.attached.as_ref())
-            .filter(|a| !a.agent && a.tenant == tenant)
-            .map(|a| (RingOf::Function(a.slot), &a.ring))
-            .collect();
-        if let Some(up) = self.uplinks.get(&tenant) {
-            rings.push((RingOf::Uplink, &up.ring));
-        }
-        for (ring_of, ring) in rings {
-            let (positions, handed) = (ring.unpublished(), pool.owned_by(ring_of.handed()));
-            if !positions.is_empty() || !handed.is_empty() {
-                self.holes.push(Holes { due, tenant, ring: ring_of, positions, handed });
-            }
-        }
+            .filter(move |a| !a.agent && a.tenant == tenant)
+            .map(|a| (RingOf::Function(a.slot), &a.ring, &a.bell));
+        let uplink = self.uplinks.get(&tenant).map(|u| (RingOf::Uplink, &u.ring, &u.bell));
+        functions.chain(uplink)
     }
 
     /// Publishes voids at the holes noted at a death that are still there
@@ -717,19 +722,11 @@ impl Shimd {
         let (due, later): (Vec<Holes>, Vec<Holes>) =
             std::mem::take(&mut self.holes).into_iter().partition(|h| h.due <= now);
         self.holes = later;
+        let (mut orphans, mut voids) = (0, 0);
         for h in due {
-            let target = match h.ring {
-                RingOf::Uplink => self.uplinks.get(&h.tenant).map(|u| (&u.ring, &u.bell)),
-                RingOf::Function(slot) => self
-                    .clients
-                    .iter()
-                    .filter_map(|c| c.attached.as_ref())
-                    .find(|a| !a.agent && a.tenant == h.tenant && a.slot == slot)
-                    .map(|a| (&a.ring, &a.bell)),
-            };
             // A consumer gone meanwhile took its ring with it (and
             // host-shimd reclaimed what was handed to it).
-            let Some((ring, bell)) = target else { continue };
+            let Some((_, ring, bell)) = self.rings_of(h.tenant).find(|(r, ..)| *r == h.ring) else { continue };
             if let Some(pool) = self.pools.get(&h.tenant) {
                 // Handed over then and still: delivered (named by a
                 // descriptor waiting in the ring), or orphaned by the death.
@@ -743,7 +740,7 @@ impl Shimd {
                         self.cfg.tenants[usize::from(h.tenant)].name,
                         h.ring
                     );
-                    self.stats.orphans += freed as u64;
+                    orphans += freed as u64;
                 }
             }
             let filled = h.positions.iter().filter(|&&pos| ring.fill_void(pos)).count() as u64;
@@ -756,9 +753,11 @@ impl Shimd {
                 if let Err(e) = bell.ring() {
                     log::warn!("waking the consumer after filling voids: {e}");
                 }
-                self.stats.voids += filled;
+                voids += filled;
             }
         }
+        self.stats.orphans += orphans;
+        self.stats.voids += voids;
     }
 
     fn cool_down(&mut self) {
