@@ -413,21 +413,50 @@ fn edge_as_a_runtime_task_carries_the_same_chain() {
     edge_chain(true, "emulated");
 }
 
-fn edge_chain(task: bool, mode: &'static str) {
-    use ingress::edge::{Edge, EdgeError};
-    use ingress::pool::INGRESS_SLOT as EDGE_SLOT;
-    let edge_dir = dne_tests::TempDir::new("edge");
+/// Two worker nodes in `mode` (upper on n1, rot13 on n0) and an edge of
+/// `buffers` buffers per tenant, for driving [`ingress::edge::Edge`]
+/// directly: the edge's runtime directory (kept alive), the cluster, its
+/// config and the edge's pools.
+fn edge_cluster(
+    name: &str,
+    mode: &'static str,
+    buffers: u32,
+) -> (dne_tests::TempDir, Cluster, std::sync::Arc<config::Cluster>, ingress::Pools) {
+    let edge_dir = dne_tests::TempDir::new(name);
     let ingress = format!(
-        "{EDGE_CLUSTER}\n[[ingress]]\nname = \"edge\"\naddress = \"{}\"\nhttp = \"{}\"\nruntime_dir = \"{}\"\nbuffers = 512\n",
+        "{EDGE_CLUSTER}\n[[ingress]]\nname = \"edge\"\naddress = \"{}\"\nhttp = \"{}\"\nruntime_dir = \"{}\"\nbuffers = {buffers}\n",
         dne_tests::free_port(),
         dne_tests::free_port(),
         edge_dir.path().display()
     );
-    let mut c = Cluster::start_mode(&format!("edge-{mode}"), 2, mode, &ingress);
+    let mut c = Cluster::start_mode(name, 2, mode, &ingress);
     c.start_route_fn(1, "acme", "upper", "upper");
     c.start_route_fn(0, "acme", "rot13", "rot13");
     let cfg = std::sync::Arc::new(config::Cluster::load(&c.config).unwrap());
-    let pools = ingress::Pools::create(&cfg, "edge", 512, shm::PagePolicy::Normal).unwrap();
+    let pools = ingress::Pools::create(&cfg, "edge", buffers, shm::PagePolicy::Normal).unwrap();
+    (edge_dir, c, cfg, pools)
+}
+
+/// The edge's answer to one call, polled (these tests run no runtime for
+/// the caller); panics after [`WATCHDOG`].
+fn wait_reply(mut rx: tokio::sync::oneshot::Receiver<ingress::edge::Reply>) -> ingress::edge::Reply {
+    let end = std::time::Instant::now() + WATCHDOG;
+    loop {
+        match rx.try_recv() {
+            Ok(r) => return r,
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                assert!(std::time::Instant::now() < end, "watchdog: no reply");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+fn edge_chain(task: bool, mode: &'static str) {
+    use ingress::edge::{Edge, EdgeError};
+    use ingress::pool::INGRESS_SLOT as EDGE_SLOT;
+    let (_edge_dir, c, cfg, pools) = edge_cluster(&format!("edge-{mode}"), mode, 512);
     let tp = pools.get(0).unwrap().clone();
     let pool = tp.pool();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
@@ -441,26 +470,13 @@ fn edge_chain(task: bool, mode: &'static str) {
     };
     dne_tests::wait_for("the edge connected to both nodes", WATCHDOG, || edge.conns_up() == 2);
     c.wait_conns(2);
-    let wait = |mut rx: tokio::sync::oneshot::Receiver<_>| {
-        let end = std::time::Instant::now() + WATCHDOG;
-        loop {
-            match rx.try_recv() {
-                Ok(r) => return r,
-                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
-                    assert!(std::time::Instant::now() < end, "watchdog: no reply");
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-    };
     let full = pool.free_buffers();
     for (k, len) in [1usize, 1000, 40_000, 1_000_000].into_iter().enumerate() {
         let data = pattern(len, k);
         let msg = envelope(&data);
         let mut lease = pool.alloc(msg.len() as u32, wire::Owner::Held(EDGE_SLOT)).unwrap();
         pool.write(&mut lease, &msg).unwrap();
-        let (reply, desc) = wait(edge.call(0, 0, 100 + k as u32, lease)).expect("a reply");
+        let (reply, desc) = wait_reply(edge.call(0, 0, 100 + k as u32, lease)).expect("a reply");
         assert_eq!(desc.request, 100 + k as u32);
         let bytes = pool.read_to_vec(reply.lease());
         let env = wire::http::decode(&[&bytes[..]]).expect("a response envelope");
@@ -481,12 +497,12 @@ fn edge_chain(task: bool, mode: &'static str) {
     let msg = envelope(b"after");
     let mut lease = pool.alloc(msg.len() as u32, wire::Owner::Held(EDGE_SLOT)).unwrap();
     pool.write(&mut lease, &msg).unwrap();
-    drop(wait(edge.call(0, 0, 201, lease)).expect("a reply"));
+    drop(wait_reply(edge.call(0, 0, 201, lease)).expect("a reply"));
     std::thread::sleep(Duration::from_millis(100));
     drop(unread);
     // A chain whose function has no live instance: an error comes back.
     let lease = pool.alloc(10, wire::Owner::Held(EDGE_SLOT)).unwrap();
-    let r = wait(edge.call(0, 1, 7, lease));
+    let r = wait_reply(edge.call(0, 1, 7, lease));
     assert_eq!(r.err(), Some(EdgeError::Failed(wire::ErrorCode::PeerDied)));
     // Every buffer of the edge's pool is back (its receives stay posted).
     dne_tests::wait_for("the edge pool back to full", WATCHDOG, || pool.free_buffers() == full);
@@ -501,18 +517,7 @@ fn a_node_without_credits_holds_back_only_its_own_requests() {
     use ingress::edge::{Edge, EdgeError};
     use ingress::pool::INGRESS_SLOT as EDGE_SLOT;
     use tokio::sync::oneshot::error::TryRecvError;
-    let edge_dir = dne_tests::TempDir::new("edge-hol");
-    let ingress = format!(
-        "{EDGE_CLUSTER}\n[[ingress]]\nname = \"edge\"\naddress = \"{}\"\nhttp = \"{}\"\nruntime_dir = \"{}\"\nbuffers = 2048\n",
-        dne_tests::free_port(),
-        dne_tests::free_port(),
-        edge_dir.path().display()
-    );
-    let mut c = Cluster::start("edge-hol", 2, &ingress);
-    c.start_route_fn(1, "acme", "upper", "upper");
-    c.start_route_fn(0, "acme", "rot13", "rot13");
-    let cfg = std::sync::Arc::new(config::Cluster::load(&c.config).unwrap());
-    let pools = ingress::Pools::create(&cfg, "edge", 2048, shm::PagePolicy::Normal).unwrap();
+    let (_edge_dir, mut c, cfg, pools) = edge_cluster("edge-hol", "emulated", 2048);
     let tp = pools.get(0).unwrap().clone();
     let pool = tp.pool();
     let edge = Edge::start(cfg.clone(), 0, pools).unwrap();
@@ -525,19 +530,6 @@ fn a_node_without_credits_holds_back_only_its_own_requests() {
         pool.write(&mut lease, &msg).unwrap();
         edge.call(0, route, request, lease)
     };
-    let wait = |mut rx: tokio::sync::oneshot::Receiver<ingress::edge::Reply>| {
-        let end = std::time::Instant::now() + WATCHDOG;
-        loop {
-            match rx.try_recv() {
-                Ok(r) => return r,
-                Err(TryRecvError::Empty) => {
-                    assert!(std::time::Instant::now() < end, "watchdog: no answer");
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-    };
     // The chain of route 0 starts on n1: stop its agent, then send more
     // than its credits allow.
     let n1 = nix::unistd::Pid::from_raw(c.agents[1].pid() as i32);
@@ -545,7 +537,7 @@ fn a_node_without_credits_holds_back_only_its_own_requests() {
     let mut far: Vec<_> = (0..1000).map(|k| call(0, 1000 + k)).collect();
     std::thread::sleep(Duration::from_millis(300));
     // Route 2 starts on n0: answered while n1's requests wait.
-    let (reply, _) = wait(call(2, 7)).expect("n0 answers while n1 is stopped");
+    let (reply, _) = wait_reply(call(2, 7)).expect("n0 answers while n1 is stopped");
     let bytes = pool.read_to_vec(reply.lease());
     assert!(bytes.ends_with(b"uby"), "rot13 of the body");
     drop(reply);
@@ -558,7 +550,7 @@ fn a_node_without_credits_holds_back_only_its_own_requests() {
     for mut rx in far {
         // (Those answered or failed before the probe above are done.)
         if let Err(TryRecvError::Empty) = rx.try_recv() {
-            assert_eq!(wait(rx).err(), Some(EdgeError::Unreachable));
+            assert_eq!(wait_reply(rx).err(), Some(EdgeError::Unreachable));
             failed += 1;
         }
     }
