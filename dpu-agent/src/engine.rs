@@ -59,6 +59,9 @@ pub const IDLE_SPIN: Duration = Duration::from_micros(50);
 /// (by message) never sees a backlog to reorder. 1 MiB covers 100 Gb/s
 /// with about 80 us of completion delay.
 pub const INFLIGHT_BUDGET: u64 = 1 << 20;
+/// Messages of one tenant waiting for the scheduler before its uplink is
+/// left alone (then the uplink ring fills and functions see `Full`).
+const QUEUE_LIMIT: usize = host_shim::daemon::UPLINK_CAPACITY as usize;
 /// A nap when the engine cannot sleep on events.
 const NAP: Duration = Duration::from_micros(50);
 
@@ -116,9 +119,95 @@ impl<H: HostLink> Buffers for Link<H> {
     }
 }
 
+/// One tenant's messages waiting for the scheduler: a FIFO per peer node,
+/// so a peer without credits (or down) holds back only the messages for
+/// it, never the tenant's traffic to the other peers.
+#[derive(Debug)]
+struct Sends<O = Out> {
+    /// Indexed by peer node id.
+    by_peer: Vec<VecDeque<O>>,
+    /// The peers with messages waiting, in turn order: the first whose head
+    /// can go is served, then goes to the back (round robin over peers).
+    active: VecDeque<u16>,
+    len: usize,
+}
+
+/// What [`Sends`] holds: something for a peer node.
+trait ForPeer {
+    fn peer(&self) -> u16;
+}
+
+impl ForPeer for Out {
+    fn peer(&self) -> u16 {
+        self.peer
+    }
+}
+
+impl<O: ForPeer> Sends<O> {
+    fn new(peers: u16) -> Self {
+        Self {
+            by_peer: (0..peers).map(|_| VecDeque::with_capacity(256)).collect(),
+            active: VecDeque::with_capacity(usize::from(peers)),
+            len: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Queues `out` behind the other messages for its peer (a valid node
+    /// id: the caller routed it).
+    fn push(&mut self, out: O) {
+        let peer = out.peer();
+        let q = &mut self.by_peer[usize::from(peer)];
+        if q.is_empty() {
+            self.active.push_back(peer);
+        }
+        q.push_back(out);
+        self.len += 1;
+    }
+
+    /// The position in turn order of the first peer whose head message
+    /// `ready` accepts.
+    fn pick(&self, ready: impl Fn(&O) -> bool) -> Option<usize> {
+        self.active.iter().position(|&p| self.by_peer[usize::from(p)].front().is_some_and(&ready))
+    }
+
+    /// The head message of the peer at position `i` in turn order.
+    fn head(&self, i: usize) -> Option<&O> {
+        self.active.get(i).and_then(|&p| self.by_peer[usize::from(p)].front())
+    }
+
+    /// Takes the head message of the peer at position `i`; that peer's
+    /// turn is over.
+    fn take(&mut self, i: usize) -> Option<O> {
+        let p = self.active.remove(i)?;
+        let q = &mut self.by_peer[usize::from(p)];
+        let out = q.pop_front()?;
+        self.len -= 1;
+        if !q.is_empty() {
+            self.active.push_back(p);
+        }
+        Some(out)
+    }
+
+    /// Takes every message waiting for `peer`.
+    fn take_peer(&mut self, peer: u16) -> VecDeque<O> {
+        self.active.retain(|&p| p != peer);
+        let q = std::mem::take(&mut self.by_peer[usize::from(peer)]);
+        self.len -= q.len();
+        q
+    }
+}
+
 #[derive(Debug)]
 struct Tenant {
-    queue: VecDeque<Out>,
+    sends: Sends,
     /// Local deliveries waiting for room in the destination ring.
     backlog: VecDeque<Msg>,
 }
@@ -200,12 +289,10 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             .map(|&id| &cfg.tenants[usize::from(id)])
             .map(|t| (t.weight, t.rate_cap_mbps.map(|m| u64::from(m) * 1_000_000)))
             .collect();
+        let fabric_nodes = (cfg.nodes.len() + cfg.ingresses.len()) as u16;
         let tenants = ids
             .iter()
-            .map(|_| Tenant {
-                queue: VecDeque::with_capacity(host_shim::daemon::UPLINK_CAPACITY as usize),
-                backlog: VecDeque::with_capacity(1024),
-            })
+            .map(|_| Tenant { sends: Sends::new(fabric_nodes), backlog: VecDeque::with_capacity(1024) })
             .collect();
         Ok(Self {
             tally: vec![Tally::default(); ids.len()],
@@ -213,7 +300,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             fn_node: cfg.functions.iter().map(|f| cfg.node_id(&f.node).unwrap_or(NO_NODE)).collect(),
             fn_tenant: cfg.functions.iter().map(|f| cfg.tenant_id(&f.tenant).unwrap_or(u16::MAX)).collect(),
             rejected_seen: vec![Vec::new(); ids.len()],
-            fabric_nodes: (cfg.nodes.len() + cfg.ingresses.len()) as u16,
+            fabric_nodes,
             drr: Drr::new(&weights, QUANTUM, now),
             cfg,
             set,
@@ -357,7 +444,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         self.metrics.peers_up.set(i64::from(self.port.peers_up()));
         for t in 0..self.tenants.len() {
             let m = &self.metrics.tenants[self.gid(t)];
-            m.queue_depth.set(self.tenants[t].queue.len() as i64);
+            m.queue_depth.set(self.tenants[t].sends.len() as i64);
             let credits: u32 = (0..self.fabric_nodes).map(|p| self.port.credits(t as u16, p)).sum();
             m.credits.set(i64::from(credits));
             m.recvs_posted.set(i64::from(self.port.recvs_posted(t as u16)));
@@ -423,7 +510,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 "{{\"name\":\"{}\",\"core\":{},\"queue\":{},\"backlog\":{},\"tx_messages\":{},\"rx_messages\":{},\"free_buffers\":{},\"drops\":{{",
                 self.cfg.tenants[self.gid(i)].name,
                 self.set.core,
-                t.queue.len(),
+                t.sends.len(),
                 t.backlog.len(),
                 m.tx_msgs.get(),
                 m.rx_msgs.get(),
@@ -485,16 +572,19 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
 
     fn peer_down(&mut self, peer: u16) {
         // Messages queued for the peer go back to their senders.
+        if peer >= self.fabric_nodes {
+            return;
+        }
         for t in 0..self.tenants.len() {
-            let mut k = 0;
-            while k < self.tenants[t].queue.len() {
-                if self.tenants[t].queue[k].peer == peer {
-                    if let Some(out) = self.tenants[t].queue.remove(k) {
-                        self.bounce(t, out.msg, ErrorCode::Unreachable, Why::Unreachable);
-                    }
-                } else {
-                    k += 1;
-                }
+            let mut q = self.tenants[t].sends.take_peer(peer);
+            for out in q.drain(..) {
+                self.bounce(t, out.msg, ErrorCode::Unreachable, Why::Unreachable);
+            }
+            // The emptied queue goes back, with its room, unless a bounce
+            // queued something new for the peer meanwhile.
+            let s = &mut self.tenants[t].sends;
+            if s.by_peer[usize::from(peer)].is_empty() {
+                s.by_peer[usize::from(peer)] = q;
             }
         }
     }
@@ -504,7 +594,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         let mut n = 0;
         for t in 0..self.tenants.len() {
             for _ in 0..self.set.batch {
-                if self.tenants[t].queue.len() >= self.tenants[t].queue.capacity() {
+                if self.tenants[t].sends.len() >= QUEUE_LIMIT {
                     break;
                 }
                 let Some(msg) = self.link(t).take() else { break };
@@ -538,18 +628,23 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                     self.deliver(t, msg);
                     return;
                 }
+                // (A node the cluster file does not name: never, as the
+                // file is checked when loaded.)
+                Some(&n) if n >= self.fabric_nodes => {
+                    return self.bounce(t, msg, ErrorCode::Unreachable, Why::Unreachable);
+                }
                 Some(&n) => n,
             }
         };
         // Queued even while the peer's link is down: it may be coming up
         // (this agent just restarted, or the peer did); the scheduler
         // bounces it as Unreachable only after UNREACHABLE_AFTER.
-        self.tenants[t].queue.push_back(Out { msg, peer, since: now });
+        self.tenants[t].sends.push(Out { msg, peer, since: now });
     }
 
     /// One scheduler round.
     fn schedule(&mut self, now: Instant) -> usize {
-        if self.tenants.iter().all(|t| t.queue.is_empty()) {
+        if self.tenants.iter().all(|t| t.sends.is_empty()) {
             return 0;
         }
         let mut drr = std::mem::replace(&mut self.drr, Drr::new(&[], 1, now));
@@ -653,7 +748,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
     /// once its fabric headers say so (see [`HostLink::restamp`]).
     fn requeue(&mut self, t: usize, msg: Msg, peer: u16, now: Instant) {
         if let Some(msg) = self.link(t).restamp(msg) {
-            self.tenants[t].queue.push_back(Out { msg, peer, since: now });
+            self.tenants[t].sends.push(Out { msg, peer, since: now });
         }
     }
 
@@ -674,10 +769,26 @@ fn wire_bytes(msg: &Msg) -> u64 {
     u64::from(msg.len()) + u64::from(msg.frags()) * fabric::HEADER_LEN as u64
 }
 
+impl<T: Transport, H: HostLink> Engine<T, H> {
+    /// The position (in turn order) of the first peer of tenant `t` whose
+    /// head message can go now: the peer granted credits, or its link is
+    /// down and the message has waited [`UNREACHABLE_AFTER`] (it then goes
+    /// back to its sender).
+    #[inline]
+    fn ready(&self, t: usize) -> Option<usize> {
+        self.tenants[t].sends.pick(|o| {
+            self.port.can_send(t as u16, o.peer)
+                || (!self.port.is_up(t as u16, o.peer) && o.since.elapsed() > UNREACHABLE_AFTER)
+        })
+    }
+}
+
 impl<T: Transport, H: HostLink> Backlog for Engine<T, H> {
+    /// The head of the peer [`ready`](Self::ready) picks, or while none
+    /// can go, of the first in turn.
     #[inline]
     fn head(&self, t: usize) -> Option<u64> {
-        self.tenants[t].queue.front().map(|o| wire_bytes(&o.msg))
+        self.tenants[t].sends.head(self.ready(t).unwrap_or(0)).map(|o| wire_bytes(&o.msg))
     }
 
     #[inline]
@@ -687,14 +798,11 @@ impl<T: Transport, H: HostLink> Backlog for Engine<T, H> {
 
     #[inline]
     fn can_send(&self, t: usize) -> bool {
-        self.tenants[t].queue.front().is_some_and(|o| {
-            self.port.can_send(t as u16, o.peer)
-                || (!self.port.is_up(t as u16, o.peer) && o.since.elapsed() > UNREACHABLE_AFTER)
-        })
+        self.ready(t).is_some()
     }
 
     fn send(&mut self, t: usize) {
-        let Some(out) = self.tenants[t].queue.pop_front() else { return };
+        let Some(out) = self.ready(t).and_then(|i| self.tenants[t].sends.take(i)) else { return };
         let tag = out.since.saturating_duration_since(self.set.epoch).as_nanos() as u64;
         let bytes = wire_bytes(&out.msg);
         let (lease, desc) = out.msg.into_parts();
@@ -728,5 +836,67 @@ pub fn attach_all(cfg: &Cluster, socket: &std::path::Path, stop: &AtomicBool) ->
                 delay = (delay * 2).min(Duration::from_millis(500));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ForPeer, Sends};
+
+    impl ForPeer for (u16, u32) {
+        fn peer(&self) -> u16 {
+            self.0
+        }
+    }
+
+    /// Takes what `ready` lets go, in the engine's order, until nothing can.
+    fn drain(s: &mut Sends<(u16, u32)>, ready: impl Fn(&(u16, u32)) -> bool) -> Vec<(u16, u32)> {
+        let mut out = Vec::new();
+        while let Some(i) = s.pick(&ready) {
+            assert_eq!(s.head(i), s.by_peer[usize::from(s.active[i])].front());
+            out.push(s.take(i).unwrap());
+        }
+        out
+    }
+
+    #[test]
+    fn a_blocked_peer_holds_back_only_its_own_messages() {
+        let mut s = Sends::new(3);
+        for k in 0..4 {
+            s.push((1, k)); // peer 1 first: it would be the head of one FIFO
+        }
+        s.push((2, 10));
+        s.push((0, 20));
+        s.push((2, 11));
+        assert_eq!(s.len(), 7);
+        // Peer 1 has no credits: the others go, each in its own order.
+        let went = drain(&mut s, |m| m.0 != 1);
+        assert_eq!(went, [(2, 10), (0, 20), (2, 11)]);
+        assert_eq!(s.len(), 4);
+        assert_eq!(s.head(0), Some(&(1, 0)), "what waits is at the front while none can go");
+        // Credits back: peer 1's messages go in order.
+        assert_eq!(drain(&mut s, |_| true), [(1, 0), (1, 1), (1, 2), (1, 3)]);
+        assert!(s.is_empty() && s.active.is_empty());
+    }
+
+    #[test]
+    fn peers_with_credits_take_turns_and_a_peer_can_be_emptied_at_once() {
+        let mut s = Sends::new(3);
+        for k in 0..3 {
+            s.push((0, k));
+            s.push((1, 10 + k));
+        }
+        s.push((2, 20));
+        assert_eq!(drain(&mut s, |_| true), [(0, 0), (1, 10), (2, 20), (0, 1), (1, 11), (0, 2), (1, 12)]);
+        for k in 0..3 {
+            s.push((1, k));
+            s.push((2, 10 + k));
+        }
+        let gone: Vec<_> = s.take_peer(1).into_iter().collect();
+        assert_eq!(gone, [(1, 0), (1, 1), (1, 2)]);
+        assert_eq!(s.len(), 3);
+        assert_eq!(drain(&mut s, |m| m.0 == 1), []);
+        assert_eq!(drain(&mut s, |_| true), [(2, 10), (2, 11), (2, 12)]);
+        assert!(s.is_empty() && s.active.is_empty());
     }
 }

@@ -562,6 +562,76 @@ fn a_node_without_credits_holds_back_only_its_own_requests() {
     dne_tests::wait_for("the edge pool back to full", WATCHDOG, || pool.free_buffers() == full);
 }
 
+/// In a node's agent, a peer that grants no credits (its agent stopped)
+/// holds back only the messages for it: the same tenant's messages to a
+/// third node go on meanwhile, and the held ones all arrive, in order,
+/// once the peer runs again.
+#[test]
+fn a_peer_without_credits_holds_back_only_its_own_messages() {
+    let fns = r#"
+[[tenant]]
+name = "acme"
+weight = 1
+buffers = 1024
+recv_quota = 8
+
+[[function]]
+name = "client"
+tenant = "acme"
+node = "n0"
+
+[[function]]
+name = "far"
+tenant = "acme"
+node = "n1"
+
+[[function]]
+name = "near"
+tenant = "acme"
+node = "n2"
+"#;
+    let c = Cluster::start("internode-hol", 3, fns);
+    c.wait_mesh();
+    let mut client = c.attach(0, "acme", "client");
+    let mut far = c.attach(1, "acme", "far");
+    let mut near = c.attach(2, "acme", "near");
+    let send = |client: &mut host_shim::Function, to: &str, k: u32| {
+        let mut m = client.alloc(64).unwrap();
+        client.write(&mut m, &pattern(64, k as usize)).unwrap();
+        m.set_request(k);
+        client.send(m, to).expect("the agent takes it");
+    };
+    // Both peers work.
+    send(&mut client, "far", 0);
+    send(&mut client, "near", 1);
+    for (f, k) in [(&mut far, 0), (&mut near, 1)] {
+        let got = f.recv_timeout(Some(WATCHDOG)).unwrap().expect("delivered");
+        assert_eq!(got.request(), k);
+        f.free(got).unwrap();
+    }
+    // n1 stops: more messages for it than its credits, then one for n2.
+    let n1 = nix::unistd::Pid::from_raw(c.agents[1].pid() as i32);
+    nix::sys::signal::kill(n1, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    const HELD: u32 = 100;
+    for k in 0..HELD {
+        send(&mut client, "far", 1000 + k);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    send(&mut client, "near", 7);
+    let got = near.recv_timeout(Some(Duration::from_secs(10)));
+    let queued = c.tenant_status(0, "acme", "queue");
+    nix::sys::signal::kill(n1, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let got = got.unwrap().expect("n2's message arrives while n1 is stopped");
+    assert_eq!(got.request(), 7);
+    near.free(got).unwrap();
+    assert!(queued.is_some_and(|q| q > 0), "n1's messages waited in n0's agent: {queued:?}");
+    for k in 0..HELD {
+        let got = far.recv_timeout(Some(WATCHDOG)).unwrap().expect("every held message arrives");
+        assert_eq!(got.request(), 1000 + k, "in order");
+        far.free(got).unwrap();
+    }
+}
+
 /// The whole path: a real HTTP client, the ingress process, the fabric,
 /// functions on both nodes, and back: bodies arrive transformed and intact;
 /// edge statuses for an unknown route and a dead chain.
