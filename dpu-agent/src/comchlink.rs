@@ -101,6 +101,17 @@ impl Channel {
         self.refused[t][why as usize] += 1;
     }
 
+    /// Sends what is queued and takes what comch has, unless that was done
+    /// less than [`PUMP_EVERY`] ago.
+    fn pump_due(&mut self) {
+        let now = std::time::Instant::now();
+        if now.duration_since(self.pumped) >= PUMP_EVERY {
+            self.pumped = now;
+            self.flush();
+            self.pump();
+        }
+    }
+
     /// Takes what comch has: connection events and frames. Returns how
     /// many events.
     fn pump(&mut self) -> usize {
@@ -357,15 +368,12 @@ impl HostLink for DpuLink {
     fn take(&mut self) -> Option<Msg> {
         let mut c = self.lock();
         if c.inbox[self.t].is_empty() {
-            let now = std::time::Instant::now();
-            if now.duration_since(c.pumped) < PUMP_EVERY {
-                return None;
-            }
-            c.pumped = now;
-            c.flush();
-            c.pump();
+            c.pump_due();
         }
         c.inbox[self.t].pop_front()
+    }
+    fn progress(&mut self) {
+        self.lock().pump_due();
     }
     fn deliver(&mut self, msg: Msg, _dst: u16, _to: &str) -> Result<(), SendError> {
         self.send(msg, 0);

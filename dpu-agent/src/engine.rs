@@ -595,6 +595,10 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         for t in 0..self.tenants.len() {
             for _ in 0..self.set.batch {
                 if self.tenants[t].sends.len() >= QUEUE_LIMIT {
+                    // Nothing taken, but the link keeps working (in DPU
+                    // mode a spinning engine would otherwise stop reading
+                    // comch, and so stop getting receive buffers back).
+                    self.link(t).progress();
                     break;
                 }
                 let Some(msg) = self.link(t).take() else { break };
@@ -841,7 +845,48 @@ pub fn attach_all(cfg: &Cluster, socket: &std::path::Path, stop: &AtomicBool) ->
 
 #[cfg(test)]
 mod tests {
-    use super::{ForPeer, Sends};
+    use super::{Engine, ForPeer, QUEUE_LIMIT, Sends, Settings};
+    use crate::hostlink::NullLink;
+    use crate::metrics::Metrics;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    /// A tenant whose send queue is full takes nothing from its uplink, but
+    /// its link still gets worked every pass (in DPU mode: comch read, so
+    /// receive buffers keep coming back from the host).
+    #[test]
+    fn a_full_send_queue_still_works_the_host_link() {
+        let dir = std::env::temp_dir().join(format!("dne-engine-full-{}", std::process::id()));
+        let mut text = String::new();
+        for i in 0..2 {
+            let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+            text += &format!(
+                "[[node]]\nname = \"n{i}\"\naddress = \"{addr}\"\nruntime_dir = \"{}\"\n\n",
+                dir.join(format!("n{i}")).display()
+            );
+        }
+        text += "[[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = 1024\nbuffers = 8192\nrecv_quota = 16\n\n";
+        text += "[[function]]\nname = \"a\"\ntenant = \"t\"\nnode = \"n0\"\n\n";
+        text += "[[function]]\nname = \"b\"\ntenant = \"t\"\nnode = \"n1\"\n";
+        let cfg = Arc::new(config::Cluster::parse(&text).unwrap());
+        let g = cfg.pool_geometry(0).unwrap();
+        // More messages for n1 than the queue holds; n1 never comes up.
+        let link = NullLink::new(g, 0, 0, 1, 64, QUEUE_LIMIT + 500).unwrap();
+        let set = Settings { node: 0, idle_sleep_after: None, epoch: Instant::now(), batch: 32, core: 0 };
+        let metrics = Arc::new(Metrics::new(&cfg, "n0"));
+        let null = |_: &fabric::EndpointConfig, _| Ok(fabric::NullTransport::new());
+        let mut e = Engine::new(cfg, set, vec![link], metrics, null).unwrap();
+        for _ in 0..QUEUE_LIMIT {
+            e.step(Instant::now());
+        }
+        assert_eq!(e.tenants[0].sends.len(), QUEUE_LIMIT, "n1's messages wait (for up to 2 s)");
+        let (taken, progressed) = (e.link(0).taken, e.link(0).progressed);
+        for _ in 0..100 {
+            e.step(Instant::now());
+        }
+        assert_eq!(e.link(0).taken, taken, "a full queue takes nothing");
+        assert!(e.link(0).progressed >= progressed + 100, "the link is worked every pass");
+    }
 
     impl ForPeer for (u16, u32) {
         fn peer(&self) -> u16 {
