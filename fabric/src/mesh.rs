@@ -36,6 +36,25 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const TICK: Duration = Duration::from_millis(5);
 /// How long a handshake may take.
 const HANDSHAKE: Duration = Duration::from_secs(2);
+/// How long a link may go without hearing from the peer's kernel (data
+/// unacknowledged, or keepalive probes unanswered when idle) before it is
+/// down: a peer that vanishes without a FIN or a reset (host or link lost)
+/// goes down in seconds, not after TCP's retransmission timeout (minutes).
+/// A live but stopped peer process is not affected: its kernel answers.
+const PEER_SILENCE: Duration = Duration::from_secs(5);
+
+/// Sets a link's stream up: no Nagle delay, the peer gone after
+/// [`PEER_SILENCE`].
+fn control_stream(s: &TcpStream) -> io::Result<()> {
+    use rustix::net::sockopt;
+    s.set_nodelay(true)?;
+    sockopt::set_socket_keepalive(s, true)?;
+    sockopt::set_tcp_keepidle(s, PEER_SILENCE / 5 * 2)?;
+    sockopt::set_tcp_keepintvl(s, PEER_SILENCE / 5)?;
+    sockopt::set_tcp_keepcnt(s, 3)?;
+    sockopt::set_tcp_user_timeout(s, PEER_SILENCE.as_millis() as u32)?;
+    Ok(())
+}
 
 /// Who this node is and whom it talks to.
 #[derive(Clone, Debug)]
@@ -399,7 +418,9 @@ impl Control {
             log::warn!("mesh: node {}: {e}", l.id);
             return;
         }
-        let _ = stream.set_nodelay(true);
+        if let Err(e) = control_stream(&stream) {
+            log::warn!("mesh: node {}: setting the link up: {e}", l.id);
+        }
         l.epoch = l.epoch.wrapping_add(1);
         l.stream = Some(stream);
         l.rbuf.clear();

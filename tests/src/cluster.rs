@@ -856,6 +856,16 @@ pub fn is_root() -> bool {
 const NETNS_PREFIX: &str = "dne-t";
 
 impl Netns {
+    /// Takes the fabric link between the two namespaces down (its end in
+    /// the second one), or back up: node n1 vanishes for n0 without a FIN
+    /// or a reset, as when a host or a cable is lost.
+    pub fn set_fabric(&self, up: bool) {
+        let f0 = self.links.first().expect("the fabric link");
+        let f1 = format!("{}f1", f0.strip_suffix("f0").expect("the fabric link's name"));
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.names[1], "link", "set", &f1, state]).unwrap_or_else(|e| panic!("{e}"));
+    }
+
     /// Two namespaces for two nodes: `<ns0>` and `<ns1>` joined by a veth
     /// pair carrying the fabric (10.213.X.1 and .2), and each joined to
     /// this namespace by a veth pair for metrics and status (the node's

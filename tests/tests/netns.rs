@@ -11,11 +11,11 @@
 //! returns. Every wait has a watchdog; nothing asserts on time.
 #![allow(clippy::print_stdout)] // the skip notice
 
-use dne_tests::cluster::{Cluster, Netns, is_root};
+use dne_tests::cluster::{Cluster, Netns, is_root, status_number};
 use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 use std::time::Duration;
-use wire::DescFlags;
+use wire::{DescFlags, ErrorCode};
 
 const WATCHDOG: Duration = Duration::from_secs(30);
 
@@ -174,6 +174,41 @@ fn separate_namespaces(mode: &'static str) {
     let left: Vec<String> =
         Netns::links_named(&format!("dn{}_", std::process::id())).into_iter().filter(|l| links.contains(l)).collect();
     assert!(left.is_empty(), "links left behind: {left:?}");
+}
+
+/// A peer that vanishes without a word (its fabric link goes down: no FIN
+/// and no reset reach n0) is declared down in seconds, a message for it
+/// comes back to its sender as Unreachable, and once the link is back the
+/// mesh reconnects and traffic flows again.
+#[test]
+fn a_peer_lost_without_a_word_is_noticed_in_seconds_and_comes_back() {
+    if !can_run() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let mut c = Cluster::start_netns("netns-silent", CONFIG).expect("root");
+    c.start_fn(1, "acme", "upper", "upper", Some("sink"));
+    let mut client = c.attach(0, "acme", "client");
+    let mut sink = c.attach(0, "acme", "sink");
+    round_trips(&c, &mut client, &mut sink, 0);
+
+    let net = c.net.as_ref().expect("namespaces");
+    net.set_fabric(false);
+    let peers_up = |c: &Cluster| status_number(&c.status(0), "peers_up");
+    // (Without keepalive and a user timeout on the streams this takes
+    // TCP's retransmission timeout, about 15 minutes.)
+    dne_tests::wait_for("n0 to see n1 down", WATCHDOG, || peers_up(&c) == Some(0));
+    let m = client.alloc(10).unwrap();
+    client.send(m, "upper").expect("the agent takes it");
+    let back = client.recv_timeout(Some(WATCHDOG)).unwrap().expect("the message comes back");
+    assert_ne!(back.desc().flags & DescFlags::ERROR, 0);
+    assert_eq!(ErrorCode::from_u8(back.desc().status), Some(ErrorCode::Unreachable));
+    client.free(back).unwrap();
+
+    net.set_fabric(true);
+    c.wait_mesh();
+    c.wait_conns(1);
+    round_trips(&c, &mut client, &mut sink, 1);
 }
 
 #[test]

@@ -43,6 +43,7 @@ use std::io::{self, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Work done per connection and direction in one progress call, so one
 /// busy connection cannot starve the others: rounds of gathering and
@@ -471,9 +472,32 @@ fn dma_error(e: io::Error) -> DocaError {
     }
 }
 
+/// How long a stream may go without hearing from the peer's kernel, with
+/// data unacknowledged or, when idle, keepalive probes unanswered, before
+/// it fails like a connection whose peer is gone: the emulated counterpart
+/// of an RC queue pair's transport retries. A peer that vanishes without a
+/// FIN or a reset (its host or link lost) is noticed in seconds, not after
+/// TCP's retransmission timeout (minutes), and its credits and buffers are
+/// not held that long. A live but stopped peer process is not affected:
+/// its kernel still answers.
+pub(crate) const PEER_SILENCE: Duration = Duration::from_secs(5);
+
+/// Sets `sock` up as a stream of the emulated NIC: no Nagle delay, and the
+/// peer declared gone after [`PEER_SILENCE`].
+fn nic_stream(sock: &TcpStream) -> io::Result<()> {
+    use rustix::net::sockopt;
+    sock.set_nodelay(true)?;
+    sockopt::set_socket_keepalive(sock, true)?;
+    sockopt::set_tcp_keepidle(sock, PEER_SILENCE / 5 * 2)?;
+    sockopt::set_tcp_keepintvl(sock, PEER_SILENCE / 5)?;
+    sockopt::set_tcp_keepcnt(sock, 3)?;
+    sockopt::set_tcp_user_timeout(sock, PEER_SILENCE.as_millis() as u32)?;
+    Ok(())
+}
+
 impl OutStream {
     fn new(sock: TcpStream, remote_token: u64) -> io::Result<Self> {
-        sock.set_nodelay(true)?;
+        nic_stream(&sock)?;
         Ok(Self {
             sock,
             hello: Frame::Hello { token: remote_token }.encode(),
@@ -491,7 +515,7 @@ impl OutStream {
 
 impl InStream {
     fn new(sock: TcpStream) -> io::Result<Self> {
-        sock.set_nodelay(true)?;
+        nic_stream(&sock)?;
         Ok(Self {
             sock,
             rx: vec![0; RX_BUF].into_boxed_slice(),
