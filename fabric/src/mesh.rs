@@ -375,7 +375,13 @@ fn read_hello(stream: &mut TcpStream) -> io::Result<MeshHello> {
             return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer's Hello took too long"));
         }
         stream.set_read_timeout(Some(left))?;
-        let n = stream.read(&mut chunk[..need - buf.len()])?;
+        let n = match stream.read(&mut chunk[..need - buf.len()]) {
+            // The read timed out (Linux says EAGAIN): the deadline passed.
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer's Hello took too long"));
+            }
+            r => r?,
+        };
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed during the handshake"));
         }
