@@ -53,7 +53,8 @@ const CONTROL_EVERY: Duration = Duration::from_millis(1);
 /// their rings, [`host_shim::function::DEFAULT_SPIN`]).
 pub const IDLE_SPIN: Duration = Duration::from_micros(50);
 /// Wire bytes the engine keeps in flight on the fabric at most, all
-/// tenants together (a message is always allowed when none is). Past it
+/// tenants together (a message is always allowed when none is; bytes
+/// waiting at the port for a peer's credits are not in flight). Past it
 /// the scheduler holds messages back and decides, by weight and bytes, who
 /// goes next when sends complete: the NIC's own per-connection arbitration
 /// (by message) never sees a backlog to reorder. 1 MiB covers 100 Gb/s
@@ -795,9 +796,13 @@ impl<T: Transport, H: HostLink> Backlog for Engine<T, H> {
         self.tenants[t].sends.head(self.ready(t).unwrap_or(0)).map(|o| wire_bytes(&o.msg))
     }
 
+    /// Bytes still waiting at the port for their peer's credits are not
+    /// on the wire and do not count: a tenant whose peer stopped granting
+    /// (its functions hung, its agent stopped) must not hold the budget of
+    /// every other tenant of this core.
     #[inline]
     fn room(&self) -> bool {
-        self.inflight < INFLIGHT_BUDGET
+        self.inflight.saturating_sub(self.port.queued_bytes()) < INFLIGHT_BUDGET
     }
 
     #[inline]

@@ -134,6 +134,9 @@ pub struct Endpoint<T: Transport> {
     conns: Vec<Conn>,
     scratch: Vec<RawCompletion>,
     stats: EndpointStats,
+    /// Bytes of the sends waiting in the connections' queues (for credits
+    /// or for room in the send window), all connections together.
+    queued_bytes: u64,
 }
 
 fn valid_imm(imm: u32) -> bool {
@@ -150,6 +153,7 @@ impl<T: Transport> Endpoint<T> {
             conns: Vec::with_capacity(cfg.max_conns as usize),
             scratch: vec![RawCompletion::EMPTY; cfg.batch.max(2) as usize],
             stats: EndpointStats::default(),
+            queued_bytes: 0,
         }
     }
 
@@ -255,6 +259,13 @@ impl<T: Transport> Endpoint<T> {
         self.conns.get(conn.0 as usize).map_or(0, |c| c.queue.len())
     }
 
+    /// Bytes of all the sends waiting in connection queues: posted by the
+    /// caller, not yet handed to the transport (the peer has granted no
+    /// credit, or the send window is full).
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued_bytes
+    }
+
     /// Whether the connection is up.
     pub fn is_up(&self, conn: ConnId) -> bool {
         self.conns.get(conn.0 as usize).is_some_and(|c| c.state == State::Up)
@@ -298,6 +309,7 @@ impl<T: Transport> Endpoint<T> {
             return Err(WorkPostError::QueueFull);
         }
         self.stats.sends_queued += 1;
+        self.queued_bytes += u64::from(wr.len);
         c.queue.push_back(wr);
         Ok(())
     }
@@ -370,6 +382,7 @@ impl<T: Transport> Endpoint<T> {
             if let State::Failed(error) = c.state {
                 while n < out.len() {
                     let Some(wr) = c.queue.pop_front() else { break };
+                    self.queued_bytes -= u64::from(wr.len);
                     out[n] = Completion::Sent { conn: ConnId(i as u32), token: wr.token, result: Err(error) };
                     n += 1;
                 }
@@ -400,7 +413,7 @@ impl<T: Transport> Endpoint<T> {
             while c.credits.available() > 0 && c.sends.used() < window {
                 let Some(wr) = c.queue.pop_front() else { break };
                 match Self::raw_send(&mut self.t, conn, c, wr) {
-                    Ok(()) => {}
+                    Ok(()) => self.queued_bytes -= u64::from(wr.len),
                     Err(RawPostError::Busy) => {
                         c.queue.push_front(wr);
                         break;

@@ -398,6 +398,13 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         self.conn(t, peer).is_some()
     }
 
+    /// Bytes of sends (fragments, headers included) waiting at this port
+    /// for credits or window, every connection together: posted, not on
+    /// the wire yet.
+    pub fn queued_bytes(&self) -> u64 {
+        self.ep.queued_bytes()
+    }
+
     /// Sends the peer currently allows tenant `t` (0 when down).
     pub fn credits(&self, t: u16, peer: u16) -> u32 {
         self.conn(t, peer).map_or(0, |c| self.ep.credits(c))

@@ -264,12 +264,16 @@ fn chains<T: Transport>(make: fn(&EndpointConfig) -> T) {
 fn credits_and_waits<T: Transport>(make: fn(&EndpointConfig) -> T) {
     let (mut a, mut b, ca, cb) = pair(make, cfg());
     const N: u64 = 40;
+    let mut wire = 0;
     for i in 0..N {
         let p = pattern(i, 100);
-        a.ep.post_send(ca, write_frag(&a.mem, a.reg, i * BUF, 0, 1, &p, 100, i)).unwrap();
+        let wr = write_frag(&a.mem, a.reg, i * BUF, 0, 1, &p, 100, i);
+        wire = u64::from(wr.len);
+        a.ep.post_send(ca, wr).unwrap();
     }
     assert_eq!(a.ep.credits(ca), 0, "no receive posted, no credit");
     assert_eq!(a.ep.queued(ca), N as usize);
+    assert_eq!(a.ep.queued_bytes(), N * wire);
     // Receiver not ready: nothing may move (bounded number of polls).
     for _ in 0..200 {
         assert!(step(&mut a, &mut b).is_empty(), "nothing completes before the receiver posts");
@@ -297,6 +301,7 @@ fn credits_and_waits<T: Transport>(make: fn(&EndpointConfig) -> T) {
         }
     }
     assert_eq!(a.ep.queued(ca), N as usize - 4, "the rest waits, none dropped");
+    assert_eq!(a.ep.queued_bytes(), (N - 4) * wire);
     // Now receive everything, re-posting as we go.
     let mut sink = Sink::new(5);
     sink.got.extend((0..4).map(|i| (i, Received { len: 0, imm: 0, frag: Frag { index: 0, last: true } })));
@@ -315,6 +320,7 @@ fn credits_and_waits<T: Transport>(make: fn(&EndpointConfig) -> T) {
         }
     }
     assert_eq!(a.ep.queued(ca), 0);
+    assert_eq!(a.ep.queued_bytes(), 0);
 }
 
 /// A full send queue is an explicit error, not a drop.
@@ -399,6 +405,7 @@ fn peer_vanishes<T: Transport>(make: fn(&EndpointConfig) -> T) {
     let (s, r, e) = collect_failure(&mut a, &mut || {}, 20 - sent_ok - 2, 9, "failure of every outstanding operation");
     assert_eq!(e, CompletionError::PeerGone);
     assert!(s.iter().chain(&r).all(|e| *e == CompletionError::PeerGone), "{s:?} {r:?}");
+    assert_eq!(a.ep.queued_bytes(), 0, "the queued sends failed: none waits");
     assert!(matches!(
         a.ep.post_send(ca, SendWr { region: a.reg, offset: 0, len: 50, imm: 1 << 16, token: 0 }),
         Err(WorkPostError::Failed(_))

@@ -632,6 +632,88 @@ node = "n2"
     }
 }
 
+/// A tenant whose large message is stuck waiting for credits (its peer's
+/// agent stopped, the message's fragments queued at the fabric port) does
+/// not hold the node's shared send budget from the other tenants: their
+/// messages to another node go on.
+#[test]
+fn a_stalled_tenant_does_not_hold_the_send_budget_of_the_others() {
+    let fns = r#"
+[[tenant]]
+name = "acme"
+weight = 1
+buffers = 1024
+recv_quota = 8
+max_chain = 128
+
+[[tenant]]
+name = "globex"
+weight = 1
+buffers = 256
+recv_quota = 16
+
+[[function]]
+name = "client"
+tenant = "acme"
+node = "n0"
+
+[[function]]
+name = "far"
+tenant = "acme"
+node = "n1"
+
+[[function]]
+name = "gclient"
+tenant = "globex"
+node = "n0"
+
+[[function]]
+name = "gnear"
+tenant = "globex"
+node = "n2"
+"#;
+    let c = Cluster::start("internode-budget", 3, fns);
+    c.wait_mesh();
+    let mut client = c.attach(0, "acme", "client");
+    let mut far = c.attach(1, "acme", "far");
+    let mut g = c.attach(0, "globex", "gclient");
+    let mut gnear = c.attach(2, "globex", "gnear");
+    let n1 = nix::unistd::Pid::from_raw(c.agents[1].pid() as i32);
+    nix::sys::signal::kill(n1, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // Two messages of 1 MiB for the stopped node: more than the whole
+    // budget, and far more fragments than its credits.
+    let big = pattern(1 << 20, 3);
+    for k in 0..2 {
+        let mut m = client.alloc(big.len() as u32).unwrap();
+        client.write(&mut m, &big).unwrap();
+        m.set_request(k);
+        client.send(m, "far").expect("the agent takes it");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // The other tenant's messages to n2 go meanwhile.
+    let mut got = Vec::new();
+    for k in 0..20u32 {
+        let mut m = g.alloc(64).unwrap();
+        g.write(&mut m, &pattern(64, k as usize)).unwrap();
+        m.set_request(k);
+        g.send(m, "gnear").unwrap();
+        got.push(gnear.recv_timeout(Some(Duration::from_secs(5))));
+    }
+    nix::sys::signal::kill(n1, nix::sys::signal::Signal::SIGCONT).unwrap();
+    for (k, r) in got.into_iter().enumerate() {
+        let m = r.unwrap().unwrap_or_else(|| panic!("globex message {k} did not arrive while n1 was stopped"));
+        assert_eq!(m.request(), k as u32);
+        gnear.free(m).unwrap();
+    }
+    // And the stuck ones arrive once n1 runs again.
+    for k in 0..2 {
+        let m = far.recv_timeout(Some(WATCHDOG)).unwrap().expect("the large message arrives");
+        assert_eq!(m.request(), k);
+        assert!(far.read_to_vec(&m) == big);
+        far.free(m).unwrap();
+    }
+}
+
 /// The whole path: a real HTTP client, the ingress process, the fabric,
 /// functions on both nodes, and back: bodies arrive transformed and intact;
 /// edge statuses for an unknown route and a dead chain.
