@@ -163,6 +163,7 @@ impl<O: ForPeer> Sends<O> {
 
     /// Queues `out` behind the other messages for its peer (a valid node
     /// id: the caller routed it).
+    #[inline]
     fn push(&mut self, out: O) {
         let peer = out.peer();
         let q = &mut self.by_peer[usize::from(peer)];
@@ -175,24 +176,47 @@ impl<O: ForPeer> Sends<O> {
 
     /// The position in turn order of the first peer whose head message
     /// `ready` accepts.
+    #[inline]
     fn pick(&self, ready: impl Fn(&O) -> bool) -> Option<usize> {
-        self.active.iter().position(|&p| self.by_peer[usize::from(p)].front().is_some_and(&ready))
+        for (i, &p) in self.active.iter().enumerate() {
+            if let Some(o) = self.by_peer[usize::from(p)].front()
+                && ready(o)
+            {
+                return Some(i);
+            }
+        }
+        None
     }
 
     /// The head message of the peer at position `i` in turn order.
+    #[inline]
     fn head(&self, i: usize) -> Option<&O> {
         self.active.get(i).and_then(|&p| self.by_peer[usize::from(p)].front())
     }
 
+    /// Makes the peer at position `i` the first in turn.
+    #[inline]
+    fn bring_forward(&mut self, i: usize) {
+        if let Some(p) = self.active.remove(i) {
+            self.active.push_front(p);
+        }
+    }
+
     /// Takes the head message of the peer at position `i`; that peer's
     /// turn is over.
+    #[inline]
     fn take(&mut self, i: usize) -> Option<O> {
-        let p = self.active.remove(i)?;
+        let p = *self.active.get(i)?;
         let q = &mut self.by_peer[usize::from(p)];
         let out = q.pop_front()?;
         self.len -= 1;
-        if !q.is_empty() {
-            self.active.push_back(p);
+        let more = !q.is_empty();
+        // One peer alone keeps its place (the common case: no reordering).
+        if !(more && self.active.len() == 1) {
+            self.active.remove(i);
+            if more {
+                self.active.push_back(p);
+            }
         }
         Some(out)
     }
@@ -780,7 +804,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
     /// down and the message has waited [`UNREACHABLE_AFTER`] (it then goes
     /// back to its sender).
     #[inline]
-    fn ready(&self, t: usize) -> Option<usize> {
+    fn first_ready(&self, t: usize) -> Option<usize> {
         self.tenants[t].sends.pick(|o| {
             self.port.can_send(t as u16, o.peer)
                 || (!self.port.is_up(t as u16, o.peer) && o.since.elapsed() > UNREACHABLE_AFTER)
@@ -789,11 +813,11 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
 }
 
 impl<T: Transport, H: HostLink> Backlog for Engine<T, H> {
-    /// The head of the peer [`ready`](Self::ready) picks, or while none
-    /// can go, of the first in turn.
+    /// The head of the first peer in turn ([`ready`](Self::ready) brings
+    /// one that can go there).
     #[inline]
     fn head(&self, t: usize) -> Option<u64> {
-        self.tenants[t].sends.head(self.ready(t).unwrap_or(0)).map(|o| wire_bytes(&o.msg))
+        self.tenants[t].sends.head(0).map(|o| wire_bytes(&o.msg))
     }
 
     /// Bytes still waiting at the port for their peer's credits are not
@@ -806,12 +830,17 @@ impl<T: Transport, H: HostLink> Backlog for Engine<T, H> {
     }
 
     #[inline]
-    fn can_send(&self, t: usize) -> bool {
-        self.ready(t).is_some()
+    fn ready(&mut self, t: usize) -> Option<u64> {
+        let i = self.first_ready(t)?;
+        let s = &mut self.tenants[t].sends;
+        if i > 0 {
+            s.bring_forward(i);
+        }
+        s.head(0).map(|o| wire_bytes(&o.msg))
     }
 
     fn send(&mut self, t: usize) {
-        let Some(out) = self.ready(t).and_then(|i| self.tenants[t].sends.take(i)) else { return };
+        let Some(out) = self.tenants[t].sends.take(0) else { return };
         let tag = out.since.saturating_duration_since(self.set.epoch).as_nanos() as u64;
         let bytes = wire_bytes(&out.msg);
         let (lease, desc) = out.msg.into_parts();

@@ -31,10 +31,12 @@ pub const QUANTUM: u64 = 16 * 1024;
 pub trait Backlog {
     /// Bytes of tenant `t`'s head message, `None` when its queue is empty.
     fn head(&self, t: usize) -> Option<u64>;
-    /// Whether the head message of `t` can be posted now as far as `t`
+    /// Bytes of the message of `t` that can be posted now as far as `t`
     /// alone is concerned (its peer granted credits, its connection has
-    /// room). A tenant that cannot is skipped; the others go on.
-    fn can_send(&self, t: usize) -> bool;
+    /// room), which [`send`](Self::send) would post; `None` when none can.
+    /// A tenant that has none is skipped; the others go on. (A tenant with
+    /// a queue per peer brings such a message to its head here.)
+    fn ready(&mut self, t: usize) -> Option<u64>;
     /// Whether the path all tenants share has room for another message
     /// (the sends in flight stay within the node's budget). When it has
     /// none, the round stops and resumes later with the same tenant and
@@ -136,21 +138,21 @@ impl Drr {
             }
             let t = self.current;
             let quantum = self.quantum * self.slots[t].weight;
-            let Some(mut head) = q.head(t) else {
+            if q.head(t).is_none() {
                 // Idle: it saves nothing up.
                 self.slots[t].deficit = 0;
                 self.next_turn();
                 continue;
-            };
+            }
             let capped_ready = |s: &mut Slot| s.cap.as_mut().is_none_or(|b| b.ready(now));
-            if !q.can_send(t) || !capped_ready(&mut self.slots[t]) {
+            let Some(mut head) = q.ready(t).filter(|_| capped_ready(&mut self.slots[t])) else {
                 // Blocked on its own: keep what it has, but no more than
                 // one turn's worth, and take nothing.
                 let s = &mut self.slots[t];
                 s.deficit = s.deficit.min(quantum);
                 self.next_turn();
                 continue;
-            }
+            };
             if !self.granted {
                 let s = &mut self.slots[t];
                 s.deficit = s.deficit.saturating_add(quantum).min(quantum.saturating_add(head).max(2 * quantum));
@@ -164,9 +166,6 @@ impl Drr {
                     // The turn resumes here.
                     return sent;
                 }
-                if !q.can_send(t) || !capped_ready(&mut self.slots[t]) {
-                    break;
-                }
                 let s = &mut self.slots[t];
                 s.deficit -= head;
                 if let Some(b) = s.cap.as_mut() {
@@ -174,12 +173,13 @@ impl Drr {
                 }
                 q.send(t);
                 sent += 1;
-                match q.head(t) {
-                    None => {
-                        self.slots[t].deficit = 0;
-                        break;
-                    }
+                if q.head(t).is_none() {
+                    self.slots[t].deficit = 0;
+                    break;
+                }
+                match q.ready(t).filter(|_| capped_ready(&mut self.slots[t])) {
                     Some(h) => head = h,
+                    None => break,
                 }
             }
             self.next_turn();
@@ -210,8 +210,8 @@ mod tests {
         fn head(&self, t: usize) -> Option<u64> {
             self.q[t].front().copied()
         }
-        fn can_send(&self, t: usize) -> bool {
-            !self.blocked[t]
+        fn ready(&mut self, t: usize) -> Option<u64> {
+            if self.blocked[t] { None } else { self.head(t) }
         }
         fn room(&self) -> bool {
             self.flight < self.window

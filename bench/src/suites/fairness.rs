@@ -148,8 +148,8 @@ impl Backlog for View<'_> {
     fn head(&self, t: usize) -> Option<u64> {
         self.tenants[t].queue.front().map(|&(s, _)| u64::from(s) + HDR)
     }
-    fn can_send(&self, _t: usize) -> bool {
-        true
+    fn ready(&mut self, t: usize) -> Option<u64> {
+        self.head(t)
     }
     fn room(&self) -> bool {
         self.picked.is_none()
