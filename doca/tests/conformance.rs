@@ -314,6 +314,40 @@ fn rdma_mixed_sizes_with_receives_posted_a_few_at_a_time() {
     assert_eq!(b.tasks_in_use(), (0, 0));
 }
 
+/// Streams that connect to a context's listener and never send a hello
+/// (more of them than it keeps waiting) do not lock real peers out.
+#[test]
+fn rdma_silent_strangers_do_not_lock_peers_out() {
+    let dev = device();
+    let pe = ProgressEngine::new().unwrap();
+    let cfg = RdmaConfig { max_connections: 2, ..RdmaConfig::default() };
+    let a = started_rdma(&pe, &dev, cfg);
+    let b = started_rdma(&pe, &dev, cfg);
+    let (ca, blob_a) = a.export().unwrap();
+    let (cb, blob_b) = b.export().unwrap();
+    let addr = doca::emu_wire::ConnBlob::decode(&blob_a).unwrap().addr;
+    // Twice what `a` keeps waiting for a hello, all silent.
+    let strangers: Vec<std::net::TcpStream> =
+        (0..8).map(|_| std::net::TcpStream::connect(addr).expect("a stranger connects")).collect();
+    // `a` waits for its peer's stream, so it accepts (and holds) them.
+    a.connect(ca, &blob_b).unwrap();
+    for _ in 0..200 {
+        pe.progress();
+    }
+    b.connect(cb, &blob_a).unwrap();
+    let (mut up_a, mut up_b) = (false, false);
+    progress_until(&pe, "the real peer's connection beside silent strangers", || {
+        while let Some(e) = a.poll_event() {
+            up_a |= matches!(e, RdmaEvent::Connected(c) if c == ca);
+        }
+        while let Some(e) = b.poll_event() {
+            up_b |= matches!(e, RdmaEvent::Connected(c) if c == cb);
+        }
+        up_a && up_b
+    });
+    drop(strangers);
+}
+
 #[test]
 fn rdma_task_pools_are_fixed() {
     let dev = device();

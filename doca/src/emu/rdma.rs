@@ -157,7 +157,12 @@ struct PendingIn {
     sock: TcpStream,
     rx: [u8; FRAME_LEN],
     have: usize,
+    since: std::time::Instant,
 }
+
+/// How long an accepted stream may take to send its hello before it is
+/// dropped (the peer's own stream sends it at once).
+const HELLO_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 struct State {
@@ -855,12 +860,21 @@ impl State {
         loop {
             match l.accept() {
                 Ok((sock, peer)) => {
-                    if self.pending.len() >= self.pending.capacity() || sock.set_nonblocking(true).is_err() {
+                    if sock.set_nonblocking(true).is_err() {
                         log::warn!("rdma: dropping connection from {peer}");
                         continue;
                     }
+                    // Full: the stream waiting longest for its hello makes
+                    // room (streams that never speak cannot lock peers out).
+                    if self.pending.len() >= self.pending.capacity()
+                        && let Some(oldest) = (0..self.pending.len()).min_by_key(|&k| self.pending[k].since)
+                    {
+                        log::warn!("rdma: too many connections without a hello: the oldest dropped");
+                        self.pending.swap_remove(oldest);
+                    }
                     self.pe.watch(sock.as_fd());
-                    self.pending.push(PendingIn { sock, rx: [0; FRAME_LEN], have: 0 });
+                    let since = std::time::Instant::now();
+                    self.pending.push(PendingIn { sock, rx: [0; FRAME_LEN], have: 0, since });
                 }
                 Err(e) if would_block(&e) => break,
                 Err(e) => {
@@ -873,6 +887,11 @@ impl State {
         while i < self.pending.len() {
             let p = &mut self.pending[i];
             match read_some(&p.sock, &mut p.rx, &mut p.have) {
+                Ok(false) if p.since.elapsed() > HELLO_WAIT => {
+                    log::warn!("rdma: a connection sent no hello within {HELLO_WAIT:?}: dropped");
+                    self.pending.swap_remove(i);
+                    continue;
+                }
                 Ok(false) => {
                     i += 1;
                     continue;
