@@ -54,7 +54,8 @@ const CONTROL_EVERY: Duration = Duration::from_millis(1);
 pub const IDLE_SPIN: Duration = Duration::from_micros(50);
 /// Wire bytes the engine keeps in flight on the fabric at most, all
 /// tenants together (a message is always allowed when none is; bytes
-/// waiting at the port for a peer's credits are not in flight). Past it
+/// waiting at the port, for a peer's credits or for room in a connection's
+/// send window, are not counted). Past it
 /// the scheduler holds messages back and decides, by weight and bytes, who
 /// goes next when sends complete: the NIC's own per-connection arbitration
 /// (by message) never sees a backlog to reorder. 1 MiB covers 100 Gb/s
@@ -820,10 +821,12 @@ impl<T: Transport, H: HostLink> Backlog for Engine<T, H> {
         self.tenants[t].sends.head(0).map(|o| wire_bytes(&o.msg))
     }
 
-    /// Bytes still waiting at the port for their peer's credits are not
-    /// on the wire and do not count: a tenant whose peer stopped granting
-    /// (its functions hung, its agent stopped) must not hold the budget of
-    /// every other tenant of this core.
+    /// Bytes still waiting at the port (for their peer's credits, or for
+    /// room in the connection's send window) are not on the wire and do
+    /// not count: a tenant whose peer stopped granting (its functions hung,
+    /// its agent stopped) must not hold the budget of every other tenant of
+    /// this core. (So each connection's queue at the port can add to what
+    /// the budget allows on the wire once its credits come.)
     #[inline]
     fn room(&self) -> bool {
         self.inflight.saturating_sub(self.port.queued_bytes()) < INFLIGHT_BUDGET

@@ -36,15 +36,16 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const TICK: Duration = Duration::from_millis(5);
 /// How long a handshake may take.
 const HANDSHAKE: Duration = Duration::from_secs(2);
-/// How long a link may go without hearing from the peer's kernel (data
-/// unacknowledged, or keepalive probes unanswered when idle) before it is
-/// down: a peer that vanishes without a FIN or a reset (host or link lost)
-/// goes down in seconds, not after TCP's retransmission timeout (minutes).
-/// A live but stopped peer process is not affected: its kernel answers.
+/// How long an idle link may go without its keepalive probes answered
+/// before it is down: a peer that vanishes without a FIN or a reset (host
+/// or link lost) goes down in seconds, not after hours. A live but stopped
+/// peer process is not affected: its kernel answers. (With data
+/// unacknowledged, TCP's retransmission timeout decides; see the emulated
+/// NIC's `PEER_SILENCE` for why there is no `TCP_USER_TIMEOUT`.)
 const PEER_SILENCE: Duration = Duration::from_secs(5);
 
-/// Sets a link's stream up: no Nagle delay, the peer gone after
-/// [`PEER_SILENCE`].
+/// Sets a link's stream up: no Nagle delay, an idle peer gone after
+/// [`PEER_SILENCE`] without an answer.
 fn control_stream(s: &TcpStream) -> io::Result<()> {
     use rustix::net::sockopt;
     s.set_nodelay(true)?;
@@ -52,7 +53,6 @@ fn control_stream(s: &TcpStream) -> io::Result<()> {
     sockopt::set_tcp_keepidle(s, PEER_SILENCE / 5 * 2)?;
     sockopt::set_tcp_keepintvl(s, PEER_SILENCE / 5)?;
     sockopt::set_tcp_keepcnt(s, 3)?;
-    sockopt::set_tcp_user_timeout(s, PEER_SILENCE.as_millis() as u32)?;
     Ok(())
 }
 

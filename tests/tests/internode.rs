@@ -619,7 +619,13 @@ node = "n2"
     std::thread::sleep(Duration::from_millis(100));
     send(&mut client, "near", 7);
     let got = near.recv_timeout(Some(Duration::from_secs(10)));
-    let queued = c.tenant_status(0, "acme", "queue");
+    // (The status is refreshed every 100 ms.)
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let mut queued = c.tenant_status(0, "acme", "queue");
+    while queued.is_none_or(|q| q == 0) && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+        queued = c.tenant_status(0, "acme", "queue");
+    }
     nix::sys::signal::kill(n1, nix::sys::signal::Signal::SIGCONT).unwrap();
     let got = got.unwrap().expect("n2's message arrives while n1 is stopped");
     assert_eq!(got.request(), 7);

@@ -477,18 +477,21 @@ fn dma_error(e: io::Error) -> DocaError {
     }
 }
 
-/// How long a stream may go without hearing from the peer's kernel, with
-/// data unacknowledged or, when idle, keepalive probes unanswered, before
-/// it fails like a connection whose peer is gone: the emulated counterpart
-/// of an RC queue pair's transport retries. A peer that vanishes without a
-/// FIN or a reset (its host or link lost) is noticed in seconds, not after
-/// TCP's retransmission timeout (minutes), and its credits and buffers are
-/// not held that long. A live but stopped peer process is not affected:
-/// its kernel still answers.
+/// How long an idle stream may go without its keepalive probes answered
+/// before it fails like a connection whose peer is gone (the emulated
+/// counterpart of an RC queue pair's transport retries): a peer that
+/// vanishes without a FIN or a reset (its host or link lost) while nothing
+/// was in flight is noticed in seconds, not after hours, and its credits
+/// and buffers are not held that long. A live but stopped peer process is
+/// not affected: its kernel answers the probes. With data unacknowledged
+/// TCP's retransmission timeout still decides (minutes): a shorter
+/// `TCP_USER_TIMEOUT` would also cut a live receiver that merely has not
+/// read for that long (a zero window), which is how this NIC says
+/// "receiver not ready", and it would override the keepalive timing.
 pub(crate) const PEER_SILENCE: Duration = Duration::from_secs(5);
 
-/// Sets `sock` up as a stream of the emulated NIC: no Nagle delay, and the
-/// peer declared gone after [`PEER_SILENCE`].
+/// Sets `sock` up as a stream of the emulated NIC: no Nagle delay, and an
+/// idle peer declared gone after [`PEER_SILENCE`] without an answer.
 fn nic_stream(sock: &TcpStream) -> io::Result<()> {
     use rustix::net::sockopt;
     sock.set_nodelay(true)?;
@@ -496,7 +499,6 @@ fn nic_stream(sock: &TcpStream) -> io::Result<()> {
     sockopt::set_tcp_keepidle(sock, PEER_SILENCE / 5 * 2)?;
     sockopt::set_tcp_keepintvl(sock, PEER_SILENCE / 5)?;
     sockopt::set_tcp_keepcnt(sock, 3)?;
-    sockopt::set_tcp_user_timeout(sock, PEER_SILENCE.as_millis() as u32)?;
     Ok(())
 }
 
