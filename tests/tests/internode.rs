@@ -562,18 +562,22 @@ fn a_node_without_credits_holds_back_only_its_own_requests() {
     dne_tests::wait_for("the edge pool back to full", WATCHDOG, || pool.free_buffers() == full);
 }
 
-/// In a node's agent, a peer that grants no credits (its agent stopped)
-/// holds back only the messages for it: the same tenant's messages to a
-/// third node go on meanwhile, and the held ones all arrive, in order,
-/// once the peer runs again.
-#[test]
-fn a_peer_without_credits_holds_back_only_its_own_messages() {
-    let fns = r#"
+/// Three nodes for the tests of one stopped peer: acme's client on n0
+/// sends to far (n1) and near (n2); globex's gclient on n0 to gnear (n2).
+/// Few credits per connection, so a stopped node runs out at once.
+const THREE_NODES: &str = r#"
 [[tenant]]
 name = "acme"
 weight = 1
 buffers = 1024
 recv_quota = 8
+max_chain = 128
+
+[[tenant]]
+name = "globex"
+weight = 1
+buffers = 256
+recv_quota = 16
 
 [[function]]
 name = "client"
@@ -589,18 +593,37 @@ node = "n1"
 name = "near"
 tenant = "acme"
 node = "n2"
+
+[[function]]
+name = "gclient"
+tenant = "globex"
+node = "n0"
+
+[[function]]
+name = "gnear"
+tenant = "globex"
+node = "n2"
 "#;
-    let c = Cluster::start("internode-hol", 3, fns);
+
+/// Sends 64 bytes of pattern `k` from `f` to `to` as request `k`.
+fn send(f: &mut host_shim::Function, to: &str, k: u32) {
+    let mut m = f.alloc(64).unwrap();
+    f.write(&mut m, &pattern(64, k as usize)).unwrap();
+    m.set_request(k);
+    f.send(m, to).expect("the agent takes it");
+}
+
+/// In a node's agent, a peer that grants no credits (its agent stopped)
+/// holds back only the messages for it: the same tenant's messages to a
+/// third node go on meanwhile, and the held ones all arrive, in order,
+/// once the peer runs again.
+#[test]
+fn a_peer_without_credits_holds_back_only_its_own_messages() {
+    let c = Cluster::start("internode-hol", 3, THREE_NODES);
     c.wait_mesh();
     let mut client = c.attach(0, "acme", "client");
     let mut far = c.attach(1, "acme", "far");
     let mut near = c.attach(2, "acme", "near");
-    let send = |client: &mut host_shim::Function, to: &str, k: u32| {
-        let mut m = client.alloc(64).unwrap();
-        client.write(&mut m, &pattern(64, k as usize)).unwrap();
-        m.set_request(k);
-        client.send(m, to).expect("the agent takes it");
-    };
     // Both peers work.
     send(&mut client, "far", 0);
     send(&mut client, "near", 1);
@@ -644,41 +667,7 @@ node = "n2"
 /// messages to another node go on.
 #[test]
 fn a_stalled_tenant_does_not_hold_the_send_budget_of_the_others() {
-    let fns = r#"
-[[tenant]]
-name = "acme"
-weight = 1
-buffers = 1024
-recv_quota = 8
-max_chain = 128
-
-[[tenant]]
-name = "globex"
-weight = 1
-buffers = 256
-recv_quota = 16
-
-[[function]]
-name = "client"
-tenant = "acme"
-node = "n0"
-
-[[function]]
-name = "far"
-tenant = "acme"
-node = "n1"
-
-[[function]]
-name = "gclient"
-tenant = "globex"
-node = "n0"
-
-[[function]]
-name = "gnear"
-tenant = "globex"
-node = "n2"
-"#;
-    let c = Cluster::start("internode-budget", 3, fns);
+    let c = Cluster::start("internode-budget", 3, THREE_NODES);
     c.wait_mesh();
     let mut client = c.attach(0, "acme", "client");
     let mut far = c.attach(1, "acme", "far");
@@ -699,10 +688,7 @@ node = "n2"
     // The other tenant's messages to n2 go meanwhile.
     let mut got = Vec::new();
     for k in 0..20u32 {
-        let mut m = g.alloc(64).unwrap();
-        g.write(&mut m, &pattern(64, k as usize)).unwrap();
-        m.set_request(k);
-        g.send(m, "gnear").unwrap();
+        send(&mut g, "gnear", k);
         got.push(gnear.recv_timeout(Some(Duration::from_secs(5))));
     }
     nix::sys::signal::kill(n1, nix::sys::signal::Signal::SIGCONT).unwrap();
