@@ -88,6 +88,16 @@ struct Channel {
     scratch: Vec<u32>,
     /// When the connection was last pumped for an empty inbox.
     pumped: std::time::Instant,
+    /// Per tenant: its engine is about to sleep or sleeping
+    /// ([`DpuLink::sleep_begin`]) on the link's wake set.
+    sleeping: Vec<bool>,
+    /// Per tenant: an eventfd in the link's wake set, written when a pump
+    /// (for any tenant: the tenants share the connection) leaves the
+    /// sleeping tenant something to do. Comch's own notification cannot
+    /// tell it: whoever pumped cleared it.
+    kick: Vec<Option<OwnedFd>>,
+    /// Per tenant: `kick` was written and not yet drained.
+    kicked: Vec<bool>,
 }
 
 /// The engine asks every tenant's link for messages each pass; the shared
@@ -154,7 +164,27 @@ impl Channel {
             }
         }
         self.rx = rx;
+        if n > 0 {
+            self.kick_sleepers();
+        }
         n
+    }
+
+    /// Wakes every sleeping tenant that has a message waiting (or whose
+    /// host went away): the frames for every tenant arrive on the one
+    /// connection, so one tenant's pump can fill another's inbox.
+    fn kick_sleepers(&mut self) {
+        for t in 0..self.sleeping.len() {
+            if self.sleeping[t] && (self.lost || !self.inbox[t].is_empty()) {
+                self.sleeping[t] = false;
+                if let Some(fd) = &self.kick[t] {
+                    if let Err(e) = rustix::io::write(fd, &1u64.to_ne_bytes()) {
+                        log::warn!("host link: waking tenant {t}'s engine: {e}");
+                    }
+                    self.kicked[t] = true;
+                }
+            }
+        }
     }
 
     fn frame(&mut self, f: CtrlMsg<'_>) {
@@ -257,8 +287,9 @@ pub struct DpuLink {
     t: usize,
     pool: Arc<ImportedPool>,
     ch: Arc<Mutex<Channel>>,
-    /// The progress engine's notification fd (a duplicate: the engine
-    /// itself sits behind the shared channel).
+    /// What the engine sleeps on: an epoll set of the progress engine's
+    /// notification fd (something arrived on comch) and the tenant's kick
+    /// eventfd (another tenant's pump took something for this one).
     wake: Option<OwnedFd>,
 }
 
@@ -313,6 +344,9 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
         scratch: Vec::with_capacity(max_chain),
         pumped: std::time::Instant::now(),
         target,
+        sleeping: vec![false; nt],
+        kick: (0..nt).map(|_| new_kick()).collect(),
+        kicked: vec![false; nt],
     };
     let ch = Arc::new(Mutex::new(ch));
     match doca::BACKEND {
@@ -348,8 +382,33 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
     }
     let pools: Vec<Arc<ImportedPool>> = lock(&ch).pools.iter().flatten().cloned().collect();
     lock(&ch).flush();
-    let wake = || lock(&ch).pe.notification_handle().ok().and_then(|f| f.try_clone_to_owned().ok());
-    Ok(Some(pools.into_iter().enumerate().map(|(t, pool)| DpuLink { t, pool, ch: ch.clone(), wake: wake() }).collect()))
+    let wake = |t: usize| {
+        let c = lock(&ch);
+        wake_set(c.pe.notification_handle().ok()?, c.kick[t].as_ref()?.as_fd())
+    };
+    Ok(Some(
+        pools.into_iter().enumerate().map(|(t, pool)| DpuLink { t, pool, ch: ch.clone(), wake: wake(t) }).collect(),
+    ))
+}
+
+/// A tenant's kick eventfd (`None` if it cannot be made: its engine naps
+/// instead of sleeping).
+fn new_kick() -> Option<OwnedFd> {
+    use rustix::event::{EventfdFlags, eventfd};
+    eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(|e| log::warn!("host link: eventfd: {e}")).ok()
+}
+
+/// An epoll set readable when either fd is.
+fn wake_set(notify: BorrowedFd<'_>, kick: BorrowedFd<'_>) -> Option<OwnedFd> {
+    use rustix::event::epoll;
+    let set = epoll::create(epoll::CreateFlags::CLOEXEC).ok()?;
+    for fd in [notify, kick] {
+        if let Err(e) = epoll::add(&set, fd, epoll::EventData::new_u64(0), epoll::EventFlags::IN) {
+            log::warn!("host link: building the wake set: {e}");
+            return None;
+        }
+    }
+    Some(set)
 }
 
 impl HostLink for DpuLink {
@@ -408,9 +467,20 @@ impl HostLink for DpuLink {
             log::warn!("host link: clearing the comch notification: {e}");
         }
         c.pump();
-        c.inbox[self.t].is_empty() && c.out.is_empty() && !c.lost
+        let idle = c.inbox[self.t].is_empty() && c.out.is_empty() && !c.lost;
+        c.sleeping[self.t] = idle;
+        idle
     }
-    fn sleep_end(&mut self) {}
+    fn sleep_end(&mut self) {
+        let mut c = self.lock();
+        c.sleeping[self.t] = false;
+        if std::mem::take(&mut c.kicked[self.t])
+            && let Some(fd) = &c.kick[self.t]
+        {
+            let mut b = [0u8; 8];
+            let _ = rustix::io::read(fd, &mut b);
+        }
+    }
     fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
         self.wake.as_ref().map(|f| f.as_fd())
     }
@@ -456,7 +526,136 @@ impl DpuLink {
 
 #[cfg(test)]
 mod tests {
-    use super::Refusal;
+    use super::{DpuLink, Refusal, attach};
+    use crate::hostlink::HostLink;
+    use host_shim::comch::{Outbox, server_name};
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+    use wire::ctrl::{BufList, CtrlMsg, MessageHdr, PoolExport};
+
+    /// Whether `link`'s wake set is readable within `ms`.
+    fn woken(link: &DpuLink, ms: i32) -> bool {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        let fd = link.wake_fd().expect("a wake set");
+        let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::IN)];
+        let ts = Timespec { tv_sec: i64::from(ms / 1000), tv_nsec: i64::from(ms % 1000) * 1_000_000 };
+        poll(&mut fds, Some(&ts)).expect("poll") == 1
+    }
+
+    /// Two tenants share the comch connection; a message for tenant 0 that
+    /// tenant 1's engine pumps into tenant 0's inbox, just after tenant 0's
+    /// engine went to sleep, must wake tenant 0's engine (the comch
+    /// notification it sleeps on was cleared by tenant 1's pump).
+    #[test]
+    fn a_message_another_tenants_pump_took_wakes_the_sleeping_tenant() {
+        let node = format!("wake-test-{}", std::process::id());
+        let text = format!(
+            r#"
+[[node]]
+name = "{node}"
+mode = "dpu"
+address = "127.0.0.1:1"
+runtime_dir = "/tmp/{node}"
+
+[[tenant]]
+name = "a"
+weight = 1
+buffers = 64
+recv_quota = 8
+
+[[tenant]]
+name = "b"
+weight = 1
+buffers = 64
+recv_quota = 8
+"#
+        );
+        let cfg = config::Cluster::parse(&text).expect("cluster");
+        let stop = AtomicBool::new(false);
+        let links = std::thread::scope(|s| {
+            let agent = s.spawn(|| attach(&cfg, 0, &stop));
+            // A failed assertion below must not leave `attach` waiting.
+            struct StopOnDrop<'a>(&'a AtomicBool);
+            impl Drop for StopOnDrop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            let _stop = StopOnDrop(&stop);
+            // The host's side, by hand: connect, export both pools.
+            let pe = doca::ProgressEngine::new().unwrap();
+            let dev = doca::Device::open_first().unwrap();
+            let ccfg = doca::ComchConfig { send_tasks: 16, recv_queue: 16, ..Default::default() };
+            let name = server_name(&cfg.nodes[0]);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let client = loop {
+                match doca::ComchClient::new(&pe, &dev, &name, ccfg).and_then(|c| c.start().map(|()| c)) {
+                    Ok(c) => break c,
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("connecting to the agent: {e}"),
+                }
+            };
+            let mut rx = vec![0u8; doca::COMCH_MAX_MSG_SIZE as usize];
+            loop {
+                assert!(Instant::now() < deadline, "the agent never accepted the connection");
+                pe.progress();
+                if let Some(doca::ComchEvent::Connected(_)) = client.poll_event(&mut rx) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let mut out = Outbox::new(doca::COMCH_MAX_MSG_SIZE as usize);
+            let mut send = |m: &[u8]| client.send(m, 0);
+            for t in 0..2u16 {
+                let g = cfg.pool_geometry(t).unwrap();
+                let body = PoolExport {
+                    tenant: t,
+                    reserved: 0,
+                    flags: 0,
+                    buf_size: g.buf_size(),
+                    buf_count: g.buf_count(),
+                    headroom: g.headroom(),
+                    max_chain: g.max_chain(),
+                    pool_len: 0,
+                    blob_len: 1,
+                    reserved2: 0,
+                };
+                out.push(CtrlMsg::PoolExport(body, &[0]), &mut send).unwrap();
+            }
+            out.flush(&mut send).unwrap();
+            while !agent.is_finished() {
+                assert!(Instant::now() < deadline, "the agent never took the pool exports");
+                pe.progress();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let links = agent.join().unwrap().expect("attach").expect("not stopped");
+            (links, pe, client, out)
+        });
+        let (mut links, pe, client, mut out) = links;
+        let mut send = |m: &[u8]| client.send(m, 0);
+
+        assert!(links[0].sleep_begin(), "nothing waits for tenant 0 yet");
+        let desc = wire::Descriptor { tenant: 0, buf: 0, len: 10, ..Default::default() };
+        let hdr = MessageHdr { desc, flags: 0, count: 1 };
+        out.push(CtrlMsg::Message(hdr, BufList::from_indices(&[0])), &mut send).unwrap();
+        out.flush(&mut send).unwrap();
+        pe.progress();
+        assert!(woken(&links[0], 5000), "the message never reached the agent");
+        // Tenant 1's engine goes to sleep too: its pump takes the frame,
+        // which is tenant 0's.
+        assert!(links[1].sleep_begin(), "nothing waits for tenant 1");
+        assert!(woken(&links[0], 0), "tenant 0's engine sleeps on with a message in its inbox");
+        assert!(!woken(&links[1], 0), "tenant 1 has nothing");
+        links[0].sleep_end();
+        links[1].sleep_end();
+        let m = links[0].take().expect("the message");
+        assert_eq!((m.desc().tenant, m.desc().len), (0, 10));
+        assert!(links[1].take().is_none());
+        links[0].free(m);
+    }
 
     #[test]
     fn each_refusal_counts_in_its_own_slot_under_its_own_label() {
