@@ -14,7 +14,7 @@
 use dne_tests::cluster::{Cluster, Netns, is_root, status_number};
 use std::os::unix::fs::MetadataExt;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wire::{DescFlags, ErrorCode};
 
 const WATCHDOG: Duration = Duration::from_secs(30);
@@ -182,11 +182,26 @@ fn separate_namespaces(mode: &'static str) {
 /// mesh reconnects and traffic flows again.
 #[test]
 fn a_peer_lost_without_a_word_is_noticed_in_seconds_and_comes_back() {
+    link_lost("netns-silent", 0);
+}
+
+/// The same with messages in flight when the link goes: TCP keepalive does
+/// not probe a stream with unacknowledged data, so the emulated NIC must
+/// notice on its own (as an RC queue pair's transport retries would), and
+/// every message in flight comes back to its sender as an error.
+#[test]
+fn a_peer_lost_with_messages_in_flight_is_noticed_in_seconds_and_comes_back() {
+    link_lost("netns-inflight", 8);
+}
+
+/// Takes n1's fabric link down, sends `in_flight` messages to n1 (64 KiB
+/// each) at once, then one after n0 saw n1 down; brings the link back.
+fn link_lost(name: &str, in_flight: u32) {
     if !can_run() {
         return;
     }
     let _one = one_at_a_time();
-    let mut c = Cluster::start_netns("netns-silent", CONFIG).expect("root");
+    let mut c = Cluster::start_netns(name, CONFIG).expect("root");
     c.start_fn(1, "acme", "upper", "upper", Some("sink"));
     let mut client = c.attach(0, "acme", "client");
     let mut sink = c.attach(0, "acme", "sink");
@@ -194,10 +209,23 @@ fn a_peer_lost_without_a_word_is_noticed_in_seconds_and_comes_back() {
 
     let net = c.net.as_ref().expect("namespaces");
     net.set_fabric(false);
+    let t0 = Instant::now();
+    for k in 0..in_flight {
+        let mut m = client.alloc(64 << 10).unwrap();
+        client.write(&mut m, &pattern(64 << 10, k as usize)).unwrap();
+        m.set_request(k);
+        client.send(m, "upper").expect("the agent takes it");
+    }
     let peers_up = |c: &Cluster| status_number(&c.status(0), "peers_up");
-    // (Without keepalive and a user timeout on the streams this takes
-    // TCP's retransmission timeout, about 15 minutes.)
+    // (Without keepalive on the streams this takes TCP's retransmission
+    // timeout, about 15 minutes.)
     dne_tests::wait_for("n0 to see n1 down", WATCHDOG, || peers_up(&c) == Some(0));
+    eprintln!("n1 seen down after {:?} with {in_flight} messages in flight", t0.elapsed());
+    for _ in 0..in_flight {
+        let back = client.recv_timeout(Some(WATCHDOG)).unwrap().expect("a message in flight comes back");
+        assert_ne!(back.desc().flags & DescFlags::ERROR, 0, "{:?}", back.desc());
+        client.free(back).unwrap();
+    }
     let m = client.alloc(10).unwrap();
     client.send(m, "upper").expect("the agent takes it");
     let back = client.recv_timeout(Some(WATCHDOG)).unwrap().expect("the message comes back");
