@@ -85,6 +85,10 @@ struct Client {
     /// The role announced in Hello (`None` before Hello).
     role: Option<Role>,
     attached: Option<Attached>,
+    /// Its replies are not being read (no room to send it another): its
+    /// requests stay unread in its socket until it reads, so it holds
+    /// back only itself, never host-shimd's one thread.
+    held: bool,
 }
 
 /// Counters, as written to the status file.
@@ -108,6 +112,9 @@ pub struct Stats {
     /// Buffers a dead producer had handed over to a function (or the
     /// agent) but whose descriptor it never pushed: freed.
     pub orphans: u64,
+    /// Times a client's requests were held back because it did not read
+    /// its replies.
+    pub held: u64,
 }
 
 /// A ring of a tenant, named by who consumes it.
@@ -224,6 +231,22 @@ pub fn status_path(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("shimd.status")
 }
 
+/// Whether a reply to `conn` goes out without waiting: its socket has room
+/// (the client reads its replies), or it hung up (its request is read and
+/// the hang-up found). A control connection is a connected `SEQPACKET`
+/// socket: what the peer has not read yet counts against the sender's
+/// buffer, and the socket polls writable while under a quarter of it is
+/// used, so a reply of one frame then never waits.
+fn room_to_reply(conn: &Conn) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut fds = [PollFd::new(conn, PollFlags::OUT)];
+    match poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 })) {
+        Ok(_) => !fds[0].revents().is_empty(),
+        // Cannot tell: reply (the send timeout still bounds it).
+        Err(_) => true,
+    }
+}
+
 fn error(code: ErrorCode, about: CtrlKind, seq: u32, tenant: u16, function: u16) -> CtrlMsg<'static> {
     CtrlMsg::Error(CtrlError {
         code: code as u8,
@@ -313,7 +336,10 @@ impl Shimd {
             let mut fds = Vec::with_capacity(self.clients.len() + 2);
             fds.push(PollFd::new(&self.listener, PollFlags::IN));
             for c in &self.clients {
-                fds.push(PollFd::from_borrowed_fd(c.conn.as_fd(), PollFlags::IN));
+                // A held client is heard again once it has read (room to
+                // reply); hang-ups and errors are reported either way.
+                let want = if c.held { PollFlags::OUT } else { PollFlags::IN };
+                fds.push(PollFd::from_borrowed_fd(c.conn.as_fd(), want));
             }
             if let Some(s) = stop {
                 fds.push(PollFd::from_borrowed_fd(s, PollFlags::IN));
@@ -325,7 +351,7 @@ impl Shimd {
                 Err(e) => return Err(e.into()),
             }
             let stop_ready = stop.is_some() && !fds[fds.len() - 1].revents().is_empty();
-            let ready: Vec<bool> = fds[1..1 + self.clients.len()].iter().map(|f| !f.revents().is_empty()).collect();
+            let ready: Vec<PollFlags> = fds[1..1 + self.clients.len()].iter().map(|f| f.revents()).collect();
             (ready, stop_ready)
         };
         if stop_ready {
@@ -333,7 +359,11 @@ impl Shimd {
         }
         // Clients in reverse so removing one keeps the others' indices.
         for i in (0..ready.len()).rev() {
-            if ready[i] {
+            let r = ready[i];
+            if self.clients[i].held && !r.intersects(PollFlags::HUP | PollFlags::ERR) {
+                // Room again (or not yet: nothing happened).
+                self.clients[i].held = !r.contains(PollFlags::OUT);
+            } else if !r.is_empty() {
                 self.serve(i);
             }
         }
@@ -345,6 +375,7 @@ impl Shimd {
                     uid: cred.uid.as_raw(),
                     role: None,
                     attached: None,
+                    held: false,
                 }),
                 Err(e) => log::warn!("dropping a connection without peer credentials: {e}"),
             }
@@ -387,6 +418,15 @@ impl Shimd {
     }
 
     fn serve(&mut self, i: usize) {
+        if !self.clients[i].held && !room_to_reply(&self.clients[i].conn) {
+            // It sends requests and does not read the replies: take no
+            // more of its requests until it does.
+            self.clients[i].held = true;
+            self.stats.held += 1;
+            log::debug!("pid {}: replies unread; its requests wait", self.clients[i].pid);
+            return;
+        }
+        self.clients[i].held = false;
         let mut buf = [0u8; CTRL_MAX_FRAME];
         let r = match self.clients[i].conn.recv(&mut buf) {
             Ok(r) if r.len > 0 => r,
@@ -817,7 +857,7 @@ impl Shimd {
         };
         let agent = self.uplinks.values().filter(|u| u.attached).count();
         let s = format!(
-            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"bad_frames\":{},\"voids\":{},\"orphans\":{},\"cooling\":{},\"pools\":[{}]{bridge}}}\n",
+            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"bad_frames\":{},\"voids\":{},\"orphans\":{},\"held\":{},\"cooling\":{},\"pools\":[{}]{bridge}}}\n",
             self.cfg.nodes[usize::from(self.node)].name,
             self.stats.attached,
             map(&self.stats.attach_refused),
@@ -827,6 +867,7 @@ impl Shimd {
             self.stats.bad_frames,
             self.stats.voids,
             self.stats.orphans,
+            self.stats.held,
             self.cooling.len(),
             pools.join(",")
         );

@@ -17,8 +17,10 @@ use wire::ctrl::CTRL_MAX_FRAME;
 /// Most descriptors one message carries.
 pub const MAX_FDS: usize = 4;
 
-/// Longest host-shimd waits to send a reply to a client whose receive
-/// queue is full (a client that does not read): it is disconnected beyond.
+/// Longest host-shimd waits to send a reply (it is disconnected beyond).
+/// A backstop only: host-shimd takes a client's next request only when a
+/// reply to it can go at once (see `daemon`), so a client that does not
+/// read its replies is not served, not waited for.
 pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One end of a control connection.
@@ -141,10 +143,9 @@ impl Listener {
     pub fn accept(&self) -> io::Result<Option<Conn>> {
         match rustix::net::accept_with(&self.fd, SocketFlags::CLOEXEC) {
             Ok(fd) => {
-                // host-shimd serves every client from one thread: a client
-                // that does not read its replies must not hold it for long.
-                // A send to it that waits longer fails, and host-shimd then
-                // drops that client.
+                // host-shimd serves every client from one thread: no send
+                // to a client may hold it for long. A send that waits
+                // longer fails, and host-shimd then drops that client.
                 let limit = rustix::net::sockopt::set_socket_timeout(
                     &fd,
                     rustix::net::sockopt::Timeout::Send,
