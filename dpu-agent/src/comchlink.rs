@@ -610,19 +610,7 @@ recv_quota = 8
             let mut out = Outbox::new(doca::COMCH_MAX_MSG_SIZE as usize);
             let mut send = |m: &[u8]| client.send(m, 0);
             for t in 0..2u16 {
-                let g = cfg.pool_geometry(t).unwrap();
-                let body = PoolExport {
-                    tenant: t,
-                    reserved: 0,
-                    flags: 0,
-                    buf_size: g.buf_size(),
-                    buf_count: g.buf_count(),
-                    headroom: g.headroom(),
-                    max_chain: g.max_chain(),
-                    pool_len: 0,
-                    blob_len: 1,
-                    reserved2: 0,
-                };
+                let body = PoolExport::new(cfg.pool_geometry(t).unwrap(), 0, 1);
                 out.push(CtrlMsg::PoolExport(body, &[0]), &mut send).unwrap();
             }
             out.flush(&mut send).unwrap();

@@ -277,18 +277,7 @@ impl Bridge {
         for t in 0..self.tenants.len() {
             let g = self.tenants[t].link.pool().geometry();
             let blob = std::mem::take(&mut self.tenants[t].blob);
-            let body = PoolExport {
-                tenant: t as u16,
-                reserved: 0,
-                flags: 0,
-                buf_size: g.buf_size(),
-                buf_count: g.buf_count(),
-                headroom: g.headroom(),
-                max_chain: g.max_chain(),
-                pool_len: self.tenants[t].link.pool().region().len() as u64,
-                blob_len: blob.len() as u32,
-                reserved2: 0,
-            };
+            let body = PoolExport::new(g, self.tenants[t].link.pool().region().len() as u64, blob.len() as u32);
             self.push(CtrlMsg::PoolExport(body, &blob));
             self.tenants[t].blob = blob;
         }

@@ -267,6 +267,23 @@ pub struct PoolExport {
 const _: () = assert!(size_of::<PoolExport>() == 40);
 
 impl PoolExport {
+    /// The body exporting a pool of geometry `g` (its tenant included),
+    /// `pool_len` bytes mapped, with an export blob of `blob_len` bytes.
+    pub fn new(g: PoolGeometry, pool_len: u64, blob_len: u32) -> Self {
+        Self {
+            tenant: g.tenant(),
+            reserved: 0,
+            flags: 0,
+            buf_size: g.buf_size(),
+            buf_count: g.buf_count(),
+            headroom: g.headroom(),
+            max_chain: g.max_chain(),
+            pool_len,
+            blob_len,
+            reserved2: 0,
+        }
+    }
+
     /// The pool's geometry, checked.
     pub fn geometry(&self) -> Result<PoolGeometry, crate::desc::GeometryError> {
         PoolGeometry::new(self.tenant, self.buf_size, self.buf_count, self.headroom, self.max_chain)
