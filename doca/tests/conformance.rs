@@ -348,6 +348,50 @@ fn rdma_silent_strangers_do_not_lock_peers_out() {
     drop(strangers);
 }
 
+/// The peer's stream, its hello already sent, is accepted in the same
+/// round as a crowd of silent strangers that fills the table of streams
+/// waiting for a hello: the peer is taken, a stranger makes room.
+#[test]
+fn rdma_a_peer_that_spoke_is_taken_before_a_crowd_of_strangers() {
+    let dev = device();
+    // Two progress engines: `a` does nothing while `b` dials.
+    let (pe_a, pe_b) = (ProgressEngine::new().unwrap(), ProgressEngine::new().unwrap());
+    let cfg = RdmaConfig { max_connections: 2, ..RdmaConfig::default() };
+    let a = started_rdma(&pe_a, &dev, cfg);
+    let b = started_rdma(&pe_b, &dev, cfg);
+    let (ca, blob_a) = a.export().unwrap();
+    let (cb, blob_b) = b.export().unwrap();
+    let addr = doca::emu_wire::ConnBlob::decode(&blob_a).unwrap().addr;
+    // `b` dials `a` and sends its hello; the stream waits in `a`'s
+    // backlog, its hello with it ...
+    b.connect(cb, &blob_a).unwrap();
+    for _ in 0..200 {
+        pe_b.progress();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    pe_b.progress();
+    // ... with twice as many silent strangers behind it as `a` keeps.
+    let strangers: Vec<std::net::TcpStream> =
+        (0..8).map(|_| std::net::TcpStream::connect(addr).expect("a stranger connects")).collect();
+    a.connect(ca, &blob_b).unwrap();
+    let (mut up_a, mut up_b) = (false, false);
+    let start = Instant::now();
+    while !(up_a && up_b) {
+        assert!(start.elapsed() < WATCHDOG, "watchdog: the peer's connection, accepted in a crowd");
+        pe_a.progress();
+        pe_b.progress();
+        while let Some(e) = a.poll_event() {
+            up_a |= matches!(e, RdmaEvent::Connected(c) if c == ca);
+        }
+        while let Some(e) = b.poll_event() {
+            assert!(!matches!(e, RdmaEvent::ConnectionFailed(..)), "{e:?}");
+            up_b |= matches!(e, RdmaEvent::Connected(c) if c == cb);
+        }
+        std::thread::yield_now();
+    }
+    drop(strangers);
+}
+
 #[test]
 fn rdma_task_pools_are_fixed() {
     let dev = device();

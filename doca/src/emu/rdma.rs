@@ -858,16 +858,22 @@ impl State {
     }
 
     fn accept(&mut self) {
-        let Some(l) = &self.listener else { return };
         loop {
+            let Some(l) = &self.listener else { return };
             match l.accept() {
                 Ok((sock, peer)) => {
                     if sock.set_nonblocking(true).is_err() {
                         log::warn!("rdma: dropping connection from {peer}");
                         continue;
                     }
-                    // Full: the stream waiting longest for its hello makes
-                    // room (streams that never speak cannot lock peers out).
+                    // Full: the streams whose hello has come are taken
+                    // first; if none had, the stream waiting longest for its
+                    // hello makes room (streams that never speak cannot
+                    // lock peers out, even when they arrive in a crowd
+                    // behind a peer that spoke).
+                    if self.pending.len() >= self.pending.capacity() {
+                        self.take_hellos();
+                    }
                     if self.pending.len() >= self.pending.capacity()
                         && let Some(oldest) = (0..self.pending.len()).min_by_key(|&k| self.pending[k].since)
                     {
@@ -885,6 +891,14 @@ impl State {
                 }
             }
         }
+        self.take_hellos();
+    }
+
+    /// Reads what the accepted streams have sent: a stream whose hello is
+    /// complete becomes its connection's receive stream; one that sent
+    /// something else, failed, or said nothing for [`HELLO_WAIT`] is
+    /// dropped.
+    fn take_hellos(&mut self) {
         let mut i = 0;
         while i < self.pending.len() {
             let p = &mut self.pending[i];
