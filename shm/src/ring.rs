@@ -243,6 +243,24 @@ pub(crate) fn unpublished(c: &impl RingCells) -> Vec<u64> {
     (head..head.wrapping_add(n)).filter(|&pos| c.seq(slot_of(c, pos)).load(Acquire) == pos as u32).collect()
 }
 
+/// The descriptors published between the head and the producers' tail,
+/// in order, skipping slots claimed and not yet published (at most one
+/// lap). A slot consumed and reused while this walks yields the newer
+/// descriptor: it may name more than is waiting, never less.
+pub(crate) fn published(c: &impl RingCells) -> Vec<Descriptor> {
+    // Acquire: pairs with the consumer's Release publish of the head.
+    let head = c.head().load(Acquire);
+    let tail = c.tail().load(Relaxed);
+    let n = tail.wrapping_sub(head).min(u64::from(c.capacity()));
+    (head..head.wrapping_add(n))
+        .filter_map(|pos| {
+            let slot = slot_of(c, pos);
+            // Acquire: pairs with the producer's Release publish.
+            (c.seq(slot).load(Acquire) == (pos + 1) as u32).then(|| c.read_desc(slot))
+        })
+        .collect()
+}
+
 /// Publishes `void` at position `pos` if that slot is still claimed and
 /// unpublished; returns whether it did.
 pub(crate) fn fill_void(c: &impl RingCells, pos: u64, void: &Descriptor) -> bool {
@@ -334,14 +352,18 @@ mod tests {
         c.tail.store(2, Relaxed);
         push(&c, &[d(3)]).unwrap();
         assert_eq!(unpublished(&c), [1]);
+        let behind: Vec<u32> = published(&c).iter().map(|x| x.request).collect();
+        assert_eq!(behind, [3], "what waits behind the hole is seen");
         assert_eq!(pop(&c, &mut head, &mut out), 0, "the hole blocks the consumer");
         let void = Descriptor::void(0);
         assert!(fill_void(&c, 1, &void));
         assert!(!fill_void(&c, 1, &void), "published once");
         assert!(!fill_void(&c, 2, &void), "a published slot is left alone");
         assert!(unpublished(&c).is_empty());
+        assert_eq!(published(&c).len(), 2);
         assert_eq!(pop(&c, &mut head, &mut out), 2);
         assert_eq!((out[0], out[1].request), (void, 3));
+        assert!(published(&c).is_empty());
         // Consumed slots are not holes either.
         assert!(unpublished(&c).is_empty());
         assert!(!fill_void(&c, 1, &void));
@@ -749,14 +771,11 @@ mod segment {
         }
 
         /// The descriptors published and not yet consumed, in order (a
-        /// snapshot, without consuming them; at most one lap).
+        /// snapshot, without consuming them; at most one lap), including
+        /// those behind a slot claimed and never published, which the
+        /// consumer cannot reach yet.
         pub fn waiting(&self) -> Vec<Descriptor> {
-            use std::sync::atomic::Ordering::Acquire;
-            let head = self.head().load(Acquire);
-            let mut out = vec![Descriptor::default(); self.layout.capacity as usize];
-            let n = super::peek(self, head, &mut out);
-            out.truncate(n);
-            out
+            super::published(self)
         }
 
         /// Marks the consumer gone: every later push fails with

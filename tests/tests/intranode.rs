@@ -495,13 +495,14 @@ fn what_a_producer_killed_mid_send_leaves_is_cleaned_up() {
         .atomic_u64(wire::segment::RING_PRODUCER_OFFSET + std::mem::offset_of!(wire::segment::RingCursor, pos) as u64)
         .unwrap();
     tail.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    // ... and dies there.
-    drop(conn);
-    // A live producer's message goes in behind the hole.
+    // A live producer's message goes in behind the hole ...
     let mut sender = Function::attach(&node.socket(), "acme", "rot13").unwrap();
     let mut m = sender.alloc(5).unwrap();
     sender.write(&mut m, b"after").unwrap();
     sender.send(m, "client").unwrap();
+    // ... and the producer dies (its buffer and that message's are both
+    // handed to the victim then: only the first is an orphan).
+    drop(conn);
     let got = victim.recv_timeout(Some(WATCHDOG)).unwrap().expect("the message behind the hole");
     assert_eq!(victim.read_to_vec(&got), b"after");
     victim.free(got).unwrap();
