@@ -463,8 +463,10 @@ impl HostLink for DpuLink {
     fn sleep_begin(&mut self) -> bool {
         let mut c = self.lock();
         c.flush();
-        if let Err(e) = c.pe.clear_notification() {
-            log::warn!("host link: clearing the comch notification: {e}");
+        // Cleared, then armed again (the SDK's handle fires once per
+        // request; the emulation's is always armed).
+        if let Err(e) = c.pe.clear_notification().and_then(|()| c.pe.request_notification()) {
+            log::warn!("host link: clearing and arming the comch notification: {e}");
         }
         c.pump();
         let idle = c.inbox[self.t].is_empty() && c.out.is_empty() && !c.lost;

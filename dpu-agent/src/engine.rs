@@ -392,13 +392,16 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
     }
 
     /// Sleeps up to `max` on the uplinks' doorbells and the fabric's
-    /// notification fd. Without a notification fd, or with deliveries
-    /// waiting for room in a function's ring (nothing would wake us), it
-    /// naps [`NAP`] instead.
+    /// notification fd. Without a notification fd or a link's wake fd, or
+    /// with deliveries waiting for room in a function's ring (nothing would
+    /// wake us), it naps [`NAP`] instead.
     fn sleep(&mut self, max: Duration) {
         use rustix::event::{PollFd, PollFlags, Timespec, poll};
         let n = self.tenants.len();
-        if self.port.notification_fd().is_none() || self.tenants.iter().any(|t| !t.backlog.is_empty()) {
+        if self.port.notification_fd().is_none()
+            || self.tenants.iter().any(|t| !t.backlog.is_empty())
+            || (0..n).any(|t| self.port.bufs(t as u16).0.wake_fd().is_none())
+        {
             std::thread::sleep(max.min(NAP));
             return;
         }

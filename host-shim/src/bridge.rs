@@ -528,8 +528,10 @@ impl Bridge {
     /// ([`IDLE_TICK`] when nothing is pending).
     fn sleep(&mut self) {
         use rustix::event::{PollFd, PollFlags, Timespec, poll};
-        if let Err(e) = self.pe.clear_notification() {
-            log::warn!("bridge: clearing the comch notification: {e}");
+        // Cleared, then armed again (the SDK's handle fires once per
+        // request; the emulation's is always armed).
+        if let Err(e) = self.pe.clear_notification().and_then(|()| self.pe.request_notification()) {
+            log::warn!("bridge: clearing and arming the comch notification: {e}");
         }
         if self.step() > 0 {
             return;

@@ -424,7 +424,7 @@ impl Shimd {
             self.clients[i].held = true;
             self.stats.held += 1;
             log::debug!("pid {}: replies unread; its requests wait", self.clients[i].pid);
-            return;
+            return self.write_status();
         }
         self.clients[i].held = false;
         let mut buf = [0u8; CTRL_MAX_FRAME];

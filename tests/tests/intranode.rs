@@ -446,6 +446,9 @@ fn a_client_that_never_reads_its_replies_holds_back_only_itself() {
             Err(e) => panic!("host-shimd hung up on the client after {sent} requests: {e}"),
         }
     }
+    wait_for("host-shimd to hold the client back", WATCHDOG, || {
+        dne_tests::cluster::status_number(&node.status(), "held").is_some_and(|n| n > 0)
+    });
     // Another function attaches meanwhile, without waiting behind it.
     let (tx, rx) = std::sync::mpsc::channel();
     let socket = node.socket();
@@ -467,8 +470,6 @@ fn a_client_that_never_reads_its_replies_holds_back_only_itself() {
         assert_eq!(f.seq, k, "replies in order");
         assert!(matches!(f.msg, CtrlMsg::Peer(_) | CtrlMsg::Error(_)), "{:?}", f.msg.kind());
     }
-    let held = dne_tests::cluster::status_number(&node.status(), "held");
-    assert!(held.is_some_and(|n| n > 0), "{}", node.status());
 }
 
 /// A producer killed between claiming a slot of a ring and publishing it

@@ -186,8 +186,8 @@ fn a_peer_lost_without_a_word_is_noticed_in_seconds_and_comes_back() {
 }
 
 /// The same with messages in flight when the link goes: TCP keepalive does
-/// not probe a stream with unacknowledged data, so the emulated NIC must
-/// notice on its own (as an RC queue pair's transport retries would), and
+/// not probe the emulated NIC's streams while they hold unacknowledged
+/// data, but the mesh link to the peer is idle and its keepalive notices;
 /// every message in flight comes back to its sender as an error.
 #[test]
 fn a_peer_lost_with_messages_in_flight_is_noticed_in_seconds_and_comes_back() {
