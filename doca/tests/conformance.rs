@@ -392,6 +392,34 @@ fn rdma_a_peer_that_spoke_is_taken_before_a_crowd_of_strangers() {
     drop(strangers);
 }
 
+/// A connection whose peer never connects back (here: a listener that
+/// accepts and says nothing) fails with `TIME_OUT` after the connect
+/// deadline instead of waiting for ever.
+#[test]
+fn rdma_a_connection_that_never_comes_up_fails_at_the_deadline() {
+    let dev = device();
+    let pe = ProgressEngine::new().unwrap();
+    let a = started_rdma(&pe, &dev, RdmaConfig::default());
+    let (ca, _) = a.export().unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let blob = doca::emu_wire::ConnBlob { addr: silent.local_addr().unwrap(), token: 7, max_send: 4096 };
+    a.connect(ca, &blob.encode()).unwrap();
+    let start = Instant::now();
+    let mut failed = None;
+    progress_until(&pe, "the connection failing at its deadline", || {
+        while let Some(e) = a.poll_event() {
+            assert!(!matches!(e, RdmaEvent::Connected(_)), "connected to nobody");
+            if let RdmaEvent::ConnectionFailed(c, err) = e {
+                failed = Some((c, err));
+            }
+        }
+        failed.is_some()
+    });
+    assert_eq!(failed, Some((ca, DocaError::TIME_OUT)));
+    assert!(start.elapsed() >= std::time::Duration::from_secs(5), "failed early: {:?}", start.elapsed());
+    drop(silent);
+}
+
 #[test]
 fn rdma_task_pools_are_fixed() {
     let dev = device();

@@ -147,6 +147,9 @@ struct Conn {
     unacked: VecDeque<SendTask>,
     next_seq: u32,
     reported: bool,
+    /// When a connection not up yet fails ([`CONNECT_WAIT`] after
+    /// `connect`).
+    connect_by: Option<std::time::Instant>,
     /// Streams of a connection this side failed on purpose, kept open so
     /// the error frame reaches the peer before any reset.
     linger: Vec<TcpStream>,
@@ -163,6 +166,13 @@ struct PendingIn {
 /// How long an accepted stream may take to send its hello before it is
 /// dropped (the peer's own stream sends it at once).
 const HELLO_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a connection may take to come up after `connect` before it
+/// fails with `TIME_OUT` (both streams and hellos; the peer connects as
+/// soon as it has this side's blob). Without it, a side whose peer's
+/// stream was lost during setup (dropped unheard, say) would wait for it
+/// forever while the peer, its own stream up, saw nothing wrong.
+pub(crate) const CONNECT_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 struct State {
@@ -286,6 +296,7 @@ impl Rdma {
             unacked: VecDeque::with_capacity(cap),
             next_seq: 1,
             reported: false,
+            connect_by: None,
             linger: Vec::new(),
         });
         let id = RdmaConnId(st.conns.len() as u32 - 1);
@@ -332,6 +343,7 @@ impl Rdma {
         c.remote_token = blob.token;
         c.remote_max = blob.max_send;
         c.phase = Phase::Active;
+        c.connect_by = Some(std::time::Instant::now() + CONNECT_WAIT);
         Ok(())
     }
 
@@ -953,9 +965,14 @@ impl State {
             return;
         }
         let up = c.out.as_ref().is_some_and(|o| o.hello_off == FRAME_LEN) && c.inn.is_some();
-        if up && !c.reported && c.phase == Phase::Active {
-            c.reported = true;
-            events.push_back(RdmaEvent::Connected(id));
+        if !c.reported && c.phase == Phase::Active {
+            if up {
+                c.reported = true;
+                events.push_back(RdmaEvent::Connected(id));
+            } else if c.connect_by.is_some_and(|t| std::time::Instant::now() >= t) {
+                log::warn!("rdma connection {i}: not up {CONNECT_WAIT:?} after connect");
+                self.fail_conn(i, DocaError::TIME_OUT, false);
+            }
         }
     }
 
