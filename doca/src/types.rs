@@ -187,6 +187,8 @@ pub enum RdmaEvent {
     /// Both directions of the connection are up.
     Connected(RdmaConnId),
     /// The connection failed; its outstanding sends complete with errors.
+    /// In the emulation also a connection not up 10 s after `connect`
+    /// (`TIME_OUT`).
     ConnectionFailed(RdmaConnId, DocaError),
     /// A send completed: the peer placed it in a posted receive (`Ok`), or
     /// it failed.

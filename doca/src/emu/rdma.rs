@@ -306,6 +306,8 @@ impl Rdma {
     /// Connects `conn` to the peer connection described by `remote_blob`
     /// (the peer's `export`). The connection is up when
     /// [`RdmaEvent::Connected`] is reported; sends submitted before wait.
+    /// The emulation fails a connection not up 10 s (`CONNECT_WAIT`)
+    /// after this call with `TIME_OUT` (noticed in `progress`).
     pub fn connect(&self, conn: RdmaConnId, remote_blob: &[u8]) -> Result<(), DocaError> {
         let blob = ConnBlob::decode(remote_blob).map_err(|e| {
             log::warn!("rdma connection blob rejected: {e}");
@@ -870,6 +872,9 @@ impl State {
     }
 
     fn accept(&mut self) {
+        // Hellos read once per round when the table is full (not once per
+        // stranger of a crowd).
+        let mut heard = false;
         loop {
             let Some(l) = &self.listener else { return };
             match l.accept() {
@@ -883,8 +888,9 @@ impl State {
                     // hello makes room (streams that never speak cannot
                     // lock peers out, even when they arrive in a crowd
                     // behind a peer that spoke).
-                    if self.pending.len() >= self.pending.capacity() {
+                    if self.pending.len() >= self.pending.capacity() && !heard {
                         self.take_hellos();
+                        heard = true;
                     }
                     if self.pending.len() >= self.pending.capacity()
                         && let Some(oldest) = (0..self.pending.len()).min_by_key(|&k| self.pending[k].since)
@@ -970,7 +976,11 @@ impl State {
                 c.reported = true;
                 events.push_back(RdmaEvent::Connected(id));
             } else if c.connect_by.is_some_and(|t| std::time::Instant::now() >= t) {
-                log::warn!("rdma connection {i}: not up {CONNECT_WAIT:?} after connect");
+                log::debug!(
+                    "rdma connection {i}: not up {CONNECT_WAIT:?} after connect (own stream {}, peer's stream {})",
+                    if c.out.as_ref().is_some_and(|o| o.hello_off == FRAME_LEN) { "up" } else { "not up" },
+                    if c.inn.is_some() { "up" } else { "never came" }
+                );
                 self.fail_conn(i, DocaError::TIME_OUT, false);
             }
         }
