@@ -66,17 +66,28 @@ fn rdma_pair(pe: &ProgressEngine, dev: &Device, cfg: RdmaConfig) -> (Rdma, RdmaC
     let (cb, blob_b) = b.export().unwrap();
     a.connect(ca, &blob_b).unwrap();
     b.connect(cb, &blob_a).unwrap();
-    let (mut up_a, mut up_b) = (false, false);
-    progress_until(pe, "rdma connection", || {
-        while let Some(e) = a.poll_event() {
-            up_a |= matches!(e, RdmaEvent::Connected(c) if c == ca);
-        }
-        while let Some(e) = b.poll_event() {
-            up_b |= matches!(e, RdmaEvent::Connected(c) if c == cb);
-        }
-        up_a && up_b
-    });
+    until_up(&[pe], (&a, ca), (&b, cb), "rdma connection");
     (a, ca, b, cb)
+}
+
+/// Progresses `pes` until `a`'s connection `ca` and `b`'s `cb` are both
+/// reported up; either failing fails the test at once.
+fn until_up(pes: &[&ProgressEngine], (a, ca): (&Rdma, RdmaConnId), (b, cb): (&Rdma, RdmaConnId), what: &str) {
+    let start = Instant::now();
+    let (mut up_a, mut up_b) = (false, false);
+    while !(up_a && up_b) {
+        assert!(start.elapsed() < WATCHDOG, "watchdog: {what} did not happen");
+        for pe in pes {
+            pe.progress();
+        }
+        for (r, c, up) in [(a, ca, &mut up_a), (b, cb, &mut up_b)] {
+            while let Some(e) = r.poll_event() {
+                assert!(!matches!(e, RdmaEvent::ConnectionFailed(x, _) if x == c), "{what}: {e:?}");
+                *up |= matches!(e, RdmaEvent::Connected(x) if x == c);
+            }
+        }
+        std::thread::yield_now();
+    }
 }
 
 /// Collects events of `r` until `n` task completions have been taken.
@@ -336,16 +347,7 @@ fn rdma_silent_strangers_do_not_lock_peers_out() {
         pe.progress();
     }
     b.connect(cb, &blob_a).unwrap();
-    let (mut up_a, mut up_b) = (false, false);
-    progress_until(&pe, "the real peer's connection beside silent strangers", || {
-        while let Some(e) = a.poll_event() {
-            up_a |= matches!(e, RdmaEvent::Connected(c) if c == ca);
-        }
-        while let Some(e) = b.poll_event() {
-            up_b |= matches!(e, RdmaEvent::Connected(c) if c == cb);
-        }
-        up_a && up_b
-    });
+    until_up(&[&pe], (&a, ca), (&b, cb), "the real peer's connection beside silent strangers");
     drop(strangers);
 }
 
@@ -376,21 +378,7 @@ fn rdma_a_peer_that_spoke_is_taken_before_a_crowd_of_strangers() {
     let strangers: Vec<std::net::TcpStream> =
         (0..8).map(|_| std::net::TcpStream::connect(addr).expect("a stranger connects")).collect();
     a.connect(ca, &blob_b).unwrap();
-    let (mut up_a, mut up_b) = (false, false);
-    let start = Instant::now();
-    while !(up_a && up_b) {
-        assert!(start.elapsed() < WATCHDOG, "watchdog: the peer's connection, accepted in a crowd");
-        pe_a.progress();
-        pe_b.progress();
-        while let Some(e) = a.poll_event() {
-            up_a |= matches!(e, RdmaEvent::Connected(c) if c == ca);
-        }
-        while let Some(e) = b.poll_event() {
-            assert!(!matches!(e, RdmaEvent::ConnectionFailed(..)), "{e:?}");
-            up_b |= matches!(e, RdmaEvent::Connected(c) if c == cb);
-        }
-        std::thread::yield_now();
-    }
+    until_up(&[&pe_a, &pe_b], (&a, ca), (&b, cb), "the peer's connection, accepted in a crowd");
     drop(strangers);
 }
 
@@ -662,16 +650,7 @@ fn notification_handle_wakes_a_sleeping_receiver() {
     let (cb, blob_b) = b.export().unwrap();
     a.connect(ca, &blob_b).unwrap();
     b.connect(cb, &blob_a).unwrap();
-    let (mut up_a, mut up_b) = (false, false);
-    both("connect", &mut || {
-        while let Some(e) = a.poll_event() {
-            up_a |= matches!(e, RdmaEvent::Connected(_));
-        }
-        while let Some(e) = b.poll_event() {
-            up_b |= matches!(e, RdmaEvent::Connected(_));
-        }
-        up_a && up_b
-    });
+    until_up(&[&pe_a, &pe_b], (&a, ca), (&b, cb), "connect");
     let pool = region(64 << 10);
     let flags = Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE;
     let host = local_mmap(&dev, &pool, flags);
