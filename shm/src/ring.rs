@@ -233,26 +233,30 @@ pub(crate) fn commit(c: &impl RingCells, head: &mut u64, n: usize) {
 /// claimed (the tail moved past them) but has not published: a producer
 /// killed between its claim and its publish leaves such a hole, at which
 /// the consumer would wait forever.
+#[cfg(not(loom))] // host-shimd's repairs, not modelled
 pub(crate) fn unpublished(c: &impl RingCells) -> Vec<u64> {
+    // Acquire on each sequence: pairs with the consumer's Release free.
+    claimed(c).filter(|&pos| c.seq(slot_of(c, pos)).load(Acquire) == pos as u32).collect()
+}
+
+/// The positions producers have claimed and the consumer has not
+/// consumed: from the published head to the tail, at most one lap (a
+/// corrupted cursor cannot make a walk longer).
+#[cfg(not(loom))] // host-shimd's repairs, not modelled
+fn claimed(c: &impl RingCells) -> std::ops::Range<u64> {
     // Acquire: pairs with the consumer's Release publish of the head.
     let head = c.head().load(Acquire);
     let tail = c.tail().load(Relaxed);
-    // A corrupted cursor cannot make this walk more than one lap.
-    let n = tail.wrapping_sub(head).min(u64::from(c.capacity()));
-    // Acquire on each sequence: pairs with the consumer's Release free.
-    (head..head.wrapping_add(n)).filter(|&pos| c.seq(slot_of(c, pos)).load(Acquire) == pos as u32).collect()
+    head..head.wrapping_add(tail.wrapping_sub(head).min(u64::from(c.capacity())))
 }
 
 /// The descriptors published between the head and the producers' tail,
 /// in order, skipping slots claimed and not yet published (at most one
 /// lap). A slot consumed and reused while this walks yields the newer
 /// descriptor: it may name more than is waiting, never less.
+#[cfg(not(loom))] // host-shimd's repairs, not modelled
 pub(crate) fn published(c: &impl RingCells) -> Vec<Descriptor> {
-    // Acquire: pairs with the consumer's Release publish of the head.
-    let head = c.head().load(Acquire);
-    let tail = c.tail().load(Relaxed);
-    let n = tail.wrapping_sub(head).min(u64::from(c.capacity()));
-    (head..head.wrapping_add(n))
+    claimed(c)
         .filter_map(|pos| {
             let slot = slot_of(c, pos);
             // Acquire: pairs with the producer's Release publish.
@@ -263,6 +267,7 @@ pub(crate) fn published(c: &impl RingCells) -> Vec<Descriptor> {
 
 /// Publishes `void` at position `pos` if that slot is still claimed and
 /// unpublished; returns whether it did.
+#[cfg(not(loom))] // host-shimd's repairs, not modelled
 pub(crate) fn fill_void(c: &impl RingCells, pos: u64, void: &Descriptor) -> bool {
     let slot = slot_of(c, pos);
     if c.seq(slot).load(Acquire) != pos as u32 {
