@@ -252,6 +252,12 @@ impl Cluster {
         self.agents[i].kill9();
     }
 
+    /// Sends `sig` to node `i`'s agent (SIGSTOP and SIGCONT: a peer that
+    /// stops answering and comes back).
+    pub fn signal_agent(&self, i: usize, sig: nix::sys::signal::Signal) -> nix::Result<()> {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.agents[i].pid() as i32), sig)
+    }
+
     /// Starts node `i`'s agent again (after [`Cluster::kill_agent`]).
     pub fn restart_agent(&mut self, i: usize) {
         self.agents[i].kill9();

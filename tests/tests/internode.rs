@@ -7,6 +7,7 @@
 //! Every wait has a watchdog; nothing asserts on time.
 
 use dne_tests::cluster::Cluster;
+use nix::sys::signal::Signal;
 use std::path::Path;
 use std::time::Duration;
 use wire::{DescFlags, ErrorCode};
@@ -532,8 +533,7 @@ fn a_node_without_credits_holds_back_only_its_own_requests() {
     };
     // The chain of route 0 starts on n1: stop its agent, then send more
     // than its credits allow.
-    let n1 = nix::unistd::Pid::from_raw(c.agents[1].pid() as i32);
-    nix::sys::signal::kill(n1, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    c.signal_agent(1, Signal::SIGSTOP).unwrap();
     let mut far: Vec<_> = (0..1000).map(|k| call(0, 1000 + k)).collect();
     std::thread::sleep(Duration::from_millis(300));
     // Route 2 starts on n0: answered while n1's requests wait.
@@ -544,8 +544,8 @@ fn a_node_without_credits_holds_back_only_its_own_requests() {
     let unanswered = far.iter_mut().map(|rx| rx.try_recv()).filter(|r| matches!(r, Err(TryRecvError::Empty))).count();
     assert!(unanswered > 0, "n1 answered everything while stopped");
     // n1 goes down: what waited for it fails now.
-    nix::sys::signal::kill(n1, nix::sys::signal::Signal::SIGKILL).unwrap();
-    nix::sys::signal::kill(n1, nix::sys::signal::Signal::SIGCONT).ok();
+    c.signal_agent(1, Signal::SIGKILL).unwrap();
+    c.signal_agent(1, Signal::SIGCONT).ok();
     let mut failed = 0;
     for mut rx in far {
         // (Those answered or failed before the probe above are done.)
@@ -633,8 +633,7 @@ fn a_peer_without_credits_holds_back_only_its_own_messages() {
         f.free(got).unwrap();
     }
     // n1 stops: more messages for it than its credits, then one for n2.
-    let n1 = nix::unistd::Pid::from_raw(c.agents[1].pid() as i32);
-    nix::sys::signal::kill(n1, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    c.signal_agent(1, Signal::SIGSTOP).unwrap();
     const HELD: u32 = 100;
     for k in 0..HELD {
         send(&mut client, "far", 1000 + k);
@@ -649,7 +648,7 @@ fn a_peer_without_credits_holds_back_only_its_own_messages() {
         std::thread::sleep(Duration::from_millis(20));
         queued = c.tenant_status(0, "acme", "queue");
     }
-    nix::sys::signal::kill(n1, nix::sys::signal::Signal::SIGCONT).unwrap();
+    c.signal_agent(1, Signal::SIGCONT).unwrap();
     let got = got.unwrap().expect("n2's message arrives while n1 is stopped");
     assert_eq!(got.request(), 7);
     near.free(got).unwrap();
@@ -673,8 +672,7 @@ fn a_stalled_tenant_does_not_hold_the_send_budget_of_the_others() {
     let mut far = c.attach(1, "acme", "far");
     let mut g = c.attach(0, "globex", "gclient");
     let mut gnear = c.attach(2, "globex", "gnear");
-    let n1 = nix::unistd::Pid::from_raw(c.agents[1].pid() as i32);
-    nix::sys::signal::kill(n1, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    c.signal_agent(1, Signal::SIGSTOP).unwrap();
     // Two messages of 1 MiB for the stopped node: more than the whole
     // budget, and far more fragments than its credits.
     let big = pattern(1 << 20, 3);
@@ -691,7 +689,7 @@ fn a_stalled_tenant_does_not_hold_the_send_budget_of_the_others() {
         send(&mut g, "gnear", k);
         got.push(gnear.recv_timeout(Some(Duration::from_secs(5))));
     }
-    nix::sys::signal::kill(n1, nix::sys::signal::Signal::SIGCONT).unwrap();
+    c.signal_agent(1, Signal::SIGCONT).unwrap();
     for (k, r) in got.into_iter().enumerate() {
         let m = r.unwrap().unwrap_or_else(|| panic!("globex message {k} did not arrive while n1 was stopped"));
         assert_eq!(m.request(), k as u32);
