@@ -6,7 +6,12 @@
 //! * a control thread owns the out-of-band TCP connections (one per peer:
 //!   the node with the higher id dials, the other listens), speaks
 //!   [`wire::mesh`] on them, redials with capped exponential backoff, and
-//!   notices a peer's death by its TCP connection closing;
+//!   notices a peer's death by its TCP connection closing. It never waits
+//!   on one peer: connections on the listener are read as their Hellos
+//!   arrive (each within the handshake deadline), and each dial runs on a
+//!   short-lived thread of its own, so neither a silent stranger on the
+//!   port nor a peer whose process is stopped (its kernel completes the
+//!   connection, nobody answers) holds up the other links;
 //! * the data-plane thread, which owns the [`Endpoint`], calls
 //!   [`Mesh::pump`] every millisecond or so: it opens, connects and closes
 //!   the endpoint's connections as the control thread asks, and reports
@@ -36,6 +41,10 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const TICK: Duration = Duration::from_millis(5);
 /// How long a handshake may take.
 const HANDSHAKE: Duration = Duration::from_secs(2);
+/// Most connections on the listener waiting for their Hello at once; a
+/// new one beyond it drops the oldest (after every Hello that has arrived
+/// is taken).
+const MAX_PENDING: usize = 16;
 /// How long an idle link may go without its keepalive probes answered
 /// before it is down: a peer that vanishes without a FIN or a reset (host
 /// or link lost) goes down in seconds, not after hours. A live but stopped
@@ -208,6 +217,7 @@ impl Mesh {
                     addr,
                     dial: cfg.me > id,
                     stream: None,
+                    dialing: None,
                     rbuf: Vec::with_capacity(2 * MAX_MESH_FRAME),
                     epoch: 0,
                     next_try: Instant::now(),
@@ -217,6 +227,7 @@ impl Mesh {
             cfg,
             name,
             listener,
+            pending: Vec::new(),
             shards: senders,
             notes: note_rx,
             up: up.clone(),
@@ -319,16 +330,28 @@ struct Link {
     /// This side dials (higher id dials lower).
     dial: bool,
     stream: Option<TcpStream>,
+    /// The result of the dial in flight, if any.
+    dialing: Option<Receiver<io::Result<(TcpStream, u32)>>>,
     rbuf: Vec<u8>,
     epoch: u32,
     next_try: Instant,
     backoff: Duration,
 }
 
+/// A connection on the listener whose Hello has not all arrived.
+struct Pending {
+    stream: TcpStream,
+    from: SocketAddr,
+    buf: Vec<u8>,
+    deadline: Instant,
+}
+
 struct Control {
     cfg: MeshConfig,
     name: wire::Name,
     listener: TcpListener,
+    /// Connections on the listener waiting for their Hello, oldest first.
+    pending: Vec<Pending>,
     links: Vec<Link>,
     shards: Vec<Shard>,
     notes: Receiver<Note>,
@@ -345,48 +368,68 @@ fn send_frame(stream: &mut TcpStream, msg: &MeshMsg<'_>) -> io::Result<()> {
     stream.write_all(&out)
 }
 
-/// Reads one Hello within [`HANDSHAKE`] in all (blocking; control thread
-/// only): a peer that trickles its Hello byte by byte is cut off at the
-/// deadline, not allowed [`HANDSHAKE`] per byte.
-fn read_hello(stream: &mut TcpStream) -> io::Result<MeshHello> {
-    let deadline = std::time::Instant::now() + HANDSHAKE;
-    let mut buf = Vec::with_capacity(128);
+/// Reads a connection's Hello into `buf`, never past the end of its frame
+/// (what follows is the peer's setup, read by the main loop). `Ok(None)`:
+/// not complete yet, because a non-blocking stream has nothing more for
+/// now, or a blocking one reached `deadline` (which bounds the whole
+/// Hello: a peer that trickles it byte by byte is cut off there, not
+/// allowed the deadline per byte).
+fn hello_step(stream: &mut TcpStream, buf: &mut Vec<u8>, deadline: Option<Instant>) -> io::Result<Option<MeshHello>> {
     let mut chunk = [0u8; 128];
     loop {
-        match MeshMsg::decode(&buf) {
+        let need = match MeshMsg::decode(buf) {
             Ok((MeshMsg::Hello(h), used)) if used == buf.len() => {
                 if h.layout_hash != wire::LAYOUT_HASH {
                     return Err(io::Error::other("peer speaks other wire layouts"));
                 }
-                return Ok(h);
+                return Ok(Some(h));
             }
             Ok(_) => return Err(io::Error::other("expected Hello first")),
-            Err(MeshDecodeError::Incomplete { need }) if need <= 128 => {}
+            Err(MeshDecodeError::Incomplete { need }) if need <= chunk.len() && need > buf.len() => need,
             Err(e) => return Err(io::Error::other(e)),
-        }
-        // Read only up to the end of the Hello frame: what follows is the
-        // peer's setup, read by the main loop.
-        let need = match MeshMsg::decode(&buf) {
-            Err(MeshDecodeError::Incomplete { need }) => need,
-            _ => buf.len() + 1,
         };
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer's Hello took too long"));
-        }
-        stream.set_read_timeout(Some(left))?;
-        let n = match stream.read(&mut chunk[..need - buf.len()]) {
-            // The read timed out (Linux says EAGAIN): the deadline passed.
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer's Hello took too long"));
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
             }
-            r => r?,
-        };
-        if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed during the handshake"));
+            stream.set_read_timeout(Some(left))?;
         }
-        buf.extend_from_slice(&chunk[..n]);
+        match stream.read(&mut chunk[..need - buf.len()]) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed during the handshake")),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            // Nothing more now; on a blocking stream the read timed out
+            // (Linux says EAGAIN): the deadline passed.
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
+}
+
+/// The error of a Hello not complete at its deadline.
+fn hello_too_slow() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "the peer's Hello took too long")
+}
+
+/// Reads one Hello within [`HANDSHAKE`] in all from a blocking stream
+/// (a dial thread's).
+fn read_hello(stream: &mut TcpStream) -> io::Result<MeshHello> {
+    let mut buf = Vec::with_capacity(128);
+    hello_step(stream, &mut buf, Some(Instant::now() + HANDSHAKE))?.ok_or_else(hello_too_slow)
+}
+
+/// One dial of the peer `id` at `addr` (on a thread of its own: a peer
+/// whose process is stopped completes the TCP connection but never
+/// answers, and the control thread must not wait for it).
+fn dial_peer(addr: SocketAddr, id: u16, me: MeshHello) -> io::Result<(TcpStream, u32)> {
+    let mut s = TcpStream::connect_timeout(&addr, HANDSHAKE)?;
+    send_frame(&mut s, &MeshMsg::Hello(me))?;
+    let h = read_hello(&mut s)?;
+    if h.node != id {
+        return Err(io::Error::other(format!("{addr} is node {}, expected {id}", h.node)));
+    }
+    Ok((s, h.pid))
 }
 
 impl Control {
@@ -448,60 +491,122 @@ impl Control {
         l.backoff = (l.backoff * 2).min(self.cfg.backoff_max.max(BACKOFF_MIN));
     }
 
+    /// Takes new connections on the listener (non-blocking) and reads the
+    /// Hellos of those waiting for theirs.
     fn accept(&mut self) -> bool {
         let mut busy = false;
         loop {
-            let (mut stream, from) = match self.listener.accept() {
+            let (stream, from) = match self.listener.accept() {
                 Ok(s) => s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return busy,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     log::warn!("mesh: accept: {e}");
-                    return busy;
+                    break;
                 }
             };
             busy = true;
-            let _ = stream.set_nonblocking(false);
-            let h = match read_hello(&mut stream) {
-                Ok(h) => h,
-                Err(e) => {
-                    log::warn!("mesh: connection from {from} refused: {e}");
-                    continue;
-                }
-            };
-            let Some(k) = self.links.iter().position(|l| l.id == h.node && !l.dial) else {
-                log::warn!("mesh: connection from {from} claims node {}, not a peer that dials us", h.node);
-                continue;
-            };
-            if let Err(e) = send_frame(&mut stream, &MeshMsg::Hello(hello(&self.cfg, self.name))) {
-                log::warn!("mesh: hello to node {}: {e}", h.node);
+            if let Err(e) = stream.set_nonblocking(true) {
+                log::warn!("mesh: connection from {from}: {e}");
                 continue;
             }
-            self.link_up(k, stream, h.pid);
+            if self.pending.len() == MAX_PENDING {
+                // Full: take what has arrived before dropping anyone.
+                self.handshakes();
+            }
+            if self.pending.len() == MAX_PENDING {
+                let old = self.pending.remove(0);
+                log::warn!("mesh: connection from {} dropped: {MAX_PENDING} are waiting for their Hello", old.from);
+            }
+            self.pending.push(Pending { stream, from, buf: Vec::new(), deadline: Instant::now() + HANDSHAKE });
         }
+        busy | self.handshakes()
     }
 
+    /// Reads what every connection waiting on the listener has sent; one
+    /// whose Hello is complete is answered and its link set up, one past
+    /// [`HANDSHAKE`] or in error is dropped.
+    fn handshakes(&mut self) -> bool {
+        let mut busy = false;
+        let now = Instant::now();
+        let mut k = 0;
+        while k < self.pending.len() {
+            let p = &mut self.pending[k];
+            let r = match hello_step(&mut p.stream, &mut p.buf, None) {
+                Ok(None) if now < p.deadline => {
+                    k += 1;
+                    continue;
+                }
+                Ok(None) => Err(hello_too_slow()),
+                Ok(Some(h)) => Ok(h),
+                Err(e) => Err(e),
+            };
+            busy = true;
+            let Pending { stream, from, .. } = self.pending.remove(k);
+            match r {
+                Ok(h) => self.hello_from(stream, from, &h),
+                Err(e) => log::warn!("mesh: connection from {from} refused: {e}"),
+            }
+        }
+        busy
+    }
+
+    /// A connection on the listener said Hello: if it is a peer that dials
+    /// us, answer and set its link up.
+    fn hello_from(&mut self, mut stream: TcpStream, from: SocketAddr, h: &MeshHello) {
+        let Some(k) = self.links.iter().position(|l| l.id == h.node && !l.dial) else {
+            log::warn!("mesh: connection from {from} claims node {}, not a peer that dials us", h.node);
+            return;
+        };
+        // A Hello fits in the empty send buffer of a new connection: this
+        // write on the non-blocking stream does not come back short.
+        if let Err(e) = send_frame(&mut stream, &MeshMsg::Hello(hello(&self.cfg, self.name))) {
+            log::warn!("mesh: hello to node {}: {e}", h.node);
+            return;
+        }
+        self.link_up(k, stream, h.pid);
+    }
+
+    /// Starts a dial of every peer we dial that is down and due (one dial
+    /// thread each), and takes the result of those that finished.
     fn dial(&mut self) -> bool {
         let now = Instant::now();
         let mut busy = false;
         for k in 0..self.links.len() {
-            let l = &self.links[k];
-            if !l.dial || l.stream.is_some() || now < l.next_try {
+            let l = &mut self.links[k];
+            if !l.dial || l.stream.is_some() {
+                continue;
+            }
+            let (id, addr) = (l.id, l.addr);
+            if let Some(rx) = &l.dialing {
+                let r = match rx.try_recv() {
+                    Err(TryRecvError::Empty) => continue,
+                    Ok(r) => r,
+                    Err(TryRecvError::Disconnected) => Err(io::Error::other("the dial thread ended without a result")),
+                };
+                l.dialing = None;
+                busy = true;
+                match r {
+                    Ok((s, pid)) => self.link_up(k, s, pid),
+                    Err(e) => {
+                        log::debug!("mesh: dialing node {id} at {addr}: {e}");
+                        self.link_down(k, "dial failed");
+                    }
+                }
+                continue;
+            }
+            if now < l.next_try {
                 continue;
             }
             busy = true;
-            let (id, addr) = (l.id, l.addr);
-            let r = TcpStream::connect_timeout(&addr, HANDSHAKE).and_then(|mut s| {
-                send_frame(&mut s, &MeshMsg::Hello(hello(&self.cfg, self.name)))?;
-                let h = read_hello(&mut s)?;
-                if h.node != id {
-                    return Err(io::Error::other(format!("{addr} is node {}, expected {id}", h.node)));
-                }
-                Ok((s, h.pid))
-            });
-            match r {
-                Ok((s, pid)) => self.link_up(k, s, pid),
+            let (tx, rx) = channel();
+            let me = hello(&self.cfg, self.name);
+            let spawned = std::thread::Builder::new()
+                .name(format!("mesh-dial-{id}"))
+                .spawn(move || drop(tx.send(dial_peer(addr, id, me))));
+            match spawned {
+                Ok(_) => self.links[k].dialing = Some(rx),
                 Err(e) => {
-                    log::debug!("mesh: dialing node {id} at {addr}: {e}");
+                    log::warn!("mesh: cannot start a dial of node {id}: {e}");
                     self.link_down(k, "dial failed");
                 }
             }

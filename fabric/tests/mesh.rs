@@ -183,3 +183,64 @@ fn halves_of_one_node_each_connect_their_own_tenants() {
     );
     assert!(bad.is_err(), "halves must cover every tenant");
 }
+
+/// Whether `s` is still open: what the node sent it has been read and no
+/// end-of-file follows (the node has not given up on it).
+fn still_open(s: &mut std::net::TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match std::io::Read::read(s, &mut buf) {
+            Ok(0) => return false,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Connections that open the control port and say nothing (a port scan, a
+/// stuck client) each get the handshake deadline, but none of them holds
+/// the port for anyone else: the real peer, dialing in behind 24 of them,
+/// is set up while the newest 15 are still waiting (the node keeps 16
+/// connections waiting at most, the peer's was one of them, and the
+/// oldest were dropped to make room). Without this, the node read each
+/// stranger's Hello in turn, 2 s each, before the peer's.
+#[test]
+fn silent_strangers_on_the_control_port_do_not_hold_up_a_peer() {
+    let addrs = [free_port(), free_port()];
+    let mut a = side(0, &addrs);
+    let mut strangers: Vec<_> = (0..24).map(|_| std::net::TcpStream::connect(addrs[0]).unwrap()).collect();
+    let mut b = side(1, &addrs);
+    until("the peer connects", &mut [&mut a, &mut b], |s| s.iter().all(|s| s.up.len() == 2));
+    let open: Vec<bool> = strangers.iter_mut().map(still_open).collect();
+    assert_eq!(open.iter().filter(|&&o| o).count(), 15, "the peer was set up only after A gave up on strangers");
+    assert!(open[9..].iter().all(|&o| o), "the oldest strangers make room, not the newest: {open:?}");
+    // Each stranger is still cut off at the handshake deadline.
+    for mut s in strangers {
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(WATCHDOG)).unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(std::io::Read::read(&mut s, &mut buf).unwrap_or(0), 0, "a silent stranger is dropped");
+    }
+}
+
+/// A peer whose process is stopped still completes TCP connections (its
+/// kernel answers) but never its Hello. Dialing it must not hold up the
+/// node's other links: C sets its link to A up while its first dial to the
+/// stopped B is still waiting for B's Hello (without this, each dial to B
+/// took C's control thread for the 2 s handshake deadline, and A's setup
+/// waited behind it).
+#[test]
+fn a_stopped_peer_does_not_hold_up_the_other_links() {
+    let addrs = [free_port(), free_port(), free_port()];
+    // B: a listener whose process never accepts (what a SIGSTOPped node
+    // looks like from the network).
+    let stopped = TcpListener::bind(addrs[1]).unwrap();
+    let mut a = side(0, &addrs);
+    let mut c = side(2, &addrs);
+    until("C and A connect", &mut [&mut a, &mut c], |s| s.iter().all(|s| s.up.len() == 2));
+    let (mut first, _) = stopped.accept().unwrap();
+    assert!(still_open(&mut first), "C's link to A was set up only after C gave up on its first dial to B");
+    assert_eq!(c.mesh.peers_up(), 1);
+}
