@@ -105,13 +105,13 @@ pub enum MeshEvent {
     },
 }
 
-enum Cmd {
+pub(crate) enum Cmd {
     Open { peer: u16, epoch: u32 },
     Connect { peer: u16, epoch: u32, tenant: u16, blob: Vec<u8> },
     Down { peer: u16 },
 }
 
-enum Note {
+pub(crate) enum Note {
     Blob { peer: u16, epoch: u32, tenant: u16, blob: Vec<u8> },
     Reset { peer: u16, epoch: u32 },
 }
@@ -248,6 +248,19 @@ impl Mesh {
             .collect())
     }
 
+    /// A half with no control thread, for tests that play the control
+    /// thread by hand: they send its commands and read its notes.
+    #[cfg(test)]
+    pub(crate) fn by_hand(tenants: Vec<u16>) -> (Self, Sender<Cmd>, Receiver<Note>) {
+        let (cmd_tx, cmds) = channel();
+        let (notes, note_rx) = channel();
+        let control =
+            Arc::new(ControlThread { stop: Arc::new(AtomicBool::new(false)), thread: std::sync::Mutex::new(None) });
+        let mesh =
+            Self { tenants, cmds, notes, links: HashMap::new(), up: Arc::new(AtomicU32::new(0)), _control: control };
+        (mesh, cmd_tx, note_rx)
+    }
+
     /// Peers whose control link is up now.
     pub fn peers_up(&self) -> u32 {
         self.up.load(Ordering::Relaxed)
@@ -316,7 +329,9 @@ impl Mesh {
     }
 
     /// A fabric connection to `peer` failed: reset the whole link (both
-    /// sides close and set up again).
+    /// sides close and set up again). Not for a connection the mesh closed
+    /// itself: its failure may be reported after the link was set up again,
+    /// and would reset the new link.
     pub fn peer_failed(&mut self, peer: u16) {
         if let Some(&(epoch, _)) = self.links.get(&peer) {
             let _ = self.notes.send(Note::Reset { peer, epoch });

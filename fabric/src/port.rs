@@ -601,13 +601,19 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                 }
                 Completion::ConnFailed { conn, error } => {
                     if let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) {
-                        log::warn!("fabric: a connection to node {} failed: {error}", st.peer);
                         st.up = false;
                         if matches!(error, CompletionError::Protocol(_)) {
                             out.push(PortEvent::Protocol { tenant: st.tenant, peer: st.peer });
                         }
-                        let peer = st.peer;
-                        self.mesh.peer_failed(peer);
+                        if error == CompletionError::Closed {
+                            // The mesh's own close of a link it took down or
+                            // set up again: reported now, it must not reset
+                            // the link that may already replace it.
+                            log::debug!("fabric: a connection to node {} closed", st.peer);
+                        } else {
+                            log::warn!("fabric: a connection to node {} failed: {error}", st.peer);
+                            self.mesh.peer_failed(st.peer);
+                        }
                     }
                 }
                 Completion::Sent { token, result, .. } => self.sent(token, result, out),
@@ -711,5 +717,73 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             }
         }
         self.refill(conn, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::{Cmd, Note};
+    use crate::{EndpointConfig, NullTransport};
+    use shm::Pool;
+    use wire::Owner;
+
+    struct PoolBufs(Pool);
+
+    impl Buffers for PoolBufs {
+        fn view(&self) -> PoolView<'_> {
+            PoolView::Local(&self.0)
+        }
+        fn alloc_one(&mut self) -> Option<Lease> {
+            self.0.alloc(self.0.geometry().payload_cap(), Owner::Held(1)).ok()
+        }
+        fn free(&mut self, lease: Lease) {
+            self.0.free(lease).unwrap();
+        }
+    }
+
+    /// Polls until the fabric has nothing more to say.
+    fn settle(port: &mut Port<NullTransport, PoolBufs>, out: &mut Vec<PortEvent>) {
+        for _ in 0..100 {
+            port.control(out);
+            if port.poll(out) == 0 {
+                return;
+            }
+        }
+        panic!("the null fabric kept completing");
+    }
+
+    /// When a peer's link is set up again (a new epoch) the mesh closes the
+    /// old epoch's connections, and their failures (`Closed`, this side's
+    /// own doing) come out of the fabric after the new epoch's connections
+    /// were opened. They are not a failure of the new link: before, each
+    /// reset the link just set up (a peer that came back quickly was set up
+    /// twice, or more while the closes kept overtaking the setups).
+    #[test]
+    fn connections_the_mesh_closed_do_not_reset_the_link_that_replaced_them() {
+        let g = wire::PoolGeometry::new(0, 1024, 64, wire::fabric::HEADROOM, 4).unwrap();
+        let pool = Pool::create("port-test", g, shm::PagePolicy::Normal).unwrap();
+        let (mesh, cmds, notes) = Mesh::by_hand(vec![0]);
+        let ep = Endpoint::new(NullTransport::new(), EndpointConfig { max_conns: 8, ..Default::default() });
+        let tenants = vec![PortTenant { id: 0, bufs: PoolBufs(pool), per_conn: 4 }];
+        let mut port = Port::with_mesh(ep, mesh, 1, tenants, PortSizes { flights: 16, queue_high: 16 }).unwrap();
+        let mut out = Vec::new();
+        for epoch in 1..=3 {
+            if epoch > 1 {
+                // The peer dialed again before this node saw its old link
+                // close: the control thread says Down and Open in one go.
+                cmds.send(Cmd::Down { peer: 1 }).unwrap();
+            }
+            cmds.send(Cmd::Open { peer: 1, epoch }).unwrap();
+            port.control(&mut out);
+            assert!(matches!(notes.try_recv(), Ok(Note::Blob { peer: 1, tenant: 0, .. })), "epoch {epoch}: our blob");
+            cmds.send(Cmd::Connect { peer: 1, epoch, tenant: 0, blob: b"null".to_vec() }).unwrap();
+            out.clear();
+            settle(&mut port, &mut out);
+            assert!(out.iter().any(|e| matches!(e, PortEvent::Up { tenant: 0, peer: 1 })), "epoch {epoch}: {out:?}");
+            assert!(port.is_up(0, 1), "epoch {epoch}");
+            let resets: Vec<Note> = notes.try_iter().collect();
+            assert!(resets.is_empty(), "epoch {epoch}: the new link was reset: {resets:?}");
+        }
     }
 }

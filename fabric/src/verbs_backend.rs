@@ -614,7 +614,14 @@ impl VerbsTransport {
             Ok(())
         } else {
             if c.failed.is_none() {
-                let e = wc_error(wc.status);
+                let e = match wc_error(wc.status) {
+                    // A flush we did not ask for: the queue pair went to
+                    // the error state on its own. `Closed` would say this
+                    // side closed it, and the mesh would not set it up
+                    // again.
+                    CompletionError::Closed => CompletionError::Transport(wc.status as i32),
+                    e => e,
+                };
                 log::debug!(
                     "fabric verbs: connection {i} failed: status {} vendor {:#x}: {e}",
                     wc.status,
