@@ -744,3 +744,64 @@ fn notification_handle_wakes_a_sleeping_comch_peer() {
     pe_s.progress();
     assert!(readable(hc, WATCHDOG), "the answer wakes the client");
 }
+
+/// One `progress` takes at most a comch receive queue's worth of messages
+/// (`recv_queue`). What it leaves behind keeps the notification handle
+/// readable, so a receiver that clears the handle, progresses once more,
+/// takes a full queue and then sleeps is woken at once for the rest (its
+/// socket's readiness had been reported, and cleared, before).
+#[test]
+#[cfg(not(feature = "sdk"))] // the emulation's bounded reads
+fn comch_messages_beyond_one_receive_queue_keep_the_handle_readable() {
+    let dev = device();
+    let (pe_s, pe_c) = (ProgressEngine::new().unwrap(), ProgressEngine::new().unwrap());
+    let name = format!("conf-queue-{}", std::process::id());
+    let server = ComchServer::new(&pe_s, &dev, &name, ComchConfig { recv_queue: 4, ..Default::default() }).unwrap();
+    server.start().unwrap();
+    let client = ComchClient::new(&pe_c, &dev, &name, ComchConfig::default()).unwrap();
+    client.start().unwrap();
+    let mut buf = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
+    let mut conn = None;
+    let start = Instant::now();
+    while conn.is_none() || client.state() != CtxState::Running {
+        pe_s.progress();
+        pe_c.progress();
+        if let Some(ComchEvent::Connected(c)) = server.poll_event(&mut buf) {
+            conn = Some(c);
+        }
+        assert!(start.elapsed() < WATCHDOG, "watchdog: comch connection");
+    }
+    while client.poll_event(&mut buf).is_some() {}
+    for i in 0..10u8 {
+        client.send(&[i; 8], u64::from(i)).unwrap();
+    }
+    let mut sent = 0;
+    progress_until(&pe_c, "the client's sends", || {
+        while let Some(e) = client.poll_event(&mut buf) {
+            sent += usize::from(matches!(e, ComchEvent::SendDone { result: Ok(()), .. }));
+        }
+        sent == 10
+    });
+    let hs = pe_s.notification_handle().unwrap();
+    let mut got = Vec::new();
+    let mut take = |got: &mut Vec<u8>| {
+        while let Some(e) = server.poll_event(&mut buf) {
+            if let ComchEvent::Message { len: 8, .. } = e {
+                got.push(buf[0]);
+            }
+        }
+    };
+    pe_s.clear_notification().unwrap();
+    pe_s.request_notification().unwrap();
+    pe_s.progress();
+    take(&mut got);
+    assert_eq!(got, [0, 1, 2, 3], "one receive queue's worth per progress");
+    assert!(readable(hs, Duration::from_millis(500)), "six messages wait: the handle must say so");
+    let start = Instant::now();
+    while got.len() < 10 {
+        pe_s.progress();
+        take(&mut got);
+        assert!(start.elapsed() < WATCHDOG, "watchdog: the rest, {got:?}");
+    }
+    assert_eq!(got, (0..10).collect::<Vec<u8>>(), "all of them, in order");
+}

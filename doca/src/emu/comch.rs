@@ -328,7 +328,13 @@ impl State {
                     }
                 }
                 let fd = &peer.fd;
-                let Some(&slot) = self.recv_free.last() else { return };
+                let Some(&slot) = self.recv_free.last() else {
+                    // The receive queue is full: what the socket still
+                    // holds is read by a later progress, once the caller
+                    // has taken these. Tell a sleeper to come back.
+                    self.pe.again();
+                    return;
+                };
                 let buf = Self::slot(&mut self.recv_data, max, slot);
                 match rustix::net::recv(fd, buf, RecvFlags::DONTWAIT | RecvFlags::TRUNC) {
                     Ok((_, 0)) => self.disconnect(i as u32, DocaError::NOT_CONNECTED),

@@ -4,9 +4,10 @@
 //! Event-driven waiting, as DOCA's notification handle: every socket an
 //! RDMA or comch context opens is watched, edge-triggered, by the engine's
 //! epoll instance, whose fd is the handle. It turns readable when something
-//! happened on a socket since the last [`ProgressEngine::clear_notification`];
-//! a caller clears, progresses once more (what happened before the clear
-//! is found then), and only then sleeps on the handle.
+//! happened on a socket since the last [`ProgressEngine::clear_notification`],
+//! or when a progress left behind what a socket still holds (a full receive
+//! queue); a caller clears, progresses once more (what happened before the
+//! clear is found then), and only then sleeps on the handle.
 
 use crate::DocaError;
 use rustix::event::epoll;
@@ -26,6 +27,9 @@ pub(crate) trait Progress: Send + Sync {
 pub(crate) struct PeShared {
     ctxs: Mutex<Vec<Weak<dyn Progress>>>,
     epoll: OwnedFd,
+    /// An eventfd in the epoll set, written by a context that left work
+    /// it could have done behind ([`PeShared::again`]).
+    again: OwnedFd,
 }
 
 impl std::fmt::Debug for PeShared {
@@ -37,6 +41,16 @@ impl std::fmt::Debug for PeShared {
 impl PeShared {
     pub(crate) fn connect(&self, ctx: Weak<dyn Progress>) {
         crate::emu::lock(&self.ctxs).push(ctx);
+    }
+
+    /// Makes the notification handle readable: a context stopped short of
+    /// what its sockets hold (a full receive queue, say). Their readiness
+    /// was reported once, edge-triggered, and may have been cleared
+    /// already; without this a caller would sleep with work waiting.
+    pub(crate) fn again(&self) {
+        if let Err(e) = rustix::io::write(&self.again, &1u64.to_ne_bytes()) {
+            log::warn!("progress engine: cannot raise the notification: {e}");
+        }
     }
 
     /// Watches a context's socket for the notification handle (until it is
@@ -64,7 +78,14 @@ impl ProgressEngine {
     /// Creates a progress engine.
     pub fn new() -> Result<Self, DocaError> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| crate::error::os("epoll_create", e))?;
-        let shared = PeShared { ctxs: Mutex::new(Vec::new()), epoll };
+        let flags = rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK;
+        let again = rustix::event::eventfd(0, flags).map_err(|e| crate::error::os("eventfd", e))?;
+        // Edge-triggered: every write is an edge, so it wakes a sleeper
+        // however many went unread.
+        let watch = epoll::EventFlags::IN | epoll::EventFlags::ET;
+        epoll::add(&epoll, &again, epoll::EventData::new_u64(0), watch)
+            .map_err(|e| crate::error::os("epoll_ctl", e))?;
+        let shared = PeShared { ctxs: Mutex::new(Vec::new()), epoll, again };
         Ok(Self { shared: Arc::new(shared), _single_owner: PhantomData })
     }
 
@@ -85,6 +106,8 @@ impl ProgressEngine {
     /// Clears the handle (`doca_pe_clear_notification`): forgets what it
     /// reported so far. Progress afterwards before sleeping on it.
     pub fn clear_notification(&self) -> Result<(), DocaError> {
+        let mut count = [0u8; 8];
+        let _ = rustix::io::read(&self.shared.again, &mut count);
         let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
         const N: usize = 32;
         let mut buf = [MaybeUninit::<epoll::Event>::uninit(); N];
