@@ -231,9 +231,9 @@ impl Mesh {
             shards: senders,
             notes: note_rx,
             up: up.clone(),
+            stop: stop.clone(),
         };
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new().name("mesh".into()).spawn(move || control.run(&flag))?;
+        let thread = std::thread::Builder::new().name("mesh".into()).spawn(move || control.run())?;
         let control = Arc::new(ControlThread { stop, thread: std::sync::Mutex::new(Some(thread)) });
         Ok(halves
             .into_iter()
@@ -371,6 +371,9 @@ struct Control {
     shards: Vec<Shard>,
     notes: Receiver<Note>,
     up: Arc<AtomicU32>,
+    /// Set when the last half goes: the thread ends, dials in flight say
+    /// no Hello.
+    stop: Arc<AtomicBool>,
 }
 
 fn hello(cfg: &MeshConfig, name: wire::Name) -> MeshHello {
@@ -436,9 +439,14 @@ fn read_hello(stream: &mut TcpStream) -> io::Result<MeshHello> {
 
 /// One dial of the peer `id` at `addr` (on a thread of its own: a peer
 /// whose process is stopped completes the TCP connection but never
-/// answers, and the control thread must not wait for it).
-fn dial_peer(addr: SocketAddr, id: u16, me: MeshHello) -> io::Result<(TcpStream, u32)> {
+/// answers, and the control thread must not wait for it). A mesh that
+/// stopped meanwhile does not say Hello: the peer would take it for a new
+/// link of this node.
+fn dial_peer(addr: SocketAddr, id: u16, me: MeshHello, stop: &AtomicBool) -> io::Result<(TcpStream, u32)> {
     let mut s = TcpStream::connect_timeout(&addr, HANDSHAKE)?;
+    if stop.load(Ordering::Relaxed) {
+        return Err(io::Error::other("the mesh stopped"));
+    }
     send_frame(&mut s, &MeshMsg::Hello(me))?;
     let h = read_hello(&mut s)?;
     if h.node != id {
@@ -457,8 +465,8 @@ impl Control {
         }
     }
 
-    fn run(&mut self, stop: &AtomicBool) {
-        while !stop.load(Ordering::Relaxed) {
+    fn run(&mut self) {
+        while !self.stop.load(Ordering::Relaxed) {
             let mut busy = self.accept();
             busy |= self.dial();
             busy |= self.read();
@@ -615,9 +623,10 @@ impl Control {
             busy = true;
             let (tx, rx) = channel();
             let me = hello(&self.cfg, self.name);
+            let stop = self.stop.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("mesh-dial-{id}"))
-                .spawn(move || drop(tx.send(dial_peer(addr, id, me))));
+                .spawn(move || drop(tx.send(dial_peer(addr, id, me, &stop))));
             match spawned {
                 Ok(_) => self.links[k].dialing = Some(rx),
                 Err(e) => {
