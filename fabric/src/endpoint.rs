@@ -103,6 +103,9 @@ struct Conn {
     recvs: Slab<RecvWr>,
     /// Send completions owed by the backend (data and credit sends).
     raw_sends: u32,
+    /// The backend has reported the connection failed: it has let go of
+    /// the id, and nothing more of this connection can come out of it.
+    released: bool,
 }
 
 #[derive(Debug)]
@@ -197,12 +200,15 @@ impl<T: Transport> Endpoint<T> {
     /// passes to its [`connect`](Self::connect). Setup path: may wait
     /// (bounded) for the backend to start.
     ///
-    /// A failed connection whose every operation has completed is reused
-    /// (same id, a fresh backend connection), so a peer that comes and goes
-    /// does not use up the table.
+    /// A failed connection whose every operation has completed, and whose
+    /// failure the backend has reported, is reused (same id, a fresh
+    /// backend connection), so a peer that comes and goes does not use up
+    /// the table. (Reused before that report, the id would have the new
+    /// connection failed by the old one's.)
     pub fn open(&mut self, spec: ConnSpec) -> Result<(ConnId, Vec<u8>), ConnSetupError> {
         let reuse = self.conns.iter().position(|c| {
             matches!(c.state, State::Failed(_))
+                && c.released
                 && c.queue.is_empty()
                 && c.sends.used() == 0
                 && c.recvs.used() == 0
@@ -224,6 +230,7 @@ impl<T: Transport> Endpoint<T> {
             sends: Slab::new(self.cfg.send_window),
             recvs: Slab::new(self.cfg.recv_depth),
             raw_sends: 0,
+            released: false,
         };
         match reuse {
             Some(i) => self.conns[i] = conn,
@@ -453,6 +460,7 @@ impl<T: Transport> Endpoint<T> {
             }
             RawCompletion::ConnFailed(conn, error) => {
                 let Some(c) = self.conns.get_mut(conn.0 as usize) else { return 0 };
+                c.released = true;
                 match c.state {
                     State::Failed(mine) => {
                         // We failed it (close, protocol): report our reason

@@ -22,6 +22,9 @@ const PEER_RESERVE: u32 = crate::credit::RESERVE;
 struct Conn {
     depth: ConnDepth,
     up: bool,
+    /// Aborted: its failure was reported (once, as a real backend does,
+    /// connected or not).
+    aborted: bool,
     /// Our receives posted (their `user_data`), oldest first.
     recvs: VecDeque<u64>,
     /// Data sends we have posted (cumulative, mod 2^32).
@@ -92,6 +95,7 @@ impl Transport for NullTransport {
         self.conns[i] = Some(Conn {
             depth,
             up: false,
+            aborted: false,
             recvs: VecDeque::with_capacity(depth.recvs as usize + 1),
             sent: 0,
             grant,
@@ -178,9 +182,10 @@ impl Transport for NullTransport {
 
     fn abort(&mut self, conn: ConnId) {
         let Some(Some(c)) = self.conns.get_mut(conn.0 as usize) else { return };
-        if !c.up {
+        if c.aborted {
             return;
         }
+        c.aborted = true;
         c.up = false;
         self.out.push_back(RawCompletion::ConnFailed(conn, CompletionError::Closed));
         for ud in c.recvs.drain(..) {
@@ -250,5 +255,36 @@ mod tests {
             }
         }
         assert_eq!(sent, 1000);
+    }
+
+    /// A closed connection's id is reused only once the backend has
+    /// reported the close: a report that came after the reuse would fail
+    /// the new connection that has its id (the backend's failure of the
+    /// old one is queued when it is aborted).
+    #[test]
+    fn a_closed_connection_is_reused_only_after_its_failure_was_reported() {
+        let mut ep = Endpoint::new(NullTransport::new(), cfg());
+        let spec = crate::ConnSpec { tenant: 0, peer: 1 };
+        let mut comps = vec![Completion::EMPTY; 64];
+        let mut poll = |ep: &mut Endpoint<NullTransport>| {
+            let n = ep.poll(&mut comps);
+            comps[..n].to_vec()
+        };
+        let (c, blob) = ep.open(spec).unwrap();
+        ep.connect(c, &blob).unwrap();
+        assert_eq!(poll(&mut ep), [Completion::Connected(c)]);
+        ep.close(c);
+        let (other, _) = ep.open(spec).unwrap();
+        assert_ne!(other, c, "the close is not reported yet: its id is not free");
+        assert_eq!(poll(&mut ep), [Completion::ConnFailed { conn: c, error: CompletionError::Closed }]);
+        ep.close(other);
+        assert_eq!(poll(&mut ep), [Completion::ConnFailed { conn: other, error: CompletionError::Closed }]);
+        let (again, blob) = ep.open(spec).unwrap();
+        assert_eq!(again, c, "reported: reused");
+        ep.connect(again, &blob).unwrap();
+        assert_eq!(poll(&mut ep), [Completion::Connected(c)]);
+        for _ in 0..10 {
+            assert_eq!(poll(&mut ep), [], "nothing left over from the old connection");
+        }
     }
 }
