@@ -93,6 +93,7 @@ pub fn start_meshes(cfg: &Cluster, me: u16, shards: &[Vec<u16>]) -> Result<Vec<M
         peers: peers(cfg, me)?,
         tenants: (0..cfg.tenants.len() as u16).collect(),
         backoff_max: Duration::from_secs(1),
+        handshake: MeshConfig::HANDSHAKE,
     };
     Mesh::start_shards(mesh, shards).map_err(|e| ClusterPortError::Port(PortError::Mesh(e)))
 }

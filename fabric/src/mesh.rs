@@ -39,11 +39,9 @@ use wire::mesh::{MAX_MESH_FRAME, MeshConn, MeshDecodeError, MeshHello, MeshMsg};
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// How long a control-thread round sleeps when nothing happens.
 const TICK: Duration = Duration::from_millis(5);
-/// How long a handshake may take.
-const HANDSHAKE: Duration = Duration::from_secs(2);
 /// Most connections on the listener waiting for their Hello at once; a
-/// new one beyond it drops the oldest (after every Hello that has arrived
-/// is taken).
+/// new one beyond it drops the oldest that has sent nothing (or else the
+/// oldest), after every Hello that has arrived is taken.
 const MAX_PENDING: usize = 16;
 /// How long an idle link may go without its keepalive probes answered
 /// before it is down: a peer that vanishes without a FIN or a reset (host
@@ -80,6 +78,14 @@ pub struct MeshConfig {
     pub tenants: Vec<u16>,
     /// Longest redial delay.
     pub backoff_max: Duration,
+    /// How long a connection may take to say its Hello, from when it was
+    /// dialed or accepted ([`MeshConfig::HANDSHAKE`] in a cluster).
+    pub handshake: Duration,
+}
+
+impl MeshConfig {
+    /// The handshake deadline of a cluster's nodes.
+    pub const HANDSHAKE: Duration = Duration::from_secs(2);
 }
 
 /// What changed, for the data plane.
@@ -328,13 +334,16 @@ impl Mesh {
         }
     }
 
-    /// A fabric connection to `peer` failed: reset the whole link (both
-    /// sides close and set up again). Not for a connection the mesh closed
-    /// itself: its failure may be reported after the link was set up again,
-    /// and would reset the new link.
-    pub fn peer_failed(&mut self, peer: u16) {
-        if let Some(&(epoch, _)) = self.links.get(&peer) {
-            let _ = self.notes.send(Note::Reset { peer, epoch });
+    /// The fabric connection `conn` to `peer` failed: reset the whole link
+    /// (both sides close and set up again), if `conn` is one of the link's
+    /// now. The failure of a connection of an older epoch (one the mesh
+    /// closed itself when it set the link up again, reported after that)
+    /// would otherwise reset the new link.
+    pub fn peer_failed(&mut self, peer: u16, conn: ConnId) {
+        if let Some((epoch, conns)) = self.links.get(&peer)
+            && conns.iter().any(|&(_, c)| c == conn)
+        {
+            let _ = self.notes.send(Note::Reset { peer, epoch: *epoch });
         }
     }
 }
@@ -430,11 +439,11 @@ fn hello_too_slow() -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, "the peer's Hello took too long")
 }
 
-/// Reads one Hello within [`HANDSHAKE`] in all from a blocking stream
-/// (a dial thread's).
-fn read_hello(stream: &mut TcpStream) -> io::Result<MeshHello> {
+/// Reads one Hello within `deadline` in all from a blocking stream (a
+/// dial thread's).
+fn read_hello(stream: &mut TcpStream, deadline: Duration) -> io::Result<MeshHello> {
     let mut buf = Vec::with_capacity(128);
-    hello_step(stream, &mut buf, Some(Instant::now() + HANDSHAKE))?.ok_or_else(hello_too_slow)
+    hello_step(stream, &mut buf, Some(Instant::now() + deadline))?.ok_or_else(hello_too_slow)
 }
 
 /// One dial of the peer `id` at `addr` (on a thread of its own: a peer
@@ -442,13 +451,18 @@ fn read_hello(stream: &mut TcpStream) -> io::Result<MeshHello> {
 /// answers, and the control thread must not wait for it). A mesh that
 /// stopped meanwhile does not say Hello: the peer would take it for a new
 /// link of this node.
-fn dial_peer(addr: SocketAddr, id: u16, me: MeshHello, stop: &AtomicBool) -> io::Result<(TcpStream, u32)> {
-    let mut s = TcpStream::connect_timeout(&addr, HANDSHAKE)?;
+fn dial_peer(
+    (addr, id): (SocketAddr, u16),
+    me: MeshHello,
+    handshake: Duration,
+    stop: &AtomicBool,
+) -> io::Result<(TcpStream, u32)> {
+    let mut s = TcpStream::connect_timeout(&addr, handshake)?;
     if stop.load(Ordering::Relaxed) {
         return Err(io::Error::other("the mesh stopped"));
     }
     send_frame(&mut s, &MeshMsg::Hello(me))?;
-    let h = read_hello(&mut s)?;
+    let h = read_hello(&mut s, handshake)?;
     if h.node != id {
         return Err(io::Error::other(format!("{addr} is node {}, expected {id}", h.node)));
     }
@@ -537,17 +551,20 @@ impl Control {
                 self.handshakes();
             }
             if self.pending.len() == MAX_PENDING {
-                let old = self.pending.remove(0);
+                // A peer's Hello may be on its way in parts: a silent
+                // one goes first.
+                let k = self.pending.iter().position(|p| p.buf.is_empty()).unwrap_or(0);
+                let old = self.pending.remove(k);
                 log::warn!("mesh: connection from {} dropped: {MAX_PENDING} are waiting for their Hello", old.from);
             }
-            self.pending.push(Pending { stream, from, buf: Vec::new(), deadline: Instant::now() + HANDSHAKE });
+            self.pending.push(Pending { stream, from, buf: Vec::new(), deadline: Instant::now() + self.cfg.handshake });
         }
         busy | self.handshakes()
     }
 
     /// Reads what every connection waiting on the listener has sent; one
     /// whose Hello is complete is answered and its link set up, one past
-    /// [`HANDSHAKE`] or in error is dropped.
+    /// the handshake deadline or in error is dropped.
     fn handshakes(&mut self) -> bool {
         let mut busy = false;
         let now = Instant::now();
@@ -623,10 +640,10 @@ impl Control {
             busy = true;
             let (tx, rx) = channel();
             let me = hello(&self.cfg, self.name);
-            let stop = self.stop.clone();
+            let (stop, handshake) = (self.stop.clone(), self.cfg.handshake);
             let spawned = std::thread::Builder::new()
                 .name(format!("mesh-dial-{id}"))
-                .spawn(move || drop(tx.send(dial_peer(addr, id, me, &stop))));
+                .spawn(move || drop(tx.send(dial_peer((addr, id), me, handshake, &stop))));
             match spawned {
                 Ok(_) => self.links[k].dialing = Some(rx),
                 Err(e) => {
@@ -725,7 +742,7 @@ mod tests {
     use std::io::Write;
 
     /// A Hello trickled in one byte at a time, each within the read
-    /// timeout, is still cut off at [`HANDSHAKE`] in all.
+    /// timeout, is still cut off at the handshake deadline in all.
     #[test]
     fn a_trickled_hello_is_cut_off_at_the_handshake_deadline() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -751,10 +768,10 @@ mod tests {
         });
         let (mut s, _) = l.accept().unwrap();
         let t = std::time::Instant::now();
-        let e = read_hello(&mut s).unwrap_err();
+        let e = read_hello(&mut s, MeshConfig::HANDSHAKE).unwrap_err();
         let took = t.elapsed();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
-        assert!(took < HANDSHAKE + Duration::from_secs(2), "took {took:?}: {e}");
+        assert!(took < MeshConfig::HANDSHAKE + Duration::from_secs(2), "took {took:?}: {e}");
         drop(s);
         slow.join().unwrap();
     }

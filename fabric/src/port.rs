@@ -606,14 +606,12 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                             out.push(PortEvent::Protocol { tenant: st.tenant, peer: st.peer });
                         }
                         if error == CompletionError::Closed {
-                            // The mesh's own close of a link it took down or
-                            // set up again: reported now, it must not reset
-                            // the link that may already replace it.
+                            // The mesh's own close (only the mesh closes).
                             log::debug!("fabric: a connection to node {} closed", st.peer);
                         } else {
                             log::warn!("fabric: a connection to node {} failed: {error}", st.peer);
-                            self.mesh.peer_failed(st.peer);
                         }
+                        self.mesh.peer_failed(st.peer, conn);
                     }
                 }
                 Completion::Sent { token, result, .. } => self.sent(token, result, out),

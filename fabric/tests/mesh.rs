@@ -8,6 +8,10 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 const WATCHDOG: Duration = Duration::from_secs(30);
+/// The handshake deadline of these nodes: longer than a cluster's, so that
+/// a loaded machine sets a peer up well within it (the tests on strangers
+/// and stopped peers check that setup does not wait for it).
+const HANDSHAKE: Duration = Duration::from_secs(5);
 
 fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
@@ -31,6 +35,7 @@ fn side(me: u16, addrs: &[SocketAddr]) -> Side {
         peers,
         tenants: vec![0, 1],
         backoff_max: Duration::from_millis(200),
+        handshake: HANDSHAKE,
     })
     .unwrap();
     Side { mesh, ep, up: Vec::new(), events: Vec::new() }
@@ -138,6 +143,7 @@ fn halves_of_one_node_each_connect_their_own_tenants() {
             peers: peers.clone(),
             tenants: vec![0, 1],
             backoff_max: Duration::from_millis(200),
+            handshake: HANDSHAKE,
         },
         &[vec![1], vec![0]],
     )
@@ -178,6 +184,7 @@ fn halves_of_one_node_each_connect_their_own_tenants() {
             peers,
             tenants: vec![0, 1],
             backoff_max: Duration::from_millis(200),
+            handshake: HANDSHAKE,
         },
         &[vec![0]],
     );
@@ -205,7 +212,7 @@ fn still_open(s: &mut std::net::TcpStream) -> bool {
 /// is set up while the newest 15 are still waiting (the node keeps 16
 /// connections waiting at most, the peer's was one of them, and the
 /// oldest were dropped to make room). Without this, the node read each
-/// stranger's Hello in turn, 2 s each, before the peer's.
+/// stranger's Hello in turn, HANDSHAKE each, before the peer's.
 #[test]
 fn silent_strangers_on_the_control_port_do_not_hold_up_a_peer() {
     let addrs = [free_port(), free_port()];
@@ -221,7 +228,11 @@ fn silent_strangers_on_the_control_port_do_not_hold_up_a_peer() {
         s.set_nonblocking(false).unwrap();
         s.set_read_timeout(Some(WATCHDOG)).unwrap();
         let mut buf = [0u8; 64];
-        assert_eq!(std::io::Read::read(&mut s, &mut buf).unwrap_or(0), 0, "a silent stranger is dropped");
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("a silent stranger is dropped: {other:?}"),
+        }
     }
 }
 
@@ -229,7 +240,7 @@ fn silent_strangers_on_the_control_port_do_not_hold_up_a_peer() {
 /// kernel answers) but never its Hello. Dialing it must not hold up the
 /// node's other links: C sets its link to A up while its first dial to the
 /// stopped B is still waiting for B's Hello (without this, each dial to B
-/// took C's control thread for the 2 s handshake deadline, and A's setup
+/// took C's control thread for the handshake deadline, and A's setup
 /// waited behind it).
 #[test]
 fn a_stopped_peer_does_not_hold_up_the_other_links() {
