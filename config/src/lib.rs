@@ -26,8 +26,8 @@
 //! [[function]]
 //! name = "upper"
 //! tenant = "acme"
-//! node = "node-a"
-//! instances = 1
+//! node = "node-a"            # or nodes = ["node-a", "node-b"]
+//! instances = 1              # on each of its nodes
 //!
 //! [[route]]
 //! path = "/acme/upper"
@@ -134,22 +134,75 @@ fn default_max_chain() -> u32 {
     64
 }
 
-/// One function: runs `instances` processes on `node`.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// One function: runs `instances` processes on each of its nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Function {
     /// Unique name.
     pub name: String,
     /// Owning tenant (by name).
     pub tenant: String,
-    /// Node it runs on (by name).
-    pub node: String,
-    /// Instances (>= 1).
-    #[serde(default = "one")]
+    /// Nodes it runs on (by name; at least one, each once). In the file,
+    /// `node = "a"` for one node or `nodes = ["a", "b"]` for several.
+    /// Messages for the function go to an instance on the sender's node
+    /// when it has one; the agents and the ingress spread the others over
+    /// the function's nodes.
+    pub nodes: Vec<String>,
+    /// Instances on each node (>= 1).
     pub instances: u16,
     /// Inbound ring slots per instance (power of two).
-    #[serde(default = "default_ring")]
     pub ring_capacity: u32,
+}
+
+/// A `[[function]]` as written: `node` or `nodes`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFunction {
+    name: String,
+    tenant: String,
+    #[serde(default)]
+    node: Option<String>,
+    #[serde(default)]
+    nodes: Option<Vec<String>>,
+    #[serde(default = "one")]
+    instances: u16,
+    #[serde(default = "default_ring")]
+    ring_capacity: u32,
+}
+
+impl RawFunction {
+    /// The function, its nodes checked against `known` (the nodes' names).
+    fn into_function(self, i: usize, known: &[Node]) -> Result<Function, ConfigError> {
+        let unknown = |n: &str| format!("unknown node \"{n}\"");
+        let nodes = match (self.node, self.nodes) {
+            (Some(n), None) => {
+                if !known.iter().any(|k| k.name == n) {
+                    return Err(bad(format!("function[{i}].node"), unknown(&n)));
+                }
+                vec![n]
+            }
+            (None, Some(ns)) if !ns.is_empty() => {
+                for (j, n) in ns.iter().enumerate() {
+                    if !known.iter().any(|k| k.name == *n) {
+                        return Err(bad(format!("function[{i}].nodes[{j}]"), unknown(n)));
+                    }
+                    if ns[..j].contains(n) {
+                        return Err(bad(format!("function[{i}].nodes[{j}]"), format!("node \"{n}\" named twice")));
+                    }
+                }
+                ns
+            }
+            (None, Some(_)) => return Err(bad(format!("function[{i}].nodes"), "must name at least one node")),
+            (None, None) => return Err(bad(format!("function[{i}].node"), "missing (or give nodes = [...])")),
+            (Some(_), Some(_)) => return Err(bad(format!("function[{i}].nodes"), "give node or nodes, not both")),
+        };
+        Ok(Function {
+            name: self.name,
+            tenant: self.tenant,
+            nodes,
+            instances: self.instances,
+            ring_capacity: self.ring_capacity,
+        })
+    }
 }
 
 fn one() -> u16 {
@@ -217,7 +270,7 @@ struct Raw {
     #[serde(default)]
     tenant: Vec<Tenant>,
     #[serde(default)]
-    function: Vec<Function>,
+    function: Vec<RawFunction>,
     #[serde(default)]
     route: Vec<Route>,
     #[serde(default)]
@@ -292,13 +345,13 @@ impl Cluster {
     /// Parses and validates cluster TOML.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let raw: Raw = toml::from_str(text)?;
-        let c = Cluster {
-            nodes: raw.node,
-            tenants: raw.tenant,
-            functions: raw.function,
-            routes: raw.route,
-            ingresses: raw.ingress,
-        };
+        let functions = raw
+            .function
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| f.into_function(i, &raw.node))
+            .collect::<Result<_, _>>()?;
+        let c = Cluster { nodes: raw.node, tenants: raw.tenant, functions, routes: raw.route, ingresses: raw.ingress };
         c.validate()?;
         Ok(c)
     }
@@ -415,9 +468,6 @@ impl Cluster {
             if self.tenant_id(&func.tenant).is_none() {
                 return Err(bad(f("tenant"), format!("unknown tenant \"{}\"", func.tenant)));
             }
-            if self.node_id(&func.node).is_none() {
-                return Err(bad(f("node"), format!("unknown node \"{}\"", func.node)));
-            }
             if func.instances == 0 {
                 return Err(bad(f("instances"), "must be at least 1"));
             }
@@ -456,6 +506,16 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Ids of the nodes function `f` runs on, in the file's order.
+    pub fn function_nodes(&self, f: &Function) -> Vec<u16> {
+        f.nodes.iter().filter_map(|n| self.node_id(n)).collect()
+    }
+
+    /// Whether function `f` runs on node `node`.
+    pub fn runs_on(&self, f: &Function, node: u16) -> bool {
+        f.nodes.iter().any(|n| self.node_id(n) == Some(node))
     }
 
     /// Id of the node called `name`.
@@ -582,6 +642,11 @@ runtime_dir = "/tmp/dne/edge"
         assert_eq!(c.nodes[1].fabric, FabricKind::Verbs);
         assert_eq!(c.tenants[0].buf_size, 16384);
         assert_eq!(c.functions[1].instances, 2);
+        assert_eq!(c.function_nodes(&c.functions[0]), [0]);
+        assert!(c.runs_on(&c.functions[0], 0) && !c.runs_on(&c.functions[0], 1));
+        let two = Cluster::parse(&GOOD.replacen("node = \"node-a\"", "nodes = [\"node-b\", \"node-a\"]", 1)).unwrap();
+        assert_eq!(two.function_nodes(&two.functions[0]), [1, 0], "in the file's order");
+        assert!(two.runs_on(&two.functions[0], 0) && two.runs_on(&two.functions[0], 1));
         assert_eq!(c.routes[1].timeout_ms, 100);
         assert_eq!(c.pool_geometry(1).unwrap().payload_cap(), 4096 - 64);
         assert_eq!(c.ingresses[0].body_limit, 1 << 20);
@@ -605,6 +670,15 @@ runtime_dir = "/tmp/dne/edge"
                 "function[0].tenant: unknown tenant \"nope\"",
             ),
             ("node = \"node-a\"", "node = \"node-z\"", "function[0].node: unknown node \"node-z\""),
+            ("node = \"node-a\"", "nodes = [\"node-b\", \"node-z\"]", "function[0].nodes[1]: unknown node \"node-z\""),
+            (
+                "node = \"node-a\"",
+                "nodes = [\"node-a\", \"node-a\"]",
+                "function[0].nodes[1]: node \"node-a\" named twice",
+            ),
+            ("node = \"node-a\"", "nodes = []", "function[0].nodes: must name at least one node"),
+            ("node = \"node-a\"", "node = \"node-a\"\nnodes = [\"node-b\"]", "function[0].nodes: give node or nodes"),
+            ("tenant = \"acme\"\nnode = \"node-a\"", "tenant = \"acme\"", "function[0].node: missing"),
             ("name = \"rot13\"", "name = \"upper\"", "function[1].name: duplicate function \"upper\""),
             ("weight = 6", "weight = 0", "tenant[0].weight: weight must be at least 1"),
             (

@@ -325,9 +325,12 @@ impl Demo {
             let ns = d.netns.as_ref().map(|n| n.names[i].clone());
             d.spawn(&format!("agent-{node}"), ns.as_deref(), &["run", "--config", &cfg, "--node", &node])?;
         }
-        for f in d.cluster.functions.clone() {
+        for (f, node) in d.cluster.functions.clone().into_iter().flat_map(|f| {
+            let nodes = f.nodes.clone();
+            nodes.into_iter().map(move |n| (f.clone(), n))
+        }) {
             let socket = host_shim::daemon::socket_path(
-                &d.cluster.nodes[usize::from(d.cluster.node_id(&f.node).unwrap_or(0))].runtime_dir,
+                &d.cluster.nodes[usize::from(d.cluster.node_id(&node).unwrap_or(0))].runtime_dir,
             );
             let sock = socket.to_string_lossy().into_owned();
             let suffix = f.name.rsplit('-').next().unwrap_or("echo");
@@ -337,11 +340,12 @@ impl Demo {
             let deadline = Instant::now() + READY_WITHIN;
             while !socket.exists() {
                 d.check_children()?;
-                anyhow::ensure!(Instant::now() < deadline, "host-shimd of {} did not start", f.node);
+                anyhow::ensure!(Instant::now() < deadline, "host-shimd of {node} did not start");
                 std::thread::sleep(Duration::from_millis(10));
             }
+            let name = if f.nodes.len() > 1 { format!("{}@{node}", f.name) } else { f.name.clone() };
             d.spawn(
-                &f.name,
+                &name,
                 None,
                 &[
                     "role",

@@ -234,16 +234,21 @@ impl<O: ForPeer> Sends<O> {
 #[derive(Debug)]
 struct Tenant {
     sends: Sends,
-    /// Local deliveries waiting for room in the destination ring.
-    backlog: VecDeque<Msg>,
+    /// Local deliveries waiting for room in the destination ring, with the
+    /// node each came from over the fabric (`None`: from this node).
+    backlog: VecDeque<(Msg, Option<u16>)>,
 }
 
 /// The engine of one node, over fabric transport `T` and host links `H`.
 pub struct Engine<T: Transport, H: HostLink = Function> {
     cfg: Arc<Cluster>,
     set: Settings,
-    /// Node of each function id.
-    fn_node: Vec<u16>,
+    /// Nodes of each function id.
+    fn_nodes: Vec<Vec<u16>>,
+    /// Whether each function id runs on this node.
+    fn_here: Vec<bool>,
+    /// Per function id: where the next pick of one of its nodes starts.
+    fn_next: Vec<usize>,
     /// Tenant of each function id.
     fn_tenant: Vec<u16>,
     /// Per tenant: uplink rejections by reason, as the host link last
@@ -323,7 +328,9 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         Ok(Self {
             tally: vec![Tally::default(); ids.len()],
             fn_tally: vec![(0, 0); cfg.functions.len()],
-            fn_node: cfg.functions.iter().map(|f| cfg.node_id(&f.node).unwrap_or(NO_NODE)).collect(),
+            fn_nodes: cfg.functions.iter().map(|f| cfg.function_nodes(f)).collect(),
+            fn_here: cfg.functions.iter().map(|f| cfg.runs_on(f, set.node)).collect(),
+            fn_next: vec![0; cfg.functions.len()],
             fn_tenant: cfg.functions.iter().map(|f| cfg.tenant_id(&f.tenant).unwrap_or(u16::MAX)).collect(),
             rejected_seen: vec![Vec::new(); ids.len()],
             fabric_nodes,
@@ -494,7 +501,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         if now >= self.next_status {
             self.next_status = now + Duration::from_millis(100);
             for (f, func) in self.cfg.functions.iter().enumerate() {
-                if self.fn_node[f] == self.set.node
+                if self.fn_here[f]
                     && let Some(t) = self.local(self.fn_tenant[f])
                 {
                     let depth = self.port.bufs(t as u16).0.queue_depth(&func.name).unwrap_or(0);
@@ -581,13 +588,13 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                         Err(_) => self.bounce(t, msg, ErrorCode::PeerDied, Why::PeerDied),
                     }
                 }
-                PortEvent::Received { tenant, lease, desc, .. } => {
+                PortEvent::Received { tenant, peer, lease, desc } => {
                     let t = usize::from(tenant);
                     let msg = Msg::from_parts(lease, desc);
                     let m = &mut self.tally[t];
                     m.rx_msgs += 1;
                     m.rx_bytes += u64::from(msg.len());
-                    self.deliver(t, msg);
+                    self.deliver(t, msg, Some(peer));
                 }
                 PortEvent::Protocol { tenant, .. } => {
                     self.metrics.tenants[self.gid(usize::from(tenant))].drop(Why::Protocol)
@@ -650,23 +657,24 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             }
             d.origin
         } else {
-            match self.fn_node.get(usize::from(d.dst_fn)) {
-                None => return self.bounce(t, msg, ErrorCode::UnknownFunction, Why::UnknownFunction),
-                // A function of another tenant: refused here, not sent to be
-                // refused by the peer.
-                Some(_) if self.fn_tenant[usize::from(d.dst_fn)] != self.ids[t] => {
-                    return self.bounce(t, msg, ErrorCode::TenantMismatch, Why::TenantMismatch);
-                }
-                Some(&n) if n == self.set.node => {
-                    self.deliver(t, msg);
-                    return;
-                }
-                // (A node the cluster file does not name: never, as the
-                // file is checked when loaded.)
-                Some(&n) if n >= self.fabric_nodes => {
-                    return self.bounce(t, msg, ErrorCode::Unreachable, Why::Unreachable);
-                }
-                Some(&n) => n,
+            let f = usize::from(d.dst_fn);
+            if f >= self.fn_nodes.len() {
+                return self.bounce(t, msg, ErrorCode::UnknownFunction, Why::UnknownFunction);
+            }
+            if self.fn_tenant[f] != self.ids[t] {
+                // A function of another tenant: refused here, not sent to
+                // be refused by the peer.
+                return self.bounce(t, msg, ErrorCode::TenantMismatch, Why::TenantMismatch);
+            }
+            if self.fn_here[f] {
+                // An instance on this node: no fabric hop.
+                return self.deliver(t, msg, None);
+            }
+            match self.pick_node(t, f) {
+                Some(n) => n,
+                // (None: the cluster file names no usable node; never, as
+                // the file is checked when loaded.)
+                None => return self.bounce(t, msg, ErrorCode::Unreachable, Why::Unreachable),
             }
         };
         // Queued even while the peer's link is down: it may be coming up
@@ -695,16 +703,37 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         n
     }
 
+    /// The node to send a message for function `f` (which does not run
+    /// here) to: its nodes in turn, skipping those whose link for tenant
+    /// `t` is down; if all are down, the next in turn anyway (the message
+    /// waits there for the link, see [`UNREACHABLE_AFTER`]).
+    fn pick_node(&mut self, t: usize, f: usize) -> Option<u16> {
+        let me = self.set.node;
+        let fabric_nodes = self.fabric_nodes;
+        let nodes = &self.fn_nodes[f];
+        let k = nodes.len();
+        let usable = |i: usize| nodes[i] != me && nodes[i] < fabric_nodes;
+        let start = self.fn_next[f];
+        let order = (0..k).map(|j| (start + j) % k);
+        let i = order.clone().find(|&i| usable(i) && self.port.is_up(t as u16, nodes[i])).or_else(|| {
+            let mut order = order;
+            order.find(|&i| usable(i))
+        })?;
+        self.fn_next[f] = (i + 1) % k;
+        Some(nodes[i])
+    }
+
     /// Hands a message to a local function (the destination, or for error
-    /// descriptors the original sender).
-    fn deliver(&mut self, t: usize, msg: Msg) {
+    /// descriptors the original sender). `from`: the node it came from over
+    /// the fabric, where an error about it goes back.
+    fn deliver(&mut self, t: usize, msg: Msg, from: Option<u16>) {
         let d = *msg.desc();
         if d.flags & DescFlags::REPLY != 0 && d.flags & DescFlags::ERROR == 0 {
             // A reply never ends on a worker node.
             return self.drop_msg(t, msg, Why::BadOrigin);
         }
         let f = usize::from(d.dst_fn);
-        let ours = self.fn_node.get(f) == Some(&self.set.node) && self.fn_tenant[f] == self.ids[t];
+        let ours = self.fn_here.get(f) == Some(&true) && self.fn_tenant[f] == self.ids[t];
         if !ours {
             return self.drop_msg(t, msg, Why::UnknownFunction);
         }
@@ -717,9 +746,9 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 m.1 += len;
             }
             Err(e) => match (e.kind, e.msg) {
-                (SendErrorKind::Full, Some(msg)) => self.tenants[t].backlog.push_back(msg),
+                (SendErrorKind::Full, Some(msg)) => self.tenants[t].backlog.push_back((msg, from)),
                 (_, Some(msg)) if d.flags & DescFlags::ERROR == 0 => {
-                    self.bounce(t, msg, ErrorCode::PeerDied, Why::NoInstance)
+                    self.bounce_from(t, msg, ErrorCode::PeerDied, Why::NoInstance, from)
                 }
                 (_, Some(msg)) => self.drop_msg(t, msg, Why::NoInstance),
                 (_, None) => self.metrics.tenants[self.gid(t)].drop(Why::NoInstance),
@@ -732,8 +761,8 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         for t in 0..self.tenants.len() {
             let k = self.tenants[t].backlog.len();
             for _ in 0..k {
-                let Some(msg) = self.tenants[t].backlog.pop_front() else { break };
-                self.deliver(t, msg);
+                let Some((msg, from)) = self.tenants[t].backlog.pop_front() else { break };
+                self.deliver(t, msg, from);
             }
             // Work only if something left the backlog.
             n += k.saturating_sub(self.tenants[t].backlog.len());
@@ -741,11 +770,17 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         n
     }
 
+    /// [`bounce_from`](Self::bounce_from) for a message a function of this
+    /// node sent.
+    fn bounce(&mut self, t: usize, msg: Msg, code: ErrorCode, why: Why) {
+        self.bounce_from(t, msg, code, why, None);
+    }
+
     /// Returns a message to whoever waits for it, as an error descriptor:
     /// the ingress that originated the request if any (it answers the
-    /// client), otherwise the sending function, on this node or over the
-    /// fabric.
-    fn bounce(&mut self, t: usize, mut msg: Msg, code: ErrorCode, why: Why) {
+    /// client), otherwise the sending function: on the node the message
+    /// came from over the fabric (`from`), or on this node.
+    fn bounce_from(&mut self, t: usize, mut msg: Msg, code: ErrorCode, why: Why, from: Option<u16>) {
         let d = *msg.desc();
         if d.flags & DescFlags::ERROR != 0 {
             // Never bounce a bounce.
@@ -768,12 +803,12 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             return;
         }
         msg.desc_mut().dst_fn = d.src_fn;
-        match self.fn_node.get(usize::from(d.src_fn)) {
-            Some(&n) if n == self.set.node => self.deliver(t, msg),
+        match from {
+            None => self.deliver(t, msg, None),
             // The sender is on another node: the error travels back over
             // the fabric like any message.
-            Some(&n) if self.port.is_up(t as u16, n) => self.requeue(t, msg, n, now),
-            _ => self.free_msg(t, msg),
+            Some(n) if n < self.fabric_nodes && self.port.is_up(t as u16, n) => self.requeue(t, msg, n, now),
+            Some(_) => self.free_msg(t, msg),
         }
     }
 

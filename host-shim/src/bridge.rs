@@ -146,11 +146,8 @@ impl Bridge {
             tenants.push(Tenant { link, _mmap: mmap, blob, want: 0, backlog: VecDeque::with_capacity(256) });
         }
         let max_chain = cfg.tenants.iter().map(|t| t.max_chain).max().unwrap_or(64) as usize;
-        let local_fns = cfg
-            .functions
-            .iter()
-            .map(|f| (cfg.node_id(&f.node) == Some(node)).then(|| cfg.tenant_id(&f.tenant)).flatten())
-            .collect();
+        let local_fns =
+            cfg.functions.iter().map(|f| cfg.runs_on(f, node).then(|| cfg.tenant_id(&f.tenant)).flatten()).collect();
         Ok(Self {
             name: server_name(n),
             node,

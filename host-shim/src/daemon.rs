@@ -506,7 +506,7 @@ impl Shimd {
             return self.refuse(i, seq, ErrorCode::UnknownFunction, "attach", u16::MAX, u16::MAX);
         };
         let f = &self.cfg.functions[usize::from(fid)];
-        if self.cfg.node_id(&f.node) != Some(self.node) {
+        if !self.cfg.runs_on(f, self.node) {
             return self.refuse(i, seq, ErrorCode::UnknownFunction, "attach", u16::MAX, fid);
         }
         let tid = self.cfg.tenant_id(&f.tenant).expect("validated config");
@@ -649,13 +649,14 @@ impl Shimd {
         if self.cfg.tenant_id(&f.tenant) != Some(me) {
             return self.refuse(i, seq, ErrorCode::TenantMismatch, "lookup", me, fid);
         }
-        let node = self.cfg.node_id(&f.node).expect("validated config");
-        if node != self.node {
+        if !self.cfg.runs_on(f, self.node) {
             // Remote functions are reached through the agent (DESIGN.md
-            // section 3); the agent itself only delivers locally.
+            // section 3), which picks one of their nodes; the agent itself
+            // only delivers locally.
             if agent {
                 return self.refuse(i, seq, ErrorCode::Unreachable, "lookup", me, fid);
             }
+            let node = self.cfg.function_nodes(f).first().copied().unwrap_or(wire::desc::NO_NODE);
             return self.peer_uplink(i, seq, me, fid, node);
         }
         for c in &self.clients {

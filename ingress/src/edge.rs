@@ -1,8 +1,9 @@
 //! [`Edge`]: the fabric side of the cluster's edge (the ingress). The edge
 //! is a fabric node of its own (an `[[ingress]]` of the cluster file) with
 //! its own pool per tenant; a request written into that pool is sent over
-//! the fabric, with no copy, to the node of its route's first function, and
-//! the chain's reply comes back into the same pool, matched by request id.
+//! the fabric, with no copy, to a node of its route's first function (its
+//! nodes in turn, skipping those whose connection is down), and the chain's
+//! reply comes back into the same pool, matched by request id.
 //!
 //! One driver owns the fabric [`Port`]: a thread of its own
 //! ([`Edge::start`]) or a task of the HTTP server's tokio runtime
@@ -16,7 +17,8 @@
 //! requests are bounded, and a full queue is an immediate
 //! [`EdgeError::Busy`] (the HTTP side answers 503), never unbounded
 //! buffering. A queued request whose caller gave up is dropped unsent, and
-//! a node that goes down fails its queued requests at once.
+//! the queued requests of a node that goes down move to another node of
+//! their function, or fail at once if none is up.
 //!
 //! Buffers are never lost with a caller: a reply travels as a [`PoolLease`],
 //! which frees itself if the caller is gone before it reads it, and a
@@ -35,7 +37,6 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-use wire::desc::NO_NODE;
 use wire::{DescFlags, Descriptor, ErrorCode, Owner};
 
 /// Requests of one tenant waiting for credits before new ones are refused.
@@ -50,7 +51,7 @@ pub enum EdgeError {
     /// The tenant's queue toward the cluster is full (backpressure).
     #[error("the tenant's queue is full")]
     Busy,
-    /// The first function's node is not connected.
+    /// None of the first function's nodes is connected.
     #[error("the function's node is unreachable")]
     Unreachable,
     /// The route has no usable first function.
@@ -141,12 +142,13 @@ impl Edge {
         let stop = Arc::new(AtomicBool::new(false));
         let conns_up = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
-            first_node: cfg
+            first: cfg
                 .routes
                 .iter()
                 .map(|r| {
-                    let f = r.chain.first().and_then(|n| cfg.function_id(n));
-                    f.map(|f| (f, cfg.node_id(&cfg.functions[usize::from(f)].node).unwrap_or(NO_NODE)))
+                    let f = r.chain.first().and_then(|n| cfg.function_id(n))?;
+                    let nodes = cfg.function_nodes(&cfg.functions[usize::from(f)]);
+                    (!nodes.is_empty()).then_some(First { f, nodes, next: 0 })
                 })
                 .collect(),
             queues: (0..cfg.tenants.len()).map(|_| TenantQueue::default()).collect(),
@@ -279,9 +281,17 @@ impl TenantQueue {
     }
 }
 
+/// A route's first function and the nodes it runs on.
+struct First {
+    f: u16,
+    nodes: Vec<u16>,
+    /// Where the next request starts looking (round robin).
+    next: usize,
+}
+
 struct Worker {
-    /// First function and its node, per route.
-    first_node: Vec<Option<(u16, u16)>>,
+    /// First function and its nodes, per route.
+    first: Vec<Option<First>>,
     queues: Vec<TenantQueue>,
     waiting: HashMap<u32, Waiting>,
     me: u16,
@@ -478,23 +488,32 @@ impl Worker {
             };
             n += 1;
             let t = usize::from(c.tenant);
-            let Some(&Some((_, node))) = self.first_node.get(usize::from(c.route)) else {
+            if !matches!(self.first.get(usize::from(c.route)), Some(Some(_))) {
                 self.fail(c, EdgeError::BadRoute);
                 continue;
-            };
+            }
             if t >= self.queues.len() {
                 let _ = c.reply.send(Err(EdgeError::BadRoute));
                 continue;
             }
-            if !self.port.is_up(c.tenant, node) {
-                self.fail(c, EdgeError::Unreachable);
-            } else if self.queues[t].len >= QUEUE_LIMIT {
-                self.fail(c, EdgeError::Busy);
-            } else {
-                self.queues[t].push(node, c);
+            match self.pick(c.route, c.tenant) {
+                None => self.fail(c, EdgeError::Unreachable),
+                Some(_) if self.queues[t].len >= QUEUE_LIMIT => self.fail(c, EdgeError::Busy),
+                Some(node) => self.queues[t].push(node, c),
             }
         }
         n
+    }
+
+    /// The node for the next request of route `route`: the nodes of its
+    /// first function in turn, skipping those whose connection for
+    /// `tenant` is down (`None`: all are).
+    fn pick(&mut self, route: u16, tenant: u16) -> Option<u16> {
+        let Some(Some(first)) = self.first.get_mut(usize::from(route)) else { return None };
+        let k = first.nodes.len();
+        let i = (0..k).map(|j| (first.next + j) % k).find(|&i| self.port.is_up(tenant, first.nodes[i]))?;
+        first.next = (i + 1) % k;
+        Some(first.nodes[i])
     }
 
     fn send_queued(&mut self) -> usize {
@@ -524,10 +543,11 @@ impl Worker {
                 self.port.bufs_mut(c.tenant).free(c.lease);
                 continue;
             }
-            let Some(&Some((f, _))) = self.first_node.get(usize::from(c.route)) else {
+            let Some(Some(First { f, .. })) = self.first.get(usize::from(c.route)) else {
                 self.fail(c, EdgeError::BadRoute);
                 continue;
             };
+            let f = *f;
             let desc = Descriptor {
                 tenant: c.tenant,
                 flags: 0,
@@ -607,10 +627,15 @@ impl Worker {
                             let _ = w.reply.send(Err(EdgeError::Unreachable));
                         }
                     }
-                    // What waits for credits to that node will not get them.
+                    // What waits for credits to that node will not get
+                    // them: it goes to another node of its function, if
+                    // one is up, or fails.
                     for t in 0..self.queues.len() {
                         for c in self.queues[t].take_node(peer) {
-                            self.fail(c, EdgeError::Unreachable);
+                            match self.pick(c.route, c.tenant) {
+                                Some(node) => self.queues[t].push(node, c),
+                                None => self.fail(c, EdgeError::Unreachable),
+                            }
                         }
                     }
                 }

@@ -727,3 +727,118 @@ fn http_requests_cross_the_cluster_through_the_ingress() {
     let (code, _) = dne_tests::http_post(http, "/dead", b"x").unwrap();
     assert_eq!(code, 502, "a chain whose function has no instance");
 }
+
+const SPREAD_CLUSTER: &str = r#"
+[[tenant]]
+name = "acme"
+weight = 1
+buffers = 1024
+recv_quota = 256
+max_chain = 128
+
+[[function]]
+name = "upper"
+tenant = "acme"
+nodes = ["n0", "n1", "n2"]
+
+[[function]]
+name = "front"
+tenant = "acme"
+node = "n0"
+
+[[function]]
+name = "far"
+tenant = "acme"
+nodes = ["n1", "n2"]
+
+[[route]]
+path = "/spread"
+tenant = "acme"
+chain = ["upper"]
+
+[[route]]
+path = "/near"
+tenant = "acme"
+chain = ["front", "upper"]
+
+[[route]]
+path = "/far"
+tenant = "acme"
+chain = ["front", "far"]
+"#;
+
+/// Messages node `i`'s agent delivered to its instances of `function`.
+fn delivered(c: &Cluster, i: usize, function: &str) -> u64 {
+    c.metric(i, "dne_agent_delivered_messages_total", &[("function", function)]).unwrap_or(0.0) as u64
+}
+
+/// A function placed on several nodes (`nodes = [...]`): the ingress
+/// spreads a route's requests over the nodes of its first function; a
+/// function calling it from a node that runs it stays on that node; a
+/// function calling one that does not run on its node has its agent spread
+/// the calls over that function's nodes; and when one of the nodes goes
+/// away, its share goes to the others.
+#[test]
+fn a_function_on_several_nodes_takes_requests_on_each() {
+    let edge = dne_tests::cluster::IngressSpec::new("spread-edge", "");
+    let http = edge.http;
+    let mut c = Cluster::start("spread", 3, &format!("{SPREAD_CLUSTER}{}", edge.section()));
+    for i in 0..3 {
+        c.start_route_fn(i, "acme", "upper", "upper");
+    }
+    c.start_route_fn(0, "acme", "front", "rot13");
+    c.start_route_fn(1, "acme", "far", "upper");
+    c.start_route_fn(2, "acme", "far", "upper");
+    c.wait_conns(2);
+    c.start_ingress(&edge, "/spread", WATCHDOG);
+    // Every agent linked to the two other nodes and the ingress.
+    c.wait_conns(3);
+    let post = |path: &str, k: usize| {
+        let data = pattern(1000, k);
+        let (code, body) = dne_tests::http_post(http, path, &data).expect("an answer");
+        (code, body, data)
+    };
+
+    // The ingress: the first function's three nodes in turn.
+    let before: Vec<u64> = (0..3).map(|i| delivered(&c, i, "upper")).collect();
+    for k in 0..60 {
+        let (code, body, data) = post("/spread", k);
+        assert_eq!(code, 200, "request {k}");
+        assert_eq!(body, data.to_ascii_uppercase());
+    }
+    let got: Vec<u64> = (0..3).map(|i| delivered(&c, i, "upper") - before[i]).collect();
+    assert_eq!(got.iter().sum::<u64>(), 60, "{got:?}");
+    assert!(got.iter().all(|&n| n == 20), "one in three on each node: {got:?}");
+
+    // front (n0) calling upper: n0 runs upper, so it stays on n0 (the
+    // bodies say upper saw them).
+    let before: Vec<u64> = (0..3).map(|i| delivered(&c, i, "upper")).collect();
+    for k in 0..20 {
+        let (code, body, data) = post("/near", k);
+        assert_eq!(code, 200, "request {k}");
+        assert_eq!(body, data.iter().map(|&b| rot13(b)).collect::<Vec<u8>>().to_ascii_uppercase());
+    }
+    let got: Vec<u64> = (0..3).map(|i| delivered(&c, i, "upper") - before[i]).collect();
+    assert_eq!(got, [0, 0, 0], "handed to n0's upper through shared memory: no agent carries them");
+
+    // front (n0) calling far, which runs on n1 and n2: n0's agent spreads.
+    for k in 0..20 {
+        let (code, _, _) = post("/far", k);
+        assert_eq!(code, 200, "request {k}");
+    }
+    let got: Vec<u64> = (1..3).map(|i| delivered(&c, i, "far")).collect();
+    assert_eq!(got, [10, 10], "n0's agent takes n1 and n2 in turn");
+
+    // n2 goes away: once the ingress has seen it go, every request is
+    // answered by n0 and n1.
+    c.kill_agent(2);
+    let end = std::time::Instant::now() + WATCHDOG;
+    let mut in_a_row = 0;
+    while in_a_row < 10 {
+        assert!(std::time::Instant::now() < end, "watchdog: the ingress keeps picking n2");
+        in_a_row = if post("/spread", in_a_row).0 == 200 { in_a_row + 1 } else { 0 };
+    }
+    for k in 0..30 {
+        assert_eq!(post("/spread", k).0, 200, "request {k} after n2 went away");
+    }
+}
