@@ -249,6 +249,12 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     fn_here: Vec<bool>,
     /// Per function id: where the next pick of one of its nodes starts.
     fn_next: Vec<usize>,
+    /// Per tenant and buffer index: the node the message last delivered
+    /// with that head buffer came from over the fabric ([`NO_NODE`]: from
+    /// this node). An error a host link hands back about it (DPU mode: the
+    /// bridge found no instance) goes there: its sender may run on several
+    /// nodes.
+    arrived: Vec<Vec<u16>>,
     /// Tenant of each function id.
     fn_tenant: Vec<u16>,
     /// Per tenant: uplink rejections by reason, as the host link last
@@ -331,6 +337,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             fn_nodes: cfg.functions.iter().map(|f| cfg.function_nodes(f)).collect(),
             fn_here: cfg.functions.iter().map(|f| cfg.runs_on(f, set.node)).collect(),
             fn_next: vec![0; cfg.functions.len()],
+            arrived: ids.iter().map(|&id| vec![NO_NODE; cfg.tenants[usize::from(id)].buffers as usize]).collect(),
             fn_tenant: cfg.functions.iter().map(|f| cfg.tenant_id(&f.tenant).unwrap_or(u16::MAX)).collect(),
             rejected_seen: vec![Vec::new(); ids.len()],
             fabric_nodes,
@@ -614,7 +621,18 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         for t in 0..self.tenants.len() {
             let mut q = self.tenants[t].sends.take_peer(peer);
             for out in q.drain(..) {
-                self.bounce(t, out.msg, ErrorCode::Unreachable, Why::Unreachable);
+                // A call whose function runs on another node that is up
+                // goes there (its headers name no node); anything else
+                // goes back to its sender.
+                let d = *out.msg.desc();
+                let f = usize::from(d.dst_fn);
+                let call = d.flags & (DescFlags::REPLY | DescFlags::ERROR) == 0 && f < self.fn_nodes.len();
+                match call.then(|| self.pick_node(t, f)).flatten() {
+                    Some(n) if n != peer && self.port.is_up(t as u16, n) => {
+                        self.tenants[t].sends.push(Out { peer: n, ..out });
+                    }
+                    _ => self.bounce(t, out.msg, ErrorCode::Unreachable, Why::Unreachable),
+                }
             }
             // The emptied queue goes back, with its room, unless a bounce
             // queued something new for the peer meanwhile.
@@ -656,6 +674,8 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 return;
             }
             d.origin
+        } else if let Some(n) = self.error_back(t, &d) {
+            n
         } else {
             let f = usize::from(d.dst_fn);
             if f >= self.fn_nodes.len() {
@@ -703,6 +723,16 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         n
     }
 
+    /// Where an error a host link handed back goes: the node the message it
+    /// is about came from, if that was over the fabric.
+    fn error_back(&self, t: usize, d: &Descriptor) -> Option<u16> {
+        if d.flags & DescFlags::ERROR == 0 {
+            return None;
+        }
+        let n = *self.arrived.get(t)?.get(d.buf as usize)?;
+        (n != NO_NODE && n != self.set.node && n < self.fabric_nodes).then_some(n)
+    }
+
     /// The node to send a message for function `f` (which does not run
     /// here) to: its nodes in turn, skipping those whose link for tenant
     /// `t` is down; if all are down, the next in turn anyway (the message
@@ -736,6 +766,9 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         let ours = self.fn_here.get(f) == Some(&true) && self.fn_tenant[f] == self.ids[t];
         if !ours {
             return self.drop_msg(t, msg, Why::UnknownFunction);
+        }
+        if let Some(a) = self.arrived[t].get_mut(d.buf as usize) {
+            *a = from.unwrap_or(NO_NODE);
         }
         let len = u64::from(msg.len());
         let cfg = self.cfg.clone();
