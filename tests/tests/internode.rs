@@ -1000,3 +1000,66 @@ fn calls_queued_for_a_node_that_goes_away_go_to_another_node_of_the_function() {
     );
     assert!(done.len() > N as usize / 2, "n1 answered its half and what was queued for n2: {}", done.len());
 }
+
+const EDGE_QUEUE_CLUSTER: &str = r#"
+[[tenant]]
+name = "acme"
+weight = 1
+buffers = 1024
+recv_quota = 32
+max_chain = 128
+
+[[function]]
+name = "upper"
+tenant = "acme"
+nodes = ["n0", "n1"]
+
+[[route]]
+path = "/spread"
+tenant = "acme"
+chain = ["upper"]
+"#;
+
+/// The ingress's requests queued for a node (its process stopped, so the
+/// credits it gave the ingress ran out) go to the other node of their
+/// function when that node goes away; only those it had taken in fail.
+#[test]
+fn edge_requests_queued_for_a_node_that_goes_away_go_to_another_node() {
+    let edge = dne_tests::cluster::IngressSpec::new("edge-requeue", "");
+    let http = edge.http;
+    let mut c = Cluster::start("edge-requeue", 2, &format!("{EDGE_QUEUE_CLUSTER}{}", edge.section()));
+    c.start_route_fn(0, "acme", "upper", "upper");
+    c.start_route_fn(1, "acme", "upper", "upper");
+    c.wait_conns(1);
+    c.start_ingress(&edge, "/spread", WATCHDOG);
+    c.wait_conns(2);
+    // Let the ingress reach both nodes.
+    let start: Vec<u64> = (0..2).map(|i| delivered(&c, i, "upper")).collect();
+    dne_tests::wait_for("the ingress reaches both nodes", WATCHDOG, || {
+        assert_eq!(dne_tests::http_post(http, "/spread", b"x").map(|r| r.0), Some(200));
+        (0..2).all(|i| delivered(&c, i, "upper") > start[i])
+    });
+    c.signal_agent(1, Signal::SIGSTOP).unwrap();
+    // 64 requests at once: 32 for each node. n1 posts 16 receives for the
+    // ingress (its quota of 32 over two peers), so at most 16 of its 32
+    // are sent; the rest wait in the ingress for credits.
+    const N: usize = 64;
+    let (tx, rx) = std::sync::mpsc::channel();
+    for k in 0..N {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let r = dne_tests::http_post(http, "/spread", &pattern(100, k)).map(|r| r.0);
+            let _ = tx.send(r);
+        });
+    }
+    let mut codes = Vec::new();
+    while codes.len() < N / 2 {
+        codes.push(rx.recv_timeout(WATCHDOG).expect("n0's half is answered"));
+    }
+    c.kill_agent(1);
+    while codes.len() < N {
+        codes.push(rx.recv_timeout(WATCHDOG).expect("every request is answered"));
+    }
+    let ok = codes.iter().filter(|&&c| c == Some(200)).count();
+    assert!(ok >= N - 16, "only what n1 had taken in may fail: {ok} of {N} answered 200 ({codes:?})");
+}
