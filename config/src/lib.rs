@@ -172,29 +172,23 @@ struct RawFunction {
 impl RawFunction {
     /// The function, its nodes checked against `known` (the nodes' names).
     fn into_function(self, i: usize, known: &[Node]) -> Result<Function, ConfigError> {
-        let unknown = |n: &str| format!("unknown node \"{n}\"");
-        let nodes = match (self.node, self.nodes) {
-            (Some(n), None) => {
-                if !known.iter().any(|k| k.name == n) {
-                    return Err(bad(format!("function[{i}].node"), unknown(&n)));
-                }
-                vec![n]
-            }
-            (None, Some(ns)) if !ns.is_empty() => {
-                for (j, n) in ns.iter().enumerate() {
-                    if !known.iter().any(|k| k.name == *n) {
-                        return Err(bad(format!("function[{i}].nodes[{j}]"), unknown(n)));
-                    }
-                    if ns[..j].contains(n) {
-                        return Err(bad(format!("function[{i}].nodes[{j}]"), format!("node \"{n}\" named twice")));
-                    }
-                }
-                ns
-            }
+        let (nodes, one) = match (self.node, self.nodes) {
+            (Some(n), None) => (vec![n], true),
+            (None, Some(ns)) if !ns.is_empty() => (ns, false),
             (None, Some(_)) => return Err(bad(format!("function[{i}].nodes"), "must name at least one node")),
             (None, None) => return Err(bad(format!("function[{i}].node"), "missing (or give nodes = [...])")),
             (Some(_), Some(_)) => return Err(bad(format!("function[{i}].nodes"), "give node or nodes, not both")),
         };
+        for (j, n) in nodes.iter().enumerate() {
+            // Named as written: `node`, or `nodes[j]`.
+            let field = || if one { format!("function[{i}].node") } else { format!("function[{i}].nodes[{j}]") };
+            if !known.iter().any(|k| k.name == *n) {
+                return Err(bad(field(), format!("unknown node \"{n}\"")));
+            }
+            if nodes[..j].contains(n) {
+                return Err(bad(field(), format!("node \"{n}\" named twice")));
+            }
+        }
         Ok(Function {
             name: self.name,
             tenant: self.tenant,

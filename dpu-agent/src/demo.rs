@@ -325,10 +325,10 @@ impl Demo {
             let ns = d.netns.as_ref().map(|n| n.names[i].clone());
             d.spawn(&format!("agent-{node}"), ns.as_deref(), &["run", "--config", &cfg, "--node", &node])?;
         }
-        for (f, node) in d.cluster.functions.clone().into_iter().flat_map(|f| {
-            let nodes = f.nodes.clone();
-            nodes.into_iter().map(move |n| (f.clone(), n))
-        }) {
+        // One process per function and node it runs on.
+        let placed: Vec<(config::Function, String)> =
+            d.cluster.functions.iter().flat_map(|f| f.nodes.iter().map(move |n| (f.clone(), n.clone()))).collect();
+        for (f, node) in placed {
             let socket = host_shim::daemon::socket_path(
                 &d.cluster.nodes[usize::from(d.cluster.node_id(&node).unwrap_or(0))].runtime_dir,
             );

@@ -245,8 +245,6 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     set: Settings,
     /// Nodes of each function id.
     fn_nodes: Vec<Vec<u16>>,
-    /// Whether each function id runs on this node.
-    fn_here: Vec<bool>,
     /// Per function id: where the next pick of one of its nodes starts.
     fn_next: Vec<usize>,
     /// Per tenant and buffer index: the node the message last delivered
@@ -335,7 +333,6 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             tally: vec![Tally::default(); ids.len()],
             fn_tally: vec![(0, 0); cfg.functions.len()],
             fn_nodes: cfg.functions.iter().map(|f| cfg.function_nodes(f)).collect(),
-            fn_here: cfg.functions.iter().map(|f| cfg.runs_on(f, set.node)).collect(),
             fn_next: vec![0; cfg.functions.len()],
             arrived: ids.iter().map(|&id| vec![NO_NODE; cfg.tenants[usize::from(id)].buffers as usize]).collect(),
             fn_tenant: cfg.functions.iter().map(|f| cfg.tenant_id(&f.tenant).unwrap_or(u16::MAX)).collect(),
@@ -508,7 +505,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         if now >= self.next_status {
             self.next_status = now + Duration::from_millis(100);
             for (f, func) in self.cfg.functions.iter().enumerate() {
-                if self.fn_here[f]
+                if self.runs_here(f)
                     && let Some(t) = self.local(self.fn_tenant[f])
                 {
                     let depth = self.port.bufs(t as u16).0.queue_depth(&func.name).unwrap_or(0);
@@ -686,7 +683,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 // be refused by the peer.
                 return self.bounce(t, msg, ErrorCode::TenantMismatch, Why::TenantMismatch);
             }
-            if self.fn_here[f] {
+            if self.runs_here(f) {
                 // An instance on this node: no fabric hop.
                 return self.deliver(t, msg, None);
             }
@@ -734,23 +731,25 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
     }
 
     /// The node to send a message for function `f` (which does not run
-    /// here) to: its nodes in turn, skipping those whose link for tenant
-    /// `t` is down; if all are down, the next in turn anyway (the message
-    /// waits there for the link, see [`UNREACHABLE_AFTER`]).
+    /// here, so none of its nodes is this one) to: its nodes in turn,
+    /// skipping those whose link for tenant `t` is down; if all are down,
+    /// the next in turn anyway (the message waits there for the link, see
+    /// [`UNREACHABLE_AFTER`]).
     fn pick_node(&mut self, t: usize, f: usize) -> Option<u16> {
-        let me = self.set.node;
-        let fabric_nodes = self.fabric_nodes;
-        let nodes = &self.fn_nodes[f];
-        let k = nodes.len();
-        let usable = |i: usize| nodes[i] != me && nodes[i] < fabric_nodes;
-        let start = self.fn_next[f];
-        let order = (0..k).map(|j| (start + j) % k);
-        let i = order.clone().find(|&i| usable(i) && self.port.is_up(t as u16, nodes[i])).or_else(|| {
-            let mut order = order;
-            order.find(|&i| usable(i))
-        })?;
-        self.fn_next[f] = (i + 1) % k;
-        Some(nodes[i])
+        let (nodes, next) = (&self.fn_nodes[f], &mut self.fn_next[f]);
+        if nodes.is_empty() {
+            return None;
+        }
+        self.port.next_up(t as u16, nodes, next).or_else(|| {
+            let n = nodes[*next % nodes.len()];
+            *next = (*next + 1) % nodes.len();
+            Some(n)
+        })
+    }
+
+    /// Whether function `f` runs on this node.
+    fn runs_here(&self, f: usize) -> bool {
+        self.fn_nodes.get(f).is_some_and(|n| n.contains(&self.set.node))
     }
 
     /// Hands a message to a local function (the destination, or for error
@@ -763,7 +762,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             return self.drop_msg(t, msg, Why::BadOrigin);
         }
         let f = usize::from(d.dst_fn);
-        let ours = self.fn_here.get(f) == Some(&true) && self.fn_tenant[f] == self.ids[t];
+        let ours = self.runs_here(f) && self.fn_tenant[f] == self.ids[t];
         if !ours {
             return self.drop_msg(t, msg, Why::UnknownFunction);
         }

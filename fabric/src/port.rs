@@ -398,6 +398,16 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         self.conn(t, peer).is_some()
     }
 
+    /// The first of `nodes`, in turn from `*next` on, whose connection for
+    /// tenant `t` is up; `*next` moves past it (round robin over a
+    /// function's nodes). `None`: none of them is up.
+    pub fn next_up(&self, t: u16, nodes: &[u16], next: &mut usize) -> Option<u16> {
+        let k = nodes.len();
+        let i = (0..k).map(|j| (*next + j) % k).find(|&i| self.is_up(t, nodes[i]))?;
+        *next = (i + 1) % k;
+        Some(nodes[i])
+    }
+
     /// Bytes of sends (fragments, headers included) waiting at this port
     /// for credits or window, every connection together: posted, not on
     /// the wire yet.

@@ -510,10 +510,7 @@ impl Worker {
     /// `tenant` is down (`None`: all are).
     fn pick(&mut self, route: u16, tenant: u16) -> Option<u16> {
         let Some(Some(first)) = self.first.get_mut(usize::from(route)) else { return None };
-        let k = first.nodes.len();
-        let i = (0..k).map(|j| (first.next + j) % k).find(|&i| self.port.is_up(tenant, first.nodes[i]))?;
-        first.next = (i + 1) % k;
-        Some(first.nodes[i])
+        self.port.next_up(tenant, &first.nodes, &mut first.next)
     }
 
     fn send_queued(&mut self) -> usize {

@@ -772,6 +772,17 @@ fn delivered(c: &Cluster, i: usize, function: &str) -> u64 {
     c.metric(i, "dne_agent_delivered_messages_total", &[("function", function)]).unwrap_or(0.0) as u64
 }
 
+/// Posts to `path` until the agent of each of the first `nodes` nodes has
+/// delivered `function` one more request: the ingress's own links come up
+/// on their own time, after the agents report theirs.
+fn until_every_node_answers(c: &Cluster, http: std::net::SocketAddr, path: &str, function: &str, nodes: usize) {
+    let start: Vec<u64> = (0..nodes).map(|i| delivered(c, i, function)).collect();
+    dne_tests::wait_for("the ingress reaches every node", WATCHDOG, || {
+        assert_eq!(dne_tests::http_post(http, path, b"x").map(|r| r.0), Some(200));
+        (0..nodes).all(|i| delivered(c, i, function) > start[i])
+    });
+}
+
 /// What the agents of `nodes` delivered to `function` since `before`, once
 /// the sum reaches `want` (the agents publish their counts every
 /// millisecond or so, not at once).
@@ -814,14 +825,7 @@ fn a_function_on_several_nodes_takes_requests_on_each() {
         (code, body, data)
     };
 
-    // The ingress's own links come up on their own time: first let every
-    // node answer one request.
-    let start: Vec<u64> = (0..3).map(|i| delivered(&c, i, "upper")).collect();
-    let end = std::time::Instant::now() + WATCHDOG;
-    while (0..3).any(|i| delivered(&c, i, "upper") == start[i]) {
-        assert!(std::time::Instant::now() < end, "watchdog: the ingress does not reach every node");
-        assert_eq!(post("/spread", 0).0, 200);
-    }
+    until_every_node_answers(&c, http, "/spread", "upper", 3);
 
     // The ingress: the first function's three nodes in turn.
     let before: Vec<u64> = (0..3).map(|i| delivered(&c, i, "upper")).collect();
@@ -1033,12 +1037,7 @@ fn edge_requests_queued_for_a_node_that_goes_away_go_to_another_node() {
     c.wait_conns(1);
     c.start_ingress(&edge, "/spread", WATCHDOG);
     c.wait_conns(2);
-    // Let the ingress reach both nodes.
-    let start: Vec<u64> = (0..2).map(|i| delivered(&c, i, "upper")).collect();
-    dne_tests::wait_for("the ingress reaches both nodes", WATCHDOG, || {
-        assert_eq!(dne_tests::http_post(http, "/spread", b"x").map(|r| r.0), Some(200));
-        (0..2).all(|i| delivered(&c, i, "upper") > start[i])
-    });
+    until_every_node_answers(&c, http, "/spread", "upper", 2);
     c.signal_agent(1, Signal::SIGSTOP).unwrap();
     // 64 requests at once: 32 for each node. n1 posts 16 receives for the
     // ingress (its quota of 32 over two peers), so at most 16 of its 32
