@@ -402,10 +402,15 @@ impl<T: Transport, B: Buffers> Port<T, B> {
     /// tenant `t` is up; `*next` moves past it (round robin over a
     /// function's nodes). `None`: none of them is up.
     pub fn next_up(&self, t: u16, nodes: &[u16], next: &mut usize) -> Option<u16> {
-        let k = nodes.len();
-        let i = (0..k).map(|j| (*next + j) % k).find(|&i| self.is_up(t, nodes[i]))?;
-        *next = (i + 1) % k;
-        Some(nodes[i])
+        next_where(nodes, next, |n| self.is_up(t, n))
+    }
+
+    /// Like [`next_up`](Self::next_up), for the first node a message of
+    /// tenant `t` may be posted to now ([`can_send`](Self::can_send)):
+    /// binding a message to a node only when it can go keeps a node that
+    /// stopped granting credits from holding more than it already took.
+    pub fn next_can_send(&self, t: u16, nodes: &[u16], next: &mut usize) -> Option<u16> {
+        next_where(nodes, next, |n| self.can_send(t, n))
     }
 
     /// Bytes of sends (fragments, headers included) waiting at this port
@@ -726,6 +731,15 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         }
         self.refill(conn, out);
     }
+}
+
+/// The first of `nodes`, in turn from `*next` on, that passes `ok`; `*next`
+/// moves past it.
+fn next_where(nodes: &[u16], next: &mut usize, ok: impl Fn(u16) -> bool) -> Option<u16> {
+    let k = nodes.len();
+    let i = (0..k).map(|j| (*next + j) % k).find(|&i| ok(nodes[i]))?;
+    *next = (i + 1) % k;
+    Some(nodes[i])
 }
 
 #[cfg(test)]

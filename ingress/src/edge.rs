@@ -11,14 +11,19 @@
 //! replies then meet on the runtime's workers with no thread hand-off, which
 //! on a machine with few cores saves two context switches per request).
 //! Callers on any thread (the HTTP server's tasks) hand it requests through
-//! a channel and get the reply through a oneshot. Backpressure is explicit: when a tenant's
-//! connection to a node has no credits, the requests for that node wait in
-//! a queue of their own (other nodes' requests go on), the tenant's queued
+//! a channel and get the reply through a oneshot.
+//!
+//! A request is bound to a node when it is sent, not when it arrives: it
+//! waits in its route's queue until a node of the route's first function
+//! has credits for its tenant, and goes to the next such node in turn. So
+//! a node that stops taking requests (stopped, overloaded: it returns no
+//! credits) holds only what it already took, and the rest go to the
+//! function's other nodes; a route whose nodes all lack credits holds back
+//! only its own requests. Backpressure is explicit: the tenant's queued
 //! requests are bounded, and a full queue is an immediate
 //! [`EdgeError::Busy`] (the HTTP side answers 503), never unbounded
 //! buffering. A queued request whose caller gave up is dropped unsent, and
-//! the queued requests of a node that goes down move to another node of
-//! their function, or fail at once if none is up.
+//! one whose function has no node up fails at once.
 //!
 //! Buffers are never lost with a caller: a reply travels as a [`PoolLease`],
 //! which frees itself if the caller is gone before it reads it, and a
@@ -151,7 +156,8 @@ impl Edge {
                     (!nodes.is_empty()).then_some(First { f, nodes, next: 0 })
                 })
                 .collect(),
-            queues: (0..cfg.tenants.len()).map(|_| TenantQueue::default()).collect(),
+            queues: (0..cfg.tenants.len()).map(|_| TenantQueue::new(cfg.routes.len())).collect(),
+            rotate: 0,
             waiting: HashMap::with_capacity(4096),
             me,
             port,
@@ -253,31 +259,26 @@ struct Waiting {
     reply: oneshot::Sender<Reply>,
 }
 
-/// One tenant's requests waiting for credits, a FIFO per destination node
-/// (a node without credits holds back only its own requests).
-#[derive(Debug, Default)]
+/// One tenant's requests waiting to be sent, a FIFO per route (see the
+/// module docs: a request is bound to a node when it is sent).
+#[derive(Debug)]
 struct TenantQueue {
-    /// Indexed by node id; grown on demand.
-    by_node: Vec<VecDeque<Call>>,
-    /// Requests over all nodes (bounded by [`QUEUE_LIMIT`]).
+    /// Indexed by route.
+    by_route: Vec<VecDeque<Call>>,
+    /// Requests over all routes (bounded by [`QUEUE_LIMIT`]).
     len: usize,
 }
 
 impl TenantQueue {
-    fn push(&mut self, node: u16, c: Call) {
-        let n = usize::from(node);
-        if self.by_node.len() <= n {
-            self.by_node.resize_with(n + 1, VecDeque::new);
-        }
-        self.by_node[n].push_back(c);
-        self.len += 1;
+    fn new(routes: usize) -> Self {
+        Self { by_route: (0..routes).map(|_| VecDeque::new()).collect(), len: 0 }
     }
 
-    /// Takes every request queued for `node`.
-    fn take_node(&mut self, node: u16) -> VecDeque<Call> {
-        let q = self.by_node.get_mut(usize::from(node)).map(std::mem::take).unwrap_or_default();
-        self.len -= q.len();
-        q
+    /// The next request of `route`, taken off the queue.
+    fn pop(&mut self, route: usize) -> Option<Call> {
+        let c = self.by_route[route].pop_front()?;
+        self.len -= 1;
+        Some(c)
     }
 }
 
@@ -293,6 +294,9 @@ struct Worker {
     /// First function and its nodes, per route.
     first: Vec<Option<First>>,
     queues: Vec<TenantQueue>,
+    /// The route each tenant's sending starts at this turn, moved on every
+    /// turn (routes whose nodes are shared take their credits in turn).
+    rotate: usize,
     waiting: HashMap<u32, Waiting>,
     me: u16,
     port: Port<DocaTransport, EdgeBufs>,
@@ -408,8 +412,8 @@ impl Worker {
             let _ = w.reply.send(Err(EdgeError::Stopped));
         }
         for t in 0..self.queues.len() {
-            for node in 0..self.queues[t].by_node.len() as u16 {
-                for c in self.queues[t].take_node(node) {
+            for r in 0..self.queues[t].by_route.len() {
+                while let Some(c) = self.queues[t].pop(r) {
                     self.fail(c, EdgeError::Stopped);
                 }
             }
@@ -488,63 +492,74 @@ impl Worker {
             };
             n += 1;
             let t = usize::from(c.tenant);
-            if !matches!(self.first.get(usize::from(c.route)), Some(Some(_))) {
-                self.fail(c, EdgeError::BadRoute);
-                continue;
-            }
             if t >= self.queues.len() {
                 let _ = c.reply.send(Err(EdgeError::BadRoute));
                 continue;
             }
-            match self.pick(c.route, c.tenant) {
-                None => self.fail(c, EdgeError::Unreachable),
-                Some(_) if self.queues[t].len >= QUEUE_LIMIT => self.fail(c, EdgeError::Busy),
-                Some(node) => self.queues[t].push(node, c),
+            let Some(Some(first)) = self.first.get(usize::from(c.route)) else {
+                self.fail(c, EdgeError::BadRoute);
+                continue;
+            };
+            if !first.nodes.iter().any(|&node| self.port.is_up(c.tenant, node)) {
+                self.fail(c, EdgeError::Unreachable);
+            } else if self.queues[t].len >= QUEUE_LIMIT {
+                self.fail(c, EdgeError::Busy);
+            } else {
+                self.queues[t].by_route[usize::from(c.route)].push_back(c);
+                self.queues[t].len += 1;
             }
         }
         n
-    }
-
-    /// The node for the next request of route `route`: the nodes of its
-    /// first function in turn, skipping those whose connection for
-    /// `tenant` is down (`None`: all are).
-    fn pick(&mut self, route: u16, tenant: u16) -> Option<u16> {
-        let Some(Some(first)) = self.first.get_mut(usize::from(route)) else { return None };
-        self.port.next_up(tenant, &first.nodes, &mut first.next)
     }
 
     fn send_queued(&mut self) -> usize {
         let mut n = 0;
+        let routes = self.first.len();
+        self.rotate = self.rotate.wrapping_add(1);
         for t in 0..self.queues.len() {
-            for node in 0..self.queues[t].by_node.len() {
-                n += self.send_node(t, node as u16);
+            for k in 0..routes {
+                n += self.send_route(t, (self.rotate + k) % routes);
             }
         }
         n
     }
 
-    /// Sends tenant `t`'s requests queued for `node` while it has credits;
-    /// drops, unsent, those whose caller gave up (timed out).
-    fn send_node(&mut self, t: usize, node: u16) -> usize {
+    /// Sends tenant `t`'s requests queued for route `r`, each to the next
+    /// node of the route's first function that has credits, until none
+    /// has; drops, unsent, those whose caller gave up (timed out), and
+    /// fails those whose function has no node up.
+    fn send_route(&mut self, t: usize, r: usize) -> usize {
         let mut n = 0;
-        loop {
-            let q = &mut self.queues[t];
-            let Some(c) = q.by_node[usize::from(node)].front() else { break };
+        let tenant = t as u16;
+        // (Every queued request's route has a first function: checked when
+        // it was queued.)
+        while let Some(c) = self.queues[t].by_route[r].front()
+            && let Some(Some(first)) = self.first.get_mut(r)
+        {
             let gone = c.reply.is_closed();
-            if !gone && !self.port.can_send(c.tenant, node) {
-                break;
-            }
-            let Some(c) = q.by_node[usize::from(node)].pop_front() else { break };
-            q.len -= 1;
-            if gone {
-                self.port.bufs_mut(c.tenant).free(c.lease);
-                continue;
-            }
-            let Some(Some(First { f, .. })) = self.first.get(usize::from(c.route)) else {
-                self.fail(c, EdgeError::BadRoute);
-                continue;
+            let node = if gone {
+                None
+            } else {
+                match self.port.next_can_send(tenant, &first.nodes, &mut first.next) {
+                    Some(node) => Some(node),
+                    // Every node whose link is up is out of credits: wait.
+                    None if first.nodes.iter().any(|&node| self.port.is_up(tenant, node)) => break,
+                    None => None,
+                }
             };
-            let f = *f;
+            let f = first.f;
+            let Some(c) = self.queues[t].pop(r) else { break };
+            let node = match node {
+                Some(node) => node,
+                None if gone => {
+                    self.port.bufs_mut(tenant).free(c.lease);
+                    continue;
+                }
+                None => {
+                    self.fail(c, EdgeError::Unreachable);
+                    continue;
+                }
+            };
             let desc = Descriptor {
                 tenant: c.tenant,
                 flags: 0,
@@ -622,17 +637,6 @@ impl Worker {
                     for r in gone {
                         if let Some(w) = self.waiting.remove(&r) {
                             let _ = w.reply.send(Err(EdgeError::Unreachable));
-                        }
-                    }
-                    // What waits for credits to that node will not get
-                    // them: it goes to another node of its function, if
-                    // one is up, or fails.
-                    for t in 0..self.queues.len() {
-                        for c in self.queues[t].take_node(peer) {
-                            match self.pick(c.route, c.tenant) {
-                                Some(node) => self.queues[t].push(node, c),
-                                None => self.fail(c, EdgeError::Unreachable),
-                            }
                         }
                     }
                 }

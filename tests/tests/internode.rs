@@ -1024,6 +1024,43 @@ tenant = "acme"
 chain = ["upper"]
 "#;
 
+/// The ingress binds a request to a node when it sends it, not when it
+/// arrives: a node that stops taking requests (its agent stopped, so the
+/// credits it gave the ingress run out) holds only those it had credits
+/// for; the function's other node answers the rest within the route's
+/// timeout. Once it runs again, it takes its share again.
+#[test]
+fn a_stalled_node_holds_only_the_requests_it_had_credits_for() {
+    let edge = dne_tests::cluster::IngressSpec::new("edge-stall", "");
+    let http = edge.http;
+    let cluster = format!("{EDGE_QUEUE_CLUSTER}timeout_ms = 5000\n{}", edge.section());
+    let mut c = Cluster::start("edge-stall", 2, &cluster);
+    c.start_route_fn(0, "acme", "upper", "upper");
+    c.start_route_fn(1, "acme", "upper", "upper");
+    c.wait_conns(1);
+    c.start_ingress(&edge, "/spread", WATCHDOG);
+    c.wait_conns(2);
+    until_every_node_answers(&c, http, "/spread", "upper", 2);
+    c.signal_agent(1, Signal::SIGSTOP).unwrap();
+    // n1 posts 16 receives for the ingress (its quota of 32 over two
+    // peers): at most 16 of the 64 can be sent there.
+    const N: usize = 64;
+    let (tx, rx) = std::sync::mpsc::channel();
+    for k in 0..N {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let r = dne_tests::http_post(http, "/spread", &pattern(100, k)).map(|r| r.0);
+            let _ = tx.send(r);
+        });
+    }
+    let codes: Vec<_> = (0..N).map(|_| rx.recv_timeout(WATCHDOG).expect("every request is answered")).collect();
+    let ok = codes.iter().filter(|&&c| c == Some(200)).count();
+    assert!(ok >= N - 16, "only what n1 had credits for may time out: {ok} of {N} answered 200 ({codes:?})");
+    assert!(codes.iter().all(|&c| c == Some(200) || c == Some(504)), "{codes:?}");
+    c.signal_agent(1, Signal::SIGCONT).unwrap();
+    until_every_node_answers(&c, http, "/spread", "upper", 2);
+}
+
 /// The ingress's requests queued for a node (its process stopped, so the
 /// credits it gave the ingress ran out) go to the other node of their
 /// function when that node goes away; only those it had taken in fail.
