@@ -101,6 +101,10 @@ pub struct Settings {
 #[derive(Debug)]
 struct Out {
     msg: Msg,
+    /// Its queue: the node it goes to, or, from `fabric_nodes` on,
+    /// `fabric_nodes + f` for a call to function `f` that runs on several
+    /// other nodes, bound to one of them only when it is sent (see
+    /// [`Engine::spread_fn`]).
     peer: u16,
     since: Instant,
 }
@@ -123,7 +127,9 @@ impl<H: HostLink> Buffers for Link<H> {
 
 /// One tenant's messages waiting for the scheduler: a FIFO per peer node,
 /// so a peer without credits (or down) holds back only the messages for
-/// it, never the tenant's traffic to the other peers.
+/// it, never the tenant's traffic to the other peers; and one per function
+/// that runs on several other nodes, whose calls wait there until one of
+/// those nodes can take one.
 #[derive(Debug)]
 struct Sends<O = Out> {
     /// Indexed by peer node id.
@@ -146,12 +152,12 @@ impl ForPeer for Out {
 }
 
 impl<O: ForPeer> Sends<O> {
-    fn new(peers: u16) -> Self {
-        Self {
-            by_peer: (0..peers).map(|_| VecDeque::with_capacity(256)).collect(),
-            active: VecDeque::with_capacity(usize::from(peers)),
-            len: 0,
-        }
+    /// Queues for `peers` nodes, then `spread` more (allocated when first
+    /// used).
+    fn new(peers: u16, spread: usize) -> Self {
+        let by_peer =
+            (0..peers).map(|_| VecDeque::with_capacity(256)).chain((0..spread).map(|_| VecDeque::new())).collect();
+        Self { by_peer, active: VecDeque::with_capacity(usize::from(peers)), len: 0 }
     }
 
     fn len(&self) -> usize {
@@ -327,7 +333,10 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         let fabric_nodes = (cfg.nodes.len() + cfg.ingresses.len()) as u16;
         let tenants = ids
             .iter()
-            .map(|_| Tenant { sends: Sends::new(fabric_nodes), backlog: VecDeque::with_capacity(1024) })
+            .map(|_| Tenant {
+                sends: Sends::new(fabric_nodes, cfg.functions.len()),
+                backlog: VecDeque::with_capacity(1024),
+            })
             .collect();
         Ok(Self {
             tally: vec![Tally::default(); ids.len()],
@@ -611,25 +620,15 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
     }
 
     fn peer_down(&mut self, peer: u16) {
-        // Messages queued for the peer go back to their senders.
+        // Messages queued for the peer go back to their senders (calls to
+        // a function with other nodes wait in its own queue, not here).
         if peer >= self.fabric_nodes {
             return;
         }
         for t in 0..self.tenants.len() {
             let mut q = self.tenants[t].sends.take_peer(peer);
             for out in q.drain(..) {
-                // A call whose function runs on another node that is up
-                // goes there (its headers name no node); anything else
-                // goes back to its sender.
-                let d = *out.msg.desc();
-                let f = usize::from(d.dst_fn);
-                let call = d.flags & (DescFlags::REPLY | DescFlags::ERROR) == 0 && f < self.fn_nodes.len();
-                match call.then(|| self.pick_node(t, f)).flatten() {
-                    Some(n) if n != peer && self.port.is_up(t as u16, n) => {
-                        self.tenants[t].sends.push(Out { peer: n, ..out });
-                    }
-                    _ => self.bounce(t, out.msg, ErrorCode::Unreachable, Why::Unreachable),
-                }
+                self.bounce(t, out.msg, ErrorCode::Unreachable, Why::Unreachable);
             }
             // The emptied queue goes back, with its room, unless a bounce
             // queued something new for the peer meanwhile.
@@ -687,11 +686,13 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 // An instance on this node: no fabric hop.
                 return self.deliver(t, msg, None);
             }
-            match self.pick_node(t, f) {
-                Some(n) => n,
-                // (None: the cluster file names no usable node; never, as
-                // the file is checked when loaded.)
-                None => return self.bounce(t, msg, ErrorCode::Unreachable, Why::Unreachable),
+            match self.fn_nodes[f][..] {
+                [n] => n,
+                // Several nodes: bound to one when it is sent.
+                [_, _, ..] => self.fabric_nodes + f as u16,
+                // (The cluster file names a node for every function: it is
+                // checked when loaded.)
+                [] => return self.bounce(t, msg, ErrorCode::Unreachable, Why::Unreachable),
             }
         };
         // Queued even while the peer's link is down: it may be coming up
@@ -730,21 +731,10 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         (n != NO_NODE && n != self.set.node && n < self.fabric_nodes).then_some(n)
     }
 
-    /// The node to send a message for function `f` (which does not run
-    /// here, so none of its nodes is this one) to: its nodes in turn,
-    /// skipping those whose link for tenant `t` is down; if all are down,
-    /// the next in turn anyway (the message waits there for the link, see
-    /// [`UNREACHABLE_AFTER`]).
-    fn pick_node(&mut self, t: usize, f: usize) -> Option<u16> {
-        let (nodes, next) = (&self.fn_nodes[f], &mut self.fn_next[f]);
-        if nodes.is_empty() {
-            return None;
-        }
-        self.port.next_up(t as u16, nodes, next).or_else(|| {
-            let n = nodes[*next % nodes.len()];
-            *next = (*next + 1) % nodes.len();
-            Some(n)
-        })
+    /// The function whose calls queue `key` holds, if it is one of the
+    /// queues of functions on several nodes (see [`Out::peer`]).
+    fn spread_fn(&self, key: u16) -> Option<usize> {
+        key.checked_sub(self.fabric_nodes).map(usize::from)
     }
 
     /// Whether function `f` runs on this node.
@@ -870,15 +860,24 @@ fn wire_bytes(msg: &Msg) -> u64 {
 }
 
 impl<T: Transport, H: HostLink> Engine<T, H> {
-    /// The position (in turn order) of the first peer of tenant `t` whose
-    /// head message can go now: the peer granted credits, or its link is
-    /// down and the message has waited [`UNREACHABLE_AFTER`] (it then goes
-    /// back to its sender).
+    /// The position (in turn order) of the first queue of tenant `t` whose
+    /// head message can go now: its peer (for a call to a function on
+    /// several nodes, one of them) granted credits, or its link (all of
+    /// them) is down and the message has waited [`UNREACHABLE_AFTER`] (it
+    /// then goes back to its sender).
     #[inline]
     fn first_ready(&self, t: usize) -> Option<usize> {
-        self.tenants[t].sends.pick(|o| {
-            self.port.can_send(t as u16, o.peer)
-                || (!self.port.is_up(t as u16, o.peer) && o.since.elapsed() > UNREACHABLE_AFTER)
+        let t16 = t as u16;
+        self.tenants[t].sends.pick(|o| match self.spread_fn(o.peer) {
+            None => {
+                self.port.can_send(t16, o.peer)
+                    || (!self.port.is_up(t16, o.peer) && o.since.elapsed() > UNREACHABLE_AFTER)
+            }
+            Some(f) => {
+                let nodes = &self.fn_nodes[f];
+                nodes.iter().any(|&n| self.port.can_send(t16, n))
+                    || (!nodes.iter().any(|&n| self.port.is_up(t16, n)) && o.since.elapsed() > UNREACHABLE_AFTER)
+            }
         })
     }
 }
@@ -916,8 +915,14 @@ impl<T: Transport, H: HostLink> Backlog for Engine<T, H> {
         let Some(out) = self.tenants[t].sends.take(0) else { return };
         let tag = out.since.saturating_duration_since(self.set.epoch).as_nanos() as u64;
         let bytes = wire_bytes(&out.msg);
+        let peer = match self.spread_fn(out.peer) {
+            None => out.peer,
+            // The next of the function's nodes that can take it (none: all
+            // are down, and the send below bounces it).
+            Some(f) => self.port.next_can_send(t as u16, &self.fn_nodes[f], &mut self.fn_next[f]).unwrap_or(NO_NODE),
+        };
         let (lease, desc) = out.msg.into_parts();
-        match self.port.send(t as u16, out.peer, lease, desc, tag) {
+        match self.port.send(t as u16, peer, lease, desc, tag) {
             Ok(()) => self.inflight += bytes,
             Err((lease, desc, _)) => {
                 self.bounce(t, Msg::from_parts(lease, desc), ErrorCode::Unreachable, Why::Unreachable)
@@ -1013,7 +1018,7 @@ mod tests {
 
     #[test]
     fn a_blocked_peer_holds_back_only_its_own_messages() {
-        let mut s = Sends::new(3);
+        let mut s = Sends::new(3, 0);
         for k in 0..4 {
             s.push((1, k)); // peer 1 first: it would be the head of one FIFO
         }
@@ -1033,7 +1038,7 @@ mod tests {
 
     #[test]
     fn peers_with_credits_take_turns_and_a_peer_can_be_emptied_at_once() {
-        let mut s = Sends::new(3);
+        let mut s = Sends::new(3, 0);
         for k in 0..3 {
             s.push((0, k));
             s.push((1, 10 + k));
