@@ -682,17 +682,22 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 // be refused by the peer.
                 return self.bounce(t, msg, ErrorCode::TenantMismatch, Why::TenantMismatch);
             }
-            if self.runs_here(f) {
+            let here = self.runs_here(f);
+            if here && d.flags & DescFlags::ELSEWHERE == 0 {
                 // An instance on this node: no fabric hop.
                 return self.deliver(t, msg, None);
             }
             match self.fn_nodes[f][..] {
-                [n] => n,
-                // Several nodes: bound to one when it is sent.
+                [n] if !here => n,
+                // Several nodes: bound to one when it is sent (never this
+                // one, to which there is no connection: so a call marked
+                // ELSEWHERE, whose function has no live instance here, goes
+                // to another).
                 [_, _, ..] => self.fabric_nodes + f as u16,
-                // (The cluster file names a node for every function: it is
-                // checked when loaded.)
-                [] => return self.bounce(t, msg, ErrorCode::Unreachable, Why::Unreachable),
+                // Marked ELSEWHERE for a function on this node alone; or
+                // (never: the cluster file is checked when loaded) one on
+                // no node.
+                _ => return self.bounce(t, msg, ErrorCode::Unreachable, Why::Unreachable),
             }
         };
         // Queued even while the peer's link is down: it may be coming up

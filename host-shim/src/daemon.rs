@@ -627,9 +627,12 @@ impl Shimd {
     }
 
     /// Answers a lookup with the tenant's uplink ring (the agent forwards).
-    fn peer_uplink(&self, i: usize, seq: u32, tenant: u16, function: u16, node: u16) -> io::Result<()> {
+    /// Answers a lookup with the agent's uplink (`flags`: [`Peer::STANDIN`]
+    /// when it stands in for a local function without a live instance).
+    fn peer_uplink(&self, i: usize, seq: u32, tenant: u16, function: u16, node: u16, flags: u16) -> io::Result<()> {
         let up = &self.uplinks[&tenant];
-        let peer = Peer { function, instance: 0, slot: AGENT_SLOT, node, ring_capacity: UPLINK_CAPACITY, reserved: 0 };
+        let peer =
+            Peer { function, instance: 0, slot: AGENT_SLOT, node, ring_capacity: UPLINK_CAPACITY, flags, reserved: 0 };
         self.clients[i].conn.send(&CtrlFrame { seq, msg: CtrlMsg::Peer(peer) }, &[up.ring.fd(), up.bell.fd()])?;
         let ack = Ack { about_kind: CtrlKind::Lookup as u16, reserved: 0, about_seq: seq };
         self.clients[i].conn.send(&CtrlFrame { seq, msg: CtrlMsg::Ack(ack) }, &[])
@@ -640,7 +643,7 @@ impl Shimd {
             return self.refuse(i, seq, ErrorCode::BadRoute, "lookup", u16::MAX, u16::MAX);
         };
         if !agent && l.function.as_str() == Ok(AGENT_NAME) {
-            return self.peer_uplink(i, seq, me, NO_FUNCTION, self.node);
+            return self.peer_uplink(i, seq, me, NO_FUNCTION, self.node, 0);
         }
         let Some(fid) = l.function.as_str().ok().and_then(|n| self.cfg.function_id(n)) else {
             return self.refuse(i, seq, ErrorCode::UnknownFunction, "lookup", me, u16::MAX);
@@ -657,7 +660,17 @@ impl Shimd {
                 return self.refuse(i, seq, ErrorCode::Unreachable, "lookup", me, fid);
             }
             let node = self.cfg.function_nodes(f).first().copied().unwrap_or(wire::desc::NO_NODE);
-            return self.peer_uplink(i, seq, me, fid, node);
+            return self.peer_uplink(i, seq, me, fid, node, 0);
+        }
+        let live = |c: &Client| c.attached.as_ref().is_some_and(|a| a.function == fid);
+        let elsewhere = self.cfg.function_nodes(f).into_iter().find(|&n| n != self.node);
+        if !agent
+            && let Some(node) = elsewhere
+            && !self.clients.iter().any(live)
+        {
+            // No live instance here, but the function has other nodes: the
+            // agent stands in (DESIGN.md section 3), until one attaches.
+            return self.peer_uplink(i, seq, me, fid, node, Peer::STANDIN);
         }
         for c in &self.clients {
             if let Some(a) = c.attached.as_ref().filter(|a| a.function == fid) {
@@ -667,6 +680,7 @@ impl Shimd {
                     slot: a.slot,
                     node: self.node,
                     ring_capacity: a.ring.header().capacity,
+                    flags: 0,
                     reserved: 0,
                 };
                 self.clients[i].conn.send(&CtrlFrame { seq, msg: CtrlMsg::Peer(peer) }, &[a.ring.fd(), a.bell.fd()])?;

@@ -55,6 +55,12 @@ pub enum AttachError {
 /// does not exist) is reused before asking again.
 pub const ABSENT_TTL: Duration = Duration::from_millis(50);
 
+/// How long host-shimd's answer that the agent stands in for a function of
+/// this node without a live instance ([`wire::ctrl::Peer::STANDIN`]) is
+/// used before asking again: calls go to the function's other nodes until
+/// a local instance is back, found within this much.
+pub const STANDIN_TTL: Duration = Duration::from_millis(100);
+
 /// Why a send failed. The message comes back in [`SendError::msg`] whenever
 /// the caller still owns it, so nothing is lost.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -162,6 +168,17 @@ struct PeerSet {
     function: u16,
     instances: Vec<Instance>,
     next: usize,
+    /// The agent stands in for the function until then (see
+    /// [`STANDIN_TTL`]); what goes through it is marked
+    /// [`DescFlags::ELSEWHERE`].
+    standin_until: Option<Instant>,
+}
+
+impl PeerSet {
+    /// Flags for what is sent to this set.
+    fn marks(&self) -> u16 {
+        if self.standin_until.is_some() { wire::DescFlags::ELSEWHERE } else { 0 }
+    }
 }
 
 /// An attached function instance.
@@ -386,7 +403,7 @@ impl Function {
         self.seq = self.seq.wrapping_add(1);
         let shimd = |e: io::Error| SendErrorKind::Shimd(e.to_string());
         self.conn.send(&CtrlFrame { seq, msg: CtrlMsg::Lookup(Lookup { function: name }) }, &[]).map_err(shimd)?;
-        let mut set = PeerSet { function: 0, instances: Vec::new(), next: 0 };
+        let mut set = PeerSet { function: 0, instances: Vec::new(), next: 0, standin_until: None };
         let mut buf = [0u8; CTRL_MAX_FRAME];
         loop {
             let r = self.conn.recv(&mut buf).map_err(shimd)?;
@@ -407,6 +424,9 @@ impl Function {
                     };
                     let ring = Ring::open(ring_fd).map_err(|e| SendErrorKind::Shimd(e.to_string()))?;
                     set.function = p.function;
+                    if p.flags & wire::ctrl::Peer::STANDIN != 0 {
+                        set.standin_until = Some(Instant::now() + STANDIN_TTL);
+                    }
                     set.instances.push(Instance { ring, bell: Doorbell::from_fd(bell_fd), slot: p.slot });
                 }
                 CtrlMsg::Ack(_) => break,
@@ -426,6 +446,19 @@ impl Function {
         Ok(())
     }
 
+    /// Makes sure the instances of `to` are known: looks them up unless
+    /// they are, or asks again once a stand-in answer expired.
+    fn peers_of(&mut self, to: &str) -> Result<(), SendErrorKind> {
+        match self.peers.get(to) {
+            Some(set) if set.standin_until.is_none_or(|t| Instant::now() < t) => Ok(()),
+            Some(_) => {
+                self.peers.remove(to);
+                self.lookup(to)
+            }
+            None => self.lookup(to),
+        }
+    }
+
     /// Sends a message to an instance of function `to` (round robin over
     /// its live instances). On failure the message comes back in the error
     /// unless a peer took it.
@@ -433,10 +466,8 @@ impl Function {
         let mut msg = msg;
         let mut relooked = false;
         loop {
-            if !self.peers.contains_key(to) {
-                if let Err(kind) = self.lookup(to) {
-                    return Err(SendError { kind, msg: Some(msg) });
-                }
+            if let Err(kind) = self.peers_of(to) {
+                return Err(SendError { kind, msg: Some(msg) });
             }
             match self.try_send(msg, to) {
                 Ok(()) => return Ok(()),
@@ -460,7 +491,8 @@ impl Function {
             let inst = &set.instances[i];
             let to_owner = Owner::Function(inst.slot);
             let src_fn = if self.agent { msg.desc.src_fn } else { self.info.function };
-            let desc = Descriptor { tenant: self.info.tenant, src_fn, dst_fn: set.function, ..msg.desc };
+            let flags = msg.desc.flags | set.marks();
+            let desc = Descriptor { tenant: self.info.tenant, src_fn, dst_fn: set.function, flags, ..msg.desc };
             let (head, len) = match self.pool.hand_over(msg.lease, to_owner) {
                 Ok(v) => v,
                 Err((lease, e)) => return Err((SendErrorKind::Ownership(e.to_string()), Some(Msg { lease, desc }))),
@@ -507,9 +539,7 @@ impl Function {
         let mut sent = 0;
         let mut relooked = false;
         while !msgs.is_empty() {
-            if !self.peers.contains_key(to) {
-                self.lookup(to)?;
-            }
+            self.peers_of(to)?;
             let Some(set) = self.peers.get_mut(to) else { return Err(SendErrorKind::NoInstance) };
             if set.instances.is_empty() {
                 self.peers.remove(to);
@@ -534,7 +564,8 @@ impl Function {
                     continue;
                 }
                 let src_fn = if self.agent { m.desc.src_fn } else { self.info.function };
-                let desc = Descriptor { tenant: self.info.tenant, src_fn, dst_fn: set.function, ..m.desc };
+                let flags = m.desc.flags | set.marks();
+                let desc = Descriptor { tenant: self.info.tenant, src_fn, dst_fn: set.function, flags, ..m.desc };
                 match self.pool.hand_over(m.lease, to_owner) {
                     Ok((head, len)) => {
                         descs[k] = Descriptor { buf: head, len, ..desc };

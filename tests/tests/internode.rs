@@ -1018,6 +1018,116 @@ fn a_stalled_node_holds_only_the_calls_it_had_credits_for() {
     assert!(errors.len() <= N2_CREDITS, "n2 took at most its credits: {} came back", errors.len());
 }
 
+const STANDIN_CLUSTER: &str = r#"
+[[tenant]]
+name = "acme"
+weight = 1
+buffers = 1024
+recv_quota = 32
+
+[[function]]
+name = "client"
+tenant = "acme"
+node = "n0"
+
+[[function]]
+name = "sink"
+tenant = "acme"
+node = "n0"
+
+[[function]]
+name = "svc"
+tenant = "acme"
+nodes = ["n0", "n1"]
+"#;
+
+#[test]
+fn calls_to_a_function_without_a_live_local_instance_go_to_its_other_node() {
+    local_instances_gone("emulated");
+}
+
+#[test]
+fn dpu_mode_calls_to_a_function_without_a_live_local_instance_go_to_its_other_node() {
+    local_instances_gone("dpu");
+}
+
+/// `svc` runs on n0 and n1, but n0 has no live instance of it: a caller on
+/// n0 gets its calls answered by n1's instance (the agent stands in for the
+/// missing local one) instead of `NoInstance`; once an instance attaches on
+/// n0, the caller finds it again (within `STANDIN_TTL`) and its calls stay
+/// on n0.
+fn local_instances_gone(mode: &'static str) {
+    let mut c = Cluster::start_mode(&format!("standin-{mode}"), 2, mode, STANDIN_CLUSTER);
+    c.start_fn(1, "acme", "svc", "upper", Some("sink"));
+    c.wait_mesh();
+    let mut client = c.attach(0, "acme", "client");
+    let mut sink = c.attach(0, "acme", "sink");
+    let call = |client: &mut Function, k: u32| {
+        let mut m = client.alloc(8).unwrap();
+        client.write(&mut m, b"standin").unwrap();
+        m.set_request(k);
+        client.send(m, "svc").map_err(|e| e.kind).expect("svc has an instance on n1");
+    };
+    for k in 0..20 {
+        call(&mut client, k);
+        let m = sink.recv_timeout(Some(WATCHDOG)).unwrap().expect("n1's svc answers");
+        assert_eq!((m.request(), &sink.read_to_vec(&m)[..]), (k, &b"STANDIN"[..]), "through n1's upper");
+        sink.free(m).unwrap();
+    }
+    assert!(client.try_recv().is_none(), "no error came back");
+    // An instance of svc attaches on n0: the caller finds it.
+    let mut local = c.attach(0, "acme", "svc");
+    let mut k = 100;
+    let end = std::time::Instant::now() + WATCHDOG;
+    loop {
+        assert!(std::time::Instant::now() < end, "watchdog: the caller never found n0's instance");
+        call(&mut client, k);
+        k += 1;
+        // Taken by the local instance, or answered through n1.
+        let mut took = None;
+        dne_tests::wait_for("the call to arrive", WATCHDOG, || {
+            if let Some(m) = local.try_recv() {
+                local.free(m).unwrap();
+                took = Some(true);
+            } else if let Some(m) = sink.try_recv() {
+                sink.free(m).unwrap();
+                took = Some(false);
+            }
+            took.is_some()
+        });
+        if took == Some(true) {
+            break;
+        }
+    }
+    for k in 1000..1010 {
+        call(&mut client, k);
+        let m = local.recv_timeout(Some(WATCHDOG)).unwrap().expect("the local instance takes the calls");
+        assert_eq!(m.request(), k);
+        local.free(m).unwrap();
+    }
+    assert!(sink.try_recv().is_none(), "nothing went to n1 once the local instance was found");
+    // The local instance goes away: calls go to n1 again (those sent
+    // before host-shimd noticed may be lost with the instance).
+    drop(local);
+    let end = std::time::Instant::now() + WATCHDOG;
+    loop {
+        assert!(std::time::Instant::now() < end, "watchdog: calls never went back to n1");
+        let mut m = client.alloc(8).unwrap();
+        client.write(&mut m, b"again").unwrap();
+        if let Err(e) = client.send(m, "svc") {
+            assert!(matches!(e.kind, host_shim::SendErrorKind::NoInstance), "{e}");
+            if let Some(m) = e.msg {
+                client.free(m).unwrap();
+            }
+        }
+        if let Some(m) = sink.recv_timeout(Some(Duration::from_millis(20))).unwrap() {
+            assert_eq!(sink.read_to_vec(&m), b"AGAIN");
+            sink.free(m).unwrap();
+            break;
+        }
+    }
+}
+
 const EDGE_QUEUE_CLUSTER: &str = r#"
 [[tenant]]
 name = "acme"

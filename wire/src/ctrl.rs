@@ -380,10 +380,22 @@ pub struct Peer {
     pub node: u16,
     /// Slots of its inbound ring.
     pub ring_capacity: u32,
+    /// [`Peer::STANDIN`] or zero.
+    pub flags: u16,
     /// Must be zero.
-    pub reserved: u32,
+    pub reserved: u16,
 }
 const _: () = assert!(size_of::<Peer>() == 16);
+
+impl Peer {
+    /// The function runs on this node but has no live instance here: the
+    /// peer is the agent's uplink, standing in until an instance attaches.
+    /// The sender marks what it sends through it
+    /// [`DescFlags::ELSEWHERE`](crate::DescFlags::ELSEWHERE) (the agent
+    /// takes it to another node of the function) and asks again after a
+    /// short while, to find a local instance that came back.
+    pub const STANDIN: u16 = 1 << 0;
+}
 
 /// Body of [`CtrlKind::Message`]; followed by `count` little-endian u32
 /// buffer indices, the message's chain in order (`desc.buf` is the first).
@@ -777,6 +789,7 @@ fn decode_msg(kind: CtrlKind, p: &[u8]) -> Result<CtrlMsg<'_>, CtrlDecodeError> 
         CtrlKind::Peer => {
             let (b, _) = body::<Peer>(kind, p, true)?;
             field(kind, "ring_capacity", RingLayout::new(b.ring_capacity).is_ok())?;
+            field(kind, "flags", b.flags & !Peer::STANDIN == 0)?;
             field(kind, "reserved", b.reserved == 0)?;
             CtrlMsg::Peer(b)
         }
@@ -866,7 +879,24 @@ mod tests {
             }),
             CtrlMsg::Ack(Ack { about_kind: 6, reserved: 0, about_seq: 9 }),
             CtrlMsg::Lookup(Lookup { function: n("resize") }),
-            CtrlMsg::Peer(Peer { function: 2, instance: 1, slot: 5, node: 0, ring_capacity: 1024, reserved: 0 }),
+            CtrlMsg::Peer(Peer {
+                function: 2,
+                instance: 1,
+                slot: 5,
+                node: 0,
+                ring_capacity: 1024,
+                flags: 0,
+                reserved: 0,
+            }),
+            CtrlMsg::Peer(Peer {
+                function: 2,
+                instance: 0,
+                slot: 1,
+                node: 1,
+                ring_capacity: 4096,
+                flags: Peer::STANDIN,
+                reserved: 0,
+            }),
             CtrlMsg::Message(
                 MessageHdr {
                     desc: crate::Descriptor { tenant: 1, dst_fn: 3, buf: bufs[0], len: 100, ..Default::default() },
