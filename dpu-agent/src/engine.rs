@@ -774,6 +774,12 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             }
             Err(e) => match (e.kind, e.msg) {
                 (SendErrorKind::Full, Some(msg)) => self.tenants[t].backlog.push_back((msg, from)),
+                (_, Some(mut msg)) if d.may_go_elsewhere() && self.fn_nodes[f].len() > 1 => {
+                    // No live instance here: another node of the function
+                    // takes it (from the ingress; at most once).
+                    msg.desc_mut().flags |= DescFlags::ELSEWHERE;
+                    self.route(t, msg, Instant::now());
+                }
                 (_, Some(msg)) if d.flags & DescFlags::ERROR == 0 => {
                     self.bounce_from(t, msg, ErrorCode::PeerDied, Why::NoInstance, from)
                 }

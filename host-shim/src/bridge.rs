@@ -64,6 +64,9 @@ pub struct BridgeStats {
     pub refused: u64,
     /// Messages returned to their sender as errors (no instance).
     pub bounced: u64,
+    /// Calls with no local instance handed back to the agent to go to
+    /// another node of their function.
+    pub elsewhere: u64,
     /// Connections to the agent so far.
     pub connects: u64,
     /// Buffers freed because the agent that held them went away.
@@ -460,13 +463,21 @@ impl Bridge {
         k.saturating_sub(self.tenants[t].backlog.len())
     }
 
-    /// No local instance: the message goes back as an error, to the
-    /// ingress that waits for it or to its sender, through the agent.
+    /// No local instance: a call from the ingress to a function with other
+    /// nodes goes back to the agent to go to one of them (once); anything
+    /// else goes back as an error, to the ingress that waits for it or to
+    /// its sender, through the agent.
     fn bounce(&mut self, t: usize, mut msg: Msg) {
         let d = *msg.desc();
         if d.flags & DescFlags::ERROR != 0 {
             let (lease, _) = msg.into_parts();
             return self.free(t, lease);
+        }
+        let nodes = self.cfg.functions.get(usize::from(d.dst_fn)).map_or(0, |f| self.cfg.function_nodes(f).len());
+        if d.may_go_elsewhere() && nodes > 1 {
+            self.stats.elsewhere += 1;
+            msg.desc_mut().flags |= DescFlags::ELSEWHERE;
+            return self.hand_to_agent(t, msg);
         }
         self.stats.bounced += 1;
         let dm = msg.desc_mut();

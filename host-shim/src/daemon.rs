@@ -864,8 +864,17 @@ impl Shimd {
             Some((shared, _)) => {
                 let b = shared.lock().map(|b| *b).unwrap_or_default();
                 format!(
-                    ",\"bridge\":{{\"up\":{},\"connects\":{},\"to_agent\":{},\"delivered\":{},\"lent\":{},\"returned\":{},\"bounced\":{},\"refused\":{},\"reclaimed\":{}}}",
-                    b.up, b.connects, b.to_agent, b.delivered, b.lent, b.returned, b.bounced, b.refused, b.reclaimed
+                    ",\"bridge\":{{\"up\":{},\"connects\":{},\"to_agent\":{},\"delivered\":{},\"lent\":{},\"returned\":{},\"bounced\":{},\"elsewhere\":{},\"refused\":{},\"reclaimed\":{}}}",
+                    b.up,
+                    b.connects,
+                    b.to_agent,
+                    b.delivered,
+                    b.lent,
+                    b.returned,
+                    b.bounced,
+                    b.elsewhere,
+                    b.refused,
+                    b.reclaimed
                 )
             }
             None => String::new(),

@@ -1147,6 +1147,38 @@ tenant = "acme"
 chain = ["upper"]
 "#;
 
+#[test]
+fn edge_requests_reaching_a_node_without_an_instance_go_to_another_node() {
+    edge_requests_elsewhere("emulated");
+}
+
+#[test]
+fn dpu_mode_edge_requests_reaching_a_node_without_an_instance_go_to_another_node() {
+    edge_requests_elsewhere("dpu");
+}
+
+/// `upper` runs on n0 and n1 but only n0 has an instance: the requests the
+/// ingress sends to n1 go on to n0 (in DPU mode it is n1's host-shimd
+/// bridge that finds no instance and hands them back to the agent), and
+/// every request is answered.
+fn edge_requests_elsewhere(mode: &'static str) {
+    let name = format!("edge-elsewhere-{mode}");
+    let edge = dne_tests::cluster::IngressSpec::new(&name, "");
+    let http = edge.http;
+    let mut c = Cluster::start_mode(&name, 2, mode, &format!("{EDGE_QUEUE_CLUSTER}{}", edge.section()));
+    c.start_route_fn(0, "acme", "upper", "upper");
+    c.wait_conns(1);
+    c.start_ingress(&edge, "/spread", WATCHDOG);
+    c.wait_conns(2);
+    let before = delivered(&c, 0, "upper");
+    for k in 0..40 {
+        let body = pattern(100, k);
+        let r = dne_tests::http_post(http, "/spread", &body).expect("an answer");
+        assert_eq!(r, (200, body.to_ascii_uppercase()), "request {k}");
+    }
+    delivered_since(&c, "upper", &[0], &[before], 40);
+}
+
 /// The ingress binds a request to a node when it sends it, not when it
 /// arrives: a node that stops taking requests (its agent stopped, so the
 /// credits it gave the ingress run out) holds only those it had credits

@@ -321,6 +321,16 @@ impl DescriptorError {
 }
 
 impl Descriptor {
+    /// Whether this call, having found no live instance of its destination
+    /// on the node it reached, may go on to another node of the function
+    /// (marked [`DescFlags::ELSEWHERE`]): a call, not a reply or an error,
+    /// not sent on for this reason before (so it goes at most once), from
+    /// an ingress (`origin`), to which an error goes straight back from
+    /// wherever the call ends.
+    pub fn may_go_elsewhere(&self) -> bool {
+        self.flags & (DescFlags::ERROR | DescFlags::REPLY | DescFlags::ELSEWHERE) == 0 && self.origin != NO_NODE
+    }
+
     /// A void descriptor of `tenant`: every receiver drops it, counted as
     /// [`DescriptorError::Void`].
     pub fn void(tenant: u16) -> Self {
@@ -388,6 +398,16 @@ mod tests {
 
     fn good() -> Descriptor {
         Descriptor { tenant: 3, buf: 7, len: 100, route: NO_ROUTE, origin: NO_NODE, ..Default::default() }
+    }
+
+    #[test]
+    fn only_an_ingress_call_not_sent_on_before_may_go_elsewhere() {
+        let call = Descriptor { origin: 2, ..good() };
+        assert!(call.may_go_elsewhere());
+        assert!(!good().may_go_elsewhere(), "no ingress to send an error to");
+        for f in [DescFlags::ERROR, DescFlags::REPLY, DescFlags::ELSEWHERE] {
+            assert!(!Descriptor { flags: f, ..call }.may_go_elsewhere(), "flags {f:#x}");
+        }
     }
 
     #[test]
