@@ -805,3 +805,69 @@ fn comch_messages_beyond_one_receive_queue_keep_the_handle_readable() {
     }
     assert_eq!(got, (0..10).collect::<Vec<u8>>(), "all of them, in order");
 }
+
+/// One `progress` places a bounded number of arriving sends (the emulated
+/// NIC's budget per connection); when it stops short of what its
+/// connection holds, the notification handle stays readable, so a caller
+/// that sleeps on it after that progress comes back for the rest (the
+/// socket itself will not announce bytes that were already there).
+#[test]
+fn rdma_sends_beyond_one_progress_keep_the_handle_readable() {
+    const N: usize = 200;
+    let dev = device();
+    let (pe_a, pe_b) = (ProgressEngine::new().unwrap(), ProgressEngine::new().unwrap());
+    let cfg = RdmaConfig::default();
+    let (a, b) = (Rdma::new(&pe_a, &dev, cfg).unwrap(), Rdma::new(&pe_b, &dev, cfg).unwrap());
+    a.start().unwrap();
+    b.start().unwrap();
+    let start = Instant::now();
+    while a.state() != CtxState::Running || b.state() != CtxState::Running {
+        pe_a.progress();
+        pe_b.progress();
+        assert!(start.elapsed() < WATCHDOG, "watchdog: start");
+    }
+    let (ca, blob_a) = a.export().unwrap();
+    let (cb, blob_b) = b.export().unwrap();
+    a.connect(ca, &blob_b).unwrap();
+    b.connect(cb, &blob_a).unwrap();
+    until_up(&[&pe_a, &pe_b], (&a, ca), (&b, cb), "connect");
+    let pool = region(64 << 10);
+    let flags = Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE;
+    let host = local_mmap(&dev, &pool, flags);
+    let mem = RemoteMmap::from_export(&dev, &host.export_pci(&dev).unwrap()).unwrap();
+    let inv = BufInventory::new(2 * N as u32).unwrap();
+    for i in 0..N {
+        b.submit_receive(inv.remote_buf(&mem, (32 << 10) + i as u64 * 64, 64).unwrap(), i as u64).unwrap();
+    }
+    pool.copy_in(0, b"a small message").unwrap();
+    for i in 0..N {
+        let mut buf = inv.remote_buf(&mem, 0, 64).unwrap();
+        buf.set_data_len(15).unwrap();
+        a.submit_send(ca, buf, Some(i as u32), i as u64).unwrap();
+    }
+    // Every send written to the connection (the receiver does not read).
+    let written = Instant::now();
+    while written.elapsed() < Duration::from_millis(300) {
+        pe_a.progress();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let handle = pe_b.notification_handle().unwrap();
+    let mut got = 0;
+    let take = |got: &mut usize| {
+        while let Some(e) = b.poll_event() {
+            *got += usize::from(matches!(e, RdmaEvent::Received { result: Ok(()), .. }));
+        }
+    };
+    pe_b.clear_notification().unwrap();
+    pe_b.request_notification().unwrap();
+    pe_b.progress();
+    take(&mut got);
+    assert!(got > 0 && got < N, "one progress places part of them ({got} of {N})");
+    assert!(readable(handle, Duration::from_millis(500)), "{} sends wait: the handle must say so", N - got);
+    let start = Instant::now();
+    while got < N {
+        pe_b.progress();
+        take(&mut got);
+        assert!(start.elapsed() < WATCHDOG, "watchdog: the rest ({got} of {N})");
+    }
+}

@@ -582,15 +582,20 @@ impl Conn {
     }
 
     /// Writes the hello and queued sends; reads acknowledgements.
-    fn pump_out(&mut self, id: RdmaConnId, events: &mut VecDeque<RdmaEvent>) -> Result<(), DocaError> {
+    /// `Ok(true)`: stopped on the budget with work perhaps left (sends to
+    /// write, acknowledgements to read).
+    fn pump_out(&mut self, id: RdmaConnId, events: &mut VecDeque<RdmaEvent>) -> Result<bool, DocaError> {
         let Conn { out, send_q, unacked, .. } = self;
-        let Some(out) = out.as_mut() else { return Ok(()) };
+        let Some(out) = out.as_mut() else { return Ok(false) };
+        let mut more = false;
         // Acknowledgements and errors from the receiver: only sends written
         // (or being written) can be acknowledged or refused.
         if !unacked.is_empty() || out.big.is_some() {
+            more = true;
             for _ in 0..BUDGET {
                 let n = read_avail(&out.sock, &mut out.rx[out.rx_have..])?;
                 if n == 0 {
+                    more = false;
                     break;
                 }
                 out.rx_have += n;
@@ -601,17 +606,18 @@ impl Conn {
                 out.rx.copy_within(whole..out.rx_have, 0);
                 out.rx_have -= whole;
                 if out.rx_have + n < out.rx.len() {
+                    more = false;
                     break; // the socket had no more
                 }
             }
         }
         if !write_some(&out.sock, &out.hello, &mut out.hello_off)? {
-            return Ok(());
+            return Ok(more);
         }
         for _ in 0..BUDGET {
             // What was gathered goes out in one call.
             if out.tx_off < out.tx_len && !write_some(&out.sock, &out.tx[..out.tx_len], &mut out.tx_off)? {
-                return Ok(());
+                return Ok(more);
             }
             out.tx_off = 0;
             out.tx_len = 0;
@@ -623,7 +629,7 @@ impl Conn {
                     let off = t.buf.file_offset() + *done as u64;
                     match out.dma.send(&out.sock, &t.buf.mmap, off, len - *done).map_err(dma_error)? {
                         Moved::Bytes(n) => *done += n,
-                        Moved::WouldBlock => return Ok(()),
+                        Moved::WouldBlock => return Ok(more),
                         Moved::Eof => return Err(DocaError::CONNECTION_RESET),
                     }
                 }
@@ -662,7 +668,8 @@ impl Conn {
                 }
             }
         }
-        Ok(())
+        // Sends still queued after a budget's worth of rounds.
+        Ok(more || !send_q.is_empty())
     }
 
     /// Places incoming sends into posted receives; acknowledges them.
@@ -673,12 +680,18 @@ impl Conn {
         id: RdmaConnId,
         recv_q: &mut VecDeque<RecvTask>,
         events: &mut VecDeque<RdmaEvent>,
-    ) -> Result<(), (DocaError, bool)> {
-        let Some(inn) = self.inn.as_mut() else { return Ok(()) };
+    ) -> Result<bool, (DocaError, bool)> {
+        let Some(inn) = self.inn.as_mut() else { return Ok(false) };
         let hard = |e| (e, false);
         let mut placed_now = 0;
-        // Each round consumes bytes, places a message or stops.
-        for _ in 0..8 * BUDGET {
+        // Each round consumes bytes, places a message or stops; `more`:
+        // stopped on the budget, with bytes perhaps still in the socket.
+        let mut rounds = 0;
+        let more = loop {
+            if rounds == 8 * BUDGET {
+                break true;
+            }
+            rounds += 1;
             if let Some(cur) = inn.cur.as_mut() {
                 if cur.done < cur.len {
                     let off = cur.task.buf.file_offset() + cur.done as u64;
@@ -693,16 +706,16 @@ impl Conn {
                     } else if rest >= SPLICE_MIN {
                         match inn.dma.recv(&inn.sock, &cur.task.buf.mmap, off, rest) {
                             Ok(Moved::Bytes(n)) => cur.done += n,
-                            Ok(Moved::WouldBlock) => break,
+                            Ok(Moved::WouldBlock) => break false,
                             Ok(Moved::Eof) => return Err(hard(DocaError::CONNECTION_RESET)),
                             Err(e) => return Err(hard(dma_error(e))),
                         }
                     } else if !inn.fill().map_err(hard)? {
-                        break;
+                        break false;
                     }
                     continue;
                 }
-                let Some(cur) = inn.cur.take() else { break };
+                let Some(cur) = inn.cur.take() else { break false };
                 let mut buf = cur.task.buf;
                 // len <= buf.len(), checked when the header was taken.
                 let _ = buf.set_data_len(cur.len as u32);
@@ -716,13 +729,13 @@ impl Conn {
                 });
                 placed_now += 1;
                 if placed_now >= BUDGET {
-                    break;
+                    break true;
                 }
                 continue;
             }
             if inn.rx_len - inn.rx_off < FRAME_LEN {
                 if !inn.fill().map_err(hard)? {
-                    break;
+                    break false;
                 }
                 continue;
             }
@@ -736,7 +749,7 @@ impl Conn {
             };
             // Receiver not ready: keep the header, stop reading; the
             // sender stalls in TCP flow control until a receive is posted.
-            let Some(task) = recv_q.pop_front() else { break };
+            let Some(task) = recv_q.pop_front() else { break false };
             inn.rx_off += FRAME_LEN;
             if len > task.buf.len() as usize {
                 log::warn!("rdma: send of {len} bytes into a receive of {} bytes fails the connection", task.buf.len());
@@ -756,7 +769,7 @@ impl Conn {
                 return Err((DocaError::TOO_BIG, true));
             }
             inn.cur = Some(Incoming { task, len, done: 0, imm });
-        }
+        };
         // Cumulative acknowledgement of what was placed.
         if inn.ack_off == FRAME_LEN && inn.acked != inn.placed {
             inn.ack = Frame::Ack { seq: inn.placed }.encode();
@@ -766,7 +779,7 @@ impl Conn {
         if inn.ack_off < FRAME_LEN {
             write_some(&inn.sock, &inn.ack, &mut inn.ack_off).map_err(hard)?;
         }
-        Ok(())
+        Ok(more)
     }
 }
 
@@ -956,7 +969,7 @@ impl State {
 
     fn progress_conn(&mut self, i: usize) {
         let id = RdmaConnId(i as u32);
-        let State { conns, recv_q, events, .. } = self;
+        let State { conns, recv_q, events, pe, .. } = self;
         let c = &mut conns[i];
         if !c.live() {
             return;
@@ -965,10 +978,17 @@ impl State {
             .finish_connect()
             .and_then(|()| c.pump_out(id, events))
             .map_err(|e| (e, false))
-            .and_then(|()| c.pump_in(id, recv_q, events));
-        if let Err((e, graceful)) = res {
-            self.fail_conn(i, e, graceful);
-            return;
+            .and_then(|out| Ok(c.pump_in(id, recv_q, events)? || out));
+        match res {
+            Err((e, graceful)) => {
+                self.fail_conn(i, e, graceful);
+                return;
+            }
+            // Stopped on a budget: the sockets, watched edge-triggered,
+            // will not announce what they already hold; a sleeper must
+            // come back for it.
+            Ok(true) => pe.again(),
+            Ok(false) => {}
         }
         let up = c.out.as_ref().is_some_and(|o| o.hello_off == FRAME_LEN) && c.inn.is_some();
         if !c.reported && c.phase == Phase::Active {
