@@ -70,6 +70,38 @@ fn rdma_pair(pe: &ProgressEngine, dev: &Device, cfg: RdmaConfig) -> (Rdma, RdmaC
     (a, ca, b, cb)
 }
 
+/// Like [`rdma_pair`], each context on its own engine (`pe_a`, `pe_b`).
+fn rdma_pair_apart(
+    pe_a: &ProgressEngine,
+    pe_b: &ProgressEngine,
+    dev: &Device,
+    cfg: RdmaConfig,
+) -> (Rdma, RdmaConnId, Rdma, RdmaConnId) {
+    let (a, b) = (Rdma::new(pe_a, dev, cfg).unwrap(), Rdma::new(pe_b, dev, cfg).unwrap());
+    a.start().unwrap();
+    b.start().unwrap();
+    let start = Instant::now();
+    while a.state() != CtxState::Running || b.state() != CtxState::Running {
+        pe_a.progress();
+        pe_b.progress();
+        assert!(start.elapsed() < WATCHDOG, "watchdog: rdma start");
+    }
+    let (ca, blob_a) = a.export().unwrap();
+    let (cb, blob_b) = b.export().unwrap();
+    a.connect(ca, &blob_b).unwrap();
+    b.connect(cb, &blob_a).unwrap();
+    until_up(&[pe_a, pe_b], (&a, ca), (&b, cb), "connect");
+    (a, ca, b, cb)
+}
+
+/// Host memory `r` exported to the device and imported back (the DPU's
+/// view of a host pool): the host's mmap (keep it alive) and the import.
+fn imported(dev: &Device, r: &Arc<shm::Region>) -> (Mmap, RemoteMmap) {
+    let host = local_mmap(dev, r, Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE);
+    let import = RemoteMmap::from_export(dev, &host.export_pci(dev).unwrap()).unwrap();
+    (host, import)
+}
+
 /// Progresses `pes` until `a`'s connection `ca` and `b`'s `cb` are both
 /// reported up; either failing fails the test at once.
 fn until_up(pes: &[&ProgressEngine], (a, ca): (&Rdma, RdmaConnId), (b, cb): (&Rdma, RdmaConnId), what: &str) {
@@ -209,10 +241,7 @@ fn rdma_two_sided_sends_wait_for_receives_and_arrive_in_order_with_immediates() 
     // Sender memory: host pool A, imported (the DPU's view). Receiver
     // memory: host pool B, imported the same way.
     let (pool_a, pool_b) = (region(256 << 10), region(256 << 10));
-    let flags = Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE;
-    let (host_a, host_b) = (local_mmap(&dev, &pool_a, flags), local_mmap(&dev, &pool_b, flags));
-    let dpu_a = RemoteMmap::from_export(&dev, &host_a.export_pci(&dev).unwrap()).unwrap();
-    let dpu_b = RemoteMmap::from_export(&dev, &host_b.export_pci(&dev).unwrap()).unwrap();
+    let ((_host_a, dpu_a), (_host_b, dpu_b)) = (imported(&dev, &pool_a), imported(&dev, &pool_b));
     let inv = BufInventory::new(32).unwrap();
     // Sends first: no receive is posted, so they must wait, not fail.
     let plan: Vec<(u64, usize)> = vec![(0, 1), (40_000, 4096), (80_000, 30_000), (120_000, 0), (160_000, 40_000)];
@@ -597,9 +626,7 @@ fn rdma_into_and_out_of_huge_page_pools() {
     let dev = device();
     let pe = ProgressEngine::new().unwrap();
     let (a, ca, b, _) = rdma_pair(&pe, &dev, RdmaConfig::default());
-    let flags = Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE;
-    let host = local_mmap(&dev, &huge, flags);
-    let dpu = RemoteMmap::from_export(&dev, &host.export_pci(&dev).unwrap()).unwrap();
+    let (_host, dpu) = imported(&dev, &huge);
     let inv = BufInventory::new(4).unwrap();
     let data = pattern(3, 300_000);
     huge.copy_in(0, &data).unwrap();
@@ -634,27 +661,9 @@ fn notification_handle_wakes_a_sleeping_receiver() {
     let dev = device();
     let (pe_a, pe_b) = (ProgressEngine::new().unwrap(), ProgressEngine::new().unwrap());
     let cfg = RdmaConfig { send_tasks: 4, recv_tasks: 4, ..Default::default() };
-    let (a, b) = (Rdma::new(&pe_a, &dev, cfg).unwrap(), Rdma::new(&pe_b, &dev, cfg).unwrap());
-    a.start().unwrap();
-    b.start().unwrap();
-    let both = |what: &str, done: &mut dyn FnMut() -> bool| {
-        let start = Instant::now();
-        while !done() {
-            pe_a.progress();
-            pe_b.progress();
-            assert!(start.elapsed() < WATCHDOG, "watchdog: {what}");
-        }
-    };
-    both("start", &mut || a.state() == CtxState::Running && b.state() == CtxState::Running);
-    let (ca, blob_a) = a.export().unwrap();
-    let (cb, blob_b) = b.export().unwrap();
-    a.connect(ca, &blob_b).unwrap();
-    b.connect(cb, &blob_a).unwrap();
-    until_up(&[&pe_a, &pe_b], (&a, ca), (&b, cb), "connect");
+    let (a, ca, b, _) = rdma_pair_apart(&pe_a, &pe_b, &dev, cfg);
     let pool = region(64 << 10);
-    let flags = Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE;
-    let host = local_mmap(&dev, &pool, flags);
-    let mem = RemoteMmap::from_export(&dev, &host.export_pci(&dev).unwrap()).unwrap();
+    let (_host, mem) = imported(&dev, &pool);
     let inv = BufInventory::new(8).unwrap();
     b.submit_receive(inv.remote_buf(&mem, 32 << 10, 1024).unwrap(), 7).unwrap();
 
@@ -816,25 +825,9 @@ fn rdma_sends_beyond_one_progress_keep_the_handle_readable() {
     const N: usize = 200;
     let dev = device();
     let (pe_a, pe_b) = (ProgressEngine::new().unwrap(), ProgressEngine::new().unwrap());
-    let cfg = RdmaConfig::default();
-    let (a, b) = (Rdma::new(&pe_a, &dev, cfg).unwrap(), Rdma::new(&pe_b, &dev, cfg).unwrap());
-    a.start().unwrap();
-    b.start().unwrap();
-    let start = Instant::now();
-    while a.state() != CtxState::Running || b.state() != CtxState::Running {
-        pe_a.progress();
-        pe_b.progress();
-        assert!(start.elapsed() < WATCHDOG, "watchdog: start");
-    }
-    let (ca, blob_a) = a.export().unwrap();
-    let (cb, blob_b) = b.export().unwrap();
-    a.connect(ca, &blob_b).unwrap();
-    b.connect(cb, &blob_a).unwrap();
-    until_up(&[&pe_a, &pe_b], (&a, ca), (&b, cb), "connect");
+    let (a, ca, b, _) = rdma_pair_apart(&pe_a, &pe_b, &dev, RdmaConfig::default());
     let pool = region(64 << 10);
-    let flags = Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE;
-    let host = local_mmap(&dev, &pool, flags);
-    let mem = RemoteMmap::from_export(&dev, &host.export_pci(&dev).unwrap()).unwrap();
+    let (_host, mem) = imported(&dev, &pool);
     let inv = BufInventory::new(2 * N as u32).unwrap();
     for i in 0..N {
         b.submit_receive(inv.remote_buf(&mem, (32 << 10) + i as u64 * 64, 64).unwrap(), i as u64).unwrap();
