@@ -687,6 +687,9 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 // An instance on this node: no fabric hop.
                 return self.deliver(t, msg, None);
             }
+            if here {
+                self.metrics.tenants[self.gid(t)].elsewhere.inc();
+            }
             match self.fn_nodes[f][..] {
                 [n] if !here => n,
                 // Several nodes: bound to one when it is sent (never this

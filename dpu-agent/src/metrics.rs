@@ -115,6 +115,9 @@ pub struct TenantMetrics {
     pub recvs_posted: Gauge,
     /// Seconds from taking a message off the uplink to its send completing.
     pub latency: Latency,
+    /// Calls for a function of this node sent to another of its nodes
+    /// instead, because none of its instances here is alive.
+    pub elsewhere: Counter,
     drops: Vec<Counter>,
 }
 
@@ -313,7 +316,7 @@ impl Metrics {
         let node_label = [(Cow::Borrowed("node"), Cow::Owned(node.to_owned()))];
         let mut registry = Registry::with_prefix_and_labels("dne_agent", node_label.into_iter());
         let fam = || Family::<TenantLabel, Counter>::default();
-        let (tx_m, tx_b, rx_m, rx_b, up_m) = (fam(), fam(), fam(), fam(), fam());
+        let (tx_m, tx_b, rx_m, rx_b, up_m, away) = (fam(), fam(), fam(), fam(), fam(), fam());
         let depth = Family::<TenantLabel, Gauge>::default();
         let credits = Family::<TenantLabel, Gauge>::default();
         let posted = Family::<TenantLabel, Gauge>::default();
@@ -339,6 +342,7 @@ impl Metrics {
                     credits: credits.get_or_create(&l).clone(),
                     recvs_posted: posted.get_or_create(&l).clone(),
                     latency: lat.get_or_create(&l).clone(),
+                    elsewhere: away.get_or_create(&l).clone(),
                     drops: Drop::ALL
                         .iter()
                         .map(|d| {
@@ -371,6 +375,11 @@ impl Metrics {
         registry.register("credits", "Sends the peers allow the tenant now", credits);
         registry.register("receives_posted", "Receive buffers posted for the tenant", posted);
         registry.register("drops", "Messages dropped or returned as errors, by reason", drops);
+        registry.register(
+            "elsewhere",
+            "Calls for a function of this node sent to another of its nodes: no live instance here",
+            away,
+        );
         registry.register("send_latency_seconds", "From the uplink to the send completion", lat);
         registry.register("delivered_messages", "Messages delivered to local function instances", fn_m);
         registry.register("delivered_bytes", "Payload bytes delivered to local function instances", fn_b);

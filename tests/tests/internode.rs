@@ -1075,6 +1075,8 @@ fn local_instances_gone(mode: &'static str) {
         sink.free(m).unwrap();
     }
     assert!(client.try_recv().is_none(), "no error came back");
+    let sent_on = c.metric(0, "dne_agent_elsewhere_total", &[("tenant", "acme")]).unwrap_or(0.0);
+    assert!(sent_on >= 20.0, "n0's agent counts the calls it sent on: {sent_on}");
     // An instance of svc attaches on n0: the caller finds it.
     let mut local = c.attach(0, "acme", "svc");
     let mut k = 100;
@@ -1177,6 +1179,8 @@ fn edge_requests_elsewhere(mode: &'static str) {
         assert_eq!(r, (200, body.to_ascii_uppercase()), "request {k}");
     }
     delivered_since(&c, "upper", &[0], &[before], 40);
+    let sent_on = c.metric(1, "dne_agent_elsewhere_total", &[("tenant", "acme")]).unwrap_or(0.0);
+    assert!(sent_on > 0.0, "n1's agent counts what it sent on: {sent_on}");
 }
 
 /// The ingress binds a request to a node when it sends it, not when it
