@@ -64,6 +64,12 @@ pub const INFLIGHT_BUDGET: u64 = 1 << 20;
 /// Messages of one tenant waiting for the scheduler before its uplink is
 /// left alone (then the uplink ring fills and functions see `Full`).
 const QUEUE_LIMIT: usize = host_shim::daemon::UPLINK_CAPACITY as usize;
+/// Messages of one tenant waiting for one node (or one function's nodes)
+/// before more for it go back to their senders as `Overloaded`: a node that
+/// takes nothing (stopped, overloaded) holds this many, and the tenant's
+/// uplink keeps flowing for the other nodes (it stops only at
+/// [`QUEUE_LIMIT`], with several such nodes).
+const PEER_QUEUE_LIMIT: usize = QUEUE_LIMIT / 4;
 /// A nap when the engine cannot sleep on events.
 const NAP: Duration = Duration::from_micros(50);
 
@@ -226,6 +232,11 @@ impl<O: ForPeer> Sends<O> {
             }
         }
         Some(out)
+    }
+
+    /// Messages waiting for `peer`.
+    fn queued_for(&self, peer: u16) -> usize {
+        self.by_peer.get(usize::from(peer)).map_or(0, VecDeque::len)
     }
 
     /// Takes every message waiting for `peer`.
@@ -706,6 +717,9 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         // Queued even while the peer's link is down: it may be coming up
         // (this agent just restarted, or the peer did); the scheduler
         // bounces it as Unreachable only after UNREACHABLE_AFTER.
+        if self.tenants[t].sends.queued_for(peer) >= PEER_QUEUE_LIMIT {
+            return self.bounce(t, msg, ErrorCode::Overloaded, Why::Overloaded);
+        }
         self.tenants[t].sends.push(Out { msg, peer, since: now });
     }
 
@@ -971,20 +985,19 @@ pub fn attach_all(cfg: &Cluster, socket: &std::path::Path, stop: &AtomicBool) ->
 
 #[cfg(test)]
 mod tests {
-    use super::{Engine, ForPeer, QUEUE_LIMIT, Sends, Settings};
+    use super::{Engine, ForPeer, PEER_QUEUE_LIMIT, QUEUE_LIMIT, Sends, Settings, Why};
     use crate::hostlink::NullLink;
     use crate::metrics::Metrics;
     use std::sync::Arc;
     use std::time::Instant;
 
-    /// A tenant whose send queue is full takes nothing from its uplink, but
-    /// its link still gets worked every pass (in DPU mode: comch read, so
-    /// receive buffers keep coming back from the host).
-    #[test]
-    fn a_full_send_queue_still_works_the_host_link() {
-        let dir = std::env::temp_dir().join(format!("dne-engine-full-{}", std::process::id()));
+    /// An engine on n0 of a cluster of `nodes` nodes, function `f{i}` on
+    /// node `n{i}`, tenant `t`'s uplink a [`NullLink`] handing out calls
+    /// from f0 to f1. No peer ever comes up.
+    fn lone_engine(nodes: usize) -> Engine<fabric::NullTransport, NullLink> {
+        let dir = std::env::temp_dir().join(format!("dne-engine-lone-{}", std::process::id()));
         let mut text = String::new();
-        for i in 0..2 {
+        for i in 0..nodes {
             let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
             text += &format!(
                 "[[node]]\nname = \"n{i}\"\naddress = \"{addr}\"\nruntime_dir = \"{}\"\n\n",
@@ -992,20 +1005,47 @@ mod tests {
             );
         }
         text += "[[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = 1024\nbuffers = 8192\nrecv_quota = 16\n\n";
-        text += "[[function]]\nname = \"a\"\ntenant = \"t\"\nnode = \"n0\"\n\n";
-        text += "[[function]]\nname = \"b\"\ntenant = \"t\"\nnode = \"n1\"\n";
+        for i in 0..nodes {
+            text += &format!("[[function]]\nname = \"f{i}\"\ntenant = \"t\"\nnode = \"n{i}\"\n\n");
+        }
         let cfg = Arc::new(config::Cluster::parse(&text).unwrap());
         let g = cfg.pool_geometry(0).unwrap();
-        // More messages for n1 than the queue holds; n1 never comes up.
         let link = NullLink::new(g, 0, 0, 1, 64, QUEUE_LIMIT + 500).unwrap();
         let set = Settings { node: 0, idle_sleep_after: None, epoch: Instant::now(), batch: 32, core: 0 };
         let metrics = Arc::new(Metrics::new(&cfg, "n0"));
         let null = |_: &fabric::EndpointConfig, _| Ok(fabric::NullTransport::new());
-        let mut e = Engine::new(cfg, set, vec![link], metrics, null).unwrap();
-        for _ in 0..QUEUE_LIMIT {
+        Engine::new(cfg, set, vec![link], metrics, null).unwrap()
+    }
+
+    /// A node that takes nothing holds at most [`PEER_QUEUE_LIMIT`] of a
+    /// tenant's messages; the ones beyond go back to their sender as
+    /// `Overloaded`, and the uplink keeps being read.
+    #[test]
+    fn one_peer_holds_a_bounded_share_of_the_send_queue() {
+        let mut e = lone_engine(2);
+        let steps = PEER_QUEUE_LIMIT / 32 + 10;
+        for _ in 0..steps {
             e.step(Instant::now());
         }
-        assert_eq!(e.tenants[0].sends.len(), QUEUE_LIMIT, "n1's messages wait (for up to 2 s)");
+        assert_eq!(e.tenants[0].sends.len(), PEER_QUEUE_LIMIT, "n1's messages wait (for up to 2 s)");
+        assert_eq!(e.link(0).taken, steps as u64 * 32, "the uplink is read on");
+        assert_eq!(e.metrics.tenants[0].drops(Why::Overloaded), 10 * 32, "the rest went back");
+    }
+
+    /// A tenant whose send queue is full takes nothing from its uplink, but
+    /// its link still gets worked every pass (in DPU mode: comch read, so
+    /// receive buffers keep coming back from the host).
+    #[test]
+    fn a_full_send_queue_still_works_the_host_link() {
+        // Four nodes that take nothing, a share of the queue each.
+        let mut e = lone_engine(5);
+        for f in 1..5 {
+            e.link(0).send_to(f);
+            for _ in 0..PEER_QUEUE_LIMIT / 32 {
+                e.step(Instant::now());
+            }
+        }
+        assert_eq!(e.tenants[0].sends.len(), QUEUE_LIMIT, "the peers' messages wait (for up to 2 s)");
         let (taken, progressed) = (e.link(0).taken, e.link(0).progressed);
         for _ in 0..100 {
             e.step(Instant::now());

@@ -152,6 +152,11 @@ impl NullLink {
         Ok(Self { pool, stock: leases, desc, taken: 0, delivered: 0, progressed: 0 })
     }
 
+    /// Hands out messages to function `dst` from now on.
+    pub fn send_to(&mut self, dst: u16) {
+        self.desc.dst_fn = dst;
+    }
+
     /// Messages in stock (not handed out).
     pub fn in_stock(&self) -> usize {
         self.stock.len()

@@ -45,11 +45,14 @@ pub enum Drop {
     BadOrigin,
     /// The destination function belongs to another tenant.
     TenantMismatch,
+    /// The queue toward the destination's node (or its function's nodes)
+    /// was full: the node takes nothing (stopped, overloaded).
+    Overloaded,
 }
 
 impl Drop {
     /// Every reason.
-    pub const ALL: [Drop; 9] = [
+    pub const ALL: [Drop; 10] = [
         Drop::UnknownFunction,
         Drop::Unreachable,
         Drop::PeerDied,
@@ -59,6 +62,7 @@ impl Drop {
         Drop::Protocol,
         Drop::BadOrigin,
         Drop::TenantMismatch,
+        Drop::Overloaded,
     ];
 
     /// Label value.
@@ -73,6 +77,7 @@ impl Drop {
             Drop::Protocol => "protocol",
             Drop::BadOrigin => "bad_origin",
             Drop::TenantMismatch => "tenant_mismatch",
+            Drop::Overloaded => "overloaded",
         }
     }
 }

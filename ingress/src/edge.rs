@@ -20,7 +20,8 @@
 //! credits) holds only what it already took, and the rest go to the
 //! function's other nodes; a route whose nodes all lack credits holds back
 //! only its own requests. Backpressure is explicit: the tenant's queued
-//! requests are bounded, and a full queue is an immediate
+//! requests are bounded ([`QUEUE_LIMIT`], and [`ROUTE_QUEUE_LIMIT`] for
+//! one route), and a full queue is an immediate
 //! [`EdgeError::Busy`] (the HTTP side answers 503), never unbounded
 //! buffering. A queued request whose caller gave up is dropped unsent, and
 //! one whose function has no node up fails at once.
@@ -46,6 +47,11 @@ use wire::{DescFlags, Descriptor, ErrorCode, Owner};
 
 /// Requests of one tenant waiting for credits before new ones are refused.
 pub const QUEUE_LIMIT: usize = 1024;
+/// Requests of one route of a tenant waiting for credits before new ones
+/// of that route are refused: a route whose nodes take nothing (stopped,
+/// overloaded) holds this many, and the tenant's other routes still have
+/// room.
+pub const ROUTE_QUEUE_LIMIT: usize = QUEUE_LIMIT / 4;
 /// How long an idle edge thread keeps polling (yielding between polls)
 /// before it sleeps on the fabric and the callers' doorbell.
 const IDLE_SPIN: Duration = Duration::from_micros(50);
@@ -205,7 +211,9 @@ impl Upstream for Edge {
         Box::pin(async move {
             match rx.await {
                 Ok(Ok((reply, _))) => Ok(reply),
-                Ok(Err(EdgeError::Busy)) => Err(UpstreamError::QueueFull),
+                // The cluster's queue toward the function's nodes was full
+                // (a node that takes nothing): backpressure, like our own.
+                Ok(Err(EdgeError::Busy | EdgeError::Failed(ErrorCode::Overloaded))) => Err(UpstreamError::QueueFull),
                 Ok(Err(EdgeError::Failed(code))) => Err(UpstreamError::FunctionError(code)),
                 Ok(Err(EdgeError::Unreachable | EdgeError::BadRoute | EdgeError::Stopped)) | Err(_) => {
                     Err(UpstreamError::Unreachable)
@@ -502,7 +510,9 @@ impl Worker {
             };
             if !first.nodes.iter().any(|&node| self.port.is_up(c.tenant, node)) {
                 self.fail(c, EdgeError::Unreachable);
-            } else if self.queues[t].len >= QUEUE_LIMIT {
+            } else if self.queues[t].len >= QUEUE_LIMIT
+                || self.queues[t].by_route[usize::from(c.route)].len() >= ROUTE_QUEUE_LIMIT
+            {
                 self.fail(c, EdgeError::Busy);
             } else {
                 self.queues[t].by_route[usize::from(c.route)].push_back(c);

@@ -511,9 +511,11 @@ fn edge_chain(task: bool, mode: &'static str) {
 }
 
 /// The edge's requests for a node that gives no credits (its agent
-/// stopped) wait in that node's queue without holding back the same
-/// tenant's requests for another node, and fail at once when that node
-/// goes down (instead of waiting forever); their buffers all come back.
+/// stopped) wait in their route's queue without holding back the same
+/// tenant's requests for another node: at most `ROUTE_QUEUE_LIMIT` of them
+/// (the rest are refused as busy at once, so the tenant's queue keeps room
+/// for its other routes); they fail at once when that node goes down
+/// (instead of waiting forever); their buffers all come back.
 #[test]
 fn a_node_without_credits_holds_back_only_its_own_requests() {
     use ingress::edge::{Edge, EdgeError};
@@ -535,15 +537,29 @@ fn a_node_without_credits_holds_back_only_its_own_requests() {
     // The chain of route 0 starts on n1: stop its agent, then send more
     // than its credits allow.
     c.signal_agent(1, Signal::SIGSTOP).unwrap();
-    let mut far: Vec<_> = (0..1000).map(|k| call(0, 1000 + k)).collect();
+    // More than the tenant's whole queue.
+    let mut far: Vec<_> = (0..1100).map(|k| call(0, 1000 + k)).collect();
     std::thread::sleep(Duration::from_millis(300));
     // Route 2 starts on n0: answered while n1's requests wait.
     let (reply, _) = wait_reply(call(2, 7)).expect("n0 answers while n1 is stopped");
     let bytes = pool.read_to_vec(reply.lease());
     assert!(bytes.ends_with(b"uby"), "rot13 of the body");
     drop(reply);
-    let unanswered = far.iter_mut().map(|rx| rx.try_recv()).filter(|r| matches!(r, Err(TryRecvError::Empty))).count();
-    assert!(unanswered > 0, "n1 answered everything while stopped");
+    let (mut unanswered, mut busy) = (0, 0);
+    for rx in &mut far {
+        match rx.try_recv() {
+            Err(TryRecvError::Empty) => unanswered += 1,
+            Ok(Err(EdgeError::Busy)) => busy += 1,
+            _ => {}
+        }
+    }
+    // What waits: the route's queue, and what n1's credits took in.
+    let limit = ingress::edge::ROUTE_QUEUE_LIMIT;
+    assert!(
+        unanswered > limit && unanswered <= limit + 128,
+        "{unanswered} wait for n1 (n1 gives the edge 128 credits)"
+    );
+    assert!(busy >= far.len() - limit - 128, "the rest were refused as busy: {busy}");
     // n1 goes down: what waited for it fails now.
     c.signal_agent(1, Signal::SIGKILL).unwrap();
     c.signal_agent(1, Signal::SIGCONT).ok();
@@ -659,6 +675,89 @@ fn a_peer_without_credits_holds_back_only_its_own_messages() {
         assert_eq!(got.request(), 1000 + k, "in order");
         far.free(got).unwrap();
     }
+}
+
+/// acme with room for more calls than an agent queues for one node.
+const MANY_CALLS: &str = r#"
+[[tenant]]
+name = "acme"
+weight = 1
+buf_size = 1024
+buffers = 16384
+recv_quota = 8
+
+[[function]]
+name = "client"
+tenant = "acme"
+node = "n0"
+
+[[function]]
+name = "far"
+tenant = "acme"
+node = "n1"
+
+[[function]]
+name = "near"
+tenant = "acme"
+node = "n2"
+"#;
+
+/// A node that takes nothing (its agent stopped) holds a bounded share of
+/// a tenant's calls in another node's agent: beyond a quarter of the
+/// tenant's queue, calls for it come back to the caller as `Overloaded`,
+/// and the tenant's calls to a third node still go. (Before, n0's agent
+/// stopped reading the tenant's uplink once 4096 calls waited for n1, and
+/// the tenant's calls to any node waited in the uplink behind them.)
+#[test]
+fn a_node_that_takes_nothing_holds_a_bounded_share_of_the_queue() {
+    let c = Cluster::start("internode-share", 3, MANY_CALLS);
+    c.wait_mesh();
+    let mut client = c.attach(0, "acme", "client");
+    let mut far = c.attach(1, "acme", "far");
+    let mut near = c.attach(2, "acme", "near");
+    c.signal_agent(1, Signal::SIGSTOP).unwrap();
+    const N: u32 = 6000;
+    let mut overloaded = 0;
+    let end = std::time::Instant::now() + WATCHDOG;
+    let drain = |client: &mut Function, overloaded: &mut u32| {
+        while let Some(m) = client.try_recv() {
+            assert_eq!(ErrorCode::from_u8(m.desc().status), Some(ErrorCode::Overloaded), "request {}", m.request());
+            *overloaded += 1;
+            client.free(m).unwrap();
+        }
+    };
+    for k in 0..N {
+        let mut m = Some(client.alloc(64).expect("a buffer (the agent holds only a share)"));
+        m.as_mut().unwrap().set_request(k);
+        while let Some(x) = m.take() {
+            if let Err(e) = client.send(x, "far") {
+                assert!(matches!(e.kind, host_shim::SendErrorKind::Full), "{e}");
+                assert!(std::time::Instant::now() < end, "watchdog: the uplink stays full ({k} sent)");
+                m = e.msg;
+                drain(&mut client, &mut overloaded);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+    // n2 still gets the tenant's calls.
+    send(&mut client, "near", 7);
+    let got = near.recv_timeout(Some(WATCHDOG)).unwrap().expect("n2's call arrives while n1 is stopped");
+    assert_eq!(got.request(), 7);
+    near.free(got).unwrap();
+    dne_tests::wait_for("the refused calls to come back", WATCHDOG, || {
+        drain(&mut client, &mut overloaded);
+        overloaded >= N - 1024 - 8
+    });
+    // n1 runs again: what waited for it arrives.
+    c.signal_agent(1, Signal::SIGCONT).unwrap();
+    let mut arrived = 0;
+    while arrived + overloaded < N {
+        let m = far.recv_timeout(Some(WATCHDOG)).unwrap().expect("every call n0 kept arrives");
+        far.free(m).unwrap();
+        arrived += 1;
+        drain(&mut client, &mut overloaded);
+    }
+    assert!(arrived >= 1024, "n0 kept a quarter of its queue for n1: {arrived}");
 }
 
 /// A tenant whose large message is stuck waiting for credits (its peer's
