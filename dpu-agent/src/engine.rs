@@ -65,7 +65,9 @@ pub const INFLIGHT_BUDGET: u64 = 1 << 20;
 /// left alone (then the uplink ring fills and functions see `Full`).
 const QUEUE_LIMIT: usize = host_shim::daemon::UPLINK_CAPACITY as usize;
 /// Messages of one tenant waiting for one node (or one function's nodes)
-/// before more for it go back to their senders as `Overloaded`: a node that
+/// before more calls for it go back to their senders as `Overloaded`
+/// (replies and errors still queue: what they answer is bounded by the
+/// credits of the node that sent it): a node that
 /// takes nothing (stopped, overloaded) holds this many, and the tenant's
 /// uplink keeps flowing for the other nodes (it stops only at
 /// [`QUEUE_LIMIT`], with several such nodes).
@@ -717,7 +719,10 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         // Queued even while the peer's link is down: it may be coming up
         // (this agent just restarted, or the peer did); the scheduler
         // bounces it as Unreachable only after UNREACHABLE_AFTER.
-        if self.tenants[t].sends.queued_for(peer) >= PEER_QUEUE_LIMIT {
+        // Calls beyond the node's share go back; replies and errors wait
+        // (an error in place of a reply would wait in the same queue).
+        let call = d.flags & (DescFlags::REPLY | DescFlags::ERROR) == 0;
+        if call && self.tenants[t].sends.queued_for(peer) >= PEER_QUEUE_LIMIT {
             return self.bounce(t, msg, ErrorCode::Overloaded, Why::Overloaded);
         }
         self.tenants[t].sends.push(Out { msg, peer, since: now });
@@ -1032,6 +1037,21 @@ mod tests {
         assert_eq!(e.metrics.tenants[0].drops(Why::Overloaded), 10 * 32, "the rest went back");
     }
 
+    /// Replies wait for their node beyond that share (an error in their
+    /// place would wait in the same queue).
+    #[test]
+    fn replies_are_not_refused_for_the_share_of_their_node() {
+        let mut e = lone_engine(2);
+        *e.link(0).template() =
+            wire::Descriptor { flags: wire::DescFlags::REPLY, origin: 1, ..wire::Descriptor::default() };
+        let steps = PEER_QUEUE_LIMIT / 32 + 10;
+        for _ in 0..steps {
+            e.step(Instant::now());
+        }
+        assert_eq!(e.tenants[0].sends.len(), steps * 32, "every reply waits for n1");
+        assert_eq!(e.metrics.tenants[0].drops(Why::Overloaded), 0);
+    }
+
     /// A tenant whose send queue is full takes nothing from its uplink, but
     /// its link still gets worked every pass (in DPU mode: comch read, so
     /// receive buffers keep coming back from the host).
@@ -1040,7 +1060,7 @@ mod tests {
         // Four nodes that take nothing, a share of the queue each.
         let mut e = lone_engine(5);
         for f in 1..5 {
-            e.link(0).send_to(f);
+            e.link(0).template().dst_fn = f;
             for _ in 0..PEER_QUEUE_LIMIT / 32 {
                 e.step(Instant::now());
             }

@@ -152,9 +152,10 @@ impl NullLink {
         Ok(Self { pool, stock: leases, desc, taken: 0, delivered: 0, progressed: 0 })
     }
 
-    /// Hands out messages to function `dst` from now on.
-    pub fn send_to(&mut self, dst: u16) {
-        self.desc.dst_fn = dst;
+    /// The descriptor of the messages handed out from now on (its buffer
+    /// and length are the stock's).
+    pub fn template(&mut self) -> &mut Descriptor {
+        &mut self.desc
     }
 
     /// Messages in stock (not handed out).
