@@ -65,12 +65,12 @@ pub const INFLIGHT_BUDGET: u64 = 1 << 20;
 /// left alone (then the uplink ring fills and functions see `Full`).
 const QUEUE_LIMIT: usize = host_shim::daemon::UPLINK_CAPACITY as usize;
 /// Messages of one tenant waiting for one node (or one function's nodes)
-/// before more calls for it go back to their senders as `Overloaded`
-/// (replies and errors still queue: what they answer is bounded by the
-/// credits of the node that sent it): a node that
-/// takes nothing (stopped, overloaded) holds this many, and the tenant's
-/// uplink keeps flowing for the other nodes (it stops only at
-/// [`QUEUE_LIMIT`], with several such nodes).
+/// before more calls for it go back to their senders as `Overloaded`: a
+/// node that takes nothing (stopped, overloaded) holds this many calls, and
+/// the tenant's uplink keeps flowing for the other nodes (it stops only at
+/// [`QUEUE_LIMIT`], with several such nodes). Replies and errors are not
+/// refused (an `Overloaded` error in place of a reply would wait in the
+/// same queue): only [`QUEUE_LIMIT`] bounds them.
 const PEER_QUEUE_LIMIT: usize = QUEUE_LIMIT / 4;
 /// A nap when the engine cannot sleep on events.
 const NAP: Duration = Duration::from_micros(50);
