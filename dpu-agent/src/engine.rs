@@ -696,7 +696,10 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 return self.bounce(t, msg, ErrorCode::TenantMismatch, Why::TenantMismatch);
             }
             let here = self.runs_here(f);
-            if here && d.flags & DescFlags::ELSEWHERE == 0 {
+            // (An error for a caller here is delivered here, whatever the
+            // call it answers was marked.)
+            let elsewhere = d.flags & (DescFlags::ELSEWHERE | DescFlags::ERROR) == DescFlags::ELSEWHERE;
+            if here && !elsewhere {
                 // An instance on this node: no fabric hop.
                 return self.deliver(t, msg, None);
             }
@@ -1000,6 +1003,12 @@ mod tests {
     /// node `n{i}`, tenant `t`'s uplink a [`NullLink`] handing out calls
     /// from f0 to f1. No peer ever comes up.
     fn lone_engine(nodes: usize) -> Engine<fabric::NullTransport, NullLink> {
+        lone_engine_with(nodes, "")
+    }
+
+    /// [`lone_engine`] with more of the cluster file (`[[function]]`s after
+    /// the `f{i}`).
+    fn lone_engine_with(nodes: usize, more: &str) -> Engine<fabric::NullTransport, NullLink> {
         let dir = std::env::temp_dir().join(format!("dne-engine-lone-{}", std::process::id()));
         let mut text = String::new();
         for i in 0..nodes {
@@ -1013,6 +1022,7 @@ mod tests {
         for i in 0..nodes {
             text += &format!("[[function]]\nname = \"f{i}\"\ntenant = \"t\"\nnode = \"n{i}\"\n\n");
         }
+        text += more;
         let cfg = Arc::new(config::Cluster::parse(&text).unwrap());
         let g = cfg.pool_geometry(0).unwrap();
         let link = NullLink::new(g, 0, 0, 1, 64, QUEUE_LIMIT + 500).unwrap();
@@ -1035,6 +1045,24 @@ mod tests {
         assert_eq!(e.tenants[0].sends.len(), PEER_QUEUE_LIMIT, "n1's messages wait (for up to 2 s)");
         assert_eq!(e.link(0).taken, steps as u64 * 32, "the uplink is read on");
         assert_eq!(e.metrics.tenants[0].drops(Why::Overloaded), 10 * 32, "the rest went back");
+    }
+
+    /// An error for a caller on this node is delivered here even when the
+    /// call it answers was marked ELSEWHERE (its function runs here and on
+    /// another node).
+    #[test]
+    fn an_error_marked_elsewhere_is_delivered_here() {
+        let both = "[[function]]\nname = \"both\"\ntenant = \"t\"\nnodes = [\"n0\", \"n1\"]\n";
+        let mut e = lone_engine_with(2, both);
+        let flags = wire::DescFlags::ERROR | wire::DescFlags::ELSEWHERE;
+        *e.link(0).template() = wire::Descriptor { flags, dst_fn: 2, ..wire::Descriptor::default() };
+        for _ in 0..4 {
+            e.step(Instant::now());
+        }
+        let (taken, delivered) = (e.link(0).taken, e.link(0).delivered);
+        assert!(taken > 0);
+        assert_eq!(delivered, taken, "delivered to `both` here");
+        assert_eq!(e.tenants[0].sends.len(), 0, "nothing waits to go to n1");
     }
 
     /// Replies wait for their node beyond that share (an error in their
