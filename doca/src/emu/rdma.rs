@@ -593,6 +593,7 @@ impl Conn {
         if !unacked.is_empty() || out.big.is_some() {
             more = true;
             for _ in 0..BUDGET {
+                let room = out.rx.len() - out.rx_have;
                 let n = read_avail(&out.sock, &mut out.rx[out.rx_have..])?;
                 if n == 0 {
                     more = false;
@@ -605,7 +606,7 @@ impl Conn {
                 }
                 out.rx.copy_within(whole..out.rx_have, 0);
                 out.rx_have -= whole;
-                if out.rx_have + n < out.rx.len() {
+                if n < room {
                     more = false;
                     break; // the socket had no more
                 }
@@ -668,8 +669,9 @@ impl Conn {
                 }
             }
         }
-        // Sends still queued after a budget's worth of rounds.
-        Ok(more || !send_q.is_empty())
+        // Sends still queued, or gathered and not written, after a budget's
+        // worth of rounds.
+        Ok(more || !send_q.is_empty() || out.tx_off < out.tx_len)
     }
 
     /// Places incoming sends into posted receives; acknowledges them.
