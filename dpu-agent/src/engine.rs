@@ -703,16 +703,18 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 // An instance on this node: no fabric hop.
                 return self.deliver(t, msg, None);
             }
-            if here {
-                self.metrics.tenants[self.gid(t)].elsewhere.inc();
-            }
             match self.fn_nodes[f][..] {
                 [n] if !here => n,
                 // Several nodes: bound to one when it is sent (never this
                 // one, to which there is no connection: so a call marked
                 // ELSEWHERE, whose function has no live instance here, goes
                 // to another).
-                [_, _, ..] => self.fabric_nodes + f as u16,
+                [_, _, ..] => {
+                    if here {
+                        self.metrics.tenants[self.gid(t)].elsewhere.inc();
+                    }
+                    self.fabric_nodes + f as u16
+                }
                 // Marked ELSEWHERE for a function on this node alone; or
                 // (never: the cluster file is checked when loaded) one on
                 // no node.

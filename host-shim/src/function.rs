@@ -175,9 +175,20 @@ struct PeerSet {
 }
 
 impl PeerSet {
-    /// Flags for what is sent to this set.
-    fn marks(&self) -> u16 {
-        if self.standin_until.is_some() { wire::DescFlags::ELSEWHERE } else { 0 }
+    /// The flags of a message with `flags` sent to this set: marked
+    /// [`DescFlags::ELSEWHERE`] through a stand-in, and otherwise not (a
+    /// function forwarding a message that was sent on to reach it starts a
+    /// new hop, which may be sent on once again); the agent's own sends
+    /// keep theirs.
+    fn marks(&self, flags: u16, agent: bool) -> u16 {
+        use wire::DescFlags;
+        if self.standin_until.is_some() {
+            flags | DescFlags::ELSEWHERE
+        } else if agent {
+            flags
+        } else {
+            flags & !DescFlags::ELSEWHERE
+        }
     }
 }
 
@@ -491,7 +502,7 @@ impl Function {
             let inst = &set.instances[i];
             let to_owner = Owner::Function(inst.slot);
             let src_fn = if self.agent { msg.desc.src_fn } else { self.info.function };
-            let flags = msg.desc.flags | set.marks();
+            let flags = set.marks(msg.desc.flags, self.agent);
             let desc = Descriptor { tenant: self.info.tenant, src_fn, dst_fn: set.function, flags, ..msg.desc };
             let (head, len) = match self.pool.hand_over(msg.lease, to_owner) {
                 Ok(v) => v,
@@ -564,7 +575,7 @@ impl Function {
                     continue;
                 }
                 let src_fn = if self.agent { m.desc.src_fn } else { self.info.function };
-                let flags = m.desc.flags | set.marks();
+                let flags = set.marks(m.desc.flags, self.agent);
                 let desc = Descriptor { tenant: self.info.tenant, src_fn, dst_fn: set.function, flags, ..m.desc };
                 match self.pool.hand_over(m.lease, to_owner) {
                     Ok((head, len)) => {

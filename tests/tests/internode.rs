@@ -1282,6 +1282,39 @@ fn edge_requests_elsewhere(mode: &'static str) {
     assert!(sent_on > 0.0, "n1's agent counts what it sent on: {sent_on}");
 }
 
+/// A chain whose every function lacks an instance on one of its nodes:
+/// `upper` on n0 and n1 (an instance on n0 only), `rot13` on n1 and n2 (an
+/// instance on n2 only). A request may be sent on at both hops: n1 sends
+/// it to n0 for `upper`, and later to n2 for `rot13`. Every request is
+/// answered.
+#[test]
+fn each_hop_of_a_chain_may_go_to_another_node() {
+    let edge = dne_tests::cluster::IngressSpec::new("hop-elsewhere", "");
+    let http = edge.http;
+    // Two routes over the chain, so that which requests reach n0 from n1
+    // does not fall in step with n0's turns over rot13's nodes.
+    let cluster = format!(
+        "{}\n[[function]]\nname = \"rot13\"\ntenant = \"acme\"\nnodes = [\"n1\", \"n2\"]\n\n\
+         [[route]]\npath = \"/again\"\ntenant = \"acme\"\nchain = [\"upper\", \"rot13\"]\n{}",
+        EDGE_QUEUE_CLUSTER.replace("chain = [\"upper\"]", "chain = [\"upper\", \"rot13\"]"),
+        edge.section()
+    );
+    let mut c = Cluster::start("hop-elsewhere", 3, &cluster);
+    c.start_route_fn(0, "acme", "upper", "upper");
+    c.start_route_fn(2, "acme", "rot13", "rot13");
+    c.wait_mesh();
+    c.start_ingress(&edge, "/spread", WATCHDOG);
+    for k in 0..60 {
+        let body = pattern(100, k);
+        let want: Vec<u8> = body.to_ascii_uppercase().into_iter().map(rot13).collect();
+        let path = if k % 3 == 2 { "/again" } else { "/spread" };
+        let r = dne_tests::http_post(http, path, &body).expect("an answer");
+        assert_eq!(r, (200, want), "request {k} on {path}");
+    }
+    let sent_on = |i| c.metric(i, "dne_agent_elsewhere_total", &[("tenant", "acme")]).unwrap_or(0.0);
+    assert!(sent_on(1) > 0.0, "n1 sent requests on");
+}
+
 /// The ingress binds a request to a node when it sends it, not when it
 /// arrives: a node that stops taking requests (its agent stopped, so the
 /// credits it gave the ingress run out) holds only those it had credits

@@ -61,11 +61,14 @@ impl DescFlags {
     pub const ERROR: u16 = 1 << 0;
     /// The message is the reply travelling back to `origin`.
     pub const REPLY: u16 = 1 << 1;
-    /// Set by the sender's shim when the destination function runs on the
-    /// sender's node but has no live instance there: the agent sends the
-    /// message to another node of the function instead of delivering it
-    /// here (see [`Peer::STANDIN`](crate::ctrl::Peer::STANDIN)). A receiver
-    /// may see it set; it means nothing there.
+    /// The call found no live instance of its destination on a node, and
+    /// is on its way to another node of the function: set by the sender's
+    /// shim when the destination runs on the sender's node but has no live
+    /// instance there (see [`Peer::STANDIN`](crate::ctrl::Peer::STANDIN)),
+    /// or by the node it reached (see [`Descriptor::may_go_elsewhere`]). A
+    /// call so marked is sent on no further; a function that forwards it
+    /// starts a new hop, and its shim clears the flag. The receiving
+    /// function may see it set; it means nothing there.
     pub const ELSEWHERE: u16 = 1 << 2;
     /// Every defined bit.
     pub const ALL: u16 = Self::ERROR | Self::REPLY | Self::ELSEWHERE;
