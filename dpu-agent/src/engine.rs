@@ -914,7 +914,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             Some(f) => {
                 let nodes = &self.fn_nodes[f];
                 nodes.iter().any(|&n| self.port.can_send(t16, n))
-                    || (!nodes.iter().any(|&n| self.port.is_up(t16, n)) && o.since.elapsed() > UNREACHABLE_AFTER)
+                    || (!self.port.any_up(t16, nodes) && o.since.elapsed() > UNREACHABLE_AFTER)
             }
         })
     }

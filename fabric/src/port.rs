@@ -398,6 +398,11 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         self.conn(t, peer).is_some()
     }
 
+    /// Whether tenant `t`'s connection to any of `nodes` is up.
+    pub fn any_up(&self, t: u16, nodes: &[u16]) -> bool {
+        nodes.iter().any(|&n| self.is_up(t, n))
+    }
+
     /// The first of `nodes`, in turn from `*next` on, whose connection for
     /// tenant `t` is up; `*next` moves past it (round robin over a
     /// function's nodes). `None`: none of them is up.

@@ -508,7 +508,7 @@ impl Worker {
                 self.fail(c, EdgeError::BadRoute);
                 continue;
             };
-            if !first.nodes.iter().any(|&node| self.port.is_up(c.tenant, node)) {
+            if !self.port.any_up(c.tenant, &first.nodes) {
                 self.fail(c, EdgeError::Unreachable);
             } else if self.queues[t].len >= QUEUE_LIMIT
                 || self.queues[t].by_route[usize::from(c.route)].len() >= ROUTE_QUEUE_LIMIT
@@ -553,7 +553,7 @@ impl Worker {
                 match self.port.next_can_send(tenant, &first.nodes, &mut first.next) {
                     Some(node) => Some(node),
                     // Every node whose link is up is out of credits: wait.
-                    None if first.nodes.iter().any(|&node| self.port.is_up(tenant, node)) => break,
+                    None if self.port.any_up(tenant, &first.nodes) => break,
                     None => None,
                 }
             };
