@@ -1025,7 +1025,11 @@ fn error_to_sending_node(mode: &'static str) {
     assert!(there.try_recv().is_none(), "n1's caller sent nothing and gets nothing");
 }
 
-const QUEUED_CLUSTER: &str = r#"
+/// acme's `client` and `sink`, both on n0, and the function they call:
+/// `callee` on `nodes` (TOML, `["n1", "n2"]`).
+fn client_sink_cluster(callee: &str, nodes: &str) -> String {
+    format!(
+        r#"
 [[tenant]]
 name = "acme"
 weight = 1
@@ -1044,10 +1048,12 @@ tenant = "acme"
 node = "n0"
 
 [[function]]
-name = "far"
+name = "{callee}"
 tenant = "acme"
-nodes = ["n1", "n2"]
-"#;
+nodes = {nodes}
+"#
+    )
+}
 
 /// n0's agent binds a call to one of its function's nodes when it sends
 /// it, not when the call arrives: with n2 stopped (so the credits it gave
@@ -1057,7 +1063,7 @@ nodes = ["n1", "n2"]
 /// none as unreachable.
 #[test]
 fn a_stalled_node_holds_only_the_calls_it_had_credits_for() {
-    let mut c = Cluster::start("stalled-node", 3, QUEUED_CLUSTER);
+    let mut c = Cluster::start("stalled-node", 3, &client_sink_cluster("far", r#"["n1", "n2"]"#));
     c.start_fn(1, "acme", "far", "echo", Some("sink"));
     c.start_fn(2, "acme", "far", "echo", Some("sink"));
     c.wait_mesh();
@@ -1117,29 +1123,6 @@ fn a_stalled_node_holds_only_the_calls_it_had_credits_for() {
     assert!(errors.len() <= N2_CREDITS, "n2 took at most its credits: {} came back", errors.len());
 }
 
-const STANDIN_CLUSTER: &str = r#"
-[[tenant]]
-name = "acme"
-weight = 1
-buffers = 1024
-recv_quota = 32
-
-[[function]]
-name = "client"
-tenant = "acme"
-node = "n0"
-
-[[function]]
-name = "sink"
-tenant = "acme"
-node = "n0"
-
-[[function]]
-name = "svc"
-tenant = "acme"
-nodes = ["n0", "n1"]
-"#;
-
 #[test]
 fn calls_to_a_function_without_a_live_local_instance_go_to_its_other_node() {
     local_instances_gone("emulated");
@@ -1156,7 +1139,8 @@ fn dpu_mode_calls_to_a_function_without_a_live_local_instance_go_to_its_other_no
 /// n0, the caller finds it again (within `STANDIN_TTL`) and its calls stay
 /// on n0.
 fn local_instances_gone(mode: &'static str) {
-    let mut c = Cluster::start_mode(&format!("standin-{mode}"), 2, mode, STANDIN_CLUSTER);
+    let cluster = client_sink_cluster("svc", r#"["n0", "n1"]"#);
+    let mut c = Cluster::start_mode(&format!("standin-{mode}"), 2, mode, &cluster);
     c.start_fn(1, "acme", "svc", "upper", Some("sink"));
     c.wait_mesh();
     let mut client = c.attach(0, "acme", "client");
