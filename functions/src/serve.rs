@@ -56,6 +56,11 @@ pub struct FnArgs {
     /// its callers whatever the machine's speed.
     #[arg(long, default_value_t = 0)]
     pub delay_us: u64,
+    /// Instead of serving, allocate and free a message of this many bytes
+    /// in a loop until killed (0: serve), so a test can kill a process in
+    /// the middle of allocating or freeing.
+    #[arg(long, default_value_t = 0)]
+    pub churn: u32,
 }
 
 /// Runs a sample function until its host-shimd goes away: attaches, prints
@@ -70,6 +75,12 @@ pub fn serve(args: FnArgs) -> anyhow::Result<()> {
     }
     // Tell a supervising process we are ready (after the hoard is taken).
     println!("ready slot={} hoard={}", f.info().slot, hoard.len());
+    if args.churn > 0 {
+        loop {
+            let m = f.alloc(args.churn)?;
+            f.free(m)?;
+        }
+    }
     let routes: Vec<Vec<String>> = match &args.config {
         Some(p) => config::Cluster::load(p)?.routes.into_iter().map(|r| r.chain).collect(),
         None => Vec::new(),

@@ -9,9 +9,10 @@
 //!   within the asker's tenant.
 //! * Detects a function's death by its control socket closing (the kernel
 //!   closes it when the process dies, however it dies), closes its ring so
-//!   senders stop, and returns every buffer it owned to the free list; it
-//!   scans again after a grace period to catch a sender that handed a
-//!   buffer over just as the function died, and only then reuses the slot.
+//!   senders stop, frees every buffer it owned and hints again any buffer
+//!   it freed without hinting ([`shm::Pool::repair`]); it scans again
+//!   after a grace period to catch a sender that handed a buffer over just
+//!   as the function died, and only then reuses the slot.
 //! * Keeps one uplink ring per tenant for the node's agent (slot
 //!   [`AGENT_SLOT`]): the agent attaches once per tenant under the name
 //!   [`AGENT_NAME`], and a function's lookup of a function on another node
@@ -104,6 +105,9 @@ pub struct Stats {
     pub deaths: u64,
     /// Buffers returned to pools after deaths.
     pub reclaimed: u64,
+    /// Free buffers found without their free hint after a death (the
+    /// process died between freeing one and hinting it), hinted again.
+    pub rehinted: u64,
     /// Control frames that failed to decode.
     pub bad_frames: u64,
     /// Ring slots a dead producer had claimed and never filled, published
@@ -711,6 +715,7 @@ impl Shimd {
                 log::info!("agent left {skipped} descriptors it had taken in the uplink; consumed them");
             }
             let n = self.pools.get(&a.tenant).map_or(0, |p| p.reclaim_held(AGENT_SLOT));
+            self.rehint(a.tenant);
             if let Some(up) = self.uplinks.get_mut(&a.tenant) {
                 up.attached = false;
             }
@@ -726,6 +731,7 @@ impl Shimd {
         if let Some(a) = c.attached {
             a.ring.close();
             let n = self.pools.get(&a.tenant).map_or(0, |p| p.reclaim(a.slot));
+            self.rehint(a.tenant);
             self.stats.deaths += 1;
             self.stats.reclaimed += u64::from(n);
             self.cooling.push((Instant::now() + RECLAIM_GRACE, a.tenant, a.slot));
@@ -738,6 +744,19 @@ impl Shimd {
             );
         }
         self.write_status();
+    }
+
+    /// After a process of `tenant` died: hints free buffers it freed but
+    /// did not live to hint (see [`shm::Pool::repair`]).
+    fn rehint(&mut self, tenant: u16) {
+        let n = self.pools.get(&tenant).map_or(0, |p| p.repair());
+        if n > 0 {
+            log::info!(
+                "tenant {}: {n} free buffer(s) hinted again after a death",
+                self.cfg.tenants[usize::from(tenant)].name
+            );
+            self.stats.rehinted += u64::from(n);
+        }
     }
 
     /// A producer of tenant `tenant` died: notes, in each of the tenant's
@@ -827,6 +846,7 @@ impl Shimd {
                 if n > 0 {
                     log::info!("late reclaim of {n} buffers of slot {slot}");
                 }
+                self.rehint(tenant);
                 self.stats.reclaimed += u64::from(n);
                 self.free_slots.push(slot);
                 self.cooling.swap_remove(k);
@@ -881,13 +901,14 @@ impl Shimd {
         };
         let agent = self.uplinks.values().filter(|u| u.attached).count();
         let s = format!(
-            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"bad_frames\":{},\"voids\":{},\"orphans\":{},\"held\":{},\"cooling\":{},\"pools\":[{}]{bridge}}}\n",
+            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"rehinted\":{},\"bad_frames\":{},\"voids\":{},\"orphans\":{},\"held\":{},\"cooling\":{},\"pools\":[{}]{bridge}}}\n",
             self.cfg.nodes[usize::from(self.node)].name,
             self.stats.attached,
             map(&self.stats.attach_refused),
             map(&self.stats.lookup_refused),
             self.stats.deaths,
             self.stats.reclaimed,
+            self.stats.rehinted,
             self.stats.bad_frames,
             self.stats.voids,
             self.stats.orphans,

@@ -112,7 +112,7 @@ impl TenantPool {
         &self.pool
     }
 
-    /// Buffers on the free list.
+    /// Free buffers (see [`Pool::free_buffers`]).
     pub fn free_buffers(&self) -> u32 {
         self.pool.free_buffers()
     }
@@ -137,7 +137,7 @@ impl TenantPool {
     /// (`Exhausted` also when only the fabric side's reserve is left).
     pub fn try_alloc(self: &Arc<Self>, len: u32) -> Result<PoolLease, AllocError> {
         let need = self.pool.geometry().frags_for(len);
-        if self.pool.free_buffers() < need.saturating_add(self.recv_reserve()) {
+        if self.pool.free_hint() < need.saturating_add(self.recv_reserve()) {
             return Err(AllocError::Exhausted);
         }
         let lease = self.pool.alloc(len, Owner::Held(INGRESS_SLOT))?;

@@ -19,7 +19,7 @@ use core::ptr::NonNull;
 use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::os::fd::OwnedFd;
 use wire::desc::frag_len;
-use wire::segment::{BufMeta, NIL, POOL_CONTROL_OFFSET, PoolControl, PoolHeader, PoolLayout};
+use wire::segment::{BufMeta, NIL, PoolHeader, PoolLayout};
 use wire::{Descriptor, DescriptorError, Owner, PoolGeometry, SegmentError};
 
 /// A pool could not be created or opened.
@@ -141,6 +141,9 @@ pub struct Pool {
     region: Region,
     layout: PoolLayout,
     ptrs: Ptrs,
+    /// Where this process looks for a free buffer first (see
+    /// [`crate::alloc`]); not shared.
+    cursor: AtomicU32,
 }
 
 /// Addresses of the allocator's shared fields, resolved and checked once at
@@ -148,10 +151,10 @@ pub struct Pool {
 /// `Pool::region`, which lives as long as the `Pool`.
 #[derive(Debug)]
 struct Ptrs {
-    head: NonNull<AtomicU64>,
-    free: NonNull<AtomicU32>,
+    avail: NonNull<AtomicU64>,
     meta: NonNull<u8>,
     count: u32,
+    words: u32,
 }
 
 // SAFETY: the pointers target the shared mapping owned by the same `Pool`
@@ -163,18 +166,20 @@ unsafe impl Sync for Ptrs {}
 impl Ptrs {
     /// Resolves every address through the checked accessors of `Region`.
     fn resolve(region: &Region, layout: &PoolLayout) -> Result<Self, AccessError> {
-        let ctl = |f: usize| POOL_CONTROL_OFFSET + f as u64;
         let count = layout.geometry.buf_count();
-        // The whole metadata table must be inside the mapping: check the
-        // last field of the last entry and the alignment of the first.
-        let last = layout.meta_offset(count - 1).map_or(u64::MAX, |o| o + offset_of!(BufMeta, generation) as u64);
+        let words = layout.avail_words();
+        // The whole metadata table and the hints must be inside the
+        // mapping: check the last field of the last entry and the last
+        // word, and the alignment of the first of each.
+        let last = layout.meta_offset(count - 1).map_or(u64::MAX, |o| o + offset_of!(BufMeta, next_chain) as u64);
         region.atomic_u32(last)?;
         let first = region.atomic_u32(layout.meta_offset(0).unwrap_or(u64::MAX))?;
+        region.atomic_u64(layout.avail_offset + u64::from(words - 1) * 8)?;
         Ok(Self {
-            head: NonNull::from(region.atomic_u64(ctl(offset_of!(PoolControl, free_head)))?),
-            free: NonNull::from(region.atomic_u32(ctl(offset_of!(PoolControl, free_count)))?),
+            avail: NonNull::from(region.atomic_u64(layout.avail_offset)?),
             meta: NonNull::from(first).cast(),
             count,
+            words,
         })
     }
 
@@ -191,6 +196,18 @@ impl Ptrs {
         // table is 4-aligned (checked in `resolve`); lives with `self`.
         unsafe { p.cast::<AtomicU32>().as_ref() }
     }
+
+    fn avail(&self, w: u32) -> &AtomicU64 {
+        // As for `meta`: a violation is a bug in this crate.
+        assert!(w < self.words, "hint word {w} outside the pool");
+        // SAFETY: `w < words` (asserted) and the `words` 8-aligned u64s
+        // from `avail` lie inside the mapping (checked in `resolve`), so the
+        // address stays inside it.
+        let p = unsafe { self.avail.add(w as usize) };
+        // SAFETY: an aligned u64 of the mapping (as above); lives with
+        // `self`.
+        unsafe { p.as_ref() }
+    }
 }
 
 impl Pool {
@@ -202,7 +219,7 @@ impl Pool {
         let flags = if region.backing() == Backing::HugeTlb { PoolHeader::FLAG_HUGETLB } else { 0 };
         region.write(0, PoolHeader::new(&layout, flags))?;
         let ptrs = Ptrs::resolve(&region, &layout)?;
-        let pool = Self { region, layout, ptrs };
+        let pool = Self { cursor: first_cursor(&layout), region, layout, ptrs };
         alloc::init(&pool);
         Ok(pool)
     }
@@ -213,7 +230,7 @@ impl Pool {
         let header: PoolHeader = region.read(0)?;
         let layout = header.check(region.len() as u64)?;
         let ptrs = Ptrs::resolve(&region, &layout)?;
-        Ok(Self { region, layout, ptrs })
+        Ok(Self { cursor: first_cursor(&layout), region, layout, ptrs })
     }
 
     /// The pool's geometry.
@@ -231,9 +248,27 @@ impl Pool {
         self.region.backing()
     }
 
-    /// Buffers currently on the free list.
+    /// Free buffers, counted from their owner words (one read per buffer;
+    /// exact when nobody takes or frees meanwhile). For status, metrics and
+    /// checks; a hot path wants [`Pool::free_hint`].
     pub fn free_buffers(&self) -> u32 {
-        self.free_count().load(Relaxed)
+        alloc::free_count(self)
+    }
+
+    /// An estimate of the free buffers from the free hints (one read per 64
+    /// buffers): exact when nobody takes or frees meanwhile, except after a
+    /// process died while freeing, until [`Pool::repair`].
+    pub fn free_hint(&self) -> u32 {
+        alloc::hinted(self)
+    }
+
+    /// Sets the free hint of every free buffer that lacks one: host-shimd,
+    /// after a process died (it may have been between freeing a buffer and
+    /// setting its hint, which would hide the buffer from takers). Safe at
+    /// any time. Returns how many hints it set (which may include buffers a
+    /// live process was about to hint).
+    pub fn repair(&self) -> u32 {
+        alloc::repair(self)
     }
 
     /// Recorded owner of buffer `index`.
@@ -257,7 +292,7 @@ impl Pool {
     }
 
     /// Allocates like [`Pool::alloc`], taking buffers from this process's
-    /// `cache` first and refilling it from the shared free list in batches,
+    /// `cache` first and refilling it from the shared pool in batches,
     /// so steady-state allocation touches no shared cache line.
     pub fn alloc_cached(&self, cache: &mut LocalCache, len: u32) -> Result<Lease, AllocError> {
         let g = self.layout.geometry;
@@ -312,7 +347,7 @@ impl Pool {
         Ok(n)
     }
 
-    /// Returns every cached buffer to the shared free list.
+    /// Returns every cached buffer to the shared pool.
     pub fn drain_cache(&self, cache: &mut LocalCache) {
         for i in cache.idx.drain(..) {
             if let Err(e) = alloc::push(self, i, Some(cache.holder)) {
@@ -321,7 +356,7 @@ impl Pool {
         }
     }
 
-    /// Returns a lease's buffers to the free list.
+    /// Returns a lease's buffers to the pool.
     pub fn free(&self, lease: Lease) -> Result<u32, FreeError> {
         alloc::push_chain(self, lease.head, lease.frags, Some(lease.holder))
     }
@@ -489,14 +524,14 @@ impl Pool {
         v
     }
 
-    /// Returns to the free list every buffer owned by the function in
+    /// Frees every buffer owned by the function in
     /// `slot` (handed over to it or held by it). For host-shimd, after the
     /// function died. Returns how many buffers were reclaimed.
     pub fn reclaim(&self, slot: u16) -> u32 {
         self.reclaim_owners(&[Owner::Function(slot), Owner::Held(slot)])
     }
 
-    /// Returns to the free list only the buffers `slot` held (leased), not
+    /// Frees only the buffers `slot` held (leased), not
     /// those handed to it and still waiting in its ring: for the agent's
     /// slot, whose uplink ring outlives an agent restart, so a restarted
     /// agent still forwards what functions sent meanwhile.
@@ -576,16 +611,8 @@ impl PoolCells for Pool {
     fn count(&self) -> u32 {
         self.ptrs.count
     }
-    fn head(&self) -> &AtomicU64 {
-        // SAFETY: checked at open (`Ptrs::resolve`); lives with `self`.
-        unsafe { self.ptrs.head.as_ref() }
-    }
-    fn free_count(&self) -> &AtomicU32 {
-        // SAFETY: checked at open (`Ptrs::resolve`); lives with `self`.
-        unsafe { self.ptrs.free.as_ref() }
-    }
-    fn next_free(&self, i: u32) -> &AtomicU32 {
-        self.ptrs.meta(i, offset_of!(BufMeta, next_free))
+    fn avail(&self, w: u32) -> &AtomicU64 {
+        self.ptrs.avail(w)
     }
     fn next_chain(&self, i: u32) -> &AtomicU32 {
         self.ptrs.meta(i, offset_of!(BufMeta, next_chain))
@@ -593,6 +620,22 @@ impl PoolCells for Pool {
     fn owner(&self, i: u32) -> &AtomicU32 {
         self.ptrs.meta(i, offset_of!(BufMeta, owner))
     }
+    fn cursor(&self) -> &AtomicU32 {
+        &self.cursor
+    }
+    fn salt(&self) -> u32 {
+        std::process::id()
+    }
+    fn words(&self) -> u32 {
+        self.ptrs.words
+    }
+}
+
+/// Where a process starts looking for free buffers: spread by process id,
+/// so processes mostly take from different hint words.
+fn first_cursor(layout: &PoolLayout) -> AtomicU32 {
+    let words = layout.avail_words().max(1);
+    AtomicU32::new(std::process::id().wrapping_mul(0x9e37_79b9) % words)
 }
 
 /// Why [`Pool::move_owners`] moved nothing.
@@ -801,7 +844,7 @@ mod tests {
         assert_eq!(p.read_to_vec(&l), data);
         assert_eq!(p.free_cached(&mut c, l), Ok(3));
         assert_eq!(c.len(), 8);
-        // Steady state: no shared free-list traffic.
+        // Steady state: no shared pool traffic.
         for _ in 0..100 {
             let l = p.alloc_cached(&mut c, 100).unwrap();
             p.free_cached(&mut c, l).unwrap();

@@ -444,7 +444,7 @@ impl Cluster {
 pub struct Census {
     /// Buffers in the pool.
     pub total: u32,
-    /// On the free list.
+    /// Free.
     pub free: u32,
     /// Held by the agent (posted receives, its allocation cache, sends).
     pub agent_held: u32,

@@ -231,7 +231,7 @@ pub struct FunctionExit {
     pub instance: u16,
     /// Attach slot.
     pub slot: u16,
-    /// Buffers returned to the free list.
+    /// Buffers freed.
     pub reclaimed: u32,
     /// Must be zero.
     pub reserved: u32,

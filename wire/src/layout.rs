@@ -13,7 +13,7 @@ use crate::desc::Descriptor;
 use crate::fabric::{self, FabricHeader};
 use crate::http::{self, EnvelopeHeader};
 use crate::mesh;
-use crate::segment::{self, BufMeta, PoolControl, PoolHeader, RingCursor, RingHeader, RingSlot};
+use crate::segment::{self, BufMeta, PoolHeader, RingCursor, RingHeader, RingSlot};
 use core::mem::{align_of, offset_of, size_of};
 
 /// One row of the layout table: a type (or constant) and its numbers.
@@ -49,8 +49,7 @@ macro_rules! konst {
 const ROWS: &[LayoutRow] = &[
     ty!(Descriptor, tenant, flags, src_fn, dst_fn, route, hop, status, origin, reserved, request, buf, len),
     ty!(PoolHeader, magic, version, flags, tenant, buf_size, buf_count, headroom, max_chain, data_offset, total_len),
-    ty!(PoolControl, free_head, free_count),
-    ty!(BufMeta, owner, next_free, next_chain, generation),
+    ty!(BufMeta, owner, next_chain),
     ty!(RingHeader, magic, version, slot_size, capacity, tenant, owner_fn, owner_slot),
     ty!(RingCursor, pos, sleeping, closed),
     ty!(RingSlot, seq, desc),
@@ -89,7 +88,6 @@ const ROWS: &[LayoutRow] = &[
     konst!(segment::POOL_MAGIC),
     konst!(segment::RING_MAGIC),
     konst!(segment::SEGMENT_VERSION),
-    konst!(segment::POOL_CONTROL_OFFSET),
     konst!(segment::POOL_META_OFFSET),
     konst!(segment::POOL_DATA_ALIGN),
     konst!(segment::RING_PRODUCER_OFFSET),

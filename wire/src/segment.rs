@@ -4,15 +4,16 @@
 //! by the creator; every opener reads it by value and checks it with
 //! [`PoolHeader::check`] / [`RingHeader::check`] against the length it really
 //! mapped before computing any offset from it. The fields that change at run
-//! time (free-list head, ring cursors, per-buffer metadata) sit at the fixed
-//! offsets below and are accessed by `shm` through atomics only.
+//! time (per-buffer metadata, free hints, ring cursors) sit at the offsets
+//! below and are accessed by `shm` through atomics only.
 //!
 //! Pool segment:
 //!
 //! ```text
 //! 0                    PoolHeader (64 B)
-//! POOL_CONTROL_OFFSET  PoolControl (64 B): free-list head, free count
-//! POOL_META_OFFSET     BufMeta x buf_count (16 B each): owner, links
+//! POOL_META_OFFSET     BufMeta x buf_count (16 B each): owner, chain link
+//! avail_offset         free hints: one bit per buffer, in u64 words,
+//!                      64 B aligned (PoolLayout::avail_offset)
 //! data_offset          buffers, buf_size each, 4 KiB aligned start
 //! ```
 //!
@@ -35,12 +36,12 @@ pub const POOL_MAGIC: u64 = u64::from_le_bytes(*b"DNEPOOL\0");
 /// Magic at offset 0 of a ring segment ("DNERING\0").
 pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"DNERING\0");
 /// Version of both segment layouts; bumped on any change.
-pub const SEGMENT_VERSION: u32 = 1;
+pub const SEGMENT_VERSION: u32 = 2;
 /// Cache line size assumed by the layouts (x86_64 and Cortex-A72/A78).
 pub const CACHE_LINE: usize = 64;
 /// Alignment of the first buffer of a pool.
 pub const POOL_DATA_ALIGN: u64 = 4096;
-/// The nil buffer index (end of a free list or chain).
+/// The nil buffer index (end of a chain).
 pub const NIL: u32 = u32::MAX;
 
 /// Pool segment header. Written once by host-shimd, read by value.
@@ -122,46 +123,37 @@ impl PoolHeader {
     }
 }
 
-/// Allocator state of a pool, on its own cache line. Accessed as atomics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
-#[repr(C, align(64))]
-pub struct PoolControl {
-    /// Free-list head: `tag << 32 | index` ([`NIL`] index = empty). The tag
-    /// changes on every successful pop and push (ABA guard).
-    pub free_head: u64,
-    /// Buffers on the free list (advisory; for metrics).
-    pub free_count: u32,
-    /// Must be zero.
-    pub reserved: [u8; 52],
-}
-const _: () = assert!(size_of::<PoolControl>() == CACHE_LINE);
-
 /// Per-buffer metadata in the pool's buffer table. Accessed as atomics.
+///
+/// The owner word is the only record of whether a buffer is free: taking a
+/// buffer and giving it back are each one compare-and-swap of it, so a
+/// process that dies at any instruction leaves every buffer either free or
+/// recorded as its own (which host-shimd reclaims). The free hints beside
+/// the table only speed up the search for a free buffer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct BufMeta {
     /// Current [`Owner`].
     pub owner: u32,
-    /// Next buffer on the free list, or [`NIL`].
-    pub next_free: u32,
     /// Next buffer of the message chain, or [`NIL`].
     pub next_chain: u32,
-    /// Bumped on every allocation (diagnostics, stale-handle detection).
-    pub generation: u32,
+    /// Unused (zero in a new pool; nobody reads it).
+    pub reserved: [u32; 2],
 }
 const _: () = assert!(size_of::<BufMeta>() == 16);
 
-/// Offset of [`PoolControl`] in a pool segment.
-pub const POOL_CONTROL_OFFSET: u64 = 64;
 /// Offset of the [`BufMeta`] table in a pool segment.
-pub const POOL_META_OFFSET: u64 = POOL_CONTROL_OFFSET + size_of::<PoolControl>() as u64;
-const _: () = assert!(size_of::<PoolHeader>() as u64 <= POOL_CONTROL_OFFSET);
+pub const POOL_META_OFFSET: u64 = 64;
+const _: () = assert!(size_of::<PoolHeader>() as u64 <= POOL_META_OFFSET);
 
 /// Offsets of a pool segment, derived from its geometry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolLayout {
     /// The pool's geometry.
     pub geometry: PoolGeometry,
+    /// Offset of the free hints: bit `i % 64` of u64 word `i / 64` is set
+    /// when buffer `i` may be free.
+    pub avail_offset: u64,
     /// Offset of the first buffer.
     pub data_offset: u64,
     /// Bytes used by the layout.
@@ -173,9 +165,21 @@ impl PoolLayout {
     /// `buf_size < 2^32`, so every product fits in a u64.
     pub fn new(geometry: PoolGeometry) -> Self {
         let meta_end = POOL_META_OFFSET + u64::from(geometry.buf_count()) * size_of::<BufMeta>() as u64;
-        let data_offset = meta_end.next_multiple_of(POOL_DATA_ALIGN);
+        let avail_offset = meta_end.next_multiple_of(CACHE_LINE as u64);
+        let avail_end = avail_offset + u64::from(Self::avail_words_for(geometry.buf_count())) * 8;
+        let data_offset = avail_end.next_multiple_of(POOL_DATA_ALIGN);
         let total_len = data_offset + u64::from(geometry.buf_count()) * u64::from(geometry.buf_size());
-        Self { geometry, data_offset, total_len }
+        Self { geometry, avail_offset, data_offset, total_len }
+    }
+
+    /// u64 words of free hints for `buf_count` buffers.
+    pub const fn avail_words_for(buf_count: u32) -> u32 {
+        buf_count.div_ceil(64)
+    }
+
+    /// u64 words of free hints of this pool.
+    pub fn avail_words(&self) -> u32 {
+        Self::avail_words_for(self.geometry.buf_count())
     }
 
     /// Offset of the metadata of buffer `index`, `None` outside the pool.
@@ -193,7 +197,7 @@ impl PoolLayout {
 /// Who holds a buffer, as recorded in [`BufMeta::owner`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Owner {
-    /// On the free list.
+    /// Free: any process of the tenant may take it.
     Free,
     /// Held by the agent (posted receive, queued or in-flight send).
     Agent,
@@ -444,6 +448,12 @@ mod tests {
         let l = layout();
         assert_eq!(l.data_offset % POOL_DATA_ALIGN, 0);
         assert!(l.data_offset >= POOL_META_OFFSET + 16 * 1000);
+        // The hints (16 words for 1000 buffers) lie between the table and
+        // the buffers, on their own cache lines.
+        assert_eq!(l.avail_words(), 16);
+        assert_eq!(l.avail_offset % CACHE_LINE as u64, 0);
+        assert!(l.avail_offset >= POOL_META_OFFSET + 16 * 1000);
+        assert!(l.data_offset >= l.avail_offset + 16 * 8);
         let h = PoolHeader::new(&l, 0);
         assert_eq!(h.check(l.total_len), Ok(l));
         assert_eq!(h.check(l.total_len - 1), Err(SegmentError::TooSmall { need: l.total_len, have: l.total_len - 1 }));
@@ -458,7 +468,7 @@ mod tests {
         let good = PoolHeader::new(&l, PoolHeader::FLAG_HUGETLB);
         let len = l.total_len;
         assert!(matches!(PoolHeader { magic: 1, ..good }.check(len), Err(SegmentError::BadMagic { .. })));
-        assert_eq!(PoolHeader { version: 2, ..good }.check(len), Err(SegmentError::Version { found: 2, want: 1 }));
+        assert_eq!(PoolHeader { version: 1, ..good }.check(len), Err(SegmentError::Version { found: 1, want: 2 }));
         assert_eq!(PoolHeader { flags: 8, ..good }.check(len), Err(SegmentError::Reserved));
         assert_eq!(
             PoolHeader { data_offset: 0, ..good }.check(len),

@@ -2,6 +2,7 @@
 
 use crate::harness::Suite;
 
+pub mod alloc;
 pub mod engine;
 pub mod fabric;
 pub mod fairness;
@@ -16,6 +17,7 @@ pub mod wire_codec;
 pub const SUITES: &[Suite] = &[
     wire_codec::SUITE,
     intranode::SUITE,
+    alloc::SUITE,
     fabric::SUITE,
     engine::SUITE,
     fairness::SUITE,

@@ -75,6 +75,7 @@ fn run_peer(role: &str) -> Result<()> {
         "iox" => others::iox_peer(ctx),
         super::fabric::FABRIC_ROLE => super::fabric::fabric_peer(ctx),
         super::fabric::TCP_ROLE => super::fabric::tcp_peer(ctx),
+        super::alloc::ALLOC_ROLE => super::alloc::alloc_peer(ctx),
         _ => bail!("unknown peer role {role:?}"),
     }
 }
