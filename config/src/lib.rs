@@ -22,6 +22,7 @@
 //! buffers = 4096             # buffers in the tenant's pool on each node
 //! recv_quota = 512           # receive buffers the agent keeps posted per node
 //! max_chain = 64             # longest buffer chain of one message
+//! node_queue = 1024          # calls that may wait in an agent for one other node
 //!
 //! [[function]]
 //! name = "upper"
@@ -125,6 +126,23 @@ pub struct Tenant {
     /// (`Authorization: Bearer KEY`); `None`: no key checked.
     #[serde(default)]
     pub api_key: Option<String>,
+    /// Calls of the tenant that may wait in a node's agent for one other
+    /// node (or for the other nodes of one function) before more calls
+    /// for it go back to their senders as `Overloaded` (503 at the
+    /// ingress): what a node that takes nothing can hold. Replies and
+    /// errors are not refused. 1 to [`MAX_NODE_QUEUE`].
+    #[serde(default = "default_node_queue")]
+    pub node_queue: u32,
+}
+
+/// Messages of one tenant that may wait in an agent in all (the capacity
+/// of the tenant's uplink ring): the largest `node_queue`.
+pub const MAX_NODE_QUEUE: u32 = 4096;
+/// Largest `tenant_queue` of an ingress.
+pub const MAX_EDGE_QUEUE: u32 = 1 << 16;
+
+fn default_node_queue() -> u32 {
+    1024
 }
 
 fn default_buf_size() -> u32 {
@@ -247,6 +265,23 @@ pub struct Ingress {
     /// Buffers of the ingress's own pool per tenant (tenant `buf_size`).
     #[serde(default = "default_ingress_buffers")]
     pub buffers: u32,
+    /// Requests of one tenant that may wait at this edge for a node with
+    /// credits before new ones are refused (503 with `Retry-After`). 1 to
+    /// [`MAX_EDGE_QUEUE`].
+    #[serde(default = "default_tenant_queue")]
+    pub tenant_queue: u32,
+    /// Requests of one route that may wait so (a route whose nodes take
+    /// nothing holds this many, and the tenant's other routes keep room).
+    /// 1 to `tenant_queue`.
+    #[serde(default = "default_route_queue")]
+    pub route_queue: u32,
+}
+
+fn default_tenant_queue() -> u32 {
+    1024
+}
+fn default_route_queue() -> u32 {
+    256
 }
 
 fn default_body_limit() -> u32 {
@@ -396,6 +431,12 @@ impl Cluster {
             if g.buffers < 2 {
                 return Err(bad(f("buffers"), "must be at least 2"));
             }
+            if !(1..=MAX_EDGE_QUEUE).contains(&g.tenant_queue) {
+                return Err(bad(f("tenant_queue"), format!("must be 1 to {MAX_EDGE_QUEUE}")));
+            }
+            if !(1..=g.tenant_queue).contains(&g.route_queue) {
+                return Err(bad(f("route_queue"), format!("must be 1 to tenant_queue ({})", g.tenant_queue)));
+            }
         }
         if self.nodes.len() + self.ingresses.len() >= usize::from(u16::MAX) {
             return Err(bad("ingress", "too many nodes and ingresses"));
@@ -442,6 +483,9 @@ impl Cluster {
             }
             if t.rate_cap_mbps == Some(0) {
                 return Err(bad(f("rate_cap_mbps"), "0 would block the tenant; omit it for no cap"));
+            }
+            if !(1..=MAX_NODE_QUEUE).contains(&t.node_queue) {
+                return Err(bad(f("node_queue"), format!("must be 1 to {MAX_NODE_QUEUE}")));
             }
         }
         for (i, g) in self.ingresses.iter().enumerate() {
@@ -644,6 +688,10 @@ runtime_dir = "/tmp/dne/edge"
         assert_eq!(c.routes[1].timeout_ms, 100);
         assert_eq!(c.pool_geometry(1).unwrap().payload_cap(), 4096 - 64);
         assert_eq!(c.ingresses[0].body_limit, 1 << 20);
+        assert_eq!(
+            (c.tenants[0].node_queue, c.ingresses[0].tenant_queue, c.ingresses[0].route_queue),
+            (1024, 1024, 256)
+        );
         assert_eq!(c.ingress_node_id(0), Some(2));
         assert_eq!(c.fabric_node_id("edge"), Some(2));
         assert_eq!(c.fabric_address(2), Some("127.0.0.1:7100"));
@@ -696,6 +744,18 @@ runtime_dir = "/tmp/dne/edge"
                 "node[0].comch: \"../x\"",
             ),
             ("rate_cap_mbps = 100", "rate_cap_mbps = 0", "tenant[1].rate_cap_mbps"),
+            ("weight = 6", "weight = 6\nnode_queue = 0", "tenant[0].node_queue: must be 1 to 4096"),
+            ("weight = 6", "weight = 6\nnode_queue = 4097", "tenant[0].node_queue: must be 1 to 4096"),
+            (
+                "runtime_dir = \"/tmp/dne/edge\"",
+                "runtime_dir = \"/tmp/dne/edge\"\ntenant_queue = 0",
+                "ingress[0].tenant_queue: must be 1 to 65536",
+            ),
+            (
+                "runtime_dir = \"/tmp/dne/edge\"",
+                "runtime_dir = \"/tmp/dne/edge\"\ntenant_queue = 8\nroute_queue = 9",
+                "ingress[0].route_queue: must be 1 to tenant_queue (8)",
+            ),
             ("name = \"acme\"", "name = \"ac me\"", "tenant[0].name"),
             ("weight = 6", "weight = 6\ncolour = \"red\"", "unknown field `colour`"),
             ("name = \"edge\"", "name = \"node-b\"", "ingress[0].name: \"node-b\" is also a node's name"),

@@ -64,14 +64,14 @@ pub const INFLIGHT_BUDGET: u64 = 1 << 20;
 /// Messages of one tenant waiting for the scheduler before its uplink is
 /// left alone (then the uplink ring fills and functions see `Full`).
 const QUEUE_LIMIT: usize = host_shim::daemon::UPLINK_CAPACITY as usize;
-/// Messages of one tenant waiting for one node (or one function's nodes)
-/// before more calls for it go back to their senders as `Overloaded`: a
-/// node that takes nothing (stopped, overloaded) holds this many calls, and
-/// the tenant's uplink keeps flowing for the other nodes (it stops only at
-/// [`QUEUE_LIMIT`], with several such nodes). Replies and errors are not
-/// refused (an `Overloaded` error in place of a reply would wait in the
-/// same queue): only [`QUEUE_LIMIT`] bounds them.
-const PEER_QUEUE_LIMIT: usize = QUEUE_LIMIT / 4;
+const _: () = assert!(config::MAX_NODE_QUEUE as usize == QUEUE_LIMIT);
+// Calls of one tenant waiting for one node (or one function's nodes)
+// beyond its `node_queue` (config) go back to their senders as
+// `Overloaded`: a node that takes nothing (stopped, overloaded) holds that
+// many calls, and the tenant's uplink keeps flowing for the other nodes (it
+// stops only at `QUEUE_LIMIT`, with several such nodes). Replies and errors
+// are not refused (an `Overloaded` error in place of a reply would wait in
+// the same queue): only `QUEUE_LIMIT` bounds them.
 /// A nap when the engine cannot sleep on events.
 const NAP: Duration = Duration::from_micros(50);
 
@@ -727,7 +727,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         // Calls beyond the node's share go back; replies and errors wait
         // (an error in place of a reply would wait in the same queue).
         let call = d.flags & (DescFlags::REPLY | DescFlags::ERROR) == 0;
-        if call && self.tenants[t].sends.queued_for(peer) >= PEER_QUEUE_LIMIT {
+        if call && self.tenants[t].sends.queued_for(peer) >= self.cfg.tenants[self.gid(t)].node_queue as usize {
             return self.bounce(t, msg, ErrorCode::Overloaded, Why::Overloaded);
         }
         self.tenants[t].sends.push(Out { msg, peer, since: now });
@@ -995,7 +995,7 @@ pub fn attach_all(cfg: &Cluster, socket: &std::path::Path, stop: &AtomicBool) ->
 
 #[cfg(test)]
 mod tests {
-    use super::{Engine, ForPeer, PEER_QUEUE_LIMIT, QUEUE_LIMIT, Sends, Settings, Why};
+    use super::{Engine, ForPeer, QUEUE_LIMIT, Sends, Settings, Why};
     use crate::hostlink::NullLink;
     use crate::metrics::Metrics;
     use std::sync::Arc;
@@ -1011,6 +1011,11 @@ mod tests {
     /// [`lone_engine`] with more of the cluster file (`[[function]]`s after
     /// the `f{i}`).
     fn lone_engine_with(nodes: usize, more: &str) -> Engine<fabric::NullTransport, NullLink> {
+        lone_engine_of(nodes, "", more)
+    }
+
+    /// [`lone_engine_with`] with more fields of tenant `t`.
+    fn lone_engine_of(nodes: usize, tenant: &str, more: &str) -> Engine<fabric::NullTransport, NullLink> {
         let dir = std::env::temp_dir().join(format!("dne-engine-lone-{}", std::process::id()));
         let mut text = String::new();
         for i in 0..nodes {
@@ -1020,7 +1025,9 @@ mod tests {
                 dir.join(format!("n{i}")).display()
             );
         }
-        text += "[[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = 1024\nbuffers = 8192\nrecv_quota = 16\n\n";
+        text += &format!(
+            "[[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = 1024\nbuffers = 8192\nrecv_quota = 16\n{tenant}\n"
+        );
         for i in 0..nodes {
             text += &format!("[[function]]\nname = \"f{i}\"\ntenant = \"t\"\nnode = \"n{i}\"\n\n");
         }
@@ -1034,19 +1041,27 @@ mod tests {
         Engine::new(cfg, set, vec![link], metrics, null).unwrap()
     }
 
-    /// A node that takes nothing holds at most [`PEER_QUEUE_LIMIT`] of a
-    /// tenant's messages; the ones beyond go back to their sender as
-    /// `Overloaded`, and the uplink keeps being read.
+    /// The tenant's `node_queue` (default 1024).
+    fn node_queue<T: fabric::Transport, H: crate::hostlink::HostLink>(e: &Engine<T, H>) -> usize {
+        e.cfg.tenants[0].node_queue as usize
+    }
+
+    /// A node that takes nothing holds at most the tenant's `node_queue` of
+    /// its messages (the default, and one set in the cluster file); the
+    /// ones beyond go back to their sender as `Overloaded`, and the uplink
+    /// keeps being read.
     #[test]
     fn one_peer_holds_a_bounded_share_of_the_send_queue() {
-        let mut e = lone_engine(2);
-        let steps = PEER_QUEUE_LIMIT / 32 + 10;
-        for _ in 0..steps {
-            e.step(Instant::now());
+        for (mut e, want) in [(lone_engine(2), 1024), (lone_engine_of(2, "node_queue = 96", ""), 96)] {
+            assert_eq!(node_queue(&e), want);
+            let steps = want / 32 + 10;
+            for _ in 0..steps {
+                e.step(Instant::now());
+            }
+            assert_eq!(e.tenants[0].sends.len(), want, "n1's messages wait (for up to 2 s)");
+            assert_eq!(e.link(0).taken, steps as u64 * 32, "the uplink is read on");
+            assert_eq!(e.metrics.tenants[0].drops(Why::Overloaded), 10 * 32, "the rest went back");
         }
-        assert_eq!(e.tenants[0].sends.len(), PEER_QUEUE_LIMIT, "n1's messages wait (for up to 2 s)");
-        assert_eq!(e.link(0).taken, steps as u64 * 32, "the uplink is read on");
-        assert_eq!(e.metrics.tenants[0].drops(Why::Overloaded), 10 * 32, "the rest went back");
     }
 
     /// An error for a caller on this node is delivered here even when the
@@ -1074,7 +1089,7 @@ mod tests {
         let mut e = lone_engine(2);
         *e.link(0).template() =
             wire::Descriptor { flags: wire::DescFlags::REPLY, origin: 1, ..wire::Descriptor::default() };
-        let steps = PEER_QUEUE_LIMIT / 32 + 10;
+        let steps = node_queue(&e) / 32 + 10;
         for _ in 0..steps {
             e.step(Instant::now());
         }
@@ -1091,7 +1106,7 @@ mod tests {
         let mut e = lone_engine(5);
         for f in 1..5 {
             e.link(0).template().dst_fn = f;
-            for _ in 0..PEER_QUEUE_LIMIT / 32 {
+            for _ in 0..node_queue(&e) / 32 {
                 e.step(Instant::now());
             }
         }

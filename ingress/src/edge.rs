@@ -20,8 +20,8 @@
 //! credits) holds only what it already took, and the rest go to the
 //! function's other nodes; a route whose nodes all lack credits holds back
 //! only its own requests. Backpressure is explicit: the tenant's queued
-//! requests are bounded ([`QUEUE_LIMIT`], and [`ROUTE_QUEUE_LIMIT`] for
-//! one route), and a full queue is an immediate
+//! requests are bounded (the ingress's `tenant_queue`, and `route_queue`
+//! for one route, in the cluster file), and a full queue is an immediate
 //! [`EdgeError::Busy`] (the HTTP side answers 503), never unbounded
 //! buffering. A queued request whose caller gave up is dropped unsent, and
 //! one whose function has no node up fails at once.
@@ -45,13 +45,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use wire::{DescFlags, Descriptor, ErrorCode, Owner};
 
-/// Requests of one tenant waiting for credits before new ones are refused.
-pub const QUEUE_LIMIT: usize = 1024;
-/// Requests of one route of a tenant waiting for credits before new ones
-/// of that route are refused: a route whose nodes take nothing (stopped,
-/// overloaded) holds this many, and the tenant's other routes still have
-/// room.
-pub const ROUTE_QUEUE_LIMIT: usize = QUEUE_LIMIT / 4;
 /// How long an idle edge thread keeps polling (yielding between polls)
 /// before it sleeps on the fabric and the callers' doorbell.
 const IDLE_SPIN: Duration = Duration::from_micros(50);
@@ -141,7 +134,9 @@ impl Edge {
 
     fn new(cfg: &Cluster, ingress: usize, pools: Pools, task: bool) -> anyhow::Result<(Self, Worker)> {
         let me = cfg.ingress_node_id(ingress).ok_or_else(|| anyhow::anyhow!("no ingress {ingress} in the config"))?;
-        let flights = cfg.tenants.len() * QUEUE_LIMIT;
+        let g = &cfg.ingresses[ingress];
+        let (tenant_queue, route_queue) = (g.tenant_queue as usize, g.route_queue as usize);
+        let flights = cfg.tenants.len() * tenant_queue;
         let port = fabric::cluster::open_port(cfg, me, pools.iter().cloned().map(EdgeBufs).collect(), flights)?;
         let (calls, rx) = channel();
         let wake = Arc::new(Wake {
@@ -163,6 +158,8 @@ impl Edge {
                 })
                 .collect(),
             queues: (0..cfg.tenants.len()).map(|_| TenantQueue::new(cfg.routes.len())).collect(),
+            tenant_queue,
+            route_queue,
             rotate: 0,
             waiting: HashMap::with_capacity(4096),
             me,
@@ -273,7 +270,7 @@ struct Waiting {
 struct TenantQueue {
     /// Indexed by route.
     by_route: Vec<VecDeque<Call>>,
-    /// Requests over all routes (bounded by [`QUEUE_LIMIT`]).
+    /// Requests over all routes (bounded by `tenant_queue`).
     len: usize,
 }
 
@@ -302,6 +299,10 @@ struct Worker {
     /// First function and its nodes, per route.
     first: Vec<Option<First>>,
     queues: Vec<TenantQueue>,
+    /// Requests of one tenant that may wait for credits (config).
+    tenant_queue: usize,
+    /// Requests of one route that may wait so (config).
+    route_queue: usize,
     /// The route each tenant's sending starts at this turn, moved on every
     /// turn (routes whose nodes are shared take their credits in turn).
     rotate: usize,
@@ -510,8 +511,8 @@ impl Worker {
             };
             if !self.port.any_up(c.tenant, &first.nodes) {
                 self.fail(c, EdgeError::Unreachable);
-            } else if self.queues[t].len >= QUEUE_LIMIT
-                || self.queues[t].by_route[usize::from(c.route)].len() >= ROUTE_QUEUE_LIMIT
+            } else if self.queues[t].len >= self.tenant_queue
+                || self.queues[t].by_route[usize::from(c.route)].len() >= self.route_queue
             {
                 self.fail(c, EdgeError::Busy);
             } else {

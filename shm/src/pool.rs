@@ -281,6 +281,9 @@ impl Pool {
     }
 
     /// Allocates a chain for `len` payload bytes, held as `holder`.
+    /// `Exhausted` when one search of the pool found too few free buffers
+    /// (a buffer another process frees during the search may be missed;
+    /// the next call finds it).
     pub fn alloc(&self, len: u32, holder: Owner) -> Result<Lease, AllocError> {
         let g = self.layout.geometry;
         if u64::from(len) > g.max_len() {

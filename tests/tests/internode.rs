@@ -423,10 +423,11 @@ fn edge_cluster(
     name: &str,
     mode: &'static str,
     buffers: u32,
+    more: &str,
 ) -> (dne_tests::TempDir, Cluster, std::sync::Arc<config::Cluster>, ingress::Pools) {
     let edge_dir = dne_tests::TempDir::new(name);
     let ingress = format!(
-        "{EDGE_CLUSTER}\n[[ingress]]\nname = \"edge\"\naddress = \"{}\"\nhttp = \"{}\"\nruntime_dir = \"{}\"\nbuffers = {buffers}\n",
+        "{EDGE_CLUSTER}\n[[ingress]]\nname = \"edge\"\naddress = \"{}\"\nhttp = \"{}\"\nruntime_dir = \"{}\"\nbuffers = {buffers}\n{more}",
         dne_tests::free_port(),
         dne_tests::free_port(),
         edge_dir.path().display()
@@ -458,7 +459,7 @@ fn wait_reply(mut rx: tokio::sync::oneshot::Receiver<ingress::edge::Reply>) -> i
 fn edge_chain(task: bool, mode: &'static str) {
     use ingress::edge::{Edge, EdgeError};
     use ingress::pool::INGRESS_SLOT as EDGE_SLOT;
-    let (_edge_dir, c, cfg, pools) = edge_cluster(&format!("edge-{mode}"), mode, 512);
+    let (_edge_dir, c, cfg, pools) = edge_cluster(&format!("edge-{mode}"), mode, 512, "");
     let tp = pools.get(0).unwrap().clone();
     let pool = tp.pool();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
@@ -512,16 +513,17 @@ fn edge_chain(task: bool, mode: &'static str) {
 
 /// The edge's requests for a node that gives no credits (its agent
 /// stopped) wait in their route's queue without holding back the same
-/// tenant's requests for another node: at most `ROUTE_QUEUE_LIMIT` of them
-/// (the rest are refused as busy at once, so the tenant's queue keeps room
-/// for its other routes); they fail at once when that node goes down
+/// tenant's requests for another node: at most the ingress's `route_queue`
+/// of them (set to 100 here; the rest are refused as busy at once, so the
+/// tenant's queue keeps room for its other routes); they fail at once when
+/// that node goes down
 /// (instead of waiting forever); their buffers all come back.
 #[test]
 fn a_node_without_credits_holds_back_only_its_own_requests() {
     use ingress::edge::{Edge, EdgeError};
     use ingress::pool::INGRESS_SLOT as EDGE_SLOT;
     use tokio::sync::oneshot::error::TryRecvError;
-    let (_edge_dir, mut c, cfg, pools) = edge_cluster("edge-hol", "emulated", 2048);
+    let (_edge_dir, mut c, cfg, pools) = edge_cluster("edge-hol", "emulated", 2048, "route_queue = 100\n");
     let tp = pools.get(0).unwrap().clone();
     let pool = tp.pool();
     let edge = Edge::start(cfg.clone(), 0, pools).unwrap();
@@ -554,7 +556,8 @@ fn a_node_without_credits_holds_back_only_its_own_requests() {
         }
     }
     // What waits: the route's queue, and what n1's credits took in.
-    let limit = ingress::edge::ROUTE_QUEUE_LIMIT;
+    let limit = cfg.ingresses[0].route_queue as usize;
+    assert_eq!(limit, 100);
     assert!(
         unanswered > limit && unanswered <= limit + 128,
         "{unanswered} wait for n1 (n1 gives the edge 128 credits)"

@@ -215,3 +215,90 @@ fn overload_is_answered_with_503_quickly_memory_stays_bounded_and_goodput_holds(
         });
     }
 }
+
+/// A chain whose second function's node stops taking anything (its agent
+/// stopped): the first node's agent holds at most the tenant's `node_queue`
+/// of the calls for it (4 here) beyond what that node's credits took; the
+/// rest go back as `Overloaded`, which the ingress answers with 503 and
+/// `Retry-After` at once, not at the route's deadline. Once the node runs
+/// again, every request held is answered 200 with its own body.
+#[test]
+fn calls_beyond_a_stopped_nodes_queue_are_answered_503_at_once() {
+    const REQUESTS: usize = 40;
+    const QUEUED: &str = r#"
+[[tenant]]
+name = "acme"
+weight = 1
+buffers = 256
+recv_quota = 8
+node_queue = 4
+
+[[function]]
+name = "upper"
+tenant = "acme"
+node = "n0"
+
+[[function]]
+name = "rot13"
+tenant = "acme"
+node = "n1"
+
+[[route]]
+path = "/x"
+tenant = "acme"
+chain = ["upper", "rot13"]
+timeout_ms = 5000
+"#;
+    let edge = dne_tests::cluster::IngressSpec::new("queued-edge", "");
+    let http = edge.http;
+    let mut c = Cluster::start("queued", 2, &format!("{QUEUED}{}", edge.section()));
+    c.start_route_fn(0, "acme", "upper", "upper");
+    c.start_route_fn(1, "acme", "rot13", "rot13");
+    c.start_ingress(&edge, "/x", WATCHDOG);
+    c.signal_agent(1, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let clients: Vec<_> = (0..REQUESTS)
+        .map(|k| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let b = body(k, 1);
+                let t0 = Instant::now();
+                let r = dne_tests::http_post_full(http, "/x", &b);
+                let _ = tx.send((k, r.map(|(code, head, got)| (code, head, got == want(&b))), t0.elapsed()));
+            })
+        })
+        .collect();
+    // The refused ones come back while n1 is stopped.
+    let overloaded = || c.metric(0, "dne_agent_drops_total", &[("tenant", "acme"), ("reason", "overloaded")]);
+    let mut done = Vec::new();
+    let end = Instant::now() + WATCHDOG;
+    while done.len() < REQUESTS - 4 - 8 {
+        assert!(Instant::now() < end, "watchdog: {} of {REQUESTS} answered while n1 is stopped", done.len());
+        if let Ok(r) = rx.recv_timeout(Duration::from_millis(100)) {
+            done.push(r);
+        }
+    }
+    // Every call n0's agent refused is answered (and nothing else is, while
+    // n1 stays stopped).
+    dne_tests::wait_for("a 503 for each refused call", WATCHDOG, || {
+        done.extend(rx.try_iter());
+        overloaded() == Some(done.len() as f64)
+    });
+    let refused = done.len();
+    println!("{refused} of {REQUESTS} refused while n1 was stopped");
+    for (k, r, took) in &done {
+        let Some((code, head, _)) = r else { panic!("request {k}: no answer") };
+        assert_eq!(*code, 503, "request {k}");
+        assert!(head.to_ascii_lowercase().contains("retry-after:"), "request {k}: {head}");
+        assert!(*took < ROUTE_TIMEOUT / 2, "request {k}: refused after {took:?}, not at once");
+    }
+    assert!(refused < REQUESTS, "the calls n1's credits and n0's queue took wait for n1");
+    c.signal_agent(1, nix::sys::signal::Signal::SIGCONT).unwrap();
+    for _ in refused..REQUESTS {
+        let (k, r, _) = rx.recv_timeout(WATCHDOG).expect("every held request answered once n1 runs");
+        assert!(matches!(r, Some((200, _, true))), "request {k}: {:?}", r.map(|(c, _, ok)| (c, ok)));
+    }
+    for t in clients {
+        t.join().unwrap();
+    }
+}
