@@ -105,8 +105,11 @@ pub struct Stats {
     pub deaths: u64,
     /// Buffers returned to pools after deaths.
     pub reclaimed: u64,
-    /// Free buffers found without their free hint after a death (the
-    /// process died between freeing one and hinting it), hinted again.
+    /// Free buffers found without their free hint, hinted again: after a
+    /// death (its process died between freeing one and hinting it), or by
+    /// the status scan (a process of the tenant cleared hints, or stopped
+    /// between freeing and hinting). May count a few a live process was
+    /// about to hint.
     pub rehinted: u64,
     /// Control frames that failed to decode.
     pub bad_frames: u64,
@@ -407,6 +410,14 @@ impl Shimd {
         self.status_due = now + STATUS_EVERY;
         let mut free: Vec<(u16, u32)> = self.pools.iter().map(|(t, p)| (*t, p.free_buffers())).collect();
         free.sort_unstable();
+        // Free buffers nobody can find (their hints cleared by a process of
+        // the tenant, or one stopped between freeing a buffer and hinting
+        // it): hinted again.
+        for &(t, n) in &free {
+            if self.pools.get(&t).is_some_and(|p| p.free_hint() < n) {
+                self.rehint(t, "found by the status scan");
+            }
+        }
         let mut changed = free != self.status_free;
         if let Some((shared, shown)) = self.bridge.as_mut()
             && let Ok(now) = shared.lock()
@@ -715,7 +726,7 @@ impl Shimd {
                 log::info!("agent left {skipped} descriptors it had taken in the uplink; consumed them");
             }
             let n = self.pools.get(&a.tenant).map_or(0, |p| p.reclaim_held(AGENT_SLOT));
-            self.rehint(a.tenant);
+            self.rehint(a.tenant, "after a death");
             if let Some(up) = self.uplinks.get_mut(&a.tenant) {
                 up.attached = false;
             }
@@ -731,7 +742,7 @@ impl Shimd {
         if let Some(a) = c.attached {
             a.ring.close();
             let n = self.pools.get(&a.tenant).map_or(0, |p| p.reclaim(a.slot));
-            self.rehint(a.tenant);
+            self.rehint(a.tenant, "after a death");
             self.stats.deaths += 1;
             self.stats.reclaimed += u64::from(n);
             self.cooling.push((Instant::now() + RECLAIM_GRACE, a.tenant, a.slot));
@@ -746,13 +757,14 @@ impl Shimd {
         self.write_status();
     }
 
-    /// After a process of `tenant` died: hints free buffers it freed but
-    /// did not live to hint (see [`shm::Pool::repair`]).
-    fn rehint(&mut self, tenant: u16) {
+    /// Hints the free buffers of `tenant` whose hint is clear (see
+    /// [`shm::Pool::repair`]): after a death, those its process freed but
+    /// did not live to hint.
+    fn rehint(&mut self, tenant: u16, why: &str) {
         let n = self.pools.get(&tenant).map_or(0, |p| p.repair());
         if n > 0 {
             log::info!(
-                "tenant {}: {n} free buffer(s) hinted again after a death",
+                "tenant {}: {n} free buffer(s) without their free hint ({why}), hinted again",
                 self.cfg.tenants[usize::from(tenant)].name
             );
             self.stats.rehinted += u64::from(n);
@@ -846,7 +858,7 @@ impl Shimd {
                 if n > 0 {
                     log::info!("late reclaim of {n} buffers of slot {slot}");
                 }
-                self.rehint(tenant);
+                self.rehint(tenant, "after a death");
                 self.stats.reclaimed += u64::from(n);
                 self.free_slots.push(slot);
                 self.cooling.swap_remove(k);

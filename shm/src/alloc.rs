@@ -21,10 +21,13 @@
 //! swap of an owner word that reads free is right whatever happened to the
 //! buffer before.
 //!
-//! **A misbehaving process of the same tenant** can set or clear hints and
-//! take free buffers (which it could anyway); it cannot make another take a
-//! buffer that is not free, or reach outside the pool: every index is
-//! checked against the pool size, and a hint outside it is cleared.
+//! **A misbehaving process of the same tenant** can set or clear hints,
+//! take free buffers, or write any owner word (the tenant is the trust
+//! domain: it could write the buffers too); it cannot make a search reach
+//! outside the pool or run without end: every index is checked against
+//! the pool size, and a hint outside it is cleared. Hints it cleared hide
+//! free buffers until a repair, which host-shimd also runs when its status
+//! scan finds more free buffers than hints.
 //!
 //! **Search.** A taker starts at the hint word where it last found a buffer
 //! (each process has its own cursor, so processes mostly work on different
@@ -55,8 +58,8 @@ pub(crate) trait PoolCells {
     fn owner(&self, i: u32) -> &AtomicU32;
     /// This process's search cursor (a hint word index; not shared).
     fn cursor(&self) -> &AtomicU32;
-    /// A number that differs between processes (where a search goes on
-    /// from when the cursor's word is empty).
+    /// A number that differs between processes and between the threads of
+    /// one (where a search goes on from after losing a race).
     fn salt(&self) -> u32 {
         0
     }
@@ -125,24 +128,30 @@ pub(crate) fn pop(c: &impl PoolCells, owner: Owner) -> Result<u32, AllocError> {
     let wrap = |w: u32| if w < words { w } else { w - words };
     let here = c.cursor().load(Relaxed);
     let here = if here < words { here } else { 0 };
+    // The cursor moves only when the search does (it is shared by the
+    // process's threads).
+    let found = |w: u32, i: u32| {
+        if w != here {
+            c.cursor().store(w, Relaxed);
+        }
+        Ok(i)
+    };
     // From the cursor on, word by word.
     for k in 0..words {
-        match take_from(c, wrap(here + k), owner) {
-            Taken::Buffer(i) => {
-                c.cursor().store(wrap(here + k), Relaxed);
-                return Ok(i);
-            }
+        let w = wrap(here + k);
+        match take_from(c, w, owner) {
+            Taken::Buffer(i) => return found(w, i),
             Taken::Nothing => {}
             Taken::Met => {
-                // Another process took a buffer this search wanted: search
-                // again from a word that depends on this process and where
-                // it met the other, so the two part instead of moving on in
-                // step, each taking what the other wants.
-                let start = (here ^ c.salt()).wrapping_mul(0x9e37_79b9).rotate_right(13) % words;
+                // Another process (or thread) took a buffer this search
+                // wanted: search again from a word that depends on the
+                // searcher and where it met the other, so the two part
+                // instead of moving on in step, each taking what the other
+                // wants.
+                let start = (w ^ c.salt()).wrapping_mul(0x9e37_79b9).rotate_right(13) % words;
                 for j in 0..words {
                     if let Taken::Buffer(i) = take_from(c, wrap(start + j), owner) {
-                        c.cursor().store(wrap(start + j), Relaxed);
-                        return Ok(i);
+                        return found(wrap(start + j), i);
                     }
                 }
                 break;
@@ -435,7 +444,7 @@ mod tests {
 #[cfg(all(test, loom))]
 mod loom_tests {
     use super::*;
-    use crate::sync::model;
+    use crate::sync::{UnsafeCell, model};
     use loom::sync::Arc;
 
     use super::cells::Cells;
@@ -443,20 +452,30 @@ mod loom_tests {
     /// Two processes take and free concurrently, including a stale hint
     /// (one frees a buffer while the other is between seeing its hint and
     /// swapping its owner word): no buffer is ever handed out twice, none
-    /// is lost, and every free buffer ends with its hint set.
+    /// is lost, every free buffer ends with its hint set, and what a holder
+    /// wrote into a buffer is seen by the next (loom checks each payload
+    /// access for a race).
     #[test]
     fn concurrent_pop_push_is_exclusive_and_lossless() {
         model(|| {
             let c = Arc::new(Cells::new(3));
+            let payload: Arc<Vec<UnsafeCell<u32>>> = Arc::new((0..3).map(|_| UnsafeCell::new(0)).collect());
             let t: Vec<_> = (0..2u16)
                 .map(|k| {
-                    let c = c.clone();
+                    let (c, payload) = (c.clone(), payload.clone());
                     loom::thread::spawn(move || {
                         let me = Owner::Function(k);
                         let a = pop(&*c, me).unwrap();
                         assert_eq!(c.owner(a).load(Relaxed), me.to_raw());
+                        // SAFETY: buffer `a` is ours until the push.
+                        payload[a as usize].with_mut(|p| unsafe { *p = u32::from(k) + 1 });
                         push(&*c, a, Some(me)).unwrap();
-                        pop(&*c, me).unwrap()
+                        let b = pop(&*c, me).unwrap();
+                        // SAFETY: buffer `b` is ours; its last holder's
+                        // write must be visible (and not race).
+                        let seen = payload[b as usize].with(|p| unsafe { *p });
+                        assert!(seen <= 2);
+                        b
                     })
                 })
                 .collect();

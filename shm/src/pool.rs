@@ -438,9 +438,12 @@ impl Pool {
                     .map_err(|owner| MoveFail::NotOwner { index: i, owner })
             };
             if let Err(e) = moved {
-                // Give back what we moved: those buffers are still `from`'s.
+                // Give back what we moved, each only if it is still `to`'s:
+                // meanwhile `to` may have died and its buffers been freed
+                // (and taken by someone else), which a plain store would
+                // overwrite, leaving a buffer with two holders.
                 for j in self.walk(head, k) {
-                    PoolCells::owner(self, j).store(from.to_raw(), Relaxed);
+                    let _ = PoolCells::owner(self, j).compare_exchange(to.to_raw(), from.to_raw(), AcqRel, Relaxed);
                 }
                 return Err(e);
             }
@@ -627,11 +630,21 @@ impl PoolCells for Pool {
         &self.cursor
     }
     fn salt(&self) -> u32 {
-        std::process::id()
+        std::process::id() ^ THREAD_SALT.with(|s| *s)
     }
     fn words(&self) -> u32 {
         self.ptrs.words
     }
+}
+
+std::thread_local! {
+    /// A number of this thread (see [`PoolCells::salt`]).
+    static THREAD_SALT: u32 = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::thread::current().id().hash(&mut h);
+        h.finish() as u32
+    };
 }
 
 /// Where a process starts looking for free buffers: spread by process id,

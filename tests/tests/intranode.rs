@@ -544,6 +544,35 @@ fn what_a_producer_killed_mid_send_leaves_is_cleaned_up() {
     assert!(victim.try_recv().is_none());
 }
 
+/// A process of the tenant clears every free hint of the pool (or stops
+/// between freeing buffers and hinting them): the free buffers are hidden
+/// from allocation, until host-shimd's status scan (every second) finds
+/// more free buffers than hints and hints them again.
+#[test]
+fn free_buffers_whose_hints_were_cleared_are_found_again() {
+    let node = start_node("hints");
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let pool = client.pool();
+    let layout = wire::segment::PoolLayout::new(pool.geometry());
+    let free = pool.free_buffers();
+    for w in 0..layout.avail_words() {
+        let word = pool.region().atomic_u64(layout.avail_offset + 8 * u64::from(w)).unwrap();
+        word.store(0, std::sync::atomic::Ordering::SeqCst);
+    }
+    assert_eq!(pool.free_hint(), 0);
+    // More than the client's private cache holds: from the shared pool.
+    let big = 100 * 16_000;
+    assert!(client.alloc(big).is_err(), "every free buffer hidden");
+    wait_for("the hints restored", WATCHDOG, || client.pool().free_hint() == free);
+    let m = client.alloc(big).expect("allocation works again");
+    client.free(m).unwrap();
+    assert!(
+        dne_tests::cluster::json_u64(&node.status(), "rehinted").is_some_and(|n| u64::from(free) <= n),
+        "{}",
+        node.status()
+    );
+}
+
 /// A rogue process of the tenant speaks the control protocol by hand, pushes
 /// garbage descriptors straight into a victim's ring and scribbles over the
 /// ring's header: every bad descriptor is rejected and counted by reason,
