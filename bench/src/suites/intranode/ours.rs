@@ -483,13 +483,15 @@ pub(crate) fn local_costs(rounds: usize, iters: u64) -> Result<Vec<(&'static str
     let ring = Ring::create("dne-bench-local-ring", RING_CAP, TENANT, FN_B, u32::from(SLOT_B))?;
     let prod = Ring::open(ring.fd().try_clone_to_owned()?)?;
     let mut cons = ring.into_consumer();
-    let line = pool.region();
+    // A line of its own (in the pool's region every line is in use: the
+    // header, the buffer table, the hints, the buffers).
+    let line = shm::Region::create("dne-bench-local-line", 4096, PagePolicy::Normal)?;
     let mut lease = Some(pool.alloc(64, Owner::Held(SLOT_A)).map_err(|e| anyhow!("alloc: {e}"))?);
     let mut err: Option<anyhow::Error> = None;
     let mut out = [Descriptor::default(); 1];
     let mut store_load = || {
         // The floor's two operations, through the same checked accessor.
-        if let Ok(a) = line.atomic_u64(64) {
+        if let Ok(a) = line.atomic_u64(0) {
             a.store(black_box(a.load(Acquire)) + 1, Release);
         }
     };
