@@ -414,6 +414,88 @@ mod tests {
         assert_eq!(free_count(&c), 5);
     }
 
+    /// One step of [`any_sequence_keeps_the_owner_words_the_record`].
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Allocate as function `k`.
+        Pop(u16),
+        /// Free the `i`-th held buffer (modulo how many are held).
+        Push(usize),
+        /// Free it as a process killed after the owner word, before the
+        /// hint.
+        DieInPush(usize),
+        /// A misbehaving process writes a hint word.
+        Forge(u32, u64),
+        /// host-shimd's repair.
+        Repair,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0u16..3).prop_map(Op::Pop),
+            3 => any::<usize>().prop_map(Op::Push),
+            1 => any::<usize>().prop_map(Op::DieInPush),
+            1 => (0u32..3, any::<u64>()).prop_map(|(w, v)| Op::Forge(w, v)),
+            1 => Just(Op::Repair),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the sequence of allocations, frees, frees cut short
+        /// and forged hints: a buffer is handed out only when free and to
+        /// one holder at a time, the owner words count exactly the free
+        /// buffers, an allocation fails only when no free buffer is
+        /// hinted, and after a repair every free buffer is.
+        #[test]
+        fn any_sequence_keeps_the_owner_words_the_record(ops in proptest::collection::vec(op(), 1..200)) {
+            const N: u32 = 130;
+            let c = Cells::new(N);
+            let mut held: Vec<(u32, Owner)> = Vec::new();
+            let hinted_free = |c: &Cells| (0..N).any(|i| {
+                let (w, mask) = hint(i);
+                c.owner(i).load(Relaxed) == FREE && c.avail(w).load(Relaxed) & mask != 0
+            });
+            for op in ops {
+                match op {
+                    Op::Pop(k) => {
+                        let me = Owner::Function(k);
+                        let could = hinted_free(&c);
+                        match pop(&c, me) {
+                            Ok(i) => {
+                                proptest::prop_assert!(held.iter().all(|&(j, _)| j != i), "{i} handed out twice");
+                                held.push((i, me));
+                            }
+                            Err(AllocError::Exhausted) => proptest::prop_assert!(!could, "a hinted free buffer was missed"),
+                        }
+                    }
+                    Op::Push(k) | Op::DieInPush(k) if !held.is_empty() => {
+                        let (i, o) = held.swap_remove(k % held.len());
+                        if matches!(op, Op::Push(_)) {
+                            proptest::prop_assert_eq!(push(&c, i, Some(o)), Ok(()));
+                        } else {
+                            c.owner(i).store(FREE, Relaxed);
+                        }
+                    }
+                    Op::Push(_) | Op::DieInPush(_) => {}
+                    Op::Forge(w, v) => c.avail(w).store(v, Relaxed),
+                    Op::Repair => {
+                        repair(&c);
+                        let all_hinted = (0..N).all(|i| {
+                            let (w, mask) = hint(i);
+                            c.owner(i).load(Relaxed) != FREE || c.avail(w).load(Relaxed) & mask != 0
+                        });
+                        proptest::prop_assert!(all_hinted, "a free buffer without its hint after a repair");
+                    }
+                }
+                for &(i, o) in &held {
+                    proptest::prop_assert_eq!(c.owner(i).load(Relaxed), o.to_raw());
+                }
+                proptest::prop_assert_eq!(free_count(&c), N - held.len() as u32);
+            }
+        }
+    }
+
     #[test]
     fn threads_never_get_the_same_buffer() {
         let c = std::sync::Arc::new(Cells::new(130));
