@@ -102,6 +102,14 @@ pub enum FreeError {
 
 const FREE: u32 = Owner::Free.to_raw();
 
+/// The bits of hint word `w` that stand for buffers of a pool of `n`.
+fn in_pool(n: u32, w: u32) -> u64 {
+    match n - 64 * w {
+        64.. => u64::MAX,
+        valid => (1 << valid) - 1,
+    }
+}
+
 /// The hint word and bit of buffer `i`.
 fn hint(i: u32) -> (u32, u64) {
     (i / 64, 1 << (i % 64))
@@ -115,8 +123,7 @@ pub(crate) fn init(c: &impl PoolCells) {
         c.owner(i).store(FREE, Relaxed);
     }
     for w in 0..c.words() {
-        let valid = (n - 64 * w).min(64);
-        c.avail(w).store(if valid == 64 { u64::MAX } else { (1 << valid) - 1 }, Relaxed);
+        c.avail(w).store(in_pool(n, w), Relaxed);
     }
     // Whoever maps the pool afterwards gets the segment's fd from us over a
     // socket, which orders these stores before its first access.
@@ -318,13 +325,7 @@ pub(crate) fn free_count(c: &impl PoolCells) -> u32 {
 #[cfg_attr(loom, allow(dead_code))]
 pub(crate) fn hinted(c: &impl PoolCells) -> u32 {
     let n = c.count();
-    (0..c.words())
-        .map(|w| {
-            let valid = (n - 64 * w).min(64);
-            let mask = if valid == 64 { u64::MAX } else { (1 << valid) - 1 };
-            (c.avail(w).load(Relaxed) & mask).count_ones()
-        })
-        .sum()
+    (0..c.words()).map(|w| (c.avail(w).load(Relaxed) & in_pool(n, w)).count_ones()).sum()
 }
 
 #[cfg(all(test, not(loom)))]
