@@ -680,40 +680,21 @@ fn a_peer_without_credits_holds_back_only_its_own_messages() {
     }
 }
 
-/// acme with room for more calls than an agent queues for one node.
-const MANY_CALLS: &str = r#"
-[[tenant]]
-name = "acme"
-weight = 1
-buf_size = 1024
-buffers = 16384
-recv_quota = 8
-
-[[function]]
-name = "client"
-tenant = "acme"
-node = "n0"
-
-[[function]]
-name = "far"
-tenant = "acme"
-node = "n1"
-
-[[function]]
-name = "near"
-tenant = "acme"
-node = "n2"
-"#;
-
 /// A node that takes nothing (its agent stopped) holds a bounded share of
-/// a tenant's calls in another node's agent: beyond a quarter of the
-/// tenant's queue, calls for it come back to the caller as `Overloaded`,
+/// a tenant's calls in another node's agent: beyond the tenant's
+/// `node_queue` (the default, 1024), calls for it come back to the caller
+/// as `Overloaded`,
 /// and the tenant's calls to a third node still go. (Before, n0's agent
 /// stopped reading the tenant's uplink once 4096 calls waited for n1, and
 /// the tenant's calls to any node waited in the uplink behind them.)
 #[test]
 fn a_node_that_takes_nothing_holds_a_bounded_share_of_the_queue() {
-    let c = Cluster::start("internode-share", 3, MANY_CALLS);
+    // acme with room for more calls than an agent queues for one node.
+    let many = THREE_NODES.replacen("buffers = 1024\n", "buf_size = 1024\nbuffers = 16384\n", 1);
+    assert_ne!(many, THREE_NODES);
+    let c = Cluster::start("internode-share", 3, &many);
+    let share = config::Cluster::load(&c.config).unwrap().tenants[0].node_queue;
+    assert_eq!(share, 1024);
     c.wait_mesh();
     let mut client = c.attach(0, "acme", "client");
     let mut far = c.attach(1, "acme", "far");
@@ -749,7 +730,7 @@ fn a_node_that_takes_nothing_holds_a_bounded_share_of_the_queue() {
     near.free(got).unwrap();
     dne_tests::wait_for("the refused calls to come back", WATCHDOG, || {
         drain(&mut client, &mut overloaded);
-        overloaded >= N - 1024 - 8
+        overloaded >= N - share - 8
     });
     // n1 runs again: what waited for it arrives.
     c.signal_agent(1, Signal::SIGCONT).unwrap();
@@ -760,7 +741,7 @@ fn a_node_that_takes_nothing_holds_a_bounded_share_of_the_queue() {
         arrived += 1;
         drain(&mut client, &mut overloaded);
     }
-    assert!(arrived >= 1024, "n0 kept a quarter of its queue for n1: {arrived}");
+    assert!(arrived >= share, "n0 kept its node_queue for n1: {arrived}");
 }
 
 /// A tenant whose large message is stuck waiting for credits (its peer's
