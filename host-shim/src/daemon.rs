@@ -412,13 +412,15 @@ impl Shimd {
         free.sort_unstable();
         // Free buffers nobody can find (their hints cleared by a process of
         // the tenant, or one stopped between freeing a buffer and hinting
-        // it): hinted again.
+        // it): hinted again. A repair changes no free count, so it is a
+        // change of its own for the status file.
+        let rehinted = self.stats.rehinted;
         for &(t, n) in &free {
             if self.pools.get(&t).is_some_and(|p| p.free_hint() < n) {
                 self.rehint(t, "found by the status scan");
             }
         }
-        let mut changed = free != self.status_free;
+        let mut changed = free != self.status_free || self.stats.rehinted != rehinted;
         if let Some((shared, shown)) = self.bridge.as_mut()
             && let Ok(now) = shared.lock()
             && *now != *shown
