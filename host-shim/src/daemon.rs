@@ -846,6 +846,9 @@ impl Shimd {
         }
         self.stats.orphans += orphans;
         self.stats.voids += voids;
+        if orphans + voids > 0 {
+            self.write_status();
+        }
     }
 
     fn cool_down(&mut self) {

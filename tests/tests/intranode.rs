@@ -542,6 +542,10 @@ fn what_a_producer_killed_mid_send_leaves_is_cleaned_up() {
     assert_eq!(victim.rejected().get("void"), Some(&1), "{:?}", victim.rejected());
     wait_for("the orphaned buffer freed", WATCHDOG, || pool.owner(lost) == Ok(wire::Owner::Free));
     assert!(victim.try_recv().is_none());
+    wait_for("the void and the orphan in the status file", WATCHDOG, || {
+        let s = node.status();
+        dne_tests::cluster::json_u64(&s, "voids") == Some(1) && dne_tests::cluster::json_u64(&s, "orphans") == Some(1)
+    });
 }
 
 /// A process of the tenant clears every free hint of the pool (or stops
