@@ -78,6 +78,9 @@ struct Channel {
     /// What each tenant's pool must look like (from the cluster file).
     geometry: Vec<PoolGeometry>,
     inbox: Vec<VecDeque<Msg>>,
+    /// Per tenant: what the host handed back undelivered
+    /// ([`MessageHdr::RETURNED`]).
+    returned: Vec<VecDeque<Msg>>,
     stock: Vec<Vec<Lease>>,
     target: Vec<u32>,
     asked: Vec<u32>,
@@ -170,12 +173,17 @@ impl Channel {
         n
     }
 
+    /// Whether tenant `t` has messages from the host waiting.
+    fn waiting(&self, t: usize) -> bool {
+        !self.inbox[t].is_empty() || !self.returned[t].is_empty()
+    }
+
     /// Wakes every sleeping tenant that has a message waiting (or whose
     /// host went away): the frames for every tenant arrive on the one
     /// connection, so one tenant's pump can fill another's inbox.
     fn kick_sleepers(&mut self) {
         for t in 0..self.sleeping.len() {
-            if self.sleeping[t] && (self.lost || !self.inbox[t].is_empty()) {
+            if self.sleeping[t] && (self.lost || self.waiting(t)) {
                 self.sleeping[t] = false;
                 if let Some(fd) = &self.kick[t] {
                     if let Err(e) = rustix::io::write(fd, &1u64.to_ne_bytes()) {
@@ -207,11 +215,13 @@ impl Channel {
                 let Some(pool) = self.pools.get(t).and_then(|p| p.clone()) else {
                     return self.refuse(t, Refusal::UnknownTenant);
                 };
-                if h.flags != 0 {
-                    return self.refuse(t, Refusal::UnexpectedFrame);
-                }
+                let inbox = match h.flags {
+                    0 => &mut self.inbox[t],
+                    MessageHdr::RETURNED => &mut self.returned[t],
+                    _ => return self.refuse(t, Refusal::UnexpectedFrame),
+                };
                 match pool.adopt(list.iter(), h.desc.len, Owner::Agent) {
-                    Some(lease) => self.inbox[t].push_back(Msg::from_parts(lease, h.desc)),
+                    Some(lease) => inbox.push_back(Msg::from_parts(lease, h.desc)),
                     None => self.refuse(t, Refusal::BadChain),
                 }
             }
@@ -325,7 +335,8 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
         geometry.push(g);
     }
     let max_chain = cfg.tenants.iter().map(|t| t.max_chain).max().unwrap_or(64) as usize;
-    let inbox = geometry.iter().map(|g| VecDeque::with_capacity(g.buf_count() as usize)).collect();
+    let deques = || geometry.iter().map(|g| VecDeque::with_capacity(g.buf_count() as usize)).collect();
+    let (inbox, returned) = (deques(), deques());
     let ch = Channel {
         pe,
         server,
@@ -336,6 +347,7 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
         pools: vec![None; nt],
         geometry,
         inbox,
+        returned,
         stock: target.iter().map(|&n| Vec::with_capacity(n as usize)).collect(),
         asked: vec![0; nt],
         returning: (0..nt).map(|_| Vec::with_capacity(1024)).collect(),
@@ -374,6 +386,7 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
             c.conn = None;
             c.pools.iter_mut().for_each(|p| *p = None);
             c.inbox.iter_mut().for_each(VecDeque::clear);
+            c.returned.iter_mut().for_each(VecDeque::clear);
             continue;
         }
         if c.pools.iter().all(Option::is_some) {
@@ -431,6 +444,9 @@ impl HostLink for DpuLink {
         }
         c.inbox[self.t].pop_front()
     }
+    fn take_returned(&mut self) -> Option<Msg> {
+        self.lock().returned[self.t].pop_front()
+    }
     fn progress(&mut self) {
         self.lock().pump_due();
     }
@@ -469,7 +485,7 @@ impl HostLink for DpuLink {
             log::warn!("host link: clearing and arming the comch notification: {e}");
         }
         c.pump();
-        let idle = c.inbox[self.t].is_empty() && c.out.is_empty() && !c.lost;
+        let idle = !c.waiting(self.t) && c.out.is_empty() && !c.lost;
         c.sleeping[self.t] = idle;
         idle
     }

@@ -272,6 +272,10 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     /// bridge found no instance) goes there: its sender may run on several
     /// nodes.
     arrived: Vec<Vec<u16>>,
+    /// Per tenant and buffer index: the caller's node a call marked
+    /// ELSEWHERE goes back to (see [`Engine::undeliverable`]), noted while
+    /// a host link rewrites its headers ([`NO_NODE`]: none).
+    back_to: Vec<Vec<u16>>,
     /// Tenant of each function id.
     fn_tenant: Vec<u16>,
     /// Per tenant: uplink rejections by reason, as the host link last
@@ -357,6 +361,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             fn_nodes: cfg.functions.iter().map(|f| cfg.function_nodes(f)).collect(),
             fn_next: vec![0; cfg.functions.len()],
             arrived: ids.iter().map(|&id| vec![NO_NODE; cfg.tenants[usize::from(id)].buffers as usize]).collect(),
+            back_to: ids.iter().map(|&id| vec![NO_NODE; cfg.tenants[usize::from(id)].buffers as usize]).collect(),
             fn_tenant: cfg.functions.iter().map(|f| cfg.tenant_id(&f.tenant).unwrap_or(u16::MAX)).collect(),
             rejected_seen: vec![Vec::new(); ids.len()],
             fabric_nodes,
@@ -669,6 +674,12 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 self.tally[t].uplink_msgs += 1;
                 self.route(t, msg, now);
             }
+            for _ in 0..self.set.batch {
+                let Some(msg) = self.link(t).take_returned() else { break };
+                n += 1;
+                let from = self.arrived[t].get(msg.desc().buf as usize).copied();
+                self.undeliverable(t, msg, from);
+            }
         }
         n
     }
@@ -685,6 +696,10 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             d.origin
         } else if let Some(n) = self.error_back(t, &d) {
             n
+        } else if let Some(n) = self.take_back_to(t, &d) {
+            // Back to its caller's node (not held to the node's share: at
+            // most one per call that node sent here).
+            return self.tenants[t].sends.push(Out { msg, peer: n, since: now });
         } else {
             let f = usize::from(d.dst_fn);
             if f >= self.fn_nodes.len() {
@@ -784,12 +799,17 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             return self.drop_msg(t, msg, Why::BadOrigin);
         }
         let f = usize::from(d.dst_fn);
-        let ours = self.runs_here(f) && self.fn_tenant[f] == self.ids[t];
-        if !ours {
+        if self.fn_tenant.get(f) != Some(&self.ids[t]) {
             return self.drop_msg(t, msg, Why::UnknownFunction);
         }
         if let Some(a) = self.arrived[t].get_mut(d.buf as usize) {
             *a = from.unwrap_or(NO_NODE);
+        }
+        // A function that does not run here: a call back at its caller's
+        // node (see `undeliverable`). A link over an imported pool does not
+        // know the descriptor whole: its host hands it back.
+        if !self.runs_here(f) && matches!(self.link(t).view(), fabric::PoolView::Local(_)) {
+            return self.undeliverable(t, msg, from);
         }
         let len = u64::from(msg.len());
         let cfg = self.cfg.clone();
@@ -801,19 +821,97 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             }
             Err(e) => match (e.kind, e.msg) {
                 (SendErrorKind::Full, Some(msg)) => self.tenants[t].backlog.push_back((msg, from)),
-                (_, Some(mut msg)) if d.may_go_elsewhere() && self.fn_nodes[f].len() > 1 => {
-                    // No live instance here: another node of the function
-                    // takes it (from the ingress; at most once).
-                    msg.desc_mut().flags |= DescFlags::ELSEWHERE;
-                    self.route(t, msg, Instant::now());
-                }
-                (_, Some(msg)) if d.flags & DescFlags::ERROR == 0 => {
-                    self.bounce_from(t, msg, ErrorCode::PeerDied, Why::NoInstance, from)
-                }
-                (_, Some(msg)) => self.drop_msg(t, msg, Why::NoInstance),
+                (_, Some(msg)) => self.undeliverable(t, msg, from),
                 (_, None) => self.metrics.tenants[self.gid(t)].drop(Why::NoInstance),
             },
         }
+    }
+
+    /// A message no live instance of its function on this node took (the
+    /// host link's delivery failed, or in DPU mode the host handed it
+    /// back), or one for a function that does not run here. `from`: the
+    /// node it came from over the fabric. A call not sent on for this
+    /// reason before goes to another node of its function, once
+    /// ([`DescFlags::ELSEWHERE`]): a call of an ingress, or of a function
+    /// on this node, straight there (an error about it goes to the
+    /// ingress, or comes back here); a call of a function on another node
+    /// back to that node first (where an error about it must go: its
+    /// caller may run on several nodes), which sends it to a node of the
+    /// function other than this one. Anything else goes back to its
+    /// caller as `PeerDied`; an error is dropped.
+    fn undeliverable(&mut self, t: usize, mut msg: Msg, from: Option<u16>) {
+        let d = *msg.desc();
+        let f = usize::from(d.dst_fn);
+        let call = d.flags & (DescFlags::ERROR | DescFlags::REPLY) == 0;
+        let from = from.filter(|&n| n < self.fabric_nodes && n != self.set.node);
+        let from_function = d.origin == NO_NODE;
+        if !self.runs_here(f) {
+            if f >= self.fn_nodes.len() || !(call && from_function && d.flags & DescFlags::ELSEWHERE != 0) {
+                return self.drop_msg(t, msg, Why::UnknownFunction);
+            }
+            // Back at its caller's node: to another node of the function
+            // (none: the caller hears so).
+            return match self.other_node(t, f, from) {
+                Some(n) => self.tenants[t].sends.push(Out { msg, peer: n, since: Instant::now() }),
+                None => self.bounce_from(t, msg, ErrorCode::PeerDied, Why::NoInstance, None),
+            };
+        }
+        if !call {
+            // Its caller is gone.
+            return self.drop_msg(t, msg, Why::NoInstance);
+        }
+        let back = match from {
+            Some(c) if from_function => Some(c),
+            _ => None,
+        };
+        let onward = match back {
+            Some(c) => self.fn_nodes[f].iter().any(|&n| n != c && n != self.set.node),
+            None => self.fn_nodes[f].len() > 1,
+        };
+        if !(d.may_go_elsewhere() && onward) {
+            return self.bounce_from(t, msg, ErrorCode::PeerDied, Why::NoInstance, from);
+        }
+        msg.desc_mut().flags |= DescFlags::ELSEWHERE;
+        if let Some(c) = back {
+            self.metrics.tenants[self.gid(t)].elsewhere.inc();
+            if let Some(b) = self.back_to[t].get_mut(d.buf as usize) {
+                *b = c;
+            }
+        }
+        // Its headers rewritten (at once, or, over an imported pool, when
+        // the host hands it back through the uplink): routed.
+        if let Some(msg) = self.link(t).restamp(msg) {
+            self.route(t, msg, Instant::now());
+        }
+    }
+
+    /// The caller's node noted for a call marked ELSEWHERE (see
+    /// [`Engine::back_to`]), cleared.
+    fn take_back_to(&mut self, t: usize, d: &Descriptor) -> Option<u16> {
+        if d.flags & DescFlags::ELSEWHERE == 0 {
+            return None;
+        }
+        let b = self.back_to.get_mut(t)?.get_mut(d.buf as usize)?;
+        let n = std::mem::replace(b, NO_NODE);
+        (n != NO_NODE).then_some(n)
+    }
+
+    /// A node of function `f` other than this one and `not` to send a
+    /// call of tenant `t` to: one that can take it now, else one that is
+    /// up, else any (the call waits for it, or goes back as unreachable).
+    fn other_node(&mut self, t: usize, f: usize, not: Option<u16>) -> Option<u16> {
+        let here = self.set.node;
+        let k = self.fn_nodes[f].len();
+        let start = self.fn_next[f];
+        let order = (0..k).map(|j| self.fn_nodes[f][(start + j) % k]).filter(|&n| n != here && Some(n) != not);
+        let t16 = t as u16;
+        let pick = order
+            .clone()
+            .find(|&n| self.port.can_send(t16, n))
+            .or_else(|| order.clone().find(|&n| self.port.is_up(t16, n)))
+            .or_else(|| order.clone().next());
+        self.fn_next[f] = (start + 1) % k.max(1);
+        pick
     }
 
     fn redeliver(&mut self) -> usize {
@@ -1080,6 +1178,77 @@ mod tests {
         assert!(taken > 0);
         assert_eq!(delivered, taken, "delivered to `both` here");
         assert_eq!(e.tenants[0].sends.len(), 0, "nothing waits to go to n1");
+    }
+
+    /// Functions beyond lone_engine's: `g` on n1 and n2, `both` on n0 and
+    /// n2 (ids 3 and 4 of a three-node engine).
+    const G_BOTH: &str = "[[function]]\nname = \"g\"\ntenant = \"t\"\nnodes = [\"n1\", \"n2\"]\n\n\
+                          [[function]]\nname = \"both\"\ntenant = \"t\"\nnodes = [\"n0\", \"n2\"]\n";
+
+    /// A message from the engine's uplink with descriptor `d` (buffer and
+    /// length its own).
+    fn message(e: &mut Engine<fabric::NullTransport, NullLink>, d: wire::Descriptor) -> host_shim::Msg {
+        *e.link(0).template() = d;
+        crate::hostlink::HostLink::take(e.link(0)).unwrap()
+    }
+
+    /// What waits to go to node `peer`: (flags, status) of each message.
+    fn waiting(e: &Engine<fabric::NullTransport, NullLink>, peer: u16) -> Vec<(u16, u8)> {
+        e.tenants[0].sends.by_peer[usize::from(peer)]
+            .iter()
+            .map(|o| (o.msg.desc().flags, o.msg.desc().status))
+            .collect()
+    }
+
+    /// A call of a function on n0 that reached a node of `g` without a live
+    /// instance comes back to n0 marked ELSEWHERE: n0 sends it to the other
+    /// node of `g`, not the one it came back from. Anything else for a
+    /// function that does not run here is dropped.
+    #[test]
+    fn a_call_back_at_its_callers_node_goes_to_another_node_of_its_function() {
+        use wire::{DescFlags, Descriptor, desc::NO_NODE};
+        let mut e = lone_engine_with(3, G_BOTH);
+        let back = Descriptor { dst_fn: 3, flags: DescFlags::ELSEWHERE, origin: NO_NODE, ..Descriptor::default() };
+        for (from, to) in [(1, 2), (2, 1)] {
+            let m = message(&mut e, back);
+            e.deliver(0, m, Some(from));
+            assert_eq!(waiting(&e, to), [(DescFlags::ELSEWHERE, 0)], "back from n{from}");
+        }
+        assert!(waiting(&e, 1).len() + waiting(&e, 2).len() == 2, "nothing else queued");
+        for d in [Descriptor { flags: 0, ..back }, Descriptor { origin: 1, ..back }] {
+            let m = message(&mut e, d);
+            e.deliver(0, m, Some(1));
+        }
+        assert_eq!(e.metrics.tenants[0].drops(Why::UnknownFunction), 2, "not sent on, and not from a function");
+        assert_eq!(e.tenants[0].sends.len(), 2);
+    }
+
+    /// A call `both` (on n0 and n2) finds no live instance of on n0: from a
+    /// function on n1 it goes back to n1 marked ELSEWHERE; from an ingress
+    /// it goes to n2; from a function on n2 (the other node of `both`) it
+    /// has nowhere else to go, and marked ELSEWHERE already it may go
+    /// nowhere: both go back as `PeerDied` (here, with no link up, the
+    /// error is dropped and counted).
+    #[test]
+    fn a_call_without_a_live_instance_here_goes_on_once() {
+        use wire::{DescFlags, Descriptor, desc::NO_NODE};
+        let mut e = lone_engine_with(3, G_BOTH);
+        let call = Descriptor { dst_fn: 4, src_fn: 1, origin: NO_NODE, ..Descriptor::default() };
+        let m = message(&mut e, call);
+        e.undeliverable(0, m, Some(1));
+        assert_eq!(waiting(&e, 1), [(DescFlags::ELSEWHERE, 0)], "back to the caller's node");
+        assert_eq!(e.metrics.tenants[0].elsewhere.get(), 1);
+        let m = message(&mut e, Descriptor { origin: 1, ..call });
+        e.undeliverable(0, m, Some(1));
+        assert_eq!(e.tenants[0].sends.len(), 2, "an ingress's call waits for n2 (in the queue of `both`)");
+        assert_eq!(e.metrics.tenants[0].elsewhere.get(), 2);
+        for (d, from) in [(call, 2), (Descriptor { flags: DescFlags::ELSEWHERE, ..call }, 1)] {
+            let m = message(&mut e, d);
+            e.undeliverable(0, m, Some(from));
+        }
+        assert_eq!(e.metrics.tenants[0].drops(Why::NoInstance), 2, "both went back as errors");
+        assert_eq!(e.tenants[0].sends.len(), 2);
+        assert_eq!(e.metrics.tenants[0].elsewhere.get(), 2);
     }
 
     /// Replies wait for their node beyond that share (an error in their

@@ -28,11 +28,19 @@ pub trait HostLink {
     /// The next descriptor a function sent to the agent, validated and
     /// accepted (now held by the agent), if any.
     fn take(&mut self) -> Option<Msg>;
+    /// The next message this link delivered that its host handed back
+    /// undelivered, no live instance having taken it (a link that learns
+    /// that at once, from [`deliver`](Self::deliver), has none). Its
+    /// descriptor is whole, as the message's header has it.
+    fn take_returned(&mut self) -> Option<Msg> {
+        None
+    }
     /// Hands `msg` to function `to` (cluster function id `dst`, which is
     /// also `msg.desc().dst_fn`). On failure the message comes back in the
     /// error (a full ring: try again later).
     fn deliver(&mut self, msg: Msg, dst: u16, to: &str) -> Result<(), SendError>;
-    /// The engine changed `msg`'s descriptor (an error going back) and is
+    /// The engine changed `msg`'s descriptor (an error going back, a call
+    /// marked to go to another node) and is
     /// about to send it over the fabric. A link whose pool the fabric port
     /// writes headers into gives it back at once (`Some`); a link over an
     /// imported pool takes it, has the host rewrite the headers, and hands

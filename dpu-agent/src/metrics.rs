@@ -120,8 +120,10 @@ pub struct TenantMetrics {
     pub recvs_posted: Gauge,
     /// Seconds from taking a message off the uplink to its send completing.
     pub latency: Latency,
-    /// Calls for a function of this node sent to another of its nodes
-    /// instead, because none of its instances here is alive.
+    /// Calls for a function of this node sent on, because none of its
+    /// instances here is alive: to another of its nodes, or (a call of a
+    /// function on another node) back to the caller's node, which sends
+    /// it to another.
     pub elsewhere: Counter,
     drops: Vec<Counter>,
 }
@@ -382,7 +384,7 @@ impl Metrics {
         registry.register("drops", "Messages dropped or returned as errors, by reason", drops);
         registry.register(
             "elsewhere",
-            "Calls for a function of this node sent to another of its nodes: no live instance here",
+            "Calls for a function of this node sent on (to another of its nodes, or back to the caller's node to go to one): no live instance here",
             away,
         );
         registry.register("send_latency_seconds", "From the uplink to the send completion", lat);

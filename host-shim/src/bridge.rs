@@ -29,10 +29,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use wire::ctrl::{BufList, CtrlMsg, LendRecv, MAX_LEND, MessageHdr, PoolExport};
-use wire::desc::{NO_NODE, frag_len};
+use wire::desc::frag_len;
 use wire::fabric::{FabricHeader, HEADER_OFFSET, MsgKind};
 use wire::segment::Owner;
-use wire::{DescFlags, Descriptor, ErrorCode};
+use wire::{DescFlags, Descriptor};
 use zerocopy::IntoBytes;
 
 /// Messages taken from one uplink ring per pass.
@@ -62,11 +62,9 @@ pub struct BridgeStats {
     /// Frames or buffers from the agent refused (bad frame, a buffer it
     /// does not hold, a header that disagrees).
     pub refused: u64,
-    /// Messages returned to their sender as errors (no instance).
-    pub bounced: u64,
-    /// Calls with no local instance handed back to the agent to go to
-    /// another node of their function.
-    pub elsewhere: u64,
+    /// Calls no live local instance took, handed back to the agent
+    /// (which sends them to another node or back as errors).
+    pub handed_back: u64,
     /// Connections to the agent so far.
     pub connects: u64,
     /// Buffers freed because the agent that held them went away.
@@ -208,7 +206,7 @@ impl Bridge {
             for t in 0..self.tenants.len() {
                 for _ in 0..BATCH {
                     let Some(msg) = self.tenants[t].link.try_recv() else { break };
-                    self.hand_to_agent(t, msg);
+                    self.hand_to_agent(t, msg, 0);
                     work += 1;
                 }
                 work += self.lend(t);
@@ -320,8 +318,9 @@ impl Bridge {
         }
     }
 
-    /// A function's message for another node: headers, hand-over, frame.
-    fn hand_to_agent(&mut self, t: usize, msg: Msg) {
+    /// A function's message for another node (or one handed back, see
+    /// [`MessageHdr`]'s `flags`): headers, hand-over, frame.
+    fn hand_to_agent(&mut self, t: usize, msg: Msg, flags: u16) {
         let (lease, desc) = msg.into_parts();
         let pool = self.tenants[t].link.pool();
         let cap = pool.geometry().payload_cap();
@@ -336,7 +335,7 @@ impl Bridge {
         }
         match pool.hand_over(lease, Owner::Agent) {
             Ok((head, len)) => {
-                let hdr = MessageHdr { desc: Descriptor { buf: head, len, ..desc }, flags: 0, count };
+                let hdr = MessageHdr { desc: Descriptor { buf: head, len, ..desc }, flags, count };
                 let list = std::mem::take(&mut self.scratch);
                 self.push(CtrlMsg::Message(hdr, BufList::from_indices(&list)));
                 self.scratch = list;
@@ -432,7 +431,7 @@ impl Bridge {
         };
         let msg = Msg::from_parts(lease, Descriptor { buf: h.desc.buf, ..desc });
         if h.flags & MessageHdr::RESTAMP != 0 {
-            self.hand_to_agent(t, msg);
+            self.hand_to_agent(t, msg, 0);
         } else {
             self.deliver(t, msg);
         }
@@ -463,32 +462,19 @@ impl Bridge {
         k.saturating_sub(self.tenants[t].backlog.len())
     }
 
-    /// No local instance: a call from the ingress to a function with other
-    /// nodes goes back to the agent to go to one of them (once); anything
-    /// else goes back as an error, to the ingress that waits for it or to
-    /// its sender, through the agent.
-    fn bounce(&mut self, t: usize, mut msg: Msg) {
-        let d = *msg.desc();
-        if d.flags & DescFlags::ERROR != 0 {
+    /// No live local instance: an error (its caller gone) is dropped; a
+    /// call goes back to the agent as it is, marked
+    /// [`MessageHdr::RETURNED`], and the agent decides where it goes (the
+    /// same way as for a delivery that fails on a host it shares memory
+    /// with): to another node of its function, to its caller's node, or
+    /// back as an error.
+    fn bounce(&mut self, t: usize, msg: Msg) {
+        if msg.desc().flags & DescFlags::ERROR != 0 {
             let (lease, _) = msg.into_parts();
             return self.free(t, lease);
         }
-        let nodes = self.cfg.functions.get(usize::from(d.dst_fn)).map_or(0, |f| self.cfg.function_nodes(f).len());
-        if d.may_go_elsewhere() && nodes > 1 {
-            self.stats.elsewhere += 1;
-            msg.desc_mut().flags |= DescFlags::ELSEWHERE;
-            return self.hand_to_agent(t, msg);
-        }
-        self.stats.bounced += 1;
-        let dm = msg.desc_mut();
-        dm.flags |= DescFlags::ERROR;
-        dm.status = ErrorCode::PeerDied as u8;
-        if d.origin != NO_NODE {
-            dm.flags |= DescFlags::REPLY;
-        } else {
-            dm.dst_fn = d.src_fn;
-        }
-        self.hand_to_agent(t, msg);
+        self.stats.handed_back += 1;
+        self.hand_to_agent(t, msg, MessageHdr::RETURNED);
     }
 
     /// Lends receive buffers the agent asked for, as far as the pool has

@@ -901,15 +901,14 @@ impl Shimd {
             Some((shared, _)) => {
                 let b = shared.lock().map(|b| *b).unwrap_or_default();
                 format!(
-                    ",\"bridge\":{{\"up\":{},\"connects\":{},\"to_agent\":{},\"delivered\":{},\"lent\":{},\"returned\":{},\"bounced\":{},\"elsewhere\":{},\"refused\":{},\"reclaimed\":{}}}",
+                    ",\"bridge\":{{\"up\":{},\"connects\":{},\"to_agent\":{},\"delivered\":{},\"lent\":{},\"returned\":{},\"handed_back\":{},\"refused\":{},\"reclaimed\":{}}}",
                     b.up,
                     b.connects,
                     b.to_agent,
                     b.delivered,
                     b.lent,
                     b.returned,
-                    b.bounced,
-                    b.elsewhere,
+                    b.handed_back,
                     b.refused,
                     b.reclaimed
                 )

@@ -1197,6 +1197,68 @@ fn local_instances_gone(mode: &'static str) {
     }
 }
 
+#[test]
+fn calls_reaching_a_node_without_an_instance_go_back_to_the_caller_node_and_on() {
+    calls_elsewhere("emulated");
+}
+
+#[test]
+fn dpu_mode_calls_reaching_a_node_without_an_instance_go_back_to_the_caller_node_and_on() {
+    calls_elsewhere("dpu");
+}
+
+/// `far` runs on n1 and n2, with an instance on n2 only, and its caller is
+/// on n0. n0's agent binds each call to n1 or n2; one that reaches n1
+/// goes back to n0 (where an error about it must go: the caller could run
+/// on several nodes) and from there to n2: every call is answered, none
+/// fails. Once n2's instance is gone too, every call comes back to the
+/// caller once, as `PeerDied` (sent on at most once, never lost).
+fn calls_elsewhere(mode: &'static str) {
+    let mut c =
+        Cluster::start_mode(&format!("fn-elsewhere-{mode}"), 3, mode, &client_sink_cluster("far", r#"["n1", "n2"]"#));
+    let far = c.start_fn(2, "acme", "far", "upper", Some("sink"));
+    c.wait_mesh();
+    let mut client = c.attach(0, "acme", "client");
+    let mut sink = c.attach(0, "acme", "sink");
+    let call = |client: &mut Function, k: u32| {
+        let mut m = client.alloc(9).unwrap();
+        client.write(&mut m, format!("call {k:04}").as_bytes()).unwrap();
+        m.set_request(k);
+        client.send(m, "far").map_err(|e| e.kind).expect("n0's agent takes calls to far");
+    };
+    const N: u32 = 40;
+    for k in 0..N {
+        call(&mut client, k);
+        let mut answer = None;
+        dne_tests::wait_for("n2's far to answer", WATCHDOG, || {
+            if let Some(e) = client.try_recv() {
+                panic!("call {} came back: {:?}", e.request(), e.desc());
+            }
+            answer = sink.recv_timeout(Some(Duration::from_millis(1))).unwrap();
+            answer.is_some()
+        });
+        let m = answer.unwrap();
+        assert_eq!((m.request(), sink.read_to_vec(&m)), (k, format!("CALL {k:04}").into_bytes()));
+        sink.free(m).unwrap();
+    }
+    let back = c.metric(1, "dne_agent_elsewhere_total", &[("tenant", "acme")]).unwrap_or(0.0);
+    assert!(back > 0.0, "n1's agent counts the calls it sent back to n0: {back}");
+    c.fns[far].kill9();
+    dne_tests::wait_for("n2's host-shimd to see far die", WATCHDOG, || {
+        dne_tests::cluster::json_u64(&c.shimd_status(2), "deaths") == Some(1)
+    });
+    for k in 1000..1000 + N {
+        call(&mut client, k);
+        let e = client.recv_timeout(Some(WATCHDOG)).unwrap().expect("the call comes back");
+        assert_ne!(e.desc().flags & DescFlags::ERROR, 0, "{:?}", e.desc());
+        assert_eq!((e.request(), ErrorCode::from_u8(e.desc().status)), (k, Some(ErrorCode::PeerDied)));
+        client.free(e).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(client.try_recv().is_none(), "each call came back once");
+    assert!(sink.try_recv().is_none());
+}
+
 const EDGE_QUEUE_CLUSTER: &str = r#"
 [[tenant]]
 name = "acme"

@@ -407,13 +407,15 @@ impl Peer {
 /// immediate, length) and host-shimd takes the rest from the header in the
 /// first buffer; with [`MessageHdr::RESTAMP`] the agent changed `desc`
 /// (an error travelling back over the fabric): host-shimd writes the
-/// headers again and hands the message back.
+/// headers again and hands the message back. Host to agent with
+/// [`MessageHdr::RETURNED`]: a message the agent delivered that found no
+/// live instance here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct MessageHdr {
     /// The message.
     pub desc: crate::Descriptor,
-    /// `FROM_FABRIC`, `RESTAMP`.
+    /// `FROM_FABRIC`, `RESTAMP`, `RETURNED`.
     pub flags: u16,
     /// Indices that follow (the chain's length).
     pub count: u16,
@@ -425,8 +427,13 @@ impl MessageHdr {
     pub const FROM_FABRIC: u16 = 1 << 0;
     /// Write the fabric headers again and send it back.
     pub const RESTAMP: u16 = 1 << 1;
+    /// Host to agent: a call the agent handed over for a local function
+    /// that no live instance of it took, handed back with its descriptor
+    /// as its header has it; the agent decides where it goes (another
+    /// node of the function, the caller's node, or back as an error).
+    pub const RETURNED: u16 = 1 << 2;
     /// Every defined bit.
-    pub const FLAGS_ALL: u16 = Self::FROM_FABRIC | Self::RESTAMP;
+    pub const FLAGS_ALL: u16 = Self::FROM_FABRIC | Self::RESTAMP | Self::RETURNED;
 }
 
 /// Buffer indices carried by a [`LendRecv`], borrowed from the frame.

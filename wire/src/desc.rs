@@ -65,10 +65,14 @@ impl DescFlags {
     /// is on its way to another node of the function: set by the sender's
     /// shim when the destination runs on the sender's node but has no live
     /// instance there (see [`Peer::STANDIN`](crate::ctrl::Peer::STANDIN)),
-    /// or by the node it reached (see [`Descriptor::may_go_elsewhere`]). A
-    /// call so marked is sent on no further; a function that forwards it
-    /// starts a new hop, and its shim clears the flag. The receiving
-    /// function may see it set; it means nothing there.
+    /// or by the agent of the node it reached. From there a call of an
+    /// ingress (`origin`) goes straight to another node of the function,
+    /// and a call of a function goes back to its caller's node first (the
+    /// node an error about it goes to), which sends it to another. A call
+    /// so marked that finds no live instance again comes back as an
+    /// error; a function that forwards it starts a new hop, and its shim
+    /// clears the flag. The receiving function may see it set; it means
+    /// nothing there.
     pub const ELSEWHERE: u16 = 1 << 2;
     /// Every defined bit.
     pub const ALL: u16 = Self::ERROR | Self::REPLY | Self::ELSEWHERE;
@@ -327,11 +331,9 @@ impl Descriptor {
     /// Whether this call, having found no live instance of its destination
     /// on the node it reached, may go on to another node of the function
     /// (marked [`DescFlags::ELSEWHERE`]): a call, not a reply or an error,
-    /// not sent on for this reason before (so it goes at most once), from
-    /// an ingress (`origin`), to which an error goes straight back from
-    /// wherever the call ends.
+    /// not sent on for this reason before (so it goes at most once more).
     pub fn may_go_elsewhere(&self) -> bool {
-        self.flags & (DescFlags::ERROR | DescFlags::REPLY | DescFlags::ELSEWHERE) == 0 && self.origin != NO_NODE
+        self.flags & (DescFlags::ERROR | DescFlags::REPLY | DescFlags::ELSEWHERE) == 0
     }
 
     /// A void descriptor of `tenant`: every receiver drops it, counted as
@@ -404,12 +406,12 @@ mod tests {
     }
 
     #[test]
-    fn only_an_ingress_call_not_sent_on_before_may_go_elsewhere() {
-        let call = Descriptor { origin: 2, ..good() };
-        assert!(call.may_go_elsewhere());
-        assert!(!good().may_go_elsewhere(), "no ingress to send an error to");
-        for f in [DescFlags::ERROR, DescFlags::REPLY, DescFlags::ELSEWHERE] {
-            assert!(!Descriptor { flags: f, ..call }.may_go_elsewhere(), "flags {f:#x}");
+    fn only_a_call_not_sent_on_before_may_go_elsewhere() {
+        for call in [Descriptor { origin: 2, ..good() }, good()] {
+            assert!(call.may_go_elsewhere(), "from an ingress or a function: {call:?}");
+            for f in [DescFlags::ERROR, DescFlags::REPLY, DescFlags::ELSEWHERE] {
+                assert!(!Descriptor { flags: f, ..call }.may_go_elsewhere(), "flags {f:#x}");
+            }
         }
     }
 
