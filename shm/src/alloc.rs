@@ -129,74 +129,81 @@ pub(crate) fn init(c: &impl PoolCells) {
     // socket, which orders these stores before its first access.
 }
 
-/// Takes one free buffer and records `owner` as its owner.
+/// Takes one free buffer and records `owner` as its owner (the models and
+/// tests take buffers one by one; the pool takes them with [`pop_n`]).
+#[cfg(any(test, loom))]
 pub(crate) fn pop(c: &impl PoolCells, owner: Owner) -> Result<u32, AllocError> {
+    let mut got = NIL;
+    match pop_n(c, 1, owner, &mut |i| got = i) {
+        0 => Err(AllocError::Exhausted),
+        _ => Ok(got),
+    }
+}
+
+/// Takes up to `want` free buffers in one search of the pool, records
+/// `owner` as their owner and hands each to `took`; returns how many. The
+/// buffers taken from one hint word have their hints cleared together.
+pub(crate) fn pop_n(c: &impl PoolCells, want: u32, owner: Owner, took: &mut impl FnMut(u32)) -> u32 {
     let words = c.words();
     let wrap = |w: u32| if w < words { w } else { w - words };
     let here = c.cursor().load(Relaxed);
     let here = if here < words { here } else { 0 };
+    let (mut got, mut last) = (0, here);
+    let (mut start, mut parted, mut k) = (here, false, 0);
+    // From the cursor on, word by word.
+    while k < words && got < want {
+        let w = wrap(start + k);
+        let (n, met) = take_from(c, w, owner, want - got, took);
+        got += n;
+        if n > 0 {
+            last = w;
+        } else if met && !parted {
+            // Another process (or thread) took the buffers this search
+            // wanted: search again, once, from a word that depends on the
+            // searcher and where it met the other, so the two part instead
+            // of moving on in step, each taking what the other wants.
+            parted = true;
+            (start, k) = ((w ^ c.salt()).wrapping_mul(0x9e37_79b9).rotate_right(13) % words, 0);
+            continue;
+        }
+        k += 1;
+    }
     // The cursor moves only when the search does (it is shared by the
     // process's threads).
-    let found = |w: u32, i: u32| {
-        if w != here {
-            c.cursor().store(w, Relaxed);
-        }
-        Ok(i)
-    };
-    // From the cursor on, word by word.
-    for k in 0..words {
-        let w = wrap(here + k);
-        match take_from(c, w, owner) {
-            Taken::Buffer(i) => return found(w, i),
-            Taken::Nothing => {}
-            Taken::Met => {
-                // Another process (or thread) took a buffer this search
-                // wanted: search again from a word that depends on the
-                // searcher and where it met the other, so the two part
-                // instead of moving on in step, each taking what the other
-                // wants.
-                let start = (w ^ c.salt()).wrapping_mul(0x9e37_79b9).rotate_right(13) % words;
-                for j in 0..words {
-                    if let Taken::Buffer(i) = take_from(c, wrap(start + j), owner) {
-                        return found(wrap(start + j), i);
-                    }
-                }
-                break;
-            }
-        }
+    if last != here {
+        c.cursor().store(last, Relaxed);
     }
-    Err(AllocError::Exhausted)
+    got
 }
 
-/// What a search of one hint word found.
-enum Taken {
-    /// This buffer, now ours.
-    Buffer(u32),
-    /// No hinted buffer.
-    Nothing,
-    /// Hinted buffers, all taken by others first.
-    Met,
-}
-
-/// Takes a hinted buffer of hint word `w`, if it can.
-fn take_from(c: &impl PoolCells, w: u32, owner: Owner) -> Taken {
+/// Takes up to `want` hinted buffers of hint word `w`; returns how many,
+/// and whether it found hinted buffers others took first.
+fn take_from(c: &impl PoolCells, w: u32, owner: Owner, want: u32, took: &mut impl FnMut(u32)) -> (u32, bool) {
     let mut bits = c.avail(w).load(Relaxed);
-    let mut found = Taken::Nothing;
-    while bits != 0 {
+    let (mut n, mut met, mut ours) = (0, false, 0u64);
+    while bits != 0 && n < want {
         let b = bits.trailing_zeros();
         bits &= bits - 1;
         let (i, mask) = (64 * w + b, 1u64 << b);
         if i >= c.count() {
             // Only a misbehaving process sets a hint past the pool.
-            c.avail(w).fetch_and(!mask, Relaxed);
+            ours |= mask;
             continue;
         }
         if claim(c, i, w, mask, owner) {
-            return Taken::Buffer(i);
+            ours |= mask;
+            took(i);
+            n += 1;
+        } else {
+            met = true;
         }
-        found = Taken::Met;
     }
-    found
+    // The hints of what we took (ours now, so no one frees them before
+    // this), together.
+    if ours != 0 {
+        c.avail(w).fetch_and(!ours, Relaxed);
+    }
+    (n, met)
 }
 
 /// Tries to take buffer `i`, whose hint (`mask` in word `w`) was set.
@@ -206,7 +213,7 @@ fn claim(c: &impl PoolCells, i: u32, w: u32, mask: u64, owner: Owner) -> bool {
         // freed it (their payload writes are visible to us), Release so
         // host-shimd's reclaim scan (Acquire) sees the owner after we die.
         if c.owner(i).compare_exchange(FREE, owner.to_raw(), AcqRel, Relaxed).is_ok() {
-            c.avail(w).fetch_and(!mask, Relaxed);
+            // (Its hint is cleared by the caller.)
             c.next_chain(i).store(NIL, Relaxed);
             return true;
         }
@@ -227,6 +234,16 @@ fn claim(c: &impl PoolCells, i: u32, w: u32, mask: u64, owner: Owner) -> bool {
 /// Frees buffer `i` if its recorded owner is `expected` (any owner when
 /// `None`).
 pub(crate) fn push(c: &impl PoolCells, i: u32, expected: Option<Owner>) -> Result<(), FreeError> {
+    release(c, i, expected)?;
+    // Release: pairs with a stale-hint clear (see `claim`).
+    let (w, mask) = hint(i);
+    c.avail(w).fetch_or(mask, Release);
+    Ok(())
+}
+
+/// [`push`] without setting the hint: the caller sets it (with Release)
+/// afterwards.
+fn release(c: &impl PoolCells, i: u32, expected: Option<Owner>) -> Result<(), FreeError> {
     if i >= c.count() {
         return Err(FreeError::OutOfRange(i));
     }
@@ -245,9 +262,6 @@ pub(crate) fn push(c: &impl PoolCells, i: u32, expected: Option<Owner>) -> Resul
     {
         return Err(FreeError::NotOwner { index: i, owner: prev });
     }
-    // Release: pairs with a stale-hint clear (see `claim`).
-    let (w, mask) = hint(i);
-    c.avail(w).fetch_or(mask, Release);
     Ok(())
 }
 
@@ -256,20 +270,16 @@ pub(crate) fn push(c: &impl PoolCells, i: u32, expected: Option<Owner>) -> Resul
 #[cfg_attr(loom, allow(dead_code))] // used by `Pool`, which loom builds leave out
 pub(crate) fn pop_chain(c: &impl PoolCells, frags: u32, owner: Owner) -> Result<u32, AllocError> {
     let mut head = NIL;
-    for _ in 0..frags {
-        match pop(c, owner) {
-            Ok(i) => {
-                c.next_chain(i).store(head, Relaxed);
-                head = i;
-            }
-            Err(e) => {
-                // Best effort: the buffers were just taken by us and are
-                // linked through `next_chain`, so this cannot fail unless
-                // another process corrupts them meanwhile.
-                let _ = push_chain(c, head, frags, Some(owner));
-                return Err(e);
-            }
-        }
+    let got = pop_n(c, frags, owner, &mut |i| {
+        c.next_chain(i).store(head, Relaxed);
+        head = i;
+    });
+    if got < frags {
+        // Best effort: the buffers were just taken by us and are linked
+        // through `next_chain`, so this cannot fail unless another process
+        // corrupts them meanwhile.
+        let _ = push_chain(c, head, got, Some(owner));
+        return Err(AllocError::Exhausted);
     }
     Ok(head)
 }
@@ -277,21 +287,41 @@ pub(crate) fn pop_chain(c: &impl PoolCells, frags: u32, owner: Owner) -> Result<
 /// Frees up to `frags` buffers following the chain from `head`; returns how
 /// many were freed. Stops at the end of the chain, a bad link, or a buffer
 /// that fails [`push`] (whose error is returned after the others were freed).
+/// The hints of consecutive buffers in one hint word are set together.
 #[cfg_attr(loom, allow(dead_code))]
 pub(crate) fn push_chain(c: &impl PoolCells, head: u32, frags: u32, expected: Option<Owner>) -> Result<u32, FreeError> {
+    // Hints not yet set: (word, bits).
+    let mut hints = (0, 0u64);
+    let set = |(w, bits): (u32, u64)| {
+        if bits != 0 {
+            // Release: pairs with a stale-hint clear (see `claim`).
+            c.avail(w).fetch_or(bits, Release);
+        }
+    };
     let mut i = head;
     let mut freed = 0;
-    while freed < frags && i != NIL {
+    let r = loop {
+        if freed == frags || i == NIL {
+            break Ok(freed);
+        }
         if i >= c.count() {
-            return Err(FreeError::BadLink(i));
+            break Err(FreeError::BadLink(i));
         }
         // Read the link before freeing: afterwards the buffer may be reused.
         let next = c.next_chain(i).load(Relaxed);
-        push(c, i, expected)?;
+        if let Err(e) = release(c, i, expected) {
+            break Err(e);
+        }
+        let (w, mask) = hint(i);
+        if w != hints.0 {
+            set(std::mem::replace(&mut hints, (w, 0)));
+        }
+        hints.1 |= mask;
         freed += 1;
         i = next;
-    }
-    Ok(freed)
+    };
+    set(hints);
+    r
 }
 
 /// Sets the hint of every free buffer whose hint is clear; returns how many
@@ -418,12 +448,12 @@ mod tests {
     /// One step of [`any_sequence_keeps_the_owner_words_the_record`].
     #[derive(Clone, Debug)]
     enum Op {
-        /// Allocate as function `k`.
-        Pop(u16),
-        /// Free the `i`-th held buffer (modulo how many are held).
+        /// Allocate a chain of `n` buffers as function `k`.
+        Pop(u16, u32),
+        /// Free the `i`-th held chain (modulo how many are held).
         Push(usize),
-        /// Free it as a process killed after the owner word, before the
-        /// hint.
+        /// Free a one-buffer chain as a process killed after the owner
+        /// word, before the hint.
         DieInPush(usize),
         /// A misbehaving process writes a hint word.
         Forge(u32, u64),
@@ -434,67 +464,125 @@ mod tests {
     fn op() -> impl proptest::strategy::Strategy<Value = Op> {
         use proptest::prelude::*;
         prop_oneof![
-            4 => (0u16..3).prop_map(Op::Pop),
-            3 => any::<usize>().prop_map(Op::Push),
+            3 => (0u16..3).prop_map(|k| Op::Pop(k, 1)),
+            2 => (0u16..3, 2u32..12).prop_map(|(k, n)| Op::Pop(k, n)),
+            4 => any::<usize>().prop_map(Op::Push),
             1 => any::<usize>().prop_map(Op::DieInPush),
             1 => (0u32..3, any::<u64>()).prop_map(|(w, v)| Op::Forge(w, v)),
             1 => Just(Op::Repair),
         ]
     }
 
+    /// The buffers of the chain of `n` from `head`.
+    fn chain(c: &Cells, head: u32, n: u32) -> Vec<u32> {
+        let mut i = head;
+        (0..n)
+            .map(|_| {
+                let b = i;
+                i = c.next_chain(b).load(Relaxed);
+                b
+            })
+            .collect()
+    }
+
+    fn allocs_and_frees() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (0u16..3).prop_map(|k| Op::Pop(k, 1)),
+            2 => (0u16..3, 2u32..40).prop_map(|(k, n)| Op::Pop(k, n)),
+            4 => any::<usize>().prop_map(Op::Push),
+        ]
+    }
+
     proptest::proptest! {
-        /// Whatever the sequence of allocations, frees, frees cut short
-        /// and forged hints: a buffer is handed out only when free and to
-        /// one holder at a time, the owner words count exactly the free
-        /// buffers, an allocation fails only when no free buffer is
-        /// hinted, and after a repair every free buffer is.
+        /// Whatever the sequence of allocations (single buffers and
+        /// chains), frees, frees cut short and forged hints: a buffer is
+        /// handed out only when free and to one holder at a time, the
+        /// owner words count exactly the free buffers, an allocation fails
+        /// only when too few free buffers are hinted, after a repair every
+        /// free buffer is, and as long as no free was cut short and no hint
+        /// forged, the hints are exactly the free buffers.
         #[test]
         fn any_sequence_keeps_the_owner_words_the_record(ops in proptest::collection::vec(op(), 1..200)) {
-            const N: u32 = 130;
-            let c = Cells::new(N);
-            let mut held: Vec<(u32, Owner)> = Vec::new();
-            let hinted_free = |c: &Cells| (0..N).any(|i| {
-                let (w, mask) = hint(i);
-                c.owner(i).load(Relaxed) == FREE && c.avail(w).load(Relaxed) & mask != 0
-            });
-            for op in ops {
-                match op {
-                    Op::Pop(k) => {
-                        let me = Owner::Function(k);
-                        let could = hinted_free(&c);
-                        match pop(&c, me) {
-                            Ok(i) => {
-                                proptest::prop_assert!(held.iter().all(|&(j, _)| j != i), "{i} handed out twice");
-                                held.push((i, me));
+            sequence(ops)?;
+        }
+
+        /// Allocations and frees alone (chains up to 39 buffers, across
+        /// hint words): after each, the hints are exactly the free buffers.
+        #[test]
+        fn allocations_and_frees_keep_the_hints_exact(ops in proptest::collection::vec(allocs_and_frees(), 1..200)) {
+            sequence(ops)?;
+        }
+    }
+
+    /// Runs `ops` on a pool of 130 buffers, checking as
+    /// [`any_sequence_keeps_the_owner_words_the_record`] says.
+    fn sequence(ops: Vec<Op>) -> Result<(), proptest::test_runner::TestCaseError> {
+        const N: u32 = 130;
+        let c = Cells::new(N);
+        // (buffers of the chain, holder)
+        let mut held: Vec<(Vec<u32>, Owner)> = Vec::new();
+        let mut clean = true;
+        let is_hinted = |c: &Cells, i: u32| {
+            let (w, mask) = hint(i);
+            c.avail(w).load(Relaxed) & mask != 0
+        };
+        let hinted_free = |c: &Cells| (0..N).filter(|&i| c.owner(i).load(Relaxed) == FREE && is_hinted(c, i)).count();
+        for op in ops {
+            match op {
+                Op::Pop(k, n) => {
+                    let me = Owner::Function(k);
+                    let could = hinted_free(&c);
+                    match pop_chain(&c, n, me) {
+                        Ok(head) => {
+                            let got = chain(&c, head, n);
+                            for &i in &got {
+                                proptest::prop_assert!(
+                                    held.iter().all(|(b, _)| !b.contains(&i)),
+                                    "{i} handed out twice"
+                                );
+                                proptest::prop_assert_eq!(got.iter().filter(|&&j| j == i).count(), 1);
                             }
-                            Err(AllocError::Exhausted) => proptest::prop_assert!(!could, "a hinted free buffer was missed"),
+                            held.push((got, me));
                         }
-                    }
-                    Op::Push(k) | Op::DieInPush(k) if !held.is_empty() => {
-                        let (i, o) = held.swap_remove(k % held.len());
-                        if matches!(op, Op::Push(_)) {
-                            proptest::prop_assert_eq!(push(&c, i, Some(o)), Ok(()));
-                        } else {
-                            c.owner(i).store(FREE, Relaxed);
+                        Err(AllocError::Exhausted) => {
+                            proptest::prop_assert!(could < n as usize, "{could} hinted free buffers, {n} wanted")
                         }
-                    }
-                    Op::Push(_) | Op::DieInPush(_) => {}
-                    Op::Forge(w, v) => c.avail(w).store(v, Relaxed),
-                    Op::Repair => {
-                        repair(&c);
-                        let all_hinted = (0..N).all(|i| {
-                            let (w, mask) = hint(i);
-                            c.owner(i).load(Relaxed) != FREE || c.avail(w).load(Relaxed) & mask != 0
-                        });
-                        proptest::prop_assert!(all_hinted, "a free buffer without its hint after a repair");
                     }
                 }
-                for &(i, o) in &held {
+                Op::Push(k) if !held.is_empty() => {
+                    let (b, o) = held.swap_remove(k % held.len());
+                    proptest::prop_assert_eq!(push_chain(&c, b[0], b.len() as u32, Some(o)), Ok(b.len() as u32));
+                }
+                Op::DieInPush(k) if !held.is_empty() && held[k % held.len()].0.len() == 1 => {
+                    let (b, _) = held.swap_remove(k % held.len());
+                    c.owner(b[0]).store(FREE, Relaxed);
+                    clean = false;
+                }
+                Op::Push(_) | Op::DieInPush(_) => {}
+                Op::Forge(w, v) => {
+                    c.avail(w).store(v, Relaxed);
+                    clean = false;
+                }
+                Op::Repair => {
+                    repair(&c);
+                    let all_hinted = (0..N).all(|i| c.owner(i).load(Relaxed) != FREE || is_hinted(&c, i));
+                    proptest::prop_assert!(all_hinted, "a free buffer without its hint after a repair");
+                }
+            }
+            for (b, o) in &held {
+                for &i in b {
                     proptest::prop_assert_eq!(c.owner(i).load(Relaxed), o.to_raw());
                 }
-                proptest::prop_assert_eq!(free_count(&c), N - held.len() as u32);
+            }
+            let in_use: usize = held.iter().map(|(b, _)| b.len()).sum();
+            proptest::prop_assert_eq!(free_count(&c), N - in_use as u32);
+            if clean {
+                let exact = (0..N).all(|i| (c.owner(i).load(Relaxed) == FREE) == is_hinted(&c, i));
+                proptest::prop_assert!(exact, "hints other than the free buffers");
             }
         }
+        Ok(())
     }
 
     #[test]
@@ -520,6 +608,42 @@ mod tests {
         for h in hs {
             h.join().unwrap();
         }
+        assert_eq!((free_count(&*c), hinted(&*c)), (130, 130));
+    }
+
+    /// Threads taking and freeing chains of 1 to 30 buffers (across hint
+    /// words) while the pool runs short: every buffer of a chain is the
+    /// taker's alone until it frees it, and at the end the hints are
+    /// exactly the free buffers.
+    #[test]
+    fn threads_taking_chains_never_share_a_buffer() {
+        let c = std::sync::Arc::new(Cells::new(130));
+        let hs: Vec<_> = (0..4)
+            .map(|t| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    let cells = c.with_cursor(t * 2);
+                    let me = Owner::Function(t as u16);
+                    let mut exhausted = 0;
+                    for k in 0..20_000u32 {
+                        let n = 1 + (k * 7 + t) % 30;
+                        let Ok(head) = pop_chain(&cells, n, me) else {
+                            exhausted += 1;
+                            continue;
+                        };
+                        let mut i = head;
+                        for _ in 0..n {
+                            assert_eq!(c.owner(i).load(Relaxed), me.to_raw(), "buffer {i} of a chain of {n}");
+                            i = c.next_chain(i).load(Relaxed);
+                        }
+                        assert_eq!(push_chain(&cells, head, n, Some(me)), Ok(n));
+                    }
+                    exhausted
+                })
+            })
+            .collect();
+        let exhausted: u32 = hs.into_iter().map(|h| h.join().unwrap()).sum();
+        assert!(exhausted < 4 * 20_000, "some chains were taken");
         assert_eq!((free_count(&*c), hinted(&*c)), (130, 130));
     }
 }

@@ -304,12 +304,11 @@ impl Pool {
         }
         let frags = g.frags_for(len);
         if (cache.idx.len() as u32) < frags {
-            while cache.idx.len() < cache.cap.max(frags as usize) {
-                match alloc::pop(self, cache.holder) {
-                    Ok(i) => cache.idx.push(i),
-                    Err(AllocError::Exhausted) if cache.idx.len() >= frags as usize => break,
-                    Err(e) => return Err(e),
-                }
+            let want = cache.cap.max(frags as usize) - cache.idx.len();
+            let idx = &mut cache.idx;
+            alloc::pop_n(self, want as u32, cache.holder, &mut |i| idx.push(i));
+            if (cache.idx.len() as u32) < frags {
+                return Err(AllocError::Exhausted);
             }
         }
         let mut head = NIL;
