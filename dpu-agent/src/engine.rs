@@ -273,9 +273,13 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     /// nodes.
     arrived: Vec<Vec<u16>>,
     /// Per tenant and buffer index: the caller's node a call marked
-    /// ELSEWHERE goes back to (see [`Engine::undeliverable`]), noted while
-    /// a host link rewrites its headers ([`NO_NODE`]: none).
+    /// ELSEWHERE is on its way back to (see [`Engine::undeliverable`]),
+    /// from when it is marked (a host link may rewrite its headers first)
+    /// until its send completes or fails ([`NO_NODE`]: none). A failed
+    /// send drops it: an error about it could go only there.
     back_to: Vec<Vec<u16>>,
+    /// Entries of `back_to` set (none: nothing to look up or clear).
+    backs: usize,
     /// Tenant of each function id.
     fn_tenant: Vec<u16>,
     /// Per tenant: uplink rejections by reason, as the host link last
@@ -362,6 +366,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             fn_next: vec![0; cfg.functions.len()],
             arrived: ids.iter().map(|&id| vec![NO_NODE; cfg.tenants[usize::from(id)].buffers as usize]).collect(),
             back_to: ids.iter().map(|&id| vec![NO_NODE; cfg.tenants[usize::from(id)].buffers as usize]).collect(),
+            backs: 0,
             fn_tenant: cfg.functions.iter().map(|f| cfg.tenant_id(&f.tenant).unwrap_or(u16::MAX)).collect(),
             rejected_seen: vec![Vec::new(); ids.len()],
             fabric_nodes,
@@ -614,6 +619,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                             m.tx_bytes += u64::from(msg.len());
                             let el = now.saturating_duration_since(self.set.epoch).as_nanos() as u64;
                             m.latency.observe_ns(el.saturating_sub(tag));
+                            self.clear_back(t, msg.desc().buf);
                             self.free_msg(t, msg);
                         }
                         Err(_) => self.bounce(t, msg, ErrorCode::PeerDied, Why::PeerDied),
@@ -696,7 +702,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             d.origin
         } else if let Some(n) = self.error_back(t, &d) {
             n
-        } else if let Some(n) = self.take_back_to(t, &d) {
+        } else if let Some(n) = self.back_of(t, &d) {
             // Back to its caller's node (not held to the node's share: at
             // most one per call that node sent here).
             return self.tenants[t].sends.push(Out { msg, peer: n, since: now });
@@ -805,6 +811,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         if let Some(a) = self.arrived[t].get_mut(d.buf as usize) {
             *a = from.unwrap_or(NO_NODE);
         }
+        self.clear_back(t, d.buf);
         // A function that does not run here: a call back at its caller's
         // node (see `undeliverable`). A link over an imported pool does not
         // know the descriptor whole: its host hands it back.
@@ -814,11 +821,14 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         let len = u64::from(msg.len());
         let cfg = self.cfg.clone();
         match self.link(t).deliver(msg, d.dst_fn, &cfg.functions[f].name) {
-            Ok(()) => {
+            // (In DPU mode a message for a function not here is handed to
+            // the host only to come back.)
+            Ok(()) if self.runs_here(f) => {
                 let m = &mut self.fn_tally[f];
                 m.0 += 1;
                 m.1 += len;
             }
+            Ok(()) => {}
             Err(e) => match (e.kind, e.msg) {
                 (SendErrorKind::Full, Some(msg)) => self.tenants[t].backlog.push_back((msg, from)),
                 (_, Some(msg)) => self.undeliverable(t, msg, from),
@@ -875,6 +885,9 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         if let Some(c) = back {
             self.metrics.tenants[self.gid(t)].elsewhere.inc();
             if let Some(b) = self.back_to[t].get_mut(d.buf as usize) {
+                if *b == NO_NODE {
+                    self.backs += 1;
+                }
                 *b = c;
             }
         }
@@ -885,15 +898,32 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         }
     }
 
-    /// The caller's node noted for a call marked ELSEWHERE (see
-    /// [`Engine::back_to`]), cleared.
-    fn take_back_to(&mut self, t: usize, d: &Descriptor) -> Option<u16> {
-        if d.flags & DescFlags::ELSEWHERE == 0 {
+    /// The caller's node a call marked ELSEWHERE is on its way back to
+    /// (see [`Engine::back_to`]).
+    fn back_of(&self, t: usize, d: &Descriptor) -> Option<u16> {
+        if self.backs == 0
+            || d.flags & (DescFlags::ELSEWHERE | DescFlags::ERROR | DescFlags::REPLY) != DescFlags::ELSEWHERE
+        {
             return None;
         }
-        let b = self.back_to.get_mut(t)?.get_mut(d.buf as usize)?;
-        let n = std::mem::replace(b, NO_NODE);
+        let n = *self.back_to.get(t)?.get(d.buf as usize)?;
         (n != NO_NODE).then_some(n)
+    }
+
+    /// Forgets where the message with head buffer `buf` was going back
+    /// to; whether it was going back.
+    fn clear_back(&mut self, t: usize, buf: u32) -> bool {
+        if self.backs == 0 {
+            return false;
+        }
+        match self.back_to.get_mut(t).and_then(|b| b.get_mut(buf as usize)) {
+            Some(b) if *b != NO_NODE => {
+                *b = NO_NODE;
+                self.backs -= 1;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// A node of function `f` other than this one and `not` to send a
@@ -942,6 +972,11 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         let d = *msg.desc();
         if d.flags & DescFlags::ERROR != 0 {
             // Never bounce a bounce.
+            return self.drop_msg(t, msg, why);
+        }
+        if self.clear_back(t, d.buf) {
+            // A call on its way back to its caller's node, which it did not
+            // reach: an error about it could go only there.
             return self.drop_msg(t, msg, why);
         }
         self.metrics.tenants[self.gid(t)].drop(why);
@@ -1249,6 +1284,26 @@ mod tests {
         assert_eq!(e.metrics.tenants[0].drops(Why::NoInstance), 2, "both went back as errors");
         assert_eq!(e.tenants[0].sends.len(), 2);
         assert_eq!(e.metrics.tenants[0].elsewhere.get(), 2);
+    }
+
+    /// A call on its way back to its caller's node that cannot get there
+    /// (the node goes down) is dropped and counted: an error about it
+    /// could go only there, not to an instance of its caller here (`cf`
+    /// runs on n0 and n1; its call came from n1).
+    #[test]
+    fn a_call_that_cannot_go_back_to_its_callers_node_is_dropped() {
+        use wire::{Descriptor, desc::NO_NODE};
+        let cf = "\n[[function]]\nname = \"cf\"\ntenant = \"t\"\nnodes = [\"n0\", \"n1\"]\n";
+        let mut e = lone_engine_with(3, &format!("{G_BOTH}{cf}"));
+        let call = Descriptor { dst_fn: 4, src_fn: 5, origin: NO_NODE, ..Descriptor::default() };
+        let m = message(&mut e, call);
+        e.undeliverable(0, m, Some(1));
+        assert_eq!(waiting(&e, 1).len(), 1, "back to n1");
+        let delivered = e.link(0).delivered;
+        e.peer_down(1);
+        assert_eq!(e.link(0).delivered, delivered, "no error for n0's cf");
+        assert_eq!(e.metrics.tenants[0].drops(Why::Unreachable), 1);
+        assert_eq!((e.tenants[0].sends.len(), e.backs), (0, 0));
     }
 
     /// Replies wait for their node beyond that share (an error in their

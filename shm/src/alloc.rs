@@ -710,6 +710,38 @@ mod loom_tests {
         });
     }
 
+    /// Two processes take two-buffer chains from one hint word at once
+    /// (the hints of what each took cleared together) and free them (the
+    /// hints set together): the chains never share a buffer, and at the
+    /// end every buffer is free and hinted.
+    #[test]
+    fn concurrent_chains_are_exclusive_and_hinted_again() {
+        model(|| {
+            let c = Arc::new(Cells::new(4));
+            let payload: Arc<Vec<UnsafeCell<u32>>> = Arc::new((0..4).map(|_| UnsafeCell::new(0)).collect());
+            let t: Vec<_> = (0..2u16)
+                .map(|k| {
+                    let (c, payload) = (c.clone(), payload.clone());
+                    loom::thread::spawn(move || {
+                        let me = Owner::Function(k);
+                        let head = pop_chain(&*c, 2, me).unwrap();
+                        let next = c.next_chain(head).load(Relaxed);
+                        for i in [head, next] {
+                            assert_eq!(c.owner(i).load(Relaxed), me.to_raw());
+                            // SAFETY: buffer `i` is ours until the free.
+                            payload[i as usize].with_mut(|p| unsafe { *p = u32::from(k) + 1 });
+                        }
+                        assert_eq!(push_chain(&*c, head, 2, Some(me)), Ok(2));
+                    })
+                })
+                .collect();
+            for h in t {
+                h.join().unwrap();
+            }
+            assert_eq!((free_count(&*c), hinted(&*c)), (4, 4));
+        });
+    }
+
     /// One process takes the pool's only buffer and frees it while another
     /// sees its hint and races for it: the loser's stale-hint clear never
     /// hides the buffer once it is free again.
