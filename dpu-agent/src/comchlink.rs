@@ -335,8 +335,9 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
         geometry.push(g);
     }
     let max_chain = cfg.tenants.iter().map(|t| t.max_chain).max().unwrap_or(64) as usize;
-    let deques = || geometry.iter().map(|g| VecDeque::with_capacity(g.buf_count() as usize)).collect();
-    let (inbox, returned) = (deques(), deques());
+    let inbox = geometry.iter().map(|g| VecDeque::with_capacity(g.buf_count() as usize)).collect();
+    // (Only calls that found no instance: grown when needed.)
+    let returned = (0..nt).map(|_| VecDeque::new()).collect();
     let ch = Channel {
         pe,
         server,

@@ -352,6 +352,9 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             .map(|t| (t.weight, t.rate_cap_mbps.map(|m| u64::from(m) * 1_000_000)))
             .collect();
         let fabric_nodes = (cfg.nodes.len() + cfg.ingresses.len()) as u16;
+        // A node per buffer of each tenant's pool ([`NO_NODE`] for now).
+        let per_buffer =
+            || ids.iter().map(|&id| vec![NO_NODE; cfg.tenants[usize::from(id)].buffers as usize]).collect();
         let tenants = ids
             .iter()
             .map(|_| Tenant {
@@ -364,8 +367,8 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             fn_tally: vec![(0, 0); cfg.functions.len()],
             fn_nodes: cfg.functions.iter().map(|f| cfg.function_nodes(f)).collect(),
             fn_next: vec![0; cfg.functions.len()],
-            arrived: ids.iter().map(|&id| vec![NO_NODE; cfg.tenants[usize::from(id)].buffers as usize]).collect(),
-            back_to: ids.iter().map(|&id| vec![NO_NODE; cfg.tenants[usize::from(id)].buffers as usize]).collect(),
+            arrived: per_buffer(),
+            back_to: per_buffer(),
             backs: 0,
             fn_tenant: cfg.functions.iter().map(|f| cfg.tenant_id(&f.tenant).unwrap_or(u16::MAX)).collect(),
             rejected_seen: vec![Vec::new(); ids.len()],
@@ -815,7 +818,8 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         // A function that does not run here: a call back at its caller's
         // node (see `undeliverable`). A link over an imported pool does not
         // know the descriptor whole: its host hands it back.
-        if !self.runs_here(f) && matches!(self.link(t).view(), fabric::PoolView::Local(_)) {
+        let here = self.runs_here(f);
+        if !here && matches!(self.link(t).view(), fabric::PoolView::Local(_)) {
             return self.undeliverable(t, msg, from);
         }
         let len = u64::from(msg.len());
@@ -823,7 +827,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         match self.link(t).deliver(msg, d.dst_fn, &cfg.functions[f].name) {
             // (In DPU mode a message for a function not here is handed to
             // the host only to come back.)
-            Ok(()) if self.runs_here(f) => {
+            Ok(()) if here => {
                 let m = &mut self.fn_tally[f];
                 m.0 += 1;
                 m.1 += len;

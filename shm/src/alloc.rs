@@ -274,7 +274,7 @@ fn release(c: &impl PoolCells, i: u32, expected: Option<Owner>) -> Result<(), Fr
 #[cfg_attr(loom, allow(dead_code))] // used by `Pool`, which loom builds leave out
 pub(crate) fn pop_chain(c: &impl PoolCells, frags: u32, owner: Owner) -> Result<u32, AllocError> {
     if frags == 1 {
-        // The most frequent case, compiled on its own (measured faster).
+        // The most frequent case, on the one-buffer path.
         return pop(c, owner);
     }
     let mut head = NIL;
@@ -600,30 +600,35 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn threads_never_get_the_same_buffer() {
+    /// Runs `body` on four threads at once (`t` = 0..4, each with its own
+    /// search cursor) on a pool of 130 buffers; checks that afterwards
+    /// every buffer is free and hinted, and returns what each returned.
+    fn four_threads<R: Send + 'static>(body: fn(&cells::Cursor<'_>, &Cells, u32) -> R) -> Vec<R> {
         let c = std::sync::Arc::new(Cells::new(130));
         let hs: Vec<_> = (0..4)
             .map(|t| {
                 let c = c.clone();
-                std::thread::spawn(move || {
-                    let cells = c.with_cursor(t * 2);
-                    let me = Owner::Function(t as u16);
-                    for _ in 0..20_000 {
-                        let a = pop(&cells, me).unwrap();
-                        let b = pop(&cells, me).unwrap();
-                        assert_ne!(a, b);
-                        assert_eq!(c.owner(a).load(Relaxed), me.to_raw());
-                        push(&cells, a, Some(me)).unwrap();
-                        push(&cells, b, Some(me)).unwrap();
-                    }
-                })
+                std::thread::spawn(move || body(&c.with_cursor(t * 2), &c, t))
             })
             .collect();
-        for h in hs {
-            h.join().unwrap();
-        }
+        let got = hs.into_iter().map(|h| h.join().unwrap()).collect();
         assert_eq!((free_count(&*c), hinted(&*c)), (130, 130));
+        got
+    }
+
+    #[test]
+    fn threads_never_get_the_same_buffer() {
+        four_threads(|cells, c, t| {
+            let me = Owner::Function(t as u16);
+            for _ in 0..20_000 {
+                let a = pop(cells, me).unwrap();
+                let b = pop(cells, me).unwrap();
+                assert_ne!(a, b);
+                assert_eq!(c.owner(a).load(Relaxed), me.to_raw());
+                push(cells, a, Some(me)).unwrap();
+                push(cells, b, Some(me)).unwrap();
+            }
+        });
     }
 
     /// Threads taking and freeing chains of 1 to 30 buffers (across hint
@@ -632,34 +637,27 @@ mod tests {
     /// exactly the free buffers.
     #[test]
     fn threads_taking_chains_never_share_a_buffer() {
-        let c = std::sync::Arc::new(Cells::new(130));
-        let hs: Vec<_> = (0..4)
-            .map(|t| {
-                let c = c.clone();
-                std::thread::spawn(move || {
-                    let cells = c.with_cursor(t * 2);
-                    let me = Owner::Function(t as u16);
-                    let mut exhausted = 0;
-                    for k in 0..20_000u32 {
-                        let n = 1 + (k * 7 + t) % 30;
-                        let Ok(head) = pop_chain(&cells, n, me) else {
-                            exhausted += 1;
-                            continue;
-                        };
-                        let mut i = head;
-                        for _ in 0..n {
-                            assert_eq!(c.owner(i).load(Relaxed), me.to_raw(), "buffer {i} of a chain of {n}");
-                            i = c.next_chain(i).load(Relaxed);
-                        }
-                        assert_eq!(push_chain(&cells, head, n, Some(me)), Ok(n));
-                    }
-                    exhausted
-                })
-            })
-            .collect();
-        let exhausted: u32 = hs.into_iter().map(|h| h.join().unwrap()).sum();
+        let exhausted: u32 = four_threads(|cells, c, t| {
+            let me = Owner::Function(t as u16);
+            let mut exhausted = 0;
+            for k in 0..20_000u32 {
+                let n = 1 + (k * 7 + t) % 30;
+                let Ok(head) = pop_chain(cells, n, me) else {
+                    exhausted += 1;
+                    continue;
+                };
+                let mut i = head;
+                for _ in 0..n {
+                    assert_eq!(c.owner(i).load(Relaxed), me.to_raw(), "buffer {i} of a chain of {n}");
+                    i = c.next_chain(i).load(Relaxed);
+                }
+                assert_eq!(push_chain(cells, head, n, Some(me)), Ok(n));
+            }
+            exhausted
+        })
+        .into_iter()
+        .sum();
         assert!(exhausted < 4 * 20_000, "some chains were taken");
-        assert_eq!((free_count(&*c), hinted(&*c)), (130, 130));
     }
 }
 
@@ -671,6 +669,25 @@ mod loom_tests {
 
     use super::cells::Cells;
 
+    /// Runs `body` as two processes (`k` = 0 and 1) at once on a pool of
+    /// `n` buffers, each buffer with a payload word loom checks for races;
+    /// returns the pool and what each returned.
+    fn two_processes<R: Send + 'static>(
+        n: u32,
+        body: fn(&Cells, &[UnsafeCell<u32>], u16) -> R,
+    ) -> (Arc<Cells>, Vec<R>) {
+        let c = Arc::new(Cells::new(n));
+        let payload: Arc<Vec<UnsafeCell<u32>>> = Arc::new((0..n).map(|_| UnsafeCell::new(0)).collect());
+        let t: Vec<_> = (0..2u16)
+            .map(|k| {
+                let (c, payload) = (c.clone(), payload.clone());
+                loom::thread::spawn(move || body(&c, &payload, k))
+            })
+            .collect();
+        let got = t.into_iter().map(|h| h.join().unwrap()).collect();
+        (c, got)
+    }
+
     /// Two processes take and free concurrently, including a stale hint
     /// (one frees a buffer while the other is between seeing its hint and
     /// swapping its owner word): no buffer is ever handed out twice, none
@@ -680,28 +697,20 @@ mod loom_tests {
     #[test]
     fn concurrent_pop_push_is_exclusive_and_lossless() {
         model(|| {
-            let c = Arc::new(Cells::new(3));
-            let payload: Arc<Vec<UnsafeCell<u32>>> = Arc::new((0..3).map(|_| UnsafeCell::new(0)).collect());
-            let t: Vec<_> = (0..2u16)
-                .map(|k| {
-                    let (c, payload) = (c.clone(), payload.clone());
-                    loom::thread::spawn(move || {
-                        let me = Owner::Function(k);
-                        let a = pop(&*c, me).unwrap();
-                        assert_eq!(c.owner(a).load(Relaxed), me.to_raw());
-                        // SAFETY: buffer `a` is ours until the push.
-                        payload[a as usize].with_mut(|p| unsafe { *p = u32::from(k) + 1 });
-                        push(&*c, a, Some(me)).unwrap();
-                        let b = pop(&*c, me).unwrap();
-                        // SAFETY: buffer `b` is ours; its last holder's
-                        // write must be visible (and not race).
-                        let seen = payload[b as usize].with(|p| unsafe { *p });
-                        assert!(seen <= 2);
-                        b
-                    })
-                })
-                .collect();
-            let got: Vec<u32> = t.into_iter().map(|h| h.join().unwrap()).collect();
+            let (c, got) = two_processes(3, |c, payload, k| {
+                let me = Owner::Function(k);
+                let a = pop(c, me).unwrap();
+                assert_eq!(c.owner(a).load(Relaxed), me.to_raw());
+                // SAFETY: buffer `a` is ours until the push.
+                payload[a as usize].with_mut(|p| unsafe { *p = u32::from(k) + 1 });
+                push(c, a, Some(me)).unwrap();
+                let b = pop(c, me).unwrap();
+                // SAFETY: buffer `b` is ours; its last holder's write must
+                // be visible (and not race).
+                let seen = payload[b as usize].with(|p| unsafe { *p });
+                assert!(seen <= 2);
+                b
+            });
             assert_ne!(got[0], got[1]);
             assert_eq!(hinted(&*c), 1, "the one free buffer is hinted");
             let last = pop(&*c, Owner::Agent).unwrap();
@@ -717,27 +726,17 @@ mod loom_tests {
     #[test]
     fn concurrent_chains_are_exclusive_and_hinted_again() {
         model(|| {
-            let c = Arc::new(Cells::new(4));
-            let payload: Arc<Vec<UnsafeCell<u32>>> = Arc::new((0..4).map(|_| UnsafeCell::new(0)).collect());
-            let t: Vec<_> = (0..2u16)
-                .map(|k| {
-                    let (c, payload) = (c.clone(), payload.clone());
-                    loom::thread::spawn(move || {
-                        let me = Owner::Function(k);
-                        let head = pop_chain(&*c, 2, me).unwrap();
-                        let next = c.next_chain(head).load(Relaxed);
-                        for i in [head, next] {
-                            assert_eq!(c.owner(i).load(Relaxed), me.to_raw());
-                            // SAFETY: buffer `i` is ours until the free.
-                            payload[i as usize].with_mut(|p| unsafe { *p = u32::from(k) + 1 });
-                        }
-                        assert_eq!(push_chain(&*c, head, 2, Some(me)), Ok(2));
-                    })
-                })
-                .collect();
-            for h in t {
-                h.join().unwrap();
-            }
+            let (c, _) = two_processes(4, |c, payload, k| {
+                let me = Owner::Function(k);
+                let head = pop_chain(c, 2, me).unwrap();
+                let next = c.next_chain(head).load(Relaxed);
+                for i in [head, next] {
+                    assert_eq!(c.owner(i).load(Relaxed), me.to_raw());
+                    // SAFETY: buffer `i` is ours until the free.
+                    payload[i as usize].with_mut(|p| unsafe { *p = u32::from(k) + 1 });
+                }
+                assert_eq!(push_chain(c, head, 2, Some(me)), Ok(2));
+            });
             assert_eq!((free_count(&*c), hinted(&*c)), (4, 4));
         });
     }
