@@ -62,8 +62,9 @@ pub struct BridgeStats {
     /// Frames or buffers from the agent refused (bad frame, a buffer it
     /// does not hold, a header that disagrees).
     pub refused: u64,
-    /// Calls no live local instance took, handed back to the agent
-    /// (which sends them to another node or back as errors).
+    /// Messages no live local instance took, handed back to the agent
+    /// (which sends calls to another node or back as errors, and drops
+    /// and counts errors for a caller that is gone).
     pub handed_back: u64,
     /// Connections to the agent so far.
     pub connects: u64,
@@ -462,17 +463,13 @@ impl Bridge {
         k.saturating_sub(self.tenants[t].backlog.len())
     }
 
-    /// No live local instance: an error (its caller gone) is dropped; a
-    /// call goes back to the agent as it is, marked
-    /// [`MessageHdr::RETURNED`], and the agent decides where it goes (the
-    /// same way as for a delivery that fails on a host it shares memory
-    /// with): to another node of its function, to its caller's node, or
-    /// back as an error.
+    /// No live local instance: the message goes back to the agent as it
+    /// is, marked [`MessageHdr::RETURNED`], and the agent decides what
+    /// becomes of it, the same way as for a delivery that fails on a host
+    /// it shares memory with: a call goes to another node of its function,
+    /// to its caller's node, or back as an error; an error (its caller is
+    /// gone) is dropped and counted in the agent's metrics.
     fn bounce(&mut self, t: usize, msg: Msg) {
-        if msg.desc().flags & DescFlags::ERROR != 0 {
-            let (lease, _) = msg.into_parts();
-            return self.free(t, lease);
-        }
         self.stats.handed_back += 1;
         self.hand_to_agent(t, msg, MessageHdr::RETURNED);
     }

@@ -162,6 +162,31 @@ fn chains_and_errors(mode: &'static str, cores: u16) {
     assert!(text.contains("dne_agent_fabric_tx_messages_total{"), "{text}");
     let text1 = c.metrics_text(1);
     assert!(mode == "dpu" || text1.contains("reason=\"no_instance\""), "{text1}");
+
+    // An error for a caller that is gone by the time it arrives is dropped
+    // and counted by the caller's agent, in both modes (in DPU mode the
+    // bridge hands it back to the agent). n1 is stopped while the call is
+    // on its way, so the caller is surely gone before the error is made.
+    let no_instance = |c: &Cluster| {
+        c.metric(0, "dne_agent_drops_total", &[("tenant", "acme"), ("reason", "no_instance")]).unwrap_or(0.0)
+    };
+    let before = no_instance(&c);
+    let live = |c: &Cluster| dne_tests::cluster::status_number(&c.shimd_status(0), "live");
+    let live_before = live(&c).expect("n0's host-shimd status says how many functions are live");
+    c.signal_agent(1, Signal::SIGSTOP).unwrap();
+    let m = client.alloc(10).unwrap();
+    client.send(m, "ghost").expect("the agent takes it");
+    drop(client);
+    dne_tests::wait_for("client detached from n0's host-shimd", WATCHDOG, || live(&c) < Some(live_before));
+    c.signal_agent(1, Signal::SIGCONT).unwrap();
+    dne_tests::wait_for("n0's agent counts the error for the gone caller", WATCHDOG, || no_instance(&c) > before);
+    if mode == "dpu" {
+        dne_tests::wait_for("n0's bridge counts the error it handed back", WATCHDOG, || {
+            let s = c.shimd_status(0);
+            let bridge = s.find("\"bridge\":").map(|i| &s[i..]).unwrap_or_default();
+            dne_tests::cluster::status_number(bridge, "handed_back").is_some_and(|n| n >= 1)
+        });
+    }
     if mode == "dpu" {
         let log = c.log_tail("agent-n1", 100);
         assert!(log.contains("host-shimd exported 2 tenant pools over comch"), "{log}");

@@ -409,7 +409,7 @@ impl Peer {
 /// (an error travelling back over the fabric): host-shimd writes the
 /// headers again and hands the message back. Host to agent with
 /// [`MessageHdr::RETURNED`]: a message the agent delivered that found no
-/// live instance here.
+/// live instance here (a call, or an error whose caller is gone).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct MessageHdr {
@@ -427,10 +427,12 @@ impl MessageHdr {
     pub const FROM_FABRIC: u16 = 1 << 0;
     /// Write the fabric headers again and send it back.
     pub const RESTAMP: u16 = 1 << 1;
-    /// Host to agent: a call the agent handed over for a local function
-    /// that no live instance of it took, handed back with its descriptor
-    /// as its header has it; the agent decides where it goes (another
-    /// node of the function, the caller's node, or back as an error).
+    /// Host to agent: a message the agent handed over for a local
+    /// function that no live instance of it took, handed back with its
+    /// descriptor as its header has it; the agent decides what becomes of
+    /// it (a call goes to another node of the function, the caller's node,
+    /// or back as an error; an error, whose caller is gone, is dropped and
+    /// counted).
     pub const RETURNED: u16 = 1 << 2;
     /// Every defined bit.
     pub const FLAGS_ALL: u16 = Self::FROM_FABRIC | Self::RESTAMP | Self::RETURNED;
