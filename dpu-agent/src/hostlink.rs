@@ -21,7 +21,9 @@ use wire::Descriptor;
 pub trait HostLink {
     /// The tenant pool (registered with the fabric).
     fn view(&self) -> fabric::PoolView<'_>;
-    /// Buffers free in the pool, as far as this side knows.
+    /// Buffers free in the pool, as far as this side knows (for `/status`,
+    /// read every 100 ms on the data-plane thread: a cheap estimate, exact
+    /// while nobody allocates or frees).
     fn free_buffers(&self) -> u32;
     /// One whole buffer for a receive (`None`: the pool is exhausted).
     fn alloc_buffer(&mut self) -> Option<Lease>;
@@ -81,7 +83,10 @@ impl HostLink for Function {
         fabric::PoolView::Local(Function::pool(self))
     }
     fn free_buffers(&self) -> u32 {
-        Function::pool(self).free_buffers()
+        // The free hints, one read per 64 buffers: counting owner words is
+        // one read per buffer (measured 41 us for 65536 buffers, against
+        // 3.4 us for the hints).
+        Function::pool(self).free_hint()
     }
     fn alloc_buffer(&mut self) -> Option<Lease> {
         let cap = Function::pool(self).geometry().payload_cap();
@@ -177,7 +182,7 @@ impl HostLink for NullLink {
         fabric::PoolView::Local(&self.pool)
     }
     fn free_buffers(&self) -> u32 {
-        self.pool.free_buffers()
+        self.pool.free_hint()
     }
     fn alloc_buffer(&mut self) -> Option<Lease> {
         self.pool.alloc(self.pool.geometry().payload_cap(), wire::Owner::Agent).ok()
