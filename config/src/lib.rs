@@ -275,6 +275,12 @@ pub struct Ingress {
     /// 1 to `tenant_queue`.
     #[serde(default = "default_route_queue")]
     pub route_queue: u32,
+    /// Milliseconds a request may wait at this edge for a node of its
+    /// first function to grant credits; past that it is refused unsent
+    /// (503 with `Retry-After`), not held to its route's `timeout_ms`
+    /// (a node that stopped taking requests keeps its link up). At least 1.
+    #[serde(default = "default_credit_wait")]
+    pub credit_wait_ms: u32,
 }
 
 fn default_tenant_queue() -> u32 {
@@ -282,6 +288,9 @@ fn default_tenant_queue() -> u32 {
 }
 fn default_route_queue() -> u32 {
     256
+}
+fn default_credit_wait() -> u32 {
+    1000
 }
 
 fn default_body_limit() -> u32 {
@@ -433,6 +442,9 @@ impl Cluster {
             }
             if !(1..=MAX_EDGE_QUEUE).contains(&g.tenant_queue) {
                 return Err(bad(f("tenant_queue"), format!("must be 1 to {MAX_EDGE_QUEUE}")));
+            }
+            if g.credit_wait_ms == 0 {
+                return Err(bad(f("credit_wait_ms"), "must be at least 1"));
             }
             if !(1..=g.tenant_queue).contains(&g.route_queue) {
                 return Err(bad(f("route_queue"), format!("must be 1 to tenant_queue ({})", g.tenant_queue)));
@@ -692,6 +704,7 @@ runtime_dir = "/tmp/dne/edge"
             (c.tenants[0].node_queue, c.ingresses[0].tenant_queue, c.ingresses[0].route_queue),
             (1024, 1024, 256)
         );
+        assert_eq!(c.ingresses[0].credit_wait_ms, 1000);
         assert_eq!(c.ingress_node_id(0), Some(2));
         assert_eq!(c.fabric_node_id("edge"), Some(2));
         assert_eq!(c.fabric_address(2), Some("127.0.0.1:7100"));
@@ -755,6 +768,11 @@ runtime_dir = "/tmp/dne/edge"
                 "runtime_dir = \"/tmp/dne/edge\"",
                 "runtime_dir = \"/tmp/dne/edge\"\ntenant_queue = 8\nroute_queue = 9",
                 "ingress[0].route_queue: must be 1 to tenant_queue (8)",
+            ),
+            (
+                "runtime_dir = \"/tmp/dne/edge\"",
+                "runtime_dir = \"/tmp/dne/edge\"\ncredit_wait_ms = 0",
+                "ingress[0].credit_wait_ms: must be at least 1",
             ),
             ("name = \"acme\"", "name = \"ac me\"", "tenant[0].name"),
             ("weight = 6", "weight = 6\ncolour = \"red\"", "unknown field `colour`"),

@@ -23,8 +23,11 @@
 //! requests are bounded (the ingress's `tenant_queue`, and `route_queue`
 //! for one route, in the cluster file), and a full queue is an immediate
 //! [`EdgeError::Busy`] (the HTTP side answers 503), never unbounded
-//! buffering. A queued request whose caller gave up is dropped unsent, and
-//! one whose function has no node up fails at once.
+//! buffering, and a request that waited the ingress's `credit_wait_ms` for
+//! credits is refused unsent ([`EdgeError::NoCredit`], 503 too). A queued
+//! request whose caller gave up is dropped unsent, and one whose function
+//! has no node up fails at once. A request a node took fails as
+//! `PeerDied` when that node goes down (it may have run).
 //!
 //! Buffers are never lost with a caller: a reply travels as a [`PoolLease`],
 //! which frees itself if the caller is gone before it reads it, and a
@@ -55,6 +58,10 @@ pub enum EdgeError {
     /// The tenant's queue toward the cluster is full (backpressure).
     #[error("the tenant's queue is full")]
     Busy,
+    /// The request waited its route's whole credit wait for a node of
+    /// the first function to grant credits, and was not sent.
+    #[error("no node of the function granted credits in time")]
+    NoCredit,
     /// None of the first function's nodes is connected.
     #[error("the function's node is unreachable")]
     Unreachable,
@@ -96,6 +103,8 @@ struct Call {
     request: u32,
     lease: Lease,
     reply: oneshot::Sender<Reply>,
+    /// When the caller handed it over (its credit wait runs from here).
+    since: Instant,
 }
 
 /// The edge's fabric side (see the module docs).
@@ -160,6 +169,7 @@ impl Edge {
             queues: (0..cfg.tenants.len()).map(|_| TenantQueue::new(cfg.routes.len())).collect(),
             tenant_queue,
             route_queue,
+            credit_wait: Duration::from_millis(u64::from(g.credit_wait_ms)),
             rotate: 0,
             waiting: HashMap::with_capacity(4096),
             me,
@@ -188,7 +198,7 @@ impl Edge {
     /// returned receiver. Never blocks.
     pub fn call(&self, tenant: u16, route: u16, request: u32, lease: Lease) -> oneshot::Receiver<Reply> {
         let (tx, rx) = oneshot::channel();
-        if let Err(e) = self.calls.send(Call { tenant, route, request, lease, reply: tx }) {
+        if let Err(e) = self.calls.send(Call { tenant, route, request, lease, reply: tx, since: Instant::now() }) {
             let c = e.0;
             if let Some(p) = self.pools.get(c.tenant) {
                 p.release(c.lease);
@@ -208,9 +218,10 @@ impl Upstream for Edge {
         Box::pin(async move {
             match rx.await {
                 Ok(Ok((reply, _))) => Ok(reply),
-                // The cluster's queue toward the function's nodes was full
-                // (a node that takes nothing): backpressure, like our own.
-                Ok(Err(EdgeError::Busy | EdgeError::Failed(ErrorCode::Overloaded))) => Err(UpstreamError::QueueFull),
+                Ok(Err(EdgeError::Busy)) => Err(UpstreamError::QueueFull),
+                Ok(Err(EdgeError::NoCredit)) => Err(UpstreamError::NoCredit),
+                // The server answers each code (503 for a lack of room
+                // in the cluster, 504 for a hop's timeout, else 502).
                 Ok(Err(EdgeError::Failed(code))) => Err(UpstreamError::FunctionError(code)),
                 Ok(Err(EdgeError::Unreachable | EdgeError::BadRoute | EdgeError::Stopped)) | Err(_) => {
                     Err(UpstreamError::Unreachable)
@@ -303,6 +314,9 @@ struct Worker {
     tenant_queue: usize,
     /// Requests of one route that may wait so (config).
     route_queue: usize,
+    /// How long a request may wait for credits before it is refused
+    /// unsent (config).
+    credit_wait: Duration,
     /// The route each tenant's sending starts at this turn, moved on every
     /// turn (routes whose nodes are shared take their credits in turn).
     rotate: usize,
@@ -331,7 +345,7 @@ impl Worker {
             self.conns_up.store(self.port.conns_up(), Ordering::Relaxed);
             *next_control = now + Duration::from_millis(1);
         }
-        let work = self.take_calls() + self.send_queued() + self.poll_fabric();
+        let work = self.take_calls() + self.send_queued(now) + self.poll_fabric();
         // What the receives still need is kept from requests (see
         // `TenantPool`): updated after every poll, which may have taken
         // posted receives (a landed reply) without a buffer to re-post.
@@ -523,13 +537,13 @@ impl Worker {
         n
     }
 
-    fn send_queued(&mut self) -> usize {
+    fn send_queued(&mut self, now: Instant) -> usize {
         let mut n = 0;
         let routes = self.first.len();
         self.rotate = self.rotate.wrapping_add(1);
         for t in 0..self.queues.len() {
             for k in 0..routes {
-                n += self.send_route(t, (self.rotate + k) % routes);
+                n += self.send_route(t, (self.rotate + k) % routes, now);
             }
         }
         n
@@ -537,9 +551,10 @@ impl Worker {
 
     /// Sends tenant `t`'s requests queued for route `r`, each to the next
     /// node of the route's first function that has credits, until none
-    /// has; drops, unsent, those whose caller gave up (timed out), and
-    /// fails those whose function has no node up.
-    fn send_route(&mut self, t: usize, r: usize) -> usize {
+    /// has; drops, unsent, those whose caller gave up (timed out), fails
+    /// those whose function has no node up, and refuses those that waited
+    /// their whole credit wait.
+    fn send_route(&mut self, t: usize, r: usize, now: Instant) -> usize {
         let mut n = 0;
         let tenant = t as u16;
         // (Every queued request's route has a first function: checked when
@@ -549,25 +564,31 @@ impl Worker {
         {
             let gone = c.reply.is_closed();
             let node = if gone {
-                None
+                Err(None)
             } else {
                 match self.port.next_can_send(tenant, &first.nodes, &mut first.next) {
-                    Some(node) => Some(node),
-                    // Every node whose link is up is out of credits: wait.
-                    None if self.port.any_up(tenant, &first.nodes) => break,
-                    None => None,
+                    Some(node) => Ok(node),
+                    // Every node whose link is up is out of credits: wait,
+                    // for as long as its credit wait allows.
+                    None if self.port.any_up(tenant, &first.nodes) => {
+                        if now.saturating_duration_since(c.since) < self.credit_wait {
+                            break;
+                        }
+                        Err(Some(EdgeError::NoCredit))
+                    }
+                    None => Err(Some(EdgeError::Unreachable)),
                 }
             };
             let f = first.f;
             let Some(c) = self.queues[t].pop(r) else { break };
             let node = match node {
-                Some(node) => node,
-                None if gone => {
+                Ok(node) => node,
+                Err(None) => {
                     self.port.bufs_mut(tenant).free(c.lease);
                     continue;
                 }
-                None => {
-                    self.fail(c, EdgeError::Unreachable);
+                Err(Some(e)) => {
+                    self.fail(c, e);
                     continue;
                 }
             };
@@ -644,10 +665,13 @@ impl Worker {
                     }
                 }
                 PortEvent::PeerDown { peer } => {
+                    // The node took these requests and may have run them:
+                    // the same answer as a function dying with a request
+                    // (502), not an invitation to retry (503).
                     let gone: Vec<u32> = self.waiting.iter().filter(|(_, w)| w.peer == peer).map(|(&r, _)| r).collect();
                     for r in gone {
                         if let Some(w) = self.waiting.remove(&r) {
-                            let _ = w.reply.send(Err(EdgeError::Unreachable));
+                            let _ = w.reply.send(Err(EdgeError::Failed(ErrorCode::PeerDied)));
                         }
                     }
                 }

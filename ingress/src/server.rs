@@ -45,6 +45,7 @@ use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
+use wire::ErrorCode;
 use wire::http::{self as env, EnvelopeKind, HeadSpec, Method, REPLY_HEAD_ROOM, Start};
 
 /// Request headers copied into the envelope (the rest stay at the edge).
@@ -365,6 +366,26 @@ impl Ingress {
         self.metrics.rejections.get_or_create(&RejectLabels { tenant, reason }).inc();
     }
 
+    /// The answer to an error descriptor from the chain: 503 + `Retry-After`
+    /// when the cluster lacked room (a node's queue or pool, a node down on
+    /// the way), 504 when a hop timed out, 502 for everything else (a
+    /// function failed or died with the request, a misconfigured chain).
+    fn chain_error(&self, tenant: u16, code: ErrorCode) -> Response<OutBody> {
+        match code {
+            ErrorCode::Overloaded | ErrorCode::PoolExhausted | ErrorCode::Unreachable => {
+                self.unavailable(tenant, code.as_str())
+            }
+            ErrorCode::Timeout => {
+                self.reject(tenant, "timeout");
+                plain(StatusCode::GATEWAY_TIMEOUT, "a function of the chain did not answer in time\n")
+            }
+            _ => {
+                self.reject(tenant, "function_error");
+                plain(StatusCode::BAD_GATEWAY, "a function of the chain failed\n")
+            }
+        }
+    }
+
     fn unavailable(&self, tenant: u16, reason: &'static str) -> Response<OutBody> {
         self.reject(tenant, reason);
         let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, "overloaded, retry later\n");
@@ -504,11 +525,8 @@ impl Ingress {
                 return (self.unavailable(t, e.as_str()), len, request);
             }
             Ok(Err(UpstreamError::FunctionError(code))) => {
-                self.reject(t, "function_error");
-                let mut r = plain(StatusCode::BAD_GATEWAY, "a function of the chain failed\n");
-                if let Ok(v) = HeaderValue::from_str(code.as_str()) {
-                    r.headers_mut().insert(HeaderName::from_static("x-dne-error"), v);
-                }
+                let mut r = self.chain_error(t, code);
+                r.headers_mut().insert(HeaderName::from_static("x-dne-error"), HeaderValue::from_static(code.as_str()));
                 return (r, len, request);
             }
             Ok(Ok(reply)) => reply,

@@ -71,6 +71,14 @@ name = "slow"
 tenant = "open"
 node = "n"
 [[function]]
+name = "fail-unreachable"
+tenant = "open"
+node = "n"
+[[function]]
+name = "fail-timeout"
+tenant = "open"
+node = "n"
+[[function]]
 name = "acme-echo"
 tenant = "acme"
 node = "n"
@@ -92,6 +100,14 @@ chain = ["reverse"]
 path = "/fail"
 tenant = "open"
 chain = ["upper", "fail"]
+[[route]]
+path = "/fail-unreachable"
+tenant = "open"
+chain = ["upper", "fail-unreachable"]
+[[route]]
+path = "/fail-timeout"
+tenant = "open"
+chain = ["fail-timeout"]
 [[route]]
 path = "/slow"
 tenant = "open"
@@ -172,6 +188,8 @@ impl Server {
         let c = cluster(ingress_buffers);
         let extra = vec![
             ("fail".to_owned(), Behavior::Fail(ErrorCode::FunctionFailed)),
+            ("fail-unreachable".to_owned(), Behavior::Fail(ErrorCode::Unreachable)),
+            ("fail-timeout".to_owned(), Behavior::Fail(ErrorCode::Timeout)),
             ("slow".to_owned(), Behavior::Slow(SLOW, Transform::Echo)),
             ("acme-echo".to_owned(), Behavior::Transform(Transform::Echo)),
         ];
@@ -360,6 +378,16 @@ async fn every_edge_status() {
     let (st, h, _) = c.post("/fail", b"x").await;
     assert_eq!(st, StatusCode::BAD_GATEWAY);
     assert_eq!(h.get("x-dne-error").unwrap(), "function_failed");
+    // 503 + Retry-After: a node of the chain was unreachable from the
+    // one before it (the cluster lacked room, the request may be retried).
+    let (st, h, _) = c.post("/fail-unreachable", b"x").await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(h.get("x-dne-error").unwrap(), "unreachable");
+    assert!(h.get("retry-after").is_some());
+    // 504: a hop of the chain timed out.
+    let (st, h, _) = c.post("/fail-timeout", b"x").await;
+    assert_eq!(st, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(h.get("x-dne-error").unwrap(), "timeout");
 
     // 502: a function answers with an interim (1xx) status, which is not a
     // reply hyper can send; any final status passes through.

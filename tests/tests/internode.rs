@@ -450,6 +450,17 @@ fn edge_cluster(
     buffers: u32,
     more: &str,
 ) -> (dne_tests::TempDir, Cluster, std::sync::Arc<config::Cluster>, ingress::Pools) {
+    edge_cluster_with(name, mode, buffers, more, &[])
+}
+
+/// [`edge_cluster`] with more options for n1's `upper` (`--delay-us N`).
+fn edge_cluster_with(
+    name: &str,
+    mode: &'static str,
+    buffers: u32,
+    more: &str,
+    upper: &[&str],
+) -> (dne_tests::TempDir, Cluster, std::sync::Arc<config::Cluster>, ingress::Pools) {
     let edge_dir = dne_tests::TempDir::new(name);
     let ingress = format!(
         "{EDGE_CLUSTER}\n[[ingress]]\nname = \"edge\"\naddress = \"{}\"\nhttp = \"{}\"\nruntime_dir = \"{}\"\nbuffers = {buffers}\n{more}",
@@ -458,7 +469,7 @@ fn edge_cluster(
         edge_dir.path().display()
     );
     let mut c = Cluster::start_mode(name, 2, mode, &ingress);
-    c.start_route_fn(1, "acme", "upper", "upper");
+    c.start_route_fn_with(1, "acme", "upper", "upper", upper);
     c.start_route_fn(0, "acme", "rot13", "rot13");
     let cfg = std::sync::Arc::new(config::Cluster::load(&c.config).unwrap());
     let pools = ingress::Pools::create(&cfg, "edge", buffers, shm::PagePolicy::Normal).unwrap();
@@ -541,14 +552,17 @@ fn edge_chain(task: bool, mode: &'static str) {
 /// tenant's requests for another node: at most the ingress's `route_queue`
 /// of them (set to 100 here; the rest are refused as busy at once, so the
 /// tenant's queue keeps room for its other routes); they fail at once when
-/// that node goes down
-/// (instead of waiting forever); their buffers all come back.
+/// that node goes down (instead of waiting forever): as unreachable those
+/// never sent, as `PeerDied` those it took (they may have run); their
+/// buffers all come back. (The credit wait is set beyond the test's
+/// length; the next test is about it.)
 #[test]
 fn a_node_without_credits_holds_back_only_its_own_requests() {
     use ingress::edge::{Edge, EdgeError};
     use ingress::pool::INGRESS_SLOT as EDGE_SLOT;
     use tokio::sync::oneshot::error::TryRecvError;
-    let (_edge_dir, mut c, cfg, pools) = edge_cluster("edge-hol", "emulated", 2048, "route_queue = 100\n");
+    let more = "route_queue = 100\ncredit_wait_ms = 600000\n";
+    let (_edge_dir, mut c, cfg, pools) = edge_cluster("edge-hol", "emulated", 2048, more);
     let tp = pools.get(0).unwrap().clone();
     let pool = tp.pool();
     let edge = Edge::start(cfg.clone(), 0, pools).unwrap();
@@ -572,10 +586,10 @@ fn a_node_without_credits_holds_back_only_its_own_requests() {
     let bytes = pool.read_to_vec(reply.lease());
     assert!(bytes.ends_with(b"uby"), "rot13 of the body");
     drop(reply);
-    let (mut unanswered, mut busy) = (0, 0);
-    for rx in &mut far {
+    let (mut unanswered, mut busy) = (Vec::new(), 0);
+    for mut rx in far {
         match rx.try_recv() {
-            Err(TryRecvError::Empty) => unanswered += 1,
+            Err(TryRecvError::Empty) => unanswered.push(rx),
             Ok(Err(EdgeError::Busy)) => busy += 1,
             _ => {}
         }
@@ -583,27 +597,109 @@ fn a_node_without_credits_holds_back_only_its_own_requests() {
     // What waits: the route's queue, and what n1's credits took in.
     let limit = cfg.ingresses[0].route_queue as usize;
     assert_eq!(limit, 100);
-    assert!(
-        unanswered > limit && unanswered <= limit + 128,
-        "{unanswered} wait for n1 (n1 gives the edge 128 credits)"
-    );
-    assert!(busy >= far.len() - limit - 128, "the rest were refused as busy: {busy}");
-    // n1 goes down: what waited for it fails now.
+    let waiting = unanswered.len();
+    assert!(waiting > limit && waiting <= limit + 128, "{waiting} wait for n1 (n1 gives the edge 128 credits)");
+    assert!(busy >= 1100 - limit - 128, "the rest were refused as busy: {busy}");
+    // n1 goes down: every one that waited for it fails now, sent or not.
     c.signal_agent(1, Signal::SIGKILL).unwrap();
     c.signal_agent(1, Signal::SIGCONT).ok();
-    let mut failed = 0;
-    for mut rx in far {
-        // (Those answered or failed before the probe above are done.)
-        if let Err(TryRecvError::Empty) = rx.try_recv() {
-            assert_eq!(wait_reply(rx).err(), Some(EdgeError::Unreachable));
-            failed += 1;
+    for rx in unanswered {
+        match wait_reply(rx).err() {
+            // Never sent, or its send failed with the link.
+            Some(EdgeError::Unreachable) => {}
+            // Sent, and n1 took it (not here: n1 was stopped throughout).
+            Some(EdgeError::Failed(wire::ErrorCode::PeerDied)) => {}
+            other => panic!("a request waiting for n1 ended as {other:?}"),
         }
     }
-    assert!(failed > 0);
     // Back up, the edge posts its receives toward n1 again: every request
     // buffer came back.
     c.restart_agent(1);
     dne_tests::wait_for("the edge reconnected to n1", WATCHDOG, || edge.conns_up() == 2);
+    dne_tests::wait_for("the edge pool back to full", WATCHDOG, || pool.free_buffers() == full);
+}
+
+/// A request the node of its first function took (delivered to the
+/// function, which is still at work) fails as `PeerDied` when that node
+/// goes down (502 at the HTTP side: it may have run), not as
+/// `Unreachable` (503, which invites the client to send it again).
+#[test]
+fn a_request_a_node_took_fails_as_peer_died_when_the_node_goes_down() {
+    use ingress::edge::{Edge, EdgeError};
+    use ingress::pool::INGRESS_SLOT as EDGE_SLOT;
+    // n1's upper takes 60 s per message: it holds the request.
+    let (_edge_dir, c, cfg, pools) = edge_cluster_with("edge-took", "emulated", 512, "", &["--delay-us", "60000000"]);
+    let tp = pools.get(0).unwrap().clone();
+    let pool = tp.pool();
+    let edge = Edge::start(cfg, 0, pools).unwrap();
+    dne_tests::wait_for("the edge connected to both nodes", WATCHDOG, || edge.conns_up() == 2);
+    c.wait_conns(2);
+    let msg = envelope(b"took");
+    let mut lease = pool.alloc(msg.len() as u32, wire::Owner::Held(EDGE_SLOT)).unwrap();
+    pool.write(&mut lease, &msg).unwrap();
+    let rx = edge.call(0, 0, 77, lease);
+    let delivered = || c.metric(1, "dne_agent_delivered_messages_total", &[("function", "upper")]).unwrap_or(0.0);
+    dne_tests::wait_for("n1 delivered the request to upper", WATCHDOG, || delivered() >= 1.0);
+    c.signal_agent(1, Signal::SIGKILL).unwrap();
+    assert_eq!(wait_reply(rx).err(), Some(EdgeError::Failed(wire::ErrorCode::PeerDied)));
+}
+
+/// A request that waits its route's whole credit wait (`credit_wait_ms`,
+/// 300 ms here) for a node of its first function to grant credits is
+/// refused unsent, as `NoCredit` (503 with `Retry-After` at the HTTP
+/// side), instead of waiting for its route's timeout: a stopped node keeps
+/// its link up, so it is not unreachable. Those the node's credits took
+/// are answered once it runs again; every buffer comes back.
+#[test]
+fn requests_waiting_beyond_the_credit_wait_are_refused_unsent() {
+    use ingress::edge::{Edge, EdgeError};
+    use ingress::pool::INGRESS_SLOT as EDGE_SLOT;
+    use tokio::sync::oneshot::error::TryRecvError;
+    let (_edge_dir, c, cfg, pools) = edge_cluster("edge-credit-wait", "emulated", 2048, "credit_wait_ms = 300\n");
+    let tp = pools.get(0).unwrap().clone();
+    let pool = tp.pool();
+    let edge = Edge::start(cfg, 0, pools).unwrap();
+    dne_tests::wait_for("the edge connected to both nodes", WATCHDOG, || edge.conns_up() == 2);
+    c.wait_conns(2);
+    let full = pool.free_buffers();
+    // Route 0 starts on n1: stop its agent, then send more than its
+    // credits allow (it grants the edge 128).
+    c.signal_agent(1, Signal::SIGSTOP).unwrap();
+    let mut far: Vec<_> = (0..200u32)
+        .map(|k| {
+            let msg = envelope(b"wait");
+            let mut lease = pool.alloc(msg.len() as u32, wire::Owner::Held(EDGE_SLOT)).unwrap();
+            pool.write(&mut lease, &msg).unwrap();
+            Some(edge.call(0, 0, 1000 + k, lease))
+        })
+        .collect();
+    let mut refused = 0;
+    dne_tests::wait_for("a request refused for want of credits", WATCHDOG, || {
+        for slot in &mut far {
+            if let Some(rx) = slot {
+                match rx.try_recv() {
+                    Err(TryRecvError::Empty) => {}
+                    Ok(Err(EdgeError::NoCredit)) => {
+                        refused += 1;
+                        *slot = None;
+                    }
+                    other => panic!("while n1 is stopped a request ended as {other:?}"),
+                }
+            }
+        }
+        refused > 0
+    });
+    c.signal_agent(1, Signal::SIGCONT).unwrap();
+    let mut answered = 0;
+    for rx in far.into_iter().flatten() {
+        match wait_reply(rx) {
+            Ok(_) => answered += 1,
+            Err(EdgeError::NoCredit) => refused += 1,
+            Err(e) => panic!("a request ended as {e:?}"),
+        }
+    }
+    assert!(answered >= 1 && refused >= 1, "{answered} answered, {refused} refused");
+    assert_eq!(answered + refused, 200);
     dne_tests::wait_for("the edge pool back to full", WATCHDOG, || pool.free_buffers() == full);
 }
 
