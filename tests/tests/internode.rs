@@ -579,7 +579,7 @@ fn a_node_without_credits_holds_back_only_its_own_requests() {
     // than its credits allow.
     c.signal_agent(1, Signal::SIGSTOP).unwrap();
     // More than the tenant's whole queue.
-    let mut far: Vec<_> = (0..1100).map(|k| call(0, 1000 + k)).collect();
+    let far: Vec<_> = (0..1100).map(|k| call(0, 1000 + k)).collect();
     std::thread::sleep(Duration::from_millis(300));
     // Route 2 starts on n0: answered while n1's requests wait.
     let (reply, _) = wait_reply(call(2, 7)).expect("n0 answers while n1 is stopped");
