@@ -119,6 +119,9 @@ pub struct Stats {
     /// Buffers a dead producer had handed over to a function (or the
     /// agent) but whose descriptor it never pushed: freed.
     pub orphans: u64,
+    /// Looks for voids and orphans done, one per death, [`HOLE_GRACE`]
+    /// after it.
+    pub hole_checks: u64,
     /// Times a client's requests were held back because it did not read
     /// its replies.
     pub held: u64,
@@ -170,6 +173,9 @@ pub struct Shimd {
     free_slots: Vec<u16>,
     cooling: Vec<(Instant, u16, u16)>,
     holes: Vec<Holes>,
+    /// When the looks for voids and orphans noted at deaths are due (one
+    /// per death, whether or not it left anything to look at).
+    looks: std::collections::VecDeque<Instant>,
     stats: Stats,
     /// When the status file is next refreshed for the pools' free counts,
     /// and the counts it was last refreshed with.
@@ -312,6 +318,7 @@ impl Shimd {
             free_slots: Vec::new(),
             cooling: Vec::new(),
             holes: Vec::new(),
+            looks: std::collections::VecDeque::new(),
             stats: Stats::default(),
             status_due: Instant::now() + STATUS_EVERY,
             status_free: Vec::new(),
@@ -779,6 +786,7 @@ impl Shimd {
     /// [`HOLE_GRACE`] is over ([`Shimd::fill_holes`]).
     fn note_holes(&mut self, tenant: u16) {
         let due = Instant::now() + HOLE_GRACE;
+        self.looks.push_back(due);
         let Some(pool) = self.pools.get(&tenant) else { return };
         let mut holes = Vec::new();
         for (ring_of, ring, _) in self.rings_of(tenant) {
@@ -811,6 +819,11 @@ impl Shimd {
             std::mem::take(&mut self.holes).into_iter().partition(|h| h.due <= now);
         self.holes = later;
         let (mut orphans, mut voids) = (0, 0);
+        let mut checked = 0;
+        while self.looks.front().is_some_and(|&t| t <= now) {
+            self.looks.pop_front();
+            checked += 1;
+        }
         for h in due {
             // A consumer gone meanwhile took its ring with it (and
             // host-shimd reclaimed what was handed to it).
@@ -846,7 +859,8 @@ impl Shimd {
         }
         self.stats.orphans += orphans;
         self.stats.voids += voids;
-        if orphans + voids > 0 {
+        self.stats.hole_checks += checked;
+        if checked > 0 {
             self.write_status();
         }
     }
@@ -917,7 +931,7 @@ impl Shimd {
         };
         let agent = self.uplinks.values().filter(|u| u.attached).count();
         let s = format!(
-            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"rehinted\":{},\"bad_frames\":{},\"voids\":{},\"orphans\":{},\"held\":{},\"cooling\":{},\"pools\":[{}]{bridge}}}\n",
+            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"rehinted\":{},\"bad_frames\":{},\"voids\":{},\"orphans\":{},\"hole_checks\":{},\"held\":{},\"cooling\":{},\"pools\":[{}]{bridge}}}\n",
             self.cfg.nodes[usize::from(self.node)].name,
             self.stats.attached,
             map(&self.stats.attach_refused),
@@ -928,6 +942,7 @@ impl Shimd {
             self.stats.bad_frames,
             self.stats.voids,
             self.stats.orphans,
+            self.stats.hole_checks,
             self.stats.held,
             self.cooling.len(),
             pools.join(",")

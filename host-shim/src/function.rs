@@ -206,7 +206,6 @@ pub struct Function {
     /// again: a sender that keeps addressing such a function (the agent,
     /// on its data path) does not make a blocking round trip per message.
     absent: HashMap<String, (Instant, SendErrorKind)>,
-    pending: VecDeque<Descriptor>,
     /// Accepted by [`try_recv`](Self::try_recv), not yet returned.
     taken: VecDeque<Msg>,
     scratch: [Descriptor; BATCH],
@@ -301,7 +300,6 @@ impl Function {
             bell: Doorbell::from_fd(bell_fd),
             peers: HashMap::new(),
             absent: HashMap::new(),
-            pending: VecDeque::with_capacity(BATCH),
             taken: VecDeque::with_capacity(BATCH),
             scratch: [Descriptor::default(); BATCH],
             scratch_msgs: Vec::with_capacity(BATCH),
@@ -623,16 +621,6 @@ impl Function {
         Ok(sent)
     }
 
-    fn accept_pending(&mut self) -> Option<Msg> {
-        while let Some(d) = self.pending.pop_front() {
-            match self.pool.accept(&d, self.info.slot) {
-                Ok(lease) => return Some(Msg { lease, desc: d }),
-                Err(e) => self.reject(e),
-            }
-        }
-        None
-    }
-
     fn reject(&mut self, e: AcceptError) {
         let n = self.rejected.entry(e.as_str()).or_insert(0);
         *n += 1;
@@ -651,9 +639,6 @@ impl Function {
     /// consumes what it had taken: [`shm::ring::Ring::skip_taken`]).
     pub fn try_recv(&mut self) -> Option<Msg> {
         loop {
-            if let Some(m) = self.accept_pending() {
-                return Some(m);
-            }
             if let Some(m) = self.taken.pop_front() {
                 return Some(m);
             }
@@ -677,7 +662,7 @@ impl Function {
     /// is already waiting (do not sleep). Call
     /// [`sleep_end`](Self::sleep_end) after waking either way.
     pub fn sleep_begin(&mut self) -> bool {
-        self.taken.is_empty() && self.pending.is_empty() && self.inbox.prepare_sleep()
+        self.taken.is_empty() && self.inbox.prepare_sleep()
     }
 
     /// After [`sleep_begin`](Self::sleep_begin): awake again; the doorbell
@@ -717,8 +702,12 @@ impl Function {
                 },
                 None => None,
             };
-            let n = self.inbox.pop_wait(&mut self.scratch, &self.bell, self.spin, left)?;
-            self.pending.extend(&self.scratch[..n]);
+            // Wait without popping: `try_recv` above takes what arrived
+            // (accepted before it leaves the ring). Descriptors popped and
+            // held here unaccepted would name buffers still marked as sent
+            // to this function and in no ring, which host-shimd's orphan
+            // scan frees after a death in the tenant.
+            self.inbox.wait_ready(&self.bell, self.spin, left)?;
         }
     }
 

@@ -922,6 +922,32 @@ mod segment {
             spin: Duration,
             timeout: Option<Duration>,
         ) -> std::io::Result<usize> {
+            self.wait_with(bell, spin, timeout, |c| c.pop(out))
+        }
+
+        /// Waits as [`pop_wait`](Self::pop_wait) does until a descriptor is
+        /// ready to pop, and pops nothing: for a consumer that takes what
+        /// arrives with [`peek`](Self::peek) and [`commit`](Self::commit),
+        /// so that nothing it has not dealt with leaves the ring. Returns
+        /// `false` only on timeout.
+        pub fn wait_ready(
+            &mut self,
+            bell: &Doorbell,
+            spin: Duration,
+            timeout: Option<Duration>,
+        ) -> std::io::Result<bool> {
+            self.wait_with(bell, spin, timeout, |c| usize::from(super::ready(&c.ring, c.head))).map(|n| n > 0)
+        }
+
+        /// The wait of `pop_wait` and `wait_ready`: `poll` until it returns
+        /// non-zero, spinning, then sleeping on `bell`; 0 on timeout.
+        fn wait_with(
+            &mut self,
+            bell: &Doorbell,
+            spin: Duration,
+            timeout: Option<Duration>,
+            mut poll: impl FnMut(&mut Self) -> usize,
+        ) -> std::io::Result<usize> {
             let start = Instant::now();
             let deadline = timeout.map(|t| start + t);
             loop {
@@ -930,7 +956,7 @@ mod segment {
                 // the first sleep.
                 let mut polls = 0u32;
                 loop {
-                    let n = self.pop(out);
+                    let n = poll(self);
                     if n > 0 {
                         return Ok(n);
                     }

@@ -658,3 +658,49 @@ fn garbage_from_a_rogue_peer_is_rejected_counted_and_harmless() {
     assert_eq!(victim.read_to_vec(&got), b"still here");
     victim.free(got).unwrap();
 }
+
+/// Messages that reached a function while it waited in `recv` stay in its
+/// ring until it has accepted them, one by one: none is held popped and
+/// unaccepted. Such a message named buffers marked as sent to the function
+/// and in no ring, which host-shimd's look for orphans after a death in the
+/// tenant (here a clean detach) freed, losing the message (and the buffer
+/// could be handed out again under the old descriptor).
+#[test]
+fn messages_a_waiting_receiver_has_not_taken_yet_survive_a_death_in_the_tenant() {
+    let node = start_node("orphan-scan");
+    let mut victim = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let mut sender = Function::attach(&node.socket(), "acme", "upper").unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        ready_tx.send(()).unwrap();
+        let first = victim.recv_timeout(Some(WATCHDOG)).unwrap().expect("the first message");
+        (victim, first)
+    });
+    ready_rx.recv().unwrap();
+    // Let it reach its wait, so that the three arrive in one batch while
+    // it waits (what the old code popped at once).
+    std::thread::sleep(Duration::from_millis(50));
+    let mut batch: Vec<host_shim::Msg> = (0..3u8)
+        .map(|k| {
+            let mut m = sender.alloc(4).unwrap();
+            sender.write(&mut m, &[b'a' + k; 4]).unwrap();
+            m
+        })
+        .collect();
+    assert_eq!(sender.send_batch(&mut batch, "client").unwrap(), 3);
+    let (mut victim, first) = waiter.join().unwrap();
+    assert_eq!(victim.read_to_vec(&first), b"aaaa");
+    victim.free(first).unwrap();
+    // A death in the tenant; wait for host-shimd's look for orphans.
+    let checks = || dne_tests::cluster::status_number(&node.status(), "hole_checks");
+    let before = checks().expect("hole_checks in host-shimd's status");
+    drop(Function::attach(&node.socket(), "acme", "hoarder").unwrap());
+    wait_for("host-shimd's look for orphans after the detach", WATCHDOG, || checks() > Some(before));
+    for k in 1..3u8 {
+        let m = victim.recv_timeout(Some(WATCHDOG)).unwrap().expect("a message delivered before the death");
+        assert_eq!(victim.read_to_vec(&m), [b'a' + k; 4]);
+        victim.free(m).unwrap();
+    }
+    assert!(victim.rejected().is_empty(), "{:?}", victim.rejected());
+    assert_eq!(dne_tests::cluster::status_number(&node.status(), "orphans"), Some(0), "{}", node.status());
+}
