@@ -164,6 +164,9 @@ struct Holes {
 pub struct Shimd {
     cfg: Cluster,
     node: u16,
+    /// This process's effective user id: besides root, the only one that
+    /// may attach as the agent (see `attach_agent`).
+    euid: u32,
     dir: PathBuf,
     listener: Listener,
     pools: HashMap<u16, Pool>,
@@ -315,6 +318,7 @@ impl Shimd {
             uplinks,
             clients: Vec::new(),
             next_slot: 0,
+            euid: rustix::process::geteuid().as_raw(),
             free_slots: Vec::new(),
             cooling: Vec::new(),
             holes: Vec::new(),
@@ -607,6 +611,15 @@ impl Shimd {
         };
         if fn_name != AGENT_NAME {
             return self.refuse(i, seq, ErrorCode::BadRoute, "attach", tid, u16::MAX);
+        }
+        // The agent gets the tenant's whole pool, its uplink and every
+        // function ring a lookup names, whatever the tenant's `uid`: only
+        // root (the agent's user) or host-shimd's own user (its DPU bridge,
+        // or a machine running everything as one user) may be it.
+        let uid = self.clients[i].uid;
+        if uid != 0 && uid != self.euid {
+            log::warn!("pid {} (uid {uid}) asked to attach as the agent of tenant {tenant_name}", self.clients[i].pid);
+            return self.refuse(i, seq, ErrorCode::TenantMismatch, "attach", tid, u16::MAX);
         }
         let up = &self.uplinks[&tid];
         if up.attached {

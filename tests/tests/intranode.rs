@@ -5,6 +5,8 @@
 //! functions, crash reclaim (kill -9 a function holding buffers, 100 times),
 //! tenant isolation. Every wait has a watchdog; nothing asserts on time.
 
+#![allow(clippy::print_stdout, clippy::print_stderr)] // the agent probe reports on stdout; a skip notice
+
 use dne_functions::Transform;
 use dne_tests::{Proc, TempDir, bin_path, wait_for};
 use host_shim::{AttachError, Function, SendErrorKind};
@@ -703,4 +705,59 @@ fn messages_a_waiting_receiver_has_not_taken_yet_survive_a_death_in_the_tenant()
     }
     assert!(victim.rejected().is_empty(), "{:?}", victim.rejected());
     assert_eq!(dne_tests::cluster::status_number(&node.status(), "orphans"), Some(0), "{}", node.status());
+}
+
+/// Set in this test binary's environment when it runs again as another
+/// user to probe host-shimd (see the test below): the socket to try.
+const AGENT_PROBE_ENV: &str = "DNE_TEST_AGENT_PROBE";
+
+/// Only root or host-shimd's own user may attach as a tenant's agent,
+/// which gets the tenant's whole pool, its uplink and every function ring
+/// a lookup names: before, any process that could reach the socket could
+/// take a tenant's agent role whenever the agent was not attached (before
+/// it started, while it restarted), whatever the tenant's `uid`. This test
+/// runs itself again as uid 65534 (root only; it says it skips otherwise).
+#[test]
+fn only_root_or_host_shimds_user_may_attach_as_the_agent() {
+    if let Ok(socket) = std::env::var(AGENT_PROBE_ENV) {
+        // The probe, as uid 65534.
+        match Function::attach_agent(Path::new(&socket), "acme") {
+            Ok(_) => println!("PROBE attached"),
+            Err(e) => println!("PROBE refused: {e:?}"),
+        }
+        return;
+    }
+    if !dne_tests::cluster::is_root() {
+        eprintln!("skipped: needs root (to run a probe as another user)");
+        return;
+    }
+    let node = start_node("agent-uid");
+    // Let any user reach the socket: what is checked is who they are.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(node.socket(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "only_root_or_host_shimds_user_may_attach_as_the_agent",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ]);
+    cmd.env(AGENT_PROBE_ENV, node.socket());
+    std::os::unix::process::CommandExt::uid(&mut cmd, 65534);
+    std::os::unix::process::CommandExt::gid(&mut cmd, 65534);
+    let out = Proc::spawn("agent probe as uid 65534", cmd).wait_timeout(WATCHDOG);
+    // (The harness prints the test's name on the same line.)
+    let said = out.stdout.lines().find_map(|l| l.find("PROBE").map(|k| l[k..].to_owned()));
+    assert_eq!(
+        said.as_deref(),
+        Some("PROBE refused: Refused(TenantMismatch)"),
+        "stdout: {}\nstderr: {}",
+        out.stdout,
+        out.stderr
+    );
+    wait_for("the refusal counted", WATCHDOG, || node.status().contains("\"attach_refused\":{\"tenant_mismatch\":1}"));
+    // Root (this test) may.
+    let agent = Function::attach_agent(&node.socket(), "acme").expect("root attaches as the agent");
+    assert_eq!(agent.info().slot, wire::segment::AGENT_SLOT);
 }
