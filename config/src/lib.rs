@@ -481,6 +481,15 @@ impl Cluster {
                 };
                 return Err(bad(f(field), e.to_string()));
             }
+            let chain_max = wire::ctrl::MAX_MESSAGE_CHAIN as u32;
+            if t.max_chain > chain_max && self.nodes.iter().any(|n| n.mode == Mode::Dpu) {
+                return Err(bad(
+                    f("max_chain"),
+                    format!(
+                        "at most {chain_max} with a node in dpu mode (one comch message names a message's buffers)"
+                    ),
+                ));
+            }
             if t.recv_quota == 0 {
                 return Err(bad(f("recv_quota"), "must be at least 1"));
             }
@@ -619,6 +628,23 @@ fn position<'a>(mut names: impl Iterator<Item = &'a str>, name: &str) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chains_are_limited_to_one_comch_message_with_a_dpu_node() {
+        let chain = |mode: &str, max_chain: u32| {
+            let text = GOOD.replacen("mode = \"host\"", &format!("mode = \"{mode}\""), 1).replacen(
+                "buffers = 1024",
+                &format!("buffers = 4096\nmax_chain = {max_chain}"),
+                1,
+            );
+            Cluster::parse(&text).map(|c| c.tenants[0].max_chain)
+        };
+        let most = wire::ctrl::MAX_MESSAGE_CHAIN as u32;
+        assert_eq!(chain("dpu", most).unwrap(), most);
+        let e = chain("dpu", most + 1).unwrap_err().to_string();
+        assert!(e.contains("tenant[0].max_chain: at most 1008 with a node in dpu mode"), "{e}");
+        assert_eq!(chain("host", 2000).unwrap(), 2000, "no comch without a dpu node");
+    }
 
     const GOOD: &str = r#"
 [[node]]

@@ -37,6 +37,8 @@ use zerocopy::IntoBytes;
 
 /// Messages taken from one uplink ring per pass.
 const BATCH: usize = 32;
+// Every frame the bridge sends is sized to fit one comch message.
+const _: () = assert!(doca::COMCH_MAX_MSG_SIZE as usize == wire::ctrl::COMCH_MSG_MAX);
 /// How long an idle bridge keeps polling before it sleeps.
 const SPIN: Duration = Duration::from_micros(50);
 /// Longest sleep while something is pending (lends and deliveries are
@@ -327,6 +329,12 @@ impl Bridge {
         let cap = pool.geometry().payload_cap();
         self.scratch.clear();
         self.scratch.extend(pool.chain(&lease));
+        if self.scratch.len() > wire::ctrl::MAX_MESSAGE_CHAIN {
+            // The cluster file cannot allow such chains with a node in DPU
+            // mode (`max_chain`): one comch message could not name them.
+            log::error!("bridge: a message of {} buffers does not fit a comch message; dropped", self.scratch.len());
+            return self.free(t, lease);
+        }
         let count = self.scratch.len() as u16;
         for (k, &i) in (0u16..).zip(&self.scratch) {
             let h = FabricHeader::new(MsgKind::Data, desc, k, count, frag_len(lease.len(), cap, u32::from(k)));

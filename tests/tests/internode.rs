@@ -269,6 +269,41 @@ fn dpu_mode_agent_restart_frees_what_it_held_and_recovers() {
     }
 }
 
+/// DPU mode with a receive quota larger than one comch message can lend
+/// at once (1014 buffers): the agent asks for, and host-shimd's bridge lends
+/// and takes back, receive buffers in parts that fit. Before, the bridge
+/// handed 2048 buffers to the agent and then sent a frame too large to go
+/// out: the agent never got them, posted no receive, and nothing crossed.
+#[test]
+fn dpu_mode_a_receive_quota_beyond_one_comch_message_is_lent_in_parts() {
+    let big =
+        TENANTS_AND_FUNCTIONS.replacen("buffers = 1024\nrecv_quota = 256", "buffers = 4096\nrecv_quota = 1200", 1);
+    assert_ne!(big, TENANTS_AND_FUNCTIONS);
+    let mut c = Cluster::start_mode("dpu-big-lend", 2, "dpu", &big);
+    c.start_fn(1, "acme", "upper", "upper", Some("sink"));
+    let mut client = c.attach(0, "acme", "client");
+    let mut sink = c.attach(0, "acme", "sink");
+    for k in 0..20u32 {
+        let data = pattern(3000, k as usize);
+        let mut m = client.alloc(3000).unwrap();
+        client.write(&mut m, &data).unwrap();
+        m.set_request(k);
+        client.send(m, "upper").unwrap();
+        let got = sink.recv_timeout(Some(WATCHDOG)).unwrap().expect("upper answered");
+        assert_eq!(sink.read_to_vec(&got), data.to_ascii_uppercase());
+        sink.free(got).unwrap();
+    }
+    // Both bridges lent more than one frame carries, and refused nothing.
+    for i in 0..2 {
+        dne_tests::wait_for("the bridge lent the agent's whole target", WATCHDOG, || {
+            let s = c.shimd_status(i);
+            let bridge = s.find("\"bridge\":").map(|k| &s[k..]).unwrap_or_default();
+            let n = |k: &str| dne_tests::cluster::status_number(bridge, k);
+            n("lent").is_some_and(|l| l > wire::ctrl::MAX_LEND as u64) && n("refused") == Some(0)
+        });
+    }
+}
+
 #[test]
 fn tenants_stay_apart_across_nodes() {
     tenants_apart("emulated");

@@ -23,8 +23,18 @@ pub const CTRL_MAGIC: u32 = u32::from_le_bytes(*b"DNEC");
 pub const CTRL_VERSION: u16 = 1;
 /// Largest DOCA export blob a [`PoolExport`] may carry.
 pub const MAX_EXPORT_BLOB: usize = 8192;
-/// Most buffer indices one [`LendRecv`] may carry.
-pub const MAX_LEND: usize = 2048;
+/// Largest comch message (DOCA's on a BlueField, and the emulation's):
+/// frames between host-shimd's bridge and the agent are packed into such
+/// messages, so every frame they exchange must fit one.
+pub const COMCH_MSG_MAX: usize = 4080;
+/// Most buffer indices one [`LendRecv`] or [`CtrlMsg::ReturnBufs`] may
+/// carry (and so buffers one [`CtrlMsg::WantBufs`] may ask for): as many
+/// as fit one comch message, 1014.
+pub const MAX_LEND: usize = (COMCH_MSG_MAX - size_of::<CtrlHeader>() - size_of::<LendRecv>()) / 4;
+/// Longest chain one [`CtrlMsg::Message`] may name: as many indices as fit
+/// one comch message after its header, 1008. A tenant of a cluster with a
+/// node in DPU mode may not have longer chains (`max_chain`).
+pub const MAX_MESSAGE_CHAIN: usize = (COMCH_MSG_MAX - size_of::<CtrlHeader>() - size_of::<MessageHdr>()) / 4;
 /// Largest frame, header included.
 pub const CTRL_MAX_FRAME: usize = size_of::<CtrlHeader>() + size_of::<PoolExport>() + MAX_EXPORT_BLOB;
 const _: () = assert!(CTRL_MAX_FRAME >= size_of::<CtrlHeader>() + size_of::<LendRecv>() + 4 * MAX_LEND);
@@ -639,7 +649,7 @@ impl<'a> CtrlFrame<'a> {
             CtrlMsg::LendRecv(b, list) | CtrlMsg::ReturnBufs(b, list) => {
                 list.len() <= MAX_LEND && b.count as usize == list.len()
             }
-            CtrlMsg::Message(b, list) => list.len() <= MAX_LEND && b.count as usize == list.len(),
+            CtrlMsg::Message(b, list) => list.len() <= MAX_MESSAGE_CHAIN && b.count as usize == list.len(),
             _ => true,
         };
         if !tail_ok {
@@ -771,7 +781,7 @@ fn decode_msg(kind: CtrlKind, p: &[u8]) -> Result<CtrlMsg<'_>, CtrlDecodeError> 
             let (b, tail) = body::<MessageHdr>(kind, p, false)?;
             field(kind, "desc", b.desc.validate_fields().is_ok())?;
             field(kind, "flags", b.flags & !MessageHdr::FLAGS_ALL == 0)?;
-            field(kind, "count", b.count >= 1 && usize::from(b.count) <= MAX_LEND)?;
+            field(kind, "count", b.count >= 1 && usize::from(b.count) <= MAX_MESSAGE_CHAIN)?;
             let list = buf_list(kind, p.len(), size_of::<MessageHdr>(), tail, usize::from(b.count))?;
             field(kind, "desc.buf", list.iter().next() == Some(b.desc.buf))?;
             CtrlMsg::Message(b, list)
@@ -1008,6 +1018,26 @@ mod tests {
         assert!(matches!(CtrlFrame { seq: 0, msg }.encode(&mut out), Err(CtrlEncodeError::Tail { .. })));
         let msg = CtrlMsg::Credits(Credits { tenant: 0, peer_node: 0, granted: 1 });
         assert_eq!(CtrlFrame { seq: 0, msg }.encode(&mut out[..20]), Err(CtrlEncodeError::BufferTooSmall { need: 24 }));
+    }
+
+    #[test]
+    fn the_largest_lists_fit_one_comch_message() {
+        let idx: Vec<u32> = (0..MAX_LEND as u32).collect();
+        let lend = CtrlFrame {
+            seq: 1,
+            msg: CtrlMsg::LendRecv(
+                LendRecv { tenant: 0, reserved: 0, count: MAX_LEND as u32 },
+                BufList::from_indices(&idx),
+            ),
+        };
+        assert!(lend.encoded_len() <= COMCH_MSG_MAX, "{}", lend.encoded_len());
+        let chain = &idx[..MAX_MESSAGE_CHAIN];
+        let desc = crate::Descriptor { buf: 0, ..Default::default() };
+        let hdr = MessageHdr { desc, flags: 0, count: MAX_MESSAGE_CHAIN as u16 };
+        let msg = CtrlFrame { seq: 2, msg: CtrlMsg::Message(hdr, BufList::from_indices(chain)) };
+        assert!(msg.encoded_len() <= COMCH_MSG_MAX, "{}", msg.encoded_len());
+        // One more index would not fit.
+        assert!(lend.encoded_len() + 4 > COMCH_MSG_MAX && msg.encoded_len() + 4 > COMCH_MSG_MAX);
     }
 
     proptest! {

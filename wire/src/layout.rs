@@ -102,6 +102,8 @@ const ROWS: &[LayoutRow] = &[
     konst!(ctrl::CTRL_VERSION),
     konst!(ctrl::MAX_EXPORT_BLOB),
     konst!(ctrl::MAX_LEND),
+    konst!(ctrl::COMCH_MSG_MAX),
+    konst!(ctrl::MAX_MESSAGE_CHAIN),
     konst!(http::ENVELOPE_MAGIC),
     konst!(http::ENVELOPE_VERSION),
     konst!(http::REPLY_HEAD_ROOM),
