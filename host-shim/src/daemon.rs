@@ -90,7 +90,17 @@ struct Client {
     /// requests stay unread in its socket until it reads, so it holds
     /// back only itself, never host-shimd's one thread.
     held: bool,
+    /// When it connected (a client that has not attached within
+    /// [`ATTACH_WITHIN`] is dropped).
+    since: Instant,
 }
+
+/// How long a connection may stay without attaching.
+pub const ATTACH_WITHIN: Duration = Duration::from_secs(10);
+/// How long host-shimd stops accepting connections after accepting one
+/// failed (out of file descriptors, say): the pending connection would
+/// otherwise wake it again at once.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// Counters, as written to the status file.
 #[derive(Debug, Default, Clone)]
@@ -125,6 +135,11 @@ pub struct Stats {
     /// Times a client's requests were held back because it did not read
     /// its replies.
     pub held: u64,
+    /// Connections that could not be accepted (out of file descriptors,
+    /// say); host-shimd pauses accepting and serves on.
+    pub accept_failed: u64,
+    /// Connections dropped for not attaching within [`ATTACH_WITHIN`].
+    pub idle_dropped: u64,
 }
 
 /// A ring of a tenant, named by who consumes it.
@@ -179,6 +194,8 @@ pub struct Shimd {
     /// When the looks for voids and orphans noted at deaths are due (one
     /// per death, whether or not it left anything to look at).
     looks: std::collections::VecDeque<Instant>,
+    /// Accepting stopped until then (see [`ACCEPT_PAUSE`]).
+    accept_paused: Option<Instant>,
     stats: Stats,
     /// When the status file is next refreshed for the pools' free counts,
     /// and the counts it was last refreshed with.
@@ -323,6 +340,7 @@ impl Shimd {
             cooling: Vec::new(),
             holes: Vec::new(),
             looks: std::collections::VecDeque::new(),
+            accept_paused: None,
             stats: Stats::default(),
             status_due: Instant::now() + STATUS_EVERY,
             status_free: Vec::new(),
@@ -352,7 +370,8 @@ impl Shimd {
     pub fn poll_once(&mut self, stop: Option<BorrowedFd<'_>>, timeout: Duration) -> io::Result<bool> {
         let (ready, stop_ready) = {
             let mut fds = Vec::with_capacity(self.clients.len() + 2);
-            fds.push(PollFd::new(&self.listener, PollFlags::IN));
+            let accepting = self.accept_paused.is_none_or(|until| Instant::now() >= until);
+            fds.push(PollFd::new(&self.listener, if accepting { PollFlags::IN } else { PollFlags::empty() }));
             for c in &self.clients {
                 // A held client is heard again once it has read (room to
                 // reply); hang-ups and errors are reported either way.
@@ -385,22 +404,64 @@ impl Shimd {
                 self.serve(i);
             }
         }
-        while let Some(conn) = self.listener.accept()? {
-            match conn.peer_cred() {
-                Ok(cred) => self.clients.push(Client {
-                    conn,
-                    pid: cred.pid.as_raw_nonzero().get(),
-                    uid: cred.uid.as_raw(),
-                    role: None,
-                    attached: None,
-                    held: false,
-                }),
-                Err(e) => log::warn!("dropping a connection without peer credentials: {e}"),
-            }
-        }
+        self.accept_clients();
+        self.drop_idle();
         self.cool_down();
         self.refresh_status();
         Ok(false)
+    }
+
+    /// Accepts the connections waiting, unless paused. A failure (out of
+    /// file descriptors, say) is counted and pauses accepting for
+    /// [`ACCEPT_PAUSE`]; it never stops host-shimd.
+    fn accept_clients(&mut self) {
+        let now = Instant::now();
+        if self.accept_paused.is_some_and(|until| now < until) {
+            return;
+        }
+        self.accept_paused = None;
+        loop {
+            match self.listener.accept() {
+                Ok(Some(conn)) => match conn.peer_cred() {
+                    Ok(cred) => self.clients.push(Client {
+                        conn,
+                        pid: cred.pid.as_raw_nonzero().get(),
+                        uid: cred.uid.as_raw(),
+                        role: None,
+                        attached: None,
+                        held: false,
+                        since: now,
+                    }),
+                    Err(e) => log::warn!("dropping a connection without peer credentials: {e}"),
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    self.stats.accept_failed += 1;
+                    if self.stats.accept_failed.is_power_of_two() {
+                        log::warn!(
+                            "cannot accept a connection ({e}); pausing {ACCEPT_PAUSE:?} ({} so far, {} clients)",
+                            self.stats.accept_failed,
+                            self.clients.len()
+                        );
+                    }
+                    self.accept_paused = Some(now + ACCEPT_PAUSE);
+                    self.write_status();
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Drops connections that did not attach within [`ATTACH_WITHIN`].
+    fn drop_idle(&mut self) {
+        let now = Instant::now();
+        for i in (0..self.clients.len()).rev() {
+            let c = &self.clients[i];
+            if c.attached.is_none() && now.duration_since(c.since) >= ATTACH_WITHIN {
+                self.stats.idle_dropped += 1;
+                self.gone(i, "did not attach in time");
+            }
+        }
     }
 
     /// Shows the counts of this node's bridge to the DPU agent in the
@@ -944,7 +1005,7 @@ impl Shimd {
         };
         let agent = self.uplinks.values().filter(|u| u.attached).count();
         let s = format!(
-            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"rehinted\":{},\"bad_frames\":{},\"voids\":{},\"orphans\":{},\"hole_checks\":{},\"held\":{},\"cooling\":{},\"pools\":[{}]{bridge}}}\n",
+            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"rehinted\":{},\"bad_frames\":{},\"voids\":{},\"orphans\":{},\"hole_checks\":{},\"held\":{},\"accept_failed\":{},\"idle_dropped\":{},\"cooling\":{},\"pools\":[{}]{bridge}}}\n",
             self.cfg.nodes[usize::from(self.node)].name,
             self.stats.attached,
             map(&self.stats.attach_refused),
@@ -957,6 +1018,8 @@ impl Shimd {
             self.stats.orphans,
             self.stats.hole_checks,
             self.stats.held,
+            self.stats.accept_failed,
+            self.stats.idle_dropped,
             self.cooling.len(),
             pools.join(",")
         );

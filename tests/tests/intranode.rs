@@ -761,3 +761,43 @@ fn only_root_or_host_shimds_user_may_attach_as_the_agent() {
     let agent = Function::attach_agent(&node.socket(), "acme").expect("root attaches as the agent");
     assert_eq!(agent.info().slot, wire::segment::AGENT_SLOT);
 }
+
+/// host-shimd out of file descriptors (a client opens connections and
+/// leaves them idle) pauses accepting and serves on: before, the failed
+/// accept ended the process (under systemd: a restart with new pools, every
+/// function of the node cut off). Connections that do not attach within
+/// `ATTACH_WITHIN` are dropped, which gives their descriptors back.
+#[test]
+fn running_out_of_descriptors_pauses_accepting_and_host_shimd_serves_on() {
+    let dir = TempDir::new("accept-fail");
+    let cfg = dir.path().join("cluster.toml");
+    std::fs::write(&cfg, config(dir.path())).unwrap();
+    // Room for host-shimd's own descriptors and a few dozen clients.
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--nofile=48:48", "--"]).arg(bin_path("host-shimd"));
+    cmd.arg("--config").arg(&cfg).args(["--node", "n1"]).env("RUST_LOG", "warn");
+    let mut shimd = Proc::spawn_lines("host-shimd", cmd);
+    let socket = host_shim::daemon::socket_path(dir.path());
+    wait_for("host-shimd socket", WATCHDOG, || socket.exists());
+    let status = || std::fs::read_to_string(host_shim::daemon::status_path(dir.path())).unwrap_or_default();
+    let count = |k: &str| dne_tests::cluster::status_number(&status(), k).unwrap_or(0);
+    let mut client = Function::attach(&socket, "acme", "client").unwrap();
+    // More connections than descriptors left (the rest wait in the
+    // listen backlog).
+    let mut idle: Vec<host_shim::sock::Conn> =
+        (0..60).map(|_| host_shim::sock::Conn::connect(&socket).expect("connect")).collect();
+    wait_for("a failed accept counted", WATCHDOG, || count("accept_failed") >= 1);
+    assert!(shimd.is_running(), "host-shimd exited");
+    // It still answers the attached client (a lookup: no instance).
+    let m = client.alloc(8).unwrap();
+    let e = client.send(m, "upper").unwrap_err();
+    assert!(matches!(e.kind, SendErrorKind::NoInstance), "{e:?}");
+    client.free(e.msg.unwrap()).unwrap();
+    // Half the idle connections close: it accepts again.
+    idle.truncate(30);
+    let upper = Function::attach(&socket, "acme", "upper").expect("attach once descriptors are free");
+    // The others never attach: dropped in time.
+    wait_for("idle connections dropped", WATCHDOG, || count("idle_dropped") >= 1);
+    assert!(shimd.is_running(), "host-shimd exited");
+    drop((upper, idle));
+}
