@@ -271,6 +271,7 @@ impl Wake {
 
 struct Waiting {
     tenant: u16,
+    route: u16,
     peer: u16,
     reply: oneshot::Sender<Reply>,
 }
@@ -609,7 +610,8 @@ impl Worker {
             match self.port.send(c.tenant, node, c.lease, desc, u64::from(c.request)) {
                 Ok(()) => {
                     n += 1;
-                    self.waiting.insert(c.request, Waiting { tenant: c.tenant, peer: node, reply: c.reply });
+                    self.waiting
+                        .insert(c.request, Waiting { tenant: c.tenant, route: c.route, peer: node, reply: c.reply });
                 }
                 Err((lease, _, _)) => {
                     self.port.bufs_mut(c.tenant).free(lease);
@@ -640,9 +642,11 @@ impl Worker {
                     } else {
                         Some(Ok(()))
                     };
-                    // Only a reply of the request's own tenant ends its wait
-                    // (another tenant's message naming the same id does not).
-                    let ours = reply.is_some() && self.waiting.get(&desc.request).is_some_and(|w| w.tenant == tenant);
+                    // Only a reply of the request's own tenant and route
+                    // ends its wait (another tenant's message naming the
+                    // same id does not, nor one for another route).
+                    let ours = reply.is_some()
+                        && self.waiting.get(&desc.request).is_some_and(|w| w.tenant == tenant && w.route == desc.route);
                     let w = if ours { self.waiting.remove(&desc.request) } else { None };
                     match (w, reply) {
                         (Some(w), Some(Ok(()))) => {

@@ -226,7 +226,7 @@ impl Ingress {
             pools,
             upstream,
             metrics,
-            next_request: AtomicU32::new(1),
+            next_request: AtomicU32::new(first_request_id()),
             settings,
         }
     }
@@ -570,6 +570,18 @@ impl Ingress {
         }
         r
     }
+}
+
+/// Where this process's request ids start: random, so that a reply still
+/// travelling for a request of an earlier run of the ingress (one that
+/// stopped or crashed with requests in the cluster) does not match a
+/// request of this one that happens to have the same id.
+fn first_request_id() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    // The standard library seeds `RandomState` from the OS's randomness.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish() as u32
 }
 
 /// The client's socket, with a bound on how long a write may make no
