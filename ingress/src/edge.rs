@@ -41,7 +41,7 @@ use shm::pool::Lease;
 use shm::ring::Doorbell;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -107,10 +107,27 @@ struct Call {
     since: Instant,
 }
 
+/// What the edge dropped with no request waiting for it (see
+/// [`Upstream::dropped`]).
+#[derive(Debug, Default)]
+struct Drops {
+    /// A reply or error for a request no one waits for any more (its caller
+    /// gave up: timed out, disconnected) or never sent.
+    late: AtomicU64,
+    /// A message that is not a reply, or names a waiting request of
+    /// another tenant or route.
+    stray: AtomicU64,
+    /// A node broke the fabric protocol (the connection is dropped).
+    protocol: AtomicU64,
+    /// A receive could not be posted again: the tenant's pool was empty.
+    no_buffer: AtomicU64,
+}
+
 /// The edge's fabric side (see the module docs).
 #[derive(Debug)]
 pub struct Edge {
     pools: Pools,
+    drops: Arc<Drops>,
     calls: Sender<Call>,
     wake: Arc<Wake>,
     conns_up: Arc<AtomicUsize>,
@@ -156,6 +173,7 @@ impl Edge {
         });
         let stop = Arc::new(AtomicBool::new(false));
         let conns_up = Arc::new(AtomicUsize::new(0));
+        let drops = Arc::new(Drops::default());
         let worker = Worker {
             first: cfg
                 .routes
@@ -178,8 +196,9 @@ impl Edge {
             wake: wake.clone(),
             conns_up: conns_up.clone(),
             events: Vec::with_capacity(256),
+            drops: drops.clone(),
         };
-        Ok((Self { pools, calls, wake, conns_up, stop, thread: None }, worker))
+        Ok((Self { pools, drops, calls, wake, conns_up, stop, thread: None }, worker))
     }
 
     /// Tenant `t`'s pool.
@@ -228,6 +247,14 @@ impl Upstream for Edge {
                 }
             }
         })
+    }
+
+    fn dropped(&self) -> Vec<(&'static str, u64)> {
+        let d = &self.drops;
+        [("late", &d.late), ("stray", &d.stray), ("protocol", &d.protocol), ("no_buffer", &d.no_buffer)]
+            .into_iter()
+            .map(|(k, v)| (k, v.load(Ordering::Relaxed)))
+            .collect()
     }
 }
 
@@ -328,6 +355,7 @@ struct Worker {
     wake: Arc<Wake>,
     conns_up: Arc<AtomicUsize>,
     events: Vec<PortEvent>,
+    drops: Arc<Drops>,
 }
 
 impl Worker {
@@ -654,15 +682,29 @@ impl Worker {
                             // (now, or before it reads the reply), dropping it
                             // frees the buffers.
                             let reply = self.port.bufs(tenant).0.adopt(lease);
-                            let _ = w.reply.send(Ok((reply, desc)));
+                            if w.reply.send(Ok((reply, desc))).is_err() {
+                                // Its caller gave up (timed out, left).
+                                self.drops.late.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                         (Some(w), Some(Err(e))) => {
                             self.port.bufs_mut(tenant).free(lease);
-                            let _ = w.reply.send(Err(e));
+                            if w.reply.send(Err(e)).is_err() {
+                                self.drops.late.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
-                        _ => {
+                        // (`w` is `Some` only with a reply: see `ours`.)
+                        (_, reply) => {
                             // Late (the caller gave up), unknown, another
-                            // tenant's, or not a reply: dropped.
+                            // tenant's or route's, or not a reply: dropped,
+                            // counted.
+                            let d = &self.drops;
+                            let why = if reply.is_none() || self.waiting.contains_key(&desc.request) {
+                                &d.stray
+                            } else {
+                                &d.late
+                            };
+                            why.fetch_add(1, Ordering::Relaxed);
                             log::debug!("edge: dropping a message for request {} (no one waits)", desc.request);
                             self.port.bufs_mut(tenant).free(lease);
                         }
@@ -681,9 +723,13 @@ impl Worker {
                 }
                 PortEvent::Up { tenant, peer } => log::info!("edge: tenant {tenant} connected to node {peer}"),
                 PortEvent::Protocol { tenant, peer } => {
+                    self.drops.protocol.fetch_add(1, Ordering::Relaxed);
                     log::warn!("edge: node {peer} broke the fabric protocol (tenant {tenant})")
                 }
-                PortEvent::NoBuffer { tenant } => log::debug!("edge: tenant {tenant}'s pool is empty"),
+                PortEvent::NoBuffer { tenant } => {
+                    self.drops.no_buffer.fetch_add(1, Ordering::Relaxed);
+                    log::debug!("edge: tenant {tenant}'s pool is empty")
+                }
             }
         }
         // Callers that gave up leave their entries: prune closed ones now

@@ -87,6 +87,16 @@ pub struct Metrics {
     pub pool_free: Family<TenantLabels, Gauge>,
     /// Buffers of the tenant's ingress pool.
     pub pool_size: Family<TenantLabels, Gauge>,
+    /// Messages from the cluster dropped by the upstream, by reason (set
+    /// at scrape time from [`crate::Upstream::dropped`]).
+    pub upstream_dropped: Family<ReasonLabels, Counter>,
+}
+
+/// Labels of [`Metrics::upstream_dropped`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why.
+    pub reason: &'static str,
 }
 
 impl Default for Metrics {
@@ -107,6 +117,7 @@ impl Metrics {
         let in_flight = Family::<TenantLabels, Gauge>::default();
         let pool_free = Family::<TenantLabels, Gauge>::default();
         let pool_size = Family::<TenantLabels, Gauge>::default();
+        let upstream_dropped = Family::<ReasonLabels, Counter>::default();
         registry.register("dne_ingress_requests", "HTTP responses by route, tenant and status", requests.clone());
         registry.register(
             "dne_ingress_request_duration_seconds",
@@ -119,7 +130,23 @@ impl Metrics {
         registry.register("dne_ingress_in_flight", "Requests being handled", in_flight.clone());
         registry.register("dne_ingress_pool_free_buffers", "Free buffers of the ingress pool", pool_free.clone());
         registry.register("dne_ingress_pool_buffers", "Buffers of the ingress pool", pool_size.clone());
-        Self { registry, requests, duration, bytes_in, bytes_out, rejections, in_flight, pool_free, pool_size }
+        registry.register(
+            "dne_ingress_upstream_dropped",
+            "Messages from the cluster dropped with no request waiting for them, by reason",
+            upstream_dropped.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            duration,
+            bytes_in,
+            bytes_out,
+            rejections,
+            in_flight,
+            pool_free,
+            pool_size,
+            upstream_dropped,
+        }
     }
 
     /// The text exposition of every metric.

@@ -305,6 +305,9 @@ pub struct MsgBuilder {
     parts: Vec<PoolLease>,
     cap: u64,
     max: u64,
+    /// The end of this message's wait for buffers, set by its first
+    /// [`reserve`](Self::reserve).
+    wait_until: Option<Instant>,
 }
 
 /// Why a message could not be built.
@@ -323,7 +326,7 @@ impl MsgBuilder {
     pub fn new(pool: Arc<TenantPool>) -> Self {
         let g = pool.pool().geometry();
         let cap = u64::from(g.payload_cap());
-        Self { parts: Vec::with_capacity(4), cap, max: g.max_len(), pool }
+        Self { parts: Vec::with_capacity(4), cap, max: g.max_len(), pool, wait_until: None }
     }
 
     /// The largest message the pool can carry.
@@ -331,14 +334,19 @@ impl MsgBuilder {
         self.max
     }
 
-    /// Makes room for `len` bytes, waiting up to `wait` for each buffer.
+    /// Makes room for `len` bytes. The message waits for buffers up to
+    /// `wait` in all, counted from its first call (not per buffer: a large
+    /// body would otherwise wait that long for each of its buffers, holding
+    /// those it has).
     pub async fn reserve(&mut self, len: u64, wait: Duration) -> Result<(), BuildError> {
         if len > self.max {
             return Err(BuildError::TooLarge(len));
         }
+        let until = *self.wait_until.get_or_insert_with(|| Instant::now() + wait);
         while (self.parts.len() as u64) * self.cap < len {
             // One buffer at a time: `cap` fits a u32 (it is a payload cap).
-            let l = self.pool.alloc_wait(self.cap as u32, wait).await.map_err(|_| BuildError::Exhausted)?;
+            let left = until.saturating_duration_since(Instant::now());
+            let l = self.pool.alloc_wait(self.cap as u32, left).await.map_err(|_| BuildError::Exhausted)?;
             self.parts.push(l);
         }
         Ok(())
@@ -450,6 +458,29 @@ mod tests {
         assert_eq!(waiter.await.unwrap(), Ok(1));
         drop(b);
         assert_eq!(p.free_buffers(), 2);
+    }
+
+    /// A message's wait for buffers is bounded as a whole: buffers freed
+    /// one at a time, each well within the wait, do not let it wait the
+    /// wait again for each of them.
+    #[tokio::test]
+    async fn a_message_waits_for_its_buffers_once_not_once_per_buffer() {
+        let p = pools(16).get(0).unwrap().clone();
+        let mut held: Vec<PoolLease> = (0..16).map(|_| p.try_alloc(1).unwrap()).collect();
+        let freer = tokio::spawn(async move {
+            while let Some(l) = held.pop() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                drop(l);
+            }
+        });
+        let mut b = MsgBuilder::new(p.clone());
+        // Eight buffers, one freed every 20 ms, a wait of 50 ms: before, each
+        // buffer waited up to 50 ms anew and the message got all eight.
+        let r = b.reserve(192 * 8, Duration::from_millis(50)).await;
+        assert_eq!(r, Err(BuildError::Exhausted));
+        drop(b);
+        freer.await.unwrap();
+        assert_eq!(p.free_buffers(), 16);
     }
 
     #[tokio::test]

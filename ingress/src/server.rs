@@ -19,7 +19,7 @@
 //! finish (bounded by [`Settings::shutdown_grace`]) and closes idle
 //! connections.
 
-use crate::metrics::{CodeLabels, Metrics, RejectLabels, RouteLabels, TenantLabels};
+use crate::metrics::{CodeLabels, Metrics, ReasonLabels, RejectLabels, RouteLabels, TenantLabels};
 use crate::pool::{BuildError, MsgBuilder, PoolLease, Pools};
 use crate::route::Router;
 use crate::upstream::{Upstream, UpstreamError};
@@ -34,6 +34,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use std::convert::Infallible;
@@ -70,7 +71,8 @@ const HOP_BY_HOP: &[&str] = &[
 pub struct Settings {
     /// Largest request body (413 beyond).
     pub body_limit: u32,
-    /// How long a request waits for pool buffers before 503.
+    /// How long a request waits for pool buffers before 503 (in all, not
+    /// per buffer).
     pub pool_wait: Duration,
     /// Deadline for a request head (hyper's header read timeout).
     pub header_timeout: Duration,
@@ -241,6 +243,10 @@ impl Ingress {
         for (t, p) in self.tenants.iter().zip(self.pools.iter()) {
             self.metrics.pool_free.get_or_create(&TenantLabels { tenant: t.name }).set(i64::from(p.free_buffers()));
         }
+        for (reason, n) in self.upstream.dropped() {
+            let c = self.metrics.upstream_dropped.get_or_create(&ReasonLabels { reason });
+            c.inc_by(n.saturating_sub(c.get()));
+        }
         self.metrics.encode()
     }
 
@@ -337,8 +343,9 @@ impl Ingress {
         let info = &self.routes[usize::from(route)];
         let tenant = &self.tenants[usize::from(info.tenant)];
         // Dropped with the request (a client gone mid-request too).
-        let _in_flight = InFlight::new(&tenant.in_flight);
+        let mut in_flight = InFlight::new(&tenant.in_flight, &self.metrics.rejections, tenant.name);
         let (resp, bytes_in, request) = self.exchange(req, route, peer).await;
+        in_flight.done();
         let code = resp.status().as_u16();
         // Responses that carry no body on the wire count none.
         let bodiless = method == hyper::Method::HEAD || code == 204 || code == 304;
@@ -663,18 +670,33 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StallIo<T> {
 const ACCESS_LOG: &str = "dne_ingress::access";
 
 /// One request counted in `dne_ingress_in_flight` while this lives.
-struct InFlight<'a>(&'a Gauge);
+/// A request being handled: counted in flight while it lives; dropped
+/// before [`InFlight::done`] (hyper drops the handler of a client that went
+/// away mid-request), it counts a `client_gone` rejection.
+struct InFlight<'a> {
+    gauge: &'a Gauge,
+    gone: Option<&'a Family<RejectLabels, Counter>>,
+    tenant: &'static str,
+}
 
 impl<'a> InFlight<'a> {
-    fn new(g: &'a Gauge) -> Self {
-        g.inc();
-        Self(g)
+    fn new(gauge: &'a Gauge, rejections: &'a Family<RejectLabels, Counter>, tenant: &'static str) -> Self {
+        gauge.inc();
+        Self { gauge, gone: Some(rejections), tenant }
+    }
+
+    /// The request got its response.
+    fn done(&mut self) {
+        self.gone = None;
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.dec();
+        self.gauge.dec();
+        if let Some(r) = self.gone {
+            r.get_or_create(&RejectLabels { tenant: self.tenant, reason: "client_gone" }).inc();
+        }
     }
 }
 

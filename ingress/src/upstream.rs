@@ -78,6 +78,13 @@ pub trait Upstream: Send + Sync + 'static {
     /// resolves to the reply: a lease of the same pool holding a response
     /// envelope. See the module docs for the contract.
     fn call(&self, route: u16, tenant: u16, msg: PoolLease, request: u32) -> UpstreamFuture;
+
+    /// Messages from the cluster the upstream dropped because no request
+    /// waited for them (a late reply, say), by reason: counts since it
+    /// started (the metrics show them).
+    fn dropped(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// What an in-process function does with a request.

@@ -604,6 +604,10 @@ async fn clients_vanishing_mid_request_or_mid_response_leak_nothing() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(s);
     srv.assert_no_leak().await;
+    // It is counted: a rejection, reason client_gone.
+    let gone = r#"dne_ingress_rejections_total{tenant="open",reason="client_gone"} 1"#;
+    let text = srv.ingress.metrics_text();
+    assert!(text.lines().any(|l| l == gone), "{text}");
     // Mid-response: read a little of a 1 MiB reply, then gone.
     let mut s = TcpStream::connect(srv.addr).await.unwrap();
     let body = random_bytes(1 << 20, 11);

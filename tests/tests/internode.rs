@@ -374,6 +374,17 @@ chain = ["nobody"]
 path = "/near"
 tenant = "acme"
 chain = ["rot13"]
+
+[[function]]
+name = "lazy"
+tenant = "acme"
+node = "n1"
+
+[[route]]
+path = "/lazy"
+tenant = "acme"
+chain = ["lazy"]
+timeout_ms = 300
 "#;
 
 /// A POST request envelope carrying `body` (as the ingress writes it).
@@ -966,6 +977,16 @@ fn http_requests_cross_the_cluster_through_the_ingress() {
     assert_eq!(code, 404);
     let (code, _) = dne_tests::http_post(http, "/dead", b"x").unwrap();
     assert_eq!(code, 502, "a chain whose function has no instance");
+    // A reply that comes after its route's timeout (lazy takes 1 s, the
+    // route allows 300 ms): 504, and the late reply is dropped and counted.
+    c.start_route_fn_with(1, "acme", "lazy", "echo", &["--delay-us", "1000000"]);
+    let (code, _) = dne_tests::http_post(http, "/lazy", b"x").unwrap();
+    assert_eq!(code, 504);
+    let late = || {
+        let (_, text) = dne_tests::http_get(http, "/metrics").unwrap_or_default();
+        dne_tests::cluster::metric_value(&text, "dne_ingress_upstream_dropped_total", &[("reason", "late")])
+    };
+    dne_tests::wait_for("the late reply counted", WATCHDOG, || late() == Some(1.0));
 }
 
 const SPREAD_CLUSTER: &str = r#"
