@@ -142,6 +142,13 @@ fn kill_and_restart_agent_under_load(name: &str, write_off: bool, mode: &'static
     let mut c = Cluster::start_mode(name, 2, mode, CONFIG);
     let (_, upper_slot) = c.start_fn_slot(1, "acme", "upper", "upper", Some("client"));
     let mut load = Load::new(c.attach(0, "acme", "client"), &[("upper", upper)], WINDOW);
+    if write_off {
+        // A send n0 had in flight can fail after n1's agent placed it and
+        // delivered it to upper (the agent died before its acknowledgement
+        // went out): n0 answers PeerDied, and upper's answer still comes
+        // through the restarted agent ("maybe delivered").
+        load.allow_maybe_delivered();
+    }
     load.run_until(true, "traffic before the fault", WATCHDOG, || diag(&c), |l| l.dest(0).ok >= 300);
 
     // kill -9 the agent of n1 with a full window in flight.
@@ -191,8 +198,9 @@ fn agent_killed_under_load_every_message_answered_then_traffic_resumes_no_buffer
 
 /// The test above with the messages in flight at the kill written off:
 /// every message sent after the kill is answered (errors while the agent
-/// is dead, intact answers after the restart), and no buffer is lost on
-/// either node. This holds today.
+/// is dead, intact answers after the restart), once, or twice when one
+/// answer is PeerDied (see `kill_and_restart_agent_under_load`), and no
+/// buffer is lost on either node.
 #[test]
 fn agent_killed_under_load_traffic_resumes_after_restart_and_no_buffer_is_lost() {
     agent_killed_under_load_recovers("emulated");
@@ -211,13 +219,14 @@ fn agent_killed_under_load_recovers(mode: &'static str) {
     load.drain(WATCHDOG, || diag(&c));
     let d = load.dest(0);
     println!(
-        "agent crash: sent {} ok {} errors {:?}; of {} in flight at the kill, {} answered, {} never",
+        "agent crash: sent {} ok {} errors {:?}; of {} in flight at the kill, {} answered, {} never; {} answered twice (PeerDied and intact)",
         d.sent,
         d.ok,
         d.errors,
         d.written_off,
         d.late,
-        load.never_answered()
+        load.never_answered(),
+        d.maybe_twice
     );
     c.wait_mesh();
     let probe = c.attach(1, "acme", "probe");
