@@ -77,6 +77,9 @@ struct Attached {
     slot: u16,
     ring: Ring,
     bell: Doorbell,
+    /// Which attach this is (host-shimd's count of attaches then): a slot
+    /// used again is another function's, with another ring.
+    attach_no: u64,
 }
 
 struct Client {
@@ -171,6 +174,8 @@ struct Holes {
     due: Instant,
     tenant: u16,
     ring: RingOf,
+    /// The attach whose ring it is (see `Attached::attach_no`).
+    attach_no: u64,
     positions: Vec<u64>,
     handed: Vec<u32>,
 }
@@ -658,8 +663,16 @@ impl Shimd {
             return Err(e);
         }
         log::info!("pid {} attached as {fn_name}#{instance} (tenant {tenant_name}, slot {slot})", self.clients[i].pid);
-        self.clients[i].attached =
-            Some(Attached { agent: false, tenant: tid, function: fid, instance, slot, ring, bell });
+        self.clients[i].attached = Some(Attached {
+            agent: false,
+            tenant: tid,
+            function: fid,
+            instance,
+            slot,
+            ring,
+            bell,
+            attach_no: self.stats.attached,
+        });
         self.stats.attached += 1;
         Ok(())
     }
@@ -719,6 +732,7 @@ impl Shimd {
             slot: AGENT_SLOT,
             ring,
             bell,
+            attach_no: self.stats.attached,
         });
         self.stats.attached += 1;
         Ok(())
@@ -863,10 +877,10 @@ impl Shimd {
         self.looks.push_back(due);
         let Some(pool) = self.pools.get(&tenant) else { return };
         let mut holes = Vec::new();
-        for (ring_of, ring, _) in self.rings_of(tenant) {
+        for (ring_of, attach_no, ring, _) in self.rings_of(tenant) {
             let (positions, handed) = (ring.unpublished(), pool.owned_by(ring_of.handed()));
             if !positions.is_empty() || !handed.is_empty() {
-                holes.push(Holes { due, tenant, ring: ring_of, positions, handed });
+                holes.push(Holes { due, tenant, ring: ring_of, attach_no, positions, handed });
             }
         }
         self.holes.append(&mut holes);
@@ -874,14 +888,15 @@ impl Shimd {
 
     /// The rings of tenant `tenant` this host-shimd made, with their
     /// consumers' doorbells: every attached function's, and the uplink.
-    fn rings_of(&self, tenant: u16) -> impl Iterator<Item = (RingOf, &Ring, &Doorbell)> {
+    fn rings_of(&self, tenant: u16) -> impl Iterator<Item = (RingOf, u64, &Ring, &Doorbell)> {
         let functions = self
             .clients
             .iter()
             .filter_map(|c| c.attached.as_ref())
             .filter(move |a| !a.agent && a.tenant == tenant)
-            .map(|a| (RingOf::Function(a.slot), &a.ring, &a.bell));
-        let uplink = self.uplinks.get(&tenant).map(|u| (RingOf::Uplink, &u.ring, &u.bell));
+            .map(|a| (RingOf::Function(a.slot), a.attach_no, &a.ring, &a.bell));
+        // (The uplink stays the same ring for every agent.)
+        let uplink = self.uplinks.get(&tenant).map(|u| (RingOf::Uplink, 0, &u.ring, &u.bell));
         functions.chain(uplink)
     }
 
@@ -901,7 +916,12 @@ impl Shimd {
         for h in due {
             // A consumer gone meanwhile took its ring with it (and
             // host-shimd reclaimed what was handed to it).
-            let Some((_, ring, bell)) = self.rings_of(h.tenant).find(|(r, ..)| *r == h.ring) else { continue };
+            // (The same ring: a slot freed and attached again meanwhile is
+            // another function's, whose handed buffers are its own.)
+            let Some((.., ring, bell)) = self.rings_of(h.tenant).find(|(r, g, ..)| *r == h.ring && *g == h.attach_no)
+            else {
+                continue;
+            };
             if let Some(pool) = self.pools.get(&h.tenant) {
                 // Handed over then and still: delivered (named by a
                 // descriptor waiting in the ring), or orphaned by the death.

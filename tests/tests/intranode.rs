@@ -801,3 +801,52 @@ fn running_out_of_descriptors_pauses_accepting_and_host_shimd_serves_on() {
     assert!(shimd.is_running(), "host-shimd exited");
     drop((upper, idle));
 }
+
+/// host-shimd's look for orphans after a death is about the rings as they
+/// were at the death: when a function in the noted ring's slot detached
+/// and another attached in that slot meanwhile, a buffer handed to the new
+/// one (its sender between handing it over and pushing it) is not the old
+/// one's orphan. Before, the look went by slot and freed it.
+#[test]
+fn a_slot_attached_again_is_not_looked_at_for_the_old_functions_orphans() {
+    use wire::Owner;
+    let node = start_node("slot-again");
+    let mut prod = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let me = Owner::Held(prod.info().slot);
+    let a = Function::attach(&node.socket(), "acme", "upper").unwrap();
+    let slot = a.info().slot;
+    // Handed to `a`, not pushed (a sender between the two steps).
+    let (lease, _) = prod.alloc(8).unwrap().into_parts();
+    let (i, _) = prod.pool().hand_over(lease, Owner::Function(slot)).map_err(|(_, e)| e).unwrap();
+    // A death in the tenant: host-shimd notes `a`'s ring, with `i` handed.
+    drop(Function::attach(&node.socket(), "acme", "hoarder").unwrap());
+    // `a` leaves (its buffers, `i` too, are freed) and another function
+    // gets its slot.
+    drop(a);
+    let n = |k: &str| dne_tests::cluster::status_number(&node.status(), k).unwrap_or(0);
+    // Both slots back (the hoarder's, then `a`'s, which is given out next).
+    wait_for("the slots of the two that left free again", WATCHDOG, || {
+        n("deaths") == 2 && node.status().contains("\"cooling\":0")
+    });
+    let b = Function::attach(&node.socket(), "acme", "rot13").unwrap();
+    assert_eq!(b.info().slot, slot, "the slot freed last is given out first");
+    // `i` again, handed to the new function, not pushed yet.
+    let mut others = Vec::new();
+    let lease = loop {
+        let (l, _) = prod.alloc(8).unwrap().into_parts();
+        if l.head() == i {
+            break l;
+        }
+        others.push(l);
+    };
+    for l in others {
+        prod.pool().free(l).unwrap();
+    }
+    prod.pool().hand_over(lease, Owner::Function(slot)).map_err(|(_, e)| e).unwrap();
+    // Both looks (one per death) done.
+    wait_for("host-shimd's looks after the deaths", WATCHDOG, || n("hole_checks") >= 2);
+    assert_eq!(prod.pool().owner(i).unwrap(), Owner::Function(slot), "{}", node.status());
+    let back = prod.pool().take_back(i, 8, Owner::Function(slot), me).unwrap();
+    prod.pool().free(back).unwrap();
+    drop(b);
+}
