@@ -677,19 +677,19 @@ impl Worker {
                         && self.waiting.get(&desc.request).is_some_and(|w| w.tenant == tenant && w.route == desc.route);
                     let w = if ours { self.waiting.remove(&desc.request) } else { None };
                     match (w, reply) {
-                        (Some(w), Some(Ok(()))) => {
-                            // Adopted before it is sent: if the caller is gone
-                            // (now, or before it reads the reply), dropping it
-                            // frees the buffers.
-                            let reply = self.port.bufs(tenant).0.adopt(lease);
-                            if w.reply.send(Ok((reply, desc))).is_err() {
+                        (Some(w), Some(r)) => {
+                            let r = match r {
+                                // Adopted before it is sent: if the caller is
+                                // gone (now, or before it reads the reply),
+                                // dropping it frees the buffers.
+                                Ok(()) => Ok((self.port.bufs(tenant).0.adopt(lease), desc)),
+                                Err(e) => {
+                                    self.port.bufs_mut(tenant).free(lease);
+                                    Err(e)
+                                }
+                            };
+                            if w.reply.send(r).is_err() {
                                 // Its caller gave up (timed out, left).
-                                self.drops.late.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        (Some(w), Some(Err(e))) => {
-                            self.port.bufs_mut(tenant).free(lease);
-                            if w.reply.send(Err(e)).is_err() {
                                 self.drops.late.fetch_add(1, Ordering::Relaxed);
                             }
                         }

@@ -382,15 +382,19 @@ impl Ingress {
             ErrorCode::Overloaded | ErrorCode::PoolExhausted | ErrorCode::Unreachable => {
                 self.unavailable(tenant, code.as_str())
             }
-            ErrorCode::Timeout => {
-                self.reject(tenant, "timeout");
-                plain(StatusCode::GATEWAY_TIMEOUT, "a function of the chain did not answer in time\n")
-            }
+            ErrorCode::Timeout => self.timed_out(tenant),
             _ => {
                 self.reject(tenant, "function_error");
                 plain(StatusCode::BAD_GATEWAY, "a function of the chain failed\n")
             }
         }
+    }
+
+    /// 504: the chain (the route's deadline, or a hop's) did not answer in
+    /// time.
+    fn timed_out(&self, tenant: u16) -> Response<OutBody> {
+        self.reject(tenant, "timeout");
+        plain(StatusCode::GATEWAY_TIMEOUT, "the function chain did not answer in time\n")
     }
 
     fn unavailable(&self, tenant: u16, reason: &'static str) -> Response<OutBody> {
@@ -521,12 +525,7 @@ impl Ingress {
         let reply = tokio::time::timeout(info.timeout, self.upstream.call(route, t, msg, request)).await;
         let reply = match reply {
             Err(_) | Ok(Err(UpstreamError::Timeout)) => {
-                self.reject(t, "timeout");
-                return (
-                    plain(StatusCode::GATEWAY_TIMEOUT, "the function chain did not answer in time\n"),
-                    len,
-                    request,
-                );
+                return (self.timed_out(t), len, request);
             }
             Ok(Err(e @ (UpstreamError::NoCredit | UpstreamError::QueueFull | UpstreamError::Unreachable))) => {
                 return (self.unavailable(t, e.as_str()), len, request);
@@ -584,11 +583,9 @@ impl Ingress {
 /// stopped or crashed with requests in the cluster) does not match a
 /// request of this one that happens to have the same id.
 fn first_request_id() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
+    use std::hash::BuildHasher;
     // The standard library seeds `RandomState` from the OS's randomness.
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.finish() as u32
+    std::collections::hash_map::RandomState::new().hash_one(std::process::id()) as u32
 }
 
 /// The client's socket, with a bound on how long a write may make no
@@ -669,7 +666,6 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StallIo<T> {
 /// The `log` target of the access log lines.
 const ACCESS_LOG: &str = "dne_ingress::access";
 
-/// One request counted in `dne_ingress_in_flight` while this lives.
 /// A request being handled: counted in flight while it lives; dropped
 /// before [`InFlight::done`] (hyper drops the handler of a client that went
 /// away mid-request), it counts a `client_gone` rejection.

@@ -20,7 +20,7 @@ const WATCHDOG: Duration = Duration::from_secs(60);
 // Fields drop in order: functions, then host-shimd, then the directory.
 struct Node {
     fns: Vec<Proc>,
-    _shimd: Proc,
+    shimd: Proc,
     dir: TempDir,
 }
 
@@ -110,15 +110,28 @@ node = "n1"
 }
 
 fn start_node(name: &str) -> Node {
+    start_node_under(name, &[])
+}
+
+/// [`start_node`] with host-shimd run by the command `wrapper` (its
+/// program and arguments; `prlimit ... --`, say), when not empty.
+fn start_node_under(name: &str, wrapper: &[&str]) -> Node {
     let dir = TempDir::new(name);
     let cfg = dir.path().join("cluster.toml");
     std::fs::write(&cfg, config(dir.path())).unwrap();
-    let mut cmd = Command::new(bin_path("host-shimd"));
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(bin_path("host-shimd"));
+            c
+        }
+        None => Command::new(bin_path("host-shimd")),
+    };
     cmd.arg("--config").arg(&cfg).args(["--node", "n1"]).env("RUST_LOG", "warn");
     let shimd = Proc::spawn_lines("host-shimd", cmd);
     let sock = host_shim::daemon::socket_path(dir.path());
     wait_for("host-shimd socket", WATCHDOG, || sock.exists());
-    Node { fns: Vec::new(), _shimd: shimd, dir }
+    Node { fns: Vec::new(), shimd, dir }
 }
 
 fn payload(len: usize, seed: u8) -> Vec<u8> {
@@ -769,25 +782,17 @@ fn only_root_or_host_shimds_user_may_attach_as_the_agent() {
 /// `ATTACH_WITHIN` are dropped, which gives their descriptors back.
 #[test]
 fn running_out_of_descriptors_pauses_accepting_and_host_shimd_serves_on() {
-    let dir = TempDir::new("accept-fail");
-    let cfg = dir.path().join("cluster.toml");
-    std::fs::write(&cfg, config(dir.path())).unwrap();
     // Room for host-shimd's own descriptors and a few dozen clients.
-    let mut cmd = Command::new("prlimit");
-    cmd.args(["--nofile=48:48", "--"]).arg(bin_path("host-shimd"));
-    cmd.arg("--config").arg(&cfg).args(["--node", "n1"]).env("RUST_LOG", "warn");
-    let mut shimd = Proc::spawn_lines("host-shimd", cmd);
-    let socket = host_shim::daemon::socket_path(dir.path());
-    wait_for("host-shimd socket", WATCHDOG, || socket.exists());
-    let status = || std::fs::read_to_string(host_shim::daemon::status_path(dir.path())).unwrap_or_default();
-    let count = |k: &str| dne_tests::cluster::status_number(&status(), k).unwrap_or(0);
+    let mut node = start_node_under("accept-fail", &["prlimit", "--nofile=48:48", "--"]);
+    let socket = node.socket();
+    let count = |node: &Node, k: &str| dne_tests::cluster::status_number(&node.status(), k).unwrap_or(0);
     let mut client = Function::attach(&socket, "acme", "client").unwrap();
     // More connections than descriptors left (the rest wait in the
     // listen backlog).
     let mut idle: Vec<host_shim::sock::Conn> =
         (0..60).map(|_| host_shim::sock::Conn::connect(&socket).expect("connect")).collect();
-    wait_for("a failed accept counted", WATCHDOG, || count("accept_failed") >= 1);
-    assert!(shimd.is_running(), "host-shimd exited");
+    wait_for("a failed accept counted", WATCHDOG, || count(&node, "accept_failed") >= 1);
+    assert!(node.shimd.is_running(), "host-shimd exited");
     // It still answers the attached client (a lookup: no instance).
     let m = client.alloc(8).unwrap();
     let e = client.send(m, "upper").unwrap_err();
@@ -797,8 +802,8 @@ fn running_out_of_descriptors_pauses_accepting_and_host_shimd_serves_on() {
     idle.truncate(30);
     let upper = Function::attach(&socket, "acme", "upper").expect("attach once descriptors are free");
     // The others never attach: dropped in time.
-    wait_for("idle connections dropped", WATCHDOG, || count("idle_dropped") >= 1);
-    assert!(shimd.is_running(), "host-shimd exited");
+    wait_for("idle connections dropped", WATCHDOG, || count(&node, "idle_dropped") >= 1);
+    assert!(node.shimd.is_running(), "host-shimd exited");
     drop((upper, idle));
 }
 
