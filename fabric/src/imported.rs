@@ -103,12 +103,12 @@ impl ImportedPool {
 
     /// Links one-buffer leases, in order, into one chain of `len` payload
     /// bytes. `parts` is drained on success and untouched on failure (the
-    /// count does not fit `len`).
+    /// count does not fit `len`, or `len` is beyond the pool's `max_chain`).
     pub fn join(&self, parts: &mut Vec<Lease>, len: u32) -> Option<Lease> {
         let g = self.layout.geometry;
         let first = parts.first().map(|l| (l.head(), l.holder()))?;
         let ok = parts.iter().all(|l| l.frags() == 1 && l.holder() == first.1 && l.head() < g.buf_count());
-        if !ok || frags_for(len, g.payload_cap()) as usize != parts.len() {
+        if !ok || u64::from(len) > g.max_len() || frags_for(len, g.payload_cap()) as usize != parts.len() {
             return None;
         }
         for w in parts.windows(2) {
@@ -180,5 +180,15 @@ mod tests {
         assert!(parts.is_empty());
         assert_eq!(p.chain(&l).collect::<Vec<_>>(), [3, 0, 6]);
         assert_eq!((l.len(), l.frags()), (1921, 3));
+    }
+
+    #[test]
+    fn received_fragments_beyond_max_chain_are_not_joined() {
+        let p = pool();
+        let mut parts: Vec<Lease> = [3u32, 0, 6, 1, 2].iter().map(|&i| p.lent(i, Owner::Agent).unwrap()).collect();
+        assert!(p.join(&mut parts, 4 * 960 + 1).is_none(), "five buffers, max_chain 4");
+        assert_eq!(parts.len(), 5, "untouched");
+        parts.pop();
+        assert!(p.join(&mut parts, 4 * 960).is_some());
     }
 }

@@ -586,9 +586,14 @@ impl Pool {
 
     /// Links one-buffer leases, in order, into one chain carrying `len`
     /// payload bytes (a message that arrived over the fabric one buffer per
-    /// fragment). `parts` is drained on success and untouched on error.
+    /// fragment). `parts` is drained on success and untouched on error,
+    /// which includes a chain longer than the pool's `max_chain` (its
+    /// receiver would refuse the descriptor and be left holding it).
     pub fn join(&self, parts: &mut Vec<Lease>, len: u32) -> Result<Lease, DescriptorError> {
         let g = self.layout.geometry;
+        if u64::from(len) > g.max_len() {
+            return Err(DescriptorError::TooLong { len, max: g.max_len() });
+        }
         let frags = g.frags_for(len);
         let first = parts.first().map(|l| (l.head, l.holder));
         let uniform = parts.iter().all(|l| l.frags == 1 && Some(l.holder) == first.map(|f| f.1));
@@ -692,6 +697,19 @@ mod tests {
         p.free(chain).unwrap();
         p.free(bad.pop().unwrap()).unwrap();
         assert_eq!(p.free_buffers(), before + 4);
+    }
+
+    #[test]
+    fn join_refuses_a_chain_longer_than_max_chain() {
+        let p = pool(16);
+        let cap = p.geometry().payload_cap();
+        let max = p.geometry().max_chain();
+        let mut parts: Vec<Lease> = (0..=max).map(|_| p.alloc(cap, Owner::Held(A)).unwrap()).collect();
+        let len = max * cap + 1;
+        assert!(matches!(p.join(&mut parts, len), Err(DescriptorError::TooLong { .. })));
+        assert_eq!(parts.len() as u32, max + 1, "untouched");
+        parts.pop().map(|l| p.free(l).unwrap());
+        assert!(p.join(&mut parts, max * cap).is_ok(), "max_chain buffers are a message");
     }
 
     #[test]
