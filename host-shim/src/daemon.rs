@@ -100,6 +100,12 @@ struct Client {
 
 /// How long a connection may stay without attaching.
 pub const ATTACH_WITHIN: Duration = Duration::from_secs(10);
+/// Connections of one user that may wait unattached at once: beyond that
+/// the user's new connections are closed at once, so one user opening
+/// connections and leaving them idle cannot take every descriptor of
+/// host-shimd from the other tenants' functions (each attaches within
+/// milliseconds of connecting; [`ATTACH_WITHIN`] drops the idle ones).
+pub const UNATTACHED_PER_USER: usize = 128;
 /// How long host-shimd stops accepting connections after accepting one
 /// failed (out of file descriptors, say): the pending connection would
 /// otherwise wake it again at once.
@@ -143,6 +149,9 @@ pub struct Stats {
     pub accept_failed: u64,
     /// Connections dropped for not attaching within [`ATTACH_WITHIN`].
     pub idle_dropped: u64,
+    /// Connections closed at once because their user already had
+    /// [`UNATTACHED_PER_USER`] waiting unattached.
+    pub crowd_refused: u64,
 }
 
 /// A ring of a tenant, named by who consumes it.
@@ -428,6 +437,16 @@ impl Shimd {
         loop {
             match self.listener.accept() {
                 Ok(Some(conn)) => match conn.peer_cred() {
+                    Ok(cred) if self.unattached_of(cred.uid.as_raw()) >= UNATTACHED_PER_USER => {
+                        self.stats.crowd_refused += 1;
+                        if self.stats.crowd_refused.is_power_of_two() {
+                            log::warn!(
+                                "uid {}: {UNATTACHED_PER_USER} connections wait unattached; closing its new ones ({} so far)",
+                                cred.uid.as_raw(),
+                                self.stats.crowd_refused
+                            );
+                        }
+                    }
                     Ok(cred) => self.clients.push(Client {
                         conn,
                         pid: cred.pid.as_raw_nonzero().get(),
@@ -455,6 +474,11 @@ impl Shimd {
                 }
             }
         }
+    }
+
+    /// Connections of user `uid` not attached (yet).
+    fn unattached_of(&self, uid: u32) -> usize {
+        self.clients.iter().filter(|c| c.uid == uid && c.attached.is_none()).count()
     }
 
     /// Drops connections that did not attach within [`ATTACH_WITHIN`].
@@ -1025,7 +1049,7 @@ impl Shimd {
         };
         let agent = self.uplinks.values().filter(|u| u.attached).count();
         let s = format!(
-            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"rehinted\":{},\"bad_frames\":{},\"voids\":{},\"orphans\":{},\"hole_checks\":{},\"held\":{},\"accept_failed\":{},\"idle_dropped\":{},\"cooling\":{},\"pools\":[{}]{bridge}}}\n",
+            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"rehinted\":{},\"bad_frames\":{},\"voids\":{},\"orphans\":{},\"hole_checks\":{},\"held\":{},\"accept_failed\":{},\"idle_dropped\":{},\"crowd_refused\":{},\"cooling\":{},\"pools\":[{}]{bridge}}}\n",
             self.cfg.nodes[usize::from(self.node)].name,
             self.stats.attached,
             map(&self.stats.attach_refused),
@@ -1040,6 +1064,7 @@ impl Shimd {
             self.stats.held,
             self.stats.accept_failed,
             self.stats.idle_dropped,
+            self.stats.crowd_refused,
             self.cooling.len(),
             pools.join(",")
         );

@@ -721,8 +721,31 @@ fn messages_a_waiting_receiver_has_not_taken_yet_survive_a_death_in_the_tenant()
 }
 
 /// Set in this test binary's environment when it runs again as another
-/// user to probe host-shimd (see the test below): the socket to try.
-const AGENT_PROBE_ENV: &str = "DNE_TEST_AGENT_PROBE";
+/// user to probe host-shimd (see [`probe_as_nobody`]): the socket to try.
+const PROBE_ENV: &str = "DNE_TEST_UID_PROBE";
+
+/// Runs test `test` of this binary again as uid 65534 with [`PROBE_ENV`]
+/// naming `node`'s socket (opened to every user for it), and returns what
+/// the probe printed after `PROBE`. Root only: `None` (and the caller
+/// skips) otherwise.
+fn probe_as_nobody(test: &str, node: &Node) -> Option<String> {
+    if !dne_tests::cluster::is_root() {
+        eprintln!("skipped: needs root (to run a probe as another user)");
+        return None;
+    }
+    // Let any user reach the socket: what is checked is who they are.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(node.socket(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", test, "--nocapture", "--test-threads", "1"]);
+    cmd.env(PROBE_ENV, node.socket());
+    std::os::unix::process::CommandExt::uid(&mut cmd, 65534);
+    std::os::unix::process::CommandExt::gid(&mut cmd, 65534);
+    let out = Proc::spawn("probe as uid 65534", cmd).wait_timeout(WATCHDOG);
+    // (The harness prints the test's name on the same line.)
+    let said = out.stdout.lines().find_map(|l| l.find("PROBE").map(|k| l[k + "PROBE ".len()..].to_owned()));
+    Some(said.unwrap_or_else(|| panic!("no PROBE line\nstdout: {}\nstderr: {}", out.stdout, out.stderr)))
+}
 
 /// Only root or host-shimd's own user may attach as a tenant's agent,
 /// which gets the tenant's whole pool, its uplink and every function ring
@@ -732,7 +755,7 @@ const AGENT_PROBE_ENV: &str = "DNE_TEST_AGENT_PROBE";
 /// runs itself again as uid 65534 (root only; it says it skips otherwise).
 #[test]
 fn only_root_or_host_shimds_user_may_attach_as_the_agent() {
-    if let Ok(socket) = std::env::var(AGENT_PROBE_ENV) {
+    if let Ok(socket) = std::env::var(PROBE_ENV) {
         // The probe, as uid 65534.
         match Function::attach_agent(Path::new(&socket), "acme") {
             Ok(_) => println!("PROBE attached"),
@@ -740,39 +763,50 @@ fn only_root_or_host_shimds_user_may_attach_as_the_agent() {
         }
         return;
     }
-    if !dne_tests::cluster::is_root() {
-        eprintln!("skipped: needs root (to run a probe as another user)");
-        return;
-    }
     let node = start_node("agent-uid");
-    // Let any user reach the socket: what is checked is who they are.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(node.socket(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
-        "only_root_or_host_shimds_user_may_attach_as_the_agent",
-        "--nocapture",
-        "--test-threads",
-        "1",
-    ]);
-    cmd.env(AGENT_PROBE_ENV, node.socket());
-    std::os::unix::process::CommandExt::uid(&mut cmd, 65534);
-    std::os::unix::process::CommandExt::gid(&mut cmd, 65534);
-    let out = Proc::spawn("agent probe as uid 65534", cmd).wait_timeout(WATCHDOG);
-    // (The harness prints the test's name on the same line.)
-    let said = out.stdout.lines().find_map(|l| l.find("PROBE").map(|k| l[k..].to_owned()));
-    assert_eq!(
-        said.as_deref(),
-        Some("PROBE refused: Refused(TenantMismatch)"),
-        "stdout: {}\nstderr: {}",
-        out.stdout,
-        out.stderr
-    );
+    let Some(said) = probe_as_nobody("only_root_or_host_shimds_user_may_attach_as_the_agent", &node) else { return };
+    assert_eq!(said, "refused: Refused(TenantMismatch)");
     wait_for("the refusal counted", WATCHDOG, || node.status().contains("\"attach_refused\":{\"tenant_mismatch\":1}"));
     // Root (this test) may.
     let agent = Function::attach_agent(&node.socket(), "acme").expect("root attaches as the agent");
     assert_eq!(agent.info().slot, wire::segment::AGENT_SLOT);
+}
+
+/// One user's connections left idle cannot crowd the others out of
+/// host-shimd: beyond `UNATTACHED_PER_USER` waiting unattached, that
+/// user's new connections are closed at once, while another user's are
+/// served. Before, they all took descriptors until host-shimd had none
+/// left for anyone (the attach deadline frees them only after 10 s).
+/// Root only (the other user is a probe run as uid 65534).
+#[test]
+fn one_users_idle_connections_do_not_crowd_out_another_user() {
+    use host_shim::daemon::UNATTACHED_PER_USER;
+    if let Ok(socket) = std::env::var(PROBE_ENV) {
+        match Function::attach(Path::new(&socket), "acme", "upper") {
+            Ok(_) | Err(host_shim::AttachError::Refused(_)) => println!("PROBE served"),
+            Err(e) => println!("PROBE not served: {e}"),
+        }
+        return;
+    }
+    let node = start_node("crowd");
+    let socket = node.socket();
+    let crowd: Vec<host_shim::sock::Conn> =
+        (0..UNATTACHED_PER_USER).map(|_| host_shim::sock::Conn::connect(&socket).expect("connect")).collect();
+    let n = |k: &str| dne_tests::cluster::status_number(&node.status(), k).unwrap_or(0);
+    // Root's next connection is closed at once (attach finds it closed).
+    let e = Function::attach(&socket, "acme", "client").expect_err("a connection beyond the crowd");
+    assert!(!matches!(e, host_shim::AttachError::Refused(_)), "{e}");
+    wait_for("the closed connection counted", WATCHDOG, || n("crowd_refused") == 1);
+    // Another user's is served.
+    let Some(said) = probe_as_nobody("one_users_idle_connections_do_not_crowd_out_another_user", &node) else {
+        return;
+    };
+    assert_eq!(said, "served");
+    // Root attaches again once one of its idle connections closes.
+    drop(crowd);
+    let f = Function::attach(&socket, "acme", "client").expect("attach once the crowd is gone");
+    assert_eq!(n("crowd_refused"), 1, "{}", node.status());
+    drop(f);
 }
 
 /// host-shimd out of file descriptors (a client opens connections and
