@@ -51,6 +51,9 @@ use wire::{DescFlags, Descriptor, ErrorCode, Owner};
 /// How long an idle edge thread keeps polling (yielding between polls)
 /// before it sleeps on the fabric and the callers' doorbell.
 const IDLE_SPIN: Duration = Duration::from_micros(50);
+/// Requests waiting for replies at which the first prune of callers that
+/// gave up happens (see `Worker::prune_at`).
+const PRUNE_AT: usize = 4096;
 
 /// Why a request got no reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -189,7 +192,8 @@ impl Edge {
             route_queue,
             credit_wait: Duration::from_millis(u64::from(g.credit_wait_ms)),
             rotate: 0,
-            waiting: HashMap::with_capacity(4096),
+            waiting: HashMap::with_capacity(PRUNE_AT),
+            prune_at: PRUNE_AT,
             me,
             port,
             rx,
@@ -349,6 +353,10 @@ struct Worker {
     /// turn (routes whose nodes are shared take their credits in turn).
     rotate: usize,
     waiting: HashMap<u32, Waiting>,
+    /// Size of `waiting` at which entries whose callers gave up are pruned
+    /// next: twice what a prune left (at least [`PRUNE_AT`]), so that many
+    /// requests really waiting are not scanned on every pass.
+    prune_at: usize,
     me: u16,
     port: Port<DocaTransport, EdgeBufs>,
     rx: Receiver<Call>,
@@ -733,9 +741,10 @@ impl Worker {
             }
         }
         // Callers that gave up leave their entries: prune closed ones now
-        // and then (cheap: only when the map is large).
-        if self.waiting.len() > 4096 {
+        // and then (cheap: only when the map has grown since the last).
+        if self.waiting.len() > self.prune_at {
             self.waiting.retain(|_, w| !w.reply.is_closed());
+            self.prune_at = (2 * self.waiting.len()).max(PRUNE_AT);
         }
     }
 }
