@@ -28,7 +28,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use wire::ctrl::{BufList, CtrlMsg, LendRecv, MAX_LEND, MessageHdr, PoolExport};
+use wire::ctrl::{BufList, CtrlMsg, LendRecv, MAX_EXPORT_BLOB, MAX_LEND, MessageHdr, PoolExport};
 use wire::desc::frag_len;
 use wire::fabric::{FabricHeader, HEADER_OFFSET, MsgKind};
 use wire::segment::Owner;
@@ -147,6 +147,15 @@ impl Bridge {
                 .map_err(|e| anyhow::anyhow!("tenant {}: mapping the pool for export: {e}", t.name))?;
             let blob =
                 mmap.export_pci(&dev).map_err(|e| anyhow::anyhow!("tenant {}: exporting the pool: {e}", t.name))?;
+            if blob.len() > MAX_EXPORT_BLOB {
+                // Sent in one comch message, the agent's only way to the
+                // pool: a larger blob would never reach it.
+                anyhow::bail!(
+                    "tenant {}: the pool's export blob has {} bytes, more than one comch message carries ({MAX_EXPORT_BLOB})",
+                    t.name,
+                    blob.len()
+                );
+            }
             tenants.push(Tenant { link, _mmap: mmap, blob, want: 0, backlog: VecDeque::with_capacity(256) });
         }
         let max_chain = cfg.tenants.iter().map(|t| t.max_chain).max().unwrap_or(64) as usize;
@@ -584,15 +593,24 @@ fn read_header(pool: &shm::Pool, first: u32, h: &MessageHdr, frags: usize) -> Op
 /// while host-shimd starts), then serves; re-attaches if it has to.
 pub fn serve(cfg: Arc<Cluster>, node: u16, socket: &Path, stop: &AtomicBool, shared: SharedStats) {
     let mut delay = Duration::from_millis(10);
+    let mut failed = 0u32;
     while !stop.load(Ordering::Relaxed) {
         match Bridge::new(cfg.clone(), node, socket, shared.clone()) {
             Ok(mut b) => {
+                failed = 0;
                 b.run(stop);
                 log::info!("bridge: stopped: {:?}", b.stats());
                 delay = Duration::from_millis(10);
             }
             Err(e) => {
-                log::debug!("bridge: not attached yet: {e}");
+                // Expected while host-shimd starts; said aloud once it
+                // lasts (a cause that does not go away, too).
+                failed += 1;
+                if failed >= 8 && failed.is_power_of_two() {
+                    log::warn!("bridge: not attached after {failed} tries: {e}");
+                } else {
+                    log::debug!("bridge: not attached yet: {e}");
+                }
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_millis(500));
             }

@@ -21,8 +21,6 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 pub const CTRL_MAGIC: u32 = u32::from_le_bytes(*b"DNEC");
 /// Version of the control protocol.
 pub const CTRL_VERSION: u16 = 1;
-/// Largest DOCA export blob a [`PoolExport`] may carry.
-pub const MAX_EXPORT_BLOB: usize = 8192;
 /// Largest comch message (DOCA's on a BlueField, and the emulation's):
 /// frames between host-shimd's bridge and the agent are packed into such
 /// messages, so every frame they exchange must fit one.
@@ -35,9 +33,14 @@ pub const MAX_LEND: usize = (COMCH_MSG_MAX - size_of::<CtrlHeader>() - size_of::
 /// one comch message after its header, 1008. A tenant of a cluster with a
 /// node in DPU mode may not have longer chains (`max_chain`).
 pub const MAX_MESSAGE_CHAIN: usize = (COMCH_MSG_MAX - size_of::<CtrlHeader>() - size_of::<MessageHdr>()) / 4;
+/// Largest DOCA export blob a [`PoolExport`] may carry: what fits one
+/// comch message after its header, 4024 bytes (a [`PoolExport`] travels
+/// only from host-shimd's bridge to the agent, over comch).
+pub const MAX_EXPORT_BLOB: usize = COMCH_MSG_MAX - size_of::<CtrlHeader>() - size_of::<PoolExport>();
 /// Largest frame, header included.
 pub const CTRL_MAX_FRAME: usize = size_of::<CtrlHeader>() + size_of::<PoolExport>() + MAX_EXPORT_BLOB;
 const _: () = assert!(CTRL_MAX_FRAME >= size_of::<CtrlHeader>() + size_of::<LendRecv>() + 4 * MAX_LEND);
+const _: () = assert!(CTRL_MAX_FRAME >= size_of::<CtrlHeader>() + size_of::<MessageHdr>() + 4 * MAX_MESSAGE_CHAIN);
 
 /// Header of every control frame, 16 bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
@@ -1038,6 +1041,16 @@ mod tests {
         assert!(msg.encoded_len() <= COMCH_MSG_MAX, "{}", msg.encoded_len());
         // One more index would not fit.
         assert!(lend.encoded_len() + 4 > COMCH_MSG_MAX && msg.encoded_len() + 4 > COMCH_MSG_MAX);
+        // Nor would a longer export blob.
+        let blob = vec![7u8; MAX_EXPORT_BLOB + 1];
+        let g = PoolGeometry::new(0, 4096, 16, 64, 4).unwrap();
+        let export = |n: usize| CtrlFrame {
+            seq: 3,
+            msg: CtrlMsg::PoolExport(PoolExport::new(g, 1 << 20, n as u32), &blob[..n]),
+        };
+        assert_eq!(export(MAX_EXPORT_BLOB).encoded_len(), COMCH_MSG_MAX);
+        let mut out = vec![0u8; 2 * COMCH_MSG_MAX];
+        assert!(export(MAX_EXPORT_BLOB + 1).encode(&mut out).is_err(), "a blob beyond one comch message");
     }
 
     proptest! {
