@@ -10,6 +10,7 @@
 
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, AtomicU64};
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::mman::{MapFlags, ProtFlags, mlock, mmap, munmap};
 use std::ffi::CString;
@@ -69,6 +70,12 @@ pub enum RegionError {
         /// Pages free.
         free: usize,
     },
+    /// A region received from another process can change size: its
+    /// memfd is not sealed against shrinking and growing. A process that
+    /// shares it could truncate it and make every other one's next access
+    /// fault (SIGBUS), so it is refused.
+    #[error("the region's memfd is not sealed against resizing")]
+    NotSealed,
     /// A system call failed.
     #[error("{call} failed: {err}")]
     Sys {
@@ -78,6 +85,9 @@ pub enum RegionError {
         err: nix::Error,
     },
 }
+
+/// Seals every region carries from its creation on: its size is fixed.
+const RESIZE_SEALS: SealFlag = SealFlag::F_SEAL_SHRINK.union(SealFlag::F_SEAL_GROW);
 
 fn sys(call: &'static str) -> impl FnOnce(nix::Error) -> RegionError {
     move |err| RegionError::Sys { call, err }
@@ -172,13 +182,16 @@ impl Region {
     }
 
     fn create_with(name: &CString, len: usize, huge: bool) -> Result<Self, RegionError> {
-        let mut flags = MFdFlags::MFD_CLOEXEC;
+        let mut flags = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
         if huge {
             flags |= MFdFlags::MFD_HUGETLB | MFdFlags::MFD_HUGE_2MB;
         }
         let fd = memfd_create(name.as_c_str(), flags).map_err(sys("memfd_create"))?;
         let size = i64::try_from(len).map_err(|_| RegionError::Invalid("length too large"))?;
         nix::unistd::ftruncate(&fd, size).map_err(sys("ftruncate"))?;
+        // Every process it is passed to maps it whole: none may resize it
+        // under the others (checked by `open`).
+        fcntl(&fd, FcntlArg::F_ADD_SEALS(RESIZE_SEALS | SealFlag::F_SEAL_SEAL)).map_err(sys("fcntl(F_ADD_SEALS)"))?;
         let mut region = Self::map(fd, len, MapFlags::MAP_POPULATE)?;
         region.backing = if huge {
             Backing::HugeTlb
@@ -196,8 +209,13 @@ impl Region {
         Ok(region)
     }
 
-    /// Maps a region received from its creator (the whole file).
+    /// Maps a region received from its creator (the whole file), which
+    /// must be sealed against resizing ([`RegionError::NotSealed`]).
     pub fn open(fd: OwnedFd) -> Result<Self, RegionError> {
+        let seals = fcntl(&fd, FcntlArg::F_GET_SEALS).map_err(sys("fcntl(F_GET_SEALS)"))?;
+        if !SealFlag::from_bits_truncate(seals).contains(RESIZE_SEALS) {
+            return Err(RegionError::NotSealed);
+        }
         let st = nix::sys::stat::fstat(&fd).map_err(sys("fstat"))?;
         let len = usize::try_from(st.st_size).map_err(|_| RegionError::Invalid("negative size"))?;
         let huge = nix::sys::statfs::fstatfs(&fd)
@@ -368,6 +386,25 @@ mod tests {
         let mut buf = [0u8; 7];
         other.copy_out(4000, &mut buf).unwrap();
         assert_eq!(&buf, b"payload");
+    }
+
+    /// Every process of a tenant gets its pool's and rings' memfds read-
+    /// write: none may resize them under the others (a truncation made the
+    /// next access of every other process, host-shimd's status scan
+    /// included, die of SIGBUS), and a region that could be resized is
+    /// not mapped.
+    #[test]
+    fn regions_cannot_be_resized_and_unsealed_ones_are_refused() {
+        let r = Region::create("dne-test-seal", 8192, PagePolicy::Normal).unwrap();
+        let peer = r.fd().try_clone_to_owned().unwrap();
+        assert!(nix::unistd::ftruncate(&peer, 0).is_err(), "shrunk");
+        assert!(nix::unistd::ftruncate(&peer, 1 << 20).is_err(), "grown");
+        assert!(fcntl(&peer, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE)).is_err(), "sealed further");
+        assert_eq!(r.len(), 8192);
+        assert!(Region::open(peer).is_ok());
+        let plain = memfd_create(c"dne-test-unsealed", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).unwrap();
+        nix::unistd::ftruncate(&plain, 4096).unwrap();
+        assert!(matches!(Region::open(plain), Err(RegionError::NotSealed)));
     }
 
     #[test]
