@@ -31,7 +31,7 @@ use crate::metrics::{Drop as Why, Metrics, Tally};
 use crate::sched::{Backlog, Drr, QUANTUM};
 use config::Cluster;
 use fabric::cluster::MakeTransport;
-use fabric::{Buffers, Port, PortEvent, Transport};
+use fabric::{Buffers, CompletionError, Port, PortEvent, Transport};
 use host_shim::{Function, Msg, SendErrorKind};
 use shm::pool::Lease;
 use std::collections::VecDeque;
@@ -1099,6 +1099,10 @@ impl<T: Transport, H: HostLink> Backlog for Engine<T, H> {
         let (lease, desc) = out.msg.into_parts();
         match self.port.send(t as u16, peer, lease, desc, tag) {
             Ok(()) => self.inflight += bytes,
+            // Its chain was rewritten in the pool after it was taken.
+            Err((lease, desc, CompletionError::BadChain)) => {
+                self.bounce(t, Msg::from_parts(lease, desc), ErrorCode::BadDescriptor, Why::BadDescriptor)
+            }
             Err((lease, desc, _)) => {
                 self.bounce(t, Msg::from_parts(lease, desc), ErrorCode::Unreachable, Why::Unreachable)
             }

@@ -98,6 +98,10 @@ pub fn check_recv(
         return Err(RecvCheckError::ChainTooLong(max_chain));
     }
     let mut count = chain.count;
+    if header.is_none() && (len as usize) < HEADER_LEN {
+        // Unread, but a data message starts with its header all the same.
+        return Err(FabricDecodeError::Short(len as usize).into());
+    }
     if let Some(bytes) = header {
         let h = decode_header(bytes, len)?;
         h.check_immediate(imm)?;
@@ -187,8 +191,20 @@ mod tests {
     #[test]
     fn chain_length_is_bounded() {
         let mut c = ChainState::default();
-        check_recv(imm(true, false), 0, None, &mut c, 2).unwrap();
-        assert_eq!(check_recv(imm(false, false), 0, None, &mut c, 2), Err(RecvCheckError::ChainTooLong(2)));
-        check_recv(imm(false, true), 0, None, &mut c, 2).unwrap();
+        let n = HEADER_LEN as u32;
+        check_recv(imm(true, false), n, None, &mut c, 2).unwrap();
+        assert_eq!(check_recv(imm(false, false), n, None, &mut c, 2), Err(RecvCheckError::ChainTooLong(2)));
+        check_recv(imm(false, true), n, None, &mut c, 2).unwrap();
+    }
+
+    /// Memory the receiver may not read (imported) still holds a header
+    /// before the payload: a shorter message is refused.
+    #[test]
+    fn an_unread_message_shorter_than_a_header_is_refused() {
+        let mut c = ChainState::default();
+        let short = check_recv(imm(true, true), HEADER_LEN as u32 - 1, None, &mut c, 8);
+        assert_eq!(short, Err(RecvCheckError::Header(FabricDecodeError::Short(HEADER_LEN - 1))));
+        assert!(!c.is_open());
+        check_recv(imm(true, true), HEADER_LEN as u32, None, &mut c, 8).unwrap();
     }
 }

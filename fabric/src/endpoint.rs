@@ -106,6 +106,10 @@ struct Conn {
     /// The backend has reported the connection failed: it has let go of
     /// the id, and nothing more of this connection can come out of it.
     released: bool,
+    /// The user closed it ([`Endpoint::close`]): it no longer names the
+    /// connection anywhere (a connection that failed on its own is still
+    /// the user's, in its routes, until it closes it).
+    closed: bool,
 }
 
 #[derive(Debug)]
@@ -200,15 +204,18 @@ impl<T: Transport> Endpoint<T> {
     /// passes to its [`connect`](Self::connect). Setup path: may wait
     /// (bounded) for the backend to start.
     ///
-    /// A failed connection whose every operation has completed, and whose
-    /// failure the backend has reported, is reused (same id, a fresh
-    /// backend connection), so a peer that comes and goes does not use up
-    /// the table. (Reused before that report, the id would have the new
-    /// connection failed by the old one's.)
+    /// A failed connection whose every operation has completed, whose
+    /// failure the backend has reported, and which the user closed, is
+    /// reused (same id, a fresh backend connection), so a peer that comes
+    /// and goes does not use up the table. (Reused before that report, the
+    /// id would have the new connection failed by the old one's; before
+    /// the user's close, the user's close of the old one would close the
+    /// new one, and its routes to the old peer would lead to the new.)
     pub fn open(&mut self, spec: ConnSpec) -> Result<(ConnId, Vec<u8>), ConnSetupError> {
         let reuse = self.conns.iter().position(|c| {
             matches!(c.state, State::Failed(_))
                 && c.released
+                && c.closed
                 && c.queue.is_empty()
                 && c.sends.used() == 0
                 && c.recvs.used() == 0
@@ -231,6 +238,7 @@ impl<T: Transport> Endpoint<T> {
             recvs: Slab::new(self.cfg.recv_depth),
             raw_sends: 0,
             released: false,
+            closed: false,
         };
         match reuse {
             Some(i) => self.conns[i] = conn,
@@ -368,6 +376,9 @@ impl<T: Transport> Endpoint<T> {
     /// [`CompletionError::Closed`] in later polls; the peer sees it go.
     pub fn close(&mut self, conn: ConnId) {
         self.fail(conn, CompletionError::Closed);
+        if let Some(c) = self.conns.get_mut(conn.0 as usize) {
+            c.closed = true;
+        }
     }
 
     fn fail(&mut self, conn: ConnId, error: CompletionError) -> bool {

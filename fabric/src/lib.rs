@@ -183,6 +183,10 @@ pub enum CompletionError {
     /// Another transport error (the backend's code).
     #[error("transport error {0}")]
     Transport(i32),
+    /// The message's buffers do not walk to its length (a process sharing
+    /// the pool rewrote a link of its chain): nothing was sent.
+    #[error("the message's chain does not match its length")]
+    BadChain,
 }
 
 /// A completion, taken with [`Endpoint::poll`].

@@ -177,6 +177,11 @@ struct Conn {
     up: bool,
     parts: Vec<Lease>,
     first: Option<Descriptor>,
+    /// Payload bytes of the chain being received so far.
+    got: u32,
+    /// The chain being received is malformed: its fragments are freed as
+    /// they come, and it is dropped at its last.
+    bad: bool,
     posted: u32,
     want: u32,
 }
@@ -253,6 +258,8 @@ pub struct Port<T: Transport, B: Buffers> {
     sizes: PortSizes,
     comps: Vec<Completion>,
     events: Vec<MeshEvent>,
+    /// The fragments (offset, payload length) of the message being sent.
+    stage: Vec<(u64, u32)>,
 }
 
 /// Setting a port up failed.
@@ -333,6 +340,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             sizes,
             comps: vec![Completion::EMPTY; 64],
             events: Vec::with_capacity(16),
+            stage: Vec::with_capacity(64),
         })
     }
 
@@ -466,15 +474,15 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         tag: u64,
     ) -> Result<(), (Lease, Descriptor, CompletionError)> {
         let Some(conn) = self.conn(t, peer) else { return Err((lease, desc, CompletionError::PeerGone)) };
-        let Ok(token) = self.flights.insert(Flight { tenant: t, msg: None, tag, left: 0, error: None }) else {
-            return Err((lease, desc, CompletionError::Transport(-1)));
-        };
         let view = self.bufs[usize::from(t)].view();
-        let region = self.regions[usize::from(t)];
         let cap = view.geometry().payload_cap();
         let count = u16::try_from(lease.frags()).unwrap_or(u16::MAX);
-        let mut posted = 0;
-        let mut error = None;
+        // Every fragment is found and stamped before any is posted: the
+        // links of a local pool's chain are in memory the tenant's
+        // processes can write, and a chain cut short there would go out
+        // without its last fragment (the peer's next message on the
+        // connection would then fail it, for every tenant of the link).
+        self.stage.clear();
         for (k, idx) in (0u16..).zip(view.frags(&lease)) {
             let flen = wire::desc::frag_len(lease.len(), cap, u32::from(k));
             let stamped = match view {
@@ -484,10 +492,19 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                 }
                 PoolView::Imported(pool) => pool.buf_offset(idx),
             };
-            let Some(off) = stamped else {
-                error = Some(CompletionError::Transport(-1));
-                break;
-            };
+            let Some(off) = stamped else { break };
+            self.stage.push((off, flen));
+        }
+        if self.stage.len() != usize::from(count) || u32::from(count) != lease.frags() {
+            return Err((lease, desc, CompletionError::BadChain));
+        }
+        let Ok(token) = self.flights.insert(Flight { tenant: t, msg: None, tag, left: 0, error: None }) else {
+            return Err((lease, desc, CompletionError::Transport(-1)));
+        };
+        let region = self.regions[usize::from(t)];
+        let mut posted = 0;
+        let mut error = None;
+        for (k, &(off, flen)) in (0u16..).zip(&self.stage) {
             let imm = Immediate::new(MsgKind::Data as u8, desc.dst_fn, k == 0, k + 1 == count).0;
             let wr =
                 SendWr { region, offset: off + HDR_OFF, len: HEADER_LEN as u32 + flen, imm, token: u64::from(token) };
@@ -544,6 +561,8 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                         up: false,
                         parts: Vec::with_capacity(64),
                         first: None,
+                        got: 0,
+                        bad: false,
                         posted: 0,
                         want,
                     });
@@ -699,16 +718,34 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         if r.frag.index == 0 {
             let told = || Descriptor { dst_fn: Immediate(r.imm).dst_fn(), ..Descriptor::default() };
             st.first = Some(read.unwrap_or_else(told));
+            (st.got, st.bad) = (0, false);
         }
+        let payload = r.len.saturating_sub(HEADER_LEN as u32);
         if read.is_none()
             && let Some(d) = st.first.as_mut()
         {
-            d.len = d.len.saturating_add(r.len.saturating_sub(HEADER_LEN as u32));
+            d.len = d.len.saturating_add(payload);
         }
-        st.parts.push(p.lease);
+        // A sender splits a message so that every fragment but the last
+        // fills its buffer (`wire::desc::frag_len`), in at most the
+        // tenant's `max_chain` fragments, all of kind data. Anything else
+        // would be delivered with bytes the peer did not send (what the
+        // receive buffer held before: an earlier message of the tenant),
+        // or hold the tenant's receive buffers for a chain no pool takes.
+        let g = self.bufs[t].view().geometry();
+        st.got = st.got.saturating_add(payload);
+        st.bad |= payload > g.payload_cap()
+            || (!r.frag.last && payload != g.payload_cap())
+            || st.parts.len() >= g.max_chain() as usize
+            || Immediate(r.imm).kind() != Some(MsgKind::Data);
+        if st.bad {
+            self.bufs[t].free(p.lease);
+        } else {
+            st.parts.push(p.lease);
+        }
         let (peer, tenant) = (st.peer, st.tenant);
         if r.frag.last {
-            let first = st.first.take();
+            let first = st.first.take().filter(|d| !st.bad && d.len == st.got);
             let mut parts = std::mem::take(&mut st.parts);
             let joined = first.and_then(|d| {
                 let lease = match self.bufs[t].view() {
@@ -769,8 +806,226 @@ mod tests {
         }
     }
 
+    /// The null fabric, keeping what the tests look at: the immediates of
+    /// the data sends posted, and (`hold`) the receives posted, for a test
+    /// to land a peer's messages in (`land`) instead of the null fabric's
+    /// loopback (which also carries the credits).
+    #[derive(Debug, Default)]
+    struct Wire {
+        hold: bool,
+        null: NullTransport,
+        sent: Vec<u32>,
+        recvs: std::collections::VecDeque<(ConnId, u64, u64)>,
+        landed: std::collections::VecDeque<crate::RawCompletion>,
+    }
+
+    impl Transport for Wire {
+        fn name(&self) -> &'static str {
+            "wire"
+        }
+        fn register(&mut self, id: RegionId, mem: crate::Memory<'_>) -> Result<(), crate::RegionRegisterError> {
+            self.null.register(id, mem)
+        }
+        fn region_len(&self, id: RegionId) -> Option<u64> {
+            self.null.region_len(id)
+        }
+        fn open(&mut self, id: ConnId, depth: crate::ConnDepth) -> Result<Vec<u8>, crate::ConnSetupError> {
+            self.null.open(id, depth)
+        }
+        fn connect(&mut self, id: ConnId, blob: &[u8]) -> Result<(), crate::ConnSetupError> {
+            self.null.connect(id, blob)
+        }
+        fn send(
+            &mut self,
+            conn: ConnId,
+            src: Option<(RegionId, u64, u32)>,
+            imm: Option<u32>,
+            user_data: u64,
+        ) -> Result<(), crate::RawPostError> {
+            if src.is_some() {
+                self.sent.push(imm.unwrap_or(0));
+            }
+            self.null.send(conn, src, imm, user_data)
+        }
+        fn recv(&mut self, conn: ConnId, dst: (RegionId, u64, u32), user_data: u64) -> Result<(), crate::RawPostError> {
+            if !self.hold {
+                return self.null.recv(conn, dst, user_data);
+            }
+            self.recvs.push_back((conn, dst.1, user_data));
+            Ok(())
+        }
+        fn poll(&mut self, out: &mut [crate::RawCompletion]) -> usize {
+            let mut n = self.null.poll(out);
+            while n < out.len()
+                && let Some(c) = self.landed.pop_front()
+            {
+                out[n] = c;
+                n += 1;
+            }
+            n
+        }
+        fn abort(&mut self, conn: ConnId) {
+            self.null.abort(conn)
+        }
+    }
+
+    /// A port of one tenant (1 KiB buffers, chains of at most 4) over
+    /// `t`, with `peers` peers, its mesh driven by hand.
+    fn port_over<T: Transport>(
+        t: T,
+        peers: usize,
+    ) -> (Port<T, PoolBufs>, std::sync::mpsc::Sender<Cmd>, std::sync::mpsc::Receiver<Note>) {
+        let g = wire::PoolGeometry::new(0, 1024, 64, wire::fabric::HEADROOM, 4).unwrap();
+        let pool = Pool::create("port-test", g, shm::PagePolicy::Normal).unwrap();
+        let (mesh, cmds, notes) = Mesh::by_hand(vec![0]);
+        let ep = Endpoint::new(t, EndpointConfig { max_conns: 8, max_chain: 8, ..Default::default() });
+        let tenants = vec![PortTenant { id: 0, bufs: PoolBufs(pool), per_conn: 4 }];
+        let port = Port::with_mesh(ep, mesh, peers, tenants, PortSizes { flights: 16, queue_high: 16 }).unwrap();
+        (port, cmds, notes)
+    }
+
+    /// Opens and connects tenant 0's connection to `peer`.
+    fn link_up<T: Transport>(port: &mut Port<T, PoolBufs>, cmds: &std::sync::mpsc::Sender<Cmd>, peer: u16) {
+        let mut out = Vec::new();
+        cmds.send(Cmd::Open { peer, epoch: 1 }).unwrap();
+        port.control(&mut out);
+        cmds.send(Cmd::Connect { peer, epoch: 1, tenant: 0, blob: b"null".to_vec() }).unwrap();
+        settle(port, &mut out);
+        assert!(port.is_up(0, peer), "{out:?}");
+    }
+
+    /// Lands a peer's fabric message (its header, then `payload` bytes) in
+    /// the oldest receive posted.
+    fn land(port: &mut Port<Wire, PoolBufs>, kind: MsgKind, h: FabricHeader, payload: u32) {
+        let (conn, off, user_data) = port.ep.transport_mut().recvs.pop_front().expect("a receive posted");
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.resize(HEADER_LEN + payload as usize, 0x5A);
+        port.bufs(0).0.region().copy_in(off, &bytes).unwrap();
+        let imm = Immediate::new(kind as u8, h.desc.dst_fn, h.frag_index == 0, h.frag_index + 1 == h.frag_count).0;
+        let len = bytes.len() as u32;
+        let c = crate::RawCompletion::Recv { conn, user_data, len, imm: Some(imm), result: Ok(()) };
+        port.ep.transport_mut().landed.push_back(c);
+    }
+
+    /// A chain whose link in the pool a process of the tenant rewrote
+    /// after the agent took it (its functions map the pool read-write):
+    /// nothing is posted and the send fails with `BadChain`. Before, the
+    /// walk stopped early, the fragments went out without the last one
+    /// and the message was reported sent; the peer's next message on the
+    /// connection then failed it, resetting the link for every tenant.
+    #[test]
+    fn a_chain_cut_short_in_the_pool_is_not_sent() {
+        let (mut port, cmds, _notes) = port_over(Wire::default(), 1);
+        link_up(&mut port, &cmds, 1);
+        let cap = port.bufs(0).0.geometry().payload_cap();
+        let lease = port.bufs(0).0.alloc(2 * cap, Owner::Held(1)).unwrap();
+        let head = lease.head();
+        // (The head's link, as a function would write it.)
+        let meta = wire::segment::PoolLayout::new(port.bufs(0).0.geometry()).meta_offset(head).unwrap();
+        let link = meta + core::mem::offset_of!(wire::segment::BufMeta, next_chain) as u64;
+        port.bufs(0).0.region().copy_in(link, &(u32::MAX - 1).to_le_bytes()).unwrap();
+        let desc = Descriptor { tenant: 0, dst_fn: 3, len: 2 * cap, ..Descriptor::default() };
+        let Err((back, _, e)) = port.send(0, 1, lease, desc, 7) else { panic!("a cut chain was sent") };
+        assert_eq!((e, back.head()), (CompletionError::BadChain, head));
+        let mut out = Vec::new();
+        settle(&mut port, &mut out);
+        assert_eq!(port.ep.transport().sent, [] as [u32; 0], "nothing posted");
+        assert!(!out.iter().any(|e| matches!(e, PortEvent::Sent { .. })), "{out:?}");
+        // An intact chain still goes, first to last.
+        let lease = port.bufs(0).0.alloc(2 * cap, Owner::Held(1)).unwrap();
+        port.send(0, 1, lease, desc, 8).unwrap();
+        settle(&mut port, &mut out);
+        let sent = port.ep.transport().sent.clone();
+        assert_eq!(
+            sent.iter().map(|&i| (Immediate(i).is_first(), Immediate(i).is_last())).collect::<Vec<_>>(),
+            [(true, false), (false, true)]
+        );
+    }
+
+    /// A peer's chain is delivered only when its fragments are what a
+    /// sender makes: every one but the last full, the total the header's,
+    /// kind data, at most the tenant's `max_chain`. Before, a first
+    /// fragment of 10 bytes under a header saying 1920 was delivered as
+    /// 1920 bytes, 950 of them what the receive buffer held before (an
+    /// earlier message of the tenant, another client's at the ingress).
+    #[test]
+    fn malformed_chains_from_a_peer_are_dropped_and_their_buffers_kept() {
+        let (mut port, cmds, _notes) = port_over(Wire { hold: true, ..Wire::default() }, 1);
+        link_up(&mut port, &cmds, 1);
+        let cap = port.bufs(0).0.geometry().payload_cap();
+        let before = port_free(&port);
+        let desc = |len: u32| Descriptor { tenant: 0, dst_fn: 3, len, ..Descriptor::default() };
+        let h = |len: u32, k: u16, n: u16, flen: u32| FabricHeader::new(MsgKind::Data, desc(len), k, n, flen);
+        // (What the peer does: the fragments it lands, each its kind,
+        // header and payload bytes.)
+        type Frags = Vec<(MsgKind, FabricHeader, u32)>;
+        let mut cases: Vec<(&str, Frags)> = vec![
+            (
+                "a short first fragment",
+                vec![(MsgKind::Data, h(2 * cap, 0, 2, 10), 10), (MsgKind::Data, h(2 * cap, 1, 2, cap), cap)],
+            ),
+            (
+                "fragments short of the header's total",
+                vec![(MsgKind::Data, h(2 * cap + 5, 0, 2, cap), cap), (MsgKind::Data, h(2 * cap + 5, 1, 2, 1), 1)],
+            ),
+            ("a control message", vec![(MsgKind::Control, FabricHeader::new(MsgKind::Control, desc(8), 0, 1, 8), 8)]),
+        ];
+        // Longer than max_chain (4): the fifth fragment (the endpoint
+        // allows chains as long as any tenant's).
+        cases.push(("five fragments", (0..5).map(|k| (MsgKind::Data, h(5 * cap, k, 5, cap), cap)).collect()));
+        for (what, frags) in cases {
+            let mut out = Vec::new();
+            for (kind, hdr, payload) in frags {
+                land(&mut port, kind, hdr, payload);
+                settle(&mut port, &mut out);
+            }
+            assert!(!out.iter().any(|e| matches!(e, PortEvent::Received { .. })), "{what}: delivered: {out:?}");
+            assert!(out.iter().any(|e| matches!(e, PortEvent::Protocol { tenant: 0, peer: 1 })), "{what}: {out:?}");
+            assert_eq!(port_free(&port), before, "{what}: its buffers are posted again or free");
+        }
+        // A well-made chain is delivered.
+        let mut out = Vec::new();
+        land(&mut port, MsgKind::Data, h(cap + 7, 0, 2, cap), cap);
+        land(&mut port, MsgKind::Data, h(cap + 7, 1, 2, 7), 7);
+        settle(&mut port, &mut out);
+        let got: Vec<u32> = out
+            .iter()
+            .filter_map(|e| if let PortEvent::Received { desc, .. } = e { Some(desc.len) } else { None })
+            .collect();
+        assert_eq!(got, [cap + 7], "{out:?}");
+    }
+
+    /// Buffers of tenant 0 free or posted as receives.
+    fn port_free<T: Transport>(port: &Port<T, PoolBufs>) -> u32 {
+        port.bufs(0).0.free_buffers() + port.recvs_posted(0)
+    }
+
+    /// A connection that failed on its own (its peer crashed) is still the
+    /// mesh's, under that peer, until the mesh closes it (the peer's Down):
+    /// its id is not given to another peer's connection before. Before,
+    /// peer 2's new connection got it, and peer 1's Down then closed it
+    /// (and until then tenant 0's route to node 1 led to node 2).
+    #[test]
+    fn a_failed_connection_is_not_reused_before_the_mesh_closes_it() {
+        let (mut port, cmds, notes) = port_over(NullTransport::new(), 2);
+        link_up(&mut port, &cmds, 1);
+        let c1 = port.mesh.conn(1, 0).unwrap();
+        let mut out = Vec::new();
+        port.ep.transport_mut().abort(c1);
+        settle(&mut port, &mut out);
+        assert!(notes.try_iter().any(|n| matches!(n, Note::Reset { peer: 1, .. })));
+        assert!(!port.is_up(0, 1));
+        link_up(&mut port, &cmds, 2);
+        assert_ne!(port.mesh.conn(2, 0), Some(c1), "reused while the mesh holds it");
+        assert!(!port.is_up(0, 1), "node 1's route leads to node 2's connection");
+        cmds.send(Cmd::Down { peer: 1 }).unwrap();
+        settle(&mut port, &mut out);
+        assert!(port.is_up(0, 2), "node 1's Down closed node 2's connection");
+        assert!(!notes.try_iter().any(|n| matches!(n, Note::Reset { peer: 2, .. })));
+    }
+
     /// Polls until the fabric has nothing more to say.
-    fn settle(port: &mut Port<NullTransport, PoolBufs>, out: &mut Vec<PortEvent>) {
+    fn settle<T: Transport>(port: &mut Port<T, PoolBufs>, out: &mut Vec<PortEvent>) {
         for _ in 0..100 {
             port.control(out);
             if port.poll(out) == 0 {
