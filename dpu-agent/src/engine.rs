@@ -61,6 +61,10 @@ pub const IDLE_SPIN: Duration = Duration::from_micros(50);
 /// (by message) never sees a backlog to reorder. 1 MiB covers 100 Gb/s
 /// with about 80 us of completion delay.
 pub const INFLIGHT_BUDGET: u64 = 1 << 20;
+/// A node that has had messages of this engine on the wire and completed
+/// none of them for this long is stalled (its agent stopped, say): what
+/// it holds no longer counts against [`INFLIGHT_BUDGET`].
+pub const STALLED_AFTER: Duration = Duration::from_millis(20);
 /// Messages of one tenant waiting for the scheduler before its uplink is
 /// left alone (then the uplink ring fills and functions see `Full`).
 const QUEUE_LIMIT: usize = host_shim::daemon::UPLINK_CAPACITY as usize;
@@ -304,6 +308,22 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     next_status: Instant,
     /// Wire bytes sent and not yet completed ([`INFLIGHT_BUDGET`]).
     inflight: u64,
+    /// Per fabric node: what of `inflight` went there.
+    wire: Vec<OnWire>,
+    /// Wire bytes of the nodes that are stalled ([`STALLED_AFTER`]), as
+    /// of the last control pass.
+    stalled: u64,
+}
+
+/// This engine's messages on the wire to one node.
+#[derive(Clone, Copy, Debug, Default)]
+struct OnWire {
+    /// Wire bytes sent and not yet completed.
+    bytes: u64,
+    /// Sends completed since the last control pass.
+    done: u32,
+    /// Since when bytes have been out and none completed.
+    quiet_since: Option<Instant>,
 }
 
 impl<T: Transport, H: HostLink> core::fmt::Debug for Engine<T, H> {
@@ -383,6 +403,8 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             events: Vec::with_capacity(256),
             next_status: now,
             inflight: 0,
+            wire: vec![OnWire::default(); usize::from(fabric_nodes)],
+            stalled: 0,
         })
     }
 
@@ -511,6 +533,16 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             // Nothing in flight: nothing counted either (a safety net; every
             // send's completion subtracts what it added).
             self.inflight = 0;
+            self.wire.iter_mut().for_each(|w| w.bytes = 0);
+        }
+        self.stalled = 0;
+        for w in &mut self.wire {
+            if w.bytes == 0 || w.done > 0 {
+                w.quiet_since = None;
+            } else if now.saturating_duration_since(*w.quiet_since.get_or_insert(now)) >= STALLED_AFTER {
+                self.stalled += w.bytes;
+            }
+            w.done = 0;
         }
         let mut events = std::mem::take(&mut self.events);
         self.port.control(&mut events);
@@ -611,10 +643,14 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                     );
                 }
                 PortEvent::PeerDown { peer } => self.peer_down(peer),
-                PortEvent::Sent { tenant, lease, desc, tag, result } => {
+                PortEvent::Sent { tenant, peer, lease, desc, tag, result } => {
                     let t = usize::from(tenant);
                     let msg = Msg::from_parts(lease, desc);
                     self.inflight = self.inflight.saturating_sub(wire_bytes(&msg));
+                    if let Some(w) = self.wire.get_mut(usize::from(peer)) {
+                        w.bytes = w.bytes.saturating_sub(wire_bytes(&msg));
+                        w.done += 1;
+                    }
                     match result {
                         Ok(()) => {
                             let m = &mut self.tally[t];
@@ -1067,13 +1103,18 @@ impl<T: Transport, H: HostLink> Backlog for Engine<T, H> {
 
     /// Bytes still waiting at the port (for their peer's credits, or for
     /// room in the connection's send window) are not on the wire and do
-    /// not count: a tenant whose peer stopped granting (its functions hung,
-    /// its agent stopped) must not hold the budget of every other tenant of
-    /// this core. (So each connection's queue at the port can add to what
-    /// the budget allows on the wire once its credits come.)
+    /// not count, nor do the bytes on the wire to a stalled node
+    /// ([`STALLED_AFTER`]): a tenant whose peer stopped granting (its
+    /// functions hung) or stopped taking what it had granted (its agent
+    /// stopped, which the emulated NIC, acknowledging only what the peer
+    /// process placed, shows as sends that never complete) must not hold
+    /// the budget of every other tenant of this core. (So each connection's
+    /// queue at the port can add to what the budget allows on the wire once
+    /// its credits come; a stalled node's queued bytes are left out twice,
+    /// which lets at most that much more onto the wire.)
     #[inline]
     fn room(&self) -> bool {
-        self.inflight.saturating_sub(self.port.queued_bytes()) < INFLIGHT_BUDGET
+        self.inflight.saturating_sub(self.port.queued_bytes()).saturating_sub(self.stalled) < INFLIGHT_BUDGET
     }
 
     #[inline]
@@ -1098,7 +1139,12 @@ impl<T: Transport, H: HostLink> Backlog for Engine<T, H> {
         };
         let (lease, desc) = out.msg.into_parts();
         match self.port.send(t as u16, peer, lease, desc, tag) {
-            Ok(()) => self.inflight += bytes,
+            Ok(()) => {
+                self.inflight += bytes;
+                if let Some(w) = self.wire.get_mut(usize::from(peer)) {
+                    w.bytes += bytes;
+                }
+            }
             // Its chain was rewritten in the pool after it was taken.
             Err((lease, desc, CompletionError::BadChain)) => {
                 self.bounce(t, Msg::from_parts(lease, desc), ErrorCode::BadDescriptor, Why::BadDescriptor)

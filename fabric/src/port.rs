@@ -119,6 +119,8 @@ pub enum PortEvent {
     Sent {
         /// Tenant.
         tenant: u16,
+        /// The node it was sent to.
+        peer: u16,
         /// The message's buffers.
         lease: Lease,
         /// Its descriptor.
@@ -158,6 +160,7 @@ pub enum PortEvent {
 #[derive(Debug)]
 struct Flight {
     tenant: u16,
+    peer: u16,
     msg: Option<(Lease, Descriptor)>,
     tag: u64,
     left: u32,
@@ -498,7 +501,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         if self.stage.len() != usize::from(count) || u32::from(count) != lease.frags() {
             return Err((lease, desc, CompletionError::BadChain));
         }
-        let Ok(token) = self.flights.insert(Flight { tenant: t, msg: None, tag, left: 0, error: None }) else {
+        let Ok(token) = self.flights.insert(Flight { tenant: t, peer, msg: None, tag, left: 0, error: None }) else {
             return Err((lease, desc, CompletionError::Transport(-1)));
         };
         let region = self.regions[usize::from(t)];
@@ -673,7 +676,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         let Some(f) = self.flights.remove(token) else { return };
         if let Some((lease, desc)) = f.msg {
             let result = f.error.map_or(Ok(()), Err);
-            out.push(PortEvent::Sent { tenant: f.tenant, lease, desc, tag: f.tag, result });
+            out.push(PortEvent::Sent { tenant: f.tenant, peer: f.peer, lease, desc, tag: f.tag, result });
         }
     }
 

@@ -917,12 +917,40 @@ fn a_node_that_takes_nothing_holds_a_bounded_share_of_the_queue() {
 /// messages to another node go on.
 #[test]
 fn a_stalled_tenant_does_not_hold_the_send_budget_of_the_others() {
-    let c = Cluster::start("internode-budget", 3, THREE_NODES);
+    stopped_node_holds_back_only_its_own("internode-budget", THREE_NODES);
+}
+
+/// Nor does a tenant whose messages are already on the wire to the stopped
+/// node: with credits beyond the connection's send window and 32 KiB
+/// buffers, what n0 posted before n1 stopped is more than the whole budget,
+/// and a stopped process never acknowledges it (the emulated NIC
+/// acknowledges what the peer process placed). Before, every tenant's
+/// sends on n0 stopped until n1 ran again.
+#[test]
+fn sends_on_the_wire_to_a_stopped_node_do_not_hold_the_send_budget_of_the_others() {
+    let cfg = THREE_NODES.replacen(
+        "buffers = 1024\nrecv_quota = 8\n",
+        "buf_size = 32768\nbuffers = 1024\nrecv_quota = 256\n",
+        1,
+    );
+    assert_ne!(cfg, THREE_NODES);
+    stopped_node_holds_back_only_its_own("internode-budget-wire", &cfg);
+}
+
+/// acme sends two 1 MiB messages to n1, whose agent is stopped; globex's
+/// messages from n0 to n2 must go on meanwhile, and acme's arrive once n1
+/// runs again.
+fn stopped_node_holds_back_only_its_own(name: &str, cfg: &str) {
+    let c = Cluster::start(name, 3, cfg);
     c.wait_mesh();
     let mut client = c.attach(0, "acme", "client");
     let mut far = c.attach(1, "acme", "far");
     let mut g = c.attach(0, "globex", "gclient");
     let mut gnear = c.attach(2, "globex", "gnear");
+    // acme's connection to n1 is up, with its credits, before n1 stops.
+    send(&mut client, "far", 99);
+    let m = far.recv_timeout(Some(WATCHDOG)).unwrap().expect("delivered before the stop");
+    far.free(m).unwrap();
     c.signal_agent(1, Signal::SIGSTOP).unwrap();
     // Two messages of 1 MiB for the stopped node: more than the whole
     // budget, and far more fragments than its credits.
@@ -938,7 +966,7 @@ fn a_stalled_tenant_does_not_hold_the_send_budget_of_the_others() {
     let mut got = Vec::new();
     for k in 0..20u32 {
         send(&mut g, "gnear", k);
-        got.push(gnear.recv_timeout(Some(Duration::from_secs(5))));
+        got.push(gnear.recv_timeout(Some(Duration::from_secs(10))));
     }
     c.signal_agent(1, Signal::SIGCONT).unwrap();
     for (k, r) in got.into_iter().enumerate() {
