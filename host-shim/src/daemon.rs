@@ -902,7 +902,16 @@ impl Shimd {
         let Some(pool) = self.pools.get(&tenant) else { return };
         let mut holes = Vec::new();
         for (ring_of, attach_no, ring, _) in self.rings_of(tenant) {
-            let (positions, handed) = (ring.unpublished(), pool.owned_by(ring_of.handed()));
+            // Handed over and named by no descriptor in the ring: what the
+            // death may have orphaned. A buffer a descriptor names now is
+            // delivered, whatever becomes of it before the look (its
+            // receiver may take and free it, and a live sender hand it to
+            // the same receiver again, between its hand-over and its
+            // push when the look comes: not an orphan of this death).
+            let named: std::collections::HashSet<u32> = ring.waiting().iter().flat_map(|d| pool.chain_of(d)).collect();
+            let positions = ring.unpublished();
+            let mut handed = pool.owned_by(ring_of.handed());
+            handed.retain(|i| !named.contains(i));
             if !positions.is_empty() || !handed.is_empty() {
                 holes.push(Holes { due, tenant, ring: ring_of, attach_no, positions, handed });
             }

@@ -889,3 +889,51 @@ fn a_slot_attached_again_is_not_looked_at_for_the_old_functions_orphans() {
     prod.pool().free(back).unwrap();
     drop(b);
 }
+
+/// host-shimd's look for orphans after a death frees only buffers that
+/// were handed over and named by no descriptor at the death: a buffer
+/// whose message was in its receiver's ring then is delivered, whatever
+/// becomes of it. Here the receiver takes and frees it, a live sender
+/// takes the same buffer again and hands it to the same receiver, and is
+/// between its hand-over and its push when the look comes. Before, the
+/// look (by index, against the ring of that moment) freed it, and the
+/// sender's message was lost (or another message's buffer accepted under
+/// its descriptor).
+#[test]
+fn a_buffer_delivered_at_a_death_and_handed_again_is_not_its_orphan() {
+    use wire::Owner;
+    let node = start_node("recycled");
+    let mut prod = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let mut a = Function::attach(&node.socket(), "acme", "upper").unwrap();
+    let slot = a.info().slot;
+    // A message on buffer `i`, in `a`'s ring.
+    let m1 = prod.alloc(8).unwrap();
+    let i = m1.desc().buf;
+    prod.send(m1, "upper").unwrap();
+    // A death in the tenant: host-shimd notes `a`'s ring, `i` in it.
+    drop(Function::attach(&node.socket(), "acme", "hoarder").unwrap());
+    let n = |k: &str| dne_tests::cluster::status_number(&node.status(), k).unwrap_or(0);
+    wait_for("host-shimd saw the death", WATCHDOG, || n("deaths") >= 1);
+    // `a` takes it and frees it to the shared pool.
+    let (l, _) = a.recv_timeout(Some(WATCHDOG)).unwrap().expect("delivered").into_parts();
+    a.pool().free(l).unwrap();
+    // The sender takes `i` again and hands it to `a`, not pushed yet.
+    let me = Owner::Held(prod.info().slot);
+    let mut others = Vec::new();
+    let lease = loop {
+        let l = prod.pool().alloc(8, me).unwrap();
+        if l.head() == i {
+            break l;
+        }
+        others.push(l);
+    };
+    for l in others {
+        prod.pool().free(l).unwrap();
+    }
+    prod.pool().hand_over(lease, Owner::Function(slot)).map_err(|(_, e)| e).unwrap();
+    wait_for("host-shimd's look after the death", WATCHDOG, || n("hole_checks") >= 1);
+    assert_eq!(prod.pool().owner(i).unwrap(), Owner::Function(slot), "{}", node.status());
+    assert_eq!(n("orphans"), 0, "{}", node.status());
+    let back = prod.pool().take_back(i, 8, Owner::Function(slot), me).unwrap();
+    prod.pool().free(back).unwrap();
+}
