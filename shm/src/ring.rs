@@ -229,6 +229,35 @@ pub(crate) fn commit(c: &impl RingCells, head: &mut u64, n: usize) {
     }
 }
 
+/// The published head, moved past the slots already consumed, and
+/// published so: a consumer killed inside [`commit`], between freeing its
+/// slots for the next lap and publishing the head, left a head at a slot
+/// that will never read as written for its lap (the next consumer of a
+/// ring that outlives its consumer, the agent's uplink, would wait there
+/// forever, and the producers fill the lap and find it full). At most one
+/// lap.
+#[cfg(not(loom))] // host-shimd's repairs, not modelled
+pub(crate) fn recover_head(c: &impl RingCells) -> u64 {
+    // Acquire: pairs with the consumer's Release publish of the head.
+    let published = c.head().load(Acquire);
+    let mut head = published;
+    for _ in 0..c.capacity() {
+        // Acquire: pairs with the consumer's Release free (and a next
+        // lap's producer's publish), as in `peek`.
+        let lap = c.seq(slot_of(c, head)).load(Acquire).wrapping_sub(head as u32);
+        // Freed for the next lap, or already written for it: consumed.
+        if lap != c.capacity() && lap != c.capacity() + 1 {
+            break;
+        }
+        head += 1;
+    }
+    if head != published {
+        // Release: as `commit`'s publish.
+        c.head().store(head, Release);
+    }
+    head
+}
+
 /// Positions between the published head and the tail that a producer
 /// claimed (the tail moved past them) but has not published: a producer
 /// killed between its claim and its publish leaves such a hole, at which
@@ -802,8 +831,7 @@ mod segment {
         /// already taken (it peeks, takes and only then commits, so what it
         /// took is a prefix). Returns how many were consumed.
         pub fn skip_taken(&self, window: usize, mut taken: impl FnMut(&Descriptor) -> bool) -> usize {
-            use std::sync::atomic::Ordering::Acquire;
-            let mut head = self.head().load(Acquire);
+            let mut head = super::recover_head(self);
             let mut n = 0;
             let mut d = [Descriptor::default(); 1];
             for k in 0..window {
@@ -820,8 +848,7 @@ mod segment {
 
         /// Turns this mapping into the ring's single consumer.
         pub fn into_consumer(self) -> Consumer {
-            use std::sync::atomic::Ordering::Acquire;
-            let head = self.head().load(Acquire);
+            let head = super::recover_head(&self);
             Consumer { ring: self, head }
         }
     }
@@ -1135,6 +1162,36 @@ mod segment {
                 }
             }
             assert_eq!(t.join().unwrap(), (1, 9));
+        }
+
+        /// A ring that outlives its consumer (the agent's uplink): a
+        /// consumer killed inside `commit`, after freeing a slot for the
+        /// next lap and before publishing the head, does not stall it for
+        /// host-shimd's repair and the next consumer. Before, the next
+        /// consumer waited at the freed slot for ever and the producers
+        /// found the ring full once they had filled the lap.
+        #[test]
+        fn a_consumer_killed_inside_commit_does_not_stall_the_ring() {
+            use super::super::RingCells;
+            let ring = Ring::create("dne-ring-commit", 8, 1, 2, 3).unwrap();
+            let owner = Ring::open(ring.fd().try_clone_to_owned().unwrap()).unwrap();
+            let cons = ring.into_consumer();
+            owner.push(&[d(1), d(2)]).unwrap();
+            let mut out = [Descriptor::default(); 2];
+            assert_eq!(cons.peek(&mut out), 2);
+            // `commit(2)` cut short: slot 0 freed for the next lap, the
+            // head not published.
+            cons.ring().seq(0).store(8, std::sync::atomic::Ordering::Release);
+            drop(cons);
+            // host-shimd after the death (the dead consumer had taken both).
+            assert_eq!(owner.skip_taken(32, |_| true), 1, "the one not freed yet");
+            let mut next = Ring::open(owner.fd().try_clone_to_owned().unwrap()).unwrap().into_consumer();
+            for k in 0..8 {
+                owner.push(&[d(10 + k)]).unwrap_or_else(|e| panic!("push {k}: {e}"));
+            }
+            let mut all = [Descriptor::default(); 8];
+            assert_eq!(next.pop(&mut all), 8, "the next consumer takes a whole lap");
+            assert_eq!(all[0], d(10));
         }
 
         #[test]
