@@ -308,6 +308,15 @@ impl Pool {
             let idx = &mut cache.idx;
             alloc::pop_n(self, want as u32, cache.holder, &mut |i| idx.push(i));
             if (cache.idx.len() as u32) < frags {
+                // Too few: the cache keeps what it holds when full, the
+                // rest goes back (a caller retrying a large request would
+                // otherwise hoard every buffer anyone frees).
+                while cache.idx.len() > cache.cap {
+                    let Some(i) = cache.idx.pop() else { break };
+                    if let Err(e) = alloc::push(self, i, Some(cache.holder)) {
+                        log::warn!("giving back a buffer of a failed allocation: {e}");
+                    }
+                }
                 return Err(AllocError::Exhausted);
             }
         }
@@ -329,8 +338,12 @@ impl Pool {
         }
         let mut n = 0;
         let mut i = lease.head;
+        // What this chain put in the cache: a link a peer rewrote into a
+        // loop must not cache one buffer twice (two later leases of it).
+        // (Freed to the pool, the second visit fails the owner check.)
+        let cached_from = cache.idx.len();
         for k in 0..lease.frags {
-            if i >= self.count() {
+            if i >= self.count() || (k > 0 && cache.idx[cached_from..].contains(&i)) {
                 return Err(FreeError::BadLink(i));
             }
             let next = if k + 1 < lease.frags { self.next_chain(i).load(Relaxed) } else { NIL };
@@ -710,6 +723,41 @@ mod tests {
         assert_eq!(parts.len() as u32, max + 1, "untouched");
         parts.pop().map(|l| p.free(l).unwrap());
         assert!(p.join(&mut parts, max * cap).is_ok(), "max_chain buffers are a message");
+    }
+
+    /// A cached allocation too large for what is free gives back what its
+    /// refill took beyond the cache's size: before, it kept them all, and
+    /// a caller retrying took every buffer anyone freed.
+    #[test]
+    fn a_failed_cached_allocation_does_not_hoard_the_pool() {
+        let p = pool(16);
+        let others: Vec<Lease> = (0..10).map(|_| p.alloc(10, Owner::Held(B)).unwrap()).collect();
+        let mut c = LocalCache::new(Owner::Held(A), 2);
+        let eight = 8 * p.geometry().payload_cap();
+        assert_eq!(p.alloc_cached(&mut c, eight).unwrap_err(), AllocError::Exhausted);
+        assert_eq!((c.len(), p.free_buffers()), (2, 4), "the cache keeps its size, the rest is free");
+        assert!(p.alloc(10, Owner::Held(3)).is_ok());
+        for l in others {
+            p.free(l).unwrap();
+        }
+        p.drain_cache(&mut c);
+    }
+
+    /// A chain whose link a peer rewrote into a loop is not cached twice
+    /// (two leases of one buffer would follow).
+    #[test]
+    fn free_cached_never_caches_a_buffer_twice() {
+        let p = pool(16);
+        let mut c = LocalCache::new(Owner::Held(A), 8);
+        let l = p.alloc_cached(&mut c, 300).unwrap();
+        assert_eq!(l.frags(), 2);
+        p.next_chain(l.head()).store(l.head(), Relaxed);
+        assert!(matches!(p.free_cached(&mut c, l), Err(FreeError::BadLink(_))));
+        let mut heads: Vec<u32> = std::iter::from_fn(|| p.alloc_cached(&mut c, 10).ok()).map(|l| l.head()).collect();
+        let n = heads.len();
+        heads.sort_unstable();
+        heads.dedup();
+        assert_eq!(heads.len(), n, "one buffer leased twice");
     }
 
     #[test]
