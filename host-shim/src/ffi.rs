@@ -7,10 +7,17 @@
 //! handle is owned by the caller until `dne_send` succeeds or `dne_free` is
 //! called. Messages are boxed (one small heap allocation per message, the
 //! price of an opaque C handle; the Rust API has none).
+//!
+//! Threads: a `dne_fn` holds its function's receive state and buffer
+//! cache, so it is used by one thread at a time (calls on one handle from
+//! two threads at once are undefined behaviour). A function with several
+//! threads serializes its calls on the handle, or attaches once per thread
+//! (each attach is an instance with its own ring). Message handles move
+//! freely between threads.
 #![allow(unsafe_code, non_camel_case_types)]
 
 use crate::function::{AttachError, Function, Msg, SendErrorKind};
-use std::ffi::{CStr, c_char};
+use std::ffi::{CStr, c_char, c_int};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::time::Duration;
@@ -50,6 +57,29 @@ pub enum dne_status {
     DNE_ERR_INTERNAL = 11,
 }
 
+impl dne_status {
+    /// Every status, in code order.
+    const ALL: [dne_status; 12] = [
+        dne_status::DNE_OK,
+        dne_status::DNE_ERR_INVALID_ARG,
+        dne_status::DNE_ERR_SHIMD,
+        dne_status::DNE_ERR_REFUSED,
+        dne_status::DNE_ERR_EXHAUSTED,
+        dne_status::DNE_ERR_UNKNOWN_FUNCTION,
+        dne_status::DNE_ERR_TENANT_MISMATCH,
+        dne_status::DNE_ERR_NO_INSTANCE,
+        dne_status::DNE_ERR_FULL,
+        dne_status::DNE_ERR_TIMEOUT,
+        dne_status::DNE_ERR_OWNERSHIP,
+        dne_status::DNE_ERR_INTERNAL,
+    ];
+
+    /// The status with code `code`, if there is one.
+    fn from_int(code: c_int) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| *s as c_int == code)
+    }
+}
+
 /// An attached function (opaque).
 #[derive(Debug)]
 pub struct dne_fn(Function);
@@ -58,9 +88,13 @@ pub struct dne_fn(Function);
 #[derive(Debug)]
 pub struct dne_msg(Msg);
 
-/// A static, NUL-terminated description of `status`.
+/// A static, NUL-terminated description of `status` (a `dne_status`
+/// value; "unknown status" for any other number).
 #[unsafe(no_mangle)]
-pub extern "C" fn dne_status_str(status: dne_status) -> *const c_char {
+pub extern "C" fn dne_status_str(status: c_int) -> *const c_char {
+    // (An `int`, not the enum: C may pass any number, and a Rust enum
+    // holding a value it does not name is undefined behaviour.)
+    let Some(status) = dne_status::from_int(status) else { return c"unknown status".as_ptr() };
     let s: &'static CStr = match status {
         dne_status::DNE_OK => c"ok",
         dne_status::DNE_ERR_INVALID_ARG => c"invalid argument",
@@ -186,7 +220,8 @@ pub unsafe extern "C" fn dne_alloc(f: *mut dne_fn, len: u32, out: *mut *mut dne_
 }
 
 /// Payload bytes of fragment `frag` of `m` (zero copy); their count goes to
-/// `*len`. NULL for a fragment past the end.
+/// `*len`. NULL for a fragment past the end, or behind a link of the chain
+/// that leads out of the pool (a process sharing the pool rewrote it).
 ///
 /// # Safety
 ///
@@ -199,10 +234,8 @@ pub unsafe extern "C" fn dne_msg_data(f: *mut dne_fn, m: *mut dne_msg, frag: u32
     // SAFETY: as above.
     let m = unsafe { m.as_mut() };
     let (Some(f), Some(m)) = (f, m) else { return std::ptr::null_mut() };
-    if frag >= m.0.frags() {
-        return std::ptr::null_mut();
-    }
-    let bytes = f.0.payload_mut(&mut m.0, frag);
+    // NULL past the end, and at a link a process sharing the pool rewrote.
+    let Some(bytes) = f.0.try_payload_mut(&mut m.0, frag) else { return std::ptr::null_mut() };
     if !len.is_null() {
         // SAFETY: non-NULL (checked) and writable (contract). The length
         // fits: a fragment is at most one buffer.
@@ -345,25 +378,24 @@ mod tests {
 
     #[test]
     fn every_status_has_a_message() {
-        for s in 0..=11 {
-            let st = match s {
-                0 => dne_status::DNE_OK,
-                1 => dne_status::DNE_ERR_INVALID_ARG,
-                2 => dne_status::DNE_ERR_SHIMD,
-                3 => dne_status::DNE_ERR_REFUSED,
-                4 => dne_status::DNE_ERR_EXHAUSTED,
-                5 => dne_status::DNE_ERR_UNKNOWN_FUNCTION,
-                6 => dne_status::DNE_ERR_TENANT_MISMATCH,
-                7 => dne_status::DNE_ERR_NO_INSTANCE,
-                8 => dne_status::DNE_ERR_FULL,
-                9 => dne_status::DNE_ERR_TIMEOUT,
-                10 => dne_status::DNE_ERR_OWNERSHIP,
-                _ => dne_status::DNE_ERR_INTERNAL,
-            };
-            assert_eq!(st as i32, s);
+        for (code, st) in dne_status::ALL.into_iter().enumerate() {
+            assert_eq!(st as c_int, code as c_int);
             // SAFETY: `dne_status_str` returns a static C string.
-            let msg = unsafe { CStr::from_ptr(dne_status_str(st)) };
+            let msg = unsafe { CStr::from_ptr(dne_status_str(st as c_int)) };
             assert!(!msg.to_bytes().is_empty());
+            assert_ne!(msg, c"unknown status");
+        }
+    }
+
+    /// C may pass any number as a status: numbers no status has get a
+    /// message too. Before, the parameter was the Rust enum, and such a
+    /// number was undefined behaviour (a crash or a garbage string).
+    #[test]
+    fn numbers_that_are_no_status_get_a_message() {
+        for code in [12, 200, -1, c_int::MIN, c_int::MAX] {
+            // SAFETY: `dne_status_str` returns a static C string.
+            let msg = unsafe { CStr::from_ptr(dne_status_str(code)) };
+            assert_eq!(msg, c"unknown status", "{code}");
         }
     }
 

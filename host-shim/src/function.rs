@@ -370,9 +370,17 @@ impl Function {
         self.pool.frag(&msg.lease, k).unwrap_or(&[])
     }
 
-    /// Mutable payload bytes of fragment `k` (zero copy).
+    /// Mutable payload bytes of fragment `k` (zero copy); empty past the
+    /// end or at a broken link.
     pub fn payload_mut<'a>(&'a self, msg: &'a mut Msg, k: u32) -> &'a mut [u8] {
-        self.pool.frag_mut(&mut msg.lease, k).unwrap_or_default()
+        self.try_payload_mut(msg, k).unwrap_or_default()
+    }
+
+    /// [`payload_mut`](Self::payload_mut), `None` past the end or at a
+    /// link of the chain that leads out of the pool (a process sharing
+    /// the pool rewrote it).
+    pub fn try_payload_mut<'a>(&'a self, msg: &'a mut Msg, k: u32) -> Option<&'a mut [u8]> {
+        self.pool.frag_mut(&mut msg.lease, k)
     }
 
     /// Copies `data` into a message allocated for `data.len()` bytes.
