@@ -23,6 +23,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// Why a message was dropped or returned to its sender as an error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -484,10 +485,33 @@ impl Metrics {
     }
 }
 
+/// How many connections the metrics endpoint serves at once (more wait in
+/// the listen backlog): each holds a descriptor of the agent's, which its
+/// data path needs too (rings, fabric).
+const METRICS_CONNS: usize = 64;
+/// How long a connection may take to send a request's head (an idle
+/// keep-alive connection included), and how long one lives in all.
+const METRICS_HEAD_WITHIN: Duration = Duration::from_secs(10);
+const METRICS_CONN_LIFETIME: Duration = Duration::from_secs(60);
+/// Pause after a failed accept (out of descriptors, say), which would
+/// otherwise be retried at once, a core spinning.
+const METRICS_ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
 /// Serves `GET /metrics`, `/status` and `/ready` on `addr` from a thread of
 /// its own until the process ends. The port is bound before this returns,
-/// so a taken port is an error here.
+/// so a taken port is an error here. At most [`METRICS_CONNS`] connections
+/// at once, each closed when it sends no request head within
+/// [`METRICS_HEAD_WITHIN`] and after [`METRICS_CONN_LIFETIME`] in all.
 pub fn serve(addr: SocketAddr, m: Arc<Metrics>) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    serve_with(addr, m, METRICS_HEAD_WITHIN, METRICS_CONN_LIFETIME)
+}
+
+fn serve_with(
+    addr: SocketAddr,
+    m: Arc<Metrics>,
+    head_within: Duration,
+    lifetime: Duration,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let std_listener = std::net::TcpListener::bind(addr)?;
     std_listener.set_nonblocking(true)?;
     let local = std_listener.local_addr()?;
@@ -501,10 +525,20 @@ pub fn serve(addr: SocketAddr, m: Arc<Metrics>) -> std::io::Result<(SocketAddr, 
                     return;
                 }
             };
+            let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNS));
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok(slot) = slots.clone().acquire_owned().await else { return };
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        log::debug!("metrics: accept failed: {e}");
+                        tokio::time::sleep(METRICS_ACCEPT_PAUSE).await;
+                        continue;
+                    }
+                };
                 let m = m.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                         let m = m.clone();
                         async move {
@@ -520,8 +554,13 @@ pub fn serve(addr: SocketAddr, m: Arc<Metrics>) -> std::io::Result<(SocketAddr, 
                         }
                     });
                     let io = hyper_util::rt::TokioIo::new(stream);
-                    if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await {
-                        log::debug!("metrics connection: {e}");
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(head_within)
+                        .serve_connection(io, svc);
+                    match tokio::time::timeout(lifetime, conn).await {
+                        Ok(Err(e)) => log::debug!("metrics connection: {e}"),
+                        Ok(Ok(())) | Err(_) => {}
                     }
                 });
             }
@@ -533,6 +572,54 @@ pub fn serve(addr: SocketAddr, m: Arc<Metrics>) -> std::io::Result<(SocketAddr, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn one_node() -> config::Cluster {
+        let text = "[[node]]\nname = \"n0\"\naddress = \"127.0.0.1:1\"\nruntime_dir = \"/tmp/dne-metrics-test\"\n\n[[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = 1024\nbuffers = 64\nrecv_quota = 8\n";
+        config::Cluster::parse(text).unwrap()
+    }
+
+    /// A connection that sends nothing is closed (it held one of the
+    /// agent's descriptors for as long as the client liked), and so is
+    /// one that lives too long; the endpoint serves on.
+    #[test]
+    fn idle_and_old_metrics_connections_are_closed() {
+        use std::io::{Read, Write};
+        let (addr, _t) = serve_with(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Metrics::new(&one_node(), "n0")),
+            Duration::from_millis(300),
+            Duration::from_secs(3),
+        )
+        .unwrap();
+        let read_to_end = |s: &mut std::net::TcpStream| {
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut all = Vec::new();
+            s.read_to_end(&mut all).map(|_| all)
+        };
+        let mut idle = std::net::TcpStream::connect(addr).unwrap();
+        assert!(read_to_end(&mut idle).expect("closed, not timed out").is_empty());
+        // Keep-alive requests, one every 100 ms, until the lifetime ends it.
+        let mut old = std::net::TcpStream::connect(addr).unwrap();
+        old.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut answers = 0;
+        let mut buf = [0u8; 4096];
+        loop {
+            if old.write_all(b"GET /ready HTTP/1.1\r\nhost: x\r\n\r\n").is_err() {
+                break;
+            }
+            match old.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => answers += 1,
+            }
+            assert!(answers < 1000, "never closed");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(answers >= 1, "{answers}");
+        let mut fresh = std::net::TcpStream::connect(addr).unwrap();
+        fresh.write_all(b"GET /ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+        let answer = read_to_end(&mut fresh).unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 "), "{}", String::from_utf8_lossy(&answer));
+    }
 
     #[test]
     fn latency_buckets_are_powers_of_two_microseconds() {
