@@ -558,9 +558,8 @@ fn serve_with(
                         .timer(hyper_util::rt::TokioTimer::new())
                         .header_read_timeout(head_within)
                         .serve_connection(io, svc);
-                    match tokio::time::timeout(lifetime, conn).await {
-                        Ok(Err(e)) => log::debug!("metrics connection: {e}"),
-                        Ok(Ok(())) | Err(_) => {}
+                    if let Ok(Err(e)) = tokio::time::timeout(lifetime, conn).await {
+                        log::debug!("metrics connection: {e}");
                     }
                 });
             }
