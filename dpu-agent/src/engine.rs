@@ -304,6 +304,13 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     tally: Vec<Tally>,
     /// Per-function deliveries (messages, bytes) not yet added.
     fn_tally: Vec<(u64, u64)>,
+    /// Per function: its messages in its tenant's delivery backlog (a new
+    /// one waits behind them, so each function gets its messages in
+    /// order).
+    backlogged: Vec<u32>,
+    /// Functions a retry of the backlog found full in this pass (their
+    /// other messages are not tried again in it).
+    full_now: Vec<u16>,
     events: Vec<PortEvent>,
     next_status: Instant,
     /// Wire bytes sent and not yet completed ([`INFLIGHT_BUDGET`]).
@@ -385,6 +392,8 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         Ok(Self {
             tally: vec![Tally::default(); ids.len()],
             fn_tally: vec![(0, 0); cfg.functions.len()],
+            backlogged: vec![0; cfg.functions.len()],
+            full_now: Vec::new(),
             fn_nodes: cfg.functions.iter().map(|f| cfg.function_nodes(f)).collect(),
             fn_next: vec![0; cfg.functions.len()],
             arrived: per_buffer(),
@@ -838,6 +847,12 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
     /// descriptors the original sender). `from`: the node it came from over
     /// the fabric, where an error about it goes back.
     fn deliver(&mut self, t: usize, msg: Msg, from: Option<u16>) {
+        self.deliver_as(t, msg, from, false)
+    }
+
+    /// [`deliver`](Self::deliver); `retry`: the message comes from the
+    /// backlog (its function's messages still there are behind it).
+    fn deliver_as(&mut self, t: usize, msg: Msg, from: Option<u16>, retry: bool) {
         let d = *msg.desc();
         if d.flags & DescFlags::REPLY != 0 && d.flags & DescFlags::ERROR == 0 {
             // A reply never ends on a worker node.
@@ -858,6 +873,10 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         if !here && matches!(self.link(t).view(), fabric::PoolView::Local(_)) {
             return self.undeliverable(t, msg, from);
         }
+        if !retry && self.backlogged[f] > 0 {
+            // Behind its function's messages waiting for room.
+            return self.wait_for_room(t, f, msg, from);
+        }
         let len = u64::from(msg.len());
         let cfg = self.cfg.clone();
         match self.link(t).deliver(msg, d.dst_fn, &cfg.functions[f].name) {
@@ -870,7 +889,12 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             }
             Ok(()) => {}
             Err(e) => match (e.kind, e.msg) {
-                (SendErrorKind::Full, Some(msg)) => self.tenants[t].backlog.push_back((msg, from)),
+                (SendErrorKind::Full, Some(msg)) => {
+                    if retry {
+                        self.full_now.push(f as u16);
+                    }
+                    self.wait_for_room(t, f, msg, from)
+                }
                 (_, Some(msg)) => self.undeliverable(t, msg, from),
                 (_, None) => self.metrics.tenants[self.gid(t)].drop(Why::NoInstance),
             },
@@ -984,13 +1008,33 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         pick
     }
 
+    /// A delivery waits in the tenant's backlog for room in its
+    /// function's ring.
+    fn wait_for_room(&mut self, t: usize, f: usize, msg: Msg, from: Option<u16>) {
+        self.backlogged[f] += 1;
+        self.tenants[t].backlog.push_back((msg, from));
+    }
+
+    /// Tries the backlogged deliveries again, in order, each function's
+    /// until one finds its ring still full (the rest of that function's
+    /// wait, in order, without a try: a wedged function costs one try per
+    /// pass, not one per message).
     fn redeliver(&mut self) -> usize {
         let mut n = 0;
         for t in 0..self.tenants.len() {
             let k = self.tenants[t].backlog.len();
+            self.full_now.clear();
             for _ in 0..k {
                 let Some((msg, from)) = self.tenants[t].backlog.pop_front() else { break };
-                self.deliver(t, msg, from);
+                let f = usize::from(msg.desc().dst_fn);
+                if self.full_now.contains(&(f as u16)) {
+                    self.tenants[t].backlog.push_back((msg, from));
+                    continue;
+                }
+                if let Some(b) = self.backlogged.get_mut(f) {
+                    *b = b.saturating_sub(1);
+                }
+                self.deliver_as(t, msg, from, true);
             }
             // Work only if something left the backlog.
             n += k.saturating_sub(self.tenants[t].backlog.len());
@@ -1287,6 +1331,34 @@ mod tests {
             .iter()
             .map(|o| (o.msg.desc().flags, o.msg.desc().status))
             .collect()
+    }
+
+    /// A local function whose ring stays full costs one delivery attempt
+    /// per pass over the backlog, not one per message waiting for it (a
+    /// wedged function's backlog grows to its pool's size, and every pass
+    /// of the engine retried it all, for every tenant's cost), and its
+    /// messages reach it in order once it takes them, new ones behind the
+    /// waiting ones.
+    #[test]
+    fn a_full_function_costs_one_try_per_pass_and_keeps_its_order() {
+        use wire::{Descriptor, desc::NO_NODE};
+        let mut e = lone_engine(2);
+        let call = |k: u32| Descriptor { dst_fn: 0, src_fn: 1, origin: NO_NODE, request: k, ..Descriptor::default() };
+        e.link(0).full = true;
+        for k in 0..1000 {
+            let m = message(&mut e, call(k));
+            e.deliver(0, m, Some(1));
+        }
+        assert_eq!(e.link(0).refused, 1, "one try, then behind it");
+        assert_eq!(e.redeliver(), 0);
+        assert_eq!(e.link(0).refused, 2, "one try per pass");
+        e.link(0).full = false;
+        let m = message(&mut e, call(1000));
+        e.deliver(0, m, Some(1));
+        assert_eq!(e.link(0).delivered, 0, "a new message waits behind the others");
+        assert_eq!(e.redeliver(), 1001);
+        assert_eq!(e.link(0).delivered, 1001);
+        assert_eq!((e.link(0).reordered, e.link(0).last_request), (0, Some(1000)));
     }
 
     /// A call of a function on n0 that reached a node of `g` without a live

@@ -142,6 +142,15 @@ pub struct NullLink {
     pub delivered: u64,
     /// Calls of [`progress`](HostLink::progress) so far.
     pub progressed: u64,
+    /// Deliveries fail with `Full` (a function that takes nothing), and
+    /// are counted in `refused`.
+    pub full: bool,
+    /// Deliveries refused so far.
+    pub refused: u64,
+    /// The request id of the last message delivered.
+    pub last_request: Option<u32>,
+    /// Messages delivered after one with a higher request id.
+    pub reordered: u64,
 }
 
 impl NullLink {
@@ -162,7 +171,18 @@ impl NullLink {
             leases.push(pool.alloc(len, wire::Owner::Agent)?);
         }
         let desc = Descriptor { tenant, src_fn: src, dst_fn: dst, ..Descriptor::default() };
-        Ok(Self { pool, stock: leases, desc, taken: 0, delivered: 0, progressed: 0 })
+        Ok(Self {
+            pool,
+            stock: leases,
+            desc,
+            taken: 0,
+            delivered: 0,
+            progressed: 0,
+            full: false,
+            refused: 0,
+            last_request: None,
+            reordered: 0,
+        })
     }
 
     /// The descriptor of the messages handed out from now on (its buffer
@@ -199,7 +219,14 @@ impl HostLink for NullLink {
         self.progressed += 1;
     }
     fn deliver(&mut self, msg: Msg, _dst: u16, _to: &str) -> Result<(), SendError> {
+        if self.full {
+            self.refused += 1;
+            return Err(SendError { kind: host_shim::SendErrorKind::Full, msg: Some(msg) });
+        }
         self.delivered += 1;
+        let r = msg.desc().request;
+        self.reordered += u64::from(self.last_request.is_some_and(|l| l > r));
+        self.last_request = Some(r);
         self.free(msg);
         Ok(())
     }
