@@ -121,6 +121,10 @@ pub struct Bridge {
     published: Option<BridgeStats>,
     /// Per cluster function: its tenant if it runs on this node.
     local_fns: Vec<Option<u16>>,
+    /// Per cluster function: its messages in the backlog.
+    backlogged: Vec<u32>,
+    /// Functions a retry found full in this pass over the backlog.
+    full_now: Vec<u16>,
 }
 
 impl core::fmt::Debug for Bridge {
@@ -159,7 +163,7 @@ impl Bridge {
             tenants.push(Tenant { link, _mmap: mmap, blob, want: 0, backlog: VecDeque::with_capacity(256) });
         }
         let max_chain = cfg.tenants.iter().map(|t| t.max_chain).max().unwrap_or(64) as usize;
-        let local_fns =
+        let local_fns: Vec<Option<u16>> =
             cfg.functions.iter().map(|f| cfg.runs_on(f, node).then(|| cfg.tenant_id(&f.tenant)).flatten()).collect();
         Ok(Self {
             name: server_name(n),
@@ -178,6 +182,8 @@ impl Bridge {
             stats: BridgeStats::default(),
             shared,
             published: None,
+            backlogged: vec![0; local_fns.len()],
+            full_now: Vec::new(),
             local_fns,
         })
     }
@@ -456,26 +462,58 @@ impl Bridge {
     }
 
     fn deliver(&mut self, t: usize, msg: Msg) {
+        self.deliver_as(t, msg, false)
+    }
+
+    /// [`deliver`](Self::deliver); `retry`: from the backlog (its
+    /// function's messages still there are behind it). A new message for
+    /// a function with messages waiting waits behind them (order).
+    fn deliver_as(&mut self, t: usize, msg: Msg, retry: bool) {
         let dst = usize::from(msg.desc().dst_fn);
         if self.local_fns.get(dst) != Some(&Some(t as u16)) {
             return self.bounce(t, msg);
+        }
+        if !retry && self.backlogged[dst] > 0 {
+            return self.wait_for_room(t, dst, msg);
         }
         let name = &self.cfg.functions[dst].name;
         match self.tenants[t].link.send(msg, name) {
             Ok(()) => self.stats.delivered += 1,
             Err(e) => match (e.kind, e.msg) {
-                (SendErrorKind::Full, Some(m)) => self.tenants[t].backlog.push_back(m),
+                (SendErrorKind::Full, Some(m)) => {
+                    if retry {
+                        self.full_now.push(dst as u16);
+                    }
+                    self.wait_for_room(t, dst, m)
+                }
                 (_, Some(m)) => self.bounce(t, m),
                 (_, None) => {}
             },
         }
     }
 
+    fn wait_for_room(&mut self, t: usize, f: usize, msg: Msg) {
+        self.backlogged[f] += 1;
+        self.tenants[t].backlog.push_back(msg);
+    }
+
+    /// Tries the backlog again in order, each function's until one finds
+    /// its ring still full (a wedged function costs one try per pass, not
+    /// one per message waiting for it).
     fn redeliver(&mut self, t: usize) -> usize {
         let k = self.tenants[t].backlog.len();
+        self.full_now.clear();
         for _ in 0..k {
             let Some(m) = self.tenants[t].backlog.pop_front() else { break };
-            self.deliver(t, m);
+            let f = usize::from(m.desc().dst_fn);
+            if self.full_now.contains(&(f as u16)) {
+                self.tenants[t].backlog.push_back(m);
+                continue;
+            }
+            if let Some(b) = self.backlogged.get_mut(f) {
+                *b = b.saturating_sub(1);
+            }
+            self.deliver_as(t, m, true);
         }
         k.saturating_sub(self.tenants[t].backlog.len())
     }

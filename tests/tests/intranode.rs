@@ -802,11 +802,14 @@ fn one_users_idle_connections_do_not_crowd_out_another_user() {
         return;
     };
     assert_eq!(said, "served");
-    // Root attaches again once one of its idle connections closes.
+    // Root attaches again once host-shimd saw its idle connections close
+    // (an attach racing with that is still closed, and tried again).
     drop(crowd);
-    let f = Function::attach(&socket, "acme", "client").expect("attach once the crowd is gone");
-    assert_eq!(n("crowd_refused"), 1, "{}", node.status());
-    drop(f);
+    let mut f = None;
+    wait_for("an attach once the crowd is gone", WATCHDOG, || {
+        f = Function::attach(&socket, "acme", "client").ok();
+        f.is_some()
+    });
 }
 
 /// host-shimd out of file descriptors (a client opens connections and

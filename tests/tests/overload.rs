@@ -228,7 +228,9 @@ fn calls_beyond_a_stopped_nodes_queue_are_answered_503_at_once() {
     // The chain is upper (n1) -> rot13 (n0); no simulated work.
     let queued = CLUSTER.replacen("buffers = 64\nrecv_quota = 32", "buffers = 256\nrecv_quota = 8\nnode_queue = 4", 1);
     assert_ne!(queued, CLUSTER);
-    let edge = dne_tests::cluster::IngressSpec::new("queued-edge", "");
+    // (The edge waits for credits as long as the test takes: what is
+    // tested is n1's queue for n0.)
+    let edge = dne_tests::cluster::IngressSpec::new("queued-edge", "credit_wait_ms = 600000\n");
     let http = edge.http;
     let mut c = Cluster::start("queued", 2, &format!("{queued}{}", edge.section()));
     c.start_route_fn(1, "acme", "upper", "upper");
@@ -256,18 +258,27 @@ fn calls_beyond_a_stopped_nodes_queue_are_answered_503_at_once() {
         done.len() >= REQUESTS - 4 - 8 && overloaded() == Some(done.len() as f64)
     });
     let refused = done.len();
-    println!("{refused} of {REQUESTS} refused while n0 was stopped");
-    for (k, r, took) in &done {
-        let Some((code, head, _)) = r else { panic!("request {k}: no answer") };
-        assert_eq!(*code, 503, "request {k}");
-        assert!(head.to_ascii_lowercase().contains("retry-after:"), "request {k}: {head}");
-        assert!(*took < ROUTE_TIMEOUT / 2, "request {k}: refused after {took:?}, not at once");
-    }
+    println!("{refused} of {REQUESTS} refused while n0 was stopped (at least)");
     assert!(refused < REQUESTS, "the calls n0's credits and n1's queue took wait for n0");
     c.signal_agent(0, nix::sys::signal::Signal::SIGCONT).unwrap();
     for _ in refused..REQUESTS {
-        let (k, r, _) = rx.recv_timeout(WATCHDOG).expect("every held request answered once n0 runs");
-        assert!(matches!(r, Some((200, _, true))), "request {k}: {:?}", r.map(|(c, _, ok)| (c, ok)));
+        done.push(rx.recv_timeout(WATCHDOG).expect("every held request answered once n0 runs"));
+    }
+    // A call still on its way to n1 when the first refusals were counted
+    // may have been refused after them: every 503 is one n1's agent
+    // refused, answered at once; every other answer is the chain's.
+    let n503 = done.iter().filter(|(_, r, _)| matches!(r, Some((503, ..)))).count();
+    dne_tests::wait_for("every 503 counted as refused by n1", WATCHDOG, || overloaded() == Some(n503 as f64));
+    assert!(n503 < REQUESTS, "some held requests answered by the chain");
+    for (k, r, took) in &done {
+        match r {
+            Some((503, head, _)) => {
+                assert!(head.to_ascii_lowercase().contains("retry-after:"), "request {k}: {head}");
+                assert!(*took < ROUTE_TIMEOUT / 2, "request {k}: refused after {took:?}, not at once");
+            }
+            Some((200, _, true)) => {}
+            other => panic!("request {k}: {:?}", other.as_ref().map(|(c, _, ok)| (c, ok))),
+        }
     }
     for t in clients {
         t.join().unwrap();
