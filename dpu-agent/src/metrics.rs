@@ -38,7 +38,8 @@ pub enum Drop {
     NoInstance,
     /// A descriptor from a function failed validation.
     BadDescriptor,
-    /// No pool buffer to post a receive with.
+    /// No pool buffer to post a receive with (once per connection each
+    /// time it runs short; nothing is dropped, the peer waits for credits).
     NoBuffer,
     /// A peer broke the fabric protocol.
     Protocol,

@@ -38,6 +38,10 @@ pub enum RecvCheckError {
     /// immediate.
     #[error("fabric header: {0}")]
     Header(#[from] FabricDecodeError),
+    /// More data messages than this side granted credits for (they took
+    /// the receive kept for credit messages).
+    #[error("data beyond the credits granted")]
+    CreditOverrun,
     /// The header's fragment index is not the next one of the chain.
     #[error("fragment {got}, expected {want}")]
     FragIndex {

@@ -48,6 +48,14 @@ impl Credits {
         self.received = self.received.wrapping_add(1);
     }
 
+    /// The peer sent more data messages than it was granted: a protocol
+    /// violation (the next would find no receive, or take the one kept
+    /// for its credit messages, and the grant arithmetic would wrap).
+    pub fn overrun(&self) -> bool {
+        let over = self.received.wrapping_sub(self.advertised);
+        over != 0 && over < 1 << 31
+    }
+
     /// Our cumulative grant (receives available to the peer's data over
     /// the connection's life, modulo 2^32).
     pub fn grant(&self) -> u32 {
@@ -110,6 +118,21 @@ impl Credits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_beyond_the_grant_is_an_overrun() {
+        let mut c = Credits::default();
+        for _ in 0..5 {
+            c.on_post_recv();
+        }
+        assert_eq!(c.take_update(), Some(4));
+        for _ in 0..4 {
+            c.on_data_received();
+            assert!(!c.overrun());
+        }
+        c.on_data_received();
+        assert!(c.overrun(), "a fifth message on a grant of four");
+    }
 
     #[test]
     fn first_receive_is_reserved() {

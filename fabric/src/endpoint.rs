@@ -560,6 +560,11 @@ impl<T: Transport> Endpoint<T> {
         match check_recv(imm, len, header, &mut c.chain, max_chain) {
             Ok(frag) => {
                 c.credits.on_data_received();
+                if c.credits.overrun() {
+                    // Its connection would wedge (no credit update would
+                    // ever be due again): a protocol error instead.
+                    return self.protocol_error(conn, wr.token, RecvCheckError::CreditOverrun, out);
+                }
                 let imm = imm.unwrap_or(0);
                 out[0] = Completion::Received { conn, token: wr.token, result: Ok(Received { len, imm, frag }) };
                 1

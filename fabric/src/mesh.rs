@@ -37,6 +37,9 @@ use wire::mesh::{MAX_MESH_FRAME, MeshConn, MeshDecodeError, MeshHello, MeshMsg};
 /// First redial delay; doubled after each failure up to
 /// [`MeshConfig::backoff_max`].
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Reads of 4 KiB from one link's stream per control-thread round, at most
+/// (what was read is decoded before the next round reads more).
+const READS_PER_ROUND: usize = 16;
 /// How long a control-thread round sleeps when nothing happens.
 const TICK: Duration = Duration::from_millis(5);
 /// Most connections on the listener waiting for their Hello at once; a
@@ -662,7 +665,11 @@ impl Control {
             let mut down = None;
             let l = &mut self.links[k];
             let Some(s) = l.stream.as_mut() else { continue };
-            loop {
+            // A bounded read per link and round (then what it read is
+            // decoded): a peer writing faster than this thread reads would
+            // otherwise grow the buffer without end and starve the other
+            // links.
+            for _ in 0..READS_PER_ROUND {
                 match s.read(&mut chunk) {
                     Ok(0) => {
                         down = Some("closed by the peer".to_owned());

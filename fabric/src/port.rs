@@ -150,7 +150,9 @@ pub enum PortEvent {
         /// Peer node.
         peer: u16,
     },
-    /// A receive could not be posted: the tenant's pool is empty.
+    /// A receive could not be posted: the tenant's pool is empty (once
+    /// per connection each time it runs short: not again until a refill
+    /// of it found a buffer).
     NoBuffer {
         /// Tenant.
         tenant: u16,
@@ -185,6 +187,9 @@ struct Conn {
     /// The chain being received is malformed: its fragments are freed as
     /// they come, and it is dropped at its last.
     bad: bool,
+    /// The last refill found the pool empty (told once, in a
+    /// [`PortEvent::NoBuffer`]).
+    starved: bool,
     posted: u32,
     want: u32,
 }
@@ -566,6 +571,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                         first: None,
                         got: 0,
                         bad: false,
+                        starved: false,
                         posted: 0,
                         want,
                     });
@@ -597,9 +603,15 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         let t = usize::from(st.tenant);
         while st.posted < st.want {
             let Some(lease) = self.bufs[t].alloc_one() else {
-                out.push(PortEvent::NoBuffer { tenant: st.tenant });
+                // Said once per time the connection runs short, not on
+                // every refill until buffers come back.
+                if !st.starved {
+                    st.starved = true;
+                    out.push(PortEvent::NoBuffer { tenant: st.tenant });
+                }
                 return;
             };
+            st.starved = false;
             let view = self.bufs[t].view();
             let len = view.geometry().buf_size() - HDR_OFF as u32;
             let Some(off) = view.buf_offset(lease.head()) else {
@@ -996,6 +1008,59 @@ mod tests {
             .filter_map(|e| if let PortEvent::Received { desc, .. } = e { Some(desc.len) } else { None })
             .collect();
         assert_eq!(got, [cap + 7], "{out:?}");
+    }
+
+    /// A peer that sends more than it was granted (here: four messages at
+    /// once on a grant of three, the fourth taking the receive kept for
+    /// credit messages) fails its connection as a protocol error. Before,
+    /// the grant arithmetic wrapped and no credit update was ever due
+    /// again: the connection wedged for good.
+    #[test]
+    fn a_peer_beyond_its_credits_fails_its_connection() {
+        let (mut port, cmds, notes) = port_over(Wire { hold: true, ..Wire::default() }, 1);
+        link_up(&mut port, &cmds, 1);
+        assert_eq!(port.ep.transport().recvs.len(), 4, "three granted, one kept for credit messages");
+        let desc = Descriptor { tenant: 0, dst_fn: 3, len: 8, ..Descriptor::default() };
+        for _ in 0..4 {
+            land(&mut port, MsgKind::Data, FabricHeader::new(MsgKind::Data, desc, 0, 1, 8), 8);
+        }
+        let mut out = Vec::new();
+        settle(&mut port, &mut out);
+        let got = out.iter().filter(|e| matches!(e, PortEvent::Received { .. })).count();
+        assert_eq!(got, 3, "{out:?}");
+        assert!(notes.try_iter().any(|n| matches!(n, Note::Reset { peer: 1, .. })), "the link is reset");
+        assert!(!port.is_up(0, 1));
+    }
+
+    /// A connection whose tenant's pool is empty is said short once, not
+    /// on every refill (every millisecond) until buffers come back; and
+    /// again once it ran short anew after a refill found buffers.
+    #[test]
+    fn a_connection_short_of_buffers_is_told_once_per_time() {
+        let (mut port, cmds, _notes) = port_over(Wire { hold: true, ..Wire::default() }, 1);
+        link_up(&mut port, &cmds, 1);
+        let all = port.bufs(0).0.free_buffers();
+        let taken: Vec<Lease> = (0..all).map(|_| port.bufs(0).0.alloc(8, Owner::Held(1)).unwrap()).collect();
+        let desc = Descriptor { tenant: 0, dst_fn: 3, len: 8, ..Descriptor::default() };
+        let short = |out: &[PortEvent]| out.iter().filter(|e| matches!(e, PortEvent::NoBuffer { .. })).count();
+        let mut out = Vec::new();
+        for round in 0..2 {
+            land(&mut port, MsgKind::Data, FabricHeader::new(MsgKind::Data, desc, 0, 1, 8), 8);
+            out.clear();
+            for _ in 0..50 {
+                settle(&mut port, &mut out);
+            }
+            assert_eq!(short(&out), 1, "round {round}: {out:?}");
+            // The message's buffer comes back: the refill posts it, and the
+            // connection is not short any more.
+            let got =
+                out.drain(..).find_map(|e| if let PortEvent::Received { lease, .. } = e { Some(lease) } else { None });
+            port.bufs_mut(0).free(got.expect("delivered"));
+            settle(&mut port, &mut out);
+        }
+        for l in taken {
+            port.bufs_mut(0).free(l);
+        }
     }
 
     /// Buffers of tenant 0 free or posted as receives.
