@@ -440,6 +440,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             let now = Instant::now();
             if now >= next_control {
                 if stop.load(Ordering::Relaxed) {
+                    self.answer_before_stopping();
                     self.flush();
                     return Exit::Stopped;
                 }
@@ -800,6 +801,23 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             return self.bounce(t, msg, ErrorCode::Overloaded, Why::Overloaded);
         }
         self.tenants[t].sends.push(Out { msg, peer, since: now });
+    }
+
+    /// Stopping: the messages still waiting to be sent go back as
+    /// `Unreachable`, so that callers on this node hear at once instead of
+    /// waiting for replies that will never come (errors for callers on
+    /// other nodes or an ingress are queued and not sent: those see this
+    /// node go down, and what it had taken fail as `PeerDied`).
+    fn answer_before_stopping(&mut self) {
+        for t in 0..self.tenants.len() {
+            let mut waiting = Vec::with_capacity(self.tenants[t].sends.len());
+            while let Some(o) = self.tenants[t].sends.take(0) {
+                waiting.push(o.msg);
+            }
+            for msg in waiting {
+                self.bounce(t, msg, ErrorCode::Unreachable, Why::Unreachable);
+            }
+        }
     }
 
     /// One scheduler round.

@@ -937,6 +937,36 @@ fn sends_on_the_wire_to_a_stopped_node_do_not_hold_the_send_budget_of_the_others
     stopped_node_holds_back_only_its_own("internode-budget-wire", &cfg);
 }
 
+/// An agent told to stop (SIGTERM) answers the calls still waiting to be
+/// sent with `Unreachable`, so their callers on its node hear at once.
+/// Before, they were dropped with the engine and their callers waited for
+/// replies that never came.
+#[test]
+fn an_agent_that_stops_answers_the_calls_it_had_not_sent() {
+    let c = Cluster::start("internode-stop-answers", 3, THREE_NODES);
+    c.wait_mesh();
+    let mut client = c.attach(0, "acme", "client");
+    let mut far = c.attach(1, "acme", "far");
+    send(&mut client, "far", 99);
+    let m = far.recv_timeout(Some(WATCHDOG)).unwrap().expect("delivered before the stop");
+    far.free(m).unwrap();
+    // n1 takes nothing: beyond its credits (recv_quota 8) the calls wait
+    // in n0's agent.
+    c.signal_agent(1, Signal::SIGSTOP).unwrap();
+    const CALLS: u32 = 30;
+    for k in 0..CALLS {
+        send(&mut client, "far", k);
+    }
+    let queued = || c.metric(0, "dne_agent_queue_depth", &[("tenant", "acme")]).unwrap_or(0.0);
+    dne_tests::wait_for("calls waiting in n0's agent", WATCHDOG, || queued() > 0.0);
+    c.signal_agent(0, Signal::SIGTERM).unwrap();
+    let m = client.recv_timeout(Some(WATCHDOG)).unwrap().expect("an answer for a call n0 had not sent");
+    assert_ne!(m.desc().flags & wire::DescFlags::ERROR, 0);
+    assert_eq!(m.desc().status, wire::ErrorCode::Unreachable as u8);
+    client.free(m).unwrap();
+    c.signal_agent(1, Signal::SIGCONT).unwrap();
+}
+
 /// acme sends two 1 MiB messages to n1, whose agent is stopped; globex's
 /// messages from n0 to n2 must go on meanwhile, and acme's arrive once n1
 /// runs again.
