@@ -51,6 +51,11 @@ pub enum AttachError {
     Map(String),
 }
 
+/// How long a function waits for host-shimd's answer to an attach or a
+/// lookup before the call fails (`AttachError::Io`, `SendErrorKind::Shimd`;
+/// a late answer is told apart by its sequence number and skipped).
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
 /// How long host-shimd's answer that a function has no live instance (or
 /// does not exist) is reused before asking again.
 pub const ABSENT_TTL: Duration = Duration::from_millis(50);
@@ -257,6 +262,10 @@ impl Function {
             layout_hash: wire::LAYOUT_HASH,
             name: Name::new(function)?,
         };
+        // host-shimd answers at once; one stopped or hung must not hang
+        // its clients for ever (the agent's data-plane thread looks names
+        // up, for every tenant).
+        conn.set_recv_timeout(Some(ANSWER_WITHIN))?;
         conn.send(&CtrlFrame { seq: 0, msg: CtrlMsg::Hello(hello) }, &[])?;
         let attach =
             Attach { tenant: Name::new(tenant)?, function: Name::new(function)?, instance: 0, reserved: 0, pid };

@@ -84,6 +84,12 @@ impl Conn {
         Ok(rustix::net::sockopt::socket_peercred(&self.0)?)
     }
 
+    /// Makes a blocking [`recv`](Self::recv) give up (`WouldBlock`) after
+    /// `timeout` (`None`: wait for ever).
+    pub fn set_recv_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        Ok(rustix::net::sockopt::set_socket_timeout(&self.0, rustix::net::sockopt::Timeout::Recv, timeout)?)
+    }
+
     /// Sets or clears non-blocking mode.
     pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
         let flags = rustix::fs::fcntl_getfl(&self.0)?;

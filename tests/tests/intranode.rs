@@ -940,3 +940,31 @@ fn a_buffer_delivered_at_a_death_and_handed_again_is_not_its_orphan() {
     let back = prod.pool().take_back(i, 8, Owner::Function(slot), me).unwrap();
     prod.pool().free(back).unwrap();
 }
+
+/// A stopped host-shimd does not hang a function's lookup (nor the agent's
+/// data-plane thread, which looks names up for every tenant) for ever: it
+/// fails as `Shimd` after `ANSWER_WITHIN`, and once host-shimd runs again
+/// the next lookup gets its own answer (the late one is skipped). Before,
+/// the lookup waited as long as host-shimd stayed stopped.
+#[test]
+fn a_lookup_gives_up_on_a_stopped_host_shimd() {
+    use nix::sys::signal::{Signal, kill};
+    let node = start_node("shimd-stopped");
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let _upper = Function::attach(&node.socket(), "acme", "upper").unwrap();
+    let pid = nix::unistd::Pid::from_raw(node.shimd.pid() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    // (The watchdog: host-shimd runs again in any case.)
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let resume = std::thread::spawn(move || {
+        let _ = rx.recv_timeout(WATCHDOG / 2);
+        kill(pid, Signal::SIGCONT).unwrap();
+    });
+    let m = client.alloc(8).unwrap();
+    let e = client.send(m, "upper").expect_err("no answer from a stopped host-shimd");
+    drop(tx);
+    resume.join().unwrap();
+    assert!(matches!(e.kind, SendErrorKind::Shimd(_)), "{:?}", e.kind);
+    let m = e.msg.expect("the message handed back");
+    client.send(m, "upper").expect("looked up once host-shimd runs");
+}
