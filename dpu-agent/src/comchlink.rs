@@ -451,6 +451,11 @@ impl HostLink for DpuLink {
     fn progress(&mut self) {
         self.lock().pump_due();
     }
+    fn flush_out(&mut self) {
+        let mut c = self.lock();
+        c.flush();
+        c.pump();
+    }
     fn deliver(&mut self, msg: Msg, _dst: u16, _to: &str) -> Result<(), SendError> {
         self.send(msg, 0);
         Ok(())

@@ -818,6 +818,10 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 self.bounce(t, msg, ErrorCode::Unreachable, Why::Unreachable);
             }
         }
+        // (Over comch the answers wait in the link's outbox.)
+        for t in 0..self.tenants.len() {
+            self.link(t).flush_out();
+        }
     }
 
     /// One scheduler round.

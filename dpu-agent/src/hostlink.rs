@@ -55,6 +55,9 @@ pub trait HostLink {
     /// the link does on the side goes on meanwhile (over comch: finished
     /// sends, buffers lent and given back, noticing the host went away).
     fn progress(&mut self) {}
+    /// Sends now whatever the link has queued for its host (the engine is
+    /// stopping: nothing would send it later).
+    fn flush_out(&mut self) {}
     /// Returns a message's buffers to the pool.
     fn free(&mut self, msg: Msg);
     /// Whether the host side (host-shimd) is still there.

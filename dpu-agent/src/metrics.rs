@@ -584,22 +584,22 @@ mod tests {
     #[test]
     fn idle_and_old_metrics_connections_are_closed() {
         use std::io::{Read, Write};
-        let (addr, _t) = serve_with(
-            "127.0.0.1:0".parse().unwrap(),
-            Arc::new(Metrics::new(&one_node(), "n0")),
-            Duration::from_millis(300),
-            Duration::from_secs(3),
-        )
-        .unwrap();
+        let serve = |head: Duration, life: Duration| {
+            serve_with("127.0.0.1:0".parse().unwrap(), Arc::new(Metrics::new(&one_node(), "n0")), head, life).unwrap().0
+        };
         let read_to_end = |s: &mut std::net::TcpStream| {
             s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
             let mut all = Vec::new();
             s.read_to_end(&mut all).map(|_| all)
         };
-        let mut idle = std::net::TcpStream::connect(addr).unwrap();
+        // Idle: closed by the head timeout (the lifetime is far).
+        let quick_head = serve(Duration::from_millis(300), Duration::from_secs(600));
+        let mut idle = std::net::TcpStream::connect(quick_head).unwrap();
         assert!(read_to_end(&mut idle).expect("closed, not timed out").is_empty());
-        // Keep-alive requests, one every 100 ms, until the lifetime ends it.
-        let mut old = std::net::TcpStream::connect(addr).unwrap();
+        // Busy: keep-alive requests until the lifetime ends it (the head
+        // timeout is far).
+        let short_life = serve(Duration::from_secs(600), Duration::from_secs(1));
+        let mut old = std::net::TcpStream::connect(short_life).unwrap();
         old.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut answers = 0;
         let mut buf = [0u8; 4096];
@@ -611,11 +611,12 @@ mod tests {
                 Ok(0) | Err(_) => break,
                 Ok(_) => answers += 1,
             }
-            assert!(answers < 1000, "never closed");
-            std::thread::sleep(Duration::from_millis(100));
+            assert!(answers < 100_000, "never closed");
+            std::thread::sleep(Duration::from_millis(20));
         }
         assert!(answers >= 1, "{answers}");
-        let mut fresh = std::net::TcpStream::connect(addr).unwrap();
+        // And a new connection is served.
+        let mut fresh = std::net::TcpStream::connect(short_life).unwrap();
         fresh.write_all(b"GET /ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
         let answer = read_to_end(&mut fresh).unwrap();
         assert!(answer.starts_with(b"HTTP/1.1 "), "{}", String::from_utf8_lossy(&answer));

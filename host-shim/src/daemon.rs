@@ -100,12 +100,16 @@ struct Client {
 
 /// How long a connection may stay without attaching.
 pub const ATTACH_WITHIN: Duration = Duration::from_secs(10);
-/// Connections of one user that may wait unattached at once: beyond that
-/// the user's new connections are closed at once, so one user opening
-/// connections and leaving them idle cannot take every descriptor of
-/// host-shimd from the other tenants' functions (each attaches within
-/// milliseconds of connecting; [`ATTACH_WITHIN`] drops the idle ones).
+/// Connections of one user that may have waited unattached longer than
+/// [`UNATTACHED_GRACE`] at once: beyond that the user's new connections
+/// are closed at once, so one user opening connections and leaving them
+/// idle cannot take every descriptor of host-shimd from the other
+/// tenants' functions ([`ATTACH_WITHIN`] drops the idle ones).
 pub const UNATTACHED_PER_USER: usize = 128;
+/// How long a new connection is not counted as idle: a function attaches
+/// within milliseconds of connecting, and a burst of them (a node's
+/// functions started at once, as one user) is served whatever its size.
+pub const UNATTACHED_GRACE: Duration = Duration::from_secs(1);
 /// How long host-shimd stops accepting connections after accepting one
 /// failed (out of file descriptors, say): the pending connection would
 /// otherwise wake it again at once.
@@ -150,7 +154,7 @@ pub struct Stats {
     /// Connections dropped for not attaching within [`ATTACH_WITHIN`].
     pub idle_dropped: u64,
     /// Connections closed at once because their user already had
-    /// [`UNATTACHED_PER_USER`] waiting unattached.
+    /// [`UNATTACHED_PER_USER`] idle and unattached.
     pub crowd_refused: u64,
 }
 
@@ -437,11 +441,11 @@ impl Shimd {
         loop {
             match self.listener.accept() {
                 Ok(Some(conn)) => match conn.peer_cred() {
-                    Ok(cred) if self.unattached_of(cred.uid.as_raw()) >= UNATTACHED_PER_USER => {
+                    Ok(cred) if self.idle_of(cred.uid.as_raw(), now) >= UNATTACHED_PER_USER => {
                         self.stats.crowd_refused += 1;
                         if self.stats.crowd_refused.is_power_of_two() {
                             log::warn!(
-                                "uid {}: {UNATTACHED_PER_USER} connections wait unattached; closing its new ones ({} so far)",
+                                "uid {}: {UNATTACHED_PER_USER} connections idle, unattached; closing its new ones ({} so far)",
                                 cred.uid.as_raw(),
                                 self.stats.crowd_refused
                             );
@@ -476,9 +480,11 @@ impl Shimd {
         }
     }
 
-    /// Connections of user `uid` not attached (yet).
-    fn unattached_of(&self, uid: u32) -> usize {
-        self.clients.iter().filter(|c| c.uid == uid && c.attached.is_none()).count()
+    /// Connections of user `uid` not attached [`UNATTACHED_GRACE`] after
+    /// connecting.
+    fn idle_of(&self, uid: u32, now: Instant) -> usize {
+        let idle = |c: &&Client| c.attached.is_none() && now.saturating_duration_since(c.since) >= UNATTACHED_GRACE;
+        self.clients.iter().filter(|c| c.uid == uid).filter(idle).count()
     }
 
     /// Drops connections that did not attach within [`ATTACH_WITHIN`].

@@ -338,12 +338,13 @@ impl Pool {
         }
         let mut n = 0;
         let mut i = lease.head;
-        // What this chain put in the cache: a link a peer rewrote into a
-        // loop must not cache one buffer twice (two later leases of it).
-        // (Freed to the pool, the second visit fails the owner check.)
-        let cached_from = cache.idx.len();
+        // A link a peer rewrote must not lead to a buffer already in the
+        // cache (this chain's, in a loop, or one cached before: both are
+        // recorded as ours), or it would be cached twice, for two later
+        // leases. (Freed to the pool, a second visit fails the owner
+        // check.) The head is the lease's own, not read from the pool.
         for k in 0..lease.frags {
-            if i >= self.count() || (k > 0 && cache.idx[cached_from..].contains(&i)) {
+            if i >= self.count() || (k > 0 && cache.idx.contains(&i)) {
                 return Err(FreeError::BadLink(i));
             }
             let next = if k + 1 < lease.frags { self.next_chain(i).load(Relaxed) } else { NIL };
@@ -743,8 +744,9 @@ mod tests {
         p.drain_cache(&mut c);
     }
 
-    /// A chain whose link a peer rewrote into a loop is not cached twice
-    /// (two leases of one buffer would follow).
+    /// A chain whose link a peer rewrote (into a loop, or to a buffer
+    /// already cached) is not cached twice (two leases of one buffer would
+    /// follow).
     #[test]
     fn free_cached_never_caches_a_buffer_twice() {
         let p = pool(16);
@@ -752,6 +754,10 @@ mod tests {
         let l = p.alloc_cached(&mut c, 300).unwrap();
         assert_eq!(l.frags(), 2);
         p.next_chain(l.head()).store(l.head(), Relaxed);
+        assert!(matches!(p.free_cached(&mut c, l), Err(FreeError::BadLink(_))));
+        let l = p.alloc_cached(&mut c, 300).unwrap();
+        let cached = *c.idx.first().expect("a buffer in the cache");
+        p.next_chain(l.head()).store(cached, Relaxed);
         assert!(matches!(p.free_cached(&mut c, l), Err(FreeError::BadLink(_))));
         let mut heads: Vec<u32> = std::iter::from_fn(|| p.alloc_cached(&mut c, 10).ok()).map(|l| l.head()).collect();
         let n = heads.len();
