@@ -850,6 +850,25 @@ fn running_out_of_descriptors_pauses_accepting_and_host_shimd_serves_on() {
     drop((upper, idle));
 }
 
+/// Allocates from `prod`'s pool until it gets buffer `i`, frees the
+/// others, and hands `i` over to the function in `slot` without pushing
+/// it (a sender between its hand-over and its push).
+fn hand_over_again(prod: &Function, i: u32, slot: u16) {
+    let me = wire::Owner::Held(prod.info().slot);
+    let mut others = Vec::new();
+    let lease = loop {
+        let l = prod.pool().alloc(8, me).unwrap();
+        if l.head() == i {
+            break l;
+        }
+        others.push(l);
+    };
+    for l in others {
+        prod.pool().free(l).unwrap();
+    }
+    prod.pool().hand_over(lease, wire::Owner::Function(slot)).map_err(|(_, e)| e).unwrap();
+}
+
 /// host-shimd's look for orphans after a death is about the rings as they
 /// were at the death: when a function in the noted ring's slot detached
 /// and another attached in that slot meanwhile, a buffer handed to the new
@@ -879,18 +898,7 @@ fn a_slot_attached_again_is_not_looked_at_for_the_old_functions_orphans() {
     let b = Function::attach(&node.socket(), "acme", "rot13").unwrap();
     assert_eq!(b.info().slot, slot, "the slot freed last is given out first");
     // `i` again, handed to the new function, not pushed yet.
-    let mut others = Vec::new();
-    let lease = loop {
-        let (l, _) = prod.alloc(8).unwrap().into_parts();
-        if l.head() == i {
-            break l;
-        }
-        others.push(l);
-    };
-    for l in others {
-        prod.pool().free(l).unwrap();
-    }
-    prod.pool().hand_over(lease, Owner::Function(slot)).map_err(|(_, e)| e).unwrap();
+    hand_over_again(&prod, i, slot);
     // Both looks (one per death) done.
     wait_for("host-shimd's looks after the deaths", WATCHDOG, || n("hole_checks") >= 2);
     assert_eq!(prod.pool().owner(i).unwrap(), Owner::Function(slot), "{}", node.status());
@@ -928,18 +936,7 @@ fn a_buffer_delivered_at_a_death_and_handed_again_is_not_its_orphan() {
     a.pool().free(l).unwrap();
     // The sender takes `i` again and hands it to `a`, not pushed yet.
     let me = Owner::Held(prod.info().slot);
-    let mut others = Vec::new();
-    let lease = loop {
-        let l = prod.pool().alloc(8, me).unwrap();
-        if l.head() == i {
-            break l;
-        }
-        others.push(l);
-    };
-    for l in others {
-        prod.pool().free(l).unwrap();
-    }
-    prod.pool().hand_over(lease, Owner::Function(slot)).map_err(|(_, e)| e).unwrap();
+    hand_over_again(&prod, i, slot);
     wait_for("host-shimd's look after the death", WATCHDOG, || n("hole_checks") >= 1);
     assert_eq!(prod.pool().owner(i).unwrap(), Owner::Function(slot), "{}", node.status());
     assert_eq!(n("orphans"), 0, "{}", node.status());
