@@ -32,6 +32,7 @@ use crate::sched::{Backlog, Drr, QUANTUM};
 use config::Cluster;
 use fabric::cluster::MakeTransport;
 use fabric::{Buffers, CompletionError, Port, PortEvent, Transport};
+use host_shim::backlog::DeliveryBacklog;
 use host_shim::{Function, Msg, SendErrorKind};
 use shm::pool::Lease;
 use std::collections::VecDeque;
@@ -259,7 +260,7 @@ struct Tenant {
     sends: Sends,
     /// Local deliveries waiting for room in the destination ring, with the
     /// node each came from over the fabric (`None`: from this node).
-    backlog: VecDeque<(Msg, Option<u16>)>,
+    backlog: DeliveryBacklog<(Msg, Option<u16>)>,
 }
 
 /// The engine of one node, over fabric transport `T` and host links `H`.
@@ -304,13 +305,6 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     tally: Vec<Tally>,
     /// Per-function deliveries (messages, bytes) not yet added.
     fn_tally: Vec<(u64, u64)>,
-    /// Per function: its messages in its tenant's delivery backlog (a new
-    /// one waits behind them, so each function gets its messages in
-    /// order).
-    backlogged: Vec<u32>,
-    /// Functions a retry of the backlog found full in this pass (their
-    /// other messages are not tried again in it).
-    full_now: Vec<u16>,
     events: Vec<PortEvent>,
     next_status: Instant,
     /// Wire bytes sent and not yet completed ([`INFLIGHT_BUDGET`]).
@@ -386,14 +380,12 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             .iter()
             .map(|_| Tenant {
                 sends: Sends::new(fabric_nodes, cfg.functions.len()),
-                backlog: VecDeque::with_capacity(1024),
+                backlog: DeliveryBacklog::new(cfg.functions.len()),
             })
             .collect();
         Ok(Self {
             tally: vec![Tally::default(); ids.len()],
             fn_tally: vec![(0, 0); cfg.functions.len()],
-            backlogged: vec![0; cfg.functions.len()],
-            full_now: Vec::new(),
             fn_nodes: cfg.functions.iter().map(|f| cfg.function_nodes(f)).collect(),
             fn_next: vec![0; cfg.functions.len()],
             arrived: per_buffer(),
@@ -895,9 +887,9 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         if !here && matches!(self.link(t).view(), fabric::PoolView::Local(_)) {
             return self.undeliverable(t, msg, from);
         }
-        if !retry && self.backlogged[f] > 0 {
+        if !retry && self.tenants[t].backlog.holds(d.dst_fn) {
             // Behind its function's messages waiting for room.
-            return self.wait_for_room(t, f, msg, from);
+            return self.tenants[t].backlog.wait(d.dst_fn, (msg, from), false);
         }
         let len = u64::from(msg.len());
         let cfg = self.cfg.clone();
@@ -911,12 +903,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             }
             Ok(()) => {}
             Err(e) => match (e.kind, e.msg) {
-                (SendErrorKind::Full, Some(msg)) => {
-                    if retry {
-                        self.full_now.push(f as u16);
-                    }
-                    self.wait_for_room(t, f, msg, from)
-                }
+                (SendErrorKind::Full, Some(msg)) => self.tenants[t].backlog.wait(d.dst_fn, (msg, from), retry),
                 (_, Some(msg)) => self.undeliverable(t, msg, from),
                 (_, None) => self.metrics.tenants[self.gid(t)].drop(Why::NoInstance),
             },
@@ -1030,32 +1017,13 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         pick
     }
 
-    /// A delivery waits in the tenant's backlog for room in its
-    /// function's ring.
-    fn wait_for_room(&mut self, t: usize, f: usize, msg: Msg, from: Option<u16>) {
-        self.backlogged[f] += 1;
-        self.tenants[t].backlog.push_back((msg, from));
-    }
-
-    /// Tries the backlogged deliveries again, in order, each function's
-    /// until one finds its ring still full (the rest of that function's
-    /// wait, in order, without a try: a wedged function costs one try per
-    /// pass, not one per message).
+    /// Tries the backlogged deliveries again (see [`DeliveryBacklog`]).
     fn redeliver(&mut self) -> usize {
         let mut n = 0;
         for t in 0..self.tenants.len() {
             let k = self.tenants[t].backlog.len();
-            self.full_now.clear();
-            for _ in 0..k {
-                let Some((msg, from)) = self.tenants[t].backlog.pop_front() else { break };
-                let f = usize::from(msg.desc().dst_fn);
-                if self.full_now.contains(&(f as u16)) {
-                    self.tenants[t].backlog.push_back((msg, from));
-                    continue;
-                }
-                if let Some(b) = self.backlogged.get_mut(f) {
-                    *b = b.saturating_sub(1);
-                }
+            self.tenants[t].backlog.begin_pass();
+            while let Some((msg, from)) = self.tenants[t].backlog.next_to_try() {
                 self.deliver_as(t, msg, from, true);
             }
             // Work only if something left the backlog.

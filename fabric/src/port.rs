@@ -1111,12 +1111,7 @@ mod tests {
     /// twice, or more while the closes kept overtaking the setups).
     #[test]
     fn connections_the_mesh_closed_do_not_reset_the_link_that_replaced_them() {
-        let g = wire::PoolGeometry::new(0, 1024, 64, wire::fabric::HEADROOM, 4).unwrap();
-        let pool = Pool::create("port-test", g, shm::PagePolicy::Normal).unwrap();
-        let (mesh, cmds, notes) = Mesh::by_hand(vec![0]);
-        let ep = Endpoint::new(NullTransport::new(), EndpointConfig { max_conns: 8, ..Default::default() });
-        let tenants = vec![PortTenant { id: 0, bufs: PoolBufs(pool), per_conn: 4 }];
-        let mut port = Port::with_mesh(ep, mesh, 1, tenants, PortSizes { flights: 16, queue_high: 16 }).unwrap();
+        let (mut port, cmds, notes) = port_over(NullTransport::new(), 1);
         let mut out = Vec::new();
         for epoch in 1..=3 {
             if epoch > 1 {

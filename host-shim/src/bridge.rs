@@ -19,11 +19,11 @@
 //! buffer still recorded as the agent's and waits for the next one; the
 //! agent, seeing host-shimd go, drops its pools and waits likewise.
 
+use crate::backlog::DeliveryBacklog;
 use crate::comch::{Outbox, each_frame, server_name};
 use crate::function::{Function, Msg, SendErrorKind};
 use config::Cluster;
 use shm::pool::Lease;
-use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,7 +82,7 @@ struct Tenant {
     /// Receive buffers the agent asked for and did not get yet.
     want: u32,
     /// Deliveries waiting for room in a function's ring.
-    backlog: VecDeque<Msg>,
+    backlog: DeliveryBacklog<Msg>,
 }
 
 impl Tenant {
@@ -121,10 +121,6 @@ pub struct Bridge {
     published: Option<BridgeStats>,
     /// Per cluster function: its tenant if it runs on this node.
     local_fns: Vec<Option<u16>>,
-    /// Per cluster function: its messages in the backlog.
-    backlogged: Vec<u32>,
-    /// Functions a retry found full in this pass over the backlog.
-    full_now: Vec<u16>,
 }
 
 impl core::fmt::Debug for Bridge {
@@ -160,10 +156,11 @@ impl Bridge {
                     blob.len()
                 );
             }
-            tenants.push(Tenant { link, _mmap: mmap, blob, want: 0, backlog: VecDeque::with_capacity(256) });
+            let backlog = DeliveryBacklog::new(cfg.functions.len());
+            tenants.push(Tenant { link, _mmap: mmap, blob, want: 0, backlog });
         }
         let max_chain = cfg.tenants.iter().map(|t| t.max_chain).max().unwrap_or(64) as usize;
-        let local_fns: Vec<Option<u16>> =
+        let local_fns =
             cfg.functions.iter().map(|f| cfg.runs_on(f, node).then(|| cfg.tenant_id(&f.tenant)).flatten()).collect();
         Ok(Self {
             name: server_name(n),
@@ -182,8 +179,6 @@ impl Bridge {
             stats: BridgeStats::default(),
             shared,
             published: None,
-            backlogged: vec![0; local_fns.len()],
-            full_now: Vec::new(),
             local_fns,
         })
     }
@@ -469,50 +464,29 @@ impl Bridge {
     /// function's messages still there are behind it). A new message for
     /// a function with messages waiting waits behind them (order).
     fn deliver_as(&mut self, t: usize, msg: Msg, retry: bool) {
-        let dst = usize::from(msg.desc().dst_fn);
-        if self.local_fns.get(dst) != Some(&Some(t as u16)) {
+        let dst = msg.desc().dst_fn;
+        if self.local_fns.get(usize::from(dst)) != Some(&Some(t as u16)) {
             return self.bounce(t, msg);
         }
-        if !retry && self.backlogged[dst] > 0 {
-            return self.wait_for_room(t, dst, msg);
+        if !retry && self.tenants[t].backlog.holds(dst) {
+            return self.tenants[t].backlog.wait(dst, msg, false);
         }
-        let name = &self.cfg.functions[dst].name;
+        let name = &self.cfg.functions[usize::from(dst)].name;
         match self.tenants[t].link.send(msg, name) {
             Ok(()) => self.stats.delivered += 1,
             Err(e) => match (e.kind, e.msg) {
-                (SendErrorKind::Full, Some(m)) => {
-                    if retry {
-                        self.full_now.push(dst as u16);
-                    }
-                    self.wait_for_room(t, dst, m)
-                }
+                (SendErrorKind::Full, Some(m)) => self.tenants[t].backlog.wait(dst, m, retry),
                 (_, Some(m)) => self.bounce(t, m),
                 (_, None) => {}
             },
         }
     }
 
-    fn wait_for_room(&mut self, t: usize, f: usize, msg: Msg) {
-        self.backlogged[f] += 1;
-        self.tenants[t].backlog.push_back(msg);
-    }
-
-    /// Tries the backlog again in order, each function's until one finds
-    /// its ring still full (a wedged function costs one try per pass, not
-    /// one per message waiting for it).
+    /// Tries the backlog again (see [`DeliveryBacklog`]).
     fn redeliver(&mut self, t: usize) -> usize {
         let k = self.tenants[t].backlog.len();
-        self.full_now.clear();
-        for _ in 0..k {
-            let Some(m) = self.tenants[t].backlog.pop_front() else { break };
-            let f = usize::from(m.desc().dst_fn);
-            if self.full_now.contains(&(f as u16)) {
-                self.tenants[t].backlog.push_back(m);
-                continue;
-            }
-            if let Some(b) = self.backlogged.get_mut(f) {
-                *b = b.saturating_sub(1);
-            }
+        self.tenants[t].backlog.begin_pass();
+        while let Some(m) = self.tenants[t].backlog.next_to_try() {
             self.deliver_as(t, m, true);
         }
         k.saturating_sub(self.tenants[t].backlog.len())

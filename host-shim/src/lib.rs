@@ -9,11 +9,14 @@
 //!   config, the function registry, fd passing, crash reclaim. Not on the
 //!   data path.
 //! * [`sock`]: the control connection (Unix seqpacket + `SCM_RIGHTS`).
+//! * [`backlog`]: deliveries waiting for room in a function's ring, in
+//!   order per function (the agent's and host-shimd's bridge's).
 //!
 //! The only `unsafe` of this crate is the C ABI in [`ffi`] (raw pointers from
 //! C callers); all shared-memory access goes through `shm`.
 #![deny(unsafe_code)]
 
+pub mod backlog;
 pub mod bridge;
 pub mod comch;
 pub mod daemon;
