@@ -614,6 +614,37 @@ impl Cluster {
         position(self.functions.iter().map(|f| f.name.as_str()), name)
     }
 
+    /// What in a valid config can still wedge at run time, one sentence
+    /// each (the agent logs them at start). Today: a tenant pool smaller
+    /// than what the fabric alone may hold of it on a node, the receives
+    /// it keeps posted plus a chain short of its last fragment from every
+    /// other fabric node at once. Chains open on several connections can
+    /// then take the whole pool, and none can finish until one is dropped
+    /// as stalled (after `fabric::port::CHAIN_STALL`).
+    pub fn warnings(&self) -> Vec<String> {
+        let peers = (self.nodes.len() + self.ingresses.len()).saturating_sub(1) as u64;
+        let mut out = Vec::new();
+        for t in self.tenants.iter().filter(|_| peers > 0) {
+            let per_conn = u64::from((t.recv_quota / peers as u32).max(2)) + 1;
+            let held = peers * (per_conn + u64::from(t.max_chain.saturating_sub(1)));
+            if u64::from(t.buffers) <= held {
+                out.push(format!(
+                    "tenant {}: a pool of {} buffers can be held whole by the fabric ({} other fabric nodes, \
+                     each with {} receives posted and a chain of up to {} buffers open, make {}): \
+                     messages from other nodes then stall and are dropped after 5 s; \
+                     raise buffers or lower max_chain or recv_quota",
+                    t.name,
+                    t.buffers,
+                    peers,
+                    per_conn,
+                    t.max_chain.saturating_sub(1),
+                    held
+                ));
+            }
+        }
+        out
+    }
+
     /// The checked pool geometry of tenant `id`.
     pub fn pool_geometry(&self, id: u16) -> Option<wire::PoolGeometry> {
         let t = self.tenants.get(usize::from(id))?;
@@ -820,5 +851,15 @@ runtime_dir = "/tmp/dne/edge"
     #[test]
     fn empty_file_needs_nodes_and_tenants() {
         assert!(Cluster::parse("").unwrap_err().to_string().starts_with("node:"));
+    }
+
+    #[test]
+    fn a_pool_the_fabric_can_hold_whole_is_warned_about() {
+        let c = Cluster::parse(GOOD).unwrap();
+        assert_eq!(c.warnings(), [] as [String; 0]);
+        let small = GOOD.replacen("buffers = 256", "buffers = 150", 1);
+        let w = Cluster::parse(&small).unwrap().warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("tenant globex: a pool of 150 buffers can be held whole"), "{}", w[0]);
     }
 }

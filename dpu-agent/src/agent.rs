@@ -32,6 +32,9 @@ pub struct RunOptions {
 /// Runs the agent until `stop` is set.
 pub fn run(opts: &RunOptions, stop: &AtomicBool) -> anyhow::Result<()> {
     let cfg = Arc::new(Cluster::load(&opts.config)?);
+    for w in cfg.warnings() {
+        log::warn!("config: {w}");
+    }
     let node = cfg.node_id(&opts.node).ok_or_else(|| anyhow::anyhow!("node \"{}\" is not in the config", opts.node))?;
     let n = &cfg.nodes[usize::from(node)];
     #[cfg(not(feature = "verbs"))]

@@ -133,7 +133,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<String> {
         }
         Command::CheckConfig { ref file } => {
             let c = config::Cluster::load(file)?;
-            Ok(format!(
+            let mut out = format!(
                 "{}: ok: {} nodes, {} tenants, {} functions, {} routes, {} ingresses\n",
                 file.display(),
                 c.nodes.len(),
@@ -141,7 +141,11 @@ pub fn run(cli: &Cli) -> anyhow::Result<String> {
                 c.functions.len(),
                 c.routes.len(),
                 c.ingresses.len()
-            ))
+            );
+            for w in c.warnings() {
+                out += &format!("warning: {w}\n");
+            }
+            Ok(out)
         }
     }
 }
@@ -185,7 +189,15 @@ mod tests {
                     [[tenant]]\nname = \"t\"\nweight = 1\nbuffers = 64\nrecv_quota = 8\n";
         std::fs::write(&good, text).unwrap();
         let cli = Cli::try_parse_from(["dpu-agent", "check-config", good.to_str().unwrap()]).unwrap();
-        assert!(run(&cli).unwrap().contains("ok: 1 nodes, 1 tenants"));
+        let out = run(&cli).unwrap();
+        assert!(out.contains("ok: 1 nodes, 1 tenants") && !out.contains("warning"), "{out}");
+        // A second node: chains from it can hold the 64 buffers whole.
+        let two = dir.join("two.toml");
+        let second = "[[node]]\nname = \"b\"\naddress = \"127.0.0.1:7102\"\nruntime_dir = \"/tmp/b\"\n\n";
+        std::fs::write(&two, format!("{second}{text}")).unwrap();
+        let cli = Cli::try_parse_from(["dpu-agent", "check-config", two.to_str().unwrap()]).unwrap();
+        let out = run(&cli).unwrap();
+        assert!(out.contains("ok: 2 nodes") && out.contains("\nwarning: tenant t: a pool of 64 buffers"), "{out}");
         let bad = dir.join("bad.toml");
         std::fs::write(&bad, text.replace("weight = 1", "weight = 0")).unwrap();
         let cli = Cli::try_parse_from(["dpu-agent", "check-config", bad.to_str().unwrap()]).unwrap();

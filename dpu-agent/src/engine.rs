@@ -680,6 +680,9 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 PortEvent::NoBuffer { tenant } => {
                     self.metrics.tenants[self.gid(usize::from(tenant))].drop(Why::NoBuffer)
                 }
+                PortEvent::ChainStalled { tenant, .. } => {
+                    self.metrics.tenants[self.gid(usize::from(tenant))].drop(Why::StalledChain)
+                }
             }
         }
     }

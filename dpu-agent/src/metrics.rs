@@ -43,6 +43,9 @@ pub enum Drop {
     NoBuffer,
     /// A peer broke the fabric protocol.
     Protocol,
+    /// A chain from a peer got no fragment for `fabric::port::CHAIN_STALL`
+    /// and was dropped (its fragments freed).
+    StalledChain,
     /// A reply addressed to a node that is not an ingress, or to this node.
     BadOrigin,
     /// The destination function belongs to another tenant.
@@ -54,7 +57,7 @@ pub enum Drop {
 
 impl Drop {
     /// Every reason.
-    pub const ALL: [Drop; 10] = [
+    pub const ALL: [Drop; 11] = [
         Drop::UnknownFunction,
         Drop::Unreachable,
         Drop::PeerDied,
@@ -62,6 +65,7 @@ impl Drop {
         Drop::BadDescriptor,
         Drop::NoBuffer,
         Drop::Protocol,
+        Drop::StalledChain,
         Drop::BadOrigin,
         Drop::TenantMismatch,
         Drop::Overloaded,
@@ -77,6 +81,7 @@ impl Drop {
             Drop::BadDescriptor => "bad_descriptor",
             Drop::NoBuffer => "no_buffer",
             Drop::Protocol => "protocol",
+            Drop::StalledChain => "stalled_chain",
             Drop::BadOrigin => "bad_origin",
             Drop::TenantMismatch => "tenant_mismatch",
             Drop::Overloaded => "overloaded",

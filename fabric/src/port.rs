@@ -23,6 +23,7 @@ use crate::{
 };
 use shm::pool::Lease;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use wire::{Descriptor, FabricHeader, Immediate, MsgKind};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -30,6 +31,15 @@ use zerocopy::{FromBytes, IntoBytes};
 pub const HDR_OFF: u64 = wire::fabric::HEADER_OFFSET as u64;
 /// Token bit of receive work requests.
 const RECV_TOKEN: u64 = 1 << 63;
+/// How long a chain being received may go without a new fragment before
+/// its fragments are freed and the rest of it dropped as it comes
+/// ([`PortEvent::ChainStalled`]). A sender posts a chain's fragments as
+/// credits allow, so a chain can wait for the receiver's pool; but the
+/// fragments it holds are the tenant's, and chains open on several
+/// connections can hold all of them: then no receive can be posted, no
+/// credit goes out and none of those chains can finish. A stopped or
+/// misbehaving sender would hold them the same way.
+pub const CHAIN_STALL: Duration = Duration::from_secs(5);
 
 /// A tenant pool as the port sees it.
 #[derive(Clone, Copy, Debug)]
@@ -157,6 +167,16 @@ pub enum PortEvent {
         /// Tenant.
         tenant: u16,
     },
+    /// A chain from `peer` got no new fragment for the port's
+    /// `chain_stall` ([`CHAIN_STALL`]): the message is dropped, the
+    /// fragments it held are free again, and the rest of it is freed as
+    /// it arrives.
+    ChainStalled {
+        /// Tenant.
+        tenant: u16,
+        /// Sender node.
+        peer: u16,
+    },
 }
 
 #[derive(Debug)]
@@ -187,6 +207,13 @@ struct Conn {
     /// The chain being received is malformed: its fragments are freed as
     /// they come, and it is dropped at its last.
     bad: bool,
+    /// The chain being received was dropped as stalled: its remaining
+    /// fragments are freed as they come, and its last ends it quietly.
+    stalled: bool,
+    /// Fragments received (wrapping), and when [`Port::control`] last saw
+    /// the count move while a chain was open.
+    frags: u32,
+    seen: (u32, Option<Instant>),
     /// The last refill found the pool empty (told once, in a
     /// [`PortEvent::NoBuffer`]).
     starved: bool,
@@ -230,6 +257,9 @@ pub struct PortSizes {
     /// Fabric sends of one connection queued in the endpoint before
     /// [`Port::can_send`] says no.
     pub queue_high: usize,
+    /// A chain being received that gets no fragment for this long is
+    /// dropped ([`CHAIN_STALL`]).
+    pub chain_stall: Duration,
 }
 
 /// Per-tenant settings.
@@ -571,6 +601,9 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                         first: None,
                         got: 0,
                         bad: false,
+                        stalled: false,
+                        frags: 0,
+                        seen: (0, None),
                         starved: false,
                         posted: 0,
                         want,
@@ -593,8 +626,43 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             }
         }
         self.events = events;
+        self.drop_stalled_chains(Instant::now(), out);
         for i in 0..self.conns.len() {
             self.refill(ConnId::new(i as u32), out);
+        }
+    }
+
+    /// Drops the chains being received that got no fragment for
+    /// `chain_stall` (see [`CHAIN_STALL`]); the refill that follows posts
+    /// their buffers again.
+    fn drop_stalled_chains(&mut self, now: Instant, out: &mut Vec<PortEvent>) {
+        for st in self.conns.iter_mut().flatten() {
+            if st.first.is_none() || st.stalled {
+                st.seen.1 = None;
+                continue;
+            }
+            match st.seen {
+                (n, Some(since)) if n == st.frags => {
+                    if now.duration_since(since) < self.sizes.chain_stall {
+                        continue;
+                    }
+                }
+                _ => {
+                    st.seen = (st.frags, Some(now));
+                    continue;
+                }
+            }
+            log::warn!(
+                "fabric: a chain from node {} got no fragment for {:?} ({} held); dropped",
+                st.peer,
+                self.sizes.chain_stall,
+                st.parts.len()
+            );
+            for l in st.parts.drain(..) {
+                self.bufs[usize::from(st.tenant)].free(l);
+            }
+            (st.stalled, st.seen.1) = (true, None);
+            out.push(PortEvent::ChainStalled { tenant: st.tenant, peer: st.peer });
         }
     }
 
@@ -733,8 +801,9 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         if r.frag.index == 0 {
             let told = || Descriptor { dst_fn: Immediate(r.imm).dst_fn(), ..Descriptor::default() };
             st.first = Some(read.unwrap_or_else(told));
-            (st.got, st.bad) = (0, false);
+            (st.got, st.bad, st.stalled) = (0, false, false);
         }
+        st.frags = st.frags.wrapping_add(1);
         let payload = r.len.saturating_sub(HEADER_LEN as u32);
         if read.is_none()
             && let Some(d) = st.first.as_mut()
@@ -753,13 +822,16 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             || (!r.frag.last && payload != g.payload_cap())
             || st.parts.len() >= g.max_chain() as usize
             || Immediate(r.imm).kind() != Some(MsgKind::Data);
-        if st.bad {
+        if st.bad || st.stalled {
             self.bufs[t].free(p.lease);
         } else {
             st.parts.push(p.lease);
         }
         let (peer, tenant) = (st.peer, st.tenant);
-        if r.frag.last {
+        if r.frag.last && st.stalled {
+            // Dropped (and told) when it stalled.
+            (st.first, st.stalled) = (None, false);
+        } else if r.frag.last {
             let first = st.first.take().filter(|d| !st.bad && d.len == st.got);
             let mut parts = std::mem::take(&mut st.parts);
             let joined = first.and_then(|d| {
@@ -895,7 +967,14 @@ mod tests {
         let (mesh, cmds, notes) = Mesh::by_hand(vec![0]);
         let ep = Endpoint::new(t, EndpointConfig { max_conns: 8, max_chain: 8, ..Default::default() });
         let tenants = vec![PortTenant { id: 0, bufs: PoolBufs(pool), per_conn: 4 }];
-        let port = Port::with_mesh(ep, mesh, peers, tenants, PortSizes { flights: 16, queue_high: 16 }).unwrap();
+        let port = Port::with_mesh(
+            ep,
+            mesh,
+            peers,
+            tenants,
+            PortSizes { flights: 16, queue_high: 16, chain_stall: CHAIN_STALL },
+        )
+        .unwrap();
         (port, cmds, notes)
     }
 
@@ -1008,6 +1087,59 @@ mod tests {
             .filter_map(|e| if let PortEvent::Received { desc, .. } = e { Some(desc.len) } else { None })
             .collect();
         assert_eq!(got, [cap + 7], "{out:?}");
+    }
+
+    /// A chain whose fragments stop coming is dropped after `chain_stall`
+    /// without a new fragment, and the buffers it held are free again; the
+    /// rest of it is freed as it arrives, quietly, and the next chain is
+    /// delivered. A chain that keeps coming, however slowly, is not
+    /// dropped. Before, nothing ever freed them: chains open on several
+    /// connections could hold a tenant's whole pool, so that no receive
+    /// could be posted and none of them could finish.
+    #[test]
+    fn a_chain_that_stops_coming_is_dropped_and_its_buffers_freed() {
+        let (mut port, cmds, _notes) = port_over(Wire { hold: true, ..Wire::default() }, 1);
+        link_up(&mut port, &cmds, 1);
+        let cap = port.bufs(0).0.geometry().payload_cap();
+        let before = port_free(&port);
+        let desc = |len: u32| Descriptor { tenant: 0, dst_fn: 3, len, ..Descriptor::default() };
+        let frag = |k: u16| FabricHeader::new(MsgKind::Data, desc(4 * cap), k, 4, cap);
+        // Completions only: the stall check runs at the times given below,
+        // not from `control`.
+        let poll = |port: &mut Port<Wire, PoolBufs>, out: &mut Vec<PortEvent>| while port.poll(out) > 0 {};
+        let stalled = |out: &[PortEvent]| out.iter().filter(|e| matches!(e, PortEvent::ChainStalled { .. })).count();
+        let mut out = Vec::new();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(1);
+        land(&mut port, MsgKind::Data, frag(0), cap);
+        land(&mut port, MsgKind::Data, frag(1), cap);
+        poll(&mut port, &mut out);
+        port.drop_stalled_chains(t0, &mut out);
+        assert_eq!(port_free(&port), before - 2, "the first two fragments are held");
+        port.drop_stalled_chains(t0 + CHAIN_STALL - ms, &mut out);
+        land(&mut port, MsgKind::Data, frag(2), cap);
+        poll(&mut port, &mut out);
+        // A fragment came: the stall counts from the first look after it.
+        port.drop_stalled_chains(t0 + CHAIN_STALL + ms, &mut out);
+        port.drop_stalled_chains(t0 + 2 * CHAIN_STALL, &mut out);
+        assert_eq!(stalled(&out), 0, "{out:?}");
+        assert_eq!(port_free(&port), before - 3);
+        port.drop_stalled_chains(t0 + 2 * CHAIN_STALL + 2 * ms, &mut out);
+        assert!(matches!(out[..], [PortEvent::ChainStalled { tenant: 0, peer: 1 }]), "{out:?}");
+        assert_eq!(port_free(&port), before, "its buffers are free again");
+        // Its last fragment after all: freed, no protocol error.
+        land(&mut port, MsgKind::Data, FabricHeader::new(MsgKind::Data, desc(4 * cap), 3, 4, 9), 9);
+        settle(&mut port, &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(port_free(&port), before);
+        // The next chain is delivered whole.
+        land(&mut port, MsgKind::Data, FabricHeader::new(MsgKind::Data, desc(cap + 7), 0, 2, cap), cap);
+        land(&mut port, MsgKind::Data, FabricHeader::new(MsgKind::Data, desc(cap + 7), 1, 2, 7), 7);
+        settle(&mut port, &mut out);
+        assert!(
+            matches!(out[1..], [PortEvent::Received { desc: Descriptor { len, .. }, .. }] if len == cap + 7),
+            "{out:?}"
+        );
     }
 
     /// A peer that sends more than it was granted (here: four messages at

@@ -124,6 +124,9 @@ struct Drops {
     protocol: AtomicU64,
     /// A receive could not be posted again: the tenant's pool was empty.
     no_buffer: AtomicU64,
+    /// A message from a node stopped arriving mid-chain and was dropped
+    /// (`fabric::port::CHAIN_STALL`).
+    stalled_chain: AtomicU64,
 }
 
 /// The edge's fabric side (see the module docs).
@@ -255,10 +258,16 @@ impl Upstream for Edge {
 
     fn dropped(&self) -> Vec<(&'static str, u64)> {
         let d = &self.drops;
-        [("late", &d.late), ("stray", &d.stray), ("protocol", &d.protocol), ("no_buffer", &d.no_buffer)]
-            .into_iter()
-            .map(|(k, v)| (k, v.load(Ordering::Relaxed)))
-            .collect()
+        [
+            ("late", &d.late),
+            ("stray", &d.stray),
+            ("protocol", &d.protocol),
+            ("no_buffer", &d.no_buffer),
+            ("stalled_chain", &d.stalled_chain),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.load(Ordering::Relaxed)))
+        .collect()
     }
 }
 
@@ -733,6 +742,10 @@ impl Worker {
                 PortEvent::Protocol { tenant, peer } => {
                     self.drops.protocol.fetch_add(1, Ordering::Relaxed);
                     log::warn!("edge: node {peer} broke the fabric protocol (tenant {tenant})")
+                }
+                PortEvent::ChainStalled { tenant, peer } => {
+                    self.drops.stalled_chain.fetch_add(1, Ordering::Relaxed);
+                    log::warn!("edge: a reply from node {peer} stalled mid-chain and was dropped (tenant {tenant})")
                 }
                 PortEvent::NoBuffer { tenant } => {
                     self.drops.no_buffer.fetch_add(1, Ordering::Relaxed);

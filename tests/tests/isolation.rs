@@ -125,6 +125,7 @@ fn all_drops(c: &Cluster, node: usize, tenant: &str) -> u64 {
         "bad_descriptor",
         "no_buffer",
         "protocol",
+        "stalled_chain",
         "bad_origin",
         "tenant_mismatch",
     ]
