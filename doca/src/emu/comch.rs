@@ -31,6 +31,34 @@ pub fn runtime_dir() -> PathBuf {
     }
 }
 
+/// Creates the runtime directory. The default one, at a path any user can
+/// predict, is made private (0700) and must be this user's: another user
+/// who made it first could put their own sockets in place of ours.
+fn make_runtime_dir() -> Result<(), DocaError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let dir = runtime_dir();
+    if std::env::var_os(RUNTIME_DIR_ENV).is_some() {
+        // The operator's choice.
+        return std::fs::create_dir_all(&dir).map_err(|e| crate::error::os("mkdir", e));
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let m = std::fs::symlink_metadata(&dir).map_err(|e| crate::error::os("stat", e))?;
+            let uid = rustix::process::getuid().as_raw();
+            if !m.is_dir() || m.uid() != uid || m.mode() & 0o022 != 0 {
+                log::warn!(
+                    "comch: {} is not a directory of uid {uid} closed to others' writes; refusing it",
+                    dir.display()
+                );
+                return Err(DocaError::NOT_PERMITTED);
+            }
+            Ok(())
+        }
+        Err(e) => Err(crate::error::os("mkdir", e)),
+    }
+}
+
 fn socket_path(name: &str) -> Result<PathBuf, DocaError> {
     let ok = !name.is_empty()
         && name.len() <= 64
@@ -54,6 +82,10 @@ fn seqpacket() -> Result<OwnedFd, DocaError> {
 
 /// How often a server looks for new clients (see `State::accept`).
 const ACCEPT_EVERY: Duration = Duration::from_millis(1);
+/// How long an accepted client may take to send its hello; a silent one
+/// is dropped after that, and the one silent longest makes room when the
+/// server is full (sockets that never speak cannot lock clients out).
+const HELLO_WAIT: Duration = Duration::from_secs(2);
 
 /// First message of every client: names the protocol, so a server counts
 /// only real clients (a probe that connects and leaves is never reported).
@@ -64,14 +96,19 @@ struct Peer {
     fd: OwnedFd,
     /// The client's hello arrived (always true on the client side).
     up: bool,
+    /// When it was accepted (or connected).
+    since: Instant,
 }
 
 #[derive(Debug)]
 enum Role {
-    /// `next_accept`: when `progress` next looks for new clients.
+    /// `next_accept`: when `progress` next looks for new clients, unless
+    /// the engine's notification was cleared since the last look
+    /// (`clears`, see `State::accept`).
     Server {
         listener: Option<OwnedFd>,
         next_accept: Instant,
+        clears: u64,
     },
     Client {
         next_try: Instant,
@@ -264,7 +301,7 @@ impl State {
                 match hello {
                     Ok(_) => {
                         self.pe.watch(fd.as_fd());
-                        self.peers[0] = Some(Peer { fd, up: true });
+                        self.peers[0] = Some(Peer { fd, up: true, since: Instant::now() });
                         self.state = CtxState::Running;
                         self.events.push_back(Ev::Public(ComchEvent::Connected(ComchConnId(0))));
                         2
@@ -281,24 +318,45 @@ impl State {
     /// Takes new clients, at most every [`ACCEPT_EVERY`]: a nonblocking
     /// `accept` that finds none still makes the kernel allocate (and free)
     /// a socket, which per `progress` call would cost more than the
-    /// messages; a client waits a millisecond at most.
+    /// messages; a client waits a millisecond at most. Except the first
+    /// progress after the notification was cleared, which always looks:
+    /// the listener's readiness was reported once and the clear forgot it,
+    /// so a caller that then sleeps (clear, progress, sleep) would sleep
+    /// with a client waiting.
     fn accept(&mut self) {
-        let Role::Server { listener: Some(l), next_accept } = &mut self.role else { return };
+        let Role::Server { listener: Some(l), next_accept, clears } = &mut self.role else { return };
         let now = Instant::now();
-        if now < *next_accept {
+        let cleared = self.pe.clears();
+        if now < *next_accept && cleared == *clears {
             return;
         }
-        *next_accept = now + ACCEPT_EVERY;
+        (*next_accept, *clears) = (now + ACCEPT_EVERY, cleared);
         let l = &*l;
         loop {
             match rustix::net::accept_with(l, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
-                Ok(fd) => match self.peers.iter().position(Option::is_none) {
-                    Some(i) => {
-                        self.pe.watch(fd.as_fd());
-                        self.peers[i] = Some(Peer { fd, up: false });
+                Ok(fd) => {
+                    let free = self.peers.iter().position(Option::is_none).or_else(|| {
+                        // Full: the client silent longest makes room.
+                        let silent = self
+                            .peers
+                            .iter()
+                            .enumerate()
+                            .filter_map(|(i, p)| p.as_ref().filter(|p| !p.up).map(|p| (p.since, i)));
+                        let (_, i) = silent.min()?;
+                        log::warn!("comch server {}: full; a client that sent no hello dropped", self.path.display());
+                        self.peers[i] = None;
+                        Some(i)
+                    });
+                    match free {
+                        Some(i) => {
+                            self.pe.watch(fd.as_fd());
+                            self.peers[i] = Some(Peer { fd, up: false, since: now });
+                        }
+                        None => {
+                            log::warn!("comch server {}: client limit reached, refusing one", self.path.display())
+                        }
                     }
-                    None => log::warn!("comch server {}: client limit reached, refusing one", self.path.display()),
-                },
+                }
                 Err(Errno::AGAIN) | Err(Errno::INTR) => break,
                 Err(e) => {
                     log::warn!("comch accept failed: {e}");
@@ -319,6 +377,11 @@ impl State {
                             peer.up = true;
                             self.events.push_back(Ev::Public(ComchEvent::Connected(ComchConnId(i as u32))));
                             continue;
+                        }
+                        Err(Errno::AGAIN) | Err(Errno::INTR) if peer.since.elapsed() > HELLO_WAIT => {
+                            log::warn!("comch server: a client sent no hello within {HELLO_WAIT:?}; dropped");
+                            self.peers[i] = None;
+                            break;
                         }
                         Err(Errno::AGAIN) | Err(Errno::INTR) => break,
                         _ => {
@@ -409,8 +472,7 @@ fn start_server(st: &mut State) -> Result<(), DocaError> {
     if st.state != CtxState::Idle {
         return Err(DocaError::BAD_STATE);
     }
-    let dir = runtime_dir();
-    std::fs::create_dir_all(&dir).map_err(|e| crate::error::os("mkdir", e))?;
+    make_runtime_dir()?;
     let addr = SocketAddrUnix::new(st.path.as_path()).map_err(|_| DocaError::INVALID_VALUE)?;
     let fd = seqpacket()?;
     if let Err(e) = rustix::net::bind(&fd, &addr) {
@@ -430,7 +492,7 @@ fn start_server(st: &mut State) -> Result<(), DocaError> {
     st.bound = true;
     rustix::net::listen(&fd, 128).map_err(|e| crate::error::os("listen", e))?;
     st.pe.watch(fd.as_fd());
-    st.role = Role::Server { listener: Some(fd), next_accept: Instant::now() };
+    st.role = Role::Server { listener: Some(fd), next_accept: Instant::now(), clears: st.pe.clears() };
     st.state = CtxState::Starting;
     Ok(())
 }
@@ -486,7 +548,7 @@ impl ComchServer {
     pub fn new(pe: &ProgressEngine, dev: &Device, name: &str, cfg: ComchConfig) -> Result<Self, DocaError> {
         cfg.validate()?;
         let path = socket_path(name)?;
-        let role = Role::Server { listener: None, next_accept: Instant::now() };
+        let role = Role::Server { listener: None, next_accept: Instant::now(), clears: 0 };
         let st = State::new(cfg, pe.shared.clone(), role, path, cfg.max_clients as usize);
         let core = Arc::new(Core { st: Mutex::new(st) });
         pe.shared.connect(Arc::downgrade(&core) as _);

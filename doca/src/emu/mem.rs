@@ -85,6 +85,10 @@ pub(crate) struct MmapInner {
     /// Whether received data may be written into it.
     pub(crate) writable: bool,
     pub(crate) imported: bool,
+    /// Imported from an RDMA export: the peer's memory, only ever the
+    /// remote side of an RDMA read or write, never a send's or a
+    /// receive's own buffer (as in DOCA).
+    pub(crate) remote_only: bool,
     /// The emulated NIC's own mapping, made only when the kernel cannot
     /// splice into or out of the file (hugetlbfs); see `dma`.
     pub(crate) dma_map: OnceLock<Option<Region>>,
@@ -156,6 +160,7 @@ impl MmapBuilder {
             devices: self.devices.iter().map(Device::id).collect(),
             writable,
             imported: false,
+            remote_only: false,
             dma_map: OnceLock::new(),
             dma_slow: AtomicBool::new(false),
         };
@@ -269,6 +274,15 @@ impl RemoteMmap {
                 log::warn!("import of {path} failed: {e}");
                 DocaError::NOT_FOUND
             })?;
+        // What an mmap exports is a memfd sealed against resizing (a
+        // `shm::Region`); anything else the blob names (any open file of a
+        // process the importer may look into) was never exported.
+        let sealed = rustix::fs::fcntl_get_seals(&fd)
+            .is_ok_and(|s| s.contains(rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW));
+        if !sealed {
+            log::warn!("import of {path}: not a memory file sealed against resizing (never exported)");
+            return Err(DocaError::NOT_PERMITTED);
+        }
         let st = rustix::fs::fstat(&fd).map_err(|e| os("fstat", e))?;
         if st.st_dev != b.st_dev || st.st_ino != b.st_ino {
             log::warn!("import of {path}: the exporter's fd now names another file");
@@ -285,6 +299,7 @@ impl RemoteMmap {
             devices: vec![dev.id()],
             writable,
             imported: true,
+            remote_only: b.kind == ExportKind::Rdma,
             dma_map: OnceLock::new(),
             dma_slow: AtomicBool::new(false),
         };

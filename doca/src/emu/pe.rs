@@ -15,6 +15,7 @@ use std::cell::Cell;
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 /// A context driven by the progress engine.
@@ -30,6 +31,10 @@ pub(crate) struct PeShared {
     /// An eventfd in the epoll set, written by a context that left work
     /// it could have done behind ([`PeShared::again`]).
     again: OwnedFd,
+    /// Times the notification was cleared: a context that puts off looking
+    /// at a socket looks in the first progress after a clear, which forgot
+    /// that socket's readiness.
+    clears: AtomicU64,
 }
 
 impl std::fmt::Debug for PeShared {
@@ -39,6 +44,11 @@ impl std::fmt::Debug for PeShared {
 }
 
 impl PeShared {
+    /// Times the notification was cleared so far.
+    pub(crate) fn clears(&self) -> u64 {
+        self.clears.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn connect(&self, ctx: Weak<dyn Progress>) {
         crate::emu::lock(&self.ctxs).push(ctx);
     }
@@ -85,7 +95,7 @@ impl ProgressEngine {
         let watch = epoll::EventFlags::IN | epoll::EventFlags::ET;
         epoll::add(&epoll, &again, epoll::EventData::new_u64(0), watch)
             .map_err(|e| crate::error::os("epoll_ctl", e))?;
-        let shared = PeShared { ctxs: Mutex::new(Vec::new()), epoll, again };
+        let shared = PeShared { ctxs: Mutex::new(Vec::new()), epoll, again, clears: AtomicU64::new(0) };
         Ok(Self { shared: Arc::new(shared), _single_owner: PhantomData })
     }
 
@@ -106,6 +116,9 @@ impl ProgressEngine {
     /// Clears the handle (`doca_pe_clear_notification`): forgets what it
     /// reported so far. Progress afterwards before sleeping on it.
     pub fn clear_notification(&self) -> Result<(), DocaError> {
+        // The owning thread's next progress sees it (contexts are
+        // progressed by the engine's one owner, after this returns).
+        self.shared.clears.fetch_add(1, Ordering::Relaxed);
         let mut count = [0u8; 8];
         let _ = rustix::io::read(&self.shared.again, &mut count);
         let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };

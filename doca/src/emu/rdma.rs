@@ -369,7 +369,7 @@ impl Rdma {
         if buf.data_len() > st.cfg.max_send_size {
             return err(DocaError::TOO_BIG, buf);
         }
-        if !buf.mmap.has_device(&st.dev) {
+        if !buf.mmap.has_device(&st.dev) || buf.mmap.remote_only {
             return err(DocaError::NOT_PERMITTED, buf);
         }
         let Some(c) = st.conns.get_mut(conn.0 as usize) else { return err(DocaError::NOT_FOUND, buf) };
@@ -388,7 +388,10 @@ impl Rdma {
         Ok(())
     }
 
-    /// Posts a receive into `buf` (its whole capacity).
+    /// Posts a receive into `buf` (its whole capacity). The buffer must
+    /// hold no data: DOCA places what arrives after the data a buffer
+    /// holds, the emulation from its start, so one with data is refused
+    /// (`INVALID_VALUE`) rather than treated differently from hardware.
     pub fn submit_receive(&self, buf: Buf, user_data: u64) -> Result<(), TaskSubmitError> {
         let mut st = self.st();
         let err = |error, buf| Err(TaskSubmitError { error, buf });
@@ -398,8 +401,11 @@ impl Rdma {
         if st.recvs_out >= st.cfg.recv_tasks {
             return err(DocaError::NO_MEMORY, buf);
         }
-        if !buf.mmap.writable || !buf.mmap.has_device(&st.dev) {
+        if !buf.mmap.writable || !buf.mmap.has_device(&st.dev) || buf.mmap.remote_only {
             return err(DocaError::NOT_PERMITTED, buf);
+        }
+        if buf.data_len() > 0 {
+            return err(DocaError::INVALID_VALUE, buf);
         }
         st.recv_q.push_back(RecvTask { buf, user_data });
         st.recvs_out += 1;
@@ -794,17 +800,19 @@ fn on_send_stream_frame(
     events: &mut VecDeque<RdmaEvent>,
 ) -> Result<(), DocaError> {
     match Frame::decode(f) {
-        Ok(Frame::Ack { seq }) => loop {
-            let Some(t) = unacked.pop_front() else {
-                log::warn!("rdma: acknowledgement of send {seq} that was never written");
+        Ok(Frame::Ack { seq }) => {
+            // An acknowledgement names a send written and not acknowledged
+            // yet (an RC queue pair ignores one outside its window); one
+            // beyond must not complete the sends before it as placed.
+            let Some(k) = unacked.iter().position(|t| t.seq == seq) else {
+                log::warn!("rdma: acknowledgement of send {seq}, which is not awaiting one");
                 return Err(DocaError::CONNECTION_ABORTED);
             };
-            let done = t.seq == seq;
-            events.push_back(RdmaEvent::SendDone { conn: id, user_data: t.user_data, buf: t.buf, result: Ok(()) });
-            if done {
-                return Ok(());
+            for t in unacked.drain(..=k) {
+                events.push_back(RdmaEvent::SendDone { conn: id, user_data: t.user_data, buf: t.buf, result: Ok(()) });
             }
-        },
+            Ok(())
+        }
         Ok(Frame::Error { seq, code }) => {
             let err = DocaError::from_nonzero(code);
             log::warn!("rdma: peer failed the connection at send {seq}: {err}");

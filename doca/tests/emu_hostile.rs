@@ -1,0 +1,253 @@
+//! What a hostile or careless peer cannot do to the emulated backend, and
+//! where the emulation is as strict as DOCA: each test failed before its
+//! fix.
+#![cfg(not(feature = "sdk"))]
+
+use doca::emu_wire::{ConnBlob, ExportKind, FRAME_LEN, Frame, MmapBlob};
+use doca::*;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn dev() -> Device {
+    Device::open_first().unwrap()
+}
+
+fn readable(fd: std::os::fd::BorrowedFd<'_>, t: Duration) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let ts = Timespec { tv_sec: t.as_secs() as i64, tv_nsec: i64::from(t.subsec_nanos()) };
+    let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::IN)];
+    poll(&mut fds, Some(&ts)).expect("poll") > 0
+}
+
+fn region(len: usize) -> Arc<shm::Region> {
+    Arc::new(shm::Region::create("dne-review", len, shm::PagePolicy::Normal).unwrap())
+}
+
+/// A client that connects less than `ACCEPT_EVERY` (1 ms) after the
+/// server's last accept wakes a server that follows the documented protocol
+/// (clear, progress once more, sleep). Before, the accept was put off and
+/// nothing made the handle readable again: it slept with a client waiting.
+#[test]
+fn a_client_connecting_just_after_an_accept_wakes_the_sleeping_server() {
+    let dev = dev();
+    let (pe_s, pe_c) = (ProgressEngine::new().unwrap(), ProgressEngine::new().unwrap());
+    let name = format!("rev-acc-{}", std::process::id());
+    let server = ComchServer::new(&pe_s, &dev, &name, ComchConfig::default()).unwrap();
+    server.start().unwrap();
+    pe_s.progress(); // Running
+    pe_s.progress(); // an accept that finds nobody
+    let client = ComchClient::new(&pe_c, &dev, &name, ComchConfig::default()).unwrap();
+    client.start().unwrap();
+    pe_c.progress(); // connect + hello
+    assert_eq!(client.state(), CtxState::Running);
+    // The sleeper: clear, progress once more, then sleep on the handle.
+    pe_s.clear_notification().unwrap();
+    pe_s.progress();
+    let mut buf = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
+    let connected = matches!(server.poll_event(&mut buf), Some(ComchEvent::Connected(_)));
+    let hs = pe_s.notification_handle().unwrap();
+    assert!(
+        connected || readable(hs, Duration::from_secs(2)),
+        "a client is waiting in the listen backlog but the server's handle stays quiet"
+    );
+}
+
+/// Accepted comch sockets that never send the hello are dropped after
+/// `HELLO_WAIT`, and the one silent longest makes room when the server is
+/// full. Before, `max_clients` of them locked every real client out.
+#[test]
+fn silent_comch_connections_do_not_lock_clients_out() {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let dev = dev();
+    let pe = ProgressEngine::new().unwrap();
+    let name = format!("rev-silent-{}", std::process::id());
+    let cfg = ComchConfig { max_clients: 2, ..Default::default() };
+    let server = ComchServer::new(&pe, &dev, &name, cfg).unwrap();
+    server.start().unwrap();
+    pe.progress();
+    let path = runtime_dir().join(format!("comch-{name}.sock"));
+    let addr = SocketAddrUnix::new(path.as_path()).unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        let fd =
+            rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).unwrap();
+        rustix::net::connect(&fd, &addr).unwrap();
+        silent.push(fd); // connected, says nothing
+    }
+    for _ in 0..20 {
+        pe.progress();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let client = ComchClient::new(&pe, &dev, &name, ComchConfig::default()).unwrap();
+    client.start().unwrap();
+    let mut buf = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
+    let start = Instant::now();
+    let mut connected = false;
+    while !connected && start.elapsed() < Duration::from_secs(5) {
+        pe.progress();
+        while let Some(e) = server.poll_event(&mut buf) {
+            connected |= matches!(e, ComchEvent::Connected(_));
+        }
+        while client.poll_event(&mut buf).is_some() {}
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        connected,
+        "two silent sockets have locked the real client out for 5 s (client state {:?})",
+        client.state()
+    );
+}
+
+/// Memory imported from an RDMA export (which DOCA hands to a peer as the
+/// *remote* side of an RDMA read or write) is not accepted as a receive's
+/// buffer. Before, it was, and as a send's.
+#[test]
+fn memory_imported_from_an_rdma_export_is_not_a_local_buffer() {
+    let dev = dev();
+    let pe = ProgressEngine::new().unwrap();
+    let r = region(64 << 10);
+    let m = Mmap::builder(MemRange::region(r.clone()))
+        .permissions(Access::LOCAL_READ_WRITE | Access::RDMA_READ | Access::RDMA_WRITE)
+        .add_device(&dev)
+        .start()
+        .unwrap();
+    let remote = RemoteMmap::from_export(&dev, &m.export_rdma(&dev).unwrap()).unwrap();
+    let rdma = Rdma::new(&pe, &dev, RdmaConfig::default()).unwrap();
+    rdma.start().unwrap();
+    pe.progress();
+    let inv = BufInventory::new(4).unwrap();
+    let res = rdma.submit_receive(inv.remote_buf(&remote, 0, 4096).unwrap(), 1);
+    assert!(res.is_err(), "a receive into memory imported from an RDMA export was accepted");
+}
+
+/// An "export" blob that names an open file of a process the importer may
+/// look into (here a plain file, never exported) is not imported: an
+/// export is a memfd sealed against resizing. Before, it was imported,
+/// writable, because the blob itself states the access rights.
+#[test]
+fn a_blob_naming_a_file_that_was_never_exported_is_not_imported() {
+    let dev = dev();
+    let path = std::env::temp_dir().join(format!("dne-review-notexported-{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    f.write_all(&[0u8; 8192]).unwrap();
+    let st = rustix::fs::fstat(&f).unwrap();
+    let blob = MmapBlob {
+        kind: ExportKind::Pci,
+        access: (Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE).bits(),
+        pid: std::process::id(),
+        fd: f.as_raw_fd() as u32,
+        st_dev: st.st_dev,
+        st_ino: st.st_ino,
+        offset: 0,
+        len: 8192,
+    };
+    let res = RemoteMmap::from_export(&dev, &blob.encode());
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        res.is_err(),
+        "imported (writable = {:?}) a regular file that no mmap exported",
+        res.map(|m| m.is_writable())
+    );
+}
+
+/// An acknowledgement of a send that was never written fails the
+/// connection without completing any send as placed. Before, every send
+/// awaiting an acknowledgement completed `Ok` first (lost, and counted as
+/// delivered).
+#[test]
+fn an_ack_beyond_what_was_sent_completes_no_send_as_placed() {
+    let dev = dev();
+    let pe = ProgressEngine::new().unwrap();
+    let a = Rdma::new(&pe, &dev, RdmaConfig { send_tasks: 8, recv_tasks: 8, ..Default::default() }).unwrap();
+    a.start().unwrap();
+    pe.progress();
+    let (ca, blob_a) = a.export().unwrap();
+    let ba = ConnBlob::decode(&blob_a).unwrap();
+    // The fake peer: a listener for a's stream, and its own stream to a.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let fake = ConnBlob { addr: l.local_addr().unwrap(), token: 0x1234_5679, max_send: 4096 };
+    a.connect(ca, &fake.encode()).unwrap();
+    let mut to_a = std::net::TcpStream::connect(ba.addr).unwrap();
+    to_a.write_all(&Frame::Hello { token: ba.token }.encode()).unwrap();
+    let start = Instant::now();
+    let mut from_a = loop {
+        pe.progress();
+        if let Ok((s, _)) = l.accept() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "a never dialled");
+    };
+    from_a.set_nonblocking(false).unwrap();
+    from_a.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hello = [0u8; FRAME_LEN];
+    from_a.read_exact(&mut hello).unwrap();
+    let mut up = false;
+    while !up {
+        pe.progress();
+        while let Some(e) = a.poll_event() {
+            up |= matches!(e, RdmaEvent::Connected(_));
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "never up");
+    }
+    let r = region(64 << 10);
+    let m = Mmap::builder(MemRange::region(r.clone()))
+        .permissions(Access::LOCAL_READ_WRITE)
+        .add_device(&dev)
+        .start()
+        .unwrap();
+    let inv = BufInventory::new(8).unwrap();
+    for i in 0..2u64 {
+        let mut b = inv.buf(&m, i * 4096, 4096).unwrap();
+        b.set_data_len(8).unwrap();
+        a.submit_send(ca, b, None, i).unwrap();
+    }
+    for _ in 0..10 {
+        pe.progress();
+    }
+    let mut sent = [0u8; 2 * (FRAME_LEN + 8)];
+    from_a.read_exact(&mut sent).unwrap();
+    // The peer placed nothing; it acknowledges a send that never existed.
+    from_a.write_all(&Frame::Ack { seq: 77 }.encode()).unwrap();
+    let mut ok = Vec::new();
+    let mut failed = false;
+    while !failed {
+        pe.progress();
+        while let Some(e) = a.poll_event() {
+            match e {
+                RdmaEvent::SendDone { user_data, result: Ok(()), .. } => ok.push(user_data),
+                RdmaEvent::ConnectionFailed(..) => failed = true,
+                _ => {}
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "never failed");
+    }
+    assert!(ok.is_empty(), "sends {ok:?} completed Ok on an acknowledgement of send 77, which was never written");
+}
+
+/// A receive buffer that already holds data (`data_len` > 0) is refused:
+/// DOCA places what arrives after the data, the emulation from the start.
+/// Before, it was posted, and its data overwritten.
+#[test]
+fn a_receive_buffer_holding_data_is_refused() {
+    let dev = dev();
+    let pe = ProgressEngine::new().unwrap();
+    let b = Rdma::new(&pe, &dev, RdmaConfig { send_tasks: 4, recv_tasks: 4, ..Default::default() }).unwrap();
+    b.start().unwrap();
+    pe.progress();
+    let r = region(64 << 10);
+    let m = Mmap::builder(MemRange::region(r.clone()))
+        .permissions(Access::LOCAL_READ_WRITE)
+        .add_device(&dev)
+        .start()
+        .unwrap();
+    let inv = BufInventory::new(8).unwrap();
+    let mut rb = inv.buf(&m, 4096, 128).unwrap();
+    rb.set_data_len(100).unwrap(); // 100 bytes of data already there
+    let refused = b.submit_receive(rb, 9).map_err(|e| e.error);
+    assert_eq!(refused, Err(DocaError::INVALID_VALUE), "a receive into a buffer holding data was posted");
+    let empty = inv.buf(&m, 4096, 128).unwrap();
+    b.submit_receive(empty, 10).unwrap();
+}
