@@ -169,14 +169,17 @@ impl RdmaConnId {
     }
 }
 
-/// One connection of a comch server (a client has exactly one).
+/// One connection of a comch server (a client has exactly one). It names
+/// that connection only: a later client that takes its place in the
+/// server gets another id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ComchConnId(pub(crate) u32);
 
 impl ComchConnId {
-    /// Index of the connection inside its context.
+    /// Index of the connection's slot inside its context (reused by later
+    /// connections).
     pub fn index(self) -> u32 {
-        self.0
+        self.0 & 0xFFFF
     }
 }
 

@@ -251,3 +251,54 @@ fn a_receive_buffer_holding_data_is_refused() {
     let empty = inv.buf(&m, 4096, 128).unwrap();
     b.submit_receive(empty, 10).unwrap();
 }
+
+/// A comch connection id names one connection: the next client to take
+/// its slot gets another, and a send to the old id is refused, not sent
+/// to the new client. Before, ids were slot numbers.
+#[test]
+fn a_send_to_a_client_that_left_does_not_reach_the_next() {
+    let dev = dev();
+    let pe = ProgressEngine::new().unwrap();
+    let name = format!("hostile-ids-{}", std::process::id());
+    let server = ComchServer::new(&pe, &dev, &name, ComchConfig { max_clients: 1, ..Default::default() }).unwrap();
+    server.start().unwrap();
+    pe.progress();
+    let mut buf = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
+    let connect = |buf: &mut [u8]| {
+        let client = ComchClient::new(&pe, &dev, &name, ComchConfig::default()).unwrap();
+        client.start().unwrap();
+        let start = Instant::now();
+        loop {
+            pe.progress();
+            if let Some(ComchEvent::Connected(id)) = server.poll_event(buf) {
+                return (client, id);
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "watchdog: no Connected");
+        }
+    };
+    let (first, old) = connect(&mut buf);
+    drop(first);
+    let start = Instant::now();
+    loop {
+        pe.progress();
+        if let Some(ComchEvent::Disconnected(id)) = server.poll_event(&mut buf) {
+            assert_eq!(id, old);
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "watchdog: no Disconnected");
+    }
+    let (second, new) = connect(&mut buf);
+    assert_eq!(new.index(), old.index(), "the same slot (one client at most)");
+    assert_ne!(new, old);
+    assert_eq!(server.send(old, b"for the first", 1), Err(DocaError::NOT_CONNECTED));
+    server.send(new, b"for the second", 2).unwrap();
+    let start = Instant::now();
+    loop {
+        pe.progress();
+        if let Some(ComchEvent::Message { len, .. }) = second.poll_event(&mut buf) {
+            assert_eq!(&buf[..len as usize], b"for the second");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "watchdog: the second client's message");
+    }
+}

@@ -297,6 +297,12 @@ fn log_line(s: &str) {
     eprintln!("dne-bench ingress: {s}");
 }
 
+/// Index of the `p` percentile (nearest rank) in `n` sorted samples: the
+/// smallest sample with at least `p` of them at or below it.
+fn percentile_rank(n: usize, p: f64) -> usize {
+    ((n as f64 * p).ceil() as usize).clamp(1, n.max(1)) - 1
+}
+
 /// One nginx instance (master + `workers`) proxying `listen` to `upstream`.
 fn spawn_nginx(bin: &Path, dir: &Path, name: &str, listen: u16, upstream: u16, workers: usize) -> Result<Proc> {
     let d = dir.join(name);
@@ -308,7 +314,7 @@ fn spawn_nginx(bin: &Path, dir: &Path, name: &str, listen: u16, upstream: u16, w
          client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fcgi;\n\
          uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
          upstream up {{ server 127.0.0.1:{upstream}; keepalive 256; keepalive_requests 10000000; }}\n\
-         server {{\n    listen 127.0.0.1:{listen};\n    location / {{\n      proxy_pass http://up;\n\
+         server {{\n    listen 127.0.0.1:{listen} reuseport;\n    location / {{\n      proxy_pass http://up;\n\
          proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
         d = d.display()
     );
@@ -471,7 +477,7 @@ fn load(port: u16, conns: usize, warm: Duration, dur: Duration, roots: &[u32]) -
     if n == 0 {
         bail!("no request completed in the measured window");
     }
-    let pct = |p: f64| f64::from(all[((all.len() as f64 * p) as usize).min(all.len() - 1)]);
+    let pct = |p: f64| f64::from(all[percentile_rank(all.len(), p)]);
     let secs = t1.duration_since(t0).as_secs_f64().max(dur.as_secs_f64());
     let per_proc: Vec<f64> = c1.iter().zip(&c0).map(|((_, b), (_, a))| (b - a) / n as f64 * 10_000.0).collect();
     Ok(Run {
@@ -746,4 +752,21 @@ fn run(opts: &Opts) -> Result<Report> {
     let _ = std::fs::remove_dir_all(&dir);
     report.tables = vec![table, ratios, by_proc, noise];
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile_rank;
+
+    /// Nearest rank: with samples 1..=100, p99 is 99 and p50 is 50; with
+    /// 1000, p99 is the 990th. Before, each was one rank too high.
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<u32> = (1..=100).collect();
+        assert_eq!(v[percentile_rank(v.len(), 0.99)], 99);
+        assert_eq!(v[percentile_rank(v.len(), 0.50)], 50);
+        assert_eq!(percentile_rank(1000, 0.99), 989);
+        assert_eq!(percentile_rank(1, 0.99), 0);
+        assert_eq!(percentile_rank(3, 1.0), 2);
+    }
 }

@@ -140,6 +140,11 @@ struct State {
     bound: bool,
     state: CtxState,
     peers: Vec<Option<Peer>>,
+    /// Generation of each peer slot, in the high half of the ids of its
+    /// connections: an id names one connection, not whichever takes its
+    /// slot next (a send queued for a client that left is refused, not
+    /// sent to the next).
+    gens: Vec<u16>,
     blocked: Vec<bool>,
     send_q: VecDeque<SendTask>,
     send_free: Vec<u32>,
@@ -173,6 +178,7 @@ impl State {
             bound: false,
             state: CtxState::Idle,
             peers: (0..peers).map(|_| None).collect(),
+            gens: vec![0; peers],
             blocked: vec![false; peers],
             send_q: VecDeque::with_capacity(cfg.send_tasks as usize),
             send_free: (0..cfg.send_tasks).rev().collect(),
@@ -184,12 +190,18 @@ impl State {
         }
     }
 
+    /// The id of the connection in peer slot `i` now.
+    fn id(&self, i: u32) -> ComchConnId {
+        ComchConnId(i | u32::from(self.gens[i as usize]) << 16)
+    }
+
     fn slot(data: &mut [u8], max: u32, slot: u32) -> &mut [u8] {
         let m = max as usize;
         &mut data[slot as usize * m..(slot as usize + 1) * m]
     }
 
-    fn submit(&mut self, conn: u32, msg: &[u8], user_data: u64) -> Result<(), DocaError> {
+    fn submit(&mut self, id: ComchConnId, msg: &[u8], user_data: u64) -> Result<(), DocaError> {
+        let conn = id.index();
         if self.state != CtxState::Running {
             return Err(DocaError::BAD_STATE);
         }
@@ -199,7 +211,7 @@ impl State {
         if msg.len() > self.cfg.max_msg_size as usize {
             return Err(DocaError::TOO_BIG);
         }
-        if !self.peers.get(conn as usize).is_some_and(|p| p.as_ref().is_some_and(|p| p.up)) {
+        if !self.peers.get(conn as usize).is_some_and(|p| p.as_ref().is_some_and(|p| p.up)) || self.id(conn) != id {
             return Err(DocaError::NOT_CONNECTED);
         }
         let slot = self.send_free.pop().ok_or(DocaError::NO_MEMORY)?;
@@ -218,11 +230,12 @@ impl State {
                 Some(e)
             }
             Ev::Msg { conn, slot, len } => {
+                let conn = ComchConnId(conn);
                 let data = &Self::slot(&mut self.recv_data, self.cfg.max_msg_size, slot)[..len as usize];
                 let n = data.len().min(out.len());
                 out[..n].copy_from_slice(&data[..n]);
                 self.recv_free.push(slot);
-                Some(ComchEvent::Message { conn: ComchConnId(conn), len, truncated: n < data.len() })
+                Some(ComchEvent::Message { conn, len, truncated: n < data.len() })
             }
         }
     }
@@ -232,18 +245,15 @@ impl State {
             Some(p) if p.up => {}
             _ => return,
         }
-        self.events.push_back(Ev::Public(ComchEvent::Disconnected(ComchConnId(conn))));
+        let id = self.id(conn);
+        self.events.push_back(Ev::Public(ComchEvent::Disconnected(id)));
         let State { send_q, send_free, events, .. } = self;
         send_q.retain(|t| {
             if t.conn != conn {
                 return true;
             }
             send_free.push(t.slot);
-            events.push_back(Ev::Public(ComchEvent::SendDone {
-                conn: ComchConnId(conn),
-                user_data: t.user_data,
-                result: Err(err),
-            }));
+            events.push_back(Ev::Public(ComchEvent::SendDone { conn: id, user_data: t.user_data, result: Err(err) }));
             false
         });
         if matches!(self.role, Role::Client { .. }) && self.state == CtxState::Running {
@@ -351,6 +361,7 @@ impl State {
                         Some(i) => {
                             self.pe.watch(fd.as_fd());
                             self.peers[i] = Some(Peer { fd, up: false, since: now });
+                            self.gens[i] = self.gens[i].wrapping_add(1);
                         }
                         None => {
                             log::warn!("comch server {}: client limit reached, refusing one", self.path.display())
@@ -375,7 +386,8 @@ impl State {
                     match rustix::net::recv(&peer.fd, &mut h[..], RecvFlags::DONTWAIT | RecvFlags::TRUNC) {
                         Ok((_, n)) if n == HELLO.len() && h[..n] == HELLO[..] => {
                             peer.up = true;
-                            self.events.push_back(Ev::Public(ComchEvent::Connected(ComchConnId(i as u32))));
+                            let id = ComchConnId(i as u32 | u32::from(self.gens[i]) << 16);
+                            self.events.push_back(Ev::Public(ComchEvent::Connected(id)));
                             continue;
                         }
                         Err(Errno::AGAIN) | Err(Errno::INTR) if peer.since.elapsed() > HELLO_WAIT => {
@@ -407,7 +419,8 @@ impl State {
                     }
                     Ok((_, n)) => {
                         self.recv_free.pop();
-                        self.events.push_back(Ev::Msg { conn: i as u32, slot, len: n as u32 });
+                        let conn = i as u32 | u32::from(self.gens[i]) << 16;
+                        self.events.push_back(Ev::Msg { conn, slot, len: n as u32 });
                     }
                     Err(Errno::AGAIN) | Err(Errno::INTR) => break,
                     Err(_) => self.disconnect(i as u32, DocaError::NOT_CONNECTED),
@@ -419,7 +432,7 @@ impl State {
     fn write(&mut self) {
         self.blocked.iter_mut().for_each(|b| *b = false);
         let mut gone = Vec::new();
-        let State { send_q, send_free, send_data, peers, blocked, events, cfg, .. } = self;
+        let State { send_q, send_free, send_data, peers, gens, blocked, events, cfg, .. } = self;
         send_q.retain(|t| {
             let c = t.conn as usize;
             if blocked[c] {
@@ -442,11 +455,8 @@ impl State {
                 }
             };
             send_free.push(t.slot);
-            events.push_back(Ev::Public(ComchEvent::SendDone {
-                conn: ComchConnId(t.conn),
-                user_data: t.user_data,
-                result,
-            }));
+            let conn = ComchConnId(t.conn | u32::from(gens[c]) << 16);
+            events.push_back(Ev::Public(ComchEvent::SendDone { conn, user_data: t.user_data, result }));
             false
         });
         for c in gone {
@@ -563,7 +573,7 @@ impl ComchServer {
 
     /// Queues a message to a connected client.
     pub fn send(&self, conn: ComchConnId, msg: &[u8], user_data: u64) -> Result<(), DocaError> {
-        self.st().submit(conn.0, msg, user_data)
+        self.st().submit(conn, msg, user_data)
     }
 }
 
@@ -605,7 +615,7 @@ impl ComchClient {
 
     /// Queues a message to the server.
     pub fn send(&self, msg: &[u8], user_data: u64) -> Result<(), DocaError> {
-        self.st().submit(0, msg, user_data)
+        self.st().submit(ComchConnId(0), msg, user_data)
     }
 
     /// The connection to the server (index 0).

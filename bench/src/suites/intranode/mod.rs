@@ -46,6 +46,8 @@ pub(crate) const BLOCK: &str = "block";
 pub(crate) const SPIN: &str = "spin";
 /// The system has one mode.
 const PLAIN: &str = "-";
+/// The floor spinning without a spin hint (`pause`): on some cores faster.
+pub(crate) const HOT: &str = "hot";
 
 /// One end (the pinger) of a compared system.
 pub(crate) trait Side {
@@ -121,9 +123,10 @@ const R_TCP: usize = 6;
 const R_TCP_SPIN: usize = 7;
 const R_UDS: usize = 8;
 const R_UDS_SPIN: usize = 9;
+const R_FLOOR_HOT: usize = 10;
 
 /// (label, endpoint, mode).
-const ROWS: [(&str, usize, &str); 10] = [
+const ROWS: [(&str, usize, &str); 11] = [
     ("floor: one shared line", FLOOR, PLAIN),
     ("ours busy-poll", OURS, BUSY),
     ("ours busy-poll, 16K chain", CHAIN, BUSY),
@@ -134,6 +137,7 @@ const ROWS: [(&str, usize, &str); 10] = [
     ("TCP loopback busy-poll", TCP, SPIN),
     ("UDS stream", UDS, BLOCK),
     ("UDS stream busy-poll", UDS, SPIN),
+    ("floor: one shared line, no spin hint", FLOOR, HOT),
 ];
 
 struct Plan {
@@ -262,7 +266,12 @@ fn round_trips(plan: &Plan, pinned: bool, report: &mut Report) -> Result<(Median
     }
     report.tables.push(spread);
 
-    let mut ratios = Table::new("round-trip ratios, same run", &header);
+    // The floor is the faster of its two rows at each size: from here on,
+    // `R_FLOOR` holds it (ratios, targets, RESULT).
+    for s in 0..4 {
+        med[R_FLOOR][s] = med[R_FLOOR][s].min(med[R_FLOOR_HOT][s]);
+    }
+    let mut ratios = Table::new("round-trip ratios, same run (floor: the faster of its two rows)", &header);
     let ratio_rows: [(&str, usize, usize); 9] = [
         ("ours busy / floor", R_OURS, R_FLOOR),
         ("ours busy / ring only (owner CAS cost)", R_OURS, R_RAW),
@@ -355,7 +364,11 @@ fn throughput_and_idle(plan: &Plan, report: &mut Report) -> Result<(Throughput, 
 }
 
 fn targets(report: &mut Report, med: &Medians, tput: &Throughput, idle: f64) {
-    let mdesc = tput.raw;
+    // What a function's sends cost: each descriptor names a buffer whose
+    // ownership moves (per-process caches, as the function library
+    // allocates). The bare ring (no buffer, no owner) is reported beside
+    // it, not as the target's number.
+    let mdesc = tput.cached;
     let worst = |a: usize, b: usize| (0..4).map(|s| med[a][s] / med[b][s]).fold(f64::MIN, f64::max);
     let floor_max = worst(R_OURS, R_FLOOR);
     let tcp_1k = med[R_TCP][1] / med[R_OURS][1];
@@ -364,16 +377,38 @@ fn targets(report: &mut Report, med: &Medians, tput: &Throughput, idle: f64) {
 
     let checks: [(&str, &str, f64, bool); 6] = [
         ("ours busy-poll / floor, worst size", "<= 2", floor_max, floor_max <= 2.0),
-        ("TCP loopback / ours busy-poll, 1 KiB", ">= 30", tcp_1k, tcp_1k >= 30.0),
-        ("ours 1 MiB / ours 64 B", "<= 1.5", m_64, m_64 <= 1.5),
+        ("TCP loopback (blocking) / ours busy-poll, 1 KiB", ">= 30", tcp_1k, tcp_1k >= 30.0),
+        ("ours 1 MiB / ours 64 B (1 MiB buffers: one buffer)", "<= 1.5", m_64, m_64 <= 1.5),
         ("ours / iceoryx2, worst size", "<= 1.2", iox_max, iox_max <= 1.2),
-        ("million descriptors/s one-way, batched", ">= 10", mdesc, mdesc >= 10.0),
+        ("million descriptors/s one-way, batched, owned, cached", ">= 10", mdesc, mdesc >= 10.0),
         ("idle function, % of one core", "< 1", idle, idle < 1.0),
     ];
     let mut t = Table::new("targets", &["target", "want", "measured", "met"]);
     for (name, want, got, ok) in checks {
         t.row(vec![name.into(), want.into(), fmt_num(got), if ok { "yes" } else { "NO" }.into()]);
     }
+    // The same targets measured the other way the words allow:
+    // not counted above, shown so that no reader takes one for the other.
+    let m_64_chain = med[R_CHAIN][3] / med[R_CHAIN][0];
+    let tcp_spin_1k = med[R_TCP_SPIN][1] / med[R_OURS][1];
+    t.row(vec![
+        "(not counted) ours 1 MiB / 64 B, 16 KiB buffers (a 65-buffer chain)".into(),
+        "<= 1.5".into(),
+        fmt_num(m_64_chain),
+        if m_64_chain <= 1.5 { "yes" } else { "NO" }.into(),
+    ]);
+    t.row(vec![
+        "(not counted) TCP loopback busy-poll / ours busy-poll, 1 KiB".into(),
+        ">= 30".into(),
+        fmt_num(tcp_spin_1k),
+        if tcp_spin_1k >= 30.0 { "yes" } else { "NO" }.into(),
+    ]);
+    t.row(vec![
+        "(not counted) million descriptors/s one-way, bare ring (no buffer, no owner)".into(),
+        ">= 10".into(),
+        fmt_num(tput.raw),
+        if tput.raw >= 10.0 { "yes" } else { "NO" }.into(),
+    ]);
     report.tables.push(t);
 
     report.put("rtt_ratio_floor_max", floor_max);
@@ -384,8 +419,9 @@ fn targets(report: &mut Report, med: &Medians, tput: &Throughput, idle: f64) {
     report.put("idle_cpu_pct", idle);
     report.put("targets_met", format!("{}/{}", checks.iter().filter(|c| c.3).count(), checks.len()).as_str());
     report.put("mdesc_per_s_owned", tput.owned);
-    report.put("mdesc_per_s_owned_cached", tput.cached);
-    report.put("rtt_ratio_1m_64b_chain", med[R_CHAIN][3] / med[R_CHAIN][0]);
+    report.put("mdesc_per_s_ring", tput.raw);
+    report.put("rtt_ratio_1m_64b_chain", m_64_chain);
+    report.put("rtt_ratio_tcp_spin_1k", tcp_spin_1k);
     report.put("rtt_ratio_raw_max", worst(R_OURS, R_RAW));
     report.put("rtt_floor_64b_us", med[R_FLOOR][0] / 1e3);
     report.put("rtt_ours_64b_us", med[R_OURS][0] / 1e3);

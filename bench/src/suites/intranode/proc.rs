@@ -65,11 +65,19 @@ impl Watchdog {
     /// One empty poll: a spin hint, and an error once the deadline passed.
     #[inline]
     pub(crate) fn tick(&mut self) -> Result<()> {
+        self.poll(true)
+    }
+
+    /// One empty poll, with a spin hint (`pause`) or without.
+    #[inline]
+    pub(crate) fn poll(&mut self, hint: bool) -> Result<()> {
         self.polls = self.polls.wrapping_add(1);
         if self.polls.is_multiple_of(1024) && Instant::now() >= self.deadline {
             bail!("watchdog: peer did not answer within {WATCHDOG:?}");
         }
-        std::hint::spin_loop();
+        if hint {
+            std::hint::spin_loop();
+        }
         Ok(())
     }
 
