@@ -268,8 +268,9 @@ fn round_trips(plan: &Plan, pinned: bool, report: &mut Report) -> Result<(Median
 
     // The floor is the faster of its two rows at each size: from here on,
     // `R_FLOOR` holds it (ratios, targets, RESULT).
-    for s in 0..4 {
-        med[R_FLOOR][s] = med[R_FLOOR][s].min(med[R_FLOOR_HOT][s]);
+    let hot = med[R_FLOOR_HOT];
+    for (f, h) in med[R_FLOOR].iter_mut().zip(hot) {
+        *f = f.min(h);
     }
     let mut ratios = Table::new("round-trip ratios, same run (floor: the faster of its two rows)", &header);
     let ratio_rows: [(&str, usize, usize); 9] = [
