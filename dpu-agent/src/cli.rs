@@ -101,6 +101,7 @@ pub fn version_line() -> &'static str {
 
 /// Runs a parsed command; returns what to print.
 pub fn run(cli: &Cli) -> anyhow::Result<String> {
+    crate::demo::die_with_the_demo()?;
     match cli.command {
         Command::Run { ref config, ref node, metrics, cores, busy } => {
             let stop = stop_on_signals()?;

@@ -42,9 +42,9 @@ pub struct DemoOptions {
     /// Keep the cluster up (no load) and print curl commands; Ctrl-C ends.
     #[arg(long)]
     pub serve: bool,
-    /// Client connections per tenant.
-    #[arg(long, default_value_t = 4)]
-    pub connections: usize,
+    /// Client connections per tenant (1 to 1024).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub connections: u16,
     /// Request body bytes.
     #[arg(long, default_value_t = 1024)]
     pub body: usize,
@@ -286,7 +286,7 @@ impl Demo {
         Ok(())
     }
 
-    fn start(opts: &DemoOptions) -> anyhow::Result<Self> {
+    fn start(opts: &DemoOptions, stop: &StopWatch) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("dne-demo-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -314,6 +314,7 @@ impl Demo {
         // Emulated comch sockets live in the demo's directory.
         let mut child_env = opts.child_env.clone();
         child_env.push((doca::RUNTIME_DIR_ENV.to_owned(), dir.display().to_string()));
+        child_env.push((PARENT_ENV.to_owned(), std::process::id().to_string()));
         let mut d = Demo { children: Vec::new(), dir, netns, config, cluster, http, child_env };
         let cfg = d.config.to_string_lossy().into_owned();
         for i in 0..2 {
@@ -339,6 +340,7 @@ impl Demo {
             let extra: Vec<String> = extra.iter().map(|a| a.replace("{t}", &f.tenant)).collect();
             let deadline = Instant::now() + READY_WITHIN;
             while !socket.exists() {
+                stop.check()?;
                 d.check_children()?;
                 anyhow::ensure!(Instant::now() < deadline, "host-shimd of {node} did not start");
                 std::thread::sleep(Duration::from_millis(10));
@@ -371,11 +373,12 @@ impl Demo {
     }
 
     /// Waits until every route answers 200.
-    fn wait_ready(&mut self) -> anyhow::Result<Duration> {
+    fn wait_ready(&mut self, stop: &StopWatch) -> anyhow::Result<Duration> {
         let start = Instant::now();
         let routes: Vec<String> = self.cluster.routes.iter().map(|r| r.path.clone()).collect();
         for path in routes {
             loop {
+                stop.check()?;
                 self.check_children()?;
                 if let Some((code, body)) = post(self.http, &path, b"ping")
                     && code == 200
@@ -597,13 +600,60 @@ macro_rules! say {
     };
 }
 
-/// Ctrl-C or SIGTERM (`kill`, `timeout`): either way the demo stops its
-/// children and removes what it made.
-async fn stop_requested() -> std::io::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r,
-        _ = term.recv() => Ok(()),
+/// Set for the demo's children: the demo's pid. A child dies with the
+/// demo ([`die_with_the_demo`]), however the demo ends (`kill -9`
+/// included): the children run in process groups of their own, out of
+/// reach of the terminal's Ctrl-C.
+pub const PARENT_ENV: &str = "DNE_DEMO_PARENT";
+
+/// In a child of the demo (it set [`PARENT_ENV`]): asks the kernel for a
+/// SIGTERM when the demo exits, and fails if it already has.
+pub fn die_with_the_demo() -> anyhow::Result<()> {
+    let Some(parent) = std::env::var_os(PARENT_ENV) else { return Ok(()) };
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+    if nix::unistd::getppid().as_raw().to_string() != parent.to_string_lossy() {
+        anyhow::bail!("the demo that started this process (pid {}) is gone", parent.to_string_lossy());
+    }
+    Ok(())
+}
+
+/// Ctrl-C, SIGTERM (`kill`, `timeout`) or SIGHUP (the terminal closed),
+/// watched from the demo's first step: whenever one comes, the demo stops
+/// its children and removes what it made.
+struct StopWatch(tokio::sync::watch::Receiver<bool>);
+
+impl StopWatch {
+    fn start(rt: &tokio::runtime::Runtime) -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let (mut int, mut term, mut hup) = rt.block_on(async {
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::hangup())?,
+            ))
+        })?;
+        rt.spawn(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+                _ = hup.recv() => {}
+            }
+            let _ = tx.send(true);
+        });
+        Ok(Self(rx))
+    }
+
+    /// An error once a stop was asked for.
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!*self.0.borrow(), "interrupted: stopping the cluster");
+        Ok(())
+    }
+
+    /// Resolves when a stop is asked for.
+    async fn requested(&self) {
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|stop| *stop).await;
     }
 }
 
@@ -617,15 +667,16 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
 #[allow(clippy::print_stdout, clippy::print_stderr)]
 pub fn execute(opts: &DemoOptions) -> anyhow::Result<Outcome> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let stop_watch = StopWatch::start(&rt)?;
     say!(
         opts.quiet,
         "DNE demo: starting 2 worker nodes, an ingress and 3 tenants as child processes ({} mode)",
         opts.mode
     );
-    let mut demo = Demo::start(opts)?;
+    let mut demo = Demo::start(opts, &stop_watch)?;
     let where_ = if demo.netns.is_some() { "each agent in its own network namespace" } else { "on loopback" };
     say!(opts.quiet, "  cluster file {}  ({where_})", demo.config.display());
-    let took = demo.wait_ready()?;
+    let took = demo.wait_ready(&stop_watch)?;
     say!(
         opts.quiet,
         "  {} processes up and every route answers correctly, in {:.1} s: per tenant /<t>/echo, /<t>/chain \
@@ -645,7 +696,7 @@ pub fn execute(opts: &DemoOptions) -> anyhow::Result<Outcome> {
             }
         }
         say!(opts.quiet, "Ctrl-C stops the cluster.");
-        rt.block_on(stop_requested())?;
+        rt.block_on(stop_watch.requested());
         say!(opts.quiet, "stopping");
         return Ok(Outcome { ok: true, ..Outcome::default() });
     }
@@ -673,7 +724,7 @@ pub fn execute(opts: &DemoOptions) -> anyhow::Result<Outcome> {
         let start = Instant::now();
         let mut last: Vec<u64> = vec![0; TENANTS.len()];
         let mut interrupted = false;
-        let ctrl_c = stop_requested();
+        let ctrl_c = stop_watch.requested();
         tokio::pin!(ctrl_c);
         while start.elapsed() < Duration::from_secs(duration) {
             if memory && rss_warm.is_none() && start.elapsed() >= warmup {
@@ -682,6 +733,11 @@ pub fn execute(opts: &DemoOptions) -> anyhow::Result<Outcome> {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = &mut ctrl_c => { interrupted = true; break; }
+            }
+            // A process of the cluster that died ends the run now (the
+            // check after the run says which), not at its end.
+            if demo.children.iter_mut().any(|(_, c)| !matches!(c.try_wait(), Ok(None))) {
+                break;
             }
             let mut line = format!("  {:>4.0}s ", start.elapsed().as_secs_f64());
             let mut errs = 0;

@@ -109,16 +109,41 @@ impl AsFd for Conn {
 pub struct Listener {
     fd: OwnedFd,
     path: std::path::PathBuf,
+    /// `<path>.lock`, locked (`flock`) for as long as this listener lives:
+    /// the socket file is this process's to replace and to remove.
+    _lock: OwnedFd,
 }
 
 impl Listener {
     /// Listens on `path`, replacing a stale socket file of a previous run.
+    /// Fails with `AddrInUse` while another live listener holds `path`
+    /// (another host-shimd of the node, or of a node sharing its runtime
+    /// directory): replacing its socket would cut its functions off.
     ///
     /// The socket is bound and listening under a temporary name first and
     /// then renamed into place, so the file at `path` only ever names a
     /// socket that accepts: a client that sees it and connects at once is
     /// never refused (between `bind` and `listen` it would be).
     pub fn bind(path: &Path) -> io::Result<Self> {
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock = rustix::fs::open(
+            std::path::Path::new(&lock_path),
+            rustix::fs::OFlags::CREATE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )?;
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is served by another live process (it holds {})", path.display(), {
+                        std::path::Path::new(&lock_path).display()
+                    }),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(format!(".{}.tmp", std::process::id()));
         let tmp = std::path::PathBuf::from(tmp);
@@ -142,7 +167,7 @@ impl Listener {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
-        Ok(Self { fd, path: path.to_owned() })
+        Ok(Self { fd, path: path.to_owned(), _lock: lock })
     }
 
     /// Accepts one pending connection, `None` when there is none.
@@ -232,10 +257,32 @@ mod tests {
             });
             let l = Listener::bind(&path).unwrap();
             racer.join().unwrap().unwrap_or_else(|e| panic!("round {round}: refused: {e}"));
-            let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
-            assert_eq!(names, [std::ffi::OsString::from("s.sock")], "round {round}");
+            let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+            names.sort();
+            assert_eq!(names, ["s.sock", "s.sock.lock"].map(std::ffi::OsString::from), "round {round}");
             drop(l);
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A second listener on a path a live one serves is refused, and the
+    /// live one keeps its socket file (and keeps accepting). Before, the
+    /// second replaced the file as stale, and removed it when it stopped:
+    /// the first, with every pool of the node, could no longer be reached.
+    #[test]
+    fn a_live_listener_is_not_replaced() {
+        let dir = std::env::temp_dir().join(format!("dne-sock-live-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let first = Listener::bind(&path).unwrap();
+        let second = Listener::bind(&path).map(|_| ()).unwrap_err();
+        assert_eq!(second.kind(), io::ErrorKind::AddrInUse, "{second}");
+        assert!(path.exists(), "the live listener's socket file is still there");
+        Conn::connect(&path).unwrap();
+        assert!(first.accept().unwrap().is_some(), "and it accepts");
+        drop(first);
+        // Gone: the next takes over.
+        drop(Listener::bind(&path).unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

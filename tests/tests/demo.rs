@@ -6,8 +6,11 @@
 //! namespace (as root the agents get namespaces of their own), no
 //! directory.
 //!
-//! One test runs both modes one after the other: as root, the demo's
-//! namespaces use fixed addresses, so two demos cannot run at once.
+//! The same holds when the demo is interrupted while it starts (Ctrl-C),
+//! and its children stop when it is killed outright.
+//!
+//! The tests take turns (a lock): as root, the demo's namespaces use fixed
+//! addresses, so two demos cannot run at once.
 //! Every wait has a watchdog; nothing asserts on time.
 
 use dne_tests::cluster::is_root;
@@ -19,8 +22,12 @@ use std::time::Duration;
 /// debug build on a loaded machine.
 const WATCHDOG: Duration = Duration::from_secs(180);
 
+/// One demo at a time (see the module docs).
+static ONE_DEMO: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn the_readme_demo_answers_every_request_and_leaves_nothing_behind() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
     for mode in ["emulated", "dpu"] {
         let mut cmd = Command::new(bin_path("dpu-agent"));
         cmd.args(["demo", "--duration", "2", "--port", "0", "--mode", mode]);
@@ -38,24 +45,88 @@ fn the_readme_demo_answers_every_request_and_leaves_nothing_behind() {
         assert!(field("requests") > 0, "{all}");
         assert_eq!(field("errors"), 0, "{all}");
 
-        // Nothing left: the demo's directory names every child's command
-        // line (the cluster file is in it) and every child's runtime files.
-        let dir = std::env::temp_dir().join(format!("dne-demo-{pid}"));
-        assert!(!dir.exists(), "{} is still there\n{all}", dir.display());
-        let left: Vec<String> = std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-            .filter(|c| c.contains(&dir.display().to_string()))
-            .collect();
-        assert!(left.is_empty(), "child processes still running: {left:?}\n{all}");
-        if is_root() {
-            let list = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
-            let list = String::from_utf8_lossy(&list.stdout);
-            let ours = format!("dne-demo{}-", pid % 100_000);
-            assert!(!list.contains(&ours), "network namespaces left: {list}\n{all}");
-        }
+        nothing_left(pid, &all);
     }
+}
+
+/// Processes whose command line names the demo `pid`'s directory (every
+/// child's does: the cluster file is in it).
+fn children_of(pid: u32) -> Vec<String> {
+    let dir = std::env::temp_dir().join(format!("dne-demo-{pid}"));
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&dir.display().to_string()))
+        .collect()
+}
+
+/// Nothing of demo `pid` is left: no directory, no child process, no
+/// network namespace.
+fn nothing_left(pid: u32, all: &str) {
+    let dir = std::env::temp_dir().join(format!("dne-demo-{pid}"));
+    assert!(!dir.exists(), "{} is still there\n{all}", dir.display());
+    let left = children_of(pid);
+    assert!(left.is_empty(), "child processes still running: {left:?}\n{all}");
+    if is_root() {
+        let list = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+        let list = String::from_utf8_lossy(&list.stdout);
+        let ours = format!("dne-demo{}-", pid % 100_000);
+        assert!(!list.contains(&ours), "network namespaces left: {list}\n{all}");
+    }
+}
+
+/// Waits (watchdog) until demo `pid` has started `n` children.
+fn wait_children(pid: u32, n: usize) {
+    let start = std::time::Instant::now();
+    while children_of(pid).len() < n {
+        assert!(start.elapsed() < WATCHDOG, "watchdog: the demo did not start {n} children");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Ctrl-C while the demo starts its cluster stops and removes everything.
+/// Before, the demo listened for Ctrl-C only once the cluster answered:
+/// it died of the signal and left its children (in process groups of
+/// their own, out of the terminal's reach), namespaces and directory.
+#[test]
+fn a_demo_interrupted_while_it_starts_leaves_nothing_behind() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cmd = Command::new(bin_path("dpu-agent"));
+    cmd.args(["demo", "--duration", "30", "--port", "0"]);
+    let demo = Proc::spawn("dpu-agent demo", cmd);
+    let pid = demo.pid();
+    wait_children(pid, 3);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGINT).expect("SIGINT");
+    let out = demo.wait_timeout(WATCHDOG);
+    let all = format!("exit {}\nstdout:\n{}\nstderr:\n{}", out.status, out.stdout, out.stderr);
+    assert!(!out.status.success(), "an interrupted demo does not report success\n{all}");
+    assert!(out.stderr.contains("interrupted"), "{all}");
+    nothing_left(pid, &all);
+}
+
+/// A demo killed outright (SIGKILL: no clean-up of its own) takes its
+/// children with it: each is asked to stop (SIGTERM) when it dies.
+#[test]
+fn the_children_of_a_killed_demo_stop() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cmd = Command::new(bin_path("dpu-agent"));
+    cmd.args(["demo", "--duration", "30", "--port", "0", "--no-netns"]);
+    let demo = Proc::spawn("dpu-agent demo", cmd);
+    let pid = demo.pid();
+    wait_children(pid, 3);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL).expect("SIGKILL");
+    let out = demo.wait_timeout(WATCHDOG);
+    let start = std::time::Instant::now();
+    loop {
+        let left = children_of(pid);
+        if left.is_empty() {
+            break;
+        }
+        assert!(start.elapsed() < WATCHDOG, "watchdog: children still running: {left:?}\nstderr:\n{}", out.stderr);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("dne-demo-{pid}")));
 }

@@ -17,6 +17,9 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 pub const NO_ROUTE: u16 = u16::MAX;
 /// `origin` value of a descriptor that expects no reply.
 pub const NO_NODE: u16 = u16::MAX;
+/// Longest chain a pool may allow: a fragment index is 16 bits on the
+/// fabric.
+pub const MAX_CHAIN: u32 = u16::MAX as u32;
 
 /// A message hand-off, 28 bytes, written into descriptor rings, carried over
 /// comch and embedded in every [`crate::FabricHeader`].
@@ -183,8 +186,13 @@ pub enum GeometryError {
     /// index).
     #[error("buffer count {0} must be in 1..{max}", max = u32::MAX)]
     BufCount(u32),
-    /// A chain must be allowed at least one buffer and at most the pool.
-    #[error("maximum chain length {0} must be in 1..=buffer count")]
+    /// A chain must be allowed at least one buffer and at most the pool,
+    /// at most [`MAX_CHAIN`] (a fragment index is 16 bits on the fabric),
+    /// and its payload must fit a descriptor's 32-bit length.
+    #[error(
+        "maximum chain length {0} must be in 1..=buffer count, at most {MAX_CHAIN}, \
+         and its payload (chain x buffer payload) under 4 GiB"
+    )]
     MaxChain(u32),
 }
 
@@ -204,7 +212,8 @@ impl PoolGeometry {
         if buf_count == 0 || buf_count == u32::MAX {
             return Err(GeometryError::BufCount(buf_count));
         }
-        if max_chain == 0 || max_chain > buf_count {
+        let payload = u64::from(buf_size - headroom) * u64::from(max_chain);
+        if max_chain == 0 || max_chain > buf_count || max_chain > MAX_CHAIN || payload > u64::from(u32::MAX) {
             return Err(GeometryError::MaxChain(max_chain));
         }
         Ok(Self { tenant, buf_size, buf_count, headroom, max_chain })
@@ -465,6 +474,13 @@ mod tests {
         assert!(PoolGeometry::new(0, 128, 4, 64, 5).is_err());
         assert!(PoolGeometry::new(0, 128, 4, 64, 0).is_err());
         assert!(PoolGeometry::new(0, 128, 4, 64, 4).is_ok());
+        // Longer than a 16-bit fragment index (the fabric panicked, then
+        // answered "overloaded" for good).
+        assert!(PoolGeometry::new(0, 128, 200_000, 64, MAX_CHAIN).is_ok());
+        assert_eq!(PoolGeometry::new(0, 128, 200_000, 64, MAX_CHAIN + 1), Err(GeometryError::MaxChain(MAX_CHAIN + 1)));
+        // A chain whose payload a descriptor's 32-bit length cannot give.
+        assert!(PoolGeometry::new(0, 1 << 20, 8192, 64, 4096).is_ok());
+        assert!(PoolGeometry::new(0, 1 << 20, 8192, 64, 4097).is_err());
     }
 
     proptest! {
