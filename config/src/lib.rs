@@ -429,11 +429,6 @@ impl Cluster {
             if self.node_id(&g.name).is_some() {
                 return Err(bad(f("name"), format!("\"{}\" is also a node's name", g.name)));
             }
-            for (field, addr) in [("address", &g.address), ("http", &g.http)] {
-                if addr.parse::<std::net::SocketAddr>().is_err() {
-                    return Err(bad(f(field), format!("\"{addr}\" is not host:port")));
-                }
-            }
             if g.body_limit == 0 {
                 return Err(bad(f("body_limit"), "must be at least 1"));
             }
@@ -458,14 +453,31 @@ impl Cluster {
         if let Some(i) = self.functions.iter().position(|f| f.name.starts_with('.')) {
             return Err(bad(format!("function[{i}].name"), "names starting with . are reserved"));
         }
+        // Every address a process listens on: (field, address, fabric).
+        let mut listens: Vec<(String, std::net::SocketAddr, bool)> = Vec::new();
         for (i, n) in self.nodes.iter().enumerate() {
-            if n.address.parse::<std::net::SocketAddr>().is_err() {
-                return Err(bad(format!("node[{i}].address"), format!("\"{}\" is not host:port", n.address)));
+            listens.push((format!("node[{i}].address"), socket_addr(&format!("node[{i}].address"), &n.address)?, true));
+            if let Some(m) = &n.metrics {
+                listens.push((format!("node[{i}].metrics"), socket_addr(&format!("node[{i}].metrics"), m)?, false));
             }
-            if let Some(m) = &n.metrics
-                && m.parse::<std::net::SocketAddr>().is_err()
-            {
-                return Err(bad(format!("node[{i}].metrics"), format!("\"{m}\" is not host:port")));
+            runtime_dir(&format!("node[{i}].runtime_dir"), &n.runtime_dir, true)?;
+        }
+        for (i, g) in self.ingresses.iter().enumerate() {
+            listens.push((
+                format!("ingress[{i}].address"),
+                socket_addr(&format!("ingress[{i}].address"), &g.address)?,
+                true,
+            ));
+            listens.push((format!("ingress[{i}].http"), socket_addr(&format!("ingress[{i}].http"), &g.http)?, false));
+            runtime_dir(&format!("ingress[{i}].runtime_dir"), &g.runtime_dir, false)?;
+        }
+        for (k, (field, addr, fabric)) in listens.iter().enumerate() {
+            // Peers dial a fabric address: it names one machine and port.
+            if *fabric && (addr.ip().is_unspecified() || addr.port() == 0) {
+                return Err(bad(field.clone(), format!("{addr}: peers dial it; give an address and a port")));
+            }
+            if let Some((other, _, _)) = listens[..k].iter().find(|(_, a, _)| a == addr && addr.port() != 0) {
+                return Err(bad(field.clone(), format!("{addr} is also {other}")));
             }
         }
         for (i, t) in self.tenants.iter().enumerate() {
@@ -499,8 +511,25 @@ impl Cluster {
                     format!("pool of {} buffers is not larger than the receive quota {}", t.buffers, t.recv_quota),
                 ));
             }
+            let posted = self.receives_posted(t);
+            if posted >= u64::from(t.buffers) {
+                return Err(bad(
+                    f("buffers"),
+                    format!(
+                        "{} buffers: the agent keeps {posted} receives posted (at least 2, plus one for credit \
+                         messages, per other fabric node), which leaves none",
+                        t.buffers
+                    ),
+                ));
+            }
             if t.api_key.as_deref() == Some("") {
                 return Err(bad(f("api_key"), "empty; omit it for no key"));
+            }
+            if t.api_key.as_deref().is_some_and(|k| !k.bytes().all(|b| b.is_ascii_graphic())) {
+                return Err(bad(
+                    f("api_key"),
+                    "printable ASCII without spaces only (a client sends it in an HTTP header)",
+                ));
             }
             if t.rate_cap_mbps == Some(0) {
                 return Err(bad(f("rate_cap_mbps"), "0 would block the tenant; omit it for no cap"));
@@ -540,6 +569,12 @@ impl Cluster {
             if !r.path.starts_with('/') {
                 return Err(bad(f("path"), format!("\"{}\" must start with /", r.path)));
             }
+            if !r.path.bytes().all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#') {
+                return Err(bad(f("path"), format!("\"{}\": printable ASCII, no spaces, '?' or '#'", r.path)));
+            }
+            if r.host.as_deref().is_some_and(|h| normalize_host(h).is_empty()) {
+                return Err(bad(f("host"), "empty; omit it for every host"));
+            }
             let Some(tenant) = self.tenant_id(&r.tenant) else {
                 return Err(bad(f("tenant"), format!("unknown tenant \"{}\"", r.tenant)));
             };
@@ -560,7 +595,7 @@ impl Cluster {
             if r.timeout_ms == 0 {
                 return Err(bad(f("timeout_ms"), "must be at least 1"));
             }
-            if !seen.insert((r.host.clone(), r.path.clone())) {
+            if !seen.insert((r.host.as_deref().map(normalize_host), r.path.clone())) {
                 return Err(bad(f("path"), format!("duplicate route for host {:?} path \"{}\"", r.host, r.path)));
             }
         }
@@ -625,24 +660,29 @@ impl Cluster {
         let peers = (self.nodes.len() + self.ingresses.len()).saturating_sub(1) as u64;
         let mut out = Vec::new();
         for t in self.tenants.iter().filter(|_| peers > 0) {
-            let per_conn = u64::from((t.recv_quota / peers as u32).max(2)) + 1;
-            let held = peers * (per_conn + u64::from(t.max_chain.saturating_sub(1)));
+            let posted = self.receives_posted(t);
+            let held = posted + peers * u64::from(t.max_chain.saturating_sub(1));
             if u64::from(t.buffers) <= held {
                 out.push(format!(
-                    "tenant {}: a pool of {} buffers can be held whole by the fabric ({} other fabric nodes, \
-                     each with {} receives posted and a chain of up to {} buffers open, make {}): \
+                    "tenant {}: a pool of {} buffers can be held whole by the fabric ({posted} receives posted, \
+                     and a chain of up to {} buffers open from each of the {peers} other fabric nodes, make {held}): \
                      messages from other nodes then stall and are dropped after 5 s; \
                      raise buffers or lower max_chain or recv_quota",
                     t.name,
                     t.buffers,
-                    peers,
-                    per_conn,
                     t.max_chain.saturating_sub(1),
-                    held
                 ));
             }
         }
         out
+    }
+
+    /// Receives the agent keeps posted for tenant `t` on a node: per other
+    /// fabric node its share of `recv_quota` (at least 2), plus one kept
+    /// for credit messages.
+    pub fn receives_posted(&self, t: &Tenant) -> u64 {
+        let peers = (self.nodes.len() + self.ingresses.len()).saturating_sub(1) as u64;
+        peers * (u64::from(t.recv_quota).checked_div(peers).unwrap_or(0).max(2) + 1)
     }
 
     /// The checked pool geometry of tenant `id`.
@@ -650,6 +690,47 @@ impl Cluster {
         let t = self.tenants.get(usize::from(id))?;
         wire::PoolGeometry::new(id, t.buf_size, t.buffers, wire::fabric::HEADROOM, t.max_chain).ok()
     }
+}
+
+/// A listen or dial address: an IP address and a port (no name lookup).
+fn socket_addr(field: &str, s: &str) -> Result<std::net::SocketAddr, ConfigError> {
+    s.parse().map_err(|_| {
+        let why = if s.rsplit_once(':').is_some_and(|(h, _)| h.parse::<std::net::IpAddr>().is_err()) {
+            "is not IP:port (host names are not looked up; write the address)"
+        } else {
+            "is not IP:port"
+        };
+        bad(field, format!("\"{s}\" {why}"))
+    })
+}
+
+/// Longest node `runtime_dir`: host-shimd's socket goes in it, bound under
+/// a temporary name (`shimd.sock.<pid>.tmp`), and a Unix socket's path has
+/// at most 107 bytes.
+pub const MAX_RUNTIME_DIR: usize = 107 - "/shimd.sock.4194304.tmp".len();
+
+fn runtime_dir(field: &str, dir: &Path, node: bool) -> Result<(), ConfigError> {
+    if !dir.is_absolute() {
+        return Err(bad(field, format!("{}: must be an absolute path", dir.display())));
+    }
+    if node && dir.as_os_str().len() > MAX_RUNTIME_DIR {
+        return Err(bad(
+            field,
+            format!("{}: at most {MAX_RUNTIME_DIR} bytes (host-shimd's Unix socket goes in it)", dir.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// A route's or a request's host as routes compare it: lowercase, without
+/// a port or a trailing dot.
+pub fn normalize_host(h: &str) -> String {
+    // Strip a port (but not the colons of a bracketed IPv6 literal).
+    let h = match h.rfind(':') {
+        Some(i) if !h[i..].contains(']') && h[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &h[..i],
+        _ => h,
+    };
+    h.trim_end_matches('.').to_ascii_lowercase()
 }
 
 fn position<'a>(mut names: impl Iterator<Item = &'a str>, name: &str) -> Option<u16> {
@@ -775,6 +856,8 @@ runtime_dir = "/tmp/dne/edge"
 
     #[test]
     fn bad_fields_are_named() {
+        let long = format!("runtime_dir = \"/{}\"", "d".repeat(MAX_RUNTIME_DIR));
+        let long_dir = long.as_str();
         let cases: &[(&str, &str, &str)] = &[
             (
                 "tenant = \"acme\"\nnode = \"node-a\"",
@@ -841,11 +924,64 @@ runtime_dir = "/tmp/dne/edge"
                 "runtime_dir = \"/tmp/dne/edge\"\nbuffers = 64",
                 "ingress[0].buffers: 64 buffers leave none for requests: the edge keeps tenant acme's receive quota (128) posted",
             ),
+            // From a review as a new user (each was accepted before).
+            (
+                "address = \"127.0.0.1:7102\"",
+                "address = \"127.0.0.1:7101\"",
+                "node[1].address: 127.0.0.1:7101 is also node[0].address",
+            ),
+            (
+                "address = \"127.0.0.1:7100\"",
+                "address = \"127.0.0.1:7102\"",
+                "ingress[0].address: 127.0.0.1:7102 is also node[1].address",
+            ),
+            (
+                "http = \"127.0.0.1:8080\"",
+                "http = \"127.0.0.1:7101\"",
+                "ingress[0].http: 127.0.0.1:7101 is also node[0].address",
+            ),
+            (
+                "address = \"127.0.0.1:7101\"",
+                "address = \"0.0.0.0:7101\"",
+                "node[0].address: 0.0.0.0:7101: peers dial it",
+            ),
+            (
+                "address = \"127.0.0.1:7101\"",
+                "address = \"127.0.0.1:0\"",
+                "node[0].address: 127.0.0.1:0: peers dial it",
+            ),
+            ("address = \"127.0.0.1:7101\"", "address = \"localhost:7101\"", "host names are not looked up"),
+            (
+                "runtime_dir = \"/tmp/dne/node-a\"",
+                "runtime_dir = \"dne/node-a\"",
+                "node[0].runtime_dir: dne/node-a: must be an absolute path",
+            ),
+            (
+                "runtime_dir = \"/tmp/dne/edge\"",
+                "runtime_dir = \"edge\"",
+                "ingress[0].runtime_dir: edge: must be an absolute path",
+            ),
+            ("runtime_dir = \"/tmp/dne/node-a\"", long_dir, "node[0].runtime_dir: /ddd"),
+            ("host = \"globex.example\"", "host = \"\"", "route[1].host: empty"),
+            ("path = \"/acme\"", "path = \"/ac me\"", "route[0].path"),
+            ("path = \"/acme\"", "path = \"/acme?x=1\"", "route[0].path"),
+            ("weight = 6", "weight = 6\napi_key = \"a\\tb\"", "tenant[0].api_key: printable ASCII"),
         ];
         for (from, to, want) in cases {
             let got = err(|s| s.replacen(from, to, 1));
             assert!(got.contains(want), "replacing {from:?} by {to:?}: got {got:?}, want {want:?}");
         }
+    }
+
+    /// Routes compare hosts as the ingress matches them: a second route for
+    /// the same host spelt otherwise (case, port, trailing dot) is a
+    /// duplicate. Before, it was accepted and could never match.
+    #[test]
+    fn routes_for_one_host_spelt_two_ways_are_duplicates() {
+        let twin =
+            "\n[[route]]\nhost = \"GLOBEX.example.:8080\"\npath = \"/\"\ntenant = \"globex\"\nchain = [\"echo\"]\n";
+        let got = Cluster::parse(&format!("{GOOD}{twin}")).unwrap_err().to_string();
+        assert!(got.starts_with("route[2].path: duplicate route"), "{got}");
     }
 
     #[test]

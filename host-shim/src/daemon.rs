@@ -321,6 +321,20 @@ impl Shimd {
         // functions runs here (a reply passing through, an error).
         let mut pools = HashMap::new();
         let mut uplinks = HashMap::new();
+        let need: u64 = (0..cfg.tenants.len() as u16)
+            .filter_map(|t| cfg.pool_geometry(t))
+            .map(|g| u64::from(g.buf_size()) * u64::from(g.buf_count()))
+            .sum();
+        if let Some(have) = shm::memory_available()
+            && need > have
+        {
+            anyhow::bail!(
+                "the tenant pools of node {node} need {} MiB; this machine has {} MiB available \
+                 (MemAvailable and free huge pages): lower the tenants' buffers or buf_size",
+                need >> 20,
+                have >> 20
+            );
+        }
         for (t, tenant) in (0u16..).zip(&cfg.tenants) {
             let g = cfg.pool_geometry(t).expect("validated config");
             let pool = Pool::create(&format!("dne-{}", tenant.name), g, PagePolicy::Auto)?;
@@ -1088,5 +1102,28 @@ impl Shimd {
         if let Err(e) = std::fs::write(&tmp, s).and_then(|()| std::fs::rename(&tmp, &path)) {
             log::warn!("cannot write {}: {e}", path.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Shimd;
+
+    /// Pools larger than the machine's available memory are refused with
+    /// their size, before any is mapped. Before, host-shimd populated the
+    /// mapping and the kernel killed it, with nothing said.
+    #[test]
+    fn pools_beyond_the_memory_available_are_refused_with_their_size() {
+        let dir = std::env::temp_dir().join(format!("dne-shimd-oom-{}", std::process::id()));
+        let text = format!(
+            "[[node]]\nname = \"n0\"\naddress = \"127.0.0.1:7101\"\nruntime_dir = \"{}\"\n\n\
+             [[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = 1073741824\nbuffers = 65536\nrecv_quota = 8\nmax_chain = 3\n",
+            dir.display()
+        );
+        let cfg = config::Cluster::parse(&text).unwrap();
+        let Err(e) = Shimd::new(cfg, "n0") else { panic!("64 TiB of pools were created") };
+        let e = e.to_string();
+        assert!(e.starts_with("the tenant pools of node n0 need 67108864 MiB; this machine has"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

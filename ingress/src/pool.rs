@@ -57,6 +57,18 @@ pub enum PoolsError {
         err: wire::desc::GeometryError,
     },
     /// Creating the shared region failed.
+    /// The pools need more memory than the machine has available (a
+    /// populated mapping beyond it gets the process killed, silently).
+    #[error(
+        "the pools need {} MiB; this machine has {} MiB available (MemAvailable and free huge pages): \
+         lower the ingress's buffers or the tenants' buf_size", need >> 20, have >> 20
+    )]
+    Memory {
+        /// Bytes the pools need.
+        need: u64,
+        /// Bytes available.
+        have: u64,
+    },
     #[error("tenant[{tenant}]: creating the pool: {err}")]
     Create {
         /// Tenant id.
@@ -72,6 +84,12 @@ impl Pools {
     /// tenant's `max_chain` (at most the pool). The memfd names carry the
     /// ingress's name so an operator can tell them apart.
     pub fn create(cluster: &Cluster, ingress: &str, buffers: u32, policy: PagePolicy) -> Result<Self, PoolsError> {
+        let need: u64 = cluster.tenants.iter().map(|t| u64::from(t.buf_size) * u64::from(buffers)).sum();
+        if let Some(have) = shm::memory_available()
+            && need > have
+        {
+            return Err(PoolsError::Memory { need, have });
+        }
         let mut v = Vec::with_capacity(cluster.tenants.len());
         for (i, t) in cluster.tenants.iter().enumerate() {
             let tenant = i as u16;

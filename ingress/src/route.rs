@@ -7,6 +7,7 @@
 //! on equal length a route naming the host wins over one that does not.
 
 use config::Cluster;
+use config::normalize_host;
 
 #[derive(Clone, Debug)]
 struct Entry {
@@ -46,15 +47,6 @@ impl Router {
             })
             .map(|e| e.route)
     }
-}
-
-fn normalize_host(h: &str) -> String {
-    // Strip a port (but not the colons of a bracketed IPv6 literal).
-    let h = match h.rfind(':') {
-        Some(i) if !h[i..].contains(']') && h[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &h[..i],
-        _ => h,
-    };
-    h.trim_end_matches('.').to_ascii_lowercase()
 }
 
 fn prefix_matches(prefix: &str, path: &str) -> bool {

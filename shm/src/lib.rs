@@ -39,4 +39,4 @@ pub use alloc::{AllocError, FreeError};
 #[cfg(not(loom))]
 pub use pool::{AcceptError, Lease, LocalCache, Pool, PoolOpenError};
 #[cfg(not(loom))]
-pub use region::{AccessError, Backing, PagePolicy, Region, RegionError};
+pub use region::{AccessError, Backing, PagePolicy, Region, RegionError, memory_available};
