@@ -21,6 +21,19 @@ fn readable(fd: std::os::fd::BorrowedFd<'_>, t: Duration) -> bool {
     poll(&mut fds, Some(&ts)).expect("poll") > 0
 }
 
+/// A started RDMA context with `tasks` send and receive tasks.
+fn started_rdma(pe: &ProgressEngine, dev: &Device, tasks: u32) -> Rdma {
+    let r = Rdma::new(pe, dev, RdmaConfig { send_tasks: tasks, recv_tasks: tasks, ..Default::default() }).unwrap();
+    r.start().unwrap();
+    pe.progress();
+    r
+}
+
+/// A started mmap of all of `r` on `dev`.
+fn mmap(r: &Arc<shm::Region>, dev: &Device, access: Access) -> Mmap {
+    Mmap::builder(MemRange::region(r.clone())).permissions(access).add_device(dev).start().unwrap()
+}
+
 fn region(len: usize) -> Arc<shm::Region> {
     Arc::new(shm::Region::create("dne-review", len, shm::PagePolicy::Normal).unwrap())
 }
@@ -108,11 +121,7 @@ fn memory_imported_from_an_rdma_export_is_not_a_local_buffer() {
     let dev = dev();
     let pe = ProgressEngine::new().unwrap();
     let r = region(64 << 10);
-    let m = Mmap::builder(MemRange::region(r.clone()))
-        .permissions(Access::LOCAL_READ_WRITE | Access::RDMA_READ | Access::RDMA_WRITE)
-        .add_device(&dev)
-        .start()
-        .unwrap();
+    let m = mmap(&r, &dev, Access::LOCAL_READ_WRITE | Access::RDMA_READ | Access::RDMA_WRITE);
     let remote = RemoteMmap::from_export(&dev, &m.export_rdma(&dev).unwrap()).unwrap();
     let rdma = Rdma::new(&pe, &dev, RdmaConfig::default()).unwrap();
     rdma.start().unwrap();
@@ -160,9 +169,7 @@ fn a_blob_naming_a_file_that_was_never_exported_is_not_imported() {
 fn an_ack_beyond_what_was_sent_completes_no_send_as_placed() {
     let dev = dev();
     let pe = ProgressEngine::new().unwrap();
-    let a = Rdma::new(&pe, &dev, RdmaConfig { send_tasks: 8, recv_tasks: 8, ..Default::default() }).unwrap();
-    a.start().unwrap();
-    pe.progress();
+    let a = started_rdma(&pe, &dev, 8);
     let (ca, blob_a) = a.export().unwrap();
     let ba = ConnBlob::decode(&blob_a).unwrap();
     // The fake peer: a listener for a's stream, and its own stream to a.
@@ -193,11 +200,7 @@ fn an_ack_beyond_what_was_sent_completes_no_send_as_placed() {
         assert!(start.elapsed() < Duration::from_secs(10), "never up");
     }
     let r = region(64 << 10);
-    let m = Mmap::builder(MemRange::region(r.clone()))
-        .permissions(Access::LOCAL_READ_WRITE)
-        .add_device(&dev)
-        .start()
-        .unwrap();
+    let m = mmap(&r, &dev, Access::LOCAL_READ_WRITE);
     let inv = BufInventory::new(8).unwrap();
     for i in 0..2u64 {
         let mut b = inv.buf(&m, i * 4096, 4096).unwrap();
@@ -234,15 +237,9 @@ fn an_ack_beyond_what_was_sent_completes_no_send_as_placed() {
 fn a_receive_buffer_holding_data_is_refused() {
     let dev = dev();
     let pe = ProgressEngine::new().unwrap();
-    let b = Rdma::new(&pe, &dev, RdmaConfig { send_tasks: 4, recv_tasks: 4, ..Default::default() }).unwrap();
-    b.start().unwrap();
-    pe.progress();
+    let b = started_rdma(&pe, &dev, 4);
     let r = region(64 << 10);
-    let m = Mmap::builder(MemRange::region(r.clone()))
-        .permissions(Access::LOCAL_READ_WRITE)
-        .add_device(&dev)
-        .start()
-        .unwrap();
+    let m = mmap(&r, &dev, Access::LOCAL_READ_WRITE);
     let inv = BufInventory::new(8).unwrap();
     let mut rb = inv.buf(&m, 4096, 128).unwrap();
     rb.set_data_len(100).unwrap(); // 100 bytes of data already there
