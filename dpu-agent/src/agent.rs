@@ -45,6 +45,16 @@ pub fn run(opts: &RunOptions, stop: &AtomicBool) -> anyhow::Result<()> {
             n.name
         );
     }
+    if n.mode == Mode::Dpu && doca::BACKEND == doca::Backend::Emu && std::env::var_os(doca::RUNTIME_DIR_ENV).is_none() {
+        // On a card this agent waits for a host it cannot reach.
+        log::warn!(
+            "node {}: dpu mode with the emulated DOCA backend: the host link is a Unix socket (in ${}, \
+             else /tmp/dne-emu-<uid>), not PCIe comch; on a BlueField build the agent with the DOCA SDK \
+             (feature `sdk`)",
+            n.name,
+            doca::RUNTIME_DIR_ENV
+        );
+    }
     let cores = usize::from(opts.cores.max(1));
     if cores > cfg.tenants.len() {
         log::warn!(
