@@ -476,7 +476,11 @@ impl Cluster {
             if *fabric && (addr.ip().is_unspecified() || addr.port() == 0) {
                 return Err(bad(field.clone(), format!("{addr}: peers dial it; give an address and a port")));
             }
-            if let Some((other, _, _)) = listens[..k].iter().find(|(_, a, _)| a == addr && addr.port() != 0) {
+            // (A wildcard address is each machine's own: two nodes may
+            // both serve metrics on 0.0.0.0:9477.)
+            if let Some((other, _, _)) =
+                listens[..k].iter().find(|(_, a, _)| a == addr && addr.port() != 0 && !addr.ip().is_unspecified())
+            {
                 return Err(bad(field.clone(), format!("{addr} is also {other}")));
             }
         }
@@ -982,6 +986,22 @@ runtime_dir = "/tmp/dne/edge"
             "\n[[route]]\nhost = \"GLOBEX.example.:8080\"\npath = \"/\"\ntenant = \"globex\"\nchain = [\"echo\"]\n";
         let got = Cluster::parse(&format!("{GOOD}{twin}")).unwrap_err().to_string();
         assert!(got.starts_with("route[2].path: duplicate route"), "{got}");
+    }
+
+    /// The cluster file the packages ship (and the README's examples
+    /// start from) is valid, with nothing to warn about.
+    #[test]
+    fn the_packaged_cluster_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/common/cluster.toml");
+        let c = Cluster::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(c.warnings(), [] as [String; 0]);
+        // Two ingresses on every address of their machines.
+        let two = format!(
+            "{GOOD}\n[[ingress]]\nname = \"edge2\"\naddress = \"127.0.0.1:7099\"\nhttp = \"0.0.0.0:8080\"\n\
+             runtime_dir = \"/tmp/dne/edge2\"\n"
+        )
+        .replacen("http = \"127.0.0.1:8080\"", "http = \"0.0.0.0:8080\"", 1);
+        Cluster::parse(&two).unwrap();
     }
 
     #[test]

@@ -68,8 +68,8 @@ fn a_client_connecting_just_after_an_accept_wakes_the_sleeping_server() {
 }
 
 /// Accepted comch sockets that never send the hello are dropped after
-/// `HELLO_WAIT`, and the one silent longest makes room when the server is
-/// full. Before, `max_clients` of them locked every real client out.
+/// `HELLO_WAIT`, and the one silent longest (over 100 ms) makes room when
+/// the server is full. Before, `max_clients` of them locked every real client out.
 #[test]
 fn silent_comch_connections_do_not_lock_clients_out() {
     use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
@@ -89,7 +89,8 @@ fn silent_comch_connections_do_not_lock_clients_out() {
         rustix::net::connect(&fd, &addr).unwrap();
         silent.push(fd); // connected, says nothing
     }
-    for _ in 0..20 {
+    // Silent for longer than a real client takes to say hello (100 ms).
+    for _ in 0..100 {
         pe.progress();
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -298,4 +299,40 @@ fn a_send_to_a_client_that_left_does_not_reach_the_next() {
         }
         assert!(start.elapsed() < Duration::from_secs(10), "watchdog: the second client's message");
     }
+}
+
+/// A client whose hello is already in its socket is not taken for silent
+/// by a connection accepted right after it (the newcomer is refused, the
+/// server being full). Before, the eviction of the silent longest evicted
+/// it: a peer that kept connecting still locked real clients out.
+#[test]
+fn a_client_that_said_hello_is_not_evicted_by_the_next_connect() {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let dev = dev();
+    let (pe, pe_c) = (ProgressEngine::new().unwrap(), ProgressEngine::new().unwrap());
+    let name = format!("hostile-evict-{}", std::process::id());
+    let server = ComchServer::new(&pe, &dev, &name, ComchConfig { max_clients: 1, ..Default::default() }).unwrap();
+    server.start().unwrap();
+    pe.progress();
+    let path = runtime_dir().join(format!("comch-{name}.sock"));
+    let addr = SocketAddrUnix::new(path.as_path()).unwrap();
+    let client = ComchClient::new(&pe_c, &dev, &name, ComchConfig::default()).unwrap();
+    client.start().unwrap();
+    pe_c.progress(); // connect + hello, now in the server's backlog
+    assert_eq!(client.state(), CtxState::Running);
+    let silent =
+        rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).unwrap();
+    rustix::net::connect(&silent, &addr).unwrap();
+    let mut buf = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
+    let mut connected = false;
+    let start = Instant::now();
+    while !connected && start.elapsed() < Duration::from_millis(500) {
+        pe.progress();
+        while let Some(e) = server.poll_event(&mut buf) {
+            connected |= matches!(e, ComchEvent::Connected(_));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(connected, "the client that had said hello was dropped for a socket that connected after it");
+    drop(silent);
 }

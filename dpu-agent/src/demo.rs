@@ -617,7 +617,16 @@ pub fn die_with_the_demo() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Ctrl-C, SIGTERM (`kill`, `timeout`) or SIGHUP (the terminal closed),
+/// Whether this process ignores SIGHUP (started by `nohup`): the kernel's
+/// mask of ignored signals, `SigIgn` in `/proc/self/status`.
+fn hup_ignored() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let mask = status.lines().find_map(|l| l.strip_prefix("SigIgn:")).map(str::trim);
+    mask.and_then(|m| u64::from_str_radix(m, 16).ok()).is_some_and(|m| m & 1 != 0)
+}
+
+/// Ctrl-C, SIGTERM (`kill`, `timeout`) or SIGHUP (the terminal closed,
+/// unless SIGHUP is ignored),
 /// watched from the demo's first step: whenever one comes, the demo stops
 /// its children and removes what it made.
 struct StopWatch(tokio::sync::watch::Receiver<bool>);
@@ -626,18 +635,26 @@ impl StopWatch {
     fn start(rt: &tokio::runtime::Runtime) -> std::io::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
         let (tx, rx) = tokio::sync::watch::channel(false);
+        // Under `nohup` (SIGHUP ignored) the demo outlives its terminal.
+        let hangup = !hup_ignored();
         let (mut int, mut term, mut hup) = rt.block_on(async {
             Ok::<_, std::io::Error>((
                 signal(SignalKind::interrupt())?,
                 signal(SignalKind::terminate())?,
-                signal(SignalKind::hangup())?,
+                if hangup { Some(signal(SignalKind::hangup())?) } else { None },
             ))
         })?;
         rt.spawn(async move {
+            let hup = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = int.recv() => {}
                 _ = term.recv() => {}
-                _ = hup.recv() => {}
+                _ = hup => {}
             }
             let _ = tx.send(true);
         });

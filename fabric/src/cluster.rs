@@ -124,7 +124,7 @@ pub fn open_port_on<T: crate::Transport, B: Buffers>(
     };
     let transport = make(&ecfg, addr(cfg, me)?)?;
     let tenants = bufs.into_iter().map(|(id, bufs)| PortTenant { id, bufs, per_conn: per_conn(id) }).collect();
-    let sizes = PortSizes { flights, queue_high: ENDPOINT_QUEUE_HIGH, chain_stall: crate::port::CHAIN_STALL };
+    let sizes = PortSizes::new(flights, ENDPOINT_QUEUE_HIGH);
     Ok(Port::with_mesh(Endpoint::new(transport, ecfg), mesh, npeers as usize, tenants, sizes)?)
 }
 

@@ -31,15 +31,26 @@ use zerocopy::{FromBytes, IntoBytes};
 pub const HDR_OFF: u64 = wire::fabric::HEADER_OFFSET as u64;
 /// Token bit of receive work requests.
 const RECV_TOKEN: u64 = 1 << 63;
-/// How long a chain being received may go without a new fragment before
-/// its fragments are freed and the rest of it dropped as it comes
-/// ([`PortEvent::ChainStalled`]). A sender posts a chain's fragments as
-/// credits allow, so a chain can wait for the receiver's pool; but the
-/// fragments it holds are the tenant's, and chains open on several
-/// connections can hold all of them: then no receive can be posted, no
-/// credit goes out and none of those chains can finish. A stopped or
-/// misbehaving sender would hold them the same way.
+/// How long a chain being received may go without a new fragment, while
+/// its sender has credits or while this port holds every buffer of the
+/// tenant's pool, before its fragments are freed and the rest of it
+/// dropped as it comes ([`PortEvent::ChainStalled`]). A stopped or
+/// misbehaving sender holds the fragments it sent; and a sender posts a
+/// chain's fragments as credits allow, so chains open on several
+/// connections can hold the whole pool: then no receive can be posted, no
+/// credit goes out and none of them can finish.
 pub const CHAIN_STALL: Duration = Duration::from_secs(5);
+/// How long a chain may wait for this port's receives (its sender out of
+/// credits) while buffers of the pool are elsewhere (with the functions,
+/// queued for other nodes) before it is dropped all the same: far beyond
+/// any request's timeout, it breaks a wait across nodes (each node's pool
+/// held by chains from the other and by messages for it) that no single
+/// port can see.
+pub const CHAIN_WAIT: Duration = Duration::from_secs(60);
+/// A gap between two looks for stalled chains longer than this (the
+/// port was not driven: a stopped process, a busy machine) restarts
+/// every chain's count: no sender stalled meanwhile.
+const LOOK_GAP: Duration = Duration::from_secs(1);
 
 /// A tenant pool as the port sees it.
 #[derive(Clone, Copy, Debug)]
@@ -258,8 +269,19 @@ pub struct PortSizes {
     /// [`Port::can_send`] says no.
     pub queue_high: usize,
     /// A chain being received that gets no fragment for this long is
-    /// dropped ([`CHAIN_STALL`]).
+    /// dropped ([`CHAIN_STALL`])...
     pub chain_stall: Duration,
+    /// ...or for this long when it waits for this port's receives while
+    /// the pool's buffers are elsewhere ([`CHAIN_WAIT`]).
+    pub chain_wait: Duration,
+}
+
+impl PortSizes {
+    /// `flights` and `queue_high`, the chain timeouts [`CHAIN_STALL`] and
+    /// [`CHAIN_WAIT`].
+    pub fn new(flights: usize, queue_high: usize) -> Self {
+        Self { flights, queue_high, chain_stall: CHAIN_STALL, chain_wait: CHAIN_WAIT }
+    }
 }
 
 /// Per-tenant settings.
@@ -298,6 +320,8 @@ pub struct Port<T: Transport, B: Buffers> {
     events: Vec<MeshEvent>,
     /// The fragments (offset, payload length) of the message being sent.
     stage: Vec<(u64, u32)>,
+    /// When [`Port::drop_stalled_chains`] last looked.
+    looked: Option<Instant>,
 }
 
 /// Setting a port up failed.
@@ -379,6 +403,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             comps: vec![Completion::EMPTY; 64],
             events: Vec::with_capacity(16),
             stage: Vec::with_capacity(64),
+            looked: None,
         })
     }
 
@@ -633,33 +658,52 @@ impl<T: Transport, B: Buffers> Port<T, B> {
     }
 
     /// Drops the chains being received that got no fragment for
-    /// `chain_stall` (see [`CHAIN_STALL`]); the refill that follows posts
-    /// their buffers again.
+    /// `chain_stall` while their sender had credits or this port held the
+    /// whole pool, or for `chain_wait` in any case (see [`CHAIN_STALL`],
+    /// [`CHAIN_WAIT`]); the refill that follows posts their buffers again.
     fn drop_stalled_chains(&mut self, now: Instant, out: &mut Vec<PortEvent>) {
+        let paused = self.looked.is_some_and(|t| now.saturating_duration_since(t) > LOOK_GAP);
+        self.looked = Some(now);
+        // Per tenant: buffers this port holds (chains' fragments, posted
+        // receives), to tell a pool only the port can free.
+        let mut held = vec![0u64; self.bufs.len()];
+        for st in self.conns.iter().flatten() {
+            held[usize::from(st.tenant)] += st.parts.len() as u64 + u64::from(st.posted);
+        }
         for st in self.conns.iter_mut().flatten() {
-            if st.first.is_none() || st.stalled {
+            if st.first.is_none() || st.stalled || paused {
                 st.seen.1 = None;
                 continue;
             }
-            match st.seen {
-                (n, Some(since)) if n == st.frags => {
-                    if now.duration_since(since) < self.sizes.chain_stall {
-                        continue;
-                    }
-                }
+            let since = match st.seen {
+                (n, Some(since)) if n == st.frags => since,
                 _ => {
                     st.seen = (st.frags, Some(now));
                     continue;
                 }
+            };
+            let t = usize::from(st.tenant);
+            // One receive is kept for credit messages: with no other
+            // posted, the sender waits for this port.
+            let waits_for_us = st.posted <= 1;
+            let all_here = held[t] >= u64::from(self.bufs[t].view().geometry().buf_count());
+            let limit = if waits_for_us && !all_here { self.sizes.chain_wait } else { self.sizes.chain_stall };
+            if now.saturating_duration_since(since) < limit {
+                continue;
             }
             log::warn!(
-                "fabric: a chain from node {} got no fragment for {:?} ({} held); dropped",
+                "fabric: a chain from node {} got no fragment for {limit:?} ({} held, {}); dropped",
                 st.peer,
-                self.sizes.chain_stall,
-                st.parts.len()
+                st.parts.len(),
+                match (waits_for_us, all_here) {
+                    (false, _) => "its sender had credits",
+                    (true, true) => "waiting for receives, every buffer of the pool held by the fabric",
+                    (true, false) => "waiting for receives",
+                }
             );
+            held[t] -= st.parts.len() as u64;
             for l in st.parts.drain(..) {
-                self.bufs[usize::from(st.tenant)].free(l);
+                self.bufs[t].free(l);
             }
             (st.stalled, st.seen.1) = (true, None);
             out.push(PortEvent::ChainStalled { tenant: st.tenant, peer: st.peer });
@@ -962,19 +1006,21 @@ mod tests {
         t: T,
         peers: usize,
     ) -> (Port<T, PoolBufs>, std::sync::mpsc::Sender<Cmd>, std::sync::mpsc::Receiver<Note>) {
-        let g = wire::PoolGeometry::new(0, 1024, 64, wire::fabric::HEADROOM, 4).unwrap();
+        port_of(t, peers, 64)
+    }
+
+    /// [`port_over`] with a pool of `buffers` buffers.
+    fn port_of<T: Transport>(
+        t: T,
+        peers: usize,
+        buffers: u32,
+    ) -> (Port<T, PoolBufs>, std::sync::mpsc::Sender<Cmd>, std::sync::mpsc::Receiver<Note>) {
+        let g = wire::PoolGeometry::new(0, 1024, buffers, wire::fabric::HEADROOM, 4).unwrap();
         let pool = Pool::create("port-test", g, shm::PagePolicy::Normal).unwrap();
         let (mesh, cmds, notes) = Mesh::by_hand(vec![0]);
         let ep = Endpoint::new(t, EndpointConfig { max_conns: 8, max_chain: 8, ..Default::default() });
         let tenants = vec![PortTenant { id: 0, bufs: PoolBufs(pool), per_conn: 4 }];
-        let port = Port::with_mesh(
-            ep,
-            mesh,
-            peers,
-            tenants,
-            PortSizes { flights: 16, queue_high: 16, chain_stall: CHAIN_STALL },
-        )
-        .unwrap();
+        let port = Port::with_mesh(ep, mesh, peers, tenants, PortSizes::new(16, 16)).unwrap();
         (port, cmds, notes)
     }
 
@@ -1089,13 +1135,28 @@ mod tests {
         assert_eq!(got, [cap + 7], "{out:?}");
     }
 
-    /// A chain whose fragments stop coming is dropped after `chain_stall`
-    /// without a new fragment, and the buffers it held are free again; the
-    /// rest of it is freed as it arrives, quietly, and the next chain is
-    /// delivered. A chain that keeps coming, however slowly, is not
-    /// dropped. Before, nothing ever freed them: chains open on several
-    /// connections could hold a tenant's whole pool, so that no receive
-    /// could be posted and none of them could finish.
+    /// Looks for stalled chains every 500 ms from `from` to `to` (as
+    /// `control` would, every millisecond), returning the last time.
+    fn look_until(port: &mut Port<Wire, PoolBufs>, from: Instant, to: Instant, out: &mut Vec<PortEvent>) -> Instant {
+        let mut t = from;
+        while t < to {
+            port.drop_stalled_chains(t, out);
+            t += Duration::from_millis(500);
+        }
+        port.drop_stalled_chains(to, out);
+        to
+    }
+
+    fn stalled(out: &[PortEvent]) -> usize {
+        out.iter().filter(|e| matches!(e, PortEvent::ChainStalled { .. })).count()
+    }
+
+    /// A chain whose fragments stop coming while its sender has credits is
+    /// dropped after `chain_stall` without a new fragment, and the buffers
+    /// it held are free again; the rest of it is freed as it arrives,
+    /// quietly, and the next chain is delivered. A chain that keeps coming,
+    /// however slowly, is not dropped, nor one the port was not driven for
+    /// (a stopped agent). Before, nothing ever freed them.
     #[test]
     fn a_chain_that_stops_coming_is_dropped_and_its_buffers_freed() {
         let (mut port, cmds, _notes) = port_over(Wire { hold: true, ..Wire::default() }, 1);
@@ -1107,24 +1168,24 @@ mod tests {
         // Completions only: the stall check runs at the times given below,
         // not from `control`.
         let poll = |port: &mut Port<Wire, PoolBufs>, out: &mut Vec<PortEvent>| while port.poll(out) > 0 {};
-        let stalled = |out: &[PortEvent]| out.iter().filter(|e| matches!(e, PortEvent::ChainStalled { .. })).count();
         let mut out = Vec::new();
         let t0 = Instant::now();
         let ms = Duration::from_millis(1);
         land(&mut port, MsgKind::Data, frag(0), cap);
         land(&mut port, MsgKind::Data, frag(1), cap);
         poll(&mut port, &mut out);
-        port.drop_stalled_chains(t0, &mut out);
         assert_eq!(port_free(&port), before - 2, "the first two fragments are held");
-        port.drop_stalled_chains(t0 + CHAIN_STALL - ms, &mut out);
+        let t = look_until(&mut port, t0, t0 + CHAIN_STALL - ms, &mut out);
         land(&mut port, MsgKind::Data, frag(2), cap);
         poll(&mut port, &mut out);
         // A fragment came: the stall counts from the first look after it.
-        port.drop_stalled_chains(t0 + CHAIN_STALL + ms, &mut out);
-        port.drop_stalled_chains(t0 + 2 * CHAIN_STALL, &mut out);
+        let t = look_until(&mut port, t, t + CHAIN_STALL - ms, &mut out);
+        assert_eq!(stalled(&out), 0, "{out:?}");
+        // The port not driven for longer than the stall: no verdict then.
+        port.drop_stalled_chains(t + 3 * CHAIN_STALL, &mut out);
         assert_eq!(stalled(&out), 0, "{out:?}");
         assert_eq!(port_free(&port), before - 3);
-        port.drop_stalled_chains(t0 + 2 * CHAIN_STALL + 2 * ms, &mut out);
+        look_until(&mut port, t + 3 * CHAIN_STALL, t + 4 * CHAIN_STALL + ms, &mut out);
         assert!(matches!(out[..], [PortEvent::ChainStalled { tenant: 0, peer: 1 }]), "{out:?}");
         assert_eq!(port_free(&port), before, "its buffers are free again");
         // Its last fragment after all: freed, no protocol error.
@@ -1140,6 +1201,45 @@ mod tests {
             matches!(out[1..], [PortEvent::Received { desc: Descriptor { len, .. }, .. }] if len == cap + 7),
             "{out:?}"
         );
+    }
+
+    /// A chain whose sender waits for this port's receives (the functions
+    /// hold the rest of the pool) is not dropped after `chain_stall`: the
+    /// buffers come back when the functions are done. Only after
+    /// `chain_wait`. But when this port holds every buffer of the pool,
+    /// nothing else can free one: it is dropped after `chain_stall`.
+    #[test]
+    fn a_chain_waiting_for_receives_is_dropped_only_when_nothing_else_can_free_a_buffer() {
+        // 64 buffers, the functions holding all the port does not: or 4,
+        // the three fragments and the receive kept for credit messages.
+        for buffers in [64, 4] {
+            let (mut port, cmds, _notes) = port_of(Wire { hold: true, ..Wire::default() }, 1, buffers);
+            link_up(&mut port, &cmds, 1);
+            let cap = port.bufs(0).0.geometry().payload_cap();
+            let poll = |port: &mut Port<Wire, PoolBufs>, out: &mut Vec<PortEvent>| while port.poll(out) > 0 {};
+            let mut out = Vec::new();
+            let mut functions = Vec::new();
+            while let Some(l) = port.bufs_mut(0).alloc_one() {
+                functions.push(l);
+            }
+            let desc = |len: u32| Descriptor { tenant: 0, dst_fn: 3, len, ..Descriptor::default() };
+            for k in 0..3 {
+                land(&mut port, MsgKind::Data, FabricHeader::new(MsgKind::Data, desc(4 * cap), k, 4, cap), cap);
+            }
+            poll(&mut port, &mut out);
+            assert_eq!(port.ep.transport().recvs.len(), 1, "only the receive kept for credit messages");
+            let t0 = Instant::now();
+            let t = look_until(&mut port, t0, t0 + CHAIN_STALL + Duration::from_millis(1), &mut out);
+            if buffers == 4 {
+                assert_eq!(stalled(&out), 1, "the port holds the whole pool: {out:?}");
+                assert_eq!(port.bufs(0).0.free_buffers(), 3, "the chain's buffers are free");
+                continue;
+            }
+            assert_eq!(stalled(&out), 0, "a chain waiting for receives the functions will free was dropped: {out:?}");
+            look_until(&mut port, t, t0 + CHAIN_WAIT + Duration::from_millis(1), &mut out);
+            assert_eq!(stalled(&out), 1, "but not for ever: {out:?}");
+            drop(functions);
+        }
     }
 
     /// A peer that sends more than it was granted (here: four messages at

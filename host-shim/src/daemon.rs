@@ -316,6 +316,9 @@ impl Shimd {
         let node_id = cfg.node_id(node).ok_or_else(|| anyhow::anyhow!("node \"{node}\" is not in the config"))?;
         let dir = cfg.nodes[usize::from(node_id)].runtime_dir.clone();
         std::fs::create_dir_all(&dir)?;
+        // First: a second host-shimd of the node stops here, before
+        // making pools beside the live one's.
+        let lock = crate::sock::SocketLock::take(&socket_path(&dir))?;
         // Every tenant has a pool on every node: messages of a tenant
         // arriving from other nodes land in it even when none of its
         // functions runs here (a reply passing through, an error).
@@ -357,7 +360,7 @@ impl Shimd {
             );
             pools.insert(t, pool);
         }
-        let listener = Listener::bind(&socket_path(&dir))?;
+        let listener = Listener::bind_locked(&socket_path(&dir), lock)?;
         let s = Self {
             cfg,
             node: node_id,
@@ -1124,6 +1127,28 @@ mod tests {
         let Err(e) = Shimd::new(cfg, "n0") else { panic!("64 TiB of pools were created") };
         let e = e.to_string();
         assert!(e.starts_with("the tenant pools of node n0 need 67108864 MiB; this machine has"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A second host-shimd on a node's socket stops before making any
+    /// pool (here: pools it could not even have, which it does not get to
+    /// say). Before, it made them all beside the live one's first.
+    #[test]
+    fn a_second_host_shimd_stops_before_making_pools() {
+        let dir = std::env::temp_dir().join(format!("dne-shimd-twice-{}", std::process::id()));
+        let cluster = |buf_size: u32, buffers: u32| {
+            let text = format!(
+                "[[node]]\nname = \"n0\"\naddress = \"127.0.0.1:7101\"\nruntime_dir = \"{}\"\n\n\
+                 [[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = {buf_size}\nbuffers = {buffers}\n\
+                 recv_quota = 8\nmax_chain = 3\n",
+                dir.display()
+            );
+            config::Cluster::parse(&text).unwrap()
+        };
+        let live = Shimd::new(cluster(4096, 64), "n0").unwrap();
+        let Err(e) = Shimd::new(cluster(1 << 30, 65536), "n0") else { panic!("a second host-shimd started") };
+        assert!(e.to_string().contains("is served by another live process"), "{e}");
+        drop(live);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

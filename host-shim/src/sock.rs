@@ -109,9 +109,41 @@ impl AsFd for Conn {
 pub struct Listener {
     fd: OwnedFd,
     path: std::path::PathBuf,
-    /// `<path>.lock`, locked (`flock`) for as long as this listener lives:
-    /// the socket file is this process's to replace and to remove.
-    _lock: OwnedFd,
+    /// Held for as long as this listener lives: the socket file is this
+    /// process's to replace and to remove.
+    _lock: SocketLock,
+}
+
+/// The right to serve a socket path: `<path>.lock`, locked (`flock`) for
+/// as long as this lives. Taken before anything costly (host-shimd takes
+/// it before creating its pools), so a second server fails at once.
+#[derive(Debug)]
+pub struct SocketLock {
+    _fd: OwnedFd,
+}
+
+impl SocketLock {
+    /// Takes the lock of `path`; `AddrInUse` while a live process holds it.
+    /// The file is opened read-only (`flock` needs no more), so a lock file
+    /// left by another user (root, once) does not lock the service out.
+    pub fn take(path: &Path) -> io::Result<Self> {
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock_path = std::path::PathBuf::from(lock_path);
+        let lock = rustix::fs::open(
+            &lock_path,
+            rustix::fs::OFlags::CREATE | rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o644),
+        )?;
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Self { _fd: lock }),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} is served by another live process (it holds {})", path.display(), lock_path.display()),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 impl Listener {
@@ -125,25 +157,11 @@ impl Listener {
     /// socket that accepts: a client that sees it and connects at once is
     /// never refused (between `bind` and `listen` it would be).
     pub fn bind(path: &Path) -> io::Result<Self> {
-        let mut lock_path = path.as_os_str().to_owned();
-        lock_path.push(".lock");
-        let lock = rustix::fs::open(
-            std::path::Path::new(&lock_path),
-            rustix::fs::OFlags::CREATE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::from_raw_mode(0o600),
-        )?;
-        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("{} is served by another live process (it holds {})", path.display(), {
-                        std::path::Path::new(&lock_path).display()
-                    }),
-                ));
-            }
-            Err(e) => return Err(e.into()),
-        }
+        Self::bind_locked(path, SocketLock::take(path)?)
+    }
+
+    /// [`bind`](Self::bind) with the path's lock already taken.
+    pub fn bind_locked(path: &Path, lock: SocketLock) -> io::Result<Self> {
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(format!(".{}.tmp", std::process::id()));
         let tmp = std::path::PathBuf::from(tmp);

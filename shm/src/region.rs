@@ -148,19 +148,21 @@ pub fn free_huge_pages() -> usize {
     }
 }
 
-/// Bytes of memory this machine can give new regions now: `MemAvailable`
-/// plus the free 2 MiB huge pages (`None` when `/proc/meminfo` says
-/// neither). For a clear error before mapping more than that: a populated
-/// mapping beyond it gets the process killed by the kernel, with no
-/// message of its own.
+/// Bytes of memory this machine can give new regions now, at most:
+/// `MemAvailable` and `SwapFree` (a region whose pages cannot be locked
+/// may be swapped) plus the free 2 MiB huge pages (`None` when
+/// `/proc/meminfo` has no `MemAvailable`). For a clear error before
+/// mapping more than that: a populated mapping beyond it gets the process
+/// killed by the kernel, with no message of its own.
 pub fn memory_available() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib = info
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<u64>().ok())?;
-    Some(kib * 1024 + free_huge_pages() as u64 * (2 << 20))
+    let kib = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((kib("MemAvailable:")? + kib("SwapFree:").unwrap_or(0)) * 1024 + free_huge_pages() as u64 * (2 << 20))
 }
 
 impl Region {

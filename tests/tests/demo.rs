@@ -130,3 +130,31 @@ fn the_children_of_a_killed_demo_stop() {
     }
     let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("dne-demo-{pid}")));
 }
+
+/// Under `nohup` (SIGHUP ignored) a hang-up does not stop the demo; SIGTERM
+/// still does, leaving nothing behind.
+#[test]
+fn a_demo_under_nohup_outlives_a_hangup() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cmd = Command::new("nohup");
+    cmd.arg(bin_path("dpu-agent")).args(["demo", "--serve", "--port", "0", "--no-netns"]);
+    let demo = Proc::spawn("nohup dpu-agent demo", cmd);
+    let pid = demo.pid();
+    wait_children(pid, 3);
+    let signal = |s| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), s).expect("signal");
+    signal(nix::sys::signal::SIGHUP);
+    // A demo that stops on it is gone well within 2 s (its children stop
+    // at once); a live one is checked for that long.
+    let running = || !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ");
+    let start = std::time::Instant::now();
+    let mut alive = true;
+    while alive && start.elapsed() < Duration::from_secs(2) {
+        alive = running();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(nix::sys::signal::SIGTERM);
+    let out = demo.wait_timeout(WATCHDOG);
+    let all = format!("exit {}\nstdout:\n{}\nstderr:\n{}", out.status, out.stdout, out.stderr);
+    assert!(alive, "SIGHUP stopped a demo started under nohup\n{all}");
+    nothing_left(pid, &all);
+}

@@ -32,8 +32,9 @@ pub fn runtime_dir() -> PathBuf {
 }
 
 /// Creates the runtime directory. The default one, at a path any user can
-/// predict, is made private (0700) and must be this user's: another user
-/// who made it first could put their own sockets in place of ours.
+/// predict, is created private (0700); one that exists must be this
+/// user's and closed to others' writes: another user who made it first
+/// could put their own sockets in place of ours.
 fn make_runtime_dir() -> Result<(), DocaError> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let dir = runtime_dir();
@@ -86,6 +87,20 @@ const ACCEPT_EVERY: Duration = Duration::from_millis(1);
 /// is dropped after that, and the one silent longest makes room when the
 /// server is full (sockets that never speak cannot lock clients out).
 const HELLO_WAIT: Duration = Duration::from_secs(2);
+/// A silent client makes room for a new one only once silent this long (a
+/// real client sends its hello as it connects).
+const HELLO_GRACE: Duration = Duration::from_millis(100);
+
+/// Reads a silent peer's hello: `Some(true)` when it came, `Some(false)`
+/// when nothing has yet, `None` when the peer sent something else or left.
+fn said_hello(p: &Peer) -> Option<bool> {
+    let mut h = [0u8; 16];
+    match rustix::net::recv(&p.fd, &mut h[..], RecvFlags::DONTWAIT | RecvFlags::TRUNC) {
+        Ok((_, n)) if n == HELLO.len() && h[..n] == HELLO[..] => Some(true),
+        Err(Errno::AGAIN) | Err(Errno::INTR) => Some(false),
+        _ => None,
+    }
+}
 
 /// First message of every client: names the protocol, so a server counts
 /// only real clients (a probe that connects and leaves is never reported).
@@ -346,13 +361,35 @@ impl State {
             match rustix::net::accept_with(l, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
                 Ok(fd) => {
                     let free = self.peers.iter().position(Option::is_none).or_else(|| {
-                        // Full: the client silent longest makes room.
+                        // Full: the hellos already sent count first (the
+                        // clients accepted before this one in the same
+                        // round have not been read yet).
+                        for i in 0..self.peers.len() {
+                            let Some(p) = self.peers[i].as_mut().filter(|p| !p.up) else { continue };
+                            match said_hello(p) {
+                                Some(true) => {
+                                    p.up = true;
+                                    let id = ComchConnId(i as u32 | u32::from(self.gens[i]) << 16);
+                                    self.events.push_back(Ev::Public(ComchEvent::Connected(id)));
+                                }
+                                Some(false) => {}
+                                None => self.peers[i] = None,
+                            }
+                        }
+                        if let Some(i) = self.peers.iter().position(Option::is_none) {
+                            return Some(i);
+                        }
+                        // Then the client silent longest makes room, if it
+                        // has been silent a while.
                         let silent = self
                             .peers
                             .iter()
                             .enumerate()
                             .filter_map(|(i, p)| p.as_ref().filter(|p| !p.up).map(|p| (p.since, i)));
-                        let (_, i) = silent.min()?;
+                        let (since, i) = silent.min()?;
+                        if now.saturating_duration_since(since) < HELLO_GRACE {
+                            return None;
+                        }
                         log::warn!("comch server {}: full; a client that sent no hello dropped", self.path.display());
                         self.peers[i] = None;
                         Some(i)
@@ -382,21 +419,20 @@ impl State {
         for i in 0..self.peers.len() {
             while let Some(peer) = &mut self.peers[i] {
                 if !peer.up {
-                    let mut h = [0u8; 16];
-                    match rustix::net::recv(&peer.fd, &mut h[..], RecvFlags::DONTWAIT | RecvFlags::TRUNC) {
-                        Ok((_, n)) if n == HELLO.len() && h[..n] == HELLO[..] => {
+                    match said_hello(peer) {
+                        Some(true) => {
                             peer.up = true;
                             let id = ComchConnId(i as u32 | u32::from(self.gens[i]) << 16);
                             self.events.push_back(Ev::Public(ComchEvent::Connected(id)));
                             continue;
                         }
-                        Err(Errno::AGAIN) | Err(Errno::INTR) if peer.since.elapsed() > HELLO_WAIT => {
+                        Some(false) if peer.since.elapsed() > HELLO_WAIT => {
                             log::warn!("comch server: a client sent no hello within {HELLO_WAIT:?}; dropped");
                             self.peers[i] = None;
                             break;
                         }
-                        Err(Errno::AGAIN) | Err(Errno::INTR) => break,
-                        _ => {
+                        Some(false) => break,
+                        None => {
                             self.peers[i] = None;
                             break;
                         }

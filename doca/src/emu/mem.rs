@@ -208,6 +208,13 @@ impl Mmap {
             _ => return Err(DocaError::NOT_PERMITTED),
         };
         let fd = self.inner.fd();
+        // What an importer accepts (see `RemoteMmap::from_export`).
+        if !rustix::fs::fcntl_get_seals(fd)
+            .is_ok_and(|s| s.contains(rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW))
+        {
+            log::warn!("mmap export: the memory is not a memfd sealed against resizing");
+            return Err(DocaError::NOT_PERMITTED);
+        }
         let st = rustix::fs::fstat(fd).map_err(|e| os("fstat", e))?;
         let fd_num = {
             use std::os::fd::AsRawFd;
