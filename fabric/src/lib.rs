@@ -42,7 +42,8 @@
 //! endpoint over any [`Transport`]), [`doca_backend`] (DOCA RDMA through the
 //! `doca` crate, SDK or emulated), `verbs_backend` (rdma-core ibverbs
 //! through `sideway` 0.4, behind the feature `verbs`: RC queue pairs for
-//! host mode on any RoCE/InfiniBand NIC or SoftRoCE) and [`verbs_blob`]
+//! host mode on RoCE/InfiniBand NICs whose provider has `ibv_wr_*`, or
+//! SoftRoCE) and [`verbs_blob`]
 //! (its connection blob, always built so it can be fuzzed).
 //!
 //! Unsafe code: none, except in `verbs_backend` (registering raw pool

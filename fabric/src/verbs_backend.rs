@@ -1,5 +1,7 @@
 //! The `verbs` backend: rdma-core ibverbs through `sideway` 0.4, for host
-//! mode on any RoCE or InfiniBand NIC, SoftRoCE (`rxe`) included.
+//! mode on a RoCE or InfiniBand NIC, SoftRoCE (`rxe`) included, whose
+//! provider has the extended send API (`ibv_wr_*`, which the send path
+//! uses: mlx5 and rxe do, mlx4 does not; not tested on a device here).
 //!
 //! * One RC queue pair per connection, so each connection's receives, and
 //!   so its credits, are its own (DESIGN.md section 5). Connections are set
@@ -45,7 +47,9 @@ use crate::{
     CompletionError, ConnDepth, ConnId, ConnSetupError, EndpointConfig, Memory, RawCompletion, RawPostError, RegionId,
     RegionRegisterError, Transport,
 };
-use rdma_mummy_sys::{ibv_poll_cq, ibv_post_recv, ibv_recv_wr, ibv_sge, ibv_wc, ibv_wc_flags, ibv_wc_status};
+use rdma_mummy_sys::{
+    ibv_poll_cq, ibv_post_recv, ibv_recv_wr, ibv_sge, ibv_wc, ibv_wc_flags, ibv_wc_opcode, ibv_wc_status,
+};
 use sideway::ibverbs::AccessFlags;
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
 use sideway::ibverbs::completion::{BasicCompletionQueue, CompletionQueue, GenericCompletionQueue};
@@ -655,6 +659,19 @@ impl VerbsTransport {
                     return;
                 };
                 let (len, imm) = match result {
+                    // Only a send lands in the receive buffer. Every QP
+                    // grants remote write (the liveness probes), so a peer
+                    // can consume a receive with an RDMA write with
+                    // immediate that writes nothing there: reported with no
+                    // immediate, it fails the connection as a protocol
+                    // error instead of delivering what the buffer held.
+                    Ok(()) if wc.opcode != ibv_wc_opcode::IBV_WC_RECV => {
+                        log::warn!(
+                            "fabric verbs: a receive on {conn:?} completed by opcode {} (not a send): failing it",
+                            wc.opcode
+                        );
+                        (wc.byte_len, None)
+                    }
                     Ok(()) => {
                         let with_imm = wc.wc_flags & ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0;
                         // SAFETY: `imm_data` is the union member the
