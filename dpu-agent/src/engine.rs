@@ -311,6 +311,11 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     inflight: u64,
     /// Per fabric node: what of `inflight` went there.
     wire: Vec<OnWire>,
+    /// Per fabric node: when its link last went down (`None`: up since,
+    /// or never seen). A message waits [`UNREACHABLE_AFTER`] for a link
+    /// from the later of its queueing and this: a call that waited long
+    /// for credits is not bounced the moment its node's link blips.
+    went_down: Vec<Option<Instant>>,
     /// Wire bytes of the nodes that are stalled ([`STALLED_AFTER`]), as
     /// of the last control pass.
     stalled: u64,
@@ -405,6 +410,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             next_status: now,
             inflight: 0,
             wire: vec![OnWire::default(); usize::from(fabric_nodes)],
+            went_down: vec![None; usize::from(fabric_nodes)],
             stalled: 0,
         })
     }
@@ -639,12 +645,15 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         for e in events.drain(..) {
             match e {
                 PortEvent::Up { tenant, peer } => {
+                    if let Some(d) = self.went_down.get_mut(usize::from(peer)) {
+                        *d = None;
+                    }
                     log::info!(
                         "fabric: tenant {} connected to node {peer}",
                         self.cfg.tenants[self.gid(usize::from(tenant))].name
                     );
                 }
-                PortEvent::PeerDown { peer } => self.peer_down(peer),
+                PortEvent::PeerDown { peer } => self.peer_down(peer, now),
                 PortEvent::Sent { tenant, peer, lease, desc, tag, result } => {
                     let t = usize::from(tenant);
                     let msg = Msg::from_parts(lease, desc);
@@ -687,12 +696,13 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         }
     }
 
-    fn peer_down(&mut self, peer: u16) {
+    fn peer_down(&mut self, peer: u16, now: Instant) {
         // Messages queued for the peer go back to their senders (calls to
         // a function with other nodes wait in its own queue, not here).
         if peer >= self.fabric_nodes {
             return;
         }
+        self.went_down[usize::from(peer)] = Some(now);
         for t in 0..self.tenants.len() {
             let mut q = self.tenants[t].sends.take_peer(peer);
             for out in q.drain(..) {
@@ -1116,15 +1126,18 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
     #[inline]
     fn first_ready(&self, t: usize) -> Option<usize> {
         let t16 = t as u16;
+        // Waited long enough for a link: since it was queued, and since
+        // the latest of its nodes' links went down.
+        let gave_up = |since: Instant, nodes: &[u16]| {
+            let down = nodes.iter().filter_map(|&n| self.went_down.get(usize::from(n)).copied().flatten()).max();
+            down.map_or(since, |d| d.max(since)).elapsed() > UNREACHABLE_AFTER
+        };
         self.tenants[t].sends.pick(|o| match self.spread_fn(o.peer) {
-            None => {
-                self.port.can_send(t16, o.peer)
-                    || (!self.port.is_up(t16, o.peer) && o.since.elapsed() > UNREACHABLE_AFTER)
-            }
+            None => self.port.can_send(t16, o.peer) || (!self.port.is_up(t16, o.peer) && gave_up(o.since, &[o.peer])),
             Some(f) => {
                 let nodes = &self.fn_nodes[f];
                 nodes.iter().any(|&n| self.port.can_send(t16, n))
-                    || (!self.port.any_up(t16, nodes) && o.since.elapsed() > UNREACHABLE_AFTER)
+                    || (!self.port.any_up(t16, nodes) && gave_up(o.since, nodes))
             }
         })
     }
@@ -1419,10 +1432,43 @@ mod tests {
         e.undeliverable(0, m, Some(1));
         assert_eq!(waiting(&e, 1).len(), 1, "back to n1");
         let delivered = e.link(0).delivered;
-        e.peer_down(1);
+        e.peer_down(1, Instant::now());
         assert_eq!(e.link(0).delivered, delivered, "no error for n0's cf");
         assert_eq!(e.metrics.tenants[0].drops(Why::Unreachable), 1);
         assert_eq!((e.tenants[0].sends.len(), e.backs), (0, 0));
+    }
+
+    /// Calls to a function on several nodes wait for a link for
+    /// `UNREACHABLE_AFTER` from the later of their queueing and the last
+    /// of those nodes' links going down. Before, a call that had waited
+    /// that long for credits went back as `Unreachable` the moment the
+    /// links blipped. Calls queued while no link was ever up still go back
+    /// after that long.
+    #[test]
+    fn calls_that_waited_for_credits_are_not_bounced_the_moment_the_links_go_down() {
+        let long_ago = Instant::now() - 2 * super::UNREACHABLE_AFTER;
+        for blip in [true, false] {
+            let mut e = lone_engine_with(3, G_BOTH);
+            e.link(0).template().dst_fn = 3; // g, on n1 and n2
+            e.step(Instant::now());
+            let queued = e.tenants[0].sends.len();
+            assert!(queued > 0);
+            // They have waited (for credits, say) that long.
+            e.tenants[0].sends.by_peer.iter_mut().flatten().for_each(|o| o.since = long_ago);
+            if blip {
+                e.peer_down(1, Instant::now());
+                e.peer_down(2, Instant::now());
+            }
+            e.link(0).template().dst_fn = 0; // nothing more for g
+            e.step(Instant::now());
+            let bounced = e.metrics.tenants[0].drops(Why::Unreachable);
+            if blip {
+                assert_eq!(bounced, 0, "the links just went down");
+                assert_eq!(e.tenants[0].sends.len(), queued);
+            } else {
+                assert_eq!(bounced, queued as u64, "no link for that long");
+            }
+        }
     }
 
     /// Replies wait for their node beyond that share (an error in their
