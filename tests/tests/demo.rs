@@ -158,3 +158,32 @@ fn a_demo_under_nohup_outlives_a_hangup() {
     assert!(alive, "SIGHUP stopped a demo started under nohup\n{all}");
     nothing_left(pid, &all);
 }
+
+/// A process of the cluster that dies ends the demo's load at once, and
+/// the demo fails. Before, the load ran on to its end (here 10 minutes,
+/// far beyond the watchdog) against the broken cluster.
+#[test]
+fn a_demo_whose_agent_dies_stops_at_once() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cmd = Command::new(bin_path("dpu-agent"));
+    cmd.args(["demo", "--duration", "600", "--port", "0", "--no-netns"]);
+    let mut demo = Proc::spawn_lines("dpu-agent demo", cmd);
+    let pid = demo.pid();
+    // The first line of the load (one per second).
+    demo.wait_line("     1s", WATCHDOG);
+    let agent = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let c = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            c.contains(&format!("dne-demo-{pid}/cluster.toml")) && c.contains(" run ") && c.contains("--node n1")
+        })
+        .and_then(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .expect("agent n1 of the demo");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), nix::sys::signal::SIGKILL).expect("SIGKILL");
+    let out = demo.wait_timeout(WATCHDOG);
+    assert!(!out.status.success(), "a demo whose agent died reported success");
+    nothing_left(pid, &format!("exit {}", out.status));
+}
