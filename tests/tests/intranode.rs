@@ -794,14 +794,14 @@ fn one_users_idle_connections_do_not_crowd_out_another_user() {
         (0..UNATTACHED_PER_USER).map(|_| host_shim::sock::Conn::connect(&socket).expect("connect")).collect();
     let n = |k: &str| dne_tests::cluster::status_number(&node.status(), k).unwrap_or(0);
     // Once the crowd has waited `UNATTACHED_GRACE`, root's next connection
-    // is closed at once (attach finds it closed).
+    // is closed at once (attach finds it closed). Until then attaches are
+    // served; one may be refused while host-shimd has not yet seen the
+    // previous one detach ("client" has one instance).
     let mut e = None;
     wait_for("a connection beyond the idle crowd closed", WATCHDOG, || {
-        e = Function::attach(&socket, "acme", "client").err();
+        e = Function::attach(&socket, "acme", "client").err().filter(|e| !matches!(e, AttachError::Refused(_)));
         e.is_some()
     });
-    let e = e.unwrap();
-    assert!(!matches!(e, host_shim::AttachError::Refused(_)), "{e}");
     wait_for("the closed connection counted", WATCHDOG, || n("crowd_refused") >= 1);
     // Another user's is served.
     let Some(said) = probe_as_nobody("one_users_idle_connections_do_not_crowd_out_another_user", &node) else {
