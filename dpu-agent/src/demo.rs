@@ -753,7 +753,7 @@ pub fn execute(opts: &DemoOptions) -> anyhow::Result<Outcome> {
             }
             // A process of the cluster that died ends the run now (the
             // check after the run says which), not at its end.
-            if demo.children.iter_mut().any(|(_, c)| !matches!(c.try_wait(), Ok(None))) {
+            if demo.check_children().is_err() {
                 break;
             }
             let mut line = format!("  {:>4.0}s ", start.elapsed().as_secs_f64());

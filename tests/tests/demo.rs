@@ -14,7 +14,7 @@
 //! Every wait has a watchdog; nothing asserts on time.
 
 use dne_tests::cluster::is_root;
-use dne_tests::{Proc, bin_path};
+use dne_tests::{Proc, bin_path, wait_for};
 use std::process::Command;
 use std::time::Duration;
 
@@ -49,17 +49,20 @@ fn the_readme_demo_answers_every_request_and_leaves_nothing_behind() {
     }
 }
 
-/// Processes whose command line names the demo `pid`'s directory (every
-/// child's does: the cluster file is in it).
-fn children_of(pid: u32) -> Vec<String> {
+/// The processes (pid, command line) whose command line names the demo
+/// `pid`'s directory (every child's does: the cluster file is in it).
+fn children_of(pid: u32) -> Vec<(i32, String)> {
     let dir = std::env::temp_dir().join(format!("dne-demo-{pid}"));
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(&dir.display().to_string()))
+        .filter_map(|e| {
+            let child = e.file_name().to_str()?.parse::<i32>().ok()?;
+            let c = std::fs::read(e.path().join("cmdline")).ok()?;
+            Some((child, String::from_utf8_lossy(&c).replace('\0', " ")))
+        })
+        .filter(|(_, c)| c.contains(&dir.display().to_string()))
         .collect()
 }
 
@@ -80,11 +83,7 @@ fn nothing_left(pid: u32, all: &str) {
 
 /// Waits (watchdog) until demo `pid` has started `n` children.
 fn wait_children(pid: u32, n: usize) {
-    let start = std::time::Instant::now();
-    while children_of(pid).len() < n {
-        assert!(start.elapsed() < WATCHDOG, "watchdog: the demo did not start {n} children");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for("the demo's children", WATCHDOG, || children_of(pid).len() >= n);
 }
 
 /// Ctrl-C while the demo starts its cluster stops and removes everything.
@@ -118,16 +117,8 @@ fn the_children_of_a_killed_demo_stop() {
     let pid = demo.pid();
     wait_children(pid, 3);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL).expect("SIGKILL");
-    let out = demo.wait_timeout(WATCHDOG);
-    let start = std::time::Instant::now();
-    loop {
-        let left = children_of(pid);
-        if left.is_empty() {
-            break;
-        }
-        assert!(start.elapsed() < WATCHDOG, "watchdog: children still running: {left:?}\nstderr:\n{}", out.stderr);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    demo.wait_timeout(WATCHDOG);
+    wait_for("the killed demo's children stopped", WATCHDOG, || children_of(pid).is_empty());
     let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("dne-demo-{pid}")));
 }
 
@@ -171,16 +162,9 @@ fn a_demo_whose_agent_dies_stops_at_once() {
     let pid = demo.pid();
     // The first line of the load (one per second).
     demo.wait_line("     1s", WATCHDOG);
-    let agent = std::fs::read_dir("/proc")
+    let (agent, _) = children_of(pid)
         .into_iter()
-        .flatten()
-        .flatten()
-        .find(|e| {
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let c = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            c.contains(&format!("dne-demo-{pid}/cluster.toml")) && c.contains(" run ") && c.contains("--node n1")
-        })
-        .and_then(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .find(|(_, c)| c.contains(" run ") && c.contains("--node n1"))
         .expect("agent n1 of the demo");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), nix::sys::signal::SIGKILL).expect("SIGKILL");
     let out = demo.wait_timeout(WATCHDOG);
