@@ -91,6 +91,12 @@ const HELLO_WAIT: Duration = Duration::from_secs(2);
 /// real client sends its hello as it connects).
 const HELLO_GRACE: Duration = Duration::from_millis(100);
 
+/// The id of the connection in peer slot `i`: the slot, and the slot's
+/// generation in the high half.
+fn conn_id(i: usize, gens: &[u16]) -> ComchConnId {
+    ComchConnId(i as u32 | u32::from(gens[i]) << 16)
+}
+
 /// Reads a silent peer's hello: `Some(true)` when it came, `Some(false)`
 /// when nothing has yet, `None` when the peer sent something else or left.
 fn said_hello(p: &Peer) -> Option<bool> {
@@ -207,7 +213,7 @@ impl State {
 
     /// The id of the connection in peer slot `i` now.
     fn id(&self, i: u32) -> ComchConnId {
-        ComchConnId(i | u32::from(self.gens[i as usize]) << 16)
+        conn_id(i as usize, &self.gens)
     }
 
     fn slot(data: &mut [u8], max: u32, slot: u32) -> &mut [u8] {
@@ -369,7 +375,7 @@ impl State {
                             match said_hello(p) {
                                 Some(true) => {
                                     p.up = true;
-                                    let id = ComchConnId(i as u32 | u32::from(self.gens[i]) << 16);
+                                    let id = conn_id(i, &self.gens);
                                     self.events.push_back(Ev::Public(ComchEvent::Connected(id)));
                                 }
                                 Some(false) => {}
@@ -422,7 +428,7 @@ impl State {
                     match said_hello(peer) {
                         Some(true) => {
                             peer.up = true;
-                            let id = ComchConnId(i as u32 | u32::from(self.gens[i]) << 16);
+                            let id = conn_id(i, &self.gens);
                             self.events.push_back(Ev::Public(ComchEvent::Connected(id)));
                             continue;
                         }
@@ -455,7 +461,7 @@ impl State {
                     }
                     Ok((_, n)) => {
                         self.recv_free.pop();
-                        let conn = i as u32 | u32::from(self.gens[i]) << 16;
+                        let conn = conn_id(i, &self.gens).0;
                         self.events.push_back(Ev::Msg { conn, slot, len: n as u32 });
                     }
                     Err(Errno::AGAIN) | Err(Errno::INTR) => break,
@@ -491,7 +497,7 @@ impl State {
                 }
             };
             send_free.push(t.slot);
-            let conn = ComchConnId(t.conn | u32::from(gens[c]) << 16);
+            let conn = conn_id(c, gens);
             events.push_back(Ev::Public(ComchEvent::SendDone { conn, user_data: t.user_data, result }));
             false
         });
