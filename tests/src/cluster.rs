@@ -253,8 +253,13 @@ impl Cluster {
     }
 
     /// Sends `sig` to node `i`'s agent (SIGSTOP and SIGCONT: a peer that
-    /// stops answering and comes back).
+    /// stops answering and comes back). SIGSTOP returns once every thread
+    /// of the agent is stopped (see [`crate::stop_process`]).
     pub fn signal_agent(&self, i: usize, sig: nix::sys::signal::Signal) -> nix::Result<()> {
+        if sig == nix::sys::signal::Signal::SIGSTOP {
+            crate::stop_process(self.agents[i].pid());
+            return Ok(());
+        }
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.agents[i].pid() as i32), sig)
     }
 

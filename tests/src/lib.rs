@@ -202,6 +202,34 @@ pub fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) 
     }
 }
 
+/// Stops process `pid` with SIGSTOP and returns once every one of its
+/// threads is stopped. `kill` returns as soon as the signal is pending: a
+/// thread running meanwhile goes on until it next enters the kernel, so a
+/// test that stops a peer and then sends to it could otherwise be answered
+/// by the peer it believes stopped (seen under a CPU hog).
+pub fn stop_process(pid: u32) {
+    use nix::sys::signal::{Signal, kill};
+    kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
+    wait_for(&format!("every thread of pid {pid} stopped"), Duration::from_secs(60), || all_stopped(pid));
+}
+
+/// Whether every thread of `pid` is stopped (state `T` or `t` in its
+/// `/proc` stat line; the state follows the command name's closing
+/// parenthesis, and the name may hold any byte).
+fn all_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    let mut any = false;
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
+        let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
+        if !matches!(state, Some("T" | "t")) {
+            return false;
+        }
+        any = true;
+    }
+    any
+}
+
 /// A scratch directory removed (with everything in it) when dropped.
 #[derive(Debug)]
 pub struct TempDir(PathBuf);

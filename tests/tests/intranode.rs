@@ -955,8 +955,8 @@ fn a_lookup_gives_up_on_a_stopped_host_shimd() {
     let node = start_node("shimd-stopped");
     let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
     let _upper = Function::attach(&node.socket(), "acme", "upper").unwrap();
+    dne_tests::stop_process(node.shimd.pid());
     let pid = nix::unistd::Pid::from_raw(node.shimd.pid() as i32);
-    kill(pid, Signal::SIGSTOP).unwrap();
     // (The watchdog: host-shimd runs again in any case.)
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let resume = std::thread::spawn(move || {
