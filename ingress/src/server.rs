@@ -5,8 +5,9 @@
 //! body length (413); write the envelope head and then the body, frame by
 //! frame as it arrives from the socket, straight into buffers of the
 //! tenant's ingress pool (the body is copied once, from hyper's read buffer
-//! into the pool; it is never gathered anywhere else), waiting a bounded
-//! time for buffers (503 + `Retry-After`); call the [`Upstream`] with the
+//! into the pool; it is never gathered anywhere else), taking the buffers
+//! as the bytes arrive, not for the length the client announced, and
+//! waiting a bounded time for them (503 + `Retry-After`); call the [`Upstream`] with the
 //! route's timeout (504 on expiry; 503 / 502 for its errors); decode the
 //! reply envelope (502 if malformed) and stream its body to the client
 //! straight out of the pool buffers (zero copy: each fragment is handed to
@@ -457,8 +458,18 @@ impl Ingress {
             return (plain(StatusCode::INTERNAL_SERVER_ERROR, "no pool\n"), 0, 0);
         };
         let mut msg = MsgBuilder::new(pool.clone());
+        // A body announced larger than the tenant's largest message is
+        // refused before any of it is read.
+        if known.is_some_and(|n| u64::from(body_off) + n > msg.max_len()) {
+            self.reject(t, "too_large");
+            return (close(plain(StatusCode::PAYLOAD_TOO_LARGE, "body over the tenant's message size\n")), 0, 0);
+        }
         let wait = self.settings.pool_wait;
-        match msg.reserve(u64::from(body_off) + known.unwrap_or(0), wait).await {
+        // Only the envelope head's room now; the body's buffers are taken
+        // as its bytes arrive (below), never for what `Content-Length`
+        // merely announces: otherwise a few clients sending only a head
+        // with a large length would hold the tenant's whole pool.
+        match msg.reserve(u64::from(body_off), wait).await {
             Ok(()) => {}
             Err(BuildError::TooLarge(_)) => {
                 self.reject(t, "too_large");

@@ -701,3 +701,50 @@ async fn shutdown_finishes_in_flight_requests_then_refuses() {
         assert_eq!(p.free_buffers(), p.capacity());
     }
 }
+
+/// A request body's buffers are taken as its bytes arrive, not for the
+/// length its head announces: eight clients that send only a head with a
+/// large `Content-Length` hold the envelope head's buffer each, and another
+/// client of the tenant is served. (Before, each reserved its whole
+/// announced body up front, so eight such heads held the pool of 512 and
+/// every other client got 503.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_announced_but_not_sent_holds_no_buffers_for_itself() {
+    let srv = Server::default().await;
+    let pool = srv.ingress.pools().get(0).unwrap().clone();
+    // Eight uploads of 64 buffers each (envelope head room included)
+    // would cover the pool of 512; each is within the body limit.
+    let cap = u64::from(pool.pool().geometry().payload_cap());
+    let len = 64 * cap - 256;
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        let head = format!("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        silent.push(s);
+    }
+    // Until all eight are being handled and each has taken a buffer.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = pool.capacity() - pool.free_buffers();
+        if metric(&srv, r#"dne_ingress_in_flight{tenant="open"}"#) == Some(8) && held >= 8 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the eight heads never arrived: {held} buffers held");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let held = pool.capacity() - pool.free_buffers();
+    assert!(held <= 2 * 8, "eight requests with no body byte received hold {held} buffers");
+    let (st, h, body) = Client::connect(srv.addr).await.post("/echo", b"hi").await;
+    assert_eq!((st, body.as_slice()), (StatusCode::OK, &b"hi"[..]), "another client of the tenant: {h:?}");
+    drop(silent);
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
+
+/// The value of the metric line that starts with `series` (labels
+/// included), if there is one.
+fn metric(srv: &Server, series: &str) -> Option<u64> {
+    let text = srv.ingress.metrics_text();
+    text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
