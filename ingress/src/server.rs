@@ -346,6 +346,19 @@ impl Ingress {
         // Dropped with the request (a client gone mid-request too).
         let mut in_flight = InFlight::new(&tenant.in_flight, &self.metrics.rejections, tenant.name);
         let (resp, bytes_in, request) = self.exchange(req, route, peer).await;
+        tenant.bytes_in.inc_by(bytes_in);
+        if resp.extensions().get::<ClientGone>().is_some() {
+            // No one will read this answer: `in_flight` counts the request
+            // as `client_gone` when it drops, and no status is counted.
+            log::info!(
+                target: ACCESS_LOG,
+                "{peer} \"{method} {target}\" - 0 {:.3}ms route={} tenant={} req=- client_gone",
+                start.elapsed().as_secs_f64() * 1e3,
+                info.label,
+                tenant.name,
+            );
+            return resp;
+        }
         in_flight.done();
         let code = resp.status().as_u16();
         // Responses that carry no body on the wire count none.
@@ -357,7 +370,6 @@ impl Ingress {
             self.metrics.requests.get_or_create(&CodeLabels { route: info.label, tenant: tenant.name, code }).inc();
         }
         info.duration.observe(start.elapsed().as_secs_f64());
-        tenant.bytes_in.inc_by(bytes_in);
         tenant.bytes_out.inc_by(bytes_out);
         log::info!(
             target: ACCESS_LOG,
@@ -488,9 +500,16 @@ impl Ingress {
                     return (close(plain(StatusCode::REQUEST_TIMEOUT, "request body too slow\n")), len, 0);
                 }
                 Ok(None) => break,
+                Ok(Some(Err(e))) if client_left(&e) => {
+                    // The buffers go back when `msg` drops; the request is
+                    // counted as `client_gone` by the caller.
+                    log::debug!("{peer}: the client left mid-body: {e}");
+                    let mut r = close(plain(StatusCode::BAD_REQUEST, "incomplete body\n"));
+                    r.extensions_mut().insert(ClientGone);
+                    return (r, len, 0);
+                }
                 Ok(Some(Err(e))) => {
-                    // The client went away or sent a broken body; the
-                    // buffers go back when `msg` drops.
+                    // A broken body (bad chunk framing).
                     self.reject(t, "bad_request");
                     log::debug!("{peer}: reading the body: {e}");
                     return (close(plain(StatusCode::BAD_REQUEST, "malformed body\n")), len, 0);
@@ -674,12 +693,41 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StallIo<T> {
     }
 }
 
+/// Marks the answer to a request whose client left before its body was
+/// complete: no one will read it, so it is counted as `client_gone`, not by
+/// its status.
+#[derive(Clone, Copy, Debug)]
+struct ClientGone;
+
+/// Whether an error reading a request body means the client went away
+/// (closed or reset the connection before the body was complete) rather
+/// than sent a malformed body. hyper reports both as a body error: a
+/// malformed body (bad chunk framing) carries an I/O error of kind
+/// `InvalidData` or `InvalidInput`; an end of stream mid-body carries
+/// `UnexpectedEof`, a reset the socket's own error, and a connection that
+/// failed while the body was read no I/O error at all.
+fn client_left(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{InvalidData, InvalidInput};
+    if e.is_incomplete_message() || e.is_closed() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return !matches!(io.kind(), InvalidData | InvalidInput);
+        }
+        source = s.source();
+    }
+    true
+}
+
 /// The `log` target of the access log lines.
 const ACCESS_LOG: &str = "dne_ingress::access";
 
 /// A request being handled: counted in flight while it lives; dropped
 /// before [`InFlight::done`] (hyper drops the handler of a client that went
-/// away mid-request), it counts a `client_gone` rejection.
+/// away while the chain ran; the handler drops it for a client that left
+/// mid-body), it counts a `client_gone` rejection.
 struct InFlight<'a> {
     gauge: &'a Gauge,
     gone: Option<&'a Family<RejectLabels, Counter>>,
@@ -700,10 +748,12 @@ impl<'a> InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.gauge.dec();
+        // Counted before the gauge drops, so whoever sees the request no
+        // longer in flight sees it counted.
         if let Some(r) = self.gone {
             r.get_or_create(&RejectLabels { tenant: self.tenant, reason: "client_gone" }).inc();
         }
+        self.gauge.dec();
     }
 }
 

@@ -604,8 +604,8 @@ async fn clients_vanishing_mid_request_or_mid_response_leak_nothing() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(s);
     srv.assert_no_leak().await;
-    // It is counted: a rejection, reason client_gone.
-    let gone = r#"dne_ingress_rejections_total{tenant="open",reason="client_gone"} 1"#;
+    // Both are counted: rejections, reason client_gone.
+    let gone = r#"dne_ingress_rejections_total{tenant="open",reason="client_gone"} 2"#;
     let text = srv.ingress.metrics_text();
     assert!(text.lines().any(|l| l == gone), "{text}");
     // Mid-response: read a little of a 1 MiB reply, then gone.
@@ -747,4 +747,37 @@ async fn a_body_announced_but_not_sent_holds_no_buffers_for_itself() {
 fn metric(srv: &Server, series: &str) -> Option<u64> {
     let text = srv.ingress.metrics_text();
     text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// A client that leaves mid-body is counted as `client_gone`, not as a 400
+/// response and a `bad_request` rejection (hyper reports its leaving as an
+/// error reading the body, which the edge took for a malformed body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_mid_body_counts_as_client_gone_not_as_a_400() {
+    let srv = Server::default().await;
+    let pool = srv.ingress.pools().get(0).unwrap().clone();
+    // A malformed body (a chunk size that is not hex) is still a 400.
+    let (st, head, _) =
+        raw(srv.addr, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n").await;
+    assert_eq!(st, 400, "{head}");
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n").await.unwrap();
+    s.write_all(&vec![1u8; 300 << 10]).await.unwrap();
+    // Until the edge is reading the body (it holds buffers beyond the
+    // envelope head's), then gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.capacity() - pool.free_buffers() < 2 {
+        assert!(Instant::now() < deadline, "the body never arrived");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    drop(s);
+    srv.assert_no_leak().await;
+    let text = srv.ingress.metrics_text();
+    let lines: Vec<&str> =
+        text.lines().filter(|l| l.contains("rejections_total{") || l.contains("requests_total{")).collect();
+    let reason = |r: &str| metric(&srv, &format!(r#"dne_ingress_rejections_total{{tenant="open",reason="{r}"}}"#));
+    assert_eq!((reason("client_gone"), reason("bad_request")), (Some(1), Some(1)), "{lines:#?}");
+    let bad = metric(&srv, r#"dne_ingress_requests_total{route="/echo",tenant="open",code="400"}"#);
+    assert_eq!(bad, Some(1), "only the malformed body is a 400: {lines:#?}");
+    srv.stop().await;
 }
