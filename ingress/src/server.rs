@@ -426,7 +426,7 @@ impl Ingress {
         let (req, mut body) = req.into_parts();
         if let Some(key) = &tenant.api_key {
             let given = req.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-            let ok = given.and_then(|v| v.strip_prefix(b"Bearer ")).is_some_and(|v| ct_eq(v, key));
+            let ok = given.and_then(bearer_token).is_some_and(|v| ct_eq(v, key));
             if !ok {
                 self.reject(t, "unauthorized");
                 let mut r = plain(StatusCode::UNAUTHORIZED, "missing or wrong API key\n");
@@ -770,6 +770,17 @@ fn close(mut r: Response<OutBody>) -> Response<OutBody> {
     r
 }
 
+/// The token of an `Authorization: Bearer TOKEN` value: the scheme's name
+/// in any case and one or more spaces after it (RFC 9110 11.1 and 11.4).
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(b"bearer".len())?;
+    if !scheme.eq_ignore_ascii_case(b"bearer") || rest.first() != Some(&b' ') {
+        return None;
+    }
+    let start = rest.iter().position(|&b| b != b' ')?;
+    Some(&rest[start..])
+}
+
 /// Compares secrets in time independent of where they differ.
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -869,6 +880,16 @@ pub async fn shutdown_signal() {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case_with_any_spaces_after_it() {
+        for v in ["Bearer k3y", "bearer k3y", "BEARER k3y", "beArer   k3y"] {
+            assert_eq!(bearer_token(v.as_bytes()), Some(&b"k3y"[..]), "{v:?}");
+        }
+        for v in ["Bearer", "Bearer ", "Bearerk3y", "Basic k3y", "Bearer\tk3y", "Bear k3y", ""] {
+            assert_eq!(bearer_token(v.as_bytes()), None, "{v:?}");
+        }
+    }
 
     /// Loopback sockets buffer megabytes, so the stall is made with an
     /// in-memory pipe of 64 bytes whose far end reads slowly or not at all.

@@ -781,3 +781,26 @@ async fn a_client_gone_mid_body_counts_as_client_gone_not_as_a_400() {
     assert_eq!(bad, Some(1), "only the malformed body is a 400: {lines:#?}");
     srv.stop().await;
 }
+
+/// The auth scheme's name is matched in any case, and one or more spaces
+/// may follow it (RFC 9110 11.1, 11.4); the old edge took only "Bearer ".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let srv = Server::default().await;
+    let mut c = Client::connect(srv.addr).await;
+    for auth in [format!("bearer {KEY}"), format!("BEARER  {KEY}"), format!("Bearer {KEY}")] {
+        let req = Request::post("/acme")
+            .header("host", "x")
+            .header("authorization", &auth)
+            .body(Full::new(Bytes::from("key")))
+            .unwrap();
+        assert_eq!(c.send(req).await.0, StatusCode::OK, "{auth:?}");
+    }
+    let req = Request::post("/acme")
+        .header("host", "x")
+        .header("authorization", format!("bearer wrong-{KEY}"))
+        .body(Full::new(Bytes::from("key")))
+        .unwrap();
+    assert_eq!(c.send(req).await.0, StatusCode::UNAUTHORIZED);
+    srv.stop().await;
+}
