@@ -42,8 +42,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -144,6 +144,9 @@ pub struct Ingress {
     pools: Pools,
     upstream: Arc<dyn Upstream>,
     metrics: Metrics,
+    /// Held while the upstream's drop counts are copied into the metrics
+    /// (see [`Ingress::metrics_text`]).
+    drops_copy: Mutex<()>,
     next_request: AtomicU32,
     settings: Settings,
 }
@@ -229,6 +232,7 @@ impl Ingress {
             pools,
             upstream,
             metrics,
+            drops_copy: Mutex::new(()),
             next_request: AtomicU32::new(first_request_id()),
             settings,
         }
@@ -244,10 +248,15 @@ impl Ingress {
         for (t, p) in self.tenants.iter().zip(self.pools.iter()) {
             self.metrics.pool_free.get_or_create(&TenantLabels { tenant: t.name }).set(i64::from(p.free_buffers()));
         }
+        // The counters follow the upstream's totals by adding what they
+        // lack. One scrape at a time: two at once could both read a counter
+        // before either added, and add the same drops twice.
+        let copying = self.drops_copy.lock().unwrap_or_else(PoisonError::into_inner);
         for (reason, n) in self.upstream.dropped() {
             let c = self.metrics.upstream_dropped.get_or_create(&ReasonLabels { reason });
             c.inc_by(n.saturating_sub(c.get()));
         }
+        drop(copying);
         self.metrics.encode()
     }
 
