@@ -1,6 +1,7 @@
 //! The HTTP/1.1 edge: tokio (multi-thread) + hyper, keep-alive.
 //!
-//! Per request: route by host and path (404), check the tenant's API key
+//! Per request: refuse more than one `Host` (400), route by host (an
+//! absolute-form target's authority, else `Host`) and path (404), check the tenant's API key
 //! (401), check the method (501), the target (400/414) and the announced
 //! body length (413); write the envelope head and then the body, frame by
 //! frame as it arrives from the socket, straight into buffers of the
@@ -343,7 +344,18 @@ impl Ingress {
             );
             return r;
         }
-        let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).or_else(|| req.uri().host());
+        // RFC 9112 3.2: a request with more than one Host line is refused
+        // (which one it meant is anyone's guess, and a proxy in front may
+        // have guessed the other), and an absolute-form target's authority
+        // wins over Host (3.2.2).
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        let first_host = hosts.next();
+        if hosts.next().is_some() {
+            self.metrics.requests.get_or_create(&CodeLabels { route: "", tenant: "", code: 400 }).inc();
+            log::info!(target: ACCESS_LOG, "{peer} \"{method} {target}\" 400 0 route=- tenant=- two_hosts");
+            return close(plain(StatusCode::BAD_REQUEST, "more than one Host header\n"));
+        }
+        let host = req.uri().host().or_else(|| first_host.and_then(|v| v.to_str().ok()));
         let route = if admin { None } else { self.router.lookup(host, req.uri().path()) };
         let Some(route) = route else {
             self.metrics.requests.get_or_create(&CodeLabels { route: "", tenant: "", code: 404 }).inc();

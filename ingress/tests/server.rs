@@ -804,3 +804,24 @@ async fn the_bearer_scheme_is_case_insensitive() {
     assert_eq!(c.send(req).await.0, StatusCode::UNAUTHORIZED);
     srv.stop().await;
 }
+
+/// A request with two `Host` lines is refused (400), not routed by the
+/// first; an absolute-form target's authority wins over `Host` (RFC 9112
+/// 3.2 and 3.2.2). `special.example/echo` reverses the body, `/echo` on
+/// any other host echoes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_are_refused_and_an_absolute_target_wins_over_host() {
+    let srv = Server::default().await;
+    let two = b"POST /echo HTTP/1.1\r\nHost: special.example\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc";
+    let (st, head, body) = raw(srv.addr, two).await;
+    assert_eq!(st, 400, "{head}{}", String::from_utf8_lossy(&body));
+    let (st, head, body) =
+        raw(srv.addr, b"POST http://special.example/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc").await;
+    assert_eq!((st, body.as_slice()), (200, &b"cba"[..]), "{head}");
+    let (st, head, body) =
+        raw(srv.addr, b"POST http://x/echo HTTP/1.1\r\nHost: special.example\r\nContent-Length: 3\r\n\r\nabc").await;
+    assert_eq!((st, body.as_slice()), (200, &b"abc"[..]), "{head}");
+    assert_eq!(metric(&srv, r#"dne_ingress_requests_total{route="",tenant="",code="400"}"#), Some(1));
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
