@@ -27,7 +27,9 @@
 //! credits is refused unsent ([`EdgeError::NoCredit`], 503 too). A queued
 //! request whose caller gave up is dropped unsent, and one whose function
 //! has no node up fails at once. A request a node took fails as
-//! `PeerDied` when that node goes down (it may have run).
+//! `PeerDied` when that node goes down (it may have run), and so does one
+//! whose send failed after it left (the node may have placed it); one
+//! whose send was refused before it left is `Unreachable`.
 //!
 //! Buffers are never lost with a caller: a reply travels as a [`PoolLease`],
 //! which frees itself if the caller is gone before it reads it, and a
@@ -36,7 +38,7 @@
 use crate::pool::{INGRESS_SLOT, PoolLease, Pools, TenantPool};
 use crate::upstream::{Upstream, UpstreamError, UpstreamFuture};
 use config::Cluster;
-use fabric::{Buffers, DocaTransport, PoolView, Port, PortEvent};
+use fabric::{Buffers, CompletionError, DocaTransport, PoolView, Port, PortEvent};
 use shm::pool::Lease;
 use shm::ring::Doorbell;
 use std::collections::{HashMap, VecDeque};
@@ -314,6 +316,21 @@ struct Waiting {
     route: u16,
     peer: u16,
     reply: oneshot::Sender<Reply>,
+}
+
+/// The completion of the send of request `tag`. A failed one ends the
+/// request's wait as `Failed(PeerDied)` (502): the send had left, and the
+/// node may have placed the request, and run it, before the failure was
+/// seen, so this is the answer to the node dying with it, not an
+/// invitation to retry (503). (A send `Port::send` refused at once never
+/// left: that one is `Unreachable`.) A successful one changes nothing: the
+/// request waits for its reply.
+fn send_completed(waiting: &mut HashMap<u32, Waiting>, tag: u64, result: Result<(), CompletionError>) {
+    if result.is_err()
+        && let Some(w) = waiting.remove(&(tag as u32))
+    {
+        let _ = w.reply.send(Err(EdgeError::Failed(ErrorCode::PeerDied)));
+    }
 }
 
 /// One tenant's requests waiting to be sent, a FIFO per route (see the
@@ -673,11 +690,7 @@ impl Worker {
                 PortEvent::Sent { tenant, lease, tag, result, .. } => {
                     // The request's buffers are free once placed.
                     self.port.bufs_mut(tenant).free(lease);
-                    if result.is_err()
-                        && let Some(w) = self.waiting.remove(&(tag as u32))
-                    {
-                        let _ = w.reply.send(Err(EdgeError::Unreachable));
-                    }
+                    send_completed(&mut self.waiting, tag, result);
                 }
                 PortEvent::Received { tenant, lease, desc, .. } => {
                     let reply = if desc.flags & DescFlags::REPLY == 0 {
@@ -759,5 +772,33 @@ impl Worker {
             self.waiting.retain(|_, w| !w.reply.is_closed());
             self.prune_at = (2 * self.waiting.len()).max(PRUNE_AT);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(tag: u32) -> (HashMap<u32, Waiting>, oneshot::Receiver<Reply>) {
+        let (reply, rx) = oneshot::channel();
+        let w = Waiting { tenant: 0, route: 0, peer: 1, reply };
+        (HashMap::from([(tag, w)]), rx)
+    }
+
+    /// A send that failed after it left may have been placed and run: its
+    /// request ends as `PeerDied` (502), not `Unreachable` (503, retry).
+    #[test]
+    fn a_failed_send_completion_ends_its_request_as_peer_died() {
+        for e in [CompletionError::PeerGone, CompletionError::Closed, CompletionError::Aborted] {
+            let (mut map, mut rx) = waiting(7);
+            send_completed(&mut map, 7, Err(e));
+            assert!(map.is_empty(), "{e:?}: the request still waits");
+            assert_eq!(rx.try_recv().unwrap().err(), Some(EdgeError::Failed(ErrorCode::PeerDied)), "{e:?}");
+        }
+        // A successful send: the request waits for its reply.
+        let (mut map, mut rx) = waiting(7);
+        send_completed(&mut map, 7, Ok(()));
+        assert!(map.contains_key(&7));
+        assert!(rx.try_recv().is_err());
     }
 }

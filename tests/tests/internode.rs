@@ -599,7 +599,7 @@ fn edge_chain(task: bool, mode: &'static str) {
 /// of them (set to 100 here; the rest are refused as busy at once, so the
 /// tenant's queue keeps room for its other routes); they fail at once when
 /// that node goes down (instead of waiting forever): as unreachable those
-/// never sent, as `PeerDied` those it took (they may have run); their
+/// never sent, as `PeerDied` those sent (they may have run); their
 /// buffers all come back. (The credit wait is set beyond the test's
 /// length; the next test is about it.)
 #[test]
@@ -651,9 +651,10 @@ fn a_node_without_credits_holds_back_only_its_own_requests() {
     c.signal_agent(1, Signal::SIGCONT).ok();
     for rx in unanswered {
         match wait_reply(rx).err() {
-            // Never sent, or its send failed with the link.
+            // Never sent.
             Some(EdgeError::Unreachable) => {}
-            // Sent, and n1 took it (not here: n1 was stopped throughout).
+            // Sent: its send failed with the link (n1 may have placed
+            // it), or n1 took it (not here: n1 was stopped throughout).
             Some(EdgeError::Failed(wire::ErrorCode::PeerDied)) => {}
             other => panic!("a request waiting for n1 ended as {other:?}"),
         }
