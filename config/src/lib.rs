@@ -278,7 +278,10 @@ pub struct Ingress {
     /// Milliseconds a request may wait at this edge for a node of its
     /// first function to grant credits; past that it is refused unsent
     /// (503 with `Retry-After`), not held to its route's `timeout_ms`
-    /// (a node that stopped taking requests keeps its link up). At least 1.
+    /// (a node that stopped taking requests keeps its link up). On a route
+    /// whose `timeout_ms` is not well beyond it the wait ends a little
+    /// before that timeout (a fifth of it, at most 100 ms), so the answer
+    /// is still 503 and not 504. At least 1.
     #[serde(default = "default_credit_wait")]
     pub credit_wait_ms: u32,
 }

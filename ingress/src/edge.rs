@@ -24,7 +24,9 @@
 //! for one route, in the cluster file), and a full queue is an immediate
 //! [`EdgeError::Busy`] (the HTTP side answers 503), never unbounded
 //! buffering, and a request that waited the ingress's `credit_wait_ms` for
-//! credits is refused unsent ([`EdgeError::NoCredit`], 503 too). A queued
+//! credits is refused unsent ([`EdgeError::NoCredit`], 503 too); on a
+//! route whose `timeout_ms` is not well beyond that, a little before the
+//! route's timeout, so that the client still gets the 503 and not a 504. A queued
 //! request whose caller gave up is dropped unsent, and one whose function
 //! has no node up fails at once. A request a node took fails as
 //! `PeerDied` when that node goes down (it may have run), and so does one
@@ -195,7 +197,14 @@ impl Edge {
             queues: (0..cfg.tenants.len()).map(|_| TenantQueue::new(cfg.routes.len())).collect(),
             tenant_queue,
             route_queue,
-            credit_wait: Duration::from_millis(u64::from(g.credit_wait_ms)),
+            credit_wait: cfg
+                .routes
+                .iter()
+                .map(|r| {
+                    let timeout = Duration::from_millis(u64::from(r.timeout_ms));
+                    route_credit_wait(Duration::from_millis(u64::from(g.credit_wait_ms)), timeout)
+                })
+                .collect(),
             rotate: 0,
             waiting: HashMap::with_capacity(PRUNE_AT),
             prune_at: PRUNE_AT,
@@ -318,6 +327,19 @@ struct Waiting {
     reply: oneshot::Sender<Reply>,
 }
 
+/// How long a request of a route whose timeout is `timeout` may wait for
+/// credits: the ingress's `credit_wait`, but no longer than the route's
+/// timeout less a margin (a fifth of it, at most 100 ms). The HTTP side
+/// answers a request refused for want of credits 503 with `Retry-After`,
+/// and one past the route's timeout 504 without; the margin lets the
+/// refusal reach it first (the wait starts when the request is handed to
+/// the edge, just before the route's timeout starts; the edge looks at its
+/// queues at least every millisecond).
+fn route_credit_wait(credit_wait: Duration, timeout: Duration) -> Duration {
+    let margin = (timeout / 5).min(Duration::from_millis(100));
+    credit_wait.min(timeout - margin)
+}
+
 /// The completion of the send of request `tag`. A failed one ends the
 /// request's wait as `Failed(PeerDied)` (502): the send had left, and the
 /// node may have placed the request, and run it, before the failure was
@@ -373,8 +395,8 @@ struct Worker {
     /// Requests of one route that may wait so (config).
     route_queue: usize,
     /// How long a request may wait for credits before it is refused
-    /// unsent (config).
-    credit_wait: Duration,
+    /// unsent, per route (see [`route_credit_wait`]).
+    credit_wait: Vec<Duration>,
     /// The route each tenant's sending starts at this turn, moved on every
     /// turn (routes whose nodes are shared take their credits in turn).
     rotate: usize,
@@ -634,7 +656,7 @@ impl Worker {
                     // Every node whose link is up is out of credits: wait,
                     // for as long as its credit wait allows.
                     None if self.port.any_up(tenant, &first.nodes) => {
-                        if now.saturating_duration_since(c.since) < self.credit_wait {
+                        if now.saturating_duration_since(c.since) < self.credit_wait[r] {
                             break;
                         }
                         Err(Some(EdgeError::NoCredit))
@@ -787,6 +809,15 @@ mod tests {
 
     /// A send that failed after it left may have been placed and run: its
     /// request ends as `PeerDied` (502), not `Unreachable` (503, retry).
+    #[test]
+    fn the_credit_wait_ends_before_the_routes_timeout() {
+        let ms = Duration::from_millis;
+        assert_eq!(route_credit_wait(ms(1000), ms(5000)), ms(1000));
+        assert_eq!(route_credit_wait(ms(1000), ms(1000)), ms(900));
+        assert_eq!(route_credit_wait(ms(1000), ms(300)), ms(240));
+        assert_eq!(route_credit_wait(ms(1000), ms(1)), Duration::from_micros(800));
+    }
+
     #[test]
     fn a_failed_send_completion_ends_its_request_as_peer_died() {
         for e in [CompletionError::PeerGone, CompletionError::Closed, CompletionError::Aborted] {

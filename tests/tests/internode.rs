@@ -750,6 +750,43 @@ fn requests_waiting_beyond_the_credit_wait_are_refused_unsent() {
     dne_tests::wait_for("the edge pool back to full", WATCHDOG, || pool.free_buffers() == full);
 }
 
+/// On a route whose timeout (500 ms here) is shorter than the ingress's
+/// credit wait (1000 ms, the default), a request waiting for credits is
+/// still refused 503 with `Retry-After`, before the route's timeout would
+/// answer it 504 (no `Retry-After`): the edge waits for credits a little
+/// less than the route's timeout. Through the ingress process; the node of
+/// the route's function is stopped, so those its credits took get 504.
+#[test]
+fn a_route_shorter_than_the_credit_wait_still_answers_503_for_want_of_credits() {
+    let edge = dne_tests::cluster::IngressSpec::new("http-brief", "");
+    let http = edge.http;
+    let brief = "\n[[route]]\npath = \"/brief\"\ntenant = \"acme\"\nchain = [\"upper\"]\ntimeout_ms = 500\n";
+    let mut c = Cluster::start("http-brief", 2, &format!("{EDGE_CLUSTER}{brief}{}", edge.section()));
+    c.start_route_fn(1, "acme", "upper", "upper");
+    c.start_route_fn(0, "acme", "rot13", "rot13");
+    c.start_ingress(&edge, "/brief", WATCHDOG);
+    // upper runs on n1, which grants the edge 128 credits: stopped, it
+    // takes that many requests and the rest wait for credits.
+    c.signal_agent(1, Signal::SIGSTOP).unwrap();
+    let clients: Vec<_> = (0..200)
+        .map(|_| std::thread::spawn(move || dne_tests::http_post_full(http, "/brief", b"x").expect("an answer")))
+        .collect();
+    let answers: Vec<(u16, String)> = clients.into_iter().map(|t| t.join().unwrap()).map(|(c, h, _)| (c, h)).collect();
+    c.signal_agent(1, Signal::SIGCONT).unwrap();
+    let (mut refused, mut timed_out) = (0, 0);
+    for (code, head) in &answers {
+        match code {
+            503 => {
+                assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
+                refused += 1;
+            }
+            504 => timed_out += 1,
+            _ => panic!("while n1 is stopped a request got {head}"),
+        }
+    }
+    assert!(refused >= 1, "{refused} refused for want of credits (503), {timed_out} timed out (504)");
+}
+
 /// Three nodes for the tests of one stopped peer: acme's client on n0
 /// sends to far (n1) and near (n2); globex's gclient on n0 to gnear (n2).
 /// Few credits per connection, so a stopped node runs out at once.
