@@ -189,6 +189,12 @@ pub fn interleaved(rounds: usize, iters: u64, ops: &mut [(&str, &mut dyn FnMut()
     samples.iter_mut().map(|s| Stats::of(s)).collect()
 }
 
+/// Index of the `p` percentile (nearest rank) in `n` sorted samples: the
+/// smallest sample with at least `p` of them at or below it.
+pub fn percentile_rank(n: usize, p: f64) -> usize {
+    ((n as f64 * p).ceil() as usize).clamp(1, n.max(1)) - 1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -90,8 +90,11 @@ pub struct Outcome {
     /// Answers that were not the request's own (wrong status, or another
     /// request's body: a duplicated or misrouted reply).
     pub wrong: u64,
-    /// Seconds of load.
+    /// Seconds of load, as measured (shorter than asked when the run was
+    /// stopped early).
     pub duration_s: f64,
+    /// Whether the load was stopped early (Ctrl-C, SIGTERM, SIGHUP).
+    pub interrupted: bool,
     /// Per process: name, resident KiB after the warm-up and at the end
     /// (with `--soak` or `memory_check`).
     pub rss: Vec<(String, u64, u64)>,
@@ -723,7 +726,7 @@ pub fn execute(opts: &DemoOptions) -> anyhow::Result<Outcome> {
     let mut rss_warm: Option<Vec<(String, u64)>> = None;
     let stop = Arc::new(AtomicBool::new(false));
     let tallies: Vec<Arc<Tally>> = TENANTS.iter().map(|_| Arc::new(Tally::default())).collect();
-    let interrupted = rt.block_on(async {
+    let (interrupted, loaded) = rt.block_on(async {
         let mut tasks = Vec::new();
         for (k, (t, _)) in TENANTS.iter().enumerate() {
             for c in 0..opts.connections {
@@ -771,9 +774,9 @@ pub fn execute(opts: &DemoOptions) -> anyhow::Result<Outcome> {
         for t in tasks {
             let _ = t.await;
         }
-        interrupted
+        (interrupted, start.elapsed())
     });
-    let secs = duration.max(1) as f64;
+    let secs = loaded.as_secs_f64().max(1e-3);
     let mut soak_ok = true;
     let mut rss = Vec::new();
     if memory {
@@ -850,6 +853,7 @@ pub fn execute(opts: &DemoOptions) -> anyhow::Result<Outcome> {
         lost: sum(|t| &t.lost),
         wrong: sum(|t| &t.wrong),
         duration_s: secs,
+        interrupted,
         rss,
         ok,
     })

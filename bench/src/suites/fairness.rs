@@ -319,7 +319,7 @@ fn p99(v: &[f64]) -> f64 {
     }
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
-    v[((v.len() as f64 * 0.99) as usize).min(v.len() - 1)]
+    v[crate::harness::percentile_rank(v.len(), 0.99)]
 }
 
 fn jain(x: &[f64]) -> f64 {
@@ -475,6 +475,13 @@ fn run(opts: &Opts) -> Result<Report> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Nearest rank: the p99 of 1..=100 is 99 (it was the maximum).
+    #[test]
+    fn p99_is_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(p99(&v), 99.0);
+    }
 
     #[test]
     fn a_lone_saturating_tenant_gets_the_whole_link() {

@@ -92,13 +92,15 @@ pub struct Load {
     conns: Vec<Conn>,
     request: Vec<u8>,
     want: Vec<u8>,
-    record_from: Option<Instant>,
+    /// The measured window: requests sent in `[start, end)` are recorded
+    /// when their replies come, however late (`end` unset: still open).
+    window: Option<(Instant, Option<Instant>)>,
     /// When the connections were last checked for a stall.
     checked: Instant,
     /// Where each read lands (allocated once).
     scratch: Box<[u8]>,
-    /// Latencies in microseconds of the requests sent since
-    /// [`record_from`](Self::record_from).
+    /// Latencies in microseconds of the requests sent in the measured
+    /// window (see [`record_from`](Self::record_from)).
     pub lat: Vec<u32>,
 }
 
@@ -120,23 +122,28 @@ impl Load {
             conns: v,
             request,
             want,
-            record_from: None,
+            window: None,
             checked: Instant::now(),
             scratch: vec![0; 16 * 1024].into_boxed_slice(),
             lat: Vec::with_capacity(1 << 20),
         })
     }
 
-    /// Records the latency of every request sent from `t` on (and
-    /// answered before [`stop_recording`](Self::stop_recording)).
+    /// Opens the measured window at `t`: the latency of every request sent
+    /// from `t` on, until [`stop_recording`](Self::stop_recording), is
+    /// recorded.
     pub fn record_from(&mut self, t: Instant) {
-        self.record_from = Some(t);
+        self.window = Some((t, None));
     }
 
-    /// Records nothing more (the replies still in flight are read but not
-    /// counted: the measured window is over).
+    /// Closes the measured window now. The requests sent in it and still in
+    /// flight are recorded when their replies come (in
+    /// [`finish`](Self::finish)): leaving them out would drop exactly the
+    /// slowest requests of the window's end, and lower the tail.
     pub fn stop_recording(&mut self) {
-        self.record_from = None;
+        if let Some((_, end)) = &mut self.window {
+            *end = Some(Instant::now());
+        }
     }
 
     /// Keeps one request in flight on every connection until `until`
@@ -236,7 +243,7 @@ impl Load {
         }
         c.buf.clear();
         c.busy = false;
-        if self.record_from.is_some_and(|t| c.sent >= t) {
+        if self.window.is_some_and(|(start, end)| c.sent >= start && end.is_none_or(|e| c.sent < e)) {
             self.lat.push(c.sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
         }
         Ok(true)
@@ -274,6 +281,48 @@ mod tests {
             assert!(parse_reply(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
         assert!(parse_reply(&vec![b'a'; MAX_REPLY + 1]).is_err());
+    }
+
+    /// A request sent in the measured window whose reply comes after the
+    /// window's end is recorded (before, it was not: a stall at the end of
+    /// the window vanished from the percentiles).
+    #[test]
+    fn a_request_sent_in_the_window_is_recorded_however_late_its_reply() {
+        use std::net::TcpListener;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, mpsc};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let received = Arc::new(AtomicUsize::new(0));
+        let (go, wait) = mpsc::channel::<()>();
+        let r = received.clone();
+        std::thread::spawn(move || {
+            let mut s = l.accept().unwrap().0;
+            let mut b = [0u8; 4096];
+            while let Ok(n) = s.read(&mut b) {
+                if n == 0 {
+                    break;
+                }
+                // The second request is answered only once the window is
+                // over (the watchdog: at most 60 s).
+                if r.fetch_add(1, Ordering::SeqCst) == 1 {
+                    let _ = wait.recv_timeout(Duration::from_secs(60));
+                }
+                if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi").is_err() {
+                    break;
+                }
+            }
+        });
+        let req = post("/x", "h", "text/plain", b"body");
+        let mut load = Load::connect(addr, 1, req, b"hi".to_vec()).unwrap();
+        let t0 = Instant::now();
+        load.record_from(t0);
+        load.run_until(t0 + Duration::from_millis(300)).unwrap();
+        load.stop_recording();
+        go.send(()).unwrap();
+        load.finish().unwrap();
+        // Every request was sent in the window: every one is recorded.
+        assert_eq!(load.lat.len(), received.load(Ordering::SeqCst));
     }
 
     #[test]

@@ -43,7 +43,7 @@
 //! SECS seconds instead (to attach `perf` to its processes).
 
 use super::httpload;
-use crate::harness::{Opts, Report, Suite, Table, fmt_num};
+use crate::harness::{Opts, Report, Suite, Table, fmt_num, percentile_rank};
 use crate::stalls;
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
@@ -295,12 +295,6 @@ fn nginx_bin() -> Result<PathBuf> {
 #[allow(clippy::print_stderr)]
 fn log_line(s: &str) {
     eprintln!("dne-bench ingress: {s}");
-}
-
-/// Index of the `p` percentile (nearest rank) in `n` sorted samples: the
-/// smallest sample with at least `p` of them at or below it.
-fn percentile_rank(n: usize, p: f64) -> usize {
-    ((n as f64 * p).ceil() as usize).clamp(1, n.max(1)) - 1
 }
 
 /// One nginx instance (master + `workers`) proxying `listen` to `upstream`.
