@@ -125,21 +125,67 @@ fn free_port(ip: &str) -> anyhow::Result<SocketAddr> {
 
 /// Two network namespaces, each joined to the root namespace by a veth
 /// pair, routed through it. Removed on drop.
+/// The demo's two network namespaces, their veth pairs and routes (as
+/// root). Their addresses are fixed, so one demo at a time has them: a
+/// lock file ([`Netns::LOCK`]), held while they exist.
 #[derive(Debug)]
 struct Netns {
     names: [String; 2],
     forward_was: Option<String>,
+    /// The lock file, locked (`flock`; the kernel drops the lock when the
+    /// demo dies, however it dies). Holds the pid and `ip_forward` as found.
+    _lock: std::fs::File,
 }
 
 impl Netns {
     const ROOT_IP: [&'static str; 2] = ["10.231.1.1", "10.231.2.1"];
     const NS_IP: [&'static str; 2] = ["10.231.1.2", "10.231.2.2"];
+    const LOCK: &'static str = "/run/dne-demo.lock";
+    const PREFIX: &'static str = "dne-demo";
 
     fn create() -> anyhow::Result<Self> {
+        use std::io::{Read, Seek, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut lock = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(Self::LOCK)?;
+        let mut held = String::new();
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let _ = lock.read_to_string(&mut held);
+                let pid = held.lines().next().unwrap_or("?");
+                anyhow::bail!(
+                    "another demo (pid {pid}) has this machine's demo network namespaces; wait for it to end, \
+                     or run this one with --no-netns"
+                );
+            }
+            Err(e) => return Err(anyhow::anyhow!("locking {}: {e}", Self::LOCK)),
+        }
+        lock.read_to_string(&mut held)?;
+        // Namespaces left now were a killed demo's (the lock was free), and
+        // so was an `ip_forward` of 1: the value it found is in the file.
+        let stale = Self::stale()?;
+        let mut forward_was = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").ok();
+        if !stale.is_empty() {
+            log::warn!("removing network namespaces left by a demo that was killed: {}", stale.join(", "));
+            for n in &stale {
+                ip(&["netns", "del", n])?;
+            }
+            if let Some(v) = held.lines().nth(1).filter(|v| matches!(*v, "0" | "1")) {
+                forward_was = Some(format!("{v}\n"));
+            }
+        }
+        lock.set_len(0)?;
+        lock.rewind()?;
+        write!(lock, "{}\n{}\n", std::process::id(), forward_was.as_deref().unwrap_or("").trim())?;
         let tag = std::process::id() % 100_000;
-        let names = [format!("dne-demo{tag}-0"), format!("dne-demo{tag}-1")];
-        let forward_was = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").ok();
-        let ns = Self { names, forward_was };
+        let names = [format!("{}{tag}-0", Self::PREFIX), format!("{}{tag}-1", Self::PREFIX)];
+        let ns = Self { names, forward_was, _lock: lock };
         for i in 0..2 {
             let n = &ns.names[i];
             let (host, peer) = (format!("dnd{tag}h{i}"), format!("dnd{tag}n{i}"));
@@ -155,6 +201,18 @@ impl Netns {
         }
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1\n")?;
         Ok(ns)
+    }
+
+    /// The network namespaces named like a demo's.
+    fn stale() -> anyhow::Result<Vec<String>> {
+        let out = Command::new("ip").args(["netns", "list"]).output()?;
+        anyhow::ensure!(out.status.success(), "ip netns list: {}", String::from_utf8_lossy(&out.stderr).trim());
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(Self::PREFIX))
+            .map(str::to_owned)
+            .collect())
     }
 }
 
@@ -290,11 +348,12 @@ impl Demo {
     }
 
     fn start(opts: &DemoOptions, stop: &StopWatch) -> anyhow::Result<Self> {
+        // The namespaces first: a demo refused them has made nothing yet.
+        let root = rustix::process::geteuid().is_root();
+        let netns = if root && !opts.no_netns && which("ip") { Some(Netns::create()?) } else { None };
         let dir = std::env::temp_dir().join(format!("dne-demo-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let root = rustix::process::geteuid().is_root();
-        let netns = if root && !opts.no_netns && which("ip") { Some(Netns::create()?) } else { None };
         let (addrs, metrics, edge) = match &netns {
             Some(_) => (
                 [format!("{}:7101", Netns::NS_IP[0]).parse()?, format!("{}:7102", Netns::NS_IP[1]).parse()?],

@@ -10,8 +10,10 @@
 //! and its children stop when it is killed outright.
 //!
 //! The tests take turns (a lock): as root, the demo's namespaces use fixed
-//! addresses, so two demos cannot run at once.
+//! addresses, so two demos cannot run at once (a second is refused).
 //! Every wait has a watchdog; nothing asserts on time.
+
+#![allow(clippy::print_stderr)] // the skip notice of the root-only tests
 
 use dne_tests::cluster::is_root;
 use dne_tests::{Proc, bin_path, wait_for};
@@ -170,4 +172,92 @@ fn a_demo_whose_agent_dies_stops_at_once() {
     let out = demo.wait_timeout(WATCHDOG);
     assert!(!out.status.success(), "a demo whose agent died reported success");
     nothing_left(pid, &format!("exit {}", out.status));
+}
+
+/// The demo's network namespaces (as root), by name.
+fn demo_namespaces() -> Vec<String> {
+    let list = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with("dne-demo"))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn ip_forward() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").expect("ip_forward").trim().to_owned()
+}
+
+/// As root, a second demo with network namespaces is refused while one
+/// runs, naming it (their namespaces have the same addresses). Before,
+/// the second one started and failed on an address in use, or broke the
+/// routes of the first.
+#[test]
+fn a_second_demo_is_refused_while_one_has_the_namespaces() {
+    if !is_root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cmd = Command::new(bin_path("dpu-agent"));
+    cmd.args(["demo", "--serve", "--port", "0"]);
+    let first = Proc::spawn("dpu-agent demo (first)", cmd);
+    let pid = first.pid();
+    // Its children start once its namespaces exist.
+    wait_children(pid, 3);
+    let mut cmd = Command::new(bin_path("dpu-agent"));
+    cmd.args(["demo", "--duration", "2", "--port", "0"]);
+    let second = Proc::spawn("dpu-agent demo (second)", cmd);
+    let second_pid = second.pid();
+    let out2 = second.wait_timeout(WATCHDOG);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGTERM).expect("SIGTERM");
+    let out = first.wait_timeout(WATCHDOG);
+    let all = format!(
+        "second: exit {}\nstdout:\n{}\nstderr:\n{}\nfirst: exit {}\nstderr:\n{}",
+        out2.status, out2.stdout, out2.stderr, out.status, out.stderr
+    );
+    assert!(!out2.status.success(), "{all}");
+    assert!(out2.stderr.contains(&format!("another demo (pid {pid})")), "{all}");
+    assert!(out2.stderr.contains("--no-netns"), "{all}");
+    nothing_left(pid, &all);
+    nothing_left(second_pid, &all);
+}
+
+/// As root, the namespaces of a demo killed outright (SIGKILL: no clean-up
+/// of its own) are removed by the next demo, which also puts `ip_forward`
+/// back as the killed one found it. Before, they stayed, with the
+/// addresses the next demo's namespaces take, and `ip_forward` stayed 1.
+#[test]
+fn the_next_demo_removes_what_a_killed_demo_left() {
+    if !is_root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let forward = ip_forward();
+    let mut cmd = Command::new(bin_path("dpu-agent"));
+    cmd.args(["demo", "--duration", "30", "--port", "0"]);
+    let killed = Proc::spawn("dpu-agent demo (killed)", cmd);
+    let pid = killed.pid();
+    wait_children(pid, 3);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL).expect("SIGKILL");
+    killed.wait_timeout(WATCHDOG);
+    wait_for("the killed demo's children stopped", WATCHDOG, || children_of(pid).is_empty());
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("dne-demo-{pid}")));
+    let left = demo_namespaces();
+    assert!(left.iter().any(|n| n.starts_with(&format!("dne-demo{}-", pid % 100_000))), "{left:?}");
+    assert_eq!(ip_forward(), "1", "the killed demo had set ip_forward");
+
+    let mut cmd = Command::new(bin_path("dpu-agent"));
+    cmd.args(["demo", "--duration", "2", "--port", "0"]);
+    let next = Proc::spawn("dpu-agent demo (next)", cmd);
+    let next_pid = next.pid();
+    let out = next.wait_timeout(WATCHDOG);
+    let all = format!("exit {}\nstdout:\n{}\nstderr:\n{}", out.status, out.stdout, out.stderr);
+    assert!(out.status.success(), "{all}");
+    assert!(out.stderr.contains("removing network namespaces left by a demo that was killed"), "{all}");
+    nothing_left(next_pid, &all);
+    assert_eq!(demo_namespaces(), Vec::<String>::new(), "{all}");
+    assert_eq!(ip_forward(), forward, "ip_forward as before the killed demo\n{all}");
 }
