@@ -341,19 +341,23 @@ impl RemoteMmap {
             )
         })?;
         let m = NonNull::new(m).ok_or(DocaError::DRIVER)?;
-        let mut base: *mut c_void = ptr::null_mut();
-        let mut len = 0usize;
-        // SAFETY: a started mmap; out-pointers valid.
-        check(unsafe { sys::doca_mmap_get_memrange(m.as_ptr(), &mut base, &mut len) })?;
-        let inner = MmapInner {
+        // Owned from here: its `Drop` stops and destroys the mmap, also
+        // when the range cannot be read below.
+        let mut inner = MmapInner {
             mmap: m,
-            base: base.cast(),
-            len: len as u64,
+            base: ptr::null_mut(),
+            len: 0,
             writable: true,
             imported: true,
             _mem: None,
             _devs: vec![dev.clone()],
         };
+        let mut base: *mut c_void = ptr::null_mut();
+        let mut len = 0usize;
+        // SAFETY: a started mmap; out-pointers valid.
+        check(unsafe { sys::doca_mmap_get_memrange(inner.mmap.as_ptr(), &mut base, &mut len) })?;
+        inner.base = base.cast();
+        inner.len = len as u64;
         Ok(RemoteMmap { inner: Arc::new(inner) })
     }
     /// Bytes covered.
@@ -407,7 +411,11 @@ impl BufInventory {
         check(unsafe { sys::doca_buf_inventory_create(capacity as usize, &mut inv) })?;
         let inv = NonNull::new(inv).ok_or(DocaError::DRIVER)?;
         // SAFETY: created, not started.
-        check(unsafe { sys::doca_buf_inventory_start(inv.as_ptr()) })?;
+        if let Err(e) = check(unsafe { sys::doca_buf_inventory_start(inv.as_ptr()) }) {
+            // SAFETY: created, never started, no buffer taken from it.
+            unsafe { sys::doca_buf_inventory_destroy(inv.as_ptr()) };
+            return Err(e);
+        }
         Ok(Self { inner: Arc::new(InvInner { inv, capacity, used: 0.into() }) })
     }
     /// Buffers in use.
@@ -424,8 +432,11 @@ impl BufInventory {
             return Err(DocaError::INVALID_VALUE);
         }
         let mut b = ptr::null_mut();
-        // SAFETY: the range is inside the mmap (checked above).
-        let addr = unsafe { m.base.add(offset as usize) };
+        // The range is inside the mmap (checked above). `wrapping_add`: an
+        // import's base is the exporter's address, not memory of this
+        // process, so `add`'s in-allocation rule cannot hold for it; the
+        // address is only handed to DOCA.
+        let addr = m.base.wrapping_add(offset as usize);
         // SAFETY: live inventory and mmap; range inside the mmap.
         check(unsafe {
             sys::doca_buf_inventory_buf_get_by_addr(
@@ -487,8 +498,9 @@ impl Buf {
         if n > self.len {
             return Err(DocaError::INVALID_VALUE);
         }
-        // SAFETY: the data range lies inside the buffer (n <= len).
-        let head = unsafe { self.mmap.base.add(self.offset as usize) };
+        // The data range lies inside the buffer (n <= len); `wrapping_add`
+        // as in `BufInventory::take` (an import's base is foreign).
+        let head = self.mmap.base.wrapping_add(self.offset as usize);
         // SAFETY: the handle is live and owned by `self`.
         check(unsafe { sys::doca_buf_set_data(self.buf.as_ptr(), head.cast(), n as usize) })?;
         self.data_len = n;
@@ -509,6 +521,10 @@ impl Drop for Buf {
     }
 }
 
+/// Most `doca_pe_progress` calls one [`ProgressEngine::progress`] makes,
+/// so a flood of completions cannot keep its caller from its own work.
+const PE_BUDGET: usize = 64;
+
 /// The progress engine.
 #[derive(Debug)]
 pub struct ProgressEngine {
@@ -523,11 +539,21 @@ impl ProgressEngine {
         check(unsafe { sys::doca_pe_create(&mut pe) })?;
         Ok(Self { pe: NonNull::new(pe).ok_or(DocaError::DRIVER)? })
     }
-    /// Runs completions once; never blocks.
+    /// Runs completions until nothing more is there (`doca_pe_progress`
+    /// until it returns 0, at most [`PE_BUDGET`] times); never blocks.
+    /// Returns how many calls made progress (each handled at least one
+    /// completion, event or state change).
     pub fn progress(&self) -> usize {
-        // SAFETY: the engine is live and `!Sync` (raw pointer), so only
-        // its owning thread progresses it.
-        usize::from(unsafe { sys::doca_pe_progress(self.pe.as_ptr()) })
+        let mut n = 0;
+        while n < PE_BUDGET {
+            // SAFETY: the engine is live and `!Sync` (raw pointer), so only
+            // its owning thread progresses it.
+            if unsafe { sys::doca_pe_progress(self.pe.as_ptr()) } == 0 {
+                break;
+            }
+            n += 1;
+        }
+        n
     }
 
     /// The notification handle (`doca_pe_get_notification_handle`): an fd
