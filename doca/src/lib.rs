@@ -13,6 +13,10 @@
 //!   [`CtxState::Running`] and [`CtxState::Idle`] happen inside
 //!   [`ProgressEngine::progress`], which never blocks; everything a context
 //!   does (I/O, completions, connection events) happens there too;
+//! * the progress engine's notification handle fires only once armed
+//!   ([`ProgressEngine::request_notification`]) and once per arm; DOCA's
+//!   flow is arm, wait, [`ProgressEngine::clear_notification`], progress
+//!   until it returns 0, arm again;
 //! * task pools are fixed when a context is created; an exhausted pool is
 //!   `DocaError::NO_MEMORY` at submission (backpressure, never a hidden
 //!   queue); a slot comes back when the user takes the task's completion;

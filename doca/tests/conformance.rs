@@ -677,10 +677,11 @@ fn notification_handle_wakes_a_sleeping_receiver() {
         pe_b.progress();
         std::thread::sleep(Duration::from_millis(5));
     }
+    // DOCA's flow: clear, progress until nothing is left, arm, wait.
     pe_b.clear_notification().unwrap();
-    pe_b.request_notification().unwrap();
-    pe_b.progress();
+    while pe_b.progress() > 0 {}
     assert!(b.poll_event().is_none());
+    pe_b.request_notification().unwrap();
     assert!(!readable(handle, Duration::from_millis(50)), "the handle of an idle engine stays quiet");
 
     // A send from the peer wakes the sleeper, and is there to take.
@@ -715,8 +716,10 @@ fn notification_handle_wakes_a_sleeping_comch_peer() {
     server.start().unwrap();
     pe_s.progress();
     let hs = pe_s.notification_handle().unwrap();
+    // DOCA's flow: clear, progress until nothing is left, arm, wait.
     pe_s.clear_notification().unwrap();
-    pe_s.progress();
+    while pe_s.progress() > 0 {}
+    pe_s.request_notification().unwrap();
     assert!(!readable(hs, Duration::from_millis(50)), "an idle server's handle stays quiet");
     let client = ComchClient::new(&pe_c, &dev, &name, ComchConfig::default()).unwrap();
     client.start().unwrap();
@@ -731,7 +734,8 @@ fn notification_handle_wakes_a_sleeping_comch_peer() {
         conn.is_some()
     });
     pe_s.clear_notification().unwrap();
-    pe_s.progress();
+    while pe_s.progress() > 0 {}
+    pe_s.request_notification().unwrap();
     assert!(!readable(hs, Duration::from_millis(50)), "quiet again");
     client.send(b"ping", 1).unwrap();
     pe_c.progress();
@@ -747,11 +751,69 @@ fn notification_handle_wakes_a_sleeping_comch_peer() {
     let hc = pe_c.notification_handle().unwrap();
     while client.poll_event(&mut buf).is_some() {}
     pe_c.clear_notification().unwrap();
-    pe_c.progress();
+    while pe_c.progress() > 0 {}
     while client.poll_event(&mut buf).is_some() {}
+    pe_c.request_notification().unwrap();
     server.send(conn.unwrap(), b"pong", 2).unwrap();
     pe_s.progress();
     assert!(readable(hc, WATCHDOG), "the answer wakes the client");
+}
+
+/// DOCA's notification handle fires only when armed, once: an engine that
+/// sleeps on it without `request_notification` is not woken by a client
+/// connecting or a message arriving; arming makes it readable (the
+/// emulation: at once, as something already happened since the clear);
+/// after a clear it stays quiet, whatever arrives, until armed again.
+/// Before, the emulation's handle was always armed.
+#[test]
+fn notification_handle_fires_only_when_armed_and_once() {
+    let dev = device();
+    let (pe_s, pe_c) = (ProgressEngine::new().unwrap(), ProgressEngine::new().unwrap());
+    let name = format!("conf-arm-{}", std::process::id());
+    let server = ComchServer::new(&pe_s, &dev, &name, ComchConfig::default()).unwrap();
+    server.start().unwrap();
+    progress_until(&pe_s, "server start", || server.state() == CtxState::Running);
+    let hs = pe_s.notification_handle().unwrap();
+    pe_s.clear_notification().unwrap();
+    while pe_s.progress() > 0 {}
+
+    // Not armed: a client connecting does not wake the server's engine.
+    let client = ComchClient::new(&pe_c, &dev, &name, ComchConfig::default()).unwrap();
+    client.start().unwrap();
+    progress_until(&pe_c, "client start", || client.state() == CtxState::Running);
+    assert!(!readable(hs, Duration::from_millis(300)), "a handle never armed woke its sleeper");
+    pe_s.request_notification().unwrap();
+    if BACKEND == Backend::Emu {
+        assert!(readable(hs, Duration::ZERO), "arming after the client connected must fire at once");
+    }
+    assert!(readable(hs, WATCHDOG), "the armed handle announces the client");
+    let mut buf = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
+    let mut conn = None;
+    progress_until(&pe_s, "the client's hello", || {
+        if let Some(ComchEvent::Connected(c)) = server.poll_event(&mut buf) {
+            conn = Some(c);
+        }
+        conn.is_some()
+    });
+
+    // Cleared: quiet until armed again, though a message arrives.
+    pe_s.clear_notification().unwrap();
+    while pe_s.progress() > 0 {}
+    while server.poll_event(&mut buf).is_some() {}
+    client.send(b"one", 1).unwrap();
+    pe_c.progress();
+    assert!(!readable(hs, Duration::from_millis(300)), "a cleared handle fired again without an arm");
+    pe_s.request_notification().unwrap();
+    assert!(readable(hs, WATCHDOG), "arming announces the message that came meanwhile");
+    let mut got = None;
+    progress_until(&pe_s, "the message", || {
+        if let Some(ComchEvent::Message { len, .. }) = server.poll_event(&mut buf) {
+            got = Some(buf[..len as usize].to_vec());
+        }
+        got.is_some()
+    });
+    assert_eq!(got.as_deref(), Some(&b"one"[..]));
+    assert!(conn.is_some());
 }
 
 /// One `progress` takes at most a comch receive queue's worth of messages
@@ -800,9 +862,10 @@ fn comch_messages_beyond_one_receive_queue_keep_the_handle_readable() {
             }
         }
     };
+    // A caller that stops after one progress, then arms.
     pe_s.clear_notification().unwrap();
-    pe_s.request_notification().unwrap();
     pe_s.progress();
+    pe_s.request_notification().unwrap();
     take(&mut got);
     assert_eq!(got, [0, 1, 2, 3], "one receive queue's worth per progress");
     assert!(readable(hs, Duration::from_millis(500)), "six messages wait: the handle must say so");
@@ -851,9 +914,10 @@ fn rdma_sends_beyond_one_progress_keep_the_handle_readable() {
             *got += usize::from(matches!(e, RdmaEvent::Received { result: Ok(()), .. }));
         }
     };
+    // A caller that stops after one progress, then arms.
     pe_b.clear_notification().unwrap();
-    pe_b.request_notification().unwrap();
     pe_b.progress();
+    pe_b.request_notification().unwrap();
     take(&mut got);
     assert!(got > 0 && got < N, "one progress places part of them ({got} of {N})");
     assert!(readable(handle, Duration::from_millis(500)), "{} sends wait: the handle must say so", N - got);

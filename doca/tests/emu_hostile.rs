@@ -40,7 +40,7 @@ fn region(len: usize) -> Arc<shm::Region> {
 
 /// A client that connects less than `ACCEPT_EVERY` (1 ms) after the
 /// server's last accept wakes a server that follows the documented protocol
-/// (clear, progress once more, sleep). Before, the accept was put off and
+/// (clear, progress once more, arm, sleep). Before, the accept was put off and
 /// nothing made the handle readable again: it slept with a client waiting.
 #[test]
 fn a_client_connecting_just_after_an_accept_wakes_the_sleeping_server() {
@@ -55,11 +55,13 @@ fn a_client_connecting_just_after_an_accept_wakes_the_sleeping_server() {
     client.start().unwrap();
     pe_c.progress(); // connect + hello
     assert_eq!(client.state(), CtxState::Running);
-    // The sleeper: clear, progress once more, then sleep on the handle.
+    // The sleeper: clear, progress once more, arm, then sleep on the
+    // handle.
     pe_s.clear_notification().unwrap();
     pe_s.progress();
     let mut buf = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
     let connected = matches!(server.poll_event(&mut buf), Some(ComchEvent::Connected(_)));
+    pe_s.request_notification().unwrap();
     let hs = pe_s.notification_handle().unwrap();
     assert!(
         connected || readable(hs, Duration::from_secs(2)),

@@ -112,6 +112,10 @@ struct Channel {
 /// the tenants' inboxes; each costs system calls).
 const PUMP_EVERY: Duration = Duration::from_micros(2);
 
+/// Most pumps a tenant going to sleep makes (progress until nothing is
+/// left) before it arms the comch notification.
+const PUMP_ROUNDS: usize = 16;
+
 impl Channel {
     fn refuse(&mut self, t: usize, why: Refusal) {
         let t = t.min(self.refused.len() - 1);
@@ -500,12 +504,19 @@ impl HostLink for DpuLink {
     fn sleep_begin(&mut self) -> bool {
         let mut c = self.lock();
         c.flush();
-        // Cleared, then armed again (the SDK's handle fires once per
-        // request; the emulation's is always armed).
-        if let Err(e) = c.pe.clear_notification().and_then(|()| c.pe.request_notification()) {
-            log::warn!("host link: clearing and arming the comch notification: {e}");
+        // DOCA's flow: clear, progress until nothing is left, arm, and only
+        // then wait (the handle fires once per arm).
+        if let Err(e) = c.pe.clear_notification() {
+            log::warn!("host link: clearing the comch notification: {e}");
         }
-        c.pump();
+        for _ in 0..PUMP_ROUNDS {
+            if c.pump() == 0 {
+                break;
+            }
+        }
+        if let Err(e) = c.pe.request_notification() {
+            log::warn!("host link: arming the comch notification: {e}");
+        }
         let idle = !c.waiting(self.t) && c.out.is_empty() && !c.lost;
         c.sleeping[self.t] = idle;
         idle

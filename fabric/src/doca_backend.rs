@@ -22,6 +22,10 @@ use doca::{
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Most progress calls [`Transport::clear_notification`] makes before
+/// arming the handle.
+const NOTIFY_PROGRESS_ROUNDS: usize = 64;
+
 /// How long [`Transport::open`] waits for a context to start.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -273,9 +277,20 @@ impl Transport for DocaTransport {
         self.pe.notification_handle().ok()
     }
 
+    /// DOCA's flow after a wake-up: clear, progress until nothing is left
+    /// (bounded: what a flood leaves makes the armed handle fire at once),
+    /// arm. The completions found wait for the caller's next `poll`.
     fn clear_notification(&mut self) {
-        if let Err(e) = self.pe.clear_notification().and_then(|()| self.pe.request_notification()) {
+        if let Err(e) = self.pe.clear_notification() {
             log::debug!("fabric: clearing the progress engine's notification: {e}");
+        }
+        for _ in 0..NOTIFY_PROGRESS_ROUNDS {
+            if self.pe.progress() == 0 {
+                break;
+            }
+        }
+        if let Err(e) = self.pe.request_notification() {
+            log::debug!("fabric: arming the progress engine's notification: {e}");
         }
     }
 }

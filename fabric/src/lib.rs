@@ -405,10 +405,14 @@ pub trait Transport {
     /// report (a completion, a connection event), for a caller that sleeps
     /// when idle; `None`: the backend has none, so callers nap instead.
     /// Protocol: [`clear_notification`](Self::clear_notification), poll
-    /// once more, and only then sleep on the fd.
+    /// once more, and only then sleep on the fd; the fd fires only after a
+    /// `clear_notification` (which arms it, as DOCA requires before every
+    /// wait), once.
     fn notification_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
     }
-    /// Forgets what the notification fd reported so far (and arms it).
+    /// Forgets what the notification fd reported so far, takes in what is
+    /// pending (DOCA: progress until nothing is left) and arms the fd for
+    /// one wake-up.
     fn clear_notification(&mut self) {}
 }

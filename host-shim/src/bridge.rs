@@ -548,13 +548,17 @@ impl Bridge {
     /// ([`IDLE_TICK`] when nothing is pending).
     fn sleep(&mut self) {
         use rustix::event::{PollFd, PollFlags, Timespec, poll};
-        // Cleared, then armed again (the SDK's handle fires once per
-        // request; the emulation's is always armed).
-        if let Err(e) = self.pe.clear_notification().and_then(|()| self.pe.request_notification()) {
-            log::warn!("bridge: clearing and arming the comch notification: {e}");
+        // DOCA's flow: clear, progress until nothing is left (a step that
+        // found work returns, and the next sleep clears again), arm, and
+        // only then wait: the handle fires once per arm.
+        if let Err(e) = self.pe.clear_notification() {
+            log::warn!("bridge: clearing the comch notification: {e}");
         }
         if self.step() > 0 {
             return;
+        }
+        if let Err(e) = self.pe.request_notification() {
+            log::warn!("bridge: arming the comch notification: {e}");
         }
         let mut armed = 0;
         while armed < self.tenants.len() && self.tenants[armed].link.sleep_begin() {

@@ -1,13 +1,21 @@
 //! The emulated progress engine: every context connected to it does its
 //! I/O, state transitions and completions only inside `progress()`.
 //!
-//! Event-driven waiting, as DOCA's notification handle: every socket an
-//! RDMA or comch context opens is watched, edge-triggered, by the engine's
-//! epoll instance, whose fd is the handle. It turns readable when something
-//! happened on a socket since the last [`ProgressEngine::clear_notification`],
-//! or when a progress left behind what a socket still holds (a full receive
-//! queue); a caller clears, progresses once more (what happened before the
-//! clear is found then), and only then sleeps on the handle.
+//! Event-driven waiting, as DOCA's notification handle, with DOCA's flow:
+//! arm ([`ProgressEngine::request_notification`]), wait on the handle,
+//! clear ([`ProgressEngine::clear_notification`]), progress until it
+//! returns 0, arm again. Every socket an RDMA or comch context opens is
+//! watched, edge-triggered, by an inner epoll instance that records what
+//! happened since the last clear (also a progress that left behind what a
+//! socket still holds, a full receive queue, say). The handle is a second
+//! epoll instance that holds the inner one only while armed:
+//! * not armed, the handle never turns readable, whatever happens;
+//! * armed, it turns readable once something happened since the last clear,
+//!   and arming when something already did makes it readable at once (so a
+//!   completion that arrives between the last progress and the arm is not
+//!   slept through);
+//! * it stays readable until cleared; a clear forgets what happened and
+//!   disarms (one shot): the handle stays quiet until armed again.
 
 use crate::DocaError;
 use rustix::event::epoll;
@@ -27,7 +35,11 @@ pub(crate) trait Progress: Send + Sync {
 
 pub(crate) struct PeShared {
     ctxs: Mutex<Vec<Weak<dyn Progress>>>,
+    /// The inner epoll instance: every context socket, edge-triggered.
     epoll: OwnedFd,
+    /// The notification handle: an epoll instance holding [`Self::epoll`]
+    /// while armed, nothing otherwise.
+    handle: OwnedFd,
     /// An eventfd in the epoll set, written by a context that left work
     /// it could have done behind ([`PeShared::again`]).
     again: OwnedFd,
@@ -95,27 +107,41 @@ impl ProgressEngine {
         let watch = epoll::EventFlags::IN | epoll::EventFlags::ET;
         epoll::add(&epoll, &again, epoll::EventData::new_u64(0), watch)
             .map_err(|e| crate::error::os("epoll_ctl", e))?;
-        let shared = PeShared { ctxs: Mutex::new(Vec::new()), epoll, again, clears: AtomicU64::new(0) };
+        let handle = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| crate::error::os("epoll_create", e))?;
+        let shared = PeShared { ctxs: Mutex::new(Vec::new()), epoll, handle, again, clears: AtomicU64::new(0) };
         Ok(Self { shared: Arc::new(shared), _single_owner: PhantomData })
     }
 
     /// The notification handle (`doca_pe_get_notification_handle`): an fd
-    /// to poll or add to an epoll set; readable once something happened
-    /// for a context since the last
+    /// to poll or add to an epoll set. It turns readable only while armed
+    /// ([`request_notification`](Self::request_notification)), once
+    /// something happened for a context since the last
     /// [`clear_notification`](Self::clear_notification).
     pub fn notification_handle(&self) -> Result<BorrowedFd<'_>, DocaError> {
-        Ok(self.shared.epoll.as_fd())
+        Ok(self.shared.handle.as_fd())
     }
 
-    /// Arms the handle (`doca_pe_request_notification`). The emulation's
-    /// handle is always armed; this only checks the engine is usable.
+    /// Arms the handle (`doca_pe_request_notification`), as DOCA requires
+    /// before every wait on it: the handle turns readable once something
+    /// happened since the last clear, at once if something already did.
+    /// Arming an armed handle changes nothing.
     pub fn request_notification(&self) -> Result<(), DocaError> {
-        Ok(())
+        // Level-triggered: readable while the inner set has something.
+        let flags = epoll::EventFlags::IN;
+        match epoll::add(&self.shared.handle, &self.shared.epoll, epoll::EventData::new_u64(0), flags) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+            Err(e) => Err(crate::error::os("epoll_ctl", e)),
+        }
     }
 
     /// Clears the handle (`doca_pe_clear_notification`): forgets what it
-    /// reported so far. Progress afterwards before sleeping on it.
+    /// reported so far and disarms it. Then progress until nothing is
+    /// left, and arm again before sleeping on it.
     pub fn clear_notification(&self) -> Result<(), DocaError> {
+        match epoll::delete(&self.shared.handle, &self.shared.epoll) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(crate::error::os("epoll_ctl", e)),
+        }
         // The owning thread's next progress sees it (contexts are
         // progressed by the engine's one owner, after this returns).
         self.shared.clears.fetch_add(1, Ordering::Relaxed);
