@@ -35,7 +35,8 @@ pub enum dne_status {
     DNE_OK = 0,
     /// A pointer was NULL or a string was not valid UTF-8 / not a valid name.
     DNE_ERR_INVALID_ARG = 1,
-    /// host-shimd could not be reached or answered wrongly.
+    /// host-shimd could not be reached or answered wrongly, or (from
+    /// `dne_recv`) is gone: nothing will arrive any more.
     DNE_ERR_SHIMD = 2,
     /// host-shimd refused: the function or tenant does not match the config.
     DNE_ERR_REFUSED = 3,
@@ -98,7 +99,7 @@ pub extern "C" fn dne_status_str(status: c_int) -> *const c_char {
     let s: &'static CStr = match status {
         dne_status::DNE_OK => c"ok",
         dne_status::DNE_ERR_INVALID_ARG => c"invalid argument",
-        dne_status::DNE_ERR_SHIMD => c"host-shimd unreachable or protocol error",
+        dne_status::DNE_ERR_SHIMD => c"host-shimd unreachable, gone, or protocol error",
         dne_status::DNE_ERR_REFUSED => c"refused by host-shimd",
         dne_status::DNE_ERR_EXHAUSTED => c"pool exhausted or message too large",
         dne_status::DNE_ERR_UNKNOWN_FUNCTION => c"unknown function",
@@ -323,7 +324,9 @@ pub unsafe extern "C" fn dne_send(f: *mut dne_fn, m: *mut *mut dne_msg, to: *con
 }
 
 /// Receives one message, waiting up to `timeout_ms` milliseconds (negative:
-/// forever). Spins briefly, then sleeps on the doorbell.
+/// forever). Spins briefly, then sleeps on the doorbell. `DNE_ERR_TIMEOUT`:
+/// nothing arrived in time. `DNE_ERR_SHIMD`: host-shimd is gone (seen when
+/// the wait sleeps with nothing to take; a zero timeout does not sleep).
 ///
 /// # Safety
 ///

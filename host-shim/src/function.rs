@@ -10,7 +10,7 @@
 
 use crate::sock::Conn;
 use shm::pool::{AcceptError, Lease, LocalCache};
-use shm::ring::{Consumer, Doorbell, Ring, RingPushError};
+use shm::ring::{Consumer, Doorbell, Ring, RingPushError, Wait};
 use shm::{AllocError, FreeError, Pool};
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -100,12 +100,17 @@ pub struct SendError {
     pub msg: Option<Msg>,
 }
 
-/// Receiving failed (the control connection broke: host-shimd is gone).
+/// Receiving failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RecvError {
     /// Waiting on the doorbell failed.
     #[error("doorbell: {0}")]
     Io(#[from] io::Error),
+    /// The control connection to host-shimd hung up: host-shimd is gone
+    /// (or dropped this function), nothing will arrive any more. Seen
+    /// when a receive sleeps with its ring empty.
+    #[error("host-shimd is gone (the control connection closed)")]
+    ShimdGone,
 }
 
 /// A message this function holds: its buffers (a lease in the pool) and its
@@ -706,6 +711,12 @@ impl Function {
 
     /// Receives, spinning briefly and then sleeping on the doorbell, until
     /// a valid message arrives or `timeout` passes (`None`: forever).
+    ///
+    /// The sleep also watches the control connection: once host-shimd is
+    /// gone it fails with [`RecvError::ShimdGone`] (after the messages
+    /// already in the ring are taken). A wait too short to sleep (a zero
+    /// timeout, or one within the spin) does not look:
+    /// [`shimd_alive`](Self::shimd_alive) tells.
     pub fn recv_timeout(&mut self, timeout: Option<Duration>) -> Result<Option<Msg>, RecvError> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
@@ -724,11 +735,17 @@ impl Function {
             // held here unaccepted would name buffers still marked as sent
             // to this function and in no ring, which host-shimd's orphan
             // scan frees after a death in the tenant.
-            self.inbox.wait_ready(&self.bell, self.spin, left)?;
+            // A hang-up of the control connection is looked at only when
+            // the wait sleeps, not on the spinning path.
+            let hangup = Some(std::os::fd::AsFd::as_fd(&self.conn));
+            if self.inbox.wait_ready(&self.bell, hangup, self.spin, left)? == Wait::HungUp {
+                return Err(RecvError::ShimdGone);
+            }
         }
     }
 
-    /// Receives, waiting as long as it takes.
+    /// Receives, waiting as long as it takes; fails once host-shimd is
+    /// gone ([`RecvError::ShimdGone`]).
     pub fn recv(&mut self) -> Result<Msg, RecvError> {
         loop {
             if let Some(m) = self.recv_timeout(None)? {

@@ -624,7 +624,7 @@ mod cells {
 }
 
 #[cfg(not(loom))]
-pub use segment::{Consumer, Doorbell, Ring, RingOpenError};
+pub use segment::{Consumer, Doorbell, Ring, RingOpenError, Wait};
 
 #[cfg(not(loom))]
 mod segment {
@@ -949,32 +949,49 @@ mod segment {
             spin: Duration,
             timeout: Option<Duration>,
         ) -> std::io::Result<usize> {
-            self.wait_with(bell, spin, timeout, |c| c.pop(out))
+            Ok(match self.wait_with(bell, None, spin, timeout, |c| c.pop(out))? {
+                Woke::Got(n) => n,
+                // Nothing is watched: a hang-up cannot end this wait.
+                Woke::TimedOut | Woke::HungUp => 0,
+            })
         }
 
         /// Waits as [`pop_wait`](Self::pop_wait) does until a descriptor is
         /// ready to pop, and pops nothing: for a consumer that takes what
         /// arrives with [`peek`](Self::peek) and [`commit`](Self::commit),
-        /// so that nothing it has not dealt with leaves the ring. Returns
-        /// `false` only on timeout.
+        /// so that nothing it has not dealt with leaves the ring.
+        ///
+        /// While it sleeps it also watches `hangup` (when given) and ends
+        /// with [`Wait::HungUp`] once that fd reports a hang-up or an error:
+        /// a function watches its control connection, whose other end is
+        /// the process that gave it the ring. Only the sleep looks at it
+        /// (the spin polls the ring alone), and only after the sleep flag
+        /// is set and the ring seen empty, so descriptors that arrived
+        /// before the hang-up are reported first.
         pub fn wait_ready(
             &mut self,
             bell: &Doorbell,
+            hangup: Option<BorrowedFd<'_>>,
             spin: Duration,
             timeout: Option<Duration>,
-        ) -> std::io::Result<bool> {
-            self.wait_with(bell, spin, timeout, |c| usize::from(super::ready(&c.ring, c.head))).map(|n| n > 0)
+        ) -> std::io::Result<Wait> {
+            Ok(match self.wait_with(bell, hangup, spin, timeout, |c| usize::from(super::ready(&c.ring, c.head)))? {
+                Woke::Got(_) => Wait::Ready,
+                Woke::TimedOut => Wait::TimedOut,
+                Woke::HungUp => Wait::HungUp,
+            })
         }
 
         /// The wait of `pop_wait` and `wait_ready`: `poll` until it returns
-        /// non-zero, spinning, then sleeping on `bell`; 0 on timeout.
+        /// non-zero, spinning, then sleeping on `bell` (and on `hangup`).
         fn wait_with(
             &mut self,
             bell: &Doorbell,
+            hangup: Option<BorrowedFd<'_>>,
             spin: Duration,
             timeout: Option<Duration>,
             mut poll: impl FnMut(&mut Self) -> usize,
-        ) -> std::io::Result<usize> {
+        ) -> std::io::Result<Woke> {
             let start = Instant::now();
             let deadline = timeout.map(|t| start + t);
             loop {
@@ -985,7 +1002,7 @@ mod segment {
                 loop {
                     let n = poll(self);
                     if n > 0 {
-                        return Ok(n);
+                        return Ok(Woke::Got(n));
                     }
                     polls = polls.wrapping_add(1);
                     if polls.is_multiple_of(64) {
@@ -1003,16 +1020,51 @@ mod segment {
                 }
                 let now = Instant::now();
                 if deadline.is_some_and(|d| now >= d) {
-                    return Ok(0);
+                    return Ok(Woke::TimedOut);
                 }
                 if !super::prepare_sleep(&self.ring, self.head) {
                     continue;
                 }
-                let r = bell.wait(deadline.map(|d| d.saturating_duration_since(now)));
+                // The flag is set and the ring was empty after it: a push
+                // from now on rings `bell`, so sleeping cannot miss it.
+                let r = bell.wait_watching(deadline.map(|d| d.saturating_duration_since(now)), hangup);
                 super::end_sleep(&self.ring);
-                r?;
+                // Rung or hung up at once: the bell first, so what arrived
+                // is taken; the hang-up stays and ends the next sleep.
+                if r? == Bell::HungUp {
+                    return Ok(Woke::HungUp);
+                }
             }
         }
+    }
+
+    /// How [`Consumer::wait_ready`] ended.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Wait {
+        /// A descriptor is ready to take.
+        Ready,
+        /// The timeout passed first.
+        TimedOut,
+        /// The ring was empty and the watched fd reported a hang-up.
+        HungUp,
+    }
+
+    /// How `Consumer::wait_with` ended.
+    enum Woke {
+        /// `poll` returned this (non-zero).
+        Got(usize),
+        TimedOut,
+        HungUp,
+    }
+
+    /// How a sleep on a doorbell ended.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Bell {
+        Rung,
+        /// Timed out or interrupted by a signal.
+        Quiet,
+        /// The watched fd hung up (and the bell was not rung).
+        HungUp,
     }
 
     /// An eventfd that wakes a sleeping consumer.
@@ -1060,19 +1112,48 @@ mod segment {
 
         /// Waits until rung or `timeout` passes; returns whether it was rung.
         pub fn wait(&self, timeout: Option<Duration>) -> std::io::Result<bool> {
+            Ok(self.wait_watching(timeout, None)? == Bell::Rung)
+        }
+
+        /// Waits until rung, `timeout` passes, or `hangup` (when given)
+        /// reports a hang-up or an error. `hangup` is polled for no event,
+        /// so data waiting on it (a late answer on a control connection)
+        /// does not end the wait; `POLLHUP` and `POLLERR` are reported
+        /// whatever is asked.
+        fn wait_watching(&self, timeout: Option<Duration>, hangup: Option<BorrowedFd<'_>>) -> std::io::Result<Bell> {
             use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
             let t = match timeout {
                 None => PollTimeout::NONE,
                 Some(d) => PollTimeout::try_from(d).unwrap_or(PollTimeout::MAX),
             };
-            let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, t) {
-                Ok(0) | Err(nix::Error::EINTR) => Ok(false),
+            let bell = PollFd::new(self.0.as_fd(), PollFlags::POLLIN);
+            let mut both;
+            let mut one;
+            let fds: &mut [PollFd<'_>] = match hangup {
+                Some(h) => {
+                    both = [bell, PollFd::new(h, PollFlags::empty())];
+                    &mut both
+                }
+                None => {
+                    one = [bell];
+                    &mut one
+                }
+            };
+            match poll(fds, t) {
+                Ok(0) | Err(nix::Error::EINTR) => Ok(Bell::Quiet),
                 Ok(_) => {
+                    let rung = fds[0].revents().is_some_and(|r| !r.is_empty());
+                    let hung = fds
+                        .get(1)
+                        .and_then(PollFd::revents)
+                        .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR));
+                    if !rung {
+                        return Ok(if hung { Bell::HungUp } else { Bell::Quiet });
+                    }
                     let mut buf = [0u8; 8];
                     match nix::unistd::read(&self.0, &mut buf) {
-                        Ok(_) => Ok(true),
-                        Err(nix::Error::EAGAIN) => Ok(false),
+                        Ok(_) => Ok(Bell::Rung),
+                        Err(nix::Error::EAGAIN) => Ok(if hung { Bell::HungUp } else { Bell::Quiet }),
                         Err(e) => Err(e.into()),
                     }
                 }
@@ -1192,6 +1273,34 @@ mod segment {
             let mut all = [Descriptor::default(); 8];
             assert_eq!(next.pop(&mut all), 8, "the next consumer takes a whole lap");
             assert_eq!(all[0], d(10));
+        }
+
+        /// A sleeping `wait_ready` ends with `HungUp` when the watched fd's
+        /// peer closes, but only once the ring is empty: what was pushed
+        /// before is reported first. Data waiting on the watched fd does
+        /// not end the wait. Before, the watched fd did not exist and the
+        /// wait slept until its timeout.
+        #[test]
+        fn a_sleeping_wait_ends_when_the_watched_fd_hangs_up() {
+            use std::io::Write;
+            let ring = Ring::create("dne-ring-hangup", 8, 1, 2, 3).unwrap();
+            let prod = Ring::open(ring.fd().try_clone_to_owned().unwrap()).unwrap();
+            let bell = Doorbell::new().unwrap();
+            let mut cons = ring.into_consumer();
+            let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            let watch = Some(theirs.as_fd());
+            let short = Some(Duration::from_millis(20));
+            ours.write_all(b"an answer nobody reads yet").unwrap();
+            assert_eq!(cons.wait_ready(&bell, watch, Duration::ZERO, short).unwrap(), Wait::TimedOut);
+            prod.push(&[d(1)]).unwrap();
+            drop(ours);
+            let long = Some(Duration::from_secs(60));
+            assert_eq!(cons.wait_ready(&bell, watch, Duration::ZERO, long).unwrap(), Wait::Ready);
+            let mut out = [Descriptor::default(); 1];
+            assert_eq!(cons.pop(&mut out), 1);
+            // (The 60 s timeout is the watchdog: on a miss this is `TimedOut`.)
+            assert_eq!(cons.wait_ready(&bell, watch, Duration::ZERO, long).unwrap(), Wait::HungUp);
+            assert_eq!(cons.wait_ready(&bell, None, Duration::ZERO, short).unwrap(), Wait::TimedOut, "nothing watched");
         }
 
         #[test]

@@ -260,6 +260,38 @@ fn sleeping_functions_are_woken_by_the_doorbell() {
     }
 }
 
+/// A receive fails with `ShimdGone` once host-shimd is gone, after the
+/// messages already in its ring are taken, both `recv_timeout` and `recv`;
+/// `dne-fn`, which serves "until its host-shimd goes away", exits. Before,
+/// `recv_timeout` kept answering "nothing yet" (here: `Ok(None)` after the
+/// whole watchdog) and `recv` slept for ever (`dne-fn` kept running).
+#[test]
+fn a_receive_fails_once_host_shimd_is_gone() {
+    let mut node = start_node("shimd-gone");
+    let k = node.start_fn("upper", "upper", Some("client"), 0);
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let mut waiter = Function::attach(&node.socket(), "acme", "rot13").unwrap();
+    // One message waits in the client's own ring when host-shimd dies.
+    let mut m = client.alloc(5).unwrap();
+    client.write(&mut m, b"first").unwrap();
+    client.send(m, "client").unwrap();
+    node.shimd.kill9();
+    wait_for("the client to see host-shimd gone", WATCHDOG, || !client.shimd_alive());
+    let m = client.recv_timeout(Some(WATCHDOG)).unwrap().expect("what arrived before is taken first");
+    assert_eq!(client.read_to_vec(&m), b"first");
+    client.free(m).unwrap();
+    let r = client.recv_timeout(Some(WATCHDOG));
+    assert!(matches!(r, Err(host_shim::RecvError::ShimdGone)), "recv_timeout: {:?}", r.map(|m| m.is_some()));
+    // `recv` (no timeout) in a thread, the test waiting with a watchdog.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(waiter.recv().map(|_| ()));
+    });
+    let r = rx.recv_timeout(WATCHDOG).expect("recv returned within the watchdog");
+    assert!(matches!(r, Err(host_shim::RecvError::ShimdGone)), "recv: {r:?}");
+    wait_for("dne-fn to exit", WATCHDOG, || !node.fns[k].is_running());
+}
+
 #[test]
 fn killing_a_function_100_times_leaks_no_buffer() {
     let mut node = start_node("reclaim");
@@ -370,12 +402,10 @@ fn an_absent_function_is_not_looked_up_again_for_every_message() {
     });
 }
 
-/// The C sample function, built with only `pkg-config dne-shim` and the
-/// generated header, takes the place of `upper` in the chain.
-#[test]
-fn c_function_built_with_pkg_config_serves_in_a_chain() {
-    let dir = TempDir::new("cfn");
-    let exe = dir.path().join("upper_fn");
+/// Builds the C sample function `functions/c/upper_fn.c` into `dir` with
+/// only `pkg-config dne-shim` and the generated header, warnings as errors.
+fn build_c_sample(dir: &Path) -> PathBuf {
+    let exe = dir.join("upper_fn");
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions/c/upper_fn.c");
     let flags = Command::new("pkg-config")
         .args(["--cflags", "--libs", "dne-shim"])
@@ -392,7 +422,15 @@ fn c_function_built_with_pkg_config_serves_in_a_chain() {
         .arg(&exe);
     let out = dne_tests::run("cc upper_fn.c", cc, WATCHDOG);
     assert!(out.status.success(), "cc failed: {}", out.stderr);
+    exe
+}
 
+/// The C sample function, built with only `pkg-config dne-shim` and the
+/// generated header, takes the place of `upper` in the chain.
+#[test]
+fn c_function_built_with_pkg_config_serves_in_a_chain() {
+    let dir = TempDir::new("cfn");
+    let exe = build_c_sample(dir.path());
     let mut node = start_node("cchain");
     node.start_fn("rot13", "rot13", Some("client"), 0);
     let mut cmd = Command::new(&exe);
@@ -410,6 +448,24 @@ fn c_function_built_with_pkg_config_serves_in_a_chain() {
         client.free(back).unwrap();
     }
     assert!(c_fn.is_running());
+}
+
+/// The C sample exits (its `check(st, "recv")`, status 1) once host-shimd
+/// is gone: `dne_recv` fails with `DNE_ERR_SHIMD`. Before, `dne_recv`
+/// slept for ever and the process outlived host-shimd (here: killed at the
+/// watchdog).
+#[test]
+fn c_function_exits_once_host_shimd_is_gone() {
+    let dir = TempDir::new("cfn-gone");
+    let exe = build_c_sample(dir.path());
+    let mut node = start_node("cgone");
+    let mut cmd = Command::new(&exe);
+    cmd.arg(node.socket()).args(["acme", "upper", "rot13"]);
+    let mut c_fn = Proc::spawn_lines("upper_fn (C)", cmd);
+    c_fn.wait_line("ready", WATCHDOG);
+    node.shimd.kill9();
+    let out = c_fn.wait_timeout(WATCHDOG);
+    assert_eq!(out.status.code(), Some(1), "upper_fn ended by its recv check: {out:?}");
 }
 
 /// A process of tenant `acme` speaking the control protocol by hand: its
