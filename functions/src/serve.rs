@@ -9,9 +9,10 @@
 //! `--next`, or frees them. Zero copy throughout.
 
 use crate::Transform;
-use host_shim::{Function, SendErrorKind};
+use host_shim::{Function, Msg, SendError, SendErrorKind};
 use std::path::PathBuf;
 use std::time::Duration;
+use wire::{DescFlags, Descriptor, ErrorCode};
 
 /// Options of a sample function.
 #[derive(Clone, Debug, clap::Args)]
@@ -92,7 +93,7 @@ pub fn serve(args: FnArgs) -> anyhow::Result<()> {
         if !delay.is_zero() {
             std::thread::sleep(delay);
         }
-        if msg.desc().flags & wire::DescFlags::ERROR != 0 {
+        if msg.desc().flags & DescFlags::ERROR != 0 {
             // A message of ours came back undelivered.
             log::warn!("message {} came back: error {}", msg.request(), msg.desc().status);
             f.free(msg)?;
@@ -102,7 +103,7 @@ pub fn serve(args: FnArgs) -> anyhow::Result<()> {
         if routes.get(usize::from(d.route)).is_some()
             && (!args.fanout.is_empty() || args.branch_to.is_some() || args.gather > 0)
         {
-            fan.handle(&mut f, &args, t, msg)?;
+            fan.handle(&mut f, &args, t, msg);
             continue;
         }
         let next = match routes.get(usize::from(d.route)) {
@@ -118,12 +119,7 @@ pub fn serve(args: FnArgs) -> anyhow::Result<()> {
                 let r = crate::handle_envelope(&mut crate::MsgFrags::new(&f, &mut msg), t, step);
                 if let Err(e) = r {
                     log::warn!("request {}: {e}", d.request);
-                    let dm = msg.desc_mut();
-                    dm.flags |= wire::DescFlags::ERROR;
-                    dm.status = wire::ErrorCode::BadDescriptor as u8;
-                    if let Err(e) = send_retrying(&mut f, msg, None) {
-                        log::warn!("error reply: {e}");
-                    }
+                    answer_error(&mut f, msg, ErrorCode::BadDescriptor);
                     continue;
                 }
                 match next {
@@ -132,9 +128,7 @@ pub fn serve(args: FnArgs) -> anyhow::Result<()> {
                         Some(n.as_str())
                     }
                     None => {
-                        if let Err(e) = send_retrying(&mut f, msg, None) {
-                            log::warn!("reply: {e}");
-                        }
+                        send_or_free(&mut f, msg, None);
                         continue;
                     }
                 }
@@ -152,7 +146,17 @@ pub fn serve(args: FnArgs) -> anyhow::Result<()> {
             }
             Some(next) => {
                 if let Err(e) = send_retrying(&mut f, msg, Some(next)) {
-                    log::warn!("send to {next}: {e}");
+                    log::warn!("request {}: send to {next}: {}", d.request, e.kind);
+                    match e.msg {
+                        // A call on a route: its caller hears of it now
+                        // rather than at its timeout.
+                        Some(m) if routes.get(usize::from(d.route)).is_some() => {
+                            answer_error(&mut f, m, error_code(&e.kind));
+                        }
+                        Some(m) => release(&mut f, m),
+                        // The receiver died holding it; host-shimd freed it.
+                        None => {}
+                    }
                 }
             }
         }
@@ -160,8 +164,9 @@ pub fn serve(args: FnArgs) -> anyhow::Result<()> {
 }
 
 /// Sends to `to` (or replies, for `None`), waiting while the destination
-/// ring is full; frees the message if it cannot be sent.
-fn send_retrying(f: &mut Function, msg: host_shim::Msg, to: Option<&str>) -> anyhow::Result<()> {
+/// ring is full. On another failure the message comes back in the error
+/// (unless its receiver died holding it and host-shimd freed it).
+fn send_retrying(f: &mut Function, msg: Msg, to: Option<&str>) -> Result<(), SendError> {
     let mut m = msg;
     loop {
         let r = match to {
@@ -169,19 +174,112 @@ fn send_retrying(f: &mut Function, msg: host_shim::Msg, to: Option<&str>) -> any
             None => f.reply(m),
         };
         match r {
-            Ok(()) => return Ok(()),
-            Err(e) if matches!(e.kind, SendErrorKind::Full) && e.msg.is_some() => {
-                m = e.msg.expect("checked");
+            Err(SendError { kind: SendErrorKind::Full, msg: Some(back) }) => {
+                m = back;
                 std::thread::sleep(Duration::from_micros(50));
             }
-            Err(e) => {
-                let kind = e.kind.to_string();
-                if let Some(m) = e.msg {
-                    f.free(m)?;
+            r => return r,
+        }
+    }
+}
+
+/// [`send_retrying`], freeing the message if it cannot be sent (logged).
+fn send_or_free(f: &mut Function, msg: Msg, to: Option<&str>) {
+    if let Err(e) = send_retrying(f, msg, to) {
+        log::warn!("send to {}: {}", to.unwrap_or("the agent (reply)"), e.kind);
+        if let Some(m) = e.msg {
+            release(f, m);
+        }
+    }
+}
+
+/// Frees a message; a failure (a chain whose links a process sharing the
+/// pool rewrote) is logged, not fatal: one bad message does not end the
+/// function (the buffers it could not free stay recorded as its own, and
+/// host-shimd reclaims them when it exits).
+fn release(f: &mut Function, msg: Msg) {
+    let request = msg.request();
+    if let Err(e) = f.free(msg) {
+        log::warn!("request {request}: freeing: {e}");
+    }
+}
+
+/// Answers a call on a route with an error descriptor made of `msg`'s own
+/// buffers (flag [`DescFlags::ERROR`], status `code`), sent back toward
+/// the caller as a reply; anything else (a reply, an error) is freed. When
+/// its buffers cannot go (a link of its chain is broken, so it cannot be
+/// handed over), a new empty message carries the answer.
+fn answer_error(f: &mut Function, mut msg: Msg, code: ErrorCode) {
+    if msg.desc().flags & (DescFlags::REPLY | DescFlags::ERROR) != 0 {
+        return release(f, msg);
+    }
+    let dm = msg.desc_mut();
+    dm.flags |= DescFlags::ERROR;
+    dm.status = code as u8;
+    let d = *dm;
+    match send_retrying(f, msg, None) {
+        Ok(()) => {}
+        Err(SendError { kind: SendErrorKind::Ownership(why), msg: Some(m) }) => {
+            log::warn!("request {}: its buffers cannot carry the error ({why}): a new message does", d.request);
+            release(f, m);
+            match f.alloc(0) {
+                Ok(mut e) => {
+                    let dm = e.desc_mut();
+                    *dm = Descriptor { buf: dm.buf, len: dm.len, ..d };
+                    send_or_free(f, e, None);
                 }
-                anyhow::bail!(kind);
+                Err(e) => log::warn!("request {}: no buffer for the error: {e}", d.request),
             }
         }
+        Err(e) => {
+            log::warn!("request {}: error reply: {}", d.request, e.kind);
+            if let Some(m) = e.msg {
+                release(f, m);
+            }
+        }
+    }
+}
+
+/// The error a caller is answered with when sending its call on failed.
+fn error_code(kind: &SendErrorKind) -> ErrorCode {
+    match kind {
+        SendErrorKind::UnknownFunction => ErrorCode::UnknownFunction,
+        SendErrorKind::TenantMismatch => ErrorCode::TenantMismatch,
+        // As the agent answers a call to a function without an instance.
+        SendErrorKind::NoInstance => ErrorCode::PeerDied,
+        SendErrorKind::Full => ErrorCode::Overloaded,
+        SendErrorKind::Ownership(_) => ErrorCode::BadDescriptor,
+        SendErrorKind::Shimd(_) => ErrorCode::Unreachable,
+    }
+}
+
+/// A copy of `msg`'s payload in buffers of its own: `Overloaded` when the
+/// pool has none free at the moment, `BadDescriptor` when `msg`'s chain is
+/// broken (a link leads out of the pool: its fragment reads as empty).
+fn copy_of(f: &mut Function, msg: &Msg) -> Result<Msg, ErrorCode> {
+    let mut c = f.alloc(msg.len()).map_err(|e| {
+        log::warn!("request {}: no buffer for a copy: {e}", msg.request());
+        ErrorCode::Overloaded
+    })?;
+    // The copy has the same length in the same pool, so the same
+    // fragment lengths, unless a link of `msg` is broken.
+    let mut intact = true;
+    for j in 0..msg.frags() {
+        let src = f.payload(msg, j);
+        match f.try_payload_mut(&mut c, j) {
+            Some(dst) if dst.len() == src.len() => dst.copy_from_slice(src),
+            _ => {
+                intact = false;
+                break;
+            }
+        }
+    }
+    if intact {
+        Ok(c)
+    } else {
+        log::warn!("request {}: broken chain, not copied", msg.request());
+        release(f, c);
+        Err(ErrorCode::BadDescriptor)
     }
 }
 
@@ -193,41 +291,31 @@ const GATHER_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Default)]
 struct Fan {
     /// Branches received so far, per request.
-    parts: std::collections::HashMap<u32, (std::time::Instant, Vec<Option<host_shim::Msg>>)>,
+    parts: std::collections::HashMap<u32, (std::time::Instant, Vec<Option<Msg>>)>,
 }
 
 impl Fan {
-    fn handle(&mut self, f: &mut Function, args: &FnArgs, t: Transform, mut msg: host_shim::Msg) -> anyhow::Result<()> {
+    /// Handles one call of the fan-out, branch or gather role. Never fails:
+    /// what cannot be done (no buffer free at the moment, a broken chain, a
+    /// send that failed) is answered to the caller as an error descriptor,
+    /// and the function serves on.
+    fn handle(&mut self, f: &mut Function, args: &FnArgs, t: Transform, mut msg: Msg) {
         let d = *msg.desc();
         if !args.fanout.is_empty() {
-            // One copy per branch but the last, which takes the original.
-            let k = args.fanout.len();
-            for (i, to) in args.fanout.iter().enumerate() {
-                let mut m = if i + 1 == k {
-                    std::mem::replace(&mut msg, f.alloc(0)?)
-                } else {
-                    let mut c = f.alloc(msg.len())?;
-                    for j in 0..msg.frags() {
-                        f.payload_mut(&mut c, j).copy_from_slice(f.payload(&msg, j));
-                    }
-                    c
-                };
-                let dm = m.desc_mut();
-                *dm = wire::Descriptor { hop: i as u8, buf: dm.buf, len: dm.len, ..d };
-                if let Err(e) = send_retrying(f, m, Some(to)) {
-                    log::warn!("fan-out to {to}: {e}");
-                }
-            }
-            f.free(msg)?;
-            return Ok(());
+            return fan_out(f, &args.fanout, msg);
         }
         if let Some(to) = &args.branch_to {
             if let Err(e) = crate::handle_envelope(&mut crate::MsgFrags::new(f, &mut msg), t, crate::Next::Forward) {
                 log::warn!("request {}: {e}", d.request);
-                f.free(msg)?;
-                return Ok(());
+                return answer_error(f, msg, ErrorCode::BadDescriptor);
             }
-            return send_retrying(f, msg, Some(to));
+            if let Err(e) = send_retrying(f, msg, Some(to)) {
+                log::warn!("request {}: branch to {to}: {}", d.request, e.kind);
+                if let Some(m) = e.msg {
+                    answer_error(f, m, error_code(&e.kind));
+                }
+            }
+            return;
         }
         // Gather.
         let now = std::time::Instant::now();
@@ -240,7 +328,7 @@ impl Fan {
             .collect();
         for r in stale {
             for m in self.parts.remove(&r).into_iter().flat_map(|(_, v)| v).flatten() {
-                f.free(m)?;
+                release(f, m);
             }
         }
         let entry = self.parts.entry(d.request).or_insert_with(|| (now, (0..n).map(|_| None).collect()));
@@ -248,35 +336,84 @@ impl Fan {
             Some(slot @ None) => *slot = Some(msg),
             _ => {
                 log::warn!("request {}: unexpected branch {}", d.request, d.hop);
-                f.free(msg)?;
-                return Ok(());
+                return release(f, msg);
             }
         }
         if entry.1.iter().any(Option::is_none) {
-            return Ok(());
+            return;
         }
-        let parts: Vec<host_shim::Msg> =
+        let mut parts: Vec<Msg> =
             self.parts.remove(&d.request).map(|(_, v)| v.into_iter().flatten().collect()).unwrap_or_default();
-        let reply = gather_reply(f, &parts);
-        for m in parts {
-            f.free(m)?;
-        }
-        match reply {
+        match gather_reply(f, &parts) {
             Ok(mut r) => {
+                for m in parts {
+                    release(f, m);
+                }
                 let dm = r.desc_mut();
-                *dm = wire::Descriptor { hop: 0, buf: dm.buf, len: dm.len, ..d };
-                send_retrying(f, r, None)
+                *dm = Descriptor { hop: 0, buf: dm.buf, len: dm.len, ..d };
+                send_or_free(f, r, None);
             }
             Err(e) => {
                 log::warn!("request {}: gathering failed: {e}", d.request);
-                Ok(())
+                let code = if e.is::<shm::AllocError>() { ErrorCode::Overloaded } else { ErrorCode::BadDescriptor };
+                // The first branch carries the error back; no buffer spent.
+                let mut first = parts.remove(0);
+                for m in parts {
+                    release(f, m);
+                }
+                let dm = first.desc_mut();
+                *dm = Descriptor { hop: 0, buf: dm.buf, len: dm.len, ..d };
+                answer_error(f, first, code);
+            }
+        }
+    }
+}
+
+/// The fan-out role: the call goes on to every function of `fanout`, the
+/// `i`-th tagged with hop `i`, the last taking the original buffers and the
+/// others a copy each. The copies are made before anything is sent: when
+/// the pool has no room for them at the moment (or the call's chain is
+/// broken), the call goes back to its caller whole as an error descriptor
+/// (`Overloaded`, `BadDescriptor`) and no branch waits at the gatherer for
+/// the others. A branch that cannot be sent answers the caller with an
+/// error (once per call; later failures are only freed).
+fn fan_out(f: &mut Function, fanout: &[String], msg: Msg) {
+    let d = *msg.desc();
+    let mut branches = Vec::with_capacity(fanout.len());
+    for _ in 1..fanout.len() {
+        match copy_of(f, &msg) {
+            Ok(c) => branches.push(c),
+            Err(code) => {
+                for c in branches {
+                    release(f, c);
+                }
+                return answer_error(f, msg, code);
+            }
+        }
+    }
+    branches.push(msg);
+    let mut answered = false;
+    for (i, (to, mut m)) in fanout.iter().zip(branches).enumerate() {
+        let dm = m.desc_mut();
+        *dm = Descriptor { hop: i as u8, buf: dm.buf, len: dm.len, ..d };
+        if let Err(e) = send_retrying(f, m, Some(to)) {
+            log::warn!("request {}: fan-out to {to}: {}", d.request, e.kind);
+            match e.msg {
+                Some(mut m) if !answered => {
+                    answered = true;
+                    let dm = m.desc_mut();
+                    *dm = Descriptor { buf: dm.buf, len: dm.len, ..d };
+                    answer_error(f, m, error_code(&e.kind));
+                }
+                Some(m) => release(f, m),
+                None => {}
             }
         }
     }
 }
 
 /// A response envelope whose body is the branches' bodies, in order.
-fn gather_reply(f: &mut Function, parts: &[host_shim::Msg]) -> anyhow::Result<host_shim::Msg> {
+fn gather_reply(f: &mut Function, parts: &[Msg]) -> anyhow::Result<Msg> {
     use wire::http::{HeadSpec, Start};
     let mut bodies = Vec::with_capacity(parts.len());
     for p in parts {

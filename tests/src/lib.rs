@@ -192,6 +192,19 @@ impl Drop for Proc {
     }
 }
 
+/// A POST request envelope carrying `body`, as the ingress writes it (head
+/// room for the reply's head in front).
+pub fn request_envelope(body: &[u8]) -> Vec<u8> {
+    use wire::http::{HeadSpec, Method, REPLY_HEAD_ROOM, Start, encode_head};
+    let spec = HeadSpec { start: Start::Request { method: Method::Post, path: b"/x" }, headers: &[] };
+    let head = spec.len().expect("a valid head");
+    let pad = REPLY_HEAD_ROOM.saturating_sub(head);
+    let mut frags = vec![vec![0u8; (head + pad) as usize + body.len()]];
+    let off = encode_head(&mut frags, &spec, pad, body.len() as u32).expect("room for the head");
+    frags[0][off as usize..].copy_from_slice(body);
+    frags.pop().expect("one fragment")
+}
+
 /// Polls `cond` every few milliseconds until it holds; panics with `what`
 /// after `deadline` (a watchdog against hangs, not a timing assertion).
 pub fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {

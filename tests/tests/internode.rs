@@ -387,18 +387,6 @@ chain = ["lazy"]
 timeout_ms = 300
 "#;
 
-/// A POST request envelope carrying `body` (as the ingress writes it).
-fn envelope(body: &[u8]) -> Vec<u8> {
-    use wire::http::{HeadSpec, Method, REPLY_HEAD_ROOM, Start, encode_head};
-    let spec = HeadSpec { start: Start::Request { method: Method::Post, path: b"/x" }, headers: &[] };
-    let head = spec.len().unwrap();
-    let pad = REPLY_HEAD_ROOM.saturating_sub(head);
-    let mut frags = vec![vec![0u8; (head + pad) as usize + body.len()]];
-    let off = encode_head(&mut frags, &spec, pad, body.len() as u32).unwrap();
-    frags[0][off as usize..].copy_from_slice(body);
-    frags.pop().unwrap()
-}
-
 fn rot13(b: u8) -> u8 {
     match b {
         b'a'..=b'z' => (b - b'a' + 13) % 26 + b'a',
@@ -558,7 +546,7 @@ fn edge_chain(task: bool, mode: &'static str) {
     let full = pool.free_buffers();
     for (k, len) in [1usize, 1000, 40_000, 1_000_000].into_iter().enumerate() {
         let data = pattern(len, k);
-        let msg = envelope(&data);
+        let msg = dne_tests::request_envelope(&data);
         let mut lease = pool.alloc(msg.len() as u32, wire::Owner::Held(EDGE_SLOT)).unwrap();
         pool.write(&mut lease, &msg).unwrap();
         let (reply, desc) = wait_reply(edge.call(0, 0, 100 + k as u32, lease)).expect("a reply");
@@ -574,12 +562,12 @@ fn edge_chain(task: bool, mode: &'static str) {
     // A caller that goes away after its reply arrived, without reading it
     // (a client gone at that moment): the reply's buffers still come back.
     let unread = {
-        let msg = envelope(b"unread");
+        let msg = dne_tests::request_envelope(b"unread");
         let mut lease = pool.alloc(msg.len() as u32, wire::Owner::Held(EDGE_SLOT)).unwrap();
         pool.write(&mut lease, &msg).unwrap();
         edge.call(0, 0, 200, lease)
     };
-    let msg = envelope(b"after");
+    let msg = dne_tests::request_envelope(b"after");
     let mut lease = pool.alloc(msg.len() as u32, wire::Owner::Held(EDGE_SLOT)).unwrap();
     pool.write(&mut lease, &msg).unwrap();
     drop(wait_reply(edge.call(0, 0, 201, lease)).expect("a reply"));
@@ -616,7 +604,7 @@ fn a_node_without_credits_holds_back_only_its_own_requests() {
     c.wait_conns(2);
     let full = pool.free_buffers();
     let call = |route: u16, request: u32| {
-        let msg = envelope(b"hol");
+        let msg = dne_tests::request_envelope(b"hol");
         let mut lease = pool.alloc(msg.len() as u32, wire::Owner::Held(EDGE_SLOT)).unwrap();
         pool.write(&mut lease, &msg).unwrap();
         edge.call(0, route, request, lease)
@@ -681,7 +669,7 @@ fn a_request_a_node_took_fails_as_peer_died_when_the_node_goes_down() {
     let edge = Edge::start(cfg, 0, pools).unwrap();
     dne_tests::wait_for("the edge connected to both nodes", WATCHDOG, || edge.conns_up() == 2);
     c.wait_conns(2);
-    let msg = envelope(b"took");
+    let msg = dne_tests::request_envelope(b"took");
     let mut lease = pool.alloc(msg.len() as u32, wire::Owner::Held(EDGE_SLOT)).unwrap();
     pool.write(&mut lease, &msg).unwrap();
     let rx = edge.call(0, 0, 77, lease);
@@ -714,7 +702,7 @@ fn requests_waiting_beyond_the_credit_wait_are_refused_unsent() {
     c.signal_agent(1, Signal::SIGSTOP).unwrap();
     let mut far: Vec<_> = (0..200u32)
         .map(|k| {
-            let msg = envelope(b"wait");
+            let msg = dne_tests::request_envelope(b"wait");
             let mut lease = pool.alloc(msg.len() as u32, wire::Owner::Held(EDGE_SLOT)).unwrap();
             pool.write(&mut lease, &msg).unwrap();
             Some(edge.call(0, 0, 1000 + k, lease))

@@ -29,6 +29,10 @@ impl Node {
         host_shim::daemon::socket_path(self.dir.path())
     }
 
+    fn config(&self) -> String {
+        self.dir.path().join("cluster.toml").display().to_string()
+    }
+
     fn status(&self) -> String {
         std::fs::read_to_string(host_shim::daemon::status_path(self.dir.path())).unwrap_or_default()
     }
@@ -104,6 +108,33 @@ node = "n1"
 name = "g-echo"
 tenant = "globex"
 node = "n1"
+
+[[function]]
+name = "fan"
+tenant = "acme"
+node = "n1"
+
+[[function]]
+name = "b0"
+tenant = "acme"
+node = "n1"
+
+[[function]]
+name = "b1"
+tenant = "acme"
+node = "n1"
+
+# Route 0: the fan-out and gather roles of the sample function.
+[[route]]
+path = "/fan"
+tenant = "acme"
+chain = ["fan"]
+
+# Route 1: a chain of two sample functions.
+[[route]]
+path = "/chain"
+tenant = "acme"
+chain = ["upper", "rot13"]
 "#,
         dir.display()
     )
@@ -774,6 +805,148 @@ fn messages_a_waiting_receiver_has_not_taken_yet_survive_a_death_in_the_tenant()
     }
     assert!(victim.rejected().is_empty(), "{:?}", victim.rejected());
     assert_eq!(dne_tests::cluster::status_number(&node.status(), "orphans"), Some(0), "{}", node.status());
+}
+
+/// A call on route 0 from the test process (attached as `client`), `len`
+/// bytes of `byte`.
+fn routed_call(client: &mut Function, request: u32, hop: u8, data: &[u8]) -> host_shim::Msg {
+    let mut m = client.alloc(data.len() as u32).unwrap();
+    client.write(&mut m, data).unwrap();
+    m.set_request(request);
+    let d = m.desc_mut();
+    d.route = 0;
+    d.hop = hop;
+    m
+}
+
+/// The error descriptor a sample function answered `request` with, as the
+/// agent (the test, attached as it) receives it.
+fn error_answer(agent: &mut Function, request: u32) -> ErrorCode {
+    let m = agent.recv_timeout(Some(WATCHDOG)).unwrap().expect("an answer within the watchdog");
+    let d = *m.desc();
+    agent.free(m).unwrap();
+    assert_eq!(d.request, request);
+    assert_ne!(d.flags & wire::DescFlags::REPLY, 0, "{d:?}");
+    d.error_code().unwrap_or_else(|| panic!("not an error descriptor: {d:?}"))
+}
+
+/// The fan-out role with the pool exhausted for a moment (another
+/// function's burst, say): the call goes back to its caller as an
+/// `Overloaded` error and the function serves on; the next call fans out
+/// to both branches. Before, `f.alloc(..)?` ended the whole `dne-fn`
+/// process (no answer: the watchdog ran out here).
+#[test]
+fn a_fan_out_without_free_buffers_answers_overloaded_and_serves_on() {
+    let mut node = start_node("fan-exhausted");
+    let cfg = node.config();
+    let k = node.start_fn_with("fan", &["--config", &cfg, "--fanout", "b0,b1"]);
+    let mut agent = Function::attach_agent(&node.socket(), "acme").unwrap();
+    let mut b0 = Function::attach(&node.socket(), "acme", "b0").unwrap();
+    let mut b1 = Function::attach(&node.socket(), "acme", "b1").unwrap();
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let m = routed_call(&mut client, 1, 0, &[b'x'; 100]);
+    let mut hoard = Vec::new();
+    while let Ok(h) = client.alloc(1) {
+        hoard.push(h);
+    }
+    client.send(m, "fan").unwrap();
+    assert_eq!(error_answer(&mut agent, 1), ErrorCode::Overloaded);
+    assert!(node.fns[k].is_running(), "the fan-out function serves on");
+    for h in hoard {
+        client.free(h).unwrap();
+    }
+    let m = routed_call(&mut client, 2, 0, &[b'y'; 100]);
+    client.send(m, "fan").unwrap();
+    for (hop, b) in [&mut b0, &mut b1].into_iter().enumerate() {
+        let m = b.recv_timeout(Some(WATCHDOG)).unwrap().expect("a branch within the watchdog");
+        assert_eq!((m.request(), m.desc().hop), (2, hop as u8));
+        assert_eq!(b.read_to_vec(&m), [b'y'; 100]);
+        b.free(m).unwrap();
+    }
+}
+
+/// A fan-out branch that cannot be sent (here: to a function the cluster
+/// does not know) answers the caller with an error at once; the other
+/// branch goes. Before, the failure was only logged and the caller waited
+/// for its timeout (here: the watchdog ran out).
+#[test]
+fn a_fan_out_branch_that_cannot_be_sent_is_answered_as_an_error() {
+    let mut node = start_node("fan-unsent");
+    let cfg = node.config();
+    node.start_fn_with("fan", &["--config", &cfg, "--fanout", "b0,no-such-fn"]);
+    let mut agent = Function::attach_agent(&node.socket(), "acme").unwrap();
+    let mut b0 = Function::attach(&node.socket(), "acme", "b0").unwrap();
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let m = routed_call(&mut client, 3, 0, b"branches");
+    client.send(m, "fan").unwrap();
+    assert_eq!(error_answer(&mut agent, 3), ErrorCode::UnknownFunction);
+    let m = b0.recv_timeout(Some(WATCHDOG)).unwrap().expect("the branch that could go");
+    assert_eq!(b0.read_to_vec(&m), b"branches");
+    b0.free(m).unwrap();
+}
+
+/// A gathering function whose reply cannot be built (the branches are no
+/// HTTP envelopes) answers the caller with an error made of a branch's
+/// buffers. Before, it logged and freed them; the caller waited for its
+/// timeout (here: the watchdog ran out).
+#[test]
+fn a_gather_that_cannot_build_its_reply_answers_an_error() {
+    let mut node = start_node("gather-bad");
+    let cfg = node.config();
+    node.start_fn_with("fan", &["--config", &cfg, "--gather", "2"]);
+    let mut agent = Function::attach_agent(&node.socket(), "acme").unwrap();
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    for hop in 0..2 {
+        let m = routed_call(&mut client, 4, hop, b"no envelope");
+        client.send(m, "fan").unwrap();
+    }
+    assert_eq!(error_answer(&mut agent, 4), ErrorCode::BadDescriptor);
+}
+
+/// A call whose chain a process sharing the pool broke after the fan-out
+/// function took it (a link now leads out of the pool, so a fragment
+/// reads as empty) is answered as `BadDescriptor`, and the function serves
+/// on. Before, copying it panicked (`copy_from_slice` of slices of
+/// different lengths) and `dne-fn` died. The function waits 3 s
+/// (`--delay-us`) between taking the call and handling it, for the test to
+/// break the link in between.
+#[test]
+fn a_fan_out_of_a_broken_chain_answers_an_error_and_serves_on() {
+    let mut node = start_node("fan-broken");
+    let cfg = node.config();
+    let k = node.start_fn_with("fan", &["--config", &cfg, "--fanout", "b0,b1", "--delay-us", "3000000"]);
+    let mut agent = Function::attach_agent(&node.socket(), "acme").unwrap();
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    // Two fragments (16 KiB buffers).
+    let m = routed_call(&mut client, 5, 0, &[b'z'; 20_000]);
+    let head = m.desc().buf;
+    client.send(m, "fan").unwrap();
+    let pool = client.pool();
+    wait_for("the fan-out function to take the call", WATCHDOG, || {
+        matches!(pool.owner(head), Ok(wire::Owner::Held(_)))
+    });
+    let layout = wire::segment::PoolLayout::new(pool.geometry());
+    let link = layout.meta_offset(head).unwrap() + std::mem::offset_of!(wire::segment::BufMeta, next_chain) as u64;
+    pool.region().atomic_u32(link).unwrap().store(u32::MAX, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(error_answer(&mut agent, 5), ErrorCode::BadDescriptor);
+    assert!(node.fns[k].is_running(), "the fan-out function serves on");
+}
+
+/// A function of a route that cannot forward the call to the next one
+/// (here: it has no live instance) answers the caller with an error at
+/// once. Before, the failure was only logged and the message freed; the
+/// caller waited for its timeout (here: the watchdog ran out).
+#[test]
+fn a_route_function_that_cannot_forward_answers_an_error() {
+    let mut node = start_node("route-unsent");
+    let cfg = node.config();
+    node.start_fn_with("upper", &["--config", &cfg, "--transform", "upper"]);
+    let mut agent = Function::attach_agent(&node.socket(), "acme").unwrap();
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let mut m = routed_call(&mut client, 6, 0, &dne_tests::request_envelope(b"hello"));
+    m.desc_mut().route = 1;
+    client.send(m, "upper").unwrap();
+    assert_eq!(error_answer(&mut agent, 6), ErrorCode::PeerDied);
 }
 
 /// Set in this test binary's environment when it runs again as another
