@@ -1,5 +1,6 @@
 /* Sample DNE function in C: upper-cases every message in place (zero copy)
- * and hands the same buffers on to the next function.
+ * and hands the same buffers on to the next function. An error descriptor
+ * (a message of ours that came back undelivered) is freed, not forwarded.
  *
  *   upper_fn SOCKET TENANT FUNCTION NEXT
  *
@@ -32,12 +33,34 @@ int main(int argc, char **argv) {
         if (st == DNE_ERR_TIMEOUT)
             continue;
         check(st, "recv");
+        if (dne_msg_is_error(msg)) {
+            /* A message of ours came back undelivered: not a call, free it. */
+            fprintf(stderr, "upper_fn: message %u came back: %s\n", dne_msg_request(msg),
+                    dne_error_code_str(dne_msg_error_code(msg)));
+            check(dne_free(fn, msg), "free");
+            continue;
+        }
+        int broken = 0;
         for (uint32_t k = 0; k < dne_msg_frags(msg); k++) {
             uint32_t len = 0;
             uint8_t *p = dne_msg_data(fn, msg, k, &len);
+            if (!p) {
+                /* A link of the chain leads out of the pool (a process
+                 * sharing it rewrote the link): drop the message. */
+                broken = 1;
+                break;
+            }
             for (uint32_t i = 0; i < len; i++)
                 if (p[i] >= 'a' && p[i] <= 'z')
                     p[i] = (uint8_t)(p[i] - 'a' + 'A');
+        }
+        if (broken) {
+            fprintf(stderr, "upper_fn: message %u has a broken chain; dropped\n", dne_msg_request(msg));
+            /* Freeing stops at the broken link (DNE_ERR_OWNERSHIP): the
+             * buffers it could not free are reclaimed when we exit. */
+            if ((st = dne_free(fn, msg)) != DNE_OK)
+                fprintf(stderr, "upper_fn: free: %s\n", dne_status_str(st));
+            continue;
         }
         /* Back-pressure: retry while the next ring is full; never drop. */
         while ((st = dne_send(fn, &msg, argv[4])) == DNE_ERR_FULL)

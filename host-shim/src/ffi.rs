@@ -278,6 +278,60 @@ pub unsafe extern "C" fn dne_msg_request(m: *const dne_msg) -> u32 {
     unsafe { m.as_ref() }.map_or(0, |m| m.0.request())
 }
 
+/// Whether `m` is an error descriptor rather than a call (false for NULL):
+/// a message this function sent that came back undelivered, or an error
+/// answer to one. It is not to be handled or forwarded as a call: free it
+/// (`dne_msg_error_code` says why it came back).
+///
+/// # Safety
+///
+/// `m` is NULL or a live message handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dne_msg_is_error(m: *const dne_msg) -> bool {
+    // SAFETY: live handle or NULL (caller contract).
+    unsafe { m.as_ref() }.is_some_and(|m| m.0.desc().is_error())
+}
+
+/// The error code of an error descriptor (a `wire::ErrorCode`, 1 and up;
+/// `dne_error_code_str` names it); 0 when `m` is not an error descriptor
+/// or is NULL.
+///
+/// # Safety
+///
+/// `m` is NULL or a live message handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dne_msg_error_code(m: *const dne_msg) -> u8 {
+    // SAFETY: live handle or NULL (caller contract).
+    unsafe { m.as_ref() }.map_or(0, |m| if m.0.desc().is_error() { m.0.desc().status } else { 0 })
+}
+
+/// A static, NUL-terminated name of error code `code` (as
+/// `dne_msg_error_code` returns it: "overloaded", "peer_died", ...;
+/// "unknown error code" for any other number).
+#[unsafe(no_mangle)]
+pub extern "C" fn dne_error_code_str(code: c_int) -> *const c_char {
+    use wire::ErrorCode;
+    let Some(code) = u8::try_from(code).ok().and_then(ErrorCode::from_u8) else {
+        return c"unknown error code".as_ptr();
+    };
+    // The names of `ErrorCode::as_str`, NUL-terminated (a test checks).
+    let s: &'static CStr = match code {
+        ErrorCode::UnknownFunction => c"unknown_function",
+        ErrorCode::Unreachable => c"unreachable",
+        ErrorCode::PeerDied => c"peer_died",
+        ErrorCode::Timeout => c"timeout",
+        ErrorCode::Overloaded => c"overloaded",
+        ErrorCode::BadDescriptor => c"bad_descriptor",
+        ErrorCode::TenantMismatch => c"tenant_mismatch",
+        ErrorCode::TooLarge => c"too_large",
+        ErrorCode::PoolExhausted => c"pool_exhausted",
+        ErrorCode::FunctionFailed => c"function_failed",
+        ErrorCode::BadRoute => c"bad_route",
+        ErrorCode::VersionMismatch => c"version_mismatch",
+    };
+    s.as_ptr()
+}
+
 /// Sends `*m` to function `to`. On success `*m` becomes NULL (the message
 /// is gone). On failure `*m` stays valid and the caller still owns it,
 /// except after `DNE_ERR_NO_INSTANCE` with `*m == NULL`: the receiver died
@@ -399,6 +453,41 @@ mod tests {
             // SAFETY: `dne_status_str` returns a static C string.
             let msg = unsafe { CStr::from_ptr(dne_status_str(code)) };
             assert_eq!(msg, c"unknown status", "{code}");
+        }
+    }
+
+    /// A C function can tell an error descriptor from a call, and why it
+    /// came back. Before, the C ABI had no way to: the C sample forwarded a
+    /// bounced message as if it were a call.
+    #[test]
+    fn error_descriptors_are_told_apart_from_calls() {
+        use wire::{DescFlags, Descriptor, ErrorCode, Owner};
+        let g = wire::desc::PoolGeometry::new(1, 256, 64, 64, 8).unwrap();
+        let pool = shm::Pool::create("dne-ffi-test", g, shm::PagePolicy::Normal).unwrap();
+        let msg = |desc: Descriptor| dne_msg(Msg::from_parts(pool.alloc(1, Owner::Held(0)).unwrap(), desc));
+        let call = msg(Descriptor::default());
+        let bounced =
+            msg(Descriptor { flags: DescFlags::ERROR, status: ErrorCode::Overloaded as u8, ..Default::default() });
+        let reply = msg(Descriptor { flags: DescFlags::REPLY, status: 200, ..Default::default() });
+        let is = |m: *const dne_msg| {
+            // SAFETY: a live handle or NULL (both in the contract).
+            let error = unsafe { dne_msg_is_error(m) };
+            // SAFETY: as above.
+            (error, unsafe { dne_msg_error_code(m) })
+        };
+        assert_eq!(is(&call), (false, 0));
+        assert_eq!(is(&bounced), (true, ErrorCode::Overloaded as u8));
+        assert_eq!(is(&reply), (false, 0), "a status without the error flag is no error code");
+        assert_eq!(is(std::ptr::null()), (false, 0));
+        for c in ErrorCode::ALL {
+            // SAFETY: `dne_error_code_str` returns a static C string.
+            let name = unsafe { CStr::from_ptr(dne_error_code_str(c_int::from(c as u8))) };
+            assert_eq!(name.to_str(), Ok(c.as_str()));
+        }
+        for c in [0, 13, 255, 256, -1] {
+            // SAFETY: as above.
+            let name = unsafe { CStr::from_ptr(dne_error_code_str(c)) };
+            assert_eq!(name, c"unknown error code", "{c}");
         }
     }
 

@@ -481,6 +481,40 @@ fn c_function_built_with_pkg_config_serves_in_a_chain() {
     assert!(c_fn.is_running());
 }
 
+/// The C sample frees an error descriptor (a message that came back
+/// undelivered) instead of forwarding it as a call: what reaches the next
+/// function is only the call sent after it. Before, the C ABI could not
+/// tell one from the other and the C sample forwarded the error.
+#[test]
+fn c_function_frees_an_error_descriptor_instead_of_forwarding_it() {
+    let dir = TempDir::new("cfn-error");
+    let exe = build_c_sample(dir.path());
+    let node = start_node("cerror");
+    let mut next = Function::attach(&node.socket(), "acme", "rot13").unwrap();
+    let mut cmd = Command::new(&exe);
+    cmd.arg(node.socket()).args(["acme", "upper", "rot13"]);
+    let mut c_fn = Proc::spawn_lines("upper_fn (C)", cmd);
+    c_fn.wait_line("ready", WATCHDOG);
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let mut bounced = client.alloc(6).unwrap();
+    client.write(&mut bounced, b"bounce").unwrap();
+    bounced.set_request(1);
+    let d = bounced.desc_mut();
+    d.flags |= wire::DescFlags::ERROR;
+    d.status = ErrorCode::Overloaded as u8;
+    client.send(bounced, "upper").unwrap();
+    let mut call = client.alloc(4).unwrap();
+    client.write(&mut call, b"call").unwrap();
+    call.set_request(2);
+    client.send(call, "upper").unwrap();
+    // One producer, one ring: a forwarded error would arrive first.
+    let m = next.recv_timeout(Some(WATCHDOG)).unwrap().expect("the call forwarded");
+    assert_eq!((m.request(), m.desc().is_error()), (2, false), "{:?}", m.desc());
+    assert_eq!(next.read_to_vec(&m), b"CALL");
+    next.free(m).unwrap();
+    assert!(c_fn.is_running());
+}
+
 /// The C sample exits (its `check(st, "recv")`, status 1) once host-shimd
 /// is gone: `dne_recv` fails with `DNE_ERR_SHIMD`. Before, `dne_recv`
 /// slept for ever and the process outlived host-shimd (here: killed at the
