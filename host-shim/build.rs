@@ -1,5 +1,6 @@
 //! Generates the C header `dne_shim.h` from `src/ffi.rs` (cbindgen) and a
-//! build-tree `dne-shim.pc`, both under `OUT_DIR` (`include/`, `pkgconfig/`).
+//! build-tree `dne-shim.pc`, both under `OUT_DIR` (`include/`, `pkgconfig/`);
+//! the `.pc` links (and sets the rpath to) `target/<profile>/deps`.
 //! Installed copies (with the install prefix) are made by the packaging
 //! scripts from the same template.
 
@@ -25,11 +26,16 @@ fn main() {
         .expect("cbindgen could not generate dne_shim.h")
         .write_to_file(include.join("dne_shim.h"));
 
-    // target/<profile>/build/host-shim-<hash>/out -> target/<profile>
-    let libdir = out.ancestors().nth(3).expect("OUT_DIR layout").to_path_buf();
+    // target/<profile>/build/host-shim-<hash>/out -> target/<profile>/deps:
+    // where cargo builds libhost_shim.so every time, whether host-shim is
+    // built itself or as a dependency (`cargo test -p dne-tests`). The copy
+    // in target/<profile> is refreshed only when host-shim is built itself,
+    // so linking it could pick a library older than the header.
+    let profile = out.ancestors().nth(3).expect("OUT_DIR layout").to_path_buf();
+    let libdir = profile.join("deps");
     let pc = std::fs::read_to_string(crate_dir.join("dne-shim.pc.in"))
         .expect("dne-shim.pc.in")
-        .replace("@PREFIX@", &libdir.display().to_string())
+        .replace("@PREFIX@", &profile.display().to_string())
         .replace("@LIBDIR@", &libdir.display().to_string())
         .replace("@INCLUDEDIR@", &include.display().to_string())
         .replace("@RPATH@", &format!("-Wl,-rpath,{} ", libdir.display()))

@@ -456,6 +456,37 @@ fn build_c_sample(dir: &Path) -> PathBuf {
     exe
 }
 
+/// A command running the C sample built by [`build_c_sample`]: without the
+/// `LD_LIBRARY_PATH` cargo gives this test, which lists `target/<profile>`
+/// (a copy of the library only builds of host-shim itself refresh) first
+/// and would win over the rpath `dne-shim.pc` set.
+fn c_sample_command(exe: &Path) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.env_remove("LD_LIBRARY_PATH");
+    cmd
+}
+
+/// The build-tree `dne-shim.pc` links the C sample with the library cargo
+/// built for this test run: the one in `deps`, beside this test binary.
+/// Before, it named `target/<profile>`, whose copy only a build of
+/// host-shim itself refreshes (not `cargo test -p dne-tests`): a C test
+/// could link a library older than its header (undefined `dne_*` symbols,
+/// or old behaviour).
+#[test]
+fn the_c_sample_links_the_library_built_for_this_test() {
+    let libdir = Command::new("pkg-config")
+        .args(["--variable=libdir", "dne-shim"])
+        .env("PKG_CONFIG_PATH", host_shim::ffi::PKGCONFIG_DIR)
+        .output()
+        .expect("pkg-config");
+    assert!(libdir.status.success(), "pkg-config: {}", String::from_utf8_lossy(&libdir.stderr));
+    let libdir = PathBuf::from(String::from_utf8(libdir.stdout).unwrap().trim());
+    let exe = std::env::current_exe().unwrap();
+    let here = exe.parent().unwrap();
+    assert_eq!(libdir.canonicalize().unwrap(), here.canonicalize().unwrap());
+    assert!(libdir.join("libhost_shim.so").exists(), "no libhost_shim.so in {}", libdir.display());
+}
+
 /// The C sample function, built with only `pkg-config dne-shim` and the
 /// generated header, takes the place of `upper` in the chain.
 #[test]
@@ -464,7 +495,7 @@ fn c_function_built_with_pkg_config_serves_in_a_chain() {
     let exe = build_c_sample(dir.path());
     let mut node = start_node("cchain");
     node.start_fn("rot13", "rot13", Some("client"), 0);
-    let mut cmd = Command::new(&exe);
+    let mut cmd = c_sample_command(&exe);
     cmd.arg(node.socket()).args(["acme", "upper", "rot13"]);
     let mut c_fn = Proc::spawn_lines("upper_fn (C)", cmd);
     c_fn.wait_line("ready", WATCHDOG);
@@ -491,7 +522,7 @@ fn c_function_frees_an_error_descriptor_instead_of_forwarding_it() {
     let exe = build_c_sample(dir.path());
     let node = start_node("cerror");
     let mut next = Function::attach(&node.socket(), "acme", "rot13").unwrap();
-    let mut cmd = Command::new(&exe);
+    let mut cmd = c_sample_command(&exe);
     cmd.arg(node.socket()).args(["acme", "upper", "rot13"]);
     let mut c_fn = Proc::spawn_lines("upper_fn (C)", cmd);
     c_fn.wait_line("ready", WATCHDOG);
@@ -524,7 +555,7 @@ fn c_function_exits_once_host_shimd_is_gone() {
     let dir = TempDir::new("cfn-gone");
     let exe = build_c_sample(dir.path());
     let mut node = start_node("cgone");
-    let mut cmd = Command::new(&exe);
+    let mut cmd = c_sample_command(&exe);
     cmd.arg(node.socket()).args(["acme", "upper", "rot13"]);
     let mut c_fn = Proc::spawn_lines("upper_fn (C)", cmd);
     c_fn.wait_line("ready", WATCHDOG);
