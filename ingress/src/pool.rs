@@ -323,9 +323,9 @@ pub struct MsgBuilder {
     parts: Vec<PoolLease>,
     cap: u64,
     max: u64,
-    /// The end of this message's wait for buffers, set by its first
-    /// [`reserve`](Self::reserve).
-    wait_until: Option<Instant>,
+    /// How long this message has waited for buffers so far, over all its
+    /// [`reserve`](Self::reserve) calls.
+    waited: Duration,
 }
 
 /// Why a message could not be built.
@@ -344,7 +344,7 @@ impl MsgBuilder {
     pub fn new(pool: Arc<TenantPool>) -> Self {
         let g = pool.pool().geometry();
         let cap = u64::from(g.payload_cap());
-        Self { parts: Vec::with_capacity(4), cap, max: g.max_len(), pool, wait_until: None }
+        Self { parts: Vec::with_capacity(4), cap, max: g.max_len(), pool, waited: Duration::ZERO }
     }
 
     /// The largest message the pool can carry.
@@ -353,19 +353,22 @@ impl MsgBuilder {
     }
 
     /// Makes room for `len` bytes. The message waits for buffers up to
-    /// `wait` in all, counted from its first call (not per buffer: a large
-    /// body would otherwise wait that long for each of its buffers, holding
-    /// those it has).
+    /// `wait` in all, over all its calls (not per buffer: a large body would
+    /// otherwise wait that long for each of its buffers, holding those it
+    /// has). Only the time spent waiting for buffers counts, not the time
+    /// between calls: a body arriving slowly, reserved frame by frame,
+    /// still gets its wait when the pool is short.
     pub async fn reserve(&mut self, len: u64, wait: Duration) -> Result<(), BuildError> {
         if len > self.max {
             return Err(BuildError::TooLarge(len));
         }
-        let until = *self.wait_until.get_or_insert_with(|| Instant::now() + wait);
         while (self.parts.len() as u64) * self.cap < len {
             // One buffer at a time: `cap` fits a u32 (it is a payload cap).
-            let left = until.saturating_duration_since(Instant::now());
-            let l = self.pool.alloc_wait(self.cap as u32, left).await.map_err(|_| BuildError::Exhausted)?;
-            self.parts.push(l);
+            let left = wait.saturating_sub(self.waited);
+            let start = Instant::now();
+            let got = self.pool.alloc_wait(self.cap as u32, left).await;
+            self.waited += start.elapsed();
+            self.parts.push(got.map_err(|_| BuildError::Exhausted)?);
         }
         Ok(())
     }

@@ -74,7 +74,8 @@ pub struct Settings {
     /// Largest request body (413 beyond).
     pub body_limit: u32,
     /// How long a request waits for pool buffers before 503 (in all, not
-    /// per buffer).
+    /// per buffer; only time spent waiting for buffers counts, not the
+    /// time its body takes to arrive).
     pub pool_wait: Duration,
     /// Deadline for a request head (hyper's header read timeout).
     pub header_timeout: Duration,

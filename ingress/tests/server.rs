@@ -825,3 +825,47 @@ async fn two_hosts_are_refused_and_an_absolute_target_wins_over_host() {
     srv.assert_no_leak().await;
     srv.stop().await;
 }
+
+/// A body arriving slowly still waits for buffers when the pool is short
+/// mid-body (`pool_wait` counts time spent waiting for buffers, not the
+/// time since the request began). Before, the wait was counted from the
+/// first reservation: once the body had been arriving for longer than
+/// `pool_wait`, a moment's shortage answered 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_still_waits_for_buffers_when_the_pool_is_short_mid_body() {
+    let pool_wait = Duration::from_secs(1);
+    let srv = Server::start_with(512, InProcessConfig::default(), |s| {
+        s.pool_wait = pool_wait;
+        s.body_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let pool = srv.ingress.pools().get(0).unwrap().clone();
+    let cap = u64::from(pool.pool().geometry().payload_cap());
+    let len = 4 * cap;
+    let body: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    let head = format!("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&body[..10]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&srv, r#"dne_ingress_in_flight{tenant="open"}"#) != Some(1) {
+        assert!(Instant::now() < deadline, "the request never arrived");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The body has now been arriving for longer than pool_wait.
+    tokio::time::sleep(pool_wait + Duration::from_millis(200)).await;
+    let mut taken = Vec::new();
+    while let Ok(l) = pool.try_alloc(1) {
+        taken.push(l);
+    }
+    s.write_all(&body[10..]).await.unwrap();
+    // The shortage lasts far less than pool_wait.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(taken);
+    let (st, head, got) = tokio::time::timeout(Duration::from_secs(30), read_response(&mut s)).await.unwrap();
+    assert_eq!(st, 200, "{head}");
+    assert_eq!(got, body, "the body echoed byte for byte");
+    drop(s);
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
