@@ -18,6 +18,15 @@ static void check(dne_status st, const char *what) {
     }
 }
 
+/* Frees a message; a failure is logged, not fatal: one bad message (a
+ * chain whose link a process sharing the pool rewrote) does not end the
+ * function, and the buffers it could not free are reclaimed when it exits. */
+static void release(dne_fn *fn, dne_msg *msg) {
+    dne_status st = dne_free(fn, msg);
+    if (st != DNE_OK)
+        fprintf(stderr, "upper_fn: free: %s\n", dne_status_str(st));
+}
+
 int main(int argc, char **argv) {
     if (argc != 5) {
         fprintf(stderr, "usage: %s SOCKET TENANT FUNCTION NEXT\n", argv[0]);
@@ -37,7 +46,7 @@ int main(int argc, char **argv) {
             /* A message of ours came back undelivered: not a call, free it. */
             fprintf(stderr, "upper_fn: message %u came back: %s\n", dne_msg_request(msg),
                     dne_error_code_str(dne_msg_error_code(msg)));
-            check(dne_free(fn, msg), "free");
+            release(fn, msg);
             continue;
         }
         int broken = 0;
@@ -56,10 +65,7 @@ int main(int argc, char **argv) {
         }
         if (broken) {
             fprintf(stderr, "upper_fn: message %u has a broken chain; dropped\n", dne_msg_request(msg));
-            /* Freeing stops at the broken link (DNE_ERR_OWNERSHIP): the
-             * buffers it could not free are reclaimed when we exit. */
-            if ((st = dne_free(fn, msg)) != DNE_OK)
-                fprintf(stderr, "upper_fn: free: %s\n", dne_status_str(st));
+            release(fn, msg);
             continue;
         }
         /* Back-pressure: retry while the next ring is full; never drop. */
@@ -68,7 +74,7 @@ int main(int argc, char **argv) {
         if (st != DNE_OK) {
             fprintf(stderr, "upper_fn: send: %s\n", dne_status_str(st));
             if (msg)
-                check(dne_free(fn, msg), "free");
+                release(fn, msg);
         }
     }
 }

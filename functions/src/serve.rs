@@ -96,7 +96,7 @@ pub fn serve(args: FnArgs) -> anyhow::Result<()> {
         if msg.desc().flags & DescFlags::ERROR != 0 {
             // A message of ours came back undelivered.
             log::warn!("message {} came back: error {}", msg.request(), msg.desc().status);
-            f.free(msg)?;
+            release(&mut f, msg);
             continue;
         }
         let d = *msg.desc();
@@ -142,7 +142,7 @@ pub fn serve(args: FnArgs) -> anyhow::Result<()> {
         };
         match next {
             None => {
-                f.free(msg)?;
+                release(&mut f, msg);
             }
             Some(next) => {
                 if let Err(e) = send_retrying(&mut f, msg, Some(next)) {
