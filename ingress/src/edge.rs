@@ -329,14 +329,16 @@ struct Waiting {
 
 /// How long a request of a route whose timeout is `timeout` may wait for
 /// credits: the ingress's `credit_wait`, but no longer than the route's
-/// timeout less a margin (a fifth of it, at most 100 ms). The HTTP side
-/// answers a request refused for want of credits 503 with `Retry-After`,
-/// and one past the route's timeout 504 without; the margin lets the
-/// refusal reach it first (the wait starts when the request is handed to
-/// the edge, just before the route's timeout starts; the edge looks at its
-/// queues at least every millisecond).
+/// timeout less a margin (a fifth of it, at least 2 ms, at most 100 ms,
+/// and never over half the timeout). The HTTP side answers a request
+/// refused for want of credits 503 with `Retry-After`, and one past the
+/// route's timeout 504 without; the margin lets the refusal reach it first
+/// (the wait starts when the request is handed to the edge, just before the
+/// route's timeout starts; an idle edge looks at its queues every
+/// millisecond, so a margin under 2 ms could lose the race).
 fn route_credit_wait(credit_wait: Duration, timeout: Duration) -> Duration {
-    let margin = (timeout / 5).min(Duration::from_millis(100));
+    let least = Duration::from_millis(2).min(timeout / 2);
+    let margin = (timeout / 5).clamp(least, Duration::from_millis(100));
     credit_wait.min(timeout - margin)
 }
 
@@ -815,7 +817,9 @@ mod tests {
         assert_eq!(route_credit_wait(ms(1000), ms(5000)), ms(1000));
         assert_eq!(route_credit_wait(ms(1000), ms(1000)), ms(900));
         assert_eq!(route_credit_wait(ms(1000), ms(300)), ms(240));
-        assert_eq!(route_credit_wait(ms(1000), ms(1)), Duration::from_micros(800));
+        assert_eq!(route_credit_wait(ms(1000), ms(5)), ms(3));
+        assert_eq!(route_credit_wait(ms(1000), ms(20)), ms(16));
+        assert_eq!(route_credit_wait(ms(1000), ms(1)), Duration::from_micros(500));
     }
 
     #[test]
