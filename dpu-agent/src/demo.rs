@@ -152,15 +152,21 @@ impl Netns {
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .open(Self::LOCK)?;
+            .open(Self::LOCK)
+            .map_err(|e| anyhow::anyhow!("opening {}: {e}", Self::LOCK))?;
         let mut held = String::new();
         match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
             Err(rustix::io::Errno::WOULDBLOCK) => {
+                // The holder writes its pid just after taking the lock: it
+                // may not be there yet (or be the previous holder's).
                 let _ = lock.read_to_string(&mut held);
-                let pid = held.lines().next().unwrap_or("?");
+                let who = match held.lines().next().and_then(|p| p.parse::<u32>().ok()) {
+                    Some(pid) if std::path::Path::new(&format!("/proc/{pid}")).exists() => format!(" (pid {pid})"),
+                    _ => String::new(),
+                };
                 anyhow::bail!(
-                    "another demo (pid {pid}) has this machine's demo network namespaces; wait for it to end, \
+                    "another demo{who} has this machine's demo network namespaces; wait for it to end, \
                      or run this one with --no-netns"
                 );
             }
