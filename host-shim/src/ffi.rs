@@ -314,22 +314,7 @@ pub extern "C" fn dne_error_code_str(code: c_int) -> *const c_char {
     let Some(code) = u8::try_from(code).ok().and_then(ErrorCode::from_u8) else {
         return c"unknown error code".as_ptr();
     };
-    // The names of `ErrorCode::as_str`, NUL-terminated (a test checks).
-    let s: &'static CStr = match code {
-        ErrorCode::UnknownFunction => c"unknown_function",
-        ErrorCode::Unreachable => c"unreachable",
-        ErrorCode::PeerDied => c"peer_died",
-        ErrorCode::Timeout => c"timeout",
-        ErrorCode::Overloaded => c"overloaded",
-        ErrorCode::BadDescriptor => c"bad_descriptor",
-        ErrorCode::TenantMismatch => c"tenant_mismatch",
-        ErrorCode::TooLarge => c"too_large",
-        ErrorCode::PoolExhausted => c"pool_exhausted",
-        ErrorCode::FunctionFailed => c"function_failed",
-        ErrorCode::BadRoute => c"bad_route",
-        ErrorCode::VersionMismatch => c"version_mismatch",
-    };
-    s.as_ptr()
+    code.as_c_str().as_ptr()
 }
 
 /// Sends `*m` to function `to`. On success `*m` becomes NULL (the message

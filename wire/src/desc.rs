@@ -136,19 +136,25 @@ impl ErrorCode {
 
     /// A short, stable, lowercase name (used as a metrics label).
     pub fn as_str(self) -> &'static str {
+        // The names are ASCII: the conversion cannot fail.
+        self.as_c_str().to_str().unwrap_or("")
+    }
+
+    /// [`as_str`](Self::as_str), NUL-terminated (for the C ABI).
+    pub fn as_c_str(self) -> &'static core::ffi::CStr {
         match self {
-            Self::UnknownFunction => "unknown_function",
-            Self::Unreachable => "unreachable",
-            Self::PeerDied => "peer_died",
-            Self::Timeout => "timeout",
-            Self::Overloaded => "overloaded",
-            Self::BadDescriptor => "bad_descriptor",
-            Self::TenantMismatch => "tenant_mismatch",
-            Self::TooLarge => "too_large",
-            Self::PoolExhausted => "pool_exhausted",
-            Self::FunctionFailed => "function_failed",
-            Self::BadRoute => "bad_route",
-            Self::VersionMismatch => "version_mismatch",
+            Self::UnknownFunction => c"unknown_function",
+            Self::Unreachable => c"unreachable",
+            Self::PeerDied => c"peer_died",
+            Self::Timeout => c"timeout",
+            Self::Overloaded => c"overloaded",
+            Self::BadDescriptor => c"bad_descriptor",
+            Self::TenantMismatch => c"tenant_mismatch",
+            Self::TooLarge => c"too_large",
+            Self::PoolExhausted => c"pool_exhausted",
+            Self::FunctionFailed => c"function_failed",
+            Self::BadRoute => c"bad_route",
+            Self::VersionMismatch => c"version_mismatch",
         }
     }
 }
