@@ -224,8 +224,7 @@ fn answer_error(f: &mut Function, mut msg: Msg, code: ErrorCode) {
             release(f, m);
             match f.alloc(0) {
                 Ok(mut e) => {
-                    let dm = e.desc_mut();
-                    *dm = Descriptor { buf: dm.buf, len: dm.len, ..d };
+                    set_header(&mut e, d);
                     send_or_free(f, e, None);
                 }
                 Err(e) => log::warn!("request {}: no buffer for the error: {e}", d.request),
@@ -238,6 +237,13 @@ fn answer_error(f: &mut Function, mut msg: Msg, code: ErrorCode) {
             }
         }
     }
+}
+
+/// Gives `m` the header `d`, keeping its own buffers (chain head and
+/// length).
+fn set_header(m: &mut Msg, d: Descriptor) {
+    let dm = m.desc_mut();
+    *dm = Descriptor { buf: dm.buf, len: dm.len, ..d };
 }
 
 /// The error a caller is answered with when sending its call on failed.
@@ -349,8 +355,7 @@ impl Fan {
                 for m in parts {
                     release(f, m);
                 }
-                let dm = r.desc_mut();
-                *dm = Descriptor { hop: 0, buf: dm.buf, len: dm.len, ..d };
+                set_header(&mut r, Descriptor { hop: 0, ..d });
                 send_or_free(f, r, None);
             }
             Err(e) => {
@@ -361,8 +366,7 @@ impl Fan {
                 for m in parts {
                     release(f, m);
                 }
-                let dm = first.desc_mut();
-                *dm = Descriptor { hop: 0, buf: dm.buf, len: dm.len, ..d };
+                set_header(&mut first, Descriptor { hop: 0, ..d });
                 answer_error(f, first, code);
             }
         }
@@ -394,15 +398,13 @@ fn fan_out(f: &mut Function, fanout: &[String], msg: Msg) {
     branches.push(msg);
     let mut answered = false;
     for (i, (to, mut m)) in fanout.iter().zip(branches).enumerate() {
-        let dm = m.desc_mut();
-        *dm = Descriptor { hop: i as u8, buf: dm.buf, len: dm.len, ..d };
+        set_header(&mut m, Descriptor { hop: i as u8, ..d });
         if let Err(e) = send_retrying(f, m, Some(to)) {
             log::warn!("request {}: fan-out to {to}: {}", d.request, e.kind);
             match e.msg {
                 Some(mut m) if !answered => {
                     answered = true;
-                    let dm = m.desc_mut();
-                    *dm = Descriptor { buf: dm.buf, len: dm.len, ..d };
+                    set_header(&mut m, d);
                     answer_error(f, m, error_code(&e.kind));
                 }
                 Some(m) => release(f, m),
