@@ -352,15 +352,13 @@ impl Ingress {
         let mut hosts = req.headers().get_all(header::HOST).iter();
         let first_host = hosts.next();
         if hosts.next().is_some() {
-            self.metrics.requests.get_or_create(&CodeLabels { route: "", tenant: "", code: 400 }).inc();
-            log::info!(target: ACCESS_LOG, "{peer} \"{method} {target}\" 400 0 route=- tenant=- two_hosts");
+            self.unrouted(peer, &method, &target, StatusCode::BAD_REQUEST, " two_hosts");
             return close(plain(StatusCode::BAD_REQUEST, "more than one Host header\n"));
         }
         let host = req.uri().host().or_else(|| first_host.and_then(|v| v.to_str().ok()));
         let route = if admin { None } else { self.router.lookup(host, req.uri().path()) };
         let Some(route) = route else {
-            self.metrics.requests.get_or_create(&CodeLabels { route: "", tenant: "", code: 404 }).inc();
-            log::info!(target: ACCESS_LOG, "{peer} \"{method} {target}\" 404 0 route=- tenant=-");
+            self.unrouted(peer, &method, &target, StatusCode::NOT_FOUND, "");
             return plain(StatusCode::NOT_FOUND, "no route\n");
         };
         let info = &self.routes[usize::from(route)];
@@ -401,6 +399,13 @@ impl Ingress {
             tenant.name,
         );
         resp
+    }
+
+    /// Counts and access-logs a request answered `code` before it had a
+    /// route (`why`: appended to the log line).
+    fn unrouted(&self, peer: &Client, method: &hyper::Method, target: &str, code: StatusCode, why: &str) {
+        self.metrics.requests.get_or_create(&CodeLabels { route: "", tenant: "", code: code.as_u16() }).inc();
+        log::info!(target: ACCESS_LOG, "{peer} \"{method} {target}\" {} 0 route=- tenant=-{why}", code.as_u16());
     }
 
     fn reject(&self, tenant: u16, reason: &'static str) {
