@@ -6,15 +6,21 @@
 //!    `lib/<multiarch>/pkgconfig` is put in front of `PKG_CONFIG_PATH`;
 //! 2. pkg-config: `doca-common`, `doca-comch`, `doca-rdma`, `doca-dma`.
 //!
-//! Without the feature nothing is generated and nothing is linked.
+//! Without the feature nothing is generated and nothing is linked. With the
+//! `decls` feature (hand-written declarations for type-checking, see
+//! `src/decls.rs`) nothing is generated or linked either, even if `sdk` is on.
 
 fn main() {
     println!("cargo:rerun-if-changed=wrapper.h");
     println!("cargo:rerun-if-env-changed=DOCA_SDK_PREFIX");
     let target = std::env::var("TARGET").unwrap_or_default();
     println!("cargo:rerun-if-env-changed=DOCA_SDK_PREFIX_{}", target.replace('-', "_"));
+    // `decls` replaces the generated bindings: with it no SDK is looked for
+    // and no library is linked, even if `sdk` is on too.
     #[cfg(feature = "sdk")]
-    sdk::generate(&target);
+    if std::env::var_os("CARGO_FEATURE_DECLS").is_none() {
+        sdk::generate(&target);
+    }
 }
 
 #[cfg(feature = "sdk")]

@@ -12,12 +12,30 @@
 //! * `doca_error_t` is an integer newtype, never a Rust enum, so a code added
 //!   by a later SDK cannot be undefined behaviour;
 //! * the headers' `static inline` helpers are compiled into callable
-//!   wrappers (bindgen `wrap_static_fns`).
+//!   wrappers (bindgen `wrap_static_fns`);
+//! * with the `decls` feature the crate is instead the hand-written
+//!   declarations of `src/decls.rs`: the subset of the DOCA 3.0 C API DNE
+//!   uses, written from NVIDIA's public API reference (not from the headers)
+//!   in the exact shape bindgen gives the real headers with the settings of
+//!   `build.rs`. They exist so that CI can type-check the `doca` crate's SDK
+//!   backend (`cargo check`, `cargo clippy`) on a machine without the SDK:
+//!   no bindings are generated, nothing is linked, even when `sdk` is on too,
+//!   and there is no library behind the functions, so a binary built with
+//!   `decls` would not link. It is never shipped.
 //!
 //! Everything in this crate is `unsafe` FFI; the `doca` crate is the safe API.
-#![cfg_attr(feature = "sdk", allow(non_upper_case_globals, non_camel_case_types, non_snake_case))]
-#![cfg_attr(feature = "sdk", allow(missing_debug_implementations, unreachable_pub))]
-#![cfg_attr(feature = "sdk", allow(clippy::all, clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc))]
+#![cfg_attr(
+    any(feature = "sdk", feature = "decls"),
+    allow(non_upper_case_globals, non_camel_case_types, non_snake_case)
+)]
+#![cfg_attr(any(feature = "sdk", feature = "decls"), allow(missing_debug_implementations, unreachable_pub))]
+#![cfg_attr(
+    any(feature = "sdk", feature = "decls"),
+    allow(clippy::all, clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)
+)]
 
-#[cfg(feature = "sdk")]
+#[cfg(all(feature = "sdk", not(feature = "decls")))]
 include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
+
+#[cfg(feature = "decls")]
+include!("decls.rs");
