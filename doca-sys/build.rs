@@ -34,6 +34,9 @@ mod sdk {
         if target.starts_with("aarch64") { "aarch64-linux-gnu" } else { "x86_64-linux-gnu" }
     }
 
+    // A build script's stderr is what cargo shows when it fails: the place for
+    // this message.
+    #[allow(clippy::print_stderr)]
     fn fail(why: &str, target: &str) -> ! {
         eprintln!(
             "\nerror: doca-sys: the `sdk` feature is on but the NVIDIA DOCA SDK was not found for {target}.\n\
@@ -60,12 +63,11 @@ mod sdk {
             let joined = if old.is_empty() { pc.display().to_string() } else { format!("{}:{old}", pc.display()) };
             // SAFETY: a build script is single-threaded; nothing reads the
             // environment concurrently.
-            unsafe {
-                env::set_var("PKG_CONFIG_PATH", joined);
-                // The prefix names this target's SDK, so pkg-config may use it
-                // when cross-compiling.
-                env::set_var("PKG_CONFIG_ALLOW_CROSS", "1");
-            }
+            unsafe { env::set_var("PKG_CONFIG_PATH", joined) };
+            // The prefix names this target's SDK, so pkg-config may use it
+            // when cross-compiling.
+            // SAFETY: as above, no other thread reads the environment.
+            unsafe { env::set_var("PKG_CONFIG_ALLOW_CROSS", "1") };
         }
         let mut includes = Vec::new();
         for lib in LIBS {
