@@ -9,7 +9,8 @@
 #     and runs every test
 #  5. model-checks the lock-free allocator and ring with loom, builds the
 #     fuzz targets (running them is for benchmarks: scripts/fuzz.sh)
-#  6. checks that doca-sys with the `sdk` feature fails loudly without the SDK
+#  6. checks that doca-sys with the `sdk` feature fails loudly without the SDK,
+#     and type-checks doca-sys's hand-written DOCA declarations (`decls`)
 #  7. cross-builds the DPU crates for aarch64 with Debian's toolchain, runs
 #     clippy for aarch64 and their unit tests under qemu-aarch64, and checks
 #     that the aarch64 agent prints the same wire layouts as the x86_64 build
@@ -39,6 +40,8 @@ grep -E '^HugePages_(Total|Free)' /proc/meminfo
 step "rustfmt"
 cargo fmt --all --check
 cargo fmt --manifest-path fuzz/Cargo.toml --check
+# doca-sys reaches its declarations through include!, which cargo fmt skips.
+rustfmt --edition 2024 --check doca-sys/src/decls.rs
 
 step "clippy x86_64"
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -68,6 +71,12 @@ else
   echo "$out" | grep -q "the NVIDIA DOCA SDK was not found" || { echo "$out" | tail -30; exit 1; }
   echo "ok: the build stops and says what to install and which variable to set"
 fi
+
+step "doca-sys declarations type-check"
+# The hand-written DOCA 3.0 declarations (doca-sys/src/decls.rs) stand in for
+# the generated bindings in check builds; nothing is generated or linked.
+cargo check -p doca-sys --features decls --locked
+cargo clippy -p doca-sys --features decls --all-targets --locked -- -D warnings
 
 # shellcheck source=cross/aarch64.env
 . cross/aarch64.env
