@@ -10,7 +10,8 @@
 #  5. model-checks the lock-free allocator and ring with loom, builds the
 #     fuzz targets (running them is for benchmarks: scripts/fuzz.sh)
 #  6. checks that doca-sys with the `sdk` feature fails loudly without the SDK,
-#     and type-checks doca-sys's hand-written DOCA declarations (`decls`)
+#     and type-checks the workspace over the DOCA sdk backend against
+#     doca-sys's hand-written DOCA declarations (`doca/sdk-decls`)
 #  7. cross-builds the DPU crates for aarch64 with Debian's toolchain, runs
 #     clippy for aarch64 and their unit tests under qemu-aarch64, and checks
 #     that the aarch64 agent prints the same wire layouts as the x86_64 build
@@ -72,16 +73,21 @@ else
   echo "ok: the build stops and says what to install and which variable to set"
 fi
 
-step "doca-sys declarations type-check"
+step "DOCA sdk backend type-check (x86_64) against the written declarations"
 # The hand-written DOCA 3.0 declarations (doca-sys/src/decls.rs) stand in for
 # the generated bindings in check builds; nothing is generated or linked.
-cargo check -p doca-sys --features decls --locked
+# With `doca/sdk-decls` the whole workspace (agent, fabric, host-shim, their
+# tests) is built over the SDK backend (doca/src/sdk/) and must pass clippy.
 cargo clippy -p doca-sys --features decls --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --features doca/sdk-decls --locked -- -D warnings
 
 # shellcheck source=cross/aarch64.env
 . cross/aarch64.env
 step "clippy aarch64 (Debian toolchain)"
 "$CARGO_BIN" clippy --locked --target "$DNE_AARCH64_TARGET" $DNE_AARCH64_PACKAGES --all-targets -- -D warnings
+# The agent as a BlueField runs it: over the SDK backend, type-checked against
+# the written declarations (c_char is unsigned here, unlike on x86_64).
+"$CARGO_BIN" check --locked --target "$DNE_AARCH64_TARGET" -p dpu-agent --features doca/sdk-decls
 
 step "cross-build dpu-agent for aarch64"
 "$CARGO_BIN" build --release --locked --target "$DNE_AARCH64_TARGET" -p dpu-agent

@@ -41,6 +41,8 @@
 
 pub mod emu_wire;
 pub mod error;
+#[cfg(any(test, feature = "sdk"))]
+mod slots;
 mod types;
 
 #[cfg(not(feature = "sdk"))]

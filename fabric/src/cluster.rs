@@ -140,12 +140,9 @@ fn node_name(cfg: &Cluster, me: u16) -> Result<String, ClusterPortError> {
     })
 }
 
-/// Opens the fabric device: the emulated device whose address is the
-/// node's (listed in `DNE_EMU_DEVICES`, or made up from the node address).
+/// Opens the fabric device: the one whose address is the node's (on a card,
+/// the port with that IPv4 address; emulated, the device listed with it in
+/// `DNE_EMU_DEVICES`, or one made up on it).
 fn open_device(addr: SocketAddr) -> Result<doca::Device, ClusterPortError> {
-    let devs = doca::devices().map_err(ClusterPortError::Device)?;
-    if let Some(d) = devs.iter().find(|d| d.ip == addr.ip()) {
-        return d.open().map_err(ClusterPortError::Device);
-    }
-    doca::DeviceInfo::new("emu0", "0000:00:00.0", addr.ip()).open().map_err(ClusterPortError::Device)
+    doca::Device::open_by_ip(addr.ip()).map_err(ClusterPortError::Device)
 }

@@ -99,6 +99,17 @@ impl Device {
         devices()?.into_iter().next().ok_or(DocaError::NOT_FOUND)?.open()
     }
 
+    /// Opens the device whose address is `ip`: a listed one, or else an
+    /// emulated device made up on that address (so a node's fabric device
+    /// is found from the node's address alone, as the SDK backend finds
+    /// the card whose interface has it).
+    pub fn open_by_ip(ip: IpAddr) -> Result<Device, DocaError> {
+        match devices()?.into_iter().find(|d| d.ip == ip) {
+            Some(d) => d.open(),
+            None => DeviceInfo::new("emu0", "0000:00:00.0", ip).open(),
+        }
+    }
+
     /// Opens a device described by the caller (emulated backend only).
     pub fn open_emulated(info: DeviceInfo) -> Result<Device, DocaError> {
         // Relaxed: a unique counter; no memory is published through it.
@@ -134,5 +145,7 @@ mod tests {
         let a = DeviceInfo::new("x", "y", IpAddr::V4(Ipv4Addr::LOCALHOST)).open().unwrap();
         let b = a.info().open().unwrap();
         assert_ne!(a.id(), b.id());
+        let c = Device::open_by_ip("10.9.8.7".parse().unwrap()).unwrap();
+        assert_eq!(c.info().ip, "10.9.8.7".parse::<IpAddr>().unwrap());
     }
 }

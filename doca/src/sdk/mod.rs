@@ -1,26 +1,35 @@
 //! The SDK backend: the same API over `doca-sys` (the installed DOCA SDK).
 //!
-//! STATUS: unbuilt. No DOCA SDK exists on the machines this was written on,
-//! and its headers may not be copied here, so this module has never been
-//! compiled; the names follow DOCA 2.x's published API and bindgen's naming
-//! (`EnumVariation::Consts` prefixes constants with their enum's name). It
-//! covers devices, the progress engine, mmaps (memrange, permissions,
-//! devices, start, `export_pci`, `export_rdma`, create from export), buffer
-//! inventories and buffers. The contexts ([`Rdma`], [`ComchServer`],
-//! [`ComchClient`]) keep the API but `new` fails with `NOT_SUPPORTED` and an
-//! error log, so the conformance suite fails loudly on a DOCA machine until
-//! they are written (callbacks registered on the tasks push into the same
-//! fixed event queues the emulated backend uses).
+//! STATUS: type-checked, never run. No DOCA SDK or device exists on the
+//! machines this was written on, and DOCA's headers may not be copied here.
+//! The test command type-checks this backend (and the agent, fabric and
+//! host-shim built on it) against `doca-sys`'s `decls` feature: declarations
+//! written from DOCA's public API reference, shaped as bindgen would
+//! generate them from the headers (`EnumVariation::Consts` names constants
+//! `<enum>_<VARIANT>`). On a DOCA machine `--features doca/sdk` builds it
+//! against bindings generated from the installed headers, and the
+//! conformance suite is what must pass there first.
+//!
+//! Modules: this one (devices, mmaps, buffer inventories and buffers, the
+//! progress engine), [`ctx`] (what the contexts share: state, start/stop,
+//! teardown, task slot tables, locking), [`rdma`] and [`comch`]. Callbacks
+//! DOCA makes during progress push into fixed event queues, which the
+//! contexts' `poll_event` drains, as in the emulated backend.
 #![allow(unsafe_code)]
 
-use crate::{
-    Access, ComchConfig, ComchConnId, ComchEvent, CtxState, DocaError, RdmaConfig, RdmaConnId, RdmaEvent,
-    TaskSubmitError,
-};
+mod comch;
+mod ctx;
+mod rdma;
+
+pub use comch::{ComchClient, ComchServer, HOST_REP_ENV};
+pub use rdma::Rdma;
+
+use crate::{Access, DocaError};
 use doca_sys as sys;
 use std::ffi::{CStr, c_char, c_void};
+use std::net::{IpAddr, Ipv4Addr};
 use std::ptr::{self, NonNull};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 fn check(ret: sys::doca_error_t) -> Result<(), DocaError> {
     DocaError::from_code(ret.0 as i32)
@@ -33,6 +42,9 @@ pub struct DeviceInfo {
     pub name: String,
     /// PCI address (`0000:03:00.0`).
     pub pci_addr: String,
+    /// The IPv4 address of the device's network interface
+    /// (`doca_devinfo_get_ipv4_addr`), unspecified when it has none.
+    pub ip: IpAddr,
 }
 
 impl DeviceInfo {
@@ -59,7 +71,7 @@ impl DevList {
 
     fn get(&self, i: u32) -> *mut sys::doca_devinfo {
         // SAFETY: i < n, the length DOCA returned with the list.
-        unsafe { *self.list.add(i as usize) }
+        unsafe { self.list.wrapping_add(i as usize).read() }
     }
 
     fn info(&self, i: u32) -> Result<DeviceInfo, DocaError> {
@@ -73,7 +85,15 @@ impl DevList {
         check(unsafe { sys::doca_devinfo_get_pci_addr_str(di, pci.as_mut_ptr()) })?;
         // SAFETY: DOCA NUL-terminates both strings inside the buffers.
         let s = |b: &[c_char]| unsafe { CStr::from_ptr(b.as_ptr()) }.to_string_lossy().into_owned();
-        Ok(DeviceInfo { name: s(&name), pci_addr: s(&pci) })
+        let mut v4 = [0u8; 4];
+        // SAFETY: as above; the buffer holds the 4 bytes asked for. A device
+        // without an address (or an interface) answers with an error, which
+        // leaves it unspecified.
+        let ip = match check(unsafe { sys::doca_devinfo_get_ipv4_addr(di, v4.as_mut_ptr(), v4.len() as u32) }) {
+            Ok(()) => IpAddr::V4(Ipv4Addr::from(v4)),
+            Err(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
+        Ok(DeviceInfo { name: s(&name), pci_addr: s(&pci), ip })
     }
 }
 
@@ -145,6 +165,11 @@ impl Device {
     pub fn open_first() -> Result<Device, DocaError> {
         open_where(|_| true)
     }
+    /// Opens the device whose interface has this address: the fabric
+    /// device of a node listening on it (`NOT_FOUND` when none has it).
+    pub fn open_by_ip(ip: IpAddr) -> Result<Device, DocaError> {
+        open_where(|d| d.ip == ip)
+    }
     /// The device's description.
     pub fn info(&self) -> &DeviceInfo {
         &self.inner.info
@@ -160,7 +185,7 @@ fn access_mask(a: Access) -> u32 {
         (Access::PCI_READ_ONLY, sys::doca_access_flag_DOCA_ACCESS_FLAG_PCI_READ_ONLY),
         (Access::PCI_READ_WRITE, sys::doca_access_flag_DOCA_ACCESS_FLAG_PCI_READ_WRITE),
     ];
-    map.iter().filter(|(f, _)| a.contains(*f)).fold(0, |m, (_, v)| m | *v as u32)
+    map.iter().filter(|(f, _)| a.contains(*f)).fold(0, |m, (_, v)| m | *v)
 }
 
 /// The memory of a local mmap (kept alive by it).
@@ -525,32 +550,71 @@ impl Drop for Buf {
 /// so a flood of completions cannot keep its caller from its own work.
 const PE_BUDGET: usize = 64;
 
-/// The progress engine.
+/// The engine itself, shared by its [`ProgressEngine`] and every context
+/// connected to it (DOCA destroys contexts before their engine).
+#[derive(Debug)]
+pub(crate) struct PeInner {
+    pe: NonNull<sys::doca_pe>,
+    /// Serializes every DOCA call on the engine and on its contexts (see
+    /// [`ctx`]): DOCA's engine and contexts are not thread safe.
+    lock: Mutex<()>,
+}
+
+// SAFETY: every use of `pe`, and of the contexts connected to it, happens
+// under `lock`, so the engine is never used by two threads at once.
+unsafe impl Send for PeInner {}
+// SAFETY: as for Send.
+unsafe impl Sync for PeInner {}
+
+impl PeInner {
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        ctx::lock(&self.lock)
+    }
+
+    /// One `doca_pe_progress`; whether it handled something. The caller
+    /// holds the lock (and no context state lock: callbacks take them).
+    fn progress_locked(&self) -> bool {
+        // SAFETY: the engine is live; the caller holds its lock.
+        unsafe { sys::doca_pe_progress(self.pe.as_ptr()) != 0 }
+    }
+}
+
+impl Drop for PeInner {
+    fn drop(&mut self) {
+        // SAFETY: every context holds an Arc to this, so all of them are
+        // destroyed (disconnected) already.
+        if let Err(e) = check(unsafe { sys::doca_pe_destroy(self.pe.as_ptr()) }) {
+            log::error!("doca sdk: doca_pe_destroy: {e}");
+        }
+    }
+}
+
+/// The progress engine. `!Sync` as in the emulated backend: one thread
+/// progresses it (the contexts lock it themselves).
 #[derive(Debug)]
 pub struct ProgressEngine {
-    pe: NonNull<sys::doca_pe>,
+    pub(crate) inner: Arc<PeInner>,
+    _not_sync: std::marker::PhantomData<std::cell::Cell<()>>,
 }
 
 impl ProgressEngine {
     /// Creates a progress engine.
     pub fn new() -> Result<Self, DocaError> {
         let mut pe = ptr::null_mut();
-        // SAFETY: valid out-pointer; destroyed in `Drop`.
+        // SAFETY: valid out-pointer; destroyed by `PeInner::drop`.
         check(unsafe { sys::doca_pe_create(&mut pe) })?;
-        Ok(Self { pe: NonNull::new(pe).ok_or(DocaError::DRIVER)? })
+        let pe = NonNull::new(pe).ok_or(DocaError::DRIVER)?;
+        Ok(Self { inner: Arc::new(PeInner { pe, lock: Mutex::new(()) }), _not_sync: std::marker::PhantomData })
     }
+
     /// Runs completions until nothing more is there (`doca_pe_progress`
     /// until it returns 0, at most [`PE_BUDGET`] times); never blocks.
     /// Returns how many calls made progress (each handled at least one
     /// completion, event or state change).
     pub fn progress(&self) -> usize {
+        let _g = self.inner.lock();
         let mut n = 0;
-        while n < PE_BUDGET {
-            // SAFETY: the engine is live and `!Sync` (raw pointer), so only
-            // its owning thread progresses it.
-            if unsafe { sys::doca_pe_progress(self.pe.as_ptr()) } == 0 {
-                break;
-            }
+        while n < PE_BUDGET && self.inner.progress_locked() {
             n += 1;
         }
         n
@@ -559,145 +623,36 @@ impl ProgressEngine {
     /// The notification handle (`doca_pe_get_notification_handle`): an fd
     /// to poll, readable once an armed engine has something to report.
     pub fn notification_handle(&self) -> Result<std::os::fd::BorrowedFd<'_>, DocaError> {
-        let mut h: sys::doca_notification_handle_t = -1;
-        // SAFETY: the engine is live; valid out-pointer.
-        check(unsafe { sys::doca_pe_get_notification_handle(self.pe.as_ptr(), &mut h) })?;
-        if h < 0 {
-            return Err(DocaError::DRIVER);
-        }
+        let h = self.handle()?;
         // SAFETY: the handle is an open fd owned by the engine, valid while
         // it lives (the borrow is tied to `self`), and not -1.
         Ok(unsafe { std::os::fd::BorrowedFd::borrow_raw(h) })
     }
 
+    fn handle(&self) -> Result<sys::doca_notification_handle_t, DocaError> {
+        let _g = self.inner.lock();
+        let mut h: sys::doca_notification_handle_t = -1;
+        // SAFETY: the engine is live; valid out-pointer.
+        check(unsafe { sys::doca_pe_get_notification_handle(self.inner.pe.as_ptr(), &mut h) })?;
+        if h < 0 {
+            return Err(DocaError::DRIVER);
+        }
+        Ok(h)
+    }
+
     /// Arms the handle (`doca_pe_request_notification`).
     pub fn request_notification(&self) -> Result<(), DocaError> {
-        // SAFETY: the engine is live and owned by this thread.
-        check(unsafe { sys::doca_pe_request_notification(self.pe.as_ptr()) })
+        let _g = self.inner.lock();
+        // SAFETY: the engine is live; its lock is held.
+        check(unsafe { sys::doca_pe_request_notification(self.inner.pe.as_ptr()) })
     }
 
     /// Clears the handle (`doca_pe_clear_notification`).
     pub fn clear_notification(&self) -> Result<(), DocaError> {
-        let mut h: sys::doca_notification_handle_t = -1;
-        // SAFETY: as in `notification_handle`.
-        check(unsafe { sys::doca_pe_get_notification_handle(self.pe.as_ptr(), &mut h) })?;
-        // SAFETY: the engine is live and owned by this thread; `h` is its
-        // own handle.
-        check(unsafe { sys::doca_pe_clear_notification(self.pe.as_ptr(), h) })
-    }
-}
-
-impl Drop for ProgressEngine {
-    fn drop(&mut self) {
-        // SAFETY: no context is connected (they are not implemented yet).
-        unsafe { sys::doca_pe_destroy(self.pe.as_ptr()) };
-    }
-}
-
-fn not_yet(what: &str) -> DocaError {
-    log::error!("doca sdk backend: {what} is not implemented yet");
-    DocaError::NOT_SUPPORTED
-}
-
-/// RDMA context (SDK backend: not implemented yet; `new` fails).
-#[derive(Debug)]
-pub struct Rdma(());
-
-impl Rdma {
-    /// Fails with `NOT_SUPPORTED` (not implemented yet).
-    pub fn new(_pe: &ProgressEngine, _dev: &Device, _cfg: RdmaConfig) -> Result<Rdma, DocaError> {
-        Err(not_yet("doca_rdma"))
-    }
-    /// State.
-    pub fn state(&self) -> CtxState {
-        CtxState::Idle
-    }
-    /// Start.
-    pub fn start(&self) -> Result<(), DocaError> {
-        Err(not_yet("doca_rdma"))
-    }
-    /// Stop.
-    pub fn stop(&self) -> Result<(), DocaError> {
-        Err(not_yet("doca_rdma"))
-    }
-    /// Export.
-    pub fn export(&self) -> Result<(RdmaConnId, Vec<u8>), DocaError> {
-        Err(not_yet("doca_rdma"))
-    }
-    /// Connect.
-    pub fn connect(&self, _conn: RdmaConnId, _blob: &[u8]) -> Result<(), DocaError> {
-        Err(not_yet("doca_rdma"))
-    }
-    /// Send.
-    pub fn submit_send(&self, _c: RdmaConnId, buf: Buf, _imm: Option<u32>, _u: u64) -> Result<(), TaskSubmitError> {
-        Err(TaskSubmitError { error: not_yet("doca_rdma"), buf })
-    }
-    /// Receive.
-    pub fn submit_receive(&self, buf: Buf, _u: u64) -> Result<(), TaskSubmitError> {
-        Err(TaskSubmitError { error: not_yet("doca_rdma"), buf })
-    }
-    /// Events.
-    pub fn poll_event(&self) -> Option<RdmaEvent> {
-        None
-    }
-    /// Tasks in use.
-    pub fn tasks_in_use(&self) -> (u32, u32) {
-        (0, 0)
-    }
-}
-
-macro_rules! comch_stub {
-    ($t:ident) => {
-        /// Comch context (SDK backend: not implemented yet; `new` fails).
-        #[derive(Debug)]
-        pub struct $t(());
-
-        impl $t {
-            /// Fails with `NOT_SUPPORTED` (not implemented yet).
-            pub fn new(_pe: &ProgressEngine, _dev: &Device, _name: &str, _cfg: ComchConfig) -> Result<Self, DocaError> {
-                Err(not_yet("doca_comch"))
-            }
-            /// State.
-            pub fn state(&self) -> CtxState {
-                CtxState::Idle
-            }
-            /// Start.
-            pub fn start(&self) -> Result<(), DocaError> {
-                Err(not_yet("doca_comch"))
-            }
-            /// Stop.
-            pub fn stop(&self) -> Result<(), DocaError> {
-                Err(not_yet("doca_comch"))
-            }
-            /// Events.
-            pub fn poll_event(&self, _msg: &mut [u8]) -> Option<ComchEvent> {
-                None
-            }
-            /// Message cap.
-            pub fn max_msg_size(&self) -> u32 {
-                crate::COMCH_MAX_MSG_SIZE
-            }
-        }
-    };
-}
-
-comch_stub!(ComchServer);
-comch_stub!(ComchClient);
-
-impl ComchServer {
-    /// Send.
-    pub fn send(&self, _conn: ComchConnId, _msg: &[u8], _u: u64) -> Result<(), DocaError> {
-        Err(not_yet("doca_comch"))
-    }
-}
-
-impl ComchClient {
-    /// Send.
-    pub fn send(&self, _msg: &[u8], _u: u64) -> Result<(), DocaError> {
-        Err(not_yet("doca_comch"))
-    }
-    /// The connection to the server.
-    pub fn conn(&self) -> ComchConnId {
-        ComchConnId(0)
+        let h = self.handle()?;
+        let _g = self.inner.lock();
+        // SAFETY: the engine is live; its lock is held; `h` is its own
+        // handle.
+        check(unsafe { sys::doca_pe_clear_notification(self.inner.pe.as_ptr(), h) })
     }
 }
