@@ -1,19 +1,20 @@
 //! The HTTP/1.1 edge: tokio (multi-thread) + hyper, keep-alive.
 //!
-//! Per request: refuse more than one `Host` (400), route by host (an
-//! absolute-form target's authority, else `Host`) and path (404), check the tenant's API key
-//! (401), check the method (501), the target (400/414) and the announced
-//! body length (413); write the envelope head and then the body, frame by
-//! frame as it arrives from the socket, straight into buffers of the
-//! tenant's ingress pool (the body is copied once, from hyper's read buffer
-//! into the pool; it is never gathered anywhere else), taking the buffers
-//! as the bytes arrive, not for the length the client announced, and
-//! waiting a bounded time for them (503 + `Retry-After`); call the [`Upstream`] with the
-//! route's timeout (504 on expiry; 503 / 502 for its errors); decode the
-//! reply envelope (502 if malformed) and stream its body to the client
-//! straight out of the pool buffers (zero copy: each fragment is handed to
-//! hyper as a `Bytes` that keeps the reply's lease alive, and the buffers
-//! are freed when the last piece is written or the client goes away).
+//! Per request: refuse more than one `Host`, or none in HTTP/1.1 (400), route
+//! by host (an absolute-form target's authority, else `Host`) and path (404),
+//! check the tenant's API key (401), check the method (501), the target
+//! (400/414) and the announced body length (413); write the envelope head and
+//! then the body, frame by frame as it arrives from the socket, straight into
+//! buffers of the tenant's ingress pool (the body is copied once, from
+//! hyper's read buffer into the pool; it is never gathered anywhere else),
+//! taking the buffers as the bytes arrive, not for the length the client
+//! announced, and waiting a bounded time for them (503 + `Retry-After`); call
+//! the [`Upstream`] with the route's timeout (504 on expiry; 503 / 502 for
+//! its errors); decode the reply envelope (502 if malformed) and stream its
+//! body to the client straight out of the pool buffers (zero copy: each
+//! fragment is handed to hyper as a `Bytes` that keeps the reply's lease
+//! alive, and the buffers are freed when the last piece is written or the
+//! client goes away).
 //!
 //! `GET /metrics` answers the Prometheus text on the main listener (taking
 //! precedence over routes) unless an admin listener is given, which then
@@ -355,7 +356,22 @@ impl Ingress {
             self.unrouted(peer, &method, &target, StatusCode::BAD_REQUEST, " two_hosts");
             return close(plain(StatusCode::BAD_REQUEST, "more than one Host header\n"));
         }
-        let host = req.uri().host().or_else(|| first_host.and_then(|v| v.to_str().ok()));
+        // An HTTP/1.1 request must name its host (3.2): without one, or
+        // with one that is not visible ASCII, it is refused rather than
+        // routed as if it had none.
+        let host = match (req.uri().host(), first_host.map(HeaderValue::to_str)) {
+            (Some(authority), _) => Some(authority),
+            (None, Some(Ok(h))) => Some(h),
+            (None, Some(Err(_))) => {
+                self.unrouted(peer, &method, &target, StatusCode::BAD_REQUEST, " bad_host");
+                return close(plain(StatusCode::BAD_REQUEST, "Host is not visible ASCII\n"));
+            }
+            (None, None) if req.version() >= hyper::Version::HTTP_11 => {
+                self.unrouted(peer, &method, &target, StatusCode::BAD_REQUEST, " no_host");
+                return close(plain(StatusCode::BAD_REQUEST, "an HTTP/1.1 request needs a Host header\n"));
+            }
+            (None, None) => None,
+        };
         let route = if admin { None } else { self.router.lookup(host, req.uri().path()) };
         let Some(route) = route else {
             self.unrouted(peer, &method, &target, StatusCode::NOT_FOUND, "");
