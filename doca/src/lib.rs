@@ -70,6 +70,29 @@ pub const COMCH_MAX_MSG_SIZE: u32 = 4080;
 /// backend ignores it.
 pub const RUNTIME_DIR_ENV: &str = "DNE_EMU_RUNTIME_DIR";
 
+/// Environment variable naming the DOCA device the host link uses (the
+/// agent's comch server on the DPU, host-shimd's bridge on the host): an
+/// IB device name (`mlx5_0`) or a PCI address (`0000:03:00.0`). Without
+/// it (or empty), the first device.
+pub const DEVICE_ENV: &str = "DNE_DOCA_DEVICE";
+
+/// Opens the device [`DEVICE_ENV`] names (by IB name, then by PCI
+/// address), or the first device when it is not set or empty. A name that matches
+/// no device is `NOT_FOUND`, logged with the devices there are: never
+/// silently another device.
+pub fn open_host_link_device() -> Result<Device, DocaError> {
+    let want = std::env::var_os(DEVICE_ENV).unwrap_or_default();
+    let want = want.to_string_lossy();
+    if want.is_empty() {
+        return Device::open_first();
+    }
+    Device::open_by_name(&want).or_else(|_| Device::open_by_pci(&want)).inspect_err(|e| {
+        let have: Vec<String> =
+            devices().unwrap_or_default().into_iter().map(|d| format!("{} ({})", d.name, d.pci_addr)).collect();
+        log::error!("{DEVICE_ENV}={want}: no such DOCA device ({e}); devices here: {}", have.join(", "));
+    })
+}
+
 /// The DOCA backend compiled into this build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {

@@ -333,7 +333,7 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
     let n = &cfg.nodes[usize::from(node)];
     let name = server_name(n);
     let pe = doca::ProgressEngine::new().map_err(|e| anyhow::anyhow!("progress engine: {e}"))?;
-    let dev = doca::Device::open_first().map_err(|e| anyhow::anyhow!("opening the DOCA device: {e}"))?;
+    let dev = doca::open_host_link_device().map_err(|e| anyhow::anyhow!("opening the DOCA device: {e}"))?;
     let ccfg = doca::ComchConfig { send_tasks: 256, recv_queue: 256, ..Default::default() };
     let server = doca::ComchServer::new(&pe, &dev, &name, ccfg)
         .and_then(|s| s.start().map(|()| s))

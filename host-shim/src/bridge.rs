@@ -134,7 +134,7 @@ impl Bridge {
     /// pools, and prepares the comch client of node `node`'s agent.
     pub fn new(cfg: Arc<Cluster>, node: u16, socket: &Path, shared: SharedStats) -> anyhow::Result<Self> {
         let n = cfg.nodes.get(usize::from(node)).ok_or_else(|| anyhow::anyhow!("no node {node}"))?;
-        let dev = doca::Device::open_first().map_err(|e| anyhow::anyhow!("opening the DOCA device: {e}"))?;
+        let dev = doca::open_host_link_device().map_err(|e| anyhow::anyhow!("opening the DOCA device: {e}"))?;
         let mut tenants = Vec::with_capacity(cfg.tenants.len());
         for t in &cfg.tenants {
             let link = Function::attach_agent(socket, &t.name)?;
