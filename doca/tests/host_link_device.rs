@@ -10,10 +10,9 @@ use doca::{DEVICE_ENV, DEVICES_ENV, DocaError, open_host_link_device};
 fn the_host_link_device_is_the_one_named_or_the_first() {
     // SAFETY: the only test of this binary, and nothing else runs threads
     // that read the environment.
-    unsafe {
-        std::env::set_var(DEVICES_ENV, "mlx5_0,pci=0000:03:00.0;mlx5_1,pci=0000:03:00.1");
-        std::env::remove_var(DEVICE_ENV);
-    }
+    unsafe { std::env::set_var(DEVICES_ENV, "mlx5_0,pci=0000:03:00.0;mlx5_1,pci=0000:03:00.1") };
+    // SAFETY: as above.
+    unsafe { std::env::remove_var(DEVICE_ENV) };
     assert_eq!(open_host_link_device().unwrap().info().name, "mlx5_0");
     // SAFETY: as above. Empty, as a packaged defaults file leaves it.
     unsafe { std::env::set_var(DEVICE_ENV, "") };
