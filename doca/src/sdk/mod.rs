@@ -227,7 +227,11 @@ pub(crate) struct MmapInner {
     _devs: Vec<Device>,
 }
 
-// SAFETY: a started doca_mmap is immutable and thread safe.
+// SAFETY: DOCA's mmap is not thread safe (its fast path, taking and
+// releasing buffers, counts them without atomics unless
+// `doca_mmap_enable_thread_safety`): every buffer taken from it or given
+// back happens under [`BUFS`]; the rest (export, destroy) needs `&self` or
+// the last reference.
 unsafe impl Send for MmapInner {}
 // SAFETY: as for Send.
 unsafe impl Sync for MmapInner {}
@@ -407,8 +411,8 @@ struct InvInner {
     used: std::sync::atomic::AtomicU32,
 }
 
-// SAFETY: DOCA inventories are used under the caller's discipline; this
-// crate only gets and releases buffers, which DOCA makes thread safe.
+// SAFETY: DOCA's inventory is not thread safe; every buffer taken from
+// it or given back happens under [`BUFS`].
 unsafe impl Send for InvInner {}
 // SAFETY: as for Send.
 unsafe impl Sync for InvInner {}
@@ -421,6 +425,16 @@ impl Drop for InvInner {
         unsafe { sys::doca_buf_inventory_destroy(self.inv.as_ptr()) };
     }
 }
+
+/// Serializes every `doca_buf_inventory_buf_get_*` and
+/// `doca_buf_dec_refcount` of this process: DOCA documents its buffers as
+/// thread unsafe, its inventories have no thread-safety mode, and an mmap
+/// counts the buffers pointing into it non-atomically unless made thread
+/// safe; yet `BufInventory` is `Sync` and `Buf` is `Send`, so two threads
+/// may take or drop buffers of one inventory, or of one mmap through two
+/// inventories, at once. A leaf lock: nothing else is taken under it, and
+/// the calls under it never call back.
+static BUFS: Mutex<()> = Mutex::new(());
 
 /// A fixed pool of buffer handles.
 #[derive(Clone, Debug)]
@@ -462,8 +476,10 @@ impl BufInventory {
         // process, so `add`'s in-allocation rule cannot hold for it; the
         // address is only handed to DOCA.
         let addr = m.base.wrapping_add(offset as usize);
-        // SAFETY: live inventory and mmap; range inside the mmap.
-        check(unsafe {
+        let g = ctx::lock(&BUFS);
+        // SAFETY: live inventory and mmap; range inside the mmap; `BUFS`
+        // is held.
+        let got = check(unsafe {
             sys::doca_buf_inventory_buf_get_by_addr(
                 self.inner.inv.as_ptr(),
                 m.mmap.as_ptr(),
@@ -471,7 +487,9 @@ impl BufInventory {
                 len as usize,
                 &mut b,
             )
-        })?;
+        });
+        drop(g);
+        got?;
         let buf = NonNull::new(b).ok_or(DocaError::DRIVER)?;
         // Relaxed: a statistic.
         self.inner.used.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -498,7 +516,9 @@ pub struct Buf {
     data_len: u32,
 }
 
-// SAFETY: a doca_buf handle is owned by exactly one `Buf`.
+// SAFETY: a doca_buf handle is owned by exactly one `Buf`, which alone
+// touches it (`&mut self`); what it shares with other buffers (its
+// inventory, its mmap) changes only under `BUFS`.
 unsafe impl Send for Buf {}
 
 impl Buf {
@@ -539,8 +559,10 @@ impl Buf {
 
 impl Drop for Buf {
     fn drop(&mut self) {
-        // SAFETY: the handle is live and owned by `self`.
+        let g = ctx::lock(&BUFS);
+        // SAFETY: the handle is live and owned by `self`; `BUFS` is held.
         unsafe { sys::doca_buf_dec_refcount(self.buf.as_ptr(), ptr::null_mut()) };
+        drop(g);
         // Relaxed: a statistic.
         self.inv.used.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
