@@ -261,7 +261,9 @@ impl Rdma {
             Some(c) if !c.connected || c.failed => return err(DocaError::NOT_CONNECTED, buf),
             Some(c) => c.ptr,
         };
-        let b = buf.buf.as_ptr();
+        // DOCA sends an empty message when the source buffer is NULL (the
+        // send allocators' documentation), not from a buffer without data.
+        let b: *const sys::doca_buf = if buf.data_len() == 0 { ptr::null() } else { buf.buf.as_ptr() };
         let slot = match st.sends.put(SendSlot { buf, conn: conn.0, user_data }) {
             Ok(s) => s,
             Err(s) => return err(DocaError::NO_MEMORY, s.buf),
