@@ -515,7 +515,10 @@ unsafe extern "C" fn recv_err(t: *mut sys::doca_rdma_task_receive, tud: sys::doc
 }
 
 /// The context changed state: a stop nobody asked for (DOCA stops a
-/// context on a fatal error) fails every connection.
+/// context on a fatal error) fails every connection; once idle, the
+/// connections are gone (DOCA's reference: a restarted context exports and
+/// connects again), so their pointers are dropped and a restart starts
+/// from an empty table, as in the emulated backend.
 unsafe extern "C" fn state_changed(
     ud: sys::doca_data,
     _ctx: *mut sys::doca_ctx,
@@ -531,5 +534,8 @@ unsafe extern "C" fn state_changed(
         for i in 0..st.conns.len() as u32 {
             st.fail(i, DocaError::CONNECTION_ABORTED);
         }
+    }
+    if next == CtxState::Idle {
+        st.conns.clear();
     }
 }
