@@ -208,14 +208,24 @@ impl Core {
         configured.map(|()| self)
     }
 
+    /// DOCA's state, `Stopping` until every send completion of a stopped
+    /// context has been taken (see [`ctx::reported`]).
     fn state(&self) -> CtxState {
         let _g = self.pe.lock();
-        ctx::ctx_state(self.ctx)
+        let doca = ctx::ctx_state(self.ctx);
+        ctx::reported(doca, ctx::lock(&self.st).sends_out > 0)
     }
 
     fn start(&self) -> Result<(), DocaError> {
         let _g = self.pe.lock();
-        ctx::lock(&self.st).stop_asked = false;
+        {
+            let mut st = ctx::lock(&self.st);
+            if ctx::reported(ctx::ctx_state(self.ctx), st.sends_out > 0) != CtxState::Idle {
+                return Err(DocaError::BAD_STATE);
+            }
+            // Only once the start is allowed (as for `Rdma::start`).
+            st.stop_asked = false;
+        }
         ctx::start(self.ctx)
     }
 
@@ -648,6 +658,7 @@ fn send_done(task: *mut sys::doca_comch_task_send, tud: sys::doca_data, cud: sys
     // SAFETY: the context's user data is its boxed state (`configure`).
     let Some(m) = (unsafe { ctx::shared::<State>(cud) }) else { return };
     let mut st = ctx::lock(m);
+    let result = ctx::flushed(result, st.stop_asked);
     match st.sends.take(data_u64(tud)) {
         Some(s) => {
             st.events.push_back(Ev::Public(ComchEvent::SendDone { conn: s.conn, user_data: s.user_data, result }))

@@ -48,6 +48,27 @@ pub(super) fn ctx_state(ctx: NonNull<sys::doca_ctx>) -> CtxState {
     }
 }
 
+/// The state this API reports for a context DOCA says is in `doca`:
+/// DOCA's, except that a context DOCA has brought to idle stays
+/// `Stopping` while completions the user has not taken remain (`untaken`).
+/// DOCA goes idle as soon as its tasks are freed, which this backend does
+/// inside their completion callbacks; the contract (and the emulated
+/// backend) has a stopped context become `Idle` only once the user has
+/// taken every flushed completion.
+pub(super) fn reported(doca: CtxState, untaken: bool) -> CtxState {
+    if doca == CtxState::Idle && untaken { CtxState::Stopping } else { doca }
+}
+
+/// A failed task's outcome as reported: a task flushed by a stop the user
+/// asked for is `SHUTDOWN`, as in the emulated backend (DOCA reports a
+/// flushed task with a driver status); any other keeps DOCA's status.
+pub(super) fn flushed(r: Result<(), DocaError>, stop_asked: bool) -> Result<(), DocaError> {
+    match r {
+        Err(_) if stop_asked => Err(DocaError::SHUTDOWN),
+        r => r,
+    }
+}
+
 /// `doca_ctx_start` / `doca_ctx_stop`: `IN_PROGRESS` means "asked, finished
 /// later through progress", which is this API's contract for both.
 pub(super) fn asked(ret: sys::doca_error_t) -> Result<(), DocaError> {

@@ -63,6 +63,11 @@ struct State {
 unsafe impl Send for State {}
 
 impl State {
+    /// Whether completions the user has not taken remain.
+    fn untaken(&self) -> bool {
+        self.sends_out > 0 || self.recvs_out > 0
+    }
+
     fn conn_index(&self, p: *const sys::doca_rdma_connection) -> Option<u32> {
         self.conns.iter().position(|c| ptr::eq(c.ptr.as_ptr(), p)).map(|i| i as u32)
     }
@@ -160,17 +165,27 @@ impl Rdma {
         ctx::connect(&pe.inner, self.ctx, &self.st, state_changed)
     }
 
-    /// The context's state.
+    /// The context's state (`Stopping` until every flushed completion has
+    /// been taken, see [`ctx::reported`]).
     pub fn state(&self) -> CtxState {
         let _g = self.pe.lock();
-        ctx::ctx_state(self.ctx)
+        let doca = ctx::ctx_state(self.ctx);
+        ctx::reported(doca, ctx::lock(&self.st).untaken())
     }
 
     /// Asks to start; the context is `Running` after a later `progress()`
     /// (or at once, if DOCA starts it synchronously).
     pub fn start(&self) -> Result<(), DocaError> {
         let _g = self.pe.lock();
-        ctx::lock(&self.st).stop_asked = false;
+        {
+            let mut st = ctx::lock(&self.st);
+            if ctx::reported(ctx::ctx_state(self.ctx), st.untaken()) != CtxState::Idle {
+                return Err(DocaError::BAD_STATE);
+            }
+            // Only once the start is allowed: a refused start of a
+            // stopping context must not turn its stop into a failure.
+            st.stop_asked = false;
+        }
         ctx::start(self.ctx)
     }
 
@@ -433,6 +448,7 @@ fn send_done(task: *mut sys::doca_task, tud: sys::doca_data, cud: sys::doca_data
     {
         st.fail(s.conn, e);
     }
+    let status = ctx::flushed(status, st.stop_asked);
     st.events.push_back(RdmaEvent::SendDone {
         conn: RdmaConnId(s.conn),
         user_data: s.user_data,
@@ -501,7 +517,7 @@ fn recv_done(t: *mut sys::doca_rdma_task_receive, tud: sys::doca_data, cud: sys:
             s.buf.data_len = len as u32;
             Ok(())
         }
-        e => e,
+        e => ctx::flushed(e, st.stop_asked),
     };
     st.events.push_back(RdmaEvent::Received { conn, user_data: s.user_data, buf: s.buf, imm, result: status });
 }
