@@ -11,7 +11,8 @@
 //! The server's representor is the host PF's: the one whose PCI address
 //! [`HOST_REP_ENV`] names, else the first network representor of the
 //! device. A client is `Connected` when its context is running (DOCA's
-//! client runs once connected) and `Disconnected` when it leaves running.
+//! client runs once connected) and `Disconnected` when it leaves running;
+//! a server's clients are `Disconnected` when it stops.
 
 use super::ctx::{self, data_u64, u64_data};
 use super::{Device, PeInner, ProgressEngine, check};
@@ -676,8 +677,10 @@ unsafe extern "C" fn send_err(t: *mut sys::doca_comch_task_send, tud: sys::doca_
 }
 
 /// A client is connected while its context runs: entering `Running`
-/// connects it (slot 0), leaving it disconnects it. A server's state
-/// changes need no event.
+/// connects it (slot 0), leaving it disconnects it. A server that stops
+/// disconnects every client it has: their connections end with it (DOCA's
+/// own disconnect callbacks may not come for them), and a restarted server
+/// must not hand DOCA a connection pointer of its previous run.
 unsafe extern "C" fn state_changed(
     ud: sys::doca_data,
     _ctx: *mut sys::doca_ctx,
@@ -687,7 +690,15 @@ unsafe extern "C" fn state_changed(
     // SAFETY: the context's user data is its boxed state (`configure`).
     let Some(m) = (unsafe { ctx::shared::<State>(ud) }) else { return };
     let mut st = ctx::lock(m);
-    let Some(cli) = st.client else { return };
+    let Some(cli) = st.client else {
+        if matches!(ctx::state_of(next), CtxState::Stopping | CtxState::Idle) {
+            let State { peers, events, .. } = &mut *st;
+            for p in peers.iter_mut().filter_map(Option::take) {
+                events.push_back(Ev::Public(ComchEvent::Disconnected(p.id)));
+            }
+        }
+        return;
+    };
     match (ctx::state_of(next), st.peers[0].is_some()) {
         (CtxState::Running, false) => {
             let mut conn = ptr::null_mut();
