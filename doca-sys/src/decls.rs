@@ -807,6 +807,9 @@ unsafe extern "C" {
     pub fn doca_comch_cap_get_max_msg_size(devinfo: *const doca_devinfo, size: *mut u32) -> doca_error_t;
     /// `doca_comch.h`: the largest receive queue a device supports.
     pub fn doca_comch_cap_get_max_recv_queue_size(devinfo: *const doca_devinfo, size: *mut u32) -> doca_error_t;
+    /// `doca_comch.h`: the largest number of send tasks a comch instance on
+    /// this device can have.
+    pub fn doca_comch_cap_get_max_send_tasks(devinfo: *const doca_devinfo, max_send_tasks: *mut u32) -> doca_error_t;
     /// `doca_comch.h`: the number of clients a server on this device accepts.
     pub fn doca_comch_cap_get_max_clients(devinfo: *const doca_devinfo, num_clients: *mut u32) -> doca_error_t;
     /// `doca_comch.h`: `DOCA_SUCCESS` if a server can run on this device.

@@ -160,6 +160,24 @@ impl Core {
             );
             return Err(DocaError::INVALID_VALUE);
         }
+        // DOCA's receive queue and send task pool may not exceed the
+        // device's; a smaller one only means DOCA reads fewer messages per
+        // round (they are queued here until taken) or refuses a send with
+        // NO_MEMORY earlier (the backpressure `send` reports anyway).
+        let (mut max_queue, mut max_tasks) = (0u32, 0u32);
+        // SAFETY: the open device's info; valid out-pointer.
+        check(unsafe { sys::doca_comch_cap_get_max_recv_queue_size(info, &mut max_queue) })?;
+        // SAFETY: as above.
+        check(unsafe { sys::doca_comch_cap_get_max_send_tasks(info, &mut max_tasks) })?;
+        let recv_queue = if max_queue > 0 { cfg.recv_queue.min(max_queue) } else { cfg.recv_queue };
+        let send_tasks = if max_tasks > 0 { cfg.send_tasks.min(max_tasks) } else { cfg.send_tasks };
+        if (recv_queue, send_tasks) != (cfg.recv_queue, cfg.send_tasks) {
+            log::info!(
+                "doca sdk: comch receive queue {recv_queue} (asked {}), send tasks {send_tasks} (asked {}): the device's limits",
+                cfg.recv_queue,
+                cfg.send_tasks
+            );
+        }
         // Every call below configures a created, idle context, with the
         // engine lock held; the callbacks are the functions of this module
         // and the user data is the boxed state, which outlives the context.
@@ -168,7 +186,7 @@ impl Core {
                 let s = srv.as_ptr();
                 // SAFETY: see above.
                 check(unsafe {
-                    sys::doca_comch_server_task_send_set_conf(s, Some(send_ok), Some(send_err), cfg.send_tasks)
+                    sys::doca_comch_server_task_send_set_conf(s, Some(send_ok), Some(send_err), send_tasks)
                 })?;
                 // SAFETY: see above.
                 check(unsafe { sys::doca_comch_server_event_msg_recv_register(s, Some(server_msg)) })?;
@@ -183,20 +201,20 @@ impl Core {
                 // SAFETY: see above.
                 check(unsafe { sys::doca_comch_server_set_max_msg_size(s, cfg.max_msg_size) })?;
                 // SAFETY: see above.
-                check(unsafe { sys::doca_comch_server_set_recv_queue_size(s, cfg.recv_queue) })?;
+                check(unsafe { sys::doca_comch_server_set_recv_queue_size(s, recv_queue) })?;
             }
             Kind::Client { cli } => {
                 let c = cli.as_ptr();
                 // SAFETY: see above.
                 check(unsafe {
-                    sys::doca_comch_client_task_send_set_conf(c, Some(send_ok), Some(send_err), cfg.send_tasks)
+                    sys::doca_comch_client_task_send_set_conf(c, Some(send_ok), Some(send_err), send_tasks)
                 })?;
                 // SAFETY: see above.
                 check(unsafe { sys::doca_comch_client_event_msg_recv_register(c, Some(client_msg)) })?;
                 // SAFETY: see above.
                 check(unsafe { sys::doca_comch_client_set_max_msg_size(c, cfg.max_msg_size) })?;
                 // SAFETY: see above.
-                check(unsafe { sys::doca_comch_client_set_recv_queue_size(c, cfg.recv_queue) })?;
+                check(unsafe { sys::doca_comch_client_set_recv_queue_size(c, recv_queue) })?;
             }
         }
         ctx::connect(&pe.inner, self.ctx, &self.st, state_changed)
