@@ -9,10 +9,11 @@
 //! which stays alive until the send completes.
 //!
 //! The server's representor is the host PF's: the one whose PCI address
-//! [`HOST_REP_ENV`] names, else the first network representor of the
-//! device. A client is `Connected` when its context is running (DOCA's
-//! client runs once connected) and `Disconnected` when it leaves running;
-//! a server's clients are `Disconnected` when it stops.
+//! [`HOST_REP_ENV`] names, else the device's first network representor of
+//! a PF (the list also holds VF and SF representors), else its first.
+//! A client is `Connected` when its context is running (DOCA's client runs
+//! once connected) and `Disconnected` when it leaves running; a server's
+//! clients are `Disconnected` when it stops.
 
 use super::ctx::{self, data_u64, u64_data};
 use super::{Device, PeInner, ProgressEngine, check};
@@ -26,7 +27,7 @@ use std::sync::{Arc, Mutex};
 
 /// Environment variable naming the PCI address of the representor a comch
 /// server is bound to (the host PF's, as `doca_devinfo_rep_get_pci_addr_str`
-/// spells it); without it, the device's first network representor.
+/// spells it); without it, the device's first PF network representor.
 pub const HOST_REP_ENV: &str = "DNE_DOCA_HOST_REP";
 
 #[derive(Debug)]
@@ -372,7 +373,10 @@ fn host_rep(dev: &Device) -> Result<NonNull<sys::doca_dev_rep>, DocaError> {
             &mut n,
         )
     })?;
-    let mut found = Err(DocaError::NOT_FOUND);
+    // The entry to open: the one at the configured address; without one,
+    // the first PF representor (the host PF's: the list also holds the
+    // host's VFs and the DPU's SFs), else the first of the list.
+    let mut chosen: Option<(*mut sys::doca_devinfo_rep, String)> = None;
     for i in 0..n as usize {
         // SAFETY: i < n, the length DOCA returned with the list.
         let ri = unsafe { list.wrapping_add(i).read() };
@@ -384,19 +388,39 @@ fn host_rep(dev: &Device) -> Result<NonNull<sys::doca_dev_rep>, DocaError> {
         }
         // SAFETY: DOCA NUL-terminates the string inside the buffer.
         let addr = unsafe { CStr::from_ptr(pci.as_ptr()) }.to_string_lossy().into_owned();
-        if want.as_deref().is_some_and(|w| w != addr) {
+        if let Some(w) = &want {
+            if *w == addr {
+                chosen = Some((ri, addr));
+                break;
+            }
             continue;
         }
-        let mut rep = ptr::null_mut();
-        // SAFETY: a live list entry; valid out-pointer; closed by the
-        // server's `Drop`.
-        found = check(unsafe { sys::doca_dev_rep_open(ri, &mut rep) })
-            .and_then(|()| NonNull::new(rep).ok_or(DocaError::DRIVER));
-        if found.is_ok() {
-            log::info!("doca sdk: comch server on representor {addr}");
+        let mut ty: sys::doca_pci_func_type = sys::doca_pci_func_type_DOCA_PCI_FUNC_TYPE_VF;
+        // SAFETY: a live list entry; valid out-pointer.
+        let pf = check(unsafe { sys::doca_devinfo_rep_get_pci_func_type(ri, &mut ty) }).is_ok()
+            && ty == sys::doca_pci_func_type_DOCA_PCI_FUNC_TYPE_PF;
+        if pf {
+            chosen = Some((ri, addr));
+            break;
         }
-        break;
+        if chosen.is_none() {
+            chosen = Some((ri, addr));
+        }
     }
+    let found = match &chosen {
+        Some((ri, addr)) => {
+            let mut rep = ptr::null_mut();
+            // SAFETY: a live list entry; valid out-pointer; closed by the
+            // server's `Drop`.
+            let r = check(unsafe { sys::doca_dev_rep_open(*ri, &mut rep) })
+                .and_then(|()| NonNull::new(rep).ok_or(DocaError::DRIVER));
+            if r.is_ok() {
+                log::info!("doca sdk: comch server on representor {addr}");
+            }
+            r
+        }
+        None => Err(DocaError::NOT_FOUND),
+    };
     // SAFETY: the list came from `doca_devinfo_rep_create_list`; an opened
     // representor stays valid after it is destroyed.
     unsafe { sys::doca_devinfo_rep_destroy_list(list) };
