@@ -648,6 +648,10 @@ unsafe extern "C" {
     pub fn doca_rdma_set_permissions(rdma: *mut doca_rdma, permissions: u32) -> doca_error_t;
     /// `doca_rdma.h`: enables or disables the global routing header.
     pub fn doca_rdma_set_grh_enabled(rdma: *mut doca_rdma, grh_enabled: u8) -> doca_error_t;
+    /// `doca_rdma.h`: sets how many times a send is retried while the peer
+    /// has no receive posted (RNR); 7 is the InfiniBand value for retrying
+    /// for ever.
+    pub fn doca_rdma_set_rnr_retry_count(rdma: *mut doca_rdma, rnr_retry_count: u8) -> doca_error_t;
     /// `doca_rdma.h`: sets the maximum number of connections.
     pub fn doca_rdma_set_max_num_connections(rdma: *mut doca_rdma, max_num_connections: u16) -> doca_error_t;
     /// `doca_rdma.h`: sets the connection state callbacks.

@@ -21,6 +21,9 @@ use std::collections::VecDeque;
 use std::ptr::{self, NonNull};
 use std::sync::{Arc, Mutex};
 
+/// InfiniBand's RNR retry count meaning "retry for ever".
+const RNR_RETRY_FOREVER: u8 = 7;
+
 #[derive(Debug)]
 struct Conn {
     ptr: NonNull<sys::doca_rdma_connection>,
@@ -91,7 +94,7 @@ pub struct Rdma {
     /// Boxed: DOCA holds its address as the context's user data.
     st: Box<Mutex<State>>,
     pe: Arc<PeInner>,
-    _dev: Device,
+    dev: Device,
 }
 
 // SAFETY: every DOCA call on `rdma`/`ctx` happens under the engine lock
@@ -133,7 +136,7 @@ impl Rdma {
         };
         // Owned from here: on an error below, `Drop` destroys the (idle)
         // context.
-        let me = Rdma { rdma, ctx, st: Box::new(Mutex::new(st)), pe: pe.inner.clone(), _dev: dev.clone() };
+        let me = Rdma { rdma, ctx, st: Box::new(Mutex::new(st)), pe: pe.inner.clone(), dev: dev.clone() };
         let configured = me.configure(pe);
         // Unlocked before `me` can drop: its `Drop` takes the engine lock.
         drop(g);
@@ -150,6 +153,27 @@ impl Rdma {
         // receives write into local memory.
         // SAFETY: see above.
         check(unsafe { sys::doca_rdma_set_permissions(r, sys::doca_access_flag_DOCA_ACCESS_FLAG_LOCAL_READ_WRITE) })?;
+        // The contract: a send waits (is retried) while the peer has no
+        // receive posted. DOCA's default RNR retry count is not documented;
+        // 7 is RC's "retry for ever". A device that refuses it keeps its
+        // default (sends before receives may then fail the connection).
+        // SAFETY: see above.
+        if let Err(e) = check(unsafe { sys::doca_rdma_set_rnr_retry_count(r, RNR_RETRY_FOREVER) }) {
+            log::warn!("doca sdk: doca_rdma_set_rnr_retry_count({RNR_RETRY_FOREVER}): {e}; DOCA's default is kept");
+        }
+        // A send larger than the device carries would fail only at submit.
+        let mut max_msg = 0u32;
+        // SAFETY: an open device (held by `self.dev`).
+        let info = unsafe { sys::doca_dev_as_devinfo(self.dev.inner.dev.as_ptr()) };
+        // SAFETY: the open device's info; valid out-pointer.
+        check(unsafe { sys::doca_rdma_cap_get_max_message_size(info, &mut max_msg) })?;
+        if max_msg > 0 && cfg.max_send_size > max_msg {
+            log::error!(
+                "doca sdk: rdma sends of {} bytes asked for; this device carries at most {max_msg}",
+                cfg.max_send_size
+            );
+            return Err(DocaError::INVALID_VALUE);
+        }
         // `validate` keeps it at most 1024.
         let conns = u16::try_from(cfg.max_connections).map_err(|_| DocaError::INVALID_VALUE)?;
         // SAFETY: see above.
