@@ -357,6 +357,14 @@ impl Rdma {
         if st.recvs_out >= st.cfg.recv_tasks {
             return err(DocaError::NO_MEMORY, buf);
         }
+        // A local mmap without local write access cannot take a receive:
+        // DOCA would fail the task at completion with a protection error,
+        // which breaks the RC connection. Refused here as in the emulated
+        // backend. (An import's rights are the exporter's and unknown here:
+        // `is_writable` says true, DOCA enforces them.)
+        if !buf.mmap.writable {
+            return err(DocaError::NOT_PERMITTED, buf);
+        }
         if buf.data_len() > 0 {
             return err(DocaError::INVALID_VALUE, buf);
         }
