@@ -11,8 +11,11 @@
 //! * contexts ([`Rdma`], [`ComchServer`], [`ComchClient`]) start and stop
 //!   asynchronously: `start`/`stop` only ask, the transitions to
 //!   [`CtxState::Running`] and [`CtxState::Idle`] happen inside
-//!   [`ProgressEngine::progress`], which never blocks; everything a context
-//!   does (I/O, completions, connection events) happens there too;
+//!   [`ProgressEngine::progress`], which never blocks (except that DOCA
+//!   starts an RDMA context synchronously: on a card it may be `Running`
+//!   when `start` returns; callers progress until `Running`, which works
+//!   with both); everything a context does (I/O, completions, connection
+//!   events) happens there too;
 //! * the progress engine's notification handle fires only once armed
 //!   ([`ProgressEngine::request_notification`]) and once per arm; DOCA's
 //!   flow is arm, wait, [`ProgressEngine::clear_notification`], progress

@@ -154,7 +154,12 @@ fn start_and_stop_complete_only_inside_progress() {
     assert_eq!(r.state(), CtxState::Idle);
     assert_eq!(r.export().err(), Some(DocaError::BAD_STATE));
     r.start().unwrap();
-    assert_eq!(r.state(), CtxState::Starting);
+    // DOCA starts an RDMA context synchronously (it is Running when start
+    // returns); the emulation finishes every start inside progress, as
+    // DOCA's asynchronous contexts do. Callers progress until Running,
+    // which works with both.
+    let s = r.state();
+    assert!(s == CtxState::Starting || (cfg!(feature = "sdk") && s == CtxState::Running), "after start: {s:?}");
     assert_eq!(r.start().err(), Some(DocaError::BAD_STATE));
     progress_until(&pe, "start", || r.state() == CtxState::Running);
 
@@ -222,14 +227,21 @@ fn mmap_export_import_and_buffer_inventory() {
     drop((b, c));
     assert_eq!(inv.in_use(), 0);
 
-    // A read-only export cannot be the target of a receive.
-    let ro_pci = local_mmap(&dev, &reg, Access::PCI_READ_ONLY);
-    let ro_remote = RemoteMmap::from_export(&dev, &ro_pci.export_pci(&dev).unwrap()).unwrap();
-    assert!(!ro_remote.is_writable());
-    let pe = ProgressEngine::new().unwrap();
-    let r = started_rdma(&pe, &dev, RdmaConfig::default());
-    let buf = inv.remote_buf(&ro_remote, 0, 16).unwrap();
-    assert_eq!(r.submit_receive(buf, 1).unwrap_err().error, DocaError::NOT_PERMITTED);
+    // A read-only export cannot be the target of a receive. DOCA does not
+    // tell an importer the exporter's permissions: on a card the device
+    // refuses the write when it happens (a failed receive), so the sdk
+    // backend reports every import writable and only the emulation can
+    // refuse at submission.
+    #[cfg(not(feature = "sdk"))]
+    {
+        let ro_pci = local_mmap(&dev, &reg, Access::PCI_READ_ONLY);
+        let ro_remote = RemoteMmap::from_export(&dev, &ro_pci.export_pci(&dev).unwrap()).unwrap();
+        assert!(!ro_remote.is_writable());
+        let pe = ProgressEngine::new().unwrap();
+        let r = started_rdma(&pe, &dev, RdmaConfig::default());
+        let buf = inv.remote_buf(&ro_remote, 0, 16).unwrap();
+        assert_eq!(r.submit_receive(buf, 1).unwrap_err().error, DocaError::NOT_PERMITTED);
+    }
 }
 
 #[test]

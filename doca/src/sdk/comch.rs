@@ -360,7 +360,8 @@ fn c_name(name: &str) -> Result<CString, DocaError> {
 
 /// Opens the host PF's representor on `dev` (see the module doc).
 fn host_rep(dev: &Device) -> Result<NonNull<sys::doca_dev_rep>, DocaError> {
-    let want = std::env::var(HOST_REP_ENV).ok();
+    // Empty (as the packaged defaults file leaves it) is unset.
+    let want = std::env::var(HOST_REP_ENV).ok().filter(|w| !w.is_empty());
     let mut list = ptr::null_mut();
     let mut n = 0u32;
     // SAFETY: an open device; valid out-pointers; the list is destroyed

@@ -397,8 +397,9 @@ impl RemoteMmap {
     pub fn is_empty(&self) -> bool {
         self.inner.len == 0
     }
-    /// Whether tasks may write into it (the SDK enforces the exporter's
-    /// permissions itself).
+    /// Always true: DOCA does not tell an importer the exporter's
+    /// permissions; the device enforces them when a task writes (a receive
+    /// into a read-only import fails then, not at submission).
     pub fn is_writable(&self) -> bool {
         self.inner.writable
     }
