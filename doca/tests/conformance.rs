@@ -501,7 +501,10 @@ fn rdma_send_larger_than_the_receive_fails_the_connection() {
     a.submit_send(ca, after, None, 3).unwrap();
 
     let r = completions(&pe, &b, 1, "receiver sees the error");
-    assert!(matches!(r[0], RdmaEvent::Received { user_data: 1, result: Err(DocaError::TOO_BIG), .. }), "{r:?}");
+    // The emulation says TOO_BIG; which status a card's failed receive
+    // carries DOCA does not document, so the sdk backend must only fail it.
+    let want_too_big = |e: &DocaError| cfg!(feature = "sdk") || *e == DocaError::TOO_BIG;
+    assert!(matches!(&r[0], RdmaEvent::Received { user_data: 1, result: Err(e), .. } if want_too_big(e)), "{r:?}");
     let s = completions(&pe, &a, 2, "sender sees the error");
     for e in &s {
         let RdmaEvent::SendDone { user_data, result, .. } = e else { unreachable!() };
