@@ -911,3 +911,174 @@ unsafe extern "C" {
     /// `doca_comch.h`: the generic task of a send task.
     pub fn doca_comch_task_send_as_task(task: *mut doca_comch_task_send) -> *mut doca_task;
 }
+
+// ---------------------------------------------------------------------------
+// doca_comch.h (consumer events), doca_comch_consumer.h, doca_comch_producer.h:
+// the comch fast path. Written from the same public API reference (the
+// consumer and producer modules of DOCA 3.0).
+// ---------------------------------------------------------------------------
+
+/// `doca_comch.h`: a consumer created or expired on a connection (opaque).
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct doca_comch_event_consumer {
+    _unused: [u8; 0],
+}
+/// `doca_comch_consumer.h`: a consumer (opaque).
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct doca_comch_consumer {
+    _unused: [u8; 0],
+}
+/// `doca_comch_consumer.h`: a post-receive task (opaque).
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct doca_comch_consumer_task_post_recv {
+    _unused: [u8; 0],
+}
+/// `doca_comch_producer.h`: a producer (opaque).
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct doca_comch_producer {
+    _unused: [u8; 0],
+}
+/// `doca_comch_producer.h`: a send task (opaque).
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct doca_comch_producer_task_send {
+    _unused: [u8; 0],
+}
+/// `doca_comch.h`: a consumer of the peer was created or expired (its id).
+pub type doca_comch_event_consumer_cb_t = ::std::option::Option<
+    unsafe extern "C" fn(event: *mut doca_comch_event_consumer, comch_connection: *mut doca_comch_connection, id: u32),
+>;
+/// `doca_comch_consumer.h`: a post-receive task completed (success and
+/// error callbacks share the type).
+pub type doca_comch_consumer_task_post_recv_completion_cb_t = ::std::option::Option<
+    unsafe extern "C" fn(
+        task: *mut doca_comch_consumer_task_post_recv,
+        task_user_data: doca_data,
+        ctx_user_data: doca_data,
+    ),
+>;
+/// `doca_comch_producer.h`: a send task completed (success and error
+/// callbacks share the type).
+pub type doca_comch_producer_task_send_completion_cb_t = ::std::option::Option<
+    unsafe extern "C" fn(task: *mut doca_comch_producer_task_send, task_user_data: doca_data, ctx_user_data: doca_data),
+>;
+
+unsafe extern "C" {
+    /// `doca_comch.h`: registers a server's new- and expired-consumer
+    /// callbacks (while idle).
+    pub fn doca_comch_server_event_consumer_register(
+        comch_server: *mut doca_comch_server,
+        new_consumer_event_cb: doca_comch_event_consumer_cb_t,
+        expired_consumer_event_cb: doca_comch_event_consumer_cb_t,
+    ) -> doca_error_t;
+    /// `doca_comch.h`: registers a client's new- and expired-consumer
+    /// callbacks (while idle).
+    pub fn doca_comch_client_event_consumer_register(
+        comch_client: *mut doca_comch_client,
+        new_consumer_event_cb: doca_comch_event_consumer_cb_t,
+        expired_consumer_event_cb: doca_comch_event_consumer_cb_t,
+    ) -> doca_error_t;
+
+    /// `doca_comch_consumer.h`: creates a consumer on an established
+    /// connection, for buffers of `buf_mmap`.
+    pub fn doca_comch_consumer_create(
+        comch_connection: *mut doca_comch_connection,
+        buf_mmap: *mut doca_mmap,
+        consumer: *mut *mut doca_comch_consumer,
+    ) -> doca_error_t;
+    /// `doca_comch_consumer.h`: destroys a consumer.
+    pub fn doca_comch_consumer_destroy(consumer: *mut doca_comch_consumer) -> doca_error_t;
+    /// `doca_comch_consumer.h`: the consumer's id, unique per connection.
+    pub fn doca_comch_consumer_get_id(consumer: *const doca_comch_consumer, id: *mut u32) -> doca_error_t;
+    /// `doca_comch_consumer.h`: post-receive tasks a consumer on this device
+    /// may allocate.
+    pub fn doca_comch_consumer_cap_get_max_num_tasks(
+        devinfo: *const doca_devinfo,
+        max_num_tasks: *mut u32,
+    ) -> doca_error_t;
+    /// `doca_comch_consumer.h`: the longest immediate a consumer on this
+    /// device takes.
+    pub fn doca_comch_consumer_cap_get_max_imm_data_len(
+        devinfo: *const doca_devinfo,
+        max_imm_data_len: *mut u32,
+    ) -> doca_error_t;
+    /// `doca_comch_consumer.h`: sets the immediate length the consumer
+    /// takes (while idle).
+    pub fn doca_comch_consumer_set_imm_data_len(consumer: *mut doca_comch_consumer, imm_data_len: u32) -> doca_error_t;
+    /// `doca_comch_consumer.h`: the consumer as a generic context.
+    pub fn doca_comch_consumer_as_ctx(consumer: *mut doca_comch_consumer) -> *mut doca_ctx;
+    /// `doca_comch_consumer.h`: configures the post-receive tasks.
+    pub fn doca_comch_consumer_task_post_recv_set_conf(
+        consumer: *mut doca_comch_consumer,
+        task_completion_cb: doca_comch_consumer_task_post_recv_completion_cb_t,
+        task_error_cb: doca_comch_consumer_task_post_recv_completion_cb_t,
+        num_post_recv_tasks: u32,
+    ) -> doca_error_t;
+    /// `doca_comch_consumer.h`: allocates a post-receive task for `buf`.
+    pub fn doca_comch_consumer_task_post_recv_alloc_init(
+        consumer: *mut doca_comch_consumer,
+        buf: *mut doca_buf,
+        task: *mut *mut doca_comch_consumer_task_post_recv,
+    ) -> doca_error_t;
+    /// `doca_comch_consumer.h`: the task's buffer.
+    pub fn doca_comch_consumer_task_post_recv_get_buf(task: *mut doca_comch_consumer_task_post_recv) -> *mut doca_buf;
+    /// `doca_comch_consumer.h`: the producer that filled the buffer (set on
+    /// completion; 0 otherwise).
+    pub fn doca_comch_consumer_task_post_recv_get_producer_id(task: *mut doca_comch_consumer_task_post_recv) -> u32;
+    /// `doca_comch_consumer.h`: the immediate bytes (set on completion).
+    pub fn doca_comch_consumer_task_post_recv_get_imm_data(task: *mut doca_comch_consumer_task_post_recv) -> *mut u8;
+    /// `doca_comch_consumer.h`: the immediate's length (set on completion).
+    pub fn doca_comch_consumer_task_post_recv_get_imm_data_len(task: *mut doca_comch_consumer_task_post_recv) -> u32;
+    /// `doca_comch_consumer.h`: the generic task of a post-receive task.
+    pub fn doca_comch_consumer_task_post_recv_as_task(task: *mut doca_comch_consumer_task_post_recv) -> *mut doca_task;
+
+    /// `doca_comch_producer.h`: creates a producer on an established
+    /// connection.
+    pub fn doca_comch_producer_create(
+        comch_connection: *mut doca_comch_connection,
+        producer: *mut *mut doca_comch_producer,
+    ) -> doca_error_t;
+    /// `doca_comch_producer.h`: destroys a producer.
+    pub fn doca_comch_producer_destroy(producer: *mut doca_comch_producer) -> doca_error_t;
+    /// `doca_comch_producer.h`: the producer's id, unique per connection.
+    pub fn doca_comch_producer_get_id(producer: *const doca_comch_producer, id: *mut u32) -> doca_error_t;
+    /// `doca_comch_producer.h`: send tasks a producer on this device may
+    /// allocate.
+    pub fn doca_comch_producer_cap_get_max_num_tasks(
+        devinfo: *const doca_devinfo,
+        max_num_tasks: *mut u32,
+    ) -> doca_error_t;
+    /// `doca_comch_producer.h`: the largest buffer a producer on this
+    /// device sends.
+    pub fn doca_comch_producer_cap_get_max_buf_size(
+        devinfo: *const doca_devinfo,
+        max_buf_size: *mut u32,
+    ) -> doca_error_t;
+    /// `doca_comch_producer.h`: the producer as a generic context.
+    pub fn doca_comch_producer_as_ctx(producer: *mut doca_comch_producer) -> *mut doca_ctx;
+    /// `doca_comch_producer.h`: configures the send tasks.
+    pub fn doca_comch_producer_task_send_set_conf(
+        producer: *mut doca_comch_producer,
+        task_completion_cb: doca_comch_producer_task_send_completion_cb_t,
+        task_error_cb: doca_comch_producer_task_send_completion_cb_t,
+        num_send_tasks: u32,
+    ) -> doca_error_t;
+    /// `doca_comch_producer.h`: allocates a send of `buf` with `imm_data`
+    /// to consumer `consumer_id`.
+    pub fn doca_comch_producer_task_send_alloc_init(
+        producer: *mut doca_comch_producer,
+        buf: *const doca_buf,
+        imm_data: *mut u8,
+        imm_data_len: u32,
+        consumer_id: u32,
+        task: *mut *mut doca_comch_producer_task_send,
+    ) -> doca_error_t;
+    /// `doca_comch_producer.h`: the task's buffer.
+    pub fn doca_comch_producer_task_send_get_buf(task: *mut doca_comch_producer_task_send) -> *const doca_buf;
+    /// `doca_comch_producer.h`: the generic task of a send task.
+    pub fn doca_comch_producer_task_send_as_task(task: *mut doca_comch_producer_task_send) -> *mut doca_task;
+}

@@ -1,5 +1,6 @@
 //! Byte layouts of the emulated backend: the frames of emulated RDMA over
-//! TCP, the RDMA connection blob and the mmap export blob.
+//! TCP, the RDMA connection blob, the mmap export blob, and the packets of
+//! emulated comch and its fast path.
 //!
 //! These mimic hardware formats (RoCE packets, DOCA's opaque export blobs),
 //! so they live with the emulation rather than in `wire`, which holds DNE's
@@ -478,5 +479,192 @@ mod tests {
                 prop_assert_eq!(&b.encode()[..], &bytes[..]);
             }
         }
+    }
+}
+
+/// Kind byte of an emulated comch packet: a user message.
+pub const COMCH_MSG: u8 = 0;
+/// Kind byte of an emulated comch packet: a fast-path consumer started.
+pub const COMCH_CONSUMER_UP: u8 = 1;
+/// Kind byte of an emulated comch packet: a fast-path consumer stopped.
+pub const COMCH_CONSUMER_DOWN: u8 = 2;
+/// The longest comch control packet.
+pub const COMCH_CTRL_LEN: usize = 13;
+
+/// A packet of an emulated comch connection after the client's hello.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ComchPacket<'a> {
+    /// A user message (never empty).
+    Msg(&'a [u8]),
+    /// The sender started fast-path consumer `id`, listening on the socket
+    /// named by `token`.
+    ConsumerUp {
+        /// The consumer's id.
+        id: u32,
+        /// Names its socket.
+        token: u64,
+    },
+    /// The sender's consumer `id` stopped.
+    ConsumerDown {
+        /// The consumer's id.
+        id: u32,
+    },
+}
+
+/// An emulated comch packet that is not valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ComchPacketError {
+    /// A message with no bytes, or no kind byte at all.
+    #[error("empty comch packet")]
+    Empty,
+    /// Unknown kind byte.
+    #[error("unknown comch packet kind {0}")]
+    Kind(u8),
+    /// A control packet of the wrong length.
+    #[error("comch control packet of kind {kind} with {len} bytes")]
+    Length {
+        /// Its kind.
+        kind: u8,
+        /// Its length.
+        len: usize,
+    },
+}
+
+impl<'a> ComchPacket<'a> {
+    /// Decodes a whole packet.
+    pub fn decode(b: &'a [u8]) -> Result<ComchPacket<'a>, ComchPacketError> {
+        let (&kind, rest) = b.split_first().ok_or(ComchPacketError::Empty)?;
+        let u32_at = |i: usize| u32::from_le_bytes([rest[i], rest[i + 1], rest[i + 2], rest[i + 3]]);
+        match (kind, rest.len()) {
+            (COMCH_MSG, 0) => Err(ComchPacketError::Empty),
+            (COMCH_MSG, _) => Ok(ComchPacket::Msg(rest)),
+            (COMCH_CONSUMER_UP, 12) => {
+                let token = u64::from(u32_at(4)) | u64::from(u32_at(8)) << 32;
+                Ok(ComchPacket::ConsumerUp { id: u32_at(0), token })
+            }
+            (COMCH_CONSUMER_DOWN, 4) => Ok(ComchPacket::ConsumerDown { id: u32_at(0) }),
+            (COMCH_CONSUMER_UP | COMCH_CONSUMER_DOWN, len) => Err(ComchPacketError::Length { kind, len: len + 1 }),
+            (kind, _) => Err(ComchPacketError::Kind(kind)),
+        }
+    }
+
+    /// Encodes a control packet into `out`; its length (`None` for a
+    /// message, which is written in place by its sender).
+    pub fn encode_ctrl(&self, out: &mut [u8; COMCH_CTRL_LEN]) -> Option<usize> {
+        match *self {
+            ComchPacket::Msg(_) => None,
+            ComchPacket::ConsumerUp { id, token } => {
+                out[0] = COMCH_CONSUMER_UP;
+                out[1..5].copy_from_slice(&id.to_le_bytes());
+                out[5..13].copy_from_slice(&token.to_le_bytes());
+                Some(13)
+            }
+            ComchPacket::ConsumerDown { id } => {
+                out[0] = COMCH_CONSUMER_DOWN;
+                out[1..5].copy_from_slice(&id.to_le_bytes());
+                Some(5)
+            }
+        }
+    }
+}
+
+/// Bytes before the immediate in a fast-path data packet: the producer id
+/// (u32 LE) and the immediate's length (u8).
+pub const FAST_PATH_HDR: usize = 5;
+/// Most immediate bytes in a fast-path data packet.
+pub const FAST_PATH_MAX_IMM: usize = 32;
+
+/// A fast-path data packet, producer to consumer: `[producer id u32 LE]
+/// [imm length u8][imm][payload]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastPathPacket<'a> {
+    /// The producer's id.
+    pub producer: u32,
+    /// Its immediate bytes (at most [`FAST_PATH_MAX_IMM`]).
+    pub imm: &'a [u8],
+    /// The payload.
+    pub payload: &'a [u8],
+}
+
+/// A fast-path data packet that is not valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FastPathDecodeError {
+    /// Shorter than its header, or than its header says.
+    #[error("short fast-path packet ({0} bytes)")]
+    Short(usize),
+    /// An immediate longer than [`FAST_PATH_MAX_IMM`].
+    #[error("fast-path immediate of {0} bytes")]
+    Imm(usize),
+}
+
+impl<'a> FastPathPacket<'a> {
+    /// Decodes a whole packet.
+    pub fn decode(b: &'a [u8]) -> Result<FastPathPacket<'a>, FastPathDecodeError> {
+        if b.len() < FAST_PATH_HDR {
+            return Err(FastPathDecodeError::Short(b.len()));
+        }
+        let imm_len = usize::from(b[4]);
+        if imm_len > FAST_PATH_MAX_IMM {
+            return Err(FastPathDecodeError::Imm(imm_len));
+        }
+        let rest = &b[FAST_PATH_HDR..];
+        if rest.len() < imm_len {
+            return Err(FastPathDecodeError::Short(b.len()));
+        }
+        let (imm, payload) = rest.split_at(imm_len);
+        Ok(FastPathPacket { producer: u32::from_le_bytes([b[0], b[1], b[2], b[3]]), imm, payload })
+    }
+
+    /// Writes the header and immediate into `out`; the payload follows at
+    /// the returned offset. `None` when the immediate is too long or `out`
+    /// too short.
+    pub fn encode_head(producer: u32, imm: &[u8], out: &mut [u8]) -> Option<usize> {
+        let end = FAST_PATH_HDR + imm.len();
+        if imm.len() > FAST_PATH_MAX_IMM || out.len() < end {
+            return None;
+        }
+        out[..4].copy_from_slice(&producer.to_le_bytes());
+        out[4] = imm.len() as u8;
+        out[FAST_PATH_HDR..end].copy_from_slice(imm);
+        Some(end)
+    }
+}
+
+/// A fast-path credit packet, consumer to producer: the number of receives
+/// newly posted for it (u32 LE); `None` for any other length.
+pub fn decode_credit(b: &[u8]) -> Option<u32> {
+    <[u8; 4]>::try_from(b).ok().map(u32::from_le_bytes)
+}
+
+#[cfg(test)]
+mod comch_packet_tests {
+    use super::*;
+
+    #[test]
+    fn comch_and_fast_path_packets_decode_what_they_encode_and_refuse_the_rest() {
+        let mut out = [0u8; COMCH_CTRL_LEN];
+        for p in [ComchPacket::ConsumerUp { id: 7, token: u64::MAX - 3 }, ComchPacket::ConsumerDown { id: 9 }] {
+            let n = p.encode_ctrl(&mut out).unwrap();
+            assert_eq!(ComchPacket::decode(&out[..n]), Ok(p));
+        }
+        assert_eq!(ComchPacket::decode(&[COMCH_MSG, 1, 2]), Ok(ComchPacket::Msg(&[1, 2])));
+        assert_eq!(ComchPacket::decode(&[]), Err(ComchPacketError::Empty));
+        assert_eq!(ComchPacket::decode(&[COMCH_MSG]), Err(ComchPacketError::Empty));
+        assert_eq!(ComchPacket::decode(&[9, 1]), Err(ComchPacketError::Kind(9)));
+        assert_eq!(
+            ComchPacket::decode(&[COMCH_CONSUMER_DOWN, 1, 2, 3]),
+            Err(ComchPacketError::Length { kind: COMCH_CONSUMER_DOWN, len: 4 })
+        );
+        let mut b = vec![0u8; 64];
+        let at = FastPathPacket::encode_head(5, b"imm", &mut b).unwrap();
+        b.truncate(at + 2);
+        b[at..].copy_from_slice(b"pl");
+        assert_eq!(FastPathPacket::decode(&b), Ok(FastPathPacket { producer: 5, imm: b"imm", payload: b"pl" }));
+        assert_eq!(FastPathPacket::decode(&b[..4]), Err(FastPathDecodeError::Short(4)));
+        assert_eq!(FastPathPacket::decode(&[0, 0, 0, 0, 33]), Err(FastPathDecodeError::Imm(33)));
+        assert_eq!(FastPathPacket::decode(&[0, 0, 0, 0, 3, 1]), Err(FastPathDecodeError::Short(6)));
+        assert_eq!(FastPathPacket::encode_head(1, &[0; 33], &mut b), None);
+        assert_eq!(decode_credit(&[1, 0, 0, 0]), Some(1));
+        assert_eq!(decode_credit(&[1, 0, 0]), None);
     }
 }

@@ -35,6 +35,12 @@
 //!   memory and devices, contexts their progress engine and device), so
 //!   dropping in any order tears down in the right one; the progress engine
 //!   is `!Sync` (one thread progresses it);
+//! * the comch fast path: a [`ComchConsumer`] on a comch connection posts
+//!   buffers of its mmap and the peer learns its id
+//!   ([`ComchEvent::ConsumerUp`]); a [`ComchProducer`] on the peer's side
+//!   sends into the oldest posted buffer, with up to [`COMCH_MAX_IMM`]
+//!   immediate bytes, or is refused with `AGAIN` while none is posted for
+//!   it (DOCA's rule: the caller retries after a progress);
 //! * errors are [`DocaError`], DOCA's `doca_error_t` values.
 //!
 //! Modules: [`error`] (the error code), [`emu_wire`] (the emulated backend's
@@ -61,8 +67,19 @@ pub use sdk::*;
 pub use emu_wire::MAX_RDMA_MSG;
 pub use error::DocaError;
 pub use types::{
-    Access, ComchConfig, ComchConnId, ComchEvent, CtxState, RdmaConfig, RdmaConnId, RdmaEvent, TaskSubmitError,
+    Access, COMCH_FAST_PATH_MAX, COMCH_MAX_IMM, ComchConfig, ComchConnId, ComchEvent, CtxState, FastPathConfig,
+    FastPathEvent, Imm, RdmaConfig, RdmaConnId, RdmaEvent, TaskSubmitError,
 };
+
+/// The comch connection a fast-path consumer or producer runs on: one of a
+/// server's connections, or a client's.
+#[derive(Clone, Copy, Debug)]
+pub enum ComchPeer<'a> {
+    /// A server's connection.
+    Server(&'a ComchServer, ComchConnId),
+    /// A client's connection to its server.
+    Client(&'a ComchClient),
+}
 
 /// Largest comch message (DOCA comch's control-path cap is 4080 bytes on
 /// BlueField; the SDK backend also checks the device's own capability).

@@ -28,6 +28,13 @@ impl<T> Slots<T> {
         }
     }
 
+    /// Slot `i`'s value, left in place (a fixed table: it does not move
+    /// while the slot is taken).
+    #[cfg_attr(not(feature = "sdk"), allow(dead_code))]
+    pub(crate) fn get_mut(&mut self, i: u32) -> Option<&mut T> {
+        self.items.get_mut(i as usize)?.as_mut()
+    }
+
     /// Takes what slot `i` holds (`None` for a slot out of range or empty:
     /// a task this table never issued).
     pub(crate) fn take(&mut self, i: u64) -> Option<T> {
@@ -53,6 +60,8 @@ mod tests {
         assert_eq!(s.take(99), None);
         assert_eq!(s.take(u64::MAX), None);
         assert_eq!(s.put("d"), Ok(a));
+        assert_eq!(s.get_mut(b).copied(), Some("b"));
         assert_eq!(s.take(u64::from(b)), Some("b"));
+        assert_eq!(s.get_mut(b), None);
     }
 }

@@ -247,6 +247,107 @@ pub enum ComchEvent {
         /// Outcome.
         result: Result<(), DocaError>,
     },
+    /// The peer started a fast-path consumer on this connection: a
+    /// [`ComchProducer`](crate::ComchProducer) on it may send to `id`.
+    ConsumerUp {
+        /// The connection.
+        conn: ComchConnId,
+        /// The consumer's id (unique per connection).
+        id: u32,
+    },
+    /// The peer's consumer `id` went away.
+    ConsumerDown {
+        /// The connection.
+        conn: ComchConnId,
+        /// The consumer's id.
+        id: u32,
+    },
+}
+
+/// Largest payload of one fast-path (producer/consumer) send.
+pub const COMCH_FAST_PATH_MAX: u32 = 64 << 10;
+
+/// Most immediate bytes a fast-path send carries (DOCA's consumers take
+/// what `doca_comch_consumer_cap_get_max_imm_data_len` allows; this API
+/// asks for no more than this).
+pub const COMCH_MAX_IMM: usize = 32;
+
+/// The immediate bytes of a fast-path send (at most [`COMCH_MAX_IMM`]).
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct Imm {
+    len: u8,
+    bytes: [u8; COMCH_MAX_IMM],
+}
+
+impl Imm {
+    /// Immediate bytes; `INVALID_VALUE` over [`COMCH_MAX_IMM`].
+    pub fn new(b: &[u8]) -> Result<Imm, DocaError> {
+        if b.len() > COMCH_MAX_IMM {
+            return Err(DocaError::INVALID_VALUE);
+        }
+        let mut bytes = [0; COMCH_MAX_IMM];
+        bytes[..b.len()].copy_from_slice(b);
+        Ok(Imm { len: b.len() as u8, bytes })
+    }
+
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl core::fmt::Debug for Imm {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Imm({:02x?})", self.as_bytes())
+    }
+}
+
+/// Configuration of a fast-path consumer or producer, fixed at creation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastPathConfig {
+    /// Receive tasks (consumer) or send tasks (producer).
+    pub tasks: u32,
+}
+
+impl Default for FastPathConfig {
+    fn default() -> Self {
+        Self { tasks: 64 }
+    }
+}
+
+impl FastPathConfig {
+    pub(crate) fn validate(&self) -> Result<(), DocaError> {
+        if self.tasks > 0 && self.tasks <= 4096 { Ok(()) } else { Err(DocaError::INVALID_VALUE) }
+    }
+}
+
+/// What a fast-path consumer or producer reports, taken with `poll_event`.
+/// A task's pool slot is given back when its completion is taken.
+#[derive(Debug)]
+pub enum FastPathEvent {
+    /// A posted receive completed (consumer): on success a producer wrote
+    /// `buf.data_len()` bytes at the start of the buffer.
+    Received {
+        /// The submitter's tag.
+        user_data: u64,
+        /// The buffer, handed back.
+        buf: crate::Buf,
+        /// The producer's immediate bytes.
+        imm: Imm,
+        /// The producer that wrote it (0 for a flushed receive).
+        producer: u32,
+        /// Outcome.
+        result: Result<(), DocaError>,
+    },
+    /// A send completed (producer): the data is in the consumer's buffer.
+    SendDone {
+        /// The submitter's tag.
+        user_data: u64,
+        /// The source buffer, handed back.
+        buf: crate::Buf,
+        /// Outcome.
+        result: Result<(), DocaError>,
+    },
 }
 
 /// A task could not be submitted: the error, and the buffer handed back.

@@ -944,3 +944,120 @@ fn rdma_sends_beyond_one_progress_keep_the_handle_readable() {
         assert!(start.elapsed() < WATCHDOG, "watchdog: the rest ({got} of {N})");
     }
 }
+
+/// Comch fast path: a consumer on the host side of a connection (the
+/// client's) posts buffers of its mmap, and a producer on the other side
+/// fills them. The peer learns the consumer's id from `ConsumerUp`; with
+/// nothing posted a send is refused with `AGAIN` (DOCA's rule: the sender
+/// retries); the payload lands byte-exact at the start of the posted
+/// buffer with the immediate and the producer's id; a stopped consumer is
+/// reported `ConsumerDown`, its posted receives are flushed with
+/// `SHUTDOWN`, and it is `Idle` once they are taken.
+#[test]
+fn comch_fast_path_fills_posted_buffers_and_says_again_when_none_is() {
+    let dev = device();
+    let pe = ProgressEngine::new().unwrap();
+    let name = format!("conf-fp-{}", std::process::id());
+    let server = ComchServer::new(&pe, &dev, &name, ComchConfig::default()).unwrap();
+    server.start().unwrap();
+    let client = ComchClient::new(&pe, &dev, &name, ComchConfig::default()).unwrap();
+    client.start().unwrap();
+    let mut msg = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
+    let mut conn = None;
+    progress_until(&pe, "comch connection", || {
+        if let Some(ComchEvent::Connected(c)) = server.poll_event(&mut msg) {
+            conn = Some(c);
+        }
+        conn.is_some() && client.state() == CtxState::Running
+    });
+    let conn = conn.unwrap();
+
+    let host = region(64 << 10);
+    let host_mm = local_mmap(&dev, &host, Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE);
+    let dpu = region(64 << 10);
+    let payload = pattern(11, 3000);
+    dpu.copy_in(8192, &payload).unwrap();
+    let dpu_mm = local_mmap(&dev, &dpu, Access::LOCAL_READ_WRITE);
+    let inv = BufInventory::new(16).unwrap();
+
+    let cfg = FastPathConfig { tasks: 4 };
+    let consumer = ComchConsumer::new(&pe, ComchPeer::Client(&client), &host_mm, cfg).unwrap();
+    assert_eq!(consumer.state(), CtxState::Idle);
+    let buf = inv.buf(&host_mm, 0, 4096).unwrap();
+    assert_eq!(consumer.submit_receive(buf, 1).unwrap_err().error, DocaError::BAD_STATE, "not started");
+    consumer.start().unwrap();
+    let mut up = None;
+    progress_until(&pe, "ConsumerUp at the peer", || {
+        if let Some(ComchEvent::ConsumerUp { conn: c, id }) = server.poll_event(&mut msg) {
+            up = Some((c, id));
+        }
+        up.is_some() && consumer.state() == CtxState::Running
+    });
+    assert_eq!(up, Some((conn, consumer.id())));
+
+    let producer = ComchProducer::new(&pe, ComchPeer::Server(&server, conn), cfg).unwrap();
+    producer.start().unwrap();
+    progress_until(&pe, "producer start", || producer.state() == CtxState::Running);
+    let mut src = inv.buf(&dpu_mm, 8192, 4096).unwrap();
+    src.set_data_len(3000).unwrap();
+    let imm = b"descriptor #1";
+    let e = producer.submit_send(src, consumer.id(), imm, 21).unwrap_err();
+    assert_eq!(e.error, DocaError::AGAIN, "nothing posted: DOCA refuses the send");
+    let mut src = e.buf;
+
+    consumer.submit_receive(inv.buf(&host_mm, 4096, 4096).unwrap(), 2).unwrap();
+    let start = Instant::now();
+    loop {
+        pe.progress();
+        match producer.submit_send(src, consumer.id(), imm, 21) {
+            Ok(()) => break,
+            Err(e) if e.error == DocaError::AGAIN => src = e.buf,
+            Err(e) => panic!("send: {e}"),
+        }
+        assert!(start.elapsed() < WATCHDOG, "watchdog: the posted receive never let a send through");
+    }
+    let mut got = None;
+    progress_until(&pe, "the consumer's completion", || {
+        got = got.take().or_else(|| consumer.poll_event());
+        got.is_some()
+    });
+    let Some(FastPathEvent::Received { user_data, buf, imm: got_imm, producer: from, result }) = got else {
+        panic!("{got:?}")
+    };
+    assert_eq!((user_data, result, from), (2, Ok(()), producer.id()));
+    assert_eq!(got_imm.as_bytes(), imm);
+    assert_eq!((buf.offset(), buf.data_len()), (4096, 3000));
+    let mut landed = vec![0u8; 3000];
+    host.copy_out(4096, &mut landed).unwrap();
+    assert!(landed == payload, "the payload did not land byte-exact");
+    let mut done = None;
+    progress_until(&pe, "the producer's completion", || {
+        done = done.take().or_else(|| producer.poll_event());
+        done.is_some()
+    });
+    assert!(matches!(done, Some(FastPathEvent::SendDone { user_data: 21, result: Ok(()), .. })), "{done:?}");
+    drop((buf, done));
+
+    // Stop: the peer hears of it, the posted receive is flushed.
+    consumer.submit_receive(inv.buf(&host_mm, 8192, 4096).unwrap(), 3).unwrap();
+    consumer.stop().unwrap();
+    let mut down = None;
+    let mut flushed = None;
+    progress_until(&pe, "ConsumerDown and the flush", || {
+        if let Some(ComchEvent::ConsumerDown { conn: c, id }) = server.poll_event(&mut msg) {
+            down = Some((c, id));
+        }
+        if flushed.is_none() {
+            flushed = consumer.poll_event();
+        }
+        down.is_some() && flushed.is_some()
+    });
+    assert_eq!(down, Some((conn, consumer.id())));
+    assert!(
+        matches!(flushed, Some(FastPathEvent::Received { user_data: 3, result: Err(DocaError::SHUTDOWN), .. })),
+        "{flushed:?}"
+    );
+    progress_until(&pe, "consumer idle", || consumer.state() == CtxState::Idle);
+    drop(flushed);
+    assert_eq!(inv.in_use(), 0, "every buffer came back");
+}

@@ -338,3 +338,93 @@ fn a_client_that_said_hello_is_not_evicted_by_the_next_connect() {
     assert!(connected, "the client that had said hello was dropped for a socket that connected after it");
     drop(silent);
 }
+
+/// A peer that connects to a fast-path consumer's socket and sends without
+/// a credit, or sends garbage, loses its link; the consumer keeps its
+/// posted receive for a real producer, which then fills it.
+#[test]
+fn a_fast_path_producer_sending_without_credit_is_cut_off() {
+    use rustix::net::{AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
+    let dev = dev();
+    let pe = ProgressEngine::new().unwrap();
+    let name = format!("hostile-fp-{}", std::process::id());
+    let server = ComchServer::new(&pe, &dev, &name, ComchConfig::default()).unwrap();
+    server.start().unwrap();
+    let client = ComchClient::new(&pe, &dev, &name, ComchConfig::default()).unwrap();
+    client.start().unwrap();
+    let mut msg = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
+    let watchdog = |start: Instant, what: &str| assert!(start.elapsed() < Duration::from_secs(10), "watchdog: {what}");
+    let start = Instant::now();
+    let conn = loop {
+        pe.progress();
+        if let Some(ComchEvent::Connected(c)) = server.poll_event(&mut msg) {
+            break c;
+        }
+        watchdog(start, "connection");
+    };
+    let r = region(64 << 10);
+    let m = mmap(&r, &dev, Access::LOCAL_READ_WRITE);
+    let inv = BufInventory::new(8).unwrap();
+    let before: Vec<_> = std::fs::read_dir(runtime_dir()).unwrap().flatten().map(|e| e.path()).collect();
+    let consumer = ComchConsumer::new(&pe, ComchPeer::Client(&client), &m, FastPathConfig::default()).unwrap();
+    consumer.start().unwrap();
+    let start = Instant::now();
+    while !matches!(server.poll_event(&mut msg), Some(ComchEvent::ConsumerUp { .. })) {
+        pe.progress();
+        watchdog(start, "ConsumerUp");
+    }
+    consumer.submit_receive(inv.buf(&m, 0, 1024).unwrap(), 1).unwrap();
+    let path = std::fs::read_dir(runtime_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| !before.contains(p) && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("comch-fp-")))
+        .expect("the consumer's socket");
+    for bad in [&b"\x01\x00\x00\x00\x00stolen"[..], &b"\x01\x00\x00\x00\xffgarbage"[..]] {
+        let fd =
+            rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).unwrap();
+        rustix::net::connect(&fd, &SocketAddrUnix::new(path.as_path()).unwrap()).unwrap();
+        rustix::net::send(&fd, bad, SendFlags::NOSIGNAL).unwrap();
+        let start = Instant::now();
+        // Cut off: the consumer closes the link (it may first send the
+        // credit for the posted receive, which the peer ignores).
+        let mut b = [0u8; 16];
+        loop {
+            pe.progress();
+            if let Ok((0, _)) = rustix::net::recv(&fd, &mut b, rustix::net::RecvFlags::DONTWAIT) {
+                break;
+            }
+            watchdog(start, "the consumer to cut the hostile link");
+        }
+        assert!(consumer.poll_event().is_none(), "the hostile packet consumed the posted receive");
+    }
+    let producer = ComchProducer::new(&pe, ComchPeer::Server(&server, conn), FastPathConfig::default()).unwrap();
+    producer.start().unwrap();
+    let mut src = inv.buf(&m, 4096, 64).unwrap();
+    src.set_data_len(5).unwrap();
+    r.copy_in(4096, b"hello").unwrap();
+    let start = Instant::now();
+    loop {
+        pe.progress();
+        match producer.submit_send(src, consumer.id(), b"", 2) {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(matches!(e.error, DocaError::AGAIN | DocaError::BAD_STATE), "{e}");
+                src = e.buf;
+            }
+        }
+        watchdog(start, "a credit for the real producer");
+    }
+    let start = Instant::now();
+    let got = loop {
+        pe.progress();
+        if let Some(e) = consumer.poll_event() {
+            break e;
+        }
+        watchdog(start, "the real producer's data");
+    };
+    assert!(matches!(got, FastPathEvent::Received { user_data: 1, result: Ok(()), .. }), "{got:?}");
+    let mut landed = [0u8; 5];
+    r.copy_out(0, &mut landed).unwrap();
+    assert_eq!(&landed, b"hello");
+}

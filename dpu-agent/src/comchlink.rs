@@ -182,6 +182,8 @@ impl Channel {
                     }
                 }
                 doca::ComchEvent::SendDone { .. } => {}
+                // The host link carries no fast path.
+                doca::ComchEvent::ConsumerUp { .. } | doca::ComchEvent::ConsumerDown { .. } => {}
             }
         }
         self.rx = rx;

@@ -1,9 +1,12 @@
 //! Bytes from a garbage or hostile peer of the emulated DOCA backend: RDMA
-//! frame headers, RDMA connection blobs and mmap export blobs. Decoding
-//! never panics, and whatever it accepts encodes back to the same bytes.
+//! frame headers, RDMA connection blobs, mmap export blobs, comch packets
+//! and comch fast-path packets. Decoding never panics, and whatever it
+//! accepts encodes back to the same bytes.
 #![no_main]
 
-use doca::emu_wire::{ConnBlob, FRAME_LEN, Frame, MmapBlob};
+use doca::emu_wire::{
+    COMCH_CTRL_LEN, ComchPacket, ConnBlob, FRAME_LEN, FastPathPacket, Frame, MmapBlob, decode_credit,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -16,5 +19,23 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(b) = MmapBlob::decode(data) {
         assert_eq!(&b.encode()[..], data);
+    }
+    match ComchPacket::decode(data) {
+        Ok(ComchPacket::Msg(m)) => assert_eq!(m, &data[1..]),
+        Ok(p) => {
+            let mut out = [0u8; COMCH_CTRL_LEN];
+            let n = p.encode_ctrl(&mut out).expect("a control packet encodes");
+            assert_eq!(&out[..n], data);
+        }
+        Err(_) => {}
+    }
+    if let Ok(p) = FastPathPacket::decode(data) {
+        let mut out = vec![0u8; data.len()];
+        let at = FastPathPacket::encode_head(p.producer, p.imm, &mut out).expect("the head fits");
+        out[at..].copy_from_slice(p.payload);
+        assert_eq!(out, data);
+    }
+    if let Some(c) = decode_credit(data) {
+        assert_eq!(&c.to_le_bytes()[..], data);
     }
 });

@@ -275,6 +275,8 @@ impl Bridge {
                     log::warn!("bridge: a send to the agent failed: {e}");
                 }
                 doca::ComchEvent::SendDone { .. } => {}
+                // The host link carries no fast path.
+                doca::ComchEvent::ConsumerUp { .. } | doca::ComchEvent::ConsumerDown { .. } => {}
             }
         }
         self.rx = rx;

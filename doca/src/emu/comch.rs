@@ -8,6 +8,12 @@
 //! [`COMCH_MAX_MSG_SIZE`](crate::COMCH_MAX_MSG_SIZE)); send tasks come from
 //! a fixed pool with preallocated message slots; received messages wait in
 //! a fixed ring until taken (when it is full, reading stops: backpressure).
+//!
+//! After the client's hello every packet starts with a kind byte: a user
+//! message, or the announcement of a fast-path consumer started (its id and
+//! the token naming its socket) or gone on this connection (see
+//! `fastpath`; layouts in [`crate::emu_wire::ComchPacket`]). A packet that
+//! does not decode disconnects the peer that sent it.
 
 use super::dev::Device;
 use super::pe::{PeShared, Progress, ProgressEngine};
@@ -35,7 +41,7 @@ pub fn runtime_dir() -> PathBuf {
 /// predict, is created private (0700); one that exists must be this
 /// user's and closed to others' writes: another user who made it first
 /// could put their own sockets in place of ours.
-fn make_runtime_dir() -> Result<(), DocaError> {
+pub(crate) fn make_runtime_dir() -> Result<(), DocaError> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let dir = runtime_dir();
     if std::env::var_os(RUNTIME_DIR_ENV).is_some() {
@@ -60,7 +66,7 @@ fn make_runtime_dir() -> Result<(), DocaError> {
     }
 }
 
-fn socket_path(name: &str) -> Result<PathBuf, DocaError> {
+pub(crate) fn socket_path(name: &str) -> Result<PathBuf, DocaError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
@@ -71,7 +77,7 @@ fn socket_path(name: &str) -> Result<PathBuf, DocaError> {
     Ok(runtime_dir().join(format!("comch-{name}.sock")))
 }
 
-fn seqpacket() -> Result<OwnedFd, DocaError> {
+pub(crate) fn seqpacket() -> Result<OwnedFd, DocaError> {
     rustix::net::socket_with(
         AddressFamily::UNIX,
         SocketType::SEQPACKET,
@@ -112,6 +118,8 @@ fn said_hello(p: &Peer) -> Option<bool> {
 /// only real clients (a probe that connects and leaves is never reported).
 const HELLO: &[u8; 8] = b"DNECOMCH";
 
+use crate::emu_wire::{COMCH_CTRL_LEN as CTRL_LEN, COMCH_MSG as K_MSG, ComchPacket};
+
 #[derive(Debug)]
 struct Peer {
     fd: OwnedFd,
@@ -150,8 +158,16 @@ struct SendTask {
     user_data: u64,
 }
 
+/// A control packet waiting for its connection.
 #[derive(Debug)]
-struct State {
+struct Ctrl {
+    conn: u32,
+    bytes: [u8; CTRL_LEN],
+    len: usize,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
     cfg: ComchConfig,
     /// The progress engine, whose notification handle watches every
     /// socket of the context.
@@ -174,11 +190,15 @@ struct State {
     recv_data: Box<[u8]>,
     sends_out: u32,
     events: VecDeque<Ev>,
+    /// Consumer announcements to send, ahead of queued messages.
+    ctrl_q: VecDeque<Ctrl>,
+    /// The peer's consumers: (connection, id, token of its socket).
+    remote_consumers: Vec<(ComchConnId, u32, u64)>,
 }
 
 #[derive(Debug)]
-struct Core {
-    st: Mutex<State>,
+pub(crate) struct Core {
+    pub(crate) st: Mutex<State>,
 }
 
 impl Progress for Core {
@@ -189,7 +209,8 @@ impl Progress for Core {
 
 impl State {
     fn new(cfg: ComchConfig, pe: Arc<PeShared>, role: Role, path: PathBuf, peers: usize) -> Self {
-        let m = cfg.max_msg_size as usize;
+        // A kind byte before every message.
+        let m = cfg.max_msg_size as usize + 1;
         let events = (cfg.send_tasks + cfg.recv_queue) as usize + 2 * peers + 4;
         Self {
             cfg,
@@ -208,7 +229,37 @@ impl State {
             recv_data: vec![0; m * cfg.recv_queue as usize].into_boxed_slice(),
             sends_out: 0,
             events: VecDeque::with_capacity(events),
+            ctrl_q: VecDeque::new(),
+            remote_consumers: Vec::new(),
         }
+    }
+
+    /// Queues an announcement of a local consumer to the peer of `id`
+    /// (`fastpath`): `NOT_CONNECTED` when that connection is not up.
+    pub(crate) fn announce(&mut self, id: ComchConnId, pkt: ComchPacket<'_>) -> Result<(), DocaError> {
+        let conn = id.index();
+        if self.state != CtxState::Running {
+            return Err(DocaError::BAD_STATE);
+        }
+        if !self.peers.get(conn as usize).is_some_and(|p| p.as_ref().is_some_and(|p| p.up)) || self.id(conn) != id {
+            return Err(DocaError::NOT_CONNECTED);
+        }
+        let mut bytes = [0; CTRL_LEN];
+        let len = pkt.encode_ctrl(&mut bytes).ok_or(DocaError::INVALID_VALUE)?;
+        self.ctrl_q.push_back(Ctrl { conn, bytes, len });
+        Ok(())
+    }
+
+    /// The token of the peer's consumer `consumer` on connection `id`.
+    pub(crate) fn remote_consumer(&self, id: ComchConnId, consumer: u32) -> Option<u64> {
+        self.remote_consumers.iter().find(|&&(c, i, _)| c == id && i == consumer).map(|&(_, _, t)| t)
+    }
+
+    /// Whether connection `id` is up.
+    pub(crate) fn is_up(&self, id: ComchConnId) -> bool {
+        self.state == CtxState::Running
+            && self.peers.get(id.index() as usize).is_some_and(|p| p.as_ref().is_some_and(|p| p.up))
+            && self.id(id.index()) == id
     }
 
     /// The id of the connection in peer slot `i` now.
@@ -216,8 +267,9 @@ impl State {
         conn_id(i as usize, &self.gens)
     }
 
+    /// Slot `slot` of a message area: a kind byte, then up to `max` bytes.
     fn slot(data: &mut [u8], max: u32, slot: u32) -> &mut [u8] {
-        let m = max as usize;
+        let m = max as usize + 1;
         &mut data[slot as usize * m..(slot as usize + 1) * m]
     }
 
@@ -236,8 +288,10 @@ impl State {
             return Err(DocaError::NOT_CONNECTED);
         }
         let slot = self.send_free.pop().ok_or(DocaError::NO_MEMORY)?;
-        Self::slot(&mut self.send_data, self.cfg.max_msg_size, slot)[..msg.len()].copy_from_slice(msg);
-        self.send_q.push_back(SendTask { conn, slot, len: msg.len() as u32, user_data });
+        let data = Self::slot(&mut self.send_data, self.cfg.max_msg_size, slot);
+        data[0] = K_MSG;
+        data[1..=msg.len()].copy_from_slice(msg);
+        self.send_q.push_back(SendTask { conn, slot, len: msg.len() as u32 + 1, user_data });
         self.sends_out += 1;
         Ok(())
     }
@@ -252,7 +306,7 @@ impl State {
             }
             Ev::Msg { conn, slot, len } => {
                 let conn = ComchConnId(conn);
-                let data = &Self::slot(&mut self.recv_data, self.cfg.max_msg_size, slot)[..len as usize];
+                let data = &Self::slot(&mut self.recv_data, self.cfg.max_msg_size, slot)[1..=len as usize];
                 let n = data.len().min(out.len());
                 out[..n].copy_from_slice(&data[..n]);
                 self.recv_free.push(slot);
@@ -267,6 +321,8 @@ impl State {
             _ => return,
         }
         let id = self.id(conn);
+        self.remote_consumers.retain(|&(c, _, _)| c != id);
+        self.ctrl_q.retain(|c| c.conn != conn);
         self.events.push_back(Ev::Public(ComchEvent::Disconnected(id)));
         let State { send_q, send_free, events, .. } = self;
         send_q.retain(|t| {
@@ -453,16 +509,36 @@ impl State {
                     return;
                 };
                 let buf = Self::slot(&mut self.recv_data, max, slot);
-                match rustix::net::recv(fd, buf, RecvFlags::DONTWAIT | RecvFlags::TRUNC) {
+                match rustix::net::recv(fd, &mut *buf, RecvFlags::DONTWAIT | RecvFlags::TRUNC) {
                     Ok((_, 0)) => self.disconnect(i as u32, DocaError::NOT_CONNECTED),
-                    Ok((_, n)) if n > max as usize => {
+                    Ok((_, n)) if n > max as usize + 1 => {
                         log::warn!("comch: peer sent {n} bytes, above the {max}-byte cap; disconnecting it");
                         self.disconnect(i as u32, DocaError::NOT_CONNECTED);
                     }
                     Ok((_, n)) => {
-                        self.recv_free.pop();
-                        let conn = conn_id(i, &self.gens).0;
-                        self.events.push_back(Ev::Msg { conn, slot, len: n as u32 });
+                        let id = conn_id(i, &self.gens);
+                        match ComchPacket::decode(&buf[..n]) {
+                            Ok(ComchPacket::Msg(_)) => {
+                                self.recv_free.pop();
+                                self.events.push_back(Ev::Msg { conn: id.0, slot, len: n as u32 - 1 });
+                            }
+                            Ok(ComchPacket::ConsumerUp { id: cid, token }) => {
+                                self.remote_consumers.retain(|&(c, i, _)| !(c == id && i == cid));
+                                self.remote_consumers.push((id, cid, token));
+                                self.events.push_back(Ev::Public(ComchEvent::ConsumerUp { conn: id, id: cid }));
+                            }
+                            Ok(ComchPacket::ConsumerDown { id: cid }) => {
+                                let before = self.remote_consumers.len();
+                                self.remote_consumers.retain(|&(c, i, _)| !(c == id && i == cid));
+                                if self.remote_consumers.len() < before {
+                                    self.events.push_back(Ev::Public(ComchEvent::ConsumerDown { conn: id, id: cid }));
+                                }
+                            }
+                            Err(e) => {
+                                log::warn!("comch: {e} from a peer; disconnecting it");
+                                self.disconnect(i as u32, DocaError::NOT_CONNECTED);
+                            }
+                        }
                     }
                     Err(Errno::AGAIN) | Err(Errno::INTR) => break,
                     Err(_) => self.disconnect(i as u32, DocaError::NOT_CONNECTED),
@@ -474,7 +550,28 @@ impl State {
     fn write(&mut self) {
         self.blocked.iter_mut().for_each(|b| *b = false);
         let mut gone = Vec::new();
-        let State { send_q, send_free, send_data, peers, gens, blocked, events, cfg, .. } = self;
+        let State { send_q, send_free, send_data, peers, gens, blocked, events, cfg, ctrl_q, .. } = self;
+        ctrl_q.retain(|c| {
+            let i = c.conn as usize;
+            if blocked[i] {
+                return true;
+            }
+            let Some(Peer { fd, .. }) = &peers[i] else { return false };
+            match rustix::net::send(fd, &c.bytes[..c.len], SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
+                Ok(_) => false,
+                Err(Errno::AGAIN) | Err(Errno::INTR) => {
+                    blocked[i] = true;
+                    true
+                }
+                Err(e) => {
+                    log::warn!("comch send failed: {e}");
+                    if !gone.contains(&c.conn) {
+                        gone.push(c.conn);
+                    }
+                    false
+                }
+            }
+        });
         send_q.retain(|t| {
             let c = t.conn as usize;
             if blocked[c] {
@@ -595,6 +692,14 @@ pub struct ComchServer {
 ctx_common!(ComchServer);
 
 impl ComchServer {
+    pub(crate) fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    pub(crate) fn device(&self) -> &Device {
+        &self._dev
+    }
+
     /// Creates a server named `name` (letters, digits, `.`, `-`, `_`; at
     /// most 64 bytes) on `dev`, connected to `pe`. It starts `Idle`.
     pub fn new(pe: &ProgressEngine, dev: &Device, name: &str, cfg: ComchConfig) -> Result<Self, DocaError> {
@@ -631,6 +736,14 @@ pub struct ComchClient {
 ctx_common!(ComchClient);
 
 impl ComchClient {
+    pub(crate) fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    pub(crate) fn device(&self) -> &Device {
+        &self._dev
+    }
+
     /// Creates a client of the server named `name`, on `dev`, connected to
     /// `pe`. It starts `Idle`.
     pub fn new(pe: &ProgressEngine, dev: &Device, name: &str, cfg: ComchConfig) -> Result<Self, DocaError> {

@@ -11,17 +11,21 @@
 //!   receive, in order, with its immediate; it waits while none is posted;
 //!   a send larger than the receive fails the connection; a vanished peer
 //!   fails every outstanding task ([`rdma`]). Payload bytes move between the
-//!   memfds and the sockets inside the kernel ([`dma`]).
+//!   memfds and the sockets inside the kernel ([`dma`]);
+//! * the comch fast path: consumers posting buffers, producers filling
+//!   them, with DOCA's `AGAIN` when none is posted ([`fastpath`]).
 
 pub(crate) mod comch;
 pub(crate) mod dev;
 pub(crate) mod dma;
+pub(crate) mod fastpath;
 pub(crate) mod mem;
 pub(crate) mod pe;
 pub(crate) mod rdma;
 
 pub use comch::{ComchClient, ComchServer, runtime_dir};
 pub use dev::{DEVICES_ENV, Device, DeviceInfo, devices};
+pub use fastpath::{ComchConsumer, ComchProducer};
 pub use mem::{Buf, BufInventory, MemRange, Mmap, MmapBuilder, RemoteMmap};
 pub use pe::ProgressEngine;
 pub use rdma::Rdma;

@@ -129,7 +129,7 @@ enum Kind {
 
 /// One comch context and what it shares with its callbacks.
 #[derive(Debug)]
-struct Core {
+pub(super) struct Core {
     kind: Kind,
     ctx: NonNull<sys::doca_ctx>,
     /// Boxed: DOCA holds its address as the context's user data.
@@ -203,6 +203,14 @@ impl Core {
                 check(unsafe { sys::doca_comch_server_set_max_msg_size(s, cfg.max_msg_size) })?;
                 // SAFETY: see above.
                 check(unsafe { sys::doca_comch_server_set_recv_queue_size(s, recv_queue) })?;
+                // SAFETY: see above.
+                check(unsafe {
+                    sys::doca_comch_server_event_consumer_register(
+                        s,
+                        Some(server_consumer_up),
+                        Some(server_consumer_down),
+                    )
+                })?;
             }
             Kind::Client { cli } => {
                 let c = cli.as_ptr();
@@ -216,6 +224,14 @@ impl Core {
                 check(unsafe { sys::doca_comch_client_set_max_msg_size(c, cfg.max_msg_size) })?;
                 // SAFETY: see above.
                 check(unsafe { sys::doca_comch_client_set_recv_queue_size(c, recv_queue) })?;
+                // SAFETY: see above.
+                check(unsafe {
+                    sys::doca_comch_client_event_consumer_register(
+                        c,
+                        Some(client_consumer_up),
+                        Some(client_consumer_down),
+                    )
+                })?;
             }
         }
         ctx::connect(&pe.inner, self.ctx, &self.st, state_changed)
@@ -313,6 +329,20 @@ impl Core {
                 Err(e)
             }
         }
+    }
+
+    /// The DOCA connection of `id` and the engine lock's owner, for a
+    /// fast-path context created on it (`NOT_CONNECTED` when it is not up).
+    /// The caller holds the engine lock.
+    pub(super) fn connection(&self, id: ComchConnId) -> Result<NonNull<sys::doca_comch_connection>, DocaError> {
+        if ctx::ctx_state(self.ctx) != CtxState::Running {
+            return Err(DocaError::NOT_CONNECTED);
+        }
+        ctx::lock(&self.st).peer(id).map(|p| p.ptr).ok_or(DocaError::NOT_CONNECTED)
+    }
+
+    pub(super) fn pe(&self) -> &Arc<PeInner> {
+        &self.pe
     }
 
     fn poll_event(&self, msg: &mut [u8]) -> Option<ComchEvent> {
@@ -473,12 +503,16 @@ macro_rules! ctx_common {
 /// A comch server (`doca_comch_server`, on the DPU).
 #[derive(Debug)]
 pub struct ComchServer {
-    core: Core,
+    core: Arc<Core>,
 }
 
 ctx_common!(ComchServer);
 
 impl ComchServer {
+    pub(super) fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
     /// Creates a server named `name` on `dev` (bound to the host PF's
     /// representor), connected to `pe`. It starts `Idle`.
     pub fn new(pe: &ProgressEngine, dev: &Device, name: &str, cfg: ComchConfig) -> Result<Self, DocaError> {
@@ -512,7 +546,7 @@ impl ComchServer {
         };
         let st = Box::new(Mutex::new(State::new(cfg, cfg.max_clients as usize, None)));
         let core = Core { kind: Kind::Server { srv, rep }, ctx, st, pe: pe.inner.clone(), _dev: dev.clone() };
-        Ok(Self { core: core.finish(pe, dev, g)? })
+        Ok(Self { core: Arc::new(core.finish(pe, dev, g)?) })
     }
 
     /// Queues a message to a connected client.
@@ -524,12 +558,16 @@ impl ComchServer {
 /// A comch client (`doca_comch_client`, on the host).
 #[derive(Debug)]
 pub struct ComchClient {
-    core: Core,
+    core: Arc<Core>,
 }
 
 ctx_common!(ComchClient);
 
 impl ComchClient {
+    pub(super) fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
     /// Creates a client of the server named `name`, on `dev`, connected to
     /// `pe`. It starts `Idle`.
     pub fn new(pe: &ProgressEngine, dev: &Device, name: &str, cfg: ComchConfig) -> Result<Self, DocaError> {
@@ -549,7 +587,7 @@ impl ComchClient {
         };
         let st = Box::new(Mutex::new(State::new(cfg, 1, Some(cli))));
         let core = Core { kind: Kind::Client { cli }, ctx, st, pe: pe.inner.clone(), _dev: dev.clone() };
-        Ok(Self { core: core.finish(pe, dev, g)? })
+        Ok(Self { core: Arc::new(core.finish(pe, dev, g)?) })
     }
 
     /// Queues a message to the server.
@@ -762,4 +800,76 @@ unsafe extern "C" fn state_changed(
         }
         _ => {}
     }
+}
+
+/// The peer created (`up`) or retired consumer `id` on a server connection.
+///
+/// # Safety
+/// `conn` is a live connection DOCA passed to a callback of a server made
+/// here.
+unsafe fn server_consumer(conn: *mut sys::doca_comch_connection, id: u32, up: bool) {
+    // SAFETY: the caller's contract.
+    let Some(m) = (unsafe { server_state(conn) }) else { return };
+    // SAFETY: as above.
+    let c = unsafe { conn_id(conn) };
+    let mut st = ctx::lock(m);
+    if st.peer(c).is_some() {
+        let ev = if up { ComchEvent::ConsumerUp { conn: c, id } } else { ComchEvent::ConsumerDown { conn: c, id } };
+        st.events.push_back(Ev::Public(ev));
+    }
+}
+
+unsafe extern "C" fn server_consumer_up(
+    _ev: *mut sys::doca_comch_event_consumer,
+    conn: *mut sys::doca_comch_connection,
+    id: u32,
+) {
+    // SAFETY: DOCA passes a live connection of a server made here.
+    unsafe { server_consumer(conn, id, true) }
+}
+
+unsafe extern "C" fn server_consumer_down(
+    _ev: *mut sys::doca_comch_event_consumer,
+    conn: *mut sys::doca_comch_connection,
+    id: u32,
+) {
+    // SAFETY: as in `server_consumer_up`.
+    unsafe { server_consumer(conn, id, false) }
+}
+
+/// The peer (the server) created or retired consumer `id`.
+///
+/// # Safety
+/// `conn` is the live connection of a client made here.
+unsafe fn client_consumer(conn: *mut sys::doca_comch_connection, id: u32, up: bool) {
+    // SAFETY: the caller's contract.
+    let cli = unsafe { sys::doca_comch_client_get_client_ctx(conn) };
+    if cli.is_null() {
+        return;
+    }
+    // SAFETY: a live client made here.
+    let ctx = unsafe { sys::doca_comch_client_as_ctx(cli) };
+    // SAFETY: its context, whose user data is set by `configure`.
+    let Some(m) = (unsafe { state_of_ctx(ctx) }) else { return };
+    let c = ComchConnId(0);
+    let ev = if up { ComchEvent::ConsumerUp { conn: c, id } } else { ComchEvent::ConsumerDown { conn: c, id } };
+    ctx::lock(m).events.push_back(Ev::Public(ev));
+}
+
+unsafe extern "C" fn client_consumer_up(
+    _ev: *mut sys::doca_comch_event_consumer,
+    conn: *mut sys::doca_comch_connection,
+    id: u32,
+) {
+    // SAFETY: DOCA passes the live connection of a client made here.
+    unsafe { client_consumer(conn, id, true) }
+}
+
+unsafe extern "C" fn client_consumer_down(
+    _ev: *mut sys::doca_comch_event_consumer,
+    conn: *mut sys::doca_comch_connection,
+    id: u32,
+) {
+    // SAFETY: as in `client_consumer_up`.
+    unsafe { client_consumer(conn, id, false) }
 }

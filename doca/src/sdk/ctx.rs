@@ -189,3 +189,29 @@ pub(super) fn data_u64(d: sys::doca_data) -> u64 {
     // slot); both members are 8 bytes, so any bits are a valid u64.
     unsafe { d.u64_ }
 }
+
+/// Submits an allocated task (giving it `user_data` first, for tasks whose
+/// allocation takes none); on any failure the task (if allocated) is freed
+/// and what it used stays with the caller.
+pub(super) fn submit(
+    alloc: sys::doca_error_t,
+    task: *mut sys::doca_task,
+    user_data: Option<sys::doca_data>,
+) -> Result<(), DocaError> {
+    let r = check(alloc).and_then(|()| {
+        if task.is_null() {
+            return Err(DocaError::DRIVER);
+        }
+        if let Some(ud) = user_data {
+            // SAFETY: a task just allocated, not submitted.
+            unsafe { sys::doca_task_set_user_data(task, ud) };
+        }
+        // SAFETY: a task just allocated on a running context.
+        check(unsafe { sys::doca_task_submit(task) })
+    });
+    if r.is_err() && !task.is_null() {
+        // SAFETY: the task was allocated and not submitted.
+        unsafe { sys::doca_task_free(task) };
+    }
+    r
+}

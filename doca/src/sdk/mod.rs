@@ -12,16 +12,19 @@
 //!
 //! Modules: this one (devices, mmaps, buffer inventories and buffers, the
 //! progress engine), [`ctx`] (what the contexts share: state, start/stop,
-//! teardown, task slot tables, locking), [`rdma`] and [`comch`]. Callbacks
-//! DOCA makes during progress push into fixed event queues, which the
-//! contexts' `poll_event` drains, as in the emulated backend.
+//! teardown, task submission, locking), [`rdma`], [`comch`] and
+//! [`fastpath`] (comch consumers and producers). Callbacks DOCA makes
+//! during progress push into fixed event queues, which the contexts'
+//! `poll_event` drains, as in the emulated backend.
 #![allow(unsafe_code)]
 
 mod comch;
 mod ctx;
+mod fastpath;
 mod rdma;
 
 pub use comch::{ComchClient, ComchServer, HOST_REP_ENV};
+pub use fastpath::{ComchConsumer, ComchProducer};
 pub use rdma::Rdma;
 
 use crate::{Access, DocaError};

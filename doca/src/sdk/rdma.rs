@@ -334,7 +334,7 @@ impl Rdma {
                 e
             }
         };
-        match submit(res, task) {
+        match ctx::submit(res, task, None) {
             Ok(()) => {
                 st.sends_out += 1;
                 Ok(())
@@ -381,7 +381,7 @@ impl Rdma {
         };
         // SAFETY: `t` is the task just allocated, or null.
         let task = if t.is_null() { ptr::null_mut() } else { unsafe { sys::doca_rdma_task_receive_as_task(t) } };
-        match submit(res, task) {
+        match ctx::submit(res, task, None) {
             Ok(()) => {
                 st.recvs_out += 1;
                 Ok(())
@@ -412,23 +412,6 @@ impl Rdma {
         let st = ctx::lock(&self.st);
         (st.sends_out, st.recvs_out)
     }
-}
-
-/// Submits an allocated task; on any failure the task (if allocated) is
-/// freed and the buffer stays with the caller.
-fn submit(alloc: sys::doca_error_t, task: *mut sys::doca_task) -> Result<(), DocaError> {
-    let r = check(alloc).and_then(|()| {
-        if task.is_null() {
-            return Err(DocaError::DRIVER);
-        }
-        // SAFETY: a task just allocated on a running context.
-        check(unsafe { sys::doca_task_submit(task) })
-    });
-    if r.is_err() && !task.is_null() {
-        // SAFETY: the task was allocated and not submitted.
-        unsafe { sys::doca_task_free(task) };
-    }
-    r
 }
 
 impl Drop for Rdma {
