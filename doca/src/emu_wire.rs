@@ -568,25 +568,49 @@ impl<'a> ComchPacket<'a> {
     }
 }
 
-/// Bytes before the immediate in a fast-path data packet: the producer id
-/// (u32 LE) and the immediate's length (u8).
-pub const FAST_PATH_HDR: usize = 5;
+/// Kind byte of a fast-path packet, producer to consumer: data.
+pub const FAST_PATH_DATA: u8 = 0;
+/// Kind byte of a fast-path packet, producer to consumer: the producer was
+/// refused with `AGAIN` and asks for credits.
+pub const FAST_PATH_WANT: u8 = 1;
+/// Kind byte of a fast-path packet, producer to consumer: unspent credits
+/// given back (u32 LE), in answer to a revoke.
+pub const FAST_PATH_RETURN: u8 = 2;
+/// Kind byte of a fast-path credit packet, consumer to producer: credits
+/// granted (u32 LE), one per receive posted for the producer.
+pub const FAST_PATH_GRANT: u8 = 0;
+/// Kind byte of a fast-path credit packet, consumer to producer: give back
+/// every unspent credit (another producer is waiting for one).
+pub const FAST_PATH_REVOKE: u8 = 1;
+/// Bytes before the immediate in a fast-path data packet: the kind byte,
+/// the producer id (u32 LE) and the immediate's length (u8).
+pub const FAST_PATH_HDR: usize = 6;
 /// Most immediate bytes in a fast-path data packet.
 pub const FAST_PATH_MAX_IMM: usize = 32;
+/// The longest fast-path packet that is not data, either way.
+pub const FAST_PATH_CTRL_LEN: usize = 5;
 
-/// A fast-path data packet, producer to consumer: `[producer id u32 LE]
-/// [imm length u8][imm][payload]`.
+/// A fast-path packet, producer to consumer: data
+/// (`[0][producer id u32 LE][imm length u8][imm][payload]`), a request
+/// for credits (`[1]`) or credits given back (`[2][count u32 LE]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FastPathPacket<'a> {
-    /// The producer's id.
-    pub producer: u32,
-    /// Its immediate bytes (at most [`FAST_PATH_MAX_IMM`]).
-    pub imm: &'a [u8],
-    /// The payload.
-    pub payload: &'a [u8],
+pub enum FastPathPacket<'a> {
+    /// Data for the oldest receive posted for the producer.
+    Data {
+        /// The producer's id.
+        producer: u32,
+        /// Its immediate bytes (at most [`FAST_PATH_MAX_IMM`]).
+        imm: &'a [u8],
+        /// The payload.
+        payload: &'a [u8],
+    },
+    /// The producer has no credit and wants one.
+    Want,
+    /// The producer gives back this many unspent credits.
+    Return(u32),
 }
 
-/// A fast-path data packet that is not valid.
+/// A fast-path packet that is not valid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FastPathDecodeError {
     /// Shorter than its header, or than its header says.
@@ -595,45 +619,118 @@ pub enum FastPathDecodeError {
     /// An immediate longer than [`FAST_PATH_MAX_IMM`].
     #[error("fast-path immediate of {0} bytes")]
     Imm(usize),
+    /// Unknown kind byte.
+    #[error("unknown fast-path packet kind {0}")]
+    Kind(u8),
+    /// A control packet of the wrong length.
+    #[error("fast-path packet of kind {kind} with {len} bytes")]
+    Length {
+        /// Its kind.
+        kind: u8,
+        /// Its length.
+        len: usize,
+    },
 }
 
 impl<'a> FastPathPacket<'a> {
     /// Decodes a whole packet.
     pub fn decode(b: &'a [u8]) -> Result<FastPathPacket<'a>, FastPathDecodeError> {
-        if b.len() < FAST_PATH_HDR {
-            return Err(FastPathDecodeError::Short(b.len()));
+        let (&kind, rest) = b.split_first().ok_or(FastPathDecodeError::Short(0))?;
+        match kind {
+            FAST_PATH_DATA => {
+                if b.len() < FAST_PATH_HDR {
+                    return Err(FastPathDecodeError::Short(b.len()));
+                }
+                let imm_len = usize::from(b[5]);
+                if imm_len > FAST_PATH_MAX_IMM {
+                    return Err(FastPathDecodeError::Imm(imm_len));
+                }
+                let rest = &b[FAST_PATH_HDR..];
+                if rest.len() < imm_len {
+                    return Err(FastPathDecodeError::Short(b.len()));
+                }
+                let (imm, payload) = rest.split_at(imm_len);
+                Ok(FastPathPacket::Data { producer: u32::from_le_bytes([b[1], b[2], b[3], b[4]]), imm, payload })
+            }
+            FAST_PATH_WANT if rest.is_empty() => Ok(FastPathPacket::Want),
+            FAST_PATH_RETURN => match <[u8; 4]>::try_from(rest) {
+                Ok(n) => Ok(FastPathPacket::Return(u32::from_le_bytes(n))),
+                Err(_) => Err(FastPathDecodeError::Length { kind, len: b.len() }),
+            },
+            FAST_PATH_WANT => Err(FastPathDecodeError::Length { kind, len: b.len() }),
+            kind => Err(FastPathDecodeError::Kind(kind)),
         }
-        let imm_len = usize::from(b[4]);
-        if imm_len > FAST_PATH_MAX_IMM {
-            return Err(FastPathDecodeError::Imm(imm_len));
-        }
-        let rest = &b[FAST_PATH_HDR..];
-        if rest.len() < imm_len {
-            return Err(FastPathDecodeError::Short(b.len()));
-        }
-        let (imm, payload) = rest.split_at(imm_len);
-        Ok(FastPathPacket { producer: u32::from_le_bytes([b[0], b[1], b[2], b[3]]), imm, payload })
     }
 
-    /// Writes the header and immediate into `out`; the payload follows at
-    /// the returned offset. `None` when the immediate is too long or `out`
-    /// too short.
+    /// Writes a data packet's header and immediate into `out`; the payload
+    /// follows at the returned offset. `None` when the immediate is too
+    /// long or `out` too short.
     pub fn encode_head(producer: u32, imm: &[u8], out: &mut [u8]) -> Option<usize> {
         let end = FAST_PATH_HDR + imm.len();
         if imm.len() > FAST_PATH_MAX_IMM || out.len() < end {
             return None;
         }
-        out[..4].copy_from_slice(&producer.to_le_bytes());
-        out[4] = imm.len() as u8;
+        out[0] = FAST_PATH_DATA;
+        out[1..5].copy_from_slice(&producer.to_le_bytes());
+        out[5] = imm.len() as u8;
         out[FAST_PATH_HDR..end].copy_from_slice(imm);
         Some(end)
     }
+
+    /// Encodes a packet that is not data into `out`; its length (`None`
+    /// for data, which is written in place by [`Self::encode_head`]).
+    pub fn encode_ctrl(&self, out: &mut [u8; FAST_PATH_CTRL_LEN]) -> Option<usize> {
+        match *self {
+            FastPathPacket::Data { .. } => None,
+            FastPathPacket::Want => {
+                out[0] = FAST_PATH_WANT;
+                Some(1)
+            }
+            FastPathPacket::Return(n) => {
+                out[0] = FAST_PATH_RETURN;
+                out[1..5].copy_from_slice(&n.to_le_bytes());
+                Some(5)
+            }
+        }
+    }
 }
 
-/// A fast-path credit packet, consumer to producer: the number of receives
-/// newly posted for it (u32 LE); `None` for any other length.
-pub fn decode_credit(b: &[u8]) -> Option<u32> {
-    <[u8; 4]>::try_from(b).ok().map(u32::from_le_bytes)
+/// A fast-path credit packet, consumer to producer: credits granted
+/// (`[0][count u32 LE]`) or revoked (`[1]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FastPathCredit {
+    /// This many receives were newly posted for the producer.
+    Grant(u32),
+    /// Give back every unspent credit.
+    Revoke,
+}
+
+impl FastPathCredit {
+    /// Decodes a whole packet; `None` when it is not valid.
+    pub fn decode(b: &[u8]) -> Option<FastPathCredit> {
+        match b {
+            [FAST_PATH_GRANT, n @ ..] => {
+                <[u8; 4]>::try_from(n).ok().map(|n| FastPathCredit::Grant(u32::from_le_bytes(n)))
+            }
+            [FAST_PATH_REVOKE] => Some(FastPathCredit::Revoke),
+            _ => None,
+        }
+    }
+
+    /// Encodes the packet into `out`; its length.
+    pub fn encode(&self, out: &mut [u8; FAST_PATH_CTRL_LEN]) -> usize {
+        match *self {
+            FastPathCredit::Grant(n) => {
+                out[0] = FAST_PATH_GRANT;
+                out[1..5].copy_from_slice(&n.to_le_bytes());
+                5
+            }
+            FastPathCredit::Revoke => {
+                out[0] = FAST_PATH_REVOKE;
+                1
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -659,12 +756,29 @@ mod comch_packet_tests {
         let at = FastPathPacket::encode_head(5, b"imm", &mut b).unwrap();
         b.truncate(at + 2);
         b[at..].copy_from_slice(b"pl");
-        assert_eq!(FastPathPacket::decode(&b), Ok(FastPathPacket { producer: 5, imm: b"imm", payload: b"pl" }));
-        assert_eq!(FastPathPacket::decode(&b[..4]), Err(FastPathDecodeError::Short(4)));
-        assert_eq!(FastPathPacket::decode(&[0, 0, 0, 0, 33]), Err(FastPathDecodeError::Imm(33)));
-        assert_eq!(FastPathPacket::decode(&[0, 0, 0, 0, 3, 1]), Err(FastPathDecodeError::Short(6)));
+        assert_eq!(FastPathPacket::decode(&b), Ok(FastPathPacket::Data { producer: 5, imm: b"imm", payload: b"pl" }));
+        assert_eq!(FastPathPacket::decode(&b[..5]), Err(FastPathDecodeError::Short(5)));
+        assert_eq!(FastPathPacket::decode(&[]), Err(FastPathDecodeError::Short(0)));
+        assert_eq!(FastPathPacket::decode(&[0, 0, 0, 0, 0, 33]), Err(FastPathDecodeError::Imm(33)));
+        assert_eq!(FastPathPacket::decode(&[0, 0, 0, 0, 0, 3, 1]), Err(FastPathDecodeError::Short(7)));
         assert_eq!(FastPathPacket::encode_head(1, &[0; 33], &mut b), None);
-        assert_eq!(decode_credit(&[1, 0, 0, 0]), Some(1));
-        assert_eq!(decode_credit(&[1, 0, 0]), None);
+        let mut out = [0u8; FAST_PATH_CTRL_LEN];
+        for p in [FastPathPacket::Want, FastPathPacket::Return(7)] {
+            let n = p.encode_ctrl(&mut out).unwrap();
+            assert_eq!(FastPathPacket::decode(&out[..n]), Ok(p));
+        }
+        assert_eq!(FastPathPacket::decode(&[FAST_PATH_WANT, 0]), Err(FastPathDecodeError::Length { kind: 1, len: 2 }));
+        assert_eq!(
+            FastPathPacket::decode(&[FAST_PATH_RETURN, 1]),
+            Err(FastPathDecodeError::Length { kind: 2, len: 2 })
+        );
+        assert_eq!(FastPathPacket::decode(&[9]), Err(FastPathDecodeError::Kind(9)));
+        for c in [FastPathCredit::Grant(3), FastPathCredit::Revoke] {
+            let n = c.encode(&mut out);
+            assert_eq!(FastPathCredit::decode(&out[..n]), Some(c));
+        }
+        assert_eq!(FastPathCredit::decode(&[FAST_PATH_GRANT, 1, 0, 0]), None);
+        assert_eq!(FastPathCredit::decode(&[FAST_PATH_REVOKE, 0]), None);
+        assert_eq!(FastPathCredit::decode(&[]), None);
     }
 }

@@ -1061,3 +1061,139 @@ fn comch_fast_path_fills_posted_buffers_and_says_again_when_none_is() {
     drop(flushed);
     assert_eq!(inv.in_use(), 0, "every buffer came back");
 }
+
+/// A started server and client on `pe`, connected; the server's id of the
+/// connection.
+fn comch_pair(pe: &ProgressEngine, dev: &Device, name: &str) -> (ComchServer, ComchClient, ComchConnId) {
+    let server = ComchServer::new(pe, dev, name, ComchConfig::default()).unwrap();
+    server.start().unwrap();
+    let client = ComchClient::new(pe, dev, name, ComchConfig::default()).unwrap();
+    client.start().unwrap();
+    let mut msg = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
+    let mut conn = None;
+    progress_until(pe, "comch connection", || {
+        if let Some(ComchEvent::Connected(c)) = server.poll_event(&mut msg) {
+            conn = Some(c);
+        }
+        conn.is_some() && client.state() == CtxState::Running
+    });
+    (server, client, conn.unwrap())
+}
+
+/// A consumer on the client's side of the connection, started, once the
+/// server has heard of it.
+fn started_consumer(
+    pe: &ProgressEngine,
+    server: &ComchServer,
+    client: &ComchClient,
+    mm: &Mmap,
+    tasks: u32,
+) -> ComchConsumer {
+    let consumer = ComchConsumer::new(pe, ComchPeer::Client(client), mm, FastPathConfig { tasks }).unwrap();
+    consumer.start().unwrap();
+    let mut msg = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
+    let mut up = false;
+    progress_until(pe, "ConsumerUp at the peer", || {
+        if let Some(ComchEvent::ConsumerUp { id, .. }) = server.poll_event(&mut msg) {
+            up |= id == consumer.id();
+        }
+        up && consumer.state() == CtxState::Running
+    });
+    consumer
+}
+
+fn started_producer(pe: &ProgressEngine, server: &ComchServer, conn: ComchConnId, tasks: u32) -> ComchProducer {
+    let producer = ComchProducer::new(pe, ComchPeer::Server(server, conn), FastPathConfig { tasks }).unwrap();
+    producer.start().unwrap();
+    progress_until(pe, "producer start", || producer.state() == CtxState::Running);
+    producer
+}
+
+/// Submits `src` until it is taken (retrying on `AGAIN` after a progress,
+/// as DOCA asks); `Err` with any other refusal.
+fn send_retrying(
+    pe: &ProgressEngine,
+    p: &ComchProducer,
+    mut src: Buf,
+    consumer: u32,
+    user_data: u64,
+    what: &str,
+) -> Result<(), TaskSubmitError> {
+    let start = Instant::now();
+    loop {
+        match p.submit_send(src, consumer, b"", user_data) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.error == DocaError::AGAIN => src = e.buf,
+            Err(e) => return Err(e),
+        }
+        assert!(start.elapsed() < WATCHDOG, "watchdog: {what}: the send was refused with AGAIN throughout");
+        pe.progress();
+        std::thread::yield_now();
+    }
+}
+
+/// Comch fast path: every posted buffer can be filled by any producer on
+/// the connection (DOCA's producers populate "buffers advertised by any
+/// consumers associated with the same connection"): a producer that sent
+/// once and then stays idle does not keep the others from the rest.
+#[test]
+fn comch_fast_path_producers_share_a_consumers_posted_buffers() {
+    let dev = device();
+    let pe = ProgressEngine::new().unwrap();
+    let (server, client, conn) = comch_pair(&pe, &dev, &format!("conf-fp-share-{}", std::process::id()));
+    let host = region(64 << 10);
+    let host_mm = local_mmap(&dev, &host, Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE);
+    let dpu = region(64 << 10);
+    let dpu_mm = local_mmap(&dev, &dpu, Access::LOCAL_READ_WRITE);
+    let inv = BufInventory::new(16).unwrap();
+    let consumer = started_consumer(&pe, &server, &client, &host_mm, 8);
+    let (a, b) = (started_producer(&pe, &server, conn, 4), started_producer(&pe, &server, conn, 4));
+    let src = |off: u64, byte: u8| {
+        dpu.copy_in(off, &[byte; 16]).unwrap();
+        let mut s = inv.buf(&dpu_mm, off, 16).unwrap();
+        s.set_data_len(16).unwrap();
+        s
+    };
+    // Both producers are known to the consumer before anything is posted.
+    for p in [&a, &b] {
+        let e = p.submit_send(src(0, 0), consumer.id(), b"", 0).unwrap_err();
+        assert_eq!(e.error, DocaError::AGAIN, "nothing posted yet");
+    }
+    for _ in 0..50 {
+        pe.progress();
+    }
+    for k in 0..4u64 {
+        consumer.submit_receive(inv.buf(&host_mm, k * 4096, 4096).unwrap(), k).unwrap();
+    }
+    send_retrying(&pe, &a, src(0, 0xaa), consumer.id(), 100, "producer a's one send").unwrap();
+    // A stays idle from now on; B must get the other three.
+    for k in 0..3u64 {
+        send_retrying(&pe, &b, src(4096 * (k + 1), 0xb0 + k as u8), consumer.id(), 200 + k, "producer b").unwrap();
+    }
+    let mut got = Vec::new();
+    let mut done = 0;
+    progress_until(&pe, "four receives and four sends", || {
+        got.extend(std::iter::from_fn(|| consumer.poll_event()));
+        for p in [&a, &b] {
+            while let Some(e) = p.poll_event() {
+                assert!(matches!(e, FastPathEvent::SendDone { result: Ok(()), .. }), "{e:?}");
+                done += 1;
+            }
+        }
+        got.len() == 4 && done == 4
+    });
+    let mut from = got
+        .iter()
+        .map(|e| match e {
+            FastPathEvent::Received { result: Ok(()), producer, buf, .. } => {
+                assert_eq!(buf.data_len(), 16);
+                *producer
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect::<Vec<_>>();
+    from.sort_unstable();
+    let mut want = vec![a.id(), b.id(), b.id(), b.id()];
+    want.sort_unstable();
+    assert_eq!(from, want);
+}

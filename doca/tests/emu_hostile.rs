@@ -380,14 +380,17 @@ fn a_fast_path_producer_sending_without_credit_is_cut_off() {
         .map(|e| e.path())
         .find(|p| !before.contains(p) && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("comch-fp-")))
         .expect("the consumer's socket");
-    for bad in [&b"\x01\x00\x00\x00\x00stolen"[..], &b"\x01\x00\x00\x00\xffgarbage"[..]] {
+    // Data without a credit; an immediate over the cap; credits given back
+    // that were never granted.
+    for bad in
+        [&b"\x00\x01\x00\x00\x00\x00stolen"[..], &b"\x00\x01\x00\x00\x00\xffgarbage"[..], &b"\x02\x01\x00\x00\x00"[..]]
+    {
         let fd =
             rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).unwrap();
         rustix::net::connect(&fd, &SocketAddrUnix::new(path.as_path()).unwrap()).unwrap();
         rustix::net::send(&fd, bad, SendFlags::NOSIGNAL).unwrap();
         let start = Instant::now();
-        // Cut off: the consumer closes the link (it may first send the
-        // credit for the posted receive, which the peer ignores).
+        // Cut off: the consumer closes the link.
         let mut b = [0u8; 16];
         loop {
             pe.progress();
@@ -415,6 +418,111 @@ fn a_fast_path_producer_sending_without_credit_is_cut_off() {
         }
         watchdog(start, "a credit for the real producer");
     }
+    let start = Instant::now();
+    let got = loop {
+        pe.progress();
+        if let Some(e) = consumer.poll_event() {
+            break e;
+        }
+        watchdog(start, "the real producer's data");
+    };
+    assert!(matches!(got, FastPathEvent::Received { user_data: 1, result: Ok(()), .. }), "{got:?}");
+    let mut landed = [0u8; 5];
+    r.copy_out(0, &mut landed).unwrap();
+    assert_eq!(&landed, b"hello");
+}
+
+/// A stranger that connects to a consumer's socket and says nothing gets
+/// no credit, and a producer that asked for credits and never gives them
+/// back when revoked loses its link after `REVOKE_WAIT` (5 s): a real
+/// producer then fills the posted receive. Before, credits went round
+/// robin to every link at once, the silent stranger's for ever.
+#[test]
+fn a_fast_path_link_hoarding_credits_is_cut_off() {
+    use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
+    let dev = dev();
+    let pe = ProgressEngine::new().unwrap();
+    let name = format!("hostile-hoard-{}", std::process::id());
+    let server = ComchServer::new(&pe, &dev, &name, ComchConfig::default()).unwrap();
+    server.start().unwrap();
+    let client = ComchClient::new(&pe, &dev, &name, ComchConfig::default()).unwrap();
+    client.start().unwrap();
+    let mut msg = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
+    let watchdog = |start: Instant, what: &str| assert!(start.elapsed() < Duration::from_secs(20), "watchdog: {what}");
+    let start = Instant::now();
+    let conn = loop {
+        pe.progress();
+        if let Some(ComchEvent::Connected(c)) = server.poll_event(&mut msg) {
+            break c;
+        }
+        watchdog(start, "connection");
+    };
+    let r = region(64 << 10);
+    let m = mmap(&r, &dev, Access::LOCAL_READ_WRITE);
+    let inv = BufInventory::new(8).unwrap();
+    let before: Vec<_> = std::fs::read_dir(runtime_dir()).unwrap().flatten().map(|e| e.path()).collect();
+    let consumer = ComchConsumer::new(&pe, ComchPeer::Client(&client), &m, FastPathConfig::default()).unwrap();
+    consumer.start().unwrap();
+    let start = Instant::now();
+    while !matches!(server.poll_event(&mut msg), Some(ComchEvent::ConsumerUp { .. })) {
+        pe.progress();
+        watchdog(start, "ConsumerUp");
+    }
+    let path = std::fs::read_dir(runtime_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| !before.contains(p) && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("comch-fp-")))
+        .expect("the consumer's socket");
+    let stranger = || {
+        let fd =
+            rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).unwrap();
+        rustix::net::connect(&fd, &SocketAddrUnix::new(path.as_path()).unwrap()).unwrap();
+        fd
+    };
+    let silent = stranger();
+    for _ in 0..20 {
+        pe.progress();
+    }
+    consumer.submit_receive(inv.buf(&m, 0, 1024).unwrap(), 1).unwrap();
+    let hoarder = stranger();
+    rustix::net::send(&hoarder, &[1], SendFlags::NOSIGNAL).unwrap(); // want
+    let mut b = [0u8; 16];
+    let start = Instant::now();
+    loop {
+        pe.progress();
+        if let Ok((n, _)) = rustix::net::recv(&hoarder, &mut b, RecvFlags::DONTWAIT) {
+            assert_eq!(&b[..n], &[0, 1, 0, 0, 0], "one credit granted");
+            break;
+        }
+        watchdog(start, "the credit for the one that asked");
+    }
+    let producer = ComchProducer::new(&pe, ComchPeer::Server(&server, conn), FastPathConfig::default()).unwrap();
+    producer.start().unwrap();
+    let mut src = inv.buf(&m, 4096, 64).unwrap();
+    src.set_data_len(5).unwrap();
+    r.copy_in(4096, b"hello").unwrap();
+    let start = Instant::now();
+    loop {
+        pe.progress();
+        match producer.submit_send(src, consumer.id(), b"", 2) {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(matches!(e.error, DocaError::AGAIN | DocaError::BAD_STATE), "{e}");
+                src = e.buf;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+        watchdog(start, "a credit for the real producer");
+    }
+    // The hoarder was asked to give its credit back, then cut off.
+    let (n, _) = rustix::net::recv(&hoarder, &mut b, RecvFlags::DONTWAIT).unwrap();
+    assert_eq!(&b[..n], &[1], "a revoke");
+    assert!(matches!(rustix::net::recv(&hoarder, &mut b, RecvFlags::DONTWAIT), Ok((0, _))), "the link closed");
+    assert!(
+        matches!(rustix::net::recv(&silent, &mut b, RecvFlags::DONTWAIT), Err(rustix::io::Errno::AGAIN)),
+        "the silent stranger was granted something"
+    );
     let start = Instant::now();
     let got = loop {
         pe.progress();

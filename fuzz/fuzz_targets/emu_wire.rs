@@ -5,7 +5,8 @@
 #![no_main]
 
 use doca::emu_wire::{
-    COMCH_CTRL_LEN, ComchPacket, ConnBlob, FRAME_LEN, FastPathPacket, Frame, MmapBlob, decode_credit,
+    COMCH_CTRL_LEN, ComchPacket, ConnBlob, FAST_PATH_CTRL_LEN, FRAME_LEN, FastPathCredit, FastPathPacket, Frame,
+    MmapBlob,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -29,13 +30,23 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(_) => {}
     }
-    if let Ok(p) = FastPathPacket::decode(data) {
-        let mut out = vec![0u8; data.len()];
-        let at = FastPathPacket::encode_head(p.producer, p.imm, &mut out).expect("the head fits");
-        out[at..].copy_from_slice(p.payload);
-        assert_eq!(out, data);
+    match FastPathPacket::decode(data) {
+        Ok(FastPathPacket::Data { producer, imm, payload }) => {
+            let mut out = vec![0u8; data.len()];
+            let at = FastPathPacket::encode_head(producer, imm, &mut out).expect("the head fits");
+            out[at..].copy_from_slice(payload);
+            assert_eq!(out, data);
+        }
+        Ok(p) => {
+            let mut out = [0u8; FAST_PATH_CTRL_LEN];
+            let n = p.encode_ctrl(&mut out).expect("a control packet encodes");
+            assert_eq!(&out[..n], data);
+        }
+        Err(_) => {}
     }
-    if let Some(c) = decode_credit(data) {
-        assert_eq!(&c.to_le_bytes()[..], data);
+    if let Some(c) = FastPathCredit::decode(data) {
+        let mut out = [0u8; FAST_PATH_CTRL_LEN];
+        let n = c.encode(&mut out);
+        assert_eq!(&out[..n], data);
     }
 });

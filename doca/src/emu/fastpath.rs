@@ -9,16 +9,28 @@
 //! socket the first time it sends to it.
 //!
 //! DOCA's rule that a send finds a posted buffer or is refused with
-//! `AGAIN` is kept with credits: the consumer grants its producers one
-//! credit per posted receive (never more credits than posted receives), a
-//! producer's submit takes one or fails with `AGAIN`, and each data packet
-//! spends one credit on the oldest posted receive. A packet sent without a
-//! credit, or malformed, ends that producer's link; one larger than the
-//! buffer it lands in fails that receive with `TOO_BIG`.
+//! `AGAIN` is kept with credits: a producer refused with `AGAIN` asks the
+//! consumer for credits (`Want`); the consumer grants one credit per
+//! posted receive to the producers that asked (never more credits than
+//! posted receives); a producer's submit takes one or fails with `AGAIN`,
+//! and each data packet spends one credit on the oldest posted receive.
+//! Any producer may fill any posted receive, as in DOCA: while a producer
+//! that asked holds none and every posted receive is held by others, the
+//! consumer revokes the others' credits, and they give back what they have
+//! not spent (`Return`; one that does not within [`REVOKE_WAIT`] loses
+//! its link). A packet sent without a credit, credits given back that were
+//! not held, or a malformed packet end that producer's link; a payload
+//! larger than the buffer it lands in fails that receive with `TOO_BIG`.
 //!
-//! Packets ([`crate::emu_wire::FastPathPacket`]): producer to consumer
-//! `[producer id u32 LE][imm length u8][imm][payload]`, consumer to
-//! producer `[credits u32 LE]`. Payload bytes are
+//! A producer's send completes once its packet is in the consumer's
+//! socket; a consumer that stops before reading it flushes the receive the
+//! packet was meant for with `SHUTDOWN` (the payload is dropped).
+//!
+//! Packets ([`crate::emu_wire::FastPathPacket`],
+//! [`crate::emu_wire::FastPathCredit`]): producer to consumer data
+//! `[0][producer id u32 LE][imm length u8][imm][payload]`, `Want` `[1]`,
+//! `Return` `[2][count u32 LE]`; consumer to producer `Grant`
+//! `[0][count u32 LE]` and `Revoke` `[1]`. Payload bytes are
 //! read from the producer's memory file and written into the consumer's
 //! (`pread`/`pwrite` at the buffers' file offsets): neither side reads
 //! memory it imported through a mapping.
@@ -27,7 +39,9 @@ use super::comch::{self, Core as ComchCore};
 use super::dev::Device;
 use super::mem::{Buf, Mmap, MmapInner};
 use super::pe::{PeShared, Progress, ProgressEngine};
-use crate::emu_wire::{ComchPacket, FAST_PATH_HDR as HDR, FAST_PATH_MAX_IMM, FastPathPacket, decode_credit};
+use crate::emu_wire::{
+    ComchPacket, FAST_PATH_CTRL_LEN, FAST_PATH_HDR as HDR, FAST_PATH_MAX_IMM, FastPathCredit, FastPathPacket,
+};
 use crate::{
     COMCH_FAST_PATH_MAX, COMCH_MAX_IMM, ComchConnId, ComchPeer, CtxState, DocaError, FastPathConfig, FastPathEvent,
     Imm, TaskSubmitError,
@@ -39,12 +53,18 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 const _: () = assert!(FAST_PATH_MAX_IMM == COMCH_MAX_IMM);
 
 /// Packets a link reads per progress call, so one busy producer cannot
 /// starve the others.
 const BUDGET: usize = 64;
+
+/// How long a producer asked to give back its credits may take before the
+/// consumer cuts its link (one that stopped progressing, or a peer
+/// hoarding credits, cannot keep the posted receives from the others).
+pub(crate) const REVOKE_WAIT: Duration = Duration::from_secs(5);
 
 /// Ids of consumers and producers: unique in this process, so unique per
 /// connection, as DOCA's are; never 0 (DOCA's "none").
@@ -74,10 +94,32 @@ fn would_block(e: Errno) -> bool {
 #[derive(Debug)]
 struct Link {
     fd: OwnedFd,
-    /// Credits granted and not yet spent.
+    /// Credits granted and neither spent nor given back.
     credits: u32,
     /// Credits granted and not yet written to the socket.
     unsent: u32,
+    /// It asked for credits since it was last revoked: grants go to it.
+    active: bool,
+    /// It asked for credits and was granted none since.
+    hungry: bool,
+    /// When it was asked to give back its credits (until it does).
+    revoked: Option<Instant>,
+    /// The revoke is still to be written.
+    revoke_unsent: bool,
+}
+
+impl Link {
+    fn new(fd: OwnedFd) -> Self {
+        Self { fd, credits: 0, unsent: 0, active: false, hungry: false, revoked: None, revoke_unsent: false }
+    }
+
+    /// Writes `c`; `false` when the socket is full (retried at a later
+    /// progress, which its writability wakes) or broken (seen by `read`).
+    fn send(&self, c: FastPathCredit) -> bool {
+        let mut b = [0u8; FAST_PATH_CTRL_LEN];
+        let n = c.encode(&mut b);
+        rustix::net::send(&self.fd, &b[..n], SendFlags::DONTWAIT | SendFlags::NOSIGNAL).is_ok()
+    }
 }
 
 #[derive(Debug)]
@@ -253,8 +295,9 @@ impl ConsState {
                 if self.listener.is_some() {
                     self.close();
                 }
+                let result = Err(DocaError::SHUTDOWN);
                 while let Some((buf, user_data)) = self.posted.pop_front() {
-                    let (imm, producer, result) = (Imm::default(), 0, Err(DocaError::SHUTDOWN));
+                    let (imm, producer) = (Imm::default(), 0);
                     self.events.push_back(FastPathEvent::Received { user_data, buf, imm, producer, result });
                 }
                 let mut n = self.events.len() - before;
@@ -268,6 +311,7 @@ impl ConsState {
         }
         self.accept();
         self.read();
+        self.cut_hoarders();
         self.grant();
         self.events.len() - before
     }
@@ -288,7 +332,7 @@ impl ConsState {
             match rustix::net::accept_with(l, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
                 Ok(fd) => {
                     self.pe.watch(fd.as_fd());
-                    self.links.push(Link { fd, credits: 0, unsent: 0 });
+                    self.links.push(Link::new(fd));
                 }
                 Err(e) if would_block(e) => break,
                 Err(e) => {
@@ -325,7 +369,7 @@ impl ConsState {
                         break;
                     }
                     Ok((_, len)) => {
-                        if let Err(why) = self.place(i, len) {
+                        if let Err(why) = self.take(i, len) {
                             log::warn!("comch consumer {}: a producer {why}; its link is closed", self.id);
                             self.drop_link(i);
                             dropped = true;
@@ -346,55 +390,127 @@ impl ConsState {
         }
     }
 
-    /// Places the packet of `len` bytes in `rx`, from link `i`, into the
-    /// oldest posted receive.
-    fn place(&mut self, i: usize, len: usize) -> Result<(), &'static str> {
+    /// Takes the packet of `len` bytes in `rx`, from link `i`.
+    fn take(&mut self, i: usize, len: usize) -> Result<(), &'static str> {
         if len > self.rx.len() {
             return Err("sent a packet over the size cap");
         }
-        let pkt = FastPathPacket::decode(&self.rx[..len]).map_err(|_| "sent a malformed packet")?;
-        if self.links[i].credits == 0 {
+        let l = &mut self.links[i];
+        let (producer, imm, payload) = match FastPathPacket::decode(&self.rx[..len]) {
+            Err(_) => return Err("sent a malformed packet"),
+            Ok(FastPathPacket::Want) => {
+                (l.active, l.hungry) = (true, true);
+                return Ok(());
+            }
+            Ok(FastPathPacket::Return(k)) => {
+                if k > l.credits {
+                    return Err("gave back credits it did not hold");
+                }
+                // Never more than were written: unsent ones are cancelled
+                // when the revoke is decided.
+                l.credits -= k;
+                l.revoked = None;
+                self.granted -= k;
+                return Ok(());
+            }
+            Ok(FastPathPacket::Data { producer, imm, payload }) => (producer, imm, payload),
+        };
+        if l.credits == 0 {
             return Err("sent without a credit");
         }
-        let imm = Imm::new(pkt.imm).map_err(|_| "sent an immediate over the cap")?;
-        self.links[i].credits -= 1;
+        let imm = Imm::new(imm).map_err(|_| "sent an immediate over the cap")?;
+        l.credits -= 1;
         self.granted -= 1;
         let (mut buf, user_data) = self.posted.pop_front().ok_or("sent beyond the posted receives")?;
-        let result = if pkt.payload.len() > buf.len() as usize {
+        let result = if payload.len() > buf.len() as usize {
             Err(DocaError::TOO_BIG)
         } else {
-            match rustix::io::pwrite(self.mmap.fd(), pkt.payload, buf.file_offset()) {
-                Ok(n) if n == pkt.payload.len() => buf.set_data_len(n as u32),
+            match rustix::io::pwrite(self.mmap.fd(), payload, buf.file_offset()) {
+                Ok(n) if n == payload.len() => buf.set_data_len(n as u32),
                 Ok(_) | Err(_) => Err(DocaError::DRIVER),
             }
         };
-        let producer = pkt.producer;
         self.events.push_back(FastPathEvent::Received { user_data, buf, imm, producer, result });
         Ok(())
     }
 
-    /// Grants the posted receives no credit stands for yet, round robin
-    /// over the links, and writes what was granted.
+    /// Cuts the links asked to give back their credits longer than
+    /// [`REVOKE_WAIT`] ago.
+    fn cut_hoarders(&mut self) {
+        if self.links.iter().all(|l| l.revoked.is_none()) {
+            return;
+        }
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.links.len() {
+            if self.links[i].revoked.is_some_and(|t| now.saturating_duration_since(t) > REVOKE_WAIT) {
+                log::warn!(
+                    "comch consumer {}: a producer kept its credits {REVOKE_WAIT:?} after a revoke; its link is closed",
+                    self.id
+                );
+                self.drop_link(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Grants the posted receives no credit stands for yet to the links
+    /// that asked, those still waiting for their first first, round robin;
+    /// revokes the credits of the others when one that asked holds none
+    /// and none is left; writes what was decided.
     fn grant(&mut self) {
-        let k = self.links.len();
-        if k > 0 {
-            while (self.granted as usize) < self.posted.len() {
-                let l = &mut self.links[self.next_grant % k];
-                self.next_grant = self.next_grant.wrapping_add(1);
-                l.credits += 1;
-                l.unsent += 1;
-                self.granted += 1;
+        self.distribute();
+        if self.links.iter().any(|l| l.hungry && l.credits == 0) {
+            let now = Instant::now();
+            let mut freed = false;
+            for l in &mut self.links {
+                if l.hungry || l.credits == 0 || l.revoked.is_some() {
+                    continue;
+                }
+                // Credits not written yet are simply taken back.
+                l.credits -= l.unsent;
+                self.granted -= l.unsent;
+                freed |= l.unsent > 0;
+                l.unsent = 0;
+                l.active = false;
+                if l.credits > 0 {
+                    l.revoked = Some(now);
+                    l.revoke_unsent = true;
+                }
+            }
+            if freed {
+                self.distribute();
             }
         }
         for l in &mut self.links {
-            if l.unsent == 0 {
-                continue;
+            if l.revoke_unsent && l.send(FastPathCredit::Revoke) {
+                l.revoke_unsent = false;
             }
-            // A full socket is retried at the next progress; a producer
-            // gone is seen closed by `read`.
-            if rustix::net::send(&l.fd, &l.unsent.to_le_bytes(), SendFlags::DONTWAIT | SendFlags::NOSIGNAL).is_ok() {
+            if l.unsent > 0 && l.send(FastPathCredit::Grant(l.unsent)) {
                 l.unsent = 0;
             }
+        }
+    }
+
+    /// Gives each posted receive no credit stands for to a link that
+    /// asked, hungry ones first, round robin.
+    fn distribute(&mut self) {
+        let k = self.links.len();
+        while (self.granted as usize) < self.posted.len() {
+            let order = (0..k).map(|j| (self.next_grant + j) % k);
+            let Some(i) = order.clone().find(|&i| self.links[i].hungry).or_else(|| {
+                let mut order = order;
+                order.find(|&i| self.links[i].active)
+            }) else {
+                break;
+            };
+            self.next_grant = i + 1;
+            let l = &mut self.links[i];
+            l.credits += 1;
+            l.unsent += 1;
+            l.hungry = false;
+            self.granted += 1;
         }
     }
 }
@@ -412,7 +528,25 @@ impl Drop for ConsState {
 struct PLink {
     consumer: u32,
     fd: OwnedFd,
+    /// Credits granted and not yet taken by a submission.
     credits: u32,
+    /// Revoked credits to give back (`return_due`: a `Return` is owed,
+    /// even of none).
+    returning: u32,
+    return_due: bool,
+    /// A submission was refused with `AGAIN`: a `Want` is to be written.
+    want_due: bool,
+    /// A `Want` was written and no grant or revoke has come since.
+    wanted: bool,
+}
+
+impl PLink {
+    /// Writes `p` (not data); `false` when the socket is full or broken.
+    fn send(&self, p: FastPathPacket<'_>) -> bool {
+        let mut b = [0u8; FAST_PATH_CTRL_LEN];
+        let Some(n) = p.encode_ctrl(&mut b) else { return false };
+        rustix::net::send(&self.fd, &b[..n], SendFlags::DONTWAIT | SendFlags::NOSIGNAL).is_ok()
+    }
 }
 
 #[derive(Debug)]
@@ -521,8 +655,9 @@ impl ComchProducer {
     /// Sends `buf`'s data with `imm` into a posted buffer of the peer's
     /// consumer `consumer`. `AGAIN` while that consumer has no buffer
     /// posted for this producer (credits arrive inside `progress()`: retry
-    /// after one); `NOT_FOUND`
-    /// for a consumer the peer has not announced (or has stopped).
+    /// after one); `NOT_FOUND` for a consumer the peer has not announced
+    /// (or has stopped); a send queued for a consumer that stops fails with
+    /// `NOT_CONNECTED`.
     pub fn submit_send(&self, buf: Buf, consumer: u32, imm: &[u8], user_data: u64) -> Result<(), TaskSubmitError> {
         let mut st = self.st();
         let err = |error, buf| Err(TaskSubmitError { error, buf });
@@ -546,7 +681,11 @@ impl ComchProducer {
                 Err(e) => return err(e, buf),
             },
         };
-        if st.links[i].credits == 0 {
+        let l = &mut st.links[i];
+        if l.credits == 0 {
+            // Ask for credits (written inside progress): DOCA's caller
+            // retries after one.
+            l.want_due |= !l.wanted;
             return err(DocaError::AGAIN, buf);
         }
         st.links[i].credits -= 1;
@@ -579,21 +718,40 @@ impl ProdState {
             Err(_) => return Err(DocaError::NOT_FOUND),
         }
         self.pe.watch(fd.as_fd());
-        self.links.push(PLink { consumer, fd, credits: 0 });
+        self.links.push(PLink {
+            consumer,
+            fd,
+            credits: 0,
+            returning: 0,
+            return_due: false,
+            want_due: false,
+            wanted: false,
+        });
         Ok(())
     }
 
-    /// Reads the credits link `i`'s consumer granted; `false` when the
-    /// link closed.
-    fn take_credits(&mut self, i: usize) -> bool {
+    /// Reads what link `i`'s consumer sent (grants, revokes); `false` when
+    /// the link closed or the consumer broke the protocol.
+    fn read_link(&mut self, i: usize) -> bool {
         let mut b = [0u8; 8];
-        loop {
-            match rustix::net::recv(&self.links[i].fd, &mut b[..], RecvFlags::DONTWAIT | RecvFlags::TRUNC) {
+        let l = &mut self.links[i];
+        for _ in 0..BUDGET {
+            match rustix::net::recv(&l.fd, &mut b[..], RecvFlags::DONTWAIT | RecvFlags::TRUNC) {
                 Ok((_, 0)) => return false,
-                Ok((_, n)) => match b.get(..n).and_then(decode_credit) {
-                    Some(c) => self.links[i].credits = self.links[i].credits.saturating_add(c),
+                Ok((_, n)) => match b.get(..n).and_then(FastPathCredit::decode) {
+                    Some(FastPathCredit::Grant(c)) => {
+                        l.credits = l.credits.saturating_add(c);
+                        l.wanted = false;
+                    }
+                    Some(FastPathCredit::Revoke) => {
+                        l.returning = l.returning.saturating_add(l.credits);
+                        l.credits = 0;
+                        l.return_due = true;
+                        // No longer among those granted to: ask again.
+                        l.wanted = false;
+                    }
                     None => {
-                        log::warn!("comch producer {}: the consumer sent a {n}-byte credit; link closed", self.id);
+                        log::warn!("comch producer {}: the consumer sent a bad {n}-byte packet; link closed", self.id);
                         return false;
                     }
                 },
@@ -601,6 +759,9 @@ impl ProdState {
                 Err(_) => return false,
             }
         }
+        // More may wait: come back (edge-triggered watch).
+        self.pe.again();
+        true
     }
 
     fn progress(&mut self) -> usize {
@@ -613,8 +774,8 @@ impl ProdState {
             }
             CtxState::Stopping => {
                 self.links.clear();
+                let result = Err(DocaError::SHUTDOWN);
                 while let Some(t) = self.queue.pop_front() {
-                    let result = Err(DocaError::SHUTDOWN);
                     self.events.push_back(FastPathEvent::SendDone { user_data: t.user_data, buf: t.buf, result });
                 }
                 let mut n = self.events.len() - before;
@@ -629,7 +790,7 @@ impl ProdState {
         // A link that closed is dropped; its queued sends fail in `write`.
         let mut i = 0;
         while i < self.links.len() {
-            if self.take_credits(i) {
+            if self.read_link(i) {
                 i += 1;
             } else {
                 self.links.swap_remove(i);
@@ -640,6 +801,16 @@ impl ProdState {
     }
 
     fn write(&mut self) {
+        // Credits given back and asked for; a full socket is retried at a
+        // later progress (its writability wakes one).
+        for l in &mut self.links {
+            if l.return_due && l.send(FastPathPacket::Return(l.returning)) {
+                (l.returning, l.return_due) = (0, false);
+            }
+            if l.want_due && l.send(FastPathPacket::Want) {
+                (l.want_due, l.wanted) = (false, true);
+            }
+        }
         while let Some(t) = self.queue.front() {
             let Some(l) = self.links.iter().find(|l| l.consumer == t.consumer) else {
                 let t = self.queue.pop_front().expect("front");
