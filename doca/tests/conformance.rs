@@ -1197,3 +1197,38 @@ fn comch_fast_path_producers_share_a_consumers_posted_buffers() {
     want.sort_unstable();
     assert_eq!(from, want);
 }
+
+/// The emulation's rule for a connection that goes away under fast-path
+/// contexts (DOCA does not document its own): consumer and producer stop
+/// by themselves, their posted receives and queued sends fail with
+/// `NOT_CONNECTED`, and they become `Idle` once those are taken, as a
+/// comch client whose server went away does.
+#[test]
+#[cfg(not(feature = "sdk"))]
+fn comch_fast_path_contexts_stop_when_their_connection_goes_away() {
+    let dev = device();
+    let pe = ProgressEngine::new().unwrap();
+    let (server, client, conn) = comch_pair(&pe, &dev, &format!("conf-fp-conn-{}", std::process::id()));
+    let host = region(64 << 10);
+    let host_mm = local_mmap(&dev, &host, Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE);
+    let inv = BufInventory::new(16).unwrap();
+    let consumer = started_consumer(&pe, &server, &client, &host_mm, 4);
+    let producer = started_producer(&pe, &server, conn, 4);
+    for k in 0..3u64 {
+        consumer.submit_receive(inv.buf(&host_mm, k * 4096, 4096).unwrap(), k).unwrap();
+    }
+    server.stop().unwrap();
+    let mut got = Vec::new();
+    let mut msg = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
+    progress_until(&pe, "the consumer's receives failed and both contexts idle", || {
+        while server.poll_event(&mut msg).is_some() {}
+        while client.poll_event(&mut msg).is_some() {}
+        got.extend(std::iter::from_fn(|| consumer.poll_event()));
+        got.len() == 3 && consumer.state() == CtxState::Idle && producer.state() == CtxState::Idle
+    });
+    for e in &got {
+        assert!(matches!(e, FastPathEvent::Received { result: Err(DocaError::NOT_CONNECTED), .. }), "{e:?}");
+    }
+    drop(got);
+    assert_eq!(inv.in_use(), 0);
+}

@@ -22,6 +22,11 @@
 //! not held, or a malformed packet end that producer's link; a payload
 //! larger than the buffer it lands in fails that receive with `TOO_BIG`.
 //!
+//! A consumer or producer whose comch connection goes away (the peer left,
+//! the comch context stopped) stops by itself, as a comch client whose
+//! server left does: its posted receives or queued sends fail with
+//! `NOT_CONNECTED`, and it is `Idle` once those completions are taken.
+//!
 //! A producer's send completes once its packet is in the consumer's
 //! socket; a consumer that stops before reading it flushes the receive the
 //! packet was meant for with `SHUTDOWN` (the payload is dropped).
@@ -132,6 +137,9 @@ struct ConsState {
     id: u32,
     token: u64,
     state: CtxState,
+    /// What a flush fails posted receives with: `SHUTDOWN` for a stop
+    /// asked for, `NOT_CONNECTED` when the connection went away.
+    flush_err: DocaError,
     listener: Option<OwnedFd>,
     links: Vec<Link>,
     /// Posted receives, oldest first.
@@ -190,6 +198,7 @@ impl ComchConsumer {
             id: next_id(),
             token: super::token(),
             state: CtxState::Idle,
+            flush_err: DocaError::SHUTDOWN,
             listener: None,
             links: Vec::new(),
             posted: VecDeque::with_capacity(cfg.tasks as usize),
@@ -295,7 +304,7 @@ impl ConsState {
                 if self.listener.is_some() {
                     self.close();
                 }
-                let result = Err(DocaError::SHUTDOWN);
+                let result = Err(self.flush_err);
                 while let Some((buf, user_data)) = self.posted.pop_front() {
                     let (imm, producer) = (Imm::default(), 0);
                     self.events.push_back(FastPathEvent::Received { user_data, buf, imm, producer, result });
@@ -303,11 +312,18 @@ impl ConsState {
                 let mut n = self.events.len() - before;
                 if self.recvs_out == 0 {
                     self.state = CtxState::Idle;
+                    self.flush_err = DocaError::SHUTDOWN;
                     n += 1;
                 }
                 return n;
             }
             CtxState::Running => {}
+        }
+        if !super::lock(&self.parent.st).is_up(self.conn) {
+            log::debug!("comch consumer {}: its connection went away; stopping", self.id);
+            self.state = CtxState::Stopping;
+            self.flush_err = DocaError::NOT_CONNECTED;
+            return self.progress();
         }
         self.accept();
         self.read();
@@ -566,6 +582,8 @@ struct ProdState {
     cfg: FastPathConfig,
     id: u32,
     state: CtxState,
+    /// What a flush fails queued sends with (see the consumer's).
+    flush_err: DocaError,
     links: Vec<PLink>,
     queue: VecDeque<SendTask>,
     /// Sends submitted whose completion the user has not taken.
@@ -611,6 +629,7 @@ impl ComchProducer {
             cfg,
             id: next_id(),
             state: CtxState::Idle,
+            flush_err: DocaError::SHUTDOWN,
             links: Vec::new(),
             queue: VecDeque::with_capacity(cfg.tasks as usize),
             sends_out: 0,
@@ -774,18 +793,25 @@ impl ProdState {
             }
             CtxState::Stopping => {
                 self.links.clear();
-                let result = Err(DocaError::SHUTDOWN);
+                let result = Err(self.flush_err);
                 while let Some(t) = self.queue.pop_front() {
                     self.events.push_back(FastPathEvent::SendDone { user_data: t.user_data, buf: t.buf, result });
                 }
                 let mut n = self.events.len() - before;
                 if self.sends_out == 0 {
                     self.state = CtxState::Idle;
+                    self.flush_err = DocaError::SHUTDOWN;
                     n += 1;
                 }
                 return n;
             }
             CtxState::Running => {}
+        }
+        if !super::lock(&self.parent.st).is_up(self.conn) {
+            log::debug!("comch producer {}: its connection went away; stopping", self.id);
+            self.state = CtxState::Stopping;
+            self.flush_err = DocaError::NOT_CONNECTED;
+            return self.progress();
         }
         // A link that closed is dropped; its queued sends fail in `write`.
         let mut i = 0;
