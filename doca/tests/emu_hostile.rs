@@ -432,6 +432,61 @@ fn a_fast_path_producer_sending_without_credit_is_cut_off() {
     assert_eq!(&landed, b"hello");
 }
 
+/// A peer announcing consumer after consumer on its comch connection (and
+/// never retiring them) is disconnected once past the cap, and its
+/// announcements never queue beyond the receive queue. Before, every one
+/// was remembered and queued as an event: memory without bound.
+#[test]
+fn a_comch_peer_announcing_consumers_without_end_is_disconnected() {
+    use rustix::io::Errno;
+    use rustix::net::{AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
+    let dev = dev();
+    let pe = ProgressEngine::new().unwrap();
+    let name = format!("rev-announce-{}", std::process::id());
+    let cfg = ComchConfig { recv_queue: 8, ..Default::default() };
+    let server = ComchServer::new(&pe, &dev, &name, cfg).unwrap();
+    server.start().unwrap();
+    pe.progress();
+    let path = runtime_dir().join(format!("comch-{name}.sock"));
+    let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+    let fd = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, flags, None).unwrap();
+    rustix::net::connect(&fd, &SocketAddrUnix::new(path.as_path()).unwrap()).unwrap();
+    rustix::net::send(&fd, b"DNECOMCH", SendFlags::NOSIGNAL).unwrap();
+    let mut buf = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
+    let (mut ups, mut gone) = (0usize, false);
+    let start = Instant::now();
+    let mut id = 1u32;
+    while !gone {
+        // Unread, at most the receive queue's worth is queued.
+        for _ in 0..4 {
+            pe.progress();
+        }
+        let mut queued = 0;
+        while let Some(e) = server.poll_event(&mut buf) {
+            match e {
+                ComchEvent::ConsumerUp { .. } => {
+                    ups += 1;
+                    queued += 1;
+                }
+                ComchEvent::Disconnected(_) => gone = true,
+                _ => {}
+            }
+        }
+        assert!(queued <= 8, "{queued} announcements queued past the receive queue of 8");
+        let mut pkt = [0u8; 13];
+        pkt[0] = 1; // a consumer up
+        pkt[1..5].copy_from_slice(&id.to_le_bytes());
+        pkt[5..].copy_from_slice(&u64::from(id).to_le_bytes());
+        match rustix::net::send(&fd, &pkt, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
+            Ok(_) => id += 1,
+            Err(Errno::AGAIN) => {}
+            Err(_) => gone = true, // the server closed it
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "watchdog: still connected after {id} announcements");
+    }
+    assert!(ups <= 256, "{ups} consumers of one peer remembered");
+}
+
 /// A stranger that connects to a consumer's socket and says nothing gets
 /// no credit, and a producer that asked for credits and never gives them
 /// back when revoked loses its link after `REVOKE_WAIT` (5 s): a real

@@ -13,7 +13,10 @@
 //! message, or the announcement of a fast-path consumer started (its id and
 //! the token naming its socket) or gone on this connection (see
 //! `fastpath`; layouts in [`crate::emu_wire::ComchPacket`]). A packet that
-//! does not decode disconnects the peer that sent it.
+//! does not decode disconnects the peer that sent it. Announcements wait in
+//! the receive queue like messages (each holds a slot until its event is
+//! taken), and a peer may have at most 256 consumers announced on a
+//! connection (more disconnect it): what a peer sends stays bounded.
 
 use super::dev::Device;
 use super::pe::{PeShared, Progress, ProgressEngine};
@@ -147,8 +150,22 @@ enum Role {
 #[derive(Debug)]
 enum Ev {
     Public(ComchEvent),
-    Msg { conn: u32, slot: u32, len: u32 },
+    Msg {
+        conn: u32,
+        slot: u32,
+        len: u32,
+    },
+    /// A consumer announcement, holding a receive slot until taken (like
+    /// a message: what a peer sends waits in a bounded queue).
+    Held {
+        slot: u32,
+        ev: ComchEvent,
+    },
 }
+
+/// Consumers a peer may have announced on one connection at once; a peer
+/// announcing more is disconnected (the table and its events are bounded).
+const MAX_REMOTE_CONSUMERS: usize = 256;
 
 #[derive(Debug)]
 struct SendTask {
@@ -311,6 +328,10 @@ impl State {
                 out[..n].copy_from_slice(&data[..n]);
                 self.recv_free.push(slot);
                 Some(ComchEvent::Message { conn, len, truncated: n < data.len() })
+            }
+            Ev::Held { slot, ev } => {
+                self.recv_free.push(slot);
+                Some(ev)
             }
         }
     }
@@ -523,15 +544,31 @@ impl State {
                                 self.events.push_back(Ev::Msg { conn: id.0, slot, len: n as u32 - 1 });
                             }
                             Ok(ComchPacket::ConsumerUp { id: cid, token }) => {
-                                self.remote_consumers.retain(|&(c, i, _)| !(c == id && i == cid));
-                                self.remote_consumers.push((id, cid, token));
-                                self.events.push_back(Ev::Public(ComchEvent::ConsumerUp { conn: id, id: cid }));
+                                let known = |&(c, i, _): &(ComchConnId, u32, u64)| c == id && i == cid;
+                                if let Some(e) = self.remote_consumers.iter_mut().find(|e| known(e)) {
+                                    e.2 = token;
+                                } else if self.remote_consumers.iter().filter(|&&(c, _, _)| c == id).count()
+                                    >= MAX_REMOTE_CONSUMERS
+                                {
+                                    log::warn!(
+                                        "comch: a peer announced more than {MAX_REMOTE_CONSUMERS} consumers; disconnecting it"
+                                    );
+                                    self.disconnect(i as u32, DocaError::NOT_CONNECTED);
+                                    continue;
+                                } else {
+                                    self.remote_consumers.push((id, cid, token));
+                                }
+                                self.recv_free.pop();
+                                self.events
+                                    .push_back(Ev::Held { slot, ev: ComchEvent::ConsumerUp { conn: id, id: cid } });
                             }
                             Ok(ComchPacket::ConsumerDown { id: cid }) => {
                                 let before = self.remote_consumers.len();
                                 self.remote_consumers.retain(|&(c, i, _)| !(c == id && i == cid));
                                 if self.remote_consumers.len() < before {
-                                    self.events.push_back(Ev::Public(ComchEvent::ConsumerDown { conn: id, id: cid }));
+                                    self.recv_free.pop();
+                                    let ev = ComchEvent::ConsumerDown { conn: id, id: cid };
+                                    self.events.push_back(Ev::Held { slot, ev });
                                 }
                             }
                             Err(e) => {
