@@ -1198,6 +1198,128 @@ fn comch_fast_path_producers_share_a_consumers_posted_buffers() {
     assert_eq!(from, want);
 }
 
+/// A producer's send to a consumer that stopped is refused (`NOT_FOUND`
+/// at submission once the peer is known to be gone) or fails
+/// (`NOT_CONNECTED`); it never completes as delivered.
+#[test]
+fn comch_fast_path_send_to_a_stopped_consumer_is_refused() {
+    let dev = device();
+    let pe = ProgressEngine::new().unwrap();
+    let (server, client, conn) = comch_pair(&pe, &dev, &format!("conf-fp-gone-{}", std::process::id()));
+    let host = region(64 << 10);
+    let host_mm = local_mmap(&dev, &host, Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE);
+    let dpu = region(64 << 10);
+    let dpu_mm = local_mmap(&dev, &dpu, Access::LOCAL_READ_WRITE);
+    let inv = BufInventory::new(16).unwrap();
+    let consumer = started_consumer(&pe, &server, &client, &host_mm, 4);
+    let producer = started_producer(&pe, &server, conn, 4);
+    let id = consumer.id();
+    let src = || {
+        let mut s = inv.buf(&dpu_mm, 0, 64).unwrap();
+        s.set_data_len(64).unwrap();
+        s
+    };
+    // The producer is linked and holds a credit for the second receive.
+    consumer.submit_receive(inv.buf(&host_mm, 0, 4096).unwrap(), 1).unwrap();
+    consumer.submit_receive(inv.buf(&host_mm, 4096, 4096).unwrap(), 2).unwrap();
+    send_retrying(&pe, &producer, src(), id, 1, "the first send").unwrap();
+    let mut taken = Vec::new();
+    progress_until(&pe, "the first send's completions", || {
+        taken.extend(std::iter::from_fn(|| consumer.poll_event()));
+        taken.extend(std::iter::from_fn(|| producer.poll_event()));
+        taken.len() == 2
+    });
+    consumer.stop().unwrap();
+    let mut msg = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
+    let mut down = false;
+    progress_until(&pe, "the consumer idle and ConsumerDown", || {
+        taken.extend(std::iter::from_fn(|| consumer.poll_event()));
+        down |= matches!(server.poll_event(&mut msg), Some(ComchEvent::ConsumerDown { id: i, .. }) if i == id);
+        down && consumer.state() == CtxState::Idle
+    });
+    drop(taken);
+    let start = Instant::now();
+    let mut s = src();
+    loop {
+        match producer.submit_send(s, id, b"", 7) {
+            Err(e) if e.error == DocaError::NOT_FOUND => {
+                drop(e);
+                break;
+            }
+            Err(e) if e.error == DocaError::AGAIN => s = e.buf,
+            Err(e) => panic!("refused with {e}, not NOT_FOUND"),
+            Ok(()) => {
+                let mut done = None;
+                progress_until(&pe, "the send's completion", || {
+                    done = producer.poll_event();
+                    done.is_some()
+                });
+                match done {
+                    Some(FastPathEvent::SendDone { result: Err(DocaError::NOT_CONNECTED), buf, .. }) => s = buf,
+                    other => panic!("a send to a stopped consumer completed with {other:?}"),
+                }
+            }
+        }
+        assert!(start.elapsed() < WATCHDOG, "watchdog: the send was never refused with NOT_FOUND");
+        pe.progress();
+    }
+    assert_eq!(inv.in_use(), 0, "every buffer came back");
+}
+
+/// A consumer stopped with receives posted while a producer is sending:
+/// every receive comes back (filled, or flushed with `SHUTDOWN`), every
+/// send completes (delivered or failed, never hanging), both contexts
+/// become `Idle`.
+#[test]
+fn comch_fast_path_consumer_stop_mid_send_returns_every_buffer() {
+    let dev = device();
+    let pe = ProgressEngine::new().unwrap();
+    let (server, client, conn) = comch_pair(&pe, &dev, &format!("conf-fp-stop-{}", std::process::id()));
+    let host = region(64 << 10);
+    let host_mm = local_mmap(&dev, &host, Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE);
+    let dpu = region(64 << 10);
+    let dpu_mm = local_mmap(&dev, &dpu, Access::LOCAL_READ_WRITE);
+    let inv = BufInventory::new(16).unwrap();
+    let consumer = started_consumer(&pe, &server, &client, &host_mm, 8);
+    let producer = started_producer(&pe, &server, conn, 8);
+    for k in 0..6u64 {
+        consumer.submit_receive(inv.buf(&host_mm, k * 4096, 4096).unwrap(), k).unwrap();
+    }
+    let mut sent = 0;
+    for k in 0..4u64 {
+        let mut s = inv.buf(&dpu_mm, k * 4096, 4096).unwrap();
+        s.set_data_len(1000).unwrap();
+        send_retrying(&pe, &producer, s, consumer.id(), 100 + k, "a send before the stop").unwrap();
+        sent += 1;
+    }
+    // Stopped with the sends in flight: nothing in between has placed them.
+    consumer.stop().unwrap();
+    let (mut received, mut done) = (Vec::new(), Vec::new());
+    progress_until(&pe, "every completion and both contexts idle", || {
+        received.extend(std::iter::from_fn(|| consumer.poll_event()));
+        done.extend(std::iter::from_fn(|| producer.poll_event()));
+        if done.len() == sent && producer.state() == CtxState::Running {
+            producer.stop().unwrap();
+        }
+        received.len() == 6
+            && done.len() == sent
+            && consumer.state() == CtxState::Idle
+            && producer.state() == CtxState::Idle
+    });
+    for e in &received {
+        match e {
+            FastPathEvent::Received { result: Ok(()), buf, .. } => assert_eq!(buf.data_len(), 1000),
+            FastPathEvent::Received { result: Err(DocaError::SHUTDOWN), .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    for e in &done {
+        assert!(matches!(e, FastPathEvent::SendDone { result: Ok(()) | Err(DocaError::NOT_CONNECTED), .. }), "{e:?}");
+    }
+    drop((received, done));
+    assert_eq!(inv.in_use(), 0, "every buffer came back");
+}
+
 /// The emulation's rule for a connection that goes away under fast-path
 /// contexts (DOCA does not document its own): consumer and producer stop
 /// by themselves, their posted receives and queued sends fail with
