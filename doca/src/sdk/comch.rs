@@ -345,6 +345,11 @@ impl Core {
         &self.pe
     }
 
+    /// The device the context runs on.
+    pub(super) fn device(&self) -> &Device {
+        &self._dev
+    }
+
     fn poll_event(&self, msg: &mut [u8]) -> Option<ComchEvent> {
         ctx::lock(&self.st).take_event(msg)
     }

@@ -108,8 +108,15 @@ impl ComchConsumer {
         let c = self.cons.as_ptr();
         // Every call below configures `c`, a created, idle consumer, with
         // the engine lock held (by `new`).
+        // The immediate: as long as this API's, unless the device takes
+        // less (DOCA refuses more than its capability).
+        let mut max_imm = 0u32;
+        // SAFETY: the parent's open device.
+        let info = unsafe { sys::doca_dev_as_devinfo(self._parent.device().inner.dev.as_ptr()) };
+        // SAFETY: the open device's info; valid out-pointer.
+        check(unsafe { sys::doca_comch_consumer_cap_get_max_imm_data_len(info, &mut max_imm) })?;
         // SAFETY: see above.
-        check(unsafe { sys::doca_comch_consumer_set_imm_data_len(c, COMCH_MAX_IMM as u32) })?;
+        check(unsafe { sys::doca_comch_consumer_set_imm_data_len(c, max_imm.min(COMCH_MAX_IMM as u32)) })?;
         // SAFETY: see above; the callbacks are this module's.
         check(unsafe {
             sys::doca_comch_consumer_task_post_recv_set_conf(c, Some(recv_ok), Some(recv_err), self.cfg().tasks)
