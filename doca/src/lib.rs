@@ -40,7 +40,8 @@
 //!   ([`ComchEvent::ConsumerUp`]); a [`ComchProducer`] on the peer's side
 //!   sends into the oldest posted buffer, with up to [`COMCH_MAX_IMM`]
 //!   immediate bytes, or is refused with `AGAIN` while none is posted for
-//!   it (DOCA's rule: the caller retries after a progress);
+//!   it (DOCA's rule: the caller retries after a progress); any producer
+//!   on the connection may fill any posted buffer;
 //! * errors are [`DocaError`], DOCA's `doca_error_t` values.
 //!
 //! Modules: [`error`] (the error code), [`emu_wire`] (the emulated backend's

@@ -339,7 +339,11 @@ pub enum FastPathEvent {
         /// Outcome.
         result: Result<(), DocaError>,
     },
-    /// A send completed (producer): the data is in the consumer's buffer.
+    /// A send completed (producer): the data went to the consumer. On a
+    /// card DOCA has written it into the posted buffer; the emulation
+    /// completes the send once it is in the consumer's socket, and a
+    /// consumer that stops before placing it flushes the receive it was
+    /// meant for with `SHUTDOWN`.
     SendDone {
         /// The submitter's tag.
         user_data: u64,
