@@ -957,28 +957,11 @@ fn rdma_sends_beyond_one_progress_keep_the_handle_readable() {
 fn comch_fast_path_fills_posted_buffers_and_says_again_when_none_is() {
     let dev = device();
     let pe = ProgressEngine::new().unwrap();
-    let name = format!("conf-fp-{}", std::process::id());
-    let server = ComchServer::new(&pe, &dev, &name, ComchConfig::default()).unwrap();
-    server.start().unwrap();
-    let client = ComchClient::new(&pe, &dev, &name, ComchConfig::default()).unwrap();
-    client.start().unwrap();
+    let (server, client, conn) = comch_pair(&pe, &dev, &format!("conf-fp-{}", std::process::id()));
     let mut msg = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
-    let mut conn = None;
-    progress_until(&pe, "comch connection", || {
-        if let Some(ComchEvent::Connected(c)) = server.poll_event(&mut msg) {
-            conn = Some(c);
-        }
-        conn.is_some() && client.state() == CtxState::Running
-    });
-    let conn = conn.unwrap();
-
-    let host = region(64 << 10);
-    let host_mm = local_mmap(&dev, &host, Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE);
-    let dpu = region(64 << 10);
+    let FpMem { host, host_mm, dpu, dpu_mm, inv } = fp_mem(&dev);
     let payload = pattern(11, 3000);
     dpu.copy_in(8192, &payload).unwrap();
-    let dpu_mm = local_mmap(&dev, &dpu, Access::LOCAL_READ_WRITE);
-    let inv = BufInventory::new(16).unwrap();
 
     let cfg = FastPathConfig { tasks: 4 };
     let consumer = ComchConsumer::new(&pe, ComchPeer::Client(&client), &host_mm, cfg).unwrap();
@@ -995,9 +978,7 @@ fn comch_fast_path_fills_posted_buffers_and_says_again_when_none_is() {
     });
     assert_eq!(up, Some((conn, consumer.id())));
 
-    let producer = ComchProducer::new(&pe, ComchPeer::Server(&server, conn), cfg).unwrap();
-    producer.start().unwrap();
-    progress_until(&pe, "producer start", || producer.state() == CtxState::Running);
+    let producer = started_producer(&pe, &server, conn, cfg.tasks);
     let mut src = inv.buf(&dpu_mm, 8192, 4096).unwrap();
     src.set_data_len(3000).unwrap();
     let imm = b"descriptor #1";
@@ -1102,6 +1083,25 @@ fn started_consumer(
     consumer
 }
 
+/// The memories of a fast-path test: the host's pool (the consumer's,
+/// written across PCIe) and the DPU's (the producer's sources), 64 KiB
+/// each, with one inventory for both.
+struct FpMem {
+    host: Arc<shm::Region>,
+    host_mm: Mmap,
+    dpu: Arc<shm::Region>,
+    dpu_mm: Mmap,
+    inv: BufInventory,
+}
+
+fn fp_mem(dev: &Device) -> FpMem {
+    let host = region(64 << 10);
+    let host_mm = local_mmap(dev, &host, Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE);
+    let dpu = region(64 << 10);
+    let dpu_mm = local_mmap(dev, &dpu, Access::LOCAL_READ_WRITE);
+    FpMem { host, host_mm, dpu, dpu_mm, inv: BufInventory::new(16).unwrap() }
+}
+
 fn started_producer(pe: &ProgressEngine, server: &ComchServer, conn: ComchConnId, tasks: u32) -> ComchProducer {
     let producer = ComchProducer::new(pe, ComchPeer::Server(server, conn), FastPathConfig { tasks }).unwrap();
     producer.start().unwrap();
@@ -1141,11 +1141,7 @@ fn comch_fast_path_producers_share_a_consumers_posted_buffers() {
     let dev = device();
     let pe = ProgressEngine::new().unwrap();
     let (server, client, conn) = comch_pair(&pe, &dev, &format!("conf-fp-share-{}", std::process::id()));
-    let host = region(64 << 10);
-    let host_mm = local_mmap(&dev, &host, Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE);
-    let dpu = region(64 << 10);
-    let dpu_mm = local_mmap(&dev, &dpu, Access::LOCAL_READ_WRITE);
-    let inv = BufInventory::new(16).unwrap();
+    let FpMem { host_mm, dpu, dpu_mm, inv, .. } = fp_mem(&dev);
     let consumer = started_consumer(&pe, &server, &client, &host_mm, 8);
     let (a, b) = (started_producer(&pe, &server, conn, 4), started_producer(&pe, &server, conn, 4));
     let src = |off: u64, byte: u8| {
@@ -1206,11 +1202,7 @@ fn comch_fast_path_send_to_a_stopped_consumer_is_refused() {
     let dev = device();
     let pe = ProgressEngine::new().unwrap();
     let (server, client, conn) = comch_pair(&pe, &dev, &format!("conf-fp-gone-{}", std::process::id()));
-    let host = region(64 << 10);
-    let host_mm = local_mmap(&dev, &host, Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE);
-    let dpu = region(64 << 10);
-    let dpu_mm = local_mmap(&dev, &dpu, Access::LOCAL_READ_WRITE);
-    let inv = BufInventory::new(16).unwrap();
+    let FpMem { host_mm, dpu_mm, inv, .. } = fp_mem(&dev);
     let consumer = started_consumer(&pe, &server, &client, &host_mm, 4);
     let producer = started_producer(&pe, &server, conn, 4);
     let id = consumer.id();
@@ -1275,11 +1267,7 @@ fn comch_fast_path_consumer_stop_mid_send_returns_every_buffer() {
     let dev = device();
     let pe = ProgressEngine::new().unwrap();
     let (server, client, conn) = comch_pair(&pe, &dev, &format!("conf-fp-stop-{}", std::process::id()));
-    let host = region(64 << 10);
-    let host_mm = local_mmap(&dev, &host, Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE);
-    let dpu = region(64 << 10);
-    let dpu_mm = local_mmap(&dev, &dpu, Access::LOCAL_READ_WRITE);
-    let inv = BufInventory::new(16).unwrap();
+    let FpMem { host_mm, dpu_mm, inv, .. } = fp_mem(&dev);
     let consumer = started_consumer(&pe, &server, &client, &host_mm, 8);
     let producer = started_producer(&pe, &server, conn, 8);
     for k in 0..6u64 {
@@ -1331,9 +1319,7 @@ fn comch_fast_path_contexts_stop_when_their_connection_goes_away() {
     let dev = device();
     let pe = ProgressEngine::new().unwrap();
     let (server, client, conn) = comch_pair(&pe, &dev, &format!("conf-fp-conn-{}", std::process::id()));
-    let host = region(64 << 10);
-    let host_mm = local_mmap(&dev, &host, Access::LOCAL_READ_WRITE | Access::PCI_READ_WRITE);
-    let inv = BufInventory::new(16).unwrap();
+    let FpMem { host_mm, inv, .. } = fp_mem(&dev);
     let consumer = started_consumer(&pe, &server, &client, &host_mm, 4);
     let producer = started_producer(&pe, &server, conn, 4);
     for k in 0..3u64 {

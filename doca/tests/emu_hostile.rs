@@ -345,41 +345,8 @@ fn a_client_that_said_hello_is_not_evicted_by_the_next_connect() {
 #[test]
 fn a_fast_path_producer_sending_without_credit_is_cut_off() {
     use rustix::net::{AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
-    let dev = dev();
-    let pe = ProgressEngine::new().unwrap();
-    let name = format!("hostile-fp-{}", std::process::id());
-    let server = ComchServer::new(&pe, &dev, &name, ComchConfig::default()).unwrap();
-    server.start().unwrap();
-    let client = ComchClient::new(&pe, &dev, &name, ComchConfig::default()).unwrap();
-    client.start().unwrap();
-    let mut msg = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
-    let watchdog = |start: Instant, what: &str| assert!(start.elapsed() < Duration::from_secs(10), "watchdog: {what}");
-    let start = Instant::now();
-    let conn = loop {
-        pe.progress();
-        if let Some(ComchEvent::Connected(c)) = server.poll_event(&mut msg) {
-            break c;
-        }
-        watchdog(start, "connection");
-    };
-    let r = region(64 << 10);
-    let m = mmap(&r, &dev, Access::LOCAL_READ_WRITE);
-    let inv = BufInventory::new(8).unwrap();
-    let before: Vec<_> = std::fs::read_dir(runtime_dir()).unwrap().flatten().map(|e| e.path()).collect();
-    let consumer = ComchConsumer::new(&pe, ComchPeer::Client(&client), &m, FastPathConfig::default()).unwrap();
-    consumer.start().unwrap();
-    let start = Instant::now();
-    while !matches!(server.poll_event(&mut msg), Some(ComchEvent::ConsumerUp { .. })) {
-        pe.progress();
-        watchdog(start, "ConsumerUp");
-    }
-    consumer.submit_receive(inv.buf(&m, 0, 1024).unwrap(), 1).unwrap();
-    let path = std::fs::read_dir(runtime_dir())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| !before.contains(p) && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("comch-fp-")))
-        .expect("the consumer's socket");
+    let t = FpRig::new("hostile-fp", Duration::from_secs(10));
+    t.consumer.submit_receive(t.inv.buf(&t.m, 0, 1024).unwrap(), 1).unwrap();
     // Data without a credit; an immediate over the cap; credits given back
     // that were never granted.
     for bad in
@@ -387,49 +354,21 @@ fn a_fast_path_producer_sending_without_credit_is_cut_off() {
     {
         let fd =
             rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).unwrap();
-        rustix::net::connect(&fd, &SocketAddrUnix::new(path.as_path()).unwrap()).unwrap();
+        rustix::net::connect(&fd, &SocketAddrUnix::new(t.path.as_path()).unwrap()).unwrap();
         rustix::net::send(&fd, bad, SendFlags::NOSIGNAL).unwrap();
         let start = Instant::now();
         // Cut off: the consumer closes the link.
         let mut b = [0u8; 16];
         loop {
-            pe.progress();
+            t.pe.progress();
             if let Ok((0, _)) = rustix::net::recv(&fd, &mut b, rustix::net::RecvFlags::DONTWAIT) {
                 break;
             }
-            watchdog(start, "the consumer to cut the hostile link");
+            t.watchdog(start, "the consumer to cut the hostile link");
         }
-        assert!(consumer.poll_event().is_none(), "the hostile packet consumed the posted receive");
+        assert!(t.consumer.poll_event().is_none(), "the hostile packet consumed the posted receive");
     }
-    let producer = ComchProducer::new(&pe, ComchPeer::Server(&server, conn), FastPathConfig::default()).unwrap();
-    producer.start().unwrap();
-    let mut src = inv.buf(&m, 4096, 64).unwrap();
-    src.set_data_len(5).unwrap();
-    r.copy_in(4096, b"hello").unwrap();
-    let start = Instant::now();
-    loop {
-        pe.progress();
-        match producer.submit_send(src, consumer.id(), b"", 2) {
-            Ok(()) => break,
-            Err(e) => {
-                assert!(matches!(e.error, DocaError::AGAIN | DocaError::BAD_STATE), "{e}");
-                src = e.buf;
-            }
-        }
-        watchdog(start, "a credit for the real producer");
-    }
-    let start = Instant::now();
-    let got = loop {
-        pe.progress();
-        if let Some(e) = consumer.poll_event() {
-            break e;
-        }
-        watchdog(start, "the real producer's data");
-    };
-    assert!(matches!(got, FastPathEvent::Received { user_data: 1, result: Ok(()), .. }), "{got:?}");
-    let mut landed = [0u8; 5];
-    r.copy_out(0, &mut landed).unwrap();
-    assert_eq!(&landed, b"hello");
+    t.real_producer_fills_receive_1(|| {});
 }
 
 /// A peer announcing consumer after consumer on its comch connection (and
@@ -495,82 +434,33 @@ fn a_comch_peer_announcing_consumers_without_end_is_disconnected() {
 #[test]
 fn a_fast_path_link_hoarding_credits_is_cut_off() {
     use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
-    let dev = dev();
-    let pe = ProgressEngine::new().unwrap();
-    let name = format!("hostile-hoard-{}", std::process::id());
-    let server = ComchServer::new(&pe, &dev, &name, ComchConfig::default()).unwrap();
-    server.start().unwrap();
-    let client = ComchClient::new(&pe, &dev, &name, ComchConfig::default()).unwrap();
-    client.start().unwrap();
-    let mut msg = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
-    let watchdog = |start: Instant, what: &str| assert!(start.elapsed() < Duration::from_secs(20), "watchdog: {what}");
-    let start = Instant::now();
-    let conn = loop {
-        pe.progress();
-        if let Some(ComchEvent::Connected(c)) = server.poll_event(&mut msg) {
-            break c;
-        }
-        watchdog(start, "connection");
-    };
-    let r = region(64 << 10);
-    let m = mmap(&r, &dev, Access::LOCAL_READ_WRITE);
-    let inv = BufInventory::new(8).unwrap();
-    let before: Vec<_> = std::fs::read_dir(runtime_dir()).unwrap().flatten().map(|e| e.path()).collect();
-    let consumer = ComchConsumer::new(&pe, ComchPeer::Client(&client), &m, FastPathConfig::default()).unwrap();
-    consumer.start().unwrap();
-    let start = Instant::now();
-    while !matches!(server.poll_event(&mut msg), Some(ComchEvent::ConsumerUp { .. })) {
-        pe.progress();
-        watchdog(start, "ConsumerUp");
-    }
-    let path = std::fs::read_dir(runtime_dir())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| !before.contains(p) && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("comch-fp-")))
-        .expect("the consumer's socket");
+    let t = FpRig::new("hostile-hoard", Duration::from_secs(20));
     let stranger = || {
         let fd =
             rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).unwrap();
-        rustix::net::connect(&fd, &SocketAddrUnix::new(path.as_path()).unwrap()).unwrap();
+        rustix::net::connect(&fd, &SocketAddrUnix::new(t.path.as_path()).unwrap()).unwrap();
         fd
     };
     let silent = stranger();
     for _ in 0..20 {
-        pe.progress();
+        t.pe.progress();
     }
-    consumer.submit_receive(inv.buf(&m, 0, 1024).unwrap(), 1).unwrap();
+    t.consumer.submit_receive(t.inv.buf(&t.m, 0, 1024).unwrap(), 1).unwrap();
     let hoarder = stranger();
     rustix::net::send(&hoarder, &[1], SendFlags::NOSIGNAL).unwrap(); // want
     let mut b = [0u8; 16];
     let start = Instant::now();
     loop {
-        pe.progress();
+        t.pe.progress();
         if let Ok((n, _)) = rustix::net::recv(&hoarder, &mut b, RecvFlags::DONTWAIT) {
             assert_eq!(&b[..n], &[0, 1, 0, 0, 0], "one credit granted");
             break;
         }
-        watchdog(start, "the credit for the one that asked");
+        t.watchdog(start, "the credit for the one that asked");
     }
-    let producer = ComchProducer::new(&pe, ComchPeer::Server(&server, conn), FastPathConfig::default()).unwrap();
-    producer.start().unwrap();
-    let mut src = inv.buf(&m, 4096, 64).unwrap();
-    src.set_data_len(5).unwrap();
-    r.copy_in(4096, b"hello").unwrap();
-    let start = Instant::now();
-    loop {
-        pe.progress();
-        match producer.submit_send(src, consumer.id(), b"", 2) {
-            Ok(()) => break,
-            Err(e) => {
-                assert!(matches!(e.error, DocaError::AGAIN | DocaError::BAD_STATE), "{e}");
-                src = e.buf;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(1));
-        watchdog(start, "a credit for the real producer");
-    }
-    // The hoarder was asked to give its credit back, then cut off.
+    // The hoarder is asked to give its credit back, then cut off (after
+    // `REVOKE_WAIT`), before the real producer gets it.
+    t.real_producer_fills_receive_1(|| std::thread::sleep(Duration::from_millis(1)));
     let (n, _) = rustix::net::recv(&hoarder, &mut b, RecvFlags::DONTWAIT).unwrap();
     assert_eq!(&b[..n], &[1], "a revoke");
     assert!(matches!(rustix::net::recv(&hoarder, &mut b, RecvFlags::DONTWAIT), Ok((0, _))), "the link closed");
@@ -578,16 +468,104 @@ fn a_fast_path_link_hoarding_credits_is_cut_off() {
         matches!(rustix::net::recv(&silent, &mut b, RecvFlags::DONTWAIT), Err(rustix::io::Errno::AGAIN)),
         "the silent stranger was granted something"
     );
-    let start = Instant::now();
-    let got = loop {
-        pe.progress();
-        if let Some(e) = consumer.poll_event() {
-            break e;
+}
+
+/// A comch connection on one engine with a started fast-path consumer on
+/// the client's side (buffers of `m`), and the path of the consumer's
+/// socket, for peers that talk to it directly.
+struct FpRig {
+    pe: ProgressEngine,
+    server: ComchServer,
+    conn: ComchConnId,
+    r: Arc<shm::Region>,
+    m: Mmap,
+    inv: BufInventory,
+    consumer: ComchConsumer,
+    path: std::path::PathBuf,
+    limit: Duration,
+    _client: ComchClient,
+}
+
+impl FpRig {
+    fn new(name: &str, limit: Duration) -> FpRig {
+        let dev = dev();
+        let pe = ProgressEngine::new().unwrap();
+        let name = format!("{name}-{}", std::process::id());
+        let server = ComchServer::new(&pe, &dev, &name, ComchConfig::default()).unwrap();
+        server.start().unwrap();
+        let client = ComchClient::new(&pe, &dev, &name, ComchConfig::default()).unwrap();
+        client.start().unwrap();
+        let mut msg = vec![0u8; COMCH_MAX_MSG_SIZE as usize];
+        let watchdog = |start: Instant, what: &str| assert!(start.elapsed() < limit, "watchdog: {what}");
+        let start = Instant::now();
+        let conn = loop {
+            pe.progress();
+            if let Some(ComchEvent::Connected(c)) = server.poll_event(&mut msg) {
+                break c;
+            }
+            watchdog(start, "connection");
+        };
+        let r = region(64 << 10);
+        let m = mmap(&r, &dev, Access::LOCAL_READ_WRITE);
+        let inv = BufInventory::new(8).unwrap();
+        let before: Vec<_> = std::fs::read_dir(runtime_dir()).unwrap().flatten().map(|e| e.path()).collect();
+        let consumer = ComchConsumer::new(&pe, ComchPeer::Client(&client), &m, FastPathConfig::default()).unwrap();
+        consumer.start().unwrap();
+        let start = Instant::now();
+        while !matches!(server.poll_event(&mut msg), Some(ComchEvent::ConsumerUp { .. })) {
+            pe.progress();
+            watchdog(start, "ConsumerUp");
         }
-        watchdog(start, "the real producer's data");
-    };
-    assert!(matches!(got, FastPathEvent::Received { user_data: 1, result: Ok(()), .. }), "{got:?}");
-    let mut landed = [0u8; 5];
-    r.copy_out(0, &mut landed).unwrap();
-    assert_eq!(&landed, b"hello");
+        let path = std::fs::read_dir(runtime_dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                !before.contains(p) && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("comch-fp-"))
+            })
+            .expect("the consumer's socket");
+        FpRig { pe, server, conn, r, m, inv, consumer, path, limit, _client: client }
+    }
+
+    fn watchdog(&self, start: Instant, what: &str) {
+        assert!(start.elapsed() < self.limit, "watchdog: {what}");
+    }
+
+    /// A real producer on the server's side sends "hello" (retrying on
+    /// `AGAIN`, calling `between` after each refusal), and it lands in the
+    /// consumer's receive posted with tag 1 at offset 0.
+    fn real_producer_fills_receive_1(&self, between: impl Fn()) {
+        let producer =
+            ComchProducer::new(&self.pe, ComchPeer::Server(&self.server, self.conn), FastPathConfig::default())
+                .unwrap();
+        producer.start().unwrap();
+        let mut src = self.inv.buf(&self.m, 4096, 64).unwrap();
+        src.set_data_len(5).unwrap();
+        self.r.copy_in(4096, b"hello").unwrap();
+        let start = Instant::now();
+        loop {
+            self.pe.progress();
+            match producer.submit_send(src, self.consumer.id(), b"", 2) {
+                Ok(()) => break,
+                Err(e) => {
+                    assert!(matches!(e.error, DocaError::AGAIN | DocaError::BAD_STATE), "{e}");
+                    src = e.buf;
+                }
+            }
+            between();
+            self.watchdog(start, "a credit for the real producer");
+        }
+        let start = Instant::now();
+        let got = loop {
+            self.pe.progress();
+            if let Some(e) = self.consumer.poll_event() {
+                break e;
+            }
+            self.watchdog(start, "the real producer's data");
+        };
+        assert!(matches!(got, FastPathEvent::Received { user_data: 1, result: Ok(()), .. }), "{got:?}");
+        let mut landed = [0u8; 5];
+        self.r.copy_out(0, &mut landed).unwrap();
+        assert_eq!(&landed, b"hello");
+    }
 }
