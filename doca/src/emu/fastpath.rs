@@ -62,6 +62,10 @@ use std::time::{Duration, Instant};
 
 const _: () = assert!(FAST_PATH_MAX_IMM == COMCH_MAX_IMM);
 
+/// The largest data packet: header, immediate, payload (the consumer's
+/// read buffer and the producer's build buffer).
+const PACKET_MAX: usize = HDR + COMCH_MAX_IMM + COMCH_FAST_PATH_MAX as usize;
+
 /// Packets a link reads per progress call, so one busy producer cannot
 /// starve the others.
 const BUDGET: usize = 64;
@@ -205,7 +209,7 @@ impl ComchConsumer {
             granted: 0,
             recvs_out: 0,
             events: VecDeque::with_capacity(cfg.tasks as usize),
-            rx: vec![0; HDR + COMCH_MAX_IMM + COMCH_FAST_PATH_MAX as usize].into_boxed_slice(),
+            rx: vec![0; PACKET_MAX].into_boxed_slice(),
             next_grant: 0,
         };
         let core = Arc::new(ConsCore { st: Mutex::new(st) });
@@ -634,7 +638,7 @@ impl ComchProducer {
             queue: VecDeque::with_capacity(cfg.tasks as usize),
             sends_out: 0,
             events: VecDeque::with_capacity(cfg.tasks as usize),
-            tx: vec![0; HDR + COMCH_MAX_IMM + COMCH_FAST_PATH_MAX as usize].into_boxed_slice(),
+            tx: vec![0; PACKET_MAX].into_boxed_slice(),
         };
         let core = Arc::new(ProdCore { st: Mutex::new(st) });
         pe.shared.connect(Arc::downgrade(&core) as _);
