@@ -132,8 +132,9 @@ enum Kind {
 pub(super) struct Core {
     kind: Kind,
     ctx: NonNull<sys::doca_ctx>,
-    /// Boxed: DOCA holds its address as the context's user data.
-    st: Box<Mutex<State>>,
+    /// On the heap: DOCA holds its address as the context's user data
+    /// (leaked with the context if that never stops).
+    st: Arc<Mutex<State>>,
     pe: Arc<PeInner>,
     _dev: Device,
 }
@@ -181,7 +182,7 @@ impl Core {
         }
         // Every call below configures a created, idle context, with the
         // engine lock held; the callbacks are the functions of this module
-        // and the user data is the boxed state, which outlives the context.
+        // and the user data is the state (in an `Arc`), which outlives the context.
         match self.kind {
             Kind::Server { srv, .. } => {
                 let s = srv.as_ptr();
@@ -363,11 +364,7 @@ impl Drop for Core {
     fn drop(&mut self) {
         let _g = self.pe.lock();
         ctx::lock(&self.st).stop_asked = true;
-        if !ctx::stop_and_drain(&self.pe, self.ctx) {
-            // DOCA may still call back into the state: leak it with the
-            // context rather than free what a callback would touch.
-            let st = std::mem::replace(&mut self.st, Box::new(Mutex::new(State::new(ComchConfig::default(), 0, None))));
-            std::mem::forget(st);
+        if !ctx::stop_and_drain(&self.pe, self.ctx, &self.st) {
             return;
         }
         let r = match self.kind {
@@ -549,7 +546,7 @@ impl ComchServer {
                 return Err(e);
             }
         };
-        let st = Box::new(Mutex::new(State::new(cfg, cfg.max_clients as usize, None)));
+        let st = Arc::new(Mutex::new(State::new(cfg, cfg.max_clients as usize, None)));
         let core = Core { kind: Kind::Server { srv, rep }, ctx, st, pe: pe.inner.clone(), _dev: dev.clone() };
         Ok(Self { core: Arc::new(core.finish(pe, dev, g)?) })
     }
@@ -590,7 +587,7 @@ impl ComchClient {
             unsafe { sys::doca_comch_client_destroy(cli.as_ptr()) };
             return Err(DocaError::DRIVER);
         };
-        let st = Box::new(Mutex::new(State::new(cfg, 1, Some(cli))));
+        let st = Arc::new(Mutex::new(State::new(cfg, 1, Some(cli))));
         let core = Core { kind: Kind::Client { cli }, ctx, st, pe: pe.inner.clone(), _dev: dev.clone() };
         Ok(Self { core: Arc::new(core.finish(pe, dev, g)?) })
     }
@@ -609,8 +606,8 @@ impl ComchClient {
 /// The state a connection's context holds as user data.
 ///
 /// # Safety
-/// `ctx` is a live context of this module (its user data is a boxed
-/// `Mutex<State>` that outlives it).
+/// `ctx` is a live context of this module (its user data is a
+/// `Mutex<State>` in an `Arc` that outlives it).
 unsafe fn state_of_ctx<'a>(ctx: *mut sys::doca_ctx) -> Option<&'a Mutex<State>> {
     let mut ud = u64_data(0);
     // SAFETY: the caller's contract; valid out-pointer.
@@ -742,7 +739,7 @@ fn send_done(task: *mut sys::doca_comch_task_send, tud: sys::doca_data, cud: sys
     // SAFETY: DOCA passes a live task of this context.
     let t = unsafe { sys::doca_comch_task_send_as_task(task) };
     let result = ctx::finish_task(t, ok);
-    // SAFETY: the context's user data is its boxed state (`configure`).
+    // SAFETY: the context's user data is its state (in an `Arc`) (`configure`).
     let Some(m) = (unsafe { ctx::shared::<State>(cud) }) else { return };
     let mut st = ctx::lock(m);
     let result = ctx::flushed(result, st.stop_asked);
@@ -773,7 +770,7 @@ unsafe extern "C" fn state_changed(
     _prev: sys::doca_ctx_states,
     next: sys::doca_ctx_states,
 ) {
-    // SAFETY: the context's user data is its boxed state (`configure`).
+    // SAFETY: the context's user data is its state (in an `Arc`) (`configure`).
     let Some(m) = (unsafe { ctx::shared::<State>(ud) }) else { return };
     let mut st = ctx::lock(m);
     let Some(cli) = st.client else {

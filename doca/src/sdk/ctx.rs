@@ -16,7 +16,7 @@ use super::{PeInner, check};
 use crate::{CtxState, DocaError};
 use doca_sys as sys;
 use std::ptr::NonNull;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How long a context's teardown progresses its engine for the context to
@@ -101,9 +101,10 @@ pub(super) fn stop(ctx: NonNull<sys::doca_ctx>) -> Result<(), DocaError> {
 
 /// Stops the context and progresses its engine until it is idle, so that
 /// it may be destroyed. `false` when it did not become idle within
-/// [`TEARDOWN`]: the caller must then leak it (and whatever its callbacks
-/// point at). The caller holds the engine lock (`pe`) and no state lock.
-pub(super) fn stop_and_drain(pe: &PeInner, ctx: NonNull<sys::doca_ctx>) -> bool {
+/// [`TEARDOWN`]: the caller must then leak the context, and `st`, the state
+/// its callbacks point at, is leaked here (DOCA may still call back into
+/// it). The caller holds the engine lock (`pe`) and no state lock.
+pub(super) fn stop_and_drain<T>(pe: &PeInner, ctx: NonNull<sys::doca_ctx>, st: &Arc<Mutex<T>>) -> bool {
     if ctx_state(ctx) == CtxState::Idle {
         return true;
     }
@@ -115,6 +116,8 @@ pub(super) fn stop_and_drain(pe: &PeInner, ctx: NonNull<sys::doca_ctx>) -> bool 
         }
         if Instant::now() > deadline {
             log::error!("doca sdk: a context did not stop within {TEARDOWN:?}; it is leaked, not destroyed");
+            // One more owner that never drops: the state outlives its owner.
+            std::mem::forget(Arc::clone(st));
             return false;
         }
         pe.progress_locked();
@@ -131,7 +134,7 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 ///
 /// # Safety
 /// `ud.ptr` must be the pointer the context's owner stored with
-/// `doca_ctx_set_user_data`: a `Mutex<T>` in a `Box` that outlives the
+/// `doca_ctx_set_user_data`: a `Mutex<T>` in an `Arc` that outlives the
 /// context (its owner destroys the context before dropping it).
 pub(super) unsafe fn shared<'a, T>(ud: sys::doca_data) -> Option<&'a Mutex<T>> {
     // SAFETY: the caller's contract: the pointer member of the union is
@@ -156,7 +159,7 @@ pub(super) fn finish_task(task: *mut sys::doca_task, ok: bool) -> Result<(), Doc
     r
 }
 
-/// Gives a created, idle context its user data (the boxed `state`) and its
+/// Gives a created, idle context its user data (`state`, on the heap) and its
 /// state callback, and connects it to the engine. The caller holds the
 /// engine lock; `state` outlives the context.
 pub(super) fn connect<T>(

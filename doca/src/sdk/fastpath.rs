@@ -46,8 +46,9 @@ struct ConsState {
 pub struct ComchConsumer {
     cons: NonNull<sys::doca_comch_consumer>,
     ctx: NonNull<sys::doca_ctx>,
-    /// Boxed: DOCA holds its address as the context's user data.
-    st: Box<Mutex<ConsState>>,
+    /// On the heap: DOCA holds its address as the context's user data
+    /// (leaked with the context if that never stops).
+    st: Arc<Mutex<ConsState>>,
     pe: Arc<PeInner>,
     mmap: Arc<MmapInner>,
     _parent: Arc<ComchCore>,
@@ -93,7 +94,7 @@ impl ComchConsumer {
         let me = ComchConsumer {
             cons,
             ctx,
-            st: Box::new(Mutex::new(st)),
+            st: Arc::new(Mutex::new(st)),
             pe: pe.inner.clone(),
             mmap: mmap.inner.clone(),
             _parent: parent,
@@ -221,17 +222,7 @@ impl Drop for ComchConsumer {
     fn drop(&mut self) {
         let _g = self.pe.lock();
         ctx::lock(&self.st).stop_asked = true;
-        if !ctx::stop_and_drain(&self.pe, self.ctx) {
-            std::mem::forget(std::mem::replace(
-                &mut self.st,
-                Box::new(Mutex::new(ConsState {
-                    cfg: FastPathConfig::default(),
-                    stop_asked: true,
-                    posted: Slots::new(0),
-                    recvs_out: 0,
-                    events: VecDeque::new(),
-                })),
-            ));
+        if !ctx::stop_and_drain(&self.pe, self.ctx, &self.st) {
             return;
         }
         // SAFETY: idle: no task in flight, no callback to come.
@@ -271,7 +262,7 @@ fn recv_done(t: *mut sys::doca_comch_consumer_task_post_recv, tud: sys::doca_dat
     // SAFETY: DOCA passes a live task of this consumer.
     let task = unsafe { sys::doca_comch_consumer_task_post_recv_as_task(t) };
     let status = ctx::finish_task(task, ok).and(len.map(|_| ()));
-    // SAFETY: the context's user data is its boxed state (`configure`).
+    // SAFETY: the context's user data is its state (in an `Arc`) (`configure`).
     let Some(m) = (unsafe { ctx::shared::<ConsState>(cud) }) else { return };
     let mut st = ctx::lock(m);
     let Some((mut buf, user_data)) = st.posted.take(data_u64(tud)) else {
@@ -336,8 +327,9 @@ struct ProdState {
 pub struct ComchProducer {
     prod: NonNull<sys::doca_comch_producer>,
     ctx: NonNull<sys::doca_ctx>,
-    /// Boxed: DOCA holds its address as the context's user data.
-    st: Box<Mutex<ProdState>>,
+    /// On the heap: DOCA holds its address as the context's user data
+    /// (leaked with the context if that never stops).
+    st: Arc<Mutex<ProdState>>,
     pe: Arc<PeInner>,
     _parent: Arc<ComchCore>,
 }
@@ -378,7 +370,7 @@ impl ComchProducer {
             sends_out: 0,
             events: VecDeque::with_capacity(cfg.tasks as usize),
         };
-        let me = ComchProducer { prod, ctx, st: Box::new(Mutex::new(st)), pe: pe.inner.clone(), _parent: parent };
+        let me = ComchProducer { prod, ctx, st: Arc::new(Mutex::new(st)), pe: pe.inner.clone(), _parent: parent };
         // SAFETY: a created, idle producer; the engine lock is held; the
         // callbacks are this module's.
         let configured = check(unsafe {
@@ -502,17 +494,7 @@ impl Drop for ComchProducer {
     fn drop(&mut self) {
         let _g = self.pe.lock();
         ctx::lock(&self.st).stop_asked = true;
-        if !ctx::stop_and_drain(&self.pe, self.ctx) {
-            std::mem::forget(std::mem::replace(
-                &mut self.st,
-                Box::new(Mutex::new(ProdState {
-                    cfg: FastPathConfig::default(),
-                    stop_asked: true,
-                    sends: Slots::new(0),
-                    sends_out: 0,
-                    events: VecDeque::new(),
-                })),
-            ));
+        if !ctx::stop_and_drain(&self.pe, self.ctx, &self.st) {
             return;
         }
         // SAFETY: idle: no task in flight, no callback to come.
@@ -526,7 +508,7 @@ fn send_done(t: *mut sys::doca_comch_producer_task_send, tud: sys::doca_data, cu
     // SAFETY: DOCA passes a live task of this producer.
     let task = unsafe { sys::doca_comch_producer_task_send_as_task(t) };
     let status = ctx::finish_task(task, ok);
-    // SAFETY: the context's user data is its boxed state.
+    // SAFETY: the context's user data is its state (in an `Arc`).
     let Some(m) = (unsafe { ctx::shared::<ProdState>(cud) }) else { return };
     let mut st = ctx::lock(m);
     let result = ctx::flushed(status, st.stop_asked);

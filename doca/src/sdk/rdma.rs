@@ -91,8 +91,9 @@ impl State {
 pub struct Rdma {
     rdma: NonNull<sys::doca_rdma>,
     ctx: NonNull<sys::doca_ctx>,
-    /// Boxed: DOCA holds its address as the context's user data.
-    st: Box<Mutex<State>>,
+    /// On the heap: DOCA holds its address as the context's user data
+    /// (leaked with the context if that never stops).
+    st: Arc<Mutex<State>>,
     pe: Arc<PeInner>,
     dev: Device,
 }
@@ -136,7 +137,7 @@ impl Rdma {
         };
         // Owned from here: on an error below, `Drop` destroys the (idle)
         // context.
-        let me = Rdma { rdma, ctx, st: Box::new(Mutex::new(st)), pe: pe.inner.clone(), dev: dev.clone() };
+        let me = Rdma { rdma, ctx, st: Arc::new(Mutex::new(st)), pe: pe.inner.clone(), dev: dev.clone() };
         let configured = me.configure(pe);
         // Unlocked before `me` can drop: its `Drop` takes the engine lock.
         drop(g);
@@ -418,11 +419,7 @@ impl Drop for Rdma {
     fn drop(&mut self) {
         let _g = self.pe.lock();
         ctx::lock(&self.st).stop_asked = true;
-        if !ctx::stop_and_drain(&self.pe, self.ctx) {
-            // DOCA may still call back into the state: leak it with the
-            // context rather than free what a callback would touch.
-            let st = std::mem::replace(&mut self.st, Box::new(Mutex::new(empty_state())));
-            std::mem::forget(st);
+        if !ctx::stop_and_drain(&self.pe, self.ctx, &self.st) {
             return;
         }
         // SAFETY: idle, so no task is in flight and no callback will come;
@@ -433,25 +430,12 @@ impl Drop for Rdma {
     }
 }
 
-fn empty_state() -> State {
-    State {
-        cfg: RdmaConfig::default(),
-        stop_asked: true,
-        conns: Vec::new(),
-        sends: Slots::new(0),
-        recvs: Slots::new(0),
-        sends_out: 0,
-        recvs_out: 0,
-        events: VecDeque::new(),
-    }
-}
-
 /// A send (with or without immediate) completed: its buffer goes back to
 /// the user in a `SendDone`; a failure also fails its connection (unless
 /// the context is being stopped, which flushes every task).
 fn send_done(task: *mut sys::doca_task, tud: sys::doca_data, cud: sys::doca_data, ok: bool) {
     let status = ctx::finish_task(task, ok);
-    // SAFETY: the context's user data is its boxed state (`configure`).
+    // SAFETY: the context's user data is its state (in an `Arc`) (`configure`).
     let Some(m) = (unsafe { ctx::shared::<State>(cud) }) else { return };
     let mut st = ctx::lock(m);
     let Some(s) = st.sends.take(data_u64(tud)) else {
@@ -518,7 +502,7 @@ fn recv_done(t: *mut sys::doca_rdma_task_receive, tud: sys::doca_data, cud: sys:
     };
     let status = ctx::finish_task(task, ok).and(len.map(|_| ()));
     let len = len.unwrap_or(0);
-    // SAFETY: the context's user data is its boxed state (`configure`).
+    // SAFETY: the context's user data is its state (in an `Arc`) (`configure`).
     let Some(m) = (unsafe { ctx::shared::<State>(cud) }) else { return };
     let mut st = ctx::lock(m);
     let Some(mut s) = st.recvs.take(data_u64(tud)) else {
@@ -556,7 +540,7 @@ unsafe extern "C" fn state_changed(
     _prev: sys::doca_ctx_states,
     next: sys::doca_ctx_states,
 ) {
-    // SAFETY: the context's user data is its boxed state (`configure`).
+    // SAFETY: the context's user data is its state (in an `Arc`) (`configure`).
     let Some(m) = (unsafe { ctx::shared::<State>(ud) }) else { return };
     let mut st = ctx::lock(m);
     let next = ctx::state_of(next);
