@@ -163,10 +163,14 @@ set -e
 [ $rc -eq 78 ] && echo "$msg" | grep -q 'DNE_NODE is empty' || fail "dpu-agent-start without DNE_NODE: exit $rc: $msg"
 # The packaged defaults file, with a node name and a CPU filled in.
 sed -e 's/^DNE_NODE=.*/DNE_NODE=node-a/' -e "s/^DNE_CPUS=.*/DNE_CPUS=$first_cpu/" \
-  -e 's/^DNE_AGENT_ARGS=.*/DNE_AGENT_ARGS="--busy --metrics 127.0.0.1:9477"/' "$sr/etc/default/dpu-agent" > "$work/agent.env"
+  -e 's/^DNE_AGENT_ARGS=.*/DNE_AGENT_ARGS="--busy"/' "$sr/etc/default/dpu-agent" > "$work/agent.env"
+msg=$(env -i PATH="$PATH" DNE_AGENT_BIN="$fake" sh -c "set -a; . '$work/agent.env'; exec sh '$sr/usr/lib/dne/dpu-agent-start'")
+echo "$msg" | grep -qx "args: run --config /etc/dne/cluster.toml --node node-a --cores 1 --busy" ||
+  fail "dpu-agent-start passed: $msg"
+sed -i 's/^DNE_METRICS=.*/DNE_METRICS=127.0.0.1:9477/' "$work/agent.env"
 msg=$(env -i PATH="$PATH" DNE_AGENT_BIN="$fake" sh -c "set -a; . '$work/agent.env'; exec sh '$sr/usr/lib/dne/dpu-agent-start'")
 echo "$msg" | grep -qx "args: run --config /etc/dne/cluster.toml --node node-a --cores 1 --busy --metrics 127.0.0.1:9477" ||
-  fail "dpu-agent-start passed: $msg"
+  fail "dpu-agent-start with DNE_METRICS passed: $msg"
 echo "$msg" | grep -qP "^Cpus_allowed_list:\s+$first_cpu\$" || fail "dpu-agent-start did not pin to CPU $first_cpu: $msg"
 sed -e 's/^DNE_NODE=.*/DNE_NODE=node-a/' -e "s/^DNE_CPUS=.*/DNE_CPUS=$first_cpu/" "$sr/etc/default/host-shimd" > "$work/shimd.env"
 msg=$(env -i PATH="$PATH" DNE_SHIMD_BIN="$fake" sh -c "set -a; . '$work/shimd.env'; exec sh '$sr/usr/lib/dne/host-shimd-start'")
@@ -189,9 +193,10 @@ ok "sysusers.d/dne.conf creates user and group dne"
   . images/bf.cfg
   DNE_NODE=node-b DNE_CPUS=2-3 DNE_TARGET_ROOT="$sr" bfb_modify_os >/dev/null
 )
-grep -qx 'DNE_NODE=node-b' "$sr/etc/default/dpu-agent" && grep -qx 'DNE_CPUS=2-3' "$sr/etc/default/dpu-agent" ||
+grep -qx 'DNE_NODE=node-b' "$sr/etc/default/dpu-agent" && grep -qx 'DNE_CPUS=2-3' "$sr/etc/default/dpu-agent" &&
+  grep -qx 'DNE_METRICS=192.168.100.2:9477' "$sr/etc/default/dpu-agent" ||
   fail "bf.cfg's bfb_modify_os did not set the node: $(grep '^DNE_' "$sr/etc/default/dpu-agent")"
-ok "bf.cfg: bfb_modify_os writes the node name and CPUs into the image"
+ok "bf.cfg: bfb_modify_os writes the node name, CPUs and metrics address (tmfifo) into the image"
 
 # The bfb-build helper, on a directory laid out like bfb-build's
 # ubuntu/<version>/ (its Dockerfile, and its script's copy list).

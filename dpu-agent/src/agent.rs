@@ -73,6 +73,13 @@ pub fn run(opts: &RunOptions, stop: &AtomicBool) -> anyhow::Result<()> {
     if let Some(a) = maddr {
         let (local, _t) = metrics::serve(a, m.clone()).map_err(|e| anyhow::anyhow!("metrics on {a}: {e}"))?;
         log::info!("metrics, status and readiness on http://{local}/");
+        if a.ip().is_unspecified() && n.mode != config::Mode::Emulated {
+            log::warn!(
+                "metrics on {a}: /metrics and /status answer without authentication on every interface, the \
+                 fabric network's included; give this machine's management address instead (on a BlueField, \
+                 the tmfifo address 192.168.100.2)"
+            );
+        }
     }
     let socket = host_shim::daemon::socket_path(&n.runtime_dir);
     let set = Settings {

@@ -505,9 +505,11 @@ const METRICS_ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// Serves `GET /metrics`, `/status` and `/ready` on `addr` from a thread of
 /// its own until the process ends. The port is bound before this returns,
-/// so a taken port is an error here. At most [`METRICS_CONNS`] connections
-/// at once, each closed when it sends no request head within
-/// [`METRICS_HEAD_WITHIN`] and after [`METRICS_CONN_LIFETIME`] in all.
+/// so a taken port is an error here. An address this machine does not have
+/// yet is bound all the same and answers once it appears (see [`listen`]).
+/// At most [`METRICS_CONNS`] connections at once, each closed when it
+/// sends no request head within [`METRICS_HEAD_WITHIN`] and after
+/// [`METRICS_CONN_LIFETIME`] in all.
 pub fn serve(addr: SocketAddr, m: Arc<Metrics>) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     serve_with(addr, m, METRICS_HEAD_WITHIN, METRICS_CONN_LIFETIME)
 }
@@ -518,8 +520,7 @@ fn serve_with(
     head_within: Duration,
     lifetime: Duration,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
-    let std_listener = std::net::TcpListener::bind(addr)?;
-    std_listener.set_nonblocking(true)?;
+    let std_listener = listen(addr)?;
     let local = std_listener.local_addr()?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let t = std::thread::Builder::new().name("metrics".into()).spawn(move || {
@@ -574,6 +575,29 @@ fn serve_with(
     Ok((local, t))
 }
 
+/// A non-blocking listener on `addr`, bound with `IP_FREEBIND`: on a
+/// BlueField the address to serve on is the tmfifo interface's (reachable
+/// from the host only, not from the fabric network), and that interface may
+/// come up after the agent starts. A plain bind would fail then
+/// (`EADDRNOTAVAIL`) and the agent would not start; this one takes the
+/// address now and accepts connections once the address is configured.
+/// (`SO_REUSEADDR` as std's bind sets it: a restarted agent binds while
+/// the old one's connections linger in TIME_WAIT.)
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, bind, listen, socket_with, sockopt};
+    let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
+    let fd = socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK, None)?;
+    sockopt::set_socket_reuseaddr(&fd, true)?;
+    if addr.is_ipv4() {
+        sockopt::set_ip_freebind(&fd, true)?;
+    } else {
+        sockopt::set_ipv6_freebind(&fd, true)?;
+    }
+    bind(&fd, &addr)?;
+    listen(&fd, 128)?;
+    Ok(std::net::TcpListener::from(fd))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -625,6 +649,53 @@ mod tests {
         fresh.write_all(b"GET /ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
         let answer = read_to_end(&mut fresh).unwrap();
         assert!(answer.starts_with(b"HTTP/1.1 "), "{}", String::from_utf8_lossy(&answer));
+    }
+
+    /// One GET of `/ready` on `addr`: the answer's status line.
+    fn ready_status(addr: SocketAddr) -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.write_all(b"GET /ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")?;
+        let mut all = Vec::new();
+        s.read_to_end(&mut all)?;
+        Ok(String::from_utf8_lossy(&all).lines().next().unwrap_or("").to_owned())
+    }
+
+    /// The endpoint binds an address this machine does not have (yet),
+    /// and answers on it once the address is configured: the tmfifo
+    /// interface of a BlueField may come up after the agent starts. The
+    /// first half runs anywhere (192.0.2.0/24 is never local); the second,
+    /// which adds the address, runs in a network namespace of its own and
+    /// needs root.
+    #[test]
+    #[allow(clippy::print_stdout)] // the skip notice
+    fn metrics_bind_an_address_before_it_exists_and_answer_once_it_does() {
+        let m = || Arc::new(Metrics::new(&one_node(), "n0"));
+        let (early, _t) = serve("192.0.2.1:0".parse().unwrap(), m()).expect("bound before the address exists");
+        assert_eq!(early.ip().to_string(), "192.0.2.1");
+        if !rustix::process::geteuid().is_root() {
+            println!("skipped the namespace half: needs root");
+            return;
+        }
+        // A thread of its own enters a new network namespace (namespaces
+        // are per thread); its sockets and the processes it starts live
+        // there, the rest of the test binary does not.
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+            let ip = |args: &[&str]| {
+                let st = std::process::Command::new("ip").args(args).status().expect("`ip` (iproute2) runs");
+                assert!(st.success(), "ip {args:?}: {st}");
+            };
+            ip(&["link", "set", "lo", "up"]);
+            let (addr, _t) = serve("10.253.0.1:0".parse().unwrap(), m()).expect("bound before the address exists");
+            assert!(ready_status(addr).is_err(), "the address is not there yet");
+            ip(&["addr", "add", "10.253.0.1/32", "dev", "lo"]);
+            let status = ready_status(addr).expect("answers once the address exists");
+            assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+        })
+        .join()
+        .expect("the namespace half");
     }
 
     #[test]
