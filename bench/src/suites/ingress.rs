@@ -500,6 +500,16 @@ struct Setup {
     pids: Vec<u32>,
 }
 
+impl Drop for Setup {
+    fn drop(&mut self) {
+        // Last started, first stopped: the functions before the host-shimd
+        // they are attached to, which they would otherwise report gone.
+        while let Some(p) = self.procs.pop() {
+            drop(p);
+        }
+    }
+}
+
 /// (a) over the fabric: one worker node in emulated mode (host-shimd, the
 /// agent, the three functions chained through shared memory) and the
 /// ingress, a fabric node of its own, as separate processes.
