@@ -851,7 +851,7 @@ impl Shimd {
 
     fn gone(&mut self, i: usize, why: &str) {
         let c = self.clients.swap_remove(i);
-        if let Some(a) = c.attached.as_ref() {
+        if let Some(a) = c.attached.as_ref().filter(|a| !a.agent) {
             self.note_holes(a.tenant);
         }
         if let Some(a) = c.attached.as_ref().filter(|a| a.agent) {
@@ -869,6 +869,12 @@ impl Shimd {
             if skipped > 0 {
                 log::info!("agent left {skipped} descriptors it had taken in the uplink; consumed them");
             }
+            // Only now: a chain the agent was killed taking (its accept
+            // had moved the first buffers, not yet the rest) is named by
+            // no descriptor any more, and the rest of it, still handed to
+            // the agent, is this death's orphan. Noted before the skip,
+            // it counted as delivered and stayed handed for good.
+            self.note_holes(a.tenant);
             let n = self.pools.get(&a.tenant).map_or(0, |p| p.reclaim_held(AGENT_SLOT));
             self.rehint(a.tenant, "after a death");
             if let Some(up) = self.uplinks.get_mut(&a.tenant) {

@@ -1298,3 +1298,38 @@ fn a_burst_of_attaches_by_one_user_is_served() {
         failed.first()
     );
 }
+
+/// An agent killed while taking a chain from its uplink (its accept had
+/// moved the first buffers to itself, not yet the rest) leaves no buffer
+/// behind: host-shimd consumes the descriptor it had taken and frees what
+/// it held, and the rest of that chain, still recorded as handed to the
+/// agent and named by no descriptor any more, is freed by the look after
+/// the death. Before, the look was noted while the descriptor was still in
+/// the uplink, so those buffers counted as delivered, and they stayed
+/// handed to the agent for good (every later agent takes only what a
+/// descriptor names).
+#[test]
+fn a_chain_the_agent_was_killed_taking_is_freed_whole() {
+    use wire::Owner;
+    use wire::segment::AGENT_SLOT;
+    let node = start_node("agent-mid-accept");
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let agent = Function::attach_agent(&node.socket(), "acme").unwrap();
+    // A three-buffer message into the uplink.
+    let cap = client.pool().geometry().payload_cap();
+    let m = client.alloc(2 * cap + 1).unwrap();
+    let d = wire::Descriptor { tenant: client.info().tenant, buf: m.desc().buf, len: m.len(), ..Default::default() };
+    client.send(m, wire::ctrl::AGENT_NAME).unwrap();
+    let pool = agent.pool();
+    let chain = pool.chain_of(&d);
+    assert_eq!(chain.len(), 3);
+    assert!(chain.iter().all(|&i| pool.owner(i) == Ok(Owner::Function(AGENT_SLOT))));
+    // The agent's accept moved the head and was killed before the rest.
+    let _head_taken = pool.take_back(d.buf, 1, Owner::Function(AGENT_SLOT), Owner::Held(AGENT_SLOT)).unwrap();
+    drop(agent);
+    let n = |k: &str| dne_tests::cluster::status_number(&node.status(), k).unwrap_or(0);
+    wait_for("host-shimd's look after the agent's death", WATCHDOG, || n("hole_checks") >= 1);
+    let owners: Vec<_> = chain.iter().map(|&i| client.pool().owner(i)).collect();
+    assert_eq!(owners, [Ok(Owner::Free); 3], "{}", node.status());
+    assert_eq!(n("orphans"), 2, "{}", node.status());
+}
