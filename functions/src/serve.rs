@@ -254,7 +254,7 @@ fn error_code(kind: &SendErrorKind) -> ErrorCode {
         // As the agent answers a call to a function without an instance.
         SendErrorKind::NoInstance => ErrorCode::PeerDied,
         SendErrorKind::Full => ErrorCode::Overloaded,
-        SendErrorKind::Ownership(_) => ErrorCode::BadDescriptor,
+        SendErrorKind::Ownership(_) | SendErrorKind::BadDescriptor(_) => ErrorCode::BadDescriptor,
         SendErrorKind::Shimd(_) => ErrorCode::Unreachable,
     }
 }

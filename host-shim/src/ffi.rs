@@ -138,6 +138,7 @@ fn send_status(kind: &SendErrorKind) -> dne_status {
         SendErrorKind::Full => dne_status::DNE_ERR_FULL,
         SendErrorKind::Ownership(_) => dne_status::DNE_ERR_OWNERSHIP,
         SendErrorKind::Shimd(_) => dne_status::DNE_ERR_SHIMD,
+        SendErrorKind::BadDescriptor(_) => dne_status::DNE_ERR_INVALID_ARG,
     }
 }
 

@@ -88,6 +88,12 @@ pub enum SendErrorKind {
     /// host-shimd could not be asked.
     #[error("host-shimd: {0}")]
     Shimd(String),
+    /// The message's descriptor has fields no receiver accepts (a status
+    /// without [`wire::DescFlags::ERROR`], an unknown flag, a reserved
+    /// field set, see [`Descriptor::validate_fields`]): its receiver would
+    /// drop it. Nothing was handed over.
+    #[error("descriptor refused: {0}")]
+    BadDescriptor(wire::DescriptorError),
 }
 
 /// A failed send; `msg` is the message when the caller still owns it.
@@ -494,6 +500,9 @@ impl Function {
     /// its live instances). On failure the message comes back in the error
     /// unless a peer took it.
     pub fn send(&mut self, msg: Msg, to: &str) -> Result<(), SendError> {
+        if let Err(e) = msg.desc.validate_fields() {
+            return Err(SendError { kind: SendErrorKind::BadDescriptor(e), msg: Some(msg) });
+        }
         let mut msg = msg;
         let mut relooked = false;
         loop {
@@ -584,13 +593,19 @@ impl Function {
             set.next = set.next.wrapping_add(1);
             let inst = &set.instances[i];
             let to_owner = Owner::Function(inst.slot);
-            // Hand over a chunk; stop at the first message we cannot.
+            // Hand over a chunk; stop at the first message we cannot, or
+            // that no receiver would accept.
             let mut descs = [Descriptor::default(); BATCH];
             let mut k = 0;
-            let mut ownership = None;
+            let mut refused = None;
             let n = msgs.len().min(BATCH);
             for m in msgs.drain(..n) {
-                if ownership.is_some() {
+                if refused.is_some() {
+                    self.scratch_msgs.push(m);
+                    continue;
+                }
+                if let Err(e) = m.desc.validate_fields() {
+                    refused = Some(SendErrorKind::BadDescriptor(e));
                     self.scratch_msgs.push(m);
                     continue;
                 }
@@ -603,7 +618,7 @@ impl Function {
                         k += 1;
                     }
                     Err((lease, e)) => {
-                        ownership = Some(SendErrorKind::Ownership(e.to_string()));
+                        refused = Some(SendErrorKind::Ownership(e.to_string()));
                         self.scratch_msgs.push(Msg { lease, desc });
                     }
                 }
@@ -630,8 +645,8 @@ impl Function {
             back.append(&mut self.scratch_msgs);
             msgs.splice(0..0, back);
             match err {
-                None if ownership.is_none() => {}
-                None => return Err(ownership.unwrap_or(SendErrorKind::Full)),
+                None if refused.is_none() => {}
+                None => return Err(refused.unwrap_or(SendErrorKind::Full)),
                 Some(RingPushError::Full) => return Err(SendErrorKind::Full),
                 Some(RingPushError::Closed | RingPushError::Corrupted) => {
                     if let Some(set) = self.peers.get_mut(to) {

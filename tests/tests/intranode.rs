@@ -1333,3 +1333,44 @@ fn a_chain_the_agent_was_killed_taking_is_freed_whole() {
     assert_eq!(owners, [Ok(Owner::Free); 3], "{}", node.status());
     assert_eq!(n("orphans"), 2, "{}", node.status());
 }
+
+/// A message whose descriptor fields no receiver accepts (a status
+/// without the error flag, an unknown flag, a reserved field set) is
+/// refused by the send and handed back, by `send` and by `send_batch`:
+/// nothing is handed over. Before, it went into the receiver's ring, the
+/// receiver dropped it (counted as `bad_status`, ...), and its buffers
+/// stayed handed to the receiver, in no ring, while the sender had been
+/// told it was sent.
+#[test]
+fn a_message_no_receiver_would_accept_is_handed_back_by_the_send() {
+    let node = start_node("bad-fields");
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let mut upper = Function::attach(&node.socket(), "acme", "upper").unwrap();
+    let free = free_or_cached(&client);
+    let bad: [fn(&mut wire::Descriptor); 3] =
+        [|d| d.status = 200, |d| d.flags |= 0x4000, |d| d.reserved = wire::desc::VOID_MARK];
+    for (k, spoil) in bad.iter().enumerate() {
+        let mut m = client.alloc(8).unwrap();
+        spoil(m.desc_mut());
+        let e = client.send(m, "upper").expect_err("a message no receiver accepts was sent");
+        assert!(matches!(e.kind, SendErrorKind::BadDescriptor(_)), "{k}: {:?}", e.kind);
+        client.free(e.msg.expect("handed back")).unwrap();
+        // In a batch, behind a good message: the good one goes.
+        let mut good = client.alloc(8).unwrap();
+        client.write(&mut good, b"good one").unwrap();
+        let mut m = client.alloc(8).unwrap();
+        spoil(m.desc_mut());
+        let mut batch = vec![good, m];
+        let e = client.send_batch(&mut batch, "upper").expect_err("a batch with a bad message");
+        assert!(matches!(e, SendErrorKind::BadDescriptor(_)), "{k}: {e:?}");
+        assert_eq!(batch.len(), 1, "{k}: the bad message is handed back");
+        client.free(batch.pop().unwrap()).unwrap();
+        let got = upper.recv_timeout(Some(WATCHDOG)).unwrap().expect("the good message");
+        assert_eq!(upper.read_to_vec(&got), b"good one");
+        upper.free(got).unwrap();
+    }
+    assert!(upper.try_recv().is_none());
+    assert!(upper.rejected().is_empty(), "{:?}", upper.rejected());
+    drop(upper);
+    assert_eq!(free_or_cached(&client), free, "every buffer back");
+}
