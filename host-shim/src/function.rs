@@ -725,7 +725,8 @@ impl Function {
     }
 
     /// Receives, spinning briefly and then sleeping on the doorbell, until
-    /// a valid message arrives or `timeout` passes (`None`: forever).
+    /// a valid message arrives or `timeout` passes (`None`, or one too
+    /// long for the clock such as `Duration::MAX`: forever).
     ///
     /// The sleep also watches the control connection: once host-shimd is
     /// gone it fails with [`RecvError::ShimdGone`] (after the messages
@@ -733,7 +734,7 @@ impl Function {
     /// timeout, or one within the spin) does not look:
     /// [`shimd_alive`](Self::shimd_alive) tells.
     pub fn recv_timeout(&mut self, timeout: Option<Duration>) -> Result<Option<Msg>, RecvError> {
-        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let deadline = timeout.and_then(|t| std::time::Instant::now().checked_add(t));
         loop {
             if let Some(m) = self.try_recv() {
                 return Ok(Some(m));

@@ -993,7 +993,9 @@ mod segment {
             mut poll: impl FnMut(&mut Self) -> usize,
         ) -> std::io::Result<Woke> {
             let start = Instant::now();
-            let deadline = timeout.map(|t| start + t);
+            // A timeout beyond what an `Instant` holds (`Duration::MAX`)
+            // is no limit.
+            let deadline = timeout.and_then(|t| start.checked_add(t));
             loop {
                 // Spin phase: poll the ring, looking at the clock and
                 // yielding the core every 64 polls; it ends at once after
@@ -1311,6 +1313,22 @@ mod segment {
             let mut out = [Descriptor::default(); 1];
             let n = cons.pop_wait(&mut out, &bell, Duration::from_micros(10), Some(Duration::from_millis(20))).unwrap();
             assert_eq!(n, 0);
+        }
+
+        /// A timeout no `Instant` can hold is no limit. Before, adding it
+        /// to the clock panicked.
+        #[test]
+        fn a_timeout_of_duration_max_waits_without_a_limit() {
+            let ring = Ring::create("dne-ring-max", 8, 1, 2, 3).unwrap();
+            let prod = Ring::open(ring.fd().try_clone_to_owned().unwrap()).unwrap();
+            let bell = Doorbell::new().unwrap();
+            let mut cons = ring.into_consumer();
+            let mut out = [Descriptor::default(); 1];
+            prod.push(&[d(7)]).unwrap();
+            let n = cons.pop_wait(&mut out, &bell, Duration::ZERO, Some(Duration::MAX)).unwrap();
+            assert_eq!((n, out[0].request), (1, 7));
+            prod.push(&[d(8)]).unwrap();
+            assert_eq!(cons.wait_ready(&bell, None, Duration::ZERO, Some(Duration::MAX)).unwrap(), Wait::Ready);
         }
     }
 }

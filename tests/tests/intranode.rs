@@ -1374,3 +1374,19 @@ fn a_message_no_receiver_would_accept_is_handed_back_by_the_send() {
     drop(upper);
     assert_eq!(free_or_cached(&client), free, "every buffer back");
 }
+
+/// A receive whose timeout is longer than the clock can count
+/// (`Duration::MAX`, "no limit") waits without one. Before, it panicked
+/// adding the timeout to the clock, before looking at its ring.
+#[test]
+fn a_receive_with_a_timeout_of_duration_max_waits_without_a_limit() {
+    let node = start_node("recv-max");
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let mut upper = Function::attach(&node.socket(), "acme", "upper").unwrap();
+    let mut m = client.alloc(5).unwrap();
+    client.write(&mut m, b"hello").unwrap();
+    client.send(m, "upper").unwrap();
+    let got = upper.recv_timeout(Some(Duration::MAX)).unwrap().expect("no limit is no timeout");
+    assert_eq!(upper.read_to_vec(&got), b"hello");
+    upper.free(got).unwrap();
+}
