@@ -458,20 +458,20 @@ impl Shimd {
         loop {
             match self.listener.accept() {
                 Ok(Some(conn)) => match conn.peer_cred() {
-                    Ok(cred) if self.idle_of(cred.uid.as_raw(), now) >= UNATTACHED_PER_USER => {
+                    Ok(cred) if self.idle_of(cred.uid, now) >= UNATTACHED_PER_USER => {
                         self.stats.crowd_refused += 1;
                         if self.stats.crowd_refused.is_power_of_two() {
                             log::warn!(
                                 "uid {}: {UNATTACHED_PER_USER} connections idle, unattached; closing its new ones ({} so far)",
-                                cred.uid.as_raw(),
+                                cred.uid,
                                 self.stats.crowd_refused
                             );
                         }
                     }
                     Ok(cred) => self.clients.push(Client {
                         conn,
-                        pid: cred.pid.as_raw_nonzero().get(),
-                        uid: cred.uid.as_raw(),
+                        pid: cred.pid,
+                        uid: cred.uid,
                         role: None,
                         attached: None,
                         held: false,

@@ -5,7 +5,7 @@
 
 use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType, UCred,
+    SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
 };
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -13,6 +13,20 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use wire::CtrlFrame;
 use wire::ctrl::CTRL_MAX_FRAME;
+
+/// A connected peer's credentials, as the kernel recorded them at
+/// `connect`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCred {
+    /// Its process id in this process's pid namespace; 0 when that
+    /// namespace cannot see it (host-shimd in a container, the peer
+    /// outside it, say).
+    pub pid: i32,
+    /// Its user id.
+    pub uid: u32,
+    /// Its group id.
+    pub gid: u32,
+}
 
 /// Most descriptors one message carries.
 pub const MAX_FDS: usize = 4;
@@ -80,8 +94,11 @@ impl Conn {
     }
 
     /// Credentials of the peer process (from the kernel, not from the peer).
-    pub fn peer_cred(&self) -> io::Result<UCred> {
-        Ok(rustix::net::sockopt::socket_peercred(&self.0)?)
+    pub fn peer_cred(&self) -> io::Result<PeerCred> {
+        // (Not rustix's `socket_peercred`: its pid is non-zero by type, and
+        // a pid of 0 came back as an error.)
+        let c = nix::sys::socket::getsockopt(&self.0, nix::sys::socket::sockopt::PeerCredentials)?;
+        Ok(PeerCred { pid: c.pid(), uid: c.uid(), gid: c.gid() })
     }
 
     /// Makes a blocking [`recv`](Self::recv) give up (`WouldBlock`) after
@@ -236,7 +253,7 @@ mod tests {
         let l = Listener::bind(&path).unwrap();
         let c = Conn::connect(&path).unwrap();
         let s = l.accept().unwrap().unwrap();
-        assert_eq!(s.peer_cred().unwrap().pid, rustix::process::getpid());
+        assert_eq!(s.peer_cred().unwrap().pid, rustix::process::getpid().as_raw_nonzero().get());
         let memfd = shm::Region::create("dne-sock-test", 4096, shm::PagePolicy::Normal).unwrap();
         memfd.copy_in(0, b"over the socket").unwrap();
         let f = CtrlFrame { seq: 7, msg: CtrlMsg::Ack(Ack { about_kind: 2, reserved: 0, about_seq: 3 }) };
