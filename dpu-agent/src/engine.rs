@@ -802,10 +802,17 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         // Calls beyond the node's share go back; replies and errors wait
         // (an error in place of a reply would wait in the same queue).
         let call = d.flags & (DescFlags::REPLY | DescFlags::ERROR) == 0;
-        if call && self.tenants[t].sends.queued_for(peer) >= self.cfg.tenants[self.gid(t)].node_queue as usize {
+        if call && self.share_used(t, peer) {
             return self.bounce(t, msg, ErrorCode::Overloaded, Why::Overloaded);
         }
         self.tenants[t].sends.push(Out { msg, peer, since: now });
+    }
+
+    /// Whether tenant `t` has its `node_queue` of messages waiting for
+    /// `peer` (a node, or a function's nodes) already: a call for it goes
+    /// back to its sender as `Overloaded`.
+    fn share_used(&self, t: usize, peer: u16) -> bool {
+        self.tenants[t].sends.queued_for(peer) >= self.cfg.tenants[self.gid(t)].node_queue as usize
     }
 
     /// Stopping: the messages still waiting to be sent go back as
@@ -946,8 +953,10 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 return self.drop_msg(t, msg, Why::UnknownFunction);
             }
             // Back at its caller's node: to another node of the function
-            // (none: the caller hears so).
+            // (none: the caller hears so), within that node's share like
+            // any call for it (beyond, its caller here hears so).
             return match self.other_node(t, f, from) {
+                Some(n) if self.share_used(t, n) => self.bounce(t, msg, ErrorCode::Overloaded, Why::Overloaded),
                 Some(n) => self.tenants[t].sends.push(Out { msg, peer: n, since: Instant::now() }),
                 None => self.bounce_from(t, msg, ErrorCode::PeerDied, Why::NoInstance, None),
             };
@@ -1388,6 +1397,26 @@ mod tests {
         }
         assert_eq!(e.metrics.tenants[0].drops(Why::UnknownFunction), 2, "not sent on, and not from a function");
         assert_eq!(e.tenants[0].sends.len(), 2);
+    }
+
+    /// Calls back at their caller's node (here) on their way to another
+    /// node of their function wait for that node like any call: at most the
+    /// tenant's `node_queue` of them; beyond, they go back to their callers
+    /// here as `Overloaded`. (`g` on n1 and n2; the calls came back from n1,
+    /// n2 takes nothing.)
+    #[test]
+    fn calls_back_at_their_callers_node_are_held_to_the_share_of_the_node_they_go_to() {
+        use wire::{DescFlags, Descriptor, desc::NO_NODE};
+        let mut e = lone_engine_of(3, "node_queue = 96", G_BOTH);
+        let back =
+            Descriptor { dst_fn: 3, src_fn: 0, flags: DescFlags::ELSEWHERE, origin: NO_NODE, ..Descriptor::default() };
+        for _ in 0..96 + 10 {
+            let m = message(&mut e, back);
+            e.deliver(0, m, Some(1));
+        }
+        assert_eq!(waiting(&e, 2).len(), 96, "n2's share");
+        assert_eq!(e.metrics.tenants[0].drops(Why::Overloaded), 10, "the rest went back");
+        assert_eq!(e.link(0).delivered, 10, "to f0, their caller here");
     }
 
     /// A call `both` (on n0 and n2) finds no live instance of on n0: from a
