@@ -639,7 +639,10 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                     for c in conns {
                         if let Some(Some(st)) = self.conns.get_mut(c.index() as usize) {
                             st.up = false;
-                            st.first = None;
+                            // The rest of a chain open now may still be
+                            // completed (what the backend had before the
+                            // close): freed as it comes, like a stalled one's.
+                            st.stalled |= st.first.take().is_some();
                             let t = usize::from(st.tenant);
                             for l in st.parts.drain(..) {
                                 self.bufs[t].free(l);
@@ -1201,6 +1204,36 @@ mod tests {
             matches!(out[1..], [PortEvent::Received { desc: Descriptor { len, .. }, .. }] if len == cap + 7),
             "{out:?}"
         );
+    }
+
+    /// Fragments of a chain the fabric completes after the mesh closed its
+    /// connection (completions the backend had before the close) are freed
+    /// as they come, even when the chain's last never comes. Before, the
+    /// close had forgotten the chain's start, the rest was kept as the
+    /// start of nothing, and nothing looked at it again: the buffers were
+    /// held until the connection's slot was reused (never, if the peer
+    /// never came back).
+    #[test]
+    fn fragments_completed_after_the_link_went_down_are_freed() {
+        let (mut port, cmds, _notes) = port_over(Wire { hold: true, ..Wire::default() }, 1);
+        link_up(&mut port, &cmds, 1);
+        let cap = port.bufs(0).0.geometry().payload_cap();
+        let before = port_free(&port);
+        let desc = Descriptor { tenant: 0, dst_fn: 3, len: 3 * cap, ..Descriptor::default() };
+        let frag = |k: u16| FabricHeader::new(MsgKind::Data, desc, k, 3, cap);
+        let mut out = Vec::new();
+        land(&mut port, MsgKind::Data, frag(0), cap);
+        while port.poll(&mut out) > 0 {}
+        cmds.send(Cmd::Down { peer: 1 }).unwrap();
+        port.control(&mut out);
+        assert!(out.iter().any(|e| matches!(e, PortEvent::PeerDown { peer: 1 })), "{out:?}");
+        // The chain's second fragment was completed before the close.
+        land(&mut port, MsgKind::Data, frag(1), cap);
+        settle(&mut port, &mut out);
+        let t0 = Instant::now();
+        look_until(&mut port, t0, t0 + CHAIN_WAIT + Duration::from_secs(1), &mut out);
+        assert!(!out.iter().any(|e| matches!(e, PortEvent::Received { .. })), "{out:?}");
+        assert_eq!(port_free(&port), before, "a fragment is held");
     }
 
     /// A chain whose sender waits for this port's receives (the functions
