@@ -546,7 +546,9 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         // without its last fragment (the peer's next message on the
         // connection would then fail it, for every tenant of the link).
         self.stage.clear();
-        for (k, idx) in (0u16..).zip(view.frags(&lease)) {
+        // (An inclusive range: an open one would step past u16::MAX after
+        // a chain of 65535, the most a pool allows.)
+        for (k, idx) in (0..=u16::MAX).zip(view.frags(&lease)) {
             let flen = wire::desc::frag_len(lease.len(), cap, u32::from(k));
             let stamped = match view {
                 PoolView::Local(pool) => {
@@ -567,7 +569,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         let region = self.regions[usize::from(t)];
         let mut posted = 0;
         let mut error = None;
-        for (k, &(off, flen)) in (0u16..).zip(&self.stage) {
+        for (k, &(off, flen)) in (0..=u16::MAX).zip(&self.stage) {
             let imm = Immediate::new(MsgKind::Data as u8, desc.dst_fn, k == 0, k + 1 == count).0;
             let wr =
                 SendWr { region, offset: off + HDR_OFF, len: HEADER_LEN as u32 + flen, imm, token: u64::from(token) };
@@ -1083,6 +1085,29 @@ mod tests {
             sent.iter().map(|&i| (Immediate(i).is_first(), Immediate(i).is_last())).collect::<Vec<_>>(),
             [(true, false), (false, true)]
         );
+    }
+
+    /// A chain of the longest a pool allows (65535 fragments, the fabric's
+    /// 16-bit fragment index) is staged and posted whole. Before, counting
+    /// its fragments with an open `u16` range overflowed just after the
+    /// last: a panic in builds with overflow checks (debug).
+    #[test]
+    fn a_chain_of_the_most_fragments_is_sent() {
+        let most = wire::desc::MAX_CHAIN;
+        let g = wire::PoolGeometry::new(0, 128, most + 64, wire::fabric::HEADROOM, most).unwrap();
+        let pool = Pool::create("port-test-longest", g, shm::PagePolicy::Normal).unwrap();
+        let (mesh, cmds, _notes) = Mesh::by_hand(vec![0]);
+        let ecfg = EndpointConfig { max_conns: 8, max_chain: u16::MAX, send_queue: 2 * most, ..Default::default() };
+        let ep = Endpoint::new(Wire { hold: true, ..Wire::default() }, ecfg);
+        let tenants = vec![PortTenant { id: 0, bufs: PoolBufs(pool), per_conn: 4 }];
+        let mut port = Port::with_mesh(ep, mesh, 1, tenants, PortSizes::new(16, 16)).unwrap();
+        link_up(&mut port, &cmds, 1);
+        let len = most * g.payload_cap();
+        let lease = port.bufs(0).0.alloc(len, Owner::Held(1)).unwrap();
+        assert_eq!(lease.frags(), most);
+        let desc = Descriptor { tenant: 0, dst_fn: 3, len, ..Descriptor::default() };
+        assert!(port.send(0, 1, lease, desc, 1).is_ok());
+        assert_eq!(port.ep.queued(port.conn(0, 1).unwrap()) + port.ep.transport().sent.len(), most as usize);
     }
 
     /// A peer's chain is delivered only when its fragments are what a
