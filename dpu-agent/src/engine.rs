@@ -311,11 +311,13 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     inflight: u64,
     /// Per fabric node: what of `inflight` went there.
     wire: Vec<OnWire>,
-    /// Per fabric node: when its link last went down (`None`: up since,
-    /// or never seen). A message waits [`UNREACHABLE_AFTER`] for a link
-    /// from the later of its queueing and this: a call that waited long
-    /// for credits is not bounced the moment its node's link blips.
-    went_down: Vec<Option<Instant>>,
+    /// Per tenant and fabric node: when its link last went down (`None`:
+    /// the tenant's connection to it is up since, or never seen). A message
+    /// waits [`UNREACHABLE_AFTER`] for a link from the later of its queueing
+    /// and this: a call that waited long for credits is not bounced the
+    /// moment its node's link blips. Per tenant: after a blip the tenants'
+    /// connections come up one by one.
+    went_down: Vec<Vec<Option<Instant>>>,
     /// Wire bytes of the nodes that are stalled ([`STALLED_AFTER`]), as
     /// of the last control pass.
     stalled: u64,
@@ -388,6 +390,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 backlog: DeliveryBacklog::new(cfg.functions.len()),
             })
             .collect();
+        let ntenants = ids.len();
         Ok(Self {
             tally: vec![Tally::default(); ids.len()],
             fn_tally: vec![(0, 0); cfg.functions.len()],
@@ -410,7 +413,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             next_status: now,
             inflight: 0,
             wire: vec![OnWire::default(); usize::from(fabric_nodes)],
-            went_down: vec![None; usize::from(fabric_nodes)],
+            went_down: vec![vec![None; usize::from(fabric_nodes)]; ntenants],
             stalled: 0,
         })
     }
@@ -645,7 +648,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         for e in events.drain(..) {
             match e {
                 PortEvent::Up { tenant, peer } => {
-                    if let Some(d) = self.went_down.get_mut(usize::from(peer)) {
+                    if let Some(d) = self.went_down[usize::from(tenant)].get_mut(usize::from(peer)) {
                         *d = None;
                     }
                     log::info!(
@@ -702,7 +705,9 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         if peer >= self.fabric_nodes {
             return;
         }
-        self.went_down[usize::from(peer)] = Some(now);
+        for down in &mut self.went_down {
+            down[usize::from(peer)] = Some(now);
+        }
         for t in 0..self.tenants.len() {
             let mut q = self.tenants[t].sends.take_peer(peer);
             for out in q.drain(..) {
@@ -1138,7 +1143,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         // Waited long enough for a link: since it was queued, and since
         // the latest of its nodes' links went down.
         let gave_up = |since: Instant, nodes: &[u16]| {
-            let down = nodes.iter().filter_map(|&n| self.went_down.get(usize::from(n)).copied().flatten()).max();
+            let down = nodes.iter().filter_map(|&n| self.went_down[t].get(usize::from(n)).copied().flatten()).max();
             down.map_or(since, |d| d.max(since)).elapsed() > UNREACHABLE_AFTER
         };
         self.tenants[t].sends.pick(|o| match self.spread_fn(o.peer) {
@@ -1498,6 +1503,54 @@ mod tests {
                 assert_eq!(bounced, queued as u64, "no link for that long");
             }
         }
+    }
+
+    /// The same with two tenants, whose connections to the nodes come back
+    /// one after the other: tenant t's coming up does not end tenant u's
+    /// wait. Before, a node's link counted as back for every tenant at the
+    /// first tenant's connection, and u's calls that had waited that long
+    /// for credits went back as `Unreachable` just before u's connections
+    /// came up.
+    #[test]
+    fn one_tenants_connections_coming_back_do_not_end_anothers_wait() {
+        let dir = std::env::temp_dir().join(format!("dne-engine-two-{}", std::process::id()));
+        let mut text = String::new();
+        for i in 0..3 {
+            let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+            let rt = dir.join(format!("n{i}"));
+            text += &format!("[[node]]\nname = \"n{i}\"\naddress = \"{addr}\"\nruntime_dir = \"{}\"\n\n", rt.display());
+        }
+        for t in ["t", "u"] {
+            text +=
+                &format!("[[tenant]]\nname = \"{t}\"\nweight = 1\nbuf_size = 1024\nbuffers = 256\nrecv_quota = 16\n\n");
+            text += &format!("[[function]]\nname = \"{t}0\"\ntenant = \"{t}\"\nnode = \"n0\"\n\n");
+            text += &format!("[[function]]\nname = \"{t}g\"\ntenant = \"{t}\"\nnodes = [\"n1\", \"n2\"]\n\n");
+        }
+        let cfg = Arc::new(config::Cluster::parse(&text).unwrap());
+        // Tenant u's calls from u0 (function 2) to ug (3, on n1 and n2).
+        let links = (0..2u16)
+            .map(|t| NullLink::new(cfg.pool_geometry(t).unwrap(), t, 2 * t, 2 * t + 1, 64, 64).unwrap())
+            .collect();
+        let set = Settings { node: 0, idle_sleep_after: None, epoch: Instant::now(), batch: 8, core: 0 };
+        let metrics = Arc::new(Metrics::new(&cfg, "n0"));
+        let null = |_: &fabric::EndpointConfig, _| Ok(fabric::NullTransport::new());
+        let mut e: Engine<fabric::NullTransport, NullLink> = Engine::new(cfg, set, links, metrics, null).unwrap();
+        e.link(0).template().dst_fn = 0; // t's calls stay here
+        e.step(Instant::now());
+        let queued = e.tenants[1].sends.len();
+        assert!(queued > 0 && e.tenants[0].sends.is_empty());
+        // They have waited (for credits, say) that long; then the links blip.
+        let long_ago = Instant::now() - 2 * super::UNREACHABLE_AFTER;
+        e.tenants[1].sends.by_peer.iter_mut().flatten().for_each(|o| o.since = long_ago);
+        e.link(1).template().dst_fn = 2; // nothing more for ug
+        e.peer_down(1, Instant::now());
+        e.peer_down(2, Instant::now());
+        // Tenant t's connections to n1 and n2 are up again; u's not yet.
+        let mut up = vec![fabric::PortEvent::Up { tenant: 0, peer: 1 }, fabric::PortEvent::Up { tenant: 0, peer: 2 }];
+        e.handle(&mut up, Instant::now());
+        e.step(Instant::now());
+        assert_eq!(e.metrics.tenants[1].drops(Why::Unreachable), 0, "u's links just went down");
+        assert_eq!(e.tenants[1].sends.len(), queued);
     }
 
     /// Replies wait for their node beyond that share (an error in their
