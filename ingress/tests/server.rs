@@ -890,3 +890,53 @@ async fn a_slow_body_still_waits_for_buffers_when_the_pool_is_short_mid_body() {
     srv.assert_no_leak().await;
     srv.stop().await;
 }
+
+/// A `Host` whose value is not a host (and port) is refused with 400 (RFC
+/// 9112 3.2), not routed as a request to no host in particular: among them
+/// `Host: a, b`, what a proxy in front makes of two `Host` lines when it
+/// joins them (RFC 9110 5.3), which the edge refuses as two lines. The
+/// authority of an absolute-form target is held to the same grammar.
+/// `special.example/echo` reverses the body, `/echo` on any other host
+/// echoes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_is_not_a_host_name_is_refused() {
+    let srv = Server::default().await;
+    let bad: [&[u8]; 7] = [
+        b"Host: special.example, x\r\n",
+        b"Host: x, special.example\r\n",
+        b"Host: x@special.example\r\n",
+        b"Host: special.example x\r\n",
+        b"Host: special.example/x\r\n",
+        b"Host: special.example:80:81\r\n",
+        b"Host: special.example\tx\r\n",
+    ];
+    for host in bad {
+        let mut req = b"POST /echo HTTP/1.1\r\n".to_vec();
+        req.extend_from_slice(host);
+        req.extend_from_slice(b"Content-Length: 3\r\n\r\nabc");
+        let (st, head, body) = raw(srv.addr, &req).await;
+        assert_eq!(st, 400, "{:?}: {head}{}", String::from_utf8_lossy(host), String::from_utf8_lossy(&body));
+    }
+    let (st, head, _) =
+        raw(srv.addr, b"POST http://special.example,x/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc").await;
+    assert_eq!(st, 400, "{head}");
+    // Hosts and ports as they come.
+    for (host, want) in [
+        (&b"Host: Special.Example:8080\r\n"[..], &b"cba"[..]),
+        (b"Host:  special.example.  \r\n", b"cba"),
+        (b"Host: [::1]:8080\r\n", b"abc"),
+        (b"Host: 127.0.0.1\r\n", b"abc"),
+        (b"Host: my-host_1.example:\r\n", b"abc"),
+        (b"Host: %78\r\n", b"abc"),
+        (b"Host:\r\n", b"abc"),
+    ] {
+        let mut req = b"POST /echo HTTP/1.1\r\n".to_vec();
+        req.extend_from_slice(host);
+        req.extend_from_slice(b"Content-Length: 3\r\n\r\nabc");
+        let (st, head, body) = raw(srv.addr, &req).await;
+        assert_eq!((st, body.as_slice()), (200, want), "{:?}: {head}", String::from_utf8_lossy(host));
+    }
+    assert_eq!(metric(&srv, r#"dne_ingress_requests_total{route="",tenant="",code="400"}"#), Some(8));
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
