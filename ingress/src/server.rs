@@ -2,9 +2,9 @@
 //!
 //! Per request: refuse more than one `Host`, or none in HTTP/1.1 (400), route
 //! by host (an absolute-form target's authority, else `Host`) and path (404),
-//! check the tenant's API key (401), check the method (501), the target
-//! (400/414) and the announced body length (413); write the envelope head and
-//! then the body, frame by frame as it arrives from the socket, straight into
+//! check the tenant's API key (401), check the method and the transfer
+//! coding (501), the target (400/414) and the announced body length (413);
+//! write the envelope head and then the body, frame by frame as it arrives from the socket, straight into
 //! buffers of the tenant's ingress pool (the body is copied once, from
 //! hyper's read buffer into the pool; it is never gathered anywhere else),
 //! taking the buffers as the bytes arrive, not for the length the client
@@ -484,6 +484,12 @@ impl Ingress {
             self.reject(t, "bad_request");
             return (plain(StatusCode::NOT_IMPLEMENTED, "method not supported\n"), 0, 0);
         };
+        if !chunked_alone(&req.headers) {
+            // hyper takes the chunks off and would hand on the rest, still
+            // in the other codings, as if it were the body.
+            self.reject(t, "bad_request");
+            return (close(plain(StatusCode::NOT_IMPLEMENTED, "transfer coding not supported\n")), 0, 0);
+        }
         let path = req.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes();
         if path.len() > env::MAX_PATH as usize {
             self.reject(t, "bad_request");
@@ -814,6 +820,24 @@ fn plain(status: StatusCode, text: &'static str) -> Response<OutBody> {
 fn close(mut r: Response<OutBody>) -> Response<OutBody> {
     r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
+}
+
+/// Whether a request's transfer codings, if it has any, are `chunked`
+/// alone, the one the edge understands (RFC 9112 6.1: anything else gets
+/// 501). hyper frames a body by its last coding only, `chunked`, and
+/// leaves the others (`gzip, chunked`, or `chunked` applied twice) on it.
+fn chunked_alone(headers: &hyper::HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    match (codings.next(), codings.next()) {
+        (None, _) => true,
+        (Some(c), None) => c.eq_ignore_ascii_case(b"chunked"),
+        (Some(_), Some(_)) => false,
+    }
 }
 
 /// Whether `h` is a `Host` value: `uri-host [":" port]` (RFC 9110 7.2,

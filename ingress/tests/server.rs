@@ -940,3 +940,50 @@ async fn a_host_that_is_not_a_host_name_is_refused() {
     srv.assert_no_leak().await;
     srv.stop().await;
 }
+
+/// A request body in a transfer coding other than `chunked` alone (`gzip,
+/// chunked`, say) gets 501 (RFC 9112 6.1), and the connection closes (its
+/// body is not read). Before, hyper took the chunks off and the edge
+/// handed the function what was left, still gzip, with nothing to say so:
+/// the function took compressed bytes for the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_coding_other_than_chunked_gets_501() {
+    let srv = Server::default().await;
+    let body = b"3\r\nabc\r\n0\r\n\r\n";
+    for te in [
+        &b"Transfer-Encoding: gzip, chunked\r\n"[..],
+        b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: chunked, chunked\r\n",
+        b"Transfer-Encoding: identity, chunked\r\n",
+        b"Transfer-Encoding: x-custom;q=1, chunked\r\n",
+    ] {
+        let mut req = b"POST /echo HTTP/1.1\r\nHost: x\r\n".to_vec();
+        req.extend_from_slice(te);
+        req.extend_from_slice(b"\r\n");
+        req.extend_from_slice(body);
+        // A request after it on the same connection is not read.
+        req.extend_from_slice(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc");
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(&req).await.unwrap();
+        let (st, head, got) = read_response(&mut s).await;
+        assert_eq!(st, 501, "{:?}: {head}{}", String::from_utf8_lossy(te), String::from_utf8_lossy(&got));
+        assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest)).await.unwrap().unwrap();
+        assert!(rest.is_empty(), "after the 501: {}", String::from_utf8_lossy(&rest));
+    }
+    // `chunked` alone, in any case and with empty list elements, is read.
+    for te in
+        [&b"Transfer-Encoding: chunked\r\n"[..], b"Transfer-Encoding: Chunked\r\n", b"Transfer-Encoding: , chunked\r\n"]
+    {
+        let mut req = b"POST /echo HTTP/1.1\r\nHost: x\r\n".to_vec();
+        req.extend_from_slice(te);
+        req.extend_from_slice(b"\r\n");
+        req.extend_from_slice(body);
+        let (st, head, got) = raw(srv.addr, &req).await;
+        assert_eq!((st, got.as_slice()), (200, &b"abc"[..]), "{:?}: {head}", String::from_utf8_lossy(te));
+    }
+    assert_eq!(metric(&srv, r#"dne_ingress_requests_total{route="/echo",tenant="open",code="501"}"#), Some(5));
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
