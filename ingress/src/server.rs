@@ -1,20 +1,21 @@
 //! The HTTP/1.1 edge: tokio (multi-thread) + hyper, keep-alive.
 //!
-//! Per request: refuse more than one `Host`, or none in HTTP/1.1 (400), route
-//! by host (an absolute-form target's authority, else `Host`) and path (404),
-//! check the tenant's API key (401), check the method and the transfer
+//! Per request: refuse more than one `Host`, one that is not a host and port,
+//! or none in HTTP/1.1 (400), and a path with a `.` or `..` segment (400),
+//! route by host (an absolute-form target's authority, else `Host`) and path
+//! (404), check the tenant's API key (401), check the method and the transfer
 //! coding (501), the target (400/414) and the announced body length (413);
-//! write the envelope head and then the body, frame by frame as it arrives from the socket, straight into
-//! buffers of the tenant's ingress pool (the body is copied once, from
-//! hyper's read buffer into the pool; it is never gathered anywhere else),
-//! taking the buffers as the bytes arrive, not for the length the client
-//! announced, and waiting a bounded time for them (503 + `Retry-After`); call
-//! the [`Upstream`] with the route's timeout (504 on expiry; 503 / 502 for
-//! its errors); decode the reply envelope (502 if malformed) and stream its
-//! body to the client straight out of the pool buffers (zero copy: each
-//! fragment is handed to hyper as a `Bytes` that keeps the reply's lease
-//! alive, and the buffers are freed when the last piece is written or the
-//! client goes away).
+//! write the envelope head and then the body, frame by frame as it arrives
+//! from the socket, straight into buffers of the tenant's ingress pool (the
+//! body is copied once, from hyper's read buffer into the pool; it is never
+//! gathered anywhere else), taking the buffers as the bytes arrive, not for
+//! the length the client announced, and waiting a bounded time for them (503 +
+//! `Retry-After`); call the [`Upstream`] with the route's timeout (504 on
+//! expiry; 503 / 502 for its errors); decode the reply envelope (502 if
+//! malformed) and stream its body to the client straight out of the pool
+//! buffers (zero copy: each fragment is handed to hyper as a `Bytes` that
+//! keeps the reply's lease alive, and the buffers are freed when the last
+//! piece is written or the client goes away).
 //!
 //! `GET /metrics` answers the Prometheus text on the main listener (taking
 //! precedence over routes) unless an admin listener is given, which then
@@ -375,6 +376,13 @@ impl Ingress {
             }
             (None, None) => None,
         };
+        // Routes match the path as sent; one whose meaning changes when it
+        // is resolved (`/a/../b`) is refused rather than routed by its
+        // first segment (see `has_dot_segment`).
+        if has_dot_segment(req.uri().path()) {
+            self.unrouted(peer, &method, &target, StatusCode::BAD_REQUEST, " dot_segment");
+            return close(plain(StatusCode::BAD_REQUEST, "a path with a . or .. segment\n"));
+        }
         let route = if admin { None } else { self.router.lookup(host, req.uri().path()) };
         let Some(route) = route else {
             self.unrouted(peer, &method, &target, StatusCode::NOT_FOUND, "");
@@ -822,6 +830,42 @@ fn close(mut r: Response<OutBody>) -> Response<OutBody> {
     r
 }
 
+/// Whether `path` has a `.` or `..` segment once its percent-escapes are
+/// undone (`%2e`, and `%2F` as a separator). Routes match the path as
+/// sent, so `/a/../b` would go down `/a`'s route while it names `/b`; a
+/// proxy in front that resolves paths before it judges them (most do, and
+/// most undo escapes first) would judge it as a request for `/b` (its
+/// authentication, say). Clients resolve dot segments before sending
+/// (RFC 3986 5.2), so refusing them costs an honest client nothing.
+fn has_dot_segment(path: &str) -> bool {
+    let p = path.as_bytes();
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let (mut i, mut len, mut dots) = (0, 0usize, 0usize);
+    while i <= p.len() {
+        // The next byte with escapes undone; the end closes the last segment.
+        let (b, n) = match p.get(i..) {
+            Some([b'%', h, l, ..]) => match (hex(*h), hex(*l)) {
+                // Two hex digits: at most 255.
+                (Some(h), Some(l)) => ((h * 16 + l) as u8, 3),
+                _ => (b'%', 1),
+            },
+            Some([b, ..]) => (*b, 1),
+            _ => (b'/', 1),
+        };
+        if b == b'/' {
+            if len > 0 && len == dots && dots <= 2 {
+                return true;
+            }
+            (len, dots) = (0, 0);
+        } else {
+            len += 1;
+            dots += usize::from(b == b'.');
+        }
+        i += n;
+    }
+    false
+}
+
 /// Whether a request's transfer codings, if it has any, are `chunked`
 /// alone, the one the edge understands (RFC 9112 6.1: anything else gets
 /// 501). hyper frames a body by its last coding only, `chunked`, and
@@ -996,6 +1040,16 @@ mod tests {
         }
         for v in ["Bearer", "Bearer ", "Bearerk3y", "Basic k3y", "Bearer\tk3y", "Bear k3y", ""] {
             assert_eq!(bearer_token(v.as_bytes()), None, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn dot_segments_are_found_spelt_out_or_escaped() {
+        for p in ["/.", "/..", "/a/./b", "/a/../b", "/a/..", "/a/%2e", "/a/%2E%2e/b", "/a/.%2e", "/a%2f..%2Fb", "/./"] {
+            assert!(has_dot_segment(p), "{p:?}");
+        }
+        for p in ["/", "", "/a", "/...", "/a/..b", "/a/b..", "/.a/", "/a/%2e%2ex", "/%2", "/a%", "/a/%zz"] {
+            assert!(!has_dot_segment(p), "{p:?}");
         }
     }
 
