@@ -16,12 +16,12 @@
 //!   client that stops reading its response ([`Settings::write_timeout`]);
 //! * edge statuses: 404 unknown route, 400 malformed, 401 bad API key, 408
 //!   body too slow, 413 body over `body_limit` (or over the tenant's largest
-//!   message), 414 target too long, 501 unknown method or transfer
-//!   coding, 502 function error (a function failed, or died with the
-//!   request, or the node holding it went down) or malformed reply, 503 +
-//!   `Retry-After` pool/queue/credits exhausted (here or at a node of the
-//!   chain) or a node of the chain unreachable, 504 chain timeout (the
-//!   route's, or a hop's).
+//!   message), 414 target too long, 431 more forwarded headers than an
+//!   envelope carries, 501 unknown method or transfer coding, 502 function
+//!   error (a function failed, or died with the request, or the node holding
+//!   it went down) or malformed reply, 503 + `Retry-After` pool/queue/credits
+//!   exhausted (here or at a node of the chain) or a node of the chain
+//!   unreachable, 504 chain timeout (the route's, or a hop's).
 //!
 //! Two upstreams: [`edge::Edge`] sends requests over the fabric to the
 //! node of the route's first function; [`upstream::InProcess`] runs the

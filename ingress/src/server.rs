@@ -513,6 +513,14 @@ impl Ingress {
         let spec = HeadSpec { start: Start::Request { method, path }, headers: &hs };
         let head_len = match spec.len() {
             Ok(n) => n,
+            Err(e @ (env::EnvelopeError::HeaderCount(_) | env::EnvelopeError::HeadersLen(_))) => {
+                // A well-formed request with more of the forwarded headers
+                // than an envelope carries.
+                self.reject(t, "bad_request");
+                log::debug!("{peer}: request head not representable: {e}");
+                let text = "request header fields too large\n";
+                return (close(plain(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, text)), 0, 0);
+            }
             Err(e) => {
                 self.reject(t, "bad_request");
                 log::debug!("{peer}: request head not representable: {e}");

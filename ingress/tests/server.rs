@@ -1025,3 +1025,33 @@ async fn a_path_with_dot_segments_is_refused() {
     srv.assert_no_leak().await;
     srv.stop().await;
 }
+
+/// Forwarded headers beyond what an envelope carries (more than
+/// `MAX_HEADERS` lines, or more than `MAX_HEADER_BYTES` bytes, of those the
+/// edge passes on) get 431 (RFC 6585 5), as hyper answers heads over its
+/// own limits, not 400 "malformed request": the request is well formed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_over_the_envelopes_limits_get_431() {
+    let srv = Server::default().await;
+    let mut many = String::from("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n");
+    for i in 0..wire::http::MAX_HEADERS {
+        many.push_str(&format!("Accept: text/x-{i}\r\n"));
+    }
+    many.push_str("\r\nabc");
+    let (st, head, body) = raw(srv.addr, many.as_bytes()).await;
+    assert_eq!(st, 431, "{head}{}", String::from_utf8_lossy(&body));
+    let ua = "u".repeat(wire::http::MAX_HEADER_BYTES as usize);
+    let long = format!("POST /echo HTTP/1.1\r\nHost: x\r\nUser-Agent: {ua}\r\nContent-Length: 3\r\n\r\nabc");
+    let (st, head, body) = raw(srv.addr, long.as_bytes()).await;
+    assert_eq!(st, 431, "{head}{}", String::from_utf8_lossy(&body));
+    // Within the limits (the edge's x-forwarded-for makes one more line).
+    let mut fits = String::from("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n");
+    for i in 0..wire::http::MAX_HEADERS - 1 {
+        fits.push_str(&format!("Accept: text/x-{i}\r\n"));
+    }
+    fits.push_str("\r\nabc");
+    let (st, head, body) = raw(srv.addr, fits.as_bytes()).await;
+    assert_eq!((st, body.as_slice()), (200, &b"abc"[..]), "{head}");
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
