@@ -582,6 +582,12 @@ impl Cluster {
             if r.host.as_deref().is_some_and(|h| normalize_host(h).is_empty()) {
                 return Err(bad(f("host"), "empty; omit it for every host"));
             }
+            if let Some(h) = r.host.as_deref().filter(|h| !is_host(h)) {
+                return Err(bad(
+                    f("host"),
+                    format!("\"{h}\": a name (letters, digits, '-', '.', '_', '~') or [IP literal], and :port"),
+                ));
+            }
             let Some(tenant) = self.tenant_id(&r.tenant) else {
                 return Err(bad(f("tenant"), format!("unknown tenant \"{}\"", r.tenant)));
             };
@@ -740,6 +746,45 @@ pub fn normalize_host(h: &str) -> String {
     h.trim_end_matches('.').to_ascii_lowercase()
 }
 
+/// Whether `h` is a `Host` value: `uri-host [":" port]` (RFC 9110 7.2,
+/// RFC 3986 3.2.2), where the host is an IP literal in brackets or a
+/// name of letters, digits, `-`, `.`, `_`, `~` and percent-escapes, and
+/// the port is digits. RFC 3986's names may also hold sub-delimiters
+/// (`!$&'()*+,;=`); they are refused too: no route's host has them, and a
+/// comma is what a proxy leaves where it joined two Host lines. The
+/// ingress holds requests' `Host` to it, and the config routes' `host`.
+pub fn is_host(h: &str) -> bool {
+    let h = h.as_bytes();
+    // The port: digits after the last colon outside brackets.
+    let host = match h.iter().rposition(|&b| b == b':') {
+        Some(i) if !h[i..].contains(&b']') => {
+            if !h[i + 1..].iter().all(u8::is_ascii_digit) {
+                return false;
+            }
+            &h[..i]
+        }
+        _ => h,
+    };
+    if let Some(literal) = host.strip_prefix(b"[") {
+        let Some(inner) = literal.strip_suffix(b"]") else { return false };
+        return !inner.is_empty() && inner.iter().all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+    }
+    let mut i = 0;
+    while i < host.len() {
+        match host[i] {
+            b'%' => {
+                if !host.get(i + 1..i + 3).is_some_and(|x| x.iter().all(u8::is_ascii_hexdigit)) {
+                    return false;
+                }
+                i += 3;
+            }
+            b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => i += 1,
+            _ => return false,
+        }
+    }
+    true
+}
+
 fn position<'a>(mut names: impl Iterator<Item = &'a str>, name: &str) -> Option<u16> {
     names.position(|n| n == name).and_then(|i| u16::try_from(i).ok())
 }
@@ -747,6 +792,20 @@ fn position<'a>(mut names: impl Iterator<Item = &'a str>, name: &str) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_is_a_name_or_bracketed_ip_literal_and_an_optional_port() {
+        for h in
+            ["x", "Special.Example:8080", "a.b.", "127.0.0.1:80", "[::1]", "[::1]:443", "x:", "%41b", "a-b_c~d", ""]
+        {
+            assert!(is_host(h), "{h:?}");
+        }
+        for h in
+            ["a, b", "a,b", "a b", "u@h", "h/p", "h:80:81", "h:8x", "[::1", "::1", "[]", "[::1]x", "%4", "%zz", "é"]
+        {
+            assert!(!is_host(h), "{h:?}");
+        }
+    }
 
     #[test]
     fn chains_are_limited_to_one_comch_message_with_a_dpu_node() {
@@ -970,6 +1029,8 @@ runtime_dir = "/tmp/dne/edge"
             ),
             ("runtime_dir = \"/tmp/dne/node-a\"", long_dir, "node[0].runtime_dir: /ddd"),
             ("host = \"globex.example\"", "host = \"\"", "route[1].host: empty"),
+            ("host = \"globex.example\"", "host = \"globex.example, x\"", "route[1].host: \"globex.example, x\""),
+            ("host = \"globex.example\"", "host = \"u@globex.example\"", "route[1].host"),
             ("path = \"/acme\"", "path = \"/ac me\"", "route[0].path"),
             ("path = \"/acme\"", "path = \"/acme?x=1\"", "route[0].path"),
             ("weight = 6", "weight = 6\napi_key = \"a\\tb\"", "tenant[0].api_key: printable ASCII"),
