@@ -33,7 +33,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use wire::ctrl::{BufList, CtrlMsg, LendRecv, MAX_LEND, MessageHdr};
+use wire::ctrl::{Ack, BufList, CtrlKind, CtrlMsg, LendRecv, MAX_LEND, MessageHdr};
 use wire::segment::Owner;
 use wire::{Descriptor, PoolGeometry};
 
@@ -416,7 +416,13 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
         }
     }
     let pools: Vec<Arc<ImportedPool>> = lock(&ch).pools.iter().flatten().cloned().collect();
-    lock(&ch).flush();
+    {
+        // host-shimd's bridge hands over nothing before it hears that
+        // every pool was taken.
+        let mut c = lock(&ch);
+        c.push(CtrlMsg::Ack(Ack { about_kind: CtrlKind::PoolExport as u16, reserved: 0, about_seq: 0 }));
+        c.flush();
+    }
     let wake = |t: usize| {
         let c = lock(&ch);
         wake_set(c.pe.notification_handle().ok()?, c.kick[t].as_ref()?.as_fd())

@@ -28,7 +28,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use wire::ctrl::{BufList, CtrlMsg, LendRecv, MAX_EXPORT_BLOB, MAX_LEND, MessageHdr, PoolExport};
+use wire::ctrl::{Ack, BufList, CtrlKind, CtrlMsg, LendRecv, MAX_EXPORT_BLOB, MAX_LEND, MessageHdr, PoolExport};
 use wire::desc::frag_len;
 use wire::fabric::{FabricHeader, HEADER_OFFSET, MsgKind};
 use wire::segment::Owner;
@@ -47,11 +47,15 @@ const TICK: Duration = Duration::from_millis(1);
 /// Longest sleep with nothing pending: every event that matters (a
 /// function's send, the agent's frames) wakes the bridge anyway.
 const IDLE_TICK: Duration = Duration::from_millis(100);
+/// An agent connected this long without saying it took the pools is
+/// warned about (once per connection): it may speak another protocol
+/// version, or read another cluster file.
+const ACK_WAIT: Duration = Duration::from_secs(5);
 
 /// What the bridge counted (host-shimd's status file shows it).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BridgeStats {
-    /// The agent is connected now.
+    /// The agent is connected now and has taken the pools.
     pub up: bool,
     /// Messages sent to the agent.
     pub to_agent: u64,
@@ -68,7 +72,8 @@ pub struct BridgeStats {
     /// (which sends calls to another node or back as errors, and drops
     /// and counts errors for a caller that is gone).
     pub handed_back: u64,
-    /// Connections to the agent so far.
+    /// Connections to the agent so far (each counted once the agent took
+    /// the pools).
     pub connects: u64,
     /// Buffers freed because the agent that held them went away.
     pub reclaimed: u64,
@@ -105,7 +110,14 @@ pub struct Bridge {
     dev: doca::Device,
     pe: doca::ProgressEngine,
     client: Option<doca::ComchClient>,
+    /// When the comch connection came up and the exports were sent (the
+    /// agent is not `up` before it acknowledged them).
+    connected: Option<Instant>,
+    /// The agent took every pool (it acknowledged the exports): messages
+    /// and lent buffers go to it only then.
     up: bool,
+    /// The agent's silence about the exports was warned about.
+    ack_warned: bool,
     name: String,
     out: Outbox,
     rx: Vec<u8>,
@@ -169,7 +181,9 @@ impl Bridge {
             dev,
             pe: doca::ProgressEngine::new().map_err(|e| anyhow::anyhow!("progress engine: {e}"))?,
             client: None,
+            connected: None,
             up: false,
+            ack_warned: false,
             out: Outbox::new(doca::COMCH_MAX_MSG_SIZE as usize),
             rx: vec![0; doca::COMCH_MAX_MSG_SIZE as usize],
             scratch: Vec::with_capacity(max_chain.max(MAX_LEND)),
@@ -188,7 +202,7 @@ impl Bridge {
         self.stats
     }
 
-    /// Whether the agent is connected.
+    /// Whether the agent is connected and has taken the pools.
     pub fn is_up(&self) -> bool {
         self.up
     }
@@ -226,6 +240,16 @@ impl Bridge {
                 work += self.redeliver(t);
             }
             self.flush();
+        } else if let Some(since) = self.connected
+            && !self.ack_warned
+            && since.elapsed() > ACK_WAIT
+        {
+            self.ack_warned = true;
+            log::warn!(
+                "bridge: the agent on comch \"{}\" has not taken the pools {ACK_WAIT:?} after connecting \
+                 (another version of DNE, or another cluster file?); nothing is handed to it until it does",
+                self.name
+            );
         }
         self.stats.up = self.up;
         // Only a change takes the lock (host-shimd's status writer holds it
@@ -258,7 +282,7 @@ impl Bridge {
         while let Some(ev) = self.client.as_ref().and_then(|c| c.poll_event(&mut rx)) {
             n += 1;
             match ev {
-                doca::ComchEvent::Connected(_) => self.agent_up(),
+                doca::ComchEvent::Connected(_) => self.agent_connected(),
                 doca::ComchEvent::Disconnected(_) => self.agent_gone(),
                 doca::ComchEvent::Message { len, truncated, .. } => {
                     if truncated {
@@ -283,10 +307,13 @@ impl Bridge {
         n
     }
 
-    fn agent_up(&mut self) {
-        self.up = true;
-        self.stats.connects += 1;
-        log::info!("bridge: the agent is connected on comch \"{}\"", self.name);
+    /// The comch connection is up: the pools are exported to the agent,
+    /// which answers with an [`Ack`] once it took them all
+    /// ([`agent_took_pools`](Self::agent_took_pools)).
+    fn agent_connected(&mut self) {
+        self.connected = Some(Instant::now());
+        self.ack_warned = false;
+        log::debug!("bridge: comch \"{}\" connected; exporting the pools", self.name);
         for t in 0..self.tenants.len() {
             let g = self.tenants[t].link.pool().geometry();
             let blob = std::mem::take(&mut self.tenants[t].blob);
@@ -297,11 +324,23 @@ impl Bridge {
         self.flush();
     }
 
+    /// The agent acknowledged the exports: it imported every pool and takes
+    /// messages from now on.
+    fn agent_took_pools(&mut self) {
+        if self.connected.is_none() || self.up {
+            return self.refuse("an acknowledgement of exports it was not sent");
+        }
+        self.up = true;
+        self.stats.connects += 1;
+        log::info!("bridge: the agent is connected on comch \"{}\" and took the pools", self.name);
+    }
+
     fn agent_gone(&mut self) {
         if self.up {
             log::warn!("bridge: the agent went away; freeing what it held");
         }
         self.up = false;
+        self.connected = None;
         self.out.clear();
         self.client = None;
         for t in 0..self.tenants.len() {
@@ -391,6 +430,9 @@ impl Bridge {
                 Some(tn) => tn.want = tn.want.saturating_add(n).min(tn.link.pool().geometry().buf_count()),
                 None => self.refuse("want: unknown tenant"),
             },
+            CtrlMsg::Ack(Ack { about_kind, .. }) if about_kind == CtrlKind::PoolExport as u16 => {
+                self.agent_took_pools()
+            }
             other => {
                 log::warn!("bridge: unexpected {:?} frame from the agent", other.kind());
                 self.stats.refused += 1;

@@ -10,7 +10,11 @@
 //!   (the host wrote the fabric headers; the buffers are now the agent's:
 //!   `Owner::Agent` in the pool); [`CtrlMsg::LendRecv`]: buffers to post
 //!   receives with.
-//! * agent -> host: [`CtrlMsg::WantBufs`]; [`CtrlMsg::Message`] to deliver
+//! * agent -> host: [`CtrlMsg::Ack`] of the `PoolExport` kind once it has
+//!   imported every pool (the host hands it no message and lends it no
+//!   buffer before: an agent that cannot take the exports, of another
+//!   version or with another cluster file, is given nothing to strand);
+//!   [`CtrlMsg::WantBufs`]; [`CtrlMsg::Message`] to deliver
 //!   to a local function (`FROM_FABRIC`: the host completes the descriptor
 //!   from the header; `RESTAMP`: write the headers again and send it back);
 //!   [`CtrlMsg::ReturnBufs`].

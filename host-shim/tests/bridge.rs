@@ -1,0 +1,191 @@
+//! host-shimd's bridge to the DPU agent (`mode = "dpu"`) against an agent
+//! played by hand: host-shimd runs in a thread of the test, the bridge is
+//! stepped by the test, and the agent is a bare comch server that answers
+//! (or does not) as each test needs.
+
+use host_shim::Function;
+use host_shim::bridge::{Bridge, SharedStats};
+use host_shim::comch::{Outbox, each_frame, server_name};
+use host_shim::daemon::{Shimd, socket_path};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use wire::ctrl::{Ack, CtrlKind, CtrlMsg};
+use wire::segment::Owner;
+
+const WATCHDOG: Duration = Duration::from_secs(20);
+
+/// Node `a` (dpu mode, its host-shimd and bridge here) runs `f`; node `b`
+/// runs `g`, so what `f` sends to `g` goes to the agent.
+fn cluster(tag: &str) -> (config::Cluster, std::path::PathBuf) {
+    let node = format!("br-{tag}-{}", std::process::id());
+    let dir = std::env::temp_dir().join(&node);
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = format!(
+        r#"
+[[node]]
+name = "{node}"
+mode = "dpu"
+address = "127.0.0.1:1"
+runtime_dir = "{dir}"
+
+[[node]]
+name = "{node}-b"
+mode = "dpu"
+address = "127.0.0.1:2"
+runtime_dir = "{dir}-b"
+
+[[tenant]]
+name = "t"
+weight = 1
+buffers = 64
+recv_quota = 8
+
+[[function]]
+name = "f"
+tenant = "t"
+node = "{node}"
+
+[[function]]
+name = "g"
+tenant = "t"
+node = "{node}-b"
+"#,
+        dir = dir.display()
+    );
+    (config::Cluster::parse(&text).expect("cluster"), dir)
+}
+
+/// host-shimd of node 0, served on a thread until dropped.
+struct ShimdThread {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    dir: std::path::PathBuf,
+}
+
+impl ShimdThread {
+    fn start(cfg: &config::Cluster, dir: std::path::PathBuf) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (cfg, s, name) = (cfg.clone(), stop.clone(), cfg.nodes[0].name.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let mut d = Shimd::new(cfg, &name).expect("host-shimd");
+            tx.send(()).unwrap();
+            while !s.load(Ordering::Relaxed) {
+                d.poll_once(None, Duration::from_millis(5)).expect("host-shimd round");
+            }
+        });
+        rx.recv_timeout(WATCHDOG).expect("host-shimd started");
+        Self { stop, thread: Some(thread), dir }
+    }
+}
+
+impl Drop for ShimdThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The agent, by hand: a comch server and what it has received.
+struct FakeAgent {
+    pe: doca::ProgressEngine,
+    server: doca::ComchServer,
+    conn: Option<doca::ComchConnId>,
+    out: Outbox,
+    rx: Vec<u8>,
+    /// Kinds of the frames received, in order.
+    got: Vec<CtrlKind>,
+}
+
+impl FakeAgent {
+    fn start(cfg: &config::Cluster) -> Self {
+        let pe = doca::ProgressEngine::new().unwrap();
+        let dev = doca::Device::open_first().unwrap();
+        let ccfg = doca::ComchConfig { send_tasks: 64, recv_queue: 64, ..Default::default() };
+        let server = doca::ComchServer::new(&pe, &dev, &server_name(&cfg.nodes[0]), ccfg).unwrap();
+        server.start().unwrap();
+        Self {
+            pe,
+            server,
+            conn: None,
+            out: Outbox::new(doca::COMCH_MAX_MSG_SIZE as usize),
+            rx: vec![0; doca::COMCH_MAX_MSG_SIZE as usize],
+            got: Vec::new(),
+        }
+    }
+
+    fn poll(&mut self) {
+        self.pe.progress();
+        while let Some(ev) = self.server.poll_event(&mut self.rx) {
+            match ev {
+                doca::ComchEvent::Connected(c) => self.conn = Some(c),
+                doca::ComchEvent::Message { len, .. } => {
+                    let got = &mut self.got;
+                    each_frame(&self.rx[..len as usize], |f| got.push(f.kind())).expect("frames from the bridge");
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn send(&mut self, msg: CtrlMsg<'_>) {
+        let c = self.conn.expect("connected");
+        let server = &self.server;
+        let mut send = |m: &[u8]| server.send(c, m, 0);
+        self.out.push(msg, &mut send).unwrap();
+        self.out.flush(&mut send).unwrap();
+    }
+}
+
+/// Steps the bridge and polls the agent until `done` or the watchdog.
+fn drive(bridge: &mut Bridge, agent: &mut FakeAgent, what: &str, mut done: impl FnMut(&Bridge, &FakeAgent) -> bool) {
+    let deadline = Instant::now() + WATCHDOG;
+    while !done(bridge, agent) {
+        assert!(Instant::now() < deadline, "watchdog: {what}");
+        bridge.step();
+        agent.poll();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// An agent that connected but has not taken the pools (it cannot decode
+/// the exports: another protocol version, a cluster file that disagrees;
+/// or it is not done importing them) is handed nothing: what functions
+/// send to other nodes stays in the uplink, its buffers the functions'
+/// to account for, until the agent says it took the pools.
+#[test]
+fn nothing_is_handed_to_an_agent_before_it_took_the_pools() {
+    let (cfg, dir) = cluster("ack");
+    let _shimd = ShimdThread::start(&cfg, dir.clone());
+    let mut agent = FakeAgent::start(&cfg);
+    let shared = SharedStats::default();
+    let mut bridge = Bridge::new(Arc::new(cfg.clone()), 0, &socket_path(&dir), shared).expect("bridge");
+    let mut f = Function::attach(&socket_path(&dir), "t", "f").expect("attach f");
+
+    drive(&mut bridge, &mut agent, "the exports", |_, a| a.got.contains(&CtrlKind::PoolExport));
+    let m = f.alloc(100).expect("a buffer");
+    let buf = m.desc().buf;
+    f.send(m, "g").expect("sent to the agent's uplink");
+    // The agent does not answer: a while of the bridge's passes.
+    let until = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < until {
+        bridge.step();
+        agent.poll();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    assert_eq!(bridge.stats().to_agent, 0, "a message was handed to an agent that has not taken the pools");
+    assert_ne!(f.pool().owner(buf), Ok(Owner::Agent));
+    assert!(!agent.got.contains(&CtrlKind::Message));
+    assert!(!bridge.is_up());
+
+    // The agent took the pools: the message goes.
+    agent.send(CtrlMsg::Ack(Ack { about_kind: CtrlKind::PoolExport as u16, reserved: 0, about_seq: 0 }));
+    drive(&mut bridge, &mut agent, "the message", |_, a| a.got.contains(&CtrlKind::Message));
+    assert!(bridge.is_up());
+    assert_eq!(bridge.stats().to_agent, 1);
+    assert_eq!(f.pool().owner(buf), Ok(Owner::Agent));
+}
