@@ -403,7 +403,16 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
             continue;
         }
         if c.lost {
-            // The host came and went before it was done: start over.
+            // The host came and went before it was done: start over, on a
+            // new server. A host that connected meanwhile was ignored (one
+            // host at a time) and what it sent dropped; it would wait for
+            // ever on a connection nobody reads. Closing the old server
+            // disconnects it, and host-shimd's bridge connects again.
+            log::warn!("node {}: host-shimd went away before it exported every pool; starting over", n.name);
+            let fresh = doca::ComchServer::new(&c.pe, &dev, &name, ccfg)
+                .map_err(|e| anyhow::anyhow!("comch server \"{name}\": {e}"))?;
+            drop(std::mem::replace(&mut c.server, fresh));
+            c.server.start().map_err(|e| anyhow::anyhow!("comch server \"{name}\": {e}"))?;
             c.lost = false;
             c.conn = None;
             c.pools.iter_mut().for_each(|p| *p = None);
@@ -701,6 +710,112 @@ recv_quota = 8
         assert_eq!((m.desc().tenant, m.desc().len), (0, 10));
         assert!(links[1].take().is_none());
         links[0].free(m);
+    }
+
+    /// A host's side by hand: a started comch client of `name`.
+    fn host_client(pe: &doca::ProgressEngine, name: &str) -> doca::ComchClient {
+        let dev = doca::Device::open_first().unwrap();
+        let ccfg = doca::ComchConfig { send_tasks: 16, recv_queue: 16, ..Default::default() };
+        let c = doca::ComchClient::new(pe, &dev, name, ccfg).unwrap();
+        c.start().unwrap();
+        c
+    }
+
+    /// While the agent waits for host-shimd, a first host connects and
+    /// goes away before it exported every pool (a host-shimd that died
+    /// starting, or any other client of the server name), and meanwhile
+    /// host-shimd's bridge connected and exported its pools at once: the
+    /// agent, serving one host at a time, ignored that connection. Once the
+    /// first has gone, the bridge must get a hearing (here: it is
+    /// disconnected, and connects and exports again, as the bridge does),
+    /// not wait for ever on a connection the agent does not read.
+    #[test]
+    fn a_host_that_connected_while_another_was_there_is_heard_once_that_one_went_away() {
+        let node = format!("second-host-test-{}", std::process::id());
+        let text = format!(
+            r#"
+[[node]]
+name = "{node}"
+mode = "dpu"
+address = "127.0.0.1:1"
+runtime_dir = "/tmp/{node}"
+
+[[tenant]]
+name = "a"
+weight = 1
+buffers = 64
+recv_quota = 8
+"#
+        );
+        let cfg = config::Cluster::parse(&text).expect("cluster");
+        let name = server_name(&cfg.nodes[0]);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let agent = s.spawn(|| attach(&cfg, 0, &stop));
+            struct StopOnDrop<'a>(&'a AtomicBool);
+            impl Drop for StopOnDrop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            let _stop = StopOnDrop(&stop);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut rx = vec![0u8; doca::COMCH_MAX_MSG_SIZE as usize];
+            // The first host: connects, says nothing.
+            let pe_a = doca::ProgressEngine::new().unwrap();
+            let first = host_client(&pe_a, &name);
+            while first.state() != doca::CtxState::Running {
+                assert!(Instant::now() < deadline, "the first host never connected");
+                pe_a.progress();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // The agent accepts a client within a millisecond or so.
+            std::thread::sleep(Duration::from_millis(50));
+            // The bridge: connects and exports (and again after each
+            // disconnect, as host-shimd's bridge does).
+            let pe = doca::ProgressEngine::new().unwrap();
+            let mut bridge = host_client(&pe, &name);
+            let mut exported = false;
+            let mut first = Some(first);
+            let mut reconnects = 0;
+            let since = Instant::now();
+            while !agent.is_finished() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the agent never took the pools of the host that connected second ({reconnects} reconnects)"
+                );
+                if first.is_some() && since.elapsed() > Duration::from_millis(100) {
+                    // The first host goes away.
+                    first = None;
+                }
+                pe.progress();
+                while let Some(ev) = bridge.poll_event(&mut rx) {
+                    match ev {
+                        doca::ComchEvent::Connected(_) if !exported => {
+                            let mut out = Outbox::new(doca::COMCH_MAX_MSG_SIZE as usize);
+                            let mut send = |m: &[u8]| bridge.send(m, 0);
+                            let body = PoolExport::new(cfg.pool_geometry(0).unwrap(), 0, 1);
+                            out.push(CtrlMsg::PoolExport(body, &[0]), &mut send).unwrap();
+                            out.flush(&mut send).unwrap();
+                            exported = true;
+                        }
+                        doca::ComchEvent::Disconnected(_) => {
+                            reconnects += 1;
+                            exported = false;
+                        }
+                        _ => {}
+                    }
+                }
+                if bridge.state() == doca::CtxState::Idle || bridge.state() == doca::CtxState::Stopping {
+                    bridge = host_client(&pe, &name);
+                    exported = false;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            drop(first);
+            let links = agent.join().unwrap().expect("attach").expect("not stopped");
+            assert_eq!(links.len(), 1);
+        });
     }
 
     #[test]
