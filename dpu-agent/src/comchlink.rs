@@ -43,7 +43,8 @@ use wire::{Descriptor, PoolGeometry};
 enum Refusal {
     /// The frame did not decode.
     BadFrame = 0,
-    /// Its buffer list does not make a chain of the tenant's pool.
+    /// Its buffer list does not make a chain of the tenant's pool, or
+    /// names a buffer the agent holds already.
     BadChain = 1,
     /// No such tenant, its pool is not imported, or the pool exported for
     /// it does not match the cluster file.
@@ -91,6 +92,12 @@ struct Channel {
     returning: Vec<Vec<u32>>,
     /// Per tenant and buffer: lent for a receive, not yet handed back.
     recv: Vec<Vec<bool>>,
+    /// Per tenant and buffer: the agent's (taken from the host and not
+    /// handed back). A buffer the host names again while the agent holds
+    /// it is refused: it would be used for two things at once (a receive
+    /// landing in a message being sent), and a host lending one buffer
+    /// over and over would grow the stock and the inboxes without bound.
+    held: Vec<Vec<bool>>,
     refused: Vec<[u64; Refusal::ALL.len()]>,
     scratch: Vec<u32>,
     /// When the connection was last pumped for an empty inbox.
@@ -223,6 +230,7 @@ impl Channel {
                     (Some(want), Ok(g)) if *want == g => {
                         self.pools[t] = Some(Arc::new(ImportedPool::new(g, blob.to_vec())));
                         self.recv[t] = vec![false; g.buf_count() as usize];
+                        self.held[t] = vec![false; g.buf_count() as usize];
                     }
                     _ => {
                         log::warn!("host link: tenant {t}'s pool from the host does not match the cluster file");
@@ -235,15 +243,20 @@ impl Channel {
                 let Some(pool) = self.pools.get(t).and_then(|p| p.clone()) else {
                     return self.refuse(t, Refusal::UnknownTenant);
                 };
-                let inbox = match h.flags {
-                    0 => &mut self.inbox[t],
-                    MessageHdr::RETURNED => &mut self.returned[t],
-                    _ => return self.refuse(t, Refusal::UnexpectedFrame),
-                };
-                match pool.adopt(list.iter(), h.desc.len, Owner::Agent) {
-                    Some(lease) => inbox.push_back(Msg::from_parts(lease, h.desc)),
-                    None => self.refuse(t, Refusal::BadChain),
+                if h.flags != 0 && h.flags != MessageHdr::RETURNED {
+                    return self.refuse(t, Refusal::UnexpectedFrame);
                 }
+                if !self.hold(t, list.iter()) {
+                    return self.refuse(t, Refusal::BadChain);
+                }
+                let Some(lease) = pool.adopt(list.iter(), h.desc.len, Owner::Agent) else {
+                    for i in list.iter() {
+                        self.held[t][i as usize] = false;
+                    }
+                    return self.refuse(t, Refusal::BadChain);
+                };
+                let inbox = if h.flags == 0 { &mut self.inbox[t] } else { &mut self.returned[t] };
+                inbox.push_back(Msg::from_parts(lease, h.desc));
             }
             CtrlMsg::LendRecv(b, list) => {
                 let t = usize::from(b.tenant);
@@ -252,7 +265,7 @@ impl Channel {
                 };
                 self.asked[t] = self.asked[t].saturating_sub(b.count);
                 for i in list.iter() {
-                    match pool.lent(i, Owner::Agent) {
+                    match self.hold(t, std::iter::once(i)).then(|| pool.lent(i, Owner::Agent)).flatten() {
                         Some(l) => self.stock[t].push(l),
                         None => self.refuse(t, Refusal::BadChain),
                     }
@@ -307,8 +320,28 @@ impl Channel {
         if (self.stock[t].len() as u32) < self.target[t] {
             self.stock[t].push(lease);
         } else {
+            self.held[t][lease.head() as usize] = false;
             self.returning[t].push(lease.head());
         }
+    }
+
+    /// Records the buffers `list` names as tenant `t`'s agent's. `false`,
+    /// nothing recorded, when one is outside the pool, held already, or
+    /// named twice.
+    fn hold(&mut self, t: usize, list: impl Iterator<Item = u32> + Clone) -> bool {
+        let held = &mut self.held[t];
+        for (k, i) in list.clone().enumerate() {
+            match held.get_mut(i as usize) {
+                Some(h) if !*h => *h = true,
+                _ => {
+                    for j in list.take(k) {
+                        held[j as usize] = false;
+                    }
+                    return false;
+                }
+            }
+        }
+        true
     }
 }
 
@@ -374,6 +407,7 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
         asked: vec![0; nt],
         returning: (0..nt).map(|_| Vec::with_capacity(1024)).collect(),
         recv: vec![Vec::new(); nt],
+        held: vec![Vec::new(); nt],
         refused: vec![[0; Refusal::ALL.len()]; nt],
         scratch: Vec::with_capacity(max_chain),
         pumped: std::time::Instant::now(),
@@ -577,6 +611,7 @@ impl DpuLink {
         c.scratch.clear();
         for i in self.pool.chain(&lease) {
             c.recv[t][i as usize] = false;
+            c.held[t][i as usize] = false;
             c.scratch.push(i);
         }
         let flags = if from_fabric { flags | MessageHdr::FROM_FABRIC } else { flags };
@@ -598,7 +633,7 @@ mod tests {
     use host_shim::comch::{Outbox, server_name};
     use std::sync::atomic::AtomicBool;
     use std::time::{Duration, Instant};
-    use wire::ctrl::{BufList, CtrlMsg, MessageHdr, PoolExport};
+    use wire::ctrl::{BufList, CtrlMsg, LendRecv, MessageHdr, PoolExport};
 
     /// Whether `link`'s wake set is readable within `ms`.
     fn woken(link: &DpuLink, ms: i32) -> bool {
@@ -816,6 +851,141 @@ recv_quota = 8
             let links = agent.join().unwrap().expect("attach").expect("not stopped");
             assert_eq!(links.len(), 1);
         });
+    }
+
+    /// A one-tenant agent (64 buffers) attached to a host played by hand:
+    /// the links, and the host's engine, client and outbox.
+    fn attached_by_hand(tag: &str) -> (Vec<DpuLink>, doca::ProgressEngine, doca::ComchClient, Outbox) {
+        let node = format!("{tag}-{}", std::process::id());
+        let text = format!(
+            r#"
+[[node]]
+name = "{node}"
+mode = "dpu"
+address = "127.0.0.1:1"
+runtime_dir = "/tmp/{node}"
+
+[[tenant]]
+name = "a"
+weight = 1
+buffers = 64
+recv_quota = 8
+"#
+        );
+        let cfg = config::Cluster::parse(&text).expect("cluster");
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let agent = s.spawn(|| attach(&cfg, 0, &stop));
+            struct StopOnDrop<'a>(&'a AtomicBool);
+            impl Drop for StopOnDrop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            let _stop = StopOnDrop(&stop);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let pe = doca::ProgressEngine::new().unwrap();
+            let client = host_client(&pe, &server_name(&cfg.nodes[0]));
+            let mut rx = vec![0u8; doca::COMCH_MAX_MSG_SIZE as usize];
+            loop {
+                assert!(Instant::now() < deadline, "the agent never accepted the connection");
+                pe.progress();
+                if let Some(doca::ComchEvent::Connected(_)) = client.poll_event(&mut rx) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let mut out = Outbox::new(doca::COMCH_MAX_MSG_SIZE as usize);
+            let mut send = |m: &[u8]| client.send(m, 0);
+            let body = PoolExport::new(cfg.pool_geometry(0).unwrap(), 0, 1);
+            out.push(CtrlMsg::PoolExport(body, &[0]), &mut send).unwrap();
+            out.flush(&mut send).unwrap();
+            while !agent.is_finished() {
+                assert!(Instant::now() < deadline, "the agent never took the pool export");
+                pe.progress();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let links = agent.join().unwrap().expect("attach").expect("not stopped");
+            (links, pe, client, out)
+        })
+    }
+
+    /// The agent's refusals of `why` so far.
+    fn refused(link: &DpuLink, why: Refusal) -> u64 {
+        let mut n = 0;
+        link.rejected(&mut |name, k| {
+            if name == why.name() {
+                n = k;
+            }
+        });
+        n
+    }
+
+    /// A faulty host names buffers the agent holds already: lends one
+    /// buffer again and again, and hands over a message in a buffer the
+    /// agent keeps for a receive. The agent refuses them (each counted as
+    /// bad_chain) instead of keeping each as a new buffer: its stock and
+    /// inboxes stay within the pool, and no buffer is used for two things
+    /// at once.
+    #[test]
+    fn buffers_the_agent_holds_are_refused_when_the_host_names_them_again() {
+        let (mut links, pe, client, mut out) = attached_by_hand("held-test");
+        let mut send = |m: &[u8]| client.send(m, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for _ in 0..3 {
+            out.push(
+                CtrlMsg::LendRecv(LendRecv { tenant: 0, reserved: 0, count: 1 }, BufList::from_indices(&[7])),
+                &mut send,
+            )
+            .unwrap();
+        }
+        // Out of the pool: refused by every version (the end of the batch).
+        out.push(
+            CtrlMsg::LendRecv(LendRecv { tenant: 0, reserved: 0, count: 1 }, BufList::from_indices(&[70])),
+            &mut send,
+        )
+        .unwrap();
+        out.flush(&mut send).unwrap();
+        while refused(&links[0], Refusal::BadChain) == 0 {
+            assert!(Instant::now() < deadline, "the lends never reached the agent");
+            pe.progress();
+            links[0].progress();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(links[0].free_buffers(), 1, "buffer 7 kept once, not once per lend");
+        assert_eq!(refused(&links[0], Refusal::BadChain), 3);
+
+        // A message in buffer 7, which the agent keeps for a receive, and
+        // one naming buffer 9 twice.
+        let desc = wire::Descriptor { tenant: 0, buf: 7, len: 10, ..Default::default() };
+        out.push(CtrlMsg::Message(MessageHdr { desc, flags: 0, count: 1 }, BufList::from_indices(&[7])), &mut send)
+            .unwrap();
+        let cap = links[0].pool.geometry().payload_cap();
+        let desc = wire::Descriptor { tenant: 0, buf: 9, len: cap + 1, ..Default::default() };
+        out.push(CtrlMsg::Message(MessageHdr { desc, flags: 0, count: 2 }, BufList::from_indices(&[9, 9])), &mut send)
+            .unwrap();
+        out.flush(&mut send).unwrap();
+        while refused(&links[0], Refusal::BadChain) < 5 {
+            assert!(Instant::now() < deadline, "the messages were not refused");
+            pe.progress();
+            assert!(links[0].take().is_none(), "a message in buffers the agent holds was taken");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The buffers it refused are not lost to it: 9 can come whole.
+        let desc = wire::Descriptor { tenant: 0, buf: 9, len: 10, ..Default::default() };
+        out.push(CtrlMsg::Message(MessageHdr { desc, flags: 0, count: 1 }, BufList::from_indices(&[9])), &mut send)
+            .unwrap();
+        out.flush(&mut send).unwrap();
+        let m = loop {
+            assert!(Instant::now() < deadline, "the good message never came");
+            pe.progress();
+            if let Some(m) = links[0].take() {
+                break m;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!((m.desc().buf, m.desc().len), (9, 10));
+        links[0].free(m);
     }
 
     #[test]
