@@ -226,6 +226,12 @@ impl Channel {
         match f {
             CtrlMsg::PoolExport(b, blob) => {
                 let t = usize::from(b.tenant);
+                if self.pools.get(t).is_some_and(Option::is_some) {
+                    // Once per connection: the links hold this import, and
+                    // a new one would forget what the agent holds in it.
+                    log::warn!("host link: tenant {t}'s pool exported again on the same connection; refused");
+                    return self.refuse(t, Refusal::UnexpectedFrame);
+                }
                 match (self.geometry.get(t), b.geometry()) {
                     (Some(want), Ok(g)) if *want == g => {
                         self.pools[t] = Some(Arc::new(ImportedPool::new(g, blob.to_vec())));
@@ -986,6 +992,53 @@ recv_quota = 8
         };
         assert_eq!((m.desc().buf, m.desc().len), (9, 10));
         links[0].free(m);
+    }
+
+    /// A faulty host exports a pool it exported already on this
+    /// connection: refused. Before, the agent's record of the chains it
+    /// holds started over while the tenant's link kept the first, so a
+    /// chain the host handed over afterwards went back to it cut short.
+    #[test]
+    fn a_pool_exported_twice_on_one_connection_is_refused() {
+        let (mut links, pe, client, mut out) = attached_by_hand("reexport-test");
+        let mut send = |m: &[u8]| client.send(m, 0);
+        let g = links[0].pool.geometry();
+        out.push(CtrlMsg::PoolExport(PoolExport::new(g, 0, 1), &[0]), &mut send).unwrap();
+        let desc = wire::Descriptor { tenant: 0, buf: 3, len: g.payload_cap() + 1, ..Default::default() };
+        out.push(CtrlMsg::Message(MessageHdr { desc, flags: 0, count: 2 }, BufList::from_indices(&[3, 5])), &mut send)
+            .unwrap();
+        out.flush(&mut send).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let m = loop {
+            assert!(Instant::now() < deadline, "the message never came");
+            pe.progress();
+            if let Some(m) = links[0].take() {
+                break m;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        // The agent delivers it back to the host: it must name both buffers.
+        links[0].deliver(m, 0, "f").unwrap();
+        links[0].flush_out();
+        let mut rx = vec![0u8; doca::COMCH_MAX_MSG_SIZE as usize];
+        let mut named = None;
+        while named.is_none() {
+            assert!(Instant::now() < deadline, "the delivery never reached the host");
+            pe.progress();
+            while let Some(ev) = client.poll_event(&mut rx) {
+                if let doca::ComchEvent::Message { len, .. } = ev {
+                    host_shim::comch::each_frame(&rx[..len as usize], |f| {
+                        if let CtrlMsg::Message(_, list) = f {
+                            named = Some(list.iter().collect::<Vec<_>>());
+                        }
+                    })
+                    .unwrap();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(named.unwrap(), [3, 5], "the chain the host handed over, whole");
+        assert_eq!(refused(&links[0], Refusal::UnexpectedFrame), 1, "the second export");
     }
 
     #[test]
