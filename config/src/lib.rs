@@ -284,6 +284,18 @@ pub struct Ingress {
     /// is still 503 and not 504. At least 1.
     #[serde(default = "default_credit_wait")]
     pub credit_wait_ms: u32,
+    /// Client connections open at once; one more is answered 503 and
+    /// closed at once (each connection holds a file descriptor, and idle
+    /// ones live up to the head timeout). 1 to [`MAX_INGRESS_CONNECTIONS`].
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+/// Most client connections an ingress may be given (`max_connections`).
+pub const MAX_INGRESS_CONNECTIONS: u32 = 1 << 20;
+
+fn default_max_connections() -> u32 {
+    4096
 }
 
 fn default_tenant_queue() -> u32 {
@@ -440,6 +452,9 @@ impl Cluster {
             }
             if !(1..=MAX_EDGE_QUEUE).contains(&g.tenant_queue) {
                 return Err(bad(f("tenant_queue"), format!("must be 1 to {MAX_EDGE_QUEUE}")));
+            }
+            if !(1..=MAX_INGRESS_CONNECTIONS).contains(&g.max_connections) {
+                return Err(bad(f("max_connections"), format!("must be 1 to {MAX_INGRESS_CONNECTIONS}")));
             }
             if g.credit_wait_ms == 0 {
                 return Err(bad(f("credit_wait_ms"), "must be at least 1"));
@@ -909,6 +924,7 @@ runtime_dir = "/tmp/dne/edge"
             (1024, 1024, 256)
         );
         assert_eq!(c.ingresses[0].credit_wait_ms, 1000);
+        assert_eq!(c.ingresses[0].max_connections, 4096);
         assert_eq!(c.ingress_node_id(0), Some(2));
         assert_eq!(c.fabric_node_id("edge"), Some(2));
         assert_eq!(c.fabric_address(2), Some("127.0.0.1:7100"));
@@ -979,6 +995,11 @@ runtime_dir = "/tmp/dne/edge"
                 "runtime_dir = \"/tmp/dne/edge\"",
                 "runtime_dir = \"/tmp/dne/edge\"\ncredit_wait_ms = 0",
                 "ingress[0].credit_wait_ms: must be at least 1",
+            ),
+            (
+                "runtime_dir = \"/tmp/dne/edge\"",
+                "runtime_dir = \"/tmp/dne/edge\"\nmax_connections = 0",
+                "ingress[0].max_connections: must be 1 to 1048576",
             ),
             ("name = \"acme\"", "name = \"ac me\"", "tenant[0].name"),
             ("weight = 6", "weight = 6\ncolour = \"red\"", "unknown field `colour`"),

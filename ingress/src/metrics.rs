@@ -16,7 +16,10 @@
 //!   and requests whose client left before its answer (client_gone);
 //! * `dne_ingress_in_flight{tenant}`: requests being handled;
 //! * `dne_ingress_pool_free_buffers{tenant}`,
-//!   `dne_ingress_pool_buffers{tenant}`: the tenant's ingress pool.
+//!   `dne_ingress_pool_buffers{tenant}`: the tenant's ingress pool;
+//! * `dne_ingress_connections`: client connections open;
+//!   `dne_ingress_connections_refused_total`: connections answered 503 and
+//!   closed because `max_connections` were open.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -91,6 +94,10 @@ pub struct Metrics {
     /// Messages from the cluster dropped by the upstream, by reason (set
     /// at scrape time from [`crate::Upstream::dropped`]).
     pub upstream_dropped: Family<ReasonLabels, Counter>,
+    /// Client connections open (set at scrape time).
+    pub connections: Gauge,
+    /// Connections refused because `max_connections` were open.
+    pub connections_refused: Counter,
 }
 
 /// Labels of [`Metrics::upstream_dropped`].
@@ -119,6 +126,8 @@ impl Metrics {
         let pool_free = Family::<TenantLabels, Gauge>::default();
         let pool_size = Family::<TenantLabels, Gauge>::default();
         let upstream_dropped = Family::<ReasonLabels, Counter>::default();
+        let connections = Gauge::default();
+        let connections_refused = Counter::default();
         registry.register("dne_ingress_requests", "HTTP responses by route, tenant and status", requests.clone());
         registry.register(
             "dne_ingress_request_duration_seconds",
@@ -136,6 +145,12 @@ impl Metrics {
             "Messages from the cluster dropped with no request waiting for them, by reason",
             upstream_dropped.clone(),
         );
+        registry.register("dne_ingress_connections", "Client connections open", connections.clone());
+        registry.register(
+            "dne_ingress_connections_refused",
+            "Client connections answered 503 and closed because max_connections were open",
+            connections_refused.clone(),
+        );
         Self {
             registry,
             requests,
@@ -147,6 +162,8 @@ impl Metrics {
             pool_free,
             pool_size,
             upstream_dropped,
+            connections,
+            connections_refused,
         }
     }
 

@@ -95,6 +95,9 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Seconds announced in `Retry-After` with a 503.
     pub retry_after_s: u32,
+    /// Client connections open at once (the HTTP listener's; the admin
+    /// listener's are not counted); one more is answered 503 and closed.
+    pub max_connections: usize,
 }
 
 impl Settings {
@@ -102,7 +105,7 @@ impl Settings {
     /// defaults for the rest.
     pub fn for_ingress(cluster: &Cluster, name: &str) -> Option<Self> {
         let g = cluster.ingresses.iter().find(|g| g.name == name)?;
-        Some(Self { body_limit: g.body_limit, ..Self::default() })
+        Some(Self { body_limit: g.body_limit, max_connections: g.max_connections as usize, ..Self::default() })
     }
 }
 
@@ -117,6 +120,7 @@ impl Default for Settings {
             write_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
             retry_after_s: 1,
+            max_connections: 4096,
         }
     }
 }
@@ -153,7 +157,21 @@ pub struct Ingress {
     drops_copy: Mutex<()>,
     next_request: AtomicU32,
     settings: Settings,
+    /// One permit per client connection the HTTP listener may hold open.
+    conn_slots: Arc<tokio::sync::Semaphore>,
+    /// One permit per refused connection being told so (see
+    /// [`Ingress::refuse`]).
+    refusal_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Refused connections told so at once; more are closed without a word
+/// (telling one holds a descriptor, up to [`REFUSAL_WRITE_WITHIN`]).
+const REFUSALS_AT_ONCE: usize = 64;
+/// Longest a refused connection is given to take its 503.
+const REFUSAL_WRITE_WITHIN: Duration = Duration::from_secs(1);
+/// Descriptors the ingress keeps for itself beyond its connections (pools,
+/// fabric, admin, logs), when it raises its descriptor limit.
+const FD_RESERVE: u64 = 1024;
 
 impl core::fmt::Debug for Ingress {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -238,6 +256,8 @@ impl Ingress {
             metrics,
             drops_copy: Mutex::new(()),
             next_request: AtomicU32::new(first_request_id()),
+            conn_slots: Arc::new(tokio::sync::Semaphore::new(settings.max_connections)),
+            refusal_slots: Arc::new(tokio::sync::Semaphore::new(REFUSALS_AT_ONCE)),
             settings,
         }
     }
@@ -261,6 +281,8 @@ impl Ingress {
             c.inc_by(n.saturating_sub(c.get()));
         }
         drop(copying);
+        let open = self.settings.max_connections.saturating_sub(self.conn_slots.available_permits());
+        self.metrics.connections.set(i64::try_from(open).unwrap_or(i64::MAX));
         self.metrics.encode()
     }
 
@@ -272,6 +294,7 @@ impl Ingress {
         admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
+        raise_fd_limit(self.settings.max_connections as u64 + FD_RESERVE);
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tokio::pin!(shutdown);
         let metrics_on_main = admin.is_none();
@@ -296,6 +319,18 @@ impl Ingress {
                     continue;
                 }
             };
+            // Held by the connection's task until the connection ends.
+            let slot = if is_admin {
+                None
+            } else {
+                match self.conn_slots.clone().try_acquire_owned() {
+                    Ok(slot) => Some(slot),
+                    Err(_) => {
+                        self.refuse(stream, peer);
+                        continue;
+                    }
+                }
+            };
             let _ = stream.set_nodelay(true);
             let me = self.clone();
             let client = Arc::new(Client::new(peer));
@@ -310,6 +345,7 @@ impl Ingress {
                 .serve_connection(TokioIo::new(StallIo::new(stream, self.settings.write_timeout)), svc);
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
+                let _slot = slot;
                 if let Err(e) = conn.await {
                     log::debug!("connection from {peer}: {e}");
                 }
@@ -322,6 +358,43 @@ impl Ingress {
             log::warn!("shutdown: connections still open after {:?}", self.settings.shutdown_grace);
         }
         Ok(())
+    }
+
+    /// A connection beyond `max_connections`: answered 503 with
+    /// `Retry-After` and closed, without reading its request (counted in
+    /// `dne_ingress_connections_refused_total`). At most
+    /// [`REFUSALS_AT_ONCE`] are being told so at a time, each for at most
+    /// [`REFUSAL_WRITE_WITHIN`]; beyond that one is closed without a word.
+    fn refuse(&self, mut stream: tokio::net::TcpStream, peer: SocketAddr) {
+        self.metrics.connections_refused.inc();
+        let n = self.metrics.connections_refused.get();
+        if n.is_power_of_two() {
+            log::warn!(
+                "{} client connections open (max_connections): refusing new ones ({n} so far; from {peer})",
+                self.settings.max_connections
+            );
+        }
+        let Ok(slot) = self.refusal_slots.clone().try_acquire_owned() else { return };
+        let answer = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 21\r\n\
+             retry-after: {}\r\nconnection: close\r\n\r\ntoo many connections\n",
+            self.settings.retry_after_s
+        );
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _slot = slot;
+            let _ = tokio::time::timeout(REFUSAL_WRITE_WITHIN, async {
+                stream.write_all(answer.as_bytes()).await?;
+                stream.shutdown().await?;
+                // Read what the client sent until it closes: closing with
+                // its request unread would reset the connection, and the
+                // reset can reach the client before the 503.
+                let mut sink = [0u8; 1024];
+                while stream.read(&mut sink).await? > 0 {}
+                std::io::Result::Ok(())
+            })
+            .await;
+        });
     }
 
     async fn handle(
@@ -872,6 +945,31 @@ fn has_dot_segment(path: &str) -> bool {
         i += n;
     }
     false
+}
+
+/// Raises this process's soft limit of open descriptors to `want` (at most
+/// the hard limit) if it is lower: each client connection holds one, and
+/// the usual soft limit (1024) is below the default `max_connections`.
+fn raise_fd_limit(want: u64) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let cur = lim.current.unwrap_or(u64::MAX);
+    if cur >= want {
+        return;
+    }
+    let new = want.min(lim.maximum.unwrap_or(u64::MAX));
+    if new > cur
+        && let Err(e) = setrlimit(Resource::Nofile, Rlimit { current: Some(new), maximum: lim.maximum })
+    {
+        log::warn!("cannot raise the open-file limit from {cur} to {new}: {e}");
+        return;
+    }
+    if new < want {
+        log::warn!(
+            "open-file limit {new} (the hard limit) is below max_connections and the ingress's own \
+             {FD_RESERVE}: connections beyond it fail to be accepted"
+        );
+    }
 }
 
 /// Whether a request's transfer codings, if it has any, are `chunked`

@@ -1055,3 +1055,47 @@ async fn forwarded_headers_over_the_envelopes_limits_get_431() {
     srv.assert_no_leak().await;
     srv.stop().await;
 }
+
+/// Connections beyond `max_connections` are answered 503 with
+/// `Retry-After` and closed at once, counted; the ones open are served on,
+/// and once one closes a new connection is served. Before, every
+/// connection was taken (each holds a descriptor, idle ones for up to the
+/// head timeout) until accepting failed for lack of descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_max_connections_get_503_and_are_closed() {
+    let srv = Server::start_with(512, InProcessConfig::default(), |s| s.max_connections = 2).await;
+    let mut a = Client::connect(srv.addr).await;
+    let (st, _, body) = a.post("/chain", b"first").await;
+    assert_eq!((st, body), (StatusCode::OK, chain(b"first")));
+    // An idle connection holds the second slot (the server counts it once
+    // it has accepted it: wait for the gauge).
+    let idle = TcpStream::connect(srv.addr).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&srv, "dne_ingress_connections ") != Some(2) {
+        assert!(Instant::now() < deadline, "{}", srv.ingress.metrics_text());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The third: its request is answered 503 and the connection closes.
+    let (st, head, body) =
+        raw(srv.addr, b"POST /chain HTTP/1.1\r\nhost: ingress.test\r\ncontent-length: 1\r\n\r\nx").await;
+    assert_eq!(st, 503, "{head}");
+    assert!(head.to_ascii_lowercase().contains("retry-after: 1\r\n"), "{head}");
+    assert_eq!(body, b"too many connections\n");
+    assert_eq!(metric(&srv, "dne_ingress_connections_refused_total "), Some(1));
+    // The open ones are served on.
+    let (st, _, body) = a.post("/chain", b"again").await;
+    assert_eq!((st, body), (StatusCode::OK, chain(b"again")));
+    // A slot freed is taken again.
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&srv, "dne_ingress_connections ") != Some(1) {
+        assert!(Instant::now() < deadline, "{}", srv.ingress.metrics_text());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut b = Client::connect(srv.addr).await;
+    let (st, _, body) = b.post("/chain", b"third").await;
+    assert_eq!((st, body), (StatusCode::OK, chain(b"third")));
+    drop((a, b));
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
