@@ -559,7 +559,7 @@ impl Function {
                     msg = Msg { lease, desc };
                     match e {
                         RingPushError::Full => return Err((SendErrorKind::Full, Some(msg))),
-                        RingPushError::Closed | RingPushError::Corrupted => {
+                        RingPushError::Closed | RingPushError::Corrupted | RingPushError::Abandoned => {
                             set.instances.swap_remove(i);
                         }
                     }
@@ -648,7 +648,7 @@ impl Function {
                 None if refused.is_none() => {}
                 None => return Err(refused.unwrap_or(SendErrorKind::Full)),
                 Some(RingPushError::Full) => return Err(SendErrorKind::Full),
-                Some(RingPushError::Closed | RingPushError::Corrupted) => {
+                Some(RingPushError::Closed | RingPushError::Corrupted | RingPushError::Abandoned) => {
                     if let Some(set) = self.peers.get_mut(to) {
                         set.instances.swap_remove(i);
                     }
@@ -752,10 +752,12 @@ impl Function {
             // to this function and in no ring, which host-shimd's orphan
             // scan frees after a death in the tenant.
             // A hang-up of the control connection is looked at only when
-            // the wait sleeps, not on the spinning path.
+            // the wait sleeps; the ring's closed flag (host-shimd stopped
+            // cleanly, or dropped this function) also while it spins.
             let hangup = Some(std::os::fd::AsFd::as_fd(&self.conn));
-            if self.inbox.wait_ready(&self.bell, hangup, self.spin, left)? == Wait::HungUp {
-                return Err(RecvError::ShimdGone);
+            match self.inbox.wait_ready(&self.bell, hangup, self.spin, left)? {
+                Wait::HungUp | Wait::Closed => return Err(RecvError::ShimdGone),
+                Wait::Ready | Wait::TimedOut => {}
             }
         }
     }

@@ -1,7 +1,9 @@
 //! Descriptor rings: a bounded multi-producer, single-consumer queue of
 //! [`Descriptor`]s in shared memory (one per function instance: its inbound
 //! ring, into which any function of the tenant and the agent push directly),
-//! with batch push and pop and a sleep flag for the doorbell.
+//! with batch push and pop, a sleep flag for the doorbell, and a closed flag
+//! its creator sets when the consumer dies or when the creator itself stops
+//! (then pushes fail, and the consumer's wait ends once the ring is empty).
 //!
 //! The algorithm is Dmitry Vyukov's bounded queue: every slot carries a lap
 //! sequence number; a producer claims positions by advancing the shared tail
@@ -31,6 +33,7 @@
 use crate::sync::{AtomicU32, AtomicU64, fence};
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 use wire::Descriptor;
+use wire::segment::RING_ABANDONED;
 
 /// The shared cells of a ring. `slot < capacity()` for the slot accessors.
 pub(crate) trait RingCells {
@@ -45,7 +48,8 @@ pub(crate) trait RingCells {
     fn head_seen(&self) -> &AtomicU64;
     /// Non-zero while the consumer sleeps on its doorbell.
     fn sleeping(&self) -> &AtomicU32;
-    /// Non-zero once the consumer is gone.
+    /// Non-zero once the ring is closed ([`wire::segment::RING_CONSUMER_GONE`]
+    /// or [`wire::segment::RING_ABANDONED`]).
     fn closed(&self) -> &AtomicU32;
     /// Sequence of a slot.
     fn seq(&self, slot: u32) -> &AtomicU32;
@@ -68,6 +72,10 @@ pub enum RingPushError {
     /// The consumer is gone (its function died): nothing was pushed.
     #[error("ring closed: the consumer is gone")]
     Closed,
+    /// The ring's creator stopped (host-shimd exited cleanly): nothing
+    /// pushed into any of its rings would be delivered. Nothing was pushed.
+    #[error("ring abandoned: host-shimd, which made it, stopped")]
+    Abandoned,
 }
 
 /// Result of a successful push.
@@ -113,9 +121,11 @@ fn lap_free_by_head(c: &impl RingCells, pos: u64, cap: u64) -> bool {
 /// Pushes up to `descs.len()` descriptors, in order; returns how many went
 /// in (at least one) and whether to wake the consumer.
 pub(crate) fn push(c: &impl RingCells, descs: &[Descriptor]) -> Result<Pushed, RingPushError> {
-    // Acquire: pairs with the Release store of `close`.
-    if c.closed().load(Acquire) != 0 {
-        return Err(RingPushError::Closed);
+    // Acquire: pairs with the Release store of `close` and `abandon`.
+    match c.closed().load(Acquire) {
+        0 => {}
+        RING_ABANDONED => return Err(RingPushError::Abandoned),
+        _ => return Err(RingPushError::Closed),
     }
     if descs.is_empty() {
         return Ok(Pushed { count: 0, wake: false });
@@ -358,6 +368,22 @@ mod tests {
         let n = pop(&c, &mut head, &mut out);
         let got: Vec<u32> = out[..n].iter().map(|d| d.request).collect();
         assert_eq!(got, [3, 4, 5, 6]);
+    }
+
+    /// The closed flag says why: an abandoned ring (its creator stopped)
+    /// is told apart from a consumer gone, and any other non-zero value
+    /// counts as a consumer gone.
+    #[test]
+    fn a_closed_ring_says_whether_it_was_abandoned() {
+        let c = Cells::new(4);
+        c.closed.store(wire::segment::RING_ABANDONED, Relaxed);
+        assert_eq!(push(&c, &[d(1)]), Err(RingPushError::Abandoned));
+        c.closed.store(wire::segment::RING_CONSUMER_GONE, Relaxed);
+        assert_eq!(push(&c, &[d(1)]), Err(RingPushError::Closed));
+        c.closed.store(7, Relaxed);
+        assert_eq!(push(&c, &[d(1)]), Err(RingPushError::Closed));
+        c.closed.store(0, Relaxed);
+        assert_eq!(push(&c, &[d(1)]).map(|p| p.count), Ok(1));
     }
 
     #[test]
@@ -637,8 +663,8 @@ mod segment {
     use std::time::{Duration, Instant};
     use wire::Descriptor;
     use wire::segment::{
-        RING_CONSUMER_OFFSET, RING_PRODUCER_OFFSET, RING_SLOT_DESC_OFFSET, RingCursor, RingHeader, RingLayout,
-        RingSlot, SegmentError,
+        RING_ABANDONED, RING_CONSUMER_GONE, RING_CONSUMER_OFFSET, RING_PRODUCER_OFFSET, RING_SLOT_DESC_OFFSET,
+        RingCursor, RingHeader, RingLayout, RingSlot, SegmentError,
     };
 
     /// A ring could not be created or opened.
@@ -816,12 +842,30 @@ mod segment {
         /// [`RingPushError::Closed`] (host-shimd, when the function dies).
         pub fn close(&self) {
             // Release: pairs with the Acquire check at the start of `push`.
-            self.closed().store(1, std::sync::atomic::Ordering::Release);
+            self.closed().store(RING_CONSUMER_GONE, std::sync::atomic::Ordering::Release);
         }
 
-        /// Whether the consumer is gone.
+        /// Marks the ring abandoned by its creator: every later push fails
+        /// with [`RingPushError::Abandoned`], and the consumer's waits end
+        /// once it is empty ([`Wait::Closed`]; ring its doorbell too, for a
+        /// consumer asleep). For host-shimd when it stops cleanly: nothing
+        /// pushed from now on would be delivered. A push already past its
+        /// check of the flag still lands (its consumer may take it).
+        pub fn abandon(&self) {
+            // Release: pairs with the Acquire check at the start of `push`
+            // and the consumer's in `Consumer::wait_with`.
+            self.closed().store(RING_ABANDONED, std::sync::atomic::Ordering::Release);
+        }
+
+        /// Whether the ring is closed: its consumer gone, or the ring
+        /// abandoned.
         pub fn is_closed(&self) -> bool {
             self.closed().load(std::sync::atomic::Ordering::Acquire) != 0
+        }
+
+        /// Whether the ring's creator abandoned it ([`Ring::abandon`]).
+        pub fn is_abandoned(&self) -> bool {
+            self.closed().load(std::sync::atomic::Ordering::Acquire) == RING_ABANDONED
         }
 
         /// For the ring's creator while no consumer is attached (host-shimd
@@ -941,7 +985,8 @@ mod segment {
 
         /// Pops, spinning for up to `spin`, then sleeping on `bell` until
         /// something arrives or `timeout` passes (`None`: no limit).
-        /// Returns how many descriptors were popped (0 only on timeout).
+        /// Returns how many descriptors were popped (0 on timeout, or when
+        /// the ring is empty and closed: see [`Wait::Closed`]).
         pub fn pop_wait(
             &mut self,
             out: &mut [Descriptor],
@@ -952,7 +997,7 @@ mod segment {
             Ok(match self.wait_with(bell, None, spin, timeout, |c| c.pop(out))? {
                 Woke::Got(n) => n,
                 // Nothing is watched: a hang-up cannot end this wait.
-                Woke::TimedOut | Woke::HungUp => 0,
+                Woke::TimedOut | Woke::HungUp | Woke::Closed => 0,
             })
         }
 
@@ -968,6 +1013,11 @@ mod segment {
         /// (the spin polls the ring alone), and only after the sleep flag
         /// is set and the ring seen empty, so descriptors that arrived
         /// before the hang-up are reported first.
+        ///
+        /// It ends with [`Wait::Closed`] once the ring is empty and marked
+        /// closed ([`Ring::abandon`], [`Ring::close`]): that flag is looked
+        /// at while it spins too (every 64 polls, with the clock), and
+        /// before each sleep.
         pub fn wait_ready(
             &mut self,
             bell: &Doorbell,
@@ -979,11 +1029,13 @@ mod segment {
                 Woke::Got(_) => Wait::Ready,
                 Woke::TimedOut => Wait::TimedOut,
                 Woke::HungUp => Wait::HungUp,
+                Woke::Closed => Wait::Closed,
             })
         }
 
         /// The wait of `pop_wait` and `wait_ready`: `poll` until it returns
-        /// non-zero, spinning, then sleeping on `bell` (and on `hangup`).
+        /// non-zero, spinning, then sleeping on `bell` (and on `hangup`),
+        /// or until the ring is found closed after an empty poll.
         fn wait_with(
             &mut self,
             bell: &Doorbell,
@@ -1008,6 +1060,13 @@ mod segment {
                     }
                     polls = polls.wrapping_add(1);
                     if polls.is_multiple_of(64) {
+                        // The producers' line, read once per 64 empty
+                        // polls: a ring closed while its consumer spins
+                        // ends the wait (nothing more can be pushed).
+                        // The last poll found it empty.
+                        if self.ring.is_closed() {
+                            return Ok(Woke::Closed);
+                        }
                         let now = Instant::now();
                         if now.duration_since(start) >= spin || deadline.is_some_and(|d| now >= d) {
                             break;
@@ -1049,6 +1108,10 @@ mod segment {
         TimedOut,
         /// The ring was empty and the watched fd reported a hang-up.
         HungUp,
+        /// The ring was empty and is closed: its creator abandoned it
+        /// (host-shimd stopped cleanly) or marked its consumer gone.
+        /// Nothing more can be pushed into it.
+        Closed,
     }
 
     /// How `Consumer::wait_with` ended.
@@ -1057,6 +1120,7 @@ mod segment {
         Got(usize),
         TimedOut,
         HungUp,
+        Closed,
     }
 
     /// How a sleep on a doorbell ended.
@@ -1303,6 +1367,57 @@ mod segment {
             // (The 60 s timeout is the watchdog: on a miss this is `TimedOut`.)
             assert_eq!(cons.wait_ready(&bell, watch, Duration::ZERO, long).unwrap(), Wait::HungUp);
             assert_eq!(cons.wait_ready(&bell, None, Duration::ZERO, short).unwrap(), Wait::TimedOut, "nothing watched");
+        }
+
+        /// A ring its creator abandoned refuses pushes with `Abandoned`,
+        /// and its consumer's wait ends with `Closed` once it has taken
+        /// what was pushed before, also a wait that only spins (it never
+        /// sleeps, so no doorbell or hang-up can end it), and a `pop_wait`
+        /// returns 0. Before, there was no way to tell it apart from a
+        /// consumer gone, and a spinning wait ran to its timeout.
+        #[test]
+        fn an_abandoned_ring_refuses_pushes_and_ends_a_spinning_wait() {
+            let ring = Ring::create("dne-ring-abandon", 8, 1, 2, 3).unwrap();
+            let creator = Ring::open(ring.fd().try_clone_to_owned().unwrap()).unwrap();
+            let prod = Ring::open(ring.fd().try_clone_to_owned().unwrap()).unwrap();
+            let bell = Doorbell::new().unwrap();
+            let mut cons = ring.into_consumer();
+            prod.push(&[d(1)]).unwrap();
+            creator.abandon();
+            assert!(prod.is_closed() && prod.is_abandoned());
+            assert_eq!(prod.push(&[d(2)]), Err(RingPushError::Abandoned));
+            // (The 60 s timeout is the watchdog: on a miss this is `TimedOut`.)
+            let long = Some(Duration::from_secs(60));
+            assert_eq!(cons.wait_ready(&bell, None, Duration::MAX, long).unwrap(), Wait::Ready, "what came before");
+            let mut out = [Descriptor::default(); 2];
+            assert_eq!(cons.pop(&mut out), 1);
+            assert_eq!(cons.wait_ready(&bell, None, Duration::MAX, long).unwrap(), Wait::Closed, "spinning");
+            assert_eq!(cons.wait_ready(&bell, None, Duration::ZERO, long).unwrap(), Wait::Closed, "sleeping");
+            assert_eq!(cons.pop_wait(&mut out, &bell, Duration::MAX, long).unwrap(), 0);
+            // A consumer marked gone is not an abandoned ring.
+            let other = Ring::create("dne-ring-gone", 8, 1, 2, 3).unwrap();
+            other.close();
+            assert!(other.is_closed() && !other.is_abandoned());
+            assert_eq!(other.push(&[d(3)]), Err(RingPushError::Closed));
+        }
+
+        /// A consumer asleep on its doorbell when the ring is abandoned
+        /// wakes at the creator's ring of the doorbell and ends with
+        /// `Closed`, with no hang-up to watch.
+        #[test]
+        fn a_sleeping_wait_ends_when_the_ring_is_abandoned_and_its_bell_rung() {
+            let ring = Ring::create("dne-ring-abandon-sleep", 8, 1, 2, 3).unwrap();
+            let creator = Ring::open(ring.fd().try_clone_to_owned().unwrap()).unwrap();
+            let bell = Doorbell::new().unwrap();
+            let creators_bell = Doorbell::from_fd(bell.fd().try_clone_to_owned().unwrap());
+            let mut cons = ring.into_consumer();
+            let t = std::thread::spawn(move || {
+                cons.wait_ready(&bell, None, Duration::ZERO, Some(Duration::from_secs(60))).unwrap()
+            });
+            std::thread::sleep(Duration::from_millis(20));
+            creator.abandon();
+            creators_bell.ring().unwrap();
+            assert_eq!(t.join().unwrap(), Wait::Closed);
         }
 
         #[test]

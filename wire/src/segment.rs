@@ -287,13 +287,23 @@ pub struct RingCursor {
     /// Producer cursor only: non-zero while the consumer sleeps on its
     /// doorbell and wants to be woken.
     pub sleeping: u32,
-    /// Producer cursor only: non-zero once the consumer is gone (set by
-    /// host-shimd when the function dies); producers stop pushing.
+    /// Producer cursor only: non-zero once the ring is closed, and
+    /// producers stop pushing: [`RING_CONSUMER_GONE`] (host-shimd, when the
+    /// function dies) or [`RING_ABANDONED`] (host-shimd, when it stops
+    /// cleanly); any other non-zero value counts as the first.
     pub closed: u32,
     /// Must be zero.
     pub reserved: [u8; 48],
 }
 const _: () = assert!(size_of::<RingCursor>() == CACHE_LINE);
+
+/// [`RingCursor::closed`]: the ring's consumer is gone (it died, or
+/// host-shimd dropped it); the tenant's other rings stay open.
+pub const RING_CONSUMER_GONE: u32 = 1;
+/// [`RingCursor::closed`]: the ring's creator stopped (host-shimd exited
+/// cleanly), so nothing pushed into it would ever be delivered, whoever
+/// still maps it.
+pub const RING_ABANDONED: u32 = 2;
 
 /// One ring slot: a lap sequence number (Vyukov bounded queue) and the
 /// descriptor.
