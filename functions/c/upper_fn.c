@@ -75,6 +75,12 @@ int main(int argc, char **argv) {
             fprintf(stderr, "upper_fn: send: %s\n", dne_status_str(st));
             if (msg)
                 release(fn, msg);
+            if (st == DNE_ERR_SHIMD_GONE) {
+                /* host-shimd stopped: nothing sent from here on would be
+                 * delivered. Exit; the supervisor starts us against the new one. */
+                dne_detach(fn);
+                return 1;
+            }
         }
     }
 }

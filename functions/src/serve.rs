@@ -255,7 +255,7 @@ fn error_code(kind: &SendErrorKind) -> ErrorCode {
         SendErrorKind::NoInstance => ErrorCode::PeerDied,
         SendErrorKind::Full => ErrorCode::Overloaded,
         SendErrorKind::Ownership(_) | SendErrorKind::BadDescriptor(_) => ErrorCode::BadDescriptor,
-        SendErrorKind::Shimd(_) => ErrorCode::Unreachable,
+        SendErrorKind::Shimd(_) | SendErrorKind::ShimdGone => ErrorCode::Unreachable,
     }
 }
 

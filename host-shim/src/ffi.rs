@@ -16,7 +16,7 @@
 //! freely between threads.
 #![allow(unsafe_code, non_camel_case_types)]
 
-use crate::function::{AttachError, Function, Msg, SendErrorKind};
+use crate::function::{AttachError, Function, Msg, RecvError, SendErrorKind};
 use std::ffi::{CStr, c_char, c_int};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -35,8 +35,7 @@ pub enum dne_status {
     DNE_OK = 0,
     /// A pointer was NULL or a string was not valid UTF-8 / not a valid name.
     DNE_ERR_INVALID_ARG = 1,
-    /// host-shimd could not be reached or answered wrongly, or (from
-    /// `dne_recv`) is gone: nothing will arrive any more.
+    /// host-shimd could not be reached or answered wrongly.
     DNE_ERR_SHIMD = 2,
     /// host-shimd refused: the function or tenant does not match the config.
     DNE_ERR_REFUSED = 3,
@@ -56,11 +55,15 @@ pub enum dne_status {
     DNE_ERR_OWNERSHIP = 10,
     /// A bug: a panic was caught at the C boundary.
     DNE_ERR_INTERNAL = 11,
+    /// host-shimd is gone (it stopped): nothing will arrive any more, and
+    /// nothing sent would be delivered (`dne_send` hands the message
+    /// back). Detach, and attach again to the new host-shimd or exit.
+    DNE_ERR_SHIMD_GONE = 12,
 }
 
 impl dne_status {
     /// Every status, in code order.
-    const ALL: [dne_status; 12] = [
+    const ALL: [dne_status; 13] = [
         dne_status::DNE_OK,
         dne_status::DNE_ERR_INVALID_ARG,
         dne_status::DNE_ERR_SHIMD,
@@ -73,6 +76,7 @@ impl dne_status {
         dne_status::DNE_ERR_TIMEOUT,
         dne_status::DNE_ERR_OWNERSHIP,
         dne_status::DNE_ERR_INTERNAL,
+        dne_status::DNE_ERR_SHIMD_GONE,
     ];
 
     /// The status with code `code`, if there is one.
@@ -99,7 +103,7 @@ pub extern "C" fn dne_status_str(status: c_int) -> *const c_char {
     let s: &'static CStr = match status {
         dne_status::DNE_OK => c"ok",
         dne_status::DNE_ERR_INVALID_ARG => c"invalid argument",
-        dne_status::DNE_ERR_SHIMD => c"host-shimd unreachable, gone, or protocol error",
+        dne_status::DNE_ERR_SHIMD => c"host-shimd unreachable or protocol error",
         dne_status::DNE_ERR_REFUSED => c"refused by host-shimd",
         dne_status::DNE_ERR_EXHAUSTED => c"pool exhausted or message too large",
         dne_status::DNE_ERR_UNKNOWN_FUNCTION => c"unknown function",
@@ -109,6 +113,7 @@ pub extern "C" fn dne_status_str(status: c_int) -> *const c_char {
         dne_status::DNE_ERR_TIMEOUT => c"timed out",
         dne_status::DNE_ERR_OWNERSHIP => c"buffer ownership violated",
         dne_status::DNE_ERR_INTERNAL => c"internal error",
+        dne_status::DNE_ERR_SHIMD_GONE => c"host-shimd is gone (it stopped; attach again to the new one)",
     };
     s.as_ptr()
 }
@@ -138,6 +143,7 @@ fn send_status(kind: &SendErrorKind) -> dne_status {
         SendErrorKind::Full => dne_status::DNE_ERR_FULL,
         SendErrorKind::Ownership(_) => dne_status::DNE_ERR_OWNERSHIP,
         SendErrorKind::Shimd(_) => dne_status::DNE_ERR_SHIMD,
+        SendErrorKind::ShimdGone => dne_status::DNE_ERR_SHIMD_GONE,
         SendErrorKind::BadDescriptor(_) => dne_status::DNE_ERR_INVALID_ARG,
     }
 }
@@ -322,6 +328,7 @@ pub extern "C" fn dne_error_code_str(code: c_int) -> *const c_char {
 /// is gone). On failure `*m` stays valid and the caller still owns it,
 /// except after `DNE_ERR_NO_INSTANCE` with `*m == NULL`: the receiver died
 /// holding it and host-shimd returned its buffers to the pool.
+/// `DNE_ERR_SHIMD_GONE`: host-shimd stopped; `*m` is handed back (free it).
 ///
 /// # Safety
 ///
@@ -365,8 +372,10 @@ pub unsafe extern "C" fn dne_send(f: *mut dne_fn, m: *mut *mut dne_msg, to: *con
 
 /// Receives one message, waiting up to `timeout_ms` milliseconds (negative:
 /// forever). Spins briefly, then sleeps on the doorbell. `DNE_ERR_TIMEOUT`:
-/// nothing arrived in time. `DNE_ERR_SHIMD`: host-shimd is gone (seen when
-/// the wait sleeps with nothing to take; a zero timeout does not sleep).
+/// nothing arrived in time. `DNE_ERR_SHIMD_GONE`: host-shimd is gone (seen
+/// once nothing is left to take: when the wait sleeps, or while it spins
+/// after host-shimd stopped cleanly; a zero timeout does neither).
+/// `DNE_ERR_SHIMD`: waiting on the doorbell failed.
 ///
 /// # Safety
 ///
@@ -387,7 +396,11 @@ pub unsafe extern "C" fn dne_recv(f: *mut dne_fn, timeout_ms: i32, out: *mut *mu
                 dne_status::DNE_OK
             }
             Ok(None) => dne_status::DNE_ERR_TIMEOUT,
-            Err(_) => dne_status::DNE_ERR_SHIMD,
+            Err(RecvError::ShimdGone) => dne_status::DNE_ERR_SHIMD_GONE,
+            Err(RecvError::Io(e)) => {
+                log::warn!("dne_recv: {e}");
+                dne_status::DNE_ERR_SHIMD
+            }
         }
     })
 }
@@ -435,7 +448,7 @@ mod tests {
     /// number was undefined behaviour (a crash or a garbage string).
     #[test]
     fn numbers_that_are_no_status_get_a_message() {
-        for code in [12, 200, -1, c_int::MIN, c_int::MAX] {
+        for code in [13, 200, -1, c_int::MIN, c_int::MAX] {
             // SAFETY: `dne_status_str` returns a static C string.
             let msg = unsafe { CStr::from_ptr(dne_status_str(code)) };
             assert_eq!(msg, c"unknown status", "{code}");

@@ -88,6 +88,17 @@ pub enum SendErrorKind {
     /// host-shimd could not be asked.
     #[error("host-shimd: {0}")]
     Shimd(String),
+    /// host-shimd is gone: it stopped and marked every ring it made
+    /// abandoned (a clean stop: SIGTERM, SIGINT), or its end of the
+    /// control connection closed (asked about a function not looked up
+    /// before). Nothing sent through this attach would be delivered any
+    /// more; the message is handed back. Attach again once a new
+    /// host-shimd is up (or exit and let the supervisor restart the
+    /// function). After host-shimd was killed outright (SIGKILL), sends
+    /// into rings looked up before are not refused: see README.md, "When
+    /// host-shimd goes away".
+    #[error("host-shimd is gone (it stopped; attach again to the new one)")]
+    ShimdGone,
     /// The message's descriptor has fields no receiver accepts (a status
     /// without [`wire::DescFlags::ERROR`], an unknown flag, a reserved
     /// field set, see [`Descriptor::validate_fields`]): its receiver would
@@ -112,9 +123,10 @@ pub enum RecvError {
     /// Waiting on the doorbell failed.
     #[error("doorbell: {0}")]
     Io(#[from] io::Error),
-    /// The control connection to host-shimd hung up: host-shimd is gone
-    /// (or dropped this function), nothing will arrive any more. Seen
-    /// when a receive sleeps with its ring empty.
+    /// host-shimd is gone (or dropped this function), nothing will
+    /// arrive any more. Seen once the ring is empty: while a receive
+    /// sleeps (the control connection hung up), and also while it spins
+    /// when host-shimd stopped cleanly (it marks the ring closed).
     #[error("host-shimd is gone (the control connection closed)")]
     ShimdGone,
 }
@@ -438,14 +450,20 @@ impl Function {
         let name = Name::new(to).map_err(|_| SendErrorKind::UnknownFunction)?;
         let seq = self.seq;
         self.seq = self.seq.wrapping_add(1);
-        let shimd = |e: io::Error| SendErrorKind::Shimd(e.to_string());
+        let shimd = |e: io::Error| match e.kind() {
+            // Its end of the connection is closed: it is gone.
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::NotConnected => {
+                SendErrorKind::ShimdGone
+            }
+            _ => SendErrorKind::Shimd(e.to_string()),
+        };
         self.conn.send(&CtrlFrame { seq, msg: CtrlMsg::Lookup(Lookup { function: name }) }, &[]).map_err(shimd)?;
         let mut set = PeerSet { function: 0, instances: Vec::new(), next: 0, standin_until: None };
         let mut buf = [0u8; CTRL_MAX_FRAME];
         loop {
             let r = self.conn.recv(&mut buf).map_err(shimd)?;
             if r.len == 0 {
-                return Err(SendErrorKind::Shimd("host-shimd closed the connection".into()));
+                return Err(SendErrorKind::ShimdGone);
             }
             let (frame, _) = CtrlFrame::decode(&buf[..r.len]).map_err(|e| SendErrorKind::Shimd(e.to_string()))?;
             if frame.seq != seq {
@@ -498,7 +516,9 @@ impl Function {
 
     /// Sends a message to an instance of function `to` (round robin over
     /// its live instances). On failure the message comes back in the error
-    /// unless a peer took it.
+    /// unless a peer took it. Once host-shimd has stopped cleanly it fails
+    /// with [`SendErrorKind::ShimdGone`] (still one load of the ring's
+    /// closed flag, no system call).
     pub fn send(&mut self, msg: Msg, to: &str) -> Result<(), SendError> {
         if let Err(e) = msg.desc.validate_fields() {
             return Err(SendError { kind: SendErrorKind::BadDescriptor(e), msg: Some(msg) });
@@ -552,6 +572,9 @@ impl Function {
                 Err(e) => {
                     let lease = match self.pool.take_back(head, len, to_owner, holder) {
                         Ok(l) => l,
+                        // host-shimd is gone and reclaims nothing: a peer of
+                        // the tenant took the buffers.
+                        Err(_) if e == RingPushError::Abandoned => return Err((SendErrorKind::ShimdGone, None)),
                         // The receiver died and host-shimd reclaimed the
                         // buffers: they are back in the pool, not lost.
                         Err(_) => return Err((SendErrorKind::NoInstance, None)),
@@ -559,7 +582,10 @@ impl Function {
                     msg = Msg { lease, desc };
                     match e {
                         RingPushError::Full => return Err((SendErrorKind::Full, Some(msg))),
-                        RingPushError::Closed | RingPushError::Corrupted | RingPushError::Abandoned => {
+                        // Every ring this function has came from the same
+                        // host-shimd: no other instance would take it.
+                        RingPushError::Abandoned => return Err((SendErrorKind::ShimdGone, Some(msg))),
+                        RingPushError::Closed | RingPushError::Corrupted => {
                             set.instances.swap_remove(i);
                         }
                     }
@@ -573,7 +599,8 @@ impl Function {
     /// and at most one doorbell per batch of up to 32). Returns how many
     /// were sent; on an error the unsent messages stay in `msgs`, in order
     /// (a message whose receiver died holding it is not returned: host-shimd
-    /// put its buffers back in the pool).
+    /// put its buffers back in the pool). [`SendErrorKind::ShimdGone`] as
+    /// for [`send`](Self::send).
     pub fn send_batch(&mut self, msgs: &mut Vec<Msg>, to: &str) -> Result<usize, SendErrorKind> {
         let holder = self.holder();
         let mut sent = 0;
@@ -648,7 +675,8 @@ impl Function {
                 None if refused.is_none() => {}
                 None => return Err(refused.unwrap_or(SendErrorKind::Full)),
                 Some(RingPushError::Full) => return Err(SendErrorKind::Full),
-                Some(RingPushError::Closed | RingPushError::Corrupted | RingPushError::Abandoned) => {
+                Some(RingPushError::Abandoned) => return Err(SendErrorKind::ShimdGone),
+                Some(RingPushError::Closed | RingPushError::Corrupted) => {
                     if let Some(set) = self.peers.get_mut(to) {
                         set.instances.swap_remove(i);
                     }

@@ -547,7 +547,7 @@ fn c_function_frees_an_error_descriptor_instead_of_forwarding_it() {
 }
 
 /// The C sample exits (its `check(st, "recv")`, status 1) once host-shimd
-/// is gone: `dne_recv` fails with `DNE_ERR_SHIMD`. Before, `dne_recv`
+/// is gone: `dne_recv` fails with `DNE_ERR_SHIMD_GONE`. Before, `dne_recv`
 /// slept for ever and the process outlived host-shimd (here: killed at the
 /// watchdog).
 #[test]
