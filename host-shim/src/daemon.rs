@@ -30,6 +30,15 @@
 //! * Writes counters to `<runtime_dir>/shimd.status` (JSON) after every
 //!   control event, and at most every second when a pool's free count
 //!   moved with traffic, for operators and tests.
+//! * When it stops (SIGTERM, SIGINT, an error or a panic: whenever
+//!   [`Shimd`] is dropped), marks every ring it made abandoned
+//!   ([`Ring::abandon`]: the attached functions' and the uplinks) and rings
+//!   their doorbells, before the control connections close: from then on
+//!   every push into them fails (`SendErrorKind::ShimdGone`, the message
+//!   handed back), and every receive, spinning or asleep, ends once its
+//!   ring is empty. A new host-shimd makes new pools and rings, so nothing
+//!   pushed into these would be delivered. Killed outright (SIGKILL) it
+//!   cannot: the functions learn it only from the control connection.
 
 use crate::sock::{Conn, Listener};
 use config::Cluster;
@@ -272,6 +281,14 @@ pub fn serve_until_signalled(cfg: Cluster, node: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl Drop for Shimd {
+    /// host-shimd stops: every ring it made is abandoned, and their
+    /// consumers woken (see the module docs).
+    fn drop(&mut self) {
+        self.abandon_rings();
+    }
+}
+
 /// Path of host-shimd's socket in a runtime directory.
 pub fn socket_path(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("shimd.sock")
@@ -389,6 +406,27 @@ impl Shimd {
     /// Counters so far.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Marks every ring this host-shimd made abandoned and rings its
+    /// consumer's doorbell: the inbound rings of the attached functions
+    /// and every tenant's uplink. (The rings of functions that died were
+    /// closed then, and are gone.) For the stop: once done, nothing pushed
+    /// into them would be delivered.
+    fn abandon_rings(&self) {
+        let functions = self.clients.iter().filter_map(|c| c.attached.as_ref()).filter(|a| !a.agent);
+        let rings = functions.map(|a| (&a.ring, &a.bell)).chain(self.uplinks.values().map(|u| (&u.ring, &u.bell)));
+        let mut n = 0;
+        for (ring, bell) in rings {
+            ring.abandon();
+            // A consumer asleep wakes and finds the ring closed; one awake
+            // finds it while it spins (the doorbell stays rung, harmless).
+            if let Err(e) = bell.ring() {
+                log::warn!("waking a consumer of an abandoned ring: {e}");
+            }
+            n += 1;
+        }
+        log::info!("host-shimd stopping: {n} rings marked abandoned, their senders and receivers told");
     }
 
     /// Serves until `stop` (a signalfd, say) becomes readable.

@@ -490,6 +490,56 @@ mod tests {
         }
     }
 
+    /// Through the C ABI, once host-shimd has stopped (here: dropped, as
+    /// at the end of its SIGTERM handling), a send into a ring looked up
+    /// before fails with `DNE_ERR_SHIMD_GONE` and leaves the message with
+    /// the caller, and a receive ends with the same status. Before, the
+    /// send returned `DNE_OK` into a ring nobody would serve again.
+    #[test]
+    fn after_host_shimd_stopped_a_send_says_so_and_the_message_stays_the_callers() {
+        let dir = std::env::temp_dir().join(format!("dne-ffi-gone-{}", std::process::id()));
+        let text = format!(
+            "[[node]]\nname = \"n0\"\naddress = \"127.0.0.1:7101\"\nruntime_dir = \"{}\"\n\n\
+             [[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = 4096\nbuffers = 64\nrecv_quota = 8\n\n\
+             [[function]]\nname = \"a\"\ntenant = \"t\"\nnode = \"n0\"\n\n\
+             [[function]]\nname = \"b\"\ntenant = \"t\"\nnode = \"n0\"\n",
+            dir.display()
+        );
+        let mut shimd = crate::daemon::Shimd::new(config::Cluster::parse(&text).unwrap(), "n0").unwrap();
+        let socket = crate::daemon::socket_path(&dir);
+        // The attaches and the first send's lookup wait for host-shimd's
+        // answers: it serves on this thread meanwhile.
+        let t = std::thread::spawn(move || {
+            let b = Function::attach(&socket, "t", "b").unwrap();
+            let mut a = Function::attach(&socket, "t", "a").unwrap();
+            let m = a.alloc(5).unwrap();
+            a.send(m, "b").unwrap();
+            (a, b)
+        });
+        while !t.is_finished() {
+            shimd.poll_once(None, Duration::from_millis(10)).unwrap();
+        }
+        let (a, _b) = t.join().unwrap();
+        drop(shimd);
+        let mut f = dne_fn(a);
+        let mut m = std::ptr::null_mut();
+        // SAFETY: a live handle and a writable slot.
+        assert_eq!(unsafe { dne_alloc(&mut f, 3, &mut m) }, dne_status::DNE_OK);
+        // SAFETY: a live handle, a slot holding a live message, a C string.
+        let st = unsafe { dne_send(&mut f, &mut m, c"b".as_ptr()) };
+        assert_eq!(st, dne_status::DNE_ERR_SHIMD_GONE);
+        assert!(!m.is_null(), "the message handed back");
+        // SAFETY: the live message handle `dne_send` wrote back.
+        assert_eq!(unsafe { dne_msg_len(m) }, 3);
+        // SAFETY: a live handle and message, not used afterwards.
+        assert_eq!(unsafe { dne_free(&mut f, m) }, dne_status::DNE_OK);
+        let mut got = std::ptr::null_mut();
+        // SAFETY: a live handle and a writable slot (60 s: the watchdog).
+        assert_eq!(unsafe { dne_recv(&mut f, 60_000, &mut got) }, dne_status::DNE_ERR_SHIMD_GONE);
+        assert!(got.is_null());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn null_arguments_are_refused_not_dereferenced() {
         let mut out = std::ptr::null_mut();

@@ -276,6 +276,15 @@ impl Cluster {
         let _ = std::fs::remove_file(self.socket(i));
     }
 
+    /// Stops node `i`'s host-shimd with SIGTERM, as `systemctl stop` does
+    /// (it exits cleanly: every ring it made is marked abandoned), and
+    /// removes the socket, as [`Cluster::kill_shimd`] does.
+    pub fn stop_shimd(&mut self, i: usize) {
+        let status = self.shimds[i].terminate(WATCHDOG);
+        assert!(status.success(), "host-shimd n{i} after SIGTERM: {status:?}");
+        let _ = std::fs::remove_file(self.socket(i));
+    }
+
     /// Starts node `i`'s host-shimd again and waits for its socket.
     pub fn restart_shimd(&mut self, i: usize) {
         self.kill_shimd(i);

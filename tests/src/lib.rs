@@ -140,6 +140,29 @@ impl Proc {
         }
     }
 
+    /// Sends SIGTERM (what `systemctl stop` sends) and reaps the process;
+    /// panics (after killing it) when it has not exited after `deadline`.
+    /// Returns its exit status.
+    pub fn terminate(&mut self, deadline: Duration) -> ExitStatus {
+        use nix::sys::signal::{Signal, kill};
+        let mut child = self.child.take().expect("child present until reaped");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("a pid fits an i32"));
+        kill(pid, Signal::SIGTERM).expect("SIGTERM");
+        let start = Instant::now();
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return status,
+                Ok(None) if start.elapsed() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("{} still running {deadline:?} after SIGTERM; killed", self.name);
+                }
+                Err(e) => panic!("waiting for {}: {e}", self.name),
+            }
+        }
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))

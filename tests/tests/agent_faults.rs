@@ -1,7 +1,8 @@
 //! Failures under load, with real processes on two emulated nodes: a client
 //! function on n0 keeps a window of messages in flight to functions on n1
 //! that answer back to it, while the test kills (SIGKILL) n1's agent, n1's
-//! host-shimd, or one function on n1, and restarts it.
+//! host-shimd, or one function on n1, or stops n1's host-shimd (SIGTERM),
+//! and restarts it.
 //!
 //! What must hold: every answer that comes back is intact or an error
 //! descriptor carrying the original payload (never a duplicate, never a
@@ -327,16 +328,30 @@ fn restarted_agent_forwards_what_waited_in_its_uplink() {
 /// and answered it ("maybe delivered", see `Load::allow_maybe_delivered`).
 #[test]
 fn shimd_killed_under_load_agent_reattaches_and_restarted_functions_serve() {
-    let mut c = Cluster::start("faults-shimd", 2, CONFIG);
+    shimd_gone_under_load("faults-shimd", Cluster::kill_shimd);
+}
+
+/// The same with host-shimd stopped cleanly (SIGTERM): its rings are
+/// marked abandoned, so what n1's agent delivers after the stop fails
+/// (`ShimdGone`) and goes back to n0 as `PeerDied`, and the functions'
+/// sends into the uplink fail; the agent's re-attach is as after a kill.
+#[test]
+fn shimd_stopped_under_load_agent_reattaches_and_restarted_functions_serve() {
+    shimd_gone_under_load("faults-shimd-stop-load", Cluster::stop_shimd);
+}
+
+/// The tests under load above: n1's host-shimd goes away by `gone`.
+fn shimd_gone_under_load(name: &str, gone: fn(&mut Cluster, usize)) {
+    let mut c = Cluster::start(name, 2, CONFIG);
     let (old_upper, _) = c.start_fn_slot(1, "acme", "upper", "upper", Some("client"));
     let mut load = Load::new(c.attach(0, "acme", "client"), &[("upper", upper)], WINDOW);
     load.allow_maybe_delivered();
     load.run_until(true, "traffic before the fault", WATCHDOG, || diag(&c), |l| l.dest(0).ok >= 300);
 
-    // kill -9 host-shimd of n1 with a full window in flight: the agent
+    // n1's host-shimd goes with a full window in flight: the agent
     // notices (it stops reporting ready) and waits for a new host-shimd.
     assert_eq!(load.fill(), WINDOW, "the window is full when host-shimd dies");
-    c.kill_shimd(1);
+    gone(&mut c, 1);
     load.run_until(true, "n1's agent to notice host-shimd is gone", WATCHDOG, || diag(&c), |_| !c.ready(1));
     // What n1 held when host-shimd died may be gone with its pool and
     // rings: written off (reported below, not asserted on). Messages sent
@@ -364,7 +379,7 @@ fn shimd_killed_under_load_agent_reattaches_and_restarted_functions_serve() {
     load.drain(WATCHDOG, || diag(&c));
     let d = load.dest(0);
     println!(
-        "host-shimd crash: sent {} ok {} errors {:?}; of {} in flight when it was noticed, {} answered, {} never; {} answered twice (maybe delivered)",
+        "{name}: sent {} ok {} errors {:?}; of {} in flight when it was noticed, {} answered, {} never; {} answered twice (maybe delivered)",
         d.sent,
         d.ok,
         d.errors,
@@ -387,13 +402,28 @@ fn shimd_killed_under_load_agent_reattaches_and_restarted_functions_serve() {
 /// once, and no buffer is lost.
 #[test]
 fn shimd_killed_while_idle_agent_reattaches_and_restarted_functions_serve() {
-    let mut c = Cluster::start("faults-shimd-idle", 2, CONFIG);
+    shimd_gone_while_idle("faults-shimd-idle", Cluster::kill_shimd);
+}
+
+/// The same with host-shimd stopped cleanly (SIGTERM, as `systemctl
+/// restart` stops it): it marks every ring it made abandoned, the uplink
+/// and `upper`'s among them, so the agent's deliveries into them fail
+/// (`ShimdGone`) until it notices the stop; that changes nothing of the
+/// agent's re-attach, and the old `upper` exits by itself.
+#[test]
+fn shimd_stopped_while_idle_agent_reattaches_and_restarted_functions_serve() {
+    shimd_gone_while_idle("faults-shimd-stop", Cluster::stop_shimd);
+}
+
+/// The idle tests above: n1's host-shimd goes away by `gone`.
+fn shimd_gone_while_idle(name: &str, gone: fn(&mut Cluster, usize)) {
+    let mut c = Cluster::start(name, 2, CONFIG);
     let (old_upper, _) = c.start_fn_slot(1, "acme", "upper", "upper", Some("client"));
     let mut load = Load::new(c.attach(0, "acme", "client"), &[("upper", upper)], WINDOW);
     load.run_until(true, "traffic before the fault", WATCHDOG, || diag(&c), |l| l.dest(0).ok >= 300);
     load.run_until(false, "the load drained", WATCHDOG, || diag(&c), |l| l.in_flight() == 0);
 
-    c.kill_shimd(1);
+    gone(&mut c, 1);
     load.run_until(false, "n1's agent to notice host-shimd is gone", WATCHDOG, || diag(&c), |_| !c.ready(1));
     let err0 = load.dest(0).err();
     load.run_until(

@@ -323,6 +323,65 @@ fn a_receive_fails_once_host_shimd_is_gone() {
     wait_for("dne-fn to exit", WATCHDOG, || !node.fns[k].is_running());
 }
 
+/// host-shimd stopped cleanly (SIGTERM, what `systemctl stop` and
+/// `restart` send) tells every attached function at once: a send into a
+/// ring it had looked up before, `send_batch`, and a send to a function it
+/// never looked up fail with `ShimdGone` and hand the messages back, and a
+/// receive that spins (never sleeps, so never looks at the control
+/// connection) ends with `ShimdGone`. Before, the send into rot13's ring
+/// and `send_batch` returned `Ok` (the messages went into a ring no
+/// host-shimd would serve again), the send to a function never looked up
+/// failed with `Shimd("Broken pipe (os error 32)")`, and the spinning
+/// receive was still spinning at the watchdog.
+#[test]
+fn a_clean_stop_of_host_shimd_fails_sends_and_ends_a_spinning_receive() {
+    let mut node = start_node("shimd-stop");
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let mut peer = Function::attach(&node.socket(), "acme", "rot13").unwrap();
+    let mut spinner = Function::attach(&node.socket(), "acme", "upper").unwrap();
+    // The client has rot13's ring (the first send looked it up).
+    let mut m = client.alloc(5).unwrap();
+    client.write(&mut m, b"first").unwrap();
+    client.send(m, "rot13").unwrap();
+    let got = peer.recv_timeout(Some(WATCHDOG)).unwrap().expect("the first message");
+    peer.free(got).unwrap();
+    // A receive that spins for ever, as a busy-polling function's does.
+    spinner.set_spin(Duration::MAX);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(spinner.recv().map(|_| ()));
+    });
+    let status = node.shimd.terminate(WATCHDOG);
+    assert!(status.success(), "host-shimd's exit after SIGTERM: {status:?}");
+
+    let mut m = client.alloc(6).unwrap();
+    client.write(&mut m, b"second").unwrap();
+    let sent = client.send(m, "rot13");
+    let mut batch = vec![client.alloc(5).unwrap(), client.alloc(5).unwrap()];
+    let batched = client.send_batch(&mut batch, "rot13");
+    let never_looked_up = client.alloc(5).unwrap();
+    let unknown = client.send(never_looked_up, "upper");
+    let spun = rx.recv_timeout(WATCHDOG);
+
+    let e = sent.expect_err("a send into rot13's ring after host-shimd stopped");
+    assert!(matches!(e.kind, SendErrorKind::ShimdGone), "{}", e.kind);
+    let back = e.msg.expect("the message handed back");
+    assert_eq!(client.read_to_vec(&back), b"second");
+    client.free(back).unwrap();
+    let e = batched.expect_err("send_batch after host-shimd stopped");
+    assert!(matches!(e, SendErrorKind::ShimdGone), "{e}");
+    assert_eq!(batch.len(), 2, "both messages handed back");
+    for m in batch {
+        client.free(m).unwrap();
+    }
+    let e = unknown.expect_err("a send to a function never looked up");
+    assert!(matches!(e.kind, SendErrorKind::ShimdGone), "{}", e.kind);
+    assert!(e.msg.is_some(), "handed back");
+    let spun = spun.expect("the spinning receive ended within the watchdog");
+    assert!(matches!(spun, Err(host_shim::RecvError::ShimdGone)), "{spun:?}");
+    assert!(peer.try_recv().is_none(), "nothing reached rot13 after the stop");
+}
+
 #[test]
 fn killing_a_function_100_times_leaks_no_buffer() {
     let mut node = start_node("reclaim");
