@@ -404,7 +404,19 @@ fn rot13(b: u8) -> u8 {
 /// from the new host-shimd, and traffic flows again.
 #[test]
 fn dpu_mode_host_shimd_restart_recovers() {
-    let mut c = Cluster::start_mode("dpu-shimd-restart", 2, "dpu", TENANTS_AND_FUNCTIONS);
+    dpu_mode_host_shimd_goes_and_comes_back("dpu-shimd-restart", Cluster::kill_shimd);
+}
+
+/// The same with host-shimd stopped cleanly (SIGTERM), marking the rings it
+/// made abandoned while its bridge may still be delivering into them.
+#[test]
+fn dpu_mode_host_shimd_stopped_cleanly_recovers() {
+    dpu_mode_host_shimd_goes_and_comes_back("dpu-shimd-stop", Cluster::stop_shimd);
+}
+
+/// The DPU-mode restart tests above: n1's host-shimd goes away by `gone`.
+fn dpu_mode_host_shimd_goes_and_comes_back(name: &str, gone: fn(&mut Cluster, usize)) {
+    let mut c = Cluster::start_mode(name, 2, "dpu", TENANTS_AND_FUNCTIONS);
     let upper = c.start_fn(1, "acme", "upper", "upper", Some("sink"));
     let mut client = c.attach(0, "acme", "client");
     let mut sink = c.attach(0, "acme", "sink");
@@ -435,6 +447,7 @@ fn dpu_mode_host_shimd_restart_recovers() {
     };
     assert!(round_trip(&mut client, &mut sink, 1));
     c.fns[upper].kill9();
+    gone(&mut c, 1);
     c.restart_shimd(1);
     dne_tests::wait_for("n1's agent took the new host-shimd's pools", WATCHDOG, || {
         c.log_tail("agent-n1", 200).matches("host-shimd exported 2 tenant pools over comch").count() == 2
