@@ -903,10 +903,8 @@ pub fn execute(opts: &DemoOptions) -> anyhow::Result<Outcome> {
         "\n  Each request: HTTP at the ingress -> fabric -> {t}-upper (n0) -> {t}-rot13 (n1) -> {t}-reverse (n0) -> fabric -> ingress,",
         t = "<tenant>"
     );
-    say!(
-        opts.quiet,
-        "  checked byte for byte. Shares follow weights only when the fabric is the bottleneck; here the 2 CPUs are."
-    );
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    say!(opts.quiet, "{}", shares_note(cpus));
     let ok = soak_ok && !interrupted && total_err == 0 && tallies.iter().all(|t| t.ok.load(Ordering::Relaxed) > 0);
     demo.check_children()?;
     drop(demo);
@@ -950,4 +948,26 @@ pub fn run_ingress(config: &Path, name: &str, threads: usize) -> anyhow::Result<
         ing.serve(listener, None, ingress::shutdown_signal()).await
     })?;
     Ok(())
+}
+
+/// The summary's last note: the shares follow the weights only when the
+/// fabric is the bottleneck, not this machine's `cpus` CPUs (on the 2-core
+/// machines the project is tested on, the CPUs are).
+fn shares_note(cpus: usize) -> String {
+    let (cpus, verb) = if cpus == 1 { ("1 CPU".to_string(), "is") } else { (format!("{cpus} CPUs"), "are") };
+    format!(
+        "  checked byte for byte. Shares follow weights only when the fabric is the bottleneck, not when this machine's {cpus} {verb}."
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shares_note;
+
+    #[test]
+    fn the_shares_note_names_this_machines_cpus() {
+        assert!(shares_note(1).ends_with("not when this machine's 1 CPU is."), "{}", shares_note(1));
+        assert!(shares_note(2).ends_with("not when this machine's 2 CPUs are."), "{}", shares_note(2));
+        assert!(shares_note(64).contains("64 CPUs"));
+    }
 }
