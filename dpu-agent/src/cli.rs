@@ -44,7 +44,8 @@ pub enum Command {
         busy: bool,
     },
     /// Run a whole cluster on this machine (two worker nodes, an ingress,
-    /// three tenants) as child processes in emulated mode, drive load
+    /// three tenants) as child processes, in emulated mode or (`--mode
+    /// dpu`) DPU mode over the emulated DOCA, drive load
     /// through the ingress, and print a summary. Needs nothing but this
     /// binary.
     Demo(crate::demo::DemoOptions),
@@ -146,6 +147,16 @@ pub fn run(cli: &Cli) -> anyhow::Result<String> {
             for w in c.warnings() {
                 out += &format!("warning: {w}\n");
             }
+            // (A warning, not an error: the file is every machine's, and
+            // this agent may run a node of another fabric.)
+            #[cfg(not(feature = "verbs"))]
+            for n in c.nodes.iter().filter(|n| n.fabric == config::FabricKind::Verbs) {
+                out += &format!(
+                    "warning: node {}: fabric \"verbs\" needs an agent built with the feature `verbs`; this one \
+                     is not, and refuses to run it\n",
+                    n.name
+                );
+            }
             Ok(out)
         }
     }
@@ -199,6 +210,17 @@ mod tests {
         let cli = Cli::try_parse_from(["dpu-agent", "check-config", two.to_str().unwrap()]).unwrap();
         let out = run(&cli).unwrap();
         assert!(out.contains("ok: 2 nodes") && out.contains("\nwarning: tenant t: a pool of 64 buffers"), "{out}");
+        // A node on the verbs fabric: a warning from an agent built without it.
+        let verbs = dir.join("verbs.toml");
+        std::fs::write(
+            &verbs,
+            text.replace("runtime_dir = \"/tmp/a\"", "runtime_dir = \"/tmp/a\"\nfabric = \"verbs\""),
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from(["dpu-agent", "check-config", verbs.to_str().unwrap()]).unwrap();
+        let out = run(&cli).unwrap();
+        let warned = out.contains("warning: node a: fabric \"verbs\" needs an agent built with the feature `verbs`");
+        assert_eq!(warned, cfg!(not(feature = "verbs")), "{out}");
         let bad = dir.join("bad.toml");
         std::fs::write(&bad, text.replace("weight = 1", "weight = 0")).unwrap();
         let cli = Cli::try_parse_from(["dpu-agent", "check-config", bad.to_str().unwrap()]).unwrap();
