@@ -683,12 +683,6 @@ recv_quota = 8
         let links = std::thread::scope(|s| {
             let agent = s.spawn(|| attach(&cfg, 0, &stop));
             // A failed assertion below must not leave `attach` waiting.
-            struct StopOnDrop<'a>(&'a AtomicBool);
-            impl Drop for StopOnDrop<'_> {
-                fn drop(&mut self) {
-                    self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
             let _stop = StopOnDrop(&stop);
             // The host's side, by hand: connect, export both pools.
             let pe = doca::ProgressEngine::new().unwrap();
@@ -753,6 +747,37 @@ recv_quota = 8
         links[0].free(m);
     }
 
+    /// A cluster of one DPU-mode node named `node` and one tenant of 64
+    /// buffers.
+    fn one_tenant_dpu_node(node: &str) -> config::Cluster {
+        let text = format!(
+            "[[node]]\nname = \"{node}\"\nmode = \"dpu\"\naddress = \"127.0.0.1:1\"\nruntime_dir = \"/tmp/{node}\"\n\n\
+             [[tenant]]\nname = \"a\"\nweight = 1\nbuffers = 64\nrecv_quota = 8\n"
+        );
+        config::Cluster::parse(&text).expect("cluster")
+    }
+
+    /// Sets the flag when dropped: stops the agent's `attach` when a test
+    /// thread fails.
+    struct StopOnDrop<'a>(&'a AtomicBool);
+
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Exports tenant 0's pool (one buffer lent) to the agent, as
+    /// host-shimd's bridge does first on a connection.
+    fn export_pool(cfg: &config::Cluster, client: &doca::ComchClient) -> Outbox {
+        let mut out = Outbox::new(doca::COMCH_MAX_MSG_SIZE as usize);
+        let mut send = |m: &[u8]| client.send(m, 0);
+        let body = PoolExport::new(cfg.pool_geometry(0).unwrap(), 0, 1);
+        out.push(CtrlMsg::PoolExport(body, &[0]), &mut send).unwrap();
+        out.flush(&mut send).unwrap();
+        out
+    }
+
     /// A host's side by hand: a started comch client of `name`.
     fn host_client(pe: &doca::ProgressEngine, name: &str) -> doca::ComchClient {
         let dev = doca::Device::open_first().unwrap();
@@ -773,32 +798,11 @@ recv_quota = 8
     #[test]
     fn a_host_that_connected_while_another_was_there_is_heard_once_that_one_went_away() {
         let node = format!("second-host-test-{}", std::process::id());
-        let text = format!(
-            r#"
-[[node]]
-name = "{node}"
-mode = "dpu"
-address = "127.0.0.1:1"
-runtime_dir = "/tmp/{node}"
-
-[[tenant]]
-name = "a"
-weight = 1
-buffers = 64
-recv_quota = 8
-"#
-        );
-        let cfg = config::Cluster::parse(&text).expect("cluster");
+        let cfg = one_tenant_dpu_node(&node);
         let name = server_name(&cfg.nodes[0]);
         let stop = AtomicBool::new(false);
         std::thread::scope(|s| {
             let agent = s.spawn(|| attach(&cfg, 0, &stop));
-            struct StopOnDrop<'a>(&'a AtomicBool);
-            impl Drop for StopOnDrop<'_> {
-                fn drop(&mut self) {
-                    self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
             let _stop = StopOnDrop(&stop);
             let deadline = Instant::now() + Duration::from_secs(10);
             let mut rx = vec![0u8; doca::COMCH_MAX_MSG_SIZE as usize];
@@ -833,11 +837,7 @@ recv_quota = 8
                 while let Some(ev) = bridge.poll_event(&mut rx) {
                     match ev {
                         doca::ComchEvent::Connected(_) if !exported => {
-                            let mut out = Outbox::new(doca::COMCH_MAX_MSG_SIZE as usize);
-                            let mut send = |m: &[u8]| bridge.send(m, 0);
-                            let body = PoolExport::new(cfg.pool_geometry(0).unwrap(), 0, 1);
-                            out.push(CtrlMsg::PoolExport(body, &[0]), &mut send).unwrap();
-                            out.flush(&mut send).unwrap();
+                            export_pool(&cfg, &bridge);
                             exported = true;
                         }
                         doca::ComchEvent::Disconnected(_) => {
@@ -863,31 +863,10 @@ recv_quota = 8
     /// the links, and the host's engine, client and outbox.
     fn attached_by_hand(tag: &str) -> (Vec<DpuLink>, doca::ProgressEngine, doca::ComchClient, Outbox) {
         let node = format!("{tag}-{}", std::process::id());
-        let text = format!(
-            r#"
-[[node]]
-name = "{node}"
-mode = "dpu"
-address = "127.0.0.1:1"
-runtime_dir = "/tmp/{node}"
-
-[[tenant]]
-name = "a"
-weight = 1
-buffers = 64
-recv_quota = 8
-"#
-        );
-        let cfg = config::Cluster::parse(&text).expect("cluster");
+        let cfg = one_tenant_dpu_node(&node);
         let stop = AtomicBool::new(false);
         std::thread::scope(|s| {
             let agent = s.spawn(|| attach(&cfg, 0, &stop));
-            struct StopOnDrop<'a>(&'a AtomicBool);
-            impl Drop for StopOnDrop<'_> {
-                fn drop(&mut self) {
-                    self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
             let _stop = StopOnDrop(&stop);
             let deadline = Instant::now() + Duration::from_secs(10);
             let pe = doca::ProgressEngine::new().unwrap();
@@ -901,11 +880,7 @@ recv_quota = 8
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
-            let mut out = Outbox::new(doca::COMCH_MAX_MSG_SIZE as usize);
-            let mut send = |m: &[u8]| client.send(m, 0);
-            let body = PoolExport::new(cfg.pool_geometry(0).unwrap(), 0, 1);
-            out.push(CtrlMsg::PoolExport(body, &[0]), &mut send).unwrap();
-            out.flush(&mut send).unwrap();
+            let out = export_pool(&cfg, &client);
             while !agent.is_finished() {
                 assert!(Instant::now() < deadline, "the agent never took the pool export");
                 pe.progress();
