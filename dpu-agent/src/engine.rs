@@ -930,9 +930,30 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             Err(e) => match (e.kind, e.msg) {
                 (SendErrorKind::Full, Some(msg)) => self.tenants[t].backlog.wait(d.dst_fn, (msg, from), retry),
                 (_, Some(msg)) => self.undeliverable(t, msg, from),
-                (_, None) => self.metrics.tenants[self.gid(t)].drop(Why::NoInstance),
+                (_, None) => self.answer_lost(t, d, from),
             },
         }
+    }
+
+    /// A message lost in its delivery here: its instance died after its
+    /// ring was looked up, and host-shimd took the message's buffers back
+    /// (`d`: its descriptor; `from` as for [`deliver`](Self::deliver)).
+    /// A call is answered as [`undeliverable`](Self::undeliverable) would
+    /// when it may not go on (its payload is gone): `PeerDied`, to the
+    /// ingress or the caller, in an empty message of a buffer taken from
+    /// the pool for it. None to be had: counted as [`Why::Unanswered`],
+    /// and its caller waits for its timeout. An error or a reply is
+    /// dropped (its caller is gone).
+    #[cold]
+    fn answer_lost(&mut self, t: usize, d: Descriptor, from: Option<u16>) {
+        if d.flags & (DescFlags::ERROR | DescFlags::REPLY) != 0 {
+            return self.metrics.tenants[self.gid(t)].drop(Why::NoInstance);
+        }
+        let Some(lease) = self.link(t).alloc_empty() else {
+            return self.metrics.tenants[self.gid(t)].drop(Why::Unanswered);
+        };
+        let from = from.filter(|&n| n < self.fabric_nodes && n != self.set.node);
+        self.bounce_from(t, Msg::from_parts(lease, d), ErrorCode::PeerDied, Why::NoInstance, from);
     }
 
     /// A message no live instance of its function on this node took (the
@@ -1267,6 +1288,11 @@ mod tests {
 
     /// [`lone_engine_with`] with more fields of tenant `t`.
     fn lone_engine_of(nodes: usize, tenant: &str, more: &str) -> Engine<fabric::NullTransport, NullLink> {
+        engine_on(&cluster(nodes, tenant, more), 0, QUEUE_LIMIT + 500)
+    }
+
+    /// The cluster file of [`lone_engine_of`].
+    fn cluster(nodes: usize, tenant: &str, more: &str) -> Arc<config::Cluster> {
         let dir = std::env::temp_dir().join(format!("dne-engine-lone-{}", std::process::id()));
         let mut text = String::new();
         for i in 0..nodes {
@@ -1283,13 +1309,64 @@ mod tests {
             text += &format!("[[function]]\nname = \"f{i}\"\ntenant = \"t\"\nnode = \"n{i}\"\n\n");
         }
         text += more;
-        let cfg = Arc::new(config::Cluster::parse(&text).unwrap());
+        Arc::new(config::Cluster::parse(&text).unwrap())
+    }
+
+    /// Node `node`'s engine of `cfg` over the null fabric, tenant `t`'s
+    /// link a [`NullLink`] with `stock` calls from f0 to f1.
+    fn engine_on(cfg: &Arc<config::Cluster>, node: u16, stock: usize) -> Engine<fabric::NullTransport, NullLink> {
         let g = cfg.pool_geometry(0).unwrap();
-        let link = NullLink::new(g, 0, 0, 1, 64, QUEUE_LIMIT + 500).unwrap();
-        let set = Settings { node: 0, idle_sleep_after: None, epoch: Instant::now(), batch: 32, core: 0 };
-        let metrics = Arc::new(Metrics::new(&cfg, "n0"));
+        let link = NullLink::new(g, 0, 0, 1, 64, stock).unwrap();
+        let set = Settings { node, idle_sleep_after: None, epoch: Instant::now(), batch: 32, core: 0 };
+        let metrics = Arc::new(Metrics::new(cfg, &format!("n{node}")));
         let null = |_: &fabric::EndpointConfig, _| Ok(fabric::NullTransport::new());
-        Engine::new(cfg, set, vec![link], metrics, null).unwrap()
+        Engine::new(cfg.clone(), set, vec![link], metrics, null).unwrap()
+    }
+
+    /// n1's engine, serving its end of the fabric connections on a thread
+    /// of its own until dropped (connection set-up waits for the peer).
+    struct Peer {
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Drop for Peer {
+        fn drop(&mut self) {
+            self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// [`lone_engine_with`] on two nodes whose connection to n1 is up
+    /// (n1's engine, whose link sends nothing, runs until the [`Peer`] is
+    /// dropped). Its uplink is not read: its messages are the test's.
+    fn connected_engine_with(more: &str) -> (Engine<fabric::NullTransport, NullLink>, Peer) {
+        let cfg = cluster(2, "", more);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (cfg, stop) = (cfg.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n1 = engine_on(&cfg, 1, 0);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n1.control(Instant::now());
+                    n1.step(Instant::now());
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            })
+        };
+        let peer = Peer { stop, thread: Some(thread) };
+        let mut e = engine_on(&cfg, 0, QUEUE_LIMIT + 500);
+        e.set.batch = 0;
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while !e.port.is_up(0, 1) {
+            assert!(Instant::now() < deadline, "watchdog: the connection to n1 did not come up in 10 s");
+            e.control(Instant::now());
+            e.complete(Instant::now());
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        (e, peer)
     }
 
     /// The tenant's `node_queue` (default 1024).
@@ -1450,6 +1527,85 @@ mod tests {
         assert_eq!(e.metrics.tenants[0].drops(Why::NoInstance), 2, "both went back as errors");
         assert_eq!(e.tenants[0].sends.len(), 2);
         assert_eq!(e.metrics.tenants[0].elsewhere.get(), 2);
+    }
+
+    /// A call whose instance here dies between the engine's look-up of its
+    /// ring and the push, host-shimd taking its buffers back (the link
+    /// hands back no message), is answered all the same: an error in a
+    /// new, empty buffer of the pool goes back to its caller's node, or to
+    /// the ingress that sent the request, with the call's request id.
+    #[test]
+    fn a_call_lost_with_its_dying_instance_is_answered_over_the_fabric() {
+        use wire::{DescFlags, Descriptor, ErrorCode, desc::NO_NODE};
+        let (mut e, _n1) = connected_engine_with("");
+        e.link(0).gone = Some(0);
+        let call = Descriptor { dst_fn: 0, src_fn: 1, origin: NO_NODE, request: 7, ..Descriptor::default() };
+        for d in [call, Descriptor { origin: 1, request: 8, ..call }] {
+            let m = message(&mut e, d);
+            e.deliver(0, m, Some(1));
+        }
+        let answers: Vec<_> = e.tenants[0].sends.by_peer[1]
+            .iter()
+            .map(|o| (o.msg.desc().flags, o.msg.desc().status, o.msg.desc().request, o.msg.desc().dst_fn, o.msg.len()))
+            .collect();
+        let died = ErrorCode::PeerDied as u8;
+        assert_eq!(
+            answers,
+            [(DescFlags::ERROR, died, 7, 1, 0), (DescFlags::ERROR | DescFlags::REPLY, died, 8, 0, 0)],
+            "to f1 on n1, and to the ingress n1"
+        );
+        assert_eq!(e.metrics.tenants[0].drops(Why::NoInstance), 2);
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while e.tally[0].tx_msgs < 2 {
+            assert!(Instant::now() < deadline, "watchdog: the errors were not sent in 10 s");
+            e.step(Instant::now());
+        }
+        assert!(e.tenants[0].sends.is_empty());
+    }
+
+    /// The same for a caller on this node (`both`, on n0 and n2, dies under
+    /// a call of f0's that came through the agent): the error is delivered
+    /// to f0.
+    #[test]
+    fn a_call_lost_with_its_dying_instance_is_answered_here() {
+        use wire::{DescFlags, Descriptor, ErrorCode, desc::NO_NODE};
+        let mut e = lone_engine_with(3, G_BOTH);
+        e.link(0).gone = Some(4);
+        let call = Descriptor { dst_fn: 4, src_fn: 0, origin: NO_NODE, request: 9, ..Descriptor::default() };
+        let m = message(&mut e, call);
+        e.deliver(0, m, None);
+        let d = e.link(0).last_error.expect("an error delivered");
+        assert_eq!(
+            (d.flags, d.status, d.request, d.dst_fn, d.len),
+            (DescFlags::ERROR, ErrorCode::PeerDied as u8, 9, 0, 0)
+        );
+        assert_eq!(e.link(0).delivered, 1);
+        assert!(e.tenants[0].sends.is_empty());
+    }
+
+    /// With no buffer of the pool to carry the error, a call lost that way
+    /// is counted as `Unanswered` (its caller waits for its timeout); an
+    /// error lost that way (its caller died) is not answered.
+    #[test]
+    fn a_call_lost_with_its_dying_instance_and_no_buffer_for_the_error_is_counted() {
+        use crate::hostlink::HostLink;
+        use wire::{DescFlags, Descriptor, desc::NO_NODE};
+        let mut e = lone_engine(2);
+        e.link(0).gone = Some(0);
+        let mut held = Vec::new();
+        while let Some(l) = e.link(0).alloc_buffer() {
+            held.push(l);
+        }
+        let call = Descriptor { dst_fn: 0, src_fn: 1, origin: NO_NODE, request: 7, ..Descriptor::default() };
+        for d in [call, Descriptor { flags: DescFlags::ERROR, status: 3, ..call }] {
+            let m = message(&mut e, d);
+            e.deliver(0, m, Some(1));
+        }
+        assert_eq!(e.metrics.tenants[0].drops(Why::Unanswered), 1);
+        assert_eq!(e.metrics.tenants[0].drops(Why::NoInstance), 1, "the error");
+        for l in held {
+            e.link(0).free(host_shim::Msg::from_parts(l, Descriptor::default()));
+        }
     }
 
     /// A call on its way back to its caller's node that cannot get there

@@ -27,6 +27,10 @@ pub trait HostLink {
     fn free_buffers(&self) -> u32;
     /// One whole buffer for a receive (`None`: the pool is exhausted).
     fn alloc_buffer(&mut self) -> Option<Lease>;
+    /// One buffer holding an empty message, for an error descriptor about
+    /// a message the engine no longer has (see
+    /// [`deliver`](Self::deliver)). `None`: the pool is exhausted.
+    fn alloc_empty(&mut self) -> Option<Lease>;
     /// The next descriptor a function sent to the agent, validated and
     /// accepted (now held by the agent), if any.
     fn take(&mut self) -> Option<Msg>;
@@ -39,7 +43,8 @@ pub trait HostLink {
     }
     /// Hands `msg` to function `to` (cluster function id `dst`, which is
     /// also `msg.desc().dst_fn`). On failure the message comes back in the
-    /// error (a full ring: try again later).
+    /// error (a full ring: try again later), unless host-shimd took its
+    /// buffers back (the instance died as it was handed over).
     fn deliver(&mut self, msg: Msg, dst: u16, to: &str) -> Result<(), SendError>;
     /// The engine changed `msg`'s descriptor (an error going back, a call
     /// marked to go to another node) and is
@@ -94,6 +99,9 @@ impl HostLink for Function {
     fn alloc_buffer(&mut self) -> Option<Lease> {
         let cap = Function::pool(self).geometry().payload_cap();
         self.alloc(cap).ok().map(|m| m.into_parts().0)
+    }
+    fn alloc_empty(&mut self) -> Option<Lease> {
+        self.alloc(0).ok().map(|m| m.into_parts().0)
     }
     fn take(&mut self) -> Option<Msg> {
         self.try_recv()
@@ -150,6 +158,13 @@ pub struct NullLink {
     pub full: bool,
     /// Deliveries refused so far.
     pub refused: u64,
+    /// Deliveries to this function fail as when its instance died between
+    /// the look-up of its ring and the push, and host-shimd took the
+    /// message's buffers back: they go back to the stock, and the error
+    /// hands back no message ([`host_shim::SendErrorKind::NoInstance`]).
+    pub gone: Option<u16>,
+    /// The descriptor of the last error descriptor delivered.
+    pub last_error: Option<Descriptor>,
     /// The request id of the last message delivered.
     pub last_request: Option<u32>,
     /// Messages delivered after one with a higher request id.
@@ -183,6 +198,8 @@ impl NullLink {
             progressed: 0,
             full: false,
             refused: 0,
+            gone: None,
+            last_error: None,
             last_request: None,
             reordered: 0,
         })
@@ -210,6 +227,9 @@ impl HostLink for NullLink {
     fn alloc_buffer(&mut self) -> Option<Lease> {
         self.pool.alloc(self.pool.geometry().payload_cap(), wire::Owner::Agent).ok()
     }
+    fn alloc_empty(&mut self) -> Option<Lease> {
+        self.pool.alloc(0, wire::Owner::Agent).ok()
+    }
     fn take(&mut self) -> Option<Msg> {
         let lease = self.stock.pop()?;
         self.taken += 1;
@@ -221,12 +241,19 @@ impl HostLink for NullLink {
     fn progress(&mut self) {
         self.progressed += 1;
     }
-    fn deliver(&mut self, msg: Msg, _dst: u16, _to: &str) -> Result<(), SendError> {
+    fn deliver(&mut self, msg: Msg, dst: u16, _to: &str) -> Result<(), SendError> {
         if self.full {
             self.refused += 1;
             return Err(SendError { kind: host_shim::SendErrorKind::Full, msg: Some(msg) });
         }
+        if self.gone == Some(dst) {
+            self.free(msg);
+            return Err(SendError { kind: host_shim::SendErrorKind::NoInstance, msg: None });
+        }
         self.delivered += 1;
+        if msg.desc().flags & wire::DescFlags::ERROR != 0 {
+            self.last_error = Some(*msg.desc());
+        }
         let r = msg.desc().request;
         self.reordered += u64::from(self.last_request.is_some_and(|l| l > r));
         self.last_request = Some(r);

@@ -53,11 +53,16 @@ pub enum Drop {
     /// The queue toward the destination's node (or its function's nodes)
     /// was full: the node takes nothing (stopped, overloaded).
     Overloaded,
+    /// A call lost in its delivery here (its instance died after the
+    /// engine looked up its ring, and host-shimd took its buffers back)
+    /// whose caller could not be told: no pool buffer to carry the error.
+    /// Its caller waits for its timeout.
+    Unanswered,
 }
 
 impl Drop {
     /// Every reason.
-    pub const ALL: [Drop; 11] = [
+    pub const ALL: [Drop; 12] = [
         Drop::UnknownFunction,
         Drop::Unreachable,
         Drop::PeerDied,
@@ -69,6 +74,7 @@ impl Drop {
         Drop::BadOrigin,
         Drop::TenantMismatch,
         Drop::Overloaded,
+        Drop::Unanswered,
     ];
 
     /// Label value.
@@ -85,6 +91,7 @@ impl Drop {
             Drop::BadOrigin => "bad_origin",
             Drop::TenantMismatch => "tenant_mismatch",
             Drop::Overloaded => "overloaded",
+            Drop::Unanswered => "unanswered",
         }
     }
 }

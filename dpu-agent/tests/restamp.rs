@@ -49,6 +49,9 @@ impl HostLink for Origin1 {
     fn alloc_buffer(&mut self) -> Option<shm::pool::Lease> {
         self.inner.alloc_buffer()
     }
+    fn alloc_empty(&mut self) -> Option<shm::pool::Lease> {
+        self.inner.alloc_empty()
+    }
     fn take(&mut self) -> Option<Msg> {
         self.inner.take().map(|mut m| {
             m.desc_mut().origin = 1;
