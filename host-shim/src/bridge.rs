@@ -15,9 +15,14 @@
 //!   saw), and pushes it into the destination function's ring; lends
 //!   receive buffers on request; rewrites headers the agent asks to.
 //!
-//! It never copies a payload. When the agent goes away it frees every
-//! buffer still recorded as the agent's and waits for the next one; the
-//! agent, seeing host-shimd go, drops its pools and waits likewise.
+//! It never copies a payload. When the connection to the agent goes away
+//! it keeps every buffer still recorded as the agent's out of use for
+//! [`AGENT_GONE_GRACE`], then frees them, and meanwhile connects to the
+//! next agent; the agent, seeing host-shimd go, tears down its fabric (its
+//! receives, posted in buffers it was lent, stop with it), drops its pools
+//! and waits likewise. The connection can drop with the agent alive, its
+//! receives still posted: a buffer freed at once could be allocated by a
+//! function, or lent again, and a payload from another node land in it.
 
 use crate::backlog::DeliveryBacklog;
 use crate::comch::{Outbox, each_frame, server_name};
@@ -51,6 +56,21 @@ const IDLE_TICK: Duration = Duration::from_millis(100);
 /// warned about (once per connection): it may speak another protocol
 /// version, or read another cluster file.
 const ACK_WAIT: Duration = Duration::from_secs(5);
+/// How long the buffers recorded as the agent's when its connection
+/// dropped stay so before they are freed. The connection may drop with the
+/// agent alive (a failed send, a frame the peer's comch refused): its
+/// fabric still has receives posted in the buffers it was lent, and sends
+/// reading the messages it was handed, until it notices and tears down.
+/// It notices within about 2 ms: its comch link takes the disconnect at
+/// its next pump (every pass of its engine, or the wake-up the disconnect
+/// causes), and the engine checks the link every millisecond
+/// (`CONTROL_EVERY` in the agent's engine) and then drops its fabric port,
+/// whose contexts' stops flush the receives (with several cores, each
+/// engine checks the shared link itself). A second is hundreds of times
+/// that, for an agent whose CPU was taken from it meanwhile (as
+/// [`crate::daemon::HOLE_GRACE`] allows a live producer), and costs the
+/// tenant those buffers for a second after a drop.
+pub const AGENT_GONE_GRACE: Duration = Duration::from_secs(1);
 
 /// What the bridge counted (host-shimd's status file shows it).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -75,8 +95,12 @@ pub struct BridgeStats {
     /// Connections to the agent so far (each counted once the agent took
     /// the pools).
     pub connects: u64,
-    /// Buffers freed because the agent that held them went away.
+    /// Buffers freed because the connection to the agent that held them
+    /// went away ([`AGENT_GONE_GRACE`] after).
     pub reclaimed: u64,
+    /// Buffers the agent held when its connection went away, kept out of
+    /// use until [`AGENT_GONE_GRACE`] is over (now).
+    pub holding: u64,
 }
 
 struct Tenant {
@@ -88,15 +112,31 @@ struct Tenant {
     want: u32,
     /// Deliveries waiting for room in a function's ring.
     backlog: DeliveryBacklog<Msg>,
+    /// Per buffer: the agent's when a connection to it went away, kept so
+    /// until [`AGENT_GONE_GRACE`] is over ([`Bridge::keeping`]). The agent
+    /// of a later connection was never given it and cannot take it back.
+    kept: Vec<bool>,
 }
 
 impl Tenant {
     /// Takes buffer `i` back from the agent, if the pool records it as the
-    /// agent's, as a one-buffer lease held by the bridge.
-    fn take_from_agent(&self, i: u32) -> Result<Lease, shm::pool::AcceptError> {
+    /// agent's and it is not [`kept`](Self::kept), as a one-buffer lease
+    /// held by the bridge.
+    fn take_from_agent(&self, i: u32) -> Option<Lease> {
+        if self.kept.get(i as usize).is_none_or(|&k| k) {
+            return None;
+        }
         let pool = self.link.pool();
-        pool.take_back(i, pool.geometry().payload_cap(), Owner::Agent, Owner::Held(self.link.info().slot))
+        pool.take_back(i, pool.geometry().payload_cap(), Owner::Agent, Owner::Held(self.link.info().slot)).ok()
     }
+}
+
+/// Buffers of one tenant the agent held when a connection went away,
+/// freed at `until`.
+struct Kept {
+    until: Instant,
+    tenant: usize,
+    bufs: Vec<u32>,
 }
 
 /// Where the bridge publishes its counts for host-shimd's status file.
@@ -126,6 +166,9 @@ pub struct Bridge {
     parts: Vec<Lease>,
     /// Lent buffers waiting to be sent.
     lend: Vec<u32>,
+    /// What agents held when their connections went away, oldest first
+    /// (see [`AGENT_GONE_GRACE`]).
+    keeping: std::collections::VecDeque<Kept>,
     stats: BridgeStats,
     shared: SharedStats,
     /// What this bridge last put in `shared` (none yet: a new bridge
@@ -169,7 +212,8 @@ impl Bridge {
                 );
             }
             let backlog = DeliveryBacklog::new(cfg.functions.len());
-            tenants.push(Tenant { link, _mmap: mmap, blob, want: 0, backlog });
+            let kept = vec![false; link.pool().geometry().buf_count() as usize];
+            tenants.push(Tenant { link, _mmap: mmap, blob, want: 0, backlog, kept });
         }
         let max_chain = cfg.tenants.iter().map(|t| t.max_chain).max().unwrap_or(64) as usize;
         let local_fns =
@@ -189,6 +233,7 @@ impl Bridge {
             scratch: Vec::with_capacity(max_chain.max(MAX_LEND)),
             parts: Vec::with_capacity(max_chain),
             lend: Vec::with_capacity(MAX_LEND),
+            keeping: std::collections::VecDeque::new(),
             cfg,
             stats: BridgeStats::default(),
             shared,
@@ -229,6 +274,7 @@ impl Bridge {
     /// for room, and the outbox. Returns how much work it found.
     pub fn step(&mut self) -> usize {
         let mut work = self.pump();
+        work += self.release_kept();
         if self.up {
             for t in 0..self.tenants.len() {
                 for _ in 0..BATCH {
@@ -335,25 +381,72 @@ impl Bridge {
         log::info!("bridge: the agent is connected on comch \"{}\" and took the pools", self.name);
     }
 
+    /// The connection to the agent went away: what the agent held is kept
+    /// out of use for [`AGENT_GONE_GRACE`] (the agent may be alive, its
+    /// receives still posted in those buffers), then freed
+    /// ([`release_kept`](Self::release_kept)).
     fn agent_gone(&mut self) {
-        if self.up {
-            log::warn!("bridge: the agent went away; freeing what it held");
-        }
+        let was_up = self.up;
         self.up = false;
         self.connected = None;
         self.out.clear();
         self.client = None;
+        let until = Instant::now() + AGENT_GONE_GRACE;
+        let mut n = 0;
         for t in 0..self.tenants.len() {
-            self.tenants[t].want = 0;
-            for i in 0..self.tenants[t].link.pool().geometry().buf_count() {
-                if self.tenants[t].link.pool().owner(i) == Ok(Owner::Agent)
-                    && let Ok(lease) = self.tenants[t].take_from_agent(i)
-                {
-                    self.stats.reclaimed += 1;
-                    self.free(t, lease);
+            let tn = &mut self.tenants[t];
+            tn.want = 0;
+            let pool = tn.link.pool();
+            // (Those kept from an earlier connection keep their time.)
+            let bufs: Vec<u32> = (0..pool.geometry().buf_count())
+                .filter(|&i| !tn.kept[i as usize] && pool.owner(i) == Ok(Owner::Agent))
+                .collect();
+            if bufs.is_empty() {
+                continue;
+            }
+            for &i in &bufs {
+                tn.kept[i as usize] = true;
+            }
+            n += bufs.len();
+            self.keeping.push_back(Kept { until, tenant: t, bufs });
+        }
+        self.stats.holding += n as u64;
+        if was_up || n > 0 {
+            log::warn!(
+                "bridge: the connection to the agent went away; the {n} buffers it held are freed in \
+                 {AGENT_GONE_GRACE:?} (its receives may land in them until it notices)"
+            );
+        }
+    }
+
+    /// Frees what agents held when their connections went away, once
+    /// [`AGENT_GONE_GRACE`] is over. Returns how many buffers.
+    fn release_kept(&mut self) -> usize {
+        let now = Instant::now();
+        let mut n = 0;
+        while let Some(k) = self.keeping.front()
+            && k.until <= now
+        {
+            let Some(Kept { tenant: t, bufs, .. }) = self.keeping.pop_front() else { break };
+            for i in bufs {
+                self.tenants[t].kept[i as usize] = false;
+                // Nobody else moves a buffer from the agent, and this one
+                // was kept from the agents since.
+                match self.tenants[t].take_from_agent(i) {
+                    Some(lease) => {
+                        self.stats.reclaimed += 1;
+                        self.free(t, lease);
+                    }
+                    None => log::warn!("bridge: buffer {i} kept for a gone agent is not the agent's any more"),
                 }
+                self.stats.holding -= 1;
+                n += 1;
             }
         }
+        if n > 0 {
+            log::info!("bridge: freed {n} buffers a gone agent held");
+        }
+        n
     }
 
     fn push(&mut self, msg: CtrlMsg<'_>) {
@@ -418,11 +511,11 @@ impl Bridge {
                 }
                 for i in list.iter() {
                     match self.tenants[t].take_from_agent(i) {
-                        Ok(lease) => {
+                        Some(lease) => {
                             self.stats.returned += 1;
                             self.free(t, lease);
                         }
-                        Err(_) => self.refuse("return: a buffer the agent does not hold"),
+                        None => self.refuse("return: a buffer the agent does not hold"),
                     }
                 }
             }
@@ -465,8 +558,8 @@ impl Bridge {
         self.parts.clear();
         for i in list.iter() {
             match tn.take_from_agent(i) {
-                Ok(l) => self.parts.push(l),
-                Err(_) => {
+                Some(l) => self.parts.push(l),
+                None => {
                     // Give back what was taken: the agent still counts on it.
                     for l in self.parts.drain(..) {
                         let _ = pool.hand_over(l, Owner::Agent);
@@ -618,7 +711,11 @@ impl Bridge {
             }
             let pending =
                 !self.up || !self.out.is_empty() || self.tenants.iter().any(|t| t.want > 0 || !t.backlog.is_empty());
-            let tick = if pending { TICK } else { IDLE_TICK };
+            let mut tick = if pending { TICK } else { IDLE_TICK };
+            if let Some(k) = self.keeping.front() {
+                // (At least a microsecond: a zero timeout would spin.)
+                tick = tick.min(k.until.saturating_duration_since(Instant::now())).max(Duration::from_micros(1));
+            }
             let ts = Timespec { tv_sec: 0, tv_nsec: tick.as_nanos() as i64 };
             if let Err(e) = poll(&mut fds, Some(&ts))
                 && e != rustix::io::Errno::INTR

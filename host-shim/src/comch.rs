@@ -21,8 +21,11 @@
 //!
 //! Every buffer the agent holds is `Owner::Agent` in the host's pool, and
 //! the host takes a buffer back only if it is: an agent that names a buffer
-//! it does not hold is refused, and when the agent goes away the host
-//! frees every buffer still recorded as the agent's.
+//! it does not hold is refused, and when the connection goes away the host
+//! frees every buffer still recorded as the agent's, after a grace
+//! ([`crate::bridge::AGENT_GONE_GRACE`]: the agent may be alive, its
+//! receives still posted in them, until it notices), and does not let an
+//! agent of a later connection take them back meanwhile.
 
 use std::collections::VecDeque;
 use wire::ctrl::{CtrlDecodeError, CtrlFrame, CtrlMsg};

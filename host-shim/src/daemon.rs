@@ -1109,7 +1109,7 @@ impl Shimd {
             Some((shared, _)) => {
                 let b = shared.lock().map(|b| *b).unwrap_or_default();
                 format!(
-                    ",\"bridge\":{{\"up\":{},\"connects\":{},\"to_agent\":{},\"delivered\":{},\"lent\":{},\"returned\":{},\"handed_back\":{},\"refused\":{},\"reclaimed\":{}}}",
+                    ",\"bridge\":{{\"up\":{},\"connects\":{},\"to_agent\":{},\"delivered\":{},\"lent\":{},\"returned\":{},\"handed_back\":{},\"refused\":{},\"reclaimed\":{},\"holding\":{}}}",
                     b.up,
                     b.connects,
                     b.to_agent,
@@ -1118,7 +1118,8 @@ impl Shimd {
                     b.returned,
                     b.handed_back,
                     b.refused,
-                    b.reclaimed
+                    b.reclaimed,
+                    b.holding
                 )
             }
             None => String::new(),

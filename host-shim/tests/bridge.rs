@@ -4,14 +4,14 @@
 //! (or does not) as each test needs.
 
 use host_shim::Function;
-use host_shim::bridge::{Bridge, SharedStats};
+use host_shim::bridge::{AGENT_GONE_GRACE, Bridge, SharedStats};
 use host_shim::comch::{Outbox, each_frame, server_name};
 use host_shim::daemon::{Shimd, socket_path};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use wire::ctrl::{Ack, CtrlKind, CtrlMsg};
-use wire::segment::Owner;
+use wire::ctrl::{Ack, BufList, CtrlKind, CtrlMsg, LendRecv};
+use wire::segment::{AGENT_SLOT, Owner};
 
 const WATCHDOG: Duration = Duration::from_secs(20);
 
@@ -99,14 +99,14 @@ struct FakeAgent {
     rx: Vec<u8>,
     /// Kinds of the frames received, in order.
     got: Vec<CtrlKind>,
+    /// Buffers lent to it, in order.
+    lent: Vec<u32>,
 }
 
 impl FakeAgent {
     fn start(cfg: &config::Cluster) -> Self {
         let pe = doca::ProgressEngine::new().unwrap();
-        let dev = doca::Device::open_first().unwrap();
-        let ccfg = doca::ComchConfig { send_tasks: 64, recv_queue: 64, ..Default::default() };
-        let server = doca::ComchServer::new(&pe, &dev, &server_name(&cfg.nodes[0]), ccfg).unwrap();
+        let server = Self::server(&pe, cfg);
         server.start().unwrap();
         Self {
             pe,
@@ -115,7 +115,27 @@ impl FakeAgent {
             out: Outbox::new(doca::COMCH_MAX_MSG_SIZE as usize),
             rx: vec![0; doca::COMCH_MAX_MSG_SIZE as usize],
             got: Vec::new(),
+            lent: Vec::new(),
         }
+    }
+
+    fn server(pe: &doca::ProgressEngine, cfg: &config::Cluster) -> doca::ComchServer {
+        let dev = doca::Device::open_first().unwrap();
+        let ccfg = doca::ComchConfig { send_tasks: 64, recv_queue: 64, ..Default::default() };
+        doca::ComchServer::new(pe, &dev, &server_name(&cfg.nodes[0]), ccfg).unwrap()
+    }
+
+    /// Drops the connection and serves on a new comch server, as the agent
+    /// does when its host link goes (`comchlink::attach`): the agent lives
+    /// on, the connection is gone, and what it was told is forgotten.
+    fn restart(&mut self, cfg: &config::Cluster) {
+        let fresh = Self::server(&self.pe, cfg);
+        drop(std::mem::replace(&mut self.server, fresh));
+        self.server.start().unwrap();
+        self.conn = None;
+        self.out = Outbox::new(doca::COMCH_MAX_MSG_SIZE as usize);
+        self.got.clear();
+        self.lent.clear();
     }
 
     fn poll(&mut self) {
@@ -124,8 +144,14 @@ impl FakeAgent {
             match ev {
                 doca::ComchEvent::Connected(c) => self.conn = Some(c),
                 doca::ComchEvent::Message { len, .. } => {
-                    let got = &mut self.got;
-                    each_frame(&self.rx[..len as usize], |f| got.push(f.kind())).expect("frames from the bridge");
+                    let (got, lent) = (&mut self.got, &mut self.lent);
+                    each_frame(&self.rx[..len as usize], |f| {
+                        if let CtrlMsg::LendRecv(_, list) = &f {
+                            lent.extend(list.iter());
+                        }
+                        got.push(f.kind());
+                    })
+                    .expect("frames from the bridge");
                 }
                 _ => {}
             }
@@ -188,4 +214,121 @@ fn nothing_is_handed_to_an_agent_before_it_took_the_pools() {
     assert!(bridge.is_up());
     assert_eq!(bridge.stats().to_agent, 1);
     assert_eq!(f.pool().owner(buf), Ok(Owner::Agent));
+}
+
+/// Steps the bridge and polls the agent for `d`.
+fn run_for(bridge: &mut Bridge, agent: &mut FakeAgent, d: Duration) {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        bridge.step();
+        agent.poll();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn took_pools() -> CtrlMsg<'static> {
+    CtrlMsg::Ack(Ack { about_kind: CtrlKind::PoolExport as u16, reserved: 0, about_seq: 0 })
+}
+
+/// The comch connection drops while the agent lives on (the connection
+/// failed, not the agent): the agent's fabric still has receives posted in
+/// the buffers it was lent, and sends reading the messages it was handed,
+/// until it notices and tears down. Those buffers stay the agent's (not
+/// free, not allocatable, not lent to the agent when it connects again,
+/// not taken back from it on the new connection) for
+/// [`AGENT_GONE_GRACE`]; then they are freed, and nothing else is left
+/// recorded as the agent's.
+#[test]
+fn what_the_agent_held_when_the_connection_dropped_is_kept_for_the_grace_then_freed() {
+    let (cfg, dir) = cluster("drop");
+    let _shimd = ShimdThread::start(&cfg, dir.clone());
+    let mut agent = FakeAgent::start(&cfg);
+    let shared = SharedStats::default();
+    let mut bridge = Bridge::new(Arc::new(cfg.clone()), 0, &socket_path(&dir), shared).expect("bridge");
+    let mut f = Function::attach(&socket_path(&dir), "t", "f").expect("attach f");
+    let cap = f.pool().geometry().payload_cap();
+
+    drive(&mut bridge, &mut agent, "the exports", |_, a| a.got.contains(&CtrlKind::PoolExport));
+    agent.send(took_pools());
+    agent.send(CtrlMsg::WantBufs(LendRecv { tenant: 0, reserved: 0, count: 8 }));
+    drive(&mut bridge, &mut agent, "the lends", |_, a| a.lent.len() == 8);
+    let m = f.alloc(100).expect("a buffer");
+    let sent = m.desc().buf;
+    f.send(m, "g").expect("sent to the agent's uplink");
+    drive(&mut bridge, &mut agent, "the message", |_, a| a.got.contains(&CtrlKind::Message));
+    let mut held = agent.lent.clone();
+    held.push(sent);
+    for &i in &held {
+        assert_eq!(f.pool().owner(i), Ok(Owner::Agent), "buffer {i}");
+    }
+
+    // The connection drops; the agent is still there.
+    agent.restart(&cfg);
+    let deadline = Instant::now() + WATCHDOG;
+    // No later than when the bridge saw the drop: its grace ends after
+    // `dropped + AGENT_GONE_GRACE`.
+    let dropped = loop {
+        assert!(Instant::now() < deadline, "watchdog: the bridge never saw the connection drop");
+        let before = Instant::now();
+        bridge.step();
+        if !bridge.is_up() {
+            break before;
+        }
+        agent.poll();
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    let in_grace = || Instant::now() < dropped + AGENT_GONE_GRACE;
+    assert!(in_grace(), "one pass of the bridge took the whole grace");
+    for &i in &held {
+        assert_eq!(f.pool().owner(i), Ok(Owner::Agent), "buffer {i} left the agent as soon as the connection dropped");
+    }
+    // Nothing the function can allocate is one of them.
+    let mut all = Vec::new();
+    while let Ok(m) = f.alloc(cap) {
+        all.push(m);
+    }
+    assert!(in_grace(), "allocating the pool took the whole grace");
+    for m in &all {
+        assert!(!held.contains(&m.desc().buf), "buffer {} allocated while the agent may still use it", m.desc().buf);
+    }
+    for m in all {
+        f.free(m).unwrap();
+    }
+
+    // The agent connects again: fresh exports, fresh lends, none of them.
+    drive(&mut bridge, &mut agent, "the exports again", |_, a| a.got.contains(&CtrlKind::PoolExport));
+    agent.send(took_pools());
+    agent.send(CtrlMsg::WantBufs(LendRecv { tenant: 0, reserved: 0, count: 8 }));
+    drive(&mut bridge, &mut agent, "the lends again", |_, a| a.lent.len() == 8);
+    let fresh = agent.lent.clone();
+    for i in &fresh {
+        assert!(!held.contains(i), "buffer {i} lent again to the agent while its earlier receive may land in it");
+    }
+    // The new connection cannot take them back either (the agent there
+    // was not given them).
+    let refused = bridge.stats().refused;
+    agent.send(CtrlMsg::ReturnBufs(LendRecv { tenant: 0, reserved: 0, count: 1 }, BufList::from_indices(&held[..1])));
+    drive(&mut bridge, &mut agent, "the refusal", |b, _| b.stats().refused > refused);
+    assert_eq!(bridge.stats().returned, 0);
+    if in_grace() {
+        assert_eq!(f.pool().owner(held[0]), Ok(Owner::Agent), "taken back on the new connection");
+    }
+
+    // After the grace: freed, all of them, and nothing else is recorded
+    // as the agent's but what it was lent on the new connection.
+    run_for(&mut bridge, &mut agent, (dropped + AGENT_GONE_GRACE).saturating_duration_since(Instant::now()));
+    drive(&mut bridge, &mut agent, "the held buffers freed", |_, _| {
+        held.iter().all(|&i| f.pool().owner(i) != Ok(Owner::Agent))
+    });
+    for &i in &held {
+        // Free, or in the bridge's allocation cache.
+        let o = f.pool().owner(i);
+        assert!(o == Ok(Owner::Free) || o == Ok(Owner::Held(AGENT_SLOT)), "buffer {i}: {o:?}");
+    }
+    assert_eq!(bridge.stats().reclaimed, held.len() as u64);
+    let agents: Vec<u32> =
+        (0..f.pool().geometry().buf_count()).filter(|&i| f.pool().owner(i) == Ok(Owner::Agent)).collect();
+    let mut fresh = fresh;
+    fresh.sort_unstable();
+    assert_eq!(agents, fresh, "recorded as the agent's");
 }
