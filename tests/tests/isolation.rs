@@ -128,6 +128,8 @@ fn all_drops(c: &Cluster, node: usize, tenant: &str) -> u64 {
         "stalled_chain",
         "bad_origin",
         "tenant_mismatch",
+        "overloaded",
+        "unanswered",
     ]
     .iter()
     .map(|r| drops(c, node, tenant, r))
