@@ -118,11 +118,6 @@ const FUNCTIONS: [(&str, u16, &str, &[&str]); 8] = [
 ];
 const READY_WITHIN: Duration = Duration::from_secs(60);
 
-fn free_port(ip: &str) -> anyhow::Result<SocketAddr> {
-    let l = std::net::TcpListener::bind((ip, 0))?;
-    Ok(l.local_addr()?)
-}
-
 /// Two network namespaces, each joined to the root namespace by a veth
 /// pair, routed through it. Removed on drop.
 /// The demo's two network namespaces, their veth pairs and routes (as
@@ -360,22 +355,29 @@ impl Demo {
         let dir = std::env::temp_dir().join(format!("dne-demo-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
+        // Each free port is held until the last is chosen: a port let go
+        // at once can come back from the next bind, and two nodes given
+        // one port make the cluster file invalid.
+        let mut held = Vec::new();
+        let mut free_port = || -> anyhow::Result<SocketAddr> {
+            let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+            let a = l.local_addr()?;
+            held.push(l);
+            Ok(a)
+        };
         let (addrs, metrics, edge) = match &netns {
             Some(_) => (
                 [format!("{}:7101", Netns::NS_IP[0]).parse()?, format!("{}:7102", Netns::NS_IP[1]).parse()?],
                 [format!("{}:9101", Netns::NS_IP[0]).parse()?, format!("{}:9102", Netns::NS_IP[1]).parse()?],
                 format!("{}:7100", Netns::ROOT_IP[0]).parse()?,
             ),
-            None => (
-                [free_port("127.0.0.1")?, free_port("127.0.0.1")?],
-                [free_port("127.0.0.1")?, free_port("127.0.0.1")?],
-                free_port("127.0.0.1")?,
-            ),
+            None => ([free_port()?, free_port()?], [free_port()?, free_port()?], free_port()?),
         };
         let http = match std::net::TcpListener::bind(("127.0.0.1", opts.port)) {
             Ok(l) => l.local_addr()?,
-            Err(_) => free_port("127.0.0.1")?,
+            Err(_) => free_port()?,
         };
+        drop(held);
         let config = dir.join("cluster.toml");
         std::fs::write(&config, cluster_file(&opts.mode, &dir, &addrs, &metrics, edge, http))?;
         let cluster = Cluster::load(&config)?;

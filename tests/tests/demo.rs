@@ -83,9 +83,23 @@ fn nothing_left(pid: u32, all: &str) {
     }
 }
 
-/// Waits (watchdog) until demo `pid` has started `n` children.
-fn wait_children(pid: u32, n: usize) {
-    wait_for("the demo's children", WATCHDOG, || children_of(pid).len() >= n);
+/// Waits (watchdog) until `demo` has started `n` children, and gives it
+/// back; fails at once, with the demo's output, if it ends first.
+fn wait_children(mut demo: Proc, n: usize) -> Proc {
+    let pid = demo.pid();
+    let end = std::time::Instant::now() + WATCHDOG;
+    while children_of(pid).len() < n {
+        if !demo.is_running() {
+            let out = demo.wait_timeout(WATCHDOG);
+            panic!(
+                "the demo ended before it started {n} children: exit {}\nstdout:\n{}\nstderr:\n{}",
+                out.status, out.stdout, out.stderr
+            );
+        }
+        assert!(std::time::Instant::now() < end, "timed out after {WATCHDOG:?} waiting for the demo's children");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    demo
 }
 
 /// Ctrl-C while the demo starts its cluster stops and removes everything.
@@ -99,7 +113,7 @@ fn a_demo_interrupted_while_it_starts_leaves_nothing_behind() {
     cmd.args(["demo", "--duration", "30", "--port", "0"]);
     let demo = Proc::spawn("dpu-agent demo", cmd);
     let pid = demo.pid();
-    wait_children(pid, 3);
+    let demo = wait_children(demo, 3);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGINT).expect("SIGINT");
     let out = demo.wait_timeout(WATCHDOG);
     let all = format!("exit {}\nstdout:\n{}\nstderr:\n{}", out.status, out.stdout, out.stderr);
@@ -117,7 +131,7 @@ fn the_children_of_a_killed_demo_stop() {
     cmd.args(["demo", "--duration", "30", "--port", "0", "--no-netns"]);
     let demo = Proc::spawn("dpu-agent demo", cmd);
     let pid = demo.pid();
-    wait_children(pid, 3);
+    let demo = wait_children(demo, 3);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL).expect("SIGKILL");
     demo.wait_timeout(WATCHDOG);
     wait_for("the killed demo's children stopped", WATCHDOG, || children_of(pid).is_empty());
@@ -133,7 +147,7 @@ fn a_demo_under_nohup_outlives_a_hangup() {
     cmd.arg(bin_path("dpu-agent")).args(["demo", "--serve", "--port", "0", "--no-netns"]);
     let demo = Proc::spawn("nohup dpu-agent demo", cmd);
     let pid = demo.pid();
-    wait_children(pid, 3);
+    let demo = wait_children(demo, 3);
     let signal = |s| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), s).expect("signal");
     signal(nix::sys::signal::SIGHUP);
     // A demo that stops on it is gone well within 2 s (its children stop
@@ -205,7 +219,7 @@ fn a_second_demo_is_refused_while_one_has_the_namespaces() {
     let first = Proc::spawn("dpu-agent demo (first)", cmd);
     let pid = first.pid();
     // Its children start once its namespaces exist.
-    wait_children(pid, 3);
+    let first = wait_children(first, 3);
     let mut cmd = Command::new(bin_path("dpu-agent"));
     cmd.args(["demo", "--duration", "2", "--port", "0"]);
     let second = Proc::spawn("dpu-agent demo (second)", cmd);
@@ -240,7 +254,7 @@ fn the_next_demo_removes_what_a_killed_demo_left() {
     cmd.args(["demo", "--duration", "30", "--port", "0"]);
     let killed = Proc::spawn("dpu-agent demo (killed)", cmd);
     let pid = killed.pid();
-    wait_children(pid, 3);
+    let killed = wait_children(killed, 3);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL).expect("SIGKILL");
     killed.wait_timeout(WATCHDOG);
     wait_for("the killed demo's children stopped", WATCHDOG, || children_of(pid).is_empty());
