@@ -27,10 +27,6 @@ fn null_transport(_: &EndpointConfig, _: SocketAddr) -> Result<NullTransport, Cl
     Ok(NullTransport::new())
 }
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
 /// A null link whose messages claim node 1 as their origin; `restamp`
 /// either takes the message (as the DPU link does) or gives it back.
 struct Origin1 {
@@ -97,7 +93,7 @@ fn cluster() -> Arc<Cluster> {
     for i in 0..2 {
         s += &format!(
             "[[node]]\nname = \"n{i}\"\naddress = \"{}\"\nruntime_dir = \"{}\"\n\n",
-            free_addr(),
+            dne_tests::free_port(),
             dir.join(format!("n{i}")).display()
         );
     }
