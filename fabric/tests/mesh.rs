@@ -13,8 +13,10 @@ const WATCHDOG: Duration = Duration::from_secs(30);
 /// and stopped peers check that setup does not wait for it).
 const HANDSHAKE: Duration = Duration::from_secs(5);
 
+/// A loopback port distinct within this test binary (its tests run at
+/// once): binding port 0 and letting it go could give two of them one port.
 fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    dne_tests::free_port()
 }
 
 struct Side {
