@@ -705,15 +705,7 @@ recv_quota = 8
                     Err(e) => panic!("connecting to the agent: {e}"),
                 }
             };
-            let mut rx = vec![0u8; doca::COMCH_MAX_MSG_SIZE as usize];
-            loop {
-                assert!(Instant::now() < deadline, "the agent never accepted the connection");
-                pe.progress();
-                if let Some(doca::ComchEvent::Connected(_)) = client.poll_event(&mut rx) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            wait_connected(&pe, &client, deadline);
             let mut out = Outbox::new(doca::COMCH_MAX_MSG_SIZE as usize);
             let mut send = |m: &[u8]| client.send(m, 0);
             for t in 0..2u16 {
@@ -781,6 +773,20 @@ recv_quota = 8
         out.push(CtrlMsg::PoolExport(body, &[0]), &mut send).unwrap();
         out.flush(&mut send).unwrap();
         out
+    }
+
+    /// Progresses `client` until the agent has accepted its connection
+    /// (panics at `deadline`).
+    fn wait_connected(pe: &doca::ProgressEngine, client: &doca::ComchClient, deadline: Instant) {
+        let mut rx = vec![0u8; doca::COMCH_MAX_MSG_SIZE as usize];
+        loop {
+            assert!(Instant::now() < deadline, "the agent never accepted the connection");
+            pe.progress();
+            if let Some(doca::ComchEvent::Connected(_)) = client.poll_event(&mut rx) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// A host's side by hand: a started comch client of `name`.
@@ -876,15 +882,7 @@ recv_quota = 8
             let deadline = Instant::now() + Duration::from_secs(10);
             let pe = doca::ProgressEngine::new().unwrap();
             let client = host_client(&pe, &server_name(&cfg.nodes[0]));
-            let mut rx = vec![0u8; doca::COMCH_MAX_MSG_SIZE as usize];
-            loop {
-                assert!(Instant::now() < deadline, "the agent never accepted the connection");
-                pe.progress();
-                if let Some(doca::ComchEvent::Connected(_)) = client.poll_event(&mut rx) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            wait_connected(&pe, &client, deadline);
             let out = export_pool(&cfg, &client);
             while !agent.is_finished() {
                 assert!(Instant::now() < deadline, "the agent never took the pool export");
