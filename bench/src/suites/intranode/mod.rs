@@ -4,6 +4,9 @@
 //! as a peer: the parent pings, the peer pongs), payload already written,
 //! at 64 B, 1 KiB, 64 KiB and 1 MiB, for:
 //! * the floor: two processes bouncing one shared cache line with atomics;
+//!   and, to show what any design with a ring per receiver can reach, the
+//!   same with one line per direction, without and with the receiver's
+//!   compare-and-swap of an owner word on a third line;
 //! * DNE's rings: a descriptor naming the pool buffers, whose owners move
 //!   with each hand-off (`Pool::hand_over` / `Pool::accept`), busy-polling
 //!   or sleeping on the eventfd doorbell; plus the same with a 16 KiB-buffer
@@ -48,6 +51,11 @@ pub(crate) const SPIN: &str = "spin";
 const PLAIN: &str = "-";
 /// The floor spinning without a spin hint (`pause`): on some cores faster.
 pub(crate) const HOT: &str = "hot";
+/// The floor with one line per direction.
+pub(crate) const TWO: &str = "two";
+/// The floor with one line per direction, each receiver moving an owner
+/// word on a third line to itself with a compare-and-swap.
+pub(crate) const TWO_CAS: &str = "two-cas";
 
 /// One end (the pinger) of a compared system.
 pub(crate) trait Side {
@@ -124,9 +132,11 @@ const R_TCP_SPIN: usize = 7;
 const R_UDS: usize = 8;
 const R_UDS_SPIN: usize = 9;
 const R_FLOOR_HOT: usize = 10;
+const R_FLOOR_TWO: usize = 11;
+const R_FLOOR_TWO_CAS: usize = 12;
 
 /// (label, endpoint, mode).
-const ROWS: [(&str, usize, &str); 11] = [
+const ROWS: [(&str, usize, &str); 13] = [
     ("floor: one shared line", FLOOR, PLAIN),
     ("ours busy-poll", OURS, BUSY),
     ("ours busy-poll, 16K chain", CHAIN, BUSY),
@@ -138,6 +148,8 @@ const ROWS: [(&str, usize, &str); 11] = [
     ("UDS stream", UDS, BLOCK),
     ("UDS stream busy-poll", UDS, SPIN),
     ("floor: one shared line, no spin hint", FLOOR, HOT),
+    ("floor: a line per direction", FLOOR, TWO),
+    ("floor: a line per direction + receiver's CAS on a third", FLOOR, TWO_CAS),
 ];
 
 struct Plan {
@@ -273,8 +285,11 @@ fn round_trips(plan: &Plan, pinned: bool, report: &mut Report) -> Result<(Median
         *f = f.min(h);
     }
     let mut ratios = Table::new("round-trip ratios, same run (floor: the faster of its two rows)", &header);
-    let ratio_rows: [(&str, usize, usize); 9] = [
+    let ratio_rows: [(&str, usize, usize); 12] = [
         ("ours busy / floor", R_OURS, R_FLOOR),
+        ("a line per direction / floor", R_FLOOR_TWO, R_FLOOR),
+        ("ours ring only / a line per direction", R_RAW, R_FLOOR_TWO),
+        ("ours busy / a line per direction + CAS", R_OURS, R_FLOOR_TWO_CAS),
         ("ours busy / ring only (owner CAS cost)", R_OURS, R_RAW),
         ("ours 16K chain / ours one buffer", R_CHAIN, R_OURS),
         ("ours busy / iceoryx2", R_OURS, R_IOX),
@@ -424,6 +439,11 @@ fn targets(report: &mut Report, med: &Medians, tput: &Throughput, idle: f64) {
     report.put("rtt_ratio_1m_64b_chain", m_64_chain);
     report.put("rtt_ratio_tcp_spin_1k", tcp_spin_1k);
     report.put("rtt_ratio_raw_max", worst(R_OURS, R_RAW));
+    report.put("rtt_ratio_floor2_floor_max", worst(R_FLOOR_TWO, R_FLOOR));
+    report.put("rtt_ratio_raw_floor2_max", worst(R_RAW, R_FLOOR_TWO));
+    report.put("rtt_ratio_floor2cas_max", worst(R_OURS, R_FLOOR_TWO_CAS));
+    report.put("rtt_floor2_64b_us", med[R_FLOOR_TWO][0] / 1e3);
+    report.put("rtt_floor2cas_64b_us", med[R_FLOOR_TWO_CAS][0] / 1e3);
     report.put("rtt_floor_64b_us", med[R_FLOOR][0] / 1e3);
     report.put("rtt_ours_64b_us", med[R_OURS][0] / 1e3);
     report.put("rtt_ours_1m_us", med[R_OURS][3] / 1e3);

@@ -8,7 +8,8 @@ use anyhow::{Result, anyhow, bail};
 use shm::ring::{Consumer, Doorbell, Ring, RingPushError};
 use shm::{LocalCache, PagePolicy, Pool, Region};
 use std::hint::black_box;
-use std::sync::atomic::Ordering::{Acquire, Release};
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::time::{Duration, Instant};
 use wire::desc::{NO_NODE, NO_ROUTE};
 use wire::{Descriptor, Owner, PoolGeometry};
@@ -100,24 +101,74 @@ fn desc(src_fn: u16, dst_fn: u16, buf: u32, len: u32, request: u32) -> Descripto
 
 // ---------------------------------------------------------------- floor
 
-/// The floor, pinger side: bounce one `AtomicU64` in a shared mapping.
+/// Where the floors' lines sit in their shared page: the one line of the
+/// floor proper, and for the two-line floors a line per direction and the
+/// line of the owner word the receiver moves. 128 B apart, so that no two
+/// are fetched together by an adjacent-line prefetcher.
+const LINE_ONE: u64 = 0;
+const LINE_REQ: u64 = 128;
+const LINE_REPLY: u64 = 256;
+const LINE_OWNER: u64 = 384;
+/// The owner word's values: the pinger's and the ponger's.
+const OWNER_PING: u64 = 1;
+const OWNER_PONG: u64 = 2;
+
+/// The floors, pinger side: one `AtomicU64` bounced in a shared mapping
+/// (the floor proper), or a line per direction with nothing else ([`TWO`])
+/// or with a compare-and-swap of an owner word on a third line by each
+/// receiver ([`TWO_CAS`]): the least any design with a ring per receiver
+/// moves, without and with a receive-time owner move.
+///
+/// [`TWO`]: super::TWO
+/// [`TWO_CAS`]: super::TWO_CAS
 #[derive(Debug)]
 pub(crate) struct FloorSide {
     region: Region,
     next: u64,
+    next_two: u64,
 }
 
-/// Creates the shared line and starts its ponger.
+/// Creates the shared lines and starts their ponger.
 pub(crate) fn floor_endpoint() -> Result<(Peer, FloorSide)> {
     let region = Region::create("dne-bench-floor", 4096, PagePolicy::Normal)?;
+    region.atomic_u64(LINE_OWNER)?.store(OWNER_PING, Relaxed);
     let peer = Peer::spawn("floor", &[region.fd()], &[])?;
-    Ok((peer, FloorSide { region, next: 0 }))
+    Ok((peer, FloorSide { region, next: 0, next_two: 0 }))
+}
+
+/// A receiver's owner move on the two-line floor with CAS: from the
+/// sender's value to its own; anything else is a bug of the benchmark.
+fn floor_owner_move(owner: &AtomicU64, from: u64, to: u64) -> Result<()> {
+    // AcqRel/Acquire: the orderings `Pool::accept` uses.
+    owner
+        .compare_exchange(from, to, AcqRel, Acquire)
+        .map(|_| ())
+        .map_err(|v| anyhow!("floor: owner word {v}, expected {from}"))
 }
 
 impl Side for FloorSide {
     fn round_trips(&mut self, _size: usize, n: u64, mode: &str) -> Result<Duration> {
-        let line = self.region.atomic_u64(0)?;
         let mut wd = Watchdog::new();
+        if mode == super::TWO || mode == super::TWO_CAS {
+            let (req, reply) = (self.region.atomic_u64(LINE_REQ)?, self.region.atomic_u64(LINE_REPLY)?);
+            let owner = self.region.atomic_u64(LINE_OWNER)?;
+            let cas = mode == super::TWO_CAS;
+            let t = Instant::now();
+            for _ in 0..n {
+                let v = self.next_two + 1;
+                // Release/Acquire as in the one-line floor.
+                req.store(v, Release);
+                while reply.load(Acquire) != v {
+                    wd.poll(true)?;
+                }
+                if cas {
+                    floor_owner_move(owner, OWNER_PONG, OWNER_PING)?;
+                }
+                self.next_two = v;
+            }
+            return Ok(t.elapsed());
+        }
+        let line = self.region.atomic_u64(LINE_ONE)?;
         let hint = mode != super::HOT;
         let t = Instant::now();
         for _ in 0..n {
@@ -134,14 +185,33 @@ impl Side for FloorSide {
     }
 }
 
-/// The floor, ponger side.
+/// The floors, ponger side.
 pub(crate) fn floor_peer(mut ctx: PeerCtx) -> Result<()> {
     let region = Region::open(ctx.fd(0)?)?;
-    let line = region.atomic_u64(0)?;
+    let line = region.atomic_u64(LINE_ONE)?;
+    let (req, reply, owner) =
+        (region.atomic_u64(LINE_REQ)?, region.atomic_u64(LINE_REPLY)?, region.atomic_u64(LINE_OWNER)?);
     ctx.say("ready")?;
-    let mut last = 0u64;
+    let (mut last, mut last_two) = (0u64, 0u64);
     while let Some(cmd) = ctx.next_cmd()? {
         let mut wd = Watchdog::new();
+        if cmd.mode == super::TWO || cmd.mode == super::TWO_CAS {
+            let cas = cmd.mode == super::TWO_CAS;
+            for _ in 0..cmd.n {
+                // Acquire: pairs with the pinger's Release store.
+                while req.load(Acquire) == last_two {
+                    wd.poll(true)?;
+                }
+                last_two += 1;
+                if cas {
+                    floor_owner_move(owner, OWNER_PING, OWNER_PONG)?;
+                }
+                // Release: pairs with the pinger's Acquire load.
+                reply.store(last_two, Release);
+            }
+            ctx.say("done")?;
+            continue;
+        }
         let hint = cmd.mode != super::HOT;
         for _ in 0..cmd.n {
             let v = loop {
