@@ -263,7 +263,11 @@ impl<T> Table<T> {
 /// Sizes of a port.
 #[derive(Clone, Copy, Debug)]
 pub struct PortSizes {
-    /// Messages in flight at once (all tenants).
+    /// Messages in flight at once, all tenants together; one tenant may
+    /// have its share (this divided by the number of tenants, at least
+    /// one) at most, so that a tenant whose peers take nothing of what it
+    /// sends (each can hold a send window and a queue of `queue_high`)
+    /// cannot hold the slots the other tenants' messages need.
     pub flights: usize,
     /// Fabric sends of one connection queued in the endpoint before
     /// [`Port::can_send`] says no.
@@ -314,6 +318,10 @@ pub struct Port<T: Transport, B: Buffers> {
     /// path asks several times per message).
     routes: Vec<Option<ConnId>>,
     flights: Table<Flight>,
+    /// Flights of each tenant, and the most one tenant may have
+    /// ([`PortSizes::flights`]).
+    tenant_flights: Vec<u32>,
+    flight_share: u32,
     posted: Table<Posted>,
     sizes: PortSizes,
     comps: Vec<Completion>,
@@ -387,7 +395,10 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             bufs.push(pt.bufs);
         }
         let recvs: usize = per_conn.iter().map(|&p| (p as usize + 1) * npeers * 2).sum();
+        let flight_share = u32::try_from(sizes.flights / bufs.len().max(1)).unwrap_or(u32::MAX).max(1);
         Ok(Self {
+            tenant_flights: vec![0; bufs.len()],
+            flight_share,
             ep,
             mesh,
             ids,
@@ -514,11 +525,17 @@ impl<T: Transport, B: Buffers> Port<T, B> {
 
     /// Whether a message of tenant `t` to `peer` may be posted now: the
     /// connection is up, the peer granted credits, the endpoint's queue is
-    /// short and a flight slot is free.
+    /// short and a flight slot of the tenant's share is free.
     pub fn can_send(&self, t: u16, peer: u16) -> bool {
-        self.conn(t, peer).is_some_and(|c| {
-            !self.flights.free.is_empty() && self.ep.queued(c) < self.sizes.queue_high && self.ep.credits(c) > 0
-        })
+        self.conn(t, peer)
+            .is_some_and(|c| self.has_flight(t) && self.ep.queued(c) < self.sizes.queue_high && self.ep.credits(c) > 0)
+    }
+
+    /// Whether tenant `t` may have one more message in flight (its share of
+    /// the flight slots, see [`PortSizes::flights`]).
+    #[inline]
+    fn has_flight(&self, t: u16) -> bool {
+        !self.flights.free.is_empty() && self.tenant_flights.get(usize::from(t)).is_some_and(|&n| n < self.flight_share)
     }
 
     /// Sends a message (a chain of tenant `t`'s pool held by the caller)
@@ -563,9 +580,13 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         if self.stage.len() != usize::from(count) || u32::from(count) != lease.frags() {
             return Err((lease, desc, CompletionError::BadChain));
         }
+        if !self.has_flight(t) {
+            return Err((lease, desc, CompletionError::Transport(-1)));
+        }
         let Ok(token) = self.flights.insert(Flight { tenant: t, peer, msg: None, tag, left: 0, error: None }) else {
             return Err((lease, desc, CompletionError::Transport(-1)));
         };
+        self.tenant_flights[usize::from(t)] += 1;
         let region = self.regions[usize::from(t)];
         let mut posted = 0;
         let mut error = None;
@@ -584,6 +605,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         }
         if posted == 0 {
             self.flights.remove(u64::from(token));
+            self.tenant_flights[usize::from(t)] -= 1;
             return Err((lease, desc, error.unwrap_or(CompletionError::Closed)));
         }
         if let Some(f) = self.flights.get_mut(u64::from(token)) {
@@ -803,6 +825,9 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             return;
         }
         let Some(f) = self.flights.remove(token) else { return };
+        if let Some(n) = self.tenant_flights.get_mut(usize::from(f.tenant)) {
+            *n = n.saturating_sub(1);
+        }
         if let Some((lease, desc)) = f.msg {
             let result = f.error.map_or(Ok(()), Err);
             out.push(PortEvent::Sent { tenant: f.tenant, peer: f.peer, lease, desc, tag: f.tag, result });
@@ -945,10 +970,13 @@ mod tests {
     /// The null fabric, keeping what the tests look at: the immediates of
     /// the data sends posted, and (`hold`) the receives posted, for a test
     /// to land a peer's messages in (`land`) instead of the null fabric's
-    /// loopback (which also carries the credits).
+    /// loopback (which also carries the credits). Data sends on a
+    /// connection of `stall` never complete (a peer that takes nothing of
+    /// what it granted).
     #[derive(Debug, Default)]
     struct Wire {
         hold: bool,
+        stall: Vec<ConnId>,
         null: NullTransport,
         sent: Vec<u32>,
         recvs: std::collections::VecDeque<(ConnId, u64, u64)>,
@@ -980,6 +1008,9 @@ mod tests {
         ) -> Result<(), crate::RawPostError> {
             if src.is_some() {
                 self.sent.push(imm.unwrap_or(0));
+                if self.stall.contains(&conn) {
+                    return Ok(());
+                }
             }
             self.null.send(conn, src, imm, user_data)
         }
@@ -1037,6 +1068,66 @@ mod tests {
         cmds.send(Cmd::Connect { peer, epoch: 1, tenant: 0, blob: b"null".to_vec() }).unwrap();
         settle(port, &mut out);
         assert!(port.is_up(0, peer), "{out:?}");
+    }
+
+    /// One tenant's peers that take none of the sends they granted credits
+    /// for hold at most that tenant's share of the port's flight slots:
+    /// another tenant's messages to a healthy peer still go. Before, the
+    /// slots were one pool for every tenant, and tenant 0's three stalled
+    /// peers (80 messages each: a send window and a queue) took all 200 of
+    /// them; tenant 1 could send nothing to anyone.
+    #[test]
+    fn one_tenants_stalled_peers_do_not_hold_another_tenants_sends() {
+        let pools: Vec<PoolBufs> = (0..2)
+            .map(|_| {
+                let g = wire::PoolGeometry::new(0, 1024, 1024, wire::fabric::HEADROOM, 4).unwrap();
+                PoolBufs(Pool::create("port-test-share", g, shm::PagePolicy::Normal).unwrap())
+            })
+            .collect();
+        let (mesh, cmds, _notes) = Mesh::by_hand(vec![0, 1]);
+        let ep = Endpoint::new(Wire::default(), EndpointConfig { max_conns: 16, max_chain: 8, ..Default::default() });
+        let tenants = (0..2).zip(pools).map(|(id, bufs)| PortTenant { id, bufs, per_conn: 4 }).collect();
+        let mut port = Port::with_mesh(ep, mesh, 4, tenants, PortSizes::new(200, 16)).unwrap();
+        let mut out = Vec::new();
+        for peer in 1..=4 {
+            cmds.send(Cmd::Open { peer, epoch: 1 }).unwrap();
+            port.control(&mut out);
+            for tenant in 0..2 {
+                cmds.send(Cmd::Connect { peer, epoch: 1, tenant, blob: b"null".to_vec() }).unwrap();
+            }
+            settle(&mut port, &mut out);
+            assert!(port.is_up(0, peer) && port.is_up(1, peer), "{out:?}");
+        }
+        let stalled: Vec<ConnId> = (1..=3).map(|peer| port.mesh.conn(peer, 0).unwrap()).collect();
+        port.ep.transport_mut().stall = stalled;
+        let send = |port: &mut Port<Wire, PoolBufs>, t: u16, peer: u16, tag: u64| {
+            let lease = port.bufs(t).0.alloc(8, Owner::Held(1)).unwrap();
+            let desc = Descriptor { tenant: t, dst_fn: 3, len: 8, ..Descriptor::default() };
+            port.send(t, peer, lease, desc, tag).map_err(|(l, _, e)| {
+                port.bufs_mut(t).free(l);
+                e
+            })
+        };
+        // Tenant 0 sends to its stalled peers all they let it.
+        let mut sent = 0;
+        for _ in 0..1000 {
+            let Some(peer) = (1..=3).find(|&p| port.can_send(0, p)) else { break };
+            send(&mut port, 0, peer, 0).unwrap();
+            sent += 1;
+            settle(&mut port, &mut out);
+        }
+        assert!((1..=3).all(|p| !port.can_send(0, p)), "tenant 0 kept sending");
+        assert!(sent >= 100, "tenant 0 sent {sent}");
+        assert!(!out.iter().any(|e| matches!(e, PortEvent::Sent { tenant: 0, .. })), "{out:?}");
+        out.clear();
+        // Tenant 1's messages to its healthy peer go, and complete.
+        for tag in 0..50 {
+            assert!(port.can_send(1, 4), "tenant 1 is held back by tenant 0's stalled peers ({sent} in flight)");
+            send(&mut port, 1, 4, tag).unwrap();
+            settle(&mut port, &mut out);
+        }
+        let done = out.iter().filter(|e| matches!(e, PortEvent::Sent { tenant: 1, peer: 4, result: Ok(()), .. }));
+        assert_eq!(done.count(), 50, "{out:?}");
     }
 
     /// Lands a peer's fabric message (its header, then `payload` bytes) in
