@@ -228,6 +228,9 @@ struct Conn {
     /// The last refill found the pool empty (told once, in a
     /// [`PortEvent::NoBuffer`]).
     starved: bool,
+    /// The connection failed or was closed: no receive is posted on it
+    /// again (the peer's next link is a new connection, a new `Conn`).
+    dead: bool,
     posted: u32,
     want: u32,
 }
@@ -654,6 +657,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                         frags: 0,
                         seen: (0, None),
                         starved: false,
+                        dead: false,
                         posted: 0,
                         want,
                     });
@@ -662,7 +666,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                     self.route(peer).fill(None);
                     for c in conns {
                         if let Some(Some(st)) = self.conns.get_mut(c.index() as usize) {
-                            st.up = false;
+                            (st.up, st.dead) = (false, true);
                             // The rest of a chain open now may still be
                             // completed (what the backend had before the
                             // close): freed as it comes, like a stalled one's.
@@ -739,6 +743,9 @@ impl<T: Transport, B: Buffers> Port<T, B> {
 
     fn refill(&mut self, conn: ConnId, out: &mut Vec<PortEvent>) {
         let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) else { return };
+        if st.dead {
+            return;
+        }
         let t = usize::from(st.tenant);
         while st.posted < st.want {
             let Some(lease) = self.bufs[t].alloc_one() else {
@@ -794,7 +801,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                 }
                 Completion::ConnFailed { conn, error } => {
                     if let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) {
-                        st.up = false;
+                        (st.up, st.dead) = (false, true);
                         if matches!(error, CompletionError::Protocol(_)) {
                             out.push(PortEvent::Protocol { tenant: st.tenant, peer: st.peer });
                         }
@@ -953,13 +960,16 @@ mod tests {
     use shm::Pool;
     use wire::Owner;
 
-    struct PoolBufs(Pool);
+    /// A tenant pool, and how many buffers `alloc_one` was asked for
+    /// (receives posted or tried).
+    struct PoolBufs(Pool, u64);
 
     impl Buffers for PoolBufs {
         fn view(&self) -> PoolView<'_> {
             PoolView::Local(&self.0)
         }
         fn alloc_one(&mut self) -> Option<Lease> {
+            self.1 += 1;
             self.0.alloc(self.0.geometry().payload_cap(), Owner::Held(1)).ok()
         }
         fn free(&mut self, lease: Lease) {
@@ -1055,7 +1065,7 @@ mod tests {
         let pool = Pool::create("port-test", g, shm::PagePolicy::Normal).unwrap();
         let (mesh, cmds, notes) = Mesh::by_hand(vec![0]);
         let ep = Endpoint::new(t, EndpointConfig { max_conns: 8, max_chain: 8, ..Default::default() });
-        let tenants = vec![PortTenant { id: 0, bufs: PoolBufs(pool), per_conn: 4 }];
+        let tenants = vec![PortTenant { id: 0, bufs: PoolBufs(pool, 0), per_conn: 4 }];
         let port = Port::with_mesh(ep, mesh, peers, tenants, PortSizes::new(16, 16)).unwrap();
         (port, cmds, notes)
     }
@@ -1081,7 +1091,7 @@ mod tests {
         let pools: Vec<PoolBufs> = (0..2)
             .map(|_| {
                 let g = wire::PoolGeometry::new(0, 1024, 1024, wire::fabric::HEADROOM, 4).unwrap();
-                PoolBufs(Pool::create("port-test-share", g, shm::PagePolicy::Normal).unwrap())
+                PoolBufs(Pool::create("port-test-share", g, shm::PagePolicy::Normal).unwrap(), 0)
             })
             .collect();
         let (mesh, cmds, _notes) = Mesh::by_hand(vec![0, 1]);
@@ -1190,7 +1200,7 @@ mod tests {
         let (mesh, cmds, _notes) = Mesh::by_hand(vec![0]);
         let ecfg = EndpointConfig { max_conns: 8, max_chain: u16::MAX, send_queue: 2 * most, ..Default::default() };
         let ep = Endpoint::new(Wire { hold: true, ..Wire::default() }, ecfg);
-        let tenants = vec![PortTenant { id: 0, bufs: PoolBufs(pool), per_conn: 4 }];
+        let tenants = vec![PortTenant { id: 0, bufs: PoolBufs(pool, 0), per_conn: 4 }];
         let mut port = Port::with_mesh(ep, mesh, 1, tenants, PortSizes::new(16, 16)).unwrap();
         link_up(&mut port, &cmds, 1);
         let len = most * g.payload_cap();
@@ -1471,6 +1481,42 @@ mod tests {
         settle(&mut port, &mut out);
         assert!(port.is_up(0, 2), "node 1's Down closed node 2's connection");
         assert!(!notes.try_iter().any(|n| matches!(n, Note::Reset { peer: 2, .. })));
+    }
+
+    /// A connection that failed (its peer crashed), and then was closed
+    /// (the peer's Down), gets no receive posted again: not one buffer is
+    /// taken from the pool for it until the peer's link is set up anew,
+    /// when the new connection gets its receives. Before, every `control`
+    /// (every millisecond) took a buffer, tried to post it on the dead
+    /// connection, logged the refusal and gave the buffer back, for as
+    /// long as the connection's slot was not reused.
+    #[test]
+    fn receives_are_not_tried_on_a_dead_connection() {
+        let (mut port, cmds, _notes) = port_over(NullTransport::new(), 1);
+        link_up(&mut port, &cmds, 1);
+        let mut out = Vec::new();
+        port.ep.transport_mut().abort(port.mesh.conn(1, 0).unwrap());
+        settle(&mut port, &mut out);
+        assert!(!port.is_up(0, 1));
+        for down in [false, true] {
+            if down {
+                cmds.send(Cmd::Down { peer: 1 }).unwrap();
+                settle(&mut port, &mut out);
+            }
+            let tried = port.bufs(0).1;
+            for _ in 0..100 {
+                port.control(&mut out);
+            }
+            assert_eq!(port.bufs(0).1 - tried, 0, "down: {down}: buffers taken to post on a dead connection");
+        }
+        assert_eq!(port.recvs_posted(0), 0);
+        // The link set up again: the new connection's receives are posted.
+        cmds.send(Cmd::Open { peer: 1, epoch: 2 }).unwrap();
+        port.control(&mut out);
+        cmds.send(Cmd::Connect { peer: 1, epoch: 2, tenant: 0, blob: b"null".to_vec() }).unwrap();
+        settle(&mut port, &mut out);
+        assert!(port.is_up(0, 1), "{out:?}");
+        assert_eq!(port.recvs_posted(0), 4);
     }
 
     /// Polls until the fabric has nothing more to say.
