@@ -311,13 +311,21 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     inflight: u64,
     /// Per fabric node: what of `inflight` went there.
     wire: Vec<OnWire>,
-    /// Per tenant and fabric node: when its link last went down (`None`:
-    /// the tenant's connection to it is up since, or never seen). A message
-    /// waits [`UNREACHABLE_AFTER`] for a link from the later of its queueing
-    /// and this: a call that waited long for credits is not bounced the
-    /// moment its node's link blips. Per tenant: after a blip the tenants'
+    /// Per tenant and fabric node: when its link went down, the start of
+    /// the latest outage (`None`: never seen down). A message waits
+    /// [`UNREACHABLE_AFTER`] for a link from the later of its queueing and
+    /// this: a call that waited long for credits is not bounced the moment
+    /// its node's link blips. A link that goes down again less than
+    /// [`UNREACHABLE_AFTER`] after the tenant's connection came up, or
+    /// before it came up, is in the same outage (a flapping link would
+    /// otherwise start the wait anew at every flap, and hold the calls for
+    /// as long as it flaps). Per tenant: after a blip the tenants'
     /// connections come up one by one.
     went_down: Vec<Vec<Option<Instant>>>,
+    /// Per tenant and fabric node: when the tenant's connection to it came
+    /// up (`None`: it has gone down since, or never came up), to tell a
+    /// flap from a new outage (see `went_down`).
+    came_up: Vec<Vec<Option<Instant>>>,
     /// Wire bytes of the nodes that are stalled ([`STALLED_AFTER`]), as
     /// of the last control pass.
     stalled: u64,
@@ -414,6 +422,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             inflight: 0,
             wire: vec![OnWire::default(); usize::from(fabric_nodes)],
             went_down: vec![vec![None; usize::from(fabric_nodes)]; ntenants],
+            came_up: vec![vec![None; usize::from(fabric_nodes)]; ntenants],
             stalled: 0,
         })
     }
@@ -648,8 +657,8 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         for e in events.drain(..) {
             match e {
                 PortEvent::Up { tenant, peer } => {
-                    if let Some(d) = self.went_down[usize::from(tenant)].get_mut(usize::from(peer)) {
-                        *d = None;
+                    if let Some(u) = self.came_up[usize::from(tenant)].get_mut(usize::from(peer)) {
+                        *u = Some(now);
                     }
                     log::info!(
                         "fabric: tenant {} connected to node {peer}",
@@ -705,8 +714,13 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         if peer >= self.fabric_nodes {
             return;
         }
-        for down in &mut self.went_down {
-            down[usize::from(peer)] = Some(now);
+        let p = usize::from(peer);
+        for (down, up) in self.went_down.iter_mut().zip(&mut self.came_up) {
+            // A new outage, unless the link is flapping (see `went_down`).
+            let settled = up[p].take().is_some_and(|u| now.saturating_duration_since(u) >= UNREACHABLE_AFTER);
+            if down[p].is_none() || settled {
+                down[p] = Some(now);
+            }
         }
         for t in 0..self.tenants.len() {
             let mut q = self.tenants[t].sends.take_peer(peer);
@@ -1658,6 +1672,45 @@ mod tests {
             } else {
                 assert_eq!(bounced, queued as u64, "no link for that long");
             }
+        }
+    }
+
+    /// A flapping link (down again less than `UNREACHABLE_AFTER` after it
+    /// came up, or down again without the tenant's connection having come
+    /// up) does not start the calls' wait for it anew: calls to a function
+    /// on several nodes whose links have been down that long go back as
+    /// `Unreachable` at the next pass with all of them down. A link that
+    /// stayed up that long does (the wait for a blip, as above). Before,
+    /// every flap started the wait anew: a link flapping faster than that
+    /// held the calls (a function's caller without a timeout for ever).
+    #[test]
+    fn a_flapping_link_does_not_hold_calls_for_ever() {
+        use fabric::PortEvent::Up;
+        let ua = super::UNREACHABLE_AFTER;
+        let long_ago = Instant::now() - 2 * ua;
+        for (flap, bounced) in [("up briefly", true), ("never up", true), ("up long", false)] {
+            let mut e = lone_engine_with(3, G_BOTH);
+            e.link(0).template().dst_fn = 3; // g, on n1 and n2
+            e.step(Instant::now());
+            let queued = e.tenants[0].sends.len();
+            assert!(queued > 0);
+            e.tenants[0].sends.by_peer.iter_mut().flatten().for_each(|o| o.since = long_ago);
+            e.link(0).template().dst_fn = 0; // nothing more for g
+            for peer in [1, 2] {
+                // Down since long ago ...
+                e.peer_down(peer, long_ago);
+                // ... and now up (at once, or for as long as the calls
+                // waited) and down again.
+                match flap {
+                    "up briefly" => e.handle(&mut vec![Up { tenant: 0, peer }], Instant::now()),
+                    "up long" => e.handle(&mut vec![Up { tenant: 0, peer }], long_ago),
+                    _ => {}
+                }
+                e.peer_down(peer, Instant::now());
+            }
+            e.step(Instant::now());
+            let want = if bounced { queued as u64 } else { 0 };
+            assert_eq!(e.metrics.tenants[0].drops(Why::Unreachable), want, "{flap}");
         }
     }
 
