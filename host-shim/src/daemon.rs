@@ -13,6 +13,22 @@
 //!   it freed without hinting ([`shm::Pool::repair`]); it scans again
 //!   after a grace period to catch a sender that handed a buffer over just
 //!   as the function died, and only then reuses the slot.
+//! * Drops a function that is alive and misbehaves (a control frame that
+//!   does not decode, a reply it left unread past the send timeout):
+//!   closes its ring so senders stop, and kills it (`SIGKILL` through the
+//!   pidfd taken when it attached). Its buffers, its slot and its
+//!   instance stay out of use until the process has exited: a process
+//!   still running still maps the pool and its ring, and would write into
+//!   buffers given to others or take descriptors meant for the slot's
+//!   next function. Then it is reclaimed as any death. A process it cannot
+//!   kill (another user's, host-shimd not root) keeps them until it exits,
+//!   and is reported once it has run [`KILL_WAIT`] past its drop. Without
+//!   a pidfd (a kernel before 6.5 with the function in a pid namespace
+//!   host-shimd cannot see: its pid reads as 0) it cannot be killed, and
+//!   its control connection closing stands for its exit, as for any
+//!   death. The status file shows the dropped processes waited for
+//!   (`dropped`), those of them past [`KILL_WAIT`] (`overdue`), and the
+//!   kills sent (`killed`).
 //! * Keeps one uplink ring per tenant for the node's agent (slot
 //!   [`AGENT_SLOT`]): the agent attaches once per tenant under the name
 //!   [`AGENT_NAME`], and a function's lookup of a function on another node
@@ -47,7 +63,7 @@ use shm::ring::{Doorbell, Ring};
 use shm::{PagePolicy, Pool};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use wire::ctrl::{AGENT_NAME, Ack, AttachOk, CTRL_MAX_FRAME, CtrlError, CtrlKind, CtrlMsg, Peer, Role};
@@ -89,7 +105,41 @@ struct Attached {
     /// Which attach this is (host-shimd's count of attaches then): a slot
     /// used again is another function's, with another ring.
     attach_no: u64,
+    /// A function's process, as a pidfd taken at its attach (see
+    /// [`Conn::peer_pidfd`]); `None` for the agent, and when none could be
+    /// taken (a kernel before 5.3, or before 6.5 with the function in a
+    /// pid namespace host-shimd cannot see).
+    pidfd: Option<OwnedFd>,
 }
+
+/// A function dropped while alive ([`Shimd::drop_live`]), waiting for its
+/// process to exit: until then its slot, instance and buffers stay its own.
+struct Dropped {
+    pid: i32,
+    attached: Attached,
+    watch: Watch,
+    since: Instant,
+    /// Reported as running [`KILL_WAIT`] past its drop.
+    overdue: bool,
+}
+
+/// How host-shimd sees a dropped function's process exit.
+enum Watch {
+    /// Its pidfd (taken at its attach) becomes readable.
+    Pidfd(OwnedFd),
+    /// Without a pidfd (or when it is host-shimd's own process): its
+    /// control connection, kept and no longer read, closes, as when
+    /// host-shimd learns any death. A process that closes it and runs on
+    /// is taken for dead.
+    Hangup(Conn),
+}
+
+/// How long a dropped function's process may run on before host-shimd
+/// reports it (log and status file): after `SIGKILL` a process exits
+/// within milliseconds, unless it sleeps uninterruptibly in the kernel,
+/// or host-shimd could not signal it. Its slot and buffers stay out of use
+/// for as long as it runs, however long that is.
+pub const KILL_WAIT: Duration = Duration::from_secs(5);
 
 struct Client {
     conn: Conn,
@@ -165,6 +215,9 @@ pub struct Stats {
     /// Connections closed at once because their user already had
     /// [`UNATTACHED_PER_USER`] idle and unattached.
     pub crowd_refused: u64,
+    /// Functions dropped while alive (see the module docs) and sent
+    /// `SIGKILL`.
+    pub killed: u64,
 }
 
 /// A ring of a tenant, named by who consumes it.
@@ -217,6 +270,8 @@ pub struct Shimd {
     next_slot: u16,
     free_slots: Vec<u16>,
     cooling: Vec<(Instant, u16, u16)>,
+    /// Functions dropped while alive, until their processes exit.
+    dropped: Vec<Dropped>,
     holes: Vec<Holes>,
     /// When the looks for voids and orphans noted at deaths are due (one
     /// per death, whether or not it left anything to look at).
@@ -315,6 +370,12 @@ fn room_to_reply(conn: &Conn) -> bool {
     }
 }
 
+/// Whether a failed receive or send on a control connection says its peer
+/// hung up (or died), rather than that it is alive and misbehaves.
+fn hung_up(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted)
+}
+
 fn error(code: ErrorCode, about: CtrlKind, seq: u32, tenant: u16, function: u16) -> CtrlMsg<'static> {
     CtrlMsg::Error(CtrlError {
         code: code as u8,
@@ -390,6 +451,7 @@ impl Shimd {
             euid: rustix::process::geteuid().as_raw(),
             free_slots: Vec::new(),
             cooling: Vec::new(),
+            dropped: Vec::new(),
             holes: Vec::new(),
             looks: std::collections::VecDeque::new(),
             accept_paused: None,
@@ -441,7 +503,7 @@ impl Shimd {
     /// One round: waits up to `timeout` for events and handles them.
     /// Returns `true` when `stop` became readable.
     pub fn poll_once(&mut self, stop: Option<BorrowedFd<'_>>, timeout: Duration) -> io::Result<bool> {
-        let (ready, stop_ready) = {
+        let (ready, exited, stop_ready) = {
             let mut fds = Vec::with_capacity(self.clients.len() + 2);
             let accepting = self.accept_paused.is_none_or(|until| Instant::now() >= until);
             fds.push(PollFd::new(&self.listener, if accepting { PollFlags::IN } else { PollFlags::empty() }));
@@ -450,6 +512,14 @@ impl Shimd {
                 // reply); hang-ups and errors are reported either way.
                 let want = if c.held { PollFlags::OUT } else { PollFlags::IN };
                 fds.push(PollFd::from_borrowed_fd(c.conn.as_fd(), want));
+            }
+            for d in &self.dropped {
+                // Its exit: the pidfd readable, or (without one) a hang-up
+                // of the connection, reported whatever is asked.
+                fds.push(match &d.watch {
+                    Watch::Pidfd(pidfd) => PollFd::new(pidfd, PollFlags::IN),
+                    Watch::Hangup(conn) => PollFd::from_borrowed_fd(conn.as_fd(), PollFlags::empty()),
+                });
             }
             if let Some(s) = stop {
                 fds.push(PollFd::from_borrowed_fd(s, PollFlags::IN));
@@ -462,7 +532,9 @@ impl Shimd {
             }
             let stop_ready = stop.is_some() && !fds[fds.len() - 1].revents().is_empty();
             let ready: Vec<PollFlags> = fds[1..1 + self.clients.len()].iter().map(|f| f.revents()).collect();
-            (ready, stop_ready)
+            let at = 1 + self.clients.len();
+            let exited: Vec<bool> = fds[at..at + self.dropped.len()].iter().map(|f| !f.revents().is_empty()).collect();
+            (ready, exited, stop_ready)
         };
         if stop_ready {
             return Ok(true);
@@ -475,6 +547,13 @@ impl Shimd {
                 self.clients[i].held = !r.contains(PollFlags::OUT);
             } else if !r.is_empty() {
                 self.serve(i);
+            }
+        }
+        for k in (0..exited.len()).rev() {
+            if exited[k] {
+                let d = self.dropped.swap_remove(k);
+                self.died(d.pid, d.attached, "exited after its drop");
+                self.write_status();
             }
         }
         self.accept_clients();
@@ -610,8 +689,10 @@ impl Shimd {
         let r = match self.clients[i].conn.recv(&mut buf) {
             Ok(r) if r.len > 0 => r,
             Ok(_) => return self.gone(i, "closed its connection"),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(e) => return self.gone(i, &format!("connection error: {e}")),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => return,
+            Err(e) if hung_up(&e) => return self.gone(i, &format!("connection error: {e}")),
+            // A message that did not fit: it is alive and misbehaves.
+            Err(e) => return self.drop_live(i, &format!("connection error: {e}")),
         };
         // Functions never send descriptors to host-shimd: drop any (the
         // `OwnedFd`s close here).
@@ -621,7 +702,7 @@ impl Shimd {
             Err(e) => {
                 self.stats.bad_frames += 1;
                 log::warn!("pid {}: bad control frame ({e}); disconnecting", self.clients[i].pid);
-                return self.gone(i, "sent a bad frame");
+                return self.drop_live(i, "sent a bad frame");
             }
         };
         let reply = match frame.msg {
@@ -635,7 +716,7 @@ impl Shimd {
                         },
                         &[],
                     );
-                    return self.gone(i, "speaks other layouts");
+                    return self.drop_live(i, "speaks other layouts");
                 }
                 self.clients[i].role = role;
                 None
@@ -650,7 +731,12 @@ impl Shimd {
         };
         if let Some(Err(e)) = reply {
             log::warn!("pid {}: reply failed: {e}", self.clients[i].pid);
-            self.gone(i, "reply failed");
+            if hung_up(&e) {
+                self.gone(i, "reply failed");
+            } else {
+                // Its replies left unread past the send timeout.
+                self.drop_live(i, "reply failed");
+            }
         }
         self.write_status();
     }
@@ -693,10 +779,12 @@ impl Shimd {
         if f.tenant != tenant_name || !uid_ok {
             return self.refuse(i, seq, ErrorCode::TenantMismatch, "attach", tid, fid);
         }
+        // (A dropped instance whose process runs on is taken still.)
         let taken: Vec<u16> = self
             .clients
             .iter()
             .filter_map(|c| c.attached.as_ref())
+            .chain(self.dropped.iter().map(|d| &d.attached))
             .filter(|a| a.function == fid)
             .map(|a| a.instance)
             .collect();
@@ -748,6 +836,16 @@ impl Shimd {
             return Err(e);
         }
         log::info!("pid {} attached as {fn_name}#{instance} (tenant {tenant_name}, slot {slot})", self.clients[i].pid);
+        let pidfd = match self.clients[i].conn.peer_pidfd() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                log::warn!(
+                    "pid {} ({fn_name}#{instance}): no pidfd ({e}); if dropped alive, its slot waits for its connection to close",
+                    self.clients[i].pid
+                );
+                None
+            }
+        };
         self.clients[i].attached = Some(Attached {
             agent: false,
             tenant: tid,
@@ -757,6 +855,7 @@ impl Shimd {
             ring,
             bell,
             attach_no: self.stats.attached,
+            pidfd,
         });
         self.stats.attached += 1;
         Ok(())
@@ -818,6 +917,7 @@ impl Shimd {
             ring,
             bell,
             attach_no: self.stats.attached,
+            pidfd: None,
         });
         self.stats.attached += 1;
         Ok(())
@@ -887,11 +987,47 @@ impl Shimd {
         self.clients[i].conn.send(&CtrlFrame { seq, msg: CtrlMsg::Ack(ack) }, &[])
     }
 
+    /// Client `i` dropped by host-shimd while its process may be alive. An
+    /// attached function's ring is closed at once and its process killed
+    /// (`SIGKILL` through its pidfd); its slot, instance and buffers are
+    /// reclaimed only once the process has exited ([`Shimd::died`], from
+    /// [`Shimd::poll_once`]). Anyone else is gone at once ([`Shimd::gone`]).
+    fn drop_live(&mut self, i: usize, why: &str) {
+        if self.clients[i].attached.as_ref().is_none_or(|a| a.agent) {
+            return self.gone(i, why);
+        }
+        let c = self.clients.swap_remove(i);
+        let Some(mut a) = c.attached else { return };
+        a.ring.close();
+        let name = &self.cfg.functions[usize::from(a.function)].name;
+        // Never itself (a function attached from host-shimd's own
+        // process, as in tests): that one waits for its connection.
+        let own = u32::try_from(c.pid).is_ok_and(|p| p == std::process::id());
+        let (watch, how) = match a.pidfd.take() {
+            Some(pidfd) if !own => match rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL) {
+                Ok(()) => {
+                    self.stats.killed += 1;
+                    (Watch::Pidfd(pidfd), "killed it".to_owned())
+                }
+                Err(e) => (Watch::Pidfd(pidfd), format!("cannot kill it ({e})")),
+            },
+            _ => (
+                Watch::Hangup(c.conn),
+                "cannot kill it (no pidfd): its connection closing stands for its exit".to_owned(),
+            ),
+        };
+        log::warn!(
+            "pid {} ({name}#{}, slot {}) {why}: dropped, its ring closed; {how}; its slot and buffers wait for it to exit",
+            c.pid,
+            a.instance,
+            a.slot
+        );
+        self.dropped.push(Dropped { pid: c.pid, attached: a, watch, since: Instant::now(), overdue: false });
+        self.write_status();
+    }
+
     fn gone(&mut self, i: usize, why: &str) {
         let c = self.clients.swap_remove(i);
-        if let Some(a) = c.attached.as_ref().filter(|a| !a.agent) {
-            self.note_holes(a.tenant);
-        }
         if let Some(a) = c.attached.as_ref().filter(|a| a.agent) {
             // What the agent had taken from the uplink but not yet consumed
             // (its buffers are held by it) leaves the ring first, then its
@@ -928,21 +1064,28 @@ impl Shimd {
             return self.write_status();
         }
         if let Some(a) = c.attached {
-            a.ring.close();
-            let n = self.pools.get(&a.tenant).map_or(0, |p| p.reclaim(a.slot));
-            self.rehint(a.tenant, "after a death");
-            self.stats.deaths += 1;
-            self.stats.reclaimed += u64::from(n);
-            self.cooling.push((Instant::now() + RECLAIM_GRACE, a.tenant, a.slot));
-            log::info!(
-                "pid {} ({}#{}, slot {}) {why}: reclaimed {n} buffers",
-                c.pid,
-                self.cfg.functions[usize::from(a.function)].name,
-                a.instance,
-                a.slot
-            );
+            self.died(c.pid, a, why);
         }
         self.write_status();
+    }
+
+    /// The process of function `a` (pid `pid`) is gone: what it may have
+    /// left half done in the tenant's rings is noted, its ring closed, its
+    /// buffers reclaimed, and its slot cools down before it is used again.
+    fn died(&mut self, pid: i32, a: Attached, why: &str) {
+        self.note_holes(a.tenant);
+        a.ring.close();
+        let n = self.pools.get(&a.tenant).map_or(0, |p| p.reclaim(a.slot));
+        self.rehint(a.tenant, "after a death");
+        self.stats.deaths += 1;
+        self.stats.reclaimed += u64::from(n);
+        self.cooling.push((Instant::now() + RECLAIM_GRACE, a.tenant, a.slot));
+        log::info!(
+            "pid {pid} ({}#{}, slot {}) {why}: reclaimed {n} buffers",
+            self.cfg.functions[usize::from(a.function)].name,
+            a.instance,
+            a.slot
+        );
     }
 
     /// Hints the free buffers of `tenant` whose hint is clear (see
@@ -1063,6 +1206,17 @@ impl Shimd {
         self.fill_holes();
         let now = Instant::now();
         let mut changed = false;
+        for d in self.dropped.iter_mut().filter(|d| !d.overdue && now.duration_since(d.since) >= KILL_WAIT) {
+            d.overdue = true;
+            changed = true;
+            log::error!(
+                "pid {} ({}#{}, slot {}) still runs {KILL_WAIT:?} after it was dropped; its slot, instance and buffers stay out of use until it exits",
+                d.pid,
+                self.cfg.functions[usize::from(d.attached.function)].name,
+                d.attached.instance,
+                d.attached.slot
+            );
+        }
         let mut k = 0;
         while k < self.cooling.len() {
             let (when, tenant, slot) = self.cooling[k];
@@ -1126,7 +1280,7 @@ impl Shimd {
         };
         let agent = self.uplinks.values().filter(|u| u.attached).count();
         let s = format!(
-            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"rehinted\":{},\"bad_frames\":{},\"voids\":{},\"orphans\":{},\"hole_checks\":{},\"held\":{},\"accept_failed\":{},\"idle_dropped\":{},\"crowd_refused\":{},\"cooling\":{},\"pools\":[{}]{bridge}}}\n",
+            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"rehinted\":{},\"bad_frames\":{},\"voids\":{},\"orphans\":{},\"hole_checks\":{},\"held\":{},\"accept_failed\":{},\"idle_dropped\":{},\"crowd_refused\":{},\"cooling\":{},\"dropped\":{},\"overdue\":{},\"killed\":{},\"pools\":[{}]{bridge}}}\n",
             self.cfg.nodes[usize::from(self.node)].name,
             self.stats.attached,
             map(&self.stats.attach_refused),
@@ -1143,6 +1297,9 @@ impl Shimd {
             self.stats.idle_dropped,
             self.stats.crowd_refused,
             self.cooling.len(),
+            self.dropped.len(),
+            self.dropped.iter().filter(|d| d.overdue).count(),
+            self.stats.killed,
             pools.join(",")
         );
         let path = status_path(&self.dir);

@@ -101,6 +101,28 @@ impl Conn {
         Ok(PeerCred { pid: c.pid(), uid: c.uid(), gid: c.gid() })
     }
 
+    /// A pidfd of the peer process: it polls readable once the process
+    /// has exited, and signals sent through it reach that process and no
+    /// other. From `SO_PEERPIDFD` (Linux 6.5): the process that
+    /// connected, whatever pid namespace it is in, with no race against
+    /// the reuse of its pid. On older kernels, `pidfd_open` of the pid in
+    /// [`peer_cred`](Self::peer_cred): wrong only if the peer exited and
+    /// its pid was given to another process in between; and none (an
+    /// error) when that pid is 0 (the peer in a pid namespace this process
+    /// cannot see).
+    pub fn peer_pidfd(&self) -> io::Result<OwnedFd> {
+        match nix::sys::socket::getsockopt(&self.0, nix::sys::socket::sockopt::PeerPidfd) {
+            Ok(fd) => Ok(fd),
+            Err(nix::errno::Errno::ENOPROTOOPT) => {
+                let pid = rustix::process::Pid::from_raw(self.peer_cred()?.pid).ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, "the peer is in a pid namespace this process cannot see")
+                })?;
+                Ok(rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Makes a blocking [`recv`](Self::recv) give up (`WouldBlock`) after
     /// `timeout` (`None`: wait for ever).
     pub fn set_recv_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
@@ -254,6 +276,10 @@ mod tests {
         let c = Conn::connect(&path).unwrap();
         let s = l.accept().unwrap().unwrap();
         assert_eq!(s.peer_cred().unwrap().pid, rustix::process::getpid().as_raw_nonzero().get());
+        // The peer's pidfd: this process, alive (not readable).
+        let pidfd = s.peer_pidfd().unwrap();
+        let mut fds = [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN)];
+        assert_eq!(rustix::event::poll(&mut fds, Some(&rustix::event::Timespec::default())), Ok(0));
         let memfd = shm::Region::create("dne-sock-test", 4096, shm::PagePolicy::Normal).unwrap();
         memfd.copy_in(0, b"over the socket").unwrap();
         let f = CtrlFrame { seq: 7, msg: CtrlMsg::Ack(Ack { about_kind: 2, reserved: 0, about_seq: 3 }) };

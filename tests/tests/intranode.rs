@@ -147,6 +147,16 @@ fn start_node(name: &str) -> Node {
 /// [`start_node`] with host-shimd run by the command `wrapper` (its
 /// program and arguments; `prlimit ... --`, say), when not empty.
 fn start_node_under(name: &str, wrapper: &[&str]) -> Node {
+    start_node_with(name, wrapper, None)
+}
+
+/// [`start_node`] with host-shimd run as user and group `uid` (root
+/// only): the runtime directory is given to it.
+fn start_node_as(name: &str, uid: u32) -> Node {
+    start_node_with(name, &[], Some(uid))
+}
+
+fn start_node_with(name: &str, wrapper: &[&str], uid: Option<u32>) -> Node {
     let dir = TempDir::new(name);
     let cfg = dir.path().join("cluster.toml");
     std::fs::write(&cfg, config(dir.path())).unwrap();
@@ -159,6 +169,11 @@ fn start_node_under(name: &str, wrapper: &[&str]) -> Node {
         None => Command::new(bin_path("host-shimd")),
     };
     cmd.arg("--config").arg(&cfg).args(["--node", "n1"]).env("RUST_LOG", "warn");
+    if let Some(uid) = uid {
+        std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).unwrap();
+        std::os::unix::process::CommandExt::uid(&mut cmd, uid);
+        std::os::unix::process::CommandExt::gid(&mut cmd, uid);
+    }
     let shimd = Proc::spawn_lines("host-shimd", cmd);
     let sock = host_shim::daemon::socket_path(dir.path());
     wait_for("host-shimd socket", WATCHDOG, || sock.exists());
@@ -626,9 +641,14 @@ fn c_function_exits_once_host_shimd_is_gone() {
 /// A process of tenant `acme` speaking the control protocol by hand: its
 /// hello, as function `upper`.
 fn hello_by_hand(node: &Node) -> host_shim::sock::Conn {
+    hello_at(&node.socket())
+}
+
+/// [`hello_by_hand`] to the host-shimd of `socket`.
+fn hello_at(socket: &Path) -> host_shim::sock::Conn {
     use wire::ctrl::{CtrlMsg, Hello, Role};
     use wire::{CtrlFrame, Name};
-    let conn = host_shim::sock::Conn::connect(&node.socket()).unwrap();
+    let conn = host_shim::sock::Conn::connect(socket).unwrap();
     let hello = Hello {
         role: Role::Function as u8,
         reserved: 0,
@@ -1448,4 +1468,123 @@ fn a_receive_with_a_timeout_of_duration_max_waits_without_a_limit() {
     let got = upper.recv_timeout(Some(Duration::MAX)).unwrap().expect("no limit is no timeout");
     assert_eq!(upper.read_to_vec(&got), b"hello");
     upper.free(got).unwrap();
+}
+
+/// Set when this test binary runs again as the misbehaving function of the
+/// tests below: host-shimd's socket.
+const MISBEHAVE_ENV: &str = "DNE_TEST_MISBEHAVE";
+
+/// The misbehaving function (see [`spawn_misbehaving`]): attaches as
+/// `upper`, holds three buffers of the pool, says which, sends host-shimd
+/// bytes that are no control frame, says so, and sleeps (its pool and ring
+/// still mapped) until it is killed.
+fn misbehave(socket: &Path) -> ! {
+    use std::os::fd::{AsFd, AsRawFd};
+    let conn = hello_at(socket);
+    let (ok, pool) = attach_by_hand(&conn);
+    let held: Vec<String> =
+        (0..3).map(|_| pool.alloc(8, wire::Owner::Held(ok.slot)).unwrap().head().to_string()).collect();
+    // (A line of its own: the harness's "test ... " has no newline.)
+    println!("\nATTACHED {} {}", ok.slot, held.join(" "));
+    nix::sys::socket::send(conn.as_fd().as_raw_fd(), b"no control frame", nix::sys::socket::MsgFlags::empty()).unwrap();
+    println!("SENT");
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Runs test `test` of this binary again as the misbehaving function of
+/// `node` ([`misbehave`]), as this process's user; returns it once it
+/// has sent its bad frame, with its slot and the buffers it holds.
+fn spawn_misbehaving(test: &str, node: &Node) -> (Proc, u16, Vec<u32>) {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", test, "--nocapture", "--test-threads", "1"]).env(MISBEHAVE_ENV, node.socket());
+    let mut p = Proc::spawn_lines("the misbehaving function", cmd);
+    let line = p.wait_line("ATTACHED ", WATCHDOG);
+    let mut words = line["ATTACHED ".len()..].split(' ').map(|w| w.parse::<u32>().unwrap());
+    let slot = u16::try_from(words.next().unwrap()).unwrap();
+    let held: Vec<u32> = words.collect();
+    p.wait_line("SENT", WATCHDOG);
+    (p, slot, held)
+}
+
+/// A live function that sends host-shimd a bad control frame is dropped,
+/// its ring closed, and killed (SIGKILL through its pidfd); its slot and
+/// buffers are reclaimed once the process has exited, none leaked.
+/// Before, host-shimd reclaimed them at once and gave the slot out again
+/// after 200 ms while the process ran on, its pool and ring mapped.
+#[test]
+fn a_function_dropped_for_a_bad_frame_is_killed_and_reclaimed_once_gone() {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(socket) = std::env::var_os(MISBEHAVE_ENV) {
+        misbehave(Path::new(&socket));
+    }
+    let node = start_node("bad-frame-kill");
+    let client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let (mut child, slot, held) =
+        spawn_misbehaving("a_function_dropped_for_a_bad_frame_is_killed_and_reclaimed_once_gone", &node);
+    let n = |k: &str| dne_tests::cluster::status_number(&node.status(), k).unwrap_or(0);
+    let cooled = || n("deaths") == 1 && node.status().contains("\"cooling\":0");
+    wait_for("the process gone, or its slot given out again", WATCHDOG, || !child.is_running() || cooled());
+    assert!(!child.is_running(), "host-shimd freed slot {slot} of a process that still runs: {}", node.status());
+    let out = child.wait_timeout(WATCHDOG);
+    assert_eq!(out.status.signal(), Some(9), "killed by host-shimd: {out:?}");
+    wait_for("its slot reclaimed", WATCHDOG, cooled);
+    for &b in &held {
+        assert_eq!(client.pool().owner(b), Ok(wire::Owner::Free), "buffer {b}: {}", node.status());
+    }
+    assert_eq!((n("bad_frames"), n("killed"), n("dropped")), (1, 1, 0), "{}", node.status());
+    drop(client);
+    wait_for("every buffer of the pool free", WATCHDOG, || {
+        dne_tests::cluster::json_u64(&node.status(), "free") == Some(512)
+    });
+}
+
+/// A dropped function host-shimd cannot kill (host-shimd runs as uid
+/// 65534, the function as root) keeps its slot, its instance and its
+/// buffers for as long as it runs: nothing of it is handed to another
+/// function, and host-shimd reports it once it has run `KILL_WAIT`
+/// past the drop. Once it exits, all is reclaimed, none leaked. Before,
+/// its buffers were freed at the drop and its slot given to the next
+/// function. Root only (it says it skips otherwise).
+#[test]
+fn a_dropped_function_that_cannot_be_killed_keeps_its_slot_until_it_exits() {
+    use wire::Owner;
+    if let Some(socket) = std::env::var_os(MISBEHAVE_ENV) {
+        misbehave(Path::new(&socket));
+    }
+    if !dne_tests::cluster::is_root() {
+        eprintln!("skipped: needs root (to run host-shimd as another user than the function)");
+        return;
+    }
+    let node = start_node_as("bad-frame-alive", 65534);
+    let client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let (mut child, slot, held) =
+        spawn_misbehaving("a_dropped_function_that_cannot_be_killed_keeps_its_slot_until_it_exits", &node);
+    let n = |k: &str| dne_tests::cluster::status_number(&node.status(), k).unwrap_or(0);
+    let cooled = || n("deaths") == 1 && node.status().contains("\"cooling\":0");
+    wait_for("the drop seen through", WATCHDOG, || n("dropped") == 1 || cooled());
+    assert!(child.is_running(), "host-shimd could not kill it");
+    for &b in &held {
+        assert_eq!(client.pool().owner(b), Ok(Owner::Held(slot)), "buffer {b} of a live process: {}", node.status());
+    }
+    let other = Function::attach(&node.socket(), "acme", "rot13").unwrap();
+    assert_ne!(other.info().slot, slot, "the slot of a live process given out again: {}", node.status());
+    let again = Function::attach(&node.socket(), "acme", "upper").map(drop);
+    assert!(matches!(again, Err(AttachError::Refused(ErrorCode::Overloaded))), "its instance: {again:?}");
+    wait_for("the process reported as running on", WATCHDOG, || n("overdue") == 1);
+    for &b in &held {
+        assert_eq!(client.pool().owner(b), Ok(Owner::Held(slot)), "buffer {b} of a live process: {}", node.status());
+    }
+    assert_eq!((n("killed"), n("deaths")), (0, 0), "{}", node.status());
+    child.kill9();
+    wait_for("its slot reclaimed", WATCHDOG, || n("dropped") == 0 && cooled());
+    for &b in &held {
+        assert_eq!(client.pool().owner(b), Ok(Owner::Free), "buffer {b}: {}", node.status());
+    }
+    let upper = Function::attach(&node.socket(), "acme", "upper").expect("its instance free again");
+    drop((upper, other, client));
+    wait_for("every buffer of the pool free", WATCHDOG, || {
+        dne_tests::cluster::json_u64(&node.status(), "free") == Some(512)
+    });
 }
