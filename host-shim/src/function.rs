@@ -125,9 +125,12 @@ pub enum RecvError {
     Io(#[from] io::Error),
     /// host-shimd is gone (or dropped this function), nothing will
     /// arrive any more. Seen once the ring is empty: while a receive
-    /// sleeps (the control connection hung up), and also while it spins
-    /// when host-shimd stopped cleanly (it marks the ring closed).
-    #[error("host-shimd is gone (the control connection closed)")]
+    /// sleeps (the control connection hung up: host-shimd stopped or was
+    /// killed), and also while it spins when host-shimd stopped cleanly
+    /// (it marks the ring closed).
+    #[error(
+        "host-shimd is gone (it stopped or was killed) or dropped this function: nothing more will arrive; attach again"
+    )]
     ShimdGone,
 }
 
@@ -816,5 +819,23 @@ impl Drop for Function {
         // A clean detach gives the cached buffers back at once; after a
         // crash host-shimd reclaims them (they are recorded as held by us).
         self.pool.drain_cache(&mut self.cache);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A receive fails with `ShimdGone` both when host-shimd's control
+    /// connection hung up and when it marked the ring closed as it stopped
+    /// cleanly (no connection involved): the message says what happened,
+    /// as the send's does. Before, it said "the control connection
+    /// closed", which after a clean stop is not what was seen.
+    #[test]
+    fn shimd_gone_on_receive_says_what_happened() {
+        let text = RecvError::ShimdGone.to_string();
+        assert!(!text.contains("control connection"), "{text}");
+        assert!(text.starts_with("host-shimd is gone"), "{text}");
+        assert!(text.contains("attach again"), "{text}");
     }
 }
