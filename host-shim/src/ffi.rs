@@ -5,8 +5,9 @@
 //! code into a message) and never unwinds into C: a panic inside is caught
 //! and reported as `DNE_ERR_INTERNAL`. Handles are opaque pointers; a message
 //! handle is owned by the caller until `dne_send` succeeds or `dne_free` is
-//! called. Messages are boxed (one small heap allocation per message, the
-//! price of an opaque C handle; the Rust API has none).
+//! called, and a failed `dne_send` leaves it as it was (the same pointer).
+//! Messages are boxed (one small heap allocation per message, the price of
+//! an opaque C handle; the Rust API has none).
 //!
 //! Threads: a `dne_fn` holds its function's receive state and buffer
 //! cache, so it is used by one thread at a time (calls on one handle from
@@ -18,6 +19,7 @@
 
 use crate::function::{AttachError, Function, Msg, RecvError, SendErrorKind};
 use std::ffi::{CStr, c_char, c_int};
+use std::mem::MaybeUninit;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::time::Duration;
@@ -325,10 +327,11 @@ pub extern "C" fn dne_error_code_str(code: c_int) -> *const c_char {
 }
 
 /// Sends `*m` to function `to`. On success `*m` becomes NULL (the message
-/// is gone). On failure `*m` stays valid and the caller still owns it,
-/// except after `DNE_ERR_NO_INSTANCE` with `*m == NULL`: the receiver died
-/// holding it and host-shimd returned its buffers to the pool.
-/// `DNE_ERR_SHIMD_GONE`: host-shimd stopped; `*m` is handed back (free it).
+/// is gone). On failure `*m` is left as it was, the same handle, and the
+/// caller still owns it, except after `DNE_ERR_NO_INSTANCE` with
+/// `*m == NULL`: the receiver died holding it and host-shimd returned its
+/// buffers to the pool (the handle is freed).
+/// `DNE_ERR_SHIMD_GONE`: host-shimd stopped; `*m` is the caller's (free it).
 ///
 /// # Safety
 ///
@@ -350,18 +353,26 @@ pub unsafe extern "C" fn dne_send(f: *mut dne_fn, m: *mut *mut dne_msg, to: *con
         if raw.is_null() {
             return dne_status::DNE_ERR_INVALID_ARG;
         }
-        // SAFETY: the slot holds a handle from `Box::into_raw` (checked
-        // non-NULL above); we take it and write back whatever remains.
-        let msg = unsafe { Box::from_raw(raw) };
+        // The handle's allocation stays, to take the message back on a
+        // failure: the caller's pointer (and any copy of it) stays valid.
+        // `MaybeUninit<dne_msg>` has `dne_msg`'s layout.
+        // SAFETY: from `Box::into_raw` in this module (caller contract;
+        // non-NULL, checked above).
+        let slot = unsafe { Box::from_raw(raw.cast::<MaybeUninit<dne_msg>>()) };
+        // The message is moved out: from here the box holds no value, and
+        // dropping it frees the allocation only.
+        // SAFETY: initialised: it is the live handle the caller passed.
+        let msg = unsafe { slot.assume_init_read() }.0;
         // The slot no longer owns the handle: cleared before the send, so
         // that even a panic inside it (caught by `guard`) cannot leave the
         // caller a pointer to freed memory.
         // SAFETY: `m` is non-NULL and writable (checked, contract).
         unsafe { m.write(std::ptr::null_mut()) };
-        match f.0.send(msg.0, to) {
+        match f.0.send(msg, to) {
             Ok(()) => dne_status::DNE_OK,
             Err(e) => {
-                let back = e.msg.map_or(std::ptr::null_mut(), |msg| Box::into_raw(Box::new(dne_msg(msg))));
+                // Back into the same allocation: `*m` is `raw` again.
+                let back = e.msg.map_or(std::ptr::null_mut(), |msg| Box::into_raw(Box::write(slot, dne_msg(msg))));
                 // SAFETY: as above.
                 unsafe { m.write(back) };
                 send_status(&e.kind)
@@ -490,6 +501,33 @@ mod tests {
         }
     }
 
+    /// host-shimd in this process for node `n0` of the cluster config
+    /// `text` (its `runtime_dir` is set here), and what `clients` returned:
+    /// `clients` runs on another thread, and host-shimd serves on this one
+    /// until it ends (the attaches and lookups wait for its answers).
+    fn shimd_serving<T: Send + 'static>(
+        name: &str,
+        text: &str,
+        clients: impl FnOnce(&Path) -> T + Send + 'static,
+    ) -> (crate::daemon::Shimd, T, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("dne-ffi-{name}-{}", std::process::id()));
+        let text = format!(
+            "[[node]]\nname = \"n0\"\naddress = \"127.0.0.1:7101\"\nruntime_dir = \"{}\"\n\n{text}",
+            dir.display()
+        );
+        let mut shimd = crate::daemon::Shimd::new(config::Cluster::parse(&text).unwrap(), "n0").unwrap();
+        let socket = crate::daemon::socket_path(&dir);
+        let t = std::thread::spawn(move || clients(&socket));
+        while !t.is_finished() {
+            shimd.poll_once(None, Duration::from_millis(10)).unwrap();
+        }
+        (shimd, t.join().unwrap(), dir)
+    }
+
+    const ONE_TENANT: &str = "[[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = 4096\nbuffers = 64\nrecv_quota = 8\n\n\
+         [[function]]\nname = \"a\"\ntenant = \"t\"\nnode = \"n0\"\n\n\
+         [[function]]\nname = \"b\"\ntenant = \"t\"\nnode = \"n0\"\nring_capacity = 8\n";
+
     /// Through the C ABI, once host-shimd has stopped (here: dropped, as
     /// at the end of its SIGTERM handling), a send into a ring looked up
     /// before fails with `DNE_ERR_SHIMD_GONE` and leaves the message with
@@ -497,29 +535,13 @@ mod tests {
     /// send returned `DNE_OK` into a ring nobody would serve again.
     #[test]
     fn after_host_shimd_stopped_a_send_says_so_and_the_message_stays_the_callers() {
-        let dir = std::env::temp_dir().join(format!("dne-ffi-gone-{}", std::process::id()));
-        let text = format!(
-            "[[node]]\nname = \"n0\"\naddress = \"127.0.0.1:7101\"\nruntime_dir = \"{}\"\n\n\
-             [[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = 4096\nbuffers = 64\nrecv_quota = 8\n\n\
-             [[function]]\nname = \"a\"\ntenant = \"t\"\nnode = \"n0\"\n\n\
-             [[function]]\nname = \"b\"\ntenant = \"t\"\nnode = \"n0\"\n",
-            dir.display()
-        );
-        let mut shimd = crate::daemon::Shimd::new(config::Cluster::parse(&text).unwrap(), "n0").unwrap();
-        let socket = crate::daemon::socket_path(&dir);
-        // The attaches and the first send's lookup wait for host-shimd's
-        // answers: it serves on this thread meanwhile.
-        let t = std::thread::spawn(move || {
-            let b = Function::attach(&socket, "t", "b").unwrap();
-            let mut a = Function::attach(&socket, "t", "a").unwrap();
+        let (shimd, (a, _b), dir) = shimd_serving("gone", ONE_TENANT, |socket| {
+            let b = Function::attach(socket, "t", "b").unwrap();
+            let mut a = Function::attach(socket, "t", "a").unwrap();
             let m = a.alloc(5).unwrap();
             a.send(m, "b").unwrap();
             (a, b)
         });
-        while !t.is_finished() {
-            shimd.poll_once(None, Duration::from_millis(10)).unwrap();
-        }
-        let (a, _b) = t.join().unwrap();
         drop(shimd);
         let mut f = dne_fn(a);
         let mut m = std::ptr::null_mut();
@@ -537,6 +559,48 @@ mod tests {
         // SAFETY: a live handle and a writable slot (60 s: the watchdog).
         assert_eq!(unsafe { dne_recv(&mut f, 60_000, &mut got) }, dne_status::DNE_ERR_SHIMD_GONE);
         assert!(got.is_null());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A failed `dne_send` leaves `*m` as it was: the same handle, so a
+    /// copy of the pointer the caller kept is still that message (here
+    /// after `DNE_ERR_FULL`, then `DNE_ERR_SHIMD_GONE`). Before, the
+    /// message came back in a new handle and the old pointer was freed.
+    #[test]
+    fn a_failed_send_leaves_the_callers_handle_as_it_was() {
+        let (shimd, (a, _b), dir) = shimd_serving("same", ONE_TENANT, |socket| {
+            let b = Function::attach(socket, "t", "b").unwrap();
+            let mut a = Function::attach(socket, "t", "a").unwrap();
+            // Fill b's ring (8 slots): b never receives.
+            loop {
+                let m = a.alloc(1).unwrap();
+                match a.send(m, "b") {
+                    Ok(()) => {}
+                    Err(e) if matches!(e.kind, SendErrorKind::Full) => {
+                        a.free(e.msg.unwrap()).unwrap();
+                        break;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            (a, b)
+        });
+        let mut f = dne_fn(a);
+        let mut m = std::ptr::null_mut();
+        // SAFETY: a live handle and a writable slot.
+        assert_eq!(unsafe { dne_alloc(&mut f, 3, &mut m) }, dne_status::DNE_OK);
+        let kept = m;
+        // SAFETY: a live handle, a slot holding a live message, a C string.
+        assert_eq!(unsafe { dne_send(&mut f, &mut m, c"b".as_ptr()) }, dne_status::DNE_ERR_FULL);
+        assert_eq!(m, kept, "after DNE_ERR_FULL");
+        drop(shimd);
+        // SAFETY: as above.
+        assert_eq!(unsafe { dne_send(&mut f, &mut m, c"b".as_ptr()) }, dne_status::DNE_ERR_SHIMD_GONE);
+        assert_eq!(m, kept, "after DNE_ERR_SHIMD_GONE");
+        // SAFETY: the caller's copy is the live handle.
+        assert_eq!(unsafe { dne_msg_len(kept) }, 3);
+        // SAFETY: a live handle and message, not used afterwards.
+        assert_eq!(unsafe { dne_free(&mut f, kept) }, dne_status::DNE_OK);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
