@@ -4,10 +4,12 @@
 //! Every call returns a [`dne_status`] (0 = ok; [`dne_status_str`] turns a
 //! code into a message) and never unwinds into C: a panic inside is caught
 //! and reported as `DNE_ERR_INTERNAL`. Handles are opaque pointers; a message
-//! handle is owned by the caller until `dne_send` succeeds or `dne_free` is
-//! called, and a failed `dne_send` leaves it as it was (the same pointer).
-//! Messages are boxed (one small heap allocation per message, the price of
-//! an opaque C handle; the Rust API has none).
+//! handle is owned by the caller until `dne_send` succeeds or `dne_free`
+//! frees it, and a failed call leaves it as it was (the same pointer). A
+//! message is used with an attach to the pool it is in: another tenant's
+//! attach (or one to another host-shimd) in the same process is refused
+//! (`DNE_ERR_FOREIGN_MSG`). Messages are boxed (one small heap allocation
+//! per message, the price of an opaque C handle; the Rust API has none).
 //!
 //! Threads: a `dne_fn` holds its function's receive state and buffer
 //! cache, so it is used by one thread at a time (calls on one handle from
@@ -61,11 +63,16 @@ pub enum dne_status {
     /// nothing sent would be delivered (`dne_send` hands the message
     /// back). Detach, and attach again to the new host-shimd or exit.
     DNE_ERR_SHIMD_GONE = 12,
+    /// The message is in another pool than the function's: it came from
+    /// another attach of this process, of another tenant or to another
+    /// host-shimd. Nothing was done; the message is still the caller's,
+    /// for the attach it came from.
+    DNE_ERR_FOREIGN_MSG = 13,
 }
 
 impl dne_status {
     /// Every status, in code order.
-    const ALL: [dne_status; 13] = [
+    const ALL: [dne_status; 14] = [
         dne_status::DNE_OK,
         dne_status::DNE_ERR_INVALID_ARG,
         dne_status::DNE_ERR_SHIMD,
@@ -79,6 +86,7 @@ impl dne_status {
         dne_status::DNE_ERR_OWNERSHIP,
         dne_status::DNE_ERR_INTERNAL,
         dne_status::DNE_ERR_SHIMD_GONE,
+        dne_status::DNE_ERR_FOREIGN_MSG,
     ];
 
     /// The status with code `code`, if there is one.
@@ -87,13 +95,48 @@ impl dne_status {
     }
 }
 
+/// Which pool's shared memory: the device and inode of the file that
+/// backs it, the same for every attach to one tenant's pool of one
+/// host-shimd and different for any other pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PoolId {
+    dev: u64,
+    ino: u64,
+}
+
+impl PoolId {
+    fn of(pool: &shm::Pool) -> std::io::Result<Self> {
+        let st = rustix::fs::fstat(pool.region().fd())?;
+        Ok(Self { dev: st.st_dev, ino: st.st_ino })
+    }
+}
+
 /// An attached function (opaque).
 #[derive(Debug)]
-pub struct dne_fn(Function);
+pub struct dne_fn {
+    f: Function,
+    /// Its pool: the messages it may use carry the same.
+    pool: PoolId,
+}
+
+impl dne_fn {
+    fn new(f: Function) -> std::io::Result<Self> {
+        Ok(Self { pool: PoolId::of(f.pool())?, f })
+    }
+
+    /// A handle for `msg`, a message of this function's pool.
+    fn handle(&self, msg: Msg) -> *mut dne_msg {
+        Box::into_raw(Box::new(dne_msg { msg, pool: self.pool }))
+    }
+}
 
 /// A message held by the caller (opaque).
 #[derive(Debug)]
-pub struct dne_msg(Msg);
+pub struct dne_msg {
+    msg: Msg,
+    /// The pool its buffers are in.
+    pool: PoolId,
+}
 
 /// A static, NUL-terminated description of `status` (a `dne_status`
 /// value; "unknown status" for any other number).
@@ -116,6 +159,7 @@ pub extern "C" fn dne_status_str(status: c_int) -> *const c_char {
         dne_status::DNE_ERR_OWNERSHIP => c"buffer ownership violated",
         dne_status::DNE_ERR_INTERNAL => c"internal error",
         dne_status::DNE_ERR_SHIMD_GONE => c"host-shimd is gone (it stopped; attach again to the new one)",
+        dne_status::DNE_ERR_FOREIGN_MSG => c"message of another attach's pool",
     };
     s.as_ptr()
 }
@@ -175,11 +219,15 @@ pub unsafe extern "C" fn dne_attach(
         if out.is_null() {
             return dne_status::DNE_ERR_INVALID_ARG;
         }
-        match Function::attach(Path::new(s), t, f) {
-            Ok(func) => {
+        match Function::attach(Path::new(s), t, f).map(dne_fn::new) {
+            Ok(Ok(func)) => {
                 // SAFETY: `out` is non-NULL (checked) and writable (contract).
-                unsafe { out.write(Box::into_raw(Box::new(dne_fn(func)))) };
+                unsafe { out.write(Box::into_raw(Box::new(func))) };
                 dne_status::DNE_OK
+            }
+            Ok(Err(e)) => {
+                log::warn!("dne_attach: the pool's file: {e}");
+                dne_status::DNE_ERR_SHIMD
             }
             Err(AttachError::Refused(_)) => dne_status::DNE_ERR_REFUSED,
             Err(AttachError::Name(_)) => dne_status::DNE_ERR_INVALID_ARG,
@@ -218,10 +266,10 @@ pub unsafe extern "C" fn dne_alloc(f: *mut dne_fn, len: u32, out: *mut *mut dne_
         if out.is_null() {
             return dne_status::DNE_ERR_INVALID_ARG;
         }
-        match f.0.alloc(len) {
+        match f.f.alloc(len) {
             Ok(m) => {
                 // SAFETY: `out` is non-NULL (checked) and writable (contract).
-                unsafe { out.write(Box::into_raw(Box::new(dne_msg(m)))) };
+                unsafe { out.write(f.handle(m)) };
                 dne_status::DNE_OK
             }
             Err(_) => dne_status::DNE_ERR_EXHAUSTED,
@@ -230,8 +278,9 @@ pub unsafe extern "C" fn dne_alloc(f: *mut dne_fn, len: u32, out: *mut *mut dne_
 }
 
 /// Payload bytes of fragment `frag` of `m` (zero copy); their count goes to
-/// `*len`. NULL for a fragment past the end, or behind a link of the chain
-/// that leads out of the pool (a process sharing the pool rewrote it).
+/// `*len`. NULL for a fragment past the end, behind a link of the chain
+/// that leads out of the pool (a process sharing the pool rewrote it), or
+/// when `m` is in another pool than `f`'s (see `DNE_ERR_FOREIGN_MSG`).
 ///
 /// # Safety
 ///
@@ -244,8 +293,11 @@ pub unsafe extern "C" fn dne_msg_data(f: *mut dne_fn, m: *mut dne_msg, frag: u32
     // SAFETY: as above.
     let m = unsafe { m.as_mut() };
     let (Some(f), Some(m)) = (f, m) else { return std::ptr::null_mut() };
+    if m.pool != f.pool {
+        return std::ptr::null_mut();
+    }
     // NULL past the end, and at a link a process sharing the pool rewrote.
-    let Some(bytes) = f.0.try_payload_mut(&mut m.0, frag) else { return std::ptr::null_mut() };
+    let Some(bytes) = f.f.try_payload_mut(&mut m.msg, frag) else { return std::ptr::null_mut() };
     if !len.is_null() {
         // SAFETY: non-NULL (checked) and writable (contract). The length
         // fits: a fragment is at most one buffer.
@@ -262,7 +314,7 @@ pub unsafe extern "C" fn dne_msg_data(f: *mut dne_fn, m: *mut dne_msg, frag: u32
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dne_msg_len(m: *const dne_msg) -> u32 {
     // SAFETY: live handle or NULL (caller contract).
-    unsafe { m.as_ref() }.map_or(0, |m| m.0.len())
+    unsafe { m.as_ref() }.map_or(0, |m| m.msg.len())
 }
 
 /// Buffers in `m`'s chain (0 for NULL).
@@ -273,7 +325,7 @@ pub unsafe extern "C" fn dne_msg_len(m: *const dne_msg) -> u32 {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dne_msg_frags(m: *const dne_msg) -> u32 {
     // SAFETY: live handle or NULL (caller contract).
-    unsafe { m.as_ref() }.map_or(0, |m| m.0.frags())
+    unsafe { m.as_ref() }.map_or(0, |m| m.msg.frags())
 }
 
 /// Request id of `m` (0 for NULL).
@@ -284,7 +336,7 @@ pub unsafe extern "C" fn dne_msg_frags(m: *const dne_msg) -> u32 {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dne_msg_request(m: *const dne_msg) -> u32 {
     // SAFETY: live handle or NULL (caller contract).
-    unsafe { m.as_ref() }.map_or(0, |m| m.0.request())
+    unsafe { m.as_ref() }.map_or(0, |m| m.msg.request())
 }
 
 /// Whether `m` is an error descriptor rather than a call (false for NULL):
@@ -298,7 +350,7 @@ pub unsafe extern "C" fn dne_msg_request(m: *const dne_msg) -> u32 {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dne_msg_is_error(m: *const dne_msg) -> bool {
     // SAFETY: live handle or NULL (caller contract).
-    unsafe { m.as_ref() }.is_some_and(|m| m.0.desc().is_error())
+    unsafe { m.as_ref() }.is_some_and(|m| m.msg.desc().is_error())
 }
 
 /// The error code of an error descriptor (a `wire::ErrorCode`, 1 and up;
@@ -311,7 +363,7 @@ pub unsafe extern "C" fn dne_msg_is_error(m: *const dne_msg) -> bool {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dne_msg_error_code(m: *const dne_msg) -> u8 {
     // SAFETY: live handle or NULL (caller contract).
-    unsafe { m.as_ref() }.map_or(0, |m| if m.0.desc().is_error() { m.0.desc().status } else { 0 })
+    unsafe { m.as_ref() }.map_or(0, |m| if m.msg.desc().is_error() { m.msg.desc().status } else { 0 })
 }
 
 /// A static, NUL-terminated name of error code `code` (as
@@ -332,6 +384,7 @@ pub extern "C" fn dne_error_code_str(code: c_int) -> *const c_char {
 /// `*m == NULL`: the receiver died holding it and host-shimd returned its
 /// buffers to the pool (the handle is freed).
 /// `DNE_ERR_SHIMD_GONE`: host-shimd stopped; `*m` is the caller's (free it).
+/// `DNE_ERR_FOREIGN_MSG`: `*m` is in another attach's pool; nothing was done.
 ///
 /// # Safety
 ///
@@ -350,9 +403,12 @@ pub unsafe extern "C" fn dne_send(f: *mut dne_fn, m: *mut *mut dne_msg, to: *con
         // SAFETY: `m` is non-NULL (checked) and points to a handle slot
         // (caller contract).
         let raw = unsafe { m.read() };
-        if raw.is_null() {
-            return dne_status::DNE_ERR_INVALID_ARG;
+        // SAFETY: a live handle or NULL (caller contract); NULL is refused.
+        let Some(handle) = (unsafe { raw.as_ref() }) else { return dne_status::DNE_ERR_INVALID_ARG };
+        if handle.pool != f.pool {
+            return dne_status::DNE_ERR_FOREIGN_MSG;
         }
+        let pool = handle.pool;
         // The handle's allocation stays, to take the message back on a
         // failure: the caller's pointer (and any copy of it) stays valid.
         // `MaybeUninit<dne_msg>` has `dne_msg`'s layout.
@@ -361,18 +417,19 @@ pub unsafe extern "C" fn dne_send(f: *mut dne_fn, m: *mut *mut dne_msg, to: *con
         let slot = unsafe { Box::from_raw(raw.cast::<MaybeUninit<dne_msg>>()) };
         // The message is moved out: from here the box holds no value, and
         // dropping it frees the allocation only.
-        // SAFETY: initialised: it is the live handle the caller passed.
-        let msg = unsafe { slot.assume_init_read() }.0;
+        // SAFETY: initialised: it is the live handle checked above.
+        let msg = unsafe { slot.assume_init_read() }.msg;
         // The slot no longer owns the handle: cleared before the send, so
         // that even a panic inside it (caught by `guard`) cannot leave the
         // caller a pointer to freed memory.
         // SAFETY: `m` is non-NULL and writable (checked, contract).
         unsafe { m.write(std::ptr::null_mut()) };
-        match f.0.send(msg, to) {
+        match f.f.send(msg, to) {
             Ok(()) => dne_status::DNE_OK,
             Err(e) => {
                 // Back into the same allocation: `*m` is `raw` again.
-                let back = e.msg.map_or(std::ptr::null_mut(), |msg| Box::into_raw(Box::write(slot, dne_msg(msg))));
+                let back =
+                    e.msg.map_or(std::ptr::null_mut(), |msg| Box::into_raw(Box::write(slot, dne_msg { msg, pool })));
                 // SAFETY: as above.
                 unsafe { m.write(back) };
                 send_status(&e.kind)
@@ -400,10 +457,10 @@ pub unsafe extern "C" fn dne_recv(f: *mut dne_fn, timeout_ms: i32, out: *mut *mu
             return dne_status::DNE_ERR_INVALID_ARG;
         }
         let t = u64::try_from(timeout_ms).ok().map(Duration::from_millis);
-        match f.0.recv_timeout(t) {
+        match f.f.recv_timeout(t) {
             Ok(Some(m)) => {
                 // SAFETY: `out` is non-NULL (checked) and writable (contract).
-                unsafe { out.write(Box::into_raw(Box::new(dne_msg(m)))) };
+                unsafe { out.write(f.handle(m)) };
                 dne_status::DNE_OK
             }
             Ok(None) => dne_status::DNE_ERR_TIMEOUT,
@@ -416,23 +473,28 @@ pub unsafe extern "C" fn dne_recv(f: *mut dne_fn, timeout_ms: i32, out: *mut *mu
     })
 }
 
-/// Frees a message.
+/// Frees a message. `DNE_ERR_FOREIGN_MSG`: `m` is in another attach's pool
+/// (free it with the `dne_fn` it came from); it is left as it was. After
+/// any other status `m` is gone (`DNE_ERR_OWNERSHIP`: its buffers were not
+/// all this function's to free).
 ///
 /// # Safety
 ///
 /// `f` is a live handle; `m` is NULL or a live message handle, not used
-/// afterwards.
+/// afterwards unless refused with `DNE_ERR_FOREIGN_MSG`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dne_free(f: *mut dne_fn, m: *mut dne_msg) -> dne_status {
     guard(|| {
         // SAFETY: caller contract: live handle or NULL.
         let Some(f) = (unsafe { f.as_mut() }) else { return dne_status::DNE_ERR_INVALID_ARG };
-        if m.is_null() {
-            return dne_status::DNE_OK;
+        // SAFETY: a live handle or NULL (caller contract).
+        let Some(handle) = (unsafe { m.as_ref() }) else { return dne_status::DNE_OK };
+        if handle.pool != f.pool {
+            return dne_status::DNE_ERR_FOREIGN_MSG;
         }
         // SAFETY: from `Box::into_raw` (caller contract).
         let m = unsafe { Box::from_raw(m) };
-        match f.0.free(m.0) {
+        match f.f.free(m.msg) {
             Ok(_) => dne_status::DNE_OK,
             Err(_) => dne_status::DNE_ERR_OWNERSHIP,
         }
@@ -459,7 +521,7 @@ mod tests {
     /// number was undefined behaviour (a crash or a garbage string).
     #[test]
     fn numbers_that_are_no_status_get_a_message() {
-        for code in [13, 200, -1, c_int::MIN, c_int::MAX] {
+        for code in [14, 200, -1, c_int::MIN, c_int::MAX] {
             // SAFETY: `dne_status_str` returns a static C string.
             let msg = unsafe { CStr::from_ptr(dne_status_str(code)) };
             assert_eq!(msg, c"unknown status", "{code}");
@@ -474,7 +536,9 @@ mod tests {
         use wire::{DescFlags, Descriptor, ErrorCode, Owner};
         let g = wire::desc::PoolGeometry::new(1, 256, 64, 64, 8).unwrap();
         let pool = shm::Pool::create("dne-ffi-test", g, shm::PagePolicy::Normal).unwrap();
-        let msg = |desc: Descriptor| dne_msg(Msg::from_parts(pool.alloc(1, Owner::Held(0)).unwrap(), desc));
+        let id = PoolId::of(&pool).unwrap();
+        let msg =
+            |desc: Descriptor| dne_msg { msg: Msg::from_parts(pool.alloc(1, Owner::Held(0)).unwrap(), desc), pool: id };
         let call = msg(Descriptor::default());
         let bounced =
             msg(Descriptor { flags: DescFlags::ERROR, status: ErrorCode::Overloaded as u8, ..Default::default() });
@@ -543,7 +607,7 @@ mod tests {
             (a, b)
         });
         drop(shimd);
-        let mut f = dne_fn(a);
+        let mut f = dne_fn::new(a).unwrap();
         let mut m = std::ptr::null_mut();
         // SAFETY: a live handle and a writable slot.
         assert_eq!(unsafe { dne_alloc(&mut f, 3, &mut m) }, dne_status::DNE_OK);
@@ -585,7 +649,7 @@ mod tests {
             }
             (a, b)
         });
-        let mut f = dne_fn(a);
+        let mut f = dne_fn::new(a).unwrap();
         let mut m = std::ptr::null_mut();
         // SAFETY: a live handle and a writable slot.
         assert_eq!(unsafe { dne_alloc(&mut f, 3, &mut m) }, dne_status::DNE_OK);
@@ -601,6 +665,47 @@ mod tests {
         assert_eq!(unsafe { dne_msg_len(kept) }, 3);
         // SAFETY: a live handle and message, not used afterwards.
         assert_eq!(unsafe { dne_free(&mut f, kept) }, dne_status::DNE_OK);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `dne_free` with the handle of an attach to another tenant's pool
+    /// (both attaches in this process) refuses the message with
+    /// `DNE_ERR_FOREIGN_MSG` and leaves it the caller's: freed with its
+    /// own attach it goes back to its pool. `dne_msg_data` gives no bytes
+    /// and `dne_send` refuses it the same way. Before, `dne_free` returned
+    /// `DNE_ERR_OWNERSHIP` and freed the handle: the caller could neither
+    /// use nor free it, and its buffer stayed held until the detach.
+    #[test]
+    fn freeing_with_another_tenants_handle_is_refused_and_the_message_stays() {
+        let text = format!(
+            "{ONE_TENANT}\n[[tenant]]\nname = \"u\"\nweight = 1\nbuf_size = 4096\nbuffers = 64\nrecv_quota = 8\n\n\
+             [[function]]\nname = \"c\"\ntenant = \"u\"\nnode = \"n0\"\n"
+        );
+        let (_shimd, (a, c), dir) = shimd_serving("foreign", &text, |socket| {
+            (Function::attach(socket, "t", "a").unwrap(), Function::attach(socket, "u", "c").unwrap())
+        });
+        let (mut fa, mut fc) = (dne_fn::new(a).unwrap(), dne_fn::new(c).unwrap());
+        let free_in = |f: &dne_fn| f.f.pool().free_buffers() as usize + f.f.cached_buffers();
+        let before = free_in(&fa);
+        let mut m = std::ptr::null_mut();
+        // SAFETY: a live handle and a writable slot.
+        assert_eq!(unsafe { dne_alloc(&mut fa, 3, &mut m) }, dne_status::DNE_OK);
+        assert_eq!(free_in(&fa), before - 1);
+        // SAFETY: live handles (of two attaches).
+        let st = unsafe { dne_free(&mut fc, m) };
+        assert_eq!(st, dne_status::DNE_ERR_FOREIGN_MSG);
+        // SAFETY: the message is still the caller's (refused above).
+        assert_eq!(unsafe { dne_msg_len(m) }, 3);
+        let mut len = 0;
+        // SAFETY: as above: another tenant's handle gets no payload.
+        assert!(unsafe { dne_msg_data(&mut fc, m, 0, &mut len) }.is_null());
+        let kept = m;
+        // SAFETY: as above; a slot holding the message, a C string.
+        assert_eq!(unsafe { dne_send(&mut fc, &mut m, c"c".as_ptr()) }, dne_status::DNE_ERR_FOREIGN_MSG);
+        assert_eq!(m, kept);
+        // SAFETY: a live handle and message, not used afterwards.
+        assert_eq!(unsafe { dne_free(&mut fa, m) }, dne_status::DNE_OK);
+        assert_eq!(free_in(&fa), before);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
