@@ -383,7 +383,8 @@ pub extern "C" fn dne_error_code_str(code: c_int) -> *const c_char {
 /// caller still owns it, except after `DNE_ERR_NO_INSTANCE` with
 /// `*m == NULL`: the receiver died holding it and host-shimd returned its
 /// buffers to the pool (the handle is freed).
-/// `DNE_ERR_SHIMD_GONE`: host-shimd stopped; `*m` is the caller's (free it).
+/// `DNE_ERR_SHIMD_GONE`: host-shimd stopped; `*m` is the caller's (free it),
+/// or NULL when the receiver took it as host-shimd stopped.
 /// `DNE_ERR_FOREIGN_MSG`: `*m` is in another attach's pool; nothing was done.
 ///
 /// # Safety

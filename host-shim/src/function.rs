@@ -92,11 +92,12 @@ pub enum SendErrorKind {
     /// abandoned (a clean stop: SIGTERM, SIGINT), or its end of the
     /// control connection closed (asked about a function not looked up
     /// before). Nothing sent through this attach would be delivered any
-    /// more; the message is handed back. Attach again once a new
-    /// host-shimd is up (or exit and let the supervisor restart the
-    /// function). After host-shimd was killed outright (SIGKILL), sends
-    /// into rings looked up before are not refused: see README.md, "When
-    /// host-shimd goes away".
+    /// more; the message is handed back, unless its receiver took it as
+    /// host-shimd stopped (a push that published just as the ring was
+    /// abandoned). Attach again once a new host-shimd is up (or exit and
+    /// let the supervisor restart the function). After host-shimd was
+    /// killed outright (SIGKILL), sends into rings looked up before are
+    /// not refused: see README.md, "When host-shimd goes away".
     #[error("host-shimd is gone (it stopped; attach again to the new one)")]
     ShimdGone,
     /// The message's descriptor has fields no receiver accepts (a status
@@ -575,8 +576,10 @@ impl Function {
                 Err(e) => {
                     let lease = match self.pool.take_back(head, len, to_owner, holder) {
                         Ok(l) => l,
-                        // host-shimd is gone and reclaims nothing: a peer of
-                        // the tenant took the buffers.
+                        // host-shimd is gone and reclaims nothing: the ring
+                        // was abandoned as the push published, and its
+                        // receiver took the message (or a peer of the
+                        // tenant took the buffers).
                         Err(_) if e == RingPushError::Abandoned => return Err((SendErrorKind::ShimdGone, None)),
                         // The receiver died and host-shimd reclaimed the
                         // buffers: they are back in the pool, not lost.
@@ -602,8 +605,9 @@ impl Function {
     /// and at most one doorbell per batch of up to 32). Returns how many
     /// were sent; on an error the unsent messages stay in `msgs`, in order
     /// (a message whose receiver died holding it is not returned: host-shimd
-    /// put its buffers back in the pool). [`SendErrorKind::ShimdGone`] as
-    /// for [`send`](Self::send).
+    /// put its buffers back in the pool; nor is one its receiver took as
+    /// host-shimd stopped). [`SendErrorKind::ShimdGone`] as for
+    /// [`send`](Self::send).
     pub fn send_batch(&mut self, msgs: &mut Vec<Msg>, to: &str) -> Result<usize, SendErrorKind> {
         let holder = self.holder();
         let mut sent = 0;

@@ -69,11 +69,16 @@ pub enum RingPushError {
     /// the ring): nothing was pushed.
     #[error("ring corrupted: tail and slot sequences disagree")]
     Corrupted,
-    /// The consumer is gone (its function died): nothing was pushed.
+    /// The consumer is gone (its function died): nothing was pushed, or
+    /// the ring was closed while the push published (see
+    /// [`Abandoned`](Self::Abandoned)).
     #[error("ring closed: the consumer is gone")]
     Closed,
     /// The ring's creator stopped (host-shimd exited cleanly): nothing
-    /// pushed into any of its rings would be delivered. Nothing was pushed.
+    /// pushed into any of its rings would be delivered. Nothing was
+    /// pushed, or the flag was set while the push published: then what it
+    /// published may be taken by nobody (or by a consumer still
+    /// receiving), and the caller takes back the buffers nobody took.
     #[error("ring abandoned: host-shimd, which made it, stopped")]
     Abandoned,
 }
@@ -118,14 +123,20 @@ fn lap_free_by_head(c: &impl RingCells, pos: u64, cap: u64) -> bool {
     pos.wrapping_sub(head) < cap
 }
 
+/// The error for a ring whose closed flag is `closed` (non-zero).
+fn closed_error(closed: u32) -> RingPushError {
+    if closed == RING_ABANDONED { RingPushError::Abandoned } else { RingPushError::Closed }
+}
+
 /// Pushes up to `descs.len()` descriptors, in order; returns how many went
-/// in (at least one) and whether to wake the consumer.
+/// in (at least one) and whether to wake the consumer. Fails when the ring
+/// is closed, before it pushes or once it has published (see
+/// [`RingPushError::Abandoned`]).
 pub(crate) fn push(c: &impl RingCells, descs: &[Descriptor]) -> Result<Pushed, RingPushError> {
     // Acquire: pairs with the Release store of `close` and `abandon`.
     match c.closed().load(Acquire) {
         0 => {}
-        RING_ABANDONED => return Err(RingPushError::Abandoned),
-        _ => return Err(RingPushError::Closed),
+        closed => return Err(closed_error(closed)),
     }
     if descs.is_empty() {
         return Ok(Pushed { count: 0, wake: false });
@@ -190,9 +201,22 @@ pub(crate) fn push(c: &impl RingCells, descs: &[Descriptor]) -> Result<Pushed, R
         // consumer's Acquire load of the sequence.
         c.seq(slot).store((pos + k + 1) as u32, Release);
     }
-    // SeqCst fence between publishing and reading the sleep flag; pairs
-    // with the fence in `prepare_sleep` (no lost wake-up).
+    // SeqCst fence between publishing and reading the closed and sleep
+    // flags; pairs with the fence in `prepare_sleep` (no lost wake-up) and
+    // with the consumer's after it sees the ring closed (see below).
     fence(SeqCst);
+    // The ring may have been closed since the check above, and its
+    // consumer may have stopped reading before it could see what was just
+    // published. Relaxed, ordered by the fence above, which pairs with the
+    // fence `Consumer::wait_with` makes after it sees the flag and before
+    // it looks at the ring a last time: either this load sees the flag
+    // (the caller takes back what nobody took), or that look sees what
+    // was published. The sleep flag is left alone: host-shimd rings the
+    // doorbell of a ring it abandons, and a closed ring's consumer is gone.
+    match c.closed().load(Relaxed) {
+        0 => {}
+        closed => return Err(closed_error(closed)),
+    }
     let wake = c.sleeping().load(Relaxed) != 0 && c.sleeping().swap(0, Relaxed) != 0;
     Ok(Pushed { count: n as usize, wake })
 }
@@ -384,6 +408,66 @@ mod tests {
         assert_eq!(push(&c, &[d(1)]), Err(RingPushError::Closed));
         c.closed.store(0, Relaxed);
         assert_eq!(push(&c, &[d(1)]).map(|p| p.count), Ok(1));
+    }
+
+    /// Cells whose ring gets closed with `how` while a push writes its
+    /// descriptors: after the push's first look at the flag, before it
+    /// publishes (as when host-shimd stops just then).
+    struct ClosedWhilePushing {
+        cells: Cells,
+        how: u32,
+    }
+
+    impl RingCells for ClosedWhilePushing {
+        fn capacity(&self) -> u32 {
+            self.cells.capacity()
+        }
+        fn tail(&self) -> &AtomicU64 {
+            self.cells.tail()
+        }
+        fn head(&self) -> &AtomicU64 {
+            self.cells.head()
+        }
+        fn head_seen(&self) -> &AtomicU64 {
+            self.cells.head_seen()
+        }
+        fn sleeping(&self) -> &AtomicU32 {
+            self.cells.sleeping()
+        }
+        fn closed(&self) -> &AtomicU32 {
+            self.cells.closed()
+        }
+        fn seq(&self, slot: u32) -> &AtomicU32 {
+            self.cells.seq(slot)
+        }
+        fn write_desc(&self, slot: u32, d: &Descriptor) {
+            self.cells.write_desc(slot, d);
+            self.cells.closed.store(self.how, Relaxed);
+        }
+        fn read_desc(&self, slot: u32) -> Descriptor {
+            self.cells.read_desc(slot)
+        }
+    }
+
+    /// A push that publishes into a ring closed after its first look at
+    /// the flag fails as one that found it closed (`Abandoned`, `Closed`),
+    /// so its caller takes back what nobody took, and leaves the sleep
+    /// flag alone (host-shimd rings the doorbell of a ring it abandons).
+    /// Before, it returned `Ok`: what it published could be left in a
+    /// ring its consumer had already stopped reading, without a word.
+    #[test]
+    fn a_push_into_a_ring_closed_meanwhile_says_so() {
+        for (how, e) in [
+            (wire::segment::RING_ABANDONED, RingPushError::Abandoned),
+            (wire::segment::RING_CONSUMER_GONE, RingPushError::Closed),
+        ] {
+            for batch in [&[d(1)][..], &[d(1), d(2), d(3)]] {
+                let c = ClosedWhilePushing { cells: Cells::new(4), how };
+                c.cells.sleeping.store(1, Relaxed);
+                assert_eq!(push(&c, batch), Err(e), "{how} {}", batch.len());
+                assert_eq!(c.cells.sleeping.load(Relaxed), 1);
+            }
+        }
     }
 
     #[test]
@@ -850,7 +934,9 @@ mod segment {
         /// once it is empty ([`Wait::Closed`]; ring its doorbell too, for a
         /// consumer asleep). For host-shimd when it stops cleanly: nothing
         /// pushed from now on would be delivered. A push already past its
-        /// check of the flag still lands (its consumer may take it).
+        /// first check of the flag publishes, then sees the flag and fails
+        /// as well, unless the consumer's wait, which looks at the ring once
+        /// more after it sees the flag, takes what it published.
         pub fn abandon(&self) {
             // Release: pairs with the Acquire check at the start of `push`
             // and the consumer's in `Consumer::wait_with`.
@@ -1063,9 +1149,17 @@ mod segment {
                         // The producers' line, read once per 64 empty
                         // polls: a ring closed while its consumer spins
                         // ends the wait (nothing more can be pushed).
-                        // The last poll found it empty.
                         if self.ring.is_closed() {
-                            return Ok(Woke::Closed);
+                            // SeqCst fence, then one more poll: pairs with
+                            // the fence in `push` after it publishes. A
+                            // push that published before the flag was set
+                            // but after the last poll, and then found the
+                            // flag clear (so it returned `Ok`), is seen by
+                            // this poll; one not seen here sees the flag
+                            // and fails.
+                            crate::sync::fence(core::sync::atomic::Ordering::SeqCst);
+                            let n = poll(self);
+                            return Ok(if n > 0 { Woke::Got(n) } else { Woke::Closed });
                         }
                         let now = Instant::now();
                         if now.duration_since(start) >= spin || deadline.is_some_and(|d| now >= d) {
@@ -1115,6 +1209,7 @@ mod segment {
     }
 
     /// How `Consumer::wait_with` ended.
+    #[derive(Debug)]
     enum Woke {
         /// `poll` returned this (non-zero).
         Got(usize),
@@ -1399,6 +1494,41 @@ mod segment {
             other.close();
             assert!(other.is_closed() && !other.is_abandoned());
             assert_eq!(other.push(&[d(3)]), Err(RingPushError::Closed));
+        }
+
+        /// A descriptor published after the consumer's last empty poll and
+        /// before it sees the ring closed is still handed to it: the wait
+        /// looks at the ring once more after it sees the flag. (Its
+        /// producer's push saw the flag still clear after publishing, and
+        /// returned `Ok`.) Before, the wait ended with `Closed` and the
+        /// descriptor stayed in a ring nobody would read again.
+        #[test]
+        fn a_descriptor_published_just_before_the_ring_was_seen_closed_is_taken() {
+            let ring = Ring::create("dne-ring-late", 8, 1, 2, 3).unwrap();
+            let creator = Ring::open(ring.fd().try_clone_to_owned().unwrap()).unwrap();
+            let prod = Ring::open(ring.fd().try_clone_to_owned().unwrap()).unwrap();
+            let bell = Doorbell::new().unwrap();
+            let mut cons = ring.into_consumer();
+            let long = Some(Duration::from_secs(60));
+            let mut polls = 0;
+            let woke = cons
+                .wait_with(&bell, None, Duration::MAX, long, |c| {
+                    let n = usize::from(super::super::ready(&c.ring, c.head));
+                    polls += 1;
+                    // The wait looks at the flag every 64 empty polls:
+                    // between this one and that look, the push and then
+                    // the creator's stop.
+                    if polls == 64 {
+                        assert_eq!(prod.push(&[d(1)]).map(|p| p.count), Ok(1));
+                        creator.abandon();
+                    }
+                    n
+                })
+                .unwrap();
+            assert!(matches!(woke, Woke::Got(1)), "{woke:?}");
+            let mut out = [Descriptor::default(); 2];
+            assert_eq!(cons.pop(&mut out), 1);
+            assert_eq!(cons.wait_ready(&bell, None, Duration::MAX, long).unwrap(), Wait::Closed);
         }
 
         /// A consumer asleep on its doorbell when the ring is abandoned
