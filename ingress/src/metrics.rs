@@ -13,7 +13,8 @@
 //! * `dne_ingress_rejections_total{tenant,reason}`: requests answered by the
 //!   edge itself (unauthorized, too_large, pool_exhausted, queue_full,
 //!   no_credit, timeout, function_error, unreachable, bad_reply, bad_request)
-//!   and requests whose client left before its answer (client_gone);
+//!   and requests whose client left before its request was complete
+//!   (client_gone);
 //! * `dne_ingress_in_flight{tenant}`: requests being handled;
 //! * `dne_ingress_pool_free_buffers{tenant}`,
 //!   `dne_ingress_pool_buffers{tenant}`: the tenant's ingress pool;

@@ -338,10 +338,21 @@ impl Ingress {
                 let (me, client) = (me.clone(), client.clone());
                 async move { Ok::<_, Infallible>(me.handle(req, &client, is_admin, metrics_on_main).await) }
             });
+            // `half_close`: a client that shuts its sending side once its
+            // request is complete (`shutdown(SHUT_WR)`) still gets its
+            // answer; by default hyper takes that end of stream for the
+            // client leaving and drops the request unanswered. The end of
+            // a client's stream mid-body is still the client leaving
+            // (hyper's body reader reports it). The cost: a client that
+            // closes entirely while its chain runs sends the same FIN, so
+            // it is no longer seen to leave; its chain runs to the end and
+            // the answer goes into a closed socket (HAProxy's default,
+            // without `abortonclose`).
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(self.settings.header_timeout)
                 .keep_alive(true)
+                .half_close(true)
                 .serve_connection(TokioIo::new(StallIo::new(stream, self.settings.write_timeout)), svc);
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
@@ -866,9 +877,10 @@ fn client_left(e: &hyper::Error) -> bool {
 const ACCESS_LOG: &str = "dne_ingress::access";
 
 /// A request being handled: counted in flight while it lives; dropped
-/// before [`InFlight::done`] (hyper drops the handler of a client that went
-/// away while the chain ran; the handler drops it for a client that left
-/// mid-body), it counts a `client_gone` rejection.
+/// before [`InFlight::done`] (the handler drops it for a client that left
+/// mid-body; a client that leaves once its request is complete is not seen
+/// to go before its answer is written, see `half_close` in
+/// [`Ingress::serve`]), it counts a `client_gone` rejection.
 struct InFlight<'a> {
     gauge: &'a Gauge,
     gone: Option<&'a Family<RejectLabels, Counter>>,
