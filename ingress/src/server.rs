@@ -410,7 +410,7 @@ impl Ingress {
 
     async fn handle(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: &Client,
         admin: bool,
         metrics_on_main: bool,
@@ -429,7 +429,7 @@ impl Ingress {
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
             );
-            return r;
+            return early(req.body_mut(), r).await;
         }
         // RFC 9112 3.2: a request with more than one Host line is refused
         // (which one it meant is anyone's guess, and a proxy in front may
@@ -470,7 +470,7 @@ impl Ingress {
         let route = if admin { None } else { self.router.lookup(host, req.uri().path()) };
         let Some(route) = route else {
             self.unrouted(peer, &method, &target, StatusCode::NOT_FOUND, "");
-            return plain(StatusCode::NOT_FOUND, "no route\n");
+            return early(req.body_mut(), plain(StatusCode::NOT_FOUND, "no route\n")).await;
         };
         let info = &self.routes[usize::from(route)];
         let tenant = &self.tenants[usize::from(info.tenant)];
@@ -569,12 +569,12 @@ impl Ingress {
                 self.reject(t, "unauthorized");
                 let mut r = plain(StatusCode::UNAUTHORIZED, "missing or wrong API key\n");
                 r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return (r, 0, 0);
+                return (early(&mut body, r).await, 0, 0);
             }
         }
         let Some(method) = Method::from_name(req.method.as_str()) else {
             self.reject(t, "bad_request");
-            return (plain(StatusCode::NOT_IMPLEMENTED, "method not supported\n"), 0, 0);
+            return (early(&mut body, plain(StatusCode::NOT_IMPLEMENTED, "method not supported\n")).await, 0, 0);
         };
         if !chunked_alone(&req.headers) {
             // hyper takes the chunks off and would hand on the rest, still
@@ -585,7 +585,7 @@ impl Ingress {
         let path = req.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes();
         if path.len() > env::MAX_PATH as usize {
             self.reject(t, "bad_request");
-            return (plain(StatusCode::URI_TOO_LONG, "request target too long\n"), 0, 0);
+            return (early(&mut body, plain(StatusCode::URI_TOO_LONG, "request target too long\n")).await, 0, 0);
         }
         let mut hs: Vec<(&[u8], &[u8])> = Vec::with_capacity(FORWARDED_HEADERS.len() + 1);
         for name in FORWARDED_HEADERS {
@@ -619,7 +619,7 @@ impl Ingress {
             return (close(plain(StatusCode::PAYLOAD_TOO_LARGE, "body over the limit\n")), 0, 0);
         }
         let Some(pool) = self.pools.get(t) else {
-            return (plain(StatusCode::INTERNAL_SERVER_ERROR, "no pool\n"), 0, 0);
+            return (early(&mut body, plain(StatusCode::INTERNAL_SERVER_ERROR, "no pool\n")).await, 0, 0);
         };
         let mut msg = MsgBuilder::new(pool.clone());
         // A body announced larger than the tenant's largest message is
@@ -921,6 +921,37 @@ fn plain(status: StatusCode, text: &'static str) -> Response<OutBody> {
 fn close(mut r: Response<OutBody>) -> Response<OutBody> {
     r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
+}
+
+/// Request bodies of at most this many bytes (by their `Content-Length`)
+/// are read and discarded before an early answer (see [`early`]).
+const DISCARD_MAX: u64 = 64 << 10;
+/// Longest such a body is waited for.
+const DISCARD_WITHIN: Duration = Duration::from_millis(200);
+
+/// Answer `r`, given before any of the request's `body` was read. A small
+/// body that arrives at once is read and discarded, and the connection
+/// serves on; otherwise the connection closes after the answer, and the
+/// answer says so (RFC 9112 9.6). Left to hyper, the connection stayed
+/// open if the whole body happened to be in its read buffer already and
+/// closed otherwise, decided after the head was written, too late to say
+/// so.
+async fn early(body: &mut Incoming, r: Response<OutBody>) -> Response<OutBody> {
+    if body.is_end_stream() {
+        return r;
+    }
+    if body.size_hint().exact().is_some_and(|n| n <= DISCARD_MAX) {
+        let drain = async {
+            while let Some(frame) = body.frame().await {
+                frame.ok()?;
+            }
+            Some(())
+        };
+        if let Ok(Some(())) = tokio::time::timeout(DISCARD_WITHIN, drain).await {
+            return r;
+        }
+    }
+    close(r)
 }
 
 /// Whether `path` has a `.` or `..` segment once its percent-escapes are

@@ -1140,3 +1140,47 @@ async fn a_client_that_half_closes_after_its_request_still_gets_its_answer() {
     srv.assert_no_leak().await;
     srv.stop().await;
 }
+/// An answer given before the request's body was read, after which the
+/// server closes the connection, says `Connection: close` (RFC 9112 9.6):
+/// 404, 401, 501 and 414 were sent without it (hyper decided to close only
+/// after it had written the head). One to a request without a body, or
+/// with a small one that arrives with it, keeps the connection open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_to_a_request_with_a_body_says_connection_close() {
+    let srv = Server::default().await;
+    let long = format!("/echo?{}", "q".repeat(wire::http::MAX_PATH as usize));
+    for (method, target, auth, len, code) in [
+        ("POST", "/nowhere", "", 100_000, 404),
+        // (A small body is waited for a moment, then given up.)
+        ("POST", "/nowhere", "", 1000, 404),
+        ("POST", "/acme", "", 100_000, 401),
+        ("POST", "/acme", "Authorization: Bearer wrong\r\n", 100_000, 401),
+        ("BREW", "/echo", "", 100_000, 501),
+        ("POST", long.as_str(), "", 100_000, 414),
+    ] {
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        // A body announced, and only a little of it sent.
+        let head = format!("{method} {target} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {len}\r\n\r\n0123456789");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let (st, head, _) = read_response(&mut s).await;
+        assert_eq!(st, code, "{method} {target}: {head}");
+        assert!(head.to_ascii_lowercase().contains("\r\nconnection: close\r\n"), "{method} {target}: {head}");
+        assert_eq!(read_to_close(&mut s).await.unwrap(), b"", "{method} {target}");
+    }
+    // Without a body there is nothing left unread: the connection serves on.
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let (st, head, _) = read_response(&mut s).await;
+    assert_eq!(st, 404, "{head}");
+    assert!(!head.to_ascii_lowercase().contains("connection: close"), "{head}");
+    // Nor with a small body sent whole.
+    s.write_all(b"POST /acme HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc").await.unwrap();
+    let (st, head, _) = read_response(&mut s).await;
+    assert_eq!(st, 401, "{head}");
+    assert!(!head.to_ascii_lowercase().contains("connection: close"), "{head}");
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
+    let (st, head, body) = read_response(&mut s).await;
+    assert_eq!((st, body.as_slice()), (200, &b"ok"[..]), "{head}");
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
