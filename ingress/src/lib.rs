@@ -13,7 +13,10 @@
 //!   for queue room or credits (the upstream's), for the chain (the route's
 //!   `timeout_ms`), for a slow client ([`Settings::body_timeout`] between
 //!   pieces of a body, [`Settings::body_deadline`] for all of it), for a
-//!   client that stops reading its response ([`Settings::write_timeout`]);
+//!   client that stops reading its response ([`Settings::write_timeout`]),
+//!   for a client's end of stream after the server closed its side (a
+//!   lingering close, so that unread bytes do not reset the connection
+//!   under the answer: 2 s, 0.5 s without a byte, 1 MiB);
 //! * edge statuses: 404 unknown route, 400 malformed, 401 bad API key, 408
 //!   body too slow, 413 body over `body_limit` (or over the tenant's largest
 //!   message), 414 target too long, 431 more forwarded headers than an

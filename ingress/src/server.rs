@@ -353,7 +353,7 @@ impl Ingress {
                 .header_read_timeout(self.settings.header_timeout)
                 .keep_alive(true)
                 .half_close(true)
-                .serve_connection(TokioIo::new(StallIo::new(stream, self.settings.write_timeout)), svc);
+                .serve_connection(TokioIo::new(ClientIo::new(stream, self.settings.write_timeout)), svc);
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
                 let _slot = slot;
@@ -770,20 +770,45 @@ fn first_request_id() -> u32 {
     std::collections::hash_map::RandomState::new().hash_one(std::process::id()) as u32
 }
 
-/// The client's socket, with a bound on how long a write may make no
-/// progress (hyper has none): past [`Settings::write_timeout`] without the
-/// client taking any bytes, writes fail with `TimedOut` and hyper closes
-/// the connection, dropping the response and the buffers behind it. The
-/// timer exists only while a write waits.
-struct StallIo<T> {
+/// Most bytes read and discarded from a client after the server shut its
+/// side of the connection (see [`ClientIo`]).
+const LINGER_BYTES: u64 = 1 << 20;
+/// Longest the server waits for the client's end of stream after it shut
+/// its side of the connection...
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// ... and longest it waits for the client's next bytes meanwhile (an idle
+/// client closed at shutdown sends none).
+const LINGER_QUIET: Duration = Duration::from_millis(500);
+
+/// The client's socket, with two things hyper does not do:
+/// * a bound on how long a write may make no progress: past
+///   [`Settings::write_timeout`] without the client taking any bytes,
+///   writes fail with `TimedOut` and hyper closes the connection, dropping
+///   the response and the buffers behind it (the timer exists only while a
+///   write waits);
+/// * a lingering close: when the server ends a connection whose client has
+///   not ended its stream (an early answer to a request whose body is
+///   still coming, a closing answer to a pipelining client, an idle
+///   connection at shutdown), it shuts its sending side and then reads and
+///   discards what comes until the client's end of stream,
+///   [`LINGER_BYTES`], [`LINGER_TIME`], or [`LINGER_QUIET`] without a
+///   byte. Closing
+///   with bytes unread makes the kernel reset the connection, and the
+///   reset can destroy the answer on its way (a response still in the
+///   send queue is discarded, and some stacks drop what they received).
+struct ClientIo<T> {
     io: T,
     limit: Duration,
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The client's end of stream has been read.
+    eof: bool,
+    /// Lingering: bytes discarded so far, when it began, and the deadline.
+    linger: Option<(u64, tokio::time::Instant, Pin<Box<tokio::time::Sleep>>)>,
 }
 
-impl<T> StallIo<T> {
+impl<T> ClientIo<T> {
     fn new(io: T, limit: Duration) -> Self {
-        Self { io, limit, stalled: None }
+        Self { io, limit, stalled: None, eof: false, linger: None }
     }
 
     /// Passes a write's result on; a write still waiting past the limit
@@ -806,17 +831,22 @@ impl<T> StallIo<T> {
     }
 }
 
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StallIo<T> {
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ClientIo<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let (room, before) = (buf.remaining() > 0, buf.filled().len());
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if room && matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() == before {
+            self.eof = true;
+        }
+        r
     }
 }
 
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StallIo<T> {
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ClientIo<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write(cx, buf);
         self.check(cx, r)
@@ -840,8 +870,40 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StallIo<T> {
         self.check(cx, r)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    /// Shuts the sending side, then lingers (see [`ClientIo`]) unless the
+    /// client's end of stream was read already.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let (discarded, began, deadline) = match &mut this.linger {
+            Some(l) => l,
+            None => {
+                std::task::ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+                if this.eof {
+                    return Poll::Ready(Ok(()));
+                }
+                let now = tokio::time::Instant::now();
+                this.linger.insert((0, now, Box::pin(tokio::time::sleep_until(now + LINGER_QUIET))))
+            }
+        };
+        let mut sink = [0u8; 4096];
+        while *discarded < LINGER_BYTES {
+            let mut buf = tokio::io::ReadBuf::new(&mut sink);
+            match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                    this.eof = true;
+                    break;
+                }
+                Poll::Ready(Ok(())) => {
+                    *discarded += buf.filled().len() as u64;
+                    let quiet = tokio::time::Instant::now() + LINGER_QUIET;
+                    deadline.as_mut().reset(quiet.min(*began + LINGER_TIME));
+                }
+                // Reset by the client: nothing more to wait for.
+                Poll::Ready(Err(_)) => break,
+                Poll::Pending => return deadline.as_mut().poll(cx).map(Ok),
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -1169,7 +1231,7 @@ mod tests {
     #[tokio::test]
     async fn a_write_that_makes_no_progress_fails_at_the_limit_and_progress_resets_it() {
         let (near, mut far) = tokio::io::duplex(64);
-        let mut io = StallIo::new(near, Duration::from_millis(200));
+        let mut io = ClientIo::new(near, Duration::from_millis(200));
         // The reader takes 16 bytes every 50 ms: slow, but never stalled
         // for 200 ms, so 1 KiB goes through.
         let reader = tokio::spawn(async move {
@@ -1190,5 +1252,46 @@ mod tests {
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
         assert!(t.elapsed() >= Duration::from_millis(200), "failed after {:?}", t.elapsed());
         drop(far);
+    }
+
+    /// Closing lingers until the client's end of stream, but a client that
+    /// goes on sending is cut off after `LINGER_BYTES`, and a silent one
+    /// after `LINGER_QUIET`.
+    #[tokio::test]
+    async fn a_lingering_close_ends_at_the_clients_end_of_stream_or_its_bounds() {
+        let pipe = 64 << 10;
+        let (near, mut far) = tokio::io::duplex(pipe);
+        let mut io = ClientIo::new(near, Duration::from_secs(10));
+        let writer = tokio::spawn(async move {
+            let mut sent = 0u64;
+            while far.write_all(&[1u8; 4096]).await.is_ok() {
+                sent += 4096;
+            }
+            sent
+        });
+        tokio::time::timeout(Duration::from_secs(20), io.shutdown()).await.unwrap().unwrap();
+        drop(io);
+        let sent = writer.await.unwrap();
+        assert!((LINGER_BYTES..=LINGER_BYTES + pipe as u64 + 4096).contains(&sent), "sent {sent}");
+
+        let (near, far) = tokio::io::duplex(1024);
+        let mut io = ClientIo::new(near, Duration::from_secs(10));
+        let t = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(20), io.shutdown()).await.unwrap().unwrap();
+        assert!(t.elapsed() >= LINGER_QUIET, "ended after {:?}", t.elapsed());
+        drop(far);
+
+        // A client that ends its stream: the close ends then.
+        let (near, mut far) = tokio::io::duplex(1024);
+        let mut io = ClientIo::new(near, Duration::from_secs(10));
+        let closer = tokio::spawn(async move {
+            let mut got = Vec::new();
+            far.read_to_end(&mut got).await.unwrap();
+            far.write_all(b"rest of a body").await.unwrap();
+            far.shutdown().await.unwrap();
+        });
+        tokio::time::timeout(Duration::from_secs(20), io.shutdown()).await.unwrap().unwrap();
+        assert!(io.eof);
+        closer.await.unwrap();
     }
 }

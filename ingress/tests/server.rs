@@ -1184,3 +1184,41 @@ async fn an_early_answer_to_a_request_with_a_body_says_connection_close() {
     srv.assert_no_leak().await;
     srv.stop().await;
 }
+/// A client still sending a body the server will not read (413 over the
+/// limit, 404 no route) can finish sending it and sees the connection end
+/// in order. Before, the server closed the socket with the body's bytes
+/// unread, which makes the kernel reset the connection: the client's
+/// writes failed and its read ended in a reset, and a reset can destroy
+/// the answer itself on its way (a response still in the server's send
+/// queue is discarded, and some stacks discard what they received). Now
+/// the server shuts its sending side, then reads and discards what comes
+/// (bounded in bytes and time) before it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_still_sending_its_body_after_an_early_answer_is_not_reset() {
+    let srv = Server::default().await;
+    for (target, len, code) in [("/echo", 2_000_000usize, 413), ("/nowhere", 600_000, 404)] {
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        let head = format!("POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n0123456789");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let (st, head, _) = read_response(&mut s).await;
+        assert_eq!(st, code, "{target}: {head}");
+        // The client goes on sending its body (256 KiB more of it), as one
+        // that writes all of its request before it reads would.
+        let piece = [b'z'; 4096];
+        let mut sent = 0;
+        let mut failed = None;
+        while sent < 256 << 10 {
+            if let Err(e) = s.write_all(&piece).await {
+                failed = Some(e);
+                break;
+            }
+            sent += piece.len();
+        }
+        assert!(failed.is_none(), "{target}: sending the body failed after {sent} bytes: {failed:?}");
+        // The connection ends with the server's FIN, not a reset.
+        let end = read_to_close(&mut s).await;
+        assert!(matches!(&end, Ok(rest) if rest.is_empty()), "{target}: {end:?}");
+    }
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
