@@ -57,9 +57,15 @@ use wire::http::{self as env, EnvelopeKind, HeadSpec, Method, REPLY_HEAD_ROOM, S
 pub const FORWARDED_HEADERS: &[&str] =
     &["content-type", "content-encoding", "accept", "accept-encoding", "accept-language", "user-agent", "x-request-id"];
 
-/// Reply headers the edge never copies to the client (hop-by-hop, or its
-/// own business).
-const HOP_BY_HOP: &[&str] = &[
+/// Reply headers the edge never copies to the client: hop-by-hop ones
+/// (the edge frames the response itself), and those the edge owns: the
+/// error code it reports for the cluster (`x-dne-error`: a function's own
+/// would make a reply look like the cluster's failure), and `date` and
+/// `server`, which describe the server the client talks to (hyper writes
+/// the edge's `date`; a function's replaced it, or made two). A reverse
+/// proxy hides its upstream's `Date` and `Server` the same way (nginx's
+/// `proxy_hide_header` default).
+const NOT_FROM_REPLIES: &[&str] = &[
     "connection",
     "keep-alive",
     "transfer-encoding",
@@ -68,6 +74,9 @@ const HOP_BY_HOP: &[&str] = &[
     "te",
     "trailer",
     "proxy-connection",
+    "x-dne-error",
+    "date",
+    "server",
 ];
 
 /// Edge settings.
@@ -748,7 +757,7 @@ impl Ingress {
         let mut r = Response::new(Either::Right(body));
         *r.status_mut() = status;
         for (n, v) in &e.headers {
-            if HOP_BY_HOP.iter().any(|h| n.eq_ignore_ascii_case(h.as_bytes())) {
+            if NOT_FROM_REPLIES.iter().any(|h| n.eq_ignore_ascii_case(h.as_bytes())) {
                 continue;
             }
             // The decoder checked the grammar, so these parse.

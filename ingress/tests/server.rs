@@ -150,6 +150,9 @@ struct Recording {
     /// Non-zero: the HTTP status written into every reply envelope (a
     /// function answering with any code it likes).
     status: std::sync::atomic::AtomicU16,
+    /// Headers added to every reply envelope (a function setting any
+    /// headers it likes).
+    reply_headers: std::sync::Mutex<Vec<(&'static str, &'static str)>>,
 }
 
 impl ingress::Upstream for Recording {
@@ -158,13 +161,28 @@ impl ingress::Upstream for Recording {
         self.xff.lock().unwrap().push(seen);
         let reply = self.inner.call(route, tenant, msg, request);
         let status = self.status.load(std::sync::atomic::Ordering::Relaxed);
-        if status == 0 {
+        let extra = self.reply_headers.lock().unwrap().clone();
+        if status == 0 && extra.is_empty() {
             return reply;
         }
         Box::pin(async move {
             let mut reply = reply.await?;
-            // The status is the u16 at offset 4 of the envelope header.
-            wire::http::write_at(&mut reply.frags_mut(), 4, &status.to_le_bytes()).unwrap();
+            if !extra.is_empty() {
+                // The head again, with the extra headers, ending where the
+                // body starts (a reply leaves room before its body).
+                let e = wire::http::decode(&reply.frags()).unwrap();
+                let mut hs = Vec::new();
+                let mut spec = e.spec(&mut hs);
+                let mut all = spec.headers.to_vec();
+                all.extend(extra.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+                spec.headers = &all;
+                let pad = e.body_offset - spec.len().unwrap();
+                wire::http::encode_head(&mut reply.frags_mut(), &spec, pad, e.body_len).unwrap();
+            }
+            if status != 0 {
+                // The status is the u16 at offset 4 of the envelope header.
+                wire::http::write_at(&mut reply.frags_mut(), 4, &status.to_le_bytes()).unwrap();
+            }
             Ok(reply)
         })
     }
@@ -198,7 +216,12 @@ impl Server {
         let mut settings =
             Settings { body_timeout: Duration::from_secs(2), ..Settings::for_ingress(&c, "edge").unwrap() };
         tune(&mut settings);
-        let upstream = Arc::new(Recording { inner: up, xff: Default::default(), status: Default::default() });
+        let upstream = Arc::new(Recording {
+            inner: up,
+            xff: Default::default(),
+            status: Default::default(),
+            reply_headers: Default::default(),
+        });
         let ingress = Arc::new(Ingress::new(&c, pools, upstream.clone(), settings));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1219,6 +1242,35 @@ async fn a_client_still_sending_its_body_after_an_early_answer_is_not_reset() {
         let end = read_to_close(&mut s).await;
         assert!(matches!(&end, Ok(rest) if rest.is_empty()), "{target}: {end:?}");
     }
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
+/// A function's reply cannot set the headers the ingress owns:
+/// `x-dne-error` (the ingress's word that the cluster failed the
+/// request), `Date` (the ingress's clock; hyper adds its own) and `Server`
+/// (the ingress is the server the client talks to), as a reverse proxy
+/// hides its upstream's `Date` and `Server` (nginx's `proxy_hide_header`
+/// default). Before, all three passed through, and a function's `Date`
+/// replaced the ingress's (two made two `Date` lines).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_functions_reply_cannot_set_the_headers_the_ingress_owns() {
+    let srv = Server::default().await;
+    *srv.upstream.reply_headers.lock().unwrap() = vec![
+        ("x-dne-error", "function_failed"),
+        ("date", "Thu, 01 Jan 1970 00:00:00 GMT"),
+        ("Date", "Fri, 02 Jan 1970 00:00:00 GMT"),
+        ("server", "not-the-ingress"),
+        ("x-app", "kept"),
+    ];
+    let mut c = Client::connect(srv.addr).await;
+    let (st, h, body) = c.post("/echo", b"abc").await;
+    assert_eq!((st, body.as_slice()), (StatusCode::OK, &b"abc"[..]));
+    assert_eq!(h.get("x-app").unwrap(), "kept", "{h:?}");
+    assert!(h.get("x-dne-error").is_none(), "{h:?}");
+    assert!(h.get("server").is_none(), "{h:?}");
+    let dates: Vec<_> = h.get_all("date").iter().collect();
+    assert_eq!(dates.len(), 1, "{h:?}");
+    assert!(!dates[0].to_str().unwrap().contains("1970"), "{h:?}");
     srv.assert_no_leak().await;
     srv.stop().await;
 }
