@@ -1,7 +1,8 @@
 //! The HTTP/1.1 edge: tokio (multi-thread) + hyper, keep-alive.
 //!
 //! Per request: refuse more than one `Host`, one that is not a host and port,
-//! or none in HTTP/1.1 (400), and a path with a `.` or `..` segment (400),
+//! or none in HTTP/1.1 (400), and a path with a `.` or `..` segment (400;
+//! `..;x` counts too, see `has_dot_segment`),
 //! route by host (an absolute-form target's authority, else `Host`) and path
 //! (404), check the tenant's API key (401), check the method and the transfer
 //! coding (501), the target (400/414) and the announced body length (413);
@@ -1032,10 +1033,19 @@ async fn early(body: &mut Incoming, r: Response<OutBody>) -> Response<OutBody> {
 /// most undo escapes first) would judge it as a request for `/b` (its
 /// authentication, say). Clients resolve dot segments before sending
 /// (RFC 3986 5.2), so refusing them costs an honest client nothing.
+///
+/// A segment counts by what comes before its first `;` (`..;`, `..;x=1`,
+/// `.;`, `%2e%2e%3b` are dot segments). To RFC 3986 they are not (`;` is
+/// data in a segment), but servlet containers (Tomcat, Jetty) take what
+/// follows a `;` in a segment for path parameters and drop it before
+/// they resolve dot segments, so to them `/a/..;/b` is `/b` (the `..;/`
+/// bypass of a proxy's path rules); no client sends such a segment for
+/// any other meaning.
 fn has_dot_segment(path: &str) -> bool {
     let p = path.as_bytes();
     let hex = |b: u8| char::from(b).to_digit(16);
-    let (mut i, mut len, mut dots) = (0, 0usize, 0usize);
+    // The segment's length and dots before any `;`, and whether one came.
+    let (mut i, mut len, mut dots, mut params) = (0, 0usize, 0usize, false);
     while i <= p.len() {
         // The next byte with escapes undone; the end closes the last segment.
         let (b, n) = match p.get(i..) {
@@ -1051,7 +1061,9 @@ fn has_dot_segment(path: &str) -> bool {
             if len > 0 && len == dots && dots <= 2 {
                 return true;
             }
-            (len, dots) = (0, 0);
+            (len, dots, params) = (0, 0, false);
+        } else if params || b == b';' {
+            params = true;
         } else {
             len += 1;
             dots += usize::from(b == b'.');
@@ -1231,6 +1243,13 @@ mod tests {
             assert!(has_dot_segment(p), "{p:?}");
         }
         for p in ["/", "", "/a", "/...", "/a/..b", "/a/b..", "/.a/", "/a/%2e%2ex", "/%2", "/a%", "/a/%zz"] {
+            assert!(!has_dot_segment(p), "{p:?}");
+        }
+        // What comes after a `;` in a segment does not count.
+        for p in ["/a/..;/b", "/a/..;x=1/b", "/a/.;", "/..;", "/a/%2e%2e%3b/b", "/a/..%3Bx", "/a/..;/"] {
+            assert!(has_dot_segment(p), "{p:?}");
+        }
+        for p in ["/a;..", "/a/;/b", "/a/;..", "/a/...;x", "/a;b/c", "/a/x;.."] {
             assert!(!has_dot_segment(p), "{p:?}");
         }
     }
