@@ -18,6 +18,14 @@
 //!   to a local function (`FROM_FABRIC`: the host completes the descriptor
 //!   from the header; `RESTAMP`: write the headers again and send it back);
 //!   [`CtrlMsg::ReturnBufs`].
+//! * host -> agent, added later: [`CtrlMsg::Lost`], a message the agent
+//!   handed over whose instance died as the host delivered it (its
+//!   buffers went back to the pool): the agent answers a call `PeerDied`.
+//!   The protocol version did not change for it. The host sends each
+//!   `Lost` alone in its comch message ([`Outbox::push_alone`]), so an
+//!   agent of an earlier build, which cannot decode it, refuses that frame
+//!   only (and the call's caller waits for its timeout, as before); a
+//!   host of an earlier build never sends it.
 //!
 //! Every buffer the agent holds is `Owner::Agent` in the host's pool, and
 //! the host takes a buffer back only if it is: an agent that names a buffer
@@ -86,6 +94,32 @@ impl Outbox {
             // A frame larger than a comch message: a caller bug, never the
             // peer's doing.
             Err(e) => log::error!("host link: a {:?} frame does not fit a comch message: {e}", msg.kind()),
+        }
+        Ok(())
+    }
+
+    /// Adds a frame that travels alone in its comch message (a kind a peer
+    /// of an earlier build may not decode: [`each_frame`] stops at the
+    /// first frame it cannot decode, and the frames after it in the same
+    /// message would be lost with it). `Err` only when the connection is
+    /// gone.
+    pub fn push_alone(
+        &mut self,
+        msg: CtrlMsg<'_>,
+        send: &mut impl FnMut(&[u8]) -> Result<(), doca::DocaError>,
+    ) -> Result<(), doca::DocaError> {
+        self.seal(send)?;
+        self.push(msg, send)?;
+        self.seal(send)
+    }
+
+    /// Closes the message being filled: sent now if the context takes it,
+    /// else queued as it is. `Err` only when the connection is gone.
+    fn seal(&mut self, send: &mut impl FnMut(&[u8]) -> Result<(), doca::DocaError>) -> Result<(), doca::DocaError> {
+        self.flush(send)?;
+        if self.len > 0 {
+            self.waiting.push_back(self.buf[..self.len].to_vec());
+            self.len = 0;
         }
         Ok(())
     }
@@ -173,6 +207,42 @@ mod tests {
             .unwrap();
         }
         assert_eq!(tenants, [0, 1, 2, 3, 4], "every frame, in order");
+    }
+
+    /// A frame pushed alone has a comch message of its own, whether the
+    /// context takes it at once or it waits for a send task.
+    #[test]
+    fn a_frame_pushed_alone_travels_in_a_message_of_its_own() {
+        let lost = CtrlMsg::Lost(wire::ctrl::Lost { desc: wire::Descriptor::default(), reserved: 0 });
+        for busy in [false, true] {
+            let mut ob = Outbox::new(1000);
+            let mut sent: Vec<Vec<u8>> = Vec::new();
+            let mut send = |m: &[u8]| {
+                if busy {
+                    return Err(doca::DocaError::NO_MEMORY);
+                }
+                sent.push(m.to_vec());
+                Ok(())
+            };
+            ob.push(lend(0, &[1]), &mut send).unwrap();
+            ob.push_alone(lost, &mut send).unwrap();
+            ob.push(lend(1, &[2]), &mut send).unwrap();
+            let mut ok = |m: &[u8]| {
+                sent.push(m.to_vec());
+                Ok(())
+            };
+            ob.flush(&mut ok).unwrap();
+            let kinds: Vec<Vec<_>> = sent
+                .iter()
+                .map(|m| {
+                    let mut k = Vec::new();
+                    each_frame(m, |f| k.push(f.kind())).unwrap();
+                    k
+                })
+                .collect();
+            use wire::ctrl::CtrlKind::{LendRecv, Lost};
+            assert_eq!(kinds, [vec![LendRecv], vec![Lost], vec![LendRecv]], "busy: {busy}");
+        }
     }
 
     #[test]

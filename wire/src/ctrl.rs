@@ -95,11 +95,14 @@ pub enum CtrlKind {
     ReturnBufs = 14,
     /// Agent -> host-shimd (DPU mode): lend me this many receive buffers.
     WantBufs = 15,
+    /// Host-shimd -> agent (DPU mode): a message the agent handed over was
+    /// lost as it was delivered (see [`Lost`]).
+    Lost = 16,
 }
 
 impl CtrlKind {
     /// Every kind.
-    pub const ALL: [CtrlKind; 15] = [
+    pub const ALL: [CtrlKind; 16] = [
         Self::Hello,
         Self::Attach,
         Self::AttachOk,
@@ -115,6 +118,7 @@ impl CtrlKind {
         Self::Message,
         Self::ReturnBufs,
         Self::WantBufs,
+        Self::Lost,
     ];
 
     /// Decodes a kind.
@@ -451,6 +455,31 @@ impl MessageHdr {
     pub const FLAGS_ALL: u16 = Self::FROM_FABRIC | Self::RESTAMP | Self::RETURNED;
 }
 
+/// Body of [`CtrlKind::Lost`], host-shimd's bridge to the agent (DPU
+/// mode): a message the agent handed over for a local function was lost
+/// as it was delivered. Its instance died as the bridge pushed it, and
+/// host-shimd took its buffers back: nothing of it is left but `desc`, its
+/// descriptor as the bridge delivered it, `desc.buf` the first buffer of
+/// the chain the agent named (the agent's key for where it came from). The
+/// agent answers a call `PeerDied` as for any call lost that way, in a
+/// buffer of its own; an error or a reply is dropped (its caller is gone).
+///
+/// Added after the first DPU-mode release, without a new
+/// [`CTRL_VERSION`]: the bridge sends each `Lost` frame alone in its comch
+/// message, so that an agent of an earlier build, whose decoder does not
+/// know the kind, refuses only that frame (and counts it as a bad frame);
+/// its caller then waits for its timeout, as it did before. An agent never
+/// receives it from a bridge of an earlier build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct Lost {
+    /// The lost message's descriptor.
+    pub desc: crate::Descriptor,
+    /// Must be zero.
+    pub reserved: u32,
+}
+const _: () = assert!(size_of::<Lost>() == 32);
+
 /// Buffer indices carried by a [`LendRecv`], borrowed from the frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BufList<'a>(&'a [u8]);
@@ -510,6 +539,8 @@ pub enum CtrlMsg<'a> {
     ReturnBufs(LendRecv, BufList<'a>),
     /// Receive buffers wanted: `count` more (a [`LendRecv`] body, no tail).
     WantBufs(LendRecv),
+    /// See [`Lost`].
+    Lost(Lost),
 }
 
 impl CtrlMsg<'_> {
@@ -531,6 +562,7 @@ impl CtrlMsg<'_> {
             Self::Message(..) => CtrlKind::Message,
             Self::ReturnBufs(..) => CtrlKind::ReturnBufs,
             Self::WantBufs(_) => CtrlKind::WantBufs,
+            Self::Lost(_) => CtrlKind::Lost,
         }
     }
 
@@ -551,6 +583,7 @@ impl CtrlMsg<'_> {
             Self::Message(b, list) => (b.as_bytes(), list.bytes()),
             Self::ReturnBufs(b, list) => (b.as_bytes(), list.bytes()),
             Self::WantBufs(b) => (b.as_bytes(), &[]),
+            Self::Lost(b) => (b.as_bytes(), &[]),
         }
     }
 }
@@ -789,6 +822,12 @@ fn decode_msg(kind: CtrlKind, p: &[u8]) -> Result<CtrlMsg<'_>, CtrlDecodeError> 
             field(kind, "desc.buf", list.iter().next() == Some(b.desc.buf))?;
             CtrlMsg::Message(b, list)
         }
+        CtrlKind::Lost => {
+            let (b, _) = body::<Lost>(kind, p, true)?;
+            field(kind, "desc", b.desc.validate_fields().is_ok())?;
+            field(kind, "reserved", b.reserved == 0)?;
+            CtrlMsg::Lost(b)
+        }
         CtrlKind::Credits => CtrlMsg::Credits(body::<Credits>(kind, p, true)?.0),
         CtrlKind::Error => {
             let (b, _) = body::<CtrlError>(kind, p, true)?;
@@ -932,6 +971,10 @@ mod tests {
                 BufList::from_indices(bufs),
             ),
             CtrlMsg::WantBufs(LendRecv { tenant: 2, reserved: 0, count: 64 }),
+            CtrlMsg::Lost(Lost {
+                desc: crate::Descriptor { tenant: 1, dst_fn: 3, src_fn: 2, request: 7, buf: 5, ..Default::default() },
+                reserved: 0,
+            }),
         ]
     }
 
@@ -1065,7 +1108,7 @@ mod tests {
         }
 
         #[test]
-        fn decode_arbitrary_bodies_of_every_kind(kind in 1u16..=15, body in proptest::collection::vec(any::<u8>(), 0..120)) {
+        fn decode_arbitrary_bodies_of_every_kind(kind in 1u16..=16, body in proptest::collection::vec(any::<u8>(), 0..120)) {
             let h = CtrlHeader { magic: CTRL_MAGIC, version: CTRL_VERSION, kind, len: body.len() as u32, seq: 0 };
             let mut bytes = h.as_bytes().to_vec();
             bytes.extend_from_slice(&body);
