@@ -26,14 +26,14 @@
 
 use crate::backlog::DeliveryBacklog;
 use crate::comch::{Outbox, each_frame, server_name};
-use crate::function::{Function, Msg, SendErrorKind};
+use crate::function::{Function, Msg, SendError, SendErrorKind};
 use config::Cluster;
 use shm::pool::Lease;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use wire::ctrl::{Ack, BufList, CtrlKind, CtrlMsg, LendRecv, MAX_EXPORT_BLOB, MAX_LEND, MessageHdr, PoolExport};
+use wire::ctrl::{Ack, BufList, CtrlKind, CtrlMsg, LendRecv, Lost, MAX_EXPORT_BLOB, MAX_LEND, MessageHdr, PoolExport};
 use wire::desc::frag_len;
 use wire::fabric::{FabricHeader, HEADER_OFFSET, MsgKind};
 use wire::segment::Owner;
@@ -101,6 +101,58 @@ pub struct BridgeStats {
     /// Buffers the agent held when its connection went away, kept out of
     /// use until [`AGENT_GONE_GRACE`] is over (now).
     pub holding: u64,
+    /// Messages from the agent lost as they were delivered: the instance
+    /// died as the bridge pushed the message, and host-shimd took its
+    /// buffers back. Each is reported to the agent ([`CtrlMsg::Lost`]),
+    /// which answers a call `PeerDied`, unless the connection is gone
+    /// (then also counted in [`BridgeDrops::agent_gone`]).
+    pub lost: u64,
+    /// Messages the bridge dropped, by reason.
+    pub dropped: BridgeDrops,
+}
+
+/// Messages host-shimd's bridge dropped, by reason (each is also logged).
+/// Nothing goes back to their senders from the bridge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BridgeDrops {
+    /// A function's message for another node whose chain is longer than a
+    /// comch message can name (the cluster file's `max_chain` prevents it).
+    pub too_long: u64,
+    /// A function's message the bridge could not hand over to the agent
+    /// (its buffers were not held as expected).
+    pub ownership: u64,
+    /// A message (or a [`CtrlMsg::Lost`] report) for the agent not sent:
+    /// the connection to the agent was gone. Buffers handed over with it
+    /// are freed with the agent's ([`AGENT_GONE_GRACE`]).
+    pub agent_gone: u64,
+    /// A message from the agent naming a buffer the agent does not hold.
+    pub not_held: u64,
+    /// A message from the agent whose fabric header disagrees with what the
+    /// agent saw.
+    pub bad_header: u64,
+    /// A reply from the agent for a function here (a reply never ends on a
+    /// worker node).
+    pub worker_reply: u64,
+    /// A message from the agent whose buffers do not add up to its length.
+    pub bad_length: u64,
+    /// A message from the agent for a tenant the cluster file does not have.
+    pub unknown_tenant: u64,
+}
+
+impl BridgeDrops {
+    /// Each reason's name (as host-shimd's status file shows it) and count.
+    pub fn each(&self) -> [(&'static str, u64); 8] {
+        [
+            ("too_long", self.too_long),
+            ("ownership", self.ownership),
+            ("agent_gone", self.agent_gone),
+            ("not_held", self.not_held),
+            ("bad_header", self.bad_header),
+            ("worker_reply", self.worker_reply),
+            ("bad_length", self.bad_length),
+            ("unknown_tenant", self.unknown_tenant),
+        ]
+    }
 }
 
 struct Tenant {
@@ -176,6 +228,9 @@ pub struct Bridge {
     published: Option<BridgeStats>,
     /// Per cluster function: its tenant if it runs on this node.
     local_fns: Vec<Option<u16>>,
+    /// Deliveries to this cluster function are lost (see
+    /// [`Bridge::lose_deliveries_to`]).
+    lose_to: Option<u16>,
 }
 
 impl core::fmt::Debug for Bridge {
@@ -239,6 +294,7 @@ impl Bridge {
             shared,
             published: None,
             local_fns,
+            lose_to: None,
         })
     }
 
@@ -250,6 +306,15 @@ impl Bridge {
     /// Whether the agent is connected and has taken the pools.
     pub fn is_up(&self) -> bool {
         self.up
+    }
+
+    /// For tests: deliveries to cluster function `f` fail as when its
+    /// instance dies as the bridge pushes a message into its ring and
+    /// host-shimd takes the message's buffers back (they go back to the
+    /// pool, and the send hands back nothing). `None`: deliveries work.
+    #[doc(hidden)]
+    pub fn lose_deliveries_to(&mut self, f: Option<u16>) {
+        self.lose_to = f;
     }
 
     /// Runs until `stop` is set or host-shimd goes away.
@@ -449,12 +514,16 @@ impl Bridge {
         n
     }
 
-    fn push(&mut self, msg: CtrlMsg<'_>) {
-        let Some(c) = self.client.as_ref() else { return };
+    /// Queues a frame for the agent; `false` when the connection is gone
+    /// (the frame is not sent).
+    fn push(&mut self, msg: CtrlMsg<'_>) -> bool {
+        let Some(c) = self.client.as_ref() else { return false };
         let mut send = |m: &[u8]| c.send(m, 0);
         if self.out.push(msg, &mut send).is_err() {
             self.agent_gone();
+            return false;
         }
+        true
     }
 
     fn flush(&mut self) {
@@ -477,6 +546,7 @@ impl Bridge {
             // The cluster file cannot allow such chains with a node in DPU
             // mode (`max_chain`): one comch message could not name them.
             log::error!("bridge: a message of {} buffers does not fit a comch message; dropped", self.scratch.len());
+            self.stats.dropped.too_long += 1;
             return self.free(t, lease);
         }
         let count = self.scratch.len() as u16;
@@ -490,12 +560,17 @@ impl Bridge {
             Ok((head, len)) => {
                 let hdr = MessageHdr { desc: Descriptor { buf: head, len, ..desc }, flags, count };
                 let list = std::mem::take(&mut self.scratch);
-                self.push(CtrlMsg::Message(hdr, BufList::from_indices(&list)));
+                if self.push(CtrlMsg::Message(hdr, BufList::from_indices(&list))) {
+                    self.stats.to_agent += 1;
+                } else {
+                    log::debug!("bridge: a message for the agent dropped: the connection is gone");
+                    self.stats.dropped.agent_gone += 1;
+                }
                 self.scratch = list;
-                self.stats.to_agent += 1;
             }
             Err((lease, e)) => {
                 log::warn!("bridge: handing a message to the agent: {e}");
+                self.stats.dropped.ownership += 1;
                 self.free(t, lease);
             }
         }
@@ -553,7 +628,10 @@ impl Bridge {
     /// delivers it (or re-stamps it and sends it back).
     fn agent_message(&mut self, h: MessageHdr, list: BufList<'_>) {
         let t = usize::from(h.desc.tenant);
-        let Some(tn) = self.tenants.get(t) else { return self.refuse("message: unknown tenant") };
+        let Some(tn) = self.tenants.get(t) else {
+            self.stats.dropped.unknown_tenant += 1;
+            return self.refuse("message: unknown tenant");
+        };
         let pool = tn.link.pool();
         self.parts.clear();
         for i in list.iter() {
@@ -564,6 +642,7 @@ impl Bridge {
                     for l in self.parts.drain(..) {
                         let _ = pool.hand_over(l, Owner::Agent);
                     }
+                    self.stats.dropped.not_held += 1;
                     return self.refuse("message: a buffer the agent does not hold");
                 }
             }
@@ -572,10 +651,14 @@ impl Bridge {
         if h.flags & MessageHdr::FROM_FABRIC != 0 {
             match read_header(pool, h.desc.buf, &h, list.len()) {
                 Some(d) => desc = Descriptor { tenant: t as u16, ..d },
-                None => return self.refuse_parts(t, "message: its fabric header disagrees with what the agent saw"),
+                None => {
+                    self.stats.dropped.bad_header += 1;
+                    return self.refuse_parts(t, "message: its fabric header disagrees with what the agent saw");
+                }
             }
             if desc.flags & DescFlags::REPLY != 0 && desc.flags & DescFlags::ERROR == 0 {
                 // A reply never ends on a worker node.
+                self.stats.dropped.worker_reply += 1;
                 return self.refuse_parts(t, "message: a reply for a worker node");
             }
         }
@@ -583,6 +666,7 @@ impl Bridge {
         let joined = self.tenants[t].link.pool().join(&mut parts, desc.len);
         self.parts = parts;
         let Ok(lease) = joined else {
+            self.stats.dropped.bad_length += 1;
             return self.refuse_parts(t, "message: its buffers do not add up to its length");
         };
         let msg = Msg::from_parts(lease, Descriptor { buf: h.desc.buf, ..desc });
@@ -608,14 +692,41 @@ impl Bridge {
         if !retry && self.tenants[t].backlog.holds(dst) {
             return self.tenants[t].backlog.wait(dst, msg, false);
         }
+        let d = *msg.desc();
         let name = &self.cfg.functions[usize::from(dst)].name;
-        match self.tenants[t].link.send(msg, name) {
+        let sent = if self.lose_to == Some(dst) {
+            self.free(t, msg.into_parts().0);
+            Err(SendError { kind: SendErrorKind::NoInstance, msg: None })
+        } else {
+            self.tenants[t].link.send(msg, name)
+        };
+        match sent {
             Ok(()) => self.stats.delivered += 1,
             Err(e) => match (e.kind, e.msg) {
                 (SendErrorKind::Full, Some(m)) => self.tenants[t].backlog.wait(dst, m, retry),
                 (_, Some(m)) => self.bounce(t, m),
-                (_, None) => {}
+                (_, None) => self.report_lost(d),
             },
+        }
+    }
+
+    /// A message lost as it was delivered (its instance died as it was
+    /// pushed, and host-shimd took its buffers back; `d`: its descriptor,
+    /// `d.buf` the first buffer the agent named): the agent hears of it
+    /// ([`Lost`], alone in its comch message: see [`crate::comch`]) and
+    /// answers a call `PeerDied`, as it does for a call lost that way on a
+    /// host it shares memory with.
+    #[cold]
+    fn report_lost(&mut self, d: Descriptor) {
+        self.stats.lost += 1;
+        let Some(c) = self.client.as_ref() else {
+            self.stats.dropped.agent_gone += 1;
+            return;
+        };
+        let mut send = |m: &[u8]| c.send(m, 0);
+        if self.out.push_alone(CtrlMsg::Lost(Lost { desc: d, reserved: 0 }), &mut send).is_err() {
+            self.stats.dropped.agent_gone += 1;
+            self.agent_gone();
         }
     }
 

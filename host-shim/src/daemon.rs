@@ -1262,8 +1262,9 @@ impl Shimd {
         let bridge = match &self.bridge {
             Some((shared, _)) => {
                 let b = shared.lock().map(|b| *b).unwrap_or_default();
+                let dropped: Vec<String> = b.dropped.each().iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
                 format!(
-                    ",\"bridge\":{{\"up\":{},\"connects\":{},\"to_agent\":{},\"delivered\":{},\"lent\":{},\"returned\":{},\"handed_back\":{},\"refused\":{},\"reclaimed\":{},\"holding\":{}}}",
+                    ",\"bridge\":{{\"up\":{},\"connects\":{},\"to_agent\":{},\"delivered\":{},\"lent\":{},\"returned\":{},\"handed_back\":{},\"refused\":{},\"reclaimed\":{},\"holding\":{},\"lost\":{},\"dropped\":{{{}}}}}",
                     b.up,
                     b.connects,
                     b.to_agent,
@@ -1273,7 +1274,9 @@ impl Shimd {
                     b.handed_back,
                     b.refused,
                     b.reclaimed,
-                    b.holding
+                    b.holding,
+                    b.lost,
+                    dropped.join(",")
                 )
             }
             None => String::new(),

@@ -10,7 +10,7 @@ use host_shim::daemon::{Shimd, socket_path};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use wire::ctrl::{Ack, BufList, CtrlKind, CtrlMsg, LendRecv};
+use wire::ctrl::{Ack, BufList, CtrlKind, CtrlMsg, LendRecv, MessageHdr};
 use wire::segment::{AGENT_SLOT, Owner};
 
 const WATCHDOG: Duration = Duration::from_secs(20);
@@ -101,6 +101,9 @@ struct FakeAgent {
     got: Vec<CtrlKind>,
     /// Buffers lent to it, in order.
     lent: Vec<u32>,
+    /// The descriptors of the `Lost` frames received, each with the number
+    /// of frames of the comch message it came in.
+    lost: Vec<(wire::Descriptor, usize)>,
 }
 
 impl FakeAgent {
@@ -116,6 +119,7 @@ impl FakeAgent {
             rx: vec![0; doca::COMCH_MAX_MSG_SIZE as usize],
             got: Vec::new(),
             lent: Vec::new(),
+            lost: Vec::new(),
         }
     }
 
@@ -145,13 +149,19 @@ impl FakeAgent {
                 doca::ComchEvent::Connected(c) => self.conn = Some(c),
                 doca::ComchEvent::Message { len, .. } => {
                     let (got, lent) = (&mut self.got, &mut self.lent);
+                    let mut lost = None;
+                    let mut frames = 0;
                     each_frame(&self.rx[..len as usize], |f| {
-                        if let CtrlMsg::LendRecv(_, list) = &f {
-                            lent.extend(list.iter());
+                        match &f {
+                            CtrlMsg::LendRecv(_, list) => lent.extend(list.iter()),
+                            CtrlMsg::Lost(b) => lost = Some(b.desc),
+                            _ => {}
                         }
+                        frames += 1;
                         got.push(f.kind());
                     })
                     .expect("frames from the bridge");
+                    self.lost.extend(lost.map(|d| (d, frames)));
                 }
                 _ => {}
             }
@@ -331,4 +341,52 @@ fn what_the_agent_held_when_the_connection_dropped_is_kept_for_the_grace_then_fr
     let mut fresh = fresh;
     fresh.sort_unstable();
     assert_eq!(agents, fresh, "recorded as the agent's");
+}
+
+/// A call the agent hands over for a function here whose instance dies as
+/// the bridge pushes it into its ring, host-shimd taking the call's
+/// buffers back, is reported to the agent: a `Lost` frame, alone in its
+/// comch message (an agent of an earlier build refuses just that frame),
+/// with the call's descriptor, `buf` the buffer the agent named (its key
+/// for where the call came from), so that the agent answers the caller
+/// `PeerDied`. The bridge counts it; the buffer is no longer the agent's.
+/// An error lost that way is reported too (the agent drops and counts it).
+#[test]
+fn a_call_lost_with_its_dying_instance_is_reported_to_the_agent() {
+    let (cfg, dir) = cluster("lost");
+    let _shimd = ShimdThread::start(&cfg, dir.clone());
+    let mut agent = FakeAgent::start(&cfg);
+    let shared = SharedStats::default();
+    let mut bridge = Bridge::new(Arc::new(cfg.clone()), 0, &socket_path(&dir), shared.clone()).expect("bridge");
+    let f = Function::attach(&socket_path(&dir), "t", "f").expect("attach f");
+
+    drive(&mut bridge, &mut agent, "the exports", |_, a| a.got.contains(&CtrlKind::PoolExport));
+    agent.send(took_pools());
+    agent.send(CtrlMsg::WantBufs(LendRecv { tenant: 0, reserved: 0, count: 2 }));
+    drive(&mut bridge, &mut agent, "the lends", |_, a| a.lent.len() == 2);
+    // f is function 0; g (function 1, on node b) called it.
+    bridge.lose_deliveries_to(Some(0));
+    let call = wire::Descriptor { dst_fn: 0, src_fn: 1, origin: wire::desc::NO_NODE, request: 7, ..Default::default() };
+    let error = wire::Descriptor {
+        flags: wire::DescFlags::ERROR,
+        status: wire::ErrorCode::Overloaded as u8,
+        request: 8,
+        ..call
+    };
+    let mut sent = Vec::new();
+    for (d, &buf) in [call, error].iter().zip(&agent.lent.clone()) {
+        let d = wire::Descriptor { buf, len: 0, ..*d };
+        let list = [buf];
+        agent.send(CtrlMsg::Message(MessageHdr { desc: d, flags: 0, count: 1 }, BufList::from_indices(&list)));
+        sent.push((d, 1));
+    }
+    drive(&mut bridge, &mut agent, "the reports of the lost messages", |_, a| a.lost.len() == 2);
+    assert_eq!(agent.lost, sent, "each message's descriptor, alone in its comch message");
+    let s = bridge.stats();
+    assert_eq!((s.lost, s.delivered, s.handed_back, s.refused), (2, 0, 0, 0));
+    assert_eq!(s.dropped, Default::default());
+    for (d, _) in &sent {
+        assert_ne!(f.pool().owner(d.buf), Ok(Owner::Agent), "buffer {}", d.buf);
+    }
+    assert_eq!(shared.lock().unwrap().lost, 2, "published for host-shimd's status file");
 }
