@@ -16,7 +16,10 @@
 //! arrived over the fabric goes to the host with `FROM_FABRIC` (the host
 //! completes its descriptor from the header); one whose descriptor the
 //! engine changed and that must cross the fabric again goes with `RESTAMP`
-//! (the host writes its headers and hands it back).
+//! (the host writes its headers and hands it back). What the host could
+//! not deliver comes back (`RETURNED`), or, when its instance died as the
+//! host delivered it, only its descriptor does (`Lost`): the engine answers
+//! a call so lost `PeerDied`, in a receive buffer of the stock.
 //!
 //! One comch connection carries every tenant; the per-tenant links share
 //! it behind a mutex (with `--cores`, the tenants' engines run on several
@@ -86,6 +89,9 @@ struct Channel {
     /// Per tenant: what the host handed back undelivered
     /// ([`MessageHdr::RETURNED`]).
     returned: Vec<VecDeque<Msg>>,
+    /// Per tenant: descriptors of messages lost as the host delivered them
+    /// ([`CtrlMsg::Lost`]), at most one per buffer of the pool.
+    lost_msgs: Vec<VecDeque<Descriptor>>,
     stock: Vec<Vec<Lease>>,
     target: Vec<u32>,
     asked: Vec<u32>,
@@ -202,7 +208,7 @@ impl Channel {
 
     /// Whether tenant `t` has messages from the host waiting.
     fn waiting(&self, t: usize) -> bool {
-        !self.inbox[t].is_empty() || !self.returned[t].is_empty()
+        !self.inbox[t].is_empty() || !self.returned[t].is_empty() || !self.lost_msgs[t].is_empty()
     }
 
     /// Wakes every sleeping tenant that has a message waiting (or whose
@@ -263,6 +269,22 @@ impl Channel {
                 };
                 let inbox = if h.flags == 0 { &mut self.inbox[t] } else { &mut self.returned[t] };
                 inbox.push_back(Msg::from_parts(lease, h.desc));
+            }
+            CtrlMsg::Lost(b) => {
+                // A message the agent handed over (it holds none of its
+                // buffers now) was lost as the host delivered it. The
+                // host cannot have lost more messages than the pool has
+                // buffers before the engine took the reports.
+                let t = usize::from(b.desc.tenant);
+                let Some(pool) = self.pools.get(t).and_then(|p| p.clone()) else {
+                    return self.refuse(t, Refusal::UnknownTenant);
+                };
+                let n = pool.geometry().buf_count();
+                let held = self.held[t].get(b.desc.buf as usize).copied();
+                if held != Some(false) || self.lost_msgs[t].len() >= n as usize {
+                    return self.refuse(t, Refusal::BadChain);
+                }
+                self.lost_msgs[t].push_back(b.desc);
             }
             CtrlMsg::LendRecv(b, list) => {
                 let t = usize::from(b.tenant);
@@ -397,6 +419,7 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
     let inbox = geometry.iter().map(|g| VecDeque::with_capacity(g.buf_count() as usize)).collect();
     // (Only calls that found no instance: grown when needed.)
     let returned = (0..nt).map(|_| VecDeque::new()).collect();
+    let lost_msgs = (0..nt).map(|_| VecDeque::new()).collect();
     let ch = Channel {
         pe,
         server,
@@ -409,6 +432,7 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
         geometry,
         inbox,
         returned,
+        lost_msgs,
         stock: target.iter().map(|&n| Vec::with_capacity(n as usize)).collect(),
         asked: vec![0; nt],
         returning: (0..nt).map(|_| Vec::with_capacity(1024)).collect(),
@@ -458,6 +482,7 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
             c.pools.iter_mut().for_each(|p| *p = None);
             c.inbox.iter_mut().for_each(VecDeque::clear);
             c.returned.iter_mut().for_each(VecDeque::clear);
+            c.lost_msgs.iter_mut().for_each(VecDeque::clear);
             continue;
         }
         if c.pools.iter().all(Option::is_some) {
@@ -515,9 +540,11 @@ impl HostLink for DpuLink {
         Some(l)
     }
     fn alloc_empty(&mut self) -> Option<Lease> {
-        // Never asked: a delivery over comch always succeeds here (what
-        // the host cannot deliver, it hands back through take_returned).
-        None
+        // One of the receive buffers the host lent (the agent's; not
+        // marked as a receive: what goes to the host in it did not come
+        // over the fabric).
+        let l = self.lock().stock[self.t].pop()?;
+        Some(Lease::by_index(l.head(), 0, 1, l.holder()))
     }
     fn take(&mut self) -> Option<Msg> {
         let mut c = self.lock();
@@ -528,6 +555,9 @@ impl HostLink for DpuLink {
     }
     fn take_returned(&mut self) -> Option<Msg> {
         self.lock().returned[self.t].pop_front()
+    }
+    fn take_lost(&mut self) -> Option<Descriptor> {
+        self.lock().lost_msgs[self.t].pop_front()
     }
     fn progress(&mut self) {
         self.lock().pump_due();
@@ -970,6 +1000,47 @@ recv_quota = 8
         };
         assert_eq!((m.desc().buf, m.desc().len), (9, 10));
         links[0].free(m);
+    }
+
+    /// The host reports a message it lost in its delivery (`Lost`): the
+    /// engine gets its descriptor, and an empty buffer for the answer comes
+    /// from the receive buffers the host lent (not marked as a receive: it
+    /// goes to the host without `FROM_FABRIC`). A report naming a buffer
+    /// the agent holds (it never handed that message over) or outside the
+    /// pool is refused as bad_chain, one for a tenant without a pool as
+    /// unknown_tenant.
+    #[test]
+    fn a_lost_message_the_host_reports_is_taken_and_answered_from_the_stock() {
+        let (mut links, pe, client, mut out) = attached_by_hand("lost-test");
+        let mut send = |m: &[u8]| client.send(m, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        out.push(
+            CtrlMsg::LendRecv(LendRecv { tenant: 0, reserved: 0, count: 1 }, BufList::from_indices(&[7])),
+            &mut send,
+        )
+        .unwrap();
+        let call = wire::Descriptor { dst_fn: 0, src_fn: 1, request: 7, buf: 3, ..Default::default() };
+        for desc in [call, wire::Descriptor { buf: 7, ..call }, wire::Descriptor { buf: 70, ..call }] {
+            out.push_alone(CtrlMsg::Lost(wire::ctrl::Lost { desc, reserved: 0 }), &mut send).unwrap();
+        }
+        let other = wire::Descriptor { tenant: 1, ..call };
+        out.push_alone(CtrlMsg::Lost(wire::ctrl::Lost { desc: other, reserved: 0 }), &mut send).unwrap();
+        out.flush(&mut send).unwrap();
+        while refused(&links[0], Refusal::BadChain) < 2 || refused(&links[0], Refusal::UnknownTenant) < 1 {
+            assert!(Instant::now() < deadline, "the reports were not all taken");
+            pe.progress();
+            links[0].progress();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(links[0].take_lost(), Some(call));
+        assert_eq!(links[0].take_lost(), None);
+        let l = links[0].alloc_empty().expect("the lent buffer");
+        assert_eq!((l.head(), l.len(), l.frags()), (7, 0, 1));
+        assert_eq!(links[0].alloc_empty(), None, "one buffer lent");
+        let m = host_shim::Msg::from_parts(l, wire::Descriptor { flags: wire::DescFlags::ERROR, status: 3, ..call });
+        links[0].deliver(m, 1, "f1").unwrap();
+        let c = links[0].lock();
+        assert!(!c.held[0][7] && !c.recv[0][7], "handed to the host");
     }
 
     /// A faulty host exports a pool it exported already on this

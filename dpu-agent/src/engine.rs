@@ -759,6 +759,12 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 let from = self.arrived[t].get(msg.desc().buf as usize).copied();
                 self.undeliverable(t, msg, from);
             }
+            for _ in 0..self.set.batch {
+                let Some(d) = self.link(t).take_lost() else { break };
+                n += 1;
+                let from = self.arrived[t].get(d.buf as usize).copied();
+                self.answer_lost(t, d, from);
+            }
         }
         n
     }
@@ -952,6 +958,9 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
     /// A message lost in its delivery here: its instance died after its
     /// ring was looked up, and host-shimd took the message's buffers back
     /// (`d`: its descriptor; `from` as for [`deliver`](Self::deliver)).
+    /// In DPU mode host-shimd's bridge reports it later
+    /// ([`HostLink::take_lost`]), and `from` is where the engine recorded
+    /// the message came from.
     /// A call is answered as [`undeliverable`](Self::undeliverable) would
     /// when it may not go on (its payload is gone): `PeerDied`, to the
     /// ingress or the caller, in an empty message of a buffer taken from
@@ -967,6 +976,12 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             return self.metrics.tenants[self.gid(t)].drop(Why::Unanswered);
         };
         let from = from.filter(|&n| n < self.fabric_nodes && n != self.set.node);
+        // Over an imported pool the error comes back through the uplink
+        // once the host rewrote its headers, and is routed by where the
+        // message in its buffer came from.
+        if let Some(a) = self.arrived[t].get_mut(lease.head() as usize) {
+            *a = from.unwrap_or(NO_NODE);
+        }
         self.bounce_from(t, Msg::from_parts(lease, d), ErrorCode::PeerDied, Why::NoInstance, from);
     }
 
@@ -1619,6 +1634,146 @@ mod tests {
         assert_eq!(e.metrics.tenants[0].drops(Why::NoInstance), 1, "the error");
         for l in held {
             e.link(0).free(host_shim::Msg::from_parts(l, Descriptor::default()));
+        }
+    }
+
+    /// DPU mode, host-shimd's bridge and the agent over the emulated comch:
+    /// a call from f1 on n1 (f1 also runs here) that the engine hands to the bridge for f0,
+    /// whose instance dies as the bridge pushes it into its ring
+    /// (host-shimd takes the call's buffers back), is answered: f1 on n1
+    /// gets `PeerDied` with the call's request id, as in the emulated path
+    /// ([`a_call_lost_with_its_dying_instance_is_answered_over_the_fabric`]).
+    #[test]
+    fn in_dpu_mode_a_call_lost_with_its_dying_instance_is_answered_over_the_fabric() {
+        use crate::hostlink::HostLink;
+        use host_shim::Msg;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::Duration;
+        use wire::{DescFlags, Descriptor, ErrorCode, desc::NO_NODE};
+        let pid = std::process::id();
+        let dir = std::env::temp_dir().join(format!("dne-engine-dpu-lost-{pid}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut text = String::new();
+        for i in 0..2 {
+            let dpu = if i == 0 { format!("mode = \"dpu\"\ncomch = \"dne-lost-{pid}\"\n") } else { String::new() };
+            text += &format!(
+                "[[node]]\nname = \"n{i}\"\naddress = \"{}\"\nruntime_dir = \"{}\"\n{dpu}\n",
+                dne_tests::free_port(),
+                dir.join(format!("n{i}")).display()
+            );
+        }
+        text += "[[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = 1024\nbuffers = 256\nrecv_quota = 16\n\n";
+        // f1, the caller, runs on n0 too: the answer must go to the node the
+        // call came from, not to f1's instance here.
+        text += "[[function]]\nname = \"f0\"\ntenant = \"t\"\nnode = \"n0\"\n\n";
+        text += "[[function]]\nname = \"f1\"\ntenant = \"t\"\nnodes = [\"n0\", \"n1\"]\n\n";
+        let cfg = Arc::new(config::Cluster::parse(&text).unwrap());
+        let socket = host_shim::daemon::socket_path(&dir.join("n0"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let watchdog = Duration::from_secs(20);
+        let threads = {
+            let (c0, c1, s0, s1, s2, sock) =
+                (cfg.clone(), cfg.clone(), stop.clone(), stop.clone(), stop.clone(), socket.clone());
+            [
+                // n0's host-shimd.
+                std::thread::spawn(move || {
+                    let mut d = host_shim::daemon::Shimd::new((*c0).clone(), "n0").expect("host-shimd");
+                    while !s0.load(Ordering::Relaxed) {
+                        d.poll_once(None, Duration::from_millis(5)).expect("host-shimd round");
+                    }
+                }),
+                // Its bridge, every delivery to f0 lost as f0's instance dies.
+                std::thread::spawn(move || {
+                    let deadline = Instant::now() + watchdog;
+                    let mut b = loop {
+                        let shared = host_shim::bridge::SharedStats::default();
+                        match host_shim::bridge::Bridge::new(c1.clone(), 0, &sock, shared) {
+                            Ok(b) => break b,
+                            Err(e) if Instant::now() < deadline => log::debug!("bridge not attached yet: {e}"),
+                            Err(e) => panic!("watchdog: the bridge did not attach: {e}"),
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    };
+                    b.lose_deliveries_to(Some(0));
+                    b.run(&s1);
+                }),
+                // n1's engine (its end of the fabric connection).
+                std::thread::spawn({
+                    let cfg = cfg.clone();
+                    move || {
+                        let mut n1 = engine_on(&cfg, 1, 0);
+                        while !s2.load(Ordering::Relaxed) {
+                            n1.control(Instant::now());
+                            n1.step(Instant::now());
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }),
+            ]
+        };
+        let _stop = StopAll(stop.clone(), Some(threads));
+        let links = crate::comchlink::attach(&cfg, 0, &stop).expect("the host link").expect("attached");
+        let set = Settings { node: 0, idle_sleep_after: None, epoch: Instant::now(), batch: 32, core: 0 };
+        let metrics = Arc::new(Metrics::new(&cfg, "n0"));
+        let null = |_: &fabric::EndpointConfig, _| Ok(fabric::NullTransport::new());
+        let mut e = Engine::new(cfg.clone(), set, links, metrics, null).unwrap();
+        let deadline = Instant::now() + watchdog;
+        while !e.port.is_up(0, 1) || e.link(0).free_buffers() < 4 {
+            assert!(Instant::now() < deadline, "watchdog: no connection to n1, or no receive buffers lent");
+            e.control(Instant::now());
+            e.step(Instant::now());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+
+        // A call from f1 on n1 lands in a receive buffer: its header in the
+        // buffer's headroom (in host memory, written through f0's attach),
+        // and the engine delivers it as a receive does.
+        let f0 = host_shim::Function::attach(&socket, "t", "f0").expect("attach f0");
+        let lease = e.link(0).alloc_buffer().expect("a receive buffer");
+        let call = Descriptor {
+            dst_fn: 0,
+            src_fn: 1,
+            origin: NO_NODE,
+            request: 7,
+            buf: lease.head(),
+            len: lease.len(),
+            ..Descriptor::default()
+        };
+        let h = wire::fabric::FabricHeader::new(wire::fabric::MsgKind::Data, call, 0, 1, lease.len());
+        let pool = f0.pool();
+        let at = pool.buf_offset(lease.head()).unwrap() + u64::from(wire::fabric::HEADER_OFFSET);
+        pool.region().copy_in(at, zerocopy::IntoBytes::as_bytes(&h)).unwrap();
+        e.deliver(0, Msg::from_parts(lease, call), Some(1));
+
+        // The engine takes what the host link brings (the bridge's report,
+        // then the error it re-stamped) and routes it; nothing is sent yet.
+        let deadline = Instant::now() + watchdog;
+        while e.tenants[0].sends.by_peer[1].is_empty() {
+            assert!(Instant::now() < deadline, "watchdog: nothing queued for n1 (f1 got no answer to its call)");
+            e.uplink(Instant::now());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let answers: Vec<_> = e.tenants[0].sends.by_peer[1]
+            .iter()
+            .map(|o| (o.msg.desc().flags, o.msg.desc().status, o.msg.desc().request, o.msg.desc().dst_fn, o.msg.len()))
+            .collect();
+        assert_eq!(answers, [(DescFlags::ERROR, ErrorCode::PeerDied as u8, 7, 1, 0)], "to f1 on n1");
+        assert_eq!(e.metrics.tenants[0].drops(Why::NoInstance), 1);
+        while !e.tenants[0].sends.is_empty() {
+            assert!(Instant::now() < deadline, "watchdog: the error was not sent");
+            e.step(Instant::now());
+        }
+    }
+
+    /// Stops the threads of a test and joins them when dropped.
+    struct StopAll(Arc<std::sync::atomic::AtomicBool>, Option<[std::thread::JoinHandle<()>; 3]>);
+
+    impl Drop for StopAll {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            for t in self.1.take().into_iter().flatten() {
+                let _ = t.join();
+            }
         }
     }
 

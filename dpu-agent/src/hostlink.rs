@@ -28,8 +28,10 @@ pub trait HostLink {
     /// One whole buffer for a receive (`None`: the pool is exhausted).
     fn alloc_buffer(&mut self) -> Option<Lease>;
     /// One buffer holding an empty message, for an error descriptor about
-    /// a message the engine no longer has (see
-    /// [`deliver`](Self::deliver)). `None`: the pool is exhausted.
+    /// a message the engine no longer has (see [`deliver`](Self::deliver)
+    /// and [`take_lost`](Self::take_lost)). `None`: none to be had (the
+    /// pool is exhausted; over an imported pool, no receive buffer the
+    /// host lent is left).
     fn alloc_empty(&mut self) -> Option<Lease>;
     /// The next descriptor a function sent to the agent, validated and
     /// accepted (now held by the agent), if any.
@@ -39,6 +41,15 @@ pub trait HostLink {
     /// that at once, from [`deliver`](Self::deliver), has none). Its
     /// descriptor is whole, as the message's header has it.
     fn take_returned(&mut self) -> Option<Msg> {
+        None
+    }
+    /// The descriptor of the next message this link delivered that was
+    /// lost in the delivery, its host having taken its buffers back (the
+    /// instance died as it was handed over), when the host says so later
+    /// (DPU mode; a link that learns it from [`deliver`](Self::deliver)
+    /// has none). `buf` is the message's first buffer as the engine
+    /// delivered it.
+    fn take_lost(&mut self) -> Option<Descriptor> {
         None
     }
     /// Hands `msg` to function `to` (cluster function id `dst`, which is
