@@ -254,7 +254,10 @@ fn error_code(kind: &SendErrorKind) -> ErrorCode {
         // As the agent answers a call to a function without an instance.
         SendErrorKind::NoInstance => ErrorCode::PeerDied,
         SendErrorKind::Full => ErrorCode::Overloaded,
-        SendErrorKind::Ownership(_) | SendErrorKind::BadDescriptor(_) => ErrorCode::BadDescriptor,
+        // (A message of another pool: dne-fn has one attach, so none.)
+        SendErrorKind::Ownership(_) | SendErrorKind::BadDescriptor(_) | SendErrorKind::ForeignMsg => {
+            ErrorCode::BadDescriptor
+        }
         SendErrorKind::Shimd(_) | SendErrorKind::ShimdGone => ErrorCode::Unreachable,
     }
 }
@@ -273,7 +276,7 @@ fn copy_of(f: &mut Function, msg: &Msg) -> Result<Msg, ErrorCode> {
     for j in 0..msg.frags() {
         let src = f.payload(msg, j);
         match f.try_payload_mut(&mut c, j) {
-            Some(dst) if dst.len() == src.len() => dst.copy_from_slice(src),
+            Ok(dst) if dst.len() == src.len() => dst.copy_from_slice(src),
             _ => {
                 intact = false;
                 break;

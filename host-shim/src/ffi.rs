@@ -19,7 +19,7 @@
 //! freely between threads.
 #![allow(unsafe_code, non_camel_case_types)]
 
-use crate::function::{AttachError, Function, Msg, RecvError, SendErrorKind};
+use crate::function::{AttachError, Function, Msg, MsgFreeError, RecvError, SendErrorKind};
 use std::ffi::{CStr, c_char, c_int};
 use std::mem::MaybeUninit;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -95,47 +95,28 @@ impl dne_status {
     }
 }
 
-/// Which pool's shared memory: the device and inode of the file that
-/// backs it, the same for every attach to one tenant's pool of one
-/// host-shimd and different for any other pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct PoolId {
-    dev: u64,
-    ino: u64,
-}
-
-impl PoolId {
-    fn of(pool: &shm::Pool) -> std::io::Result<Self> {
-        let st = rustix::fs::fstat(pool.region().fd())?;
-        Ok(Self { dev: st.st_dev, ino: st.st_ino })
-    }
-}
-
 /// An attached function (opaque).
 #[derive(Debug)]
 pub struct dne_fn {
     f: Function,
-    /// Its pool: the messages it may use carry the same.
-    pool: PoolId,
 }
 
 impl dne_fn {
-    fn new(f: Function) -> std::io::Result<Self> {
-        Ok(Self { pool: PoolId::of(f.pool())?, f })
+    fn new(f: Function) -> Self {
+        Self { f }
     }
 
-    /// A handle for `msg`, a message of this function's pool.
-    fn handle(&self, msg: Msg) -> *mut dne_msg {
-        Box::into_raw(Box::new(dne_msg { msg, pool: self.pool }))
+    /// A handle for `msg`.
+    fn handle(msg: Msg) -> *mut dne_msg {
+        Box::into_raw(Box::new(dne_msg { msg }))
     }
 }
 
-/// A message held by the caller (opaque).
+/// A message held by the caller (opaque). The message records the pool
+/// it is in ([`Function::owns`]).
 #[derive(Debug)]
 pub struct dne_msg {
     msg: Msg,
-    /// The pool its buffers are in.
-    pool: PoolId,
 }
 
 /// A static, NUL-terminated description of `status` (a `dne_status`
@@ -191,6 +172,7 @@ fn send_status(kind: &SendErrorKind) -> dne_status {
         SendErrorKind::Shimd(_) => dne_status::DNE_ERR_SHIMD,
         SendErrorKind::ShimdGone => dne_status::DNE_ERR_SHIMD_GONE,
         SendErrorKind::BadDescriptor(_) => dne_status::DNE_ERR_INVALID_ARG,
+        SendErrorKind::ForeignMsg => dne_status::DNE_ERR_FOREIGN_MSG,
     }
 }
 
@@ -220,14 +202,10 @@ pub unsafe extern "C" fn dne_attach(
             return dne_status::DNE_ERR_INVALID_ARG;
         }
         match Function::attach(Path::new(s), t, f).map(dne_fn::new) {
-            Ok(Ok(func)) => {
+            Ok(func) => {
                 // SAFETY: `out` is non-NULL (checked) and writable (contract).
                 unsafe { out.write(Box::into_raw(Box::new(func))) };
                 dne_status::DNE_OK
-            }
-            Ok(Err(e)) => {
-                log::warn!("dne_attach: the pool's file: {e}");
-                dne_status::DNE_ERR_SHIMD
             }
             Err(AttachError::Refused(_)) => dne_status::DNE_ERR_REFUSED,
             Err(AttachError::Name(_)) => dne_status::DNE_ERR_INVALID_ARG,
@@ -269,7 +247,7 @@ pub unsafe extern "C" fn dne_alloc(f: *mut dne_fn, len: u32, out: *mut *mut dne_
         match f.f.alloc(len) {
             Ok(m) => {
                 // SAFETY: `out` is non-NULL (checked) and writable (contract).
-                unsafe { out.write(f.handle(m)) };
+                unsafe { out.write(dne_fn::handle(m)) };
                 dne_status::DNE_OK
             }
             Err(_) => dne_status::DNE_ERR_EXHAUSTED,
@@ -293,11 +271,9 @@ pub unsafe extern "C" fn dne_msg_data(f: *mut dne_fn, m: *mut dne_msg, frag: u32
     // SAFETY: as above.
     let m = unsafe { m.as_mut() };
     let (Some(f), Some(m)) = (f, m) else { return std::ptr::null_mut() };
-    if m.pool != f.pool {
-        return std::ptr::null_mut();
-    }
-    // NULL past the end, and at a link a process sharing the pool rewrote.
-    let Some(bytes) = f.f.try_payload_mut(&mut m.msg, frag) else { return std::ptr::null_mut() };
+    // NULL past the end, at a link a process sharing the pool rewrote, and
+    // for a message of another pool.
+    let Ok(bytes) = f.f.try_payload_mut(&mut m.msg, frag) else { return std::ptr::null_mut() };
     if !len.is_null() {
         // SAFETY: non-NULL (checked) and writable (contract). The length
         // fits: a fragment is at most one buffer.
@@ -404,12 +380,9 @@ pub unsafe extern "C" fn dne_send(f: *mut dne_fn, m: *mut *mut dne_msg, to: *con
         // SAFETY: `m` is non-NULL (checked) and points to a handle slot
         // (caller contract).
         let raw = unsafe { m.read() };
-        // SAFETY: a live handle or NULL (caller contract); NULL is refused.
-        let Some(handle) = (unsafe { raw.as_ref() }) else { return dne_status::DNE_ERR_INVALID_ARG };
-        if handle.pool != f.pool {
-            return dne_status::DNE_ERR_FOREIGN_MSG;
+        if raw.is_null() {
+            return dne_status::DNE_ERR_INVALID_ARG;
         }
-        let pool = handle.pool;
         // The handle's allocation stays, to take the message back on a
         // failure: the caller's pointer (and any copy of it) stays valid.
         // `MaybeUninit<dne_msg>` has `dne_msg`'s layout.
@@ -418,7 +391,7 @@ pub unsafe extern "C" fn dne_send(f: *mut dne_fn, m: *mut *mut dne_msg, to: *con
         let slot = unsafe { Box::from_raw(raw.cast::<MaybeUninit<dne_msg>>()) };
         // The message is moved out: from here the box holds no value, and
         // dropping it frees the allocation only.
-        // SAFETY: initialised: it is the live handle checked above.
+        // SAFETY: initialised: it is the live handle the caller passed.
         let msg = unsafe { slot.assume_init_read() }.msg;
         // The slot no longer owns the handle: cleared before the send, so
         // that even a panic inside it (caught by `guard`) cannot leave the
@@ -429,8 +402,7 @@ pub unsafe extern "C" fn dne_send(f: *mut dne_fn, m: *mut *mut dne_msg, to: *con
             Ok(()) => dne_status::DNE_OK,
             Err(e) => {
                 // Back into the same allocation: `*m` is `raw` again.
-                let back =
-                    e.msg.map_or(std::ptr::null_mut(), |msg| Box::into_raw(Box::write(slot, dne_msg { msg, pool })));
+                let back = e.msg.map_or(std::ptr::null_mut(), |msg| Box::into_raw(Box::write(slot, dne_msg { msg })));
                 // SAFETY: as above.
                 unsafe { m.write(back) };
                 send_status(&e.kind)
@@ -461,7 +433,7 @@ pub unsafe extern "C" fn dne_recv(f: *mut dne_fn, timeout_ms: i32, out: *mut *mu
         match f.f.recv_timeout(t) {
             Ok(Some(m)) => {
                 // SAFETY: `out` is non-NULL (checked) and writable (contract).
-                unsafe { out.write(f.handle(m)) };
+                unsafe { out.write(dne_fn::handle(m)) };
                 dne_status::DNE_OK
             }
             Ok(None) => dne_status::DNE_ERR_TIMEOUT,
@@ -488,16 +460,25 @@ pub unsafe extern "C" fn dne_free(f: *mut dne_fn, m: *mut dne_msg) -> dne_status
     guard(|| {
         // SAFETY: caller contract: live handle or NULL.
         let Some(f) = (unsafe { f.as_mut() }) else { return dne_status::DNE_ERR_INVALID_ARG };
-        // SAFETY: a live handle or NULL (caller contract).
-        let Some(handle) = (unsafe { m.as_ref() }) else { return dne_status::DNE_OK };
-        if handle.pool != f.pool {
-            return dne_status::DNE_ERR_FOREIGN_MSG;
+        if m.is_null() {
+            return dne_status::DNE_OK;
         }
-        // SAFETY: from `Box::into_raw` (caller contract).
-        let m = unsafe { Box::from_raw(m) };
-        match f.f.free(m.msg) {
+        // As in `dne_send`: the allocation stays until the message is
+        // freed, to take it back when it is refused.
+        // SAFETY: from `Box::into_raw` in this module (caller contract;
+        // non-NULL, checked above).
+        let slot = unsafe { Box::from_raw(m.cast::<MaybeUninit<dne_msg>>()) };
+        // SAFETY: initialised: it is the live handle the caller passed.
+        let msg = unsafe { slot.assume_init_read() }.msg;
+        match f.f.free(msg) {
             Ok(_) => dne_status::DNE_OK,
-            Err(_) => dne_status::DNE_ERR_OWNERSHIP,
+            Err(MsgFreeError::Foreign(msg)) => {
+                // Back into the same allocation: `m` is the caller's again.
+                let back = Box::into_raw(Box::write(slot, dne_msg { msg }));
+                debug_assert_eq!(back, m);
+                dne_status::DNE_ERR_FOREIGN_MSG
+            }
+            Err(MsgFreeError::Pool(_)) => dne_status::DNE_ERR_OWNERSHIP,
         }
     })
 }
@@ -505,6 +486,7 @@ pub unsafe extern "C" fn dne_free(f: *mut dne_fn, m: *mut dne_msg) -> dne_status
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::function::tests::shimd_serving;
 
     #[test]
     fn every_status_has_a_message() {
@@ -537,9 +519,7 @@ mod tests {
         use wire::{DescFlags, Descriptor, ErrorCode, Owner};
         let g = wire::desc::PoolGeometry::new(1, 256, 64, 64, 8).unwrap();
         let pool = shm::Pool::create("dne-ffi-test", g, shm::PagePolicy::Normal).unwrap();
-        let id = PoolId::of(&pool).unwrap();
-        let msg =
-            |desc: Descriptor| dne_msg { msg: Msg::from_parts(pool.alloc(1, Owner::Held(0)).unwrap(), desc), pool: id };
+        let msg = |desc: Descriptor| dne_msg { msg: Msg::from_parts(pool.alloc(1, Owner::Held(0)).unwrap(), desc) };
         let call = msg(Descriptor::default());
         let bounced =
             msg(Descriptor { flags: DescFlags::ERROR, status: ErrorCode::Overloaded as u8, ..Default::default() });
@@ -566,29 +546,6 @@ mod tests {
         }
     }
 
-    /// host-shimd in this process for node `n0` of the cluster config
-    /// `text` (its `runtime_dir` is set here), and what `clients` returned:
-    /// `clients` runs on another thread, and host-shimd serves on this one
-    /// until it ends (the attaches and lookups wait for its answers).
-    fn shimd_serving<T: Send + 'static>(
-        name: &str,
-        text: &str,
-        clients: impl FnOnce(&Path) -> T + Send + 'static,
-    ) -> (crate::daemon::Shimd, T, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("dne-ffi-{name}-{}", std::process::id()));
-        let text = format!(
-            "[[node]]\nname = \"n0\"\naddress = \"127.0.0.1:7101\"\nruntime_dir = \"{}\"\n\n{text}",
-            dir.display()
-        );
-        let mut shimd = crate::daemon::Shimd::new(config::Cluster::parse(&text).unwrap(), "n0").unwrap();
-        let socket = crate::daemon::socket_path(&dir);
-        let t = std::thread::spawn(move || clients(&socket));
-        while !t.is_finished() {
-            shimd.poll_once(None, Duration::from_millis(10)).unwrap();
-        }
-        (shimd, t.join().unwrap(), dir)
-    }
-
     const ONE_TENANT: &str = "[[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = 4096\nbuffers = 64\nrecv_quota = 8\n\n\
          [[function]]\nname = \"a\"\ntenant = \"t\"\nnode = \"n0\"\n\n\
          [[function]]\nname = \"b\"\ntenant = \"t\"\nnode = \"n0\"\nring_capacity = 8\n";
@@ -608,7 +565,7 @@ mod tests {
             (a, b)
         });
         drop(shimd);
-        let mut f = dne_fn::new(a).unwrap();
+        let mut f = dne_fn::new(a);
         let mut m = std::ptr::null_mut();
         // SAFETY: a live handle and a writable slot.
         assert_eq!(unsafe { dne_alloc(&mut f, 3, &mut m) }, dne_status::DNE_OK);
@@ -650,7 +607,7 @@ mod tests {
             }
             (a, b)
         });
-        let mut f = dne_fn::new(a).unwrap();
+        let mut f = dne_fn::new(a);
         let mut m = std::ptr::null_mut();
         // SAFETY: a live handle and a writable slot.
         assert_eq!(unsafe { dne_alloc(&mut f, 3, &mut m) }, dne_status::DNE_OK);
@@ -685,7 +642,7 @@ mod tests {
         let (_shimd, (a, c), dir) = shimd_serving("foreign", &text, |socket| {
             (Function::attach(socket, "t", "a").unwrap(), Function::attach(socket, "u", "c").unwrap())
         });
-        let (mut fa, mut fc) = (dne_fn::new(a).unwrap(), dne_fn::new(c).unwrap());
+        let (mut fa, mut fc) = (dne_fn::new(a), dne_fn::new(c));
         let free_in = |f: &dne_fn| f.f.pool().free_buffers() as usize + f.f.cached_buffers();
         let before = free_in(&fa);
         let mut m = std::ptr::null_mut();

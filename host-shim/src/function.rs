@@ -30,7 +30,6 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 pub(crate) const BATCH: usize = 32;
 /// Buffers a function keeps in its private allocation cache.
 const CACHE: usize = 32;
-
 /// Attaching failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -100,6 +99,12 @@ pub enum SendErrorKind {
     /// not refused: see README.md, "When host-shimd goes away".
     #[error("host-shimd is gone (it stopped; attach again to the new one)")]
     ShimdGone,
+    /// The message is in another pool than this function's: it came from a
+    /// [`Function`] attached to another tenant's pool or to another
+    /// host-shimd. Nothing was done; the message comes back untouched,
+    /// still the message of the function it came from.
+    #[error("message of another pool (another tenant's or another host-shimd's attach)")]
+    ForeignMsg,
     /// The message's descriptor has fields no receiver accepts (a status
     /// without [`wire::DescFlags::ERROR`], an unknown flag, a reserved
     /// field set, see [`Descriptor::validate_fields`]): its receiver would
@@ -116,6 +121,67 @@ pub struct SendError {
     pub kind: SendErrorKind,
     /// The message, handed back.
     pub msg: Option<Msg>,
+}
+
+/// Freeing a message failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MsgFreeError {
+    /// The message is in another pool than this function's (see
+    /// [`SendErrorKind::ForeignMsg`]): nothing was done, here it is,
+    /// untouched; free it with the function it came from.
+    #[error("message of another pool (another tenant's or another host-shimd's attach)")]
+    Foreign(Msg),
+    /// Its buffers were not all this function's to free (a process sharing
+    /// the pool rewrote a link or an owner); the message is gone.
+    #[error(transparent)]
+    Pool(#[from] FreeError),
+}
+
+/// Access to a message's payload failed; the message is untouched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    /// The message is in another pool than this function's (see
+    /// [`SendErrorKind::ForeignMsg`]).
+    #[error("message of another pool (another tenant's or another host-shimd's attach)")]
+    ForeignMsg,
+    /// No such fragment: past the end of the chain, or behind a link that
+    /// leads out of the pool (a process sharing the pool rewrote it).
+    #[error("no fragment {0} in the message")]
+    NoFragment(u32),
+    /// The data does not fit the message's buffers.
+    #[error(transparent)]
+    Len(#[from] wire::DescriptorError),
+}
+
+/// Which pool's shared memory a message's buffers are in: the device and
+/// inode of the file that backs the pool, read once at attach. The same
+/// for every attach to one tenant's pool of one host-shimd (messages move
+/// freely between them), and different for any other pool mapped at the
+/// same time: another tenant's, or another host-shimd's (both give out the
+/// same buffer indices and, for the agent, the same holder).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PoolId {
+    dev: u64,
+    ino: u64,
+}
+
+impl PoolId {
+    /// The pool of a message made by [`Msg::from_parts`]: not known, the
+    /// caller vouches for it. No file has inode 0.
+    const UNKNOWN: Self = Self { dev: 0, ino: 0 };
+
+    fn of(pool: &Pool) -> io::Result<Self> {
+        let st = rustix::fs::fstat(pool.region().fd())?;
+        Ok(Self { dev: st.st_dev, ino: st.st_ino })
+    }
+
+    /// Whether `msg` may be used with a function of this pool (see
+    /// [`Function::owns`]).
+    fn holds(self, msg: &Msg) -> bool {
+        // One compare on the hot path (equal); the second only for a
+        // message of another pool or made from parts.
+        msg.pool == self || msg.pool == Self::UNKNOWN
+    }
 }
 
 /// Receiving failed.
@@ -142,6 +208,8 @@ pub enum RecvError {
 pub struct Msg {
     lease: Lease,
     desc: Descriptor,
+    /// The pool its buffers are in.
+    pool: PoolId,
 }
 
 impl Msg {
@@ -180,9 +248,13 @@ impl Msg {
     }
     /// A message from a lease of the pool and its descriptor fields (the
     /// agent builds messages out of buffers that arrived over the fabric).
+    /// A lease does not say which pool it is in: the caller vouches that
+    /// it is the pool of the [`Function`] the message is used with (no
+    /// function can refuse such a message as
+    /// [`SendErrorKind::ForeignMsg`]).
     pub fn from_parts(lease: Lease, desc: Descriptor) -> Self {
         let desc = Descriptor { buf: lease.head(), len: lease.len(), ..desc };
-        Self { lease, desc }
+        Self { lease, desc, pool: PoolId::UNKNOWN }
     }
     /// The lease and the descriptor.
     pub fn into_parts(self) -> (Lease, Descriptor) {
@@ -229,6 +301,8 @@ pub struct Function {
     conn: Conn,
     info: AttachOk,
     pool: Pool,
+    /// Its pool's identity: the messages it made carry the same.
+    pool_id: PoolId,
     cache: LocalCache,
     inbox: Consumer,
     bell: Doorbell,
@@ -320,6 +394,7 @@ impl Function {
         if pool.geometry().tenant() != info.tenant || ring.header().owner_slot != u32::from(info.slot) {
             return Err(AttachError::Protocol("pool or ring does not match the attach reply".into()));
         }
+        let pool_id = PoolId::of(&pool).map_err(|e| AttachError::Map(format!("the pool's file: {e}")))?;
         log::info!(
             "attached {function} (tenant {tenant}) slot {} pool {} buffers of {} B ({})",
             info.slot,
@@ -332,6 +407,7 @@ impl Function {
             cache: LocalCache::new(Owner::Held(info.slot), CACHE),
             info,
             pool,
+            pool_id,
             inbox: ring.into_consumer(),
             bell: Doorbell::from_fd(bell_fd),
             peers: HashMap::new(),
@@ -385,6 +461,16 @@ impl Function {
         Owner::Held(self.info.slot)
     }
 
+    /// Whether `msg` may be used with this function: its buffers are in
+    /// this function's pool (it came from this function or from another
+    /// attached to the same pool), or it was made by [`Msg::from_parts`].
+    /// A message of another pool is refused by every method that takes
+    /// one ([`SendErrorKind::ForeignMsg`], [`MsgFreeError::Foreign`],
+    /// [`PayloadError::ForeignMsg`]).
+    pub fn owns(&self, msg: &Msg) -> bool {
+        self.pool_id.holds(msg)
+    }
+
     /// Allocates a message of `len` payload bytes (a chain when it does not
     /// fit one buffer).
     pub fn alloc(&mut self, len: u32) -> Result<Msg, AllocError> {
@@ -398,40 +484,69 @@ impl Function {
             buf: lease.head(),
             ..Default::default()
         };
-        Ok(Msg { lease, desc })
+        Ok(Msg { lease, desc, pool: self.pool_id })
     }
 
-    /// Payload bytes of fragment `k` (zero copy).
+    /// Payload bytes of fragment `k` (zero copy); empty past the end, at a
+    /// broken link, or for a message of another pool
+    /// ([`try_payload`](Self::try_payload) says which).
     pub fn payload<'a>(&'a self, msg: &'a Msg, k: u32) -> &'a [u8] {
-        self.pool.frag(&msg.lease, k).unwrap_or(&[])
+        self.try_payload(msg, k).unwrap_or(&[])
     }
 
     /// Mutable payload bytes of fragment `k` (zero copy); empty past the
-    /// end or at a broken link.
+    /// end, at a broken link, or for a message of another pool
+    /// ([`try_payload_mut`](Self::try_payload_mut) says which).
     pub fn payload_mut<'a>(&'a self, msg: &'a mut Msg, k: u32) -> &'a mut [u8] {
         self.try_payload_mut(msg, k).unwrap_or_default()
     }
 
-    /// [`payload_mut`](Self::payload_mut), `None` past the end or at a
-    /// link of the chain that leads out of the pool (a process sharing
-    /// the pool rewrote it).
-    pub fn try_payload_mut<'a>(&'a self, msg: &'a mut Msg, k: u32) -> Option<&'a mut [u8]> {
-        self.pool.frag_mut(&mut msg.lease, k)
+    /// [`payload`](Self::payload), with the reason when there are no bytes:
+    /// [`PayloadError::NoFragment`] past the end or at a link of the chain
+    /// that leads out of the pool (a process sharing the pool rewrote it),
+    /// [`PayloadError::ForeignMsg`] for a message of another pool (whose
+    /// buffer indices name other buffers in this function's pool).
+    pub fn try_payload<'a>(&'a self, msg: &'a Msg, k: u32) -> Result<&'a [u8], PayloadError> {
+        if !self.owns(msg) {
+            return Err(PayloadError::ForeignMsg);
+        }
+        self.pool.frag(&msg.lease, k).ok_or(PayloadError::NoFragment(k))
+    }
+
+    /// [`payload_mut`](Self::payload_mut), with the reason when there are
+    /// no bytes (as for [`try_payload`](Self::try_payload)).
+    pub fn try_payload_mut<'a>(&'a self, msg: &'a mut Msg, k: u32) -> Result<&'a mut [u8], PayloadError> {
+        if !self.owns(msg) {
+            return Err(PayloadError::ForeignMsg);
+        }
+        self.pool.frag_mut(&mut msg.lease, k).ok_or(PayloadError::NoFragment(k))
     }
 
     /// Copies `data` into a message allocated for `data.len()` bytes.
-    pub fn write(&self, msg: &mut Msg, data: &[u8]) -> Result<(), wire::DescriptorError> {
-        self.pool.write(&mut msg.lease, data)
+    pub fn write(&self, msg: &mut Msg, data: &[u8]) -> Result<(), PayloadError> {
+        if !self.owns(msg) {
+            return Err(PayloadError::ForeignMsg);
+        }
+        Ok(self.pool.write(&mut msg.lease, data)?)
     }
 
-    /// Copies the whole payload out.
+    /// Copies the whole payload out (for tests and diagnostics); empty for
+    /// a message of another pool ([`try_payload`](Self::try_payload) says
+    /// so).
     pub fn read_to_vec(&self, msg: &Msg) -> Vec<u8> {
+        if !self.owns(msg) {
+            return Vec::new();
+        }
         self.pool.read_to_vec(&msg.lease)
     }
 
-    /// Frees a message.
-    pub fn free(&mut self, msg: Msg) -> Result<u32, FreeError> {
-        self.pool.free_cached(&mut self.cache, msg.lease)
+    /// Frees a message. A message of another pool is refused and handed
+    /// back ([`MsgFreeError::Foreign`]).
+    pub fn free(&mut self, msg: Msg) -> Result<u32, MsgFreeError> {
+        if !self.owns(&msg) {
+            return Err(MsgFreeError::Foreign(msg));
+        }
+        Ok(self.pool.free_cached(&mut self.cache, msg.lease)?)
     }
 
     fn lookup(&mut self, to: &str) -> Result<(), SendErrorKind> {
@@ -522,8 +637,12 @@ impl Function {
     /// its live instances). On failure the message comes back in the error
     /// unless a peer took it. Once host-shimd has stopped cleanly it fails
     /// with [`SendErrorKind::ShimdGone`] (still one load of the ring's
-    /// closed flag, no system call).
+    /// closed flag, no system call). A message of another pool is refused
+    /// ([`SendErrorKind::ForeignMsg`]) before anything is done.
     pub fn send(&mut self, msg: Msg, to: &str) -> Result<(), SendError> {
+        if !self.owns(&msg) {
+            return Err(SendError { kind: SendErrorKind::ForeignMsg, msg: Some(msg) });
+        }
         if let Err(e) = msg.desc.validate_fields() {
             return Err(SendError { kind: SendErrorKind::BadDescriptor(e), msg: Some(msg) });
         }
@@ -547,6 +666,7 @@ impl Function {
 
     fn try_send(&mut self, msg: Msg, to: &str) -> Result<(), (SendErrorKind, Option<Msg>)> {
         let holder = self.holder();
+        let pool = self.pool_id;
         let Some(set) = self.peers.get_mut(to) else { return Err((SendErrorKind::NoInstance, Some(msg))) };
         let mut msg = msg;
         while !set.instances.is_empty() {
@@ -559,7 +679,9 @@ impl Function {
             let desc = Descriptor { tenant: self.info.tenant, src_fn, dst_fn: set.function, flags, ..msg.desc };
             let (head, len) = match self.pool.hand_over(msg.lease, to_owner) {
                 Ok(v) => v,
-                Err((lease, e)) => return Err((SendErrorKind::Ownership(e.to_string()), Some(Msg { lease, desc }))),
+                Err((lease, e)) => {
+                    return Err((SendErrorKind::Ownership(e.to_string()), Some(Msg { lease, desc, pool })));
+                }
             };
             let desc = Descriptor { buf: head, len, ..desc };
             match inst.ring.push(&[desc]) {
@@ -585,7 +707,7 @@ impl Function {
                         // buffers: they are back in the pool, not lost.
                         Err(_) => return Err((SendErrorKind::NoInstance, None)),
                     };
-                    msg = Msg { lease, desc };
+                    msg = Msg { lease, desc, pool };
                     match e {
                         RingPushError::Full => return Err((SendErrorKind::Full, Some(msg))),
                         // Every ring this function has came from the same
@@ -607,9 +729,12 @@ impl Function {
     /// (a message whose receiver died holding it is not returned: host-shimd
     /// put its buffers back in the pool; nor is one its receiver took as
     /// host-shimd stopped). [`SendErrorKind::ShimdGone`] as for
-    /// [`send`](Self::send).
+    /// [`send`](Self::send); a message of another pool stops the batch like
+    /// a refused descriptor ([`SendErrorKind::ForeignMsg`]: it and the
+    /// messages after it stay in `msgs`, untouched).
     pub fn send_batch(&mut self, msgs: &mut Vec<Msg>, to: &str) -> Result<usize, SendErrorKind> {
         let holder = self.holder();
+        let pool = self.pool_id;
         let mut sent = 0;
         let mut relooked = false;
         while !msgs.is_empty() {
@@ -638,6 +763,11 @@ impl Function {
                     self.scratch_msgs.push(m);
                     continue;
                 }
+                if !pool.holds(&m) {
+                    refused = Some(SendErrorKind::ForeignMsg);
+                    self.scratch_msgs.push(m);
+                    continue;
+                }
                 if let Err(e) = m.desc.validate_fields() {
                     refused = Some(SendErrorKind::BadDescriptor(e));
                     self.scratch_msgs.push(m);
@@ -653,7 +783,7 @@ impl Function {
                     }
                     Err((lease, e)) => {
                         refused = Some(SendErrorKind::Ownership(e.to_string()));
-                        self.scratch_msgs.push(Msg { lease, desc });
+                        self.scratch_msgs.push(Msg { lease, desc, pool });
                     }
                 }
             }
@@ -673,7 +803,7 @@ impl Function {
             let mut back: Vec<Msg> = Vec::with_capacity(k - pushed + self.scratch_msgs.len());
             for d in &descs[pushed..k] {
                 if let Ok(lease) = self.pool.take_back(d.buf, d.len, to_owner, holder) {
-                    back.push(Msg { lease, desc: *d });
+                    back.push(Msg { lease, desc: *d, pool });
                 }
             }
             back.append(&mut self.scratch_msgs);
@@ -721,7 +851,7 @@ impl Function {
             for k in 0..n {
                 let d = self.scratch[k];
                 match self.pool.accept(&d, self.info.slot) {
-                    Ok(lease) => self.taken.push_back(Msg { lease, desc: d }),
+                    Ok(lease) => self.taken.push_back(Msg { lease, desc: d, pool: self.pool_id }),
                     Err(e) => self.reject(e),
                 }
             }
@@ -827,7 +957,7 @@ impl Drop for Function {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A receive fails with `ShimdGone` both when host-shimd's control
@@ -841,5 +971,141 @@ mod tests {
         assert!(!text.contains("control connection"), "{text}");
         assert!(text.starts_with("host-shimd is gone"), "{text}");
         assert!(text.contains("attach again"), "{text}");
+    }
+
+    /// host-shimd in this process for node `n0` of the cluster config
+    /// `text` (its `runtime_dir` is set here), and what `clients` returned:
+    /// `clients` runs on another thread, and host-shimd serves on this one
+    /// until it ends (the attaches and lookups wait for its answers).
+    pub(crate) fn shimd_serving<T: Send + 'static>(
+        name: &str,
+        text: &str,
+        clients: impl FnOnce(&Path) -> T + Send + 'static,
+    ) -> (crate::daemon::Shimd, T, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("dne-fn-{name}-{}", std::process::id()));
+        let text = format!(
+            "[[node]]\nname = \"n0\"\naddress = \"127.0.0.1:7101\"\nruntime_dir = \"{}\"\n\n{text}",
+            dir.display()
+        );
+        let mut shimd = crate::daemon::Shimd::new(config::Cluster::parse(&text).unwrap(), "n0").unwrap();
+        let socket = crate::daemon::socket_path(&dir);
+        let t = std::thread::spawn(move || clients(&socket));
+        while !t.is_finished() {
+            shimd.poll_once(None, Duration::from_millis(10)).unwrap();
+        }
+        (shimd, t.join().unwrap(), dir)
+    }
+
+    /// Tenant `t` with functions `a` and `b` (a ring of 8), tenant `u`
+    /// with function `c`; pools of the same geometry, so their buffer
+    /// indices come out in the same order.
+    const TWO_TENANTS: &str = "[[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = 4096\nbuffers = 64\nrecv_quota = 8\n\n\
+         [[function]]\nname = \"a\"\ntenant = \"t\"\nnode = \"n0\"\n\n\
+         [[function]]\nname = \"b\"\ntenant = \"t\"\nnode = \"n0\"\nring_capacity = 8\n\n\
+         [[tenant]]\nname = \"u\"\nweight = 1\nbuf_size = 4096\nbuffers = 64\nrecv_quota = 8\n\n\
+         [[function]]\nname = \"c\"\ntenant = \"u\"\nnode = \"n0\"\n";
+
+    /// Buffers of `f`'s pool neither free nor in the caches of `fs`.
+    fn held(f: &Function, fs: &[&Function]) -> usize {
+        let cached: usize = fs.iter().map(|f| f.cached_buffers()).sum();
+        f.pool().geometry().buf_count() as usize - f.pool().free_buffers() as usize - cached
+    }
+
+    /// A message of tenant `t`'s pool used with a function of tenant `u`
+    /// (both attached in this process) is refused by every method that
+    /// takes one, with the message handed back untouched, and it stays
+    /// usable with the functions of its own pool (another attach to it
+    /// included). Before: `c.payload` and `c.read_to_vec` read, and
+    /// `c.write` overwrote, the bytes of `c`'s own message at the same
+    /// buffer index; `c.send` and `c.send_batch` failed with
+    /// `Ownership("buffer 31 is owned by 0x20002, not by the caller")`,
+    /// an index of the wrong pool; `c.free` returned
+    /// `Err(NotOwner { index: 31, .. })` and consumed the message, whose
+    /// buffer stayed held until `a` detached.
+    #[test]
+    fn a_message_of_another_tenants_pool_is_refused_and_stays_usable() {
+        let (_shimd, (), dir) = shimd_serving("fn-foreign", TWO_TENANTS, |socket| {
+            let mut a = Function::attach(socket, "t", "a").unwrap();
+            let mut b = Function::attach(socket, "t", "b").unwrap();
+            let mut c = Function::attach(socket, "u", "c").unwrap();
+            let mut m = a.alloc(3).unwrap();
+            a.write(&mut m, b"abc").unwrap();
+            let mut k = c.alloc(3).unwrap();
+            c.write(&mut k, b"xyz").unwrap();
+            assert_eq!(m.desc().buf, k.desc().buf, "the same index in both pools");
+            assert!(!c.owns(&m) && a.owns(&m) && b.owns(&m));
+
+            assert_eq!(c.try_payload(&m, 0), Err(PayloadError::ForeignMsg));
+            assert_eq!(c.try_payload_mut(&mut m, 0), Err(PayloadError::ForeignMsg));
+            assert!(c.payload(&m, 0).is_empty());
+            assert!(c.payload_mut(&mut m, 0).is_empty());
+            assert!(c.read_to_vec(&m).is_empty());
+            assert_eq!(c.write(&mut m, b"QQQ"), Err(PayloadError::ForeignMsg));
+            assert_eq!(c.read_to_vec(&k), b"xyz", "c's own message is untouched");
+
+            let e = c.send(m, "c").unwrap_err();
+            assert!(matches!(e.kind, SendErrorKind::ForeignMsg), "{e}");
+            let m = e.msg.expect("handed back");
+            let e = c.reply(m).unwrap_err();
+            assert!(matches!(e.kind, SendErrorKind::ForeignMsg), "{e}");
+            let k2 = c.alloc(1).unwrap();
+            let mut batch = vec![k2, e.msg.expect("handed back")];
+            assert!(matches!(c.send_batch(&mut batch, "c"), Err(SendErrorKind::ForeignMsg)));
+            assert_eq!(batch.len(), 1, "the one of c's pool went, the other stays");
+            let m = batch.pop().unwrap();
+            let got = c.try_recv().expect("c's own message arrived");
+            c.free(got).unwrap();
+            let before = held(&a, &[&a, &b]);
+            let Err(MsgFreeError::Foreign(m)) = c.free(m) else { panic!("c freed a message of t's pool") };
+            assert_eq!(held(&a, &[&a, &b]), before);
+
+            // Untouched, and still free to move within its pool.
+            assert_eq!((m.len(), m.desc().buf), (3, k.desc().buf));
+            assert_eq!(b.read_to_vec(&m), b"abc");
+            b.send(m, "a").unwrap();
+            let got = a.try_recv().expect("b's send arrived");
+            assert_eq!(a.read_to_vec(&got), b"abc");
+            assert_eq!(b.free(got).unwrap(), 1);
+            assert_eq!(held(&a, &[&a, &b]), 0);
+            c.free(k).unwrap();
+            assert_eq!(held(&c, &[&c]), 0);
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The agent attaches to every tenant's pool in one slot, so its
+    /// functions of two tenants hold their buffers as the same owner: a
+    /// message of one used with the other is refused too. Before,
+    /// `au.send` of `at`'s message returned `Ok` and delivered to `c` the
+    /// buffer of `u`'s pool that `au` still held as another message (two
+    /// holders of one buffer), and `au.free` of another returned `Ok(1)`,
+    /// putting a buffer of `u`'s pool that `au` held into its cache a
+    /// second time; the buffers of `t`'s pool stayed held.
+    #[test]
+    fn the_agents_of_two_tenants_refuse_each_others_messages() {
+        let (_shimd, (), dir) = shimd_serving("foreign-agent", TWO_TENANTS, |socket| {
+            let mut at = Function::attach_agent(socket, "t").unwrap();
+            let mut au = Function::attach_agent(socket, "u").unwrap();
+            let mut c = Function::attach(socket, "u", "c").unwrap();
+            assert_eq!(at.info().slot, au.info().slot);
+            let m = at.alloc(3).unwrap();
+            let keep = au.alloc(3).unwrap();
+            assert_eq!(m.desc().buf, keep.desc().buf, "the same index in both pools");
+
+            let e = au.send(m, "c").unwrap_err();
+            assert!(matches!(e.kind, SendErrorKind::ForeignMsg), "{e}");
+            assert!(c.try_recv().is_none(), "nothing reached c");
+            let m = e.msg.expect("handed back");
+            let Err(MsgFreeError::Foreign(m)) = au.free(m) else { panic!("au freed a message of t's pool") };
+            assert_eq!(held(&au, &[&au]), 1, "u's pool: only `keep` is held");
+
+            assert_eq!(at.free(m).unwrap(), 1);
+            assert_eq!(held(&at, &[&at]), 0);
+            au.send(keep, "c").unwrap();
+            let got = c.try_recv().expect("au's own message arrived");
+            c.free(got).unwrap();
+            assert_eq!(held(&au, &[&au, &c]), 0);
+        });
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
