@@ -208,10 +208,11 @@ pub(crate) fn push(c: &impl RingCells, descs: &[Descriptor]) -> Result<Pushed, R
     // The ring may have been closed since the check above, and its
     // consumer may have stopped reading before it could see what was just
     // published. Relaxed, ordered by the fence above, which pairs with the
-    // fence `Consumer::wait_with` makes after it sees the flag and before
-    // it looks at the ring a last time: either this load sees the flag
-    // (the caller takes back what nobody took), or that look sees what
-    // was published. The sleep flag is left alone: host-shimd rings the
+    // fence `Consumer::closed_wait` makes after it sees the flag and before
+    // each of its last looks at the ring: either this load sees the flag
+    // (the caller takes back what nobody took), or those looks see what
+    // was published (and, through the tail, a slot before it that another
+    // push claimed and has yet to publish, which they wait for). The sleep flag is left alone: host-shimd rings the
     // doorbell of a ring it abandons, and a closed ring's consumer is gone.
     match c.closed().load(Relaxed) {
         0 => {}
@@ -734,7 +735,7 @@ mod cells {
 }
 
 #[cfg(not(loom))]
-pub use segment::{Consumer, Doorbell, Ring, RingOpenError, Wait};
+pub use segment::{CLAIMED_WAIT, Consumer, Doorbell, Ring, RingOpenError, Wait};
 
 #[cfg(not(loom))]
 mod segment {
@@ -935,8 +936,9 @@ mod segment {
         /// consumer asleep). For host-shimd when it stops cleanly: nothing
         /// pushed from now on would be delivered. A push already past its
         /// first check of the flag publishes, then sees the flag and fails
-        /// as well, unless the consumer's wait, which looks at the ring once
-        /// more after it sees the flag, takes what it published.
+        /// as well, unless the consumer's wait, which looks at the ring
+        /// again after it sees the flag (see [`CLAIMED_WAIT`]), takes what
+        /// it published.
         pub fn abandon(&self) {
             // Release: pairs with the Acquire check at the start of `push`
             // and the consumer's in `Consumer::wait_with`.
@@ -1103,7 +1105,9 @@ mod segment {
         /// It ends with [`Wait::Closed`] once the ring is empty and marked
         /// closed ([`Ring::abandon`], [`Ring::close`]): that flag is looked
         /// at while it spins too (every 64 polls, with the clock), and
-        /// before each sleep.
+        /// before each sleep. Empty: nothing ready, and no slot claimed by
+        /// a push and not yet published (waited for up to
+        /// [`CLAIMED_WAIT`]).
         pub fn wait_ready(
             &mut self,
             bell: &Doorbell,
@@ -1150,16 +1154,7 @@ mod segment {
                         // polls: a ring closed while its consumer spins
                         // ends the wait (nothing more can be pushed).
                         if self.ring.is_closed() {
-                            // SeqCst fence, then one more poll: pairs with
-                            // the fence in `push` after it publishes. A
-                            // push that published before the flag was set
-                            // but after the last poll, and then found the
-                            // flag clear (so it returned `Ok`), is seen by
-                            // this poll; one not seen here sees the flag
-                            // and fails.
-                            crate::sync::fence(core::sync::atomic::Ordering::SeqCst);
-                            let n = poll(self);
-                            return Ok(if n > 0 { Woke::Got(n) } else { Woke::Closed });
+                            return Ok(self.closed_wait(deadline, &mut poll));
                         }
                         let now = Instant::now();
                         if now.duration_since(start) >= spin || deadline.is_some_and(|d| now >= d) {
@@ -1193,6 +1188,46 @@ mod segment {
         }
     }
 
+    impl Consumer {
+        /// The end of a wait that found the ring closed after an empty
+        /// poll: polls once more, and, while positions producers claimed
+        /// are not all consumed, again until they are published (for up to
+        /// [`CLAIMED_WAIT`], or `deadline`), without sleeping.
+        ///
+        /// Each look is a SeqCst fence, then the poll and a load of the
+        /// tail: the fence pairs with the one in `push` after it publishes.
+        /// A push that published before the flag was set, and then found
+        /// the flag clear (so it returned `Ok`), is seen by these loads: its
+        /// slot once it is ready, its claim in the tail. Its slot is ready
+        /// to take once every position before it is published too, which
+        /// a push that claimed one of them does shortly (it then sees the
+        /// flag and fails, but what it published stays in the ring). A push
+        /// not seen here sees the flag and fails. The sleep flag is not
+        /// set: a push into a closed ring rings no doorbell.
+        fn closed_wait(&mut self, deadline: Option<Instant>, poll: &mut impl FnMut(&mut Self) -> usize) -> Woke {
+            let until = Instant::now() + CLAIMED_WAIT;
+            loop {
+                crate::sync::fence(core::sync::atomic::Ordering::SeqCst);
+                let n = poll(self);
+                if n > 0 {
+                    return Woke::Got(n);
+                }
+                // Relaxed: ordered by the fence above (see the doc).
+                if self.ring.tail().load(core::sync::atomic::Ordering::Relaxed) == self.head {
+                    return Woke::Closed;
+                }
+                let now = Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
+                    return Woke::TimedOut;
+                }
+                if now >= until {
+                    return Woke::Closed;
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+
     /// How [`Consumer::wait_ready`] ended.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum Wait {
@@ -1207,6 +1242,12 @@ mod segment {
         /// Nothing more can be pushed into it.
         Closed,
     }
+
+    /// Longest a wait that found its ring closed waits for positions
+    /// producers claimed before the flag was set to be published (see
+    /// `Consumer::wait_with`): a producer between its claim and its publish
+    /// is at most a preemption away; one killed there never publishes.
+    pub const CLAIMED_WAIT: Duration = Duration::from_secs(1);
 
     /// How `Consumer::wait_with` ended.
     #[derive(Debug)]
@@ -1529,6 +1570,67 @@ mod segment {
             let mut out = [Descriptor::default(); 2];
             assert_eq!(cons.pop(&mut out), 1);
             assert_eq!(cons.wait_ready(&bell, None, Duration::MAX, long).unwrap(), Wait::Closed);
+        }
+
+        /// Two producers: the first claims position 0 and has not published
+        /// it yet when the second publishes position 1 and, finding the
+        /// flag still clear, returns `Ok`; then the ring is abandoned. The
+        /// consumer cannot take position 1 before position 0, so a wait
+        /// that sees the ring closed waits for the claimed position to be
+        /// published (the first producer's push then sees the flag and
+        /// fails, but what it published is in the ring) and hands both
+        /// over. Before, its last look found position 0 not ready and the
+        /// wait ended `Closed`: the second producer's message, pushed with
+        /// `Ok`, was left in a ring nobody would read.
+        #[test]
+        fn a_descriptor_published_behind_a_claimed_slot_as_the_ring_closes_is_taken() {
+            let ring = Ring::create("dne-ring-late2", 8, 1, 2, 3).unwrap();
+            let creator = Ring::open(ring.fd().try_clone_to_owned().unwrap()).unwrap();
+            let prod = Ring::open(ring.fd().try_clone_to_owned().unwrap()).unwrap();
+            let bell = Doorbell::new().unwrap();
+            let mut cons = ring.into_consumer();
+            let long = Some(Duration::from_secs(60));
+            let mut polls = 0;
+            let woke = cons
+                .wait_with(&bell, None, Duration::MAX, long, |c| {
+                    let n = usize::from(super::super::ready(&c.ring, c.head));
+                    polls += 1;
+                    if polls == 64 {
+                        // The first producer's claim of position 0 (its
+                        // tail move), then the second producer's push.
+                        creator.tail().fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        assert_eq!(prod.push(&[d(2)]).map(|p| p.count), Ok(1));
+                        creator.abandon();
+                    }
+                    if polls == 100 {
+                        // The first producer publishes position 0.
+                        assert!(super::super::fill_void(&creator, 0, &d(1)));
+                    }
+                    n
+                })
+                .unwrap();
+            assert!(matches!(woke, Woke::Got(1)), "{woke:?} after {polls} polls");
+            let mut out = [Descriptor::default(); 4];
+            assert_eq!(cons.pop(&mut out), 2);
+            assert_eq!((out[0].request, out[1].request), (1, 2));
+            assert_eq!(cons.wait_ready(&bell, None, Duration::MAX, long).unwrap(), Wait::Closed);
+        }
+
+        /// A position claimed and never published (its producer was killed
+        /// between its claim and its publish) does not hold a wait that
+        /// sees the ring closed for ever: it ends `Closed` once
+        /// [`CLAIMED_WAIT`] has passed, with no timeout of its own.
+        #[test]
+        fn a_claimed_slot_never_published_ends_the_closed_wait_after_a_bound() {
+            let ring = Ring::create("dne-ring-hole", 8, 1, 2, 3).unwrap();
+            let creator = Ring::open(ring.fd().try_clone_to_owned().unwrap()).unwrap();
+            let bell = Doorbell::new().unwrap();
+            let mut cons = ring.into_consumer();
+            creator.tail().fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            creator.abandon();
+            let t = Instant::now();
+            assert_eq!(cons.wait_ready(&bell, None, Duration::from_micros(1), None).unwrap(), Wait::Closed);
+            assert!(t.elapsed() >= CLAIMED_WAIT, "ended after {:?}", t.elapsed());
         }
 
         /// A consumer asleep on its doorbell when the ring is abandoned
