@@ -33,7 +33,7 @@ use config::Cluster;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -439,7 +439,7 @@ impl Ingress {
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
             );
-            return early(req.body_mut(), r).await;
+            return early(&mut req, r).await;
         }
         // RFC 9112 3.2: a request with more than one Host line is refused
         // (which one it meant is anyone's guess, and a proxy in front may
@@ -480,7 +480,7 @@ impl Ingress {
         let route = if admin { None } else { self.router.lookup(host, req.uri().path()) };
         let Some(route) = route else {
             self.unrouted(peer, &method, &target, StatusCode::NOT_FOUND, "");
-            return early(req.body_mut(), plain(StatusCode::NOT_FOUND, "no route\n")).await;
+            return early(&mut req, plain(StatusCode::NOT_FOUND, "no route\n")).await;
         };
         let info = &self.routes[usize::from(route)];
         let tenant = &self.tenants[usize::from(info.tenant)];
@@ -579,12 +579,21 @@ impl Ingress {
                 self.reject(t, "unauthorized");
                 let mut r = plain(StatusCode::UNAUTHORIZED, "missing or wrong API key\n");
                 r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return (early(&mut body, r).await, 0, 0);
+                return (early_parts(expects_continue(&req.headers), &mut body, r).await, 0, 0);
             }
         }
         let Some(method) = Method::from_name(req.method.as_str()) else {
             self.reject(t, "bad_request");
-            return (early(&mut body, plain(StatusCode::NOT_IMPLEMENTED, "method not supported\n")).await, 0, 0);
+            return (
+                early_parts(
+                    expects_continue(&req.headers),
+                    &mut body,
+                    plain(StatusCode::NOT_IMPLEMENTED, "method not supported\n"),
+                )
+                .await,
+                0,
+                0,
+            );
         };
         if !chunked_alone(&req.headers) {
             // hyper takes the chunks off and would hand on the rest, still
@@ -595,7 +604,16 @@ impl Ingress {
         let path = req.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes();
         if path.len() > env::MAX_PATH as usize {
             self.reject(t, "bad_request");
-            return (early(&mut body, plain(StatusCode::URI_TOO_LONG, "request target too long\n")).await, 0, 0);
+            return (
+                early_parts(
+                    expects_continue(&req.headers),
+                    &mut body,
+                    plain(StatusCode::URI_TOO_LONG, "request target too long\n"),
+                )
+                .await,
+                0,
+                0,
+            );
         }
         let mut hs: Vec<(&[u8], &[u8])> = Vec::with_capacity(FORWARDED_HEADERS.len() + 1);
         for name in FORWARDED_HEADERS {
@@ -629,7 +647,16 @@ impl Ingress {
             return (close(plain(StatusCode::PAYLOAD_TOO_LARGE, "body over the limit\n")), 0, 0);
         }
         let Some(pool) = self.pools.get(t) else {
-            return (early(&mut body, plain(StatusCode::INTERNAL_SERVER_ERROR, "no pool\n")).await, 0, 0);
+            return (
+                early_parts(
+                    expects_continue(&req.headers),
+                    &mut body,
+                    plain(StatusCode::INTERNAL_SERVER_ERROR, "no pool\n"),
+                )
+                .await,
+                0,
+                0,
+            );
         };
         let mut msg = MsgBuilder::new(pool.clone());
         // A body announced larger than the tenant's largest message is
@@ -697,7 +724,7 @@ impl Ingress {
                 Err(BuildError::Exhausted) => return (close(self.unavailable(t, "pool_exhausted")), len, 0),
             }
             if msg.write(u64::from(body_off) + len, &data).is_err() {
-                return (plain(StatusCode::INTERNAL_SERVER_ERROR, "pool write\n"), len, 0);
+                return (close(plain(StatusCode::INTERNAL_SERVER_ERROR, "pool write\n")), len, 0);
             }
             len = end;
         }
@@ -1001,18 +1028,33 @@ const DISCARD_MAX: u64 = 64 << 10;
 /// Longest such a body is waited for.
 const DISCARD_WITHIN: Duration = Duration::from_millis(200);
 
+/// Answer `r`, given before any of the request's body was read (see
+/// [`early_parts`]).
+async fn early(req: &mut Request<Incoming>, r: Response<OutBody>) -> Response<OutBody> {
+    let expects = expects_continue(req.headers());
+    early_parts(expects, req.body_mut(), r).await
+}
+
+/// Whether the client waits for `100 Continue` before sending its body.
+fn expects_continue(headers: &HeaderMap) -> bool {
+    headers.get_all(header::EXPECT).iter().any(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
 /// Answer `r`, given before any of the request's `body` was read. A small
 /// body that arrives at once is read and discarded, and the connection
 /// serves on; otherwise the connection closes after the answer, and the
 /// answer says so (RFC 9112 9.6). Left to hyper, the connection stayed
 /// open if the whole body happened to be in its read buffer already and
 /// closed otherwise, decided after the head was written, too late to say
-/// so.
-async fn early(body: &mut Incoming, r: Response<OutBody>) -> Response<OutBody> {
+/// so. A client that waits for `100 Continue` before it sends its body is
+/// not asked for it (reading the body would send `100 Continue` first):
+/// the answer goes out at once and the connection closes (RFC 9110
+/// 10.1.1).
+async fn early_parts(expects_continue: bool, body: &mut Incoming, r: Response<OutBody>) -> Response<OutBody> {
     if body.is_end_stream() {
         return r;
     }
-    if body.size_hint().exact().is_some_and(|n| n <= DISCARD_MAX) {
+    if !expects_continue && body.size_hint().exact().is_some_and(|n| n <= DISCARD_MAX) {
         let drain = async {
             while let Some(frame) = body.frame().await {
                 frame.ok()?;

@@ -1207,6 +1207,34 @@ async fn an_early_answer_to_a_request_with_a_body_says_connection_close() {
     srv.assert_no_leak().await;
     srv.stop().await;
 }
+/// A client that waits for `100 Continue` before sending its body is not
+/// asked for a body the server will not use: an early answer (404, 401)
+/// goes out as the first response, and the connection closes after it
+/// (the body was announced and never read).
+#[tokio::test]
+async fn an_early_answer_to_a_request_expecting_100_continue_asks_for_no_body() {
+    let srv = Server::default().await;
+    for (target, code) in [("/nowhere", 404), ("/acme", 401)] {
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        let head = format!("POST {target} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let (st, head, _) = read_response(&mut s).await;
+        assert_eq!(st, code, "{target}: {head}");
+        assert!(head.to_ascii_lowercase().contains("\r\nconnection: close\r\n"), "{target}: {head}");
+        assert_eq!(read_to_close(&mut s).await.unwrap(), b"", "{target}");
+    }
+    // A routed request still gets its 100 Continue and its answer.
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n").await.unwrap();
+    let (st, head, _) = read_response(&mut s).await;
+    assert_eq!(st, 100, "{head}");
+    s.write_all(b"ok").await.unwrap();
+    let (st, head, body) = read_response(&mut s).await;
+    assert_eq!((st, body.as_slice()), (200, &b"ok"[..]), "{head}");
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
+
 /// A client still sending a body the server will not read (413 over the
 /// limit, 404 no route) can finish sending it and sees the connection end
 /// in order. Before, the server closed the socket with the body's bytes
