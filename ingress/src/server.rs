@@ -54,7 +54,9 @@ use tokio::net::TcpListener;
 use wire::ErrorCode;
 use wire::http::{self as env, EnvelopeKind, HeadSpec, Method, REPLY_HEAD_ROOM, Start};
 
-/// Request headers copied into the envelope (the rest stay at the edge).
+/// Request headers copied into the envelope (the rest stay at the edge),
+/// but not those the request's `Connection` names (hop-by-hop for that
+/// request, RFC 9110 7.6.1).
 pub const FORWARDED_HEADERS: &[&str] =
     &["content-type", "content-encoding", "accept", "accept-encoding", "accept-language", "user-agent", "x-request-id"];
 
@@ -65,7 +67,8 @@ pub const FORWARDED_HEADERS: &[&str] =
 /// `server`, which describe the server the client talks to (hyper writes
 /// the edge's `date`; a function's replaced it, or made two). A reverse
 /// proxy hides its upstream's `Date` and `Server` the same way (nginx's
-/// `proxy_hide_header` default).
+/// `proxy_hide_header` default). Those the reply's `Connection` names are
+/// hop-by-hop for that reply and not copied either (RFC 9110 7.6.1).
 const NOT_FROM_REPLIES: &[&str] = &[
     "connection",
     "keep-alive",
@@ -616,7 +619,14 @@ impl Ingress {
             );
         }
         let mut hs: Vec<(&[u8], &[u8])> = Vec::with_capacity(FORWARDED_HEADERS.len() + 1);
+        // The fields the client's `Connection` names were for the edge
+        // alone (RFC 9110 7.6.1), even those forwarded otherwise.
+        let options = req.headers.get_all(header::CONNECTION);
+        let hop_by_hop = options.iter().next().is_some();
         for name in FORWARDED_HEADERS {
+            if hop_by_hop && names_option(options.iter().map(HeaderValue::as_bytes), name.as_bytes()) {
+                continue;
+            }
             for v in req.headers.get_all(*name) {
                 hs.push((name.as_bytes(), v.as_bytes()));
             }
@@ -784,8 +794,15 @@ impl Ingress {
         let body = ReplyBody::new(reply, e.body_offset, e.body_len);
         let mut r = Response::new(Either::Right(body));
         *r.status_mut() = status;
+        // The fields the reply's `Connection` names were for the hop from
+        // the function alone (RFC 9110 7.6.1), as `Connection` itself is.
+        let is_connection = |n: &[u8]| n.eq_ignore_ascii_case(b"connection");
+        let hop_by_hop = e.headers.iter().any(|(n, _)| is_connection(n));
+        let options = || e.headers.iter().filter(|(n, _)| is_connection(n)).map(|(_, v)| v.as_slice());
         for (n, v) in &e.headers {
-            if NOT_FROM_REPLIES.iter().any(|h| n.eq_ignore_ascii_case(h.as_bytes())) {
+            if NOT_FROM_REPLIES.iter().any(|h| n.eq_ignore_ascii_case(h.as_bytes()))
+                || (hop_by_hop && names_option(options(), n))
+            {
                 continue;
             }
             // The decoder checked the grammar, so these parse.
@@ -795,6 +812,13 @@ impl Ingress {
         }
         r
     }
+}
+
+/// Whether the `Connection` field values `values` name `name` among their
+/// connection options (a list of tokens separated by commas, in any case;
+/// RFC 9110 7.6.1). Allocates nothing.
+fn names_option<'a>(mut values: impl Iterator<Item = &'a [u8]>, name: &[u8]) -> bool {
+    values.any(|v| v.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(name)))
 }
 
 /// Where this process's request ids start: random, so that a reply still
@@ -1277,6 +1301,18 @@ mod tests {
         for v in ["Bearer", "Bearer ", "Bearerk3y", "Basic k3y", "Bearer\tk3y", "Bear k3y", ""] {
             assert_eq!(bearer_token(v.as_bytes()), None, "{v:?}");
         }
+    }
+
+    #[test]
+    fn connection_options_are_tokens_separated_by_commas_in_any_case() {
+        let named = |vs: &[&str], n: &str| names_option(vs.iter().map(|v| v.as_bytes()), n.as_bytes());
+        assert!(named(&["x-a"], "x-a"));
+        assert!(named(&["close, X-A"], "x-a"));
+        assert!(named(&[" ,x-b ,, x-a\t"], "x-a"));
+        assert!(named(&["close", "x-a"], "x-a"));
+        assert!(!named(&["x-ab, x-", "x"], "x-a"));
+        assert!(!named(&[], "x-a"));
+        assert!(!named(&[""], "x-a"));
     }
 
     #[test]

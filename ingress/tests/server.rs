@@ -147,6 +147,8 @@ const SLOW: Duration = Duration::from_millis(1000);
 struct Recording {
     inner: InProcess,
     xff: std::sync::Mutex<Vec<Option<Vec<u8>>>>,
+    /// The headers of the last request envelope.
+    last_headers: std::sync::Mutex<Vec<(Vec<u8>, Vec<u8>)>>,
     /// Non-zero: the HTTP status written into every reply envelope (a
     /// function answering with any code it likes).
     status: std::sync::atomic::AtomicU16,
@@ -157,8 +159,10 @@ struct Recording {
 
 impl ingress::Upstream for Recording {
     fn call(&self, route: u16, tenant: u16, msg: ingress::PoolLease, request: u32) -> ingress::UpstreamFuture {
-        let seen = wire::http::decode(&msg.frags()).ok().and_then(|e| e.header("x-forwarded-for").map(<[u8]>::to_vec));
+        let env = wire::http::decode(&msg.frags()).ok();
+        let seen = env.as_ref().and_then(|e| e.header("x-forwarded-for").map(<[u8]>::to_vec));
         self.xff.lock().unwrap().push(seen);
+        *self.last_headers.lock().unwrap() = env.map(|e| e.headers).unwrap_or_default();
         let reply = self.inner.call(route, tenant, msg, request);
         let status = self.status.load(std::sync::atomic::Ordering::Relaxed);
         let extra = self.reply_headers.lock().unwrap().clone();
@@ -219,6 +223,7 @@ impl Server {
         let upstream = Arc::new(Recording {
             inner: up,
             xff: Default::default(),
+            last_headers: Default::default(),
             status: Default::default(),
             reply_headers: Default::default(),
         });
@@ -1330,6 +1335,74 @@ async fn a_dot_segment_with_path_parameters_is_refused() {
         let (st, head, body) = raw(srv.addr, req.as_bytes()).await;
         assert_eq!((st, body.as_slice()), (200, &b"abc"[..]), "{path}: {head}");
     }
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
+
+/// The header fields a reply's `Connection` names are hop-by-hop for that
+/// reply (RFC 9110 7.6.1): the ingress, a proxy, removes them with the
+/// `Connection` field itself. Before, only `Connection` and the fixed list
+/// of hop-by-hop fields were removed, and `x-hop` below reached the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_headers_a_replys_connection_names_are_not_passed_on() {
+    let srv = Server::default().await;
+    *srv.upstream.reply_headers.lock().unwrap() = vec![
+        ("connection", "X-Hop, ,x-other ,"),
+        ("x-hop", "1"),
+        ("x-other", "2"),
+        ("x-hop", "3"),
+        ("Connection", "x-third"),
+        ("x-third", "4"),
+        ("x-app", "kept"),
+        ("x-hopper", "kept too"),
+    ];
+    let mut c = Client::connect(srv.addr).await;
+    let (st, h, body) = c.post("/echo", b"abc").await;
+    assert_eq!((st, body.as_slice()), (StatusCode::OK, &b"abc"[..]));
+    for gone in ["x-hop", "x-other", "x-third", "connection"] {
+        assert!(h.get(gone).is_none(), "{gone}: {h:?}");
+    }
+    assert_eq!(h.get("x-app").unwrap(), "kept", "{h:?}");
+    assert_eq!(h.get("x-hopper").unwrap(), "kept too", "{h:?}");
+    // The connection serves on, and a reply with no Connection is whole.
+    srv.upstream.reply_headers.lock().unwrap().clear();
+    let (st, h, body) = c.post("/echo", b"again").await;
+    assert_eq!((st, body.as_slice()), (StatusCode::OK, &b"again"[..]));
+    assert_eq!(h.get("content-type").unwrap(), "text/x-test", "{h:?}");
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
+
+/// The header fields a request's `Connection` names are hop-by-hop for
+/// that request (RFC 9110 7.6.1) and are not forwarded to the function,
+/// even those the ingress forwards otherwise (`FORWARDED_HEADERS`). The
+/// ingress's own `x-forwarded-for` is kept whatever the client names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_headers_a_requests_connection_names_are_not_forwarded() {
+    let srv = Server::default().await;
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Request-Id\r\nx-request-id: r1\r\n\
+          User-Agent: ua\r\nconnection: user-agent ,x-forwarded-for\r\nAccept: a/b\r\n\
+          Content-Type: text/x-test\r\nContent-Length: 3\r\n\r\nabc",
+    )
+    .await
+    .unwrap();
+    let (st, head, body) = read_response(&mut s).await;
+    assert_eq!((st, body.as_slice()), (200, &b"abc"[..]), "{head}");
+    let names = |hs: &[(Vec<u8>, Vec<u8>)]| {
+        hs.iter().map(|(n, v)| format!("{}: {}", String::from_utf8_lossy(n), String::from_utf8_lossy(v))).collect()
+    };
+    let seen: Vec<String> = names(&srv.upstream.last_headers.lock().unwrap());
+    assert_eq!(seen, ["content-type: text/x-test", "accept: a/b", "x-forwarded-for: 127.0.0.1"]);
+    // Without a Connection field, they are forwarded.
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nx-request-id: r2\r\nUser-Agent: ua\r\nContent-Length: 2\r\n\r\nok")
+        .await
+        .unwrap();
+    let (st, head, _) = read_response(&mut s).await;
+    assert_eq!(st, 200, "{head}");
+    let seen: Vec<String> = names(&srv.upstream.last_headers.lock().unwrap());
+    assert_eq!(seen, ["user-agent: ua", "x-request-id: r2", "x-forwarded-for: 127.0.0.1"]);
     srv.assert_no_leak().await;
     srv.stop().await;
 }
