@@ -849,8 +849,9 @@ const LINGER_QUIET: Duration = Duration::from_millis(500);
 ///   write waits);
 /// * a lingering close: when the server ends a connection whose client has
 ///   not ended its stream (an early answer to a request whose body is
-///   still coming, a closing answer to a pipelining client, an idle
-///   connection at shutdown), it shuts its sending side and then reads and
+///   still coming, a closing answer to a pipelining client, hyper's own
+///   answer to a head it cannot parse (400, 431), an idle connection at
+///   shutdown), it shuts its sending side and then reads and
 ///   discards what comes until the client's end of stream,
 ///   [`LINGER_BYTES`], [`LINGER_TIME`], or [`LINGER_QUIET`] without a
 ///   byte. Closing

@@ -1406,3 +1406,59 @@ async fn the_headers_a_requests_connection_names_are_not_forwarded() {
     srv.assert_no_leak().await;
     srv.stop().await;
 }
+
+/// hyper's own answers to a head it cannot parse (400 for a malformed
+/// request line or header, 431 for a head over its buffer) close the
+/// connection through the same lingering close as the edge's early
+/// answers: a client still sending after such a head can read the answer,
+/// go on sending, and see the connection end with the server's FIN.
+/// Closed with the client's bytes unread, the socket would be reset, and
+/// the client's writes, or its reads, would fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hypers_own_error_answers_close_without_a_reset() {
+    let srv = Server::default().await;
+    let long_head = format!("GET /echo HTTP/1.1\r\nHost: x\r\nx-long: {}", "h".repeat(500 << 10));
+    for (head, code) in [
+        ("POST /echo HTTP/1.1 extra\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n".to_owned(), "400"),
+        ("POST /echo HTTP/1.1\r\nHost: x\r\nBad Header\r\nContent-Length: 2000000\r\n\r\n".to_owned(), "400"),
+        (long_head, "431"),
+    ] {
+        let what = &head[..30];
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        // The head and the first 64 KiB after it in one write: the server
+        // has bytes unread when it answers.
+        let mut first = head.clone().into_bytes();
+        first.extend_from_slice(&[b'z'; 64 << 10]);
+        s.write_all(&first).await.unwrap();
+        // The answer (hyper's carry no body).
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tokio::time::timeout(Duration::from_secs(20), s.read(&mut chunk)).await.expect("no answer") {
+                Ok(0) => panic!("{what}: closed before an answer: {:?}", String::from_utf8_lossy(&got)),
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(e) => panic!("{what}: reading the answer: {e}"),
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with(&format!("HTTP/1.1 {code} ")), "{what}: {text:?}");
+        // The client goes on sending (192 KiB more), as one that writes
+        // all of its request before it reads would.
+        let piece = [b'z'; 4096];
+        let mut sent = 0;
+        let mut failed = None;
+        while sent < 192 << 10 {
+            if let Err(e) = s.write_all(&piece).await {
+                failed = Some(e);
+                break;
+            }
+            sent += piece.len();
+        }
+        assert!(failed.is_none(), "{what}: sending failed after {sent} more bytes: {failed:?}");
+        // The connection ends with the server's FIN, not a reset.
+        let end = read_to_close(&mut s).await;
+        assert!(matches!(&end, Ok(rest) if rest.is_empty()), "{what}: {end:?}");
+    }
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
