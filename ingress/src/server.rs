@@ -358,9 +358,9 @@ impl Ingress {
             // a client's stream mid-body is still the client leaving
             // (hyper's body reader reports it). The cost: a client that
             // closes entirely while its chain runs sends the same FIN, so
-            // it is no longer seen to leave; its chain runs to the end and
-            // the answer goes into a closed socket (HAProxy's default,
-            // without `abortonclose`).
+            // it is no longer seen to leave; its chain runs to the end (or
+            // to the route's timeout) and the answer goes into a closed
+            // socket (HAProxy's default, without `abortonclose`).
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(self.settings.header_timeout)

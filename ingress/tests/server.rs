@@ -1462,3 +1462,52 @@ async fn hypers_own_error_answers_close_without_a_reset() {
     srv.assert_no_leak().await;
     srv.stop().await;
 }
+
+/// With `half_close`, a client that closes entirely once its request is
+/// sent is not seen to leave: its chain runs, and the answer goes into a
+/// closed socket. Such requests are still bounded by their route's
+/// timeout, and once their chains are done they hold no buffer, no
+/// request is counted in flight and no connection is counted open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_that_close_after_sending_their_request_leave_nothing_behind() {
+    let srv = Server::start(512, InProcessConfig { workers: 4, ..Default::default() }).await;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        // Four of them on a route whose chain takes longer than its
+        // timeout; the rest on quick ones.
+        let path = match i % 50 {
+            0 => "/slow",
+            n if n % 2 == 0 => "/chain",
+            _ => "/echo",
+        };
+        let addr = srv.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let body = random_bytes(1000 + i * 37, i as u64);
+            let mut req =
+                format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+            req.extend_from_slice(&body);
+            s.write_all(&req).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(20), t).await.unwrap().unwrap();
+    }
+    srv.assert_no_leak().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&srv, "dne_ingress_connections ") != Some(0) {
+        assert!(Instant::now() < deadline, "{}", srv.ingress.metrics_text());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Every request was answered, and those on `/slow` at its timeout
+    // (504), not when their chain ended.
+    let code = |route: &str, code: u16| {
+        metric(&srv, &format!(r#"dne_ingress_requests_total{{route="{route}",tenant="open",code="{code}"}}"#))
+    };
+    assert_eq!(code("/slow", 504), Some(4), "{}", srv.ingress.metrics_text());
+    assert_eq!(code("/chain", 200).unwrap_or(0) + code("/echo", 200).unwrap_or(0), 196);
+    // The server is still fine.
+    let mut c = Client::connect(srv.addr).await;
+    assert_eq!(c.post("/echo", b"still here").await.2, b"still here");
+    srv.stop().await;
+}
