@@ -270,7 +270,11 @@ pub struct PortSizes {
     /// have its share (this divided by the number of tenants, at least
     /// one) at most, so that a tenant whose peers take nothing of what it
     /// sends (each can hold a send window and a queue of `queue_high`)
-    /// cannot hold the slots the other tenants' messages need.
+    /// cannot hold the slots the other tenants' messages need. Likewise a
+    /// tenant's connection to one peer may have the tenant's share divided
+    /// by the number of peers (at least one) at most, so that its stalled
+    /// peers cannot hold the slots its messages to the others need (with
+    /// fewer slots in a share than peers, they can).
     pub flights: usize,
     /// Fabric sends of one connection queued in the endpoint before
     /// [`Port::can_send`] says no.
@@ -325,6 +329,11 @@ pub struct Port<T: Transport, B: Buffers> {
     /// ([`PortSizes::flights`]).
     tenant_flights: Vec<u32>,
     flight_share: u32,
+    /// Flights of each tenant to each peer, indexed like `routes` (those
+    /// of a connection that failed count until they complete, against the
+    /// connection that replaces it), and the most one may have.
+    route_flights: Vec<u32>,
+    route_share: u32,
     posted: Table<Posted>,
     sizes: PortSizes,
     comps: Vec<Completion>,
@@ -399,9 +408,12 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         }
         let recvs: usize = per_conn.iter().map(|&p| (p as usize + 1) * npeers * 2).sum();
         let flight_share = u32::try_from(sizes.flights / bufs.len().max(1)).unwrap_or(u32::MAX).max(1);
+        let route_share = (flight_share / u32::try_from(npeers).unwrap_or(u32::MAX)).max(1);
         Ok(Self {
             tenant_flights: vec![0; bufs.len()],
             flight_share,
+            route_flights: Vec::new(),
+            route_share,
             ep,
             mesh,
             ids,
@@ -468,12 +480,20 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         let i = usize::from(peer) * n;
         if self.routes.len() < i + n {
             self.routes.resize(i + n, None);
+            self.route_flights.resize(i + n, 0);
         }
         &mut self.routes[i..i + n]
     }
 
+    /// Index of tenant `t`'s route to `peer` in `routes` and
+    /// `route_flights`.
+    #[inline]
+    fn route_index(&self, t: u16, peer: u16) -> usize {
+        usize::from(peer) * self.bufs.len() + usize::from(t)
+    }
+
     fn conn(&self, t: u16, peer: u16) -> Option<ConnId> {
-        let c = (*self.routes.get(usize::from(peer) * self.bufs.len() + usize::from(t))?)?;
+        let c = (*self.routes.get(self.route_index(t, peer))?)?;
         debug_assert_eq!(self.mesh.conn(peer, self.ids[usize::from(t)]), Some(c));
         self.conns.get(c.index() as usize)?.as_ref().filter(|s| s.up).map(|_| c)
     }
@@ -528,17 +548,22 @@ impl<T: Transport, B: Buffers> Port<T, B> {
 
     /// Whether a message of tenant `t` to `peer` may be posted now: the
     /// connection is up, the peer granted credits, the endpoint's queue is
-    /// short and a flight slot of the tenant's share is free.
+    /// short and a flight slot of the tenant's share, and of its
+    /// connection's, is free.
     pub fn can_send(&self, t: u16, peer: u16) -> bool {
-        self.conn(t, peer)
-            .is_some_and(|c| self.has_flight(t) && self.ep.queued(c) < self.sizes.queue_high && self.ep.credits(c) > 0)
+        self.conn(t, peer).is_some_and(|c| {
+            self.has_flight(t, peer) && self.ep.queued(c) < self.sizes.queue_high && self.ep.credits(c) > 0
+        })
     }
 
-    /// Whether tenant `t` may have one more message in flight (its share of
-    /// the flight slots, see [`PortSizes::flights`]).
+    /// Whether tenant `t` may have one more message in flight, to `peer`
+    /// (its share of the flight slots and its connection's, see
+    /// [`PortSizes::flights`]).
     #[inline]
-    fn has_flight(&self, t: u16) -> bool {
-        !self.flights.free.is_empty() && self.tenant_flights.get(usize::from(t)).is_some_and(|&n| n < self.flight_share)
+    fn has_flight(&self, t: u16, peer: u16) -> bool {
+        !self.flights.free.is_empty()
+            && self.tenant_flights.get(usize::from(t)).is_some_and(|&n| n < self.flight_share)
+            && self.route_flights.get(self.route_index(t, peer)).is_some_and(|&n| n < self.route_share)
     }
 
     /// Sends a message (a chain of tenant `t`'s pool held by the caller)
@@ -583,13 +608,15 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         if self.stage.len() != usize::from(count) || u32::from(count) != lease.frags() {
             return Err((lease, desc, CompletionError::BadChain));
         }
-        if !self.has_flight(t) {
+        if !self.has_flight(t, peer) {
             return Err((lease, desc, CompletionError::Transport(-1)));
         }
         let Ok(token) = self.flights.insert(Flight { tenant: t, peer, msg: None, tag, left: 0, error: None }) else {
             return Err((lease, desc, CompletionError::Transport(-1)));
         };
+        let route = self.route_index(t, peer);
         self.tenant_flights[usize::from(t)] += 1;
+        self.route_flights[route] += 1;
         let region = self.regions[usize::from(t)];
         let mut posted = 0;
         let mut error = None;
@@ -609,6 +636,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         if posted == 0 {
             self.flights.remove(u64::from(token));
             self.tenant_flights[usize::from(t)] -= 1;
+            self.route_flights[route] -= 1;
             return Err((lease, desc, error.unwrap_or(CompletionError::Closed)));
         }
         if let Some(f) = self.flights.get_mut(u64::from(token)) {
@@ -833,6 +861,10 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         }
         let Some(f) = self.flights.remove(token) else { return };
         if let Some(n) = self.tenant_flights.get_mut(usize::from(f.tenant)) {
+            *n = n.saturating_sub(1);
+        }
+        let route = self.route_index(f.tenant, f.peer);
+        if let Some(n) = self.route_flights.get_mut(route) {
             *n = n.saturating_sub(1);
         }
         if let Some((lease, desc)) = f.msg {
@@ -1083,9 +1115,11 @@ mod tests {
     /// One tenant's peers that take none of the sends they granted credits
     /// for hold at most that tenant's share of the port's flight slots:
     /// another tenant's messages to a healthy peer still go. Before, the
-    /// slots were one pool for every tenant, and tenant 0's three stalled
-    /// peers (80 messages each: a send window and a queue) took all 200 of
-    /// them; tenant 1 could send nothing to anyone.
+    /// slots were one pool for every tenant, and tenant 0's stalled peers
+    /// (80 messages each: a send window and a queue) took all 200 of them;
+    /// tenant 1 could send nothing to anyone. (All four of tenant 0's
+    /// peers stall: each of its connections may hold a quarter of its
+    /// share.)
     #[test]
     fn one_tenants_stalled_peers_do_not_hold_another_tenants_sends() {
         let pools: Vec<PoolBufs> = (0..2)
@@ -1108,7 +1142,7 @@ mod tests {
             settle(&mut port, &mut out);
             assert!(port.is_up(0, peer) && port.is_up(1, peer), "{out:?}");
         }
-        let stalled: Vec<ConnId> = (1..=3).map(|peer| port.mesh.conn(peer, 0).unwrap()).collect();
+        let stalled: Vec<ConnId> = (1..=4).map(|peer| port.mesh.conn(peer, 0).unwrap()).collect();
         port.ep.transport_mut().stall = stalled;
         let send = |port: &mut Port<Wire, PoolBufs>, t: u16, peer: u16, tag: u64| {
             let lease = port.bufs(t).0.alloc(8, Owner::Held(1)).unwrap();
@@ -1121,13 +1155,13 @@ mod tests {
         // Tenant 0 sends to its stalled peers all they let it.
         let mut sent = 0;
         for _ in 0..1000 {
-            let Some(peer) = (1..=3).find(|&p| port.can_send(0, p)) else { break };
+            let Some(peer) = (1..=4).find(|&p| port.can_send(0, p)) else { break };
             send(&mut port, 0, peer, 0).unwrap();
             sent += 1;
             settle(&mut port, &mut out);
         }
-        assert!((1..=3).all(|p| !port.can_send(0, p)), "tenant 0 kept sending");
-        assert!(sent >= 100, "tenant 0 sent {sent}");
+        assert!((1..=4).all(|p| !port.can_send(0, p)), "tenant 0 kept sending");
+        assert_eq!(sent, 100, "tenant 0's share");
         assert!(!out.iter().any(|e| matches!(e, PortEvent::Sent { tenant: 0, .. })), "{out:?}");
         out.clear();
         // Tenant 1's messages to its healthy peer go, and complete.
@@ -1138,6 +1172,57 @@ mod tests {
         }
         let done = out.iter().filter(|e| matches!(e, PortEvent::Sent { tenant: 1, peer: 4, result: Ok(()), .. }));
         assert_eq!(done.count(), 50, "{out:?}");
+    }
+
+    /// Within one tenant, peers that take none of the sends they granted
+    /// credits for hold at most a connection's part of the tenant's flight
+    /// slots (its share divided by the number of peers): the tenant's
+    /// messages to a healthy peer still go. Before, a connection could
+    /// hold a send window and a queue (80 messages here), and three
+    /// stalled peers took all 200 of the tenant's slots: its sends to the
+    /// fourth, healthy, peer stopped too.
+    #[test]
+    fn a_tenants_stalled_peers_do_not_hold_its_sends_to_a_healthy_peer() {
+        let g = wire::PoolGeometry::new(0, 1024, 1024, wire::fabric::HEADROOM, 4).unwrap();
+        let pool = PoolBufs(Pool::create("port-test-conn-share", g, shm::PagePolicy::Normal).unwrap(), 0);
+        let (mesh, cmds, _notes) = Mesh::by_hand(vec![0]);
+        let ep = Endpoint::new(Wire::default(), EndpointConfig { max_conns: 16, max_chain: 8, ..Default::default() });
+        let tenants = vec![PortTenant { id: 0, bufs: pool, per_conn: 4 }];
+        let mut port = Port::with_mesh(ep, mesh, 4, tenants, PortSizes::new(200, 16)).unwrap();
+        let mut out = Vec::new();
+        for peer in 1..=4 {
+            link_up(&mut port, &cmds, peer);
+        }
+        let stalled: Vec<ConnId> = (1..=3).map(|peer| port.mesh.conn(peer, 0).unwrap()).collect();
+        port.ep.transport_mut().stall = stalled;
+        let send = |port: &mut Port<Wire, PoolBufs>, peer: u16, tag: u64| {
+            let lease = port.bufs(0).0.alloc(8, Owner::Held(1)).unwrap();
+            let desc = Descriptor { tenant: 0, dst_fn: 3, len: 8, ..Descriptor::default() };
+            port.send(0, peer, lease, desc, tag).map_err(|(l, _, e)| {
+                port.bufs_mut(0).free(l);
+                e
+            })
+        };
+        // The stalled peers take all they let the tenant send.
+        let mut sent = 0;
+        for _ in 0..1000 {
+            let Some(peer) = (1..=3).find(|&p| port.can_send(0, p)) else { break };
+            send(&mut port, peer, 0).unwrap();
+            sent += 1;
+            settle(&mut port, &mut out);
+        }
+        assert!((1..=3).all(|p| !port.can_send(0, p)), "the tenant kept sending");
+        assert!(!out.iter().any(|e| matches!(e, PortEvent::Sent { .. })), "{out:?}");
+        out.clear();
+        // Its messages to the healthy peer go, and complete.
+        for tag in 0..50 {
+            assert!(port.can_send(0, 4), "held back by its stalled peers ({sent} in flight)");
+            send(&mut port, 4, tag).unwrap();
+            settle(&mut port, &mut out);
+        }
+        let done = out.iter().filter(|e| matches!(e, PortEvent::Sent { peer: 4, result: Ok(()), .. }));
+        assert_eq!(done.count(), 50, "{out:?}");
+        assert_eq!(sent, 150, "each stalled peer holds 200 / 4");
     }
 
     /// Lands a peer's fabric message (its header, then `payload` bytes) in
