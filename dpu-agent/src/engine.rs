@@ -319,12 +319,22 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     /// [`UNREACHABLE_AFTER`] after the tenant's connection came up, or
     /// before it came up, is in the same outage (a flapping link would
     /// otherwise start the wait anew at every flap, and hold the calls for
-    /// as long as it flaps). Per tenant: after a blip the tenants'
-    /// connections come up one by one.
+    /// as long as it flaps). So a connection that fails (a new outage when
+    /// it had been up that long), comes back and goes down again within
+    /// that time is in the outage that began at its failure: a message
+    /// that had waited long for credits waits [`UNREACHABLE_AFTER`] from
+    /// the failure, the time the link was up again included, and goes back
+    /// at the second down if that has passed. Per tenant: after a blip the
+    /// tenants' connections come up one by one.
     went_down: Vec<Vec<Option<Instant>>>,
     /// Per tenant and fabric node: when the tenant's connection to it came
     /// up (`None`: it has gone down since, or never came up), to tell a
-    /// flap from a new outage (see `went_down`).
+    /// flap from a new outage (see `went_down`). A connection that fails
+    /// is not up at once for the port, but its outage starts only when the
+    /// engine sees it: at the `PeerDown` of the link's reset that follows,
+    /// or at the next control pass (`conns_lost`). Until then a message
+    /// waits for it as for one that is up: one that waited long for
+    /// credits is not bounced in that moment.
     came_up: Vec<Vec<Option<Instant>>>,
     /// Wire bytes of the nodes that are stalled ([`STALLED_AFTER`]), as
     /// of the last control pass.
@@ -568,6 +578,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         self.port.control(&mut events);
         self.handle(&mut events, now);
         self.events = events;
+        self.conns_lost(now);
         self.metrics.peers_up.set(i64::from(self.port.peers_up()));
         for t in 0..self.tenants.len() {
             let m = &self.metrics.tenants[self.gid(t)];
@@ -708,19 +719,39 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         }
     }
 
+    /// Tenant `t`'s connection to `p` went down at `now`: a new outage,
+    /// unless the link is flapping (see `went_down`).
+    fn went_down_at(&mut self, t: usize, p: usize, now: Instant) {
+        let down = self.went_down.get_mut(t).and_then(|d| d.get_mut(p));
+        let up = self.came_up.get_mut(t).and_then(|u| u.get_mut(p));
+        let (Some(down), Some(up)) = (down, up) else { return };
+        let settled = up.take().is_some_and(|u| now.saturating_duration_since(u) >= UNREACHABLE_AFTER);
+        if down.is_none() || settled {
+            *down = Some(now);
+        }
+    }
+
+    /// Connections that came up and are not up now (they failed; the
+    /// `PeerDown` of the link's reset has not come yet) went down at
+    /// `now` (see `came_up`).
+    fn conns_lost(&mut self, now: Instant) {
+        for t in 0..self.came_up.len() {
+            for p in 0..self.came_up[t].len() {
+                if self.came_up[t][p].is_some() && !self.port.is_up(t as u16, p as u16) {
+                    self.went_down_at(t, p, now);
+                }
+            }
+        }
+    }
+
     fn peer_down(&mut self, peer: u16, now: Instant) {
         // Messages queued for the peer go back to their senders (calls to
         // a function with other nodes wait in its own queue, not here).
         if peer >= self.fabric_nodes {
             return;
         }
-        let p = usize::from(peer);
-        for (down, up) in self.went_down.iter_mut().zip(&mut self.came_up) {
-            // A new outage, unless the link is flapping (see `went_down`).
-            let settled = up[p].take().is_some_and(|u| now.saturating_duration_since(u) >= UNREACHABLE_AFTER);
-            if down[p].is_none() || settled {
-                down[p] = Some(now);
-            }
+        for t in 0..self.went_down.len() {
+            self.went_down_at(t, usize::from(peer), now);
         }
         for t in 0..self.tenants.len() {
             let mut q = self.tenants[t].sends.take_peer(peer);
@@ -1191,9 +1222,14 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
     fn first_ready(&self, t: usize) -> Option<usize> {
         let t16 = t as u16;
         // Waited long enough for a link: since it was queued, and since
-        // the latest of its nodes' links went down.
+        // the latest of its nodes' links went down (none of them failed
+        // without the engine having seen it yet, see `came_up`).
         let gave_up = |since: Instant, nodes: &[u16]| {
-            let down = nodes.iter().filter_map(|&n| self.went_down[t].get(usize::from(n)).copied().flatten()).max();
+            let (down, up) = (&self.went_down[t], &self.came_up[t]);
+            if nodes.iter().any(|&n| up.get(usize::from(n)).is_some_and(Option::is_some)) {
+                return false;
+            }
+            let down = nodes.iter().filter_map(|&n| down.get(usize::from(n)).copied().flatten()).max();
             down.map_or(since, |d| d.max(since)).elapsed() > UNREACHABLE_AFTER
         };
         self.tenants[t].sends.pick(|o| match self.spread_fn(o.peer) {
@@ -1866,6 +1902,93 @@ mod tests {
             e.step(Instant::now());
             let want = if bounced { queued as u64 } else { 0 };
             assert_eq!(e.metrics.tenants[0].drops(Why::Unreachable), want, "{flap}");
+        }
+    }
+
+    /// Calls that waited long for credits are not bounced either in the
+    /// moment between their nodes' connections failing (the port says they
+    /// are not up) and the `PeerDown` that follows (the mesh resets the
+    /// link when one of its connections fails, a few milliseconds later):
+    /// the engine starts the outage when it sees the connections gone, at
+    /// that `PeerDown` or at its next control pass, whichever comes first,
+    /// and the calls wait `UNREACHABLE_AFTER` from then. Before, they were
+    /// bounced as `Unreachable` at the first pass in that moment (their
+    /// nodes' links had never been seen down, so they had waited for one
+    /// since their queueing), but given the wait when the `PeerDown` came
+    /// first.
+    #[test]
+    fn calls_are_not_bounced_the_moment_their_connections_fail() {
+        use fabric::PortEvent::Up;
+        let long_ago = Instant::now() - 2 * super::UNREACHABLE_AFTER;
+        for noticed in ["at the control pass", "long ago"] {
+            let mut e = lone_engine_with(3, G_BOTH);
+            e.link(0).template().dst_fn = 3; // g, on n1 and n2
+            e.step(Instant::now());
+            let queued = e.tenants[0].sends.len();
+            assert!(queued > 0);
+            e.tenants[0].sends.by_peer.iter_mut().flatten().for_each(|o| o.since = long_ago);
+            e.link(0).template().dst_fn = 0; // nothing more for g
+            // The connections were up (since long ago, while the calls
+            // waited for credits); now they are not (they failed), and no
+            // PeerDown came yet.
+            e.handle(&mut vec![Up { tenant: 0, peer: 1 }, Up { tenant: 0, peer: 2 }], long_ago);
+            e.step(Instant::now());
+            assert_eq!(e.metrics.tenants[0].drops(Why::Unreachable), 0, "bounced as the connections failed");
+            assert_eq!(e.tenants[0].sends.len(), queued);
+            match noticed {
+                "at the control pass" => {
+                    e.control(Instant::now());
+                    e.step(Instant::now());
+                    assert_eq!(e.metrics.tenants[0].drops(Why::Unreachable), 0, "the outage starts now");
+                    // The PeerDowns that follow are in the same outage.
+                    e.peer_down(1, Instant::now());
+                    e.peer_down(2, Instant::now());
+                    e.step(Instant::now());
+                    assert_eq!(e.metrics.tenants[0].drops(Why::Unreachable), 0, "after the PeerDowns");
+                }
+                _ => {
+                    // Seen gone that long ago: they have waited enough.
+                    e.conns_lost(long_ago);
+                    e.step(Instant::now());
+                    assert_eq!(e.metrics.tenants[0].drops(Why::Unreachable), queued as u64);
+                }
+            }
+        }
+    }
+
+    /// The case a review asked about: a tenant's connection fails (the mesh
+    /// then resets the whole link: a `PeerDown`, a new outage when the
+    /// connection had been up `UNREACHABLE_AFTER`), comes back, and goes
+    /// down again less than that after: a flap, in the outage that began
+    /// at the failure. Calls that waited long for credits before it got
+    /// `UNREACHABLE_AFTER` from the failure (not from the second down):
+    /// they wait on when the failure was more recent, and go back at once
+    /// when it was longer ago, the brief time up included. (A connection
+    /// never comes back without that `PeerDown`: only a new epoch of the
+    /// link opens one, and it closes the old epoch's first.)
+    #[test]
+    fn a_link_that_fails_comes_back_and_goes_down_again_is_one_outage() {
+        use fabric::PortEvent::Up;
+        let ua = super::UNREACHABLE_AFTER;
+        let now = Instant::now();
+        let long_ago = now - 2 * ua;
+        for (failed, bounced) in [(now - ua * 3 / 4, false), (now - ua * 5 / 4, true)] {
+            let mut e = lone_engine_with(3, G_BOTH);
+            e.link(0).template().dst_fn = 3; // g, on n1 and n2
+            e.step(now);
+            let queued = e.tenants[0].sends.len();
+            assert!(queued > 0);
+            e.tenants[0].sends.by_peer.iter_mut().flatten().for_each(|o| o.since = long_ago);
+            e.link(0).template().dst_fn = 0; // nothing more for g
+            for peer in [1, 2] {
+                e.handle(&mut vec![Up { tenant: 0, peer }], long_ago);
+                e.peer_down(peer, failed);
+                e.handle(&mut vec![Up { tenant: 0, peer }], now - ua / 2);
+                e.peer_down(peer, now);
+            }
+            e.step(Instant::now());
+            let want = if bounced { queued as u64 } else { 0 };
+            assert_eq!(e.metrics.tenants[0].drops(Why::Unreachable), want, "failed {:?} ago", now - failed);
         }
     }
 
