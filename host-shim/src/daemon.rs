@@ -13,6 +13,13 @@
 //!   it freed without hinting ([`shm::Pool::repair`]); it scans again
 //!   after a grace period to catch a sender that handed a buffer over just
 //!   as the function died, and only then reuses the slot.
+//! * Answers the calls still waiting in a dead function's ring (published,
+//!   not yet consumed) with `PeerDied`, as the agent's engine answers a
+//!   call whose instance dies as it delivers it: the call's first buffer
+//!   becomes the error (the rest of its chain is freed), which goes to a
+//!   live instance of the calling function on this node, or through the
+//!   agent's uplink to the ingress that originated the request or to a
+//!   caller on another node (see [`Shimd::answer_dead_calls`]).
 //! * Drops a function that is alive and misbehaves (a control frame that
 //!   does not decode, a reply it left unread past the send timeout):
 //!   closes its ring so senders stop, and kills it (`SIGKILL` through the
@@ -67,8 +74,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use wire::ctrl::{AGENT_NAME, Ack, AttachOk, CTRL_MAX_FRAME, CtrlError, CtrlKind, CtrlMsg, Peer, Role};
+use wire::desc::NO_NODE;
 use wire::segment::AGENT_SLOT;
-use wire::{CtrlFrame, ErrorCode};
+use wire::{CtrlFrame, DescFlags, Descriptor, ErrorCode, Owner};
 
 /// Slots of each tenant's uplink ring (functions to the agent).
 pub const UPLINK_CAPACITY: u32 = 4096;
@@ -218,6 +226,14 @@ pub struct Stats {
     /// Functions dropped while alive (see the module docs) and sent
     /// `SIGKILL`.
     pub killed: u64,
+    /// Calls waiting in the ring of a function that died, answered
+    /// `PeerDied` to their callers.
+    pub dead_calls_answered: u64,
+    /// Calls waiting in the ring of a function that died that could not
+    /// be answered (the caller's ring full or closed, no live instance of
+    /// the calling function here, a caller no function of the tenant):
+    /// freed, and their callers wait for their timeouts.
+    pub dead_calls_unanswered: u64,
 }
 
 /// A ring of a tenant, named by who consumes it.
@@ -255,6 +271,27 @@ struct Holes {
     handed: Vec<u32>,
 }
 
+/// The slot of a function that died, out of use until `due`
+/// ([`RECLAIM_GRACE`] after its death); then the calls that waited in its
+/// ring are answered ([`Shimd::answer_dead_calls`]), and what it still
+/// owns is freed.
+#[derive(Debug)]
+struct Cooling {
+    due: Instant,
+    tenant: u16,
+    slot: u16,
+    /// The calls (not replies, errors or voids) published in its ring and
+    /// not consumed when it died, whose buffers were kept.
+    calls: Vec<Descriptor>,
+}
+
+/// Whether a descriptor found in a dead function's ring is a call whose
+/// caller waits for an answer: not a void or a descriptor no receiver
+/// accepts, not a reply, not an error.
+fn is_call(d: &Descriptor) -> bool {
+    d.validate_fields().is_ok() && d.flags & (DescFlags::ERROR | DescFlags::REPLY) == 0
+}
+
 /// The daemon's state.
 pub struct Shimd {
     cfg: Cluster,
@@ -269,7 +306,9 @@ pub struct Shimd {
     clients: Vec<Client>,
     next_slot: u16,
     free_slots: Vec<u16>,
-    cooling: Vec<(Instant, u16, u16)>,
+    /// Slots of dead functions kept out of use until [`RECLAIM_GRACE`] is
+    /// over, with the calls that waited in their rings.
+    cooling: Vec<Cooling>,
     /// Functions dropped while alive, until their processes exit.
     dropped: Vec<Dropped>,
     holes: Vec<Holes>,
@@ -1072,20 +1111,158 @@ impl Shimd {
     /// The process of function `a` (pid `pid`) is gone: what it may have
     /// left half done in the tenant's rings is noted, its ring closed, its
     /// buffers reclaimed, and its slot cools down before it is used again.
+    ///
+    /// The calls waiting in its ring keep their buffers until the grace is
+    /// over, when they are answered ([`Shimd::answer_dead_calls`]): a
+    /// sender whose push published just as the ring closed sees the close
+    /// and takes its message back meanwhile, and deals with it itself (it
+    /// tries another instance, or tells its caller), so no call is
+    /// answered twice. What a push publishes after the snapshot below is
+    /// freed now, as before: its sender's take-back fails, and it answers
+    /// its caller (the agent's engine does; the function library reports
+    /// `NoInstance` without the message).
     fn died(&mut self, pid: i32, a: Attached, why: &str) {
         self.note_holes(a.tenant);
         a.ring.close();
-        let n = self.pools.get(&a.tenant).map_or(0, |p| p.reclaim(a.slot));
+        let calls: Vec<Descriptor> = a.ring.waiting().into_iter().filter(is_call).collect();
+        let n = self.pools.get(&a.tenant).map_or(0, |p| {
+            if calls.is_empty() {
+                return p.reclaim(a.slot);
+            }
+            let keep: std::collections::HashSet<u32> = calls.iter().flat_map(|d| p.chain_of(d)).collect();
+            let mut n = 0;
+            for owner in [Owner::Function(a.slot), Owner::Held(a.slot)] {
+                // (A compare-and-swap each: a sender taking back a buffer
+                // at the same moment gets it, or it is freed here.)
+                n += p.owned_by(owner).into_iter().filter(|i| !keep.contains(i) && p.free_orphan(*i, owner)).count();
+            }
+            n as u32
+        });
         self.rehint(a.tenant, "after a death");
         self.stats.deaths += 1;
         self.stats.reclaimed += u64::from(n);
-        self.cooling.push((Instant::now() + RECLAIM_GRACE, a.tenant, a.slot));
         log::info!(
-            "pid {pid} ({}#{}, slot {}) {why}: reclaimed {n} buffers",
+            "pid {pid} ({}#{}, slot {}) {why}: reclaimed {n} buffers; {} calls waited in its ring",
             self.cfg.functions[usize::from(a.function)].name,
             a.instance,
-            a.slot
+            a.slot,
+            calls.len()
         );
+        self.cooling.push(Cooling { due: Instant::now() + RECLAIM_GRACE, tenant: a.tenant, slot: a.slot, calls });
+    }
+
+    /// Answers the calls that waited in the ring of the dead function of
+    /// `slot` with `PeerDied`, as the agent's engine answers a call whose
+    /// instance died as it delivered it (`answer_lost`, `bounce_from`):
+    ///
+    /// * the call of an ingress (`origin` another node) goes, marked
+    ///   `REPLY`, to the agent's uplink, which sends it to that node;
+    /// * the call of a function that does not run on this node, or one
+    ///   marked `ELSEWHERE`, came through the agent from another node: the
+    ///   error, for the calling function, goes to the uplink in the call's
+    ///   own first buffer, by which the agent knows the node the call came
+    ///   from (the engine's `error_back`);
+    /// * the call of a function that runs here goes to a live instance of
+    ///   it (as the engine delivers an error for a caller here, to any of
+    ///   its instances); with none alive it is not answered. A descriptor
+    ///   does not name its caller's node, so when the calling function
+    ///   also runs on other nodes, a call one of those sent through the
+    ///   agent is answered here too, to the local instance.
+    ///
+    /// Each error is the call's first buffer, empty; the rest of its chain
+    /// is freed, so answering allocates nothing. A call whose buffers are
+    /// no longer the dead function's (its sender took it back) is left to
+    /// its sender. One that cannot be answered (the ring full or closed,
+    /// no caller to answer) is counted as unanswered and freed.
+    ///
+    /// The calls are not delivered again to another live instance of the
+    /// function, though they are whole: the agent's engine does not either
+    /// once a call reached an instance (only a delivery that failed goes
+    /// on, to another node), and `PeerDied` already means "maybe
+    /// delivered", so the caller, which knows whether its call may be
+    /// repeated, decides. A call that killed its instance would kill the
+    /// next one too, and host-shimd would become a forwarder of payloads.
+    fn answer_dead_calls(&mut self, tenant: u16, slot: u16, calls: Vec<Descriptor>) {
+        let Some(pool) = self.pools.get(&tenant) else { return };
+        let held = Owner::Held(slot);
+        let (mut answered, mut unanswered) = (0u64, 0u64);
+        for d in calls {
+            // All of its chain, or none: a sender taking it back at the
+            // same moment gets it whole, or does not get it.
+            let Ok(lease) = pool
+                .take_back(d.buf, d.len, Owner::Function(slot), held)
+                .or_else(|_| pool.take_back(d.buf, d.len, held, held))
+            else {
+                continue;
+            };
+            let head = lease.head();
+            let rest: Vec<u32> = pool.chain(&lease).skip(1).collect();
+            for i in rest {
+                pool.free_orphan(i, held);
+            }
+            let error = shm::Lease::by_index(head, 0, 1, held);
+            let mut e = Descriptor {
+                flags: d.flags | DescFlags::ERROR,
+                status: ErrorCode::PeerDied as u8,
+                buf: head,
+                len: 0,
+                ..d
+            };
+            let to = if d.origin != NO_NODE && d.origin != self.node {
+                e.flags |= DescFlags::REPLY;
+                self.uplinks.get(&tenant).map(|u| (&u.ring, &u.bell, AGENT_SLOT))
+            } else {
+                e.dst_fn = d.src_fn;
+                match self.cfg.functions.get(usize::from(d.src_fn)) {
+                    Some(f) if self.cfg.tenant_id(&f.tenant) != Some(tenant) => None,
+                    // (A call marked ELSEWHERE came through the agent from
+                    // another node, whatever nodes its caller runs on.)
+                    Some(f) if self.cfg.runs_on(f, self.node) && d.flags & DescFlags::ELSEWHERE == 0 => self
+                        .clients
+                        .iter()
+                        .filter_map(|c| c.attached.as_ref())
+                        .find(|a| !a.agent && a.function == d.src_fn)
+                        .map(|a| (&a.ring, &a.bell, a.slot)),
+                    Some(_) => self.uplinks.get(&tenant).map(|u| (&u.ring, &u.bell, AGENT_SLOT)),
+                    None => None,
+                }
+            };
+            let delivered = to.is_some_and(|(ring, bell, to)| {
+                let to = Owner::Function(to);
+                if pool.hand_over(error, to).is_err() {
+                    return false;
+                }
+                match ring.push(&[e]) {
+                    Ok(p) => {
+                        if p.wake
+                            && let Err(e) = bell.ring()
+                        {
+                            log::warn!("waking the caller of a dead function: {e}");
+                        }
+                        true
+                    }
+                    Err(_) => {
+                        // Back to the dead slot, freed below.
+                        let _ = pool.take_back(head, 0, to, held);
+                        false
+                    }
+                }
+            });
+            if delivered {
+                answered += 1;
+            } else {
+                unanswered += 1;
+                pool.free_orphan(head, held);
+            }
+        }
+        if answered + unanswered > 0 {
+            log::info!(
+                "tenant {}: {answered} call(s) waiting for the function of slot {slot} when it died answered peer_died, {unanswered} could not be",
+                self.cfg.tenants[usize::from(tenant)].name
+            );
+        }
+        self.stats.dead_calls_answered += answered;
+        self.stats.dead_calls_unanswered += unanswered;
     }
 
     /// Hints the free buffers of `tenant` whose hint is clear (see
@@ -1219,8 +1396,10 @@ impl Shimd {
         }
         let mut k = 0;
         while k < self.cooling.len() {
-            let (when, tenant, slot) = self.cooling[k];
-            if when <= now {
+            let Cooling { due, tenant, slot, .. } = self.cooling[k];
+            if due <= now {
+                let calls = std::mem::take(&mut self.cooling[k].calls);
+                self.answer_dead_calls(tenant, slot, calls);
                 let n = self.pools.get(&tenant).map_or(0, |p| p.reclaim(slot));
                 if n > 0 {
                     log::info!("late reclaim of {n} buffers of slot {slot}");
@@ -1283,7 +1462,7 @@ impl Shimd {
         };
         let agent = self.uplinks.values().filter(|u| u.attached).count();
         let s = format!(
-            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"rehinted\":{},\"bad_frames\":{},\"voids\":{},\"orphans\":{},\"hole_checks\":{},\"held\":{},\"accept_failed\":{},\"idle_dropped\":{},\"crowd_refused\":{},\"cooling\":{},\"dropped\":{},\"overdue\":{},\"killed\":{},\"pools\":[{}]{bridge}}}\n",
+            "{{\"node\":\"{}\",\"live\":{live},\"agent_tenants\":{agent},\"attached\":{},\"attach_refused\":{},\"lookup_refused\":{},\"deaths\":{},\"reclaimed\":{},\"rehinted\":{},\"bad_frames\":{},\"voids\":{},\"orphans\":{},\"hole_checks\":{},\"held\":{},\"accept_failed\":{},\"idle_dropped\":{},\"crowd_refused\":{},\"cooling\":{},\"dropped\":{},\"overdue\":{},\"killed\":{},\"dead_calls\":{{\"answered\":{},\"unanswered\":{}}},\"pools\":[{}]{bridge}}}\n",
             self.cfg.nodes[usize::from(self.node)].name,
             self.stats.attached,
             map(&self.stats.attach_refused),
@@ -1303,6 +1482,8 @@ impl Shimd {
             self.dropped.len(),
             self.dropped.iter().filter(|d| d.overdue).count(),
             self.stats.killed,
+            self.stats.dead_calls_answered,
+            self.stats.dead_calls_unanswered,
             pools.join(",")
         );
         let path = status_path(&self.dir);

@@ -69,6 +69,11 @@ name = "n1"
 address = "127.0.0.1:7101"
 runtime_dir = "{}"
 
+[[node]]
+name = "n2"
+address = "127.0.0.1:7102"
+runtime_dir = "{}/n2"
+
 [[tenant]]
 name = "acme"
 weight = 1
@@ -124,6 +129,12 @@ name = "b1"
 tenant = "acme"
 node = "n1"
 
+# A function of another node: calls from it reach n1 through the agent.
+[[function]]
+name = "far"
+tenant = "acme"
+node = "n2"
+
 # Route 0: the fan-out and gather roles of the sample function.
 [[route]]
 path = "/fan"
@@ -136,6 +147,7 @@ path = "/chain"
 tenant = "acme"
 chain = ["upper", "rot13"]
 "#,
+        dir.display(),
         dir.display()
     )
 }
@@ -406,14 +418,21 @@ fn killing_a_function_100_times_leaks_no_buffer() {
     for round in 0..100u32 {
         let i = node.start_fn("hoarder", "echo", None, 7);
         // It holds 7 messages of its own; hand it two more, which it may
-        // not have taken off its ring yet when it dies.
+        // not have taken off its ring yet when it dies (those come back to
+        // the client as errors, which it frees).
         for _ in 0..2 {
             let m = client.alloc(20_000).unwrap();
             client.send(m, "hoarder").unwrap();
         }
         assert!(free_or_cached(&client) < total);
         node.fns[i].kill9();
-        wait_for(&format!("round {round}: every buffer back"), WATCHDOG, || free_or_cached(&client) == total);
+        wait_for(&format!("round {round}: every buffer back"), WATCHDOG, || {
+            while let Some(m) = client.try_recv() {
+                assert_eq!(m.desc().error_code(), Some(ErrorCode::PeerDied), "{:?}", m.desc());
+                client.free(m).unwrap();
+            }
+            free_or_cached(&client) == total
+        });
         node.fns.pop();
     }
     wait_for("status shows 100 deaths", WATCHDOG, || node.status().contains("\"deaths\":100"));
@@ -1587,4 +1606,110 @@ fn a_dropped_function_that_cannot_be_killed_keeps_its_slot_until_it_exits() {
     wait_for("every buffer of the pool free", WATCHDOG, || {
         dne_tests::cluster::json_u64(&node.status(), "free") == Some(512)
     });
+}
+
+/// How long a caller waits here for the answer to a call its callee died
+/// with (a watchdog: host-shimd answers within its reclaim grace, 200 ms).
+const DEAD_CALL_ANSWER: Duration = Duration::from_secs(10);
+
+/// Calls a function sends to another that dies before taking them (here:
+/// stopped with SIGSTOP while they queue in its ring, then killed) are
+/// answered `PeerDied` to their caller by host-shimd as it reclaims the
+/// dead instance, each in one buffer of its own chain (the rest freed),
+/// and no buffer is lost. Before, host-shimd freed them with everything
+/// else the instance owned, and the caller waited for ever (here: no
+/// answer within the watchdog).
+#[test]
+fn calls_waiting_in_the_ring_of_a_function_that_dies_are_answered_peer_died() {
+    let mut node = start_node("dead-ring");
+    let mut client = Function::attach(&node.socket(), "acme", "client").unwrap();
+    let total = free_or_cached(&client);
+    let i = node.start_fn("upper", "upper", None, 0);
+    dne_tests::stop_process(node.fns[i].pid());
+    let calls: Vec<u32> = (100..105).collect();
+    for &r in &calls {
+        // Two buffers each: one becomes the error, the other is freed.
+        let mut m = client.alloc(20_000).unwrap();
+        m.set_request(r);
+        client.send(m, "upper").unwrap();
+    }
+    node.fns[i].kill9();
+    let mut answered = Vec::new();
+    for _ in &calls {
+        let m = client
+            .recv_timeout(Some(DEAD_CALL_ANSWER))
+            .unwrap()
+            .unwrap_or_else(|| panic!("no answer; answered so far {answered:?}; {}", node.status()));
+        let d = *m.desc();
+        assert_eq!(d.error_code(), Some(ErrorCode::PeerDied), "{d:?}");
+        assert_eq!(d.flags & wire::DescFlags::REPLY, 0, "to the calling function, not an ingress: {d:?}");
+        assert_eq!((d.dst_fn, d.src_fn, d.len), (client.info().function, client.info().function, 0), "{d:?}");
+        answered.push(d.request);
+        client.free(m).unwrap();
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, calls);
+    assert!(client.try_recv().is_none(), "one answer per call");
+    wait_for("every buffer back", WATCHDOG, || free_or_cached(&client) == total);
+    let n = |k: &str| dne_tests::cluster::status_number(&node.status(), k);
+    assert_eq!((n("answered"), n("unanswered")), (Some(5), Some(0)), "{}", node.status());
+}
+
+/// Calls the agent delivered to a function that dies before taking them
+/// are answered `PeerDied` through the agent's uplink, routed as the
+/// agent's engine answers a call it could not deliver: the call of an
+/// ingress as a reply to it (`REPLY`, its `origin` kept), the call of a
+/// function on another node as an error for that function in the call's
+/// own head buffer (the agent sends it to the node the call came from).
+/// Before, both were freed, and their callers waited for their timeouts
+/// (here: nothing in the uplink within the watchdog).
+#[test]
+fn calls_from_the_agent_waiting_in_a_dead_functions_ring_are_answered_through_the_uplink() {
+    let mut node = start_node("dead-ring-agent");
+    let cfg = config::Cluster::load(Path::new(&node.config())).unwrap();
+    let far = cfg.function_id("far").unwrap();
+    let mut agent = Function::attach_agent(&node.socket(), "acme").unwrap();
+    let total = free_or_cached(&agent);
+    let i = node.start_fn("upper", "upper", None, 0);
+    dne_tests::stop_process(node.fns[i].pid());
+    // From an ingress (node n2 here stands for it): request 1.
+    let mut m = agent.alloc(100).unwrap();
+    m.set_request(1);
+    m.desc_mut().origin = 1;
+    m.desc_mut().src_fn = far;
+    agent.send(m, "upper").unwrap();
+    // From function `far` on n2, no reply expected by an ingress: request 2.
+    let mut m = agent.alloc(40_000).unwrap();
+    m.set_request(2);
+    m.desc_mut().src_fn = far;
+    let head = m.desc().buf;
+    agent.send(m, "upper").unwrap();
+    node.fns[i].kill9();
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let m = agent
+            .recv_timeout(Some(DEAD_CALL_ANSWER))
+            .unwrap()
+            .unwrap_or_else(|| panic!("no answer in the uplink; so far {answers:?}; {}", node.status()));
+        answers.push(*m.desc());
+        agent.free(m).unwrap();
+    }
+    answers.sort_by_key(|d| d.request);
+    let error = wire::DescFlags::ERROR;
+    let died = ErrorCode::PeerDied as u8;
+    let ingress = answers[0];
+    assert_eq!(
+        (ingress.request, ingress.flags, ingress.status, ingress.origin, ingress.len),
+        (1, error | wire::DescFlags::REPLY, died, 1, 0),
+        "{ingress:?}"
+    );
+    let function = answers[1];
+    assert_eq!(
+        (function.request, function.flags, function.status, function.dst_fn, function.buf, function.len),
+        (2, error, died, far, head, 0),
+        "{function:?}"
+    );
+    wait_for("every buffer back", WATCHDOG, || free_or_cached(&agent) == total);
+    let n = |k: &str| dne_tests::cluster::status_number(&node.status(), k);
+    assert_eq!((n("answered"), n("unanswered")), (Some(2), Some(0)), "{}", node.status());
 }
