@@ -1706,3 +1706,57 @@ fn edge_requests_queued_for_a_node_that_goes_away_go_to_another_node() {
     let ok = codes.iter().filter(|&&c| c == Some(200)).count();
     assert!(ok >= N - 16, "only what n1 had taken in may fail: {ok} of {N} answered 200 ({codes:?})");
 }
+
+/// Calls from a function on n0 still waiting in the ring of their callee
+/// on n1 when it dies come back to the caller as `PeerDied`, each once:
+/// n1's host-shimd answers them through n1's uplink, in each call's own
+/// first buffer, and n1's agent sends each to the node its call came
+/// from. Before, host-shimd freed them with the dead function's buffers
+/// and the caller waited for ever (here: nothing within the watchdog).
+fn calls_waiting_for_a_callee_that_dies(mode: &'static str) {
+    let mut c = Cluster::start_mode(&format!("dead-ring-{mode}"), 2, mode, &client_sink_cluster("far", r#"["n1"]"#));
+    let far = c.start_fn(1, "acme", "far", "upper", Some("sink"));
+    c.wait_mesh();
+    let mut client = c.attach(0, "acme", "client");
+    let _sink = c.attach(0, "acme", "sink");
+    dne_tests::stop_process(c.fns[far].pid());
+    let calls: Vec<u32> = (500..505).collect();
+    for &k in &calls {
+        // Two buffers each: the error reuses the first, the second is freed.
+        let mut m = client.alloc(20_000).unwrap();
+        m.set_request(k);
+        client.send(m, "far").map_err(|e| e.kind).expect("n0's agent takes calls to far");
+    }
+    dne_tests::wait_for("n1's agent to deliver the calls into far's ring", WATCHDOG, || {
+        delivered(&c, 1, "far") >= calls.len() as u64
+    });
+    c.fns[far].kill9();
+    let mut answered = Vec::new();
+    for _ in &calls {
+        let e = client
+            .recv_timeout(Some(WATCHDOG))
+            .unwrap()
+            .unwrap_or_else(|| panic!("no answer; so far {answered:?}; n1: {}", c.shimd_status(1)));
+        let d = *e.desc();
+        assert_eq!((d.error_code(), d.flags & DescFlags::REPLY, d.len), (Some(ErrorCode::PeerDied), 0, 0), "{d:?}");
+        answered.push(d.request);
+        client.free(e).unwrap();
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, calls);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(client.try_recv().is_none(), "each call answered once");
+    let s = c.shimd_status(1);
+    let n = |k: &str| dne_tests::cluster::status_number(&s, k);
+    assert_eq!((n("answered"), n("unanswered")), (Some(5), Some(0)), "{s}");
+}
+
+#[test]
+fn calls_waiting_for_a_callee_that_dies_come_back_to_the_caller_node() {
+    calls_waiting_for_a_callee_that_dies("emulated");
+}
+
+#[test]
+fn dpu_mode_calls_waiting_for_a_callee_that_dies_come_back_to_the_caller_node() {
+    calls_waiting_for_a_callee_that_dies("dpu");
+}
