@@ -1760,3 +1760,57 @@ fn calls_waiting_for_a_callee_that_dies_come_back_to_the_caller_node() {
 fn dpu_mode_calls_waiting_for_a_callee_that_dies_come_back_to_the_caller_node() {
     calls_waiting_for_a_callee_that_dies("dpu");
 }
+
+/// A request of the ingress still waiting in the ring of its function
+/// when that instance dies is answered 502 `peer_died` at once (n1's
+/// host-shimd answers the call as a reply to the ingress, through n1's
+/// agent), not 504 after the route's timeout as before (here: 504 after
+/// 20 s).
+fn a_request_waiting_for_an_instance_that_dies(mode: &'static str) {
+    let edge = dne_tests::cluster::IngressSpec::new(&format!("dead-ring-edge-{mode}"), "");
+    let http = edge.http;
+    let cluster = r#"
+[[tenant]]
+name = "acme"
+weight = 1
+buffers = 1024
+recv_quota = 256
+max_chain = 128
+
+[[function]]
+name = "upper"
+tenant = "acme"
+node = "n1"
+
+[[route]]
+path = "/up"
+tenant = "acme"
+chain = ["upper"]
+timeout_ms = 20000
+"#;
+    let mut c =
+        Cluster::start_mode(&format!("dead-ring-edge-{mode}"), 2, mode, &format!("{cluster}{}", edge.section()));
+    c.start_route_fn(1, "acme", "upper", "upper");
+    let upper = c.fns.len() - 1;
+    c.start_ingress(&edge, "/up", WATCHDOG);
+    let before = delivered(&c, 1, "upper");
+    dne_tests::stop_process(c.fns[upper].pid());
+    let post = std::thread::spawn(move || dne_tests::http_post_full(http, "/up", b"hello"));
+    dne_tests::wait_for("n1's agent to deliver the request into upper's ring", WATCHDOG, || {
+        delivered(&c, 1, "upper") > before
+    });
+    c.fns[upper].kill9();
+    let (code, head, _) = post.join().unwrap().expect("an answer");
+    assert_eq!(code, 502, "{head}");
+    assert!(head.to_ascii_lowercase().contains("x-dne-error: peer_died"), "{head}");
+}
+
+#[test]
+fn a_request_waiting_for_an_instance_that_dies_is_answered_502_at_once() {
+    a_request_waiting_for_an_instance_that_dies("emulated");
+}
+
+#[test]
+fn dpu_mode_a_request_waiting_for_an_instance_that_dies_is_answered_502_at_once() {
+    a_request_waiting_for_an_instance_that_dies("dpu");
+}
