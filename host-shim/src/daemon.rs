@@ -19,7 +19,7 @@
 //!   becomes the error (the rest of its chain is freed), which goes to a
 //!   live instance of the calling function on this node, or through the
 //!   agent's uplink to the ingress that originated the request or to a
-//!   caller on another node (see [`Shimd::answer_dead_calls`]).
+//!   caller on another node (see `Shimd::answer_dead_calls`).
 //! * Drops a function that is alive and misbehaves (a control frame that
 //!   does not decode, a reply it left unread past the send timeout):
 //!   closes its ring so senders stop, and kills it (`SIGKILL` through the
@@ -98,7 +98,8 @@ struct Uplink {
 pub const HOLE_GRACE: Duration = Duration::from_secs(1);
 
 /// How long after a death the buffers are scanned again and the slot kept
-/// out of use.
+/// out of use; the calls that waited in the dead function's ring are
+/// answered then (`Shimd::answer_dead_calls`).
 pub const RECLAIM_GRACE: Duration = Duration::from_millis(200);
 
 struct Attached {
