@@ -473,9 +473,11 @@ fn function_killed_under_load_only_its_messages_fail_and_a_replacement_serves() 
     assert_eq!(load.fill(), WINDOW, "the window is full when the function dies");
     c.fns[victim].kill9();
     load.run_until(true, "host-shimd to see the death", WATCHDOG, || diag(&c), |_| deaths(&c) == Some(1));
-    // Messages to `upper` in its ring or its hands died with it (host-shimd
-    // takes their buffers back); nobody can answer them: written off.
-    // Nothing sent to `echoer` is.
+    // Messages in `upper`'s hands died with it (host-shimd takes their
+    // buffers back) and nobody can answer them; those still in its ring
+    // are answered `PeerDied` by host-shimd, possibly after the write-off
+    // (then counted as late): all written off. Nothing sent to `echoer`
+    // is.
     load.write_off(|d| d == 0);
     let err0 = load.dest(0).err();
     load.run_until(true, "errors for the dead function", WATCHDOG, || diag(&c), |l| l.dest(0).err() >= err0 + 100);
