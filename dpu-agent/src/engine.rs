@@ -1361,7 +1361,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("dne-engine-lone-{}", std::process::id()));
         let mut text = String::new();
         for i in 0..nodes {
-            let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+            let addr = dne_tests::free_port();
             text += &format!(
                 "[[node]]\nname = \"n{i}\"\naddress = \"{addr}\"\nruntime_dir = \"{}\"\n\n",
                 dir.join(format!("n{i}")).display()
@@ -2003,7 +2003,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("dne-engine-two-{}", std::process::id()));
         let mut text = String::new();
         for i in 0..3 {
-            let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+            let addr = dne_tests::free_port();
             let rt = dir.join(format!("n{i}"));
             text += &format!("[[node]]\nname = \"n{i}\"\naddress = \"{addr}\"\nruntime_dir = \"{}\"\n\n", rt.display());
         }
