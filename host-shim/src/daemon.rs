@@ -1170,8 +1170,9 @@ impl Shimd {
     ///   also runs on other nodes, a call one of those sent through the
     ///   agent is answered here too, to the local instance.
     ///
-    /// Each error is the call's first buffer, empty; the rest of its chain
-    /// is freed, so answering allocates nothing. A call whose buffers are
+    /// Each error is the call itself, whole, so its caller gets its
+    /// payload back (as the agent returns a call it cannot deliver) and
+    /// answering allocates nothing. A call whose buffers are
     /// no longer the dead function's (its sender took it back) is left to
     /// its sender. One that cannot be answered (the ring full or closed,
     /// no caller to answer) is counted as unanswered and freed.
@@ -1196,19 +1197,10 @@ impl Shimd {
             else {
                 continue;
             };
-            let head = lease.head();
-            let rest: Vec<u32> = pool.chain(&lease).skip(1).collect();
-            for i in rest {
-                pool.free_orphan(i, held);
-            }
-            let error = shm::Lease::by_index(head, 0, 1, held);
-            let mut e = Descriptor {
-                flags: d.flags | DescFlags::ERROR,
-                status: ErrorCode::PeerDied as u8,
-                buf: head,
-                len: 0,
-                ..d
-            };
+            // The call itself, whole, becomes the error (as the agent
+            // returns a call it cannot deliver): its caller gets its
+            // payload back, and nothing is allocated.
+            let mut e = Descriptor { flags: d.flags | DescFlags::ERROR, status: ErrorCode::PeerDied as u8, ..d };
             let to = if d.origin != NO_NODE && d.origin != self.node {
                 e.flags |= DescFlags::REPLY;
                 self.uplinks.get(&tenant).map(|u| (&u.ring, &u.bell, AGENT_SLOT))
@@ -1228,9 +1220,12 @@ impl Shimd {
                     None => None,
                 }
             };
+            let mut error = Some(lease);
             let delivered = to.is_some_and(|(ring, bell, to)| {
                 let to = Owner::Function(to);
-                if pool.hand_over(error, to).is_err() {
+                let Some(l) = error.take() else { return false };
+                if let Err((l, _)) = pool.hand_over(l, to) {
+                    error = Some(l);
                     return false;
                 }
                 match ring.push(&[e]) {
@@ -1244,7 +1239,7 @@ impl Shimd {
                     }
                     Err(_) => {
                         // Back to the dead slot, freed below.
-                        let _ = pool.take_back(head, 0, to, held);
+                        error = pool.take_back(e.buf, e.len, to, held).ok();
                         false
                     }
                 }
@@ -1253,7 +1248,11 @@ impl Shimd {
                 answered += 1;
             } else {
                 unanswered += 1;
-                pool.free_orphan(head, held);
+                if let Some(l) = error
+                    && let Err(err) = pool.free(l)
+                {
+                    log::warn!("freeing an unanswered call of a dead function: {err}");
+                }
             }
         }
         if answered + unanswered > 0 {

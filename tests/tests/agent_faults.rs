@@ -104,32 +104,37 @@ fn posted(c: &Cluster, i: usize) -> u32 {
 /// reports as `free_buffers`), and host-shimd's bridge, attached in the
 /// agent's slot, at most its allocation cache.
 fn wait_pool_idle(c: &Cluster, i: usize, f: &Function, others: &[u16]) {
+    let deadline = std::time::Instant::now() + WATCHDOG;
+    loop {
+        let Err(e) = pool_idle(c, i, f, others) else { return };
+        assert!(std::time::Instant::now() < deadline, "n{i}: acme pool not idle and clean: {e}\n{}", diag(c));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether node `i`'s acme pool is idle and clean now (see
+/// [`wait_pool_idle`]); what is not, if not.
+fn pool_idle(c: &Cluster, i: usize, f: &Function, others: &[u16]) -> Result<(), String> {
     let me = (f.info().slot, f.cached_buffers() as u32);
     let mut live: Vec<(u16, u32)> = others.iter().map(|&s| (s, FN_CACHE)).collect();
     live.push(me);
-    let deadline = std::time::Instant::now() + WATCHDOG;
-    loop {
-        let census = Census::of(f);
-        let status_free = c.tenant_status(i, "acme", "free_buffers");
-        let r = if c.mode == "dpu" {
-            census.check_idle(&live, FN_CACHE).and_then(|()| match status_free {
-                Some(n) if u64::from(census.dpu_held) == n + u64::from(posted(c, i)) => Ok(()),
-                other => Err(format!(
-                    "the DPU agent holds {} buffers; its stock {other:?} and {} receives posted",
-                    census.dpu_held,
-                    posted(c, i)
-                )),
-            })
-        } else {
-            let agent_max = posted(c, i) + FN_CACHE;
-            census.check_idle(&live, agent_max).and_then(|()| match status_free {
-                Some(n) if n == u64::from(census.free) => Ok(()),
-                other => Err(format!("agent /status free_buffers {other:?}, pool scan {}", census.free)),
-            })
-        };
-        let Err(e) = r else { return };
-        assert!(std::time::Instant::now() < deadline, "n{i}: acme pool not idle and clean: {e}\n{}", diag(c));
-        std::thread::sleep(Duration::from_millis(20));
+    let census = Census::of(f);
+    let status_free = c.tenant_status(i, "acme", "free_buffers");
+    if c.mode == "dpu" {
+        census.check_idle(&live, FN_CACHE).and_then(|()| match status_free {
+            Some(n) if u64::from(census.dpu_held) == n + u64::from(posted(c, i)) => Ok(()),
+            other => Err(format!(
+                "the DPU agent holds {} buffers; its stock {other:?} and {} receives posted",
+                census.dpu_held,
+                posted(c, i)
+            )),
+        })
+    } else {
+        let agent_max = posted(c, i) + FN_CACHE;
+        census.check_idle(&live, agent_max).and_then(|()| match status_free {
+            Some(n) if n == u64::from(census.free) => Ok(()),
+            other => Err(format!("agent /status free_buffers {other:?}, pool scan {}", census.free)),
+        })
     }
 }
 
@@ -501,10 +506,29 @@ fn function_killed_under_load_only_its_messages_fail_and_a_replacement_serves() 
         assert_eq!(ErrorCode::from_u8(*code), Some(ErrorCode::PeerDied), "{u:?}");
     }
 
-    // Its buffers are back: n1's pool holds nothing for the dead slot.
+    // host-shimd answers the calls still in the dead function's ring when
+    // the slot's grace ends (`RECLAIM_GRACE`), which may be after the
+    // drain: wait for that, taking answers meanwhile.
+    let graced = |c: &Cluster| dne_tests::cluster::json_u64(&c.shimd_status(1), "cooling") == Some(0);
+    load.run_until(
+        false,
+        "host-shimd to answer the dead function's waiting calls",
+        WATCHDOG,
+        || diag(&c),
+        |_| graced(&c),
+    );
+
+    // Its buffers are back: n1's pool holds nothing for the dead slot; and
+    // n0's once the last of those answers reached the client.
     let probe = c.attach(1, "acme", "probe");
-    wait_pool_idle(&c, 0, &load.f, &[]);
     wait_pool_idle(&c, 1, &probe, &[upper_slot, echoer_slot]);
+    load.run_until(
+        false,
+        "n0's acme pool idle and clean",
+        WATCHDOG,
+        || diag(&c),
+        |l| pool_idle(&c, 0, &l.f, &[]).is_ok(),
+    );
     let drops = c.metric(1, "dne_agent_drops_total", &[("tenant", "acme"), ("reason", "no_instance")]);
     assert!(drops.is_some_and(|n| n >= 100.0), "n1 counts the undeliverable messages: {drops:?}");
 }

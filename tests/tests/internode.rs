@@ -1709,8 +1709,8 @@ fn edge_requests_queued_for_a_node_that_goes_away_go_to_another_node() {
 
 /// Calls from a function on n0 still waiting in the ring of their callee
 /// on n1 when it dies come back to the caller as `PeerDied`, each once:
-/// n1's host-shimd answers them through n1's uplink, in each call's own
-/// first buffer, and n1's agent sends each to the node its call came
+/// n1's host-shimd answers them through n1's uplink, each call whole as
+/// its error, and n1's agent sends each to the node its call came
 /// from. Before, host-shimd freed them with the dead function's buffers
 /// and the caller waited for ever (here: nothing within the watchdog).
 fn calls_waiting_for_a_callee_that_dies(mode: &'static str) {
@@ -1722,7 +1722,7 @@ fn calls_waiting_for_a_callee_that_dies(mode: &'static str) {
     dne_tests::stop_process(c.fns[far].pid());
     let calls: Vec<u32> = (500..505).collect();
     for &k in &calls {
-        // Two buffers each: the error reuses the first, the second is freed.
+        // Two buffers each, both back in the error.
         let mut m = client.alloc(20_000).unwrap();
         m.set_request(k);
         client.send(m, "far").map_err(|e| e.kind).expect("n0's agent takes calls to far");
@@ -1738,7 +1738,11 @@ fn calls_waiting_for_a_callee_that_dies(mode: &'static str) {
             .unwrap()
             .unwrap_or_else(|| panic!("no answer; so far {answered:?}; n1: {}", c.shimd_status(1)));
         let d = *e.desc();
-        assert_eq!((d.error_code(), d.flags & DescFlags::REPLY, d.len), (Some(ErrorCode::PeerDied), 0, 0), "{d:?}");
+        assert_eq!(
+            (d.error_code(), d.flags & DescFlags::REPLY, d.len),
+            (Some(ErrorCode::PeerDied), 0, 20_000),
+            "{d:?}"
+        );
         answered.push(d.request);
         client.free(e).unwrap();
     }

@@ -1615,8 +1615,8 @@ const DEAD_CALL_ANSWER: Duration = Duration::from_secs(10);
 /// Calls a function sends to another that dies before taking them (here:
 /// stopped with SIGSTOP while they queue in its ring, then killed) are
 /// answered `PeerDied` to their caller by host-shimd as it reclaims the
-/// dead instance, each in one buffer of its own chain (the rest freed),
-/// and no buffer is lost. Before, host-shimd freed them with everything
+/// dead instance, each the call itself, whole (its payload back to its
+/// caller), and no buffer is lost. Before, host-shimd freed them with everything
 /// else the instance owned, and the caller waited for ever (here: no
 /// answer within the watchdog).
 #[test]
@@ -1628,8 +1628,9 @@ fn calls_waiting_in_the_ring_of_a_function_that_dies_are_answered_peer_died() {
     dne_tests::stop_process(node.fns[i].pid());
     let calls: Vec<u32> = (100..105).collect();
     for &r in &calls {
-        // Two buffers each: one becomes the error, the other is freed.
+        // Two buffers each, both back in the error.
         let mut m = client.alloc(20_000).unwrap();
+        client.write(&mut m, &[r as u8; 20_000]).unwrap();
         m.set_request(r);
         client.send(m, "upper").unwrap();
     }
@@ -1643,7 +1644,8 @@ fn calls_waiting_in_the_ring_of_a_function_that_dies_are_answered_peer_died() {
         let d = *m.desc();
         assert_eq!(d.error_code(), Some(ErrorCode::PeerDied), "{d:?}");
         assert_eq!(d.flags & wire::DescFlags::REPLY, 0, "to the calling function, not an ingress: {d:?}");
-        assert_eq!((d.dst_fn, d.src_fn, d.len), (client.info().function, client.info().function, 0), "{d:?}");
+        assert_eq!((d.dst_fn, d.src_fn, d.len), (client.info().function, client.info().function, 20_000), "{d:?}");
+        assert!(client.read_to_vec(&m).iter().all(|&b| b == d.request as u8), "the call's payload comes back: {d:?}");
         answered.push(d.request);
         client.free(m).unwrap();
     }
@@ -1659,8 +1661,9 @@ fn calls_waiting_in_the_ring_of_a_function_that_dies_are_answered_peer_died() {
 /// are answered `PeerDied` through the agent's uplink, routed as the
 /// agent's engine answers a call it could not deliver: the call of an
 /// ingress as a reply to it (`REPLY`, its `origin` kept), the call of a
-/// function on another node as an error for that function in the call's
-/// own head buffer (the agent sends it to the node the call came from).
+/// function on another node as an error for that function, the call
+/// itself (the agent sends it by its head buffer to the node the call
+/// came from).
 /// Before, both were freed, and their callers waited for their timeouts
 /// (here: nothing in the uplink within the watchdog).
 #[test]
@@ -1700,13 +1703,13 @@ fn calls_from_the_agent_waiting_in_a_dead_functions_ring_are_answered_through_th
     let ingress = answers[0];
     assert_eq!(
         (ingress.request, ingress.flags, ingress.status, ingress.origin, ingress.len),
-        (1, error | wire::DescFlags::REPLY, died, 1, 0),
+        (1, error | wire::DescFlags::REPLY, died, 1, 100),
         "{ingress:?}"
     );
     let function = answers[1];
     assert_eq!(
         (function.request, function.flags, function.status, function.dst_fn, function.buf, function.len),
-        (2, error, died, far, head, 0),
+        (2, error, died, far, head, 40_000),
         "{function:?}"
     );
     wait_for("every buffer back", WATCHDOG, || free_or_cached(&agent) == total);
