@@ -330,7 +330,8 @@ fn restarted_agent_forwards_what_waited_in_its_uplink() {
 /// died is written off; every other message must be answered, once, or
 /// twice when one answer is PeerDied: n1's engine is torn down with the
 /// host, and a send n0 had in flight can fail after n1 placed, delivered
-/// and answered it ("maybe delivered", see `Load::allow_maybe_delivered`).
+/// and answered it, or failed it with a PeerDied of its own as the host
+/// went ("maybe delivered", see `Load::allow_maybe_delivered`).
 #[test]
 fn shimd_killed_under_load_agent_reattaches_and_restarted_functions_serve() {
     shimd_gone_under_load("faults-shimd", Cluster::kill_shimd);
