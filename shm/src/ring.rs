@@ -33,7 +33,7 @@
 use crate::sync::{AtomicU32, AtomicU64, fence};
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 use wire::Descriptor;
-use wire::segment::RING_ABANDONED;
+use wire::segment::{RING_ABANDONED, RING_CONSUMER_GONE};
 
 /// The shared cells of a ring. `slot < capacity()` for the slot accessors.
 pub(crate) trait RingCells {
@@ -202,8 +202,9 @@ pub(crate) fn push(c: &impl RingCells, descs: &[Descriptor]) -> Result<Pushed, R
         c.seq(slot).store((pos + k + 1) as u32, Release);
     }
     // SeqCst fence between publishing and reading the closed and sleep
-    // flags; pairs with the fence in `prepare_sleep` (no lost wake-up) and
-    // with the consumer's after it sees the ring closed (see below).
+    // flags; pairs with the fence in `prepare_sleep` (no lost wake-up),
+    // with the consumer's after it sees the ring closed (see below) and
+    // with the one in `close` (host-shimd's snapshot after it).
     fence(SeqCst);
     // The ring may have been closed since the check above, and its
     // consumer may have stopped reading before it could see what was just
@@ -306,7 +307,6 @@ pub(crate) fn unpublished(c: &impl RingCells) -> Vec<u64> {
 /// The positions producers have claimed and the consumer has not
 /// consumed: from the published head to the tail, at most one lap (a
 /// corrupted cursor cannot make a walk longer).
-#[cfg(not(loom))] // host-shimd's repairs, not modelled
 fn claimed(c: &impl RingCells) -> std::ops::Range<u64> {
     // Acquire: pairs with the consumer's Release publish of the head.
     let head = c.head().load(Acquire);
@@ -318,7 +318,6 @@ fn claimed(c: &impl RingCells) -> std::ops::Range<u64> {
 /// in order, skipping slots claimed and not yet published (at most one
 /// lap). A slot consumed and reused while this walks yields the newer
 /// descriptor: it may name more than is waiting, never less.
-#[cfg(not(loom))] // host-shimd's repairs, not modelled
 pub(crate) fn published(c: &impl RingCells) -> Vec<Descriptor> {
     claimed(c)
         .filter_map(|pos| {
@@ -327,6 +326,20 @@ pub(crate) fn published(c: &impl RingCells) -> Vec<Descriptor> {
             (c.seq(slot).load(Acquire) == (pos + 1) as u32).then(|| c.read_desc(slot))
         })
         .collect()
+}
+
+/// Marks the consumer gone (see `Ring::close`).
+pub(crate) fn close(c: &impl RingCells) {
+    // Release: pairs with the Acquire check at the start of `push`.
+    c.closed().store(RING_CONSUMER_GONE, Release);
+    // SeqCst fence between closing and any later look at the ring (the
+    // snapshot host-shimd takes at a death, `published`); pairs with the
+    // fence in `push` between its publish and its second look at the flag:
+    // either that look sees the close (its sender takes its message back),
+    // or the later looks here see what it published. Without it the two
+    // could both miss (a store then a load of other locations may be
+    // reordered), and a push its sender counts as done was in no snapshot.
+    fence(SeqCst);
 }
 
 /// Publishes `void` at position `pos` if that slot is still claimed and
@@ -662,6 +675,27 @@ mod loom_tests {
             }
         });
     }
+
+    /// host-shimd at a function's death: it closes the ring, then takes a
+    /// snapshot of what waits in it (the calls it answers later). A push
+    /// racing the close either fails (its sender takes its message back)
+    /// or is in the snapshot: never both missed, or a call its sender
+    /// counts as delivered would be in no snapshot, its buffers freed
+    /// with the dead function's, and its caller never answered.
+    #[test]
+    fn a_push_the_close_does_not_stop_is_in_the_snapshot_after_it() {
+        model(|| {
+            let c = Arc::new(Cells::new(2));
+            let p = {
+                let c = c.clone();
+                loom::thread::spawn(move || push(&*c, &[Descriptor { request: 7, ..Default::default() }]).is_ok())
+            };
+            close(&*c);
+            let seen = published(&*c).iter().any(|d| d.request == 7);
+            let pushed = p.join().unwrap();
+            assert!(seen || !pushed, "the push succeeded and the snapshot after the close missed it");
+        });
+    }
 }
 
 /// Ring cells in ordinary memory, for the unit tests and (with
@@ -748,8 +782,8 @@ mod segment {
     use std::time::{Duration, Instant};
     use wire::Descriptor;
     use wire::segment::{
-        RING_ABANDONED, RING_CONSUMER_GONE, RING_CONSUMER_OFFSET, RING_PRODUCER_OFFSET, RING_SLOT_DESC_OFFSET,
-        RingCursor, RingHeader, RingLayout, RingSlot, SegmentError,
+        RING_ABANDONED, RING_CONSUMER_OFFSET, RING_PRODUCER_OFFSET, RING_SLOT_DESC_OFFSET, RingCursor, RingHeader,
+        RingLayout, RingSlot, SegmentError,
     };
 
     /// A ring could not be created or opened.
@@ -925,9 +959,10 @@ mod segment {
 
         /// Marks the consumer gone: every later push fails with
         /// [`RingPushError::Closed`] (host-shimd, when the function dies).
+        /// A push racing it either fails or is seen by every look at the
+        /// ring after it ([`waiting`](Self::waiting)).
         pub fn close(&self) {
-            // Release: pairs with the Acquire check at the start of `push`.
-            self.closed().store(RING_CONSUMER_GONE, std::sync::atomic::Ordering::Release);
+            super::close(self)
         }
 
         /// Marks the ring abandoned by its creator: every later push fails
