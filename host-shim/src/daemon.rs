@@ -1191,19 +1191,31 @@ impl Shimd {
         for d in calls {
             // All of its chain, or none: a sender taking it back at the
             // same moment gets it whole, or does not get it.
-            let Ok(lease) = pool
+            let lease = match pool
                 .take_back(d.buf, d.len, Owner::Function(slot), held)
                 .or_else(|_| pool.take_back(d.buf, d.len, held, held))
-            else {
-                continue;
+            {
+                Ok(lease) => lease,
+                // Its sender took it back: the sender answers for it.
+                Err(shm::AcceptError::NotOwner { .. }) => continue,
+                // A descriptor a peer wrote wrong (its length, a link):
+                // no call to answer; its buffers go with the slot's.
+                Err(_) => {
+                    unanswered += 1;
+                    continue;
+                }
             };
             // The call itself, whole, becomes the error (as the agent
             // returns a call it cannot deliver): its caller gets its
             // payload back, and nothing is allocated.
             let mut e = Descriptor { flags: d.flags | DescFlags::ERROR, status: ErrorCode::PeerDied as u8, ..d };
+            let fabric_nodes = self.cfg.nodes.len() + self.cfg.ingresses.len();
             let to = if d.origin != NO_NODE && d.origin != self.node {
                 e.flags |= DescFlags::REPLY;
-                self.uplinks.get(&tenant).map(|u| (&u.ring, &u.bell, AGENT_SLOT))
+                // An origin no node has: the agent would drop the reply.
+                (usize::from(d.origin) < fabric_nodes)
+                    .then(|| self.uplinks.get(&tenant).map(|u| (&u.ring, &u.bell, AGENT_SLOT)))
+                    .flatten()
             } else {
                 e.dst_fn = d.src_fn;
                 match self.cfg.functions.get(usize::from(d.src_fn)) {
