@@ -34,6 +34,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -582,18 +583,13 @@ impl Ingress {
                 self.reject(t, "unauthorized");
                 let mut r = plain(StatusCode::UNAUTHORIZED, "missing or wrong API key\n");
                 r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return (early_parts(expects_continue(&req.headers), &mut body, r).await, 0, 0);
+                return (early_parts(&req, &mut body, r).await, 0, 0);
             }
         }
         let Some(method) = Method::from_name(req.method.as_str()) else {
             self.reject(t, "bad_request");
             return (
-                early_parts(
-                    expects_continue(&req.headers),
-                    &mut body,
-                    plain(StatusCode::NOT_IMPLEMENTED, "method not supported\n"),
-                )
-                .await,
+                early_parts(&req, &mut body, plain(StatusCode::NOT_IMPLEMENTED, "method not supported\n")).await,
                 0,
                 0,
             );
@@ -608,12 +604,7 @@ impl Ingress {
         if path.len() > env::MAX_PATH as usize {
             self.reject(t, "bad_request");
             return (
-                early_parts(
-                    expects_continue(&req.headers),
-                    &mut body,
-                    plain(StatusCode::URI_TOO_LONG, "request target too long\n"),
-                )
-                .await,
+                early_parts(&req, &mut body, plain(StatusCode::URI_TOO_LONG, "request target too long\n")).await,
                 0,
                 0,
             );
@@ -657,16 +648,7 @@ impl Ingress {
             return (close(plain(StatusCode::PAYLOAD_TOO_LARGE, "body over the limit\n")), 0, 0);
         }
         let Some(pool) = self.pools.get(t) else {
-            return (
-                early_parts(
-                    expects_continue(&req.headers),
-                    &mut body,
-                    plain(StatusCode::INTERNAL_SERVER_ERROR, "no pool\n"),
-                )
-                .await,
-                0,
-                0,
-            );
+            return (early_parts(&req, &mut body, plain(StatusCode::INTERNAL_SERVER_ERROR, "no pool\n")).await, 0, 0);
         };
         let mut msg = MsgBuilder::new(pool.clone());
         // A body announced larger than the tenant's largest message is
@@ -1054,10 +1036,15 @@ const DISCARD_MAX: u64 = 64 << 10;
 const DISCARD_WITHIN: Duration = Duration::from_millis(200);
 
 /// Answer `r`, given before any of the request's body was read (see
-/// [`early_parts`]).
+/// [`early_body`]).
 async fn early(req: &mut Request<Incoming>, r: Response<OutBody>) -> Response<OutBody> {
     let expects = expects_continue(req.headers());
-    early_parts(expects, req.body_mut(), r).await
+    early_body(expects, req.body_mut(), r).await
+}
+
+/// [`early`] for a request taken apart into its `head` and `body`.
+async fn early_parts(head: &Parts, body: &mut Incoming, r: Response<OutBody>) -> Response<OutBody> {
+    early_body(expects_continue(&head.headers), body, r).await
 }
 
 /// Whether the client waits for `100 Continue` before sending its body.
@@ -1075,7 +1062,7 @@ fn expects_continue(headers: &HeaderMap) -> bool {
 /// not asked for it (reading the body would send `100 Continue` first):
 /// the answer goes out at once and the connection closes (RFC 9110
 /// 10.1.1).
-async fn early_parts(expects_continue: bool, body: &mut Incoming, r: Response<OutBody>) -> Response<OutBody> {
+async fn early_body(expects_continue: bool, body: &mut Incoming, r: Response<OutBody>) -> Response<OutBody> {
     if body.is_end_stream() {
         return r;
     }
