@@ -1480,6 +1480,21 @@ mod tests {
     const G_BOTH: &str = "[[function]]\nname = \"g\"\ntenant = \"t\"\nnodes = [\"n1\", \"n2\"]\n\n\
                           [[function]]\nname = \"both\"\ntenant = \"t\"\nnodes = [\"n0\", \"n2\"]\n";
 
+    /// A three-node [`lone_engine_with`] ([`G_BOTH`]) holding the calls to
+    /// `g` (on n1 and n2) its uplink gave at `now`, made to have waited
+    /// (for credits, say) since `since`; its uplink gives no more. Returns
+    /// the engine and how many calls wait.
+    fn calls_to_g_waiting_since(now: Instant, since: Instant) -> (Engine<fabric::NullTransport, NullLink>, usize) {
+        let mut e = lone_engine_with(3, G_BOTH);
+        e.link(0).template().dst_fn = 3; // g, on n1 and n2
+        e.step(now);
+        let queued = e.tenants[0].sends.len();
+        assert!(queued > 0);
+        e.tenants[0].sends.by_peer.iter_mut().flatten().for_each(|o| o.since = since);
+        e.link(0).template().dst_fn = 0; // nothing more for g
+        (e, queued)
+    }
+
     /// A message from the engine's uplink with descriptor `d` (buffer and
     /// length its own).
     fn message(e: &mut Engine<fabric::NullTransport, NullLink>, d: wire::Descriptor) -> host_shim::Msg {
@@ -1848,18 +1863,11 @@ mod tests {
     fn calls_that_waited_for_credits_are_not_bounced_the_moment_the_links_go_down() {
         let long_ago = Instant::now() - 2 * super::UNREACHABLE_AFTER;
         for blip in [true, false] {
-            let mut e = lone_engine_with(3, G_BOTH);
-            e.link(0).template().dst_fn = 3; // g, on n1 and n2
-            e.step(Instant::now());
-            let queued = e.tenants[0].sends.len();
-            assert!(queued > 0);
-            // They have waited (for credits, say) that long.
-            e.tenants[0].sends.by_peer.iter_mut().flatten().for_each(|o| o.since = long_ago);
+            let (mut e, queued) = calls_to_g_waiting_since(Instant::now(), long_ago);
             if blip {
                 e.peer_down(1, Instant::now());
                 e.peer_down(2, Instant::now());
             }
-            e.link(0).template().dst_fn = 0; // nothing more for g
             e.step(Instant::now());
             let bounced = e.metrics.tenants[0].drops(Why::Unreachable);
             if blip {
@@ -1885,13 +1893,7 @@ mod tests {
         let ua = super::UNREACHABLE_AFTER;
         let long_ago = Instant::now() - 2 * ua;
         for (flap, bounced) in [("up briefly", true), ("never up", true), ("up long", false)] {
-            let mut e = lone_engine_with(3, G_BOTH);
-            e.link(0).template().dst_fn = 3; // g, on n1 and n2
-            e.step(Instant::now());
-            let queued = e.tenants[0].sends.len();
-            assert!(queued > 0);
-            e.tenants[0].sends.by_peer.iter_mut().flatten().for_each(|o| o.since = long_ago);
-            e.link(0).template().dst_fn = 0; // nothing more for g
+            let (mut e, queued) = calls_to_g_waiting_since(Instant::now(), long_ago);
             for peer in [1, 2] {
                 // Down since long ago ...
                 e.peer_down(peer, long_ago);
@@ -1926,13 +1928,7 @@ mod tests {
         use fabric::PortEvent::Up;
         let long_ago = Instant::now() - 2 * super::UNREACHABLE_AFTER;
         for noticed in ["at the control pass", "long ago"] {
-            let mut e = lone_engine_with(3, G_BOTH);
-            e.link(0).template().dst_fn = 3; // g, on n1 and n2
-            e.step(Instant::now());
-            let queued = e.tenants[0].sends.len();
-            assert!(queued > 0);
-            e.tenants[0].sends.by_peer.iter_mut().flatten().for_each(|o| o.since = long_ago);
-            e.link(0).template().dst_fn = 0; // nothing more for g
+            let (mut e, queued) = calls_to_g_waiting_since(Instant::now(), long_ago);
             // The connections were up (since long ago, while the calls
             // waited for credits); now they are not (they failed), and no
             // PeerDown came yet.
@@ -1978,13 +1974,7 @@ mod tests {
         let now = Instant::now();
         let long_ago = now - 2 * ua;
         for (failed, bounced) in [(now - ua * 3 / 4, false), (now - ua * 5 / 4, true)] {
-            let mut e = lone_engine_with(3, G_BOTH);
-            e.link(0).template().dst_fn = 3; // g, on n1 and n2
-            e.step(now);
-            let queued = e.tenants[0].sends.len();
-            assert!(queued > 0);
-            e.tenants[0].sends.by_peer.iter_mut().flatten().for_each(|o| o.since = long_ago);
-            e.link(0).template().dst_fn = 0; // nothing more for g
+            let (mut e, queued) = calls_to_g_waiting_since(now, long_ago);
             for peer in [1, 2] {
                 e.handle(&mut vec![Up { tenant: 0, peer }], long_ago);
                 e.peer_down(peer, failed);
