@@ -645,6 +645,12 @@ impl Cluster {
         position(self.nodes.iter().map(|n| n.name.as_str()), name)
     }
 
+    /// Fabric nodes: every worker node, then every ingress (fewer than
+    /// `u16::MAX`, checked at parse).
+    pub fn fabric_nodes(&self) -> u16 {
+        (self.nodes.len() + self.ingresses.len()) as u16
+    }
+
     /// Fabric node id of ingress `i` (after every worker node).
     pub fn ingress_node_id(&self, i: usize) -> Option<u16> {
         if i < self.ingresses.len() { u16::try_from(self.nodes.len() + i).ok() } else { None }
@@ -685,7 +691,7 @@ impl Cluster {
     /// then take the whole pool, and none can finish until one is dropped
     /// as stalled (after `fabric::port::CHAIN_STALL`).
     pub fn warnings(&self) -> Vec<String> {
-        let peers = (self.nodes.len() + self.ingresses.len()).saturating_sub(1) as u64;
+        let peers = u64::from(self.fabric_nodes().saturating_sub(1));
         let mut out = Vec::new();
         for t in self.tenants.iter().filter(|_| peers > 0) {
             let posted = self.receives_posted(t);
@@ -709,7 +715,7 @@ impl Cluster {
     /// fabric node its share of `recv_quota` (at least 2), plus one kept
     /// for credit messages.
     pub fn receives_posted(&self, t: &Tenant) -> u64 {
-        let peers = (self.nodes.len() + self.ingresses.len()).saturating_sub(1) as u64;
+        let peers = u64::from(self.fabric_nodes().saturating_sub(1));
         peers * (u64::from(t.recv_quota).checked_div(peers).unwrap_or(0).max(2) + 1)
     }
 

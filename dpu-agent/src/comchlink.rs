@@ -402,8 +402,7 @@ pub fn attach(cfg: &Cluster, node: u16, stop: &AtomicBool) -> anyhow::Result<Opt
         .and_then(|s| s.start().map(|()| s))
         .map_err(|e| anyhow::anyhow!("comch server \"{name}\": {e}"))?;
     let nt = cfg.tenants.len();
-    let fabric_nodes = cfg.nodes.len() + cfg.ingresses.len();
-    let npeers = (fabric_nodes as u32).saturating_sub(1).max(1);
+    let npeers = u32::from(cfg.fabric_nodes()).saturating_sub(1).max(1);
     let mut geometry = Vec::with_capacity(nt);
     let mut target = Vec::with_capacity(nt);
     for (id, t) in (0u16..).zip(&cfg.tenants) {

@@ -397,7 +397,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             .map(|&id| &cfg.tenants[usize::from(id)])
             .map(|t| (t.weight, t.rate_cap_mbps.map(|m| u64::from(m) * 1_000_000)))
             .collect();
-        let fabric_nodes = (cfg.nodes.len() + cfg.ingresses.len()) as u16;
+        let fabric_nodes = cfg.fabric_nodes();
         // A node per buffer of each tenant's pool ([`NO_NODE`] for now).
         let per_buffer =
             || ids.iter().map(|&id| vec![NO_NODE; cfg.tenants[usize::from(id)].buffers as usize]).collect();

@@ -129,8 +129,7 @@ pub fn open_port_on<T: crate::Transport, B: Buffers>(
 }
 
 fn peers(cfg: &Cluster, me: u16) -> Result<Vec<(u16, SocketAddr)>, ClusterPortError> {
-    let fabric_nodes = (cfg.nodes.len() + cfg.ingresses.len()) as u16;
-    (0..fabric_nodes).filter(|&i| i != me).map(|i| Ok((i, addr(cfg, i)?))).collect()
+    (0..cfg.fabric_nodes()).filter(|&i| i != me).map(|i| Ok((i, addr(cfg, i)?))).collect()
 }
 
 fn node_name(cfg: &Cluster, me: u16) -> Result<String, ClusterPortError> {

@@ -1188,6 +1188,7 @@ impl Shimd {
         let Some(pool) = self.pools.get(&tenant) else { return };
         let held = Owner::Held(slot);
         let (mut answered, mut unanswered) = (0u64, 0u64);
+        let fabric_nodes = self.cfg.fabric_nodes();
         for d in calls {
             // All of its chain, or none: a sender taking it back at the
             // same moment gets it whole, or does not get it.
@@ -1209,11 +1210,10 @@ impl Shimd {
             // returns a call it cannot deliver): its caller gets its
             // payload back, and nothing is allocated.
             let mut e = Descriptor { flags: d.flags | DescFlags::ERROR, status: ErrorCode::PeerDied as u8, ..d };
-            let fabric_nodes = self.cfg.nodes.len() + self.cfg.ingresses.len();
             let to = if d.origin != NO_NODE && d.origin != self.node {
                 e.flags |= DescFlags::REPLY;
                 // An origin no node has: the agent would drop the reply.
-                (usize::from(d.origin) < fabric_nodes)
+                (d.origin < fabric_nodes)
                     .then(|| self.uplinks.get(&tenant).map(|u| (&u.ring, &u.bell, AGENT_SLOT)))
                     .flatten()
             } else {
