@@ -72,7 +72,7 @@ pub enum dne_status {
 
 impl dne_status {
     /// Every status, in code order.
-    const ALL: [dne_status; 14] = [
+    pub const ALL: [dne_status; 14] = [
         dne_status::DNE_OK,
         dne_status::DNE_ERR_INVALID_ARG,
         dne_status::DNE_ERR_SHIMD,
@@ -93,6 +93,57 @@ impl dne_status {
     fn from_int(code: c_int) -> Option<Self> {
         Self::ALL.into_iter().find(|s| *s as c_int == code)
     }
+}
+
+/// The error codes of error descriptors, as `dne_msg_error_code` returns
+/// them (the values of `wire::ErrorCode`; `dne_error_code_str` names
+/// each). In C the type is a `uint8_t`: a received message may carry a
+/// code newer than this list, so compare, never assume it is one of them.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum dne_error_code {
+    /// The destination function is not in the routing table.
+    DNE_MSG_ERR_UNKNOWN_FUNCTION = 1,
+    /// The destination's node cannot be reached.
+    DNE_MSG_ERR_UNREACHABLE = 2,
+    /// The destination function died with the message in flight.
+    DNE_MSG_ERR_PEER_DIED = 3,
+    /// The message was not answered in time.
+    DNE_MSG_ERR_TIMEOUT = 4,
+    /// The tenant's queue or credits stayed exhausted.
+    DNE_MSG_ERR_OVERLOADED = 5,
+    /// A descriptor failed validation.
+    DNE_MSG_ERR_BAD_DESCRIPTOR = 6,
+    /// A descriptor named another tenant's pool.
+    DNE_MSG_ERR_TENANT_MISMATCH = 7,
+    /// The message is larger than the receiver accepts.
+    DNE_MSG_ERR_TOO_LARGE = 8,
+    /// No buffer could be allocated.
+    DNE_MSG_ERR_POOL_EXHAUSTED = 9,
+    /// The function itself reported a failure.
+    DNE_MSG_ERR_FUNCTION_FAILED = 10,
+    /// The route or hop does not exist.
+    DNE_MSG_ERR_BAD_ROUTE = 11,
+    /// The peer speaks another protocol or layout version.
+    DNE_MSG_ERR_VERSION_MISMATCH = 12,
+}
+
+impl dne_error_code {
+    /// Every code, in numeric order (as `wire::ErrorCode::ALL`).
+    pub const ALL: [dne_error_code; 12] = [
+        dne_error_code::DNE_MSG_ERR_UNKNOWN_FUNCTION,
+        dne_error_code::DNE_MSG_ERR_UNREACHABLE,
+        dne_error_code::DNE_MSG_ERR_PEER_DIED,
+        dne_error_code::DNE_MSG_ERR_TIMEOUT,
+        dne_error_code::DNE_MSG_ERR_OVERLOADED,
+        dne_error_code::DNE_MSG_ERR_BAD_DESCRIPTOR,
+        dne_error_code::DNE_MSG_ERR_TENANT_MISMATCH,
+        dne_error_code::DNE_MSG_ERR_TOO_LARGE,
+        dne_error_code::DNE_MSG_ERR_POOL_EXHAUSTED,
+        dne_error_code::DNE_MSG_ERR_FUNCTION_FAILED,
+        dne_error_code::DNE_MSG_ERR_BAD_ROUTE,
+        dne_error_code::DNE_MSG_ERR_VERSION_MISMATCH,
+    ];
 }
 
 /// An attached function (opaque).
@@ -329,9 +380,9 @@ pub unsafe extern "C" fn dne_msg_is_error(m: *const dne_msg) -> bool {
     unsafe { m.as_ref() }.is_some_and(|m| m.msg.desc().is_error())
 }
 
-/// The error code of an error descriptor (a `wire::ErrorCode`, 1 and up;
-/// `dne_error_code_str` names it); 0 when `m` is not an error descriptor
-/// or is NULL.
+/// The error code of an error descriptor (a `DNE_MSG_ERR_*` value of
+/// `dne_error_code`, 1 and up; `dne_error_code_str` names it); 0 when `m`
+/// is not an error descriptor or is NULL.
 ///
 /// # Safety
 ///
@@ -343,8 +394,9 @@ pub unsafe extern "C" fn dne_msg_error_code(m: *const dne_msg) -> u8 {
 }
 
 /// A static, NUL-terminated name of error code `code` (as
-/// `dne_msg_error_code` returns it: "overloaded", "peer_died", ...;
-/// "unknown error code" for any other number).
+/// `dne_msg_error_code` returns it, a `dne_error_code`: "overloaded" for
+/// `DNE_MSG_ERR_OVERLOADED`, "peer_died", ...; "unknown error code" for
+/// any other number).
 #[unsafe(no_mangle)]
 pub extern "C" fn dne_error_code_str(code: c_int) -> *const c_char {
     use wire::ErrorCode;
@@ -508,6 +560,18 @@ mod tests {
             // SAFETY: `dne_status_str` returns a static C string.
             let msg = unsafe { CStr::from_ptr(dne_status_str(code)) };
             assert_eq!(msg, c"unknown status", "{code}");
+        }
+    }
+
+    /// The header's `DNE_MSG_ERR_*` constants are `wire::ErrorCode`'s
+    /// values, every one of them, named as `dne_error_code_str` names them
+    /// (`tests/c_abi.rs` checks the same from C).
+    #[test]
+    fn the_c_error_codes_are_the_wire_codes() {
+        assert_eq!(dne_error_code::ALL.len(), wire::ErrorCode::ALL.len());
+        for (c, w) in dne_error_code::ALL.into_iter().zip(wire::ErrorCode::ALL) {
+            assert_eq!(c as u8, w as u8, "{c:?}");
+            assert_eq!(format!("{c:?}"), format!("DNE_MSG_ERR_{}", w.as_str().to_uppercase()));
         }
     }
 
