@@ -414,6 +414,8 @@ pub extern "C" fn dne_error_code_str(code: c_int) -> *const c_char {
 /// `DNE_ERR_SHIMD_GONE`: host-shimd stopped; `*m` is the caller's (free it),
 /// or NULL when the receiver took it as host-shimd stopped.
 /// `DNE_ERR_FOREIGN_MSG`: `*m` is in another attach's pool; nothing was done.
+/// `DNE_ERR_INVALID_ARG`: `f`, `m`, `*m` or `to` is NULL, or `to` is not a
+/// valid function name; nothing was done.
 ///
 /// # Safety
 ///
@@ -426,6 +428,12 @@ pub unsafe extern "C" fn dne_send(f: *mut dne_fn, m: *mut *mut dne_msg, to: *con
         let Some(f) = (unsafe { f.as_mut() }) else { return dne_status::DNE_ERR_INVALID_ARG };
         // SAFETY: caller contract: NUL-terminated or NULL.
         let Some(to) = (unsafe { arg(to) }) else { return dne_status::DNE_ERR_INVALID_ARG };
+        // A name no function can have (empty, too long, a character names
+        // do not use) is the caller's mistake, as in `dne_attach`, not a
+        // function that may yet appear.
+        if wire::Name::new(to).is_err() {
+            return dne_status::DNE_ERR_INVALID_ARG;
+        }
         if m.is_null() {
             return dne_status::DNE_ERR_INVALID_ARG;
         }

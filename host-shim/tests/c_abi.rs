@@ -1,10 +1,14 @@
 //! The C ABI as a C programmer meets it: C programs built with only the
 //! generated `dne_shim.h` and the build-tree `dne-shim.pc`, with warnings
-//! as errors.
+//! as errors, some run against a host-shimd served on a thread of the
+//! test.
 
+use host_shim::daemon::{Shimd, socket_path};
 use host_shim::ffi::{PKGCONFIG_DIR, dne_status};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 const WATCHDOG: Duration = Duration::from_secs(60);
@@ -157,4 +161,178 @@ fn the_library_exports_what_the_header_declares() {
     exported.sort_unstable();
     assert_eq!(declared, exported);
     assert!(exported.len() >= 14, "{exported:?}");
+}
+
+/// host-shimd of node `n0` serving the cluster `text` on a thread until
+/// dropped.
+struct ShimdThread {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    dir: Dir,
+}
+
+impl ShimdThread {
+    fn start(tag: &str, text: &str) -> Self {
+        let dir = Dir::new(tag);
+        let text = format!(
+            "[[node]]\nname = \"n0\"\naddress = \"127.0.0.1:1\"\nruntime_dir = \"{}\"\n\n{text}",
+            dir.0.join("rt").display()
+        );
+        let cfg = config::Cluster::parse(&text).expect("cluster");
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let mut d = Shimd::new(cfg, "n0").expect("host-shimd");
+            tx.send(()).unwrap();
+            while !s.load(Ordering::Relaxed) {
+                d.poll_once(None, Duration::from_millis(5)).expect("host-shimd round");
+            }
+        });
+        rx.recv_timeout(WATCHDOG).expect("host-shimd started");
+        Self { stop, thread: Some(thread), dir }
+    }
+
+    fn socket(&self) -> PathBuf {
+        socket_path(&self.dir.0.join("rt"))
+    }
+}
+
+impl Drop for ShimdThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Tenant `t`: `a`, `b` (a ring of 8) and `c`.
+const CLUSTER: &str = "[[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = 4096\nbuffers = 64\nrecv_quota = 8\n\n\
+     [[function]]\nname = \"a\"\ntenant = \"t\"\nnode = \"n0\"\n\n\
+     [[function]]\nname = \"b\"\ntenant = \"t\"\nnode = \"n0\"\nring_capacity = 8\n\n\
+     [[function]]\nname = \"c\"\ntenant = \"t\"\nnode = \"n0\"\n";
+
+/// The C prelude of the programs below: `CHECK(call, status)` fails the
+/// program (exit 1, with the line) unless `call` returns `status`.
+const PRELUDE: &str = r#"
+#include <dne_shim.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#define CHECK(call, want) do { \
+    dne_status got_ = (call); \
+    if (got_ != (want)) { \
+        fprintf(stderr, "line %d: %s: %s, want %s\n", __LINE__, #call, \
+                dne_status_str(got_), dne_status_str(want)); \
+        exit(1); \
+    } } while (0)
+#define EXPECT(cond) do { if (!(cond)) { \
+    fprintf(stderr, "line %d: not %s\n", __LINE__, #cond); exit(1); } } while (0)
+"#;
+
+/// Every argument a C caller can get wrong gets its documented status,
+/// and the message handles stay where the header says: NULL for each
+/// pointer, an empty, too long or non-UTF-8 name, a zero and a huge
+/// length, a fragment past the end, `dne_free` without a function (`m`
+/// still the caller's), a failed send (`*m` the same handle).
+#[test]
+fn bad_arguments_get_their_documented_status() {
+    let shimd = ShimdThread::start("args", CLUSTER);
+    let src = format!(
+        "{PRELUDE}{}",
+        r#"
+static const char LONG[] = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+int main(int argc, char **argv) {
+    const char *sock = argv[1];
+    dne_fn *f = NULL, *b = NULL;
+    dne_msg *m = NULL, *none = NULL;
+    uint32_t len = 0;
+    EXPECT(argc == 2);
+    CHECK(dne_attach(NULL, "t", "a", &f), DNE_ERR_INVALID_ARG);
+    CHECK(dne_attach(sock, NULL, "a", &f), DNE_ERR_INVALID_ARG);
+    CHECK(dne_attach(sock, "t", NULL, &f), DNE_ERR_INVALID_ARG);
+    CHECK(dne_attach(sock, "t", "a", NULL), DNE_ERR_INVALID_ARG);
+    CHECK(dne_attach(sock, "t", "", &f), DNE_ERR_INVALID_ARG);
+    CHECK(dne_attach(sock, "t", LONG, &f), DNE_ERR_INVALID_ARG);
+    CHECK(dne_attach(sock, "t", "\xff", &f), DNE_ERR_INVALID_ARG);
+    CHECK(dne_attach(sock, "t", "nosuch", &f), DNE_ERR_REFUSED);
+    CHECK(dne_attach("/nonexistent/shimd.sock", "t", "a", &f), DNE_ERR_SHIMD);
+    EXPECT(f == NULL);
+    CHECK(dne_attach(sock, "t", "a", &f), DNE_OK);
+    CHECK(dne_attach(sock, "t", "b", &b), DNE_OK);
+
+    CHECK(dne_alloc(NULL, 1, &m), DNE_ERR_INVALID_ARG);
+    CHECK(dne_alloc(f, 1, NULL), DNE_ERR_INVALID_ARG);
+    CHECK(dne_alloc(f, 0xffffffffu, &m), DNE_ERR_EXHAUSTED);
+    EXPECT(m == NULL);
+    CHECK(dne_alloc(f, 0, &m), DNE_OK);
+    EXPECT(dne_msg_len(m) == 0 && dne_msg_frags(m) == 1);
+    EXPECT(dne_msg_data(f, m, 0, &len) != NULL && len == 0);
+    CHECK(dne_free(f, m), DNE_OK);
+    CHECK(dne_alloc(f, 5000, &m), DNE_OK);
+    EXPECT(dne_msg_frags(m) == 2);
+    EXPECT(dne_msg_data(f, m, 1, &len) != NULL && len > 0);
+    EXPECT(dne_msg_data(f, m, 2, &len) == NULL);
+    EXPECT(dne_msg_data(f, m, 0xffffffffu, &len) == NULL);
+    EXPECT(dne_msg_data(NULL, m, 0, &len) == NULL);
+    EXPECT(dne_msg_data(f, NULL, 0, &len) == NULL);
+    EXPECT(dne_msg_data(f, m, 0, NULL) != NULL);
+    EXPECT(dne_msg_len(NULL) == 0 && dne_msg_frags(NULL) == 0 && dne_msg_request(NULL) == 0);
+    EXPECT(!dne_msg_is_error(NULL) && dne_msg_error_code(NULL) == 0);
+
+    dne_msg *kept = m;
+    CHECK(dne_send(NULL, &m, "b"), DNE_ERR_INVALID_ARG);
+    CHECK(dne_send(f, NULL, "b"), DNE_ERR_INVALID_ARG);
+    CHECK(dne_send(f, &none, "b"), DNE_ERR_INVALID_ARG);
+    CHECK(dne_send(f, &m, NULL), DNE_ERR_INVALID_ARG);
+    CHECK(dne_send(f, &m, "\xff"), DNE_ERR_INVALID_ARG);
+    CHECK(dne_send(f, &m, ""), DNE_ERR_INVALID_ARG);
+    CHECK(dne_send(f, &m, LONG), DNE_ERR_INVALID_ARG);
+    CHECK(dne_send(f, &m, "nosuch"), DNE_ERR_UNKNOWN_FUNCTION);
+    EXPECT(m == kept && dne_msg_len(m) == 5000);
+
+    /* Without a function to free it with, the message stays the caller's. */
+    CHECK(dne_free(NULL, m), DNE_ERR_INVALID_ARG);
+    EXPECT(dne_msg_len(m) == 5000);
+    CHECK(dne_free(f, m), DNE_OK);
+    CHECK(dne_free(f, NULL), DNE_OK);
+
+    /* Fill b's ring: a full ring keeps the handle as it was. */
+    for (;;) {
+        dne_status st;
+        CHECK(dne_alloc(f, 1, &m), DNE_OK);
+        kept = m;
+        st = dne_send(f, &m, "b");
+        if (st == DNE_ERR_FULL) {
+            EXPECT(m == kept);
+            CHECK(dne_free(f, m), DNE_OK);
+            break;
+        }
+        CHECK(st, DNE_OK);
+        EXPECT(m == NULL);
+    }
+    CHECK(dne_recv(NULL, 0, &m), DNE_ERR_INVALID_ARG);
+    CHECK(dne_recv(b, 0, NULL), DNE_ERR_INVALID_ARG);
+    CHECK(dne_recv(f, 0, &m), DNE_ERR_TIMEOUT);
+    for (int i = 0; i < 8; i++) {
+        CHECK(dne_recv(b, 1000, &m), DNE_OK);
+        EXPECT(!dne_msg_is_error(m) && dne_msg_len(m) == 1);
+        CHECK(dne_free(b, m), DNE_OK);
+    }
+    CHECK(dne_recv(b, 0, &m), DNE_ERR_TIMEOUT);
+    dne_detach(NULL);
+    dne_detach(b);
+    dne_detach(f);
+    printf("done\n");
+    return 0;
+}
+"#
+    );
+    let dir = Dir::new("args-build");
+    let exe = build(&dir.0, "args", &src, false);
+    let mut cmd = command(&exe);
+    cmd.arg(shimd.socket());
+    let (ok, out, err) = run("args", cmd);
+    assert!(ok && out.contains("done"), "{err}");
 }
