@@ -5,7 +5,8 @@
 //! code into a message) and never unwinds into C: a panic inside is caught
 //! and reported as `DNE_ERR_INTERNAL`. Handles are opaque pointers; a message
 //! handle is owned by the caller until `dne_send` succeeds or `dne_free`
-//! frees it, and a failed call leaves it as it was (the same pointer). A
+//! frees it, and a failed call leaves it as it was (the same pointer),
+//! except where the call's doc names a status that does not. A
 //! message is used with an attach to the pool it is in: another tenant's
 //! attach (or one to another host-shimd) in the same process is refused
 //! (`DNE_ERR_FOREIGN_MSG`). Messages are boxed (one small heap allocation
@@ -164,7 +165,8 @@ impl dne_fn {
 }
 
 /// A message held by the caller (opaque). The message records the pool
-/// it is in ([`Function::owns`]).
+/// it is in: it is used with any attach to that pool, and refused by the
+/// others (`DNE_ERR_FOREIGN_MSG`).
 #[derive(Debug)]
 pub struct dne_msg {
     msg: Msg,
@@ -268,8 +270,11 @@ pub unsafe extern "C" fn dne_attach(
     })
 }
 
-/// Detaches and frees the handle (messages still held are returned to the
-/// pool by host-shimd).
+/// Detaches and frees the handle. Send or free every message first: the
+/// buffers of the messages this attach still holds are returned to the
+/// pool by host-shimd, and their handles must not be used again, not even
+/// with `dne_free` through another attach (the buffers may belong to
+/// other messages by then); each such handle's small allocation is lost.
 ///
 /// # Safety
 ///
@@ -410,7 +415,8 @@ pub extern "C" fn dne_error_code_str(code: c_int) -> *const c_char {
 /// is gone). On failure `*m` is left as it was, the same handle, and the
 /// caller still owns it, except after `DNE_ERR_NO_INSTANCE` with
 /// `*m == NULL`: the receiver died holding it and host-shimd returned its
-/// buffers to the pool (the handle is freed).
+/// buffers to the pool (the handle is freed), and after `DNE_ERR_INTERNAL`
+/// with `*m == NULL` (the message is lost).
 /// `DNE_ERR_SHIMD_GONE`: host-shimd stopped; `*m` is the caller's (free it),
 /// or NULL when the receiver took it as host-shimd stopped.
 /// `DNE_ERR_FOREIGN_MSG`: `*m` is in another attach's pool; nothing was done.
@@ -507,14 +513,16 @@ pub unsafe extern "C" fn dne_recv(f: *mut dne_fn, timeout_ms: i32, out: *mut *mu
 }
 
 /// Frees a message. `DNE_ERR_FOREIGN_MSG`: `m` is in another attach's pool
-/// (free it with the `dne_fn` it came from); it is left as it was. After
-/// any other status `m` is gone (`DNE_ERR_OWNERSHIP`: its buffers were not
-/// all this function's to free).
+/// (free it with the `dne_fn` it came from); it is left as it was.
+/// `DNE_ERR_INVALID_ARG`: `f` is NULL; nothing was done, `m` is still the
+/// caller's. After any other status `m` is gone (`DNE_ERR_OWNERSHIP`: its
+/// buffers were not all this function's to free). `m` NULL: `DNE_OK`.
 ///
 /// # Safety
 ///
 /// `f` is a live handle; `m` is NULL or a live message handle, not used
-/// afterwards unless refused with `DNE_ERR_FOREIGN_MSG`.
+/// afterwards unless refused with `DNE_ERR_FOREIGN_MSG` or
+/// `DNE_ERR_INVALID_ARG`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dne_free(f: *mut dne_fn, m: *mut dne_msg) -> dne_status {
     guard(|| {

@@ -207,8 +207,9 @@ impl Drop for ShimdThread {
     }
 }
 
-/// Tenant `t`: `a`, `b` (a ring of 8) and `c`.
-const CLUSTER: &str = "[[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = 4096\nbuffers = 64\nrecv_quota = 8\n\n\
+/// Tenant `t`: `a`, `b` (a ring of 8) and `c`; buffers enough for each to
+/// keep a full allocation cache (32) with messages in flight.
+const CLUSTER: &str = "[[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = 4096\nbuffers = 256\nrecv_quota = 8\n\n\
      [[function]]\nname = \"a\"\ntenant = \"t\"\nnode = \"n0\"\n\n\
      [[function]]\nname = \"b\"\ntenant = \"t\"\nnode = \"n0\"\nring_capacity = 8\n\n\
      [[function]]\nname = \"c\"\ntenant = \"t\"\nnode = \"n0\"\n";
@@ -334,5 +335,93 @@ int main(int argc, char **argv) {
     let mut cmd = command(&exe);
     cmd.arg(shimd.socket());
     let (ok, out, err) = run("args", cmd);
+    assert!(ok && out.contains("done"), "{err}");
+}
+
+/// What the header says of threads holds: each thread attaches once and
+/// uses its own `dne_fn`, attaches and sends run at once on two threads,
+/// and a message handle moves between them (freed or sent by the other
+/// thread's attach, of the same pool).
+#[test]
+fn threads_with_an_attach_each_share_message_handles() {
+    let shimd = ShimdThread::start("threads", CLUSTER);
+    let src = format!(
+        "{PRELUDE}{}",
+        r#"
+#include <pthread.h>
+#define N 200
+static const char *sock;
+static dne_msg *handed; /* set before pthread_create, read after it */
+
+/* Thread b: attaches on its own, frees the handle main gave it, then
+ * receives N messages and frees each with its own attach. */
+static void *receiver(void *arg) {
+    dne_fn *b = NULL;
+    dne_msg *m = NULL;
+    (void)arg;
+    CHECK(dne_attach(sock, "t", "b", &b), DNE_OK);
+    EXPECT(dne_msg_len(handed) == 3);
+    CHECK(dne_free(b, handed), DNE_OK);
+    for (int i = 0; i < N; i++) {
+        CHECK(dne_recv(b, 10000, &m), DNE_OK);
+        EXPECT(dne_msg_len(m) == 4 && dne_msg_request(m) == 0);
+        CHECK(dne_free(b, m), DNE_OK);
+    }
+    dne_detach(b);
+    return NULL;
+}
+
+/* Thread c: attaches while main sends, and sends N messages of its own
+ * to a. */
+static void *sender(void *arg) {
+    dne_fn *c = NULL;
+    dne_msg *m = NULL;
+    (void)arg;
+    CHECK(dne_attach(sock, "t", "c", &c), DNE_OK);
+    for (int i = 0; i < N; i++) {
+        dne_status st;
+        CHECK(dne_alloc(c, 2, &m), DNE_OK);
+        while ((st = dne_send(c, &m, "a")) == DNE_ERR_FULL || st == DNE_ERR_NO_INSTANCE)
+            ;
+        CHECK(st, DNE_OK);
+    }
+    dne_detach(c);
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    dne_fn *a = NULL;
+    dne_msg *m = NULL;
+    pthread_t tb, tc;
+    EXPECT(argc == 2);
+    sock = argv[1];
+    CHECK(dne_attach(sock, "t", "a", &a), DNE_OK);
+    CHECK(dne_alloc(a, 3, &handed), DNE_OK);
+    EXPECT(pthread_create(&tb, NULL, receiver, NULL) == 0);
+    EXPECT(pthread_create(&tc, NULL, sender, NULL) == 0);
+    for (int i = 0; i < N; i++) {
+        dne_status st;
+        CHECK(dne_alloc(a, 4, &m), DNE_OK);
+        while ((st = dne_send(a, &m, "b")) == DNE_ERR_FULL || st == DNE_ERR_NO_INSTANCE)
+            ;
+        CHECK(st, DNE_OK);
+    }
+    for (int i = 0; i < N; i++) {
+        CHECK(dne_recv(a, 10000, &m), DNE_OK);
+        EXPECT(dne_msg_len(m) == 2);
+        CHECK(dne_free(a, m), DNE_OK);
+    }
+    EXPECT(pthread_join(tb, NULL) == 0 && pthread_join(tc, NULL) == 0);
+    dne_detach(a);
+    printf("done\n");
+    return 0;
+}
+"#
+    );
+    let dir = Dir::new("threads-build");
+    let exe = build(&dir.0, "threads", &src, false);
+    let mut cmd = command(&exe);
+    cmd.arg(shimd.socket());
+    let (ok, out, err) = run("threads", cmd);
     assert!(ok && out.contains("done"), "{err}");
 }
