@@ -28,8 +28,15 @@ use wire::{CtrlFrame, Descriptor, ErrorCode, Name, Owner};
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 /// Descriptors taken from the inbound ring at once.
 pub(crate) const BATCH: usize = 32;
-/// Buffers a function keeps in its private allocation cache.
+/// Buffers a function keeps in its private allocation cache, at most: and
+/// at most a sixteenth of its pool ([`cache_cap`]), so that in a small pool
+/// the caches of a few idle functions cannot hold every free buffer.
 const CACHE: usize = 32;
+
+/// The cache size for a pool of `buffers` buffers (see [`CACHE`]).
+fn cache_cap(buffers: u32) -> usize {
+    (buffers as usize / 16).min(CACHE)
+}
 /// The reason [`Function::rejected`] counts a descriptor under when its
 /// sender took its buffers back: the push published as the ring was closed
 /// (host-shimd stopping cleanly, or dropping this function), saw the ring
@@ -411,7 +418,7 @@ impl Function {
         );
         Ok(Self {
             conn,
-            cache: LocalCache::new(Owner::Held(info.slot), CACHE),
+            cache: LocalCache::new(Owner::Held(info.slot), cache_cap(pool.geometry().buf_count())),
             info,
             pool,
             pool_id,
@@ -1028,6 +1035,35 @@ pub(crate) mod tests {
     fn held(f: &Function, fs: &[&Function]) -> usize {
         let cached: usize = fs.iter().map(|f| f.cached_buffers()).sum();
         f.pool().geometry().buf_count() as usize - f.pool().free_buffers() as usize - cached
+    }
+
+    /// A function's private allocation cache holds at most a small share of
+    /// a small pool, so the other functions of the tenant still find
+    /// buffers when nothing is in flight. Before, each attach kept up to 32
+    /// buffers: in a pool of 64, two functions that had each sent one
+    /// message held all of them, and a third got `Exhausted`.
+    #[test]
+    fn a_small_pools_buffers_are_not_hoarded_by_the_caches() {
+        const THREE: &str = "[[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = 4096\nbuffers = 64\nrecv_quota = 8\n\n\
+             [[function]]\nname = \"a\"\ntenant = \"t\"\nnode = \"n0\"\n\n\
+             [[function]]\nname = \"b\"\ntenant = \"t\"\nnode = \"n0\"\n\n\
+             [[function]]\nname = \"c\"\ntenant = \"t\"\nnode = \"n0\"\n";
+        let (_shimd, (), dir) = shimd_serving("fn-hoard", THREE, |socket| {
+            let mut fs: Vec<Function> =
+                ["a", "b", "c"].iter().map(|n| Function::attach(socket, "t", n).unwrap()).collect();
+            for (k, f) in fs.iter_mut().enumerate() {
+                let m = f.alloc(100).unwrap_or_else(|e| panic!("function {k}: {e}"));
+                f.free(m).unwrap();
+            }
+            let cached: usize = fs.iter().map(|f| f.cached_buffers()).sum();
+            assert!(cached <= 16, "the caches hold {cached} of 64 buffers");
+            // Each can still take a 16-buffer chain at once, in turn.
+            for (k, f) in fs.iter_mut().enumerate() {
+                let m = f.alloc(16 * 4096 - 1024).unwrap_or_else(|e| panic!("function {k}: {e}"));
+                f.free(m).unwrap();
+            }
+        });
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// A message of tenant `t`'s pool used with a function of tenant `u`
