@@ -436,10 +436,11 @@ pub unsafe extern "C" fn dne_send(f: *mut dne_fn, m: *mut *mut dne_msg, to: *con
         let Some(to) = (unsafe { arg(to) }) else { return dne_status::DNE_ERR_INVALID_ARG };
         // A name no function can have (empty, too long, a character names
         // do not use) is the caller's mistake, as in `dne_attach`, not a
-        // function that may yet appear.
-        if wire::Name::new(to).is_err() {
-            return dne_status::DNE_ERR_INVALID_ARG;
-        }
+        // function that may yet appear. The send reads this copy: `to` may
+        // point into the message's own payload, which is the receiver's
+        // once handed over.
+        let Ok(name) = wire::Name::new(to) else { return dne_status::DNE_ERR_INVALID_ARG };
+        let Ok(to) = name.as_str() else { return dne_status::DNE_ERR_INVALID_ARG };
         if m.is_null() {
             return dne_status::DNE_ERR_INVALID_ARG;
         }
