@@ -1,8 +1,9 @@
 //! The HTTP/1.1 edge: tokio (multi-thread) + hyper, keep-alive.
 //!
 //! Per request: refuse more than one `Host`, one that is not a host and port,
-//! or none in HTTP/1.1 (400), and a path with a `.` or `..` segment (400;
-//! `..;x` counts too, see `has_dot_segment`),
+//! or none in HTTP/1.1 (400), an absolute-form target that is not an `http`
+//! or `https` URI naming a host (400; see `target_authority_ok`), and a path
+//! with a `.` or `..` segment (400; `..;x` counts too, see `has_dot_segment`),
 //! route by host (an absolute-form target's authority, else `Host`) and path
 //! (404), check the tenant's API key (401), check the method and the transfer
 //! coding (501), the target (400/414) and the announced body length (413);
@@ -459,11 +460,16 @@ impl Ingress {
         // with one that is not a host and port (`a, b`, say: what a proxy
         // in front makes of two Host lines when it joins them), it is
         // refused rather than routed as if it had none. An absolute-form
-        // target's authority is held to the same grammar.
+        // target's authority is held to the same grammar, and more (see
+        // `target_authority_ok`).
         let header_host = first_host.map(|h| h.to_str().ok().filter(|h| config::is_host(h)));
-        if matches!(header_host, Some(None)) || req.uri().host().is_some_and(|a| !config::is_host(a)) {
+        if matches!(header_host, Some(None)) {
             self.unrouted(peer, &method, &target, StatusCode::BAD_REQUEST, " bad_host");
             return close(plain(StatusCode::BAD_REQUEST, "Host is not a host name and port\n"));
+        }
+        if !target_authority_ok(req.uri()) {
+            self.unrouted(peer, &method, &target, StatusCode::BAD_REQUEST, " bad_target");
+            return close(plain(StatusCode::BAD_REQUEST, "the target is not an http URI naming a host\n"));
         }
         let host = match (req.uri().host(), header_host.flatten()) {
             (Some(authority), _) => Some(authority),
@@ -1078,6 +1084,21 @@ async fn early_body(expects_continue: bool, body: &mut Incoming, r: Response<Out
         }
     }
     close(r)
+}
+
+/// Whether the authority of an absolute-form (or authority-form) target,
+/// by which the request is routed (RFC 9112 3.2.2), is a host and port
+/// (`config::is_host`, which also refuses userinfo: RFC 9110 4.2.4 has a
+/// recipient treat it as an error, as `special.example@x` reads as a
+/// request to `special.example` while it names `x`) with a host that is
+/// not empty (RFC 9110 4.2.1: an `http` URI without one is invalid), under
+/// the `http` or `https` scheme, if any (another names no resource of this
+/// server). A target without an authority (origin form) passes.
+fn target_authority_ok(uri: &hyper::Uri) -> bool {
+    let Some(authority) = uri.authority() else { return true };
+    config::is_host(authority.as_str())
+        && !authority.host().is_empty()
+        && uri.scheme_str().is_none_or(|s| s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https"))
 }
 
 /// Whether `path` has a `.` or `..` segment once its percent-escapes are

@@ -880,6 +880,44 @@ async fn a_missing_or_unreadable_host_is_refused() {
     srv.stop().await;
 }
 
+/// An absolute-form target is routed by its authority (RFC 9112 3.2.2), so
+/// it is held to what an `http` URI's authority may be: no userinfo (RFC
+/// 9110 4.2.4: a recipient treats it as an error; `special.example@x`
+/// reads as a request to `special.example` to a careless eye or parser,
+/// and the edge routed it to `x`), a host that is not empty (4.2.1: such a
+/// URI is rejected as invalid), and the `http` or `https` scheme (a
+/// `foo://` target names no resource of this server). Before, the edge
+/// checked only the host part and routed all of them. `special.example/echo`
+/// reverses the body, `/echo` on any other host echoes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_target_with_userinfo_no_host_or_another_scheme_is_refused() {
+    let srv = Server::default().await;
+    for target in [
+        "http://x@special.example/echo",
+        "http://special.example@x/echo",
+        "http://special.example:@x/echo",
+        "http://:80/echo",
+        "foo://special.example/echo",
+        "ftp://x/echo",
+    ] {
+        let req = format!("POST {target} HTTP/1.1\r\nHost: special.example\r\nContent-Length: 3\r\n\r\nabc");
+        let (st, head, body) = raw(srv.addr, req.as_bytes()).await;
+        assert_eq!(st, 400, "{target}: {head}{}", String::from_utf8_lossy(&body));
+    }
+    for (target, want) in [
+        ("http://special.example/echo", &b"cba"[..]),
+        ("HTTPS://Special.Example:443/echo", b"cba"),
+        ("http://x:8080/echo?q=@", b"abc"),
+    ] {
+        let req = format!("POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc");
+        let (st, head, body) = raw(srv.addr, req.as_bytes()).await;
+        assert_eq!((st, body.as_slice()), (200, want), "{target}: {head}");
+    }
+    assert_eq!(metric(&srv, r#"dne_ingress_requests_total{route="",tenant="",code="400"}"#), Some(6));
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
+
 /// A body arriving slowly still waits for buffers when the pool is short
 /// mid-body (`pool_wait` counts time spent waiting for buffers, not the
 /// time since the request began). Before, the wait was counted from the
