@@ -471,15 +471,14 @@ impl Ingress {
             self.unrouted(peer, &method, &target, StatusCode::BAD_REQUEST, " bad_target");
             return close(plain(StatusCode::BAD_REQUEST, "the target is not an http URI naming a host\n"));
         }
-        let host = match (req.uri().host(), header_host.flatten()) {
-            (Some(authority), _) => Some(authority),
-            (None, Some(h)) => Some(h),
-            (None, None) if req.version() >= hyper::Version::HTTP_11 => {
-                self.unrouted(peer, &method, &target, StatusCode::BAD_REQUEST, " no_host");
-                return close(plain(StatusCode::BAD_REQUEST, "an HTTP/1.1 request needs a Host header\n"));
-            }
-            (None, None) => None,
-        };
+        // Even with an absolute-form target, whose authority then routes
+        // it: RFC 9112 3.2 refuses "any HTTP/1.1 request message that lacks
+        // a Host header field".
+        if first_host.is_none() && req.version() >= hyper::Version::HTTP_11 {
+            self.unrouted(peer, &method, &target, StatusCode::BAD_REQUEST, " no_host");
+            return close(plain(StatusCode::BAD_REQUEST, "an HTTP/1.1 request needs a Host header\n"));
+        }
+        let host = req.uri().host().or(header_host.flatten());
         // Routes match the path as sent; one whose meaning changes when it
         // is resolved (`/a/../b`) is refused rather than routed by its
         // first segment (see `has_dot_segment`).
