@@ -778,7 +778,10 @@ impl Ingress {
             log::warn!("{peer}: the chain replied with status {:?}, not a final one", e.status);
             return plain(StatusCode::BAD_GATEWAY, "malformed reply\n");
         };
-        let body = ReplyBody::new(reply, e.body_offset, e.body_len);
+        // A 205 carries no content (RFC 9110 15.3.6): a body the function
+        // gave it is not sent (`Content-Length: 0`).
+        let body_len = if status == StatusCode::RESET_CONTENT { 0 } else { e.body_len };
+        let body = ReplyBody::new(reply, e.body_offset, body_len);
         let mut r = Response::new(Either::Right(body));
         *r.status_mut() = status;
         // The fields the reply's `Connection` names were for the hop from

@@ -1349,6 +1349,30 @@ async fn a_functions_reply_cannot_set_the_headers_the_ingress_owns() {
     srv.assert_no_leak().await;
     srv.stop().await;
 }
+/// A 205 (Reset Content) reply goes out without content, whatever body the
+/// function gave it: RFC 9110 15.3.6 has a server generate none ("the 205
+/// status code implies that no additional content will be provided"), and
+/// a client that reads it so would take the body for the start of the
+/// next response. Before, the function's body went out with its length.
+/// The connection serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_205_reply_goes_out_without_content() {
+    let srv = Server::default().await;
+    c_status(&srv, 205);
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc").await.unwrap();
+    let (st, head, body) = read_response(&mut s).await;
+    assert_eq!((st, body.as_slice()), (205, &b""[..]), "{head}");
+    assert!(head.to_ascii_lowercase().contains("\r\ncontent-length: 0\r\n"), "{head}");
+    c_status(&srv, 0);
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
+    let (st, head, body) = read_response(&mut s).await;
+    assert_eq!((st, body.as_slice()), (200, &b"ok"[..]), "{head}");
+    assert_eq!(metric(&srv, r#"dne_ingress_response_body_bytes_total{tenant="open"}"#), Some(2));
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
+
 /// A segment that is `.` or `..` before a `;` (`..;`, `..;x=1`, `.;`,
 /// also escaped) gets 400 like a `.` or `..` segment. RFC 3986 does not
 /// make `..;` a dot segment (`;` is data in a segment), but servlet
