@@ -346,6 +346,37 @@ async fn read_response(s: &mut TcpStream) -> (u16, String, Vec<u8>) {
     (status, head, body)
 }
 
+/// Reads `n` responses to pipelined requests from a raw stream, each
+/// framed by its `Content-Length` (none: no body; 1xx, and chunked bodies,
+/// are not expected): (status, head text, body) each. Bytes after the
+/// `n`th are an error.
+async fn read_responses(s: &mut TcpStream, n: usize) -> Vec<(u16, String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let mut out = Vec::new();
+    while out.len() < n {
+        let parsed = buf.windows(4).position(|w| w == b"\r\n\r\n").and_then(|i| {
+            let head = String::from_utf8_lossy(&buf[..i + 4]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                .unwrap_or(0);
+            (buf.len() >= i + 4 + len).then(|| (head, i + 4, len))
+        });
+        if let Some((head, at, len)) = parsed {
+            let status: u16 = head[9..12].parse().unwrap();
+            out.push((status, head, buf[at..at + len].to_vec()));
+            buf.drain(..at + len);
+            continue;
+        }
+        let got = tokio::time::timeout(Duration::from_secs(20), s.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(got > 0, "closed after {} responses: {:?}", out.len(), String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..got]);
+    }
+    assert!(buf.is_empty(), "bytes after {n} responses: {:?}", String::from_utf8_lossy(&buf));
+    out
+}
+
 async fn raw(addr: SocketAddr, bytes: &[u8]) -> (u16, String, Vec<u8>) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(bytes).await.unwrap();
@@ -1369,6 +1400,51 @@ async fn a_205_reply_goes_out_without_content() {
     let (st, head, body) = read_response(&mut s).await;
     assert_eq!((st, body.as_slice()), (200, &b"ok"[..]), "{head}");
     assert_eq!(metric(&srv, r#"dne_ingress_response_body_bytes_total{tenant="open"}"#), Some(2));
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
+
+/// A function's reply cannot frame the response: its `Content-Length`,
+/// `Transfer-Encoding`, `Trailer`, `Connection` and `Keep-Alive` are not
+/// passed on, and the edge frames the body by its real length (hyper writes
+/// a `Content-Length` header it is given as it is, trusting it to match the
+/// body: passed on, a function's would desynchronise the connection). The
+/// same for a 204, which goes out with no length and no body. A request
+/// pipelined behind each is answered as itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_functions_reply_cannot_frame_the_response() {
+    let srv = Server::default().await;
+    *srv.upstream.reply_headers.lock().unwrap() = vec![
+        ("Content-Length", "999"),
+        ("transfer-encoding", "gzip, chunked"),
+        ("trailer", "x-t"),
+        ("connection", "close"),
+        ("keep-alive", "timeout=1"),
+    ];
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    let two = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc\
+                POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello";
+    s.write_all(two).await.unwrap();
+    for ((st, head, body), want) in read_responses(&mut s, 2).await.into_iter().zip([&b"abc"[..], b"hello"]) {
+        assert_eq!((st, body.as_slice()), (200, want), "{head}");
+        let lower = head.to_ascii_lowercase();
+        assert!(lower.contains(&format!("\r\ncontent-length: {}\r\n", want.len())), "{head}");
+        for gone in ["999", "transfer-encoding", "trailer", "connection", "keep-alive"] {
+            assert!(!lower.contains(gone), "{gone}: {head}");
+        }
+    }
+    c_status(&srv, 204);
+    s.write_all(two).await.unwrap();
+    for (st, head, body) in read_responses(&mut s, 2).await {
+        assert_eq!((st, body.as_slice()), (204, &b""[..]), "{head}");
+        let lower = head.to_ascii_lowercase();
+        assert!(!lower.contains("content-length") && !lower.contains("transfer-encoding"), "{head}");
+    }
+    c_status(&srv, 0);
+    srv.upstream.reply_headers.lock().unwrap().clear();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
+    let (st, head, body) = read_response(&mut s).await;
+    assert_eq!((st, body.as_slice()), (200, &b"ok"[..]), "{head}");
     srv.assert_no_leak().await;
     srv.stop().await;
 }
