@@ -155,6 +155,10 @@ struct Recording {
     /// Headers added to every reply envelope (a function setting any
     /// headers it likes).
     reply_headers: std::sync::Mutex<Vec<(&'static str, &'static str)>>,
+    /// Non-empty: the first place in every reply envelope's head where
+    /// these bytes are is overwritten with those (as long): a function
+    /// writing a head no encoder would.
+    reply_patch: std::sync::Mutex<(&'static [u8], &'static [u8])>,
 }
 
 impl ingress::Upstream for Recording {
@@ -166,7 +170,8 @@ impl ingress::Upstream for Recording {
         let reply = self.inner.call(route, tenant, msg, request);
         let status = self.status.load(std::sync::atomic::Ordering::Relaxed);
         let extra = self.reply_headers.lock().unwrap().clone();
-        if status == 0 && extra.is_empty() {
+        let (from, to) = *self.reply_patch.lock().unwrap();
+        if status == 0 && extra.is_empty() && from.is_empty() {
             return reply;
         }
         Box::pin(async move {
@@ -182,6 +187,13 @@ impl ingress::Upstream for Recording {
                 spec.headers = &all;
                 let pad = e.body_offset - spec.len().unwrap();
                 wire::http::encode_head(&mut reply.frags_mut(), &spec, pad, e.body_len).unwrap();
+            }
+            if !from.is_empty() {
+                let e = wire::http::decode(&reply.frags()).unwrap();
+                let mut head = vec![0u8; e.body_offset as usize];
+                wire::http::read_at(&reply.frags(), 0, &mut head).unwrap();
+                let at = head.windows(from.len()).position(|w| w == from).unwrap();
+                wire::http::write_at(&mut reply.frags_mut(), at as u64, to).unwrap();
             }
             if status != 0 {
                 // The status is the u16 at offset 4 of the envelope header.
@@ -226,6 +238,7 @@ impl Server {
             last_headers: Default::default(),
             status: Default::default(),
             reply_headers: Default::default(),
+            reply_patch: std::sync::Mutex::new((b"", b"")),
         });
         let ingress = Arc::new(Ingress::new(&c, pools, upstream.clone(), settings));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1445,6 +1458,44 @@ async fn a_functions_reply_cannot_frame_the_response() {
     s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
     let (st, head, body) = read_response(&mut s).await;
     assert_eq!((st, body.as_slice()), (200, &b"ok"[..]), "{head}");
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
+
+/// A reply whose head has a header name or value that is not valid HTTP
+/// (a space or colon in a name; CR, LF, NUL or DEL in a value: what would
+/// split the response or inject a header) is not sent on: the client gets
+/// 502, the reply is counted as `bad_reply`, nothing of its head reaches
+/// the client, and the connection serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_with_a_header_that_is_not_valid_http_gets_502_and_is_counted() {
+    let srv = Server::default().await;
+    *srv.upstream.reply_headers.lock().unwrap() = vec![("x-name", "vvvvvvvvvv")];
+    let bad: [(&[u8], &[u8]); 6] = [
+        (b"x-name", b"x name"),
+        (b"x-name", b"x:name"),
+        (b"vvvvvvvvvv", b"a\r\nset-x:1"),
+        (b"vvvvvvvvvv", b"a\nset-x: 1"),
+        (b"vvvvvvvvvv", b"vvvv\0vvvvv"),
+        (b"vvvvvvvvvv", b"vvvv\x7fvvvvv"),
+    ];
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    for (i, patch) in bad.into_iter().enumerate() {
+        *srv.upstream.reply_patch.lock().unwrap() = patch;
+        s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc").await.unwrap();
+        let (st, head, body) = read_response(&mut s).await;
+        let what = String::from_utf8_lossy(patch.1);
+        assert_eq!(st, 502, "{what:?}: {head}{}", String::from_utf8_lossy(&body));
+        assert!(!head.contains("x-name") && !head.contains("set-x") && !head.contains("vvvv"), "{what:?}: {head}");
+        let bad_replies = metric(&srv, r#"dne_ingress_rejections_total{tenant="open",reason="bad_reply"}"#);
+        assert_eq!(bad_replies, Some(i as u64 + 1), "{what:?}");
+    }
+    // The same head, valid, goes through.
+    *srv.upstream.reply_patch.lock().unwrap() = (b"", b"");
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
+    let (st, head, body) = read_response(&mut s).await;
+    assert_eq!((st, body.as_slice()), (200, &b"ok"[..]), "{head}");
+    assert!(head.contains("x-name: vvvvvvvvvv\r\n"), "{head}");
     srv.assert_no_leak().await;
     srv.stop().await;
 }
