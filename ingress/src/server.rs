@@ -349,9 +349,13 @@ impl Ingress {
             let _ = stream.set_nodelay(true);
             let me = self.clone();
             let client = Arc::new(Client::new(peer));
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |req: Request<Incoming>| {
                 let (me, client) = (me.clone(), client.clone());
-                async move { Ok::<_, Infallible>(me.handle(req, &client, is_admin, metrics_on_main).await) }
+                async move {
+                    let version = req.version();
+                    let r = me.handle(req, &client, is_admin, metrics_on_main).await;
+                    Ok::<_, Infallible>(in_version(version, r))
+                }
             });
             // `half_close`: a client that shuts its sending side once its
             // request is complete (`shutdown(SHUT_WR)`) still gets its
@@ -1034,6 +1038,23 @@ fn plain(status: StatusCode, text: &'static str) -> Response<OutBody> {
 /// The connection is not reusable after this response (unread body).
 fn close(mut r: Response<OutBody>) -> Response<OutBody> {
     r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// The answer `r` to a request of HTTP version `version`: a closing answer
+/// to an HTTP/1.0 request is marked HTTP/1.0 (hyper writes every answer to
+/// such a client as HTTP/1.0 anyway). To one marked HTTP/1.1 whose
+/// `Connection` lacks `keep-alive`, hyper appends `keep-alive` when the
+/// client asked for it, even after `close`, and then closes: the client
+/// read `Connection: close, keep-alive`, and one that looks for
+/// `keep-alive` (HTTP/1.0 persistence) sent its next request into a
+/// connection being closed. To one marked HTTP/1.0, hyper adds nothing.
+fn in_version(version: hyper::Version, mut r: Response<OutBody>) -> Response<OutBody> {
+    if version == hyper::Version::HTTP_10
+        && names_option(r.headers().get_all(header::CONNECTION).iter().map(HeaderValue::as_bytes), b"close")
+    {
+        *r.version_mut() = hyper::Version::HTTP_10;
+    }
     r
 }
 

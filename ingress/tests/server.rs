@@ -1500,6 +1500,49 @@ async fn a_reply_with_a_header_that_is_not_valid_http_gets_502_and_is_counted() 
     srv.stop().await;
 }
 
+/// An HTTP/1.0 client that asks for keep-alive is answered in HTTP/1.0,
+/// with `Connection: keep-alive` when the connection stays open (it serves
+/// the next request) and with `Connection: close` alone when it closes
+/// after the answer (one given before a large body was read, a 413, a
+/// 400). Before, the closing answers said `Connection: close, keep-alive`
+/// (hyper appends `keep-alive` for such a client to an answer marked
+/// HTTP/1.1 that lacks it, then closes anyway): a client that looks for
+/// `keep-alive` (HTTP/1.0 persistence; ApacheBench's `-k` does) sends its
+/// next request into a connection the server is closing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_keep_alive_client_is_told_close_alone_when_the_connection_closes() {
+    let srv = Server::default().await;
+    for (req, code) in [
+        (&b"POST /nowhere HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 100000\r\n\r\nabc"[..], 404),
+        (b"POST /echo HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2000000\r\n\r\nabc", 413),
+        (b"POST /echo/../x HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 3\r\n\r\nabc", 400),
+    ] {
+        let what = String::from_utf8_lossy(&req[..30]).to_string();
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(req).await.unwrap();
+        let (st, head, _) = read_response(&mut s).await;
+        assert_eq!(st, code, "{what}: {head}");
+        assert!(head.starts_with("HTTP/1.0 "), "{what}: {head}");
+        let lower = head.to_ascii_lowercase();
+        assert!(lower.contains("\r\nconnection: close\r\n") && !lower.contains("keep-alive"), "{what}: {head}");
+        assert_eq!(read_to_close(&mut s).await.unwrap(), b"", "{what}");
+    }
+    // An answer after which the connection stays open says keep-alive, and
+    // the connection serves on.
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    for req in [
+        &b"POST /nowhere HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 3\r\n\r\nabc"[..],
+        b"POST /echo HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok",
+    ] {
+        s.write_all(req).await.unwrap();
+        let (_, head, _) = read_response(&mut s).await;
+        assert!(head.starts_with("HTTP/1.0 "), "{head}");
+        assert!(head.to_ascii_lowercase().contains("\r\nconnection: keep-alive\r\n"), "{head}");
+    }
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
+
 /// A segment that is `.` or `..` before a `;` (`..;`, `..;x=1`, `.;`,
 /// also escaped) gets 400 like a `.` or `..` segment. RFC 3986 does not
 /// make `..;` a dot segment (`;` is data in a segment), but servlet
