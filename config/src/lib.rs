@@ -1095,6 +1095,43 @@ runtime_dir = "/tmp/dne/edge"
         Cluster::parse(&two).unwrap();
     }
 
+    /// The edits the packaged cluster file and README.md tell a user to
+    /// make give a valid file: uncommenting its `[[ingress]]` block as it
+    /// stands, and README.md's host mode (every node `mode = "host"`).
+    #[test]
+    fn the_packaged_cluster_file_with_its_ingress_uncommented_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/common/cluster.toml");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let from = text.find("\n# [[ingress]]\n").expect("the packaged file has a commented [[ingress]] block") + 1;
+        let mut edited = text[..from].to_string();
+        for line in text[from..].lines() {
+            let code = line.strip_prefix("# ").unwrap_or_else(|| panic!("not a commented line: {line:?}"));
+            edited.push_str(code);
+            edited.push('\n');
+        }
+        let c =
+            Cluster::parse(&edited).unwrap_or_else(|e| panic!("{} with [[ingress]] uncommented: {e}", path.display()));
+        assert_eq!(c.warnings(), [] as [String; 0]);
+        let i = &c.ingresses[..];
+        assert_eq!(i.len(), 1);
+        // The values it shows are the defaults, so that a default changed
+        // in the code cannot leave the example setting the old one.
+        let defaults = Cluster::parse(&format!(
+            "{}\n[[ingress]]\nname = \"{}\"\naddress = \"{}\"\nhttp = \"{}\"\nruntime_dir = \"{}\"\n",
+            &text[..from],
+            i[0].name,
+            i[0].address,
+            i[0].http,
+            i[0].runtime_dir.display()
+        ))
+        .unwrap();
+        assert_eq!(i, &defaults.ingresses[..], "the example's values are not the defaults");
+
+        let host = text.replace("mode = \"dpu\"", "mode = \"host\"");
+        let c = Cluster::parse(&host).unwrap_or_else(|e| panic!("{} in host mode: {e}", path.display()));
+        assert!(c.nodes.iter().all(|n| n.mode == Mode::Host));
+    }
+
     #[test]
     fn empty_file_needs_nodes_and_tenants() {
         assert!(Cluster::parse("").unwrap_err().to_string().starts_with("node:"));
