@@ -769,17 +769,27 @@ pub fn normalize_host(h: &str) -> String {
 
 /// Whether `h` is a `Host` value: `uri-host [":" port]` (RFC 9110 7.2,
 /// RFC 3986 3.2.2), where the host is an IP literal in brackets or a
-/// name of letters, digits, `-`, `.`, `_`, `~` and percent-escapes, and
-/// the port is digits. RFC 3986's names may also hold sub-delimiters
-/// (`!$&'()*+,;=`); they are refused too: no route's host has them, and a
-/// comma is what a proxy leaves where it joined two Host lines. The
-/// ingress holds requests' `Host` to it, and the config routes' `host`.
+/// name of letters, digits, `-`, `.`, `_` and `~` that is not empty once
+/// its trailing dots are dropped (RFC 9110 4.2.1: an `http` URI with an
+/// empty host is invalid), and the port is digits (none: the scheme's
+/// default, RFC 3986 3.2.3) naming a TCP port (at most 65535). RFC 3986's
+/// names may also hold sub-delimiters (`!$&'()*+,;=`) and percent-escapes;
+/// they are refused too: no route's host has them, a comma is what a proxy
+/// leaves where it joined two Host lines, and no DNS name has an escape
+/// (`%73pecial.example` is `special.example` to a proxy that undoes
+/// escapes, and another name to one that compares bytes). The ingress
+/// holds requests' `Host` and absolute-form authorities to it, and the
+/// config routes' `host`.
 pub fn is_host(h: &str) -> bool {
     let h = h.as_bytes();
     // The port: digits after the last colon outside brackets.
     let host = match h.iter().rposition(|&b| b == b':') {
         Some(i) if !h[i..].contains(&b']') => {
-            if !h[i + 1..].iter().all(u8::is_ascii_digit) {
+            let port = h[i + 1..].iter().try_fold(0u32, |n, &b| {
+                let n = n * 10 + u32::from(b.wrapping_sub(b'0'));
+                (b.is_ascii_digit() && n <= u32::from(u16::MAX)).then_some(n)
+            });
+            if port.is_none() {
                 return false;
             }
             &h[..i]
@@ -790,20 +800,7 @@ pub fn is_host(h: &str) -> bool {
         let Some(inner) = literal.strip_suffix(b"]") else { return false };
         return !inner.is_empty() && inner.iter().all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
     }
-    let mut i = 0;
-    while i < host.len() {
-        match host[i] {
-            b'%' => {
-                if !host.get(i + 1..i + 3).is_some_and(|x| x.iter().all(u8::is_ascii_hexdigit)) {
-                    return false;
-                }
-                i += 3;
-            }
-            b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => i += 1,
-            _ => return false,
-        }
-    }
-    true
+    host.iter().all(|&b| b.is_ascii_alphanumeric() || b"-._~".contains(&b)) && host.iter().any(|&b| b != b'.')
 }
 
 fn position<'a>(mut names: impl Iterator<Item = &'a str>, name: &str) -> Option<u16> {
@@ -816,14 +813,47 @@ mod tests {
 
     #[test]
     fn a_host_is_a_name_or_bracketed_ip_literal_and_an_optional_port() {
-        for h in
-            ["x", "Special.Example:8080", "a.b.", "127.0.0.1:80", "[::1]", "[::1]:443", "x:", "%41b", "a-b_c~d", ""]
-        {
+        for h in [
+            "x",
+            "Special.Example:8080",
+            "a.b.",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:443",
+            "x:",
+            "a-b_c~d",
+            "x:65535",
+            "x:080",
+        ] {
             assert!(is_host(h), "{h:?}");
         }
-        for h in
-            ["a, b", "a,b", "a b", "u@h", "h/p", "h:80:81", "h:8x", "[::1", "::1", "[]", "[::1]x", "%4", "%zz", "é"]
-        {
+        for h in [
+            "a, b",
+            "a,b",
+            "a b",
+            "u@h",
+            "h/p",
+            "h:80:81",
+            "h:8x",
+            "[::1",
+            "::1",
+            "[]",
+            "[::1]x",
+            "%4",
+            "%zz",
+            "é",
+            "",
+            ":80",
+            ":",
+            ".",
+            "..:80",
+            "%41b",
+            "x%2e",
+            "x:65536",
+            "x:99999",
+            "x:4294967296",
+            "[::1]:65536",
+        ] {
             assert!(!is_host(h), "{h:?}");
         }
     }

@@ -462,10 +462,11 @@ impl Ingress {
         }
         // An HTTP/1.1 request must name its host (3.2): without one, or
         // with one that is not a host and port (`a, b`, say: what a proxy
-        // in front makes of two Host lines when it joins them), it is
-        // refused rather than routed as if it had none. An absolute-form
-        // target's authority is held to the same grammar, and more (see
-        // `target_authority_ok`).
+        // in front makes of two Host lines when it joins them; an empty
+        // host, `:80` or none at all, in any version; percent-escapes; see
+        // `config::is_host`), it is refused rather than routed as if it
+        // had none. An absolute-form target's authority is held to the
+        // same grammar, and more (see `target_authority_ok`).
         let header_host = first_host.map(|h| h.to_str().ok().filter(|h| config::is_host(h)));
         if matches!(header_host, Some(None)) {
             self.unrouted(peer, &method, &target, StatusCode::BAD_REQUEST, " bad_host");
@@ -1113,14 +1114,15 @@ async fn early_body(expects_continue: bool, body: &mut Incoming, r: Response<Out
 /// by which the request is routed (RFC 9112 3.2.2), is a host and port
 /// (`config::is_host`, which also refuses userinfo: RFC 9110 4.2.4 has a
 /// recipient treat it as an error, as `special.example@x` reads as a
-/// request to `special.example` while it names `x`) with a host that is
-/// not empty (RFC 9110 4.2.1: an `http` URI without one is invalid), under
-/// the `http` or `https` scheme, if any (another names no resource of this
-/// server). A target without an authority (origin form) passes.
+/// request to `special.example` while it names `x`; an empty host: RFC
+/// 9110 4.2.1 has an `http` URI without one rejected as invalid; and
+/// percent-escapes, which no DNS name has), under the `http` or `https`
+/// scheme, if any (another names no resource of this server). A target
+/// without an authority (origin form) passes. `Host` is held to the same
+/// `config::is_host`.
 fn target_authority_ok(uri: &hyper::Uri) -> bool {
     let Some(authority) = uri.authority() else { return true };
     config::is_host(authority.as_str())
-        && !authority.host().is_empty()
         && uri.scheme_str().is_none_or(|s| s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https"))
 }
 
