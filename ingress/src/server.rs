@@ -1068,18 +1068,22 @@ const DISCARD_WITHIN: Duration = Duration::from_millis(200);
 /// Answer `r`, given before any of the request's body was read (see
 /// [`early_body`]).
 async fn early(req: &mut Request<Incoming>, r: Response<OutBody>) -> Response<OutBody> {
-    let expects = expects_continue(req.headers());
+    let expects = expects_continue(req.version(), req.headers());
     early_body(expects, req.body_mut(), r).await
 }
 
 /// [`early`] for a request taken apart into its `head` and `body`.
 async fn early_parts(head: &Parts, body: &mut Incoming, r: Response<OutBody>) -> Response<OutBody> {
-    early_body(expects_continue(&head.headers), body, r).await
+    early_body(expects_continue(head.version, &head.headers), body, r).await
 }
 
 /// Whether the client waits for `100 Continue` before sending its body.
-fn expects_continue(headers: &HeaderMap) -> bool {
-    headers.get_all(header::EXPECT).iter().any(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+/// An HTTP/1.0 client does not: a server MUST ignore the expectation in
+/// an HTTP/1.0 request (RFC 9110 10.1.1), and hyper sends no `100
+/// Continue` to one, so its body is read like any other.
+fn expects_continue(version: hyper::Version, headers: &HeaderMap) -> bool {
+    version >= hyper::Version::HTTP_11
+        && headers.get_all(header::EXPECT).iter().any(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Answer `r`, given before any of the request's `body` was read. A small

@@ -1807,3 +1807,44 @@ async fn a_host_that_is_empty_escaped_or_out_of_range_is_refused() {
     srv.assert_no_leak().await;
     srv.stop().await;
 }
+
+/// An HTTP/1.0 request's `Expect: 100-continue` is ignored (RFC 9110
+/// 10.1.1: a server MUST ignore it in an HTTP/1.0 request, and such a
+/// client does not wait for `100 Continue`). An early answer (404, 401)
+/// to one with a small body reads and discards the body and keeps the
+/// connection, as without `Expect`; before, the edge took the client for
+/// one waiting, left the body unread and closed the connection. No
+/// `100 Continue` is sent to an HTTP/1.0 client, routed or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_request_with_expect_100_continue_is_answered_as_without_it() {
+    let srv = Server::default().await;
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    for (target, code) in [("/nowhere", 404), ("/acme", 401)] {
+        let req = format!(
+            "POST {target} HTTP/1.0\r\nConnection: keep-alive\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n\
+             0123456789"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (st, head, _) = read_response(&mut s).await;
+        assert_eq!(st, code, "{target}: {head}");
+        let lower = head.to_ascii_lowercase();
+        assert!(lower.contains("\r\nconnection: keep-alive\r\n") && !lower.contains("close"), "{target}: {head}");
+    }
+    // The same connection serves on; a routed request gets no 100 Continue
+    // before its body is sent, only its answer after.
+    s.write_all(b"POST /echo HTTP/1.0\r\nConnection: keep-alive\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+        .await
+        .unwrap();
+    let mut early = [0u8; 64];
+    let got = tokio::time::timeout(Duration::from_millis(300), s.read(&mut early)).await;
+    assert!(
+        got.is_err(),
+        "the server sent {:?} before the body",
+        got.map(|n| String::from_utf8_lossy(&early[..n.unwrap()]).to_string())
+    );
+    s.write_all(b"ok").await.unwrap();
+    let (st, head, body) = read_response(&mut s).await;
+    assert_eq!((st, body.as_slice()), (200, &b"ok"[..]), "{head}");
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
