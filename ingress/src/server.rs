@@ -19,9 +19,9 @@
 //! keeps the reply's lease alive, and the buffers are freed when the last
 //! piece is written or the client goes away).
 //!
-//! `GET /metrics` answers the Prometheus text on the main listener (taking
-//! precedence over routes) unless an admin listener is given, which then
-//! serves it alone. Shutdown stops accepting, lets in-flight requests
+//! `GET /metrics` (and `HEAD`) answers the Prometheus text on the main
+//! listener (taking precedence over routes) unless an admin listener is
+//! given, which then serves it alone. Shutdown stops accepting, lets in-flight requests
 //! finish (bounded by [`Settings::shutdown_grace`]) and closes idle
 //! connections.
 
@@ -442,7 +442,12 @@ impl Ingress {
         } else {
             String::new()
         };
-        if (admin || metrics_on_main) && req.uri().path() == "/metrics" && method == hyper::Method::GET {
+        // HEAD is answered like GET (RFC 9110 9.3.2); hyper sends the head
+        // alone, with the body's length.
+        if (admin || metrics_on_main)
+            && req.uri().path() == "/metrics"
+            && (method == hyper::Method::GET || method == hyper::Method::HEAD)
+        {
             let mut r = Response::new(Either::Left(Full::new(Bytes::from(self.metrics_text()))));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -1848,3 +1848,60 @@ async fn an_http10_request_with_expect_100_continue_is_answered_as_without_it() 
     srv.assert_no_leak().await;
     srv.stop().await;
 }
+
+/// `HEAD /metrics` is answered like `GET /metrics` without the body (RFC
+/// 9110 9.3.2), on the HTTP listener when there is no admin listener and
+/// on the admin listener when there is; before, it got 404 (no route) on
+/// both. The `Content-Length` of the HEAD answer, if any, is the GET's,
+/// and no body follows it: the connection serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_metrics_is_answered_like_get_without_the_body() {
+    async fn get_then_head(addr: SocketAddr) {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let (st, get, body) = read_response(&mut s).await;
+        assert_eq!(st, 200, "{get}");
+        assert!(String::from_utf8_lossy(&body).contains("dne_ingress_requests"), "{get}");
+        s.write_all(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /nowhere-either HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // The HEAD answer is read as a head alone (its length, if any,
+        // frames no body), then the next answer.
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 65536];
+        let count = |b: &[u8]| b.windows(4).filter(|w| w == b"\r\n\r\n").count();
+        while count(&buf) < 2 {
+            let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut chunk)).await.unwrap().unwrap();
+            assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&buf));
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let (head, next) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        let field = |h: &str, name: &str| {
+            h.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix(name).map(|v| v.trim().to_owned()))
+        };
+        assert_eq!(field(head, "content-type:"), field(&get, "content-type:"), "{head}");
+        if let Some(len) = field(head, "content-length:") {
+            assert_eq!(Some(len), field(&get, "content-length:"), "{head}\n{get}");
+        }
+        assert!(next.starts_with("HTTP/1.1 404 "), "a body came after the HEAD answer: {next:?}");
+    }
+    let srv = Server::default().await;
+    get_then_head(srv.addr).await;
+    srv.stop().await;
+
+    // With an admin listener, which serves the metrics alone.
+    let srv = Server::default().await;
+    let (http, admin) =
+        (TcpListener::bind("127.0.0.1:0").await.unwrap(), TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let admin_addr = admin.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(srv.ingress.clone().serve(http, Some(admin), async move {
+        let _ = rx.await;
+    }));
+    get_then_head(admin_addr).await;
+    let _ = tx.send(());
+    tokio::time::timeout(Duration::from_secs(20), served).await.unwrap().unwrap().unwrap();
+    srv.stop().await;
+}
