@@ -759,12 +759,19 @@ fn runtime_dir(field: &str, dir: &Path, node: bool) -> Result<(), ConfigError> {
 /// A route's or a request's host as routes compare it: lowercase, without
 /// a port or a trailing dot.
 pub fn normalize_host(h: &str) -> String {
+    host_name(h).to_ascii_lowercase()
+}
+
+/// `h` without a port or a trailing dot: equal to [`normalize_host`]`(h)`
+/// but for ASCII case (compare with `eq_ignore_ascii_case`; allocates
+/// nothing).
+pub fn host_name(h: &str) -> &str {
     // Strip a port (but not the colons of a bracketed IPv6 literal).
     let h = match h.rfind(':') {
         Some(i) if !h[i..].contains(']') && h[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &h[..i],
         _ => h,
     };
-    h.trim_end_matches('.').to_ascii_lowercase()
+    h.trim_end_matches('.')
 }
 
 /// Whether `h` is a `Host` value: `uri-host [":" port]` (RFC 9110 7.2,

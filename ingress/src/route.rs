@@ -39,11 +39,14 @@ impl Router {
     /// The route of a request to `host` (from the Host header, if any) and
     /// `path` (origin-form path, query included or not).
     pub fn lookup(&self, host: Option<&str>, path: &str) -> Option<u16> {
-        let host = host.map(normalize_host);
+        // Entries hold normalized hosts; the request's is compared without
+        // a copy (this runs for every request).
+        let host = host.map(config::host_name);
         self.entries
             .iter()
             .find(|e| {
-                e.host.as_ref().is_none_or(|h| host.as_deref() == Some(h.as_str())) && prefix_matches(&e.path, path)
+                e.host.as_ref().is_none_or(|h| host.is_some_and(|r| r.eq_ignore_ascii_case(h)))
+                    && prefix_matches(&e.path, path)
             })
             .map(|e| e.route)
     }
@@ -84,6 +87,8 @@ mod tests {
         assert_eq!(r.lookup(None, "/acme/deep/x"), Some(2));
         assert_eq!(r.lookup(None, "/acme/deep"), Some(1));
         assert_eq!(r.lookup(Some("API.example:8080"), "/acme/x"), Some(3));
+        assert_eq!(r.lookup(Some("Api.Example.:80"), "/acme/x"), Some(3));
+        assert_eq!(r.lookup(Some("api.example.org"), "/acme/x"), Some(1));
         assert_eq!(r.lookup(Some("other.example"), "/acme/x"), Some(1));
         assert_eq!(r.lookup(Some("[::1]:80"), "/zzz"), Some(0));
     }
