@@ -291,6 +291,12 @@ pub struct Ingress {
     pub max_connections: u32,
 }
 
+/// Most bytes of tenant pools one process maps: host-shimd and the agent
+/// map the pool of every tenant on their node, an ingress its own pool of
+/// every tenant. 64 TiB, half of what a process can map on x86_64 (128
+/// TiB); with fewer than `u16::MAX` tenants the sizes add up in a u64.
+pub const MAX_POOL_BYTES: u64 = 1 << 46;
+
 /// Most client connections an ingress may be given (`max_connections`).
 pub const MAX_INGRESS_CONNECTIONS: u32 = 1 << 20;
 
@@ -502,6 +508,9 @@ impl Cluster {
                 return Err(bad(field.clone(), format!("{addr} is also {other}")));
             }
         }
+        // What the tenants' pools take on each node, summed as host-shimd
+        // does before making them.
+        let mut node_bytes = 0u64;
         for (i, t) in self.tenants.iter().enumerate() {
             let f = |name: &str| format!("tenant[{i}].{name}");
             if t.weight == 0 {
@@ -521,6 +530,28 @@ impl Cluster {
                     f("max_chain"),
                     format!(
                         "at most {chain_max} with a node in dpu mode (one comch message names a message's buffers)"
+                    ),
+                ));
+            }
+            let bytes = u64::from(t.buf_size) * u64::from(t.buffers);
+            if bytes > MAX_POOL_BYTES {
+                return Err(bad(
+                    f("buffers"),
+                    format!(
+                        "{} buffers of {} bytes take {bytes} bytes on every node; at most 64 TiB \
+                         ({MAX_POOL_BYTES} bytes) of pools in all",
+                        t.buffers, t.buf_size
+                    ),
+                ));
+            }
+            // Each is at most MAX_POOL_BYTES here: no overflow.
+            node_bytes += bytes;
+            if node_bytes > MAX_POOL_BYTES {
+                return Err(bad(
+                    f("buffers"),
+                    format!(
+                        "the pools of tenants 0 to {i} take {node_bytes} bytes on every node (buffers x buf_size); \
+                         at most 64 TiB ({MAX_POOL_BYTES} bytes) in all"
                     ),
                 ));
             }
@@ -561,6 +592,33 @@ impl Cluster {
             }
         }
         for (i, g) in self.ingresses.iter().enumerate() {
+            // The edge makes a pool of its `buffers` for every tenant (as
+            // `ingress::Pools::create` does) and adds their sizes up first.
+            let mut bytes = 0u64;
+            for (id, t) in (0u16..).zip(&self.tenants) {
+                let geometry = wire::PoolGeometry::new(
+                    id,
+                    t.buf_size,
+                    g.buffers,
+                    wire::fabric::HEADROOM,
+                    t.max_chain.min(g.buffers),
+                );
+                if let Err(e) = geometry {
+                    return Err(bad(format!("ingress[{i}].buffers"), format!("{e} (tenant {}'s pool)", t.name)));
+                }
+                // Each term is below 2^64 and the sum stops past the bound.
+                bytes = bytes.saturating_add(u64::from(t.buf_size) * u64::from(g.buffers));
+                if bytes > MAX_POOL_BYTES {
+                    return Err(bad(
+                        format!("ingress[{i}].buffers"),
+                        format!(
+                            "{} buffers for each tenant take {bytes} bytes of pools up to tenant {}; at most 64 TiB \
+                             ({MAX_POOL_BYTES} bytes) in all",
+                            g.buffers, t.name
+                        ),
+                    ));
+                }
+            }
             // The edge keeps about each tenant's receive quota posted from
             // its pool of that tenant (split over its peers).
             if let Some(t) = self.tenants.iter().find(|t| g.buffers <= t.recv_quota) {
@@ -1167,6 +1225,51 @@ runtime_dir = "/tmp/dne/edge"
         let host = text.replace("mode = \"dpu\"", "mode = \"host\"");
         let c = Cluster::parse(&host).unwrap_or_else(|e| panic!("{} in host mode: {e}", path.display()));
         assert!(c.nodes.iter().all(|n| n.mode == Mode::Host));
+    }
+
+    /// Two tenants of the largest pools one geometry allows: each pool's
+    /// size fits a u64, their sum (what host-shimd adds up before making
+    /// any) does not. Before, the file was accepted and host-shimd's sum
+    /// overflowed (a panic in a debug build; in a release build the sum
+    /// wrapped to a small number and passed its memory check).
+    #[test]
+    fn tenant_pools_larger_than_a_process_can_map_are_refused() {
+        let huge = "buf_size = 4294967232\nbuffers = 4294967294\nmax_chain = 1";
+        let two = GOOD.replacen("buffers = 1024", huge, 1).replacen("buf_size = 4096\nbuffers = 256", huge, 1);
+        let e = Cluster::parse(&two).unwrap_err().to_string();
+        assert!(e.starts_with("tenant[0].buffers: 4294967294 buffers of 4294967232 bytes"), "{e}");
+        assert!(e.contains("at most 64 TiB"), "{e}");
+        // Within the bound alone, beyond it together: the second is named.
+        let half = "buf_size = 1073741824\nbuffers = 40000\nmax_chain = 1";
+        let two = GOOD.replacen("buffers = 1024", half, 1).replacen("buf_size = 4096\nbuffers = 256", half, 1);
+        let e = Cluster::parse(&two).unwrap_err().to_string();
+        assert!(e.starts_with("tenant[1].buffers: the pools of tenants 0 to 1 take 85899345920000 bytes"), "{e}");
+        // The largest allowed still parses.
+        let most = GOOD.replacen("buffers = 1024", "buf_size = 1073741824\nbuffers = 65472\nmax_chain = 1", 1);
+        Cluster::parse(&most).unwrap();
+    }
+
+    /// An ingress makes a pool of its own `buffers` for every tenant.
+    /// Before, a count no pool can have (u32::MAX, the nil index) and pools
+    /// whose sizes overflow a u64 when the ingress adds them up were
+    /// accepted here and failed (or, for the sum, panicked in a debug
+    /// build) when the ingress started.
+    #[test]
+    fn ingress_pools_are_checked_at_parse() {
+        let edge = |buffers: &str| {
+            let text = GOOD.replacen(
+                "runtime_dir = \"/tmp/dne/edge\"",
+                &format!("runtime_dir = \"/tmp/dne/edge\"\nbuffers = {buffers}"),
+                1,
+            );
+            Cluster::parse(&text).map(|c| c.ingresses[0].buffers).map_err(|e| e.to_string())
+        };
+        let e = edge("4294967295").unwrap_err();
+        assert!(e.starts_with("ingress[0].buffers: buffer count 4294967295"), "{e}");
+        let e = edge("4294967294").unwrap_err();
+        assert!(e.starts_with("ingress[0].buffers: 4294967294 buffers for each tenant take"), "{e}");
+        assert!(e.contains("at most 64 TiB"), "{e}");
+        assert_eq!(edge("4096"), Ok(4096));
     }
 
     #[test]
