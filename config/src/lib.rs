@@ -297,6 +297,12 @@ pub struct Ingress {
 /// TiB); with fewer than `u16::MAX` tenants the sizes add up in a u64.
 pub const MAX_POOL_BYTES: u64 = 1 << 46;
 
+/// Most buffers in one pool: a tenant's `buffers` and an ingress's. The
+/// agent and the fabric keep tables of an entry or more per buffer, and
+/// compute in u32 from the receive quota (below `buffers`), which a bound
+/// of 2^24 keeps far from overflow.
+pub const MAX_BUFFERS: u32 = 1 << 24;
+
 /// Most client connections an ingress may be given (`max_connections`).
 pub const MAX_INGRESS_CONNECTIONS: u32 = 1 << 20;
 
@@ -524,6 +530,9 @@ impl Cluster {
                 };
                 return Err(bad(f(field), e.to_string()));
             }
+            if t.buffers > MAX_BUFFERS {
+                return Err(bad(f("buffers"), format!("{} buffers; at most {MAX_BUFFERS} in a pool", t.buffers)));
+            }
             let chain_max = wire::ctrl::MAX_MESSAGE_CHAIN as u32;
             if t.max_chain > chain_max && self.nodes.iter().any(|n| n.mode == Mode::Dpu) {
                 return Err(bad(
@@ -592,6 +601,12 @@ impl Cluster {
             }
         }
         for (i, g) in self.ingresses.iter().enumerate() {
+            if g.buffers > MAX_BUFFERS {
+                return Err(bad(
+                    format!("ingress[{i}].buffers"),
+                    format!("{} buffers; at most {MAX_BUFFERS} in a pool", g.buffers),
+                ));
+            }
             // The edge makes a pool of its `buffers` for every tenant (as
             // `ingress::Pools::create` does) and adds their sizes up first.
             let mut bytes = 0u64;
@@ -1227,17 +1242,18 @@ runtime_dir = "/tmp/dne/edge"
         assert!(c.nodes.iter().all(|n| n.mode == Mode::Host));
     }
 
-    /// Two tenants of the largest pools one geometry allows: each pool's
-    /// size fits a u64, their sum (what host-shimd adds up before making
-    /// any) does not. Before, the file was accepted and host-shimd's sum
+    /// Tenants of the largest pools one geometry allows: each pool's size
+    /// fits a u64, their sum (what host-shimd adds up before making any)
+    /// need not. Before, the file was accepted and host-shimd's sum
     /// overflowed (a panic in a debug build; in a release build the sum
-    /// wrapped to a small number and passed its memory check).
+    /// wrapped to a small number and passed its memory check): two tenants
+    /// of (2^32-2) buffers did it then; with counts bounded
+    /// ([`MAX_BUFFERS`]), 256 tenants of such buffers still would.
     #[test]
     fn tenant_pools_larger_than_a_process_can_map_are_refused() {
-        let huge = "buf_size = 4294967232\nbuffers = 4294967294\nmax_chain = 1";
-        let two = GOOD.replacen("buffers = 1024", huge, 1).replacen("buf_size = 4096\nbuffers = 256", huge, 1);
-        let e = Cluster::parse(&two).unwrap_err().to_string();
-        assert!(e.starts_with("tenant[0].buffers: 4294967294 buffers of 4294967232 bytes"), "{e}");
+        let huge = "buf_size = 4294967232\nbuffers = 16777216\nmax_chain = 1";
+        let e = Cluster::parse(&GOOD.replacen("buffers = 1024", huge, 1)).unwrap_err().to_string();
+        assert!(e.starts_with("tenant[0].buffers: 16777216 buffers of 4294967232 bytes"), "{e}");
         assert!(e.contains("at most 64 TiB"), "{e}");
         // Within the bound alone, beyond it together: the second is named.
         let half = "buf_size = 1073741824\nbuffers = 40000\nmax_chain = 1";
@@ -1249,27 +1265,57 @@ runtime_dir = "/tmp/dne/edge"
         Cluster::parse(&most).unwrap();
     }
 
-    /// An ingress makes a pool of its own `buffers` for every tenant.
-    /// Before, a count no pool can have (u32::MAX, the nil index) and pools
-    /// whose sizes overflow a u64 when the ingress adds them up were
-    /// accepted here and failed (or, for the sum, panicked in a debug
-    /// build) when the ingress started.
+    /// An ingress makes a pool of its own `buffers` for every tenant, of
+    /// the tenant's `buf_size`, and adds their sizes up first. Before, only
+    /// `buffers >= 2` was checked: a count no pool can have (u32::MAX, the
+    /// nil index) failed when the ingress started, and pools whose sizes
+    /// overflow a u64 together panicked there (debug build). Now the count
+    /// is bounded ([`MAX_BUFFERS`]) and the sizes together too.
     #[test]
     fn ingress_pools_are_checked_at_parse() {
-        let edge = |buffers: &str| {
-            let text = GOOD.replacen(
+        let edge = |buffers: u32| {
+            let text = GOOD.replacen("buf_size = 4096", "buf_size = 4194304", 1).replacen(
                 "runtime_dir = \"/tmp/dne/edge\"",
                 &format!("runtime_dir = \"/tmp/dne/edge\"\nbuffers = {buffers}"),
                 1,
             );
             Cluster::parse(&text).map(|c| c.ingresses[0].buffers).map_err(|e| e.to_string())
         };
-        let e = edge("4294967295").unwrap_err();
-        assert!(e.starts_with("ingress[0].buffers: buffer count 4294967295"), "{e}");
-        let e = edge("4294967294").unwrap_err();
-        assert!(e.starts_with("ingress[0].buffers: 4294967294 buffers for each tenant take"), "{e}");
-        assert!(e.contains("at most 64 TiB"), "{e}");
-        assert_eq!(edge("4096"), Ok(4096));
+        let e = edge(u32::MAX).unwrap_err();
+        assert!(e.starts_with("ingress[0].buffers: 4294967295 buffers; at most 16777216"), "{e}");
+        let e = edge(MAX_BUFFERS).unwrap_err();
+        assert!(e.starts_with("ingress[0].buffers: 16777216 buffers for each tenant take"), "{e}");
+        assert!(e.contains("up to tenant globex; at most 64 TiB"), "{e}");
+        assert_eq!(edge(MAX_BUFFERS / 2), Ok(MAX_BUFFERS / 2));
+    }
+
+    /// The agent and the fabric size tables by a pool's buffer count and
+    /// do u32 arithmetic on its receive quota (the agent's comch link
+    /// targets `recv_quota / peers * (peers + 1)` posted buffers, the
+    /// fabric posts `recv_quota / peers + 1` receives per connection plus a
+    /// send window). Before, any count below u32::MAX passed: this file
+    /// (a 512 GiB pool, well within the pool bound) made the first product
+    /// overflow a u32 in the agent of a dpu node, and tables of 4 G entries.
+    #[test]
+    fn buffer_counts_are_bounded() {
+        let count = |tenant: &str, edge: u32| {
+            let text = GOOD
+                .replacen("buffers = 1024\nrecv_quota = 128", tenant, 1)
+                .replacen(
+                    "runtime_dir = \"/tmp/dne/edge\"",
+                    &format!("runtime_dir = \"/tmp/dne/edge\"\nbuffers = {edge}"),
+                    1,
+                )
+                .replacen("mode = \"host\"", "mode = \"dpu\"", 1);
+            Cluster::parse(&text).map(|c| (c.tenants[0].buffers, c.ingresses[0].buffers)).map_err(|e| e.to_string())
+        };
+        let huge = "buf_size = 128\nbuffers = 4294967294\nrecv_quota = 4294967000\nmax_chain = 1";
+        let e = count(huge, 4294967294).unwrap_err();
+        assert_eq!(e, "tenant[0].buffers: 4294967294 buffers; at most 16777216 in a pool");
+        let most = format!("buffers = {MAX_BUFFERS}\nrecv_quota = 128");
+        assert_eq!(count(&most, MAX_BUFFERS), Ok((MAX_BUFFERS, MAX_BUFFERS)));
+        let e = count("buffers = 1024\nrecv_quota = 128", MAX_BUFFERS + 1).unwrap_err();
+        assert_eq!(e, "ingress[0].buffers: 16777217 buffers; at most 16777216 in a pool");
     }
 
     #[test]
