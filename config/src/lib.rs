@@ -428,9 +428,14 @@ impl Cluster {
         if self.tenants.is_empty() {
             return Err(bad("tenant", "at least one [[tenant]] is needed"));
         }
-        for (what, n) in
-            [("node", self.nodes.len()), ("tenant", self.tenants.len()), ("function", self.functions.len())]
-        {
+        // Ids are positions, which the processes keep as u16 (some with
+        // u16::MAX for "none").
+        for (what, n) in [
+            ("node", self.nodes.len()),
+            ("tenant", self.tenants.len()),
+            ("function", self.functions.len()),
+            ("route", self.routes.len()),
+        ] {
             if n >= usize::from(u16::MAX) {
                 return Err(bad(what, format!("{n} entries; at most {} allowed", u16::MAX - 1)));
             }
@@ -1316,6 +1321,25 @@ runtime_dir = "/tmp/dne/edge"
         assert_eq!(count(&most, MAX_BUFFERS), Ok((MAX_BUFFERS, MAX_BUFFERS)));
         let e = count("buffers = 1024\nrecv_quota = 128", MAX_BUFFERS + 1).unwrap_err();
         assert_eq!(e, "ingress[0].buffers: 16777217 buffers; at most 16777216 in a pool");
+    }
+
+    /// Route ids are positions, and the ingress keeps them as u16. Before,
+    /// the number of routes was not bounded: route 65536 of a file got id
+    /// 0 in the ingress's router, so its requests went down route 0's chain
+    /// as route 0's tenant.
+    #[test]
+    fn route_ids_fit_a_u16() {
+        // Built in memory (a file of 65535 routes takes seconds to parse
+        // in a debug build) and checked as `parse` checks it.
+        let routes = |n: usize| {
+            let mut c = Cluster::parse(GOOD).unwrap();
+            let r = c.routes[0].clone();
+            c.routes.extend((c.routes.len()..n).map(|k| Route { path: format!("/r{k}"), ..r.clone() }));
+            c.validate().map(|()| c.routes.len()).map_err(|e| e.to_string())
+        };
+        let most = usize::from(u16::MAX) - 1;
+        assert_eq!(routes(most), Ok(most));
+        assert_eq!(routes(most + 1), Err("route: 65535 entries; at most 65534 allowed".into()));
     }
 
     #[test]
