@@ -507,14 +507,16 @@ impl Cluster {
             runtime_dir(&format!("ingress[{i}].runtime_dir"), &g.runtime_dir, false)?;
         }
         for (k, (field, addr, fabric)) in listens.iter().enumerate() {
+            let canon = ipv4_unmapped(*addr);
             // Peers dial a fabric address: it names one machine and port.
-            if *fabric && (addr.ip().is_unspecified() || addr.port() == 0) {
+            if *fabric && (canon.ip().is_unspecified() || addr.port() == 0) {
                 return Err(bad(field.clone(), format!("{addr}: peers dial it; give an address and a port")));
             }
             // (A wildcard address is each machine's own: two nodes may
             // both serve metrics on 0.0.0.0:9477.)
-            if let Some((other, _, _)) =
-                listens[..k].iter().find(|(_, a, _)| a == addr && addr.port() != 0 && !addr.ip().is_unspecified())
+            if let Some((other, _, _)) = listens[..k]
+                .iter()
+                .find(|(_, a, _)| ipv4_unmapped(*a) == canon && addr.port() != 0 && !canon.ip().is_unspecified())
             {
                 return Err(bad(field.clone(), format!("{addr} is also {other}")));
             }
@@ -801,6 +803,18 @@ impl Cluster {
     pub fn pool_geometry(&self, id: u16) -> Option<wire::PoolGeometry> {
         let t = self.tenants.get(usize::from(id))?;
         wire::PoolGeometry::new(id, t.buf_size, t.buffers, wire::fabric::HEADROOM, t.max_chain).ok()
+    }
+}
+
+/// `a` with an IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) written as
+/// the IPv4 address it is: a listener on either takes the port from one on
+/// the other, and `[::ffff:0.0.0.0]` is the IPv4 wildcard.
+fn ipv4_unmapped(a: std::net::SocketAddr) -> std::net::SocketAddr {
+    match a {
+        std::net::SocketAddr::V6(v6) => {
+            v6.ip().to_ipv4_mapped().map_or(a, |v4| std::net::SocketAddr::new(v4.into(), v6.port()))
+        }
+        std::net::SocketAddr::V4(_) => a,
     }
 }
 
@@ -1340,6 +1354,36 @@ runtime_dir = "/tmp/dne/edge"
         let most = usize::from(u16::MAX) - 1;
         assert_eq!(routes(most), Ok(most));
         assert_eq!(routes(most + 1), Err("route: 65535 entries; at most 65534 allowed".into()));
+    }
+
+    /// An IPv4 address written as an IPv4-mapped IPv6 one is the same
+    /// address: a listener on one takes the port from a listener on the
+    /// other, and `[::ffff:0.0.0.0]` is the IPv4 wildcard. Before, both
+    /// spellings passed as different addresses (the second process failed
+    /// to bind at start; a fabric address on the wildcard was dialled).
+    #[test]
+    fn ipv4_mapped_addresses_are_the_ipv4_ones() {
+        let cases = [
+            (
+                "address = \"127.0.0.1:7102\"",
+                "address = \"[::ffff:127.0.0.1]:7101\"",
+                "node[1].address: [::ffff:127.0.0.1]:7101 is also node[0].address",
+            ),
+            (
+                "http = \"127.0.0.1:8080\"",
+                "http = \"[::ffff:127.0.0.1]:7100\"",
+                "ingress[0].http: [::ffff:127.0.0.1]:7100 is also ingress[0].address",
+            ),
+            (
+                "address = \"127.0.0.1:7101\"",
+                "address = \"[::ffff:0.0.0.0]:7101\"",
+                "node[0].address: [::ffff:0.0.0.0]:7101: peers dial it",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let got = err(|s| s.replacen(from, to, 1));
+            assert!(got.starts_with(want), "replacing {from:?} by {to:?}: got {got:?}, want {want:?}");
+        }
     }
 
     #[test]
