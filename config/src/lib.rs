@@ -38,7 +38,7 @@
 #![forbid(unsafe_code)]
 
 use serde::Deserialize;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use wire::Name;
 
@@ -189,7 +189,7 @@ struct RawFunction {
 
 impl RawFunction {
     /// The function, its nodes checked against `known` (the nodes' names).
-    fn into_function(self, i: usize, known: &[Node]) -> Result<Function, ConfigError> {
+    fn into_function(self, i: usize, known: &HashSet<&str>) -> Result<Function, ConfigError> {
         let (nodes, one) = match (self.node, self.nodes) {
             (Some(n), None) => (vec![n], true),
             (None, Some(ns)) if !ns.is_empty() => (ns, false),
@@ -197,13 +197,14 @@ impl RawFunction {
             (None, None) => return Err(bad(format!("function[{i}].node"), "missing (or give nodes = [...])")),
             (Some(_), Some(_)) => return Err(bad(format!("function[{i}].nodes"), "give node or nodes, not both")),
         };
+        let mut seen = HashSet::new();
         for (j, n) in nodes.iter().enumerate() {
             // Named as written: `node`, or `nodes[j]`.
             let field = || if one { format!("function[{i}].node") } else { format!("function[{i}].nodes[{j}]") };
-            if !known.iter().any(|k| k.name == *n) {
+            if !known.contains(n.as_str()) {
                 return Err(bad(field(), format!("unknown node \"{n}\"")));
             }
-            if nodes[..j].contains(n) {
+            if !seen.insert(n.as_str()) {
                 return Err(bad(field(), format!("node \"{n}\" named twice")));
             }
         }
@@ -410,12 +411,9 @@ impl Cluster {
     /// Parses and validates cluster TOML.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let raw: Raw = toml::from_str(text)?;
-        let functions = raw
-            .function
-            .into_iter()
-            .enumerate()
-            .map(|(i, f)| f.into_function(i, &raw.node))
-            .collect::<Result<_, _>>()?;
+        let known: HashSet<&str> = raw.node.iter().map(|n| n.name.as_str()).collect();
+        let functions =
+            raw.function.into_iter().enumerate().map(|(i, f)| f.into_function(i, &known)).collect::<Result<_, _>>()?;
         let c = Cluster { nodes: raw.node, tenants: raw.tenant, functions, routes: raw.route, ingresses: raw.ingress };
         c.validate()?;
         Ok(c)
@@ -456,9 +454,14 @@ impl Cluster {
             }
         }
         unique("ingress", self.ingresses.iter().map(|n| n.name.as_str()))?;
+        // Names to ids, so that each check below is one look-up and a
+        // cluster is checked in time in proportion to its size. (Names are
+        // unique within each kind once `unique` has passed; the counts fit
+        // a u16, checked above.)
+        let node_names: HashSet<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
         for (i, g) in self.ingresses.iter().enumerate() {
             let f = |name: &str| format!("ingress[{i}].{name}");
-            if self.node_id(&g.name).is_some() {
+            if node_names.contains(g.name.as_str()) {
                 return Err(bad(f("name"), format!("\"{}\" is also a node's name", g.name)));
             }
             if g.body_limit == 0 {
@@ -485,6 +488,10 @@ impl Cluster {
         }
         unique("tenant", self.tenants.iter().map(|t| t.name.as_str()))?;
         unique("function", self.functions.iter().map(|f| f.name.as_str()))?;
+        let tenant_ids: HashMap<&str, u16> =
+            self.tenants.iter().zip(0u16..).map(|(t, id)| (t.name.as_str(), id)).collect();
+        let function_ids: HashMap<&str, u16> =
+            self.functions.iter().zip(0u16..).map(|(f, id)| (f.name.as_str(), id)).collect();
         if let Some(i) = self.functions.iter().position(|f| f.name.starts_with('.')) {
             return Err(bad(format!("function[{i}].name"), "names starting with . are reserved"));
         }
@@ -506,7 +513,9 @@ impl Cluster {
             listens.push((format!("ingress[{i}].http"), socket_addr(&format!("ingress[{i}].http"), &g.http)?, false));
             runtime_dir(&format!("ingress[{i}].runtime_dir"), &g.runtime_dir, false)?;
         }
-        for (k, (field, addr, fabric)) in listens.iter().enumerate() {
+        // Each address that names one listener, and the first to give it.
+        let mut taken: HashMap<std::net::SocketAddr, &str> = HashMap::new();
+        for (field, addr, fabric) in &listens {
             let canon = ipv4_unmapped(*addr);
             // Peers dial a fabric address: it names one machine and port.
             if *fabric && (canon.ip().is_unspecified() || addr.port() == 0) {
@@ -514,16 +523,17 @@ impl Cluster {
             }
             // (A wildcard address is each machine's own: two nodes may
             // both serve metrics on 0.0.0.0:9477.)
-            if let Some((other, _, _)) = listens[..k]
-                .iter()
-                .find(|(_, a, _)| ipv4_unmapped(*a) == canon && addr.port() != 0 && !canon.ip().is_unspecified())
-            {
-                return Err(bad(field.clone(), format!("{addr} is also {other}")));
+            if addr.port() != 0 && !canon.ip().is_unspecified() {
+                if let Some(other) = taken.get(&canon) {
+                    return Err(bad(field.clone(), format!("{addr} is also {other}")));
+                }
+                taken.insert(canon, field);
             }
         }
         // What the tenants' pools take on each node, summed as host-shimd
         // does before making them.
         let mut node_bytes = 0u64;
+        let dpu = self.nodes.iter().any(|n| n.mode == Mode::Dpu);
         for (i, t) in self.tenants.iter().enumerate() {
             let f = |name: &str| format!("tenant[{i}].{name}");
             if t.weight == 0 {
@@ -541,7 +551,7 @@ impl Cluster {
                 return Err(bad(f("buffers"), format!("{} buffers; at most {MAX_BUFFERS} in a pool", t.buffers)));
             }
             let chain_max = wire::ctrl::MAX_MESSAGE_CHAIN as u32;
-            if t.max_chain > chain_max && self.nodes.iter().any(|n| n.mode == Mode::Dpu) {
+            if t.max_chain > chain_max && dpu {
                 return Err(bad(
                     f("max_chain"),
                     format!(
@@ -607,6 +617,13 @@ impl Cluster {
                 return Err(bad(f("node_queue"), format!("must be 1 to {MAX_NODE_QUEUE}")));
             }
         }
+        // An ingress makes a pool of its `buffers` for every tenant (as
+        // `ingress::Pools::create` does), adds their sizes up first, and
+        // keeps each tenant's receive quota posted from them. (The pools'
+        // geometries hold: buf_size and max_chain passed the tenants' own
+        // pools, and 2 <= buffers <= MAX_BUFFERS.)
+        let buf_sizes: u64 = self.tenants.iter().map(|t| u64::from(t.buf_size)).sum(); // < 2^16 x 2^32
+        let most_quota = self.tenants.iter().rev().max_by_key(|t| t.recv_quota);
         for (i, g) in self.ingresses.iter().enumerate() {
             if g.buffers > MAX_BUFFERS {
                 return Err(bad(
@@ -614,36 +631,19 @@ impl Cluster {
                     format!("{} buffers; at most {MAX_BUFFERS} in a pool", g.buffers),
                 ));
             }
-            // The edge makes a pool of its `buffers` for every tenant (as
-            // `ingress::Pools::create` does) and adds their sizes up first.
-            let mut bytes = 0u64;
-            for (id, t) in (0u16..).zip(&self.tenants) {
-                let geometry = wire::PoolGeometry::new(
-                    id,
-                    t.buf_size,
-                    g.buffers,
-                    wire::fabric::HEADROOM,
-                    t.max_chain.min(g.buffers),
-                );
-                if let Err(e) = geometry {
-                    return Err(bad(format!("ingress[{i}].buffers"), format!("{e} (tenant {}'s pool)", t.name)));
-                }
-                // Each term is below 2^64 and the sum stops past the bound.
-                bytes = bytes.saturating_add(u64::from(t.buf_size) * u64::from(g.buffers));
-                if bytes > MAX_POOL_BYTES {
-                    return Err(bad(
-                        format!("ingress[{i}].buffers"),
-                        format!(
-                            "{} buffers for each tenant take {bytes} bytes of pools up to tenant {}; at most 64 TiB \
-                             ({MAX_POOL_BYTES} bytes) in all",
-                            g.buffers, t.name
-                        ),
-                    ));
-                }
+            let bytes = u128::from(g.buffers) * u128::from(buf_sizes);
+            if bytes > u128::from(MAX_POOL_BYTES) {
+                return Err(bad(
+                    format!("ingress[{i}].buffers"),
+                    format!(
+                        "{} buffers for each of the {} tenants take {bytes} bytes of pools (buffers x the \
+                         tenants' buf_size); at most 64 TiB ({MAX_POOL_BYTES} bytes) in all",
+                        g.buffers,
+                        self.tenants.len()
+                    ),
+                ));
             }
-            // The edge keeps about each tenant's receive quota posted from
-            // its pool of that tenant (split over its peers).
-            if let Some(t) = self.tenants.iter().find(|t| g.buffers <= t.recv_quota) {
+            if let Some(t) = most_quota.filter(|t| g.buffers <= t.recv_quota) {
                 return Err(bad(
                     format!("ingress[{i}].buffers"),
                     format!(
@@ -655,7 +655,7 @@ impl Cluster {
         }
         for (i, func) in self.functions.iter().enumerate() {
             let f = |name: &str| format!("function[{i}].{name}");
-            if self.tenant_id(&func.tenant).is_none() {
+            if !tenant_ids.contains_key(func.tenant.as_str()) {
                 return Err(bad(f("tenant"), format!("unknown tenant \"{}\"", func.tenant)));
             }
             if func.instances == 0 {
@@ -683,17 +683,17 @@ impl Cluster {
                     format!("\"{h}\": a name (letters, digits, '-', '.', '_', '~') or [IP literal], and :port"),
                 ));
             }
-            let Some(tenant) = self.tenant_id(&r.tenant) else {
+            let Some(&tenant) = tenant_ids.get(r.tenant.as_str()) else {
                 return Err(bad(f("tenant"), format!("unknown tenant \"{}\"", r.tenant)));
             };
             if r.chain.is_empty() || r.chain.len() > usize::from(u8::MAX) {
                 return Err(bad(f("chain"), "a chain has 1 to 255 functions"));
             }
             for (j, name) in r.chain.iter().enumerate() {
-                let Some(id) = self.function_id(name) else {
+                let Some(&id) = function_ids.get(name.as_str()) else {
                     return Err(bad(format!("route[{i}].chain[{j}]"), format!("unknown function \"{name}\"")));
                 };
-                if self.tenant_id(&self.functions[usize::from(id)].tenant) != Some(tenant) {
+                if tenant_ids.get(self.functions[usize::from(id)].tenant.as_str()) != Some(&tenant) {
                     return Err(bad(
                         format!("route[{i}].chain[{j}]"),
                         format!("function \"{name}\" belongs to another tenant than \"{}\"", r.tenant),
@@ -1303,8 +1303,11 @@ runtime_dir = "/tmp/dne/edge"
         let e = edge(u32::MAX).unwrap_err();
         assert!(e.starts_with("ingress[0].buffers: 4294967295 buffers; at most 16777216"), "{e}");
         let e = edge(MAX_BUFFERS).unwrap_err();
-        assert!(e.starts_with("ingress[0].buffers: 16777216 buffers for each tenant take"), "{e}");
-        assert!(e.contains("up to tenant globex; at most 64 TiB"), "{e}");
+        assert!(
+            e.starts_with("ingress[0].buffers: 16777216 buffers for each of the 2 tenants take 70643622084608 bytes"),
+            "{e}"
+        );
+        assert!(e.contains("at most 64 TiB"), "{e}");
         assert_eq!(edge(MAX_BUFFERS / 2), Ok(MAX_BUFFERS / 2));
     }
 
@@ -1384,6 +1387,52 @@ runtime_dir = "/tmp/dne/edge"
             let got = err(|s| s.replacen(from, to, 1));
             assert!(got.starts_with(want), "replacing {from:?} by {to:?}: got {got:?}, want {want:?}");
         }
+    }
+
+    /// Checking a cluster takes time in proportion to its size. Before,
+    /// every function's tenant, every route's tenant and chain, and every
+    /// listen address was looked up by a scan of the others: this cluster
+    /// (the size of a 14 MB file) took minutes in a debug build.
+    #[test]
+    fn a_large_cluster_is_checked_in_linear_time() {
+        let n = usize::from(u16::MAX) - 1;
+        let mut c = Cluster::parse(GOOD).unwrap();
+        c.ingresses.clear();
+        let (node, tenant, function, route) =
+            (c.nodes[0].clone(), c.tenants[1].clone(), c.functions[2].clone(), c.routes[0].clone());
+        c.nodes = (0..n / 2)
+            .map(|k| Node {
+                name: format!("n{k}"),
+                address: format!("127.1.{}.{}:7101", k / 256, k % 256),
+                ..node.clone()
+            })
+            .collect();
+        // Enough buffers for the receives posted to n / 2 - 1 peers.
+        c.tenants = (0..n)
+            .map(|k| Tenant { name: format!("t{k}"), buf_size: 128, buffers: 1 << 17, ..tenant.clone() })
+            .collect();
+        c.functions = (0..n)
+            .map(|k| Function {
+                name: format!("f{k}"),
+                tenant: format!("t{}", n - 1 - k),
+                nodes: vec![format!("n{}", k % (n / 2))],
+                ..function.clone()
+            })
+            .collect();
+        c.routes = (0..n)
+            .map(|k| Route {
+                host: None,
+                path: format!("/r{k}"),
+                tenant: format!("t{}", n - 1 - k),
+                chain: vec![format!("f{k}")],
+                ..route.clone()
+            })
+            .collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(c.validate().map_err(|e| e.to_string())));
+        // A watchdog, not a measure: it takes well under a second.
+        let got = rx.recv_timeout(std::time::Duration::from_secs(60));
+        assert_eq!(got, Ok(Ok(())), "no answer within 60 s");
     }
 
     #[test]
