@@ -249,7 +249,7 @@ fn set_header(m: &mut Msg, d: Descriptor) {
 /// The error a caller is answered with when sending its call on failed.
 fn error_code(kind: &SendErrorKind) -> ErrorCode {
     match kind {
-        SendErrorKind::UnknownFunction => ErrorCode::UnknownFunction,
+        SendErrorKind::UnknownFunction | SendErrorKind::BadName(_) => ErrorCode::UnknownFunction,
         SendErrorKind::TenantMismatch => ErrorCode::TenantMismatch,
         // As the agent answers a call to a function without an instance.
         SendErrorKind::NoInstance => ErrorCode::PeerDied,

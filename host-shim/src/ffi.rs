@@ -224,7 +224,7 @@ fn send_status(kind: &SendErrorKind) -> dne_status {
         SendErrorKind::Ownership(_) => dne_status::DNE_ERR_OWNERSHIP,
         SendErrorKind::Shimd(_) => dne_status::DNE_ERR_SHIMD,
         SendErrorKind::ShimdGone => dne_status::DNE_ERR_SHIMD_GONE,
-        SendErrorKind::BadDescriptor(_) => dne_status::DNE_ERR_INVALID_ARG,
+        SendErrorKind::BadName(_) | SendErrorKind::BadDescriptor(_) => dne_status::DNE_ERR_INVALID_ARG,
         SendErrorKind::ForeignMsg => dne_status::DNE_ERR_FOREIGN_MSG,
     }
 }

@@ -86,6 +86,12 @@ pub enum SendErrorKind {
     /// The destination is not a function of this node (or of the cluster).
     #[error("unknown function")]
     UnknownFunction,
+    /// The destination is no name a function can have (empty, longer than
+    /// a name, a character names do not use): the caller's mistake, not a
+    /// function that may yet be configured. Nothing was done; host-shimd
+    /// was not asked.
+    #[error("destination is not a valid function name: {0}")]
+    BadName(wire::NameError),
     /// The destination belongs to another tenant: refused.
     #[error("destination belongs to another tenant")]
     TenantMismatch,
@@ -564,6 +570,9 @@ impl Function {
     }
 
     fn lookup(&mut self, to: &str) -> Result<(), SendErrorKind> {
+        // Refused before the cache of absent functions, which holds names
+        // host-shimd answered for.
+        Name::new(to).map_err(SendErrorKind::BadName)?;
         let now = Instant::now();
         if let Some((until, kind)) = self.absent.get(to) {
             if now < *until {
@@ -580,7 +589,7 @@ impl Function {
     }
 
     fn ask_shimd(&mut self, to: &str) -> Result<(), SendErrorKind> {
-        let name = Name::new(to).map_err(|_| SendErrorKind::UnknownFunction)?;
+        let name = Name::new(to).map_err(SendErrorKind::BadName)?;
         let seq = self.seq;
         self.seq = self.seq.wrapping_add(1);
         let shimd = |e: io::Error| match e.kind() {
@@ -1062,6 +1071,38 @@ pub(crate) mod tests {
                 let m = f.alloc(16 * 4096 - 1024).unwrap_or_else(|e| panic!("function {k}: {e}"));
                 f.free(m).unwrap();
             }
+        });
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A destination that no function can be named (empty, longer than a
+    /// name, a character names do not use) is the caller's mistake, as in
+    /// `attach` and the C ABI's `dne_send` (`DNE_ERR_INVALID_ARG`), not a
+    /// function that may yet be configured: `send` and `send_batch` refuse
+    /// it as such, hand the messages back, and still send to a valid name.
+    /// Before, both said `UnknownFunction`, the answer for a well-formed
+    /// name host-shimd does not know.
+    #[test]
+    fn a_destination_that_is_no_valid_name_is_refused_as_such() {
+        let (_shimd, (), dir) = shimd_serving("fn-badname", TWO_TENANTS, |socket| {
+            let mut a = Function::attach(socket, "t", "a").unwrap();
+            let mut b = Function::attach(socket, "t", "b").unwrap();
+            let long = "b".repeat(wire::name::NAME_MAX + 1);
+            for to in ["", "b c", "b/c", "é", long.as_str()] {
+                let m = a.alloc(1).unwrap();
+                let e = a.send(m, to).unwrap_err();
+                assert!(matches!(e.kind, SendErrorKind::BadName(_)), "{to:?}: {e}");
+                a.free(e.msg.expect("handed back")).unwrap();
+                let mut batch = vec![a.alloc(1).unwrap()];
+                let e = a.send_batch(&mut batch, to).unwrap_err();
+                assert!(matches!(e, SendErrorKind::BadName(_)), "{to:?}: {e}");
+                assert_eq!(batch.len(), 1, "{to:?}: the message stays");
+                a.free(batch.pop().unwrap()).unwrap();
+            }
+            let m = a.alloc(1).unwrap();
+            a.send(m, "b").unwrap();
+            let m = b.recv_timeout(Some(Duration::from_secs(10))).unwrap().expect("the message to b");
+            b.free(m).unwrap();
         });
         let _ = std::fs::remove_dir_all(dir);
     }
