@@ -69,6 +69,12 @@ pub const STALLED_AFTER: Duration = Duration::from_millis(20);
 /// Messages of one tenant waiting for the scheduler before its uplink is
 /// left alone (then the uplink ring fills and functions see `Full`).
 const QUEUE_LIMIT: usize = host_shim::daemon::UPLINK_CAPACITY as usize;
+/// Messages the send queues of one engine reserve at start, all tenants
+/// and peers together: each (tenant, peer) queue reserves its share, at
+/// most 256 and at least 8, and grows past it only when a burst needs it.
+/// A small cluster's queues reserve 256 each, so its data path does not
+/// allocate; a large one's do not take gigabytes before a message moves.
+const SEND_RESERVE: usize = 1 << 18;
 const _: () = assert!(config::MAX_NODE_QUEUE as usize == QUEUE_LIMIT);
 // Calls of one tenant waiting for one node (or one function's nodes)
 // beyond its `node_queue` (config) go back to their senders as
@@ -165,11 +171,11 @@ impl ForPeer for Out {
 }
 
 impl<O: ForPeer> Sends<O> {
-    /// Queues for `peers` nodes, then `spread` more (allocated when first
-    /// used).
-    fn new(peers: u16, spread: usize) -> Self {
+    /// Queues for `peers` nodes, each with room for `room` messages, then
+    /// `spread` more (allocated when first used).
+    fn new(peers: u16, spread: usize, room: usize) -> Self {
         let by_peer =
-            (0..peers).map(|_| VecDeque::with_capacity(256)).chain((0..spread).map(|_| VecDeque::new())).collect();
+            (0..peers).map(|_| VecDeque::with_capacity(room)).chain((0..spread).map(|_| VecDeque::new())).collect();
         Self { by_peer, active: VecDeque::with_capacity(usize::from(peers)), len: 0 }
     }
 
@@ -401,10 +407,11 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         // A node per buffer of each tenant's pool ([`NO_NODE`] for now).
         let per_buffer =
             || ids.iter().map(|&id| vec![NO_NODE; cfg.tenants[usize::from(id)].buffers as usize]).collect();
+        let room = (SEND_RESERVE / (ids.len() * usize::from(fabric_nodes)).max(1)).clamp(8, 256);
         let tenants = ids
             .iter()
             .map(|_| Tenant {
-                sends: Sends::new(fabric_nodes, cfg.functions.len()),
+                sends: Sends::new(fabric_nodes, cfg.functions.len(), room),
                 backlog: DeliveryBacklog::new(cfg.functions.len()),
             })
             .collect();
@@ -1388,6 +1395,45 @@ mod tests {
         Engine::new(cfg.clone(), set, vec![link], metrics, null).unwrap()
     }
 
+    /// The send queues an engine reserves at start stay bounded however
+    /// many tenants and nodes the cluster has: each (tenant, peer) queue
+    /// reserves its share of [`SEND_RESERVE`] (256 messages at most), and
+    /// grows only if a burst needs it. Before, every one reserved 256
+    /// messages (about 88 bytes each): 32 tenants on 64 nodes took 46 MB,
+    /// and 1000 tenants on 100 nodes would take 2.2 GB of the DPU's memory
+    /// before a message moved.
+    #[test]
+    fn the_send_queues_reserved_at_start_are_bounded() {
+        let (tenants, nodes): (usize, usize) = (32, 64);
+        let dir = std::env::temp_dir().join(format!("dne-engine-reserve-{}", std::process::id()));
+        let mut text = String::new();
+        for i in 0..nodes {
+            let addr = dne_tests::free_port();
+            let rt = dir.join(format!("n{i}"));
+            text += &format!("[[node]]\nname = \"n{i}\"\naddress = \"{addr}\"\nruntime_dir = \"{}\"\n\n", rt.display());
+        }
+        for t in 0..tenants {
+            text +=
+                &format!("[[tenant]]\nname = \"t{t}\"\nweight = 1\nbuf_size = 1024\nbuffers = 256\nrecv_quota = 2\n\n");
+            text += &format!("[[function]]\nname = \"f{t}\"\ntenant = \"t{t}\"\nnode = \"n0\"\n\n");
+        }
+        let cfg = Arc::new(config::Cluster::parse(&text).unwrap());
+        let links = (0..tenants)
+            .map(|t| NullLink::new(cfg.pool_geometry(t as u16).unwrap(), t as u16, t as u16, t as u16, 64, 0).unwrap())
+            .collect();
+        let set = Settings { node: 0, idle_sleep_after: None, epoch: Instant::now(), batch: 32, core: 0 };
+        let metrics = Arc::new(Metrics::new(&cfg, "n0"));
+        let null = |_: &fabric::EndpointConfig, _| Ok(fabric::NullTransport::new());
+        let e = Engine::new(cfg.clone(), set, links, metrics, null).unwrap();
+        let reserved: usize = e.tenants.iter().flat_map(|t| &t.sends.by_peer).map(|q| q.capacity()).sum();
+        assert!(reserved <= super::SEND_RESERVE + tenants * nodes, "{reserved} messages reserved");
+        // A small cluster still reserves 256 per queue (no allocation on
+        // the data path of the engine benchmark's cluster).
+        let small = lone_engine(2);
+        assert!(small.tenants[0].sends.by_peer[1].capacity() >= 256);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// n1's engine, serving its end of the fabric connections on a thread
     /// of its own until dropped (connection set-up waits for the peer).
     struct Peer {
@@ -2090,7 +2136,7 @@ mod tests {
 
     #[test]
     fn a_blocked_peer_holds_back_only_its_own_messages() {
-        let mut s = Sends::new(3, 0);
+        let mut s = Sends::new(3, 0, 256);
         for k in 0..4 {
             s.push((1, k)); // peer 1 first: it would be the head of one FIFO
         }
@@ -2110,7 +2156,7 @@ mod tests {
 
     #[test]
     fn peers_with_credits_take_turns_and_a_peer_can_be_emptied_at_once() {
-        let mut s = Sends::new(3, 0);
+        let mut s = Sends::new(3, 0, 256);
         for k in 0..3 {
             s.push((0, k));
             s.push((1, 10 + k));
