@@ -1495,8 +1495,10 @@ const MISBEHAVE_ENV: &str = "DNE_TEST_MISBEHAVE";
 
 /// The misbehaving function (see [`spawn_misbehaving`]): attaches as
 /// `upper`, holds three buffers of the pool, says which, sends host-shimd
-/// bytes that are no control frame, says so, and sleeps (its pool and ring
-/// still mapped) until it is killed.
+/// bytes that are no control frame, and sleeps (its pool and ring still
+/// mapped) until it is killed. It says nothing after sending: host-shimd
+/// may kill it as soon as the bytes are sent, before it could print
+/// another line (seen under a CPU hog).
 fn misbehave(socket: &Path) -> ! {
     use std::os::fd::{AsFd, AsRawFd};
     let conn = hello_at(socket);
@@ -1506,7 +1508,6 @@ fn misbehave(socket: &Path) -> ! {
     // (A line of its own: the harness's "test ... " has no newline.)
     println!("\nATTACHED {} {}", ok.slot, held.join(" "));
     nix::sys::socket::send(conn.as_fd().as_raw_fd(), b"no control frame", nix::sys::socket::MsgFlags::empty()).unwrap();
-    println!("SENT");
     loop {
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -1514,7 +1515,9 @@ fn misbehave(socket: &Path) -> ! {
 
 /// Runs test `test` of this binary again as the misbehaving function of
 /// `node` ([`misbehave`]), as this process's user; returns it once it
-/// has sent its bad frame, with its slot and the buffers it holds.
+/// has attached (it sends its bad frame next, and may already be killed
+/// for it: its lines stay readable), with its slot and the buffers it
+/// holds. The callers wait for host-shimd to have seen the frame.
 fn spawn_misbehaving(test: &str, node: &Node) -> (Proc, u16, Vec<u32>) {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args(["--exact", test, "--nocapture", "--test-threads", "1"]).env(MISBEHAVE_ENV, node.socket());
@@ -1523,7 +1526,6 @@ fn spawn_misbehaving(test: &str, node: &Node) -> (Proc, u16, Vec<u32>) {
     let mut words = line["ATTACHED ".len()..].split(' ').map(|w| w.parse::<u32>().unwrap());
     let slot = u16::try_from(words.next().unwrap()).unwrap();
     let held: Vec<u32> = words.collect();
-    p.wait_line("SENT", WATCHDOG);
     (p, slot, held)
 }
 
