@@ -324,7 +324,7 @@ impl Cluster {
     pub fn start_ingress(&mut self, spec: &IngressSpec, path: &str, within: Duration) -> u32 {
         let mut cmd = Command::new(bin_path("ingress"));
         cmd.arg("--config").arg(&self.config).args(["--name", "edge"]);
-        let p = Proc::spawn("ingress", cmd);
+        let p = Proc::spawn_logged("ingress", cmd, &self.log_path("ingress"));
         let pid = p.pid();
         self.fns.push(p);
         let k = self.fns.len() - 1;
