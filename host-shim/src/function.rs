@@ -572,7 +572,7 @@ impl Function {
     fn lookup(&mut self, to: &str) -> Result<(), SendErrorKind> {
         // Refused before the cache of absent functions, which holds names
         // host-shimd answered for.
-        Name::new(to).map_err(SendErrorKind::BadName)?;
+        let name = Name::new(to).map_err(SendErrorKind::BadName)?;
         let now = Instant::now();
         if let Some((until, kind)) = self.absent.get(to) {
             if now < *until {
@@ -580,7 +580,7 @@ impl Function {
             }
             self.absent.remove(to);
         }
-        let r = self.ask_shimd(to);
+        let r = self.ask_shimd(to, name);
         if let Err(kind @ (SendErrorKind::NoInstance | SendErrorKind::UnknownFunction)) = &r {
             self.absent.retain(|_, (until, _)| *until > now);
             self.absent.insert(to.to_owned(), (now + ABSENT_TTL, kind.clone()));
@@ -588,8 +588,9 @@ impl Function {
         r
     }
 
-    fn ask_shimd(&mut self, to: &str) -> Result<(), SendErrorKind> {
-        let name = Name::new(to).map_err(SendErrorKind::BadName)?;
+    /// Asks host-shimd for the instances of `to` (`name`: `to` as a
+    /// checked name).
+    fn ask_shimd(&mut self, to: &str, name: Name) -> Result<(), SendErrorKind> {
         let seq = self.seq;
         self.seq = self.seq.wrapping_add(1);
         let shimd = |e: io::Error| match e.kind() {
