@@ -1366,14 +1366,7 @@ mod tests {
     /// The cluster file of [`lone_engine_of`].
     fn cluster(nodes: usize, tenant: &str, more: &str) -> Arc<config::Cluster> {
         let dir = std::env::temp_dir().join(format!("dne-engine-lone-{}", std::process::id()));
-        let mut text = String::new();
-        for i in 0..nodes {
-            let addr = dne_tests::free_port();
-            text += &format!(
-                "[[node]]\nname = \"n{i}\"\naddress = \"{addr}\"\nruntime_dir = \"{}\"\n\n",
-                dir.join(format!("n{i}")).display()
-            );
-        }
+        let mut text = nodes_text(nodes, &dir);
         text += &format!(
             "[[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = 1024\nbuffers = 8192\nrecv_quota = 16\n{tenant}\n"
         );
@@ -1384,15 +1377,38 @@ mod tests {
         Arc::new(config::Cluster::parse(&text).unwrap())
     }
 
+    /// The `[[node]]`s `n0`.. of a cluster file, each on a port of its
+    /// own, their runtime directories under `dir`.
+    fn nodes_text(nodes: usize, dir: &std::path::Path) -> String {
+        let mut text = String::new();
+        for i in 0..nodes {
+            let addr = dne_tests::free_port();
+            let rt = dir.join(format!("n{i}"));
+            text += &format!("[[node]]\nname = \"n{i}\"\naddress = \"{addr}\"\nruntime_dir = \"{}\"\n\n", rt.display());
+        }
+        text
+    }
+
+    /// Node `node`'s engine of `cfg` over the null fabric, taking `batch`
+    /// descriptors per pass from `links` (one per tenant).
+    fn null_fabric_engine<H: crate::hostlink::HostLink>(
+        cfg: &Arc<config::Cluster>,
+        node: u16,
+        batch: usize,
+        links: Vec<H>,
+    ) -> Engine<fabric::NullTransport, H> {
+        let set = Settings { node, idle_sleep_after: None, epoch: Instant::now(), batch, core: 0 };
+        let metrics = Arc::new(Metrics::new(cfg, &format!("n{node}")));
+        let null = |_: &fabric::EndpointConfig, _| Ok(fabric::NullTransport::new());
+        Engine::new(cfg.clone(), set, links, metrics, null).unwrap()
+    }
+
     /// Node `node`'s engine of `cfg` over the null fabric, tenant `t`'s
     /// link a [`NullLink`] with `stock` calls from f0 to f1.
     fn engine_on(cfg: &Arc<config::Cluster>, node: u16, stock: usize) -> Engine<fabric::NullTransport, NullLink> {
         let g = cfg.pool_geometry(0).unwrap();
         let link = NullLink::new(g, 0, 0, 1, 64, stock).unwrap();
-        let set = Settings { node, idle_sleep_after: None, epoch: Instant::now(), batch: 32, core: 0 };
-        let metrics = Arc::new(Metrics::new(cfg, &format!("n{node}")));
-        let null = |_: &fabric::EndpointConfig, _| Ok(fabric::NullTransport::new());
-        Engine::new(cfg.clone(), set, vec![link], metrics, null).unwrap()
+        null_fabric_engine(cfg, node, 32, vec![link])
     }
 
     /// The send queues an engine reserves at start stay bounded however
@@ -1406,12 +1422,7 @@ mod tests {
     fn the_send_queues_reserved_at_start_are_bounded() {
         let (tenants, nodes): (usize, usize) = (32, 64);
         let dir = std::env::temp_dir().join(format!("dne-engine-reserve-{}", std::process::id()));
-        let mut text = String::new();
-        for i in 0..nodes {
-            let addr = dne_tests::free_port();
-            let rt = dir.join(format!("n{i}"));
-            text += &format!("[[node]]\nname = \"n{i}\"\naddress = \"{addr}\"\nruntime_dir = \"{}\"\n\n", rt.display());
-        }
+        let mut text = nodes_text(nodes, &dir);
         for t in 0..tenants {
             text +=
                 &format!("[[tenant]]\nname = \"t{t}\"\nweight = 1\nbuf_size = 1024\nbuffers = 256\nrecv_quota = 2\n\n");
@@ -1421,10 +1432,7 @@ mod tests {
         let links = (0..tenants)
             .map(|t| NullLink::new(cfg.pool_geometry(t as u16).unwrap(), t as u16, t as u16, t as u16, 64, 0).unwrap())
             .collect();
-        let set = Settings { node: 0, idle_sleep_after: None, epoch: Instant::now(), batch: 32, core: 0 };
-        let metrics = Arc::new(Metrics::new(&cfg, "n0"));
-        let null = |_: &fabric::EndpointConfig, _| Ok(fabric::NullTransport::new());
-        let e = Engine::new(cfg.clone(), set, links, metrics, null).unwrap();
+        let e = null_fabric_engine(&cfg, 0, 32, links);
         let reserved: usize = e.tenants.iter().flat_map(|t| &t.sends.by_peer).map(|q| q.capacity()).sum();
         assert!(reserved <= super::SEND_RESERVE + tenants * nodes, "{reserved} messages reserved");
         // A small cluster still reserves 256 per queue (no allocation on
@@ -1810,10 +1818,7 @@ mod tests {
         };
         let _stop = StopAll(stop.clone(), Some(threads));
         let links = crate::comchlink::attach(&cfg, 0, &stop).expect("the host link").expect("attached");
-        let set = Settings { node: 0, idle_sleep_after: None, epoch: Instant::now(), batch: 32, core: 0 };
-        let metrics = Arc::new(Metrics::new(&cfg, "n0"));
-        let null = |_: &fabric::EndpointConfig, _| Ok(fabric::NullTransport::new());
-        let mut e = Engine::new(cfg.clone(), set, links, metrics, null).unwrap();
+        let mut e = null_fabric_engine(&cfg, 0, 32, links);
         let deadline = Instant::now() + watchdog;
         while !e.port.is_up(0, 1) || e.link(0).free_buffers() < 4 {
             assert!(Instant::now() < deadline, "watchdog: no connection to n1, or no receive buffers lent");
@@ -2042,12 +2047,7 @@ mod tests {
     #[test]
     fn one_tenants_connections_coming_back_do_not_end_anothers_wait() {
         let dir = std::env::temp_dir().join(format!("dne-engine-two-{}", std::process::id()));
-        let mut text = String::new();
-        for i in 0..3 {
-            let addr = dne_tests::free_port();
-            let rt = dir.join(format!("n{i}"));
-            text += &format!("[[node]]\nname = \"n{i}\"\naddress = \"{addr}\"\nruntime_dir = \"{}\"\n\n", rt.display());
-        }
+        let mut text = nodes_text(3, &dir);
         for t in ["t", "u"] {
             text +=
                 &format!("[[tenant]]\nname = \"{t}\"\nweight = 1\nbuf_size = 1024\nbuffers = 256\nrecv_quota = 16\n\n");
@@ -2059,10 +2059,7 @@ mod tests {
         let links = (0..2u16)
             .map(|t| NullLink::new(cfg.pool_geometry(t).unwrap(), t, 2 * t, 2 * t + 1, 64, 64).unwrap())
             .collect();
-        let set = Settings { node: 0, idle_sleep_after: None, epoch: Instant::now(), batch: 8, core: 0 };
-        let metrics = Arc::new(Metrics::new(&cfg, "n0"));
-        let null = |_: &fabric::EndpointConfig, _| Ok(fabric::NullTransport::new());
-        let mut e: Engine<fabric::NullTransport, NullLink> = Engine::new(cfg, set, links, metrics, null).unwrap();
+        let mut e: Engine<fabric::NullTransport, NullLink> = null_fabric_engine(&cfg, 0, 8, links);
         e.link(0).template().dst_fn = 0; // t's calls stay here
         e.step(Instant::now());
         let queued = e.tenants[1].sends.len();
