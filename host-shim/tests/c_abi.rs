@@ -196,6 +196,18 @@ impl ShimdThread {
     fn socket(&self) -> PathBuf {
         socket_path(&self.dir.0.join("rt"))
     }
+
+    /// Builds the C program `src` as `name` and runs it with this
+    /// host-shimd's socket as its argument: it must exit cleanly having
+    /// printed `done`.
+    fn run_to_done(&self, name: &str, src: &str) {
+        let dir = Dir::new(&format!("{name}-build"));
+        let exe = build(&dir.0, name, src, false);
+        let mut cmd = command(&exe);
+        cmd.arg(self.socket());
+        let (ok, out, err) = run(name, cmd);
+        assert!(ok && out.contains("done"), "{err}");
+    }
 }
 
 impl Drop for ShimdThread {
@@ -330,12 +342,7 @@ int main(int argc, char **argv) {
 }
 "#
     );
-    let dir = Dir::new("args-build");
-    let exe = build(&dir.0, "args", &src, false);
-    let mut cmd = command(&exe);
-    cmd.arg(shimd.socket());
-    let (ok, out, err) = run("args", cmd);
-    assert!(ok && out.contains("done"), "{err}");
+    shimd.run_to_done("args", &src);
 }
 
 /// What the header says of threads holds: each thread attaches once and
@@ -418,10 +425,5 @@ int main(int argc, char **argv) {
 }
 "#
     );
-    let dir = Dir::new("threads-build");
-    let exe = build(&dir.0, "threads", &src, false);
-    let mut cmd = command(&exe);
-    cmd.arg(shimd.socket());
-    let (ok, out, err) = run("threads", cmd);
-    assert!(ok && out.contains("done"), "{err}");
+    shimd.run_to_done("threads", &src);
 }
