@@ -804,6 +804,17 @@ impl Cluster {
         let t = self.tenants.get(usize::from(id))?;
         wire::PoolGeometry::new(id, t.buf_size, t.buffers, wire::fabric::HEADROOM, t.max_chain).ok()
     }
+
+    /// The geometry of an ingress's own pool of `buffers` buffers for
+    /// tenant `t` (id `id`): the tenant's buffer size, its chains no longer
+    /// than the pool.
+    pub fn ingress_pool_geometry(
+        t: &Tenant,
+        id: u16,
+        buffers: u32,
+    ) -> Result<wire::PoolGeometry, wire::desc::GeometryError> {
+        wire::PoolGeometry::new(id, t.buf_size, buffers, wire::fabric::HEADROOM, t.max_chain.min(buffers))
+    }
 }
 
 /// `a` with an IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) written as

@@ -39,9 +39,8 @@ fuzz_target!(|data: &[u8]| {
     for g in &c.ingresses {
         let mut bytes = 0u64;
         for (id, t) in (0u16..).zip(&c.tenants) {
-            let geometry =
-                wire::PoolGeometry::new(id, t.buf_size, g.buffers, wire::fabric::HEADROOM, t.max_chain.min(g.buffers))
-                    .expect("an ingress pool of a validated cluster has a geometry");
+            let geometry = Cluster::ingress_pool_geometry(t, id, g.buffers)
+                .expect("an ingress pool of a validated cluster has a geometry");
             assert!(usize::try_from(PoolLayout::new(geometry).total_len).is_ok());
             let b = u64::from(t.buf_size) * u64::from(g.buffers);
             bytes = bytes.checked_add(b).expect("an ingress's pool total fits a u64");

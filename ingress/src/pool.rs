@@ -11,9 +11,9 @@ use shm::{AllocError, Lease, PagePolicy, Pool, PoolOpenError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::time::{Duration, Instant};
+use wire::Owner;
 use wire::http::{Frags, FragsMut};
 use wire::segment::AGENT_SLOT;
-use wire::{Owner, PoolGeometry};
 
 /// The slot the ingress holds its buffers as in its own pools. The ingress
 /// plays the agent's part for them (it owns their fabric endpoint), so it
@@ -93,9 +93,12 @@ impl Pools {
         let mut v = Vec::with_capacity(cluster.tenants.len());
         for (i, t) in cluster.tenants.iter().enumerate() {
             let tenant = i as u16;
-            let max_chain = t.max_chain.min(buffers);
-            let g = PoolGeometry::new(tenant, t.buf_size, buffers, wire::fabric::HEADROOM, max_chain)
-                .map_err(|err| PoolsError::Geometry { tenant, buffers, buf_size: t.buf_size, err })?;
+            let g = Cluster::ingress_pool_geometry(t, tenant, buffers).map_err(|err| PoolsError::Geometry {
+                tenant,
+                buffers,
+                buf_size: t.buf_size,
+                err,
+            })?;
             let pool = Pool::create(&format!("dne-ingress-{ingress}-{}", t.name), g, policy)
                 .map_err(|err| PoolsError::Create { tenant, err })?;
             v.push(Arc::new(TenantPool {
