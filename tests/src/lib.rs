@@ -20,6 +20,7 @@ use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Directory holding the workspace's binaries for the profile these tests
@@ -50,6 +51,10 @@ pub struct Proc {
     name: String,
     child: Option<Child>,
     lines: Option<mpsc::Receiver<String>>,
+    /// Threads reading stdout and stderr to their end, for a process
+    /// started with [`Proc::spawn`]: read as it runs, so a full pipe never
+    /// blocks it.
+    drains: Option<[JoinHandle<Vec<u8>>; 2]>,
 }
 
 /// What a finished process left.
@@ -64,15 +69,19 @@ pub struct Output {
 }
 
 impl Proc {
-    /// Starts `cmd` with stdout and stderr captured.
+    /// Starts `cmd` with stdout and stderr captured (read while it runs,
+    /// kept for [`Proc::wait_timeout`]).
     pub fn spawn(name: &str, mut cmd: Command) -> Self {
-        let child = cmd
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
-        Self { name: name.to_owned(), child: Some(child), lines: None }
+        let out = child.stdout.take().expect("piped stdout");
+        let err = child.stderr.take().expect("piped stderr");
+        let drains = [drain(out), drain(err)];
+        Self { name: name.to_owned(), child: Some(child), lines: None, drains: Some(drains) }
     }
 
     /// Starts `cmd` with stdout and stderr appended to the file `log`
@@ -91,7 +100,7 @@ impl Proc {
             .stderr(Stdio::from(err))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
-        Self { name: name.to_owned(), child: Some(child), lines: None }
+        Self { name: name.to_owned(), child: Some(child), lines: None, drains: None }
     }
 
     /// Starts `cmd` with stdout read line by line (see [`Proc::wait_line`])
@@ -112,7 +121,7 @@ impl Proc {
                 }
             }
         });
-        Self { name: name.to_owned(), child: Some(child), lines: Some(rx) }
+        Self { name: name.to_owned(), child: Some(child), lines: Some(rx), drains: None }
     }
 
     /// Waits for a stdout line starting with `prefix` (process started with
@@ -180,12 +189,12 @@ impl Proc {
         let mut child = self.child.take().expect("child present until waited");
         loop {
             match child.try_wait() {
-                Ok(Some(status)) => return collect(child, status),
+                Ok(Some(status)) => return collect(status, self.drains.take()),
                 Ok(None) if start.elapsed() < deadline => std::thread::sleep(Duration::from_millis(5)),
                 Ok(None) => {
                     let _ = child.kill();
                     let status = child.wait().expect("wait after kill");
-                    let out = collect(child, status);
+                    let out = collect(status, self.drains.take());
                     panic!("{} still running after {deadline:?}; killed. output: {out:#?}", self.name);
                 }
                 Err(e) => panic!("waiting for {}: {e}", self.name),
@@ -194,15 +203,21 @@ impl Proc {
     }
 }
 
-fn collect(mut child: Child, status: ExitStatus) -> Output {
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    if let Some(mut s) = child.stdout.take() {
-        let _ = s.read_to_string(&mut stdout);
-    }
-    if let Some(mut s) = child.stderr.take() {
-        let _ = s.read_to_string(&mut stderr);
-    }
+/// A thread reading `pipe` to its end.
+fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    })
+}
+
+/// The output of an exited process: what the threads of [`drain`] read
+/// (nothing for a process whose output was not captured).
+fn collect(status: ExitStatus, drains: Option<[JoinHandle<Vec<u8>>; 2]>) -> Output {
+    let [stdout, stderr] = drains.map_or([String::new(), String::new()], |d| {
+        d.map(|t| String::from_utf8_lossy(&t.join().unwrap_or_default()).into_owned())
+    });
     Output { status, stdout, stderr }
 }
 
@@ -394,6 +409,18 @@ mod tests {
         assert_eq!(out.status.code(), Some(3));
         assert_eq!(out.stdout, "out\n");
         assert_eq!(out.stderr, "err\n");
+    }
+
+    /// Output beyond a pipe's buffer (64 KiB on Linux) is read while the
+    /// process runs: a process blocked writing to a full pipe never exits,
+    /// so reading only after it has exited would hold it to the watchdog.
+    #[test]
+    fn output_larger_than_a_pipe_is_captured() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "head -c 300000 /dev/zero; head -c 200000 /dev/zero >&2"]);
+        let out = run("sh", cmd, Duration::from_secs(10));
+        assert!(out.status.success(), "{:?}", out.status);
+        assert_eq!((out.stdout.len(), out.stderr.len()), (300_000, 200_000));
     }
 
     #[test]
