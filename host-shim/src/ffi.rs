@@ -582,7 +582,7 @@ mod tests {
 
     /// The header's `DNE_MSG_ERR_*` constants are `wire::ErrorCode`'s
     /// values, every one of them, named as `dne_error_code_str` names them
-    /// (`tests/c_abi.rs` checks the same from C).
+    /// (`tests/tests/c_abi.rs` in dne-tests checks the same from C).
     #[test]
     fn the_c_error_codes_are_the_wire_codes() {
         assert_eq!(dne_error_code::ALL.len(), wire::ErrorCode::ALL.len());

@@ -11,9 +11,12 @@
 //!   failing test leaves no process behind;
 //! * [`Proc::wait_timeout`] is the watchdog: a test never hangs, it fails
 //!   with the process's output after the deadline. Deadlines bound hangs;
-//!   they are never used as performance assertions.
+//!   they are never used as performance assertions;
+//! * [`c::build`] builds a C or C++ program against the shim library with
+//!   only `pkg-config dne-shim`, and gives the command that runs it.
 #![forbid(unsafe_code)]
 
+pub mod c;
 pub mod cluster;
 
 use std::io::{BufRead, Read};

@@ -531,36 +531,11 @@ fn an_absent_function_is_not_looked_up_again_for_every_message() {
 }
 
 /// Builds the C sample function `functions/c/upper_fn.c` into `dir` with
-/// only `pkg-config dne-shim` and the generated header, warnings as errors.
-fn build_c_sample(dir: &Path) -> PathBuf {
-    let exe = dir.join("upper_fn");
+/// only `pkg-config dne-shim` and the generated header, warnings as errors;
+/// the command that runs it.
+fn c_sample_command(dir: &Path) -> Command {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions/c/upper_fn.c");
-    let flags = Command::new("pkg-config")
-        .args(["--cflags", "--libs", "dne-shim"])
-        .env("PKG_CONFIG_PATH", host_shim::ffi::PKGCONFIG_DIR)
-        .output()
-        .expect("pkg-config");
-    assert!(flags.status.success(), "pkg-config: {}", String::from_utf8_lossy(&flags.stderr));
-    let flags = String::from_utf8(flags.stdout).unwrap();
-    let mut cc = Command::new("cc");
-    cc.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O2"])
-        .arg(&src)
-        .args(flags.split_whitespace())
-        .arg("-o")
-        .arg(&exe);
-    let out = dne_tests::run("cc upper_fn.c", cc, WATCHDOG);
-    assert!(out.status.success(), "cc failed: {}", out.stderr);
-    exe
-}
-
-/// A command running the C sample built by [`build_c_sample`]: without the
-/// `LD_LIBRARY_PATH` cargo gives this test, which lists `target/<profile>`
-/// (a copy of the library only builds of host-shim itself refresh) first
-/// and would win over the rpath `dne-shim.pc` set.
-fn c_sample_command(exe: &Path) -> Command {
-    let mut cmd = Command::new(exe);
-    cmd.env_remove("LD_LIBRARY_PATH");
-    cmd
+    dne_tests::c::build(dir, &src, dne_tests::c::Lang::C11, &["-O2"])
 }
 
 /// The build-tree `dne-shim.pc` links the C sample with the library cargo
@@ -571,13 +546,7 @@ fn c_sample_command(exe: &Path) -> Command {
 /// or old behaviour).
 #[test]
 fn the_c_sample_links_the_library_built_for_this_test() {
-    let libdir = Command::new("pkg-config")
-        .args(["--variable=libdir", "dne-shim"])
-        .env("PKG_CONFIG_PATH", host_shim::ffi::PKGCONFIG_DIR)
-        .output()
-        .expect("pkg-config");
-    assert!(libdir.status.success(), "pkg-config: {}", String::from_utf8_lossy(&libdir.stderr));
-    let libdir = PathBuf::from(String::from_utf8(libdir.stdout).unwrap().trim());
+    let libdir = PathBuf::from(dne_tests::c::pkg_config(&["--variable=libdir"]).remove(0));
     let exe = std::env::current_exe().unwrap();
     let here = exe.parent().unwrap();
     assert_eq!(libdir.canonicalize().unwrap(), here.canonicalize().unwrap());
@@ -589,10 +558,9 @@ fn the_c_sample_links_the_library_built_for_this_test() {
 #[test]
 fn c_function_built_with_pkg_config_serves_in_a_chain() {
     let dir = TempDir::new("cfn");
-    let exe = build_c_sample(dir.path());
+    let mut cmd = c_sample_command(dir.path());
     let mut node = start_node("cchain");
     node.start_fn("rot13", "rot13", Some("client"), 0);
-    let mut cmd = c_sample_command(&exe);
     cmd.arg(node.socket()).args(["acme", "upper", "rot13"]);
     let mut c_fn = Proc::spawn_lines("upper_fn (C)", cmd);
     c_fn.wait_line("ready", WATCHDOG);
@@ -616,10 +584,9 @@ fn c_function_built_with_pkg_config_serves_in_a_chain() {
 #[test]
 fn c_function_frees_an_error_descriptor_instead_of_forwarding_it() {
     let dir = TempDir::new("cfn-error");
-    let exe = build_c_sample(dir.path());
+    let mut cmd = c_sample_command(dir.path());
     let node = start_node("cerror");
     let mut next = Function::attach(&node.socket(), "acme", "rot13").unwrap();
-    let mut cmd = c_sample_command(&exe);
     cmd.arg(node.socket()).args(["acme", "upper", "rot13"]);
     let mut c_fn = Proc::spawn_lines("upper_fn (C)", cmd);
     c_fn.wait_line("ready", WATCHDOG);
@@ -650,9 +617,8 @@ fn c_function_frees_an_error_descriptor_instead_of_forwarding_it() {
 #[test]
 fn c_function_exits_once_host_shimd_is_gone() {
     let dir = TempDir::new("cfn-gone");
-    let exe = build_c_sample(dir.path());
+    let mut cmd = c_sample_command(dir.path());
     let mut node = start_node("cgone");
-    let mut cmd = c_sample_command(&exe);
     cmd.arg(node.socket()).args(["acme", "upper", "rot13"]);
     let mut c_fn = Proc::spawn_lines("upper_fn (C)", cmd);
     c_fn.wait_line("ready", WATCHDOG);

@@ -1,10 +1,14 @@
 //! The C ABI as a C programmer meets it: C programs built with only the
 //! generated `dne_shim.h` and the build-tree `dne-shim.pc`, with warnings
 //! as errors, some run against a host-shimd served on a thread of the
-//! test.
+//! test. (They are here, not in host-shim, to share `dne_tests::c` with the
+//! C sample's tests: host-shim cannot take dne-tests as a dev-dependency,
+//! dne-tests depends on it.)
 
+use dne_tests::TempDir;
+use dne_tests::c::{Lang, pkg_config};
 use host_shim::daemon::{Shimd, socket_path};
-use host_shim::ffi::{PKGCONFIG_DIR, dne_status};
+use host_shim::ffi::dne_status;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -13,82 +17,20 @@ use std::time::Duration;
 
 const WATCHDOG: Duration = Duration::from_secs(60);
 
-/// A scratch directory, removed when dropped.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("dne-cabi-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `pkg-config ARGS dne-shim` against the build-tree `.pc`.
-fn pkg_config(args: &[&str]) -> Vec<String> {
-    let out = Command::new("pkg-config")
-        .args(args)
-        .arg("dne-shim")
-        .env("PKG_CONFIG_PATH", PKGCONFIG_DIR)
-        .output()
-        .expect("pkg-config runs");
-    assert!(out.status.success(), "pkg-config: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().split_whitespace().map(str::to_owned).collect()
-}
-
 /// Runs `cmd` to its end within the watchdog; its exit status and output.
-fn run(what: &str, mut cmd: Command) -> (bool, String, String) {
-    let child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    let id = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let Ok(out) = rx.recv_timeout(WATCHDOG) else {
-        let _ = Command::new("kill").args(["-9", &id.to_string()]).status();
-        panic!("{what}: still running after {WATCHDOG:?}");
-    };
-    let out = out.unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+fn run(what: &str, cmd: Command) -> (bool, String, String) {
+    let out = dne_tests::run(what, cmd, WATCHDOG);
+    (out.status.success(), out.stdout, out.stderr)
 }
 
-/// Builds `src` (C, or C++ when `cxx`) into `dir` with the flags of
-/// `pkg-config --cflags --libs dne-shim` and warnings as errors.
-fn build(dir: &Path, name: &str, src: &str, cxx: bool) -> PathBuf {
-    let file = dir.join(if cxx { format!("{name}.cpp") } else { format!("{name}.c") });
+/// Builds `src` (C99, or C++11 when `cxx`) as `name` in `dir` with
+/// `-pedantic -pthread` besides the flags of [`dne_tests::c::build`]; the
+/// command that runs it.
+fn build(dir: &Path, name: &str, src: &str, cxx: bool) -> Command {
+    let lang = if cxx { Lang::Cxx11 } else { Lang::C99 };
+    let file = dir.join(format!("{name}.{}", lang.ext()));
     std::fs::write(&file, src).unwrap();
-    let exe = dir.join(name);
-    let (compiler, std) = if cxx { ("g++", "-std=c++11") } else { ("gcc", "-std=c99") };
-    let mut cc = Command::new(compiler);
-    cc.args([std, "-Wall", "-Wextra", "-Werror", "-pedantic"])
-        .arg(&file)
-        .args(pkg_config(&["--cflags", "--libs"]))
-        .arg("-pthread")
-        .arg("-o")
-        .arg(&exe);
-    let (ok, _, err) = run(compiler, cc);
-    assert!(ok, "{compiler} {std} failed on {name}:\n{err}");
-    exe
-}
-
-/// A command running `exe`, without the `LD_LIBRARY_PATH` cargo gives the
-/// test (it lists `target/<profile>`, whose copy of the library may be
-/// older than the header): the rpath of `dne-shim.pc` finds it.
-fn command(exe: &Path) -> Command {
-    let mut cmd = Command::new(exe);
-    cmd.env_remove("LD_LIBRARY_PATH");
-    cmd
+    dne_tests::c::build(dir, &file, lang, &["-pedantic", "-pthread"])
 }
 
 /// The status codes as a C program prints them, one `NAME VALUE` a line.
@@ -107,7 +49,7 @@ fn c_printing(names: &[String]) -> String {
 /// codes' constants are named as `dne_error_code_str` names them.
 #[test]
 fn the_headers_constants_are_the_librarys_in_c_and_cxx() {
-    let dir = Dir::new("consts");
+    let dir = TempDir::new("cabi-consts");
     let statuses: Vec<(String, i32)> = dne_status::ALL.iter().map(|s| (format!("{s:?}"), *s as i32)).collect();
     let codes: Vec<(String, i32)> = wire::ErrorCode::ALL
         .iter()
@@ -115,8 +57,8 @@ fn the_headers_constants_are_the_librarys_in_c_and_cxx() {
         .collect();
     let names: Vec<String> = statuses.iter().chain(&codes).map(|(n, _)| n.clone()).collect();
     for cxx in [false, true] {
-        let exe = build(&dir.0, if cxx { "consts_cxx" } else { "consts_c" }, &c_printing(&names), cxx);
-        let (ok, out, err) = run("constants", command(&exe));
+        let cmd = build(dir.path(), if cxx { "consts_cxx" } else { "consts_c" }, &c_printing(&names), cxx);
+        let (ok, out, err) = run("constants", cmd);
         assert!(ok, "{err}");
         let got: Vec<(String, i32, String)> = out
             .lines()
@@ -168,15 +110,15 @@ fn the_library_exports_what_the_header_declares() {
 struct ShimdThread {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
-    dir: Dir,
+    dir: TempDir,
 }
 
 impl ShimdThread {
     fn start(tag: &str, text: &str) -> Self {
-        let dir = Dir::new(tag);
+        let dir = TempDir::new(&format!("cabi-{tag}"));
         let text = format!(
             "[[node]]\nname = \"n0\"\naddress = \"127.0.0.1:1\"\nruntime_dir = \"{}\"\n\n{text}",
-            dir.0.join("rt").display()
+            dir.path().join("rt").display()
         );
         let cfg = config::Cluster::parse(&text).expect("cluster");
         let stop = Arc::new(AtomicBool::new(false));
@@ -194,16 +136,15 @@ impl ShimdThread {
     }
 
     fn socket(&self) -> PathBuf {
-        socket_path(&self.dir.0.join("rt"))
+        socket_path(&self.dir.path().join("rt"))
     }
 
     /// Builds the C program `src` as `name` and runs it with this
     /// host-shimd's socket as its argument: it must exit cleanly having
     /// printed `done`.
     fn run_to_done(&self, name: &str, src: &str) {
-        let dir = Dir::new(&format!("{name}-build"));
-        let exe = build(&dir.0, name, src, false);
-        let mut cmd = command(&exe);
+        let dir = TempDir::new(&format!("cabi-{name}-build"));
+        let mut cmd = build(dir.path(), name, src, false);
         cmd.arg(self.socket());
         let (ok, out, err) = run(name, cmd);
         assert!(ok && out.contains("done"), "{err}");
