@@ -5,7 +5,9 @@
 //! start (`&'static str`), so counting a request allocates nothing.
 //!
 //! * `dne_ingress_requests_total{route,tenant,code}`: responses by status;
-//!   requests that matched no route count under `route=""`, `tenant=""`;
+//!   requests that matched no route count under `route=""`, `tenant=""`,
+//!   as do those hyper answered itself for a head it could not parse
+//!   (counted when their connection closes);
 //! * `dne_ingress_request_duration_seconds{route,tenant}`: time from the
 //!   request head to the response head;
 //! * `dne_ingress_request_body_bytes_total{tenant}`,

@@ -374,10 +374,17 @@ impl Ingress {
                 .half_close(true)
                 .serve_connection(TokioIo::new(ClientIo::new(stream, self.settings.write_timeout)), svc);
             let conn = graceful.watch(conn);
+            let me = self.clone();
             tokio::spawn(async move {
                 let _slot = slot;
                 if let Err(e) = conn.await {
                     log::debug!("connection from {peer}: {e}");
+                    // A head hyper could not parse was answered by hyper
+                    // itself, without the service seeing it; it reports
+                    // the error once the connection has closed.
+                    if let Some(code) = hypers_answer(&e) {
+                        me.unparsed(peer, code, &e);
+                    }
                 }
             });
         }
@@ -546,6 +553,14 @@ impl Ingress {
     fn unrouted(&self, peer: &Client, method: &hyper::Method, target: &str, code: StatusCode, why: &str) {
         self.metrics.requests.get_or_create(&CodeLabels { route: "", tenant: "", code: code.as_u16() }).inc();
         log::info!(target: ACCESS_LOG, "{peer} \"{method} {target}\" {} 0 route=- tenant=-{why}", code.as_u16());
+    }
+
+    /// Counts and access-logs a request hyper answered `code` itself
+    /// because it could not parse its head (`e`), so with no method,
+    /// target or route known.
+    fn unparsed(&self, peer: SocketAddr, code: StatusCode, e: &hyper::Error) {
+        self.metrics.requests.get_or_create(&CodeLabels { route: "", tenant: "", code: code.as_u16() }).inc();
+        log::info!(target: ACCESS_LOG, "{peer} \"- -\" {} 0 route=- tenant=- unparsed: {e}", code.as_u16());
     }
 
     fn reject(&self, tenant: u16, reason: &'static str) {
@@ -995,6 +1010,31 @@ fn client_left(e: &hyper::Error) -> bool {
         source = s.source();
     }
     true
+}
+
+/// The status hyper answered a connection's last request with itself,
+/// if `e`, the error the connection ended with, is one hyper answers: a
+/// request head it could not parse gets 400, one over its buffer 431, a
+/// target over its length limit 414 (hyper's `on_error` for servers). An
+/// HTTP/2 preface and an internal parser error get no answer, nor does
+/// anything that is not a parse error (a header read timeout, a client that
+/// left mid-head). hyper reports the error only if its answer was written:
+/// a failed write ends the connection with the write's error instead.
+fn hypers_answer(e: &hyper::Error) -> Option<StatusCode> {
+    if !e.is_parse() || e.is_parse_version_h2() || e.is_parse_status() {
+        return None;
+    }
+    // The public API tells the two kinds of too large, and an internal
+    // error, apart only by their text (hyper's `description`).
+    let text = e.to_string();
+    if text.starts_with("internal error") {
+        return None;
+    }
+    if e.is_parse_too_large() {
+        let uri = text.starts_with("URI too long");
+        return Some(if uri { StatusCode::URI_TOO_LONG } else { StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE });
+    }
+    Some(StatusCode::BAD_REQUEST)
 }
 
 /// The `log` target of the access log lines.
