@@ -20,7 +20,9 @@
 //! * `dne_ingress_in_flight{tenant}`: requests being handled;
 //! * `dne_ingress_pool_free_buffers{tenant}`,
 //!   `dne_ingress_pool_buffers{tenant}`: the tenant's ingress pool;
-//! * `dne_ingress_connections`: client connections open;
+//! * `dne_ingress_connections`: client connections open (not counting
+//!   those being closed with a lingering close);
+//!   `dne_ingress_connections_lingering`: those;
 //!   `dne_ingress_connections_refused_total`: connections answered 503 and
 //!   closed because `max_connections` were open.
 
@@ -99,6 +101,9 @@ pub struct Metrics {
     pub upstream_dropped: Family<ReasonLabels, Counter>,
     /// Client connections open (set at scrape time).
     pub connections: Gauge,
+    /// Connections being closed with a lingering close (set at scrape
+    /// time).
+    pub connections_lingering: Gauge,
     /// Connections refused because `max_connections` were open.
     pub connections_refused: Counter,
 }
@@ -130,6 +135,7 @@ impl Metrics {
         let pool_size = Family::<TenantLabels, Gauge>::default();
         let upstream_dropped = Family::<ReasonLabels, Counter>::default();
         let connections = Gauge::default();
+        let connections_lingering = Gauge::default();
         let connections_refused = Counter::default();
         registry.register("dne_ingress_requests", "HTTP responses by route, tenant and status", requests.clone());
         registry.register(
@@ -150,6 +156,11 @@ impl Metrics {
         );
         registry.register("dne_ingress_connections", "Client connections open", connections.clone());
         registry.register(
+            "dne_ingress_connections_lingering",
+            "Connections being closed that wait for the client's end of stream (not in dne_ingress_connections)",
+            connections_lingering.clone(),
+        );
+        registry.register(
             "dne_ingress_connections_refused",
             "Client connections answered 503 and closed because max_connections were open",
             connections_refused.clone(),
@@ -166,6 +177,7 @@ impl Metrics {
             pool_size,
             upstream_dropped,
             connections,
+            connections_lingering,
             connections_refused,
         }
     }

@@ -177,6 +177,9 @@ pub struct Ingress {
     /// One permit per refused connection being told so (see
     /// [`Ingress::refuse`]).
     refusal_slots: Arc<tokio::sync::Semaphore>,
+    /// One permit per connection being closed with a lingering close (see
+    /// [`ClientIo`]); it holds no `conn_slots` permit meanwhile.
+    linger_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Refused connections told so at once; more are closed without a word
@@ -184,6 +187,9 @@ pub struct Ingress {
 const REFUSALS_AT_ONCE: usize = 64;
 /// Longest a refused connection is given to take its 503.
 const REFUSAL_WRITE_WITHIN: Duration = Duration::from_secs(1);
+/// Most connections lingering at once (see [`ClientIo`]), and no more than
+/// `max_connections`; one more is closed at once.
+const LINGERING_AT_ONCE: usize = 256;
 /// Descriptors the ingress keeps for itself beyond its connections (pools,
 /// fabric, admin, logs), when it raises its descriptor limit.
 const FD_RESERVE: u64 = 1024;
@@ -273,6 +279,7 @@ impl Ingress {
             next_request: AtomicU32::new(first_request_id()),
             conn_slots: Arc::new(tokio::sync::Semaphore::new(settings.max_connections)),
             refusal_slots: Arc::new(tokio::sync::Semaphore::new(REFUSALS_AT_ONCE)),
+            linger_slots: Arc::new(tokio::sync::Semaphore::new(lingering_at_once(&settings))),
             settings,
         }
     }
@@ -298,6 +305,8 @@ impl Ingress {
         drop(copying);
         let open = self.settings.max_connections.saturating_sub(self.conn_slots.available_permits());
         self.metrics.connections.set(i64::try_from(open).unwrap_or(i64::MAX));
+        let lingering = lingering_at_once(&self.settings).saturating_sub(self.linger_slots.available_permits());
+        self.metrics.connections_lingering.set(i64::try_from(lingering).unwrap_or(i64::MAX));
         self.metrics.encode()
     }
 
@@ -309,7 +318,8 @@ impl Ingress {
         admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        raise_fd_limit(self.settings.max_connections as u64 + FD_RESERVE);
+        let lingering = lingering_at_once(&self.settings);
+        raise_fd_limit((self.settings.max_connections + lingering) as u64 + FD_RESERVE);
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tokio::pin!(shutdown);
         let metrics_on_main = admin.is_none();
@@ -334,7 +344,8 @@ impl Ingress {
                     continue;
                 }
             };
-            // Held by the connection's task until the connection ends.
+            // Held by the connection until it ends or begins a lingering
+            // close (see `ClientIo`).
             let slot = if is_admin {
                 None
             } else {
@@ -372,11 +383,13 @@ impl Ingress {
                 .header_read_timeout(self.settings.header_timeout)
                 .keep_alive(true)
                 .half_close(true)
-                .serve_connection(TokioIo::new(ClientIo::new(stream, self.settings.write_timeout)), svc);
+                .serve_connection(
+                    TokioIo::new(ClientIo::new(stream, self.settings.write_timeout, slot, self.linger_slots.clone())),
+                    svc,
+                );
             let conn = graceful.watch(conn);
             let me = self.clone();
             tokio::spawn(async move {
-                let _slot = slot;
                 if let Err(e) = conn.await {
                     log::debug!("connection from {peer}: {e}");
                     // A head hyper could not parse was answered by hyper
@@ -873,19 +886,36 @@ const LINGER_QUIET: Duration = Duration::from_millis(500);
 ///   with bytes unread makes the kernel reset the connection, and the
 ///   reset can destroy the answer on its way (a response still in the
 ///   send queue is discarded, and some stacks drop what they received).
+///
+/// The connection's `max_connections` slot is given back when the server
+/// begins to close it, before it lingers: a lingering connection serves no
+/// one, and holding the slot for up to [`LINGER_TIME`] let a stream of
+/// closing connections lock new clients out. Lingering takes a permit of
+/// its own instead; when none is left, the connection is closed at once.
 struct ClientIo<T> {
     io: T,
     limit: Duration,
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The client's end of stream has been read.
     eof: bool,
-    /// Lingering: bytes discarded so far, when it began, and the deadline.
-    linger: Option<(u64, tokio::time::Instant, Pin<Box<tokio::time::Sleep>>)>,
+    /// The connection's `max_connections` slot (none on the admin
+    /// listener), until the server begins to close it.
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Permits for lingering connections, shared by all of them.
+    linger_slots: Arc<tokio::sync::Semaphore>,
+    /// Lingering: bytes discarded so far, when it began, the deadline, and
+    /// the permit it holds.
+    linger: Option<(u64, tokio::time::Instant, Pin<Box<tokio::time::Sleep>>, tokio::sync::OwnedSemaphorePermit)>,
 }
 
 impl<T> ClientIo<T> {
-    fn new(io: T, limit: Duration) -> Self {
-        Self { io, limit, stalled: None, eof: false, linger: None }
+    fn new(
+        io: T,
+        limit: Duration,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+        linger_slots: Arc<tokio::sync::Semaphore>,
+    ) -> Self {
+        Self { io, limit, stalled: None, eof: false, slot, linger_slots, linger: None }
     }
 
     /// Passes a write's result on; a write still waiting past the limit
@@ -947,19 +977,27 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWr
         self.check(cx, r)
     }
 
-    /// Shuts the sending side, then lingers (see [`ClientIo`]) unless the
-    /// client's end of stream was read already.
+    /// Gives the connection's slot back, shuts the sending side, then
+    /// lingers (see [`ClientIo`]) unless the client's end of stream was
+    /// read already or too many connections linger.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let (discarded, began, deadline) = match &mut this.linger {
+        let (discarded, began, deadline, _) = match &mut this.linger {
             Some(l) => l,
             None => {
+                // Before the end of stream is sent: a client that has seen
+                // it finds the slot free.
+                this.slot = None;
                 std::task::ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
                 if this.eof {
                     return Poll::Ready(Ok(()));
                 }
+                let Ok(permit) = this.linger_slots.clone().try_acquire_owned() else {
+                    log::debug!("{LINGERING_AT_ONCE} or max_connections connections lingering: closing one at once");
+                    return Poll::Ready(Ok(()));
+                };
                 let now = tokio::time::Instant::now();
-                this.linger.insert((0, now, Box::pin(tokio::time::sleep_until(now + LINGER_QUIET))))
+                this.linger.insert((0, now, Box::pin(tokio::time::sleep_until(now + LINGER_QUIET)), permit))
             }
         };
         let mut sink = [0u8; 4096];
@@ -1222,6 +1260,12 @@ fn has_dot_segment(path: &str) -> bool {
     false
 }
 
+/// Connections that may linger at once under `settings` (see
+/// [`LINGERING_AT_ONCE`]).
+fn lingering_at_once(settings: &Settings) -> usize {
+    settings.max_connections.clamp(1, LINGERING_AT_ONCE)
+}
+
 /// Raises this process's soft limit of open descriptors to `want` (at most
 /// the hard limit) if it is lower: each client connection holds one, and
 /// the usual soft limit (1024) is below the default `max_connections`.
@@ -1420,7 +1464,7 @@ mod tests {
     #[tokio::test]
     async fn a_write_that_makes_no_progress_fails_at_the_limit_and_progress_resets_it() {
         let (near, mut far) = tokio::io::duplex(64);
-        let mut io = ClientIo::new(near, Duration::from_millis(200));
+        let mut io = ClientIo::new(near, Duration::from_millis(200), None, Arc::new(tokio::sync::Semaphore::new(1)));
         // The reader takes 16 bytes every 50 ms: slow, but never stalled
         // for 200 ms, so 1 KiB goes through.
         let reader = tokio::spawn(async move {
@@ -1450,7 +1494,7 @@ mod tests {
     async fn a_lingering_close_ends_at_the_clients_end_of_stream_or_its_bounds() {
         let pipe = 64 << 10;
         let (near, mut far) = tokio::io::duplex(pipe);
-        let mut io = ClientIo::new(near, Duration::from_secs(10));
+        let mut io = ClientIo::new(near, Duration::from_secs(10), None, Arc::new(tokio::sync::Semaphore::new(1)));
         let writer = tokio::spawn(async move {
             let mut sent = 0u64;
             while far.write_all(&[1u8; 4096]).await.is_ok() {
@@ -1464,7 +1508,7 @@ mod tests {
         assert!((LINGER_BYTES..=LINGER_BYTES + pipe as u64 + 4096).contains(&sent), "sent {sent}");
 
         let (near, far) = tokio::io::duplex(1024);
-        let mut io = ClientIo::new(near, Duration::from_secs(10));
+        let mut io = ClientIo::new(near, Duration::from_secs(10), None, Arc::new(tokio::sync::Semaphore::new(1)));
         let t = std::time::Instant::now();
         tokio::time::timeout(Duration::from_secs(20), io.shutdown()).await.unwrap().unwrap();
         assert!(t.elapsed() >= LINGER_QUIET, "ended after {:?}", t.elapsed());
@@ -1472,7 +1516,7 @@ mod tests {
 
         // A client that ends its stream: the close ends then.
         let (near, mut far) = tokio::io::duplex(1024);
-        let mut io = ClientIo::new(near, Duration::from_secs(10));
+        let mut io = ClientIo::new(near, Duration::from_secs(10), None, Arc::new(tokio::sync::Semaphore::new(1)));
         let closer = tokio::spawn(async move {
             let mut got = Vec::new();
             far.read_to_end(&mut got).await.unwrap();

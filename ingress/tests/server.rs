@@ -1943,3 +1943,65 @@ async fn hypers_own_400_answers_are_counted() {
     }
     srv.stop().await;
 }
+
+/// A client whose request the edge answers early and closes
+/// (`Connection: close`, its large body unread), and which goes on
+/// sending a few bytes every 50 ms and reads nothing: the server lingers
+/// on it (up to 2 s). Returns once the client has read the answer and the
+/// server's end of stream (lingering has begun), with the task that goes
+/// on sending; it ends when a write fails (the server closed the
+/// connection for good).
+async fn lingering_client(addr: SocketAddr) -> tokio::task::JoinHandle<std::io::Error> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nsome").await.unwrap();
+    let (st, head, _) = read_response(&mut s).await;
+    assert_eq!(st, 404, "{head}");
+    assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+    let (mut rd, mut wr) = s.into_split();
+    let mut rest = Vec::new();
+    // The server's end of stream (or a reset, when it did not linger).
+    let _ = tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut rest)).await.unwrap();
+    tokio::spawn(async move {
+        let _rd = rd;
+        loop {
+            if let Err(e) = wr.write_all(b"more").await {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+/// A connection the server is closing with a lingering close holds no
+/// `max_connections` slot: with one slot, the next client is served while
+/// the first still lingers (before, it was refused 503 for up to 2 s).
+/// Lingering connections have a bound of their own (here one): one more
+/// is closed at once, without lingering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lingering_close_holds_no_connection_slot() {
+    let srv = Server::start_with(512, InProcessConfig::default(), |s| s.max_connections = 1).await;
+    let first = lingering_client(srv.addr).await;
+    let (st, head, body) = raw(srv.addr, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok").await;
+    assert_eq!((st, body.as_slice()), (200, &b"ok"[..]), "{head}");
+    assert!(!first.is_finished(), "the first connection stopped lingering");
+    assert_eq!(metric(&srv, "dne_ingress_connections_lingering "), Some(1));
+    // A second lingering one, beyond the bound: closed for good at once,
+    // while the first still lingers. (Once the last client's connection
+    // has given its slot back.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&srv, "dne_ingress_connections ") != Some(0) {
+        assert!(Instant::now() < deadline, "{}", srv.ingress.metrics_text());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = lingering_client(srv.addr).await;
+    let e = tokio::time::timeout(Duration::from_secs(20), second).await.unwrap().unwrap();
+    assert!(!first.is_finished(), "the first connection stopped lingering before the second was closed ({e})");
+    tokio::time::timeout(Duration::from_secs(20), first).await.unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&srv, "dne_ingress_connections_lingering ") != Some(0) {
+        assert!(Instant::now() < deadline, "{}", srv.ingress.metrics_text());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    srv.assert_no_leak().await;
+    srv.stop().await;
+}
