@@ -15,8 +15,9 @@
 //! * `dne_ingress_rejections_total{tenant,reason}`: requests answered by the
 //!   edge itself (unauthorized, too_large, pool_exhausted, queue_full,
 //!   no_credit, timeout, function_error, unreachable, bad_reply, bad_request)
-//!   and requests whose client left before its request was complete
-//!   (client_gone);
+//!   and requests whose client left before its request was complete, or
+//!   whose chain's reply could not be written to it (client_gone; such a
+//!   reply is counted once written, not when its head is ready);
 //! * `dne_ingress_in_flight{tenant}`: requests being handled;
 //! * `dne_ingress_pool_free_buffers{tenant}`,
 //!   `dne_ingress_pool_buffers{tenant}`: the tenant's ingress pool;

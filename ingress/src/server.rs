@@ -48,7 +48,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -157,6 +157,8 @@ struct TenantInfo {
     in_flight: Gauge,
     bytes_in: Counter,
     bytes_out: Counter,
+    /// `client_gone` rejections.
+    client_gone: Counter,
 }
 
 /// The ingress: routes, tenants, pools, the upstream and the metrics.
@@ -209,17 +211,22 @@ fn intern(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
 
-/// The client of one connection: its address, and its IP as text for
-/// `x-forwarded-for` (formatted once per connection, not per request).
+/// The client of one connection: its address, its IP as text for
+/// `x-forwarded-for` (formatted once per connection, not per request), and
+/// whether the connection broke.
 #[derive(Debug)]
 struct Client {
     addr: SocketAddr,
     ip: String,
+    /// Set by [`ClientIo`] when reading from or writing to the client
+    /// failed (a reset, a write into a closed socket, the write timeout):
+    /// an answer not written completely by then never reached the client.
+    broken: Arc<AtomicBool>,
 }
 
 impl Client {
-    fn new(addr: SocketAddr) -> Self {
-        Self { addr, ip: addr.ip().to_string() }
+    fn new(addr: SocketAddr, broken: Arc<AtomicBool>) -> Self {
+        Self { addr, ip: addr.ip().to_string(), broken }
     }
 }
 
@@ -246,6 +253,10 @@ impl Ingress {
                     in_flight: metrics.in_flight.get_or_create(&tl).clone(),
                     bytes_in: metrics.bytes_in.get_or_create(&tl).clone(),
                     bytes_out: metrics.bytes_out.get_or_create(&tl).clone(),
+                    client_gone: metrics
+                        .rejections
+                        .get_or_create(&RejectLabels { tenant: name, reason: "client_gone" })
+                        .clone(),
                 }
             })
             .collect::<Vec<_>>();
@@ -359,7 +370,8 @@ impl Ingress {
             };
             let _ = stream.set_nodelay(true);
             let me = self.clone();
-            let client = Arc::new(Client::new(peer));
+            let broken = Arc::new(AtomicBool::new(false));
+            let client = Arc::new(Client::new(peer, broken.clone()));
             let svc = service_fn(move |req: Request<Incoming>| {
                 let (me, client) = (me.clone(), client.clone());
                 async move {
@@ -377,14 +389,24 @@ impl Ingress {
             // closes entirely while its chain runs sends the same FIN, so
             // it is no longer seen to leave; its chain runs to the end (or
             // to the route's timeout) and the answer goes into a closed
-            // socket (HAProxy's default, without `abortonclose`).
+            // socket (HAProxy's default, without `abortonclose`). Nothing
+            // cheaper tells the two apart: the socket of either reads end
+            // of stream and takes writes, and only the reset a write draws
+            // shows the client gone. When writing a reply fails so, the
+            // request counts as `client_gone` (see `Outgoing`).
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(self.settings.header_timeout)
                 .keep_alive(true)
                 .half_close(true)
                 .serve_connection(
-                    TokioIo::new(ClientIo::new(stream, self.settings.write_timeout, slot, self.linger_slots.clone())),
+                    TokioIo::new(ClientIo::new(
+                        stream,
+                        self.settings.write_timeout,
+                        slot,
+                        self.linger_slots.clone(),
+                        broken,
+                    )),
                     svc,
                 );
             let conn = graceful.watch(conn);
@@ -450,7 +472,7 @@ impl Ingress {
     async fn handle(
         &self,
         mut req: Request<Incoming>,
-        peer: &Client,
+        peer: &Arc<Client>,
         admin: bool,
         metrics_on_main: bool,
     ) -> Response<OutBody> {
@@ -525,7 +547,7 @@ impl Ingress {
         let tenant = &self.tenants[usize::from(info.tenant)];
         // Dropped with the request (a client gone mid-request too).
         let mut in_flight = InFlight::new(&tenant.in_flight, &self.metrics.rejections, tenant.name);
-        let (resp, bytes_in, request) = self.exchange(req, route, peer).await;
+        let (mut resp, bytes_in, request) = self.exchange(req, route, peer).await;
         tenant.bytes_in.inc_by(bytes_in);
         if resp.extensions().get::<ClientGone>().is_some() {
             // No one will read this answer: `in_flight` counts the request
@@ -544,20 +566,37 @@ impl Ingress {
         // Responses that carry no body on the wire count none.
         let bodiless = method == hyper::Method::HEAD || code == 204 || code == 304;
         let bytes_out = if bodiless { 0 } else { resp.body().size_hint().exact().unwrap_or(0) };
-        if code == 200 {
-            info.ok.inc();
-        } else {
-            self.metrics.requests.get_or_create(&CodeLabels { route: info.label, tenant: tenant.name, code }).inc();
+        let answered = Answered {
+            peer: peer.clone(),
+            method,
+            target,
+            code,
+            bytes_out,
+            elapsed: start.elapsed(),
+            request,
+            route: info.label,
+            tenant: tenant.name,
+            count: if code == 200 {
+                info.ok.clone()
+            } else {
+                self.metrics
+                    .requests
+                    .get_or_create(&CodeLabels { route: info.label, tenant: tenant.name, code })
+                    .clone()
+            },
+            duration: info.duration.clone(),
+            bytes: tenant.bytes_out.clone(),
+            gone: tenant.client_gone.clone(),
+        };
+        // A chain's reply is counted once it is written, or is found not
+        // to be (see `Outgoing`); the edge's own short answers at once.
+        let unsettled = match resp.body_mut() {
+            Either::Right(body) => body.settle_when_written(answered),
+            Either::Left(_) => Some(answered),
+        };
+        if let Some(a) = unsettled {
+            a.settle(false);
         }
-        info.duration.observe(start.elapsed().as_secs_f64());
-        tenant.bytes_out.inc_by(bytes_out);
-        log::info!(
-            target: ACCESS_LOG,
-            "{peer} \"{method} {target}\" {code} {bytes_out} {:.3}ms route={} tenant={} req={request}",
-            start.elapsed().as_secs_f64() * 1e3,
-            info.label,
-            tenant.name,
-        );
         resp
     }
 
@@ -903,6 +942,8 @@ struct ClientIo<T> {
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Permits for lingering connections, shared by all of them.
     linger_slots: Arc<tokio::sync::Semaphore>,
+    /// Set when a read or a write fails (see [`Client::broken`]).
+    broken: Arc<AtomicBool>,
     /// Lingering: bytes discarded so far, when it began, the deadline, and
     /// the permit it holds.
     linger: Option<(u64, tokio::time::Instant, Pin<Box<tokio::time::Sleep>>, tokio::sync::OwnedSemaphorePermit)>,
@@ -914,8 +955,18 @@ impl<T> ClientIo<T> {
         limit: Duration,
         slot: Option<tokio::sync::OwnedSemaphorePermit>,
         linger_slots: Arc<tokio::sync::Semaphore>,
+        broken: Arc<AtomicBool>,
     ) -> Self {
-        Self { io, limit, stalled: None, eof: false, slot, linger_slots, linger: None }
+        Self { io, limit, stalled: None, eof: false, slot, linger_slots, broken, linger: None }
+    }
+
+    /// Passes `r` on, noting a failure (see [`Client::broken`]).
+    fn note<R>(&self, r: Poll<std::io::Result<R>>) -> Poll<std::io::Result<R>> {
+        if let Poll::Ready(Err(_)) = &r {
+            // Relaxed: read on this connection's task (see `Outgoing`).
+            self.broken.store(true, Relaxed);
+        }
+        r
     }
 
     /// Passes a write's result on; a write still waiting past the limit
@@ -923,16 +974,16 @@ impl<T> ClientIo<T> {
     fn check<R>(&mut self, cx: &mut Context<'_>, r: Poll<std::io::Result<R>>) -> Poll<std::io::Result<R>> {
         if r.is_ready() {
             self.stalled = None;
-            return r;
+            return self.note(r);
         }
         let limit = self.limit;
         let timer = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
         if timer.as_mut().poll(cx).is_ready() {
             self.stalled = None;
-            return Poll::Ready(Err(std::io::Error::new(
+            return self.note(Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "the client took no response bytes within the write timeout",
-            )));
+            ))));
         }
         Poll::Pending
     }
@@ -949,7 +1000,7 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ClientIo<T> {
         if room && matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() == before {
             self.eof = true;
         }
-        r
+        self.note(r)
     }
 }
 
@@ -1075,6 +1126,53 @@ fn hypers_answer(e: &hyper::Error) -> Option<StatusCode> {
     Some(StatusCode::BAD_REQUEST)
 }
 
+/// What is counted and logged of a routed request once its answer has
+/// been written, or has been found not to reach the client (then it is a
+/// `client_gone` rejection, not a response).
+struct Answered {
+    peer: Arc<Client>,
+    method: hyper::Method,
+    /// The target, for the access log (empty when that log is off).
+    target: String,
+    code: u16,
+    bytes_out: u64,
+    /// From the request head to the response head.
+    elapsed: Duration,
+    request: u32,
+    route: &'static str,
+    tenant: &'static str,
+    /// The route's series for `code`.
+    count: Counter,
+    duration: Histogram,
+    bytes: Counter,
+    gone: Counter,
+}
+
+impl Answered {
+    /// Counts and logs the request: `gone`, its answer did not reach the
+    /// client.
+    fn settle(self, gone: bool) {
+        let ms = self.elapsed.as_secs_f64() * 1e3;
+        let Self { peer, method, target, code, route, tenant, request, .. } = &self;
+        if gone {
+            self.gone.inc();
+            log::info!(
+                target: ACCESS_LOG,
+                "{peer} \"{method} {target}\" - 0 {ms:.3}ms route={route} tenant={tenant} req={request} client_gone",
+            );
+            return;
+        }
+        self.count.inc();
+        self.duration.observe(self.elapsed.as_secs_f64());
+        self.bytes.inc_by(self.bytes_out);
+        log::info!(
+            target: ACCESS_LOG,
+            "{peer} \"{method} {target}\" {code} {} {ms:.3}ms route={route} tenant={tenant} req={request}",
+            self.bytes_out,
+        );
+    }
+}
+
 /// The `log` target of the access log lines.
 const ACCESS_LOG: &str = "dne_ingress::access";
 
@@ -1082,7 +1180,8 @@ const ACCESS_LOG: &str = "dne_ingress::access";
 /// before [`InFlight::done`] (the handler drops it for a client that left
 /// mid-body; a client that leaves once its request is complete is not seen
 /// to go before its answer is written, see `half_close` in
-/// [`Ingress::serve`]), it counts a `client_gone` rejection.
+/// [`Ingress::serve`], and [`Outgoing`] for one whose reply fails to be
+/// written), it counts a `client_gone` rejection.
 struct InFlight<'a> {
     gauge: &'a Gauge,
     gone: Option<&'a Family<RejectLabels, Counter>>,
@@ -1330,7 +1429,7 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 /// buffers are freed when the last piece and the body are gone.
 #[derive(Debug)]
 pub struct ReplyBody {
-    reply: Arc<PoolLease>,
+    reply: Arc<Outgoing>,
     pos: u64,
     end: u64,
     cap: u64,
@@ -1339,12 +1438,56 @@ pub struct ReplyBody {
 impl ReplyBody {
     fn new(reply: PoolLease, off: u32, len: u32) -> Self {
         let cap = u64::from(reply.pool().pool().geometry().payload_cap());
-        Self { reply: Arc::new(reply), pos: u64::from(off), end: u64::from(off) + u64::from(len), cap }
+        let reply = Arc::new(Outgoing { answered: None, lease: reply });
+        Self { reply, pos: u64::from(off), end: u64::from(off) + u64::from(len), cap }
+    }
+
+    /// Has `a` settled when the reply's buffers are let go (see
+    /// [`Outgoing`]); gives it back if pieces of the body are out already.
+    fn settle_when_written(&mut self, a: Answered) -> Option<Answered> {
+        match Arc::get_mut(&mut self.reply) {
+            Some(o) => {
+                o.answered = Some(a);
+                None
+            }
+            None => Some(a),
+        }
+    }
+}
+
+/// A reply's lease, shared by its body and the pieces of it hyper holds.
+/// hyper drops each piece once it has written it, or unwritten when the
+/// connection fails; so when the last one goes, the answer was written to
+/// the socket in full unless the connection broke ([`Client::broken`]).
+/// The request is counted then, before the buffers go back to the pool.
+/// (A client that closed entirely before a short answer is not seen:
+/// writing into its closed socket succeeds, and only draws the reset that
+/// would fail the next write.)
+struct Outgoing {
+    answered: Option<Answered>,
+    lease: PoolLease,
+}
+
+impl core::fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Outgoing").field("lease", &self.lease).finish_non_exhaustive()
+    }
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        if let Some(a) = self.answered.take() {
+            // Relaxed: `ClientIo` stores the flag and hyper drops the
+            // pieces on the connection's task, in that order, and the
+            // drop of the last `Arc` orders the two besides.
+            let gone = a.peer.broken.load(Relaxed);
+            a.settle(gone);
+        }
     }
 }
 
 struct Piece {
-    reply: Arc<PoolLease>,
+    reply: Arc<Outgoing>,
     frag: u32,
     start: usize,
     end: usize,
@@ -1352,7 +1495,8 @@ struct Piece {
 
 impl AsRef<[u8]> for Piece {
     fn as_ref(&self) -> &[u8] {
-        let f = self.reply.pool().pool().frag(self.reply.lease(), self.frag).unwrap_or(&[]);
+        let lease = &self.reply.lease;
+        let f = lease.pool().pool().frag(lease.lease(), self.frag).unwrap_or(&[]);
         f.get(self.start..self.end).unwrap_or(&[])
     }
 }
@@ -1464,7 +1608,13 @@ mod tests {
     #[tokio::test]
     async fn a_write_that_makes_no_progress_fails_at_the_limit_and_progress_resets_it() {
         let (near, mut far) = tokio::io::duplex(64);
-        let mut io = ClientIo::new(near, Duration::from_millis(200), None, Arc::new(tokio::sync::Semaphore::new(1)));
+        let mut io = ClientIo::new(
+            near,
+            Duration::from_millis(200),
+            None,
+            Arc::new(tokio::sync::Semaphore::new(1)),
+            Default::default(),
+        );
         // The reader takes 16 bytes every 50 ms: slow, but never stalled
         // for 200 ms, so 1 KiB goes through.
         let reader = tokio::spawn(async move {
@@ -1494,7 +1644,13 @@ mod tests {
     async fn a_lingering_close_ends_at_the_clients_end_of_stream_or_its_bounds() {
         let pipe = 64 << 10;
         let (near, mut far) = tokio::io::duplex(pipe);
-        let mut io = ClientIo::new(near, Duration::from_secs(10), None, Arc::new(tokio::sync::Semaphore::new(1)));
+        let mut io = ClientIo::new(
+            near,
+            Duration::from_secs(10),
+            None,
+            Arc::new(tokio::sync::Semaphore::new(1)),
+            Default::default(),
+        );
         let writer = tokio::spawn(async move {
             let mut sent = 0u64;
             while far.write_all(&[1u8; 4096]).await.is_ok() {
@@ -1508,7 +1664,13 @@ mod tests {
         assert!((LINGER_BYTES..=LINGER_BYTES + pipe as u64 + 4096).contains(&sent), "sent {sent}");
 
         let (near, far) = tokio::io::duplex(1024);
-        let mut io = ClientIo::new(near, Duration::from_secs(10), None, Arc::new(tokio::sync::Semaphore::new(1)));
+        let mut io = ClientIo::new(
+            near,
+            Duration::from_secs(10),
+            None,
+            Arc::new(tokio::sync::Semaphore::new(1)),
+            Default::default(),
+        );
         let t = std::time::Instant::now();
         tokio::time::timeout(Duration::from_secs(20), io.shutdown()).await.unwrap().unwrap();
         assert!(t.elapsed() >= LINGER_QUIET, "ended after {:?}", t.elapsed());
@@ -1516,7 +1678,13 @@ mod tests {
 
         // A client that ends its stream: the close ends then.
         let (near, mut far) = tokio::io::duplex(1024);
-        let mut io = ClientIo::new(near, Duration::from_secs(10), None, Arc::new(tokio::sync::Semaphore::new(1)));
+        let mut io = ClientIo::new(
+            near,
+            Duration::from_secs(10),
+            None,
+            Arc::new(tokio::sync::Semaphore::new(1)),
+            Default::default(),
+        );
         let closer = tokio::spawn(async move {
             let mut got = Vec::new();
             far.read_to_end(&mut got).await.unwrap();

@@ -673,7 +673,9 @@ async fn clients_vanishing_mid_request_or_mid_response_leak_nothing() {
     // While the chain runs: the reply arrives after the client left. A
     // client that closed looks on the wire like one that only shut its
     // sending side (see `a_client_that_half_closes_after_its_request_still_gets_its_answer`),
-    // so its complete request is answered, and counted by its status.
+    // so its complete request is answered, and (its short answer written
+    // into the closed socket without an error) counted by its status; see
+    // `an_answer_whose_write_fails_counts_as_client_gone` for a long one.
     let mut s = TcpStream::connect(srv.addr).await.unwrap();
     s.write_all(b"POST /patient HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello").await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1410,8 +1412,9 @@ async fn a_205_reply_goes_out_without_content() {
     s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
     let (st, head, body) = read_response(&mut s).await;
     assert_eq!((st, body.as_slice()), (200, &b"ok"[..]), "{head}");
-    assert_eq!(metric(&srv, r#"dne_ingress_response_body_bytes_total{tenant="open"}"#), Some(2));
+    // A reply is counted once it is written, before its buffers go back.
     srv.assert_no_leak().await;
+    assert_eq!(metric(&srv, r#"dne_ingress_response_body_bytes_total{tenant="open"}"#), Some(2));
     srv.stop().await;
 }
 
@@ -2003,5 +2006,36 @@ async fn a_lingering_close_holds_no_connection_slot() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     srv.assert_no_leak().await;
+    srv.stop().await;
+}
+
+/// A client that closes its connection once its request is sent cannot
+/// be told from one that only shut its sending side (see
+/// `a_client_that_half_closes_after_its_request_still_gets_its_answer`),
+/// so its chain runs; but when writing the answer then fails (1 MiB here:
+/// the first write draws the client's reset, the next fails), the request
+/// is counted as `client_gone`, not by its status (before: a 200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_whose_write_fails_counts_as_client_gone() {
+    let srv = Server::default().await;
+    let body = random_bytes(1 << 20, 5);
+    let mut req = format!("POST /patient HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    req.extend_from_slice(&body);
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(&req).await.unwrap();
+    drop(s);
+    // Until the request is in the chain (the upstream has seen it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while srv.upstream.xff.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the request never arrived");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    srv.assert_no_leak().await;
+    let gone = metric(&srv, r#"dne_ingress_rejections_total{tenant="open",reason="client_gone"}"#);
+    let ok = metric(&srv, r#"dne_ingress_requests_total{route="/patient",tenant="open",code="200"}"#);
+    assert_eq!((gone, ok.unwrap_or(0)), (Some(1), 0), "{}", srv.ingress.metrics_text());
+    // The server is still fine.
+    let mut c = Client::connect(srv.addr).await;
+    assert_eq!(c.post("/echo", b"still here").await.2, b"still here");
     srv.stop().await;
 }
