@@ -1,5 +1,6 @@
 //! [`Endpoint`]: connections, credits, queued sends and receive checks over
-//! any [`Transport`]. Poll-driven; every table is sized at setup.
+//! any [`Transport`]. Poll-driven; every table is sized at setup (a large
+//! endpoint's connections reserve part of theirs, see [`Endpoint::new`]).
 
 use crate::check::{ChainState, HEADER_LEN, check_recv};
 use crate::credit::Credits;
@@ -13,6 +14,16 @@ use wire::fabric::Immediate;
 
 /// `user_data` of credit messages (send slots are small indices).
 const CREDIT_TAG: u64 = u64::MAX;
+/// Entries each kind of per-connection table (send queue, send slots,
+/// receive slots) of one endpoint reserves when its connections open,
+/// all `max_conns` of them together: each connection reserves its share,
+/// at most what it can use and at least [`MIN_RESERVE`], and grows past
+/// it only when a burst needs it. A small cluster's connections reserve
+/// all they can use, so their data path does not allocate; a large one's
+/// do not take gigabytes before a message moves.
+const CONN_RESERVE: usize = 1 << 18;
+/// Entries a connection's table reserves at least.
+const MIN_RESERVE: usize = 8;
 
 /// Sizes fixed at setup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,20 +61,33 @@ impl Default for EndpointConfig {
     }
 }
 
-/// A fixed-capacity table of values with a free list.
+/// A table of at most `max` values with a free list, `reserve` of them
+/// allocated up front and the rest when first needed.
 #[derive(Debug)]
 struct Slab<T: Copy> {
     items: Vec<Option<T>>,
     free: Vec<u32>,
+    max: u32,
 }
 
 impl<T: Copy> Slab<T> {
-    fn new(n: u32) -> Self {
-        Self { items: vec![None; n as usize], free: (0..n).rev().collect() }
+    fn new(max: u32, reserve: usize) -> Self {
+        let n = u32::try_from(reserve).unwrap_or(u32::MAX).min(max);
+        Self { items: vec![None; n as usize], free: (0..n).rev().collect(), max }
     }
 
     fn insert(&mut self, v: T) -> Option<u32> {
-        let i = self.free.pop()?;
+        let i = match self.free.pop() {
+            Some(i) => i,
+            None if self.items.len() < self.max as usize => {
+                // Beyond the reserve (a burst): one more slot, and room in
+                // the free list for every slot, so a remove never allocates.
+                self.items.push(None);
+                self.free.reserve(self.items.len());
+                (self.items.len() - 1) as u32
+            }
+            None => return None,
+        };
         self.items[i as usize] = Some(v);
         Some(i)
     }
@@ -144,6 +168,9 @@ pub struct Endpoint<T: Transport> {
     /// Bytes of the sends waiting in the connections' queues (for credits
     /// or for room in the send window), all connections together.
     queued_bytes: u64,
+    /// Entries a connection's tables reserve when it opens (its share of
+    /// [`CONN_RESERVE`]).
+    reserve: usize,
 }
 
 fn valid_imm(imm: u32) -> bool {
@@ -151,16 +178,22 @@ fn valid_imm(imm: u32) -> bool {
 }
 
 impl<T: Transport> Endpoint<T> {
-    /// An endpoint over `t` with fixed sizes.
+    /// An endpoint over `t` with fixed sizes. The tables of its
+    /// connections are reserved when each opens: in full for a small
+    /// endpoint; past 2^18 entries of a kind in all, each connection
+    /// reserves its share and grows its tables (to the sizes of `cfg`, no
+    /// more) only when a burst needs it.
     pub fn new(t: T, cfg: EndpointConfig) -> Self {
+        let max_conns = usize::try_from(cfg.max_conns).unwrap_or(usize::MAX).max(1);
         Self {
             t,
             cfg,
             regions: Vec::with_capacity(cfg.max_regions as usize),
-            conns: Vec::with_capacity(cfg.max_conns as usize),
+            conns: Vec::with_capacity(max_conns.min(CONN_RESERVE / MIN_RESERVE)),
             scratch: vec![RawCompletion::EMPTY; cfg.batch.max(2) as usize],
             stats: EndpointStats::default(),
             queued_bytes: 0,
+            reserve: (CONN_RESERVE / max_conns).max(MIN_RESERVE),
         }
     }
 
@@ -233,9 +266,9 @@ impl<T: Transport> Endpoint<T> {
             state: State::Open,
             credits: Credits::default(),
             chain: ChainState::default(),
-            queue: VecDeque::with_capacity(self.cfg.send_queue as usize),
-            sends: Slab::new(self.cfg.send_window),
-            recvs: Slab::new(self.cfg.recv_depth),
+            queue: VecDeque::with_capacity((self.cfg.send_queue as usize).min(self.reserve)),
+            sends: Slab::new(self.cfg.send_window, self.reserve),
+            recvs: Slab::new(self.cfg.recv_depth, self.reserve),
             raw_sends: 0,
             released: false,
             closed: false,
@@ -392,7 +425,8 @@ impl<T: Transport> Endpoint<T> {
     }
 
     /// Makes progress and fills `out` with completions; returns how many.
-    /// Never blocks, never allocates.
+    /// Never blocks; allocates only when a connection of a large endpoint
+    /// grows a table past what it reserved ([`Endpoint::new`]).
     pub fn poll(&mut self, out: &mut [Completion]) -> usize {
         let mut n = 0;
         // Failed connections: sends still queued complete with its error.
@@ -580,5 +614,92 @@ impl<T: Transport> Endpoint<T> {
         out[0] = Completion::Received { conn, token, result: Err(err) };
         self.fail(conn, err);
         1
+    }
+}
+
+#[cfg(test)]
+impl<T: Transport> Endpoint<T> {
+    /// Bytes reserved by the connection table once it holds `conns`
+    /// connections (when it has room for fewer, it grows to at least
+    /// that), and by the send queues and slot tables of the connections
+    /// open.
+    pub(crate) fn reserved_bytes(&self, conns: usize) -> (usize, usize) {
+        let slab = |items: usize, item: usize, free: usize| items * item + free * std::mem::size_of::<u32>();
+        let conn = |c: &Conn| {
+            c.queue.capacity() * std::mem::size_of::<SendWr>()
+                + slab(c.sends.items.capacity(), std::mem::size_of::<Option<u64>>(), c.sends.free.capacity())
+                + slab(c.recvs.items.capacity(), std::mem::size_of::<Option<RecvWr>>(), c.recvs.free.capacity())
+        };
+        let table = self.conns.capacity().max(conns) * std::mem::size_of::<Conn>();
+        (table, self.conns.iter().map(conn).sum())
+    }
+
+    /// Entries `conn` has reserved: in its send queue, its send slots and
+    /// its receive slots.
+    pub(crate) fn conn_reserve(&self, conn: ConnId) -> (usize, usize, usize) {
+        let c = &self.conns[conn.0 as usize];
+        (c.queue.capacity(), c.sends.items.capacity(), c.recvs.items.capacity())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NullTransport;
+
+    /// A connection of an endpoint too large to reserve its tables in full
+    /// (it reserves [`MIN_RESERVE`] entries of each) still takes as many
+    /// receives, queued sends and sends in flight as its sizes say, and
+    /// no more: its tables grow when a burst needs them.
+    #[test]
+    fn a_connection_that_reserved_less_grows_to_its_sizes() {
+        let cfg = EndpointConfig {
+            max_conns: 1 << 20,
+            send_window: 64,
+            recv_depth: 128,
+            send_queue: 300,
+            max_msg: 4096,
+            ..Default::default()
+        };
+        let mut ep = Endpoint::new(NullTransport::new(), cfg);
+        let region = Arc::new(shm::Region::create("endpoint-grow", 1 << 20, shm::PagePolicy::Normal).unwrap());
+        let r = ep.register(Memory::Local(region)).unwrap();
+        let (c, blob) = ep.open(ConnSpec { tenant: 0, peer: 1 }).unwrap();
+        assert_eq!(ep.conn_reserve(c), (MIN_RESERVE, MIN_RESERVE, MIN_RESERVE));
+        let imm = Immediate::new(wire::MsgKind::Data as u8, 1, true, true).0;
+        let send = |token| SendWr { region: r, offset: 0, len: 64, imm, token };
+        // Not connected yet: every send waits in the queue.
+        for k in 0..300 {
+            ep.post_send(c, send(k)).unwrap();
+        }
+        assert_eq!(ep.post_send(c, send(300)), Err(WorkPostError::QueueFull));
+        ep.connect(c, &blob).unwrap();
+        let mut comps = vec![Completion::EMPTY; 64];
+        let mut sent = 0;
+        let mut count = |comps: &[Completion]| {
+            sent += comps.iter().filter(|c| matches!(c, Completion::Sent { result: Ok(()), .. })).count();
+            comps.iter().any(|c| matches!(c, Completion::Connected(_)))
+        };
+        loop {
+            let n = ep.poll(&mut comps);
+            if count(&comps[..n]) {
+                break;
+            }
+        }
+        for k in 0..128 {
+            ep.post_recv(c, RecvWr { region: r, offset: k * 4096, len: 4096, token: k }).unwrap();
+        }
+        let recv = RecvWr { region: r, offset: 0, len: 4096, token: 999 };
+        assert_eq!(ep.post_recv(c, recv), Err(WorkPostError::RecvFull));
+        let mut most = 0;
+        for _ in 0..1000 {
+            most = most.max(ep.conns[0].sends.used());
+            let n = ep.poll(&mut comps);
+            count(&comps[..n]);
+        }
+        assert_eq!(sent, 300);
+        assert_eq!(most, 64, "sends in flight at most");
+        let (queue, sends, recvs) = ep.conn_reserve(c);
+        assert!(queue >= 300 && sends == 64 && recvs == 128, "{:?}", ep.conn_reserve(c));
     }
 }

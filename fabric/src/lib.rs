@@ -24,7 +24,9 @@
 //!   [`CompletionError`]; a peer that sends garbage fails its connection,
 //!   never the process;
 //! * no allocation per message: every table is sized at setup
-//!   ([`EndpointConfig`]).
+//!   ([`EndpointConfig`]); an endpoint of many connections reserves only
+//!   a share of each connection's tables when it opens, and a table grows
+//!   (to its size, once) only when a burst needs more.
 //!
 //! Credits (why not `wire::ctrl::Credits` frames): a credit update is a
 //! zero-length send whose 32-bit immediate is the receiver's cumulative
