@@ -30,6 +30,14 @@ pub enum ClusterPortError {
     /// Setting the port up failed.
     #[error(transparent)]
     Port(#[from] PortError),
+    /// The port would have more connections than an endpoint can number.
+    #[error("{tenants} tenants with {peers} peers make more connections than an endpoint can number ({})", u32::MAX)]
+    TooManyConnections {
+        /// Tenants of the port.
+        tenants: usize,
+        /// Its peers.
+        peers: u32,
+    },
 }
 
 fn addr(cfg: &Cluster, id: u16) -> Result<SocketAddr, ClusterPortError> {
@@ -110,7 +118,7 @@ pub fn open_port_on<T: crate::Transport, B: Buffers>(
 ) -> Result<Port<T, B>, ClusterPortError> {
     let npeers = peers(cfg, me)?.len().max(1) as u32;
     let ids: Vec<u16> = bufs.iter().map(|(t, _)| *t).collect();
-    let ecfg = endpoint_config(cfg, &ids, npeers);
+    let ecfg = endpoint_config(cfg, &ids, npeers)?;
     let transport = make(&ecfg, addr(cfg, me)?)?;
     let tenants =
         bufs.into_iter().map(|(id, bufs)| PortTenant { id, bufs, per_conn: per_conn(cfg, id, npeers) }).collect();
@@ -126,11 +134,11 @@ fn per_conn(cfg: &Cluster, t: u16, npeers: u32) -> u32 {
 
 /// The sizes of the endpoint of a port of the tenants `ids` of `cfg`, with
 /// `npeers` peers.
-fn endpoint_config(cfg: &Cluster, ids: &[u16], npeers: u32) -> EndpointConfig {
+fn endpoint_config(cfg: &Cluster, ids: &[u16], npeers: u32) -> Result<EndpointConfig, ClusterPortError> {
     let max_buf = cfg.tenants.iter().map(|t| t.buf_size).max().unwrap_or(16384);
     let max_chain = cfg.tenants.iter().map(|t| t.max_chain).max().unwrap_or(64);
-    EndpointConfig {
-        max_conns: max_conns(ids.len(), npeers),
+    Ok(EndpointConfig {
+        max_conns: max_conns(ids.len(), npeers)?,
         max_regions: ids.len() as u32 + 1,
         send_window: 64,
         recv_depth: ids.iter().map(|&t| per_conn(cfg, t, npeers)).max().unwrap_or(2) + 1,
@@ -138,14 +146,17 @@ fn endpoint_config(cfg: &Cluster, ids: &[u16], npeers: u32) -> EndpointConfig {
         max_msg: max_buf,
         max_chain: u16::try_from(max_chain).unwrap_or(u16::MAX),
         batch: 64,
-    }
+    })
 }
 
 /// Connections of an endpoint of `tenants` tenants and `npeers` peers: one
 /// per (tenant, peer), twice (a peer that comes back opens new ones before
-/// the old are drained), and a few more.
-fn max_conns(tenants: usize, npeers: u32) -> u32 {
-    (tenants as u32) * npeers * 2 + 4
+/// the old are drained), and a few more; an error past `u32::MAX`.
+fn max_conns(tenants: usize, npeers: u32) -> Result<u32, ClusterPortError> {
+    u32::try_from(tenants)
+        .ok()
+        .and_then(|t| t.checked_mul(npeers)?.checked_mul(2)?.checked_add(4))
+        .ok_or(ClusterPortError::TooManyConnections { tenants, peers: npeers })
 }
 
 fn peers(cfg: &Cluster, me: u16) -> Result<Vec<(u16, SocketAddr)>, ClusterPortError> {
@@ -237,7 +248,7 @@ mod tests {
     fn reserved(tenants: usize, nodes: usize, open: usize) -> (usize, Endpoint<Blank>) {
         let cfg = cluster(tenants, nodes);
         let ids: Vec<u16> = (0..tenants as u16).collect();
-        let mut ep = Endpoint::new(Blank, endpoint_config(&cfg, &ids, (nodes - 1) as u32));
+        let mut ep = Endpoint::new(Blank, endpoint_config(&cfg, &ids, (nodes - 1) as u32).unwrap());
         for peer in 1..=open as u32 {
             for tenant in 0..tenants as u16 {
                 ep.open(ConnSpec { tenant, peer }).unwrap();
@@ -271,6 +282,21 @@ mod tests {
             let got = small.conn_reserve(ConnId::new(k));
             let full = (c.send_queue as usize, c.send_window as usize, c.recv_depth as usize);
             assert!(got.0 >= full.0 && got.1 == full.1 && got.2 == full.2, "{got:?} of {full:?}");
+        }
+    }
+
+    /// The connection count of a port of many tenants and peers does not
+    /// overflow: past what an endpoint can number (u32) it is an error.
+    /// Before, 65534 tenants with 65533 peers (the most a cluster file
+    /// allows) overflowed: a panic in a debug build, in release a count
+    /// wrapped to 4294311952 (of 8589279248).
+    #[test]
+    fn the_connection_count_does_not_overflow() {
+        assert_eq!(max_conns(3, 1).unwrap(), 10);
+        assert_eq!(max_conns(1, u32::MAX / 2 - 2).unwrap(), u32::MAX - 1);
+        for (tenants, peers) in [(65534, 65533), (32769, 65535), (1, u32::MAX / 2)] {
+            let e = max_conns(tenants, peers).unwrap_err();
+            assert!(matches!(e, ClusterPortError::TooManyConnections { .. }), "{tenants} x {peers}: {e}");
         }
     }
 }
