@@ -197,6 +197,14 @@ impl<T: Transport> Endpoint<T> {
         }
     }
 
+    /// Entries a connection's tables reserve when it opens: all it can use
+    /// in a small endpoint, a share of 2^18 (at least 8) in a large one
+    /// (see [`Endpoint::new`]). Tables of other layers kept per connection
+    /// reserve the same.
+    pub(crate) fn conn_reserve_entries(&self) -> usize {
+        self.reserve
+    }
+
     /// The backend.
     pub fn transport(&self) -> &T {
         &self.t
