@@ -98,6 +98,10 @@ pub enum FreeError {
     /// A chain link points outside the pool.
     #[error("chain link {0} outside the pool")]
     BadLink(u32),
+    /// The lease is of another pool (see [`crate::Pool::owns`]): its
+    /// indices name other buffers in this one.
+    #[error("the lease is of another pool")]
+    ForeignLease,
 }
 
 const FREE: u32 = Owner::Free.to_raw();

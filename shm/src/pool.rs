@@ -67,6 +67,29 @@ impl AcceptError {
     }
 }
 
+/// Which pool segment buffers are in: the device and inode of the file
+/// that backs the pool, read once when the pool is created or opened. Every
+/// mapping of one segment has the same (a lease moves between the processes
+/// and the attaches of a tenant's pool), and two segments that exist at
+/// the same time never do. Pools give out the same buffer indices and
+/// holders, so a lease names buffers only together with this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PoolId {
+    dev: u64,
+    ino: u64,
+}
+
+impl PoolId {
+    /// No pool's: the pool of a lease made by [`Lease::by_index`], which no
+    /// [`Pool`] takes. No file has inode 0.
+    pub const NONE: Self = Self { dev: 0, ino: 0 };
+
+    fn of(region: &Region) -> Result<Self, RegionError> {
+        let st = nix::sys::stat::fstat(region.fd()).map_err(|err| RegionError::Sys { call: "fstat", err })?;
+        Ok(Self { dev: st.st_dev, ino: st.st_ino })
+    }
+}
+
 /// A message (chain of buffers) held by this process.
 #[derive(Debug, PartialEq, Eq)]
 #[must_use = "a lease holds pool buffers: send or free it"]
@@ -75,6 +98,9 @@ pub struct Lease {
     len: u32,
     frags: u32,
     holder: Owner,
+    /// The pool its buffers are in: every [`Pool`] method that takes a
+    /// lease refuses one of another pool, whose indices name other buffers.
+    pool: PoolId,
 }
 
 impl Lease {
@@ -82,9 +108,10 @@ impl Lease {
     /// outside the pool's memory because it cannot read that memory (the
     /// agent on the DPU over an imported pool; see `fabric::ImportedPool`).
     /// The caller vouches for the indices; the pool's own owner table and
-    /// chain links are the exporter's business.
+    /// chain links are the exporter's business. Its pool is
+    /// [`PoolId::NONE`]: no [`Pool`] takes it.
     pub fn by_index(head: u32, len: u32, frags: u32, holder: Owner) -> Self {
-        Self { head, len, frags, holder }
+        Self { head, len, frags, holder, pool: PoolId::NONE }
     }
 
     /// Index of the first buffer.
@@ -106,6 +133,10 @@ impl Lease {
     /// The owner value this lease holds the buffers as.
     pub fn holder(&self) -> Owner {
         self.holder
+    }
+    /// The pool its buffers are in (see [`Pool::owns`]).
+    pub fn pool(&self) -> PoolId {
+        self.pool
     }
 }
 
@@ -141,6 +172,8 @@ pub struct Pool {
     region: Region,
     layout: PoolLayout,
     ptrs: Ptrs,
+    /// The segment's identity, stamped on every lease made here.
+    id: PoolId,
     /// Where this process looks for a free buffer first (see
     /// [`crate::alloc`]); not shared.
     cursor: AtomicU32,
@@ -219,7 +252,8 @@ impl Pool {
         let flags = if region.backing() == Backing::HugeTlb { PoolHeader::FLAG_HUGETLB } else { 0 };
         region.write(0, PoolHeader::new(&layout, flags))?;
         let ptrs = Ptrs::resolve(&region, &layout)?;
-        let pool = Self { cursor: first_cursor(&layout), region, layout, ptrs };
+        let id = PoolId::of(&region)?;
+        let pool = Self { cursor: first_cursor(&layout), region, layout, ptrs, id };
         alloc::init(&pool);
         Ok(pool)
     }
@@ -230,12 +264,31 @@ impl Pool {
         let header: PoolHeader = region.read(0)?;
         let layout = header.check(region.len() as u64)?;
         let ptrs = Ptrs::resolve(&region, &layout)?;
-        Ok(Self { cursor: first_cursor(&layout), region, layout, ptrs })
+        let id = PoolId::of(&region)?;
+        Ok(Self { cursor: first_cursor(&layout), region, layout, ptrs, id })
     }
 
     /// The pool's geometry.
     pub fn geometry(&self) -> PoolGeometry {
         self.layout.geometry
+    }
+
+    /// Which segment this is: the same for every mapping of it.
+    pub fn id(&self) -> PoolId {
+        self.id
+    }
+
+    /// Whether `lease`'s buffers are in this pool. Every method that takes
+    /// a lease refuses one of another pool (whose buffer indices name
+    /// other buffers here): [`FreeError::ForeignLease`] from
+    /// [`free`](Self::free), [`free_cached`](Self::free_cached) and
+    /// [`hand_over`](Self::hand_over), no fragments from
+    /// [`frag`](Self::frag) and [`chain`](Self::chain). `free` drops the
+    /// lease it refuses (its buffers stay held in their own pool until
+    /// their holder is reclaimed): a caller that may mix pools asks this
+    /// first.
+    pub fn owns(&self, lease: &Lease) -> bool {
+        lease.pool == self.id
     }
 
     /// The shared region (for passing its fd, or registering it with a NIC).
@@ -291,7 +344,7 @@ impl Pool {
         }
         let frags = g.frags_for(len);
         let head = alloc::pop_chain(self, frags, holder)?;
-        Ok(Lease { head, len, frags, holder })
+        Ok(Lease { head, len, frags, holder, pool: self.id })
     }
 
     /// Allocates like [`Pool::alloc`], taking buffers from this process's
@@ -326,13 +379,16 @@ impl Pool {
             self.next_chain(i).store(head, Relaxed);
             head = i;
         }
-        Ok(Lease { head, len, frags, holder: cache.holder })
+        Ok(Lease { head, len, frags, holder: cache.holder, pool: self.id })
     }
 
     /// Frees like [`Pool::free`], keeping buffers in `cache` while it has
     /// room (they stay recorded as held by this process, so host-shimd
     /// reclaims them if it dies).
     pub fn free_cached(&self, cache: &mut LocalCache, lease: Lease) -> Result<u32, FreeError> {
+        if !self.owns(&lease) {
+            return Err(FreeError::ForeignLease);
+        }
         if lease.holder != cache.holder {
             return self.free(lease);
         }
@@ -372,8 +428,13 @@ impl Pool {
         }
     }
 
-    /// Returns a lease's buffers to the pool.
+    /// Returns a lease's buffers to the pool. A lease of another pool is
+    /// refused ([`FreeError::ForeignLease`]) and dropped (see
+    /// [`owns`](Self::owns)).
     pub fn free(&self, lease: Lease) -> Result<u32, FreeError> {
+        if !self.owns(&lease) {
+            return Err(FreeError::ForeignLease);
+        }
         alloc::push_chain(self, lease.head, lease.frags, Some(lease.holder))
     }
 
@@ -412,7 +473,7 @@ impl Pool {
     /// nothing, with every link bounds-checked.
     fn transfer(&self, head: u32, len: u32, frags: u32, from: Owner, to: Owner) -> Result<Lease, AcceptError> {
         match self.move_owners(head, frags, from, to) {
-            Ok(()) => Ok(Lease { head, len, frags, holder: to }),
+            Ok(()) => Ok(Lease { head, len, frags, holder: to, pool: self.id }),
             Err(MoveFail::BadLink(i)) => Err(AcceptError::BadLink(i)),
             Err(MoveFail::NotOwner { index, owner }) => Err(AcceptError::NotOwner { index, owner }),
         }
@@ -421,8 +482,12 @@ impl Pool {
     /// Hands a lease over to `to` (the destination function's slot, or the
     /// agent): every buffer's owner moves from the lease's holder to `to`.
     /// Returns the chain head and length for the descriptor. The payload
-    /// writes made through the lease are published by this call.
+    /// writes made through the lease are published by this call. A lease
+    /// of another pool comes back with [`FreeError::ForeignLease`].
     pub fn hand_over(&self, lease: Lease, to: Owner) -> Result<(u32, u32), (Lease, FreeError)> {
+        if !self.owns(&lease) {
+            return Err((lease, FreeError::ForeignLease));
+        }
         match self.move_owners(lease.head, lease.frags, lease.holder, to) {
             Ok(()) => Ok((lease.head, lease.len)),
             Err(MoveFail::BadLink(i)) => Err((lease, FreeError::BadLink(i))),
@@ -488,8 +553,10 @@ impl Pool {
     /// shared memory, where a misbehaving peer of the tenant can rewrite
     /// them: the walk stops early at a link out of range (then the lease's
     /// later fragments read as absent), never indexing outside the pool.
+    /// A lease of another pool has none here.
     pub fn chain(&self, lease: &Lease) -> impl Iterator<Item = u32> + '_ {
-        self.walk(lease.head, lease.frags)
+        let frags = if self.owns(lease) { lease.frags } else { 0 };
+        self.walk(lease.head, frags)
     }
 
     fn frag_range(&self, lease: &Lease, k: u32) -> Option<(u64, usize)> {
@@ -502,11 +569,13 @@ impl Pool {
         Some((off, frag_len(lease.len, g.payload_cap(), k) as usize))
     }
 
-    /// Payload bytes of fragment `k` of a lease (zero copy).
+    /// Payload bytes of fragment `k` of a lease (zero copy); `None` past
+    /// the end, at a link out of range, or for a lease of another pool.
     pub fn frag(&self, lease: &Lease, k: u32) -> Option<&[u8]> {
         let (off, len) = self.frag_range(lease, k)?;
         // SAFETY: the lease proves this process holds the buffer (its owner
-        // moved to `Held` for us exactly once, and `Lease` is not `Clone`),
+        // moved to `Held` for us exactly once, and `Lease` is not `Clone`;
+        // a lease of another pool has no range here, `chain` checks),
         // so no `&mut` to these bytes exists here while `lease` is borrowed;
         // peers of the tenant do not write buffers they do not own (module
         // docs). The range was bounds-checked by `buf_offset` and `at`.
@@ -521,8 +590,13 @@ impl Pool {
         unsafe { self.region.bytes_mut(off, len) }.ok()
     }
 
-    /// Copies `data` into the lease's payload (across fragments).
+    /// Copies `data` into the lease's payload (across fragments). A lease
+    /// of another pool has no room here: `TooLong` with `max` 0, and
+    /// nothing is changed.
     pub fn write(&self, lease: &mut Lease, data: &[u8]) -> Result<(), DescriptorError> {
+        if !self.owns(lease) {
+            return Err(DescriptorError::TooLong { len: u32::try_from(data.len()).unwrap_or(u32::MAX), max: 0 });
+        }
         self.set_len(lease, u32::try_from(data.len()).unwrap_or(u32::MAX))?;
         let cap = self.layout.geometry.payload_cap() as usize;
         for (k, chunk) in data.chunks(cap).enumerate() {
@@ -602,7 +676,8 @@ impl Pool {
     /// payload bytes (a message that arrived over the fabric one buffer per
     /// fragment). `parts` is drained on success and untouched on error,
     /// which includes a chain longer than the pool's `max_chain` (its
-    /// receiver would refuse the descriptor and be left holding it).
+    /// receiver would refuse the descriptor and be left holding it) and a
+    /// part of another pool.
     pub fn join(&self, parts: &mut Vec<Lease>, len: u32) -> Result<Lease, DescriptorError> {
         let g = self.layout.geometry;
         if u64::from(len) > g.max_len() {
@@ -610,7 +685,7 @@ impl Pool {
         }
         let frags = g.frags_for(len);
         let first = parts.first().map(|l| (l.head, l.holder));
-        let uniform = parts.iter().all(|l| l.frags == 1 && Some(l.holder) == first.map(|f| f.1));
+        let uniform = parts.iter().all(|l| l.frags == 1 && Some(l.holder) == first.map(|f| f.1) && self.owns(l));
         let Some((head, holder)) = first.filter(|_| uniform && frags as usize == parts.len()) else {
             return Err(DescriptorError::TooLong { len, max: parts.len() as u64 * u64::from(g.payload_cap()) });
         };
@@ -621,7 +696,7 @@ impl Pool {
             self.next_chain(last.head).store(NIL, Relaxed);
         }
         parts.clear();
-        Ok(Lease { head, len, frags, holder })
+        Ok(Lease { head, len, frags, holder, pool: self.id })
     }
 
     /// Buffers whose recorded owner satisfies `f` (a full scan; for
@@ -764,6 +839,70 @@ mod tests {
         heads.sort_unstable();
         heads.dedup();
         assert_eq!(heads.len(), n, "one buffer leased twice");
+    }
+
+    /// Two pools give out the same buffer indices: a lease of one freed,
+    /// handed over or cached into the other named that other pool's buffer
+    /// of the same index, which another lease still held, and the next
+    /// allocation gave it out a second time. Its payload was that buffer's
+    /// too.
+    #[test]
+    fn a_lease_of_another_pool_is_refused_and_changes_nothing() {
+        // Pool `b` and `a` lease of pool `a` whose head is the index of
+        // `ours`, a buffer of `b` held as `Held(A)`.
+        let two = || {
+            let (a, b) = (pool(16), pool(16));
+            let theirs = a.alloc(10, Owner::Held(A)).unwrap();
+            let ours = b.alloc(10, Owner::Held(A)).unwrap();
+            assert_eq!(theirs.head(), ours.head(), "both pools start at the same buffer");
+            (a, b, theirs, ours)
+        };
+        let (a, b, theirs, ours) = two();
+        assert!(b.frag(&theirs, 0).is_none(), "b gave out the bytes of its buffer {}", ours.head());
+        assert_eq!(b.free(theirs), Err(FreeError::ForeignLease), "b freed a's lease");
+        assert_eq!(b.owner(ours.head()), Ok(Owner::Held(A)), "b's leased buffer was freed");
+        let again: Vec<u32> = std::iter::from_fn(|| b.alloc(10, Owner::Held(B)).ok()).map(|l| l.head()).collect();
+        assert!(!again.contains(&ours.head()), "b's leased buffer allocated twice");
+        // Every mapping of one segment is the same pool.
+        let b2 = Pool::open(b.region().fd().try_clone_to_owned().unwrap()).unwrap();
+        assert_eq!(b2.id(), b.id());
+        assert_ne!(b.id(), a.id());
+        assert_eq!(b2.free(ours), Ok(1));
+
+        let (a, b, theirs, ours) = two();
+        let Err((back, FreeError::ForeignLease)) = b.hand_over(theirs, Owner::Function(B)) else {
+            panic!("b handed a's lease over")
+        };
+        assert_eq!(b.owner(ours.head()), Ok(Owner::Held(A)), "b's leased buffer was handed over");
+        assert_eq!(back.head(), ours.head(), "the lease comes back");
+        assert_eq!(a.hand_over(back, Owner::Function(B)), Ok((ours.head(), 10)), "still a's lease");
+
+        let (_a, b, theirs, ours) = two();
+        let mut c = LocalCache::new(Owner::Held(A), 4);
+        assert_eq!(b.free_cached(&mut c, theirs), Err(FreeError::ForeignLease), "b cached a's lease");
+        let l = b.alloc_cached(&mut c, 10).unwrap();
+        assert_ne!(l.head(), ours.head(), "b's leased buffer allocated twice");
+    }
+
+    /// Joining or writing a lease of another pool wrote this pool's links
+    /// or nothing at all, and said it had done the job.
+    #[test]
+    fn join_and_write_refuse_a_lease_of_another_pool() {
+        let (a, b) = (pool(16), pool(16));
+        let cap = b.geometry().payload_cap();
+        let ours: Vec<Lease> = (0..2).map(|_| b.alloc(cap, Owner::Held(A)).unwrap()).collect();
+        let links: Vec<u32> = ours.iter().map(|l| b.next_chain(l.head()).load(Relaxed)).collect();
+        let mut parts: Vec<Lease> = (0..2).map(|_| a.alloc(cap, Owner::Held(A)).unwrap()).collect();
+        assert!(matches!(b.join(&mut parts, 2 * cap), Err(DescriptorError::TooLong { .. })), "b joined a's leases");
+        assert_eq!(parts.len(), 2, "untouched");
+        let now: Vec<u32> = ours.iter().map(|l| b.next_chain(l.head()).load(Relaxed)).collect();
+        assert_eq!(now, links, "b's links of buffers leased elsewhere were rewritten");
+        let mut theirs = parts.pop().unwrap();
+        let r = b.write(&mut theirs, b"abc");
+        assert_eq!(r, Err(DescriptorError::TooLong { len: 3, max: 0 }), "b wrote nothing and said Ok");
+        assert_eq!(theirs.len(), cap, "untouched");
+        a.write(&mut theirs, b"abc").unwrap();
+        assert_eq!(a.read_to_vec(&theirs), b"abc", "its own pool takes it");
     }
 
     #[test]
