@@ -173,37 +173,6 @@ pub enum PayloadError {
     Len(#[from] wire::DescriptorError),
 }
 
-/// Which pool's shared memory a message's buffers are in: the device and
-/// inode of the file that backs the pool, read once at attach. The same
-/// for every attach to one tenant's pool of one host-shimd (messages move
-/// freely between them), and different for any other pool mapped at the
-/// same time: another tenant's, or another host-shimd's (both give out the
-/// same buffer indices and, for the agent, the same holder).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct PoolId {
-    dev: u64,
-    ino: u64,
-}
-
-impl PoolId {
-    /// The pool of a message made by [`Msg::from_parts`]: not known, the
-    /// caller vouches for it. No file has inode 0.
-    const UNKNOWN: Self = Self { dev: 0, ino: 0 };
-
-    fn of(pool: &Pool) -> io::Result<Self> {
-        let st = rustix::fs::fstat(pool.region().fd())?;
-        Ok(Self { dev: st.st_dev, ino: st.st_ino })
-    }
-
-    /// Whether `msg` may be used with a function of this pool (see
-    /// [`Function::owns`]).
-    fn holds(self, msg: &Msg) -> bool {
-        // One compare on the hot path (equal); the second only for a
-        // message of another pool or made from parts.
-        msg.pool == self || msg.pool == Self::UNKNOWN
-    }
-}
-
 /// Receiving failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RecvError {
@@ -226,10 +195,9 @@ pub enum RecvError {
 #[derive(Debug)]
 #[must_use = "a message holds pool buffers: send or free it"]
 pub struct Msg {
+    /// Its buffers, and the pool they are in ([`Lease::pool`]).
     lease: Lease,
     desc: Descriptor,
-    /// The pool its buffers are in.
-    pool: PoolId,
 }
 
 impl Msg {
@@ -266,15 +234,15 @@ impl Msg {
     pub fn desc_mut(&mut self) -> &mut Descriptor {
         &mut self.desc
     }
-    /// A message from a lease of the pool and its descriptor fields (the
-    /// agent builds messages out of buffers that arrived over the fabric).
-    /// A lease does not say which pool it is in: the caller vouches that
-    /// it is the pool of the [`Function`] the message is used with (no
-    /// function can refuse such a message as
-    /// [`SendErrorKind::ForeignMsg`]).
+    /// A message from a lease and its descriptor fields (the agent builds
+    /// messages out of buffers that arrived over the fabric). It is the
+    /// message of the lease's pool ([`Lease::pool`]), as any other: a
+    /// [`Function`] attached to another pool refuses it
+    /// ([`Function::owns`]), and so does every function for a lease made
+    /// by [`Lease::by_index`], which is no mapped pool's.
     pub fn from_parts(lease: Lease, desc: Descriptor) -> Self {
         let desc = Descriptor { buf: lease.head(), len: lease.len(), ..desc };
-        Self { lease, desc, pool: PoolId::UNKNOWN }
+        Self { lease, desc }
     }
     /// The lease and the descriptor.
     pub fn into_parts(self) -> (Lease, Descriptor) {
@@ -321,8 +289,6 @@ pub struct Function {
     conn: Conn,
     info: AttachOk,
     pool: Pool,
-    /// Its pool's identity: the messages it made carry the same.
-    pool_id: PoolId,
     cache: LocalCache,
     inbox: Consumer,
     bell: Doorbell,
@@ -414,7 +380,6 @@ impl Function {
         if pool.geometry().tenant() != info.tenant || ring.header().owner_slot != u32::from(info.slot) {
             return Err(AttachError::Protocol("pool or ring does not match the attach reply".into()));
         }
-        let pool_id = PoolId::of(&pool).map_err(|e| AttachError::Map(format!("the pool's file: {e}")))?;
         log::info!(
             "attached {function} (tenant {tenant}) slot {} pool {} buffers of {} B ({})",
             info.slot,
@@ -427,7 +392,6 @@ impl Function {
             cache: LocalCache::new(Owner::Held(info.slot), cache_cap(pool.geometry().buf_count())),
             info,
             pool,
-            pool_id,
             inbox: ring.into_consumer(),
             bell: Doorbell::from_fd(bell_fd),
             peers: HashMap::new(),
@@ -483,12 +447,13 @@ impl Function {
 
     /// Whether `msg` may be used with this function: its buffers are in
     /// this function's pool (it came from this function or from another
-    /// attached to the same pool), or it was made by [`Msg::from_parts`].
+    /// attached to the same pool, or was made by [`Msg::from_parts`] from
+    /// a lease of that pool; see [`shm::PoolId`]).
     /// A message of another pool is refused by every method that takes
     /// one ([`SendErrorKind::ForeignMsg`], [`MsgFreeError::Foreign`],
     /// [`PayloadError::ForeignMsg`]).
     pub fn owns(&self, msg: &Msg) -> bool {
-        self.pool_id.holds(msg)
+        self.pool.owns(&msg.lease)
     }
 
     /// Allocates a message of `len` payload bytes (a chain when it does not
@@ -504,7 +469,7 @@ impl Function {
             buf: lease.head(),
             ..Default::default()
         };
-        Ok(Msg { lease, desc, pool: self.pool_id })
+        Ok(Msg { lease, desc })
     }
 
     /// Payload bytes of fragment `k` (zero copy); empty past the end, at a
@@ -690,7 +655,6 @@ impl Function {
 
     fn try_send(&mut self, msg: Msg, to: &str) -> Result<(), (SendErrorKind, Option<Msg>)> {
         let holder = self.holder();
-        let pool = self.pool_id;
         let Some(set) = self.peers.get_mut(to) else { return Err((SendErrorKind::NoInstance, Some(msg))) };
         let mut msg = msg;
         while !set.instances.is_empty() {
@@ -704,7 +668,7 @@ impl Function {
             let (head, len) = match self.pool.hand_over(msg.lease, to_owner) {
                 Ok(v) => v,
                 Err((lease, e)) => {
-                    return Err((SendErrorKind::Ownership(e.to_string()), Some(Msg { lease, desc, pool })));
+                    return Err((SendErrorKind::Ownership(e.to_string()), Some(Msg { lease, desc })));
                 }
             };
             let desc = Descriptor { buf: head, len, ..desc };
@@ -731,7 +695,7 @@ impl Function {
                         // buffers: they are back in the pool, not lost.
                         Err(_) => return Err((SendErrorKind::NoInstance, None)),
                     };
-                    msg = Msg { lease, desc, pool };
+                    msg = Msg { lease, desc };
                     match e {
                         RingPushError::Full => return Err((SendErrorKind::Full, Some(msg))),
                         // Every ring this function has came from the same
@@ -758,7 +722,6 @@ impl Function {
     /// messages after it stay in `msgs`, untouched).
     pub fn send_batch(&mut self, msgs: &mut Vec<Msg>, to: &str) -> Result<usize, SendErrorKind> {
         let holder = self.holder();
-        let pool = self.pool_id;
         let mut sent = 0;
         let mut relooked = false;
         while !msgs.is_empty() {
@@ -787,7 +750,7 @@ impl Function {
                     self.scratch_msgs.push(m);
                     continue;
                 }
-                if !pool.holds(&m) {
+                if !self.pool.owns(&m.lease) {
                     refused = Some(SendErrorKind::ForeignMsg);
                     self.scratch_msgs.push(m);
                     continue;
@@ -807,7 +770,7 @@ impl Function {
                     }
                     Err((lease, e)) => {
                         refused = Some(SendErrorKind::Ownership(e.to_string()));
-                        self.scratch_msgs.push(Msg { lease, desc, pool });
+                        self.scratch_msgs.push(Msg { lease, desc });
                     }
                 }
             }
@@ -827,7 +790,7 @@ impl Function {
             let mut back: Vec<Msg> = Vec::with_capacity(k - pushed + self.scratch_msgs.len());
             for d in &descs[pushed..k] {
                 if let Ok(lease) = self.pool.take_back(d.buf, d.len, to_owner, holder) {
-                    back.push(Msg { lease, desc: *d, pool });
+                    back.push(Msg { lease, desc: *d });
                 }
             }
             back.append(&mut self.scratch_msgs);
@@ -875,7 +838,7 @@ impl Function {
             for k in 0..n {
                 let d = self.scratch[k];
                 match self.pool.accept(&d, self.info.slot) {
-                    Ok(lease) => self.taken.push_back(Msg { lease, desc: d, pool: self.pool_id }),
+                    Ok(lease) => self.taken.push_back(Msg { lease, desc: d }),
                     // Its sender took it back after the ring was closed (a
                     // push that published as host-shimd stopped). The failed
                     // accept read the owner the take-back wrote (its Acquire
@@ -1202,6 +1165,35 @@ pub(crate) mod tests {
             let got = c.try_recv().expect("au's own message arrived");
             c.free(got).unwrap();
             assert_eq!(held(&au, &[&au, &c]), 0);
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A message rebuilt with `Msg::from_parts` (as the agent and the
+    /// bridge do) is still the message of its lease's pool: a function of
+    /// another pool refuses it and hands it back like any other.
+    #[test]
+    fn a_message_made_from_parts_keeps_its_pool() {
+        let (_shimd, (), dir) = shimd_serving("foreign-parts", TWO_TENANTS, |socket| {
+            let mut at = Function::attach_agent(socket, "t").unwrap();
+            let mut au = Function::attach_agent(socket, "u").unwrap();
+            let mut c = Function::attach(socket, "u", "c").unwrap();
+            let (lease, desc) = at.alloc(3).unwrap().into_parts();
+            let keep = au.alloc(3).unwrap();
+            assert_eq!(lease.head(), keep.desc().buf, "the same index in both pools");
+            let mut m = Msg::from_parts(lease, desc);
+            assert!(!au.owns(&m) && at.owns(&m));
+            assert_eq!(au.try_payload_mut(&mut m, 0), Err(PayloadError::ForeignMsg));
+            let e = au.send(m, "c").unwrap_err();
+            assert!(matches!(e.kind, SendErrorKind::ForeignMsg), "{e}");
+            let m = e.msg.expect("handed back");
+            let r = au.free(m);
+            let Err(MsgFreeError::Foreign(m)) = r else { panic!("au freed a message of t's pool: {r:?}") };
+            assert!(c.try_recv().is_none(), "nothing reached c");
+            assert_eq!(held(&au, &[&au]), 1, "u's pool: only `keep` is held");
+            assert_eq!(at.free(m).unwrap(), 1);
+            assert_eq!(au.free(keep).unwrap(), 1);
+            assert_eq!(held(&at, &[&at]) + held(&au, &[&au]), 0);
         });
         let _ = std::fs::remove_dir_all(&dir);
     }
