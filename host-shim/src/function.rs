@@ -473,15 +473,17 @@ impl Function {
     }
 
     /// Payload bytes of fragment `k` (zero copy); empty past the end, at a
-    /// broken link, or for a message of another pool
-    /// ([`try_payload`](Self::try_payload) says which).
+    /// broken link, or for a message of another pool, as for an empty
+    /// message: a caller that must tell these apart uses
+    /// [`try_payload`](Self::try_payload), which says which.
     pub fn payload<'a>(&'a self, msg: &'a Msg, k: u32) -> &'a [u8] {
         self.try_payload(msg, k).unwrap_or(&[])
     }
 
     /// Mutable payload bytes of fragment `k` (zero copy); empty past the
-    /// end, at a broken link, or for a message of another pool
-    /// ([`try_payload_mut`](Self::try_payload_mut) says which).
+    /// end, at a broken link, or for a message of another pool, and what
+    /// is written into an empty slice goes nowhere: a caller that must know
+    /// uses [`try_payload_mut`](Self::try_payload_mut), which says which.
     pub fn payload_mut<'a>(&'a self, msg: &'a mut Msg, k: u32) -> &'a mut [u8] {
         self.try_payload_mut(msg, k).unwrap_or_default()
     }
@@ -516,8 +518,8 @@ impl Function {
     }
 
     /// Copies the whole payload out (for tests and diagnostics); empty for
-    /// a message of another pool ([`try_payload`](Self::try_payload) says
-    /// so).
+    /// a message of another pool, and short of [`Msg::len`] at a broken
+    /// link ([`try_payload`](Self::try_payload) says which).
     pub fn read_to_vec(&self, msg: &Msg) -> Vec<u8> {
         if !self.owns(msg) {
             return Vec::new();
