@@ -188,8 +188,8 @@ struct RawFunction {
 }
 
 impl RawFunction {
-    /// The function, its nodes checked against `known` (the nodes' names).
-    fn into_function(self, i: usize, known: &HashSet<&str>) -> Result<Function, ConfigError> {
+    /// The function, its nodes checked against `known` (the nodes' ids).
+    fn into_function(self, i: usize, known: &Ids) -> Result<Function, ConfigError> {
         let (nodes, one) = match (self.node, self.nodes) {
             (Some(n), None) => (vec![n], true),
             (None, Some(ns)) if !ns.is_empty() => (ns, false),
@@ -201,7 +201,7 @@ impl RawFunction {
         for (j, n) in nodes.iter().enumerate() {
             // Named as written: `node`, or `nodes[j]`.
             let field = || if one { format!("function[{i}].node") } else { format!("function[{i}].nodes[{j}]") };
-            if !known.contains(n.as_str()) {
+            if !known.contains_key(n.as_str()) {
                 return Err(bad(field(), format!("unknown node \"{n}\"")));
             }
             if !seen.insert(n.as_str()) {
@@ -344,7 +344,12 @@ struct Raw {
 }
 
 /// A validated cluster.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Look-ups by name ([`Cluster::node_id`] and the like) go through an
+/// index made by [`Cluster::parse`], so that each takes time in proportion
+/// to the name, not to the cluster. An entry added after parsing is still
+/// found (by a scan); one renamed in place is found by neither name.
+#[derive(Clone, Debug)]
 pub struct Cluster {
     /// Nodes; node id = index.
     pub nodes: Vec<Node>,
@@ -356,6 +361,51 @@ pub struct Cluster {
     pub routes: Vec<Route>,
     /// Ingresses; fabric node id = `nodes.len()` + index.
     pub ingresses: Vec<Ingress>,
+    /// Names to ids, as parsed.
+    index: Index,
+}
+
+/// Two clusters are equal when their entries are (the index follows from
+/// them).
+impl PartialEq for Cluster {
+    fn eq(&self, o: &Self) -> bool {
+        (&self.nodes, &self.tenants, &self.functions, &self.routes, &self.ingresses)
+            == (&o.nodes, &o.tenants, &o.functions, &o.routes, &o.ingresses)
+    }
+}
+
+impl Eq for Cluster {}
+
+/// Names to positions in one list of a cluster.
+type Ids = HashMap<Box<str>, u16>;
+
+/// The names of a cluster's nodes, tenants, functions and ingresses, each
+/// to its position in its list.
+#[derive(Clone, Default)]
+struct Index {
+    nodes: Ids,
+    tenants: Ids,
+    functions: Ids,
+    ingresses: Ids,
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Index").finish_non_exhaustive()
+    }
+}
+
+/// The id of the entry of `list` called `name`, by `ids` (made from the
+/// list as it was parsed): what [`position`] gives for the list as it is
+/// now, in time in proportion to the name. An id the index gives is the
+/// answer when the list still has that name there; a name the index lacks
+/// is taken to be in no list of the same length.
+fn find<T>(ids: &Ids, list: &[T], name_of: impl Fn(&T) -> &str, name: &str) -> Option<u16> {
+    match ids.get(name) {
+        Some(&id) if list.get(usize::from(id)).map(&name_of) == Some(name) => Some(id),
+        None if ids.len() == list.len() => None,
+        _ => position(list.iter().map(name_of), name),
+    }
 }
 
 /// A cluster file that cannot be used.
@@ -390,15 +440,28 @@ fn check_name(field: String, name: &str) -> Result<(), ConfigError> {
     Name::new(name).map(|_| ()).map_err(|e| bad(field, e.to_string()))
 }
 
-fn unique<'a>(what: &str, names: impl Iterator<Item = &'a str>) -> Result<(), ConfigError> {
-    let mut seen = HashSet::new();
-    for (i, n) in names.enumerate() {
-        check_name(format!("{what}[{i}].name"), n)?;
-        if !seen.insert(n) {
-            return Err(bad(format!("{what}[{i}].name"), format!("duplicate {what} \"{n}\"")));
-        }
+/// Ids are positions, which the processes keep as u16 (some with u16::MAX
+/// for "none").
+fn count_fits(what: &str, n: usize) -> Result<(), ConfigError> {
+    if n >= usize::from(u16::MAX) {
+        return Err(bad(what, format!("{n} entries; at most {} allowed", u16::MAX - 1)));
     }
     Ok(())
+}
+
+/// The names of a list of `what`s to their ids, each name checked and
+/// unique, and their count checked by [`count_fits`].
+fn ids<'a>(what: &str, names: impl ExactSizeIterator<Item = &'a str>) -> Result<Ids, ConfigError> {
+    count_fits(what, names.len())?;
+    let mut ids = Ids::with_capacity(names.len());
+    for (n, id) in names.zip(0u16..) {
+        let field = || format!("{what}[{id}].name");
+        check_name(field(), n)?;
+        if ids.insert(n.into(), id).is_some() {
+            return Err(bad(field(), format!("duplicate {what} \"{n}\"")));
+        }
+    }
+    Ok(ids)
 }
 
 impl Cluster {
@@ -411,34 +474,41 @@ impl Cluster {
     /// Parses and validates cluster TOML.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let raw: Raw = toml::from_str(text)?;
-        let known: HashSet<&str> = raw.node.iter().map(|n| n.name.as_str()).collect();
+        let nodes = ids("node", raw.node.iter().map(|n| n.name.as_str()))?;
         let functions =
-            raw.function.into_iter().enumerate().map(|(i, f)| f.into_function(i, &known)).collect::<Result<_, _>>()?;
-        let c = Cluster { nodes: raw.node, tenants: raw.tenant, functions, routes: raw.route, ingresses: raw.ingress };
-        c.validate()?;
+            raw.function.into_iter().enumerate().map(|(i, f)| f.into_function(i, &nodes)).collect::<Result<_, _>>()?;
+        let mut c = Cluster {
+            nodes: raw.node,
+            tenants: raw.tenant,
+            functions,
+            routes: raw.route,
+            ingresses: raw.ingress,
+            index: Index::default(),
+        };
+        c.index = c.check(nodes)?;
         Ok(c)
     }
 
+    /// Checks the cluster as [`Cluster::parse`] does.
+    #[cfg(test)]
     fn validate(&self) -> Result<(), ConfigError> {
+        self.check(ids("node", self.nodes.iter().map(|n| n.name.as_str()))?).map(|_| ())
+    }
+
+    /// Checks the cluster whose node names are `nodes` (made by [`ids`])
+    /// and returns its index. Each reference by name below is one look-up
+    /// in the index, so that a cluster is checked in time in proportion to
+    /// its size.
+    fn check(&self, nodes: Ids) -> Result<Index, ConfigError> {
         if self.nodes.is_empty() {
             return Err(bad("node", "at least one [[node]] is needed"));
         }
         if self.tenants.is_empty() {
             return Err(bad("tenant", "at least one [[tenant]] is needed"));
         }
-        // Ids are positions, which the processes keep as u16 (some with
-        // u16::MAX for "none").
-        for (what, n) in [
-            ("node", self.nodes.len()),
-            ("tenant", self.tenants.len()),
-            ("function", self.functions.len()),
-            ("route", self.routes.len()),
-        ] {
-            if n >= usize::from(u16::MAX) {
-                return Err(bad(what, format!("{n} entries; at most {} allowed", u16::MAX - 1)));
-            }
-        }
-        unique("node", self.nodes.iter().map(|n| n.name.as_str()))?;
+        count_fits("tenant", self.tenants.len())?;
+        count_fits("function", self.functions.len())?;
+        count_fits("route", self.routes.len())?;
         for (i, n) in self.nodes.iter().enumerate() {
             let ok = |c: &str| {
                 !c.is_empty()
@@ -453,15 +523,10 @@ impl Cluster {
                 ));
             }
         }
-        unique("ingress", self.ingresses.iter().map(|n| n.name.as_str()))?;
-        // Names to ids, so that each check below is one look-up and a
-        // cluster is checked in time in proportion to its size. (Names are
-        // unique within each kind once `unique` has passed; the counts fit
-        // a u16, checked above.)
-        let node_names: HashSet<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+        let ingresses = ids("ingress", self.ingresses.iter().map(|n| n.name.as_str()))?;
         for (i, g) in self.ingresses.iter().enumerate() {
             let f = |name: &str| format!("ingress[{i}].{name}");
-            if node_names.contains(g.name.as_str()) {
+            if nodes.contains_key(g.name.as_str()) {
                 return Err(bad(f("name"), format!("\"{}\" is also a node's name", g.name)));
             }
             if g.body_limit == 0 {
@@ -486,12 +551,8 @@ impl Cluster {
         if self.nodes.len() + self.ingresses.len() >= usize::from(u16::MAX) {
             return Err(bad("ingress", "too many nodes and ingresses"));
         }
-        unique("tenant", self.tenants.iter().map(|t| t.name.as_str()))?;
-        unique("function", self.functions.iter().map(|f| f.name.as_str()))?;
-        let tenant_ids: HashMap<&str, u16> =
-            self.tenants.iter().zip(0u16..).map(|(t, id)| (t.name.as_str(), id)).collect();
-        let function_ids: HashMap<&str, u16> =
-            self.functions.iter().zip(0u16..).map(|(f, id)| (f.name.as_str(), id)).collect();
+        let tenant_ids = ids("tenant", self.tenants.iter().map(|t| t.name.as_str()))?;
+        let function_ids = ids("function", self.functions.iter().map(|f| f.name.as_str()))?;
         if let Some(i) = self.functions.iter().position(|f| f.name.starts_with('.')) {
             return Err(bad(format!("function[{i}].name"), "names starting with . are reserved"));
         }
@@ -707,7 +768,7 @@ impl Cluster {
                 return Err(bad(f("path"), format!("duplicate route for host {:?} path \"{}\"", r.host, r.path)));
             }
         }
-        Ok(())
+        Ok(Index { nodes, tenants: tenant_ids, functions: function_ids, ingresses })
     }
 
     /// Ids of the nodes function `f` runs on, in the file's order.
@@ -717,12 +778,12 @@ impl Cluster {
 
     /// Whether function `f` runs on node `node`.
     pub fn runs_on(&self, f: &Function, node: u16) -> bool {
-        f.nodes.iter().any(|n| self.node_id(n) == Some(node))
+        self.nodes.get(usize::from(node)).is_some_and(|n| f.nodes.contains(&n.name))
     }
 
     /// Id of the node called `name`.
     pub fn node_id(&self, name: &str) -> Option<u16> {
-        position(self.nodes.iter().map(|n| n.name.as_str()), name)
+        find(&self.index.nodes, &self.nodes, |n| &n.name, name)
     }
 
     /// Fabric nodes: every worker node, then every ingress (fewer than
@@ -748,19 +809,19 @@ impl Cluster {
     /// Fabric node id of the node or ingress called `name`.
     pub fn fabric_node_id(&self, name: &str) -> Option<u16> {
         self.node_id(name).or_else(|| {
-            position(self.ingresses.iter().map(|g| g.name.as_str()), name)
+            find(&self.index.ingresses, &self.ingresses, |g| &g.name, name)
                 .and_then(|i| self.ingress_node_id(usize::from(i)))
         })
     }
 
     /// Id of the tenant called `name`.
     pub fn tenant_id(&self, name: &str) -> Option<u16> {
-        position(self.tenants.iter().map(|t| t.name.as_str()), name)
+        find(&self.index.tenants, &self.tenants, |t| &t.name, name)
     }
 
     /// Id of the function called `name`.
     pub fn function_id(&self, name: &str) -> Option<u16> {
-        position(self.functions.iter().map(|f| f.name.as_str()), name)
+        find(&self.index.functions, &self.functions, |f| &f.name, name)
     }
 
     /// What in a valid config can still wedge at run time, one sentence
@@ -1444,6 +1505,84 @@ runtime_dir = "/tmp/dne/edge"
         // A watchdog, not a measure: it takes well under a second.
         let got = rx.recv_timeout(std::time::Duration::from_secs(60));
         assert_eq!(got, Ok(Ok(())), "no answer within 60 s");
+    }
+
+    /// The look-ups by name take time in proportion to the name, not to
+    /// the cluster, so that a process's start, which looks up every
+    /// function's tenant and nodes and asks which functions run on its
+    /// node, takes time in proportion to the cluster's size. Before, each
+    /// look-up scanned the nodes, tenants or functions: the start-up
+    /// pattern below, over every node of this cluster, did not end within
+    /// the watchdog's 60 s in a debug build (now: a few seconds).
+    #[test]
+    fn look_ups_by_name_on_a_large_cluster_take_constant_time() {
+        use std::fmt::Write;
+        let (nodes, functions) = (1000usize, 30000usize);
+        let mut text = String::new();
+        for k in 0..nodes {
+            let _ = write!(
+                text,
+                "[[node]]\nname = \"n{k}\"\naddress = \"127.1.{}.{}:7101\"\nruntime_dir = \"/tmp/dne/n{k}\"\n",
+                k / 256,
+                k % 256
+            );
+        }
+        for t in 0..2 {
+            let _ = write!(text, "[[tenant]]\nname = \"t{t}\"\nweight = 1\nbuffers = 8192\nrecv_quota = 128\n");
+        }
+        for k in 0..functions {
+            let _ = write!(
+                text,
+                "[[function]]\nname = \"f{k}\"\ntenant = \"t{}\"\nnodes = [\"n{}\", \"n{}\"]\n",
+                k % 2,
+                k % nodes,
+                (k + 1) % nodes
+            );
+        }
+        let c = Cluster::parse(&text).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut placed = 0;
+            for (k, f) in c.functions.iter().enumerate() {
+                assert_eq!(c.function_id(&f.name), u16::try_from(k).ok());
+                assert_eq!(c.tenant_id(&f.tenant), u16::try_from(k % 2).ok());
+                let ids = c.function_nodes(f);
+                assert_eq!(ids, [k % nodes, (k + 1) % nodes].map(|n| n as u16));
+                assert!(ids.iter().all(|&n| c.node_id(&c.nodes[usize::from(n)].name) == Some(n)));
+            }
+            for node in 0..c.nodes.len() as u16 {
+                placed += c.functions.iter().filter(|f| c.runs_on(f, node)).count();
+            }
+            tx.send(placed)
+        });
+        // A watchdog, not a measure: it takes seconds in a debug build.
+        let got = rx.recv_timeout(std::time::Duration::from_secs(60));
+        assert_eq!(got, Ok(2 * functions), "no answer within 60 s");
+    }
+
+    /// The look-ups answer for the lists as they are: an entry added after
+    /// parsing is found (by a scan), one renamed is not found by its old
+    /// name, and the index does not take part in equality.
+    #[test]
+    fn look_ups_follow_entries_changed_after_parsing() {
+        let mut c = Cluster::parse(GOOD).unwrap();
+        let f = Function { name: "late".into(), ..c.functions[0].clone() };
+        c.functions.push(f);
+        assert_eq!(c.function_id("late"), Some(3));
+        assert_eq!(c.function_id("echo"), Some(2));
+        c.tenants[1].name = "initech".into();
+        assert_eq!(c.tenant_id("globex"), None);
+        assert_eq!(c.tenant_id("acme"), Some(0));
+        c.nodes.swap(0, 1);
+        assert_eq!((c.node_id("node-a"), c.node_id("node-b")), (Some(1), Some(0)));
+        assert_eq!(c.fabric_node_id("edge"), Some(2));
+        assert_eq!(c.fabric_node_id("nowhere"), None);
+        let mut d = Cluster::parse(GOOD).unwrap();
+        assert_ne!(c, d);
+        d.functions.push(c.functions[3].clone());
+        d.tenants[1].name = "initech".into();
+        d.nodes.swap(0, 1);
+        assert_eq!(c, d);
     }
 
     #[test]
