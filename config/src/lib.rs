@@ -90,6 +90,22 @@ pub struct Node {
     pub comch: Option<String>,
 }
 
+impl Node {
+    /// Name of the node's agent's comch server (`mode = "dpu"`), which
+    /// host-shimd connects to: `comch`, else `dne-` and the node's name
+    /// with every byte other than a letter, a digit, `-` or `_` written `_`.
+    pub fn comch_name(&self) -> String {
+        self.comch.clone().unwrap_or_else(|| {
+            let clean: String = self
+                .name
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+                .collect();
+            format!("dne-{clean}")
+        })
+    }
+}
+
 fn default_mode() -> Mode {
     Mode::Emulated
 }
@@ -522,6 +538,26 @@ impl Cluster {
                     format!("\"{c}\": 1 to 60 letters, digits, '.', '-', '_', not starting with '.'"),
                 ));
             }
+        }
+        // host-shimd finds its node's agent by this name, so it names one
+        // agent (each node in dpu mode has one).
+        let mut comch: HashMap<String, usize> = HashMap::new();
+        for (i, n) in self.nodes.iter().enumerate().filter(|(_, n)| n.mode == Mode::Dpu) {
+            let name = n.comch_name();
+            if let Some(&j) = comch.get(&name) {
+                let other = format!("the comch name of node[{j}] (\"{}\")", self.nodes[j].name);
+                return Err(match n.comch {
+                    Some(_) => bad(format!("node[{i}].comch"), format!("\"{name}\" is also {other}")),
+                    None => bad(
+                        format!("node[{i}].name"),
+                        format!(
+                            "its default comch name \"{name}\" is also {other}; give one of them another \
+                             (comch = \"...\")"
+                        ),
+                    ),
+                });
+            }
+            comch.insert(name, i);
         }
         let ingresses = ids("ingress", self.ingresses.iter().map(|n| n.name.as_str()))?;
         for (i, g) in self.ingresses.iter().enumerate() {
@@ -1583,6 +1619,53 @@ runtime_dir = "/tmp/dne/edge"
         d.tenants[1].name = "initech".into();
         d.nodes.swap(0, 1);
         assert_eq!(c, d);
+    }
+
+    /// host-shimd finds its node's agent by the agent's comch server name,
+    /// so two nodes in dpu mode with one name are refused, whether written
+    /// or the default (`dne-` and the node's name). Before, the file was
+    /// accepted: with the emulated DOCA on one machine the second agent
+    /// could not serve the name and the second host-shimd reached the
+    /// first node's agent.
+    #[test]
+    fn two_dpu_nodes_with_one_comch_name_are_refused() {
+        let dpu = |a: &str, b: &str| {
+            GOOD.replacen("name = \"node-a\"", &format!("name = \"node-a\"\nmode = \"dpu\"{a}"), 1).replacen(
+                "mode = \"host\"",
+                &format!("mode = \"dpu\"{b}"),
+                1,
+            )
+        };
+        let e = Cluster::parse(&dpu("\ncomch = \"x\"", "\ncomch = \"x\"")).unwrap_err().to_string();
+        assert_eq!(e, "node[1].comch: \"x\" is also the comch name of node[0] (\"node-a\")");
+        let e = Cluster::parse(&dpu("\ncomch = \"dne-node-b\"", "")).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "node[1].name: its default comch name \"dne-node-b\" is also the comch name of node[0] (\"node-a\"); \
+             give one of them another (comch = \"...\")"
+        );
+        let default_twins = |modes: &str| {
+            dpu("", "")
+                .replace("\"node-a\"", "\"node.a\"")
+                .replace("\"node-b\"", "\"node_a\"")
+                .replace("mode = \"dpu\"", &format!("mode = \"{modes}\""))
+        };
+        let e = Cluster::parse(&default_twins("dpu")).unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "node[1].name: its default comch name \"dne-node_a\" is also the comch name of node[0] (\"node.a\")"
+            ),
+            "{e}"
+        );
+        // Only nodes in dpu mode have a comch server.
+        Cluster::parse(&default_twins("host")).unwrap();
+        let one_dpu = dpu("\ncomch = \"x\"", "\ncomch = \"x\"").replacen(
+            "mode = \"dpu\"\ncomch = \"x\"\nfabric",
+            "mode = \"host\"\ncomch = \"x\"\nfabric",
+            1,
+        );
+        Cluster::parse(&one_dpu).unwrap();
+        Cluster::parse(&dpu("\ncomch = \"x\"", "\ncomch = \"y\"")).unwrap();
     }
 
     #[test]

@@ -38,16 +38,9 @@
 use std::collections::VecDeque;
 use wire::ctrl::{CtrlDecodeError, CtrlFrame, CtrlMsg};
 
-/// The comch server name of a node's agent.
+/// The comch server name of a node's agent ([`config::Node::comch_name`]).
 pub fn server_name(node: &config::Node) -> String {
-    node.comch.clone().unwrap_or_else(|| {
-        let clean: String = node
-            .name
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
-            .collect();
-        format!("dne-{clean}")
-    })
+    node.comch_name()
 }
 
 /// Frames to send, packed into comch messages of at most `max` bytes.
