@@ -777,7 +777,10 @@ impl Cluster {
             if let Some(h) = r.host.as_deref().filter(|h| !is_host(h)) {
                 return Err(bad(
                     f("host"),
-                    format!("\"{h}\": a name (letters, digits, '-', '.', '_', '~') or [IP literal], and :port"),
+                    format!(
+                        "\"{h}\": a name (letters, digits, '-', '.', '_', '~') or [IP literal], and an optional \
+                         :port of at most 65535"
+                    ),
                 ));
             }
             let Some(&tenant) = tenant_ids.get(r.tenant.as_str()) else {
@@ -1666,6 +1669,15 @@ runtime_dir = "/tmp/dne/edge"
         );
         Cluster::parse(&one_dpu).unwrap();
         Cluster::parse(&dpu("\ncomch = \"x\"", "\ncomch = \"y\"")).unwrap();
+    }
+
+    /// A route's host with a port beyond a TCP port's range: the error
+    /// says what the range is. Before it said only ":port".
+    #[test]
+    fn a_route_port_beyond_65535_is_named_as_such() {
+        let e = err(|s| s.replacen("host = \"globex.example\"", "host = \"globex.example:65536\"", 1));
+        assert!(e.starts_with("route[1].host: \"globex.example:65536\""), "{e}");
+        assert!(e.contains("port of at most 65535"), "{e}");
     }
 
     #[test]
