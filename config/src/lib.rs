@@ -539,13 +539,18 @@ impl Cluster {
                 ));
             }
         }
-        // host-shimd finds its node's agent by this name, so it names one
-        // agent (each node in dpu mode has one).
-        let mut comch: HashMap<String, usize> = HashMap::new();
+        // host-shimd finds its node's agent by this name, so on one host
+        // it names one agent (each node in dpu mode has one). Nodes on
+        // different hosts (fabric addresses with different IPs) may share
+        // a name: each host's comch is its own PCIe link to its own card.
+        // (The emulated comch is one directory per machine, whatever the
+        // addresses.) An address that does not parse is reported below.
+        let mut comch: HashMap<(Option<std::net::IpAddr>, String), usize> = HashMap::new();
         for (i, n) in self.nodes.iter().enumerate().filter(|(_, n)| n.mode == Mode::Dpu) {
+            let host = n.address.parse().ok().map(|a| ipv4_unmapped(a).ip());
             let name = n.comch_name();
-            if let Some(&j) = comch.get(&name) {
-                let other = format!("the comch name of node[{j}] (\"{}\")", self.nodes[j].name);
+            if let Some(&j) = comch.get(&(host, name.clone())) {
+                let other = format!("the comch name of node[{j}] (\"{}\") on the same host", self.nodes[j].name);
                 return Err(match n.comch {
                     Some(_) => bad(format!("node[{i}].comch"), format!("\"{name}\" is also {other}")),
                     None => bad(
@@ -557,7 +562,7 @@ impl Cluster {
                     ),
                 });
             }
-            comch.insert(name, i);
+            comch.insert((host, name), i);
         }
         let ingresses = ids("ingress", self.ingresses.iter().map(|n| n.name.as_str()))?;
         for (i, g) in self.ingresses.iter().enumerate() {
@@ -1625,11 +1630,12 @@ runtime_dir = "/tmp/dne/edge"
     }
 
     /// host-shimd finds its node's agent by the agent's comch server name,
-    /// so two nodes in dpu mode with one name are refused, whether written
-    /// or the default (`dne-` and the node's name). Before, the file was
-    /// accepted: with the emulated DOCA on one machine the second agent
-    /// could not serve the name and the second host-shimd reached the
-    /// first node's agent.
+    /// so two nodes in dpu mode on one host with one name are refused,
+    /// whether written or the default (`dne-` and the node's name). Before,
+    /// the file was accepted: with the emulated DOCA on one machine the
+    /// second agent could not serve the name and the second host-shimd
+    /// reached the first node's agent. Nodes on different hosts may share
+    /// a name (a fleet that names every card's server alike).
     #[test]
     fn two_dpu_nodes_with_one_comch_name_are_refused() {
         let dpu = |a: &str, b: &str| {
@@ -1640,12 +1646,12 @@ runtime_dir = "/tmp/dne/edge"
             )
         };
         let e = Cluster::parse(&dpu("\ncomch = \"x\"", "\ncomch = \"x\"")).unwrap_err().to_string();
-        assert_eq!(e, "node[1].comch: \"x\" is also the comch name of node[0] (\"node-a\")");
+        assert_eq!(e, "node[1].comch: \"x\" is also the comch name of node[0] (\"node-a\") on the same host");
         let e = Cluster::parse(&dpu("\ncomch = \"dne-node-b\"", "")).unwrap_err().to_string();
         assert_eq!(
             e,
-            "node[1].name: its default comch name \"dne-node-b\" is also the comch name of node[0] (\"node-a\"); \
-             give one of them another (comch = \"...\")"
+            "node[1].name: its default comch name \"dne-node-b\" is also the comch name of node[0] (\"node-a\") \
+             on the same host; give one of them another (comch = \"...\")"
         );
         let default_twins = |modes: &str| {
             dpu("", "")
@@ -1656,7 +1662,7 @@ runtime_dir = "/tmp/dne/edge"
         let e = Cluster::parse(&default_twins("dpu")).unwrap_err().to_string();
         assert!(
             e.starts_with(
-                "node[1].name: its default comch name \"dne-node_a\" is also the comch name of node[0] (\"node.a\")"
+                "node[1].name: its default comch name \"dne-node_a\" is also the comch name of node[0] (\"node.a\") on the same host"
             ),
             "{e}"
         );
@@ -1669,6 +1675,11 @@ runtime_dir = "/tmp/dne/edge"
         );
         Cluster::parse(&one_dpu).unwrap();
         Cluster::parse(&dpu("\ncomch = \"x\"", "\ncomch = \"y\"")).unwrap();
+        // On two hosts, one name is each host's own.
+        let two_hosts = dpu("\ncomch = \"x\"", "\ncomch = \"x\"").replacen("127.0.0.1:7102", "127.0.0.2:7102", 1);
+        Cluster::parse(&two_hosts).unwrap();
+        let mapped = dpu("\ncomch = \"x\"", "\ncomch = \"x\"").replacen("127.0.0.1:7102", "[::ffff:127.0.0.1]:7102", 1);
+        assert!(Cluster::parse(&mapped).is_err(), "an IPv4-mapped address is the same host");
     }
 
     /// A route's host with a port beyond a TCP port's range: the error
