@@ -67,28 +67,45 @@ impl AcceptError {
     }
 }
 
-/// Which pool segment buffers are in: the device and inode of the file
-/// that backs the pool, read once when the pool is created or opened. Every
-/// mapping of one segment has the same (a lease moves between the processes
-/// and the attaches of a tenant's pool), and two segments that exist at
-/// the same time never do. Pools give out the same buffer indices and
-/// holders, so a lease names buffers only together with this.
+/// Which pool segment buffers are in, as a number this process gives the
+/// device and inode of the file that backs the pool, read once when the
+/// pool is created or opened. Every mapping of one segment in this process
+/// has the same (a lease moves between the attaches of a tenant's pool),
+/// and two segments that exist at the same time never do. Pools give out
+/// the same buffer indices and holders, so a lease names buffers only
+/// together with this. A number, not the device and inode themselves, so
+/// that a [`Lease`] stays 20 bytes: leases fill the agent's send queues.
+/// The numbers are this process's own; they mean nothing in another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PoolId {
-    dev: u64,
-    ino: u64,
-}
+pub struct PoolId(u32);
 
 impl PoolId {
     /// No pool's: the pool of a lease made by [`Lease::by_index`], which no
-    /// [`Pool`] takes. No file has inode 0.
-    pub const NONE: Self = Self { dev: 0, ino: 0 };
+    /// [`Pool`] takes.
+    pub const NONE: Self = Self(0);
 
     fn of(region: &Region) -> Result<Self, RegionError> {
+        use std::collections::HashMap;
+        use std::sync::{Mutex, PoisonError};
+        /// The files pools of this process were backed by, to their ids
+        /// (one entry per segment ever mapped here: a few per process).
+        static IDS: Mutex<Option<HashMap<(u64, u64), u32>>> = Mutex::new(None);
         let st = nix::sys::stat::fstat(region.fd()).map_err(|err| RegionError::Sys { call: "fstat", err })?;
-        Ok(Self { dev: st.st_dev, ino: st.st_ino })
+        let mut ids = IDS.lock().unwrap_or_else(PoisonError::into_inner);
+        let ids = ids.get_or_insert_with(HashMap::new);
+        let file = (st.st_dev, st.st_ino);
+        if let Some(&id) = ids.get(&file) {
+            return Ok(Self(id));
+        }
+        let next = u32::try_from(ids.len() + 1)
+            .map_err(|_| RegionError::Sys { call: "pool id (2^32 pools mapped)", err: nix::Error::EMFILE })?;
+        ids.insert(file, next);
+        Ok(Self(next))
     }
 }
+
+// Leases fill the agent's send queues and the fabric's: kept small.
+const _: () = assert!(size_of::<Lease>() == 20);
 
 /// A message (chain of buffers) held by this process.
 #[derive(Debug, PartialEq, Eq)]
