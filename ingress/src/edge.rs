@@ -194,9 +194,15 @@ impl Edge {
                     (!nodes.is_empty()).then_some(First { f, nodes, next: 0 })
                 })
                 .collect(),
-            queues: (0..cfg.tenants.len()).map(|_| TenantQueue::new(cfg.routes.len())).collect(),
-            tenant_queue,
-            route_queue,
+            queues: SendQueues::new(
+                cfg.tenants.len(),
+                // (Every route's tenant is one of the cluster's: checked
+                // when the config was loaded.)
+                &cfg.routes.iter().map(|r| cfg.tenant_id(&r.tenant).unwrap_or(u16::MAX)).collect::<Vec<_>>(),
+                tenant_queue,
+                route_queue,
+            ),
+            order: Vec::with_capacity(cfg.routes.len()),
             credit_wait: cfg
                 .routes
                 .iter()
@@ -205,7 +211,6 @@ impl Edge {
                     route_credit_wait(Duration::from_millis(u64::from(g.credit_wait_ms)), timeout)
                 })
                 .collect(),
-            rotate: 0,
             waiting: HashMap::with_capacity(PRUNE_AT),
             prune_at: PRUNE_AT,
             me,
@@ -357,26 +362,108 @@ fn send_completed(waiting: &mut HashMap<u32, Waiting>, tag: u64, result: Result<
     }
 }
 
-/// One tenant's requests waiting to be sent, a FIFO per route (see the
-/// module docs: a request is bound to a node when it is sent).
-#[derive(Debug)]
-struct TenantQueue {
-    /// Indexed by route.
-    by_route: Vec<VecDeque<Call>>,
-    /// Requests over all routes (bounded by `tenant_queue`).
-    len: usize,
+/// Why [`SendQueues::push`] refused a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum QueueRefusal {
+    /// The tenant's queued calls reach `tenant_queue`, or the route's
+    /// reach `route_queue`.
+    Full,
+    /// The tenant does not own the route (or either is unknown).
+    NotOwner,
 }
 
-impl TenantQueue {
-    fn new(routes: usize) -> Self {
-        Self { by_route: (0..routes).map(|_| VecDeque::new()).collect(), len: 0 }
+/// The calls waiting to be sent: each tenant's, a FIFO per route (see the
+/// module docs: a request is bound to a node when it is sent), bounded per
+/// tenant and per route. [`order`](Self::order) lists, once a turn, the
+/// queues to serve: tenant by tenant in increasing id, and within a tenant
+/// its routes in increasing id from the turn's starting route round (the
+/// start moves on by one route every turn, so routes whose nodes are
+/// shared take their credits in turn).
+#[derive(Debug)]
+struct SendQueues<C> {
+    /// Indexed by tenant, then by route.
+    by_route: Vec<Vec<VecDeque<C>>>,
+    /// Calls over all routes, per tenant (bounded by `tenant_queue`).
+    len: Vec<usize>,
+    tenant_queue: usize,
+    route_queue: usize,
+    /// The route each tenant's sending starts at this turn.
+    rotate: usize,
+}
+
+impl<C> SendQueues<C> {
+    /// Queues for `tenants` tenants and the routes whose tenants are
+    /// `owners` (indexed by route).
+    fn new(tenants: usize, owners: &[u16], tenant_queue: usize, route_queue: usize) -> Self {
+        Self {
+            by_route: (0..tenants).map(|_| (0..owners.len()).map(|_| VecDeque::new()).collect()).collect(),
+            len: vec![0; tenants],
+            tenant_queue,
+            route_queue,
+            rotate: 0,
+        }
     }
 
-    /// The next request of `route`, taken off the queue.
-    fn pop(&mut self, route: usize) -> Option<Call> {
-        let c = self.by_route[route].pop_front()?;
-        self.len -= 1;
+    /// Tenants known to the queues.
+    fn tenants(&self) -> usize {
+        self.len.len()
+    }
+
+    /// Queues `c`, tenant `tenant`'s call for route `route`, last of that
+    /// route's calls; gives it back if refused.
+    fn push(&mut self, tenant: u16, route: u16, c: C) -> Result<(), (C, QueueRefusal)> {
+        let (t, r) = (usize::from(tenant), usize::from(route));
+        let Some(q) = self.by_route.get_mut(t).and_then(|q| q.get_mut(r)) else {
+            return Err((c, QueueRefusal::NotOwner));
+        };
+        if self.len[t] >= self.tenant_queue || q.len() >= self.route_queue {
+            return Err((c, QueueRefusal::Full));
+        }
+        q.push_back(c);
+        self.len[t] += 1;
+        Ok(())
+    }
+
+    /// Tenant `tenant`'s next call for route `route`.
+    fn front(&self, tenant: u16, route: u16) -> Option<&C> {
+        self.by_route.get(usize::from(tenant))?.get(usize::from(route))?.front()
+    }
+
+    /// Tenant `tenant`'s next call for route `route`, taken off the queue.
+    fn pop(&mut self, tenant: u16, route: u16) -> Option<C> {
+        let t = usize::from(tenant);
+        let c = self.by_route.get_mut(t)?.get_mut(usize::from(route))?.pop_front()?;
+        self.len[t] -= 1;
         Some(c)
+    }
+
+    /// Any waiting call, taken off the queue (for emptying the queues).
+    fn pop_any(&mut self) -> Option<(u16, C)> {
+        for (t, qs) in self.by_route.iter_mut().enumerate() {
+            for q in qs.iter_mut() {
+                if let Some(c) = q.pop_front() {
+                    self.len[t] -= 1;
+                    return Some((t as u16, c));
+                }
+            }
+        }
+        None
+    }
+
+    /// Starts a turn: `out` becomes the (tenant, route) queues that hold
+    /// calls, in the order they are to be served this turn.
+    fn order(&mut self, out: &mut Vec<(u16, u16)>) {
+        out.clear();
+        self.rotate = self.rotate.wrapping_add(1);
+        for (t, qs) in self.by_route.iter().enumerate() {
+            let routes = qs.len();
+            for k in 0..routes {
+                let r = (self.rotate + k) % routes;
+                if !qs[r].is_empty() {
+                    out.push((t as u16, r as u16));
+                }
+            }
+        }
     }
 }
 
@@ -391,17 +478,14 @@ struct First {
 struct Worker {
     /// First function and its nodes, per route.
     first: Vec<Option<First>>,
-    queues: Vec<TenantQueue>,
-    /// Requests of one tenant that may wait for credits (config).
-    tenant_queue: usize,
-    /// Requests of one route that may wait so (config).
-    route_queue: usize,
+    /// Requests waiting for credits (bounded by the ingress's
+    /// `tenant_queue` and `route_queue`).
+    queues: SendQueues<Call>,
+    /// The queues to serve this turn, in order (see [`SendQueues::order`]).
+    order: Vec<(u16, u16)>,
     /// How long a request may wait for credits before it is refused
     /// unsent, per route (see [`route_credit_wait`]).
     credit_wait: Vec<Duration>,
-    /// The route each tenant's sending starts at this turn, moved on every
-    /// turn (routes whose nodes are shared take their credits in turn).
-    rotate: usize,
     waiting: HashMap<u32, Waiting>,
     /// Size of `waiting` at which entries whose callers gave up are pruned
     /// next: twice what a prune left (at least [`PRUNE_AT`]), so that many
@@ -436,7 +520,7 @@ impl Worker {
         // What the receives still need is kept from requests (see
         // `TenantPool`): updated after every poll, which may have taken
         // posted receives (a landed reply) without a buffer to re-post.
-        for t in 0..self.queues.len() as u16 {
+        for t in 0..self.queues.tenants() as u16 {
             self.port.bufs(t).0.set_recv_reserve(self.port.recv_deficit(t));
         }
         Some(work)
@@ -521,15 +605,11 @@ impl Worker {
         for (_, w) in self.waiting.drain() {
             let _ = w.reply.send(Err(EdgeError::Stopped));
         }
-        for t in 0..self.queues.len() {
-            for r in 0..self.queues[t].by_route.len() {
-                while let Some(c) = self.queues[t].pop(r) {
-                    self.fail(c, EdgeError::Stopped);
-                }
-            }
+        while let Some((_, c)) = self.queues.pop_any() {
+            self.fail(c, EdgeError::Stopped);
         }
         while let Ok(c) = self.rx.try_recv() {
-            if usize::from(c.tenant) < self.queues.len() {
+            if usize::from(c.tenant) < self.queues.tenants() {
                 self.fail(c, EdgeError::Stopped);
             } else {
                 let _ = c.reply.send(Err(EdgeError::Stopped));
@@ -601,8 +681,7 @@ impl Worker {
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             };
             n += 1;
-            let t = usize::from(c.tenant);
-            if t >= self.queues.len() {
+            if usize::from(c.tenant) >= self.queues.tenants() {
                 let _ = c.reply.send(Err(EdgeError::BadRoute));
                 continue;
             }
@@ -612,27 +691,18 @@ impl Worker {
             };
             if !self.port.any_up(c.tenant, &first.nodes) {
                 self.fail(c, EdgeError::Unreachable);
-            } else if self.queues[t].len >= self.tenant_queue
-                || self.queues[t].by_route[usize::from(c.route)].len() >= self.route_queue
-            {
-                self.fail(c, EdgeError::Busy);
-            } else {
-                self.queues[t].by_route[usize::from(c.route)].push_back(c);
-                self.queues[t].len += 1;
+            } else if let Err((c, why)) = self.queues.push(c.tenant, c.route, c) {
+                self.fail(c, if why == QueueRefusal::Full { EdgeError::Busy } else { EdgeError::BadRoute });
             }
         }
         n
     }
 
     fn send_queued(&mut self, now: Instant) -> usize {
-        let mut n = 0;
-        let routes = self.first.len();
-        self.rotate = self.rotate.wrapping_add(1);
-        for t in 0..self.queues.len() {
-            for k in 0..routes {
-                n += self.send_route(t, (self.rotate + k) % routes, now);
-            }
-        }
+        let mut order = std::mem::take(&mut self.order);
+        self.queues.order(&mut order);
+        let n = order.iter().map(|&(t, r)| self.send_route(t, r, now)).sum();
+        self.order = order;
         n
     }
 
@@ -641,12 +711,12 @@ impl Worker {
     /// has; drops, unsent, those whose caller gave up (timed out), fails
     /// those whose function has no node up, and refuses those that waited
     /// their whole credit wait.
-    fn send_route(&mut self, t: usize, r: usize, now: Instant) -> usize {
+    fn send_route(&mut self, tenant: u16, route: u16, now: Instant) -> usize {
         let mut n = 0;
-        let tenant = t as u16;
+        let r = usize::from(route);
         // (Every queued request's route has a first function: checked when
         // it was queued.)
-        while let Some(c) = self.queues[t].by_route[r].front()
+        while let Some(c) = self.queues.front(tenant, route)
             && let Some(Some(first)) = self.first.get_mut(r)
         {
             let gone = c.reply.is_closed();
@@ -667,7 +737,7 @@ impl Worker {
                 }
             };
             let f = first.f;
-            let Some(c) = self.queues[t].pop(r) else { break };
+            let Some(c) = self.queues.pop(tenant, route) else { break };
             let node = match node {
                 Ok(node) => node,
                 Err(None) => {
@@ -807,6 +877,79 @@ mod tests {
         let (reply, rx) = oneshot::channel();
         let w = Waiting { tenant: 0, route: 0, peer: 1, reply };
         (HashMap::from([(tag, w)]), rx)
+    }
+
+    /// Tenant 0 owns routes 1, 3 and 5, tenant 1 routes 0 and 4, tenant 2
+    /// route 2; `tenant_queue` 4, `route_queue` 2.
+    fn six_routes() -> SendQueues<u32> {
+        SendQueues::new(3, &[1, 0, 2, 0, 1, 0], 4, 2)
+    }
+
+    /// The queues are served tenant by tenant in increasing id, each
+    /// tenant's routes in increasing id from a start that moves on by one
+    /// route every turn (wrapping round); calls leave a route's queue in
+    /// the order they came.
+    #[test]
+    fn waiting_calls_are_served_by_tenant_then_from_a_rotating_route() {
+        let mut q = six_routes();
+        for (t, r, c) in [(0, 5, 50), (0, 3, 30), (0, 1, 10), (0, 1, 11), (1, 4, 40), (1, 0, 0), (2, 2, 20)] {
+            q.push(t, r, c).unwrap();
+        }
+        let mut out = Vec::new();
+        let turns: Vec<Vec<(u16, u16)>> = (0..7)
+            .map(|_| {
+                q.order(&mut out);
+                out.clone()
+            })
+            .collect();
+        let t0 = |rs: [u16; 3]| rs.map(|r| (0, r));
+        let t1 = |rs: [u16; 2]| rs.map(|r| (1, r));
+        let expect = |a: [(u16, u16); 3], b: [(u16, u16); 2]| [&a[..], &b[..], &[(2, 2)]].concat();
+        assert_eq!(
+            turns,
+            [
+                expect(t0([1, 3, 5]), t1([4, 0])), // starting at route 1
+                expect(t0([3, 5, 1]), t1([4, 0])), // 2
+                expect(t0([3, 5, 1]), t1([4, 0])), // 3
+                expect(t0([5, 1, 3]), t1([4, 0])), // 4
+                expect(t0([5, 1, 3]), t1([0, 4])), // 5
+                expect(t0([1, 3, 5]), t1([0, 4])), // 0
+                expect(t0([1, 3, 5]), t1([4, 0])), // 1 again
+            ]
+        );
+        assert_eq!(q.front(0, 1), Some(&10));
+        assert_eq!((q.pop(0, 1), q.pop(0, 1), q.pop(0, 1)), (Some(10), Some(11), None));
+        // Emptied queues are not served; the rest keep their order.
+        assert_eq!(q.pop(2, 2), Some(20));
+        q.order(&mut out);
+        assert_eq!(out, [(0, 3), (0, 5), (1, 4), (1, 0)]);
+        let mut left: Vec<_> = std::iter::from_fn(|| q.pop_any()).collect();
+        left.sort_unstable();
+        assert_eq!(left, [(0, 30), (0, 50), (1, 0), (1, 40)]);
+        q.order(&mut out);
+        assert!(out.is_empty());
+    }
+
+    /// A tenant queues at most `tenant_queue` calls, a route at most
+    /// `route_queue`; a call taken off makes room again.
+    #[test]
+    fn the_queues_are_bounded_per_tenant_and_per_route() {
+        let mut q = six_routes();
+        q.push(0, 1, 1).unwrap();
+        q.push(0, 1, 2).unwrap();
+        assert_eq!(q.push(0, 1, 3), Err((3, QueueRefusal::Full)), "route_queue");
+        q.push(0, 3, 4).unwrap();
+        q.push(0, 5, 5).unwrap();
+        assert_eq!(q.push(0, 3, 6), Err((6, QueueRefusal::Full)), "tenant_queue");
+        // Another tenant's room is its own.
+        q.push(1, 0, 7).unwrap();
+        assert_eq!(q.pop(0, 3), Some(4));
+        q.push(0, 3, 6).unwrap();
+        // Unknown tenants and routes are refused, not a panic.
+        assert_eq!(q.push(3, 0, 8), Err((8, QueueRefusal::NotOwner)));
+        assert_eq!(q.push(0, 6, 9), Err((9, QueueRefusal::NotOwner)));
+        assert_eq!(q.front(3, 0), None);
+        assert_eq!(q.pop(0, 6), None);
     }
 
     /// A send that failed after it left may have been placed and run: its
