@@ -72,7 +72,8 @@ pub enum EdgeError {
     /// None of the first function's nodes is connected.
     #[error("the function's node is unreachable")]
     Unreachable,
-    /// The route has no usable first function.
+    /// The route is unknown, has no usable first function, or is not the
+    /// tenant's.
     #[error("bad route")]
     BadRoute,
     /// The cluster answered with an error descriptor.
@@ -372,35 +373,65 @@ enum QueueRefusal {
     NotOwner,
 }
 
-/// The calls waiting to be sent: each tenant's, a FIFO per route (see the
-/// module docs: a request is bound to a node when it is sent), bounded per
-/// tenant and per route. [`order`](Self::order) lists, once a turn, the
-/// queues to serve: tenant by tenant in increasing id, and within a tenant
-/// its routes in increasing id from the turn's starting route round (the
-/// start moves on by one route every turn, so routes whose nodes are
-/// shared take their credits in turn).
+/// The calls waiting to be sent: a FIFO per route (each route is one
+/// tenant's; see the module docs: a request is bound to a node when it is
+/// sent), bounded per tenant and per route. [`order`](Self::order) lists,
+/// once a turn, the queues to serve: tenant by tenant in increasing id,
+/// and within a tenant its routes in increasing id from the turn's
+/// starting route round (the start moves on by one route every turn, so
+/// routes whose nodes are shared take their credits in turn).
+///
+/// What it holds at start grows with tenants plus routes, and a turn
+/// looks only at the tenants and routes that hold calls (or held some
+/// since the last turn): a cluster of many tenants and routes costs an
+/// idle edge nothing per turn.
 #[derive(Debug)]
 struct SendQueues<C> {
-    /// Indexed by tenant, then by route.
-    by_route: Vec<Vec<VecDeque<C>>>,
-    /// Calls over all routes, per tenant (bounded by `tenant_queue`).
+    /// Each route's tenant, indexed by route.
+    owner: Vec<u16>,
+    /// Each route's calls, oldest first, indexed by route.
+    by_route: Vec<VecDeque<C>>,
+    /// Calls over all its routes, per tenant (bounded by `tenant_queue`).
     len: Vec<usize>,
     tenant_queue: usize,
     route_queue: usize,
+    /// The tenants that hold calls, in increasing id, and those that held
+    /// some since the last turn (which drops them). Room for every tenant
+    /// is reserved at start.
+    busy: Vec<u16>,
+    /// Per tenant, its routes that hold calls, in increasing id, and those
+    /// that held some since the last turn (likewise). Room for each of the
+    /// tenant's routes is reserved at start.
+    busy_routes: Vec<Vec<u16>>,
     /// The route each tenant's sending starts at this turn.
     rotate: usize,
+    /// Per-route queues looked at by `order`.
+    #[cfg(test)]
+    visits: usize,
 }
 
 impl<C> SendQueues<C> {
     /// Queues for `tenants` tenants and the routes whose tenants are
-    /// `owners` (indexed by route).
+    /// `owners` (indexed by route; a route of no known tenant takes no
+    /// calls).
     fn new(tenants: usize, owners: &[u16], tenant_queue: usize, route_queue: usize) -> Self {
+        let mut owned = vec![0usize; tenants];
+        for &t in owners {
+            if let Some(n) = owned.get_mut(usize::from(t)) {
+                *n += 1;
+            }
+        }
         Self {
-            by_route: (0..tenants).map(|_| (0..owners.len()).map(|_| VecDeque::new()).collect()).collect(),
+            owner: owners.to_vec(),
+            by_route: owners.iter().map(|_| VecDeque::new()).collect(),
             len: vec![0; tenants],
             tenant_queue,
             route_queue,
+            busy: Vec::with_capacity(tenants),
+            busy_routes: owned.into_iter().map(Vec::with_capacity).collect(),
             rotate: 0,
+            #[cfg(test)]
+            visits: 0,
         }
     }
 
@@ -409,15 +440,34 @@ impl<C> SendQueues<C> {
         self.len.len()
     }
 
+    /// Whether route `route` is tenant `tenant`'s.
+    fn owns(&self, tenant: u16, route: u16) -> bool {
+        usize::from(tenant) < self.len.len() && self.owner.get(usize::from(route)) == Some(&tenant)
+    }
+
     /// Queues `c`, tenant `tenant`'s call for route `route`, last of that
     /// route's calls; gives it back if refused.
     fn push(&mut self, tenant: u16, route: u16, c: C) -> Result<(), (C, QueueRefusal)> {
-        let (t, r) = (usize::from(tenant), usize::from(route));
-        let Some(q) = self.by_route.get_mut(t).and_then(|q| q.get_mut(r)) else {
+        if !self.owns(tenant, route) {
             return Err((c, QueueRefusal::NotOwner));
-        };
+        }
+        let (t, r) = (usize::from(tenant), usize::from(route));
+        let q = &mut self.by_route[r];
         if self.len[t] >= self.tenant_queue || q.len() >= self.route_queue {
             return Err((c, QueueRefusal::Full));
+        }
+        // (A route or tenant may still be listed from before the last
+        // turn: listed once. Neither list outgrows what was reserved: each
+        // holds distinct routes of the tenant, distinct tenants.)
+        if q.is_empty()
+            && let Err(i) = self.busy_routes[t].binary_search(&route)
+        {
+            self.busy_routes[t].insert(i, route);
+        }
+        if self.len[t] == 0
+            && let Err(i) = self.busy.binary_search(&tenant)
+        {
+            self.busy.insert(i, tenant);
         }
         q.push_back(c);
         self.len[t] += 1;
@@ -426,44 +476,77 @@ impl<C> SendQueues<C> {
 
     /// Tenant `tenant`'s next call for route `route`.
     fn front(&self, tenant: u16, route: u16) -> Option<&C> {
-        self.by_route.get(usize::from(tenant))?.get(usize::from(route))?.front()
+        self.owns(tenant, route).then(|| self.by_route[usize::from(route)].front()).flatten()
     }
 
     /// Tenant `tenant`'s next call for route `route`, taken off the queue.
+    /// (The route stays listed until the next turn.)
     fn pop(&mut self, tenant: u16, route: u16) -> Option<C> {
-        let t = usize::from(tenant);
-        let c = self.by_route.get_mut(t)?.get_mut(usize::from(route))?.pop_front()?;
-        self.len[t] -= 1;
+        if !self.owns(tenant, route) {
+            return None;
+        }
+        let c = self.by_route[usize::from(route)].pop_front()?;
+        self.len[usize::from(tenant)] -= 1;
         Some(c)
     }
 
-    /// Any waiting call, taken off the queue (for emptying the queues).
+    /// Any waiting call, taken off the queue (for emptying the queues; the
+    /// lists are emptied from their ends as they go).
     fn pop_any(&mut self) -> Option<(u16, C)> {
-        for (t, qs) in self.by_route.iter_mut().enumerate() {
-            for q in qs.iter_mut() {
-                if let Some(c) = q.pop_front() {
+        loop {
+            let &tenant = self.busy.last()?;
+            let t = usize::from(tenant);
+            let Some(&r) = self.busy_routes[t].last() else {
+                self.busy.pop();
+                continue;
+            };
+            match self.by_route[usize::from(r)].pop_front() {
+                Some(c) => {
                     self.len[t] -= 1;
-                    return Some((t as u16, c));
+                    return Some((tenant, c));
+                }
+                None => {
+                    self.busy_routes[t].pop();
                 }
             }
         }
-        None
     }
 
     /// Starts a turn: `out` becomes the (tenant, route) queues that hold
-    /// calls, in the order they are to be served this turn.
+    /// calls, in the order they are to be served this turn. Routes and
+    /// tenants that no longer hold calls leave the lists.
     fn order(&mut self, out: &mut Vec<(u16, u16)>) {
         out.clear();
         self.rotate = self.rotate.wrapping_add(1);
-        for (t, qs) in self.by_route.iter().enumerate() {
-            let routes = qs.len();
-            for k in 0..routes {
-                let r = (self.rotate + k) % routes;
-                if !qs[r].is_empty() {
-                    out.push((t as u16, r as u16));
-                }
-            }
+        let start = self.rotate % self.by_route.len().max(1);
+        #[cfg(test)]
+        {
+            // The retain below looks at each listed route's queue once.
+            self.visits += self.busy.iter().map(|&t| self.busy_routes[usize::from(t)].len()).sum::<usize>();
         }
+        let Self { by_route, busy, busy_routes, .. } = self;
+        busy.retain(|&t| {
+            let rs = &mut busy_routes[usize::from(t)];
+            rs.retain(|&r| !by_route[usize::from(r)].is_empty());
+            let k = rs.partition_point(|&r| usize::from(r) < start);
+            out.extend(rs[k..].iter().chain(&rs[..k]).map(|&r| (t, r)));
+            !rs.is_empty()
+        });
+    }
+
+    /// Bytes the queues hold reserved (their calls' buffers included).
+    #[cfg(test)]
+    fn reserved_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let deques: usize = self.by_route.iter().map(|q| q.capacity() * size_of::<C>()).sum();
+        let lists: usize = self.busy_routes.iter().map(|l| l.capacity() * size_of::<u16>()).sum();
+        self.owner.capacity() * size_of::<u16>()
+            + self.by_route.capacity() * size_of::<VecDeque<C>>()
+            + deques
+            + self.len.capacity() * size_of::<usize>()
+            + self.busy.capacity() * size_of::<u16>()
+            + self.busy_routes.capacity() * size_of::<Vec<u16>>()
+            + lists
     }
 }
 
@@ -950,6 +1033,67 @@ mod tests {
         assert_eq!(q.push(0, 6, 9), Err((9, QueueRefusal::NotOwner)));
         assert_eq!(q.front(3, 0), None);
         assert_eq!(q.pop(0, 6), None);
+    }
+
+    /// `tenants` tenants owning `routes` routes, route `r` tenant
+    /// `r % tenants`'s; `tenant_queue` 1024, `route_queue` 64.
+    fn many(tenants: usize, routes: usize) -> SendQueues<u32> {
+        let owners: Vec<u16> = (0..routes).map(|r| (r % tenants) as u16).collect();
+        SendQueues::new(tenants, &owners, 1024, 64)
+    }
+
+    /// What the queues reserve at start grows with tenants plus routes,
+    /// not with tenants times routes (1000 tenants and 30000 routes once
+    /// took 30 million queues, about 1 GB).
+    #[test]
+    fn the_queues_reserve_memory_linear_in_tenants_and_routes() {
+        // (The small case first: it fails fast where the large one would
+        // take the gigabyte.)
+        for (tenants, routes) in [(100, 3000), (1000, 30_000)] {
+            let q = many(tenants, routes);
+            let bound = 64 * (tenants + routes);
+            assert!(
+                q.reserved_bytes() <= bound,
+                "{tenants} tenants, {routes} routes: {} bytes reserved, over {bound}",
+                q.reserved_bytes()
+            );
+        }
+    }
+
+    /// A turn looks only at the queues of routes that hold calls (or held
+    /// some since the last turn), not at every tenant's every route.
+    #[test]
+    fn a_turn_looks_only_at_routes_with_waiting_calls() {
+        for (tenants, routes) in [(100, 3000), (1000, 30_000)] {
+            let mut q = many(tenants, routes);
+            let mut out = Vec::new();
+            q.order(&mut out);
+            assert_eq!((q.visits, out.len()), (0, 0), "{tenants}x{routes}: a turn with no call waiting");
+            // Two calls of tenant 7 and one of tenant 3.
+            for (t, r) in [(7, 7 + tenants), (7, 7), (3, 3 + 2 * tenants)] {
+                q.push(t as u16, r as u16, 0).unwrap();
+            }
+            q.visits = 0;
+            q.order(&mut out);
+            assert_eq!(out.len(), 3);
+            assert!(q.visits <= 3, "{tenants}x{routes}: {} queues looked at for 3 calls", q.visits);
+            while q.pop_any().is_some() {}
+            q.order(&mut out);
+            q.visits = 0;
+            q.order(&mut out);
+            assert_eq!((q.visits, out.len()), (0, 0), "{tenants}x{routes}: once the calls are gone");
+        }
+    }
+
+    /// A call of a tenant for a route of another tenant is refused (the
+    /// route's function belongs to its own tenant).
+    #[test]
+    fn a_call_for_another_tenants_route_is_refused() {
+        let mut q = six_routes();
+        assert_eq!(q.push(1, 1, 1), Err((1, QueueRefusal::NotOwner)));
+        assert_eq!(q.push(0, 2, 2), Err((2, QueueRefusal::NotOwner)));
+        q.push(0, 1, 3).unwrap();
+        assert_eq!(q.front(1, 1), None);
     }
 
     /// A send that failed after it left may have been placed and run: its
