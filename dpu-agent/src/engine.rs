@@ -121,9 +121,9 @@ pub struct Settings {
 struct Out {
     msg: Msg,
     /// Its queue: the node it goes to, or, from `fabric_nodes` on,
-    /// `fabric_nodes + f` for a call to function `f` that runs on several
-    /// other nodes, bound to one of them only when it is sent (see
-    /// [`Engine::spread_fn`]).
+    /// `fabric_nodes + k` for a call to the function with key `k` of its
+    /// tenant ([`Engine::fn_key`]) that runs on several other nodes, bound
+    /// to one of them only when it is sent (see [`Engine::spread_fn`]).
     peer: u16,
     since: Instant,
 }
@@ -263,10 +263,15 @@ impl<O: ForPeer> Sends<O> {
 
 #[derive(Debug)]
 struct Tenant {
+    /// Its messages waiting for the scheduler: a queue per fabric node,
+    /// then one per function of the tenant, by key ([`Engine::fn_key`]).
     sends: Sends,
     /// Local deliveries waiting for room in the destination ring, with the
-    /// node each came from over the fabric (`None`: from this node).
+    /// node each came from over the fabric (`None`: from this node); its
+    /// functions by key.
     backlog: DeliveryBacklog<(Msg, Option<u16>)>,
+    /// The cluster ids of its functions, by key.
+    fns: Vec<u16>,
 }
 
 /// The engine of one node, over fabric transport `T` and host links `H`.
@@ -293,6 +298,15 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     backs: usize,
     /// Tenant of each function id.
     fn_tenant: Vec<u16>,
+    /// Per function id: its key, its index among its tenant's functions
+    /// (in cluster order). A tenant's queues and backlog have a place for
+    /// each of its own functions only, so they grow with the cluster's
+    /// functions, not with tenants times functions. Meaningful for the
+    /// functions of this engine's tenants.
+    fn_key: Vec<u16>,
+    /// Per cluster tenant id: its index in this engine (`None`: another
+    /// core serves it).
+    local_of: Vec<Option<u16>>,
     /// Per tenant: uplink rejections by reason, as the host link last
     /// reported its running totals.
     rejected_seen: Vec<Vec<(&'static str, u64)>>,
@@ -408,13 +422,42 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         let per_buffer =
             || ids.iter().map(|&id| vec![NO_NODE; cfg.tenants[usize::from(id)].buffers as usize]).collect();
         let room = (SEND_RESERVE / (ids.len() * usize::from(fabric_nodes)).max(1)).clamp(8, 256);
-        let tenants = ids
-            .iter()
-            .map(|_| Tenant {
-                sends: Sends::new(fabric_nodes, cfg.functions.len(), room),
-                backlog: DeliveryBacklog::new(cfg.functions.len()),
+        let fn_tenant: Vec<u16> = cfg.functions.iter().map(|f| cfg.tenant_id(&f.tenant).unwrap_or(u16::MAX)).collect();
+        let mut local_of = vec![None; cfg.tenants.len()];
+        for (t, &id) in ids.iter().enumerate() {
+            if let Some(l) = local_of.get_mut(usize::from(id)) {
+                *l = Some(t as u16);
+            }
+        }
+        let mut fns = vec![Vec::new(); ids.len()];
+        let mut fn_key = vec![0; cfg.functions.len()];
+        for (f, &id) in fn_tenant.iter().enumerate() {
+            if let Some(&Some(t)) = local_of.get(usize::from(id)) {
+                let own: &mut Vec<u16> = &mut fns[usize::from(t)];
+                fn_key[f] = own.len() as u16;
+                own.push(f as u16);
+            }
+        }
+        let tenants = fns
+            .into_iter()
+            .zip(&ids)
+            .map(|(fns, &id)| {
+                // A function's queue key, `fabric_nodes + key`, is a u16.
+                if u16::try_from(usize::from(fabric_nodes) + fns.len()).is_err() {
+                    anyhow::bail!(
+                        "tenant {} has {} functions and the cluster {fabric_nodes} fabric nodes; \
+                         an engine numbers both within 65535",
+                        cfg.tenants[usize::from(id)].name,
+                        fns.len()
+                    );
+                }
+                Ok(Tenant {
+                    sends: Sends::new(fabric_nodes, fns.len(), room),
+                    backlog: DeliveryBacklog::new(fns.len()),
+                    fns,
+                })
             })
-            .collect();
+            .collect::<anyhow::Result<_>>()?;
         let ntenants = ids.len();
         Ok(Self {
             tally: vec![Tally::default(); ids.len()],
@@ -424,7 +467,9 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             arrived: per_buffer(),
             back_to: per_buffer(),
             backs: 0,
-            fn_tenant: cfg.functions.iter().map(|f| cfg.tenant_id(&f.tenant).unwrap_or(u16::MAX)).collect(),
+            fn_tenant,
+            fn_key,
+            local_of,
             rejected_seen: vec![Vec::new(); ids.len()],
             fabric_nodes,
             drr: Drr::new(&weights, QUANTUM, now),
@@ -452,7 +497,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
 
     /// This engine's index of cluster tenant `id`, if it serves it.
     fn local(&self, id: u16) -> Option<usize> {
-        self.ids.iter().position(|&i| i == id)
+        self.local_of.get(usize::from(id)).copied().flatten().map(usize::from)
     }
 
     fn link(&mut self, t: usize) -> &mut H {
@@ -851,7 +896,8 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                     if here {
                         self.metrics.tenants[self.gid(t)].elsewhere.inc();
                     }
-                    self.fabric_nodes + f as u16
+                    // (Fits: checked at start.)
+                    self.fabric_nodes + self.fn_key[f]
                 }
                 // Marked ELSEWHERE for a function on this node alone; or
                 // (never: the cluster file is checked when loaded) one on
@@ -929,10 +975,12 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         (n != NO_NODE && n != self.set.node && n < self.fabric_nodes).then_some(n)
     }
 
-    /// The function whose calls queue `key` holds, if it is one of the
-    /// queues of functions on several nodes (see [`Out::peer`]).
-    fn spread_fn(&self, key: u16) -> Option<usize> {
-        key.checked_sub(self.fabric_nodes).map(usize::from)
+    /// The function whose calls tenant `t`'s queue `key` holds, if it is
+    /// one of the queues of functions on several nodes (see [`Out::peer`]).
+    #[inline]
+    fn spread_fn(&self, t: usize, key: u16) -> Option<usize> {
+        let k = key.checked_sub(self.fabric_nodes)?;
+        self.tenants[t].fns.get(usize::from(k)).map(|&f| usize::from(f))
     }
 
     /// Whether function `f` runs on this node.
@@ -970,9 +1018,11 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         if !here && matches!(self.link(t).view(), fabric::PoolView::Local(_)) {
             return self.undeliverable(t, msg, from);
         }
-        if !retry && self.tenants[t].backlog.holds(d.dst_fn) {
+        // (A function of tenant `t`: checked above.)
+        let key = self.fn_key[f];
+        if !retry && self.tenants[t].backlog.holds(key) {
             // Behind its function's messages waiting for room.
-            return self.tenants[t].backlog.wait(d.dst_fn, (msg, from), false);
+            return self.tenants[t].backlog.wait(key, (msg, from), false);
         }
         let len = u64::from(msg.len());
         let cfg = self.cfg.clone();
@@ -986,7 +1036,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             }
             Ok(()) => {}
             Err(e) => match (e.kind, e.msg) {
-                (SendErrorKind::Full, Some(msg)) => self.tenants[t].backlog.wait(d.dst_fn, (msg, from), retry),
+                (SendErrorKind::Full, Some(msg)) => self.tenants[t].backlog.wait(key, (msg, from), retry),
                 (_, Some(msg)) => self.undeliverable(t, msg, from),
                 (_, None) => self.answer_lost(t, d, from),
             },
@@ -1239,7 +1289,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             let down = nodes.iter().filter_map(|&n| down.get(usize::from(n)).copied().flatten()).max();
             down.map_or(since, |d| d.max(since)).elapsed() > UNREACHABLE_AFTER
         };
-        self.tenants[t].sends.pick(|o| match self.spread_fn(o.peer) {
+        self.tenants[t].sends.pick(|o| match self.spread_fn(t, o.peer) {
             None => self.port.can_send(t16, o.peer) || (!self.port.is_up(t16, o.peer) && gave_up(o.since, &[o.peer])),
             Some(f) => {
                 let nodes = &self.fn_nodes[f];
@@ -1288,7 +1338,7 @@ impl<T: Transport, H: HostLink> Backlog for Engine<T, H> {
         let Some(out) = self.tenants[t].sends.take(0) else { return };
         let tag = out.since.saturating_duration_since(self.set.epoch).as_nanos() as u64;
         let bytes = wire_bytes(&out.msg);
-        let peer = match self.spread_fn(out.peer) {
+        let peer = match self.spread_fn(t, out.peer) {
             None => out.peer,
             // The next of the function's nodes that can take it (none: all
             // are down, and the send below bounces it).
@@ -1439,6 +1489,108 @@ mod tests {
         // the data path of the engine benchmark's cluster).
         let small = lone_engine(2);
         assert!(small.tenants[0].sends.by_peer[1].capacity() >= 256);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// An engine keeps, per tenant, queues and delivery order for that
+    /// tenant's own functions only (a function belongs to one tenant), so
+    /// what it sets up grows with tenants + functions, not with their
+    /// product. Before, every tenant had a queue (an empty `VecDeque`, 32
+    /// bytes) and a backlog counter for every function of the cluster:
+    /// 1000 tenants with 30 functions each took 30 million queues (960 MB)
+    /// and 30 million counters (120 MB).
+    #[test]
+    fn per_tenant_state_grows_with_the_tenants_own_functions() {
+        let (tenants, per_tenant, nodes): (usize, usize, usize) = (1000, 30, 10);
+        let dir = std::env::temp_dir().join(format!("dne-engine-per-tenant-{}", std::process::id()));
+        let mut text = nodes_text(nodes, &dir);
+        for t in 0..tenants {
+            text +=
+                &format!("[[tenant]]\nname = \"t{t}\"\nweight = 1\nbuf_size = 1024\nbuffers = 64\nrecv_quota = 2\n\n");
+        }
+        for t in 0..tenants {
+            for k in 0..per_tenant {
+                // Every third function on two nodes (its calls wait in a
+                // queue of their own).
+                let (a, b) = ((t + k) % nodes, (t + k + 1) % nodes);
+                let on = if k % 3 == 0 { format!("nodes = [\"n{a}\", \"n{b}\"]") } else { format!("node = \"n{a}\"") };
+                text += &format!("[[function]]\nname = \"f{t}-{k}\"\ntenant = \"t{t}\"\n{on}\n\n");
+            }
+        }
+        let cfg = Arc::new(config::Cluster::parse(&text).unwrap());
+        let functions = tenants * per_tenant;
+        assert_eq!(cfg.functions.len(), functions);
+        // The last tenant's f999-1 (on n0) calls f999-3 (on n2 and n3)
+        // four times.
+        let last = tenants - 1;
+        let (src, dst) = ((last * per_tenant + 1) as u16, (last * per_tenant + 3) as u16);
+        let links = (0..tenants)
+            .map(|t| {
+                let (src, dst, stock) = if t == last { (src, dst, 4) } else { (0, 0, 0) };
+                NullLink::new(cfg.pool_geometry(t as u16).unwrap(), t as u16, src, dst, 64, stock).unwrap()
+            })
+            .collect();
+        let mut e = null_fabric_engine(&cfg, 0, 32, links);
+        let queues: usize = e.tenants.iter().map(|t| t.sends.by_peer.len()).sum();
+        assert!(queues <= tenants * nodes + functions, "{queues} send queues");
+        let counters: usize = e.tenants.iter().map(|t| t.backlog.functions()).sum();
+        assert!(counters <= functions, "{counters} backlog counters");
+        // The calls wait in the queue of f999-3, its tenant's function 3.
+        e.step(Instant::now());
+        let key = nodes as u16 + 3;
+        assert_eq!(e.tenants[last].sends.queued_for(key), 4);
+        assert_eq!(e.spread_fn(last, key), Some(usize::from(dst)));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A call's queue key for a function on several nodes is the number
+    /// of fabric nodes plus the function's key among its tenant's
+    /// functions, which fits a u16 unless one tenant has nearly 65535
+    /// functions (the engine then refuses to start, with the reason).
+    /// Before, it was the number of fabric nodes plus the function's
+    /// cluster id: with 3 nodes, a call to function 65533 overflowed (a
+    /// panic in a debug build; in a release build key 0, this node's own
+    /// queue).
+    #[test]
+    fn queue_keys_of_functions_on_several_nodes_fit_a_u16() {
+        let dir = std::env::temp_dir().join(format!("dne-engine-keys-{}", std::process::id()));
+        let text = |tenants: usize| {
+            let mut text = nodes_text(3, &dir);
+            for t in 0..tenants {
+                text += &format!(
+                    "[[tenant]]\nname = \"t{t}\"\nweight = 1\nbuf_size = 1024\nbuffers = 64\nrecv_quota = 2\n\n"
+                );
+            }
+            let functions = usize::from(u16::MAX) - 1;
+            for f in 0..functions {
+                let on = if f % 2 == 0 { "node = \"n0\"" } else { "nodes = [\"n1\", \"n2\"]" };
+                let t = f * tenants / functions;
+                text += &format!("[[function]]\nname = \"f{f}\"\ntenant = \"t{t}\"\n{on}\n\n");
+            }
+            Arc::new(config::Cluster::parse(&text).unwrap())
+        };
+        let link = |cfg: &config::Cluster, t: u16, src: u16, dst: u16, stock| {
+            NullLink::new(cfg.pool_geometry(t).unwrap(), t, src, dst, 64, stock).unwrap()
+        };
+        // Two tenants: t1 has functions 32767 to 65533, its f65532 on n0
+        // calls its f65533 on n1 and n2.
+        let cfg = text(2);
+        let (src, dst) = (u16::MAX - 3, u16::MAX - 2);
+        assert_eq!(cfg.functions[usize::from(dst)].tenant, "t1");
+        let links = vec![link(&cfg, 0, 0, 0, 0), link(&cfg, 1, src, dst, 2)];
+        let mut e = null_fabric_engine(&cfg, 0, 32, links);
+        e.step(Instant::now());
+        assert_eq!(e.tenants[1].sends.len(), 2);
+        assert_eq!(e.tenants[1].sends.queued_for(0), 0, "nothing queued for this node");
+        let key = e.tenants[1].sends.active[0];
+        assert_eq!(e.spread_fn(1, key), Some(usize::from(dst)));
+        // One tenant with every function: refused at start.
+        let cfg = text(1);
+        let set = Settings { node: 0, idle_sleep_after: None, epoch: Instant::now(), batch: 32, core: 0 };
+        let metrics = Arc::new(Metrics::new(&cfg, "n0"));
+        let null = |_: &fabric::EndpointConfig, _| Ok(fabric::NullTransport::new());
+        let err = Engine::new(cfg.clone(), set, vec![link(&cfg, 0, 0, 0, 0)], metrics, null).unwrap_err();
+        assert!(err.to_string().contains("tenant t0 has 65534 functions"), "{err}");
         let _ = std::fs::remove_dir_all(dir);
     }
 

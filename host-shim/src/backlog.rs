@@ -27,10 +27,18 @@ pub struct DeliveryBacklog<T> {
 }
 
 impl<T> DeliveryBacklog<T> {
-    /// An empty backlog for deliveries to `functions` functions (ids
-    /// `0..functions`; a delivery to another id is kept, never held back).
+    /// An empty backlog for deliveries to `functions` functions (keys
+    /// `0..functions`, as the deliverer numbers them: the agent and the
+    /// bridge number each tenant's own functions; a delivery to another key
+    /// is kept, never held back).
     pub fn new(functions: usize) -> Self {
         Self { queue: VecDeque::with_capacity(256), waiting: vec![0; functions], full: Vec::new(), left: 0 }
+    }
+
+    /// How many functions it keeps the order of (the `functions` it was
+    /// made for).
+    pub fn functions(&self) -> usize {
+        self.waiting.len()
     }
 
     /// Deliveries waiting.
