@@ -162,7 +162,8 @@ struct Tenant {
     blob: Vec<u8>,
     /// Receive buffers the agent asked for and did not get yet.
     want: u32,
-    /// Deliveries waiting for room in a function's ring.
+    /// Deliveries waiting for room in a function's ring; the tenant's
+    /// functions on this node by key ([`Bridge::local_fns`]).
     backlog: DeliveryBacklog<Msg>,
     /// Per buffer: the agent's when a connection to it went away, kept so
     /// until [`AGENT_GONE_GRACE`] is over ([`Bridge::keeping`]). The agent
@@ -226,8 +227,12 @@ pub struct Bridge {
     /// What this bridge last put in `shared` (none yet: a new bridge
     /// overwrites what an earlier one left there).
     published: Option<BridgeStats>,
-    /// Per cluster function: its tenant if it runs on this node.
-    local_fns: Vec<Option<u16>>,
+    /// Per cluster function, if it runs on this node: its tenant, and its
+    /// key, its index among that tenant's functions here (in cluster
+    /// order). A tenant's backlog has a place for each of those only, so
+    /// the backlogs grow with the functions, not with tenants times
+    /// functions.
+    local_fns: Vec<Option<(u16, u16)>>,
     /// Deliveries to this cluster function are lost (see
     /// [`Bridge::lose_deliveries_to`]).
     lose_to: Option<u16>,
@@ -245,8 +250,19 @@ impl Bridge {
     pub fn new(cfg: Arc<Cluster>, node: u16, socket: &Path, shared: SharedStats) -> anyhow::Result<Self> {
         let n = cfg.nodes.get(usize::from(node)).ok_or_else(|| anyhow::anyhow!("no node {node}"))?;
         let dev = doca::open_host_link_device().map_err(|e| anyhow::anyhow!("opening the DOCA device: {e}"))?;
+        let mut here = vec![0u16; cfg.tenants.len()];
+        let local_fns: Vec<Option<(u16, u16)>> = cfg
+            .functions
+            .iter()
+            .map(|f| {
+                let t = cfg.tenant_id(&f.tenant).filter(|_| cfg.runs_on(f, node))?;
+                let n = here.get_mut(usize::from(t))?;
+                *n += 1;
+                Some((t, *n - 1))
+            })
+            .collect();
         let mut tenants = Vec::with_capacity(cfg.tenants.len());
-        for t in &cfg.tenants {
+        for (t, &here) in cfg.tenants.iter().zip(&here) {
             let link = Function::attach_agent(socket, &t.name)?;
             let fd = link.pool().region().fd().try_clone_to_owned()?;
             let region = Arc::new(shm::Region::open(fd)?);
@@ -266,13 +282,11 @@ impl Bridge {
                     blob.len()
                 );
             }
-            let backlog = DeliveryBacklog::new(cfg.functions.len());
+            let backlog = DeliveryBacklog::new(usize::from(here));
             let kept = vec![false; link.pool().geometry().buf_count() as usize];
             tenants.push(Tenant { link, _mmap: mmap, blob, want: 0, backlog, kept });
         }
         let max_chain = cfg.tenants.iter().map(|t| t.max_chain).max().unwrap_or(64) as usize;
-        let local_fns =
-            cfg.functions.iter().map(|f| cfg.runs_on(f, node).then(|| cfg.tenant_id(&f.tenant)).flatten()).collect();
         Ok(Self {
             name: server_name(n),
             node,
@@ -315,6 +329,13 @@ impl Bridge {
     #[doc(hidden)]
     pub fn lose_deliveries_to(&mut self, f: Option<u16>) {
         self.lose_to = f;
+    }
+
+    /// For tests: how many function keys the tenants' delivery backlogs
+    /// keep order for, in all.
+    #[doc(hidden)]
+    pub fn backlog_keys(&self) -> usize {
+        self.tenants.iter().map(|t| t.backlog.functions()).sum()
     }
 
     /// Runs until `stop` is set or host-shimd goes away.
@@ -686,11 +707,12 @@ impl Bridge {
     /// a function with messages waiting waits behind them (order).
     fn deliver_as(&mut self, t: usize, msg: Msg, retry: bool) {
         let dst = msg.desc().dst_fn;
-        if self.local_fns.get(usize::from(dst)) != Some(&Some(t as u16)) {
-            return self.bounce(t, msg);
-        }
-        if !retry && self.tenants[t].backlog.holds(dst) {
-            return self.tenants[t].backlog.wait(dst, msg, false);
+        let key = match self.local_fns.get(usize::from(dst)) {
+            Some(&Some((owner, key))) if usize::from(owner) == t => key,
+            _ => return self.bounce(t, msg),
+        };
+        if !retry && self.tenants[t].backlog.holds(key) {
+            return self.tenants[t].backlog.wait(key, msg, false);
         }
         let d = *msg.desc();
         let name = &self.cfg.functions[usize::from(dst)].name;
@@ -703,7 +725,7 @@ impl Bridge {
         match sent {
             Ok(()) => self.stats.delivered += 1,
             Err(e) => match (e.kind, e.msg) {
-                (SendErrorKind::Full, Some(m)) => self.tenants[t].backlog.wait(dst, m, retry),
+                (SendErrorKind::Full, Some(m)) => self.tenants[t].backlog.wait(key, m, retry),
                 (_, Some(m)) => self.bounce(t, m),
                 (_, None) => self.report_lost(d),
             },
