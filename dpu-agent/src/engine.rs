@@ -1521,16 +1521,16 @@ mod tests {
         let functions = tenants * per_tenant;
         assert_eq!(cfg.functions.len(), functions);
         // The last tenant's f999-1 (on n0) calls f999-3 (on n2 and n3)
-        // four times.
+        // four times (one pass takes four), then three more calls come.
         let last = tenants - 1;
         let (src, dst) = ((last * per_tenant + 1) as u16, (last * per_tenant + 3) as u16);
         let links = (0..tenants)
             .map(|t| {
-                let (src, dst, stock) = if t == last { (src, dst, 4) } else { (0, 0, 0) };
+                let (src, dst, stock) = if t == last { (src, dst, 7) } else { (0, 0, 0) };
                 NullLink::new(cfg.pool_geometry(t as u16).unwrap(), t as u16, src, dst, 64, stock).unwrap()
             })
             .collect();
-        let mut e = null_fabric_engine(&cfg, 0, 32, links);
+        let mut e = null_fabric_engine(&cfg, 0, 4, links);
         let queues: usize = e.tenants.iter().map(|t| t.sends.by_peer.len()).sum();
         assert!(queues <= tenants * nodes + functions, "{queues} send queues");
         let counters: usize = e.tenants.iter().map(|t| t.backlog.functions()).sum();
@@ -1540,6 +1540,28 @@ mod tests {
         let key = nodes as u16 + 3;
         assert_eq!(e.tenants[last].sends.queued_for(key), 4);
         assert_eq!(e.spread_fn(last, key), Some(usize::from(dst)));
+        // Calls from n1 to f999-1 (on n0), whose ring is full, then has
+        // room: the third waits behind the first two.
+        let call = |k: u32| wire::Descriptor {
+            tenant: last as u16,
+            dst_fn: src,
+            src_fn: dst,
+            origin: wire::desc::NO_NODE,
+            request: k,
+            ..wire::Descriptor::default()
+        };
+        e.link(last).full = true;
+        for k in 0..3 {
+            if k == 2 {
+                e.link(last).full = false;
+            }
+            *e.link(last).template() = call(k);
+            let m = crate::hostlink::HostLink::take(e.link(last)).unwrap();
+            e.deliver(last, m, Some(1));
+        }
+        assert_eq!((e.tenants[last].backlog.len(), e.link(last).delivered), (3, 0), "behind the others");
+        assert_eq!(e.redeliver(), 3);
+        assert_eq!((e.link(last).reordered, e.link(last).last_request), (0, Some(2)));
         let _ = std::fs::remove_dir_all(dir);
     }
 
