@@ -767,6 +767,21 @@ impl Cluster {
                 return Err(bad(f("ring_capacity"), e.to_string()));
             }
         }
+        // The agent numbers a tenant's send queues, one per fabric node and
+        // one per function of the tenant, within a u16.
+        let mut per_tenant = vec![0usize; self.tenants.len()];
+        for func in &self.functions {
+            if let Some(&t) = tenant_ids.get(func.tenant.as_str()) {
+                per_tenant[usize::from(t)] += 1;
+            }
+        }
+        let fabric_nodes = self.nodes.len() + self.ingresses.len();
+        if let Some((t, n)) = per_tenant.iter().enumerate().find(|&(_, &n)| fabric_nodes + n > usize::from(u16::MAX)) {
+            return Err(bad(
+                format!("tenant[{t}]"),
+                format!("{n} functions and {fabric_nodes} nodes and ingresses: at most {} together", u16::MAX),
+            ));
+        }
         let mut seen = HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
             let f = |name: &str| format!("route[{i}].{name}");
@@ -1549,6 +1564,33 @@ runtime_dir = "/tmp/dne/edge"
         // A watchdog, not a measure: it takes well under a second.
         let got = rx.recv_timeout(std::time::Duration::from_secs(60));
         assert_eq!(got, Ok(Ok(())), "no answer within 60 s");
+    }
+
+    /// The agent numbers a tenant's send queues (one per fabric node, one
+    /// per function of the tenant) within a u16: a tenant with more is
+    /// refused at parse. Before, the file was taken and the agent refused
+    /// it at start.
+    #[test]
+    fn a_tenants_functions_and_the_nodes_fit_the_agents_numbering() {
+        use std::fmt::Write;
+        let text = |functions: usize| {
+            let mut text = String::new();
+            for k in 0..2 {
+                let _ = write!(
+                    text,
+                    "[[node]]\nname = \"n{k}\"\naddress = \"127.0.0.1:{}\"\nruntime_dir = \"/tmp/n{k}\"\n",
+                    7101 + k
+                );
+            }
+            text.push_str("[[tenant]]\nname = \"t\"\nweight = 1\nbuffers = 256\nrecv_quota = 64\n");
+            for k in 0..functions {
+                let _ = write!(text, "[[function]]\nname = \"f{k}\"\ntenant = \"t\"\nnode = \"n0\"\n");
+            }
+            text
+        };
+        Cluster::parse(&text(65533)).unwrap();
+        let Err(e) = Cluster::parse(&text(65534)) else { panic!("65534 functions and 2 nodes parsed") };
+        assert_eq!(e.to_string(), "tenant[0]: 65534 functions and 2 nodes and ingresses: at most 65535 together");
     }
 
     /// The look-ups by name take time in proportion to the name, not to
