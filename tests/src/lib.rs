@@ -22,8 +22,7 @@ pub mod cluster;
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
 /// Directory holding the workspace's binaries for the profile these tests
@@ -57,7 +56,7 @@ pub struct Proc {
     /// Threads reading stdout and stderr to their end, for a process
     /// started with [`Proc::spawn`]: read as it runs, so a full pipe never
     /// blocks it.
-    drains: Option<[JoinHandle<Vec<u8>>; 2]>,
+    drains: Option<[Drain; 2]>,
 }
 
 /// What a finished process left.
@@ -83,7 +82,7 @@ impl Proc {
             .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
         let out = child.stdout.take().expect("piped stdout");
         let err = child.stderr.take().expect("piped stderr");
-        let drains = [drain(out), drain(err)];
+        let drains = [Drain::new(out), Drain::new(err)];
         Self { name: name.to_owned(), child: Some(child), lines: None, drains: Some(drains) }
     }
 
@@ -186,18 +185,22 @@ impl Proc {
     }
 
     /// Waits for the process to exit; panics (after killing it) when it is
-    /// still running after `deadline`.
+    /// still running after `deadline`. Its output is waited for until then
+    /// too (see [`Drain`]).
     pub fn wait_timeout(mut self, deadline: Duration) -> Output {
         let start = Instant::now();
         let mut child = self.child.take().expect("child present until waited");
         loop {
             match child.try_wait() {
-                Ok(Some(status)) => return collect(status, self.drains.take()),
+                Ok(Some(status)) => {
+                    let until = (start + deadline).max(Instant::now() + DRAIN_GRACE);
+                    return collect(status, self.drains.take(), until);
+                }
                 Ok(None) if start.elapsed() < deadline => std::thread::sleep(Duration::from_millis(5)),
                 Ok(None) => {
                     let _ = child.kill();
                     let status = child.wait().expect("wait after kill");
-                    let out = collect(status, self.drains.take());
+                    let out = collect(status, self.drains.take(), Instant::now() + DRAIN_GRACE);
                     panic!("{} still running after {deadline:?}; killed. output: {out:#?}", self.name);
                 }
                 Err(e) => panic!("waiting for {}: {e}", self.name),
@@ -206,21 +209,58 @@ impl Proc {
     }
 }
 
-/// A thread reading `pipe` to its end.
-fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        bytes
-    })
+/// Longest the output of a process killed by the watchdog is waited for
+/// (and of one that exited, at least): its pipes close when it exits,
+/// unless a child it left holds them (see [`Drain`]).
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// A thread reading a pipe to its end, and what it has read so far.
+///
+/// A process that exited or was killed may have left a child with the
+/// same stdout and stderr (a compiler driver's `cc1`, a shell's background
+/// job): the pipes stay open as long as that child runs, so waiting for
+/// their end is bounded (by the watchdog's deadline, or [`DRAIN_GRACE`]
+/// after it) and the output is what was read by then.
+#[derive(Debug)]
+struct Drain {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    /// Disconnected when the thread has read the pipe's end.
+    done: mpsc::Receiver<()>,
 }
 
-/// The output of an exited process: what the threads of [`drain`] read
-/// (nothing for a process whose output was not captured).
-fn collect(status: ExitStatus, drains: Option<[JoinHandle<Vec<u8>>; 2]>) -> Output {
-    let [stdout, stderr] = drains.map_or([String::new(), String::new()], |d| {
-        d.map(|t| String::from_utf8_lossy(&t.join().unwrap_or_default()).into_owned())
-    });
+impl Drain {
+    fn new(mut pipe: impl Read + Send + 'static) -> Self {
+        let bytes = Arc::new(Mutex::new(Vec::new()));
+        let (tx, done) = mpsc::channel::<()>();
+        let into = bytes.clone();
+        std::thread::spawn(move || {
+            let _tx = tx;
+            let mut buf = [0u8; 8192];
+            loop {
+                match pipe.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => into.lock().unwrap_or_else(PoisonError::into_inner).extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        Self { bytes, done }
+    }
+
+    /// What was read by the pipe's end, or by `until` if it is still open.
+    fn take(self, until: Instant) -> String {
+        let _ = self.done.recv_timeout(until.saturating_duration_since(Instant::now()));
+        let bytes = std::mem::take(&mut *self.bytes.lock().unwrap_or_else(PoisonError::into_inner));
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+/// The output of an exited process: what its [`Drain`]s read by the
+/// pipes' end or by `until` (nothing for a process whose output was not
+/// captured).
+fn collect(status: ExitStatus, drains: Option<[Drain; 2]>, until: Instant) -> Output {
+    let [stdout, stderr] = drains.map_or([String::new(), String::new()], |d| d.map(|d| d.take(until)));
     Output { status, stdout, stderr }
 }
 
@@ -424,6 +464,34 @@ mod tests {
         let out = run("sh", cmd, Duration::from_secs(10));
         assert!(out.status.success(), "{:?}", out.status);
         assert_eq!((out.stdout.len(), out.stderr.len()), (300_000, 200_000));
+    }
+
+    /// The watchdog holds even when the process left a child of its own
+    /// with its stdout and stderr (a compiler driver's `cc1`, a shell's
+    /// background job): killing the process does not close its pipes, so
+    /// waiting for their end would wait for that child. The output read so
+    /// far is in the panic message.
+    #[test]
+    fn the_watchdog_holds_when_a_child_of_the_process_keeps_its_output_open() {
+        let dir = TempDir::new("proc-grandchild");
+        let pidfile = dir.path().join("pid");
+        let mut cmd = Command::new("sh");
+        let script = format!("sleep 60 & echo $! > {}; echo started; exec sleep 60", pidfile.display());
+        cmd.args(["-c", &script]);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let r =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run("sh", cmd, Duration::from_millis(500))));
+            let _ = tx.send(r.map_err(|e| e.downcast::<String>().map(|m| *m).unwrap_or_default()));
+        });
+        let got = rx.recv_timeout(Duration::from_secs(20));
+        // The background `sleep 60` is the test's to end, whatever happened.
+        if let Ok(pid) = std::fs::read_to_string(&pidfile) {
+            let pid = nix::unistd::Pid::from_raw(pid.trim().parse().unwrap());
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let Ok(Err(msg)) = got else { panic!("the watchdog did not fire within 20 s: {got:?}") };
+        assert!(msg.contains("still running") && msg.contains("started"), "{msg}");
     }
 
     #[test]
