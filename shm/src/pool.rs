@@ -158,18 +158,22 @@ impl Lease {
 }
 
 /// A per-process stash of free buffers (see [`Pool::alloc_cached`]). Its
-/// capacity is fixed at creation; it never allocates afterwards.
+/// capacity is fixed at creation; it never allocates afterwards. The
+/// buffers it holds are one pool's: while it holds any, another pool
+/// passes it by (allocates and frees without it).
 #[derive(Debug)]
 pub struct LocalCache {
     holder: Owner,
     idx: Vec<u32>,
     cap: usize,
+    /// The pool of the buffers in `idx`.
+    pool: PoolId,
 }
 
 impl LocalCache {
     /// A cache of up to `cap` buffers, held as `holder`.
     pub fn new(holder: Owner, cap: usize) -> Self {
-        Self { holder, idx: Vec::with_capacity(cap.max(1) * 2), cap }
+        Self { holder, idx: Vec::with_capacity(cap.max(1) * 2), cap, pool: PoolId::NONE }
     }
 
     /// Buffers currently cached.
@@ -368,6 +372,9 @@ impl Pool {
     /// `cache` first and refilling it from the shared pool in batches,
     /// so steady-state allocation touches no shared cache line.
     pub fn alloc_cached(&self, cache: &mut LocalCache, len: u32) -> Result<Lease, AllocError> {
+        if !self.takes(cache) {
+            return self.alloc(len, cache.holder);
+        }
         let g = self.layout.geometry;
         if u64::from(len) > g.max_len() {
             return Err(AllocError::Exhausted);
@@ -406,7 +413,7 @@ impl Pool {
         if !self.owns(&lease) {
             return Err(FreeError::ForeignLease);
         }
-        if lease.holder != cache.holder {
+        if lease.holder != cache.holder || !self.takes(cache) {
             return self.free(lease);
         }
         let mut n = 0;
@@ -436,8 +443,23 @@ impl Pool {
         Ok(n)
     }
 
-    /// Returns every cached buffer to the shared pool.
+    /// Whether `cache` may be used with this pool: it holds this pool's
+    /// buffers, or none (then it becomes this pool's).
+    #[inline]
+    fn takes(&self, cache: &mut LocalCache) -> bool {
+        if cache.pool != self.id && cache.idx.is_empty() {
+            cache.pool = self.id;
+        }
+        cache.pool == self.id
+    }
+
+    /// Returns every cached buffer to the shared pool (a cache of another
+    /// pool's buffers is left as it is, with a warning).
     pub fn drain_cache(&self, cache: &mut LocalCache) {
+        if !self.takes(cache) {
+            log::warn!("draining an allocation cache into a pool whose buffers it does not hold: refused");
+            return;
+        }
         for i in cache.idx.drain(..) {
             if let Err(e) = alloc::push(self, i, Some(cache.holder)) {
                 log::warn!("draining allocation cache: {e}");
@@ -1100,6 +1122,37 @@ mod tests {
         p.free_cached(&mut c2, l).unwrap();
         p.drain_cache(&mut c2);
         assert_eq!(p.free_buffers(), 32);
+    }
+
+    /// A cache holds buffer numbers of the pool that filled it. Used with
+    /// another pool, it gave those numbers out as that pool's buffers,
+    /// one of which another lease held there, and drained them into it.
+    #[test]
+    fn a_cache_is_used_only_with_the_pool_whose_buffers_it_holds() {
+        let (a, b) = (pool(16), pool(16));
+        let ours = b.alloc(10, Owner::Held(A)).unwrap();
+        let mut c = LocalCache::new(Owner::Held(A), 4);
+        let l = a.alloc_cached(&mut c, 10).unwrap();
+        a.free_cached(&mut c, l).unwrap();
+        assert!(c.idx.contains(&ours.head()), "a's cache holds the number of b's leased buffer");
+        let cached = c.len();
+        // b allocates, frees and drains past a's cache and leaves it be.
+        let l = b.alloc_cached(&mut c, 10).unwrap();
+        assert_ne!(l.head(), ours.head(), "b's leased buffer allocated twice");
+        assert_eq!(b.free_cached(&mut c, l), Ok(1));
+        b.drain_cache(&mut c);
+        assert_eq!(c.len(), cached, "a's buffers stay in the cache");
+        assert_eq!(b.owner(ours.head()), Ok(Owner::Held(A)), "b's leased buffer was freed");
+        assert_eq!(b.free_buffers(), 15);
+        // Drained into its own pool, the cache serves any pool.
+        a.drain_cache(&mut c);
+        assert_eq!(a.free_buffers(), 16);
+        let l = b.alloc_cached(&mut c, 10).unwrap();
+        assert_ne!(l.head(), ours.head());
+        b.free_cached(&mut c, l).unwrap();
+        b.drain_cache(&mut c);
+        assert_eq!(b.free(ours), Ok(1));
+        assert_eq!(b.free_buffers(), 16);
     }
 
     #[test]
