@@ -545,9 +545,10 @@ impl Cluster {
         // a name: each host's comch is its own PCIe link to its own card.
         // (The emulated comch is one directory per machine, whatever the
         // addresses.) An address that does not parse is reported below.
-        let mut comch: HashMap<(Option<std::net::IpAddr>, String), usize> = HashMap::new();
+        let mut comch: HashMap<(std::net::IpAddr, String), usize> = HashMap::new();
         for (i, n) in self.nodes.iter().enumerate().filter(|(_, n)| n.mode == Mode::Dpu) {
-            let host = n.address.parse().ok().map(|a| ipv4_unmapped(a).ip());
+            let Ok(address) = n.address.parse() else { continue };
+            let host = ipv4_unmapped(address).ip();
             let name = n.comch_name();
             if let Some(&j) = comch.get(&(host, name.clone())) {
                 let other = format!("the comch name of node[{j}] (\"{}\") on the same host", self.nodes[j].name);
@@ -1722,6 +1723,14 @@ runtime_dir = "/tmp/dne/edge"
         Cluster::parse(&two_hosts).unwrap();
         let mapped = dpu("\ncomch = \"x\"", "\ncomch = \"x\"").replacen("127.0.0.1:7102", "[::ffff:127.0.0.1]:7102", 1);
         assert!(Cluster::parse(&mapped).is_err(), "an IPv4-mapped address is the same host");
+        // Addresses that do not parse are the error, not the name.
+        let unknown = dpu("\ncomch = \"x\"", "\ncomch = \"x\"").replacen("127.0.0.1:7101", "nowhere", 1).replacen(
+            "127.0.0.1:7102",
+            "nowhere2",
+            1,
+        );
+        let e = Cluster::parse(&unknown).unwrap_err().to_string();
+        assert!(e.starts_with("node[0].address: \"nowhere\""), "{e}");
     }
 
     /// A route's host with a port beyond a TCP port's range: the error
