@@ -24,9 +24,11 @@
 //!   [`CompletionError`]; a peer that sends garbage fails its connection,
 //!   never the process;
 //! * no allocation per message: every table is sized at setup
-//!   ([`EndpointConfig`]); an endpoint of many connections reserves only
-//!   a share of each connection's tables when it opens, and a table grows
-//!   (to its size, once) only when a burst needs more.
+//!   ([`EndpointConfig`]), except in an endpoint whose connections' tables
+//!   of one kind would hold over 2^18 entries together: there one reserves
+//!   only a share of its tables when it opens, and a table grows, doubling,
+//!   up to its size when a burst needs more (an allocation on the data
+//!   path, a few times per connection at most).
 //!
 //! Credits (why not `wire::ctrl::Credits` frames): a credit update is a
 //! zero-length send whose 32-bit immediate is the receiver's cumulative
