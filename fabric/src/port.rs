@@ -263,6 +263,55 @@ impl<T> Table<T> {
     }
 }
 
+/// The receive counts of each tenant, kept where a connection's `up`,
+/// `posted` or `want` changes (or the connection is dropped), so that
+/// asking for them costs the same however many connections the port has
+/// (drivers ask for every tenant's on every turn).
+#[derive(Debug)]
+struct RecvCounts {
+    /// Per tenant: over its connections that are up, receives wanted
+    /// and not posted.
+    deficit: Vec<u32>,
+    /// Per tenant: receives posted on its connections.
+    posted: Vec<u32>,
+    /// Tenants whose deficit changed since [`Port::next_deficit_change`]
+    /// last gave them, each once (`listed`).
+    changed: Vec<u16>,
+    listed: Vec<bool>,
+}
+
+impl RecvCounts {
+    /// Every tenant is listed as changed at first: a driver's first look
+    /// sets what it keeps from scratch.
+    fn new(tenants: usize) -> Self {
+        Self {
+            deficit: vec![0; tenants],
+            posted: vec![0; tenants],
+            changed: (0..tenants as u16).rev().collect(),
+            listed: vec![true; tenants],
+        }
+    }
+
+    /// What connection `c` adds to its tenant's (deficit, posted).
+    fn part(c: &Conn) -> (u32, u32) {
+        (if c.up { c.want.saturating_sub(c.posted) } else { 0 }, c.posted)
+    }
+
+    /// Tenant `t`'s connection went from adding `before` to adding
+    /// `after`. (Wrapping: the sums are exact modulo 2^32 whatever the
+    /// order of the changes.)
+    fn update(&mut self, t: u16, before: (u32, u32), after: (u32, u32)) {
+        let k = usize::from(t);
+        let (Some(d), Some(p)) = (self.deficit.get_mut(k), self.posted.get_mut(k)) else { return };
+        *d = d.wrapping_sub(before.0).wrapping_add(after.0);
+        *p = p.wrapping_sub(before.1).wrapping_add(after.1);
+        if before.0 != after.0 && !self.listed[k] {
+            self.listed[k] = true;
+            self.changed.push(t);
+        }
+    }
+}
+
 /// Sizes of a port.
 #[derive(Clone, Copy, Debug)]
 pub struct PortSizes {
@@ -335,6 +384,8 @@ pub struct Port<T: Transport, B: Buffers> {
     route_flights: Vec<u32>,
     route_share: u32,
     posted: Table<Posted>,
+    /// Each tenant's receive counts (the sums over `conns`).
+    counts: RecvCounts,
     sizes: PortSizes,
     comps: Vec<Completion>,
     events: Vec<MeshEvent>,
@@ -342,6 +393,10 @@ pub struct Port<T: Transport, B: Buffers> {
     stage: Vec<(u64, u32)>,
     /// When [`Port::drop_stalled_chains`] last looked.
     looked: Option<Instant>,
+    /// Connections the per-tenant receive queries looked at (what a test
+    /// measures their cost by; none since they are kept in `counts`).
+    #[cfg(test)]
+    conns_looked: std::cell::Cell<usize>,
 }
 
 /// Setting a port up failed.
@@ -409,6 +464,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         let recvs: usize = per_conn.iter().map(|&p| (p as usize + 1) * npeers * 2).sum();
         let flight_share = u32::try_from(sizes.flights / bufs.len().max(1)).unwrap_or(u32::MAX).max(1);
         let route_share = (flight_share / u32::try_from(npeers).unwrap_or(u32::MAX)).max(1);
+        let counts = RecvCounts::new(bufs.len());
         Ok(Self {
             tenant_flights: vec![0; bufs.len()],
             flight_share,
@@ -425,11 +481,14 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             conns: Vec::new(),
             flights: Table::new(sizes.flights),
             posted: Table::new(recvs),
+            counts,
             sizes,
             comps: vec![Completion::EMPTY; 64],
             events: Vec::with_capacity(16),
             stage: Vec::with_capacity(64),
             looked: None,
+            #[cfg(test)]
+            conns_looked: std::cell::Cell::new(0),
         })
     }
 
@@ -537,13 +596,24 @@ impl<T: Transport, B: Buffers> Port<T, B> {
 
     /// Receives tenant `t`'s connections that are up still want posted
     /// (for lack of buffers, or between a completion and its refill).
+    /// (Kept as connections change: costs the same however many there are.)
     pub fn recv_deficit(&self, t: u16) -> u32 {
-        self.conns.iter().flatten().filter(|c| c.tenant == t && c.up).map(|c| c.want.saturating_sub(c.posted)).sum()
+        self.counts.deficit.get(usize::from(t)).copied().unwrap_or(0)
     }
 
     /// Receives posted for tenant `t` now.
     pub fn recvs_posted(&self, t: u16) -> u32 {
-        self.conns.iter().flatten().filter(|c| c.tenant == t).map(|c| c.posted).sum()
+        self.counts.posted.get(usize::from(t)).copied().unwrap_or(0)
+    }
+
+    /// A tenant whose [`recv_deficit`](Self::recv_deficit) changed since
+    /// this last gave it (every tenant once at first); `None`: no other.
+    /// A driver that keeps each tenant's deficit can update only these
+    /// instead of asking for every tenant's on every turn.
+    pub fn next_deficit_change(&mut self) -> Option<u16> {
+        let t = self.counts.changed.pop()?;
+        self.counts.listed[usize::from(t)] = false;
+        Some(t)
     }
 
     /// Whether a message of tenant `t` to `peer` may be posted now: the
@@ -669,6 +739,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                     // A connection that failed mid-message may have kept the
                     // first fragments of a chain that never completed.
                     if let Some(old) = self.conns[i].take() {
+                        self.counts.update(old.tenant, RecvCounts::part(&old), (0, 0));
                         for l in old.parts {
                             self.bufs[usize::from(old.tenant)].free(l);
                         }
@@ -698,7 +769,9 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                     self.route(peer).fill(None);
                     for c in conns {
                         if let Some(Some(st)) = self.conns.get_mut(c.index() as usize) {
+                            let before = RecvCounts::part(st);
                             (st.up, st.dead) = (false, true);
+                            self.counts.update(st.tenant, before, RecvCounts::part(st));
                             // The rest of a chain open now may still be
                             // completed (what the backend had before the
                             // close): freed as it comes, like a stalled one's.
@@ -814,7 +887,9 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                 }
                 return;
             }
+            let before = RecvCounts::part(st);
             st.posted += 1;
+            self.counts.update(st.tenant, before, RecvCounts::part(st));
         }
     }
 
@@ -827,13 +902,17 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             match *c {
                 Completion::Connected(conn) => {
                     if let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) {
+                        let before = RecvCounts::part(st);
                         st.up = true;
+                        self.counts.update(st.tenant, before, RecvCounts::part(st));
                         out.push(PortEvent::Up { tenant: st.tenant, peer: st.peer });
                     }
                 }
                 Completion::ConnFailed { conn, error } => {
                     if let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) {
+                        let before = RecvCounts::part(st);
                         (st.up, st.dead) = (false, true);
+                        self.counts.update(st.tenant, before, RecvCounts::part(st));
                         if matches!(error, CompletionError::Protocol(_)) {
                             out.push(PortEvent::Protocol { tenant: st.tenant, peer: st.peer });
                         }
@@ -888,7 +967,9 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         let t = usize::from(p.tenant);
         let ok = match self.conns.get_mut(conn.index() as usize) {
             Some(Some(st)) => {
+                let before = RecvCounts::part(st);
                 st.posted = st.posted.saturating_sub(1);
+                self.counts.update(st.tenant, before, RecvCounts::part(st));
                 result.ok()
             }
             _ => None,
@@ -1684,5 +1765,220 @@ mod tests {
             let resets: Vec<Note> = notes.try_iter().collect();
             assert!(resets.is_empty(), "epoch {epoch}: the new link was reset: {resets:?}");
         }
+    }
+
+    /// A port of `tenants` tenants (ids 0, 1, ...; pools of `buffers`
+    /// buffers of 1 KiB, 4 receives per connection) over `t`, with
+    /// `peers` peers, its mesh driven by hand.
+    fn port_of_tenants<T: Transport>(
+        t: T,
+        tenants: u16,
+        peers: u16,
+        buffers: u32,
+    ) -> (Port<T, PoolBufs>, std::sync::mpsc::Sender<Cmd>, std::sync::mpsc::Receiver<Note>) {
+        let (mesh, cmds, notes) = Mesh::by_hand((0..tenants).collect());
+        // Room for every connection twice (a link set up again).
+        let max_conns = 2 * u32::from(tenants) * u32::from(peers);
+        let ep = Endpoint::new(t, EndpointConfig { max_conns, max_chain: 8, ..Default::default() });
+        let tenants = (0..tenants)
+            .map(|id| {
+                let g = wire::PoolGeometry::new(0, 1024, buffers, wire::fabric::HEADROOM, 4).unwrap();
+                let pool = Pool::create("port-test-counts", g, shm::PagePolicy::Normal).unwrap();
+                PortTenant { id, bufs: PoolBufs(pool, 0), per_conn: 4 }
+            })
+            .collect();
+        let port = Port::with_mesh(ep, mesh, usize::from(peers), tenants, PortSizes::new(64, 16)).unwrap();
+        (port, cmds, notes)
+    }
+
+    /// Opens `peer`'s link (epoch `epoch`) and connects every tenant's
+    /// connection over it.
+    fn peer_up<T: Transport>(port: &mut Port<T, PoolBufs>, cmds: &std::sync::mpsc::Sender<Cmd>, peer: u16, epoch: u32) {
+        let mut out = Vec::new();
+        cmds.send(Cmd::Open { peer, epoch }).unwrap();
+        port.control(&mut out);
+        for tenant in 0..port.bufs.len() as u16 {
+            cmds.send(Cmd::Connect { peer, epoch, tenant, blob: b"null".to_vec() }).unwrap();
+        }
+        settle(port, &mut out);
+        assert!((0..port.bufs.len() as u16).all(|t| port.is_up(t, peer)), "{out:?}");
+    }
+
+    /// Receives tenant `t`'s connections that are up want posted, by
+    /// looking at every connection (what `recv_deficit` keeps).
+    fn deficit_scan<T: Transport>(port: &Port<T, PoolBufs>, t: u16) -> u32 {
+        port.conns.iter().flatten().filter(|c| c.tenant == t && c.up).map(|c| c.want.saturating_sub(c.posted)).sum()
+    }
+
+    /// Receives posted for tenant `t`, by looking at every connection
+    /// (what `recvs_posted` keeps).
+    fn posted_scan<T: Transport>(port: &Port<T, PoolBufs>, t: u16) -> u32 {
+        port.conns.iter().flatten().filter(|c| c.tenant == t).map(|c| c.posted).sum()
+    }
+
+    /// The receive queries a driver makes for every tenant on every turn
+    /// (the ingress edge's reserve of receive buffers, the agent's gauge
+    /// of receives posted) look at no connection. Before, each looked at
+    /// every connection of the port: 10 tenants with 10 peers each looked
+    /// at 10 x 2 x 100 connections per turn.
+    #[test]
+    fn the_receive_queries_do_not_look_at_every_connection() {
+        let (tenants, peers) = (10u16, 10u16);
+        let (mut port, cmds, _notes) = port_of_tenants(Wire::default(), tenants, peers, 64);
+        for peer in 1..=peers {
+            peer_up(&mut port, &cmds, peer, 1);
+        }
+        assert_eq!(port.conns_up(), 100);
+        port.conns_looked.set(0);
+        for t in 0..tenants {
+            assert_eq!(port.recv_deficit(t), 0);
+            assert_eq!(port.recvs_posted(t), 40);
+        }
+        assert_eq!(port.conns_looked.get(), 0, "connections looked at by one turn's queries of {tenants} tenants");
+    }
+
+    /// Lands a one-fragment message of `payload` bytes in the oldest
+    /// receive held for `conn` (tenant `t`'s).
+    fn land_on(port: &mut Port<Wire, PoolBufs>, conn: ConnId, t: u16, payload: u32) {
+        let recvs = &mut port.ep.transport_mut().recvs;
+        let k = recvs.iter().position(|r| r.0 == conn).expect("a receive posted on the connection");
+        let (_, off, user_data) = recvs.remove(k).unwrap();
+        let desc = Descriptor { tenant: t, dst_fn: 3, len: payload, ..Descriptor::default() };
+        let h = FabricHeader::new(MsgKind::Data, desc, 0, 1, payload);
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.resize(HEADER_LEN + payload as usize, 0x5A);
+        port.bufs(t).0.region().copy_in(off, &bytes).unwrap();
+        let imm = Immediate::new(MsgKind::Data as u8, 3, true, true).0;
+        let len = bytes.len() as u32;
+        let c = crate::RawCompletion::Recv { conn, user_data, len, imm: Some(imm), result: Ok(()) };
+        port.ep.transport_mut().landed.push_back(c);
+    }
+
+    /// The receives held for connections the port no longer has up
+    /// complete with `Closed` (what a backend does with the receives of a
+    /// connection it closed).
+    fn flush_dead(port: &mut Port<Wire, PoolBufs>) {
+        let dead = |port: &Port<Wire, PoolBufs>, c: ConnId| {
+            port.conns.get(c.index() as usize).and_then(Option::as_ref).is_none_or(|st| st.dead)
+        };
+        let held: Vec<_> = std::mem::take(&mut port.ep.transport_mut().recvs).into();
+        for (conn, off, user_data) in held {
+            if dead(port, conn) {
+                let result = Err(CompletionError::Closed);
+                let c = crate::RawCompletion::Recv { conn, user_data, len: 0, imm: None, result };
+                port.ep.transport_mut().landed.push_back(c);
+            } else {
+                port.ep.transport_mut().recvs.push_back((conn, off, user_data));
+            }
+        }
+    }
+
+    /// The receive counts kept per tenant equal a look at every connection
+    /// after each kind of change: receives posted (on connections not yet
+    /// up too), connections up, messages landing and held by the caller
+    /// (the pool runs short: receives wanted and not posted), buffers given
+    /// back (a refill), a connection failing with receives posted, a
+    /// peer's link closed and set up again (new connections in the slots
+    /// of the old). A driver that reads the deficit only of the tenants
+    /// [`Port::next_deficit_change`] gives holds what one reading every
+    /// tenant's after every step would.
+    #[test]
+    fn the_receive_counts_kept_per_tenant_match_the_connections() {
+        let (tenants, peers) = (3u16, 3u16);
+        // 10 buffers a tenant: its 3 connections want 12 receives.
+        let (mut port, cmds, _notes) = port_of_tenants(Wire { hold: true, ..Wire::default() }, tenants, peers, 10);
+        // What a driver keeps of each tenant's deficit (MAX: nothing yet).
+        let mut kept = vec![u32::MAX; usize::from(tenants)];
+        let mut steps = 0;
+        let mut check = |port: &mut Port<Wire, PoolBufs>, what: &str| {
+            steps += 1;
+            while let Some(t) = port.next_deficit_change() {
+                kept[usize::from(t)] = port.recv_deficit(t);
+            }
+            for t in 0..tenants {
+                let (deficit, posted) = (deficit_scan(port, t), posted_scan(port, t));
+                assert_eq!(port.recv_deficit(t), deficit, "{what}: tenant {t}'s deficit");
+                assert_eq!(port.recvs_posted(t), posted, "{what}: tenant {t}'s receives posted");
+                assert_eq!(kept[usize::from(t)], deficit, "{what}: tenant {t}'s deficit changed, not listed");
+            }
+        };
+        check(&mut port, "a new port");
+        let mut out = Vec::new();
+        for peer in 1..=peers {
+            // Opened: receives are posted before the connections are up.
+            cmds.send(Cmd::Open { peer, epoch: 1 }).unwrap();
+            port.control(&mut out);
+            check(&mut port, &format!("peer {peer} opened"));
+            for tenant in 0..tenants {
+                cmds.send(Cmd::Connect { peer, epoch: 1, tenant, blob: b"null".to_vec() }).unwrap();
+                settle(&mut port, &mut out);
+                check(&mut port, &format!("tenant {tenant} up at peer {peer}"));
+            }
+        }
+        assert!(deficit_scan(&port, 0) > 0, "the pool is short of what the connections want");
+        // Messages land and are held: the pools run dry. (Within what
+        // the port granted: peer 3's connections have 2 receives posted,
+        // one of them kept for credit messages.)
+        let mut held = Vec::new();
+        for (round, peers) in [[1, 2, 3], [1, 2, 0]].into_iter().enumerate() {
+            for (t, peer) in [(0, 1), (1, 2), (1, 3), (2, 3)] {
+                if !peers.contains(&peer) {
+                    continue;
+                }
+                let conn = port.mesh.conn(peer, t).unwrap();
+                land_on(&mut port, conn, t, 100);
+                out.clear();
+                settle(&mut port, &mut out);
+                for e in out.drain(..) {
+                    if let PortEvent::Received { tenant, lease, .. } = e {
+                        held.push((tenant, lease));
+                    }
+                }
+                check(&mut port, &format!("round {round}: tenant {t} received from peer {peer}"));
+            }
+        }
+        assert_eq!((held.len(), port.conns_up()), (6, 9), "messages held, connections up");
+        // Tenant 1's connection to peer 2 fails, short of receives; the
+        // ones it had complete.
+        let c = port.mesh.conn(2, 1).unwrap();
+        assert!(port.conns[c.index() as usize].as_ref().is_some_and(|st| st.posted < st.want));
+        port.ep.transport_mut().abort(c);
+        port.poll(&mut out);
+        check(&mut port, "a connection failed");
+        flush_dead(&mut port);
+        settle(&mut port, &mut out);
+        check(&mut port, "its receives completed");
+        // Peer 3's link closes (its connections short of receives); the
+        // closes come, its receives complete later.
+        cmds.send(Cmd::Down { peer: 3 }).unwrap();
+        port.control(&mut out);
+        check(&mut port, "peer 3 down");
+        settle(&mut port, &mut out);
+        check(&mut port, "peer 3's closes came");
+        // Given back: the refills post them again.
+        for (t, lease) in held.drain(..) {
+            port.bufs_mut(t).free(lease);
+            port.control(&mut out);
+            check(&mut port, &format!("a buffer of tenant {t} given back"));
+        }
+        // Both links are set up again, one with receives of its old
+        // connections still to complete.
+        peer_up(&mut port, &cmds, 3, 2);
+        check(&mut port, "peer 3 up again");
+        cmds.send(Cmd::Down { peer: 2 }).unwrap();
+        settle(&mut port, &mut out);
+        check(&mut port, "peer 2 down");
+        peer_up(&mut port, &cmds, 2, 2);
+        check(&mut port, "peer 2 up again");
+        flush_dead(&mut port);
+        settle(&mut port, &mut out);
+        check(&mut port, "the old receives completed");
+        // Nothing changing: no tenant is listed.
+        for _ in 0..10 {
+            port.control(&mut out);
+            port.poll(&mut out);
+        }
+        assert_eq!(port.next_deficit_change(), None, "listed with nothing changed");
+        assert!(steps > 30, "{steps} steps");
     }
 }
