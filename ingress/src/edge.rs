@@ -1138,21 +1138,22 @@ mod tests {
     }
 
     /// A cluster of one agent node and `tenants` tenants, with one
-    /// ingress; every fabric address a free loopback port.
+    /// ingress; every fabric address a free loopback port (two distinct
+    /// ones: both are held until both are known).
     fn idle_cluster(tenants: usize) -> Cluster {
-        let mut text = format!(
-            "[[node]]\nname = \"n\"\naddress = \"{}\"\nruntime_dir = \"/tmp/dne-edge-test\"\n",
-            dne_tests::free_port()
-        );
+        let held: Vec<std::net::TcpListener> =
+            (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let [node, edge] = [0, 1].map(|k| held[k].local_addr().unwrap());
+        drop(held);
+        let mut text = format!("[[node]]\nname = \"n\"\naddress = \"{node}\"\nruntime_dir = \"/tmp/dne-edge-test\"\n");
         for t in 0..tenants {
             text += &format!(
                 "[[tenant]]\nname = \"t{t}\"\nweight = 1\nbuf_size = 1024\nbuffers = 64\nrecv_quota = 4\nmax_chain = 8\n"
             );
         }
         text += &format!(
-            "[[ingress]]\nname = \"edge\"\naddress = \"{}\"\nhttp = \"127.0.0.1:0\"\n\
-             runtime_dir = \"/tmp/dne-edge-test/edge\"\nbuffers = 256\n",
-            dne_tests::free_port()
+            "[[ingress]]\nname = \"edge\"\naddress = \"{edge}\"\nhttp = \"127.0.0.1:0\"\n\
+             runtime_dir = \"/tmp/dne-edge-test/edge\"\nbuffers = 256\n"
         );
         Cluster::parse(&text).unwrap()
     }
