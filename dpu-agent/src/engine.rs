@@ -304,9 +304,6 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     /// functions, not with tenants times functions. Meaningful for the
     /// functions of this engine's tenants.
     fn_key: Vec<u16>,
-    /// Per cluster tenant id: its index in this engine (`None`: another
-    /// core serves it).
-    local_of: Vec<Option<u16>>,
     /// Per tenant: uplink rejections by reason, as the host link last
     /// reported its running totals.
     rejected_seen: Vec<Vec<(&'static str, u64)>>,
@@ -323,8 +320,17 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     /// Per-tenant counts not yet added to `metrics` (see
     /// [`crate::metrics`]).
     tally: Vec<Tally>,
-    /// Per-function deliveries (messages, bytes) not yet added.
+    /// Per function id: deliveries (messages, bytes) not yet added.
     fn_tally: Vec<(u64, u64)>,
+    /// The function ids whose `fn_tally` is not zero, each once: a flush
+    /// visits these, not every function of the cluster. Its capacity,
+    /// reserved at start, is the number of `here_fns` (the only
+    /// ones delivered to), so it never grows on the data path.
+    fn_moved: Vec<u16>,
+    /// The functions of this engine's tenants that run on this node:
+    /// function id and the tenant's index here (the per-function gauges
+    /// this engine publishes).
+    here_fns: Vec<(u16, u16)>,
     events: Vec<PortEvent>,
     next_status: Instant,
     /// Wire bytes sent and not yet completed ([`INFLIGHT_BUDGET`]).
@@ -359,6 +365,10 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     /// Wire bytes of the nodes that are stalled ([`STALLED_AFTER`]), as
     /// of the last control pass.
     stalled: u64,
+    /// Function entries the control passes visited (publishing
+    /// per-function counters and gauges), for tests.
+    #[cfg(test)]
+    fn_visits: usize,
 }
 
 /// This engine's messages on the wire to one node.
@@ -459,17 +469,23 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             })
             .collect::<anyhow::Result<_>>()?;
         let ntenants = ids.len();
+        let fn_nodes: Vec<Vec<u16>> = cfg.functions.iter().map(|f| cfg.function_nodes(f)).collect();
+        let here_fns: Vec<(u16, u16)> = (0..cfg.functions.len())
+            .filter(|&f| fn_nodes[f].contains(&set.node))
+            .filter_map(|f| Some((f as u16, local_of.get(usize::from(fn_tenant[f])).copied().flatten()?)))
+            .collect();
         Ok(Self {
             tally: vec![Tally::default(); ids.len()],
             fn_tally: vec![(0, 0); cfg.functions.len()],
-            fn_nodes: cfg.functions.iter().map(|f| cfg.function_nodes(f)).collect(),
+            fn_moved: Vec::with_capacity(here_fns.len()),
+            here_fns,
+            fn_nodes,
             fn_next: vec![0; cfg.functions.len()],
             arrived: per_buffer(),
             back_to: per_buffer(),
             backs: 0,
             fn_tenant,
             fn_key,
-            local_of,
             rejected_seen: vec![Vec::new(); ids.len()],
             fabric_nodes,
             drr: Drr::new(&weights, QUANTUM, now),
@@ -486,6 +502,8 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             went_down: vec![vec![None; usize::from(fabric_nodes)]; ntenants],
             came_up: vec![vec![None; usize::from(fabric_nodes)]; ntenants],
             stalled: 0,
+            #[cfg(test)]
+            fn_visits: 0,
         })
     }
 
@@ -493,11 +511,6 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
     #[inline]
     fn gid(&self, t: usize) -> usize {
         usize::from(self.ids[t])
-    }
-
-    /// This engine's index of cluster tenant `id`, if it serves it.
-    fn local(&self, id: u16) -> Option<usize> {
-        self.local_of.get(usize::from(id)).copied().flatten().map(usize::from)
     }
 
     fn link(&mut self, t: usize) -> &mut H {
@@ -654,13 +667,14 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         self.metrics.set_ready(self.set.core, true);
         if now >= self.next_status {
             self.next_status = now + Duration::from_millis(100);
-            for (f, func) in self.cfg.functions.iter().enumerate() {
-                if self.runs_here(f)
-                    && let Some(t) = self.local(self.fn_tenant[f])
+            for &(f, t) in &self.here_fns {
+                #[cfg(test)]
                 {
-                    let depth = self.port.bufs(t as u16).0.queue_depth(&func.name).unwrap_or(0);
-                    self.metrics.functions[f].queue_depth.set(depth as i64);
+                    self.fn_visits += 1;
                 }
+                let f = usize::from(f);
+                let depth = self.port.bufs(t).0.queue_depth(&self.cfg.functions[f].name).unwrap_or(0);
+                self.metrics.functions[f].queue_depth.set(depth as i64);
             }
             self.metrics.set_status(self.set.core, self.status_part());
         }
@@ -671,11 +685,16 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         for (t, tally) in self.tally.iter_mut().enumerate() {
             tally.flush(&self.metrics.tenants[usize::from(self.ids[t])]);
         }
-        for ((n, b), m) in self.fn_tally.iter_mut().zip(&self.metrics.functions) {
-            if *n > 0 {
-                m.delivered.inc_by(*n);
-                m.delivered_bytes.inc_by(*b);
-                (*n, *b) = (0, 0);
+        for f in self.fn_moved.drain(..) {
+            #[cfg(test)]
+            {
+                self.fn_visits += 1;
+            }
+            let f = usize::from(f);
+            if let (Some(t), Some(m)) = (self.fn_tally.get_mut(f), self.metrics.functions.get(f)) {
+                let (n, b) = std::mem::take(t);
+                m.delivered.inc_by(n);
+                m.delivered_bytes.inc_by(b);
             }
         }
     }
@@ -1031,6 +1050,10 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             // the host only to come back.)
             Ok(()) if here => {
                 let m = &mut self.fn_tally[f];
+                if m.0 == 0 {
+                    // (f < 65536: a descriptor's `dst_fn`.)
+                    self.fn_moved.push(f as u16);
+                }
                 m.0 += 1;
                 m.1 += len;
             }
@@ -1492,18 +1515,12 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    /// An engine keeps, per tenant, queues and delivery order for that
-    /// tenant's own functions only (a function belongs to one tenant), so
-    /// what it sets up grows with tenants + functions, not with their
-    /// product. Before, every tenant had a queue (an empty `VecDeque`, 32
-    /// bytes) and a backlog counter for every function of the cluster:
-    /// 1000 tenants with 30 functions each took 30 million queues (960 MB)
-    /// and 30 million counters (120 MB).
-    #[test]
-    fn per_tenant_state_grows_with_the_tenants_own_functions() {
-        let (tenants, per_tenant, nodes): (usize, usize, usize) = (1000, 30, 10);
-        let dir = std::env::temp_dir().join(format!("dne-engine-per-tenant-{}", std::process::id()));
-        let mut text = nodes_text(nodes, &dir);
+    /// A cluster of `nodes` nodes and `tenants` tenants with `per_tenant`
+    /// functions each: tenant `t`'s function `f{t}-{k}` on node
+    /// `n{(t + k) % nodes}`, every third also on the node after it. Its
+    /// nodes' runtime directories are under `dir`.
+    fn large_cluster(tenants: usize, per_tenant: usize, nodes: usize, dir: &std::path::Path) -> Arc<config::Cluster> {
+        let mut text = nodes_text(nodes, dir);
         for t in 0..tenants {
             text +=
                 &format!("[[tenant]]\nname = \"t{t}\"\nweight = 1\nbuf_size = 1024\nbuffers = 64\nrecv_quota = 2\n\n");
@@ -1517,7 +1534,99 @@ mod tests {
                 text += &format!("[[function]]\nname = \"f{t}-{k}\"\ntenant = \"t{t}\"\n{on}\n\n");
             }
         }
-        let cfg = Arc::new(config::Cluster::parse(&text).unwrap());
+        Arc::new(config::Cluster::parse(&text).unwrap())
+    }
+
+    /// The control pass (every millisecond) publishes the per-function
+    /// counters of the functions that received messages since the last
+    /// pass, and every 100 ms the ring depths of the functions that run
+    /// on this node, not every function of the cluster: on a node of a
+    /// cluster of 1000 tenants with 30 functions each on 10 nodes it
+    /// visits the two functions that received messages, and at a status
+    /// tick the 4000 that run here. The counters published are those of
+    /// the messages delivered, each counted once.
+    #[test]
+    fn the_control_pass_visits_the_functions_that_moved_or_run_here() {
+        let (tenants, per_tenant, nodes): (usize, usize, usize) = (1000, 30, 10);
+        let dir = std::env::temp_dir().join(format!("dne-engine-control-pass-{}", std::process::id()));
+        let cfg = large_cluster(tenants, per_tenant, nodes, &dir);
+        let here = cfg.functions.iter().filter(|f| cfg.function_nodes(f).contains(&0)).count();
+        assert_eq!(here, 4000);
+        // The last tenant's f999-1 (on n0) calls f999-3 (on n2 and n3);
+        // tenant 0's f0-0 is on n0 and n1.
+        let last = tenants - 1;
+        let (src, dst) = ((last * per_tenant + 1) as u16, (last * per_tenant + 3) as u16);
+        let first = 0u16;
+        let links = (0..tenants)
+            .map(|t| {
+                let (src, dst, stock) = match t {
+                    0 => (first, first, 2),
+                    t if t == last => (src, dst, 7),
+                    _ => (0, 0, 0),
+                };
+                NullLink::new(cfg.pool_geometry(t as u16).unwrap(), t as u16, src, dst, 64, stock).unwrap()
+            })
+            .collect();
+        let mut e = null_fabric_engine(&cfg, 0, 4, links);
+        let start = Instant::now();
+        // The first pass is a status tick.
+        e.control(start);
+        assert_eq!(e.fn_visits, here, "function entries visited by a status pass");
+        // Four calls taken from each uplink: the last tenant's are queued
+        // for f999-3's nodes, tenant 0's (f0-0 calling itself) delivered
+        // here. Then three calls from n1 delivered to f999-1, two to f0-0.
+        e.step(start);
+        let call = |tenant: u16, to: u16, k: u32| wire::Descriptor {
+            tenant,
+            dst_fn: to,
+            src_fn: to,
+            origin: wire::desc::NO_NODE,
+            request: k,
+            ..wire::Descriptor::default()
+        };
+        for (t, f, n) in [(last, src, 3), (0, first, 2)] {
+            for k in 0..n {
+                *e.link(t).template() = call(t as u16, f, k);
+                let m = crate::hostlink::HostLink::take(e.link(t)).unwrap();
+                e.deliver(t, m, Some(1));
+            }
+        }
+        assert_eq!((e.link(last).delivered, e.link(0).delivered), (3, 6));
+        e.fn_visits = 0;
+        e.control(start);
+        assert_eq!(e.fn_visits, 2, "function entries visited by a pass after deliveries to two functions");
+        let m = e.metrics.clone();
+        let fm =
+            |f: u16| (m.functions[usize::from(f)].delivered.get(), m.functions[usize::from(f)].delivered_bytes.get());
+        assert_eq!((fm(src), fm(first)), ((3, 3 * 64), (6, 6 * 64)));
+        let total: u64 = m.functions.iter().map(|f| f.delivered.get()).sum();
+        assert_eq!(total, 9);
+        assert_eq!((m.tenants[last].uplink_msgs.get(), m.tenants[0].uplink_msgs.get()), (4, 4));
+        assert_eq!(m.tenants[last].queue_depth.get(), 4);
+        // Nothing moved: nothing visited, nothing counted again.
+        e.fn_visits = 0;
+        e.control(start);
+        assert_eq!(e.fn_visits, 0, "function entries visited by a pass with nothing delivered");
+        assert_eq!((fm(src), fm(first)), ((3, 3 * 64), (6, 6 * 64)));
+        // The next status tick.
+        e.fn_visits = 0;
+        e.control(start + std::time::Duration::from_millis(100));
+        assert_eq!(e.fn_visits, here, "function entries visited by the next status pass");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// An engine keeps, per tenant, queues and delivery order for that
+    /// tenant's own functions only (a function belongs to one tenant), so
+    /// what it sets up grows with tenants + functions, not with their
+    /// product. Before, every tenant had a queue (an empty `VecDeque`, 32
+    /// bytes) and a backlog counter for every function of the cluster:
+    /// 1000 tenants with 30 functions each took 30 million queues (960 MB)
+    /// and 30 million counters (120 MB).
+    #[test]
+    fn per_tenant_state_grows_with_the_tenants_own_functions() {
+        let (tenants, per_tenant, nodes): (usize, usize, usize) = (1000, 30, 10);
+        let dir = std::env::temp_dir().join(format!("dne-engine-per-tenant-{}", std::process::id()));
+        let cfg = large_cluster(tenants, per_tenant, nodes, &dir);
         let functions = tenants * per_tenant;
         assert_eq!(cfg.functions.len(), functions);
         // The last tenant's f999-1 (on n0) calls f999-3 (on n2 and n3)
