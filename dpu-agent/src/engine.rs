@@ -1677,7 +1677,8 @@ mod tests {
     /// A call's queue key for a function on several nodes is the number
     /// of fabric nodes plus the function's key among its tenant's
     /// functions, which fits a u16 unless one tenant has nearly 65535
-    /// functions (the engine then refuses to start, with the reason).
+    /// functions (the cluster file is refused, and the engine would refuse
+    /// to start, with the reason).
     /// Before, it was the number of fabric nodes plus the function's
     /// cluster id: with 3 nodes, a call to function 65533 overflowed (a
     /// panic in a debug build; in a release build key 0, this node's own
@@ -1698,14 +1699,14 @@ mod tests {
                 let t = f * tenants / functions;
                 text += &format!("[[function]]\nname = \"f{f}\"\ntenant = \"t{t}\"\n{on}\n\n");
             }
-            Arc::new(config::Cluster::parse(&text).unwrap())
+            config::Cluster::parse(&text).map(Arc::new)
         };
         let link = |cfg: &config::Cluster, t: u16, src: u16, dst: u16, stock| {
             NullLink::new(cfg.pool_geometry(t).unwrap(), t, src, dst, 64, stock).unwrap()
         };
         // Two tenants: t1 has functions 32767 to 65533, its f65532 on n0
         // calls its f65533 on n1 and n2.
-        let cfg = text(2);
+        let cfg = text(2).unwrap();
         let (src, dst) = (u16::MAX - 3, u16::MAX - 2);
         assert_eq!(cfg.functions[usize::from(dst)].tenant, "t1");
         let links = vec![link(&cfg, 0, 0, 0, 0), link(&cfg, 1, src, dst, 2)];
@@ -1715,13 +1716,10 @@ mod tests {
         assert_eq!(e.tenants[1].sends.queued_for(0), 0, "nothing queued for this node");
         let key = e.tenants[1].sends.active[0];
         assert_eq!(e.spread_fn(1, key), Some(usize::from(dst)));
-        // One tenant with every function: refused at start.
-        let cfg = text(1);
-        let set = Settings { node: 0, idle_sleep_after: None, epoch: Instant::now(), batch: 32, core: 0 };
-        let metrics = Arc::new(Metrics::new(&cfg, "n0"));
-        let null = |_: &fabric::EndpointConfig, _| Ok(fabric::NullTransport::new());
-        let err = Engine::new(cfg.clone(), set, vec![link(&cfg, 0, 0, 0, 0)], metrics, null).unwrap_err();
-        assert!(err.to_string().contains("tenant t0 has 65534 functions"), "{err}");
+        // One tenant with every function: its keys do not fit, and the
+        // cluster file is refused (the engine would refuse it at start).
+        let Err(err) = text(1) else { panic!("one tenant with 65534 functions and 3 nodes parsed") };
+        assert!(err.to_string().contains("65534 functions and 3 nodes and ingresses"), "{err}");
         let _ = std::fs::remove_dir_all(dir);
     }
 
