@@ -204,6 +204,22 @@ impl ingress::Upstream for Recording {
     }
 }
 
+/// How long a test waits for a condition before it fails.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Polls `done` every few milliseconds until it holds; fails with `why()`
+/// (worked out then) once [`WAIT`] has passed: a watchdog against a
+/// condition that never comes, not a timing assertion.
+async fn until<D: std::fmt::Display>(mut done: impl FnMut() -> bool, why: impl FnOnce() -> D) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        if Instant::now() >= deadline {
+            panic!("{}", why());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 struct Server {
     addr: SocketAddr,
     ingress: Arc<Ingress>,
@@ -254,30 +270,28 @@ impl Server {
         Self::start(512, InProcessConfig::default()).await
     }
 
-    /// Waits until every pool is full again (deadline: 10 s).
+    /// Waits until every pool is full again and no request is in flight
+    /// (deadline: [`WAIT`]).
     async fn assert_no_leak(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let leaked: Vec<(u16, u32)> = self
-                .ingress
-                .pools()
-                .iter()
-                .filter(|p| p.free_buffers() != p.capacity())
-                .map(|p| (p.tenant(), p.capacity() - p.free_buffers()))
-                .collect();
-            // Requests of clients that went away are not in flight either.
-            let text = self.ingress.metrics_text();
-            let in_flight: Vec<&str> =
-                text.lines().filter(|l| l.starts_with("dne_ingress_in_flight{") && !l.ends_with(" 0")).collect();
-            if leaked.is_empty() && in_flight.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "buffers still held (tenant, count): {leaked:?}; still in flight: {in_flight:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until(|| self.leftovers().is_none(), || self.leftovers().unwrap_or_default()).await;
+    }
+
+    /// What is left behind, if anything: the buffers still held, as
+    /// (tenant, count), and the `in_flight` series not at 0.
+    fn leftovers(&self) -> Option<String> {
+        let leaked: Vec<(u16, u32)> = self
+            .ingress
+            .pools()
+            .iter()
+            .filter(|p| p.free_buffers() != p.capacity())
+            .map(|p| (p.tenant(), p.capacity() - p.free_buffers()))
+            .collect();
+        // Requests of clients that went away are not in flight either.
+        let text = self.ingress.metrics_text();
+        let in_flight: Vec<&str> =
+            text.lines().filter(|l| l.starts_with("dne_ingress_in_flight{") && !l.ends_with(" 0")).collect();
+        (!leaked.is_empty() || !in_flight.is_empty())
+            .then(|| format!("buffers still held (tenant, count): {leaked:?}; still in flight: {in_flight:?}"))
     }
 
     async fn stop(mut self) {
@@ -713,11 +727,8 @@ async fn exhausted_pool_and_full_queue_answer_503_with_retry_after() {
         let addr = srv.addr;
         held.push(tokio::spawn(async move { Client::connect(addr).await.post("/patient", b"hold").await.0 }));
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while srv.ingress.pools().get(0).unwrap().free_buffers() > 0 {
-        assert!(Instant::now() < deadline, "the slow requests never took the buffers");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until(|| srv.ingress.pools().get(0).unwrap().free_buffers() == 0, || "the slow requests never took the buffers")
+        .await;
     let mut c = Client::connect(srv.addr).await;
     let (st, h, _) = c.post("/echo", b"no room").await;
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
@@ -737,11 +748,7 @@ async fn exhausted_pool_and_full_queue_answer_503_with_retry_after() {
         let addr = srv.addr;
         busy.push(tokio::spawn(async move { Client::connect(addr).await.post("/patient", b"busy").await.0 }));
         // Until the request holds its buffer (in the worker, then queued).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pool.capacity() - pool.free_buffers() < n {
-            assert!(Instant::now() < deadline, "request {n} never arrived");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        until(|| pool.capacity() - pool.free_buffers() >= n, || format!("request {n} never arrived")).await;
         // Give the worker time to take the first one off the queue.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -766,11 +773,7 @@ async fn shutdown_finishes_in_flight_requests_then_refuses() {
     // Wait until the request is in the chain: the upstream has seen it
     // (its second call). A buffer missing from the pool is no sign of
     // that: the echo's reply may still be on its way back to the pool.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while srv.upstream.xff.lock().unwrap().len() < 2 {
-        assert!(Instant::now() < deadline, "the request never arrived");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    until(|| srv.upstream.xff.lock().unwrap().len() >= 2, || "the request never arrived").await;
     let ingress = srv.ingress.clone();
     srv.stop().await;
     let (st, _, body) = in_flight.await.unwrap();
@@ -803,15 +806,12 @@ async fn a_body_announced_but_not_sent_holds_no_buffers_for_itself() {
         silent.push(s);
     }
     // Until all eight are being handled and each has taken a buffer.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let held = pool.capacity() - pool.free_buffers();
-        if metric(&srv, r#"dne_ingress_in_flight{tenant="open"}"#) == Some(8) && held >= 8 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the eight heads never arrived: {held} buffers held");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let held = || pool.capacity() - pool.free_buffers();
+    until(
+        || metric(&srv, r#"dne_ingress_in_flight{tenant="open"}"#) == Some(8) && held() >= 8,
+        || format!("the eight heads never arrived: {} buffers held", held()),
+    )
+    .await;
     let held = pool.capacity() - pool.free_buffers();
     assert!(held <= 2 * 8, "eight requests with no body byte received hold {held} buffers");
     let (st, h, body) = Client::connect(srv.addr).await.post("/echo", b"hi").await;
@@ -844,11 +844,7 @@ async fn a_client_gone_mid_body_counts_as_client_gone_not_as_a_400() {
     s.write_all(&vec![1u8; 300 << 10]).await.unwrap();
     // Until the edge is reading the body (it holds buffers beyond the
     // envelope head's), then gone.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while pool.capacity() - pool.free_buffers() < 2 {
-        assert!(Instant::now() < deadline, "the body never arrived");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    until(|| pool.capacity() - pool.free_buffers() >= 2, || "the body never arrived").await;
     drop(s);
     srv.assert_no_leak().await;
     let text = srv.ingress.metrics_text();
@@ -989,11 +985,7 @@ async fn a_slow_body_still_waits_for_buffers_when_the_pool_is_short_mid_body() {
     let head = format!("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n");
     s.write_all(head.as_bytes()).await.unwrap();
     s.write_all(&body[..10]).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&srv, r#"dne_ingress_in_flight{tenant="open"}"#) != Some(1) {
-        assert!(Instant::now() < deadline, "the request never arrived");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until(|| metric(&srv, r#"dne_ingress_in_flight{tenant="open"}"#) == Some(1), || "the request never arrived").await;
     // The body has now been arriving for longer than pool_wait.
     tokio::time::sleep(pool_wait + Duration::from_millis(200)).await;
     let mut taken = Vec::new();
@@ -1189,11 +1181,7 @@ async fn connections_beyond_max_connections_get_503_and_are_closed() {
     // An idle connection holds the second slot (the server counts it once
     // it has accepted it: wait for the gauge).
     let idle = TcpStream::connect(srv.addr).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&srv, "dne_ingress_connections ") != Some(2) {
-        assert!(Instant::now() < deadline, "{}", srv.ingress.metrics_text());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(|| metric(&srv, "dne_ingress_connections ") == Some(2), || srv.ingress.metrics_text()).await;
     // The third: its request is answered 503 and the connection closes.
     let (st, head, body) =
         raw(srv.addr, b"POST /chain HTTP/1.1\r\nhost: ingress.test\r\ncontent-length: 1\r\n\r\nx").await;
@@ -1206,11 +1194,7 @@ async fn connections_beyond_max_connections_get_503_and_are_closed() {
     assert_eq!((st, body), (StatusCode::OK, chain(b"again")));
     // A slot freed is taken again.
     drop(idle);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&srv, "dne_ingress_connections ") != Some(1) {
-        assert!(Instant::now() < deadline, "{}", srv.ingress.metrics_text());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(|| metric(&srv, "dne_ingress_connections ") == Some(1), || srv.ingress.metrics_text()).await;
     let mut b = Client::connect(srv.addr).await;
     let (st, _, body) = b.post("/chain", b"third").await;
     assert_eq!((st, body), (StatusCode::OK, chain(b"third")));
@@ -1731,11 +1715,7 @@ async fn many_clients_that_close_after_sending_their_request_leave_nothing_behin
         tokio::time::timeout(Duration::from_secs(20), t).await.unwrap().unwrap();
     }
     srv.assert_no_leak().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&srv, "dne_ingress_connections ") != Some(0) {
-        assert!(Instant::now() < deadline, "{}", srv.ingress.metrics_text());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(|| metric(&srv, "dne_ingress_connections ") == Some(0), || srv.ingress.metrics_text()).await;
     // Every request was answered, and those on `/slow` at its timeout
     // (504), not when their chain ended.
     let code = |route: &str, code: u16| {
@@ -1807,11 +1787,11 @@ async fn a_host_that_is_empty_escaped_or_out_of_range_is_refused() {
     let (st, head, body) = raw(srv.addr, req).await;
     assert_eq!((st, body.as_slice()), (200, &b"cba"[..]), "{head}");
     srv.assert_no_leak().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&srv, r#"dne_ingress_requests_total{route="",tenant="",code="400"}"#) != Some(refused) {
-        assert!(Instant::now() < deadline, "{refused} refused: {}", srv.ingress.metrics_text());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(
+        || metric(&srv, r#"dne_ingress_requests_total{route="",tenant="",code="400"}"#) == Some(refused),
+        || format!("{refused} refused: {}", srv.ingress.metrics_text()),
+    )
+    .await;
     srv.stop().await;
 }
 
@@ -1921,29 +1901,27 @@ async fn head_metrics_is_answered_like_get_without_the_body() {
 async fn hypers_own_400_answers_are_counted() {
     let srv = Server::default().await;
     let series = r#"dne_ingress_requests_total{route="",tenant="",code="400"}"#;
-    let mut want = 0;
-    for req in
-        [&b"GET http://a%41b/ HTTP/1.1\r\nHost: x\r\n\r\n"[..], b"GET /echo HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n"]
-    {
+    let reqs =
+        [&b"GET http://a%41b/ HTTP/1.1\r\nHost: x\r\n\r\n"[..], b"GET /echo HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n"];
+    for (want, req) in (1..).zip(reqs) {
         let (st, head, _) = raw(srv.addr, req).await;
         assert_eq!(st, 400, "{head}");
-        want += 1;
         // Counted when hyper ends the connection (the client closed it).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while metric(&srv, series).unwrap_or(0) != want {
-            assert!(Instant::now() < deadline, "{:?}: {}", String::from_utf8_lossy(req), srv.ingress.metrics_text());
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until(
+            || metric(&srv, series).unwrap_or(0) == want,
+            || format!("{:?}: {}", String::from_utf8_lossy(req), srv.ingress.metrics_text()),
+        )
+        .await;
     }
     // A head over hyper's buffer: 431.
     let long_head = format!("GET /echo HTTP/1.1\r\nHost: x\r\nx-long: {}\r\n\r\n", "h".repeat(500 << 10));
     let (st, head, _) = raw(srv.addr, long_head.as_bytes()).await;
     assert_eq!(st, 431, "{head}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&srv, r#"dne_ingress_requests_total{route="",tenant="",code="431"}"#) != Some(1) {
-        assert!(Instant::now() < deadline, "{}", srv.ingress.metrics_text());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(
+        || metric(&srv, r#"dne_ingress_requests_total{route="",tenant="",code="431"}"#) == Some(1),
+        || srv.ingress.metrics_text(),
+    )
+    .await;
     srv.stop().await;
 }
 
@@ -1991,20 +1969,12 @@ async fn a_lingering_close_holds_no_connection_slot() {
     // A second lingering one, beyond the bound: closed for good at once,
     // while the first still lingers. (Once the last client's connection
     // has given its slot back.)
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&srv, "dne_ingress_connections ") != Some(0) {
-        assert!(Instant::now() < deadline, "{}", srv.ingress.metrics_text());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until(|| metric(&srv, "dne_ingress_connections ") == Some(0), || srv.ingress.metrics_text()).await;
     let second = lingering_client(srv.addr).await;
     let e = tokio::time::timeout(Duration::from_secs(20), second).await.unwrap().unwrap();
     assert!(!first.is_finished(), "the first connection stopped lingering before the second was closed ({e})");
     tokio::time::timeout(Duration::from_secs(20), first).await.unwrap().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&srv, "dne_ingress_connections_lingering ") != Some(0) {
-        assert!(Instant::now() < deadline, "{}", srv.ingress.metrics_text());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(|| metric(&srv, "dne_ingress_connections_lingering ") == Some(0), || srv.ingress.metrics_text()).await;
     srv.assert_no_leak().await;
     srv.stop().await;
 }
@@ -2025,11 +1995,7 @@ async fn an_answer_whose_write_fails_counts_as_client_gone() {
     s.write_all(&req).await.unwrap();
     drop(s);
     // Until the request is in the chain (the upstream has seen it).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while srv.upstream.xff.lock().unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "the request never arrived");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    until(|| !srv.upstream.xff.lock().unwrap().is_empty(), || "the request never arrived").await;
     srv.assert_no_leak().await;
     let gone = metric(&srv, r#"dne_ingress_rejections_total{tenant="open",reason="client_gone"}"#);
     let ok = metric(&srv, r#"dne_ingress_requests_total{route="/patient",tenant="open",code="200"}"#);
