@@ -1925,6 +1925,27 @@ async fn hypers_own_400_answers_are_counted() {
     srv.stop().await;
 }
 
+/// hyper answers 414 itself to a request line whose target is over its
+/// limit (64 KiB), before the edge sees it; the edge tells that answer
+/// from hyper's 431 by hyper's error text, so this pins the text: the
+/// client gets 414 and it is counted under no route with code 414 (a
+/// hyper that words the error otherwise would count it as 431).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hypers_own_414_answers_are_counted_as_414() {
+    let srv = Server::default().await;
+    let req = format!("GET /echo?{} HTTP/1.1\r\nHost: x\r\n\r\n", "q".repeat(70_000));
+    let (st, head, _) = raw(srv.addr, req.as_bytes()).await;
+    assert_eq!(st, 414, "{head}");
+    // Counted when hyper ends the connection (the client closed it).
+    until(
+        || metric(&srv, r#"dne_ingress_requests_total{route="",tenant="",code="414"}"#) == Some(1),
+        || srv.ingress.metrics_text(),
+    )
+    .await;
+    assert_eq!(metric(&srv, r#"dne_ingress_requests_total{route="",tenant="",code="431"}"#), None);
+    srv.stop().await;
+}
+
 /// A client whose request the edge answers early and closes
 /// (`Connection: close`, its large body unread), and which goes on
 /// sending a few bytes every 50 ms and reads nothing: the server lingers
