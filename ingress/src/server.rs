@@ -219,8 +219,9 @@ struct Client {
     addr: SocketAddr,
     ip: String,
     /// Set by [`ClientIo`] when reading from or writing to the client
-    /// failed (a reset, a write into a closed socket, the write timeout):
-    /// an answer not written completely by then never reached the client.
+    /// failed (a reset, a write into a closed socket, the write timeout),
+    /// and by [`Connection`] when the connection goes: an answer not
+    /// written completely by then never reached the client.
     broken: Arc<AtomicBool>,
 }
 
@@ -405,11 +406,11 @@ impl Ingress {
                         self.settings.write_timeout,
                         slot,
                         self.linger_slots.clone(),
-                        broken,
+                        broken.clone(),
                     )),
                     svc,
                 );
-            let conn = graceful.watch(conn);
+            let conn = Connection { conn: Box::pin(graceful.watch(conn)), broken };
             let me = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
@@ -1073,6 +1074,39 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWr
     }
 }
 
+/// A client connection being served. When it goes, it marks the
+/// connection broken ([`Client::broken`]) before hyper's state goes with
+/// it: whatever of a reply hyper still holds then (pieces in its write
+/// queue, the body) was never written. That happens with no I/O error when
+/// the connection is dropped unfinished: the runtime going at shutdown
+/// once `shutdown_grace` has passed (`serve` returns with connections
+/// still open). A connection that ended by itself holds no reply: hyper
+/// ends one once its last answer is written, or on an error, which leaves
+/// the rest unwritten too. Costs a flag store per connection, nothing per
+/// request.
+struct Connection<F> {
+    /// Boxed to be polled without pin projection; one allocation per
+    /// connection.
+    conn: Pin<Box<F>>,
+    broken: Arc<AtomicBool>,
+}
+
+impl<F: Future> Future for Connection<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.conn.as_mut().poll(cx)
+    }
+}
+
+impl<F> Drop for Connection<F> {
+    fn drop(&mut self) {
+        // Relaxed: read by `Outgoing::drop` when `conn` drops, after this
+        // function returns, on this thread.
+        self.broken.store(true, Relaxed);
+    }
+}
+
 /// Marks the answer to a request whose client left before its body was
 /// complete: no one will read it, so it is counted as `client_gone`, not by
 /// its status.
@@ -1457,8 +1491,9 @@ impl ReplyBody {
 
 /// A reply's lease, shared by its body and the pieces of it hyper holds.
 /// hyper drops each piece once it has written it, or unwritten when the
-/// connection fails; so when the last one goes, the answer was written to
-/// the socket in full unless the connection broke ([`Client::broken`]).
+/// connection fails or is dropped; so when the last one goes, the answer
+/// was written to the socket in full unless the connection broke or went
+/// ([`Client::broken`]).
 /// The request is counted then, before the buffers go back to the pool.
 /// (A client that closed entirely before a short answer is not seen:
 /// writing into its closed socket succeeds, and only draws the reset that
@@ -1477,9 +1512,10 @@ impl core::fmt::Debug for Outgoing {
 impl Drop for Outgoing {
     fn drop(&mut self) {
         if let Some(a) = self.answered.take() {
-            // Relaxed: `ClientIo` stores the flag and hyper drops the
-            // pieces on the connection's task, in that order, and the
-            // drop of the last `Arc` orders the two besides.
+            // Relaxed: `ClientIo` (or `Connection`, as it goes) stores
+            // the flag and hyper drops the pieces on the connection's
+            // task, in that order, and the drop of the last `Arc` orders
+            // the two besides.
             let gone = a.peer.broken.load(Relaxed);
             a.settle(gone);
         }

@@ -2026,3 +2026,75 @@ async fn an_answer_whose_write_fails_counts_as_client_gone() {
     assert_eq!(c.post("/echo", b"still here").await.2, b"still here");
     srv.stop().await;
 }
+
+/// A reply still being written when the server stops and its runtime
+/// goes (what the ingress binary does once `shutdown_grace` has passed:
+/// `serve` returns and the runtime is dropped with the connections still
+/// open) never reached the client: it counts as `client_gone`, not by its
+/// status. No I/O error is seen then; the connection is only dropped.
+#[test]
+fn a_reply_cut_off_at_shutdown_counts_as_client_gone() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ok = r#"dne_ingress_requests_total{route="/echo",tenant="open",code="200"}"#;
+    let (ingress, seen) = rt.block_on(async {
+        let srv = Server::start_with(512, InProcessConfig::default(), |s| {
+            s.shutdown_grace = Duration::from_millis(200);
+        })
+        .await;
+        // A client that pipelines eight 1 MiB echoes and reads nothing:
+        // the kernel takes the first replies (up to its 4 MiB send buffer
+        // and the client's small receive buffer), and the next one stays
+        // in hyper's hands.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket.connect(srv.addr).await.unwrap();
+        tokio::spawn(async move {
+            for i in 0..8 {
+                let body = random_bytes(1 << 20, i);
+                let mut req =
+                    format!("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+                req.extend_from_slice(&body);
+                s.write_all(&req).await.unwrap();
+            }
+            std::future::pending::<()>().await;
+        });
+        // Until a reply is stuck: every request the chain saw but the
+        // last is answered, that one is no longer in flight, and nothing
+        // has moved for 100 ms.
+        let (ingress, upstream) = (srv.ingress.clone(), srv.upstream.clone());
+        let state = || {
+            let seen = upstream.xff.lock().unwrap().len() as u64;
+            let text = ingress.metrics_text();
+            let series = |s: &str| text.lines().find_map(|l| l.strip_prefix(s)?.trim().parse::<u64>().ok());
+            let stuck = seen > 0
+                && series(r#"dne_ingress_in_flight{tenant="open"}"#) == Some(0)
+                && series(ok).unwrap_or(0) == seen - 1;
+            stuck.then_some(seen)
+        };
+        let mut last = (None, Instant::now());
+        until(
+            || {
+                let now = state();
+                if now != last.0 {
+                    last = (now, Instant::now());
+                }
+                now.is_some() && last.1.elapsed() >= Duration::from_millis(100)
+            },
+            || ingress.metrics_text(),
+        )
+        .await;
+        let seen = last.0.unwrap();
+        srv.stop().await;
+        // Still stuck.
+        assert_eq!(state(), Some(seen), "{}", ingress.metrics_text());
+        (ingress, seen)
+    });
+    let pool = ingress.pools().get(0).unwrap().clone();
+    assert!(pool.free_buffers() < pool.capacity(), "no reply held: {}", ingress.metrics_text());
+    drop(rt);
+    let text = ingress.metrics_text();
+    let series = |s: &str| text.lines().find_map(|l| l.strip_prefix(s)?.trim().parse::<u64>().ok());
+    let gone = series(r#"dne_ingress_rejections_total{tenant="open",reason="client_gone"}"#);
+    assert_eq!((gone, series(ok).unwrap_or(0)), (Some(1), seen - 1), "{text}");
+    assert_eq!(pool.free_buffers(), pool.capacity());
+}
