@@ -590,7 +590,8 @@ impl Ingress {
             gone: tenant.client_gone.clone(),
         };
         // A chain's reply is counted once it is written, or is found not
-        // to be (see `Outgoing`); the edge's own short answers at once.
+        // to be (see `Outgoing`); the edge's own short answers, and in
+        // effect bodiless replies, at once.
         let unsettled = match resp.body_mut() {
             Either::Right(body) => body.settle_when_written(answered),
             Either::Left(_) => Some(answered),
@@ -1495,6 +1496,11 @@ impl ReplyBody {
 /// was written to the socket in full unless the connection broke or went
 /// ([`Client::broken`]).
 /// The request is counted then, before the buffers go back to the pool.
+/// An answer with no body bytes (to HEAD, a 204 or 304, an empty body) is
+/// the exception: hyper queues its head and drops its body in the same
+/// poll that took it from the handler, before writing anything, so it is
+/// counted as the edge's own short answers are, at once (hyper takes an
+/// answer only once the one before it is out of its write queue).
 /// (A client that closed entirely before a short answer is not seen:
 /// writing into its closed socket succeeds, and only draws the reset that
 /// would fail the next write.)
