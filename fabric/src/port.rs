@@ -263,52 +263,175 @@ impl<T> Table<T> {
     }
 }
 
-/// The receive counts of each tenant, kept where a connection's `up`,
-/// `posted` or `want` changes (or the connection is dropped), so that
-/// asking for them costs the same however many connections the port has
-/// (drivers ask for every tenant's on every turn).
+/// A set of connection indices, in order: a bit per index, and a bit per
+/// word of those saying whether it has any set, so that finding the next
+/// member skips 4096 absent indices per word looked at.
+#[derive(Debug, Default)]
+struct IndexSet {
+    words: Vec<u64>,
+    summary: Vec<u64>,
+    len: usize,
+}
+
+impl IndexSet {
+    /// Makes `i` a member (`on`) or not.
+    fn set(&mut self, i: usize, on: bool) {
+        let (w, bit) = (i / 64, 1u64 << (i % 64));
+        if w >= self.words.len() {
+            if !on {
+                return;
+            }
+            self.words.resize(w + 1, 0);
+            self.summary.resize(w / 64 + 1, 0);
+        }
+        if (self.words[w] & bit != 0) == on {
+            return;
+        }
+        self.words[w] ^= bit;
+        if on {
+            self.len += 1;
+            self.summary[w / 64] |= 1 << (w % 64);
+        } else {
+            self.len -= 1;
+            if self.words[w] == 0 {
+                self.summary[w / 64] &= !(1 << (w % 64));
+            }
+        }
+    }
+
+    /// The first member at `from` or after.
+    fn next(&self, from: usize) -> Option<usize> {
+        let w = from / 64;
+        let rest = self.words.get(w)? & (!0u64 << (from % 64));
+        if rest != 0 {
+            return Some(w * 64 + rest.trailing_zeros() as usize);
+        }
+        // The next word with a member, from the summary.
+        let w = w + 1;
+        let mut mask = !0u64 << (w % 64);
+        for s in w / 64..self.summary.len() {
+            let rest = self.summary[s] & mask;
+            if rest != 0 {
+                let w = s * 64 + rest.trailing_zeros() as usize;
+                return Some(w * 64 + self.words[w].trailing_zeros() as usize);
+            }
+            mask = !0;
+        }
+        None
+    }
+
+    /// The members, in order.
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        std::iter::successors(self.next(0), |&i| self.next(i + 1))
+    }
+}
+
+/// What one connection adds to the port's [`Counts`].
+#[derive(Clone, Copy, Debug, Default)]
+struct Part {
+    tenant: u16,
+    up: bool,
+    /// Receives wanted and not posted, when up.
+    deficit: u32,
+    posted: u32,
+    /// Fragments held of the chain being received.
+    parts: u32,
+    /// A refill would post receives on it: not dead, short of its `want`.
+    short: bool,
+    /// A chain is being received on it, not dropped as stalled: the look
+    /// for stalled chains checks it.
+    open: bool,
+}
+
+impl Part {
+    fn of(c: &Conn) -> Self {
+        Self {
+            tenant: c.tenant,
+            up: c.up,
+            deficit: if c.up { c.want.saturating_sub(c.posted) } else { 0 },
+            posted: c.posted,
+            parts: u32::try_from(c.parts.len()).unwrap_or(u32::MAX),
+            short: !c.dead && c.posted < c.want,
+            open: c.first.is_some() && !c.stalled,
+        }
+    }
+}
+
+/// Sums and sets over the connections, kept where a connection's `up`,
+/// `dead`, `posted`, `parts`, `first` or `stalled` changes (or the
+/// connection is dropped), so that the queries drivers make on every turn
+/// cost the same however many connections the port has, and
+/// [`Port::control`] looks only at the connections that need something.
 #[derive(Debug)]
-struct RecvCounts {
+struct Counts {
     /// Per tenant: over its connections that are up, receives wanted
     /// and not posted.
     deficit: Vec<u32>,
     /// Per tenant: receives posted on its connections.
     posted: Vec<u32>,
+    /// Per tenant: fragments its connections hold of chains being
+    /// received.
+    parts: Vec<u32>,
     /// Tenants whose deficit changed since [`Port::next_deficit_change`]
     /// last gave them, each once (`listed`).
     changed: Vec<u16>,
     listed: Vec<bool>,
+    /// Connections up.
+    up: usize,
+    /// Connections a refill would post receives on ([`Part::short`]).
+    short: IndexSet,
+    /// Connections with a chain open ([`Part::open`]).
+    open: IndexSet,
 }
 
-impl RecvCounts {
+impl Counts {
     /// Every tenant is listed as changed at first: a driver's first look
     /// sets what it keeps from scratch.
     fn new(tenants: usize) -> Self {
         Self {
             deficit: vec![0; tenants],
             posted: vec![0; tenants],
+            parts: vec![0; tenants],
             changed: (0..tenants as u16).rev().collect(),
             listed: vec![true; tenants],
+            up: 0,
+            short: IndexSet::default(),
+            open: IndexSet::default(),
         }
     }
 
-    /// What connection `c` adds to its tenant's (deficit, posted).
-    fn part(c: &Conn) -> (u32, u32) {
-        (if c.up { c.want.saturating_sub(c.posted) } else { 0 }, c.posted)
-    }
-
-    /// Tenant `t`'s connection went from adding `before` to adding
-    /// `after`. (Wrapping: the sums are exact modulo 2^32 whatever the
-    /// order of the changes.)
-    fn update(&mut self, t: u16, before: (u32, u32), after: (u32, u32)) {
+    /// Connection `i` went from adding `before` to adding `after` (`None`:
+    /// no connection there; both, when given, of the same tenant).
+    /// (Wrapping: the sums are exact modulo 2^32 whatever the order of
+    /// the changes.)
+    fn update(&mut self, i: usize, before: Option<Part>, after: Option<Part>) {
+        let Some(t) = after.or(before).map(|p| p.tenant) else { return };
+        debug_assert!(before.is_none_or(|b| b.tenant == t), "a connection's tenant changed");
+        let none = Part { tenant: t, ..Part::default() };
+        let (b, a) = (before.unwrap_or(none), after.unwrap_or(none));
+        self.up = (self.up + usize::from(a.up)).saturating_sub(usize::from(b.up));
+        self.short.set(i, a.short);
+        self.open.set(i, a.open);
         let k = usize::from(t);
-        let (Some(d), Some(p)) = (self.deficit.get_mut(k), self.posted.get_mut(k)) else { return };
-        *d = d.wrapping_sub(before.0).wrapping_add(after.0);
-        *p = p.wrapping_sub(before.1).wrapping_add(after.1);
-        if before.0 != after.0 && !self.listed[k] {
+        let (Some(d), Some(p), Some(f)) = (self.deficit.get_mut(k), self.posted.get_mut(k), self.parts.get_mut(k))
+        else {
+            return;
+        };
+        *d = d.wrapping_sub(b.deficit).wrapping_add(a.deficit);
+        *p = p.wrapping_sub(b.posted).wrapping_add(a.posted);
+        *f = f.wrapping_sub(b.parts).wrapping_add(a.parts);
+        if b.deficit != a.deficit && !self.listed[k] {
             self.listed[k] = true;
             self.changed.push(t);
         }
+    }
+
+    /// Buffers of tenant `t`'s pool the port holds: receives posted and
+    /// fragments of chains being received.
+    fn held(&self, t: usize) -> u64 {
+        let get = |v: &[u32]| u64::from(v.get(t).copied().unwrap_or(0));
+        get(&self.posted) + get(&self.parts)
     }
 }
 
@@ -384,8 +507,8 @@ pub struct Port<T: Transport, B: Buffers> {
     route_flights: Vec<u32>,
     route_share: u32,
     posted: Table<Posted>,
-    /// Each tenant's receive counts (the sums over `conns`).
-    counts: RecvCounts,
+    /// Sums and sets over `conns`.
+    counts: Counts,
     sizes: PortSizes,
     comps: Vec<Completion>,
     events: Vec<MeshEvent>,
@@ -393,10 +516,15 @@ pub struct Port<T: Transport, B: Buffers> {
     stage: Vec<(u64, u32)>,
     /// When [`Port::drop_stalled_chains`] last looked.
     looked: Option<Instant>,
-    /// Connections the per-tenant receive queries looked at (what a test
-    /// measures their cost by; none since they are kept in `counts`).
+    /// Connections the per-tenant receive queries, [`Port::conns_up`] and
+    /// [`Port::control`] looked at (what tests measure their cost by).
     #[cfg(test)]
     conns_looked: std::cell::Cell<usize>,
+    /// Look at every connection in `control`, as before the port kept
+    /// `counts.short` and `counts.open` (the reference tests hold the
+    /// kept sets to).
+    #[cfg(test)]
+    by_scan: bool,
 }
 
 /// Setting a port up failed.
@@ -464,7 +592,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         let recvs: usize = per_conn.iter().map(|&p| (p as usize + 1) * npeers * 2).sum();
         let flight_share = u32::try_from(sizes.flights / bufs.len().max(1)).unwrap_or(u32::MAX).max(1);
         let route_share = (flight_share / u32::try_from(npeers).unwrap_or(u32::MAX)).max(1);
-        let counts = RecvCounts::new(bufs.len());
+        let counts = Counts::new(bufs.len());
         Ok(Self {
             tenant_flights: vec![0; bufs.len()],
             flight_share,
@@ -489,6 +617,8 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             looked: None,
             #[cfg(test)]
             conns_looked: std::cell::Cell::new(0),
+            #[cfg(test)]
+            by_scan: false,
         })
     }
 
@@ -530,8 +660,9 @@ impl<T: Transport, B: Buffers> Port<T, B> {
     }
 
     /// Tenant connections that are up.
+    /// (Kept as connections change: costs the same however many there are.)
     pub fn conns_up(&self) -> usize {
-        self.conns.iter().flatten().filter(|c| c.up).count()
+        self.counts.up
     }
 
     fn route(&mut self, peer: u16) -> &mut [Option<ConnId>] {
@@ -717,9 +848,16 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         Ok(())
     }
 
-    /// Setup work (every millisecond or so): runs the mesh, posts receives
-    /// that are missing. Appends what changed to `out`.
+    /// Setup work (every millisecond or so): runs the mesh, drops stalled
+    /// chains, posts receives that are missing. Appends what changed to
+    /// `out`. Besides what the mesh reports, it looks only at connections
+    /// short of receives and at those receiving a chain.
     pub fn control(&mut self, out: &mut Vec<PortEvent>) {
+        self.control_at(Instant::now(), out);
+    }
+
+    /// [`control`](Self::control) at `now`.
+    fn control_at(&mut self, now: Instant, out: &mut Vec<PortEvent>) {
         let mut events = std::mem::take(&mut self.events);
         self.mesh.pump(&mut self.ep, &mut events);
         for e in events.drain(..) {
@@ -739,7 +877,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                     // A connection that failed mid-message may have kept the
                     // first fragments of a chain that never completed.
                     if let Some(old) = self.conns[i].take() {
-                        self.counts.update(old.tenant, RecvCounts::part(&old), (0, 0));
+                        self.counts.update(i, Some(Part::of(&old)), None);
                         for l in old.parts {
                             self.bufs[usize::from(old.tenant)].free(l);
                         }
@@ -748,7 +886,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                     // share per connection when it has many (the rest when a
                     // longer chain comes).
                     let parts = Vec::with_capacity(self.ep.conn_reserve_entries().min(64));
-                    self.conns[i] = Some(Conn {
+                    let conn = Conn {
                         peer,
                         tenant,
                         up: false,
@@ -763,15 +901,17 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                         dead: false,
                         posted: 0,
                         want,
-                    });
+                    };
+                    self.counts.update(i, None, Some(Part::of(&conn)));
+                    self.conns[i] = Some(conn);
                 }
                 MeshEvent::PeerDown { peer, conns } => {
                     self.route(peer).fill(None);
                     for c in conns {
-                        if let Some(Some(st)) = self.conns.get_mut(c.index() as usize) {
-                            let before = RecvCounts::part(st);
+                        let i = c.index() as usize;
+                        if let Some(Some(st)) = self.conns.get_mut(i) {
+                            let before = Part::of(st);
                             (st.up, st.dead) = (false, true);
-                            self.counts.update(st.tenant, before, RecvCounts::part(st));
                             // The rest of a chain open now may still be
                             // completed (what the backend had before the
                             // close): freed as it comes, like a stalled one's.
@@ -780,6 +920,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                             for l in st.parts.drain(..) {
                                 self.bufs[t].free(l);
                             }
+                            self.counts.update(i, Some(before), Some(Part::of(st)));
                         }
                     }
                     out.push(PortEvent::PeerDown { peer });
@@ -787,8 +928,22 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             }
         }
         self.events = events;
-        self.drop_stalled_chains(Instant::now(), out);
-        for i in 0..self.conns.len() {
+        self.drop_stalled_chains(now, out);
+        #[cfg(test)]
+        if self.by_scan {
+            self.looked_at(self.conns.len());
+            for i in 0..self.conns.len() {
+                self.refill(ConnId::new(i as u32), out);
+            }
+            return;
+        }
+        // In the order of the connections' indices, as a look at each
+        // would (which connection gets the last buffers of a pool).
+        let mut next = self.counts.short.next(0);
+        while let Some(i) = next {
+            // A refill changes whether `i` is short, no other connection.
+            next = self.counts.short.next(i + 1);
+            self.looked_at(1);
             self.refill(ConnId::new(i as u32), out);
         }
     }
@@ -798,16 +953,23 @@ impl<T: Transport, B: Buffers> Port<T, B> {
     /// whole pool, or for `chain_wait` in any case (see [`CHAIN_STALL`],
     /// [`CHAIN_WAIT`]); the refill that follows posts their buffers again.
     fn drop_stalled_chains(&mut self, now: Instant, out: &mut Vec<PortEvent>) {
+        #[cfg(test)]
+        if self.by_scan {
+            return self.drop_stalled_chains_by_scan(now, out);
+        }
         let paused = self.looked.is_some_and(|t| now.saturating_duration_since(t) > LOOK_GAP);
         self.looked = Some(now);
-        // Per tenant: buffers this port holds (chains' fragments, posted
-        // receives), to tell a pool only the port can free.
-        let mut held = vec![0u64; self.bufs.len()];
-        for st in self.conns.iter().flatten() {
-            held[usize::from(st.tenant)] += st.parts.len() as u64 + u64::from(st.posted);
-        }
-        for st in self.conns.iter_mut().flatten() {
-            if st.first.is_none() || st.stalled || paused {
+        // Only connections with a chain open (a chain's count starts at
+        // the first look after its first fragment: see `received`), in
+        // the order of their indices, as a look at each would (a drop
+        // frees buffers of the tenant, which the next may count as held).
+        let mut next = self.counts.open.next(0);
+        while let Some(i) = next {
+            // A drop changes whether `i` is open, no other connection.
+            next = self.counts.open.next(i + 1);
+            self.looked_at(1);
+            let Some(Some(st)) = self.conns.get_mut(i) else { continue };
+            if paused {
                 st.seen.1 = None;
                 continue;
             }
@@ -822,7 +984,9 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             // One receive is kept for credit messages: with no other
             // posted, the sender waits for this port.
             let waits_for_us = st.posted <= 1;
-            let all_here = held[t] >= u64::from(self.bufs[t].view().geometry().buf_count());
+            // Buffers this port holds (chains' fragments, posted
+            // receives): a pool only the port can free.
+            let all_here = self.counts.held(t) >= u64::from(self.bufs[t].view().geometry().buf_count());
             let limit = if waits_for_us && !all_here { self.sizes.chain_wait } else { self.sizes.chain_stall };
             if now.saturating_duration_since(since) < limit {
                 continue;
@@ -837,17 +1001,28 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                     (true, false) => "waiting for receives",
                 }
             );
-            held[t] -= st.parts.len() as u64;
+            let before = Part::of(st);
             for l in st.parts.drain(..) {
                 self.bufs[t].free(l);
             }
             (st.stalled, st.seen.1) = (true, None);
             out.push(PortEvent::ChainStalled { tenant: st.tenant, peer: st.peer });
+            self.counts.update(i, Some(before), Some(Part::of(st)));
         }
     }
 
+    /// Counts `n` connections looked at (tests only).
+    #[inline]
+    fn looked_at(&self, n: usize) {
+        #[cfg(test)]
+        self.conns_looked.set(self.conns_looked.get() + n);
+        #[cfg(not(test))]
+        let _ = n;
+    }
+
     fn refill(&mut self, conn: ConnId, out: &mut Vec<PortEvent>) {
-        let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) else { return };
+        let i = conn.index() as usize;
+        let Some(Some(st)) = self.conns.get_mut(i) else { return };
         if st.dead {
             return;
         }
@@ -887,9 +1062,9 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                 }
                 return;
             }
-            let before = RecvCounts::part(st);
+            let before = Part::of(st);
             st.posted += 1;
-            self.counts.update(st.tenant, before, RecvCounts::part(st));
+            self.counts.update(i, Some(before), Some(Part::of(st)));
         }
     }
 
@@ -901,18 +1076,20 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         for c in &comps[..n] {
             match *c {
                 Completion::Connected(conn) => {
-                    if let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) {
-                        let before = RecvCounts::part(st);
+                    let i = conn.index() as usize;
+                    if let Some(Some(st)) = self.conns.get_mut(i) {
+                        let before = Part::of(st);
                         st.up = true;
-                        self.counts.update(st.tenant, before, RecvCounts::part(st));
+                        self.counts.update(i, Some(before), Some(Part::of(st)));
                         out.push(PortEvent::Up { tenant: st.tenant, peer: st.peer });
                     }
                 }
                 Completion::ConnFailed { conn, error } => {
-                    if let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) {
-                        let before = RecvCounts::part(st);
+                    let i = conn.index() as usize;
+                    if let Some(Some(st)) = self.conns.get_mut(i) {
+                        let before = Part::of(st);
                         (st.up, st.dead) = (false, true);
-                        self.counts.update(st.tenant, before, RecvCounts::part(st));
+                        self.counts.update(i, Some(before), Some(Part::of(st)));
                         if matches!(error, CompletionError::Protocol(_)) {
                             out.push(PortEvent::Protocol { tenant: st.tenant, peer: st.peer });
                         }
@@ -965,11 +1142,12 @@ impl<T: Transport, B: Buffers> Port<T, B> {
     ) {
         let Some(p) = self.posted.remove(token & !RECV_TOKEN) else { return };
         let t = usize::from(p.tenant);
-        let ok = match self.conns.get_mut(conn.index() as usize) {
+        let i = conn.index() as usize;
+        let ok = match self.conns.get_mut(i) {
             Some(Some(st)) => {
-                let before = RecvCounts::part(st);
+                let before = Part::of(st);
                 st.posted = st.posted.saturating_sub(1);
-                self.counts.update(st.tenant, before, RecvCounts::part(st));
+                self.counts.update(i, Some(before), Some(Part::of(st)));
                 result.ok()
             }
             _ => None,
@@ -992,14 +1170,18 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             self.bufs[t].free(p.lease);
             return;
         };
-        let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) else {
+        let Some(Some(st)) = self.conns.get_mut(i) else {
             self.bufs[t].free(p.lease);
             return;
         };
+        let before = Part::of(st);
         if r.frag.index == 0 {
             let told = || Descriptor { dst_fn: Immediate(r.imm).dst_fn(), ..Descriptor::default() };
             st.first = Some(read.unwrap_or_else(told));
             (st.got, st.bad, st.stalled) = (0, false, false);
+            // Its count of time without a fragment starts at the next look
+            // for stalled chains.
+            st.seen.1 = None;
         }
         st.frags = st.frags.wrapping_add(1);
         let payload = r.len.saturating_sub(HEADER_LEN as u32);
@@ -1052,9 +1234,12 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                     }
                 }
             }
-            if let Some(Some(st)) = self.conns.get_mut(conn.index() as usize) {
+            if let Some(Some(st)) = self.conns.get_mut(i) {
                 st.parts = parts;
             }
+        }
+        if let Some(Some(st)) = self.conns.get(i) {
+            self.counts.update(i, Some(before), Some(Part::of(st)));
         }
         self.refill(conn, out);
     }
@@ -1076,6 +1261,51 @@ mod tests {
     use crate::{EndpointConfig, NullTransport};
     use shm::Pool;
     use wire::Owner;
+
+    impl<T: Transport, B: Buffers> Port<T, B> {
+        /// [`Port::drop_stalled_chains`] as it was before the port kept
+        /// the connections with a chain open: a look at every connection
+        /// (and a sum over them of the buffers held). It keeps the counts
+        /// up to date, for its drops to be seen by the refills that follow.
+        pub(super) fn drop_stalled_chains_by_scan(&mut self, now: Instant, out: &mut Vec<PortEvent>) {
+            let paused = self.looked.is_some_and(|t| now.saturating_duration_since(t) > LOOK_GAP);
+            self.looked = Some(now);
+            let mut held = vec![0u64; self.bufs.len()];
+            self.looked_at(2 * self.conns.len());
+            for st in self.conns.iter().flatten() {
+                held[usize::from(st.tenant)] += st.parts.len() as u64 + u64::from(st.posted);
+            }
+            for i in 0..self.conns.len() {
+                let Some(st) = self.conns[i].as_mut() else { continue };
+                if st.first.is_none() || st.stalled || paused {
+                    st.seen.1 = None;
+                    continue;
+                }
+                let since = match st.seen {
+                    (n, Some(since)) if n == st.frags => since,
+                    _ => {
+                        st.seen = (st.frags, Some(now));
+                        continue;
+                    }
+                };
+                let t = usize::from(st.tenant);
+                let waits_for_us = st.posted <= 1;
+                let all_here = held[t] >= u64::from(self.bufs[t].view().geometry().buf_count());
+                let limit = if waits_for_us && !all_here { self.sizes.chain_wait } else { self.sizes.chain_stall };
+                if now.saturating_duration_since(since) < limit {
+                    continue;
+                }
+                let before = Part::of(st);
+                held[t] -= st.parts.len() as u64;
+                for l in st.parts.drain(..) {
+                    self.bufs[t].free(l);
+                }
+                (st.stalled, st.seen.1) = (true, None);
+                out.push(PortEvent::ChainStalled { tenant: st.tenant, peer: st.peer });
+                self.counts.update(i, Some(before), Some(Part::of(st)));
+            }
+        }
+    }
 
     /// A tenant pool, and how many buffers `alloc_one` was asked for
     /// (receives posted or tried).
@@ -1980,5 +2210,320 @@ mod tests {
         }
         assert_eq!(port.next_deficit_change(), None, "listed with nothing changed");
         assert!(steps > 30, "{steps} steps");
+    }
+
+    /// An idle port (every connection up and full of receives, no chain
+    /// being received) looks at no connection in its per-millisecond
+    /// `control`, nor in `conns_up`, which its drivers ask for on every
+    /// turn: the work is in proportion to the connections that need
+    /// something, and here none does.
+    #[test]
+    fn an_idle_ports_control_looks_at_no_connection() {
+        let (tenants, peers) = (10u16, 20u16);
+        let (mut port, cmds, _notes) = port_of_tenants(Wire::default(), tenants, peers, 128);
+        for peer in 1..=peers {
+            peer_up(&mut port, &cmds, peer, 1);
+        }
+        let mut out = Vec::new();
+        settle(&mut port, &mut out);
+        port.conns_looked.set(0);
+        port.control(&mut out);
+        assert_eq!(port.conns_up(), 200);
+        assert_eq!(port.recvs_posted(0), 80, "every receive posted");
+        assert_eq!(port.conns_looked.get(), 0, "connections looked at by one control and conns_up, 200 connections");
+    }
+
+    /// The counts and sets kept over the connections equal a look at each.
+    fn assert_kept<T: Transport>(port: &Port<T, PoolBufs>, what: &str) {
+        let conns = || port.conns.iter().enumerate().filter_map(|(i, c)| Some((i, c.as_ref()?)));
+        let up = conns().filter(|(_, c)| c.up).count();
+        assert_eq!(port.conns_up(), up, "{what}: connections up");
+        let short: Vec<usize> = conns().filter(|(_, c)| !c.dead && c.posted < c.want).map(|(i, _)| i).collect();
+        assert_eq!(port.counts.short.iter().collect::<Vec<_>>(), short, "{what}: connections short of receives");
+        assert_eq!(port.counts.short.len, short.len(), "{what}: connections short of receives");
+        let open: Vec<usize> = conns().filter(|(_, c)| c.first.is_some() && !c.stalled).map(|(i, _)| i).collect();
+        assert_eq!(port.counts.open.iter().collect::<Vec<_>>(), open, "{what}: connections receiving a chain");
+        assert_eq!(port.counts.open.len, open.len(), "{what}: connections receiving a chain");
+        for t in 0..port.bufs.len() as u16 {
+            let parts: usize = conns().filter(|(_, c)| c.tenant == t).map(|(_, c)| c.parts.len()).sum();
+            let held = (parts as u32 + posted_scan(port, t)) as u64;
+            assert_eq!(port.counts.held(usize::from(t)), held, "{what}: tenant {t}'s buffers held");
+            assert_eq!(port.recv_deficit(t), deficit_scan(port, t), "{what}: tenant {t}'s deficit");
+            assert_eq!(port.recvs_posted(t), posted_scan(port, t), "{what}: tenant {t}'s receives posted");
+        }
+    }
+
+    #[test]
+    fn an_index_set_finds_its_members_in_order() {
+        let mut set = IndexSet::default();
+        let members = [0, 1, 63, 64, 200, 4095, 4096, 4097, 9000, 70000];
+        for &i in members.iter().rev() {
+            set.set(i, true);
+        }
+        set.set(5, false);
+        set.set(1_000_000, false);
+        assert_eq!(set.iter().collect::<Vec<_>>(), members);
+        assert_eq!((set.len, set.next(9001), set.next(70001), set.next(2_000_000)), (10, Some(70000), None, None));
+        for &i in &members[..9] {
+            set.set(i, false);
+        }
+        assert_eq!((set.iter().collect::<Vec<_>>(), set.len), (vec![70000], 1));
+        set.set(70000, false);
+        assert_eq!((set.next(0), set.len), (None, 0));
+    }
+
+    /// `s` without the pool ids of the leases it shows (each port has
+    /// pools of its own).
+    fn unpooled(s: String) -> String {
+        s.split(", pool: PoolId(")
+            .enumerate()
+            .map(|(k, p)| if k == 0 { p } else { &p[p.find(')').unwrap() + 1..] })
+            .collect()
+    }
+
+    /// One of two ports driven the same way (`by_scan`: the one that looks
+    /// at every connection, as before), with the messages it delivered
+    /// held, and its own clock.
+    struct Side {
+        port: Port<Wire, PoolBufs>,
+        cmds: std::sync::mpsc::Sender<Cmd>,
+        _notes: std::sync::mpsc::Receiver<Note>,
+        held: Vec<(u16, Lease)>,
+        out: Vec<PortEvent>,
+        now: Instant,
+    }
+
+    impl Side {
+        /// One `control`, a millisecond after the last.
+        fn control(&mut self) {
+            self.now += Duration::from_millis(1);
+            self.port.control_at(self.now, &mut self.out);
+        }
+
+        /// `control` and `poll` until the fabric has nothing more to say.
+        fn settle(&mut self) {
+            for _ in 0..100 {
+                self.control();
+                if self.port.poll(&mut self.out) == 0 {
+                    return;
+                }
+            }
+            panic!("the fabric kept completing");
+        }
+
+        /// Fragment `k` of a chain of `count` fragments of `len` bytes from
+        /// `peer` to tenant `t`, landed in the oldest receive of their
+        /// connection, if it has one besides the one kept for credit
+        /// messages; then settles.
+        fn land(&mut self, t: u16, peer: u16, k: u16, count: u16, len: u32) {
+            let port = &mut self.port;
+            let conn = port.mesh.conn(peer, t).unwrap();
+            let recvs = &mut port.ep.transport_mut().recvs;
+            if recvs.iter().filter(|r| r.0 == conn).count() < 2 {
+                return;
+            }
+            let at = recvs.iter().position(|r| r.0 == conn).unwrap();
+            let (_, off, user_data) = recvs.remove(at).unwrap();
+            let cap = port.bufs(t).0.geometry().payload_cap();
+            let flen = wire::desc::frag_len(len, cap, u32::from(k));
+            let desc = Descriptor { tenant: t, dst_fn: 3, len, ..Descriptor::default() };
+            let mut bytes = FabricHeader::new(MsgKind::Data, desc, k, count, flen).as_bytes().to_vec();
+            bytes.resize(HEADER_LEN + flen as usize, 0x5A);
+            port.bufs(t).0.region().copy_in(off, &bytes).unwrap();
+            let imm = Immediate::new(MsgKind::Data as u8, 3, k == 0, k + 1 == count).0;
+            let len = bytes.len() as u32;
+            let c = crate::RawCompletion::Recv { conn, user_data, len, imm: Some(imm), result: Ok(()) };
+            port.ep.transport_mut().landed.push_back(c);
+            self.settle();
+        }
+
+        /// Looks for stalled chains every 500 ms (with a `control` each
+        /// time) until `secs` seconds from now.
+        fn wait(&mut self, secs: u64) {
+            let to = self.now + Duration::from_secs(secs);
+            while self.now < to {
+                self.now += Duration::from_millis(500);
+                self.port.control_at(self.now, &mut self.out);
+            }
+        }
+    }
+
+    /// A port that looks only at the connections short of receives and at
+    /// those receiving a chain does what one looking at every connection
+    /// did: the same receives posted, from the same buffers, the same
+    /// chains dropped as stalled at the same times, the same events, and
+    /// its counts of connections up, short of receives and receiving a
+    /// chain equal a look at each, through links set up, messages held
+    /// until the pools run dry and given back, chains that stall (their
+    /// sender with credits, or waiting for receives), that complete, that
+    /// are cut by a failure or a link going down, a pause in the looks,
+    /// and links set up again.
+    #[test]
+    fn a_port_looking_only_at_connections_that_need_something_does_what_a_scan_did() {
+        let (tenants, peers) = (3u16, 3u16);
+        let now = Instant::now();
+        let mut sides: Vec<Side> = [false, true]
+            .into_iter()
+            .map(|by_scan| {
+                // 10 buffers a tenant: its 3 connections want 12 receives.
+                let (mut port, cmds, _notes) =
+                    port_of_tenants(Wire { hold: true, ..Wire::default() }, tenants, peers, 10);
+                port.by_scan = by_scan;
+                Side { port, cmds, _notes, held: Vec::new(), out: Vec::new(), now }
+            })
+            .collect();
+        let mut told = Vec::new();
+        let mut steps = 0;
+        let mut step = |sides: &mut Vec<Side>, what: &str, f: &dyn Fn(&mut Side)| {
+            steps += 1;
+            for side in sides.iter_mut() {
+                f(side);
+                assert_kept(&side.port, &format!("{what} (by scan: {})", side.port.by_scan));
+            }
+            let [kept, scan] = &mut sides[..] else { unreachable!() };
+            assert_eq!(unpooled(format!("{:?}", kept.out)), unpooled(format!("{:?}", scan.out)), "{what}: events");
+            let state = |s: &Side| {
+                let conns: Vec<_> = s
+                    .port
+                    .conns
+                    .iter()
+                    .flatten()
+                    .map(|c| {
+                        let open = c.first.is_some() && !c.stalled;
+                        (
+                            c.up,
+                            c.dead,
+                            c.posted,
+                            format!("{:?}", c.parts),
+                            c.first,
+                            c.stalled,
+                            c.starved,
+                            open.then_some(c.seen),
+                        )
+                    })
+                    .collect();
+                let pools: Vec<_> = s.port.bufs.iter().map(|b| (b.0.free_buffers(), b.1)).collect();
+                format!("{conns:?} {pools:?} {:?} {:?}", s.port.ep.transport().recvs, s.port.looked)
+            };
+            assert_eq!(unpooled(state(kept)), unpooled(state(scan)), "{what}: connections, pools, receives posted");
+            for side in sides.iter_mut() {
+                for e in side.out.drain(..) {
+                    match e {
+                        PortEvent::Received { tenant, lease, .. } => side.held.push((tenant, lease)),
+                        e if side.port.by_scan => told.push(format!("{e:?}")),
+                        _ => {}
+                    }
+                }
+            }
+        };
+        step(&mut sides, "new ports", &|_| {});
+        for peer in 1..=peers {
+            step(&mut sides, &format!("peer {peer} opened"), &|s| {
+                s.cmds.send(Cmd::Open { peer, epoch: 1 }).unwrap();
+                s.control();
+            });
+            for tenant in 0..tenants {
+                step(&mut sides, &format!("tenant {tenant} up at peer {peer}"), &|s| {
+                    s.cmds.send(Cmd::Connect { peer, epoch: 1, tenant, blob: b"null".to_vec() }).unwrap();
+                    s.settle();
+                });
+            }
+        }
+        let cap = sides[0].port.bufs(0).0.geometry().payload_cap();
+        // Chains start: their first fragments are held. One of two
+        // fragments completes; the rest stall.
+        for (t, peer, frags) in [(0, 1, 2), (1, 1, 3), (2, 1, 1), (2, 2, 1), (0, 2, 1)] {
+            for k in 0..frags {
+                step(&mut sides, &format!("fragment {k} of tenant {t} from peer {peer}"), &|s| {
+                    s.land(t, peer, k, 4, 4 * cap)
+                });
+            }
+        }
+        step(&mut sides, "a chain of two fragments", &|s| {
+            s.land(1, 2, 0, 2, 2 * cap);
+            s.land(1, 2, 1, 2, 2 * cap);
+        });
+        for k in 0..12 {
+            step(&mut sides, &format!("looks, {k}s"), &|s| s.wait(1));
+        }
+        // The rest of the stalled chains comes, and is freed.
+        for (t, peer, from) in [(0, 1, 2), (1, 1, 3), (2, 1, 1), (2, 2, 1), (0, 2, 1)] {
+            for k in from..4 {
+                step(&mut sides, &format!("late fragment {k} of tenant {t} from peer {peer}"), &|s| {
+                    s.land(t, peer, k, 4, 4 * cap)
+                });
+            }
+        }
+        // Messages land and are held: the pools run dry.
+        for (t, peer) in [(0, 3), (1, 3), (1, 2), (2, 3), (0, 3), (1, 3), (0, 1), (2, 1), (2, 2), (0, 2), (1, 1)] {
+            step(&mut sides, &format!("a message of tenant {t} from peer {peer}"), &|s| s.land(t, peer, 0, 1, 100));
+        }
+        // Chains start again, their senders soon waiting for receives
+        // while the pool's buffers are elsewhere.
+        for (t, peer) in [(0, 1), (1, 1), (2, 1), (2, 2), (1, 2)] {
+            step(&mut sides, &format!("another chain of tenant {t} from peer {peer}"), &|s| {
+                s.land(t, peer, 0, 3, 3 * cap)
+            });
+        }
+        for k in 0..7 {
+            step(&mut sides, &format!("looks, waiting for receives, {k}s"), &|s| s.wait(1));
+        }
+        // A pause in the looks: no verdict.
+        step(&mut sides, "the port not driven", &|s| {
+            s.now += Duration::from_secs(90);
+            s.control();
+        });
+        for k in 0..7 {
+            step(&mut sides, &format!("looks after the pause, {k}s"), &|s| s.wait(1));
+        }
+        step(&mut sides, "looks, long after", &|s| s.wait(60));
+        // A connection with a chain open fails; a link with chains open
+        // goes down.
+        step(&mut sides, "tenant 2's connection to peer 2 failed", &|s| {
+            let c = s.port.mesh.conn(2, 2).unwrap();
+            s.port.ep.transport_mut().abort(c);
+            s.settle();
+        });
+        step(&mut sides, "peer 1 down", &|s| {
+            s.cmds.send(Cmd::Down { peer: 1 }).unwrap();
+            s.settle();
+        });
+        step(&mut sides, "the receives of closed connections completed", &|s| {
+            flush_dead(&mut s.port);
+            s.settle();
+        });
+        // Given back: the refills post them again.
+        for k in 0..sides[0].held.len() {
+            step(&mut sides, &format!("held message {k} given back"), &|s| {
+                let (t, lease) = s.held.remove(0);
+                s.port.bufs_mut(t).free(lease);
+                s.control();
+            });
+        }
+        // Both links set up again, in the slots of the old connections.
+        for peer in [1, 2] {
+            step(&mut sides, &format!("peer {peer} down"), &|s| {
+                s.cmds.send(Cmd::Down { peer }).unwrap();
+                s.settle();
+            });
+            step(&mut sides, &format!("peer {peer} opened again"), &|s| {
+                s.cmds.send(Cmd::Open { peer, epoch: 2 }).unwrap();
+                s.control();
+            });
+            for tenant in 0..tenants {
+                step(&mut sides, &format!("tenant {tenant} up again at peer {peer}"), &|s| {
+                    s.cmds.send(Cmd::Connect { peer, epoch: 2, tenant, blob: b"null".to_vec() }).unwrap();
+                    s.settle();
+                });
+            }
+        }
+        step(&mut sides, "a chain on a new connection", &|s| s.land(1, 1, 0, 2, 2 * cap));
+        for k in 0..7 {
+            step(&mut sides, &format!("looks at the end, {k}s"), &|s| s.wait(1));
+        }
+        let count = |what: &str| told.iter().filter(|e| e.starts_with(what)).count();
+        assert!(steps > 60, "{steps} steps");
+        assert!(count("ChainStalled") >= 3, "chains stalled: {told:?}");
+        assert!(count("NoBuffer") >= 3, "connections short of buffers: {told:?}");
     }
 }
