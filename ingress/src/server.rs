@@ -1645,18 +1645,18 @@ mod tests {
         }
     }
 
+    /// A client connection over `near` with write limit `limit`, no
+    /// connection slot, and a lingering permit of its own.
+    fn test_io<T>(near: T, limit: Duration) -> ClientIo<T> {
+        ClientIo::new(near, limit, None, Arc::new(tokio::sync::Semaphore::new(1)), Default::default())
+    }
+
     /// Loopback sockets buffer megabytes, so the stall is made with an
     /// in-memory pipe of 64 bytes whose far end reads slowly or not at all.
     #[tokio::test]
     async fn a_write_that_makes_no_progress_fails_at_the_limit_and_progress_resets_it() {
         let (near, mut far) = tokio::io::duplex(64);
-        let mut io = ClientIo::new(
-            near,
-            Duration::from_millis(200),
-            None,
-            Arc::new(tokio::sync::Semaphore::new(1)),
-            Default::default(),
-        );
+        let mut io = test_io(near, Duration::from_millis(200));
         // The reader takes 16 bytes every 50 ms: slow, but never stalled
         // for 200 ms, so 1 KiB goes through.
         let reader = tokio::spawn(async move {
@@ -1686,13 +1686,7 @@ mod tests {
     async fn a_lingering_close_ends_at_the_clients_end_of_stream_or_its_bounds() {
         let pipe = 64 << 10;
         let (near, mut far) = tokio::io::duplex(pipe);
-        let mut io = ClientIo::new(
-            near,
-            Duration::from_secs(10),
-            None,
-            Arc::new(tokio::sync::Semaphore::new(1)),
-            Default::default(),
-        );
+        let mut io = test_io(near, Duration::from_secs(10));
         let writer = tokio::spawn(async move {
             let mut sent = 0u64;
             while far.write_all(&[1u8; 4096]).await.is_ok() {
@@ -1706,13 +1700,7 @@ mod tests {
         assert!((LINGER_BYTES..=LINGER_BYTES + pipe as u64 + 4096).contains(&sent), "sent {sent}");
 
         let (near, far) = tokio::io::duplex(1024);
-        let mut io = ClientIo::new(
-            near,
-            Duration::from_secs(10),
-            None,
-            Arc::new(tokio::sync::Semaphore::new(1)),
-            Default::default(),
-        );
+        let mut io = test_io(near, Duration::from_secs(10));
         let t = std::time::Instant::now();
         tokio::time::timeout(Duration::from_secs(20), io.shutdown()).await.unwrap().unwrap();
         assert!(t.elapsed() >= LINGER_QUIET, "ended after {:?}", t.elapsed());
@@ -1720,13 +1708,7 @@ mod tests {
 
         // A client that ends its stream: the close ends then.
         let (near, mut far) = tokio::io::duplex(1024);
-        let mut io = ClientIo::new(
-            near,
-            Duration::from_secs(10),
-            None,
-            Arc::new(tokio::sync::Semaphore::new(1)),
-            Default::default(),
-        );
+        let mut io = test_io(near, Duration::from_secs(10));
         let closer = tokio::spawn(async move {
             let mut got = Vec::new();
             far.read_to_end(&mut got).await.unwrap();
