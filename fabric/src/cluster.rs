@@ -180,50 +180,10 @@ fn open_device(addr: SocketAddr) -> Result<doca::Device, ClusterPortError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        ConnDepth, ConnId, ConnSetupError, ConnSpec, Memory, RawCompletion, RawPostError, RegionId, RegionRegisterError,
-    };
+    use crate::{ConnId, ConnSpec, NullTransport};
 
     /// A transport that opens connections and does nothing else: what an
     /// endpoint reserves is all that is allocated.
-    struct Blank;
-
-    impl crate::Transport for Blank {
-        fn name(&self) -> &'static str {
-            "blank"
-        }
-        fn register(&mut self, _: RegionId, _: Memory<'_>) -> Result<(), RegionRegisterError> {
-            Err(RegionRegisterError::Unsupported("blank"))
-        }
-        fn region_len(&self, _: RegionId) -> Option<u64> {
-            None
-        }
-        fn open(&mut self, _: ConnId, _: ConnDepth) -> Result<Vec<u8>, ConnSetupError> {
-            Ok(Vec::new())
-        }
-        fn connect(&mut self, _: ConnId, _: &[u8]) -> Result<(), ConnSetupError> {
-            Ok(())
-        }
-        fn send(
-            &mut self,
-            _: ConnId,
-            _: Option<(RegionId, u64, u32)>,
-            _: Option<u32>,
-            _: u64,
-        ) -> Result<(), RawPostError> {
-            Err(RawPostError::Invalid)
-        }
-        fn recv(&mut self, _: ConnId, _: (RegionId, u64, u32), _: u64) -> Result<(), RawPostError> {
-            Err(RawPostError::Invalid)
-        }
-        fn poll(&mut self, _: &mut [RawCompletion]) -> usize {
-            0
-        }
-        fn abort(&mut self, _: ConnId) {}
-    }
-
-    /// A cluster of `tenants` tenants (the default chains of 64 buffers)
-    /// on `nodes` nodes.
     fn cluster(tenants: usize, nodes: usize) -> Cluster {
         let mut text = String::new();
         for i in 0..nodes {
@@ -245,10 +205,10 @@ mod tests {
     /// peers are opened, and the others counted as the same (every
     /// connection of an endpoint reserves alike; opening is linear in the
     /// connections open, so all of a large cluster's take minutes).
-    fn reserved(tenants: usize, nodes: usize, open: usize) -> (usize, Endpoint<Blank>) {
+    fn reserved(tenants: usize, nodes: usize, open: usize) -> (usize, Endpoint<NullTransport>) {
         let cfg = cluster(tenants, nodes);
         let ids: Vec<u16> = (0..tenants as u16).collect();
-        let mut ep = Endpoint::new(Blank, endpoint_config(&cfg, &ids, (nodes - 1) as u32).unwrap());
+        let mut ep = Endpoint::new(NullTransport::new(), endpoint_config(&cfg, &ids, (nodes - 1) as u32).unwrap());
         for peer in 1..=open as u32 {
             for tenant in 0..tenants as u16 {
                 ep.open(ConnSpec { tenant, peer }).unwrap();
