@@ -756,24 +756,21 @@ impl Cluster {
                 ));
             }
         }
+        // The agent numbers a tenant's send queues, one per fabric node and
+        // one per function of the tenant, within a u16: each tenant's
+        // functions are counted.
+        let mut per_tenant = vec![0usize; self.tenants.len()];
         for (i, func) in self.functions.iter().enumerate() {
             let f = |name: &str| format!("function[{i}].{name}");
-            if !tenant_ids.contains_key(func.tenant.as_str()) {
+            let Some(&t) = tenant_ids.get(func.tenant.as_str()) else {
                 return Err(bad(f("tenant"), format!("unknown tenant \"{}\"", func.tenant)));
-            }
+            };
+            per_tenant[usize::from(t)] += 1;
             if func.instances == 0 {
                 return Err(bad(f("instances"), "must be at least 1"));
             }
             if let Err(e) = wire::segment::RingLayout::new(func.ring_capacity) {
                 return Err(bad(f("ring_capacity"), e.to_string()));
-            }
-        }
-        // The agent numbers a tenant's send queues, one per fabric node and
-        // one per function of the tenant, within a u16.
-        let mut per_tenant = vec![0usize; self.tenants.len()];
-        for func in &self.functions {
-            if let Some(&t) = tenant_ids.get(func.tenant.as_str()) {
-                per_tenant[usize::from(t)] += 1;
             }
         }
         let fabric_nodes = self.nodes.len() + self.ingresses.len();
