@@ -22,8 +22,8 @@
 //! `GET /metrics` (and `HEAD`) answers the Prometheus text on the main
 //! listener (taking precedence over routes) unless an admin listener is
 //! given, which then serves it alone. Shutdown stops accepting, lets in-flight requests
-//! finish (bounded by [`Settings::shutdown_grace`]) and closes idle
-//! connections.
+//! finish (bounded by [`Settings::shutdown_grace`], past which their
+//! connections are closed unanswered) and closes idle connections.
 
 use crate::metrics::{CodeLabels, Metrics, ReasonLabels, RejectLabels, RouteLabels, TenantLabels};
 use crate::pool::{BuildError, MsgBuilder, PoolLease, Pools};
@@ -106,7 +106,9 @@ pub struct Settings {
     /// connection is closed beyond): a client that stops reading holds the
     /// reply's buffers no longer than this.
     pub write_timeout: Duration,
-    /// Longest wait for in-flight requests at shutdown.
+    /// Longest wait for in-flight requests at shutdown; the connections
+    /// still open then are closed where they are, their requests counted
+    /// as `client_gone` (see [`Ingress::serve`]).
     pub shutdown_grace: Duration,
     /// Seconds announced in `Retry-After` with a 503.
     pub retry_after_s: u32,
@@ -324,6 +326,18 @@ impl Ingress {
 
     /// Serves HTTP/1.1 on `listener` (and the metrics alone on `admin`, if
     /// given) until `shutdown` completes, then drains in-flight requests.
+    ///
+    /// Draining stops accepting, closes idle connections and lets the
+    /// others finish their request, for at most
+    /// [`Settings::shutdown_grace`]. The connections still open then are
+    /// stopped where they are: closed with no answer (or the rest of one),
+    /// their requests counted as `client_gone` and the buffers they held
+    /// released (a request's chain lets go of its buffers when it is done
+    /// with them, as for any client that left). When `serve` returns, no
+    /// connection it accepted is served any more, so the runtime may live
+    /// on. Dropping the future `serve` returns aborts every connection's
+    /// task, with no drain: each is closed the same way once its task next
+    /// runs.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
@@ -333,6 +347,9 @@ impl Ingress {
         let lingering = lingering_at_once(&self.settings);
         raise_fd_limit((self.settings.max_connections + lingering) as u64 + FD_RESERVE);
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        // The connections' tasks, to be stopped when the grace has passed;
+        // those that ended are taken out as they end.
+        let mut conns = tokio::task::JoinSet::new();
         tokio::pin!(shutdown);
         let metrics_on_main = admin.is_none();
         loop {
@@ -345,6 +362,10 @@ impl Ingress {
             let (accepted, is_admin) = tokio::select! {
                 r = listener.accept() => (r, false),
                 r = admin_accept => (r, true),
+                Some(ended) = conns.join_next(), if !conns.is_empty() => {
+                    note_panic(ended);
+                    continue;
+                }
                 () = &mut shutdown => break,
             };
             let (stream, peer) = match accepted {
@@ -412,7 +433,7 @@ impl Ingress {
                 );
             let conn = Connection { conn: Box::pin(graceful.watch(conn)), broken };
             let me = self.clone();
-            tokio::spawn(async move {
+            conns.spawn(async move {
                 if let Err(e) = conn.await {
                     log::debug!("connection from {peer}: {e}");
                     // A head hyper could not parse was answered by hyper
@@ -428,7 +449,19 @@ impl Ingress {
         drop(admin);
         log::info!("shutting down: finishing in-flight requests");
         if tokio::time::timeout(self.settings.shutdown_grace, graceful.shutdown()).await.is_err() {
-            log::warn!("shutdown: connections still open after {:?}", self.settings.shutdown_grace);
+            log::warn!(
+                "shutdown: closing {} connections still open after {:?}",
+                conns.len(),
+                self.settings.shutdown_grace
+            );
+            // Each task's connection is dropped: `Connection` and
+            // `InFlight` count what it cut off as they go.
+            conns.abort_all();
+        }
+        // Until every task has ended (and dropped its connection): when
+        // drained, they end as their connections did.
+        while let Some(ended) = conns.join_next().await {
+            note_panic(ended);
         }
         Ok(())
     }
@@ -1079,9 +1112,9 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWr
 /// connection broken ([`Client::broken`]) before hyper's state goes with
 /// it: whatever of a reply hyper still holds then (pieces in its write
 /// queue, the body) was never written. That happens with no I/O error when
-/// the connection is dropped unfinished: the runtime going at shutdown
-/// once `shutdown_grace` has passed (`serve` returns with connections
-/// still open). A connection that ended by itself holds no reply: hyper
+/// the connection is dropped unfinished: at shutdown once `shutdown_grace`
+/// has passed (`serve` stops the connections still open), or when the
+/// runtime goes. A connection that ended by itself holds no reply: hyper
 /// ends one once its last answer is written, or on an error, which leaves
 /// the rest unwritten too. Costs a flag store per connection, nothing per
 /// request.
@@ -1105,6 +1138,16 @@ impl<F> Drop for Connection<F> {
         // Relaxed: read by `Outgoing::drop` when `conn` drops, after this
         // function returns, on this thread.
         self.broken.store(true, Relaxed);
+    }
+}
+
+/// Logs a connection task that panicked (one aborted at shutdown is
+/// expected); the panic ended that connection alone.
+fn note_panic(ended: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = ended
+        && e.is_panic()
+    {
+        log::error!("a connection's task panicked: {e}");
     }
 }
 
@@ -1213,7 +1256,8 @@ const ACCESS_LOG: &str = "dne_ingress::access";
 
 /// A request being handled: counted in flight while it lives; dropped
 /// before [`InFlight::done`] (the handler drops it for a client that left
-/// mid-body; a client that leaves once its request is complete is not seen
+/// mid-body, and with the handler when `serve` stops the connection at
+/// shutdown; a client that leaves once its request is complete is not seen
 /// to go before its answer is written, see `half_close` in
 /// [`Ingress::serve`], and [`Outgoing`] for one whose reply fails to be
 /// written), it counts a `client_gone` rejection.

@@ -2027,11 +2027,12 @@ async fn an_answer_whose_write_fails_counts_as_client_gone() {
     srv.stop().await;
 }
 
-/// A reply still being written when the server stops and its runtime
-/// goes (what the ingress binary does once `shutdown_grace` has passed:
-/// `serve` returns and the runtime is dropped with the connections still
-/// open) never reached the client: it counts as `client_gone`, not by its
-/// status. No I/O error is seen then; the connection is only dropped.
+/// A reply still being written when `shutdown_grace` has passed never
+/// reaches the client: `serve` stops its connection before it returns, and
+/// the request counts as `client_gone`, not by its status, with the
+/// reply's buffers back in the pool by then (before, both waited for the
+/// runtime to be dropped). No I/O error is seen then; the connection is
+/// only dropped.
 #[test]
 fn a_reply_cut_off_at_shutdown_counts_as_client_gone() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -2084,17 +2085,58 @@ fn a_reply_cut_off_at_shutdown_counts_as_client_gone() {
         )
         .await;
         let seen = last.0.unwrap();
+        let pool = ingress.pools().get(0).unwrap().clone();
+        assert!(pool.free_buffers() < pool.capacity(), "no reply held: {}", ingress.metrics_text());
         srv.stop().await;
-        // Still stuck.
-        assert_eq!(state(), Some(seen), "{}", ingress.metrics_text());
         (ingress, seen)
     });
     let pool = ingress.pools().get(0).unwrap().clone();
-    assert!(pool.free_buffers() < pool.capacity(), "no reply held: {}", ingress.metrics_text());
-    drop(rt);
     let text = ingress.metrics_text();
     let series = |s: &str| text.lines().find_map(|l| l.strip_prefix(s)?.trim().parse::<u64>().ok());
     let gone = series(r#"dne_ingress_rejections_total{tenant="open",reason="client_gone"}"#);
     assert_eq!((gone, series(ok).unwrap_or(0)), (Some(1), seen - 1), "{text}");
     assert_eq!(pool.free_buffers(), pool.capacity());
+    drop(rt);
+}
+
+/// When `shutdown_grace` passes with requests still in progress, `serve`
+/// stops their connections before it returns: on a runtime that lives on,
+/// a connection whose request is in its chain and one whose body is still
+/// coming are closed with no answer, and both requests count as
+/// `client_gone` by then. (Before, `serve` returned and left both
+/// connections served: the first was answered 200 once its chain was done,
+/// the second 408 at the body timeout.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_still_open_when_the_grace_expires_are_closed() {
+    let srv = Server::start_with(512, InProcessConfig::default(), |s| {
+        s.shutdown_grace = Duration::from_millis(200);
+    })
+    .await;
+    // In its chain (the chain takes `SLOW`, well past the grace).
+    let mut in_chain = TcpStream::connect(srv.addr).await.unwrap();
+    in_chain.write_all(b"POST /patient HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx").await.unwrap();
+    // Mid-body (the body timeout is 2 s, past the grace too).
+    let mut mid_body = TcpStream::connect(srv.addr).await.unwrap();
+    mid_body.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nsome").await.unwrap();
+    let in_flight = r#"dne_ingress_in_flight{tenant="open"}"#;
+    until(
+        || metric(&srv, in_flight) == Some(2) && !srv.upstream.xff.lock().unwrap().is_empty(),
+        || srv.ingress.metrics_text(),
+    )
+    .await;
+    let ingress = srv.ingress.clone();
+    srv.stop().await;
+    let text = ingress.metrics_text();
+    for (what, s) in [("in its chain", &mut in_chain), ("mid-body", &mut mid_body)] {
+        // Closed (an end of stream or a reset), with nothing written.
+        let end = read_to_close(s).await.map(|b| String::from_utf8_lossy(&b).into_owned());
+        assert!(end.as_ref().is_err() || end.as_ref().is_ok_and(String::is_empty), "{what}: {end:?}");
+    }
+    // Counted by the time `serve` returned.
+    let series = |s: &str| text.lines().find_map(|l| l.strip_prefix(s)?.trim().parse::<u64>().ok());
+    let gone = series(r#"dne_ingress_rejections_total{tenant="open",reason="client_gone"}"#);
+    assert_eq!((gone, series(in_flight)), (Some(2), Some(0)), "{text}");
+    // The chain's buffers come back once the chain is done with them.
+    let held = || ingress.pools().iter().map(|p| p.capacity() - p.free_buffers()).collect::<Vec<_>>();
+    until(|| held().iter().all(|&n| n == 0), || format!("buffers still held: {:?}", held())).await;
 }
