@@ -129,6 +129,18 @@ pub enum PortEvent {
         /// Peer node.
         peer: u16,
     },
+    /// A tenant's connection to `peer` that was up failed (its peer broke
+    /// the protocol or crashed, the fabric lost it): said once, by the
+    /// [`Port::control`] after the [`Port::poll`] that saw the failure,
+    /// after any [`PortEvent::PeerDown`] that control reports. The mesh
+    /// resets the link, and its `PeerDown` follows unless it came first.
+    /// A connection closed with its link gets no `Down` of its own.
+    Down {
+        /// Tenant.
+        tenant: u16,
+        /// Peer node.
+        peer: u16,
+    },
     /// The link to `peer` went down (every connection to it closed; its
     /// sends in flight complete with errors).
     PeerDown {
@@ -514,6 +526,13 @@ pub struct Port<T: Transport, B: Buffers> {
     events: Vec<MeshEvent>,
     /// The fragments (offset, payload length) of the message being sent.
     stage: Vec<(u64, u32)>,
+    /// (Tenant, peer) of the connections that were up and failed since
+    /// the last [`Port::control`], which reports them
+    /// ([`PortEvent::Down`]). Its capacity is kept at least the number of
+    /// connection slots, so a failure never makes it grow: a slot's
+    /// connection fails once, and a slot gets a new connection only in
+    /// `control`, which empties the list.
+    failed: Vec<(u16, u16)>,
     /// When [`Port::drop_stalled_chains`] last looked.
     looked: Option<Instant>,
     /// Connections the per-tenant receive queries, [`Port::conns_up`] and
@@ -614,6 +633,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             comps: vec![Completion::EMPTY; 64],
             events: Vec::with_capacity(16),
             stage: Vec::with_capacity(64),
+            failed: Vec::new(),
             looked: None,
             #[cfg(test)]
             conns_looked: std::cell::Cell::new(0),
@@ -872,6 +892,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                     let i = conn.index() as usize;
                     if self.conns.len() <= i {
                         self.conns.resize_with(i + 1, || None);
+                        self.failed.reserve(self.conns.len().saturating_sub(self.failed.len()));
                     }
                     let want = self.per_conn.get(usize::from(tenant)).copied().unwrap_or(1);
                     // A connection that failed mid-message may have kept the
@@ -928,6 +949,11 @@ impl<T: Transport, B: Buffers> Port<T, B> {
             }
         }
         self.events = events;
+        // After the mesh's events: a connection closed with its link is
+        // in its PeerDown, before.
+        for (tenant, peer) in self.failed.drain(..) {
+            out.push(PortEvent::Down { tenant, peer });
+        }
         self.drop_stalled_chains(now, out);
         #[cfg(test)]
         if self.by_scan {
@@ -1090,6 +1116,10 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                         let before = Part::of(st);
                         (st.up, st.dead) = (false, true);
                         self.counts.update(i, Some(before), Some(Part::of(st)));
+                        if before.up {
+                            // Within the capacity kept (see `failed`).
+                            self.failed.push((st.tenant, st.peer));
+                        }
                         if matches!(error, CompletionError::Protocol(_)) {
                             out.push(PortEvent::Protocol { tenant: st.tenant, peer: st.peer });
                         }
@@ -1895,6 +1925,53 @@ mod tests {
     /// Buffers of tenant 0 free or posted as receives.
     fn port_free<T: Transport>(port: &Port<T, PoolBufs>) -> u32 {
         port.bufs(0).0.free_buffers() + port.recvs_posted(0)
+    }
+
+    /// The (tenant, peer) of the `Down`s in `out`.
+    fn downs(out: &[PortEvent]) -> Vec<(u16, u16)> {
+        out.iter()
+            .filter_map(|e| match *e {
+                PortEvent::Down { tenant, peer } => Some((tenant, peer)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A connection that was up and failed is reported once, as a `Down`,
+    /// by the next `control` (not by `poll`, on the data path), so that a
+    /// driver need not look at every connection to find it; the list of
+    /// failures does not grow on a failure. One that failed before it came
+    /// up is not reported, nor are the connections closed with their link
+    /// (its `PeerDown` says so).
+    #[test]
+    fn a_connection_that_was_up_and_failed_is_reported_once_by_the_next_control() {
+        let (mut port, cmds, _notes) = port_over(NullTransport::new(), 2);
+        link_up(&mut port, &cmds, 1);
+        let mut out = Vec::new();
+        cmds.send(Cmd::Open { peer: 2, epoch: 1 }).unwrap();
+        port.control(&mut out);
+        let room = port.failed.capacity();
+        assert!(room >= port.conns.len(), "{room} failures kept for {} connections", port.conns.len());
+        for peer in [1, 2] {
+            port.ep.transport_mut().abort(port.mesh.conn(peer, 0).unwrap());
+        }
+        out.clear();
+        while port.poll(&mut out) > 0 {}
+        assert!(!port.is_up(0, 1));
+        assert_eq!(downs(&out), [], "reported by poll");
+        assert_eq!(port.failed.capacity(), room, "the list of failures grew");
+        port.control(&mut out);
+        assert_eq!(downs(&out), [(0, 1)], "reported by control: node 1's, not node 2's (never up)");
+        out.clear();
+        settle(&mut port, &mut out);
+        assert_eq!(downs(&out), [], "reported again");
+        // A link that goes down with its connection up: a PeerDown only.
+        link_up(&mut port, &cmds, 2);
+        cmds.send(Cmd::Down { peer: 2 }).unwrap();
+        out.clear();
+        settle(&mut port, &mut out);
+        assert!(out.iter().any(|e| matches!(e, PortEvent::PeerDown { peer: 2 })), "{out:?}");
+        assert_eq!(downs(&out), [], "a connection closed with its link");
     }
 
     /// A connection that failed on its own (its peer crashed) is still the

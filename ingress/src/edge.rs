@@ -942,6 +942,9 @@ impl Worker {
                     }
                 }
                 PortEvent::Up { tenant, peer } => log::info!("edge: tenant {tenant} connected to node {peer}"),
+                // The port logged the failure; the mesh resets the link,
+                // and the requests sent there are answered at its PeerDown.
+                PortEvent::Down { .. } => {}
                 PortEvent::Protocol { tenant, peer } => {
                     self.drops.protocol.fetch_add(1, Ordering::Relaxed);
                     log::warn!("edge: node {peer} broke the fabric protocol (tenant {tenant})")
