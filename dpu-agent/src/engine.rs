@@ -374,6 +374,10 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     /// engine has not seen yet, for tests.
     #[cfg(test)]
     conn_looks: usize,
+    /// Tenant connections (tenant, node) whose credits the control passes
+    /// looked at (for the `credits` gauge), for tests.
+    #[cfg(test)]
+    credit_looks: usize,
 }
 
 /// This engine's messages on the wire to one node.
@@ -511,6 +515,8 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             fn_visits: 0,
             #[cfg(test)]
             conn_looks: 0,
+            #[cfg(test)]
+            credit_looks: 0,
         })
     }
 
@@ -654,8 +660,6 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         for t in 0..self.tenants.len() {
             let m = &self.metrics.tenants[self.gid(t)];
             m.queue_depth.set(self.tenants[t].sends.len() as i64);
-            let credits: u32 = (0..self.fabric_nodes).map(|p| self.port.credits(t as u16, p)).sum();
-            m.credits.set(i64::from(credits));
             m.recvs_posted.set(i64::from(self.port.recvs_posted(t as u16)));
             let g = self.gid(t);
             let (metrics, name, seen) = (&self.metrics, &self.cfg.tenants[g].name, &mut self.rejected_seen[t]);
@@ -673,6 +677,16 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         self.metrics.set_ready(self.set.core, true);
         if now >= self.next_status {
             self.next_status = now + Duration::from_millis(100);
+            // A sum over every tenant's connection to every node: at the
+            // status ticks, not at every pass.
+            for t in 0..self.tenants.len() {
+                let credits: u32 = (0..self.fabric_nodes).map(|p| self.port.credits(t as u16, p)).sum();
+                self.metrics.tenants[self.gid(t)].credits.set(i64::from(credits));
+                #[cfg(test)]
+                {
+                    self.credit_looks += usize::from(self.fabric_nodes);
+                }
+            }
             for &(f, t) in &self.here_fns {
                 #[cfg(test)]
                 {
@@ -1650,6 +1664,40 @@ mod tests {
         e.handle(&mut vec![fabric::PortEvent::Down { tenant: 7, peer: 3 }], start);
         assert_eq!(e.conn_looks, 1);
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// The `credits` gauge (the sends each tenant's peers allow it, a sum
+    /// over its connections to every node) is published at the status
+    /// ticks (every 100 ms), like the functions' ring depths, not at every
+    /// control pass (every millisecond). Before, every pass looked at every
+    /// tenant's connection to every node for it: 10000 on a node of a
+    /// cluster of 1000 tenants on 10 nodes.
+    #[test]
+    fn only_a_status_pass_looks_at_every_connections_credits() {
+        let (tenants, nodes): (usize, usize) = (1000, 10);
+        let dir = std::env::temp_dir().join(format!("dne-engine-credit-looks-{}", std::process::id()));
+        let cfg = large_cluster(tenants, 1, nodes, &dir);
+        let links = (0..tenants as u16)
+            .map(|t| NullLink::new(cfg.pool_geometry(t).unwrap(), t, 0, 0, 64, 0).unwrap())
+            .collect();
+        let mut e = null_fabric_engine(&cfg, 0, 4, links);
+        let start = Instant::now();
+        // The first pass is a status tick.
+        e.control(start);
+        assert_eq!(e.credit_looks, tenants * nodes, "connections whose credits a status pass looked at");
+        e.credit_looks = 0;
+        e.control(start + std::time::Duration::from_millis(1));
+        let looks = e.credit_looks;
+        assert_eq!(looks, 0, "{looks} connections' credits looked at by a control pass between status ticks, want 0");
+        e.control(start + std::time::Duration::from_millis(100));
+        assert_eq!(e.credit_looks, tenants * nodes, "at the next status tick");
+        let _ = std::fs::remove_dir_all(dir);
+        // With a connection up, the gauge has its credits.
+        let (mut e, _peer) = connected_engine_with("");
+        e.control(Instant::now() + std::time::Duration::from_millis(100));
+        let credits = e.port.credits(0, 1);
+        assert!(credits > 0);
+        assert_eq!(e.metrics.tenants[0].credits.get(), i64::from(credits));
     }
 
     /// An engine keeps, per tenant, queues and delivery order for that

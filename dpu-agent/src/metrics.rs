@@ -128,7 +128,8 @@ pub struct TenantMetrics {
     pub uplink_msgs: Counter,
     /// Messages waiting in the tenant's send queue.
     pub queue_depth: Gauge,
-    /// Sends the peers currently allow this tenant (sum over peers).
+    /// Sends the peers allow this tenant (sum over peers), as of the
+    /// engine's last status tick (every 100 ms).
     pub credits: Gauge,
     /// Receive buffers posted for this tenant.
     pub recvs_posted: Gauge,
