@@ -11,7 +11,7 @@
 use crate::sock::Conn;
 use shm::pool::{AcceptError, Lease, LocalCache};
 use shm::ring::{Consumer, Doorbell, Ring, RingPushError, Wait};
-use shm::{AllocError, FreeError, Pool};
+use shm::{AllocError, FreeError, Pool, WriteError};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::OwnedFd;
@@ -171,6 +171,15 @@ pub enum PayloadError {
     /// The data does not fit the message's buffers.
     #[error(transparent)]
     Len(#[from] wire::DescriptorError),
+}
+
+impl From<WriteError> for PayloadError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Len(e) => Self::Len(e),
+            WriteError::ForeignLease => Self::ForeignMsg,
+        }
+    }
 }
 
 /// Receiving failed.
@@ -511,9 +520,6 @@ impl Function {
 
     /// Copies `data` into a message allocated for `data.len()` bytes.
     pub fn write(&self, msg: &mut Msg, data: &[u8]) -> Result<(), PayloadError> {
-        if !self.owns(msg) {
-            return Err(PayloadError::ForeignMsg);
-        }
         Ok(self.pool.write(&mut msg.lease, data)?)
     }
 

@@ -36,6 +36,19 @@ pub enum PoolOpenError {
     Access(#[from] AccessError),
 }
 
+/// Data could not be copied into a lease ([`Pool::write`]). Nothing was
+/// changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// The data does not fit the lease's buffers (`TooLong`).
+    #[error(transparent)]
+    Len(#[from] DescriptorError),
+    /// The lease is of another pool (see [`Pool::owns`]): its indices name
+    /// other buffers in this one.
+    #[error("the lease is of another pool")]
+    ForeignLease,
+}
+
 /// A received descriptor that cannot be accepted. Nothing was changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AcceptError {
@@ -630,11 +643,12 @@ impl Pool {
     }
 
     /// Copies `data` into the lease's payload (across fragments). A lease
-    /// of another pool has no room here: `TooLong` with `max` 0, and
+    /// of another pool is refused ([`WriteError::ForeignLease`]) and data
+    /// that does not fit its buffers too ([`WriteError::Len`]); either way
     /// nothing is changed.
-    pub fn write(&self, lease: &mut Lease, data: &[u8]) -> Result<(), DescriptorError> {
+    pub fn write(&self, lease: &mut Lease, data: &[u8]) -> Result<(), WriteError> {
         if !self.owns(lease) {
-            return Err(DescriptorError::TooLong { len: u32::try_from(data.len()).unwrap_or(u32::MAX), max: 0 });
+            return Err(WriteError::ForeignLease);
         }
         self.set_len(lease, u32::try_from(data.len()).unwrap_or(u32::MAX))?;
         let cap = self.layout.geometry.payload_cap() as usize;
@@ -938,7 +952,8 @@ mod tests {
         assert_eq!(now, links, "b's links of buffers leased elsewhere were rewritten");
         let mut theirs = parts.pop().unwrap();
         let r = b.write(&mut theirs, b"abc");
-        assert_eq!(r, Err(DescriptorError::TooLong { len: 3, max: 0 }), "b wrote nothing and said Ok");
+        assert_eq!(r, Err(WriteError::ForeignLease), "b's refusal said the data was too long");
+        assert_eq!(r.unwrap_err().to_string(), "the lease is of another pool");
         assert_eq!(theirs.len(), cap, "untouched");
         a.write(&mut theirs, b"abc").unwrap();
         assert_eq!(a.read_to_vec(&theirs), b"abc", "its own pool takes it");
