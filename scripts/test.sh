@@ -4,7 +4,8 @@
 #
 #  1. installs missing Debian packages (scripts/install-deps.sh; apt-get only)
 #  2. reserves 2 MiB huge pages when root, so the hugetlb pool path is tested
-#  3. rustfmt check, clippy -D warnings (x86_64)
+#  3. rustfmt check, clippy -D warnings (x86_64), the API docs with rustdoc
+#     warnings as errors (broken links, links to private items)
 #  4. builds the workspace binaries (system tests start them as processes)
 #     and runs every test
 #  5. model-checks the lock-free allocator and ring with loom, builds the
@@ -46,6 +47,9 @@ rustfmt --edition 2024 --check doca-sys/src/decls.rs
 
 step "clippy x86_64"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "rustdoc (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 
 step "verbs backend (fabric, agent): clippy (no RDMA device needed; its tests need one, see README)"
 cargo clippy -p fabric --features verbs-hw --all-targets --locked -- -D warnings

@@ -514,10 +514,10 @@ const METRICS_ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Serves `GET /metrics`, `/status` and `/ready` on `addr` from a thread of
 /// its own until the process ends. The port is bound before this returns,
 /// so a taken port is an error here. An address this machine does not have
-/// yet is bound all the same and answers once it appears (see [`listen`]).
-/// At most [`METRICS_CONNS`] connections at once, each closed when it
-/// sends no request head within [`METRICS_HEAD_WITHIN`] and after
-/// [`METRICS_CONN_LIFETIME`] in all.
+/// yet is bound all the same and answers once it appears (see `listen`).
+/// At most `METRICS_CONNS` connections at once, each closed when it
+/// sends no request head within `METRICS_HEAD_WITHIN` and after
+/// `METRICS_CONN_LIFETIME` in all.
 pub fn serve(addr: SocketAddr, m: Arc<Metrics>) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     serve_with(addr, m, METRICS_HEAD_WITHIN, METRICS_CONN_LIFETIME)
 }

@@ -11,7 +11,7 @@
 //! buffer either free or recorded as its own; host-shimd returns the latter
 //! with [`reclaim`](crate::Pool::reclaim). The hints are not a record: a
 //! process killed between freeing a buffer and setting its hint leaves a
-//! free buffer no taker looks at, until [`repair`] (host-shimd runs it after
+//! free buffer no taker looks at, until [`repair`](crate::Pool::repair) (host-shimd runs it after
 //! every death) sets the hints of every free buffer again. (A free list
 //! needs two writes per operation, the list and the owner, and a process
 //! killed between them lost the buffer for good: a test that kills a
@@ -37,7 +37,7 @@
 //! nothing: a buffer freed behind the search during the pass may be missed
 //! (the caller's next attempt finds it).
 //!
-//! The algorithm is written against [`PoolCells`] so the same code runs on a
+//! The algorithm is written against `PoolCells` so the same code runs on a
 //! pool segment ([`crate::Pool`]) and, under `--cfg loom`, on loom's model
 //! atomics (see the loom tests at the end).
 

@@ -17,7 +17,7 @@
 //! value written by a peer can make anyone access memory outside the ring.
 //! Garbage in a slot is caught by the receiver's descriptor validation
 //! (`Pool::accept`). A corrupted tail can at worst make the ring look full
-//! or empty, which [`Consumer::pending`] reports. The published head is
+//! or empty, which [`Ring::pending`] reports. The published head is
 //! trusted by a single push (it avoids reading the slot line the consumer
 //! spins on): a peer of the tenant that moves the head forward can make
 //! producers overwrite descriptors not yet consumed (those messages are

@@ -186,7 +186,7 @@ impl Proc {
 
     /// Waits for the process to exit; panics (after killing it) when it is
     /// still running after `deadline`. Its output is waited for until then
-    /// too (see [`Drain`]).
+    /// too (see `Drain`).
     pub fn wait_timeout(mut self, deadline: Duration) -> Output {
         let start = Instant::now();
         let mut child = self.child.take().expect("child present until waited");

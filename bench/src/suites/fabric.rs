@@ -9,8 +9,8 @@
 //!   counts in the N); TCP writes N bytes, the peer reads N and writes N
 //!   back (`TCP_NODELAY`, blocking I/O);
 //! * message rate: a one-way stream of N-byte messages, many in flight.
-//!   Fabric: up to [`IN_FLIGHT`] sends posted, bounded by the receiver's
-//!   credits ([`RECVS`] receives posted, each re-posted as it completes);
+//!   Fabric: up to `IN_FLIGHT` sends posted, bounded by the receiver's
+//!   credits (`RECVS` receives posted, each re-posted as it completes);
 //!   timed until the last send completion (the peer placed it). TCP: each
 //!   message a 4-byte length prefix and N bytes in one write, the receiver
 //!   reading through a 64 KiB buffer (the target's baseline) or, for
