@@ -1,10 +1,12 @@
 //! The C ABI of the function library (`dne_shim.h`, generated from this file
 //! by cbindgen at build time; pkg-config name `dne-shim`).
 //!
-//! Every call returns a [`dne_status`] (0 = ok; [`dne_status_str`] turns a
-//! code into a message) and never unwinds into C: a panic inside is caught
-//! and reported as `DNE_ERR_INTERNAL`. Handles are opaque pointers; a message
-//! handle is owned by the caller until `dne_send` succeeds or `dne_free`
+//! The calls return a [`dne_status`] (0 = ok; [`dne_status_str`] turns a
+//! code into a message), except `dne_detach`, the message accessors and
+//! the two functions that name a code. No call unwinds into C: a panic
+//! inside is caught and reported as `DNE_ERR_INTERNAL`; an accessor that
+//! panics returns what it returns for NULL, and `dne_detach` returns.
+//! Handles are opaque pointers; a message handle is owned by the caller until `dne_send` succeeds or `dne_free`
 //! frees it, and a failed call leaves it as it was (the same pointer),
 //! except where the call's doc names a status that does not. A
 //! message is used with an attach to the pool it is in: another tenant's
@@ -176,10 +178,14 @@ pub struct dne_msg {
 /// value; "unknown status" for any other number).
 #[unsafe(no_mangle)]
 pub extern "C" fn dne_status_str(status: c_int) -> *const c_char {
+    guard_or(c"internal error".as_ptr(), || status_str(status).as_ptr())
+}
+
+fn status_str(status: c_int) -> &'static CStr {
     // (An `int`, not the enum: C may pass any number, and a Rust enum
     // holding a value it does not name is undefined behaviour.)
-    let Some(status) = dne_status::from_int(status) else { return c"unknown status".as_ptr() };
-    let s: &'static CStr = match status {
+    let Some(status) = dne_status::from_int(status) else { return c"unknown status" };
+    match status {
         dne_status::DNE_OK => c"ok",
         dne_status::DNE_ERR_INVALID_ARG => c"invalid argument",
         dne_status::DNE_ERR_SHIMD => c"host-shimd unreachable or protocol error",
@@ -194,12 +200,19 @@ pub extern "C" fn dne_status_str(status: c_int) -> *const c_char {
         dne_status::DNE_ERR_INTERNAL => c"internal error",
         dne_status::DNE_ERR_SHIMD_GONE => c"host-shimd is gone (it stopped; attach again to the new one)",
         dne_status::DNE_ERR_FOREIGN_MSG => c"message of another attach's pool",
-    };
-    s.as_ptr()
+    }
 }
 
+/// Runs the body of a call that returns a status: a panic becomes
+/// `DNE_ERR_INTERNAL` instead of unwinding into C (which aborts).
 fn guard(f: impl FnOnce() -> dne_status) -> dne_status {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or(dne_status::DNE_ERR_INTERNAL)
+    guard_or(dne_status::DNE_ERR_INTERNAL, f)
+}
+
+/// Runs the body of a call: a panic returns `on_panic` instead of
+/// unwinding into C (which aborts).
+fn guard_or<T>(on_panic: T, f: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or(on_panic)
 }
 
 /// Reads a C string argument.
@@ -281,10 +294,12 @@ pub unsafe extern "C" fn dne_attach(
 /// `f` is NULL or a handle from `dne_attach`, not used afterwards.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dne_detach(f: *mut dne_fn) {
-    if !f.is_null() {
-        // SAFETY: from `Box::into_raw` in `dne_attach` (caller contract).
-        drop(unsafe { Box::from_raw(f) });
-    }
+    guard_or((), || {
+        if !f.is_null() {
+            // SAFETY: from `Box::into_raw` in `dne_attach` (caller contract).
+            drop(unsafe { Box::from_raw(f) });
+        }
+    })
 }
 
 /// Allocates a message of `len` payload bytes.
@@ -322,20 +337,22 @@ pub unsafe extern "C" fn dne_alloc(f: *mut dne_fn, len: u32, out: *mut *mut dne_
 /// until `m` is sent or freed.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dne_msg_data(f: *mut dne_fn, m: *mut dne_msg, frag: u32, len: *mut u32) -> *mut u8 {
-    // SAFETY: live handle or NULL (caller contract).
-    let f = unsafe { f.as_ref() };
-    // SAFETY: as above.
-    let m = unsafe { m.as_mut() };
-    let (Some(f), Some(m)) = (f, m) else { return std::ptr::null_mut() };
-    // NULL past the end, at a link a process sharing the pool rewrote, and
-    // for a message of another pool.
-    let Ok(bytes) = f.f.try_payload_mut(&mut m.msg, frag) else { return std::ptr::null_mut() };
-    if !len.is_null() {
-        // SAFETY: non-NULL (checked) and writable (contract). The length
-        // fits: a fragment is at most one buffer.
-        unsafe { len.write(bytes.len() as u32) };
-    }
-    bytes.as_mut_ptr()
+    guard_or(std::ptr::null_mut(), || {
+        // SAFETY: live handle or NULL (caller contract).
+        let f = unsafe { f.as_ref() };
+        // SAFETY: as above.
+        let m = unsafe { m.as_mut() };
+        let (Some(f), Some(m)) = (f, m) else { return std::ptr::null_mut() };
+        // NULL past the end, at a link a process sharing the pool rewrote,
+        // and for a message of another pool.
+        let Ok(bytes) = f.f.try_payload_mut(&mut m.msg, frag) else { return std::ptr::null_mut() };
+        if !len.is_null() {
+            // SAFETY: non-NULL (checked) and writable (contract). The
+            // length fits: a fragment is at most one buffer.
+            unsafe { len.write(bytes.len() as u32) };
+        }
+        bytes.as_mut_ptr()
+    })
 }
 
 /// Payload length of `m` in bytes (0 for NULL).
@@ -345,8 +362,10 @@ pub unsafe extern "C" fn dne_msg_data(f: *mut dne_fn, m: *mut dne_msg, frag: u32
 /// `m` is NULL or a live message handle.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dne_msg_len(m: *const dne_msg) -> u32 {
-    // SAFETY: live handle or NULL (caller contract).
-    unsafe { m.as_ref() }.map_or(0, |m| m.msg.len())
+    guard_or(0, || {
+        // SAFETY: live handle or NULL (caller contract).
+        unsafe { m.as_ref() }.map_or(0, |m| m.msg.len())
+    })
 }
 
 /// Buffers in `m`'s chain (0 for NULL).
@@ -356,8 +375,10 @@ pub unsafe extern "C" fn dne_msg_len(m: *const dne_msg) -> u32 {
 /// `m` is NULL or a live message handle.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dne_msg_frags(m: *const dne_msg) -> u32 {
-    // SAFETY: live handle or NULL (caller contract).
-    unsafe { m.as_ref() }.map_or(0, |m| m.msg.frags())
+    guard_or(0, || {
+        // SAFETY: live handle or NULL (caller contract).
+        unsafe { m.as_ref() }.map_or(0, |m| m.msg.frags())
+    })
 }
 
 /// Request id of `m` (0 for NULL).
@@ -367,8 +388,10 @@ pub unsafe extern "C" fn dne_msg_frags(m: *const dne_msg) -> u32 {
 /// `m` is NULL or a live message handle.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dne_msg_request(m: *const dne_msg) -> u32 {
-    // SAFETY: live handle or NULL (caller contract).
-    unsafe { m.as_ref() }.map_or(0, |m| m.msg.request())
+    guard_or(0, || {
+        // SAFETY: live handle or NULL (caller contract).
+        unsafe { m.as_ref() }.map_or(0, |m| m.msg.request())
+    })
 }
 
 /// Whether `m` is an error descriptor rather than a call (false for NULL):
@@ -381,8 +404,10 @@ pub unsafe extern "C" fn dne_msg_request(m: *const dne_msg) -> u32 {
 /// `m` is NULL or a live message handle.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dne_msg_is_error(m: *const dne_msg) -> bool {
-    // SAFETY: live handle or NULL (caller contract).
-    unsafe { m.as_ref() }.is_some_and(|m| m.msg.desc().is_error())
+    guard_or(false, || {
+        // SAFETY: live handle or NULL (caller contract).
+        unsafe { m.as_ref() }.is_some_and(|m| m.msg.desc().is_error())
+    })
 }
 
 /// The error code of an error descriptor (a `DNE_MSG_ERR_*` value of
@@ -394,8 +419,10 @@ pub unsafe extern "C" fn dne_msg_is_error(m: *const dne_msg) -> bool {
 /// `m` is NULL or a live message handle.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dne_msg_error_code(m: *const dne_msg) -> u8 {
-    // SAFETY: live handle or NULL (caller contract).
-    unsafe { m.as_ref() }.map_or(0, |m| if m.msg.desc().is_error() { m.msg.desc().status } else { 0 })
+    guard_or(0, || {
+        // SAFETY: live handle or NULL (caller contract).
+        unsafe { m.as_ref() }.map_or(0, |m| if m.msg.desc().is_error() { m.msg.desc().status } else { 0 })
+    })
 }
 
 /// A static, NUL-terminated name of error code `code` (as
@@ -405,10 +432,12 @@ pub unsafe extern "C" fn dne_msg_error_code(m: *const dne_msg) -> u8 {
 #[unsafe(no_mangle)]
 pub extern "C" fn dne_error_code_str(code: c_int) -> *const c_char {
     use wire::ErrorCode;
-    let Some(code) = u8::try_from(code).ok().and_then(ErrorCode::from_u8) else {
-        return c"unknown error code".as_ptr();
-    };
-    code.as_c_str().as_ptr()
+    guard_or(c"unknown error code".as_ptr(), || {
+        let Some(code) = u8::try_from(code).ok().and_then(ErrorCode::from_u8) else {
+            return c"unknown error code".as_ptr();
+        };
+        code.as_c_str().as_ptr()
+    })
 }
 
 /// Sends `*m` to function `to`. On success `*m` becomes NULL (the message
@@ -745,6 +774,61 @@ mod tests {
         // SAFETY: a live handle and message, not used afterwards.
         assert_eq!(unsafe { dne_free(&mut fa, m) }, dne_status::DNE_OK);
         assert_eq!(free_in(&fa), before);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    std::thread_local! {
+        /// Whether [`PanickingLogger`] panics on this thread.
+        static PANIC_ON_LOG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// How many records [`PanickingLogger`] panicked at, on this thread.
+        static LOG_PANICS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A logger that panics at every record on a thread that set
+    /// `PANIC_ON_LOG` (a host program's logger with a bug), and ignores
+    /// every record on the other threads (the other tests').
+    struct PanickingLogger;
+
+    impl log::Log for PanickingLogger {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            PANIC_ON_LOG.with(std::cell::Cell::get)
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            if self.enabled(record.metadata()) {
+                LOG_PANICS.with(|n| n.set(n.get() + 1));
+                panic!("the host's logger failed on: {}", record.args());
+            }
+        }
+        fn flush(&self) {}
+    }
+
+    /// A panic inside `dne_detach` (here: the process's logger panics on
+    /// the warning the detach logs when a cached buffer is no longer its
+    /// own) is caught at the C boundary; the call returns. Before,
+    /// `dne_detach` was not guarded: the panic reached the `extern "C"`
+    /// boundary and the process aborted ("panic in a function that cannot
+    /// unwind").
+    #[test]
+    fn a_panic_while_detaching_does_not_unwind_into_c() {
+        let (_shimd, a, dir) = shimd_serving("detach-panic", ONE_TENANT, |socket| {
+            let mut a = Function::attach(socket, "t", "a").unwrap();
+            let m = a.alloc(5).unwrap();
+            a.free(m).unwrap();
+            a
+        });
+        assert!(a.cached_buffers() > 0, "the freed buffer is in the attach's cache");
+        // host-shimd's reclaim of a dead attach, run while it is alive: the
+        // cached buffers are free in the pool, so the detach's drain of its
+        // cache finds them not its own and logs a warning.
+        assert!(a.pool().reclaim(a.info().slot) > 0);
+        log::set_logger(&PanickingLogger).expect("no other test of this binary sets a logger");
+        log::set_max_level(log::LevelFilter::Warn);
+        PANIC_ON_LOG.with(|p| p.set(true));
+        let f = Box::into_raw(Box::new(dne_fn::new(a)));
+        // SAFETY: a handle from `Box::into_raw`, not used afterwards.
+        unsafe { dne_detach(f) };
+        PANIC_ON_LOG.with(|p| p.set(false));
+        assert_eq!(LOG_PANICS.with(std::cell::Cell::get), 1, "the logger panicked inside dne_detach");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
