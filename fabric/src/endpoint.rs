@@ -134,6 +134,36 @@ struct Conn {
     /// connection anywhere (a connection that failed on its own is still
     /// the user's, in its routes, until it closes it).
     closed: bool,
+    /// Its place is in [`Endpoint::reusable`].
+    listed: bool,
+}
+
+impl Conn {
+    /// Whether its place may be taken by a new connection: the user closed
+    /// it, the backend reported its failure, and no operation of it is
+    /// left to complete (see [`Endpoint::open`]). Once true, it stays true
+    /// until the place is taken: a failed connection takes no new work.
+    fn reusable(&self) -> bool {
+        matches!(self.state, State::Failed(_))
+            && self.released
+            && self.closed
+            && self.queue.is_empty()
+            && self.sends.used() == 0
+            && self.recvs.used() == 0
+            && self.raw_sends == 0
+    }
+
+    /// Adds its place, `i`, to `reusable` (the endpoint's
+    /// [`Endpoint::reusable`]) if it has just become reusable. Called
+    /// wherever a connection may become so: at its close, and in each
+    /// poll for its completions and for its queued sends failed.
+    fn list_if_reusable(&mut self, i: usize, reusable: &mut VecDeque<u32>) {
+        if !self.listed && self.reusable() {
+            self.listed = true;
+            // In range: connection ids are u32.
+            reusable.push_back(i as u32);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -171,10 +201,14 @@ pub struct Endpoint<T: Transport> {
     /// Entries a connection's tables reserve when it opens (its share of
     /// [`CONN_RESERVE`]).
     reserve: usize,
-    /// Connections the user closed whose places are not taken again yet:
-    /// only they may be reused, so while there are none `open` looks at
-    /// no other connection (a node's start opens thousands).
-    closed: usize,
+    /// Places of connections that may be reused ([`Conn::reusable`]),
+    /// oldest first: a connection's place is added when it becomes
+    /// reusable (at its close or at the poll that completes the last of
+    /// it), so `open` takes one without looking at the other connections
+    /// (a node's start opens thousands, a link reset closes and opens a
+    /// connection per tenant). Room for every connection, so adding never
+    /// allocates.
+    reusable: VecDeque<u32>,
     /// Connections `open` looked at for a place to reuse.
     #[cfg(test)]
     reuse_looks: usize,
@@ -192,16 +226,17 @@ impl<T: Transport> Endpoint<T> {
     /// more) only when a burst needs it.
     pub fn new(t: T, cfg: EndpointConfig) -> Self {
         let max_conns = usize::try_from(cfg.max_conns).unwrap_or(usize::MAX).max(1);
+        let conns = max_conns.min(CONN_RESERVE / MIN_RESERVE);
         Self {
             t,
             cfg,
             regions: Vec::with_capacity(cfg.max_regions as usize),
-            conns: Vec::with_capacity(max_conns.min(CONN_RESERVE / MIN_RESERVE)),
+            conns: Vec::with_capacity(conns),
             scratch: vec![RawCompletion::EMPTY; cfg.batch.max(2) as usize],
             stats: EndpointStats::default(),
             queued_bytes: 0,
             reserve: (CONN_RESERVE / max_conns).max(MIN_RESERVE),
-            closed: 0,
+            reusable: VecDeque::with_capacity(conns),
             #[cfg(test)]
             reuse_looks: 0,
         }
@@ -263,23 +298,12 @@ impl<T: Transport> Endpoint<T> {
     /// the user's close, the user's close of the old one would close the
     /// new one, and its routes to the old peer would lead to the new.)
     pub fn open(&mut self, spec: ConnSpec) -> Result<(ConnId, Vec<u8>), ConnSetupError> {
-        let reuse = if self.closed == 0 {
-            None
-        } else {
-            #[cfg(test)]
-            {
-                self.reuse_looks += self.conns.len();
-            }
-            self.conns.iter().position(|c| {
-                matches!(c.state, State::Failed(_))
-                    && c.released
-                    && c.closed
-                    && c.queue.is_empty()
-                    && c.sends.used() == 0
-                    && c.recvs.used() == 0
-                    && c.raw_sends == 0
-            })
-        };
+        let reuse = self.reusable.front().map(|&i| i as usize);
+        #[cfg(test)]
+        {
+            self.reuse_looks += usize::from(reuse.is_some());
+        }
+        debug_assert!(reuse.is_none_or(|i| self.conns[i].reusable()), "listed, not reusable");
         if reuse.is_none() && self.conns.len() >= self.cfg.max_conns as usize {
             return Err(ConnSetupError::Full);
         }
@@ -298,13 +322,18 @@ impl<T: Transport> Endpoint<T> {
             raw_sends: 0,
             released: false,
             closed: false,
+            listed: false,
         };
         match reuse {
             Some(i) => {
                 self.conns[i] = conn;
-                self.closed -= 1;
+                self.reusable.pop_front();
             }
-            None => self.conns.push(conn),
+            None => {
+                self.conns.push(conn);
+                // Room to list every connection (amortized, like the table).
+                self.reusable.reserve(self.conns.len() - self.reusable.len());
+            }
         }
         Ok((id, blob))
     }
@@ -438,9 +467,9 @@ impl<T: Transport> Endpoint<T> {
     /// [`CompletionError::Closed`] in later polls; the peer sees it go.
     pub fn close(&mut self, conn: ConnId) {
         self.fail(conn, CompletionError::Closed);
-        if let Some(c) = self.conns.get_mut(conn.0 as usize).filter(|c| !c.closed) {
+        if let Some(c) = self.conns.get_mut(conn.0 as usize) {
             c.closed = true;
-            self.closed += 1;
+            c.list_if_reusable(conn.0 as usize, &mut self.reusable);
         }
     }
 
@@ -468,6 +497,7 @@ impl<T: Transport> Endpoint<T> {
                     out[n] = Completion::Sent { conn: ConnId(i as u32), token: wr.token, result: Err(error) };
                     n += 1;
                 }
+                c.list_if_reusable(i, &mut self.reusable);
             }
         }
         // Each backend completion yields at most two of ours.
@@ -477,6 +507,13 @@ impl<T: Transport> Endpoint<T> {
             let got = self.t.poll(&mut scratch[..room]);
             for raw in &scratch[..got] {
                 n += self.on_raw(*raw, &mut out[n..]);
+                let (RawCompletion::Connected(conn)
+                | RawCompletion::ConnFailed(conn, _)
+                | RawCompletion::Sent { conn, .. }
+                | RawCompletion::Recv { conn, .. }) = *raw;
+                if let Some(c) = self.conns.get_mut(conn.0 as usize) {
+                    c.list_if_reusable(conn.0 as usize, &mut self.reusable);
+                }
             }
             self.scratch = scratch;
         }
@@ -700,6 +737,82 @@ mod tests {
         let (next, _) = ep.open(ConnSpec { tenant: 0, peer: 2000 }).unwrap();
         assert_eq!(next, ConnId(2000));
         assert_eq!(ep.reuse_looks, looked, "no closed connection left to look for");
+    }
+
+    /// Polls `ep` until it has nothing more to say.
+    fn settle(ep: &mut Endpoint<NullTransport>) {
+        let mut comps = vec![Completion::EMPTY; 64];
+        for _ in 0..1000 {
+            if ep.poll(&mut comps) == 0 {
+                return;
+            }
+        }
+        panic!("the null fabric kept completing");
+    }
+
+    /// A link reset closes the link's old connections and opens its new
+    /// ones before a poll lets any old one go: those opens find no place
+    /// to reuse and look at none. Once the closed ones are let go, each
+    /// open takes one of their places with one look. Before, while any
+    /// closed connection waited, every open looked at every connection
+    /// (1000 tenants and 100 peers: some 10^8 looks per reset).
+    #[test]
+    fn opening_after_a_reset_looks_at_no_connection_but_the_place_it_takes() {
+        let cfg = EndpointConfig { max_conns: 4096, ..Default::default() };
+        let mut ep = Endpoint::new(NullTransport::new(), cfg);
+        let old: Vec<ConnId> = (0..1000).map(|k| ep.open(ConnSpec { tenant: k, peer: 1 }).unwrap().0).collect();
+        settle(&mut ep);
+        let closed = &old[500..];
+        for &c in closed {
+            ep.close(c);
+        }
+        // The reset's opens, before a poll: no closed place is free yet.
+        for k in 500..1000 {
+            let (c, _) = ep.open(ConnSpec { tenant: k, peer: 1 }).unwrap();
+            assert!(c.0 >= 1000, "{c:?} reused before the backend let it go");
+        }
+        assert_eq!(ep.reuse_looks, 0, "connections looked at by 500 opens, none reusable");
+        // The closed ones let go: each open takes one of their places.
+        settle(&mut ep);
+        let mut again: Vec<ConnId> = (500..1000).map(|k| ep.open(ConnSpec { tenant: k, peer: 2 }).unwrap().0).collect();
+        assert_eq!(ep.reuse_looks, 500, "connections looked at by 500 opens that reused a place");
+        again.sort();
+        assert_eq!(again, closed, "the closed connections' places");
+        let (next, _) = ep.open(ConnSpec { tenant: 0, peer: 3 }).unwrap();
+        assert_eq!(next, ConnId(1500));
+        assert_eq!(ep.reuse_looks, 500, "no place left to reuse");
+    }
+
+    /// A closed connection's place is not reused while completions of its
+    /// receives may still come out of the backend, even once the backend
+    /// has reported its failure: they would be taken as the new
+    /// connection's. It is reused once they have come.
+    #[test]
+    fn a_closed_connection_is_not_reused_while_its_receives_may_complete() {
+        let mut ep = Endpoint::new(NullTransport::new(), EndpointConfig::default());
+        let region = Arc::new(shm::Region::create("endpoint-reuse", 1 << 16, shm::PagePolicy::Normal).unwrap());
+        let r = ep.register(Memory::Local(region)).unwrap();
+        let spec = ConnSpec { tenant: 0, peer: 1 };
+        let (c, blob) = ep.open(spec).unwrap();
+        ep.connect(c, &blob).unwrap();
+        settle(&mut ep);
+        assert!(ep.is_up(c));
+        for k in 0..4 {
+            ep.post_recv(c, RecvWr { region: r, offset: k * 4096, len: 4096, token: k }).unwrap();
+        }
+        ep.close(c);
+        // Room for one backend completion: the failure, not the receives.
+        let mut two = [Completion::EMPTY; 2];
+        assert_eq!(ep.poll(&mut two), 1);
+        assert_eq!(two[0], Completion::ConnFailed { conn: c, error: CompletionError::Closed });
+        let (other, _) = ep.open(spec).unwrap();
+        assert_ne!(other, c, "reused with its receives still to complete");
+        let mut comps = vec![Completion::EMPTY; 64];
+        let n = ep.poll(&mut comps);
+        let flushed = comps[..n].iter().filter(|x| matches!(x, Completion::Received { conn, .. } if *conn == c));
+        assert_eq!(flushed.count(), 4);
+        let (again, _) = ep.open(spec).unwrap();
+        assert_eq!(again, c, "its receives completed: reused");
     }
 
     /// A connection of an endpoint too large to reserve its tables in full
