@@ -1069,6 +1069,31 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
         }
         let len = u64::from(msg.len());
         let cfg = self.cfg.clone();
+        // A call of a function on another node goes into the ring marked
+        // ELSEWHERE (its function may see it; it means nothing there): a
+        // descriptor does not name its caller's node, and this mark is how
+        // host-shimd, answering the calls waiting in the ring of an
+        // instance that dies, knows the call came through the agent and
+        // sends its answer back through it, to the node `arrived` records,
+        // not to an instance of the caller on this node. A delivery that
+        // fails takes the mark off again (the call may still go on). Over
+        // an imported pool the host takes the descriptor from the fabric
+        // header, and host-shimd's bridge marks it.
+        let from_far = from.is_some_and(|n| n < self.fabric_nodes && n != self.set.node);
+        let mark = from_far
+            && d.origin == NO_NODE
+            && d.may_go_elsewhere()
+            && matches!(self.link(t).view(), fabric::PoolView::Local(_));
+        let mut msg = msg;
+        if mark {
+            msg.desc_mut().flags |= DescFlags::ELSEWHERE;
+        }
+        let unmark = |mut msg: Msg| {
+            if mark {
+                msg.desc_mut().flags &= !DescFlags::ELSEWHERE;
+            }
+            msg
+        };
         match self.link(t).deliver(msg, d.dst_fn, &cfg.functions[f].name) {
             // (In DPU mode a message for a function not here is handed to
             // the host only to come back.)
@@ -1083,8 +1108,8 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             }
             Ok(()) => {}
             Err(e) => match (e.kind, e.msg) {
-                (SendErrorKind::Full, Some(msg)) => self.tenants[t].backlog.wait(key, (msg, from), retry),
-                (_, Some(msg)) => self.undeliverable(t, msg, from),
+                (SendErrorKind::Full, Some(msg)) => self.tenants[t].backlog.wait(key, (unmark(msg), from), retry),
+                (_, Some(msg)) => self.undeliverable(t, unmark(msg), from),
                 (_, None) => self.answer_lost(t, d, from),
             },
         }

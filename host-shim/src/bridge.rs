@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use wire::ctrl::{Ack, BufList, CtrlKind, CtrlMsg, LendRecv, Lost, MAX_EXPORT_BLOB, MAX_LEND, MessageHdr, PoolExport};
-use wire::desc::frag_len;
+use wire::desc::{NO_NODE, frag_len};
 use wire::fabric::{FabricHeader, HEADER_OFFSET, MsgKind};
 use wire::segment::Owner;
 use wire::{DescFlags, Descriptor};
@@ -164,7 +164,10 @@ struct Tenant {
     want: u32,
     /// Deliveries waiting for room in a function's ring; the tenant's
     /// functions on this node by key ([`Bridge::local_fns`]).
-    backlog: DeliveryBacklog<Msg>,
+    /// Deliveries waiting for room, each with whether it is a call of a
+    /// function on another node (marked as it is pushed: see
+    /// `Bridge::deliver_as`).
+    backlog: DeliveryBacklog<(Msg, bool)>,
     /// Per buffer: the agent's when a connection to it went away, kept so
     /// until [`AGENT_GONE_GRACE`] is over ([`Bridge::keeping`]). The agent
     /// of a later connection was never given it and cannot take it back.
@@ -669,7 +672,8 @@ impl Bridge {
             }
         }
         let mut desc = h.desc;
-        if h.flags & MessageHdr::FROM_FABRIC != 0 {
+        let from_fabric = h.flags & MessageHdr::FROM_FABRIC != 0;
+        if from_fabric {
             match read_header(pool, h.desc.buf, &h, list.len()) {
                 Some(d) => desc = Descriptor { tenant: t as u16, ..d },
                 None => {
@@ -694,28 +698,51 @@ impl Bridge {
         if h.flags & MessageHdr::RESTAMP != 0 {
             self.hand_to_agent(t, msg, 0);
         } else {
-            self.deliver(t, msg);
+            // (A message over the fabric came from another node.)
+            let far_call = from_fabric && desc.origin == NO_NODE && desc.may_go_elsewhere();
+            self.deliver(t, msg, far_call);
         }
     }
 
-    fn deliver(&mut self, t: usize, msg: Msg) {
-        self.deliver_as(t, msg, false)
+    fn deliver(&mut self, t: usize, msg: Msg, far_call: bool) {
+        self.deliver_as(t, msg, far_call, false)
     }
 
     /// [`deliver`](Self::deliver); `retry`: from the backlog (its
     /// function's messages still there are behind it). A new message for
     /// a function with messages waiting waits behind them (order).
-    fn deliver_as(&mut self, t: usize, msg: Msg, retry: bool) {
+    ///
+    /// `far_call`: a call of a function on another node, which goes into
+    /// the ring marked [`DescFlags::ELSEWHERE`] (its function may see it;
+    /// it means nothing there), as the agent's engine marks it on a host
+    /// it shares memory with: a descriptor does not name its caller's
+    /// node, and this mark is how host-shimd, answering the calls waiting
+    /// in the ring of an instance that dies, knows the call came through
+    /// the agent and sends its answer back through it, to the node the
+    /// agent recorded, not to an instance of the caller on this node. A
+    /// delivery that fails takes the mark off again (handed back, the
+    /// call may still go on).
+    fn deliver_as(&mut self, t: usize, msg: Msg, far_call: bool, retry: bool) {
         let dst = msg.desc().dst_fn;
         let key = match self.local_fns.get(usize::from(dst)) {
             Some(&Some((owner, key))) if usize::from(owner) == t => key,
             _ => return self.bounce(t, msg),
         };
         if !retry && self.tenants[t].backlog.holds(key) {
-            return self.tenants[t].backlog.wait(key, msg, false);
+            return self.tenants[t].backlog.wait(key, (msg, far_call), false);
         }
         let d = *msg.desc();
         let name = &self.cfg.functions[usize::from(dst)].name;
+        let mut msg = msg;
+        if far_call {
+            msg.desc_mut().flags |= DescFlags::ELSEWHERE;
+        }
+        let unmark = |mut m: Msg| {
+            if far_call {
+                m.desc_mut().flags &= !DescFlags::ELSEWHERE;
+            }
+            m
+        };
         let sent = if self.lose_to == Some(dst) {
             self.free(t, msg.into_parts().0);
             Err(SendError { kind: SendErrorKind::NoInstance, msg: None })
@@ -725,8 +752,8 @@ impl Bridge {
         match sent {
             Ok(()) => self.stats.delivered += 1,
             Err(e) => match (e.kind, e.msg) {
-                (SendErrorKind::Full, Some(m)) => self.tenants[t].backlog.wait(key, m, retry),
-                (_, Some(m)) => self.bounce(t, m),
+                (SendErrorKind::Full, Some(m)) => self.tenants[t].backlog.wait(key, (unmark(m), far_call), retry),
+                (_, Some(m)) => self.bounce(t, unmark(m)),
                 (_, None) => self.report_lost(d),
             },
         }
@@ -756,8 +783,8 @@ impl Bridge {
     fn redeliver(&mut self, t: usize) -> usize {
         let k = self.tenants[t].backlog.len();
         self.tenants[t].backlog.begin_pass();
-        while let Some(m) = self.tenants[t].backlog.next_to_try() {
-            self.deliver_as(t, m, true);
+        while let Some((m, far_call)) = self.tenants[t].backlog.next_to_try() {
+            self.deliver_as(t, m, far_call, true);
         }
         k.saturating_sub(self.tenants[t].backlog.len())
     }

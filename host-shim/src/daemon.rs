@@ -1159,16 +1159,17 @@ impl Shimd {
     /// * the call of an ingress (`origin` another node) goes, marked
     ///   `REPLY`, to the agent's uplink, which sends it to that node;
     /// * the call of a function that does not run on this node, or one
-    ///   marked `ELSEWHERE`, came through the agent from another node: the
-    ///   error, for the calling function, goes to the uplink in the call's
-    ///   own first buffer, by which the agent knows the node the call came
-    ///   from (the engine's `error_back`);
-    /// * the call of a function that runs here goes to a live instance of
-    ///   it (as the engine delivers an error for a caller here, to any of
-    ///   its instances); with none alive it is not answered. A descriptor
-    ///   does not name its caller's node, so when the calling function
-    ///   also runs on other nodes, a call one of those sent through the
-    ///   agent is answered here too, to the local instance.
+    ///   marked `ELSEWHERE`, came through the agent from another node (the
+    ///   agent, or in DPU mode the bridge, marks every call of a function
+    ///   on another node it pushes into a ring; a function's own push
+    ///   clears the mark): the error, for the calling function, goes to
+    ///   the uplink in the call's own first buffer, by which the agent
+    ///   knows the node the call came from (the engine's `error_back`);
+    /// * any other call of a function that runs here was pushed by an
+    ///   instance of it on this node, and goes to a live instance of it
+    ///   (as the engine delivers an error for a caller here, to any of its
+    ///   instances); with none alive its caller is gone, and it is not
+    ///   answered.
     ///
     /// Each error is the call itself, whole, so its caller gets its
     /// payload back (as the agent returns a call it cannot deliver) and
@@ -1221,7 +1222,8 @@ impl Shimd {
                 match self.cfg.functions.get(usize::from(d.src_fn)) {
                     Some(f) if self.cfg.tenant_id(&f.tenant) != Some(tenant) => None,
                     // (A call marked ELSEWHERE came through the agent from
-                    // another node, whatever nodes its caller runs on.)
+                    // another node, whatever nodes its caller runs on: the
+                    // agent marks each call of another node's function.)
                     Some(f) if self.cfg.runs_on(f, self.node) && d.flags & DescFlags::ELSEWHERE == 0 => self
                         .clients
                         .iter()

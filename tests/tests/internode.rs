@@ -1298,6 +1298,11 @@ fn error_to_sending_node(mode: &'static str) {
 /// acme's `client` and `sink`, both on n0, and the function they call:
 /// `callee` on `nodes` (TOML, `["n1", "n2"]`).
 fn client_sink_cluster(callee: &str, nodes: &str) -> String {
+    client_sink_cluster_on(callee, nodes, r#"["n0"]"#)
+}
+
+/// [`client_sink_cluster`] with `client` on `client_nodes`.
+fn client_sink_cluster_on(callee: &str, nodes: &str, client_nodes: &str) -> String {
     format!(
         r#"
 [[tenant]]
@@ -1310,7 +1315,7 @@ max_chain = 128
 [[function]]
 name = "client"
 tenant = "acme"
-node = "n0"
+nodes = {client_nodes}
 
 [[function]]
 name = "sink"
@@ -1713,11 +1718,26 @@ fn edge_requests_queued_for_a_node_that_goes_away_go_to_another_node() {
 /// its error, and n1's agent sends each to the node its call came
 /// from. Before, host-shimd freed them with the dead function's buffers
 /// and the caller waited for ever (here: nothing within the watchdog).
-fn calls_waiting_for_a_callee_that_dies(mode: &'static str) {
-    let mut c = Cluster::start_mode(&format!("dead-ring-{mode}"), 2, mode, &client_sink_cluster("far", r#"["n1"]"#));
+///
+/// With `twin`, `client` also runs on n1, the callee's node, and an
+/// instance of it waits there: the answers still go to n0, the node each
+/// call came from, and none to n1's instance (a descriptor does not name
+/// its caller's node; n1's agent, or in DPU mode n1's bridge, marks each
+/// call it delivers from another node's function `ELSEWHERE`, by which
+/// n1's host-shimd knows to answer it through the agent). Before, n1's host-shimd answered them to n1's
+/// instance of `client`, whose own calls may have used the same request
+/// ids.
+fn calls_waiting_for_a_callee_that_dies(mode: &'static str, twin: bool) {
+    let (name, client_nodes) = if twin {
+        (format!("dead-ring-twin-{mode}"), r#"["n0", "n1"]"#)
+    } else {
+        (format!("dead-ring-{mode}"), r#"["n0"]"#)
+    };
+    let mut c = Cluster::start_mode(&name, 2, mode, &client_sink_cluster_on("far", r#"["n1"]"#, client_nodes));
     let far = c.start_fn(1, "acme", "far", "upper", Some("sink"));
     c.wait_mesh();
     let mut client = c.attach(0, "acme", "client");
+    let mut twin_client = twin.then(|| c.attach(1, "acme", "client"));
     let _sink = c.attach(0, "acme", "sink");
     dne_tests::stop_process(c.fns[far].pid());
     let calls: Vec<u32> = (500..505).collect();
@@ -1733,10 +1753,10 @@ fn calls_waiting_for_a_callee_that_dies(mode: &'static str) {
     c.fns[far].kill9();
     let mut answered = Vec::new();
     for _ in &calls {
-        let e = client
-            .recv_timeout(Some(WATCHDOG))
-            .unwrap()
-            .unwrap_or_else(|| panic!("no answer; so far {answered:?}; n1: {}", c.shimd_status(1)));
+        let e = client.recv_timeout(Some(WATCHDOG)).unwrap().unwrap_or_else(|| {
+            let wrong = twin_client.as_mut().and_then(|t| t.try_recv()).map(|m| *m.desc());
+            panic!("no answer; so far {answered:?}; n1's client got {wrong:?}; n1: {}", c.shimd_status(1))
+        });
         let d = *e.desc();
         assert_eq!(
             (d.error_code(), d.flags & DescFlags::REPLY, d.len),
@@ -1750,6 +1770,10 @@ fn calls_waiting_for_a_callee_that_dies(mode: &'static str) {
     assert_eq!(answered, calls);
     std::thread::sleep(Duration::from_millis(50));
     assert!(client.try_recv().is_none(), "each call answered once");
+    if let Some(t) = twin_client.as_mut() {
+        let wrong = t.try_recv().map(|m| *m.desc());
+        assert_eq!(wrong, None, "an answer for n0's call reached n1's instance of the caller");
+    }
     let s = c.shimd_status(1);
     let n = |k: &str| dne_tests::cluster::status_number(&s, k);
     assert_eq!((n("answered"), n("unanswered")), (Some(5), Some(0)), "{s}");
@@ -1757,12 +1781,22 @@ fn calls_waiting_for_a_callee_that_dies(mode: &'static str) {
 
 #[test]
 fn calls_waiting_for_a_callee_that_dies_come_back_to_the_caller_node() {
-    calls_waiting_for_a_callee_that_dies("emulated");
+    calls_waiting_for_a_callee_that_dies("emulated", false);
 }
 
 #[test]
 fn dpu_mode_calls_waiting_for_a_callee_that_dies_come_back_to_the_caller_node() {
-    calls_waiting_for_a_callee_that_dies("dpu");
+    calls_waiting_for_a_callee_that_dies("dpu", false);
+}
+
+#[test]
+fn calls_waiting_for_a_callee_that_dies_go_back_to_the_caller_node_when_the_caller_also_runs_there() {
+    calls_waiting_for_a_callee_that_dies("emulated", true);
+}
+
+#[test]
+fn dpu_mode_calls_waiting_for_a_callee_that_dies_go_back_to_the_caller_node_when_the_caller_also_runs_there() {
+    calls_waiting_for_a_callee_that_dies("dpu", true);
 }
 
 /// A request of the ingress still waiting in the ring of its function

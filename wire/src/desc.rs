@@ -74,8 +74,14 @@ impl DescFlags {
     /// node an error about it goes to), which sends it to another. A call
     /// so marked that finds no live instance again comes back as an
     /// error; a function that forwards it starts a new hop, and its shim
-    /// clears the flag. The receiving function may see it set; it means
-    /// nothing there.
+    /// clears the flag. The agent (in DPU mode host-shimd's bridge) also
+    /// sets it on every call of a function on another node as it pushes
+    /// it into a local instance's ring, and only there: a descriptor does
+    /// not name its caller's node, and host-shimd, answering the calls in
+    /// the ring of an instance that dies, sends a call so marked back
+    /// through the agent (to the node it came from), not to a local
+    /// instance of its caller. The receiving function may see it set; it
+    /// means nothing there.
     pub const ELSEWHERE: u16 = 1 << 2;
     /// Every defined bit.
     pub const ALL: u16 = Self::ERROR | Self::REPLY | Self::ELSEWHERE;
