@@ -37,6 +37,6 @@ mod sync;
 
 pub use alloc::{AllocError, FreeError};
 #[cfg(not(loom))]
-pub use pool::{AcceptError, Lease, LocalCache, Pool, PoolId, PoolOpenError, WriteError};
+pub use pool::{AcceptError, JoinError, Lease, LocalCache, Pool, PoolId, PoolOpenError, WriteError};
 #[cfg(not(loom))]
 pub use region::{AccessError, Backing, PagePolicy, Region, RegionError, memory_available};

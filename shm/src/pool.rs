@@ -49,6 +49,28 @@ pub enum WriteError {
     ForeignLease,
 }
 
+/// One-buffer leases could not be linked into a message ([`Pool::join`]).
+/// Nothing was changed: the parts and the pool's links are as they were.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    /// The length does not add up: longer than the pool's largest message,
+    /// or needing another number of buffers than there are parts (then
+    /// `max` is the parts' payload).
+    #[error(transparent)]
+    Len(#[from] DescriptorError),
+    /// A part is a lease of another pool (see [`Pool::owns`]): its index
+    /// names another buffer in this one.
+    #[error("a part is a lease of another pool")]
+    ForeignLease,
+    /// The parts are not all held as the first one is: a chain has one
+    /// holder.
+    #[error("the parts have different holders")]
+    MixedHolders,
+    /// A part holds a chain of several buffers (or none), not one buffer.
+    #[error("a part is not one buffer")]
+    NotOneBuffer,
+}
+
 /// A received descriptor that cannot be accepted. Nothing was changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AcceptError {
@@ -316,7 +338,9 @@ impl Pool {
     /// a lease refuses one of another pool (whose buffer indices name
     /// other buffers here): [`FreeError::ForeignLease`] from
     /// [`free`](Self::free), [`free_cached`](Self::free_cached) and
-    /// [`hand_over`](Self::hand_over), no fragments from
+    /// [`hand_over`](Self::hand_over), [`WriteError::ForeignLease`] from
+    /// [`write`](Self::write), [`JoinError::ForeignLease`] from
+    /// [`join`](Self::join), no fragments from
     /// [`frag`](Self::frag) and [`chain`](Self::chain). `free` drops the
     /// lease it refuses (its buffers stay held in their own pool until
     /// their holder is reclaimed): a caller that may mix pools asks this
@@ -727,20 +751,34 @@ impl Pool {
 
     /// Links one-buffer leases, in order, into one chain carrying `len`
     /// payload bytes (a message that arrived over the fabric one buffer per
-    /// fragment). `parts` is drained on success and untouched on error,
-    /// which includes a chain longer than the pool's `max_chain` (its
-    /// receiver would refuse the descriptor and be left holding it) and a
-    /// part of another pool.
-    pub fn join(&self, parts: &mut Vec<Lease>, len: u32) -> Result<Lease, DescriptorError> {
+    /// fragment). `parts` is drained on success and untouched on error:
+    /// [`JoinError::Len`] for a length longer than the pool's `max_chain`
+    /// allows (its receiver would refuse the descriptor and be left holding
+    /// it) or that needs another number of buffers than the parts; the
+    /// first part that is of another pool, holds other than one buffer, or
+    /// has another holder than the first part, is reported as such (a part
+    /// of another pool before the rest).
+    pub fn join(&self, parts: &mut Vec<Lease>, len: u32) -> Result<Lease, JoinError> {
         let g = self.layout.geometry;
         if u64::from(len) > g.max_len() {
-            return Err(DescriptorError::TooLong { len, max: g.max_len() });
+            return Err(DescriptorError::TooLong { len, max: g.max_len() }.into());
         }
         let frags = g.frags_for(len);
         let first = parts.first().map(|l| (l.head, l.holder));
-        let uniform = parts.iter().all(|l| l.frags == 1 && Some(l.holder) == first.map(|f| f.1) && self.owns(l));
-        let Some((head, holder)) = first.filter(|_| uniform && frags as usize == parts.len()) else {
-            return Err(DescriptorError::TooLong { len, max: parts.len() as u64 * u64::from(g.payload_cap()) });
+        for l in parts.iter() {
+            if !self.owns(l) {
+                return Err(JoinError::ForeignLease);
+            }
+            if l.frags != 1 {
+                return Err(JoinError::NotOneBuffer);
+            }
+            if Some(l.holder) != first.map(|f| f.1) {
+                return Err(JoinError::MixedHolders);
+            }
+        }
+        let Some((head, holder)) = first.filter(|_| frags as usize == parts.len()) else {
+            let max = parts.len() as u64 * u64::from(g.payload_cap());
+            return Err(DescriptorError::TooLong { len, max }.into());
         };
         for w in parts.windows(2) {
             self.next_chain(w[0].head).store(w[1].head, Relaxed);
@@ -848,7 +886,7 @@ mod tests {
         let max = p.geometry().max_chain();
         let mut parts: Vec<Lease> = (0..=max).map(|_| p.alloc(cap, Owner::Held(A)).unwrap()).collect();
         let len = max * cap + 1;
-        assert!(matches!(p.join(&mut parts, len), Err(DescriptorError::TooLong { .. })));
+        assert!(matches!(p.join(&mut parts, len), Err(JoinError::Len(DescriptorError::TooLong { .. }))));
         assert_eq!(parts.len() as u32, max + 1, "untouched");
         parts.pop().map(|l| p.free(l).unwrap());
         assert!(p.join(&mut parts, max * cap).is_ok(), "max_chain buffers are a message");
@@ -946,7 +984,7 @@ mod tests {
         let ours: Vec<Lease> = (0..2).map(|_| b.alloc(cap, Owner::Held(A)).unwrap()).collect();
         let links: Vec<u32> = ours.iter().map(|l| b.next_chain(l.head()).load(Relaxed)).collect();
         let mut parts: Vec<Lease> = (0..2).map(|_| a.alloc(cap, Owner::Held(A)).unwrap()).collect();
-        assert!(matches!(b.join(&mut parts, 2 * cap), Err(DescriptorError::TooLong { .. })), "b joined a's leases");
+        assert_eq!(b.join(&mut parts, 2 * cap), Err(JoinError::ForeignLease), "b joined a's leases");
         assert_eq!(parts.len(), 2, "untouched");
         let now: Vec<u32> = ours.iter().map(|l| b.next_chain(l.head()).load(Relaxed)).collect();
         assert_eq!(now, links, "b's links of buffers leased elsewhere were rewritten");
@@ -957,6 +995,43 @@ mod tests {
         assert_eq!(theirs.len(), cap, "untouched");
         a.write(&mut theirs, b"abc").unwrap();
         assert_eq!(a.read_to_vec(&theirs), b"abc", "its own pool takes it");
+    }
+
+    /// `join` said `TooLong` (with a maximum of parts x payload) for a
+    /// part of another pool, parts of different holders and a part of
+    /// several buffers: a caller could not tell a length that does not
+    /// add up from parts that are not this pool's one-buffer leases of one
+    /// holder. Each refusal leaves the parts and the pool's links as they
+    /// were.
+    #[test]
+    fn join_says_why_it_refuses_parts() {
+        let (a, b) = (pool(16), pool(16));
+        let cap = b.geometry().payload_cap();
+        let links =
+            |parts: &[Lease]| -> Vec<u32> { parts.iter().map(|l| b.next_chain(l.head()).load(Relaxed)).collect() };
+        let refused = |parts: &mut Vec<Lease>, len: u32| {
+            let (n, before) = (parts.len(), links(parts));
+            let e = b.join(parts, len).unwrap_err();
+            assert_eq!((parts.len(), links(parts)), (n, before), "parts or links changed by a refusal");
+            e
+        };
+        let ours = b.alloc(cap, Owner::Held(A)).unwrap();
+        let theirs = a.alloc(cap, Owner::Held(A)).unwrap();
+        let mut parts = vec![ours, theirs];
+        let e = refused(&mut parts, 2 * cap);
+        assert_eq!((e, e.to_string().as_str()), (JoinError::ForeignLease, "a part is a lease of another pool"));
+        let theirs = parts.pop().unwrap();
+        a.free(theirs).unwrap();
+        parts.push(b.alloc(cap, Owner::Held(B)).unwrap());
+        assert_eq!(refused(&mut parts, 2 * cap), JoinError::MixedHolders);
+        b.free(parts.pop().unwrap()).unwrap();
+        parts.push(b.alloc(2 * cap, Owner::Held(A)).unwrap());
+        assert_eq!(refused(&mut parts, 2 * cap), JoinError::NotOneBuffer);
+        b.free(parts.pop().unwrap()).unwrap();
+        parts.push(b.alloc(cap, Owner::Held(A)).unwrap());
+        let too_long = DescriptorError::TooLong { len: 3 * cap, max: u64::from(2 * cap) };
+        assert_eq!(refused(&mut parts, 3 * cap), JoinError::Len(too_long), "the length does not add up");
+        assert_eq!(b.join(&mut parts, 2 * cap).map(|l| l.frags()), Ok(2), "the same parts add up to their length");
     }
 
     #[test]
