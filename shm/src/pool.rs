@@ -339,8 +339,8 @@ impl Pool {
     /// other buffers here): [`FreeError::ForeignLease`] from
     /// [`free`](Self::free), [`free_cached`](Self::free_cached) and
     /// [`hand_over`](Self::hand_over), [`WriteError::ForeignLease`] from
-    /// [`write`](Self::write), [`JoinError::ForeignLease`] from
-    /// [`join`](Self::join), no fragments from
+    /// [`write`](Self::write) and [`set_len`](Self::set_len),
+    /// [`JoinError::ForeignLease`] from [`join`](Self::join), no fragments from
     /// [`frag`](Self::frag) and [`chain`](Self::chain). `free` drops the
     /// lease it refuses (its buffers stay held in their own pool until
     /// their holder is reclaimed): a caller that may mix pools asks this
@@ -514,11 +514,18 @@ impl Pool {
         alloc::push_chain(self, lease.head, lease.frags, Some(lease.holder))
     }
 
-    /// Sets the payload length of a lease, within the buffers it holds.
-    pub fn set_len(&self, lease: &mut Lease, len: u32) -> Result<(), DescriptorError> {
+    /// Sets the payload length of a lease, within the buffers it holds. A
+    /// lease of another pool is refused ([`WriteError::ForeignLease`]) and
+    /// a length that needs another number of buffers too
+    /// ([`WriteError::Len`]); either way the lease is unchanged.
+    pub fn set_len(&self, lease: &mut Lease, len: u32) -> Result<(), WriteError> {
+        if !self.owns(lease) {
+            return Err(WriteError::ForeignLease);
+        }
         let g = self.layout.geometry;
         if g.frags_for(len) != lease.frags {
-            return Err(DescriptorError::TooLong { len, max: u64::from(lease.frags) * u64::from(g.payload_cap()) });
+            let max = u64::from(lease.frags) * u64::from(g.payload_cap());
+            return Err(DescriptorError::TooLong { len, max }.into());
         }
         lease.len = len;
         Ok(())
@@ -671,9 +678,7 @@ impl Pool {
     /// that does not fit its buffers too ([`WriteError::Len`]); either way
     /// nothing is changed.
     pub fn write(&self, lease: &mut Lease, data: &[u8]) -> Result<(), WriteError> {
-        if !self.owns(lease) {
-            return Err(WriteError::ForeignLease);
-        }
+        // First: it refuses a lease of another pool, before any byte moves.
         self.set_len(lease, u32::try_from(data.len()).unwrap_or(u32::MAX))?;
         let cap = self.layout.geometry.payload_cap() as usize;
         for (k, chunk) in data.chunks(cap).enumerate() {
@@ -1032,6 +1037,20 @@ mod tests {
         let too_long = DescriptorError::TooLong { len: 3 * cap, max: u64::from(2 * cap) };
         assert_eq!(refused(&mut parts, 3 * cap), JoinError::Len(too_long), "the length does not add up");
         assert_eq!(b.join(&mut parts, 2 * cap).map(|l| l.frags()), Ok(2), "the same parts add up to their length");
+    }
+
+    /// `set_len` of a lease of another pool set its length and said `Ok`
+    /// (the length was checked against this pool's geometry, not that of
+    /// the pool that holds the buffers).
+    #[test]
+    fn set_len_refuses_a_lease_of_another_pool() {
+        let (a, b) = (pool(16), pool(16));
+        let cap = b.geometry().payload_cap();
+        let mut theirs = a.alloc(cap, Owner::Held(A)).unwrap();
+        assert_eq!(b.set_len(&mut theirs, 3), Err(WriteError::ForeignLease), "b set the length of a's lease");
+        assert_eq!(theirs.len(), cap, "untouched");
+        a.set_len(&mut theirs, 3).unwrap();
+        assert_eq!(theirs.len(), 3, "its own pool takes it");
     }
 
     #[test]
