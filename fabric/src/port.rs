@@ -1244,9 +1244,18 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         } else if r.frag.last {
             let first = st.first.take().filter(|d| !st.bad && d.len == st.got);
             let mut parts = std::mem::take(&mut st.parts);
+            // Why a local pool did not link the parts, when not the length.
+            let mut unlinked = None;
             let joined = first.and_then(|d| {
                 let lease = match self.bufs[t].view() {
-                    PoolView::Local(pool) => pool.join(&mut parts, d.len).ok(),
+                    PoolView::Local(pool) => match pool.join(&mut parts, d.len) {
+                        Ok(lease) => Some(lease),
+                        Err(shm::JoinError::Len(_)) => None,
+                        Err(e) => {
+                            unlinked = Some(e);
+                            None
+                        }
+                    },
                     PoolView::Imported(pool) => pool.join(&mut parts, d.len),
                 };
                 Some((lease?, d))
@@ -1257,7 +1266,12 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                     out.push(PortEvent::Received { tenant, peer, lease, desc: Descriptor { tenant: id, ..d } })
                 }
                 _ => {
-                    log::warn!("fabric: a chain from node {peer} does not add up; dropped");
+                    match unlinked {
+                        // The tenant's buffer source gave receive buffers
+                        // the pool does not link (a bug here, not the peer's).
+                        Some(e) => log::error!("fabric: a chain from node {peer}: its receive buffers: {e}; dropped"),
+                        None => log::warn!("fabric: a chain from node {peer} does not add up; dropped"),
+                    }
                     out.push(PortEvent::Protocol { tenant, peer });
                     for l in parts.drain(..) {
                         self.bufs[t].free(l);

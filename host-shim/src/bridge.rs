@@ -690,9 +690,18 @@ impl Bridge {
         let mut parts = std::mem::take(&mut self.parts);
         let joined = self.tenants[t].link.pool().join(&mut parts, desc.len);
         self.parts = parts;
-        let Ok(lease) = joined else {
-            self.stats.dropped.bad_length += 1;
-            return self.refuse_parts(t, "message: its buffers do not add up to its length");
+        let lease = match joined {
+            Ok(lease) => lease,
+            Err(shm::JoinError::Len(_)) => {
+                self.stats.dropped.bad_length += 1;
+                return self.refuse_parts(t, "message: its buffers do not add up to its length");
+            }
+            Err(e) => {
+                // Not the agent's doing: every part was taken back above
+                // from this pool, one buffer each, as this slot's.
+                log::error!("bridge: linking the buffers of a message from the agent: {e}");
+                return self.refuse_parts(t, "message: its buffers could not be linked");
+            }
         };
         let msg = Msg::from_parts(lease, Descriptor { buf: h.desc.buf, ..desc });
         if h.flags & MessageHdr::RESTAMP != 0 {
