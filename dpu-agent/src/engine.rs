@@ -1664,6 +1664,20 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// Node n0's engine over the null fabric of a [`large_cluster`] with
+    /// one function a tenant, each tenant's link an idle [`NullLink`].
+    fn idle_engine_of_large_cluster(
+        tenants: usize,
+        nodes: usize,
+        dir: &std::path::Path,
+    ) -> Engine<fabric::NullTransport, NullLink> {
+        let cfg = large_cluster(tenants, 1, nodes, dir);
+        let links = (0..tenants as u16)
+            .map(|t| NullLink::new(cfg.pool_geometry(t).unwrap(), t, 0, 0, 64, 0).unwrap())
+            .collect();
+        null_fabric_engine(&cfg, 0, 4, links)
+    }
+
     /// An idle control pass (every millisecond) looks at no tenant
     /// connection for failures: the port reports each connection that was
     /// up and failed ([`fabric::PortEvent::Down`]), and the engine looks
@@ -1674,11 +1688,7 @@ mod tests {
     fn an_idle_control_pass_looks_at_no_connection_for_failures() {
         let (tenants, nodes): (usize, usize) = (1000, 10);
         let dir = std::env::temp_dir().join(format!("dne-engine-idle-pass-{}", std::process::id()));
-        let cfg = large_cluster(tenants, 1, nodes, &dir);
-        let links = (0..tenants as u16)
-            .map(|t| NullLink::new(cfg.pool_geometry(t).unwrap(), t, 0, 0, 64, 0).unwrap())
-            .collect();
-        let mut e = null_fabric_engine(&cfg, 0, 4, links);
+        let mut e = idle_engine_of_large_cluster(tenants, nodes, &dir);
         let start = Instant::now();
         e.control(start);
         e.conn_looks = 0;
@@ -1701,11 +1711,7 @@ mod tests {
     fn only_a_status_pass_looks_at_every_connections_credits() {
         let (tenants, nodes): (usize, usize) = (1000, 10);
         let dir = std::env::temp_dir().join(format!("dne-engine-credit-looks-{}", std::process::id()));
-        let cfg = large_cluster(tenants, 1, nodes, &dir);
-        let links = (0..tenants as u16)
-            .map(|t| NullLink::new(cfg.pool_geometry(t).unwrap(), t, 0, 0, 64, 0).unwrap())
-            .collect();
-        let mut e = null_fabric_engine(&cfg, 0, 4, links);
+        let mut e = idle_engine_of_large_cluster(tenants, nodes, &dir);
         let start = Instant::now();
         // The first pass is a status tick.
         e.control(start);
