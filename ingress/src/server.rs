@@ -335,7 +335,9 @@ impl Ingress {
     /// released (a request's chain lets go of its buffers when it is done
     /// with them, as for any client that left). When `serve` returns, no
     /// connection it accepted is served any more, so the runtime may live
-    /// on. Dropping the future `serve` returns aborts every connection's
+    /// on; only the connections refused for `max_connections` may still be
+    /// being told so, each by a task of its own that ends within
+    /// `REFUSAL_WRITE_WITHIN` (1 s). Dropping the future `serve` returns aborts every connection's
     /// task, with no drain: each is closed the same way once its task next
     /// runs.
     pub async fn serve(
