@@ -6,7 +6,9 @@
 //! body. Per request that is one `write`, one `read` and a share of one
 //! `epoll_wait`: the generator shares this machine's two cores with the
 //! setups it measures, so the less it spends, the less it disturbs them
-//! (the suite reports what it spent).
+//! (the suite reports what it spent). For the same reason it runs under
+//! `SCHED_BATCH` while it measures ([`Batch`]): its wake-ups do not
+//! preempt the servers.
 //!
 //! Anything unexpected (a status other than 200, a body that differs, a
 //! chunked or oversized reply, a closed connection, no reply for
@@ -75,6 +77,87 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(u16, std::ops::Range<usize>)>> 
         bail!("{} bytes after the reply (one request is in flight)", buf.len() - start - len);
     }
     Ok(Some((status, start..start + len)))
+}
+
+/// Runs the calling thread (the generator) under `SCHED_BATCH` until
+/// [`leave`](Self::leave) (or drop) puts it back under `SCHED_OTHER`.
+/// The policy is the thread's own: the process's other threads keep
+/// theirs.
+///
+/// The generator stands for clients on other machines, which take nothing
+/// from the servers' CPUs. On this machine, every reply wakes it, and a
+/// woken `SCHED_OTHER` thread may preempt the server that wrote the reply
+/// (loopback TCP wake-ups are "sync" wake-ups, so the woken thread lands
+/// next to its waker): the server is switched out once per reply. A
+/// `SCHED_BATCH` thread does not preempt the running thread at wake-up; it
+/// runs when that thread blocks or its slice ends (or on an idle CPU), and
+/// gets the same fair share of the CPUs as before. Both setups run under the same
+/// policy. `DNE_BENCH_LOADGEN_POLICY=other` keeps `SCHED_OTHER` (to measure
+/// what the policy changes).
+#[derive(Debug)]
+pub struct Batch {
+    set: bool,
+}
+
+/// The environment variable that keeps the generator under `SCHED_OTHER`.
+pub const POLICY_ENV: &str = "DNE_BENCH_LOADGEN_POLICY";
+
+impl Batch {
+    /// Whether the generator runs under `SCHED_BATCH`, from [`POLICY_ENV`]
+    /// (unset or `batch`: yes; `other`: no; anything else: an error).
+    pub fn wanted() -> Result<bool> {
+        match std::env::var(POLICY_ENV) {
+            Ok(v) => Self::parse(Some(&v)),
+            Err(std::env::VarError::NotPresent) => Self::parse(None),
+            Err(e) => bail!("{POLICY_ENV}: {e}"),
+        }
+    }
+
+    fn parse(v: Option<&str>) -> Result<bool> {
+        match v {
+            None | Some("batch") => Ok(true),
+            Some("other") => Ok(false),
+            Some(v) => bail!("{POLICY_ENV}={v:?}: want \"batch\" (the default) or \"other\""),
+        }
+    }
+
+    /// Moves the calling thread to `SCHED_BATCH` if `batch` (else does
+    /// nothing). Processes the thread starts while this lives would inherit
+    /// the policy: start the setups before.
+    pub fn enter(batch: bool) -> Result<Self> {
+        if batch {
+            set_policy(libc::SCHED_BATCH).context("sched_setscheduler(SCHED_BATCH) for the load generator")?;
+        }
+        Ok(Self { set: batch })
+    }
+
+    /// Moves the thread back to `SCHED_OTHER`: it goes on to start and stop
+    /// processes, which must not inherit `SCHED_BATCH`.
+    pub fn leave(mut self) -> Result<()> {
+        self.set = false;
+        set_policy(libc::SCHED_OTHER).context("sched_setscheduler(SCHED_OTHER) for the load generator")
+    }
+}
+
+impl Drop for Batch {
+    /// On an early return (the run failed and is ending) the policy is put
+    /// back as well as it can be; [`leave`](Self::leave) reports a failure.
+    fn drop(&mut self) {
+        if self.set {
+            let _ = set_policy(libc::SCHED_OTHER);
+        }
+    }
+}
+
+/// `sched_setscheduler` for the calling thread with priority 0 (the only
+/// one `SCHED_OTHER` and `SCHED_BATCH` take).
+#[allow(unsafe_code)]
+fn set_policy(policy: libc::c_int) -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 names the calling thread, and `param` is a valid
+    // sched_param that lives across the call, which only reads it.
+    let rc = unsafe { libc::sched_setscheduler(0, policy, &raw const param) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 #[derive(Debug)]
@@ -365,5 +448,48 @@ mod tests {
         let mut load = Load::connect(addr, 1, req, b"hi".to_vec()).unwrap();
         let err = load.run_until(Instant::now() + Duration::from_secs(30)).unwrap_err();
         assert!(err.to_string().contains("bad reply"), "{err:#}");
+    }
+
+    /// The calling thread's scheduling policy.
+    #[allow(unsafe_code)]
+    fn policy() -> std::io::Result<libc::c_int> {
+        // SAFETY: pid 0 names the calling thread; the call takes no pointer.
+        let p = unsafe { libc::sched_getscheduler(0) };
+        if p >= 0 { Ok(p) } else { Err(std::io::Error::last_os_error()) }
+    }
+
+    /// The generator's thread runs under `SCHED_BATCH` between `enter` and
+    /// `leave` (or drop), and under `SCHED_OTHER` after; the other threads
+    /// of the process are not touched. `other` leaves the policy alone.
+    #[test]
+    fn the_batch_policy_is_the_threads_own_and_is_undone() {
+        std::thread::spawn(|| {
+            assert_eq!(policy().unwrap(), libc::SCHED_OTHER);
+            let watcher = std::thread::spawn(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                policy().unwrap()
+            });
+            let b = Batch::enter(true).unwrap();
+            assert_eq!(policy().unwrap(), libc::SCHED_BATCH);
+            assert_eq!(watcher.join().unwrap(), libc::SCHED_OTHER, "another thread changed policy");
+            b.leave().unwrap();
+            assert_eq!(policy().unwrap(), libc::SCHED_OTHER);
+            // An early return (an error in the run) undoes it too.
+            drop(Batch::enter(true).unwrap());
+            assert_eq!(policy().unwrap(), libc::SCHED_OTHER);
+            Batch::enter(false).unwrap().leave().unwrap();
+            assert_eq!(policy().unwrap(), libc::SCHED_OTHER);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn the_policy_setting_is_batch_other_or_an_error() {
+        assert!(Batch::parse(None).unwrap());
+        assert!(Batch::parse(Some("batch")).unwrap());
+        assert!(!Batch::parse(Some("other")).unwrap());
+        let e = Batch::parse(Some("fifo")).unwrap_err().to_string();
+        assert!(e.contains("DNE_BENCH_LOADGEN_POLICY=\"fifo\""), "{e}");
     }
 }

@@ -26,8 +26,12 @@
 //! epoll, one request in flight per connection, every reply checked); its
 //! own CPU per request is reported beside each cell, since on this
 //! machine's two cores whatever it spends is taken from the setup under
-//! test. Both setups run in the same run, interleaved per concurrency
-//! level.
+//! test. It runs under `SCHED_BATCH` ([`httpload::Batch`]), so that the
+//! wake-up each reply causes does not preempt the server that wrote it
+//! (clients on other machines take no CPU from the servers);
+//! `DNE_BENCH_LOADGEN_POLICY=other` runs it under `SCHED_OTHER` instead.
+//! Both setups run in the same run, interleaved per concurrency level,
+//! under the same policy.
 //!
 //! Before every round, with the machine idle, a probe measures how often
 //! and how long this machine's CPUs stall ([`crate::stalls`]: on a shared
@@ -445,7 +449,8 @@ fn expected(body: &[u8]) -> Vec<u8> {
 /// [`httpload`](super::httpload); checks every reply. CPU is summed over the
 /// processes `roots` and their children; the generator's own CPU is
 /// reported apart.
-fn load(port: u16, conns: usize, warm: Duration, dur: Duration, roots: &[u32]) -> Result<Run> {
+fn load(port: u16, conns: usize, warm: Duration, dur: Duration, roots: &[u32], batch: bool) -> Result<Run> {
+    let policy = httpload::Batch::enter(batch)?;
     let body: Vec<u8> = (0..BODY).map(|i| b"abcdefghijklmnopqrstuvwxyz0123456789 ABC"[i % 40]).collect();
     let want = expected(&body);
     let request = httpload::post("/chain", "bench", "text/plain", &body);
@@ -465,6 +470,7 @@ fn load(port: u16, conns: usize, warm: Duration, dur: Duration, roots: &[u32]) -
     let (t1, g1) = (Instant::now(), thread_cpu());
     let c1 = cpu_seconds(&pids, roots);
     lg.finish()?;
+    policy.leave()?;
     let mut all = std::mem::take(&mut lg.lat);
     all.sort_unstable();
     let n = all.len() as u64;
@@ -642,6 +648,8 @@ fn run(opts: &Opts) -> Result<Report> {
     };
     // Before every round of the three setups, with the machine idle.
     let probe_dur = if opts.quick { Duration::from_millis(500) } else { Duration::from_secs(1) };
+    let batch = httpload::Batch::wanted()?;
+    let policy = if batch { "SCHED_BATCH" } else { "SCHED_OTHER" };
     let dir = std::env::temp_dir().join(format!("dne-bench-ingress-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut fab = start_fabric(&dir)?;
@@ -656,7 +664,8 @@ fn run(opts: &Opts) -> Result<Report> {
         format!(
             "ingress: 3-function chain (ROT13 on a {BODY} B body), keep-alive, median of {rounds} x {} s per cell \
              (rounds of a, a0 and b interleaved); CPU = all processes of the setup (a: 6 processes: host-shimd, \
-             agent, 3 functions, ingress; a0: 1 process; b: {} processes incl. nginx workers)",
+             agent, 3 functions, ingress; a0: 1 process; b: {} processes incl. nginx workers); load generator \
+             under {policy}",
             dur.as_secs(),
             "{B}"
         ),
@@ -675,9 +684,12 @@ fn run(opts: &Opts) -> Result<Report> {
         // Profiling: (a) alone at 64 connections, for attaching perf.
         log_line(&format!("profile: (a) at 64 connections for {secs} s"));
         let before = stalls::probe(probe_dur)?;
-        let r = load(fab.port, 64, warm, Duration::from_secs(secs), &fab.pids)?;
+        let r = load(fab.port, 64, warm, Duration::from_secs(secs), &fab.pids, batch)?;
         let after = stalls::probe(probe_dur)?;
-        let mut t = Table::new("ingress profile run: (a) at 64 connections", &["process", "CPU s/10k req"]);
+        let mut t = Table::new(
+            format!("ingress profile run: (a) at 64 connections, load generator under {policy}"),
+            &["process", "CPU s/10k req"],
+        );
         for (p, cpu) in fab.procs.iter().zip(&r.per_proc) {
             t.row(vec![p.name.clone(), fmt_num(*cpu)]);
         }
@@ -687,6 +699,7 @@ fn run(opts: &Opts) -> Result<Report> {
         report.put("rps_c64_dne", r.rps);
         report.put("p99_us_c64_dne", r.p99_us);
         report.put("cpu_per_10k_c64_dne", r.cpu_per_10k);
+        report.put("loadgen_policy", policy);
         before.merge(&after).put(&mut report);
         report.tables = vec![t, m];
         return Ok(report);
@@ -698,11 +711,11 @@ fn run(opts: &Opts) -> Result<Report> {
         let mut level = stalls::Stalls::default();
         for _ in 0..rounds {
             level = level.merge(&stalls::probe(probe_dur)?);
-            ra.push(load(fab.port, c, warm, dur, &fab.pids).context("load on (a)")?);
+            ra.push(load(fab.port, c, warm, dur, &fab.pids, batch).context("load on (a)")?);
             check_alive(&mut fab.procs)?;
-            r0.push(load(dne.port, c, warm, dur, &dne.pids).context("load on (a0)")?);
+            r0.push(load(dne.port, c, warm, dur, &dne.pids, batch).context("load on (a0)")?);
             check_alive(&mut dne.procs)?;
-            rb.push(load(base.port, c, warm, dur, &base.pids).context("load on (b)")?);
+            rb.push(load(base.port, c, warm, dur, &base.pids, batch).context("load on (b)")?);
             check_alive(&mut base.procs)?;
         }
         stall_row(&mut noise, &format!("each round at {c} conns"), &level);
@@ -747,6 +760,7 @@ fn run(opts: &Opts) -> Result<Report> {
         }
     }
     report.put("dne_path", "fabric");
+    report.put("loadgen_policy", policy);
     all_stalls.put(&mut report);
     // Counted now: nginx forks its workers after start.
     table.title = table.title.replace("{B}", &all_pids(&base.pids).len().to_string());
