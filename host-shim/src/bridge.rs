@@ -23,6 +23,10 @@
 //! and waits likewise. The connection can drop with the agent alive, its
 //! receives still posted: a buffer freed at once could be allocated by a
 //! function, or lent again, and a payload from another node land in it.
+//! A bridge that ends inside a live host-shimd ([`serve`] builds another
+//! when host-shimd dropped one of its connections) takes its connection
+//! with it; the new bridge treats the buffers still recorded as the
+//! agent's when it starts the same way.
 
 use crate::backlog::DeliveryBacklog;
 use crate::comch::{Outbox, each_frame, server_name};
@@ -290,7 +294,7 @@ impl Bridge {
             tenants.push(Tenant { link, _mmap: mmap, blob, want: 0, backlog, kept });
         }
         let max_chain = cfg.tenants.iter().map(|t| t.max_chain).max().unwrap_or(64) as usize;
-        Ok(Self {
+        let mut bridge = Self {
             name: server_name(n),
             node,
             tenants,
@@ -312,7 +316,20 @@ impl Bridge {
             published: None,
             local_fns,
             lose_to: None,
-        })
+        };
+        // Only a bridge moves buffers to the agent, so any recorded as the
+        // agent's were lent or handed over by an earlier bridge of this
+        // host-shimd (`serve` builds a new one when host-shimd dropped one
+        // of its connections). That bridge's connection went with it; the
+        // agent may still have receives posted in them until it notices.
+        let n = bridge.keep_agents_buffers();
+        if n > 0 {
+            log::warn!(
+                "bridge: {n} buffers are the agent's from an earlier bridge; they are freed in \
+                 {AGENT_GONE_GRACE:?} (its receives may land in them until it notices)"
+            );
+        }
+        Ok(bridge)
     }
 
     /// What the bridge counted so far.
@@ -480,11 +497,26 @@ impl Bridge {
         self.connected = None;
         self.out.clear();
         self.client = None;
+        for tn in &mut self.tenants {
+            tn.want = 0;
+        }
+        let n = self.keep_agents_buffers();
+        if was_up || n > 0 {
+            log::warn!(
+                "bridge: the connection to the agent went away; the {n} buffers it held are freed in \
+                 {AGENT_GONE_GRACE:?} (its receives may land in them until it notices)"
+            );
+        }
+    }
+
+    /// Keeps every buffer recorded as the agent's, and not kept yet, out
+    /// of use until [`AGENT_GONE_GRACE`] from now, then frees it
+    /// ([`release_kept`](Self::release_kept)): the connection of the agent
+    /// that held it is gone. Returns how many buffers.
+    fn keep_agents_buffers(&mut self) -> usize {
         let until = Instant::now() + AGENT_GONE_GRACE;
         let mut n = 0;
-        for t in 0..self.tenants.len() {
-            let tn = &mut self.tenants[t];
-            tn.want = 0;
+        for (t, tn) in self.tenants.iter_mut().enumerate() {
             let pool = tn.link.pool();
             // (Those kept from an earlier connection keep their time.)
             let bufs: Vec<u32> = (0..pool.geometry().buf_count())
@@ -500,12 +532,7 @@ impl Bridge {
             self.keeping.push_back(Kept { until, tenant: t, bufs });
         }
         self.stats.holding += n as u64;
-        if was_up || n > 0 {
-            log::warn!(
-                "bridge: the connection to the agent went away; the {n} buffers it held are freed in \
-                 {AGENT_GONE_GRACE:?} (its receives may land in them until it notices)"
-            );
-        }
+        n
     }
 
     /// Frees what agents held when their connections went away, once

@@ -481,3 +481,119 @@ fn the_bridge_keeps_order_for_each_tenants_own_functions_only() {
     assert_eq!(got, (0..9).collect::<Vec<_>>(), "in order");
     assert_eq!(bridge.stats().refused, 0);
 }
+
+/// The bridge restarts inside a live host-shimd (`bridge::serve` builds a
+/// new one when host-shimd dropped one of its control connections): the
+/// buffers the old bridge had lent to the agent, or handed to it with
+/// messages, are still recorded as the agent's, and the agent, its
+/// connection to the old bridge gone, may still have receives posted in
+/// them until it notices. The new bridge keeps them out of use for
+/// [`AGENT_GONE_GRACE`] (not free, not lent again) and then frees them,
+/// once each: the pool's free count comes back to the whole pool.
+/// Before, nothing freed them: the new bridge had no record of them and
+/// host-shimd frees only what the agent's slot holds, so each restart
+/// leaked what the agent held.
+#[test]
+fn a_new_bridge_frees_what_the_agent_held_from_the_old_one_after_the_grace() {
+    let (cfg, dir) = cluster("restart");
+    let _shimd = ShimdThread::start(&cfg, dir.clone());
+    let mut agent = FakeAgent::start(&cfg);
+    let cfg_arc = Arc::new(cfg.clone());
+    let mut bridge = Bridge::new(cfg_arc.clone(), 0, &socket_path(&dir), SharedStats::default()).expect("bridge");
+    let mut f = Function::attach(&socket_path(&dir), "t", "f").expect("attach f");
+    let count = f.pool().geometry().buf_count() as usize;
+    let cap = f.pool().geometry().payload_cap();
+
+    drive(&mut bridge, &mut agent, "the exports", |_, a| a.got.contains(&CtrlKind::PoolExport));
+    agent.send(took_pools());
+    agent.send(CtrlMsg::WantBufs(LendRecv { tenant: 0, reserved: 0, count: 8 }));
+    drive(&mut bridge, &mut agent, "the lends", |_, a| a.lent.len() == 8);
+    let m = f.alloc(100).expect("a buffer");
+    let sent = m.desc().buf;
+    f.send(m, "g").expect("sent to the agent's uplink");
+    drive(&mut bridge, &mut agent, "the message", |_, a| a.got.contains(&CtrlKind::Message));
+    let mut held = agent.lent.clone();
+    held.push(sent);
+    for &i in &held {
+        assert_eq!(f.pool().owner(i), Ok(Owner::Agent), "buffer {i}");
+    }
+
+    // The bridge goes (as when `run` returns in `serve`), the agent sees
+    // its connection drop and serves anew, and a new bridge attaches (as
+    // `serve` retries: host-shimd refuses it until it saw the old one go).
+    drop(bridge);
+    agent.restart(&cfg);
+    let deadline = Instant::now() + WATCHDOG;
+    let shared = SharedStats::default();
+    let (mut bridge, built) = loop {
+        let before = Instant::now();
+        match Bridge::new(cfg_arc.clone(), 0, &socket_path(&dir), shared.clone()) {
+            Ok(b) => break (b, before),
+            Err(e) => assert!(Instant::now() < deadline, "watchdog: no new bridge: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let in_grace = || Instant::now() < built + AGENT_GONE_GRACE;
+    for &i in &held {
+        assert_eq!(f.pool().owner(i), Ok(Owner::Agent), "buffer {i} left the agent as soon as the bridge restarted");
+    }
+    // The new connection: fresh lends, none of the old ones, which it
+    // cannot take back either.
+    drive(&mut bridge, &mut agent, "the exports again", |_, a| a.got.contains(&CtrlKind::PoolExport));
+    agent.send(took_pools());
+    agent.send(CtrlMsg::WantBufs(LendRecv { tenant: 0, reserved: 0, count: 8 }));
+    drive(&mut bridge, &mut agent, "the lends again", |_, a| a.lent.len() == 8);
+    assert!(in_grace(), "the new connection took the whole grace");
+    let fresh = agent.lent.clone();
+    for i in &fresh {
+        assert!(!held.contains(i), "buffer {i} lent again while the old bridge's lend may still take a receive");
+    }
+    let refused = bridge.stats().refused;
+    agent.send(CtrlMsg::ReturnBufs(LendRecv { tenant: 0, reserved: 0, count: 1 }, BufList::from_indices(&held[..1])));
+    drive(&mut bridge, &mut agent, "the refusal", |b, _| b.stats().refused > refused);
+    assert_eq!(bridge.stats().returned, 0);
+    if in_grace() {
+        assert_eq!(bridge.stats().holding, held.len() as u64, "counted as held for the gone agent");
+        for &i in &held {
+            assert_eq!(f.pool().owner(i), Ok(Owner::Agent), "buffer {i} freed within the grace");
+        }
+    }
+
+    // The agent gives the fresh lends back; after the grace nothing is
+    // the agent's any more and the old bridge's buffers were freed once.
+    agent.send(CtrlMsg::ReturnBufs(LendRecv { tenant: 0, reserved: 0, count: 8 }, BufList::from_indices(&fresh)));
+    run_for(&mut bridge, &mut agent, (built + AGENT_GONE_GRACE).saturating_duration_since(Instant::now()));
+    drive(&mut bridge, &mut agent, "the fresh lends returned", |b, _| b.stats().returned == 8);
+    let until = Instant::now() + 2 * AGENT_GONE_GRACE;
+    while Instant::now() < until && bridge.stats().reclaimed < held.len() as u64 {
+        bridge.step();
+        agent.poll();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let agents: Vec<u32> =
+        (0..f.pool().geometry().buf_count()).filter(|&i| f.pool().owner(i) == Ok(Owner::Agent)).collect();
+    assert_eq!(agents, Vec::<u32>::new(), "still recorded as the agent's after the grace");
+    let s = bridge.stats();
+    assert_eq!((s.reclaimed, s.holding), (held.len() as u64, 0));
+    assert_eq!(shared.lock().unwrap().reclaimed, held.len() as u64, "published for host-shimd's status file");
+
+    // With the bridge gone too (its cache given back), every buffer is
+    // free or in f's cache: the whole pool.
+    drop(bridge);
+    let deadline = Instant::now() + WATCHDOG;
+    while (f.pool().free_buffers() as usize) + f.cached_buffers() != count {
+        assert!(
+            Instant::now() < deadline,
+            "watchdog: {} of {count} buffers free, {} in f's cache",
+            f.pool().free_buffers(),
+            f.cached_buffers()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // And all of it can be allocated.
+    let mut all = Vec::new();
+    while let Ok(m) = f.alloc(cap) {
+        all.push(m);
+    }
+    assert_eq!(all.len(), count);
+}
