@@ -453,7 +453,7 @@ impl Ingress {
         if tokio::time::timeout(self.settings.shutdown_grace, graceful.shutdown()).await.is_err() {
             log::warn!(
                 "shutdown: closing {} connections still open after {:?}",
-                conns.len(),
+                still_running(&mut conns),
                 self.settings.shutdown_grace
             );
             // Each task's connection is dropped: `Connection` and
@@ -1143,6 +1143,16 @@ impl<F> Drop for Connection<F> {
     }
 }
 
+/// The tasks of `set` still running: those that ended are taken out
+/// first (each once: the cost is that of the tasks that ended since the
+/// last call).
+fn still_running(set: &mut tokio::task::JoinSet<()>) -> usize {
+    while let Some(ended) = set.try_join_next() {
+        note_panic(ended);
+    }
+    set.len()
+}
+
 /// Logs a connection task that panicked (one aborted at shutdown is
 /// expected); the panic ended that connection alone.
 fn note_panic(ended: Result<(), tokio::task::JoinError>) {
@@ -1651,6 +1661,36 @@ pub async fn shutdown_signal() {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The count in the shutdown warning is of the tasks still running:
+    /// three of four ended (but not yet taken out of the set) leave one.
+    /// (Before, the warning counted the set's length, the ended ones too.)
+    #[tokio::test]
+    async fn still_running_counts_no_task_that_ended() {
+        let ended = Arc::new(AtomicU32::new(0));
+        let mut set = tokio::task::JoinSet::new();
+        let (_keep, pending) = tokio::sync::oneshot::channel::<()>();
+        set.spawn(async move {
+            let _ = pending.await;
+        });
+        for _ in 0..3 {
+            let ended = ended.clone();
+            set.spawn(async move {
+                ended.fetch_add(1, Relaxed);
+            });
+        }
+        // One thread: the three run to their end while this task yields.
+        for _ in 0..1000 {
+            if ended.load(Relaxed) == 3 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(ended.load(Relaxed), 3, "the three tasks never ran");
+        assert_eq!(still_running(&mut set), 1);
+        assert_eq!(set.len(), 1, "the ended tasks are taken out of the set");
+    }
 
     #[test]
     fn the_bearer_scheme_is_matched_in_any_case_with_any_spaces_after_it() {
