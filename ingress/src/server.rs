@@ -178,9 +178,6 @@ pub struct Ingress {
     settings: Settings,
     /// One permit per client connection the HTTP listener may hold open.
     conn_slots: Arc<tokio::sync::Semaphore>,
-    /// One permit per refused connection being told so (see
-    /// [`Ingress::refuse`]).
-    refusal_slots: Arc<tokio::sync::Semaphore>,
     /// One permit per connection being closed with a lingering close (see
     /// [`ClientIo`]); it holds no `conn_slots` permit meanwhile.
     linger_slots: Arc<tokio::sync::Semaphore>,
@@ -292,7 +289,6 @@ impl Ingress {
             drops_copy: Mutex::new(()),
             next_request: AtomicU32::new(first_request_id()),
             conn_slots: Arc::new(tokio::sync::Semaphore::new(settings.max_connections)),
-            refusal_slots: Arc::new(tokio::sync::Semaphore::new(REFUSALS_AT_ONCE)),
             linger_slots: Arc::new(tokio::sync::Semaphore::new(lingering_at_once(&settings))),
             settings,
         }
@@ -333,13 +329,14 @@ impl Ingress {
     /// stopped where they are: closed with no answer (or the rest of one),
     /// their requests counted as `client_gone` and the buffers they held
     /// released (a request's chain lets go of its buffers when it is done
-    /// with them, as for any client that left). When `serve` returns, no
-    /// connection it accepted is served any more, so the runtime may live
-    /// on; only the connections refused for `max_connections` may still be
-    /// being told so, each by a task of its own that ends within
-    /// `REFUSAL_WRITE_WITHIN` (1 s). Dropping the future `serve` returns aborts every connection's
-    /// task, with no drain: each is closed the same way once its task next
-    /// runs.
+    /// with them, as for any client that left). The connections refused
+    /// for `max_connections` that are still being told so (each for at
+    /// most `REFUSAL_WRITE_WITHIN`, 1 s) are waited for in the same grace
+    /// and closed where they are when it expires. When `serve` returns, no
+    /// connection it accepted or refused is served any more, so the
+    /// runtime may live on. Dropping the future `serve` returns aborts
+    /// every connection's task, with no drain: each is closed the same way
+    /// once its task next runs.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
@@ -352,6 +349,9 @@ impl Ingress {
         // The connections' tasks, to be stopped when the grace has passed;
         // those that ended are taken out as they end.
         let mut conns = tokio::task::JoinSet::new();
+        // The tasks telling refused connections so (see `refuse`), stopped
+        // likewise; those that ended are taken out before each new one.
+        let mut refusals = tokio::task::JoinSet::new();
         tokio::pin!(shutdown);
         let metrics_on_main = admin.is_none();
         loop {
@@ -387,7 +387,7 @@ impl Ingress {
                 match self.conn_slots.clone().try_acquire_owned() {
                     Ok(slot) => Some(slot),
                     Err(_) => {
-                        self.refuse(stream, peer);
+                        self.refuse(stream, peer, &mut refusals);
                         continue;
                     }
                 }
@@ -450,19 +450,30 @@ impl Ingress {
         drop(listener);
         drop(admin);
         log::info!("shutting down: finishing in-flight requests");
-        if tokio::time::timeout(self.settings.shutdown_grace, graceful.shutdown()).await.is_err() {
+        let drained = async {
+            graceful.shutdown().await;
+            while let Some(ended) = refusals.join_next().await {
+                note_panic(ended);
+            }
+        };
+        if tokio::time::timeout(self.settings.shutdown_grace, drained).await.is_err() {
             log::warn!(
-                "shutdown: closing {} connections still open after {:?}",
+                "shutdown: closing {} connections still open and {} refused ones still being told so after {:?}",
                 still_running(&mut conns),
+                still_running(&mut refusals),
                 self.settings.shutdown_grace
             );
             // Each task's connection is dropped: `Connection` and
             // `InFlight` count what it cut off as they go.
             conns.abort_all();
+            refusals.abort_all();
         }
         // Until every task has ended (and dropped its connection): when
         // drained, they end as their connections did.
         while let Some(ended) = conns.join_next().await {
+            note_panic(ended);
+        }
+        while let Some(ended) = refusals.join_next().await {
             note_panic(ended);
         }
         Ok(())
@@ -473,7 +484,11 @@ impl Ingress {
     /// `dne_ingress_connections_refused_total`). At most
     /// [`REFUSALS_AT_ONCE`] are being told so at a time, each for at most
     /// [`REFUSAL_WRITE_WITHIN`]; beyond that one is closed without a word.
-    fn refuse(&self, mut stream: tokio::net::TcpStream, peer: SocketAddr) {
+    /// Each is told so by a task in `refusals`; the tasks that ended are
+    /// taken out first, so the set holds no more than those still running
+    /// (at most `REFUSALS_AT_ONCE`), and each refusal costs the same
+    /// however many came before it.
+    fn refuse(&self, mut stream: tokio::net::TcpStream, peer: SocketAddr, refusals: &mut tokio::task::JoinSet<()>) {
         self.metrics.connections_refused.inc();
         let n = self.metrics.connections_refused.get();
         if n.is_power_of_two() {
@@ -482,15 +497,16 @@ impl Ingress {
                 self.settings.max_connections
             );
         }
-        let Ok(slot) = self.refusal_slots.clone().try_acquire_owned() else { return };
+        if still_running(refusals) >= REFUSALS_AT_ONCE {
+            return;
+        }
         let answer = format!(
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 21\r\n\
              retry-after: {}\r\nconnection: close\r\n\r\ntoo many connections\n",
             self.settings.retry_after_s
         );
-        tokio::spawn(async move {
+        refusals.spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let _slot = slot;
             let _ = tokio::time::timeout(REFUSAL_WRITE_WITHIN, async {
                 stream.write_all(answer.as_bytes()).await?;
                 stream.shutdown().await?;

@@ -2140,3 +2140,37 @@ async fn connections_still_open_when_the_grace_expires_are_closed() {
     let held = || ingress.pools().iter().map(|p| p.capacity() - p.free_buffers()).collect::<Vec<_>>();
     until(|| held().iter().all(|&n| n == 0), || format!("buffers still held: {:?}", held())).await;
 }
+
+/// A connection refused for `max_connections` is told so by a task that
+/// waits, up to a second, for the client to close; when `serve` returns,
+/// that task has ended and the connection is closed, whether the grace
+/// outlasted it (the refusal ran its course) or expired first (it was
+/// stopped). The client here reads its 503 and keeps the connection open;
+/// once `serve` has returned it sends a byte, which the server answers
+/// with a reset only if its socket is closed. (Before, `serve` returned
+/// with the refusal's task still running: it read the byte, and no reset
+/// came.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_refusal_is_still_being_told_when_serve_returns() {
+    for grace in [Settings::default().shutdown_grace, Duration::from_millis(100)] {
+        let srv = Server::start_with(512, InProcessConfig::default(), |s| {
+            s.max_connections = 1;
+            s.shutdown_grace = grace;
+        })
+        .await;
+        // An idle connection holds the one slot.
+        let _idle = TcpStream::connect(srv.addr).await.unwrap();
+        until(|| metric(&srv, "dne_ingress_connections ") == Some(1), || srv.ingress.metrics_text()).await;
+        let mut refused = TcpStream::connect(srv.addr).await.unwrap();
+        let (st, head, _) = read_response(&mut refused).await;
+        assert_eq!(st, 503, "{head}");
+        assert_eq!(metric(&srv, "dne_ingress_connections_refused_total "), Some(1));
+        srv.stop().await;
+        refused.write_all(b"x").await.unwrap();
+        until(
+            || refused.take_error().ok().flatten().is_some(),
+            || format!("grace {grace:?}: the refused connection was still served after serve returned"),
+        )
+        .await;
+    }
+}
