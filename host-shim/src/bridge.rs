@@ -27,6 +27,16 @@
 //! when host-shimd dropped one of its connections) takes its connection
 //! with it; the new bridge treats the buffers still recorded as the
 //! agent's when it starts the same way.
+//!
+//! A bridge that panics is replaced the same way: [`serve`] catches the
+//! panic (in the bridge's thread only; the process's panic hook is left
+//! as it is), logs it at error level, counts it
+//! ([`BridgeStats::panics`], with `up` false until the new bridge's agent
+//! took the pools), and starts a new bridge after a wait that begins at
+//! 100 ms and doubles with each panic up to 5 s (back to 100 ms for a
+//! bridge that lived a minute). The panicking bridge's connection goes
+//! with it; what it had lent or handed to the agent is kept, then freed,
+//! by the new one.
 
 use crate::backlog::DeliveryBacklog;
 use crate::comch::{Outbox, each_frame, server_name};
@@ -76,7 +86,9 @@ const ACK_WAIT: Duration = Duration::from_secs(5);
 /// tenant those buffers for a second after a drop.
 pub const AGENT_GONE_GRACE: Duration = Duration::from_secs(1);
 
-/// What the bridge counted (host-shimd's status file shows it).
+/// What the bridge counted (host-shimd's status file shows it): since it
+/// started, except [`panics`](Self::panics) and
+/// [`restarts`](Self::restarts), which count over host-shimd's life.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BridgeStats {
     /// The agent is connected now and has taken the pools.
@@ -113,6 +125,13 @@ pub struct BridgeStats {
     pub lost: u64,
     /// Messages the bridge dropped, by reason.
     pub dropped: BridgeDrops,
+    /// Bridges of this host-shimd that panicked (each replaced by a new
+    /// one: see the module docs).
+    pub panics: u64,
+    /// Bridges of this host-shimd started after the first (after a panic,
+    /// or after host-shimd dropped the last one's connections): the other
+    /// counts are this bridge's own, and start from zero with each.
+    pub restarts: u64,
 }
 
 /// Messages host-shimd's bridge dropped, by reason (each is also logged).
@@ -360,12 +379,18 @@ impl Bridge {
 
     /// Runs until `stop` is set or host-shimd goes away.
     pub fn run(&mut self, stop: &AtomicBool) {
+        self.run_with(stop, &mut |_| {})
+    }
+
+    /// [`run`](Self::run), calling `each_pass` before every pass.
+    fn run_with(&mut self, stop: &AtomicBool, each_pass: &mut impl FnMut(&mut Bridge)) {
         let mut idle_since = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             if !self.tenants.iter().all(|t| t.link.shimd_alive()) {
                 log::warn!("bridge: host-shimd went away");
                 return;
             }
+            each_pass(self);
             if self.step() > 0 {
                 idle_since = Instant::now();
             } else if idle_since.elapsed() > SPIN {
@@ -942,20 +967,68 @@ fn read_header(pool: &shm::Pool, first: u32, h: &MessageHdr, frags: usize) -> Op
     }
 }
 
+/// How long [`serve`] waits before a new bridge after one panicked, the
+/// first time; it doubles with each panic, up to [`PANIC_BACKOFF_MAX`],
+/// so a bridge that panics at once does not spin.
+const PANIC_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest wait before a new bridge after a panic.
+const PANIC_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A bridge that lived this long before it panicked starts the wait over
+/// from [`PANIC_BACKOFF`].
+const PANIC_BACKOFF_RESET: Duration = Duration::from_secs(60);
+
 /// Runs the bridge of node `node` until `stop` is set: attaches (retrying
-/// while host-shimd starts), then serves; re-attaches if it has to.
+/// while host-shimd starts), then serves; re-attaches if it has to. A
+/// bridge that panics is replaced (see the module docs).
 pub fn serve(cfg: Arc<Cluster>, node: u16, socket: &Path, stop: &AtomicBool, shared: SharedStats) {
+    serve_with_hook(cfg, node, socket, stop, shared, |_| {})
+}
+
+/// For tests: [`serve`], calling `each_pass` before every pass of each
+/// bridge (a test makes a bridge panic there). [`serve`] passes a hook
+/// that does nothing.
+#[doc(hidden)]
+pub fn serve_with_hook(
+    cfg: Arc<Cluster>,
+    node: u16,
+    socket: &Path,
+    stop: &AtomicBool,
+    shared: SharedStats,
+    mut each_pass: impl FnMut(&mut Bridge),
+) {
     let mut delay = Duration::from_millis(10);
     let mut failed = 0u32;
+    let mut backoff = PANIC_BACKOFF;
+    // Over this host-shimd's life, carried into each new bridge's counts.
+    let (mut built, mut panics) = (0u64, 0u64);
     while !stop.load(Ordering::Relaxed) {
-        match Bridge::new(cfg.clone(), node, socket, shared.clone()) {
-            Ok(mut b) => {
+        let born = Instant::now();
+        // Unwind safety: after a panic, what the closure touched and
+        // outlives it is `cfg`, `socket`, `stop` and `panics`, which a
+        // bridge only reads; `built`, one number, incremented or not;
+        // `each_pass`, which only tests pass (and panic in); and `shared`,
+        // a mutex whose `Copy` value a bridge replaces whole (the lock is
+        // poisoned only if the panic came while it was held; the poison
+        // is cleared below). Everything else is the bridge's and is
+        // dropped as the panic unwinds, as when `run` returns: its links
+        // close, and host-shimd takes back what the agent's slot held, as
+        // when the agent's process dies at any point; the next bridge
+        // keeps, then frees, what is recorded as the agent's.
+        let life = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut b = Bridge::new(cfg.clone(), node, socket, shared.clone())?;
+            b.stats.panics = panics;
+            b.stats.restarts = built;
+            built += 1;
+            b.run_with(stop, &mut each_pass);
+            anyhow::Ok(b.stats())
+        }));
+        match life {
+            Ok(Ok(stats)) => {
                 failed = 0;
-                b.run(stop);
-                log::info!("bridge: stopped: {:?}", b.stats());
+                log::info!("bridge: stopped: {stats:?}");
                 delay = Duration::from_millis(10);
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 // Expected while host-shimd starts; said aloud once it
                 // lasts (a cause that does not go away, too).
                 failed += 1;
@@ -967,6 +1040,44 @@ pub fn serve(cfg: Arc<Cluster>, node: u16, socket: &Path, stop: &AtomicBool, sha
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_millis(500));
             }
+            Err(payload) => {
+                panics += 1;
+                let lived = born.elapsed();
+                if lived >= PANIC_BACKOFF_RESET {
+                    backoff = PANIC_BACKOFF;
+                }
+                let why = payload
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("(a panic without a message)");
+                log::error!(
+                    "bridge: panicked after {lived:?}: {why}; a new bridge starts in {backoff:?} \
+                     ({panics} panics of this host-shimd's bridges so far)"
+                );
+                // The status file says so at once: no bridge, one more panic.
+                shared.clear_poison();
+                if let Ok(mut s) = shared.lock() {
+                    s.up = false;
+                    s.panics = panics;
+                }
+                nap(backoff, stop);
+                backoff = (backoff * 2).min(PANIC_BACKOFF_MAX);
+                failed = 0;
+                delay = Duration::from_millis(10);
+            }
         }
+    }
+}
+
+/// Sleeps for `d`, or until `stop` is set.
+fn nap(d: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + d;
+    while !stop.load(Ordering::Relaxed) {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(10)));
     }
 }

@@ -1457,7 +1457,7 @@ impl Shimd {
                 let b = shared.lock().map(|b| *b).unwrap_or_default();
                 let dropped: Vec<String> = b.dropped.each().iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
                 format!(
-                    ",\"bridge\":{{\"up\":{},\"connects\":{},\"to_agent\":{},\"delivered\":{},\"lent\":{},\"returned\":{},\"handed_back\":{},\"refused\":{},\"reclaimed\":{},\"holding\":{},\"lost\":{},\"dropped\":{{{}}}}}",
+                    ",\"bridge\":{{\"up\":{},\"connects\":{},\"to_agent\":{},\"delivered\":{},\"lent\":{},\"returned\":{},\"handed_back\":{},\"refused\":{},\"reclaimed\":{},\"holding\":{},\"lost\":{},\"panics\":{},\"restarts\":{},\"dropped\":{{{}}}}}",
                     b.up,
                     b.connects,
                     b.to_agent,
@@ -1469,6 +1469,8 @@ impl Shimd {
                     b.reclaimed,
                     b.holding,
                     b.lost,
+                    b.panics,
+                    b.restarts,
                     dropped.join(",")
                 )
             }

@@ -4,9 +4,9 @@
 //! (or does not) as each test needs.
 
 use host_shim::Function;
-use host_shim::bridge::{AGENT_GONE_GRACE, Bridge, SharedStats};
+use host_shim::bridge::{AGENT_GONE_GRACE, Bridge, SharedStats, serve_with_hook};
 use host_shim::comch::{Outbox, each_frame, server_name};
-use host_shim::daemon::{Shimd, socket_path};
+use host_shim::daemon::{Shimd, socket_path, status_path};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -65,11 +65,20 @@ struct ShimdThread {
 
 impl ShimdThread {
     fn start(cfg: &config::Cluster, dir: std::path::PathBuf) -> Self {
+        Self::start_with(cfg, dir, None)
+    }
+
+    /// [`start`](Self::start); `bridge`: the bridge counts its status file
+    /// shows (as `serve_until_signalled` sets them in DPU mode).
+    fn start_with(cfg: &config::Cluster, dir: std::path::PathBuf, bridge: Option<SharedStats>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (cfg, s, name) = (cfg.clone(), stop.clone(), cfg.nodes[0].name.clone());
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let mut d = Shimd::new(cfg, &name).expect("host-shimd");
+            if let Some(shared) = bridge {
+                d.set_bridge(shared);
+            }
             tx.send(()).unwrap();
             while !s.load(Ordering::Relaxed) {
                 d.poll_once(None, Duration::from_millis(5)).expect("host-shimd round");
@@ -101,6 +110,10 @@ struct FakeAgent {
     got: Vec<CtrlKind>,
     /// Buffers lent to it, in order.
     lent: Vec<u32>,
+    /// Buffers of the messages handed to it, in order.
+    handed: Vec<u32>,
+    /// Connections that went away.
+    disconnects: usize,
     /// The descriptors of the `Lost` frames received, each with the number
     /// of frames of the comch message it came in.
     lost: Vec<(wire::Descriptor, usize)>,
@@ -119,6 +132,8 @@ impl FakeAgent {
             rx: vec![0; doca::COMCH_MAX_MSG_SIZE as usize],
             got: Vec::new(),
             lent: Vec::new(),
+            handed: Vec::new(),
+            disconnects: 0,
             lost: Vec::new(),
         }
     }
@@ -140,6 +155,7 @@ impl FakeAgent {
         self.out = Outbox::new(doca::COMCH_MAX_MSG_SIZE as usize);
         self.got.clear();
         self.lent.clear();
+        self.handed.clear();
     }
 
     fn poll(&mut self) {
@@ -147,13 +163,15 @@ impl FakeAgent {
         while let Some(ev) = self.server.poll_event(&mut self.rx) {
             match ev {
                 doca::ComchEvent::Connected(c) => self.conn = Some(c),
+                doca::ComchEvent::Disconnected(_) => self.disconnects += 1,
                 doca::ComchEvent::Message { len, .. } => {
-                    let (got, lent) = (&mut self.got, &mut self.lent);
+                    let (got, lent, handed) = (&mut self.got, &mut self.lent, &mut self.handed);
                     let mut lost = None;
                     let mut frames = 0;
                     each_frame(&self.rx[..len as usize], |f| {
                         match &f {
                             CtrlMsg::LendRecv(_, list) => lent.extend(list.iter()),
+                            CtrlMsg::Message(_, list) => handed.extend(list.iter()),
                             CtrlMsg::Lost(b) => lost = Some(b.desc),
                             _ => {}
                         }
@@ -591,6 +609,145 @@ fn a_new_bridge_frees_what_the_agent_held_from_the_old_one_after_the_grace() {
         std::thread::sleep(Duration::from_millis(5));
     }
     // And all of it can be allocated.
+    let mut all = Vec::new();
+    while let Ok(m) = f.alloc(cap) {
+        all.push(m);
+    }
+    assert_eq!(all.len(), count);
+}
+
+/// `bridge::serve` on a thread until dropped, with a hook that panics in
+/// the bridge's next pass when `panic` is set (taking the lock of the
+/// bridge's shared counts first when `poison` is set too).
+struct ServeThread {
+    stop: Arc<AtomicBool>,
+    panic: Arc<AtomicBool>,
+    poison: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServeThread {
+    fn start(cfg: &config::Cluster, dir: &std::path::Path, shared: SharedStats) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let panic = Arc::new(AtomicBool::new(false));
+        let poison = Arc::new(AtomicBool::new(false));
+        let (cfg, socket) = (Arc::new(cfg.clone()), socket_path(dir));
+        let (s, p, q) = (stop.clone(), panic.clone(), poison.clone());
+        let thread = std::thread::spawn(move || {
+            let lock = shared.clone();
+            serve_with_hook(cfg, 0, &socket, &s, shared, move |_| {
+                if p.swap(false, Ordering::Relaxed) {
+                    let _held = q.load(Ordering::Relaxed).then(|| lock.lock());
+                    panic!("test: the bridge panics");
+                }
+            })
+        });
+        Self { stop, panic, poison, thread: Some(thread) }
+    }
+}
+
+impl Drop for ServeThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Polls the agent until `done` or the watchdog.
+fn wait_for(agent: &mut FakeAgent, what: &str, mut done: impl FnMut(&FakeAgent) -> bool) {
+    let deadline = Instant::now() + WATCHDOG;
+    while !done(agent) {
+        assert!(Instant::now() < deadline, "watchdog: {what}");
+        agent.poll();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// A bridge that panics inside host-shimd is replaced: `bridge::serve`
+/// catches the panic, counts it (`panics` in host-shimd's status file,
+/// `up` false until the new bridge's agent took the pools), and starts a
+/// new bridge, which serves again; what the agent held from the bridge
+/// that panicked is freed after the grace, so the whole pool comes back.
+/// A panic that leaves the counts' lock poisoned does not stop the status
+/// file from following them. Before, the panic ended the bridge's thread:
+/// host-shimd ran on with no bridge, nothing crossed to the agent again,
+/// and the status file kept the last counts.
+#[test]
+fn a_bridge_that_panics_is_counted_and_replaced() {
+    let (cfg, dir) = cluster("panic");
+    let shared = SharedStats::default();
+    let _shimd = ShimdThread::start_with(&cfg, dir.clone(), Some(shared.clone()));
+    let mut agent = FakeAgent::start(&cfg);
+    let mut f = Function::attach(&socket_path(&dir), "t", "f").expect("attach f");
+    let count = f.pool().geometry().buf_count() as usize;
+    let cap = f.pool().geometry().payload_cap();
+    let serving = ServeThread::start(&cfg, &dir, shared.clone());
+
+    wait_for(&mut agent, "the exports", |a| a.got.contains(&CtrlKind::PoolExport));
+    agent.send(took_pools());
+    agent.send(CtrlMsg::WantBufs(LendRecv { tenant: 0, reserved: 0, count: 8 }));
+    wait_for(&mut agent, "the lends", |a| a.lent.len() == 8);
+    let m = f.alloc(100).expect("a buffer");
+    f.send(m, "g").expect("sent to the agent's uplink");
+    wait_for(&mut agent, "the message", |a| a.handed.len() == 1);
+
+    for panics in 1..=2u64 {
+        // The second panic holds the lock of the shared counts as it
+        // unwinds, poisoning it.
+        serving.poison.store(panics == 2, Ordering::Relaxed);
+        let disconnects = agent.disconnects;
+        serving.panic.store(true, Ordering::Relaxed);
+        wait_for(&mut agent, "the panicking bridge's connection gone", |a| a.disconnects > disconnects);
+        agent.restart(&cfg);
+        wait_for(&mut agent, "the exports of a new bridge", |a| a.got.contains(&CtrlKind::PoolExport));
+        agent.send(took_pools());
+        let m = f.alloc(100).expect("a buffer");
+        f.send(m, "g").expect("sent to the agent's uplink");
+        wait_for(&mut agent, "a message through the new bridge", |a| a.handed.len() == 1);
+        let s = *shared.lock().unwrap_or_else(|e| e.into_inner());
+        assert_eq!((s.panics, s.restarts, s.to_agent), (panics, panics, 1), "{s:?}");
+        // host-shimd's status file shows it (refreshed every second).
+        let deadline = Instant::now() + WATCHDOG;
+        let want = format!("\"panics\":{panics},\"restarts\":{panics}");
+        loop {
+            let status = std::fs::read_to_string(status_path(&dir)).unwrap_or_default();
+            if status.contains(&want) && status.contains("\"to_agent\":1,") && status.contains("\"up\":true") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "watchdog: {want} in the status file: {status}");
+            agent.poll();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    // The agent gives back what the last bridge handed it; what it held
+    // from the bridges that panicked is freed after the grace: nothing is
+    // the agent's any more.
+    let handed = agent.handed.clone();
+    agent.send(CtrlMsg::ReturnBufs(LendRecv { tenant: 0, reserved: 0, count: 1 }, BufList::from_indices(&handed)));
+    let agents = |f: &Function| (0..count as u32).filter(|&i| f.pool().owner(i) == Ok(Owner::Agent)).count();
+    let deadline = Instant::now() + WATCHDOG + AGENT_GONE_GRACE;
+    while agents(&f) > 0 {
+        assert!(Instant::now() < deadline, "watchdog: {} buffers still the agent's", agents(&f));
+        agent.poll();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // With the bridge gone too (its cache given back), every buffer is
+    // free or in f's cache: the whole pool, and all of it can be
+    // allocated.
+    drop(serving);
+    let deadline = Instant::now() + WATCHDOG;
+    while (f.pool().free_buffers() as usize) + f.cached_buffers() != count {
+        assert!(
+            Instant::now() < deadline,
+            "watchdog: {} of {count} buffers free, {} in f's cache",
+            f.pool().free_buffers(),
+            f.cached_buffers()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let mut all = Vec::new();
     while let Ok(m) = f.alloc(cap) {
         all.push(m);
