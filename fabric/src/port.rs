@@ -713,6 +713,20 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         self.conn(t, peer).is_some()
     }
 
+    /// Fails tenant `t`'s connection to `peer` on purpose, through the
+    /// backend ([`Transport::abort`]): its outstanding work completes with
+    /// errors, the peer sees the connection go, and this port learns of
+    /// the failure in a later [`poll`](Self::poll), as of any other (a
+    /// [`PortEvent::Down`] at the next [`control`](Self::control) if it
+    /// was up; the mesh resets the link). For fault injection in tests of
+    /// what sits above the port. `false`: the mesh has no connection of
+    /// `t` to `peer`.
+    pub fn abort(&mut self, t: u16, peer: u16) -> bool {
+        let Some(&Some(c)) = self.routes.get(self.route_index(t, peer)) else { return false };
+        self.ep.transport_mut().abort(c);
+        true
+    }
+
     /// Whether tenant `t`'s connection to any of `nodes` is up.
     pub fn any_up(&self, t: u16, nodes: &[u16]) -> bool {
         nodes.iter().any(|&n| self.is_up(t, n))
@@ -1124,7 +1138,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
                             out.push(PortEvent::Protocol { tenant: st.tenant, peer: st.peer });
                         }
                         if error == CompletionError::Closed {
-                            // The mesh's own close (only the mesh closes).
+                            // A close of this side: the mesh's, or `Port::abort`.
                             log::debug!("fabric: a connection to node {} closed", st.peer);
                         } else {
                             log::warn!("fabric: a connection to node {} failed: {error}", st.peer);
@@ -1949,6 +1963,24 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// [`Port::abort`] fails the one connection it names, through the
+    /// backend: reported like any failure (a `Down` at the next control);
+    /// the connection to another peer stays up. A connection the mesh has
+    /// not opened is not there to fail.
+    #[test]
+    fn abort_fails_the_named_connection_through_the_backend() {
+        let (mut port, cmds, _notes) = port_over(NullTransport::new(), 2);
+        assert!(!port.abort(0, 1), "no connection to node 1 yet");
+        link_up(&mut port, &cmds, 1);
+        link_up(&mut port, &cmds, 2);
+        assert!(port.abort(0, 1));
+        let mut out = Vec::new();
+        while port.poll(&mut out) > 0 {}
+        port.control(&mut out);
+        assert_eq!(downs(&out), [(0, 1)]);
+        assert!(!port.is_up(0, 1) && port.is_up(0, 2));
     }
 
     /// A connection that was up and failed is reported once, as a `Down`,
