@@ -374,6 +374,12 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     /// engine has not seen yet, for tests.
     #[cfg(test)]
     conn_looks: usize,
+    /// The port's `Down`s (tenant, node) and `PeerDown`s (node) the
+    /// engine handled, in order, for tests.
+    #[cfg(test)]
+    downs: Vec<(u16, u16)>,
+    #[cfg(test)]
+    peer_downs: Vec<u16>,
     /// Tenant connections (tenant, node) whose credits the control passes
     /// looked at (for the `credits` gauge), for tests.
     #[cfg(test)]
@@ -515,6 +521,10 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             fn_visits: 0,
             #[cfg(test)]
             conn_looks: 0,
+            #[cfg(test)]
+            downs: Vec::new(),
+            #[cfg(test)]
+            peer_downs: Vec::new(),
             #[cfg(test)]
             credit_looks: 0,
         })
@@ -767,8 +777,16 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                         self.cfg.tenants[self.gid(usize::from(tenant))].name
                     );
                 }
-                PortEvent::Down { tenant, peer } => self.conn_lost(tenant, peer, now),
-                PortEvent::PeerDown { peer } => self.peer_down(peer, now),
+                PortEvent::Down { tenant, peer } => {
+                    #[cfg(test)]
+                    self.downs.push((tenant, peer));
+                    self.conn_lost(tenant, peer, now)
+                }
+                PortEvent::PeerDown { peer } => {
+                    #[cfg(test)]
+                    self.peer_downs.push(peer);
+                    self.peer_down(peer, now)
+                }
                 PortEvent::Sent { tenant, peer, lease, desc, tag, result } => {
                     let t = usize::from(tenant);
                     let msg = Msg::from_parts(lease, desc);
@@ -2478,6 +2496,210 @@ mod tests {
         e.step(Instant::now());
         assert_eq!(e.metrics.tenants[1].drops(Why::Unreachable), 0, "u's links just went down");
         assert_eq!(e.tenants[1].sends.len(), queued);
+    }
+
+    /// An engine of the emulated DOCA fabric (RDMA over TCP) on node `node`
+    /// of `cfg`, over `links`, taking nothing from them until its batch is
+    /// set.
+    fn doca_engine(
+        cfg: &Arc<config::Cluster>,
+        node: u16,
+        links: Vec<NullLink>,
+    ) -> Engine<fabric::DocaTransport, NullLink> {
+        let set = Settings { node, idle_sleep_after: None, epoch: Instant::now(), batch: 0, core: 0 };
+        let metrics = Arc::new(Metrics::new(cfg, &format!("n{node}")));
+        Engine::new(cfg.clone(), set, links, metrics, fabric::cluster::doca_transport).unwrap()
+    }
+
+    /// One control pass and one step of each engine, in turn.
+    fn turn(engines: &mut [&mut Engine<fabric::DocaTransport, NullLink>]) {
+        for e in engines.iter_mut() {
+            let now = Instant::now();
+            e.control(now);
+            e.step(now);
+        }
+        std::thread::sleep(std::time::Duration::from_micros(100));
+    }
+
+    /// Turns `engines` until `done` holds of them; a watchdog of 30 s.
+    fn turn_until(
+        engines: &mut [&mut Engine<fabric::DocaTransport, NullLink>],
+        what: &str,
+        mut done: impl FnMut(&[&mut Engine<fabric::DocaTransport, NullLink>]) -> bool,
+    ) {
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while !done(engines) {
+            if Instant::now() >= deadline {
+                let state: Vec<_> =
+                    engines.iter().map(|e| (e.port.peers_up(), e.conns_up(), &e.downs, &e.peer_downs)).collect();
+                panic!("watchdog: {what} not within 30 s; (peers up, connections up, Downs, PeerDowns): {state:?}");
+            }
+            turn(engines);
+        }
+    }
+
+    /// A real failure of a connection with calls on it, driven through the
+    /// fabric port into the engine. Three nodes' engines over the emulated
+    /// DOCA fabric (RDMA over TCP), turned by this thread: n0 calls tenant
+    /// t's `t1` on n1 and tenant u's `u2` on n2 (64 calls of each in
+    /// circulation: a call whose send completed, or that came back as an
+    /// error, frees its buffers for the next). n1 stops polling: calls n0
+    /// sent with the credits it had wait on the wire, not placed, and the
+    /// next ones wait in n0's queue for credits. Then n1's backend fails
+    /// t's connection to n0: n0 sees it go, by its backend (a reset) or,
+    /// when the mesh's reset of the link by n1 reaches n0 first, by the
+    /// link's `PeerDown` (both orders are driven). Then:
+    /// (1) n0's port reports `Down` for (t, n1) once in the first order,
+    /// at the next control pass, where the engine starts the outage
+    /// (`conn_lost`), and none in the second (a connection closed with its
+    /// link has none of its own); the link to n1 goes down once, nothing
+    /// to n2 does (u's connection to n1 may fail before the reset closes
+    /// it); (2) every call t0 made is answered once: its send completed,
+    /// and n1 delivered it, or it came back to t0 as an error, `PeerDied`
+    /// for those on the wire and `Unreachable` for those queued (at the
+    /// `PeerDown`), nothing else; n1 delivered no more than the calls sent
+    /// and those that failed (a placement whose acknowledgement was lost);
+    /// (3) u's calls to n2 flow all along, none refused; (4) the link comes
+    /// back, t's calls reach n1 again, and every pool of every node ends
+    /// with the free buffers it had before the traffic.
+    #[test]
+    fn a_connection_that_fails_with_calls_on_it_answers_each_call_once_and_comes_back() {
+        for backend_first in [true, false] {
+            fail_with_calls_on_it(backend_first);
+        }
+    }
+
+    /// The scenario of the test above; `backend_first`: n0's backend
+    /// reports the failure before n0's mesh has the link's reset by n1
+    /// (else the other way round).
+    fn fail_with_calls_on_it(backend_first: bool) {
+        const STOCK: usize = 64;
+        let dir = std::env::temp_dir().join(format!("dne-engine-fail-{}", std::process::id()));
+        let mut text = nodes_text(3, &dir);
+        for t in ["t", "u"] {
+            text +=
+                &format!("[[tenant]]\nname = \"{t}\"\nweight = 1\nbuf_size = 1024\nbuffers = 256\nrecv_quota = 16\n\n");
+            for n in 0..3 {
+                text += &format!("[[function]]\nname = \"{t}{n}\"\ntenant = \"{t}\"\nnode = \"n{n}\"\n\n");
+            }
+        }
+        let cfg = Arc::new(config::Cluster::parse(&text).unwrap());
+        // n0: t0 (0) calls t1 (1, on n1), u0 (3) calls u2 (5, on n2). The
+        // others send nothing.
+        let links = |node: u16| -> Vec<NullLink> {
+            let calls = [(0, 1), (3, 5)];
+            (0..2u16)
+                .map(|t| {
+                    let (src, dst) = calls[usize::from(t)];
+                    let stock = if node == 0 { STOCK } else { 0 };
+                    NullLink::new(cfg.pool_geometry(t).unwrap(), t, src, dst, 64, stock).unwrap()
+                })
+                .collect()
+        };
+        let (mut a, mut b, mut c) =
+            (doca_engine(&cfg, 0, links(0)), doca_engine(&cfg, 1, links(1)), doca_engine(&cfg, 2, links(2)));
+        // Every connection up, its receives posted (8 a connection).
+        let settled = |e: &Engine<fabric::DocaTransport, NullLink>| {
+            e.conns_up() == 4 && (0..2).all(|t| e.port.recvs_posted(t) == 16)
+        };
+        turn_until(&mut [&mut a, &mut b, &mut c], "every connection up", |es| es.iter().all(|e| settled(e)));
+        let free = |e: &Engine<fabric::DocaTransport, NullLink>| -> Vec<u32> {
+            (0..2).map(|t| crate::hostlink::HostLink::free_buffers(&e.port.bufs(t).0)).collect()
+        };
+        let before = [free(&a), free(&b), free(&c)];
+
+        // Calls flow, until n0 has credits on its connection of t to n1.
+        a.set.batch = 2;
+        turn_until(&mut [&mut a, &mut b, &mut c], "calls delivered on n1 and n2", |es| {
+            es[1].port.bufs(0).0.delivered >= 32 && es[2].port.bufs(1).0.delivered >= 32 && es[0].port.credits(0, 1) > 0
+        });
+        // n1 stops polling: t's calls to it wait on the wire (sent with the
+        // credits n0 had, not placed by n1) and at n0 (for credits).
+        let unplaced = |a: &Engine<fabric::DocaTransport, NullLink>, b: &Engine<fabric::DocaTransport, NullLink>| {
+            let sent = a.metrics.tenants[0].tx_msgs.get() + a.tally[0].tx_msgs;
+            let on_wire = a.wire[1].bytes / (64 + fabric::HEADER_LEN as u64);
+            (sent + on_wire).saturating_sub(b.port.bufs(0).0.delivered)
+        };
+        turn_until(&mut [&mut a, &mut c], "calls waiting for n1", |es| {
+            unplaced(es[0], &b) > 0 && es[0].tenants[0].sends.queued_for(1) >= 8
+        });
+        let (unplaced, queued) = (unplaced(&a, &b), a.tenants[0].sends.queued_for(1) as u64);
+        // n1's backend fails t's connection to n0 (in n1's next poll).
+        assert!(b.port.abort(0, 0), "n1 has a connection of t to n0");
+        turn(&mut [&mut b]);
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        if backend_first {
+            // n0's backend reports it (n0's poll) before n0's mesh has the
+            // link's reset (n0's control).
+            while a.port.is_up(0, 1) {
+                assert!(Instant::now() < deadline, "watchdog: n0's backend did not see the failure in 30 s");
+                a.step(Instant::now());
+            }
+            // The next control pass reports it, and the engine starts the
+            // outage there (whether the PeerDown of the link's reset is in
+            // the same pass or a later one).
+            let at = Instant::now();
+            a.control(at);
+            assert_eq!(a.downs, [(0, 1)], "the control pass after the failure");
+            assert_eq!(a.went_down[0][1], Some(at), "the outage of t's connection to n1 starts at the Down");
+        } else {
+            // n0's mesh has the reset of the link by n1 first: the
+            // connection is closed with its link.
+            while !a.peer_downs.contains(&1) {
+                assert!(Instant::now() < deadline, "watchdog: no PeerDown of n1 at n0 in 30 s");
+                a.control(Instant::now());
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+        }
+        let u_at_down = c.port.bufs(1).0.delivered;
+        turn_until(&mut [&mut a, &mut b, &mut c], "t's connection to n1 back", |es| {
+            es[0].peer_downs.contains(&1) && es[0].port.is_up(0, 1)
+        });
+        let u_at_up = c.port.bufs(1).0.delivered;
+        let t_at_up = b.port.bufs(0).0.delivered;
+        turn_until(&mut [&mut a, &mut b, &mut c], "t's calls reaching n1 again", |es| {
+            es[1].port.bufs(0).0.delivered >= t_at_up + 32
+        });
+        // The calls stop; everything in circulation comes back.
+        a.set.batch = 0;
+        turn_until(&mut [&mut a, &mut b, &mut c], "every call answered", |es| {
+            es[0].port.in_flight() == 0
+                && (0..2).all(|t| es[0].tenants[t].sends.is_empty() && es[0].port.bufs(t as u16).0.in_stock() == STOCK)
+                && es.iter().all(|e| settled(e))
+        });
+        for _ in 0..10 {
+            turn(&mut [&mut a, &mut b, &mut c]);
+        }
+
+        // (1) The port reported the failure once: a Down, unless the
+        // link's reset came first; only n1's link went down, once.
+        let downs = a.downs.iter().filter(|&&d| d == (0, 1)).count();
+        assert_eq!(downs, usize::from(backend_first), "Downs: {:?}", a.downs);
+        assert!(a.downs.iter().all(|&(_, peer)| peer == 1), "Downs: {:?}", a.downs);
+        assert_eq!(a.peer_downs, [1], "PeerDowns");
+        // (2) Every call of t answered once: sent, or back to t0 as an error.
+        let (m, link) = (&a.metrics.tenants[0], &a.port.bufs(0).0);
+        let (sent, died, unreachable) = (m.tx_msgs.get(), m.drops(Why::PeerDied), m.drops(Why::Unreachable));
+        let dropped: u64 = Why::ALL.iter().map(|&w| m.drops(w)).sum();
+        assert_eq!(dropped, died + unreachable, "t's calls came back only as PeerDied or Unreachable");
+        assert_eq!(link.taken, sent + died + unreachable, "t: {sent} sent, {died} + {unreachable} came back");
+        assert_eq!(link.delivered, died + unreachable, "every error reached t0");
+        assert!(died >= unplaced, "{unplaced} calls were on the wire, not placed, at the failure; {died} failed");
+        assert!(died + unreachable >= unplaced + queued, "{queued} calls waited at n0 for n1: {unreachable} came back");
+        let got = b.port.bufs(0).0.delivered;
+        assert!((sent..=sent + died).contains(&got), "n1 delivered {got} of t's calls, {sent} sent, {died} failed");
+        // (3) Tenant u's calls to n2 flowed all along, none refused.
+        let (m, link) = (&a.metrics.tenants[1], &a.port.bufs(1).0);
+        assert_eq!(Why::ALL.iter().map(|&w| m.drops(w)).sum::<u64>(), 0);
+        assert_eq!((m.tx_msgs.get(), c.port.bufs(1).0.delivered), (link.taken, link.taken));
+        assert!(u_at_up > u_at_down, "u's calls to n2 stopped while t's connection to n1 was down");
+        // (4) Back: every connection up (u's to n1 too, reset with the
+        // link), t's calls reached n1 again (above), and every pool has
+        // the free buffers it had before the traffic.
+        assert!(a.port.is_up(1, 1) && a.port.is_up(0, 1));
+        assert_eq!([free(&a), free(&b), free(&c)], before, "free buffers of each node's pools, t and u");
+        drop((a, b, c));
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// Replies wait for their node beyond that share (an error in their
