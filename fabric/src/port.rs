@@ -720,8 +720,13 @@ impl<T: Transport, B: Buffers> Port<T, B> {
     /// [`PortEvent::Down`] at the next [`control`](Self::control) if it
     /// was up; the mesh resets the link). For fault injection in tests of
     /// what sits above the port. `false`: the mesh has no connection of
-    /// `t` to `peer`.
+    /// `t` to `peer` (or the port has no tenant `t`).
     pub fn abort(&mut self, t: u16, peer: u16) -> bool {
+        // (A tenant index past the port's would name the next peer's
+        // connections.)
+        if usize::from(t) >= self.bufs.len() {
+            return false;
+        }
         let Some(&Some(c)) = self.routes.get(self.route_index(t, peer)) else { return false };
         self.ep.transport_mut().abort(c);
         true
@@ -1981,6 +1986,23 @@ mod tests {
         port.control(&mut out);
         assert_eq!(downs(&out), [(0, 1)]);
         assert!(!port.is_up(0, 1) && port.is_up(0, 2));
+    }
+
+    /// A tenant the port does not have names no connection: `abort`
+    /// fails nothing and says so. Before, the index of (tenant, peer) ran
+    /// into the next peer's connections, and `abort(1, 1)` on a port of one
+    /// tenant failed tenant 0's connection to node 2.
+    #[test]
+    fn abort_of_a_tenant_the_port_does_not_have_fails_nothing() {
+        let (mut port, cmds, _notes) = port_over(NullTransport::new(), 2);
+        link_up(&mut port, &cmds, 1);
+        link_up(&mut port, &cmds, 2);
+        assert!(!port.abort(1, 1), "the port has one tenant");
+        let mut out = Vec::new();
+        while port.poll(&mut out) > 0 {}
+        port.control(&mut out);
+        assert_eq!(downs(&out), [], "{out:?}");
+        assert!(port.is_up(0, 1) && port.is_up(0, 2));
     }
 
     /// A connection that was up and failed is reported once, as a `Down`,
