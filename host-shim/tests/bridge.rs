@@ -519,8 +519,6 @@ fn a_new_bridge_frees_what_the_agent_held_from_the_old_one_after_the_grace() {
     let cfg_arc = Arc::new(cfg.clone());
     let mut bridge = Bridge::new(cfg_arc.clone(), 0, &socket_path(&dir), SharedStats::default()).expect("bridge");
     let mut f = Function::attach(&socket_path(&dir), "t", "f").expect("attach f");
-    let count = f.pool().geometry().buf_count() as usize;
-    let cap = f.pool().geometry().payload_cap();
 
     drive(&mut bridge, &mut agent, "the exports", |_, a| a.got.contains(&CtrlKind::PoolExport));
     agent.send(took_pools());
@@ -595,9 +593,16 @@ fn a_new_bridge_frees_what_the_agent_held_from_the_old_one_after_the_grace() {
     assert_eq!((s.reclaimed, s.holding), (held.len() as u64, 0));
     assert_eq!(shared.lock().unwrap().reclaimed, held.len() as u64, "published for host-shimd's status file");
 
-    // With the bridge gone too (its cache given back), every buffer is
-    // free or in f's cache: the whole pool.
+    // With the bridge gone too (its cache given back), the whole pool.
     drop(bridge);
+    whole_pool_comes_back(&mut f);
+}
+
+/// Every buffer of `f`'s pool is free or in `f`'s cache (waiting for that
+/// up to the watchdog), and all of them can be allocated.
+fn whole_pool_comes_back(f: &mut Function) {
+    let count = f.pool().geometry().buf_count() as usize;
+    let cap = f.pool().geometry().payload_cap();
     let deadline = Instant::now() + WATCHDOG;
     while (f.pool().free_buffers() as usize) + f.cached_buffers() != count {
         assert!(
@@ -608,7 +613,6 @@ fn a_new_bridge_frees_what_the_agent_held_from_the_old_one_after_the_grace() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    // And all of it can be allocated.
     let mut all = Vec::new();
     while let Ok(m) = f.alloc(cap) {
         all.push(m);
@@ -682,7 +686,6 @@ fn a_bridge_that_panics_is_counted_and_replaced() {
     let mut agent = FakeAgent::start(&cfg);
     let mut f = Function::attach(&socket_path(&dir), "t", "f").expect("attach f");
     let count = f.pool().geometry().buf_count() as usize;
-    let cap = f.pool().geometry().payload_cap();
     let serving = ServeThread::start(&cfg, &dir, shared.clone());
 
     wait_for(&mut agent, "the exports", |a| a.got.contains(&CtrlKind::PoolExport));
@@ -734,23 +737,7 @@ fn a_bridge_that_panics_is_counted_and_replaced() {
         agent.poll();
         std::thread::sleep(Duration::from_millis(5));
     }
-    // With the bridge gone too (its cache given back), every buffer is
-    // free or in f's cache: the whole pool, and all of it can be
-    // allocated.
+    // With the bridge gone too (its cache given back), the whole pool.
     drop(serving);
-    let deadline = Instant::now() + WATCHDOG;
-    while (f.pool().free_buffers() as usize) + f.cached_buffers() != count {
-        assert!(
-            Instant::now() < deadline,
-            "watchdog: {} of {count} buffers free, {} in f's cache",
-            f.pool().free_buffers(),
-            f.cached_buffers()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let mut all = Vec::new();
-    while let Ok(m) = f.alloc(cap) {
-        all.push(m);
-    }
-    assert_eq!(all.len(), count);
+    whole_pool_comes_back(&mut f);
 }
