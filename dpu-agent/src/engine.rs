@@ -1537,10 +1537,22 @@ mod tests {
         batch: usize,
         links: Vec<H>,
     ) -> Engine<fabric::NullTransport, H> {
+        let null = |_: &fabric::EndpointConfig, _| Ok(fabric::NullTransport::new());
+        engine_over(cfg, node, batch, links, null)
+    }
+
+    /// An engine on node `node` of `cfg` over `links`, its fabric made by
+    /// `make`, taking at most `batch` messages from a link per step.
+    fn engine_over<T: fabric::Transport, H: crate::hostlink::HostLink>(
+        cfg: &Arc<config::Cluster>,
+        node: u16,
+        batch: usize,
+        links: Vec<H>,
+        make: fabric::cluster::MakeTransport<T>,
+    ) -> Engine<T, H> {
         let set = Settings { node, idle_sleep_after: None, epoch: Instant::now(), batch, core: 0 };
         let metrics = Arc::new(Metrics::new(cfg, &format!("n{node}")));
-        let null = |_: &fabric::EndpointConfig, _| Ok(fabric::NullTransport::new());
-        Engine::new(cfg.clone(), set, links, metrics, null).unwrap()
+        Engine::new(cfg.clone(), set, links, metrics, make).unwrap()
     }
 
     /// Node `node`'s engine of `cfg` over the null fabric, tenant `t`'s
@@ -2506,9 +2518,7 @@ mod tests {
         node: u16,
         links: Vec<NullLink>,
     ) -> Engine<fabric::DocaTransport, NullLink> {
-        let set = Settings { node, idle_sleep_after: None, epoch: Instant::now(), batch: 0, core: 0 };
-        let metrics = Arc::new(Metrics::new(cfg, &format!("n{node}")));
-        Engine::new(cfg.clone(), set, links, metrics, fabric::cluster::doca_transport).unwrap()
+        engine_over(cfg, node, 0, links, fabric::cluster::doca_transport)
     }
 
     /// One control pass and one step of each engine, in turn.
