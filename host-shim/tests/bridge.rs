@@ -258,6 +258,25 @@ fn took_pools() -> CtrlMsg<'static> {
     CtrlMsg::Ack(Ack { about_kind: CtrlKind::PoolExport as u16, reserved: 0, about_seq: 0 })
 }
 
+/// The agent takes the pools, is lent 8 receive buffers, and f hands it
+/// one message: returns the 9 buffers now recorded as the agent's.
+fn lend_eight_and_hand_over_one(bridge: &mut Bridge, agent: &mut FakeAgent, f: &mut Function) -> Vec<u32> {
+    drive(bridge, agent, "the exports", |_, a| a.got.contains(&CtrlKind::PoolExport));
+    agent.send(took_pools());
+    agent.send(CtrlMsg::WantBufs(LendRecv { tenant: 0, reserved: 0, count: 8 }));
+    drive(bridge, agent, "the lends", |_, a| a.lent.len() == 8);
+    let m = f.alloc(100).expect("a buffer");
+    let sent = m.desc().buf;
+    f.send(m, "g").expect("sent to the agent's uplink");
+    drive(bridge, agent, "the message", |_, a| a.got.contains(&CtrlKind::Message));
+    let mut held = agent.lent.clone();
+    held.push(sent);
+    for &i in &held {
+        assert_eq!(f.pool().owner(i), Ok(Owner::Agent), "buffer {i}");
+    }
+    held
+}
+
 /// The comch connection drops while the agent lives on (the connection
 /// failed, not the agent): the agent's fabric still has receives posted in
 /// the buffers it was lent, and sends reading the messages it was handed,
@@ -276,19 +295,7 @@ fn what_the_agent_held_when_the_connection_dropped_is_kept_for_the_grace_then_fr
     let mut f = Function::attach(&socket_path(&dir), "t", "f").expect("attach f");
     let cap = f.pool().geometry().payload_cap();
 
-    drive(&mut bridge, &mut agent, "the exports", |_, a| a.got.contains(&CtrlKind::PoolExport));
-    agent.send(took_pools());
-    agent.send(CtrlMsg::WantBufs(LendRecv { tenant: 0, reserved: 0, count: 8 }));
-    drive(&mut bridge, &mut agent, "the lends", |_, a| a.lent.len() == 8);
-    let m = f.alloc(100).expect("a buffer");
-    let sent = m.desc().buf;
-    f.send(m, "g").expect("sent to the agent's uplink");
-    drive(&mut bridge, &mut agent, "the message", |_, a| a.got.contains(&CtrlKind::Message));
-    let mut held = agent.lent.clone();
-    held.push(sent);
-    for &i in &held {
-        assert_eq!(f.pool().owner(i), Ok(Owner::Agent), "buffer {i}");
-    }
+    let held = lend_eight_and_hand_over_one(&mut bridge, &mut agent, &mut f);
 
     // The connection drops; the agent is still there.
     agent.restart(&cfg);
@@ -520,19 +527,7 @@ fn a_new_bridge_frees_what_the_agent_held_from_the_old_one_after_the_grace() {
     let mut bridge = Bridge::new(cfg_arc.clone(), 0, &socket_path(&dir), SharedStats::default()).expect("bridge");
     let mut f = Function::attach(&socket_path(&dir), "t", "f").expect("attach f");
 
-    drive(&mut bridge, &mut agent, "the exports", |_, a| a.got.contains(&CtrlKind::PoolExport));
-    agent.send(took_pools());
-    agent.send(CtrlMsg::WantBufs(LendRecv { tenant: 0, reserved: 0, count: 8 }));
-    drive(&mut bridge, &mut agent, "the lends", |_, a| a.lent.len() == 8);
-    let m = f.alloc(100).expect("a buffer");
-    let sent = m.desc().buf;
-    f.send(m, "g").expect("sent to the agent's uplink");
-    drive(&mut bridge, &mut agent, "the message", |_, a| a.got.contains(&CtrlKind::Message));
-    let mut held = agent.lent.clone();
-    held.push(sent);
-    for &i in &held {
-        assert_eq!(f.pool().owner(i), Ok(Owner::Agent), "buffer {i}");
-    }
+    let held = lend_eight_and_hand_over_one(&mut bridge, &mut agent, &mut f);
 
     // The bridge goes (as when `run` returns in `serve`), the agent sees
     // its connection drop and serves anew, and a new bridge attaches (as
