@@ -452,9 +452,7 @@ impl Ingress {
         log::info!("shutting down: finishing in-flight requests");
         let drained = async {
             graceful.shutdown().await;
-            while let Some(ended) = refusals.join_next().await {
-                note_panic(ended);
-            }
+            join_all(&mut refusals).await;
         };
         if tokio::time::timeout(self.settings.shutdown_grace, drained).await.is_err() {
             log::warn!(
@@ -470,12 +468,8 @@ impl Ingress {
         }
         // Until every task has ended (and dropped its connection): when
         // drained, they end as their connections did.
-        while let Some(ended) = conns.join_next().await {
-            note_panic(ended);
-        }
-        while let Some(ended) = refusals.join_next().await {
-            note_panic(ended);
-        }
+        join_all(&mut conns).await;
+        join_all(&mut refusals).await;
         Ok(())
     }
 
@@ -1167,6 +1161,13 @@ fn still_running(set: &mut tokio::task::JoinSet<()>) -> usize {
         note_panic(ended);
     }
     set.len()
+}
+
+/// Waits for every task of `set` to end.
+async fn join_all(set: &mut tokio::task::JoinSet<()>) {
+    while let Some(ended) = set.join_next().await {
+        note_panic(ended);
+    }
 }
 
 /// Logs a connection task that panicked (one aborted at shutdown is
