@@ -702,8 +702,18 @@ impl<T: Transport, B: Buffers> Port<T, B> {
         usize::from(peer) * self.bufs.len() + usize::from(t)
     }
 
+    /// The mesh's connection of tenant `t` to `peer`, up or not. A tenant
+    /// index past the port's names none (its route index would fall on the
+    /// next peer's connections).
+    fn mesh_conn(&self, t: u16, peer: u16) -> Option<ConnId> {
+        if usize::from(t) >= self.bufs.len() {
+            return None;
+        }
+        *self.routes.get(self.route_index(t, peer))?
+    }
+
     fn conn(&self, t: u16, peer: u16) -> Option<ConnId> {
-        let c = (*self.routes.get(self.route_index(t, peer))?)?;
+        let c = self.mesh_conn(t, peer)?;
         debug_assert_eq!(self.mesh.conn(peer, self.ids[usize::from(t)]), Some(c));
         self.conns.get(c.index() as usize)?.as_ref().filter(|s| s.up).map(|_| c)
     }
@@ -722,12 +732,7 @@ impl<T: Transport, B: Buffers> Port<T, B> {
     /// what sits above the port. `false`: the mesh has no connection of
     /// `t` to `peer` (or the port has no tenant `t`).
     pub fn abort(&mut self, t: u16, peer: u16) -> bool {
-        // (A tenant index past the port's would name the next peer's
-        // connections.)
-        if usize::from(t) >= self.bufs.len() {
-            return false;
-        }
-        let Some(&Some(c)) = self.routes.get(self.route_index(t, peer)) else { return false };
+        let Some(c) = self.mesh_conn(t, peer) else { return false };
         self.ep.transport_mut().abort(c);
         true
     }
@@ -2003,6 +2008,9 @@ mod tests {
         port.control(&mut out);
         assert_eq!(downs(&out), [], "{out:?}");
         assert!(port.is_up(0, 1) && port.is_up(0, 2));
+        // Nor is one of its connections up, or holding credits.
+        assert!(!port.is_up(1, 1), "the port has one tenant");
+        assert_eq!(port.credits(1, 1), 0);
     }
 
     /// A connection that was up and failed is reported once, as a `Down`,
