@@ -470,6 +470,80 @@ fn a_fast_path_link_hoarding_credits_is_cut_off() {
     );
 }
 
+/// A producer that never reads its socket fills it with the consumer's
+/// grants, so later grants stay unwritten; it then spends those credits it
+/// was never sent (`spend`: two data packets, or a `Return` of two). Its
+/// link is cut for that, and another producer asking for credits gets
+/// them. Before, the consumer counted the unwritten credits as the
+/// producer's to spend, and a revoke then took back more unwritten
+/// credits than the link still held: the consumer's progress panicked
+/// ("attempt to subtract with overflow"; in a release build the credit
+/// counts wrapped and no credit was granted again).
+fn a_fast_path_producer_spending_unsent_credits_is_cut_off(name: &str, spend: &[&[u8]]) {
+    use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
+    let t = FpRig::new(name, Duration::from_secs(20));
+    let stranger = || {
+        let fd =
+            rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).unwrap();
+        rustix::net::connect(&fd, &SocketAddrUnix::new(t.path.as_path()).unwrap()).unwrap();
+        fd
+    };
+    for k in 0..2u64 {
+        t.consumer.submit_receive(t.inv.buf(&t.m, k * 1024, 1024).unwrap(), k).unwrap();
+    }
+    let hostile = stranger();
+    rustix::net::send(&hostile, &[1], SendFlags::NOSIGNAL).unwrap(); // want
+    for _ in 0..20 {
+        t.pe.progress();
+    }
+    // Each round: spend the two credits, ask again, and let the consumer
+    // grant two more (a grant the hostile producer never reads). Its
+    // socket is full long before the last round (a few hundred grants).
+    let mut cut = false;
+    'rounds: for _ in 0..4000 {
+        for &p in spend.iter().chain([&[1u8][..]].iter()) {
+            if rustix::net::send(&hostile, p, SendFlags::NOSIGNAL).is_err() {
+                cut = true;
+                break 'rounds;
+            }
+        }
+        t.pe.progress();
+        // The receives data filled are posted again.
+        while let Some(FastPathEvent::Received { buf, user_data, .. }) = t.consumer.poll_event() {
+            let mut buf = buf;
+            buf.set_data_len(0).unwrap();
+            t.consumer.submit_receive(buf, user_data).unwrap();
+        }
+        t.pe.progress();
+    }
+    // Another producer asks: the consumer revokes the hostile one's
+    // credits (if its link is still there) and grants to this one.
+    let asker = stranger();
+    rustix::net::send(&asker, &[1], SendFlags::NOSIGNAL).unwrap();
+    let mut b = [0u8; 16];
+    let start = Instant::now();
+    loop {
+        t.pe.progress();
+        if let Ok((n, _)) = rustix::net::recv(&asker, &mut b, RecvFlags::DONTWAIT) {
+            assert_eq!(b[0], 0, "a grant: {:?}", &b[..n]);
+            break;
+        }
+        t.watchdog(start, "a credit for the producer that asked");
+    }
+    assert!(cut, "the link spending credits it was never sent was not cut");
+}
+
+#[test]
+fn a_fast_path_producer_sending_on_unsent_credits_is_cut_off() {
+    let data: &[u8] = b"\x00\x01\x00\x00\x00\x00stolen";
+    a_fast_path_producer_spending_unsent_credits_is_cut_off("hostile-unsent-data", &[data, data]);
+}
+
+#[test]
+fn a_fast_path_producer_returning_unsent_credits_is_cut_off() {
+    a_fast_path_producer_spending_unsent_credits_is_cut_off("hostile-unsent-return", &[b"\x02\x02\x00\x00\x00"]);
+}
+
 /// A comch connection on one engine with a started fast-path consumer on
 /// the client's side (buffers of `m`), and the path of the consumer's
 /// socket, for peers that talk to it directly.

@@ -105,7 +105,8 @@ struct Link {
     fd: OwnedFd,
     /// Credits granted and neither spent nor given back.
     credits: u32,
-    /// Credits granted and not yet written to the socket.
+    /// Credits granted and not yet written to the socket (at most
+    /// `credits`: the producer cannot spend or give back these).
     unsent: u32,
     /// It asked for credits since it was last revoked: grants go to it.
     active: bool,
@@ -423,11 +424,12 @@ impl ConsState {
                 return Ok(());
             }
             Ok(FastPathPacket::Return(k)) => {
-                if k > l.credits {
+                // Only credits written to its socket are the producer's to
+                // give back or spend: unsent ones are cancelled when a
+                // revoke is decided (`grant`), which needs them still held.
+                if k > l.credits - l.unsent {
                     return Err("gave back credits it did not hold");
                 }
-                // Never more than were written: unsent ones are cancelled
-                // when the revoke is decided.
                 l.credits -= k;
                 l.revoked = None;
                 self.granted -= k;
@@ -435,7 +437,8 @@ impl ConsState {
             }
             Ok(FastPathPacket::Data { producer, imm, payload }) => (producer, imm, payload),
         };
-        if l.credits == 0 {
+        if l.credits == l.unsent {
+            // No credit written to it (see `Return` above).
             return Err("sent without a credit");
         }
         let imm = Imm::new(imm).map_err(|_| "sent an immediate over the cap")?;
