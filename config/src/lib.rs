@@ -722,10 +722,11 @@ impl Cluster {
         }
         // An ingress makes a pool of its `buffers` for every tenant (as
         // `ingress::Pools::create` does), adds their sizes up first, and
-        // keeps each tenant's receive quota posted from them. (The pools'
-        // geometries hold: buf_size and max_chain passed the tenants' own
-        // pools, and 2 <= buffers <= MAX_BUFFERS.)
+        // keeps as many receives posted from each as an agent does. (The
+        // pools' geometries hold: buf_size and max_chain passed the
+        // tenants' own pools, and 2 <= buffers <= MAX_BUFFERS.)
         let buf_sizes: u64 = self.tenants.iter().map(|t| u64::from(t.buf_size)).sum(); // < 2^16 x 2^32
+        // (`receives_posted` grows with the quota.)
         let most_quota = self.tenants.iter().rev().max_by_key(|t| t.recv_quota);
         for (i, g) in self.ingresses.iter().enumerate() {
             if g.buffers > MAX_BUFFERS {
@@ -746,12 +747,15 @@ impl Cluster {
                     ),
                 ));
             }
-            if let Some(t) = most_quota.filter(|t| g.buffers <= t.recv_quota) {
+            if let Some((t, posted)) =
+                most_quota.map(|t| (t, self.receives_posted(t))).filter(|&(_, p)| u64::from(g.buffers) <= p)
+            {
                 return Err(bad(
                     format!("ingress[{i}].buffers"),
                     format!(
-                        "{} buffers leave none for requests: the edge keeps tenant {}'s receive quota ({}) posted",
-                        g.buffers, t.name, t.recv_quota
+                        "{} buffers leave none for requests: the edge keeps {posted} receives of tenant {}'s \
+                         posted (at least 2, plus one for credit messages, per other fabric node)",
+                        g.buffers, t.name
                     ),
                 ));
             }
@@ -1273,7 +1277,7 @@ runtime_dir = "/tmp/dne/edge"
             (
                 "runtime_dir = \"/tmp/dne/edge\"",
                 "runtime_dir = \"/tmp/dne/edge\"\nbuffers = 64",
-                "ingress[0].buffers: 64 buffers leave none for requests: the edge keeps tenant acme's receive quota (128) posted",
+                "ingress[0].buffers: 64 buffers leave none for requests: the edge keeps 130 receives of tenant acme's posted",
             ),
             // From a review as a new user (each was accepted before).
             (
@@ -1438,6 +1442,41 @@ runtime_dir = "/tmp/dne/edge"
         );
         assert!(e.contains("at most 64 TiB"), "{e}");
         assert_eq!(edge(MAX_BUFFERS / 2), Ok(MAX_BUFFERS / 2));
+    }
+
+    /// An ingress's port keeps receives posted from its pool of each
+    /// tenant as an agent's does: the tenant's `recv_quota` spread over
+    /// the other fabric nodes, at least 2 on each connection, which can be
+    /// far more than `recv_quota`. Before, only `buffers > recv_quota` was
+    /// checked: in [`GOOD`] with quotas of 1 (two other fabric nodes) an
+    /// edge of 4 buffers was accepted, and its port's receives (2 on each
+    /// of its 2 connections) take the whole pool, leaving none for a
+    /// request. Now the bound is the tenant pools' own
+    /// ([`Cluster::receives_posted`], which also counts one per node for
+    /// credit messages).
+    #[test]
+    fn an_ingress_pool_leaves_buffers_beside_its_receives() {
+        let edge = |buffers: u32| {
+            let text = GOOD
+                .replacen("recv_quota = 128", "recv_quota = 1", 1)
+                .replacen("recv_quota = 64", "recv_quota = 1", 1)
+                .replacen(
+                    "runtime_dir = \"/tmp/dne/edge\"",
+                    &format!("runtime_dir = \"/tmp/dne/edge\"\nbuffers = {buffers}"),
+                    1,
+                );
+            Cluster::parse(&text)
+                .map(|c| (c.receives_posted(&c.tenants[0]), c.ingresses[0].buffers))
+                .map_err(|e| e.to_string())
+        };
+        let e = edge(4).expect_err("an edge pool its receives take whole");
+        assert_eq!(
+            e,
+            "ingress[0].buffers: 4 buffers leave none for requests: the edge keeps 6 receives of tenant \
+             acme's posted (at least 2, plus one for credit messages, per other fabric node)"
+        );
+        assert!(edge(6).is_err());
+        assert_eq!(edge(7), Ok((6, 7)));
     }
 
     /// The agent and the fabric size tables by a pool's buffer count and
