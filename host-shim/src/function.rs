@@ -834,15 +834,25 @@ impl Function {
     /// neither place. That matters for the agent, whose uplink ring
     /// outlives it (host-shimd, reclaiming what a dead agent held, also
     /// consumes what it had taken: [`shm::ring::Ring::skip_taken`]).
+    ///
+    /// One call looks at one lap of the ring at most: `None` once it has
+    /// dropped that many descriptors in a row, even if more are waiting.
+    /// Producers that keep the ring full of descriptors that fail
+    /// validation would otherwise hold the call for as long as they keep
+    /// it up (the agent, which takes each tenant's uplink this way, would
+    /// serve no other tenant meanwhile).
     pub fn try_recv(&mut self) -> Option<Msg> {
+        // (The capacity as checked when the ring was opened.)
+        let mut left = self.inbox.ring().header().capacity as usize;
         loop {
             if let Some(m) = self.taken.pop_front() {
                 return Some(m);
             }
-            let n = self.inbox.peek(&mut self.scratch);
+            let n = self.inbox.peek(&mut self.scratch[..left.min(BATCH)]);
             if n == 0 {
                 return None;
             }
+            left -= n;
             for k in 0..n {
                 let d = self.scratch[k];
                 match self.pool.accept(&d, self.info.slot) {
@@ -1245,6 +1255,68 @@ pub(crate) mod tests {
         assert!(b.inbox.ring().is_abandoned());
         assert_eq!(b.rejected().get(TAKEN_BACK), Some(&1));
         assert_eq!(b.rejected().get("not_owner"), Some(&1), "no more than before");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A producer that keeps a function's ring full of descriptors no
+    /// receiver accepts holds a `try_recv` for one lap of the ring at most:
+    /// the call then says nothing is ready, as it does for an empty ring
+    /// (the agent, which takes each tenant's uplink this way, goes on to
+    /// its other tenants and its fabric). Before, the call went on for as
+    /// long as the producer kept the ring from emptying: here one producer
+    /// thread stretched some of 1000 calls to 47 to 257 descriptors (up
+    /// to 32 laps), and producers on cores of their own can keep it up
+    /// for as long as they like. An accepted message counts towards a
+    /// caller's batch; a dropped one counted nowhere.
+    #[test]
+    fn a_flood_of_bad_descriptors_holds_a_receive_for_one_lap_at_most() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        let (_shimd, (mut a, mut b), dir) = shimd_serving("bad-flood", TWO_TENANTS, |socket| {
+            let b = Function::attach(socket, "t", "b").unwrap();
+            let mut a = Function::attach(socket, "t", "a").unwrap();
+            let m = a.alloc(1).unwrap();
+            a.send(m, "b").unwrap();
+            (a, b)
+        });
+        let got = b.try_recv().expect("the first message");
+        b.free(got).unwrap();
+        // `a`'s way into b's ring (a ring of 8), for a producer that
+        // pushes what it likes.
+        let ring = a.peers.remove("b").unwrap().instances.swap_remove(0).ring;
+        let cap = u64::from(b.inbox.ring().header().capacity);
+        assert_eq!(cap, 8);
+        let bad = [Descriptor { tenant: a.info().tenant, buf: u32::MAX, len: 1, ..Descriptor::default() }; 8];
+        let stop = Arc::new(AtomicBool::new(false));
+        let producer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut pushed = 0u64;
+                while pushed < 10_000_000 && !stop.load(Relaxed) {
+                    match ring.push(&bad) {
+                        Ok(p) => pushed += p.count as u64,
+                        Err(_) => std::thread::yield_now(),
+                    }
+                }
+                pushed
+            })
+        };
+        let rejected = |f: &Function| f.rejected().values().sum::<u64>();
+        // Calls made while the producer is at work, and the most bad
+        // descriptors one of them looked at.
+        let mut most = 0;
+        for _ in 0..1000 {
+            // The ring full: the producer is at work.
+            while b.inbox.ring().pending() < cap && !producer.is_finished() {
+                std::thread::yield_now();
+            }
+            let before = rejected(&b);
+            assert!(b.try_recv().is_none());
+            most = most.max(rejected(&b) - before);
+        }
+        stop.store(true, Relaxed);
+        let pushed = producer.join().unwrap();
+        assert!(most <= cap, "a try_recv looked at {most} bad descriptors (the producer pushed {pushed})");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
