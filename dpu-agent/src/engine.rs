@@ -85,6 +85,54 @@ const _: () = assert!(config::MAX_NODE_QUEUE as usize == QUEUE_LIMIT);
 // the same queue): only `QUEUE_LIMIT` bounds them.
 /// A nap when the engine cannot sleep on events.
 const NAP: Duration = Duration::from_micros(50);
+/// Failed frees of a tenant's buffers are logged at most this often: the
+/// first at the next control pass, then a line with the count since the
+/// last. (A process of the tenant can make every free fail, at message
+/// rate.)
+const FREE_FAILED_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// One tenant's failed frees ([`HostLink::free_failed`]).
+#[derive(Clone, Debug, Default)]
+struct FreeFailed {
+    /// By reason, as the host link last reported its running totals.
+    seen: Vec<(&'static str, u64)>,
+    /// Failures not logged yet.
+    unlogged: u64,
+    /// When the last line was logged.
+    logged: Option<Instant>,
+}
+
+impl FreeFailed {
+    /// Failures so far.
+    fn total(&self) -> u64 {
+        self.seen.iter().map(|&(_, n)| n).sum()
+    }
+
+    /// How many failures to log now (none: nothing new, or the last line
+    /// is less than [`FREE_FAILED_LOG_EVERY`] old); they count as logged.
+    fn due(&mut self, now: Instant) -> Option<u64> {
+        if self.unlogged == 0 || self.logged.is_some_and(|at| now.saturating_duration_since(at) < FREE_FAILED_LOG_EVERY)
+        {
+            return None;
+        }
+        self.logged = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
+/// Records `total`, a running count for `reason`, in `seen`; returns how
+/// much it grew since the last (all of it the first time; nothing if the
+/// count went down).
+fn grown(seen: &mut Vec<(&'static str, u64)>, reason: &'static str, total: u64) -> u64 {
+    let before = match seen.iter_mut().find(|(r, _)| *r == reason) {
+        Some((_, last)) => std::mem::replace(last, total).min(total),
+        None => {
+            seen.push((reason, total));
+            0
+        }
+    };
+    total - before
+}
 
 /// How the engine ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -307,6 +355,8 @@ pub struct Engine<T: Transport, H: HostLink = Function> {
     /// Per tenant: uplink rejections by reason, as the host link last
     /// reported its running totals.
     rejected_seen: Vec<Vec<(&'static str, u64)>>,
+    /// Per tenant: failed frees of its buffers.
+    free_failed: Vec<FreeFailed>,
     /// Number of fabric nodes (worker nodes and ingresses).
     fabric_nodes: u16,
     /// This engine's tenants (indexed by position, as in `port`) and their
@@ -502,6 +552,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             fn_tenant,
             fn_key,
             rejected_seen: vec![Vec::new(); ids.len()],
+            free_failed: vec![FreeFailed::default(); ids.len()],
             fabric_nodes,
             drr: Drr::new(&weights, QUANTUM, now),
             cfg,
@@ -673,16 +724,21 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             m.recvs_posted.set(i64::from(self.port.recvs_posted(t as u16)));
             let g = self.gid(t);
             let (metrics, name, seen) = (&self.metrics, &self.cfg.tenants[g].name, &mut self.rejected_seen[t]);
-            self.port.bufs(t as u16).0.rejected(&mut |reason, total| {
-                let before = match seen.iter_mut().find(|(r, _)| *r == reason) {
-                    Some((_, last)) => std::mem::replace(last, total).min(total),
-                    None => {
-                        seen.push((reason, total));
-                        0
-                    }
-                };
-                metrics.add_uplink_rejected(name, reason, total - before);
+            let link = &self.port.bufs(t as u16).0;
+            link.rejected(&mut |reason, total| metrics.add_uplink_rejected(name, reason, grown(seen, reason, total)));
+            let ff = &mut self.free_failed[t];
+            link.free_failed(&mut |reason, total| {
+                let n = grown(&mut ff.seen, reason, total);
+                metrics.add_free_failed(name, reason, n);
+                ff.unlogged += n;
             });
+            if let Some(n) = ff.due(now) {
+                log::warn!(
+                    "tenant {name}: {n} frees of buffers the agent held failed ({} so far, by reason {:?}): a process of the tenant rewrote their owner words or chain links; they stay out of the pool until host-shimd reclaims them",
+                    ff.total(),
+                    ff.seen
+                );
+            }
         }
         self.metrics.set_ready(self.set.core, true);
         if now >= self.next_status {
@@ -746,7 +802,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             let mut s = String::new();
             let _ = write!(
                 s,
-                "{{\"name\":\"{}\",\"core\":{},\"queue\":{},\"backlog\":{},\"tx_messages\":{},\"rx_messages\":{},\"free_buffers\":{},\"drops\":{{",
+                "{{\"name\":\"{}\",\"core\":{},\"queue\":{},\"backlog\":{},\"tx_messages\":{},\"rx_messages\":{},\"free_buffers\":{},\"free_failed\":{},\"drops\":{{",
                 self.cfg.tenants[self.gid(i)].name,
                 self.set.core,
                 t.sends.len(),
@@ -754,6 +810,7 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
                 m.tx_msgs.get(),
                 m.rx_msgs.get(),
                 self.port.bufs(i as u16).0.free_buffers(),
+                self.free_failed[i].total(),
             );
             for (k, w) in Why::ALL.iter().enumerate() {
                 let _ = write!(s, "{}\"{}\":{}", if k > 0 { "," } else { "" }, w.as_str(), m.drops(*w));
@@ -2804,5 +2861,90 @@ mod tests {
         assert_eq!(drain(&mut s, |m| m.0 == 1), []);
         assert_eq!(drain(&mut s, |_| true), [(2, 10), (2, 11), (2, 12)]);
         assert!(s.is_empty() && s.active.is_empty());
+    }
+
+    /// A process of the tenant that rewrites the owner words of buffers the
+    /// agent holds makes every free of them fail: the failures are counted
+    /// by reason in `/metrics` (`free_failed`) and in the tenant's part of
+    /// `/status`, and logged as a summary at most once a second, not once
+    /// per message.
+    #[test]
+    fn frees_that_fail_are_counted() {
+        use crate::hostlink::HostLink;
+        use host_shim::Msg;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::Duration;
+        use wire::{Descriptor, Owner};
+        let dir = std::env::temp_dir().join(format!("dne-engine-free-failed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut text = nodes_text(1, &dir);
+        text += "[[tenant]]\nname = \"t\"\nweight = 1\nbuf_size = 1024\nbuffers = 256\nrecv_quota = 16\n\n";
+        text += "[[function]]\nname = \"f0\"\ntenant = \"t\"\nnode = \"n0\"\n\n";
+        let cfg = Arc::new(config::Cluster::parse(&text).unwrap());
+        let socket = host_shim::daemon::socket_path(&dir.join("n0"));
+        let stop = Arc::new(AtomicBool::new(false));
+        struct Join(Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
+        impl Drop for Join {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+                if let Some(t) = self.1.take() {
+                    let _ = t.join();
+                }
+            }
+        }
+        let shimd = std::thread::spawn({
+            let (cfg, stop) = (cfg.clone(), stop.clone());
+            move || {
+                let mut d = host_shim::daemon::Shimd::new((*cfg).clone(), "n0").expect("host-shimd");
+                while !stop.load(Ordering::Relaxed) {
+                    d.poll_once(None, Duration::from_millis(5)).expect("host-shimd round");
+                }
+            }
+        });
+        let _join = Join(stop.clone(), Some(shimd));
+        let links = super::attach_all(&cfg, &socket, &stop).expect("attached");
+        let mut e = null_fabric_engine(&cfg, 0, 32, links);
+        let f0 = host_shim::Function::attach(&socket, "t", "f0").expect("attach f0");
+        let rogue = Owner::Held(f0.info().slot);
+        const FAILS: u64 = 100;
+        for _ in 0..FAILS {
+            // f0 moves the owner word of a buffer the agent holds to
+            // itself; the agent's free of it fails.
+            let lease = e.link(0).alloc_buffer().expect("a buffer");
+            let stolen = f0.pool().take_back(lease.head(), lease.len(), lease.holder(), rogue).expect("rewritten");
+            e.free_msg(0, Msg::from_parts(lease, Descriptor::default()));
+            f0.pool().free(stolen).expect("f0 frees it");
+        }
+        e.control(Instant::now());
+        let text = e.metrics.encode();
+        let line =
+            text.lines().find(|l| l.starts_with("dne_agent_free_failed_total{") && l.contains("reason=\"not_owner\""));
+        assert_eq!(line.and_then(|l| l.rsplit(' ').next()), Some(FAILS.to_string().as_str()), "in /metrics:\n{text}");
+        let status = e.status_part();
+        assert!(status.tenants[0].1.contains(&format!("\"free_failed\":{FAILS}")), "{}", status.tenants[0].1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Failed frees are logged at the first control pass that sees them,
+    /// then at most once per [`super::FREE_FAILED_LOG_EVERY`], each line
+    /// with the count since the last.
+    #[test]
+    fn failed_frees_are_logged_at_most_once_a_second() {
+        use super::{FREE_FAILED_LOG_EVERY, FreeFailed, grown};
+        use std::time::Duration;
+        let t0 = Instant::now();
+        let mut f = FreeFailed::default();
+        assert_eq!(f.due(t0), None, "nothing failed");
+        f.unlogged += grown(&mut f.seen, "not_owner", 1);
+        assert_eq!(f.due(t0), Some(1), "the first at once");
+        let mut logged = Vec::new();
+        for ms in 1..=2500u64 {
+            f.unlogged += grown(&mut f.seen, "not_owner", 1 + ms);
+            let now = t0 + Duration::from_millis(ms);
+            logged.extend(f.due(now).map(|n| (now - t0, n)));
+        }
+        let every = FREE_FAILED_LOG_EVERY.as_millis() as u64;
+        assert_eq!(logged, [(Duration::from_millis(every), every), (Duration::from_millis(2 * every), every)]);
+        assert_eq!(f.total(), 2501);
     }
 }

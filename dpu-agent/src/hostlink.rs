@@ -81,6 +81,12 @@ pub trait HostLink {
     /// Calls `f` with each reason descriptors from functions were rejected
     /// for, and how many so far.
     fn rejected(&self, f: &mut dyn FnMut(&'static str, u64));
+    /// Calls `f` with each reason [`free`](Self::free) failed for, and how
+    /// many times so far (a process sharing the pool rewrote an owner word
+    /// or a chain link of buffers the agent held: they stay out of the
+    /// pool until host-shimd reclaims them). A link whose frees cannot
+    /// fail has none.
+    fn free_failed(&self, _f: &mut dyn FnMut(&'static str, u64)) {}
     /// The engine is about to sleep: from now on a function that sends
     /// wakes [`wake_fd`](Self::wake_fd). `false`: something is already
     /// waiting, do not sleep. [`sleep_end`](Self::sleep_end) follows
@@ -121,8 +127,12 @@ impl HostLink for Function {
         self.send(msg, to)
     }
     fn free(&mut self, msg: Msg) {
+        // Counted by `Function::free` and reported through `free_failed`;
+        // the engine logs a summary at most once a second. A process of
+        // the tenant that rewrites owner words can make every free fail, at
+        // message rate.
         if let Err(e) = Function::free(self, msg) {
-            log::warn!("freeing a message: {e}");
+            log::trace!("freeing a message: {e}");
         }
     }
     fn alive(&self) -> bool {
@@ -130,6 +140,11 @@ impl HostLink for Function {
     }
     fn rejected(&self, f: &mut dyn FnMut(&'static str, u64)) {
         for (reason, n) in Function::rejected(self) {
+            f(reason, *n);
+        }
+    }
+    fn free_failed(&self, f: &mut dyn FnMut(&'static str, u64)) {
+        for (reason, n) in Function::free_failed(self) {
             f(reason, *n);
         }
     }

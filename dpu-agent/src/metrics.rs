@@ -303,6 +303,8 @@ pub struct Metrics {
     /// Descriptors from functions that failed validation, by tenant and
     /// reason.
     uplink_rejected: Family<DropLabel, Counter>,
+    /// Frees of buffers the agent held that failed, by tenant and reason.
+    free_failed: Family<DropLabel, Counter>,
     /// Per data-plane core: ready, and its part of `/status`.
     ready: Vec<AtomicBool>,
     status: Mutex<Vec<Option<StatusPart>>>,
@@ -349,6 +351,7 @@ impl Metrics {
         let fn_q = Family::<FnLabel, Gauge>::default();
         let peers_up = Gauge::default();
         let uplink_rejected = Family::<DropLabel, Counter>::default();
+        let free_failed = Family::<DropLabel, Counter>::default();
         let tenants = cfg
             .tenants
             .iter()
@@ -412,12 +415,18 @@ impl Metrics {
             "Descriptors from functions that failed validation, by reason",
             uplink_rejected.clone(),
         );
+        registry.register(
+            "free_failed",
+            "Frees of buffers the agent held that failed (a process of the tenant rewrote an owner word or a chain link; the buffers stay out of the pool until host-shimd reclaims them), by reason",
+            free_failed.clone(),
+        );
         Self {
             registry,
             tenants,
             functions,
             peers_up,
             uplink_rejected,
+            free_failed,
             ready: (0..cores.max(1)).map(|_| AtomicBool::new(false)).collect(),
             status: Mutex::new(vec![None; cores.max(1)]),
         }
@@ -428,6 +437,16 @@ impl Metrics {
     pub fn add_uplink_rejected(&self, tenant: &str, reason: &str, n: u64) {
         if n > 0 {
             self.uplink_rejected
+                .get_or_create(&DropLabel { tenant: tenant.to_owned(), reason: reason.to_owned() })
+                .inc_by(n);
+        }
+    }
+
+    /// Counts `n` more failed frees of buffers of `tenant` for `reason`.
+    /// Control path only.
+    pub fn add_free_failed(&self, tenant: &str, reason: &str, n: u64) {
+        if n > 0 {
+            self.free_failed
                 .get_or_create(&DropLabel { tenant: tenant.to_owned(), reason: reason.to_owned() })
                 .inc_by(n);
         }

@@ -157,6 +157,17 @@ pub enum MsgFreeError {
     Pool(#[from] FreeError),
 }
 
+impl MsgFreeError {
+    /// A short, stable, lowercase name (used as a metrics label):
+    /// `foreign`, or the pool's [`FreeError::as_str`].
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Foreign(_) => "foreign",
+            Self::Pool(e) => e.as_str(),
+        }
+    }
+}
+
 /// Access to a message's payload failed; the message is untouched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PayloadError {
@@ -312,6 +323,8 @@ pub struct Function {
     scratch: [Descriptor; BATCH],
     scratch_msgs: Vec<Msg>,
     rejected: HashMap<&'static str, u64>,
+    /// Frees that failed, by reason ([`MsgFreeError::as_str`]).
+    free_failed: HashMap<&'static str, u64>,
     seq: u32,
     spin: Duration,
     /// Attached as the node's agent: sends keep each message's `src_fn`.
@@ -409,6 +422,7 @@ impl Function {
             scratch: [Descriptor::default(); BATCH],
             scratch_msgs: Vec::with_capacity(BATCH),
             rejected: HashMap::new(),
+            free_failed: HashMap::new(),
             seq: 2,
             spin: DEFAULT_SPIN,
             agent: role == Role::Agent,
@@ -534,12 +548,18 @@ impl Function {
     }
 
     /// Frees a message. A message of another pool is refused and handed
-    /// back ([`MsgFreeError::Foreign`]).
+    /// back ([`MsgFreeError::Foreign`]). A failure is also counted
+    /// ([`free_failed`](Self::free_failed)).
     pub fn free(&mut self, msg: Msg) -> Result<u32, MsgFreeError> {
-        if !self.owns(&msg) {
-            return Err(MsgFreeError::Foreign(msg));
+        let r = if self.owns(&msg) {
+            self.pool.free_cached(&mut self.cache, msg.lease).map_err(MsgFreeError::Pool)
+        } else {
+            Err(MsgFreeError::Foreign(msg))
+        };
+        if let Err(e) = &r {
+            *self.free_failed.entry(e.as_str()).or_insert(0) += 1;
         }
-        Ok(self.pool.free_cached(&mut self.cache, msg.lease)?)
+        r
     }
 
     fn lookup(&mut self, to: &str) -> Result<(), SendErrorKind> {
@@ -962,6 +982,13 @@ impl Function {
     /// the ring was closed ([`TAKEN_BACK`]).
     pub fn rejected(&self) -> &HashMap<&'static str, u64> {
         &self.rejected
+    }
+
+    /// Calls of [`free`](Self::free) that failed so far, by reason
+    /// ([`MsgFreeError::as_str`]); each error also went to its caller. For
+    /// a caller that reports them elsewhere (the agent, in its metrics).
+    pub fn free_failed(&self) -> &HashMap<&'static str, u64> {
+        &self.free_failed
     }
 }
 

@@ -104,6 +104,19 @@ pub enum FreeError {
     ForeignLease,
 }
 
+impl FreeError {
+    /// A short, stable, lowercase name (used as a metrics label).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::OutOfRange(_) => "out_of_range",
+            Self::DoubleFree(_) => "double_free",
+            Self::NotOwner { .. } => "not_owner",
+            Self::BadLink(_) => "bad_link",
+            Self::ForeignLease => "foreign_lease",
+        }
+    }
+}
+
 const FREE: u32 = Owner::Free.to_raw();
 
 /// The bits of hint word `w` that stand for buffers of a pool of `n`.
