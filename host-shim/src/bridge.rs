@@ -30,7 +30,8 @@
 //!
 //! A bridge that panics is replaced the same way: [`serve`] catches the
 //! panic (in the bridge's thread only; the process's panic hook is left
-//! as it is), logs it at error level, counts it
+//! as it is; a panic payload whose drop panics too is caught as well),
+//! logs it at error level, counts it
 //! ([`BridgeStats::panics`], with `up` false until the new bridge's agent
 //! took the pools), and starts a new bridge after a wait that begins at
 //! 100 ms and doubles with each panic up to 5 s (back to 100 ms for a
@@ -1061,12 +1062,27 @@ pub fn serve_with_hook(
                     s.up = false;
                     s.panics = panics;
                 }
+                drop_payload(payload);
                 nap(backoff, stop);
                 backoff = (backoff * 2).min(PANIC_BACKOFF_MAX);
                 failed = 0;
                 delay = Duration::from_millis(10);
             }
         }
+    }
+}
+
+/// Drops a caught panic's payload. Its drop may panic too (a payload of
+/// any type can be thrown); that panic is caught here, or it would unwind
+/// out of [`serve_with_hook`] and end the thread that replaces bridges.
+/// The second payload is forgotten (leaked, a few bytes once per such
+/// panic), not dropped: its drop could panic in turn.
+fn drop_payload(payload: Box<dyn std::any::Any + Send>) {
+    // Unwind safety: the closure owns the payload and touches nothing
+    // else.
+    if let Err(again) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(payload))) {
+        log::error!("bridge: dropping a panic's payload panicked too; leaving it");
+        std::mem::forget(again);
     }
 }
 

@@ -622,7 +622,18 @@ struct ServeThread {
     stop: Arc<AtomicBool>,
     panic: Arc<AtomicBool>,
     poison: Arc<AtomicBool>,
+    /// The next panic's payload panics when dropped ([`Bomb`]).
+    bomb: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A panic payload that panics when dropped.
+struct Bomb;
+
+impl Drop for Bomb {
+    fn drop(&mut self) {
+        panic!("test: the panic's payload panics as it is dropped");
+    }
 }
 
 impl ServeThread {
@@ -630,18 +641,27 @@ impl ServeThread {
         let stop = Arc::new(AtomicBool::new(false));
         let panic = Arc::new(AtomicBool::new(false));
         let poison = Arc::new(AtomicBool::new(false));
+        let bomb = Arc::new(AtomicBool::new(false));
         let (cfg, socket) = (Arc::new(cfg.clone()), socket_path(dir));
-        let (s, p, q) = (stop.clone(), panic.clone(), poison.clone());
+        let (s, p, q, b) = (stop.clone(), panic.clone(), poison.clone(), bomb.clone());
         let thread = std::thread::spawn(move || {
             let lock = shared.clone();
             serve_with_hook(cfg, 0, &socket, &s, shared, move |_| {
                 if p.swap(false, Ordering::Relaxed) {
                     let _held = q.load(Ordering::Relaxed).then(|| lock.lock());
+                    if b.swap(false, Ordering::Relaxed) {
+                        std::panic::panic_any(Bomb);
+                    }
                     panic!("test: the bridge panics");
                 }
             })
         });
-        Self { stop, panic, poison, thread: Some(thread) }
+        Self { stop, panic, poison, bomb, thread: Some(thread) }
+    }
+
+    /// Whether `serve_with_hook` is still running.
+    fn serving(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 }
 
@@ -652,6 +672,37 @@ impl Drop for ServeThread {
             let _ = t.join();
         }
     }
+}
+
+/// A bridge that panics with a payload whose own drop panics is replaced
+/// like any other: the second panic, as the payload is dropped after its
+/// message was logged, does not end the thread that serves the bridges.
+#[test]
+fn a_bridge_whose_panic_payload_panics_when_dropped_is_replaced() {
+    let (cfg, dir) = cluster("bomb");
+    let shared = SharedStats::default();
+    let _shimd = ShimdThread::start_with(&cfg, dir.clone(), Some(shared.clone()));
+    let mut agent = FakeAgent::start(&cfg);
+    let mut f = Function::attach(&socket_path(&dir), "t", "f").expect("attach f");
+    let serving = ServeThread::start(&cfg, &dir, shared.clone());
+    wait_for(&mut agent, "the exports", |a| a.got.contains(&CtrlKind::PoolExport));
+    agent.send(took_pools());
+
+    serving.bomb.store(true, Ordering::Relaxed);
+    let disconnects = agent.disconnects;
+    serving.panic.store(true, Ordering::Relaxed);
+    wait_for(&mut agent, "the panicking bridge's connection gone", |a| a.disconnects > disconnects);
+    agent.restart(&cfg);
+    wait_for(&mut agent, "the exports of a new bridge", |a| {
+        assert!(serving.serving(), "the thread serving the bridges ended");
+        a.got.contains(&CtrlKind::PoolExport)
+    });
+    agent.send(took_pools());
+    let m = f.alloc(100).expect("a buffer");
+    f.send(m, "g").expect("sent to the agent's uplink");
+    wait_for(&mut agent, "a message through the new bridge", |a| a.handed.len() == 1);
+    let s = *shared.lock().unwrap_or_else(|e| e.into_inner());
+    assert_eq!((s.panics, s.restarts), (1, 1), "{s:?}");
 }
 
 /// Polls the agent until `done` or the watchdog.
