@@ -34,10 +34,10 @@
 //! logs it at error level, counts it
 //! ([`BridgeStats::panics`], with `up` false until the new bridge's agent
 //! took the pools), and starts a new bridge after a wait that begins at
-//! 100 ms and doubles with each panic up to 5 s (back to 100 ms for a
-//! bridge that lived a minute). The panicking bridge's connection goes
-//! with it; what it had lent or handed to the agent is kept, then freed,
-//! by the new one.
+//! 100 ms and doubles with each panic up to 5 s (back to 100 ms after a
+//! bridge that lived a minute, however it ended). The panicking bridge's
+//! connection goes with it; what it had lent or handed to the agent is
+//! kept, then freed, by the new one.
 
 use crate::backlog::DeliveryBacklog;
 use crate::comch::{Outbox, each_frame, server_name};
@@ -974,9 +974,42 @@ fn read_header(pool: &shm::Pool, first: u32, h: &MessageHdr, frags: usize) -> Op
 const PANIC_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest wait before a new bridge after a panic.
 const PANIC_BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// A bridge that lived this long before it panicked starts the wait over
-/// from [`PANIC_BACKOFF`].
+/// A bridge that lived this long, however it ended, starts the wait after
+/// the next panic over from [`PANIC_BACKOFF`].
 const PANIC_BACKOFF_RESET: Duration = Duration::from_secs(60);
+
+/// The wait before a new bridge after a panic: [`PANIC_BACKOFF`], doubled
+/// with each panic up to [`PANIC_BACKOFF_MAX`].
+#[derive(Debug)]
+struct PanicBackoff {
+    /// The wait after the next panic.
+    next: Duration,
+}
+
+impl Default for PanicBackoff {
+    fn default() -> Self {
+        Self { next: PANIC_BACKOFF }
+    }
+}
+
+impl PanicBackoff {
+    /// A bridge ended after living `lived`, by a panic if `panicked`.
+    /// Returns the wait before the next bridge after a panic (`None`
+    /// otherwise).
+    fn ended(&mut self, lived: Duration, panicked: bool) -> Option<Duration> {
+        // However it ended: a bridge that returned after a long life
+        // leaves no long wait to a later panic.
+        if lived >= PANIC_BACKOFF_RESET {
+            self.next = PANIC_BACKOFF;
+        }
+        if !panicked {
+            return None;
+        }
+        let wait = self.next;
+        self.next = (wait * 2).min(PANIC_BACKOFF_MAX);
+        Some(wait)
+    }
+}
 
 /// Runs the bridge of node `node` until `stop` is set: attaches (retrying
 /// while host-shimd starts), then serves; re-attaches if it has to. A
@@ -999,7 +1032,7 @@ pub fn serve_with_hook(
 ) {
     let mut delay = Duration::from_millis(10);
     let mut failed = 0u32;
-    let mut backoff = PANIC_BACKOFF;
+    let mut backoff = PanicBackoff::default();
     // Over this host-shimd's life, carried into each new bridge's counts.
     let (mut built, mut panics) = (0u64, 0u64);
     while !stop.load(Ordering::Relaxed) {
@@ -1023,6 +1056,8 @@ pub fn serve_with_hook(
             b.run_with(stop, &mut each_pass);
             anyhow::Ok(b.stats())
         }));
+        let lived = born.elapsed();
+        let wait = backoff.ended(lived, life.is_err());
         match life {
             Ok(Ok(stats)) => {
                 failed = 0;
@@ -1043,17 +1078,15 @@ pub fn serve_with_hook(
             }
             Err(payload) => {
                 panics += 1;
-                let lived = born.elapsed();
-                if lived >= PANIC_BACKOFF_RESET {
-                    backoff = PANIC_BACKOFF;
-                }
+                // (`ended` gave a wait: the bridge panicked.)
+                let wait = wait.unwrap_or(PANIC_BACKOFF);
                 let why = payload
                     .downcast_ref::<&str>()
                     .copied()
                     .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
                     .unwrap_or("(a panic without a message)");
                 log::error!(
-                    "bridge: panicked after {lived:?}: {why}; a new bridge starts in {backoff:?} \
+                    "bridge: panicked after {lived:?}: {why}; a new bridge starts in {wait:?} \
                      ({panics} panics of this host-shimd's bridges so far)"
                 );
                 // The status file says so at once: no bridge, one more panic.
@@ -1063,8 +1096,7 @@ pub fn serve_with_hook(
                     s.panics = panics;
                 }
                 drop_payload(payload);
-                nap(backoff, stop);
-                backoff = (backoff * 2).min(PANIC_BACKOFF_MAX);
+                nap(wait, stop);
                 failed = 0;
                 delay = Duration::from_millis(10);
             }
@@ -1095,5 +1127,35 @@ fn nap(d: Duration, stop: &AtomicBool) {
             return;
         }
         std::thread::sleep(left.min(Duration::from_millis(10)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PANIC_BACKOFF, PANIC_BACKOFF_MAX, PANIC_BACKOFF_RESET, PanicBackoff};
+    use std::time::Duration;
+
+    /// The wait after a panic doubles from [`PANIC_BACKOFF`] up to
+    /// [`PANIC_BACKOFF_MAX`], and starts over after a bridge that lived
+    /// [`PANIC_BACKOFF_RESET`], however that bridge ended: one that
+    /// returned after a long life leaves no long wait to a later panic.
+    #[test]
+    fn the_panic_backoff_starts_over_after_any_long_lived_bridge() {
+        let short = Duration::from_secs(1);
+        let mut b = PanicBackoff::default();
+        let waits: Vec<_> = (0..8).map(|_| b.ended(short, true).expect("a wait after a panic")).collect();
+        let ms = |n| Duration::from_millis(n);
+        assert_eq!(waits, [ms(100), ms(200), ms(400), ms(800), ms(1600), ms(3200), ms(5000), ms(5000)]);
+        assert_eq!(waits[0], PANIC_BACKOFF);
+        assert_eq!(waits[7], PANIC_BACKOFF_MAX);
+        // A short life that ends without a panic changes nothing.
+        assert_eq!(b.ended(short, false), None);
+        assert_eq!(b.ended(short, true), Some(PANIC_BACKOFF_MAX));
+        // A bridge that panicked after a long life starts the wait over.
+        assert_eq!(b.ended(PANIC_BACKOFF_RESET, true), Some(PANIC_BACKOFF));
+        assert_eq!(b.ended(short, true), Some(ms(200)));
+        // So does one that returned after a long life.
+        assert_eq!(b.ended(PANIC_BACKOFF_RESET, false), None);
+        assert_eq!(b.ended(short, true), Some(PANIC_BACKOFF), "after a bridge that lived a minute and returned");
     }
 }
