@@ -544,6 +544,70 @@ fn a_fast_path_producer_returning_unsent_credits_is_cut_off() {
     a_fast_path_producer_spending_unsent_credits_is_cut_off("hostile-unsent-return", &[b"\x02\x02\x00\x00\x00"]);
 }
 
+/// Each [`FpRig`] finds its own consumer's socket, though the runtime
+/// directory is shared with the other tests of this process (run in
+/// parallel) and with other processes. Before, a rig took the first
+/// socket that was not there when it began, which may be another's made
+/// at the same time: a hostile test then talked to another test's
+/// consumer, and failed with "Connection refused" once that test had
+/// ended.
+#[test]
+fn fast_path_rigs_made_at_once_each_find_their_own_socket() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const RIGS: usize = 16;
+    for round in 0..30 {
+        let (ready, made) = (Arc::new(std::sync::Barrier::new(RIGS)), Arc::new(AtomicUsize::new(0)));
+        let rigs: Vec<_> = (0..RIGS)
+            .map(|i| {
+                let (ready, made) = (ready.clone(), made.clone());
+                std::thread::spawn(move || {
+                    ready.wait();
+                    let t = FpRig::new(&format!("rigs-at-once-{i}"), Duration::from_secs(20));
+                    // Every rig stays up until all are made (Relaxed: only
+                    // the count matters).
+                    made.fetch_add(1, Ordering::Relaxed);
+                    let start = Instant::now();
+                    while made.load(Ordering::Relaxed) < RIGS {
+                        std::thread::yield_now();
+                        t.watchdog(start, "the other rigs");
+                    }
+                    t.path.clone()
+                })
+            })
+            .collect();
+        let mut paths: Vec<_> = rigs.into_iter().map(|r| r.join().unwrap()).collect();
+        paths.sort();
+        paths.dedup();
+        assert_eq!(paths.len(), RIGS, "round {round}: rigs made at once found the same socket: {paths:?}");
+    }
+}
+
+/// The comch fast-path sockets this process has bound: the paths
+/// `/proc/net/unix` gives for the socket inodes among its fds.
+fn own_fp_sockets() -> Vec<std::path::PathBuf> {
+    let ours: Vec<u64> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok())
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let mut paths: Vec<std::path::PathBuf> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            // Num RefCount Protocol Flags Type St Inode Path
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (inode, path) = (f.get(6)?.parse::<u64>().ok()?, f.get(7)?);
+            (ours.contains(&inode) && path.contains("/comch-fp-")).then(|| path.into())
+        })
+        .collect();
+    // A consumer's accepted links show its path too.
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
 /// A comch connection on one engine with a started fast-path consumer on
 /// the client's side (buffers of `m`), and the path of the consumer's
 /// socket, for peers that talk to it directly.
@@ -582,22 +646,24 @@ impl FpRig {
         let r = region(64 << 10);
         let m = mmap(&r, &dev, Access::LOCAL_READ_WRITE);
         let inv = BufInventory::new(8).unwrap();
-        let before: Vec<_> = std::fs::read_dir(runtime_dir()).unwrap().flatten().map(|e| e.path()).collect();
         let consumer = ComchConsumer::new(&pe, ComchPeer::Client(&client), &m, FastPathConfig::default()).unwrap();
+        // Its socket is the one of this process that `start` binds: other
+        // tests of this process make consumers in parallel (so one rig
+        // starts its consumer at a time), and other processes share the
+        // runtime directory (so only this process's sockets count).
+        static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let starting = STARTING.lock().unwrap_or_else(|e| e.into_inner());
+        let before = own_fp_sockets();
         consumer.start().unwrap();
+        let mut new: Vec<_> = own_fp_sockets().into_iter().filter(|p| !before.contains(p)).collect();
+        drop(starting);
+        assert_eq!(new.len(), 1, "the consumer's socket: {new:?}");
+        let path = new.remove(0);
         let start = Instant::now();
         while !matches!(server.poll_event(&mut msg), Some(ComchEvent::ConsumerUp { .. })) {
             pe.progress();
             watchdog(start, "ConsumerUp");
         }
-        let path = std::fs::read_dir(runtime_dir())
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                !before.contains(p) && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("comch-fp-"))
-            })
-            .expect("the consumer's socket");
         FpRig { pe, server, conn, r, m, inv, consumer, path, limit, _client: client }
     }
 
