@@ -29,4 +29,7 @@ fuzz_target!(|data: &[u8]| {
     http::write_at(&mut out, u64::from(off), &body).expect("body fits");
     let again = http::decode(&out).expect("re-encoded envelope decodes");
     assert_eq!(again, e);
+    let mut body_again = vec![0u8; body.len()];
+    http::read_at(&out, u64::from(again.body_offset), &mut body_again).expect("body inside the re-encoded message");
+    assert_eq!(body_again, body, "the re-encoded message carries the same body bytes");
 });
