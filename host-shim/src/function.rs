@@ -1243,6 +1243,22 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Functions `a` and `b` of tenant `t` under a host-shimd serving
+    /// [`TWO_TENANTS`], after `a` sent `b` one message and `b` freed it
+    /// (so each has the other's ring open).
+    fn a_and_b_after_one_message(name: &str) -> (crate::daemon::Shimd, (Function, Function), std::path::PathBuf) {
+        let (shimd, (a, mut b), dir) = shimd_serving(name, TWO_TENANTS, |socket| {
+            let b = Function::attach(socket, "t", "b").unwrap();
+            let mut a = Function::attach(socket, "t", "a").unwrap();
+            let m = a.alloc(1).unwrap();
+            a.send(m, "b").unwrap();
+            (a, b)
+        });
+        let got = b.try_recv().expect("the first message");
+        b.free(got).unwrap();
+        (shimd, (a, b), dir)
+    }
+
     /// A descriptor its sender took back after the ring was closed (its
     /// push published as host-shimd stopped, saw the ring abandoned and
     /// failed, and the sender took its buffers back before the receiver
@@ -1252,15 +1268,7 @@ pub(crate) mod tests {
     /// `taken_back`), with a warning, in an ordinary clean stop.
     #[test]
     fn a_descriptor_its_sender_took_back_from_a_closed_ring_is_counted_apart() {
-        let (shimd, (mut a, mut b), dir) = shimd_serving("taken-back", TWO_TENANTS, |socket| {
-            let b = Function::attach(socket, "t", "b").unwrap();
-            let mut a = Function::attach(socket, "t", "a").unwrap();
-            let m = a.alloc(1).unwrap();
-            a.send(m, "b").unwrap();
-            (a, b)
-        });
-        let got = b.try_recv().expect("the first message");
-        b.free(got).unwrap();
+        let (shimd, (mut a, mut b), dir) = a_and_b_after_one_message("taken-back");
         /// `a` sends to `b`, `closing` (host-shimd) is dropped, and `a`
         /// takes the message back as `try_send` does after a push that
         /// failed as it published; then `b` looks.
@@ -1299,15 +1307,7 @@ pub(crate) mod tests {
     fn a_flood_of_bad_descriptors_holds_a_receive_for_one_lap_at_most() {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-        let (_shimd, (mut a, mut b), dir) = shimd_serving("bad-flood", TWO_TENANTS, |socket| {
-            let b = Function::attach(socket, "t", "b").unwrap();
-            let mut a = Function::attach(socket, "t", "a").unwrap();
-            let m = a.alloc(1).unwrap();
-            a.send(m, "b").unwrap();
-            (a, b)
-        });
-        let got = b.try_recv().expect("the first message");
-        b.free(got).unwrap();
+        let (_shimd, (mut a, mut b), dir) = a_and_b_after_one_message("bad-flood");
         // `a`'s way into b's ring (a ring of 8), for a producer that
         // pushes what it likes.
         let ring = a.peers.remove("b").unwrap().instances.swap_remove(0).ring;
