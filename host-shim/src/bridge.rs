@@ -41,8 +41,9 @@
 
 use crate::backlog::DeliveryBacklog;
 use crate::comch::{Outbox, each_frame, server_name};
-use crate::function::{Function, Msg, SendError, SendErrorKind};
+use crate::function::{Function, Msg, MsgFreeError, SendError, SendErrorKind};
 use config::Cluster;
+use shm::FreeError;
 use shm::pool::Lease;
 use std::path::Path;
 use std::sync::Arc;
@@ -86,6 +87,11 @@ const ACK_WAIT: Duration = Duration::from_secs(5);
 /// [`crate::daemon::HOLE_GRACE`] allows a live producer), and costs the
 /// tenant those buffers for a second after a drop.
 pub const AGENT_GONE_GRACE: Duration = Duration::from_secs(1);
+/// Failed frees ([`BridgeStats::free_failed`]) are logged at most this
+/// often: the first at the end of the pass that saw it, then a line with
+/// the count since the last. (A process of the tenant can make every free
+/// fail, at message rate.)
+const FREE_FAILED_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// What the bridge counted (host-shimd's status file shows it): since it
 /// started, except [`panics`](Self::panics) and
@@ -126,6 +132,8 @@ pub struct BridgeStats {
     pub lost: u64,
     /// Messages the bridge dropped, by reason.
     pub dropped: BridgeDrops,
+    /// Frees of buffers the bridge held that failed, by reason.
+    pub free_failed: BridgeFreeFailed,
     /// Bridges of this host-shimd that panicked (each replaced by a new
     /// one: see the module docs).
     pub panics: u64,
@@ -176,6 +184,82 @@ impl BridgeDrops {
             ("bad_length", self.bad_length),
             ("unknown_tenant", self.unknown_tenant),
         ]
+    }
+}
+
+/// Frees of buffers host-shimd's bridge held that failed, by reason (the
+/// names are [`MsgFreeError::as_str`]'s, as in the agent's
+/// `dne_agent_free_failed_total`). A process of the tenant rewrote the
+/// owner words or chain links of buffers the bridge held: they stay out of
+/// the pool until host-shimd reclaims them. Logged as a summary at most
+/// once a second.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BridgeFreeFailed {
+    /// A message of another pool.
+    pub foreign: u64,
+    /// A buffer recorded as someone else's.
+    pub not_owner: u64,
+    /// A buffer already free.
+    pub double_free: u64,
+    /// A chain link that leads outside the pool or back into the chain.
+    pub bad_link: u64,
+    /// A buffer index outside the pool.
+    pub out_of_range: u64,
+    /// A lease of another pool.
+    pub foreign_lease: u64,
+}
+
+impl BridgeFreeFailed {
+    /// Each reason's name (as host-shimd's status file shows it) and count.
+    pub fn each(&self) -> [(&'static str, u64); 6] {
+        [
+            ("foreign", self.foreign),
+            ("not_owner", self.not_owner),
+            ("double_free", self.double_free),
+            ("bad_link", self.bad_link),
+            ("out_of_range", self.out_of_range),
+            ("foreign_lease", self.foreign_lease),
+        ]
+    }
+
+    /// All failures.
+    pub fn total(&self) -> u64 {
+        self.each().iter().map(|&(_, n)| n).sum()
+    }
+
+    /// Counts `e` under its reason.
+    fn count(&mut self, e: &MsgFreeError) {
+        let n = match e {
+            MsgFreeError::Foreign(_) => &mut self.foreign,
+            MsgFreeError::Pool(FreeError::NotOwner { .. }) => &mut self.not_owner,
+            MsgFreeError::Pool(FreeError::DoubleFree(_)) => &mut self.double_free,
+            MsgFreeError::Pool(FreeError::BadLink(_)) => &mut self.bad_link,
+            MsgFreeError::Pool(FreeError::OutOfRange(_)) => &mut self.out_of_range,
+            MsgFreeError::Pool(FreeError::ForeignLease) => &mut self.foreign_lease,
+        };
+        *n += 1;
+    }
+}
+
+/// When failed frees are logged (see [`FREE_FAILED_LOG_EVERY`]).
+#[derive(Debug, Default)]
+struct FreeFailedLog {
+    /// Failures not logged yet.
+    unlogged: u64,
+    /// When the last line was logged.
+    logged: Option<Instant>,
+}
+
+impl FreeFailedLog {
+    /// How many failures to log now (none: nothing new, or the last line
+    /// is less than [`FREE_FAILED_LOG_EVERY`] old); they count as logged.
+    fn due(&mut self, now: Instant) -> Option<u64> {
+        if self.unlogged == 0 || self.logged.is_some_and(|at| now.saturating_duration_since(at) < FREE_FAILED_LOG_EVERY)
+        {
+            return None;
+        }
+        self.logged = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
     }
 }
 
@@ -263,6 +347,8 @@ pub struct Bridge {
     /// Deliveries to this cluster function are lost (see
     /// [`Bridge::lose_deliveries_to`]).
     lose_to: Option<u16>,
+    /// Failed frees not logged yet ([`BridgeStats::free_failed`]).
+    free_log: FreeFailedLog,
 }
 
 impl core::fmt::Debug for Bridge {
@@ -336,6 +422,7 @@ impl Bridge {
             published: None,
             local_fns,
             lose_to: None,
+            free_log: FreeFailedLog::default(),
         };
         // Only a bridge moves buffers to the agent, so any recorded as the
         // agent's were lent or handed over by an earlier bridge of this
@@ -427,6 +514,17 @@ impl Bridge {
                 "bridge: the agent on comch \"{}\" has not taken the pools {ACK_WAIT:?} after connecting \
                  (another version of DNE, or another cluster file?); nothing is handed to it until it does",
                 self.name
+            );
+        }
+        if self.free_log.unlogged > 0
+            && let Some(n) = self.free_log.due(Instant::now())
+        {
+            log::warn!(
+                "bridge: {n} frees of buffers the bridge held failed ({} so far, by reason {:?}): a process \
+                 of the tenant rewrote their owner words or chain links; they stay out of the pool until \
+                 host-shimd reclaims them",
+                self.stats.free_failed.total(),
+                self.stats.free_failed.each().iter().filter(|&&(_, n)| n > 0).collect::<Vec<_>>()
             );
         }
         self.stats.up = self.up;
@@ -870,6 +968,7 @@ impl Bridge {
             let tn = &mut self.tenants[t];
             let cap = tn.link.pool().geometry().payload_cap();
             self.lend.clear();
+            let mut unlent = None;
             while self.lend.len() < MAX_LEND.min(tn.want as usize) {
                 let Ok(m) = tn.link.alloc(cap) else { break };
                 let (lease, _) = m.into_parts();
@@ -877,16 +976,19 @@ impl Bridge {
                     Ok((i, _)) => self.lend.push(i),
                     Err((lease, e)) => {
                         log::warn!("bridge: lending a buffer: {e}");
-                        let _ = tn.link.free(Msg::from_parts(lease, Descriptor::default()));
+                        unlent = Some(lease);
                         break;
                     }
                 }
+            }
+            if let Some(lease) = unlent {
+                self.free(t, lease);
             }
             if self.lend.is_empty() {
                 break;
             }
             let k = self.lend.len() as u32;
-            tn.want -= k;
+            self.tenants[t].want -= k;
             self.stats.lent += u64::from(k);
             n += k as usize;
             let lend = std::mem::take(&mut self.lend);
@@ -897,9 +999,16 @@ impl Bridge {
         n
     }
 
+    /// Frees a lease of tenant `t`. A failure is counted
+    /// ([`BridgeStats::free_failed`]) and logged as a summary by
+    /// [`step`](Self::step), at most once per [`FREE_FAILED_LOG_EVERY`]: a
+    /// process of the tenant that rewrites owner words can make every free
+    /// fail, at message rate.
     fn free(&mut self, t: usize, lease: Lease) {
         if let Err(e) = self.tenants[t].link.free(Msg::from_parts(lease, Descriptor::default())) {
-            log::warn!("bridge: freeing a buffer: {e}");
+            log::trace!("bridge: freeing a buffer: {e}");
+            self.stats.free_failed.count(&e);
+            self.free_log.unlogged += 1;
         }
     }
 
@@ -1134,6 +1243,50 @@ fn nap(d: Duration, stop: &AtomicBool) {
 mod tests {
     use super::{PANIC_BACKOFF, PANIC_BACKOFF_MAX, PANIC_BACKOFF_RESET, PanicBackoff};
     use std::time::Duration;
+
+    /// Failed frees are logged at the first pass that sees them, then at
+    /// most once per [`super::FREE_FAILED_LOG_EVERY`], each line with the
+    /// count since the last.
+    #[test]
+    fn failed_frees_are_logged_at_most_once_a_second() {
+        use super::{FREE_FAILED_LOG_EVERY, FreeFailedLog};
+        let t0 = std::time::Instant::now();
+        let mut f = FreeFailedLog::default();
+        assert_eq!(f.due(t0), None, "nothing failed");
+        f.unlogged += 1;
+        assert_eq!(f.due(t0), Some(1), "the first at once");
+        let mut logged = Vec::new();
+        for ms in 1..=2500u64 {
+            f.unlogged += 1;
+            let now = t0 + Duration::from_millis(ms);
+            logged.extend(f.due(now).map(|n| (now - t0, n)));
+        }
+        let every = FREE_FAILED_LOG_EVERY.as_millis() as u64;
+        assert_eq!(logged, [(Duration::from_millis(every), every), (Duration::from_millis(2 * every), every)]);
+    }
+
+    /// Each failure is counted under the name its error gives itself
+    /// ([`super::MsgFreeError::as_str`], the agent's metrics label).
+    #[test]
+    fn failed_frees_are_counted_under_their_errors_names() {
+        use super::{BridgeFreeFailed, FreeError, MsgFreeError};
+        let errors = [
+            FreeError::OutOfRange(1),
+            FreeError::DoubleFree(1),
+            FreeError::NotOwner { index: 1, owner: 0 },
+            FreeError::BadLink(1),
+            FreeError::ForeignLease,
+        ];
+        for e in errors {
+            let e = MsgFreeError::Pool(e);
+            let mut c = BridgeFreeFailed::default();
+            c.count(&e);
+            let counted: Vec<_> = c.each().into_iter().filter(|&(_, n)| n > 0).collect();
+            assert_eq!(counted, [(e.as_str(), 1)], "{e:?}");
+        }
+        // (`MsgFreeError::Foreign` holds a message, which needs a pool.)
+        assert!(BridgeFreeFailed::default().each().iter().any(|&(name, _)| name == "foreign"));
+    }
 
     /// The wait after a panic doubles from [`PANIC_BACKOFF`] up to
     /// [`PANIC_BACKOFF_MAX`], and starts over after a bridge that lived

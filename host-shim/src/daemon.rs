@@ -1456,8 +1456,10 @@ impl Shimd {
             Some((shared, _)) => {
                 let b = shared.lock().map(|b| *b).unwrap_or_default();
                 let dropped: Vec<String> = b.dropped.each().iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                let free_failed: Vec<String> =
+                    b.free_failed.each().iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
                 format!(
-                    ",\"bridge\":{{\"up\":{},\"connects\":{},\"to_agent\":{},\"delivered\":{},\"lent\":{},\"returned\":{},\"handed_back\":{},\"refused\":{},\"reclaimed\":{},\"holding\":{},\"lost\":{},\"panics\":{},\"restarts\":{},\"dropped\":{{{}}}}}",
+                    ",\"bridge\":{{\"up\":{},\"connects\":{},\"to_agent\":{},\"delivered\":{},\"lent\":{},\"returned\":{},\"handed_back\":{},\"refused\":{},\"reclaimed\":{},\"holding\":{},\"lost\":{},\"panics\":{},\"restarts\":{},\"dropped\":{{{}}},\"free_failed\":{{{}}}}}",
                     b.up,
                     b.connects,
                     b.to_agent,
@@ -1471,7 +1473,8 @@ impl Shimd {
                     b.lost,
                     b.panics,
                     b.restarts,
-                    dropped.join(",")
+                    dropped.join(","),
+                    free_failed.join(",")
                 )
             }
             None => String::new(),

@@ -4,7 +4,7 @@
 //! (or does not) as each test needs.
 
 use host_shim::Function;
-use host_shim::bridge::{AGENT_GONE_GRACE, Bridge, SharedStats, serve_with_hook};
+use host_shim::bridge::{AGENT_GONE_GRACE, Bridge, BridgeFreeFailed, SharedStats, serve_with_hook};
 use host_shim::comch::{Outbox, each_frame, server_name};
 use host_shim::daemon::{Shimd, socket_path, status_path};
 use std::sync::Arc;
@@ -786,4 +786,75 @@ fn a_bridge_that_panics_is_counted_and_replaced() {
     // With the bridge gone too (its cache given back), the whole pool.
     drop(serving);
     whole_pool_comes_back(&mut f);
+}
+
+/// A process of the tenant that rewrites the owner words of buffers the
+/// bridge holds makes the bridge's frees of them fail. Here `f` moves the
+/// owner word of every message the bridge keeps waiting for room in its
+/// ring to itself: the bridge's next try of each fails (it does not hold
+/// it), it hands the message back to the agent, which fails too, and its
+/// free fails. The failures are counted by reason in the bridge's counts
+/// and host-shimd's status file (`free_failed`).
+#[test]
+fn failed_frees_of_the_bridge_are_counted() {
+    let (mut cfg, dir) = cluster("freefail");
+    // f's ring holds four.
+    cfg.functions[0].ring_capacity = 4;
+    let shared = SharedStats::default();
+    let _shimd = ShimdThread::start_with(&cfg, dir.clone(), Some(shared.clone()));
+    let mut agent = FakeAgent::start(&cfg);
+    let mut bridge = Bridge::new(Arc::new(cfg.clone()), 0, &socket_path(&dir), shared.clone()).expect("bridge");
+    let mut f = Function::attach(&socket_path(&dir), "t", "f").expect("attach f");
+
+    drive(&mut bridge, &mut agent, "the exports", |_, a| a.got.contains(&CtrlKind::PoolExport));
+    agent.send(took_pools());
+    agent.send(CtrlMsg::WantBufs(LendRecv { tenant: 0, reserved: 0, count: 8 }));
+    drive(&mut bridge, &mut agent, "the lends", |_, a| a.lent.len() == 8);
+    let bufs = agent.lent.clone();
+    // Eight calls of f (function 0) from g (function 1, on node b).
+    for (request, &buf) in (0u32..).zip(&bufs) {
+        let d = wire::Descriptor {
+            dst_fn: 0,
+            src_fn: 1,
+            origin: wire::desc::NO_NODE,
+            request,
+            buf,
+            len: 100,
+            ..Default::default()
+        };
+        agent.send(CtrlMsg::Message(MessageHdr { desc: d, flags: 0, count: 1 }, BufList::from_indices(&[buf])));
+    }
+    drive(&mut bridge, &mut agent, "the eight messages", |_, _| {
+        bufs.iter().all(|&b| f.pool().owner(b) != Ok(Owner::Agent))
+    });
+    assert_eq!(bridge.stats().delivered, 4, "the ring holds four");
+    // The four waiting are the bridge's; f takes them.
+    let me = Owner::Held(f.info().slot);
+    let waiting: Vec<u32> =
+        bufs.iter().copied().filter(|&b| f.pool().owner(b) == Ok(Owner::Held(AGENT_SLOT))).collect();
+    assert_eq!(waiting.len(), 4, "waiting in the bridge's backlog");
+    let stolen: Vec<_> = waiting
+        .iter()
+        .map(|&b| f.pool().take_back(b, 100, Owner::Held(AGENT_SLOT), me).expect("owner word rewritten"))
+        .collect();
+    // The status file says so.
+    let want = "\"not_owner\":4";
+    let deadline = Instant::now() + WATCHDOG;
+    loop {
+        let status = std::fs::read_to_string(status_path(&dir)).unwrap_or_default();
+        if status.contains("\"free_failed\":{") && status.contains(want) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "watchdog: free_failed {want} in the status file: {status}");
+        bridge.step();
+        agent.poll();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let s = bridge.stats();
+    let want = BridgeFreeFailed { not_owner: 4, ..Default::default() };
+    assert_eq!((s.free_failed, s.dropped.ownership), (want, 4), "{s:?}");
+    assert_eq!(shared.lock().unwrap().free_failed, want, "published for host-shimd's status file");
+    for lease in stolen {
+        f.free(host_shim::Msg::from_parts(lease, wire::Descriptor::default())).expect("f frees what it took");
+    }
 }
