@@ -212,7 +212,26 @@ fn guard(f: impl FnOnce() -> dne_status) -> dne_status {
 /// Runs the body of a call: a panic returns `on_panic` instead of
 /// unwinding into C (which aborts).
 fn guard_or<T>(on_panic: T, f: impl FnOnce() -> T) -> T {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or(on_panic)
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(v) => v,
+        Err(payload) => {
+            drop_payload(payload);
+            on_panic
+        }
+    }
+}
+
+/// Drops a caught panic's payload. Its drop may panic too (`panic_any`
+/// can throw any type); that panic is caught here, or it would unwind
+/// into C. The second payload is forgotten (leaked, a few bytes once per
+/// such panic), not dropped: its drop could panic in turn. Nothing is
+/// logged: the host program's logger may be what panicked.
+fn drop_payload(payload: Box<dyn std::any::Any + Send>) {
+    // Unwind safety: the closure owns the payload and touches nothing
+    // else.
+    if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+        std::mem::forget(again);
+    }
 }
 
 /// Reads a C string argument.
@@ -830,6 +849,23 @@ mod tests {
         PANIC_ON_LOG.with(|p| p.set(false));
         assert_eq!(LOG_PANICS.with(std::cell::Cell::get), 1, "the logger panicked inside dne_detach");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A panic whose payload panics when dropped (`panic_any` can throw
+    /// any type) is caught at the C boundary too: the guard returns its
+    /// `on_panic` value. Before, the guard dropped the payload outside any
+    /// `catch_unwind`; the drop's panic unwound out of it, and in an
+    /// `extern "C"` function the process aborted.
+    #[test]
+    fn a_panic_payload_that_panics_when_dropped_stays_in_the_guard() {
+        struct Bomb;
+        impl Drop for Bomb {
+            fn drop(&mut self) {
+                panic!("the panic payload's drop panicked");
+            }
+        }
+        assert_eq!(guard_or(7, || -> i32 { std::panic::panic_any(Bomb) }), 7);
+        assert_eq!(guard(|| std::panic::panic_any(Bomb)), dne_status::DNE_ERR_INTERNAL);
     }
 
     #[test]
