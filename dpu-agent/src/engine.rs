@@ -85,38 +85,23 @@ const _: () = assert!(config::MAX_NODE_QUEUE as usize == QUEUE_LIMIT);
 // the same queue): only `QUEUE_LIMIT` bounds them.
 /// A nap when the engine cannot sleep on events.
 const NAP: Duration = Duration::from_micros(50);
-/// Failed frees of a tenant's buffers are logged at most this often: the
-/// first at the next control pass, then a line with the count since the
-/// last. (A process of the tenant can make every free fail, at message
-/// rate.)
-const FREE_FAILED_LOG_EVERY: Duration = Duration::from_secs(1);
-
-/// One tenant's failed frees ([`HostLink::free_failed`]).
+/// One tenant's failed frees ([`HostLink::free_failed`]). A process of the
+/// tenant can make every free fail, at message rate: they are logged as
+/// host-shimd's bridge logs its own, the first at the next control pass,
+/// then at most once per [`host_shim::bridge::FREE_FAILED_LOG_EVERY`] with
+/// the count since the last line.
 #[derive(Clone, Debug, Default)]
 struct FreeFailed {
     /// By reason, as the host link last reported its running totals.
     seen: Vec<(&'static str, u64)>,
-    /// Failures not logged yet.
-    unlogged: u64,
-    /// When the last line was logged.
-    logged: Option<Instant>,
+    /// What is still to be logged, and when.
+    log: host_shim::bridge::FreeFailedLog,
 }
 
 impl FreeFailed {
     /// Failures so far.
     fn total(&self) -> u64 {
         self.seen.iter().map(|&(_, n)| n).sum()
-    }
-
-    /// How many failures to log now (none: nothing new, or the last line
-    /// is less than [`FREE_FAILED_LOG_EVERY`] old); they count as logged.
-    fn due(&mut self, now: Instant) -> Option<u64> {
-        if self.unlogged == 0 || self.logged.is_some_and(|at| now.saturating_duration_since(at) < FREE_FAILED_LOG_EVERY)
-        {
-            return None;
-        }
-        self.logged = Some(now);
-        Some(std::mem::take(&mut self.unlogged))
     }
 }
 
@@ -730,9 +715,9 @@ impl<T: Transport, H: HostLink> Engine<T, H> {
             link.free_failed(&mut |reason, total| {
                 let n = grown(&mut ff.seen, reason, total);
                 metrics.add_free_failed(name, reason, n);
-                ff.unlogged += n;
+                ff.log.add(n);
             });
-            if let Some(n) = ff.due(now) {
+            if let Some(n) = ff.log.due(now) {
                 log::warn!(
                     "tenant {name}: {n} frees of buffers the agent held failed ({} so far, by reason {:?}): a process of the tenant rewrote their owner words or chain links; they stay out of the pool until host-shimd reclaims them",
                     ff.total(),
@@ -2923,28 +2908,5 @@ mod tests {
         let status = e.status_part();
         assert!(status.tenants[0].1.contains(&format!("\"free_failed\":{FAILS}")), "{}", status.tenants[0].1);
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// Failed frees are logged at the first control pass that sees them,
-    /// then at most once per [`super::FREE_FAILED_LOG_EVERY`], each line
-    /// with the count since the last.
-    #[test]
-    fn failed_frees_are_logged_at_most_once_a_second() {
-        use super::{FREE_FAILED_LOG_EVERY, FreeFailed, grown};
-        use std::time::Duration;
-        let t0 = Instant::now();
-        let mut f = FreeFailed::default();
-        assert_eq!(f.due(t0), None, "nothing failed");
-        f.unlogged += grown(&mut f.seen, "not_owner", 1);
-        assert_eq!(f.due(t0), Some(1), "the first at once");
-        let mut logged = Vec::new();
-        for ms in 1..=2500u64 {
-            f.unlogged += grown(&mut f.seen, "not_owner", 1 + ms);
-            let now = t0 + Duration::from_millis(ms);
-            logged.extend(f.due(now).map(|n| (now - t0, n)));
-        }
-        let every = FREE_FAILED_LOG_EVERY.as_millis() as u64;
-        assert_eq!(logged, [(Duration::from_millis(every), every), (Duration::from_millis(2 * every), every)]);
-        assert_eq!(f.total(), 2501);
     }
 }

@@ -91,7 +91,7 @@ pub const AGENT_GONE_GRACE: Duration = Duration::from_secs(1);
 /// often: the first at the end of the pass that saw it, then a line with
 /// the count since the last. (A process of the tenant can make every free
 /// fail, at message rate.)
-const FREE_FAILED_LOG_EVERY: Duration = Duration::from_secs(1);
+pub const FREE_FAILED_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// What the bridge counted (host-shimd's status file shows it): since it
 /// started, except [`panics`](Self::panics) and
@@ -241,9 +241,10 @@ impl BridgeFreeFailed {
     }
 }
 
-/// When failed frees are logged (see [`FREE_FAILED_LOG_EVERY`]).
-#[derive(Debug, Default)]
-struct FreeFailedLog {
+/// When failed frees are logged (see [`FREE_FAILED_LOG_EVERY`]); the
+/// agent's engine logs its own the same way.
+#[derive(Clone, Debug, Default)]
+pub struct FreeFailedLog {
     /// Failures not logged yet.
     unlogged: u64,
     /// When the last line was logged.
@@ -251,9 +252,14 @@ struct FreeFailedLog {
 }
 
 impl FreeFailedLog {
+    /// `n` more failures to log.
+    pub fn add(&mut self, n: u64) {
+        self.unlogged += n;
+    }
+
     /// How many failures to log now (none: nothing new, or the last line
     /// is less than [`FREE_FAILED_LOG_EVERY`] old); they count as logged.
-    fn due(&mut self, now: Instant) -> Option<u64> {
+    pub fn due(&mut self, now: Instant) -> Option<u64> {
         if self.unlogged == 0 || self.logged.is_some_and(|at| now.saturating_duration_since(at) < FREE_FAILED_LOG_EVERY)
         {
             return None;
@@ -1008,7 +1014,7 @@ impl Bridge {
         if let Err(e) = self.tenants[t].link.free(Msg::from_parts(lease, Descriptor::default())) {
             log::trace!("bridge: freeing a buffer: {e}");
             self.stats.free_failed.count(&e);
-            self.free_log.unlogged += 1;
+            self.free_log.add(1);
         }
     }
 
@@ -1253,11 +1259,11 @@ mod tests {
         let t0 = std::time::Instant::now();
         let mut f = FreeFailedLog::default();
         assert_eq!(f.due(t0), None, "nothing failed");
-        f.unlogged += 1;
+        f.add(1);
         assert_eq!(f.due(t0), Some(1), "the first at once");
         let mut logged = Vec::new();
         for ms in 1..=2500u64 {
-            f.unlogged += 1;
+            f.add(1);
             let now = t0 + Duration::from_millis(ms);
             logged.extend(f.due(now).map(|n| (now - t0, n)));
         }
