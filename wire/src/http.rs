@@ -298,8 +298,9 @@ pub enum EnvelopeError {
     /// The header block has bytes after its last entry.
     #[error("envelope headers_len: {0} bytes after the last entry")]
     HeaderTrailing(u32),
-    /// The lengths do not add up to the message length.
-    #[error("envelope body_len: head {head} + pad {pad} + body {body} != message length {message}")]
+    /// The lengths do not add up to the message length, or the body would
+    /// start at 4 GiB or later (body offsets are `u32`).
+    #[error("envelope lengths: head {head} + pad {pad} + body {body} != message {message}, or head + pad >= 4 GiB")]
     Length {
         /// Head bytes.
         head: u32,
@@ -545,9 +546,13 @@ pub fn decode<F: Frags + ?Sized>(frags: &F) -> Result<Envelope, EnvelopeError> {
     // Bounded above: every term is below 2^32 and there are four.
     let head = ENVELOPE_HEADER_LEN + h.path_len + h.headers_len;
     let total = u64::from(head) + u64::from(h.pad_len) + u64::from(h.body_len);
+    let length = EnvelopeError::Length { head, pad: h.pad_len, body: h.body_len, message };
     if total != message {
-        return Err(EnvelopeError::Length { head, pad: h.pad_len, body: h.body_len, message });
+        return Err(length);
     }
+    // The message length alone does not bound the padding (it is a u64), so
+    // the body offset is checked against the u32 it is returned in.
+    let body_offset = head.checked_add(h.pad_len).ok_or(length)?;
     let mut path = vec![0u8; h.path_len as usize];
     read_at(frags, u64::from(ENVELOPE_HEADER_LEN), &mut path)?;
     if kind == EnvelopeKind::Request {
@@ -576,16 +581,7 @@ pub fn decode<F: Frags + ?Sized>(frags: &F) -> Result<Envelope, EnvelopeError> {
     if !rest.is_empty() {
         return Err(EnvelopeError::HeaderTrailing(rest.len() as u32));
     }
-    Ok(Envelope {
-        kind,
-        method,
-        status,
-        path,
-        headers,
-        head_len: head,
-        body_offset: head + h.pad_len,
-        body_len: h.body_len,
-    })
+    Ok(Envelope { kind, method, status, path, headers, head_len: head, body_offset, body_len: h.body_len })
 }
 
 fn check_status(status: u16) -> Result<(), EnvelopeError> {
@@ -707,6 +703,54 @@ mod tests {
         assert_eq!(decode(&[r.clone()]), Err(EnvelopeError::PathLen(2)));
         r[4..6].copy_from_slice(&600u16.to_le_bytes());
         assert_eq!(decode(&[r]), Err(EnvelopeError::Status(600)));
+    }
+
+    /// A message of more than 4 GiB whose head and padding add up past
+    /// `u32::MAX`: the body offset cannot be represented, so the decoder
+    /// refuses it with a typed error (it used to overflow). The fragments
+    /// repeat one zero buffer, so nothing of that size is allocated.
+    #[test]
+    fn body_offset_past_u32_is_refused() {
+        struct Huge {
+            head: Vec<u8>,
+            zeros: Vec<u8>,
+            count: u32,
+            last: usize,
+        }
+        impl Frags for Huge {
+            fn frag_count(&self) -> u32 {
+                self.count + 2
+            }
+            fn frag(&self, k: u32) -> Option<&[u8]> {
+                match k {
+                    0 => Some(&self.head),
+                    k if k <= self.count => Some(&self.zeros),
+                    k if k == self.count + 1 => Some(&self.zeros[..self.last]),
+                    _ => None,
+                }
+            }
+        }
+        let h = EnvelopeHeader {
+            magic: ENVELOPE_MAGIC,
+            version: ENVELOPE_VERSION,
+            kind: EnvelopeKind::Request as u8,
+            code: Method::Get as u16,
+            header_count: 0,
+            path_len: 1,
+            headers_len: 0,
+            pad_len: u32::MAX,
+            body_len: 3,
+        };
+        let mut head = h.as_bytes().to_vec();
+        head.push(b'/');
+        // The message holds head + pad + body bytes, so only the body
+        // offset (head + pad = 2^32 + 24) is out of range.
+        let message = 25 + u64::from(u32::MAX) + 3;
+        let zeros = vec![0u8; 1 << 20];
+        let rest = message - 25;
+        let f = Huge { head, count: (rest >> 20) as u32, last: (rest & ((1 << 20) - 1)) as usize, zeros };
+        assert_eq!(f.total_len(), message);
+        assert_eq!(decode(&f), Err(EnvelopeError::Length { head: 25, pad: u32::MAX, body: 3, message }));
     }
 
     #[test]
