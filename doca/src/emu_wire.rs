@@ -706,14 +706,17 @@ pub enum FastPathCredit {
 }
 
 impl FastPathCredit {
-    /// Decodes a whole packet; `None` when it is not valid.
-    pub fn decode(b: &[u8]) -> Option<FastPathCredit> {
-        match b {
-            [FAST_PATH_GRANT, n @ ..] => {
-                <[u8; 4]>::try_from(n).ok().map(|n| FastPathCredit::Grant(u32::from_le_bytes(n)))
-            }
-            [FAST_PATH_REVOKE] => Some(FastPathCredit::Revoke),
-            _ => None,
+    /// Decodes a whole packet.
+    pub fn decode(b: &[u8]) -> Result<FastPathCredit, FastPathDecodeError> {
+        let (&kind, rest) = b.split_first().ok_or(FastPathDecodeError::Short(0))?;
+        match kind {
+            FAST_PATH_GRANT => match <[u8; 4]>::try_from(rest) {
+                Ok(n) => Ok(FastPathCredit::Grant(u32::from_le_bytes(n))),
+                Err(_) => Err(FastPathDecodeError::Length { kind, len: b.len() }),
+            },
+            FAST_PATH_REVOKE if rest.is_empty() => Ok(FastPathCredit::Revoke),
+            FAST_PATH_REVOKE => Err(FastPathDecodeError::Length { kind, len: b.len() }),
+            kind => Err(FastPathDecodeError::Kind(kind)),
         }
     }
 
@@ -775,10 +778,21 @@ mod comch_packet_tests {
         assert_eq!(FastPathPacket::decode(&[9]), Err(FastPathDecodeError::Kind(9)));
         for c in [FastPathCredit::Grant(3), FastPathCredit::Revoke] {
             let n = c.encode(&mut out);
-            assert_eq!(FastPathCredit::decode(&out[..n]), Some(c));
+            assert_eq!(FastPathCredit::decode(&out[..n]), Ok(c));
         }
-        assert_eq!(FastPathCredit::decode(&[FAST_PATH_GRANT, 1, 0, 0]), None);
-        assert_eq!(FastPathCredit::decode(&[FAST_PATH_REVOKE, 0]), None);
-        assert_eq!(FastPathCredit::decode(&[]), None);
+        assert_eq!(
+            FastPathCredit::decode(&[FAST_PATH_GRANT, 1, 0, 0]),
+            Err(FastPathDecodeError::Length { kind: 0, len: 4 })
+        );
+        assert_eq!(
+            FastPathCredit::decode(&[FAST_PATH_GRANT, 1, 0, 0, 0, 0]),
+            Err(FastPathDecodeError::Length { kind: 0, len: 6 })
+        );
+        assert_eq!(
+            FastPathCredit::decode(&[FAST_PATH_REVOKE, 0]),
+            Err(FastPathDecodeError::Length { kind: 1, len: 2 })
+        );
+        assert_eq!(FastPathCredit::decode(&[2]), Err(FastPathDecodeError::Kind(2)));
+        assert_eq!(FastPathCredit::decode(&[]), Err(FastPathDecodeError::Short(0)));
     }
 }

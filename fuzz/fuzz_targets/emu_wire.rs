@@ -44,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(_) => {}
     }
-    if let Some(c) = FastPathCredit::decode(data) {
+    if let Ok(c) = FastPathCredit::decode(data) {
         let mut out = [0u8; FAST_PATH_CTRL_LEN];
         let n = c.encode(&mut out);
         assert_eq!(&out[..n], data);

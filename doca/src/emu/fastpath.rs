@@ -45,7 +45,8 @@ use super::dev::Device;
 use super::mem::{Buf, Mmap, MmapInner};
 use super::pe::{PeShared, Progress, ProgressEngine};
 use crate::emu_wire::{
-    ComchPacket, FAST_PATH_CTRL_LEN, FAST_PATH_HDR as HDR, FAST_PATH_MAX_IMM, FastPathCredit, FastPathPacket,
+    ComchPacket, FAST_PATH_CTRL_LEN, FAST_PATH_HDR as HDR, FAST_PATH_MAX_IMM, FastPathCredit, FastPathDecodeError,
+    FastPathPacket,
 };
 use crate::{
     COMCH_FAST_PATH_MAX, COMCH_MAX_IMM, ComchConnId, ComchPeer, CtxState, DocaError, FastPathConfig, FastPathEvent,
@@ -764,20 +765,25 @@ impl ProdState {
         for _ in 0..BUDGET {
             match rustix::net::recv(&l.fd, &mut b[..], RecvFlags::DONTWAIT | RecvFlags::TRUNC) {
                 Ok((_, 0)) => return false,
-                Ok((_, n)) => match b.get(..n).and_then(FastPathCredit::decode) {
-                    Some(FastPathCredit::Grant(c)) => {
+                // A packet longer than `b` (TRUNC reports its real length)
+                // is of the wrong length whatever its kind.
+                Ok((_, n)) => match b
+                    .get(..n)
+                    .map_or(Err(FastPathDecodeError::Length { kind: b[0], len: n }), FastPathCredit::decode)
+                {
+                    Ok(FastPathCredit::Grant(c)) => {
                         l.credits = l.credits.saturating_add(c);
                         l.wanted = false;
                     }
-                    Some(FastPathCredit::Revoke) => {
+                    Ok(FastPathCredit::Revoke) => {
                         l.returning = l.returning.saturating_add(l.credits);
                         l.credits = 0;
                         l.return_due = true;
                         // No longer among those granted to: ask again.
                         l.wanted = false;
                     }
-                    None => {
-                        log::warn!("comch producer {}: the consumer sent a bad {n}-byte packet; link closed", self.id);
+                    Err(e) => {
+                        log::warn!("comch producer {}: the consumer sent a bad packet ({e}); link closed", self.id);
                         return false;
                     }
                 },
