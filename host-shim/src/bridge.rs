@@ -1210,26 +1210,15 @@ pub fn serve_with_hook(
                     s.up = false;
                     s.panics = panics;
                 }
-                drop_payload(payload);
+                // Its drop may panic too, which must not end this thread.
+                if crate::drop_panic_payload(payload) {
+                    log::error!("bridge: dropping a panic's payload panicked too; leaving it");
+                }
                 nap(wait, stop);
                 failed = 0;
                 delay = Duration::from_millis(10);
             }
         }
-    }
-}
-
-/// Drops a caught panic's payload. Its drop may panic too (a payload of
-/// any type can be thrown); that panic is caught here, or it would unwind
-/// out of [`serve_with_hook`] and end the thread that replaces bridges.
-/// The second payload is forgotten (leaked, a few bytes once per such
-/// panic), not dropped: its drop could panic in turn.
-fn drop_payload(payload: Box<dyn std::any::Any + Send>) {
-    // Unwind safety: the closure owns the payload and touches nothing
-    // else.
-    if let Err(again) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(payload))) {
-        log::error!("bridge: dropping a panic's payload panicked too; leaving it");
-        std::mem::forget(again);
     }
 }
 

@@ -215,22 +215,12 @@ fn guard_or<T>(on_panic: T, f: impl FnOnce() -> T) -> T {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(v) => v,
         Err(payload) => {
-            drop_payload(payload);
+            // Its drop may panic too, which must not unwind into C.
+            // Nothing is logged: the host program's logger may be what
+            // panicked.
+            crate::drop_panic_payload(payload);
             on_panic
         }
-    }
-}
-
-/// Drops a caught panic's payload. Its drop may panic too (`panic_any`
-/// can throw any type); that panic is caught here, or it would unwind
-/// into C. The second payload is forgotten (leaked, a few bytes once per
-/// such panic), not dropped: its drop could panic in turn. Nothing is
-/// logged: the host program's logger may be what panicked.
-fn drop_payload(payload: Box<dyn std::any::Any + Send>) {
-    // Unwind safety: the closure owns the payload and touches nothing
-    // else.
-    if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
-        std::mem::forget(again);
     }
 }
 

@@ -25,3 +25,21 @@ pub mod function;
 pub mod sock;
 
 pub use function::{AttachError, Function, Msg, RecvError, SendError, SendErrorKind};
+
+/// Drops a caught panic's payload. Its drop may panic too (any type can be
+/// thrown): that panic is caught here, and its own payload forgotten
+/// (leaked, a few bytes once per such panic), not dropped, as its drop
+/// could panic in turn. Returns whether the drop panicked. For the places
+/// a panic must not unwind out of: host-shimd's bridge replacement loop
+/// and the C ABI's guard.
+pub(crate) fn drop_panic_payload(payload: Box<dyn std::any::Any + Send>) -> bool {
+    // Unwind safety: the closure owns the payload and touches nothing
+    // else.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(payload))) {
+        Ok(()) => false,
+        Err(again) => {
+            std::mem::forget(again);
+            true
+        }
+    }
+}
